@@ -1,0 +1,107 @@
+"""Event catalogue: every event code with its category and channel, kept as data.
+
+The built-in list lives in ``engine/data/event_types.json``; an installation adds
+codes by pointing the ``EVENT_TYPES_FILE`` setting at a JSON file of the same shape
+(``{"event_types": [{"code", "name", "category", "channel"}, ...]}``).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from pathlib import Path
+
+from engine.errors import ConfigError
+
+CATEGORIES = ("tracking", "delivery", "import", "pixel")
+
+
+@dataclass(frozen=True, slots=True)
+class EventType:
+    code: str
+    name: str
+    category: str
+    channel: str
+    index: int
+
+
+class EventCatalogue:
+    """Event codes, each with a dense integer index (used as a column value in matching)."""
+
+    def __init__(self, rows: list[dict]) -> None:
+        self._types: dict[str, EventType] = {}
+        for row in rows:
+            self._add(row)
+
+    def _add(self, row: dict) -> None:
+        missing = [k for k in ("code", "category", "channel") if not row.get(k)]
+        if missing:
+            raise ConfigError(f"event type {row!r}: missing {', '.join(missing)}")
+        if row["category"] not in CATEGORIES:
+            raise ConfigError(
+                f"event type {row['code']!r}: category {row['category']!r} is not one of "
+                f"{', '.join(CATEGORIES)}"
+            )
+        old = self._types.get(row["code"])
+        index = old.index if old else len(self._types)
+        self._types[row["code"]] = EventType(
+            row["code"], row.get("name", row["code"]), row["category"], row["channel"], index
+        )
+
+    def extended(self, rows: list[dict]) -> EventCatalogue:
+        """A copy with ``rows`` added (a row with a known code replaces it)."""
+        copy = EventCatalogue([])
+        copy._types = dict(self._types)
+        for row in rows:
+            copy._add(row)
+        return copy
+
+    def __contains__(self, code: object) -> bool:
+        return code in self._types
+
+    def __len__(self) -> int:
+        return len(self._types)
+
+    def get(self, code: str) -> EventType:
+        try:
+            return self._types[code]
+        except KeyError:
+            raise KeyError(f"unknown event type {code!r}") from None
+
+    def codes(self) -> list[str]:
+        return list(self._types)
+
+    def category(self, code: str) -> str:
+        return self.get(code).category
+
+    def index(self, code: str) -> int:
+        return self.get(code).index
+
+    def by_category(self, category: str) -> list[str]:
+        return [t.code for t in self._types.values() if t.category == category]
+
+
+def _read(path: Path | str) -> list[dict]:
+    try:
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        return list(doc["event_types"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"EVENT_TYPES_FILE={path}: cannot read event types ({exc}); expected a JSON "
+            'object {"event_types": [{"code", "name", "category", "channel"}, ...]}'
+        ) from None
+
+
+@cache
+def builtin_catalogue() -> EventCatalogue:
+    text = resources.files("engine").joinpath("data/event_types.json").read_text("utf-8")
+    return EventCatalogue(json.loads(text)["event_types"])
+
+
+@cache
+def load_catalogue(extra_file: str | None = None) -> EventCatalogue:
+    """The built-in catalogue, extended by ``extra_file`` when given."""
+    base = builtin_catalogue()
+    return base.extended(_read(extra_file)) if extra_file else base

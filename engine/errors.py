@@ -1,0 +1,57 @@
+"""The one exception tree of hookray.
+
+    HookrayError
+    ├── ConfigError          a setting in main.json or the environment is invalid
+    ├── HookError            a hook's settings are invalid
+    ├── EventError           an event (or a batch of events) is malformed
+    ├── NotFound             a hook, dead letter, ... does not exist
+    └── TransportError       a delivery failed
+        ├── ConnectError     the destination could not be reached
+        ├── Timeout          the destination did not answer in time
+        └── Rejected         the destination answered, but not with success
+
+Driver errors (aiohttp, aio-pika, aiokafka, redis) are wrapped into these at the
+boundary, so retry logic reasons about hookray's types only.
+"""
+
+from __future__ import annotations
+
+
+class HookrayError(Exception):
+    """Base of every error hookray raises on purpose."""
+
+
+class ConfigError(HookrayError):
+    """A setting is invalid: names the key, the value and what is accepted."""
+
+
+class HookError(HookrayError):
+    """A hook's settings are invalid: names the field and the reason."""
+
+
+class EventError(HookrayError):
+    """Events are malformed; ``issues`` lists every bad event of the batch."""
+
+    def __init__(self, message: str, issues: list | None = None) -> None:
+        super().__init__(message)
+        self.issues = issues or []
+
+
+class NotFound(HookrayError):
+    """The hook, dead letter or other object asked for does not exist."""
+
+
+class TransportError(HookrayError):
+    """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered."""
+
+
+class ConnectError(TransportError):
+    """The destination could not be reached (refused, DNS, TLS, auth handshake)."""
+
+
+class Timeout(TransportError):
+    """The destination did not answer in time."""
+
+
+class Rejected(TransportError):
+    """The destination answered without success (status, success regex, broker nack)."""

@@ -1,0 +1,235 @@
+"""Event input schema: what producers send (msgspec), and batch decoding.
+
+An event carries the message-format fields of spec section (d), plus what
+matching and enrichment need:
+
+* matching dimensions ``resource_id``, ``campaign_id``, ``message_id`` (template),
+  ``segment_ids``, ``pixel_id`` — given at the top level, or taken from
+  ``event_data`` (``resource_id``, ``campaign_id``, ``message_id``, ``segment_id``
+  where 0 means none, ``pixel_id``) when absent;
+* ``profile``: profile fields, for hooks that copy them into custom_data;
+  ``profile_deleted``: the profile no longer exists (historical export);
+* ``custom_data``: custom_data brought by the request that launched a trigger;
+* ``send_id``: key of the message content in the content store;
+* ``id``: the event's stable id; the intake assigns one when the producer did not.
+
+``decode_batch`` reports every bad event (index, field, reason) and still returns
+the good events of the same batch.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from calendar import timegm
+from dataclasses import dataclass
+from typing import Any
+
+import msgspec
+
+from engine.catalogue import EventCatalogue, load_catalogue
+
+_RFC3339 = re.compile(
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+)
+NS = 1_000_000_000
+
+
+def parse_rfc3339_ns(text: str) -> int:
+    """Unix nanoseconds of an RFC 3339 time (fraction up to nanoseconds)."""
+    m = _RFC3339.fullmatch(text)
+    if m is None:
+        raise ValueError(f"{text!r} is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z")
+    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+    if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and s < 61):
+        raise ValueError(f"{text!r} has an out-of-range date or time")
+    secs = timegm((y, mo, d, h, mi, min(s, 59), 0, 0, 0))
+    if m.group(9):
+        offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
+        secs -= offset if m.group(9) == "+" else -offset
+    frac = (m.group(7) or "").ljust(9, "0")
+    return secs * NS + int(frac)
+
+
+class Subscription(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    resource_id: int | None = None
+    channel: str | None = None
+    email: str | None = None
+    phone: str | None = None
+    subscription_id: str | None = None
+    provider: str | None = None
+    priority: int | None = None
+    status: str | None = None
+    ccsub: dict[str, Any] | None = None
+
+
+class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    event_type: str
+    event_date: str
+    account_id: int
+    list_id: int | None = None
+    id: str | None = None
+    profile_id: str | None = None
+    xxh: str | None = msgspec.field(default=None, name="_xxh")
+    md5: str | None = msgspec.field(default=None, name="_md5")
+    sends_trying_num: int | None = None
+    is_test: bool = False
+    is_static: bool | None = None
+    subscription_hash_id: str | None = None
+    subscription: list[Subscription] | None = None
+    event_data: dict[str, Any] = {}
+    resource_id: int | None = None
+    campaign_id: int | None = None
+    message_id: int | None = None
+    segment_ids: list[int] | None = None
+    pixel_id: int | None = None
+    profile: dict[str, Any] | None = None
+    profile_deleted: bool = False
+    custom_data: dict[str, Any] | None = None
+    send_id: str | None = None
+
+    def __post_init__(self) -> None:
+        # validation errors raised here name their field first: "field: reason"
+        try:
+            parse_rfc3339_ns(self.event_date)
+        except ValueError as exc:
+            raise ValueError(f"event_date: {exc}") from None
+        if self.account_id < 0:
+            raise ValueError("account_id: must be >= 0")
+        data = self.event_data
+        if data:
+            for dim in ("resource_id", "campaign_id", "message_id", "pixel_id"):
+                if getattr(self, dim) is None and dim in data:
+                    setattr(self, dim, _int_or_fail(data[dim], f"event_data.{dim}"))
+            if self.segment_ids is None and data.get("segment_id"):
+                self.segment_ids = [_int_or_fail(data["segment_id"], "event_data.segment_id")]
+
+    @property
+    def date_ns(self) -> int:
+        return parse_rfc3339_ns(self.event_date)
+
+
+def _int_or_fail(value: Any, field: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{field}: expected an integer, got {value!r}")
+    return value
+
+
+@dataclass(frozen=True, slots=True)
+class EventIssue:
+    """One bad event of a batch: its index, the field at fault and why."""
+
+    index: int
+    field: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"event {self.index}: {self.field}: {self.reason}"
+
+
+@dataclass(slots=True)
+class DecodedBatch:
+    events: list[Event]
+    indices: list[int]  # position of each good event in the input
+    issues: list[EventIssue]
+
+
+_batch_decoder = msgspec.json.Decoder(list[Event])
+_event_decoder = msgspec.json.Decoder(Event)
+_raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_event_encoder = msgspec.json.Encoder()
+_AT = re.compile(r"^(.*?)(?: - at `\$(?:\[\d+\])?\.?([^`]*)`)?$", re.S)
+
+
+def _issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeError) -> EventIssue:
+    m = _AT.match(str(exc))
+    msg, path = (m.group(1), m.group(2)) if m else (str(exc), None)
+    if not path and ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+        path, msg = msg.split(": ", 1)  # raised by __post_init__ as "field: reason"
+    if not path and msg.startswith("Object missing required field"):
+        path = msg.rsplit("`", 2)[-2]
+    if not path and msg.startswith("Object contains unknown field"):
+        path = msg.rsplit("`", 2)[-2]
+    return EventIssue(index, path or "$", msg)
+
+
+def decode_batch(
+    data: bytes | str, catalogue: EventCatalogue | None = None
+) -> DecodedBatch:
+    """Decode a JSON array (or NDJSON) of events; bad ones are reported, good ones kept."""
+    catalogue = catalogue or load_catalogue()
+    raw = data.encode() if isinstance(data, str) else data
+    stripped = raw.lstrip()
+    if stripped[:1] != b"[":
+        return _decode_ndjson(raw, catalogue)
+    try:
+        events = _batch_decoder.decode(raw)
+        indices = list(range(len(events)))
+        issues: list[EventIssue] = []
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        try:
+            items = _raw_list_decoder.decode(raw)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            return DecodedBatch([], [], [EventIssue(-1, "$", f"not a JSON array of events: {exc}")])
+        events, indices, issues = _decode_each(items, catalogue)
+    return _check_types(events, indices, issues, catalogue)
+
+
+def _decode_each(
+    items: list[Any], catalogue: EventCatalogue
+) -> tuple[list[Event], list[int], list[EventIssue]]:
+    events: list[Event] = []
+    indices: list[int] = []
+    issues: list[EventIssue] = []
+    for i, item in enumerate(items):
+        try:
+            events.append(_event_decoder.decode(item))
+            indices.append(i)
+        except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            issues.append(_issue(i, exc))
+    return events, indices, issues
+
+
+def _decode_ndjson(raw: bytes, catalogue: EventCatalogue) -> DecodedBatch:
+    lines = [line for line in raw.split(b"\n") if line.strip()]
+    events, indices, issues = _decode_each(lines, catalogue)
+    return _check_types(events, indices, issues, catalogue)
+
+
+def _check_types(
+    events: list[Event], indices: list[int], issues: list[EventIssue], catalogue: EventCatalogue
+) -> DecodedBatch:
+    good_events, good_indices = [], []
+    for event, index in zip(events, indices, strict=True):
+        if event.event_type in catalogue:
+            good_events.append(event)
+            good_indices.append(index)
+        else:
+            issues.append(EventIssue(index, "event_type", f"unknown event type {event.event_type!r}"))
+    issues.sort(key=lambda issue: issue.index)
+    return DecodedBatch(good_events, good_indices, issues)
+
+
+def decode_events(data: bytes | str, catalogue: EventCatalogue | None = None) -> list[Event]:
+    """Decode a batch, raising EventError listing every bad event."""
+    from engine.errors import EventError
+
+    batch = decode_batch(data, catalogue)
+    if batch.issues:
+        raise EventError(
+            f"{len(batch.issues)} bad event(s): " + "; ".join(map(str, batch.issues[:20])),
+            batch.issues,
+        )
+    return batch.events
+
+
+def ensure_ids(events: list[Event]) -> list[Event]:
+    """Give every event without an id a fresh one (done once, at intake)."""
+    for event in events:
+        if event.id is None:
+            event.id = uuid.uuid4().hex
+    return events
+
+
+def encode_events(events: list[Event]) -> bytes:
+    return _event_encoder.encode(events)

@@ -1,0 +1,258 @@
+"""Hook model: what an account's master user configures (spec section b).
+
+A hook has a scope (one database or all of the account's), the event codes it
+captures, filters, the custom_data set, the content option and exactly one target:
+``http_batch``, ``rabbitmq_queue``, ``rabbitmq_exchange`` or ``kafka``.
+
+Secrets (passwords, tokens, client secrets) are ``SecretStr``: masked in ``repr``,
+in ``model_dump()`` and in ``display()``. ``to_storage()`` is the only way out in
+clear text, for the hook registry.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
+
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.errors import HookError
+
+DEFAULT_MAX_BATCH = 100  # events per HTTP request (spec e)
+DEFAULT_FLUSH_TIMEOUT_SEC = 10.0  # accumulation window (spec e)
+TARGET_KINDS = ("http_batch", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
+
+Id = Annotated[int, Field(ge=0)]
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_serializer("*", when_used="always")
+    def _serialize(self, value: Any, info: Any) -> Any:
+        if isinstance(value, SecretStr):
+            context = info.context or {}
+            return value.get_secret_value() if context.get("reveal") else "**********"
+        return value
+
+
+class Filters(_Model):
+    """AND across kinds, OR within a kind; an empty list means no restriction."""
+
+    resources: list[Id] = []
+    campaigns: list[Id] = []
+    templates: list[Id] = []
+    segments: list[Id] = []
+    pixels: list[Id] = []
+
+    def kinds(self) -> dict[str, list[int]]:
+        return {k: getattr(self, k) for k in FILTER_KINDS}
+
+
+FILTER_KINDS = ("resources", "campaigns", "templates", "segments", "pixels")
+
+
+class CustomData(_Model):
+    """The custom_data set (spec g).
+
+    * ``fields``: profile fields copied from the event's profile;
+    * ``template``: key/value pairs used only when the triggering request brought
+      no custom_data of its own (the request's custom_data wins);
+    * ``pairs``: key/value pairs added to every message.
+    Values of ``template`` and ``pairs`` may hold ``{{parameters}}``.
+    """
+
+    fields: list[Annotated[str, Field(min_length=1, max_length=256)]] = []
+    template: dict[str, str] = {}
+    pairs: dict[str, str] = {}
+
+
+class Auth(_Model):
+    kind: Literal["none", "bearer", "oauth2"] = "none"
+    token: SecretStr | None = None
+    token_url: str | None = None
+    client_id: str | None = None
+    client_secret: SecretStr | None = None
+    scope: str | None = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> Auth:
+        if self.kind == "bearer" and not self.token:
+            raise ValueError("bearer auth needs a token")
+        if self.kind == "oauth2":
+            missing = [k for k in ("token_url", "client_id", "client_secret") if not getattr(self, k)]
+            if missing:
+                raise ValueError(f"oauth2 auth needs {', '.join(missing)}")
+            _check_http_url(self.token_url or "")
+        return self
+
+
+def _check_http_url(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+    try:
+        parts.port  # noqa: B018 - raises on a bad port
+    except ValueError:
+        raise ValueError(f"{url!r} has an invalid port") from None
+    return url
+
+
+class HttpBatch(_Model):
+    url: str
+    max_batch_size: int = Field(DEFAULT_MAX_BATCH, gt=0, le=10_000)
+    flush_timeout_sec: float = Field(DEFAULT_FLUSH_TIMEOUT_SEC, gt=0, le=3_600)
+    success_regex: str = ""
+    auth: Auth = Auth()
+    headers: dict[str, str] = {}
+    request_timeout_sec: float | None = Field(None, gt=0, le=600)
+
+    _check_url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
+
+    @field_validator("success_regex")
+    @classmethod
+    def _regex_compiles(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"regex {value!r} does not compile: {exc}") from None
+        return value
+
+    @field_validator("headers")
+    @classmethod
+    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for name, val in value.items():
+            if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
+                raise ValueError(f"header name {name!r} is not a valid HTTP token")
+            if "\n" in val or "\r" in val:
+                raise ValueError(f"header {name!r}: value holds a line break")
+        return value
+
+
+class _Broker(_Model):
+    host: str = Field(min_length=1)
+    port: int = Field(5672, gt=0, lt=65536)
+    user: str = "guest"
+    password: SecretStr = SecretStr("guest")
+    vhost: str = "/"
+
+
+class RabbitQueue(_Broker):
+    queue: str = Field(min_length=1, max_length=255)
+
+
+class RabbitExchange(_Broker):
+    exchange: str = Field(min_length=1, max_length=255)
+    type: Literal["direct", "topic"] = "direct"
+    durable: bool = True
+    auto_delete: bool = False
+
+
+class Kafka(_Model):
+    bootstrap_servers: list[str] = Field(min_length=1)
+    topic: str = Field(min_length=1, max_length=249, pattern=r"^[A-Za-z0-9._-]+$")
+    # list_event -> "<list_id>.<event_type>"; profile_id; none -> no key
+    key: Literal["list_event", "profile_id", "none"] = "list_event"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    tls: bool = False
+    tls_cafile: str | None = None
+
+    @field_validator("bootstrap_servers")
+    @classmethod
+    def _host_port(cls, value: list[str]) -> list[str]:
+        for server in value:
+            host, _, port = server.rpartition(":")
+            if not host or not port.isdigit() or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port")
+        return value
+
+    @model_validator(mode="after")
+    def _sasl_complete(self) -> Kafka:
+        if self.sasl_mechanism and not (self.sasl_username and self.sasl_password):
+            raise ValueError(f"SASL {self.sasl_mechanism} needs sasl_username and sasl_password")
+        return self
+
+
+class Target(_Model):
+    """Exactly one of the four transports."""
+
+    http_batch: HttpBatch | None = None
+    rabbitmq_queue: RabbitQueue | None = None
+    rabbitmq_exchange: RabbitExchange | None = None
+    kafka: Kafka | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Target:
+        chosen = [k for k in TARGET_KINDS if getattr(self, k) is not None]
+        if len(chosen) != 1:
+            got = ", ".join(chosen) if chosen else "none"
+            raise ValueError(f"exactly one of {', '.join(TARGET_KINDS)} must be set (got {got})")
+        return self
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in TARGET_KINDS if getattr(self, k) is not None)
+
+    @property
+    def settings(self) -> HttpBatch | RabbitQueue | RabbitExchange | Kafka:
+        return getattr(self, self.kind)
+
+
+class Hook(_Model):
+    id: Id | None = None
+    name: str = Field(min_length=1, max_length=255)
+    active: bool = False
+    account_id: Id
+    database: Literal["all"] | Id = "all"
+    actions: list[str] = Field(min_length=1)
+    filters: Filters = Filters()
+    custom_data: CustomData = CustomData()
+    send_content: bool = False
+    target: Target
+
+    @field_validator("actions")
+    @classmethod
+    def _known_actions(cls, value: list[str], info: Any) -> list[str]:
+        catalogue: EventCatalogue = (info.context or {}).get("catalogue") or load_catalogue()
+        unknown = [code for code in value if code not in catalogue]
+        if unknown:
+            raise ValueError(
+                f"unknown event code(s) {', '.join(map(repr, unknown))}; known codes: "
+                + ", ".join(catalogue.codes())
+            )
+        return list(dict.fromkeys(value))
+
+    def display(self) -> dict[str, Any]:
+        """JSON-ready dict with every secret masked."""
+        return self.model_dump(mode="json")
+
+    def to_storage(self) -> dict[str, Any]:
+        """JSON-ready dict with secrets in clear text, for the hook registry only."""
+        return self.model_dump(mode="json", context={"reveal": True})
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "hook"
+
+
+def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) -> Hook:
+    """Validate ``data`` into a Hook, or raise HookError naming each field and reason."""
+    try:
+        return Hook.model_validate(data, context={"catalogue": catalogue})
+    except ValidationError as exc:
+        problems = [f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
+                    for e in exc.errors()]
+        raise HookError("invalid hook: " + "; ".join(problems)) from None

