@@ -1,0 +1,174 @@
+"""Hook messages in the platform's format (spec d) and their encodings (spec e).
+
+``MessageBuilder`` is made once per hook (it holds the compiled custom_data) and
+turns events into ``Message`` structs; ``encode_message`` produces the bytes that
+every transport sends:
+
+* HTTP batch: ``http_body(parts)`` — a JSON array of encoded messages, joined as
+  bytes (no re-encoding when a batch is assembled);
+* RabbitMQ queue/exchange: one encoded message per AMQP message, routing key
+  ``<list_id>.<event_type>`` (``routing_key``);
+* Kafka: value = the encoded message, key per the hook's setting (``kafka_key``).
+
+Absent optional keys are left out, never ``null``; the fields of a deleted
+profile (historical export) are the one place ``null`` appears. Every message
+carries ``hook_message_id``, stable across re-sends, for de-duplication.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from typing import Any
+
+import msgspec
+from msgspec import UNSET, UnsetType
+
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.customdata import CompiledCustomData, EventContext, format_rfc3339_nano
+from engine.events import Event, Subscription, parse_rfc3339_ns
+from engine.hooks import Hook
+from engine.names import NameCatalogue
+
+# event_data keys a category's messages always carry (spec d), filled from the
+# event's matching dimensions when the producer left them out of event_data.
+_SEGMENT = "segment_id"
+_DIMENSION_KEYS: dict[str, tuple[str, ...]] = {
+    "tracking": ("message_id", "campaign_id", _SEGMENT, "resource_id"),
+    "delivery": ("message_id", "campaign_id", _SEGMENT, "resource_id"),
+    "import": ("resource_id",),
+    "pixel": ("pixel_id", "resource_id"),
+}
+
+
+def _dimension(event: Event, key: str) -> int | None:
+    if key == _SEGMENT:  # 0 means "no segment" in the platform's format
+        return event.segment_ids[0] if event.segment_ids else 0
+    value: int | None = getattr(event, key)
+    return value
+
+
+class Message(msgspec.Struct):
+    """One hook message. UNSET fields are omitted from the JSON."""
+
+    event_type: str
+    event_date: str
+    account_id: int
+    is_test: bool
+    event_data: dict[str, Any]
+    hook_message_id: str
+    profile_id: str | UnsetType | None = UNSET
+    xxh: str | UnsetType | None = msgspec.field(default=UNSET, name="_xxh")
+    md5: str | UnsetType | None = msgspec.field(default=UNSET, name="_md5")
+    list_id: int | UnsetType = UNSET
+    sends_trying_num: int | UnsetType = UNSET
+    is_static: bool | UnsetType = UNSET
+    subscription_hash_id: str | UnsetType = UNSET
+    custom_data: dict[str, Any] | UnsetType | None = UNSET
+    subscription: list[Subscription] | UnsetType | None = UNSET
+    content: dict[str, Any] | UnsetType = UNSET
+
+
+_encoder = msgspec.json.Encoder()
+
+
+def encode_message(message: Message) -> bytes:
+    return _encoder.encode(message)
+
+
+def http_body(parts: list[bytes]) -> bytes:
+    """The HTTP batch body: a JSON array of already-encoded messages."""
+    return b"[" + b",".join(parts) + b"]"
+
+
+def message_id(hook_id: int | None, event_id: str | None) -> str:
+    """Stable id of (hook, event): the same on every re-send."""
+    raw = f"{hook_id or 0}:{event_id or ''}".encode()
+    return hashlib.blake2b(raw, digest_size=12).hexdigest()
+
+
+def routing_key(event: Event) -> str:
+    """RabbitMQ routing key ``<list_id>.<event_type>`` (``0`` when the event has no list)."""
+    return f"{event.list_id if event.list_id is not None else 0}.{event.event_type}"
+
+
+def kafka_key(key_choice: str, event: Event) -> bytes | None:
+    if key_choice == "list_event":
+        return routing_key(event).encode()
+    if key_choice == "profile_id":
+        return event.profile_id.encode() if event.profile_id else None
+    return None
+
+
+def message_date(event: Event, date_ns: int | None = None) -> str:
+    """``event_date`` of the message: RFC 3339, UTC, nanosecond fraction."""
+    text = event.event_date
+    if text.endswith("Z"):
+        return text
+    return format_rfc3339_nano(date_ns if date_ns is not None else parse_rfc3339_ns(text))
+
+
+class MessageBuilder:
+    """Builds one hook's messages; made once per hook, reused for every batch."""
+
+    def __init__(
+        self, hook: Hook, names: NameCatalogue | None = None,
+        catalogue: EventCatalogue | None = None,
+    ) -> None:
+        self.hook = hook
+        self.names = names or NameCatalogue()
+        self.catalogue = catalogue or load_catalogue()
+        self.custom_data = CompiledCustomData(hook.custom_data)
+        self.send_content = hook.send_content
+
+    def build(self, event: Event, content: Mapping[str, dict[str, Any]] | None = None,
+              ctx: EventContext | None = None) -> Message:
+        """The message for ``event``; ``content`` maps send ids to stored content."""
+        ctx = ctx or EventContext(event, self.names)
+        msg = Message(
+            event_type=event.event_type,
+            event_date=message_date(event),
+            account_id=event.account_id,
+            is_test=event.is_test,
+            event_data=self._event_data(event),
+            hook_message_id=message_id(self.hook.id, event.id),
+        )
+        if event.list_id is not None:
+            msg.list_id = event.list_id
+        if event.sends_trying_num:
+            msg.sends_trying_num = event.sends_trying_num
+        if event.is_static is not None:
+            msg.is_static = event.is_static
+        if event.subscription_hash_id is not None:
+            msg.subscription_hash_id = event.subscription_hash_id
+        self._profile(event, msg)
+        custom = self.custom_data.render(ctx)
+        if custom is not None:
+            msg.custom_data = custom
+        if self.send_content and content and event.send_id and event.send_id in content:
+            msg.content = content[event.send_id]
+        return msg
+
+    def encode(self, events: list[Event], content: Mapping[str, dict[str, Any]] | None = None,
+               ) -> list[bytes]:
+        return [_encoder.encode(self.build(e, content)) for e in events]
+
+    def _profile(self, event: Event, msg: Message) -> None:
+        if event.profile_deleted:
+            msg.profile_id = msg.xxh = msg.md5 = None
+            msg.subscription = None
+            return
+        if event.profile_id is not None:
+            msg.profile_id = event.profile_id
+        if event.xxh is not None:
+            msg.xxh = event.xxh
+        if event.md5 is not None:
+            msg.md5 = event.md5
+        if event.subscription is not None:
+            msg.subscription = event.subscription
+
+    def _event_data(self, event: Event) -> dict[str, Any]:
+        data = event.event_data
+        keys = _DIMENSION_KEYS.get(self.catalogue.category(event.event_type), ())
+        fill = {k: v for k in keys if k not in data and (v := _dimension(event, k)) is not None}
+        return {**data, **fill} if fill else data
