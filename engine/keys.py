@@ -1,0 +1,61 @@
+"""Every Redis key hookray uses, in one place. ``p`` is the REDIS_PREFIX setting.
+
+==============================  =======  =============================================
+key                             type     holds
+==============================  =======  =============================================
+{p}:intake:{n}                  stream   event batches of partition n, field ``e``
+{p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
+{p}:hooks:seq                   string   last hook id handed out
+{p}:version:hooks               string   bumped on every hook change
+{p}:names                       hash     "account:kind:id" -> name fields JSON
+{p}:version:names               string   bumped on every name upsert
+{p}:profiles:{account}          hash     profile_id -> profile fields JSON
+{p}:version:profiles            string   bumped on every profile upsert
+{p}:content:{send_id}           string   message content JSON, TTL content_ttl_sec
+{p}:retry                       zset     delivery id scored by due time (unix ms)
+{p}:retry:payload               hash     delivery id -> msgpack Delivery
+{p}:dead                        zset     delivery id scored by the time it died (ms)
+{p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
+{p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered
+{p}:stats:engine                hash     events_accepted, events_rejected
+==============================  =======  =============================================
+"""
+
+from __future__ import annotations
+
+CONSUMER_GROUP = "dispatch"
+INTAKE_FIELD = b"e"
+# A claimed retry is hidden for this long; if its sender dies it becomes due again.
+RETRY_LEASE_MS = 60_000
+# Pending intake entries idle this long are claimed by the partition's actor again.
+PENDING_CLAIM_IDLE_MS = 30_000
+
+
+class Keys:
+    """Key names for one prefix."""
+
+    def __init__(self, prefix: str = "hookray") -> None:
+        self.p = prefix
+        self.hooks = f"{prefix}:hooks"
+        self.hooks_seq = f"{prefix}:hooks:seq"
+        self.hooks_version = f"{prefix}:version:hooks"
+        self.names = f"{prefix}:names"
+        self.names_version = f"{prefix}:version:names"
+        self.profiles_version = f"{prefix}:version:profiles"
+        self.retry = f"{prefix}:retry"
+        self.retry_payload = f"{prefix}:retry:payload"
+        self.dead = f"{prefix}:dead"
+        self.dead_payload = f"{prefix}:dead:payload"
+        self.engine_stats = f"{prefix}:stats:engine"
+
+    def intake(self, partition: int) -> str:
+        return f"{self.p}:intake:{partition}"
+
+    def profiles(self, account_id: int) -> str:
+        return f"{self.p}:profiles:{account_id}"
+
+    def content(self, send_id: str) -> str:
+        return f"{self.p}:content:{send_id}"
+
+    def stats(self, hook_id: int) -> str:
+        return f"{self.p}:stats:{hook_id}"

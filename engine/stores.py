@@ -1,0 +1,284 @@
+"""Redis-backed stores: hook registry, side stores (names, profiles, content),
+stats, the retry schedule and dead letters. Key names: ``engine.keys``.
+
+Synchronous redis-py: used by the driver API and by the actors' loops alike.
+Every multi-step update is one MULTI/EXEC transaction or one Lua script.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from importlib import resources
+from typing import Any
+
+import redis
+
+from engine.catalogue import EventCatalogue
+from engine.errors import NotFound
+from engine.hooks import Hook, parse_hook
+from engine.keys import RETRY_LEASE_MS, Keys
+from engine.names import NameCatalogue
+from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery
+
+STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered")
+
+
+def _version(r: redis.Redis, key: str) -> int:
+    return int(r.get(key) or 0)
+
+
+class HookRegistry:
+    """Hooks CRUD; every change bumps a version that partition actors watch."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, catalogue: EventCatalogue | None = None) -> None:
+        self.r, self.k, self.catalogue = r, keys, catalogue
+
+    def _save(self, hook: Hook) -> Hook:
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.k.hooks, str(hook.id), json.dumps(hook.to_storage()))
+            pipe.incr(self.k.hooks_version)
+            pipe.execute()
+        return hook
+
+    def create(self, data: Mapping[str, Any] | Hook) -> Hook:
+        """Validate and store a new hook; its id is assigned here."""
+        fields = data.to_storage() if isinstance(data, Hook) else dict(data)
+        parse_hook({**fields, "id": 0}, self.catalogue)  # validate before using an id
+        fields["id"] = int(self.r.incr(self.k.hooks_seq))
+        return self._save(parse_hook(fields, self.catalogue))
+
+    def update(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
+        """Replace a hook's settings (keeps its id)."""
+        self.get(hook_id)
+        return self._save(parse_hook({**dict(data), "id": hook_id}, self.catalogue))
+
+    def set_active(self, hook_id: int, active: bool) -> Hook:
+        hook = self.get(hook_id)
+        return self._save(hook.model_copy(update={"active": active}))
+
+    def clone(self, hook_id: int, name: str | None = None) -> Hook:
+        """A stopped copy of a hook, with a new id."""
+        data = self.get(hook_id).to_storage()
+        data.update(name=name or f"{data['name']} (copy)"[:255], active=False)
+        return self.create(data)
+
+    def delete(self, hook_id: int) -> None:
+        with self.r.pipeline() as pipe:
+            pipe.hdel(self.k.hooks, str(hook_id))
+            pipe.incr(self.k.hooks_version)
+            removed, _ = pipe.execute()
+        if not removed:
+            raise NotFound(f"hook {hook_id} does not exist")
+
+    def get(self, hook_id: int) -> Hook:
+        raw = self.r.hget(self.k.hooks, str(hook_id))
+        if raw is None:
+            raise NotFound(f"hook {hook_id} does not exist")
+        return parse_hook(json.loads(raw), self.catalogue)
+
+    def list(self, account_id: int | None = None) -> list[Hook]:
+        return [h for h in self.load()[1] if account_id is None or h.account_id == account_id]
+
+    def version(self) -> int:
+        return _version(self.r, self.k.hooks_version)
+
+    def load(self) -> tuple[int, list[Hook]]:
+        """(version, every hook) read in one transaction."""
+        with self.r.pipeline() as pipe:
+            pipe.get(self.k.hooks_version)
+            pipe.hgetall(self.k.hooks)
+            version, raw = pipe.execute()
+        hooks = [parse_hook(json.loads(v), self.catalogue) for v in raw.values()]
+        return int(version or 0), sorted(hooks, key=lambda h: h.id or 0)
+
+
+class NameStore:
+    """Names for the custom_data parameters, as a NameCatalogue."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r, self.k = r, keys
+
+    def upsert(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Upsert ``{"account_id", "kind", "id", "name", ...}`` records; returns the count."""
+        check = NameCatalogue()
+        fields: dict[str, str] = {}
+        for rec in records:
+            rec = dict(rec)
+            check.upsert(int(rec.pop("account_id")), rec.pop("kind"), int(rec.pop("id")), **rec)
+        for rec in check.to_records():
+            key = f"{rec.pop('account_id')}:{rec.pop('kind')}:{rec.pop('id')}"
+            fields[key] = json.dumps(rec)
+        if fields:
+            with self.r.pipeline() as pipe:
+                pipe.hset(self.k.names, mapping=fields)
+                pipe.incr(self.k.names_version)
+                pipe.execute()
+        return len(fields)
+
+    def version(self) -> int:
+        return _version(self.r, self.k.names_version)
+
+    def load(self) -> NameCatalogue:
+        records = []
+        for key, value in self.r.hgetall(self.k.names).items():
+            account, kind, obj_id = key.decode().split(":")
+            records.append({"account_id": account, "kind": kind, "id": obj_id,
+                            **json.loads(value)})
+        return NameCatalogue.from_records(records)
+
+
+class ProfileStore:
+    """Profile fields by (account, profile_id), for hooks that copy them into custom_data."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r, self.k = r, keys
+
+    def upsert(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
+        if not profiles:
+            return 0
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.k.profiles(account_id),
+                      mapping={pid: json.dumps(dict(f)) for pid, f in profiles.items()})
+            pipe.incr(self.k.profiles_version)
+            pipe.execute()
+        return len(profiles)
+
+    def version(self) -> int:
+        return _version(self.r, self.k.profiles_version)
+
+    def get_many(self, wanted: Mapping[int, list[str]]) -> dict[tuple[int, str], dict[str, Any]]:
+        """Profiles for ``{account_id: [profile_id, ...]}``, one round trip."""
+        accounts = [(a, ids) for a, ids in wanted.items() if ids]
+        with self.r.pipeline(transaction=False) as pipe:
+            for account, ids in accounts:
+                pipe.hmget(self.k.profiles(account), ids)
+            replies = pipe.execute()
+        found: dict[tuple[int, str], dict[str, Any]] = {}
+        for (account, ids), values in zip(accounts, replies, strict=True):
+            for pid, raw in zip(ids, values, strict=True):
+                if raw is not None:
+                    found[(account, pid)] = json.loads(raw)
+        return found
+
+
+class ContentStore:
+    """Message content by send id, kept for HOOK_CONTENT_CLEANUP_HOURS."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, ttl_sec: int) -> None:
+        self.r, self.k, self.ttl_sec = r, keys, ttl_sec
+
+    def put(self, contents: Mapping[str, Mapping[str, Any]], ttl_sec: int | None = None) -> int:
+        with self.r.pipeline(transaction=False) as pipe:
+            for send_id, content in contents.items():
+                pipe.set(self.k.content(send_id), json.dumps(dict(content)),
+                         ex=ttl_sec or self.ttl_sec)
+            pipe.execute()
+        return len(contents)
+
+    def get_many(self, send_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Content still stored for ``send_ids`` (expired ones are simply absent)."""
+        if not send_ids:
+            return {}
+        values = self.r.mget([self.k.content(s) for s in send_ids])
+        return {s: json.loads(v) for s, v in zip(send_ids, values, strict=True) if v is not None}
+
+
+class Stats:
+    """Per-hook counters: accepted, delivered, retried, dead_lettered (in messages)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r, self.k = r, keys
+
+    def add(self, pipe: Any, hook_id: int, field: str, n: int) -> None:
+        if n:
+            pipe.hincrby(self.k.stats(hook_id), field, n)
+
+    def get(self, hook_id: int) -> dict[str, int]:
+        raw = self.r.hgetall(self.k.stats(hook_id))
+        return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
+
+    def engine(self) -> dict[str, int]:
+        return {k.decode(): int(v) for k, v in self.r.hgetall(self.k.engine_stats).items()}
+
+
+class RetryStore:
+    """The retry schedule (sorted set by due time) and the dead letters."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r, self.k = r, keys
+        lua = resources.files("engine").joinpath("retry_claim.lua").read_text("utf-8")
+        self._claim = r.register_script(lua)
+        self.stats = Stats(r, keys)
+
+    def schedule(self, delivery: Delivery, due_ms: int, error: str) -> None:
+        """Keep ``delivery`` for a re-send at ``due_ms``."""
+        delivery.last_error = error
+        with self.r.pipeline() as pipe:
+            pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
+            pipe.zadd(self.k.retry, {delivery.id: due_ms})
+            self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
+            pipe.execute()
+
+    def claim_due(self, limit: int = 100, now: int | None = None) -> list[Delivery]:
+        now = now_ms() if now is None else now
+        payloads = self._claim(keys=[self.k.retry, self.k.retry_payload],
+                               args=[now, now + RETRY_LEASE_MS, limit])
+        return [unpack_delivery(p) for p in payloads]
+
+    def complete(self, delivery: Delivery) -> None:
+        """A re-sent delivery succeeded: forget it and count it delivered."""
+        with self.r.pipeline() as pipe:
+            pipe.zrem(self.k.retry, delivery.id)
+            pipe.hdel(self.k.retry_payload, delivery.id)
+            self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
+            pipe.execute()
+
+    def kill(self, delivery: Delivery, error: str) -> None:
+        """Move a delivery out of the schedule into the dead letters."""
+        delivery.last_error = error
+        with self.r.pipeline() as pipe:
+            pipe.zrem(self.k.retry, delivery.id)
+            pipe.hdel(self.k.retry_payload, delivery.id)
+            pipe.hset(self.k.dead_payload, delivery.id, pack_delivery(delivery))
+            pipe.zadd(self.k.dead, {delivery.id: now_ms()})
+            self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
+            pipe.execute()
+
+    def pending(self) -> int:
+        return int(self.r.zcard(self.k.retry))
+
+    def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
+                     limit: int = 100) -> list[Delivery]:
+        """Dead letters, oldest first, optionally of one account or hook."""
+        ids = self.r.zrange(self.k.dead, 0, -1)
+        out: list[Delivery] = []
+        for start in range(0, len(ids), 500):
+            for raw in self.r.hmget(self.k.dead_payload, ids[start:start + 500]):
+                if raw is None:
+                    continue
+                d = unpack_delivery(raw)
+                if (account_id is None or d.account_id == account_id) and \
+                        (hook_id is None or d.hook_id == hook_id):
+                    out.append(d)
+                    if len(out) >= limit:
+                        return out
+        return out
+
+    def replay(self, ids: Iterable[str]) -> int:
+        """Put dead letters back on the schedule, due now, with fresh re-send counts."""
+        moved = 0
+        for delivery_id in ids:
+            raw = self.r.hget(self.k.dead_payload, delivery_id)
+            if raw is None:
+                raise NotFound(f"dead letter {delivery_id} does not exist")
+            delivery = unpack_delivery(raw)
+            delivery.resends = 0
+            with self.r.pipeline() as pipe:
+                pipe.zrem(self.k.dead, delivery_id)
+                pipe.hdel(self.k.dead_payload, delivery_id)
+                pipe.hset(self.k.retry_payload, delivery_id, pack_delivery(delivery))
+                pipe.zadd(self.k.retry, {delivery_id: now_ms()})
+                pipe.execute()
+            moved += 1
+        return moved

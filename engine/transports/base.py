@@ -1,0 +1,114 @@
+"""The transport contract: what every transport (http, rabbitmq, kafka, stub) does.
+
+A transport sends one ``Delivery`` (a batch of encoded messages of one hook) to the
+hook's target and reports an ``Outcome``. Driver errors are wrapped into
+``engine.errors.TransportError`` subclasses inside ``_deliver``; ``send`` turns
+them into a failed Outcome, so callers never see a driver exception.
+
+Implementations live one per module (``http``, ``stub``, ...) and are loaded by
+``load_transport(kind)`` on first use, so aio-pika or aiokafka are imported only
+by the processes that need them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import time
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar
+
+import msgspec
+
+from engine.errors import TransportError
+
+EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
+
+
+class Delivery(msgspec.Struct):
+    """A batch of one hook's encoded messages, as sent, retried and dead-lettered."""
+
+    id: str
+    hook_id: int
+    account_id: int
+    kind: str
+    parts: list[bytes]  # one encoded message each
+    keys: list[str] = []  # per part: routing key (RabbitMQ) or record key (Kafka)
+    message_ids: list[str] = []
+    resends: int = 0  # re-sends done so far (the first attempt is not one)
+    created_ms: int = 0
+    last_error: str = ""
+    last_attempt_ms: int = 0
+
+    @property
+    def count(self) -> int:
+        return len(self.parts)
+
+
+class Outcome(msgspec.Struct, omit_defaults=True):
+    ok: bool
+    status: int | None = None  # HTTP status, when there was a response
+    detail: str = ""  # a body excerpt, a broker answer or the error text
+    error: str | None = None  # ConnectError | Timeout | Rejected | ...
+
+    def describe(self) -> str:
+        status = f"HTTP {self.status}: " if self.status is not None else ""
+        kind = f"{self.error}: " if self.error else ""
+        return f"{kind}{status}{self.detail}"[:1000]
+
+
+_packer = msgspec.msgpack.Encoder()
+_unpacker = msgspec.msgpack.Decoder(Delivery)
+
+
+def pack_delivery(delivery: Delivery) -> bytes:
+    return _packer.encode(delivery)
+
+
+def unpack_delivery(data: bytes) -> Delivery:
+    return _unpacker.decode(data)
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+class Transport(ABC):
+    """One transport kind; one instance per transport actor, shared by all its hooks."""
+
+    kind: ClassVar[str]
+
+    def __init__(self, **options: Any) -> None:
+        self.options = options
+
+    async def send(self, target: Any, delivery: Delivery) -> Outcome:
+        """Deliver and report; never raises for a delivery failure."""
+        try:
+            return await self._deliver(target, delivery)
+        except TransportError as exc:
+            return Outcome(ok=False, error=type(exc).__name__, detail=str(exc)[:1000])
+
+    @abstractmethod
+    async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:
+        """Send ``delivery`` to ``target`` (the hook's target settings model)."""
+
+    async def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+_MODULES = {
+    "http_batch": "engine.transports.http",
+    "rabbitmq_queue": "engine.transports.rabbitmq",
+    "rabbitmq_exchange": "engine.transports.rabbitmq",
+    "kafka": "engine.transports.kafka",
+    "stub": "engine.transports.stub",
+}
+
+
+def load_transport(kind: str, **options: Any) -> Transport:
+    """A transport instance for ``kind``, importing its module only now."""
+    try:
+        module = importlib.import_module(_MODULES[kind])
+    except KeyError:
+        raise ValueError(f"unknown transport kind {kind!r}; known: {', '.join(_MODULES)}") from None
+    cls: type[Transport] = module.TRANSPORTS[kind]
+    return cls(**options)

@@ -1,0 +1,188 @@
+"""HTTP JSON-batch transport (spec e): one POST per delivery, body = JSON array.
+
+Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
+
+* Success: when the hook has a success regex, status 2xx **and** the regex found
+  in the body; without one, status 200 exactly (the documented rule).
+* Auth: none, a static bearer token, or OAuth2 client credentials (the token is
+  fetched from ``token_url`` and cached until shortly before it expires; a 401
+  drops it so the next attempt fetches a fresh one).
+* One slow or dead destination does not hold up others: requests to one
+  destination (scheme, host, port) are limited by a semaphore of its own, and a
+  circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive connection
+  errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to the retry
+  schedule, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import urlsplit
+
+import aiohttp
+
+from engine.errors import ConnectError, Rejected, Timeout
+from engine.hooks import Auth, HttpBatch
+from engine.messages import http_body
+from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
+
+BREAKER_FAILURES = 5  # consecutive connect errors/timeouts that open the breaker
+BREAKER_OPEN_SEC = 5.0  # how long an open breaker fails fast
+TOKEN_MARGIN_SEC = 30.0  # refresh an OAuth2 token this long before it expires
+DEFAULT_TIMEOUT_SEC = 10.0
+JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+@dataclass
+class _Destination:
+    semaphore: asyncio.Semaphore
+    failures: int = 0
+    open_until: float = 0.0
+    last_error: str = ""
+
+
+@dataclass
+class _Token:
+    value: str
+    expires_at: float
+
+
+@dataclass
+class _Cache:
+    regex: dict[str, re.Pattern[str]] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str], _Token] = field(default_factory=dict)
+
+
+class HttpTransport(Transport):
+    kind = "http_batch"
+
+    def __init__(self, concurrency: int = 8, timeout_sec: float = DEFAULT_TIMEOUT_SEC,
+                 **options: Any) -> None:
+        super().__init__(**options)
+        self.concurrency = concurrency
+        self.timeout_sec = timeout_sec
+        self._session: aiohttp.ClientSession | None = None
+        self._destinations: dict[str, _Destination] = {}
+        self._cache = _Cache()
+
+    def _client(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.concurrency)
+            self._session = aiohttp.ClientSession(connector=connector)
+        return self._session
+
+    def _destination(self, url: str) -> tuple[str, _Destination]:
+        parts = urlsplit(url)
+        key = f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+        dest = self._destinations.get(key)
+        if dest is None:
+            dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.concurrency))
+        return key, dest
+
+    async def _deliver(self, target: HttpBatch, delivery: Delivery) -> Outcome:
+        return await self.post(target, http_body(delivery.parts))
+
+    async def post(self, target: HttpBatch, body: bytes) -> Outcome:
+        key, dest = self._destination(target.url)
+        if dest.open_until > time.monotonic():
+            raise ConnectError(f"{key}: circuit open after {dest.failures} failures; "
+                               f"last error: {dest.last_error}")
+        async with dest.semaphore:
+            try:
+                outcome = await self._post(target, body)
+            except (ConnectError, Timeout) as exc:
+                self._record_failure(dest, str(exc))
+                raise
+        dest.failures = 0
+        return outcome
+
+    def _record_failure(self, dest: _Destination, error: str) -> None:
+        dest.failures += 1
+        dest.last_error = error
+        if dest.failures >= BREAKER_FAILURES:
+            dest.open_until = time.monotonic() + BREAKER_OPEN_SEC
+
+    async def _post(self, target: HttpBatch, body: bytes) -> Outcome:
+        headers = {**JSON_HEADERS, **target.headers}
+        auth = await self._authorization(target.auth)
+        if auth:
+            headers["Authorization"] = auth
+        timeout = aiohttp.ClientTimeout(total=target.request_timeout_sec or self.timeout_sec)
+        try:
+            async with self._client().post(target.url, data=body, headers=headers,
+                                           timeout=timeout) as resp:
+                text = await resp.text(errors="replace")
+                status = resp.status
+        except TimeoutError:
+            raise Timeout(f"POST {target.url}: no answer within {timeout.total} s") from None
+        except aiohttp.ClientError as exc:
+            raise ConnectError(f"POST {target.url}: {type(exc).__name__}: {exc}") from None
+        if status == 401 and target.auth.kind == "oauth2":
+            self._cache.tokens.pop(_token_key(target.auth), None)
+        return self._judge(target, status, text)
+
+    def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
+        excerpt = text[:EXCERPT_CHARS]
+        if target.success_regex:
+            regex = self._cache.regex.get(target.success_regex)
+            if regex is None:
+                regex = self._cache.regex[target.success_regex] = re.compile(target.success_regex)
+            if 200 <= status < 300 and regex.search(text):
+                return Outcome(ok=True, status=status, detail=excerpt)
+            reason = "status is not 2xx" if not 200 <= status < 300 else \
+                f"body does not match success regex {target.success_regex!r}"
+        elif status == 200:
+            return Outcome(ok=True, status=status, detail=excerpt)
+        else:
+            reason = "status is not 200"
+        raise Rejected(f"HTTP {status}: {reason}; body: {excerpt}")
+
+    async def _authorization(self, auth: Auth) -> str | None:
+        if auth.kind == "bearer" and auth.token is not None:
+            return f"Bearer {auth.token.get_secret_value()}"
+        if auth.kind == "oauth2":
+            return f"Bearer {await self._oauth2_token(auth)}"
+        return None
+
+    async def _oauth2_token(self, auth: Auth) -> str:
+        key = _token_key(auth)
+        cached = self._cache.tokens.get(key)
+        if cached and cached.expires_at > time.monotonic():
+            return cached.value
+        secret = auth.client_secret.get_secret_value() if auth.client_secret else ""
+        form = {"grant_type": "client_credentials", "client_id": auth.client_id or "",
+                "client_secret": secret}
+        if auth.scope:
+            form["scope"] = auth.scope
+        try:
+            async with self._client().post(auth.token_url or "", data=form,
+                                           timeout=aiohttp.ClientTimeout(total=self.timeout_sec)
+                                           ) as resp:
+                payload = await resp.json(content_type=None) if resp.status == 200 else None
+                status = resp.status
+        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+            raise ConnectError(f"OAuth2 token request to {auth.token_url} failed: {exc}") from None
+        if not isinstance(payload, dict) or not payload.get("access_token"):
+            raise Rejected(f"OAuth2 token endpoint {auth.token_url} answered HTTP {status} "
+                           "without an access_token")
+        lifetime = float(payload.get("expires_in") or 3600)
+        token = _Token(str(payload["access_token"]),
+                       time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))
+        self._cache.tokens[key] = token
+        return token.value
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+
+
+def _token_key(auth: Auth) -> tuple[str, str, str]:
+    return (auth.token_url or "", auth.client_id or "", auth.scope or "")
+
+
+TRANSPORTS = {"http_batch": HttpTransport}
