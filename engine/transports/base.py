@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import msgspec
 
-from engine.errors import TransportError
+from engine.errors import ConnectError, TransportError
 
 EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
 
@@ -95,7 +95,11 @@ class Transport(ABC):
         """Release connections."""
 
 
-_MODULES = {
+class TransportUnavailable(ConnectError):
+    """The transport kind has no implementation installed; deliveries retry, then die."""
+
+
+TRANSPORT_MODULES = {
     "http_batch": "engine.transports.http",
     "rabbitmq_queue": "engine.transports.rabbitmq",
     "rabbitmq_exchange": "engine.transports.rabbitmq",
@@ -106,9 +110,19 @@ _MODULES = {
 
 def load_transport(kind: str, **options: Any) -> Transport:
     """A transport instance for ``kind``, importing its module only now."""
+    if kind not in TRANSPORT_MODULES:
+        raise ValueError(f"unknown transport kind {kind!r}; known: {', '.join(TRANSPORT_MODULES)}")
     try:
-        module = importlib.import_module(_MODULES[kind])
-    except KeyError:
-        raise ValueError(f"unknown transport kind {kind!r}; known: {', '.join(_MODULES)}") from None
+        module = importlib.import_module(TRANSPORT_MODULES[kind])
+    except ModuleNotFoundError as exc:
+        raise TransportUnavailable(
+            f"transport {kind!r} is not available in this installation ({exc})") from None
     cls: type[Transport] = module.TRANSPORTS[kind]
     return cls(**options)
+
+
+def available_kinds() -> list[str]:
+    """Target kinds whose transport module is installed."""
+    from importlib.util import find_spec
+
+    return [k for k, m in TRANSPORT_MODULES.items() if k != "stub" and find_spec(m) is not None]

@@ -1,0 +1,260 @@
+"""Python driver API: start a local engine or connect to a running one.
+
+    from actors.driver import Engine
+
+    engine = Engine.start(config="main.json")          # local Ray + actors
+    hook = engine.create_hook({...})                    # validated, id assigned
+    engine.publish([{"event_type": "click", ...}])      # accepted once in Redis
+    engine.stats(hook.id)
+    engine.shutdown()
+
+Most calls talk to Redis only (hooks, events, content, names, profiles, stats,
+dead letters), so ``Engine.connect`` works from any process that reaches the
+engine's Redis; starting and stopping actors needs Ray.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from engine.catalogue import load_catalogue
+from engine.events import Event
+from engine.hooks import Hook
+from engine.intake import Intake, PublishResult
+from engine.keys import Keys
+from engine.settings import Settings, load_settings
+from engine.stores import (
+    STAT_FIELDS,
+    ContentStore,
+    HookRegistry,
+    NameStore,
+    ProfileStore,
+    RetryStore,
+    Stats,
+)
+from engine.testevent import send_test_event
+from engine.transports.base import Delivery, Outcome, available_kinds
+
+log = logging.getLogger("hookray")
+
+
+@dataclass
+class DeadLetter:
+    id: str
+    hook_id: int
+    account_id: int
+    kind: str
+    messages: int
+    resends: int
+    last_error: str
+    message_ids: list[str]
+
+    @classmethod
+    def of(cls, d: Delivery) -> DeadLetter:
+        return cls(d.id, d.hook_id, d.account_id, d.kind, d.count, d.resends, d.last_error,
+                   list(d.message_ids))
+
+
+class Engine:
+    """A handle on one hookray engine (its Redis, and its actors when started here)."""
+
+    def __init__(self, settings: Settings, r: redis.Redis | None = None) -> None:
+        self.settings = settings
+        self.redis = r or redis.Redis.from_url(settings.REDIS_URL)
+        self.keys = Keys(settings.REDIS_PREFIX)
+        self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
+        self.hooks = HookRegistry(self.redis, self.keys, self.catalogue)
+        self.intake = Intake(self.redis, self.keys, settings.PARTITIONS,
+                             settings.INTAKE_MAX_BATCH, self.catalogue)
+        self.retry = RetryStore(self.redis, self.keys)
+        self._stats = Stats(self.redis, self.keys)
+        self._names = NameStore(self.redis, self.keys)
+        self._profiles = ProfileStore(self.redis, self.keys)
+        self._content = ContentStore(self.redis, self.keys,
+                                     int(settings.HOOK_CONTENT_CLEANUP_HOURS * 3600))
+        self.actors: dict[str, Any] = {}
+        self._owns_ray = False
+
+    # --- life cycle ---------------------------------------------------------------------
+
+    @classmethod
+    def start(cls, settings: Settings | None = None, *, config: str | None = None,
+              ray_address: str | None = None, **overrides: Any) -> Engine:
+        """Start the engine's actors on Ray (a local Ray unless an address is given)."""
+        settings = _settings(settings, config, overrides)
+        engine = cls(settings)
+        engine.redis.ping()
+        engine.intake.ensure_groups()
+        engine._start_actors(ray_address or settings.RAY_ADDRESS)
+        return engine
+
+    @classmethod
+    def connect(cls, settings: Settings | None = None, *, config: str | None = None,
+                **overrides: Any) -> Engine:
+        """A handle on a running engine through its Redis (no actors are started)."""
+        engine = cls(_settings(settings, config, overrides))
+        engine.redis.ping()
+        return engine
+
+    def _start_actors(self, address: str | None) -> None:
+        import ray
+
+        from actors.transport import TransportActor
+        from actors.workers import PartitionActor, RetryActor
+
+        if not ray.is_initialized():
+            ray.init(address=address, namespace="hookray", log_to_driver=True,
+                     include_dashboard=False if address is None else None,
+                     configure_logging=False)
+            self._owns_ray = True
+        cfg = self.settings.model_dump()
+        sizes = {"http_batch": self.settings.HTTP_POOL_SIZE,
+                 "rabbitmq_queue": self.settings.RABBITMQ_POOL_SIZE,
+                 "rabbitmq_exchange": self.settings.RABBITMQ_POOL_SIZE,
+                 "kafka": self.settings.KAFKA_POOL_SIZE}
+        pools: dict[str, list[Any]] = {}
+        for kind in available_kinds():
+            pools[kind] = [TransportActor.options(name=f"{self.settings.REDIS_PREFIX}:{kind}:{i}")
+                           .remote(kind, cfg) for i in range(sizes[kind])]
+        self.pools = pools
+        parts = [PartitionActor.options(name=f"{self.settings.REDIS_PREFIX}:partition:{n}")
+                 .remote(cfg, n, pools) for n in range(self.settings.PARTITIONS)]
+        retry = RetryActor.options(name=f"{self.settings.REDIS_PREFIX}:retry").remote(cfg, pools)
+        ray.get([a.ping.remote() for a in [*parts, retry, *(x for p in pools.values() for x in p)]])
+        self.actors = {"partitions": parts, "retry": retry, "pools": pools}
+
+    def shutdown(self) -> None:
+        """Stop the actors started here (and Ray, when this handle started it)."""
+        if self.actors:
+            import ray
+
+            workers = [*self.actors["partitions"], self.actors["retry"]]
+            ray.get([w.stop.remote() for w in workers], timeout=30)
+            for actor in [*workers, *(a for p in self.actors["pools"].values() for a in p)]:
+                ray.kill(actor)
+            self.actors = {}
+            if self._owns_ray:
+                ray.shutdown()
+        self.redis.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # --- hooks --------------------------------------------------------------------------
+
+    def create_hook(self, data: Mapping[str, Any] | Hook) -> Hook:
+        """Validate and store a hook (raises HookError naming each bad field)."""
+        return self.hooks.create(data)
+
+    def update_hook(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
+        return self.hooks.update(hook_id, data)
+
+    def get_hook(self, hook_id: int) -> Hook:
+        return self.hooks.get(hook_id)
+
+    def list_hooks(self, account_id: int | None = None) -> list[Hook]:
+        return self.hooks.list(account_id)
+
+    def activate_hook(self, hook_id: int) -> Hook:
+        return self.hooks.set_active(hook_id, True)
+
+    def stop_hook(self, hook_id: int) -> Hook:
+        return self.hooks.set_active(hook_id, False)
+
+    def clone_hook(self, hook_id: int, name: str | None = None) -> Hook:
+        return self.hooks.clone(hook_id, name)
+
+    def delete_hook(self, hook_id: int) -> None:
+        self.hooks.delete(hook_id)
+
+    # --- data in ------------------------------------------------------------------------
+
+    def publish(self, events: bytes | str | Sequence[Event | Mapping[str, Any]],
+                partial: bool = False) -> PublishResult:
+        """Validate and append events to the intake. Bad events raise EventError (nothing
+        accepted) unless ``partial=True``, which accepts the good ones and returns the issues."""
+        return self.intake.publish(events, partial=partial)  # type: ignore[arg-type]
+
+    def store_content(self, contents: Mapping[str, Mapping[str, Any]],
+                      ttl_sec: int | None = None) -> int:
+        """Store message content by send id, kept HOOK_CONTENT_CLEANUP_HOURS by default."""
+        return self._content.put(contents, ttl_sec)
+
+    def upsert_names(self, records: Iterable[Mapping[str, Any]]) -> int:
+        """Upsert names: ``{"account_id", "kind", "id", "name"[, "subid"|"subject"]}``."""
+        return self._names.upsert(records)
+
+    def upsert_profiles(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
+        """Upsert profile fields by profile id, for hooks that copy them into custom_data."""
+        return self._profiles.upsert(account_id, profiles)
+
+    # --- test event, stats, dead letters ----------------------------------------------
+
+    def test_event(self, hook: int | Hook, event_type: str) -> Outcome:
+        """Send one synthetic event of ``event_type`` through the hook's target, now."""
+        hook = hook if isinstance(hook, Hook) else self.hooks.get(hook)
+        if event_type not in self.catalogue:
+            raise ValueError(f"unknown event type {event_type!r}; known: "
+                             + ", ".join(self.catalogue.codes()))
+        return asyncio.run(send_test_event(hook, event_type, self._names.load(),
+                                           timeout_sec=self.settings.HTTP_REQUEST_TIMEOUT_SEC))
+
+    def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
+        """Counters (messages) of one hook, or of every hook plus the engine's."""
+        if hook_id is not None:
+            return self._stats.get(hook_id)
+        out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.list()}
+        out["engine"] = {**self._stats.engine(), "retry_scheduled": self.retry.pending(),
+                         "dead_letters": int(self.redis.zcard(self.keys.dead)),
+                         "intake_backlog": self.backlog()}
+        return out
+
+    def backlog(self) -> int:
+        """Intake entries not yet settled, over all partitions."""
+        with self.redis.pipeline(transaction=False) as pipe:
+            for n in range(self.settings.PARTITIONS):
+                pipe.xlen(self.keys.intake(n))
+            return sum(pipe.execute())
+
+    def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
+                     limit: int = 100) -> list[DeadLetter]:
+        return [DeadLetter.of(d) for d in self.retry.dead_letters(account_id, hook_id, limit)]
+
+    def replay(self, ids: Iterable[str] | None = None, hook_id: int | None = None) -> int:
+        """Send dead letters again (all, those of a hook, or the given ids)."""
+        if ids is None:
+            ids = [d.id for d in self.retry.dead_letters(hook_id=hook_id, limit=10**9)]
+        return self.retry.replay(ids)
+
+    def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:
+        """Wait until every accepted event is settled (and, optionally, no retry is due)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.backlog() == 0 and (not include_retries or self.retry.pending() == 0):
+                return True
+            time.sleep(0.05)
+        return False
+
+    def totals(self) -> dict[str, int]:
+        """Counters summed over every hook."""
+        per_hook = self.stats()
+        per_hook.pop("engine")
+        return {f: sum(s[f] for s in per_hook.values()) for f in STAT_FIELDS}
+
+
+def _settings(settings: Settings | None, config: str | None, overrides: dict[str, Any]
+              ) -> Settings:
+    if settings is None:
+        settings = load_settings(config or os.environ.get("HOOKRAY_CONFIG"))
+    return settings.model_copy(update=overrides) if overrides else settings

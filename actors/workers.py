@@ -1,0 +1,66 @@
+"""Partition and retry actors: a worker loop (engine.dispatch / engine.retrying) in a
+thread, started in ``__init__`` so that a restarted actor resumes by itself."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import ray
+import redis
+
+from actors.sender import RaySender
+from engine.dispatch import PartitionWorker
+from engine.retrying import RetryWorker
+from engine.settings import Settings
+
+log = logging.getLogger("hookray")
+
+
+def _redis(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30,
+                                health_check_interval=30)
+
+
+class _Looping:
+    def _start(self, target: Any, name: str) -> None:
+        self._stop = threading.Event()
+        self._errors = 0
+        self._thread = threading.Thread(target=target, args=(self._stop, self._on_error),
+                                        daemon=True, name=name)
+        self._thread.start()
+
+    def _on_error(self, exc: Exception) -> None:
+        self._errors += 1
+        log.warning("%s: %s (retrying)", self._thread.name, exc)
+
+    def ping(self) -> dict[str, Any]:
+        return {"alive": self._thread.is_alive(), "errors": self._errors}
+
+    def stop(self) -> bool:
+        self._stop.set()
+        self._thread.join(10)
+        return not self._thread.is_alive()
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
+class PartitionActor(_Looping):
+    def __init__(self, settings: dict[str, Any], partition: int,
+                 pools: dict[str, list[Any]]) -> None:
+        cfg = Settings(**settings)
+        self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(pools))
+        self._start(self.worker.run, f"partition-{partition}")
+
+    def backlog(self) -> dict[str, int]:
+        return {"unsettled_entries": len(self.worker.entry_left),
+                "open_messages": self.worker.dispatcher.open_messages(),
+                "inflight": self.worker.sender.inflight()}
+
+
+@ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
+class RetryActor(_Looping):
+    def __init__(self, settings: dict[str, Any], pools: dict[str, list[Any]]) -> None:
+        cfg = Settings(**settings)
+        self.worker = RetryWorker(cfg, _redis(cfg), RaySender(pools))
+        self._start(self.worker.run, "retry")

@@ -1,0 +1,340 @@
+"""The data path of one partition, without Ray: read → match → build → batch → send
+→ settle → acknowledge. ``actors.partition`` runs ``PartitionWorker.run`` in a Ray
+actor and supplies a ``Sender`` that calls the transport pool.
+
+Bookkeeping that makes "nothing accepted is lost" hold:
+
+* every message added to a batch counts against the stream entry it came from;
+* a batch leaves as a ``Delivery``; its outcome *settles* it: delivered, or
+  written to the retry schedule (which the retry worker owns from then on);
+* an entry is acknowledged (XACK + XDEL) only when all its messages are settled;
+* after a crash, the actor reads its own pending entries again first
+  (at-least-once; receivers de-duplicate by ``hook_message_id``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis
+
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.customdata import EventContext
+from engine.events import Event
+from engine.hooks import Hook
+from engine.intake import decode_entry
+from engine.keys import CONSUMER_GROUP, Keys
+from engine.matching import EventColumns, HookIndex
+from engine.messages import MessageBuilder, encode_message, kafka_key, routing_key
+from engine.names import NameCatalogue
+from engine.partitioning import retry_due_ms
+from engine.settings import Settings
+from engine.stores import ContentStore, HookRegistry, NameStore, ProfileStore, RetryStore, Stats
+from engine.transports.base import Delivery, Outcome, now_ms
+
+PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
+MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
+IMMEDIATE_KINDS = ("rabbitmq_queue", "rabbitmq_exchange", "kafka")  # sent every read round
+IMMEDIATE_MAX_BATCH = 1_000
+
+
+class Sender(Protocol):
+    """Hands deliveries to transports and returns their outcomes."""
+
+    def submit(self, hook: Hook, delivery: Delivery) -> None: ...
+    def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]: ...
+    def inflight(self) -> int: ...
+
+
+@dataclass
+class _Batch:
+    hook: Hook
+    opened: float
+    parts: list[bytes] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    mids: list[str] = field(default_factory=list)
+    entries: Counter[str] = field(default_factory=Counter)
+
+
+def batch_limits(hook: Hook) -> tuple[int, float]:
+    """(max messages, flush timeout sec) of a hook's outgoing batches."""
+    target = hook.target.settings
+    if hook.target.kind == "http_batch":
+        return target.max_batch_size, target.flush_timeout_sec  # type: ignore[union-attr]
+    return IMMEDIATE_MAX_BATCH, 0.0
+
+
+class Side:
+    """Redis-side stores one worker uses."""
+
+    def __init__(self, r: redis.Redis, settings: Settings, catalogue: EventCatalogue) -> None:
+        self.keys = Keys(settings.REDIS_PREFIX)
+        self.registry = HookRegistry(r, self.keys, catalogue)
+        self.names = NameStore(r, self.keys)
+        self.profiles = ProfileStore(r, self.keys)
+        self.content = ContentStore(r, self.keys, int(settings.HOOK_CONTENT_CLEANUP_HOURS * 3600))
+        self.retry = RetryStore(r, self.keys)
+        self.stats = Stats(r, self.keys)
+
+
+class Dispatcher:
+    """Matching, message building and per-hook batching for a partition."""
+
+    def __init__(self, side: Side, catalogue: EventCatalogue) -> None:
+        self.side = side
+        self.catalogue = catalogue
+        self.index = HookIndex.compile([], catalogue)
+        self.builders: dict[int, MessageBuilder] = {}
+        self.batches: dict[int, _Batch] = {}
+        self.names = NameCatalogue()
+        self.versions = {"hooks": -1, "names": -1, "profiles": -1}
+        self.profile_cache: dict[tuple[int, str], dict[str, Any] | None] = {}
+
+    # --- configuration ---------------------------------------------------------------
+
+    def refresh(self, now: float) -> list[Delivery]:
+        """Pick up hook, name and profile changes; returns batches flushed by a change."""
+        with self.side.registry.r.pipeline(transaction=False) as pipe:
+            for key in (self.side.keys.hooks_version, self.side.keys.names_version,
+                        self.side.keys.profiles_version):
+                pipe.get(key)
+            hooks_v, names_v, profiles_v = (int(v or 0) for v in pipe.execute())
+        flushed: list[Delivery] = []
+        if names_v != self.versions["names"]:
+            self.names = self.side.names.load()
+            self.versions["names"] = names_v
+            for builder in self.builders.values():
+                builder.names = self.names
+        if profiles_v != self.versions["profiles"]:
+            self.profile_cache.clear()
+            self.versions["profiles"] = profiles_v
+        if hooks_v != self.versions["hooks"]:
+            version, hooks = self.side.registry.load()
+            flushed = self._install(hooks)
+            self.versions["hooks"] = version
+        return flushed
+
+    def _install(self, hooks: list[Hook]) -> list[Delivery]:
+        self.index = HookIndex.compile(hooks, self.catalogue)
+        current = {h.id: h for h in self.index.hooks}
+        flushed = [self._flush(hid) for hid, b in list(self.batches.items())
+                   if current.get(hid) != b.hook]
+        self.builders = {hid: self.builders[hid] if hid in self.builders
+                         and self.builders[hid].hook == h else MessageBuilder(h, self.names,
+                                                                              self.catalogue)
+                         for hid, h in current.items() if hid is not None}
+        return [d for d in flushed if d is not None]
+
+    # --- events → batches ------------------------------------------------------------
+
+    def process(self, entries: list[tuple[str, list[Event]]], now: float
+                ) -> tuple[list[Delivery], Counter[str]]:
+        """Match and batch the events of ``entries``; returns full batches and, per
+        entry id, how many messages it produced."""
+        produced: Counter[str] = Counter({eid: 0 for eid, _ in entries})
+        events = [e for _, evs in entries for e in evs]
+        if not events or not self.index.hooks:
+            return [], produced
+        owner = [eid for eid, evs in entries for _ in evs]
+        matches = self.index.match(EventColumns.from_events(events, self.catalogue))
+        content = self._content(matches, events)
+        self._attach_profiles(matches, events)
+        contexts: dict[int, EventContext] = {}
+        full: list[Delivery] = []
+        with self.side.registry.r.pipeline(transaction=False) as pipe:
+            for pos, idx in matches.items():
+                hook = self.index.hooks[pos]
+                self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
+                full.extend(self._add(hook, idx.tolist(), events, owner, content, contexts,
+                                      produced, now))
+            pipe.execute()
+        return full, produced
+
+    def _add(self, hook: Hook, idx: list[int], events: list[Event], owner: list[str],
+             content: dict[str, dict[str, Any]], contexts: dict[int, EventContext],
+             produced: Counter[str], now: float) -> list[Delivery]:
+        builder = self.builders[hook.id or 0]
+        max_size, _ = batch_limits(hook)
+        kind = hook.target.kind
+        key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
+        full = []
+        batch = self.batches.get(hook.id or 0) or self._open(hook, now)
+        for i in idx:
+            event = events[i]
+            ctx = contexts.get(i)
+            if ctx is None:
+                ctx = contexts[i] = EventContext(event, self.names)
+            msg = builder.build(event, content, ctx)
+            batch.parts.append(encode_message(msg))
+            batch.mids.append(msg.hook_message_id)
+            if kind == "kafka":
+                key = kafka_key(key_choice, event)
+                batch.keys.append(key.decode() if key is not None else "")
+            elif kind != "http_batch":
+                batch.keys.append(routing_key(event))
+            batch.entries[owner[i]] += 1
+            produced[owner[i]] += 1
+            if len(batch.parts) >= max_size:
+                full.append(self._flush(hook.id or 0))
+                batch = self._open(hook, now)
+        return [d for d in full if d is not None]
+
+    def _open(self, hook: Hook, now: float) -> _Batch:
+        batch = self.batches[hook.id or 0] = _Batch(hook, now)
+        return batch
+
+    def _content(self, matches: dict[int, Any], events: list[Event]) -> dict[str, dict[str, Any]]:
+        wanted = {events[i].send_id for pos, idx in matches.items()
+                  if self.index.hooks[pos].send_content for i in idx.tolist()}
+        wanted.discard(None)
+        return self.side.content.get_many(sorted(wanted))  # type: ignore[arg-type]
+
+    def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:
+        needy = [i for pos, idx in matches.items() if self.index.hooks[pos].custom_data.fields
+                 for i in idx.tolist()]
+        missing = {(events[i].account_id, events[i].profile_id) for i in needy
+                   if events[i].profile is None and events[i].profile_id}
+        unknown = [key for key in missing if key not in self.profile_cache]
+        if unknown:
+            if len(self.profile_cache) > PROFILE_CACHE_MAX:
+                self.profile_cache.clear()
+            wanted: dict[int, list[str]] = {}
+            for account, pid in unknown:
+                wanted.setdefault(account, []).append(pid)  # type: ignore[arg-type]
+            found = self.side.profiles.get_many(wanted)
+            for key in unknown:
+                self.profile_cache[key] = found.get(key)  # type: ignore[arg-type]
+        for i in needy:
+            e = events[i]
+            if e.profile is None and e.profile_id:
+                e.profile = self.profile_cache.get((e.account_id, e.profile_id))
+
+    def due(self, now: float) -> list[Delivery]:
+        """Batches whose flush timeout elapsed (broker batches: every round)."""
+        out = []
+        for hook_id, batch in list(self.batches.items()):
+            _, timeout = batch_limits(batch.hook)
+            if batch.parts and now - batch.opened >= timeout:
+                out.append(self._flush(hook_id))
+        return [d for d in out if d is not None]
+
+    def open_messages(self) -> int:
+        return sum(len(b.parts) for b in self.batches.values())
+
+    def _flush(self, hook_id: int) -> Delivery | None:
+        batch = self.batches.pop(hook_id, None)
+        if batch is None or not batch.parts:
+            return None
+        delivery = Delivery(id=uuid.uuid4().hex, hook_id=hook_id,
+                            account_id=batch.hook.account_id, kind=batch.hook.target.kind,
+                            parts=batch.parts, keys=batch.keys, message_ids=batch.mids,
+                            created_ms=now_ms())
+        self.pending_hooks[delivery.id] = (batch.hook, batch.entries)
+        return delivery
+
+    pending_hooks: dict[str, tuple[Hook, Counter[str]]]
+
+
+class PartitionWorker:
+    """Reads one partition's stream and drives the Dispatcher; owns acknowledgements."""
+
+    def __init__(self, settings: Settings, r: redis.Redis, partition: int, sender: Sender,
+                 catalogue: EventCatalogue | None = None, consumer: str | None = None) -> None:
+        self.settings = settings
+        self.r = r
+        self.partition = partition
+        self.sender = sender
+        catalogue = catalogue or load_catalogue(settings.EVENT_TYPES_FILE)
+        self.side = Side(r, settings, catalogue)
+        self.dispatcher = Dispatcher(self.side, catalogue)
+        self.dispatcher.pending_hooks = {}
+        self.stream = self.side.keys.intake(partition)
+        self.consumer = consumer or f"partition-{partition}"
+        self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
+        self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
+        self.last_refresh = 0.0
+
+    def step(self, block_ms: int | None = None) -> int:
+        """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
+        now = time.monotonic()
+        ready: list[Delivery] = []
+        if now - self.last_refresh >= 0.2:
+            ready += self.dispatcher.refresh(now)
+            self.last_refresh = now
+        entries = self._read(block_ms) if self.sender.inflight() < MAX_INFLIGHT else []
+        full, produced = self.dispatcher.process(entries, now)
+        ready += full
+        for eid, n in produced.items():
+            self.entry_left[eid] += n
+        ready += self.dispatcher.due(time.monotonic())
+        for delivery in ready:
+            hook, _ = self.dispatcher.pending_hooks[delivery.id]
+            self.sender.submit(hook, delivery)
+        self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
+        self._ack([eid for eid, n in produced.items() if n == 0])
+        return len(entries)
+
+    def _read(self, block_ms: int | None) -> list[tuple[str, list[Event]]]:
+        if block_ms is None:
+            busy = self.sender.inflight() or self.dispatcher.open_messages()
+            block_ms = 20 if busy else 100
+        start = "0" if self.reading_own_pending else ">"
+        reply = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
+                                  count=self.settings.READ_MAX_ENTRIES,
+                                  block=None if self.reading_own_pending else block_ms)
+        items = reply[0][1] if reply else []
+        if self.reading_own_pending:
+            # pending entries are re-read from "0"; those already counted are skipped
+            items = [(eid, f) for eid, f in items if f and eid.decode() not in self.entry_left]
+            if not items:
+                self.reading_own_pending = False
+        return [(eid.decode(), decode_entry(fields)) for eid, fields in items if fields]
+
+    def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
+        if not outcomes:
+            return
+        done: list[str] = []
+        for delivery, outcome in outcomes:
+            if outcome.ok:
+                with self.r.pipeline(transaction=False) as pipe:
+                    self.side.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
+                    pipe.execute()
+            else:
+                delivery.last_attempt_ms = now_ms()
+                due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                if self.settings.HOOK_RETRY_TIMES == 0:
+                    self.side.retry.kill(delivery, outcome.describe())
+                else:
+                    self.side.retry.schedule(delivery, due, outcome.describe())
+            _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
+            for eid, n in entries.items():
+                self.entry_left[eid] -= n
+                if self.entry_left[eid] <= 0:
+                    del self.entry_left[eid]
+                    done.append(eid)
+        self._ack(done)
+
+    def _ack(self, entry_ids: list[str]) -> None:
+        if not entry_ids:
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
+            pipe.xdel(self.stream, *entry_ids)
+            pipe.execute()
+
+    def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
+            ) -> None:
+        """Loop until ``stop`` is set; a failing round is reported and retried."""
+        while not stop.is_set():
+            try:
+                self.step()
+            except redis.RedisError as exc:
+                if on_error:
+                    on_error(exc)
+                time.sleep(0.5)

@@ -1,0 +1,81 @@
+"""The retry worker: re-sends due deliveries, dead-letters exhausted ones.
+
+A failed delivery is sent again every ``HOOK_RETRY_PERIOD_SEC``, at most
+``HOOK_RETRY_TIMES`` times; after the last failed re-send it becomes a dead letter
+holding its last error. A claimed delivery stays in the schedule under a lease
+(``engine.keys.RETRY_LEASE_MS``), so a worker that dies mid-send loses nothing.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+
+import redis
+
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.dispatch import MAX_INFLIGHT, Sender, Side
+from engine.hooks import Hook
+from engine.partitioning import exhausted, retry_due_ms
+from engine.settings import Settings
+from engine.transports.base import Delivery, Outcome, now_ms
+
+CLAIM_LIMIT = 200
+
+
+class RetryWorker:
+    def __init__(self, settings: Settings, r: redis.Redis, sender: Sender,
+                 catalogue: EventCatalogue | None = None) -> None:
+        self.settings = settings
+        self.sender = sender
+        self.side = Side(r, settings, catalogue or load_catalogue(settings.EVENT_TYPES_FILE))
+        self.hooks: dict[int, Hook] = {}
+        self.hooks_version = -1
+
+    def _refresh(self) -> None:
+        version = self.side.registry.version()
+        if version != self.hooks_version:
+            self.hooks_version, hooks = self.side.registry.load()
+            self.hooks = {h.id: h for h in hooks if h.id is not None}
+
+    def step(self) -> int:
+        """Claim and send what is due, settle what came back. Returns deliveries sent."""
+        self._refresh()
+        due: list[Delivery] = []
+        if self.sender.inflight() < MAX_INFLIGHT:
+            due = self.side.retry.claim_due(CLAIM_LIMIT)
+        for delivery in due:
+            hook = self.hooks.get(delivery.hook_id)
+            if hook is None:
+                self.side.retry.kill(delivery, f"hook {delivery.hook_id} was deleted; "
+                                     f"last error: {delivery.last_error}")
+            else:
+                self.sender.submit(hook, delivery)
+        for delivery, outcome in self.sender.poll(0.0 if due else 0.05):
+            self.settle(delivery, outcome)
+        return len(due)
+
+    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        if outcome.ok:
+            self.side.retry.complete(delivery)
+            return
+        delivery.resends += 1
+        delivery.last_attempt_ms = now_ms()
+        error = outcome.describe()
+        if exhausted(delivery.resends, self.settings.HOOK_RETRY_TIMES):
+            self.side.retry.kill(delivery, error)
+        else:
+            due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+            self.side.retry.schedule(delivery, due, error)
+
+    def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
+            ) -> None:
+        while not stop.is_set():
+            try:
+                if not self.step() and not self.sender.inflight():
+                    time.sleep(0.05)
+            except redis.RedisError as exc:
+                if on_error:
+                    on_error(exc)
+                time.sleep(0.5)

@@ -1,0 +1,104 @@
+"""Test event (spec h): one synthetic event of a chosen type, built with the shapes
+and example values of spec section (d), run through the hook's custom_data against
+a sample profile and sent once through the hook's target, bypassing filters and
+batching (HTTP: a one-element array). ``is_test`` is true.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any
+
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.customdata import format_rfc3339_nano
+from engine.events import Event, Subscription
+from engine.hooks import Hook
+from engine.messages import MessageBuilder, encode_message, kafka_key, routing_key
+from engine.names import NameCatalogue
+from engine.transports.base import (
+    Delivery,
+    Outcome,
+    Transport,
+    TransportUnavailable,
+    load_transport,
+    now_ms,
+)
+
+SAMPLE_PROFILE = {"email": "alice@example.org", "phone": "+79991234567",
+                  "first_name": "Alice", "last_name": "Example"}
+_TRACKING = {"message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
+             "ip": "10.9.0.14", "country": ".us", "city": "New York", "region": "Ohio",
+             "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
+             "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:59.0) Gecko/20100101 Firefox/59.0",
+             "os": "Linux x86_64", "browser": "Firefox", "device": "web",
+             "link_url": "http://www.example.com", "launch_id": "00000017000003cd5a9bf01a",
+             "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78"}
+SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
+    "tracking": _TRACKING,
+    "delivery": {"message_id": 5, "campaign_id": 130, "segment_id": 0, "resource_id": 3,
+                 "launch_id": "00000017000003cd5a9bf01a",
+                 "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78"},
+    "import": {"import_id": 1, "resource_id": 3},
+    "pixel": {"pixel_id": 1, "goal": "purchase", "value": "10.00",
+              "page_url": "https://shop.example.com/cart", "referrer": "https://example.com/",
+              **{k: _TRACKING[k] for k in ("ip", "country", "city", "user_agent", "browser")}},
+}
+
+
+def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None = None) -> Event:
+    """A synthetic event of ``event_type`` in the hook's account and database."""
+    catalogue = catalogue or load_catalogue()
+    event_type_info = catalogue.get(event_type)
+    list_id = hook.database if isinstance(hook.database, int) else 1
+    return Event(
+        id=f"test-{uuid.uuid4().hex}",
+        event_type=event_type,
+        event_date=format_rfc3339_nano(time.time_ns()),
+        account_id=hook.account_id,
+        list_id=list_id,
+        profile_id="abcdefgh12345678",
+        xxh="ad1850e0d1d9481e",
+        md5="145bb30f7ddf1184cb560bc4b7705646",
+        is_test=True,
+        subscription=[Subscription(resource_id=3, channel=event_type_info.channel
+                                   if event_type_info.channel in ("email", "sms", "push")
+                                   else "email", email=SAMPLE_PROFILE["email"],
+                                   status="subscribed")],
+        event_data=dict(SAMPLE_EVENT_DATA[event_type_info.category]),
+        profile=dict(SAMPLE_PROFILE),
+    )
+
+
+def build_test_delivery(hook: Hook, event_type: str, names: NameCatalogue | None = None,
+                  catalogue: EventCatalogue | None = None) -> Delivery:
+    """The one-message Delivery a test event sends."""
+    event = sample_event(hook, event_type, catalogue)
+    msg = MessageBuilder(hook, names, catalogue).build(event)
+    kind = hook.target.kind
+    keys: list[str] = []
+    if kind in ("rabbitmq_queue", "rabbitmq_exchange"):
+        keys = [routing_key(event)]
+    elif kind == "kafka" and hook.target.kafka is not None:
+        key = kafka_key(hook.target.kafka.key, event)
+        keys = [key.decode() if key else ""]
+    return Delivery(id=f"test-{uuid.uuid4().hex}", hook_id=hook.id or 0,
+                    account_id=hook.account_id, kind=kind, parts=[encode_message(msg)],
+                    keys=keys, message_ids=[msg.hook_message_id], created_ms=now_ms())
+
+
+async def send_test_event(hook: Hook, event_type: str, names: NameCatalogue | None = None,
+                          transport: Transport | None = None, **options: Any) -> Outcome:
+    """Send one test event through the hook's target and report the outcome."""
+    delivery = build_test_delivery(hook, event_type, names)
+    own = transport is None
+    if transport is None:
+        try:
+            transport = load_transport(hook.target.kind, **options)
+        except TransportUnavailable as exc:
+            return Outcome(ok=False, error=type(exc).__name__, detail=str(exc))
+    try:
+        return await transport.send(hook.target.settings, delivery)
+    finally:
+        if own:
+            await transport.close()
