@@ -36,9 +36,12 @@ class EventCatalogue:
             self._add(row)
 
     def _add(self, row: dict) -> None:
-        missing = [k for k in ("code", "category", "channel") if not row.get(k)]
+        if not isinstance(row, dict):
+            raise ConfigError(f"event type {row!r}: expected an object (code, category, channel)")
+        missing = [k for k in ("code", "category", "channel")
+                   if not row.get(k) or not isinstance(row[k], str)]
         if missing:
-            raise ConfigError(f"event type {row!r}: missing {', '.join(missing)}")
+            raise ConfigError(f"event type {row!r}: missing or not a string: {', '.join(missing)}")
         if row["category"] not in CATEGORIES:
             raise ConfigError(
                 f"event type {row['code']!r}: category {row['category']!r} is not one of "

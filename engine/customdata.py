@@ -65,17 +65,29 @@ def _secs(ctx: EventContext) -> int:
     return ctx.ns // NS
 
 
+# not strftime("%Y"): glibc does not zero-pad years below 1000, Go's "2006" layout does
+def _ymd(secs: int) -> str:
+    t = time.gmtime(secs)
+    return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+
+
+def _ymd_hms(secs: int) -> str:
+    t = time.gmtime(secs)
+    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
+            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+
+
 def format_event_date(ns: int) -> str:
     """``2006-01-25T15:04:05.999999Z`` (Go layout: fraction trimmed of trailing zeros)."""
     micros = (ns % NS) // 1000
-    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // NS))
+    base = _ymd_hms(ns // NS)
     return f"{base}.{micros:06d}".rstrip("0").rstrip(".") + "Z"
 
 
 def format_rfc3339_nano(ns: int) -> str:
     """Go's RFC3339Nano in UTC: the form of a message's ``event_date``."""
     frac = ns % NS
-    base = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ns // NS))
+    base = _ymd_hms(ns // NS)
     return f"{base}.{frac:09d}".rstrip("0").rstrip(".") + "Z"
 
 
@@ -87,8 +99,8 @@ def _segment(ctx: EventContext) -> int | None:
 PARAMETERS: dict[str, Callable[[EventContext], str]] = {
     "uuid": lambda ctx: str(uuid.uuid4()),
     "event_date": lambda ctx: format_event_date(ctx.ns),
-    "event_date_ymd": lambda ctx: time.strftime("%Y-%m-%d", time.gmtime(_secs(ctx))),
-    "event_date_rfc3339": lambda ctx: time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(_secs(ctx))),
+    "event_date_ymd": lambda ctx: _ymd(_secs(ctx)),
+    "event_date_rfc3339": lambda ctx: _ymd_hms(_secs(ctx)) + "Z",
     "event_date_unix": lambda ctx: str(_secs(ctx)),
     "event_date_unixnano": lambda ctx: str(ctx.ns),
     "campaign_name": lambda ctx: ctx.name("campaigns", ctx.event.campaign_id),

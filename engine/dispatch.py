@@ -250,7 +250,7 @@ class PartitionWorker:
         self.r = r
         self.partition = partition
         self.sender = sender
-        catalogue = catalogue or load_catalogue(settings.EVENT_TYPES_FILE)
+        catalogue = load_catalogue(settings.EVENT_TYPES_FILE) if catalogue is None else catalogue
         self.side = Side(r, settings, catalogue)
         self.dispatcher = Dispatcher(self.side, catalogue)
         self.dispatcher.pending_hooks = {}
@@ -258,16 +258,14 @@ class PartitionWorker:
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
-        self.last_refresh = 0.0
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
-        now = time.monotonic()
-        ready: list[Delivery] = []
-        if now - self.last_refresh >= 0.2:
-            ready += self.dispatcher.refresh(now)
-            self.last_refresh = now
         entries = self._read(block_ms) if self.sender.inflight() < MAX_INFLIGHT else []
+        # refresh after reading: a hook change committed before an event was appended
+        # is always seen by the round that processes the event
+        now = time.monotonic()
+        ready = self.dispatcher.refresh(now)
         full, produced = self.dispatcher.process(entries, now)
         ready += full
         for eid, n in produced.items():

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from calendar import timegm
+from calendar import monthrange, timegm
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,7 +30,8 @@ import msgspec
 from engine.catalogue import EventCatalogue, load_catalogue
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))"
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    re.ASCII,  # RFC 3339 digits are ASCII; without this \d also takes e.g. fullwidth digits
 )
 NS = 1_000_000_000
 
@@ -41,8 +42,10 @@ def parse_rfc3339_ns(text: str) -> int:
     if m is None:
         raise ValueError(f"{text!r} is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z")
     y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
-    if not (1 <= mo <= 12 and 1 <= d <= 31 and h < 24 and mi < 60 and s < 61):
+    if not (1 <= mo <= 12 and 1 <= d <= monthrange(y, mo)[1] and h < 24 and mi < 60 and s < 61):
         raise ValueError(f"{text!r} has an out-of-range date or time")
+    if m.group(9) and not (int(m.group(10)) < 24 and int(m.group(11)) < 60):
+        raise ValueError(f"{text!r} has an out-of-range UTC offset")
     secs = timegm((y, mo, d, h, mi, min(s, 59), 0, 0, 0))
     if m.group(9):
         offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
@@ -144,7 +147,8 @@ _AT = re.compile(r"^(.*?)(?: - at `\$(?:\[\d+\])?\.?([^`]*)`)?$", re.S)
 def _issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeError) -> EventIssue:
     m = _AT.match(str(exc))
     msg, path = (m.group(1), m.group(2)) if m else (str(exc), None)
-    if not path and ": " in msg and msg.split(": ", 1)[0].replace(".", "").replace("_", "").isalnum():
+    head = msg.split(": ", 1)[0]
+    if not path and ": " in msg and head.replace(".", "").replace("_", "").isalnum():
         path, msg = msg.split(": ", 1)  # raised by __post_init__ as "field: reason"
     if not path and msg.startswith("Object missing required field"):
         path = msg.rsplit("`", 2)[-2]
@@ -157,7 +161,7 @@ def decode_batch(
     data: bytes | str, catalogue: EventCatalogue | None = None
 ) -> DecodedBatch:
     """Decode a JSON array (or NDJSON) of events; bad ones are reported, good ones kept."""
-    catalogue = catalogue or load_catalogue()
+    catalogue = load_catalogue() if catalogue is None else catalogue  # an empty one is falsy
     raw = data.encode() if isinstance(data, str) else data
     stripped = raw.lstrip()
     if stripped[:1] != b"[":
@@ -205,7 +209,8 @@ def _check_types(
             good_events.append(event)
             good_indices.append(index)
         else:
-            issues.append(EventIssue(index, "event_type", f"unknown event type {event.event_type!r}"))
+            reason = f"unknown event type {event.event_type!r}"
+            issues.append(EventIssue(index, "event_type", reason))
     issues.sort(key=lambda issue: issue.index)
     return DecodedBatch(good_events, good_indices, issues)
 

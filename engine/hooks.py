@@ -91,7 +91,8 @@ class Auth(_Model):
         if self.kind == "bearer" and not self.token:
             raise ValueError("bearer auth needs a token")
         if self.kind == "oauth2":
-            missing = [k for k in ("token_url", "client_id", "client_secret") if not getattr(self, k)]
+            needed = ("token_url", "client_id", "client_secret")
+            missing = [k for k in needed if not getattr(self, k)]
             if missing:
                 raise ValueError(f"oauth2 auth needs {', '.join(missing)}")
             _check_http_url(self.token_url or "")
@@ -103,9 +104,11 @@ def _check_http_url(url: str) -> str:
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{url!r} is not an http(s) URL with a host")
     try:
-        parts.port  # noqa: B018 - raises on a bad port
+        port = parts.port  # raises on a bad port
     except ValueError:
-        raise ValueError(f"{url!r} has an invalid port") from None
+        port = 0
+    if port == 0:
+        raise ValueError(f"{url!r} has an invalid port")
     return url
 
 
@@ -226,7 +229,9 @@ class Hook(_Model):
     @field_validator("actions")
     @classmethod
     def _known_actions(cls, value: list[str], info: Any) -> list[str]:
-        catalogue: EventCatalogue = (info.context or {}).get("catalogue") or load_catalogue()
+        catalogue: EventCatalogue | None = (info.context or {}).get("catalogue")
+        if catalogue is None:  # not `or`: an empty catalogue is falsy
+            catalogue = load_catalogue()
         unknown = [code for code in value if code not in catalogue]
         if unknown:
             raise ValueError(
@@ -255,4 +260,6 @@ def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) ->
     except ValidationError as exc:
         problems = [f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
                     for e in exc.errors()]
-        raise HookError("invalid hook: " + "; ".join(problems)) from None
+    # raised outside the except block: no __context__ holding the ValidationError, whose
+    # input_value reprs can carry passwords and tokens in clear text
+    raise HookError("invalid hook: " + "; ".join(problems))

@@ -42,7 +42,7 @@ class Intake:
         self.r, self.k = r, keys
         self.partitions = partitions
         self.max_batch = max_batch
-        self.catalogue = catalogue or load_catalogue()
+        self.catalogue = load_catalogue() if catalogue is None else catalogue
 
     def ensure_groups(self) -> None:
         """Create every partition stream and its consumer group (idempotent)."""

@@ -116,8 +116,8 @@ class MessageBuilder:
         catalogue: EventCatalogue | None = None,
     ) -> None:
         self.hook = hook
-        self.names = names or NameCatalogue()
-        self.catalogue = catalogue or load_catalogue()
+        self.names = NameCatalogue() if names is None else names
+        self.catalogue = load_catalogue() if catalogue is None else catalogue
         self.custom_data = CompiledCustomData(hook.custom_data)
         self.send_content = hook.send_content
 
@@ -135,7 +135,7 @@ class MessageBuilder:
         )
         if event.list_id is not None:
             msg.list_id = event.list_id
-        if event.sends_trying_num:
+        if event.sends_trying_num is not None and event.sends_trying_num > 0:  # spec d: only > 0
             msg.sends_trying_num = event.sends_trying_num
         if event.is_static is not None:
             msg.is_static = event.is_static

@@ -29,7 +29,9 @@ class RetryWorker:
                  catalogue: EventCatalogue | None = None) -> None:
         self.settings = settings
         self.sender = sender
-        self.side = Side(r, settings, catalogue or load_catalogue(settings.EVENT_TYPES_FILE))
+        if catalogue is None:
+            catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
+        self.side = Side(r, settings, catalogue)
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
 

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
 
@@ -52,6 +54,15 @@ class Settings(BaseModel):
     EVENT_TYPES_FILE: str | None = None
     RAY_ADDRESS: str | None = None
 
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
+        # pydantic's lax mode would turn JSON true/false into 1/0 for a number setting
+        field = cls.model_fields[info.field_name or ""]
+        if isinstance(value, bool) and field.annotation in (int, float):
+            raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
+        return value
+
     def redacted(self) -> dict[str, Any]:
         """Settings for display: credentials inside REDIS_URL are masked."""
         data = self.model_dump()
@@ -60,10 +71,14 @@ class Settings(BaseModel):
 
 
 def _mask_url(url: str) -> str:
-    if "@" not in url or "://" not in url:
+    if "://" not in url:
         return url
     scheme, rest = url.split("://", 1)
-    return f"{scheme}://***@{rest.rsplit('@', 1)[1]}"
+    base, q, query = rest.partition("?")  # redis-py also takes ?password=... from the query
+    if "@" in base:
+        base = "***@" + base.rsplit("@", 1)[1]
+    query = re.sub(r"(^|&)(password=)[^&#]*", r"\1\2***", query, flags=re.IGNORECASE)
+    return f"{scheme}://{base}{q}{query}"
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -83,8 +98,8 @@ def _describe(err: dict[str, Any]) -> str:
     if err["type"] == "extra_forbidden":
         return "unknown setting; accepted keys: " + ", ".join(Settings.model_fields)
     if "ge" in ctx or "gt" in ctx or "le" in ctx or "lt" in ctx:
-        bounds = [f"{op} {ctx[k]}" for k, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
-                  if k in ctx]
+        ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
+        bounds = [f"{op} {ctx[k]}" for k, op in ops if k in ctx]
         return f"{err['msg']}; accepted: a number {' and '.join(bounds)}"
     return str(err["msg"])
 

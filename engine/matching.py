@@ -1,0 +1,494 @@
+"""Vectorized hook matching: which active hooks capture which events (spec section b).
+
+A hook matches an event iff the hook is active, the account ids are equal, the
+hook's database is ``"all"`` or equals the event's ``list_id``, the event type
+is one of the hook's actions, and every non-empty filter kind (resources,
+campaigns, templates, segments, pixels) holds the event's value — for segments,
+any one of the event's segment ids. An event with no value for a filtered
+dimension does not match.
+
+Algorithm (pure numpy; no loop over events x hooks)
+---------------------------------------------------
+*Account partitioning.* Hooks never see another account's events, so each
+active hook gets a **slot**: its rank among the active hooks of its account.
+A set of hooks of one account is a bitset of ``W = ceil(max hooks per
+account / 64)`` uint64 words. ``W`` depends on the busiest account, not on the
+total hook count, which keeps the per-event masks narrow.
+
+*Dimensions.* Every condition is a "dimension" with the same shape: a hook
+either leaves it unrestricted or lists the values it accepts. The database
+scope is one (``"all"`` = unrestricted, an id = a one-value list), the event
+type is one (the actions), and so are the five filter kinds. For each
+dimension :class:`_Dimension` holds a table of bitset rows:
+
+* one *default* row per account: the account's hooks unrestricted in that
+  dimension — what an event gets whose value is none or is listed by no hook;
+* one row per distinct ``(account, value)`` listed by some hook: the default
+  row plus the hooks that list the value;
+* one all-zero row for events of accounts without active hooks.
+
+Dimensions no hook restricts are dropped at compile time.
+
+*Matching a chunk of events* (65,536 at a time, to bound memory): map account
+ids to account indices (``np.searchsorted`` on the sorted account ids); for
+each dimension map the event's value to its row (``np.searchsorted`` on the
+sorted distinct values, then on the sorted ``(account, value)`` keys; a miss
+falls back to the account's default row), gather the rows into an ``E x W``
+mask and AND the masks of all dimensions. Segments are multi-valued: the rows
+of an event's segment ids (CSR layout) are OR-ed with
+``np.bitwise_or.reduceat``; an event without segments gets the default row.
+
+*Extraction.* The final mask is viewed as bytes; only the nonzero bytes are
+unpacked (``np.unpackbits(..., bitorder="little")``), giving (event, slot)
+pairs, and ``slot -> hook`` comes from a small ``(account, slot)`` table. The
+pairs are sorted by (hook, event) with one integer sort of a combined key and
+split per hook.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.catalogue import EventCatalogue
+from engine.events import Event
+from engine.hooks import Hook
+
+CHUNK_EVENTS = 65_536  # at most 2**16: event order within a chunk is radix-sorted as uint16
+NONE = -1  # column value of an absent id
+LUT_MAX = 1 << 20  # largest dense lookup table (entries of int32: 4 MiB)
+
+_U64 = np.dtype("<u8")  # little-endian, so a byte view orders bits 0..63 as unpackbits expects
+_I64 = np.dtype(np.int64)
+_FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, for multiplicative hashing
+
+# filter kind -> EventColumns attribute holding the event's value
+FILTER_COLUMNS = {
+    "resources": "resource_id",
+    "campaigns": "campaign_id",
+    "templates": "template_id",
+    "pixels": "pixel_id",
+}
+
+
+# ---------------------------------------------------------------------------
+# event columns
+
+
+@dataclass
+class EventColumns:
+    """A batch of events as columns; ``-1`` stands for an absent id."""
+
+    account_id: np.ndarray  # int64
+    list_id: np.ndarray  # int64, -1 = none
+    event_type: np.ndarray  # int32, catalogue index (EventCatalogue.index(code))
+    resource_id: np.ndarray  # int64, -1 = none
+    campaign_id: np.ndarray  # int64, -1 = none
+    template_id: np.ndarray  # int64, -1 = none  (Event.message_id)
+    pixel_id: np.ndarray  # int64, -1 = none
+    segment_values: np.ndarray  # int64, CSR values of each event's segment ids
+    segment_offsets: np.ndarray  # int64, len E+1
+
+    def __len__(self) -> int:
+        return len(self.account_id)
+
+    @classmethod
+    def from_events(cls, events: Sequence[Event], catalogue: EventCatalogue) -> EventColumns:
+        """Columns of ``events``; raises KeyError for an event type not in ``catalogue``."""
+        n = len(events)
+        account = np.empty(n, _I64)
+        dims = {name: np.empty(n, _I64) for name in ("list_id", *FILTER_COLUMNS.values())}
+        etype = np.empty(n, np.int32)
+        offsets = np.zeros(n + 1, _I64)
+        segments: list[int] = []
+        lists, resources = dims["list_id"], dims["resource_id"]
+        campaigns, templates, pixels = dims["campaign_id"], dims["template_id"], dims["pixel_id"]
+        for i, ev in enumerate(events):
+            account[i] = ev.account_id
+            etype[i] = catalogue.index(ev.event_type)
+            lists[i] = _id(ev.list_id)
+            resources[i] = _id(ev.resource_id)
+            campaigns[i] = _id(ev.campaign_id)
+            templates[i] = _id(ev.message_id)
+            pixels[i] = _id(ev.pixel_id)
+            if ev.segment_ids:
+                segments.extend(ev.segment_ids)
+            offsets[i + 1] = len(segments)
+        return cls(
+            account_id=account,
+            event_type=etype,
+            segment_values=np.array(segments, _I64),
+            segment_offsets=offsets,
+            **dims,
+        )
+
+    @classmethod
+    def empty(cls) -> EventColumns:
+        return cls.from_events([], EventCatalogue([]))
+
+    def slice(self, start: int, stop: int) -> EventColumns:
+        """Events ``start:stop`` (segment offsets rebased to 0)."""
+        start, stop, _ = slice(start, stop).indices(len(self))
+        stop = max(start, stop)
+        offsets = self.segment_offsets[start : stop + 1]
+        return EventColumns(
+            account_id=self.account_id[start:stop],
+            list_id=self.list_id[start:stop],
+            event_type=self.event_type[start:stop],
+            resource_id=self.resource_id[start:stop],
+            campaign_id=self.campaign_id[start:stop],
+            template_id=self.template_id[start:stop],
+            pixel_id=self.pixel_id[start:stop],
+            segment_values=self.segment_values[offsets[0] : offsets[-1]],
+            segment_offsets=offsets - offsets[0],
+        )
+
+    def segments_of(self, i: int) -> np.ndarray:
+        return self.segment_values[self.segment_offsets[i] : self.segment_offsets[i + 1]]
+
+
+def _id(value: int | None) -> int:
+    return NONE if value is None else value
+
+
+# ---------------------------------------------------------------------------
+# compiled hooks
+
+
+def _hook_restrictions(hook: Hook, catalogue: EventCatalogue) -> dict[str, list[int]]:
+    """Per dimension, the values ``hook`` accepts (empty = unrestricted)."""
+    return {
+        "list_id": [] if hook.database == "all" else [int(hook.database)],
+        "event_type": [catalogue.index(code) for code in hook.actions],
+        **{FILTER_COLUMNS.get(kind, kind): values for kind, values in hook.filters.kinds().items()},
+    }
+
+
+class _IdMap:
+    """Distinct int64 ids -> dense index ``0..n-1`` (in id order); any other value -> ``n``.
+
+    A dense lookup table when the ids span at most ``LUT_MAX`` values (the usual
+    case for auto-increment ids), else an open-addressing hash table (Fibonacci
+    hashing, linear probing, load <= 1/4) probed for all values at once, round
+    by round, each round only for the values that met another id's slot.
+    """
+
+    def __init__(self, ids: np.ndarray) -> None:
+        self.ids = np.unique(np.asarray(ids, _I64))
+        self.n = len(self.ids)
+        self._lo = self._span = 0
+        self._lut: np.ndarray | None = None
+        if self.n and int(self.ids[-1]) - int(self.ids[0]) < LUT_MAX:
+            self._lo = int(self.ids[0])
+            self._span = int(self.ids[-1]) - self._lo + 1
+            self._lut = np.full(self._span + 1, self.n, np.int32)  # last entry: miss
+            self._lut[self.ids - self._lo] = np.arange(self.n)
+        else:
+            self._build_hash()
+
+    def _build_hash(self) -> None:
+        bits = max(3, (4 * self.n - 1).bit_length())
+        self._shift = np.uint64(64 - bits)
+        self._mask = (1 << bits) - 1
+        self._slot_key = np.zeros(1 << bits, _I64)
+        self._slot_index = np.full(1 << bits, self.n, _I64)  # n = empty slot
+        pending = np.arange(self.n)
+        slot = self._hash(self.ids)
+        while len(pending):  # insert in rounds: the first claimant of a free slot wins it
+            free = np.take(self._slot_index, slot) == self.n
+            claimed, first = np.unique(slot[free], return_index=True)
+            winners = pending[free][first]
+            self._slot_index[claimed] = winners
+            self._slot_key[claimed] = self.ids[winners]
+            lost = np.ones(len(pending), bool)
+            lost[np.flatnonzero(free)[first]] = False
+            pending, slot = pending[lost], (slot[lost] + 1) & self._mask
+
+    def _hash(self, values: np.ndarray) -> np.ndarray:
+        product = values.view(np.uint64) * _FIBONACCI  # wraps modulo 2**64
+        return (product >> self._shift).astype(_I64)
+
+    def lookup(self, values: np.ndarray) -> np.ndarray:
+        """Index of each of ``values`` (int64 array); an int32 or int64 array."""
+        if not self.n:
+            return np.zeros(len(values), _I64)
+        if self._lut is not None:
+            # modular arithmetic: values outside [lo, lo + span) land above span
+            offset = (values - self._lo).view(np.uint64)
+            np.minimum(offset, self._span, out=offset)
+            return np.take(self._lut, offset.view(_I64))
+        return self._probe(values)
+
+    def _probe(self, values: np.ndarray) -> np.ndarray:
+        slot = self._hash(values)
+        found = np.take(self._slot_index, slot)
+        todo = np.flatnonzero((found != self.n) & (np.take(self._slot_key, slot) != values))
+        found[todo] = self.n
+        slot = slot[todo]
+        while len(todo):  # the slot holds another id: try the next one, until an empty slot
+            slot = (slot + 1) & self._mask
+            occupant = np.take(self._slot_index, slot)
+            hit = (occupant != self.n) & (np.take(self._slot_key, slot) == values[todo])
+            found[todo[hit]] = occupant[hit]
+            keep = np.flatnonzero(~hit & (occupant != self.n))
+            todo, slot = todo[keep], slot[keep]
+        return found
+
+
+class _Dimension:
+    """Bitset rows of one dimension; see the module docstring.
+
+    Row layout: ``0..A-1`` account default rows, ``A`` the zero row (unknown
+    account), ``A+1..`` one row per distinct ``(account, value)`` key, in key order.
+    A key is ``account index * (n + 1) + value index`` (``n`` distinct values;
+    index ``n`` = a value no hook lists).
+    """
+
+    def __init__(
+        self,
+        restrictions: list[list[int]],
+        acct: np.ndarray,
+        slot: np.ndarray,
+        n_accounts: int,
+        words: int,
+    ) -> None:
+        per_hook = [np.unique(np.asarray(v, _I64)) for v in restrictions]
+        counts = np.array([len(v) for v in per_hook], _I64)
+        listed = np.concatenate(per_hook)
+        hook_of = np.repeat(np.arange(len(per_hook)), counts)
+        self._values = _IdMap(listed)
+        self._stride = self._values.n + 1
+        keys, key_row = np.unique(
+            acct[hook_of] * self._stride + self._values.lookup(listed), return_inverse=True
+        )
+        self._n_accounts = n_accounts
+
+        rows = np.zeros((n_accounts + 1 + len(keys), words), _U64)
+        free = counts == 0
+        _set_bits(rows, acct[free], slot[free])
+        rows[n_accounts + 1 :] = rows[keys // self._stride]  # each key starts from its default
+        _set_bits(rows, n_accounts + 1 + key_row.reshape(-1), slot[hook_of])
+        self.rows = rows
+
+        self._pair_lut: np.ndarray | None = None
+        if (n_accounts + 1) * self._stride <= LUT_MAX:  # key -> row, defaults included
+            lut = np.repeat(np.arange(n_accounts + 1, dtype=np.int32), self._stride)
+            lut[keys] = n_accounts + 1 + np.arange(len(keys))
+            self._pair_lut = lut
+        else:
+            self._keys = _IdMap(keys)
+
+    def row_index(self, acct_idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        """Row of each (account index, value); misses fall back to the account's default."""
+        key = acct_idx * self._stride + self._values.lookup(values)
+        if self._pair_lut is not None:
+            return np.take(self._pair_lut, key)
+        ki = self._keys.lookup(key)
+        return np.where(ki < self._keys.n, ki + self._n_accounts + 1, acct_idx)
+
+    def mask(self, acct_idx: np.ndarray, values: np.ndarray) -> np.ndarray:
+        return np.take(self.rows, self.row_index(acct_idx, values), axis=0)
+
+    def multi_mask(
+        self, acct_idx: np.ndarray, values: np.ndarray, offsets: np.ndarray
+    ) -> np.ndarray:
+        """OR of the rows of each event's values (CSR); the default row when it has none.
+
+        Round k ORs in the k-th value of the events that have more than k values
+        (faster than ``np.bitwise_or.reduceat`` on wide rows).
+        """
+        if not len(values):
+            return np.take(self.rows, acct_idx, axis=0)
+        counts = np.diff(offsets)
+        row = self.row_index(np.repeat(acct_idx, counts), values)
+        first = np.where(counts > 0, np.take(row, np.minimum(offsets[:-1], len(row) - 1)), acct_idx)
+        out = np.take(self.rows, first, axis=0)
+        more = np.flatnonzero(counts > 1)
+        k = 1
+        while len(more):
+            out[more] |= np.take(self.rows, np.take(row, offsets[more] + k), axis=0)
+            k += 1
+            more = more[counts[more] > k]
+        return out
+
+
+def _set_bits(rows: np.ndarray, row: np.ndarray, slot: np.ndarray) -> None:
+    """rows[row, slot // 64] |= 1 << (slot % 64), duplicates included."""
+    bits = np.left_shift(np.uint64(1), (slot % 64).astype(np.uint64))
+    np.bitwise_or.at(rows, (row, slot // 64), bits)
+
+
+class HookIndex:
+    """The active hooks compiled into per-dimension bitset tables."""
+
+    hooks: list[Hook]
+
+    def __init__(
+        self,
+        hooks: list[Hook],
+        accounts: _IdMap,
+        slot_hook: np.ndarray,
+        dims: dict[str, _Dimension],
+        all_rows: np.ndarray,
+    ) -> None:
+        self.hooks = hooks
+        self._accounts = accounts  # account id -> account index; A when it has no active hook
+        self._slot_hook = slot_hook  # (A + 1) x 64W: hook position of (account, slot), -1 = none
+        self._dims = dims  # dimension name -> table, restricted dimensions only
+        self._all_rows = all_rows  # (A + 1) x W: every hook of the account
+
+    @classmethod
+    def compile(cls, hooks: Iterable[Hook], catalogue: EventCatalogue) -> HookIndex:
+        active = [h for h in hooks if h.active]
+        accounts = _IdMap(np.array([h.account_id for h in active], _I64))
+        acct = accounts.lookup(np.array([h.account_id for h in active], _I64))
+        slot = _rank_within(acct)
+        n_acc = accounts.n
+        words = max(1, -(-int(slot.max(initial=-1) + 1) // 64))
+
+        slot_hook = np.full((n_acc + 1, 64 * words), -1, _I64)
+        slot_hook[acct, slot] = np.arange(len(active))
+        all_rows = np.zeros((n_acc + 1, words), _U64)
+        _set_bits(all_rows, acct, slot)
+
+        per_hook = [_hook_restrictions(h, catalogue) for h in active]
+        dims: dict[str, _Dimension] = {}
+        for name in ("event_type", "list_id", *FILTER_COLUMNS.values(), "segments"):
+            restrictions = [r[name] for r in per_hook]
+            if any(restrictions):
+                dims[name] = _Dimension(restrictions, acct, slot, n_acc, words)
+        return cls(active, accounts, slot_hook.reshape(-1), dims, all_rows)
+
+    def match(self, cols: EventColumns) -> dict[int, np.ndarray]:
+        """Position in ``self.hooks`` -> sorted event indices it matches (no empty entries)."""
+        if not self.hooks or not len(cols):
+            return {}
+        hook_parts, event_parts = [], []
+        for start in range(0, len(cols), CHUNK_EVENTS):
+            hook_pos, event_idx = self._match_chunk(cols.slice(start, start + CHUNK_EVENTS))
+            hook_parts.append(hook_pos)
+            event_parts.append(event_idx + start)
+        return _group_by_hook(
+            np.concatenate(hook_parts), np.concatenate(event_parts), len(self.hooks)
+        )
+
+    def _match_chunk(self, cols: EventColumns) -> tuple[np.ndarray, np.ndarray]:
+        """(hook position, event index) pairs of one chunk, ordered by event."""
+        acct_idx = self._accounts.lookup(np.asarray(cols.account_id, _I64)).astype(_I64)
+        words = self._masks(cols, acct_idx).reshape(-1)
+        where, count, bit = _set_bits_of(words)
+        n_words = self._all_rows.shape[1]
+        event = where // n_words
+        # index in self._slot_hook of bit 0 of each nonzero word
+        base = acct_idx[event] * (64 * n_words) + (where - event * n_words) * 64
+        hook_pos = np.take(self._slot_hook, np.repeat(base, count) + bit)
+        return hook_pos, np.repeat(event, count)
+
+    def _masks(self, cols: EventColumns, acct_idx: np.ndarray) -> np.ndarray:
+        """E x W bitsets of the hooks each event matches."""
+        mask: np.ndarray | None = None
+        for name, dim in self._dims.items():
+            if name == "segments":
+                offsets = np.asarray(cols.segment_offsets, _I64)
+                values = np.asarray(cols.segment_values, _I64)
+                part = dim.multi_mask(acct_idx, values, offsets)
+            else:
+                part = dim.mask(acct_idx, np.asarray(getattr(cols, name), _I64))
+            if mask is None:
+                mask = part
+            else:
+                mask &= part
+        return np.take(self._all_rows, acct_idx, axis=0) if mask is None else mask
+
+
+def _set_bits_of(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The nonzero words of a uint64 array: their indices, bit counts and set bits.
+
+    Returns ``(where, count, bit)``: ``bit`` lists the set bits of ``words[where[0]]``
+    (ascending), then those of ``words[where[1]]``, and so on. Round r peels the
+    lowest set bit off every word with more than r bits set and writes it at the
+    word's output offset plus r.
+    """
+    where = np.flatnonzero(words)
+    left = np.take(words, where)
+    count = np.bitwise_count(left).astype(_I64)
+    dest = np.cumsum(count) - count
+    bit = np.empty(int(count.sum()), _I64)
+    one = np.uint64(1)
+    while len(left):
+        lowest = left & (~left + one)
+        bit[dest] = np.bitwise_count(lowest - one)  # trailing zeros
+        left ^= lowest
+        keep = np.flatnonzero(left)
+        left, dest = left[keep], dest[keep] + 1
+    return where, count, bit
+
+
+def _rank_within(group: np.ndarray) -> np.ndarray:
+    """Rank of each element among the elements of its group, in input order."""
+    order = np.argsort(group, kind="stable")
+    sorted_group = group[order]
+    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
+    first = np.repeat(starts, np.diff(np.r_[starts, len(group)]))
+    rank = np.empty(len(group), _I64)
+    rank[order] = np.arange(len(group)) - first
+    return rank
+
+
+def _group_by_hook(
+    hook_pos: np.ndarray, event_idx: np.ndarray, n_hooks: int
+) -> dict[int, np.ndarray]:
+    """Split pairs ordered by event into sorted event arrays per hook."""
+    counts = np.bincount(hook_pos, minlength=n_hooks)
+    keys = hook_pos.astype(np.uint16) if n_hooks <= 1 << 16 else hook_pos  # 16 bits: radix sort
+    events = np.take(event_idx, np.argsort(keys, kind="stable"))
+    present = np.flatnonzero(counts)
+    ends = np.cumsum(counts[present]).tolist()
+    starts = [0, *ends[:-1]]
+    return {
+        h: events[a:b] for h, a, b in zip(present.tolist(), starts, ends, strict=True)
+    }
+
+
+# ---------------------------------------------------------------------------
+# reference
+
+
+def reference_match(
+    hooks: Sequence[Hook], cols: EventColumns, catalogue: EventCatalogue
+) -> dict[int, np.ndarray]:
+    """Plain double loop over events x active hooks; the oracle for tests and benchmarks.
+
+    Same return shape as :meth:`HookIndex.match`: keys are positions among the
+    active hooks, in input order.
+    """
+    active = [h for h in hooks if h.active]
+    types = [{catalogue.index(code) for code in h.actions} for h in active]
+    found: dict[int, list[int]] = {}
+    columns = {name: getattr(cols, name).tolist() for name in (
+        "account_id", "list_id", "event_type", *FILTER_COLUMNS.values())}
+    for e in range(len(cols)):
+        event = {name: column[e] for name, column in columns.items()}
+        event["segments"] = cols.segments_of(e).tolist()
+        for h, hook in enumerate(active):
+            if event["event_type"] in types[h] and _reference_accepts(hook, event):
+                found.setdefault(h, []).append(e)
+    return {h: np.array(events, _I64) for h, events in found.items()}
+
+
+def _reference_accepts(hook: Hook, event: dict) -> bool:
+    if event["account_id"] != hook.account_id:
+        return False
+    if hook.database != "all" and event["list_id"] != hook.database:
+        return False
+    for kind, accepted in hook.filters.kinds().items():
+        if not accepted:
+            continue
+        if kind == "segments":
+            if not any(s in accepted for s in event["segments"]):
+                return False
+        elif event[FILTER_COLUMNS[kind]] not in accepted:
+            return False
+    return True

@@ -1,0 +1,583 @@
+"""Event input schema: decoding, matching dimensions, per-event issues, ids, RFC 3339 times."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta, timezone
+from typing import Any
+
+import msgspec
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.catalogue import CATEGORIES, EventCatalogue, builtin_catalogue
+from engine.errors import EventError, HookrayError
+from engine.events import (
+    NS,
+    DecodedBatch,
+    Event,
+    EventIssue,
+    Subscription,
+    decode_batch,
+    decode_events,
+    encode_events,
+    ensure_ids,
+    parse_rfc3339_ns,
+)
+
+DATE = "2018-03-04T13:13:19.034315796Z"
+DATE_NS = 1_520_169_199_034_315_796
+
+TRACKING_DATA = {  # every documented tracking field (spec d)
+    "message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
+    "ip": "10.9.0.14", "country": ".us", "city": "New York", "postal_code": "101000",
+    "region": "Ohio", "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
+    "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:59.0) Gecko/20100101 Firefox/59.0",
+    "os": "Linux x86_64", "browser": "Firefox", "device": "web",
+    "link_url": "http://www.example.com", "launch_id": "00000017000003cd5a9bf01a",
+    "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78",
+    "extra_uid": "ew4Sgf41",
+}
+DELIVERY_DATA = {"message_id": 5, "segment_id": 0, "campaign_id": 130}  # documented deliv example
+IMPORT_DATA = {"import_id": 881, "resource_id": 3}
+PIXEL_DATA = {"pixel_id": 9, "goal": "purchase", "goal_value": 99.5,
+              "page_url": "https://shop.example/checkout", "referrer": "https://ads.example/"}
+DATA_BY_CATEGORY = {"tracking": TRACKING_DATA, "delivery": DELIVERY_DATA,
+                    "import": IMPORT_DATA, "pixel": PIXEL_DATA}
+
+SUBSCRIPTION_FULL = {  # documented v74 example: every item field
+    "resource_id": 123, "channel": "email", "email": "user@example.com",
+    "phone": "+79991234567", "subscription_id": "abc123", "provider": "androidfirebase",
+    "priority": 1, "status": "subscribed", "ccsub": {"custom_key": "custom_value"},
+}
+
+FULL = {  # every field of the schema, none at its default
+    "event_type": "click",
+    "event_date": DATE,
+    "account_id": 23,
+    "list_id": 111,
+    "id": "0f8e3c5d6b7a4e1f9a2b3c4d5e6f7a8b",
+    "profile_id": "abcdefgh12345678",
+    "_xxh": "ad1850e0d1d9481e",
+    "_md5": "145bb30f7ddf1184cb560bc4b7705646",
+    "sends_trying_num": 2,
+    "is_test": True,
+    "is_static": False,
+    "subscription_hash_id": "0a4b910312345",
+    "subscription": [SUBSCRIPTION_FULL,
+                     {"resource_id": 7, "channel": "sms", "phone": "+79990000000",
+                      "status": "unsubscribed"}],
+    "event_data": TRACKING_DATA,
+    "resource_id": 3,
+    "campaign_id": 973,
+    "message_id": 17,
+    "segment_ids": [4, 5],
+    "pixel_id": 9,
+    "profile": {"email": "alice@example.org", "age": 31, "tags": ["vip"]},
+    "profile_deleted": True,
+    "custom_data": {"email": "alice@example.org"},
+    "send_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78",
+}
+
+SPEC_HTTP_EXAMPLE = """[{"event_type": "deliv", "list_id": 50, "account_id": 161,
+  "_xxh": "5ada5e6ea3c6da5f", "_md5": "a5656dc1e3f603063a1918d582a10f58",
+  "event_data": {"message_id": 5, "segment_id": 0, "campaign_id": 130},
+  "event_date": "2016-11-15T09:12:28.514388956Z",
+  "custom_data": {"email": "eddie@test-ukr.net"}}]"""
+
+
+def ev(event_type: str = "click", **fields: Any) -> dict[str, Any]:
+    return {"event_type": event_type, "event_date": DATE, "account_id": 23, **fields}
+
+
+def as_array(items: list[Any]) -> str:
+    return json.dumps(items)
+
+
+def as_ndjson(items: list[Any]) -> str:
+    return "\n".join(json.dumps(item) for item in items) + "\n"
+
+
+def triples(batch: DecodedBatch) -> list[tuple[int, str, str]]:
+    return [(i.index, i.field, i.reason) for i in batch.issues]
+
+
+# --- decoding ------------------------------------------------------------------------------
+
+
+def test_full_schema_covers_every_field() -> None:
+    names = {f.encode_name for f in msgspec.structs.fields(Event)}
+    assert names == set(FULL)
+    assert {f.encode_name for f in msgspec.structs.fields(Subscription)} == set(SUBSCRIPTION_FULL)
+
+
+@pytest.mark.parametrize("encode", [as_array, as_ndjson], ids=["array", "ndjson"])
+def test_every_field_round_trips(encode: Any) -> None:
+    [event] = decode_events(encode([FULL]))
+    assert event.event_type == "click"
+    assert event.event_date == DATE
+    assert event.date_ns == DATE_NS
+    assert event.account_id == 23
+    assert event.list_id == 111
+    assert event.id == FULL["id"]
+    assert event.profile_id == "abcdefgh12345678"
+    assert event.xxh == "ad1850e0d1d9481e"
+    assert event.md5 == "145bb30f7ddf1184cb560bc4b7705646"
+    assert event.sends_trying_num == 2
+    assert event.is_test is True
+    assert event.is_static is False
+    assert event.subscription_hash_id == "0a4b910312345"
+    assert event.event_data == TRACKING_DATA
+    assert (event.resource_id, event.campaign_id, event.message_id, event.pixel_id) == (
+        3, 973, 17, 9
+    )
+    assert event.segment_ids == [4, 5]
+    assert event.profile == FULL["profile"]
+    assert event.profile_deleted is True
+    assert event.custom_data == {"email": "alice@example.org"}
+    assert event.send_id == FULL["send_id"]
+    assert event.subscription is not None
+    first, second = event.subscription
+    assert isinstance(first, Subscription)
+    assert (first.resource_id, first.channel, first.email, first.phone, first.subscription_id,
+            first.provider, first.priority, first.status, first.ccsub) == (
+        123, "email", "user@example.com", "+79991234567", "abc123", "androidfirebase", 1,
+        "subscribed", {"custom_key": "custom_value"},
+    )
+    assert (second.channel, second.email, second.ccsub) == ("sms", None, None)
+    # and back: the same JSON, with the `_xxh`/`_md5` wire names
+    encoded = json.loads(encode_events([event]))
+    assert encoded == [FULL]
+    assert "_xxh" in encoded[0]
+    assert "xxh" not in encoded[0]
+    assert decode_events(encode_events([event])) == [event]
+
+
+def test_minimal_event_defaults_and_encoding() -> None:
+    [event] = decode_events(as_array([ev()]))
+    assert event.is_test is False
+    assert event.profile_deleted is False
+    assert event.event_data == {}
+    for name in ("list_id", "id", "profile_id", "xxh", "md5", "sends_trying_num", "is_static",
+                 "subscription_hash_id", "subscription", "resource_id", "campaign_id",
+                 "message_id", "segment_ids", "pixel_id", "profile", "custom_data", "send_id"):
+        assert getattr(event, name) is None, name
+    assert json.loads(encode_events([event])) == [ev()]  # absent optional keys are omitted
+
+
+def test_documented_http_example_decodes() -> None:
+    [event] = decode_events(SPEC_HTTP_EXAMPLE)
+    assert event.event_type == "deliv"
+    assert (event.list_id, event.account_id) == (50, 161)
+    assert (event.xxh, event.md5) == ("5ada5e6ea3c6da5f", "a5656dc1e3f603063a1918d582a10f58")
+    assert (event.message_id, event.campaign_id, event.segment_ids) == (5, 130, None)
+    assert event.custom_data == {"email": "eddie@test-ukr.net"}
+    assert event.date_ns == 1_479_201_148_514_388_956
+
+
+def test_array_and_ndjson_give_the_same_events() -> None:
+    items = [ev(account_id=i, list_id=100 + i) for i in range(5)]
+    from_array = decode_batch(as_array(items))
+    from_ndjson = decode_batch(as_ndjson(items))
+    assert from_array.events == from_ndjson.events
+    assert from_array.indices == from_ndjson.indices == [0, 1, 2, 3, 4]
+    assert from_array.issues == from_ndjson.issues == []
+    assert [e.list_id for e in from_array.events] == [100, 101, 102, 103, 104]
+
+
+def test_bytes_and_text_input() -> None:
+    text = as_array([ev()])
+    assert decode_batch(text).events == decode_batch(text.encode()).events
+
+
+def test_array_with_leading_whitespace() -> None:
+    batch = decode_batch("\n  \t" + as_array([ev(), ev("open")]))
+    assert [e.event_type for e in batch.events] == ["click", "open"]
+    assert batch.issues == []
+
+
+def test_ndjson_with_crlf_and_blank_lines() -> None:
+    line = json.dumps(ev())
+    batch = decode_batch(f"{line}\r\n\r\n   \n{json.dumps(ev('open'))}\r\n")
+    assert [e.event_type for e in batch.events] == ["click", "open"]
+    assert batch.indices == [0, 1]  # blank lines are not events and take no index
+    assert batch.issues == []
+
+
+@pytest.mark.parametrize("data", ["", b"", "   \n", "[]", b"[ ]"])
+def test_empty_input(data: str | bytes) -> None:
+    batch = decode_batch(data)
+    assert (batch.events, batch.indices, batch.issues) == ([], [], [])
+    assert decode_events(data) == []
+
+
+def test_single_object_is_one_ndjson_line() -> None:
+    batch = decode_batch(json.dumps(ev("open")))
+    assert [e.event_type for e in batch.events] == ["open"]
+    assert batch.indices == [0]
+
+
+def test_unknown_event_data_keys_are_kept() -> None:
+    [event] = decode_events(as_array([ev(event_data={"anything": {"nested": [1, 2]}})]))
+    assert event.event_data == {"anything": {"nested": [1, 2]}}
+
+
+# --- matching dimensions -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("event_data", "top", "expected"),
+    [
+        pytest.param({"resource_id": 3, "campaign_id": 973, "message_id": 17, "segment_id": 4,
+                      "pixel_id": 9}, {}, (3, 973, 17, [4], 9), id="all-from-event-data"),
+        pytest.param(TRACKING_DATA, {}, (3, 973, 17, None, None), id="tracking-example"),
+        pytest.param(DELIVERY_DATA, {}, (None, 130, 5, None, None), id="delivery-example"),
+        pytest.param(IMPORT_DATA, {}, (3, None, None, None, None), id="import"),
+        pytest.param(PIXEL_DATA, {}, (None, None, None, None, 9), id="pixel"),
+        pytest.param({"segment_id": 0}, {}, (None, None, None, None, None),
+                     id="segment-0-means-none"),
+        pytest.param({"resource_id": 0, "campaign_id": 0}, {}, (0, 0, None, None, None),
+                     id="zero-is-a-value-except-segment"),
+        pytest.param({}, {}, (None, None, None, None, None), id="no-event-data"),
+        pytest.param({"resource_id": 3, "campaign_id": 973, "message_id": 17, "segment_id": 4,
+                      "pixel_id": 9},
+                     {"resource_id": 1, "campaign_id": 2, "message_id": 3, "segment_ids": [5, 6],
+                      "pixel_id": 7},
+                     (1, 2, 3, [5, 6], 7), id="top-level-wins"),
+        pytest.param({"campaign_id": 973, "segment_id": 4}, {"campaign_id": 0, "segment_ids": []},
+                     (None, 0, None, [], None), id="top-level-zero-and-empty-win"),
+        pytest.param({"campaign_id": 973}, {"resource_id": 8}, (8, 973, None, None, None),
+                     id="mixed-sources"),
+    ],
+)
+def test_matching_dimensions(
+    event_data: dict[str, Any], top: dict[str, Any], expected: tuple[Any, ...]
+) -> None:
+    [event] = decode_events(as_array([ev(event_data=event_data, **top)]))
+    assert (event.resource_id, event.campaign_id, event.message_id, event.segment_ids,
+            event.pixel_id) == expected
+    assert event.event_data == event_data  # the payload itself is untouched
+
+
+@pytest.mark.parametrize("dim", ["resource_id", "campaign_id", "message_id", "pixel_id",
+                                 "segment_id"])
+@pytest.mark.parametrize("bad", ["3", 1.5, True, [3], {"id": 3}])
+def test_bad_event_data_dimension(dim: str, bad: Any) -> None:
+    batch = decode_batch(as_array([ev(event_data={dim: bad}), ev()]))
+    assert triples(batch) == [(0, f"event_data.{dim}", f"expected an integer, got {bad!r}")]
+    assert batch.indices == [1]
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "where", "reason"),
+    [
+        ("resource_id", "3", "resource_id", "Expected `int | null`, got `str`"),
+        ("campaign_id", 1.5, "campaign_id", "Expected `int | null`, got `float`"),
+        ("segment_ids", 4, "segment_ids", "Expected `array | null`, got `int`"),
+        ("segment_ids", [4, "5"], "segment_ids[1]", "Expected `int`, got `str`"),
+        ("pixel_id", True, "pixel_id", "Expected `int | null`, got `bool`"),
+    ],
+)
+def test_bad_top_level_dimension(field: str, value: Any, where: str, reason: str) -> None:
+    assert triples(decode_batch(as_array([ev(**{field: value})]))) == [(0, where, reason)]
+
+
+# --- bad events ----------------------------------------------------------------------------
+
+GOOD_SUB = [SUBSCRIPTION_FULL]
+MIXED: list[Any] = [
+    ev(account_id=0),                                                       # 0 good
+    ev(account_id="23"),                                                    # 1 wrong type
+    ev(account_id=2, subscription=GOOD_SUB),                                # 2 good
+    {"event_type": "click", "account_id": 3},                               # 3 missing date
+    ev(account_id=4, xxh="ad1850e0d1d9481e"),                               # 4 unknown field
+    ev(account_id=5, event_date="2018-03-04"),                              # 5 bad date
+    ev("clik", account_id=6),                                               # 6 unknown type
+    "click",                                                                # 7 not an object
+    ev(account_id=8, event_data={"segment_id": "4"}),                       # 8 bad dimension
+    ev("deliv", account_id=9, event_data=DELIVERY_DATA),                    # 9 good
+    ev(account_id=10, subscription=[SUBSCRIPTION_FULL, {"priority": "high"}]),  # 10 nested type
+    ev(5, account_id=11),                                                   # 11 type not text
+    ev(account_id=-1),                                                      # 12 negative account
+    ev(account_id=13, is_test="false"),                                     # 13 bool as text
+    None,                                                                   # 14 null
+    ev("pixel", account_id=15, event_data=PIXEL_DATA),                      # 15 good
+    ev(account_id=16, event_date="2023-02-29T10:00:00Z"),                   # 16 no such day
+    ev(account_id=17, subscription=[{"channel": "email", "mail": "x"}]),    # 17 nested unknown
+    {"event_type": "click", "event_date": DATE},                            # 18 missing account
+]
+MIXED_ISSUES = [
+    (1, "account_id", "Expected `int`, got `str`"),
+    (3, "event_date", "Object missing required field `event_date`"),
+    (4, "xxh", "Object contains unknown field `xxh`"),
+    (5, "event_date",
+     "'2018-03-04' is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z"),
+    (6, "event_type", "unknown event type 'clik'"),
+    (7, "$", "Expected `object`, got `str`"),
+    (8, "event_data.segment_id", "expected an integer, got '4'"),
+    (10, "subscription[1].priority", "Expected `int | null`, got `str`"),
+    (11, "event_type", "Expected `str`, got `int`"),
+    (12, "account_id", "must be >= 0"),
+    (13, "is_test", "Expected `bool`, got `str`"),
+    (14, "$", "Expected `object`, got `null`"),
+    (16, "event_date", "'2023-02-29T10:00:00Z' has an out-of-range date or time"),
+    (17, "subscription[0]", "Object contains unknown field `mail`"),
+    (18, "account_id", "Object missing required field `account_id`"),
+]
+MIXED_GOOD = [0, 2, 9, 15]
+
+
+@pytest.mark.parametrize("encode", [as_array, as_ndjson], ids=["array", "ndjson"])
+@pytest.mark.parametrize("as_bytes", [False, True], ids=["str", "bytes"])
+def test_mixed_batch_reports_every_bad_event_and_keeps_the_good(
+    encode: Any, as_bytes: bool
+) -> None:
+    data = encode(MIXED)
+    batch = decode_batch(data.encode() if as_bytes else data)
+    assert triples(batch) == MIXED_ISSUES
+    assert batch.indices == MIXED_GOOD
+    # each good event is the one at its reported index
+    assert [e.account_id for e in batch.events] == MIXED_GOOD
+    assert [e.event_type for e in batch.events] == ["click", "click", "deliv", "pixel"]
+    assert batch.events[1].subscription is not None
+    assert batch.events[2].campaign_id == 130
+    assert batch.events[3].pixel_id == 9
+
+
+def test_malformed_ndjson_line() -> None:
+    batch = decode_batch(f"{json.dumps(ev(account_id=0))}\n{{bad json\n"
+                         f"{json.dumps(ev(account_id=2))}\n[1]\n")
+    assert batch.indices == [0, 2]
+    assert [(i.index, i.field) for i in batch.issues] == [(1, "$"), (3, "$")]
+    assert batch.issues[0].reason.startswith("JSON is malformed")
+    assert batch.issues[1].reason == "Expected `object`, got `array`"
+
+
+@pytest.mark.parametrize(
+    "data",
+    [f"[{json.dumps(ev())}", f"[{json.dumps(ev())}, {{bad]", f"[{json.dumps(ev())}] trailing",
+     "[", "[1, 2"],
+)
+def test_not_a_json_array(data: str) -> None:
+    batch = decode_batch(data)
+    assert batch.events == []
+    assert batch.indices == []
+    [issue] = batch.issues
+    assert (issue.index, issue.field) == (-1, "$")
+    assert issue.reason.startswith("not a JSON array of events: ")
+    with pytest.raises(EventError) as info:
+        decode_events(data)
+    assert str(info.value).startswith("1 bad event(s): event -1: $: not a JSON array of events")
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [("42", "Expected `object`, got `int`"), ('"events"', "Expected `object`, got `str`"),
+     ("null", "Expected `object`, got `null`"), ("true", "Expected `object`, got `bool`")],
+)
+def test_scalar_input_is_one_bad_event(data: str, reason: str) -> None:
+    assert triples(decode_batch(data)) == [(0, "$", reason)]
+
+
+def test_array_of_non_objects() -> None:
+    assert triples(decode_batch("[1, [], \"x\"]")) == [
+        (0, "$", "Expected `object`, got `int`"),
+        (1, "$", "Expected `object`, got `array`"),
+        (2, "$", "Expected `object`, got `str`"),
+    ]
+
+
+def test_decode_events_raises_listing_every_issue() -> None:
+    with pytest.raises(EventError) as info:
+        decode_events(as_array(MIXED))
+    error = info.value
+    assert isinstance(error, HookrayError)
+    assert [(i.index, i.field, i.reason) for i in error.issues] == MIXED_ISSUES
+    message = str(error)
+    assert message.startswith(f"{len(MIXED_ISSUES)} bad event(s): ")
+    assert message == f"{len(MIXED_ISSUES)} bad event(s): " + "; ".join(
+        f"event {i}: {f}: {r}" for i, f, r in MIXED_ISSUES
+    )
+
+
+def test_decode_events_message_is_capped_at_20_issues() -> None:
+    items = [ev(account_id=-1) for _ in range(25)]
+    with pytest.raises(EventError) as info:
+        decode_events(as_array(items))
+    assert len(info.value.issues) == 25
+    message = str(info.value)
+    assert message.startswith("25 bad event(s): event 0: account_id: must be >= 0; ")
+    assert "event 19: account_id" in message
+    assert "event 20:" not in message
+
+
+def test_decode_events_returns_good_batch() -> None:
+    events = decode_events(as_ndjson([ev("send"), ev("import_api", event_data=IMPORT_DATA)]))
+    assert [e.event_type for e in events] == ["send", "import_api"]
+
+
+def test_event_issue_text() -> None:
+    assert str(EventIssue(3, "event_date", "bad")) == "event 3: event_date: bad"
+
+
+def test_event_error_defaults_to_no_issues() -> None:
+    assert EventError("x").issues == []
+
+
+# --- catalogue -----------------------------------------------------------------------------
+
+
+def test_every_builtin_code_of_every_category_decodes() -> None:
+    cat = builtin_catalogue()
+    items = [ev(code, event_data=DATA_BY_CATEGORY[cat.category(code)]) for code in cat.codes()]
+    batch = decode_batch(as_array(items))
+    assert batch.issues == []
+    assert [e.event_type for e in batch.events] == cat.codes()
+    assert {cat.category(e.event_type) for e in batch.events} == set(CATEGORIES)
+
+
+def test_custom_catalogue_code() -> None:
+    custom = builtin_catalogue().extended(
+        [{"code": "promo_activated", "category": "tracking", "channel": "promo"}]
+    )
+    data = as_array([ev("promo_activated"), ev("click")])
+    assert decode_batch(data, catalogue=custom).indices == [0, 1]
+    assert triples(decode_batch(data)) == [
+        (0, "event_type", "unknown event type 'promo_activated'")
+    ]
+
+
+def test_empty_catalogue_knows_no_code() -> None:
+    batch = decode_batch(as_array([ev("click")]), catalogue=EventCatalogue([]))
+    assert triples(batch) == [(0, "event_type", "unknown event type 'click'")]
+    assert batch.events == []
+
+
+# --- ids -----------------------------------------------------------------------------------
+
+
+def test_ensure_ids_only_where_missing() -> None:
+    events = decode_events(as_array([ev(id="producer-1"), ev(), ev(), ev(id="producer-2")]))
+    result = ensure_ids(events)
+    assert result is events
+    assert events[0].id == "producer-1"
+    assert events[3].id == "producer-2"
+    fresh = [events[1].id, events[2].id]
+    for new_id in fresh:
+        assert isinstance(new_id, str)
+        assert len(new_id) == 32
+        int(new_id, 16)  # hex
+    assert fresh[0] != fresh[1]
+    ensure_ids(events)  # idempotent: assigned ids are kept
+    assert [events[1].id, events[2].id] == fresh
+    assert json.loads(encode_events(events))[1]["id"] == fresh[0]
+
+
+def test_ensure_ids_of_nothing() -> None:
+    assert ensure_ids([]) == []
+
+
+# --- RFC 3339 ------------------------------------------------------------------------------
+
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (DATE, DATE_NS),
+        ("2018-03-04T13:13:19Z", 1_520_169_199 * NS),
+        ("2018-03-04T13:13:19.034315Z", 1_520_169_199_034_315_000),  # microseconds
+        ("2018-03-04T13:13:19.5Z", 1_520_169_199_500_000_000),
+        ("2018-03-04T13:13:19.000000001Z", 1_520_169_199 * NS + 1),
+        ("2018-03-04t13:13:19z", 1_520_169_199 * NS),
+        ("2018-03-04T16:13:19+03:00", 1_520_169_199 * NS),
+        ("2018-03-04T08:43:19.034315796-04:30", DATE_NS),
+        ("2018-03-04T13:13:19+00:00", 1_520_169_199 * NS),
+        ("2018-03-04T13:13:19-00:00", 1_520_169_199 * NS),
+        ("2018-03-05T13:12:19+23:59", 1_520_169_199 * NS),
+        ("1970-01-01T00:00:00Z", 0),
+        ("1969-12-31T23:59:59.999999999Z", -1),
+        ("2024-02-29T00:00:00Z", 1_709_164_800 * NS),  # leap day
+        ("2000-02-29T00:00:00Z", 951_782_400 * NS),
+        ("2016-12-31T23:59:60Z", 1_483_228_799 * NS),  # leap second: folded onto :59
+    ],
+)
+def test_parse_rfc3339_ns(text: str, expected: int) -> None:
+    assert parse_rfc3339_ns(text) == expected
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "", "2018-03-04", "2018-03-04T13:13:19", "2018-03-04 13:13:19Z", "2018-03-04T13:13Z",
+        "2018-03-04T13:13:19.Z", "2018-03-04T13:13:19.0343157961Z", "2018-3-4T13:13:19Z",
+        "18-03-04T13:13:19Z", "2018-03-04T13:13:19+0300", "2018-03-04T13:13:19+03",
+        "2018-03-04T13:13:19 Z", " 2018-03-04T13:13:19Z", "2018-03-04T13:13:19Z\n",
+        "2018-03-04T13:13:19UTC", "1520169199",
+        "\uff12\uff10\uff11\uff18-03-04T13:13:19Z",  # fullwidth digits
+        "\u0662\u0660\u0661\u0668-03-04T13:13:19Z",  # Arabic-Indic digits
+    ],
+)
+def test_parse_rfc3339_rejects_bad_format(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_rfc3339_ns(text)
+    assert str(info.value) == (
+        f"{text!r} is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z"
+    )
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "2018-13-04T13:13:19Z", "2018-00-04T13:13:19Z", "2018-03-00T13:13:19Z",
+        "2018-03-32T13:13:19Z", "2018-04-31T13:13:19Z", "2023-02-29T13:13:19Z",
+        "1900-02-29T13:13:19Z", "2018-03-04T24:00:00Z", "2018-03-04T13:60:19Z",
+        "2018-03-04T13:13:61Z",
+    ],
+)
+def test_parse_rfc3339_rejects_out_of_range(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_rfc3339_ns(text)
+    assert str(info.value) == f"{text!r} has an out-of-range date or time"
+
+
+@pytest.mark.parametrize("text", ["2018-03-04T13:13:19+24:00", "2018-03-04T13:13:19-00:60",
+                                  "2018-03-04T13:13:19+99:99"])
+def test_parse_rfc3339_rejects_bad_offset(text: str) -> None:
+    with pytest.raises(ValueError) as info:
+        parse_rfc3339_ns(text)
+    assert str(info.value) == f"{text!r} has an out-of-range UTC offset"
+
+
+@given(
+    moment=st.datetimes(min_value=datetime(1900, 1, 2), max_value=datetime(2200, 12, 30)),
+    nanos=st.integers(0, NS - 1),
+    digits=st.integers(0, 9),
+    offset_min=st.integers(-(24 * 60 - 1), 24 * 60 - 1),
+    zulu=st.booleans(),
+)
+def test_parse_rfc3339_matches_datetime(
+    moment: datetime, nanos: int, digits: int, offset_min: int, zulu: bool
+) -> None:
+    moment = moment.replace(microsecond=0)
+    if zulu:
+        offset_min = 0
+    nanos = nanos // 10 ** (9 - digits) * 10 ** (9 - digits)  # keep `digits` fraction digits
+    fraction = f".{nanos:09d}"[: digits + 1] if digits else ""
+    if zulu:
+        zone = "Z"
+    else:
+        sign = "-" if offset_min < 0 else "+"
+        zone = f"{sign}{abs(offset_min) // 60:02d}:{abs(offset_min) % 60:02d}"
+    text = moment.strftime("%Y-%m-%dT%H:%M:%S") + fraction + zone
+    aware = moment.replace(tzinfo=timezone(timedelta(minutes=offset_min)))
+    expected = (aware - EPOCH) // timedelta(seconds=1) * NS + nanos
+    assert parse_rfc3339_ns(text) == expected
+
+
+def test_event_date_ns_property() -> None:
+    [event] = decode_events(as_array([ev(event_date="2018-03-04T16:13:19.5+03:00")]))
+    assert event.event_date == "2018-03-04T16:13:19.5+03:00"  # kept as sent
+    assert event.date_ns == 1_520_169_199_500_000_000

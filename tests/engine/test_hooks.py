@@ -1,0 +1,699 @@
+"""Hook model: valid hooks of every target kind, defaults, every rejection, secret hygiene."""
+
+from __future__ import annotations
+
+import copy
+import json
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+from pydantic import SecretStr, ValidationError
+
+from engine.catalogue import EventCatalogue, builtin_catalogue
+from engine.errors import HookError, HookrayError
+from engine.hooks import (
+    DEFAULT_FLUSH_TIMEOUT_SEC,
+    DEFAULT_MAX_BATCH,
+    FILTER_KINDS,
+    TARGET_KINDS,
+    Auth,
+    Hook,
+    HttpBatch,
+    Kafka,
+    RabbitExchange,
+    RabbitQueue,
+    parse_hook,
+)
+
+TOKEN = "tok-SECRET-bearer-1f2e"
+CLIENT_SECRET = "cs-SECRET-oauth-9a8b"
+RABBIT_PASSWORD = "rb-SECRET-pw-77"
+KAFKA_PASSWORD = "kf-SECRET-pw-55"
+SECRETS = (TOKEN, CLIENT_SECRET, RABBIT_PASSWORD, KAFKA_PASSWORD)
+
+HTTP_NONE = {"http_batch": {"url": "https://receiver.example.com/hooks"}}
+HTTP_BEARER = {
+    "http_batch": {
+        "url": "https://receiver.example.com:8443/hooks?src=altcraft",
+        "auth": {"kind": "bearer", "token": TOKEN},
+        "headers": {"X-Source": "hookray", "X-Tenant_ID.v2": "23"},
+    }
+}
+HTTP_OAUTH2 = {
+    "http_batch": {
+        "url": "http://10.0.0.5:8080/in",
+        "auth": {
+            "kind": "oauth2",
+            "token_url": "https://auth.example.com/oauth/token",
+            "client_id": "hookray",
+            "client_secret": CLIENT_SECRET,
+            "scope": "events:write",
+        },
+        "headers": {"X-Extra": "1"},
+    }
+}
+RABBIT_QUEUE = {
+    "rabbitmq_queue": {
+        "host": "rabbit.internal", "port": 5673, "user": "hooks", "password": RABBIT_PASSWORD,
+        "vhost": "/marketing", "queue": "altcraft.events",
+    }
+}
+RABBIT_EXCHANGE = {
+    "rabbitmq_exchange": {
+        "host": "rabbit.internal", "user": "hooks", "password": RABBIT_PASSWORD,
+        "exchange": "altcraft", "type": "topic",
+    }
+}
+KAFKA = {
+    "kafka": {
+        "bootstrap_servers": ["kafka-1:9092", "kafka-2.example.com:9093", "[::1]:9094"],
+        "topic": "altcraft.events_v1",
+        "key": "profile_id",
+        "sasl_mechanism": "SCRAM-SHA-512",
+        "sasl_username": "hooks",
+        "sasl_password": KAFKA_PASSWORD,
+        "tls": True,
+        "tls_cafile": "/etc/ssl/kafka-ca.pem",
+    }
+}
+SECRET_TARGETS = {
+    "http_bearer": (HTTP_BEARER, TOKEN),
+    "http_oauth2": (HTTP_OAUTH2, CLIENT_SECRET),
+    "rabbitmq_queue": (RABBIT_QUEUE, RABBIT_PASSWORD),
+    "rabbitmq_exchange": (RABBIT_EXCHANGE, RABBIT_PASSWORD),
+    "kafka_sasl": (KAFKA, KAFKA_PASSWORD),
+}
+
+
+def hook_data(target: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "name": "to CRM",
+        "account_id": 23,
+        "actions": ["deliv", "click"],
+        "target": copy.deepcopy(target if target is not None else HTTP_NONE),
+    }
+    data.update(fields)
+    return data
+
+
+def hook_error(data: dict[str, Any], catalogue: EventCatalogue | None = None) -> str:
+    with pytest.raises(HookError) as info:
+        parse_hook(data, catalogue=catalogue)
+    message = str(info.value)
+    assert message.startswith("invalid hook: ")
+    return message
+
+
+def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:
+    node = data
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    node[last] = value
+    return data
+
+
+def drop_path(data: dict[str, Any], path: str) -> dict[str, Any]:
+    node = data
+    *parents, last = path.split(".")
+    for part in parents:
+        node = node[part]
+    del node[last]
+    return data
+
+
+# --- valid hooks ---------------------------------------------------------------------------
+
+
+def test_minimal_hook_defaults() -> None:
+    hook = parse_hook(hook_data())
+    assert hook.id is None
+    assert hook.name == "to CRM"
+    assert hook.account_id == 23
+    assert hook.active is False
+    assert hook.database == "all"
+    assert hook.actions == ["deliv", "click"]
+    assert hook.send_content is False
+    assert hook.filters.kinds() == {kind: [] for kind in FILTER_KINDS}
+    assert (hook.custom_data.fields, hook.custom_data.template, hook.custom_data.pairs) == (
+        [], {}, {}
+    )
+    assert hook.target.kind == "http_batch"
+    http = hook.target.settings
+    assert isinstance(http, HttpBatch)
+    assert http is hook.target.http_batch
+    assert http.url == "https://receiver.example.com/hooks"
+    assert http.max_batch_size == DEFAULT_MAX_BATCH == 100
+    assert http.flush_timeout_sec == DEFAULT_FLUSH_TIMEOUT_SEC == 10.0
+    assert http.success_regex == ""
+    assert http.auth.kind == "none"
+    assert http.auth.token is None
+    assert http.headers == {}
+    assert http.request_timeout_sec is None
+
+
+def test_full_hook_fields() -> None:
+    hook = parse_hook(
+        hook_data(
+            HTTP_NONE,
+            id=7,
+            active=True,
+            database=111,
+            actions=["click", "uclick", "click", "pixel"],
+            filters={"resources": [3], "campaigns": [973, 974], "templates": [17],
+                     "segments": [0, 5], "pixels": [9]},
+            custom_data={"fields": ["email", "phone"], "template": {"src": "{{campaign_name}}"},
+                         "pairs": {"id": "{{uuid}}", "eventTime": "{{event_date_ymd}}"}},
+            send_content=True,
+        )
+    )
+    assert hook.id == 7
+    assert hook.active is True
+    assert hook.database == 111
+    assert hook.actions == ["click", "uclick", "pixel"]  # duplicates dropped, order kept
+    assert hook.filters.kinds() == {
+        "resources": [3], "campaigns": [973, 974], "templates": [17], "segments": [0, 5],
+        "pixels": [9],
+    }
+    assert hook.custom_data.fields == ["email", "phone"]
+    assert hook.custom_data.template == {"src": "{{campaign_name}}"}
+    assert hook.custom_data.pairs["id"] == "{{uuid}}"
+    assert hook.send_content is True
+
+
+def test_http_batch_with_bearer_and_headers() -> None:
+    http = parse_hook(hook_data(HTTP_BEARER)).target.http_batch
+    assert http is not None
+    assert http.auth.kind == "bearer"
+    assert isinstance(http.auth.token, SecretStr)
+    assert http.auth.token.get_secret_value() == TOKEN
+    assert http.headers == {"X-Source": "hookray", "X-Tenant_ID.v2": "23"}
+    assert http.url == "https://receiver.example.com:8443/hooks?src=altcraft"
+
+
+def test_http_batch_with_oauth2() -> None:
+    auth = parse_hook(hook_data(HTTP_OAUTH2)).target.settings.auth  # type: ignore[union-attr]
+    assert isinstance(auth, Auth)
+    assert auth.kind == "oauth2"
+    assert auth.token_url == "https://auth.example.com/oauth/token"
+    assert auth.client_id == "hookray"
+    assert auth.client_secret is not None
+    assert auth.client_secret.get_secret_value() == CLIENT_SECRET
+    assert auth.scope == "events:write"
+
+
+def test_http_batch_tuning() -> None:
+    target = {"http_batch": {"url": "https://r.example/x", "max_batch_size": 10_000,
+                             "flush_timeout_sec": 0.25, "success_regex": ".*OK.*",
+                             "request_timeout_sec": 30}}
+    http = parse_hook(hook_data(target)).target.http_batch
+    assert http is not None
+    assert (http.max_batch_size, http.flush_timeout_sec, http.request_timeout_sec) == (
+        10_000, 0.25, 30.0
+    )
+    assert http.success_regex == ".*OK.*"
+
+
+def test_rabbitmq_queue() -> None:
+    hook = parse_hook(hook_data(RABBIT_QUEUE))
+    assert hook.target.kind == "rabbitmq_queue"
+    queue = hook.target.settings
+    assert isinstance(queue, RabbitQueue)
+    assert (queue.host, queue.port, queue.user, queue.vhost, queue.queue) == (
+        "rabbit.internal", 5673, "hooks", "/marketing", "altcraft.events"
+    )
+    assert queue.password.get_secret_value() == RABBIT_PASSWORD
+
+
+def test_rabbitmq_queue_defaults() -> None:
+    queue = parse_hook(hook_data({"rabbitmq_queue": {"host": "r", "queue": "q"}})).target.settings
+    assert isinstance(queue, RabbitQueue)
+    assert (queue.port, queue.user, queue.vhost) == (5672, "guest", "/")
+    assert queue.password.get_secret_value() == "guest"
+
+
+@pytest.mark.parametrize("exchange_type", ["direct", "topic"])
+def test_rabbitmq_exchange_types_and_defaults(exchange_type: str) -> None:
+    target = {"rabbitmq_exchange": {"host": "r", "exchange": "ex", "type": exchange_type}}
+    hook = parse_hook(hook_data(target))
+    assert hook.target.kind == "rabbitmq_exchange"
+    exchange = hook.target.settings
+    assert isinstance(exchange, RabbitExchange)
+    assert exchange.type == exchange_type
+    assert exchange.durable is True
+    assert exchange.auto_delete is False
+    assert exchange.port == 5672
+
+
+def test_rabbitmq_exchange_type_defaults_to_direct_and_flags_can_flip() -> None:
+    target = {"rabbitmq_exchange": {"host": "r", "exchange": "ex", "durable": False,
+                                    "auto_delete": True}}
+    exchange = parse_hook(hook_data(target)).target.rabbitmq_exchange
+    assert exchange is not None
+    assert exchange.type == "direct"
+    assert exchange.durable is False
+    assert exchange.auto_delete is True
+
+
+def test_kafka_full() -> None:
+    hook = parse_hook(hook_data(KAFKA))
+    assert hook.target.kind == "kafka"
+    kafka = hook.target.settings
+    assert isinstance(kafka, Kafka)
+    assert kafka.bootstrap_servers == ["kafka-1:9092", "kafka-2.example.com:9093", "[::1]:9094"]
+    assert kafka.topic == "altcraft.events_v1"
+    assert kafka.key == "profile_id"
+    assert kafka.sasl_mechanism == "SCRAM-SHA-512"
+    assert kafka.sasl_username == "hooks"
+    assert kafka.sasl_password is not None
+    assert kafka.sasl_password.get_secret_value() == KAFKA_PASSWORD
+    assert kafka.tls is True
+    assert kafka.tls_cafile == "/etc/ssl/kafka-ca.pem"
+
+
+def test_kafka_defaults() -> None:
+    kafka = parse_hook(
+        hook_data({"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t"}})
+    ).target.kafka
+    assert kafka is not None
+    assert kafka.key == "list_event"
+    assert kafka.sasl_mechanism is None
+    assert kafka.sasl_username is None
+    assert kafka.sasl_password is None
+    assert kafka.tls is False
+    assert kafka.tls_cafile is None
+
+
+@pytest.mark.parametrize("key", ["list_event", "profile_id", "none"])
+def test_kafka_key_choice(key: str) -> None:
+    target = {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", "key": key}}
+    assert parse_hook(hook_data(target)).target.kafka.key == key  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+@pytest.mark.parametrize("tls", [False, True])
+def test_kafka_sasl_mechanisms_with_and_without_tls(mechanism: str, tls: bool) -> None:
+    target = {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", "sasl_mechanism": mechanism,
+                        "sasl_username": "u", "sasl_password": KAFKA_PASSWORD, "tls": tls}}
+    kafka = parse_hook(hook_data(target)).target.kafka
+    assert kafka is not None
+    assert kafka.sasl_mechanism == mechanism
+    assert kafka.tls is tls
+
+
+@pytest.mark.parametrize("database", ["all", 0, 111])
+def test_database_scope(database: Any) -> None:
+    assert parse_hook(hook_data(database=database)).database == database
+
+
+def test_target_kinds_constant() -> None:
+    assert TARGET_KINDS == ("http_batch", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
+    assert FILTER_KINDS == ("resources", "campaigns", "templates", "segments", "pixels")
+
+
+def test_hook_is_frozen() -> None:
+    hook = parse_hook(hook_data())
+    with pytest.raises(ValidationError, match="frozen"):
+        hook.active = True  # type: ignore[misc]
+
+
+def test_direct_construction_uses_the_builtin_catalogue() -> None:
+    hook = Hook.model_validate(hook_data(actions=["pixel"]))
+    assert hook.actions == ["pixel"]
+    with pytest.raises(ValidationError, match="unknown event code"):
+        Hook.model_validate(hook_data(actions=["promo_issued"]))
+
+
+# --- rejections ----------------------------------------------------------------------------
+
+Mutation = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+def at(path: str, value: Any) -> Mutation:
+    return lambda data: set_path(data, path, value)
+
+
+def without(path: str) -> Mutation:
+    return lambda data: drop_path(data, path)
+
+
+REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
+    # event codes
+    ("unknown event code", at("actions", ["click", "clik", "promo"]),
+     ["actions: unknown event code(s) 'clik', 'promo'; known codes: send, reply, uopen",
+      "undeliv_push, pixel"]),
+    ("empty actions", at("actions", []),
+     ["actions: List should have at least 1 item after validation, not 0"]),
+    ("actions missing", without("actions"), ["actions: Field required"]),
+    # URL
+    ("url scheme ftp", at("target.http_batch.url", "ftp://r.example/x"),
+     ["target.http_batch.url: 'ftp://r.example/x' is not an http(s) URL with a host"]),
+    ("url without scheme", at("target.http_batch.url", "r.example/x"),
+     ["target.http_batch.url: 'r.example/x' is not an http(s) URL with a host"]),
+    ("url without host", at("target.http_batch.url", "https:///x"),
+     ["target.http_batch.url: 'https:///x' is not an http(s) URL with a host"]),
+    ("url empty", at("target.http_batch.url", ""),
+     ["target.http_batch.url: '' is not an http(s) URL with a host"]),
+    ("url port too big", at("target.http_batch.url", "http://r.example:99999/x"),
+     ["target.http_batch.url: 'http://r.example:99999/x' has an invalid port"]),
+    ("url port not a number", at("target.http_batch.url", "http://r.example:http/x"),
+     ["target.http_batch.url: 'http://r.example:http/x' has an invalid port"]),
+    ("url port zero", at("target.http_batch.url", "http://r.example:0/x"),
+     ["target.http_batch.url: 'http://r.example:0/x' has an invalid port"]),
+    # HTTP tuning
+    ("regex does not compile", at("target.http_batch.success_regex", "(OK"),
+     ["target.http_batch.success_regex: regex '(OK' does not compile: missing ), "
+      "unterminated subpattern"]),
+    ("batch size zero", at("target.http_batch.max_batch_size", 0),
+     ["target.http_batch.max_batch_size: Input should be greater than 0"]),
+    ("batch size negative", at("target.http_batch.max_batch_size", -5),
+     ["target.http_batch.max_batch_size: Input should be greater than 0"]),
+    ("batch size too big", at("target.http_batch.max_batch_size", 10_001),
+     ["target.http_batch.max_batch_size: Input should be less than or equal to 10000"]),
+    ("flush timeout zero", at("target.http_batch.flush_timeout_sec", 0),
+     ["target.http_batch.flush_timeout_sec: Input should be greater than 0"]),
+    ("request timeout zero", at("target.http_batch.request_timeout_sec", 0),
+     ["target.http_batch.request_timeout_sec: Input should be greater than 0"]),
+    # headers
+    ("header name with space", at("target.http_batch.headers", {"X Source": "a"}),
+     ["target.http_batch.headers: header name 'X Source' is not a valid HTTP token"]),
+    ("header name with colon", at("target.http_batch.headers", {"X-A:": "a"}),
+     ["target.http_batch.headers: header name 'X-A:' is not a valid HTTP token"]),
+    ("header name empty", at("target.http_batch.headers", {"": "a"}),
+     ["target.http_batch.headers: header name '' is not a valid HTTP token"]),
+    ("header value with line break", at("target.http_batch.headers", {"X-A": "a\r\nX-B: b"}),
+     ["target.http_batch.headers: header 'X-A': value holds a line break"]),
+    # auth
+    ("bearer without token", at("target.http_batch.auth", {"kind": "bearer"}),
+     ["target.http_batch.auth: bearer auth needs a token"]),
+    ("bearer with empty token", at("target.http_batch.auth", {"kind": "bearer", "token": ""}),
+     ["target.http_batch.auth: bearer auth needs a token"]),
+    ("oauth2 without anything", at("target.http_batch.auth", {"kind": "oauth2"}),
+     ["target.http_batch.auth: oauth2 auth needs token_url, client_id, client_secret"]),
+    ("oauth2 without client_secret",
+     at("target.http_batch.auth", {"kind": "oauth2", "token_url": "https://a.example/t",
+                                   "client_id": "c"}),
+     ["target.http_batch.auth: oauth2 auth needs client_secret"]),
+    ("oauth2 without token_url",
+     at("target.http_batch.auth", {"kind": "oauth2", "client_id": "c", "client_secret": "s"}),
+     ["target.http_batch.auth: oauth2 auth needs token_url"]),
+    ("oauth2 bad token_url",
+     at("target.http_batch.auth", {"kind": "oauth2", "token_url": "auth.example/t",
+                                   "client_id": "c", "client_secret": "s"}),
+     ["target.http_batch.auth: 'auth.example/t' is not an http(s) URL with a host"]),
+    ("unknown auth kind", at("target.http_batch.auth", {"kind": "basic"}),
+     ["target.http_batch.auth.kind: Input should be 'none', 'bearer' or 'oauth2'"]),
+    # target choice
+    ("both targets", at("target.kafka", {"bootstrap_servers": ["k:9092"], "topic": "t"}),
+     ["target: exactly one of http_batch, rabbitmq_queue, rabbitmq_exchange, kafka must be set "
+      "(got http_batch, kafka)"]),
+    ("neither target", at("target", {}),
+     ["target: exactly one of http_batch, rabbitmq_queue, rabbitmq_exchange, kafka must be set "
+      "(got none)"]),
+    ("all targets null", at("target", dict.fromkeys(TARGET_KINDS)),
+     ["(got none)"]),
+    ("target missing", without("target"), ["target: Field required"]),
+    ("unknown target kind", at("target", {"webhook": {"url": "https://r.example"}}),
+     ["target.webhook: Extra inputs are not permitted"]),
+    # kafka
+    ("kafka server without port",
+     at("target", {"kafka": {"bootstrap_servers": ["kafka-1"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'kafka-1' is not host:port"]),
+    ("kafka server empty port",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092", "kafka-1:"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'kafka-1:' is not host:port"]),
+    ("kafka server without host",
+     at("target", {"kafka": {"bootstrap_servers": [":9092"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: ':9092' is not host:port"]),
+    ("kafka server port text",
+     at("target", {"kafka": {"bootstrap_servers": ["k:kafka"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'k:kafka' is not host:port"]),
+    ("kafka server port zero",
+     at("target", {"kafka": {"bootstrap_servers": ["k:0"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'k:0' is not host:port"]),
+    ("kafka server port too big",
+     at("target", {"kafka": {"bootstrap_servers": ["k:65536"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'k:65536' is not host:port"]),
+    ("kafka no servers",
+     at("target", {"kafka": {"bootstrap_servers": [], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: List should have at least 1 item"]),
+    ("kafka bad topic",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "a topic"}}),
+     ["target.kafka.topic: String should match pattern"]),
+    ("kafka bad key",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", "key": "id"}}),
+     ["target.kafka.key: Input should be 'list_event', 'profile_id' or 'none'"]),
+    ("kafka SASL without credentials",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t",
+                             "sasl_mechanism": "PLAIN"}}),
+     ["target.kafka: SASL PLAIN needs sasl_username and sasl_password"]),
+    ("kafka SASL without password",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t",
+                             "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "u"}}),
+     ["target.kafka: SASL SCRAM-SHA-256 needs sasl_username and sasl_password"]),
+    ("kafka SASL with empty password",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t",
+                             "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u",
+                             "sasl_password": ""}}),
+     ["target.kafka: SASL SCRAM-SHA-512 needs sasl_username and sasl_password"]),
+    ("kafka unknown SASL mechanism",
+     at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t",
+                             "sasl_mechanism": "GSSAPI", "sasl_username": "u",
+                             "sasl_password": "p"}}),
+     ["target.kafka.sasl_mechanism: Input should be 'PLAIN', 'SCRAM-SHA-256' or "
+      "'SCRAM-SHA-512'"]),
+    # rabbitmq
+    ("rabbit empty host", at("target", {"rabbitmq_queue": {"host": "", "queue": "q"}}),
+     ["target.rabbitmq_queue.host: String should have at least 1 character"]),
+    ("rabbit port zero", at("target", {"rabbitmq_queue": {"host": "r", "port": 0, "queue": "q"}}),
+     ["target.rabbitmq_queue.port: Input should be greater than 0"]),
+    ("rabbit port too big",
+     at("target", {"rabbitmq_queue": {"host": "r", "port": 65536, "queue": "q"}}),
+     ["target.rabbitmq_queue.port: Input should be less than 65536"]),
+    ("rabbit queue missing", at("target", {"rabbitmq_queue": {"host": "r"}}),
+     ["target.rabbitmq_queue.queue: Field required"]),
+    ("rabbit exchange type", at("target", {"rabbitmq_exchange": {"host": "r", "exchange": "e",
+                                                                 "type": "fanout"}}),
+     ["target.rabbitmq_exchange.type: Input should be 'direct' or 'topic'"]),
+    ("rabbit exchange name empty",
+     at("target", {"rabbitmq_exchange": {"host": "r", "exchange": ""}}),
+     ["target.rabbitmq_exchange.exchange: String should have at least 1 character"]),
+    # negative ids
+    ("negative id", at("id", -1), ["id: Input should be greater than or equal to 0"]),
+    ("negative account", at("account_id", -23),
+     ["account_id: Input should be greater than or equal to 0"]),
+    ("negative database", at("database", -111),
+     ["database.constrained-int: Input should be greater than or equal to 0"]),
+    ("database text", at("database", "some"), ["database.literal['all']: Input should be 'all'"]),
+    ("negative resource filter", at("filters.resources", [3, -3]),
+     ["filters.resources.1: Input should be greater than or equal to 0"]),
+    ("negative campaign filter", at("filters.campaigns", [-973]),
+     ["filters.campaigns.0: Input should be greater than or equal to 0"]),
+    ("negative template filter", at("filters.templates", [-17]),
+     ["filters.templates.0: Input should be greater than or equal to 0"]),
+    ("negative segment filter", at("filters.segments", [-1]),
+     ["filters.segments.0: Input should be greater than or equal to 0"]),
+    ("negative pixel filter", at("filters.pixels", [-9]),
+     ["filters.pixels.0: Input should be greater than or equal to 0"]),
+    # unknown fields, at every level
+    ("unknown top-level field", at("enabled", True), ["enabled: Extra inputs are not permitted"]),
+    ("unknown target field", at("target.http_batch.method", "PUT"),
+     ["target.http_batch.method: Extra inputs are not permitted"]),
+    ("unknown auth field", at("target.http_batch.auth", {"kind": "none", "user": "u"}),
+     ["target.http_batch.auth.user: Extra inputs are not permitted"]),
+    ("unknown filter", at("filters.lists", [1]), ["filters.lists: Extra inputs are not permitted"]),
+    ("unknown custom_data key", at("custom_data.profile", ["email"]),
+     ["custom_data.profile: Extra inputs are not permitted"]),
+    # other fields
+    ("empty name", at("name", ""), ["name: String should have at least 1 character"]),
+    ("name missing", without("name"), ["name: Field required"]),
+    ("account missing", without("account_id"), ["account_id: Field required"]),
+    ("empty profile field name", at("custom_data.fields", ["email", ""]),
+     ["custom_data.fields.1: String should have at least 1 character"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "fragments"),
+    [pytest.param(m, f, id=name) for name, m, f in REJECTIONS],
+)
+def test_rejection(mutate: Mutation, fragments: list[str]) -> None:
+    message = hook_error(mutate(hook_data()))
+    for fragment in fragments:
+        assert fragment in message
+
+
+def test_every_problem_of_a_hook_is_reported() -> None:
+    data = hook_data(name="", account_id=-1, actions=["nope"])
+    set_path(data, "target.http_batch.max_batch_size", 0)
+    message = hook_error(data)
+    for fragment in (
+        "name: String should have at least 1 character",
+        "account_id: Input should be greater than or equal to 0",
+        "actions: unknown event code(s) 'nope'",
+        "target.http_batch.max_batch_size: Input should be greater than 0",
+    ):
+        assert fragment in message
+    assert message.count("; ") >= 3
+
+
+def test_not_a_mapping() -> None:
+    with pytest.raises(HookError, match="invalid hook: hook: Input should be a valid dictionary"):
+        parse_hook(["not", "a", "hook"])  # type: ignore[arg-type]
+
+
+def test_hook_error_is_a_hookray_error() -> None:
+    assert issubclass(HookError, HookrayError)
+
+
+# --- secrets -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("target", "secret"), SECRET_TARGETS.values(), ids=SECRET_TARGETS)
+def test_secret_never_shown(target: dict[str, Any], secret: str) -> None:
+    hook = parse_hook(hook_data(target))
+    shown = {
+        "repr": repr(hook),
+        "str": str(hook),
+        "repr(target)": repr(hook.target),
+        "display": json.dumps(hook.display()),
+        "model_dump": str(hook.model_dump()),
+        "model_dump(json)": json.dumps(hook.model_dump(mode="json")),
+        "model_dump_json": hook.model_dump_json(),
+    }
+    for where, text in shown.items():
+        assert secret not in text, where
+        assert "**********" in text, where
+
+
+@pytest.mark.parametrize(("target", "secret"), SECRET_TARGETS.values(), ids=SECRET_TARGETS)
+def test_to_storage_carries_secret_and_round_trips(target: dict[str, Any], secret: str) -> None:
+    hook = parse_hook(hook_data(target, id=4, active=True, database=111))
+    stored = hook.to_storage()
+    text = json.dumps(stored)  # JSON-ready
+    assert secret in text
+    assert "**********" not in text
+    again = parse_hook(json.loads(text))
+    assert again == hook
+    assert again.to_storage() == stored
+    # the display still masks after the round trip
+    assert secret not in json.dumps(again.display())
+
+
+def test_to_storage_round_trip_of_every_kind() -> None:
+    for target in (HTTP_NONE, HTTP_BEARER, HTTP_OAUTH2, RABBIT_QUEUE, RABBIT_EXCHANGE, KAFKA):
+        hook = parse_hook(hook_data(target))
+        assert parse_hook(hook.to_storage()) == hook
+
+
+def test_display_is_the_masked_storage_form() -> None:
+    hook = parse_hook(hook_data(HTTP_OAUTH2))
+    shown, stored = hook.display(), hook.to_storage()
+    assert shown["target"]["http_batch"]["auth"]["client_secret"] == "**********"
+    assert stored["target"]["http_batch"]["auth"]["client_secret"] == CLIENT_SECRET
+    stored["target"]["http_batch"]["auth"]["client_secret"] = "**********"
+    assert shown == stored
+
+
+def test_default_rabbit_password_is_masked_too() -> None:
+    hook = parse_hook(hook_data({"rabbitmq_queue": {"host": "r", "queue": "q"}}))
+    assert hook.display()["target"]["rabbitmq_queue"]["password"] == "**********"
+    assert hook.to_storage()["target"]["rabbitmq_queue"]["password"] == "guest"
+
+
+def add_second_target(data: dict[str, Any]) -> dict[str, Any]:
+    if "http_batch" in data["target"]:
+        data["target"]["kafka"] = {"bootstrap_servers": ["k:9092"], "topic": "t"}
+    else:
+        data["target"]["http_batch"] = {"url": "https://r.example"}
+    return data
+
+
+# A problem elsewhere in a hook that carries a secret: the message must not echo the secret.
+FAILURES_ELSEWHERE: list[tuple[str, Mutation]] = [
+    ("bad name", at("name", "")),
+    ("unknown action", at("actions", ["nope"])),
+    ("unknown field", at("extra", 1)),
+    ("negative database", at("database", -1)),
+    ("second target", add_second_target),
+]
+
+
+@pytest.mark.parametrize(("target", "secret"), SECRET_TARGETS.values(), ids=SECRET_TARGETS)
+@pytest.mark.parametrize(
+    "mutate", [m for _, m in FAILURES_ELSEWHERE], ids=[n for n, _ in FAILURES_ELSEWHERE]
+)
+def test_secret_not_in_hook_error(target: dict[str, Any], secret: str, mutate: Mutation) -> None:
+    with pytest.raises(HookError) as info:
+        parse_hook(mutate(hook_data(target)))
+    assert secret not in str(info.value)
+    assert secret not in repr(info.value)
+    assert secret not in "".join(traceback.format_exception(info.value))
+    # no chained pydantic ValidationError (its input_value reprs can hold the secret)
+    assert info.value.__cause__ is None
+    assert info.value.__context__ is None
+
+
+@pytest.mark.parametrize(
+    ("target", "bad_path", "bad_value"),
+    [
+        (HTTP_BEARER, "target.http_batch.max_batch_size", 0),
+        (HTTP_BEARER, "target.http_batch.url", "ftp://x"),
+        (HTTP_OAUTH2, "target.http_batch.auth.token_url", "not a url"),
+        (HTTP_OAUTH2, "target.http_batch.auth.client_id", ""),
+        (RABBIT_QUEUE, "target.rabbitmq_queue.port", 0),
+        (RABBIT_EXCHANGE, "target.rabbitmq_exchange.type", "fanout"),
+        (KAFKA, "target.kafka.bootstrap_servers", ["nope"]),
+        (KAFKA, "target.kafka.sasl_username", None),
+        (KAFKA, "target.kafka.sasl_username", ""),
+    ],
+)
+def test_secret_not_in_hook_error_of_its_own_target(
+    target: dict[str, Any], bad_path: str, bad_value: Any
+) -> None:
+    data = set_path(hook_data(target), bad_path, bad_value)
+    with pytest.raises(HookError) as info:
+        parse_hook(data)
+    error = info.value
+    text = str(error) + "".join(traceback.format_exception(error)) + repr(error.__context__)
+    for secret in SECRETS:
+        assert secret not in text
+
+
+def test_secret_given_with_wrong_type_is_not_echoed() -> None:
+    data = set_path(hook_data(HTTP_BEARER), "target.http_batch.auth.token", [TOKEN])
+    message = hook_error(data)
+    assert "target.http_batch.auth.token: Input should be a valid string" in message
+    assert TOKEN not in message
+
+
+# --- custom catalogue ----------------------------------------------------------------------
+
+
+def test_extended_catalogue_accepts_custom_code() -> None:
+    custom = builtin_catalogue().extended(
+        [{"code": "promo_issued", "name": "Promo code issued", "category": "delivery",
+          "channel": "promo"}]
+    )
+    data = hook_data(actions=["promo_issued", "click"])
+    hook = parse_hook(data, catalogue=custom)
+    assert hook.actions == ["promo_issued", "click"]
+    # the built-in catalogue does not know it
+    assert "actions: unknown event code(s) 'promo_issued'" in hook_error(data)
+    # stored hooks with custom codes re-load with the same catalogue
+    assert parse_hook(hook.to_storage(), catalogue=custom) == hook
+
+
+def test_custom_catalogue_lists_its_own_codes_when_rejecting() -> None:
+    small = EventCatalogue([{"code": "only_one", "category": "pixel", "channel": "web"}])
+    message = hook_error(hook_data(actions=["click"]), catalogue=small)
+    assert message == (
+        "invalid hook: actions: unknown event code(s) 'click'; known codes: only_one"
+    )
+
+
+def test_empty_catalogue_knows_no_code() -> None:
+    message = hook_error(hook_data(actions=["click"]), catalogue=EventCatalogue([]))
+    assert "actions: unknown event code(s) 'click'; known codes: " in message

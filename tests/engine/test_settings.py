@@ -1,0 +1,387 @@
+"""Installation settings: defaults, main.json, environment overrides, validation messages."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from engine import settings as settings_module
+from engine.errors import ConfigError, HookrayError
+from engine.settings import Settings, load_settings
+
+DEFAULTS: dict[str, Any] = {
+    # spec (f): documented platform defaults
+    "HOOK_RETRY_TIMES": 4,
+    "HOOK_RETRY_PERIOD_SEC": 15.0,
+    "HOOK_CONTENT_CLEANUP_HOURS": 72.0,
+    # engine settings
+    "REDIS_URL": "redis://127.0.0.1:6379/0",
+    "REDIS_PREFIX": "hookray",
+    "PARTITIONS": 4,
+    "HTTP_POOL_SIZE": 2,
+    "RABBITMQ_POOL_SIZE": 1,
+    "KAFKA_POOL_SIZE": 1,
+    "INTAKE_MAX_BATCH": 5_000,
+    "READ_MAX_ENTRIES": 32,
+    "MAX_HTTP_BATCH": 10_000,
+    "DESTINATION_CONCURRENCY": 8,
+    "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
+    "EVENT_TYPES_FILE": None,
+    "RAY_ADDRESS": None,
+}
+
+# A valid, non-default value for every setting: (value in main.json, same value as env text).
+CUSTOM: dict[str, tuple[Any, str]] = {
+    "HOOK_RETRY_TIMES": (2, "2"),
+    "HOOK_RETRY_PERIOD_SEC": (0.5, "0.5"),
+    "HOOK_CONTENT_CLEANUP_HOURS": (1.5, "1.5"),
+    "REDIS_URL": ("rediss://cache.internal:6380/2", "rediss://cache.internal:6380/2"),
+    "REDIS_PREFIX": ("hr:test-1.a_b", "hr:test-1.a_b"),
+    "PARTITIONS": (64, "64"),
+    "HTTP_POOL_SIZE": (8, "8"),
+    "RABBITMQ_POOL_SIZE": (3, "3"),
+    "KAFKA_POOL_SIZE": (4, "4"),
+    "INTAKE_MAX_BATCH": (100, "100"),
+    "READ_MAX_ENTRIES": (1, "1"),
+    "MAX_HTTP_BATCH": (500, "500"),
+    "DESTINATION_CONCURRENCY": (1024, "1024"),
+    "HTTP_REQUEST_TIMEOUT_SEC": (600, "600"),
+    "EVENT_TYPES_FILE": ("/etc/hookray/events.json", "/etc/hookray/events.json"),
+    "RAY_ADDRESS": ("ray://head:10001", "ray://head:10001"),
+}
+
+BOUND_INT = "Input should be a valid integer"
+BOUND_NUM = "Input should be a valid number"
+BOOL = "expected a number, not a boolean"
+
+# (key, bad value as env text, what the message must say is accepted)
+BAD_ENV: list[tuple[str, str, str]] = [
+    ("HOOK_RETRY_TIMES", "-1", "accepted: a number >= 0"),
+    ("HOOK_RETRY_TIMES", "1001", "accepted: a number <= 1000"),
+    ("HOOK_RETRY_TIMES", "four", BOUND_INT),
+    ("HOOK_RETRY_TIMES", "1.5", BOUND_INT),
+    ("HOOK_RETRY_TIMES", "", BOUND_INT),
+    ("HOOK_RETRY_PERIOD_SEC", "0", "accepted: a number > 0"),
+    ("HOOK_RETRY_PERIOD_SEC", "-15", "accepted: a number > 0"),
+    ("HOOK_RETRY_PERIOD_SEC", "86401", "accepted: a number <= 86400"),
+    ("HOOK_RETRY_PERIOD_SEC", "inf", "accepted: a number <= 86400"),
+    ("HOOK_RETRY_PERIOD_SEC", "15s", BOUND_NUM),
+    ("HOOK_CONTENT_CLEANUP_HOURS", "0", "accepted: a number > 0"),
+    ("HOOK_CONTENT_CLEANUP_HOURS", "8761", "accepted: a number <= 8760"),
+    ("HOOK_CONTENT_CLEANUP_HOURS", "3d", BOUND_NUM),
+    ("REDIS_URL", "http://127.0.0.1:6379", "String should match pattern"),
+    ("REDIS_URL", "127.0.0.1:6379", "String should match pattern"),
+    ("REDIS_PREFIX", "", "at least 1 character"),
+    ("REDIS_PREFIX", "x" * 65, "at most 64 characters"),
+    ("REDIS_PREFIX", "has space", "String should match pattern"),
+    ("PARTITIONS", "0", "accepted: a number >= 1"),
+    ("PARTITIONS", "4097", "accepted: a number <= 4096"),
+    ("PARTITIONS", "many", BOUND_INT),
+    ("HTTP_POOL_SIZE", "0", "accepted: a number >= 1"),
+    ("HTTP_POOL_SIZE", "257", "accepted: a number <= 256"),
+    ("RABBITMQ_POOL_SIZE", "0", "accepted: a number >= 1"),
+    ("RABBITMQ_POOL_SIZE", "257", "accepted: a number <= 256"),
+    ("KAFKA_POOL_SIZE", "0", "accepted: a number >= 1"),
+    ("KAFKA_POOL_SIZE", "257", "accepted: a number <= 256"),
+    ("INTAKE_MAX_BATCH", "0", "accepted: a number >= 1"),
+    ("INTAKE_MAX_BATCH", "1000001", "accepted: a number <= 1000000"),
+    ("READ_MAX_ENTRIES", "0", "accepted: a number >= 1"),
+    ("READ_MAX_ENTRIES", "10001", "accepted: a number <= 10000"),
+    ("MAX_HTTP_BATCH", "0", "accepted: a number >= 1"),
+    ("MAX_HTTP_BATCH", "1000001", "accepted: a number <= 1000000"),
+    ("DESTINATION_CONCURRENCY", "0", "accepted: a number >= 1"),
+    ("DESTINATION_CONCURRENCY", "1025", "accepted: a number <= 1024"),
+    ("HTTP_REQUEST_TIMEOUT_SEC", "0", "accepted: a number > 0"),
+    ("HTTP_REQUEST_TIMEOUT_SEC", "601", "accepted: a number <= 600"),
+    ("HTTP_REQUEST_TIMEOUT_SEC", "ten", BOUND_NUM),
+]
+
+# (key, bad JSON value in main.json, what the message must say is accepted)
+BAD_FILE: list[tuple[str, Any, str]] = [
+    ("HOOK_RETRY_TIMES", -1, "accepted: a number >= 0"),
+    ("HOOK_RETRY_TIMES", 2.5, "Input should be a valid integer"),
+    ("HOOK_RETRY_TIMES", True, BOOL),
+    ("HOOK_RETRY_TIMES", None, BOUND_INT),
+    ("HOOK_RETRY_PERIOD_SEC", 0, "accepted: a number > 0"),
+    ("HOOK_RETRY_PERIOD_SEC", False, BOOL),
+    ("HOOK_RETRY_PERIOD_SEC", [15], BOUND_NUM),
+    ("HOOK_CONTENT_CLEANUP_HOURS", -72, "accepted: a number > 0"),
+    ("HOOK_CONTENT_CLEANUP_HOURS", True, BOOL),
+    ("REDIS_URL", "tcp://redis:6379", "String should match pattern"),
+    ("REDIS_URL", 6379, "Input should be a valid string"),
+    ("REDIS_PREFIX", "a/b", "String should match pattern"),
+    ("REDIS_PREFIX", None, "Input should be a valid string"),
+    ("PARTITIONS", 0, "accepted: a number >= 1"),
+    ("PARTITIONS", True, BOOL),
+    ("HTTP_POOL_SIZE", 1000, "accepted: a number <= 256"),
+    ("RABBITMQ_POOL_SIZE", -2, "accepted: a number >= 1"),
+    ("KAFKA_POOL_SIZE", "two", BOUND_INT),
+    ("INTAKE_MAX_BATCH", 0, "accepted: a number >= 1"),
+    ("READ_MAX_ENTRIES", 0.5, "Input should be a valid integer"),
+    ("MAX_HTTP_BATCH", 0, "accepted: a number >= 1"),
+    ("DESTINATION_CONCURRENCY", {"n": 8}, BOUND_INT),
+    ("HTTP_REQUEST_TIMEOUT_SEC", 0, "accepted: a number > 0"),
+    ("HTTP_REQUEST_TIMEOUT_SEC", True, BOOL),
+    ("EVENT_TYPES_FILE", 5, "Input should be a valid string"),
+    ("EVENT_TYPES_FILE", ["a.json"], "Input should be a valid string"),
+    ("RAY_ADDRESS", 10001, "Input should be a valid string"),
+    ("RAY_ADDRESS", {"host": "head"}, "Input should be a valid string"),
+]
+
+
+def write_main(tmp_path: Path, doc: Any) -> Path:
+    path = tmp_path / "main.json"
+    path.write_text(json.dumps(doc), encoding="utf-8")
+    return path
+
+
+def config_error(path: Path | None = None, environ: dict[str, str] | None = None) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_settings(path, environ=environ if environ is not None else {})
+    return str(info.value)
+
+
+# --- tables are complete -------------------------------------------------------------------
+
+
+def test_tables_cover_every_setting() -> None:
+    fields = set(Settings.model_fields)
+    assert set(DEFAULTS) == fields
+    assert set(CUSTOM) == fields
+    assert {key for key, _, _ in BAD_FILE} == fields
+    # every setting that can be wrong as environment text has an env case
+    env_checkable = fields - {"EVENT_TYPES_FILE", "RAY_ADDRESS"}
+    assert {key for key, _, _ in BAD_ENV} == env_checkable
+
+
+# --- defaults ------------------------------------------------------------------------------
+
+
+def test_documented_default_constants() -> None:
+    assert settings_module.DEFAULT_RETRY_TIMES == 4
+    assert settings_module.DEFAULT_RETRY_PERIOD_SEC == 15
+    assert settings_module.DEFAULT_CONTENT_CLEANUP_HOURS == 72
+
+
+@pytest.mark.parametrize(("key", "expected"), DEFAULTS.items())
+def test_default_of_every_setting(key: str, expected: Any) -> None:
+    loaded = load_settings()  # no file, the (cleaned) process environment
+    assert getattr(loaded, key) == expected
+    assert type(getattr(loaded, key)) is type(expected)
+    assert getattr(Settings(), key) == expected
+
+
+def test_defaults_without_file_or_environment() -> None:
+    assert load_settings(None, environ={}).model_dump() == DEFAULTS
+    assert load_settings("", environ={}).model_dump() == DEFAULTS
+
+
+def test_empty_main_json_gives_defaults(tmp_path: Path) -> None:
+    assert load_settings(write_main(tmp_path, {}), environ={}).model_dump() == DEFAULTS
+
+
+def test_conftest_removed_settings_from_environment() -> None:
+    assert not set(Settings.model_fields) & set(os.environ)
+
+
+# --- main.json and environment -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("as_str", [False, True], ids=["Path", "str"])
+def test_every_setting_loads_from_main_json(tmp_path: Path, as_str: bool) -> None:
+    path = write_main(tmp_path, {key: file_value for key, (file_value, _) in CUSTOM.items()})
+    loaded = load_settings(str(path) if as_str else path, environ={})
+    for key, (file_value, _) in CUSTOM.items():
+        assert getattr(loaded, key) == file_value, key
+
+
+def test_every_setting_loads_from_environment_text() -> None:
+    loaded = load_settings(environ={key: text for key, (_, text) in CUSTOM.items()})
+    for key, (file_value, _) in CUSTOM.items():
+        assert getattr(loaded, key) == file_value, key
+    assert isinstance(loaded.HOOK_RETRY_TIMES, int)
+    assert isinstance(loaded.HOOK_RETRY_PERIOD_SEC, float)
+
+
+def test_process_environment_is_read_by_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_RETRY_TIMES", "7")
+    monkeypatch.setenv("REDIS_PREFIX", "other")
+    loaded = load_settings()
+    assert loaded.HOOK_RETRY_TIMES == 7
+    assert loaded.REDIS_PREFIX == "other"
+
+
+def test_explicit_environ_replaces_process_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOOK_RETRY_TIMES", "7")
+    assert load_settings(environ={}).HOOK_RETRY_TIMES == 4
+
+
+def test_environment_overrides_file(tmp_path: Path) -> None:
+    path = write_main(
+        tmp_path,
+        {"HOOK_RETRY_TIMES": 4, "HOOK_RETRY_PERIOD_SEC": 30, "REDIS_URL": "redis://file:1/0"},
+    )
+    loaded = load_settings(
+        path, environ={"HOOK_RETRY_TIMES": "2", "REDIS_URL": "redis://env:2/0"}
+    )
+    assert loaded.HOOK_RETRY_TIMES == 2  # env wins
+    assert loaded.REDIS_URL == "redis://env:2/0"  # env wins
+    assert loaded.HOOK_RETRY_PERIOD_SEC == 30.0  # only in the file
+    assert loaded.HOOK_CONTENT_CLEANUP_HOURS == 72.0  # nowhere: default
+
+
+def test_empty_environment_value_overrides_file(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"RAY_ADDRESS": "ray://head:10001", "REDIS_URL": "redis://h/0"})
+    loaded = load_settings(path, environ={"RAY_ADDRESS": "", "REDIS_URL": ""})
+    assert loaded.RAY_ADDRESS == ""
+    assert loaded.REDIS_URL == ""  # empty: `hookray demo` starts an embedded Redis
+
+
+def test_unrelated_environment_variables_are_ignored() -> None:
+    loaded = load_settings(environ={"HOOK_RETRY": "x", "hook_retry_times": "9", "PATH": "/bin"})
+    assert loaded.model_dump() == DEFAULTS
+
+
+def test_settings_are_frozen() -> None:
+    loaded = load_settings(environ={})
+    with pytest.raises(ValidationError, match="frozen"):
+        loaded.HOOK_RETRY_TIMES = 9  # type: ignore[misc]
+
+
+# --- bad values ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("key", "value", "accepted"), BAD_ENV)
+def test_bad_environment_value_is_rejected_with_full_message(
+    key: str, value: str, accepted: str
+) -> None:
+    message = config_error(environ={key: value})
+    assert message.startswith("invalid settings:")
+    assert f"{key}={value!r} (from the environment): " in message
+    assert accepted in message
+
+
+@pytest.mark.parametrize(("key", "value", "accepted"), BAD_FILE)
+def test_bad_file_value_is_rejected_with_full_message(
+    tmp_path: Path, key: str, value: Any, accepted: str
+) -> None:
+    path = write_main(tmp_path, {key: value})
+    message = config_error(path)
+    assert message.startswith("invalid settings:")
+    assert f"{key}={value!r} (in {path}): " in message
+    assert accepted in message
+
+
+def test_bad_environment_value_reported_not_the_file_value(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"PARTITIONS": 8})
+    message = config_error(path, environ={"PARTITIONS": "0"})
+    assert "PARTITIONS='0' (from the environment)" in message
+    assert "8" not in message.split("PARTITIONS=", 1)[1].split(":", 1)[0]
+
+
+def test_bad_file_value_is_not_reported_when_environment_overrides_it(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"PARTITIONS": 0})
+    assert load_settings(path, environ={"PARTITIONS": "2"}).PARTITIONS == 2
+
+
+def test_every_bad_value_of_a_load_is_reported(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"HOOK_RETRY_TIMES": -1, "REDIS_PREFIX": "a b"})
+    message = config_error(path, environ={"HTTP_POOL_SIZE": "0"})
+    lines = message.splitlines()
+    assert lines[0] == "invalid settings:"
+    assert len(lines) == 4
+    assert any(line.strip().startswith(f"HOOK_RETRY_TIMES=-1 (in {path})") for line in lines)
+    assert any(line.strip().startswith(f"REDIS_PREFIX='a b' (in {path})") for line in lines)
+    assert any(
+        line.strip().startswith("HTTP_POOL_SIZE='0' (from the environment)") for line in lines
+    )
+
+
+def test_unknown_key_in_file(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"HOOK_RETRY_TIMEZ": 3})
+    message = config_error(path)
+    assert f"HOOK_RETRY_TIMEZ=3 (in {path}): unknown setting; accepted keys: " in message
+    for key in Settings.model_fields:
+        assert key in message
+
+
+def test_unknown_key_direct_construction_is_rejected() -> None:
+    with pytest.raises(ValidationError, match="Extra inputs are not permitted"):
+        Settings(NOT_A_SETTING=1)  # type: ignore[call-arg]
+
+
+def test_config_error_is_a_hookray_error() -> None:
+    assert issubclass(ConfigError, HookrayError)
+
+
+# --- the file itself -----------------------------------------------------------------------
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    path = tmp_path / "absent" / "main.json"
+    assert config_error(path) == (
+        f"settings file {path}: cannot be read (No such file or directory)"
+    )
+
+
+def test_directory_instead_of_file(tmp_path: Path) -> None:
+    assert config_error(tmp_path) == f"settings file {tmp_path}: cannot be read (Is a directory)"
+
+
+@pytest.mark.parametrize("text", ["{", '{"HOOK_RETRY_TIMES": 4,}', "", "HOOK_RETRY_TIMES=4"])
+def test_invalid_json(tmp_path: Path, text: str) -> None:
+    path = tmp_path / "main.json"
+    path.write_text(text, encoding="utf-8")
+    message = config_error(path)
+    assert message.startswith(f"settings file {path}: not valid JSON (")
+    assert "line 1 column" in message
+
+
+def test_file_not_utf8(tmp_path: Path) -> None:
+    path = tmp_path / "main.json"
+    path.write_bytes(b'{"REDIS_PREFIX": "\xff\xfe"}')
+    assert config_error(path).startswith(f"settings file {path}: not valid JSON (")
+
+
+@pytest.mark.parametrize("doc", [[], [{"HOOK_RETRY_TIMES": 4}], None, "text", 4, True])
+def test_json_that_is_not_an_object(tmp_path: Path, doc: Any) -> None:
+    path = write_main(tmp_path, doc)
+    assert config_error(path) == f"settings file {path}: expected a JSON object of settings"
+
+
+# --- redacted ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "shown", "secrets"),
+    [
+        ("redis://user:s3cret@redis.internal:6379/0", "redis://***@redis.internal:6379/0",
+         ["user", "s3cret"]),
+        ("redis://:s3cret@redis.internal/0", "redis://***@redis.internal/0", ["s3cret"]),
+        ("rediss://user:p@ss/word@h:6380/1", "rediss://***@h:6380/1", ["p@ss", "word"]),
+        ("unix://user:s3cret@/run/redis.sock?db=1", "unix://***@/run/redis.sock?db=1",
+         ["s3cret"]),
+        ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***", ["s3cret"]),
+        ("unix:///run/redis.sock?db=0&password=s3cret&x=1",
+         "unix:///run/redis.sock?db=0&password=***&x=1", ["s3cret"]),
+        ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", []),
+        ("redis://h/0?client_name=a@b", "redis://h/0?client_name=a@b", []),
+        ("", "", []),
+    ],
+)
+def test_redacted_masks_redis_credentials(url: str, shown: str, secrets: list[str]) -> None:
+    loaded = load_settings(environ={"REDIS_URL": url, "HOOK_RETRY_TIMES": "3"})
+    redacted = loaded.redacted()
+    assert redacted["REDIS_URL"] == shown
+    for secret in secrets:
+        assert secret not in json.dumps(redacted)
+    # everything else is shown as is
+    assert {k: v for k, v in redacted.items() if k != "REDIS_URL"} == {
+        **{k: v for k, v in DEFAULTS.items() if k != "REDIS_URL"}, "HOOK_RETRY_TIMES": 3
+    }
+    assert url == loaded.REDIS_URL  # the settings themselves keep the credentials
