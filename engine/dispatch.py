@@ -258,6 +258,7 @@ class PartitionWorker:
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
+        self.pending_cursor = "0"
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
@@ -282,16 +283,18 @@ class PartitionWorker:
         if block_ms is None:
             busy = self.sender.inflight() or self.dispatcher.open_messages()
             block_ms = 20 if busy else 100
-        start = "0" if self.reading_own_pending else ">"
+        start = self.pending_cursor if self.reading_own_pending else ">"
         reply = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
                                   count=self.settings.READ_MAX_ENTRIES,
                                   block=None if self.reading_own_pending else block_ms)
         items = reply[0][1] if reply else []
         if self.reading_own_pending:
-            # pending entries are re-read from "0"; those already counted are skipped
-            items = [(eid, f) for eid, f in items if f and eid.decode() not in self.entry_left]
-            if not items:
+            # entries this consumer read before a restart and never acknowledged
+            if items:
+                self.pending_cursor = items[-1][0].decode()
+            else:
                 self.reading_own_pending = False
+            self._ack([eid.decode() for eid, fields in items if not fields])  # deleted ones
         return [(eid.decode(), decode_entry(fields)) for eid, fields in items if fields]
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:

@@ -15,34 +15,43 @@ A set of hooks of one account is a bitset of ``W = ceil(max hooks per
 account / 64)`` uint64 words. ``W`` depends on the busiest account, not on the
 total hook count, which keeps the per-event masks narrow.
 
-*Dimensions.* Every condition is a "dimension" with the same shape: a hook
+*Dimensions.* Every condition is a "dimension" of the same shape: a hook
 either leaves it unrestricted or lists the values it accepts. The database
 scope is one (``"all"`` = unrestricted, an id = a one-value list), the event
 type is one (the actions), and so are the five filter kinds. For each
-dimension :class:`_Dimension` holds a table of bitset rows:
+dimension, :class:`_Dimension` holds a table of bitset rows:
 
 * one *default* row per account: the account's hooks unrestricted in that
-  dimension — what an event gets whose value is none or is listed by no hook;
+  dimension, which is what an event gets whose value is none or is listed by
+  no hook;
 * one row per distinct ``(account, value)`` listed by some hook: the default
   row plus the hooks that list the value;
-* one all-zero row for events of accounts without active hooks.
+* one all-zero row, for events of accounts without active hooks.
 
 Dimensions no hook restricts are dropped at compile time.
 
-*Matching a chunk of events* (65,536 at a time, to bound memory): map account
-ids to account indices (``np.searchsorted`` on the sorted account ids); for
-each dimension map the event's value to its row (``np.searchsorted`` on the
-sorted distinct values, then on the sorted ``(account, value)`` keys; a miss
-falls back to the account's default row), gather the rows into an ``E x W``
-mask and AND the masks of all dimensions. Segments are multi-valued: the rows
-of an event's segment ids (CSR layout) are OR-ed with
-``np.bitwise_or.reduceat``; an event without segments gets the default row.
+*Id lookups.* :class:`_IdMap` maps ids (accounts, each dimension's listed
+values, and ``(account, value)`` keys) to dense indices: a direct lookup table
+when the ids span at most ``LUT_MAX`` values (auto-increment ids), else a
+vectorized open-addressing hash table. Both are much faster than
+``np.searchsorted``. When ``accounts x values`` is small the ``(account,
+value)`` step is one more lookup table that yields the row directly.
 
-*Extraction.* The final mask is viewed as bytes; only the nonzero bytes are
-unpacked (``np.unpackbits(..., bitorder="little")``), giving (event, slot)
-pairs, and ``slot -> hook`` comes from a small ``(account, slot)`` table. The
-pairs are sorted by (hook, event) with one integer sort of a combined key and
-split per hook.
+*Matching a chunk of events* (``CHUNK_EVENTS`` at a time, to bound memory):
+map account ids to account indices; for each dimension map each event's value
+to its row, gather the rows (``np.take(rows, idx, axis=0)``) into an ``E x W``
+mask and AND the masks of all dimensions. Segments are multi-valued (CSR): an
+event gets the row of its first segment id (the default row if it has none),
+then, round by round, the rows of its further segment ids are OR-ed in.
+
+*Extraction.* Only the nonzero words of the final mask are visited; each round
+peels off the lowest set bit of every word that still has one (``x & -x``, bit
+index = ``popcount(lowest - 1)``) and writes it at the word's output offset
+plus the round number, so the (event, slot) pairs come out ordered by event.
+A slot becomes a hook position through the hooks grouped by account. A stable
+16-bit radix argsort by hook (numpy picks radix sort for 16-bit keys) then
+groups the pairs by hook with events still ascending, and the result is cut
+into one array per hook.
 """
 
 from __future__ import annotations
@@ -56,12 +65,13 @@ from engine.catalogue import EventCatalogue
 from engine.events import Event
 from engine.hooks import Hook
 
-CHUNK_EVENTS = 65_536  # at most 2**16: event order within a chunk is radix-sorted as uint16
+CHUNK_EVENTS = 65_536  # events matched at a time (bounds the E x W masks)
 NONE = -1  # column value of an absent id
 LUT_MAX = 1 << 20  # largest dense lookup table (entries of int32: 4 MiB)
 
 _U64 = np.dtype("<u8")  # little-endian, so a byte view orders bits 0..63 as unpackbits expects
 _I64 = np.dtype(np.int64)
+_NO_EVENT_TYPE = np.iinfo(np.int64).min  # accepted event type of a hook without actions
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, for multiplicative hashing
 
 # filter kind -> EventColumns attribute holding the event's value
@@ -90,6 +100,20 @@ class EventColumns:
     pixel_id: np.ndarray  # int64, -1 = none
     segment_values: np.ndarray  # int64, CSR values of each event's segment ids
     segment_offsets: np.ndarray  # int64, len E+1
+
+    def __post_init__(self) -> None:
+        n = len(self.account_id)
+        for name in _SCALAR_COLUMNS:
+            if np.ndim(getattr(self, name)) != 1 or len(getattr(self, name)) != n:
+                raise ValueError(f"EventColumns.{name}: expected a 1-D array of {n} values")
+        offsets = self.segment_offsets
+        if len(offsets) != n + 1 or offsets[0] != 0 or offsets[-1] != len(self.segment_values):
+            raise ValueError(
+                f"EventColumns.segment_offsets: expected {n + 1} offsets from 0 to "
+                f"{len(self.segment_values)} (len(segment_values))"
+            )
+        if n and np.any(np.diff(offsets) < 0):
+            raise ValueError("EventColumns.segment_offsets: must not decrease")
 
     def __len__(self) -> int:
         return len(self.account_id)
@@ -149,6 +173,9 @@ class EventColumns:
         return self.segment_values[self.segment_offsets[i] : self.segment_offsets[i + 1]]
 
 
+_SCALAR_COLUMNS = ("account_id", "list_id", "event_type", *FILTER_COLUMNS.values())
+
+
 def _id(value: int | None) -> int:
     return NONE if value is None else value
 
@@ -161,7 +188,8 @@ def _hook_restrictions(hook: Hook, catalogue: EventCatalogue) -> dict[str, list[
     """Per dimension, the values ``hook`` accepts (empty = unrestricted)."""
     return {
         "list_id": [] if hook.database == "all" else [int(hook.database)],
-        "event_type": [catalogue.index(code) for code in hook.actions],
+        # no actions (only possible by bypassing validation) captures nothing
+        "event_type": [catalogue.index(code) for code in hook.actions] or [_NO_EVENT_TYPE],
         **{FILTER_COLUMNS.get(kind, kind): values for kind, values in hook.filters.kinds().items()},
     }
 
@@ -217,7 +245,7 @@ class _IdMap:
         if self._lut is not None:
             # modular arithmetic: values outside [lo, lo + span) land above span
             offset = (values - self._lo).view(np.uint64)
-            np.minimum(offset, self._span, out=offset)
+            np.minimum(offset, self._span - 1, out=offset)
             return np.take(self._lut, offset.view(_I64))
         return self._probe(values)
 
@@ -329,27 +357,32 @@ class HookIndex:
         self,
         hooks: list[Hook],
         accounts: _IdMap,
-        slot_hook: np.ndarray,
+        by_account: np.ndarray,
+        account_start: np.ndarray,
         dims: dict[str, _Dimension],
         all_rows: np.ndarray,
     ) -> None:
         self.hooks = hooks
         self._accounts = accounts  # account id -> account index; A when it has no active hook
-        self._slot_hook = slot_hook  # (A + 1) x 64W: hook position of (account, slot), -1 = none
+        self._by_account = by_account  # hook positions grouped by account, in slot order
+        self._account_start = account_start  # A + 1: an account's first entry in by_account
         self._dims = dims  # dimension name -> table, restricted dimensions only
         self._all_rows = all_rows  # (A + 1) x W: every hook of the account
 
     @classmethod
     def compile(cls, hooks: Iterable[Hook], catalogue: EventCatalogue) -> HookIndex:
         active = [h for h in hooks if h.active]
-        accounts = _IdMap(np.array([h.account_id for h in active], _I64))
-        acct = accounts.lookup(np.array([h.account_id for h in active], _I64))
-        slot = _rank_within(acct)
+        account_ids = np.array([h.account_id for h in active], _I64)
+        accounts = _IdMap(account_ids)
         n_acc = accounts.n
-        words = max(1, -(-int(slot.max(initial=-1) + 1) // 64))
+        acct = accounts.lookup(account_ids).astype(_I64)
+        by_account = np.argsort(acct, kind="stable")
+        per_account = np.bincount(acct, minlength=n_acc)
+        account_start = np.r_[0, np.cumsum(per_account)].astype(_I64)
+        slot = np.empty(len(active), _I64)  # rank of the hook among its account's hooks
+        slot[by_account] = np.arange(len(active)) - account_start[acct[by_account]]
+        words = max(1, -(-int(per_account.max(initial=0)) // 64))
 
-        slot_hook = np.full((n_acc + 1, 64 * words), -1, _I64)
-        slot_hook[acct, slot] = np.arange(len(active))
         all_rows = np.zeros((n_acc + 1, words), _U64)
         _set_bits(all_rows, acct, slot)
 
@@ -359,7 +392,7 @@ class HookIndex:
             restrictions = [r[name] for r in per_hook]
             if any(restrictions):
                 dims[name] = _Dimension(restrictions, acct, slot, n_acc, words)
-        return cls(active, accounts, slot_hook.reshape(-1), dims, all_rows)
+        return cls(active, accounts, by_account, account_start, dims, all_rows)
 
     def match(self, cols: EventColumns) -> dict[int, np.ndarray]:
         """Position in ``self.hooks`` -> sorted event indices it matches (no empty entries)."""
@@ -381,9 +414,9 @@ class HookIndex:
         where, count, bit = _set_bits_of(words)
         n_words = self._all_rows.shape[1]
         event = where // n_words
-        # index in self._slot_hook of bit 0 of each nonzero word
-        base = acct_idx[event] * (64 * n_words) + (where - event * n_words) * 64
-        hook_pos = np.take(self._slot_hook, np.repeat(base, count) + bit)
+        # index in self._by_account of the hook of bit 0 of each nonzero word
+        base = self._account_start[acct_idx[event]] + (where - event * n_words) * 64
+        hook_pos = np.take(self._by_account, np.repeat(base, count) + bit)
         return hook_pos, np.repeat(event, count)
 
     def _masks(self, cols: EventColumns, acct_idx: np.ndarray) -> np.ndarray:
@@ -426,21 +459,12 @@ def _set_bits_of(words: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     return where, count, bit
 
 
-def _rank_within(group: np.ndarray) -> np.ndarray:
-    """Rank of each element among the elements of its group, in input order."""
-    order = np.argsort(group, kind="stable")
-    sorted_group = group[order]
-    starts = np.flatnonzero(np.r_[True, sorted_group[1:] != sorted_group[:-1]])
-    first = np.repeat(starts, np.diff(np.r_[starts, len(group)]))
-    rank = np.empty(len(group), _I64)
-    rank[order] = np.arange(len(group)) - first
-    return rank
-
-
 def _group_by_hook(
     hook_pos: np.ndarray, event_idx: np.ndarray, n_hooks: int
 ) -> dict[int, np.ndarray]:
     """Split pairs ordered by event into sorted event arrays per hook."""
+    if not len(hook_pos):
+        return {}
     counts = np.bincount(hook_pos, minlength=n_hooks)
     keys = hook_pos.astype(np.uint16) if n_hooks <= 1 << 16 else hook_pos  # 16 bits: radix sort
     events = np.take(event_idx, np.argsort(keys, kind="stable"))

@@ -6,6 +6,8 @@ import pytest
 
 from engine.settings import Settings
 
+pytest_plugins = ["tests.services"]
+
 
 @pytest.fixture(autouse=True)
 def _no_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,7 +8,7 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   fetched from ``token_url`` and cached until shortly before it expires; a 401
   drops it so the next attempt fetches a fresh one).
 * One slow or dead destination does not hold up others: requests to one
-  destination (scheme, host, port) are limited by a semaphore of its own, and a
+  destination (the URL without its query) are limited by a semaphore of its own, and a
   circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive connection
   errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to the retry
   schedule, so nothing is lost.
@@ -71,13 +71,15 @@ class HttpTransport(Transport):
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=self.concurrency)
+            # no connector-level limits: concurrency is bounded per destination (URL) by
+            # the semaphores below, so a hung endpoint never takes a healthy one's sockets
+            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
             self._session = aiohttp.ClientSession(connector=connector)
         return self._session
 
     def _destination(self, url: str) -> tuple[str, _Destination]:
         parts = urlsplit(url)
-        key = f"{parts.scheme}://{parts.hostname}:{parts.port or ''}"
+        key = f"{parts.scheme}://{parts.netloc}{parts.path}"
         dest = self._destinations.get(key)
         if dest is None:
             dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.concurrency))

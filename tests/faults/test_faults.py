@@ -1,0 +1,92 @@
+"""Faults: actors killed mid-run, a destination that never answers."""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from engine.messages import message_id
+from engine.receiver import Receiver
+from tests.integration.test_runtime import events, http_hook, wait_for
+
+pytestmark = [pytest.mark.integration, pytest.mark.faults]
+
+
+def test_killed_partition_and_transport_actors_lose_nothing(
+        ray_session: Any, engine_factory: Any, receiver: Receiver) -> None:
+    # Given a running engine delivering to one receiver
+    engine = engine_factory(HTTP_POOL_SIZE=1, HOOK_RETRY_PERIOD_SEC=0.3, HOOK_RETRY_TIMES=10)
+    receiver.keep_bodies = True
+    hook = engine.create_hook(http_hook(receiver, "/k", actions=["click", "open"],
+                                        max_batch_size=50, flush_timeout_sec=0.1))
+    total, chunk = 24_000, 1_000
+    accepted: list[int] = []
+    matched: set[str] = set()
+
+    def produce() -> None:
+        for start in range(0, total, chunk):
+            batch = events(chunk, types=("click", "open", "send"))
+            for i, e in enumerate(batch):
+                e["id"] = f"ev-{start + i}"
+                e["list_id"] = 1 + (start + i) % 7
+                if e["event_type"] != "send":
+                    matched.add(message_id(hook.id, e["id"]))
+            accepted.append(engine.publish(batch).accepted)
+            time.sleep(0.05)
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    # When a partition actor and the transport actor are killed mid-run
+    assert wait_for(lambda: len(receiver.messages("/k")) > 2_000, 30)
+    ray_session.kill(engine.actors["partitions"][0], no_restart=False)
+    assert wait_for(lambda: len(receiver.messages("/k")) > 6_000, 30)
+    ray_session.kill(engine.actors["pools"]["http_batch"][0], no_restart=False)
+    producer.join(60)
+    assert sum(accepted) == total
+    # Then every accepted event still reaches the receiver (duplicates allowed)
+    assert engine.wait_idle(120, include_retries=True)
+    received = receiver.messages("/k")
+    ids = {m["hook_message_id"] for m in received}
+    assert not matched - ids, f"{len(matched - ids)} lost"
+    assert ids == matched
+    print(f"\nkills: {len(received)} messages received, {len(ids)} unique, "
+          f"{len(received) - len(ids)} duplicates")
+
+
+def test_dead_destination_barely_slows_a_healthy_one(engine_factory: Any,
+                                                     receiver: Receiver) -> None:
+    # Given two hooks on the same events, both healthy: the baseline rate of /healthy
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=5.0, HOOK_RETRY_TIMES=1,
+                            HTTP_REQUEST_TIMEOUT_SEC=2.0)
+    receiver.keep_bodies = False
+    receiver.behave("/dead", hang=True)
+    healthy = engine.create_hook(http_hook(receiver, "/healthy", actions=["click"],
+                                           flush_timeout_sec=0.1))
+    other = engine.create_hook(http_hook(receiver, "/other", actions=["click"],
+                                         flush_timeout_sec=0.1))
+    n = 20_000
+
+    def healthy_rate() -> float:
+        before = receiver.delivered_count("/healthy")
+        started = time.monotonic()
+        for _ in range(10):
+            engine.publish(events(n // 10, types=("click",)))
+        assert wait_for(lambda: receiver.delivered_count("/healthy") - before >= n, 60)
+        return n / (time.monotonic() - started)
+
+    healthy_rate()  # warm-up
+    baseline = healthy_rate()
+    # When the second hook's destination never answers
+    data = other.to_storage()
+    data["target"]["http_batch"]["url"] = receiver.url("/dead")
+    engine.update_hook(other.id, data)
+    time.sleep(0.5)
+    degraded = healthy_rate()
+    # Then the healthy destination's delivered rate drops by no more than 20%
+    print(f"\nhealthy destination: {baseline:,.0f} msg/s alone, {degraded:,.0f} msg/s "
+          f"beside a dead one ({degraded / baseline:.2f})")
+    assert degraded >= 0.8 * baseline
+    assert engine.stats(healthy.id)["dead_lettered"] == 0

@@ -1,0 +1,246 @@
+"""The runtime end to end: real Redis, real local HTTP receivers, actors on a local Ray."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from engine.receiver import Receiver
+
+pytestmark = pytest.mark.integration
+
+
+def http_hook(rx: Receiver, path: str, **kwargs: Any) -> dict[str, Any]:
+    target = {"url": rx.url(path), "max_batch_size": kwargs.pop("max_batch_size", 100),
+              "flush_timeout_sec": kwargs.pop("flush_timeout_sec", 0.3)}
+    target.update(kwargs.pop("target", {}))
+    return {"name": f"hook {path}", "active": True, "account_id": kwargs.pop("account_id", 1),
+            "actions": kwargs.pop("actions", ["click", "open", "deliv"]),
+            "target": {"http_batch": target}, **kwargs}
+
+
+def events(n: int, account_id: int = 1, types: tuple[str, ...] = ("click", "open", "deliv",
+                                                                    "send"), **extra: Any
+           ) -> list[dict[str, Any]]:
+    return [{"event_type": types[i % len(types)], "account_id": account_id,
+             "list_id": 1 + (i // len(types)) % 4, "event_date": "2026-11-29T10:00:00.123456789Z",
+             "event_data": {"campaign_id": 1 + i % 3, "message_id": 5}, **extra}
+            for i in range(n)]
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def test_fault_free_run_delivers_each_matched_pair_once_in_bounded_batches(
+        engine_factory: Any, receiver: Receiver) -> None:
+    # Given two hooks of one account with different batch sizes and one of another account
+    engine = engine_factory()
+    small = engine.create_hook(http_hook(receiver, "/small", max_batch_size=7))
+    big = engine.create_hook(http_hook(receiver, "/big", max_batch_size=100,
+                                       actions=["click"], database=2))
+    other = engine.create_hook(http_hook(receiver, "/other", account_id=2))
+    # When 3,000 events of account 1 and 500 of account 2 are published
+    published = events(3000) + events(500, account_id=2)
+    result = engine.publish(published)
+    assert result.accepted == 3500
+    expected_small = sum(1 for e in published if e["account_id"] == 1
+                         and e["event_type"] in ("click", "open", "deliv"))
+    expected_big = sum(1 for e in published if e["account_id"] == 1
+                       and e["event_type"] == "click" and e["list_id"] == 2)
+    expected_other = sum(1 for e in published if e["account_id"] == 2
+                         and e["event_type"] in ("click", "open", "deliv"))
+    # Then every matched (event, hook) pair arrives exactly once
+    assert engine.wait_idle(60)
+    for path, n in (("/small", expected_small), ("/big", expected_big),
+                    ("/other", expected_other)):
+        ids = [m["hook_message_id"] for m in receiver.messages(path)]
+        assert len(ids) == n, path
+        assert len(set(ids)) == n, f"{path}: duplicates in a fault-free run"
+    # and no batch is larger than its hook's max batch size
+    assert max(len(r.messages) for r in receiver.requests("/small")) == 7
+    assert max(len(r.messages) for r in receiver.requests("/big")) <= 100
+    assert {m["account_id"] for m in receiver.messages("/other")} == {2}
+    assert {m["list_id"] for m in receiver.messages("/big")} == {2}
+    assert engine.stats(small.id) == {"accepted": expected_small, "delivered": expected_small,
+                                      "retried": 0, "dead_lettered": 0}
+    assert engine.stats(big.id)["delivered"] == expected_big
+    assert engine.stats(other.id)["delivered"] == expected_other
+
+
+def test_partial_batch_is_flushed_after_the_timeout(engine_factory: Any,
+                                                    receiver: Receiver) -> None:
+    engine = engine_factory()
+    engine.create_hook(http_hook(receiver, "/slow-fill", max_batch_size=1000,
+                                 flush_timeout_sec=1.0))
+    started = time.time()
+    engine.publish(events(9, types=("click",), list_id=3))  # one partition, one batch
+    assert wait_for(lambda: receiver.requests("/slow-fill"), 10)
+    (request,) = receiver.requests("/slow-fill")
+    assert len(request.messages) == 9
+    assert request.at - started >= 1.0, "flushed before the timeout"
+    assert request.at - started < 3.0, "not flushed soon after the timeout"
+
+
+def test_failing_receiver_gets_the_batch_after_n_spaced_resends(
+        engine_factory: Any, receiver: Receiver) -> None:
+    # Given a receiver that fails its first 2 requests, retry period 0.5 s
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.5, HOOK_RETRY_TIMES=4)
+    receiver.behave("/flaky", fail_first=2)
+    hook = engine.create_hook(http_hook(receiver, "/flaky", max_batch_size=50))
+    engine.publish(events(50, types=("click",), list_id=3))
+    assert wait_for(lambda: receiver.messages("/flaky"), 20)
+    requests = receiver.requests("/flaky")
+    # Then the same batch arrives after exactly 2 re-sends, spaced >= the period
+    assert [r.status for r in requests] == [500, 500, 200]
+    assert all(r.messages == requests[0].messages for r in requests)
+    gaps = [b.at - a.at for a, b in itertools.pairwise(requests)]
+    assert all(gap >= 0.5 for gap in gaps), gaps
+    assert wait_for(lambda: engine.stats(hook.id)["delivered"] == 50, 5)
+    assert engine.stats(hook.id)["retried"] == 100  # 50 messages scheduled twice
+
+
+def test_always_failing_receiver_yields_a_dead_letter_then_replay_delivers(
+        engine_factory: Any, receiver: Receiver) -> None:
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.3, HOOK_RETRY_TIMES=3)
+    receiver.behave("/down", always_fail=True, fail_status=503)
+    hook = engine.create_hook(http_hook(receiver, "/down", max_batch_size=20))
+    engine.publish(events(20, types=("open",), list_id=3))
+    assert wait_for(lambda: engine.dead_letters(hook_id=hook.id), 20)
+    # exactly HOOK_RETRY_TIMES re-sends after the first attempt
+    assert len(receiver.requests("/down")) == 1 + 3
+    (letter,) = engine.dead_letters(hook_id=hook.id)
+    assert letter.resends == 3 and letter.messages == 20
+    assert "HTTP 503" in letter.last_error
+    assert engine.stats(hook.id)["dead_lettered"] == 20
+    # When the receiver recovers and the dead letter is replayed
+    receiver.behave("/down")
+    assert engine.replay(hook_id=hook.id) == 1
+    assert wait_for(lambda: len(receiver.messages("/down")) == 20, 10)
+    assert engine.dead_letters(hook_id=hook.id) == []
+    assert engine.stats(hook.id)["delivered"] == 20
+
+
+def test_content_attached_when_present_and_omitted_when_expired(
+        engine_factory: Any, receiver: Receiver) -> None:
+    engine = engine_factory()
+    engine.create_hook(http_hook(receiver, "/content", send_content=True, actions=["send"]))
+    engine.create_hook(http_hook(receiver, "/plain", actions=["send"]))
+    engine.store_content({"s-kept": {"subject": "Hello", "html": "<p>Hi</p>"}})
+    engine.store_content({"s-expired": {"subject": "Gone"}}, ttl_sec=1)
+    time.sleep(1.5)
+    engine.publish([{**events(1, types=("send",))[0], "send_id": sid, "id": sid}
+                    for sid in ("s-kept", "s-expired", "s-never")])
+    assert wait_for(lambda: len(receiver.messages("/content")) == 3, 10)
+    by_id = {m["hook_message_id"]: m for m in receiver.messages("/content")}
+    content = {m.get("content", {}).get("subject") for m in by_id.values()}
+    assert content == {"Hello", None}
+    assert sum("content" in m for m in by_id.values()) == 1
+    assert wait_for(lambda: len(receiver.messages("/plain")) == 3, 10)
+    assert all("content" not in m for m in receiver.messages("/plain"))
+
+
+def test_hook_changes_reach_a_running_engine_within_one_second(
+        engine_factory: Any, receiver: Receiver) -> None:
+    engine = engine_factory()
+    hook = engine.create_hook(http_hook(receiver, "/a", actions=["click"],
+                                        flush_timeout_sec=0.05))
+
+    def delivered_after_change(path: str, change: Any) -> float:
+        change()
+        started = time.monotonic()
+        before = len(receiver.messages(path))
+        engine.publish(events(1, types=("click",)))
+        assert wait_for(lambda: len(receiver.messages(path)) > before, 5), path
+        return time.monotonic() - started
+
+    # update: point the hook at another path
+    data = hook.to_storage()
+    data["target"]["http_batch"]["url"] = receiver.url("/b")
+    assert delivered_after_change("/b", lambda: engine.update_hook(hook.id, data)) < 1.0
+    # stop: nothing more arrives
+    engine.stop_hook(hook.id)
+    engine.publish(events(5, types=("click",)))
+    assert engine.wait_idle(10)
+    before = len(receiver.messages("/b"))
+    time.sleep(0.3)
+    assert len(receiver.messages("/b")) == before
+    # activate again
+    assert delivered_after_change("/b", lambda: engine.activate_hook(hook.id)) < 1.0
+    # clone (stopped) + activate the clone: both receive
+    clone = engine.clone_hook(hook.id)
+    assert clone.active is False and clone.name.endswith("(copy)")
+    assert delivered_after_change("/b", lambda: engine.activate_hook(clone.id)) < 1.0
+    # delete both: nothing more arrives
+    engine.delete_hook(hook.id)
+    engine.delete_hook(clone.id)
+    engine.publish(events(5, types=("click",)))
+    assert engine.wait_idle(10)
+    before = len(receiver.messages("/b"))
+    time.sleep(0.3)
+    assert len(receiver.messages("/b")) == before
+    # a new hook created on the running engine
+    engine.create_hook(http_hook(receiver, "/c", actions=["click"], flush_timeout_sec=0.05))
+    assert delivered_after_change("/c", lambda: None) < 1.0
+
+
+def test_names_and_profiles_reach_custom_data(engine_factory: Any, receiver: Receiver) -> None:
+    engine = engine_factory()
+    engine.create_hook(http_hook(receiver, "/cd", actions=["click"], custom_data={
+        "fields": ["email"], "pairs": {"cname": "{{campaign_name}}", "db": "{{database_name}}"}}))
+    engine.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 2, "name": "Spring"},
+                         {"account_id": 1, "kind": "databases", "id": 1, "name": "Main"}])
+    engine.upsert_profiles(1, {"p1": {"email": "ann@example.org"}})
+    event = {**events(1, types=("click",))[0], "profile_id": "p1"}
+    event["event_data"]["campaign_id"] = 2
+    engine.publish([event])
+    assert wait_for(lambda: receiver.messages("/cd"), 10)
+    (msg,) = receiver.messages("/cd")
+    assert msg["custom_data"] == {"email": "ann@example.org", "cname": "Spring", "db": "Main"}
+    # a renamed campaign reaches the running engine
+    engine.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 2, "name": "Summer"}])
+    time.sleep(0.3)
+    engine.publish([event])
+    assert wait_for(lambda: len(receiver.messages("/cd")) == 2, 10)
+    assert receiver.messages("/cd")[1]["custom_data"]["cname"] == "Summer"
+
+
+def test_test_event_reports_the_outcome(engine_factory: Any, receiver: Receiver) -> None:
+    engine = engine_factory()
+    ok = engine.create_hook(http_hook(receiver, "/t", filters={"campaigns": [999]},
+                                      target={"success_regex": "^OK$"}))
+    outcome = engine.test_event(ok.id, "deliv")
+    assert outcome.ok and outcome.status == 200 and outcome.detail == "OK"
+    (msg,) = receiver.messages("/t")  # a one-element array, filters bypassed
+    assert msg["event_type"] == "deliv" and msg["is_test"] is True
+    receiver.behave("/bad", always_fail=True, fail_status=502)
+    bad = engine.create_hook(http_hook(receiver, "/bad"))
+    outcome = engine.test_event(bad.id, "click")
+    assert not outcome.ok and outcome.status is None and "HTTP 502" in outcome.detail
+    dead = engine.create_hook({**http_hook(receiver, "/x"), "target": {"http_batch": {
+        "url": "http://127.0.0.1:9/nothing-listens"}}})
+    outcome = engine.test_event(dead.id, "open")
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert "127.0.0.1:9" in outcome.detail
+
+
+def test_stats_count_every_message_of_every_hook(engine_factory: Any,
+                                                 receiver: Receiver) -> None:
+    engine = engine_factory()
+    hooks = [engine.create_hook(http_hook(receiver, f"/s{i}", actions=["click"]))
+             for i in range(3)]
+    engine.publish(events(40, types=("click", "open")))
+    assert engine.wait_idle(20)
+    stats = engine.stats()
+    assert stats["engine"]["events_accepted"] == 40
+    assert [stats[h.id]["delivered"] for h in hooks] == [20, 20, 20]
+    assert Counter(m["event_type"] for m in receiver.messages("/s0")) == {"click": 20}

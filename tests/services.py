@@ -1,0 +1,117 @@
+"""Real-server fixtures shared by the integration and fault tests.
+
+A missing server fails the run in CI (``CI=true``) and skips the test locally.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+import redis
+
+from engine.keys import Keys
+from engine.receiver import Receiver
+from engine.settings import Settings
+
+REDIS_URL = os.environ.get("HOOKRAY_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def missing(what: str) -> None:
+    if IN_CI:
+        pytest.fail(f"{what} is required in CI", pytrace=False)
+    pytest.skip(f"{what} is not available")
+
+
+def port_open(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex((host, port)) == 0
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def redis_url() -> str:
+    try:
+        redis.Redis.from_url(REDIS_URL).ping()
+    except redis.RedisError:
+        missing(f"Redis at {REDIS_URL}")
+    return REDIS_URL
+
+
+@pytest.fixture
+def redis_client(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+def drop_prefix(client: redis.Redis, prefix: str) -> None:
+    keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+    for start in range(0, len(keys), 500):
+        client.delete(*keys[start:start + 500])
+
+
+@pytest.fixture
+def prefix(redis_client: redis.Redis) -> Iterator[str]:
+    """A Redis key prefix of this test's own, removed afterwards."""
+    name = f"t{uuid.uuid4().hex[:10]}"
+    yield name
+    drop_prefix(redis_client, name)
+
+
+@pytest.fixture
+def settings(redis_url: str, prefix: str) -> Settings:
+    """Small, fast settings for tests: retry period 0.3 s, 2 partitions."""
+    return Settings(REDIS_URL=redis_url, REDIS_PREFIX=prefix, PARTITIONS=2, HTTP_POOL_SIZE=2,
+                    HOOK_RETRY_PERIOD_SEC=0.3, HOOK_RETRY_TIMES=3,
+                    HTTP_REQUEST_TIMEOUT_SEC=2.0)
+
+
+@pytest.fixture
+def keys(prefix: str) -> Keys:
+    return Keys(prefix)
+
+
+@pytest.fixture
+def receiver() -> Iterator[Receiver]:
+    with Receiver() as rx:
+        yield rx
+
+
+@pytest.fixture(scope="session")
+def ray_session() -> Iterator[Any]:
+    """One local Ray for the whole test session (ray.init costs seconds here)."""
+    ray = pytest.importorskip("ray")
+    if not ray.is_initialized():
+        ray.init(namespace="hookray-tests", include_dashboard=True, configure_logging=False,
+                 log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+@pytest.fixture
+def engine_factory(ray_session: Any, settings: Settings) -> Iterator[Callable[..., Any]]:
+    """Start an engine (actors on the session's Ray) with test settings plus overrides."""
+    from actors.driver import Engine
+
+    started: list[Engine] = []
+
+    def start(**overrides: Any) -> Engine:
+        engine = Engine.start(settings.model_copy(update=overrides))
+        started.append(engine)
+        return engine
+
+    yield start
+    for engine in started:
+        engine.shutdown()
