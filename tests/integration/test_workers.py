@@ -1,0 +1,173 @@
+"""Partition and retry workers without Ray: real Redis, in-process senders."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import pytest
+import redis
+
+from engine.dispatch import PartitionWorker
+from engine.errors import EventError
+from engine.hooks import Hook
+from engine.intake import Intake, decode_entry
+from engine.keys import CONSUMER_GROUP, Keys
+from engine.partitioning import partition_of
+from engine.retrying import RetryWorker
+from engine.settings import Settings
+from engine.stores import HookRegistry, RetryStore
+from engine.transports.base import Delivery, Outcome
+from engine.transports.stub import StubTransport
+
+pytestmark = pytest.mark.integration
+
+
+class InProcessSender:
+    """Sends through a StubTransport at once; outcomes come back on the next poll."""
+
+    def __init__(self, transport: StubTransport | None = None, hold: bool = False) -> None:
+        self.transport = transport or StubTransport()
+        self.hold = hold  # never return outcomes (a sender that died)
+        self.done: list[tuple[Delivery, Outcome]] = []
+        self.held: list[Delivery] = []
+        self.hooks: list[Hook] = []
+
+    def submit(self, hook: Hook, delivery: Delivery) -> None:
+        self.hooks.append(hook)
+        if self.hold:
+            self.held.append(delivery)
+            return
+        self.done.append((delivery, asyncio.run(
+            self.transport.send(hook.target.settings, delivery))))
+
+    def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
+        out, self.done = self.done, []
+        return out
+
+    def inflight(self) -> int:
+        return len(self.done) + len(self.held)
+
+
+def hook(**kw: Any) -> dict[str, Any]:
+    return {"name": "h", "active": True, "account_id": 1, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/x", "max_batch_size": 10,
+                                      "flush_timeout_sec": 0.1}}, **kw}
+
+
+def clicks(n: int, list_id: int = 1) -> list[dict[str, Any]]:
+    return [{"event_type": "click", "account_id": 1, "list_id": list_id,
+             "event_date": "2026-01-01T00:00:00Z", "id": f"c{list_id}-{i}"} for i in range(n)]
+
+
+def one_partition(settings: Settings) -> Settings:
+    return settings.model_copy(update={"PARTITIONS": 1})
+
+
+def run_until(worker: Any, predicate: Any, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        worker.step(block_ms=10)
+
+
+def test_intake_appends_one_entry_per_batch_per_partition(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    intake = Intake(redis_client, keys, partitions=2, max_batch=100)
+    intake.ensure_groups()
+    result = intake.publish(clicks(250, list_id=1) + clicks(30, list_id=2))
+    assert result.accepted == 280 and len(set(result.ids)) == 280
+    per_partition = [0, 0]
+    for list_id, n in ((1, 250), (2, 30)):
+        per_partition[partition_of(1, list_id, 2)] += n
+    lengths = [redis_client.xlen(keys.intake(n)) for n in range(2)]
+    assert lengths == [-(-n // 100) for n in per_partition]  # one entry per 100 events
+    entries = redis_client.xrange(keys.intake(0)) + redis_client.xrange(keys.intake(1))
+    assert sum(len(decode_entry(f)) for _, f in entries) == 280
+    assert max(len(decode_entry(f)) for _, f in entries) == 100
+
+
+def test_intake_rejects_a_batch_with_bad_events_unless_partial(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    intake = Intake(redis_client, keys, partitions=1, max_batch=100)
+    intake.ensure_groups()
+    batch = [*clicks(2), {"event_type": "clack", "account_id": 1,
+                          "event_date": "2026-01-01T00:00:00Z"}]
+    with pytest.raises(EventError, match=r"1 bad event\(s\), nothing accepted: event 2: "
+                                         r"event_type: unknown event type 'clack'"):
+        intake.publish(batch)
+    assert redis_client.xlen(keys.intake(0)) == 0
+    result = intake.publish(batch, partial=True)
+    assert result.accepted == 2 and [i.index for i in result.issues] == [2]
+    assert redis_client.xlen(keys.intake(0)) == 1
+
+
+def test_entries_are_acked_only_when_every_message_is_settled(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 1000)
+    intake.ensure_groups()
+    held = InProcessSender(hold=True)
+    worker = PartitionWorker(cfg, redis_client, 0, held)
+    intake.publish(clicks(25))
+    run_until(worker, lambda: len(held.held) == 3)  # 10 + 10 + 5 (timeout flush)
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 1
+    # a new worker for the same partition (the first one "died") re-reads the entry
+    sender = InProcessSender()
+    worker2 = PartitionWorker(cfg, redis_client, 0, sender)
+    run_until(worker2, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sum(d.count for d in sender.transport.sent) == 25
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_failures_go_to_the_retry_schedule_then_dead_letters(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 2,
+                                                      "HOOK_RETRY_PERIOD_SEC": 0.1})
+    HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 1000)
+    intake.ensure_groups()
+    failing = InProcessSender(StubTransport(always_fail=True))
+    worker = PartitionWorker(cfg, redis_client, 0, failing)
+    intake.publish(clicks(10))
+    retry = RetryStore(redis_client, keys)
+    run_until(worker, lambda: retry.pending() == 1)
+    assert redis_client.xlen(keys.intake(0)) == 0  # scheduled counts as settled
+    retry_worker = RetryWorker(cfg, redis_client, failing)
+    deadline = time.monotonic() + 5
+    while not retry.dead_letters() and time.monotonic() < deadline:
+        retry_worker.step()
+    (dead,) = retry.dead_letters()
+    assert dead.resends == 2 and "stub failure #3" in dead.last_error
+    assert failing.transport.attempts[dead.id] == 3  # first attempt + 2 re-sends
+    assert retry.pending() == 0
+
+
+def test_retry_worker_kills_deliveries_of_deleted_hooks(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    registry = HookRegistry(redis_client, keys)
+    gone = registry.create(hook())
+    registry.delete(gone.id or 0)
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=gone.id or 0, account_id=1, kind="http_batch",
+                            parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    RetryWorker(settings, redis_client, InProcessSender()).step()
+    (dead,) = retry.dead_letters()
+    assert dead.last_error == f"hook {gone.id} was deleted; last error: HTTP 500"
+
+
+def test_broker_batches_leave_every_round(redis_client: redis.Redis, settings: Settings,
+                                          keys: Keys) -> None:
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook(target={"rabbitmq_exchange": {
+        "host": "127.0.0.1", "exchange": "x", "type": "topic"}}))
+    intake = Intake(redis_client, keys, 1, 1000)
+    intake.ensure_groups()
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(3, list_id=7))
+    run_until(worker, lambda: sender.transport.sent)
+    (delivery,) = sender.transport.sent
+    assert delivery.keys == ["7.click"] * 3 and delivery.kind == "rabbitmq_exchange"
