@@ -62,11 +62,12 @@ class _Batch:
     entries: Counter[str] = field(default_factory=Counter)
 
 
-def batch_limits(hook: Hook) -> tuple[int, float]:
-    """(max messages, flush timeout sec) of a hook's outgoing batches."""
-    target = hook.target.settings
-    if hook.target.kind == "http_batch":
-        return target.max_batch_size, target.flush_timeout_sec  # type: ignore[union-attr]
+def batch_limits(hook: Hook, cap: int) -> tuple[int, float]:
+    """(max messages, flush timeout sec) of a hook's outgoing batches; ``cap`` is the
+    installation's MAX_HTTP_BATCH."""
+    target = hook.target.http_batch
+    if target is not None:
+        return min(target.max_batch_size, cap), target.flush_timeout_sec
     return IMMEDIATE_MAX_BATCH, 0.0
 
 
@@ -86,8 +87,9 @@ class Side:
 class Dispatcher:
     """Matching, message building and per-hook batching for a partition."""
 
-    def __init__(self, side: Side, catalogue: EventCatalogue) -> None:
+    def __init__(self, side: Side, catalogue: EventCatalogue, max_http_batch: int) -> None:
         self.side = side
+        self.max_http_batch = max_http_batch
         self.catalogue = catalogue
         self.index = HookIndex.compile([], catalogue)
         self.builders: dict[int, MessageBuilder] = {}
@@ -95,6 +97,8 @@ class Dispatcher:
         self.names = NameCatalogue()
         self.versions = {"hooks": -1, "names": -1, "profiles": -1}
         self.profile_cache: dict[tuple[int, str], dict[str, Any] | None] = {}
+        # delivery id -> (hook it was built for, messages per stream entry), until settled
+        self.pending_hooks: dict[str, tuple[Hook, Counter[str]]] = {}
 
     # --- configuration ---------------------------------------------------------------
 
@@ -160,7 +164,7 @@ class Dispatcher:
              content: dict[str, dict[str, Any]], contexts: dict[int, EventContext],
              produced: Counter[str], now: float) -> list[Delivery]:
         builder = self.builders[hook.id or 0]
-        max_size, _ = batch_limits(hook)
+        max_size, _ = batch_limits(hook, self.max_http_batch)
         kind = hook.target.kind
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
         full = []
@@ -219,7 +223,7 @@ class Dispatcher:
         """Batches whose flush timeout elapsed (broker batches: every round)."""
         out = []
         for hook_id, batch in list(self.batches.items()):
-            _, timeout = batch_limits(batch.hook)
+            _, timeout = batch_limits(batch.hook, self.max_http_batch)
             if batch.parts and now - batch.opened >= timeout:
                 out.append(self._flush(hook_id))
         return [d for d in out if d is not None]
@@ -238,8 +242,6 @@ class Dispatcher:
         self.pending_hooks[delivery.id] = (batch.hook, batch.entries)
         return delivery
 
-    pending_hooks: dict[str, tuple[Hook, Counter[str]]]
-
 
 class PartitionWorker:
     """Reads one partition's stream and drives the Dispatcher; owns acknowledgements."""
@@ -252,8 +254,7 @@ class PartitionWorker:
         self.sender = sender
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE) if catalogue is None else catalogue
         self.side = Side(r, settings, catalogue)
-        self.dispatcher = Dispatcher(self.side, catalogue)
-        self.dispatcher.pending_hooks = {}
+        self.dispatcher = Dispatcher(self.side, catalogue, settings.MAX_HTTP_BATCH)
         self.stream = self.side.keys.intake(partition)
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
