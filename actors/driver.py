@@ -120,14 +120,15 @@ class Engine:
                  "rabbitmq_queue": self.settings.RABBITMQ_POOL_SIZE,
                  "rabbitmq_exchange": self.settings.RABBITMQ_POOL_SIZE,
                  "kafka": self.settings.KAFKA_POOL_SIZE}
-        pools: dict[str, list[Any]] = {}
-        for kind in available_kinds():
-            pools[kind] = [TransportActor.options(name=f"{self.settings.REDIS_PREFIX}:{kind}:{i}")
-                           .remote(kind, cfg) for i in range(sizes[kind])]
-        self.pools = pools
-        parts = [PartitionActor.options(name=f"{self.settings.REDIS_PREFIX}:partition:{n}")
-                 .remote(cfg, n, pools) for n in range(self.settings.PARTITIONS)]
-        retry = RetryActor.options(name=f"{self.settings.REDIS_PREFIX}:retry").remote(cfg, pools)
+        prefix = self.settings.REDIS_PREFIX
+        names = {kind: [f"{prefix}:{kind}:{i}" for i in range(sizes[kind])]
+                 for kind in available_kinds()}
+        pools = {kind: [TransportActor.options(name=name).remote(kind, cfg) for name in group]
+                 for kind, group in names.items()}
+        ray.get([a.ping.remote() for group in pools.values() for a in group])
+        parts = [PartitionActor.options(name=f"{prefix}:partition:{n}").remote(cfg, n, names)
+                 for n in range(self.settings.PARTITIONS)]
+        retry = RetryActor.options(name=f"{prefix}:retry").remote(cfg, names)
         ray.get([a.ping.remote() for a in [*parts, retry, *(x for p in pools.values() for x in p)]])
         self.actors = {"partitions": parts, "retry": retry, "pools": pools}
 
@@ -164,7 +165,7 @@ class Engine:
         return self.hooks.get(hook_id)
 
     def list_hooks(self, account_id: int | None = None) -> list[Hook]:
-        return self.hooks.list(account_id)
+        return self.hooks.all(account_id)
 
     def activate_hook(self, hook_id: int) -> Hook:
         return self.hooks.set_active(hook_id, True)
@@ -214,7 +215,7 @@ class Engine:
         """Counters (messages) of one hook, or of every hook plus the engine's."""
         if hook_id is not None:
             return self._stats.get(hook_id)
-        out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.list()}
+        out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.all()}
         out["engine"] = {**self._stats.engine(), "retry_scheduled": self.retry.pending(),
                          "dead_letters": int(self.redis.zcard(self.keys.dead)),
                          "intake_backlog": self.backlog()}

@@ -23,6 +23,12 @@ def _redis(settings: Settings) -> redis.Redis:
                                 health_check_interval=30)
 
 
+def _handles(pools: dict[str, list[str]]) -> dict[str, list[Any]]:
+    """Transport actors by name: constructor arguments stay small and inline, so a
+    restarted actor never depends on objects in the object store."""
+    return {kind: [ray.get_actor(name) for name in names] for kind, names in pools.items()}
+
+
 class _Looping:
     def _start(self, target: Any, name: str) -> None:
         self._stop = threading.Event()
@@ -47,9 +53,9 @@ class _Looping:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
 class PartitionActor(_Looping):
     def __init__(self, settings: dict[str, Any], partition: int,
-                 pools: dict[str, list[Any]]) -> None:
+                 pools: dict[str, list[str]]) -> None:
         cfg = Settings(**settings)
-        self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(pools))
+        self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(_handles(pools)))
         self._start(self.worker.run, f"partition-{partition}")
 
     def backlog(self) -> dict[str, int]:
@@ -60,7 +66,7 @@ class PartitionActor(_Looping):
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
 class RetryActor(_Looping):
-    def __init__(self, settings: dict[str, Any], pools: dict[str, list[Any]]) -> None:
+    def __init__(self, settings: dict[str, Any], pools: dict[str, list[str]]) -> None:
         cfg = Settings(**settings)
-        self.worker = RetryWorker(cfg, _redis(cfg), RaySender(pools))
+        self.worker = RetryWorker(cfg, _redis(cfg), RaySender(_handles(pools)))
         self._start(self.worker.run, "retry")

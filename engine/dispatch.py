@@ -194,26 +194,29 @@ class Dispatcher:
         return batch
 
     def _content(self, matches: dict[int, Any], events: list[Event]) -> dict[str, dict[str, Any]]:
-        wanted = {events[i].send_id for pos, idx in matches.items()
-                  if self.index.hooks[pos].send_content for i in idx.tolist()}
-        wanted.discard(None)
-        return self.side.content.get_many(sorted(wanted))  # type: ignore[arg-type]
+        """Stored content of the events matched by send_content hooks: one MGET."""
+        wanted = {send_id for pos, idx in matches.items() if self.index.hooks[pos].send_content
+                  for i in idx.tolist() if (send_id := events[i].send_id)}
+        return self.side.content.get_many(sorted(wanted))
 
     def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:
-        needy = [i for pos, idx in matches.items() if self.index.hooks[pos].custom_data.fields
-                 for i in idx.tolist()]
-        missing = {(events[i].account_id, events[i].profile_id) for i in needy
-                   if events[i].profile is None and events[i].profile_id}
+        """Profiles for events without one, for hooks that copy profile fields: cached,
+        missing ones fetched in one round trip."""
+        needy: list[int] = [i for pos, idx in matches.items()
+                            if self.index.hooks[pos].custom_data.fields for i in idx.tolist()]
+        missing: set[tuple[int, str]] = {(events[i].account_id, pid) for i in needy
+                                         if events[i].profile is None
+                                         and (pid := events[i].profile_id)}
         unknown = [key for key in missing if key not in self.profile_cache]
         if unknown:
             if len(self.profile_cache) > PROFILE_CACHE_MAX:
                 self.profile_cache.clear()
             wanted: dict[int, list[str]] = {}
             for account, pid in unknown:
-                wanted.setdefault(account, []).append(pid)  # type: ignore[arg-type]
+                wanted.setdefault(account, []).append(pid)
             found = self.side.profiles.get_many(wanted)
             for key in unknown:
-                self.profile_cache[key] = found.get(key)  # type: ignore[arg-type]
+                self.profile_cache[key] = found.get(key)
         for i in needy:
             e = events[i]
             if e.profile is None and e.profile_id:
@@ -285,7 +288,7 @@ class PartitionWorker:
             busy = self.sender.inflight() or self.dispatcher.open_messages()
             block_ms = 20 if busy else 100
         start = self.pending_cursor if self.reading_own_pending else ">"
-        reply = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
+        reply: Any = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
                                   count=self.settings.READ_MAX_ENTRIES,
                                   block=None if self.reading_own_pending else block_ms)
         items = reply[0][1] if reply else []

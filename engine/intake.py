@@ -60,14 +60,10 @@ class Intake:
             batch = decode_batch(events, self.catalogue)
             return batch.events, batch.issues
         if all(isinstance(e, Event) for e in events):
-            good: list[Event] = []
-            issues: list[EventIssue] = []
-            for i, e in enumerate(events):
-                if e.event_type in self.catalogue:
-                    good.append(e)  # type: ignore[arg-type]
-                else:
-                    issues.append(EventIssue(i, "event_type",
-                                             f"unknown event type {e.event_type!r}"))  # type: ignore[union-attr]
+            good = [e for e in events if isinstance(e, Event) and e.event_type in self.catalogue]
+            issues = [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
+                      for i, e in enumerate(events)
+                      if isinstance(e, Event) and e.event_type not in self.catalogue]
             return good, issues
         plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
         batch = decode_batch(msgspec.json.encode(plain), self.catalogue)

@@ -52,6 +52,12 @@ A slot becomes a hook position through the hooks grouped by account. A stable
 16-bit radix argsort by hook (numpy picks radix sort for 16-bit keys) then
 groups the pairs by hook with events still ascending, and the result is cut
 into one array per hook.
+
+*Costs.* Memory of the tables is about ``(accounts + distinct (account, value)
+pairs) x W x 8`` bytes per restricted dimension, plus lookup tables of at most
+``LUT_MAX`` int32 entries; a chunk needs a few ``CHUNK_EVENTS x W x 8`` byte
+masks. ``W`` is set by the busiest account, so many small accounts next to one
+account with thousands of hooks make every row that wide.
 """
 
 from __future__ import annotations
@@ -69,7 +75,7 @@ CHUNK_EVENTS = 65_536  # events matched at a time (bounds the E x W masks)
 NONE = -1  # column value of an absent id
 LUT_MAX = 1 << 20  # largest dense lookup table (entries of int32: 4 MiB)
 
-_U64 = np.dtype("<u8")  # little-endian, so a byte view orders bits 0..63 as unpackbits expects
+_U64 = np.dtype(np.uint64)
 _I64 = np.dtype(np.int64)
 _NO_EVENT_TYPE = np.iinfo(np.int64).min  # accepted event type of a hook without actions
 _FIBONACCI = np.uint64(0x9E3779B97F4A7C15)  # 2**64 / golden ratio, for multiplicative hashing
@@ -127,11 +133,13 @@ class EventColumns:
         etype = np.empty(n, np.int32)
         offsets = np.zeros(n + 1, _I64)
         segments: list[int] = []
+        type_index = {code: catalogue.index(code) for code in catalogue.codes()}
         lists, resources = dims["list_id"], dims["resource_id"]
         campaigns, templates, pixels = dims["campaign_id"], dims["template_id"], dims["pixel_id"]
         for i, ev in enumerate(events):
             account[i] = ev.account_id
-            etype[i] = catalogue.index(ev.event_type)
+            code = ev.event_type
+            etype[i] = type_index[code] if code in type_index else catalogue.index(code)
             lists[i] = _id(ev.list_id)
             resources[i] = _id(ev.resource_id)
             campaigns[i] = _id(ev.campaign_id)
@@ -245,7 +253,7 @@ class _IdMap:
         if self._lut is not None:
             # modular arithmetic: values outside [lo, lo + span) land above span
             offset = (values - self._lo).view(np.uint64)
-            np.minimum(offset, self._span - 1, out=offset)
+            np.minimum(offset, self._span, out=offset)
             return np.take(self._lut, offset.view(_I64))
         return self._probe(values)
 

@@ -29,6 +29,7 @@ class Behaviour:
     hang: bool = False  # never answer
     delay_sec: float = 0.0
     body: str = "OK"
+    status: int = 200  # answered (with body) when not failing
 
 
 @dataclass
@@ -37,6 +38,8 @@ class Request:
     at: float  # time.time() when received
     messages: list[dict[str, Any]]
     status: int
+    headers: dict[str, str] = field(default_factory=dict)
+    raw: bytes = b""  # the body, when it was not a JSON array
 
 
 @dataclass
@@ -45,6 +48,15 @@ class _State:
     requests: dict[str, list[Request]] = field(default_factory=lambda: defaultdict(list))
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+def _parse(raw: bytes) -> tuple[list[dict[str, Any]], bytes]:
+    """(messages, b"") for a JSON array body, ([], raw) for anything else."""
+    try:
+        data = json.loads(raw) if raw else []
+    except ValueError:
+        return [], raw
+    return (data, b"") if isinstance(data, list) else ([], raw)
 
 
 class Receiver:
@@ -73,7 +85,7 @@ class Receiver:
             return [r for reqs in self.state.requests.values() for r in reqs]
 
     def messages(self, path: str | None = None, ok_only: bool = True) -> list[dict[str, Any]]:
-        return [m for r in self.requests(path) if r.status == 200 or not ok_only
+        return [m for r in self.requests(path) if 200 <= r.status < 300 or not ok_only
                 for m in r.messages]
 
     def delivered_count(self, path: str | None = None) -> int:
@@ -96,12 +108,13 @@ class Receiver:
         if behaviour.delay_sec:
             await asyncio.sleep(behaviour.delay_sec)
         failing = behaviour.always_fail or attempt <= behaviour.fail_first
-        status = behaviour.fail_status if failing else 200
-        messages = json.loads(raw) if raw and (self.keep_bodies or status == 200) else []
+        status = behaviour.fail_status if failing else behaviour.status
+        messages, other = _parse(raw) if self.keep_bodies or status == 200 else ([], b"")
+        headers = dict(request.headers) if self.keep_bodies else {}
         with self.state.lock:
-            self.state.requests[path].append(
-                Request(path, time.time(), messages if self.keep_bodies else [], status))
-            if status == 200:
+            self.state.requests[path].append(Request(
+                path, time.time(), messages if self.keep_bodies else [], status, headers, other))
+            if not failing:
                 self.state.counts[path] += len(messages)
         return web.Response(status=status, text="ERROR" if failing else behaviour.body)
 

@@ -93,7 +93,7 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
-def _describe(err: dict[str, Any]) -> str:
+def _describe(err: Any) -> str:
     ctx = err.get("ctx") or {}
     if err["type"] == "extra_forbidden":
         return "unknown setting; accepted keys: " + ", ".join(Settings.model_fields)

@@ -77,7 +77,7 @@ class HookRegistry:
             raise NotFound(f"hook {hook_id} does not exist")
         return parse_hook(json.loads(raw), self.catalogue)
 
-    def list(self, account_id: int | None = None) -> list[Hook]:
+    def all(self, account_id: int | None = None) -> list[Hook]:
         return [h for h in self.load()[1] if account_id is None or h.account_id == account_id]
 
     def version(self) -> int:
@@ -111,7 +111,7 @@ class NameStore:
             fields[key] = json.dumps(rec)
         if fields:
             with self.r.pipeline() as pipe:
-                pipe.hset(self.k.names, mapping=fields)
+                pipe.hset(self.k.names, mapping=fields)  # type: ignore[arg-type]
                 pipe.incr(self.k.names_version)
                 pipe.execute()
         return len(fields)
@@ -121,7 +121,8 @@ class NameStore:
 
     def load(self) -> NameCatalogue:
         records = []
-        for key, value in self.r.hgetall(self.k.names).items():
+        raw: dict[bytes, bytes] = self.r.hgetall(self.k.names)  # type: ignore[assignment]
+        for key, value in raw.items():
             account, kind, obj_id = key.decode().split(":")
             records.append({"account_id": account, "kind": kind, "id": obj_id,
                             **json.loads(value)})
@@ -199,7 +200,8 @@ class Stats:
         return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
 
     def engine(self) -> dict[str, int]:
-        return {k.decode(): int(v) for k, v in self.r.hgetall(self.k.engine_stats).items()}
+        raw: dict[bytes, bytes] = self.r.hgetall(self.k.engine_stats)  # type: ignore[assignment]
+        return {k.decode(): int(v) for k, v in raw.items()}
 
 
 class RetryStore:
@@ -251,10 +253,12 @@ class RetryStore:
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
                      limit: int = 100) -> list[Delivery]:
         """Dead letters, oldest first, optionally of one account or hook."""
-        ids = self.r.zrange(self.k.dead, 0, -1)
+        ids: list[bytes] = self.r.zrange(self.k.dead, 0, -1)  # type: ignore[assignment]
         out: list[Delivery] = []
         for start in range(0, len(ids), 500):
-            for raw in self.r.hmget(self.k.dead_payload, ids[start:start + 500]):
+            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                self.k.dead_payload, ids[start:start + 500])
+            for raw in payloads:
                 if raw is None:
                     continue
                 d = unpack_delivery(raw)
@@ -269,7 +273,7 @@ class RetryStore:
         """Put dead letters back on the schedule, due now, with fresh re-send counts."""
         moved = 0
         for delivery_id in ids:
-            raw = self.r.hget(self.k.dead_payload, delivery_id)
+            raw: bytes | None = self.r.hget(self.k.dead_payload, delivery_id)  # type: ignore[assignment]
             if raw is None:
                 raise NotFound(f"dead letter {delivery_id} does not exist")
             delivery = unpack_delivery(raw)

@@ -307,16 +307,24 @@ def test_columns_of_different_lengths_are_rejected() -> None:
                         "segment_offsets": np.array([0, 2, 1])})
 
 
-def test_id_map_lookup_table_and_hash_agree(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("spread", ["dense", "sparse"])
+def test_id_map_lookup(spread: str, monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(1)
-    ids = rng.choice(1000, 300, replace=False).astype(np.int64)
-    probe = np.r_[ids, rng.integers(-5, 1100, 2000), -1, np.iinfo(np.int64).max]
-    by_table = matching._IdMap(ids).lookup(probe)
+    high = 1_000 if spread == "dense" else 2**62
+    ids = np.unique(rng.integers(0, high, 3_000))
+    probe = np.r_[ids, ids + 1, rng.integers(-5, high, 3_000), -1, -(2**63), 2**63 - 1]
+    want = np.searchsorted(ids, probe)
+    want[(want == len(ids)) | (ids[np.minimum(want, len(ids) - 1)] != probe)] = len(ids)
+    if spread == "dense":
+        table = matching._IdMap(ids)
+        assert table._lut is not None
+        assert table.lookup(probe).tolist() == want.tolist()
     monkeypatch.setattr(matching, "LUT_MAX", 0)
-    by_hash = matching._IdMap(ids).lookup(probe)
-    want = [int(np.flatnonzero(np.sort(ids) == v)[0]) if v in ids else 300 for v in probe]
-    assert by_table.tolist() == want
-    assert by_hash.tolist() == want
+    hashed = matching._IdMap(ids)
+    assert hashed._lut is None
+    if spread == "sparse":  # random ids collide: some had to probe past their home slot
+        assert np.any(np.take(hashed._slot_key, hashed._hash(ids)) != ids)
+    assert hashed.lookup(probe).tolist() == want.tolist()
 
 
 # --- property: HookIndex.match == reference_match ----------------------------------------

@@ -1,0 +1,119 @@
+"""The HTTP batch transport against a real local receiver."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+from urllib.parse import parse_qs
+
+import pytest
+
+from engine.hooks import HttpBatch
+from engine.receiver import Receiver
+from engine.transports.base import Delivery
+from engine.transports.http import BREAKER_FAILURES, HttpTransport
+
+pytestmark = pytest.mark.integration
+
+
+def delivery(n: int = 3) -> Delivery:
+    return Delivery(id="d", hook_id=1, account_id=1, kind="http_batch",
+                    parts=[json.dumps({"n": i}).encode() for i in range(n)])
+
+
+def send(target: dict[str, Any], transport: HttpTransport | None = None, n: int = 3) -> Any:
+    async def go() -> Any:
+        t = transport or HttpTransport(timeout_sec=2.0)
+        try:
+            return await t.send(HttpBatch(**target), delivery(n))
+        finally:
+            if transport is None:
+                await t.close()
+    return asyncio.run(go())
+
+
+def test_body_is_a_json_array_with_content_type_and_extra_headers(receiver: Receiver) -> None:
+    outcome = send({"url": receiver.url("/h"), "headers": {"X-Tenant": "acme"}})
+    assert outcome.ok and outcome.status == 200
+    (req,) = receiver.requests("/h")
+    assert req.messages == [{"n": 0}, {"n": 1}, {"n": 2}]
+    assert req.headers["Content-Type"] == "application/json"
+    assert req.headers["X-Tenant"] == "acme"
+    assert "Authorization" not in req.headers
+
+
+@pytest.mark.parametrize(("status", "body", "regex", "ok", "reason"), [
+    (200, "OK", "", True, ""),
+    (201, "OK", "", False, "HTTP 201: status is not 200"),
+    (500, "ERROR", "", False, "HTTP 500: status is not 200"),
+    (200, "result: OK", r"\bOK\b", True, ""),
+    (202, "accepted OK", "OK", True, ""),
+    (200, "FAIL", "OK", False, "body does not match success regex 'OK'"),
+])
+def test_success_rules(receiver: Receiver, status: int, body: str, regex: str, ok: bool,
+                       reason: str) -> None:
+    receiver.behave("/r", status=status, body=body)
+    outcome = send({"url": receiver.url("/r"), "success_regex": regex})
+    assert outcome.ok is ok
+    if not ok:
+        assert outcome.error == "Rejected" and reason in outcome.detail
+
+
+def test_bearer_token_is_sent(receiver: Receiver) -> None:
+    send({"url": receiver.url("/b"), "auth": {"kind": "bearer", "token": "t0k"}})
+    assert receiver.requests("/b")[0].headers["Authorization"] == "Bearer t0k"
+
+
+def test_oauth2_token_is_fetched_once_and_cached_until_expiry(receiver: Receiver) -> None:
+    receiver.behave("/token", body=json.dumps({"access_token": "abc", "expires_in": 3600}))
+    target = {"url": receiver.url("/o"), "auth": {
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "cid",
+        "client_secret": "shh", "scope": "hooks"}}
+
+    async def twice() -> list[Any]:
+        t = HttpTransport(timeout_sec=2.0)
+        try:
+            return [await t.send(HttpBatch(**target), delivery()) for _ in range(2)]
+        finally:
+            await t.close()
+
+    assert all(o.ok for o in asyncio.run(twice()))
+    (token_req,) = receiver.requests("/token")
+    form = parse_qs(token_req.raw.decode())
+    assert form == {"grant_type": ["client_credentials"], "client_id": ["cid"],
+                    "client_secret": ["shh"], "scope": ["hooks"]}
+    assert [r.headers["Authorization"] for r in receiver.requests("/o")] == ["Bearer abc"] * 2
+
+
+def test_oauth2_token_endpoint_failure_is_a_clear_error(receiver: Receiver) -> None:
+    receiver.behave("/token", always_fail=True, fail_status=401)
+    outcome = send({"url": receiver.url("/o"), "auth": {
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
+        "client_secret": "s"}})
+    assert not outcome.ok and outcome.error == "Rejected"
+    assert "answered HTTP 401 without an access_token" in outcome.detail
+    assert receiver.requests("/o") == []
+
+
+def test_timeout_and_unreachable_destination(receiver: Receiver) -> None:
+    receiver.behave("/hang", hang=True)
+    outcome = send({"url": receiver.url("/hang"), "request_timeout_sec": 0.3})
+    assert not outcome.ok and outcome.error == "Timeout" and "0.3 s" in outcome.detail
+    outcome = send({"url": "http://127.0.0.1:9/none"})
+    assert not outcome.ok and outcome.error == "ConnectError"
+
+
+def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) -> None:
+    async def run() -> list[Any]:
+        t = HttpTransport(timeout_sec=1.0)
+        try:
+            target = HttpBatch(url="http://127.0.0.1:9/none")
+            return [await t.send(target, delivery()) for _ in range(BREAKER_FAILURES + 1)]
+        finally:
+            await t.close()
+
+    outcomes = asyncio.run(run())
+    assert all(not o.ok for o in outcomes)
+    assert "circuit open after 5 failures" in outcomes[-1].detail
+    assert "circuit open" not in outcomes[-2].detail
