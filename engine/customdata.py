@@ -30,8 +30,9 @@ from __future__ import annotations
 
 import re
 import time
-import uuid
 from collections.abc import Callable
+from functools import lru_cache
+from random import getrandbits
 from typing import Any
 
 from engine.events import NS, Event, parse_rfc3339_ns
@@ -66,15 +67,29 @@ def _secs(ctx: EventContext) -> int:
 
 
 # not strftime("%Y"): glibc does not zero-pad years below 1000, Go's "2006" layout does
-def _ymd(secs: int) -> str:
-    t = time.gmtime(secs)
+@lru_cache(maxsize=4096)
+def _day(day: int) -> str:
+    t = time.gmtime(day * 86_400)
     return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
 
 
+def _ymd(secs: int) -> str:
+    return _day(secs // 86_400)
+
+
 def _ymd_hms(secs: int) -> str:
-    t = time.gmtime(secs)
-    return (f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
-            f"T{t.tm_hour:02d}:{t.tm_min:02d}:{t.tm_sec:02d}")
+    rest = secs % 86_400
+    return f"{_day(secs // 86_400)}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+
+
+_V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
+_V4_SET = (0x4000 << 64) | (0x8000 << 48)
+
+
+def _uuid4() -> str:
+    """A random (version 4) UUID as text; ~3x cheaper than str(uuid.uuid4())."""
+    h = f"{(getrandbits(128) & _V4_CLEAR) | _V4_SET:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
 
 
 def format_event_date(ns: int) -> str:
@@ -97,7 +112,7 @@ def _segment(ctx: EventContext) -> int | None:
 
 
 PARAMETERS: dict[str, Callable[[EventContext], str]] = {
-    "uuid": lambda ctx: str(uuid.uuid4()),
+    "uuid": lambda ctx: _uuid4(),
     "event_date": lambda ctx: format_event_date(ctx.ns),
     "event_date_ymd": lambda ctx: _ymd(_secs(ctx)),
     "event_date_rfc3339": lambda ctx: _ymd_hms(_secs(ctx)) + "Z",

@@ -23,6 +23,7 @@ import re
 import uuid
 from calendar import monthrange, timegm
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import msgspec
@@ -36,12 +37,16 @@ _RFC3339 = re.compile(
 NS = 1_000_000_000
 
 
+@lru_cache(maxsize=1 << 18)
 def parse_rfc3339_ns(text: str) -> int:
-    """Unix nanoseconds of an RFC 3339 time (fraction up to nanoseconds)."""
+    """Unix nanoseconds of an RFC 3339 time (fraction up to nanoseconds).
+
+    Cached: an event's date is parsed when it is decoded and again when its
+    messages are rendered, usually within one read round."""
     m = _RFC3339.fullmatch(text)
     if m is None:
         raise ValueError(f"{text!r} is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z")
-    y, mo, d, h, mi, s = (int(m.group(i)) for i in range(1, 7))
+    y, mo, d, h, mi, s = map(int, m.group(1, 2, 3, 4, 5, 6))
     if not (1 <= mo <= 12 and 1 <= d <= monthrange(y, mo)[1] and h < 24 and mi < 60 and s < 61):
         raise ValueError(f"{text!r} has an out-of-range date or time")
     if m.group(9) and not (int(m.group(10)) < 24 and int(m.group(11)) < 60):

@@ -138,6 +138,10 @@ class Receiver:
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         ready.set()
         loop.run_forever()
+        pending = asyncio.all_tasks(loop)  # e.g. handlers told to hang
+        for task in pending:
+            task.cancel()
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         loop.run_until_complete(self._runner.cleanup())
         loop.close()
 
