@@ -6,7 +6,7 @@ import pytest
 
 from engine.settings import Settings
 
-pytest_plugins = ["tests.services"]
+pytest_plugins = ["tests.services", "tests.rabbit_fixtures", "tests.kafka_fixtures"]
 
 
 @pytest.fixture(autouse=True)

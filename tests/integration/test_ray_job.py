@@ -57,7 +57,15 @@ class Jobs:
     submitted: list[str] = field(default_factory=list)
 
     def submit(self, **kwargs: Any) -> str:
-        job_id = str(self.client.submit_job(**kwargs))
+        def attempt() -> str | None:
+            try:
+                return str(self.client.submit_job(**kwargs))
+            except RuntimeError as exc:  # the head's job agent registers a little later
+                if "No available agent" in str(exc):
+                    return None
+                raise
+
+        job_id: str = _until("a job agent to take the job", attempt, timeout=30, every=1)
         self.submitted.append(job_id)
         return job_id
 
@@ -204,10 +212,8 @@ def test_engine_runs_as_a_ray_job_and_stops_cleanly(
     _until("a progress line with every message delivered and no backlog", reported,
            timeout=15)
 
-    t0 = time.monotonic()
     assert jobs.client.stop_job(job_id)  # SIGTERM to the entrypoint
     status = jobs.wait_end(job_id, timeout=40)
-    print('STOP TOOK', time.monotonic() - t0)
     text = jobs.logs(job_id)
     assert status == JobStatus.STOPPED, text
     assert "hookray: stopped" in text, f"no clean shutdown after SIGTERM:\n{text}"
@@ -228,8 +234,9 @@ def test_job_with_a_duration_succeeds(jobs: Jobs, ray_session: Any, redis_url: s
     text = jobs.logs(job_id)
     assert status == JobStatus.SUCCEEDED, text
     assert PROGRESS.search(text), text
-    assert text.rstrip().endswith("hookray: stopped"), text
-    assert not _actor_alive(ray_session, prefix)
+    assert "hookray: stopped" in text, text
+    _until("the job's actors to be gone", lambda: not _actor_alive(ray_session, prefix),
+           timeout=20)
 
 
 def _actor_alive(ray: Any, prefix: str) -> bool:

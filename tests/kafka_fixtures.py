@@ -1,0 +1,1 @@
+"""Kafka fixtures: a tansu broker per test session (see tests/integration/test_kafka.py)."""

@@ -1,0 +1,1 @@
+"""RabbitMQ fixtures (see tests/integration/test_rabbitmq.py)."""
