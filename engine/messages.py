@@ -48,7 +48,7 @@ def _dimension(event: Event, key: str) -> int | None:
     return value
 
 
-class Message(msgspec.Struct):
+class Message(msgspec.Struct, gc=False):
     """One hook message. UNSET fields are omitted from the JSON."""
 
     event_type: str
