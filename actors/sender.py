@@ -1,8 +1,11 @@
 """A Sender (see engine.dispatch) that hands deliveries to transport actors.
 
-Bookkeeping around ``ray.wait`` only: one actor call per delivery (a batch),
-routed to a stable member of the transport kind's pool. A transport actor that
-dies mid-call yields a failed Outcome, which the caller schedules for retry.
+Bookkeeping around ``ray.wait`` only. Deliveries submitted in one round are
+grouped per hook: one actor call carries all of a hook's batches of the round
+(one hook = one destination, so a slow destination never holds back another's
+outcomes), routed to a stable member of the transport kind's pool. A transport
+actor that dies mid-call yields failed Outcomes, which the caller schedules for
+retry.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ def target_json(hook: Hook) -> str:
 class RaySender:
     def __init__(self, pools: dict[str, list[Any]]) -> None:
         self.pools = pools
-        self.refs: dict[Any, Delivery] = {}
+        self.refs: dict[Any, list[Delivery]] = {}
+        self.queued: dict[int, tuple[Hook, list[Delivery]]] = {}  # hook id -> this round's
         self._targets: dict[int, tuple[Hook, str]] = {}
 
     def _target(self, hook: Hook) -> str:
@@ -37,31 +41,44 @@ class RaySender:
         return cached[1]
 
     def submit(self, hook: Hook, delivery: Delivery) -> None:
+        key = hook.id or 0
+        queued = self.queued.get(key)
+        if queued is None or queued[0] is not hook:
+            if queued is not None:
+                self._send(*queued)
+            queued = self.queued[key] = (hook, [])
+        queued[1].append(delivery)
+
+    def _send(self, hook: Hook, deliveries: list[Delivery]) -> None:
         pool = self.pools.get(hook.target.kind)
         if not pool:
             error = Outcome(ok=False, error="TransportUnavailable",
                             detail=f"no transport pool for {hook.target.kind!r} in this engine")
-            self.refs[ray.put(error)] = delivery
+            self.refs[ray.put([error] * len(deliveries))] = deliveries
             return
         actor = pool[pool_member(hook.id or 0, len(pool))]
-        ref = actor.deliver.remote(hook.target.kind, self._target(hook), delivery)
-        self.refs[ref] = delivery
+        ref = actor.deliver_many.remote(hook.target.kind, self._target(hook), deliveries)
+        self.refs[ref] = deliveries
 
     def inflight(self) -> int:
-        return len(self.refs)
+        return sum(map(len, self.refs.values())) + sum(len(q[1]) for q in self.queued.values())
 
     def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
+        for hook, deliveries in self.queued.values():
+            self._send(hook, deliveries)
+        self.queued.clear()
         if not self.refs:
             return []
         ready, _ = ray.wait(list(self.refs), num_returns=len(self.refs), timeout=timeout,
                             fetch_local=True)
-        out = []
+        out: list[tuple[Delivery, Outcome]] = []
         for ref in ready:
-            delivery = self.refs.pop(ref)
+            deliveries = self.refs.pop(ref)
             try:
-                outcome = ray.get(ref)
+                outcomes = ray.get(ref)
             except RayError as exc:
-                outcome = Outcome(ok=False, error=type(exc).__name__,
-                                  detail=f"transport actor failed: {str(exc)[:300]}")
-            out.append((delivery, outcome))
+                failed = Outcome(ok=False, error=type(exc).__name__,
+                                 detail=f"transport actor failed: {str(exc)[:300]}")
+                outcomes = [failed] * len(deliveries)
+            out.extend(zip(deliveries, outcomes, strict=True))
         return out

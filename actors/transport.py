@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import ray
@@ -37,6 +38,12 @@ class TransportActor:
 
     async def deliver(self, kind: str, target: str, delivery: Delivery) -> Outcome:
         return await self.transport.send(self._target(kind, target), delivery)
+
+    async def deliver_many(self, kind: str, target: str, deliveries: list[Delivery]
+                           ) -> list[Outcome]:
+        """One hook's batches of a round, sent concurrently; outcomes in order."""
+        model = self._target(kind, target)
+        return list(await asyncio.gather(*(self.transport.send(model, d) for d in deliveries)))
 
     async def ping(self) -> str:
         return self.kind

@@ -141,7 +141,8 @@ class Receiver:
         pending = asyncio.all_tasks(loop)  # e.g. handlers told to hang
         for task in pending:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:
+            loop.run_until_complete(asyncio.wait(pending))
         loop.run_until_complete(self._runner.cleanup())
         loop.close()
 
