@@ -33,7 +33,7 @@ from engine.hooks import Hook
 from engine.intake import decode_entry
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex
-from engine.messages import MessageBuilder, encode_message, kafka_key, routing_key
+from engine.messages import MessageBuilder, encode_part, kafka_key, routing_key
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
@@ -165,7 +165,7 @@ class Dispatcher:
         matches = self.index.match(EventColumns.from_events(events, self.catalogue))
         content = self._content(matches, events)
         self._attach_profiles(matches, events)
-        contexts: dict[int, EventContext] = {}
+        contexts: dict[int, tuple[EventContext, bytes]] = {}
         full: list[Delivery] = []
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
@@ -177,7 +177,8 @@ class Dispatcher:
         return full, produced
 
     def _add(self, hook: Hook, idx: list[int], events: list[Event], owner: list[str],
-             content: dict[str, dict[str, Any]], contexts: dict[int, EventContext],
+             content: dict[str, dict[str, Any]],
+             contexts: dict[int, tuple[EventContext, bytes]],
              produced: Counter[str], now: float) -> list[Delivery]:
         builder = self.builders[hook.id or 0]
         max_size, _ = batch_limits(hook, self.max_http_batch)
@@ -187,12 +188,13 @@ class Dispatcher:
         batch = self.batches.get(hook.id or 0) or self._open(hook, now)
         for i in idx:
             event = events[i]
-            ctx = contexts.get(i)
-            if ctx is None:
-                ctx = contexts[i] = EventContext(event, self.names)
-            msg = builder.build(event, content, ctx)
-            batch.parts.append(encode_message(msg))
-            batch.mids.append(msg.hook_message_id)
+            shared = contexts.get(i)  # per event, shared by every hook that matched it
+            if shared is None:
+                shared = contexts[i] = (EventContext(event, self.names),
+                                        encode_part(event, self.catalogue))
+            encoded, mid = builder.encode_with_part(event, shared[1], shared[0], content)
+            batch.parts.append(encoded)
+            batch.mids.append(mid)
             if kind == "kafka":
                 key = kafka_key(key_choice, event)
                 batch.keys.append(key.decode() if key is not None else "")

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
@@ -48,15 +48,15 @@ def _dimension(event: Event, key: str) -> int | None:
     return value
 
 
-class Message(msgspec.Struct, gc=False):
-    """One hook message. UNSET fields are omitted from the JSON."""
+class EventPart(msgspec.Struct, gc=False):
+    """The part of a message that depends on the event only (the same for every hook).
+    UNSET fields are omitted from the JSON."""
 
     event_type: str
     event_date: str
     account_id: int
     is_test: bool
     event_data: dict[str, Any]
-    hook_message_id: str
     profile_id: str | UnsetType | None = UNSET
     xxh: str | UnsetType | None = msgspec.field(default=UNSET, name="_xxh")
     md5: str | UnsetType | None = msgspec.field(default=UNSET, name="_md5")
@@ -64,8 +64,14 @@ class Message(msgspec.Struct, gc=False):
     sends_trying_num: int | UnsetType = UNSET
     is_static: bool | UnsetType = UNSET
     subscription_hash_id: str | UnsetType = UNSET
-    custom_data: dict[str, Any] | UnsetType | None = UNSET
     subscription: list[Subscription] | UnsetType | None = UNSET
+
+
+class Message(EventPart, gc=False):
+    """One hook message: the event part plus what the hook adds."""
+
+    hook_message_id: str = ""
+    custom_data: dict[str, Any] | UnsetType | None = UNSET
     content: dict[str, Any] | UnsetType = UNSET
 
 
@@ -124,51 +130,81 @@ class MessageBuilder:
     def build(self, event: Event, content: Mapping[str, dict[str, Any]] | None = None,
               ctx: EventContext | None = None) -> Message:
         """The message for ``event``; ``content`` maps send ids to stored content."""
-        ctx = ctx or EventContext(event, self.names)
-        msg = Message(
-            event_type=event.event_type,
-            event_date=message_date(event),
-            account_id=event.account_id,
-            is_test=event.is_test,
-            event_data=self._event_data(event),
-            hook_message_id=message_id(self.hook.id, event.id),
-        )
-        if event.list_id is not None:
-            msg.list_id = event.list_id
-        if event.sends_trying_num is not None and event.sends_trying_num > 0:  # spec d: only > 0
-            msg.sends_trying_num = event.sends_trying_num
-        if event.is_static is not None:
-            msg.is_static = event.is_static
-        if event.subscription_hash_id is not None:
-            msg.subscription_hash_id = event.subscription_hash_id
-        self._profile(event, msg)
-        custom = self.custom_data.render(ctx)
+        msg = fill_part(Message, event, self.catalogue)
+        msg.hook_message_id = message_id(self.hook.id, event.id)
+        custom = self.custom_data.render(ctx or EventContext(event, self.names))
         if custom is not None:
             msg.custom_data = custom
-        if self.send_content and content and event.send_id and event.send_id in content:
-            msg.content = content[event.send_id]
+        found = self._content(event, content)
+        if found is not None:
+            msg.content = found
         return msg
+
+    def encode_with_part(self, event: Event, part: bytes, ctx: EventContext,
+                         content: Mapping[str, dict[str, Any]] | None = None
+                         ) -> tuple[bytes, str]:
+        """(encoded message, message id), spliced onto the event's encoded part: the
+        same JSON as ``encode_message(build(...))``, without re-encoding the event."""
+        mid = message_id(self.hook.id, event.id)
+        out = [part[:-1], b',"hook_message_id":"', mid.encode(), b'"']
+        custom = self.custom_data.render(ctx)
+        if custom is not None:
+            out += (b',"custom_data":', _encoder.encode(custom))
+        found = self._content(event, content)
+        if found is not None:
+            out += (b',"content":', _encoder.encode(found))
+        out.append(b"}")
+        return b"".join(out), mid
+
+    def _content(self, event: Event, content: Mapping[str, dict[str, Any]] | None
+                 ) -> dict[str, Any] | None:
+        if self.send_content and content and event.send_id:
+            return content.get(event.send_id)
+        return None
 
     def encode(self, events: list[Event], content: Mapping[str, dict[str, Any]] | None = None,
                ) -> list[bytes]:
         return [_encoder.encode(self.build(e, content)) for e in events]
 
-    def _profile(self, event: Event, msg: Message) -> None:
-        if event.profile_deleted:
-            msg.profile_id = msg.xxh = msg.md5 = None
-            msg.subscription = None
-            return
-        if event.profile_id is not None:
-            msg.profile_id = event.profile_id
-        if event.xxh is not None:
-            msg.xxh = event.xxh
-        if event.md5 is not None:
-            msg.md5 = event.md5
-        if event.subscription is not None:
-            msg.subscription = event.subscription
 
-    def _event_data(self, event: Event) -> dict[str, Any]:
-        data = event.event_data
-        keys = _DIMENSION_KEYS.get(self.catalogue.category(event.event_type), ())
-        fill = {k: v for k in keys if k not in data and (v := _dimension(event, k)) is not None}
-        return {**data, **fill} if fill else data
+P = TypeVar("P", bound=EventPart)
+
+
+def fill_part(cls: type[P], event: Event, catalogue: EventCatalogue) -> P:
+    """An EventPart (or Message) with every event-derived field of ``event``."""
+    part = cls(event_type=event.event_type, event_date=message_date(event),
+               account_id=event.account_id, is_test=event.is_test,
+               event_data=_event_data(event, catalogue))
+    if event.list_id is not None:
+        part.list_id = event.list_id
+    if event.sends_trying_num is not None and event.sends_trying_num > 0:  # spec d: only > 0
+        part.sends_trying_num = event.sends_trying_num
+    if event.is_static is not None:
+        part.is_static = event.is_static
+    if event.subscription_hash_id is not None:
+        part.subscription_hash_id = event.subscription_hash_id
+    if event.profile_deleted:  # historical export of a deleted profile: null, not absent
+        part.profile_id = part.xxh = part.md5 = None
+        part.subscription = None
+        return part
+    if event.profile_id is not None:
+        part.profile_id = event.profile_id
+    if event.xxh is not None:
+        part.xxh = event.xxh
+    if event.md5 is not None:
+        part.md5 = event.md5
+    if event.subscription is not None:
+        part.subscription = event.subscription
+    return part
+
+
+def encode_part(event: Event, catalogue: EventCatalogue) -> bytes:
+    """The encoded event part of every message of ``event`` (see ``encode_with_part``)."""
+    return _encoder.encode(fill_part(EventPart, event, catalogue))
+
+
+def _event_data(event: Event, catalogue: EventCatalogue) -> dict[str, Any]:
+    data = event.event_data
+    keys = _DIMENSION_KEYS.get(catalogue.category(event.event_type), ())
+    fill = {k: v for k in keys if k not in data and (v := _dimension(event, k)) is not None}
+    return {**data, **fill} if fill else data
