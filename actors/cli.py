@@ -45,25 +45,68 @@ def cmd_run(args: argparse.Namespace) -> int:
     from actors.driver import Engine
 
     settings = load_settings(args.config)
+    if args.api_port is not None:
+        settings = settings.model_copy(update={"API_PORT": args.api_port})
     print(f"hookray: starting with {json.dumps(settings.redacted())}", flush=True)
     engine = Engine.start(settings, ray_address=args.ray_address)
-    for path in args.hooks or []:
-        for data in _as_list(_read_json(path)):
-            print(f"hookray: hook {engine.create_hook(data).id} created from {path}")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
-    started = time.monotonic()
-    while not stop.wait(args.report_sec):
-        totals = engine.totals()
-        print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(totals)} "
-              f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
-        if args.duration and time.monotonic() - started >= args.duration:
-            break
-    engine.shutdown()
-    print("hookray: stopped")
+    try:
+        if engine.api_url:
+            print(f"hookray: HTTP API on {engine.api_url}", flush=True)
+        for path in args.hooks or []:
+            for data in _as_list(_read_json(path)):
+                _upsert_hook(engine, data, path)
+        print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
+        _report_until(engine, stop, args.report_sec, args.duration)
+    finally:
+        engine.shutdown()
+    print("hookray: stopped", flush=True)
     return 0
+
+
+def _upsert_hook(engine: Any, data: dict[str, Any], path: str) -> None:
+    """Create the hook, or update the one of the same account and name (so a restarted
+    job does not create its hooks twice)."""
+    same = [h for h in engine.list_hooks(data.get("account_id"))
+            if h.name == data.get("name")] if isinstance(data, dict) else []
+    if same:
+        print(f"hookray: hook {engine.update_hook(same[0].id, data).id} updated from {path}",
+              flush=True)
+    else:
+        print(f"hookray: hook {engine.create_hook(data).id} created from {path}", flush=True)
+
+
+def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float
+                  ) -> None:
+    started = time.monotonic()
+    while True:
+        wait = report_sec
+        if duration:
+            wait = min(wait, max(started + duration - time.monotonic(), 0))
+        done = stop.wait(wait) or bool(duration and time.monotonic() - started >= duration)
+        try:  # a progress line every report_sec, and a last one on the way out
+            print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(engine.totals())} "
+                  f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
+        except redis.RedisError as exc:
+            print(f"hookray: progress unavailable: Redis: {exc}", flush=True)
+        if done:
+            return
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
 
 
 def _as_list(data: Any) -> list[Any]:
@@ -120,6 +163,26 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_tokens(args: argparse.Namespace) -> int:
+    from engine.auth import TokenStore
+
+    engine = _engine(args)
+    tokens = TokenStore(engine.redis, engine.settings.REDIS_PREFIX)
+    if args.action == "create":
+        try:
+            token, info = tokens.create(args.account, args.role, args.name)
+        except ValueError as exc:
+            raise HookrayError(str(exc)) from None
+        _print({**info.public(), "token": token})
+        print("hookray: the token is shown once; store it now", file=sys.stderr)
+    elif args.action == "list":
+        _print([i.public() for i in tokens.list(args.account)])
+    elif args.action == "revoke":
+        tokens.revoke(args.token_id)
+        print(f"token {args.token_id} revoked")
+    return 0
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     n = _engine(args).replay(args.ids or None, hook_id=args.hook)
     print(f"{n} dead letter(s) scheduled for delivery")
@@ -138,8 +201,12 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine (the main job)", description=cmd_run.__doc__)
     run.add_argument("--hooks", nargs="*", metavar="FILE", help="hook JSON files to create first")
     run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")
-    run.add_argument("--report-sec", type=float, default=10.0, help="progress line interval")
-    run.add_argument("--duration", type=float, default=0.0, help="stop after N seconds (0: never)")
+    run.add_argument("--report-sec", type=_positive, default=10.0,
+                     help="progress line interval")
+    run.add_argument("--duration", type=_not_negative, default=0.0,
+                     help="stop after N seconds (0: never)")
+    run.add_argument("--api-port", type=int, metavar="PORT",
+                     help="serve the HTTP API on PORT (0: any free port; default: API_PORT)")
     run.set_defaults(fn=cmd_run)
 
     demo = sub.add_parser("demo", help="everything local on embedded defaults",
@@ -181,6 +248,19 @@ def _parser() -> argparse.ArgumentParser:
     dead.add_argument("--account", type=int)
     dead.add_argument("--limit", type=int, default=100)
     dead.set_defaults(fn=cmd_dead_letters)
+
+    tokens = sub.add_parser("tokens", help="manage HTTP API tokens",
+                            description="Manage HTTP API tokens (stored hashed).")
+    tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
+    tcreate = tsub.add_parser("create", help="create a token (printed once)")
+    tcreate.add_argument("--account", type=int, required=True, help="account id")
+    tcreate.add_argument("--role", choices=["master", "ingest"], required=True,
+                         help="master: everything of the account; ingest: publish only")
+    tcreate.add_argument("--name", default="", help="a label for the token")
+    tsub.add_parser("list", help="list tokens (never their secrets)").add_argument(
+        "--account", type=int)
+    tsub.add_parser("revoke", help="revoke a token at once").add_argument("token_id")
+    tokens.set_defaults(fn=cmd_tokens)
 
     replay = sub.add_parser("replay", help="send dead letters again")
     replay.add_argument("ids", nargs="*", help="dead letter ids (default: all)")

@@ -82,6 +82,8 @@ class Engine:
                                      int(settings.HOOK_CONTENT_CLEANUP_HOURS * 3600))
         self.actors: dict[str, Any] = {}
         self._owns_ray = False
+        self.api: Any = None  # the HTTP API actor, when started here
+        self.api_url: str | None = None
 
     # --- life cycle ---------------------------------------------------------------------
 
@@ -94,6 +96,12 @@ class Engine:
         engine.redis.ping()
         engine.intake.ensure_groups()
         engine._start_actors(ray_address or settings.RAY_ADDRESS)
+        if settings.API_PORT is not None:
+            try:
+                engine.start_api()
+            except BaseException:
+                engine.shutdown()
+                raise
         return engine
 
     @classmethod
@@ -132,8 +140,40 @@ class Engine:
         ray.get([a.ping.remote() for a in [*parts, retry, *(x for p in pools.values() for x in p)]])
         self.actors = {"partitions": parts, "retry": retry, "pools": pools}
 
+    def start_api(self, port: int | None = None) -> str:
+        """Start the HTTP API actor on this driver's node, on ``port`` (default: the
+        API_PORT setting; 0: any free port); returns its base URL."""
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        from actors.api import ApiActor
+
+        if not ray.is_initialized():
+            ray.init(address=self.settings.RAY_ADDRESS, namespace="hookray",
+                     log_to_driver=True, configure_logging=False,
+                     include_dashboard=False if self.settings.RAY_ADDRESS is None else None)
+            self._owns_ray = True
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
+                                    scheduling_strategy=here).remote(
+            self.settings.model_dump(), port)
+        host, bound = ray.get(self.api.address.remote(), timeout=60)
+        self.api_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
+        return self.api_url
+
     def shutdown(self) -> None:
         """Stop the actors started here (and Ray, when this handle started it)."""
+        if self.api is not None:
+            import ray
+
+            try:
+                ray.get(self.api.stop.remote(), timeout=30)
+            except ray.exceptions.RayError as exc:  # dead already (e.g. its port was taken)
+                log.warning("API actor: %s", str(exc).splitlines()[0])
+            ray.kill(self.api)
+            self.api = self.api_url = None
+            if self._owns_ray and not self.actors:
+                ray.shutdown()
         if self.actors:
             import ray
 

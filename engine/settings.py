@@ -53,13 +53,18 @@ class Settings(BaseModel):
     # Extra event types, merged into the built-in catalogue.
     EVENT_TYPES_FILE: str | None = None
     RAY_ADDRESS: str | None = None
+    # HTTP API (engine/api.py, served by actors/api.py): address, port and body limit.
+    # API_PORT unset: no API is started; 0: any free port.
+    API_HOST: str = Field("127.0.0.1", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
+    API_PORT: int | None = Field(None, ge=0, le=65_535)
+    API_MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
 
     @field_validator("*", mode="before")
     @classmethod
     def _no_bool_numbers(cls, value: Any, info: ValidationInfo) -> Any:
         # pydantic's lax mode would turn JSON true/false into 1/0 for a number setting
         field = cls.model_fields[info.field_name or ""]
-        if isinstance(value, bool) and field.annotation in (int, float):
+        if isinstance(value, bool) and field.annotation in (int, float, int | None):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
         return value
 

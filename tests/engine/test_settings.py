@@ -33,6 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
     "EVENT_TYPES_FILE": None,
     "RAY_ADDRESS": None,
+    "API_HOST": "127.0.0.1",
+    "API_PORT": None,
+    "API_MAX_BODY_BYTES": 16 * 1024 * 1024,
 }
 
 # A valid, non-default value for every setting: (value in main.json, same value as env text).
@@ -53,6 +56,9 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "HTTP_REQUEST_TIMEOUT_SEC": (600, "600"),
     "EVENT_TYPES_FILE": ("/etc/hookray/events.json", "/etc/hookray/events.json"),
     "RAY_ADDRESS": ("ray://head:10001", "ray://head:10001"),
+    "API_HOST": ("0.0.0.0", "0.0.0.0"),
+    "API_PORT": (8080, "8080"),
+    "API_MAX_BODY_BYTES": (1_048_576, "1048576"),
 }
 
 BOUND_INT = "Input should be a valid integer"
@@ -99,6 +105,15 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("HTTP_REQUEST_TIMEOUT_SEC", "0", "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "601", "accepted: a number <= 600"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "ten", BOUND_NUM),
+    ("API_HOST", "", "at least 1 character"),
+    ("API_HOST", "my host", "String should match pattern"),
+    ("API_HOST", "h" * 256, "at most 255 characters"),
+    ("API_PORT", "-1", "accepted: a number >= 0"),
+    ("API_PORT", "65536", "accepted: a number <= 65535"),
+    ("API_PORT", "http", BOUND_INT),
+    ("API_MAX_BODY_BYTES", "1023", "accepted: a number >= 1024"),
+    ("API_MAX_BODY_BYTES", "1073741825", "accepted: a number <= 1073741824"),
+    ("API_MAX_BODY_BYTES", "16MB", BOUND_INT),
 ]
 
 # (key, bad JSON value in main.json, what the message must say is accepted)
@@ -131,6 +146,14 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("EVENT_TYPES_FILE", ["a.json"], "Input should be a valid string"),
     ("RAY_ADDRESS", 10001, "Input should be a valid string"),
     ("RAY_ADDRESS", {"host": "head"}, "Input should be a valid string"),
+    ("API_HOST", 8080, "Input should be a valid string"),
+    ("API_HOST", None, "Input should be a valid string"),
+    ("API_PORT", True, BOOL),
+    ("API_PORT", 70000, "accepted: a number <= 65535"),
+    ("API_PORT", "8080x", BOUND_INT),
+    ("API_MAX_BODY_BYTES", 0, "accepted: a number >= 1024"),
+    ("API_MAX_BODY_BYTES", True, BOOL),
+    ("API_MAX_BODY_BYTES", 2.5, BOUND_INT),
 ]
 
 

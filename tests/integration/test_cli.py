@@ -19,7 +19,8 @@ pytestmark = pytest.mark.integration
 COMMANDS = [[], ["run"], ["demo"], ["hooks"], ["hooks", "list"], ["hooks", "create"],
             ["hooks", "update"], ["hooks", "get"], ["hooks", "delete"], ["hooks", "activate"],
             ["hooks", "stop"], ["hooks", "clone"], ["hooks", "test"], ["publish"], ["stats"],
-            ["dead-letters"], ["replay"]]
+            ["dead-letters"], ["replay"], ["tokens"], ["tokens", "create"], ["tokens", "list"],
+            ["tokens", "revoke"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hookray")

@@ -227,7 +227,7 @@ def test_job_with_a_duration_succeeds(jobs: Jobs, ray_session: Any, redis_url: s
     from ray.job_submission import JobStatus
 
     main, hooks_file = _write_config(tmp_path, redis_url, prefix, receiver)
-    job_id = jobs.submit(entrypoint=_entrypoint(jobs, main, hooks_file, 3),
+    job_id = jobs.submit(entrypoint=_entrypoint(jobs, main, hooks_file, 1),
                          runtime_env=RUNTIME_ENV)
     _wait_running(jobs, job_id)
     status = jobs.wait_end(job_id, timeout=40)

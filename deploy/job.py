@@ -1,0 +1,101 @@
+"""Ray job entrypoint: run the hookray engine (``hookray run``) as a Ray job.
+
+    ray job submit --address http://HEAD:8265 --working-dir . -- \\
+        python deploy/job.py --config deploy/main.json [--hooks deploy/hooks.example.json] \\
+        [--duration SECONDS] [--report-sec SECONDS]
+
+Ray copies the working dir to the cluster and runs this file from there. The repo
+root (the parent of ``deploy/``) is put first on ``sys.path`` so that the driver runs
+the very code that was submitted (the actors get the same working dir from the job's
+runtime_env). Everything else is ``actors.cli.cmd_run``, unchanged (options of
+``hookray run`` not listed here, e.g. ``--api-port``, are passed on as they are):
+
+* settings come from ``--config`` plus environment overrides. Inside a Ray job Ray
+  sets ``RAY_ADDRESS`` to the cluster's GCS address, which is also a settings key, so
+  the engine joins the job's own cluster (never a new local Ray). Ray finds that
+  address by looking for a running Ray on the node: with several independent Rays on
+  one machine (parallel test sessions) it may name another one; ``--ray-address``
+  then pins the cluster;
+* ``--hooks`` files are created as new hooks at every start;
+* ``ray job stop`` sends SIGTERM: the run loop ends, the actors are stopped and the
+  job ends as STOPPED. Ray force-kills the job ``RAY_JOB_STOP_WAIT_TIME_S`` (default
+  3) seconds after the signal; raise it through the job's runtime_env ``env_vars``
+  when the shutdown needs longer (the actors die with the driver in any case);
+* ``--duration 0`` runs until the job is stopped; with a duration the job ends as
+  SUCCEEDED at the first progress report after it (every ``--report-sec`` seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _use_repo_root() -> None:
+    """Make the packages next to this file importable, ahead of any installed copy."""
+    root = str(ROOT)
+    if (ROOT / "engine" / "__init__.py").is_file() and root not in sys.path:
+        sys.path.insert(0, root)
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
+    return value
+
+
+def _not_negative(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
+    return value
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="deploy/job.py",
+        description="Run the hookray engine as a Ray job (the same as `hookray run`).")
+    p.add_argument("--config", "-c", metavar="MAIN_JSON", default=os.environ.get("HOOKRAY_CONFIG"),
+                   help="settings file, relative to the job's working dir (default: "
+                   "$HOOKRAY_CONFIG, else built-in defaults); environment variables "
+                   "override it")
+    p.add_argument("--hooks", nargs="*", default=[], metavar="FILE",
+                   help="hook JSON files (object or array) to create at start")
+    p.add_argument("--duration", type=_not_negative, default=0.0, metavar="SECONDS",
+                   help="stop after this long (0: run until the job is stopped)")
+    p.add_argument("--report-sec", type=_positive, default=10.0, metavar="SECONDS",
+                   help="interval of the progress lines")
+    p.add_argument("--ray-address", metavar="HOST:PORT",
+                   help="Ray cluster to join (default: inside a Ray job the job's cluster, "
+                   "from Ray's RAY_ADDRESS; else RAY_ADDRESS of the settings, else a local Ray)")
+    return p
+
+
+def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
+    """The ``hookray`` command line equivalent to this job's arguments; options this
+    parser does not know go to ``hookray run`` as they are (it rejects unknown ones)."""
+    argv = ["--config", args.config] if args.config else []
+    argv += ["run", "--duration", str(args.duration), "--report-sec", str(args.report_sec)]
+    if args.ray_address:
+        argv += ["--ray-address", args.ray_address]
+    argv += extra
+    if args.hooks:
+        argv += ["--hooks", *args.hooks]
+    return argv
+
+
+def main(argv: list[str] | None = None) -> int:
+    args, extra = _parser().parse_known_args(argv)
+    _use_repo_root()
+    from actors.cli import main as hookray_main
+
+    return hookray_main(run_argv(args, extra))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

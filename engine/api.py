@@ -1,0 +1,637 @@
+"""The HTTP API: event ingest and hook administration, per-account tokens (aiohttp).
+
+``create_app(settings)`` builds the application; ``actors/api.py`` serves it from
+a Ray actor and ``engine/openapi.json`` (served at ``GET /v1/openapi.json``)
+describes every route. No Ray here: the app talks to the engine's Redis through
+the same stores as the driver API.
+
+Decisions (README, "HTTP API"):
+
+* ``Authorization: Bearer <token>`` on every route but the OpenAPI description;
+  missing, malformed, unknown or revoked token -> 401. An ``ingest`` token may
+  only ``POST /v1/events``; any other route -> 403.
+* An account sees only its own objects: another account's hook or dead letter
+  answers 404 exactly like a missing one, so ids do not leak.
+* ``POST /v1/events``: all-or-nothing by default (any bad event -> 422 listing
+  index, field and reason of each, nothing accepted); ``?partial=true`` accepts the
+  good ones and answers 207 listing the bad ones (422 when none is good). An event
+  whose ``account_id`` is not the token's -> 403 for the whole request, nothing
+  accepted, with or without ``partial`` (a wrong-account event means a misrouted
+  producer, not a bad event). 202 means the events are in the intake streams.
+* Secrets in hook settings are write-only: every read shows ``**********``; on PUT
+  that value keeps the stored secret. It is never stored as a secret itself (422).
+* Errors are JSON everywhere: ``{"error": {"code", "message", "issues"?}}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import redis
+from aiohttp import web
+from pydantic import BaseModel, SecretStr, ValidationError
+
+from engine.auth import TokenInfo, TokenStore
+from engine.catalogue import EventCatalogue, load_catalogue
+from engine.errors import HookError, NotFound
+from engine.events import EventIssue, decode_batch, ensure_ids
+from engine.hooks import Hook
+from engine.intake import Intake
+from engine.keys import Keys
+from engine.settings import Settings
+from engine.stores import STAT_FIELDS, HookRegistry, NameStore, RetryStore, Stats
+from engine.testevent import send_test_event
+from engine.transports.base import Delivery, unpack_delivery
+
+log = logging.getLogger("hookray.api")
+
+MASK = "**********"  # how every secret reads
+OPENAPI_PATH = Path(__file__).with_name("openapi.json")
+NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
+                          "application/x-jsonlines", "application/jsonlines"})
+MAX_DEAD_LETTERS = 1000  # most dead letters one GET returns
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 413: "payload_too_large",
+               415: "unsupported_media_type", 422: "validation_failed",
+               500: "internal_error", 503: "unavailable"}
+
+
+class ApiError(Exception):
+    """An error answer: status, message and optional issues."""
+
+    def __init__(self, status: int, message: str, issues: list[dict[str, Any]] | None = None,
+                 headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.issues, self.headers = status, message, issues, headers
+
+    def response(self) -> web.Response:
+        return error_response(self.status, self.message, self.issues, self.headers)
+
+
+def error_response(status: int, message: str, issues: list[dict[str, Any]] | None = None,
+                   headers: dict[str, str] | None = None) -> web.Response:
+    error: dict[str, Any] = {"code": ERROR_CODES.get(status, f"http_{status}"),
+                             "message": message}
+    if issues is not None:
+        error["issues"] = issues
+    return web.json_response({"error": error}, status=status, headers=headers)
+
+
+# --- backend: the stores, shared by every request ------------------------------------
+
+
+@dataclass
+class Backend:
+    settings: Settings
+    r: redis.Redis
+    catalogue: EventCatalogue
+    hooks: HookRegistry
+    intake: Intake
+    stats: Stats
+    retry: RetryStore
+    names: NameStore
+    tokens: TokenStore
+
+    @classmethod
+    def of(cls, settings: Settings, r: redis.Redis | None = None) -> Backend:
+        r = r or redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+        keys = Keys(settings.REDIS_PREFIX)
+        catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
+        return cls(settings, r, catalogue, HookRegistry(r, keys, catalogue),
+                   Intake(r, keys, settings.PARTITIONS, settings.INTAKE_MAX_BATCH, catalogue),
+                   Stats(r, keys), RetryStore(r, keys), NameStore(r, keys),
+                   TokenStore(r, settings.REDIS_PREFIX))
+
+    def owned_hook(self, account_id: int, hook_id: int) -> Hook:
+        """The hook if it exists and is the account's; 404 otherwise (ids do not leak)."""
+        try:
+            hook = self.hooks.get(hook_id)
+        except NotFound:
+            hook = None
+        if hook is None or hook.account_id != account_id:
+            raise ApiError(404, f"hook {hook_id} does not exist")
+        return hook
+
+    def owned_dead_letters(self, account_id: int, ids: list[str]) -> list[Delivery]:
+        raw: list[bytes | None] = self.r.hmget(self.retry.k.dead_payload, ids)  # type: ignore[assignment]
+        found = []
+        for delivery_id, payload in zip(ids, raw, strict=True):
+            d = unpack_delivery(payload) if payload is not None else None
+            if d is None or d.account_id != account_id:
+                raise ApiError(404, f"dead letter {delivery_id} does not exist")
+            found.append(d)
+        return found
+
+
+# --- events ----------------------------------------------------------------------------
+
+
+def _issue(issue: EventIssue) -> dict[str, Any]:
+    return {"index": issue.index, "field": issue.field, "reason": issue.reason}
+
+
+def body_mode(content_type: str) -> str:
+    """"array" (application/json), "ndjson" (NDJSON types) or "sniff" (anything else)."""
+    if content_type == "application/json":
+        return "array"
+    return "ndjson" if content_type in NDJSON_TYPES else "sniff"
+
+
+def publish_events(backend: Backend, body: bytes, *, account_id: int, partial: bool = False,
+                   mode: str = "sniff") -> tuple[int, dict[str, Any]]:
+    """Validate events posted under a token of ``account_id`` and append the accepted
+    ones to the intake: (HTTP status, answer), or ApiError. Blocking (Redis)."""
+    first = body.lstrip()[:1]
+    if not first:
+        raise ApiError(400, "the request body holds no events")
+    if mode == "array" and first != b"[":
+        raise ApiError(400, "Content-Type application/json: expected a JSON array of events")
+    if mode == "ndjson" and first != b"{":
+        raise ApiError(400, "NDJSON body: expected one JSON object per line")
+    batch = decode_batch(body, backend.catalogue)
+    if batch.issues and batch.issues[0].index < 0:  # the body as a whole is not JSON
+        raise ApiError(400, f"malformed JSON: {batch.issues[0].reason}")
+    foreign = [EventIssue(i, "account_id", f"account {e.account_id} is not the token's "
+                          f"account {account_id}")
+               for e, i in zip(batch.events, batch.indices, strict=True)
+               if e.account_id != account_id]
+    if foreign:
+        raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted",
+                       [_issue(i) for i in foreign])
+    issues = [_issue(i) for i in batch.issues]
+    if issues and not (partial and batch.events):
+        raise ApiError(422, f"{len(issues)} bad event(s), nothing accepted", issues)
+    ensure_ids(batch.events)
+    backend.intake.append(batch.events)
+    if not issues:
+        return 202, {"accepted": len(batch.events)}
+    return 207, {"accepted": len(batch.events), "rejected": len(issues), "issues": issues}
+
+
+# --- hooks -----------------------------------------------------------------------------
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "hook"
+
+
+def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
+    """A Hook, or ApiError 422 naming each bad field and its reason."""
+    try:
+        hook = Hook.model_validate(data, context={"catalogue": catalogue})
+        problems = []
+    except ValidationError as exc:  # only loc and msg: an input value may be a secret
+        problems = [{"field": _loc(e["loc"]), "reason": e["msg"].removeprefix("Value error, ")}
+                    for e in exc.errors(include_url=False, include_input=False)]
+    if problems:
+        raise ApiError(422, "invalid hook: " + "; ".join(
+            f"{p['field']}: {p['reason']}" for p in problems), problems)
+    masked = _masked_secrets(hook)
+    if masked:
+        raise ApiError(422, "invalid hook: a secret cannot be the redacted value " + MASK,
+                       [{"field": f, "reason": f"the redacted value {MASK} keeps a stored "
+                         "secret only on PUT of the same hook; send the secret itself"}
+                        for f in masked])
+    return hook
+
+
+def _masked_secrets(model: BaseModel, path: str = "") -> list[str]:
+    found = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        if isinstance(value, SecretStr) and value.get_secret_value() == MASK:
+            found.append(path + name)
+        elif isinstance(value, BaseModel):
+            found += _masked_secrets(value, f"{path}{name}.")
+    return found
+
+
+def restore_secrets(new: dict[str, Any], stored: Hook) -> dict[str, Any]:
+    """``new`` with every ``**********`` that stands where ``stored`` shows a redacted
+    secret replaced by the stored secret (the rest unchanged)."""
+    return _restore(new, stored.display(), stored.to_storage())
+
+
+def _restore(new: Any, shown: Any, clear: Any) -> Any:
+    if not isinstance(new, dict) or not isinstance(shown, dict) or not isinstance(clear, dict):
+        return new
+    out = {}
+    for key, value in new.items():
+        if value == MASK and shown.get(key) == MASK and key in clear:
+            out[key] = clear[key]
+        else:
+            out[key] = _restore(value, shown.get(key), clear.get(key))
+    return out
+
+
+def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, Any]:
+    if not isinstance(data, dict):
+        raise ApiError(422, f"expected a JSON object ({what})",
+                       [{"field": what, "reason": "expected a JSON object"}])
+    given = data.get("account_id", account_id)
+    if isinstance(given, int) and not isinstance(given, bool) and given != account_id:
+        raise ApiError(403, f"account_id {given} is not the token's account {account_id}")
+    return {**data, "account_id": given}  # not an integer: validation names it (422)
+
+
+# --- dead letters and stats ------------------------------------------------------------
+
+
+def dead_letter_json(d: Delivery) -> dict[str, Any]:
+    return {"id": d.id, "hook_id": d.hook_id, "account_id": d.account_id, "kind": d.kind,
+            "messages": d.count, "resends": d.resends, "last_error": d.last_error,
+            "created_ms": d.created_ms, "last_attempt_ms": d.last_attempt_ms,
+            "message_ids": list(d.message_ids)}
+
+
+def account_stats(backend: Backend, account_id: int) -> dict[str, Any]:
+    per_hook = {str(h.id): backend.stats.get(h.id or 0)
+                for h in backend.hooks.all(account_id)}
+    totals = {f: sum(s[f] for s in per_hook.values()) for f in STAT_FIELDS}
+    return {"hooks": per_hook, "totals": totals}
+
+
+# --- request helpers -------------------------------------------------------------------
+
+BACKEND = web.AppKey("backend", Backend)
+EXECUTOR: web.AppKey[ThreadPoolExecutor | None] = web.AppKey("executor")
+OPENAPI = web.AppKey("openapi", bytes)
+TOKEN = web.RequestKey("token", TokenInfo)
+
+
+async def _run(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a blocking (Redis) call off the event loop."""
+    executor = request.app[EXECUTOR]
+    if executor is None:
+        return fn(*args, **kwargs)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
+
+
+async def _json(request: web.Request, default: Any = None) -> Any:
+    body = await request.read()
+    if not body.strip():
+        if default is not None:
+            return default
+        raise ApiError(400, "the request body is empty; expected JSON")
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ApiError(400, f"malformed JSON: {exc}") from None
+
+
+def _flag(request: web.Request, name: str) -> bool:
+    value = request.query.get(name, "false").lower()
+    if value not in ("true", "false", "1", "0", "yes", "no"):
+        raise ApiError(400, f"query parameter {name} must be true or false, not {value!r}")
+    return value in ("true", "1", "yes")
+
+
+def _int_query(request: web.Request, name: str, default: int | None, low: int,
+               high: int) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise ApiError(422, f"query parameter {name}={raw!r}: expected an integer from "
+                       f"{low} to {high}", [{"field": name, "reason": "expected an integer "
+                                             f"from {low} to {high}"}])
+    return value
+
+
+def _hook_id(request: web.Request) -> int:
+    return int(request.match_info["id"])
+
+
+def _hook_json(hook: Hook, status: int = 200) -> web.Response:
+    return web.json_response(hook.display(), status=status)
+
+
+# --- handlers --------------------------------------------------------------------------
+
+
+async def post_events(request: web.Request) -> web.Response:
+    token = request[TOKEN]
+    partial = _flag(request, "partial")
+    body = await request.read()
+    status, answer = await _run(request, publish_events, request.app[BACKEND], body,
+                                account_id=token.account_id, partial=partial,
+                                mode=body_mode(request.content_type))
+    return web.json_response(answer, status=status)
+
+
+async def list_hooks(request: web.Request) -> web.Response:
+    hooks = await _run(request, request.app[BACKEND].hooks.all, request[TOKEN].account_id)
+    return web.json_response({"hooks": [h.display() for h in hooks]})
+
+
+async def create_hook(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    data = _with_account(await _json(request), request[TOKEN].account_id)
+    data.pop("id", None)  # assigned by the server
+    validate_hook({**data, "id": 0}, backend.catalogue)
+    hook = await _run(request, backend.hooks.create, data)
+    response = _hook_json(hook, 201)
+    response.headers["Location"] = f"/v1/hooks/{hook.id}"
+    return response
+
+
+async def get_hook(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    return _hook_json(await _run(request, backend.owned_hook, request[TOKEN].account_id,
+                                 _hook_id(request)))
+
+
+def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[str, Any]
+                  ) -> Hook:
+    stored = backend.owned_hook(account_id, hook_id)
+    if data.get("id", hook_id) != hook_id:
+        raise ApiError(422, f"id {data['id']!r} differs from the hook's id {hook_id}",
+                       [{"field": "id", "reason": f"must be {hook_id} (or absent)"}])
+    data = restore_secrets({**data, "id": hook_id}, stored)
+    validate_hook(data, backend.catalogue)
+    return backend.hooks.update(hook_id, data)
+
+
+async def put_hook(request: web.Request) -> web.Response:
+    account_id = request[TOKEN].account_id
+    data = _with_account(await _json(request), account_id)
+    return _hook_json(await _run(request, _replace_hook, request.app[BACKEND], account_id,
+                                 _hook_id(request), data))
+
+
+def _delete_hook(backend: Backend, account_id: int, hook_id: int) -> None:
+    backend.owned_hook(account_id, hook_id)
+    backend.hooks.delete(hook_id)
+
+
+async def delete_hook(request: web.Request) -> web.Response:
+    await _run(request, _delete_hook, request.app[BACKEND], request[TOKEN].account_id,
+               _hook_id(request))
+    return web.Response(status=204)
+
+
+def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool) -> Hook:
+    backend.owned_hook(account_id, hook_id)
+    return backend.hooks.set_active(hook_id, active)
+
+
+async def activate_hook(request: web.Request) -> web.Response:
+    return _hook_json(await _run(request, _set_active, request.app[BACKEND],
+                                 request[TOKEN].account_id, _hook_id(request), True))
+
+
+async def stop_hook(request: web.Request) -> web.Response:
+    return _hook_json(await _run(request, _set_active, request.app[BACKEND],
+                                 request[TOKEN].account_id, _hook_id(request), False))
+
+
+def _clone(backend: Backend, account_id: int, hook_id: int, name: str | None) -> Hook:
+    backend.owned_hook(account_id, hook_id)
+    try:
+        return backend.hooks.clone(hook_id, name)
+    except HookError as exc:
+        raise ApiError(422, str(exc), [{"field": "name", "reason": str(exc)}]) from None
+
+
+async def clone_hook(request: web.Request) -> web.Response:
+    body = await _json(request, default={})
+    if not isinstance(body, dict) or not isinstance(body.get("name", ""), str) \
+            or not 0 < len(body.get("name", "x")) <= 255:
+        raise ApiError(422, "expected {\"name\": string of 1 to 255 characters} or no body",
+                       [{"field": "name", "reason": "expected a string of 1 to 255 characters"}])
+    hook = await _run(request, _clone, request.app[BACKEND], request[TOKEN].account_id,
+                      _hook_id(request), body.get("name"))
+    response = _hook_json(hook, 201)
+    response.headers["Location"] = f"/v1/hooks/{hook.id}"
+    return response
+
+
+async def test_hook(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    body = await _json(request)
+    event_type = body.get("event_type") if isinstance(body, dict) else None
+    if not isinstance(event_type, str) or event_type not in backend.catalogue:
+        reason = ("required: an event code" if event_type is None
+                  else f"unknown event type {event_type!r}")
+        raise ApiError(422, f"event_type: {reason}", [{"field": "event_type", "reason": reason}])
+    hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
+    names = await _run(request, backend.names.load)
+    outcome = await send_test_event(hook, event_type, names,
+                                    timeout_sec=backend.settings.HTTP_REQUEST_TIMEOUT_SEC)
+    return web.json_response({"delivered": outcome.ok, "status": outcome.status,
+                              "detail": outcome.detail, "error": outcome.error})
+
+
+def _hook_stats(backend: Backend, account_id: int, hook_id: int) -> dict[str, int]:
+    backend.owned_hook(account_id, hook_id)
+    return backend.stats.get(hook_id)
+
+
+async def hook_stats(request: web.Request) -> web.Response:
+    return web.json_response(await _run(request, _hook_stats, request.app[BACKEND],
+                                        request[TOKEN].account_id, _hook_id(request)))
+
+
+async def stats(request: web.Request) -> web.Response:
+    return web.json_response(await _run(request, account_stats, request.app[BACKEND],
+                                        request[TOKEN].account_id))
+
+
+def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit: int
+                  ) -> list[Delivery]:
+    if hook_id is not None:
+        backend.owned_hook(account_id, hook_id)
+    return backend.retry.dead_letters(account_id, hook_id, limit)
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    hook_id = _int_query(request, "hook_id", None, 0, 2**63 - 1)
+    limit = _int_query(request, "limit", 100, 1, MAX_DEAD_LETTERS) or 100
+    letters = await _run(request, _dead_letters, request.app[BACKEND],
+                         request[TOKEN].account_id, hook_id, limit)
+    return web.json_response({"dead_letters": [dead_letter_json(d) for d in letters]})
+
+
+def _replay(backend: Backend, account_id: int, body: dict[str, Any]) -> int:
+    if "ids" in body:
+        ids = list(dict.fromkeys(body["ids"]))  # each once
+    else:
+        hook_id = body.get("hook_id")
+        if hook_id is not None:
+            backend.owned_hook(account_id, hook_id)
+        ids = [d.id for d in backend.retry.dead_letters(account_id, hook_id, limit=10**9)]
+    if not ids:
+        return 0
+    backend.owned_dead_letters(account_id, ids)
+    try:
+        return backend.retry.replay(ids)
+    except NotFound as exc:  # replayed by someone else meanwhile
+        raise ApiError(404, str(exc)) from None
+
+
+REPLAY_SHAPE = ('expected {"ids": [dead letter id, ...]} or {"all": true} '
+                '(optionally with "hook_id")')
+
+
+async def replay(request: web.Request) -> web.Response:
+    body = await _json(request)
+    if not isinstance(body, dict):
+        raise ApiError(422, REPLAY_SHAPE, [{"field": "body", "reason": REPLAY_SHAPE}])
+    ids, everything, hook_id = body.get("ids"), body.get("all"), body.get("hook_id")
+    problems = []
+    if set(body) - {"ids", "all", "hook_id"}:
+        problems.append({"field": ", ".join(sorted(set(body) - {"ids", "all", "hook_id"})),
+                         "reason": "unknown field"})
+    if (ids is None) == (everything is not True):
+        problems.append({"field": "ids", "reason": "give either ids or \"all\": true"})
+    if ids is not None and not (isinstance(ids, list) and ids
+                                and all(isinstance(i, str) and i for i in ids)):
+        problems.append({"field": "ids", "reason": "expected a non-empty list of ids"})
+    if everything not in (None, True):
+        problems.append({"field": "all", "reason": "expected true"})
+    if hook_id is not None and (ids is not None or isinstance(hook_id, bool)
+                                or not isinstance(hook_id, int) or hook_id < 0):
+        problems.append({"field": "hook_id", "reason": "an integer >= 0, only with \"all\""})
+    if problems:
+        raise ApiError(422, REPLAY_SHAPE, problems)
+    n = await _run(request, _replay, request.app[BACKEND], request[TOKEN].account_id, body)
+    return web.json_response({"replayed": n})
+
+
+async def openapi(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[OPENAPI], content_type="application/json")
+
+
+# --- middleware and the app ------------------------------------------------------------
+
+INGEST_HANDLERS = frozenset({post_events})
+PUBLIC_HANDLERS = frozenset({openapi})
+
+
+def _bearer(request: web.Request) -> str:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    if not header:
+        raise ApiError(401, "missing Authorization: Bearer <token>",
+                       headers={"WWW-Authenticate": 'Bearer realm="hookray"'})
+    if scheme.lower() != "bearer" or not token.strip():
+        raise ApiError(401, "expected Authorization: Bearer <token>",
+                       headers={"WWW-Authenticate": 'Bearer realm="hookray"'})
+    return token.strip()
+
+
+async def _authorize(request: web.Request, handler: Handler) -> None:
+    token = _bearer(request)
+    info = await _run(request, request.app[BACKEND].tokens.authenticate, token)
+    if info is None:
+        raise ApiError(401, "unknown or revoked token", headers={
+            "WWW-Authenticate": 'Bearer realm="hookray", error="invalid_token"'})
+    if info.role != "master" and handler not in INGEST_HANDLERS:
+        raise ApiError(403, f"an {info.role} token may only publish events; this route "
+                       "needs a master token")
+    request[TOKEN] = info
+
+
+@web.middleware
+async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        route_error = request.match_info.http_exception
+        if route_error is not None:
+            raise route_error
+        target = getattr(request.match_info, "handler", handler)
+        if target not in PUBLIC_HANDLERS:
+            await _authorize(request, target)
+        return await handler(request)
+    except ApiError as exc:
+        return exc.response()
+    except web.HTTPException as exc:
+        return _http_error(request, exc)
+    except redis.RedisError as exc:
+        log.warning("%s %s: Redis: %s", request.method, request.path, exc)
+        return error_response(503, "the engine's Redis is unavailable; try again")
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return error_response(500, "internal error")
+
+
+def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:
+    headers = {}
+    if exc.status == 405 and isinstance(exc, web.HTTPMethodNotAllowed):
+        headers["Allow"] = ", ".join(sorted(exc.allowed_methods))
+        message = f"method {request.method} is not allowed here; allowed: {headers['Allow']}"
+    elif exc.status == 404:
+        message = f"no route {request.path}"
+    elif exc.status == 413:
+        limit = request.app[BACKEND].settings.API_MAX_BODY_BYTES
+        message = f"the request body is larger than {limit} bytes (API_MAX_BODY_BYTES)"
+    else:
+        message = exc.reason or exc.text or "error"
+    return error_response(exc.status, message, headers=headers or None)
+
+
+def create_app(settings: Settings, r: redis.Redis | None = None, *,
+               threads: int = 4) -> web.Application:
+    """The API application on the engine of ``settings`` (its Redis: ``r`` or a new
+    client, closed with the app). Blocking Redis calls run on ``threads`` threads
+    (0: on the event loop itself)."""
+    backend = Backend.of(settings, r)
+    app = web.Application(middlewares=[api_middleware],
+                          client_max_size=settings.API_MAX_BODY_BYTES)
+    app[BACKEND] = backend
+    app[EXECUTOR] = (ThreadPoolExecutor(threads, thread_name_prefix="hookray-api")
+                     if threads else None)
+    app[OPENAPI] = OPENAPI_PATH.read_bytes()
+    add = app.router.add_route
+    add("POST", "/v1/events", post_events)
+    add("GET", "/v1/hooks", list_hooks)
+    add("POST", "/v1/hooks", create_hook)
+    add("GET", r"/v1/hooks/{id:\d+}", get_hook)
+    add("PUT", r"/v1/hooks/{id:\d+}", put_hook)
+    add("DELETE", r"/v1/hooks/{id:\d+}", delete_hook)
+    add("POST", r"/v1/hooks/{id:\d+}/activate", activate_hook)
+    add("POST", r"/v1/hooks/{id:\d+}/stop", stop_hook)
+    add("POST", r"/v1/hooks/{id:\d+}/clone", clone_hook)
+    add("POST", r"/v1/hooks/{id:\d+}/test", test_hook)
+    add("GET", r"/v1/hooks/{id:\d+}/stats", hook_stats)
+    add("GET", "/v1/stats", stats)
+    add("GET", "/v1/dead-letters", dead_letters)
+    add("POST", "/v1/dead-letters/replay", replay)
+    add("GET", "/v1/openapi.json", openapi)
+
+    async def close(app: web.Application) -> None:
+        executor = app[EXECUTOR]
+        if executor is not None:
+            executor.shutdown(wait=True)
+        if r is None:
+            backend.r.close()
+
+    app.on_cleanup.append(close)
+    return app
+
+
+def routes(app: web.Application) -> list[tuple[str, str]]:
+    """(method, path template) of every route, e.g. ("GET", "/v1/hooks/{id}")."""
+    out = []
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource else {}
+        path = info.get("formatter") or info.get("path") or ""
+        if route.method != "HEAD":
+            out.append((route.method, path))
+    return out
+

@@ -1,0 +1,110 @@
+"""API tokens: per account, role ``master`` or ``ingest``, stored hashed in Redis.
+
+A token is ``hr_<token id>_<secret>`` (the secret: 32 random bytes, urlsafe
+base64). Redis keeps only its SHA-256, under ``{p}:tokens`` (a hash: token id ->
+JSON ``{"account_id", "role", "name", "hash", "created"}``), so a leaked Redis
+dump holds no usable token. The clear token is returned once, by ``create``.
+
+* ``master``: configures hooks, reads stats and dead letters, replays, publishes;
+* ``ingest``: publishes events of its own account, nothing else.
+
+``authenticate`` reads the record of the token id embedded in the token and
+compares hashes in constant time; a revoked token is gone at once (no cache).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, cast
+
+import redis
+
+from engine.errors import NotFound
+
+Role = Literal["master", "ingest"]
+ROLES: tuple[Role, ...] = ("master", "ingest")
+TOKEN_PREFIX = "hr"
+_TOKEN = re.compile(r"hr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+
+
+def tokens_key(prefix: str) -> str:
+    """The Redis hash of every token: token id -> record JSON (not in engine.keys:
+    the API is the only user)."""
+    return f"{prefix}:tokens"
+
+
+@dataclass(frozen=True)
+class TokenInfo:
+    """A stored token, without its secret."""
+
+    id: str
+    account_id: int
+    role: Role
+    name: str
+    created: float  # unix seconds
+
+    def public(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+class TokenStore:
+    def __init__(self, r: redis.Redis, prefix: str) -> None:
+        self.r = r
+        self.key = tokens_key(prefix)
+
+    def create(self, account_id: int, role: str, name: str = "") -> tuple[str, TokenInfo]:
+        """A new token of ``account_id`` with ``role``: (the clear token, its record).
+        The clear token is not stored and cannot be shown again."""
+        if role not in ROLES:
+            raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
+        if isinstance(account_id, bool) or not isinstance(account_id, int) or account_id < 0:
+            raise ValueError(f"account id {account_id!r} is not an integer >= 0")
+        if len(name) > 255:
+            raise ValueError("name is longer than 255 characters")
+        while True:
+            token_id = secrets.token_hex(8)
+            token = f"{TOKEN_PREFIX}_{token_id}_{secrets.token_urlsafe(32)}"
+            info = TokenInfo(token_id, account_id, cast(Role, role), name,
+                             round(time.time(), 3))
+            record = {**info.public(), "hash": _digest(token)}
+            del record["id"]
+            if self.r.hsetnx(self.key, token_id, json.dumps(record)):
+                return token, info
+
+    def authenticate(self, token: str) -> TokenInfo | None:
+        """The token's record, or None for a malformed, unknown or revoked token."""
+        m = _TOKEN.fullmatch(token)
+        if m is None:
+            return None
+        raw = self.r.hget(self.key, m.group(1))
+        if raw is None:
+            return None
+        record = json.loads(raw)
+        if not hmac.compare_digest(record["hash"], _digest(token)):
+            return None
+        return _info(m.group(1), record)
+
+    def list(self, account_id: int | None = None) -> list[TokenInfo]:
+        raw: dict[bytes, bytes] = self.r.hgetall(self.key)  # type: ignore[assignment]
+        infos = [_info(k.decode(), json.loads(v)) for k, v in raw.items()]
+        return sorted((i for i in infos if account_id is None or i.account_id == account_id),
+                      key=lambda i: (i.account_id, i.created, i.id))
+
+    def revoke(self, token_id: str) -> None:
+        if not self.r.hdel(self.key, token_id):
+            raise NotFound(f"token {token_id} does not exist")
+
+
+def _info(token_id: str, record: dict[str, Any]) -> TokenInfo:
+    return TokenInfo(token_id, int(record["account_id"]), record["role"],
+                     record.get("name", ""), float(record["created"]))

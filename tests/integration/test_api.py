@@ -1,0 +1,694 @@
+"""The HTTP API: every route, both roles, cross-account refusal, every error code.
+
+Most tests run ``engine.api.create_app`` on a real aiohttp server on 127.0.0.1
+against real Redis (no actors: an event is accepted once it is in the intake
+stream); the last one starts the API actor on Ray and follows events through
+the running engine to a receiver.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import msgspec
+import pytest
+import redis
+from aiohttp.test_utils import TestClient, TestServer
+
+from actors.cli import main as cli_main
+from engine.api import MASK, OPENAPI_PATH, create_app, routes
+from engine.auth import TokenStore, tokens_key
+from engine.errors import NotFound
+from engine.intake import decode_entry
+from engine.keys import Keys
+from engine.receiver import Receiver
+from engine.settings import Settings
+from engine.stores import HookRegistry, RetryStore
+from engine.transports.base import Delivery, now_ms
+
+pytestmark = pytest.mark.integration
+
+DATE = "2026-11-29T10:00:00.123456789Z"
+
+
+def events(n: int, account_id: int = 1, **extra: Any) -> list[dict[str, Any]]:
+    types = ("click", "open", "deliv", "send")
+    return [{"event_type": types[i % 4], "event_date": DATE, "account_id": account_id,
+             "list_id": 1 + i % 3, "event_data": {"campaign_id": 7, "message_id": 5}, **extra}
+            for i in range(n)]
+
+
+def hook_body(url: str = "http://127.0.0.1:9/hook", **extra: Any) -> dict[str, Any]:
+    return {"name": "crm", "actions": ["click", "open", "deliv"],
+            "target": {"http_batch": {"url": url, "max_batch_size": 50, "flush_timeout_sec": 0.3,
+                                      "auth": {"kind": "bearer", "token": "s3cr3t"}}},
+            **extra}
+
+
+@dataclass
+class Answer:
+    status: int
+    body: Any
+    headers: Any
+
+    @property
+    def error(self) -> dict[str, Any]:
+        assert set(self.body) == {"error"}, self.body
+        return dict(self.body["error"])
+
+
+@dataclass
+class Api:
+    client: TestClient[Any, Any]
+    settings: Settings
+    r: redis.Redis
+    master: str  # account 1
+    ingest: str  # account 1
+    other: str  # master of account 2
+    other_ingest: str  # account 2
+
+    async def call(self, method: str, path: str, token: str | None = None, *,
+                   json_body: Any = None, data: bytes | str | None = None,
+                   headers: dict[str, str] | None = None) -> Answer:
+        headers = dict(headers or {})
+        if token is not None:
+            headers["Authorization"] = f"Bearer {token}"
+        if json_body is not None:
+            data = json.dumps(json_body)
+            headers.setdefault("Content-Type", "application/json")
+        async with self.client.request(method, path, data=data, headers=headers) as rsp:
+            raw = await rsp.read()
+            body = json.loads(raw) if raw else None
+            return Answer(rsp.status, body, rsp.headers)
+
+    def intake(self) -> list[dict[str, Any]]:
+        """Every event in the intake streams."""
+        keys = Keys(self.settings.REDIS_PREFIX)
+        out = []
+        for n in range(self.settings.PARTITIONS):
+            entries: list[tuple[bytes, dict[bytes, bytes]]] = self.r.xrange(  # type: ignore[assignment]
+                keys.intake(n))
+            for _, fields in entries:
+                out += msgspec.to_builtins(decode_entry(fields))
+        return out
+
+    async def create(self, token: str | None = None, **extra: Any) -> dict[str, Any]:
+        answer = await self.call("POST", "/v1/hooks", token or self.master,
+                                 json_body=hook_body(**extra))
+        assert answer.status == 201, answer.body
+        return dict(answer.body)
+
+
+async def start_api(settings: Settings, r: redis.Redis) -> tuple[TestClient[Any, Any], Api]:
+    tokens = TokenStore(r, settings.REDIS_PREFIX)
+    client: TestClient[Any, Any] = TestClient(TestServer(create_app(settings), host="127.0.0.1"))
+    await client.start_server()
+    api = Api(client, settings, r, tokens.create(1, "master", "m1")[0],
+              tokens.create(1, "ingest", "i1")[0], tokens.create(2, "master", "m2")[0],
+              tokens.create(2, "ingest", "i2")[0])
+    return client, api
+
+
+@pytest.fixture
+async def api(settings: Settings, redis_client: redis.Redis) -> AsyncIterator[Api]:
+    client, api = await start_api(settings, redis_client)
+    yield api
+    await client.close()
+
+
+# every route with a valid request shape (ids are filled in by the tests)
+ROUTES = [("POST", "/v1/events"), ("GET", "/v1/hooks"), ("POST", "/v1/hooks"),
+          ("GET", "/v1/hooks/{id}"), ("PUT", "/v1/hooks/{id}"), ("DELETE", "/v1/hooks/{id}"),
+          ("POST", "/v1/hooks/{id}/activate"), ("POST", "/v1/hooks/{id}/stop"),
+          ("POST", "/v1/hooks/{id}/clone"), ("POST", "/v1/hooks/{id}/test"),
+          ("GET", "/v1/hooks/{id}/stats"), ("GET", "/v1/stats"), ("GET", "/v1/dead-letters"),
+          ("POST", "/v1/dead-letters/replay"), ("GET", "/v1/openapi.json")]
+MASTER_ROUTES = [r for r in ROUTES if r not in (("POST", "/v1/events"),
+                                                ("GET", "/v1/openapi.json"))]
+
+
+# --- the description --------------------------------------------------------------------
+
+
+async def test_openapi_is_served_equal_to_the_file_and_describes_every_route(
+        api: Api) -> None:
+    answer = await api.call("GET", "/v1/openapi.json")  # no token needed
+    assert answer.status == 200
+    assert answer.headers["Content-Type"].startswith("application/json")
+    served = answer.body
+    assert served == json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    described = {(m.upper(), p) for p, item in served["paths"].items()
+                 for m in item if m != "parameters"}
+    assert set(routes(api.client.app)) == described == set(ROUTES)
+    assert served["openapi"].startswith("3.1")
+    validator = pytest.importorskip("openapi_spec_validator")
+    validator.validate(served)
+
+
+# --- tokens and roles -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("header", [None, "Basic dXNlcjpwYXNz", "Bearer", "Bearer nonsense",
+                                    "Bearer hr_0123456789abcdef_" + "A" * 43])
+async def test_every_route_but_the_description_needs_a_known_token(
+        api: Api, header: str | None) -> None:
+    hook = await api.create()
+    for method, path in [*MASTER_ROUTES, ("POST", "/v1/events")]:
+        headers = {"Authorization": header} if header else {}
+        answer = await api.call(method, path.format(id=hook["id"]), headers=headers,
+                                json_body={})
+        assert answer.status == 401, (method, path)
+        assert answer.error["code"] == "unauthorized"
+        assert answer.headers["WWW-Authenticate"].startswith("Bearer")
+
+
+async def test_ingest_token_may_only_publish(api: Api) -> None:
+    hook = await api.create()
+    for method, path in MASTER_ROUTES:
+        answer = await api.call(method, path.format(id=hook["id"]), api.ingest, json_body={})
+        assert answer.status == 403, (method, path)
+        assert answer.error["code"] == "forbidden"
+        assert "master token" in answer.error["message"]
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=events(3))
+    assert (answer.status, answer.body) == (202, {"accepted": 3})
+    # the master token publishes too
+    answer = await api.call("POST", "/v1/events", api.master, json_body=events(2))
+    assert (answer.status, answer.body) == (202, {"accepted": 2})
+    assert len(api.intake()) == 5
+
+
+async def test_tokens_are_stored_hashed_listed_and_revoked_at_once(api: Api) -> None:
+    store = TokenStore(api.r, api.settings.REDIS_PREFIX)
+    token, info = store.create(7, "ingest", "pipeline")
+    raw: dict[bytes, bytes] = api.r.hgetall(  # type: ignore[assignment]
+        tokens_key(api.settings.REDIS_PREFIX))
+    assert token.encode() not in b"".join([*raw, *raw.values()])
+    record = json.loads(raw[info.id.encode()])
+    assert set(record) == {"account_id", "role", "name", "hash", "created"}
+    assert [i.id for i in store.list(7)] == [info.id]
+    assert store.authenticate(token) == info
+    assert store.authenticate(token[:-1] + ("A" if token[-1] != "A" else "B")) is None
+    answer = await api.call("POST", "/v1/events", token, json_body=events(1, account_id=7))
+    assert answer.status == 202
+    store.revoke(info.id)
+    answer = await api.call("POST", "/v1/events", token, json_body=events(1, account_id=7))
+    assert answer.status == 401
+    assert answer.error == {"code": "unauthorized", "message": "unknown or revoked token"}
+    with pytest.raises(NotFound):
+        store.revoke(info.id)
+    with pytest.raises(ValueError, match="role"):
+        store.create(1, "admin")
+
+
+def test_cli_creates_lists_and_revokes_tokens(settings: Settings, redis_client: redis.Redis,
+                                              tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "main.json"
+    config.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL,
+                                  "REDIS_PREFIX": settings.REDIS_PREFIX}))
+    assert cli_main(["-c", str(config), "tokens", "create", "--account", "4", "--role",
+                     "ingest", "--name", "shop"]) == 0
+    out, err = capsys.readouterr()
+    created = json.loads(out)
+    assert created["role"] == "ingest" and created["account_id"] == 4
+    assert "shown once" in err
+    store = TokenStore(redis_client, settings.REDIS_PREFIX)
+    assert store.authenticate(created["token"]) is not None
+    assert cli_main(["-c", str(config), "tokens", "list", "--account", "4"]) == 0
+    listed = json.loads(capsys.readouterr().out)
+    assert [t["id"] for t in listed] == [created["id"]]
+    assert "token" not in listed[0] and "hash" not in listed[0]
+    assert cli_main(["-c", str(config), "tokens", "revoke", created["id"]]) == 0
+    capsys.readouterr()
+    assert store.authenticate(created["token"]) is None
+    assert cli_main(["-c", str(config), "tokens", "revoke", created["id"]]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+# --- events ---------------------------------------------------------------------------
+
+
+async def test_json_array_of_500_events_is_in_the_intake_on_202(api: Api) -> None:
+    posted = events(500)
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=posted)
+    assert (answer.status, answer.body) == (202, {"accepted": 500})
+    stored = api.intake()
+    assert len(stored) == 500
+    assert all(e["id"] for e in stored)  # ids assigned at intake
+    assert sorted(e["event_type"] for e in stored) == sorted(e["event_type"] for e in posted)
+
+
+@pytest.mark.parametrize("content_type", ["application/x-ndjson", "application/jsonl",
+                                          "text/plain", None])
+async def test_ndjson_by_content_type_or_by_sniffing(api: Api, content_type: str | None) -> None:
+    body = "\n".join(json.dumps(e) for e in events(4)) + "\n\n"
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = await api.call("POST", "/v1/events", api.ingest, data=body.encode(),
+                            headers=headers)
+    assert (answer.status, answer.body) == (202, {"accepted": 4})
+    # a JSON array without a Content-Type is sniffed too
+    answer = await api.call("POST", "/v1/events", api.ingest,
+                            data=json.dumps(events(2)).encode(), headers=headers)
+    if content_type in (None, "text/plain"):
+        assert (answer.status, answer.body) == (202, {"accepted": 2})
+    else:
+        assert answer.status == 400  # an NDJSON type with an array body
+    assert len(api.intake()) == (6 if content_type in (None, "text/plain") else 4)
+
+
+async def test_bad_events_are_422_with_index_field_and_reason_and_nothing_is_accepted(
+        api: Api) -> None:
+    batch = events(5)
+    batch[1]["event_type"] = "clack"
+    batch[3]["event_date"] = "yesterday"
+    del batch[4]["account_id"]
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=batch)
+    assert answer.status == 422
+    error = answer.error
+    assert error["code"] == "validation_failed"
+    assert "nothing accepted" in error["message"]
+    assert [(i["index"], i["field"]) for i in error["issues"]] == [
+        (1, "event_type"), (3, "event_date"), (4, "account_id")]
+    assert all(i["reason"] for i in error["issues"])
+    assert api.intake() == []
+    # NDJSON: a line that is not JSON is a bad event at its index
+    body = "\n".join([json.dumps(events(1)[0]), "{nope", json.dumps(events(1)[0])])
+    answer = await api.call("POST", "/v1/events", api.ingest, data=body,
+                            headers={"Content-Type": "application/x-ndjson"})
+    assert answer.status == 422
+    assert [i["index"] for i in answer.error["issues"]] == [1]
+    assert api.intake() == []
+
+
+async def test_partial_true_accepts_the_good_events_and_lists_the_bad_with_207(
+        api: Api) -> None:
+    batch = events(4)
+    batch[2]["event_type"] = "clack"
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, json_body=batch)
+    assert answer.status == 207
+    assert answer.body["accepted"] == 3 and answer.body["rejected"] == 1
+    assert answer.body["issues"] == [{"index": 2, "field": "event_type",
+                                      "reason": "unknown event type 'clack'"}]
+    assert len(api.intake()) == 3
+    # all good with partial: a plain 202
+    answer = await api.call("POST", "/v1/events?partial=1", api.ingest, json_body=events(2))
+    assert (answer.status, answer.body) == (202, {"accepted": 2})
+    # none good: nothing to accept, 422
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest,
+                            json_body=[{"event_type": "clack"}])
+    assert answer.status == 422
+    assert len(api.intake()) == 5
+    answer = await api.call("POST", "/v1/events?partial=maybe", api.ingest, json_body=events(1))
+    assert answer.status == 400 and answer.error["code"] == "bad_request"
+
+
+@pytest.mark.parametrize("partial", ["false", "true"])
+async def test_an_event_of_another_account_is_403_and_nothing_is_accepted(
+        api: Api, partial: str) -> None:
+    batch = events(3) + events(1, account_id=2)
+    answer = await api.call("POST", f"/v1/events?partial={partial}", api.ingest, json_body=batch)
+    assert answer.status == 403
+    assert answer.error["code"] == "forbidden"
+    assert answer.error["issues"] == [{"index": 3, "field": "account_id",
+                                       "reason": "account 2 is not the token's account 1"}]
+    assert api.intake() == []
+    answer = await api.call("POST", "/v1/events", api.other_ingest, json_body=events(1))
+    assert answer.status == 403
+    answer = await api.call("POST", "/v1/events", api.other_ingest,
+                            json_body=events(1, account_id=2))
+    assert answer.status == 202
+
+
+@pytest.mark.parametrize(("body", "content_type", "words"), [
+    (b"", "application/json", "no events"),
+    (b"   \n", None, "no events"),
+    (b'[{"event_type": "click",', "application/json", "malformed JSON"),
+    (b"[1, 2", None, "malformed JSON"),
+    (b'{"event_type": "click"}', "application/json", "expected a JSON array"),
+])
+async def test_malformed_event_bodies_are_400(api: Api, body: bytes, content_type: str | None,
+                                              words: str) -> None:
+    headers = {"Content-Type": content_type} if content_type else {}
+    answer = await api.call("POST", "/v1/events", api.ingest, data=body, headers=headers)
+    assert answer.status == 400
+    assert answer.error["code"] == "bad_request"
+    assert words in answer.error["message"]
+
+
+async def test_bodies_over_the_limit_are_413(settings: Settings,
+                                             redis_client: redis.Redis) -> None:
+    client, api = await start_api(settings.model_copy(update={"API_MAX_BODY_BYTES": 2048}),
+                                  redis_client)
+    try:
+        small = events(3)
+        assert (await api.call("POST", "/v1/events", api.ingest, json_body=small)).status == 202
+        for method, path, token in (("POST", "/v1/events", api.ingest),
+                                    ("POST", "/v1/hooks", api.master)):
+            answer = await api.call(method, path, token, json_body=events(40))
+            assert answer.status == 413, path
+            assert answer.error["code"] == "payload_too_large"
+            assert "2048 bytes" in answer.error["message"]
+        assert len(api.intake()) == 3
+    finally:
+        await client.close()
+
+
+async def test_json_errors_for_unknown_routes_and_methods(api: Api) -> None:
+    answer = await api.call("GET", "/v1/nothing-here", api.master)
+    assert answer.status == 404 and answer.error["code"] == "not_found"
+    answer = await api.call("GET", "/v1/hooks/abc", api.master)
+    assert answer.status == 404 and answer.error["code"] == "not_found"
+    for method, path, allowed in (("PATCH", "/v1/hooks/1", "DELETE, GET, PUT"),
+                                  ("GET", "/v1/events", "POST"),
+                                  ("DELETE", "/v1/hooks", "GET, POST"),
+                                  ("GET", "/v1/hooks/1/activate", "POST")):
+        answer = await api.call(method, path, api.master)
+        assert answer.status == 405, (method, path)
+        assert answer.error["code"] == "method_not_allowed"
+        assert answer.headers["Allow"] == allowed
+
+
+async def test_redis_unavailable_is_503(settings: Settings, redis_client: redis.Redis) -> None:
+    down = settings.model_copy(update={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    async with TestClient(TestServer(create_app(down), host="127.0.0.1")) as client:
+        rsp = await client.post("/v1/events", json=events(1),
+                                headers={"Authorization": "Bearer hr_0123456789abcdef_"
+                                         + "A" * 43})
+        assert rsp.status == 503
+        assert (await rsp.json())["error"]["code"] == "unavailable"
+
+
+# --- hooks ----------------------------------------------------------------------------
+
+
+async def test_hooks_crud_with_write_only_secrets(api: Api) -> None:
+    registry = HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX))
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body={**hook_body(), "id": 99})
+    assert answer.status == 201
+    hook = answer.body
+    assert hook["id"] != 99 and answer.headers["Location"] == f"/v1/hooks/{hook['id']}"
+    assert hook["account_id"] == 1 and hook["active"] is False
+    assert hook["target"]["http_batch"]["auth"]["token"] == MASK
+    second = await api.create(name="second")
+    await api.create(api.other, name="theirs")
+    listed = await api.call("GET", "/v1/hooks", api.master)
+    assert listed.status == 200
+    assert [h["id"] for h in listed.body["hooks"]] == [hook["id"], second["id"]]
+    assert "s3cr3t" not in json.dumps(listed.body)
+    got = await api.call("GET", f"/v1/hooks/{hook['id']}", api.master)
+    assert (got.status, got.body) == (200, hook)
+    # PUT the hook as read back (secret redacted), with a new name: the secret is kept
+    changed = {**got.body, "name": "renamed"}
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master, json_body=changed)
+    assert answer.status == 200 and answer.body["name"] == "renamed"
+    assert answer.body["target"]["http_batch"]["auth"]["token"] == MASK
+    stored = registry.get(hook["id"]).to_storage()
+    assert stored["target"]["http_batch"]["auth"]["token"] == "s3cr3t"
+    # a new secret value replaces it
+    changed["target"]["http_batch"]["auth"]["token"] = "n3w"
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master, json_body=changed)
+    assert answer.status == 200
+    assert registry.get(hook["id"]).to_storage()["target"]["http_batch"]["auth"]["token"] == "n3w"
+    # the mask where no secret is stored is refused, not stored
+    kafka = {**changed, "target": {"kafka": {"bootstrap_servers": ["127.0.0.1:9092"],
+                                             "topic": "t", "sasl_mechanism": "PLAIN",
+                                             "sasl_username": "u", "sasl_password": MASK}}}
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master, json_body=kafka)
+    assert answer.status == 422
+    assert answer.error["issues"][0]["field"] == "target.kafka.sasl_password"
+    answer = await api.call("DELETE", f"/v1/hooks/{hook['id']}", api.master)
+    assert answer.status == 204 and answer.body is None
+    answer = await api.call("GET", f"/v1/hooks/{hook['id']}", api.master)
+    assert answer.status == 404
+    assert answer.error == {"code": "not_found", "message": f"hook {hook['id']} does not exist"}
+    answer = await api.call("DELETE", f"/v1/hooks/{hook['id']}", api.master)
+    assert answer.status == 404
+
+
+async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> None:
+    bad = hook_body(url="ftp://example.org/x", actions=["click", "clack"], database="some")
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=bad)
+    assert answer.status == 422
+    error = answer.error
+    assert error["code"] == "validation_failed"
+    fields = {i["field"]: i["reason"] for i in error["issues"]}
+    assert set(fields) >= {"actions", "target.http_batch.url"}
+    assert {f.split(".")[0] for f in fields} == {"actions", "target", "database"}
+    assert "clack" in fields["actions"] and "not an http(s) URL" in fields["target.http_batch.url"]
+    assert error["message"].startswith("invalid hook: ")
+    assert "s3cr3t" not in json.dumps(answer.body)
+    two = hook_body()
+    two["target"]["rabbitmq_queue"] = {"host": "h", "queue": "q", "password": "pw"}
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=two)
+    assert answer.status == 422
+    assert answer.error["issues"] == [{"field": "target", "reason": "exactly one of http_batch, "
+                                       "rabbitmq_queue, rabbitmq_exchange, kafka must be set "
+                                       "(got http_batch, rabbitmq_queue)"}]
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body={"name": ""})
+    assert {i["field"] for i in answer.error["issues"]} == {"name", "actions", "target"}
+    # the redacted value cannot be a new secret
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(
+        target={"http_batch": {"url": "http://127.0.0.1:9/x",
+                               "auth": {"kind": "bearer", "token": MASK}}}))
+    assert answer.status == 422
+    assert answer.error["issues"][0]["field"] == "target.http_batch.auth.token"
+    for body in ([hook_body()], "text", 5):
+        answer = await api.call("POST", "/v1/hooks", api.master, json_body=body)
+        assert answer.status == 422, body
+    answer = await api.call("POST", "/v1/hooks", api.master,
+                            json_body=hook_body(account_id="one"))
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == "account_id"
+    hook = await api.create()
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                            json_body={**hook_body(), "id": hook["id"] + 1})
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == "id"
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                            json_body={**hook_body(), "actions": []})
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == "actions"
+    for method, path in (("POST", "/v1/hooks"), ("PUT", f"/v1/hooks/{hook['id']}"),
+                         ("POST", f"/v1/hooks/{hook['id']}/test"),
+                         ("POST", "/v1/dead-letters/replay")):
+        answer = await api.call(method, path, api.master, data=b'{"name": ',
+                                headers={"Content-Type": "application/json"})
+        assert answer.status == 400, path
+        assert answer.error["code"] == "bad_request" and "malformed JSON" in answer.error["message"]
+    answer = await api.call("POST", "/v1/hooks", api.master)
+    assert answer.status == 400 and "empty" in answer.error["message"]
+
+
+async def test_another_accounts_hook_is_404_on_every_route_and_cannot_be_claimed(
+        api: Api) -> None:
+    theirs = await api.create(api.other)
+    mine = await api.create()
+    for method, path in MASTER_ROUTES:
+        if "{id}" not in path:
+            continue
+        body = hook_body() if method == "PUT" else {"event_type": "click"}
+        answer = await api.call(method, path.format(id=theirs["id"]), api.master, json_body=body)
+        assert answer.status == 404, (method, path)
+        assert answer.error == {"code": "not_found",
+                                "message": f"hook {theirs['id']} does not exist"}
+    unknown = await api.call("GET", "/v1/hooks/999999", api.master)
+    assert unknown.status == 404  # the same answer as for another account's hook
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={theirs['id']}", api.master)
+    assert answer.status == 404
+    # a body naming another account: 403
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(account_id=2))
+    assert answer.status == 403 and answer.error["code"] == "forbidden"
+    answer = await api.call("PUT", f"/v1/hooks/{mine['id']}", api.master,
+                            json_body=hook_body(account_id=2))
+    assert answer.status == 403
+    # theirs is untouched
+    answer = await api.call("GET", f"/v1/hooks/{theirs['id']}", api.other)
+    assert answer.status == 200 and answer.body == theirs
+    listed = await api.call("GET", "/v1/hooks", api.other)
+    assert [h["id"] for h in listed.body["hooks"]] == [theirs["id"]]
+
+
+async def test_activate_stop_and_clone(api: Api) -> None:
+    hook = await api.create()
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/activate", api.master)
+    assert answer.status == 200 and answer.body["active"] is True
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master)
+    assert answer.status == 201
+    copy = answer.body
+    assert copy["id"] != hook["id"] and copy["name"] == "crm (copy)" and copy["active"] is False
+    assert answer.headers["Location"] == f"/v1/hooks/{copy['id']}"
+    registry = HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX))
+    assert registry.get(copy["id"]).to_storage()["target"]["http_batch"]["auth"]["token"] \
+        == "s3cr3t"  # the copy keeps the secret
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                            json_body={"name": "named copy"})
+    assert answer.status == 201 and answer.body["name"] == "named copy"
+    for body in ({"name": ""}, {"name": 5}, {"name": "x" * 256}, ["x"]):
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                                json_body=body)
+        assert answer.status == 422, body
+        assert answer.error["issues"][0]["field"] == "name"
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/stop", api.master)
+    assert answer.status == 200 and answer.body["active"] is False
+    for action in ("activate", "stop", "clone"):
+        answer = await api.call("POST", f"/v1/hooks/424242/{action}", api.master)
+        assert answer.status == 404
+
+
+async def test_test_event_is_sent_through_the_hooks_target(api: Api,
+                                                           receiver: Receiver) -> None:
+    hook = await api.create(url=receiver.url("/test-target"))
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "deliv"})
+    assert answer.status == 200
+    assert answer.body == {"delivered": True, "status": 200, "detail": "OK", "error": None}
+    (message,) = receiver.messages("/test-target")
+    assert message["event_type"] == "deliv" and message["is_test"] is True
+    assert receiver.requests("/test-target")[0].headers["Authorization"] == "Bearer s3cr3t"
+    receiver.behave("/test-target", always_fail=True, fail_status=503)
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "click"})
+    assert answer.status == 200
+    assert answer.body["delivered"] is False and answer.body["error"] == "Rejected"
+    assert "HTTP 503" in answer.body["detail"]
+    for body, reason in (({"event_type": "clack"}, "unknown event type 'clack'"),
+                         ({}, "required: an event code"), ([], "required: an event code")):
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body=body)
+        assert answer.status == 422
+        assert answer.error["issues"] == [{"field": "event_type", "reason": reason}]
+
+
+# --- stats and dead letters -------------------------------------------------------------
+
+
+async def test_stats_show_only_the_accounts_hooks(api: Api) -> None:
+    keys = Keys(api.settings.REDIS_PREFIX)
+    a, b = await api.create(), await api.create(name="b")
+    theirs = await api.create(api.other)
+    api.r.hset(keys.stats(a["id"]), mapping={"accepted": 10, "delivered": 8, "retried": 3})
+    api.r.hset(keys.stats(b["id"]), mapping={"accepted": 5, "dead_lettered": 5})
+    api.r.hset(keys.stats(theirs["id"]), mapping={"accepted": 1000})
+    answer = await api.call("GET", "/v1/stats", api.master)
+    assert answer.status == 200
+    assert answer.body == {
+        "hooks": {str(a["id"]): {"accepted": 10, "delivered": 8, "retried": 3,
+                                 "dead_lettered": 0},
+                  str(b["id"]): {"accepted": 5, "delivered": 0, "retried": 0,
+                                 "dead_lettered": 5}},
+        "totals": {"accepted": 15, "delivered": 8, "retried": 3, "dead_lettered": 5}}
+    answer = await api.call("GET", f"/v1/hooks/{a['id']}/stats", api.master)
+    assert answer.body == {"accepted": 10, "delivered": 8, "retried": 3, "dead_lettered": 0}
+    answer = await api.call("GET", f"/v1/hooks/{theirs['id']}/stats", api.master)
+    assert answer.status == 404
+    answer = await api.call("GET", "/v1/stats", api.other)
+    assert answer.body["totals"]["accepted"] == 1000
+
+
+def dead_letter(retry: RetryStore, hook: dict[str, Any], n: int) -> str:
+    delivery = Delivery(id=f"d-{hook['id']}-{n}", hook_id=hook["id"],
+                        account_id=hook["account_id"], kind="http_batch",
+                        parts=[b'{"m": 1}', b'{"m": 2}'], message_ids=["m1", "m2"],
+                        created_ms=now_ms())
+    retry.kill(delivery, "Rejected: HTTP 503: down")
+    return delivery.id
+
+
+async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> None:
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    a, b = await api.create(), await api.create(name="b")
+    theirs = await api.create(api.other)
+    mine = [dead_letter(retry, a, 1), dead_letter(retry, a, 2), dead_letter(retry, b, 1)]
+    foreign = dead_letter(retry, theirs, 1)
+    answer = await api.call("GET", "/v1/dead-letters", api.master)
+    assert answer.status == 200
+    letters = answer.body["dead_letters"]
+    assert [d["id"] for d in letters] == mine
+    assert letters[0]["messages"] == 2 and letters[0]["last_error"] == "Rejected: HTTP 503: down"
+    assert letters[0]["message_ids"] == ["m1", "m2"] and letters[0]["account_id"] == 1
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={b['id']}", api.master)
+    assert [d["id"] for d in answer.body["dead_letters"]] == [mine[2]]
+    answer = await api.call("GET", "/v1/dead-letters?limit=1", api.master)
+    assert [d["id"] for d in answer.body["dead_letters"]] == mine[:1]
+    for query in ("limit=0", "limit=1001", "limit=x", "hook_id=-1"):
+        answer = await api.call("GET", f"/v1/dead-letters?{query}", api.master)
+        assert answer.status == 422, query
+    # replaying another account's id: 404, nothing replayed
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": [mine[0], foreign]})
+    assert answer.status == 404
+    assert answer.error == {"code": "not_found", "message": f"dead letter {foreign} does not exist"}
+    assert retry.pending() == 0
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": [mine[0], mine[0]]})
+    assert (answer.status, answer.body) == (200, {"replayed": 1})
+    assert retry.pending() == 1
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"all": True, "hook_id": b["id"]})
+    assert answer.body == {"replayed": 1}
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"all": True})
+    assert answer.body == {"replayed": 1}
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"all": True})
+    assert answer.body == {"replayed": 0}
+    assert retry.pending() == 3
+    assert [d.id for d in retry.dead_letters()] == [foreign]  # theirs stays dead
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"all": True, "hook_id": theirs["id"]})
+    assert answer.status == 404
+    bodies: list[Any] = [{}, {"ids": []}, {"ids": [1]}, {"all": False}, {"ids": ["x"], "all": True},
+                         {"ids": ["x"], "hook_id": 1}, {"all": True, "hook": 1}, ["x"]]
+    for body in bodies:
+        answer = await api.call("POST", "/v1/dead-letters/replay", api.master, json_body=body)
+        assert answer.status == 422, body
+        assert answer.error["code"] == "validation_failed" and answer.error["issues"]
+
+
+# --- on Ray -------------------------------------------------------------------------------
+
+
+def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..., Any],
+                                                     receiver: Receiver) -> None:
+    # Given an engine started with the API on any free port (the API_PORT setting)
+    engine = engine_factory(API_PORT=0)
+    assert engine.api_url and engine.api_url.startswith("http://127.0.0.1:")
+    tokens = TokenStore(engine.redis, engine.settings.REDIS_PREFIX)
+    master, _ = tokens.create(5, "master")
+    ingest, _ = tokens.create(5, "ingest")
+    with httpx.Client(base_url=engine.api_url, timeout=30) as http:
+        rsp = http.post("/v1/hooks", headers={"Authorization": f"Bearer {master}"},
+                        json={**hook_body(url=receiver.url("/via-api")), "active": True})
+        assert rsp.status_code == 201, rsp.text
+        hook_id = rsp.json()["id"]
+        # When 300 events (200 of them matching) are posted through the API
+        posted = events(300, account_id=5)
+        rsp = http.post("/v1/events", headers={"Authorization": f"Bearer {ingest}"},
+                        json=posted)
+        assert (rsp.status_code, rsp.json()) == (202, {"accepted": 300})
+        expected = sum(e["event_type"] != "send" for e in posted)
+        # Then each matching one reaches the receiver once, and the stats say so
+        deadline = time.monotonic() + 60
+        while len(receiver.messages("/via-api")) < expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        ids = [m["hook_message_id"] for m in receiver.messages("/via-api")]
+        assert len(ids) == len(set(ids)) == expected
+        assert {m["account_id"] for m in receiver.messages("/via-api")} == {5}
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stats = http.get(f"/v1/hooks/{hook_id}/stats",
+                             headers={"Authorization": f"Bearer {master}"}).json()
+            if stats["delivered"] == expected:
+                break
+            time.sleep(0.05)
+        assert stats == {"accepted": expected, "delivered": expected, "retried": 0,
+                         "dead_lettered": 0}
+    url = engine.api_url
+    engine.shutdown()  # stops the API actor too
+    assert engine.api is None
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"{url}/v1/openapi.json", timeout=2)
+
