@@ -116,3 +116,22 @@ class Sink:
     def stop(self) -> None:
         self._proc.terminate()
         self._proc.join(10)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m bench.sink", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--port", type=int, required=True)
+    args = parser.parse_args(argv)
+
+    class _Now:
+        def set(self) -> None:
+            print(f"sink listening on http://127.0.0.1:{args.port}", flush=True)
+
+    _serve(args.port, _Now())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,145 @@
+"""Locust load test of the ingest API, reporting delivered messages/s as well.
+
+Headless, against a running engine with its HTTP API (see README, "Load test"):
+
+    hookray -c main.json run --api-port 8080 &
+    export HOOKRAY_TOKEN=$(hookray -c main.json tokens create --account 1 --role master \\
+                           | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
+    locust -f bench/locustfile.py --headless -u 20 -r 5 -t 60s \\
+           --host http://127.0.0.1:8080 --csv bench-results/locust --only-summary
+
+Each user posts batches of ``HOOKRAY_BATCH`` (default 500) generated events of
+account ``HOOKRAY_ACCOUNT`` (default 1) to ``POST /v1/events``. On test start the
+file starts a counting sink (``python -m bench.sink``) and creates
+``HOOKRAY_HOOKS`` (default 10) hooks of that account pointing at it; on test
+stop it waits for the sink to drain, deletes the hooks, and reports the
+messages delivered per second read from the sink, next to Locust's own
+requests/s: printed, and written to ``<csv prefix>_delivered.json`` when
+``--csv`` is given (else ``locust_delivered.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any
+
+from locust import HttpUser, between, events, task
+
+ACCOUNT = int(os.environ.get("HOOKRAY_ACCOUNT", "1"))
+BATCH = int(os.environ.get("HOOKRAY_BATCH", "500"))
+HOOKS = int(os.environ.get("HOOKRAY_HOOKS", "10"))
+CODES = ["send", "deliv", "open", "uopen", "click", "uclick", "unsub", "hbounce", "sbounce",
+         "import_api", "send_sms", "deliv_sms", "click_sms", "open_push", "pixel"]
+_state: dict[str, Any] = {}
+
+
+def _token() -> str:
+    token = os.environ.get("HOOKRAY_TOKEN")
+    if not token:
+        sys.exit("locustfile: set HOOKRAY_TOKEN to a master token of account "
+                 f"{ACCOUNT} (hookray tokens create --account {ACCOUNT} --role master)")
+    return token
+
+
+def _api(host: str, method: str, path: str, body: Any = None) -> Any:
+    req = urllib.request.Request(host.rstrip("/") + path, method=method,
+                                 data=None if body is None else json.dumps(body).encode(),
+                                 headers={"Authorization": f"Bearer {_token()}",
+                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:
+        raw = resp.read()
+    return json.loads(raw) if raw else None
+
+
+def _sink_stats() -> dict[str, Any]:
+    with urllib.request.urlopen(f"{_state['sink']}/stats", timeout=30) as resp:
+        return json.loads(resp.read())
+
+
+def _start_sink() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    _state["sink_proc"] = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port",
+                                            str(port)], stdout=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(200):
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return url
+        time.sleep(0.05)
+    raise RuntimeError("the sink did not start")
+
+
+@events.test_start.add_listener
+def _setup(environment: Any, **_: Any) -> None:
+    _state["sink"] = _start_sink()
+    host = environment.host
+    _state["hooks"] = [_api(host, "POST", "/v1/hooks", {
+        "name": f"locust {i}", "active": True, "database": "all",
+        "actions": random.Random(i).sample(CODES, 5),
+        "custom_data": {"pairs": {"day": "{{event_date_ymd}}"}},
+        "target": {"http_batch": {"url": f"{_state['sink']}/locust{i}", "max_batch_size": 200,
+                                  "flush_timeout_sec": 0.5}}})["id"] for i in range(HOOKS)]
+    _state["started"] = time.time()
+
+
+@events.test_stop.add_listener
+def _report(environment: Any, **_: Any) -> None:
+    stopped = time.time()
+    last, stable = -1, 0
+    while stable < 3 and time.time() - stopped < 60:  # let in-flight batches arrive
+        time.sleep(1)
+        count = _sink_stats()["unique"]
+        stable = stable + 1 if count == last else 0
+        last = count
+    stats = _sink_stats()
+    for hook_id in _state.get("hooks", []):
+        _api(environment.host, "DELETE", f"/v1/hooks/{hook_id}")
+    _state["sink_proc"].terminate()
+    total = environment.stats.total
+    elapsed = max(stats["last"] - _state["started"], 1e-9)
+    report = {"requests": total.num_requests, "failures": total.num_failures,
+              "requests_per_s": total.total_rps, "events_posted": total.num_requests * BATCH,
+              "delivered_messages": stats["unique"],
+              "delivered_messages_per_s": stats["unique"] / elapsed,
+              "latency_p50_ms": stats["p50_ms"], "latency_p99_ms": stats["p99_ms"]}
+    prefix = environment.parsed_options.csv_prefix if environment.parsed_options else None
+    path = f"{prefix}_delivered.json" if prefix else "locust_delivered.json"
+    with open(path, "w") as fh:
+        json.dump(report, fh, indent=2)
+    print(f"hookray: delivered {report['delivered_messages']:,} messages "
+          f"({report['delivered_messages_per_s']:,.0f}/s) for {report['requests']:,} requests "
+          f"({report['requests_per_s']:,.1f}/s); report in {path}", flush=True)
+
+
+def _events(n: int) -> bytes:
+    now = time.time_ns()
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9))
+    date = f"{stamp}.{now % 10**9:09d}Z"
+    rng = random.Random()
+    return json.dumps([{
+        "event_type": CODES[rng.randrange(len(CODES))], "event_date": date,
+        "account_id": ACCOUNT, "list_id": rng.randrange(1, 51),
+        "profile_id": f"p{rng.randrange(100_000)}",
+        "event_data": {"campaign_id": rng.randrange(1, 21), "message_id": rng.randrange(1, 31),
+                       "segment_id": 0}} for _ in range(n)]).encode()
+
+
+class IngestUser(HttpUser):
+    wait_time = between(0.0, 0.2)
+
+    @task
+    def post_events(self) -> None:
+        with self.client.post("/v1/events", data=_events(BATCH), catch_response=True,
+                              headers={"Authorization": f"Bearer {_token()}",
+                                       "Content-Type": "application/json"}) as resp:
+            if resp.status_code != 202:
+                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
