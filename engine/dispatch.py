@@ -327,11 +327,10 @@ class PartitionWorker:
         if not outcomes:
             return
         done: list[str] = []
+        delivered: Counter[int] = Counter()
         for delivery, outcome in outcomes:
             if outcome.ok:
-                with self.r.pipeline(transaction=False) as pipe:
-                    self.side.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
-                    pipe.execute()
+                delivered[delivery.hook_id] += delivery.count
             else:
                 delivery.last_attempt_ms = now_ms()
                 due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
@@ -345,14 +344,18 @@ class PartitionWorker:
                 if self.entry_left[eid] <= 0:
                     del self.entry_left[eid]
                     done.append(eid)
-        self._ack(done)
+        self._ack(done, delivered)  # retries were written above, before any ack
 
-    def _ack(self, entry_ids: list[str]) -> None:
-        if not entry_ids:
+    def _ack(self, entry_ids: list[str], delivered: Counter[int] | None = None) -> None:
+        """Acknowledge and delete settled entries, and count deliveries: one round trip."""
+        if not entry_ids and not delivered:
             return
         with self.r.pipeline(transaction=False) as pipe:
-            pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
-            pipe.xdel(self.stream, *entry_ids)
+            for hook_id, n in (delivered or {}).items():
+                self.side.stats.add(pipe, hook_id, "delivered", n)
+            if entry_ids:
+                pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
+                pipe.xdel(self.stream, *entry_ids)
             pipe.execute()
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
