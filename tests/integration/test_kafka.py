@@ -1,0 +1,384 @@
+"""The Kafka transport against a real Kafka-compatible broker (tansu), alone and through
+the engine: records, keys, headers, partitioning, a broker restart, an unreachable one."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import threading
+import time
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from aiokafka.partitioner import murmur2
+
+from engine.hooks import Kafka
+from engine.messages import message_id
+from engine.transports.base import Delivery
+from engine.transports.kafka import HEADER, KafkaTransport, producer_options
+from tests.kafka_fixtures import Tansu, consume, new_topic
+from tests.services import free_port
+
+pytestmark = pytest.mark.integration
+
+
+def delivery(n: int, keys: list[str] | None = None, tag: str = "d") -> Delivery:
+    parts = [json.dumps({"n": i, "tag": tag}).encode() for i in range(n)]
+    return Delivery(id=f"{tag}-{uuid.uuid4().hex[:6]}", hook_id=1, account_id=1, kind="kafka",
+                    parts=parts, keys=keys if keys is not None else [""] * n,
+                    message_ids=[f"{tag}-m{i}" for i in range(n)])
+
+
+def target(bootstrap: str, topic: str, **kwargs: Any) -> Kafka:
+    return Kafka(bootstrap_servers=[bootstrap], topic=topic, **kwargs)
+
+
+def run(coro: Any) -> Any:
+    return asyncio.run(coro)
+
+
+async def send_all(transport: KafkaTransport, tgt: Kafka, *deliveries: Delivery) -> list[Any]:
+    try:
+        return [await transport.send(tgt, d) for d in deliveries]
+    finally:
+        await transport.close()
+
+
+# --- the transport alone --------------------------------------------------------------
+
+
+def test_one_record_per_part_with_value_key_and_message_id_header(
+        kafka_broker: Tansu, kafka_topic: str) -> None:
+    keys = ["3.click", "abcdefgh12345678", ""] * 4  # list_event, profile_id, none
+    d = delivery(12, keys)
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=5), target(kafka_broker.bootstrap,
+                                                                      kafka_topic), d))
+    assert outcome.ok, outcome
+    assert "12 record(s) acknowledged" in outcome.detail
+    records = consume(kafka_broker.bootstrap, kafka_topic, 12)
+    assert len(records) == 12
+    by_id = {r.message_id: r for r in records}
+    assert sorted(by_id) == sorted(d.message_ids)
+    for i, mid in enumerate(d.message_ids):
+        record = by_id[mid]
+        assert record.value == d.parts[i]
+        assert record.key == (keys[i].encode() if keys[i] else None)
+        assert list(record.headers) == [HEADER]
+
+
+def test_partitions_follow_the_key_like_kafkas_default_partitioner(
+        kafka_broker: Tansu, kafka_topic: str) -> None:
+    keys = [f"{n % 7}.click" for n in range(200)]
+    keyed = delivery(200, keys, tag="k")
+    keyless = [delivery(30, tag=f"u{i}") for i in range(4)]
+    outcomes = run(send_all(KafkaTransport(timeout_sec=5),
+                            target(kafka_broker.bootstrap, kafka_topic), keyed, *keyless))
+    assert all(o.ok for o in outcomes), outcomes
+    records = consume(kafka_broker.bootstrap, kafka_topic, 200 + 4 * 30)
+    assert len(records) == 320
+    for r in records:
+        if r.key is not None:  # murmur2(key) mod partitions, as a Java producer does
+            assert r.partition == (murmur2(r.key) & 0x7FFFFFFF) % 4
+    # keyless: each delivery sticks to one partition, deliveries rotate over all four
+    sticky: dict[str, set[int]] = {json.loads(r.value)["tag"]: set() for r in records
+                                   if r.key is None}
+    for r in records:
+        if r.key is None:
+            sticky[json.loads(r.value)["tag"]].add(r.partition)
+    assert all(len(p) == 1 for p in sticky.values()), sticky
+    assert {p for ps in sticky.values() for p in ps} == {0, 1, 2, 3}
+    # order within a partition is the delivery's order
+    seq: dict[int, list[int]] = {}
+    for r in sorted(records, key=lambda r: (r.partition, r.offset)):
+        if r.key is not None:
+            seq.setdefault(r.partition, []).append(json.loads(r.value)["n"])
+    assert all(s == sorted(s) for s in seq.values())
+
+
+def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
+    d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
+    d.parts = [p + b" " * 150 for p in d.parts]
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=10),
+                              target(kafka_broker.bootstrap, kafka_topic), d))
+    assert outcome.ok, outcome
+    records = consume(kafka_broker.bootstrap, kafka_topic, 3000)
+    assert [r.value for r in sorted(records, key=lambda r: r.offset)] == d.parts
+
+
+def test_a_backlog_of_concurrent_deliveries_is_not_mistaken_for_a_dead_broker(
+        kafka_broker: Tansu, kafka_topic: str) -> None:
+    # 200 deliveries handed over at once (as a transport actor gets them from the
+    # partition workers), all keyed onto the same 4 partitions
+    deliveries = [delivery(500, [f"{i % 4}.click" for i in range(500)], tag=f"b{n}")
+                  for n in range(200)]
+
+    async def go() -> list[Any]:
+        transport = KafkaTransport(concurrency=8, timeout_sec=3.0)
+        try:
+            return await asyncio.gather(*(transport.send(target(
+                kafka_broker.bootstrap, kafka_topic), d) for d in deliveries))
+        finally:
+            await transport.close()
+
+    outcomes = run(go())
+    failed = [o for o in outcomes if not o.ok]
+    assert not failed, f"{len(failed)} failed, e.g. {failed[0]}"
+
+
+def test_producer_is_cached_per_servers_and_security(kafka_broker: Tansu,
+                                                     kafka_topic: str) -> None:
+    async def go() -> None:
+        transport = KafkaTransport(timeout_sec=5)
+        plain = target(kafka_broker.bootstrap, kafka_topic)
+        other_topic = target(kafka_broker.bootstrap, kafka_topic, key="none")
+        try:
+            assert (await transport.send(plain, delivery(2))).ok
+            assert (await transport.send(other_topic, delivery(2))).ok
+            assert len(transport._slots) == 1  # same servers and security: one producer
+        finally:
+            await transport.close()
+        assert transport._slots == {} and not transport._closing
+
+    run(go())
+
+
+def test_security_settings_reach_the_producer() -> None:
+    t = Kafka.model_validate({"bootstrap_servers": ["k1:9093", "k2:9093"], "topic": "t",
+                              "sasl_mechanism": "SCRAM-SHA-512", "sasl_username": "u",
+                              "sasl_password": "p", "tls": True})
+    options = producer_options(t, 2.0)
+    assert options["security_protocol"] == "SASL_SSL"
+    assert (options["sasl_mechanism"], options["sasl_plain_username"],
+            options["sasl_plain_password"]) == ("SCRAM-SHA-512", "u", "p")
+    assert options["acks"] == "all" and options["bootstrap_servers"] == ["k1:9093", "k2:9093"]
+    assert producer_options(Kafka(bootstrap_servers=["k:1"], topic="t", tls=True), 2.0
+                            )["security_protocol"] == "SSL"
+    assert producer_options(Kafka(bootstrap_servers=["k:1"], topic="t"), 2.0
+                            )["security_protocol"] == "PLAINTEXT"
+
+
+def test_unreachable_bootstrap_server_is_a_connect_error_naming_it() -> None:
+    port = free_port()
+    started = time.monotonic()
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=5),
+                              target(f"127.0.0.1:{port}", "t"), delivery(3)))
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert f"127.0.0.1:{port}" in outcome.detail
+    assert time.monotonic() - started < 3
+
+
+@pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
+def test_sasl_authentication_failure_is_a_connect_error(own_broker: Any,
+                                                        mechanism: str) -> None:
+    broker = own_broker(extra=("--authentication",))  # no users: every login fails
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=5), target(
+        broker.bootstrap, "t", sasl_mechanism=mechanism, sasl_username="alice",
+        sasl_password="s3cret-pw"), delivery(1)))
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert broker.bootstrap in outcome.detail
+    assert f"SASL {mechanism} as user 'alice'" in outcome.detail
+    assert "s3cret-pw" not in outcome.detail
+
+
+def test_tls_cafile_that_cannot_be_read_is_a_connect_error(kafka_broker: Tansu) -> None:
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=5), target(
+        kafka_broker.bootstrap, "t", tls=True, tls_cafile="/nonexistent/ca.pem"), delivery(1)))
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert "/nonexistent/ca.pem" in outcome.detail
+
+
+def test_frozen_broker_times_out_and_a_new_producer_is_used_afterwards(
+        own_broker: Any) -> None:
+    broker = own_broker()
+    topic = new_topic(broker.bootstrap)
+    tgt = target(broker.bootstrap, topic)
+
+    async def go() -> None:
+        transport = KafkaTransport(timeout_sec=1.0)
+        try:
+            assert (await transport.send(tgt, delivery(5, tag="a"))).ok
+            (slot,) = transport._slots.values()
+            first = slot.producer
+            broker.pause()
+            started = time.monotonic()
+            outcome = await transport.send(tgt, delivery(5, tag="b"))
+            assert not outcome.ok and outcome.error == "Timeout", outcome
+            assert 0.9 < time.monotonic() - started < 2.5
+            assert slot.producer is None  # retired
+            broker.resume()
+            # for breaker_sec, deliveries fail fast with the last error
+            outcome = await transport.send(tgt, delivery(5, tag="b"))
+            assert not outcome.ok and outcome.error == "ConnectError", outcome
+            assert "not reconnecting" in outcome.detail and "not acknowledged" in outcome.detail
+            await asyncio.sleep(transport.breaker_sec)
+            outcome = await transport.send(tgt, delivery(5, tag="c"))
+            assert outcome.ok, outcome
+            assert slot.producer is not None and slot.producer is not first
+        finally:
+            await transport.close()
+
+    run(go())
+    tags = Counter(json.loads(r.value)["tag"] for r in consume(broker.bootstrap, topic, 10))
+    assert tags["a"] == 5 and tags["c"] == 5  # "b" may or may not have landed late
+
+
+def test_restarted_broker_is_picked_up(own_broker: Any) -> None:
+    broker = own_broker()
+    topic = new_topic(broker.bootstrap)
+    tgt = target(broker.bootstrap, topic)
+
+    async def go() -> None:
+        transport = KafkaTransport(timeout_sec=1.0)
+        try:
+            assert (await transport.send(tgt, delivery(5))).ok
+            broker.stop()
+            outcome = await transport.send(tgt, delivery(5))
+            assert not outcome.ok and outcome.error in ("ConnectError", "Timeout"), outcome
+            broker.start()  # same port; memory storage: the broker creates the topic again
+            await asyncio.sleep(transport.breaker_sec)
+            outcome = await transport.send(tgt, delivery(5, tag="after"))
+            assert outcome.ok, outcome
+        finally:
+            await transport.close()
+
+    run(go())
+    records = consume(broker.bootstrap, topic, 5)
+    assert Counter(json.loads(r.value)["tag"] for r in records)["after"] == 5
+
+
+# --- through the engine ----------------------------------------------------------------
+
+
+def kafka_hook(bootstrap: str, topic: str, **kwargs: Any) -> dict[str, Any]:
+    settings = {"bootstrap_servers": [bootstrap], "topic": topic}
+    settings.update(kwargs.pop("target", {}))
+    return {"name": f"kafka {topic}", "active": True, "account_id": 1,
+            "actions": kwargs.pop("actions", ["click", "open", "deliv"]),
+            "target": {"kafka": settings}, **kwargs}
+
+
+def events(n: int, start: int = 0, types: tuple[str, ...] = ("click", "open", "deliv", "send"),
+           ) -> list[dict[str, Any]]:
+    return [{"id": f"ev-{i}", "event_type": types[i % len(types)], "account_id": 1,
+             "list_id": 1 + (i // len(types)) % 4, "event_date": "2026-11-29T10:00:00.123456789Z",
+             **({"profile_id": f"p{i % 50}"} if i % 3 else {}),
+             "event_data": {"campaign_id": 1 + i % 3, "message_id": 5}}
+            for i in range(start, start + n)]
+
+
+def matched(published: list[dict[str, Any]], actions: tuple[str, ...] = ("click", "open", "deliv")
+            ) -> list[dict[str, Any]]:
+    return [e for e in published if e["event_type"] in actions]
+
+
+def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(interval)
+    return bool(predicate())
+
+
+def test_engine_delivers_every_matched_event_exactly_once_with_each_key_choice(
+        engine_factory: Any, kafka_broker: Tansu) -> None:
+    engine = engine_factory()
+    topics = {choice: new_topic(kafka_broker.bootstrap)
+              for choice in ("list_event", "profile_id", "none")}
+    hooks = {choice: engine.create_hook(kafka_hook(kafka_broker.bootstrap, topic,
+                                                   target={"key": choice}))
+             for choice, topic in topics.items()}
+    published = events(4000)
+    assert engine.publish(published).accepted == 4000
+    expected = matched(published)
+    assert engine.wait_idle(60)
+    # one consumer group reads the three topics
+    records = consume(kafka_broker.bootstrap, list(topics.values()), 3 * len(expected),
+                      timeout=30, group=True)
+    for choice, topic in topics.items():
+        ids = Counter(r.message_id for r in records if r.topic == topic)
+        assert set(ids) == {message_id(hooks[choice].id, e["id"]) for e in expected}, choice
+        assert max(ids.values()) == 1, f"{choice}: duplicates in a fault-free run"
+        for r in [r for r in records if r.topic == topic][:500]:
+            msg = json.loads(r.value)
+            assert msg["hook_message_id"] == r.message_id
+            key = {"list_event": f"{msg['list_id']}.{msg['event_type']}".encode(),
+                   "profile_id": msg.get("profile_id", "").encode() or None,
+                   "none": None}[choice]
+            assert r.key == key, (choice, msg)
+        stats = engine.stats(hooks[choice].id)
+        assert stats["delivered"] == len(expected) and stats["retried"] == 0
+
+
+def diagnose(records: list[Any], hook_id: int, expected: set[str], stats: dict[str, int]
+             ) -> str:
+    by_partition: dict[int, list[int]] = {}
+    for r in records:
+        by_partition.setdefault(r.partition, []).append(r.offset)
+    got = {r.message_id for r in records}
+    lost = sorted(e for e in expected if message_id(hook_id, e) not in got)
+    spans = {p: (min(o), max(o), len(o), len(set(o))) for p, o in by_partition.items()}
+    return f"{len(lost)} event(s) lost, e.g. {lost[:10]}; offsets {spans}; stats {stats}"
+
+
+def test_broker_restart_mid_run_loses_nothing(engine_factory: Any,
+                                              persistent_broker: Tansu) -> None:
+    broker = persistent_broker
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.2, HOOK_RETRY_TIMES=1000,
+                            HTTP_REQUEST_TIMEOUT_SEC=1.0)
+    topic = new_topic(broker.bootstrap)
+    hook = engine.create_hook(kafka_hook(broker.bootstrap, topic))
+    published: list[dict[str, Any]] = []
+    done = threading.Event()
+
+    def publish() -> None:  # 100 events every 50 ms: before, during and after the stop
+        while not done.is_set():
+            chunk = events(100, start=len(published))
+            engine.publish(chunk)
+            published.extend(chunk)
+            time.sleep(0.05)
+
+    publisher = threading.Thread(target=publish)
+    publisher.start()
+    try:
+        assert wait_for(lambda: engine.stats(hook.id)["delivered"] > 0, 20)
+        broker.stop()
+        time.sleep(1.5)
+        broker.start()  # same port, same storage
+        time.sleep(0.5)
+    finally:
+        done.set()
+        publisher.join()
+    expected = {e["id"] for e in matched(published)}
+    assert wait_for(lambda: engine.stats(hook.id)["delivered"] >= len(expected), 60)
+    assert engine.wait_idle(30, include_retries=True)
+    records = consume(broker.bootstrap, topic, len(expected), timeout=30)
+    ids = Counter(r.message_id for r in records)
+    stats = engine.stats(hook.id)
+    assert set(ids) == {message_id(hook.id, e) for e in expected}, \
+        diagnose(records, hook.id, expected, stats)
+    assert stats["retried"] > 0, "the broker stop caused no retry"
+    assert stats["dead_lettered"] == 0 and engine.dead_letters(hook_id=hook.id) == []
+
+
+def test_unreachable_broker_fails_the_test_event_and_dead_letters_after_n_resends(
+        engine_factory: Any) -> None:
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.2, HOOK_RETRY_TIMES=3)
+    server = f"127.0.0.1:{free_port()}"  # nothing listens there
+    hook = engine.create_hook(kafka_hook(server, "nowhere"))
+    outcome = engine.test_event(hook.id, "click")
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert server in outcome.detail
+    published = events(12)
+    engine.publish(published)
+    n = len(matched(published))
+    assert wait_for(lambda: sum(d.messages for d in engine.dead_letters(hook_id=hook.id)) == n,
+                    20)
+    letters = engine.dead_letters(hook_id=hook.id)
+    assert all(d.resends == 3 for d in letters), [d.resends for d in letters]
+    assert all("ConnectError" in d.last_error and server in d.last_error for d in letters)
+    stats = engine.stats(hook.id)
+    assert stats["dead_lettered"] == n and stats["delivered"] == 0
+    assert stats["retried"] == 3 * n  # scheduled after the first attempt and 2 re-sends
