@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import statistics
 import threading
 import time
 from typing import Any
@@ -58,8 +59,10 @@ def test_killed_partition_and_transport_actors_lose_nothing(
 
 def test_dead_destination_barely_slows_a_healthy_one(engine_factory: Any,
                                                      receiver: Receiver) -> None:
-    # Given two hooks on the same events, both healthy: the baseline rate of /healthy
-    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=5.0, HOOK_RETRY_TIMES=1,
+    # Given two hooks on the same events; the second one's URL is switched between a
+    # healthy path and one that never answers, alternately, so that load swings of
+    # the machine hit both conditions alike (medians of three rounds each)
+    engine = engine_factory(HOOK_RETRY_PERIOD_SEC=5.0, HOOK_RETRY_TIMES=0,
                             HTTP_REQUEST_TIMEOUT_SEC=2.0)
     receiver.keep_bodies = False
     receiver.behave("/dead", hang=True)
@@ -68,6 +71,12 @@ def test_dead_destination_barely_slows_a_healthy_one(engine_factory: Any,
     other = engine.create_hook(http_hook(receiver, "/other", actions=["click"],
                                          flush_timeout_sec=0.1))
     n = 20_000
+
+    def point_other_at(path: str) -> None:
+        data = other.to_storage()
+        data["target"]["http_batch"]["url"] = receiver.url(path)
+        engine.update_hook(other.id, data)
+        time.sleep(0.3)
 
     def healthy_rate() -> float:
         before = receiver.delivered_count("/healthy")
@@ -78,15 +87,16 @@ def test_dead_destination_barely_slows_a_healthy_one(engine_factory: Any,
         return n / (time.monotonic() - started)
 
     healthy_rate()  # warm-up
-    baseline = healthy_rate()
-    # When the second hook's destination never answers
-    data = other.to_storage()
-    data["target"]["http_batch"]["url"] = receiver.url("/dead")
-    engine.update_hook(other.id, data)
-    time.sleep(0.5)
-    degraded = healthy_rate()
+    rates: dict[str, list[float]] = {"/other": [], "/dead": []}
+    for _ in range(3):
+        for path in ("/other", "/dead"):
+            point_other_at(path)
+            rates[path].append(healthy_rate())
+    baseline, degraded = (statistics.median(rates[p]) for p in ("/other", "/dead"))
     # Then the healthy destination's delivered rate drops by no more than 20%
-    print(f"\nhealthy destination: {baseline:,.0f} msg/s alone, {degraded:,.0f} msg/s "
-          f"beside a dead one ({degraded / baseline:.2f})")
+    print(f"\nhealthy destination: {baseline:,.0f} msg/s beside a healthy one, "
+          f"{degraded:,.0f} msg/s beside a dead one ({degraded / baseline:.2f}); "
+          f"rounds {rates}")
     assert degraded >= 0.8 * baseline
     assert engine.stats(healthy.id)["dead_lettered"] == 0
+    assert engine.stats(other.id)["dead_lettered"] > 0  # the dead one really failed
