@@ -11,7 +11,8 @@ import pytest
 
 from engine.messages import message_id
 from engine.receiver import Receiver
-from tests.integration.test_runtime import events, http_hook, wait_for
+from tests.integration.test_runtime import events, http_hook
+from tests.services import wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 

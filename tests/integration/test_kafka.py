@@ -19,7 +19,7 @@ from engine.messages import message_id
 from engine.transports.base import Delivery
 from engine.transports.kafka import HEADER, KafkaTransport, producer_options
 from tests.kafka_fixtures import Tansu, consume, new_topic
-from tests.services import free_port
+from tests.services import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -273,13 +273,6 @@ def matched(published: list[dict[str, Any]], actions: tuple[str, ...] = ("click"
     return [e for e in published if e["event_type"] in actions]
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def test_engine_delivers_every_matched_event_exactly_once_with_each_key_choice(

@@ -19,6 +19,7 @@ from engine.messages import message_id
 from engine.transports.base import Delivery, Outcome
 from engine.transports.rabbitmq import RabbitExchangeTransport, RabbitQueueTransport
 from tests.rabbit_fixtures import Rabbit, RabbitNode, Received, VhostScope, listing
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -442,13 +443,6 @@ def expected_ids(hook: Any, published: list[dict[str, Any]], ids: list[str]) -> 
             and (hook.database == "all" or event["list_id"] == hook.database)}
 
 
-def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def test_engine_delivers_every_matched_event_exactly_once(engine_factory: Any,

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from engine.receiver import Receiver
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -32,13 +33,6 @@ def events(n: int, account_id: int = 1, types: tuple[str, ...] = ("click", "open
             for i in range(n)]
 
 
-def wait_for(predicate: Any, timeout: float, interval: float = 0.05) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(interval)
-    return bool(predicate())
 
 
 def test_fault_free_run_delivers_each_matched_pair_once_in_bounded_batches(
