@@ -2,6 +2,7 @@
 
 Headless, against a running engine with its HTTP API (see README, "Load test"):
 
+    mkdir -p bench-results
     hookray -c main.json run --api-port 8080 &
     export HOOKRAY_TOKEN=$(hookray -c main.json tokens create --account 1 --role master \\
                            | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
