@@ -178,8 +178,13 @@ class Engine:
             import ray
 
             workers = [*self.actors["partitions"], self.actors["retry"]]
+            transports = [a for pool in self.actors["pools"].values() for a in pool]
             ray.get([w.stop.remote() for w in workers], timeout=30)
-            for actor in [*workers, *(a for p in self.actors["pools"].values() for a in p)]:
+            try:  # close connections and producers cleanly before the processes go
+                ray.get([t.close.remote() for t in transports], timeout=10)
+            except ray.exceptions.RayError as exc:
+                log.warning("closing transports: %s", str(exc).splitlines()[0])
+            for actor in [*workers, *transports]:
                 ray.kill(actor)
             self.actors = {}
             if self._owns_ray:

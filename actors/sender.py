@@ -17,7 +17,7 @@ from ray.exceptions import RayError
 
 from engine.hooks import Hook
 from engine.partitioning import pool_member
-from engine.transports.base import Delivery, Outcome
+from engine.transports.base import Delivery, Outcome, pack_deliveries
 
 
 def target_json(hook: Hook) -> str:
@@ -57,7 +57,8 @@ class RaySender:
             self.refs[ray.put([error] * len(deliveries))] = deliveries
             return
         actor = pool[pool_member(hook.id or 0, len(pool))]
-        ref = actor.deliver_many.remote(hook.target.kind, self._target(hook), deliveries)
+        ref = actor.deliver_many.remote(hook.target.kind, self._target(hook),
+                                        pack_deliveries(deliveries))
         self.refs[ref] = deliveries
 
     def inflight(self) -> int:

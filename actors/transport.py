@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
 from engine.settings import Settings
-from engine.transports.base import Delivery, Outcome, load_transport
+from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
 
 TARGET_MODELS: dict[str, type[BaseModel]] = {
     "http_batch": HttpBatch, "rabbitmq_queue": RabbitQueue,
@@ -39,10 +39,11 @@ class TransportActor:
     async def deliver(self, kind: str, target: str, delivery: Delivery) -> Outcome:
         return await self.transport.send(self._target(kind, target), delivery)
 
-    async def deliver_many(self, kind: str, target: str, deliveries: list[Delivery]
-                           ) -> list[Outcome]:
-        """One hook's batches of a round, sent concurrently; outcomes in order."""
+    async def deliver_many(self, kind: str, target: str, packed: bytes) -> list[Outcome]:
+        """One hook's batches of a round (``pack_deliveries``), sent concurrently;
+        outcomes in order."""
         model = self._target(kind, target)
+        deliveries = unpack_deliveries(packed)
         return list(await asyncio.gather(*(self.transport.send(model, d) for d in deliveries)))
 
     async def ping(self) -> str:

@@ -44,7 +44,7 @@ class Settings(BaseModel):
     # Most events one producer call appends as one stream entry.
     INTAKE_MAX_BATCH: int = Field(5_000, ge=1, le=1_000_000)
     # Most stream entries a partition actor reads per XREADGROUP.
-    READ_MAX_ENTRIES: int = Field(32, ge=1, le=10_000)
+    READ_MAX_ENTRIES: int = Field(4, ge=1, le=10_000)
     # Upper bound for any hook's max batch size (HTTP).
     MAX_HTTP_BATCH: int = Field(10_000, ge=1, le=1_000_000)
     # Concurrent requests per destination (host:port) in one transport actor.

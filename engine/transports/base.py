@@ -58,6 +58,7 @@ class Outcome(msgspec.Struct, omit_defaults=True):
 
 _packer = msgspec.msgpack.Encoder()
 _unpacker = msgspec.msgpack.Decoder(Delivery)
+_many_unpacker = msgspec.msgpack.Decoder(list[Delivery])
 
 
 def pack_delivery(delivery: Delivery) -> bytes:
@@ -66,6 +67,16 @@ def pack_delivery(delivery: Delivery) -> bytes:
 
 def unpack_delivery(data: bytes) -> Delivery:
     return _unpacker.decode(data)
+
+
+def pack_deliveries(deliveries: list[Delivery]) -> bytes:
+    """Deliveries as one msgpack blob: what crosses from a partition to a transport
+    actor (several times cheaper than pickling the structs)."""
+    return _packer.encode(deliveries)
+
+
+def unpack_deliveries(data: bytes) -> list[Delivery]:
+    return _many_unpacker.decode(data)
 
 
 def now_ms() -> int:
