@@ -10,7 +10,7 @@ from pydantic import BaseModel
 
 from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
 from engine.settings import Settings
-from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
+from engine.transports.base import Outcome, load_transport, unpack_deliveries
 
 TARGET_MODELS: dict[str, type[BaseModel]] = {
     "http_batch": HttpBatch, "rabbitmq_queue": RabbitQueue,
@@ -35,9 +35,6 @@ class TransportActor:
                 self.targets.clear()
             model = self.targets[target] = TARGET_MODELS[kind].model_validate_json(target)
         return model
-
-    async def deliver(self, kind: str, target: str, delivery: Delivery) -> Outcome:
-        return await self.transport.send(self._target(kind, target), delivery)
 
     async def deliver_many(self, kind: str, target: str, packed: bytes) -> list[Outcome]:
         """One hook's batches of a round (``pack_deliveries``), sent concurrently;

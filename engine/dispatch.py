@@ -42,8 +42,7 @@ from engine.transports.base import Delivery, Outcome, now_ms
 
 PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
 MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
-IMMEDIATE_KINDS = ("rabbitmq_queue", "rabbitmq_exchange", "kafka")  # sent every read round
-IMMEDIATE_MAX_BATCH = 1_000
+IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 
 
 @contextmanager

@@ -27,8 +27,6 @@ CONSUMER_GROUP = "dispatch"
 INTAKE_FIELD = b"e"
 # A claimed retry is hidden for this long; if its sender dies it becomes due again.
 RETRY_LEASE_MS = 60_000
-# Pending intake entries idle this long are claimed by the partition's actor again.
-PENDING_CLAIM_IDLE_MS = 30_000
 
 
 class Keys:
