@@ -105,3 +105,42 @@ def test_demo_runs_on_embedded_redis_without_redis_url(tmp_path: Path) -> None:
     assert "demo: embedded Redis at unix://" in proc.stdout
     assert "demo: ok" in proc.stdout
     assert "receiver /flaky: 2 request(s)" in proc.stdout  # one failure, one re-send
+
+
+def test_run_twice_with_the_same_hooks_file_keeps_one_hook(config: str, tmp_path: Path,
+                                                           settings: Settings) -> None:
+    # Given a hooks file used by two consecutive runs of the main job
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps([{"name": "crm", "account_id": 4, "actions": ["click"],
+                                  "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}]))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
+    outputs = []
+    for _ in range(2):
+        proc = subprocess.run(
+            [sys.executable, "-m", "actors.cli", "-c", config, "run", "--hooks", str(hooks),
+             "--duration", "0.5", "--report-sec", "0.2"],
+            env=env, capture_output=True, text=True, timeout=240,
+            cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        outputs.append(proc.stdout)
+    # Then the second run updates the hook instead of creating a second one
+    assert "hook 1 created from" in outputs[0]
+    assert "hook 1 updated from" in outputs[1]
+    assert "hookray: stopped" in outputs[1]
+    from actors.driver import Engine
+
+    engine = Engine.connect(settings)
+    assert [h.name for h in engine.list_hooks(4)] == ["crm"]
+    engine.redis.close()
+
+
+@pytest.mark.parametrize(("option", "value", "message"), [
+    ("--report-sec", "0", "must be > 0, got 0"),
+    ("--duration", "-1", "must be >= 0, got -1"),
+])
+def test_run_rejects_bad_intervals(option: str, value: str, message: str,
+                                   capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["run", option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
