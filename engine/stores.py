@@ -270,19 +270,24 @@ class RetryStore:
         return out
 
     def replay(self, ids: Iterable[str]) -> int:
-        """Put dead letters back on the schedule, due now, with fresh re-send counts."""
-        moved = 0
-        for delivery_id in ids:
-            raw: bytes | None = self.r.hget(self.k.dead_payload, delivery_id)  # type: ignore[assignment]
-            if raw is None:
-                raise NotFound(f"dead letter {delivery_id} does not exist")
-            delivery = unpack_delivery(raw)
-            delivery.resends = 0
-            with self.r.pipeline() as pipe:
+        """Put dead letters back on the schedule, due now, with fresh re-send counts.
+        An unknown id raises NotFound before anything is moved."""
+        ids = list(dict.fromkeys(ids))
+        if not ids:
+            return 0
+        payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+            self.k.dead_payload, ids)
+        missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
+        if missing:
+            raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
+        due = now_ms()
+        with self.r.pipeline() as pipe:  # one transaction for the whole replay
+            for delivery_id, raw in zip(ids, payloads, strict=True):
+                delivery = unpack_delivery(raw or b"")
+                delivery.resends = 0
                 pipe.zrem(self.k.dead, delivery_id)
                 pipe.hdel(self.k.dead_payload, delivery_id)
                 pipe.hset(self.k.retry_payload, delivery_id, pack_delivery(delivery))
-                pipe.zadd(self.k.retry, {delivery_id: now_ms()})
-                pipe.execute()
-            moved += 1
-        return moved
+                pipe.zadd(self.k.retry, {delivery_id: due})
+            pipe.execute()
+        return len(ids)

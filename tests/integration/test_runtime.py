@@ -157,17 +157,20 @@ def test_hook_changes_reach_a_running_engine_within_one_second(
         assert wait_for(lambda: len(receiver.messages(path)) > before, 5), path
         return time.monotonic() - started
 
+    def assert_nothing_more_arrives(path: str) -> None:
+        engine.publish(events(5, types=("click",)))
+        assert engine.wait_idle(10)
+        before = len(receiver.messages(path))
+        time.sleep(0.3)
+        assert len(receiver.messages(path)) == before
+
     # update: point the hook at another path
     data = hook.to_storage()
     data["target"]["http_batch"]["url"] = receiver.url("/b")
     assert delivered_after_change("/b", lambda: engine.update_hook(hook.id, data)) < 1.0
     # stop: nothing more arrives
     engine.stop_hook(hook.id)
-    engine.publish(events(5, types=("click",)))
-    assert engine.wait_idle(10)
-    before = len(receiver.messages("/b"))
-    time.sleep(0.3)
-    assert len(receiver.messages("/b")) == before
+    assert_nothing_more_arrives("/b")
     # activate again
     assert delivered_after_change("/b", lambda: engine.activate_hook(hook.id)) < 1.0
     # clone (stopped) + activate the clone: both receive
@@ -177,11 +180,7 @@ def test_hook_changes_reach_a_running_engine_within_one_second(
     # delete both: nothing more arrives
     engine.delete_hook(hook.id)
     engine.delete_hook(clone.id)
-    engine.publish(events(5, types=("click",)))
-    assert engine.wait_idle(10)
-    before = len(receiver.messages("/b"))
-    time.sleep(0.3)
-    assert len(receiver.messages("/b")) == before
+    assert_nothing_more_arrives("/b")
     # a new hook created on the running engine
     engine.create_hook(http_hook(receiver, "/c", actions=["click"], flush_timeout_sec=0.05))
     assert delivered_after_change("/c", lambda: None) < 1.0

@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from engine.dispatch import PartitionWorker
-from engine.errors import EventError
+from engine.errors import EventError, NotFound
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
 from engine.keys import CONSUMER_GROUP, Keys
@@ -171,3 +171,16 @@ def test_broker_batches_leave_every_round(redis_client: redis.Redis, settings: S
     run_until(worker, lambda: sender.transport.sent)
     (delivery,) = sender.transport.sent
     assert delivery.keys == ["7.click"] * 3 and delivery.kind == "rabbitmq_exchange"
+
+
+def test_replay_with_an_unknown_id_moves_nothing(redis_client: redis.Redis, keys: Keys) -> None:
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=1, account_id=1, kind="http_batch",
+                            parts=[b"{}"], resends=3), due_ms=0, error="HTTP 500")
+    retry.kill(retry.claim_due()[0], "HTTP 500")
+    with pytest.raises(NotFound, match=r"dead letter\(s\) nope do not exist"):
+        retry.replay(["d1", "nope"])
+    assert [d.id for d in retry.dead_letters()] == ["d1"] and retry.pending() == 0
+    assert retry.replay(["d1", "d1"]) == 1
+    (due,) = retry.claim_due()
+    assert due.id == "d1" and due.resends == 0
