@@ -68,18 +68,18 @@ def _secs(ctx: EventContext) -> int:
 
 # not strftime("%Y"): glibc does not zero-pad years below 1000, Go's "2006" layout does
 @lru_cache(maxsize=4096)
-def _day(day: int) -> str:
+def day_text(day: int) -> str:
     t = time.gmtime(day * 86_400)
     return f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}"
 
 
 def _ymd(secs: int) -> str:
-    return _day(secs // 86_400)
+    return day_text(secs // 86_400)
 
 
-def _ymd_hms(secs: int) -> str:
+def ymd_hms(secs: int) -> str:
     rest = secs % 86_400
-    return f"{_day(secs // 86_400)}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
+    return f"{day_text(secs // 86_400)}T{rest // 3600:02d}:{rest // 60 % 60:02d}:{rest % 60:02d}"
 
 
 _V4_CLEAR = ~((0xF000 << 64) | (0xC000 << 48))
@@ -95,14 +95,14 @@ def _uuid4() -> str:
 def format_event_date(ns: int) -> str:
     """``2006-01-25T15:04:05.999999Z`` (Go layout: fraction trimmed of trailing zeros)."""
     micros = (ns % NS) // 1000
-    base = _ymd_hms(ns // NS)
+    base = ymd_hms(ns // NS)
     return f"{base}.{micros:06d}".rstrip("0").rstrip(".") + "Z"
 
 
 def format_rfc3339_nano(ns: int) -> str:
     """Go's RFC3339Nano in UTC: the form of a message's ``event_date``."""
     frac = ns % NS
-    base = _ymd_hms(ns // NS)
+    base = ymd_hms(ns // NS)
     return f"{base}.{frac:09d}".rstrip("0").rstrip(".") + "Z"
 
 
@@ -115,7 +115,7 @@ PARAMETERS: dict[str, Callable[[EventContext], str]] = {
     "uuid": lambda ctx: _uuid4(),
     "event_date": lambda ctx: format_event_date(ctx.ns),
     "event_date_ymd": lambda ctx: _ymd(_secs(ctx)),
-    "event_date_rfc3339": lambda ctx: _ymd_hms(_secs(ctx)) + "Z",
+    "event_date_rfc3339": lambda ctx: ymd_hms(_secs(ctx)) + "Z",
     "event_date_unix": lambda ctx: str(_secs(ctx)),
     "event_date_unixnano": lambda ctx: str(ctx.ns),
     "campaign_name": lambda ctx: ctx.name("campaigns", ctx.event.campaign_id),

@@ -24,16 +24,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import numpy as np
 import redis
 
+from engine.assembly import Assembler, Round
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.customdata import EventContext
 from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import decode_entry
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex
-from engine.messages import MessageBuilder, encode_part, kafka_key, routing_key
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
@@ -107,7 +107,7 @@ class Dispatcher:
         self.max_http_batch = max_http_batch
         self.catalogue = catalogue
         self.index = HookIndex.compile([], catalogue)
-        self.builders: dict[int, MessageBuilder] = {}
+        self.builders: dict[int, Assembler] = {}
         self.batches: dict[int, _Batch] = {}
         self.names = NameCatalogue()
         self.versions = {"hooks": -1, "names": -1, "profiles": -1}
@@ -145,8 +145,8 @@ class Dispatcher:
         flushed = [self._flush(hid) for hid, b in list(self.batches.items())
                    if current.get(hid) != b.hook]
         self.builders = {hid: self.builders[hid] if hid in self.builders
-                         and self.builders[hid].hook == h else MessageBuilder(h, self.names,
-                                                                              self.catalogue)
+                         and self.builders[hid].hook == h else Assembler(h, self.names,
+                                                                         self.catalogue)
                          for hid, h in current.items() if hid is not None}
         return [d for d in flushed if d is not None]
 
@@ -160,47 +160,49 @@ class Dispatcher:
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
             return [], produced
-        owner = [eid for eid, evs in entries for _ in evs]
+        entry_ids = [eid for eid, _ in entries]
+        owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
         matches = self.index.match(EventColumns.from_events(events, self.catalogue))
-        content = self._content(matches, events)
+        rnd = Round(events, self.catalogue, self.names, self._content(matches, events))
         self._attach_profiles(matches, events)
-        contexts: dict[int, tuple[EventContext, bytes]] = {}
+        per_entry = np.zeros(len(entries), np.int64)
         full: list[Delivery] = []
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
                 hook = self.index.hooks[pos]
                 self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
-                full.extend(self._add(hook, idx.tolist(), events, owner, content, contexts,
-                                      produced, now))
+                full.extend(self._add(hook, idx, rnd, owner, entry_ids, per_entry, now))
             pipe.execute()
+        for n, count in enumerate(per_entry.tolist()):
+            produced[entry_ids[n]] += count
         return full, produced
 
-    def _add(self, hook: Hook, idx: list[int], events: list[Event], owner: list[str],
-             content: dict[str, dict[str, Any]],
-             contexts: dict[int, tuple[EventContext, bytes]],
-             produced: Counter[str], now: float) -> list[Delivery]:
-        builder = self.builders[hook.id or 0]
+    def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
+             entry_ids: list[str], per_entry: np.ndarray, now: float) -> list[Delivery]:
+        """Add the hook's messages for the events ``idx`` to its open batch, in chunks
+        that fill the batch exactly; returns the batches that became full."""
+        assembler = self.builders[hook.id or 0]
         max_size, _ = batch_limits(hook, self.max_http_batch)
         kind = hook.target.kind
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
         full = []
         batch = self.batches.get(hook.id or 0) or self._open(hook, now)
-        for i in idx:
-            event = events[i]
-            shared = contexts.get(i)  # per event, shared by every hook that matched it
-            if shared is None:
-                shared = contexts[i] = (EventContext(event, self.names),
-                                        encode_part(event, self.catalogue))
-            encoded, mid = builder.encode_with_part(event, shared[1], shared[0], content)
-            batch.parts.append(encoded)
-            batch.mids.append(mid)
+        start = 0
+        while start < len(idx):
+            chunk = idx[start:start + max_size - len(batch.parts)]
+            start += len(chunk)
+            where = chunk.tolist()
+            messages, mids = assembler.assemble(rnd, where)
+            batch.parts += messages
+            batch.mids += mids
             if kind == "kafka":
-                key = kafka_key(key_choice, event)
-                batch.keys.append(key.decode() if key is not None else "")
+                batch.keys += rnd.kafka_keys(where, key_choice)
             elif kind != "http_batch":
-                batch.keys.append(routing_key(event))
-            batch.entries[owner[i]] += 1
-            produced[owner[i]] += 1
+                batch.keys += rnd.routing_keys(where)
+            counts = np.bincount(owner[chunk], minlength=len(entry_ids))
+            per_entry += counts
+            for n in np.flatnonzero(counts).tolist():
+                batch.entries[entry_ids[n]] += int(counts[n])
             if len(batch.parts) >= max_size:
                 full.append(self._flush(hook.id or 0))
                 batch = self._open(hook, now)

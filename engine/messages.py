@@ -17,12 +17,12 @@ carries ``hook_message_id``, stable across re-sends, for de-duplication.
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any, TypeVar
 
 import msgspec
 from msgspec import UNSET, UnsetType
+from xxhash import xxh3_128_hexdigest
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.customdata import CompiledCustomData, EventContext, format_rfc3339_nano
@@ -39,6 +39,7 @@ _DIMENSION_KEYS: dict[str, tuple[str, ...]] = {
     "import": ("resource_id",),
     "pixel": ("pixel_id", "resource_id"),
 }
+_DIMENSION_SETS = {category: frozenset(keys) for category, keys in _DIMENSION_KEYS.items()}
 
 
 def _dimension(event: Event, key: str) -> int | None:
@@ -87,16 +88,19 @@ def http_body(parts: list[bytes]) -> bytes:
     return b"[" + b",".join(parts) + b"]"
 
 
+def event_digest(event_id: str | None) -> str:
+    """24 hex digits of the xxh3-128 hash of the event id: the part of a message id
+    shared by every hook (computed once per event). xxh3 is a non-cryptographic hash;
+    96 bits keep collisions out of reach for de-duplication, at about a seventh of
+    blake2b's cost per id (0.07 against 0.5 µs measured here)."""
+    return xxh3_128_hexdigest((event_id or "").encode())[:24]
+
+
 def message_id(hook_id: int | None, event_id: str | None) -> str:
-    """Stable id of (hook, event): the same on every re-send."""
-    raw = f"{hook_id or 0}:{event_id or ''}".encode()
-    return hashlib.blake2b(raw, digest_size=12).hexdigest()
-
-
-def _id_hasher(hook_id: int | None) -> Any:
-    """A blake2b already fed the hook's prefix; ``copy()`` + ``update(event id)`` gives
-    the same ids as ``message_id`` without hashing the prefix per message."""
-    return hashlib.blake2b(f"{hook_id or 0}:".encode(), digest_size=12)
+    """Stable id of (hook, event), the same on every re-send:
+    ``<event_digest(event id)>-<hook id>`` (the digest has a fixed width, so two
+    different pairs never give the same id)."""
+    return f"{event_digest(event_id)}-{hook_id or 0}"
 
 
 def routing_key(event: Event) -> str:
@@ -131,7 +135,6 @@ class MessageBuilder:
         self.names = NameCatalogue() if names is None else names
         self.catalogue = load_catalogue() if catalogue is None else catalogue
         self.custom_data = CompiledCustomData(hook.custom_data)
-        self._ids = _id_hasher(hook.id)
         self.send_content = hook.send_content
 
     def build(self, event: Event, content: Mapping[str, dict[str, Any]] | None = None,
@@ -152,9 +155,7 @@ class MessageBuilder:
                          ) -> tuple[bytes, str]:
         """(encoded message, message id), spliced onto the event's encoded part: the
         same JSON as ``encode_message(build(...))``, without re-encoding the event."""
-        hasher = self._ids.copy()
-        hasher.update((event.id or "").encode())
-        mid = hasher.hexdigest()
+        mid = message_id(self.hook.id, event.id)
         out = [part[:-1], b',"hook_message_id":"', mid.encode(), b'"']
         custom = self.custom_data.render(ctx)
         if custom is not None:
@@ -183,7 +184,7 @@ def fill_part(cls: type[P], event: Event, catalogue: EventCatalogue) -> P:
     """An EventPart (or Message) with every event-derived field of ``event``."""
     part = cls(event_type=event.event_type, event_date=message_date(event),
                account_id=event.account_id, is_test=event.is_test,
-               event_data=_event_data(event, catalogue))
+               event_data=event_data_of(event, catalogue))
     if event.list_id is not None:
         part.list_id = event.list_id
     if event.sends_trying_num is not None and event.sends_trying_num > 0:  # spec d: only > 0
@@ -212,8 +213,17 @@ def encode_part(event: Event, catalogue: EventCatalogue) -> bytes:
     return _encoder.encode(fill_part(EventPart, event, catalogue))
 
 
-def _event_data(event: Event, catalogue: EventCatalogue) -> dict[str, Any]:
+def dimension_keys(catalogue: EventCatalogue, code: str) -> frozenset[str]:
+    """The event_data keys every message of event type ``code`` carries."""
+    return _DIMENSION_SETS.get(catalogue.category(code), frozenset())
+
+
+def event_data_of(event: Event, catalogue: EventCatalogue) -> dict[str, Any]:
+    """The message's event_data: the event's, with the category's dimensions filled in."""
     data = event.event_data
-    keys = _DIMENSION_KEYS.get(catalogue.category(event.event_type), ())
+    category = catalogue.category(event.event_type)
+    if data.keys() >= _DIMENSION_SETS.get(category, frozenset()):  # all given: the usual case
+        return data
+    keys = _DIMENSION_KEYS[category]
     fill = {k: v for k in keys if k not in data and (v := _dimension(event, k)) is not None}
     return {**data, **fill} if fill else data

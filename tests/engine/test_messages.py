@@ -93,7 +93,7 @@ def test_documented_http_example() -> None:
     body = http_body(MessageBuilder(hook).encode(events))
     expected = [{**SPEC_BODY[0], "is_test": False, "hook_message_id": message_id(7, "spec-e")}]
     assert json.loads(body) == expected
-    assert re.fullmatch(r"[0-9a-f]{24}", expected[0]["hook_message_id"])
+    assert re.fullmatch(r"[0-9a-f]{24}-7", expected[0]["hook_message_id"])
 
 
 # --- optional keys ---------------------------------------------------------------------------
@@ -343,7 +343,7 @@ def test_message_id_stable() -> None:
     first = build(event, make_hook(hook_id=1))["hook_message_id"]
     again = build(make_event(id="ev-1", is_test=True), make_hook(hook_id=1))["hook_message_id"]
     assert first == again == message_id(1, "ev-1")
-    assert re.fullmatch(r"[0-9a-f]{24}", first)
+    assert re.fullmatch(r"[0-9a-f]{24}-1", first)
     builder = MessageBuilder(make_hook(hook_id=1))
     assert {builder.build(event).hook_message_id for _ in range(3)} == {first}
 

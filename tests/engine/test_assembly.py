@@ -1,0 +1,119 @@
+"""The partition's column-wise assembly gives the reference messages (``build``)."""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Any
+
+import pytest
+
+from bench.workload import CUSTOM_PAIRS, make_events, make_names
+from engine.assembly import Assembler, Round, uuid_json_many
+from engine.catalogue import load_catalogue
+from engine.events import Event
+from engine.hooks import parse_hook
+from engine.messages import MessageBuilder, encode_message, message_id
+
+UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+
+
+def _hook(hook_id: int = 5, **extra: Any) -> Any:
+    return parse_hook({"id": hook_id, "name": "h", "account_id": 1, "actions": ["click"],
+                       "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}, **extra})
+
+
+HOOKS = {
+    "plain": _hook(),
+    "content and mixed values": _hook(send_content=True, custom_data={
+        "fields": ["email", "missing"],
+        "pairs": {"c": "{{campaign_name}} {{event_date}}", "lit": "x\"y", "q": "{{uuid}}-z"}}),
+    "template": _hook(custom_data={"template": {"t": "{{database_name}}"}}),
+    "fields only": _hook(custom_data={"fields": ["email", "first_name"]}),
+    "every parameter": _hook(custom_data={"fields": ["email"], "pairs": {
+        **CUSTOM_PAIRS, "sub": "{{campaign_subid}}", "seg": "{{segment_name}}",
+        "tpl": "{{message_name}}", "subj": "{{message_subject}}", "res": "{{resource_name}}",
+        "rfc": "{{event_date_rfc3339}}", "nano": "{{event_date_unixnano}}"}}),
+    "key clash": _hook(custom_data={"fields": ["email"], "template": {"email": "t"},
+                                    "pairs": {"email": "{{database_name}}"}}),
+}
+
+
+def _events() -> list[Event]:
+    events = make_events(400)
+    events[0].profile_deleted = True
+    events[1].custom_data = {"from": "request"}
+    events[2].event_date = "2026-03-04T15:13:19.034315796+02:00"  # not UTC: normalized
+    events[3].event_data = {}  # dimensions come from the top-level fields
+    events[3].campaign_id, events[3].message_id, events[3].resource_id = 9, 3, 2
+    events[4].sends_trying_num = 0  # only > 0 is sent
+    events[5].sends_trying_num = 2
+    events[6].is_static = False
+    events[7].profile = None
+    return events
+
+
+def _without_uuids(message: dict[str, Any]) -> dict[str, Any]:
+    custom = message.get("custom_data")
+    if isinstance(custom, dict):
+        for key in ("id", "q"):
+            if key in custom:
+                value = custom[key]
+                assert UUID.match(value.removesuffix("-z")), value
+                custom[key] = "<uuid>"
+    return message
+
+
+@pytest.mark.parametrize("name", list(HOOKS))
+def test_assembled_messages_equal_the_reference(name: str) -> None:
+    hook = HOOKS[name]
+    catalogue, names = load_catalogue(), make_names()
+    events = _events()
+    content = {e.send_id: {"subject": f"s{i}"} for i, e in enumerate(events[:100]) if e.send_id}
+    rnd = Round(events, catalogue, names, content)
+    assembler = Assembler(hook, names, catalogue)
+    reference = MessageBuilder(hook, names, catalogue)
+    idx = list(range(0, len(events), 3)) + list(range(1, len(events), 3))
+    messages, mids = assembler.assemble(rnd, idx)
+    assert len(messages) == len(mids) == len(idx)
+    for i, raw, mid in zip(idx, messages, mids, strict=True):
+        got = json.loads(raw)
+        want = json.loads(encode_message(reference.build(events[i], content)))
+        assert _without_uuids(got) == _without_uuids(want), (name, i)
+        assert mid == got["hook_message_id"] == message_id(hook.id, events[i].id)
+
+
+def test_two_hooks_share_the_round_and_get_their_own_ids() -> None:
+    catalogue, names = load_catalogue(), make_names()
+    events = make_events(50)
+    rnd = Round(events, catalogue, names, {})
+    first, _ = Assembler(HOOKS["plain"], names, catalogue).assemble(rnd, list(range(50)))
+    other = _hook(hook_id=77)
+    second, mids = Assembler(other, names, catalogue).assemble(rnd, list(range(50)))
+    for a, b, event in zip(first, second, events, strict=True):
+        da, db = json.loads(a), json.loads(b)
+        assert da.pop("hook_message_id") != db.pop("hook_message_id")
+        assert da == db
+        assert db["event_type"] == event.event_type
+    assert mids == [message_id(77, e.id) for e in events]
+
+
+def test_routing_and_kafka_keys() -> None:
+    catalogue, names = load_catalogue(), make_names()
+    events = make_events(20)
+    events[0].list_id = None
+    events[1].profile_id = None
+    rnd = Round(events, catalogue, names, {})
+    idx = list(range(20))
+    assert list(rnd.routing_keys(idx)) == [f"{e.list_id or 0}.{e.event_type}" for e in events]
+    assert list(rnd.kafka_keys(idx, "list_event")) == list(rnd.routing_keys(idx))
+    assert list(rnd.kafka_keys(idx, "profile_id")) == [e.profile_id or "" for e in events]
+    assert list(rnd.kafka_keys(idx, "none")) == [""] * 20
+    assert list(rnd.routing_keys([3])) == [f"{events[3].list_id}.{events[3].event_type}"]
+
+
+def test_uuids_are_version_4_and_distinct() -> None:
+    values = [json.loads(u) for u in uuid_json_many(2000)]
+    assert all(UUID.match(v) for v in values)
+    assert len(set(values)) == 2000
+    assert uuid_json_many(0) == []
