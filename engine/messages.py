@@ -150,22 +150,6 @@ class MessageBuilder:
             msg.content = found
         return msg
 
-    def encode_with_part(self, event: Event, part: bytes, ctx: EventContext,
-                         content: Mapping[str, dict[str, Any]] | None = None
-                         ) -> tuple[bytes, str]:
-        """(encoded message, message id), spliced onto the event's encoded part: the
-        same JSON as ``encode_message(build(...))``, without re-encoding the event."""
-        mid = message_id(self.hook.id, event.id)
-        out = [part[:-1], b',"hook_message_id":"', mid.encode(), b'"']
-        custom = self.custom_data.render(ctx)
-        if custom is not None:
-            out += (b',"custom_data":', _encoder.encode(custom))
-        found = self._content(event, content)
-        if found is not None:
-            out += (b',"content":', _encoder.encode(found))
-        out.append(b"}")
-        return b"".join(out), mid
-
     def _content(self, event: Event, content: Mapping[str, dict[str, Any]] | None
                  ) -> dict[str, Any] | None:
         if self.send_content and content and event.send_id:
@@ -209,7 +193,7 @@ def fill_part(cls: type[P], event: Event, catalogue: EventCatalogue) -> P:
 
 
 def encode_part(event: Event, catalogue: EventCatalogue) -> bytes:
-    """The encoded event part of every message of ``event`` (see ``encode_with_part``)."""
+    """The encoded part of every message of ``event`` (see ``engine.assembly``)."""
     return _encoder.encode(fill_part(EventPart, event, catalogue))
 
 
