@@ -102,8 +102,14 @@ class Intake:
     def append(self, events: list[Event]) -> None:
         """Append validated events (with ids) to their partitions' streams."""
         by_partition: dict[int, list[Event]] = defaultdict(list)
+        known: dict[tuple[int, int | None], list[Event]] = {}  # database -> its partition's
         for e in events:
-            by_partition[partition_of(e.account_id, e.list_id, self.partitions)].append(e)
+            database = (e.account_id, e.list_id)
+            bucket = known.get(database)
+            if bucket is None:
+                bucket = known[database] = by_partition[
+                    partition_of(e.account_id, e.list_id, self.partitions)]
+            bucket.append(e)
         with self.r.pipeline(transaction=False) as pipe:
             for n, part in by_partition.items():
                 for start in range(0, len(part), self.max_batch):
