@@ -90,11 +90,6 @@ def part_tail(event: Event, catalogue: EventCatalogue) -> bytes:
         event.subscription_hash_id, event.subscription))[1:]
 
 
-def _name_input(attr: str) -> Callable[[Event], Any]:
-    get = attrgetter("account_id", attr)
-    return get
-
-
 def _segment_input(event: Event) -> Any:
     return event.account_id, event.segment_ids[0] if event.segment_ids else None
 
@@ -102,13 +97,13 @@ def _segment_input(event: Event) -> Any:
 # what each parameter's value depends on: equal inputs, equal values
 _DATE_INPUT = attrgetter("event_date")
 _INPUTS: dict[Any, Callable[[Event], Any]] = {
-    PARAMETERS["campaign_name"]: _name_input("campaign_id"),
-    PARAMETERS["campaign_subid"]: _name_input("campaign_id"),
-    PARAMETERS["database_name"]: _name_input("list_id"),
+    PARAMETERS["campaign_name"]: attrgetter("account_id", "campaign_id"),
+    PARAMETERS["campaign_subid"]: attrgetter("account_id", "campaign_id"),
+    PARAMETERS["database_name"]: attrgetter("account_id", "list_id"),
     PARAMETERS["segment_name"]: _segment_input,
-    PARAMETERS["message_name"]: _name_input("message_id"),
-    PARAMETERS["message_subject"]: _name_input("message_id"),
-    PARAMETERS["resource_name"]: _name_input("resource_id"),
+    PARAMETERS["message_name"]: attrgetter("account_id", "message_id"),
+    PARAMETERS["message_subject"]: attrgetter("account_id", "message_id"),
+    PARAMETERS["resource_name"]: attrgetter("account_id", "resource_id"),
     **{PARAMETERS[p]: _DATE_INPUT for p in PARAMETERS if p.startswith("event_date")},
 }
 # the date parameters as functions of the event's unix nanoseconds
