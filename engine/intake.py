@@ -47,9 +47,16 @@ def encode_entry(events: list[Event]) -> bytes:
     return _entry_encoder.encode(events)
 
 
+_json_entry_decoder = msgspec.json.Decoder(list[StoredEvent])
+
+
 def decode_entry(fields: dict[bytes, bytes]) -> list[Event]:
-    """The events of one stream entry."""
-    return cast(list[Event], _entry_decoder.decode(fields[INTAKE_FIELD]))
+    """The events of one stream entry. Entries written as a JSON array (before the
+    intake wrote msgpack) are still read, so an upgrade loses nothing in the streams:
+    a msgpack array never starts with ``[``."""
+    raw = fields[INTAKE_FIELD]
+    decoder = _json_entry_decoder if raw[:1] == b"[" else _entry_decoder
+    return cast(list[Event], decoder.decode(raw))
 
 
 class Intake:

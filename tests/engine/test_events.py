@@ -581,3 +581,17 @@ def test_event_date_ns_property() -> None:
     [event] = decode_events(as_array([ev(event_date="2018-03-04T16:13:19.5+03:00")]))
     assert event.event_date == "2018-03-04T16:13:19.5+03:00"  # kept as sent
     assert event.date_ns == 1_520_169_199_500_000_000
+
+
+def test_intake_entries_round_trip_and_json_entries_still_read() -> None:
+    from engine.intake import decode_entry, encode_entry
+    from engine.keys import INTAKE_FIELD
+
+    events = [Event(event_type="click", event_date="2026-01-01T00:00:00Z", account_id=1,
+                    id=f"e{i}", list_id=i, event_data={"campaign_id": i}) for i in range(300)]
+    packed = encode_entry(events)
+    assert packed[:1] != b"["
+    want = msgspec.to_builtins(events)
+    assert msgspec.to_builtins(decode_entry({INTAKE_FIELD: packed})) == want
+    # entries an older version wrote as JSON
+    assert msgspec.to_builtins(decode_entry({INTAKE_FIELD: encode_events(events)})) == want
