@@ -39,6 +39,7 @@ from engine.customdata import (
     Part,
     day_text,
     format_event_date,
+    render_value,
     ymd_hms,
 )
 from engine.events import NS, Event, Subscription, parse_rfc3339_ns
@@ -227,7 +228,7 @@ class Round:
         if parts == [_UUID]:
             return uuid_json_many(len(idx))
         if _UUID in parts:
-            return [_encode(_render(parts, self.context(i))) for i in idx]
+            return [_encode(render_value(parts, self.context(i))) for i in idx]
         key = tuple(parts)
         col = self._values.get(key)
         if col is None:
@@ -242,7 +243,7 @@ class Round:
             inputs = _INPUTS.get(parts[0]) if len(parts) == 1 else None
             if inputs is None:
                 for i in missing:
-                    col[i] = _encode(_render(parts, self.context(i)))
+                    col[i] = _encode(render_value(parts, self.context(i)))
             else:  # one parameter: rendered once per distinct input (a name's id, a date)
                 memo = self._memo.setdefault(key, {})
                 events = self.events
@@ -250,7 +251,7 @@ class Round:
                     arg = inputs(events[i])
                     value = memo.get(arg)
                     if value is None:
-                        value = memo[arg] = _encode(_render(parts, self.context(i)))
+                        value = memo[arg] = _encode(render_value(parts, self.context(i)))
                     col[i] = value
         return gather(col, idx)
 
@@ -285,13 +286,6 @@ class Round:
                 found = content.get(send_id) if send_id else None
                 col[i] = b'"content":' + _encode(found) + b"," if found is not None else b""
         return gather(col, idx)
-
-
-def _render(parts: list[Part], ctx: EventContext) -> str:
-    if len(parts) == 1:
-        part = parts[0]
-        return part if isinstance(part, str) else part(ctx)
-    return "".join(p if isinstance(p, str) else p(ctx) for p in parts)
 
 
 class Assembler:

@@ -147,7 +147,8 @@ def compile_value(template: str) -> list[Part]:
     return parts
 
 
-def _render(parts: list[Part], ctx: EventContext) -> str:
+def render_value(parts: list[Part], ctx: EventContext) -> str:
+    """One compiled template value (``compile_value``) for an event."""
     if len(parts) == 1:
         part = parts[0]
         return part if isinstance(part, str) else part(ctx)
@@ -177,9 +178,9 @@ class CompiledCustomData:
             out.update(event.custom_data)
         else:
             for key, parts in self.template:
-                out[key] = _render(parts, ctx)
+                out[key] = render_value(parts, ctx)
         for key, parts in self.pairs:
-            out[key] = _render(parts, ctx)
+            out[key] = render_value(parts, ctx)
         return out
 
     def _profile_fields(self, event: Event, out: dict[str, Any]) -> None:
