@@ -31,9 +31,10 @@ from engine.assembly import Assembler, Round
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.events import Event
 from engine.hooks import Hook
-from engine.intake import decode_entry
+from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex
+from engine.messages import PartView
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
@@ -152,10 +153,11 @@ class Dispatcher:
 
     # --- events → batches ------------------------------------------------------------
 
-    def process(self, entries: list[tuple[str, list[Event]]], now: float
-                ) -> tuple[list[Delivery], Counter[str]]:
+    def process(self, entries: list[tuple[str, list[Event]]], now: float,
+                views: list[PartView] | None = None) -> tuple[list[Delivery], Counter[str]]:
         """Match and batch the events of ``entries``; returns full batches and, per
-        entry id, how many messages it produced."""
+        entry id, how many messages it produced. ``views``: the events' message-part
+        fields as read from the stream, in the same order (see ``decode_views``)."""
         produced: Counter[str] = Counter({eid: 0 for eid, _ in entries})
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
@@ -163,7 +165,7 @@ class Dispatcher:
         entry_ids = [eid for eid, _ in entries]
         owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
         matches = self.index.match(EventColumns.from_events(events, self.catalogue))
-        rnd = Round(events, self.catalogue, self.names, self._content(matches, events))
+        rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views)
         self._attach_profiles(matches, events)
         per_entry = np.zeros(len(entries), np.int64)
         full: list[Delivery] = []
@@ -187,6 +189,7 @@ class Dispatcher:
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
         full = []
         batch = self.batches.get(hook.id or 0) or self._open(hook, now)
+        rnd.prepare(idx.tolist())  # all at once: the round's parts are encoded in bulk
         start = 0
         while start < len(idx):
             chunk = idx[start:start + max_size - len(batch.parts)]
@@ -289,12 +292,13 @@ class PartitionWorker:
             return self._step(block_ms)
 
     def _step(self, block_ms: int | None) -> int:
-        entries = self._read(block_ms) if self.sender.inflight() < MAX_INFLIGHT else []
+        entries, views = self._read(block_ms) if self.sender.inflight() < MAX_INFLIGHT \
+            else ([], None)
         # refresh after reading: a hook change committed before an event was appended
         # is always seen by the round that processes the event
         now = time.monotonic()
         ready = self.dispatcher.refresh(now)
-        full, produced = self.dispatcher.process(entries, now)
+        full, produced = self.dispatcher.process(entries, now, views)
         ready += full
         for eid, n in produced.items():
             self.entry_left[eid] += n
@@ -306,7 +310,10 @@ class PartitionWorker:
         self._ack([eid for eid, n in produced.items() if n == 0])
         return len(entries)
 
-    def _read(self, block_ms: int | None) -> list[tuple[str, list[Event]]]:
+    def _read(self, block_ms: int | None
+              ) -> tuple[list[tuple[str, list[Event]]], list[PartView] | None]:
+        """Entries read (id, events), and the events' part views (None when an
+        entry has none: written as JSON by an older version)."""
         if block_ms is None:
             busy = self.sender.inflight() or self.dispatcher.open_messages()
             block_ms = 20 if busy else 100
@@ -322,7 +329,16 @@ class PartitionWorker:
             else:
                 self.reading_own_pending = False
             self._ack([eid.decode() for eid, fields in items if not fields])  # deleted ones
-        return [(eid.decode(), decode_entry(fields)) for eid, fields in items if fields]
+        items = [(eid, fields) for eid, fields in items if fields]
+        entries = [(eid.decode(), decode_entry(fields)) for eid, fields in items]
+        views: list[PartView] | None = []
+        for _, fields in items:
+            part = decode_views(fields)
+            if part is None:
+                views = None
+                break
+            views += part  # type: ignore[operator]
+        return entries, views
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
         if not outcomes:

@@ -20,6 +20,7 @@ from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import EventError
 from engine.events import Event, EventIssue, decode_batch, ensure_ids
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
+from engine.messages import PartView
 from engine.partitioning import partition_of
 
 
@@ -57,6 +58,22 @@ def decode_entry(fields: dict[bytes, bytes]) -> list[Event]:
     raw = fields[INTAKE_FIELD]
     decoder = _json_entry_decoder if raw[:1] == b"[" else _entry_decoder
     return cast(list[Event], decoder.decode(raw))
+
+
+_view_decoder = msgspec.msgpack.Decoder(list[PartView])
+
+
+def decode_views(fields: dict[bytes, bytes]) -> list[PartView] | None:
+    """The message-part fields of the events of one stream entry, in order (see
+    ``engine.messages.PartView``); None for an entry written as JSON or one these
+    fields cannot be read from, whose parts are then encoded event by event."""
+    raw = fields[INTAKE_FIELD]
+    if raw[:1] == b"[":
+        return None
+    try:
+        return cast(list[PartView], _view_decoder.decode(raw))
+    except msgspec.DecodeError:
+        return None
 
 
 class Intake:

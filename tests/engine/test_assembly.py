@@ -6,6 +6,7 @@ import json
 import re
 from typing import Any
 
+import msgspec
 import pytest
 
 from bench.workload import CUSTOM_PAIRS, make_events, make_names
@@ -13,7 +14,16 @@ from engine.assembly import Assembler, Round, uuid_json_many
 from engine.catalogue import load_catalogue
 from engine.events import Event
 from engine.hooks import parse_hook
-from engine.messages import MessageBuilder, encode_message, message_id
+from engine.intake import decode_entry, decode_views, encode_entry
+from engine.keys import INTAKE_FIELD
+from engine.messages import (
+    MessageBuilder,
+    PartView,
+    encode_message,
+    encode_part,
+    irregular_events,
+    message_id,
+)
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -50,7 +60,18 @@ def _events() -> list[Event]:
     events[5].sends_trying_num = 2
     events[6].is_static = False
     events[7].profile = None
+    events[8].event_data = {k: v for k, v in events[8].event_data.items() if k != "segment_id"}
+    events[8].segment_ids = [4]  # segment_id filled in from the top-level field
+    events[9].event_data = {k: v for k, v in events[9].event_data.items() if k != "segment_id"}
+    events[9].segment_ids = None  # filled in as 0: no segment
     return events
+
+
+def _stored(events: list[Event]) -> tuple[list[Event], list[PartView] | None]:
+    """The events as a partition reads them back: decoded from an intake entry,
+    with their part views."""
+    fields = {INTAKE_FIELD: encode_entry(events)}
+    return decode_entry(fields), decode_views(fields)
 
 
 def _without_uuids(message: dict[str, Any]) -> dict[str, Any]:
@@ -64,13 +85,15 @@ def _without_uuids(message: dict[str, Any]) -> dict[str, Any]:
     return message
 
 
+@pytest.mark.parametrize("stored", [False, True], ids=["events", "read back with views"])
 @pytest.mark.parametrize("name", list(HOOKS))
-def test_assembled_messages_equal_the_reference(name: str) -> None:
+def test_assembled_messages_equal_the_reference(name: str, stored: bool) -> None:
     hook = HOOKS[name]
     catalogue, names = load_catalogue(), make_names()
-    events = _events()
+    events, views = _stored(_events()) if stored else (_events(), None)
+    assert stored == (views is not None)
     content = {e.send_id: {"subject": f"s{i}"} for i, e in enumerate(events[:100]) if e.send_id}
-    rnd = Round(events, catalogue, names, content)
+    rnd = Round(events, catalogue, names, content, views)
     assembler = Assembler(hook, names, catalogue)
     reference = MessageBuilder(hook, names, catalogue)
     idx = list(range(0, len(events), 3)) + list(range(1, len(events), 3))
@@ -117,3 +140,22 @@ def test_uuids_are_version_4_and_distinct() -> None:
     assert all(UUID.match(v) for v in values)
     assert len(set(values)) == 2000
     assert uuid_json_many(0) == []
+
+
+def test_part_views_encode_as_the_part_of_every_regular_event() -> None:
+    catalogue = load_catalogue()
+    events, views = _stored(_events())
+    assert views is not None and len(views) == len(events)
+    irregular = irregular_events(events, catalogue)
+    # deleted, not UTC, dimensions from the top level, tries 0, two segment fills
+    assert irregular == [0, 2, 3, 4, 8, 9]
+    for i, (event, view) in enumerate(zip(events, views, strict=True)):
+        if i not in irregular:  # byte for byte, key order included
+            assert msgspec.json.encode(view) == encode_part(event, catalogue), i
+
+
+def test_an_entry_written_as_json_has_no_views() -> None:
+    events = make_events(3)
+    raw = msgspec.json.encode(events)
+    assert decode_views({INTAKE_FIELD: raw}) is None
+    assert len(decode_entry({INTAKE_FIELD: raw})) == 3
