@@ -165,7 +165,7 @@ class Round:
         self.tails: list[bytes | None] = [None] * n
         self.heads: list[bytes | None] = [None] * n  # b'{"hook_message_id":"<digest>'
         self.digests: list[str | None] = [None] * n
-        self.rkeys: list[str | None] = [None] * n
+        self._all_rkeys: list[str] | None = None
         self._ctx: list[EventContext | None] = [None] * n
         self._values: dict[Any, list[bytes | None]] = {}
         self._fields: dict[tuple[tuple[str, ...], bool], list[bytes | None]] = {}
@@ -220,15 +220,17 @@ class Round:
             heads[i] = _HEAD + digest.encode()
 
     def routing_keys(self, idx: list[int]) -> tuple[str, ...]:
-        rkeys, events, cache = self.rkeys, self.events, self._rkey_cache
-        for i in idx:
-            if rkeys[i] is None:
-                e = events[i]
-                key = cache.get((e.list_id, e.event_type))
-                if key is None:
-                    key = cache[(e.list_id, e.event_type)] = routing_key(e)
-                rkeys[i] = key
-        return gather(rkeys, idx)
+        """``<list_id>.<event_type>`` of the events ``idx`` (made for the whole round
+        on first use: one string per distinct pair)."""
+        if self._all_rkeys is None:
+            events, cache = self.events, self._rkey_cache
+            pairs = list(zip(map(attrgetter("list_id"), events),
+                             map(attrgetter("event_type"), events), strict=True))
+            for pair, event in dict(zip(pairs, events, strict=True)).items():
+                if pair not in cache:
+                    cache[pair] = routing_key(event)
+            self._all_rkeys = list(map(cache.__getitem__, pairs))
+        return gather(self._all_rkeys, idx)
 
     def kafka_keys(self, idx: list[int], choice: str) -> list[str] | tuple[str, ...]:
         if choice == "list_event":

@@ -44,6 +44,9 @@ from engine.transports.base import Delivery, Outcome, now_ms
 PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
 MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
+# Kafka deliveries are split by partition inside the transport: a larger delivery keeps
+# each partition's record batch near its 256 KiB size
+KAFKA_MAX_BATCH = 4_000
 
 
 @contextmanager
@@ -84,6 +87,8 @@ def batch_limits(hook: Hook, cap: int) -> tuple[int, float]:
     target = hook.target.http_batch
     if target is not None:
         return min(target.max_batch_size, cap), target.flush_timeout_sec
+    if hook.target.kafka is not None:
+        return KAFKA_MAX_BATCH, 0.0
     return IMMEDIATE_MAX_BATCH, 0.0
 
 

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from itertools import repeat
+from operator import attrgetter
 from typing import Any, cast
 
 import msgspec
@@ -60,6 +62,7 @@ def decode_entry(fields: dict[bytes, bytes]) -> list[Event]:
     return cast(list[Event], decoder.decode(raw))
 
 
+_EVENT_TYPE = attrgetter("event_type")
 _view_decoder = msgspec.msgpack.Decoder(list[PartView])
 
 
@@ -99,7 +102,9 @@ class Intake:
         if isinstance(events, bytes | str):
             batch = decode_batch(events, self.catalogue)
             return batch.events, batch.issues
-        if all(isinstance(e, Event) for e in events):
+        if all(map(isinstance, events, repeat(Event))):
+            if all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, events)))):
+                return list(cast(Sequence[Event], events)), []
             good = [e for e in events if isinstance(e, Event) and e.event_type in self.catalogue]
             issues = [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
                       for i, e in enumerate(events)

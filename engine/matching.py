@@ -194,7 +194,11 @@ _EVENT_ATTRS = {"list_id": "list_id", "resource_id": "resource_id",
 
 
 def _id_column(attr: str, events: Sequence[Event]) -> np.ndarray:
-    values = [NONE if v is None else v for v in map(attrgetter(attr), events)]
+    values = list(map(attrgetter(attr), events))
+    if None in values:  # scans in C; a column is most often all set or all absent
+        if values.count(None) == len(values):
+            return np.full(len(values), NONE, _I64)
+        values = [NONE if v is None else v for v in values]
     return np.array(values, _I64) if values else np.empty(0, _I64)
 
 

@@ -7,14 +7,16 @@
   de-duplicate what at-least-once delivery may send twice. Producers use
   ``acks=all``, no compression and no idempotence (de-duplication is the
   consumer's, by that header).
-* **Batching.** Records are written straight into aiokafka record batches
-  (``create_batch``/``send_batch``, 256 KiB each), one or more per partition and
-  delivery: against tansu on one machine, 170-270k records/s where one ``send()``
-  per record gives 35-40k. The partition is chosen here, the way Kafka's default
-  partitioner does: keyed records by ``murmur2(key)`` (the same partition a Java
-  or aiokafka producer picks for that key), keyless records all go to one
-  partition per delivery, rotating from delivery to delivery (sticky
-  partitioning).
+* **Batching.** Records are written straight into record batches, 256 KiB at
+  most, one or more per partition and delivery, handed to aiokafka's
+  ``send_batch``: against tansu on one machine, 170-270k records/s where one
+  ``send()`` per record gives 35-40k. The batches are built a whole batch at a
+  time (``kafka_batch``: the bytes aiokafka's builder writes, about 0.45 against
+  0.73 us per record with aiokafka's ``append`` loop). The partition is chosen
+  here, the way Kafka's default partitioner does: keyed records by
+  ``murmur2(key)`` (the same partition a Java or aiokafka producer picks for
+  that key), keyless records all go to one partition per delivery, rotating
+  from delivery to delivery (sticky partitioning).
 * **Topics are never created by hookray.** The topic must exist, or the broker
   must create it on first use (Kafka's ``auto.create.topics.enable``; tansu
   always does). A topic the broker neither knows nor creates is ``Rejected``,
@@ -42,8 +44,10 @@ import logging
 import ssl
 import time
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any
 
+import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
     KafkaConnectionError,
@@ -59,6 +63,7 @@ from aiokafka.partitioner import murmur2
 from engine.errors import ConnectError, Rejected, Timeout
 from engine.hooks import Kafka
 from engine.transports.base import Delivery, Outcome, Transport
+from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field, pick
 
 log = logging.getLogger("hookray.kafka")
 
@@ -152,7 +157,7 @@ class KafkaTransport(Transport):
         self.timeout_sec = timeout_sec
         self.breaker_sec = BREAKER_OPEN_SEC
         self._slots: dict[tuple[Any, ...], _Slot] = {}
-        self._keys: dict[str, tuple[bytes, int]] = {}
+        self._keys: dict[str, tuple[bytes, int | None]] = {}
         self._sticky = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -238,8 +243,8 @@ class KafkaTransport(Transport):
     async def _enqueue(self, slot: _Slot, producer: AIOKafkaProducer, topic: str,
                        partitions: list[int], delivery: Delivery,
                        waiters: list[asyncio.Future[Any]]) -> None:
-        """Write the records into per-partition batches and hand them to the producer;
-        appends one future per batch to ``waiters``."""
+        """Write the records into per-partition batches (``kafka_batch``) and hand them
+        to the producer; appends one future per batch to ``waiters``."""
         parts = delivery.parts
         keys = delivery.keys
         mids = delivery.message_ids
@@ -251,33 +256,41 @@ class KafkaTransport(Transport):
         n = len(partitions)
         sticky = partitions[next(self._sticky) % n]
         cache = self._keys
-        builders: dict[int, Any] = {}
-        for value, text, mid in zip(parts, keys, mids, strict=True):
-            if text:
-                known = cache.get(text)
-                if known is None:
-                    known = self._key(text)
-                key: bytes | None = known[0]
-                partition = partitions[known[1] % n]
-            else:
-                key = None
-                partition = sticky
-            headers = [(HEADER, mid.encode())] if mid else []
-            builder = builders.get(partition)
-            if builder is None:
-                builder = builders[partition] = producer.create_batch()
-            if builder.append(key=key, value=value, timestamp=None, headers=headers) is None:
-                waiters.append(await _hand_over(slot, producer, builder, topic, partition))
-                builder = builders[partition] = producer.create_batch()
-                builder.append(key=key, value=value, timestamp=None, headers=headers)
-        for partition, builder in builders.items():
-            waiters.append(await _hand_over(slot, producer, builder, topic, partition))
+        for text in set(keys).difference(cache):
+            self._key(text)
+        known = list(map(cache.__getitem__, keys))
+        fields = list(map(itemgetter(0), known))
+        # the partition of each distinct key: murmur2 like Kafka's default
+        # partitioner; keyless records all to this delivery's sticky partition
+        where = {text: sticky if h is None else partitions[h % n]
+                 for text, (_, h) in zip(keys, known, strict=True)}
+        headers = header_fields(mids)
+        groups: list[tuple[int, list[int] | None]]
+        if len(set(where.values())) == 1:
+            groups = [(next(iter(where.values())), None)]
+        else:
+            codes = np.fromiter(map(where.__getitem__, keys), np.int64, count)
+            order = np.argsort(codes, kind="stable")
+            bounds = np.flatnonzero(np.diff(codes[order])) + 1
+            groups = [(int(codes[chunk[0]]), chunk.tolist())
+                      for chunk in np.split(order, bounds)]
+        stamp = int(time.time() * 1000)
+        for partition, idx in groups:
+            values, keyed, headed = (parts, fields, headers) if idx is None else (
+                pick(parts, idx), pick(fields, idx), pick(headers, idx))
+            for data, records in batches(values, keyed, headed, stamp, MAX_BATCH_BYTES):
+                waiters.append(await _hand_over(slot, producer, PrebuiltBatch(data, records),
+                                                topic, partition))
 
-    def _key(self, text: str) -> tuple[bytes, int]:
+    def _key(self, text: str) -> tuple[bytes, int | None]:
+        """The key field of records keyed ``text`` and its murmur2 (None: no key)."""
         if len(self._keys) >= KEY_CACHE_MAX:
             self._keys.clear()
+        if not text:
+            known = self._keys[text] = (key_field(None), None)
+            return known
         raw = text.encode()
-        known = self._keys[text] = (raw, murmur2(raw) & 0x7FFFFFFF)
+        known = self._keys[text] = (key_field(raw), murmur2(raw) & 0x7FFFFFFF)
         return known
 
     # --- producers and metadata -------------------------------------------------------
