@@ -8,7 +8,10 @@ with almost no Python work per message:
 * ``Round`` holds what depends on the event only, computed once per event on
   first use and shared by every hook that matched it: the encoded event part
   (without its opening brace), the message-id head, the routing key, and the
-  JSON of each custom_data value that does not change per message;
+  JSON of each custom_data value that does not change per message. Event parts
+  and ids are made for the whole round at once, by ``map`` over the part views
+  the stream entry is decoded into (``messages.PartView``); only irregular
+  events (``messages.irregular_events``) are encoded one by one;
 * ``Assembler`` (one per hook, made once) knows the constant bytes between those
   columns, so a message is one ``bytes.join`` over a ``zip`` of columns, run by
   ``map`` in C.
@@ -42,16 +45,14 @@ from engine.customdata import (
     render_value,
     ymd_hms,
 )
-from engine.events import NS, Event, Subscription, parse_rfc3339_ns
+from engine.events import NS, Event, parse_rfc3339_ns
 from engine.hooks import Hook
 from engine.messages import (
     MessageBuilder,
     PartView,
-    dimension_keys,
     encode_part,
-    event_data_of,
+    event_digest,
     irregular_events,
-    message_date,
     routing_key,
 )
 from engine.names import NameCatalogue
@@ -59,38 +60,6 @@ from engine.names import NameCatalogue
 _encode = msgspec.json.Encoder().encode
 _HEAD = b'{"hook_message_id":"'
 _UUID = PARAMETERS["uuid"]
-
-
-class _Part(msgspec.Struct, omit_defaults=True, gc=False):
-    """``messages.EventPart`` with the same keys in the same order, built with one
-    positional call; None fields are left out. Not for deleted profiles, whose
-    fields must be ``null`` (those take ``encode_part``)."""
-
-    event_type: str
-    event_date: str
-    account_id: int
-    is_test: bool
-    event_data: dict[str, Any]
-    profile_id: str | None = None
-    xxh: str | None = msgspec.field(default=None, name="_xxh")
-    md5: str | None = msgspec.field(default=None, name="_md5")
-    list_id: int | None = None
-    sends_trying_num: int | None = None
-    is_static: bool | None = None
-    subscription_hash_id: str | None = None
-    subscription: list[Subscription] | None = None
-
-
-def part_tail(event: Event, catalogue: EventCatalogue) -> bytes:
-    """The encoded event part of ``event``'s messages without its opening brace."""
-    if event.profile_deleted:
-        return encode_part(event, catalogue)[1:]
-    tries = event.sends_trying_num
-    return _encode(_Part(
-        event.event_type, message_date(event), event.account_id, event.is_test,
-        event_data_of(event, catalogue), event.profile_id, event.xxh, event.md5,
-        event.list_id, tries if tries is not None and tries > 0 else None, event.is_static,
-        event.subscription_hash_id, event.subscription))[1:]
 
 
 def _segment_input(event: Event) -> Any:
@@ -171,14 +140,21 @@ class Round:
         self._fields: dict[tuple[tuple[str, ...], bool], list[bytes | None]] = {}
         self._content: list[bytes | None] = [None] * n
         self._rkey_cache: dict[tuple[int | None, str], str] = {}
-        self._dimensions: dict[str, frozenset[str]] = {}
+        self._irregular: set[int] | None = None
+        self._bulk_done = False
         self._memo: dict[Any, dict[Any, bytes]] = {}
         self.request_custom = {i for i, e in enumerate(events) if e.custom_data is not None}
+
+    def irregular(self) -> set[int]:
+        """Events whose ``PartView`` is not their message part (``irregular_events``)."""
+        if self._irregular is None:
+            self._irregular = set(irregular_events(self.events, self.catalogue))
+        return self._irregular
 
     def _prepare_all(self, views: list[PartView]) -> None:
         """Every event's part and message-id head at once, by ``map`` over the round's
         ``PartView``s; the irregular events are left to ``prepare``'s general path."""
-        self.views = None
+        self._bulk_done = True
         tails = list(map(getitem, map(_encode, views), repeat(slice(1, None))))
         ids = list(map(attrgetter("id"), self.events))
         if None in ids:
@@ -186,37 +162,28 @@ class Round:
         digests = list(map(getitem, map(xxh3_128_hexdigest, map(str.encode, ids)),
                            repeat(slice(0, 24))))
         heads = list(map(_HEAD.__add__, map(str.encode, digests)))  # type: ignore[arg-type]
-        for i in irregular_events(self.events, self.catalogue):
+        for i in self.irregular():
             tails[i] = None  # type: ignore[call-overload]
         self.tails, self.digests, self.heads = tails, digests, heads  # type: ignore[assignment]
 
     def prepare(self, idx: list[int]) -> None:
-        """Event parts and message-id heads of ``idx``."""
-        if self.views is not None and 2 * len(idx) >= len(self.events):
-            self._prepare_all(self.views)
+        """Event parts (without their opening brace) and message-id heads of ``idx``:
+        for most of the round at once when it has part views, else event by event
+        (from the view when the event is regular, by ``encode_part`` when not)."""
+        views = self.views
+        if views is not None and not self._bulk_done and 2 * len(idx) >= len(self.events):
+            self._prepare_all(views)
         tails, heads, digests = self.tails, self.heads, self.digests
-        events, catalogue = self.events, self.catalogue
-        dimensions = self._dimensions
+        irregular = self.irregular() if views is not None else set()
         for i in idx:
             if tails[i] is not None:
                 continue
-            e = events[i]
-            date, data, tries = e.event_date, e.event_data, e.sends_trying_num
-            dims = dimensions.get(e.event_type)
-            if dims is None:
-                dims = dimensions[e.event_type] = dimension_keys(catalogue, e.event_type)
-            if e.profile_deleted:
-                tails[i] = part_tail(e, catalogue)  # null profile fields
-            else:  # part_tail, inlined
-                if not date.endswith("Z"):
-                    date = message_date(e)
-                if not data.keys() >= dims:
-                    data = event_data_of(e, catalogue)
-                tails[i] = _encode(_Part(
-                    e.event_type, date, e.account_id, e.is_test, data, e.profile_id, e.xxh,
-                    e.md5, e.list_id, tries if tries is not None and tries > 0 else None,
-                    e.is_static, e.subscription_hash_id, e.subscription))[1:]
-            digest = digests[i] = xxh3_128_hexdigest((e.id or "").encode())[:24]
+            e = self.events[i]
+            if views is not None and i not in irregular:
+                tails[i] = _encode(views[i])[1:]
+            else:
+                tails[i] = encode_part(e, self.catalogue)[1:]
+            digest = digests[i] = event_digest(e.id)
             heads[i] = _HEAD + digest.encode()
 
     def routing_keys(self, idx: list[int]) -> tuple[str, ...]:
