@@ -42,7 +42,7 @@ writes ``{"<kind>": {"engine_per_s", "ceiling_per_s", "ratio"}, ...}`` (a failed
 ``{"error"}``).
 
 ``--profile DIR`` records each partition actor and the kind's transport actor with
-``py-spy record --format raw`` for ``--profile-sec`` seconds from the first publish,
+``py-spy record --format raw`` for ``--profile-sec`` whole seconds from the first publish,
 writes ``DIR/<kind>-<actor>.txt`` and prints each thread's share of a core and the
 project's functions by inclusive samples. py-spy takes CPU of its own: compare rates of
 runs without it.
@@ -77,7 +77,7 @@ import redis
 
 from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
 from bench.tansu import Tansu, broker_binary
-from engine.dispatch import IMMEDIATE_MAX_BATCH
+from engine.dispatch import IMMEDIATE_MAX_BATCH, KAFKA_MAX_BATCH
 from engine.events import Event
 from engine.hooks import Hook, Kafka
 from engine.messages import MessageBuilder, encode_message, http_body, routing_key
@@ -512,7 +512,7 @@ class KafkaDest(Destination):
     async def count(self, want: int = 0) -> tuple[int, float | None]:
         listed = await self._listed()
         lower = max(sum(listed) - self.base, 0)
-        if lower + KAFKA_PARTITIONS * 2 * IMMEDIATE_MAX_BATCH < want:
+        if lower + KAFKA_PARTITIONS * 2 * KAFKA_MAX_BATCH < want:
             return lower, None
         return await self._exact(listed) - self.base, None
 
@@ -895,7 +895,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="py-spy the partition and transport actors into DIR")
-    parser.add_argument("--profile-sec", type=float, default=5.0)
+    parser.add_argument("--profile-sec", type=int, default=5,
+                        help="whole seconds (py-spy's --duration takes no fraction)")
     args = parser.parse_args(argv)
     kinds = [k for k in KINDS if k in (args.only or KINDS)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a plain kill too
