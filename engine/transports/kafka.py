@@ -258,12 +258,11 @@ class KafkaTransport(Transport):
         cache = self._keys
         for text in set(keys).difference(cache):
             self._key(text)
-        known = list(map(cache.__getitem__, keys))
-        fields = list(map(itemgetter(0), known))
+        fields = list(map(itemgetter(0), map(cache.__getitem__, keys)))
         # the partition of each distinct key: murmur2 like Kafka's default
         # partitioner; keyless records all to this delivery's sticky partition
         where = {text: sticky if h is None else partitions[h % n]
-                 for text, (_, h) in zip(keys, known, strict=True)}
+                 for text in set(keys) for h in (cache[text][1],)}
         headers = header_fields(mids)
         groups: list[tuple[int, list[int] | None]]
         if len(set(where.values())) == 1:

@@ -17,7 +17,7 @@ empty).
 from __future__ import annotations
 
 import struct
-from itertools import chain, repeat
+from itertools import chain
 from operator import itemgetter
 from typing import Any
 
@@ -75,6 +75,7 @@ def _varint_sizes(values: np.ndarray) -> np.ndarray:
 
 
 _OFFSET_SIZES = _varint_sizes(np.arange(_TABLE))
+_PREFIXES = [b"\x00\x00" + v for v in VARINTS]
 
 
 def _varints(values: list[int]) -> list[bytes]:
@@ -106,7 +107,9 @@ def build_batch(values: list[bytes], keys: list[bytes], headers: list[bytes],
                 timestamp_ms: int) -> bytes:
     """One record batch of ``values`` with their key and header fields."""
     count = len(values)
-    offsets = VARINTS[:count] if count <= _TABLE else _varints(list(range(count)))
+    # attributes, timestamp delta 0 and the offset delta, one piece per record
+    offsets = _PREFIXES[:count] if count <= _TABLE else [
+        b"\x00\x00" + v for v in _varints(list(range(count)))]
     value_lens = np.fromiter(map(len, values), np.int64, count)
     value_varints = _varints(value_lens.tolist())
     # attributes and timestamp delta (2 bytes), offset delta, key, value, headers
@@ -118,7 +121,7 @@ def build_batch(values: list[bytes], keys: list[bytes], headers: list[bytes],
     bodies += 2
     lengths = _varints(bodies.tolist())
     records = b"".join(chain.from_iterable(zip(
-        lengths, repeat(b"\x00\x00"), offsets, keys, value_varints, values, headers)))
+        lengths, offsets, keys, value_varints, values, headers, strict=True)))
     fields = (count - 1, timestamp_ms, timestamp_ms, -1, -1, 0, count)
     size = HEADER.size + len(records) - 12  # after the base offset and length fields
     crc = crc32c(HEADER.pack(0, size, -1, 2, 0, 0, *fields)[ATTRIBUTES_AT:], records)
@@ -128,21 +131,22 @@ def build_batch(values: list[bytes], keys: list[bytes], headers: list[bytes],
 def split_sizes(values: list[bytes], keys: list[bytes], headers: list[bytes],
                 max_bytes: int) -> list[int]:
     """Record counts of consecutive batches of at most ``max_bytes`` each (a record
-    larger than that goes alone), by an upper bound of each record's size."""
-    sizes = list(map(sum, zip(map(len, values), map(len, keys), map(len, headers),
-                              strict=True)))
+    larger than that goes alone), by an upper bound of each record's size: greedy,
+    one ``searchsorted`` per batch."""
+    count = len(values)
+    # plus the length, attributes, timestamp, offset and value-length varints
+    sizes = np.fromiter(map(len, values), np.int64, count) + 16
+    sizes += np.fromiter(map(len, keys), np.int64, count)
+    sizes += np.fromiter(map(len, headers), np.int64, count)
+    ends = np.cumsum(sizes)
     limit = max_bytes - HEADER.size
     out: list[int] = []
-    used = count = 0
-    for size in sizes:
-        size += 16  # length, attributes, timestamp, offset and value-length varints
-        if count and used + size > limit:
-            out.append(count)
-            used = count = 0
-        used += size
-        count += 1
-    if count:
-        out.append(count)
+    start = 0
+    while start < count:
+        before = int(ends[start - 1]) if start else 0
+        end = max(int(np.searchsorted(ends, before + limit, side="right")), start + 1)
+        out.append(end - start)
+        start = end
     return out
 
 
