@@ -25,14 +25,13 @@ or the request's own custom_data makes the plain columns wrong.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from itertools import repeat
 from operator import attrgetter, getitem, itemgetter
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import numpy as np
-from xxhash import xxh3_128_hexdigest
 
 from engine.catalogue import EventCatalogue
 from engine.customdata import (
@@ -51,7 +50,7 @@ from engine.messages import (
     MessageBuilder,
     PartView,
     encode_part,
-    event_digest,
+    event_digests,
     irregular_events,
     routing_key,
 )
@@ -88,11 +87,55 @@ _DATE_FORMS: dict[Any, Callable[[int], str]] = {
 }
 
 
+# datetime64[ns] spans 1677-09-21 .. 2262-04-11; numpy wraps around outside it
+_NS_YEARS = ("1678", "2261")
+_US, _SECONDS, _DAYS = "datetime64[us]", "datetime64[s]", "datetime64[D]"
+
+
+def dates_ns(dates: list[str]) -> np.ndarray | None:
+    """Unix nanoseconds of RFC 3339 dates parsed by numpy in one call, when all are
+    UTC (``Z``) within datetime64[ns]'s years; None when they cannot be parsed so
+    (another offset, a lowercase ``t``, a leap second...): then per event."""
+    if not dates or not all(map(str.endswith, dates, repeat("Z"))):
+        return None
+    if min(dates)[:4] < _NS_YEARS[0] or max(dates)[:4] > _NS_YEARS[1]:
+        return None
+    try:
+        return np.array(list(map(itemgetter(slice(0, -1)), dates)),
+                        "datetime64[ns]").view(np.int64)
+    except ValueError:
+        return None
+
+
+def date_texts(part: Part, ns: np.ndarray) -> list[str]:
+    """The text of a date parameter for every date of ``ns`` (unix nanoseconds), the
+    same as its ``_DATE_FORMS`` function gives one by one."""
+    stamps = ns.view("datetime64[ns]")
+    if part is PARAMETERS["event_date"]:  # Go's .999999: trailing zeros trimmed
+        texts = np.datetime_as_string(stamps.astype(_US), unit="us").tolist()
+        trimmed = map(str.rstrip, map(str.rstrip, texts, repeat("0")), repeat("."))
+        return list(map(str.__add__, trimmed, repeat("Z")))
+    if part is PARAMETERS["event_date_ymd"]:
+        return list(np.datetime_as_string(stamps.astype(_DAYS), unit="D").tolist())
+    if part is PARAMETERS["event_date_rfc3339"]:
+        texts = np.datetime_as_string(stamps.astype(_SECONDS), unit="s").tolist()
+        return list(map(str.__add__, texts, repeat("Z")))
+    if part is PARAMETERS["event_date_unix"]:
+        return list(map(str, (ns // NS).tolist()))
+    return list(map(str, ns.tolist()))  # event_date_unixnano
+
+
 def gather(values: Sequence[Any], idx: list[int]) -> tuple[Any, ...]:
     """``values`` at positions ``idx``, gathered in C."""
     if len(idx) == 1:
         return (values[idx[0]],)
     return itemgetter(*idx)(values) if idx else ()
+
+
+def scatter(target: list[Any], idx: list[int], values: Iterable[Any]) -> None:
+    """``target[i] = value`` for each position of ``idx`` and value, in order."""
+    for i, value in zip(idx, values, strict=False):
+        target[i] = value
 
 
 _HEX = np.frombuffer(b"0123456789abcdef", np.uint8)
@@ -140,51 +183,42 @@ class Round:
         self._fields: dict[tuple[tuple[str, ...], bool], list[bytes | None]] = {}
         self._content: list[bytes | None] = [None] * n
         self._rkey_cache: dict[tuple[int | None, str], str] = {}
-        self._irregular: set[int] | None = None
-        self._bulk_done = False
+        self._ns: np.ndarray | None = None  # the round's dates in unix ns, when in bulk
+        self._ns_tried = False
         self._memo: dict[Any, dict[Any, bytes]] = {}
         self.request_custom = {i for i, e in enumerate(events) if e.custom_data is not None}
 
-    def irregular(self) -> set[int]:
-        """Events whose ``PartView`` is not their message part (``irregular_events``)."""
-        if self._irregular is None:
-            self._irregular = set(irregular_events(self.events, self.catalogue))
-        return self._irregular
-
-    def _prepare_all(self, views: list[PartView]) -> None:
-        """Every event's part and message-id head at once, by ``map`` over the round's
-        ``PartView``s; the irregular events are left to ``prepare``'s general path."""
-        self._bulk_done = True
-        tails = list(map(getitem, map(_encode, views), repeat(slice(1, None))))
-        ids = list(map(attrgetter("id"), self.events))
-        if None in ids:
-            ids = [i or "" for i in ids]
-        digests = list(map(getitem, map(xxh3_128_hexdigest, map(str.encode, ids)),
-                           repeat(slice(0, 24))))
-        heads = list(map(_HEAD.__add__, map(str.encode, digests)))  # type: ignore[arg-type]
-        for i in self.irregular():
-            tails[i] = None  # type: ignore[call-overload]
-        self.tails, self.digests, self.heads = tails, digests, heads  # type: ignore[assignment]
-
     def prepare(self, idx: list[int]) -> None:
-        """Event parts (without their opening brace) and message-id heads of ``idx``:
-        for most of the round at once when it has part views, else event by event
-        (from the view when the event is regular, by ``encode_part`` when not)."""
-        views = self.views
-        if views is not None and not self._bulk_done and 2 * len(idx) >= len(self.events):
-            self._prepare_all(views)
-        tails, heads, digests = self.tails, self.heads, self.digests
-        irregular = self.irregular() if views is not None else set()
-        for i in idx:
-            if tails[i] is not None:
-                continue
-            e = self.events[i]
-            if views is not None and i not in irregular:
-                tails[i] = _encode(views[i])[1:]
+        """Event parts (without their opening brace) and message-id heads of ``idx``,
+        for all not prepared yet at once: parts by ``map`` over their part views, but
+        the irregular ones (``irregular_events``) by ``encode_part``; without views,
+        every part by ``encode_part``."""
+        tails = self.tails
+        todo = [i for i in idx if tails[i] is None]
+        if not todo:
+            return
+        events, views = self.events, self.views
+        whole = len(todo) == len(events)  # every event, in order: no gathering
+        picked = events if whole else list(gather(events, todo))
+        odd: list[int] = list(range(len(todo)))
+        if views is not None:
+            odd = irregular_events(picked, self.catalogue)
+            encoded = list(map(getitem, map(_encode, views if whole else gather(views, todo)),
+                               repeat(slice(1, None))))
+            if whole:
+                tails = self.tails = cast(list[bytes | None], encoded)
             else:
-                tails[i] = encode_part(e, self.catalogue)[1:]
-            digest = digests[i] = event_digest(e.id)
-            heads[i] = _HEAD + digest.encode()
+                scatter(tails, todo, encoded)
+        for n in odd:
+            tails[todo[n]] = encode_part(picked[n], self.catalogue)[1:]
+        digests = event_digests(list(map(attrgetter("id"), picked)))
+        heads = list(map(_HEAD.__add__, map(str.encode, digests)))
+        if whole:
+            self.digests = cast(list[str | None], digests)
+            self.heads = cast(list[bytes | None], heads)
+        else:
+            scatter(self.digests, todo, digests)
+            scatter(self.heads, todo, heads)
 
     def routing_keys(self, idx: list[int]) -> tuple[str, ...]:
         """``<list_id>.<event_type>`` of the events ``idx`` (made for the whole round
@@ -224,26 +258,60 @@ class Round:
         if col is None:
             col = self._values[key] = [None] * len(self.events)
         missing = [i for i in idx if col[i] is None]
+        if not missing:
+            return gather(col, idx)
+        if len(parts) == 1:
+            found = self._column(parts[0], key, missing)
+            if found is not None:  # the missing events' values at once
+                scatter(col, missing, found)
+                return gather(col, idx)
+        self._fill(parts, key, col, missing)
+        return gather(col, idx)
+
+    def _fill(self, parts: list[Part], key: tuple[Part, ...], col: list[bytes | None],
+              missing: list[int]) -> None:
+        """``values`` event by event, for a few events of the round."""
         date_form = _DATE_FORMS.get(parts[0]) if len(parts) == 1 else None
-        if missing and date_form is not None:  # ASCII digits and signs: no escaping
-            events = self.events
+        inputs = _INPUTS.get(parts[0]) if len(parts) == 1 else None
+        events = self.events
+        if date_form is not None:  # ASCII digits and signs: no escaping
             for i in missing:
                 col[i] = b'"%s"' % date_form(parse_rfc3339_ns(events[i].event_date)).encode()
-        elif missing:
-            inputs = _INPUTS.get(parts[0]) if len(parts) == 1 else None
-            if inputs is None:
-                for i in missing:
-                    col[i] = _encode(render_value(parts, self.context(i)))
-            else:  # one parameter: rendered once per distinct input (a name's id, a date)
-                memo = self._memo.setdefault(key, {})
-                events = self.events
-                for i in missing:
-                    arg = inputs(events[i])
-                    value = memo.get(arg)
-                    if value is None:
-                        value = memo[arg] = _encode(render_value(parts, self.context(i)))
-                    col[i] = value
-        return gather(col, idx)
+        elif inputs is None:
+            for i in missing:
+                col[i] = _encode(render_value(parts, self.context(i)))
+        else:  # one parameter: rendered once per distinct input (a name's id)
+            memo = self._memo.setdefault(key, {})
+            for i in missing:
+                arg = inputs(events[i])
+                value = memo.get(arg)
+                if value is None:
+                    value = memo[arg] = _encode(render_value(parts, self.context(i)))
+                col[i] = value
+
+    def _column(self, part: Part, key: tuple[Part, ...], idx: list[int]
+                ) -> list[bytes] | None:
+        """JSON of one parameter for the events ``idx`` by columns: a date form from
+        the round's nanoseconds (parsed once, ``dates_ns``; ``date_texts``), a name
+        once per distinct input; None when the parameter is neither or the dates
+        cannot be parsed in bulk."""
+        if part in _DATE_FORMS:
+            if not self._ns_tried:
+                self._ns_tried = True
+                self._ns = dates_ns(list(map(_DATE_INPUT, self.events)))
+            if self._ns is None:
+                return None
+            texts = date_texts(part, self._ns[idx])
+            return list(map(b'"%s"'.__mod__, map(str.encode, texts)))
+        inputs = _INPUTS.get(part)
+        if inputs is None:
+            return None
+        args = list(map(inputs, gather(self.events, idx)))
+        memo = self._memo.setdefault(key, {})
+        for arg, i in dict(zip(args, idx, strict=True)).items():
+            if arg not in memo:
+                memo[arg] = _encode(render_value([part], self.context(i)))
+        return list(map(memo.__getitem__, args))
 
     def profile_fields(self, fields: tuple[str, ...], more: bool, idx: list[int]
                        ) -> tuple[bytes, ...]:
@@ -253,19 +321,40 @@ class Round:
         col = self._fields.get((fields, more))
         if col is None:
             col = self._fields[(fields, more)] = [None] * len(self.events)
+        missing = [i for i in idx if col[i] is None]
+        found = self._profile_column(fields, more, missing) if missing else None
+        if found is not None:
+            scatter(col, missing, found)
+            return gather(col, idx)
         keys = [_encode(f) + b":" for f in fields]
-        for i in idx:
-            if col[i] is None:
-                event = self.events[i]
-                if event.profile_deleted:
-                    members = [k + b"null" for k in keys]
-                else:
-                    profile = event.profile or {}
-                    members = [k + _encode(profile[f]) for k, f in zip(keys, fields, strict=True)
-                               if f in profile]
-                text = b",".join(members)
-                col[i] = text + b"," if more and members else text
+        for i in missing:
+            event = self.events[i]
+            if event.profile_deleted:
+                members = [k + b"null" for k in keys]
+            else:
+                profile = event.profile or {}
+                members = [k + _encode(profile[f]) for k, f in zip(keys, fields, strict=True)
+                           if f in profile]
+            text = b",".join(members)
+            col[i] = text + b"," if more and members else text
         return gather(col, idx)
+
+    def _profile_column(self, fields: tuple[str, ...], more: bool, idx: list[int]
+                        ) -> list[bytes] | None:
+        """``profile_fields`` of the events ``idx`` at once, when each has a profile
+        holding every field and none is deleted (else None: event by event)."""
+        events = gather(self.events, idx)
+        profiles = list(map(attrgetter("profile"), events))
+        if None in profiles or any(map(attrgetter("profile_deleted"), events)):
+            return None
+        if not all(all(map(dict.__contains__, profiles, repeat(f))) for f in fields):
+            return None
+        columns: list[Any] = [
+            list(map((_encode(f) + b":").__add__, map(_encode, map(itemgetter(f), profiles))))
+            for f in fields]
+        if more:
+            columns.append(repeat(b""))  # a trailing comma
+        return list(map(b",".join, zip(*columns, strict=False)))
 
     def contents(self, idx: list[int]) -> tuple[bytes, ...]:
         """Per event: ``"content":{…},`` when its content is stored, else nothing."""

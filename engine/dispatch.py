@@ -19,7 +19,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -194,23 +194,26 @@ class Dispatcher:
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
         full = []
         batch = self.batches.get(hook.id or 0) or self._open(hook, now)
-        rnd.prepare(idx.tolist())  # all at once: the round's parts are encoded in bulk
+        where = idx.tolist()
+        # the hook's messages of the round at once (whole columns), then cut to batches
+        messages, mids = assembler.assemble(rnd, where)
+        if kind == "kafka":
+            keys: Sequence[str] = rnd.kafka_keys(where, key_choice)
+        elif kind != "http_batch":
+            keys = rnd.routing_keys(where)
+        else:
+            keys = ()
         start = 0
-        while start < len(idx):
-            chunk = idx[start:start + max_size - len(batch.parts)]
-            start += len(chunk)
-            where = chunk.tolist()
-            messages, mids = assembler.assemble(rnd, where)
-            batch.parts += messages
-            batch.mids += mids
-            if kind == "kafka":
-                batch.keys += rnd.kafka_keys(where, key_choice)
-            elif kind != "http_batch":
-                batch.keys += rnd.routing_keys(where)
-            counts = np.bincount(owner[chunk], minlength=len(entry_ids))
+        while start < len(where):
+            stop = start + max_size - len(batch.parts)
+            batch.parts += messages[start:stop]
+            batch.mids += mids[start:stop]
+            batch.keys += keys[start:stop]
+            counts = np.bincount(owner[idx[start:stop]], minlength=len(entry_ids))
             per_entry += counts
             for n in np.flatnonzero(counts).tolist():
                 batch.entries[entry_ids[n]] += int(counts[n])
+            start = stop
             if len(batch.parts) >= max_size:
                 full.append(self._flush(hook.id or 0))
                 batch = self._open(hook, now)

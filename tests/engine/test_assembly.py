@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import json
+import random
 import re
+import time
 from typing import Any
 
 import msgspec
 import pytest
 
 from bench.workload import CUSTOM_PAIRS, make_events, make_names
-from engine.assembly import Assembler, Round, uuid_json_many
+from engine.assembly import (
+    _DATE_FORMS,
+    Assembler,
+    Round,
+    date_texts,
+    dates_ns,
+    uuid_json_many,
+)
 from engine.catalogue import load_catalogue
-from engine.events import Event
+from engine.events import Event, parse_rfc3339_ns
 from engine.hooks import parse_hook
 from engine.intake import decode_entry, decode_views, encode_entry
 from engine.keys import INTAKE_FIELD
@@ -159,3 +168,49 @@ def test_an_entry_written_as_json_has_no_views() -> None:
     raw = msgspec.json.encode(events)
     assert decode_views({INTAKE_FIELD: raw}) is None
     assert len(decode_entry({INTAKE_FIELD: raw})) == 3
+
+
+@pytest.mark.parametrize("name", ["every parameter", "fields only", "content and mixed values"])
+def test_a_regular_round_takes_the_column_paths_and_equals_the_reference(name: str) -> None:
+    """Every date UTC, every profile present: dates, names and profile fields are made
+    for all the events at once (``_column``, ``_profile_column``)."""
+    hook = HOOKS[name]
+    catalogue, names = load_catalogue(), make_names()
+    events, views = _stored(make_events(300))
+    for n, e in enumerate(events):
+        e.profile = {"email": f"u{n}@example.org", "first_name": "Ann", "missing": n}
+    rnd = Round(events, catalogue, names, {}, views)
+    assembler, reference = Assembler(hook, names, catalogue), MessageBuilder(hook, names, catalogue)
+    idx = list(range(len(events)))
+    # two hooks' worth: a subset first, then all (the rest filled in, the first reused)
+    first, _ = assembler.assemble(rnd, idx[::3])
+    messages, _ = assembler.assemble(rnd, idx)
+    assert (rnd._ns is not None) == (name == "every parameter")  # dates parsed in bulk
+    assert rnd._profile_column(("email", "missing"), True, idx) is not None
+    for i, raw in zip(idx[::3], first, strict=True):
+        assert _without_uuids(json.loads(raw)) == _without_uuids(json.loads(messages[i]))
+    for i, raw in zip(idx, messages, strict=True):
+        want = json.loads(encode_message(reference.build(events[i], {})))
+        assert _without_uuids(json.loads(raw)) == _without_uuids(want), (name, i)
+
+
+def test_dates_in_bulk_equal_the_forms_one_by_one() -> None:
+    rng = random.Random(7)
+    dates = []
+    for _ in range(3_000):
+        secs = rng.randrange(-5 * 10**9, 9 * 10**9)  # 1811 .. 2255
+        frac = rng.choice(["", ".5", ".000001", ".123456789", ".100000000", ".999999999"])
+        t = time.gmtime(secs)
+        dates.append(f"{t.tm_year:04d}-{t.tm_mon:02d}-{t.tm_mday:02d}T{t.tm_hour:02d}:"
+                     f"{t.tm_min:02d}:{t.tm_sec:02d}{frac}Z")
+    dates += ["1969-12-31T23:59:59.999999999Z", "1970-01-01T00:00:00Z", "2024-02-29T12:00:00Z"]
+    ns = dates_ns(dates)
+    assert ns is not None
+    assert ns.tolist() == [parse_rfc3339_ns(d) for d in dates]
+    for param, form in _DATE_FORMS.items():
+        assert date_texts(param, ns) == [form(parse_rfc3339_ns(d)) for d in dates]
+    # not in bulk: another offset, lowercase t, a leap second, years numpy cannot hold
+    for odd in ["2026-11-01T10:00:00+02:00", "2026-11-01t10:00:00Z", "2016-12-31T23:59:60Z",
+                "1500-01-01T00:00:00Z", "2300-01-01T00:00:00Z"]:
+        assert dates_ns([*dates[:5], odd]) is None, odd
+    assert dates_ns([]) is None
