@@ -18,8 +18,10 @@ Decisions (README, "HTTP API"):
   whose ``account_id`` is not the token's -> 403 for the whole request, nothing
   accepted, with or without ``partial`` (a wrong-account event means a misrouted
   producer, not a bad event). 202 means the events are in the intake streams.
-* Secrets in hook settings are write-only: every read shows ``**********``; on PUT
-  that value keeps the stored secret. It is never stored as a secret itself (422).
+* Secrets in hook settings are write-only: every read shows ``**********`` (also as
+  the password of a URL and as the value of a credential header, see
+  ``engine.hooks``); on PUT a value sent back as it was read keeps the stored one.
+  The mask is never stored as a secret itself (422).
 * Errors are JSON everywhere: ``{"error": {"code", "message", "issues"?}}``.
 """
 
@@ -34,6 +36,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import redis
 from aiohttp import web
@@ -43,7 +46,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
-from engine.hooks import Hook
+from engine.hooks import MASK, SENSITIVE_HEADER, Hook
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -53,7 +56,6 @@ from engine.transports.base import Delivery, unpack_delivery
 
 log = logging.getLogger("hookray.api")
 
-MASK = "**********"  # how every secret reads
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                           "application/x-jsonlines", "application/jsonlines"})
@@ -207,19 +209,28 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
 
 
 def _masked_secrets(model: BaseModel, path: str = "") -> list[str]:
+    """Fields where a new hook holds the mask itself as a secret: a secret, a URL
+    password, a credential header's value."""
     found = []
     for name in type(model).model_fields:
         value = getattr(model, name)
-        if isinstance(value, SecretStr) and value.get_secret_value() == MASK:
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else None
+        url_password = urlsplit(value).password if name in ("url", "token_url") \
+            and isinstance(value, str) else None
+        if MASK in (secret, url_password):
             found.append(path + name)
+        elif name == "headers" and isinstance(value, dict):
+            found += [f"{path}{name}.{k}" for k, v in value.items()
+                      if v == MASK and SENSITIVE_HEADER.search(k)]
         elif isinstance(value, BaseModel):
             found += _masked_secrets(value, f"{path}{name}.")
     return found
 
 
 def restore_secrets(new: dict[str, Any], stored: Hook) -> dict[str, Any]:
-    """``new`` with every ``**********`` that stands where ``stored`` shows a redacted
-    secret replaced by the stored secret (the rest unchanged)."""
+    """``new`` with every value that is exactly what a read of ``stored`` shows in
+    place of a secret (``**********``, a URL with its password masked, headers with
+    credential values masked) replaced by the stored value (the rest unchanged)."""
     return _restore(new, stored.display(), stored.to_storage())
 
 
@@ -228,8 +239,8 @@ def _restore(new: Any, shown: Any, clear: Any) -> Any:
         return new
     out = {}
     for key, value in new.items():
-        if value == MASK and shown.get(key) == MASK and key in clear:
-            out[key] = clear[key]
+        if key in clear and key in shown and value == shown[key] != clear[key]:
+            out[key] = clear[key]  # sent back as read: a redacted value, kept
         else:
             out[key] = _restore(value, shown.get(key), clear.get(key))
     return out

@@ -6,7 +6,11 @@ captures, filters, the custom_data set, the content option and exactly one targe
 
 Secrets (passwords, tokens, client secrets) are ``SecretStr``: masked in ``repr``,
 in ``model_dump()`` and in ``display()``. ``to_storage()`` is the only way out in
-clear text, for the hook registry.
+clear text, for the hook registry. Two more kinds of values are shown masked the same
+way: the password inside an http(s) URL (``https://user:**********@host/``) and the
+value of an extra HTTP header whose name says it carries a credential
+(``Authorization``, ``Cookie``, ``X-Api-Key``, ``X-Auth-Token``... see
+``SENSITIVE_HEADER``).
 """
 
 from __future__ import annotations
@@ -36,15 +40,52 @@ TARGET_KINDS = ("http_batch", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
 Id = Annotated[int, Field(ge=0)]
 
 
+MASK = "**********"  # how every secret reads
+# extra HTTP headers whose values are credentials, by name (case-insensitive)
+SENSITIVE_HEADER = re.compile(
+    r"authorization|cookie|key|token|secret|passw|signature|session|credential|auth",
+    re.IGNORECASE)
+_URL_FIELDS = ("url", "token_url")
+
+
+def mask_url(url: str) -> str:
+    """``url`` with the password of its user-info (if any) shown as ``MASK``."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    user = parts.netloc.rpartition("@")[0].partition(":")[0]
+    host = parts.netloc.rpartition("@")[2]
+    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+
+
+def mask_headers(headers: dict[str, str]) -> dict[str, str]:
+    """``headers`` with the value of each credential-carrying header shown as ``MASK``."""
+    return {k: MASK if SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     @field_serializer("*", when_used="always")
     def _serialize(self, value: Any, info: Any) -> Any:
+        if (info.context or {}).get("reveal"):
+            return value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(value, SecretStr):
-            context = info.context or {}
-            return value.get_secret_value() if context.get("reveal") else "**********"
+            return MASK
+        if info.field_name in _URL_FIELDS and isinstance(value, str):
+            return mask_url(value)
+        if info.field_name == "headers" and isinstance(value, dict):
+            return mask_headers(value)
         return value
+
+    def __repr_args__(self) -> Any:  # repr and str mask what display() masks
+        for name, value in super().__repr_args__():
+            if name in _URL_FIELDS and isinstance(value, str):
+                yield name, mask_url(value)
+            elif name == "headers" and isinstance(value, dict):
+                yield name, mask_headers(value)
+            else:
+                yield name, value
 
 
 class Filters(_Model):
@@ -102,13 +143,13 @@ class Auth(_Model):
 def _check_http_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{url!r} is not an http(s) URL with a host")
+        raise ValueError(f"{mask_url(url)!r} is not an http(s) URL with a host")
     try:
         port = parts.port  # raises on a bad port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError(f"{url!r} has an invalid port")
+        raise ValueError(f"{mask_url(url)!r} has an invalid port")
     return url
 
 

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from engine.errors import ConnectError, Rejected, Timeout
-from engine.hooks import Auth, HttpBatch
+from engine.hooks import MASK, Auth, HttpBatch, mask_url
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
 
@@ -35,6 +35,12 @@ BREAKER_OPEN_SEC = 5.0  # how long an open breaker fails fast
 TOKEN_MARGIN_SEC = 30.0  # refresh an OAuth2 token this long before it expires
 DEFAULT_TIMEOUT_SEC = 10.0
 JSON_HEADERS = {"Content-Type": "application/json"}
+
+
+def _scrub(text: str, url: str) -> str:
+    """``text`` (a client error's) without the password of ``url`` in it."""
+    password = urlsplit(url).password
+    return text.replace(password, MASK) if password else text
 
 
 @dataclass
@@ -91,7 +97,7 @@ class HttpTransport(Transport):
     async def post(self, target: HttpBatch, body: bytes) -> Outcome:
         key, dest = self._destination(target.url)
         if dest.open_until > time.monotonic():
-            raise ConnectError(f"{key}: circuit open after {dest.failures} failures; "
+            raise ConnectError(f"{mask_url(key)}: circuit open after {dest.failures} failures; "
                                f"last error: {dest.last_error}")
         async with dest.semaphore:
             try:
@@ -120,9 +126,11 @@ class HttpTransport(Transport):
                 text = await resp.text(errors="replace")
                 status = resp.status
         except TimeoutError:
-            raise Timeout(f"POST {target.url}: no answer within {timeout.total} s") from None
+            raise Timeout(f"POST {mask_url(target.url)}: no answer within {timeout.total} s"
+                          ) from None
         except aiohttp.ClientError as exc:
-            raise ConnectError(f"POST {target.url}: {type(exc).__name__}: {exc}") from None
+            raise ConnectError(f"POST {mask_url(target.url)}: {type(exc).__name__}: "
+                               f"{_scrub(str(exc), target.url)}") from None
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
         return self._judge(target, status, text)
@@ -167,10 +175,12 @@ class HttpTransport(Transport):
                 payload = await resp.json(content_type=None) if resp.status == 200 else None
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
-            raise ConnectError(f"OAuth2 token request to {auth.token_url} failed: {exc}") from None
+            url = auth.token_url or ""
+            raise ConnectError(f"OAuth2 token request to {mask_url(url)} failed: "
+                               f"{_scrub(str(exc), url)}") from None
         if not isinstance(payload, dict) or not payload.get("access_token"):
-            raise Rejected(f"OAuth2 token endpoint {auth.token_url} answered HTTP {status} "
-                           "without an access_token")
+            raise Rejected(f"OAuth2 token endpoint {mask_url(auth.token_url or '')} answered "
+                           f"HTTP {status} without an access_token")
         lifetime = float(payload.get("expires_in") or 3600)
         token = _Token(str(payload["access_token"]),
                        time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))

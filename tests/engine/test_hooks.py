@@ -31,7 +31,9 @@ TOKEN = "tok-SECRET-bearer-1f2e"
 CLIENT_SECRET = "cs-SECRET-oauth-9a8b"
 RABBIT_PASSWORD = "rb-SECRET-pw-77"
 KAFKA_PASSWORD = "kf-SECRET-pw-55"
-SECRETS = (TOKEN, CLIENT_SECRET, RABBIT_PASSWORD, KAFKA_PASSWORD)
+HEADER_SECRET = "hd-SECRET-key-31"
+URL_PASSWORD = "url-SECRET-pw-12"
+SECRETS = (TOKEN, CLIENT_SECRET, RABBIT_PASSWORD, KAFKA_PASSWORD, HEADER_SECRET, URL_PASSWORD)
 
 HTTP_NONE = {"http_batch": {"url": "https://receiver.example.com/hooks"}}
 HTTP_BEARER = {
@@ -78,7 +80,12 @@ KAFKA = {
         "tls_cafile": "/etc/ssl/kafka-ca.pem",
     }
 }
+HTTP_HEADERS = {"http_batch": {"url": "https://receiver.example.com/hooks",
+                                "headers": {"X-Api-Key": HEADER_SECRET, "X-Tenant": "acme"}}}
+HTTP_URL_PASSWORD = {"http_batch": {"url": f"https://crm:{URL_PASSWORD}@receiver.example.com/h"}}
 SECRET_TARGETS = {
+    "http_header": (HTTP_HEADERS, HEADER_SECRET),
+    "http_url_password": (HTTP_URL_PASSWORD, URL_PASSWORD),
     "http_bearer": (HTTP_BEARER, TOKEN),
     "http_oauth2": (HTTP_OAUTH2, CLIENT_SECRET),
     "rabbitmq_queue": (RABBIT_QUEUE, RABBIT_PASSWORD),
@@ -595,6 +602,33 @@ def test_display_is_the_masked_storage_form() -> None:
     assert stored["target"]["http_batch"]["auth"]["client_secret"] == CLIENT_SECRET
     stored["target"]["http_batch"]["auth"]["client_secret"] = "**********"
     assert shown == stored
+
+
+def test_credential_headers_and_url_passwords_are_masked_the_rest_shown() -> None:
+    hook = parse_hook(hook_data({"http_batch": {
+        "url": f"https://crm:{URL_PASSWORD}@receiver.example.com:8443/h?x=1",
+        "headers": {"Authorization": "Basic abc", "X-Auth-Token": "t", "Cookie": "c",
+                    "X-Signature": "s", "x-api-key": "k", "X-Tenant": "acme"},
+        "auth": {"kind": "oauth2", "token_url": "https://u:p@idp.example.com/token",
+                 "client_id": "c", "client_secret": CLIENT_SECRET}}}))
+    shown = hook.display()["target"]["http_batch"]
+    assert shown["url"] == "https://crm:**********@receiver.example.com:8443/h?x=1"
+    assert shown["auth"]["token_url"] == "https://u:**********@idp.example.com/token"
+    assert shown["headers"] == {"Authorization": "**********", "X-Auth-Token": "**********",
+                                "Cookie": "**********", "X-Signature": "**********",
+                                "x-api-key": "**********", "X-Tenant": "acme"}
+    stored = hook.to_storage()["target"]["http_batch"]
+    assert stored["url"].startswith(f"https://crm:{URL_PASSWORD}@")
+    assert stored["headers"]["Authorization"] == "Basic abc"
+    # a URL without a password is shown as it is
+    plain = parse_hook(hook_data(HTTP_NONE)).display()["target"]["http_batch"]["url"]
+    assert plain == HTTP_NONE["http_batch"]["url"]
+
+
+def test_bad_url_error_does_not_show_its_password() -> None:
+    for url in (f"ftp://u:{URL_PASSWORD}@h/x", f"http://u:{URL_PASSWORD}@h:0/x"):
+        message = hook_error(hook_data({"http_batch": {"url": url}}))
+        assert URL_PASSWORD not in message and "u:**********@h" in message, message
 
 
 def test_default_rabbit_password_is_masked_too() -> None:
