@@ -15,6 +15,7 @@ Bookkeeping that makes "nothing accepted is lost" hold:
 from __future__ import annotations
 
 import gc
+import logging
 import threading
 import time
 import uuid
@@ -24,6 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+import msgspec
 import numpy as np
 import redis
 
@@ -40,6 +42,8 @@ from engine.partitioning import retry_due_ms
 from engine.settings import Settings
 from engine.stores import ContentStore, HookRegistry, NameStore, ProfileStore, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome, now_ms
+
+log = logging.getLogger("hookray")
 
 PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
 MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
@@ -337,16 +341,42 @@ class PartitionWorker:
             else:
                 self.reading_own_pending = False
             self._ack([eid.decode() for eid, fields in items if not fields])  # deleted ones
-        items = [(eid, fields) for eid, fields in items if fields]
-        entries = [(eid.decode(), decode_entry(fields)) for eid, fields in items]
+        entries = []
+        readable = []
+        for eid, fields in items:
+            if not fields:
+                continue
+            try:
+                entries.append((eid.decode(), decode_entry(fields)))
+                readable.append(fields)
+            except (msgspec.DecodeError, KeyError) as exc:  # would fail every round
+                self._set_aside(eid.decode(), fields, exc)
         views: list[PartView] | None = []
-        for _, fields in items:
+        for fields in readable:
             part = decode_views(fields)
             if part is None:
                 views = None
                 break
             views += part  # type: ignore[operator]
         return entries, views
+
+    def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], exc: Exception) -> None:
+        """An entry that cannot be decoded (not written by hookray's intake, or damaged)
+        is copied, with ``_partition``, ``_entry`` and ``_error`` fields, to the
+        ``intake_unreadable`` stream and acknowledged, instead of failing every round
+        after it; counted as ``entries_unreadable`` in the engine's stats."""
+        reason = f"{type(exc).__name__}: {exc}"[:1000]
+        log.warning("partition %s: intake entry %s cannot be read, set aside: %s",
+                    self.partition, entry_id, reason)
+        record: dict[Any, Any] = dict(fields)  # the entry's own fields, then why
+        record.update({b"_partition": str(self.partition), b"_entry": entry_id,
+                       b"_error": reason})
+        with self.r.pipeline(transaction=True) as pipe:
+            pipe.xadd(self.side.keys.intake_unreadable, record)
+            pipe.hincrby(self.side.keys.engine_stats, "entries_unreadable", 1)
+            pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
+            pipe.xdel(self.stream, entry_id)
+            pipe.execute()
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
         if not outcomes:
@@ -389,7 +419,9 @@ class PartitionWorker:
         while not stop.is_set():
             try:
                 self.step()
-            except redis.RedisError as exc:
+            except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
+                if not isinstance(exc, redis.RedisError):
+                    log.exception("partition %s: a round failed", self.partition)
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)

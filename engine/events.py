@@ -23,9 +23,10 @@ import re
 import uuid
 from calendar import monthrange, timegm
 from dataclasses import dataclass
-from functools import lru_cache
-from operator import attrgetter
-from typing import Any
+from functools import lru_cache, partial
+from itertools import chain
+from operator import attrgetter, is_not
+from typing import Annotated, Any
 
 import msgspec
 
@@ -36,6 +37,11 @@ _RFC3339 = re.compile(
     re.ASCII,  # RFC 3339 digits are ASCII; without this \d also takes e.g. fullwidth digits
 )
 NS = 1_000_000_000
+MAX_ID = 2**63 - 1  # ids are matched as int64 columns
+# an id: non-negative and within int64 (checked by msgspec while decoding)
+IdInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+_NOT_NONE = partial(is_not, None)
+_ID_FIELDS = ("account_id", "list_id", "resource_id", "campaign_id", "message_id", "pixel_id")
 
 
 @lru_cache(maxsize=1 << 18)
@@ -78,7 +84,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
     event_type: str
     event_date: str
     account_id: int
-    list_id: int | None = None
+    list_id: IdInt | None = None
     id: str | None = None
     profile_id: str | None = None
     xxh: str | None = msgspec.field(default=None, name="_xxh")
@@ -89,11 +95,11 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
     subscription_hash_id: str | None = None
     subscription: list[Subscription] | None = None
     event_data: dict[str, Any] = {}
-    resource_id: int | None = None
-    campaign_id: int | None = None
-    message_id: int | None = None
-    segment_ids: list[int] | None = None
-    pixel_id: int | None = None
+    resource_id: IdInt | None = None
+    campaign_id: IdInt | None = None
+    message_id: IdInt | None = None
+    segment_ids: list[IdInt] | None = None
+    pixel_id: IdInt | None = None
     profile: dict[str, Any] | None = None
     profile_deleted: bool = False
     custom_data: dict[str, Any] | None = None
@@ -107,6 +113,8 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
             raise ValueError(f"event_date: {exc}") from None
         if self.account_id < 0:
             raise ValueError("account_id: must be >= 0")
+        if self.account_id > MAX_ID:
+            raise ValueError(f"account_id: must be <= {MAX_ID}")
         data = self.event_data
         if data:
             for dim in ("resource_id", "campaign_id", "message_id", "pixel_id"):
@@ -123,7 +131,29 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
 def _int_or_fail(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field}: expected an integer, got {value!r}")
+    if not 0 <= value <= MAX_ID:
+        raise ValueError(f"{field}: expected an id from 0 to {MAX_ID}, got {value}")
     return value
+
+
+def id_issues(events: list[Event]) -> list[EventIssue]:
+    """Ids out of range (negative, or beyond int64) in events built in Python, whose
+    fields msgspec does not check: a column at a time in C, event by event only for a
+    column that holds one."""
+    issues = []
+    reason = f"expected an id from 0 to {MAX_ID}"
+    for name in _ID_FIELDS:
+        values = list(map(attrgetter(name), events))
+        present = list(filter(_NOT_NONE, values))
+        if present and (min(present) < 0 or max(present) > MAX_ID):
+            issues += [EventIssue(i, name, reason) for i, v in enumerate(values)
+                       if v is not None and not 0 <= v <= MAX_ID]
+    lists = list(map(attrgetter("segment_ids"), events))
+    flat = list(chain.from_iterable(filter(None, lists)))
+    if flat and (min(flat) < 0 or max(flat) > MAX_ID):
+        issues += [EventIssue(i, "segment_ids", reason) for i, ids in enumerate(lists)
+                   if ids and not all(0 <= x <= MAX_ID for x in ids)]
+    return sorted(issues, key=attrgetter("index"))
 
 
 @dataclass(frozen=True, slots=True)

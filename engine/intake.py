@@ -20,7 +20,7 @@ import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import EventError
-from engine.events import Event, EventIssue, decode_batch, ensure_ids
+from engine.events import Event, EventIssue, decode_batch, ensure_ids, id_issues
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
 from engine.messages import PartView
 from engine.partitioning import partition_of
@@ -103,13 +103,19 @@ class Intake:
             batch = decode_batch(events, self.catalogue)
             return batch.events, batch.issues
         if all(map(isinstance, events, repeat(Event))):
-            if all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, events)))):
-                return list(cast(Sequence[Event], events)), []
-            good = [e for e in events if isinstance(e, Event) and e.event_type in self.catalogue]
-            issues = [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
-                      for i, e in enumerate(events)
-                      if isinstance(e, Event) and e.event_type not in self.catalogue]
-            return good, issues
+            built = list(cast(Sequence[Event], events))
+            # Event objects were checked when built (__post_init__), but not their ids'
+            # range (msgspec checks constraints only while decoding): an out-of-range id
+            # would fail every round of the partition that reads it
+            issues = id_issues(built)
+            if not all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, built)))):
+                issues += [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
+                           for i, e in enumerate(built) if e.event_type not in self.catalogue]
+            if not issues:
+                return built, []
+            bad = {issue.index for issue in issues}
+            return ([e for i, e in enumerate(built) if i not in bad],
+                    sorted(issues, key=attrgetter("index")))
         plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
         batch = decode_batch(msgspec.json.encode(plain), self.catalogue)
         return batch.events, batch.issues

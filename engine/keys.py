@@ -4,6 +4,7 @@
 key                             type     holds
 ==============================  =======  =============================================
 {p}:intake:{n}                  stream   event batches of partition n, field ``e``
+{p}:intake:unreadable           stream   entries a partition could not decode, set aside
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out
 {p}:version:hooks               string   bumped on every hook change
@@ -17,7 +18,8 @@ key                             type     holds
 {p}:dead                        zset     delivery id scored by the time it died (ms)
 {p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered
-{p}:stats:engine                hash     events_accepted, events_rejected
+{p}:stats:engine                hash     events_accepted, events_rejected,
+                                         entries_unreadable
 ==============================  =======  =============================================
 """
 
@@ -45,6 +47,7 @@ class Keys:
         self.dead = f"{prefix}:dead"
         self.dead_payload = f"{prefix}:dead:payload"
         self.engine_stats = f"{prefix}:stats:engine"
+        self.intake_unreadable = f"{prefix}:intake:unreadable"
 
     def intake(self, partition: int) -> str:
         return f"{self.p}:intake:{partition}"

@@ -8,6 +8,7 @@ holding its last error. A claimed delivery stays in the schedule under a lease
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,8 @@ from engine.hooks import Hook
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome, now_ms
+
+log = logging.getLogger("hookray")
 
 CLAIM_LIMIT = 200
 
@@ -77,7 +80,9 @@ class RetryWorker:
             try:
                 if not self.step() and not self.sender.inflight():
                     time.sleep(0.05)
-            except redis.RedisError as exc:
+            except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
+                if not isinstance(exc, redis.RedisError):
+                    log.exception("retry worker: a round failed")
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)

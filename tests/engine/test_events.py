@@ -595,3 +595,45 @@ def test_intake_entries_round_trip_and_json_entries_still_read() -> None:
     assert msgspec.to_builtins(decode_entry({INTAKE_FIELD: packed})) == want
     # entries an older version wrote as JSON
     assert msgspec.to_builtins(decode_entry({INTAKE_FIELD: encode_events(events)})) == want
+
+
+# --- ids within int64 ------------------------------------------------------------------------
+
+BIG = 2**63
+
+
+@pytest.mark.parametrize(("fields", "field", "reason"), [
+    ({"list_id": BIG}, "list_id", "Expected `int` <= 9223372036854775807"),
+    ({"resource_id": -1}, "resource_id", "Expected `int` >= 0"),
+    ({"segment_ids": [1, BIG]}, "segment_ids[1]", "Expected `int` <= 9223372036854775807"),
+    ({"account_id": BIG}, "account_id", "must be <= 9223372036854775807"),
+    ({"event_data": {"campaign_id": BIG}}, "event_data.campaign_id",
+     "expected an id from 0 to 9223372036854775807, got 9223372036854775808"),
+])
+def test_ids_beyond_int64_or_negative_are_bad_events(fields: dict[str, Any], field: str,
+                                                     reason: str) -> None:
+    """Matching keeps ids in int64 columns: a larger id would fail every round of the
+    partition that reads it, so it is refused at intake, naming the field."""
+    good = {"event_type": "click", "event_date": DATE, "account_id": 1}
+    batch = decode_batch(msgspec.json.encode([good, {**good, **fields}]))
+    assert len(batch.events) == 1
+    assert [(i.index, i.field, i.reason) for i in batch.issues] == [(1, field, reason)]
+
+
+def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake() -> None:
+    from engine.errors import EventError
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    events = [Event(event_type="click", event_date=DATE, account_id=1, list_id=3),
+              Event(event_type="click", event_date=DATE, account_id=1, campaign_id=BIG),
+              Event(event_type="click", event_date=DATE, account_id=1, segment_ids=[2, -4]),
+              Event(event_type="click", event_date=DATE, account_id=1, pixel_id=7)]
+    good, issues = intake.validate(events)
+    assert good == [events[0], events[3]]
+    assert [(i.index, i.field) for i in issues] == [(1, "campaign_id"), (2, "segment_ids")]
+    assert all("expected an id from 0 to 9223372036854775807" in i.reason for i in issues)
+    with pytest.raises(EventError, match="event 1: campaign_id: expected an id"):
+        intake.publish(events)
+    assert intake.validate(events[:1]) == (events[:1], [])

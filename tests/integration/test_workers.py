@@ -6,6 +6,7 @@ import asyncio
 import time
 from typing import Any
 
+import msgspec
 import pytest
 import redis
 
@@ -13,7 +14,7 @@ from engine.dispatch import PartitionWorker
 from engine.errors import EventError, NotFound
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
-from engine.keys import CONSUMER_GROUP, Keys
+from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
 from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
@@ -184,3 +185,50 @@ def test_replay_with_an_unknown_id_moves_nothing(redis_client: redis.Redis, keys
     assert retry.replay(["d1", "d1"]) == 1
     (due,) = retry.claim_due()
     assert due.id == "d1" and due.resends == 0
+
+
+def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """An entry no round can decode (damaged, or not written by the intake: here an id
+    beyond int64 and a foreign field) is moved to the unreadable stream with the
+    reason, not retried forever; the entries around it are delivered."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 1000)
+    intake.ensure_groups()
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(4))
+    big = msgspec.msgpack.encode([{"event_type": "click", "event_date": "2026-01-01T00:00:00Z",
+                                   "account_id": 1, "list_id": 2**63}])
+    bad_ids = [redis_client.xadd(keys.intake(0), {INTAKE_FIELD: big}).decode(),
+               redis_client.xadd(keys.intake(0), {b"other": b"x"}).decode(),
+               redis_client.xadd(keys.intake(0), {INTAKE_FIELD: b"\xc1garbage"}).decode()]
+    intake.publish(clicks(3, list_id=2))
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sum(d.count for d in sender.transport.sent) == 7
+    aside = redis_client.xrange(keys.intake_unreadable)
+    assert [f[b"_entry"].decode() for _, f in aside] == bad_ids
+    assert b"9223372036854775807" in aside[0][1][b"_error"]
+    assert b"KeyError" in aside[1][1][b"_error"] and aside[1][1][b"other"] == b"x"
+    assert aside[2][1][INTAKE_FIELD] == b"\xc1garbage"
+    assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"3"
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_failing_round_does_not_end_the_worker(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    import threading
+
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, InProcessSender())
+    calls: list[Exception] = []
+    stop = threading.Event()
+
+    def boom(block_ms: Any = None) -> int:
+        if len(calls) >= 2:
+            stop.set()
+        raise ValueError("a bug")
+
+    worker.step = boom  # type: ignore[method-assign]
+    worker.run(stop, calls.append)  # returns once stopped: the errors did not end it
+    assert len(calls) >= 2 and all(isinstance(c, ValueError) for c in calls)
