@@ -198,7 +198,9 @@ class Round:
         if not todo:
             return
         events, views = self.events, self.views
-        whole = len(todo) == len(events)  # every event, in order: no gathering
+        whole = len(todo) == len(events)  # every event: no gathering, in their order
+        if whole:
+            todo = list(range(len(events)))
         picked = events if whole else list(gather(events, todo))
         odd: list[int] = list(range(len(todo)))
         if views is not None:

@@ -214,3 +214,16 @@ def test_dates_in_bulk_equal_the_forms_one_by_one() -> None:
                 "1500-01-01T00:00:00Z", "2300-01-01T00:00:00Z"]:
         assert dates_ns([*dates[:5], odd]) is None, odd
     assert dates_ns([]) is None
+
+
+def test_a_round_asked_for_every_event_in_any_order_equals_the_reference() -> None:
+    hook = HOOKS["every parameter"]
+    catalogue, names = load_catalogue(), make_names()
+    events, views = _stored(_events()[:60])
+    rnd = Round(events, catalogue, names, {}, views)
+    idx = list(range(len(events)))[::-1]  # all of them, last first
+    messages, _ = Assembler(hook, names, catalogue).assemble(rnd, idx)
+    reference = MessageBuilder(hook, names, catalogue)
+    for i, raw in zip(idx, messages, strict=True):
+        want = json.loads(encode_message(reference.build(events[i], {})))
+        assert _without_uuids(json.loads(raw)) == _without_uuids(want), i
