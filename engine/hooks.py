@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 
 from pydantic import (
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     SecretStr,
@@ -37,7 +38,14 @@ DEFAULT_MAX_BATCH = 100  # events per HTTP request (spec e)
 DEFAULT_FLUSH_TIMEOUT_SEC = 10.0  # accumulation window (spec e)
 TARGET_KINDS = ("http_batch", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
 
-Id = Annotated[int, Field(ge=0)]
+def _not_bool(value: Any) -> Any:
+    if isinstance(value, bool):  # pydantic would take True for 1
+        raise ValueError("expected an id (an integer), got a boolean")
+    return value
+
+
+# an id: matched as int64, so 0 .. 2^63-1; a boolean is not one
+Id = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=2**63 - 1)]
 
 
 MASK = "**********"  # how every secret reads
