@@ -46,7 +46,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
-from engine.hooks import MASK, SENSITIVE_HEADER, Hook
+from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -215,7 +215,7 @@ def _masked_secrets(model: BaseModel, path: str = "") -> list[str]:
     for name in type(model).model_fields:
         value = getattr(model, name)
         secret = value.get_secret_value() if isinstance(value, SecretStr) else None
-        url_password = urlsplit(value).password if name in ("url", "token_url") \
+        url_password = urlsplit(value).password if name in URL_FIELDS \
             and isinstance(value, str) else None
         if MASK in (secret, url_password):
             found.append(path + name)

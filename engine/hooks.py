@@ -53,7 +53,7 @@ MASK = "**********"  # how every secret reads
 SENSITIVE_HEADER = re.compile(
     r"authorization|cookie|key|token|secret|passw|signature|session|credential|auth",
     re.IGNORECASE)
-_URL_FIELDS = ("url", "token_url")
+URL_FIELDS = ("url", "token_url")  # fields holding a URL that may carry a password
 
 
 def mask_url(url: str) -> str:
@@ -80,7 +80,7 @@ class _Model(BaseModel):
             return value.get_secret_value() if isinstance(value, SecretStr) else value
         if isinstance(value, SecretStr):
             return MASK
-        if info.field_name in _URL_FIELDS and isinstance(value, str):
+        if info.field_name in URL_FIELDS and isinstance(value, str):
             return mask_url(value)
         if info.field_name == "headers" and isinstance(value, dict):
             return mask_headers(value)
@@ -88,7 +88,7 @@ class _Model(BaseModel):
 
     def __repr_args__(self) -> Any:  # repr and str mask what display() masks
         for name, value in super().__repr_args__():
-            if name in _URL_FIELDS and isinstance(value, str):
+            if name in URL_FIELDS and isinstance(value, str):
                 yield name, mask_url(value)
             elif name == "headers" and isinstance(value, dict):
                 yield name, mask_headers(value)

@@ -264,8 +264,7 @@ def irregular_events(events: list[Event], catalogue: EventCatalogue) -> list[int
     if any(t is not None and t <= 0 for t in tries):
         out.update(i for i, e in enumerate(events)
                    if e.sends_trying_num is not None and e.sends_trying_num <= 0)
-    category = catalogue.category
-    dims_of = {code: _DIMENSION_SETS.get(category(code), frozenset())
+    dims_of = {code: dimension_keys(catalogue, code)
                for code in set(map(attrgetter("event_type"), events))}
     dims = list(map(dims_of.__getitem__, map(attrgetter("event_type"), events)))
     have = list(map(operator.le, dims, map(dict.keys, map(attrgetter("event_data"), events))))

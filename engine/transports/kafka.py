@@ -60,10 +60,11 @@ from aiokafka.errors import (
 from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
+from engine.assembly import gather
 from engine.errors import ConnectError, Rejected, Timeout
 from engine.hooks import Kafka
 from engine.transports.base import Delivery, Outcome, Transport
-from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field, pick
+from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 
 log = logging.getLogger("hookray.kafka")
 
@@ -276,7 +277,7 @@ class KafkaTransport(Transport):
         stamp = int(time.time() * 1000)
         for partition, idx in groups:
             values, keyed, headed = (parts, fields, headers) if idx is None else (
-                pick(parts, idx), pick(fields, idx), pick(headers, idx))
+                list(gather(parts, idx)), list(gather(fields, idx)), list(gather(headers, idx)))
             for data, records in batches(values, keyed, headed, stamp, MAX_BATCH_BYTES):
                 waiters.append(await _hand_over(slot, producer, PrebuiltBatch(data, records),
                                                 topic, partition))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import struct
 from itertools import chain
-from operator import itemgetter
 from typing import Any
 
 import numpy as np
@@ -176,10 +175,3 @@ class PrebuiltBatch(BatchBuilder):
 
     def append(self, **_: Any) -> None:
         return None  # closed: nothing more goes in
-
-
-def pick(items: list[Any], idx: list[int]) -> list[Any]:
-    """``items`` at positions ``idx``, gathered in C."""
-    if len(idx) == 1:
-        return [items[idx[0]]]
-    return list(itemgetter(*idx)(items)) if idx else []
