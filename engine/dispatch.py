@@ -47,6 +47,9 @@ log = logging.getLogger("hookray")
 
 PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
 MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
+# messages built and not yet settled before reading pauses: bounds a partition's memory
+# when its destinations are slower than its reading (4,000-message Kafka batches)
+MAX_UNSETTLED = 200_000
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
@@ -295,6 +298,7 @@ class PartitionWorker:
         self.stream = self.side.keys.intake(partition)
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
+        self.unsettled = 0  # the sum of entry_left
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
         self.pending_cursor = "0"
 
@@ -304,8 +308,8 @@ class PartitionWorker:
             return self._step(block_ms)
 
     def _step(self, block_ms: int | None) -> int:
-        entries, views = self._read(block_ms) if self.sender.inflight() < MAX_INFLIGHT \
-            else ([], None)
+        reading = self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED
+        entries, views = self._read(block_ms) if reading else ([], None)
         # refresh after reading: a hook change committed before an event was appended
         # is always seen by the round that processes the event
         now = time.monotonic()
@@ -314,6 +318,7 @@ class PartitionWorker:
         ready += full
         for eid, n in produced.items():
             self.entry_left[eid] += n
+        self.unsettled += sum(produced.values())
         ready += self.dispatcher.due(time.monotonic())
         for delivery in ready:
             hook, _ = self.dispatcher.pending_hooks[delivery.id]
@@ -396,6 +401,7 @@ class PartitionWorker:
             _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
             for eid, n in entries.items():
                 self.entry_left[eid] -= n
+                self.unsettled -= n
                 if self.entry_left[eid] <= 0:
                     del self.entry_left[eid]
                     done.append(eid)

@@ -232,3 +232,30 @@ def test_a_failing_round_does_not_end_the_worker(
     worker.step = boom  # type: ignore[method-assign]
     worker.run(stop, calls.append)  # returns once stopped: the errors did not end it
     assert len(calls) >= 2 and all(isinstance(c, ValueError) for c in calls)
+
+
+def test_reading_pauses_while_too_many_messages_are_unsettled(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine.dispatch.MAX_UNSETTLED", 15)
+    cfg = one_partition(settings).model_copy(update={"READ_MAX_ENTRIES": 1})
+    HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 10)  # entries of 10 events
+    intake.ensure_groups()
+    held = InProcessSender(hold=True)
+    worker = PartitionWorker(cfg, redis_client, 0, held)
+    intake.publish(clicks(50))
+    for _ in range(20):
+        worker.step(1)
+    # two entries read (20 messages unsettled >= 15), the other three left in the stream
+    assert worker.unsettled == 20
+    assert sum(d.count for d in held.held) == 20
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 2
+    # outcomes arrive: reading resumes and everything is delivered exactly once
+    sender = InProcessSender()
+    worker.sender = sender
+    worker._settle([(d, Outcome(ok=True)) for d in held.held])
+    assert worker.unsettled == 0
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sum(d.count for d in sender.transport.sent) == 30
+    assert worker.unsettled == 0
