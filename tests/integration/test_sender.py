@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from actors.sender import CALL_MAX_DELIVERIES, RaySender
+from actors.sender import RaySender
 from engine.hooks import Hook
 from engine.transports.base import Delivery, Outcome, unpack_deliveries
 
@@ -21,9 +21,9 @@ def make_hook(hook_id: int) -> Hook:
         "actions": ["click"], "target": {"http_batch": {"url": f"http://127.0.0.1:9/{hook_id}"}}})
 
 
-def delivery(hook_id: int, n: int) -> Delivery:
+def delivery(hook_id: int, n: int, size: int = 2) -> Delivery:
     return Delivery(id=f"{hook_id}-{n}", hook_id=hook_id, account_id=1, kind="http_batch",
-                    parts=[b"{}"])
+                    parts=[b"{" + b" " * (size - 2) + b"}"])
 
 
 @pytest.fixture
@@ -62,26 +62,27 @@ def drain(sender: RaySender, want: int, timeout: float = 30.0) -> list[tuple[Del
     return out
 
 
-def test_calls_per_hook_are_capped_and_every_batch_is_answered(ray_session: Any,
-                                                               recorder: Any) -> None:
+def test_calls_per_hook_are_capped_and_every_batch_is_answered(
+        ray_session: Any, recorder: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("actors.sender.CALL_MAX_BYTES", 10_000)  # 10 batches of 1,000 bytes
     sender = RaySender({"http_batch": [recorder]}, calls_per_hook=2)
     slow, fast = make_hook(1), make_hook(2)
-    for n in range(CALL_MAX_DELIVERIES + 40):  # more than one call's worth
-        sender.submit(slow, delivery(1, n))
+    for n in range(45):  # five calls' worth
+        sender.submit(slow, delivery(1, n, size=1_000))
+    sender.submit(slow, delivery(1, 45, size=20_000))  # larger than a call: goes alone
     for n in range(10):
         sender.submit(fast, delivery(2, n))
-    assert sender.inflight() == CALL_MAX_DELIVERIES + 50
+    assert sender.inflight() == 56
     out = sender.poll(0.0)
     # each hook has its calls in flight; the slow hook's third call waits its turn
     assert len(sender.refs) == 3 and sender.busy[1] == 2
-    out += drain(sender, CALL_MAX_DELIVERIES + 50 - len(out))
+    out += drain(sender, 56 - len(out))
     assert sender.inflight() == 0 and not sender.queued and not sender.busy
     assert sorted(d.id for d, _ in out) == sorted(
-        [f"1-{n}" for n in range(CALL_MAX_DELIVERIES + 40)] + [f"2-{n}" for n in range(10)])
+        [f"1-{n}" for n in range(46)] + [f"2-{n}" for n in range(10)])
     assert all(o.ok and o.detail == d.id for d, o in out)  # each outcome with its batch
     peak, sizes = ray_session.get(recorder.report.remote())
-    assert peak["1"] <= 2 and max(sizes["1"]) <= CALL_MAX_DELIVERIES
-    assert sum(sizes["1"]) == CALL_MAX_DELIVERIES + 40 and sum(sizes["2"]) == 10
+    assert peak["1"] <= 2 and sizes["1"] == [10, 10, 10, 10, 5, 1] and sizes["2"] == [10]
 
 
 def test_batches_waiting_for_a_slot_leave_together(ray_session: Any, recorder: Any) -> None:
