@@ -19,7 +19,7 @@ import logging
 import threading
 import time
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -50,6 +50,7 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # messages built and not yet settled before reading pauses: bounds a partition's memory
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
+MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
@@ -127,17 +128,28 @@ class Dispatcher:
         self.profile_cache: dict[tuple[int, str], dict[str, Any] | None] = {}
         # delivery id -> (hook it was built for, messages per stream entry), until settled
         self.pending_hooks: dict[str, tuple[Hook, Counter[str]]] = {}
+        # what the worker takes after every round, even one that failed half-way:
+        self.outbox: list[Delivery] = []  # batches closed (full, due or flushed by a change)
+        self.produced: Counter[str] = Counter()  # stream entry id -> messages batched
+
+    def take_outbox(self) -> list[Delivery]:
+        out, self.outbox = self.outbox, []
+        return out
+
+    def take_produced(self) -> Counter[str]:
+        out, self.produced = self.produced, Counter()
+        return out
 
     # --- configuration ---------------------------------------------------------------
 
-    def refresh(self, now: float) -> list[Delivery]:
-        """Pick up hook, name and profile changes; returns batches flushed by a change."""
+    def refresh(self, now: float) -> None:
+        """Pick up hook, name and profile changes (batches of changed hooks are flushed
+        to the outbox)."""
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for key in (self.side.keys.hooks_version, self.side.keys.names_version,
                         self.side.keys.profiles_version):
                 pipe.get(key)
             hooks_v, names_v, profiles_v = (int(v or 0) for v in pipe.execute())
-        flushed: list[Delivery] = []
         if names_v != self.versions["names"]:
             self.names = self.side.names.load()
             self.versions["names"] = names_v
@@ -148,58 +160,52 @@ class Dispatcher:
             self.versions["profiles"] = profiles_v
         if hooks_v != self.versions["hooks"]:
             version, hooks = self.side.registry.load()
-            flushed = self._install(hooks)
+            self._install(hooks)
             self.versions["hooks"] = version
-        return flushed
 
-    def _install(self, hooks: list[Hook]) -> list[Delivery]:
+    def _install(self, hooks: list[Hook]) -> None:
         self.index = HookIndex.compile(hooks, self.catalogue)
         current = {h.id: h for h in self.index.hooks}
-        flushed = [self._flush(hid) for hid, b in list(self.batches.items())
-                   if current.get(hid) != b.hook]
+        for hid, b in list(self.batches.items()):
+            if current.get(hid) != b.hook:
+                self._flush(hid)
         self.builders = {hid: self.builders[hid] if hid in self.builders
                          and self.builders[hid].hook == h else Assembler(h, self.names,
                                                                          self.catalogue)
                          for hid, h in current.items() if hid is not None}
-        return [d for d in flushed if d is not None]
 
     # --- events → batches ------------------------------------------------------------
 
     def process(self, entries: list[tuple[str, list[Event]]], now: float,
-                views: list[PartView] | None = None) -> tuple[list[Delivery], Counter[str]]:
-        """Match and batch the events of ``entries``; returns full batches and, per
-        entry id, how many messages it produced. ``views``: the events' message-part
-        fields as read from the stream, in the same order (see ``decode_views``)."""
-        produced: Counter[str] = Counter({eid: 0 for eid, _ in entries})
+                views: list[PartView] | None = None) -> None:
+        """Match and batch the events of ``entries``: batches that become full go to
+        the outbox, the messages batched per entry are counted in ``produced`` (as they
+        are batched, so a round failing half-way leaves an exact account). ``views``:
+        the events' message-part fields as read from the stream, in the same order
+        (see ``decode_views``)."""
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
-            return [], produced
+            return
         entry_ids = [eid for eid, _ in entries]
         owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
         matches = self.index.match(EventColumns.from_events(events, self.catalogue))
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views)
         self._attach_profiles(matches, events)
-        per_entry = np.zeros(len(entries), np.int64)
-        full: list[Delivery] = []
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
                 hook = self.index.hooks[pos]
                 self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
-                full.extend(self._add(hook, idx, rnd, owner, entry_ids, per_entry, now))
+                self._add(hook, idx, rnd, owner, entry_ids, now)
             pipe.execute()
-        for n, count in enumerate(per_entry.tolist()):
-            produced[entry_ids[n]] += count
-        return full, produced
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
-             entry_ids: list[str], per_entry: np.ndarray, now: float) -> list[Delivery]:
+             entry_ids: list[str], now: float) -> None:
         """Add the hook's messages for the events ``idx`` to its open batch, in chunks
-        that fill the batch exactly; returns the batches that became full."""
+        that fill the batch exactly; batches that become full go to the outbox."""
         assembler = self.builders[hook.id or 0]
         max_size, _ = batch_limits(hook, self.max_http_batch)
         kind = hook.target.kind
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
-        full = []
         batch = self.batches.get(hook.id or 0) or self._open(hook, now)
         where = idx.tolist()
         # the hook's messages of the round at once (whole columns), then cut to batches
@@ -213,18 +219,17 @@ class Dispatcher:
         start = 0
         while start < len(where):
             stop = start + max_size - len(batch.parts)
+            counts = np.bincount(owner[idx[start:stop]], minlength=len(entry_ids))
             batch.parts += messages[start:stop]
             batch.mids += mids[start:stop]
             batch.keys += keys[start:stop]
-            counts = np.bincount(owner[idx[start:stop]], minlength=len(entry_ids))
-            per_entry += counts
             for n in np.flatnonzero(counts).tolist():
                 batch.entries[entry_ids[n]] += int(counts[n])
+                self.produced[entry_ids[n]] += int(counts[n])
             start = stop
             if len(batch.parts) >= max_size:
-                full.append(self._flush(hook.id or 0))
+                self._flush(hook.id or 0)
                 batch = self._open(hook, now)
-        return [d for d in full if d is not None]
 
     def _open(self, hook: Hook, now: float) -> _Batch:
         batch = self.batches[hook.id or 0] = _Batch(hook, now)
@@ -259,28 +264,49 @@ class Dispatcher:
             if e.profile is None and e.profile_id:
                 e.profile = self.profile_cache.get((e.account_id, e.profile_id))
 
-    def due(self, now: float) -> list[Delivery]:
-        """Batches whose flush timeout elapsed (broker batches: every round)."""
-        out = []
+    def due(self, now: float) -> None:
+        """Flush the batches whose flush timeout elapsed (broker batches: every round)."""
         for hook_id, batch in list(self.batches.items()):
             _, timeout = batch_limits(batch.hook, self.max_http_batch)
             if batch.parts and now - batch.opened >= timeout:
-                out.append(self._flush(hook_id))
-        return [d for d in out if d is not None]
+                self._flush(hook_id)
 
     def open_messages(self) -> int:
         return sum(len(b.parts) for b in self.batches.values())
 
-    def _flush(self, hook_id: int) -> Delivery | None:
+    def _flush(self, hook_id: int) -> None:
+        """Close the hook's open batch into a Delivery in the outbox."""
         batch = self.batches.pop(hook_id, None)
         if batch is None or not batch.parts:
-            return None
+            return
         delivery = Delivery(id=uuid.uuid4().hex, hook_id=hook_id,
                             account_id=batch.hook.account_id, kind=batch.hook.target.kind,
                             parts=batch.parts, keys=batch.keys, message_ids=batch.mids,
                             created_ms=now_ms())
         self.pending_hooks[delivery.id] = (batch.hook, batch.entries)
-        return delivery
+        self.outbox.append(delivery)
+
+
+@dataclass
+class _Entry:
+    """One intake entry read: its fields (kept to set it aside), events and part views
+    (None: written as JSON by an older version)."""
+
+    id: str
+    fields: dict[bytes, bytes]
+    events: list[Event]
+    views: list[PartView] | None
+    held: bool = False  # processing failed once: a phantom message keeps it unacked
+
+
+def _views(entries: list[_Entry]) -> list[PartView] | None:
+    """The part views of all the entries' events, in order; None if one has none."""
+    views: list[PartView] = []
+    for entry in entries:
+        if entry.views is None:
+            return None
+        views += entry.views
+    return views
 
 
 class PartitionWorker:
@@ -301,6 +327,14 @@ class PartitionWorker:
         self.unsettled = 0  # the sum of entry_left
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
         self.pending_cursor = "0"
+        # entries of a failed round, processed again one per round before any new read;
+        # each holds one phantom message in entry_left until then, so it is not
+        # acknowledged while messages an earlier attempt batched settle
+        self.again: deque[_Entry] = deque()
+        self.failures: Counter[str] = Counter()  # entry id -> failed rounds (not Redis)
+        self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
+        self.to_ack: list[str] = []  # settled entries to acknowledge
+        self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
@@ -308,29 +342,76 @@ class PartitionWorker:
             return self._step(block_ms)
 
     def _step(self, block_ms: int | None) -> int:
-        reading = self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED
-        entries, views = self._read(block_ms) if reading else ([], None)
-        # refresh after reading: a hook change committed before an event was appended
-        # is always seen by the round that processes the event
-        now = time.monotonic()
-        ready = self.dispatcher.refresh(now)
-        full, produced = self.dispatcher.process(entries, now, views)
-        ready += full
+        if self.again:  # a failed round's entries first, one at a time
+            entries = [self.again.popleft()]
+        elif self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED:
+            entries = self._read(block_ms)
+        else:
+            entries = []
+        error: Exception | None = None
+        try:
+            # refresh after reading: a hook change committed before an event was
+            # appended is always seen by the round that processes the event
+            now = time.monotonic()
+            self.dispatcher.refresh(now)
+            self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries))
+            self.dispatcher.due(time.monotonic())
+        except Exception as exc:  # booked below, then raised again
+            error = exc
+        # what was batched and closed counts even when the round failed half-way
+        produced = self.dispatcher.take_produced()
         for eid, n in produced.items():
             self.entry_left[eid] += n
         self.unsettled += sum(produced.values())
-        ready += self.dispatcher.due(time.monotonic())
-        for delivery in ready:
-            hook, _ = self.dispatcher.pending_hooks[delivery.id]
-            self.sender.submit(hook, delivery)
+        ready = self.dispatcher.take_outbox()
+        handed = 0
+        try:
+            for delivery in ready:
+                hook, _ = self.dispatcher.pending_hooks[delivery.id]
+                self.sender.submit(hook, delivery)
+                handed += 1
+        except Exception:
+            self.dispatcher.outbox[:0] = ready[handed:]  # not handed over: the next round's
+            raise
+        if error is not None:
+            self._failed(entries, error)
+            raise error
+        for entry in entries:
+            if entry.held:  # processed at last: its phantom message goes
+                self._count_settled(entry.id, 1)
+            elif not self.entry_left.get(entry.id):
+                self.to_ack.append(entry.id)  # nothing to send for it
+            self.failures.pop(entry.id, None)
         self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
-        self._ack([eid for eid, n in produced.items() if n == 0])
         return len(entries)
 
-    def _read(self, block_ms: int | None
-              ) -> tuple[list[tuple[str, list[Event]]], list[PartView] | None]:
-        """Entries read (id, events), and the events' part views (None when an
-        entry has none: written as JSON by an older version)."""
+    def _failed(self, entries: list[_Entry], error: Exception) -> None:
+        """A round failed: its entries are processed again, one per round (messages
+        batched before the failure are sent, and sent again then: at-least-once).
+        An entry whose rounds failed MAX_ENTRY_FAILURES times, not for a Redis error,
+        is set aside like an unreadable one."""
+        alone = len(entries) == 1
+        for entry in entries:
+            if not isinstance(error, redis.RedisError):
+                self.failures[entry.id] += 1
+            if alone and self.failures[entry.id] >= MAX_ENTRY_FAILURES:
+                try:
+                    self._set_aside(entry.id, entry.fields, error)
+                except redis.RedisError:
+                    pass  # Redis is down now: the entry stays for another round
+                else:
+                    self.failures.pop(entry.id)
+                    if entry.held:
+                        self._count_settled(entry.id, 1, ack=False)
+                    continue
+            if not entry.held:
+                entry.held = True
+                self.entry_left[entry.id] += 1
+                self.unsettled += 1
+            self.again.append(entry)
+
+    def _read(self, block_ms: int | None) -> list[_Entry]:
+        """Entries read and decoded (undecodable ones are set aside)."""
         if block_ms is None:
             busy = self.sender.inflight() or self.dispatcher.open_messages()
             block_ms = 20 if busy else 100
@@ -347,31 +428,25 @@ class PartitionWorker:
                 self.reading_own_pending = False
             self._ack([eid.decode() for eid, fields in items if not fields])  # deleted ones
         entries = []
-        readable = []
         for eid, fields in items:
             if not fields:
                 continue
             try:
-                entries.append((eid.decode(), decode_entry(fields)))
-                readable.append(fields)
+                events = decode_entry(fields)
             except (msgspec.DecodeError, KeyError) as exc:  # would fail every round
                 self._set_aside(eid.decode(), fields, exc)
-        views: list[PartView] | None = []
-        for fields in readable:
-            part = decode_views(fields)
-            if part is None:
-                views = None
-                break
-            views += part  # type: ignore[operator]
-        return entries, views
+                continue
+            entries.append(_Entry(eid.decode(), fields, events, decode_views(fields)))
+        return entries
 
     def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], exc: Exception) -> None:
-        """An entry that cannot be decoded (not written by hookray's intake, or damaged)
-        is copied, with ``_partition``, ``_entry`` and ``_error`` fields, to the
-        ``intake_unreadable`` stream and acknowledged, instead of failing every round
-        after it; counted as ``entries_unreadable`` in the engine's stats."""
+        """An entry that cannot be decoded (not written by hookray's intake, or damaged),
+        or whose processing failed MAX_ENTRY_FAILURES times, is copied, with
+        ``_partition``, ``_entry`` and ``_error`` fields, to the ``intake_unreadable``
+        stream and acknowledged, instead of failing every round after it; counted as
+        ``entries_unreadable`` in the engine's stats."""
         reason = f"{type(exc).__name__}: {exc}"[:1000]
-        log.warning("partition %s: intake entry %s cannot be read, set aside: %s",
+        log.warning("partition %s: intake entry %s cannot be processed, set aside: %s",
                     self.partition, entry_id, reason)
         record: dict[Any, Any] = dict(fields)  # the entry's own fields, then why
         record.update({b"_partition": str(self.partition), b"_entry": entry_id,
@@ -384,13 +459,15 @@ class PartitionWorker:
             pipe.execute()
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
-        if not outcomes:
-            return
-        done: list[str] = []
-        delivered: Counter[int] = Counter()
-        for delivery, outcome in outcomes:
+        """Book outcomes: delivered ones counted, failed ones written to the retry
+        schedule (before any entry of theirs is acknowledged). An outcome leaves
+        ``settling`` only once booked, and entries wait in ``to_ack`` until the ack
+        went through: a Redis error half-way loses no outcome and no ack."""
+        self.settling.extend(outcomes)
+        while self.settling:
+            delivery, outcome = self.settling[0]
             if outcome.ok:
-                delivered[delivery.hook_id] += delivery.count
+                self.delivered[delivery.hook_id] += delivery.count
             else:
                 delivery.last_attempt_ms = now_ms()
                 due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
@@ -398,26 +475,35 @@ class PartitionWorker:
                     self.side.retry.kill(delivery, outcome.describe())
                 else:
                     self.side.retry.schedule(delivery, due, outcome.describe())
+            self.settling.popleft()
             _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
             for eid, n in entries.items():
-                self.entry_left[eid] -= n
-                self.unsettled -= n
-                if self.entry_left[eid] <= 0:
-                    del self.entry_left[eid]
-                    done.append(eid)
-        self._ack(done, delivered)  # retries were written above, before any ack
+                self._count_settled(eid, n)
+        self._ack([])
 
-    def _ack(self, entry_ids: list[str], delivered: Counter[int] | None = None) -> None:
-        """Acknowledge and delete settled entries, and count deliveries: one round trip."""
-        if not entry_ids and not delivered:
+    def _count_settled(self, eid: str, n: int, ack: bool = True) -> None:
+        self.entry_left[eid] -= n
+        self.unsettled -= n
+        if self.entry_left[eid] <= 0:
+            del self.entry_left[eid]
+            if ack:
+                self.to_ack.append(eid)
+
+    def _ack(self, entry_ids: list[str]) -> None:
+        """Acknowledge and delete ``entry_ids`` and the settled entries, and count
+        deliveries: one round trip; kept for the next round if it fails."""
+        self.to_ack += entry_ids
+        if not self.to_ack and not self.delivered:
             return
         with self.r.pipeline(transaction=False) as pipe:
-            for hook_id, n in (delivered or {}).items():
+            for hook_id, n in self.delivered.items():
                 self.side.stats.add(pipe, hook_id, "delivered", n)
-            if entry_ids:
-                pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
-                pipe.xdel(self.stream, *entry_ids)
+            if self.to_ack:
+                pipe.xack(self.stream, CONSUMER_GROUP, *self.to_ack)
+                pipe.xdel(self.stream, *self.to_ack)
             pipe.execute()
+        self.to_ack = []
+        self.delivered = Counter()
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

@@ -4,7 +4,7 @@
 key                             type     holds
 ==============================  =======  =============================================
 {p}:intake:{n}                  stream   event batches of partition n, field ``e``
-{p}:intake:unreadable           stream   entries a partition could not decode, set aside
+{p}:intake:unreadable           stream   entries a partition could not decode or process
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out
 {p}:version:hooks               string   bumped on every hook change

@@ -15,10 +15,11 @@ from engine.errors import EventError, NotFound
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
+from engine.messages import event_digest
 from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry, RetryStore
+from engine.stores import HookRegistry, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome
 from engine.transports.stub import StubTransport
 
@@ -259,3 +260,174 @@ def test_reading_pauses_while_too_many_messages_are_unsettled(
     run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
     assert sum(d.count for d in sender.transport.sent) == 30
     assert worker.unsettled == 0
+
+
+# --- rounds that fail after reading -----------------------------------------------------
+
+
+def run_through_failures(worker: Any, predicate: Any, timeout: float = 10.0) -> list[Exception]:
+    """``run_until``, but a round that raises is noted and the next one runs (as
+    ``PartitionWorker.run`` does, without its pause)."""
+    errors: list[Exception] = []
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"condition not reached; errors: {errors[-3:]}"
+        try:
+            worker.step(block_ms=10)
+        except Exception as exc:
+            errors.append(exc)
+    return errors
+
+
+def entry_events(r: redis.Redis, stream: str) -> dict[str, set[str]]:
+    """Entry id -> the ids of its events."""
+    return {eid.decode(): {e.id for e in decode_entry(fields)}
+            for eid, fields in r.xrange(stream)}
+
+
+def fail_assembly(monkeypatch: pytest.MonkeyPatch, should_fail: Any) -> list[int]:
+    """Make ``Assembler.assemble`` raise ValueError when ``should_fail(hook id, event
+    ids)`` is true; returns the list of failures so far (one item per failure)."""
+    from engine.assembly import Assembler
+
+    original = Assembler.assemble
+    failures: list[int] = []
+
+    def assemble(self: Any, rnd: Any, idx: list[int]) -> Any:
+        if should_fail(self.hook.id, {rnd.events[i].id for i in idx}):
+            failures.append(self.hook.id)
+            raise ValueError("assembly failed")
+        return original(self, rnd, idx)
+
+    monkeypatch.setattr(Assembler, "assemble", assemble)
+    return failures
+
+
+def test_a_round_failing_half_way_is_processed_again_and_acked_only_when_complete(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Hook 1's messages are batched (and sent) before hook 2's assembly fails: the
+    entries stay unacknowledged until hook 2's messages are sent too, and are processed
+    again without a restart (hook 1 may get duplicates: same message ids)."""
+    cfg = one_partition(settings)
+    registry = HookRegistry(redis_client, keys)
+    first = registry.create(hook(name="first"))
+    second = registry.create(hook(name="second"))
+    failures = fail_assembly(monkeypatch, lambda hook_id, _: hook_id == second.id and
+                             len(failures) == 0)
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
+    intake.publish(clicks(20))
+    events_of = entry_events(redis_client, keys.intake(0))
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+
+    def sent_ids(hook_id: int | None) -> list[str]:
+        return [mid.split("-")[0] for d in sender.transport.sent if d.hook_id == hook_id
+                for mid in d.message_ids]
+
+    errors = run_through_failures(worker, lambda: failures)
+    assert [str(e) for e in errors] == ["assembly failed"]
+    assert len(sent_ids(first.id)) == 20 and not sent_ids(second.id)  # batched, then the failure
+    acked_early: list[str] = []
+    while redis_client.xlen(keys.intake(0)):
+        worker.step(block_ms=10)
+        done = set(events_of) - set(entry_events(redis_client, keys.intake(0)))
+        digests = set(sent_ids(second.id))
+        acked_early += [eid for eid in done
+                        if not {event_digest(i) for i in events_of[eid]} <= digests]
+    assert not acked_early
+    assert len(sent_ids(second.id)) == len(set(sent_ids(second.id))) == 20
+    assert set(sent_ids(first.id)) == set(sent_ids(second.id))  # at least once each
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert worker.unsettled == 0 and not worker.entry_left and not worker.again
+    assert not redis_client.exists(keys.intake_unreadable)
+
+
+def test_an_entry_that_keeps_failing_is_set_aside_and_the_others_delivered(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.dispatch import MAX_ENTRY_FAILURES
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    failures = fail_assembly(monkeypatch, lambda _, ids: "c1-3" in ids)  # a poison event
+    intake = Intake(redis_client, keys, 1, 5)
+    intake.ensure_groups()
+    intake.publish(clicks(5) + clicks(7, list_id=2) + clicks(4, list_id=3))
+    poisoned = next(eid for eid, ids in entry_events(redis_client, keys.intake(0)).items()
+                    if "c1-3" in ids)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert all(isinstance(e, ValueError) for e in errors)
+    # the first round (all entries together), then the poisoned entry alone
+    assert len(errors) == len(failures) == MAX_ENTRY_FAILURES
+    delivered = {mid for d in sender.transport.sent for mid in d.message_ids}
+    assert len(delivered) == 11  # 7 + 4: every event of the other entries
+    (aside,) = redis_client.xrange(keys.intake_unreadable)
+    assert aside[1][b"_entry"].decode() == poisoned
+    assert aside[1][b"_error"] == b"ValueError: assembly failed"
+    assert {e.id for e in decode_entry(aside[1])} == {f"c1-{i}" for i in range(5)}
+    assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert worker.unsettled == 0 and not worker.failures
+
+
+def test_redis_errors_never_set_an_entry_aside(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.dispatch import MAX_ENTRY_FAILURES, Dispatcher
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    original = Dispatcher._content
+    outage = [MAX_ENTRY_FAILURES + 3]
+
+    def content(self: Any, *args: Any) -> Any:
+        if outage[0]:
+            outage[0] -= 1
+            raise redis.ConnectionError("Redis is restarting")
+        return original(self, *args)
+
+    monkeypatch.setattr(Dispatcher, "_content", content)
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
+    intake.publish(clicks(25))
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert len(errors) == MAX_ENTRY_FAILURES + 3
+    assert all(isinstance(e, redis.ConnectionError) for e in errors)
+    assert sorted(mid for d in sender.transport.sent for mid in d.message_ids) == sorted(
+        {mid for d in sender.transport.sent for mid in d.message_ids})  # once each
+    assert sum(d.count for d in sender.transport.sent) == 25
+    assert not redis_client.exists(keys.intake_unreadable)
+
+
+def test_a_failed_acknowledgement_is_made_in_a_later_round(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = one_partition(settings)
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
+    intake.publish(clicks(20))
+    original = redis.client.Pipeline.execute
+    refused: list[int] = []
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not refused and any(cmd[0][0] == "XACK" for cmd in self.command_stack):
+            refused.append(1)
+            self.reset()
+            raise redis.ConnectionError("connection lost")
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert refused and len(errors) == 1
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert sum(d.count for d in sender.transport.sent) == 20
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 20
