@@ -31,7 +31,7 @@ from engine.partitioning import pool_member
 from engine.transports.base import Delivery, Outcome, pack_deliveries
 
 CALLS_PER_HOOK = 2  # actor calls of one hook in flight from one partition
-CALL_MAX_BYTES = 16 * 1024 * 1024  # message bytes per actor call (at least one batch)
+CALL_MAX_BYTES = 4 * 1024 * 1024  # message bytes per actor call (at least one batch)
 
 
 def target_json(hook: Hook) -> str:
