@@ -1,8 +1,17 @@
-"""Transport pool member: an async actor owning one transport's connections."""
+"""Transport pool member: an async actor owning one transport's connections.
+
+Partitions talk to it with ``exchange`` calls (see ``actors.sender``): each call
+hands over new batches of any number of hooks and collects the outcomes of batches
+handed over before. Batches run concurrently, each on its own; a call returns once
+every batch it asked about is done, or after ``wait_sec`` with those done by then,
+so one slow destination delays nobody's outcomes by more than ``wait_sec``.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+import uuid
 from typing import Any
 
 import ray
@@ -10,13 +19,14 @@ from pydantic import BaseModel
 
 from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
 from engine.settings import Settings
-from engine.transports.base import Outcome, load_transport, unpack_deliveries
+from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
 
 TARGET_MODELS: dict[str, type[BaseModel]] = {
     "http_batch": HttpBatch, "rabbitmq_queue": RabbitQueue,
     "rabbitmq_exchange": RabbitExchange, "kafka": Kafka,
 }
 TARGET_CACHE_MAX = 10_000
+UNCLAIMED_SEC = 600.0  # outcomes nobody collected (their partition restarted) are dropped
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10_000)
@@ -27,6 +37,11 @@ class TransportActor:
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
                                         timeout_sec=cfg.HTTP_REQUEST_TIMEOUT_SEC)
         self.targets: dict[str, BaseModel] = {}
+        # a restarted actor has a new incarnation: batches of the old one are unknown to it
+        self.incarnation = uuid.uuid4().hex
+        self.running: dict[str, asyncio.Task[None]] = {}  # batch id -> its send
+        self.done: dict[str, tuple[Outcome, float]] = {}  # batch id -> outcome, finished at
+        self._swept = time.monotonic()
 
     def _target(self, kind: str, target: str) -> BaseModel:
         model = self.targets.get(target)
@@ -36,12 +51,52 @@ class TransportActor:
             model = self.targets[target] = TARGET_MODELS[kind].model_validate_json(target)
         return model
 
-    async def deliver_many(self, kind: str, target: str, packed: bytes) -> list[Outcome]:
-        """One hook's batches of a round (``pack_deliveries``), sent concurrently;
-        outcomes in order."""
-        model = self._target(kind, target)
-        deliveries = unpack_deliveries(packed)
-        return list(await asyncio.gather(*(self.transport.send(model, d) for d in deliveries)))
+    async def _run(self, model: BaseModel, delivery: Delivery) -> None:
+        try:
+            outcome = await self.transport.send(model, delivery)
+        except Exception as exc:  # send never raises for a delivery failure; in case
+            outcome = Outcome(ok=False, error=type(exc).__name__, detail=str(exc)[:1000])
+        finally:  # cancelled: neither running nor done, so reported as unknown (retried)
+            self.running.pop(delivery.id, None)
+        self.done[delivery.id] = (outcome, time.monotonic())
+
+    async def exchange(self, groups: list[tuple[str, str, bytes]], collect: list[str],
+                       wait_sec: float) -> tuple[str, dict[str, Outcome], list[str]]:
+        """Start the batches of ``groups`` (per hook: kind, target settings JSON,
+        ``pack_deliveries`` of its batches), then wait up to ``wait_sec`` for them and
+        the batches ``collect`` to finish. Returns this actor's incarnation, the
+        outcomes of those finished (each reported once), and the ids of ``collect``
+        this actor does not know (it restarted since they were handed over)."""
+        ids = list(collect)
+        for kind, target, packed in groups:
+            model = self._target(kind, target)
+            for delivery in unpack_deliveries(packed):
+                ids.append(delivery.id)
+                if delivery.id not in self.running and delivery.id not in self.done:
+                    self.running[delivery.id] = asyncio.ensure_future(
+                        self._run(model, delivery))
+        pending = [task for i in ids if (task := self.running.get(i)) is not None]
+        if pending:
+            await asyncio.wait(pending, timeout=wait_sec)
+        outcomes: dict[str, Outcome] = {}
+        unknown: list[str] = []
+        for i in ids:
+            finished = self.done.pop(i, None)
+            if finished is not None:
+                outcomes[i] = finished[0]
+            elif i not in self.running:
+                unknown.append(i)
+        self._sweep()
+        return self.incarnation, outcomes, unknown
+
+    def _sweep(self) -> None:
+        now = time.monotonic()
+        if now - self._swept < UNCLAIMED_SEC / 10:
+            return
+        self._swept = now
+        for i, (_, at) in list(self.done.items()):
+            if now - at > UNCLAIMED_SEC:
+                del self.done[i]
 
     async def ping(self) -> str:
         return self.kind
