@@ -99,6 +99,9 @@ def header_fields(message_ids: list[str]) -> list[bytes]:
     ids = list(map(str.encode, message_ids))
     if not all(ids):
         return list(map(header_field, ids))
+    sizes = set(map(len, ids))
+    if len(sizes) == 1:  # one hook's ids: all of one length, one prefix
+        return list(map((_HEADER_ONE + varint(sizes.pop())).__add__, ids))
     return list(map(_HEADER_ONE.__add__, map(bytes.__add__, _varints(list(map(len, ids))), ids)))
 
 

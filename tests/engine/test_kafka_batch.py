@@ -70,3 +70,12 @@ def test_helpers() -> None:
     prebuilt = PrebuiltBatch(b"data", 3)
     assert prebuilt.record_count() == 3 and prebuilt.closed() and prebuilt._build() == b"data"
     assert prebuilt.size() == 4 and prebuilt.append(key=None, value=b"x", timestamp=None) is None
+
+
+@pytest.mark.parametrize("width", [1, 27, 63, 64, 200])
+def test_headers_of_ids_of_one_length_are_the_reference(width: int) -> None:
+    mids = [f"{n:0{width}d}"[-width:] for n in range(50)]
+    values = [b"{}"] * len(mids)
+    keys: list[bytes | None] = [b"1.click"] * len(mids)
+    got = build_batch(values, list(map(key_field, keys)), header_fields(mids), 7)
+    assert got == _reference(values, keys, mids, 7)
