@@ -24,7 +24,6 @@ import uuid
 from calendar import monthrange, timegm
 from dataclasses import dataclass
 from functools import lru_cache
-from itertools import chain
 from operator import attrgetter
 from typing import Annotated, Any
 
@@ -40,9 +39,6 @@ NS = 1_000_000_000
 MAX_ID = 2**63 - 1  # ids are matched as int64 columns
 # an id: non-negative and within int64 (checked by msgspec while decoding)
 IdInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
-_ID_FIELDS = ("account_id", "list_id", "resource_id", "campaign_id", "message_id", "pixel_id")
-_ID_COLUMNS = attrgetter(*_ID_FIELDS)
-_SEGMENT_IDS = attrgetter("segment_ids")
 
 
 @lru_cache(maxsize=1 << 18)
@@ -137,23 +133,6 @@ def _int_or_fail(value: Any, field: str) -> int:
     return value
 
 
-def id_issues(events: list[Event]) -> list[EventIssue]:
-    """Ids out of range (negative, or beyond int64) in events built in Python, whose
-    fields msgspec does not check: one scan in C over every id of the batch
-    (``filter(None, ...)`` drops the absent ones, and zeros, which are in range), and
-    field by field only when some id is out of range."""
-    ids = list(filter(None, chain.from_iterable(map(_ID_COLUMNS, events))))
-    ids += chain.from_iterable(filter(None, map(_SEGMENT_IDS, events)))
-    if not ids or (min(ids) >= 0 and max(ids) <= MAX_ID):
-        return []
-    reason = f"expected an id from 0 to {MAX_ID}"
-    issues = [EventIssue(i, name, reason) for i, e in enumerate(events) for name in _ID_FIELDS
-              if (v := getattr(e, name)) is not None and not 0 <= v <= MAX_ID]
-    issues += [EventIssue(i, "segment_ids", reason) for i, e in enumerate(events)
-               if e.segment_ids and not all(0 <= x <= MAX_ID for x in e.segment_ids)]
-    return sorted(issues, key=attrgetter("index"))
-
-
 @dataclass(frozen=True, slots=True)
 class EventIssue:
     """One bad event of a batch: its index, the field at fault and why."""
@@ -180,7 +159,9 @@ _event_encoder = msgspec.json.Encoder()
 _AT = re.compile(r"^(.*?)(?: - at `\$(?:\[\d+\])?\.?([^`]*)`)?$", re.S)
 
 
-def _issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeError) -> EventIssue:
+def validation_issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeError
+                     ) -> EventIssue:
+    """The issue of event ``index`` from msgspec's error (field from its path)."""
     m = _AT.match(str(exc))
     msg, path = (m.group(1), m.group(2)) if m else (str(exc), None)
     head = msg.split(": ", 1)[0]
@@ -226,7 +207,7 @@ def _decode_each(
             events.append(_event_decoder.decode(item))
             indices.append(i)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            issues.append(_issue(i, exc))
+            issues.append(validation_issue(i, exc))
     return events, indices, issues
 
 

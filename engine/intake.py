@@ -20,7 +20,14 @@ import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import EventError
-from engine.events import Event, EventIssue, decode_batch, ensure_ids, id_issues
+from engine.events import (
+    MAX_ID,
+    Event,
+    EventIssue,
+    decode_batch,
+    ensure_ids,
+    validation_issue,
+)
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
 from engine.messages import PartView
 from engine.partitioning import partition_of
@@ -35,7 +42,41 @@ class StoredEvent(Event, gc=False):
 
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
+_one_decoder = msgspec.msgpack.Decoder(StoredEvent)
 _entry_encoder = msgspec.msgpack.Encoder()
+_ACCOUNT = attrgetter("account_id")
+
+
+def read_back_issues(events: list[Event]) -> list[EventIssue]:
+    """Issues of events built in Python, whose field types and id ranges msgspec does
+    not check (it checks while decoding): each event must read back from the msgpack
+    the intake writes, as a partition reads it, or its whole entry could not be read.
+    One encode and decode of the batch (about 0.7 µs per event); event by event only
+    when that fails. ``account_id``, a plain int there, is range-checked here."""
+    issues: list[EventIssue] = []
+    try:
+        _entry_decoder.decode(_entry_encoder.encode(events))
+    except (msgspec.ValidationError, msgspec.DecodeError):
+        for i, event in enumerate(events):
+            try:
+                _one_decoder.decode(_entry_encoder.encode(event))
+            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                issues.append(validation_issue(i, exc))
+    except (TypeError, OverflowError) as exc:  # not encodable at all (an object, 2**64)
+        for i, event in enumerate(events):
+            try:
+                _entry_encoder.encode(event)
+            except (TypeError, OverflowError) as one:
+                issues.append(EventIssue(i, "$", f"cannot be encoded: {one}"))
+        if not issues:
+            issues.append(EventIssue(-1, "$", f"cannot be encoded: {exc}"))
+    accounts = list(map(_ACCOUNT, events))
+    if issues or (accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID):
+        bad = {issue.index for issue in issues}
+        issues += [EventIssue(i, "account_id", f"expected an id from 0 to {MAX_ID}")
+                   for i, a in enumerate(accounts) if i not in bad
+                   and isinstance(a, int) and not 0 <= a <= MAX_ID]
+    return sorted(issues, key=attrgetter("index"))
 
 
 @dataclass
@@ -104,10 +145,9 @@ class Intake:
             return batch.events, batch.issues
         if all(map(isinstance, events, repeat(Event))):
             built = list(cast(Sequence[Event], events))
-            # Event objects were checked when built (__post_init__), but not their ids'
-            # range (msgspec checks constraints only while decoding): an out-of-range id
-            # would fail every round of the partition that reads it
-            issues = id_issues(built)
+            # Event objects were checked when built (__post_init__), but not their
+            # fields' types and ids' ranges: msgspec checks those only while decoding
+            issues = read_back_issues(built)
             if not all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, built)))):
                 issues += [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
                            for i, e in enumerate(built) if e.event_type not in self.catalogue]
