@@ -370,9 +370,9 @@ class PartitionWorker:
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 self.sender.submit(hook, delivery)
                 handed += 1
-        except Exception:
+        except Exception as exc:
             self.dispatcher.outbox[:0] = ready[handed:]  # not handed over: the next round's
-            raise
+            error = error or exc
         if error is not None:
             self._failed(entries, error)
             raise error
