@@ -23,7 +23,6 @@ batches are one per hook, and a Ray call costs about 0.5 ms of CPU on each side.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Any
 
 import ray
@@ -56,7 +55,6 @@ class RaySender:
         self.uncovered: dict[ActorKey, list[str]] = {}  # outstanding, no call asks about them
         # ref -> actor, ids the call covers, ids among them it asks about (handed over before)
         self.calls: dict[Any, tuple[ActorKey, list[str], list[str]]] = {}
-        self.busy: Counter[ActorKey] = Counter()  # calls in flight per actor
         self.failed: list[tuple[Delivery, Outcome]] = []  # failed here, returned by poll
         self._targets: dict[int, tuple[Hook, str]] = {}
 
@@ -88,8 +86,11 @@ class RaySender:
         """Calls for the actors with something to hand over or ask about, while they
         have a free slot."""
         for key in set(self.queued) | set(self.uncovered):
-            while self.busy[key] < self.calls_per_actor and self._call(key):
+            while self._in_flight(key) < self.calls_per_actor and self._call(key):
                 pass
+
+    def _in_flight(self, key: ActorKey) -> int:
+        return sum(1 for k, _, _ in self.calls.values() if k == key)
 
     def _call(self, key: ActorKey) -> bool:
         """One call to the actor ``key``; False when there was nothing to send."""
@@ -115,7 +116,6 @@ class RaySender:
         actor = self.pools[key[0]][key[1]]
         ref = actor.exchange.remote(groups, collect, self.wait_sec)
         self.calls[ref] = (key, covered, collect)
-        self.busy[key] += 1
         return True
 
     def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
@@ -127,9 +127,6 @@ class RaySender:
                             fetch_local=True)
         for ref in ready:
             key, covered, _ = self.calls.pop(ref)
-            self.busy[key] -= 1
-            if not self.busy[key]:
-                del self.busy[key]
             try:
                 _, outcomes, unknown = ray.get(ref)
             except RayError as exc:
