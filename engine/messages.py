@@ -266,6 +266,14 @@ def irregular_events(events: list[Event], catalogue: EventCatalogue) -> list[int
                    if e.sends_trying_num is not None and e.sends_trying_num <= 0)
     dims_of = {code: dimension_keys(catalogue, code)
                for code in set(map(attrgetter("event_type"), events))}
+    # a dimension is filled in only from a value the event has (segment_id always, 0
+    # for none): one that no event of the round has is passed over at once
+    fillable = {key for key in frozenset().union(*dims_of.values())
+                if key == _SEGMENT or any(map(operator.is_not,
+                                              map(attrgetter(key), events), repeat(None)))}
+    if not fillable:
+        return sorted(out)
+    dims_of = {code: keys & fillable for code, keys in dims_of.items()}
     dims = list(map(dims_of.__getitem__, map(attrgetter("event_type"), events)))
     have = list(map(operator.le, dims, map(dict.keys, map(attrgetter("event_data"), events))))
     if not all(have):

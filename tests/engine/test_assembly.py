@@ -163,6 +163,26 @@ def test_part_views_encode_as_the_part_of_every_regular_event() -> None:
             assert msgspec.json.encode(view) == encode_part(event, catalogue), i
 
 
+def test_a_dimension_no_event_has_is_passed_over_and_a_zero_is_a_value() -> None:
+    """Events lacking resource_id in event_data are regular when none of the round has
+    one (nothing to fill in); an id of 0 is a value, filled in like any other."""
+    catalogue = load_catalogue()
+    events = make_events(50)
+    for e in events:
+        e.event_data = {k: v for k, v in e.event_data.items() if k != "resource_id"}
+        e.resource_id = None
+    stored, views = _stored(events)
+    assert irregular_events(stored, catalogue) == []
+    events[7].resource_id = 0
+    stored, views = _stored(events)
+    assert irregular_events(stored, catalogue) == [7]
+    assert views is not None
+    for i, (event, view) in enumerate(zip(stored, views, strict=True)):
+        if i != 7:
+            assert msgspec.json.encode(view) == encode_part(event, catalogue), i
+    assert b'"resource_id":0' in encode_part(stored[7], catalogue)
+
+
 def test_an_entry_written_as_json_has_no_views() -> None:
     events = make_events(3)
     raw = msgspec.json.encode(events)
