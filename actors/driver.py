@@ -254,7 +254,8 @@ class Engine:
             raise ValueError(f"unknown event type {event_type!r}; known: "
                              + ", ".join(self.catalogue.codes()))
         return asyncio.run(send_test_event(hook, event_type, self._names.load(),
-                                           timeout_sec=self.settings.HTTP_REQUEST_TIMEOUT_SEC))
+                                           timeout_sec=self.settings.timeout_for(
+                                               hook.target.kind)))
 
     def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
         """Counters (messages) of one hook, or of every hook plus the engine's."""

@@ -35,7 +35,7 @@ class TransportActor:
         cfg = Settings(**settings)
         self.kind = kind
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
-                                        timeout_sec=cfg.HTTP_REQUEST_TIMEOUT_SEC)
+                                        timeout_sec=cfg.timeout_for(kind))
         self.targets: dict[str, BaseModel] = {}
         # a restarted actor has a new incarnation: batches of the old one are unknown to it
         self.incarnation = uuid.uuid4().hex

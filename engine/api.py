@@ -444,7 +444,7 @@ async def test_hook(request: web.Request) -> web.Response:
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
     outcome = await send_test_event(hook, event_type, names,
-                                    timeout_sec=backend.settings.HTTP_REQUEST_TIMEOUT_SEC)
+                                    timeout_sec=backend.settings.timeout_for(hook.target.kind))
     return web.json_response({"delivered": outcome.ok, "status": outcome.status,
                               "detail": outcome.detail, "error": outcome.error})
 

@@ -50,6 +50,8 @@ class Settings(BaseModel):
     # Concurrent requests per destination (host:port) in one transport actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
+    # Longest a RabbitMQ or Kafka delivery may take to be confirmed by the broker.
+    BROKER_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Extra event types, merged into the built-in catalogue.
     EVENT_TYPES_FILE: str | None = None
     RAY_ADDRESS: str | None = None
@@ -67,6 +69,10 @@ class Settings(BaseModel):
         if isinstance(value, bool) and field.annotation in (int, float, int | None):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
         return value
+
+    def timeout_for(self, kind: str) -> float:
+        """The delivery timeout of a target kind: HTTP requests, or broker confirms."""
+        return self.HTTP_REQUEST_TIMEOUT_SEC if kind == "http_batch" else self.BROKER_TIMEOUT_SEC
 
     def redacted(self) -> dict[str, Any]:
         """Settings for display: credentials inside REDIS_URL are masked."""

@@ -86,7 +86,7 @@ def settings(redis_url: str, prefix: str) -> Settings:
     """Small, fast settings for tests: retry period 0.3 s, 2 partitions."""
     return Settings(REDIS_URL=redis_url, REDIS_PREFIX=prefix, PARTITIONS=2, HTTP_POOL_SIZE=2,
                     HOOK_RETRY_PERIOD_SEC=0.3, HOOK_RETRY_TIMES=3,
-                    HTTP_REQUEST_TIMEOUT_SEC=2.0)
+                    HTTP_REQUEST_TIMEOUT_SEC=2.0, BROKER_TIMEOUT_SEC=2.0)
 
 
 @pytest.fixture

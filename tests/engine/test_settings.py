@@ -31,6 +31,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_HTTP_BATCH": 10_000,
     "DESTINATION_CONCURRENCY": 8,
     "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
+    "BROKER_TIMEOUT_SEC": 10.0,
     "EVENT_TYPES_FILE": None,
     "RAY_ADDRESS": None,
     "API_HOST": "127.0.0.1",
@@ -54,6 +55,7 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "MAX_HTTP_BATCH": (500, "500"),
     "DESTINATION_CONCURRENCY": (1024, "1024"),
     "HTTP_REQUEST_TIMEOUT_SEC": (600, "600"),
+    "BROKER_TIMEOUT_SEC": (2.5, "2.5"),
     "EVENT_TYPES_FILE": ("/etc/hookray/events.json", "/etc/hookray/events.json"),
     "RAY_ADDRESS": ("ray://head:10001", "ray://head:10001"),
     "API_HOST": ("0.0.0.0", "0.0.0.0"),
@@ -105,6 +107,8 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("HTTP_REQUEST_TIMEOUT_SEC", "0", "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "601", "accepted: a number <= 600"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "ten", BOUND_NUM),
+    ("BROKER_TIMEOUT_SEC", "0", "accepted: a number > 0"),
+    ("BROKER_TIMEOUT_SEC", "601", "accepted: a number <= 600"),
     ("API_HOST", "", "at least 1 character"),
     ("API_HOST", "my host", "String should match pattern"),
     ("API_HOST", "h" * 256, "at most 255 characters"),
@@ -142,6 +146,8 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("DESTINATION_CONCURRENCY", {"n": 8}, BOUND_INT),
     ("HTTP_REQUEST_TIMEOUT_SEC", 0, "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", True, BOOL),
+    ("BROKER_TIMEOUT_SEC", -1, "accepted: a number > 0"),
+    ("BROKER_TIMEOUT_SEC", True, BOOL),
     ("EVENT_TYPES_FILE", 5, "Input should be a valid string"),
     ("EVENT_TYPES_FILE", ["a.json"], "Input should be a valid string"),
     ("RAY_ADDRESS", 10001, "Input should be a valid string"),
@@ -408,3 +414,9 @@ def test_redacted_masks_redis_credentials(url: str, shown: str, secrets: list[st
         **{k: v for k, v in DEFAULTS.items() if k != "REDIS_URL"}, "HOOK_RETRY_TIMES": 3
     }
     assert url == loaded.REDIS_URL  # the settings themselves keep the credentials
+
+
+def test_the_delivery_timeout_follows_the_target_kind() -> None:
+    cfg = Settings(HTTP_REQUEST_TIMEOUT_SEC=3.0, BROKER_TIMEOUT_SEC=7.0)
+    assert cfg.timeout_for("http_batch") == 3.0
+    assert {cfg.timeout_for(k) for k in ("kafka", "rabbitmq_queue", "rabbitmq_exchange")} == {7.0}

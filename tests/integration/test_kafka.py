@@ -320,7 +320,7 @@ def test_broker_restart_mid_run_loses_nothing(engine_factory: Any,
                                               persistent_broker: Tansu) -> None:
     broker = persistent_broker
     engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.2, HOOK_RETRY_TIMES=1000,
-                            HTTP_REQUEST_TIMEOUT_SEC=1.0)
+                            BROKER_TIMEOUT_SEC=1.0)
     topic = new_topic(broker.bootstrap)
     hook = engine.create_hook(kafka_hook(broker.bootstrap, topic))
     published: list[dict[str, Any]] = []

@@ -548,7 +548,7 @@ def test_broker_stopped_mid_run_and_started_again_loses_nothing(
         engine_factory: Any, rabbit_node: RabbitNode) -> None:
     node = Rabbit(rabbit_node.url)
     engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.3, HOOK_RETRY_TIMES=1000,
-                            HTTP_REQUEST_TIMEOUT_SEC=2.0)
+                            BROKER_TIMEOUT_SEC=2.0)
     queue = node.name("restart-q")
     topic = node.declare_exchange("restart-x", "topic")
     everything = node.declare_queue("restart-all", bind=("#",), exchange=topic)
