@@ -128,7 +128,7 @@ class RaySender:
         for ref in ready:
             key, covered, _ = self.calls.pop(ref)
             try:
-                _, outcomes, unknown = ray.get(ref)
+                outcomes, unknown = ray.get(ref)
             except RayError as exc:
                 failed = Outcome(ok=False, error=type(exc).__name__,
                                  detail=f"transport actor failed: {str(exc)[:300]}")

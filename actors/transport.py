@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
 from typing import Any
 
 import ray
@@ -37,8 +36,7 @@ class TransportActor:
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
                                         timeout_sec=cfg.timeout_for(kind))
         self.targets: dict[str, BaseModel] = {}
-        # a restarted actor has a new incarnation: batches of the old one are unknown to it
-        self.incarnation = uuid.uuid4().hex
+        # batch ids handed over and not reported yet; a restarted actor knows none of them
         self.running: dict[str, asyncio.Task[None]] = {}  # batch id -> its send
         self.done: dict[str, tuple[Outcome, float]] = {}  # batch id -> outcome, finished at
         self._swept = time.monotonic()
@@ -61,12 +59,12 @@ class TransportActor:
         self.done[delivery.id] = (outcome, time.monotonic())
 
     async def exchange(self, groups: list[tuple[str, str, bytes]], collect: list[str],
-                       wait_sec: float) -> tuple[str, dict[str, Outcome], list[str]]:
+                       wait_sec: float) -> tuple[dict[str, Outcome], list[str]]:
         """Start the batches of ``groups`` (per hook: kind, target settings JSON,
         ``pack_deliveries`` of its batches), then wait up to ``wait_sec`` for them and
-        the batches ``collect`` to finish. Returns this actor's incarnation, the
-        outcomes of those finished (each reported once), and the ids of ``collect``
-        this actor does not know (it restarted since they were handed over)."""
+        the batches ``collect`` to finish. Returns the outcomes of those finished (each
+        reported once), and the ids of ``collect`` this actor does not know (it
+        restarted since they were handed over)."""
         ids = list(collect)
         for kind, target, packed in groups:
             model = self._target(kind, target)
@@ -87,7 +85,7 @@ class TransportActor:
             elif i not in self.running:
                 unknown.append(i)
         self._sweep()
-        return self.incarnation, outcomes, unknown
+        return outcomes, unknown
 
     def _sweep(self) -> None:
         now = time.monotonic()

@@ -57,20 +57,14 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
     issues: list[EventIssue] = []
     try:
         _entry_decoder.decode(_entry_encoder.encode(events))
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, TypeError, OverflowError):
         for i, event in enumerate(events):
             try:
                 _one_decoder.decode(_entry_encoder.encode(event))
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 issues.append(validation_issue(i, exc))
-    except (TypeError, OverflowError) as exc:  # not encodable at all (an object, 2**64)
-        for i, event in enumerate(events):
-            try:
-                _entry_encoder.encode(event)
-            except (TypeError, OverflowError) as one:
-                issues.append(EventIssue(i, "$", f"cannot be encoded: {one}"))
-        if not issues:
-            issues.append(EventIssue(-1, "$", f"cannot be encoded: {exc}"))
+            except (TypeError, OverflowError) as exc:  # not encodable (an object, 2**64)
+                issues.append(EventIssue(i, "$", f"cannot be encoded: {exc}"))
     accounts = list(map(_ACCOUNT, events))
     if issues or (accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID):
         bad = {issue.index for issue in issues}

@@ -672,3 +672,16 @@ def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
     # what is kept reads back as the partition reads it
     read = decode_entry({INTAKE_FIELD: encode_entry(good)})
     assert msgspec.to_builtins(read) == msgspec.to_builtins(good)
+
+
+def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type() -> None:
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    events = [Event(event_type="click", event_date=DATE, account_id=1) for _ in range(3)]
+    events[0].event_data = {"when": object()}
+    events[2].list_id = "5"  # type: ignore[assignment]
+    good, issues = intake.validate(events)
+    assert good == [events[1]]
+    assert [(i.index, i.field) for i in issues] == [(0, "$"), (2, "list_id")]
