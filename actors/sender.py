@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import ray
 from ray.exceptions import RayError
 
@@ -98,7 +99,7 @@ class RaySender:
         taken = _fitting(waiting)
         if taken < len(waiting):
             self.queued[key] = waiting[taken:]
-        groups: list[tuple[str, str, bytes]] = []
+        groups: list[tuple[str, str, np.ndarray]] = []
         # batches not done at the last answer: asked about by one call at a time
         asking = any(k == key and collect for k, _, collect in self.calls.values())
         covered = [] if asking else self.uncovered.pop(key, [])

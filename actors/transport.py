@@ -13,6 +13,7 @@ import asyncio
 import time
 from typing import Any
 
+import numpy as np
 import ray
 from pydantic import BaseModel
 
@@ -58,7 +59,7 @@ class TransportActor:
             self.running.pop(delivery.id, None)
         self.done[delivery.id] = (outcome, time.monotonic())
 
-    async def exchange(self, groups: list[tuple[str, str, bytes]], collect: list[str],
+    async def exchange(self, groups: list[tuple[str, str, np.ndarray]], collect: list[str],
                        wait_sec: float) -> tuple[dict[str, Outcome], list[str]]:
         """Start the batches of ``groups`` (per hook: kind, target settings JSON,
         ``pack_deliveries`` of its batches), then wait up to ``wait_sec`` for them and
