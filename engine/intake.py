@@ -8,14 +8,14 @@ that round trip returned.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 from typing import Any, cast
 
 import msgspec
+import numpy as np
 import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
@@ -45,6 +45,7 @@ _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
 _entry_encoder = msgspec.msgpack.Encoder()
 _ACCOUNT = attrgetter("account_id")
+_DATABASE = attrgetter("account_id", "list_id")
 
 
 def read_back_issues(events: list[Event]) -> list[EventIssue]:
@@ -160,6 +161,10 @@ class Intake:
         """Validate and append events. With bad events: raise EventError listing them and
         accept nothing, unless ``partial`` (then the good ones are accepted and the issues
         returned)."""
+        if not isinstance(events, bytes | str) and all(map(isinstance, events, repeat(Event))):
+            built = list(cast(Sequence[Event], events))
+            if self._publish_checked(built):
+                return PublishResult(len(built), [], [e.id or "" for e in built])
         good, issues = self.validate(events)
         if issues and not partial:
             raise EventError(
@@ -169,21 +174,62 @@ class Intake:
         self.append(good)
         return PublishResult(len(good), issues, [e.id or "" for e in good])
 
+    def _publish_checked(self, events: list[Event]) -> bool:
+        """Append ``events`` (built in Python) if they are all good, checked on the
+        very entries written: each entry's msgpack must read back (``read_back_issues``
+        in one pass, without encoding the events twice). False, with nothing written,
+        when one is not: ``validate`` then names the bad ones."""
+        if not all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, events)))):
+            return False
+        accounts = list(map(_ACCOUNT, events))
+        try:
+            if accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID:
+                return False
+            ensure_ids(events)
+            encoded = [(n, encode_entry(chunk)) for n, chunk in self._entries(events)]
+            for _, data in encoded:
+                _entry_decoder.decode(data)
+        except (msgspec.ValidationError, msgspec.DecodeError, TypeError, OverflowError):
+            return False
+        self._write(encoded, len(events))
+        return True
+
     def append(self, events: list[Event]) -> None:
         """Append validated events (with ids) to their partitions' streams."""
-        by_partition: dict[int, list[Event]] = defaultdict(list)
-        known: dict[tuple[int, int | None], list[Event]] = {}  # database -> its partition's
-        for e in events:
-            database = (e.account_id, e.list_id)
-            bucket = known.get(database)
-            if bucket is None:
-                bucket = known[database] = by_partition[
-                    partition_of(e.account_id, e.list_id, self.partitions)]
-            bucket.append(e)
+        self._write([(n, encode_entry(chunk)) for n, chunk in self._entries(events)],
+                    len(events))
+
+    def _entries(self, events: list[Event]) -> list[tuple[int, list[Event]]]:
+        """(partition, events) of each stream entry to write: events grouped by the
+        partition of their database, in their order, at most ``max_batch`` per entry.
+        The partition is computed once per distinct database and the grouping done by
+        one stable sort (no Python step per event)."""
+        groups: list[tuple[int, list[Event]]]
+        databases = list(map(_DATABASE, events))
+        known = {db: partition_of(db[0], db[1], self.partitions)
+                 for db in dict.fromkeys(databases)}
+        if len(set(known.values())) <= 1:
+            groups = [(next(iter(known.values()), 0), events)]
+        else:
+            codes = np.fromiter(map(known.__getitem__, databases), np.int64, len(events))
+            order = np.argsort(codes, kind="stable")
+            bounds = np.flatnonzero(np.diff(codes[order])) + 1
+            groups = [(int(codes[chunk[0]]), _pick(events, chunk.tolist()))
+                      for chunk in np.split(order, bounds)]
+        return [(n, part[start:start + self.max_batch]) for n, part in groups
+                for start in range(0, len(part), self.max_batch)]
+
+    def _write(self, entries: list[tuple[int, bytes]], count: int) -> None:
+        """XADD the encoded entries and count ``count`` events accepted: one round trip."""
         with self.r.pipeline(transaction=False) as pipe:
-            for n, part in by_partition.items():
-                for start in range(0, len(part), self.max_batch):
-                    chunk = part[start:start + self.max_batch]
-                    pipe.xadd(self.k.intake(n), {INTAKE_FIELD: encode_entry(chunk)})
-            pipe.hincrby(self.k.engine_stats, "events_accepted", len(events))
+            for n, data in entries:
+                pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
+            pipe.hincrby(self.k.engine_stats, "events_accepted", count)
             pipe.execute()
+
+
+def _pick(items: list[Event], idx: list[int]) -> list[Event]:
+    """``items`` at the positions ``idx`` (itemgetter: one C call)."""
+    if len(idx) == 1:
+        return [items[idx[0]]]
+    return list(itemgetter(*idx)(items))

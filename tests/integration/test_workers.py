@@ -105,6 +105,37 @@ def test_intake_rejects_a_batch_with_bad_events_unless_partial(
     assert redis_client.xlen(keys.intake(0)) == 1
 
 
+def test_event_objects_go_to_their_partitions_in_order_and_bad_ones_write_nothing(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Event objects are checked on the very entries written; interleaved databases are
+    grouped by partition, each partition's events in their order; a batch with a bad
+    event writes nothing, or only the good ones when partial."""
+    from engine.events import Event
+
+    intake = Intake(redis_client, keys, partitions=3, max_batch=7)
+    intake.ensure_groups()
+    events = [Event(event_type="click", event_date="2026-01-01T00:00:00Z", account_id=1,
+                    list_id=i % 5, id=f"e{i}") for i in range(60)]
+    assert intake.publish(events).ids == [f"e{i}" for i in range(60)]
+    for n in range(3):
+        entries = redis_client.xrange(keys.intake(n))
+        read = [e.id for _, f in entries for e in decode_entry(f)]
+        want = [e.id for e in events if partition_of(1, e.list_id, 3) == n]
+        assert read == want and max((len(decode_entry(f)) for _, f in entries), default=0) <= 7
+    assert len({partition_of(1, e.list_id, 3) for e in events}) > 1  # interleaved indeed
+    written = sum(redis_client.xlen(keys.intake(n)) for n in range(3))
+
+    bad = [Event(event_type="click", event_date="2026-01-01T00:00:00Z", account_id=1,
+                 list_id=i % 5) for i in range(10)]
+    bad[4].list_id = [4]  # type: ignore[assignment]  # unhashable, and not an id
+    with pytest.raises(EventError, match=r"event 4: list_id: Expected `int \| null`"):
+        intake.publish(bad)
+    assert sum(redis_client.xlen(keys.intake(n)) for n in range(3)) == written
+    result = intake.publish(bad, partial=True)
+    assert result.accepted == 9 and [i.index for i in result.issues] == [4]
+    assert result.ids == [e.id for i, e in enumerate(bad) if i != 4]
+
+
 def test_entries_are_acked_only_when_every_message_is_settled(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     cfg = one_partition(settings)
