@@ -30,7 +30,7 @@ from engine.events import (
 )
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
 from engine.messages import PartView
-from engine.partitioning import partition_of
+from engine.partitioning import partition_of, positions_by_code
 
 
 class StoredEvent(Event, gc=False):
@@ -212,10 +212,7 @@ class Intake:
             groups = [(next(iter(known.values()), 0), events)]
         else:
             codes = np.fromiter(map(known.__getitem__, databases), np.int64, len(events))
-            order = np.argsort(codes, kind="stable")
-            bounds = np.flatnonzero(np.diff(codes[order])) + 1
-            groups = [(int(codes[chunk[0]]), _pick(events, chunk.tolist()))
-                      for chunk in np.split(order, bounds)]
+            groups = [(n, _pick(events, idx)) for n, idx in positions_by_code(codes)]
         return [(n, part[start:start + self.max_batch]) for n, part in groups
                 for start in range(0, len(part), self.max_batch)]
 

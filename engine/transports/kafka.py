@@ -63,6 +63,7 @@ from aiokafka.partitioner import murmur2
 from engine.assembly import gather
 from engine.errors import ConnectError, Rejected, Timeout
 from engine.hooks import Kafka
+from engine.partitioning import positions_by_code
 from engine.transports.base import Delivery, Outcome, Transport
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 
@@ -269,11 +270,8 @@ class KafkaTransport(Transport):
         if len(set(where.values())) == 1:
             groups = [(next(iter(where.values())), None)]
         else:
-            codes = np.fromiter(map(where.__getitem__, keys), np.int64, count)
-            order = np.argsort(codes, kind="stable")
-            bounds = np.flatnonzero(np.diff(codes[order])) + 1
-            groups = [(int(codes[chunk[0]]), chunk.tolist())
-                      for chunk in np.split(order, bounds)]
+            groups = list(positions_by_code(
+                np.fromiter(map(where.__getitem__, keys), np.int64, count)))
         stamp = int(time.time() * 1000)
         for partition, idx in groups:
             values, keyed, headed = (parts, fields, headers) if idx is None else (
