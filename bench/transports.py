@@ -1,7 +1,7 @@
 """Per-transport throughput: the engine end to end against its client library alone.
 
     python -m bench.transports [--messages N] [--json PATH] [--only KIND ...]
-                               [--profile DIR] [--profile-sec S]
+                               [--repeat K] [--profile DIR] [--profile-sec S]
 
 For each transport kind (``http``, ``rabbitmq_queue``, ``rabbitmq_exchange``,
 ``kafka``), in the same run:
@@ -26,6 +26,11 @@ For each transport kind (``http``, ``rabbitmq_queue``, ``rabbitmq_exchange``,
   kafka: aiokafka ``create_batch``/``send_batch`` with the transport's producer
   settings (acks=all, 256 KiB batches), one stream of batches per partition.
 * ``ratio`` = engine_per_s / ceiling_per_s.
+
+Rates on a small shared machine vary between runs (ceilings too, by ±20% and
+more): ``--repeat K`` measures K rounds per kind, each an engine run then a
+ceiling run on fresh destinations, and reports the median engine rate, the median
+ceiling and their ratio; ``--json`` then also holds every round under ``rounds``.
 
 Both sides get a warm-up first (actors started, connections opened, first batches
 sent), which is not timed. Services: Redis (``--redis-url``), RabbitMQ
@@ -61,6 +66,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -730,6 +736,7 @@ class Run:
     redis_url: str
     amqp_url: str
     profiler: Profiler | None
+    repeat: int = 1  # rounds per kind (medians reported)
     sink: Any = None  # bench.sink.Sink
     tansu: Tansu | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # kind -> why
@@ -747,9 +754,35 @@ def destination(kind: str, run: Run) -> Destination:
     return KafkaDest(run.tansu.bootstrap)
 
 
-async def measure(kind: str, run: Run) -> dict[str, float]:
-    events = make_events(run.messages, f"{kind}-run")
-    warm = make_events(min(WARMUP, run.messages), f"{kind}-warm")
+async def measure(kind: str, run: Run) -> dict[str, Any]:
+    """The kind's engine rate, ceiling and ratio; with ``run.repeat`` > 1, the medians
+    of that many rounds (engine then ceiling, each round on fresh destinations) and
+    the ratio of the medians, with every round's figures under ``rounds``."""
+    rounds = []
+    profiler = run.profiler
+    try:
+        for n in range(run.repeat):
+            if run.repeat > 1:
+                say(f"{kind}: round {n + 1} of {run.repeat}")
+            rounds.append(await measure_round(kind, run, f"{kind}-run{n}"))
+            run.profiler = None  # py-spy records the first round only
+    finally:
+        run.profiler = profiler
+    if run.repeat == 1:
+        return rounds[0]
+    engine_per_s = statistics.median(r["engine_per_s"] for r in rounds)
+    ceiling_per_s = statistics.median(r["ceiling_per_s"] for r in rounds)
+    ratios = [r["ratio"] for r in rounds]
+    say(f"{kind}: median of {run.repeat} rounds: engine {engine_per_s:,.0f}/s, ceiling "
+        f"{ceiling_per_s:,.0f}/s, ratio {engine_per_s / ceiling_per_s:.2f} (rounds "
+        f"{min(ratios):.2f}-{max(ratios):.2f})")
+    return {"engine_per_s": engine_per_s, "ceiling_per_s": ceiling_per_s,
+            "ratio": engine_per_s / ceiling_per_s, "rounds": rounds}
+
+
+async def measure_round(kind: str, run: Run, tag: str) -> dict[str, float]:
+    events = make_events(run.messages, tag)
+    warm = make_events(min(WARMUP, run.messages), f"{tag}-warm")
     dest = destination(kind, run)
     try:
         say(f"{kind}: opening a fresh destination")
@@ -900,6 +933,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=_positive, default=100_000)
     parser.add_argument("--json", metavar="PATH")
+    parser.add_argument("--repeat", type=_positive, default=1, metavar="K",
+                        help="rounds per kind; reports the medians (rates vary between runs)")
     parser.add_argument("--only", nargs="+", choices=KINDS, metavar="KIND",
                         help=f"kinds to measure (default: all): {', '.join(KINDS)}")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
@@ -912,7 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in KINDS if k in (args.only or KINDS)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a plain kill too
     profiler = Profiler(args.profile, args.profile_sec) if args.profile else None
-    run = Run(args.messages, args.redis_url, args.amqp_url, profiler)
+    run = Run(args.messages, args.redis_url, args.amqp_url, profiler, args.repeat)
     results: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         try:

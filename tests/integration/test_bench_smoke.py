@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import signal
+import statistics
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -16,18 +18,15 @@ pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 KINDS = {"http", "rabbitmq_queue", "rabbitmq_exchange", "kafka"}
 RUN_TIMEOUT_SEC = 480
+RATES = ("engine_per_s", "ceiling_per_s", "ratio")
 
 
-@pytest.mark.timeout(RUN_TIMEOUT_SEC + 90)
-def test_transports_bench_reports_engine_and_ceiling_rates_of_every_kind(
-        redis_url: str, rabbit_url: str, tansu_bin: str, tmp_path: Path) -> None:
-    # Given Redis, RabbitMQ and the tansu binary (the bench starts its own broker and sink)
+def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
+    """Run ``python -m bench.transports`` with ``args``; its output and JSON results."""
     out = tmp_path / "transports.json"
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    # When the bench runs with a tiny message count
     proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.transports", "--messages", "1000", "--json", str(out),
-         "--redis-url", redis_url, "--amqp-url", rabbit_url],
+        [sys.executable, "-m", "bench.transports", "--json", str(out), *args],
         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         output, _ = proc.communicate(timeout=RUN_TIMEOUT_SEC)
@@ -39,17 +38,47 @@ def test_transports_bench_reports_engine_and_ceiling_rates_of_every_kind(
             proc.kill()
             output, _ = proc.communicate()
         pytest.fail(f"the bench did not finish within {RUN_TIMEOUT_SEC} s:\n{output[-3000:]}")
-    # Then it succeeds and reports every kind
     assert proc.returncode == 0, output[-3000:]
-    results = json.loads(out.read_text())
+    return output, json.loads(out.read_text())
+
+
+def check_rates(kind: str, result: dict[str, Any]) -> None:
+    assert all(isinstance(result[k], float) for k in RATES), (kind, result)
+    assert result["engine_per_s"] > 0 and result["ceiling_per_s"] > 0, (kind, result)
+    assert result["ratio"] == pytest.approx(result["engine_per_s"]
+                                            / result["ceiling_per_s"]), (kind, result)
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_SEC + 90)
+def test_transports_bench_reports_engine_and_ceiling_rates_of_every_kind(
+        redis_url: str, rabbit_url: str, tansu_bin: str, tmp_path: Path) -> None:
+    # Given Redis, RabbitMQ and the tansu binary (the bench starts its own broker and sink)
+    # When the bench runs with a tiny message count
+    output, results = run_bench(tmp_path, "--messages", "1000", "--redis-url", redis_url,
+                                "--amqp-url", rabbit_url)
+    # Then it reports every kind
     assert set(results) == KINDS, results
     for kind, result in results.items():
-        assert set(result) == {"engine_per_s", "ceiling_per_s", "ratio"}, (kind, result)
-        assert all(isinstance(v, float) for v in result.values()), (kind, result)
-        assert result["engine_per_s"] > 0 and result["ceiling_per_s"] > 0, (kind, result)
-        assert result["ratio"] == pytest.approx(result["engine_per_s"]
-                                                / result["ceiling_per_s"]), (kind, result)
+        assert set(result) == set(RATES), (kind, result)
+        check_rates(kind, result)
     # and prints the table
     table = output[output.rindex("kind"):]
     for kind in KINDS:
         assert kind in table, table
+
+
+@pytest.mark.timeout(RUN_TIMEOUT_SEC + 90)
+def test_repeated_rounds_report_the_medians(redis_url: str, tansu_bin: str,
+                                            tmp_path: Path) -> None:
+    output, results = run_bench(tmp_path, "--messages", "1000", "--repeat", "3",
+                                "--only", "kafka", "--redis-url", redis_url)
+    assert set(results) == {"kafka"}, results
+    result = results["kafka"]
+    assert len(result["rounds"]) == 3, result
+    for one in result["rounds"]:
+        assert set(one) == set(RATES), one
+        check_rates("kafka", one)
+    check_rates("kafka", result)
+    for rate in ("engine_per_s", "ceiling_per_s"):
+        assert result[rate] == statistics.median(r[rate] for r in result["rounds"]), result
+    assert "kafka: median of 3 rounds" in output, output[-3000:]
