@@ -25,9 +25,7 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import ray
-from ray.exceptions import RayError
 
 from engine.hooks import Hook
 from engine.partitioning import pool_member
@@ -68,6 +66,12 @@ class RaySender:
         return cached[1]
 
     def submit(self, hook: Hook, delivery: Delivery) -> None:
+        """Queue ``delivery`` for the hook's transport actor. A delivery whose id is
+        already here without an outcome (the retry worker claims one again when its
+        lease ran out during a long send) is not queued twice: the outcome of the
+        one here settles it."""
+        if delivery.id in self.outstanding:
+            return
         kind = hook.target.kind
         pool = self.pools.get(kind)
         if not pool:
@@ -77,11 +81,11 @@ class RaySender:
             return
         key = (kind, pool_member(hook.id or 0, len(pool)))
         self.queued.setdefault(key, []).append((hook, delivery))
+        self.outstanding[delivery.id] = delivery
 
     def inflight(self) -> int:
         """Batches handed to ``submit`` and not yet answered by ``poll``."""
-        return (sum(map(len, self.queued.values())) + len(self.outstanding)
-                + len(self.failed))
+        return len(self.outstanding) + len(self.failed)
 
     def _send(self) -> None:
         """Calls for the actors with something to hand over or ask about, while they
@@ -94,34 +98,36 @@ class RaySender:
         return sum(1 for k, _, _ in self.calls.values() if k == key)
 
     def _call(self, key: ActorKey) -> bool:
-        """One call to the actor ``key``; False when there was nothing to send."""
-        waiting = self.queued.pop(key, [])
+        """One call to the actor ``key``; False when there was nothing to send. The
+        bookkeeping changes only once the call is made: if making it raises, every
+        batch stays where it was, for the next try."""
+        waiting = self.queued.get(key, [])
         taken = _fitting(waiting)
-        if taken < len(waiting):
-            self.queued[key] = waiting[taken:]
-        groups: list[tuple[str, str, np.ndarray]] = []
         # batches not done at the last answer: asked about by one call at a time
         asking = any(k == key and collect for k, _, collect in self.calls.values())
-        covered = [] if asking else self.uncovered.pop(key, [])
-        collect = list(covered)
+        collect = [] if asking else list(self.uncovered.get(key, []))
         per_hook: dict[int, tuple[Hook, list[Delivery]]] = {}  # per settings version
         for hook, delivery in waiting[:taken]:
             per_hook.setdefault(id(hook), (hook, []))[1].append(delivery)
-        for hook, batch in per_hook.values():
-            groups.append((hook.target.kind, self._target(hook), pack_deliveries(batch)))
-            for delivery in batch:
-                self.outstanding[delivery.id] = delivery
-                covered.append(delivery.id)
-        if not covered:
+        if not per_hook and not collect:
             return False
+        groups = [(hook.target.kind, self._target(hook), pack_deliveries(batch))
+                  for hook, batch in per_hook.values()]
         actor = self.pools[key[0]][key[1]]
         ref = actor.exchange.remote(groups, collect, self.wait_sec)
+        if taken < len(waiting):
+            self.queued[key] = waiting[taken:]
+        else:
+            self.queued.pop(key, None)
+        if collect:
+            del self.uncovered[key]
+        covered = collect + [delivery.id for _, delivery in waiting[:taken]]
         self.calls[ref] = (key, covered, collect)
         return True
 
     def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
-        out, self.failed = self.failed, []
         self._send()
+        out, self.failed = self.failed, []
         if not self.calls:
             return out
         ready, _ = ray.wait(list(self.calls), num_returns=len(self.calls), timeout=timeout,
@@ -130,7 +136,7 @@ class RaySender:
             key, covered, _ = self.calls.pop(ref)
             try:
                 outcomes, unknown = ray.get(ref)
-            except RayError as exc:
+            except Exception as exc:  # RayError: the actor died; anything else: the same
                 failed = Outcome(ok=False, error=type(exc).__name__,
                                  detail=f"transport actor failed: {str(exc)[:300]}")
                 outcomes, unknown = {i: failed for i in covered}, []
@@ -142,8 +148,8 @@ class RaySender:
                 outcome = outcomes.get(i)
                 if outcome is None:
                     still.append(i)  # not done yet: the next call asks again
-                else:
-                    out.append((self.outstanding.pop(i), outcome))
+                elif (delivery := self.outstanding.pop(i, None)) is not None:
+                    out.append((delivery, outcome))
             if still:
                 self.uncovered.setdefault(key, []).extend(still)
         if ready:

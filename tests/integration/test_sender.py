@@ -147,3 +147,39 @@ def test_a_kind_without_a_pool_fails_its_batches(ray_session: Any) -> None:
     [(d, outcome)] = drain(sender, 1)
     assert d.id == "3-0" and not outcome.ok and outcome.error == "TransportUnavailable"
     assert sender.inflight() == 0
+
+
+def test_a_delivery_submitted_again_while_outstanding_gets_one_outcome(
+        pool: Any, receiver: Receiver) -> None:
+    """The retry worker claims a delivery again when its lease ran out during a long
+    send: the second submit is not queued, and the one outcome settles it."""
+    receiver.behave("/slow", hang=True)
+    sender = RaySender({"http_batch": pool[:1]}, wait_sec=0.05)
+    slow = make_hook(1, receiver.url("/slow"))
+    sender.submit(slow, delivery(1, 0))
+    assert not sender.poll(0.0)  # handed over, still running
+    sender.submit(slow, delivery(1, 0))  # claimed again
+    assert sender.inflight() == 1 and not sender.queued
+    [(d, outcome)] = drain(sender, 1)  # the request timeout (2 s), and no KeyError
+    assert d.id == "1-0" and outcome.error == "Timeout"
+    assert sender.inflight() == 0 and not sender.poll(0.2)
+
+
+def test_a_call_that_cannot_be_made_keeps_its_batches(
+        pool: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    sender = RaySender({"http_batch": pool[:1]})
+    hook = make_hook(1, receiver.url("/ok"))
+    for n in range(3):
+        sender.submit(hook, delivery(1, n))
+
+    def broken(deliveries: list[Delivery]) -> Any:
+        raise OverflowError("cannot pack")
+
+    monkeypatch.setattr("actors.sender.pack_deliveries", broken)
+    with pytest.raises(OverflowError):
+        sender.poll(0.0)
+    assert sender.inflight() == 3 and not sender.calls
+    assert [d.id for _, d in sender.queued[("http_batch", 0)]] == ["1-0", "1-1", "1-2"]
+    monkeypatch.undo()
+    out = drain(sender, 3)  # the next round hands them over
+    assert sorted(d.id for d, _ in out) == ["1-0", "1-1", "1-2"] and all(o.ok for _, o in out)
