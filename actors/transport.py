@@ -10,6 +10,7 @@ so one slow destination delays nobody's outcomes by more than ``wait_sec``.
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any
 
@@ -26,6 +27,8 @@ TARGET_MODELS: dict[str, type[BaseModel]] = {
     "rabbitmq_exchange": RabbitExchange, "kafka": Kafka,
 }
 TARGET_CACHE_MAX = 10_000
+log = logging.getLogger("hookray")
+
 UNCLAIMED_SEC = 600.0  # outcomes nobody collected (their partition restarted) are dropped
 
 
@@ -68,10 +71,23 @@ class TransportActor:
         restarted since they were handed over)."""
         ids = list(collect)
         for kind, target, packed in groups:
-            model = self._target(kind, target)
-            for delivery in unpack_deliveries(packed):
+            try:
+                deliveries = unpack_deliveries(packed)
+            except Exception:  # their ids unknown here: reported unknown later, retried
+                log.exception("transport %s: a group of batches cannot be read", self.kind)
+                continue
+            try:
+                model: BaseModel | None = self._target(kind, target)
+            except Exception as exc:  # this group's batches fail; the others go on
+                model, bad = None, Outcome(ok=False, error="BadTarget",
+                                           detail=f"{kind} target settings: {exc}"[:1000])
+            for delivery in deliveries:
                 ids.append(delivery.id)
-                if delivery.id not in self.running and delivery.id not in self.done:
+                if delivery.id in self.running or delivery.id in self.done:
+                    continue
+                if model is None:
+                    self.done[delivery.id] = (bad, time.monotonic())
+                else:
                     self.running[delivery.id] = asyncio.ensure_future(
                         self._run(model, delivery))
         pending = [task for i in ids if (task := self.running.get(i)) is not None]

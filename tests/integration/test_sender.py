@@ -183,3 +183,23 @@ def test_a_call_that_cannot_be_made_keeps_its_batches(
     monkeypatch.undo()
     out = drain(sender, 3)  # the next round hands them over
     assert sorted(d.id for d, _ in out) == ["1-0", "1-1", "1-2"] and all(o.ok for _, o in out)
+
+
+def test_a_bad_group_fails_alone_in_an_exchange_call(
+        ray_session: Any, pool: Any, receiver: Receiver) -> None:
+    """Target settings that do not validate fail their own batches (BadTarget); a blob
+    that cannot be read is skipped (its batches are unknown to the actor, so retried);
+    the other groups of the call are delivered."""
+    from actors.sender import target_json
+    from engine.transports.base import pack_deliveries
+
+    actor = pool[0]
+    good = make_hook(1, receiver.url("/good"))
+    groups = [("http_batch", target_json(good), pack_deliveries([delivery(1, 0)])),
+              ("http_batch", '{"url": "not a url"}', pack_deliveries([delivery(2, 0)])),
+              ("http_batch", target_json(good), b"\xc1 not msgpack")]
+    outcomes, unknown = ray_session.get(actor.exchange.remote(groups, ["3-0"], 5.0))
+    assert outcomes["1-0"].ok
+    assert outcomes["2-0"].error == "BadTarget" and "url" in outcomes["2-0"].detail
+    assert unknown == ["3-0"] and set(outcomes) == {"1-0", "2-0"}
+    assert [m["hook_message_id"] for m in receiver.messages("/good")] == ["1-0"]
