@@ -25,7 +25,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-import msgspec
 import numpy as np
 import redis
 
@@ -51,6 +50,11 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
 MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
+# Redis errors that pass (a lost connection, a timeout, a replica or a loading server):
+# an entry is never set aside for them. Other Redis errors (WRONGTYPE on a key the
+# round uses...) would fail every round, and count as the entry's failures.
+REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError,
+                     redis.exceptions.TryAgainError)
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
@@ -287,6 +291,12 @@ class Dispatcher:
         self.outbox.append(delivery)
 
 
+def _before(entry_id: str) -> str:
+    """The stream id just before ``entry_id`` (reads after it start at ``entry_id``)."""
+    ms, seq = map(int, entry_id.split("-"))
+    return f"{ms}-{seq - 1}" if seq else f"{ms - 1}-{2**64 - 1}"
+
+
 @dataclass
 class _Entry:
     """One intake entry read: its fields (kept to set it aside), events and part views
@@ -388,11 +398,11 @@ class PartitionWorker:
     def _failed(self, entries: list[_Entry], error: Exception) -> None:
         """A round failed: its entries are processed again, one per round (messages
         batched before the failure are sent, and sent again then: at-least-once).
-        An entry whose rounds failed MAX_ENTRY_FAILURES times, not for a Redis error,
-        is set aside like an unreadable one."""
+        An entry whose rounds failed MAX_ENTRY_FAILURES times, not because Redis was
+        unavailable (``REDIS_UNAVAILABLE``), is set aside like an unreadable one."""
         alone = len(entries) == 1
         for entry in entries:
-            if not isinstance(error, redis.RedisError):
+            if not isinstance(error, REDIS_UNAVAILABLE):
                 self.failures[entry.id] += 1
             if alone and self.failures[entry.id] >= MAX_ENTRY_FAILURES:
                 try:
@@ -420,23 +430,35 @@ class PartitionWorker:
                                   count=self.settings.READ_MAX_ENTRIES,
                                   block=None if self.reading_own_pending else block_ms)
         items = reply[0][1] if reply else []
+        try:
+            return self._decoded(items)
+        except Exception:
+            # read (pending for this consumer) but not handed to the round: read them
+            # again from this consumer's pending entries, or a restart would be needed
+            if items:
+                self.reading_own_pending = True
+                self.pending_cursor = start if start != ">" else _before(items[0][0].decode())
+            raise
+
+    def _decoded(self, items: list[tuple[bytes, dict[bytes, bytes]]]) -> list[_Entry]:
         if self.reading_own_pending:
             # entries this consumer read before a restart and never acknowledged
-            if items:
-                self.pending_cursor = items[-1][0].decode()
-            else:
-                self.reading_own_pending = False
             self._ack([eid.decode() for eid, fields in items if not fields])  # deleted ones
         entries = []
         for eid, fields in items:
             if not fields:
                 continue
             try:
-                events = decode_entry(fields)
-            except (msgspec.DecodeError, KeyError) as exc:  # would fail every round
+                events, views = decode_entry(fields), decode_views(fields)
+            except Exception as exc:  # not written by the intake: would fail every round
                 self._set_aside(eid.decode(), fields, exc)
                 continue
-            entries.append(_Entry(eid.decode(), fields, events, decode_views(fields)))
+            entries.append(_Entry(eid.decode(), fields, events, views))
+        if self.reading_own_pending:
+            if items:
+                self.pending_cursor = items[-1][0].decode()
+            else:
+                self.reading_own_pending = False
         return entries
 
     def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], exc: Exception) -> None:

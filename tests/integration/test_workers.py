@@ -462,3 +462,72 @@ def test_a_failed_acknowledgement_is_made_in_a_later_round(
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
     assert sum(d.count for d in sender.transport.sent) == 20
     assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 20
+
+
+def test_entries_read_when_setting_one_aside_fails_are_read_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis fails while an unreadable entry is set aside: the entries read with it
+    are pending for this consumer, so they are read again from there (not left until
+    a restart), and every event is delivered once."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
+    intake.publish(clicks(15))
+    redis_client.xadd(keys.intake(0), {b"junk": b"not an intake entry"})
+    intake.publish(clicks(12, list_id=2))
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    run_until(worker, lambda: not worker.reading_own_pending)  # nothing pending at start
+    original = PartitionWorker._set_aside
+    refused: list[str] = []
+
+    def set_aside(self: Any, entry_id: str, *args: Any) -> None:
+        if not refused:
+            refused.append(entry_id)
+            raise redis.ConnectionError("connection lost")
+        original(self, entry_id, *args)
+
+    monkeypatch.setattr(PartitionWorker, "_set_aside", set_aside)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert refused and [type(e) for e in errors] == [redis.ConnectionError]
+    assert sorted(mid for d in sender.transport.sent for mid in d.message_ids) == sorted(
+        {mid for d in sender.transport.sent for mid in d.message_ids})  # once each
+    assert sum(d.count for d in sender.transport.sent) == 27
+    (aside,) = redis_client.xrange(keys.intake_unreadable)
+    assert aside[1][b"_entry"].decode() == refused[0]
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert not worker.reading_own_pending and worker.unsettled == 0
+
+
+def test_a_redis_error_that_does_not_pass_counts_against_the_entry(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """WRONGTYPE on a key one entry's round uses would fail every round: unlike an
+    unreachable Redis, it sets the entry aside after MAX_ENTRY_FAILURES rounds."""
+    from engine.assembly import Assembler
+    from engine.dispatch import MAX_ENTRY_FAILURES
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    original = Assembler.assemble
+
+    def assemble(self: Any, rnd: Any, idx: list[int]) -> Any:
+        if any(rnd.events[i].id == "c1-3" for i in idx):
+            raise redis.ResponseError("WRONGTYPE Operation against a key holding the "
+                                      "wrong kind of value")
+        return original(self, rnd, idx)
+
+    monkeypatch.setattr(Assembler, "assemble", assemble)
+    intake = Intake(redis_client, keys, 1, 5)
+    intake.ensure_groups()
+    intake.publish(clicks(5) + clicks(7, list_id=2))
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert len(errors) == MAX_ENTRY_FAILURES
+    assert all(isinstance(e, redis.ResponseError) for e in errors)
+    (aside,) = redis_client.xrange(keys.intake_unreadable)
+    assert aside[1][b"_error"].startswith(b"ResponseError: WRONGTYPE")
+    assert sum(d.count for d in sender.transport.sent) == 7
