@@ -8,7 +8,7 @@ that round trip returned.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
 from operator import attrgetter, itemgetter
@@ -46,6 +46,7 @@ _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
 _entry_encoder = msgspec.msgpack.Encoder()
 _ACCOUNT = attrgetter("account_id")
 _DATABASE = attrgetter("account_id", "list_id")
+_ID = attrgetter("id")
 
 
 def read_back_issues(events: list[Event]) -> list[EventIssue]:
@@ -65,7 +66,7 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
             except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                 issues.append(validation_issue(i, exc))
             except (TypeError, OverflowError) as exc:  # not encodable (an object, 2**64)
-                issues.append(EventIssue(i, "$", f"cannot be encoded: {exc}"))
+                issues.append(EventIssue(i, _unencodable(event, ""), f"cannot be encoded: {exc}"))
     accounts = list(map(_ACCOUNT, events))
     if issues or (accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID):
         bad = {issue.index for issue in issues}
@@ -73,6 +74,25 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
                    for i, a in enumerate(accounts) if i not in bad
                    and isinstance(a, int) and not 0 <= a <= MAX_ID]
     return sorted(issues, key=attrgetter("index"))
+
+
+def _unencodable(value: Any, path: str) -> str:
+    """The path (as in a validation error) of the first value inside ``value`` that
+    msgpack cannot encode; ``$`` for ``value`` itself."""
+    items: Iterator[tuple[str, Any]] = iter(())
+    if isinstance(value, msgspec.Struct):
+        items = ((f"{path}.{name}" if path else name, getattr(value, attr)) for attr, name
+                 in zip(value.__struct_fields__, value.__struct_encode_fields__, strict=True))
+    elif isinstance(value, dict):
+        items = ((f"{path}.{key}" if path else str(key), v) for key, v in value.items())
+    elif isinstance(value, list | tuple):
+        items = ((f"{path}[{n}]", v) for n, v in enumerate(value))
+    for inner, v in items:
+        try:
+            _entry_encoder.encode(v)
+        except (TypeError, OverflowError):
+            return _unencodable(v, inner)
+    return path or "$"
 
 
 @dataclass
@@ -182,14 +202,18 @@ class Intake:
         if not all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, events)))):
             return False
         accounts = list(map(_ACCOUNT, events))
+        # ids are given before encoding, and taken back if the batch is refused
+        fresh = [e for e in events if e.id is None] if None in map(_ID, events) else []
         try:
             if accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID:
                 return False
-            ensure_ids(events)
+            ensure_ids(fresh)
             encoded = [(n, encode_entry(chunk)) for n, chunk in self._entries(events)]
             for _, data in encoded:
                 _entry_decoder.decode(data)
         except (msgspec.ValidationError, msgspec.DecodeError, TypeError, OverflowError):
+            for event in fresh:
+                event.id = None
             return False
         self._write(encoded, len(events))
         return True

@@ -650,7 +650,9 @@ def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake() -> None
     ({"is_test": "yes"}, "is_test", "Expected `bool`, got `str`"),
     ({"subscription": [{"resource_id": "x"}]}, "subscription[0].resource_id",
      "Expected `int | null`, got `str`"),
-    ({"event_data": {"when": object()}}, "$", "cannot be encoded: "),
+    ({"event_data": {"when": object()}}, "event_data.when", "cannot be encoded: "),
+    ({"segment_ids": [1, 2**64]}, "segment_ids[1]", "cannot be encoded: "),
+    ({"xxh": b"\x00"}, "_xxh", "Expected `str | null`, got `bytes`"),
 ])
 def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
         fields: dict[str, Any], field: str, reason: str) -> None:
@@ -684,4 +686,17 @@ def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type() -> None:
     events[2].list_id = "5"  # type: ignore[assignment]
     good, issues = intake.validate(events)
     assert good == [events[1]]
-    assert [(i.index, i.field) for i in issues] == [(0, "$"), (2, "list_id")]
+    assert [(i.index, i.field) for i in issues] == [(0, "event_data.when"), (2, "list_id")]
+
+
+def test_events_refused_at_publish_keep_no_id_they_were_given() -> None:
+    from engine.errors import EventError
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # refused: no Redis used
+    events = [Event(event_type="click", event_date=DATE, account_id=1) for _ in range(3)]
+    events[1].list_id = "5"  # type: ignore[assignment]
+    with pytest.raises(EventError, match="event 1: list_id"):
+        intake.publish(events)
+    assert [e.id for e in events] == [None, None, None]
