@@ -21,7 +21,7 @@ import time
 import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -385,6 +385,10 @@ class PartitionWorker:
             error = error or exc
         if error is not None:
             self._failed(entries, error)
+            # outcomes are still collected (booked by a later round): left uncollected
+            # through a long outage, a transport actor would drop them, and send again
+            with suppress(Exception):
+                self.settling.extend(self.sender.poll(0.0))
             raise error
         for entry in entries:
             if entry.held:  # processed at last: its phantom message goes

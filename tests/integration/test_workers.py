@@ -531,3 +531,35 @@ def test_a_redis_error_that_does_not_pass_counts_against_the_entry(
     (aside,) = redis_client.xrange(keys.intake_unreadable)
     assert aside[1][b"_error"].startswith(b"ResponseError: WRONGTYPE")
     assert sum(d.count for d in sender.transport.sent) == 7
+
+
+def test_outcomes_are_collected_in_a_failing_round_and_booked_later(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.dispatch import Dispatcher
+
+    cfg = one_partition(settings)
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
+    intake.publish(clicks(10))  # one entry, one full batch of 10
+    original = Dispatcher.due
+    outage = [1]
+
+    def due(self: Any, now: float) -> None:
+        if outage[0] and self.outbox:  # once the round has a full batch
+            outage[0] -= 1
+            raise redis.ConnectionError("Redis is restarting")
+        original(self, now)
+
+    monkeypatch.setattr(Dispatcher, "due", due)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    with pytest.raises(redis.ConnectionError):
+        while not sender.transport.sent:
+            worker.step(block_ms=10)
+    # the batch went out before the failure: its outcome is taken from the sender now
+    assert len(worker.settling) == 1 and not sender.done
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert not worker.settling and worker.unsettled == 0
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 20  # sent twice
