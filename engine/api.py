@@ -251,9 +251,14 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
         raise ApiError(422, f"expected a JSON object ({what})",
                        [{"field": what, "reason": "expected a JSON object"}])
     given = data.get("account_id", account_id)
-    if isinstance(given, int) and not isinstance(given, bool) and given != account_id:
+    if not isinstance(given, int) or isinstance(given, bool):
+        # not taken as a number: "5" or 5.0 would otherwise validate as account 5
+        raise ApiError(422, f"{what} field account_id: expected an integer, "
+                       f"got {type(given).__name__}",
+                       [{"field": "account_id", "reason": "expected an integer"}])
+    if given != account_id:
         raise ApiError(403, f"account_id {given} is not the token's account {account_id}")
-    return {**data, "account_id": given}  # not an integer: validation names it (422)
+    return {**data, "account_id": given}
 
 
 # --- dead letters and stats ------------------------------------------------------------
@@ -480,7 +485,7 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 def _replay(backend: Backend, account_id: int, body: dict[str, Any]) -> int:
-    if "ids" in body:
+    if body.get("ids") is not None:
         ids = list(dict.fromkeys(body["ids"]))  # each once
     else:
         hook_id = body.get("hook_id")
@@ -612,14 +617,14 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     add("POST", "/v1/events", post_events)
     add("GET", "/v1/hooks", list_hooks)
     add("POST", "/v1/hooks", create_hook)
-    add("GET", r"/v1/hooks/{id:\d+}", get_hook)
-    add("PUT", r"/v1/hooks/{id:\d+}", put_hook)
-    add("DELETE", r"/v1/hooks/{id:\d+}", delete_hook)
-    add("POST", r"/v1/hooks/{id:\d+}/activate", activate_hook)
-    add("POST", r"/v1/hooks/{id:\d+}/stop", stop_hook)
-    add("POST", r"/v1/hooks/{id:\d+}/clone", clone_hook)
-    add("POST", r"/v1/hooks/{id:\d+}/test", test_hook)
-    add("GET", r"/v1/hooks/{id:\d+}/stats", hook_stats)
+    add("GET", r"/v1/hooks/{id:\d{1,19}}", get_hook)
+    add("PUT", r"/v1/hooks/{id:\d{1,19}}", put_hook)
+    add("DELETE", r"/v1/hooks/{id:\d{1,19}}", delete_hook)
+    add("POST", r"/v1/hooks/{id:\d{1,19}}/activate", activate_hook)
+    add("POST", r"/v1/hooks/{id:\d{1,19}}/stop", stop_hook)
+    add("POST", r"/v1/hooks/{id:\d{1,19}}/clone", clone_hook)
+    add("POST", r"/v1/hooks/{id:\d{1,19}}/test", test_hook)
+    add("GET", r"/v1/hooks/{id:\d{1,19}}/stats", hook_stats)
     add("GET", "/v1/stats", stats)
     add("GET", "/v1/dead-letters", dead_letters)
     add("POST", "/v1/dead-letters/replay", replay)

@@ -7,6 +7,7 @@ Every multi-step update is one MULTI/EXEC transaction or one Lua script.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from collections.abc import Iterable, Mapping
 from importlib import resources
@@ -15,7 +16,7 @@ from typing import Any
 import redis
 
 from engine.catalogue import EventCatalogue
-from engine.errors import NotFound
+from engine.errors import HookrayError, NotFound
 from engine.hooks import Hook, parse_hook
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
@@ -204,13 +205,18 @@ class Stats:
         return {k.decode(): int(v) for k, v in raw.items()}
 
 
+REPLAY_TRIES = 5  # replay attempts while dead letters change under it
+
+
 class RetryStore:
     """The retry schedule (sorted set by due time) and the dead letters."""
 
     def __init__(self, r: redis.Redis, keys: Keys) -> None:
         self.r, self.k = r, keys
-        lua = resources.files("engine").joinpath("retry_claim.lua").read_text("utf-8")
-        self._claim = r.register_script(lua)
+        scripts = resources.files("engine")
+        self._claim = r.register_script(scripts.joinpath("retry_claim.lua").read_text("utf-8"))
+        self._replay = r.register_script(
+            scripts.joinpath("retry_replay.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
 
     def schedule(self, delivery: Delivery, due_ms: int, error: str) -> None:
@@ -271,23 +277,28 @@ class RetryStore:
 
     def replay(self, ids: Iterable[str]) -> int:
         """Put dead letters back on the schedule, due now, with fresh re-send counts.
-        An unknown id raises NotFound before anything is moved."""
+        An unknown id raises NotFound before anything is moved. The move is one
+        script that first checks every payload is still the one read: a replay of the
+        same ids running meanwhile moves them once, and the other finds them gone."""
         ids = list(dict.fromkeys(ids))
         if not ids:
             return 0
-        payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-            self.k.dead_payload, ids)
-        missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
-        if missing:
-            raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
-        due = now_ms()
-        with self.r.pipeline() as pipe:  # one transaction for the whole replay
+        for _ in range(REPLAY_TRIES):
+            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                self.k.dead_payload, ids)
+            missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
+            if missing:
+                raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
+            args: list[Any] = [now_ms()]
             for delivery_id, raw in zip(ids, payloads, strict=True):
                 delivery = unpack_delivery(raw or b"")
                 delivery.resends = 0
-                pipe.zrem(self.k.dead, delivery_id)
-                pipe.hdel(self.k.dead_payload, delivery_id)
-                pipe.hset(self.k.retry_payload, delivery_id, pack_delivery(delivery))
-                pipe.zadd(self.k.retry, {delivery_id: due})
-            pipe.execute()
-        return len(ids)
+                args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(),
+                         pack_delivery(delivery)]
+            changed = self._replay(keys=[self.k.dead, self.k.dead_payload, self.k.retry,
+                                         self.k.retry_payload], args=args)
+            if not changed:
+                return len(ids)
+        raise HookrayError(f"dead letters changed during {REPLAY_TRIES} replay attempts "
+                           f"(dead-lettered again meanwhile?): {len(changed)} of them; "
+                           "try again")

@@ -533,7 +533,20 @@ async def test_another_accounts_hook_is_404_on_every_route_and_cannot_be_claimed
     answer = await api.call("PUT", f"/v1/hooks/{mine['id']}", api.master,
                             json_body=hook_body(account_id=2))
     assert answer.status == 403
-    # theirs is untouched
+    # an account_id that is not a JSON integer ("2" or 2.0 would validate as 2): 422
+    for given in ("2", 2.0, "1", True, None):
+        for method, path in (("POST", "/v1/hooks"), ("PUT", f"/v1/hooks/{mine['id']}")):
+            answer = await api.call(method, path, api.master,
+                                    json_body=hook_body(account_id=given))
+            assert answer.status == 422, (given, method, answer.body)
+            assert answer.error["issues"] == [{"field": "account_id",
+                                                "reason": "expected an integer"}]
+    # an id too long for any hook: 404 like any unknown hook, not a server error
+    answer = await api.call("GET", "/v1/hooks/" + "9" * 5000, api.master)
+    assert answer.status == 404
+    # theirs is untouched, and no hook of account 2 was made or moved
+    answer = await api.call("GET", f"/v1/hooks/{mine['id']}", api.master)
+    assert answer.status == 200 and answer.body == mine
     answer = await api.call("GET", f"/v1/hooks/{theirs['id']}", api.other)
     assert answer.status == 200 and answer.body == theirs
     listed = await api.call("GET", "/v1/hooks", api.other)
@@ -664,6 +677,9 @@ async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> Non
     answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
                             json_body={"all": True})
     assert answer.body == {"replayed": 0}
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": None, "all": True})  # a null ids is no ids
+    assert (answer.status, answer.body) == (200, {"replayed": 0})
     assert retry.pending() == 3
     assert [d.id for d in retry.dead_letters()] == [foreign]  # theirs stays dead
     answer = await api.call("POST", "/v1/dead-letters/replay", api.master,

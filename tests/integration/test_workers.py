@@ -219,6 +219,51 @@ def test_replay_with_an_unknown_id_moves_nothing(redis_client: redis.Redis, keys
     assert due.id == "d1" and due.resends == 0
 
 
+def test_a_replay_racing_another_moves_each_dead_letter_once(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Replay B read the dead letter, then replay A moved it and its re-send was
+    delivered: B finds it gone (NotFound) and does not put it back."""
+    retry, other = RetryStore(redis_client, keys), RetryStore(redis_client, keys)
+    retry.kill(Delivery(id="d1", hook_id=1, account_id=1, kind="http_batch",
+                        parts=[b"{}"], resends=3), "HTTP 500")
+    script = retry._replay
+    raced: list[int] = []
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        if not raced:  # A runs between B's read and B's move
+            raced.append(other.replay(["d1"]))
+            other.complete(other.claim_due()[0])
+        return script(*args, **kwargs)
+
+    retry._replay = late  # type: ignore[method-assign]
+    with pytest.raises(NotFound, match="d1"):
+        retry.replay(["d1"])
+    assert raced == [1] and retry.pending() == 0 and not retry.dead_letters()
+    assert not redis_client.hlen(keys.retry_payload)
+    assert Stats(redis_client, keys).get(1)["delivered"] == 1
+
+
+def test_a_replay_takes_a_dead_letter_written_again_meanwhile(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    retry = RetryStore(redis_client, keys)
+    letter = Delivery(id="d1", hook_id=1, account_id=1, kind="http_batch", parts=[b"{}"],
+                      resends=3)
+    retry.kill(letter, "HTTP 500")
+    script = retry._replay
+    calls: list[int] = []
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        if not calls:
+            retry.kill(letter, "HTTP 503")  # dead-lettered again, a new payload
+        calls.append(1)
+        return script(*args, **kwargs)
+
+    retry._replay = late  # type: ignore[method-assign]
+    assert retry.replay(["d1"]) == 1 and len(calls) == 2
+    (due,) = retry.claim_due()
+    assert due.last_error == "HTTP 503" and due.resends == 0 and not retry.dead_letters()
+
+
 def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """An entry no round can decode (damaged, or not written by the intake: here an id
