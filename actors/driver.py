@@ -79,7 +79,7 @@ class Engine:
         self._names = NameStore(self.redis, self.keys)
         self._profiles = ProfileStore(self.redis, self.keys)
         self._content = ContentStore(self.redis, self.keys,
-                                     int(settings.HOOK_CONTENT_CLEANUP_HOURS * 3600))
+                                     settings.content_ttl_sec)
         self.actors: dict[str, Any] = {}
         self._owns_ray = False
         self.api: Any = None  # the HTTP API actor, when started here

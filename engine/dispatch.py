@@ -112,7 +112,7 @@ class Side:
         self.registry = HookRegistry(r, self.keys, catalogue)
         self.names = NameStore(r, self.keys)
         self.profiles = ProfileStore(r, self.keys)
-        self.content = ContentStore(r, self.keys, int(settings.HOOK_CONTENT_CLEANUP_HOURS * 3600))
+        self.content = ContentStore(r, self.keys, settings.content_ttl_sec)
         self.retry = RetryStore(r, self.keys)
         self.stats = Stats(r, self.keys)
 

@@ -74,6 +74,12 @@ class Settings(BaseModel):
         """The delivery timeout of a target kind: HTTP requests, or broker confirms."""
         return self.HTTP_REQUEST_TIMEOUT_SEC if kind == "http_batch" else self.BROKER_TIMEOUT_SEC
 
+    @property
+    def content_ttl_sec(self) -> int:
+        """HOOK_CONTENT_CLEANUP_HOURS in whole seconds, at least one (Redis refuses an
+        expiry of 0)."""
+        return max(1, round(self.HOOK_CONTENT_CLEANUP_HOURS * 3600))
+
     def redacted(self) -> dict[str, Any]:
         """Settings for display: credentials inside REDIS_URL are masked."""
         data = self.model_dump()

@@ -171,6 +171,8 @@ class ContentStore:
         self.r, self.k, self.ttl_sec = r, keys, ttl_sec
 
     def put(self, contents: Mapping[str, Mapping[str, Any]], ttl_sec: int | None = None) -> int:
+        if ttl_sec is not None and (not isinstance(ttl_sec, int) or ttl_sec < 1):
+            raise ValueError(f"ttl_sec: expected whole seconds >= 1, got {ttl_sec!r}")
         with self.r.pipeline(transaction=False) as pipe:
             for send_id, content in contents.items():
                 pipe.set(self.k.content(send_id), json.dumps(dict(content)),

@@ -420,3 +420,18 @@ def test_the_delivery_timeout_follows_the_target_kind() -> None:
     cfg = Settings(HTTP_REQUEST_TIMEOUT_SEC=3.0, BROKER_TIMEOUT_SEC=7.0)
     assert cfg.timeout_for("http_batch") == 3.0
     assert {cfg.timeout_for(k) for k in ("kafka", "rabbitmq_queue", "rabbitmq_exchange")} == {7.0}
+
+
+@pytest.mark.parametrize(("hours", "seconds"), [(72, 259_200), (0.5, 1_800), (0.0001, 1)])
+def test_content_is_kept_whole_seconds_and_never_zero(hours: float, seconds: int) -> None:
+    assert Settings(HOOK_CONTENT_CLEANUP_HOURS=hours).content_ttl_sec == seconds
+
+
+@pytest.mark.parametrize("ttl", [0, -5, 1.5])
+def test_content_with_a_ttl_below_a_second_is_refused(ttl: Any) -> None:
+    from engine.keys import Keys
+    from engine.stores import ContentStore
+
+    store = ContentStore(None, Keys("t"), 60)  # type: ignore[arg-type]  # refused first
+    with pytest.raises(ValueError, match="ttl_sec: expected whole seconds >= 1"):
+        store.put({"s1": {"subject": "x"}}, ttl_sec=ttl)
