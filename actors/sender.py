@@ -87,6 +87,9 @@ class RaySender:
         """Batches handed to ``submit`` and not yet answered by ``poll``."""
         return len(self.outstanding) + len(self.failed)
 
+    def holds(self, delivery_id: str) -> bool:
+        return delivery_id in self.outstanding
+
     def _send(self) -> None:
         """Calls for the actors with something to hand over or ask about, while they
         have a free slot."""

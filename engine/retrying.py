@@ -49,7 +49,10 @@ class RetryWorker:
         self._refresh()
         due: list[Delivery] = []
         if self.sender.inflight() < MAX_INFLIGHT:
-            due = self.side.retry.claim_due(CLAIM_LIMIT)
+            # one claimed again when its lease ran out during a long send is still
+            # being sent: its outcome settles it (not killed now if its hook is gone)
+            due = [d for d in self.side.retry.claim_due(CLAIM_LIMIT)
+                   if not self.sender.holds(d.id)]
         for delivery in due:
             hook = self.hooks.get(delivery.hook_id)
             if hook is None:

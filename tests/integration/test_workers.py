@@ -51,6 +51,10 @@ class InProcessSender:
     def inflight(self) -> int:
         return len(self.done) + len(self.held)
 
+    def holds(self, delivery_id: str) -> bool:
+        return any(d.id == delivery_id for d, _ in self.done) or \
+            any(d.id == delivery_id for d in self.held)
+
 
 def hook(**kw: Any) -> dict[str, Any]:
     return {"name": "h", "active": True, "account_id": 1, "actions": ["click"],
@@ -189,6 +193,28 @@ def test_retry_worker_kills_deliveries_of_deleted_hooks(
     RetryWorker(settings, redis_client, InProcessSender()).step()
     (dead,) = retry.dead_letters()
     assert dead.last_error == f"hook {gone.id} was deleted; last error: HTTP 500"
+
+
+def test_a_delivery_still_being_sent_is_not_claimed_twice(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Its lease ran out during a long send and its hook was deleted meanwhile: it is
+    not dead-lettered while the first send is out; that send's outcome settles it."""
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(hook())
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    sender = InProcessSender(hold=True)
+    worker = RetryWorker(settings, redis_client, sender)
+    assert worker.step() == 1 and [d.id for d in sender.held] == ["d1"]
+    registry.delete(created.id or 0)
+    redis_client.zadd(keys.retry, {"d1": 0})  # the lease ran out
+    assert worker.step() == 0
+    assert not retry.dead_letters() and [d.id for d in sender.held] == ["d1"]
+    (sent,) = sender.held  # the first send succeeds at last
+    worker.settle(sent, Outcome(ok=True))
+    assert retry.pending() == 0 and not retry.dead_letters()
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 1
 
 
 def test_broker_batches_leave_every_round(redis_client: redis.Redis, settings: Settings,
