@@ -16,6 +16,7 @@ engine's Redis; starting and stopping actors needs Ray.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
@@ -95,7 +96,11 @@ class Engine:
         engine = cls(settings)
         engine.redis.ping()
         engine.intake.ensure_groups()
-        engine._start_actors(ray_address or settings.RAY_ADDRESS)
+        try:
+            engine._start_actors(ray_address or settings.RAY_ADDRESS)
+        except BaseException:
+            engine.redis.close()
+            raise
         if settings.API_PORT is not None:
             try:
                 engine.start_api()
@@ -131,14 +136,31 @@ class Engine:
         prefix = self.settings.REDIS_PREFIX
         names = {kind: [f"{prefix}:{kind}:{i}" for i in range(sizes[kind])]
                  for kind in available_kinds()}
-        pools = {kind: [TransportActor.options(name=name).remote(kind, cfg) for name in group]
-                 for kind, group in names.items()}
-        ray.get([a.ping.remote() for group in pools.values() for a in group])
-        parts = [PartitionActor.options(name=f"{prefix}:partition:{n}").remote(cfg, n, names)
-                 for n in range(self.settings.PARTITIONS)]
-        retry = RetryActor.options(name=f"{prefix}:retry").remote(cfg, names)
-        ray.get([a.ping.remote() for a in [*parts, retry, *(x for p in pools.values() for x in p)]])
-        self.actors = {"partitions": parts, "retry": retry, "pools": pools}
+        created: list[Any] = []  # killed again if the start fails half-way
+        try:
+            pools: dict[str, list[Any]] = {}
+            for kind, group in names.items():
+                pools[kind] = []
+                for name in group:
+                    created.append(TransportActor.options(name=name).remote(kind, cfg))
+                    pools[kind].append(created[-1])
+            ray.get([a.ping.remote() for a in created])
+            parts = []
+            for n in range(self.settings.PARTITIONS):
+                created.append(PartitionActor.options(name=f"{prefix}:partition:{n}").remote(
+                    cfg, n, names))
+                parts.append(created[-1])
+            created.append(RetryActor.options(name=f"{prefix}:retry").remote(cfg, names))
+            ray.get([a.ping.remote() for a in created])
+        except BaseException:
+            for actor in created:
+                with contextlib.suppress(Exception):
+                    ray.kill(actor)
+            if self._owns_ray:
+                ray.shutdown()
+                self._owns_ray = False
+            raise
+        self.actors = {"partitions": parts, "retry": created[-1], "pools": pools}
 
     def start_api(self, port: int | None = None) -> str:
         """Start the HTTP API actor on this driver's node, on ``port`` (default: the
@@ -179,7 +201,10 @@ class Engine:
 
             workers = [*self.actors["partitions"], self.actors["retry"]]
             transports = [a for pool in self.actors["pools"].values() for a in pool]
-            ray.get([w.stop.remote() for w in workers], timeout=30)
+            try:  # workers finish their round; killed below in any case
+                ray.get([w.stop.remote() for w in workers], timeout=30)
+            except ray.exceptions.RayError as exc:
+                log.warning("stopping workers: %s", str(exc).splitlines()[0])
             try:  # close connections and producers cleanly before the processes go
                 ray.get([t.close.remote() for t in transports], timeout=10)
             except ray.exceptions.RayError as exc:

@@ -237,3 +237,32 @@ def test_stats_count_every_message_of_every_hook(engine_factory: Any,
     assert stats["engine"]["events_accepted"] == 40
     assert [stats[h.id]["delivered"] for h in hooks] == [20, 20, 20]
     assert Counter(m["event_type"] for m in receiver.messages("/s0")) == {"click": 20}
+
+
+def test_a_start_failing_half_way_leaves_no_actor_behind(
+        ray_session: Any, settings: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The transport actors were up when the partitions could not be made: they are
+    killed again, so their names are free for the next start."""
+    from actors import workers
+    from actors.driver import Engine
+    from engine.transports.base import available_kinds
+
+    def no_room(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("no room for partitions")
+
+    monkeypatch.setattr(workers.PartitionActor, "options", no_room)
+    with pytest.raises(RuntimeError, match="no room for partitions"):
+        Engine.start(settings)
+    names = [f"{settings.REDIS_PREFIX}:{kind}:0" for kind in available_kinds()]
+
+    def gone(name: str) -> bool:
+        try:
+            ray_session.get_actor(name, namespace="hookray-tests")
+        except ValueError:
+            return True
+        return False
+
+    assert wait_for(lambda: all(map(gone, names)), timeout=30), names
+    monkeypatch.undo()
+    engine = Engine.start(settings)  # the same names again
+    engine.shutdown()
