@@ -29,11 +29,28 @@ def _version(r: redis.Redis, key: str) -> int:
     return int(r.get(key) or 0)
 
 
+_REPLACE_HOOK = """
+if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+redis.call('INCR', KEYS[2])
+return 1
+"""
+
+
 class HookRegistry:
     """Hooks CRUD; every change bumps a version that partition actors watch."""
 
     def __init__(self, r: redis.Redis, keys: Keys, catalogue: EventCatalogue | None = None) -> None:
         self.r, self.k, self.catalogue = r, keys, catalogue
+        self._replace_script = r.register_script(_REPLACE_HOOK)
+
+    def _replace(self, hook: Hook) -> Hook:
+        """Store ``hook`` over its stored version, only if that still exists: a change
+        racing a delete does not bring the hook back."""
+        if not self._replace_script(keys=[self.k.hooks, self.k.hooks_version],
+                                    args=[str(hook.id), json.dumps(hook.to_storage())]):
+            raise NotFound(f"hook {hook.id} does not exist")
+        return hook
 
     def _save(self, hook: Hook) -> Hook:
         with self.r.pipeline() as pipe:
@@ -52,11 +69,11 @@ class HookRegistry:
     def update(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
         """Replace a hook's settings (keeps its id)."""
         self.get(hook_id)
-        return self._save(parse_hook({**dict(data), "id": hook_id}, self.catalogue))
+        return self._replace(parse_hook({**dict(data), "id": hook_id}, self.catalogue))
 
     def set_active(self, hook_id: int, active: bool) -> Hook:
         hook = self.get(hook_id)
-        return self._save(hook.model_copy(update={"active": active}))
+        return self._replace(hook.model_copy(update={"active": active}))
 
     def clone(self, hook_id: int, name: str | None = None) -> Hook:
         """A stopped copy of a hook, with a new id."""

@@ -634,3 +634,27 @@ def test_outcomes_are_collected_in_a_failing_round_and_booked_later(
     run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
     assert not worker.settling and worker.unsettled == 0
     assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 20  # sent twice
+
+
+def test_a_change_racing_a_delete_does_not_bring_the_hook_back(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(hook())
+    hook_id = created.id or 0
+    original = HookRegistry.get
+
+    def get_then_deleted(self: Any, wanted: int) -> Hook:
+        found = original(self, wanted)
+        HookRegistry(redis_client, keys).delete(wanted)  # a DELETE lands meanwhile
+        return found
+
+    monkeypatch.setattr(HookRegistry, "get", get_then_deleted)
+    with pytest.raises(NotFound, match=f"hook {hook_id} does not exist"):
+        registry.set_active(hook_id, False)
+    assert registry.all() == []
+    monkeypatch.undo()
+    again = registry.create(hook())
+    monkeypatch.setattr(HookRegistry, "get", get_then_deleted)
+    with pytest.raises(NotFound):
+        registry.update(again.id or 0, hook(name="renamed"))
+    assert registry.all() == []
