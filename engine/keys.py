@@ -17,9 +17,11 @@ key                             type     holds
 {p}:retry:payload               hash     delivery id -> msgpack Delivery
 {p}:dead                        zset     delivery id scored by the time it died (ms)
 {p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
+{p}:retry:unreadable            hash     delivery id -> a retry payload that could not
+                                         be decoded (set aside by the retry worker)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered
 {p}:stats:engine                hash     events_accepted, events_rejected,
-                                         entries_unreadable
+                                         entries_unreadable, retries_unreadable
 ==============================  =======  =============================================
 """
 
@@ -48,6 +50,7 @@ class Keys:
         self.dead_payload = f"{prefix}:dead:payload"
         self.engine_stats = f"{prefix}:stats:engine"
         self.intake_unreadable = f"{prefix}:intake:unreadable"
+        self.retry_unreadable = f"{prefix}:retry:unreadable"
 
     def intake(self, partition: int) -> str:
         return f"{self.p}:intake:{partition}"

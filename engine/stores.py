@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Iterable, Mapping
 from importlib import resources
 from typing import Any
 
+import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue
@@ -21,6 +23,8 @@ from engine.hooks import Hook, parse_hook
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
 from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery
+
+log = logging.getLogger("hookray")
 
 STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered")
 
@@ -249,9 +253,28 @@ class RetryStore:
 
     def claim_due(self, limit: int = 100, now: int | None = None) -> list[Delivery]:
         now = now_ms() if now is None else now
-        payloads = self._claim(keys=[self.k.retry, self.k.retry_payload],
-                               args=[now, now + RETRY_LEASE_MS, limit])
-        return [unpack_delivery(p) for p in payloads]
+        pairs = self._claim(keys=[self.k.retry, self.k.retry_payload],
+                            args=[now, now + RETRY_LEASE_MS, limit])
+        out = []
+        for delivery_id, raw in zip(pairs[::2], pairs[1::2], strict=True):
+            try:
+                out.append(unpack_delivery(raw))
+            except (msgspec.DecodeError, ValueError) as exc:  # would stall every claim
+                self._set_aside(delivery_id.decode(), raw, exc)
+        return out
+
+    def _set_aside(self, delivery_id: str, raw: bytes, exc: Exception) -> None:
+        """A payload that cannot be decoded (damaged, or written by an incompatible
+        version) leaves the schedule for ``retry:unreadable``, with a warning and the
+        ``retries_unreadable`` count, instead of being claimed again and again."""
+        log.warning("retry payload %s cannot be decoded, set aside: %s: %s",
+                    delivery_id, type(exc).__name__, exc)
+        with self.r.pipeline() as pipe:
+            pipe.zrem(self.k.retry, delivery_id)
+            pipe.hdel(self.k.retry_payload, delivery_id)
+            pipe.hset(self.k.retry_unreadable, delivery_id, raw)
+            pipe.hincrby(self.k.engine_stats, "retries_unreadable", 1)
+            pipe.execute()
 
     def complete(self, delivery: Delivery) -> None:
         """A re-sent delivery succeeded: forget it and count it delivered."""

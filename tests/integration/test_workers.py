@@ -658,3 +658,18 @@ def test_a_change_racing_a_delete_does_not_bring_the_hook_back(
     with pytest.raises(NotFound):
         registry.update(again.id or 0, hook(name="renamed"))
     assert registry.all() == []
+
+
+def test_an_undecodable_retry_payload_is_set_aside_and_the_others_sent(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    retry = RetryStore(redis_client, keys)
+    for n in range(3):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=1, account_id=1, kind="http_batch",
+                                parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    redis_client.hset(keys.retry_payload, "d1", b"\xc1damaged")
+    assert [d.id for d in retry.claim_due()] == ["d0", "d2"]
+    assert redis_client.hget(keys.retry_unreadable, "d1") == b"\xc1damaged"
+    assert redis_client.zscore(keys.retry, "d1") is None
+    assert Stats(redis_client, keys).engine()["retries_unreadable"] == 1
+    # after the lease: the two good ones are due again, the damaged one is gone
+    assert sorted(d.id for d in retry.claim_due(now=10**15)) == ["d0", "d2"]
