@@ -11,13 +11,14 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import repeat
-from operator import attrgetter, itemgetter
+from operator import attrgetter
 from typing import Any, cast
 
 import msgspec
 import numpy as np
 import redis
 
+from engine.assembly import gather
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import EventError
 from engine.events import (
@@ -236,7 +237,7 @@ class Intake:
             groups = [(next(iter(known.values()), 0), events)]
         else:
             codes = np.fromiter(map(known.__getitem__, databases), np.int64, len(events))
-            groups = [(n, _pick(events, idx)) for n, idx in positions_by_code(codes)]
+            groups = [(n, list(gather(events, idx))) for n, idx in positions_by_code(codes)]
         return [(n, part[start:start + self.max_batch]) for n, part in groups
                 for start in range(0, len(part), self.max_batch)]
 
@@ -247,10 +248,3 @@ class Intake:
                 pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
             pipe.hincrby(self.k.engine_stats, "events_accepted", count)
             pipe.execute()
-
-
-def _pick(items: list[Event], idx: list[int]) -> list[Event]:
-    """``items`` at the positions ``idx`` (itemgetter: one C call)."""
-    if len(idx) == 1:
-        return [items[idx[0]]]
-    return list(itemgetter(*idx)(items))
