@@ -18,7 +18,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue
-from engine.errors import HookrayError, NotFound
+from engine.errors import HookError, HookrayError, NotFound
 from engine.hooks import Hook, parse_hook
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
@@ -97,7 +97,7 @@ class HookRegistry:
         raw = self.r.hget(self.k.hooks, str(hook_id))
         if raw is None:
             raise NotFound(f"hook {hook_id} does not exist")
-        return parse_hook(json.loads(raw), self.catalogue)
+        return self._parse(str(hook_id), raw)  # type: ignore[arg-type]
 
     def all(self, account_id: int | None = None) -> list[Hook]:
         return [h for h in self.load()[1] if account_id is None or h.account_id == account_id]
@@ -111,8 +111,15 @@ class HookRegistry:
             pipe.get(self.k.hooks_version)
             pipe.hgetall(self.k.hooks)
             version, raw = pipe.execute()
-        hooks = [parse_hook(json.loads(v), self.catalogue) for v in raw.values()]
+        hooks = [self._parse(key.decode(), v) for key, v in raw.items()]
         return int(version or 0), sorted(hooks, key=lambda h: h.id or 0)
+
+    def _parse(self, hook_id: str, raw: bytes) -> Hook:
+        try:
+            return parse_hook(json.loads(raw), self.catalogue)
+        except HookError as exc:  # stored valid: the event types file changed since?
+            raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
+                            f"changed?): {exc}") from None
 
 
 class NameStore:

@@ -11,7 +11,7 @@ import pytest
 import redis
 
 from engine.dispatch import PartitionWorker
-from engine.errors import EventError, NotFound
+from engine.errors import EventError, HookError, NotFound
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
@@ -677,3 +677,21 @@ def test_an_undecodable_retry_payload_is_set_aside_and_the_others_sent(
     assert Stats(redis_client, keys).engine()["retries_unreadable"] == 1
     # after the lease: the two good ones are due again, the damaged one is gone
     assert sorted(d.id for d in retry.claim_due(now=10**15)) == ["d0", "d2"]
+
+
+def test_a_stored_hook_that_no_longer_validates_is_named(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Hooks are validated against the event types file; one stored under an older
+    file that lacks an action now fails loading with its id and field named."""
+    import json as json_module
+
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(hook())
+    stored = json_module.loads(redis_client.hget(keys.hooks, str(created.id)) or b"{}")
+    stored["actions"] = ["no_such_event"]
+    redis_client.hset(keys.hooks, str(created.id), json_module.dumps(stored))
+    with pytest.raises(HookError, match=rf"stored hook {created.id} no longer validates .*"
+                                        r"actions"):
+        registry.load()
+    with pytest.raises(HookError, match=rf"stored hook {created.id} "):
+        registry.get(created.id or 0)
