@@ -93,6 +93,13 @@ class HookRegistry:
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
 
+    def owner(self, hook_id: int) -> int | None:
+        """The account of a stored hook, read without validating the hook (one that no
+        longer validates can still be deleted by its account); None: no such hook."""
+        raw = self.r.hget(self.k.hooks, str(hook_id))
+        account = json.loads(raw).get("account_id") if raw is not None else None
+        return account if isinstance(account, int) else None
+
     def get(self, hook_id: int) -> Hook:
         raw = self.r.hget(self.k.hooks, str(hook_id))
         if raw is None:

@@ -737,3 +737,21 @@ def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..
     with pytest.raises(httpx.ConnectError):
         httpx.get(f"{url}/v1/openapi.json", timeout=2)
 
+
+
+async def test_a_stored_hook_that_no_longer_validates_can_still_be_deleted(api: Api) -> None:
+    """After the event types file lost an action a hook uses, reading hooks fails (the
+    hook is named in the engine's log); its account can delete it, no other account."""
+    keys = Keys(api.settings.REDIS_PREFIX)
+    broken = await api.create()
+    stored = json.loads(api.r.hget(keys.hooks, str(broken["id"])) or b"{}")
+    stored["actions"] = ["no_such_event"]
+    api.r.hset(keys.hooks, str(broken["id"]), json.dumps(stored))
+    answer = await api.call("GET", "/v1/hooks", api.master)
+    assert answer.status == 500
+    answer = await api.call("DELETE", f"/v1/hooks/{broken['id']}", api.other)
+    assert answer.status == 404  # not theirs
+    answer = await api.call("DELETE", f"/v1/hooks/{broken['id']}", api.master)
+    assert answer.status == 204
+    answer = await api.call("GET", "/v1/hooks", api.master)
+    assert (answer.status, answer.body) == (200, {"hooks": []})
