@@ -44,7 +44,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.errors import HookError, NotFound
+from engine.errors import Conflict, HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
 from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook
 from engine.intake import Intake
@@ -64,7 +64,7 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 413: "payload_too_large",
+               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
                415: "unsupported_media_type", 422: "validation_failed",
                500: "internal_error", 503: "unavailable"}
 
@@ -501,6 +501,8 @@ def _replay(backend: Backend, account_id: int, body: dict[str, Any]) -> int:
         return backend.retry.replay(ids)
     except NotFound as exc:  # replayed by someone else meanwhile
         raise ApiError(404, str(exc)) from None
+    except Conflict as exc:  # dead-lettered again and again while replaying
+        raise ApiError(409, str(exc)) from None
 
 
 REPLAY_SHAPE = ('expected {"ids": [dead letter id, ...]} or {"all": true} '

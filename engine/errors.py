@@ -41,6 +41,10 @@ class NotFound(HookrayError):
     """The hook, dead letter or other object asked for does not exist."""
 
 
+class Conflict(HookrayError):
+    """A change raced others and could not be made; trying again may succeed."""
+
+
 class TransportError(HookrayError):
     """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered."""
 

@@ -18,7 +18,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue
-from engine.errors import HookError, HookrayError, NotFound
+from engine.errors import Conflict, HookError, NotFound
 from engine.hooks import Hook, parse_hook
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
@@ -355,6 +355,6 @@ class RetryStore:
                                          self.k.retry_payload], args=args)
             if not changed:
                 return len(ids)
-        raise HookrayError(f"dead letters changed during {REPLAY_TRIES} replay attempts "
+        raise Conflict(f"dead letters changed during {REPLAY_TRIES} replay attempts "
                            f"(dead-lettered again meanwhile?): {len(changed)} of them; "
                            "try again")

@@ -755,3 +755,23 @@ async def test_a_stored_hook_that_no_longer_validates_can_still_be_deleted(api: 
     assert answer.status == 204
     answer = await api.call("GET", "/v1/hooks", api.master)
     assert (answer.status, answer.body) == (200, {"hooks": []})
+
+
+async def test_a_replay_that_keeps_conflicting_is_409(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.errors import Conflict
+
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    hook = await api.create()
+    letter = dead_letter(retry, hook, 1)
+
+    def conflicting(self: Any, ids: Any) -> int:
+        raise Conflict("dead letters changed during 5 replay attempts")
+
+    monkeypatch.setattr(RetryStore, "replay", conflicting)
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": [letter]})
+    assert answer.status == 409
+    assert answer.error == {"code": "conflict",
+                            "message": "dead letters changed during 5 replay attempts"}
+    assert [d.id for d in retry.dead_letters()] == [letter]
