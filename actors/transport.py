@@ -22,13 +22,13 @@ from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
 
+log = logging.getLogger("hookray")
+
 TARGET_MODELS: dict[str, type[BaseModel]] = {
     "http_batch": HttpBatch, "rabbitmq_queue": RabbitQueue,
     "rabbitmq_exchange": RabbitExchange, "kafka": Kafka,
 }
 TARGET_CACHE_MAX = 10_000
-log = logging.getLogger("hookray")
-
 UNCLAIMED_SEC = 600.0  # outcomes nobody collected (their partition restarted) are dropped
 
 
