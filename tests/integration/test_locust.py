@@ -13,10 +13,24 @@ from pathlib import Path
 import pytest
 
 from engine.settings import Settings
-from tests.services import free_port, port_open
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
+
+
+def api_url(run: subprocess.Popen[str], timeout: float) -> str:
+    """The API URL `hookray run` prints once its API is up (its output so far on failure)."""
+    assert run.stdout is not None
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = run.stdout.readline()  # a line at least every --report-sec once running
+        if not line:
+            break  # exited
+        seen.append(line)
+        if line.startswith("hookray: HTTP API on "):
+            return line.removeprefix("hookray: HTTP API on ").strip()
+    raise AssertionError("the API did not come up:\n" + "".join(seen)[-3000:])
 
 
 def test_locust_headless_reports_requests_and_delivered_messages(
@@ -26,17 +40,14 @@ def test_locust_headless_reports_requests_and_delivered_messages(
     config.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL,
                                   "REDIS_PREFIX": settings.REDIS_PREFIX, "PARTITIONS": 2,
                                   "HTTP_POOL_SIZE": 1}))
-    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    # port 0: the API binds a free port and `hookray run` prints its URL (a port picked
+    # here beforehand could be taken by one of Ray's own servers in the meantime)
     run = subprocess.Popen([sys.executable, "-m", "actors.cli", "-c", str(config), "run",
-                            "--api-port", str(port), "--report-sec", "5"], cwd=ROOT, env=env,
+                            "--api-port", "0", "--report-sec", "5"], cwd=ROOT, env=env,
                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
-        deadline = time.monotonic() + 120
-        while not port_open("127.0.0.1", port):
-            assert run.poll() is None, run.stdout.read() if run.stdout else ""
-            assert time.monotonic() < deadline, "the API did not come up"
-            time.sleep(0.5)
+        url = api_url(run, timeout=120)
         token = json.loads(subprocess.run(
             [sys.executable, "-m", "actors.cli", "-c", str(config), "tokens", "create",
              "--account", "1", "--role", "master"], cwd=ROOT, env=env, check=True,
@@ -45,7 +56,7 @@ def test_locust_headless_reports_requests_and_delivered_messages(
         prefix = tmp_path / "locust"
         locust = subprocess.run(
             [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
-             "-u", "4", "-r", "4", "-t", "8s", "--host", f"http://127.0.0.1:{port}",
+             "-u", "4", "-r", "4", "-t", "8s", "--host", url,
              "--csv", str(prefix), "--only-summary"],
             cwd=ROOT, env={**env, "HOOKRAY_TOKEN": token, "HOOKRAY_BATCH": "200"},
             capture_output=True, text=True, timeout=180)
