@@ -30,6 +30,7 @@ class Behaviour:
     delay_sec: float = 0.0
     body: str = "OK"
     status: int = 200  # answered (with body) when not failing
+    location: str = ""  # a Location header to answer with (a redirect, with a 3xx status)
 
 
 @dataclass
@@ -116,7 +117,9 @@ class Receiver:
                 path, time.time(), messages if self.keep_bodies else [], status, headers, other))
             if not failing:
                 self.state.counts[path] += len(messages)
-        return web.Response(status=status, text="ERROR" if failing else behaviour.body)
+        return web.Response(status=status, text="ERROR" if failing else behaviour.body,
+                            headers={"Location": behaviour.location} if behaviour.location
+                            else None)
 
     def start(self) -> Receiver:
         ready = threading.Event()
@@ -131,6 +134,7 @@ class Receiver:
         loop = self._loop = asyncio.new_event_loop()
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/{tail:.*}", self._handle)
+        app.router.add_get("/{tail:.*}", self._handle)  # what a followed redirect sends
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
         loop.run_until_complete(self._runner.setup())
         site = web.TCPSite(self._runner, self.host, self.port)

@@ -3,7 +3,9 @@
 Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
 
 * Success: when the hook has a success regex, status 2xx **and** the regex found
-  in the body; without one, status 200 exactly (the documented rule).
+  in the body; without one, status 200 exactly (the documented rule). Redirects
+  are not followed: a 3xx is a failure naming the Location (301-303 would turn the
+  POST into a GET without the batch).
 * Auth: none, a static bearer token, or OAuth2 client credentials (the token is
   fetched from ``token_url`` and cached until shortly before it expires; a 401
   drops it so the next attempt fetches a fresh one).
@@ -17,6 +19,7 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import re
 import time
 from dataclasses import dataclass, field
@@ -60,7 +63,7 @@ class _Token:
 @dataclass
 class _Cache:
     regex: dict[str, re.Pattern[str]] = field(default_factory=dict)
-    tokens: dict[tuple[str, str, str], _Token] = field(default_factory=dict)
+    tokens: dict[tuple[str, str, str, str], _Token] = field(default_factory=dict)
 
 
 class HttpTransport(Transport):
@@ -121,10 +124,13 @@ class HttpTransport(Transport):
             headers["Authorization"] = auth
         timeout = aiohttp.ClientTimeout(total=target.request_timeout_sec or self.timeout_sec)
         try:
+            # redirects are not followed: a POST redirected by 301-303 arrives as a GET
+            # without the batch, and its answer would count as delivered
             async with self._client().post(target.url, data=body, headers=headers,
-                                           timeout=timeout) as resp:
+                                           timeout=timeout, allow_redirects=False) as resp:
                 text = await resp.text(errors="replace")
                 status = resp.status
+                location = resp.headers.get("Location", "")
         except TimeoutError:
             raise Timeout(f"POST {mask_url(target.url)}: no answer within {timeout.total} s"
                           ) from None
@@ -133,6 +139,9 @@ class HttpTransport(Transport):
                                f"{_scrub(str(exc), target.url)}") from None
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
+        if 300 <= status < 400:
+            raise Rejected(f"HTTP {status}: redirects are not followed (the batch was not "
+                           f"delivered); Location: {mask_url(location)[:300]}")
         return self._judge(target, status, text)
 
     def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
@@ -181,7 +190,10 @@ class HttpTransport(Transport):
         if not isinstance(payload, dict) or not payload.get("access_token"):
             raise Rejected(f"OAuth2 token endpoint {mask_url(auth.token_url or '')} answered "
                            f"HTTP {status} without an access_token")
-        lifetime = float(payload.get("expires_in") or 3600)
+        try:
+            lifetime = float(payload.get("expires_in") or 3600)
+        except (TypeError, ValueError):  # not a number of seconds: the usual hour
+            lifetime = 3600.0
         token = _Token(str(payload["access_token"]),
                        time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))
         self._cache.tokens[key] = token
@@ -193,8 +205,12 @@ class HttpTransport(Transport):
             self._session = None
 
 
-def _token_key(auth: Auth) -> tuple[str, str, str]:
-    return (auth.token_url or "", auth.client_id or "", auth.scope or "")
+def _token_key(auth: Auth) -> tuple[str, str, str, str]:
+    """Cached tokens are per endpoint, client, scope and secret: a hook with a wrong
+    or revoked secret does not ride on a token another hook's secret obtained."""
+    secret = auth.client_secret.get_secret_value() if auth.client_secret else ""
+    return (auth.token_url or "", auth.client_id or "", auth.scope or "",
+            hashlib.sha256(secret.encode()).hexdigest())
 
 
 TRANSPORTS = {"http_batch": HttpTransport}

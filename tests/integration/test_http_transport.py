@@ -60,6 +60,39 @@ def test_success_rules(receiver: Receiver, status: int, body: str, regex: str, o
         assert outcome.error == "Rejected" and reason in outcome.detail
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_not_followed_nor_taken_for_delivered(receiver: Receiver,
+                                                            status: int) -> None:
+    """Followed, a 301-303 turns the POST into a GET without the batch, whose 200 would
+    count as delivered: a redirect is a failure naming where it points."""
+    receiver.behave("/old", status=status, location=receiver.url("/new"))
+    outcome = send({"url": receiver.url("/old")})
+    assert not outcome.ok and outcome.error == "Rejected" and outcome.status is None
+    assert f"HTTP {status}: redirects are not followed" in outcome.detail
+    assert receiver.url("/new") in outcome.detail
+    assert receiver.requests("/new") == []
+
+
+def test_oauth2_tokens_are_not_shared_between_different_secrets(receiver: Receiver) -> None:
+    receiver.behave("/token", body=json.dumps({"access_token": "abc", "expires_in": "1h"}))
+
+    def target(secret: str) -> dict[str, Any]:
+        return {"url": receiver.url("/o"), "auth": {
+            "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "cid",
+            "client_secret": secret}}
+
+    async def both() -> list[Any]:
+        t = HttpTransport(timeout_sec=2.0)
+        try:
+            return [await t.send(HttpBatch(**target(s)), delivery()) for s in ("a", "b", "a")]
+        finally:
+            await t.close()
+
+    assert all(o.ok for o in asyncio.run(both()))  # an expires_in that is no number: 1 h
+    secrets = [parse_qs(r.raw.decode())["client_secret"] for r in receiver.requests("/token")]
+    assert secrets == [["a"], ["b"]]  # each secret fetched its own token, once
+
+
 def test_bearer_token_is_sent(receiver: Receiver) -> None:
     send({"url": receiver.url("/b"), "auth": {"kind": "bearer", "token": "t0k"}})
     assert receiver.requests("/b")[0].headers["Authorization"] == "Bearer t0k"
