@@ -258,7 +258,11 @@ class KafkaTransport(Transport):
         n = len(partitions)
         sticky = partitions[next(self._sticky) % n]
         cache = self._keys
-        for text in set(keys).difference(cache):
+        new = set(keys).difference(cache)
+        if len(cache) + len(new) > KEY_CACHE_MAX:  # dropped before, not while adding
+            cache.clear()
+            new = set(keys)
+        for text in new:
             self._key(text)
         fields = list(map(itemgetter(0), map(cache.__getitem__, keys)))
         # the partition of each distinct key: murmur2 like Kafka's default
@@ -282,8 +286,6 @@ class KafkaTransport(Transport):
 
     def _key(self, text: str) -> tuple[bytes, int | None]:
         """The key field of records keyed ``text`` and its murmur2 (None: no key)."""
-        if len(self._keys) >= KEY_CACHE_MAX:
-            self._keys.clear()
         if not text:
             known = self._keys[text] = (key_field(None), None)
             return known

@@ -97,6 +97,19 @@ def test_partitions_follow_the_key_like_kafkas_default_partitioner(
     assert all(s == sorted(s) for s in seq.values())
 
 
+def test_a_full_key_cache_is_dropped_before_a_delivery_not_during_it(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("engine.transports.kafka.KEY_CACHE_MAX", 10)
+    first = delivery(8, [f"p{i}" for i in range(8)], tag="a")
+    second = delivery(6, [f"q{i}" for i in range(6)], tag="b")  # 8 + 6 > 10
+    outcomes = run(send_all(KafkaTransport(timeout_sec=5),
+                            target(kafka_broker.bootstrap, kafka_topic), first, second))
+    assert all(o.ok for o in outcomes), outcomes
+    records = consume(kafka_broker.bootstrap, kafka_topic, 14)
+    assert sorted(r.key for r in records) == sorted(
+        k.encode() for k in [*first.keys, *second.keys])
+
+
 def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
     d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
     d.parts = [p + b" " * 150 for p in d.parts]
