@@ -363,8 +363,9 @@ class Round:
         col, events, content = self._content, self.events, self.content
         for i in idx:
             if col[i] is None:
-                send_id = events[i].send_id
-                found = content.get(send_id) if send_id else None
+                send_id = events[i].send_id  # none in historical exports (spec a)
+                found = content.get(send_id) if send_id and not events[i].profile_deleted \
+                    else None
                 col[i] = b'"content":' + _encode(found) + b"," if found is not None else b""
         return gather(col, idx)
 

@@ -245,7 +245,8 @@ class Dispatcher:
     def _content(self, matches: dict[int, Any], events: list[Event]) -> dict[str, dict[str, Any]]:
         """Stored content of the events matched by send_content hooks: one MGET."""
         wanted = {send_id for pos, idx in matches.items() if self.index.hooks[pos].send_content
-                  for i in idx.tolist() if (send_id := events[i].send_id)}
+                  for i in idx.tolist()
+                  if (send_id := events[i].send_id) and not events[i].profile_deleted}
         return self.side.content.get_many(sorted(wanted))
 
     def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:

@@ -39,6 +39,9 @@ NS = 1_000_000_000
 MAX_ID = 2**63 - 1  # ids are matched as int64 columns
 # an id: non-negative and within int64 (checked by msgspec while decoding)
 IdInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
+# an event id, when given, is not empty: hook_message_id is derived from it, and two
+# events with an empty id would share one (receivers de-duplicate by it)
+EventId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
 @lru_cache(maxsize=1 << 18)
@@ -82,7 +85,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
     event_date: str
     account_id: int
     list_id: IdInt | None = None
-    id: str | None = None
+    id: EventId | None = None
     profile_id: str | None = None
     xxh: str | None = msgspec.field(default=None, name="_xxh")
     md5: str | None = msgspec.field(default=None, name="_md5")

@@ -187,7 +187,8 @@ class MessageBuilder:
 
     def _content(self, event: Event, content: Mapping[str, dict[str, Any]] | None
                  ) -> dict[str, Any] | None:
-        if self.send_content and content and event.send_id:
+        # a deleted profile's event comes from a historical export: never content (spec a)
+        if self.send_content and content and event.send_id and not event.profile_deleted:
             return content.get(event.send_id)
         return None
 

@@ -27,6 +27,8 @@ from engine.transports.base import (
 
 SAMPLE_PROFILE = {"email": "alice@example.org", "phone": "+79991234567",
                   "first_name": "Alice", "last_name": "Example"}
+SAMPLE_PHONE = SAMPLE_PROFILE["phone"]
+SAMPLE_PUSH_ID = "fcm-0000000000000000000000"  # a push subscription token
 _TRACKING = {"message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
              "ip": "10.9.0.14", "country": ".us", "city": "New York", "region": "Ohio",
              "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
@@ -61,13 +63,23 @@ def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None =
         xxh="ad1850e0d1d9481e",
         md5="145bb30f7ddf1184cb560bc4b7705646",
         is_test=True,
-        subscription=[Subscription(resource_id=3, channel=event_type_info.channel
-                                   if event_type_info.channel in ("email", "sms", "push")
-                                   else "email", email=SAMPLE_PROFILE["email"],
-                                   status="subscribed")],
+        subscription=[_sample_subscription(event_type_info.channel)],
         event_data=dict(SAMPLE_EVENT_DATA[event_type_info.category]),
         profile=dict(SAMPLE_PROFILE),
     )
+
+
+def _sample_subscription(channel: str | None) -> Subscription:
+    """A subscription of the event's channel with the keys of that channel only
+    (email for email, phone for SMS, the push token and provider for push)."""
+    if channel == "sms":
+        return Subscription(resource_id=3, channel="sms", phone=SAMPLE_PHONE,
+                            status="subscribed")
+    if channel == "push":
+        return Subscription(resource_id=3, channel="push", subscription_id=SAMPLE_PUSH_ID,
+                            provider="androidfirebase", status="subscribed")
+    return Subscription(resource_id=3, channel="email", email=SAMPLE_PROFILE["email"],
+                        status="subscribed")
 
 
 def build_test_delivery(hook: Hook, event_type: str, names: NameCatalogue | None = None,

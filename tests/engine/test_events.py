@@ -700,3 +700,19 @@ def test_events_refused_at_publish_keep_no_id_they_were_given() -> None:
     with pytest.raises(EventError, match="event 1: list_id"):
         intake.publish(events)
     assert [e.id for e in events] == [None, None, None]
+
+
+def test_an_empty_event_id_is_a_bad_event() -> None:
+    """hook_message_id is derived from the event id: two events with an empty id would
+    share one, so an id, when given, must not be empty (JSON and Python events alike)."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    good = {"event_type": "click", "event_date": DATE, "account_id": 1}
+    batch = decode_batch(msgspec.json.encode([good, {**good, "id": ""}]))
+    assert [(i.index, i.field) for i in batch.issues] == [(1, "id")]
+    assert "length >= 1" in batch.issues[0].reason
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # validate only
+    _, issues = intake.validate([Event(event_type="click", event_date=DATE, account_id=1,
+                                       id="")])
+    assert [(i.index, i.field) for i in issues] == [(0, "id")]

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from engine.assembly import Assembler, Round
 from engine.catalogue import load_catalogue
 from engine.events import Event, Subscription, decode_events
 from engine.hooks import Hook, parse_hook
@@ -335,6 +336,19 @@ def test_content_omitted_otherwise(
     assert set(body) == REQUIRED
 
 
+def test_content_is_never_in_a_historical_export() -> None:
+    """An event of a deleted profile comes from a historical export: "message content
+    is never included" (spec a), even with the option on and content stored."""
+    event = make_event(send_id="s-1", profile_deleted=True)
+    body = build(event, make_hook(send_content=True), CONTENT)
+    assert "content" not in body and body["profile_id"] is None
+    hook = make_hook(send_content=True)
+    rnd = Round([event, make_event(send_id="s-1")], CATALOGUE, NameCatalogue(), CONTENT)
+    historical, live = (json.loads(m) for m in
+                        Assembler(hook, NameCatalogue(), CATALOGUE).assemble(rnd, [0, 1])[0])
+    assert "content" not in historical and live["content"] == CONTENT["s-1"]
+
+
 # --- hook_message_id --------------------------------------------------------------------------
 
 
@@ -525,3 +539,16 @@ def test_optional_keys_never_null(
         assert nulls(body) == []
     assert set(body) == expected_keys
     assert body["is_test"] is is_test
+
+
+@pytest.mark.parametrize(("event_type", "keys"), [
+    ("click", {"email"}), ("click_sms", {"phone"}),
+    ("click_push", {"subscription_id", "provider"})])
+def test_a_test_event_subscription_has_its_channels_keys_only(event_type: str,
+                                                              keys: set[str]) -> None:
+    from engine.testevent import sample_event
+
+    (sub,) = sample_event(make_hook(actions=[event_type]), event_type).subscription or []
+    fields = {k for k, v in msgspec.structs.asdict(sub).items() if v is not None}
+    assert fields == {"resource_id", "channel", "status"} | keys
+    assert sub.channel == CATALOGUE.get(event_type).channel
