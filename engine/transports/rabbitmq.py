@@ -82,6 +82,9 @@ DEFAULT_TIMEOUT_SEC = 10.0
 JSON = "application/json"
 PERSISTENT = 2
 MAX_CHANNELS = 512  # destination channels per connection before idle ones are closed
+# connections kept (one per host, port, user, password, vhost): a hook whose password
+# or vhost changed leaves its old connection, closed once this many are newer
+MAX_BROKERS = 64
 CLOSE_TIMEOUT_SEC = 5.0
 
 # aiormq's basic_publish waits for each frame to be drained to the socket unless told
@@ -241,7 +244,12 @@ class RabbitTransport(Transport):
         password = target.password.get_secret_value()
         key = (target.host, target.port, target.user, password, target.vhost)
         broker = self._brokers.get(key)
-        if broker is None:
+        if broker is not None:  # most recently used last
+            self._brokers[key] = self._brokers.pop(key)
+        else:
+            if len(self._brokers) >= MAX_BROKERS:  # the least recently used one goes
+                old = self._brokers.pop(next(iter(self._brokers)))
+                self._drop(old, old.current)
             url = URL.build(scheme="amqp", user=target.user, password=password,
                             host=target.host, port=target.port, path="/" + target.vhost)
             broker = self._brokers[key] = _Broker(

@@ -105,6 +105,34 @@ def test_an_existing_queue_is_used_as_it_is(rabbit: Rabbit) -> None:
     assert len(by_id(rabbit.consume(queue, expect=7))) == 7
 
 
+def test_connections_beyond_the_limit_close_the_least_recently_used(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One connection per (host, port, user, password, vhost): a hook whose settings
+    changed leaves its old connection, closed once MAX_BROKERS newer ones exist."""
+    monkeypatch.setattr("engine.transports.rabbitmq.MAX_BROKERS", 1)
+    queue = rabbit.declare_queue("lru")
+    by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
+    by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], Any, int]:
+        try:
+            first = await transport.send(by_ip, delivery(3, tag="a"))
+            (old,) = transport._brokers.values()
+            connection = old.current.connection if old.current else None
+            second = await transport.send(by_name, delivery(3, tag="b"))
+            await asyncio.sleep(0.5)  # the old connection closes in the background
+            closed = connection is not None and connection.is_closed
+            return [first, second], closed, len(transport._brokers)
+        finally:
+            await transport.close()
+
+    outcomes, closed, kept = run(go)
+    assert all(o.ok for o in outcomes), outcomes
+    assert closed and kept == 1
+    assert len(by_id(rabbit.consume(queue, expect=6))) == 6
+
+
 def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_again(
         rabbit: Rabbit) -> None:
     queue = rabbit.name("gone")
