@@ -49,6 +49,7 @@ from engine.hooks import Hook
 from engine.messages import (
     MessageBuilder,
     PartView,
+    content_send_id,
     encode_part,
     event_digests,
     irregular_events,
@@ -363,9 +364,8 @@ class Round:
         col, events, content = self._content, self.events, self.content
         for i in idx:
             if col[i] is None:
-                send_id = events[i].send_id  # none in historical exports (spec a)
-                found = content.get(send_id) if send_id and not events[i].profile_deleted \
-                    else None
+                send_id = content_send_id(events[i])
+                found = content.get(send_id) if send_id else None
                 col[i] = b'"content":' + _encode(found) + b"," if found is not None else b""
         return gather(col, idx)
 

@@ -35,7 +35,7 @@ from engine.hooks import Hook
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex
-from engine.messages import PartView
+from engine.messages import PartView, content_send_id
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
@@ -245,8 +245,7 @@ class Dispatcher:
     def _content(self, matches: dict[int, Any], events: list[Event]) -> dict[str, dict[str, Any]]:
         """Stored content of the events matched by send_content hooks: one MGET."""
         wanted = {send_id for pos, idx in matches.items() if self.index.hooks[pos].send_content
-                  for i in idx.tolist()
-                  if (send_id := events[i].send_id) and not events[i].profile_deleted}
+                  for i in idx.tolist() if (send_id := content_send_id(events[i]))}
         return self.side.content.get_many(sorted(wanted))
 
     def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:

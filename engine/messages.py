@@ -138,6 +138,13 @@ def message_id(hook_id: int | None, event_id: str | None) -> str:
     return f"{event_digest(event_id)}-{hook_id or 0}"
 
 
+def content_send_id(event: Event) -> str | None:
+    """The send id whose stored content a message of ``event`` may carry: none for a
+    deleted profile's event, which comes from a historical export, whose messages
+    never carry content (spec a)."""
+    return None if event.profile_deleted else event.send_id
+
+
 def routing_key(event: Event) -> str:
     """RabbitMQ routing key ``<list_id>.<event_type>`` (``0`` when the event has no list)."""
     return f"{event.list_id if event.list_id is not None else 0}.{event.event_type}"
@@ -187,9 +194,8 @@ class MessageBuilder:
 
     def _content(self, event: Event, content: Mapping[str, dict[str, Any]] | None
                  ) -> dict[str, Any] | None:
-        # a deleted profile's event comes from a historical export: never content (spec a)
-        if self.send_content and content and event.send_id and not event.profile_deleted:
-            return content.get(event.send_id)
+        if self.send_content and content and (send_id := content_send_id(event)):
+            return content.get(send_id)
         return None
 
     def encode(self, events: list[Event], content: Mapping[str, dict[str, Any]] | None = None,

@@ -356,5 +356,4 @@ class RetryStore:
             if not changed:
                 return len(ids)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} replay attempts "
-                           f"(dead-lettered again meanwhile?): {len(changed)} of them; "
-                           "try again")
+                       f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")
