@@ -17,6 +17,10 @@ key                             type     holds
 {p}:retry:payload               hash     delivery id -> msgpack Delivery
 {p}:dead                        zset     delivery id scored by the time it died (ms)
 {p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
+{p}:dead:account:{account}      zset     the account's dead letters, as ``{p}:dead``
+{p}:dead:hook:{hook_id}         zset     the hook's dead letters, as ``{p}:dead``
+{p}:dead:indexed                string   set once the two indexes above cover every
+                                         dead letter (built from ``{p}:dead`` if not)
 {p}:retry:unreadable            hash     delivery id -> a retry payload that could not
                                          be decoded (set aside by the retry worker)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered
@@ -48,6 +52,7 @@ class Keys:
         self.retry_payload = f"{prefix}:retry:payload"
         self.dead = f"{prefix}:dead"
         self.dead_payload = f"{prefix}:dead:payload"
+        self.dead_indexed = f"{prefix}:dead:indexed"
         self.engine_stats = f"{prefix}:stats:engine"
         self.intake_unreadable = f"{prefix}:intake:unreadable"
         self.retry_unreadable = f"{prefix}:retry:unreadable"
@@ -60,6 +65,12 @@ class Keys:
 
     def content(self, send_id: str) -> str:
         return f"{self.p}:content:{send_id}"
+
+    def dead_of_account(self, account_id: int) -> str:
+        return f"{self.p}:dead:account:{account_id}"
+
+    def dead_of_hook(self, hook_id: int) -> str:
+        return f"{self.p}:dead:hook:{hook_id}"
 
     def stats(self, hook_id: int) -> str:
         return f"{self.p}:stats:{hook_id}"

@@ -243,6 +243,7 @@ class Stats:
 
 
 REPLAY_TRIES = 5  # replay attempts while dead letters change under it
+DEAD_READ_CHUNK = 500  # dead letters read per round trip
 
 
 class RetryStore:
@@ -255,6 +256,7 @@ class RetryStore:
         self._replay = r.register_script(
             scripts.joinpath("retry_replay.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
+        self._indexed = False  # dead letters known to be indexed by account and hook
 
     def schedule(self, delivery: Delivery, due_ms: int, error: str) -> None:
         """Keep ``delivery`` for a re-send at ``due_ms``."""
@@ -305,7 +307,10 @@ class RetryStore:
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
             pipe.hset(self.k.dead_payload, delivery.id, pack_delivery(delivery))
-            pipe.zadd(self.k.dead, {delivery.id: now_ms()})
+            died = now_ms()
+            pipe.zadd(self.k.dead, {delivery.id: died})
+            pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
+            pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
             self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
             pipe.execute()
 
@@ -314,22 +319,78 @@ class RetryStore:
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
                      limit: int = 100) -> list[Delivery]:
-        """Dead letters, oldest first, optionally of one account or hook."""
-        ids: list[bytes] = self.r.zrange(self.k.dead, 0, -1)  # type: ignore[assignment]
+        """Dead letters, oldest first, optionally of one account or hook. Reads only
+        that account's or hook's index (``{p}:dead:account:*``, ``{p}:dead:hook:*``),
+        never the other accounts' dead letters, and only as many as ``limit`` takes."""
+        self._ensure_index()
+        if hook_id is not None:
+            key = self.k.dead_of_hook(hook_id)
+        elif account_id is not None:
+            key = self.k.dead_of_account(account_id)
+        else:
+            key = self.k.dead
         out: list[Delivery] = []
-        for start in range(0, len(ids), 500):
+        start = 0
+        while len(out) < limit:
+            chunk = min(max(limit - len(out), 50), DEAD_READ_CHUNK)
+            ids: list[bytes] = self.r.zrange(key, start, start + chunk - 1)  # type: ignore[assignment]
+            if not ids:
+                break
+            start += len(ids)
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-                self.k.dead_payload, ids[start:start + 500])
-            for raw in payloads:
-                if raw is None:
+                self.k.dead_payload, ids)
+            for delivery_id, raw in zip(ids, payloads, strict=True):
+                if raw is None:  # replayed meanwhile (or a stale index entry)
                     continue
-                d = unpack_delivery(raw)
-                if (account_id is None or d.account_id == account_id) and \
+                d = self._unpacked(delivery_id, raw)
+                if d is not None and (account_id is None or d.account_id == account_id) and \
                         (hook_id is None or d.hook_id == hook_id):
                     out.append(d)
                     if len(out) >= limit:
-                        return out
+                        break
         return out
+
+    @staticmethod
+    def _unpacked(delivery_id: bytes, raw: bytes) -> Delivery | None:
+        """A dead letter's delivery; None (with a warning) for a payload that cannot
+        be decoded, which is left where it is for inspection."""
+        try:
+            return unpack_delivery(raw)
+        except (msgspec.DecodeError, ValueError) as exc:
+            log.warning("dead letter %s cannot be decoded, skipped: %s",
+                        delivery_id.decode(errors="replace"), exc)
+            return None
+
+    def _ensure_index(self) -> None:
+        """Index by account and hook the dead letters kept before those indexes
+        existed (once per prefix; ``{p}:dead:indexed`` marks it done). Dead letters
+        made meanwhile are indexed by ``kill`` itself."""
+        if self._indexed:
+            return
+        if self.r.exists(self.k.dead_indexed):
+            self._indexed = True
+            return
+        total = int(self.r.zcard(self.k.dead))
+        if total:
+            log.info("indexing %d dead letters by account and hook (once)", total)
+        start = 0
+        while True:
+            scored: list[tuple[bytes, float]] = self.r.zrange(  # type: ignore[assignment]
+                self.k.dead, start, start + DEAD_READ_CHUNK - 1, withscores=True)
+            if not scored:
+                break
+            start += len(scored)
+            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                self.k.dead_payload, [i for i, _ in scored])
+            with self.r.pipeline(transaction=False) as pipe:
+                for (delivery_id, died), raw in zip(scored, payloads, strict=True):
+                    if raw is None or (d := self._unpacked(delivery_id, raw)) is None:
+                        continue
+                    pipe.zadd(self.k.dead_of_account(d.account_id), {delivery_id: died})
+                    pipe.zadd(self.k.dead_of_hook(d.hook_id), {delivery_id: died})
+                pipe.execute()
+        self.r.set(self.k.dead_indexed, 1)
+        self._indexed = True
 
     def replay(self, ids: Iterable[str]) -> int:
         """Put dead letters back on the schedule, due now, with fresh re-send counts.
@@ -345,14 +406,24 @@ class RetryStore:
             missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
             if missing:
                 raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
+            keys = [self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload]
+            position: dict[str, int] = {}  # index key -> its (1-based) place in keys
+
+            def place(key: str) -> int:
+                if key not in position:
+                    keys.append(key)
+                    position[key] = len(keys)
+                return position[key]
+
             args: list[Any] = [now_ms()]
             for delivery_id, raw in zip(ids, payloads, strict=True):
                 delivery = unpack_delivery(raw or b"")
                 delivery.resends = 0
                 args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(),
-                         pack_delivery(delivery)]
-            changed = self._replay(keys=[self.k.dead, self.k.dead_payload, self.k.retry,
-                                         self.k.retry_payload], args=args)
+                         pack_delivery(delivery),
+                         place(self.k.dead_of_account(delivery.account_id)),
+                         place(self.k.dead_of_hook(delivery.hook_id))]
+            changed = self._replay(keys=keys, args=args)
             if not changed:
                 return len(ids)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} replay attempts "

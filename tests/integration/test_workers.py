@@ -296,6 +296,67 @@ def test_a_replay_takes_a_dead_letter_written_again_meanwhile(
     assert due.last_error == "HTTP 503" and due.resends == 0 and not retry.dead_letters()
 
 
+def _letter(delivery_id: str, account: int, hook_id: int) -> Delivery:
+    return Delivery(id=delivery_id, hook_id=hook_id, account_id=account, kind="http_batch",
+                    parts=[b"{}"], resends=3)
+
+
+def test_dead_letters_of_an_account_or_hook_read_only_their_index(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """An account's or a hook's dead letters come from its own index: another
+    account's dead letters are not read at all (here: not even decodable)."""
+    retry = RetryStore(redis_client, keys)
+    assert retry.dead_letters() == []  # a new prefix: indexed from the start
+    for n in range(3):
+        retry.kill(_letter(f"a{n}", 1, 10 + n % 2), "HTTP 500")
+    for n in range(50):  # another account's, damaged: reading them would raise
+        retry.kill(_letter(f"b{n}", 2, 20), "HTTP 500")
+        redis_client.hset(keys.dead_payload, f"b{n}", b"\xc1 damaged")
+    assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a1", "a2"]
+    assert [d.id for d in retry.dead_letters(account_id=1, hook_id=11)] == ["a1"]
+    assert [d.id for d in retry.dead_letters(account_id=1, limit=2)] == ["a0", "a1"]
+    assert retry.dead_letters(account_id=1, hook_id=20) == []  # not the account's
+    assert retry.dead_letters(account_id=3) == []
+    assert retry.replay(["a1"]) == 1  # leaves the indexes too
+    assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a2"]
+    assert retry.dead_letters(hook_id=11) == []
+    assert not redis_client.zscore(keys.dead_of_account(1), "a1")
+    assert not redis_client.zscore(keys.dead_of_hook(11), "a1")
+    retry.kill(retry.claim_due()[0], "HTTP 500")  # dead again: indexed again
+    assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a2", "a1"]
+
+
+def test_dead_letters_kept_before_the_indexes_are_indexed_once(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Dead letters written without the account and hook indexes (an older version)
+    are indexed on the first read, with their times; later reads use the indexes."""
+    from engine.transports.base import pack_delivery
+
+    for n, (account, hook_id) in enumerate([(1, 10), (2, 20), (1, 11), (1, 10)]):
+        redis_client.hset(keys.dead_payload, f"d{n}", pack_delivery(_letter(f"d{n}", account,
+                                                                            hook_id)))
+        redis_client.zadd(keys.dead, {f"d{n}": 1000 + n})
+    redis_client.zadd(keys.dead, {"gone": 999})  # a stale id without a payload
+    retry = RetryStore(redis_client, keys)
+    assert [d.id for d in retry.dead_letters(account_id=1)] == ["d0", "d2", "d3"]
+    assert redis_client.get(keys.dead_indexed) == b"1"
+    assert redis_client.zscore(keys.dead_of_hook(10), "d3") == 1003
+    assert [d.id for d in retry.dead_letters(hook_id=10)] == ["d0", "d3"]
+    assert [d.id for d in RetryStore(redis_client, keys).dead_letters(account_id=2)] == ["d1"]
+    assert [d.id for d in retry.dead_letters()] == ["d0", "d1", "d2", "d3"]
+
+
+def test_an_undecodable_dead_letter_is_skipped_not_an_error(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    redis_client.hset(keys.dead_payload, "bad", b"\xc1")
+    redis_client.zadd(keys.dead, {"bad": 1})
+    retry = RetryStore(redis_client, keys)
+    retry.kill(_letter("ok", 1, 10), "HTTP 500")
+    assert [d.id for d in retry.dead_letters(account_id=1)] == ["ok"]
+    assert [d.id for d in retry.dead_letters()] == ["ok"]
+    assert redis_client.hexists(keys.dead_payload, "bad")  # kept for inspection
+
+
 def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """An entry no round can decode (damaged, or not written by the intake: here an id
