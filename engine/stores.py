@@ -392,6 +392,29 @@ class RetryStore:
         self.r.set(self.k.dead_indexed, 1)
         self._indexed = True
 
+    def _replay_args(self, ids: list[str], payloads: list[bytes | None]
+                     ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``retry_replay.lua`` for dead letters ``ids`` read as
+        ``payloads``: each id with its payload's SHA-1, its new payload (re-sends
+        reset) and the places in KEYS of its account's and hook's index."""
+        keys = [self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload]
+        position: dict[str, int] = {}  # index key -> its (1-based) place in keys
+
+        def place(key: str) -> int:
+            if key not in position:
+                keys.append(key)
+                position[key] = len(keys)
+            return position[key]
+
+        args: list[Any] = [now_ms()]
+        for delivery_id, raw in zip(ids, payloads, strict=True):
+            delivery = unpack_delivery(raw or b"")
+            delivery.resends = 0
+            args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(), pack_delivery(delivery),
+                     place(self.k.dead_of_account(delivery.account_id)),
+                     place(self.k.dead_of_hook(delivery.hook_id))]
+        return keys, args
+
     def replay(self, ids: Iterable[str]) -> int:
         """Put dead letters back on the schedule, due now, with fresh re-send counts.
         An unknown id raises NotFound before anything is moved. The move is one
@@ -406,23 +429,7 @@ class RetryStore:
             missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
             if missing:
                 raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
-            keys = [self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload]
-            position: dict[str, int] = {}  # index key -> its (1-based) place in keys
-
-            def place(key: str) -> int:
-                if key not in position:
-                    keys.append(key)
-                    position[key] = len(keys)
-                return position[key]
-
-            args: list[Any] = [now_ms()]
-            for delivery_id, raw in zip(ids, payloads, strict=True):
-                delivery = unpack_delivery(raw or b"")
-                delivery.resends = 0
-                args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(),
-                         pack_delivery(delivery),
-                         place(self.k.dead_of_account(delivery.account_id)),
-                         place(self.k.dead_of_hook(delivery.hook_id))]
+            keys, args = self._replay_args(ids, payloads)
             changed = self._replay(keys=keys, args=args)
             if not changed:
                 return len(ids)
