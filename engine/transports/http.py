@@ -14,6 +14,8 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive connection
   errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to the retry
   schedule, so nothing is lost.
+* What is kept per destination, regex and OAuth2 token is bounded
+  (``MAX_DESTINATIONS``, ``MAX_REGEXES``, ``MAX_TOKENS``).
 """
 
 from __future__ import annotations
@@ -36,6 +38,12 @@ from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
 BREAKER_FAILURES = 5  # consecutive connect errors/timeouts that open the breaker
 BREAKER_OPEN_SEC = 5.0  # how long an open breaker fails fast
 TOKEN_MARGIN_SEC = 30.0  # refresh an OAuth2 token this long before it expires
+# per-destination state, compiled regexes and tokens kept by one transport: beyond
+# these, idle destinations, all regexes, expired tokens are dropped (a hook changing
+# its URL now and then must not grow the actor's memory for ever)
+MAX_DESTINATIONS = 10_000
+MAX_REGEXES = 1_000
+MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
 JSON_HEADERS = {"Content-Type": "application/json"}
 
@@ -52,6 +60,7 @@ class _Destination:
     failures: int = 0
     open_until: float = 0.0
     last_error: str = ""
+    users: int = 0  # posts waiting for or holding the semaphore
 
 
 @dataclass
@@ -91,8 +100,18 @@ class HttpTransport(Transport):
         key = f"{parts.scheme}://{parts.netloc}{parts.path}"
         dest = self._destinations.get(key)
         if dest is None:
+            if len(self._destinations) >= MAX_DESTINATIONS:
+                self._forget_idle()
             dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.concurrency))
         return key, dest
+
+    def _forget_idle(self) -> None:
+        """Drop the destinations with no request running and no open breaker (their
+        state is a fresh one's): those in use keep their semaphore and breaker."""
+        now = time.monotonic()
+        self._destinations = {
+            key: dest for key, dest in self._destinations.items()
+            if dest.users or dest.failures or dest.open_until > now}
 
     async def _deliver(self, target: HttpBatch, delivery: Delivery) -> Outcome:
         return await self.post(target, http_body(delivery.parts))
@@ -102,12 +121,16 @@ class HttpTransport(Transport):
         if dest.open_until > time.monotonic():
             raise ConnectError(f"{mask_url(key)}: circuit open after {dest.failures} failures; "
                                f"last error: {dest.last_error}")
-        async with dest.semaphore:
-            try:
-                outcome = await self._post(target, body)
-            except (ConnectError, Timeout) as exc:
-                self._record_failure(dest, str(exc))
-                raise
+        dest.users += 1
+        try:
+            async with dest.semaphore:
+                try:
+                    outcome = await self._post(target, body)
+                except (ConnectError, Timeout) as exc:
+                    self._record_failure(dest, str(exc))
+                    raise
+        finally:
+            dest.users -= 1
         dest.failures = 0
         return outcome
 
@@ -149,6 +172,8 @@ class HttpTransport(Transport):
         if target.success_regex:
             regex = self._cache.regex.get(target.success_regex)
             if regex is None:
+                if len(self._cache.regex) >= MAX_REGEXES:
+                    self._cache.regex.clear()
                 regex = self._cache.regex[target.success_regex] = re.compile(target.success_regex)
             if 200 <= status < 300 and regex.search(text):
                 return Outcome(ok=True, status=status, detail=excerpt)
@@ -196,6 +221,10 @@ class HttpTransport(Transport):
             lifetime = 3600.0
         token = _Token(str(payload["access_token"]),
                        time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))
+        if len(self._cache.tokens) >= MAX_TOKENS:
+            now = time.monotonic()
+            live = {k: t for k, t in self._cache.tokens.items() if t.expires_at > now}
+            self._cache.tokens = live if len(live) < MAX_TOKENS else {}
         self._cache.tokens[key] = token
         return token.value
 

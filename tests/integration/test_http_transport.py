@@ -156,3 +156,38 @@ def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) 
     assert all(not o.ok for o in outcomes)
     assert "circuit open after 5 failures" in outcomes[-1].detail
     assert "circuit open" not in outcomes[-2].detail
+
+
+def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
+        receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_DESTINATIONS, destinations with nothing running and no failures are
+    forgotten; a broken one keeps its breaker (still fails fast), a busy one its
+    semaphore."""
+    from engine.transports import http
+
+    monkeypatch.setattr(http, "MAX_DESTINATIONS", 4)
+    monkeypatch.setattr(http, "MAX_REGEXES", 2)
+    receiver.behave("/slow", delay_sec=0.5)
+
+    async def run() -> tuple[list[str], Any, Any, int]:
+        t = HttpTransport(timeout_sec=1.0)
+        try:
+            dead = HttpBatch(url="http://127.0.0.1:9/none")
+            for _ in range(BREAKER_FAILURES):
+                await t.send(dead, delivery())
+            slow = asyncio.ensure_future(t.send(HttpBatch(url=receiver.url("/slow")),
+                                                delivery()))
+            await asyncio.sleep(0.1)
+            for n in range(6):
+                target = HttpBatch(url=receiver.url(f"/p{n}"), success_regex=f"O{'K' * n}|OK")
+                assert (await t.send(target, delivery())).ok
+                assert len(t._destinations) <= 4 and len(t._cache.regex) <= 2
+            kept = sorted(t._destinations)
+            return kept, await t.send(dead, delivery()), await slow, len(t._cache.regex)
+        finally:
+            await t.close()
+
+    kept, dead_again, slow, regexes = asyncio.run(run())
+    assert "http://127.0.0.1:9/none" in kept
+    assert "circuit open" in dead_again.detail  # the breaker survived the pruning
+    assert slow.ok and receiver.url("/p5") in kept and regexes <= 2
