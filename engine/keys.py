@@ -15,6 +15,8 @@ key                             type     holds
 {p}:content:{send_id}           string   message content JSON, TTL content_ttl_sec
 {p}:retry                       zset     delivery id scored by due time (unix ms)
 {p}:retry:payload               hash     delivery id -> msgpack Delivery
+{p}:retry:unanswered            hash     delivery id -> re-sends handed over since its
+                                         last outcome (a worker died during each)
 {p}:dead                        zset     delivery id scored by the time it died (ms)
 {p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
 {p}:dead:account:{account}      zset     the account's dead letters, as ``{p}:dead``
@@ -50,6 +52,7 @@ class Keys:
         self.profiles_version = f"{prefix}:version:profiles"
         self.retry = f"{prefix}:retry"
         self.retry_payload = f"{prefix}:retry:payload"
+        self.retry_unanswered = f"{prefix}:retry:unanswered"
         self.dead = f"{prefix}:dead"
         self.dead_payload = f"{prefix}:dead:payload"
         self.dead_indexed = f"{prefix}:dead:indexed"

@@ -4,6 +4,9 @@ A failed delivery is sent again every ``HOOK_RETRY_PERIOD_SEC``, at most
 ``HOOK_RETRY_TIMES`` times; after the last failed re-send it becomes a dead letter
 holding its last error. A claimed delivery stays in the schedule under a lease
 (``engine.keys.RETRY_LEASE_MS``), so a worker that dies mid-send loses nothing.
+A delivery handed over ``MAX_UNANSWERED`` times without any outcome (the worker
+died during each send: a delivery that makes it crash, say) becomes a dead letter
+instead of being claimed for ever.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from engine.transports.base import Delivery, Outcome, now_ms
 log = logging.getLogger("hookray")
 
 CLAIM_LIMIT = 200
+MAX_UNANSWERED = 3  # re-sends handed over without an outcome before a dead letter
 
 
 class RetryWorker:
@@ -53,11 +57,20 @@ class RetryWorker:
             # being sent: its outcome settles it (not killed now if its hook is gone)
             due = [d for d in self.side.retry.claim_due(CLAIM_LIMIT)
                    if not self.sender.holds(d.id)]
+        sendable = []
         for delivery in due:
             hook = self.hooks.get(delivery.hook_id)
             if hook is None:
                 self.side.retry.kill(delivery, f"hook {delivery.hook_id} was deleted; "
                                      f"last error: {delivery.last_error}")
+            else:
+                sendable.append((hook, delivery))
+        counts = self.side.retry.handed_over([d.id for _, d in sendable])
+        for (hook, delivery), count in zip(sendable, counts, strict=True):
+            if count > MAX_UNANSWERED:
+                self.side.retry.kill(delivery, (
+                    f"handed over {count - 1} times without an outcome (the retry worker "
+                    f"stopped during each send); last error: {delivery.last_error}"))
             else:
                 self.sender.submit(hook, delivery)
         for delivery, outcome in self.sender.poll(0.0 if due else 0.05):

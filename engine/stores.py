@@ -263,6 +263,7 @@ class RetryStore:
         delivery.last_error = error
         with self.r.pipeline() as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
+            pipe.hdel(self.k.retry_unanswered, delivery.id)
             pipe.zadd(self.k.retry, {delivery.id: due_ms})
             self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
             pipe.execute()
@@ -288,15 +289,29 @@ class RetryStore:
         with self.r.pipeline() as pipe:
             pipe.zrem(self.k.retry, delivery_id)
             pipe.hdel(self.k.retry_payload, delivery_id)
+            pipe.hdel(self.k.retry_unanswered, delivery_id)
             pipe.hset(self.k.retry_unreadable, delivery_id, raw)
             pipe.hincrby(self.k.engine_stats, "retries_unreadable", 1)
             pipe.execute()
+
+    def handed_over(self, delivery_ids: list[str]) -> list[int]:
+        """Count a re-send of each of ``delivery_ids`` about to be handed to a
+        transport: how many were handed over since its last outcome, this one
+        included. Any outcome (``schedule``, ``complete``, ``kill``) resets it; a count
+        that keeps growing means the worker died during each send."""
+        if not delivery_ids:
+            return []
+        with self.r.pipeline(transaction=False) as pipe:
+            for delivery_id in delivery_ids:
+                pipe.hincrby(self.k.retry_unanswered, delivery_id, 1)
+            return [int(n) for n in pipe.execute()]
 
     def complete(self, delivery: Delivery) -> None:
         """A re-sent delivery succeeded: forget it and count it delivered."""
         with self.r.pipeline() as pipe:
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
+            pipe.hdel(self.k.retry_unanswered, delivery.id)
             self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
             pipe.execute()
 
@@ -306,6 +321,7 @@ class RetryStore:
         with self.r.pipeline() as pipe:
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
+            pipe.hdel(self.k.retry_unanswered, delivery.id)
             pipe.hset(self.k.dead_payload, delivery.id, pack_delivery(delivery))
             died = now_ms()
             pipe.zadd(self.k.dead, {delivery.id: died})

@@ -756,3 +756,35 @@ def test_a_stored_hook_that_no_longer_validates_is_named(
         registry.load()
     with pytest.raises(HookError, match=rf"stored hook {created.id} "):
         registry.get(created.id or 0)
+
+
+def test_a_delivery_whose_sends_never_end_becomes_a_dead_letter(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Each retry worker that claims it dies during the send (its sender holds it for
+    ever, then the lease runs out): after MAX_UNANSWERED such sends it is a dead letter
+    naming why, instead of being claimed again for ever. An outcome resets the count."""
+    from engine.retrying import MAX_UNANSWERED
+
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    for delivery_id in ("d1", "d2"):
+        retry.schedule(Delivery(id=delivery_id, hook_id=created.id or 0, account_id=1,
+                                kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    for n in range(MAX_UNANSWERED):
+        sender = InProcessSender(hold=True)  # a worker that dies mid-send
+        worker = RetryWorker(settings, redis_client, sender)
+        assert worker.step() == 2
+        assert sorted(d.id for d in sender.held) == ["d1", "d2"]
+        if n == 0:  # d2's first send fails at last: an outcome, its count starts again
+            d2 = next(d for d in sender.held if d.id == "d2")
+            worker.settle(d2, Outcome(ok=False, error="Rejected", detail="HTTP 503"))
+        redis_client.zadd(keys.retry, {"d1": 0, "d2": 0})  # the leases run out
+    sender = InProcessSender(hold=True)
+    RetryWorker(settings, redis_client, sender).step()
+    (dead,) = retry.dead_letters()
+    assert dead.id == "d1" and [d.id for d in sender.held] == ["d2"]
+    assert dead.last_error == (f"handed over {MAX_UNANSWERED} times without an outcome "
+                               "(the retry worker stopped during each send); last error: "
+                               "HTTP 500")
+    assert not redis_client.hexists(keys.retry_unanswered, "d1")
+    assert int(redis_client.hget(keys.retry_unanswered, "d2") or 0) == MAX_UNANSWERED
