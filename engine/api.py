@@ -121,6 +121,11 @@ class Backend:
             hook = self.hooks.get(hook_id)
         except NotFound:
             hook = None
+        except HookError as exc:  # stored, and no longer valid: only its account knows
+            if self.hooks.owner(hook_id) != account_id:
+                raise ApiError(404, f"hook {hook_id} does not exist") from None
+            raise ApiError(409, f"{exc}; delete it and create it again", [
+                {"field": "hook", "reason": str(exc)}]) from None
         if hook is None or hook.account_id != account_id:
             raise ApiError(404, f"hook {hook_id} does not exist")
         return hook
@@ -272,8 +277,9 @@ def dead_letter_json(d: Delivery) -> dict[str, Any]:
 
 
 def account_stats(backend: Backend, account_id: int) -> dict[str, Any]:
-    per_hook = {str(h.id): backend.stats.get(h.id or 0)
-                for h in backend.hooks.all(account_id)}
+    hooks, invalid = backend.hooks.listing(account_id)
+    ids = sorted([h.id or 0 for h in hooks] + [hook_id for hook_id, _ in invalid])
+    per_hook = {str(hook_id): backend.stats.get(hook_id) for hook_id in ids}
     totals = {f: sum(s[f] for s in per_hook.values()) for f in STAT_FIELDS}
     return {"hooks": per_hook, "totals": totals}
 
@@ -352,8 +358,10 @@ async def post_events(request: web.Request) -> web.Response:
 
 
 async def list_hooks(request: web.Request) -> web.Response:
-    hooks = await _run(request, request.app[BACKEND].hooks.all, request[TOKEN].account_id)
-    return web.json_response({"hooks": [h.display() for h in hooks]})
+    hooks, invalid = await _run(request, request.app[BACKEND].hooks.listing,
+                                request[TOKEN].account_id)
+    return web.json_response({"hooks": [h.display() for h in hooks],
+                              "invalid": [{"id": i, "error": e} for i, e in invalid]})
 
 
 async def create_hook(request: web.Request) -> web.Response:

@@ -30,6 +30,7 @@ import redis
 
 from engine.assembly import Assembler, Round
 from engine.catalogue import EventCatalogue, load_catalogue
+from engine.errors import HookError
 from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import decode_entry, decode_views
@@ -362,11 +363,13 @@ class PartitionWorker:
         else:
             entries = []
         error: Exception | None = None
+        refreshed = False
         try:
             # refresh after reading: a hook change committed before an event was
             # appended is always seen by the round that processes the event
             now = time.monotonic()
             self.dispatcher.refresh(now)
+            refreshed = True
             self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries))
             self.dispatcher.due(time.monotonic())
         except Exception as exc:  # booked below, then raised again
@@ -387,7 +390,9 @@ class PartitionWorker:
             self.dispatcher.outbox[:0] = ready[handed:]  # not handed over: the next round's
             error = error or exc
         if error is not None:
-            self._failed(entries, error)
+            # hooks or names that cannot be loaded (a stored hook that no longer
+            # validates) are no fault of the entries: they wait, however long
+            self._failed(entries, error, blame=refreshed)
             # outcomes are still collected (booked by a later round): left uncollected
             # through a long outage, a transport actor would drop them, and send again
             with suppress(Exception):
@@ -402,14 +407,15 @@ class PartitionWorker:
         self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
         return len(entries)
 
-    def _failed(self, entries: list[_Entry], error: Exception) -> None:
+    def _failed(self, entries: list[_Entry], error: Exception, blame: bool = True) -> None:
         """A round failed: its entries are processed again, one per round (messages
         batched before the failure are sent, and sent again then: at-least-once).
-        An entry whose rounds failed MAX_ENTRY_FAILURES times, not because Redis was
-        unavailable (``REDIS_UNAVAILABLE``), is set aside like an unreadable one."""
+        An entry whose rounds failed MAX_ENTRY_FAILURES times while processing it
+        (``blame``), not because Redis was unavailable (``REDIS_UNAVAILABLE``), is set
+        aside like an unreadable one."""
         alone = len(entries) == 1
         for entry in entries:
-            if not isinstance(error, REDIS_UNAVAILABLE):
+            if blame and not isinstance(error, REDIS_UNAVAILABLE):
                 self.failures[entry.id] += 1
             if alone and self.failures[entry.id] >= MAX_ENTRY_FAILURES:
                 try:
@@ -536,12 +542,20 @@ class PartitionWorker:
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
-        """Loop until ``stop`` is set; a failing round is reported and retried."""
+        """Loop until ``stop`` is set; a failing round is reported and retried (a
+        hook that no longer validates: once, not every round)."""
+        last_hook_error = ""
         while not stop.is_set():
             try:
                 self.step()
+                last_hook_error = ""
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if not isinstance(exc, redis.RedisError):
+                if isinstance(exc, HookError):
+                    if str(exc) != last_hook_error:
+                        log.error("partition %s: waiting, no event is processed until this is "
+                                  "fixed: %s", self.partition, exc)
+                    last_hook_error = str(exc)
+                elif not isinstance(exc, redis.RedisError):
                     log.exception("partition %s: a round failed", self.partition)
                 if on_error:
                     on_error(exc)

@@ -107,7 +107,34 @@ class HookRegistry:
         return self._parse(str(hook_id), raw)  # type: ignore[arg-type]
 
     def all(self, account_id: int | None = None) -> list[Hook]:
-        return [h for h in self.load()[1] if account_id is None or h.account_id == account_id]
+        """Every hook, or one account's; a stored hook that no longer validates raises
+        HookError (for one account: only one of that account's)."""
+        if account_id is None:
+            return self.load()[1]
+        hooks, invalid = self.listing(account_id)
+        if invalid:
+            raise HookError(invalid[0][1])
+        return hooks
+
+    def listing(self, account_id: int) -> tuple[list[Hook], list[tuple[int, str]]]:
+        """The account's hooks, and (id, error) of its stored hooks that no longer
+        validate, by id. Other accounts' hooks are not validated: one of theirs that no
+        longer validates changes nothing here."""
+        raw: dict[bytes, bytes] = self.r.hgetall(self.k.hooks)  # type: ignore[assignment]
+        hooks: list[Hook] = []
+        invalid: list[tuple[int, str]] = []
+        for key, value in raw.items():
+            try:
+                data = json.loads(value)
+            except ValueError:
+                data = None
+            if not isinstance(data, dict) or data.get("account_id") != account_id:
+                continue
+            try:
+                hooks.append(self._parse(key.decode(), value))
+            except HookError as exc:
+                invalid.append((int(key), str(exc)))
+        return sorted(hooks, key=lambda h: h.id or 0), sorted(invalid)
 
     def version(self) -> int:
         return _version(self.r, self.k.hooks_version)

@@ -739,22 +739,46 @@ def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..
 
 
 
-async def test_a_stored_hook_that_no_longer_validates_can_still_be_deleted(api: Api) -> None:
-    """After the event types file lost an action a hook uses, reading hooks fails (the
-    hook is named in the engine's log); its account can delete it, no other account."""
+async def test_a_stored_hook_that_no_longer_validates_is_listed_apart_and_can_be_deleted(
+        api: Api) -> None:
+    """After the event types file lost an action a hook uses: its account sees it
+    listed under "invalid" with the reason, its routes answer 409 naming it, and it
+    can be deleted; other accounts see nothing of it and their hooks and stats are
+    unaffected."""
     keys = Keys(api.settings.REDIS_PREFIX)
     broken = await api.create()
+    fine = await api.create()
+    theirs = await api.create(api.other)
     stored = json.loads(api.r.hget(keys.hooks, str(broken["id"])) or b"{}")
     stored["actions"] = ["no_such_event"]
     api.r.hset(keys.hooks, str(broken["id"]), json.dumps(stored))
     answer = await api.call("GET", "/v1/hooks", api.master)
-    assert answer.status == 500
+    assert answer.status == 200 and [h["id"] for h in answer.body["hooks"]] == [fine["id"]]
+    (invalid,) = answer.body["invalid"]
+    assert invalid["id"] == broken["id"]
+    assert f"stored hook {broken['id']} no longer validates" in invalid["error"]
+    assert "no_such_event" in invalid["error"]
+    answer = await api.call("GET", "/v1/stats", api.master)
+    assert answer.status == 200
+    assert set(answer.body["hooks"]) == {str(broken["id"]), str(fine["id"])}
+    answer = await api.call("GET", f"/v1/hooks/{broken['id']}", api.master)
+    assert answer.status == 409 and answer.error["code"] == "conflict"
+    assert "delete it and create it again" in answer.error["message"]
+    for token in (api.other,):  # another account: as if it did not exist
+        answer = await api.call("GET", "/v1/hooks", token)
+        assert answer.status == 200 and answer.body == {
+            "hooks": [answer.body["hooks"][0]], "invalid": []}
+        assert answer.body["hooks"][0]["id"] == theirs["id"]
+        assert (await api.call("GET", "/v1/stats", token)).status == 200
+        answer = await api.call("GET", f"/v1/hooks/{broken['id']}", token)
+        assert answer.status == 404
     answer = await api.call("DELETE", f"/v1/hooks/{broken['id']}", api.other)
     assert answer.status == 404  # not theirs
     answer = await api.call("DELETE", f"/v1/hooks/{broken['id']}", api.master)
     assert answer.status == 204
     answer = await api.call("GET", "/v1/hooks", api.master)
-    assert (answer.status, answer.body) == (200, {"hooks": []})
+    assert answer.status == 200 and answer.body["invalid"] == []
+    assert [h["id"] for h in answer.body["hooks"]] == [fine["id"]]
 
 
 async def test_a_replay_that_keeps_conflicting_is_409(

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import threading
 import time
 from typing import Any
 
@@ -788,3 +790,43 @@ def test_a_delivery_whose_sends_never_end_becomes_a_dead_letter(
                                "HTTP 500")
     assert not redis_client.hexists(keys.retry_unanswered, "d1")
     assert int(redis_client.hget(keys.retry_unanswered, "d2") or 0) == MAX_UNANSWERED
+
+
+def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Rounds fail while a stored hook no longer validates: the entries wait in the
+    stream (not set aside as unreadable, however many rounds fail) and are delivered
+    once the hook is deleted."""
+    import json as json_module
+
+    cfg = one_partition(settings)
+    registry = HookRegistry(redis_client, keys)
+    broken, fine = registry.create(hook()), registry.create(hook())
+    stored = json_module.loads(redis_client.hget(keys.hooks, str(broken.id)) or b"{}")
+    stored["actions"] = ["no_such_event"]
+    redis_client.hset(keys.hooks, str(broken.id), json_module.dumps(stored))
+    redis_client.incr(keys.hooks_version)
+    intake = Intake(redis_client, keys, 1, 1000)
+    intake.ensure_groups()
+    intake.publish(clicks(3))
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    for _ in range(20):
+        with pytest.raises(HookError, match=f"stored hook {broken.id} no longer validates"):
+            worker.step(block_ms=10)
+    assert redis_client.xlen(keys.intake_unreadable) == 0 and not sender.transport.sent
+    stop = threading.Event()  # running, the worker says so once, not every round
+    with caplog.at_level(logging.ERROR, logger="hookray"):
+        runner = threading.Thread(target=worker.run, args=(stop,))
+        runner.start()
+        time.sleep(1.6)  # 3 to 4 failed rounds
+        stop.set()
+        runner.join(5)
+    (said,) = [r.getMessage() for r in caplog.records if r.name == "hookray"]
+    assert said.startswith("partition 0: waiting, no event is processed until this is fixed")
+    registry.delete(broken.id or 0)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert [d.hook_id for d in sender.transport.sent] == [fine.id]
+    assert sum(d.count for d in sender.transport.sent) == 3
+    assert redis_client.xlen(keys.intake_unreadable) == 0
