@@ -387,9 +387,50 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
     if data.get("id", hook_id) != hook_id:
         raise ApiError(422, f"id {data['id']!r} differs from the hook's id {hook_id}",
                        [{"field": "id", "reason": f"must be {hook_id} (or absent)"}])
-    data = restore_secrets({**data, "id": hook_id}, stored)
-    validate_hook(data, backend.catalogue)
+    sent = {**data, "id": hook_id}
+    data = restore_secrets(sent, stored)
+    hook = validate_hook(data, backend.catalogue)
+    kept = _changed_paths(sent, data)
+    if kept and destination(hook) != destination(stored):
+        # a stored secret goes only where it went: whoever holds a master token must
+        # not be able to redirect it to a server of their own
+        raise ApiError(422, "invalid hook: the destination changed, so the redacted "
+                       f"value {MASK} cannot keep a stored secret; send the secret itself",
+                       [{"field": f, "reason": f"the destination changed: {MASK} keeps the "
+                         "stored secret only for the same destination"} for f in kept])
     return backend.hooks.update(hook_id, data)
+
+
+def destination(hook: Hook) -> tuple[Any, ...]:
+    """Where a hook's secrets go: the target kind and, by kind, the origin (scheme,
+    host, port) of the URL and of the OAuth2 token URL, the broker's host and port,
+    or the Kafka bootstrap servers."""
+    target = hook.target
+    if target.http_batch is not None:
+        http = target.http_batch
+        return ("http_batch", _origin(http.url), _origin(http.auth.token_url or ""))
+    broker = target.rabbitmq_queue or target.rabbitmq_exchange
+    if broker is not None:
+        return (target.kind, broker.host.lower(), broker.port)
+    assert target.kafka is not None
+    return ("kafka", tuple(sorted(s.lower() for s in target.kafka.bootstrap_servers)))
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def _changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
+    """Dotted paths where ``after`` differs from ``before`` (nested dicts)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [p for key in after for p in _changed_paths(
+            before.get(key), after[key], f"{path}.{key}" if path else str(key))]
+    return [] if before == after else [path]
 
 
 async def put_hook(request: web.Request) -> web.Response:

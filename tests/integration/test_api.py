@@ -460,6 +460,59 @@ async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> 
         assert answer.status == 422 and answer.error["issues"][0]["field"] == field
 
 
+@pytest.mark.parametrize(("target", "change", "field"), [
+    ({"http_batch": {"url": "https://crm.example.com/h",
+                     "auth": {"kind": "bearer", "token": "tok-SECRET"}}},
+     {"url": "https://evil.example.net/h"}, "target.http_batch.auth.token"),
+    ({"http_batch": {"url": "https://crm.example.com/h",
+                     "headers": {"X-Api-Key": "key-SECRET"}}},
+     {"url": "https://crm.example.com:8443/h"}, "target.http_batch.headers.X-Api-Key"),
+    ({"http_batch": {"url": "https://crm.example.com/h",
+                     "auth": {"kind": "oauth2", "token_url": "https://idp.example.com/t",
+                              "client_id": "c", "client_secret": "cs-SECRET"}}},
+     {"auth": {"token_url": "https://evil.example.net/t"}},
+     "target.http_batch.auth.client_secret"),
+    ({"rabbitmq_queue": {"host": "mq.example.com", "queue": "q", "password": "pw-SECRET"}},
+     {"host": "evil.example.net"}, "target.rabbitmq_queue.password"),
+    ({"kafka": {"bootstrap_servers": ["k1.example.com:9092"], "topic": "t",
+                "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "pw-SECRET"}},
+     {"bootstrap_servers": ["evil.example.net:9092"]}, "target.kafka.sasl_password"),
+])
+async def test_a_stored_secret_is_not_carried_to_a_new_destination(
+        api: Api, target: dict[str, Any], change: dict[str, Any], field: str) -> None:
+    """PUT with the redacted value keeps a stored secret only while the destination
+    (URL or token URL origin, broker host and port, Kafka servers) stays the same: a
+    master token alone must not be able to send the secret to another server."""
+    created = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(target=target))
+    assert created.status == 201, created.body
+    hook_id, kind = created.body["id"], next(iter(target))
+    same = json.loads(json.dumps(created.body))
+    same["name"] = "renamed"  # same destination: the secret is kept
+    assert (await api.call("PUT", f"/v1/hooks/{hook_id}", api.master,
+                           json_body=same)).status == 200
+    def move(hook: dict[str, Any]) -> dict[str, Any]:
+        hook = json.loads(json.dumps(hook))
+        for key, value in change.items():
+            if isinstance(value, dict):
+                hook["target"][kind][key].update(value)
+            else:
+                hook["target"][kind][key] = value
+        return hook
+
+    moved = move(same)
+    answer = await api.call("PUT", f"/v1/hooks/{hook_id}", api.master, json_body=moved)
+    assert answer.status == 422, answer.body
+    assert [i["field"] for i in answer.error["issues"]] == [field]
+    assert "the destination changed" in answer.error["message"]
+    registry = HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX))
+    assert registry.get(hook_id).name == "renamed"  # nothing changed
+    assert "SECRET" in json.dumps(registry.get(hook_id).to_storage())
+    # with the secret itself, the move is fine
+    moved = move(registry.get(hook_id).to_storage())
+    answer = await api.call("PUT", f"/v1/hooks/{hook_id}", api.master, json_body=moved)
+    assert answer.status == 200, answer.body
+
+
 async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> None:
     bad = hook_body(url="ftp://example.org/x", actions=["click", "clack"], database="some")
     answer = await api.call("POST", "/v1/hooks", api.master, json_body=bad)
