@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
 import signal
 import sys
 import threading
@@ -14,8 +16,8 @@ from typing import Any
 
 import redis
 
-from engine.errors import HookrayError
-from engine.settings import load_settings
+from engine.errors import HookError, HookrayError
+from engine.settings import load_settings, with_overrides
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -46,7 +48,13 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     settings = load_settings(args.config)
     if args.api_port is not None:
-        settings = settings.model_copy(update={"API_PORT": args.api_port})
+        settings = with_overrides(settings, {"API_PORT": args.api_port})
+    hooks = [(path, data) for path in args.hooks or []
+             for data in _as_list(_read_json(path))]  # bad files: before anything starts
+    if hooks:
+        from engine.catalogue import load_catalogue
+
+        _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks)
     print(f"hookray: starting with {json.dumps(settings.redacted())}", flush=True)
     engine = Engine.start(settings, ray_address=args.ray_address)
     stop = threading.Event()
@@ -55,9 +63,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if engine.api_url:
             print(f"hookray: HTTP API on {engine.api_url}", flush=True)
-        for path in args.hooks or []:
-            for data in _as_list(_read_json(path)):
-                _upsert_hook(engine, data, path)
+        for path, data in hooks:
+            _create_missing_hook(engine, data, path)
         print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
         _report_until(engine, stop, args.report_sec, args.duration)
     finally:
@@ -66,14 +73,38 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _upsert_hook(engine: Any, data: dict[str, Any], path: str) -> None:
-    """Create the hook, or update the one of the same account and name (so a restarted
-    job does not create its hooks twice)."""
-    same = [h for h in engine.list_hooks(data.get("account_id"))
-            if h.name == data.get("name")] if isinstance(data, dict) else []
+def _check_run_hooks(engine_catalogue: Any, hooks: list[tuple[str, Any]]) -> None:
+    """The hooks of ``run --hooks`` files, checked before anything starts: each valid,
+    and one name per account (a hook is known by its account and name)."""
+    from engine.hooks import parse_hook
+
+    problems, seen = [], {}
+    for n, (path, data) in enumerate(hooks):
+        if not isinstance(data, dict):
+            problems.append(f"{path}: hook {n}: expected a JSON object")
+            continue
+        try:
+            parse_hook({**data, "id": 0}, engine_catalogue)
+        except HookError as exc:
+            problems.append(f"{path}: hook {n} ({data.get('name')!r}): {exc}")
+            continue
+        key = (data.get("account_id"), data.get("name"))
+        if key in seen:
+            problems.append(f"{path}: hook {n}: account {key[0]} has a hook named {key[1]!r} "
+                            f"already in {seen[key]}")
+        seen[key] = path
+    if problems:
+        raise HookError("--hooks: nothing started; " + "; ".join(problems))
+
+
+def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
+    """Create the hook unless its account has one of that name already: a restarted job
+    neither duplicates its hooks nor undoes changes made to them since (stopped, updated
+    through the API or ``hookray hooks update``)."""
+    same = [h for h in engine.list_hooks(data.get("account_id")) if h.name == data.get("name")]
     if same:
-        print(f"hookray: hook {engine.update_hook(same[0].id, data).id} updated from {path}",
-              flush=True)
+        print(f"hookray: hook {same[0].id} ({same[0].name!r}) exists; left as it is "
+              f"(not taken from {path})", flush=True)
     else:
         print(f"hookray: hook {engine.create_hook(data).id} created from {path}", flush=True)
 
@@ -95,17 +126,37 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
             return
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+MAX_SECONDS = 10 * 365 * 86_400  # a bound any wait here can take (threading's is lower)
+
+
+def _seconds(text: str, least: float, strict: bool) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not math.isfinite(value) or value > MAX_SECONDS or value < least \
+            or (strict and value == least):
+        bound = f"> {least:g}" if strict else f">= {least:g}"
+        raise argparse.ArgumentTypeError(f"must be a number {bound} and <= {MAX_SECONDS}, "
+                                         f"got {text}")
     return value
 
 
+def _positive(text: str) -> float:
+    return _seconds(text, 0, strict=True)
+
+
 def _not_negative(text: str) -> float:
-    value = float(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return _seconds(text, 0, strict=False)
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65_535:
+        raise argparse.ArgumentTypeError(f"must be from 0 to 65535, got {text}")
     return value
 
 
@@ -116,7 +167,7 @@ def _as_list(data: Any) -> list[Any]:
 def cmd_demo(args: argparse.Namespace) -> int:
     from actors.demo import run_demo
 
-    return run_demo(events=args.events)
+    return run_demo(events=args.events, config=args.config)
 
 
 def cmd_hooks(args: argparse.Namespace) -> int:
@@ -127,9 +178,14 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     elif action == "get":
         _print(engine.get_hook(args.id).display())
     elif action == "create":
-        _print([engine.create_hook(d).display() for d in _as_list(_read_json(args.file))])
+        hooks = _as_list(_read_json(args.file))
+        _check_hooks(engine, hooks, args.file)  # all or none: nothing half-created
+        _print([engine.create_hook(d).display() for d in hooks])
     elif action == "update":
-        _print(engine.update_hook(args.id, _read_json(args.file)).display())
+        data = _read_json(args.file)
+        if not isinstance(data, dict):
+            raise HookrayError(f"{args.file}: expected a JSON object (one hook)")
+        _print(engine.update_hook(args.id, data).display())
     elif action in ("activate", "stop", "clone"):
         fn: Callable[[int], Any] = getattr(engine, f"{action}_hook")
         _print(fn(args.id).display())
@@ -144,11 +200,31 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:
+    """Every hook of a file validated before any is created; the bad ones by index."""
+    from engine.hooks import parse_hook
+
+    problems = []
+    for n, data in enumerate(hooks):
+        if not isinstance(data, dict):
+            problems.append(f"[{n}]: expected a JSON object")
+            continue
+        try:
+            parse_hook({**data, "id": 0}, engine.catalogue)
+        except HookError as exc:
+            problems.append(f"[{n}]: {exc}")
+    if problems:
+        raise HookError(f"{path}: nothing created; " + "; ".join(problems))
+
+
 def cmd_publish(args: argparse.Namespace) -> int:
-    data = Path(args.file).read_bytes()
+    try:
+        data = Path(args.file).read_bytes()
+    except OSError as exc:
+        raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
     result = _engine(args).publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
-    return 0
+    return 0 if result.accepted or not result.issues else 1
 
 
 def cmd_stats(args: argparse.Namespace) -> int:
@@ -195,17 +271,21 @@ def cmd_replay(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="hookray", description="Action-hook dispatch engine on Ray.")
     p.add_argument("--config", "-c", metavar="MAIN_JSON",
-                   help="settings file (main.json); environment variables override it")
+                   default=os.environ.get("HOOKRAY_CONFIG") or None,
+                   help="settings file (main.json; default: $HOOKRAY_CONFIG); environment "
+                   "variables override it")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the engine (the main job)", description=cmd_run.__doc__)
-    run.add_argument("--hooks", nargs="*", metavar="FILE", help="hook JSON files to create first")
+    run.add_argument("--hooks", nargs="*", metavar="FILE",
+                     help="hook JSON files: each hook is created unless its account has a "
+                     "hook of that name already")
     run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")
     run.add_argument("--report-sec", type=_positive, default=10.0,
                      help="progress line interval")
     run.add_argument("--duration", type=_not_negative, default=0.0,
                      help="stop after N seconds (0: never)")
-    run.add_argument("--api-port", type=int, metavar="PORT",
+    run.add_argument("--api-port", type=_port, metavar="PORT",
                      help="serve the HTTP API on PORT (0: any free port; default: API_PORT)")
     run.set_defaults(fn=cmd_run)
 

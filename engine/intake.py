@@ -8,8 +8,10 @@ that round trip returned.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from itertools import repeat
 from operator import attrgetter
 from typing import Any, cast
@@ -20,7 +22,7 @@ import redis
 
 from engine.assembly import gather
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.errors import EventError
+from engine.errors import ConfigError, EventError
 from engine.events import (
     MAX_ID,
     Event,
@@ -41,6 +43,8 @@ class StoredEvent(Event, gc=False):
     def __post_init__(self) -> None:
         pass
 
+
+log = logging.getLogger("hookray")
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -144,6 +148,13 @@ class Intake:
         self.partitions = partitions
         self.max_batch = max_batch
         self.catalogue = load_catalogue() if catalogue is None else catalogue
+        self._scripts: dict[str, Any] = {}  # registered on first use (validate needs none)
+
+    def _script(self, name: str) -> Any:
+        if name not in self._scripts:
+            text = resources.files("engine").joinpath(f"{name}.lua").read_text("utf-8")
+            self._scripts[name] = self.r.register_script(text)
+        return self._scripts[name]
 
     def ensure_groups(self) -> None:
         """Create every partition stream and its consumer group (idempotent)."""
@@ -242,9 +253,43 @@ class Intake:
                 for start in range(0, len(part), self.max_batch)]
 
     def _write(self, entries: list[tuple[int, bytes]], count: int) -> None:
-        """XADD the encoded entries and count ``count`` events accepted: one round trip."""
-        with self.r.pipeline(transaction=False) as pipe:
-            for n, data in entries:
-                pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
-            pipe.hincrby(self.k.engine_stats, "events_accepted", count)
-            pipe.execute()
+        """XADD the encoded entries and count ``count`` events accepted: one round trip,
+        refused (ConfigError, nothing written) if the engine reads another number of
+        partitions than this intake writes to."""
+        if not entries:
+            return
+        recorded = self._script("intake_append")(
+            keys=[self.k.config, self.k.engine_stats, *(self.k.intake(n) for n, _ in entries)],
+            args=[self.partitions, count, *(data for _, data in entries)])
+        if recorded is not None:
+            raise ConfigError(
+                f"PARTITIONS is {self.partitions} here but the engine "
+                f"(REDIS_PREFIX {self.k.p!r}) runs with {int(recorded)}: events would go to "
+                "streams no partition reads; nothing was accepted. Use the engine's settings")
+
+    def record_partitions(self) -> None:
+        """Record this intake's PARTITIONS as the engine's (``Engine.start``). A
+        different count recorded before is replaced only while all its streams are
+        empty; else ConfigError naming them (their events would never be read)."""
+        for _ in range(10):
+            recorded = self.r.hget(self.k.config, "partitions")
+            before = int(recorded) if recorded is not None else None
+            if before == self.partitions:
+                return
+            streams = [self.k.intake(n) for n in range(before or 0)]
+            answer = self._script("intake_partitions")(keys=[self.k.config, *streams],
+                                      args=[self.partitions, "" if before is None else before])
+            if not answer:
+                if before is not None:
+                    log.warning("PARTITIONS changed from %d to %d (the intake was empty)",
+                                before, self.partitions)
+                return
+            if answer[0] != b"changed":
+                busy = ", ".join(f"{k.decode()} ({int(n)} entries)"
+                                 for k, n in zip(answer[::2], answer[1::2], strict=True))
+                raise ConfigError(
+                    f"PARTITIONS is {self.partitions} but the engine ran with {before} and "
+                    f"its intake still holds events: {busy}. Start with PARTITIONS={before} "
+                    "until they are delivered (backlog 0), then change it")
+        raise ConfigError("PARTITIONS: the recorded count kept changing; is another engine "
+                          "starting with the same REDIS_PREFIX?")

@@ -5,6 +5,8 @@ key                             type     holds
 ==============================  =======  =============================================
 {p}:intake:{n}                  stream   event batches of partition n, field ``e``
 {p}:intake:unreadable           stream   entries a partition could not decode or process
+{p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
+                                         writing for another count are refused)
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out
 {p}:version:hooks               string   bumped on every hook change
@@ -58,6 +60,7 @@ class Keys:
         self.dead_indexed = f"{prefix}:dead:indexed"
         self.engine_stats = f"{prefix}:stats:engine"
         self.intake_unreadable = f"{prefix}:intake:unreadable"
+        self.config = f"{prefix}:config"
         self.retry_unreadable = f"{prefix}:retry:unreadable"
 
     def intake(self, partition: int) -> str:

@@ -27,7 +27,7 @@ DEFAULT_CONTENT_CLEANUP_HOURS = 72.0  # message content TTL (spec f)
 class Settings(BaseModel):
     """Validated settings. Defaults are the documented platform defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     HOOK_RETRY_TIMES: int = Field(DEFAULT_RETRY_TIMES, ge=0, le=1000)
     HOOK_RETRY_PERIOD_SEC: float = Field(DEFAULT_RETRY_PERIOD_SEC, gt=0, le=86_400)
@@ -132,13 +132,37 @@ def load_settings(
         if key in environ:
             values[key] = environ[key]
             origin[key] = "from the environment"
+    return _validated(values, origin)
+
+
+def with_overrides(settings: Settings, overrides: Mapping[str, Any]) -> Settings:
+    """``settings`` with ``overrides`` (keyword arguments of the Python API, command
+    line options), validated like every other source: ConfigError naming each bad key."""
+    if not overrides:
+        return settings
+    values = {**settings.model_dump(), **overrides}
+    return _validated(values, dict.fromkeys(overrides, "given"))
+
+
+def _validated(values: dict[str, Any], origin: Mapping[str, str]) -> Settings:
     try:
         return Settings(**values)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             key = str(err["loc"][0]) if err["loc"] else "?"
-            lines.append(
-                f"{key}={values.get(key)!r} ({origin.get(key, 'default')}): {_describe(err)}"
-            )
+            value = values.get(key)
+            shown = _mask_any_url(value) if key == "REDIS_URL" and isinstance(value, str) \
+                else value
+            lines.append(f"{key}={shown!r} ({origin.get(key, 'default')}): {_describe(err)}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
+
+
+def _mask_any_url(text: str) -> str:
+    """A REDIS_URL as written, even malformed, without a password: the user-info
+    before the last ``@`` and any ``password=`` value are masked."""
+    head, at, tail = text.rpartition("@")
+    if at:
+        scheme, sep, _ = head.partition("://")
+        text = f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
+    return re.sub(r"(password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)

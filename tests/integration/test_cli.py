@@ -115,7 +115,13 @@ def test_run_twice_with_the_same_hooks_file_keeps_one_hook(config: str, tmp_path
                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}]))
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
     outputs = []
-    for _ in range(2):
+    from actors.driver import Engine
+
+    for n in range(2):
+        if n == 1:  # an operator stopped it between the runs
+            engine = Engine.connect(settings)
+            engine.stop_hook(engine.list_hooks(4)[0].id)
+            engine.redis.close()
         proc = subprocess.run(
             [sys.executable, "-m", "actors.cli", "-c", config, "run", "--hooks", str(hooks),
              "--duration", "0.5", "--report-sec", "0.2"],
@@ -123,20 +129,37 @@ def test_run_twice_with_the_same_hooks_file_keeps_one_hook(config: str, tmp_path
             cwd=Path(__file__).resolve().parents[2])
         assert proc.returncode == 0, proc.stdout + proc.stderr
         outputs.append(proc.stdout)
-    # Then the second run updates the hook instead of creating a second one
+    # Then the second run leaves the hook as it is instead of creating a second one
     assert "hook 1 created from" in outputs[0]
-    assert "hook 1 updated from" in outputs[1]
+    assert "hook 1 ('crm') exists; left as it is" in outputs[1]
     assert "hookray: stopped" in outputs[1]
-    from actors.driver import Engine
-
     engine = Engine.connect(settings)
-    assert [h.name for h in engine.list_hooks(4)] == ["crm"]
+    assert [(h.name, h.active) for h in engine.list_hooks(4)] == [("crm", False)]
     engine.redis.close()
 
 
+def test_run_refuses_bad_or_clashing_hook_files_before_starting(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hook = {"name": "crm", "account_id": 4, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    first.write_text(json.dumps([hook, {**hook, "name": "other", "actions": ["nope"]}]))
+    second.write_text(json.dumps(hook))
+    code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(first), str(second))
+    assert code == 2 and "--hooks: nothing started" in err
+    assert "hook 1 ('other'): invalid hook: actions: unknown event code(s) 'nope'" in err
+    assert f"account 4 has a hook named 'crm' already in {first}" in err
+
+
 @pytest.mark.parametrize(("option", "value", "message"), [
-    ("--report-sec", "0", "must be > 0, got 0"),
-    ("--duration", "-1", "must be >= 0, got -1"),
+    ("--report-sec", "0", "must be a number > 0 and <= 315360000, got 0"),
+    ("--report-sec", "nan", "must be a number > 0 and <= 315360000, got nan"),
+    ("--report-sec", "inf", "must be a number > 0 and <= 315360000, got inf"),
+    ("--report-sec", "soon", "expected a number of seconds, got 'soon'"),
+    ("--duration", "-1", "must be a number >= 0 and <= 315360000, got -1"),
+    ("--duration", "nan", "must be a number >= 0 and <= 315360000, got nan"),
+    ("--api-port", "70000", "must be from 0 to 65535, got 70000"),
+    ("--api-port", "http", "expected a port number, got 'http'"),
 ])
 def test_run_rejects_bad_intervals(option: str, value: str, message: str,
                                    capsys: pytest.CaptureFixture[str]) -> None:
@@ -144,3 +167,79 @@ def test_run_rejects_bad_intervals(option: str, value: str, message: str,
         _parser().parse_args(["run", option, value])
     assert exit_info.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_settings_file_can_come_from_hookray_config(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "main.json"
+    bad.write_text(json.dumps({"PARTITIONS": 0}))
+    monkeypatch.setenv("HOOKRAY_CONFIG", str(bad))
+    code, _, err = run_cli(capsys, "stats")
+    assert code == 2 and f"PARTITIONS=0 (in {bad})" in err
+    code, _, err = run_cli(capsys, "-c", str(tmp_path / "other.json"), "stats")
+    assert code == 2 and "other.json: cannot be read" in err  # -c wins
+
+
+def test_more_bad_input_gets_a_clear_error_not_a_traceback(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch, settings: Settings) -> None:
+    code, _, err = run_cli(capsys, "-c", config, "publish", str(tmp_path / "none.json"))
+    assert code == 2 and "none.json: cannot be read (No such file or directory)" in err
+    code, _, err = run_cli(capsys, "-c", config, "publish", str(tmp_path))
+    assert code == 2 and "cannot be read (Is a directory)" in err
+    hook = {"name": "crm", "account_id": 3, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
+    both = tmp_path / "both.json"
+    both.write_text(json.dumps([hook, {**hook, "actions": ["nope"]}, 7]))
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(both))
+    assert code == 2 and "nothing created" in err
+    assert "[1]: invalid hook: actions: unknown event code(s) 'nope'" in err
+    assert "[2]: expected a JSON object" in err
+    code, listed, _ = run_cli(capsys, "-c", config, "hooks", "list")
+    assert code == 0 and listed == []
+    one = tmp_path / "one.json"
+    one.write_text(json.dumps(hook))
+    code, created, _ = run_cli(capsys, "-c", config, "hooks", "create", str(one))
+    hook_id = str(created[0]["id"])
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "update", hook_id, str(both))
+    assert code == 2 and "both.json: expected a JSON object (one hook)" in err
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "test", hook_id, "nosuchtype")
+    assert code == 2 and "unknown event type 'nosuchtype'" in err
+    code, _, err = run_cli(capsys, "-c", config, "tokens", "create", "--account",
+                           str(2**63), "--role", "master")
+    assert code == 2 and "is not an integer from 0 to 9223372036854775807" in err
+    monkeypatch.setenv("REDIS_URL", "")
+    code, _, err = run_cli(capsys, "-c", config, "stats")
+    assert code == 2 and "REDIS_URL is empty" in err
+    monkeypatch.setenv("REDIS_URL", "redis//:S3cretPass@redis.internal:6379/0")
+    code, _, err = run_cli(capsys, "-c", config, "stats")
+    assert code == 2 and "REDIS_URL='***@redis.internal:6379/0'" in err
+    assert "S3cretPass" not in err
+
+
+def test_publish_partial_with_nothing_accepted_exits_1(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.ndjson"
+    events.write_text('{"event_type": "clack", "account_id": 1, '
+                      '"event_date": "2026-01-01T00:00:00Z"}\n')
+    code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    assert code == 1 and result["accepted"] == 0 and len(result["issues"]) == 1
+
+
+def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Path) -> None:
+    """REDIS_URL from the settings file (not the environment) is used, and the
+    demo's keys are gone afterwards."""
+    before = set(redis_client.scan_iter("demo*", count=1000))
+    main_json = tmp_path / "main.json"
+    url = redis_client.connection_pool.connection_kwargs
+    main_json.write_text(json.dumps({"REDIS_URL": f"redis://{url['host']}:{url['port']}/"
+                                                  f"{url.get('db', 0)}"}))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
+    env["HOOKRAY_CONFIG"] = str(main_json)
+    proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--events", "200"],
+                          env=env, capture_output=True, text=True, timeout=240,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "embedded Redis" not in proc.stdout and "demo: ok" in proc.stdout
+    assert set(redis_client.scan_iter("demo*", count=1000)) == before

@@ -1,0 +1,22 @@
+-- Record the engine's PARTITIONS. A different count recorded before is replaced only
+-- while every stream of that count is empty (their events would be stranded, or read
+-- out of order); otherwise nothing changes and the non-empty streams' lengths return.
+-- KEYS[1] config hash, KEYS[2..] the streams of the count recorded before (if any)
+-- ARGV[1] the new PARTITIONS, ARGV[2] the count recorded before ('' if none)
+local recorded = redis.call('HGET', KEYS[1], 'partitions')
+if (recorded or '') ~= ARGV[2] then
+  return {'changed', recorded or ''}
+end
+local busy = {}
+for i = 2, #KEYS do
+  local n = redis.call('XLEN', KEYS[i])
+  if n > 0 then
+    table.insert(busy, KEYS[i])
+    table.insert(busy, n)
+  end
+end
+if #busy > 0 then
+  return busy
+end
+redis.call('HSET', KEYS[1], 'partitions', ARGV[1])
+return {}

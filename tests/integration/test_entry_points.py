@@ -1,0 +1,101 @@
+"""The Python driver's settings and the intake's partition count guard."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import redis
+
+from actors.driver import Engine
+from engine.errors import ConfigError
+from engine.intake import Intake
+from engine.keys import Keys
+from engine.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+def click(n: int) -> dict[str, object]:
+    return {"event_type": "click", "account_id": 1, "list_id": n,
+            "event_date": "2026-01-01T00:00:00Z", "id": f"e{n}"}
+
+
+def test_keyword_overrides_are_validated_like_any_setting(settings: Settings) -> None:
+    with pytest.raises(ConfigError) as info:
+        Engine.connect(settings, PARTITIONS=0, REDIS_PREFX="typo", HOOK_RETRY_TIMES="lots")
+    text = str(info.value)
+    assert "PARTITIONS=0 (given): Input should be greater than or equal to 1" in text
+    assert "REDIS_PREFX='typo' (given): unknown setting" in text
+    assert "HOOK_RETRY_TIMES='lots' (given)" in text
+    engine = Engine.connect(settings, PARTITIONS=3)
+    assert engine.settings.PARTITIONS == 3
+    engine.redis.close()
+
+
+def test_a_producer_with_another_partition_count_is_refused(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The engine records its PARTITIONS; a producer writing for another count would put
+    events in streams no partition reads: refused, nothing written."""
+    engine_side = Intake(redis_client, keys, 2, 100)
+    engine_side.ensure_groups()
+    engine_side.record_partitions()
+    assert redis_client.hget(keys.config, "partitions") == b"2"
+    other = Intake(redis_client, keys, 8, 100)
+    with pytest.raises(ConfigError, match=r"PARTITIONS is 8 here but the engine .* runs "
+                                          r"with 2: .* nothing was accepted"):
+        other.publish([click(n) for n in range(20)])
+    assert not any(redis_client.exists(keys.intake(n)) for n in range(2, 8))
+    assert sum(redis_client.xlen(keys.intake(n)) for n in range(2)) == 0
+    assert engine_side.publish([click(n) for n in range(20)]).accepted == 20
+    # the engine cannot restart with another count while its intake holds events ...
+    with pytest.raises(ConfigError, match=r"PARTITIONS is 8 but the engine ran with 2 and "
+                                          r"its intake still holds events: .*intake:\d"):
+        other.record_partitions()
+    assert redis_client.hget(keys.config, "partitions") == b"2"
+    # ... and can once they are delivered (here: deleted)
+    for n in range(2):
+        redis_client.delete(keys.intake(n))
+    other.record_partitions()
+    assert redis_client.hget(keys.config, "partitions") == b"8"
+    assert other.publish([click(n) for n in range(20)]).accepted == 20
+    with pytest.raises(ConfigError, match="PARTITIONS is 2 here"):
+        engine_side.publish([click(1)])
+
+
+SCRIPT = textwrap.dedent("""
+    import ray
+    from actors.driver import Engine
+    from engine.settings import Settings
+
+    def start(prefix):
+        return Engine.start(Settings(REDIS_URL={url!r}, REDIS_PREFIX=prefix, PARTITIONS=1,
+                                     HTTP_POOL_SIZE=1))
+
+    first, second = start({prefix!r} + "a"), start({prefix!r} + "b")
+    first.shutdown()
+    assert ray.is_initialized(), "Ray went down with the first engine"
+    assert ray.get(second.actors["retry"].ping.remote(), timeout=30)
+    second.shutdown()
+    assert not ray.is_initialized(), "Ray outlived the last engine"
+    second.shutdown()  # again: nothing to do, no error
+    print("ok")
+""")
+
+
+def test_ray_started_by_engines_stops_with_the_last_of_them(settings: Settings,
+                                                            redis_client: redis.Redis) -> None:
+    code = SCRIPT.format(url=settings.REDIS_URL, prefix=settings.REDIS_PREFIX)
+    try:
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              timeout=240, cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), \
+            proc.stdout[-2000:] + proc.stderr[-3000:]
+    finally:
+        for suffix in ("a", "b"):
+            keys = list(redis_client.scan_iter(f"{settings.REDIS_PREFIX}{suffix}:*"))
+            if keys:
+                redis_client.delete(*keys)
