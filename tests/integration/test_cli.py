@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from actors.cli import _parser, main
@@ -96,15 +99,27 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert code == 2 and "settings file" in err and "cannot be read" in err
 
 
-def test_demo_runs_on_embedded_redis_without_redis_url(tmp_path: Path) -> None:
+def test_demo_runs_on_embedded_redis_without_redis_url() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
-    proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--events", "400"],
-                          env=env, capture_output=True, text=True, timeout=240,
-                          cwd=Path(__file__).resolve().parents[2])
+    # the embedded Redis's folders go there, and are gone after the demo (a short path:
+    # Ray puts its sockets there too, and a socket's path has at most 107 bytes)
+    temp = Path(tempfile.mkdtemp(prefix="hr", dir="/tmp"))
+    env["TMPDIR"] = str(temp)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--events", "400"],
+                              env=env, capture_output=True, text=True, timeout=240,
+                              cwd=Path(__file__).resolve().parents[2])
+        left = sorted(p.name for p in temp.iterdir() if p.name != "ray")
+        running = [p.pid for p in psutil.process_iter(["cmdline"])
+                   if str(temp) in " ".join(p.info["cmdline"] or [])
+                   and "redis-server" in " ".join(p.info["cmdline"] or [])]
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "demo: embedded Redis at unix://" in proc.stdout
     assert "demo: ok" in proc.stdout
     assert "receiver /flaky: 2 request(s)" in proc.stdout  # one failure, one re-send
+    assert left == [] and running == []  # the embedded Redis stopped, its folder gone
 
 
 def test_run_twice_with_the_same_hooks_file_keeps_one_hook(config: str, tmp_path: Path,
