@@ -339,7 +339,8 @@ def _parser() -> argparse.ArgumentParser:
     tcreate.add_argument("--name", default="", help="a label for the token")
     tsub.add_parser("list", help="list tokens (never their secrets)").add_argument(
         "--account", type=int)
-    tsub.add_parser("revoke", help="revoke a token at once").add_argument("token_id")
+    tsub.add_parser("revoke", help="revoke a token at once").add_argument(
+        "token_id", help="the token's id, or the token itself")
     tokens.set_defaults(fn=cmd_tokens)
 
     replay = sub.add_parser("replay", help="send dead letters again")

@@ -103,6 +103,10 @@ class TokenStore:
                       key=lambda i: (i.account_id, i.created, i.id))
 
     def revoke(self, token_id: str) -> None:
+        """Revoke a token by its id, or by the token itself (its id is part of it)."""
+        full = _TOKEN.fullmatch(token_id)
+        if full:
+            token_id = full.group(1)
         if not self.r.hdel(self.key, token_id):
             raise NotFound(f"token {token_id} does not exist")
 

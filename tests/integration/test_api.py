@@ -204,6 +204,11 @@ async def test_tokens_are_stored_hashed_listed_and_revoked_at_once(api: Api) -> 
         store.revoke(info.id)
     with pytest.raises(ValueError, match="role"):
         store.create(1, "admin")
+    other, other_info = store.create(7, "master")
+    store.revoke(other)  # the token itself names its id
+    assert store.authenticate(other) is None and store.list(7) == []
+    with pytest.raises(NotFound, match=f"token {other_info.id} does not exist"):
+        store.revoke(other)
 
 
 def test_cli_creates_lists_and_revokes_tokens(settings: Settings, redis_client: redis.Redis,
