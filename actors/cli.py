@@ -49,8 +49,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.api_port is not None:
         settings = with_overrides(settings, {"API_PORT": args.api_port})
-    hooks = [(path, data) for path in args.hooks or []
-             for data in _as_list(_read_json(path))]  # bad files: before anything starts
+    hooks = [(path, n, data) for path in args.hooks or []  # bad files: before anything
+             for n, data in enumerate(_as_list(_read_json(path)))]  # starts
     if hooks:
         from engine.catalogue import load_catalogue
 
@@ -63,7 +63,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if engine.api_url:
             print(f"hookray: HTTP API on {engine.api_url}", flush=True)
-        for path, data in hooks:
+        for path, _, data in hooks:
             _create_missing_hook(engine, data, path)
         print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
         _report_until(engine, stop, args.report_sec, args.duration)
@@ -73,26 +73,34 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_run_hooks(engine_catalogue: Any, hooks: list[tuple[str, Any]]) -> None:
-    """The hooks of ``run --hooks`` files, checked before anything starts: each valid,
-    and one name per account (a hook is known by its account and name)."""
+def _hook_problem(data: Any, catalogue: Any) -> str | None:
+    """Why ``data`` (one hook of a file) cannot be created; None if it can."""
     from engine.hooks import parse_hook
 
+    if not isinstance(data, dict):
+        return "expected a JSON object"
+    try:
+        parse_hook({**data, "id": 0}, catalogue)
+    except HookError as exc:
+        return str(exc)
+    return None
+
+
+def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]]) -> None:
+    """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
+    before anything starts: each valid, and one name per account (a hook is known by
+    its account and name)."""
     problems, seen = [], {}
-    for n, (path, data) in enumerate(hooks):
-        if not isinstance(data, dict):
-            problems.append(f"{path}: hook {n}: expected a JSON object")
-            continue
-        try:
-            parse_hook({**data, "id": 0}, engine_catalogue)
-        except HookError as exc:
-            problems.append(f"{path}: hook {n} ({data.get('name')!r}): {exc}")
+    for path, n, data in hooks:
+        problem = _hook_problem(data, catalogue)
+        if problem is not None:
+            problems.append(f"{path}[{n}]: {problem}")
             continue
         key = (data.get("account_id"), data.get("name"))
         if key in seen:
-            problems.append(f"{path}: hook {n}: account {key[0]} has a hook named {key[1]!r} "
+            problems.append(f"{path}[{n}]: account {key[0]} has a hook named {key[1]!r} "
                             f"already in {seen[key]}")
-        seen[key] = path
+        seen[key] = f"{path}[{n}]"
     if problems:
         raise HookError("--hooks: nothing started; " + "; ".join(problems))
 
@@ -202,17 +210,8 @@ def cmd_hooks(args: argparse.Namespace) -> int:
 
 def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:
     """Every hook of a file validated before any is created; the bad ones by index."""
-    from engine.hooks import parse_hook
-
-    problems = []
-    for n, data in enumerate(hooks):
-        if not isinstance(data, dict):
-            problems.append(f"[{n}]: expected a JSON object")
-            continue
-        try:
-            parse_hook({**data, "id": 0}, engine.catalogue)
-        except HookError as exc:
-            problems.append(f"[{n}]: {exc}")
+    problems = [f"[{n}]: {problem}" for n, data in enumerate(hooks)
+                if (problem := _hook_problem(data, engine.catalogue)) is not None]
     if problems:
         raise HookError(f"{path}: nothing created; " + "; ".join(problems))
 

@@ -162,8 +162,8 @@ def test_run_refuses_bad_or_clashing_hook_files_before_starting(
     second.write_text(json.dumps(hook))
     code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(first), str(second))
     assert code == 2 and "--hooks: nothing started" in err
-    assert "hook 1 ('other'): invalid hook: actions: unknown event code(s) 'nope'" in err
-    assert f"account 4 has a hook named 'crm' already in {first}" in err
+    assert f"{first}[1]: invalid hook: actions: unknown event code(s) 'nope'" in err
+    assert f"{second}[0]: account 4 has a hook named 'crm' already in {first}[0]" in err
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
