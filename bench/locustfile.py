@@ -13,10 +13,22 @@ Each user posts batches of ``HOOKRAY_BATCH`` (default 500) generated events of
 account ``HOOKRAY_ACCOUNT`` (default 1) to ``POST /v1/events``. On test start the
 file starts a counting sink (``python -m bench.sink``) and creates
 ``HOOKRAY_HOOKS`` (default 10) hooks of that account pointing at it; on test
-stop it waits for the sink to drain, deletes the hooks, and reports the
+stop it waits for the engine to drain, deletes the hooks, and reports the
 messages delivered per second read from the sink, next to Locust's own
 requests/s: printed, and written to ``<csv prefix>_delivered.json`` when
 ``--csv`` is given (else ``locust_delivered.json``).
+
+Draining: the file counts, per event type, the events of the requests answered
+202 (``events_posted`` = (requests - failures) x batch), so it knows how many
+messages its hooks must get (``expected_messages``; the hooks have no filters).
+It then polls the engine's stats API (``GET /v1/hooks/{id}/stats``) for its hooks
+until ``accepted`` reaches the expected count and every accepted message is
+delivered or dead-lettered, for at most ``HOOKRAY_DRAIN_SEC`` (default 120)
+seconds. A drain that times out (the report says how many messages are still
+undelivered) or ends with dead letters sets Locust's exit code to 1 and
+``drained: false`` in the report. (With distributed Locust workers the master
+does not see the workers' counts: it then waits only for delivered +
+dead_lettered to reach accepted.)
 """
 
 from __future__ import annotations
@@ -29,6 +41,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from typing import Any
 
 from locust import HttpUser, between, events, task
@@ -36,9 +49,11 @@ from locust import HttpUser, between, events, task
 ACCOUNT = int(os.environ.get("HOOKRAY_ACCOUNT", "1"))
 BATCH = int(os.environ.get("HOOKRAY_BATCH", "500"))
 HOOKS = int(os.environ.get("HOOKRAY_HOOKS", "10"))
+DRAIN_SEC = float(os.environ.get("HOOKRAY_DRAIN_SEC", "120"))
 CODES = ["send", "deliv", "open", "uopen", "click", "uclick", "unsub", "hbounce", "sbounce",
          "import_api", "send_sms", "deliv_sms", "click_sms", "open_push", "pixel"]
 _state: dict[str, Any] = {}
+_posted: Counter[str] = Counter()  # event type -> events in requests answered 202
 
 
 def _token() -> str:
@@ -83,35 +98,75 @@ def _start_sink() -> str:
 def _setup(environment: Any, **_: Any) -> None:
     _state["sink"] = _start_sink()
     host = environment.host
-    _state["hooks"] = [_api(host, "POST", "/v1/hooks", {
-        "name": f"locust {i}", "active": True, "database": "all",
-        "actions": random.Random(i).sample(CODES, 5),
-        "custom_data": {"pairs": {"day": "{{event_date_ymd}}"}},
-        "target": {"http_batch": {"url": f"{_state['sink']}/locust{i}", "max_batch_size": 200,
-                                  "flush_timeout_sec": 0.5}}})["id"] for i in range(HOOKS)]
+    _posted.clear()
+    hooks = {}
+    for i in range(HOOKS):
+        actions = random.Random(i).sample(CODES, 5)
+        hook = _api(host, "POST", "/v1/hooks", {
+            "name": f"locust {i}", "active": True, "database": "all", "actions": actions,
+            "custom_data": {"pairs": {"day": "{{event_date_ymd}}"}},
+            "target": {"http_batch": {"url": f"{_state['sink']}/locust{i}",
+                                      "max_batch_size": 200, "flush_timeout_sec": 0.5}}})
+        hooks[hook["id"]] = actions
+    _state["hooks"] = hooks
     _state["started"] = time.time()
+
+
+def _engine_totals(host: str) -> dict[str, int]:
+    """accepted, delivered, retried, dead_lettered summed over this file's hooks."""
+    totals = {"accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0}
+    for hook_id in _state.get("hooks", {}):
+        stats = _api(host, "GET", f"/v1/hooks/{hook_id}/stats")
+        for key in totals:
+            totals[key] += int(stats.get(key, 0))
+    return totals
+
+
+def _drain(host: str, expected: int) -> tuple[bool, dict[str, int], str]:
+    """Wait until the engine accepted ``expected`` messages for the hooks and settled
+    each one (delivered or dead-lettered), at most DRAIN_SEC; (drained, totals, why not)."""
+    deadline = time.monotonic() + DRAIN_SEC
+    while True:
+        totals = _engine_totals(host)
+        settled = totals["delivered"] + totals["dead_lettered"]
+        if totals["accepted"] >= expected and settled >= totals["accepted"]:
+            if totals["dead_lettered"]:
+                return False, totals, f"{totals['dead_lettered']:,} messages dead-lettered"
+            return True, totals, ""
+        if time.monotonic() >= deadline:
+            return False, totals, (
+                f"not drained after {DRAIN_SEC:g} s: accepted {totals['accepted']:,} of "
+                f"{expected:,} expected messages, delivered {totals['delivered']:,} "
+                f"({totals['accepted'] - totals['delivered']:,} undelivered), "
+                f"dead_lettered {totals['dead_lettered']:,}")
+        time.sleep(1)
 
 
 @events.test_stop.add_listener
 def _report(environment: Any, **_: Any) -> None:
-    stopped = time.time()
-    last, stable = -1, 0
-    while stable < 3 and time.time() - stopped < 60:  # let in-flight batches arrive
-        time.sleep(1)
-        count = _sink_stats()["unique"]
-        stable = stable + 1 if count == last else 0
-        last = count
+    host = environment.host
+    hooks: dict[int, list[str]] = _state.get("hooks", {})
+    expected = sum(_posted[code] for actions in hooks.values() for code in actions)
+    try:
+        drained, totals, why = _drain(host, expected)
+    except Exception as exc:  # the API went away: still clean up and report
+        drained, totals, why = False, {}, f"reading the engine's stats: {exc}"
     stats = _sink_stats()
-    for hook_id in _state.get("hooks", []):
-        _api(environment.host, "DELETE", f"/v1/hooks/{hook_id}")
+    for hook_id in hooks:
+        _api(host, "DELETE", f"/v1/hooks/{hook_id}")
     _state["sink_proc"].terminate()
     total = environment.stats.total
     elapsed = max(stats["last"] - _state["started"], 1e-9)
     report = {"requests": total.num_requests, "failures": total.num_failures,
-              "requests_per_s": total.total_rps, "events_posted": total.num_requests * BATCH,
+              "requests_per_s": total.total_rps,
+              "events_posted": (total.num_requests - total.num_failures) * BATCH,
+              "expected_messages": expected, "engine": totals, "drained": drained,
               "delivered_messages": stats["unique"],
               "delivered_messages_per_s": stats["unique"] / elapsed,
               "latency_p50_ms": stats["p50_ms"], "latency_p99_ms": stats["p99_ms"]}
+    if not drained:
+        report["error"] = why
+        environment.process_exit_code = 1
     prefix = environment.parsed_options.csv_prefix if environment.parsed_options else None
     path = f"{prefix}_delivered.json" if prefix else "locust_delivered.json"
     with open(path, "w") as fh:
@@ -119,19 +174,23 @@ def _report(environment: Any, **_: Any) -> None:
     print(f"hookray: delivered {report['delivered_messages']:,} messages "
           f"({report['delivered_messages_per_s']:,.0f}/s) for {report['requests']:,} requests "
           f"({report['requests_per_s']:,.1f}/s); report in {path}", flush=True)
+    if not drained:
+        print(f"hookray: FAILED: {why}", flush=True)
 
 
-def _events(n: int) -> bytes:
+def _events(n: int) -> tuple[bytes, Counter[str]]:
+    """A request body of ``n`` events, and how many there are of each event type."""
     now = time.time_ns()
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(now // 10**9))
     date = f"{stamp}.{now % 10**9:09d}Z"
     rng = random.Random()
+    types = [CODES[rng.randrange(len(CODES))] for _ in range(n)]
     return json.dumps([{
-        "event_type": CODES[rng.randrange(len(CODES))], "event_date": date,
+        "event_type": code, "event_date": date,
         "account_id": ACCOUNT, "list_id": rng.randrange(1, 51),
         "profile_id": f"p{rng.randrange(100_000)}",
         "event_data": {"campaign_id": rng.randrange(1, 21), "message_id": rng.randrange(1, 31),
-                       "segment_id": 0}} for _ in range(n)]).encode()
+                       "segment_id": 0}} for code in types]).encode(), Counter(types)
 
 
 class IngestUser(HttpUser):
@@ -139,8 +198,11 @@ class IngestUser(HttpUser):
 
     @task
     def post_events(self) -> None:
-        with self.client.post("/v1/events", data=_events(BATCH), catch_response=True,
+        body, types = _events(BATCH)
+        with self.client.post("/v1/events", data=body, catch_response=True,
                               headers={"Authorization": f"Bearer {_token()}",
                                        "Content-Type": "application/json"}) as resp:
             if resp.status_code != 202:
                 resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+            else:
+                _posted.update(types)

@@ -1,9 +1,17 @@
 """A counting HTTP sink in a process of its own, for benchmarks.
 
-It answers 200 "OK" to every POST, decodes each JSON array with msgspec, counts
-unique ``hook_message_id`` values per path, and keeps intake→receiver latency
-samples (now minus the message's ``event_date``, which benchmarks set to the
-publish time). ``GET /stats`` returns the counts; ``POST /reset`` clears them.
+It answers 200 "OK" to every POST, decodes each JSON array with msgspec, keeps
+the set of ``hook_message_id`` values received per path and counts per path the
+messages whose id it had already received there (``duplicates``), and keeps
+publish→receiver latency samples (now minus the message's ``event_date``, which
+benchmarks set to the time just before they publish the event).
+
+``GET /stats`` returns the counts (``messages``, ``unique``, ``duplicates``,
+``requests``, ``bytes``, ``per_path`` unique counts, ``per_path_duplicates``, the
+time of the first and last request, latency ``p50_ms``/``p99_ms``);
+``GET /ids?path=P`` returns ``{"ids": [...], "messages", "duplicates"}`` of one path
+(the ids received there, each once), so a benchmark can compare them with the ids
+it expects; ``POST /reset`` clears everything.
 """
 
 from __future__ import annotations
@@ -31,16 +39,22 @@ def _serve(port: int, ready: Any) -> None:
     from aiohttp import web
 
     ids: dict[str, set[str]] = defaultdict(set)
-    state = {"messages": 0, "requests": 0, "bytes": 0, "latencies_ns": [], "first": 0.0,
-             "last": 0.0}
+    dups: dict[str, int] = defaultdict(int)
+    per_path_messages: dict[str, int] = defaultdict(int)
+    state: dict[str, Any] = {"messages": 0, "requests": 0, "bytes": 0, "latencies_ns": [],
+                             "first": 0.0, "last": 0.0}
 
     async def post(request: web.Request) -> web.Response:
         body = await request.read()
         now = time.time_ns()
         msgs = _decoder.decode(body)
         seen = ids[request.path]
-        for m in msgs:
-            seen.add(m.hook_message_id)
+        before = len(seen)
+        seen.update([m.hook_message_id for m in msgs])
+        repeated = len(msgs) - (len(seen) - before)
+        if repeated:
+            dups[request.path] += repeated
+        per_path_messages[request.path] += len(msgs)
         lat = state["latencies_ns"]
         if len(lat) < 2_000_000:
             sample = msgs[:: max(1, len(msgs) // 4)]
@@ -59,16 +73,28 @@ def _serve(port: int, ready: Any) -> None:
         return web.json_response({
             "messages": state["messages"], "requests": state["requests"],
             "bytes": state["bytes"], "unique": sum(len(s) for s in ids.values()),
-            "per_path": {k: len(v) for k, v in ids.items()}, "first": state["first"],
+            "duplicates": sum(dups.values()),
+            "per_path": {k: len(v) for k, v in ids.items()},
+            "per_path_duplicates": dict(dups), "first": state["first"],
             "last": state["last"], **pct})
+
+    async def path_ids(request: web.Request) -> web.Response:
+        path = request.query.get("path", "")
+        body = msgspec.json.encode({"ids": list(ids.get(path, ())),
+                                    "messages": per_path_messages.get(path, 0),
+                                    "duplicates": dups.get(path, 0)})
+        return web.Response(body=body, content_type="application/json")
 
     async def reset(request: web.Request) -> web.Response:
         ids.clear()
+        dups.clear()
+        per_path_messages.clear()
         state.update(messages=0, requests=0, bytes=0, latencies_ns=[], first=0.0, last=0.0)
         return web.Response(text="OK")
 
     app = web.Application(client_max_size=512 * 1024 * 1024)
     app.router.add_get("/stats", stats)
+    app.router.add_get("/ids", path_ids)
     app.router.add_post("/reset", reset)
     app.router.add_post("/{tail:.*}", post)
     ready.set()
@@ -76,7 +102,8 @@ def _serve(port: int, ready: Any) -> None:
 
 
 class Sink:
-    """Start with ``Sink().start()``; ``url(path)``, ``stats()``, ``reset()``, ``stop()``."""
+    """Start with ``Sink().start()``; ``url(path)``, ``stats()``, ``ids(path)``,
+    ``reset()``, ``stop()``; ``pid`` is the sink process's id once started."""
 
     def __init__(self) -> None:
         with socket.socket() as s:
@@ -98,6 +125,10 @@ class Sink:
             time.sleep(0.05)
         raise RuntimeError("sink did not open its port")
 
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid
+
     def url(self, path: str = "/hook") -> str:
         return f"http://127.0.0.1:{self.port}{path}"
 
@@ -105,6 +136,15 @@ class Sink:
         import urllib.request
 
         with urllib.request.urlopen(self.url("/stats"), timeout=30) as resp:
+            return msgspec.json.decode(resp.read())
+
+    def ids(self, path: str) -> dict[str, Any]:
+        """``{"ids": [...], "messages": n, "duplicates": n}`` received on ``path``."""
+        import urllib.parse
+        import urllib.request
+
+        query = urllib.parse.urlencode({"path": path})
+        with urllib.request.urlopen(self.url(f"/ids?{query}"), timeout=60) as resp:
             return msgspec.json.decode(resp.read())
 
     def reset(self) -> None:

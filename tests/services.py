@@ -5,11 +5,16 @@ A missing server fails the run in CI (``CI=true``) and skips the test locally.
 
 from __future__ import annotations
 
+import json
 import os
+import signal
 import socket
+import subprocess
+import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -126,3 +131,28 @@ def engine_factory(ray_session: Any, settings: Settings) -> Iterator[Callable[..
     yield start
     for engine in started:
         engine.shutdown()
+
+
+def run_bench_module(module: str, json_path: Path, args: Sequence[str], timeout: float
+                     ) -> tuple[int, str, Any]:
+    """Run ``python -m <module> --json <json_path> <args>`` from the repository root
+    (without RAY_ADDRESS: the bench starts its own Ray): exit status, output, and the
+    JSON it wrote (None if none). Past ``timeout`` it is stopped (SIGTERM first: the
+    benches stop what they started) and the test fails with its output."""
+    root = Path(__file__).resolve().parents[1]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", module, "--json", str(json_path), *args],
+        cwd=root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        output, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            output, _ = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            output, _ = proc.communicate()
+        pytest.fail(f"{module} did not finish within {timeout} s:\n{output[-3000:]}")
+    data = json.loads(json_path.read_text()) if json_path.exists() else None
+    return proc.returncode, output, data

@@ -3,16 +3,13 @@ engine and a ceiling rate in the documented JSON shape (no speed assertions)."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
 import statistics
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+from tests.services import run_bench_module
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -23,23 +20,10 @@ RATES = ("engine_per_s", "ceiling_per_s", "ratio")
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
     """Run ``python -m bench.transports`` with ``args``; its output and JSON results."""
-    out = tmp_path / "transports.json"
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "bench.transports", "--json", str(out), *args],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    try:
-        output, _ = proc.communicate(timeout=RUN_TIMEOUT_SEC)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGTERM)  # the bench stops what it started on SIGTERM
-        try:
-            output, _ = proc.communicate(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            output, _ = proc.communicate()
-        pytest.fail(f"the bench did not finish within {RUN_TIMEOUT_SEC} s:\n{output[-3000:]}")
-    assert proc.returncode == 0, output[-3000:]
-    return output, json.loads(out.read_text())
+    code, output, data = run_bench_module("bench.transports", tmp_path / "transports.json",
+                                          args, RUN_TIMEOUT_SEC)
+    assert code == 0, output[-3000:]
+    return output, data
 
 
 def check_rates(kind: str, result: dict[str, Any]) -> None:
