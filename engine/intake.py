@@ -45,6 +45,7 @@ class StoredEvent(Event, gc=False):
 
 
 log = logging.getLogger("hookray")
+WRITE_TRIES = 10  # publish attempts while the engine's recorded PARTITIONS changes
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -202,8 +203,14 @@ class Intake:
             raise EventError(
                 f"{len(issues)} bad event(s), nothing accepted: "
                 + "; ".join(map(str, issues[:20])), issues)
-        ensure_ids(good)
-        self.append(good)
+        fresh = [e for e in good if e.id is None]
+        ensure_ids(fresh)
+        try:
+            self.append(good)
+        except BaseException:  # not accepted (a refusal, Redis down): ids taken back
+            for event in fresh:
+                event.id = None
+            raise
         return PublishResult(len(good), issues, [e.id or "" for e in good])
 
     def _publish_checked(self, events: list[Event]) -> bool:
@@ -227,7 +234,12 @@ class Intake:
             for event in fresh:
                 event.id = None
             return False
-        self._write(encoded, len(events))
+        try:
+            self._write(encoded, len(events))
+        except BaseException:  # not accepted (a refusal, Redis down): ids taken back
+            for event in fresh:
+                event.id = None
+            raise
         return True
 
     def append(self, events: list[Event]) -> None:
@@ -258,14 +270,42 @@ class Intake:
         partitions than this intake writes to."""
         if not entries:
             return
-        recorded = self._script("intake_append")(
-            keys=[self.k.config, self.k.engine_stats, *(self.k.intake(n) for n, _ in entries)],
-            args=[self.partitions, count, *(data for _, data in entries)])
+        recorded: bytes | None = None
+        for _ in range(WRITE_TRIES):
+            with self.r.pipeline() as pipe:
+                try:
+                    # the count is read under WATCH: an engine recording another count
+                    # meanwhile fails the transaction (WatchError), which is tried again
+                    pipe.watch(self.k.config)
+                    recorded = pipe.hget(self.k.config, "partitions")  # type: ignore[assignment]
+                    if recorded is not None and int(recorded) != self.partitions:
+                        break
+                    pipe.multi()
+                    for n, data in entries:
+                        pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
+                    pipe.hincrby(self.k.engine_stats, "events_accepted", count)
+                    pipe.execute()
+                    return
+                except redis.WatchError:
+                    continue
+        else:
+            raise ConfigError("PARTITIONS: the engine's recorded count kept changing while "
+                              "publishing; nothing was accepted")
         if recorded is not None:
             raise ConfigError(
                 f"PARTITIONS is {self.partitions} here but the engine "
                 f"(REDIS_PREFIX {self.k.p!r}) runs with {int(recorded)}: events would go to "
                 "streams no partition reads; nothing was accepted. Use the engine's settings")
+
+    def _streams(self) -> list[tuple[int, str]]:
+        """(partition, key) of every intake stream in Redis."""
+        head = self.k.intake(0)[:-1]
+        found = []
+        for raw in self.r.scan_iter(match=f"{head}*", count=1000):
+            key = raw.decode() if isinstance(raw, bytes) else str(raw)
+            if key[len(head):].isdigit():
+                found.append((int(key[len(head):]), key))
+        return sorted(found)
 
     def record_partitions(self) -> None:
         """Record this intake's PARTITIONS as the engine's (``Engine.start``). A
@@ -276,7 +316,11 @@ class Intake:
             before = int(recorded) if recorded is not None else None
             if before == self.partitions:
                 return
-            streams = [self.k.intake(n) for n in range(before or 0)]
+            # before: all of the streams of that count; nothing recorded (data of an
+            # earlier version, or producers that ran before any engine): every stream
+            # there is that this count would not read
+            streams = [self.k.intake(n) for n in range(before)] if before is not None \
+                else [key for n, key in self._streams() if n >= self.partitions]
             answer = self._script("intake_partitions")(keys=[self.k.config, *streams],
                                       args=[self.partitions, "" if before is None else before])
             if not answer:
@@ -287,9 +331,12 @@ class Intake:
             if answer[0] != b"changed":
                 busy = ", ".join(f"{k.decode()} ({int(n)} entries)"
                                  for k, n in zip(answer[::2], answer[1::2], strict=True))
+                ran = f"ran with {before} and its intake still holds events" \
+                    if before is not None else "had no count recorded and its intake " \
+                    "holds events this count would never read"
                 raise ConfigError(
-                    f"PARTITIONS is {self.partitions} but the engine ran with {before} and "
-                    f"its intake still holds events: {busy}. Start with PARTITIONS={before} "
-                    "until they are delivered (backlog 0), then change it")
+                    f"PARTITIONS is {self.partitions} but the engine {ran}: {busy}. Start "
+                    "with the count that wrote them until they are delivered (backlog 0), "
+                    "then change it")
         raise ConfigError("PARTITIONS: the recorded count kept changing; is another engine "
                           "starting with the same REDIS_PREFIX?")

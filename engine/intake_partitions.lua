@@ -1,7 +1,8 @@
--- Record the engine's PARTITIONS. A different count recorded before is replaced only
--- while every stream of that count is empty (their events would be stranded, or read
--- out of order); otherwise nothing changes and the non-empty streams' lengths return.
--- KEYS[1] config hash, KEYS[2..] the streams of the count recorded before (if any)
+-- Record the engine's PARTITIONS, only while the given streams are empty (their events
+-- would be stranded, or read out of order); otherwise nothing changes and the
+-- non-empty streams' lengths return.
+-- KEYS[1] config hash, KEYS[2..] the streams that must be empty: all of the count
+-- recorded before, or, with none recorded, those the new count would not read
 -- ARGV[1] the new PARTITIONS, ARGV[2] the count recorded before ('' if none)
 local recorded = redis.call('HGET', KEYS[1], 'partitions')
 if (recorded or '') ~= ARGV[2] then

@@ -12,6 +12,7 @@ import redis
 
 from actors.driver import Engine
 from engine.errors import ConfigError
+from engine.events import Event
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -48,6 +49,11 @@ def test_a_producer_with_another_partition_count_is_refused(
     with pytest.raises(ConfigError, match=r"PARTITIONS is 8 here but the engine .* runs "
                                           r"with 2: .* nothing was accepted"):
         other.publish([click(n) for n in range(20)])
+    built = [Event(event_type="click", account_id=1, list_id=1,
+                   event_date="2026-01-01T00:00:00Z") for _ in range(3)]
+    with pytest.raises(ConfigError, match="PARTITIONS is 8 here"):
+        other.publish(built)
+    assert [e.id for e in built] == [None] * 3  # ids given for the attempt: taken back
     assert not any(redis_client.exists(keys.intake(n)) for n in range(2, 8))
     assert sum(redis_client.xlen(keys.intake(n)) for n in range(2)) == 0
     assert engine_side.publish([click(n) for n in range(20)]).accepted == 20
@@ -64,6 +70,25 @@ def test_a_producer_with_another_partition_count_is_refused(
     assert other.publish([click(n) for n in range(20)]).accepted == 20
     with pytest.raises(ConfigError, match="PARTITIONS is 2 here"):
         engine_side.publish([click(1)])
+
+
+def test_streams_written_before_any_count_was_recorded_are_not_stranded(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Data of an earlier version, or producers that ran before any engine: an engine
+    whose count would not read some of the streams there refuses to start."""
+    producer = Intake(redis_client, keys, 8, 100)
+    producer.ensure_groups()
+    assert producer.publish([click(n) for n in range(40)]).accepted == 40  # nothing recorded
+    high = [n for n in range(4, 8) if redis_client.xlen(keys.intake(n))]
+    assert high
+    engine_side = Intake(redis_client, keys, 4, 100)
+    with pytest.raises(ConfigError, match=r"PARTITIONS is 4 but the engine had no count "
+                                          r"recorded and its intake holds events this count "
+                                          rf"would never read: .*intake:{high[0]} "):
+        engine_side.record_partitions()
+    assert redis_client.hget(keys.config, "partitions") is None
+    Intake(redis_client, keys, 8, 100).record_partitions()  # the count that wrote them
+    assert redis_client.hget(keys.config, "partitions") == b"8"
 
 
 SCRIPT = textwrap.dedent("""
