@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
+import msgspec
 import redis
 from aiohttp import web
 from pydantic import BaseModel, SecretStr, ValidationError
@@ -134,7 +135,10 @@ class Backend:
         raw: list[bytes | None] = self.r.hmget(self.retry.k.dead_payload, ids)  # type: ignore[assignment]
         found = []
         for delivery_id, payload in zip(ids, raw, strict=True):
-            d = unpack_delivery(payload) if payload is not None else None
+            try:
+                d = unpack_delivery(payload) if payload is not None else None
+            except (msgspec.DecodeError, ValueError):  # damaged: nobody's to replay
+                d = None
             if d is None or d.account_id != account_id:
                 raise ApiError(404, f"dead letter {delivery_id} does not exist")
             found.append(d)

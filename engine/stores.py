@@ -10,7 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from importlib import resources
 from typing import Any
 
@@ -269,6 +269,20 @@ class Stats:
         return {k.decode(): int(v) for k, v in raw.items()}
 
 
+class _KeyPlaces:
+    """KEYS of a script, each once, with its (1-based) place for the script's ARGV."""
+
+    def __init__(self, fixed: list[str]) -> None:
+        self.keys = list(fixed)
+        self._places = {key: n for n, key in enumerate(self.keys, 1)}
+
+    def place(self, key: str) -> int:
+        if key not in self._places:
+            self.keys.append(key)
+            self._places[key] = len(self.keys)
+        return self._places[key]
+
+
 REPLAY_TRIES = 5  # replay attempts while dead letters change under it
 DEAD_READ_CHUNK = 500  # dead letters read per round trip
 
@@ -282,6 +296,7 @@ class RetryStore:
         self._claim = r.register_script(scripts.joinpath("retry_claim.lua").read_text("utf-8"))
         self._replay = r.register_script(
             scripts.joinpath("retry_replay.lua").read_text("utf-8"))
+        self._index = r.register_script(scripts.joinpath("dead_index.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
@@ -373,25 +388,40 @@ class RetryStore:
         else:
             key = self.k.dead
         out: list[Delivery] = []
-        start = 0
-        while len(out) < limit:
-            chunk = min(max(limit - len(out), 50), DEAD_READ_CHUNK)
-            ids: list[bytes] = self.r.zrange(key, start, start + chunk - 1)  # type: ignore[assignment]
-            if not ids:
-                break
-            start += len(ids)
+        for page in self._pages(key, min(max(limit, 50), DEAD_READ_CHUNK)):
+            ids = [delivery_id for delivery_id, _ in page]
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
             for delivery_id, raw in zip(ids, payloads, strict=True):
-                if raw is None:  # replayed meanwhile (or a stale index entry)
+                if raw is None:  # replayed meanwhile
                     continue
                 d = self._unpacked(delivery_id, raw)
                 if d is not None and (account_id is None or d.account_id == account_id) and \
                         (hook_id is None or d.hook_id == hook_id):
                     out.append(d)
                     if len(out) >= limit:
-                        break
+                        return out
         return out
+
+    def _pages(self, key: str, size: int) -> Iterator[list[tuple[bytes, float]]]:
+        """The members of the sorted set ``key`` with their scores, in pages of about
+        ``size``, oldest first: paged by score, not by position, so members removed
+        meanwhile (a replay) make no page skip others."""
+        low: float | str = "-inf"
+        last: float | None = None
+        seen: set[bytes] = set()  # members of score ``last`` given already
+        while True:
+            page: list[tuple[bytes, float]] = self.r.zrangebyscore(  # type: ignore[assignment]
+                key, low, "+inf", start=0, num=size + len(seen), withscores=True)
+            fresh = [(m, s) for m, s in page if not (s == last and m in seen)]
+            if not fresh:
+                return
+            yield fresh
+            top = fresh[-1][1]
+            if top != last:
+                seen = set()
+            seen.update(m for m, s in fresh if s == top)
+            last = low = top
 
     @staticmethod
     def _unpacked(delivery_id: bytes, raw: bytes) -> Delivery | None:
@@ -416,22 +446,17 @@ class RetryStore:
         total = int(self.r.zcard(self.k.dead))
         if total:
             log.info("indexing %d dead letters by account and hook (once)", total)
-        start = 0
-        while True:
-            scored: list[tuple[bytes, float]] = self.r.zrange(  # type: ignore[assignment]
-                self.k.dead, start, start + DEAD_READ_CHUNK - 1, withscores=True)
-            if not scored:
-                break
-            start += len(scored)
+        for scored in self._pages(self.k.dead, DEAD_READ_CHUNK):
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, [i for i, _ in scored])
-            with self.r.pipeline(transaction=False) as pipe:
-                for (delivery_id, died), raw in zip(scored, payloads, strict=True):
-                    if raw is None or (d := self._unpacked(delivery_id, raw)) is None:
-                        continue
-                    pipe.zadd(self.k.dead_of_account(d.account_id), {delivery_id: died})
-                    pipe.zadd(self.k.dead_of_hook(d.hook_id), {delivery_id: died})
-                pipe.execute()
+            keys = _KeyPlaces([self.k.dead])
+            args: list[Any] = []
+            for (delivery_id, died), raw in zip(scored, payloads, strict=True):
+                if raw is not None and (d := self._unpacked(delivery_id, raw)) is not None:
+                    args += [delivery_id, died, keys.place(self.k.dead_of_account(d.account_id)),
+                             keys.place(self.k.dead_of_hook(d.hook_id))]
+            if args:  # only those still dead letters: a replay may have run meanwhile
+                self._index(keys=keys.keys, args=args)
         self.r.set(self.k.dead_indexed, 1)
         self._indexed = True
 
@@ -440,23 +465,19 @@ class RetryStore:
         """KEYS and ARGV of ``retry_replay.lua`` for dead letters ``ids`` read as
         ``payloads``: each id with its payload's SHA-1, its new payload (re-sends
         reset) and the places in KEYS of its account's and hook's index."""
-        keys = [self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload]
-        position: dict[str, int] = {}  # index key -> its (1-based) place in keys
-
-        def place(key: str) -> int:
-            if key not in position:
-                keys.append(key)
-                position[key] = len(keys)
-            return position[key]
-
+        keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
         args: list[Any] = [now_ms()]
         for delivery_id, raw in zip(ids, payloads, strict=True):
-            delivery = unpack_delivery(raw or b"")
+            try:
+                delivery = unpack_delivery(raw or b"")
+            except (msgspec.DecodeError, ValueError):
+                raise NotFound(f"dead letter {delivery_id} cannot be decoded; it is left "
+                               "where it is") from None
             delivery.resends = 0
             args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(), pack_delivery(delivery),
-                     place(self.k.dead_of_account(delivery.account_id)),
-                     place(self.k.dead_of_hook(delivery.hook_id))]
-        return keys, args
+                     keys.place(self.k.dead_of_account(delivery.account_id)),
+                     keys.place(self.k.dead_of_hook(delivery.hook_id))]
+        return keys.keys, args
 
     def replay(self, ids: Iterable[str]) -> int:
         """Put dead letters back on the schedule, due now, with fresh re-send counts.

@@ -722,6 +722,11 @@ async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> Non
     assert answer.status == 404
     assert answer.error == {"code": "not_found", "message": f"dead letter {foreign} does not exist"}
     assert retry.pending() == 0
+    api.r.hset(retry.k.dead_payload, "damaged", b"\xc1")  # undecodable: nobody's, 404
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": ["damaged"]})
+    assert answer.status == 404 and answer.error["message"] == "dead letter damaged does not exist"
+    api.r.hdel(retry.k.dead_payload, "damaged")
     answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
                             json_body={"ids": [mine[0], mine[0]]})
     assert (answer.status, answer.body) == (200, {"replayed": 1})

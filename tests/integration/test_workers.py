@@ -304,9 +304,10 @@ def _letter(delivery_id: str, account: int, hook_id: int) -> Delivery:
 
 
 def test_dead_letters_of_an_account_or_hook_read_only_their_index(
-        redis_client: redis.Redis, keys: Keys) -> None:
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
     """An account's or a hook's dead letters come from its own index: another
-    account's dead letters are not read at all (here: not even decodable)."""
+    account's dead letters are not read at all (here: damaged, so reading one would
+    log a warning)."""
     retry = RetryStore(redis_client, keys)
     assert retry.dead_letters() == []  # a new prefix: indexed from the start
     for n in range(3):
@@ -314,8 +315,10 @@ def test_dead_letters_of_an_account_or_hook_read_only_their_index(
     for n in range(50):  # another account's, damaged: reading them would raise
         retry.kill(_letter(f"b{n}", 2, 20), "HTTP 500")
         redis_client.hset(keys.dead_payload, f"b{n}", b"\xc1 damaged")
-    assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a1", "a2"]
-    assert [d.id for d in retry.dead_letters(account_id=1, hook_id=11)] == ["a1"]
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a1", "a2"]
+        assert [d.id for d in retry.dead_letters(account_id=1, hook_id=11)] == ["a1"]
+    assert not [r for r in caplog.records if "cannot be decoded" in r.getMessage()]
     assert [d.id for d in retry.dead_letters(account_id=1, limit=2)] == ["a0", "a1"]
     assert retry.dead_letters(account_id=1, hook_id=20) == []  # not the account's
     assert retry.dead_letters(account_id=3) == []
@@ -348,6 +351,65 @@ def test_dead_letters_kept_before_the_indexes_are_indexed_once(
     assert [d.id for d in retry.dead_letters()] == ["d0", "d1", "d2", "d3"]
 
 
+def test_indexing_old_dead_letters_while_replays_run_indexes_each_remaining_one(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replays that move dead letters out while the one-time index is built (before,
+    inside and after the page being indexed) leave no dead letter out of the indexes
+    and no index entry without a dead letter; paging by score skips nothing."""
+    from engine import stores
+    from engine.transports.base import pack_delivery
+
+    monkeypatch.setattr(stores, "DEAD_READ_CHUNK", 50)
+    for n in range(300):  # written by an earlier version: no indexes; ties on scores
+        redis_client.hset(keys.dead_payload, f"d{n:03}", pack_delivery(_letter(f"d{n:03}", 1,
+                                                                               10 + n % 3)))
+        redis_client.zadd(keys.dead, {f"d{n:03}": 1000 + n // 7})
+    retry, other = RetryStore(redis_client, keys), RetryStore(redis_client, keys)
+    other._indexed = True  # a replay by ids, as from an older reader
+    script = retry._index
+    calls: list[int] = []
+
+    def racing(*args: Any, **kwargs: Any) -> Any:
+        calls.append(1)
+        if len(calls) == 2:  # ids already indexed, in this page and ahead of it
+            other.replay([f"d{n:03}" for n in (3, 60, 61, 75, 200, 201, 299)])
+        return script(*args, **kwargs)
+
+    retry._index = racing  # type: ignore[method-assign]
+    letters = retry.dead_letters(account_id=1, limit=10_000)
+    remaining = {m.decode() for m in redis_client.zrange(keys.dead, 0, -1)}
+    assert len(remaining) == 293 and len(calls) == 6
+    assert {d.id for d in letters} == remaining
+    indexed = {m.decode() for m in redis_client.zrange(keys.dead_of_account(1), 0, -1)}
+    assert indexed == remaining
+    by_hook = set().union(*({m.decode() for m in redis_client.zrange(keys.dead_of_hook(h), 0, -1)}
+                            for h in (10, 11, 12)))
+    assert by_hook == remaining
+
+
+def test_reading_dead_letters_skips_none_when_others_are_replayed_meanwhile(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine import stores
+
+    monkeypatch.setattr(stores, "DEAD_READ_CHUNK", 50)
+    retry, other = RetryStore(redis_client, keys), RetryStore(redis_client, keys)
+    assert retry.dead_letters() == []
+    for n in range(200):
+        retry.kill(_letter(f"d{n:03}", 1, 10), "HTTP 500")
+    hmget = redis_client.hmget
+    pages: list[int] = []
+
+    def replaying(*args: Any, **kwargs: Any) -> Any:
+        pages.append(1)
+        if len(pages) == 2:  # two of the first page go while the second is read
+            other.replay(["d000", "d001"])
+        return hmget(*args, **kwargs)
+
+    monkeypatch.setattr(redis_client, "hmget", replaying)
+    got = [d.id for d in retry.dead_letters(account_id=1, limit=1000)]
+    assert got == [f"d{n:03}" for n in range(200)] and len(pages) >= 4
+
+
 def test_an_undecodable_dead_letter_is_skipped_not_an_error(
         redis_client: redis.Redis, keys: Keys) -> None:
     redis_client.hset(keys.dead_payload, "bad", b"\xc1")
@@ -357,6 +419,9 @@ def test_an_undecodable_dead_letter_is_skipped_not_an_error(
     assert [d.id for d in retry.dead_letters(account_id=1)] == ["ok"]
     assert [d.id for d in retry.dead_letters()] == ["ok"]
     assert redis_client.hexists(keys.dead_payload, "bad")  # kept for inspection
+    with pytest.raises(NotFound, match="dead letter bad cannot be decoded"):
+        retry.replay(["bad"])
+    assert redis_client.hexists(keys.dead_payload, "bad")
 
 
 def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
