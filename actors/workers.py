@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import ray
@@ -16,6 +17,7 @@ from engine.retrying import RetryWorker
 from engine.settings import Settings
 
 log = logging.getLogger("hookray")
+REPEAT_SEC = 60.0  # the same loop error is logged again after this long
 
 
 def _redis(settings: Settings) -> redis.Redis:
@@ -33,13 +35,19 @@ class _Looping:
     def _start(self, target: Any, name: str) -> None:
         self._stop = threading.Event()
         self._errors = 0
+        self._last_said, self._said_at = "", 0.0
         self._thread = threading.Thread(target=target, args=(self._stop, self._on_error),
                                         daemon=True, name=name)
         self._thread.start()
 
     def _on_error(self, exc: Exception) -> None:
+        """Count the failed round; say so, but the same error again only once a minute
+        (a loop failing twice a second for one cause would flood the log)."""
         self._errors += 1
-        log.warning("%s: %s (retrying)", self._thread.name, exc)
+        now, said = time.monotonic(), f"{type(exc).__name__}: {exc}"
+        if said != self._last_said or now - self._said_at >= REPEAT_SEC:
+            log.warning("%s: %s (retrying)", self._thread.name, exc)
+            self._last_said, self._said_at = said, now
 
     def ping(self) -> dict[str, Any]:
         return {"alive": self._thread.is_alive(), "errors": self._errors}

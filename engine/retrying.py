@@ -6,7 +6,8 @@ holding its last error. A claimed delivery stays in the schedule under a lease
 (``engine.keys.RETRY_LEASE_MS``), so a worker that dies mid-send loses nothing.
 A delivery handed over ``MAX_UNANSWERED`` times without any outcome (the worker
 died during each send: a delivery that makes it crash, say) becomes a dead letter
-instead of being claimed for ever.
+instead of being claimed for ever; a worker that is stopped takes its unanswered
+hand-overs back, so stops and redeployments never count.
 """
 
 from __future__ import annotations
@@ -15,11 +16,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 
 import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
+from engine.errors import HookError
 from engine.hooks import Hook
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
@@ -41,6 +44,7 @@ class RetryWorker:
         self.side = Side(r, settings, catalogue)
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
+        self.handed: set[str] = set()  # handed to the sender, no outcome yet
 
     def _refresh(self) -> None:
         version = self.side.registry.version()
@@ -73,11 +77,13 @@ class RetryWorker:
                     f"stopped during each send); last error: {delivery.last_error}"))
             else:
                 self.sender.submit(hook, delivery)
+                self.handed.add(delivery.id)
         for delivery, outcome in self.sender.poll(0.0 if due else 0.05):
             self.settle(delivery, outcome)
         return len(due)
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+        self.handed.discard(delivery.id)
         if outcome.ok:
             self.side.retry.complete(delivery)
             return
@@ -92,12 +98,30 @@ class RetryWorker:
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
+        try:
+            self._loop(stop, on_error)
+        finally:
+            # a stop is no crash: the sends it interrupts do not count as unanswered
+            # (their leases run out and they are sent again, by this or the next worker)
+            with suppress(redis.RedisError):
+                self.side.retry.handed_back(sorted(self.handed))
+            self.handed.clear()
+
+    def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None
+              ) -> None:
+        last_hook_error = ""
         while not stop.is_set():
             try:
                 if not self.step() and not self.sender.inflight():
                     time.sleep(0.05)
+                last_hook_error = ""
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if not isinstance(exc, redis.RedisError):
+                if isinstance(exc, HookError):  # said once, not every round
+                    if str(exc) != last_hook_error:
+                        log.error("retry worker: waiting, nothing is re-sent until this is "
+                                  "fixed: %s", exc)
+                    last_hook_error = str(exc)
+                elif not isinstance(exc, redis.RedisError):
                     log.exception("retry worker: a round failed")
                 if on_error:
                     on_error(exc)

@@ -348,6 +348,16 @@ class RetryStore:
                 pipe.hincrby(self.k.retry_unanswered, delivery_id, 1)
             return [int(n) for n in pipe.execute()]
 
+    def handed_back(self, delivery_ids: list[str]) -> None:
+        """Take back one hand-over of each of ``delivery_ids`` (its worker stopped
+        before an outcome: not a crash)."""
+        if not delivery_ids:
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            for delivery_id in delivery_ids:
+                pipe.hincrby(self.k.retry_unanswered, delivery_id, -1)
+            pipe.execute()
+
     def complete(self, delivery: Delivery) -> None:
         """A re-sent delivery succeeded: forget it and count it delivered."""
         with self.r.pipeline() as pipe:

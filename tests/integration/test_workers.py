@@ -24,6 +24,7 @@ from engine.settings import Settings
 from engine.stores import HookRegistry, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome
 from engine.transports.stub import StubTransport
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -895,3 +896,27 @@ def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
     assert [d.hook_id for d in sender.transport.sent] == [fine.id]
     assert sum(d.count for d in sender.transport.sent) == 3
     assert redis_client.xlen(keys.intake_unreadable) == 0
+
+
+def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Stops and redeployments are no crashes: however often the worker is stopped
+    mid-send, a delivery is not dead-lettered for lack of outcomes."""
+    from engine.retrying import MAX_UNANSWERED
+
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    for _ in range(MAX_UNANSWERED + 2):
+        sender = InProcessSender(hold=True)  # sends that never end ...
+        worker = RetryWorker(settings, redis_client, sender)
+        stop = threading.Event()
+        runner = threading.Thread(target=worker.run, args=(stop,))
+        runner.start()
+        assert wait_for(lambda: bool(sender.held), 5)  # noqa: B023
+        stop.set()  # ... until the worker is stopped
+        runner.join(5)
+        assert int(redis_client.hget(keys.retry_unanswered, "d1") or 0) == 0
+        redis_client.zadd(keys.retry, {"d1": 0})  # the lease runs out
+    assert not retry.dead_letters() and retry.pending() == 1
