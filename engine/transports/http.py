@@ -24,6 +24,7 @@ import asyncio
 import hashlib
 import re
 import time
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -84,7 +85,8 @@ class HttpTransport(Transport):
         self.concurrency = concurrency
         self.timeout_sec = timeout_sec
         self._session: aiohttp.ClientSession | None = None
-        self._destinations: dict[str, _Destination] = {}
+        # least recently used first: past MAX_DESTINATIONS, idle ones go from the front
+        self._destinations: OrderedDict[str, _Destination] = OrderedDict()
         self._cache = _Cache()
 
     def _client(self) -> aiohttp.ClientSession:
@@ -100,18 +102,25 @@ class HttpTransport(Transport):
         key = f"{parts.scheme}://{parts.netloc}{parts.path}"
         dest = self._destinations.get(key)
         if dest is None:
-            if len(self._destinations) >= MAX_DESTINATIONS:
-                self._forget_idle()
+            self._forget_idle(MAX_DESTINATIONS - 1)
             dest = self._destinations[key] = _Destination(asyncio.Semaphore(self.concurrency))
+        else:
+            self._destinations.move_to_end(key)
         return key, dest
 
-    def _forget_idle(self) -> None:
-        """Drop the destinations with no request running and no open breaker (their
-        state is a fresh one's): those in use keep their semaphore and breaker."""
+    def _forget_idle(self, keep: int) -> None:
+        """Drop least recently used destinations until at most ``keep`` are left,
+        skipping those in use (a request running or waiting: their semaphore) and
+        those with an open breaker; at most a few looked at per call."""
         now = time.monotonic()
-        self._destinations = {
-            key: dest for key, dest in self._destinations.items()
-            if dest.users or dest.failures or dest.open_until > now}
+        looked = 0
+        while len(self._destinations) > keep and looked < 64:
+            looked += 1
+            key, dest = next(iter(self._destinations.items()))
+            if dest.users or dest.open_until > now:
+                self._destinations.move_to_end(key)  # still needed: looked at later
+            else:
+                del self._destinations[key]
 
     async def _deliver(self, target: HttpBatch, delivery: Delivery) -> Outcome:
         return await self.post(target, http_body(delivery.parts))

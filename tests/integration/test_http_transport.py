@@ -175,6 +175,7 @@ def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
             dead = HttpBatch(url="http://127.0.0.1:9/none")
             for _ in range(BREAKER_FAILURES):
                 await t.send(dead, delivery())
+            await t.send(HttpBatch(url="http://127.0.0.1:9/once"), delivery())  # 1 failure
             slow = asyncio.ensure_future(t.send(HttpBatch(url=receiver.url("/slow")),
                                                 delivery()))
             await asyncio.sleep(0.1)
@@ -189,5 +190,6 @@ def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
 
     kept, dead_again, slow, regexes = asyncio.run(run())
     assert "http://127.0.0.1:9/none" in kept
+    assert "http://127.0.0.1:9/once" not in kept  # failed once, breaker closed: idle
     assert "circuit open" in dead_again.detail  # the breaker survived the pruning
     assert slow.ok and receiver.url("/p5") in kept and regexes <= 2
