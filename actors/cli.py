@@ -223,7 +223,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
     result = _engine(args).publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
-    return 0 if result.accepted or not result.issues else 1
+    if result.issues and not result.accepted:
+        print(f"hookray: error: no event accepted ({len(result.issues)} bad)",
+              file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

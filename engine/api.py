@@ -408,7 +408,7 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
 def destination(hook: Hook) -> tuple[Any, ...]:
     """Where a hook's secrets go: the target kind and, by kind, the origin (scheme,
     host, port) of the URL and of the OAuth2 token URL, the broker's host and port,
-    or the Kafka bootstrap servers."""
+    or the Kafka bootstrap servers with the TLS and SASL mechanism settings."""
     target = hook.target
     if target.http_batch is not None:
         http = target.http_batch
@@ -416,8 +416,12 @@ def destination(hook: Hook) -> tuple[Any, ...]:
     broker = target.rabbitmq_queue or target.rabbitmq_exchange
     if broker is not None:
         return (target.kind, broker.host.lower(), broker.port)
-    assert target.kafka is not None
-    return ("kafka", tuple(sorted(s.lower() for s in target.kafka.bootstrap_servers)))
+    kafka = target.kafka
+    assert kafka is not None
+    # and how the password travels: turning TLS off or SCRAM into PLAIN would send it
+    # in clear to the same servers
+    return ("kafka", tuple(sorted(s.lower() for s in kafka.bootstrap_servers)), kafka.tls,
+            kafka.tls_cafile, kafka.sasl_mechanism)
 
 
 def _origin(url: str) -> tuple[str, str, int | None]:

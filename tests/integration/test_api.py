@@ -482,6 +482,10 @@ async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> 
     ({"kafka": {"bootstrap_servers": ["k1.example.com:9092"], "topic": "t",
                 "sasl_mechanism": "PLAIN", "sasl_username": "u", "sasl_password": "pw-SECRET"}},
      {"bootstrap_servers": ["evil.example.net:9092"]}, "target.kafka.sasl_password"),
+    ({"kafka": {"bootstrap_servers": ["k1.example.com:9092"], "topic": "t", "tls": True,
+                "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "u",
+                "sasl_password": "pw-SECRET"}},
+     {"tls": False, "sasl_mechanism": "PLAIN"}, "target.kafka.sasl_password"),
 ])
 async def test_a_stored_secret_is_not_carried_to_a_new_destination(
         api: Api, target: dict[str, Any], change: dict[str, Any], field: str) -> None:

@@ -238,8 +238,9 @@ def test_publish_partial_with_nothing_accepted_exits_1(
     events = tmp_path / "events.ndjson"
     events.write_text('{"event_type": "clack", "account_id": 1, '
                       '"event_date": "2026-01-01T00:00:00Z"}\n')
-    code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
     assert code == 1 and result["accepted"] == 0 and len(result["issues"]) == 1
+    assert err.startswith("hookray: error: no event accepted (1 bad)")
 
 
 def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Path) -> None:
