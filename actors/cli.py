@@ -226,7 +226,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if result.issues and not result.accepted:
         print(f"hookray: error: no event accepted ({len(result.issues)} bad)",
               file=sys.stderr)
-        return 1
+        return 2
     return 0
 
 

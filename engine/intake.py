@@ -9,6 +9,7 @@ that round trip returned.
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -46,6 +47,7 @@ class StoredEvent(Event, gc=False):
 
 log = logging.getLogger("hookray")
 WRITE_TRIES = 10  # publish attempts while the engine's recorded PARTITIONS changes
+RECEIPT_SEC = 30  # how long the receipt of an append is kept (see Intake._write)
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -207,9 +209,9 @@ class Intake:
         ensure_ids(fresh)
         try:
             self.append(good)
-        except BaseException:  # not accepted (a refusal, Redis down): ids taken back
-            for event in fresh:
-                event.id = None
+        except ConfigError:  # refused, surely not written: the ids given go back (after
+            for event in fresh:  # a Redis error they stay: a retry with the same events
+                event.id = None  # then repeats their message ids, which receivers see)
             raise
         return PublishResult(len(good), issues, [e.id or "" for e in good])
 
@@ -236,7 +238,7 @@ class Intake:
             return False
         try:
             self._write(encoded, len(events))
-        except BaseException:  # not accepted (a refusal, Redis down): ids taken back
+        except ConfigError:  # refused, surely not written: the ids given go back
             for event in fresh:
                 event.id = None
             raise
@@ -265,37 +267,46 @@ class Intake:
                 for start in range(0, len(part), self.max_batch)]
 
     def _write(self, entries: list[tuple[int, bytes]], count: int) -> None:
-        """XADD the encoded entries and count ``count`` events accepted: one round trip,
-        refused (ConfigError, nothing written) if the engine reads another number of
-        partitions than this intake writes to."""
+        """XADD the encoded entries and count ``count`` events accepted, in one MULTI
+        with the engine's PARTITIONS read under WATCH: refused (ConfigError, nothing
+        written) if the engine reads another number of partitions than this intake
+        writes to. The MULTI also sets a receipt key, so that a connection lost after
+        EXEC (redis-py reports it as a WatchError) is told from a changed count, and a
+        batch Redis took is never written twice."""
         if not entries:
             return
-        recorded: bytes | None = None
+        receipt = f"{self.k.p}:intake:receipt:{uuid.uuid4().hex}"
+        lost: Exception | None = None
         for _ in range(WRITE_TRIES):
             with self.r.pipeline() as pipe:
                 try:
-                    # the count is read under WATCH: an engine recording another count
-                    # meanwhile fails the transaction (WatchError), which is tried again
                     pipe.watch(self.k.config)
-                    recorded = pipe.hget(self.k.config, "partitions")  # type: ignore[assignment]
+                    recorded = pipe.hget(self.k.config, "partitions")
                     if recorded is not None and int(recorded) != self.partitions:
-                        break
+                        raise ConfigError(
+                            f"PARTITIONS is {self.partitions} here but the engine (REDIS_PREFIX "
+                            f"{self.k.p!r}) runs with {int(recorded)}: events would go to "
+                            "streams no partition reads; nothing was accepted. Use the "
+                            "engine's settings")
                     pipe.multi()
                     for n, data in entries:
                         pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
                     pipe.hincrby(self.k.engine_stats, "events_accepted", count)
+                    pipe.set(receipt, 1, ex=RECEIPT_SEC)
                     pipe.execute()
                     return
-                except redis.WatchError:
-                    continue
-        else:
-            raise ConfigError("PARTITIONS: the engine's recorded count kept changing while "
-                              "publishing; nothing was accepted")
-        if recorded is not None:
-            raise ConfigError(
-                f"PARTITIONS is {self.partitions} here but the engine "
-                f"(REDIS_PREFIX {self.k.p!r}) runs with {int(recorded)}: events would go to "
-                "streams no partition reads; nothing was accepted. Use the engine's settings")
+                except redis.WatchError as exc:
+                    # redis-py reports a connection lost while watching as a WatchError
+                    if not isinstance(exc.__context__, redis.ConnectionError | redis.TimeoutError) \
+                            and "occurred while watching" not in str(exc):
+                        continue  # the count changed meanwhile: read it again
+                    lost = exc
+            if self.r.exists(receipt):  # the connection went after Redis took the batch
+                return
+        if lost is not None:
+            raise redis.ConnectionError(f"Redis connection lost while appending: {lost}")
+        raise ConfigError("PARTITIONS: the engine's recorded count kept changing while "
+                          "publishing; nothing was accepted")
 
     def _streams(self) -> list[tuple[int, str]]:
         """(partition, key) of every intake stream in Redis."""
@@ -307,6 +318,25 @@ class Intake:
                 found.append((int(key[len(head):]), key))
         return sorted(found)
 
+    def _unread_or_undo(self) -> list[Any]:
+        """After recording a first count: the streams it would not read that hold
+        events (key, length, ...), with the record taken back if there are any."""
+        busy: list[Any] = []
+        for n, key in self._streams():
+            if n >= self.partitions and (length := int(self.r.xlen(key))):
+                busy += [key, length]
+        if busy:
+            with self.r.pipeline() as pipe:
+                try:
+                    pipe.watch(self.k.config)
+                    if pipe.hget(self.k.config, "partitions") == str(self.partitions).encode():
+                        pipe.multi()
+                        pipe.hdel(self.k.config, "partitions")
+                        pipe.execute()
+                except redis.WatchError:
+                    pass  # changed by another engine meanwhile: theirs stays
+        return busy
+
     def record_partitions(self) -> None:
         """Record this intake's PARTITIONS as the engine's (``Engine.start``). A
         different count recorded before is replaced only while all its streams are
@@ -316,21 +346,24 @@ class Intake:
             before = int(recorded) if recorded is not None else None
             if before == self.partitions:
                 return
-            # before: all of the streams of that count; nothing recorded (data of an
-            # earlier version, or producers that ran before any engine): every stream
-            # there is that this count would not read
-            streams = [self.k.intake(n) for n in range(before)] if before is not None \
-                else [key for n, key in self._streams() if n >= self.partitions]
+            # before: all of the streams of that count must be empty; nothing recorded
+            # (data of an earlier version, or producers that ran before any engine):
+            # the count is recorded first, which refuses producers of another count
+            # from then on, and then every stream this count would not read is checked
+            streams = [self.k.intake(n) for n in range(before or 0)]
             answer = self._script("intake_partitions")(keys=[self.k.config, *streams],
                                       args=[self.partitions, "" if before is None else before])
+            if not answer and before is None:
+                answer = self._unread_or_undo()
             if not answer:
                 if before is not None:
                     log.warning("PARTITIONS changed from %d to %d (the intake was empty)",
                                 before, self.partitions)
                 return
             if answer[0] != b"changed":
-                busy = ", ".join(f"{k.decode()} ({int(n)} entries)"
-                                 for k, n in zip(answer[::2], answer[1::2], strict=True))
+                busy = ", ".join(f"{k.decode() if isinstance(k, bytes) else k} ({int(n)} "
+                                 "entries)" for k, n in zip(answer[::2], answer[1::2],
+                                                            strict=True))
                 ran = f"ran with {before} and its intake still holds events" \
                     if before is not None else "had no count recorded and its intake " \
                     "holds events this count would never read"

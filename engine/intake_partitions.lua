@@ -2,7 +2,8 @@
 -- would be stranded, or read out of order); otherwise nothing changes and the
 -- non-empty streams' lengths return.
 -- KEYS[1] config hash, KEYS[2..] the streams that must be empty: all of the count
--- recorded before, or, with none recorded, those the new count would not read
+-- recorded before (none when nothing was: the caller then checks the streams the new
+-- count would not read, once producers of another count are refused)
 -- ARGV[1] the new PARTITIONS, ARGV[2] the count recorded before ('' if none)
 local recorded = redis.call('HGET', KEYS[1], 'partitions')
 if (recorded or '') ~= ARGV[2] then

@@ -297,6 +297,8 @@ class RetryStore:
         self._replay = r.register_script(
             scripts.joinpath("retry_replay.lua").read_text("utf-8"))
         self._index = r.register_script(scripts.joinpath("dead_index.lua").read_text("utf-8"))
+        self._handed_back = r.register_script(
+            scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
@@ -351,12 +353,8 @@ class RetryStore:
     def handed_back(self, delivery_ids: list[str]) -> None:
         """Take back one hand-over of each of ``delivery_ids`` (its worker stopped
         before an outcome: not a crash)."""
-        if not delivery_ids:
-            return
-        with self.r.pipeline(transaction=False) as pipe:
-            for delivery_id in delivery_ids:
-                pipe.hincrby(self.k.retry_unanswered, delivery_id, -1)
-            pipe.execute()
+        if delivery_ids:
+            self._handed_back(keys=[self.k.retry_unanswered], args=delivery_ids)
 
     def complete(self, delivery: Delivery) -> None:
         """A re-sent delivery succeeded: forget it and count it delivered."""
@@ -461,9 +459,9 @@ class RetryStore:
                 self.k.dead_payload, [i for i, _ in scored])
             keys = _KeyPlaces([self.k.dead])
             args: list[Any] = []
-            for (delivery_id, died), raw in zip(scored, payloads, strict=True):
+            for (delivery_id, _), raw in zip(scored, payloads, strict=True):
                 if raw is not None and (d := self._unpacked(delivery_id, raw)) is not None:
-                    args += [delivery_id, died, keys.place(self.k.dead_of_account(d.account_id)),
+                    args += [delivery_id, keys.place(self.k.dead_of_account(d.account_id)),
                              keys.place(self.k.dead_of_hook(d.hook_id))]
             if args:  # only those still dead letters: a replay may have run meanwhile
                 self._index(keys=keys.keys, args=args)

@@ -233,13 +233,13 @@ def test_more_bad_input_gets_a_clear_error_not_a_traceback(
     assert "S3cretPass" not in err
 
 
-def test_publish_partial_with_nothing_accepted_exits_1(
+def test_publish_partial_with_nothing_accepted_is_an_error(
         config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     events = tmp_path / "events.ndjson"
     events.write_text('{"event_type": "clack", "account_id": 1, '
                       '"event_date": "2026-01-01T00:00:00Z"}\n')
     code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
-    assert code == 1 and result["accepted"] == 0 and len(result["issues"]) == 1
+    assert code == 2 and result["accepted"] == 0 and len(result["issues"]) == 1
     assert err.startswith("hookray: error: no event accepted (1 bad)")
 
 

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import socket
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -91,6 +95,29 @@ def test_streams_written_before_any_count_was_recorded_are_not_stranded(
     assert redis_client.hget(keys.config, "partitions") == b"8"
 
 
+def test_a_producer_racing_the_first_record_is_refused_not_stranded(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A producer of another count publishing while the engine records its count for
+    the first time (between the record and the check of the streams): refused."""
+    engine_side, producer = Intake(redis_client, keys, 4, 100), Intake(redis_client, keys, 8, 100)
+    engine_side.ensure_groups()
+    scan = Intake._streams
+    refused: list[str] = []
+
+    def racing(self: Intake) -> list[tuple[int, str]]:
+        try:
+            producer.publish([click(n) for n in range(40)])
+        except ConfigError as exc:
+            refused.append(str(exc))
+        return scan(self)
+
+    monkeypatch.setattr(Intake, "_streams", racing)
+    engine_side.record_partitions()
+    assert refused and "PARTITIONS is 8 here but the engine" in refused[0]
+    assert redis_client.hget(keys.config, "partitions") == b"4"
+    assert not any(redis_client.exists(keys.intake(n)) for n in range(4, 8))
+
+
 SCRIPT = textwrap.dedent("""
     import ray
     from actors.driver import Engine
@@ -124,3 +151,65 @@ def test_ray_started_by_engines_stops_with_the_last_of_them(settings: Settings,
             keys = list(redis_client.scan_iter(f"{settings.REDIS_PREFIX}{suffix}:*"))
             if keys:
                 redis_client.delete(*keys)
+
+
+class ExecReplyDropper:
+    """A TCP proxy to Redis that forwards the first EXEC, lets Redis apply it, and then
+    drops the client's connection before the reply: the batch is in, the client sees a
+    lost connection."""
+
+    def __init__(self, redis_port: int) -> None:
+        self.redis_port, self.dropped = redis_port, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.redis_port))
+            cut = threading.Event()
+            threading.Thread(target=self._pump, args=(client, server, cut, True),
+                             daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, cut, False),
+                             daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, cut: threading.Event,
+              upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if not upstream and cut.is_set():
+                    break
+                dst.sendall(data)
+                if upstream and b"EXEC" in data and not self.dropped:
+                    self.dropped = 1
+                    cut.set()
+                    time.sleep(0.2)  # Redis applies the transaction meanwhile
+                    break
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_a_connection_lost_after_redis_took_a_batch_does_not_write_it_twice(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    kwargs = redis_client.connection_pool.connection_kwargs
+    proxy = ExecReplyDropper(int(kwargs["port"]))
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=int(kwargs.get("db", 0)))
+    try:
+        result = Intake(client, keys, 1, 100).publish([click(n) for n in range(3)])
+    finally:
+        client.close()
+        proxy.close()
+    assert proxy.dropped == 1 and result.accepted == 3
+    assert redis_client.xlen(keys.intake(0)) == 1  # one entry, not one per attempt
+    assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"

@@ -883,12 +883,14 @@ def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
             worker.step(block_ms=10)
     assert redis_client.xlen(keys.intake_unreadable) == 0 and not sender.transport.sent
     stop = threading.Event()  # running, the worker says so once, not every round
+    failed: list[Exception] = []
     with caplog.at_level(logging.ERROR, logger="hookray"):
-        runner = threading.Thread(target=worker.run, args=(stop,))
+        runner = threading.Thread(target=worker.run, args=(stop, failed.append))
         runner.start()
-        time.sleep(1.6)  # 3 to 4 failed rounds
+        assert wait_for(lambda: len(failed) >= 3, 10)  # 3 failed rounds at least
         stop.set()
         runner.join(5)
+    assert all(isinstance(exc, HookError) for exc in failed)
     (said,) = [r.getMessage() for r in caplog.records if r.name == "hookray"]
     assert said.startswith("partition 0: waiting, no event is processed until this is fixed")
     registry.delete(broken.id or 0)
@@ -920,3 +922,35 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
         assert int(redis_client.hget(keys.retry_unanswered, "d1") or 0) == 0
         redis_client.zadd(keys.retry, {"d1": 0})  # the lease runs out
     assert not retry.dead_letters() and retry.pending() == 1
+
+
+def test_handing_back_never_takes_a_count_below_zero(redis_client: redis.Redis,
+                                                     keys: Keys) -> None:
+    retry = RetryStore(redis_client, keys)
+    assert retry.handed_over(["a", "a", "b"]) == [1, 2, 1]
+    retry.handed_back(["a", "b", "c"])  # c: reset meanwhile (an outcome came)
+    assert redis_client.hgetall(keys.retry_unanswered) == {b"a": b"1"}
+    retry.handed_back(["a", "a"])
+    assert redis_client.hgetall(keys.retry_unanswered) == {}
+
+
+def test_the_index_takes_the_time_a_dead_letter_died_last(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Read by the one-time index, then replayed and dead again before it is indexed:
+    indexed with the time it died again, as the dead letters hold it."""
+    from engine.transports.base import pack_delivery
+
+    letter = _letter("d1", 1, 10)
+    redis_client.hset(keys.dead_payload, "d1", pack_delivery(letter))
+    redis_client.zadd(keys.dead, {"d1": 1000})
+    retry = RetryStore(redis_client, keys)
+    script = retry._index
+
+    def died_again(*args: Any, **kwargs: Any) -> Any:
+        redis_client.zadd(keys.dead, {"d1": 5000})  # as a replay and a new kill leave it
+        return script(*args, **kwargs)
+
+    retry._index = died_again  # type: ignore[method-assign]
+    retry.dead_letters()
+    assert redis_client.zscore(keys.dead_of_account(1), "d1") == 5000
+    assert redis_client.zscore(keys.dead_of_hook(10), "d1") == 5000
