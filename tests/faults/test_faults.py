@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 import threading
 import time
@@ -39,14 +40,22 @@ def test_killed_partition_and_transport_actors_lose_nothing(
             accepted.append(engine.publish(batch).accepted)
             time.sleep(0.05)
 
+    def pid(actor: Any) -> int:
+        return int(ray_session.get(actor.__ray_call__.remote(lambda _: os.getpid()),
+                                   timeout=60))
+
+    partition, transport = engine.actors["partitions"][0], engine.actors["pools"]["http_batch"][0]
+    pids = (pid(partition), pid(transport))
     producer = threading.Thread(target=produce)
     producer.start()
     # When a partition actor and the transport actor are killed mid-run
     assert wait_for(lambda: len(receiver.messages("/k")) > 2_000, 30)
-    ray_session.kill(engine.actors["partitions"][0], no_restart=False)
+    ray_session.kill(partition, no_restart=False)
     assert wait_for(lambda: len(receiver.messages("/k")) > 6_000, 30)
-    ray_session.kill(engine.actors["pools"]["http_batch"][0], no_restart=False)
+    ray_session.kill(transport, no_restart=False)
     producer.join(60)
+    # (both really died: Ray restarted them in new processes)
+    assert pid(partition) != pids[0] and pid(transport) != pids[1]
     assert sum(accepted) == total
     # Then every accepted event still reaches the receiver (duplicates allowed)
     assert engine.wait_idle(120, include_retries=True)

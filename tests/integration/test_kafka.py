@@ -179,7 +179,7 @@ def test_unreachable_bootstrap_server_is_a_connect_error_naming_it() -> None:
                               target(f"127.0.0.1:{port}", "t"), delivery(3)))
     assert not outcome.ok and outcome.error == "ConnectError"
     assert f"127.0.0.1:{port}" in outcome.detail
-    assert time.monotonic() - started < 3
+    assert time.monotonic() - started < 5  # refused at once: before the 5 s timeout
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])
@@ -218,7 +218,7 @@ def test_frozen_broker_times_out_and_a_new_producer_is_used_afterwards(
             started = time.monotonic()
             outcome = await transport.send(tgt, delivery(5, tag="b"))
             assert not outcome.ok and outcome.error == "Timeout", outcome
-            assert 0.9 < time.monotonic() - started < 2.5
+            assert 0.9 < time.monotonic() - started < 4  # the 1 s timeout, with headroom
             assert slot.producer is None  # retired
             broker.resume()
             # for breaker_sec, deliveries fail fast with the last error

@@ -167,7 +167,9 @@ def test_engine_runs_as_a_ray_job_and_stops_cleanly(
                          runtime_env=RUNTIME_ENV, metadata={"prefix": prefix})
     text = _wait_running(jobs, job_id)
     assert f'"REDIS_PREFIX": "{prefix}"' in text  # settings came from --config
-    assert '"RAY_ADDRESS": null' not in text  # Ray's RAY_ADDRESS reached the settings
+    started = json.loads(text.split("hookray: starting with ", 1)[1].splitlines()[0])
+    # Ray's RAY_ADDRESS (this cluster) reached the settings
+    assert started["RAY_ADDRESS"] == jobs.gcs_address, (started["RAY_ADDRESS"], jobs.gcs_address)
     # the job's engine runs on the session's cluster, not on a Ray of its own
     for name in (f"{prefix}:partition:0", f"{prefix}:partition:{PARTITIONS - 1}",
                  f"{prefix}:retry", f"{prefix}:http_batch:0"):

@@ -82,7 +82,7 @@ def test_partial_batch_is_flushed_after_the_timeout(engine_factory: Any,
     (request,) = receiver.requests("/slow-fill")
     assert len(request.messages) == 9
     assert request.at - started >= 1.0, "flushed before the timeout"
-    assert request.at - started < 3.0, "not flushed soon after the timeout"
+    assert request.at - started < 5.0, "not flushed soon after the timeout"
 
 
 def test_failing_receiver_gets_the_batch_after_n_spaced_resends(
