@@ -26,11 +26,25 @@ For each transport kind (``http``, ``rabbitmq_queue``, ``rabbitmq_exchange``,
   kafka: aiokafka ``create_batch``/``send_batch`` with the transport's producer
   settings (acks=all, 256 KiB batches), one stream of batches per partition.
 * ``ratio`` = engine_per_s / ceiling_per_s.
+* ``engine_check`` and ``ceiling_check`` — every message checked by id after each run,
+  outside its timed window (the engine stopped, the bare client closed): the
+  ``hook_message_id`` of each event for the bench hook (the engine's own, as
+  ``encode_all`` builds it) against those at the destination since the warm-up: the
+  sink's ids for the run's path (http), the ``message_id`` of every message consumed
+  from the queue (rabbitmq, the exchange's bound queue too), the ``hook_message_id``
+  header of every record of the topic, read from each partition's offset after the
+  warm-up up to its end offset (kafka). Each holds ``expected``, ``received``,
+  ``missing``, ``unexpected``, ``duplicates`` and ``read_sec`` (the reading's
+  seconds); a line per check is printed. Anything missing, unexpected or duplicated
+  fails the kind: the run has no retries, so nothing is sent twice, and the end of a
+  timed window is a count at the destination, which a duplicate would reach before
+  every message is there.
 
 Rates on a small shared machine vary between runs (ceilings too, by ±20% and
 more): ``--repeat K`` measures K rounds per kind, each an engine run then a
 ceiling run on fresh destinations, and reports the median engine rate, the median
-ceiling and their ratio; ``--json`` then also holds every round under ``rounds``.
+ceiling and their ratio, with the checks of the rounds added up; ``--json`` then also
+holds every round (its rates and checks) under ``rounds``.
 
 Both sides get a warm-up first (actors started, connections opened, first batches
 sent), which is not timed. Services: Redis (``--redis-url``), RabbitMQ
@@ -43,8 +57,8 @@ failure (the engine runs with HOOK_RETRY_TIMES=0, so it becomes a dead letter at
 once and its error is shown).
 
 Prints progress lines and a table (kind, engine/s, ceiling/s, ratio); ``--json PATH``
-writes ``{"<kind>": {"engine_per_s", "ceiling_per_s", "ratio"}, ...}`` (a failed kind:
-``{"error"}``).
+writes ``{"<kind>": {"engine_per_s", "ceiling_per_s", "ratio", "engine_check",
+"ceiling_check"}, ...}`` (a failed kind, a failed check included: ``{"error"}``).
 
 ``--profile DIR`` records each partition actor and the kind's transport actor with
 ``py-spy record --format raw`` for ``--profile-sec`` whole seconds from the first publish,
@@ -253,6 +267,11 @@ class Destination(ABC):
     async def raw(self) -> Raw:
         """A connected raw client to this destination."""
 
+    @abstractmethod
+    async def received(self) -> tuple[set[str], int]:
+        """The ids of the messages here since the last ``clear`` (each once) and how
+        many messages there were: read once nothing more is being sent, never timed."""
+
     async def close(self) -> None:  # noqa: B027 - optional
         pass
 
@@ -262,7 +281,7 @@ class HttpDest(Destination):
 
     def __init__(self, sink: Any) -> None:
         self.sink = sink
-        self.path = f"/engine-{uuid.uuid4().hex[:8]}"
+        self.path = f"/bench-{uuid.uuid4().hex[:8]}"  # the run's own: its ids
 
     async def open(self) -> None:
         await self.clear()
@@ -279,7 +298,11 @@ class HttpDest(Destination):
         await blocking("sink reset", self.sink.reset)
 
     async def raw(self) -> Raw:
-        return HttpRaw(self.sink.url("/ceiling"))
+        return HttpRaw(self.sink.url(self.path))
+
+    async def received(self) -> tuple[set[str], int]:
+        got = await blocking("sink ids", self.sink.ids, self.path)
+        return set(got["ids"]), int(got["messages"])
 
 
 class HttpRaw(Raw):
@@ -366,6 +389,48 @@ class RabbitDest(Destination):
         raw = RabbitRaw(self.exchange)
         await bounded(f"{self.where}: cannot connect", raw.connect(str(self.url), self.queue))
         return raw
+
+    async def received(self) -> tuple[set[str], int]:
+        """Consumes (auto-ack) every message of the queue (the exchange's bound queue
+        too) and collects their ``message_id``s, until a passive declare finds it empty."""
+        ids: set[str] = set()
+        got = 0
+        want = 0
+        enough = asyncio.Event()
+
+        async def on_message(message: Any) -> None:
+            nonlocal got
+            got += 1
+            ids.add(message.header.properties.message_id or NO_ID)
+            if got >= want:
+                enough.set()
+
+        channel = await bounded(self.where, self.conn.channel())
+        try:
+            while True:
+                ok = await bounded(f"{self.where}: counting queue {self.queue}",
+                                   channel.queue_declare(self.queue, passive=True))
+                if not ok.message_count:
+                    return ids, got
+                want = got + int(ok.message_count)
+                enough.clear()
+                consumer = await bounded(f"{self.where}: consuming {self.queue}",
+                                         channel.basic_consume(self.queue, on_message,
+                                                               no_ack=True))
+                last = -1
+                while not enough.is_set():  # fails only when nothing arrives for a while
+                    if got == last:
+                        raise BenchError(f"{self.where}: reading {self.queue}: stuck at "
+                                         f"{got:,}/{want:,} messages for {CONNECT_SEC:g} s")
+                    last = got
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(enough.wait(), CONNECT_SEC)
+                await bounded(f"{self.where}: cancelling the consumer",
+                              channel.basic_cancel(consumer.consumer_tag))
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await channel.close()
 
     async def close(self) -> None:
         if self.channel is not None:
@@ -463,6 +528,7 @@ class KafkaDest(Destination):
         self.tps = [TopicPartition(self.topic, p) for p in range(KAFKA_PARTITIONS)]
         self.consumer: Any = None
         self.base = 0
+        self.bases: dict[Any, int] = {}  # per partition, at the last ``clear``
 
     @property
     def where(self) -> str:
@@ -495,7 +561,8 @@ class KafkaDest(Destination):
                              self.consumer.end_offsets(self.tps))
         return [int(ends[tp]) for tp in self.tps]
 
-    async def _exact(self, listed: list[int]) -> int:
+    async def _exact(self, listed: list[int]) -> dict[Any, int]:
+        """Each partition's true end offset (from the high watermark of a fetch)."""
         wanted = {tp: end for tp, end in zip(self.tps, listed, strict=True) if end > 0}
         for tp, end in wanted.items():
             self.consumer.seek(tp, end - 1)  # the last batch's base offset
@@ -514,17 +581,65 @@ class KafkaDest(Destination):
                              f"no answer within {CONNECT_SEC:g} s") from None
         finally:
             self.consumer.pause(*self.tps)
-        return sum(high.values())
+        return {tp: high.get(tp, 0) for tp in self.tps}
 
     async def count(self, want: int = 0) -> tuple[int, float | None]:
         listed = await self._listed()
         lower = max(sum(listed) - self.base, 0)
         if lower + KAFKA_PARTITIONS * 2 * KAFKA_MAX_BATCH < want:
             return lower, None
-        return await self._exact(listed) - self.base, None
+        return sum((await self._exact(listed)).values()) - self.base, None
 
     async def clear(self) -> None:
-        self.base = await self._exact(await self._listed())
+        self.bases = await self._exact(await self._listed())
+        self.base = sum(self.bases.values())
+
+    async def received(self) -> tuple[set[str], int]:
+        """Every record of the topic from each partition's offset at the last ``clear``
+        (the warm-up's records come before) up to its end offset, read by a consumer of
+        its own; the id is the ``hook_message_id`` header, else the JSON body's."""
+        from aiokafka import AIOKafkaConsumer
+
+        ends = await self._exact(await self._listed())
+        left = {tp: end for tp, end in ends.items() if end > self.bases.get(tp, 0)}
+        ids: set[str] = set()
+        got = 0
+        if not left:
+            return ids, got
+        consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap, request_timeout_ms=5000,
+                                    fetch_max_wait_ms=50, enable_auto_commit=False,
+                                    max_partition_fetch_bytes=8 << 20,
+                                    fetch_max_bytes=64 << 20)
+        await bounded(f"{self.where}: cannot connect", consumer.start())
+        try:
+            consumer.assign(list(left))
+            for tp in left:
+                consumer.seek(tp, self.bases.get(tp, 0))
+            last_move = time.monotonic()
+            while left:
+                batches = await bounded(f"{self.where}: reading {self.topic}",
+                                        consumer.getmany(*left, timeout_ms=200))
+                for tp, records in batches.items():
+                    end = left.get(tp)
+                    if end is None:
+                        continue
+                    for record in records:
+                        if record.offset < end:
+                            got += 1
+                            ids.add(record_id(record))
+                    if records and records[-1].offset + 1 >= end:
+                        del left[tp]
+                        consumer.pause(tp)
+                if batches:
+                    last_move = time.monotonic()
+                elif time.monotonic() - last_move > CONNECT_SEC:
+                    raise BenchError(f"{self.where}: reading {self.topic}: nothing for "
+                                     f"{CONNECT_SEC:g} s with {got:,} records read")
+        finally:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(CONNECT_SEC):
+                    await consumer.stop()
+        return ids, got
 
     async def raw(self) -> Raw:
         raw = KafkaRaw(self.bootstrap, self.topic)
@@ -536,6 +651,20 @@ class KafkaDest(Destination):
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CONNECT_SEC):
                     await self.consumer.stop()
+
+
+NO_ID = "(no id)"  # a received message without one: counts as unexpected
+
+
+def record_id(record: Any) -> str:
+    """A Kafka record's ``hook_message_id``: its header, else its JSON value's."""
+    for key, value in record.headers:
+        if key == "hook_message_id":
+            return bytes(value).decode()
+    try:
+        return str(json.loads(record.value)["hook_message_id"])
+    except (ValueError, TypeError, KeyError):
+        return NO_ID
 
 
 class KafkaRaw(Raw):
@@ -755,9 +884,10 @@ def destination(kind: str, run: Run) -> Destination:
 
 
 async def measure(kind: str, run: Run) -> dict[str, Any]:
-    """The kind's engine rate, ceiling and ratio; with ``run.repeat`` > 1, the medians
-    of that many rounds (engine then ceiling, each round on fresh destinations) and
-    the ratio of the medians, with every round's figures under ``rounds``."""
+    """The kind's engine rate, ceiling, ratio and id checks; with ``run.repeat`` > 1,
+    the medians of that many rounds (engine then ceiling, each round on fresh
+    destinations), the ratio of the medians and the checks added up, with every
+    round's figures under ``rounds``."""
     rounds = []
     profiler = run.profiler
     try:
@@ -777,10 +907,13 @@ async def measure(kind: str, run: Run) -> dict[str, Any]:
         f"{ceiling_per_s:,.0f}/s, ratio {engine_per_s / ceiling_per_s:.2f} (rounds "
         f"{min(ratios):.2f}-{max(ratios):.2f})")
     return {"engine_per_s": engine_per_s, "ceiling_per_s": ceiling_per_s,
-            "ratio": engine_per_s / ceiling_per_s, "rounds": rounds}
+            "ratio": engine_per_s / ceiling_per_s,
+            "engine_check": sum_checks([r["engine_check"] for r in rounds]),
+            "ceiling_check": sum_checks([r["ceiling_check"] for r in rounds]),
+            "rounds": rounds}
 
 
-async def measure_round(kind: str, run: Run, tag: str) -> dict[str, float]:
+async def measure_round(kind: str, run: Run, tag: str) -> dict[str, Any]:
     events = make_events(run.messages, tag)
     warm = make_events(min(WARMUP, run.messages), f"{tag}-warm")
     dest = destination(kind, run)
@@ -788,10 +921,13 @@ async def measure_round(kind: str, run: Run, tag: str) -> dict[str, float]:
         say(f"{kind}: opening a fresh destination")
         await dest.open()
         engine_per_s, hook = await measure_engine(kind, run, dest, events, warm)
+        # the messages the engine was to send: their ids are the ones to find at the
+        # destination (the engine has stopped: nothing more arrives while reading)
+        say(f"{kind}: encoding {len(events):,} messages (the ids to check, the ceiling's)")
+        msgs, warm_msgs = encode_all(hook, events), encode_all(hook, warm)
+        engine_check = await check_ids(f"{kind} engine", dest, msgs)
     finally:
         await dest.close()
-    say(f"{kind}: ceiling: encoding {len(events):,} messages")
-    msgs, warm_msgs = encode_all(hook, events), encode_all(hook, warm)
     # the events are not needed any more: a million of them left alive slow the bare
     # client down (Kafka 260-370k against ~530k msg/s measured here) and the ceiling
     # would be too low
@@ -802,13 +938,58 @@ async def measure_round(kind: str, run: Run, tag: str) -> dict[str, float]:
         say(f"{kind}: opening a fresh destination for the ceiling")
         await dest.open()
         ceiling_per_s = await measure_ceiling(kind, dest, msgs, warm_msgs)
+        ceiling_check = await check_ids(f"{kind} ceiling", dest, msgs)
     finally:
         await dest.close()
     result = {"engine_per_s": engine_per_s, "ceiling_per_s": ceiling_per_s,
-              "ratio": engine_per_s / ceiling_per_s}
+              "ratio": engine_per_s / ceiling_per_s, "engine_check": engine_check,
+              "ceiling_check": ceiling_check}
     say(f"{kind}: engine {engine_per_s:,.0f}/s, ceiling {ceiling_per_s:,.0f}/s, "
         f"ratio {result['ratio']:.2f}")
+    bad = [f"{side}: {failed}" for side, check in (("engine", engine_check),
+                                                   ("ceiling", ceiling_check))
+           if (failed := check_failure(check))]
+    if bad:
+        raise BenchError(f"{kind}: the id check failed ({'; '.join(bad)})")
     return result
+
+
+CHECK_COUNTS = ("expected", "received", "missing", "unexpected", "duplicates")
+
+
+async def check_ids(what: str, dest: Destination, msgs: list[Msg]) -> dict[str, Any]:
+    """Every message's id at ``dest`` against those of ``msgs`` (read after the timed
+    window, once nothing more is sent): ``missing`` (expected, not there),
+    ``unexpected`` (there, not expected), ``duplicates`` (messages there beyond one
+    per id), and the seconds the reading took."""
+    started = time.perf_counter()
+    ids, received = await dest.received()
+    read_sec = time.perf_counter() - started
+    want = {m.mid for m in msgs}
+    check = {"expected": len(msgs), "received": received, "missing": len(want - ids),
+             "unexpected": len(ids - want), "duplicates": received - len(ids),
+             "read_sec": round(read_sec, 3)}
+    del ids, want
+    say(f"{what} check: {received:,} received of {len(msgs):,}: {check['missing']:,} "
+        f"missing, {check['unexpected']:,} unexpected, {check['duplicates']:,} duplicates "
+        f"(read in {read_sec:.2f} s)")
+    return check
+
+
+def check_failure(check: dict[str, Any]) -> str:
+    """What a check found wrong, or "". Duplicates fail too: the bench runs without
+    retries (HOOK_RETRY_TIMES=0, a failed delivery fails the kind), so nothing is
+    re-sent, and a duplicate would end a run timed by the count at the destination
+    before every message is there."""
+    return ", ".join(f"{check[k]:,} {k}" for k in ("missing", "unexpected", "duplicates")
+                     if check[k])
+
+
+def sum_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
+    """Several rounds' checks added up."""
+    total: dict[str, Any] = {k: sum(c[k] for c in checks) for k in CHECK_COUNTS}
+    total["read_sec"] = round(sum(c["read_sec"] for c in checks), 3)
+    return total
 
 
 async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Event],

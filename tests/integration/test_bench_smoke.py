@@ -1,5 +1,6 @@
 """`python -m bench.transports` runs end to end with tiny sizes: every kind reports an
-engine and a ceiling rate in the documented JSON shape (no speed assertions)."""
+engine and a ceiling rate in the documented JSON shape, and every message of both runs
+checked by id (no speed assertions)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ ROOT = Path(__file__).resolve().parents[2]
 KINDS = {"http", "rabbitmq_queue", "rabbitmq_exchange", "kafka"}
 RUN_TIMEOUT_SEC = 480
 RATES = ("engine_per_s", "ceiling_per_s", "ratio")
+CHECKS = ("engine_check", "ceiling_check")
+CHECK_KEYS = {"expected", "received", "missing", "unexpected", "duplicates", "read_sec"}
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
@@ -29,8 +32,16 @@ def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
 def check_rates(kind: str, result: dict[str, Any]) -> None:
     assert all(isinstance(result[k], float) for k in RATES), (kind, result)
     assert result["engine_per_s"] > 0 and result["ceiling_per_s"] > 0, (kind, result)
-    assert result["ratio"] == pytest.approx(result["engine_per_s"]
-                                            / result["ceiling_per_s"]), (kind, result)
+
+
+def check_ids(kind: str, result: dict[str, Any], messages: int) -> None:
+    """Both runs' id checks: every expected message there, nothing else."""
+    for side in CHECKS:
+        check = result[side]
+        assert set(check) == CHECK_KEYS, (kind, side, check)
+        assert check["expected"] == messages, (kind, side, check)
+        assert check["missing"] == 0 and check["unexpected"] == 0, (kind, side, check)
+        assert check["duplicates"] == 0, (kind, side, check)
 
 
 @pytest.mark.timeout(RUN_TIMEOUT_SEC + 90)
@@ -40,11 +51,15 @@ def test_transports_bench_reports_engine_and_ceiling_rates_of_every_kind(
     # When the bench runs with a tiny message count
     output, results = run_bench(tmp_path, "--messages", "1000", "--redis-url", redis_url,
                                 "--amqp-url", rabbit_url)
-    # Then it reports every kind
+    # Then it reports every kind, every message of both runs found by id
     assert set(results) == KINDS, results
     for kind, result in results.items():
-        assert set(result) == set(RATES), (kind, result)
+        assert set(result) == {*RATES, *CHECKS}, (kind, result)
         check_rates(kind, result)
+        check_ids(kind, result, 1000)
+        for side in ("engine", "ceiling"):
+            assert f"{kind} {side} check: 1,000 received of 1,000: 0 missing, 0 unexpected, " \
+                   "0 duplicates" in output, output[-3000:]
     # and prints the table
     table = output[output.rindex("kind"):]
     for kind in KINDS:
@@ -60,9 +75,11 @@ def test_repeated_rounds_report_the_medians(redis_url: str, tansu_bin: str,
     result = results["kafka"]
     assert len(result["rounds"]) == 3, result
     for one in result["rounds"]:
-        assert set(one) == set(RATES), one
+        assert set(one) == {*RATES, *CHECKS}, one
         check_rates("kafka", one)
+        check_ids("kafka", one, 1000)
     check_rates("kafka", result)
+    check_ids("kafka", result, 3000)  # the rounds' checks added up
     for rate in ("engine_per_s", "ceiling_per_s"):
         assert result[rate] == statistics.median(r[rate] for r in result["rounds"]), result
     assert "kafka: median of 3 rounds" in output, output[-3000:]
