@@ -47,7 +47,7 @@ class StoredEvent(Event, gc=False):
 
 log = logging.getLogger("hookray")
 WRITE_TRIES = 10  # publish attempts while the engine's recorded PARTITIONS changes
-RECEIPT_SEC = 30  # how long the receipt of an append is kept (see Intake._write)
+RECEIPT_SEC = 600  # how long the receipt of an append is kept (see Intake._write)
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -267,20 +267,26 @@ class Intake:
                 for start in range(0, len(part), self.max_batch)]
 
     def _write(self, entries: list[tuple[int, bytes]], count: int) -> None:
-        """XADD the encoded entries and count ``count`` events accepted, in one MULTI
-        with the engine's PARTITIONS read under WATCH: refused (ConfigError, nothing
-        written) if the engine reads another number of partitions than this intake
-        writes to. The MULTI also sets a receipt key, so that a connection lost after
-        EXEC (redis-py reports it as a WatchError) is told from a changed count, and a
-        batch Redis took is never written twice."""
+        """XADD the encoded entries and count ``count`` events accepted, in one MULTI,
+        at most once, refused (ConfigError, nothing written) if the engine reads
+        another number of partitions than this intake writes to.
+
+        The MULTI also sets a receipt key of this append; the engine's PARTITIONS and
+        the receipt are WATCHed. So an attempt after a lost connection or a timeout
+        (redis-py reports both as a WatchError) finds the receipt if an earlier EXEC
+        went through, and an earlier EXEC that reaches Redis only after a later one
+        is aborted by the receipt that one set: a batch is never written twice."""
         if not entries:
             return
         receipt = f"{self.k.p}:intake:receipt:{uuid.uuid4().hex}"
         lost: Exception | None = None
-        for _ in range(WRITE_TRIES):
+        for attempt in range(WRITE_TRIES):
+            lost = None
             with self.r.pipeline() as pipe:
                 try:
-                    pipe.watch(self.k.config)
+                    pipe.watch(self.k.config, receipt)
+                    if attempt and pipe.exists(receipt):
+                        return  # an earlier attempt's EXEC went through
                     recorded = pipe.hget(self.k.config, "partitions")
                     if recorded is not None and int(recorded) != self.partitions:
                         raise ConfigError(
@@ -296,13 +302,11 @@ class Intake:
                     pipe.execute()
                     return
                 except redis.WatchError as exc:
-                    # redis-py reports a connection lost while watching as a WatchError
-                    if not isinstance(exc.__context__, redis.ConnectionError | redis.TimeoutError) \
-                            and "occurred while watching" not in str(exc):
-                        continue  # the count changed meanwhile: read it again
-                    lost = exc
-            if self.r.exists(receipt):  # the connection went after Redis took the batch
-                return
+                    # a changed count or receipt, or (so redis-py reports them) a
+                    # connection lost or timed out while watching: read them again
+                    if isinstance(exc.__context__, redis.ConnectionError | redis.TimeoutError) \
+                            or "occurred while watching" in str(exc):
+                        lost = exc
         if lost is not None:
             raise redis.ConnectionError(f"Redis connection lost while appending: {lost}")
         raise ConfigError("PARTITIONS: the engine's recorded count kept changing while "
@@ -318,58 +322,65 @@ class Intake:
                 found.append((int(key[len(head):]), key))
         return sorted(found)
 
-    def _unread_or_undo(self) -> list[Any]:
-        """After recording a first count: the streams it would not read that hold
-        events (key, length, ...), with the record taken back if there are any."""
+    def _unread(self) -> list[Any]:
+        """The streams this intake's count would not read that hold events: key,
+        length, key, length..."""
         busy: list[Any] = []
         for n, key in self._streams():
             if n >= self.partitions and (length := int(self.r.xlen(key))):
                 busy += [key, length]
-        if busy:
-            with self.r.pipeline() as pipe:
-                try:
-                    pipe.watch(self.k.config)
-                    if pipe.hget(self.k.config, "partitions") == str(self.partitions).encode():
-                        pipe.multi()
-                        pipe.hdel(self.k.config, "partitions")
-                        pipe.execute()
-                except redis.WatchError:
-                    pass  # changed by another engine meanwhile: theirs stays
         return busy
+
+    def _refuse(self, before: int | None, busy: list[Any]) -> ConfigError:
+        listed = ", ".join(f"{k.decode() if isinstance(k, bytes) else k} ({int(n)} entries)"
+                           for k, n in zip(busy[::2], busy[1::2], strict=True))
+        ran = f"ran with {before} and its intake still holds events" if before is not None \
+            else "had no count recorded and its intake holds events this count would never read"
+        return ConfigError(
+            f"PARTITIONS is {self.partitions} but the engine {ran}: {listed}. Start with the "
+            "count that wrote them until they are delivered (backlog 0), then change it")
 
     def record_partitions(self) -> None:
         """Record this intake's PARTITIONS as the engine's (``Engine.start``). A
         different count recorded before is replaced only while all its streams are
-        empty; else ConfigError naming them (their events would never be read)."""
+        empty; else ConfigError naming them (their events would never be read).
+
+        With nothing recorded (data of an earlier version, or producers that ran before
+        any engine), the count is recorded first, marked as not checked: producers of
+        another count are refused from then on; then every stream this count would not
+        read is checked, and the record kept (mark cleared) or taken back. A start that
+        finds the mark (another engine checking, or one that stopped half-way) checks
+        again itself."""
+        config = self.k.config
         for _ in range(10):
-            recorded = self.r.hget(self.k.config, "partitions")
+            raw: dict[bytes, bytes] = self.r.hgetall(config)  # type: ignore[assignment]
+            recorded, mark = raw.get(b"partitions"), raw.get(b"checking")
             before = int(recorded) if recorded is not None else None
             if before == self.partitions:
+                if mark is None:
+                    return
+                if busy := self._unread():  # left unchecked: check now
+                    raise self._refuse(None, busy)
+                self._script("intake_checked")(keys=[config], args=[mark, "keep"])
                 return
-            # before: all of the streams of that count must be empty; nothing recorded
-            # (data of an earlier version, or producers that ran before any engine):
-            # the count is recorded first, which refuses producers of another count
-            # from then on, and then every stream this count would not read is checked
+            token = uuid.uuid4().hex if before is None else ""
             streams = [self.k.intake(n) for n in range(before or 0)]
-            answer = self._script("intake_partitions")(keys=[self.k.config, *streams],
-                                      args=[self.partitions, "" if before is None else before])
-            if not answer and before is None:
-                answer = self._unread_or_undo()
-            if not answer:
-                if before is not None:
-                    log.warning("PARTITIONS changed from %d to %d (the intake was empty)",
-                                before, self.partitions)
-                return
-            if answer[0] != b"changed":
-                busy = ", ".join(f"{k.decode() if isinstance(k, bytes) else k} ({int(n)} "
-                                 "entries)" for k, n in zip(answer[::2], answer[1::2],
-                                                            strict=True))
-                ran = f"ran with {before} and its intake still holds events" \
-                    if before is not None else "had no count recorded and its intake " \
-                    "holds events this count would never read"
-                raise ConfigError(
-                    f"PARTITIONS is {self.partitions} but the engine {ran}: {busy}. Start "
-                    "with the count that wrote them until they are delivered (backlog 0), "
-                    "then change it")
+            answer = self._script("intake_partitions")(
+                keys=[config, *streams],
+                args=[self.partitions, "" if before is None else before, token])
+            if answer and answer[0] == b"changed":
+                continue  # another engine recorded meanwhile: look again
+            if answer:
+                raise self._refuse(before, answer)
+            if before is None:
+                busy = self._unread()
+                self._script("intake_checked")(keys=[config],
+                                               args=[token, "undo" if busy else "keep"])
+                if busy:
+                    raise self._refuse(None, busy)
+            else:
+                log.warning("PARTITIONS changed from %d to %d (the intake was empty)",
+                            before, self.partitions)
+            return
         raise ConfigError("PARTITIONS: the recorded count kept changing; is another engine "
                           "starting with the same REDIS_PREFIX?")

@@ -5,8 +5,8 @@ key                             type     holds
 ==============================  =======  =============================================
 {p}:intake:{n}                  stream   event batches of partition n, field ``e``
 {p}:intake:unreadable           stream   entries a partition could not decode or process
-{p}:intake:receipt:{uuid}       string   set by an append, for 30 s: tells a connection lost
-                                         after Redis took it from one lost before
+{p}:intake:receipt:{uuid}       string   set by an append, for 10 min: an append is
+                                         written at most once (see Intake._write)
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
                                          writing for another count are refused)
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)

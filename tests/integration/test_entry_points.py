@@ -95,6 +95,24 @@ def test_streams_written_before_any_count_was_recorded_are_not_stranded(
     assert redis_client.hget(keys.config, "partitions") == b"8"
 
 
+def test_a_first_record_whose_check_never_ended_is_checked_by_the_next_start(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """An engine recorded its count and stopped before checking the streams (the mark
+    stays): the next start with that count checks them itself."""
+    producer = Intake(redis_client, keys, 8, 100)
+    producer.ensure_groups()
+    producer.publish([click(n) for n in range(40)])  # nothing recorded yet
+    redis_client.hset(keys.config, mapping={"partitions": 4, "checking": "gone-engine"})
+    engine_side = Intake(redis_client, keys, 4, 100)
+    with pytest.raises(ConfigError, match="holds events this count would never read"):
+        engine_side.record_partitions()
+    for n in range(4, 8):  # delivered by an engine of 8, say
+        redis_client.delete(keys.intake(n))
+    engine_side.record_partitions()
+    assert redis_client.hgetall(keys.config) == {b"partitions": b"4"}  # checked: mark gone
+    engine_side.record_partitions()  # and from then on: nothing to do
+
+
 def test_a_producer_racing_the_first_record_is_refused_not_stranded(
         redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     """A producer of another count publishing while the engine records its count for
@@ -183,10 +201,12 @@ class ExecReplyDropper:
             while data := src.recv(65536):
                 if not upstream and cut.is_set():
                     break
-                dst.sendall(data)
-                if upstream and b"EXEC" in data and not self.dropped:
+                exec_once = upstream and b"EXEC" in data and not self.dropped
+                if exec_once:
                     self.dropped = 1
-                    cut.set()
+                    cut.set()  # before forwarding: no part of the reply gets through
+                dst.sendall(data)
+                if exec_once:
                     time.sleep(0.2)  # Redis applies the transaction meanwhile
                     break
         except OSError:
@@ -212,4 +232,63 @@ def test_a_connection_lost_after_redis_took_a_batch_does_not_write_it_twice(
         proxy.close()
     assert proxy.dropped == 1 and result.accepted == 3
     assert redis_client.xlen(keys.intake(0)) == 1  # one entry, not one per attempt
+    assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"
+
+
+class ExecDelayer:
+    """A TCP proxy to Redis that holds the first EXEC for ``delay`` seconds (a slow
+    network): a client with a shorter socket timeout gives up and tries again, and the
+    held EXEC reaches Redis after that."""
+
+    def __init__(self, redis_port: int, delay: float) -> None:
+        self.redis_port, self.delay, self.held = redis_port, delay, 0
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            server = socket.create_connection(("127.0.0.1", self.redis_port))
+            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
+        try:
+            while data := src.recv(65536):
+                if upstream and b"EXEC" in data and not self.held:
+                    self.held = 1
+                    time.sleep(self.delay)
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            time.sleep(0.3)
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.close()
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+def test_an_exec_that_arrives_late_after_a_timeout_is_not_written_twice(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The client times out, finds no receipt, appends again; the first EXEC reaches
+    Redis afterwards and is aborted by the receipt the second one set."""
+    kwargs = redis_client.connection_pool.connection_kwargs
+    proxy = ExecDelayer(int(kwargs["port"]), delay=1.5)
+    client = redis.Redis(host="127.0.0.1", port=proxy.port, db=int(kwargs.get("db", 0)),
+                         socket_timeout=0.5)
+    try:
+        result = Intake(client, keys, 1, 100).publish([click(n) for n in range(3)])
+        time.sleep(2.0)  # the held EXEC has reached Redis by now
+    finally:
+        client.close()
+        proxy.close()
+    assert proxy.held == 1 and result.accepted == 3
+    assert redis_client.xlen(keys.intake(0)) == 1
     assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"
