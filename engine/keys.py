@@ -8,7 +8,9 @@ key                             type     holds
 {p}:intake:receipt:{uuid}       string   set by an append, for 10 min: an append is
                                          written at most once (see Intake._write)
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
-                                         writing for another count are refused)
+                                         writing for another count are refused);
+                                         ``checking``: a first record's streams not
+                                         checked yet
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out
 {p}:version:hooks               string   bumped on every hook change
