@@ -171,13 +171,11 @@ def test_ray_started_by_engines_stops_with_the_last_of_them(settings: Settings,
                 redis_client.delete(*keys)
 
 
-class ExecReplyDropper:
-    """A TCP proxy to Redis that forwards the first EXEC, lets Redis apply it, and then
-    drops the client's connection before the reply: the batch is in, the client sees a
-    lost connection."""
+class RedisProxy:
+    """A TCP proxy to Redis; subclasses decide what happens to an EXEC on its way."""
 
     def __init__(self, redis_port: int) -> None:
-        self.redis_port, self.dropped = redis_port, 0
+        self.redis_port = redis_port
         self.listener = socket.create_server(("127.0.0.1", 0))
         self.port = self.listener.getsockname()[1]
         threading.Thread(target=self._serve, daemon=True).start()
@@ -189,35 +187,69 @@ class ExecReplyDropper:
             except OSError:
                 return
             server = socket.create_connection(("127.0.0.1", self.redis_port))
-            cut = threading.Event()
-            threading.Thread(target=self._pump, args=(client, server, cut, True),
-                             daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, cut, False),
-                             daemon=True).start()
+            cut = threading.Event()  # set: nothing more goes back to the client
+            for args in ((client, server, cut, True), (server, client, cut, False)):
+                threading.Thread(target=self._pump, args=args, daemon=True).start()
 
     def _pump(self, src: socket.socket, dst: socket.socket, cut: threading.Event,
               upstream: bool) -> None:
         try:
             while data := src.recv(65536):
-                if not upstream and cut.is_set():
-                    break
-                exec_once = upstream and b"EXEC" in data and not self.dropped
-                if exec_once:
-                    self.dropped = 1
-                    cut.set()  # before forwarding: no part of the reply gets through
-                dst.sendall(data)
-                if exec_once:
-                    time.sleep(0.2)  # Redis applies the transaction meanwhile
+                if not upstream:
+                    if cut.is_set():
+                        break
+                    dst.sendall(data)
+                elif not self.forward(data, dst, cut):
                     break
         except OSError:
             pass
         finally:
+            time.sleep(0.3)
             for s in (src, dst):
                 with contextlib.suppress(OSError):
                     s.close()
 
+    def forward(self, data: bytes, dst: socket.socket, cut: threading.Event) -> bool:
+        """Send ``data`` (from the client) on; False ends the connection."""
+        dst.sendall(data)
+        return True
+
     def close(self) -> None:
         self.listener.close()
+
+
+class ExecReplyDropper(RedisProxy):
+    """Forwards the first EXEC, lets Redis apply it, and then drops the client's
+    connection before the reply: the batch is in, the client sees a lost connection."""
+
+    dropped = 0
+
+    def forward(self, data: bytes, dst: socket.socket, cut: threading.Event) -> bool:
+        if b"EXEC" not in data or self.dropped:
+            return super().forward(data, dst, cut)
+        self.dropped = 1
+        cut.set()  # before forwarding: no part of the reply gets through
+        dst.sendall(data)
+        time.sleep(0.2)  # Redis applies the transaction meanwhile
+        return False
+
+
+class ExecDelayer(RedisProxy):
+    """Holds the first EXEC for ``delay`` seconds (a slow network): a client with a
+    shorter socket timeout gives up and tries again, and the held EXEC reaches Redis
+    after that."""
+
+    held = 0
+
+    def __init__(self, redis_port: int, delay: float) -> None:
+        self.delay = delay
+        super().__init__(redis_port)
+
+    def forward(self, data: bytes, dst: socket.socket, cut: threading.Event) -> bool:
+        if b"EXEC" in data and not self.held:
+            self.held = 1
+            time.sleep(self.delay)
+        return super().forward(data, dst, cut)
 
 
 def test_a_connection_lost_after_redis_took_a_batch_does_not_write_it_twice(
@@ -233,46 +265,6 @@ def test_a_connection_lost_after_redis_took_a_batch_does_not_write_it_twice(
     assert proxy.dropped == 1 and result.accepted == 3
     assert redis_client.xlen(keys.intake(0)) == 1  # one entry, not one per attempt
     assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"
-
-
-class ExecDelayer:
-    """A TCP proxy to Redis that holds the first EXEC for ``delay`` seconds (a slow
-    network): a client with a shorter socket timeout gives up and tries again, and the
-    held EXEC reaches Redis after that."""
-
-    def __init__(self, redis_port: int, delay: float) -> None:
-        self.redis_port, self.delay, self.held = redis_port, delay, 0
-        self.listener = socket.create_server(("127.0.0.1", 0))
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            server = socket.create_connection(("127.0.0.1", self.redis_port))
-            threading.Thread(target=self._pump, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pump, args=(server, client, False), daemon=True).start()
-
-    def _pump(self, src: socket.socket, dst: socket.socket, upstream: bool) -> None:
-        try:
-            while data := src.recv(65536):
-                if upstream and b"EXEC" in data and not self.held:
-                    self.held = 1
-                    time.sleep(self.delay)
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            time.sleep(0.3)
-            for s in (src, dst):
-                with contextlib.suppress(OSError):
-                    s.close()
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 def test_an_exec_that_arrives_late_after_a_timeout_is_not_written_twice(
