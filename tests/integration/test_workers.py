@@ -70,6 +70,13 @@ def clicks(n: int, list_id: int = 1) -> list[dict[str, Any]]:
              "event_date": "2026-01-01T00:00:00Z", "id": f"c{list_id}-{i}"} for i in range(n)]
 
 
+def one_intake(r: redis.Redis, keys: Keys, max_batch: int) -> Intake:
+    """The intake of one partition, its stream and group made."""
+    intake = Intake(r, keys, 1, max_batch)
+    intake.ensure_groups()
+    return intake
+
+
 def one_partition(settings: Settings) -> Settings:
     return settings.model_copy(update={"PARTITIONS": 1})
 
@@ -153,8 +160,7 @@ def test_entries_are_acked_only_when_every_message_is_settled(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     cfg = one_partition(settings)
     HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 1000)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 1000)
     held = InProcessSender(hold=True)
     worker = PartitionWorker(cfg, redis_client, 0, held)
     intake.publish(clicks(25))
@@ -173,8 +179,7 @@ def test_failures_go_to_the_retry_schedule_then_dead_letters(
     cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 2,
                                                       "HOOK_RETRY_PERIOD_SEC": 0.1})
     HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 1000)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 1000)
     failing = InProcessSender(StubTransport(always_fail=True))
     worker = PartitionWorker(cfg, redis_client, 0, failing)
     intake.publish(clicks(10))
@@ -231,8 +236,7 @@ def test_broker_batches_leave_every_round(redis_client: redis.Redis, settings: S
     cfg = one_partition(settings)
     HookRegistry(redis_client, keys).create(hook(target={"rabbitmq_exchange": {
         "host": "127.0.0.1", "exchange": "x", "type": "topic"}}))
-    intake = Intake(redis_client, keys, 1, 1000)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 1000)
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
     intake.publish(clicks(3, list_id=7))
@@ -432,8 +436,7 @@ def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
     reason, not retried forever; the entries around it are delivered."""
     cfg = one_partition(settings)
     HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 1000)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 1000)
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
     intake.publish(clicks(4))
@@ -478,8 +481,7 @@ def test_reading_pauses_while_too_many_messages_are_unsettled(
     monkeypatch.setattr("engine.dispatch.MAX_UNSETTLED", 15)
     cfg = one_partition(settings).model_copy(update={"READ_MAX_ENTRIES": 1})
     HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 10)  # entries of 10 events
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)  # entries of 10 events
     held = InProcessSender(hold=True)
     worker = PartitionWorker(cfg, redis_client, 0, held)
     intake.publish(clicks(50))
@@ -552,8 +554,7 @@ def test_a_round_failing_half_way_is_processed_again_and_acked_only_when_complet
     second = registry.create(hook(name="second"))
     failures = fail_assembly(monkeypatch, lambda hook_id, _: hook_id == second.id and
                              len(failures) == 0)
-    intake = Intake(redis_client, keys, 1, 10)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(20))
     events_of = entry_events(redis_client, keys.intake(0))
     sender = InProcessSender()
@@ -589,8 +590,7 @@ def test_an_entry_that_keeps_failing_is_set_aside_and_the_others_delivered(
     cfg = one_partition(settings)
     HookRegistry(redis_client, keys).create(hook())
     failures = fail_assembly(monkeypatch, lambda _, ids: "c1-3" in ids)  # a poison event
-    intake = Intake(redis_client, keys, 1, 5)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 5)
     intake.publish(clicks(5) + clicks(7, list_id=2) + clicks(4, list_id=3))
     poisoned = next(eid for eid, ids in entry_events(redis_client, keys.intake(0)).items()
                     if "c1-3" in ids)
@@ -628,8 +628,7 @@ def test_redis_errors_never_set_an_entry_aside(
         return original(self, *args)
 
     monkeypatch.setattr(Dispatcher, "_content", content)
-    intake = Intake(redis_client, keys, 1, 10)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(25))
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
@@ -646,8 +645,7 @@ def test_a_failed_acknowledgement_is_made_in_a_later_round(
         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = one_partition(settings)
     created = HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 10)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(20))
     original = redis.client.Pipeline.execute
     refused: list[int] = []
@@ -677,8 +675,7 @@ def test_entries_read_when_setting_one_aside_fails_are_read_again(
     a restart), and every event is delivered once."""
     cfg = one_partition(settings)
     HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 10)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(15))
     redis_client.xadd(keys.intake(0), {b"junk": b"not an intake entry"})
     intake.publish(clicks(12, list_id=2))
@@ -724,8 +721,7 @@ def test_a_redis_error_that_does_not_pass_counts_against_the_entry(
         return original(self, rnd, idx)
 
     monkeypatch.setattr(Assembler, "assemble", assemble)
-    intake = Intake(redis_client, keys, 1, 5)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 5)
     intake.publish(clicks(5) + clicks(7, list_id=2))
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
@@ -744,8 +740,7 @@ def test_outcomes_are_collected_in_a_failing_round_and_booked_later(
 
     cfg = one_partition(settings)
     created = HookRegistry(redis_client, keys).create(hook())
-    intake = Intake(redis_client, keys, 1, 10)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(10))  # one entry, one full batch of 10
     original = Dispatcher.due
     outage = [1]
@@ -873,8 +868,7 @@ def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
     stored["actions"] = ["no_such_event"]
     redis_client.hset(keys.hooks, str(broken.id), json_module.dumps(stored))
     redis_client.incr(keys.hooks_version)
-    intake = Intake(redis_client, keys, 1, 1000)
-    intake.ensure_groups()
+    intake = one_intake(redis_client, keys, 1000)
     intake.publish(clicks(3))
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
