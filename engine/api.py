@@ -47,7 +47,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import Conflict, HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
-from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook
+from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook, url_secrets
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -219,14 +219,13 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
 
 def _masked_secrets(model: BaseModel, path: str = "") -> list[str]:
     """Fields where a new hook holds the mask itself as a secret: a secret, a URL
-    password, a credential header's value."""
+    password or credential query value, a credential header's value."""
     found = []
     for name in type(model).model_fields:
         value = getattr(model, name)
         secret = value.get_secret_value() if isinstance(value, SecretStr) else None
-        url_password = urlsplit(value).password if name in URL_FIELDS \
-            and isinstance(value, str) else None
-        if MASK in (secret, url_password):
+        in_url = url_secrets(value) if name in URL_FIELDS and isinstance(value, str) else []
+        if secret == MASK or MASK in in_url:
             found.append(path + name)
         elif name == "headers" and isinstance(value, dict):
             found += [f"{path}{name}.{k}" for k, v in value.items()

@@ -6,18 +6,18 @@ captures, filters, the custom_data set, the content option and exactly one targe
 
 Secrets (passwords, tokens, client secrets) are ``SecretStr``: masked in ``repr``,
 in ``model_dump()`` and in ``display()``. ``to_storage()`` is the only way out in
-clear text, for the hook registry. Two more kinds of values are shown masked the same
-way: the password inside an http(s) URL (``https://user:**********@host/``) and the
-value of an extra HTTP header whose name says it carries a credential
-(``Authorization``, ``Cookie``, ``X-Api-Key``, ``X-Auth-Token``... see
-``SENSITIVE_HEADER``).
+clear text, for the hook registry. More values are shown masked the same way: the
+password inside an http(s) URL (``https://user:**********@host/``), the value of a
+URL's query parameter and of an extra HTTP header whose name says it carries a
+credential (``?token=**********``; ``Authorization``, ``Cookie``, ``X-Api-Key``,
+``X-Auth-Token``... see ``SENSITIVE_HEADER``).
 """
 
 from __future__ import annotations
 
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import unquote, unquote_plus, urlsplit
 
 from pydantic import (
     BaseModel,
@@ -49,21 +49,44 @@ Id = Annotated[int, BeforeValidator(_not_bool), Field(ge=0, le=2**63 - 1)]
 
 
 MASK = "**********"  # how every secret reads
-# extra HTTP headers whose values are credentials, by name (case-insensitive)
+# extra HTTP headers and URL query parameters whose values are credentials, by name
+# (case-insensitive)
 SENSITIVE_HEADER = re.compile(
-    r"authorization|cookie|key|token|secret|passw|signature|session|credential|auth",
+    r"authorization|cookie|key|token|secret|passw|signature|\bsig\b|session|credential|auth",
     re.IGNORECASE)
-URL_FIELDS = ("url", "token_url")  # fields holding a URL that may carry a password
+URL_FIELDS = ("url", "token_url")  # fields holding a URL that may carry credentials
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user-info (if any) shown as ``MASK``."""
+    """``url`` with the password of its user-info (if any) and the value of each
+    query parameter whose name says it carries a credential (``token``, ``api_key``,
+    ``signature``... as ``SENSITIVE_HEADER``) shown as ``MASK``."""
     parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    user = parts.netloc.rpartition("@")[0].partition(":")[0]
-    host = parts.netloc.rpartition("@")[2]
-    return parts._replace(netloc=f"{user}:{MASK}@{host}").geturl()
+    if parts.password is not None:
+        user = parts.netloc.rpartition("@")[0].partition(":")[0]
+        host = parts.netloc.rpartition("@")[2]
+        parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
+    if parts.query:
+        parts = parts._replace(query="&".join(map(_mask_param, parts.query.split("&"))))
+    return parts.geturl()
+
+
+def _mask_param(param: str) -> str:
+    name, eq, value = param.partition("=")
+    return f"{name}={MASK}" if eq and value and SENSITIVE_HEADER.search(unquote(name)) \
+        else param
+
+
+def url_secrets(url: str) -> list[str]:
+    """The secrets ``mask_url`` hides in ``url``: its password, sensitive query values
+    (as written, and decoded)."""
+    parts = urlsplit(url)
+    found = [parts.password] if parts.password else []
+    for param in parts.query.split("&") if parts.query else []:
+        name, eq, value = param.partition("=")
+        if eq and value and SENSITIVE_HEADER.search(unquote(name)):
+            found += [value, unquote_plus(value)]
+    return [s for s in found if s]
 
 
 def mask_headers(headers: dict[str, str]) -> dict[str, str]:

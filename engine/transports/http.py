@@ -32,7 +32,7 @@ from urllib.parse import urlsplit
 import aiohttp
 
 from engine.errors import ConnectError, Rejected, Timeout
-from engine.hooks import MASK, Auth, HttpBatch, mask_url
+from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
 
@@ -50,9 +50,11 @@ JSON_HEADERS = {"Content-Type": "application/json"}
 
 
 def _scrub(text: str, url: str) -> str:
-    """``text`` (a client error's) without the password of ``url`` in it."""
-    password = urlsplit(url).password
-    return text.replace(password, MASK) if password else text
+    """``text`` (a client error's) without the secrets of ``url`` in it (its password,
+    credential query values)."""
+    for secret in sorted(url_secrets(url), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 @dataclass

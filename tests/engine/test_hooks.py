@@ -24,7 +24,9 @@ from engine.hooks import (
     Kafka,
     RabbitExchange,
     RabbitQueue,
+    mask_url,
     parse_hook,
+    url_secrets,
 )
 
 TOKEN = "tok-SECRET-bearer-1f2e"
@@ -623,6 +625,20 @@ def test_credential_headers_and_url_passwords_are_masked_the_rest_shown() -> Non
     # a URL without a password is shown as it is
     plain = parse_hook(hook_data(HTTP_NONE)).display()["target"]["http_batch"]["url"]
     assert plain == HTTP_NONE["http_batch"]["url"]
+
+
+def test_credential_query_values_are_masked_the_rest_of_the_url_kept() -> None:
+    url = ("https://hooks.example.com/in?tenant=acme&token=tok-SECRET&Api_Key=k%2BSECRET"
+           "&sig=sig-SECRET&page=2&access_token=&x=1#part")
+    hook = parse_hook(hook_data({"http_batch": {"url": url}}))
+    shown = hook.display()["target"]["http_batch"]["url"]
+    assert shown == ("https://hooks.example.com/in?tenant=acme&token=**********"
+                     "&Api_Key=**********&sig=**********&page=2&access_token=&x=1#part")
+    assert "SECRET" not in repr(hook) and "SECRET" not in str(hook.display())
+    assert hook.to_storage()["target"]["http_batch"]["url"] == url
+    assert mask_url("https://h.example/x?a=1&b=2") == "https://h.example/x?a=1&b=2"
+    assert sorted(set(url_secrets(url))) == ["k%2BSECRET", "k+SECRET", "sig-SECRET",
+                                             "tok-SECRET"]
 
 
 def test_bad_url_error_does_not_show_its_password() -> None:

@@ -438,12 +438,14 @@ async def test_hooks_crud_with_write_only_secrets(api: Api) -> None:
 
 async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> None:
     registry = HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX))
-    target = {"http_batch": {"url": "https://crm:pw-SECRET@receiver.example.com/h",
+    target = {"http_batch": {"url": "https://crm:pw-SECRET@receiver.example.com/h?"
+                                    "tenant=acme&token=qt-SECRET",
                              "headers": {"X-Api-Key": "key-SECRET", "X-Tenant": "acme"}}}
     answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(target=target))
     assert answer.status == 201
     shown = answer.body["target"]["http_batch"]
-    assert shown["url"] == "https://crm:**********@receiver.example.com/h"
+    assert shown["url"] == ("https://crm:**********@receiver.example.com/h?"
+                            "tenant=acme&token=**********")
     assert shown["headers"] == {"X-Api-Key": MASK, "X-Tenant": "acme"}
     assert "SECRET" not in json.dumps(answer.body)
     # PUT as read back, with a changed plain header: the credentials are kept
@@ -453,10 +455,12 @@ async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> 
     answer = await api.call("PUT", f"/v1/hooks/{hook_id}", api.master, json_body=changed)
     assert answer.status == 200, answer.body
     stored = registry.get(hook_id).to_storage()["target"]["http_batch"]
-    assert stored["url"] == "https://crm:pw-SECRET@receiver.example.com/h"
+    assert stored["url"] == "https://crm:pw-SECRET@receiver.example.com/h?tenant=acme&token=qt-SECRET"
     assert stored["headers"] == {"X-Api-Key": "key-SECRET", "X-Tenant": "beta"}
     # the mask as a new credential is refused, naming the field
     for bad, field in (({"url": "https://crm:**********@r.example.com/h"},
+                        "target.http_batch.url"),
+                       ({"url": "https://r.example.com/h?token=**********"},
                         "target.http_batch.url"),
                        ({"url": "https://r.example.com/h", "headers": {"Authorization": MASK}},
                         "target.http_batch.headers.Authorization")):

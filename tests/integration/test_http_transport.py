@@ -136,11 +136,13 @@ def test_timeout_and_unreachable_destination(receiver: Receiver) -> None:
     outcome = send({"url": "http://127.0.0.1:9/none"})
     assert not outcome.ok and outcome.error == "ConnectError"
     # a password in the URL never shows in what is reported (and dead-lettered)
-    for url in ("http://crm:pw-SECRET-9@127.0.0.1:9/none", receiver.url("/hang")
-                .replace("http://", "http://crm:pw-SECRET-9@")):
+    for url in ("http://crm:pw-SECRET-9@127.0.0.1:9/none?token=qt-SECRET-9",
+                receiver.url("/hang").replace("http://", "http://crm:pw-SECRET-9@")
+                + "?api_key=qt-SECRET-9"):
         outcome = send({"url": url, "request_timeout_sec": 0.3})
         assert not outcome.ok and outcome.error in ("ConnectError", "Timeout")
         assert "pw-SECRET-9" not in outcome.describe() and "crm:**********@" in outcome.detail
+        assert "qt-SECRET-9" not in outcome.describe()
 
 
 def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) -> None:
