@@ -207,12 +207,7 @@ class Intake:
                 + "; ".join(map(str, issues[:20])), issues)
         fresh = [e for e in good if e.id is None]
         ensure_ids(fresh)
-        try:
-            self.append(good)
-        except ConfigError:  # refused, surely not written: the ids given go back (after
-            for event in fresh:  # a Redis error they stay: a retry with the same events
-                event.id = None  # then repeats their message ids, which receivers see)
-            raise
+        self.append(good, fresh)
         return PublishResult(len(good), issues, [e.id or "" for e in good])
 
     def _publish_checked(self, events: list[Event]) -> bool:
@@ -236,18 +231,26 @@ class Intake:
             for event in fresh:
                 event.id = None
             return False
+        self._write_refundable(encoded, len(events), fresh)
+        return True
+
+    def _write_refundable(self, entries: list[tuple[int, bytes]], count: int,
+                          fresh: Sequence[Event]) -> None:
+        """``_write``; if it is refused (ConfigError: surely not written), the ids given
+        to ``fresh`` for it are taken back. After a Redis error they stay: a retry with
+        the same events then repeats their message ids, which receivers can see."""
         try:
-            self._write(encoded, len(events))
-        except ConfigError:  # refused, surely not written: the ids given go back
+            self._write(entries, count)
+        except ConfigError:
             for event in fresh:
                 event.id = None
             raise
-        return True
 
-    def append(self, events: list[Event]) -> None:
-        """Append validated events (with ids) to their partitions' streams."""
-        self._write([(n, encode_entry(chunk)) for n, chunk in self._entries(events)],
-                    len(events))
+    def append(self, events: list[Event], fresh: Sequence[Event] = ()) -> None:
+        """Append validated events (with ids) to their partitions' streams; ``fresh``:
+        those whose ids were given for this append (taken back if it is refused)."""
+        self._write_refundable(
+            [(n, encode_entry(chunk)) for n, chunk in self._entries(events)], len(events), fresh)
 
     def _entries(self, events: list[Event]) -> list[tuple[int, list[Event]]]:
         """(partition, events) of each stream entry to write: events grouped by the
