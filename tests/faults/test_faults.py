@@ -41,8 +41,17 @@ def test_killed_partition_and_transport_actors_lose_nothing(
             time.sleep(0.05)
 
     def pid(actor: Any) -> int:
-        return int(ray_session.get(actor.__ray_call__.remote(lambda _: os.getpid()),
-                                   timeout=60))
+        """The actor's process id, once it answers (a restarting actor is unavailable
+        for a moment)."""
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                return int(ray_session.get(actor.__ray_call__.remote(lambda _: os.getpid()),
+                                           timeout=60))
+            except ray_session.exceptions.ActorUnavailableError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
 
     partition, transport = engine.actors["partitions"][0], engine.actors["pools"]["http_batch"][0]
     pids = (pid(partition), pid(transport))

@@ -1,0 +1,36 @@
+-- Replay or discard dead letters atomically, if none changed since they were read:
+-- each id's payload is compared (by SHA-1) with the one read; if any is gone or
+-- different, nothing moves and those ids are returned. Otherwise every id leaves the
+-- dead letters (and its account and hook indexes) and, by ARGV[1]:
+--   "replay":  goes back on the retry schedule, due ARGV[2], with its new payload;
+--   "discard": is deleted, its messages counted as "discarded" in its hook's stats.
+-- KEYS[1] dead zset, KEYS[2] dead payload hash, KEYS[3] retry zset, KEYS[4] retry
+-- payload hash, KEYS[5..] the account and hook index zsets and stats hashes of the ids
+-- ARGV[1] mode, ARGV[2] due (ms); then per id: id, SHA-1 (hex) of the payload read,
+-- new payload (replay) or "" (discard), the KEYS positions of its account index, its
+-- hook index and its hook's stats, and its message count
+local STRIDE = 7
+local changed = {}
+for i = 3, #ARGV, STRIDE do
+  local current = redis.call('HGET', KEYS[2], ARGV[i])
+  if (not current) or redis.sha1hex(current) ~= ARGV[i + 1] then
+    table.insert(changed, ARGV[i])
+  end
+end
+if #changed > 0 then
+  return changed
+end
+local replay = ARGV[1] == 'replay'
+for i = 3, #ARGV, STRIDE do
+  redis.call('ZREM', KEYS[1], ARGV[i])
+  redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i])
+  redis.call('ZREM', KEYS[tonumber(ARGV[i + 4])], ARGV[i])
+  redis.call('HDEL', KEYS[2], ARGV[i])
+  if replay then
+    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
+    redis.call('ZADD', KEYS[3], ARGV[2], ARGV[i])
+  else
+    redis.call('HINCRBY', KEYS[tonumber(ARGV[i + 5])], 'discarded', ARGV[i + 6])
+  end
+end
+return changed
