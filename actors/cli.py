@@ -262,9 +262,43 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _progress(verb: str) -> Callable[[int], None]:
+    """Progress on stderr for a long replay or discard: a line per 10,000."""
+    said = [0]
+
+    def say(n: int) -> None:
+        if n >= said[0] + 10_000:
+            print(f"hookray: {n:,} dead letter(s) {verb} so far", file=sys.stderr, flush=True)
+            said[0] = n
+    return say
+
+
+def _scope(args: argparse.Namespace, what: str) -> None:
+    if args.ids and (args.hook is not None or args.account is not None):
+        raise HookrayError(f"{what}: --hook and --account select all of a hook's or an "
+                           "account's dead letters; not with ids")
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
-    n = _engine(args).replay(args.ids or None, hook_id=args.hook)
+    _scope(args, "replay")
+    n = _engine(args).replay(args.ids or None, hook_id=args.hook, account_id=args.account,
+                             progress=_progress("replayed"))
     print(f"{n} dead letter(s) scheduled for delivery")
+    return 0
+
+
+def cmd_discard(args: argparse.Namespace) -> int:
+    _scope(args, "discard")
+    if bool(args.ids) == args.all:
+        raise HookrayError("discard: give dead letter ids, or --all (with --hook or "
+                           "--account to narrow it)")
+    engine = _engine(args)
+    if args.ids:
+        n = engine.discard(args.ids)
+    else:
+        n = engine.discard(everything=True, hook_id=args.hook, account_id=args.account,
+                           progress=_progress("discarded"))
+    print(f"{n} dead letter(s) discarded")
     return 0
 
 
@@ -349,7 +383,18 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="send dead letters again")
     replay.add_argument("ids", nargs="*", help="dead letter ids (default: all)")
     replay.add_argument("--hook", type=int, help="only this hook's dead letters")
+    replay.add_argument("--account", type=int, help="only this account's dead letters")
     replay.set_defaults(fn=cmd_replay)
+
+    discard = sub.add_parser("discard", help="delete dead letters for good",
+                             description="Delete dead letters for good (counted as "
+                             "'discarded' in their hooks' stats): the given ids, or --all.")
+    discard.add_argument("ids", nargs="*", help="dead letter ids")
+    discard.add_argument("--all", action="store_true",
+                         help="every dead letter (of --hook, of --account)")
+    discard.add_argument("--hook", type=int, help="with --all: only this hook's")
+    discard.add_argument("--account", type=int, help="with --all: only this account's")
+    discard.set_defaults(fn=cmd_discard)
     return p
 
 

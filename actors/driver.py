@@ -20,7 +20,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -341,11 +341,30 @@ class Engine:
                      limit: int = 100) -> list[DeadLetter]:
         return [DeadLetter.of(d) for d in self.retry.dead_letters(account_id, hook_id, limit)]
 
-    def replay(self, ids: Iterable[str] | None = None, hook_id: int | None = None) -> int:
-        """Send dead letters again (all, those of a hook, or the given ids)."""
+    def replay(self, ids: Iterable[str] | None = None, hook_id: int | None = None, *,
+               account_id: int | None = None,
+               progress: Callable[[int], None] | None = None) -> int:
+        """Send dead letters again: the given ids (all or none: an unknown id raises
+        NotFound), or, without ids, every one (of a hook, of an account) kept when the
+        call starts, in chunks; ``progress(n)`` after each chunk."""
         if ids is None:
-            ids = [d.id for d in self.retry.dead_letters(hook_id=hook_id, limit=10**9)]
+            return self.retry.replay_all(account_id, hook_id, progress)
         return self.retry.replay(ids)
+
+    def discard(self, ids: Iterable[str] | None = None, *, everything: bool = False,
+                hook_id: int | None = None, account_id: int | None = None,
+                progress: Callable[[int], None] | None = None) -> int:
+        """Delete dead letters for good (counted as ``discarded`` in their hooks'
+        stats): the given ids (all or none: an unknown id raises NotFound), or, with
+        ``everything=True``, every one (of a hook, of an account) kept when the call
+        starts, in chunks; ``progress(n)`` after each chunk."""
+        if (ids is None) == (not everything):
+            raise ValueError("discard: give either ids or everything=True")
+        if ids is None:
+            return self.retry.discard_all(account_id, hook_id, progress)
+        if hook_id is not None or account_id is not None:
+            raise ValueError("discard: hook_id and account_id go with everything=True")
+        return self.retry.discard(ids)
 
     def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:
         """Wait until every accepted event is settled (and, optionally, no retry is due)."""

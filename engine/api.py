@@ -542,33 +542,37 @@ async def dead_letters(request: web.Request) -> web.Response:
     return web.json_response({"dead_letters": [dead_letter_json(d) for d in letters]})
 
 
-def _replay(backend: Backend, account_id: int, body: dict[str, Any]) -> int:
+def _move(backend: Backend, account_id: int, body: dict[str, Any], mode: str) -> int:
+    """Replay or discard (``mode``) the account's dead letters named in ``body``."""
     if body.get("ids") is not None:
         ids = list(dict.fromkeys(body["ids"]))  # each once
-    else:
-        hook_id = body.get("hook_id")
-        if hook_id is not None:
-            backend.owned_hook(account_id, hook_id)
-        ids = [d.id for d in backend.retry.dead_letters(account_id, hook_id, limit=10**9)]
-    if not ids:
-        return 0
-    backend.owned_dead_letters(account_id, ids)
+        backend.owned_dead_letters(account_id, ids)
+        move = backend.retry.replay if mode == "replay" else backend.retry.discard
+        try:
+            return move(ids)
+        except NotFound as exc:  # replayed or discarded by someone else meanwhile
+            raise ApiError(404, str(exc)) from None
+        except Conflict as exc:  # dead-lettered again and again meanwhile
+            raise ApiError(409, str(exc)) from None
+    hook_id = body.get("hook_id")
+    if hook_id is not None:
+        backend.owned_hook(account_id, hook_id)
+    move_all = backend.retry.replay_all if mode == "replay" else backend.retry.discard_all
     try:
-        return backend.retry.replay(ids)
-    except NotFound as exc:  # replayed by someone else meanwhile
-        raise ApiError(404, str(exc)) from None
-    except Conflict as exc:  # dead-lettered again and again while replaying
+        return move_all(account_id, hook_id)
+    except Conflict as exc:
         raise ApiError(409, str(exc)) from None
 
 
-REPLAY_SHAPE = ('expected {"ids": [dead letter id, ...]} or {"all": true} '
-                '(optionally with "hook_id")')
+MOVE_SHAPE = ('expected {"ids": [dead letter id, ...]} or {"all": true} '
+              '(optionally with "hook_id")')
 
 
-async def replay(request: web.Request) -> web.Response:
-    body = await _json(request)
+def _move_body(body: Any) -> dict[str, Any]:
+    """The body of a replay or discard, checked: ``{"ids": [...]}`` or ``{"all": true}``
+    (with an optional ``hook_id``)."""
     if not isinstance(body, dict):
-        raise ApiError(422, REPLAY_SHAPE, [{"field": "body", "reason": REPLAY_SHAPE}])
+        raise ApiError(422, MOVE_SHAPE, [{"field": "body", "reason": MOVE_SHAPE}])
     ids, everything, hook_id = body.get("ids"), body.get("all"), body.get("hook_id")
     problems = []
     if set(body) - {"ids", "all", "hook_id"}:
@@ -585,9 +589,22 @@ async def replay(request: web.Request) -> web.Response:
                                 or not isinstance(hook_id, int) or hook_id < 0):
         problems.append({"field": "hook_id", "reason": "an integer >= 0, only with \"all\""})
     if problems:
-        raise ApiError(422, REPLAY_SHAPE, problems)
-    n = await _run(request, _replay, request.app[BACKEND], request[TOKEN].account_id, body)
+        raise ApiError(422, MOVE_SHAPE, problems)
+    return body
+
+
+async def replay(request: web.Request) -> web.Response:
+    body = _move_body(await _json(request))
+    n = await _run(request, _move, request.app[BACKEND], request[TOKEN].account_id, body,
+                   "replay")
     return web.json_response({"replayed": n})
+
+
+async def discard(request: web.Request) -> web.Response:
+    body = _move_body(await _json(request))
+    n = await _run(request, _move, request.app[BACKEND], request[TOKEN].account_id, body,
+                   "discard")
+    return web.json_response({"discarded": n})
 
 
 async def openapi(request: web.Request) -> web.Response:
@@ -688,6 +705,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     add("GET", "/v1/stats", stats)
     add("GET", "/v1/dead-letters", dead_letters)
     add("POST", "/v1/dead-letters/replay", replay)
+    add("POST", "/v1/dead-letters/discard", discard)
     add("GET", "/v1/openapi.json", openapi)
 
     async def close(app: web.Application) -> None:

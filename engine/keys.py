@@ -31,7 +31,8 @@ key                             type     holds
                                          dead letter (built from ``{p}:dead`` if not)
 {p}:retry:unreadable            hash     delivery id -> a retry payload that could not
                                          be decoded (set aside by the retry worker)
-{p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered
+{p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered,
+                                         discarded
 {p}:stats:engine                hash     events_accepted, events_rejected,
                                          entries_unreadable, retries_unreadable
 ==============================  =======  =============================================

@@ -10,9 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import redis
@@ -26,7 +26,7 @@ from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_deliv
 
 log = logging.getLogger("hookray")
 
-STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered")
+STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered", "discarded")
 
 
 def _version(r: redis.Redis, key: str) -> int:
@@ -251,7 +251,8 @@ class ContentStore:
 
 
 class Stats:
-    """Per-hook counters: accepted, delivered, retried, dead_lettered (in messages)."""
+    """Per-hook counters: accepted, delivered, retried, dead_lettered, discarded (in
+    messages)."""
 
     def __init__(self, r: redis.Redis, keys: Keys) -> None:
         self.r, self.k = r, keys
@@ -285,6 +286,8 @@ class _KeyPlaces:
 
 REPLAY_TRIES = 5  # replay attempts while dead letters change under it
 DEAD_READ_CHUNK = 500  # dead letters read per round trip
+DEAD_MOVE_CHUNK = 500  # dead letters replayed or discarded per script
+PAST = {"replay": "replayed", "discard": "discarded"}
 
 
 class RetryStore:
@@ -294,8 +297,8 @@ class RetryStore:
         self.r, self.k = r, keys
         scripts = resources.files("engine")
         self._claim = r.register_script(scripts.joinpath("retry_claim.lua").read_text("utf-8"))
-        self._replay = r.register_script(
-            scripts.joinpath("retry_replay.lua").read_text("utf-8"))
+        self._replay = r.register_script(  # replays and discards
+            scripts.joinpath("dead_move.lua").read_text("utf-8"))
         self._index = r.register_script(scripts.joinpath("dead_index.lua").read_text("utf-8"))
         self._handed_back = r.register_script(
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
@@ -468,23 +471,21 @@ class RetryStore:
         self.r.set(self.k.dead_indexed, 1)
         self._indexed = True
 
-    def _replay_args(self, ids: list[str], payloads: list[bytes | None]
-                     ) -> tuple[list[str], list[Any]]:
-        """KEYS and ARGV of ``retry_replay.lua`` for dead letters ``ids`` read as
-        ``payloads``: each id with its payload's SHA-1, its new payload (re-sends
-        reset) and the places in KEYS of its account's and hook's index."""
+    def _move_args(self, mode: str, letters: list[tuple[str, bytes, Delivery]]
+                   ) -> tuple[list[str], list[Any]]:
+        """KEYS and ARGV of ``dead_move.lua`` for dead letters (id, payload read, its
+        delivery): each id with its payload's SHA-1, its new payload (replay: re-sends
+        reset), the places in KEYS of its account's and hook's index and its hook's
+        stats, and its message count."""
         keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
-        args: list[Any] = [now_ms()]
-        for delivery_id, raw in zip(ids, payloads, strict=True):
-            try:
-                delivery = unpack_delivery(raw or b"")
-            except (msgspec.DecodeError, ValueError):
-                raise NotFound(f"dead letter {delivery_id} cannot be decoded; it is left "
-                               "where it is") from None
+        args: list[Any] = [mode, now_ms()]
+        for delivery_id, raw, delivery in letters:
             delivery.resends = 0
-            args += [delivery_id, hashlib.sha1(raw or b"").hexdigest(), pack_delivery(delivery),
+            args += [delivery_id, hashlib.sha1(raw).hexdigest(),
+                     pack_delivery(delivery) if mode == "replay" else b"",
                      keys.place(self.k.dead_of_account(delivery.account_id)),
-                     keys.place(self.k.dead_of_hook(delivery.hook_id))]
+                     keys.place(self.k.dead_of_hook(delivery.hook_id)),
+                     keys.place(self.k.stats(delivery.hook_id)), delivery.count]
         return keys.keys, args
 
     def replay(self, ids: Iterable[str]) -> int:
@@ -492,18 +493,95 @@ class RetryStore:
         An unknown id raises NotFound before anything is moved. The move is one
         script that first checks every payload is still the one read: a replay of the
         same ids running meanwhile moves them once, and the other finds them gone."""
-        ids = list(dict.fromkeys(ids))
+        return self._move("replay", list(dict.fromkeys(ids)))[0]
+
+    def discard(self, ids: Iterable[str]) -> int:
+        """Delete dead letters for good; their messages are counted as ``discarded``
+        in their hooks' stats. The same rules as ``replay``: an unknown id raises
+        NotFound and nothing is discarded; one script, that checks every payload is
+        still the one read."""
+        return self._move("discard", list(dict.fromkeys(ids)))[0]
+
+    def replay_all(self, account_id: int | None = None, hook_id: int | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """``replay`` every dead letter (of an account, of a hook) kept when it
+        starts, in chunks of DEAD_MOVE_CHUNK, each chunk one script: Redis is never
+        held up by one long script, and nothing is read whole into memory. One
+        dead-lettered again meanwhile is not taken twice. ``progress(n)`` is called
+        after each chunk with the number moved so far."""
+        return self._move_all("replay", account_id, hook_id, progress)
+
+    def discard_all(self, account_id: int | None = None, hook_id: int | None = None,
+                    progress: Callable[[int], None] | None = None) -> int:
+        """``discard`` every dead letter (of an account, of a hook) kept when it
+        starts, in chunks as ``replay_all``."""
+        return self._move_all("discard", account_id, hook_id, progress)
+
+    def _move_all(self, mode: str, account_id: int | None, hook_id: int | None,
+                  progress: Callable[[int], None] | None) -> int:
+        self._ensure_index()
+        if hook_id is not None:
+            key = self.k.dead_of_hook(hook_id)
+        elif account_id is not None:
+            key = self.k.dead_of_account(account_id)
+        else:
+            key = self.k.dead
+        # those dead when it starts: one dead-lettered again after its replay dies
+        # later than this and is not read again (the run ends)
+        cutoff = now_ms()
+        passed: set[bytes] = set()  # left where they are: undecodable, not the account's
+        done = 0
+        while True:
+            found: list[bytes] = self.r.zrangebyscore(  # type: ignore[assignment]
+                key, "-inf", cutoff, start=0, num=DEAD_MOVE_CHUNK + len(passed))
+            ids = [i.decode() for i in found if i not in passed]
+            if not ids:
+                return done
+            try:
+                moved, skipped = self._move(mode, ids, account_id, hook_id, strict=False)
+            except Conflict as exc:
+                raise Conflict(f"{exc} ({done} dead letter(s) {PAST[mode]} before this "
+                               "stay so)") from None
+            passed.update(i.encode() for i in skipped)
+            done += moved
+            if progress is not None:
+                progress(done)
+
+    def _move(self, mode: str, ids: list[str], account_id: int | None = None,
+              hook_id: int | None = None, strict: bool = True) -> tuple[int, list[str]]:
+        """(moved, skipped) of ``dead_move.lua`` over ``ids``, tried again while
+        some change between the read and the script. ``strict``: a missing or
+        undecodable id raises NotFound and nothing moves; else such ids, and those
+        not of ``account_id``/``hook_id``, are skipped."""
         if not ids:
-            return 0
+            return 0, []
         for _ in range(REPLAY_TRIES):
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
-            missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
-            if missing:
-                raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
-            keys, args = self._replay_args(ids, payloads)
+            if strict:
+                missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
+                if missing:
+                    raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
+            good: list[tuple[str, bytes, Delivery]] = []
+            skipped: list[str] = []
+            for delivery_id, raw in zip(ids, payloads, strict=True):
+                try:
+                    d = unpack_delivery(raw) if raw is not None else None
+                except (msgspec.DecodeError, ValueError):
+                    if strict:
+                        raise NotFound(f"dead letter {delivery_id} cannot be decoded; it is "
+                                       "left where it is") from None
+                    d = None
+                if d is None or (account_id is not None and d.account_id != account_id) \
+                        or (hook_id is not None and d.hook_id != hook_id):
+                    skipped.append(delivery_id)
+                else:
+                    good.append((delivery_id, cast(bytes, raw), d))
+            if not good:
+                return 0, skipped
+            keys, args = self._move_args(mode, good)
             changed = self._replay(keys=keys, args=args)
-            if not changed:
-                return len(ids)
-        raise Conflict(f"dead letters changed during {REPLAY_TRIES} replay attempts "
+            if not changed:  # else nothing moved: read them again
+                return len(good), skipped
+        raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")

@@ -29,7 +29,7 @@ from engine.intake import decode_entry
 from engine.keys import Keys
 from engine.receiver import Receiver
 from engine.settings import Settings
-from engine.stores import HookRegistry, RetryStore
+from engine.stores import HookRegistry, RetryStore, Stats
 from engine.transports.base import Delivery, now_ms
 
 pytestmark = pytest.mark.integration
@@ -128,7 +128,8 @@ ROUTES = [("POST", "/v1/events"), ("GET", "/v1/hooks"), ("POST", "/v1/hooks"),
           ("POST", "/v1/hooks/{id}/activate"), ("POST", "/v1/hooks/{id}/stop"),
           ("POST", "/v1/hooks/{id}/clone"), ("POST", "/v1/hooks/{id}/test"),
           ("GET", "/v1/hooks/{id}/stats"), ("GET", "/v1/stats"), ("GET", "/v1/dead-letters"),
-          ("POST", "/v1/dead-letters/replay"), ("GET", "/v1/openapi.json")]
+          ("POST", "/v1/dead-letters/replay"), ("POST", "/v1/dead-letters/discard"),
+          ("GET", "/v1/openapi.json")]
 MASTER_ROUTES = [r for r in ROUTES if r not in (("POST", "/v1/events"),
                                                 ("GET", "/v1/openapi.json"))]
 
@@ -684,12 +685,14 @@ async def test_stats_show_only_the_accounts_hooks(api: Api) -> None:
     assert answer.status == 200
     assert answer.body == {
         "hooks": {str(a["id"]): {"accepted": 10, "delivered": 8, "retried": 3,
-                                 "dead_lettered": 0},
+                                 "dead_lettered": 0, "discarded": 0},
                   str(b["id"]): {"accepted": 5, "delivered": 0, "retried": 0,
-                                 "dead_lettered": 5}},
-        "totals": {"accepted": 15, "delivered": 8, "retried": 3, "dead_lettered": 5}}
+                                 "dead_lettered": 5, "discarded": 0}},
+        "totals": {"accepted": 15, "delivered": 8, "retried": 3, "dead_lettered": 5,
+                   "discarded": 0}}
     answer = await api.call("GET", f"/v1/hooks/{a['id']}/stats", api.master)
-    assert answer.body == {"accepted": 10, "delivered": 8, "retried": 3, "dead_lettered": 0}
+    assert answer.body == {"accepted": 10, "delivered": 8, "retried": 3, "dead_lettered": 0,
+                           "discarded": 0}
     answer = await api.call("GET", f"/v1/hooks/{theirs['id']}/stats", api.master)
     assert answer.status == 404
     answer = await api.call("GET", "/v1/stats", api.other)
@@ -764,6 +767,49 @@ async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> Non
         assert answer.error["code"] == "validation_failed" and answer.error["issues"]
 
 
+async def test_dead_letters_are_discarded_per_account_and_counted(api: Api) -> None:
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    stats = Stats(api.r, Keys(api.settings.REDIS_PREFIX))
+    a, b = await api.create(), await api.create(name="b")
+    theirs = await api.create(api.other)
+    mine = [dead_letter(retry, a, 1), dead_letter(retry, a, 2), dead_letter(retry, b, 1)]
+    foreign = dead_letter(retry, theirs, 1)
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"ids": [mine[0], foreign]})
+    assert answer.status == 404  # another account's id: nothing discarded
+    assert answer.error == {"code": "not_found", "message": f"dead letter {foreign} does not exist"}
+    assert [d.id for d in retry.dead_letters()] == [*mine, foreign]
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"ids": [mine[0], mine[0]]})
+    assert (answer.status, answer.body) == (200, {"discarded": 1})
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"ids": [mine[0]]})
+    assert answer.status == 404  # gone for good
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"all": True, "hook_id": theirs["id"]})
+    assert answer.status == 404
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"all": True, "hook_id": b["id"]})
+    assert (answer.status, answer.body) == (200, {"discarded": 1})
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"all": True})
+    assert (answer.status, answer.body) == (200, {"discarded": 1})
+    assert [d.id for d in retry.dead_letters()] == [foreign]  # theirs stays
+    assert retry.pending() == 0 and not api.r.hexists(retry.k.dead_payload, mine[1])
+    assert not api.r.exists(retry.k.dead_of_account(1), retry.k.dead_of_hook(a["id"]),
+                            retry.k.dead_of_hook(b["id"]))
+    # two messages per dead letter
+    assert [stats.get(h["id"])["discarded"] for h in (a, b, theirs)] == [4, 2, 0]
+    answer = await api.call("GET", f"/v1/hooks/{a['id']}/stats", api.master)
+    assert answer.body["discarded"] == 4 and answer.body["dead_lettered"] == 4
+    bodies: list[Any] = [{}, {"ids": []}, {"ids": [1]}, {"all": False}, {"ids": ["x"], "all": True},
+                         {"ids": ["x"], "hook_id": 1}, {"all": True, "hook": 1}, ["x"]]
+    for body in bodies:
+        answer = await api.call("POST", "/v1/dead-letters/discard", api.master, json_body=body)
+        assert answer.status == 422, body
+        assert answer.error["code"] == "validation_failed" and answer.error["issues"]
+
+
 # --- on Ray -------------------------------------------------------------------------------
 
 
@@ -801,7 +847,7 @@ def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..
                 break
             time.sleep(0.05)
         assert stats == {"accepted": expected, "delivered": expected, "retried": 0,
-                         "dead_lettered": 0}
+                         "dead_lettered": 0, "discarded": 0}
     url = engine.api_url
     engine.shutdown()  # stops the API actor too
     assert engine.api is None
@@ -842,7 +888,7 @@ async def test_a_stored_hook_that_no_longer_validates_is_listed_apart_and_can_be
     answer = await api.call("GET", "/v1/stats", api.other)
     assert answer.status == 200 and list(answer.body["hooks"]) == [str(theirs["id"])]
     assert answer.body["hooks"][str(theirs["id"])] == {
-        "accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0}
+        "accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0, "discarded": 0}
     answer = await api.call("GET", f"/v1/hooks/{broken['id']}", api.other)
     assert answer.status == 404
     answer = await api.call("DELETE", f"/v1/hooks/{broken['id']}", api.other)
@@ -854,32 +900,34 @@ async def test_a_stored_hook_that_no_longer_validates_is_listed_apart_and_can_be
     assert [h["id"] for h in answer.body["hooks"]] == [fine["id"]]
 
 
-async def test_a_replay_that_keeps_conflicting_is_409(
-        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("verb", ["replay", "discard"])
+async def test_a_replay_or_discard_that_keeps_conflicting_is_409(
+        api: Api, monkeypatch: pytest.MonkeyPatch, verb: str) -> None:
     """The dead letter is dead-lettered again (a new payload) between every read of the
-    replay and its compare-and-set: after its 5 attempts the replay gives up, 409, and
-    moves nothing."""
+    replay (discard) and its compare-and-set: after its 5 attempts it gives up, 409,
+    and moves nothing."""
     from engine.stores import REPLAY_TRIES
 
     retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
     hook = await api.create()
     letter = dead_letter(retry, hook, 1)
     (delivery,) = retry.dead_letters()
-    real = RetryStore._replay_args
+    real = RetryStore._move_args
     attempts: list[int] = []
 
-    def racing(self: RetryStore, ids: list[str], payloads: list[bytes | None]) -> Any:
-        out = real(self, ids, payloads)  # built from the payloads read ...
+    def racing(self: RetryStore, mode: str, letters: list[Any]) -> Any:
+        out = real(self, mode, letters)  # built from the payloads read ...
         attempts.append(1)
         retry.kill(delivery, f"Rejected: HTTP 503: again {len(attempts)}")  # ... now stale
         return out
 
-    monkeypatch.setattr(RetryStore, "_replay_args", racing)
-    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+    monkeypatch.setattr(RetryStore, "_move_args", racing)
+    answer = await api.call("POST", f"/v1/dead-letters/{verb}", api.master,
                             json_body={"ids": [letter]})
     assert answer.status == 409 and len(attempts) == REPLAY_TRIES
     assert answer.error["code"] == "conflict"
     assert answer.error["message"].startswith(
-        f"dead letters changed during {REPLAY_TRIES} replay attempts")
+        f"dead letters changed during {REPLAY_TRIES} {verb} attempts")
     assert [d.id for d in retry.dead_letters()] == [letter] and retry.pending() == 0
     assert retry.dead_letters()[0].last_error == f"Rejected: HTTP 503: again {REPLAY_TRIES}"
+    assert Stats(api.r, Keys(api.settings.REDIS_PREFIX)).get(hook["id"])["discarded"] == 0

@@ -50,7 +50,7 @@ def test_throughput_bench_delivers_every_message_by_id(redis_url: str, tmp_path:
     assert result["unexpected"] == 0 and result["duplicates"] == 0, result
     assert result["delivered_unique"] == result["matched"], result
     assert result["totals"] == {"accepted": result["matched"], "delivered": result["matched"],
-                                "retried": 0, "dead_lettered": 0}, result
+                                "retried": 0, "dead_lettered": 0, "discarded": 0}, result
     ceiling = result["ceiling"]
     assert ceiling["messages"] == ceiling["received_unique"] == result["matched"], ceiling
     assert ceiling["missing"] == ceiling["unexpected"] == ceiling["duplicates"] == 0, ceiling

@@ -22,8 +22,8 @@ pytestmark = pytest.mark.integration
 COMMANDS = [[], ["run"], ["demo"], ["hooks"], ["hooks", "list"], ["hooks", "create"],
             ["hooks", "update"], ["hooks", "get"], ["hooks", "delete"], ["hooks", "activate"],
             ["hooks", "stop"], ["hooks", "clone"], ["hooks", "test"], ["publish"], ["stats"],
-            ["dead-letters"], ["replay"], ["tokens"], ["tokens", "create"], ["tokens", "list"],
-            ["tokens", "revoke"]]
+            ["dead-letters"], ["replay"], ["discard"], ["tokens"], ["tokens", "create"],
+            ["tokens", "list"], ["tokens", "revoke"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hookray")
@@ -70,7 +70,8 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
     assert sorted(h["id"] for h in listed) == sorted([hook_id, clone["id"]])
     assert "s3cr3t" not in json.dumps(listed)
     code, stats, _ = run_cli(capsys, "-c", config, "stats", "--hook", str(hook_id))
-    assert stats == {"accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0}
+    assert stats == {"accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0,
+                     "discarded": 0}
     code, out, _ = run_cli(capsys, "-c", config, "hooks", "delete", str(clone["id"]))
     assert code == 0 and out.strip() == f"hook {clone['id']} deleted"
     code, _, err = run_cli(capsys, "-c", config, "hooks", "get", str(clone["id"]))
@@ -259,3 +260,41 @@ def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "embedded Redis" not in proc.stdout and "demo: ok" in proc.stdout
     assert set(redis_client.scan_iter("demo*", count=1000)) == before
+
+
+def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: Settings,
+                                                       capsys: pytest.CaptureFixture[str]
+                                                       ) -> None:
+    import redis
+
+    from engine.keys import Keys
+    from engine.stores import RetryStore
+    from engine.transports.base import Delivery
+
+    retry = RetryStore(redis.Redis.from_url(settings.REDIS_URL), Keys(settings.REDIS_PREFIX))
+    for n, (account, hook_id) in enumerate([(3, 30), (3, 30), (3, 31), (4, 40)]):
+        retry.kill(Delivery(id=f"d{n}", hook_id=hook_id, account_id=account,
+                            kind="http_batch", parts=[b"{}"]), "HTTP 500")
+    code, listed, _ = run_cli(capsys, "-c", config, "dead-letters", "--account", "3")
+    assert code == 0 and [d["id"] for d in listed] == ["d0", "d1", "d2"]
+    code, _, err = run_cli(capsys, "-c", config, "discard")
+    assert code == 2 and "give dead letter ids, or --all" in err
+    code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "--all")
+    assert code == 2 and "give dead letter ids, or --all" in err
+    code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "--hook", "30")
+    assert code == 2 and "not with ids" in err
+    code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "nope")
+    assert code == 2 and "nope do not exist" in err
+    assert len(retry.dead_letters()) == 4  # all or nothing
+    code, out, _ = run_cli(capsys, "-c", config, "discard", "d0")
+    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    code, out, _ = run_cli(capsys, "-c", config, "replay", "--hook", "31")
+    assert code == 0 and out.strip() == "1 dead letter(s) scheduled for delivery"
+    code, out, _ = run_cli(capsys, "-c", config, "discard", "--all", "--account", "3")
+    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    assert [d.id for d in retry.dead_letters()] == ["d3"] and retry.pending() == 1
+    code, stats, _ = run_cli(capsys, "-c", config, "stats", "--hook", "30")
+    assert stats["discarded"] == 2 and stats["dead_lettered"] == 2
+    code, out, _ = run_cli(capsys, "-c", config, "discard", "--all")
+    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    assert retry.dead_letters() == []

@@ -66,7 +66,7 @@ def test_fault_free_run_delivers_each_matched_pair_once_in_bounded_batches(
     assert {m["account_id"] for m in receiver.messages("/other")} == {2}
     assert {m["list_id"] for m in receiver.messages("/big")} == {2}
     assert engine.stats(small.id) == {"accepted": expected_small, "delivered": expected_small,
-                                      "retried": 0, "dead_lettered": 0}
+                                      "retried": 0, "dead_lettered": 0, "discarded": 0}
     assert engine.stats(big.id)["delivered"] == expected_big
     assert engine.stats(other.id)["delivered"] == expected_other
 

@@ -22,7 +22,7 @@ from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
 from engine.stores import HookRegistry, RetryStore, Stats
-from engine.transports.base import Delivery, Outcome
+from engine.transports.base import Delivery, Outcome, pack_delivery
 from engine.transports.stub import StubTransport
 from tests.services import wait_for
 
@@ -334,6 +334,109 @@ def test_dead_letters_of_an_account_or_hook_read_only_their_index(
     assert not redis_client.zscore(keys.dead_of_hook(11), "a1")
     retry.kill(retry.claim_due()[0], "HTTP 500")  # dead again: indexed again
     assert [d.id for d in retry.dead_letters(account_id=1)] == ["a0", "a2", "a1"]
+
+
+def test_discard_deletes_dead_letters_all_or_nothing_and_counts_them(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    retry = RetryStore(redis_client, keys)
+    for n in range(3):
+        retry.kill(Delivery(id=f"d{n}", hook_id=10 + n % 2, account_id=1, kind="http_batch",
+                            parts=[b"{}"] * (n + 1)), "HTTP 500")
+    with pytest.raises(NotFound, match=r"dead letter\(s\) nope do not exist"):
+        retry.discard(["d0", "nope"])
+    assert [d.id for d in retry.dead_letters()] == ["d0", "d1", "d2"]
+    assert retry.discard(["d0", "d2", "d0"]) == 2
+    assert [d.id for d in retry.dead_letters()] == ["d1"] and retry.pending() == 0
+    assert redis_client.hkeys(keys.dead_payload) == [b"d1"]
+    assert redis_client.zrange(keys.dead_of_hook(10), 0, -1) == []
+    assert redis_client.zrange(keys.dead_of_account(1), 0, -1) == [b"d1"]
+    stats = Stats(redis_client, keys)
+    assert stats.get(10)["discarded"] == 1 + 3 and stats.get(11)["discarded"] == 0
+
+
+def test_a_discard_racing_a_replay_leaves_the_replayed_one_alone(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The replay moved the dead letter between the discard's read and its script:
+    the discard finds it gone and the re-send stays scheduled."""
+    retry, other = RetryStore(redis_client, keys), RetryStore(redis_client, keys)
+    retry.kill(_letter("d1", 1, 10), "HTTP 500")
+    script = retry._replay
+    raced: list[int] = []
+
+    def late(*args: Any, **kwargs: Any) -> Any:
+        if not raced:
+            raced.append(other.replay(["d1"]))
+        return script(*args, **kwargs)
+
+    retry._replay = late  # type: ignore[method-assign]
+    with pytest.raises(NotFound, match="d1"):
+        retry.discard(["d1"])
+    assert raced == [1] and retry.pending() == 1 and not retry.dead_letters()
+    assert Stats(redis_client, keys).get(10)["discarded"] == 0
+
+
+@pytest.mark.parametrize("verb", ["replay", "discard"])
+def test_all_dead_letters_move_in_chunks_with_progress(
+        redis_client: redis.Redis, keys: Keys, verb: str) -> None:
+    """1,203 dead letters of a hook: scripts of at most DEAD_MOVE_CHUNK ids, progress
+    after each, another hook's and an undecodable one's left where they are."""
+    from engine.stores import DEAD_MOVE_CHUNK
+
+    retry = RetryStore(redis_client, keys)
+    with redis_client.pipeline(transaction=False) as pipe:  # quicker than 1,203 kills
+        for n in range(1203):
+            raw = pack_delivery(_letter(f"d{n:04}", 1, 10))
+            pipe.hset(keys.dead_payload, f"d{n:04}", raw)
+            for key in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+                pipe.zadd(key, {f"d{n:04}": 1000 + n})
+        pipe.execute()
+    retry.kill(_letter("other", 1, 11), "HTTP 500")
+    redis_client.hset(keys.dead_payload, "d0007", b"\xc1 damaged")
+    script = retry._replay
+    sizes: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        sizes.append((len(kwargs["args"]) - 2) // 7)  # mode, due, then 7 per id
+        return script(*args, **kwargs)
+
+    retry._replay = counting  # type: ignore[method-assign]
+    seen: list[int] = []
+    moved = getattr(retry, f"{verb}_all")(hook_id=10, progress=seen.append)
+    assert moved == 1202 and sum(sizes) == 1202
+    assert max(sizes) <= DEAD_MOVE_CHUNK and len(sizes) == 3
+    assert seen == [DEAD_MOVE_CHUNK - 1, 2 * DEAD_MOVE_CHUNK - 1, 1202]
+    assert redis_client.zrange(keys.dead_of_hook(10), 0, -1) == [b"d0007"]
+    assert [d.id for d in retry.dead_letters()] == ["other"]  # d0007: undecodable
+    assert retry.pending() == (1202 if verb == "replay" else 0)
+    assert Stats(redis_client, keys).get(10)["discarded"] == (0 if verb == "replay" else 1202)
+
+
+def test_replaying_all_takes_none_twice_that_dies_again_meanwhile(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A dead letter replayed by the first chunk is sent, fails and is dead-lettered
+    again before the run ends: the run does not take it again (it would go on for as
+    long as the destination fails)."""
+    from engine.stores import DEAD_MOVE_CHUNK
+
+    retry = RetryStore(redis_client, keys)
+    for n in range(DEAD_MOVE_CHUNK + 10):
+        retry.kill(_letter(f"d{n:04}", 1, 10), "HTTP 500")
+    time.sleep(0.002)
+    script = retry._replay
+    calls: list[int] = []
+
+    def failing_again(*args: Any, **kwargs: Any) -> Any:
+        out = script(*args, **kwargs)
+        if not calls:  # the first chunk's first re-send fails for good at once
+            time.sleep(0.002)
+            retry.kill(retry.claim_due(limit=1)[0], "HTTP 500 again")
+        calls.append(1)
+        return out
+
+    retry._replay = failing_again  # type: ignore[method-assign]
+    assert retry.replay_all() == DEAD_MOVE_CHUNK + 10 and len(calls) == 2
+    (again,) = retry.dead_letters()
+    assert again.last_error == "HTTP 500 again" and retry.pending() == DEAD_MOVE_CHUNK + 9
 
 
 def test_dead_letters_kept_before_the_indexes_are_indexed_once(
