@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import uuid
+from collections import deque
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,7 +48,8 @@ class StoredEvent(Event, gc=False):
 
 log = logging.getLogger("hookray")
 WRITE_TRIES = 10  # publish attempts while the engine's recorded PARTITIONS changes
-RECEIPT_SEC = 600  # how long the receipt of an append is kept (see Intake._write)
+RECEIPT_SEC = 600  # how long the receipt of an append is kept at most (see Intake._write)
+SPENT_PER_WRITE = 256  # receipts of finished appends deleted by one later append
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -152,6 +154,7 @@ class Intake:
         self.max_batch = max_batch
         self.catalogue = load_catalogue() if catalogue is None else catalogue
         self._scripts: dict[str, Any] = {}  # registered on first use (validate needs none)
+        self._spent: deque[str] = deque()  # receipts of finished appends, to delete
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:
@@ -278,10 +281,36 @@ class Intake:
         the receipt are WATCHed. So an attempt after a lost connection or a timeout
         (redis-py reports both as a WatchError) finds the receipt if an earlier EXEC
         went through, and an earlier EXEC that reaches Redis only after a later one
-        is aborted by the receipt that one set: a batch is never written twice."""
+        is aborted by the receipt that one set: a batch is never written twice.
+
+        Once the append is known to be written, its receipt has done its work (an
+        earlier attempt's late EXEC was aborted when the receipt was set): the next
+        append's MULTI deletes it, so an intake fed one event per publish keeps a
+        handful of receipts, not one per publish for RECEIPT_SEC."""
         if not entries:
             return
         receipt = f"{self.k.p}:intake:receipt:{uuid.uuid4().hex}"
+        spent = self._take_spent()
+        deleted = False
+        try:
+            deleted = self._write_once(entries, count, receipt, spent)
+        finally:
+            if not deleted:  # perhaps not deleted: by a later append
+                self._spent.extendleft(spent)
+        self._spent.append(receipt)
+
+    def _take_spent(self) -> list[str]:
+        spent: list[str] = []
+        try:
+            while len(spent) < SPENT_PER_WRITE:
+                spent.append(self._spent.popleft())
+        except IndexError:
+            pass
+        return spent
+
+    def _write_once(self, entries: list[tuple[int, bytes]], count: int, receipt: str,
+                    spent: list[str]) -> bool:
+        """``_write``'s attempts; True when the MULTI that wrote also deleted ``spent``."""
         lost: Exception | None = None
         for attempt in range(WRITE_TRIES):
             lost = None
@@ -289,7 +318,9 @@ class Intake:
                 try:
                     pipe.watch(self.k.config, receipt)
                     if attempt and pipe.exists(receipt):
-                        return  # an earlier attempt's EXEC went through
+                        # an earlier attempt's EXEC went through (with its deletes,
+                        # but this cannot tell: they are made again later)
+                        return False
                     recorded = pipe.hget(self.k.config, "partitions")
                     if recorded is not None and int(recorded) != self.partitions:
                         raise ConfigError(
@@ -302,8 +333,10 @@ class Intake:
                         pipe.xadd(self.k.intake(n), {INTAKE_FIELD: data})
                     pipe.hincrby(self.k.engine_stats, "events_accepted", count)
                     pipe.set(receipt, 1, ex=RECEIPT_SEC)
+                    if spent:
+                        pipe.delete(*spent)
                     pipe.execute()
-                    return
+                    return True
                 except redis.WatchError as exc:
                     # a changed count or receipt, or (so redis-py reports them) a
                     # connection lost or timed out while watching: read them again

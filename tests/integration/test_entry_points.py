@@ -284,3 +284,36 @@ def test_an_exec_that_arrives_late_after_a_timeout_is_not_written_twice(
     assert proxy.held == 1 and result.accepted == 3
     assert redis_client.xlen(keys.intake(0)) == 1
     assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"
+
+
+def test_receipts_of_finished_appends_are_deleted_by_later_ones(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """One event per publish, from several threads: the receipts left are a handful
+    (the last appends'), not one per publish for RECEIPT_SEC."""
+    intake = Intake(redis_client, keys, 2, 100)
+
+    def receipts() -> int:
+        return sum(1 for _ in redis_client.scan_iter(match=f"{keys.p}:intake:receipt:*"))
+
+    intake.publish([click(0)])
+    assert receipts() == 1
+    for n in range(1, 50):
+        intake.publish([click(n)])
+    assert receipts() == 1
+    errors: list[BaseException] = []
+
+    def publish_some(offset: int) -> None:
+        try:
+            for n in range(50):
+                intake.publish([click(offset + n)])
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=publish_some, args=(1000 * (t + 1),)) for t in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert not errors and receipts() <= 4
+    assert redis_client.hget(keys.engine_stats, "events_accepted") == b"250"
+    assert sum(redis_client.xlen(keys.intake(n)) for n in range(2)) == 250
