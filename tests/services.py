@@ -56,6 +56,22 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.0
     return bool(predicate())
 
 
+def ray_get_when_up(call: Callable[[], Any], timeout: float = 60) -> Any:
+    """``ray.get`` of ``call()`` (an actor call), made again while the actor is
+    restarting: Ray answers a call to a restarting actor with ActorUnavailableError
+    for a moment."""
+    import ray
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return ray.get(call(), timeout=timeout)
+        except ray.exceptions.ActorUnavailableError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)
+
+
 @pytest.fixture(scope="session")
 def redis_url() -> str:
     try:

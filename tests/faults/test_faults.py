@@ -13,7 +13,7 @@ import pytest
 from engine.messages import message_id
 from engine.receiver import Receiver
 from tests.integration.test_runtime import events, http_hook
-from tests.services import wait_for
+from tests.services import ray_get_when_up, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -41,17 +41,7 @@ def test_killed_partition_and_transport_actors_lose_nothing(
             time.sleep(0.05)
 
     def pid(actor: Any) -> int:
-        """The actor's process id, once it answers (a restarting actor is unavailable
-        for a moment)."""
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                return int(ray_session.get(actor.__ray_call__.remote(lambda _: os.getpid()),
-                                           timeout=60))
-            except ray_session.exceptions.ActorUnavailableError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        return int(ray_get_when_up(lambda: actor.__ray_call__.remote(lambda _: os.getpid())))
 
     partition, transport = engine.actors["partitions"][0], engine.actors["pools"]["http_batch"][0]
     pids = (pid(partition), pid(transport))

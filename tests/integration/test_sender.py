@@ -14,6 +14,7 @@ from engine.hooks import Hook
 from engine.receiver import Receiver
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome
+from tests.services import ray_get_when_up
 
 pytestmark = pytest.mark.integration
 
@@ -120,7 +121,7 @@ def test_batches_of_a_restarted_actor_fail_and_are_not_lost(
                              "ActorUnavailableError"}
     assert sender.inflight() == 0 and not sender.outstanding
     # the restarted actor does not know the batch
-    assert ray_session.get(actor.exchange.remote([], ["1-0"], 0.0), timeout=30) == ({}, ["1-0"])
+    assert ray_get_when_up(lambda: actor.exchange.remote([], ["1-0"], 0.0)) == ({}, ["1-0"])
 
 
 def test_a_call_carries_at_most_the_byte_limit(
