@@ -18,6 +18,7 @@ import redis
 
 from engine.errors import HookError, HookrayError
 from engine.settings import load_settings, with_overrides
+from engine.stores import parse_cursor
 
 
 def _engine(args: argparse.Namespace) -> Any:
@@ -237,8 +238,15 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    letters = _engine(args).dead_letters(args.account, args.hook, args.limit)
+    if args.after is not None:
+        try:
+            parse_cursor(args.after)
+        except ValueError as exc:
+            raise HookrayError(f"--after: {exc}") from None
+    letters = _engine(args).dead_letters(args.account, args.hook, args.limit, args.after)
     _print([vars(d) for d in letters])
+    if len(letters) == args.limit:
+        print(f"hookray: there may be more: --after {letters[-1].cursor}", file=sys.stderr)
     return 0
 
 
@@ -260,6 +268,16 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         tokens.revoke(args.token_id)
         print(f"token {args.token_id} revoked")
     return 0
+
+
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected an integer >= 1")
+    return value
 
 
 def _progress(verb: str) -> Callable[[int], None]:
@@ -363,7 +381,9 @@ def _parser() -> argparse.ArgumentParser:
     dead = sub.add_parser("dead-letters", help="list dead letters")
     dead.add_argument("--hook", type=int)
     dead.add_argument("--account", type=int)
-    dead.add_argument("--limit", type=int, default=100)
+    dead.add_argument("--limit", type=_at_least_one, default=100)
+    dead.add_argument("--after", metavar="CURSOR",
+                      help="the next ones: after the dead letter of this cursor")
     dead.set_defaults(fn=cmd_dead_letters)
 
     tokens = sub.add_parser("tokens", help="manage HTTP API tokens",

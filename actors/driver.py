@@ -62,11 +62,12 @@ class DeadLetter:
     resends: int
     last_error: str
     message_ids: list[str]
+    cursor: str = ""  # its place: dead_letters(after=cursor) goes on after it
 
     @classmethod
-    def of(cls, d: Delivery) -> DeadLetter:
+    def of(cls, d: Delivery, cursor: str = "") -> DeadLetter:
         return cls(d.id, d.hook_id, d.account_id, d.kind, d.count, d.resends, d.last_error,
-                   list(d.message_ids))
+                   list(d.message_ids), cursor)
 
 
 class Engine:
@@ -338,8 +339,11 @@ class Engine:
             return sum(pipe.execute())
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
-                     limit: int = 100) -> list[DeadLetter]:
-        return [DeadLetter.of(d) for d in self.retry.dead_letters(account_id, hook_id, limit)]
+                     limit: int = 100, after: str | None = None) -> list[DeadLetter]:
+        """Dead letters, oldest first; the next ones with ``after=`` the last one's
+        ``cursor`` (ValueError for a cursor that is not one)."""
+        return [DeadLetter.of(d, cursor)
+                for d, cursor in self.retry.dead_page(account_id, hook_id, limit, after)]
 
     def replay(self, ids: Iterable[str] | None = None, hook_id: int | None = None, *,
                account_id: int | None = None,
@@ -349,6 +353,9 @@ class Engine:
         call starts, in chunks; ``progress(n)`` after each chunk."""
         if ids is None:
             return self.retry.replay_all(account_id, hook_id, progress)
+        if hook_id is not None or account_id is not None:
+            raise ValueError("replay: hook_id and account_id select all of a hook's or an "
+                             "account's dead letters; not with ids")
         return self.retry.replay(ids)
 
     def discard(self, ids: Iterable[str] | None = None, *, everything: bool = False,

@@ -51,7 +51,14 @@ from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook, url_secrets
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
-from engine.stores import STAT_FIELDS, HookRegistry, NameStore, RetryStore, Stats
+from engine.stores import (
+    STAT_FIELDS,
+    HookRegistry,
+    NameStore,
+    RetryStore,
+    Stats,
+    parse_cursor,
+)
 from engine.testevent import send_test_event
 from engine.transports.base import Delivery, unpack_delivery
 
@@ -527,19 +534,28 @@ async def stats(request: web.Request) -> web.Response:
                                         request[TOKEN].account_id))
 
 
-def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit: int
-                  ) -> list[Delivery]:
+def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit: int,
+                  after: str | None) -> list[tuple[Delivery, str]]:
     if hook_id is not None:
         backend.owned_hook(account_id, hook_id)
-    return backend.retry.dead_letters(account_id, hook_id, limit)
+    return backend.retry.dead_page(account_id, hook_id, limit, after)
 
 
 async def dead_letters(request: web.Request) -> web.Response:
     hook_id = _int_query(request, "hook_id", None, 0, 2**63 - 1)
     limit = _int_query(request, "limit", 100, 1, MAX_DEAD_LETTERS) or 100
-    letters = await _run(request, _dead_letters, request.app[BACKEND],
-                         request[TOKEN].account_id, hook_id, limit)
-    return web.json_response({"dead_letters": [dead_letter_json(d) for d in letters]})
+    after = request.query.get("after")
+    if after is not None:
+        try:
+            parse_cursor(after)
+        except ValueError as exc:
+            raise ApiError(422, f"query parameter after: {exc}",
+                           [{"field": "after", "reason": str(exc)}]) from None
+    page = await _run(request, _dead_letters, request.app[BACKEND],
+                      request[TOKEN].account_id, hook_id, limit, after)
+    return web.json_response({
+        "dead_letters": [{**dead_letter_json(d), "cursor": cursor} for d, cursor in page],
+        "next": page[-1][1] if len(page) == limit else None})
 
 
 def _move(backend: Backend, account_id: int, body: dict[str, Any], mode: str) -> int:

@@ -10,6 +10,10 @@
 -- new payload (replay) or "" (discard), the KEYS positions of its account index, its
 -- hook index and its hook's stats, and its message count
 local STRIDE = 7
+local replay = ARGV[1] == 'replay'
+if not replay and ARGV[1] ~= 'discard' then
+  return redis.error_reply('dead_move.lua: unknown mode ' .. tostring(ARGV[1]))
+end
 local changed = {}
 for i = 3, #ARGV, STRIDE do
   local current = redis.call('HGET', KEYS[2], ARGV[i])
@@ -20,7 +24,6 @@ end
 if #changed > 0 then
   return changed
 end
-local replay = ARGV[1] == 'replay'
 for i = 3, #ARGV, STRIDE do
   redis.call('ZREM', KEYS[1], ARGV[i])
   redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i])

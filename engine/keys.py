@@ -5,8 +5,9 @@ key                             type     holds
 ==============================  =======  =============================================
 {p}:intake:{n}                  stream   event batches of partition n, field ``e``
 {p}:intake:unreadable           stream   entries a partition could not decode or process
-{p}:intake:receipt:{uuid}       string   set by an append, for 10 min: an append is
-                                         written at most once (see Intake._write)
+{p}:intake:receipt:{uuid}       string   set by an append: an append is written at
+                                         most once (see Intake._write); deleted by the
+                                         intake's next append, else gone after 10 min
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
                                          writing for another count are refused);
                                          ``checking``: a first record's streams not

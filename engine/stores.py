@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from importlib import resources
 from typing import Any, cast
@@ -290,6 +291,28 @@ DEAD_MOVE_CHUNK = 500  # dead letters replayed or discarded per script
 PAST = {"replay": "replayed", "discard": "discarded"}
 
 
+def _score_text(score: float) -> str:
+    return str(int(score)) if score.is_integer() else repr(score)
+
+
+def cursor_of(score: float, delivery_id: bytes) -> str:
+    """A dead letter's place in its sorted set, as a paging cursor: "<died ms>:<id>"."""
+    return f"{_score_text(score)}:{delivery_id.decode()}"
+
+
+def parse_cursor(cursor: str) -> tuple[float, bytes]:
+    """(score, member) of a cursor made by ``cursor_of``; ValueError if it is not one."""
+    score, sep, member = cursor.partition(":")
+    try:
+        value = float(score)
+    except ValueError:
+        value = math.nan
+    if not sep or not member or not math.isfinite(value) or score != score.strip():
+        raise ValueError(f"{cursor!r} is not a dead-letter cursor (<died ms>:<id>, as "
+                         "given with each dead letter)")
+    return value, member.encode()
+
+
 class RetryStore:
     """The retry schedule (sorted set by due time) and the dead letters."""
 
@@ -300,6 +323,7 @@ class RetryStore:
         self._replay = r.register_script(  # replays and discards
             scripts.joinpath("dead_move.lua").read_text("utf-8"))
         self._index = r.register_script(scripts.joinpath("dead_index.lua").read_text("utf-8"))
+        self._page = r.register_script(scripts.joinpath("dead_page.lua").read_text("utf-8"))
         self._handed_back = r.register_script(
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
@@ -387,10 +411,19 @@ class RetryStore:
         return int(self.r.zcard(self.k.retry))
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
-                     limit: int = 100) -> list[Delivery]:
-        """Dead letters, oldest first, optionally of one account or hook. Reads only
-        that account's or hook's index (``{p}:dead:account:*``, ``{p}:dead:hook:*``),
-        never the other accounts' dead letters, and only as many as ``limit`` takes."""
+                     limit: int = 100, after: str | None = None) -> list[Delivery]:
+        """Dead letters, oldest first, optionally of one account or hook, after the
+        cursor ``after`` (see ``dead_page``)."""
+        return [d for d, _ in self.dead_page(account_id, hook_id, limit, after)]
+
+    def dead_page(self, account_id: int | None = None, hook_id: int | None = None,
+                  limit: int = 100, after: str | None = None) -> list[tuple[Delivery, str]]:
+        """Dead letters, oldest first, each with its cursor: the next page starts
+        after the last one's (``after``), whether or not it is still a dead letter.
+        Reads only that account's or hook's index (``{p}:dead:account:*``,
+        ``{p}:dead:hook:*``), never the other accounts' dead letters, and only as
+        many as ``limit`` takes. A cursor that is not one raises ValueError."""
+        start = parse_cursor(after) if after is not None else None
         self._ensure_index()
         if hook_id is not None:
             key = self.k.dead_of_hook(hook_id)
@@ -398,41 +431,40 @@ class RetryStore:
             key = self.k.dead_of_account(account_id)
         else:
             key = self.k.dead
-        out: list[Delivery] = []
-        for page in self._pages(key, min(max(limit, 50), DEAD_READ_CHUNK)):
+        out: list[tuple[Delivery, str]] = []
+        for page in self._pages(key, min(max(limit, 50), DEAD_READ_CHUNK), start):
             ids = [delivery_id for delivery_id, _ in page]
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
-            for delivery_id, raw in zip(ids, payloads, strict=True):
+            for (delivery_id, score), raw in zip(page, payloads, strict=True):
                 if raw is None:  # replayed meanwhile
                     continue
                 d = self._unpacked(delivery_id, raw)
                 if d is not None and (account_id is None or d.account_id == account_id) and \
                         (hook_id is None or d.hook_id == hook_id):
-                    out.append(d)
+                    out.append((d, cursor_of(score, delivery_id)))
                     if len(out) >= limit:
                         return out
         return out
 
-    def _pages(self, key: str, size: int) -> Iterator[list[tuple[bytes, float]]]:
-        """The members of the sorted set ``key`` with their scores, in pages of about
-        ``size``, oldest first: paged by score, not by position, so members removed
-        meanwhile (a replay) make no page skip others."""
-        low: float | str = "-inf"
-        last: float | None = None
-        seen: set[bytes] = set()  # members of score ``last`` given already
+    def _pages(self, key: str, size: int, after: tuple[float, bytes] | None = None
+               ) -> Iterator[list[tuple[bytes, float]]]:
+        """The members of the sorted set ``key`` with their scores, in pages of
+        ``size``, oldest first, after (score, member) ``after``: each page starts
+        after the last member of the one before (``dead_page.lua``), so members
+        removed meanwhile (a replay) make no page skip or repeat others, and many
+        members of one score are read once each."""
         while True:
-            page: list[tuple[bytes, float]] = self.r.zrangebyscore(  # type: ignore[assignment]
-                key, low, "+inf", start=0, num=size + len(seen), withscores=True)
-            fresh = [(m, s) for m, s in page if not (s == last and m in seen)]
-            if not fresh:
+            args: list[str | bytes | int] = [_score_text(after[0]), after[1], size] \
+                if after is not None else ["", b"", size]
+            flat: list[bytes] = self._page(keys=[key], args=args)
+            page = [(flat[i], float(flat[i + 1])) for i in range(0, len(flat), 2)]
+            if not page:
                 return
-            yield fresh
-            top = fresh[-1][1]
-            if top != last:
-                seen = set()
-            seen.update(m for m, s in fresh if s == top)
-            last = low = top
+            yield page
+            if len(page) < size:
+                return
+            after = (page[-1][1], page[-1][0])
 
     @staticmethod
     def _unpacked(delivery_id: bytes, raw: bytes) -> Delivery | None:
@@ -477,6 +509,8 @@ class RetryStore:
         delivery): each id with its payload's SHA-1, its new payload (replay: re-sends
         reset), the places in KEYS of its account's and hook's index and its hook's
         stats, and its message count."""
+        if mode not in PAST:
+            raise ValueError(f"mode: {mode!r} is neither 'replay' nor 'discard'")
         keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
         args: list[Any] = [mode, now_ms()]
         for delivery_id, raw, delivery in letters:
@@ -526,26 +560,29 @@ class RetryStore:
             key = self.k.dead_of_account(account_id)
         else:
             key = self.k.dead
-        # those dead when it starts: one dead-lettered again after its replay dies
-        # later than this and is not read again (the run ends)
-        cutoff = now_ms()
-        passed: set[bytes] = set()  # left where they are: undecodable, not the account's
+        # those dead when it starts, by Redis' clock: one dead-lettered again after its
+        # replay dies later than this and is not taken again (the run ends)
+        seconds, micros = cast(tuple[int, int], self.r.time())
+        cutoff = seconds * 1000 + micros // 1000
         done = 0
-        while True:
-            found: list[bytes] = self.r.zrangebyscore(  # type: ignore[assignment]
-                key, "-inf", cutoff, start=0, num=DEAD_MOVE_CHUNK + len(passed))
-            ids = [i.decode() for i in found if i not in passed]
-            if not ids:
+        # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and
+        # those left where they are (undecodable, another account's), are passed
+        # over, never read again: each script takes at most DEAD_MOVE_CHUNK
+        for page in self._pages(key, DEAD_MOVE_CHUNK):
+            due = [(m, score) for m, score in page if score <= cutoff]
+            if due:
+                try:
+                    moved, _ = self._move(mode, [m.decode() for m, _ in due], account_id,
+                                          hook_id, strict=False)
+                except Conflict as exc:
+                    raise Conflict(f"{exc} ({done} dead letter(s) {PAST[mode]} before this "
+                                   "stay so)") from None
+                done += moved
+                if progress is not None:
+                    progress(done)
+            if len(due) < len(page):
                 return done
-            try:
-                moved, skipped = self._move(mode, ids, account_id, hook_id, strict=False)
-            except Conflict as exc:
-                raise Conflict(f"{exc} ({done} dead letter(s) {PAST[mode]} before this "
-                               "stay so)") from None
-            passed.update(i.encode() for i in skipped)
-            done += moved
-            if progress is not None:
-                progress(done)
+        return done
 
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
               hook_id: int | None = None, strict: bool = True) -> tuple[int, list[str]]:

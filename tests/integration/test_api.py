@@ -724,7 +724,12 @@ async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> Non
     assert [d["id"] for d in answer.body["dead_letters"]] == [mine[2]]
     answer = await api.call("GET", "/v1/dead-letters?limit=1", api.master)
     assert [d["id"] for d in answer.body["dead_letters"]] == mine[:1]
-    for query in ("limit=0", "limit=1001", "limit=x", "hook_id=-1"):
+    assert answer.body["next"] == answer.body["dead_letters"][0]["cursor"]
+    answer = await api.call("GET", "/v1/dead-letters?limit=5&after="
+                            + answer.body["next"], api.master)
+    assert [d["id"] for d in answer.body["dead_letters"]] == mine[1:]
+    assert answer.body["next"] is None  # not a full page: no more
+    for query in ("limit=0", "limit=1001", "limit=x", "hook_id=-1", "after=x", "after=1:"):
         answer = await api.call("GET", f"/v1/dead-letters?{query}", api.master)
         assert answer.status == 422, query
     # replaying another account's id: 404, nothing replayed

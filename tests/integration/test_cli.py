@@ -283,6 +283,19 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     assert code == 2 and "give dead letter ids, or --all" in err
     code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "--hook", "30")
     assert code == 2 and "not with ids" in err
+    code, _, err = run_cli(capsys, "-c", config, "replay", "d0", "--hook", "30")
+    assert code == 2 and "not with ids" in err
+    code, page, err = run_cli(capsys, "-c", config, "dead-letters", "--limit", "2")
+    assert code == 0 and [d["id"] for d in page] == ["d0", "d1"]
+    assert f"there may be more: --after {page[1]['cursor']}" in err
+    code, rest, err = run_cli(capsys, "-c", config, "dead-letters", "--after",
+                              page[1]["cursor"])
+    assert code == 0 and [d["id"] for d in rest] == ["d2", "d3"] and "more" not in err
+    code, _, err = run_cli(capsys, "-c", config, "dead-letters", "--after", "d1")
+    assert code == 2 and "--after: 'd1' is not a dead-letter cursor" in err
+    with pytest.raises(SystemExit):
+        _parser().parse_args(["dead-letters", "--limit", "0"])
+    assert "expected an integer >= 1" in capsys.readouterr().err
     code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "nope")
     assert code == 2 and "nope do not exist" in err
     assert len(retry.dead_letters()) == 4  # all or nothing

@@ -317,3 +317,24 @@ def test_receipts_of_finished_appends_are_deleted_by_later_ones(
     assert not errors and receipts() <= 4
     assert redis_client.hget(keys.engine_stats, "events_accepted") == b"250"
     assert sum(redis_client.xlen(keys.intake(n)) for n in range(2)) == 250
+
+
+def test_receipts_an_append_could_not_delete_are_deleted_by_a_later_one(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A refused append (another PARTITIONS recorded) deletes nothing: the receipt
+    it was to delete stays for the next append, which deletes it."""
+    intake = Intake(redis_client, keys, 2, 100)
+
+    def receipts() -> set[bytes]:
+        return set(redis_client.scan_iter(match=f"{keys.p}:intake:receipt:*"))
+
+    intake.publish([click(0)])
+    (first,) = receipts()
+    redis_client.hset(keys.config, "partitions", 3)
+    with pytest.raises(ConfigError, match="PARTITIONS is 2 here"):
+        intake.publish([click(1)])
+    assert receipts() == {first}  # not deleted by the refused append, none of its own
+    redis_client.hset(keys.config, "partitions", 2)
+    intake.publish([click(2)])
+    (last,) = receipts()
+    assert last != first

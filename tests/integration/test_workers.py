@@ -411,6 +411,38 @@ def test_all_dead_letters_move_in_chunks_with_progress(
     assert Stats(redis_client, keys).get(10)["discarded"] == (0 if verb == "replay" else 1202)
 
 
+def test_two_runs_over_all_dead_letters_at_once_keep_to_the_chunk(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """While one run discards all, another discards half of each chunk the first has
+    read: every chunk still holds at most DEAD_MOVE_CHUNK (those gone are passed
+    over, not made up for by reading more), and between them every dead letter
+    goes once."""
+    from engine.stores import DEAD_MOVE_CHUNK
+
+    retry, other = RetryStore(redis_client, keys), RetryStore(redis_client, keys)
+    with redis_client.pipeline(transaction=False) as pipe:
+        for n in range(3000):
+            pipe.hset(keys.dead_payload, f"d{n:04}", pack_delivery(_letter(f"d{n:04}", 1, 10)))
+            for key in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+                pipe.zadd(key, {f"d{n:04}": 1000 + n})
+        pipe.set(keys.dead_indexed, 1)
+        pipe.execute()
+    real = retry._move
+    sizes: list[int] = []
+    by_other: list[int] = []
+
+    def racing(mode: str, ids: list[str], *args: Any, **kwargs: Any) -> Any:
+        sizes.append(len(ids))
+        by_other.append(other.discard(ids[::2]))  # gone before this run reads them
+        return real(mode, ids, *args, **kwargs)
+
+    retry._move = racing  # type: ignore[method-assign]
+    moved = retry.discard_all()
+    assert sizes and max(sizes) <= DEAD_MOVE_CHUNK
+    assert moved + sum(by_other) == 3000 and retry.dead_letters() == []
+    assert Stats(redis_client, keys).get(10)["discarded"] == 3000
+
+
 def test_replaying_all_takes_none_twice_that_dies_again_meanwhile(
         redis_client: redis.Redis, keys: Keys) -> None:
     """A dead letter replayed by the first chunk is sent, fails and is dead-lettered
@@ -437,6 +469,47 @@ def test_replaying_all_takes_none_twice_that_dies_again_meanwhile(
     assert retry.replay_all() == DEAD_MOVE_CHUNK + 10 and len(calls) == 2
     (again,) = retry.dead_letters()
     assert again.last_error == "HTTP 500 again" and retry.pending() == DEAD_MOVE_CHUNK + 9
+
+
+def test_dead_letters_page_by_cursor_reading_each_once_however_many_died_together(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """1,200 dead letters of one millisecond (one score), paged 500 at a time: each is
+    read from Redis once (paging by score alone read the whole tie again for every
+    page), in Redis' order, and a cursor whose dead letter is gone still goes on."""
+    retry = RetryStore(redis_client, keys)
+    with redis_client.pipeline(transaction=False) as pipe:
+        for n in range(1200):
+            pipe.hset(keys.dead_payload, f"d{n:04}", pack_delivery(_letter(f"d{n:04}", 1, 10)))
+            for key in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+                pipe.zadd(key, {f"d{n:04}": 5000})
+        pipe.set(keys.dead_indexed, 1)  # indexed above
+        pipe.execute()
+    script = retry._page
+    fetched: list[int] = []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        out = script(*args, **kwargs)
+        fetched.append(len(out) // 2)
+        return out
+
+    retry._page = counting  # type: ignore[method-assign]
+    assert [d.id for d in retry.dead_letters(limit=2000)] == [f"d{n:04}" for n in range(1200)]
+    assert sum(fetched) == 1200 and fetched == [500, 500, 200]
+    fetched.clear()
+    seen: list[str] = []
+    after = None
+    while page := retry.dead_page(account_id=1, limit=500, after=after):
+        seen += [d.id for d, _ in page]
+        after = page[-1][1]
+    assert seen == [f"d{n:04}" for n in range(1200)] and sum(fetched) == 1200
+    first = retry.dead_page(hook_id=10, limit=3)
+    assert [c for _, c in first] == ["5000:d0000", "5000:d0001", "5000:d0002"]
+    assert retry.discard(["d0002", "d0003"]) == 2  # the cursor's own, and the next
+    assert [d.id for d in retry.dead_letters(hook_id=10, limit=2, after=first[-1][1])] == \
+        ["d0004", "d0005"]
+    for bad in ("d0001", "x:d0001", "5000:", "nan:d1", " 5000:d1"):
+        with pytest.raises(ValueError, match="not a dead-letter cursor"):
+            retry.dead_letters(after=bad)
 
 
 def test_dead_letters_kept_before_the_indexes_are_indexed_once(
