@@ -7,7 +7,8 @@ the same stores as the driver API.
 
 Decisions (README, "HTTP API"):
 
-* ``Authorization: Bearer <token>`` on every route but the OpenAPI description;
+* ``Authorization: Bearer <token>`` on every route but the OpenAPI description
+  and ``GET /v1/health`` (for probes: 200 while Redis answers, else 503);
   missing, malformed, unknown or revoked token -> 401. An ``ingest`` token may
   only ``POST /v1/events``; any other route -> 403.
 * An account sees only its own objects: another account's hook or dead letter
@@ -68,6 +69,7 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                           "application/x-jsonlines", "application/jsonlines"})
 MAX_DEAD_LETTERS = 1000  # most dead letters one GET returns
+HEALTH_TIMEOUT_SEC = 2.0  # longest GET /v1/health waits for Redis
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -299,6 +301,7 @@ def account_stats(backend: Backend, account_id: int) -> dict[str, Any]:
 BACKEND = web.AppKey("backend", Backend)
 EXECUTOR: web.AppKey[ThreadPoolExecutor | None] = web.AppKey("executor")
 OPENAPI = web.AppKey("openapi", bytes)
+PROBER = web.AppKey("prober", redis.Redis)
 TOKEN = web.RequestKey("token", TokenInfo)
 
 
@@ -627,10 +630,33 @@ async def openapi(request: web.Request) -> web.Response:
     return web.Response(body=request.app[OPENAPI], content_type="application/json")
 
 
+def _prober(r: redis.Redis) -> redis.Redis:
+    """A client of the same Redis as ``r`` whose calls give up after
+    HEALTH_TIMEOUT_SEC: a probe of a hung Redis must not hold a thread for ever."""
+    pool = r.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": HEALTH_TIMEOUT_SEC,
+              "socket_connect_timeout": HEALTH_TIMEOUT_SEC}
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **kwargs))
+
+
+async def health(request: web.Request) -> web.Response:
+    """For load balancers and probes, without a token: 200 while the engine's Redis
+    answers, else 503 (the API can take nothing then)."""
+    try:
+        ok = bool(await _run(request, request.app[PROBER].ping))
+    except redis.RedisError:
+        ok = False
+    if ok:
+        return web.json_response({"status": "ok"})
+    return web.json_response({"status": "unavailable",
+                              "reason": "the engine's Redis does not answer"}, status=503)
+
+
 # --- middleware and the app ------------------------------------------------------------
 
 INGEST_HANDLERS = frozenset({post_events})
-PUBLIC_HANDLERS = frozenset({openapi})
+PUBLIC_HANDLERS = frozenset({openapi, health})
 
 
 def _bearer(request: web.Request) -> str:
@@ -706,6 +732,7 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     app[EXECUTOR] = (ThreadPoolExecutor(threads, thread_name_prefix="hookray-api")
                      if threads else None)
     app[OPENAPI] = OPENAPI_PATH.read_bytes()
+    app[PROBER] = _prober(backend.r)
     add = app.router.add_route
     add("POST", "/v1/events", post_events)
     add("GET", "/v1/hooks", list_hooks)
@@ -723,11 +750,14 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     add("POST", "/v1/dead-letters/replay", replay)
     add("POST", "/v1/dead-letters/discard", discard)
     add("GET", "/v1/openapi.json", openapi)
+    add("GET", "/v1/health", health)
 
     async def close(app: web.Application) -> None:
         executor = app[EXECUTOR]
         if executor is not None:
             executor.shutdown(wait=True)
+        app[PROBER].close()
+        app[PROBER].connection_pool.disconnect()
         if r is None:
             backend.r.close()
 

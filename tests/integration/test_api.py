@@ -9,6 +9,7 @@ the running engine to a receiver.
 from __future__ import annotations
 
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -129,8 +130,8 @@ ROUTES = [("POST", "/v1/events"), ("GET", "/v1/hooks"), ("POST", "/v1/hooks"),
           ("POST", "/v1/hooks/{id}/clone"), ("POST", "/v1/hooks/{id}/test"),
           ("GET", "/v1/hooks/{id}/stats"), ("GET", "/v1/stats"), ("GET", "/v1/dead-letters"),
           ("POST", "/v1/dead-letters/replay"), ("POST", "/v1/dead-letters/discard"),
-          ("GET", "/v1/openapi.json")]
-MASTER_ROUTES = [r for r in ROUTES if r not in (("POST", "/v1/events"),
+          ("GET", "/v1/openapi.json"), ("GET", "/v1/health")]
+MASTER_ROUTES = [r for r in ROUTES if r not in (("POST", "/v1/events"), ("GET", "/v1/health"),
                                                 ("GET", "/v1/openapi.json"))]
 
 
@@ -388,6 +389,33 @@ async def test_redis_unavailable_is_503(settings: Settings, redis_client: redis.
                                          + "A" * 43})
         assert rsp.status == 503
         assert (await rsp.json())["error"]["code"] == "unavailable"
+
+
+async def test_health_answers_without_a_token_while_redis_does(api: Api,
+                                                                settings: Settings) -> None:
+    answer = await api.call("GET", "/v1/health")
+    assert (answer.status, answer.body) == (200, {"status": "ok"})
+    down = settings.model_copy(update={"REDIS_URL": "redis://127.0.0.1:1/0"})
+    async with TestClient(TestServer(create_app(down), host="127.0.0.1")) as client:
+        rsp = await client.get("/v1/health")
+        assert rsp.status == 503 and (await rsp.json())["status"] == "unavailable"
+
+
+async def test_health_of_a_hung_redis_is_503_within_its_timeout(settings: Settings) -> None:
+    """A Redis that takes the connection and never answers: the probe gives up after
+    HEALTH_TIMEOUT_SEC instead of holding a thread for ever."""
+    from engine.api import HEALTH_TIMEOUT_SEC
+
+    with socket.socket() as mute:  # the kernel accepts; nobody ever answers
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        hung = settings.model_copy(update={
+            "REDIS_URL": f"redis://127.0.0.1:{mute.getsockname()[1]}/0"})
+        async with TestClient(TestServer(create_app(hung), host="127.0.0.1")) as client:
+            started = time.monotonic()
+            rsp = await client.get("/v1/health")
+            took = time.monotonic() - started
+    assert rsp.status == 503 and took < HEALTH_TIMEOUT_SEC * 3
 
 
 # --- hooks ----------------------------------------------------------------------------
