@@ -17,6 +17,8 @@ from typing import Any
 
 import pytest
 
+from actors.driver import Engine
+from engine.errors import ConfigError
 from engine.hooks import parse_hook
 from engine.messages import message_id
 from engine.receiver import Receiver
@@ -256,9 +258,19 @@ def _actor_alive(ray: Any, prefix: str) -> bool:
 
 
 def test_main_json_lists_every_setting_with_its_default() -> None:
+    """Every setting at its default, but REDIS_URL, left empty: the default's port
+    6379 is Ray's own (the GCS) on a cluster's head, where the job's driver runs, so
+    a job started from the file as it is stops at once asking for it."""
     data = json.loads((DEPLOY / "main.json").read_text(encoding="utf-8"))
     assert list(data) == list(Settings.model_fields)
-    assert data == Settings().model_dump()
+    assert data == {**Settings().model_dump(), "REDIS_URL": ""}
+    with pytest.raises(ConfigError, match="REDIS_URL is empty"):
+        Engine(Settings(**data))
+
+
+def test_hooks_example_is_created_stopped() -> None:
+    data = json.loads((DEPLOY / "hooks.example.json").read_text(encoding="utf-8"))
+    assert [h["active"] for h in data] == [False, False]  # placeholders: nothing sent
 
 
 def test_hooks_example_holds_valid_hooks() -> None:
