@@ -12,7 +12,7 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
@@ -130,9 +130,18 @@ def load_settings(
     origin = dict.fromkeys(values, f"in {path}")
     for key in Settings.model_fields:
         if key in environ:
-            values[key] = environ[key]
+            text = environ[key]
+            # unset by the environment: "" or null, for a setting that may be null
+            # and is not text (API_PORT); text settings keep "" as it is
+            values[key] = None if key in _NULLABLE_NOT_TEXT \
+                and text.strip().lower() in ("", "null") else text
             origin[key] = "from the environment"
     return _validated(values, origin)
+
+
+_NULLABLE_NOT_TEXT = frozenset(
+    key for key, info in Settings.model_fields.items()
+    if type(None) in get_args(info.annotation) and str not in get_args(info.annotation))
 
 
 def with_overrides(settings: Settings, overrides: Mapping[str, Any]) -> Settings:

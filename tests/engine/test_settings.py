@@ -272,6 +272,17 @@ def test_empty_environment_value_overrides_file(tmp_path: Path) -> None:
     assert loaded.REDIS_URL == ""  # empty: `hookray demo` starts an embedded Redis
 
 
+@pytest.mark.parametrize("text", ["", "null", " NULL "])
+def test_environment_unsets_api_port_with_empty_or_null(tmp_path: Path, text: str) -> None:
+    """The file starts the API; the environment turns it off again (a setting that
+    may be null and is not text: "" or null mean null)."""
+    path = write_main(tmp_path, {"API_PORT": 8081})
+    assert load_settings(path, environ={}).API_PORT == 8081
+    assert load_settings(path, environ={"API_PORT": text}).API_PORT is None
+    with pytest.raises(ConfigError, match="API_PORT='none'"):
+        load_settings(path, environ={"API_PORT": "none"})
+
+
 def test_unrelated_environment_variables_are_ignored() -> None:
     loaded = load_settings(environ={"HOOK_RETRY": "x", "hook_retry_times": "9", "PATH": "/bin"})
     assert loaded.model_dump() == DEFAULTS
