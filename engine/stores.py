@@ -424,13 +424,7 @@ class RetryStore:
         ``{p}:dead:hook:*``), never the other accounts' dead letters, and only as
         many as ``limit`` takes. A cursor that is not one raises ValueError."""
         start = parse_cursor(after) if after is not None else None
-        self._ensure_index()
-        if hook_id is not None:
-            key = self.k.dead_of_hook(hook_id)
-        elif account_id is not None:
-            key = self.k.dead_of_account(account_id)
-        else:
-            key = self.k.dead
+        key = self._dead_index(account_id, hook_id)
         out: list[tuple[Delivery, str]] = []
         for page in self._pages(key, min(max(limit, 50), DEAD_READ_CHUNK), start):
             ids = [delivery_id for delivery_id, _ in page]
@@ -446,6 +440,16 @@ class RetryStore:
                     if len(out) >= limit:
                         return out
         return out
+
+    def _dead_index(self, account_id: int | None, hook_id: int | None) -> str:
+        """The sorted set of the hook's dead letters, else the account's, else all
+        (indexed first if they never were)."""
+        self._ensure_index()
+        if hook_id is not None:
+            return self.k.dead_of_hook(hook_id)
+        if account_id is not None:
+            return self.k.dead_of_account(account_id)
+        return self.k.dead
 
     def _pages(self, key: str, size: int, after: tuple[float, bytes] | None = None
                ) -> Iterator[list[tuple[bytes, float]]]:
@@ -553,13 +557,7 @@ class RetryStore:
 
     def _move_all(self, mode: str, account_id: int | None, hook_id: int | None,
                   progress: Callable[[int], None] | None) -> int:
-        self._ensure_index()
-        if hook_id is not None:
-            key = self.k.dead_of_hook(hook_id)
-        elif account_id is not None:
-            key = self.k.dead_of_account(account_id)
-        else:
-            key = self.k.dead
+        key = self._dead_index(account_id, hook_id)
         # those dead when it starts, by Redis' clock: one dead-lettered again after its
         # replay dies later than this and is not taken again (the run ends)
         seconds, micros = cast(tuple[int, int], self.r.time())
