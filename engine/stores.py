@@ -531,14 +531,14 @@ class RetryStore:
         An unknown id raises NotFound before anything is moved. The move is one
         script that first checks every payload is still the one read: a replay of the
         same ids running meanwhile moves them once, and the other finds them gone."""
-        return self._move("replay", list(dict.fromkeys(ids)))[0]
+        return self._move("replay", list(dict.fromkeys(ids)))
 
     def discard(self, ids: Iterable[str]) -> int:
         """Delete dead letters for good; their messages are counted as ``discarded``
         in their hooks' stats. The same rules as ``replay``: an unknown id raises
         NotFound and nothing is discarded; one script, that checks every payload is
         still the one read."""
-        return self._move("discard", list(dict.fromkeys(ids)))[0]
+        return self._move("discard", list(dict.fromkeys(ids)))
 
     def replay_all(self, account_id: int | None = None, hook_id: int | None = None,
                    progress: Callable[[int], None] | None = None) -> int:
@@ -570,8 +570,8 @@ class RetryStore:
             due = [(m, score) for m, score in page if score <= cutoff]
             if due:
                 try:
-                    moved, _ = self._move(mode, [m.decode() for m, _ in due], account_id,
-                                          hook_id, strict=False)
+                    moved = self._move(mode, [m.decode() for m, _ in due], account_id,
+                                       hook_id, strict=False)
                 except Conflict as exc:
                     raise Conflict(f"{exc} ({done} dead letter(s) {PAST[mode]} before this "
                                    "stay so)") from None
@@ -583,13 +583,13 @@ class RetryStore:
         return done
 
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
-              hook_id: int | None = None, strict: bool = True) -> tuple[int, list[str]]:
-        """(moved, skipped) of ``dead_move.lua`` over ``ids``, tried again while
-        some change between the read and the script. ``strict``: a missing or
-        undecodable id raises NotFound and nothing moves; else such ids, and those
-        not of ``account_id``/``hook_id``, are skipped."""
+              hook_id: int | None = None, strict: bool = True) -> int:
+        """How many of ``ids`` ``dead_move.lua`` moved, tried again while some change
+        between the read and the script. ``strict``: a missing or undecodable id
+        raises NotFound and nothing moves; else such ids, and those not of
+        ``account_id``/``hook_id``, are left where they are."""
         if not ids:
-            return 0, []
+            return 0
         for _ in range(REPLAY_TRIES):
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
@@ -598,7 +598,6 @@ class RetryStore:
                 if missing:
                     raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
             good: list[tuple[str, bytes, Delivery]] = []
-            skipped: list[str] = []
             for delivery_id, raw in zip(ids, payloads, strict=True):
                 try:
                     d = unpack_delivery(raw) if raw is not None else None
@@ -607,16 +606,14 @@ class RetryStore:
                         raise NotFound(f"dead letter {delivery_id} cannot be decoded; it is "
                                        "left where it is") from None
                     d = None
-                if d is None or (account_id is not None and d.account_id != account_id) \
-                        or (hook_id is not None and d.hook_id != hook_id):
-                    skipped.append(delivery_id)
-                else:
+                if d is not None and (account_id is None or d.account_id == account_id) \
+                        and (hook_id is None or d.hook_id == hook_id):
                     good.append((delivery_id, cast(bytes, raw), d))
             if not good:
-                return 0, skipped
+                return 0
             keys, args = self._move_args(mode, good)
             changed = self._replay(keys=keys, args=args)
             if not changed:  # else nothing moved: read them again
-                return len(good), skipped
+                return len(good)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")
