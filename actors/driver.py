@@ -29,6 +29,7 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError
 from engine.events import Event
+from engine.health import engine_health
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
 from engine.keys import Keys
@@ -372,6 +373,11 @@ class Engine:
         if hook_id is not None or account_id is not None:
             raise ValueError("discard: hook_id and account_id go with everything=True")
         return self.retry.discard(ids)
+
+    def health(self) -> dict[str, Any]:
+        """Which of the engine's workers run (``engine.health.engine_health``): its
+        partitions (``expected``, ``running``, ``stopped``) and the retry worker."""
+        return engine_health(self.redis, self.keys)
 
     def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:
         """Wait until every accepted event is settled (and, optionally, no retry is due)."""

@@ -48,6 +48,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import Conflict, HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
+from engine.health import engine_health
 from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook, url_secrets
 from engine.intake import Intake
 from engine.keys import Keys
@@ -642,15 +643,15 @@ def _prober(r: redis.Redis) -> redis.Redis:
 
 async def health(request: web.Request) -> web.Response:
     """For load balancers and probes, without a token: 200 while the engine's Redis
-    answers, else 503 (the API can take nothing then)."""
+    answers (events are accepted), with which of the engine's workers run (whether
+    accepted events are being processed); else 503 (the API can take nothing)."""
+    prober = request.app[PROBER]
     try:
-        ok = bool(await _run(request, request.app[PROBER].ping))
+        workers = await _run(request, engine_health, prober, request.app[BACKEND].retry.k)
     except redis.RedisError:
-        ok = False
-    if ok:
-        return web.json_response({"status": "ok"})
-    return web.json_response({"status": "unavailable",
-                              "reason": "the engine's Redis does not answer"}, status=503)
+        return web.json_response({"status": "unavailable",
+                                  "reason": "the engine's Redis does not answer"}, status=503)
+    return web.json_response({"status": "ok", **workers})
 
 
 # --- middleware and the app ------------------------------------------------------------

@@ -32,6 +32,7 @@ from engine.assembly import Assembler, Round
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import HookError
 from engine.events import Event
+from engine.health import Heartbeat
 from engine.hooks import Hook
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
@@ -543,7 +544,17 @@ class PartitionWorker:
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
         """Loop until ``stop`` is set; a failing round is reported and retried (a
-        hook that no longer validates: once, not every round)."""
+        hook that no longer validates: once, not every round). While it loops, its
+        heartbeat says it runs (``engine.health``)."""
+        alive = Heartbeat(self.r, self.side.keys, f"partition:{self.partition}")
+        try:
+            self._loop(stop, on_error, alive)
+        finally:  # stopped: no longer running, at once
+            with suppress(redis.RedisError):
+                self.r.delete(alive.key)
+
+    def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
+              alive: Heartbeat) -> None:
         last_hook_error = ""
         while not stop.is_set():
             try:
@@ -560,3 +571,5 @@ class PartitionWorker:
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)
+            with suppress(redis.RedisError):
+                alive.beat()

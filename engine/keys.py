@@ -34,6 +34,8 @@ key                             type     holds
                                          be decoded (set aside by the retry worker)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered,
                                          discarded
+{p}:alive:{worker}              string   a running worker's last round (ms), 15 s TTL:
+                                         ``partition:{n}``, ``retry`` (health)
 {p}:stats:engine                hash     events_accepted, events_rejected,
                                          entries_unreadable, retries_unreadable
 ==============================  =======  =============================================
@@ -83,6 +85,9 @@ class Keys:
 
     def dead_of_hook(self, hook_id: int) -> str:
         return f"{self.p}:dead:hook:{hook_id}"
+
+    def alive(self, worker: str) -> str:
+        return f"{self.p}:alive:{worker}"
 
     def stats(self, hook_id: int) -> str:
         return f"{self.p}:stats:{hook_id}"

@@ -23,6 +23,7 @@ import redis
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
 from engine.errors import HookError
+from engine.health import Heartbeat
 from engine.hooks import Hook
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
@@ -38,6 +39,7 @@ class RetryWorker:
     def __init__(self, settings: Settings, r: redis.Redis, sender: Sender,
                  catalogue: EventCatalogue | None = None) -> None:
         self.settings = settings
+        self.r = r
         self.sender = sender
         if catalogue is None:
             catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
@@ -98,17 +100,20 @@ class RetryWorker:
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
+        alive = Heartbeat(self.r, self.side.keys, "retry")
         try:
-            self._loop(stop, on_error)
+            self._loop(stop, on_error, alive)
         finally:
             # a stop is no crash: the sends it interrupts do not count as unanswered
             # (their leases run out and they are sent again, by this or the next worker)
             with suppress(redis.RedisError):
                 self.side.retry.handed_back(sorted(self.handed))
             self.handed.clear()
+            with suppress(redis.RedisError):  # stopped: no longer running, at once
+                self.r.delete(alive.key)
 
-    def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None
-              ) -> None:
+    def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
+              alive: Heartbeat) -> None:
         last_hook_error = ""
         while not stop.is_set():
             try:
@@ -126,3 +131,5 @@ class RetryWorker:
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)
+            with suppress(redis.RedisError):
+                alive.beat()

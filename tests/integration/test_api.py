@@ -26,6 +26,7 @@ from actors.cli import main as cli_main
 from engine.api import MASK, OPENAPI_PATH, create_app, routes
 from engine.auth import TokenStore, tokens_key
 from engine.errors import NotFound
+from engine.health import Heartbeat
 from engine.intake import decode_entry
 from engine.keys import Keys
 from engine.receiver import Receiver
@@ -394,7 +395,17 @@ async def test_redis_unavailable_is_503(settings: Settings, redis_client: redis.
 async def test_health_answers_without_a_token_while_redis_does(api: Api,
                                                                 settings: Settings) -> None:
     answer = await api.call("GET", "/v1/health")
-    assert (answer.status, answer.body) == (200, {"status": "ok"})
+    assert (answer.status, answer.body) == (200, {
+        "status": "ok", "partitions": {"expected": None, "running": 0, "stopped": []},
+        "retry_running": False})  # no engine started on this prefix yet
+    keys = Keys(settings.REDIS_PREFIX)
+    api.r.hset(keys.config, "partitions", 3)  # an engine with two partitions running
+    for worker in ("partition:0", "partition:2"):
+        Heartbeat(api.r, keys, worker).beat()
+    answer = await api.call("GET", "/v1/health")
+    assert (answer.status, answer.body) == (200, {
+        "status": "ok", "partitions": {"expected": 3, "running": 2, "stopped": [1]},
+        "retry_running": False})
     down = settings.model_copy(update={"REDIS_URL": "redis://127.0.0.1:1/0"})
     async with TestClient(TestServer(create_app(down), host="127.0.0.1")) as client:
         rsp = await client.get("/v1/health")

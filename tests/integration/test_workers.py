@@ -1124,3 +1124,32 @@ def test_the_index_takes_the_time_a_dead_letter_died_last(
     retry.dead_letters()
     assert redis_client.zscore(keys.dead_of_account(1), "d1") == 5000
     assert redis_client.zscore(keys.dead_of_hook(10), "d1") == 5000
+
+
+def test_health_says_which_workers_run_and_forgets_a_stopped_one_at_once(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    from engine.health import engine_health
+
+    assert engine_health(redis_client, keys) == {
+        "partitions": {"expected": None, "running": 0, "stopped": []}, "retry_running": False}
+    redis_client.hset(keys.config, "partitions", 2)  # as an engine's start records it
+    cfg = settings.model_copy(update={"PARTITIONS": 2})
+    Intake(redis_client, keys, 2, 1000).ensure_groups()
+    workers = [PartitionWorker(cfg, redis_client, 1, InProcessSender()),
+               RetryWorker(cfg, redis_client, InProcessSender())]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(lambda: engine_health(redis_client, keys)["retry_running"], 5)
+        assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["running"], 5)
+        assert engine_health(redis_client, keys) == {
+            "partitions": {"expected": 2, "running": 1, "stopped": [0]}, "retry_running": True}
+        assert 0 < redis_client.ttl(keys.alive("partition:1")) <= 15
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
+    assert engine_health(redis_client, keys) == {
+        "partitions": {"expected": 2, "running": 0, "stopped": [0, 1]}, "retry_running": False}
