@@ -866,6 +866,7 @@ class Run:
     amqp_url: str
     profiler: Profiler | None
     repeat: int = 1  # rounds per kind (medians reported)
+    partitions: int = 2  # the engine's PARTITIONS
     sink: Any = None  # bench.sink.Sink
     tansu: Tansu | None = None
     unavailable: dict[str, str] = field(default_factory=dict)  # kind -> why
@@ -997,7 +998,7 @@ async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Ev
     engine_class = _late("actors.driver", "Engine")
     prefix = f"bench-transports-{uuid.uuid4().hex[:8]}"
     settings = Settings.model_validate({
-        "REDIS_URL": run.redis_url, "REDIS_PREFIX": prefix, "PARTITIONS": 2,
+        "REDIS_URL": run.redis_url, "REDIS_PREFIX": prefix, "PARTITIONS": run.partitions,
         "HTTP_POOL_SIZE": 1, "RABBITMQ_POOL_SIZE": 1, "KAFKA_POOL_SIZE": 1,
         "HOOK_RETRY_TIMES": 0})
     say(f"{kind}: starting the engine (prefix {prefix})")
@@ -1119,6 +1120,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="+", choices=KINDS, metavar="KIND",
                         help=f"kinds to measure (default: all): {', '.join(KINDS)}")
     parser.add_argument("--redis-url", default=DEFAULT_REDIS_URL)
+    parser.add_argument("--partitions", type=_positive, default=2,
+                        help="the engine's PARTITIONS (default 2)")
     parser.add_argument("--amqp-url", default=DEFAULT_AMQP_URL)
     parser.add_argument("--profile", metavar="DIR", type=Path,
                         help="py-spy the partition and transport actors into DIR")
@@ -1128,7 +1131,8 @@ def main(argv: list[str] | None = None) -> int:
     kinds = [k for k in KINDS if k in (args.only or KINDS)]
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # clean up on a plain kill too
     profiler = Profiler(args.profile, args.profile_sec) if args.profile else None
-    run = Run(args.messages, args.redis_url, args.amqp_url, profiler, args.repeat)
+    run = Run(args.messages, args.redis_url, args.amqp_url, profiler, args.repeat,
+              partitions=args.partitions)
     results: dict[str, dict[str, Any]] = {}
     with contextlib.ExitStack() as stack:
         try:

@@ -197,8 +197,10 @@ class Dispatcher:
             return
         entry_ids = [eid for eid, _ in entries]
         owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
-        matches = self.index.match(EventColumns.from_events(events, self.catalogue))
-        rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views)
+        columns = EventColumns.from_events(events, self.catalogue)
+        matches = self.index.match(columns)
+        rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
+                    columns)
         self._attach_profiles(matches, events)
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():

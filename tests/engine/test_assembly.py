@@ -25,6 +25,7 @@ from engine.events import Event, parse_rfc3339_ns
 from engine.hooks import parse_hook
 from engine.intake import decode_entry, decode_views, encode_entry
 from engine.keys import INTAKE_FIELD
+from engine.matching import EventColumns
 from engine.messages import (
     MessageBuilder,
     PartView,
@@ -32,6 +33,7 @@ from engine.messages import (
     encode_part,
     irregular_events,
     message_id,
+    routing_key,
 )
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
@@ -142,6 +144,28 @@ def test_routing_and_kafka_keys() -> None:
     assert list(rnd.kafka_keys(idx, "profile_id")) == [e.profile_id or "" for e in events]
     assert list(rnd.kafka_keys(idx, "none")) == [""] * 20
     assert list(rnd.routing_keys([3])) == [f"{events[3].list_id}.{events[3].event_type}"]
+
+
+@pytest.mark.parametrize("with_columns", [False, True])
+def test_routing_keys_by_columns_equal_the_reference(with_columns: bool) -> None:
+    """Whole-round keys from the matching columns (``np.unique`` over list id and
+    type), or by hashing pairs: each the event's own ``routing_key``, with absent,
+    zero and int64-limit list ids among many types."""
+    catalogue, names = load_catalogue(), make_names()
+    codes = catalogue.codes()
+    rng = random.Random(7)
+    events = make_events(3000)
+    lists = [None, 0, 1, 2, 2**63 - 1, 2**40, 17]
+    for e in events:
+        e.list_id = rng.choice(lists)
+        e.event_type = rng.choice(codes)
+    columns = EventColumns.from_events(events, catalogue) if with_columns else None
+    rnd = Round(events, catalogue, names, {}, columns=columns)
+    assert (rnd.columns is not None) == with_columns
+    idx = rng.sample(range(3000), 500)
+    assert list(rnd.routing_keys(idx)) == [routing_key(events[i]) for i in idx]
+    assert list(rnd.kafka_keys(list(range(3000)), "list_event")) == list(
+        map(routing_key, events))
 
 
 def test_uuids_are_version_4_and_distinct() -> None:
