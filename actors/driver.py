@@ -376,7 +376,8 @@ class Engine:
 
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its
-        partitions (``expected``, ``running``, ``stopped``) and the retry worker."""
+        partitions (``expected``, ``running``, ``waiting`` with the reason, ``stopped``)
+        and the retry worker (``retry_running``, ``retry_waiting``)."""
         return engine_health(self.redis, self.keys)
 
     def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:

@@ -574,4 +574,4 @@ class PartitionWorker:
                     on_error(exc)
                 time.sleep(0.5)
             with suppress(redis.RedisError):
-                alive.beat()
+                alive.beat(last_hook_error)

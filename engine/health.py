@@ -2,10 +2,12 @@
 
 Each partition worker and the retry worker mark ``{p}:alive:<worker>`` with the time
 of a round at most every BEAT_SEC seconds, the mark expiring after ALIVE_SEC: a
-worker whose mark is there ran a round lately. ``engine_health`` reads the marks of
-the partitions the engine recorded (``{p}:config``) and of the retry worker, so the
-HTTP API and the driver can say whether accepted events are being processed without
-asking Ray.
+worker whose mark is there ran a round lately. A worker that loops but processes
+nothing until an operator acts (a stored hook that no longer validates) says why in
+its mark (``<ms> <reason>``), at once when that starts or ends. ``engine_health``
+reads the marks of the partitions the engine recorded (``{p}:config``) and of the
+retry worker, so the HTTP API and the driver can say whether accepted events are
+being processed without asking Ray.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from engine.keys import Keys
 
 BEAT_SEC = 1.0  # a running worker marks itself at most this often
 ALIVE_SEC = 15  # and counts as running for this long after
+REASON_CHARS = 500  # of a waiting worker's reason, kept in its mark
 
 
 class Heartbeat:
@@ -28,24 +31,42 @@ class Heartbeat:
         self.r = r
         self.key = keys.alive(worker)
         self.last = 0.0
+        self.waiting = ""  # as last marked
 
-    def beat(self) -> None:
+    def beat(self, waiting: str = "") -> None:
+        """Mark a round; ``waiting``: why the worker processes nothing now ("" when it
+        does). A change of that is marked at once, not BEAT_SEC later."""
         now = time.monotonic()
-        if now - self.last >= BEAT_SEC:
-            self.r.set(self.key, int(time.time() * 1000), ex=ALIVE_SEC)
-            self.last = now
+        waiting = " ".join(waiting.split())[:REASON_CHARS]
+        if now - self.last >= BEAT_SEC or waiting != self.waiting:
+            mark = f"{int(time.time() * 1000)} {waiting}".rstrip()
+            self.r.set(self.key, mark, ex=ALIVE_SEC)
+            self.last, self.waiting = now, waiting
+
+
+def _reason(mark: bytes) -> str:
+    """The waiting reason in a mark ("" for a worker that processes)."""
+    return mark.decode("utf-8", "replace").partition(" ")[2]
 
 
 def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """``{"partitions": {"expected", "running", "stopped": [n, ...]}, "retry_running"}``:
-    ``expected`` is the engine's recorded PARTITIONS (None before an engine first
-    started on this prefix); a worker runs when it marked itself in the last
-    ALIVE_SEC seconds."""
+    """``{"partitions": {"expected", "running", "waiting": [{"partition", "reason"}],
+    "stopped": [n, ...]}, "retry_running", "retry_waiting"}``: ``expected`` is the
+    engine's recorded PARTITIONS (None before an engine first started on this prefix);
+    a worker runs when it marked itself in the last ALIVE_SEC seconds; ``running``
+    counts the partitions that run and process events, ``waiting`` those that run but
+    wait for an operator (why: ``reason``), ``stopped`` those that do not run.
+    ``retry_waiting``: why the running retry worker re-sends nothing, else null."""
     recorded = r.hget(keys.config, "partitions")
     expected = int(recorded) if recorded is not None else None
     names = [f"partition:{n}" for n in range(expected or 0)] + ["retry"]
     marks = r.mget([keys.alive(name) for name in names])
     stopped = [n for n, mark in enumerate(marks[:-1]) if mark is None]
-    return {"partitions": {"expected": expected, "running": (expected or 0) - len(stopped),
-                           "stopped": stopped},
-            "retry_running": marks[-1] is not None}
+    waiting = [{"partition": n, "reason": reason} for n, mark in enumerate(marks[:-1])
+               if mark is not None and (reason := _reason(mark))]
+    retry = marks[-1]
+    return {"partitions": {"expected": expected,
+                           "running": (expected or 0) - len(stopped) - len(waiting),
+                           "waiting": waiting, "stopped": stopped},
+            "retry_running": retry is not None,
+            "retry_waiting": (_reason(retry) or None) if retry is not None else None}

@@ -132,4 +132,4 @@ class RetryWorker:
                     on_error(exc)
                 time.sleep(0.5)
             with suppress(redis.RedisError):
-                alive.beat()
+                alive.beat(last_hook_error)

@@ -396,16 +396,25 @@ async def test_health_answers_without_a_token_while_redis_does(api: Api,
                                                                 settings: Settings) -> None:
     answer = await api.call("GET", "/v1/health")
     assert (answer.status, answer.body) == (200, {
-        "status": "ok", "partitions": {"expected": None, "running": 0, "stopped": []},
-        "retry_running": False})  # no engine started on this prefix yet
+        "status": "ok", "partitions": {"expected": None, "running": 0, "waiting": [],
+                                       "stopped": []},
+        "retry_running": False, "retry_waiting": None})  # no engine on this prefix yet
     keys = Keys(settings.REDIS_PREFIX)
     api.r.hset(keys.config, "partitions", 3)  # an engine with two partitions running
-    for worker in ("partition:0", "partition:2"):
-        Heartbeat(api.r, keys, worker).beat()
+    marks = {worker: Heartbeat(api.r, keys, worker) for worker in ("partition:0", "partition:2")}
+    for mark in marks.values():
+        mark.beat()
+    Heartbeat(api.r, keys, "retry").beat("stored hook 4 no longer\nvalidates")
     answer = await api.call("GET", "/v1/health")
     assert (answer.status, answer.body) == (200, {
-        "status": "ok", "partitions": {"expected": 3, "running": 2, "stopped": [1]},
-        "retry_running": False})
+        "status": "ok", "partitions": {"expected": 3, "running": 2, "waiting": [],
+                                       "stopped": [1]},
+        "retry_running": True, "retry_waiting": "stored hook 4 no longer validates"})
+    marks["partition:2"].beat("stored hook 4 no longer validates")
+    answer = await api.call("GET", "/v1/health")
+    assert answer.body["partitions"] == {  # marked at once, though beaten just before
+        "expected": 3, "running": 1, "stopped": [1],
+        "waiting": [{"partition": 2, "reason": "stored hook 4 no longer validates"}]}
     down = settings.model_copy(update={"REDIS_URL": "redis://127.0.0.1:1/0"})
     async with TestClient(TestServer(create_app(down), host="127.0.0.1")) as client:
         rsp = await client.get("/v1/health")

@@ -1131,7 +1131,8 @@ def test_health_says_which_workers_run_and_forgets_a_stopped_one_at_once(
     from engine.health import engine_health
 
     assert engine_health(redis_client, keys) == {
-        "partitions": {"expected": None, "running": 0, "stopped": []}, "retry_running": False}
+        "partitions": {"expected": None, "running": 0, "waiting": [], "stopped": []},
+        "retry_running": False, "retry_waiting": None}
     redis_client.hset(keys.config, "partitions", 2)  # as an engine's start records it
     cfg = settings.model_copy(update={"PARTITIONS": 2})
     Intake(redis_client, keys, 2, 1000).ensure_groups()
@@ -1145,11 +1146,57 @@ def test_health_says_which_workers_run_and_forgets_a_stopped_one_at_once(
         assert wait_for(lambda: engine_health(redis_client, keys)["retry_running"], 5)
         assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["running"], 5)
         assert engine_health(redis_client, keys) == {
-            "partitions": {"expected": 2, "running": 1, "stopped": [0]}, "retry_running": True}
+            "partitions": {"expected": 2, "running": 1, "waiting": [], "stopped": [0]},
+            "retry_running": True, "retry_waiting": None}
         assert 0 < redis_client.ttl(keys.alive("partition:1")) <= 15
     finally:
         stop.set()
         for thread in threads:
             thread.join(15)
     assert engine_health(redis_client, keys) == {
-        "partitions": {"expected": 2, "running": 0, "stopped": [0, 1]}, "retry_running": False}
+        "partitions": {"expected": 2, "running": 0, "waiting": [], "stopped": [0, 1]},
+        "retry_running": False, "retry_waiting": None}
+
+
+def test_health_names_the_workers_waiting_for_an_invalid_hook_and_why(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A partition and a retry worker that loop but process nothing while a stored
+    hook no longer validates are not "running": health lists them as waiting, with
+    the error, at once; once the hook is deleted they run again, at once."""
+    import json as json_module
+
+    from engine.health import engine_health
+
+    registry = HookRegistry(redis_client, keys)
+    broken = registry.create(hook())
+    stored = json_module.loads(redis_client.hget(keys.hooks, str(broken.id)) or b"{}")
+    stored["actions"] = ["no_such_event"]
+    redis_client.hset(keys.hooks, str(broken.id), json_module.dumps(stored))
+    redis_client.incr(keys.hooks_version)
+    redis_client.hset(keys.config, "partitions", 1)
+    cfg = one_partition(settings)
+    one_intake(redis_client, keys, 1000).ensure_groups()
+    workers = [PartitionWorker(cfg, redis_client, 0, InProcessSender()),
+               RetryWorker(cfg, redis_client, InProcessSender())]
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["waiting"], 5)
+        assert wait_for(lambda: engine_health(redis_client, keys)["retry_waiting"], 5)
+        health = engine_health(redis_client, keys)
+        (waiting,) = health["partitions"]["waiting"]
+        assert waiting["partition"] == 0
+        assert waiting["reason"].startswith(f"stored hook {broken.id} no longer validates")
+        assert health["partitions"]["running"] == 0 and health["partitions"]["stopped"] == []
+        assert health["retry_running"] is True
+        assert str(health["retry_waiting"]).startswith(f"stored hook {broken.id} ")
+        registry.delete(broken.id or 0)
+        assert wait_for(lambda: engine_health(redis_client, keys) == {
+            "partitions": {"expected": 1, "running": 1, "waiting": [], "stopped": []},
+            "retry_running": True, "retry_waiting": None}, 5)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
