@@ -44,9 +44,10 @@ class Heartbeat:
             self.last, self.waiting = now, waiting
 
 
-def _reason(mark: bytes) -> str:
+def _reason(mark: bytes | str) -> str:
     """The waiting reason in a mark ("" for a worker that processes)."""
-    return mark.decode("utf-8", "replace").partition(" ")[2]
+    text = mark.decode("utf-8", "replace") if isinstance(mark, bytes) else mark
+    return text.partition(" ")[2]
 
 
 def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
