@@ -57,6 +57,16 @@ published. Reported:
   smaps_rollup costs the kernel 1-5 ms per process, in this process's sampling
   thread (printed as "memory: N samples, X ms each").
 
+* Where the CPU goes (``bench.cpu``, from ``/proc``): ``engine_cpu_us``, the CPU
+  time per matched message over the timed run of each group — ``partitions``,
+  ``transport`` (the HTTP transport actor), ``other_actors`` (retry worker, idle
+  pools), ``bench`` (this process: it publishes), ``sinks``, ``redis`` — plus
+  ``machine`` (every CPU's busy time) and ``other`` (Ray's daemons, the kernel...);
+  ``ceiling_cpu_us`` the same for the ceiling (``bench`` is the bare client there);
+  ``budget_us`` = cpus / (0.5 * ceiling_per_s): the CPU per message, everything on
+  the machine included, that would let the engine reach the ratio 0.5 with every CPU
+  busy. An engine run whose ``machine`` figure is above it cannot reach 0.5 here.
+
 A run that stalls (no new message at the sinks for 60 s), dead-letters a delivery,
 does not settle, misses, duplicates or adds a message, or whose ceiling fails its
 checks reports the rates as null, says why under ``error`` / ``ceiling_error`` and
@@ -86,6 +96,7 @@ import numpy as np
 import psutil
 import redis
 
+from bench.cpu import CpuMeter, budget_us, describe, redis_pid
 from bench.sink import Sink
 from engine.catalogue import load_catalogue
 from engine.customdata import format_rfc3339_nano
@@ -107,6 +118,8 @@ SAMPLE_SEC = 1.0  # reading smaps_rollup takes the kernel 1-5 ms per process
 RAY_EVERY = 4  # Ray's daemons (slow to change) are sampled every 4th time only
 DEFAULT_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
 MB = 2**20
+TARGET_RATIO = 0.5  # delivered/ceiling, the issue's target: budget_us is for it
+CORES = os.cpu_count() or 1
 
 
 class BenchError(Exception):
@@ -327,6 +340,27 @@ def actor_pids(engine: Any) -> dict[str, int]:
             zip(actors, ray.get(refs, timeout=60), strict=True)}
 
 
+def local_redis_pid(url: str) -> int | None:
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return redis_pid(client)
+    finally:
+        client.close()
+
+
+def engine_groups(pids: dict[str, int], sinks: list[Sink], redis_url: str
+                  ) -> dict[str, list[int | None]]:
+    """The processes of the engine's run by group, for ``bench.cpu``: the partition
+    actors, the HTTP transport actor(s), the engine's other actors (retry worker, idle
+    transport pools), this process (it publishes), the sinks and Redis."""
+    partitions = [p for name, p in pids.items() if name.startswith("partition")]
+    transport = [p for name, p in pids.items() if name.startswith("http_batch")]
+    rest = [p for p in pids.values() if p not in partitions and p not in transport]
+    return {"partitions": list(partitions), "transport": list(transport),
+            "other_actors": list(rest), "bench": [os.getpid()],
+            "sinks": [s.pid for s in sinks], "redis": [local_redis_pid(redis_url)]}
+
+
 # --- checks --------------------------------------------------------------------------------
 
 
@@ -451,6 +485,8 @@ def run_engine(args: argparse.Namespace, sinks: list[Sink], mem: Memory,
         say(f"publishing {len(events):,} events ...")
         result["timed"] = True  # from here on the sinks hold the timed run's messages only
         mem.reset()
+        meter = CpuMeter(engine_groups(pids, sinks, args.redis_url))
+        meter.start()
         started = time.time()
         published_at = started
         for start in range(0, len(events), PUBLISH_CHUNK):
@@ -465,6 +501,8 @@ def run_engine(args: argparse.Namespace, sinks: list[Sink], mem: Memory,
         result["accepted_per_s"] = len(events) / max(published_at - started, 1e-9)
         try:
             total = wait_delivered(engine, sinks, matched, started, "run", mem)
+            result["engine_cpu_us"] = meter.stop(matched)
+            say(f"  run: {describe(result['engine_cpu_us'])}")
         finally:
             mem.sample(everything=True)
             after = hook_totals(engine, hook_ids)
@@ -598,7 +636,12 @@ def run_ceiling(args: argparse.Namespace, result: dict[str, Any], events: list[E
         for sink in sinks:
             sink.reset()
         say(f"ceiling: sending {messages:,} messages in {len(jobs):,} requests ...")
+        meter = CpuMeter({"bench": [os.getpid()], "sinks": [s.pid for s in sinks],
+                          "redis": [local_redis_pid(args.redis_url)]})
+        meter.start()
         elapsed = asyncio.run(send_bodies(sinks, jobs))
+        result["ceiling_cpu_us"] = meter.stop(messages)
+        say(f"ceiling: {describe(result['ceiling_cpu_us'])}")
         total = sinks_total(sinks)
         checked = check_ids(sinks, result["paths"], result["matches"], "b")
     finally:
@@ -621,8 +664,8 @@ JSON_KEYS = ("accepted_per_s", "delivered_per_s", "ceiling_per_s", "ratio", "p50
              "peak_rss_mb", "matched", "delivered_unique", "lost", "events", "missing",
              "unexpected", "duplicates", "engine_pss_mb", "bench_pss_mb", "sinks_pss_mb",
              "ray_pss_mb", "redis_growth_mb", "memory_metric", "totals", "engine_processes",
-             "engine_bytes_per_message", "bytes_per_message", "ceiling", "error",
-             "ceiling_error")
+             "engine_bytes_per_message", "bytes_per_message", "ceiling", "engine_cpu_us",
+             "ceiling_cpu_us", "budget_us", "error", "ceiling_error")
 RATE_KEYS = ("accepted_per_s", "delivered_per_s", "ratio", "p50_ms", "p99_ms")
 
 
@@ -671,6 +714,7 @@ def main(argv: list[str] | None = None) -> int:
         result["ratio"] = None
     else:
         result["ratio"] = result["delivered_per_s"] / result["ceiling_per_s"]
+        result["budget_us"] = round(budget_us(CORES, TARGET_RATIO * result["ceiling_per_s"]), 2)
     report(result, args)
     ok = result["error"] is None and result.get("ceiling_error") is None
     return 0 if ok else 1
@@ -678,6 +722,10 @@ def main(argv: list[str] | None = None) -> int:
 
 def _fmt(value: Any, spec: str = ",.0f") -> str:
     return "null" if value is None else format(value, spec)
+
+
+def _machine(cpu: dict[str, float] | None) -> float | None:
+    return (cpu or {}).get("machine")
 
 
 def report(result: dict[str, Any], args: argparse.Namespace) -> None:
@@ -703,6 +751,9 @@ def report(result: dict[str, Any], args: argparse.Namespace) -> None:
                                        f"{_fmt(r['unexpected'], ',')} / "
                                        f"{_fmt(r['duplicates'], ',')}"),
         ("lost", _fmt(r["lost"], ",")),
+        ("CPU µs/message engine/ceil", f"{_fmt(_machine(r['engine_cpu_us']), '.2f')} / "
+                                       f"{_fmt(_machine(r['ceiling_cpu_us']), '.2f')}"),
+        (f"  budget at ratio {TARGET_RATIO}", _fmt(r["budget_us"], ".2f")),
     ]
     print()
     for label, value in rows:

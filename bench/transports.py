@@ -58,7 +58,20 @@ once and its error is shown).
 
 Prints progress lines and a table (kind, engine/s, ceiling/s, ratio); ``--json PATH``
 writes ``{"<kind>": {"engine_per_s", "ceiling_per_s", "ratio", "engine_check",
-"ceiling_check"}, ...}`` (a failed kind, a failed check included: ``{"error"}``).
+"ceiling_check", "engine_cpu_us", "ceiling_cpu_us"[, "target", "budget_us"]}, ...}``
+(a failed kind, a failed check included: ``{"error"}``).
+
+Where the CPU goes (``bench.cpu``, from ``/proc``): over each timed window, the CPU
+time per message, in microseconds, of each group of processes — for the engine:
+``partitions`` (its partition actors), ``transport`` (the kind's transport actor),
+``bench`` (this process: it publishes the events and polls the destination), the
+receiving side (``sink``, ``rabbitmq`` or ``tansu``) and ``redis``; for the ceiling:
+``bench`` (the bare client) and the same servers — plus ``machine`` (every CPU's busy
+time) and ``other`` (the rest: Ray's daemons, the kernel). For the kinds with a ratio
+target (kafka 0.5, rabbitmq 0.8), ``budget_us`` is the CPU per message, everything
+included, that would let the engine reach the target with every CPU of this machine
+busy: ``cpus / (target * ceiling_per_s)``. An engine whose ``machine`` figure is above
+it cannot reach the target here, however well its processes share the CPUs.
 
 ``--profile DIR`` records each partition actor and the kind's transport actor with
 ``py-spy record --format raw`` for ``--profile-sec`` whole seconds from the first publish,
@@ -96,6 +109,7 @@ from typing import Any, cast
 
 import redis
 
+from bench.cpu import CpuMeter, budget_us, describe, pids_named, redis_pid
 from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
 from bench.tansu import Tansu, broker_binary
 from engine.dispatch import IMMEDIATE_MAX_BATCH, KAFKA_MAX_BATCH
@@ -118,6 +132,8 @@ RABBIT_BATCH = IMMEDIATE_MAX_BATCH  # messages per delivery the dispatcher sends
 # deliveries in flight per broker connection in the transport
 RABBIT_INFLIGHT = int(Settings.model_fields["DESTINATION_CONCURRENCY"].default)
 KAFKA_PARTITIONS = 4
+TARGETS = {"kafka": 0.5, "rabbitmq_queue": 0.8, "rabbitmq_exchange": 0.8}  # engine/ceiling
+CORES = os.cpu_count() or 1
 POLL_SEC = 0.02
 PROGRESS_SEC = 2.0
 CONNECT_SEC = 10.0  # connecting, declaring, creating a topic, one count
@@ -911,7 +927,16 @@ async def measure(kind: str, run: Run) -> dict[str, Any]:
             "ratio": engine_per_s / ceiling_per_s,
             "engine_check": sum_checks([r["engine_check"] for r in rounds]),
             "ceiling_check": sum_checks([r["ceiling_check"] for r in rounds]),
-            "rounds": rounds}
+            "engine_cpu_us": median_cpu([r["engine_cpu_us"] for r in rounds]),
+            "ceiling_cpu_us": median_cpu([r["ceiling_cpu_us"] for r in rounds]),
+            **budget(kind, ceiling_per_s), "rounds": rounds}
+
+
+def median_cpu(rounds: list[dict[str, float]]) -> dict[str, float]:
+    """Each group's median CPU per message over the rounds that measured it."""
+    names = dict.fromkeys(name for cpu in rounds for name in cpu)
+    return {name: round(statistics.median(cpu[name] for cpu in rounds if name in cpu), 2)
+            for name in names}
 
 
 async def measure_round(kind: str, run: Run, tag: str) -> dict[str, Any]:
@@ -921,7 +946,7 @@ async def measure_round(kind: str, run: Run, tag: str) -> dict[str, Any]:
     try:
         say(f"{kind}: opening a fresh destination")
         await dest.open()
-        engine_per_s, hook = await measure_engine(kind, run, dest, events, warm)
+        engine_per_s, hook, engine_cpu = await measure_engine(kind, run, dest, events, warm)
         # the messages the engine was to send: their ids are the ones to find at the
         # destination (the engine has stopped: nothing more arrives while reading)
         say(f"{kind}: encoding {len(events):,} messages (the ids to check, the ceiling's)")
@@ -938,21 +963,36 @@ async def measure_round(kind: str, run: Run, tag: str) -> dict[str, Any]:
     try:
         say(f"{kind}: opening a fresh destination for the ceiling")
         await dest.open()
-        ceiling_per_s = await measure_ceiling(kind, dest, msgs, warm_msgs)
+        ceiling_per_s, ceiling_cpu = await measure_ceiling(kind, run, dest, msgs, warm_msgs)
         ceiling_check = await check_ids(f"{kind} ceiling", dest, msgs)
     finally:
         await dest.close()
     result = {"engine_per_s": engine_per_s, "ceiling_per_s": ceiling_per_s,
               "ratio": engine_per_s / ceiling_per_s, "engine_check": engine_check,
-              "ceiling_check": ceiling_check}
+              "ceiling_check": ceiling_check, "engine_cpu_us": engine_cpu,
+              "ceiling_cpu_us": ceiling_cpu, **budget(kind, ceiling_per_s)}
     say(f"{kind}: engine {engine_per_s:,.0f}/s, ceiling {ceiling_per_s:,.0f}/s, "
         f"ratio {result['ratio']:.2f}")
+    if "budget_us" in result and engine_cpu:
+        say(f"    at the target ratio {result['target']} the engine may spend "
+            f"{result['budget_us']:.2f} µs of CPU per message ({CORES} CPUs busy); it spent "
+            f"{engine_cpu['machine']:.2f}")
     bad = [f"{side}: {failed}" for side, check in (("engine", engine_check),
                                                    ("ceiling", ceiling_check))
            if (failed := check_failure(check))]
     if bad:
         raise BenchError(f"{kind}: the id check failed ({'; '.join(bad)})")
     return result
+
+
+def budget(kind: str, ceiling_per_s: float) -> dict[str, Any]:
+    """``target`` (the issue's ratio for the kind) and ``budget_us``: the CPU per
+    message, everything on the machine included, that would let the engine reach it
+    with every CPU busy (``bench.cpu.budget_us``); nothing for a kind with no target."""
+    target = TARGETS.get(kind)
+    if target is None:
+        return {}
+    return {"target": target, "budget_us": round(budget_us(CORES, target * ceiling_per_s), 2)}
 
 
 CHECK_COUNTS = ("expected", "received", "missing", "unexpected", "duplicates")
@@ -993,8 +1033,32 @@ def sum_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
     return total
 
 
+def server_pids(kind: str, run: Run) -> dict[str, list[int]]:
+    """The processes on the receiving side of ``kind`` (the sink, RabbitMQ's
+    ``beam.smp``, tansu) and Redis, by group name, for ``bench.cpu``."""
+    import redis as redis_module
+
+    if kind == "http":
+        servers = {"sink": [run.sink.pid] if run.sink is not None and run.sink.pid else []}
+    elif kind.startswith("rabbitmq"):
+        servers = {"rabbitmq": pids_named("beam.smp")}
+    else:
+        proc = run.tansu.proc if run.tansu is not None else None
+        servers = {"tansu": [proc.pid] if proc is not None else []}
+    client = redis_module.Redis.from_url(run.redis_url, socket_timeout=5)
+    try:
+        found = redis_pid(client)
+    finally:
+        client.close()
+    return {**servers, "redis": [found] if found else []}
+
+
+def cpu_line(what: str, cpu: dict[str, float]) -> str:
+    return f"    {what} {describe(cpu)}"
+
+
 async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Event],
-                         warm: list[Event]) -> tuple[float, Hook]:
+                         warm: list[Event]) -> tuple[float, Hook, dict[str, float]]:
     engine_class = _late("actors.driver", "Engine")
     prefix = f"bench-transports-{uuid.uuid4().hex[:8]}"
     settings = Settings.model_validate({
@@ -1026,7 +1090,14 @@ async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Ev
         if run.profiler is not None:
             run.profiler.start(kind, await blocking(f"{kind}: actor pids", Profiler.pids,
                                                     engine, kind))
+        pids = await blocking(f"{kind}: actor pids", Profiler.pids, engine, kind)
+        meter = CpuMeter({
+            "partitions": [p for name, p in pids.items() if name.startswith("partition")],
+            "transport": [p for name, p in pids.items() if name.startswith("transport")],
+            "bench": [os.getpid()], **await blocking(f"{kind}: server pids", server_pids,
+                                                      kind, run)})
         say(f"{kind}: engine: publishing {len(events):,} events")
+        meter.start()
         started = time.time()
         for start in range(0, len(events), PUBLISH_CHUNK):
             await blocking(f"{kind}: publishing", engine.publish,
@@ -1034,8 +1105,10 @@ async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Ev
         published = time.time() - started
         say(f"    published in {published:.2f} s ({len(events) / published:,.0f} events/s)")
         done = await wait_count(dest, len(events), f"{kind} engine", no_failures)
+        cpu = meter.stop(len(events))
+        say(cpu_line(f"{kind} engine", cpu))
         await no_failures()
-        return len(events) / max(done - started, 1e-9), hook
+        return len(events) / max(done - started, 1e-9), hook, cpu
     finally:
         if run.profiler is not None:
             await blocking("py-spy", run.profiler.finish,
@@ -1049,8 +1122,8 @@ async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Ev
                        prefix, timeout=120)
 
 
-async def measure_ceiling(kind: str, dest: Destination, msgs: list[Msg],
-                          warm_msgs: list[Msg]) -> float:
+async def measure_ceiling(kind: str, run: Run, dest: Destination, msgs: list[Msg],
+                          warm_msgs: list[Msg]) -> tuple[float, dict[str, float]]:
     say(f"    {sum(len(m.body) for m in msgs) / len(msgs):.0f} bytes per message")
     await dest.clear()
     raw = await dest.raw()
@@ -1060,14 +1133,19 @@ async def measure_ceiling(kind: str, dest: Destination, msgs: list[Msg],
         await bounded(f"{kind} ceiling warm-up", raw.send(prepared_warm), limit)
         await wait_count(dest, len(warm_msgs), f"{kind} ceiling warm-up")
         await dest.clear()
+        meter = CpuMeter({"bench": [os.getpid()],
+                          **await blocking(f"{kind}: server pids", server_pids, kind, run)})
         say(f"{kind}: ceiling: sending {len(msgs):,} messages")
+        meter.start()
         started = time.perf_counter()
         await bounded(f"{kind} ceiling", raw.send(prepared), limit)
         elapsed = time.perf_counter() - started
+        cpu = meter.stop(len(msgs))
+        say(cpu_line(f"{kind} ceiling", cpu))
     finally:
         await raw.close()
     await wait_count(dest, len(msgs), f"{kind} ceiling check")
-    return len(msgs) / elapsed
+    return len(msgs) / elapsed, cpu
 
 
 # --- the run ---------------------------------------------------------------------------------

@@ -4,6 +4,7 @@ checked by id (no speed assertions)."""
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,32 @@ RUN_TIMEOUT_SEC = 480
 RATES = ("engine_per_s", "ceiling_per_s", "ratio")
 CHECKS = ("engine_check", "ceiling_check")
 CHECK_KEYS = {"expected", "received", "missing", "unexpected", "duplicates", "read_sec"}
+CPUS = ("engine_cpu_us", "ceiling_cpu_us")
+SERVERS = {"http": "sink", "rabbitmq_queue": "rabbitmq", "rabbitmq_exchange": "rabbitmq",
+           "kafka": "tansu"}
+TARGETS = {"kafka": 0.5, "rabbitmq_queue": 0.8, "rabbitmq_exchange": 0.8}
+
+
+def keys_of(kind: str) -> set[str]:
+    """The JSON keys of one kind's result (a target and its budget where there is one)."""
+    return {*RATES, *CHECKS, *CPUS, *(("target", "budget_us") if kind in TARGETS else ())}
+
+
+def check_cpu(kind: str, result: dict[str, Any]) -> None:
+    """CPU per message by group (bench.cpu): the engine's actors, this process, the
+    receiving side and Redis; the bare client's side; the target's budget."""
+    server = SERVERS[kind]
+    engine, ceiling = result["engine_cpu_us"], result["ceiling_cpu_us"]
+    assert set(engine) == {"partitions", "transport", "bench", server, "redis", "machine",
+                           "other"}, (kind, engine)
+    assert set(ceiling) == {"bench", server, "redis", "machine", "other"}, (kind, ceiling)
+    for cpu in (engine, ceiling):
+        assert all(isinstance(v, int | float) and v >= 0 for v in cpu.values()), (kind, cpu)
+    if kind in TARGETS:
+        assert result["target"] == TARGETS[kind], result
+        cpus = os.cpu_count() or 1
+        assert result["budget_us"] == round(
+            cpus * 1e6 / (TARGETS[kind] * result["ceiling_per_s"]), 2), result
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[str, dict[str, Any]]:
@@ -54,10 +81,12 @@ def test_transports_bench_reports_engine_and_ceiling_rates_of_every_kind(
     # Then it reports every kind, every message of both runs found by id
     assert set(results) == KINDS, results
     for kind, result in results.items():
-        assert set(result) == {*RATES, *CHECKS}, (kind, result)
+        assert set(result) == keys_of(kind), (kind, result)
         check_rates(kind, result)
         check_ids(kind, result, 1000)
+        check_cpu(kind, result)
         for side in ("engine", "ceiling"):
+            assert f"{kind} {side} CPU per message: " in output, output[-3000:]
             assert f"{kind} {side} check: 1,000 received of 1,000: 0 missing, 0 unexpected, " \
                    "0 duplicates" in output, output[-3000:]
     # and prints the table
@@ -75,11 +104,17 @@ def test_repeated_rounds_report_the_medians(redis_url: str, tansu_bin: str,
     result = results["kafka"]
     assert len(result["rounds"]) == 3, result
     for one in result["rounds"]:
-        assert set(one) == {*RATES, *CHECKS}, one
+        assert set(one) == keys_of("kafka"), one
         check_rates("kafka", one)
         check_ids("kafka", one, 1000)
+        check_cpu("kafka", one)
     check_rates("kafka", result)
     check_ids("kafka", result, 3000)  # the rounds' checks added up
     for rate in ("engine_per_s", "ceiling_per_s"):
         assert result[rate] == statistics.median(r[rate] for r in result["rounds"]), result
+    check_cpu("kafka", {**result, "rounds": None})
+    for side in CPUS:  # each group's median over the rounds
+        assert result[side] == {name: round(statistics.median(r[side][name] for r in
+                                                               result["rounds"]), 2)
+                                for name in result[side]}, result
     assert "kafka: median of 3 rounds" in output, output[-3000:]

@@ -24,7 +24,8 @@ KEYS = {"accepted_per_s", "delivered_per_s", "ceiling_per_s", "ratio", "p50_ms",
         "peak_rss_mb", "matched", "delivered_unique", "lost", "events", "missing",
         "unexpected", "duplicates", "engine_pss_mb", "bench_pss_mb", "sinks_pss_mb",
         "ray_pss_mb", "redis_growth_mb", "memory_metric", "totals", "engine_processes",
-        "engine_bytes_per_message", "bytes_per_message", "ceiling", "error", "ceiling_error"}
+        "engine_bytes_per_message", "bytes_per_message", "ceiling", "engine_cpu_us",
+        "ceiling_cpu_us", "budget_us", "error", "ceiling_error"}
 
 
 def run_bench(tmp_path: Path, *args: str) -> tuple[int, str, dict[str, Any]]:
@@ -68,6 +69,15 @@ def test_throughput_bench_delivers_every_message_by_id(redis_url: str, tmp_path:
         assert result[key] > 0, (key, result)
     assert result["memory_metric"] in ("pss", "rss"), result
     assert "missing / unexpected / dup" in output and "ceiling check" in output, output[-3000:]
+    # where the CPU went, per message, on both sides; the budget of the ratio 0.5
+    assert set(result["engine_cpu_us"]) == {"partitions", "transport", "other_actors", "bench",
+                                            "sinks", "redis", "machine", "other"}, result
+    assert set(result["ceiling_cpu_us"]) == {"bench", "sinks", "redis", "machine", "other"}
+    for cpu in (result["engine_cpu_us"], result["ceiling_cpu_us"]):
+        assert all(v >= 0 for v in cpu.values()), cpu
+    assert result["budget_us"] == round((os.cpu_count() or 1) * 1e6
+                                        / (0.5 * result["ceiling_per_s"]), 2), result
+    assert "CPU per message: " in output and "CPU µs/message engine/ceil" in output
 
 
 FAILING_RUN = """
