@@ -22,6 +22,7 @@ from typing import Any
 import ray
 from aiohttp import web
 
+from actors.gc_policy import relax_gc
 from engine.api import create_app
 from engine.settings import Settings
 
@@ -79,6 +80,7 @@ class ApiActor:
         cfg = Settings(**settings)
         self.server = ApiServer(cfg, cfg.API_HOST, (cfg.API_PORT or 0) if port is None else port)
         log.info("hookray API on http://%s:%d", self.server.host, self.server.port)
+        relax_gc()
 
     def address(self) -> tuple[str, int]:
         """(host, port) the API listens on; host is this node's IP when bound to all."""

@@ -18,6 +18,7 @@ import numpy as np
 import ray
 from pydantic import BaseModel
 
+from actors.gc_policy import relax_gc
 from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
@@ -44,6 +45,7 @@ class TransportActor:
         self.running: dict[str, asyncio.Task[None]] = {}  # batch id -> its send
         self.done: dict[str, tuple[Outcome, float]] = {}  # batch id -> outcome, finished at
         self._swept = time.monotonic()
+        relax_gc()
 
     def _target(self, kind: str, target: str) -> BaseModel:
         model = self.targets.get(target)

@@ -901,6 +901,15 @@ def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..
             time.sleep(0.05)
         assert stats == {"accepted": expected, "delivered": expected, "retried": 0,
                          "dead_lettered": 0, "discarded": 0}
+    # the API actor collects cycles as the other async actors do (actors.gc_policy)
+    import gc
+
+    from actors.gc_policy import GC_YOUNG_THRESHOLD
+
+    import ray
+
+    threshold = ray.get(engine.api.__ray_call__.remote(lambda _: gc.get_threshold()), timeout=60)
+    assert threshold[0] == GC_YOUNG_THRESHOLD
     url = engine.api_url
     engine.shutdown()  # stops the API actor too
     assert engine.api is None

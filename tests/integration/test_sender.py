@@ -204,3 +204,19 @@ def test_a_bad_group_fails_alone_in_an_exchange_call(
     assert outcomes["2-0"].error == "BadTarget" and "url" in outcomes["2-0"].detail
     assert unknown == ["3-0"] and set(outcomes) == {"1-0", "2-0"}
     assert [m["hook_message_id"] for m in receiver.messages("/good")] == ["1-0"]
+
+
+def test_a_transport_actor_collects_cycles_less_often(pool: Any, ray_session: Any) -> None:
+    """What the actor allocated while starting is frozen out of collections, and young
+    collections run every GC_YOUNG_THRESHOLD allocations, not Python's 700."""
+    import gc
+
+    from actors.gc_policy import GC_YOUNG_THRESHOLD
+
+    def collector(_: Any) -> tuple[tuple[int, int, int], int]:
+        return gc.get_threshold(), gc.get_freeze_count()
+
+    threshold, frozen = ray_session.get(pool[0].__ray_call__.remote(collector))
+    assert threshold[0] == GC_YOUNG_THRESHOLD == 50_000
+    assert threshold[1:] == (10, 10)  # the older generations as Python has them
+    assert frozen > 10_000  # modules, Ray's and aiohttp's objects
