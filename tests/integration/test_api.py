@@ -904,9 +904,9 @@ def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..
     # the API actor collects cycles as the other async actors do (actors.gc_policy)
     import gc
 
-    from actors.gc_policy import GC_YOUNG_THRESHOLD
-
     import ray
+
+    from actors.gc_policy import GC_YOUNG_THRESHOLD
 
     threshold = ray.get(engine.api.__ray_call__.remote(lambda _: gc.get_threshold()), timeout=60)
     assert threshold[0] == GC_YOUNG_THRESHOLD
