@@ -10,7 +10,7 @@ called once an actor has started: what it allocated while starting (modules, Ray
 and the client's objects) is frozen out of every collection, and young collections
 run every GC_YOUNG_THRESHOLD allocations. Garbage in reference cycles waits a little
 longer (a few MB at most); nothing else changes. Partition actors need none of it:
-they pause the collector during each round (``engine.dispatch.paused_gc``).
+they pause the collector during each round (``engine.collector``).
 """
 
 from __future__ import annotations

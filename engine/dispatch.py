@@ -14,14 +14,13 @@ Bookkeeping that makes "nothing accepted is lost" hold:
 
 from __future__ import annotations
 
-import gc
 import logging
 import threading
 import time
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, suppress
+from collections.abc import Callable, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -30,6 +29,7 @@ import redis
 
 from engine.assembly import Assembler, Round
 from engine.catalogue import EventCatalogue, load_catalogue
+from engine.collector import paused_gc
 from engine.errors import HookError
 from engine.events import Event
 from engine.health import Heartbeat
@@ -61,20 +61,6 @@ IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
 KAFKA_MAX_BATCH = 4_000
-
-
-@contextmanager
-def paused_gc() -> Iterator[None]:
-    """No cyclic GC during a round: its objects are freed by reference counting, and a
-    full collection over a round's hundreds of thousands of live objects costs more
-    than the round's own work. Collection resumes (and catches up) afterwards."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class Sender(Protocol):

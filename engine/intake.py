@@ -24,6 +24,7 @@ import redis
 
 from engine.assembly import gather
 from engine.catalogue import EventCatalogue, load_catalogue
+from engine.collector import paused_gc
 from engine.errors import ConfigError, EventError
 from engine.events import (
     MAX_ID,
@@ -198,7 +199,12 @@ class Intake:
                 partial: bool = False) -> PublishResult:
         """Validate and append events. With bad events: raise EventError listing them and
         accept nothing, unless ``partial`` (then the good ones are accepted and the issues
-        returned)."""
+        returned). The cyclic collector is paused meanwhile (``engine.collector``)."""
+        with paused_gc():
+            return self._publish(events, partial)
+
+    def _publish(self, events: bytes | str | Sequence[Event | dict[str, Any]],
+                 partial: bool) -> PublishResult:
         if not isinstance(events, bytes | str) and all(map(isinstance, events, repeat(Event))):
             built = list(cast(Sequence[Event], events))
             if self._publish_checked(built):

@@ -125,6 +125,39 @@ def test_intake_rejects_a_batch_with_bad_events_unless_partial(
     assert redis_client.xlen(keys.intake(0)) == 1
 
 
+def test_publishing_pauses_the_cyclic_collector_and_resumes_it_even_on_errors(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """engine.collector: the collector is off while a publish decodes, checks and
+    writes, on again after it, whether the publish succeeded or was refused; one left
+    off by its owner stays off."""
+    import gc
+
+    intake = Intake(redis_client, keys, partitions=1, max_batch=100)
+    intake.ensure_groups()
+    seen: list[bool] = []
+    write = intake._write
+
+    def spying(entries: Any, count: int) -> None:
+        seen.append(gc.isenabled())
+        write(entries, count)
+
+    monkeypatch.setattr(intake, "_write", spying)
+    assert gc.isenabled()
+    assert intake.publish(clicks(3)).accepted == 3
+    assert seen == [False] and gc.isenabled()
+    with pytest.raises(EventError):
+        intake.publish([{"event_type": "clack", "account_id": 1,
+                         "event_date": "2026-01-01T00:00:00Z"}])
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        assert intake.publish(clicks(2)).accepted == 2
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+    assert seen == [False, False]
+
+
 def test_event_objects_go_to_their_partitions_in_order_and_bad_ones_write_nothing(
         redis_client: redis.Redis, keys: Keys) -> None:
     """Event objects are checked on the very entries written; interleaved databases are
