@@ -46,6 +46,7 @@ from pydantic import BaseModel, SecretStr, ValidationError
 
 from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
+from engine.collector import paused_gc
 from engine.errors import Conflict, HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
 from engine.health import engine_health
@@ -172,7 +173,14 @@ def body_mode(content_type: str) -> str:
 def publish_events(backend: Backend, body: bytes, *, account_id: int, partial: bool = False,
                    mode: str = "sniff") -> tuple[int, dict[str, Any]]:
     """Validate events posted under a token of ``account_id`` and append the accepted
-    ones to the intake: (HTTP status, answer), or ApiError. Blocking (Redis)."""
+    ones to the intake: (HTTP status, answer), or ApiError. Blocking (Redis). The
+    cyclic collector is paused meanwhile (``engine.collector``)."""
+    with paused_gc():
+        return _publish_events(backend, body, account_id, partial, mode)
+
+
+def _publish_events(backend: Backend, body: bytes, account_id: int, partial: bool,
+                    mode: str) -> tuple[int, dict[str, Any]]:
     first = body.lstrip()[:1]
     if not first:
         raise ApiError(400, "the request body holds no events")
