@@ -16,6 +16,8 @@ they pause the collector during each round (``engine.collector``).
 from __future__ import annotations
 
 import gc
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 GC_YOUNG_THRESHOLD = 50_000  # container allocations between young collections (Python: 700)
 
@@ -24,3 +26,17 @@ def relax_gc() -> None:
     gc.freeze()
     _, middle, old = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
+@contextmanager
+def relaxed_gc() -> Iterator[None]:
+    """``relax_gc`` for the block, then the collector as it was (thresholds, nothing
+    frozen): the benchmarks run their bare clients so, on the same footing as the
+    engine's transport actors."""
+    before = gc.get_threshold()
+    relax_gc()
+    try:
+        yield
+    finally:
+        gc.set_threshold(*before)
+        gc.unfreeze()

@@ -220,3 +220,17 @@ def test_a_transport_actor_collects_cycles_less_often(pool: Any, ray_session: An
     assert threshold[0] == GC_YOUNG_THRESHOLD == 50_000
     assert threshold[1:] == (10, 10)  # the older generations as Python has them
     assert frozen > 10_000  # modules, Ray's and aiohttp's objects
+
+
+def test_relaxed_gc_for_a_block_puts_the_collector_back() -> None:
+    """The benchmarks' bare clients run with the transport actors' collector settings
+    for the timed block only: thresholds and the frozen set as they were after it."""
+    import gc
+
+    from actors.gc_policy import GC_YOUNG_THRESHOLD, relaxed_gc
+
+    before, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with relaxed_gc():
+        assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
+        assert gc.get_freeze_count() > frozen
+    assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
