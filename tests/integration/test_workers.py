@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import msgspec
@@ -79,6 +82,29 @@ def one_intake(r: redis.Redis, keys: Keys, max_batch: int) -> Intake:
 
 def one_partition(settings: Settings) -> Settings:
     return settings.model_copy(update={"PARTITIONS": 1})
+
+
+def break_stored_hook(r: redis.Redis, keys: Keys, hook_id: int | None) -> None:
+    """Store the hook as an older event types file allowed it: an action the
+    catalogue no longer knows (the hooks' version is not bumped)."""
+    stored = json.loads(r.hget(keys.hooks, str(hook_id)) or b"{}")
+    stored["actions"] = ["no_such_event"]
+    r.hset(keys.hooks, str(hook_id), json.dumps(stored))
+
+
+@contextmanager
+def running(workers: list[Any]) -> Iterator[None]:
+    """The workers' ``run`` loops in threads for the block; stopped after it."""
+    stop = threading.Event()
+    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
+    for thread in threads:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(15)
 
 
 def sent_once(sender: InProcessSender) -> bool:
@@ -1016,13 +1042,9 @@ def test_a_stored_hook_that_no_longer_validates_is_named(
         redis_client: redis.Redis, keys: Keys) -> None:
     """Hooks are validated against the event types file; one stored under an older
     file that lacks an action now fails loading with its id and field named."""
-    import json as json_module
-
     registry = HookRegistry(redis_client, keys)
     created = registry.create(hook())
-    stored = json_module.loads(redis_client.hget(keys.hooks, str(created.id)) or b"{}")
-    stored["actions"] = ["no_such_event"]
-    redis_client.hset(keys.hooks, str(created.id), json_module.dumps(stored))
+    break_stored_hook(redis_client, keys, created.id)
     with pytest.raises(HookError, match=rf"stored hook {created.id} no longer validates .*"
                                         r"actions"):
         registry.load()
@@ -1068,14 +1090,10 @@ def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
     """Rounds fail while a stored hook no longer validates: the entries wait in the
     stream (not set aside as unreadable, however many rounds fail) and are delivered
     once the hook is deleted."""
-    import json as json_module
-
     cfg = one_partition(settings)
     registry = HookRegistry(redis_client, keys)
     broken, fine = registry.create(hook()), registry.create(hook())
-    stored = json_module.loads(redis_client.hget(keys.hooks, str(broken.id)) or b"{}")
-    stored["actions"] = ["no_such_event"]
-    redis_client.hset(keys.hooks, str(broken.id), json_module.dumps(stored))
+    break_stored_hook(redis_client, keys, broken.id)
     redis_client.incr(keys.hooks_version)
     intake = one_intake(redis_client, keys, 1000)
     intake.publish(clicks(3))
@@ -1171,21 +1189,13 @@ def test_health_says_which_workers_run_and_forgets_a_stopped_one_at_once(
     Intake(redis_client, keys, 2, 1000).ensure_groups()
     workers = [PartitionWorker(cfg, redis_client, 1, InProcessSender()),
                RetryWorker(cfg, redis_client, InProcessSender())]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
+    with running(workers):
         assert wait_for(lambda: engine_health(redis_client, keys)["retry_running"], 5)
         assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["running"], 5)
         assert engine_health(redis_client, keys) == {
             "partitions": {"expected": 2, "running": 1, "waiting": [], "stopped": [0]},
             "retry_running": True, "retry_waiting": None}
         assert 0 < redis_client.ttl(keys.alive("partition:1")) <= 15
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(15)
     assert engine_health(redis_client, keys) == {
         "partitions": {"expected": 2, "running": 0, "waiting": [], "stopped": [0, 1]},
         "retry_running": False, "retry_waiting": None}
@@ -1196,26 +1206,18 @@ def test_health_names_the_workers_waiting_for_an_invalid_hook_and_why(
     """A partition and a retry worker that loop but process nothing while a stored
     hook no longer validates are not "running": health lists them as waiting, with
     the error, at once; once the hook is deleted they run again, at once."""
-    import json as json_module
-
     from engine.health import engine_health
 
     registry = HookRegistry(redis_client, keys)
     broken = registry.create(hook())
-    stored = json_module.loads(redis_client.hget(keys.hooks, str(broken.id)) or b"{}")
-    stored["actions"] = ["no_such_event"]
-    redis_client.hset(keys.hooks, str(broken.id), json_module.dumps(stored))
+    break_stored_hook(redis_client, keys, broken.id)
     redis_client.incr(keys.hooks_version)
     redis_client.hset(keys.config, "partitions", 1)
     cfg = one_partition(settings)
     one_intake(redis_client, keys, 1000).ensure_groups()
     workers = [PartitionWorker(cfg, redis_client, 0, InProcessSender()),
                RetryWorker(cfg, redis_client, InProcessSender())]
-    stop = threading.Event()
-    threads = [threading.Thread(target=w.run, args=(stop,)) for w in workers]
-    for thread in threads:
-        thread.start()
-    try:
+    with running(workers):
         assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["waiting"], 5)
         assert wait_for(lambda: engine_health(redis_client, keys)["retry_waiting"], 5)
         health = engine_health(redis_client, keys)
@@ -1229,7 +1231,3 @@ def test_health_names_the_workers_waiting_for_an_invalid_hook_and_why(
         assert wait_for(lambda: engine_health(redis_client, keys) == {
             "partitions": {"expected": 1, "running": 1, "waiting": [], "stopped": []},
             "retry_running": True, "retry_waiting": None}, 5)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join(15)
