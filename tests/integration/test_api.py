@@ -37,6 +37,12 @@ from engine.transports.base import Delivery, now_ms
 pytestmark = pytest.mark.integration
 
 DATE = "2026-11-29T10:00:00.123456789Z"
+# bodies POST /v1/dead-letters/replay and /discard refuse (422): no ids and no "all",
+# an empty or non-string id, "all" false, ids with "all", ids with a filter, an
+# unknown key, not an object
+BAD_MOVE_BODIES: list[Any] = [
+    {}, {"ids": []}, {"ids": [1]}, {"all": False}, {"ids": ["x"], "all": True},
+    {"ids": ["x"], "hook_id": 1}, {"all": True, "hook": 1}, ["x"]]
 
 
 def events(n: int, account_id: int = 1, **extra: Any) -> list[dict[str, Any]]:
@@ -812,9 +818,7 @@ async def test_dead_letters_are_listed_and_replayed_per_account(api: Api) -> Non
     answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
                             json_body={"all": True, "hook_id": theirs["id"]})
     assert answer.status == 404
-    bodies: list[Any] = [{}, {"ids": []}, {"ids": [1]}, {"all": False}, {"ids": ["x"], "all": True},
-                         {"ids": ["x"], "hook_id": 1}, {"all": True, "hook": 1}, ["x"]]
-    for body in bodies:
+    for body in BAD_MOVE_BODIES:
         answer = await api.call("POST", "/v1/dead-letters/replay", api.master, json_body=body)
         assert answer.status == 422, body
         assert answer.error["code"] == "validation_failed" and answer.error["issues"]
@@ -855,9 +859,7 @@ async def test_dead_letters_are_discarded_per_account_and_counted(api: Api) -> N
     assert [stats.get(h["id"])["discarded"] for h in (a, b, theirs)] == [4, 2, 0]
     answer = await api.call("GET", f"/v1/hooks/{a['id']}/stats", api.master)
     assert answer.body["discarded"] == 4 and answer.body["dead_lettered"] == 4
-    bodies: list[Any] = [{}, {"ids": []}, {"ids": [1]}, {"all": False}, {"ids": ["x"], "all": True},
-                         {"ids": ["x"], "hook_id": 1}, {"all": True, "hook": 1}, ["x"]]
-    for body in bodies:
+    for body in BAD_MOVE_BODIES:
         answer = await api.call("POST", "/v1/dead-letters/discard", api.master, json_body=body)
         assert answer.status == 422, body
         assert answer.error["code"] == "validation_failed" and answer.error["issues"]
