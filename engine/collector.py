@@ -7,8 +7,9 @@ every 700 allocations walks them, and a full one walks every tracked object of t
 process: in a process that also holds a million freshly made events, publishing
 5,000-event batches cost 3.0 µs per event with the collector running, against 1.8
 with it paused (measured here). ``paused_gc`` pauses it for the block; collection
-resumes afterwards. The collector is the process's: a block entered while another
-thread's is running leaves it to the outermost one to enable it again.
+resumes afterwards. The collector is the process's: when blocks of several threads
+overlap, it is on again once the block that turned it off ends (the others may then
+see a collection), and one its owner had turned off stays off.
 """
 
 from __future__ import annotations
