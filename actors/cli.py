@@ -237,6 +237,17 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_health(args: argparse.Namespace) -> int:
+    """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
+    them is stopped or waits (see its reason), or no engine ever started here."""
+    health = _engine(args).health()
+    _print(health)
+    parts = health["partitions"]
+    ok = (parts["expected"] is not None and parts["running"] == parts["expected"]
+          and health["retry_running"] and health["retry_waiting"] is None)
+    return 0 if ok else 1
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.after is not None:
         try:
@@ -377,6 +388,10 @@ def _parser() -> argparse.ArgumentParser:
     stats = sub.add_parser("stats", help="per-hook counters")
     stats.add_argument("--hook", type=int)
     stats.set_defaults(fn=cmd_stats)
+
+    health = sub.add_parser("health", help="which workers run (exit 1: not all of them)",
+                            description=cmd_health.__doc__)
+    health.set_defaults(fn=cmd_health)
 
     dead = sub.add_parser("dead-letters", help="list dead letters")
     dead.add_argument("--hook", type=int)

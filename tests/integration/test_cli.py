@@ -22,7 +22,7 @@ pytestmark = pytest.mark.integration
 COMMANDS = [[], ["run"], ["demo"], ["hooks"], ["hooks", "list"], ["hooks", "create"],
             ["hooks", "update"], ["hooks", "get"], ["hooks", "delete"], ["hooks", "activate"],
             ["hooks", "stop"], ["hooks", "clone"], ["hooks", "test"], ["publish"], ["stats"],
-            ["dead-letters"], ["replay"], ["discard"], ["tokens"], ["tokens", "create"],
+            ["health"], ["dead-letters"], ["replay"], ["discard"], ["tokens"], ["tokens", "create"],
             ["tokens", "list"], ["tokens", "revoke"]]
 
 
@@ -260,6 +260,35 @@ def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Pat
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "embedded Redis" not in proc.stdout and "demo: ok" in proc.stdout
     assert set(redis_client.scan_iter("demo*", count=1000)) == before
+
+
+def test_health_exits_1_unless_every_worker_runs(config: str, settings: Settings,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    from engine.health import Heartbeat
+    from engine.keys import Keys
+
+    code, health, _ = run_cli(capsys, "-c", config, "health")  # no engine here yet
+    assert code == 1 and health["partitions"]["expected"] is None
+    r, keys = redis.Redis.from_url(settings.REDIS_URL), Keys(settings.REDIS_PREFIX)
+    r.hset(keys.config, "partitions", 2)  # as an engine's start records it
+    marks = {name: Heartbeat(r, keys, name) for name in ("partition:0", "partition:1", "retry")}
+    for mark in marks.values():
+        mark.beat()
+    code, health, _ = run_cli(capsys, "-c", config, "health")
+    assert code == 0 and health == {
+        "partitions": {"expected": 2, "running": 2, "waiting": [], "stopped": []},
+        "retry_running": True, "retry_waiting": None}
+    marks["partition:1"].beat("stored hook 7 no longer validates")
+    code, health, _ = run_cli(capsys, "-c", config, "health")
+    assert code == 1 and health["partitions"]["waiting"] == [
+        {"partition": 1, "reason": "stored hook 7 no longer validates"}]
+    marks["partition:1"].beat()
+    r.delete(marks["retry"].key)  # the retry worker stopped
+    code, health, _ = run_cli(capsys, "-c", config, "health")
+    assert code == 1 and health["retry_running"] is False
+    assert health["partitions"]["running"] == 2
 
 
 def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: Settings,
