@@ -112,6 +112,17 @@ def redis_pid(client: object) -> int | None:
     return pid if comm.startswith("redis-server") else None
 
 
+def redis_pid_at(url: str) -> int | None:
+    """``redis_pid`` of the Redis at ``url``."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=5)
+    try:
+        return redis_pid(client)
+    finally:
+        client.close()
+
+
 def pids_named(name: str) -> list[int]:
     """Ids of the processes whose command name (``comm``) is ``name``."""
     out = []

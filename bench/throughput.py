@@ -89,7 +89,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import zip_longest
 from typing import Any
 
@@ -98,7 +98,7 @@ import psutil
 import redis
 
 from actors.gc_policy import relaxed_gc
-from bench.cpu import CpuMeter, budget_us, describe, redis_pid
+from bench.cpu import CpuMeter, budget_us, describe, redis_pid_at
 from bench.sink import Sink
 from engine.catalogue import load_catalogue
 from engine.customdata import format_rfc3339_nano
@@ -342,25 +342,17 @@ def actor_pids(engine: Any) -> dict[str, int]:
             zip(actors, ray.get(refs, timeout=60), strict=True)}
 
 
-def local_redis_pid(url: str) -> int | None:
-    client = redis.Redis.from_url(url, socket_timeout=5)
-    try:
-        return redis_pid(client)
-    finally:
-        client.close()
-
-
 def engine_groups(pids: dict[str, int], sinks: list[Sink], redis_url: str
-                  ) -> dict[str, list[int | None]]:
+                  ) -> dict[str, Sequence[int | None]]:
     """The processes of the engine's run by group, for ``bench.cpu``: the partition
     actors, the HTTP transport actor(s), the engine's other actors (retry worker, idle
     transport pools), this process (it publishes), the sinks and Redis."""
     partitions = [p for name, p in pids.items() if name.startswith("partition")]
     transport = [p for name, p in pids.items() if name.startswith("http_batch")]
     rest = [p for p in pids.values() if p not in partitions and p not in transport]
-    return {"partitions": list(partitions), "transport": list(transport),
-            "other_actors": list(rest), "bench": [os.getpid()],
-            "sinks": [s.pid for s in sinks], "redis": [local_redis_pid(redis_url)]}
+    return {"partitions": partitions, "transport": transport,
+            "other_actors": rest, "bench": [os.getpid()],
+            "sinks": [s.pid for s in sinks], "redis": [redis_pid_at(redis_url)]}
 
 
 # --- checks --------------------------------------------------------------------------------
@@ -639,7 +631,7 @@ def run_ceiling(args: argparse.Namespace, result: dict[str, Any], events: list[E
             sink.reset()
         say(f"ceiling: sending {messages:,} messages in {len(jobs):,} requests ...")
         meter = CpuMeter({"bench": [os.getpid()], "sinks": [s.pid for s in sinks],
-                          "redis": [local_redis_pid(args.redis_url)]})
+                          "redis": [redis_pid_at(args.redis_url)]})
         with relaxed_gc():  # the collector as in the engine's transport actors
             meter.start()
             elapsed = asyncio.run(send_bodies(sinks, jobs))

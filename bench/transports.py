@@ -115,7 +115,7 @@ from typing import Any, cast
 import redis
 
 from actors.gc_policy import relaxed_gc
-from bench.cpu import CpuMeter, budget_us, describe, pids_named, redis_pid
+from bench.cpu import CpuMeter, budget_us, describe, pids_named, redis_pid_at
 from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
 from bench.tansu import Tansu, broker_binary
 from engine.dispatch import IMMEDIATE_MAX_BATCH, KAFKA_MAX_BATCH
@@ -1042,8 +1042,6 @@ def sum_checks(checks: list[dict[str, Any]]) -> dict[str, Any]:
 def server_pids(kind: str, run: Run) -> dict[str, list[int]]:
     """The processes on the receiving side of ``kind`` (the sink, RabbitMQ's
     ``beam.smp``, tansu) and Redis, by group name, for ``bench.cpu``."""
-    import redis as redis_module
-
     if kind == "http":
         servers = {"sink": [run.sink.pid] if run.sink is not None and run.sink.pid else []}
     elif kind.startswith("rabbitmq"):
@@ -1051,11 +1049,7 @@ def server_pids(kind: str, run: Run) -> dict[str, list[int]]:
     else:
         proc = run.tansu.proc if run.tansu is not None else None
         servers = {"tansu": [proc.pid] if proc is not None else []}
-    client = redis_module.Redis.from_url(run.redis_url, socket_timeout=5)
-    try:
-        found = redis_pid(client)
-    finally:
-        client.close()
+    found = redis_pid_at(run.redis_url)
     return {**servers, "redis": [found] if found else []}
 
 
