@@ -155,6 +155,40 @@ def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_a
     assert sorted(by_id(rabbit.consume(queue, expect=3))) == ["after-0", "after-1", "after-2"]
 
 
+def test_messages_the_broker_nacks_fail_the_delivery_and_the_channel_serves_on(
+        rabbit: Rabbit) -> None:
+    """A full queue with ``x-overflow: reject-publish`` nacks what does not fit: the
+    delivery fails (it is re-sent whole), and the same channel carries on, its
+    delivery tags in step with the broker's."""
+    queue = rabbit.declare_queue("full", arguments={"x-max-length": 4,
+                                                    "x-overflow": "reject-publish"})
+    target = RabbitQueue(**rabbit.broker(), queue=queue)
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], list[Outcome], int, list[Received]]:
+        try:
+            first = [await transport.send(target, delivery(3, tag="fits")),
+                     await transport.send(target, delivery(5, tag="over"))]
+            (broker,) = transport._brokers.values()
+            channels = {id(d.current.channel) for c in [broker.current] if c
+                        for d in c.dests.values() if d.current}
+            kept = await asyncio.to_thread(rabbit.consume, queue, 4)  # room again
+            later = [await transport.send(target, delivery(4, tag="later"))]
+            channels |= {id(d.current.channel) for c in [broker.current] if c
+                         for d in c.dests.values() if d.current}
+            return first, later, len(channels), kept
+        finally:
+            await transport.close()
+
+    (fits, over), (later,), channels, kept = run(go)
+    assert fits.ok and later.ok, (fits, later)
+    assert not over.ok and over.error == "Rejected"
+    assert "4 of 5 message(s) not confirmed" in over.detail, over.detail
+    assert channels == 1, "a nack is no reason for a new channel"
+    assert sorted(by_id(kept)) == ["fits-0", "fits-1", "fits-2", "over-0"]
+    assert sorted(by_id(rabbit.consume(queue, expect=4))) == [f"later-{i}" for i in range(4)]
+
+
 def test_direct_exchange_routes_by_list_and_event_type(rabbit: Rabbit) -> None:
     exchange = rabbit.declare_exchange("direct", "direct")
     queues = {

@@ -1,0 +1,63 @@
+"""The AMQP frames ``engine.transports.amqp_batch`` writes are byte for byte those
+aiormq and pamqp write for the same ``basic_publish`` calls."""
+
+from __future__ import annotations
+
+import pytest
+from aiormq.abc import ChannelFrame
+from pamqp.body import ContentBody
+from pamqp.commands import Basic
+from pamqp.header import ContentHeader
+
+from engine.transports.amqp_batch import method_frame, publish_frames
+
+JSON = "application/json"
+
+
+def pamqp_frames(channel: int, max_content: int, exchange: str, keys: list[str],
+                 bodies: list[bytes], ids: list[str], mandatory: bool) -> bytes:
+    out = b""
+    for key, body, mid in zip(keys, bodies, ids, strict=True):
+        frames: list[object] = [
+            Basic.Publish(exchange=exchange, routing_key=key, mandatory=mandatory),
+            ContentHeader(properties=Basic.Properties(content_type=JSON, delivery_mode=2,
+                                                      message_id=mid),
+                          body_size=len(body))]
+        frames += [ContentBody(body[i:i + max_content])
+                   for i in range(0, len(body), max_content)]
+        out += ChannelFrame.marshall(channel, frames).payload  # type: ignore[arg-type]
+    return out
+
+
+@pytest.mark.parametrize("mandatory", [True, False])
+@pytest.mark.parametrize("channel", [1, 7, 65535])
+def test_frames_match_pamqp(channel: int, mandatory: bool) -> None:
+    bodies = [b'{"a":1}', "{\"name\":\"Zoë ✓\"}".encode(), b"x" * 300, b"y" * 1000, b""]
+    keys = ["12.click", "12.open", "ünïcode.key", "12.click", ""]
+    ids = ["m1", "a" * 255, "é" * 10, "id-4", "id-5"]
+    got = publish_frames(channel, 256, "hooks.events", keys, bodies, ids, JSON, 2,
+                         mandatory)
+    assert got == pamqp_frames(channel, 256, "hooks.events", keys, bodies, ids, mandatory)
+
+
+def test_default_exchange_and_one_frame_per_body() -> None:
+    bodies = [b"b" * 100] * 3
+    got = publish_frames(1, 131_064, "", ["q"] * 3, bodies, ["1", "2", "3"], JSON, 2, True)
+    assert got == pamqp_frames(1, 131_064, "", ["q"] * 3, bodies, ["1", "2", "3"], True)
+    assert got.count(method_frame(1, "", "q", True)) == 3
+
+
+@pytest.mark.parametrize(("exchange", "key", "mid", "field"), [
+    ("e" * 256, "k", "m", "exchange"),
+    ("e", "k" * 256, "m", "routing key"),
+    ("e", "k", "m" * 256, "message id"),
+])
+def test_names_over_255_bytes_are_refused(exchange: str, key: str, mid: str,
+                                          field: str) -> None:
+    with pytest.raises(ValueError, match=f"{field} is 256 bytes long"):
+        publish_frames(1, 1000, exchange, [key], [b"{}"], [mid], JSON, 2, False)
+
+
+def test_lengths_must_agree() -> None:
+    with pytest.raises(ValueError):
+        publish_frames(1, 1000, "", ["q", "q"], [b"{}"], ["1", "2"], JSON, 2, True)
