@@ -118,3 +118,23 @@ def test_repeated_rounds_report_the_medians(redis_url: str, tansu_bin: str,
                                                                result["rounds"]), 2)
                                 for name in result[side]}, result
     assert "kafka: median of 3 rounds" in output, output[-3000:]
+
+
+@pytest.mark.timeout(300)
+def test_rabbit_clients_compares_every_client_on_a_real_broker(rabbit_url: str,
+                                                               tmp_path: Path) -> None:
+    """``python -m bench.rabbit_clients``: each client's rate and CPU, and the transport
+    over the raw client it uses (each client's queue count is checked by the bench)."""
+    code, output, data = run_bench_module(
+        "bench.rabbit_clients", tmp_path / "clients.json",
+        ["--messages", "600", "--rounds", "1", "--batch", "200", "--url", rabbit_url], 240)
+    assert code == 0, output[-3000:]
+    assert set(data["clients"]) == {"aio-pika", "aiormq", "aiormq-nowait", "aiormq-batch",
+                                    "hookray"}, data
+    for name, client in data["clients"].items():
+        assert client["msg_per_s"] > 0 and client["cpu_us_per_msg"] > 0, (name, client)
+        assert client["msg_per_s_runs"] == [client["msg_per_s"]], (name, client)
+    assert data["hookray_over_raw_client"] == round(
+        data["clients"]["hookray"]["msg_per_s"] / data["clients"]["aiormq-batch"]["msg_per_s"],
+        2), data
+    assert "hookray transport / aiormq-batch" in output, output
