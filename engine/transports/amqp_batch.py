@@ -26,7 +26,6 @@ from collections.abc import Sequence
 
 import aiormq
 from aiormq.abc import ChannelFrame
-from aiormq.exceptions import ChannelInvalidStateError
 
 FRAME_END = b"\xce"
 _METHOD, _HEADER, _BODY = 1, 2, 3
@@ -77,7 +76,7 @@ def publish_frames(channel: int, max_content: int, exchange: str, keys: Sequence
         add(FRAME_END)
         if not size:
             continue  # no body frame, as aiormq sends none
-        if size <= max_content:
+        if size <= max_content or max_content <= 0:  # frame_max 0: no limit, one frame
             add(head(_BODY, channel, size))
             add(body)
             add(FRAME_END)
@@ -100,7 +99,8 @@ async def publish_all(channel: aiormq.Channel, exchange: str, keys: Sequence[str
     frame, or the exception (``DeliveryError`` for a nack, ``PublishError`` for a
     returned message, the channel's error when it closes). A message without an id
     gets a random one, as in ``basic_publish`` (returned messages are matched by it).
-    Raises, with nothing written, when the channel is closed or a name does not fit."""
+    Raises, with nothing written, when the channel is closed when called or a name
+    does not fit."""
     if not channel.publisher_confirms:
         raise ValueError("publish_all needs a channel in publisher-confirm mode")
     mids = [mid if mid else uuid.uuid4().hex for mid in ids]
@@ -111,10 +111,9 @@ async def publish_all(channel: aiormq.Channel, exchange: str, keys: Sequence[str
                                  bodies, mids, content_type, delivery_mode, mandatory)
         # queued first (this may wait for room; cancelled then, nothing was written),
         # then the confirmations registered with no await in between: the broker's
-        # replies are read by a task of this loop, which cannot run before they are
+        # replies are read by a task of this loop, which cannot run before they are.
+        # A channel closed meanwhile fails them at once, with the reason it closed.
         await channel.write_queue.put(ChannelFrame(payload=payload, should_close=False))
-        if channel.is_closed:  # closed while the frame waited: no reply will come
-            raise ChannelInvalidStateError(f"{channel!r} closed")
         first = channel.delivery_tag + 1
         futures = [channel.create_future() for _ in mids]
         confirmations = channel.confirmations

@@ -219,17 +219,19 @@ class RabbitTransport(Transport):
                                         mandatory=mandatory)
         except (asyncio.CancelledError, TimeoutError):
             raise
-        except Exception as exc:  # nothing written: a closed channel or connection
-            results = [exc]
+        except Exception as exc:  # nothing written: a closed channel, a name too long
+            results = [exc] * delivery.count
+        # a CancelledError among the results is no cancellation of this delivery: aiormq
+        # fails the confirms that way when their connection or channel is closed here
         failures = [r for r in results if isinstance(r, BaseException)]
         if not failures:
             return
         first = failures[0]
-        if isinstance(first, asyncio.CancelledError):
-            raise first
         error = self._wrap(first, broker, conn, what)
         if isinstance(error, ConnectError):
             self._drop(broker, conn)
+        elif isinstance(first, ValueError):
+            pass  # refused before anything was written: the channel is fine
         elif not isinstance(first, amqp.DeliveryError) or isinstance(first, amqp.PublishError):
             # channel closed, or a message returned (queue gone): new channel, declare again
             self._retire(dest, chan)

@@ -58,6 +58,21 @@ def test_names_over_255_bytes_are_refused(exchange: str, key: str, mid: str,
         publish_frames(1, 1000, exchange, [key], [b"{}"], [mid], JSON, 2, False)
 
 
+def test_no_frame_limit_sends_each_body_in_one_frame() -> None:
+    """A broker tuned to frame_max 0 (no limit) gives aiormq a negative
+    max_content_size; aiormq then sends each body whole, and so does this."""
+    bodies = [b"z" * 70_000, b"{}"]
+    got = publish_frames(3, -8, "", ["q", "q"], bodies, ["1", "2"], JSON, 2, True)
+    assert got == pamqp_frames(3, 10**9, "", ["q", "q"], bodies, ["1", "2"], True)
+
+
+@pytest.mark.parametrize("size", [256, 512, 513])
+def test_bodies_at_the_frame_limit_split_as_aiormq_splits_them(size: int) -> None:
+    body = bytes(range(256)) * (size // 256) + b"x" * (size % 256)
+    got = publish_frames(1, 256, "", ["q"], [body], ["1"], JSON, 2, False)
+    assert got == pamqp_frames(1, 256, "", ["q"], [body], ["1"], False)
+
+
 def test_lengths_must_agree() -> None:
     with pytest.raises(ValueError):
         publish_frames(1, 1000, "", ["q", "q"], [b"{}"], ["1", "2"], JSON, 2, True)

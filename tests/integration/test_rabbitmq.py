@@ -189,6 +189,45 @@ def test_messages_the_broker_nacks_fail_the_delivery_and_the_channel_serves_on(
     assert sorted(by_id(rabbit.consume(queue, expect=4))) == [f"later-{i}" for i in range(4)]
 
 
+def test_a_connection_closed_while_confirms_are_awaited_fails_as_a_connect_error(
+        rabbit: Rabbit) -> None:
+    """aiormq fails the pending confirms of a closed connection with CancelledError:
+    the delivery still ends with an outcome (ConnectError), never as a cancellation,
+    and the next delivery connects again."""
+    queue = rabbit.declare_queue("dropped")
+    target = RabbitQueue(**rabbit.broker(), queue=queue)
+    transport = RabbitQueueTransport(timeout_sec=10)
+
+    async def go() -> tuple[Outcome, bool, Outcome]:
+        try:
+            await transport.send(target, delivery(1, tag="warm"))
+            (broker,) = transport._brokers.values()
+            conn = broker.current
+            assert conn is not None
+            (dest,) = conn.dests.values()
+            assert dest.current is not None
+            confirms = dest.current.channel.confirmations
+            sending = asyncio.ensure_future(transport.send(target, delivery(5_000, tag="cut")))
+            seen = False
+            for _ in range(5_000):  # until the batch is written and awaits its confirms
+                await asyncio.sleep(0.001)
+                if confirms:
+                    seen = True
+                    transport._drop(broker, conn)
+                    break
+            cut = await sending
+            after = await transport.send(target, delivery(3, tag="after"))
+            return cut, seen, after
+        finally:
+            await transport.close()
+
+    cut, seen, after = run(go)
+    assert seen, "the confirms were never pending: the test did not cut anything"
+    assert not cut.ok and cut.error == "ConnectError", cut
+    assert "connection lost" in cut.detail, cut.detail
+    assert after.ok, after
+
+
 def test_direct_exchange_routes_by_list_and_event_type(rabbit: Rabbit) -> None:
     exchange = rabbit.declare_exchange("direct", "direct")
     queues = {
