@@ -99,8 +99,8 @@ async def publish_all(channel: aiormq.Channel, exchange: str, keys: Sequence[str
     frame, or the exception (``DeliveryError`` for a nack, ``PublishError`` for a
     returned message, the channel's error when it closes). A message without an id
     gets a random one, as in ``basic_publish`` (returned messages are matched by it).
-    Raises, with nothing written, when the channel is closed when called or a name
-    does not fit."""
+    Raises, with nothing written, when the channel is already closed or a name does
+    not fit."""
     if not channel.publisher_confirms:
         raise ValueError("publish_all needs a channel in publisher-confirm mode")
     mids = [mid if mid else uuid.uuid4().hex for mid in ids]
