@@ -188,6 +188,8 @@ class Dispatcher:
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
                     columns)
         self._attach_profiles(matches, events)
+        if len(matches) > 1:  # every matched event's parts at once, not hook by hook
+            rnd.prepare(np.unique(np.concatenate(list(matches.values()))).tolist())
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
                 hook = self.index.hooks[pos]
