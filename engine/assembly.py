@@ -387,6 +387,33 @@ class Round:
         return gather(col, idx)
 
 
+def warm(rnd: Round, work: list[tuple[Assembler, np.ndarray]]) -> None:
+    """Before the hooks of a round assemble their messages: the parts of every event
+    they match, and each custom_data column they share (a profile-field set, a
+    template value without ``{{uuid}}``), made once over all the events that need
+    it, instead of hook by hook over pieces of the round."""
+    if len(work) < 2:
+        return
+    rnd.prepare(np.unique(np.concatenate([idx for _, idx in work])).tolist())
+    fields: dict[tuple[tuple[str, ...], bool], list[np.ndarray]] = {}
+    values: dict[tuple[Part, ...], list[np.ndarray]] = {}
+    for assembler, idx in work:
+        cd = assembler.custom
+        if cd.empty or assembler.clash:
+            continue
+        if cd.fields:
+            fields.setdefault((cd.fields, bool(assembler.items)), []).append(idx)
+        for _, parts in assembler.items:
+            if _UUID not in parts:
+                values.setdefault(tuple(parts), []).append(idx)
+    for (names, more), found in fields.items():
+        if len(found) > 1:
+            rnd.profile_fields(names, more, np.unique(np.concatenate(found)).tolist())
+    for key, found in values.items():
+        if len(found) > 1:
+            rnd.values(list(key), np.unique(np.concatenate(found)).tolist())
+
+
 class Assembler:
     """One hook's message layout; ``assemble`` encodes its messages for a round."""
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 import redis
 
-from engine.assembly import Assembler, Round
+from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
 from engine.errors import HookError
@@ -188,8 +188,8 @@ class Dispatcher:
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
                     columns)
         self._attach_profiles(matches, events)
-        if len(matches) > 1:  # every matched event's parts at once, not hook by hook
-            rnd.prepare(np.unique(np.concatenate(list(matches.values()))).tolist())
+        warm(rnd, [(self.builders[self.index.hooks[pos].id or 0], idx)
+                   for pos, idx in matches.items()])
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
                 hook = self.index.hooks[pos]

@@ -9,6 +9,7 @@ import time
 from typing import Any
 
 import msgspec
+import numpy as np
 import pytest
 
 from bench.workload import CUSTOM_PAIRS, make_events, make_names
@@ -19,6 +20,7 @@ from engine.assembly import (
     date_texts,
     dates_ns,
     uuid_json_many,
+    warm,
 )
 from engine.catalogue import load_catalogue
 from engine.events import Event, parse_rfc3339_ns
@@ -115,6 +117,36 @@ def test_assembled_messages_equal_the_reference(name: str, stored: bool) -> None
         want = json.loads(encode_message(reference.build(events[i], content)))
         assert _without_uuids(got) == _without_uuids(want), (name, i)
         assert mid == got["hook_message_id"] == message_id(hook.id, events[i].id)
+
+
+@pytest.mark.parametrize("stored", [False, True], ids=["events", "read back with views"])
+def test_a_warmed_round_gives_every_hook_the_reference_messages(stored: bool) -> None:
+    """``warm`` makes the parts and the shared custom_data columns of all the hooks'
+    events at once; each hook's messages, over its own overlapping piece of the round,
+    are still the reference's, and what ``warm`` made is what they use."""
+    catalogue, names = load_catalogue(), make_names()
+    events, views = _stored(_events()) if stored else (_events(), None)
+    content = {e.send_id: {"subject": f"s{i}"} for i, e in enumerate(events[:100]) if e.send_id}
+    rnd = Round(events, catalogue, names, content, views)
+    hooks = [*HOOKS.values(), _hook(hook_id=6, custom_data={"fields": ["email"]}),
+             _hook(hook_id=7, custom_data={"pairs": {"c": "{{campaign_name}} {{event_date}}"}}),
+             _hook(hook_id=8, custom_data={"fields": ["email"]})]
+    rng = random.Random(3)
+    work = [(Assembler(hook, names, catalogue),
+             np.array(sorted(rng.sample(range(len(events)), 150)), dtype=np.int64))
+            for hook in hooks]
+    warm(rnd, work)
+    union = sorted(set().union(*(idx.tolist() for _, idx in work)))
+    assert all(rnd.tails[i] is not None for i in union)
+    assert all(rnd.tails[i] is None for i in set(range(len(events))) - set(union))
+    shared = rnd._fields[(("email",), False)]  # hooks 6 and 8, made for both at once
+    assert all(shared[i] is not None for i in {*work[-3][1].tolist(), *work[-1][1].tolist()})
+    for (assembler, idx), hook in zip(work, hooks, strict=True):
+        reference = MessageBuilder(hook, names, catalogue)
+        messages, _ = assembler.assemble(rnd, idx.tolist())
+        for i, raw in zip(idx.tolist(), messages, strict=True):
+            want = json.loads(encode_message(reference.build(events[i], content)))
+            assert _without_uuids(json.loads(raw)) == _without_uuids(want), (hook.id, i)
 
 
 def test_two_hooks_share_the_round_and_get_their_own_ids() -> None:
