@@ -243,11 +243,19 @@ class Dispatcher:
     def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:
         """Profiles for events without one, for hooks that copy profile fields: cached,
         missing ones fetched in one round trip."""
-        needy: list[int] = [i for pos, idx in matches.items()
-                            if self.index.hooks[pos].custom_data.fields for i in idx.tolist()]
-        missing: set[tuple[int, str]] = {(events[i].account_id, pid) for i in needy
-                                         if events[i].profile is None
-                                         and (pid := events[i].profile_id)}
+        # the events of the round without a profile, then those among them a hook
+        # with profile fields matched (most rounds: none without, no more work)
+        lacking = np.zeros(len(events), bool)
+        lacking[[i for i, e in enumerate(events) if e.profile is None and e.profile_id]] = True
+        if not lacking.any():
+            return
+        wanted_by = np.zeros(len(events), bool)
+        for pos, idx in matches.items():
+            if self.index.hooks[pos].custom_data.fields:
+                wanted_by[idx] = True
+        needy: list[int] = np.flatnonzero(lacking & wanted_by).tolist()
+        missing: set[tuple[int, str]] = {(events[i].account_id, events[i].profile_id or "")
+                                         for i in needy}
         unknown = [key for key in missing if key not in self.profile_cache]
         if unknown:
             if len(self.profile_cache) > PROFILE_CACHE_MAX:
@@ -260,8 +268,7 @@ class Dispatcher:
                 self.profile_cache[key] = found.get(key)
         for i in needy:
             e = events[i]
-            if e.profile is None and e.profile_id:
-                e.profile = self.profile_cache.get((e.account_id, e.profile_id))
+            e.profile = self.profile_cache.get((e.account_id, e.profile_id or ""))
 
     def due(self, now: float) -> None:
         """Flush the batches whose flush timeout elapsed (broker batches: every round)."""

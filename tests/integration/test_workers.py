@@ -20,11 +20,11 @@ from engine.errors import EventError, HookError, NotFound
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
-from engine.messages import event_digest
+from engine.messages import event_digest, message_id
 from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry, RetryStore, Stats
+from engine.stores import HookRegistry, ProfileStore, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome, pack_delivery
 from engine.transports.stub import StubTransport
 from tests.services import wait_for
@@ -231,6 +231,46 @@ def test_entries_are_acked_only_when_every_message_is_settled(
     run_until(worker2, lambda: redis_client.xlen(keys.intake(0)) == 0)
     assert sum(d.count for d in sender.transport.sent) == 25
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_stored_profiles_fill_custom_data_only_for_hooks_with_profile_fields(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An event without a profile gets its stored one when a hook copying profile
+    fields matches it (fetched once, cached); an inline profile is kept; an unknown
+    profile leaves the fields out; events only other hooks match cost no lookup."""
+    registry = HookRegistry(redis_client, keys)
+    with_fields = registry.create(hook(actions=["click"], custom_data={"fields": ["email"]}))
+    registry.create(hook(actions=["open"]))  # no profile fields
+    ProfileStore(redis_client, keys).upsert(1, {"p1": {"email": "ann@example.org"},
+                                                "p9": {"email": "never@example.org"}})
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, sender)
+    asked: list[dict[int, list[str]]] = []
+    get_many = worker.side.profiles.get_many
+
+    def counting(wanted: dict[int, list[str]]) -> Any:
+        asked.append({a: sorted(p) for a, p in wanted.items()})
+        return get_many(wanted)
+
+    monkeypatch.setattr(worker.side.profiles, "get_many", counting)
+    base = clicks(1)[0]
+    intake.publish([
+        {**base, "id": "stored", "profile_id": "p1"},
+        {**base, "id": "again", "profile_id": "p1"},
+        {**base, "id": "inline", "profile_id": "p1", "profile": {"email": "own@example.org"}},
+        {**base, "id": "unknown", "profile_id": "p2"},
+        {**base, "id": "open", "event_type": "open", "profile_id": "p9"},
+    ])
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 5)
+    got = {msg["hook_message_id"]: msg for d in sender.transport.sent
+           if d.hook_id == with_fields.id for msg in map(json.loads, d.parts)}
+    by_event = {e: got[message_id(with_fields.id, e)].get("custom_data", {}).get("email")
+                for e in ("stored", "again", "inline", "unknown")}
+    assert by_event == {"stored": "ann@example.org", "again": "ann@example.org",
+                        "inline": "own@example.org", "unknown": None}, got
+    assert asked == [{1: ["p1", "p2"]}]  # one lookup; p9's event needs none
 
 
 def test_failures_go_to_the_retry_schedule_then_dead_letters(
