@@ -245,13 +245,16 @@ class Dispatcher:
         missing ones fetched in one round trip."""
         # the events of the round without a profile, then those among them a hook
         # with profile fields matched (most rounds: none without, no more work)
+        hooks = self.index.hooks
+        if not any(hooks[pos].custom_data.fields for pos in matches):
+            return
         lacking = np.zeros(len(events), bool)
         lacking[[i for i, e in enumerate(events) if e.profile is None and e.profile_id]] = True
         if not lacking.any():
             return
         wanted_by = np.zeros(len(events), bool)
         for pos, idx in matches.items():
-            if self.index.hooks[pos].custom_data.fields:
+            if hooks[pos].custom_data.fields:
                 wanted_by[idx] = True
         needy: list[int] = np.flatnonzero(lacking & wanted_by).tolist()
         missing: set[tuple[int, str]] = {(events[i].account_id, events[i].profile_id or "")
