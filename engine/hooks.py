@@ -20,6 +20,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     BeforeValidator,
     ConfigDict,
@@ -223,12 +224,23 @@ class _Broker(_Model):
     vhost: str = "/"
 
 
+def _amqp_name(value: str) -> str:
+    """An AMQP short string: at most 255 bytes once UTF-8 encoded."""
+    size = len(value.encode("utf-8"))
+    if size > 255:
+        raise ValueError(f"is {size} bytes long in UTF-8, AMQP allows at most 255")
+    return value
+
+
+AmqpName = Annotated[str, Field(min_length=1, max_length=255), AfterValidator(_amqp_name)]
+
+
 class RabbitQueue(_Broker):
-    queue: str = Field(min_length=1, max_length=255)
+    queue: AmqpName
 
 
 class RabbitExchange(_Broker):
-    exchange: str = Field(min_length=1, max_length=255)
+    exchange: AmqpName
     type: Literal["direct", "topic"] = "direct"
     durable: bool = True
     auto_delete: bool = False

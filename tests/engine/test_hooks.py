@@ -489,6 +489,14 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
     ("rabbit exchange name empty",
      at("target", {"rabbitmq_exchange": {"host": "r", "exchange": ""}}),
      ["target.rabbitmq_exchange.exchange: String should have at least 1 character"]),
+    ("rabbit queue name over 255 bytes",  # 200 characters, 400 bytes in UTF-8
+     at("target", {"rabbitmq_queue": {"host": "r", "queue": "é" * 200}}),
+     ["target.rabbitmq_queue.queue: is 400 bytes long in UTF-8, AMQP allows "
+      "at most 255"]),
+    ("rabbit exchange name over 255 bytes",
+     at("target", {"rabbitmq_exchange": {"host": "r", "exchange": "✓" * 86}}),
+     ["target.rabbitmq_exchange.exchange: is 258 bytes long in UTF-8, AMQP "
+      "allows at most 255"]),
     # negative ids
     ("negative id", at("id", -1), ["id: Input should be greater than or equal to 0"]),
     ("negative account", at("account_id", -23),
