@@ -108,20 +108,26 @@ async def _aiormq(url: str, queue: str, wait: bool) -> tuple[Publish,
     return publish, conn.close
 
 
+async def publish_confirmed(channel: aiormq.Channel, exchange: str, keys: list[str],
+                            bodies: list[bytes], ids: list[str]) -> None:
+    """``publish_all`` as the transports publish (persistent JSON; ``mandatory`` to a
+    queue, not to an exchange); raises unless the broker confirmed every message."""
+    results = await publish_all(channel, exchange, keys, bodies, ids,
+                                content_type="application/json", delivery_mode=2,
+                                mandatory=not exchange)
+    failed = [r for r in results if isinstance(r, BaseException)]
+    if failed:
+        raise RuntimeError(f"{len(failed)} message(s) not confirmed: {failed[0]!r}")
+
+
 async def _aiormq_batch(url: str, queue: str) -> tuple[Publish,
                                                       Callable[[], Awaitable[Any]]]:
     conn = await aiormq.connect(url)
     channel = cast(aiormq.Channel, await conn.channel(publisher_confirms=True))
 
     async def publish(batch: list[tuple[bytes, str]]) -> None:
-        results = await publish_all(channel, "", [queue] * len(batch),
-                                    [body for body, _ in batch], [mid for _, mid in batch],
-                                    content_type="application/json", delivery_mode=2,
-                                    mandatory=True)
-        failed = [r for r in results if isinstance(r, BaseException)]
-        if failed:
-            raise SystemExit(f"aiormq-batch: {len(failed)} message(s) not confirmed: "
-                             f"{failed[0]!r}")
+        await publish_confirmed(channel, "", [queue] * len(batch),
+                                [body for body, _ in batch], [mid for _, mid in batch])
 
     return publish, conn.close
 

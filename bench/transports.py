@@ -120,13 +120,13 @@ import redis
 from actors.gc_policy import relaxed_gc
 from bench.cpu import CpuMeter, budget_us, describe, pids_named, redis_pid_at
 from bench.rabbit_clients import DEFAULT_URL as DEFAULT_AMQP_URL
+from bench.rabbit_clients import publish_confirmed
 from bench.tansu import Tansu, broker_binary
 from engine.dispatch import IMMEDIATE_MAX_BATCH, KAFKA_MAX_BATCH
 from engine.events import Event
 from engine.hooks import Hook, Kafka
 from engine.messages import MessageBuilder, encode_message, http_body, routing_key
 from engine.settings import Settings
-from engine.transports.amqp_batch import publish_all
 
 KINDS = ("http", "rabbitmq_queue", "rabbitmq_exchange", "kafka")
 TARGET_KIND = {"http": "http_batch", "rabbitmq_queue": "rabbitmq_queue",
@@ -471,9 +471,6 @@ class RabbitDest(Destination):
                     await self.conn.close()
 
 
-Publish = Callable[[list[Any]], Awaitable[None]]
-
-
 class RabbitRaw(Raw):
     """aiormq, persistent messages, publisher confirms, RABBIT_BATCH-message batches with
     RABBIT_INFLIGHT in flight on one channel, each batch's frames written at once by
@@ -482,6 +479,7 @@ class RabbitRaw(Raw):
 
     def __init__(self, exchange: str) -> None:
         self.exchange = exchange
+        self.queue = ""
         self.channel: Any = None
         self._close: Callable[[], Awaitable[Any]] | None = None
 
@@ -504,13 +502,7 @@ class RabbitRaw(Raw):
 
         async def one(keys: list[str], bodies: list[bytes], ids: list[str]) -> None:
             async with gate:
-                results = await publish_all(
-                    self.channel, self.exchange, keys, bodies, ids,
-                    content_type="application/json", delivery_mode=2,
-                    mandatory=not self.exchange)
-            failed = [r for r in results if isinstance(r, BaseException)]
-            if failed:
-                raise RuntimeError(f"{len(failed)} message(s) not confirmed: {failed[0]!r}")
+                await publish_confirmed(self.channel, self.exchange, keys, bodies, ids)
 
         await asyncio.gather(*(one(*batch) for batch in prepared))
 
