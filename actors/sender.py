@@ -23,6 +23,7 @@ batches are one per hook, and a Ray call costs about 0.5 ms of CPU on each side.
 
 from __future__ import annotations
 
+from contextlib import suppress
 from typing import Any
 
 import ray
@@ -129,10 +130,17 @@ class RaySender:
         return True
 
     def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
+        """Outcomes come back once: collected ones wait in ``failed`` until returned, so
+        an error here (a call that cannot be made, ``ray.wait`` failing) loses none;
+        it is raised again by the next poll's first call, which returns them then."""
         self._send()
+        if self.calls:
+            self._collect(timeout)
         out, self.failed = self.failed, []
-        if not self.calls:
-            return out
+        return out
+
+    def _collect(self, timeout: float) -> None:
+        out = self.failed
         ready, _ = ray.wait(list(self.calls), num_returns=len(self.calls), timeout=timeout,
                             fetch_local=True)
         for ref in ready:
@@ -156,8 +164,10 @@ class RaySender:
             if still:
                 self.uncovered.setdefault(key, []).extend(still)
         if ready:
-            self._send()  # freed slots: the next calls leave now, not next round
-        return out
+            # freed slots: the next calls leave now, not next round; one that cannot be
+            # made now is tried (and its error raised) by the next poll
+            with suppress(Exception):
+                self._send()
 
 
 def _fitting(waiting: list[tuple[Hook, Delivery]]) -> int:

@@ -186,6 +186,40 @@ def test_a_call_that_cannot_be_made_keeps_its_batches(
     assert sorted(d.id for d, _ in out) == ["1-0", "1-1", "1-2"] and all(o.ok for _, o in out)
 
 
+def test_outcomes_collected_before_a_call_fails_are_returned(
+        pool: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A poll that collects outcomes, then cannot make the next call (the arguments
+    cannot be packed or put), returns those outcomes; the call's error comes from the
+    next poll, and its batches are handed over once it can be made."""
+    import actors.sender as sender_module
+
+    monkeypatch.setattr(sender_module, "CALL_MAX_BYTES", 1)  # one batch per call
+    sender = RaySender({"http_batch": pool[:1]}, calls_per_actor=1)
+    hook = make_hook(1, receiver.url("/ok"))
+    sender.submit(hook, delivery(1, 0))
+    sender.submit(hook, delivery(1, 1))
+    assert not sender.poll(0.0)  # 1-0 handed over; 1-1 waits for the free slot
+    packed = sender_module.pack_deliveries
+
+    def broken(deliveries: list[Delivery]) -> Any:
+        raise OverflowError("cannot pack")
+
+    monkeypatch.setattr(sender_module, "pack_deliveries", broken)
+    got: list[tuple[Delivery, Outcome]] = []
+    deadline = time.monotonic() + 30
+    while not got:  # 1-0's outcome comes back; the call for 1-1 cannot be made
+        assert time.monotonic() < deadline, "no outcome for 1-0"
+        got += sender.poll(0.2)  # no error: the failed call is the next poll's
+    assert [(d.id, o.ok) for d, o in got] == [("1-0", True)]
+    assert sender.holds("1-1") and not sender.holds("1-0") and sender.inflight() == 1
+    with pytest.raises(OverflowError):  # the next poll says why 1-1 does not leave
+        sender.poll(0.0)
+    monkeypatch.setattr(sender_module, "pack_deliveries", packed)
+    out = drain(sender, 1)
+    assert [(d.id, o.ok) for d, o in out] == [("1-1", True)]
+    assert [m["hook_message_id"] for m in receiver.messages("/ok")] == ["1-0", "1-1"]
+
+
 def test_a_bad_group_fails_alone_in_an_exchange_call(
         ray_session: Any, pool: Any, receiver: Receiver) -> None:
     """Target settings that do not validate fail their own batches (BadTarget); a blob
