@@ -342,6 +342,7 @@ class PartitionWorker:
         self.unsettled = 0  # the sum of entry_left
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
         self.pending_cursor = "0"
+        self.last_read = "0"  # the id of the last entry read (see _read)
         # entries of a failed round, processed again one per round before any new read;
         # each holds one phantom message in entry_left until then, so it is not
         # acknowledged while messages an earlier attempt batched settle
@@ -360,7 +361,15 @@ class PartitionWorker:
         if self.again:  # a failed round's entries first, one at a time
             entries = [self.again.popleft()]
         elif self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED:
-            entries = self._read(block_ms)
+            try:
+                entries = self._read(block_ms)
+            except Exception:
+                # outcomes are still collected while reading fails (Redis down): left
+                # uncollected through a long outage, a transport actor would drop them
+                # and the batches would be sent again; booked by a later round
+                with suppress(Exception):
+                    self.settling.extend(self.sender.poll(0.0))
+                raise
         else:
             entries = []
         error: Exception | None = None
@@ -440,10 +449,26 @@ class PartitionWorker:
             busy = self.sender.inflight() or self.dispatcher.open_messages()
             block_ms = 20 if busy else 100
         start = self.pending_cursor if self.reading_own_pending else ">"
-        reply: Any = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
-                                  count=self.settings.READ_MAX_ENTRIES,
-                                  block=None if self.reading_own_pending else block_ms)
+        try:
+            reply: Any = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
+                                           count=self.settings.READ_MAX_ENTRIES,
+                                           block=None if self.reading_own_pending else block_ms)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("NOGROUP"):
+                raise
+            self._recreate_group(exc)
+            return []
+        except Exception:
+            if start == ">":
+                # Redis may have handed entries over (now pending for this consumer)
+                # with the reply lost on the way: read this consumer's pending entries
+                # after the last one this worker saw, or they would wait for a restart
+                self.reading_own_pending = True
+                self.pending_cursor = self.last_read
+            raise
         items = reply[0][1] if reply else []
+        if items:
+            self.last_read = items[-1][0].decode()
         try:
             return self._decoded(items)
         except Exception:
@@ -453,6 +478,22 @@ class PartitionWorker:
                 self.reading_own_pending = True
                 self.pending_cursor = start if start != ">" else _before(items[0][0].decode())
             raise
+
+    def _recreate_group(self, exc: Exception) -> None:
+        """The stream or its consumer group is gone (Redis restarted without the data,
+        or the key was deleted or evicted) while the intake may append again (XADD
+        makes the stream): the group is made again, reading from the stream's start,
+        so events accepted since are read. Entries of this worker still in flight
+        belonged to the old group: their acknowledgements change nothing."""
+        log.warning("partition %s: the intake stream's consumer group is missing (%s); "
+                    "creating it again", self.partition, exc)
+        try:
+            self.r.xgroup_create(self.stream, CONSUMER_GROUP, id="0", mkstream=True)
+        except redis.ResponseError as busy:
+            if "BUSYGROUP" not in str(busy):
+                raise
+        self.reading_own_pending = False
+        self.last_read = "0"
 
     def _decoded(self, items: list[tuple[bytes, dict[bytes, bytes]]]) -> list[_Entry]:
         if self.reading_own_pending:

@@ -32,6 +32,7 @@ from engine.customdata import CompiledCustomData, EventContext, format_rfc3339_n
 from engine.events import Event, Subscription, parse_rfc3339_ns
 from engine.hooks import Hook
 from engine.names import NameCatalogue
+from engine.transports.base import Delivery
 
 # event_data keys a category's messages always carry (spec d), filled from the
 # event's matching dimensions when the producer left them out of event_data.
@@ -156,6 +157,46 @@ def kafka_key(key_choice: str, event: Event) -> bytes | None:
     if key_choice == "profile_id":
         return event.profile_id.encode() if event.profile_id else None
     return None
+
+
+class _KeyFields(msgspec.Struct):
+    """The fields of an encoded message its routing or record key is made from."""
+
+    event_type: str = ""
+    list_id: int | None = None
+    profile_id: str | None = None
+
+
+_key_fields = msgspec.json.Decoder(_KeyFields)
+
+
+def keys_from_parts(hook: Hook, parts: list[bytes]) -> list[str]:
+    """The routing keys (RabbitMQ exchange) or record keys (Kafka) of the hook's
+    target for encoded messages, read back from them: as ``routing_key`` and
+    ``kafka_key`` make them from the events (``""`` for no key)."""
+    target = hook.target
+    if target.rabbitmq_exchange is None and target.kafka is None:
+        return []
+    fields = [_key_fields.decode(part) for part in parts]
+    choice = target.kafka.key if target.kafka is not None else "list_event"
+    if choice == "profile_id":
+        return [f.profile_id or "" for f in fields]
+    if choice == "none":
+        return [""] * len(fields)
+    return [f"{f.list_id if f.list_id is not None else 0}.{f.event_type}" for f in fields]
+
+
+def for_target(hook: Hook, delivery: Delivery) -> Delivery:
+    """``delivery`` as the hook's current target sends it: a batch made for another
+    kind of target (the hook's target changed while it waited for a re-send, or it
+    was dead-lettered and replayed after the change) gets this kind and the keys
+    this target needs, read back from its messages; without them an exchange would
+    drop every message as unroutable, and the broker would confirm it."""
+    kind = hook.target.kind
+    if delivery.kind == kind:
+        return delivery
+    return msgspec.structs.replace(delivery, kind=kind,
+                                   keys=keys_from_parts(hook, delivery.parts))
 
 
 def message_date(event: Event, date_ns: int | None = None) -> str:

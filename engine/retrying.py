@@ -15,9 +15,11 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
 
+import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
@@ -25,6 +27,7 @@ from engine.dispatch import MAX_INFLIGHT, Sender, Side
 from engine.errors import HookError
 from engine.health import Heartbeat
 from engine.hooks import Hook
+from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome, now_ms
@@ -47,6 +50,7 @@ class RetryWorker:
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
         self.handed: set[str] = set()  # handed to the sender, no outcome yet
+        self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
 
     def _refresh(self) -> None:
         version = self.side.registry.version()
@@ -56,6 +60,25 @@ class RetryWorker:
 
     def step(self) -> int:
         """Claim and send what is due, settle what came back. Returns deliveries sent."""
+        try:
+            due = self._hand_over()
+        except Exception:
+            # outcomes are still collected (booked by a later step) while Redis is
+            # down: left uncollected through a long outage, a transport actor would
+            # drop them and their deliveries would be sent again
+            with suppress(Exception):
+                self.settling.extend(self.sender.poll(0.0))
+            raise
+        self.settling.extend(self.sender.poll(0.0 if due else 0.05))
+        # an outcome leaves ``settling`` only once booked: a Redis error half-way
+        # keeps the rest for the next step
+        while self.settling:
+            self.settle(*self.settling[0])
+            self.settling.popleft()
+        return due
+
+    def _hand_over(self) -> int:
+        """Claim what is due and hand it to the sender; returns how many were claimed."""
         self._refresh()
         due: list[Delivery] = []
         if self.sender.inflight() < MAX_INFLIGHT:
@@ -78,25 +101,26 @@ class RetryWorker:
                     f"handed over {count - 1} times without an outcome (the retry worker "
                     f"stopped during each send); last error: {delivery.last_error}"))
             else:
-                self.sender.submit(hook, delivery)
+                self.sender.submit(hook, for_target(hook, delivery))
                 self.handed.add(delivery.id)
-        for delivery, outcome in self.sender.poll(0.0 if due else 0.05):
-            self.settle(delivery, outcome)
         return len(due)
 
     def settle(self, delivery: Delivery, outcome: Outcome) -> None:
-        self.handed.discard(delivery.id)
+        """Book one outcome; ``delivery`` itself is left as it was, so booking it
+        again after a Redis error counts its attempt once."""
         if outcome.ok:
             self.side.retry.complete(delivery)
+            self.handed.discard(delivery.id)
             return
-        delivery.resends += 1
-        delivery.last_attempt_ms = now_ms()
+        delivery = msgspec.structs.replace(delivery, resends=delivery.resends + 1,
+                                           last_attempt_ms=now_ms())
         error = outcome.describe()
         if exhausted(delivery.resends, self.settings.HOOK_RETRY_TIMES):
             self.side.retry.kill(delivery, error)
         else:
             due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
             self.side.retry.schedule(delivery, due, error)
+        self.handed.discard(delivery.id)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

@@ -552,3 +552,35 @@ def test_a_test_event_subscription_has_its_channels_keys_only(event_type: str,
     fields = {k for k, v in msgspec.structs.asdict(sub).items() if v is not None}
     assert fields == {"resource_id", "channel", "status"} | keys
     assert sub.channel == CATALOGUE.get(event_type).channel
+
+
+@pytest.mark.parametrize("target, want", [
+    ({"rabbitmq_exchange": {"host": "h", "exchange": "x"}}, ["4.click", "0.open"]),
+    ({"kafka": {"bootstrap_servers": ["h:9092"], "topic": "t"}}, ["4.click", "0.open"]),
+    ({"kafka": {"bootstrap_servers": ["h:9092"], "topic": "t", "key": "profile_id"}},
+     ["p1", ""]),
+    ({"kafka": {"bootstrap_servers": ["h:9092"], "topic": "t", "key": "none"}}, ["", ""]),
+])
+def test_a_batch_for_another_kind_of_target_gets_this_targets_keys(
+        target: dict[str, Any], want: list[str]) -> None:
+    """A batch built for an HTTP target (no keys) and re-sent after the hook's target
+    changed: its keys are read back from its messages, as the new target makes them
+    from the events (``routing_key``, ``kafka_key``)."""
+    from engine.messages import for_target
+    from engine.transports.base import Delivery
+
+    events = [Event(event_type="click", event_date="2026-01-01T00:00:00Z", account_id=1,
+                    list_id=4, id="a", profile_id="p1"),
+              Event(event_type="open", event_date="2026-01-01T00:00:00Z", account_id=1,
+                    id="b")]
+    old = parse_hook({"id": 1, "name": "h", "account_id": 1, "actions": ["click", "open"],
+                      "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+    builder = MessageBuilder(old)
+    parts = [encode_message(builder.build(e)) for e in events]
+    delivery = Delivery(id="d", hook_id=1, account_id=1, kind="http_batch", parts=parts,
+                        message_ids=["m1", "m2"], resends=2)
+    hook = parse_hook({**old.to_storage(), "target": target})
+    moved = for_target(hook, delivery)
+    assert moved.kind == hook.target.kind and moved.keys == want
+    assert moved.parts == parts and moved.message_ids == ["m1", "m2"] and moved.resends == 2
+    assert for_target(old, delivery) is delivery  # the same kind: as it was

@@ -1271,3 +1271,177 @@ def test_health_names_the_workers_waiting_for_an_invalid_hook_and_why(
         assert wait_for(lambda: engine_health(redis_client, keys) == {
             "partitions": {"expected": 1, "running": 1, "waiting": [], "stopped": []},
             "retry_running": True, "retry_waiting": None}, 5)
+
+
+def test_entries_of_a_read_whose_reply_was_lost_are_read_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis ran the XREADGROUP (its entries are now pending for this consumer) but the
+    reply was lost (a reset connection, a timeout): the worker reads its pending
+    entries after the last one it saw, and sends each event once."""
+    HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, sender)
+    intake.publish(clicks(3))
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
+    for _ in range(3):  # flushed, settled, acked
+        worker.step(block_ms=10)
+    assert not worker.reading_own_pending
+    intake.publish(clicks(5, list_id=2))
+    real = redis_client.xreadgroup
+    lost = [True]
+
+    def reply_lost(*args: Any, **kwargs: Any) -> Any:
+        reply = real(*args, **kwargs)
+        if lost:
+            lost.pop()
+            raise redis.ConnectionError("Connection reset by peer")
+        return reply
+
+    monkeypatch.setattr(worker.r, "xreadgroup", reply_lost)
+    with pytest.raises(redis.ConnectionError):
+        worker.step(block_ms=10)
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 1
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 8)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    sent = [json.loads(p)["event_data"] for d in sender.transport.sent for p in d.parts]
+    assert len(sent) == 8
+    mids = [m for d in sender.transport.sent for m in d.message_ids]
+    assert len(set(mids)) == 8  # none twice: entries read before are not read again
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_lost_consumer_group_is_made_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Redis came back empty (no persistence) while the engine ran: publishing makes
+    the stream again (XADD), and the partition makes its consumer group again and
+    sends what was accepted since."""
+    cfg = one_partition(settings)
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    worker.step(block_ms=10)
+    for key in redis_client.scan_iter(match=f"{keys.p}*"):
+        redis_client.delete(key)
+    registry.create(hook())
+    redis_client.hset(keys.config, "partitions", 1)
+    assert intake.publish(clicks(3)).accepted == 3
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+
+
+def test_outcomes_are_collected_while_reading_fails(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While Redis is down, a partition's rounds fail at the read; the sender is still
+    polled, so a transport actor keeps no outcome long enough to drop it, and the
+    outcomes collected are booked once Redis is back."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender(hold=True)
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(10))
+    run_until(worker, lambda: len(sender.held) == 1)
+    polled: list[int] = []
+    poll = sender.poll
+
+    def counting(timeout: float) -> list[tuple[Delivery, Outcome]]:
+        polled.append(1)
+        return poll(timeout)
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(sender, "poll", counting)
+    monkeypatch.setattr(worker.r, "xreadgroup", down)
+    (held,) = sender.held
+    sender.hold, sender.held = False, []
+    sender.done.append((held, Outcome(ok=True)))  # the outcome arrives meanwhile
+    for _ in range(3):
+        with pytest.raises(redis.ConnectionError):
+            worker.step(block_ms=10)
+    assert len(polled) == 3 and list(worker.settling) == [(held, Outcome(ok=True))]
+    monkeypatch.undo()
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert Stats(redis_client, keys).get(held.hook_id)["delivered"] == 10
+
+
+def test_the_retry_worker_books_every_outcome_despite_a_redis_error(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Booking one outcome fails (Redis): it and the outcomes after it are booked by
+    the next step, each once; none is sent again."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 3})
+    h = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    for n in range(3):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=h.id or 0, account_id=1,
+                                kind="http_batch", parts=[b'{"n":%d}' % n],
+                                message_ids=[f"m{n}"]), 0, "first attempt failed")
+    class FailingD2(StubTransport):
+        async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:
+            if delivery.id == "d2":
+                self.attempts[delivery.id] += 1
+                return Outcome(ok=False, error="Rejected", detail="d2 refused")
+            return await super()._deliver(target, delivery)
+
+    sender = InProcessSender(FailingD2())
+    worker = RetryWorker(cfg, redis_client, sender)
+    complete = worker.side.retry.complete
+    failed = [True]
+
+    def flaky(delivery: Delivery) -> None:
+        if failed:
+            failed.pop()
+            raise redis.ConnectionError("Connection reset by peer")
+        complete(delivery)
+
+    monkeypatch.setattr(worker.side.retry, "complete", flaky)
+    with pytest.raises(redis.ConnectionError):
+        worker.step()
+    assert len(worker.settling) == 3
+    worker.step()
+    assert not worker.settling and not worker.handed
+    assert dict(sender.transport.attempts) == {"d0": 1, "d1": 1, "d2": 1}
+    assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 2
+    (again,) = retry.claim_due(10, now=2**62)
+    assert again.id == "d2" and again.resends == 1  # its failed re-send counted once
+
+
+def test_a_retried_batch_goes_to_the_hooks_new_kind_of_target(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, rabbit: Any) -> None:
+    """A failed HTTP batch waits for its re-send while its hook is changed to a
+    RabbitMQ exchange: the re-send is published with each message's routing key
+    (``<list_id>.<event_type>``), read back from the messages, not with none (which
+    the exchange would drop, confirmed as delivered)."""
+    from engine.transports.rabbitmq import RabbitExchangeTransport
+
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 3,
+                                                      "HOOK_RETRY_PERIOD_SEC": 0.1})
+    registry = HookRegistry(redis_client, keys)
+    h = registry.create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    worker = PartitionWorker(cfg, redis_client, 0,
+                             InProcessSender(StubTransport(always_fail=True)))
+    intake.publish(clicks(3, list_id=4) + clicks(2, list_id=5))
+    retry = RetryStore(redis_client, keys)
+    run_until(worker, lambda: retry.pending() == 1)
+    exchange = rabbit.declare_exchange("retarget", "direct")
+    queue = rabbit.declare_queue("retarget-4", bind=("4.click",), exchange=exchange)
+    other = rabbit.declare_queue("retarget-5", bind=("5.click",), exchange=exchange)
+    data = h.to_storage()
+    data["target"] = {"rabbitmq_exchange": rabbit.broker(exchange=exchange, type="direct")}
+    registry.update(h.id or 0, data)
+    sender = InProcessSender(RabbitExchangeTransport(timeout_sec=10))
+    retry_worker = RetryWorker(cfg, redis_client, sender)
+    deadline = time.monotonic() + 10
+    while retry.pending() and time.monotonic() < deadline:
+        retry_worker.step()
+    assert retry.pending() == 0 and not retry.dead_letters()
+    got = rabbit.consume(queue, expect=3) + rabbit.consume(other, expect=2)
+    assert sorted(m.routing_key for m in got) == ["4.click"] * 3 + ["5.click"] * 2
+    assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 5
