@@ -151,7 +151,13 @@ class HookRegistry:
 
     def _parse(self, hook_id: str, raw: bytes) -> Hook:
         try:
-            return parse_hook(json.loads(raw), self.catalogue)
+            data = json.loads(raw)
+        except ValueError as exc:  # written by hand or damaged: reported like an invalid one
+            raise HookError(f"stored hook {hook_id} is not valid JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise HookError(f"stored hook {hook_id} is not a JSON object")
+        try:
+            return parse_hook(data, self.catalogue)
         except HookError as exc:  # stored valid: the event types file changed since?
             raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
                             f"changed?): {exc}") from None
@@ -184,13 +190,22 @@ class NameStore:
         return _version(self.r, self.k.names_version)
 
     def load(self) -> NameCatalogue:
-        records = []
+        """Every stored name. A record that cannot be read (written by hand, damaged)
+        is left out with a warning, its names then empty as for an unknown object,
+        rather than failing every round of every worker."""
+        names = NameCatalogue()
         raw: dict[bytes, bytes] = self.r.hgetall(self.k.names)  # type: ignore[assignment]
         for key, value in raw.items():
-            account, kind, obj_id = key.decode().split(":")
-            records.append({"account_id": account, "kind": kind, "id": obj_id,
-                            **json.loads(value)})
-        return NameCatalogue.from_records(records)
+            try:
+                account, kind, obj_id = key.decode().split(":")
+                fields = json.loads(value)
+                if not isinstance(fields, dict):
+                    raise ValueError("not a JSON object")
+                names.upsert(int(account), kind, int(obj_id), **fields)
+            except (ValueError, TypeError) as exc:
+                log.warning("names: stored record %r left out, it cannot be read: %s",
+                            key[:200], exc)
+        return names
 
 
 class ProfileStore:

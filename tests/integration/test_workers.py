@@ -1445,3 +1445,31 @@ def test_a_retried_batch_goes_to_the_hooks_new_kind_of_target(
     got = rabbit.consume(queue, expect=3) + rabbit.consume(other, expect=2)
     assert sorted(m.routing_key for m in got) == ["4.click"] * 3 + ["5.click"] * 2
     assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 5
+
+
+def test_a_damaged_stored_hook_or_name_is_reported_not_a_crash(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    """A stored hook that is not JSON (or not an object) is a HookError naming it, so
+    the workers say they are waiting and why; a names record that cannot be read is
+    left out with a warning, and the other names load."""
+    from engine.stores import NameStore
+
+    registry = HookRegistry(redis_client, keys)
+    good = registry.create(hook())
+    redis_client.hset(keys.hooks, "77", b"{not json")
+    with pytest.raises(HookError, match="stored hook 77 is not valid JSON"):
+        registry.load()
+    redis_client.hset(keys.hooks, "77", b"[1, 2]")
+    with pytest.raises(HookError, match="stored hook 77 is not a JSON object"):
+        registry.load()
+    redis_client.hdel(keys.hooks, "77")
+    assert [h.id for h in registry.load()[1]] == [good.id]
+    names = NameStore(redis_client, keys)
+    names.upsert([{"account_id": 1, "kind": "campaigns", "id": 5, "name": "Spring"}])
+    redis_client.hset(keys.names, mapping={"1:campaigns:6": b"{broken", "junk": b"{}",
+                                           "1:campaigns:7": b'"text"'})
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        catalogue = names.load()
+    assert catalogue.get(1, "campaigns", 5) == "Spring"
+    assert catalogue.get(1, "campaigns", 6) == "" and catalogue.get(1, "campaigns", 7) == ""
+    assert sum("left out" in r.getMessage() for r in caplog.records) == 3
