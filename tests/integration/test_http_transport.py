@@ -195,3 +195,22 @@ def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
     assert "http://127.0.0.1:9/once" not in kept  # failed once, breaker closed: idle
     assert "circuit open" in dead_again.detail  # the breaker survived the pruning
     assert slow.ok and receiver.url("/p5") in kept and regexes <= 2
+
+
+def test_a_batch_larger_than_max_batch_size_is_posted_in_pieces(receiver: Receiver) -> None:
+    """A batch made before the hook's max_batch_size was lowered, or for a broker target
+    before the hook changed to HTTP: posted in pieces of max_batch_size, in order; a
+    piece that fails fails the delivery (re-sent whole: at-least-once)."""
+    outcome = send({"url": receiver.url("/pieces"), "max_batch_size": 10}, n=25)
+    assert outcome.ok and outcome.status == 200
+    assert "25 messages in 3 requests of at most 10" in outcome.detail
+    assert [len(r.messages) for r in receiver.requests("/pieces")] == [10, 10, 5]
+    assert [m["n"] for m in receiver.messages("/pieces")] == list(range(25))
+    receiver.behave("/second", fail_first=2)  # the first two requests fail
+    failed = send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25)
+    assert not failed.ok and "HTTP 500" in failed.detail
+    assert [len(r.messages) for r in receiver.requests("/second")] == [10]  # no more
+    assert not send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25).ok
+    third = send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25)
+    assert third.ok
+    assert [len(r.messages) for r in receiver.requests("/second")] == [10, 10, 10, 10, 5]
