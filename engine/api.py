@@ -50,7 +50,15 @@ from engine.collector import paused_gc
 from engine.errors import Conflict, HookError, NotFound
 from engine.events import EventIssue, decode_batch, ensure_ids
 from engine.health import engine_health
-from engine.hooks import MASK, SENSITIVE_HEADER, URL_FIELDS, Hook, url_secrets
+from engine.hooks import (
+    MASK,
+    SENSITIVE_HEADER,
+    URL_FIELDS,
+    Hook,
+    not_utf8,
+    url_secrets,
+    validation_problems,
+)
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -211,18 +219,14 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
 # --- hooks -----------------------------------------------------------------------------
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "hook"
-
-
 def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
     """A Hook, or ApiError 422 naming each bad field and its reason."""
     try:
         hook = Hook.model_validate(data, context={"catalogue": catalogue})
         problems = []
     except ValidationError as exc:  # only loc and msg: an input value may be a secret
-        problems = [{"field": _loc(e["loc"]), "reason": e["msg"].removeprefix("Value error, ")}
-                    for e in exc.errors(include_url=False, include_input=False)]
+        problems = [{"field": field, "reason": reason}
+                    for field, reason in validation_problems(exc)]
     if problems:
         raise ApiError(422, "invalid hook: " + "; ".join(
             f"{p['field']}: {p['reason']}" for p in problems), problems)
@@ -611,6 +615,8 @@ def _move_body(body: Any) -> dict[str, Any]:
     if ids is not None and not (isinstance(ids, list) and ids
                                 and all(isinstance(i, str) and i for i in ids)):
         problems.append({"field": "ids", "reason": "expected a non-empty list of ids"})
+    elif ids is not None and (problem := not_utf8(ids)):  # no id is: none can exist
+        problems.append({"field": "ids", "reason": problem})
     if everything not in (None, True):
         problems.append({"field": "all", "reason": "expected true"})
     if hook_id is not None and (ids is not None or isinstance(hook_id, bool)

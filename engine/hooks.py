@@ -95,8 +95,44 @@ def mask_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: MASK if SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
 
 
+def not_utf8(value: Any) -> str | None:
+    """Why ``value`` (a setting: a string, a secret, a list or dict of them) cannot be
+    written as UTF-8, or None. It cannot when it holds a lone UTF-16 surrogate (JSON
+    ``"\\ud800"``): a hook with one could be neither stored nor turned into messages.
+    Secrets are not shown."""
+    if isinstance(value, SecretStr):
+        return "not valid UTF-8 (a lone surrogate)" if not_utf8(value.get_secret_value()) \
+            else None
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return (f"not valid UTF-8: a lone surrogate {value[exc.start]!r} at character "
+                    f"{exc.start}")
+        return None
+    if isinstance(value, list):
+        return next((f"item {n}: {problem}" for n, item in enumerate(value)
+                     if (problem := not_utf8(item))), None)
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if problem := not_utf8(key):
+                return f"key {key!r}: {problem}"
+            if problem := not_utf8(item):
+                return f"value of {key!r}: {problem}"
+    return None
+
+
 class _Model(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*")
+    @classmethod
+    def _utf8(cls, value: Any) -> Any:
+        # runs before the fields' own validators: those need not care
+        problem = not_utf8(value)
+        if problem:
+            raise ValueError(problem)
+        return value
 
     @field_serializer("*", when_used="always")
     def _serialize(self, value: Any, info: Any) -> Any:
@@ -333,8 +369,19 @@ class Hook(_Model):
         return self.model_dump(mode="json", context={"reveal": True})
 
 
-def _loc(loc: tuple[Any, ...]) -> str:
-    return ".".join(str(p) for p in loc if not str(p).startswith("function-")) or "hook"
+def field_path(loc: tuple[Any, ...]) -> str:
+    """The dotted path of a validation error's location (``target.http_batch.url``),
+    printable: a dict key that is not valid UTF-8 shows its lone surrogate escaped."""
+    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in loc
+                    if not str(p).startswith("function-")) or "hook"
+
+
+def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
+    """(field path, reason) of each error of a hook's validation: locations and messages
+    only, never the input values (one may be a secret)."""
+    return [(field_path(e["loc"]), "not valid UTF-8 (a lone surrogate)"
+             if e["type"] == "string_unicode" else e["msg"].removeprefix("Value error, "))
+            for e in exc.errors(include_url=False, include_input=False)]
 
 
 def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) -> Hook:
@@ -342,8 +389,7 @@ def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) ->
     try:
         return Hook.model_validate(data, context={"catalogue": catalogue})
     except ValidationError as exc:
-        problems = [f"{_loc(e['loc'])}: {e['msg'].removeprefix('Value error, ')}"
-                    for e in exc.errors()]
+        found = [f"{field}: {reason}" for field, reason in validation_problems(exc)]
     # raised outside the except block: no __context__ holding the ValidationError, whose
     # input_value reprs can carry passwords and tokens in clear text
-    raise HookError("invalid hook: " + "; ".join(problems))
+    raise HookError("invalid hook: " + "; ".join(found))

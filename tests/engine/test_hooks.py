@@ -565,6 +565,51 @@ def test_hook_error_is_a_hookray_error() -> None:
     assert issubclass(HookError, HookrayError)
 
 
+LONE = "\ud800"  # a lone UTF-16 surrogate, as JSON "\\ud800" decodes: not valid UTF-8
+
+
+@pytest.mark.parametrize(("path", "value", "field", "reason"), [
+    ("name", f"to {LONE}", "name", "not valid UTF-8"),
+    ("actions", ["click", LONE], "actions", "item 1: not valid UTF-8"),
+    ("custom_data.pairs", {"k": LONE}, "custom_data.pairs", "value of 'k': not valid UTF-8"),
+    ("custom_data.pairs", {LONE: "v"}, "custom_data.pairs", "key '\\ud800': not valid UTF-8"),
+    ("custom_data.template", {f"k{LONE}": "{{uuid}}"}, "custom_data.template",
+     "key 'k\\ud800': not valid UTF-8"),
+    ("custom_data.fields", ["email", LONE], "custom_data.fields.1", "not valid UTF-8"),
+    ("target.http_batch.url", f"https://r.example/{LONE}", "target.http_batch.url",
+     "not valid UTF-8"),
+    ("target.http_batch.success_regex", LONE, "target.http_batch.success_regex",
+     "not valid UTF-8"),
+    ("target.http_batch.headers", {"X-Source": LONE}, "target.http_batch.headers",
+     "value of 'X-Source': not valid UTF-8"),
+    ("target.http_batch.auth", {"kind": "bearer", "token": f"{TOKEN}{LONE}"},
+     "target.http_batch.auth.token", "not valid UTF-8 (a lone surrogate)"),
+])
+def test_strings_that_are_not_valid_utf8_are_refused_naming_the_field(
+        path: str, value: Any, field: str, reason: str) -> None:
+    """A lone surrogate cannot be written as UTF-8: a hook holding one could be neither
+    stored nor turned into messages (every round of its partition would fail), so it is
+    refused where it is built, naming the field; the message itself stays printable."""
+    message = hook_error(set_path(hook_data(), path, value))
+    assert f"{field}: {reason}" in message
+    message.encode("utf-8")  # no surrogate in the error: it can be printed and logged
+    assert TOKEN not in message
+    with pytest.raises(ValidationError):
+        Hook.model_validate(set_path(hook_data(), path, value))
+
+
+@pytest.mark.parametrize("target", [
+    {"rabbitmq_queue": {"host": "r", "queue": f"q{LONE}"}},
+    {"rabbitmq_exchange": {"host": "r", "exchange": "e", "vhost": LONE}},
+    {"rabbitmq_queue": {"host": "r", "queue": "q", "password": LONE}},
+    {"kafka": {"bootstrap_servers": [f"k{LONE}:9092"], "topic": "t"}},
+    {"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", "sasl_mechanism": "PLAIN",
+               "sasl_username": LONE, "sasl_password": "p"}},
+])
+def test_no_target_kind_takes_a_string_that_is_not_valid_utf8(target: dict[str, Any]) -> None:
+    assert "not valid UTF-8" in hook_error(hook_data(target))
+
+
 # --- secrets -------------------------------------------------------------------------------
 
 

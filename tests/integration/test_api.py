@@ -632,6 +632,45 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
     assert answer.status == 400 and "empty" in answer.error["message"]
 
 
+LONE = "\ud800"  # a lone UTF-16 surrogate: JSON "\\ud800", not valid UTF-8
+
+
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"custom_data": {"pairs": {"k": LONE}}}, "custom_data.pairs"),
+    ({"custom_data": {"pairs": {LONE: "v"}}}, "custom_data.pairs"),
+    ({"custom_data": {"template": {LONE: "v"}}}, "custom_data.template"),
+    ({"name": LONE}, "name"),
+    ({"target": {"http_batch": {"url": "http://127.0.0.1:9/", "headers": {"X-A": LONE}}}},
+     "target.http_batch.headers"),
+    ({"target": {"http_batch": {"url": "http://127.0.0.1:9/",
+                                "auth": {"kind": "bearer", "token": LONE}}}},
+     "target.http_batch.auth.token"),
+])
+async def test_hook_strings_that_are_not_valid_utf8_are_422_and_never_stored(
+        api: Api, extra: dict[str, Any], field: str) -> None:
+    """JSON lets a lone surrogate through ("\\ud800"); a hook holding one would make
+    every round of its partition fail, setting aside the events of the account."""
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(**extra))
+    assert answer.status == 422, answer.body
+    [issue] = answer.error["issues"]
+    assert issue["field"] == field and "not valid UTF-8" in issue["reason"]
+    hook = await api.create()
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                            json_body=hook_body(**extra))
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == field
+    assert [h["id"] for h in (await api.call("GET", "/v1/hooks", api.master)).body["hooks"]] \
+        == [hook["id"]]
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                            json_body={"name": LONE})
+    assert answer.status == 422 and "not valid UTF-8" in answer.error["message"]
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": LONE})
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == "event_type"
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"ids": [LONE]})
+    assert answer.status == 422 and answer.error["issues"][0]["field"] == "ids"
+
+
 async def test_another_accounts_hook_is_404_on_every_route_and_cannot_be_claimed(
         api: Api) -> None:
     theirs = await api.create(api.other)
