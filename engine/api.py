@@ -56,6 +56,7 @@ from engine.hooks import (
     URL_FIELDS,
     Hook,
     not_utf8,
+    scrub,
     url_secrets,
     validation_problems,
 )
@@ -71,7 +72,7 @@ from engine.stores import (
     parse_cursor,
 )
 from engine.testevent import send_test_event
-from engine.transports.base import Delivery, unpack_delivery
+from engine.transports.base import Delivery, Outcome, unpack_delivery
 
 log = logging.getLogger("hookray.api")
 
@@ -529,8 +530,16 @@ async def test_hook(request: web.Request) -> web.Response:
         raise ApiError(422, f"event_type: {reason}", [{"field": "event_type", "reason": reason}])
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
-    outcome = await send_test_event(hook, event_type, names,
-                                    timeout_sec=backend.settings.timeout_for(hook.target.kind))
+    try:
+        outcome = await send_test_event(hook, event_type, names,
+                                        timeout_sec=backend.settings.timeout_for(hook.target.kind))
+    except Exception as exc:  # not a delivery failure: a client refusing the settings...
+        log.exception("test event of hook %s: the %s transport failed", hook.id,
+                      hook.target.kind)
+        # the answer is still the outcome: this send failed, and nothing was delivered
+        outcome = Outcome(ok=False, error=type(exc).__name__, detail=scrub(
+            f"the test event could not be sent: {type(exc).__name__}: {exc}"[:1000],
+            hook.secrets()))
     return web.json_response({"delivered": outcome.ok, "status": outcome.status,
                               "detail": outcome.detail, "error": outcome.error})
 
@@ -615,7 +624,7 @@ def _move_body(body: Any) -> dict[str, Any]:
     if ids is not None and not (isinstance(ids, list) and ids
                                 and all(isinstance(i, str) and i for i in ids)):
         problems.append({"field": "ids", "reason": "expected a non-empty list of ids"})
-    elif ids is not None and (problem := not_utf8(ids)):  # no id is: none can exist
+    elif ids is not None and (problem := not_utf8(ids)):  # Redis could not look it up
         problems.append({"field": "ids", "reason": problem})
     if everything not in (None, True):
         problems.append({"field": "all", "reason": "expected true"})

@@ -15,6 +15,7 @@ credential (``?token=**********``; ``Authorization``, ``Cookie``, ``X-Api-Key``,
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
@@ -31,6 +32,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from yarl import URL
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.errors import HookError
@@ -93,6 +95,13 @@ def url_secrets(url: str) -> list[str]:
 def mask_headers(headers: dict[str, str]) -> dict[str, str]:
     """``headers`` with the value of each credential-carrying header shown as ``MASK``."""
     return {k: MASK if SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
+
+
+def scrub(text: str, secrets: list[str]) -> str:
+    """``text`` with each of ``secrets`` in it shown as ``MASK`` (longest first)."""
+    for secret in sorted(filter(None, secrets), key=len, reverse=True):
+        text = text.replace(secret, MASK)
+    return text
 
 
 def not_utf8(value: Any) -> str | None:
@@ -199,6 +208,10 @@ class Auth(_Model):
     def _complete(self) -> Auth:
         if self.kind == "bearer" and not self.token:
             raise ValueError("bearer auth needs a token")
+        char = _control_char(self.token.get_secret_value()) if self.token else None
+        if self.kind == "bearer" and char:
+            raise ValueError(f"token: holds the control character {char}, which the "
+                             "Authorization header it is sent in may not hold")
         if self.kind == "oauth2":
             needed = ("token_url", "client_id", "client_secret")
             missing = [k for k in needed if not getattr(self, k)]
@@ -209,7 +222,10 @@ class Auth(_Model):
 
 
 def _check_http_url(url: str) -> str:
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # its message would show the host part, a password with it
+        raise ValueError("is not a valid URL: its host part cannot be parsed") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(f"{mask_url(url)!r} is not an http(s) URL with a host")
     try:
@@ -218,7 +234,56 @@ def _check_http_url(url: str) -> str:
         port = 0
     if port == 0:
         raise ValueError(f"{mask_url(url)!r} has an invalid port")
+    problem = _host_problem(url)
+    if problem:
+        raise ValueError(f"{mask_url(url)!r}: {problem}")
     return url
+
+
+def _host_problem(url: str) -> str | None:
+    """Why the HTTP client could never send to ``url``'s host, or None: it parses URLs
+    with yarl and resolves names encoded with the ``idna`` codec (labels of 1 to 63
+    characters), so either failing would fail every attempt."""
+    try:
+        host = URL(url).raw_host or ""
+    except ValueError as exc:  # UnicodeError too
+        return f"the host is not a valid domain name ({exc})"
+    try:
+        ipaddress.ip_address(host)
+        return None
+    except ValueError:
+        pass
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return ("the host is not a valid domain name: each dot-separated label must be 1 "
+                "to 63 characters long")
+    return None
+
+
+def url_has_credentials(url: str) -> bool:
+    """Whether ``url`` carries user-info (``user:password@``), which the HTTP client
+    sends as Basic authorization."""
+    try:
+        parsed = URL(url)
+    except ValueError:
+        return False
+    return parsed.user is not None or parsed.password is not None
+
+
+# what a header value may not hold (as the HTTP client refuses: RFC 9110 section 5.5)
+FORBIDDEN_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# headers the HTTP client sets itself: they frame the body or run the connection, and one
+# given by a hook (Content-Length: 5) would cut or break every request
+RESERVED_HEADERS = frozenset({
+    "host", "content-length", "transfer-encoding", "content-encoding", "connection",
+    "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect"})
+
+
+def _control_char(value: str) -> str | None:
+    """The first character of ``value`` a header value may not hold, shown, or None."""
+    found = FORBIDDEN_HEADER_CHARS.search(value)
+    return repr(found.group()) if found else None
 
 
 class HttpBatch(_Model):
@@ -247,9 +312,30 @@ class HttpBatch(_Model):
         for name, val in value.items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"header name {name!r} is not a valid HTTP token")
+            if name.lower() in RESERVED_HEADERS:
+                raise ValueError(f"header {name!r} is set by the HTTP client for each "
+                                 "request (it frames the body or runs the connection)")
             if "\n" in val or "\r" in val:
                 raise ValueError(f"header {name!r}: value holds a line break")
+            char = _control_char(val)
+            if char:
+                raise ValueError(f"header {name!r}: value holds the control character "
+                                 f"{char}; a header value may hold none but tab")
         return value
+
+    @model_validator(mode="after")
+    def _one_authorization(self) -> HttpBatch:
+        """The HTTP client sends one Authorization: from ``auth``, from the URL's
+        user-info or from ``headers``; given two ways, it refuses every request."""
+        ways = [way for way, given in (
+            (f"auth kind {self.auth.kind}", self.auth.kind != "none"),
+            ("user:password@ in the URL", url_has_credentials(self.url)),
+            ("an Authorization header", any(k.lower() == "authorization"
+                                            for k in self.headers))) if given]
+        if len(ways) > 1:
+            raise ValueError(f"authorization given twice ({' and '.join(ways)}): give "
+                             "one of them")
+        return self
 
 
 class _Broker(_Model):
@@ -367,6 +453,19 @@ class Hook(_Model):
     def to_storage(self) -> dict[str, Any]:
         """JSON-ready dict with secrets in clear text, for the hook registry only."""
         return self.model_dump(mode="json", context={"reveal": True})
+
+    def secrets(self) -> list[str]:
+        """Every value ``display()`` masks, in clear: what a text about this hook shown
+        to anyone must not hold (see ``scrub``)."""
+        return _revealed(self.to_storage(), self.display())
+
+
+def _revealed(clear: Any, shown: Any, name: str = "") -> list[str]:
+    if isinstance(clear, dict) and isinstance(shown, dict):
+        return [s for key, value in clear.items() for s in _revealed(value, shown.get(key), key)]
+    if not isinstance(clear, str) or clear == shown:
+        return []
+    return url_secrets(clear) if name in URL_FIELDS else [clear]
 
 
 def field_path(loc: tuple[Any, ...]) -> str:

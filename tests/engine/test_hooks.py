@@ -225,6 +225,21 @@ def test_http_batch_tuning() -> None:
     assert http.success_regex == ".*OK.*"
 
 
+@pytest.mark.parametrize("url", [
+    "https://u:p@r.example/x",  # user-info alone: the HTTP client's Basic authorization
+    "https://ex\u00e4mple.com/x", "https://r.example./x", f"https://{'a' * 63}.example/x",
+    "http://[::1]:8080/x", "http://10.0.0.5/x"])
+def test_urls_the_http_client_can_send_to(url: str) -> None:
+    assert parse_hook(hook_data({"http_batch": {"url": url}})).target.http_batch.url == url
+
+
+def test_a_header_value_may_hold_a_tab_and_any_character_not_a_control() -> None:
+    headers = {"X-A": "a\tb", "X-B": "caf\u00e9 \u2028 \x85", "Content-Type": "text/plain"}
+    hook = parse_hook(hook_data({"http_batch": {"url": "https://r.example/x",
+                                                "headers": headers}}))
+    assert hook.target.http_batch.headers == headers
+
+
 def test_rabbitmq_queue() -> None:
     hook = parse_hook(hook_data(RABBIT_QUEUE))
     assert hook.target.kind == "rabbitmq_queue"
@@ -371,6 +386,21 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.url: 'http://r.example:http/x' has an invalid port"]),
     ("url port zero", at("target.http_batch.url", "http://r.example:0/x"),
      ["target.http_batch.url: 'http://r.example:0/x' has an invalid port"]),
+    # hosts the HTTP client can never send to (it resolves names IDNA-encoded)
+    ("url host label over 63 characters",
+     at("target.http_batch.url", f"https://{'a' * 64}.example.com/x"),
+     [f"target.http_batch.url: 'https://{'a' * 64}.example.com/x': the host is not a valid "
+      "domain name: each dot-separated label must be 1 to 63 characters long"]),
+    ("url host with an empty label", at("target.http_batch.url", "https://r..example/x"),
+     ["target.http_batch.url: 'https://r..example/x': the host is not a valid domain name"]),
+    ("url host invalid once normalized", at("target.http_batch.url", "https://a\u2100.com/x"),
+     ["target.http_batch.url: is not a valid URL: its host part cannot be parsed"]),
+    ("url host with a zero-width space", at("target.http_batch.url", "https://a\u200b.com/x"),
+     ["target.http_batch.url: 'https://a\\u200b.com/x': the host is not a valid domain name ("]),
+    ("oauth2 token_url host label over 63 characters",
+     at("target.http_batch.auth", {"kind": "oauth2", "token_url": f"https://{'t' * 64}.example/",
+                                   "client_id": "c", "client_secret": "s"}),
+     ["target.http_batch.auth: ", "the host is not a valid domain name"]),
     # HTTP tuning
     ("regex does not compile", at("target.http_batch.success_regex", "(OK"),
      ["target.http_batch.success_regex: regex '(OK' does not compile: missing ), "
@@ -394,6 +424,19 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.headers: header name '' is not a valid HTTP token"]),
     ("header value with line break", at("target.http_batch.headers", {"X-A": "a\r\nX-B: b"}),
      ["target.http_batch.headers: header 'X-A': value holds a line break"]),
+    ("header value with NUL", at("target.http_batch.headers", {"X-A": "a\x00b"}),
+     ["target.http_batch.headers: header 'X-A': value holds the control character '\\x00'; "
+      "a header value may hold none but tab"]),
+    ("header value with escape", at("target.http_batch.headers", {"X-A": "\x1b[0m"}),
+     ["header 'X-A': value holds the control character '\\x1b'"]),
+    ("header value with DEL", at("target.http_batch.headers", {"X-A": "a\x7f"}),
+     ["header 'X-A': value holds the control character '\\x7f'"]),
+    # headers the HTTP client sets: Content-Length 5 cut every body to 5 bytes
+    *[(f"header {name}", at("target.http_batch.headers", {name: "5"}),
+       [f"target.http_batch.headers: header {name!r} is set by the HTTP client for each "
+        "request (it frames the body or runs the connection)"])
+      for name in ("Content-Length", "transfer-encoding", "HOST", "Connection", "Keep-Alive",
+                   "Upgrade", "TE", "Trailer", "Expect", "Content-Encoding")],
     # auth
     ("bearer without token", at("target.http_batch.auth", {"kind": "bearer"}),
      ["target.http_batch.auth: bearer auth needs a token"]),
@@ -414,6 +457,32 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.auth: 'auth.example/t' is not an http(s) URL with a host"]),
     ("unknown auth kind", at("target.http_batch.auth", {"kind": "basic"}),
      ["target.http_batch.auth.kind: Input should be 'none', 'bearer' or 'oauth2'"]),
+    ("bearer token with line break",
+     at("target.http_batch.auth", {"kind": "bearer", "token": "a\r\nX-Evil: 1"}),
+     ["target.http_batch.auth: token: holds the control character '\\r', which the "
+      "Authorization header it is sent in may not hold"]),
+    ("bearer token with NUL", at("target.http_batch.auth", {"kind": "bearer", "token": "a\x00"}),
+     ["target.http_batch.auth: token: holds the control character '\\x00'"]),
+    # one Authorization: the HTTP client refuses a request given two
+    ("url user-info and bearer auth",
+     lambda d: set_path(set_path(d, "target.http_batch.url", "https://u:p@r.example/x"),
+                        "target.http_batch.auth", {"kind": "bearer", "token": "t"}),
+     ["target.http_batch: authorization given twice (auth kind bearer and user:password@ "
+      "in the URL): give one of them"]),
+    ("url user-info and oauth2 auth",
+     lambda d: set_path(set_path(d, "target.http_batch.url", "https://u@r.example/x"),
+                        "target.http_batch.auth", {
+                            "kind": "oauth2", "token_url": "https://a.example/t",
+                            "client_id": "c", "client_secret": "s"}),
+     ["authorization given twice (auth kind oauth2 and user:password@ in the URL)"]),
+    ("url user-info and Authorization header",
+     lambda d: set_path(set_path(d, "target.http_batch.url", "https://u:p@r.example/x"),
+                        "target.http_batch.headers", {"authorization": "Basic eDp5"}),
+     ["authorization given twice (user:password@ in the URL and an Authorization header)"]),
+    ("bearer auth and Authorization header",
+     lambda d: set_path(set_path(d, "target.http_batch.headers", {"Authorization": "x"}),
+                        "target.http_batch.auth", {"kind": "bearer", "token": "t"}),
+     ["authorization given twice (auth kind bearer and an Authorization header)"]),
     # target choice
     ("both targets", at("target.kafka", {"bootstrap_servers": ["k:9092"], "topic": "t"}),
      ["target: exactly one of http_batch, rabbitmq_queue, rabbitmq_exchange, kafka must be set "
@@ -662,19 +731,24 @@ def test_display_is_the_masked_storage_form() -> None:
 def test_credential_headers_and_url_passwords_are_masked_the_rest_shown() -> None:
     hook = parse_hook(hook_data({"http_batch": {
         "url": f"https://crm:{URL_PASSWORD}@receiver.example.com:8443/h?x=1",
-        "headers": {"Authorization": "Basic abc", "X-Auth-Token": "t", "Cookie": "c",
-                    "X-Signature": "s", "x-api-key": "k", "X-Tenant": "acme"},
-        "auth": {"kind": "oauth2", "token_url": "https://u:p@idp.example.com/token",
-                 "client_id": "c", "client_secret": CLIENT_SECRET}}}))
+        "headers": {"Proxy-Authorization": "Basic abc", "X-Auth-Token": "t", "Cookie": "c",
+                    "X-Signature": "s", "x-api-key": "k", "X-Tenant": "acme"}}}))
     shown = hook.display()["target"]["http_batch"]
     assert shown["url"] == "https://crm:**********@receiver.example.com:8443/h?x=1"
-    assert shown["auth"]["token_url"] == "https://u:**********@idp.example.com/token"
-    assert shown["headers"] == {"Authorization": "**********", "X-Auth-Token": "**********",
-                                "Cookie": "**********", "X-Signature": "**********",
-                                "x-api-key": "**********", "X-Tenant": "acme"}
+    assert shown["headers"] == {"Proxy-Authorization": "**********",
+                                "X-Auth-Token": "**********", "Cookie": "**********",
+                                "X-Signature": "**********", "x-api-key": "**********",
+                                "X-Tenant": "acme"}
     stored = hook.to_storage()["target"]["http_batch"]
     assert stored["url"].startswith(f"https://crm:{URL_PASSWORD}@")
-    assert stored["headers"]["Authorization"] == "Basic abc"
+    assert stored["headers"]["Proxy-Authorization"] == "Basic abc"
+    oauth2 = parse_hook(hook_data({"http_batch": {
+        "url": "https://receiver.example.com/h", "headers": {"X-Api-Key": "k"},
+        "auth": {"kind": "oauth2", "token_url": "https://u:p@idp.example.com/token",
+                 "client_id": "c", "client_secret": CLIENT_SECRET}}}))
+    shown = oauth2.display()["target"]["http_batch"]
+    assert shown["auth"]["token_url"] == "https://u:**********@idp.example.com/token"
+    assert shown["headers"] == {"X-Api-Key": "**********"}
     # a URL without a password is shown as it is
     plain = parse_hook(hook_data(HTTP_NONE)).display()["target"]["http_batch"]["url"]
     assert plain == HTTP_NONE["http_batch"]["url"]

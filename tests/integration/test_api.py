@@ -764,6 +764,56 @@ async def test_test_event_is_sent_through_the_hooks_target(api: Api,
         assert answer.error["issues"] == [{"field": "event_type", "reason": reason}]
 
 
+async def test_a_test_event_the_transport_fails_to_send_is_an_outcome_not_a_500(
+        api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A transport raising something else than a delivery failure (an HTTP client
+    refusing the request it was asked to make) still answers with the outcome, without
+    the hook's secrets; the error goes to the log."""
+    from engine.transports.http import HttpTransport
+
+    async def refuse(self: HttpTransport, target: Any, body: bytes) -> Any:
+        token = target.auth.token.get_secret_value()
+        raise ValueError(f"cannot send Authorization: Bearer {token}")
+
+    monkeypatch.setattr(HttpTransport, "_post", refuse)
+    hook = await api.create()
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "click"})
+    assert answer.status == 200
+    assert answer.body == {
+        "delivered": False, "status": None, "error": "ValueError",
+        "detail": "the test event could not be sent: ValueError: cannot send Authorization: "
+                  f"Bearer {MASK}"}
+    assert f"test event of hook {hook['id']}: the http_batch transport failed" in caplog.text
+
+
+@pytest.mark.parametrize(("change", "field", "words"), [
+    ({"headers": {"Content-Length": "5"}}, "target.http_batch.headers",
+     "'Content-Length' is set by the HTTP client"),
+    ({"headers": {"transfer-encoding": "chunked"}}, "target.http_batch.headers",
+     "'transfer-encoding' is set by the HTTP client"),
+    ({"headers": {"X-A": "a\x00b"}}, "target.http_batch.headers",
+     "control character '\\x00'"),
+    ({"auth": {"kind": "bearer", "token": "a\r\nX-Evil: 1"}}, "target.http_batch.auth",
+     "control character '\\r'"),
+    ({"url": f"http://{'a' * 64}.example.com/"}, "target.http_batch.url",
+     "not a valid domain name"),
+    ({"url": "http://user:pw-SECRET@127.0.0.1:9/hook"}, "target.http_batch",
+     "authorization given twice"),
+])
+async def test_http_settings_no_request_could_be_sent_with_are_422(
+        api: Api, change: dict[str, Any], field: str, words: str) -> None:
+    """Each was accepted, then cut every body (Content-Length) or made every send fail
+    in the HTTP client (the test route answered 500)."""
+    body = hook_body()
+    body["target"]["http_batch"].update(change)
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=body)
+    assert answer.status == 422, answer.body
+    [issue] = answer.error["issues"]
+    assert issue["field"] == field and words in issue["reason"]
+    assert "s3cr3t" not in json.dumps(answer.body) and "SECRET" not in json.dumps(answer.body)
+
+
 # --- stats and dead letters -------------------------------------------------------------
 
 
