@@ -42,7 +42,7 @@ from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
 from engine.stores import ContentStore, HookRegistry, NameStore, ProfileStore, RetryStore, Stats
-from engine.transports.base import Delivery, Outcome, now_ms
+from engine.transports.base import Delivery, Outcome, now_ms, undelivered
 
 log = logging.getLogger("hookray")
 
@@ -546,12 +546,16 @@ class PartitionWorker:
             if outcome.ok:
                 self.delivered[delivery.hook_id] += delivery.count
             else:
-                delivery.last_attempt_ms = now_ms()
-                due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                # only the messages that failed are kept (the others were delivered)
+                rest, done = undelivered(delivery, outcome)
+                rest.last_attempt_ms = now_ms()
+                due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
                 if self.settings.HOOK_RETRY_TIMES == 0:
-                    self.side.retry.kill(delivery, outcome.describe())
+                    self.side.retry.kill(rest, outcome.describe())
                 else:
-                    self.side.retry.schedule(delivery, due, outcome.describe())
+                    self.side.retry.schedule(rest, due, outcome.describe())
+                if done:
+                    self.delivered[delivery.hook_id] += done
             self.settling.popleft()
             _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
             for eid, n in entries.items():

@@ -46,7 +46,11 @@ class Conflict(HookrayError):
 
 
 class TransportError(HookrayError):
-    """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered."""
+    """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered.
+    ``failed``: when only some of its messages failed (the others were delivered),
+    their positions in the delivery; only they are sent again."""
+
+    failed: list[int] | None = None
 
 
 class ConnectError(TransportError):

@@ -30,7 +30,7 @@ from engine.hooks import Hook
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
-from engine.transports.base import Delivery, Outcome, now_ms
+from engine.transports.base import Delivery, Outcome, now_ms, undelivered
 
 log = logging.getLogger("hookray")
 
@@ -112,14 +112,16 @@ class RetryWorker:
             self.side.retry.complete(delivery)
             self.handed.discard(delivery.id)
             return
-        delivery = msgspec.structs.replace(delivery, resends=delivery.resends + 1,
-                                           last_attempt_ms=now_ms())
+        # only the messages that failed are kept (the others were delivered)
+        rest, done = undelivered(delivery, outcome)
+        rest = msgspec.structs.replace(rest, resends=delivery.resends + 1,
+                                       last_attempt_ms=now_ms())
         error = outcome.describe()
-        if exhausted(delivery.resends, self.settings.HOOK_RETRY_TIMES):
-            self.side.retry.kill(delivery, error)
+        if exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
+            self.side.retry.kill(rest, error, delivered=done)
         else:
-            due = retry_due_ms(delivery.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
-            self.side.retry.schedule(delivery, due, error)
+            due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+            self.side.retry.schedule(rest, due, error, delivered=done)
         self.handed.discard(delivery.id)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None

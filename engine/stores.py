@@ -344,14 +344,18 @@ class RetryStore:
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
-    def schedule(self, delivery: Delivery, due_ms: int, error: str) -> None:
-        """Keep ``delivery`` for a re-send at ``due_ms``."""
+    def schedule(self, delivery: Delivery, due_ms: int, error: str, delivered: int = 0
+                 ) -> None:
+        """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
+        attempt that were delivered (and are no longer in ``delivery``), counted."""
         delivery.last_error = error
         with self.r.pipeline() as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
             pipe.hdel(self.k.retry_unanswered, delivery.id)
             pipe.zadd(self.k.retry, {delivery.id: due_ms})
             self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
+            if delivered:
+                self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
             pipe.execute()
 
     def claim_due(self, limit: int = 100, now: int | None = None) -> list[Delivery]:
@@ -407,10 +411,13 @@ class RetryStore:
             self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
             pipe.execute()
 
-    def kill(self, delivery: Delivery, error: str) -> None:
-        """Move a delivery out of the schedule into the dead letters."""
+    def kill(self, delivery: Delivery, error: str, delivered: int = 0) -> None:
+        """Move a delivery out of the schedule into the dead letters; ``delivered`` as
+        in ``schedule``."""
         delivery.last_error = error
         with self.r.pipeline() as pipe:
+            if delivered:
+                self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
             pipe.hdel(self.k.retry_unanswered, delivery.id)

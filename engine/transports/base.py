@@ -50,11 +50,35 @@ class Outcome(msgspec.Struct, omit_defaults=True):
     status: int | None = None  # HTTP status, when there was a response
     detail: str = ""  # a body excerpt, a broker answer or the error text
     error: str | None = None  # ConnectError | Timeout | Rejected | ...
+    # a failure of some of the delivery's messages only: their positions (the others
+    # were delivered); None: every message failed (or, ok, none)
+    failed: list[int] | None = None
 
     def describe(self) -> str:
         status = f"HTTP {self.status}: " if self.status is not None else ""
         kind = f"{self.error}: " if self.error else ""
         return f"{kind}{status}{self.detail}"[:1000]
+
+
+def undelivered(delivery: Delivery, outcome: Outcome) -> tuple[Delivery, int]:
+    """What of a failed ``delivery`` is still to send after ``outcome``, and how many
+    of its messages were delivered: the messages ``outcome.failed`` names (same id,
+    resends and history), or all of them when it names none or cannot be read."""
+    failed = outcome.failed
+    count = delivery.count
+    if not failed:
+        return delivery, 0
+    keep = sorted({i for i in failed if isinstance(i, int) and 0 <= i < count})
+    if not keep or len(keep) >= count:
+        return delivery, 0
+
+    def pick(column: list[str]) -> list[str]:
+        return [column[i] for i in keep] if len(column) == count else column
+
+    rest = msgspec.structs.replace(delivery, parts=[delivery.parts[i] for i in keep],
+                                   keys=pick(delivery.keys),
+                                   message_ids=pick(delivery.message_ids))
+    return rest, count - len(keep)
 
 
 _packer = msgspec.msgpack.Encoder()
@@ -103,7 +127,8 @@ class Transport(ABC):
         try:
             return await self._deliver(target, delivery)
         except TransportError as exc:
-            return Outcome(ok=False, error=type(exc).__name__, detail=str(exc)[:1000])
+            return Outcome(ok=False, error=type(exc).__name__, detail=str(exc)[:1000],
+                           failed=exc.failed)
 
     @abstractmethod
     async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:

@@ -30,8 +30,9 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import msgspec
 
-from engine.errors import ConnectError, Rejected, Timeout
+from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
@@ -135,9 +136,16 @@ class HttpTransport(Transport):
         outcome = Outcome(ok=True)
         pieces = range(0, delivery.count, size)
         for start in pieces:
-            outcome = await self.post(target, http_body(delivery.parts[start:start + size]))
+            # the pieces before a failed one were delivered: only the rest is sent again
+            rest = list(range(start, delivery.count)) if start else None
+            try:
+                outcome = await self.post(target,
+                                          http_body(delivery.parts[start:start + size]))
+            except TransportError as exc:
+                exc.failed = rest
+                raise
             if not outcome.ok:
-                return outcome
+                return msgspec.structs.replace(outcome, failed=rest)
         return Outcome(ok=True, status=outcome.status,
                        detail=f"{delivery.count} messages in {len(pieces)} requests of at "
                               f"most {size}; last answer: {outcome.detail}"[:EXCERPT_CHARS])

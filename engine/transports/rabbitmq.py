@@ -235,8 +235,11 @@ class RabbitTransport(Transport):
         elif not isinstance(first, amqp.DeliveryError) or isinstance(first, amqp.PublishError):
             # channel closed, or a message returned (queue gone): new channel, declare again
             self._retire(dest, chan)
-        raise type(error)(f"{len(failures)} of {delivery.count} message(s) not confirmed: "
-                          f"{error}")
+        refused = type(error)(f"{len(failures)} of {delivery.count} message(s) not "
+                              f"confirmed: {error}")
+        if len(failures) < delivery.count:  # the others were confirmed: only these again
+            refused.failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
+        raise refused
 
     # --- connections and channels ------------------------------------------------------
 

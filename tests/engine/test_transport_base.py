@@ -34,3 +34,23 @@ def test_packed_deliveries_travel_out_of_band() -> None:
     view = np.frombuffer(bytes(buffers[0].raw()), np.uint8)  # read-only, like Ray's
     assert not view.flags.writeable
     assert unpack_deliveries(pickle.loads(stream, buffers=[view])) == _deliveries()
+
+
+def test_only_the_messages_an_outcome_names_are_left_to_send() -> None:
+    from engine.transports.base import Outcome, undelivered
+
+    d = Delivery(id="d", hook_id=1, account_id=1, kind="rabbitmq_exchange",
+                 parts=[b"0", b"1", b"2", b"3"], keys=["k0", "k1", "k2", "k3"],
+                 message_ids=["m0", "m1", "m2", "m3"], resends=2, last_error="e")
+    rest, done = undelivered(d, Outcome(ok=False, failed=[3, 1]))
+    assert done == 2 and rest.id == "d" and rest.resends == 2 and rest.last_error == "e"
+    assert (rest.parts, rest.keys, rest.message_ids) == ([b"1", b"3"], ["k1", "k3"],
+                                                          ["m1", "m3"])
+    assert d.count == 4  # the delivery itself is left as it was
+    # every message failed, none named, or positions that cannot be read: all of it
+    for failed in (None, [], [0, 1, 2, 3], [7, -1]):
+        assert undelivered(d, Outcome(ok=False, failed=failed)) == (d, 0)
+    # keys or ids that were not given per message are kept as they are
+    bare = Delivery(id="b", hook_id=1, account_id=1, kind="http_batch", parts=[b"0", b"1"])
+    rest, done = undelivered(bare, Outcome(ok=False, failed=[1]))
+    assert (rest.parts, rest.keys, rest.message_ids, done) == ([b"1"], [], [], 1)

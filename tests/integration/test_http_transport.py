@@ -214,3 +214,29 @@ def test_a_batch_larger_than_max_batch_size_is_posted_in_pieces(receiver: Receiv
     third = send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25)
     assert third.ok
     assert [len(r.messages) for r in receiver.requests("/second")] == [10, 10, 10, 10, 5]
+
+
+def test_a_failed_piece_leaves_only_the_pieces_from_it_on_to_send(receiver: Receiver) -> None:
+    from engine.errors import Timeout
+
+    class SecondFails(HttpTransport):
+        calls = 0
+
+        async def post(self, target: HttpBatch, body: bytes) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                raise Timeout("no answer within 2 s")
+            return await super().post(target, body)
+
+    async def go() -> Any:
+        transport = SecondFails(timeout_sec=2.0)
+        try:
+            return await transport.send(
+                HttpBatch(url=receiver.url("/mid"), max_batch_size=10), delivery(25))
+        finally:
+            await transport.close()
+
+    outcome = asyncio.run(go())
+    assert not outcome.ok and outcome.error == "Timeout"
+    assert outcome.failed == list(range(10, 25))  # the first piece was delivered
+    assert [len(r.messages) for r in receiver.requests("/mid")] == [10]

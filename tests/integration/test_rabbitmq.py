@@ -158,8 +158,8 @@ def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_a
 def test_messages_the_broker_nacks_fail_the_delivery_and_the_channel_serves_on(
         rabbit: Rabbit) -> None:
     """A full queue with ``x-overflow: reject-publish`` nacks what does not fit: the
-    delivery fails (it is re-sent whole), and the same channel carries on, its
-    delivery tags in step with the broker's."""
+    delivery fails naming the refused messages (only they are re-sent), and the same
+    channel carries on, its delivery tags in step with the broker's."""
     queue = rabbit.declare_queue("full", arguments={"x-max-length": 4,
                                                     "x-overflow": "reject-publish"})
     target = RabbitQueue(**rabbit.broker(), queue=queue)
@@ -184,6 +184,7 @@ def test_messages_the_broker_nacks_fail_the_delivery_and_the_channel_serves_on(
     assert fits.ok and later.ok, (fits, later)
     assert not over.ok and over.error == "Rejected"
     assert "4 of 5 message(s) not confirmed" in over.detail, over.detail
+    assert over.failed == [1, 2, 3, 4]  # over-0 was confirmed
     assert channels == 1, "a nack is no reason for a new channel"
     assert sorted(by_id(kept)) == ["fits-0", "fits-1", "fits-2", "over-0"]
     assert sorted(by_id(rabbit.consume(queue, expect=4))) == [f"later-{i}" for i in range(4)]

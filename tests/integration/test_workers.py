@@ -1473,3 +1473,53 @@ def test_a_damaged_stored_hook_or_name_is_reported_not_a_crash(
     assert catalogue.get(1, "campaigns", 5) == "Spring"
     assert catalogue.get(1, "campaigns", 6) == "" and catalogue.get(1, "campaigns", 7) == ""
     assert sum("left out" in r.getMessage() for r in caplog.records) == 3
+
+
+def test_only_the_messages_that_failed_are_sent_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A destination that refuses some messages of a batch (a broker's nacks): the
+    others count as delivered, and only the refused ones wait for a re-send, and then
+    for the next one, until none is left."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 3,
+                                                      "HOOK_RETRY_PERIOD_SEC": 0.05})
+
+    class RefusesOdd(StubTransport):
+        """Refuses the messages of odd events; the first re-send refuses event 1 again,
+        the next takes it."""
+
+        async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:
+            self.attempts[delivery.id] += 1
+            ns = [json.loads(p)["event_data"]["n"] for p in delivery.parts]
+            attempt = self.attempts[delivery.id]
+            odd = [i for i, n in enumerate(ns) if (n % 2 if attempt == 1 else
+                                                   n == 1 and attempt == 2)]
+            self.sent.append(msgspec.structs.replace(
+                delivery, parts=[p for i, p in enumerate(delivery.parts) if i not in odd]))
+            if odd:
+                return Outcome(ok=False, error="Rejected", detail="refused", failed=odd)
+            return Outcome(ok=True)
+
+    h = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender(RefusesOdd())
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    events = clicks(6)
+    for n, event in enumerate(events):
+        event["event_data"] = {"n": n}
+    intake.publish(events)
+    retry = RetryStore(redis_client, keys)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    (waiting,) = retry.claim_due(10, now=2**62)
+    assert [json.loads(p)["event_data"]["n"] for p in waiting.parts] == [1, 3, 5]
+    assert len(waiting.message_ids) == 3 and waiting.resends == 0
+    assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 3
+    retry.handed_back([waiting.id])
+    redis_client.zadd(keys.retry, {waiting.id: 0})  # due now
+    retry_worker = RetryWorker(cfg, redis_client, sender)
+    deadline = time.monotonic() + 5
+    while retry.pending() and time.monotonic() < deadline:
+        retry_worker.step()
+    assert retry.pending() == 0 and not retry.dead_letters()
+    sent = [json.loads(p)["event_data"]["n"] for d in sender.transport.sent for p in d.parts]
+    assert sorted(sent) == list(range(6))  # each delivered once
+    assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 6
