@@ -319,6 +319,7 @@ class Engine:
             raise HookError(f"unknown event type {event_type!r}; known: "
                              + ", ".join(self.catalogue.codes()))
         return asyncio.run(send_test_event(hook, event_type, self._names.load(),
+                                           catalogue=self.catalogue,
                                            timeout_sec=self.settings.timeout_for(
                                                hook.target.kind)))
 

@@ -100,9 +100,11 @@ def build_test_delivery(hook: Hook, event_type: str, names: NameCatalogue | None
 
 
 async def send_test_event(hook: Hook, event_type: str, names: NameCatalogue | None = None,
-                          transport: Transport | None = None, **options: Any) -> Outcome:
-    """Send one test event through the hook's target and report the outcome."""
-    delivery = build_test_delivery(hook, event_type, names)
+                          transport: Transport | None = None,
+                          catalogue: EventCatalogue | None = None, **options: Any) -> Outcome:
+    """Send one test event through the hook's target and report the outcome;
+    ``catalogue``: the engine's event types (EVENT_TYPES_FILE's codes too)."""
+    delivery = build_test_delivery(hook, event_type, names, catalogue)
     own = transport is None
     if transport is None:
         try:

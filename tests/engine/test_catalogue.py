@@ -327,3 +327,27 @@ def test_non_object_row_in_extra_file(tmp_path: Path) -> None:
     path = write_types(tmp_path, {"event_types": ["send_viber"]})
     with pytest.raises(ConfigError, match="expected an object"):
         load_catalogue(path)
+
+
+def test_a_test_event_of_a_code_from_the_extra_file_is_sent(tmp_path: Path) -> None:
+    """The test event of a code EVENT_TYPES_FILE adds is built with that catalogue
+    (its category's sample event_data), not refused as unknown."""
+    import asyncio
+
+    from engine.hooks import parse_hook
+    from engine.testevent import send_test_event
+    from engine.transports.stub import StubTransport
+
+    path = write_types(tmp_path, {"event_types": [
+        {"code": "send_viber", "name": "Send Viber", "category": "delivery",
+         "channel": "viber"}]})
+    catalogue = load_catalogue(path)
+    hook = parse_hook({"id": 3, "name": "h", "account_id": 1, "actions": ["send_viber"],
+                       "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}, catalogue)
+    stub = StubTransport()
+    outcome = asyncio.run(send_test_event(hook, "send_viber", transport=stub,
+                                          catalogue=catalogue))
+    assert outcome.ok, outcome
+    (message,) = [json.loads(p) for d in stub.sent for p in d.parts]
+    assert message["event_type"] == "send_viber" and message["is_test"] is True
+    assert message["event_data"]["campaign_id"] == 130
