@@ -207,14 +207,25 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     if foreign:
         raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted",
                        [_issue(i) for i in foreign])
-    issues = [_issue(i) for i in batch.issues]
-    if issues and not (partial and batch.events):
-        raise ApiError(422, f"{len(issues)} bad event(s), nothing accepted", issues)
+    if batch.issues and not (partial and batch.events):
+        raise _bad_events(batch.issues)
     ensure_ids(batch.events)
-    backend.intake.append(batch.events)
-    if not issues:
-        return 202, {"accepted": len(batch.events)}
-    return 207, {"accepted": len(batch.events), "rejected": len(issues), "issues": issues}
+    # events that decoded but cannot be written (an integer beyond 64 bits in event_data)
+    # are found by the one encoding that writes the others
+    encoded = backend.intake.encode(batch.events, batch.indices)
+    found = sorted(batch.issues + encoded.issues, key=lambda issue: issue.index)
+    if encoded.issues and not (partial and encoded.events):
+        raise _bad_events(found)
+    backend.intake.write(encoded)
+    if not found:
+        return 202, {"accepted": len(encoded.events)}
+    return 207, {"accepted": len(encoded.events), "rejected": len(found),
+                 "issues": [_issue(i) for i in found]}
+
+
+def _bad_events(issues: list[EventIssue]) -> ApiError:
+    return ApiError(422, f"{len(issues)} bad event(s), nothing accepted",
+                    [_issue(i) for i in issues])
 
 
 # --- hooks -----------------------------------------------------------------------------

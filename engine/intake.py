@@ -11,12 +11,12 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import repeat
 from operator import attrgetter
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 import numpy as np
@@ -28,6 +28,7 @@ from engine.collector import paused_gc
 from engine.errors import ConfigError, EventError
 from engine.events import (
     MAX_ID,
+    DecodedBatch,
     Event,
     EventIssue,
     decode_batch,
@@ -60,6 +61,55 @@ _DATABASE = attrgetter("account_id", "list_id")
 _ID = attrgetter("id")
 
 
+# Python frames the intake encodes events below (see _deeper)
+RECURSION_RESERVE = 200
+NESTED_TOO_DEEPLY = "nested too deeply (objects and arrays within each other)"
+# what encoding a batch raises when one of its events cannot be written
+_UNENCODABLE = (TypeError, OverflowError, RecursionError)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+def _deeper(fn: Callable[[T], R], arg: T, frames: int = RECURSION_RESERVE) -> R:
+    """``fn(arg)``, called ``frames`` Python frames deeper than here.
+
+    msgspec gives up (RecursionError) on data nested deeper than the interpreter's
+    recursion limit allows from where it runs. The intake encodes under this reserve,
+    so that what it accepts is read back, and its messages encoded, by a partition
+    whose stack is deeper than the intake's was, not set aside there as unreadable.
+    Costs about 15 µs a call."""
+    return _deeper(fn, arg, frames - 1) if frames else fn(arg)
+
+
+def _read_back(events: list[Event]) -> object:
+    return _entry_decoder.decode(_entry_encoder.encode(events))
+
+
+def encoding_issue(index: int, event: Event) -> EventIssue | None:
+    """Why ``event`` cannot be written to an intake entry (an integer beyond 64 bits, a
+    value of no JSON type, nesting too deep for a partition to read back), or None."""
+    try:
+        _deeper(_entry_encoder.encode, [event])  # in a list, as in an entry
+    except RecursionError:
+        return EventIssue(index, _too_deep(event), NESTED_TOO_DEEPLY)
+    except (TypeError, OverflowError) as exc:
+        try:
+            where = _unencodable(event, "")
+        except RecursionError:  # deep, as well
+            where = "$"
+        return EventIssue(index, where, f"cannot be encoded: {exc}")
+    return None
+
+
+def encoding_issues(events: Sequence[Event], indices: Sequence[int] | None = None
+                    ) -> list[EventIssue]:
+    """``encoding_issue`` of each event, at its index in ``indices`` (default: its
+    position). One event at a time: for when encoding the batch failed."""
+    found = (encoding_issue(i if indices is None else indices[i], e)
+             for i, e in enumerate(events))
+    return [issue for issue in found if issue is not None]
+
+
 def read_back_issues(events: list[Event]) -> list[EventIssue]:
     """Issues of events built in Python, whose field types and id ranges msgspec does
     not check (it checks while decoding): each event must read back from the msgpack
@@ -69,15 +119,17 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
     ``account_id``, a plain int there, is range-checked here."""
     issues: list[EventIssue] = []
     try:
-        _entry_decoder.decode(_entry_encoder.encode(events))
-    except (msgspec.ValidationError, msgspec.DecodeError, TypeError, OverflowError):
+        _deeper(_read_back, events)
+    except (msgspec.ValidationError, msgspec.DecodeError, *_UNENCODABLE):
         for i, event in enumerate(events):
-            try:
-                _one_decoder.decode(_entry_encoder.encode(event))
-            except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-                issues.append(validation_issue(i, exc))
-            except (TypeError, OverflowError) as exc:  # not encodable (an object, 2**64)
-                issues.append(EventIssue(i, _unencodable(event, ""), f"cannot be encoded: {exc}"))
+            issue = encoding_issue(i, event)
+            if issue is None:
+                try:
+                    _one_decoder.decode(_entry_encoder.encode(event))
+                except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+                    issue = validation_issue(i, exc)
+            if issue is not None:
+                issues.append(issue)
     accounts = list(map(_ACCOUNT, events))
     if issues or (accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID):
         bad = {issue.index for issue in issues}
@@ -104,6 +156,28 @@ def _unencodable(value: Any, path: str) -> str:
         except (TypeError, OverflowError):
             return _unencodable(v, inner)
     return path or "$"
+
+
+def _too_deep(event: Event) -> str:
+    """The field of ``event`` nested too deeply to be encoded under the reserve."""
+    for attr, name in zip(event.__struct_fields__, event.__struct_encode_fields__, strict=True):
+        try:
+            _deeper(_entry_encoder.encode, [[getattr(event, attr)]])
+        except RecursionError:
+            return name
+        except (TypeError, OverflowError):
+            pass
+    return "$"
+
+
+@dataclass(slots=True)
+class Encoded:
+    """Events ready to append: the stream entries they make, each encoded once, and the
+    issues of the events left out because they could not be (see ``Intake.encode``)."""
+
+    events: list[Event]
+    entries: list[tuple[int, bytes]]
+    issues: list[EventIssue]
 
 
 @dataclass
@@ -147,6 +221,11 @@ def decode_views(fields: dict[bytes, bytes]) -> list[PartView] | None:
         return None
 
 
+def _refusal(issues: list[EventIssue]) -> EventError:
+    return EventError(f"{len(issues)} bad event(s), nothing accepted: "
+                      + "; ".join(map(str, issues[:20])), issues)
+
+
 class Intake:
     def __init__(self, r: redis.Redis, keys: Keys, partitions: int, max_batch: int,
                  catalogue: EventCatalogue | None = None) -> None:
@@ -175,10 +254,7 @@ class Intake:
     def validate(self, events: bytes | str | Sequence[Event | dict[str, Any]]
                  ) -> tuple[list[Event], list[EventIssue]]:
         """Decode and check events; returns the good ones and every issue."""
-        if isinstance(events, bytes | str):
-            batch = decode_batch(events, self.catalogue)
-            return batch.events, batch.issues
-        if all(map(isinstance, events, repeat(Event))):
+        if not isinstance(events, bytes | str) and all(map(isinstance, events, repeat(Event))):
             built = list(cast(Sequence[Event], events))
             # Event objects were checked when built (__post_init__), but not their
             # fields' types and ids' ranges: msgspec checks those only while decoding
@@ -191,9 +267,22 @@ class Intake:
             bad = {issue.index for issue in issues}
             return ([e for i, e in enumerate(built) if i not in bad],
                     sorted(issues, key=attrgetter("index")))
-        plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
-        batch = decode_batch(msgspec.json.encode(plain), self.catalogue)
+        batch = self._decode(events)
+        try:  # what decoded may still not encode: an integer beyond 64 bits in event_data
+            _deeper(_entry_encoder.encode, batch.events)
+        except _UNENCODABLE:
+            unwritable = encoding_issues(batch.events, batch.indices)
+            left_out = {issue.index for issue in unwritable}
+            return ([e for e, i in zip(batch.events, batch.indices, strict=True)
+                     if i not in left_out],
+                    sorted(batch.issues + unwritable, key=attrgetter("index")))
         return batch.events, batch.issues
+
+    def _decode(self, events: bytes | str | Sequence[Event | dict[str, Any]]) -> DecodedBatch:
+        if isinstance(events, bytes | str):
+            return decode_batch(events, self.catalogue)
+        plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
+        return decode_batch(msgspec.json.encode(plain), self.catalogue)
 
     def publish(self, events: bytes | str | Sequence[Event | dict[str, Any]],
                 partial: bool = False) -> PublishResult:
@@ -209,15 +298,24 @@ class Intake:
             built = list(cast(Sequence[Event], events))
             if self._publish_checked(built):
                 return PublishResult(len(built), [], [e.id or "" for e in built])
-        good, issues = self.validate(events)
-        if issues and not partial:
-            raise EventError(
-                f"{len(issues)} bad event(s), nothing accepted: "
-                + "; ".join(map(str, issues[:20])), issues)
-        fresh = [e for e in good if e.id is None]
+        if isinstance(events, bytes | str) or not all(map(isinstance, events, repeat(Event))):
+            batch = self._decode(events)  # what does not encode: found while encoding
+        else:  # built in Python, and one is bad: validate names it
+            good, found = self.validate(events)
+            bad = {issue.index for issue in found}
+            batch = DecodedBatch(good, [i for i in range(len(events)) if i not in bad], found)
+        if batch.issues and not partial:
+            raise _refusal(batch.issues)
+        fresh = [e for e in batch.events if e.id is None]
         ensure_ids(fresh)
-        self.append(good, fresh)
-        return PublishResult(len(good), issues, [e.id or "" for e in good])
+        encoded = self.encode(batch.events, batch.indices)
+        issues = sorted(batch.issues + encoded.issues, key=attrgetter("index"))
+        if encoded.issues and not partial:
+            for event in fresh:
+                event.id = None
+            raise _refusal(issues)
+        self.write(encoded, fresh)
+        return PublishResult(len(encoded.events), issues, [e.id or "" for e in encoded.events])
 
     def _publish_checked(self, events: list[Event]) -> bool:
         """Append ``events`` (built in Python) if they are all good, checked on the
@@ -233,15 +331,41 @@ class Intake:
             if accounts and not 0 <= min(accounts) <= max(accounts) <= MAX_ID:
                 return False
             ensure_ids(fresh)
-            encoded = [(n, encode_entry(chunk)) for n, chunk in self._entries(events)]
-            for _, data in encoded:
-                _entry_decoder.decode(data)
-        except (msgspec.ValidationError, msgspec.DecodeError, TypeError, OverflowError):
+            encoded = _deeper(self._encode_read_back, events)
+        except (msgspec.ValidationError, msgspec.DecodeError, *_UNENCODABLE):
             for event in fresh:
                 event.id = None
             return False
         self._write_refundable(encoded, len(events), fresh)
         return True
+
+    def _encode_read_back(self, events: list[Event]) -> list[tuple[int, bytes]]:
+        encoded = self._encode(events)
+        for _, data in encoded:
+            _entry_decoder.decode(data)
+        return encoded
+
+    def _encode(self, events: list[Event]) -> list[tuple[int, bytes]]:
+        return [(n, encode_entry(chunk)) for n, chunk in self._entries(events)]
+
+    def encode(self, events: list[Event], indices: Sequence[int] | None = None) -> Encoded:
+        """The stream entries of ``events`` (decoded, given their ids), encoded once. When
+        that fails, the events that cannot be encoded (an integer beyond 64 bits in
+        ``event_data``, nesting too deep) are found one by one and left out, each with
+        an issue at its index in ``indices`` (default: its position)."""
+        try:
+            return Encoded(events, _deeper(self._encode, events), [])
+        except _UNENCODABLE:
+            issues = encoding_issues(events, indices)
+        positions = indices if indices is not None else range(len(events))
+        bad = {issue.index for issue in issues}
+        good = [e for e, i in zip(events, positions, strict=True) if i not in bad]
+        return Encoded(good, _deeper(self._encode, good), issues)
+
+    def write(self, encoded: Encoded, fresh: Sequence[Event] = ()) -> None:
+        """Append what ``encode`` made; ``fresh``: the events whose ids were given for
+        this append (taken back if it is refused)."""
+        self._write_refundable(encoded.entries, len(encoded.events), fresh)
 
     def _write_refundable(self, entries: list[tuple[int, bytes]], count: int,
                           fresh: Sequence[Event]) -> None:
@@ -257,9 +381,12 @@ class Intake:
 
     def append(self, events: list[Event], fresh: Sequence[Event] = ()) -> None:
         """Append validated events (with ids) to their partitions' streams; ``fresh``:
-        those whose ids were given for this append (taken back if it is refused)."""
-        self._write_refundable(
-            [(n, encode_entry(chunk)) for n, chunk in self._entries(events)], len(events), fresh)
+        those whose ids were given for this append (taken back if it is refused).
+        EventError, nothing appended, if one cannot be encoded."""
+        encoded = self.encode(events)
+        if encoded.issues:
+            raise _refusal(encoded.issues)
+        self.write(encoded, fresh)
 
     def _entries(self, events: list[Event]) -> list[tuple[int, list[Event]]]:
         """(partition, events) of each stream entry to write: events grouped by the

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
@@ -716,3 +717,52 @@ def test_an_empty_event_id_is_a_bad_event() -> None:
     _, issues = intake.validate([Event(event_type="click", event_date=DATE, account_id=1,
                                        id="")])
     assert [(i.index, i.field) for i in issues] == [(0, "id")]
+
+
+# --- what decodes but cannot be written --------------------------------------------------
+
+
+@pytest.mark.parametrize(("fields", "field"), [
+    ({"event_data": {"campaign_id": 7, "x": 2**64}}, "event_data.x"),
+    ({"profile": {"x": -2**63 - 1}}, "profile.x"),
+    ({"custom_data": {"a": [1, {"b": 2**70}]}}, "custom_data.a[1].b"),
+    ({"sends_trying_num": 2**64}, "sends_trying_num"),
+    ({"subscription": [{"priority": 2**64}]}, "subscription[0].priority"),
+])
+@pytest.mark.parametrize("encode", [as_array, as_ndjson], ids=["array", "ndjson"])
+def test_integers_beyond_64_bits_are_bad_events_naming_the_field(
+        fields: dict[str, Any], field: str, encode: Any) -> None:
+    """JSON has no integer bound, msgpack (the intake's entries) a 64-bit one: such an
+    event is refused like any bad event, not the whole request with an error."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    body = encode([ev(), ev(**fields), ev()])
+    good, issues = intake.validate(body)
+    assert len(good) == 2
+    assert [(i.index, i.field) for i in issues] == [(1, field)]
+    assert issues[0].reason == "cannot be encoded: can't serialize ints < -2**63 or > 2**64 - 1"
+    with pytest.raises(EventError, match=re.escape(f"event 1: {field}: cannot be encoded")):
+        intake.publish(body)  # refused before anything is written: no Redis needed
+    # the bounds themselves are written
+    assert intake.validate(encode([ev(event_data={"x": 2**64 - 1, "y": -2**63})]))[1] == []
+
+
+def test_an_event_nested_deeper_than_a_partition_could_read_is_a_bad_event() -> None:
+    """msgspec gives up on data nested deeper than the recursion limit allows from where
+    it runs: what the intake accepts must leave room for a partition's deeper stack."""
+    from engine.intake import NESTED_TOO_DEEPLY, Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    deep, fine = "[" * 850 + "]" * 850, "[" * 50 + "]" * 50
+    head = f'"event_date": "{DATE}", "account_id": 1'
+    body = (f'[{json.dumps(ev())}, {{"event_type": "click", {head}, "event_data": {{"x": {deep}}}}}'
+            f', {{"event_type": "open", {head}, "profile": {{"y": {fine}}}}}]')
+    good, issues = intake.validate(body)
+    assert [e.event_type for e in good] == ["click", "open"]
+    assert [(i.index, i.field, i.reason) for i in issues] == [
+        (1, "event_data", NESTED_TOO_DEEPLY)]
+    with pytest.raises(EventError, match="event 1: event_data: nested too deeply"):
+        intake.publish(body)

@@ -322,6 +322,35 @@ async def test_partial_true_accepts_the_good_events_and_lists_the_bad_with_207(
     assert answer.status == 400 and answer.error["code"] == "bad_request"
 
 
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"event_data": {"campaign_id": 7, "x": 2**64}}, "event_data.x"),
+    ({"profile": {"x": -2**63 - 1}}, "profile.x"),
+    ({"custom_data": {"x": 2**70}}, "custom_data.x"),
+    ({"sends_trying_num": 2**64}, "sends_trying_num"),
+    ({"subscription": [{"priority": 2**64}]}, "subscription[0].priority"),
+])
+async def test_an_integer_beyond_64_bits_is_a_bad_event_not_a_500(
+        api: Api, extra: dict[str, Any], field: str) -> None:
+    """JSON has no integer bound; the intake's msgpack a 64-bit one."""
+    body = [*events(2), {**events(1)[0], **extra}]
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=body)
+    assert answer.status == 422
+    assert [(i["index"], i["field"]) for i in answer.error["issues"]] == [(2, field)]
+    assert "cannot be encoded" in answer.error["issues"][0]["reason"]
+    assert api.intake() == []
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, json_body=body)
+    assert answer.status == 207
+    assert answer.body["accepted"] == 2 and answer.body["issues"][0]["field"] == field
+    ndjson = "\n".join(json.dumps(e) for e in [{**events(1)[0], **extra}, *events(1)])
+    answer = await api.call("POST", "/v1/events", api.ingest, data=ndjson,
+                            headers={"Content-Type": "application/x-ndjson"})
+    assert answer.status == 422 and answer.error["issues"][0]["index"] == 0
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest,
+                            json_body=[{**events(1)[0], **extra}])
+    assert answer.status == 422
+    assert len(api.intake()) == 2  # the good events of the partial request only
+
+
 @pytest.mark.parametrize("partial", ["false", "true"])
 async def test_an_event_of_another_account_is_403_and_nothing_is_accepted(
         api: Api, partial: str) -> None:

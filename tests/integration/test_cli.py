@@ -244,6 +244,21 @@ def test_publish_partial_with_nothing_accepted_is_an_error(
     assert err.startswith("hookray: error: no event accepted (1 bad)")
 
 
+def test_publish_of_an_integer_beyond_64_bits_is_a_clear_error(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.json"
+    good = {"event_type": "click", "account_id": 1, "event_date": "2026-01-01T00:00:00Z"}
+    events.write_text(json.dumps([good, {**good, "event_data": {"x": 2**64}}]))
+    code, _, err = run_cli(capsys, "-c", config, "publish", str(events))
+    assert code == 2
+    assert err.startswith("hookray: error: 1 bad event(s), nothing accepted: event 1: "
+                          "event_data.x: cannot be encoded")
+    code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    assert code == 0 and result["accepted"] == 1
+    assert result["issues"] == ["event 1: event_data.x: cannot be encoded: can't serialize "
+                                "ints < -2**63 or > 2**64 - 1"]
+
+
 def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Path) -> None:
     """REDIS_URL from the settings file (not the environment) is used, and the
     demo's keys are gone afterwards."""
