@@ -38,6 +38,8 @@ def _read_json(path: str) -> Any:
         raise HookrayError(f"{path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:
         raise HookrayError(f"{path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise HookrayError(f"{path}: JSON nested too deeply to be read") from None
 
 
 # --- commands ----------------------------------------------------------------------------

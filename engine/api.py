@@ -48,7 +48,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
 from engine.errors import Conflict, HookError, NotFound
-from engine.events import EventIssue, decode_batch, ensure_ids
+from engine.events import NESTED_TOO_DEEPLY, EventIssue, decode_batch, ensure_ids
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
@@ -199,7 +199,9 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         raise ApiError(400, "NDJSON body: expected one JSON object per line")
     batch = decode_batch(body, backend.catalogue)
     if batch.issues and batch.issues[0].index < 0:  # the body as a whole is not JSON
-        raise ApiError(400, f"malformed JSON: {batch.issues[0].reason}")
+        reason = batch.issues[0].reason
+        raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
+                       else f"malformed JSON: {reason}")
     foreign = [EventIssue(i, "account_id", f"account {e.account_id} is not the token's "
                           f"account {account_id}")
                for e, i in zip(batch.events, batch.indices, strict=True)
@@ -349,6 +351,8 @@ async def _json(request: web.Request, default: Any = None) -> Any:
         return json.loads(body)
     except ValueError as exc:
         raise ApiError(400, f"malformed JSON: {exc}") from None
+    except RecursionError:
+        raise ApiError(400, f"JSON {NESTED_TOO_DEEPLY}") from None
 
 
 def _flag(request: web.Request, name: str) -> bool:

@@ -155,6 +155,7 @@ class DecodedBatch:
     issues: list[EventIssue]
 
 
+NESTED_TOO_DEEPLY = "nested too deeply (objects and arrays within each other)"
 _batch_decoder = msgspec.json.Decoder(list[Event])
 _event_decoder = msgspec.json.Decoder(Event)
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
@@ -190,11 +191,13 @@ def decode_batch(
         events = _batch_decoder.decode(raw)
         indices = list(range(len(events)))
         issues: list[EventIssue] = []
-    except (msgspec.ValidationError, msgspec.DecodeError):
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
         try:
             items = _raw_list_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             return DecodedBatch([], [], [EventIssue(-1, "$", f"not a JSON array of events: {exc}")])
+        except RecursionError:  # too deep even to be split into events
+            return DecodedBatch([], [], [EventIssue(-1, "$", NESTED_TOO_DEEPLY)])
         events, indices, issues = _decode_each(items, catalogue)
     return _check_types(events, indices, issues, catalogue)
 
@@ -211,6 +214,8 @@ def _decode_each(
             indices.append(i)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
             issues.append(validation_issue(i, exc))
+        except RecursionError:
+            issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))
     return events, indices, issues
 
 

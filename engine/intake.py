@@ -28,6 +28,7 @@ from engine.collector import paused_gc
 from engine.errors import ConfigError, EventError
 from engine.events import (
     MAX_ID,
+    NESTED_TOO_DEEPLY,
     DecodedBatch,
     Event,
     EventIssue,
@@ -63,7 +64,6 @@ _ID = attrgetter("id")
 
 # Python frames the intake encodes events below (see _deeper)
 RECURSION_RESERVE = 200
-NESTED_TOO_DEEPLY = "nested too deeply (objects and arrays within each other)"
 # what encoding a batch raises when one of its events cannot be written
 _UNENCODABLE = (TypeError, OverflowError, RecursionError)
 T = TypeVar("T")

@@ -766,3 +766,17 @@ def test_an_event_nested_deeper_than_a_partition_could_read_is_a_bad_event() -> 
         (1, "event_data", NESTED_TOO_DEEPLY)]
     with pytest.raises(EventError, match="event 1: event_data: nested too deeply"):
         intake.publish(body)
+
+
+def test_json_nested_too_deeply_to_decode_is_a_bad_event_or_a_bad_body() -> None:
+    """msgspec raises RecursionError on such input: it is reported like malformed input,
+    by event where the body can still be split into events (NDJSON lines)."""
+    from engine.events import NESTED_TOO_DEEPLY
+
+    deep = "[" * 5000 + "]" * 5000
+    event = f'{{"event_type": "click", "event_date": "{DATE}", "account_id": 1, "event_data": '
+    batch = decode_batch(f"[{json.dumps(ev())}, {event}{{\"x\": {deep}}}}}]")
+    assert (batch.events, triples(batch)) == ([], [(-1, "$", NESTED_TOO_DEEPLY)])
+    batch = decode_batch(f"{json.dumps(ev())}\n{event}{{\"x\": {deep}}}}}\n{json.dumps(ev())}")
+    assert len(batch.events) == 2 and batch.indices == [0, 2]
+    assert triples(batch) == [(1, "$", NESTED_TOO_DEEPLY)]

@@ -351,6 +351,35 @@ async def test_an_integer_beyond_64_bits_is_a_bad_event_not_a_500(
     assert len(api.intake()) == 2  # the good events of the partial request only
 
 
+async def test_json_nested_too_deeply_is_refused_on_every_route_and_nothing_accepted(
+        api: Api) -> None:
+    """Decoding gives up (RecursionError) on such JSON; once answered 500. Events that
+    decode but nest too deeply for a partition to read back are bad events."""
+    deep = "[" * 5000 + "]" * 5000
+    event = json.dumps(events(1)[0])[:-1] + ', "profile": {"x": %s}}'
+    answer = await api.call("POST", "/v1/events", api.ingest, data=f"[{event % deep}]",
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 400
+    assert answer.error["message"] == ("JSON nested too deeply (objects and arrays within "
+                                       "each other)")
+    lines = "\n".join([json.dumps(events(1)[0]), event % deep, event % ("[" * 900 + "]" * 900)])
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, data=lines,
+                            headers={"Content-Type": "application/x-ndjson"})
+    assert answer.status == 207 and answer.body["accepted"] == 1
+    assert [(i["index"], i["field"]) for i in answer.body["issues"]] == [(1, "$"), (2, "profile")]
+    assert all("nested too deeply" in i["reason"] for i in answer.body["issues"])
+    assert len(api.intake()) == 1
+    hook = await api.create()
+    for method, path, body in (("POST", "/v1/hooks", '{"name": %s}'),
+                               ("PUT", f"/v1/hooks/{hook['id']}", '{"name": %s}'),
+                               ("POST", f"/v1/hooks/{hook['id']}/test", '{"event_type": %s}'),
+                               ("POST", "/v1/dead-letters/replay", '{"ids": %s}')):
+        answer = await api.call(method, path, api.master, data=body % deep,
+                                headers={"Content-Type": "application/json"})
+        assert answer.status == 400, path
+        assert "nested too deeply" in answer.error["message"]
+
+
 @pytest.mark.parametrize("partial", ["false", "true"])
 async def test_an_event_of_another_account_is_403_and_nothing_is_accepted(
         api: Api, partial: str) -> None:

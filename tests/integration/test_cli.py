@@ -89,6 +89,9 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert "target.http_batch.url: 'ftp://x' is not an http(s) URL" in err
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(tmp_path / "nope.json"))
     assert code == 2 and "nope.json: cannot be read" in err
+    bad.write_text('{"name": ' + "[" * 5000 + "]" * 5000 + "}")
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(bad))
+    assert code == 2 and "bad.json: JSON nested too deeply to be read" in err
     events = tmp_path / "events.ndjson"
     good = '{"event_type": "click", "account_id": 1, "event_date": "2026-01-01T00:00:00Z"}'
     events.write_text(good + "\n" + good.replace("1,", '"one",') + "\n")
