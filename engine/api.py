@@ -42,6 +42,7 @@ from urllib.parse import urlsplit
 import msgspec
 import redis
 from aiohttp import web
+from aiohttp.http_exceptions import ContentEncodingError
 from pydantic import BaseModel, SecretStr, ValidationError
 
 from engine.auth import TokenInfo, TokenStore
@@ -736,12 +737,27 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return exc.response()
     except web.HTTPException as exc:
         return _http_error(request, exc)
+    except web.RequestPayloadError as exc:  # the body could not be read as sent
+        response = error_response(400, _unreadable_body(request, exc))
+        # the rest of the body cannot be read either: the connection is closed after this
+        # answer, not drained first (which would fail again, logged as unhandled)
+        response.force_close()
+        request.content.feed_eof()
+        return response
     except redis.RedisError as exc:
         log.warning("%s %s: Redis: %s", request.method, request.path, exc)
         return error_response(503, "the engine's Redis is unavailable; try again")
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error")
+
+
+def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> str:
+    encoding = request.headers.get("Content-Encoding", "")
+    if isinstance(exc.__cause__, ContentEncodingError):
+        return (f"the request body is not what its Content-Encoding {encoding!r} says: it "
+                "cannot be decoded; send it encoded so, or without that header")
+    return f"the request body could not be read: {exc.__cause__ or exc}"
 
 
 def _http_error(request: web.Request, exc: web.HTTPException) -> web.Response:

@@ -8,6 +8,7 @@ the running engine to a receiver.
 
 from __future__ import annotations
 
+import gzip
 import json
 import socket
 import time
@@ -411,6 +412,27 @@ async def test_malformed_event_bodies_are_400(api: Api, body: bytes, content_typ
     assert answer.status == 400
     assert answer.error["code"] == "bad_request"
     assert words in answer.error["message"]
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+async def test_a_body_its_content_encoding_does_not_decode_is_400(
+        api: Api, encoding: str, caplog: pytest.LogCaptureFixture) -> None:
+    """aiohttp raises RequestPayloadError reading such a body: once answered 500."""
+    for path, body in (("/v1/events", json.dumps(events(2))),
+                       ("/v1/hooks", json.dumps(hook_body()))):
+        answer = await api.call("POST", path, api.master, data=body, headers={
+            "Content-Type": "application/json", "Content-Encoding": encoding})
+        assert answer.status == 400, path
+        assert answer.error == {"code": "bad_request", "message": (
+            f"the request body is not what its Content-Encoding {encoding!r} says: it cannot "
+            "be decoded; send it encoded so, or without that header")}
+    assert api.intake() == [] and (await api.call("GET", "/v1/hooks", api.master)).body == {
+        "hooks": [], "invalid": []}
+    assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    answer = await api.call("POST", "/v1/events", api.master, data=gzip.compress(
+        json.dumps(events(2)).encode()), headers={"Content-Type": "application/json",
+                                                  "Content-Encoding": "gzip"})
+    assert answer.status == 202 and len(api.intake()) == 2
 
 
 async def test_bodies_over_the_limit_are_413(settings: Settings,
