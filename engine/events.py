@@ -44,6 +44,10 @@ IdInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 EventId = Annotated[str, msgspec.Meta(min_length=1)]
 
 
+# an event_date already in the form messages carry: UTC, no trailing zero in the fraction
+_CANONICAL_DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]\d(?:\.\d{0,8}[1-9])?Z", re.ASCII)
+
+
 @lru_cache(maxsize=1 << 18)
 def parse_rfc3339_ns(text: str) -> int:
     """Unix nanoseconds of an RFC 3339 time (fraction up to nanoseconds).
@@ -108,9 +112,20 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
     def __post_init__(self) -> None:
         # validation errors raised here name their field first: "field: reason"
         try:
-            parse_rfc3339_ns(self.event_date)
+            ns = parse_rfc3339_ns(self.event_date)
         except ValueError as exc:
             raise ValueError(f"event_date: {exc}") from None
+        if _CANONICAL_DATE.fullmatch(self.event_date) is None:
+            # stored as messages carry it (RFC 3339, UTC, nanosecond fraction without
+            # trailing zeros, as Go's RFC3339Nano): an offset, a lowercase t or z, a
+            # fraction with trailing zeros, a leap second (:60, as :59)
+            from engine.customdata import format_rfc3339_nano
+
+            utc = format_rfc3339_nano(ns)
+            if _CANONICAL_DATE.fullmatch(utc) is None or utc.startswith("0000"):
+                raise ValueError(f"event_date: {self.event_date!r} is outside the years "
+                                 "0001-9999 in UTC")
+            self.event_date = utc
         if self.account_id < 0:
             raise ValueError("account_id: must be >= 0")
         if self.account_id > MAX_ID:

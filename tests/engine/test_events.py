@@ -580,8 +580,12 @@ def test_parse_rfc3339_matches_datetime(
 
 def test_event_date_ns_property() -> None:
     [event] = decode_events(as_array([ev(event_date="2018-03-04T16:13:19.5+03:00")]))
-    assert event.event_date == "2018-03-04T16:13:19.5+03:00"  # kept as sent
+    # stored as messages carry it: UTC, Go's RFC3339Nano
+    assert event.event_date == "2018-03-04T13:13:19.5Z"
     assert event.date_ns == 1_520_169_199_500_000_000
+    issues = decode_batch(as_array([ev(event_date="9999-12-31T23:30:00-01:00")])).issues
+    assert [(i.index, i.field) for i in issues] == [(0, "event_date")]
+    assert "outside the years 0001-9999 in UTC" in issues[0].reason
 
 
 def test_intake_entries_round_trip_and_json_entries_still_read() -> None:

@@ -205,12 +205,15 @@ def test_deleted_profile_fields_are_null() -> None:
 @pytest.mark.parametrize(
     ("event_date", "expected"),
     [
-        # ends in Z: kept as the producer wrote it
+        # already as Go's RFC3339Nano writes UTC: kept
         (DATE, DATE),
         ("2016-11-15T09:12:28Z", "2016-11-15T09:12:28Z"),
         ("2016-11-15T09:12:28.5Z", "2016-11-15T09:12:28.5Z"),
-        ("2016-11-15T09:12:28.500000000Z", "2016-11-15T09:12:28.500000000Z"),
-        # otherwise normalised to UTC RFC3339Nano (trailing zeros trimmed, as Go does)
+        # otherwise normalised to it when the event is made (trailing zeros trimmed, as
+        # Go does; a lowercase t; a leap second, as :59 like the template parameters)
+        ("2016-11-15T09:12:28.500000000Z", "2016-11-15T09:12:28.5Z"),
+        ("2016-11-15t09:12:28.5Z", "2016-11-15T09:12:28.5Z"),
+        ("2016-12-31T23:59:60Z", "2016-12-31T23:59:59Z"),
         ("2016-11-15T12:12:28.514388956+03:00", DATE),
         ("2016-11-15T03:42:28.100-05:30", "2016-11-15T09:12:28.1Z"),
         ("2016-11-15T09:12:28+00:00", "2016-11-15T09:12:28Z"),
@@ -227,10 +230,23 @@ def test_event_date(event_date: str, expected: str) -> None:
 
 
 def test_message_date_uses_a_given_instant() -> None:
-    event = make_event(event_date="2016-11-15T12:12:28+03:00")
+    """An event stored by an earlier version, which kept the date as sent, is
+    normalised when its message is built; a date in Z is never re-formatted."""
+    from engine.intake import StoredEvent
+
+    event = StoredEvent(event_type="click", account_id=1,
+                        event_date="2016-11-15T12:12:28+03:00")
+    assert event.event_date == "2016-11-15T12:12:28+03:00"
+    assert message_date(event) == "2016-11-15T09:12:28Z"
     assert message_date(event, 1_000_000_000_000_000_001) == "2001-09-09T01:46:40.000000001Z"
-    # a date in Z is never re-formatted
     assert message_date(make_event(), 0) == DATE
+
+
+@pytest.mark.parametrize("event_date", ["0001-01-01T00:00:00+01:00",
+                                        "9999-12-31T23:59:59-01:00"])
+def test_a_date_outside_years_1_to_9999_in_utc_is_refused(event_date: str) -> None:
+    with pytest.raises(ValueError, match=r"event_date: .* outside the years 0001-9999 in UTC"):
+        make_event(event_date=event_date)
 
 
 # --- event_data ---------------------------------------------------------------------------------
