@@ -199,7 +199,12 @@ def decode_batch(
     """Decode a JSON array (or NDJSON) of events; bad ones are reported, good ones kept."""
     catalogue = load_catalogue() if catalogue is None else catalogue  # an empty one is falsy
     raw = data.encode() if isinstance(data, str) else data
+    if raw.startswith(_BOM):  # written by some editors and Windows tools: not content
+        raw = raw[len(_BOM):]
     stripped = raw.lstrip()
+    if stripped[:1] == b"{" and b"\n" in stripped.rstrip() and _one_object(stripped):
+        raw = b"[" + raw + b"]"  # one event written over several lines, not NDJSON
+        stripped = raw
     if stripped[:1] != b"[":
         return _decode_ndjson(raw, catalogue)
     try:
@@ -232,6 +237,18 @@ def _decode_each(
         except RecursionError:
             issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))
     return events, indices, issues
+
+
+_BOM = b"\xef\xbb\xbf"
+
+
+def _one_object(raw: bytes) -> bool:
+    """Whether ``raw`` is a single JSON object (NDJSON's first line is read alone, as
+    its trailing lines make it no single value)."""
+    try:
+        return isinstance(msgspec.json.decode(raw), dict)
+    except (msgspec.DecodeError, RecursionError):
+        return False
 
 
 def _decode_ndjson(raw: bytes, catalogue: EventCatalogue) -> DecodedBatch:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import repeat
@@ -289,6 +289,13 @@ class Intake:
         """Validate and append events. With bad events: raise EventError listing them and
         accept nothing, unless ``partial`` (then the good ones are accepted and the issues
         returned). The cyclic collector is paused meanwhile (``engine.collector``)."""
+        if isinstance(events, Mapping | Event) or not isinstance(events, bytes | str | Iterable):
+            what = "one event" if isinstance(events, Mapping | Event) else type(events).__name__
+            raise EventError(f"expected a list of events (or a JSON array or NDJSON body), "
+                             f"got {what}; nothing accepted",
+                             [EventIssue(-1, "$", f"expected a list of events, got {what}")])
+        if not isinstance(events, bytes | str | Sequence):
+            events = list(events)  # a generator, say: read once, here
         with paused_gc():
             return self._publish(events, partial)
 

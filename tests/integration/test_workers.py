@@ -17,6 +17,7 @@ import redis
 
 from engine.dispatch import PartitionWorker
 from engine.errors import EventError, HookError, NotFound
+from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
 from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
@@ -149,6 +150,27 @@ def test_intake_rejects_a_batch_with_bad_events_unless_partial(
     result = intake.publish(batch, partial=True)
     assert result.accepted == 2 and [i.index for i in result.issues] == [2]
     assert redis_client.xlen(keys.intake(0)) == 1
+
+
+def test_intake_takes_a_list_or_a_body_of_events_not_one_event(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """One event given where a batch is expected (a dict, an Event, None) is refused
+    saying so, not read key by key; a generator of events is read once; one event
+    written over several lines (not NDJSON) is one event; a UTF-8 BOM is no content."""
+    intake = Intake(redis_client, keys, partitions=1, max_batch=100)
+    intake.ensure_groups()
+    (event,) = clicks(1)
+    for one in (event, Event(**event), None):
+        with pytest.raises(EventError, match=r"expected a list of events .*, got "):
+            intake.publish(one)  # type: ignore[arg-type]
+    assert redis_client.xlen(keys.intake(0)) == 0
+    assert intake.publish(e for e in clicks(2)).accepted == 2
+    pretty = json.dumps({**event, "id": "pretty"}, indent=2).encode()
+    assert intake.publish(pretty).ids == ["pretty"]
+    assert intake.publish(b"\xef\xbb\xbf" + json.dumps([{**event, "id": "bom"}]).encode()
+                          ).ids == ["bom"]
+    nd = b"\n".join(json.dumps({**event, "id": f"nd{n}"}).encode() for n in range(2))
+    assert intake.publish(b"\xef\xbb\xbf" + nd).ids == ["nd0", "nd1"]
 
 
 def test_publishing_pauses_the_cyclic_collector_and_resumes_it_even_on_errors(
