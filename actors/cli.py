@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -293,6 +294,20 @@ def _at_least_one(text: str) -> int:
     return value
 
 
+DEMO_EVENTS = (100, 1_000_000)  # the demo's --events bounds
+
+
+def _demo_events(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not DEMO_EVENTS[0] <= value <= DEMO_EVENTS[1]:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected an integer from {DEMO_EVENTS[0]:,} to {DEMO_EVENTS[1]:,}")
+    return value
+
+
 def _progress(verb: str) -> Callable[[int], None]:
     """Progress on stderr for a long replay or discard: a line per 10,000."""
     said = [0]
@@ -361,7 +376,9 @@ def _parser() -> argparse.ArgumentParser:
                           description="Local Ray, an embedded Redis when REDIS_URL is unset, a "
                           "local HTTP receiver, sample hooks and events; prints what each "
                           "receiver got and the stats.")
-    demo.add_argument("--events", type=int, default=2_000, help="sample events to publish")
+    demo.add_argument("--events", type=_demo_events, default=2_000,
+                      help=f"sample events to publish ({DEMO_EVENTS[0]:,} to "
+                           f"{DEMO_EVENTS[1]:,}; fewer leave a sample hook without any)")
     demo.set_defaults(fn=cmd_demo)
 
     hooks = sub.add_parser("hooks", help="manage hooks", description="Manage hooks.")
@@ -445,6 +462,10 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as exc:
         print(f"hookray: error: Redis: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # the reader went away (| head): no traceback, as other tools
+        with contextlib.suppress(OSError):  # and none when Python flushes stdout at exit
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 141  # 128 + SIGPIPE, what a shell reports for such a pipe
 
 
 if __name__ == "__main__":

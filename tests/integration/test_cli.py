@@ -358,3 +358,28 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     code, out, _ = run_cli(capsys, "-c", config, "discard", "--all")
     assert code == 0 and out.strip() == "1 dead letter(s) discarded"
     assert retry.dead_letters() == []
+
+
+@pytest.mark.parametrize("value", ["5", "-1", "abc", "1000001"])
+def test_demo_refuses_too_few_or_too_many_events(value: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    """Fewer than 100 sample events leave a sample hook without any, and the demo
+    would report a failure of an engine that worked."""
+    with pytest.raises(SystemExit) as exit_info:
+        _parser().parse_args(["demo", "--events", value])
+    assert exit_info.value.code == 2
+    assert f"argument --events: {value!r}: expected an integer from 100 to 1,000,000" \
+        in capsys.readouterr().err
+
+
+def test_output_into_a_closed_pipe_is_no_traceback(config: str) -> None:
+    """``hookray hooks list | head``: the reader went away before the output was
+    written; the command ends quietly with 141, as other tools do."""
+    proc = subprocess.Popen([sys.executable, "-m", "actors.cli", "-c", config, "hooks", "list"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # long before the command has imported anything
+    with proc.stderr:
+        err = proc.stderr.read().decode()
+    assert proc.wait(60) == 141, err
+    assert "Traceback" not in err and "BrokenPipe" not in err, err
