@@ -132,7 +132,9 @@ def not_utf8(value: Any) -> str | None:
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value of the wrong JSON type is refused, never converted ("5" is no
+    # database, 1 or "yes" no boolean, true no batch size); floats take integers
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
     @field_validator("*")
     @classmethod

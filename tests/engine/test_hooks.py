@@ -876,6 +876,71 @@ def test_empty_catalogue_knows_no_code() -> None:
     assert "actions: unknown event code(s) 'click'; known codes: " in message
 
 
+LAX = [  # values pydantic's lax mode took for another type
+    ("active", "yes", "active: Input should be a valid boolean"),
+    ("active", 1, "active: Input should be a valid boolean"),
+    ("send_content", "true", "send_content: Input should be a valid boolean"),
+    ("database", "5", "database: Input should be a valid integer"),
+    ("database", 5.0, "database: Input should be a valid integer"),
+    ("account_id", "23", "account_id: Input should be a valid integer"),
+    ("account_id", 23.0, "account_id: Input should be a valid integer"),
+    ("filters.campaigns", ["7"], "filters.campaigns.0: Input should be a valid integer"),
+    ("name", 5, "name: Input should be a valid string"),
+    ("actions", "click", "actions: Input should be a valid list"),
+    ("target.http_batch.max_batch_size", True,
+     "target.http_batch.max_batch_size: Input should be a valid integer"),
+    ("target.http_batch.max_batch_size", "50",
+     "target.http_batch.max_batch_size: Input should be a valid integer"),
+    ("target.http_batch.max_batch_size", 50.0,
+     "target.http_batch.max_batch_size: Input should be a valid integer"),
+    ("target.http_batch.flush_timeout_sec", True,
+     "target.http_batch.flush_timeout_sec: Input should be a valid number"),
+    ("target.http_batch.flush_timeout_sec", "10",
+     "target.http_batch.flush_timeout_sec: Input should be a valid number"),
+    ("target.http_batch.headers", {"X-A": 1},
+     "target.http_batch.headers.X-A: Input should be a valid string"),
+]
+
+
+@pytest.mark.parametrize(("path", "value", "fragment"), LAX,
+                         ids=[f"{p}={v!r}" for p, v, _ in LAX])
+def test_a_value_of_the_wrong_json_type_is_refused_not_converted(
+        path: str, value: Any, fragment: str) -> None:
+    assert fragment in hook_error(set_path(hook_data(), path, value))
+
+
+@pytest.mark.parametrize(("target", "fragment"), [
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "port": True}},
+     "target.rabbitmq_queue.port: Input should be a valid integer"),
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "port": "5672"}},
+     "target.rabbitmq_queue.port: Input should be a valid integer"),
+    ({"rabbitmq_exchange": {"host": "r", "exchange": "e", "durable": "no"}},
+     "target.rabbitmq_exchange.durable: Input should be a valid boolean"),
+    ({"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", "tls": 1}},
+     "target.kafka.tls: Input should be a valid boolean"),
+])
+def test_no_target_kind_converts_a_value_of_the_wrong_json_type(
+        target: dict[str, Any], fragment: str) -> None:
+    assert fragment in hook_error(hook_data(target))
+
+
+def test_integers_are_numbers_and_hooks_stored_as_json_still_load() -> None:
+    """Strict types refuse no value the model itself writes: a stored hook (JSON of
+    ``to_storage()``, as every version wrote it) loads as it was."""
+    data = hook_data(HTTP_BEARER, id=7, active=True, database=111,
+                     filters={"campaigns": [973], "segments": [0]},
+                     custom_data={"fields": ["email"], "pairs": {"k": "{{uuid}}"}})
+    set_path(data, "target.http_batch.flush_timeout_sec", 3)  # an integer is a number
+    set_path(data, "target.http_batch.request_timeout_sec", 2)
+    hook = parse_hook(data)
+    assert hook.target.http_batch is not None
+    assert hook.target.http_batch.flush_timeout_sec == 3.0
+    for target in (HTTP_OAUTH2, RABBIT_QUEUE, RABBIT_EXCHANGE, KAFKA, HTTP_URL_PASSWORD):
+        stored = json.dumps(parse_hook(hook_data(target, id=3)).to_storage())
+        assert parse_hook(json.loads(stored)).to_storage() == json.loads(stored)
+    assert parse_hook(json.loads(json.dumps(hook.to_storage()))) == hook
+
+
 @pytest.mark.parametrize(("fields", "fragment"), [
     ({"account_id": True}, "account_id: expected an id (an integer), got a boolean"),
     ({"database": False}, "database: expected an id (an integer), got a boolean"),

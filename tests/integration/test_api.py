@@ -712,6 +712,26 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
     assert answer.status == 400 and "empty" in answer.error["message"]
 
 
+@pytest.mark.parametrize(("extra", "field"), [
+    ({"active": "yes"}, "active"), ({"active": 1}, "active"), ({"database": "5"}, "database"),
+    ({"filters": {"campaigns": ["7"]}}, "filters.campaigns.0"),
+    ({"target": {"http_batch": {"url": "http://127.0.0.1:9/", "max_batch_size": True}}},
+     "target.http_batch.max_batch_size"),
+    ({"target": {"http_batch": {"url": "http://127.0.0.1:9/", "flush_timeout_sec": True}}},
+     "target.http_batch.flush_timeout_sec"),
+    ({"target": {"rabbitmq_queue": {"host": "h", "queue": "q", "port": True}}},
+     "target.rabbitmq_queue.port"),
+    ({"target": {"rabbitmq_exchange": {"host": "h", "exchange": "e", "durable": "no"}}},
+     "target.rabbitmq_exchange.durable"),
+])
+async def test_hook_values_of_the_wrong_json_type_are_422_not_converted(
+        api: Api, extra: dict[str, Any], field: str) -> None:
+    """As for account_id ("23", 23.0): "yes" is no boolean, true no batch size."""
+    answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(**extra))
+    assert answer.status == 422, answer.body
+    assert field in {i["field"] for i in answer.error["issues"]}
+
+
 LONE = "\ud800"  # a lone UTF-16 surrogate: JSON "\\ud800", not valid UTF-8
 
 
