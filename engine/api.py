@@ -32,6 +32,7 @@ import asyncio
 import functools
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -368,10 +369,8 @@ def _int_query(request: web.Request, name: str, default: int | None, low: int,
     raw = request.query.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = low - 1
+    # ASCII digits only: int() also takes "+2", "2_0", " 2" and other scripts' digits
+    value = int(raw) if re.fullmatch(r"[0-9]{1,20}", raw) else low - 1
     if not low <= value <= high:
         raise ApiError(422, f"query parameter {name}={raw!r}: expected an integer from "
                        f"{low} to {high}", [{"field": name, "reason": "expected an integer "
@@ -792,14 +791,14 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     add("POST", "/v1/events", post_events)
     add("GET", "/v1/hooks", list_hooks)
     add("POST", "/v1/hooks", create_hook)
-    add("GET", r"/v1/hooks/{id:\d{1,19}}", get_hook)
-    add("PUT", r"/v1/hooks/{id:\d{1,19}}", put_hook)
-    add("DELETE", r"/v1/hooks/{id:\d{1,19}}", delete_hook)
-    add("POST", r"/v1/hooks/{id:\d{1,19}}/activate", activate_hook)
-    add("POST", r"/v1/hooks/{id:\d{1,19}}/stop", stop_hook)
-    add("POST", r"/v1/hooks/{id:\d{1,19}}/clone", clone_hook)
-    add("POST", r"/v1/hooks/{id:\d{1,19}}/test", test_hook)
-    add("GET", r"/v1/hooks/{id:\d{1,19}}/stats", hook_stats)
+    add("GET", r"/v1/hooks/{id:[0-9]{1,19}}", get_hook)
+    add("PUT", r"/v1/hooks/{id:[0-9]{1,19}}", put_hook)
+    add("DELETE", r"/v1/hooks/{id:[0-9]{1,19}}", delete_hook)
+    add("POST", r"/v1/hooks/{id:[0-9]{1,19}}/activate", activate_hook)
+    add("POST", r"/v1/hooks/{id:[0-9]{1,19}}/stop", stop_hook)
+    add("POST", r"/v1/hooks/{id:[0-9]{1,19}}/clone", clone_hook)
+    add("POST", r"/v1/hooks/{id:[0-9]{1,19}}/test", test_hook)
+    add("GET", r"/v1/hooks/{id:[0-9]{1,19}}/stats", hook_stats)
     add("GET", "/v1/stats", stats)
     add("GET", "/v1/dead-letters", dead_letters)
     add("POST", "/v1/dead-letters/replay", replay)

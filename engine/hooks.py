@@ -386,8 +386,16 @@ class Kafka(_Model):
     def _host_port(cls, value: list[str]) -> list[str]:
         for server in value:
             host, _, port = server.rpartition(":")
-            if not host or not port.isdigit() or not 0 < int(port) < 65536:
-                raise ValueError(f"{server!r} is not host:port")
+            # ASCII digits: str.isdigit() takes "²", which int() does not
+            if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
+                raise ValueError(f"{server!r} is not host:port (a port from 1 to 65535)")
+        return value
+
+    @field_validator("topic")
+    @classmethod
+    def _topic_name(cls, value: str) -> str:
+        if value in (".", ".."):
+            raise ValueError(f"{value!r} is not a topic name Kafka allows")
         return value
 
     @model_validator(mode="after")

@@ -514,6 +514,16 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
     ("kafka server port too big",
      at("target", {"kafka": {"bootstrap_servers": ["k:65536"], "topic": "t"}}),
      ["target.kafka.bootstrap_servers: 'k:65536' is not host:port"]),
+    ("kafka server port of other digits",  # "²".isdigit(), and int("²") fails
+     at("target", {"kafka": {"bootstrap_servers": ["k:\u00b2"], "topic": "t"}}),
+     ["target.kafka.bootstrap_servers: 'k:\u00b2' is not host:port (a port from 1 to 65535)"]),
+    ("kafka server port of Arabic-Indic digits",
+     at("target", {"kafka": {"bootstrap_servers": ["k:\u0669\u0660\u0669\u0662"], "topic": "t"}}),
+     ["is not host:port (a port from 1 to 65535)"]),
+    *[(f"kafka topic {topic!r}",
+       at("target", {"kafka": {"bootstrap_servers": ["k:9092"], "topic": topic}}),
+       [f"target.kafka.topic: {topic!r} is not a topic name Kafka allows"])
+      for topic in (".", "..")],
     ("kafka no servers",
      at("target", {"kafka": {"bootstrap_servers": [], "topic": "t"}}),
      ["target.kafka.bootstrap_servers: List should have at least 1 item"]),

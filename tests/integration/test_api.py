@@ -16,6 +16,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import msgspec
@@ -730,6 +731,23 @@ async def test_hook_values_of_the_wrong_json_type_are_422_not_converted(
     answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(**extra))
     assert answer.status == 422, answer.body
     assert field in {i["field"] for i in answer.error["issues"]}
+
+
+@pytest.mark.parametrize("value", ["+1", "1_0", " 1", "1 ", "\u0661", "\uff11", "0x1"])
+async def test_ids_and_numbers_in_paths_and_queries_are_ascii_digits_only(
+        api: Api, value: str) -> None:
+    """int() takes all of these (but 0x1) as numbers, and the path pattern \\d other
+    scripts' digits: "\u0661" (Arabic-Indic one) named hook 1."""
+    hook = await api.create()
+    assert hook["id"] == 1
+    answer = await api.call("GET", f"/v1/hooks/{quote(value)}", api.master)
+    assert answer.status == 404 and answer.error["message"].startswith("no route"), value
+    for name in ("hook_id", "limit"):
+        answer = await api.call("GET", f"/v1/dead-letters?{name}={quote(value)}", api.master)
+        assert answer.status == 422, (name, value)
+        assert answer.error["issues"][0]["field"] == name
+    answer = await api.call("GET", "/v1/dead-letters?hook_id=1&limit=2", api.master)
+    assert answer.status == 200
 
 
 LONE = "\ud800"  # a lone UTF-16 surrogate: JSON "\\ud800", not valid UTF-8
