@@ -760,7 +760,7 @@ def test_an_event_nested_deeper_than_a_partition_could_read_is_a_bad_event() -> 
     from engine.keys import Keys
 
     intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
-    deep, fine = "[" * 850 + "]" * 850, "[" * 50 + "]" * 50
+    deep, fine = "[" * 900 + "]" * 900, "[" * 50 + "]" * 50
     head = f'"event_date": "{DATE}", "account_id": 1'
     body = (f'[{json.dumps(ev())}, {{"event_type": "click", {head}, "event_data": {{"x": {deep}}}}}'
             f', {{"event_type": "open", {head}, "profile": {{"y": {fine}}}}}]')

@@ -364,7 +364,7 @@ async def test_json_nested_too_deeply_is_refused_on_every_route_and_nothing_acce
     assert answer.status == 400
     assert answer.error["message"] == ("JSON nested too deeply (objects and arrays within "
                                        "each other)")
-    lines = "\n".join([json.dumps(events(1)[0]), event % deep, event % ("[" * 900 + "]" * 900)])
+    lines = "\n".join([json.dumps(events(1)[0]), event % deep, event % ("[" * 950 + "]" * 950)])
     answer = await api.call("POST", "/v1/events?partial=true", api.ingest, data=lines,
                             headers={"Content-Type": "application/x-ndjson"})
     assert answer.status == 207 and answer.body["accepted"] == 1
