@@ -13,7 +13,9 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
+from urllib.parse import unquote, urlsplit
 
+import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
@@ -70,6 +72,14 @@ class Settings(BaseModel):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
         return value
 
+    @field_validator("REDIS_URL")
+    @classmethod
+    def _redis_url_is_usable(cls, value: str) -> str:
+        problem = redis_url_problem(value)
+        if problem is not None:
+            raise PydanticCustomError("redis_url", "{reason}", {"reason": problem})
+        return value
+
     def timeout_for(self, kind: str) -> float:
         """The delivery timeout of a target kind: HTTP requests, or broker confirms."""
         return self.HTTP_REQUEST_TIMEOUT_SEC if kind == "http_batch" else self.BROKER_TIMEOUT_SEC
@@ -85,6 +95,56 @@ class Settings(BaseModel):
         data = self.model_dump()
         data["REDIS_URL"] = _mask_url(self.REDIS_URL)
         return data
+
+
+def redis_url_problem(url: str) -> str | None:
+    """Why redis-py could not use ``url`` (or would take another database than the
+    one written), or None. Parsed as redis-py parses it, without connecting: a bad
+    port, option or option value would otherwise fail every command with a traceback."""
+    if not url:
+        return None  # `hookray demo` starts an embedded Redis
+    try:
+        pool = redis.ConnectionPool.from_url(url)
+        pool.connection_class(**pool.connection_kwargs)  # takes the options; no connect
+    except TypeError as exc:  # an option redis-py does not know
+        unknown = re.search(r"unexpected keyword argument '([^']*)'", str(exc))
+        reason = f"unknown option {unknown.group(1)!r}" if unknown else str(exc)
+        return _scrubbed(f"not a URL redis-py can use: {reason}", url)
+    except (ValueError, redis.RedisError) as exc:
+        return _scrubbed(f"not a URL redis-py can use: {exc}", url)
+    # the path of a unix:// URL is the socket; of the others, the database, which
+    # redis-py ignores (using database 0) when it is no number
+    path = "" if url.startswith("unix://") else unquote(urlsplit(url).path).strip("/")
+    if "@" in path:  # redis-py ends the host at the first "/", even in a password
+        return "'@' after the host: write a '/' in the user name or password as %2F"
+    if path and not path.isdecimal():
+        ignored = "" if path.lstrip("-").isdecimal() else "; redis-py would use database 0"
+        return ("the database, the path after HOST:PORT, must be a whole number >= 0 "
+                f"(e.g. redis://HOST:6379/0){ignored}")
+    db = pool.connection_kwargs.get("db", 0)
+    if not isinstance(db, int) or db < 0:
+        return f"the database must be a whole number >= 0, not {db}"
+    return None
+
+
+def _scrubbed(text: str, url: str) -> str:
+    """``text`` without the credentials of ``url`` (an error may quote parts of it)."""
+    for secret in _secrets(url):
+        text = text.replace(secret, "***")
+    return text
+
+
+def _secrets(url: str) -> list[str]:
+    """What ``_mask_any_url`` masks in ``url``: the user-info (before the last ``@``),
+    its password and every ``password=`` value, as written and percent-decoded; also
+    the password's pieces between ``/ @ : ? #`` (where a parser that took it for the
+    host or port would cut it), but for pieces too short to give anything away."""
+    head, at, _ = url.split("://", 1)[-1].rpartition("@")
+    password = head.partition(":")[2]
+    found = [head, password, *re.split(r"[/@:?#]", password)] if at else []
+    found += re.findall(r"password=([^&#]*)", url, flags=re.IGNORECASE)
+    found += [unquote(s) for s in found]
+    return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
 
 
 def _mask_url(url: str) -> str:

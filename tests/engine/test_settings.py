@@ -85,6 +85,24 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("HOOK_CONTENT_CLEANUP_HOURS", "3d", BOUND_NUM),
     ("REDIS_URL", "http://127.0.0.1:6379", "String should match pattern"),
     ("REDIS_URL", "127.0.0.1:6379", "String should match pattern"),
+    # parsed as redis-py parses it: what it refuses when connecting is refused at load
+    ("REDIS_URL", "redis://127.0.0.1:notaport/0",
+     "not a URL redis-py can use: Port could not be cast to integer value as 'notaport'"),
+    ("REDIS_URL", "redis://[::1", "not a URL redis-py can use: Invalid IPv6 URL"),
+    ("REDIS_URL", "redis://127.0.0.1:99999/0", "not a URL redis-py can use: Port out of range"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_timeout=abc",
+     "not a URL redis-py can use: Invalid value for 'socket_timeout'"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?foo=bar",
+     "not a URL redis-py can use: unknown option 'foo'"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?protocol=9", "protocol must be either 2 or 3"),
+    ("REDIS_URL", "unix:///run/redis.sock?db=one", "Invalid value for 'db'"),
+    ("REDIS_URL", "unix:///run/redis.sock?db=-1", "the database must be a whole number >= 0"),
+    # a path redis-py ignores (it would use database 0) or takes for an impossible one
+    ("REDIS_URL", "redis://127.0.0.1:6379/abc",
+     "the database, the path after HOST:PORT, must be a whole number >= 0 "
+     "(e.g. redis://HOST:6379/0); redis-py would use database 0"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/9/x", "must be a whole number >= 0"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/-1", "must be a whole number >= 0"),
     ("REDIS_PREFIX", "", "at least 1 character"),
     ("REDIS_PREFIX", "x" * 65, "at most 64 characters"),
     ("REDIS_PREFIX", "has space", "String should match pattern"),
@@ -134,6 +152,7 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("HOOK_CONTENT_CLEANUP_HOURS", True, BOOL),
     ("REDIS_URL", "tcp://redis:6379", "String should match pattern"),
     ("REDIS_URL", 6379, "Input should be a valid string"),
+    ("REDIS_URL", "redis://redis:6379/db0", "the database, the path after HOST:PORT"),
     ("REDIS_PREFIX", "a/b", "String should match pattern"),
     ("REDIS_PREFIX", None, "Input should be a valid string"),
     ("PARTITIONS", 0, "accepted: a number >= 1"),
@@ -404,12 +423,12 @@ def test_json_that_is_not_an_object(tmp_path: Path, doc: Any) -> None:
         ("redis://user:s3cret@redis.internal:6379/0", "redis://***@redis.internal:6379/0",
          ["user", "s3cret"]),
         ("redis://:s3cret@redis.internal/0", "redis://***@redis.internal/0", ["s3cret"]),
-        ("rediss://user:p@ss/word@h:6380/1", "rediss://***@h:6380/1", ["p@ss", "word"]),
+        ("rediss://user:p@ss%2Fword@h:6380/1", "rediss://***@h:6380/1", ["p@ss", "word"]),
         ("unix://user:s3cret@/run/redis.sock?db=1", "unix://***@/run/redis.sock?db=1",
          ["s3cret"]),
         ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***", ["s3cret"]),
-        ("unix:///run/redis.sock?db=0&password=s3cret&x=1",
-         "unix:///run/redis.sock?db=0&password=***&x=1", ["s3cret"]),
+        ("unix:///run/redis.sock?db=0&password=s3cret&socket_timeout=1",
+         "unix:///run/redis.sock?db=0&password=***&socket_timeout=1", ["s3cret"]),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", []),
         ("redis://h/0?client_name=a@b", "redis://h/0?client_name=a@b", []),
         ("", "", []),
@@ -426,6 +445,36 @@ def test_redacted_masks_redis_credentials(url: str, shown: str, secrets: list[st
         **{k: v for k, v in DEFAULTS.items() if k != "REDIS_URL"}, "HOOK_RETRY_TIMES": 3
     }
     assert url == loaded.REDIS_URL  # the settings themselves keep the credentials
+
+
+@pytest.mark.parametrize("url", [
+    "redis://user:s3cret@127.0.0.1:notaport/0",
+    "redis://:s3cret@127.0.0.1:6379/0?foo=bar",
+    "redis://127.0.0.1:6379/abc?password=s3cret",
+    "rediss://user:s3cret@h:6380/0?ssl_cert_reqs=bogus",
+    "redis://user:s3cret/x@h:6379/0",  # a "/" in the password, not written %2F
+    "redis://user:s3%2Fcret@h:6379/x",
+])
+def test_a_refused_redis_url_is_shown_without_its_password(url: str) -> None:
+    message = config_error(environ={"REDIS_URL": url})
+    assert "REDIS_URL='" in message and "***" in message
+    assert "s3cret" not in message and "s3%2Fcret" not in message and "cret" not in message
+
+
+@pytest.mark.parametrize(("url", "db"), [
+    ("redis://no-such-host.invalid:6379/3", 3),  # checked without connecting
+    ("redis://h", 0), ("redis://h/", 0), ("redis://h:6379/%31", 1),
+    ("redis://user:p%40ss@h:6379/2", 2),
+    ("redis://h/0?socket_timeout=2.5&health_check_interval=10", 0),
+    ("rediss://h:6380/4?ssl_cert_reqs=none", 4),
+    ("unix:///run/redis.sock?db=5", 5), ("unix:///run/redis.sock", 0),
+])
+def test_redis_urls_redis_py_takes_are_accepted(url: str, db: int) -> None:
+    import redis
+
+    loaded = load_settings(environ={"REDIS_URL": url})
+    assert url == loaded.REDIS_URL
+    assert redis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0) == db
 
 
 def test_the_delivery_timeout_follows_the_target_kind() -> None:
