@@ -24,6 +24,9 @@ from engine.errors import ConfigError
 DEFAULT_RETRY_TIMES = 4  # re-sends after the first attempt (spec f)
 DEFAULT_RETRY_PERIOD_SEC = 15.0  # fixed pause between attempts (spec f)
 DEFAULT_CONTENT_CLEANUP_HOURS = 72.0  # message content TTL (spec f)
+# the most messages of one HTTP request: no hook's max_batch_size may be larger
+# (engine.hooks.HttpBatch), so a higher MAX_HTTP_BATCH could never take effect
+HTTP_BATCH_LIMIT = 10_000
 
 
 class Settings(BaseModel):
@@ -47,8 +50,9 @@ class Settings(BaseModel):
     INTAKE_MAX_BATCH: int = Field(5_000, ge=1, le=1_000_000)
     # Most stream entries a partition actor reads per XREADGROUP.
     READ_MAX_ENTRIES: int = Field(4, ge=1, le=10_000)
-    # Upper bound for any hook's max batch size (HTTP).
-    MAX_HTTP_BATCH: int = Field(10_000, ge=1, le=1_000_000)
+    # Upper bound for any hook's max batch size (HTTP): a hook's own max_batch_size
+    # is at most HTTP_BATCH_LIMIT too, so only a lower value changes anything.
+    MAX_HTTP_BATCH: int = Field(HTTP_BATCH_LIMIT, ge=1, le=HTTP_BATCH_LIMIT)
     # Concurrent requests per destination (host:port) in one transport actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)

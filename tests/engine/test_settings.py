@@ -120,7 +120,7 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("READ_MAX_ENTRIES", "0", "accepted: a number >= 1"),
     ("READ_MAX_ENTRIES", "10001", "accepted: a number <= 10000"),
     ("MAX_HTTP_BATCH", "0", "accepted: a number >= 1"),
-    ("MAX_HTTP_BATCH", "1000001", "accepted: a number <= 1000000"),
+    ("MAX_HTTP_BATCH", "10001", "accepted: a number <= 10000"),
     ("DESTINATION_CONCURRENCY", "0", "accepted: a number >= 1"),
     ("DESTINATION_CONCURRENCY", "1025", "accepted: a number <= 1024"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "0", "accepted: a number > 0"),
@@ -163,6 +163,7 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("INTAKE_MAX_BATCH", 0, "accepted: a number >= 1"),
     ("READ_MAX_ENTRIES", 0.5, "Input should be a valid integer"),
     ("MAX_HTTP_BATCH", 0, "accepted: a number >= 1"),
+    ("MAX_HTTP_BATCH", 1_000_000, "accepted: a number <= 10000"),
     ("DESTINATION_CONCURRENCY", {"n": 8}, BOUND_INT),
     ("HTTP_REQUEST_TIMEOUT_SEC", 0, "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", True, BOOL),
@@ -475,6 +476,18 @@ def test_redis_urls_redis_py_takes_are_accepted(url: str, db: int) -> None:
     loaded = load_settings(environ={"REDIS_URL": url})
     assert url == loaded.REDIS_URL
     assert redis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0) == db
+
+
+def test_max_http_batch_is_bounded_like_a_hooks_max_batch_size() -> None:
+    """A MAX_HTTP_BATCH above a hook's own bound could never take effect."""
+    from engine.hooks import HttpBatch
+
+    def bound(field: Any) -> int:
+        return next(m.le for m in field.metadata if getattr(m, "le", None) is not None)
+
+    hook_bound = bound(HttpBatch.model_fields["max_batch_size"])
+    assert bound(Settings.model_fields["MAX_HTTP_BATCH"]) == hook_bound == 10_000
+    assert load_settings(environ={"MAX_HTTP_BATCH": "10000"}).MAX_HTTP_BATCH == 10_000
 
 
 def test_the_delivery_timeout_follows_the_target_kind() -> None:
