@@ -38,13 +38,12 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import urlsplit
 
 import msgspec
 import redis
 from aiohttp import web
 from aiohttp.http_exceptions import ContentEncodingError
-from pydantic import BaseModel, SecretStr, ValidationError
+from pydantic import ValidationError
 
 from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
@@ -54,12 +53,13 @@ from engine.events import NESTED_TOO_DEEPLY, EventIssue, decode_batch, ensure_id
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
-    SENSITIVE_HEADER,
-    URL_FIELDS,
     Hook,
+    changed_paths,
+    destination,
+    masked_secrets,
     not_utf8,
+    restore_secrets,
     scrub,
-    url_secrets,
     validation_problems,
 )
 from engine.intake import Intake
@@ -246,50 +246,13 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
     if problems:
         raise ApiError(422, "invalid hook: " + "; ".join(
             f"{p['field']}: {p['reason']}" for p in problems), problems)
-    masked = _masked_secrets(hook)
+    masked = masked_secrets(hook)
     if masked:
         raise ApiError(422, "invalid hook: a secret cannot be the redacted value " + MASK,
                        [{"field": f, "reason": f"the redacted value {MASK} keeps a stored "
                          "secret only on PUT of the same hook; send the secret itself"}
                         for f in masked])
     return hook
-
-
-def _masked_secrets(model: BaseModel, path: str = "") -> list[str]:
-    """Fields where a new hook holds the mask itself as a secret: a secret, a URL
-    password or credential query value, a credential header's value."""
-    found = []
-    for name in type(model).model_fields:
-        value = getattr(model, name)
-        secret = value.get_secret_value() if isinstance(value, SecretStr) else None
-        in_url = url_secrets(value) if name in URL_FIELDS and isinstance(value, str) else []
-        if secret == MASK or MASK in in_url:
-            found.append(path + name)
-        elif name == "headers" and isinstance(value, dict):
-            found += [f"{path}{name}.{k}" for k, v in value.items()
-                      if v == MASK and SENSITIVE_HEADER.search(k)]
-        elif isinstance(value, BaseModel):
-            found += _masked_secrets(value, f"{path}{name}.")
-    return found
-
-
-def restore_secrets(new: dict[str, Any], stored: Hook) -> dict[str, Any]:
-    """``new`` with every value that is exactly what a read of ``stored`` shows in
-    place of a secret (``**********``, a URL with its password masked, headers with
-    credential values masked) replaced by the stored value (the rest unchanged)."""
-    return _restore(new, stored.display(), stored.to_storage())
-
-
-def _restore(new: Any, shown: Any, clear: Any) -> Any:
-    if not isinstance(new, dict) or not isinstance(shown, dict) or not isinstance(clear, dict):
-        return new
-    out = {}
-    for key, value in new.items():
-        if key in clear and key in shown and value == shown[key] != clear[key]:
-            out[key] = clear[key]  # sent back as read: a redacted value, kept
-        else:
-            out[key] = _restore(value, shown.get(key), clear.get(key))
-    return out
 
 
 def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, Any]:
@@ -432,7 +395,7 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
     sent = {**data, "id": hook_id}
     data = restore_secrets(sent, stored)
     hook = validate_hook(data, backend.catalogue)
-    kept = _changed_paths(sent, data)
+    kept = changed_paths(sent, data)
     if kept and destination(hook) != destination(stored):
         # a stored secret goes only where it went: whoever holds a master token must
         # not be able to redirect it to a server of their own
@@ -441,42 +404,6 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
                        [{"field": f, "reason": f"the destination changed: {MASK} keeps the "
                          "stored secret only for the same destination"} for f in kept])
     return backend.hooks.update(hook_id, data)
-
-
-def destination(hook: Hook) -> tuple[Any, ...]:
-    """Where a hook's secrets go: the target kind and, by kind, the origin (scheme,
-    host, port) of the URL and of the OAuth2 token URL, the broker's host and port,
-    or the Kafka bootstrap servers with the TLS and SASL mechanism settings."""
-    target = hook.target
-    if target.http_batch is not None:
-        http = target.http_batch
-        return ("http_batch", _origin(http.url), _origin(http.auth.token_url or ""))
-    broker = target.rabbitmq_queue or target.rabbitmq_exchange
-    if broker is not None:
-        return (target.kind, broker.host.lower(), broker.port)
-    kafka = target.kafka
-    assert kafka is not None
-    # and how the password travels: turning TLS off or SCRAM into PLAIN would send it
-    # in clear to the same servers
-    return ("kafka", tuple(sorted(s.lower() for s in kafka.bootstrap_servers)), kafka.tls,
-            kafka.tls_cafile, kafka.sasl_mechanism)
-
-
-def _origin(url: str) -> tuple[str, str, int | None]:
-    parts = urlsplit(url)
-    try:
-        port = parts.port
-    except ValueError:
-        port = None
-    return parts.scheme.lower(), (parts.hostname or "").lower(), port
-
-
-def _changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
-    """Dotted paths where ``after`` differs from ``before`` (nested dicts)."""
-    if isinstance(before, dict) and isinstance(after, dict):
-        return [p for key in after for p in _changed_paths(
-            before.get(key), after[key], f"{path}.{key}" if path else str(key))]
-    return [] if before == after else [path]
 
 
 async def put_hook(request: web.Request) -> web.Response:

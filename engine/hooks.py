@@ -493,6 +493,82 @@ def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
             for e in exc.errors(include_url=False, include_input=False)]
 
 
+# --- secrets sent back as read ----------------------------------------------------
+
+
+def masked_secrets(model: BaseModel, path: str = "") -> list[str]:
+    """Fields where a new hook holds the mask itself as a secret: a secret, a URL
+    password or credential query value, a credential header's value."""
+    found = []
+    for name in type(model).model_fields:
+        value = getattr(model, name)
+        secret = value.get_secret_value() if isinstance(value, SecretStr) else None
+        in_url = url_secrets(value) if name in URL_FIELDS and isinstance(value, str) else []
+        if secret == MASK or MASK in in_url:
+            found.append(path + name)
+        elif name == "headers" and isinstance(value, dict):
+            found += [f"{path}{name}.{k}" for k, v in value.items()
+                      if v == MASK and SENSITIVE_HEADER.search(k)]
+        elif isinstance(value, BaseModel):
+            found += masked_secrets(value, f"{path}{name}.")
+    return found
+
+
+def restore_secrets(new: dict[str, Any], stored: Hook) -> dict[str, Any]:
+    """``new`` with every value that is exactly what a read of ``stored`` shows in
+    place of a secret (``**********``, a URL with its password masked, headers with
+    credential values masked) replaced by the stored value (the rest unchanged)."""
+    return _restore(new, stored.display(), stored.to_storage())
+
+
+def _restore(new: Any, shown: Any, clear: Any) -> Any:
+    if not isinstance(new, dict) or not isinstance(shown, dict) or not isinstance(clear, dict):
+        return new
+    out = {}
+    for key, value in new.items():
+        if key in clear and key in shown and value == shown[key] != clear[key]:
+            out[key] = clear[key]  # sent back as read: a redacted value, kept
+        else:
+            out[key] = _restore(value, shown.get(key), clear.get(key))
+    return out
+
+
+def destination(hook: Hook) -> tuple[Any, ...]:
+    """Where a hook's secrets go: the target kind and, by kind, the origin (scheme,
+    host, port) of the URL and of the OAuth2 token URL, the broker's host and port,
+    or the Kafka bootstrap servers with the TLS and SASL mechanism settings."""
+    target = hook.target
+    if target.http_batch is not None:
+        http = target.http_batch
+        return ("http_batch", _origin(http.url), _origin(http.auth.token_url or ""))
+    broker = target.rabbitmq_queue or target.rabbitmq_exchange
+    if broker is not None:
+        return (target.kind, broker.host.lower(), broker.port)
+    kafka = target.kafka
+    assert kafka is not None
+    # and how the password travels: turning TLS off or SCRAM into PLAIN would send it
+    # in clear to the same servers
+    return ("kafka", tuple(sorted(s.lower() for s in kafka.bootstrap_servers)), kafka.tls,
+            kafka.tls_cafile, kafka.sasl_mechanism)
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    try:
+        port = parts.port
+    except ValueError:
+        port = None
+    return parts.scheme.lower(), (parts.hostname or "").lower(), port
+
+
+def changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
+    """Dotted paths where ``after`` differs from ``before`` (nested dicts)."""
+    if isinstance(before, dict) and isinstance(after, dict):
+        return [p for key in after for p in changed_paths(
+            before.get(key), after[key], f"{path}.{key}" if path else str(key))]
+    return [] if before == after else [path]
+
+
 def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) -> Hook:
     """Validate ``data`` into a Hook, or raise HookError naming each field and reason."""
     try:

@@ -20,7 +20,15 @@ import redis
 
 from engine.catalogue import EventCatalogue
 from engine.errors import Conflict, HookError, NotFound
-from engine.hooks import Hook, parse_hook
+from engine.hooks import (
+    MASK,
+    Hook,
+    changed_paths,
+    destination,
+    masked_secrets,
+    parse_hook,
+    restore_secrets,
+)
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
 from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery
@@ -65,16 +73,28 @@ class HookRegistry:
         return hook
 
     def create(self, data: Mapping[str, Any] | Hook) -> Hook:
-        """Validate and store a new hook; its id is assigned here."""
+        """Validate and store a new hook; its id is assigned here. A secret that is the
+        redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
-        parse_hook({**fields, "id": 0}, self.catalogue)  # validate before using an id
+        _no_mask(parse_hook({**fields, "id": 0}, self.catalogue))  # before using an id
         fields["id"] = int(self.r.incr(self.k.hooks_seq))
         return self._save(parse_hook(fields, self.catalogue))
 
     def update(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
-        """Replace a hook's settings (keeps its id)."""
-        self.get(hook_id)
-        return self._replace(parse_hook({**dict(data), "id": hook_id}, self.catalogue))
+        """Replace a hook's settings (keeps its id). Settings as a read shows them
+        (``hooks get`` then ``hooks update``) keep the stored secrets where they show
+        the redacted value, as long as the destination is the same; a secret that is
+        still the redacted value after that is refused, never stored."""
+        stored = self.get(hook_id)
+        sent = {**dict(data), "id": hook_id}
+        restored = restore_secrets(sent, stored)
+        hook = parse_hook(restored, self.catalogue)
+        kept = changed_paths(sent, restored)
+        if kept and destination(hook) != destination(stored):
+            raise HookError(f"invalid hook: the destination changed, so the redacted value "
+                            f"{MASK} cannot keep the stored secret(s) of "
+                            f"{', '.join(kept)}; give the secret itself")
+        return self._replace(_no_mask(hook))
 
     def set_active(self, hook_id: int, active: bool) -> Hook:
         hook = self.get(hook_id)
@@ -161,6 +181,15 @@ class HookRegistry:
         except HookError as exc:  # stored valid: the event types file changed since?
             raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
                             f"changed?): {exc}") from None
+
+
+def _no_mask(hook: Hook) -> Hook:
+    """``hook``, or HookError naming each secret that is the redacted value itself."""
+    masked = masked_secrets(hook)
+    if masked:
+        raise HookError(f"invalid hook: {', '.join(masked)}: the redacted value {MASK} is "
+                        "no secret; give the secret itself")
+    return hook
 
 
 class NameStore:

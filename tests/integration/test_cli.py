@@ -383,3 +383,47 @@ def test_output_into_a_closed_pipe_is_no_traceback(config: str) -> None:
         err = proc.stderr.read().decode()
     assert proc.wait(60) == 141, err
     assert "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_a_hook_read_back_keeps_its_secrets_when_updated_and_is_refused_as_new(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        redis_client: Any, settings: Settings) -> None:
+    """``hooks get`` shows secrets redacted; ``hooks update`` with that output keeps
+    the stored secrets (same destination), ``hooks create`` with it is refused, and
+    so is an update that sends the redacted value to another destination: the mask is
+    never stored as a secret."""
+    from engine.keys import Keys
+    from engine.stores import HookRegistry
+
+    hook_file = tmp_path / "hook.json"
+    hook_file.write_text(json.dumps({"name": "crm", "account_id": 3, "actions": ["click"],
+                                     "target": {"http_batch": {
+                                         "url": "https://user:pa55@crm.example.com/x",
+                                         "headers": {"X-Api-Token": "s3cr3t"}}}}))
+    code, (created,), _ = run_cli(capsys, "-c", config, "hooks", "create", str(hook_file))
+    hook_id = created["id"]
+    code, shown, _ = run_cli(capsys, "-c", config, "hooks", "get", str(hook_id))
+    assert code == 0 and "s3cr3t" not in json.dumps(shown) and "pa55" not in json.dumps(shown)
+    shown["name"] = "crm renamed"
+    read_back = tmp_path / "read_back.json"
+    read_back.write_text(json.dumps(shown))
+    code, updated, err = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
+                                 str(read_back))
+    assert code == 0, err
+    registry = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX))
+    stored = registry.get(hook_id).target.http_batch
+    assert stored is not None and stored.headers == {"X-Api-Token": "s3cr3t"}
+    assert stored.url == "https://user:pa55@crm.example.com/x"
+    assert registry.get(hook_id).name == "crm renamed"
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(read_back))
+    assert code == 2 and "the redacted value ********** is no secret" in err
+    assert "target.http_batch.url" in err and "target.http_batch.headers.X-Api-Token" in err
+    moved = json.loads(read_back.read_text())
+    moved["target"]["http_batch"]["url"] = moved["target"]["http_batch"]["url"].replace(
+        "crm.example.com", "elsewhere.example.com")
+    read_back.write_text(json.dumps(moved))
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
+                           str(read_back))
+    assert code == 2 and "the destination changed" in err
+    kept = registry.get(hook_id).target.http_batch
+    assert kept is not None and kept.headers == {"X-Api-Token": "s3cr3t"}
