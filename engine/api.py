@@ -473,7 +473,7 @@ async def test_hook(request: web.Request) -> web.Response:
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
     try:
-        outcome = await send_test_event(hook, event_type, names,
+        outcome = await send_test_event(hook, event_type, names, catalogue=backend.catalogue,
                                         timeout_sec=backend.settings.timeout_for(hook.target.kind))
     except Exception as exc:  # not a delivery failure: a client refusing the settings...
         log.exception("test event of hook %s: the %s transport failed", hook.id,

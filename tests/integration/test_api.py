@@ -882,6 +882,27 @@ async def test_test_event_is_sent_through_the_hooks_target(api: Api,
         assert answer.error["issues"] == [{"field": "event_type", "reason": reason}]
 
 
+async def test_a_test_event_of_a_code_from_event_types_file(
+        settings: Settings, redis_client: redis.Redis, receiver: Receiver,
+        tmp_path: Path) -> None:
+    """An engine whose EVENT_TYPES_FILE adds a code sends that code's test event."""
+    types = tmp_path / "types.json"
+    types.write_text(json.dumps({"event_types": [{
+        "code": "send_viber", "name": "Send Viber", "category": "delivery",
+        "channel": "viber"}]}))
+    client, api = await start_api(
+        settings.model_copy(update={"EVENT_TYPES_FILE": str(types)}), redis_client)
+    try:
+        hook = await api.create(url=receiver.url("/viber"), actions=["send_viber"])
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body={"event_type": "send_viber"})
+        assert answer.status == 200 and answer.body["delivered"] is True, answer.body
+        (message,) = receiver.messages("/viber")
+        assert message["event_type"] == "send_viber" and message["is_test"] is True
+    finally:
+        await client.close()
+
+
 async def test_a_test_event_the_transport_fails_to_send_is_an_outcome_not_a_500(
         api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A transport raising something else than a delivery failure (an HTTP client
