@@ -9,6 +9,8 @@ matching and enrichment need:
   where 0 means none, ``pixel_id``) when absent;
 * ``profile``: profile fields, for hooks that copy them into custom_data;
   ``profile_deleted``: the profile no longer exists (historical export);
+* ``historical``: the event comes from an export of past events, whose messages never
+  carry content (spec a); a deleted profile's event is taken as one too;
 * ``custom_data``: custom_data brought by the request that launched a trigger;
 * ``send_id``: key of the message content in the content store;
 * ``id``: the event's stable id; the intake assigns one when the producer did not.
@@ -106,6 +108,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
     pixel_id: IdInt | None = None
     profile: dict[str, Any] | None = None
     profile_deleted: bool = False
+    historical: bool = False  # from an export of past events: its messages carry no content
     custom_data: dict[str, Any] | None = None
     send_id: str | None = None
 

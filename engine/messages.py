@@ -143,7 +143,7 @@ def content_send_id(event: Event) -> str | None:
     """The send id whose stored content a message of ``event`` may carry: none for a
     deleted profile's event, which comes from a historical export, whose messages
     never carry content (spec a)."""
-    return None if event.profile_deleted else event.send_id
+    return None if event.profile_deleted or event.historical else event.send_id
 
 
 def routing_key(event: Event) -> str:

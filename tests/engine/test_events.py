@@ -77,6 +77,7 @@ FULL = {  # every field of the schema, none at its default
     "pixel_id": 9,
     "profile": {"email": "alice@example.org", "age": 31, "tags": ["vip"]},
     "profile_deleted": True,
+    "historical": True,
     "custom_data": {"email": "alice@example.org"},
     "send_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78",
 }

@@ -365,6 +365,22 @@ def test_content_is_never_in_a_historical_export() -> None:
     assert "content" not in historical and live["content"] == CONTENT["s-1"]
 
 
+def test_an_event_marked_historical_never_carries_content() -> None:
+    """An export of a live profile's past events, marked ``historical``: no content,
+    by either builder, and the mark itself is no message field."""
+    event = make_event(send_id="s-1", historical=True, profile_id="p1")
+    hook = make_hook(send_content=True)
+    body = build(event, hook, CONTENT)
+    assert "content" not in body and "historical" not in body and body["profile_id"] == "p1"
+    rnd = Round([event, make_event(send_id="s-1")], CATALOGUE, NameCatalogue(), CONTENT)
+    exported, live = (json.loads(m) for m in
+                      Assembler(hook, NameCatalogue(), CATALOGUE).assemble(rnd, [0, 1])[0])
+    assert exported == body and live["content"] == CONTENT["s-1"]
+    (decoded,) = decode_events(json.dumps([{"event_type": "deliv", "account_id": 1,
+                                            "event_date": DATE, "historical": True}]))
+    assert decoded.historical is True
+
+
 # --- hook_message_id --------------------------------------------------------------------------
 
 
