@@ -223,7 +223,14 @@ class Auth(_Model):
         return self
 
 
+_WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
+
+
 def _check_http_url(url: str) -> str:
+    # urlsplit drops tabs and newlines anywhere ("http://exa\nmple.com" goes to
+    # example.com): a URL that holds one is not the URL the client would use
+    if _WHITESPACE_OR_CONTROL.search(url):
+        raise ValueError("holds whitespace or a control character (encode a space as %20)")
     try:
         parts = urlsplit(url)
     except ValueError:  # its message would show the host part, a password with it
@@ -346,6 +353,28 @@ class _Broker(_Model):
     user: str = "guest"
     password: SecretStr = SecretStr("guest")
     vhost: str = "/"
+
+    # a host that is no name or address, a vhost with a control character: either
+    # would fail every delivery, and only at delivery, after every retry
+    @field_validator("host")
+    @classmethod
+    def _broker_host(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value.strip("[]"))
+            return value
+        except ValueError:
+            pass
+        if _WHITESPACE_OR_CONTROL.search(value) or any(c in value for c in "/:@?#[]"):
+            raise ValueError("expected a host name or an IP address (no port, no amqp:// "
+                             "URL, no whitespace or control characters)")
+        return value
+
+    @field_validator("vhost")
+    @classmethod
+    def _vhost(cls, value: str) -> str:
+        if re.search(r"[\x00-\x1f\x7f]", value):
+            raise ValueError("holds a control character")
+        return value
 
 
 def _amqp_name(value: str) -> str:

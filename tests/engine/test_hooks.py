@@ -962,3 +962,32 @@ def test_integers_are_numbers_and_hooks_stored_as_json_still_load() -> None:
 def test_ids_are_integers_within_int64_not_booleans(fields: dict[str, Any], fragment: str
                                                     ) -> None:
     assert fragment in hook_error(hook_data(**fields))
+
+
+@pytest.mark.parametrize(("target", "fragment"), [
+    ({"http_batch": {"url": "http://exa\nmple.com/x"}},
+     "target.http_batch.url: holds whitespace or a control character"),
+    ({"http_batch": {"url": "http://example.com/a b"}},
+     "target.http_batch.url: holds whitespace or a control character"),
+    ({"rabbitmq_queue": {"host": "amqp://guest@r", "queue": "q"}},
+     "target.rabbitmq_queue.host: expected a host name or an IP address"),
+    ({"rabbitmq_queue": {"host": "r 1", "queue": "q"}},
+     "target.rabbitmq_queue.host: expected a host name or an IP address"),
+    ({"rabbitmq_exchange": {"host": "r:5672", "exchange": "e"}},
+     "target.rabbitmq_exchange.host: expected a host name or an IP address"),
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "vhost": "v\x00"}},
+     "target.rabbitmq_queue.vhost: holds a control character"),
+])
+def test_destinations_no_client_could_reach_as_written_are_refused(
+        target: dict[str, Any], fragment: str) -> None:
+    """urlsplit drops a newline inside a URL (the request would go to example.com);
+    a broker host that is a URL, has a port or whitespace, or a vhost with a control
+    character fails every delivery: all refused when the hook is made."""
+    assert fragment in hook_error(hook_data(target))
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "rabbit.internal", "::1", "[::1]"])
+def test_broker_hosts_as_names_or_addresses_are_accepted(host: str) -> None:
+    hook = parse_hook(hook_data({"rabbitmq_queue": {"host": host, "queue": "q",
+                                                    "vhost": "my vhost"}}))
+    assert hook.target.rabbitmq_queue is not None and hook.target.rabbitmq_queue.host == host
