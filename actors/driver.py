@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import socket
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from engine.health import engine_health
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
 from engine.keys import Keys
-from engine.settings import Settings, load_settings, with_overrides
+from engine.settings import Settings, load_settings, ray_address_problem, with_overrides
 from engine.stores import (
     STAT_FIELDS,
     ContentStore,
@@ -47,6 +48,10 @@ from engine.testevent import send_test_event
 from engine.transports.base import Delivery, Outcome, available_kinds
 
 log = logging.getLogger("hookray")
+
+# longest the driver waits for the Ray cluster of RAY_ADDRESS to answer (ray.init would
+# try again for many minutes, silently, at an address where no Ray runs)
+RAY_CONNECT_TIMEOUT_SEC = 10.0
 
 # Ray started by an Engine of this process, and how many Engines use it: Ray is shut
 # down with the last of them, not under the feet of the others
@@ -197,9 +202,7 @@ class Engine:
         import ray
 
         if not ray.is_initialized():
-            ray.init(address=address, namespace="hookray", log_to_driver=True,
-                     include_dashboard=False if address is None else None,
-                     configure_logging=False)
+            _init_ray(address or None)
             _ray.update(started_here=True, users=0)
         if not self._uses_ray:
             self._uses_ray = True
@@ -402,3 +405,75 @@ def _settings(settings: Settings | None, config: str | None, overrides: dict[str
     if settings is None:
         settings = load_settings(config or os.environ.get("HOOKRAY_CONFIG"))
     return with_overrides(settings, overrides)
+
+
+def _init_ray(address: str | None) -> None:
+    """``ray.init``, joining the cluster at ``address`` (None: RAY_ADDRESS of the
+    environment, else a local Ray, as ray.init decides). An address that names no
+    cluster, or one that does not answer within RAY_CONNECT_TIMEOUT_SEC, is a
+    ConfigError naming RAY_ADDRESS and the reason (not a traceback, nor a silent wait
+    of many minutes)."""
+    import ray
+
+    env = os.environ.get("RAY_ADDRESS") or None  # what ray.init takes for None or auto
+    given = env if env and address in (None, "auto") else address
+    shown = f"RAY_ADDRESS={given!r}" if given else "RAY_ADDRESS (unset)"
+    problem = ray_address_problem(given) or _ray_unreachable(given)
+    if problem is not None:
+        raise ConfigError(f"{shown}: {problem}")
+    try:
+        ray.init(address=address, namespace="hookray", log_to_driver=True,
+                 include_dashboard=False if address is None else None,
+                 configure_logging=False)
+    except (ValueError, ConnectionError) as exc:
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)
+        raise ConfigError(f"{shown}: Ray could not be joined: {reason}") from None
+
+
+def _ray_unreachable(address: str | None) -> str | None:
+    """Why the Ray cluster ray.init would join for ``address`` does not answer, or None
+    (it answers, or ray.init starts a local Ray)."""
+    from ray._private import services
+
+    _, sep, rest = (address or "").partition("://")
+    try:  # ray:// is Ray Client's server; else the GCS, as ray.init finds it (None too)
+        target = rest.split("/")[0] if sep else \
+            services.canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
+    except (ValueError, ConnectionError) as exc:  # "auto" with no Ray running, ...
+        return str(exc).strip().splitlines()[0][:300]
+    if target is None:
+        return None  # a local Ray is started
+    log.info("connecting to Ray at %s", target)
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdecimal():
+        return None  # Ray Client's default port: left to ray.init
+    hint = "; start Ray there (`ray start --head`) or set RAY_ADDRESS to a running cluster"
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), RAY_CONNECT_TIMEOUT_SEC).close()
+    except socket.gaierror as exc:
+        return f"no Ray cluster at {target}: host not known ({exc.strerror}){hint}"
+    except OSError as exc:  # refused, no route, no answer in time
+        why = exc.strerror or f"no answer within {RAY_CONNECT_TIMEOUT_SEC:g} s"
+        return f"no Ray cluster at {target}: {why}{hint}"
+    if not _speaks_grpc(target):
+        return (f"{target} answers, but not as a Ray cluster (no gRPC within "
+                f"{RAY_CONNECT_TIMEOUT_SEC:g} s){hint}")
+    return None
+
+
+def _speaks_grpc(target: str) -> bool:
+    """Whether ``target`` completes an HTTP/2 (gRPC) handshake, as the GCS and Ray
+    Client's server do, within RAY_CONNECT_TIMEOUT_SEC; assumed with TLS (Ray's
+    RAY_USE_TLS), which ray.init checks itself."""
+    if os.environ.get("RAY_USE_TLS", "0").strip().lower() in ("1", "true"):
+        return True
+    import grpc
+
+    channel = grpc.insecure_channel(target)
+    try:
+        grpc.channel_ready_future(channel).result(timeout=RAY_CONNECT_TIMEOUT_SEC)
+    except grpc.FutureTimeoutError:
+        return False
+    finally:
+        channel.close()
+    return True

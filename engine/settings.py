@@ -60,6 +60,10 @@ class Settings(BaseModel):
     BROKER_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Extra event types, merged into the built-in catalogue.
     EVENT_TYPES_FILE: str | None = None
+    # Ray cluster to join: auto, HOST:PORT (its GCS), ray://HOST:PORT; unset: a local Ray.
+    # Checked (ray_address_problem) when the engine joins Ray, not at load: commands
+    # that only use Redis never read it, and a shell may hold the Jobs API's
+    # http://HOST:8265 there for `ray job submit` (deploy/README.md).
     RAY_ADDRESS: str | None = None
     # HTTP API (engine/api.py, served by actors/api.py): address, port and body limit.
     # API_PORT unset: no API is started; 0: any free port.
@@ -149,6 +153,28 @@ def _secrets(url: str) -> list[str]:
     found += re.findall(r"password=([^&#]*)", url, flags=re.IGNORECASE)
     found += [unquote(s) for s in found]
     return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
+
+
+def ray_address_problem(address: str | None) -> str | None:
+    """Why ``address`` cannot be the RAY_ADDRESS of the engine (the Ray cluster it
+    joins), or None: unset, ``auto``, ``local``, HOST:PORT, ray://HOST:PORT."""
+    accepted = ("accepted: auto, the cluster's HOST:PORT (its GCS, e.g. head:6379), "
+                "ray://HOST:PORT (Ray Client), or unset for a local Ray")
+    if not address or address in ("auto", "local"):
+        return None
+    scheme, sep, rest = address.partition("://")
+    if sep and scheme.lower() in ("http", "https"):
+        return ("this is the address of the Ray Jobs API (the dashboard, for `ray job "
+                "submit`), not of a Ray cluster; " + accepted + ". Inside a job Ray sets "
+                "RAY_ADDRESS itself; to keep the Jobs API's in a shell, set "
+                "RAY_API_SERVER_ADDRESS, which `ray job submit` reads first")
+    if sep:
+        return None if scheme.lower() == "ray" and rest else \
+            f"expected ray://HOST:PORT or no scheme; {accepted}"
+    host, colon, port = address.rpartition(":")
+    if not colon or not host or not port.isdecimal() or not 0 < int(port) <= 65_535:
+        return f"expected HOST:PORT with a port from 1 to 65535; {accepted}"
+    return None
 
 
 def _mask_url(url: str) -> str:

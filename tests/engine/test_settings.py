@@ -490,6 +490,37 @@ def test_max_http_batch_is_bounded_like_a_hooks_max_batch_size() -> None:
     assert load_settings(environ={"MAX_HTTP_BATCH": "10000"}).MAX_HTTP_BATCH == 10_000
 
 
+@pytest.mark.parametrize("address", [
+    None, "", "auto", "local", "127.0.0.1:6379", "head.internal:6379", "[::1]:6379",
+    "ray://head:10001", "ray://head"])
+def test_ray_addresses_of_a_cluster_are_accepted(address: str | None) -> None:
+    assert settings_module.ray_address_problem(address) is None
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("http://127.0.0.1:8265", "the address of the Ray Jobs API"),
+    ("https://ray.example.com", "the address of the Ray Jobs API"),
+    ("HTTP://head:8265", "RAY_API_SERVER_ADDRESS, which `ray job submit` reads first"),
+    ("garbage", "expected HOST:PORT with a port from 1 to 65535"),
+    ("head:", "expected HOST:PORT"), (":6379", "expected HOST:PORT"),
+    ("head:0", "expected HOST:PORT"), ("head:65536", "expected HOST:PORT"),
+    ("head:gcs", "expected HOST:PORT"),
+    ("redis://head:6379", "expected ray://HOST:PORT or no scheme"), ("ray://", "ray://HOST"),
+])
+def test_ray_addresses_that_name_no_cluster_are_explained(address: str, reason: str) -> None:
+    problem = settings_module.ray_address_problem(address)
+    assert problem is not None and reason in problem
+    assert "accepted: auto, the cluster's HOST:PORT (its GCS, e.g. head:6379)" in problem
+
+
+def test_ray_address_is_not_checked_by_commands_that_only_use_redis() -> None:
+    """deploy/README.md has operators export the Jobs API's address as RAY_ADDRESS for
+    `ray job submit`; `hookray publish` and the like in that shell never join Ray, so
+    the setting is checked when the engine joins Ray (actors.driver), not at load."""
+    loaded = load_settings(environ={"RAY_ADDRESS": "http://127.0.0.1:8265"})
+    assert loaded.RAY_ADDRESS == "http://127.0.0.1:8265"
+
+
 def test_the_delivery_timeout_follows_the_target_kind() -> None:
     cfg = Settings(HTTP_REQUEST_TIMEOUT_SEC=3.0, BROKER_TIMEOUT_SEC=7.0)
     assert cfg.timeout_for("http_batch") == 3.0

@@ -1,4 +1,5 @@
-"""The Python driver's settings and the intake's partition count guard."""
+"""The Python driver's settings and joining of Ray, and the intake's partition count
+guard."""
 
 from __future__ import annotations
 
@@ -19,7 +20,8 @@ from engine.errors import ConfigError
 from engine.events import Event
 from engine.intake import Intake
 from engine.keys import Keys
-from engine.settings import Settings
+from engine.settings import Settings, ray_address_problem
+from tests.services import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -39,6 +41,40 @@ def test_keyword_overrides_are_validated_like_any_setting(settings: Settings) ->
     engine = Engine.connect(settings, PARTITIONS=3)
     assert engine.settings.PARTITIONS == 3
     engine.redis.close()
+
+
+# --- joining Ray ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("address", "reason"), [
+    ("http://127.0.0.1:8265", "this is the address of the Ray Jobs API"),
+    ("garbage", "expected HOST:PORT"),
+    (f"127.0.0.1:{free_port()}", "Connection refused"),
+])
+def test_a_ray_address_naming_no_cluster_is_a_config_error_before_ray_init(
+        address: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    from actors import driver
+
+    def no_init(*args: object, **kwargs: object) -> None:
+        raise AssertionError("ray.init was called")
+
+    monkeypatch.setattr(ray, "init", no_init)
+    with pytest.raises(ConfigError, match=f"^RAY_ADDRESS={address!r}: .*{reason}"):
+        driver._init_ray(address)
+    # unset or auto: RAY_ADDRESS of the environment, as ray.init takes it
+    monkeypatch.setenv("RAY_ADDRESS", address)
+    for given in (None, "", "auto"):
+        with pytest.raises(ConfigError, match=f"^RAY_ADDRESS={address!r}: .*{reason}"):
+            driver._init_ray(given or None)
+
+
+def test_inside_a_ray_job_the_address_ray_sets_is_accepted() -> None:
+    """Ray's job supervisor sets RAY_ADDRESS to the cluster's GCS, HOST:PORT (and "auto"
+    for its own process): both are cluster addresses, unlike the Jobs API's http://."""
+    assert ray_address_problem("10.0.0.5:6379") is None
+    assert ray_address_problem("auto") is None
 
 
 def test_a_producer_with_another_partition_count_is_refused(
