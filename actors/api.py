@@ -8,7 +8,11 @@ faster than a Serve deployment doing the same work behind Serve's proxy, which
 also needs packages (``ray[serve]``) this project does not otherwise install.
 
     api = ApiActor.options(name="hookray:api").remote(settings.model_dump(), port)
-    host, port = ray.get(api.address.remote())
+    host, port = ray.get(api.address.remote())  # raises the OSError if it could not start
+
+A port that is taken or a host that is not this node's does not fail the actor's
+``__init__`` (Ray would print the actor's traceback and restart it): the error is kept
+and ``address()`` raises it, which the driver reports as one line.
 """
 
 from __future__ import annotations
@@ -35,8 +39,12 @@ class ApiServer:
     def __init__(self, settings: Settings, host: str, port: int) -> None:
         self.settings, self.host = settings, host
         self.sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            self.sock.bind((host, port))
+        except OSError:
+            self.sock.close()
+            raise
         self.port = int(self.sock.getsockname()[1])
         self.loop = asyncio.new_event_loop()
         self._runner: web.AppRunner | None = None
@@ -78,20 +86,33 @@ class ApiServer:
 class ApiActor:
     def __init__(self, settings: dict[str, Any], port: int | None = None) -> None:
         cfg = Settings(**settings)
-        self.server = ApiServer(cfg, cfg.API_HOST, (cfg.API_PORT or 0) if port is None else port)
+        self.server: ApiServer | None = None
+        self.error: OSError | None = None  # why the server could not start
+        try:
+            self.server = ApiServer(cfg, cfg.API_HOST,
+                                    (cfg.API_PORT or 0) if port is None else port)
+        except OSError as exc:  # the port is taken, the address not this node's...
+            self.error = exc
+            return
         log.info("hookray API on http://%s:%d", self.server.host, self.server.port)
         relax_gc()
 
     def address(self) -> tuple[str, int]:
-        """(host, port) the API listens on; host is this node's IP when bound to all."""
+        """(host, port) the API listens on; host is this node's IP when bound to all.
+        Raises the OSError that kept the server from starting."""
+        if self.server is None:
+            raise self.error or OSError("the HTTP API did not start")
         host = self.server.host
         if host in ("0.0.0.0", "::", ""):
             host = ray.util.get_node_ip_address()
         return host, self.server.port
 
     def ping(self) -> dict[str, Any]:
+        if self.server is None:
+            return {"alive": False, "port": None, "error": str(self.error)}
         return {"alive": self.server.alive(), "port": self.server.port}
 
     def stop(self) -> bool:
-        self.server.stop()
+        if self.server is not None:
+            self.server.stop()
         return True

@@ -186,15 +186,20 @@ class Engine:
 
         self._use_ray(self.settings.RAY_ADDRESS)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        self.api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
-                                    scheduling_strategy=here).remote(
+        api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
+                               scheduling_strategy=here).remote(
             self.settings.model_dump(), port)
         try:
-            host, bound = ray.get(self.api.address.remote(), timeout=60)
+            host, bound = ray.get(api.address.remote(), timeout=60)
         except ray.exceptions.RayError as exc:  # the port is taken, the host unknown...
-            reason = str(exc).strip().splitlines()[-1][:300]
+            cause = exc.cause if isinstance(exc, ray.exceptions.RayTaskError) else None
+            reason = str(cause) if cause is not None else str(exc).strip().splitlines()[-1]
             where = f"{self.settings.API_HOST}:{self.settings.API_PORT if port is None else port}"
-            raise ConfigError(f"the HTTP API could not start on {where}: {reason}") from None
+            with contextlib.suppress(Exception):  # its name is free for the next try
+                ray.kill(api)
+            raise ConfigError(f"the HTTP API could not start on {where}: {reason[:300]}") \
+                from None
+        self.api = api
         self.api_url = f"http://{f'[{host}]' if ':' in host else host}:{bound}"
         return self.api_url
 

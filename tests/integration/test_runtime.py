@@ -274,3 +274,19 @@ def test_a_start_failing_half_way_leaves_no_actor_behind(
     monkeypatch.undo()
     engine = Engine.start(settings)  # the same names again
     engine.shutdown()
+
+
+def test_an_api_port_in_use_is_a_config_error_and_frees_the_actor_name(
+        engine_factory: Any) -> None:
+    import socket
+
+    from engine.errors import ConfigError
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError) as info:
+            engine_factory(API_PORT=port)
+    assert str(info.value) == (f"the HTTP API could not start on 127.0.0.1:{port}: "
+                               "[Errno 98] Address already in use")
+    engine = engine_factory(API_PORT=0)  # the same actor names, the API's too
+    assert engine.api_url

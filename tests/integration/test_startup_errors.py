@@ -119,3 +119,26 @@ def test_a_ray_address_where_something_else_listens_fails_in_bounded_time(
     assert_one_clean_error(code, out, err, f"RAY_ADDRESS='127.0.0.1:{silent_listener}': ",
                            "answers, but not as a Ray cluster (no gRPC within")
     assert took < RAY_CONNECT_TIMEOUT_SEC + 60, took
+
+
+# --- the HTTP API's port -------------------------------------------------------------------
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        yield server.getsockname()[1]
+
+
+def test_an_api_port_in_use_is_one_line_not_the_actors_traceback(
+        env: dict[str, str], taken_port: int) -> None:
+    """The API actor's __init__ does not die on the taken port (Ray printed its
+    traceback and a SIGABRT): the driver reports the reason, once."""
+    code, out, err, _ = hookray("run", "--duration", "1", "--api-port", str(taken_port),
+                                env=env, timeout=240)
+    assert_one_clean_error(
+        code, out, err,
+        f"hookray: error: the HTTP API could not start on 127.0.0.1:{taken_port}: "
+        "[Errno 98] Address already in use")
+    assert "SIGABRT" not in out + err and "ApiActor" not in out + err, out + err
+    assert "hookray: running" not in out
