@@ -168,13 +168,29 @@ class Engine:
                 parts.append(created[-1])
             created.append(RetryActor.options(name=f"{prefix}:retry").remote(cfg, names))
             ray.get([a.ping.remote() for a in created])
-        except BaseException:
+        except BaseException as exc:
             for actor in created:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+            clash = self._already_runs("") if isinstance(
+                exc, ray.exceptions.ActorAlreadyExistsError) else None
             self._release_ray()
+            if clash is not None:
+                raise clash from None
             raise
         self.actors = {"partitions": parts, "retry": created[-1], "pools": pools}
+
+    def _already_runs(self, what: str) -> ConfigError:
+        """The error for actor names of this REDIS_PREFIX taken on this Ray cluster:
+        another engine (or its HTTP API, ``what``) of the same prefix runs there."""
+        import ray
+
+        prefix = self.settings.REDIS_PREFIX
+        namespace = ray.get_runtime_context().namespace
+        return ConfigError(
+            f"an engine with REDIS_PREFIX {prefix!r} already runs on this Ray cluster"
+            f"{what} (its actors {prefix}:... in namespace {namespace!r}); stop it first, "
+            f"or give this engine another REDIS_PREFIX")
 
     def start_api(self, port: int | None = None) -> str:
         """Start the HTTP API actor on this driver's node, on ``port`` (default: the
@@ -184,11 +200,16 @@ class Engine:
 
         from actors.api import ApiActor
 
+        if self.api is not None:
+            raise ConfigError(f"the HTTP API of this engine runs already, on {self.api_url}")
         self._use_ray(self.settings.RAY_ADDRESS)
         here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
-        api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
-                               scheduling_strategy=here).remote(
-            self.settings.model_dump(), port)
+        try:
+            api = ApiActor.options(name=f"{self.settings.REDIS_PREFIX}:api",
+                                   scheduling_strategy=here).remote(
+                self.settings.model_dump(), port)
+        except ray.exceptions.ActorAlreadyExistsError:
+            raise self._already_runs(" with its HTTP API") from None
         try:
             host, bound = ray.get(api.address.remote(), timeout=60)
         except ray.exceptions.RayError as exc:  # the port is taken, the host unknown...

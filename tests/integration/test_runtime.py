@@ -276,6 +276,49 @@ def test_a_start_failing_half_way_leaves_no_actor_behind(
     engine.shutdown()
 
 
+def test_a_second_engine_with_the_same_prefix_is_refused_and_the_first_runs_on(
+        engine_factory: Any, settings: Any, ray_session: Any) -> None:
+    from actors.driver import Engine
+    from engine.errors import ConfigError
+
+    # Given an engine running on the session's Ray
+    first = engine_factory()
+    # When another one of the same REDIS_PREFIX starts on the same cluster
+    with pytest.raises(ConfigError) as info:
+        Engine.start(settings)
+    # Then it is refused, naming the prefix and the namespace its actors are in
+    assert str(info.value) == (
+        f"an engine with REDIS_PREFIX {settings.REDIS_PREFIX!r} already runs on this Ray "
+        f"cluster (its actors {settings.REDIS_PREFIX}:... in namespace 'hookray-tests'); "
+        f"stop it first, or give this engine another REDIS_PREFIX")
+    # and the first engine's actors were left alone
+    assert ray_session.get(first.actors["retry"].ping.remote(), timeout=30)
+    assert ray_session.get([a.ping.remote() for a in first.actors["pools"]["http_batch"]],
+                           timeout=30)
+
+
+def test_a_second_http_api_of_the_same_prefix_is_refused(
+        engine_factory: Any, settings: Any) -> None:
+    from actors.driver import Engine
+    from engine.errors import ConfigError
+
+    engine = engine_factory(API_PORT=0)
+    assert engine.api_url
+    with pytest.raises(ConfigError, match="the HTTP API of this engine runs already, on "
+                       + engine.api_url):
+        engine.start_api(0)
+    other = Engine.connect(settings)  # another handle, say another process
+    try:
+        with pytest.raises(ConfigError) as info:
+            other.start_api(0)
+        assert str(info.value).startswith(
+            f"an engine with REDIS_PREFIX {settings.REDIS_PREFIX!r} already runs on this "
+            "Ray cluster with its HTTP API (its actors")
+    finally:
+        other.shutdown()
+    assert engine.api is not None and engine.api_url  # the first API serves on
+
+
 def test_an_api_port_in_use_is_a_config_error_and_frees_the_actor_name(
         engine_factory: Any) -> None:
     import socket
