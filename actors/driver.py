@@ -28,8 +28,8 @@ from typing import Any
 import redis
 
 from engine.catalogue import load_catalogue
-from engine.errors import ConfigError, HookError
-from engine.events import Event
+from engine.errors import ConfigError, HookError, NotFound
+from engine.events import MAX_ID, Event
 from engine.health import engine_health
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
@@ -295,10 +295,12 @@ class Engine:
 
     def create_hook(self, data: Mapping[str, Any] | Hook) -> Hook:
         """Validate and store a hook (raises HookError naming each bad field)."""
-        return self.hooks.create(data)
+        return self.hooks.create(_hook_fields(data))
 
-    def update_hook(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
-        return self.hooks.update(hook_id, data)
+    def update_hook(self, hook_id: int, data: Mapping[str, Any] | Hook) -> Hook:
+        fields = _hook_fields(data)
+        return self.hooks.update(hook_id, fields.to_storage() if isinstance(fields, Hook)
+                                 else fields)
 
     def get_hook(self, hook_id: int) -> Hook:
         return self.hooks.get(hook_id)
@@ -337,6 +339,15 @@ class Engine:
 
     def upsert_profiles(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         """Upsert profile fields by profile id, for hooks that copy them into custom_data."""
+        if isinstance(account_id, bool) or not isinstance(account_id, int) \
+                or not 0 <= account_id <= MAX_ID:
+            raise ValueError(f"upsert_profiles: account_id {account_id!r} is not an integer "
+                             f"from 0 to {MAX_ID}")
+        if not isinstance(profiles, Mapping) or not all(
+                isinstance(pid, str) and isinstance(fields, Mapping)
+                for pid, fields in profiles.items()):
+            raise ValueError("upsert_profiles: profiles must map each profile id (a string) "
+                             "to its fields (a mapping)")
         return self._profiles.upsert(account_id, profiles)
 
     # --- test event, stats, dead letters ----------------------------------------------
@@ -353,8 +364,11 @@ class Engine:
                                                hook.target.kind)))
 
     def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
-        """Counters (messages) of one hook, or of every hook plus the engine's."""
+        """Counters (messages) of one hook (NotFound if there is no such hook), or of
+        every hook plus the engine's."""
         if hook_id is not None:
+            if not self.redis.hexists(self.keys.hooks, str(hook_id)):
+                raise NotFound(f"hook {hook_id} does not exist")
             return self._stats.get(hook_id)
         out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.all()}
         out["engine"] = {**self._stats.engine(), "retry_scheduled": self.retry.pending(),
@@ -371,8 +385,11 @@ class Engine:
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
                      limit: int = 100, after: str | None = None) -> list[DeadLetter]:
-        """Dead letters, oldest first; the next ones with ``after=`` the last one's
-        ``cursor`` (ValueError for a cursor that is not one)."""
+        """Dead letters, oldest first, at most ``limit``; the next ones with ``after=``
+        the last one's ``cursor`` (ValueError for a cursor that is not one, or a limit
+        below 1)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"dead_letters: limit must be a whole number >= 1, got {limit!r}")
         return [DeadLetter.of(d, cursor)
                 for d, cursor in self.retry.dead_page(account_id, hook_id, limit, after)]
 
@@ -424,6 +441,15 @@ class Engine:
         per_hook = self.stats()
         per_hook.pop("engine")
         return {f: sum(s[f] for s in per_hook.values()) for f in STAT_FIELDS}
+
+
+def _hook_fields(data: Any) -> Mapping[str, Any] | Hook:
+    """``data`` if it can be a hook's fields (a mapping, as JSON's object, or a Hook);
+    HookError otherwise."""
+    if isinstance(data, Mapping | Hook):
+        return data
+    raise HookError(f"invalid hook: expected a mapping of hook fields (a JSON object), "
+                    f"got {type(data).__name__}")
 
 
 def _settings(settings: Settings | None, config: str | None, overrides: dict[str, Any]

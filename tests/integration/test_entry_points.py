@@ -1,5 +1,5 @@
-"""The Python driver's settings and joining of Ray, and the intake's partition count
-guard."""
+"""The Python driver's settings, arguments and joining of Ray, and the intake's partition
+count guard."""
 
 from __future__ import annotations
 
@@ -10,13 +10,14 @@ import sys
 import textwrap
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis
 
 from actors.driver import Engine
-from engine.errors import ConfigError
+from engine.errors import ConfigError, EventError, HookError, NotFound
 from engine.events import Event
 from engine.intake import Intake
 from engine.keys import Keys
@@ -41,6 +42,86 @@ def test_keyword_overrides_are_validated_like_any_setting(settings: Settings) ->
     engine = Engine.connect(settings, PARTITIONS=3)
     assert engine.settings.PARTITIONS == 3
     engine.redis.close()
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    """A handle on the test prefix's Redis (no actors)."""
+    handle = Engine.connect(settings)
+    yield handle
+    handle.shutdown()
+
+
+def hook_data(**changes: object) -> dict[str, object]:
+    return {"name": "crm", "account_id": 1, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}, **changes}
+
+
+def test_stats_of_a_hook_that_does_not_exist_is_not_found(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Not a row of zeros: as GET /v1/hooks/{id}/stats (404) and `hookray stats --hook`."""
+    from actors import cli
+
+    hook = engine.create_hook(hook_data())
+    assert engine.stats(hook.id)["accepted"] == 0
+    with pytest.raises(NotFound, match=r"^hook 999 does not exist$"):
+        engine.stats(999)
+    engine.delete_hook(hook.id)
+    with pytest.raises(NotFound, match=f"^hook {hook.id} does not exist$"):
+        engine.stats(hook.id)
+    monkeypatch.setenv("REDIS_URL", engine.settings.REDIS_URL)
+    monkeypatch.setenv("REDIS_PREFIX", engine.settings.REDIS_PREFIX)
+    assert cli.main(["stats", "--hook", "999"]) == 2
+    assert capsys.readouterr().err == "hookray: error: hook 999 does not exist\n"
+
+
+@pytest.mark.parametrize("data", [None, 5, "crm", [], [("name", "crm")]])
+def test_a_hook_that_is_not_a_mapping_is_a_hook_error(engine: Engine, data: object) -> None:
+    expected = f"invalid hook: expected a mapping of hook fields (a JSON object), " \
+               f"got {type(data).__name__}"
+    with pytest.raises(HookError) as info:
+        engine.create_hook(data)  # type: ignore[arg-type]
+    assert str(info.value) == expected
+    hook = engine.create_hook(hook_data())
+    with pytest.raises(HookError) as info:
+        engine.update_hook(hook.id, data)  # type: ignore[arg-type]
+    assert str(info.value) == expected
+    assert engine.get_hook(hook.id) == hook
+    assert [h.id for h in engine.list_hooks()] == [hook.id]
+
+
+@pytest.mark.parametrize("events", [None, 5, {"event_type": "click"}])
+def test_events_that_are_not_a_list_are_an_event_error(engine: Engine, events: object) -> None:
+    with pytest.raises(EventError, match=r"^expected a list of events .*; nothing accepted$"):
+        engine.publish(events)  # type: ignore[arg-type]
+    assert engine.backlog() == 0
+
+
+@pytest.mark.parametrize("limit", [0, -1, True, 2.5, "10", None])
+def test_a_dead_letter_limit_below_one_is_refused(engine: Engine, limit: object) -> None:
+    with pytest.raises(ValueError, match=r"^dead_letters: limit must be a whole number "
+                                         r">= 1, got "):
+        engine.dead_letters(limit=limit)  # type: ignore[arg-type]
+    assert engine.dead_letters(limit=1) == []
+
+
+@pytest.mark.parametrize("account", ["x", "23", -1, 2**63, True, 1.0, None])
+def test_profiles_of_an_account_that_is_no_id_are_refused(
+        engine: Engine, redis_client: redis.Redis, account: object) -> None:
+    with pytest.raises(ValueError, match=r"^upsert_profiles: account_id .* is not an integer "
+                                         r"from 0 to 9223372036854775807$"):
+        engine.upsert_profiles(account, {"p1": {"email": "a@example.org"}})  # type: ignore
+    assert not list(redis_client.scan_iter(f"{engine.settings.REDIS_PREFIX}:*profiles*"))
+
+
+@pytest.mark.parametrize("profiles", [None, ["p1"], {"p1": "a@example.org"}, {1: {"a": 1}}])
+def test_profiles_that_are_not_a_mapping_of_mappings_are_refused(
+        engine: Engine, profiles: object) -> None:
+    with pytest.raises(ValueError, match="^upsert_profiles: profiles must map each profile "
+                                         r"id \(a string\) to its fields \(a mapping\)$"):
+        engine.upsert_profiles(1, profiles)  # type: ignore[arg-type]
+    assert engine.upsert_profiles(1, {"p1": {"email": "a@example.org"}}) == 1
 
 
 # --- joining Ray ---------------------------------------------------------------------------
