@@ -43,21 +43,13 @@ def _use_repo_root() -> None:
         sys.path.insert(0, root)
 
 
-def _positive(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number > 0")
-    return value
-
-
-def _not_negative(text: str) -> float:
-    value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: expected a number >= 0")
-    return value
-
-
 def _parser() -> argparse.ArgumentParser:
+    # the option types of `hookray run`, this file's own copy of it: a bad value is
+    # refused in the same words ("argument --duration: expected a number of seconds,
+    # got 'abc'"), naming the option, before anything starts
+    _use_repo_root()
+    from actors.cli import _not_negative, _positive
+
     p = argparse.ArgumentParser(
         prog="deploy/job.py",
         description="Run the hookray engine as a Ray job (the same as `hookray run`).")
@@ -92,7 +84,6 @@ def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     args, extra = _parser().parse_known_args(argv)
-    _use_repo_root()
     from actors.cli import main as hookray_main
 
     return hookray_main(run_argv(args, extra))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -276,3 +278,23 @@ def test_hooks_example_is_created_stopped() -> None:
 def test_hooks_example_holds_valid_hooks() -> None:
     data = json.loads((DEPLOY / "hooks.example.json").read_text(encoding="utf-8"))
     assert [parse_hook(h).target.kind for h in data] == ["http_batch", "rabbitmq_queue"]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (["--duration", "abc"], "argument --duration: expected a number of seconds, got 'abc'"),
+    (["--duration", "-1"], "argument --duration: must be a number >= 0 and <= 315360000, "
+                           "got -1"),
+    (["--duration", "inf"], "argument --duration: must be a number >= 0"),
+    (["--report-sec", "0"], "argument --report-sec: must be a number > 0"),
+    (["--report-sec", "soon"], "argument --report-sec: expected a number of seconds, "
+                               "got 'soon'"),
+])
+def test_a_bad_job_option_is_named_with_the_reason(args: list[str], message: str) -> None:
+    """The job's options are checked as `hookray run` checks them, before anything
+    starts (not "invalid _not_negative value")."""
+    proc = subprocess.run([sys.executable, str(DEPLOY / "job.py"), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"deploy/job.py: error: {message}"), proc.stderr
+    assert "invalid" not in proc.stderr and "Traceback" not in proc.stderr
