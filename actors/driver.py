@@ -364,12 +364,15 @@ class Engine:
                                                hook.target.kind)))
 
     def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
-        """Counters (messages) of one hook (NotFound if there is no such hook), or of
-        every hook plus the engine's."""
+        """Counters (messages) of one hook, or of every hook plus the engine's. NotFound
+        for a hook that does not exist and never counted anything (a deleted hook keeps
+        its counters: its dead letters may still be replayed or discarded)."""
         if hook_id is not None:
-            if not self.redis.hexists(self.keys.hooks, str(hook_id)):
+            counters = self._stats.get(hook_id)
+            if not any(counters.values()) and \
+                    not self.redis.hexists(self.keys.hooks, str(hook_id)):
                 raise NotFound(f"hook {hook_id} does not exist")
-            return self._stats.get(hook_id)
+            return counters
         out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.all()}
         out["engine"] = {**self._stats.engine(), "retry_scheduled": self.retry.pending(),
                          "dead_letters": int(self.redis.zcard(self.keys.dead)),

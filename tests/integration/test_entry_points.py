@@ -60,16 +60,23 @@ def hook_data(**changes: object) -> dict[str, object]:
 def test_stats_of_a_hook_that_does_not_exist_is_not_found(
         engine: Engine, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
-    """Not a row of zeros: as GET /v1/hooks/{id}/stats (404) and `hookray stats --hook`."""
+    """Not a row of zeros: as GET /v1/hooks/{id}/stats (404) and `hookray stats --hook`;
+    but a deleted hook that counted messages keeps its counters (its dead letters may
+    still be replayed or discarded)."""
     from actors import cli
 
-    hook = engine.create_hook(hook_data())
+    hook, kept = engine.create_hook(hook_data()), engine.create_hook(hook_data(name="b"))
     assert engine.stats(hook.id)["accepted"] == 0
     with pytest.raises(NotFound, match=r"^hook 999 does not exist$"):
         engine.stats(999)
+    with engine.redis.pipeline() as pipe:
+        engine._stats.add(pipe, kept.id, "dead_lettered", 2)
+        pipe.execute()
     engine.delete_hook(hook.id)
+    engine.delete_hook(kept.id)
     with pytest.raises(NotFound, match=f"^hook {hook.id} does not exist$"):
         engine.stats(hook.id)
+    assert engine.stats(kept.id)["dead_lettered"] == 2
     monkeypatch.setenv("REDIS_URL", engine.settings.REDIS_URL)
     monkeypatch.setenv("REDIS_PREFIX", engine.settings.REDIS_PREFIX)
     assert cli.main(["stats", "--hook", "999"]) == 2
