@@ -10,9 +10,9 @@ also needs packages (``ray[serve]``) this project does not otherwise install.
     api = ApiActor.options(name="hookray:api").remote(settings.model_dump(), port)
     host, port = ray.get(api.address.remote())  # raises the OSError if it could not start
 
-A port that is taken or a host that is not this node's does not fail the actor's
-``__init__`` (Ray would print the actor's traceback and restart it): the error is kept
-and ``address()`` raises it, which the driver reports as one line.
+A port that is taken or a host that is not this node's does not fail ``__init__``
+(Ray printed the actor's traceback, some 50 lines, and aborted its worker): the
+error is kept and ``address()`` raises it, which the driver reports as one line.
 """
 
 from __future__ import annotations
