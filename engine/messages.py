@@ -146,19 +146,6 @@ def content_send_id(event: Event) -> str | None:
     return None if event.profile_deleted or event.historical else event.send_id
 
 
-def routing_key(event: Event) -> str:
-    """RabbitMQ routing key ``<list_id>.<event_type>`` (``0`` when the event has no list)."""
-    return f"{event.list_id if event.list_id is not None else 0}.{event.event_type}"
-
-
-def kafka_key(key_choice: str, event: Event) -> bytes | None:
-    if key_choice == "list_event":
-        return routing_key(event).encode()
-    if key_choice == "profile_id":
-        return event.profile_id.encode() if event.profile_id else None
-    return None
-
-
 class _KeyFields(msgspec.Struct):
     """The fields of an encoded message its routing or record key is made from."""
 
@@ -170,6 +157,19 @@ class _KeyFields(msgspec.Struct):
 _key_fields = msgspec.json.Decoder(_KeyFields)
 
 
+def routing_key(event: Event | _KeyFields) -> str:
+    """RabbitMQ routing key ``<list_id>.<event_type>`` (``0`` when the event has no list)."""
+    return f"{event.list_id if event.list_id is not None else 0}.{event.event_type}"
+
+
+def kafka_key(key_choice: str, event: Event | _KeyFields) -> bytes | None:
+    if key_choice == "list_event":
+        return routing_key(event).encode()
+    if key_choice == "profile_id":
+        return event.profile_id.encode() if event.profile_id else None
+    return None
+
+
 def keys_from_parts(hook: Hook, parts: list[bytes]) -> list[str]:
     """The routing keys (RabbitMQ exchange) or record keys (Kafka) of the hook's
     target for encoded messages, read back from them: as ``routing_key`` and
@@ -178,12 +178,10 @@ def keys_from_parts(hook: Hook, parts: list[bytes]) -> list[str]:
     if target.rabbitmq_exchange is None and target.kafka is None:
         return []
     fields = [_key_fields.decode(part) for part in parts]
-    choice = target.kafka.key if target.kafka is not None else "list_event"
-    if choice == "profile_id":
-        return [f.profile_id or "" for f in fields]
-    if choice == "none":
-        return [""] * len(fields)
-    return [f"{f.list_id if f.list_id is not None else 0}.{f.event_type}" for f in fields]
+    if target.kafka is None:
+        return list(map(routing_key, fields))
+    choice = target.kafka.key
+    return [key.decode() if (key := kafka_key(choice, f)) else "" for f in fields]
 
 
 def for_target(hook: Hook, delivery: Delivery) -> Delivery:
