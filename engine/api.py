@@ -658,6 +658,7 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         target = getattr(request.match_info, "handler", handler)
         if target not in PUBLIC_HANDLERS:
             await _authorize(request, target)
+        _refuse_coding(request)
         return await handler(request)
     except ApiError as exc:
         return exc.response()
@@ -676,6 +677,27 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error")
+
+
+# the content codings aiohttp decodes (brotli and backports.zstd are dependencies);
+# "identity", or no Content-Encoding: the body as it is
+BODY_CODINGS = ("gzip", "deflate", "br", "zstd")
+
+
+def _refuse_coding(request: web.Request) -> None:
+    """A body in a content coding the API does not decode is refused (415, naming the
+    codings it decodes in Accept-Encoding, as RFC 9110 asks): read as it is, it would be
+    taken for JSON, or a stacked coding such as "gzip, br" half decoded."""
+    coding = request.headers.get("Content-Encoding")
+    if coding is None or not request.body_exists:
+        return
+    name = coding.lower() if coding.isascii() else coding  # as aiohttp compares it
+    if name in BODY_CODINGS or name in ("", "identity"):
+        return
+    accepted = ", ".join((*BODY_CODINGS, "identity"))
+    raise ApiError(415, f"Content-Encoding {coding!r} is not supported: send the body "
+                   f"encoded with one of {', '.join(BODY_CODINGS)}, or not encoded",
+                   headers={"Accept-Encoding": accepted})
 
 
 def _unreadable_body(request: web.Request, exc: web.RequestPayloadError) -> str:

@@ -415,7 +415,7 @@ async def test_malformed_event_bodies_are_400(api: Api, body: bytes, content_typ
     assert words in answer.error["message"]
 
 
-@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br", "zstd"])
 async def test_a_body_its_content_encoding_does_not_decode_is_400(
         api: Api, encoding: str, caplog: pytest.LogCaptureFixture) -> None:
     """aiohttp raises RequestPayloadError reading such a body: once answered 500."""
@@ -434,6 +434,47 @@ async def test_a_body_its_content_encoding_does_not_decode_is_400(
         json.dumps(events(2)).encode()), headers={"Content-Type": "application/json",
                                                   "Content-Encoding": "gzip"})
     assert answer.status == 202 and len(api.intake()) == 2
+
+
+async def test_zstd_and_brotli_bodies_are_decoded(api: Api) -> None:
+    import brotli
+    try:
+        from compression import zstd  # type: ignore[import-not-found]
+    except ImportError:  # below Python 3.14
+        from backports import zstd  # type: ignore[import-not-found,no-redef]
+    for encoding, compress in (("zstd", zstd.compress), ("br", brotli.compress)):
+        answer = await api.call("POST", "/v1/events", api.ingest, data=compress(
+            json.dumps(events(3)).encode()), headers={"Content-Type": "application/json",
+                                                      "Content-Encoding": encoding})
+        assert answer.status == 202 and answer.body == {"accepted": 3}, encoding
+    assert len(api.intake()) == 6
+
+
+@pytest.mark.parametrize("encoding", ["compress", "x-custom", "gzip, br", "gzip,gzip",
+                                      "g\u00fczip"])
+async def test_a_content_encoding_the_api_does_not_decode_is_415(api: Api,
+                                                                 encoding: str) -> None:
+    """Such a body was read as it is: taken for JSON, or, in stacked codings, not decoded
+    at all."""
+    body = gzip.compress(json.dumps(events(2)).encode())
+    for path in ("/v1/events", "/v1/hooks"):
+        answer = await api.call("POST", path, api.master, data=body, headers={
+            "Content-Type": "application/json", "Content-Encoding": encoding})
+        assert answer.status == 415, (path, answer.body)
+        assert answer.error == {"code": "unsupported_media_type", "message": (
+            f"Content-Encoding {encoding!r} is not supported: send the body encoded with one "
+            "of gzip, deflate, br, zstd, or not encoded")}
+        assert answer.headers["Accept-Encoding"] == "gzip, deflate, br, zstd, identity"
+    assert api.intake() == []
+    # no coding, or identity, is the body as it is
+    for headers in ({"Content-Encoding": "identity"}, {"Content-Encoding": "IDENTITY"}, {}):
+        answer = await api.call("POST", "/v1/events", api.ingest,
+                                data=json.dumps(events(1)), headers=headers)
+        assert answer.status == 202, headers
+    # an ingest token is told it may not publish elsewhere before anything else
+    answer = await api.call("POST", "/v1/hooks", api.ingest, data=body,
+                            headers={"Content-Encoding": "x-custom"})
+    assert answer.status == 403
 
 
 async def test_bodies_over_the_limit_are_413(settings: Settings,
