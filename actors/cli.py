@@ -154,11 +154,13 @@ def _seconds(text: str, least: float, strict: bool) -> float:
     return value
 
 
-def _positive(text: str) -> float:
+def positive_seconds(text: str) -> float:
+    """argparse type: seconds > 0 (also deploy/job.py's options)."""
     return _seconds(text, 0, strict=True)
 
 
-def _not_negative(text: str) -> float:
+def non_negative_seconds(text: str) -> float:
+    """argparse type: seconds >= 0 (also deploy/job.py's options)."""
     return _seconds(text, 0, strict=False)
 
 
@@ -364,9 +366,9 @@ def _parser() -> argparse.ArgumentParser:
                      help="hook JSON files: each hook is created unless its account has a "
                      "hook of that name already")
     run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")
-    run.add_argument("--report-sec", type=_positive, default=10.0,
+    run.add_argument("--report-sec", type=positive_seconds, default=10.0,
                      help="progress line interval")
-    run.add_argument("--duration", type=_not_negative, default=0.0,
+    run.add_argument("--duration", type=non_negative_seconds, default=0.0,
                      help="stop after N seconds (0: never)")
     run.add_argument("--api-port", type=_port, metavar="PORT",
                      help="serve the HTTP API on PORT (0: any free port; default: API_PORT)")

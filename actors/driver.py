@@ -488,12 +488,9 @@ def _init_ray(address: str | None) -> None:
 def _ray_unreachable(address: str | None) -> str | None:
     """Why the Ray cluster ray.init would join for ``address`` does not answer, or None
     (it answers, or ray.init starts a local Ray)."""
-    from ray._private import services
-
     _, sep, rest = (address or "").partition("://")
     try:  # ray:// is Ray Client's server; else the GCS, as ray.init finds it (None too)
-        target = rest.split("/")[0] if sep else \
-            services.canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
+        target = rest.split("/")[0] if sep else _bootstrap_address(address)
     except (ValueError, ConnectionError) as exc:  # "auto" with no Ray running, ...
         return str(exc).strip().splitlines()[0][:300]
     if target is None:
@@ -514,6 +511,17 @@ def _ray_unreachable(address: str | None) -> str | None:
         return (f"{target} answers, but not as a Ray cluster (no gRPC within "
                 f"{RAY_CONNECT_TIMEOUT_SEC:g} s){hint}")
     return None
+
+
+def _bootstrap_address(address: str | None) -> str | None:
+    """The GCS address ray.init would join for ``address`` ("auto", None, host:port),
+    found as Ray finds it; None when a local Ray would be started, or when this Ray
+    version finds it elsewhere (then ray.init's own check is the only one)."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+    except ImportError:  # moved in another Ray version
+        return None
+    return canonicalize_bootstrap_address(address)  # type: ignore[arg-type]
 
 
 def _speaks_grpc(target: str) -> bool:

@@ -48,7 +48,7 @@ def _parser() -> argparse.ArgumentParser:
     # refused in the same words ("argument --duration: expected a number of seconds,
     # got 'abc'"), naming the option, before anything starts
     _use_repo_root()
-    from actors.cli import _not_negative, _positive
+    from actors.cli import non_negative_seconds, positive_seconds
 
     p = argparse.ArgumentParser(
         prog="deploy/job.py",
@@ -59,9 +59,9 @@ def _parser() -> argparse.ArgumentParser:
                    "override it")
     p.add_argument("--hooks", nargs="*", default=[], metavar="FILE",
                    help="hook JSON files (object or array) to create at start")
-    p.add_argument("--duration", type=_not_negative, default=0.0, metavar="SECONDS",
+    p.add_argument("--duration", type=non_negative_seconds, default=0.0, metavar="SECONDS",
                    help="stop after this long (0: run until the job is stopped)")
-    p.add_argument("--report-sec", type=_positive, default=10.0, metavar="SECONDS",
+    p.add_argument("--report-sec", type=positive_seconds, default=10.0, metavar="SECONDS",
                    help="interval of the progress lines")
     p.add_argument("--ray-address", metavar="HOST:PORT",
                    help="Ray cluster to join (default: inside a Ray job the job's cluster, "
