@@ -183,6 +183,7 @@ class Round:
         self.heads: list[bytes | None] = [None] * n  # b'{"hook_message_id":"<digest>'
         self.digests: list[str | None] = [None] * n
         self._all_rkeys: list[str] | None = None
+        self._pids: list[str] | None = None  # Kafka record keys by profile_id
         self._ctx: list[EventContext | None] = [None] * n
         self._values: dict[Any, list[bytes | None]] = {}
         self._fields: dict[tuple[tuple[str, ...], bool], list[bytes | None]] = {}
@@ -257,7 +258,15 @@ class Round:
         if choice == "list_event":
             return self.routing_keys(idx)
         if choice == "profile_id":
-            return [self.events[i].profile_id or "" for i in idx]
+            if self._pids is None:  # the message's profile_id: null for a deleted profile
+                events = self.events
+                pids: list[str | None] = list(map(attrgetter("profile_id"), events))
+                if any(map(attrgetter("profile_deleted"), events)):
+                    pids = [None if e.profile_deleted else p for e, p in zip(events, pids,
+                                                                              strict=True)]
+                self._pids = ([p or "" for p in pids] if None in pids
+                              else cast(list[str], pids))
+            return gather(self._pids, idx)
         return [""] * len(idx)
 
     def context(self, i: int) -> EventContext:

@@ -163,10 +163,14 @@ def routing_key(event: Event | _KeyFields) -> str:
 
 
 def kafka_key(key_choice: str, event: Event | _KeyFields) -> bytes | None:
+    """The record key: ``<list_id>.<event_type>``, the message's ``profile_id`` (none
+    for a deleted profile's event, whose message carries ``"profile_id": null``), or
+    none."""
     if key_choice == "list_event":
         return routing_key(event).encode()
     if key_choice == "profile_id":
-        return event.profile_id.encode() if event.profile_id else None
+        pid = None if getattr(event, "profile_deleted", False) else event.profile_id
+        return pid.encode() if pid else None
     return None
 
 
