@@ -10,7 +10,7 @@ import time
 import uuid
 from typing import Any
 
-from engine.catalogue import EventCatalogue, load_catalogue
+from engine.catalogue import EventCatalogue, EventType, load_catalogue
 from engine.customdata import format_rfc3339_nano
 from engine.events import Event, Subscription
 from engine.hooks import Hook
@@ -30,7 +30,8 @@ SAMPLE_PROFILE = {"email": "alice@example.org", "phone": "+79991234567",
 SAMPLE_PHONE = SAMPLE_PROFILE["phone"]
 SAMPLE_PUSH_ID = "fcm-0000000000000000000000"  # a push subscription token
 _TRACKING = {"message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
-             "ip": "10.9.0.14", "country": ".us", "city": "New York", "region": "Ohio",
+             "ip": "10.9.0.14", "country": ".us", "city": "New York",
+             "postal_code": "101000", "region": "Ohio",
              "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
              "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:59.0) Gecko/20100101 Firefox/59.0",
              "os": "Linux x86_64", "browser": "Firefox", "device": "web",
@@ -46,6 +47,21 @@ SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
               "page_url": "https://shop.example.com/cart", "referrer": "https://example.com/",
               **{k: _TRACKING[k] for k in ("ip", "country", "city", "user_agent", "browser")}},
 }
+# spec d: tracking events of the push channel only also carry extra_uid
+SAMPLE_EXTRA_UID = "ew4Sgf41"
+# channels whose subscriptions are addressed by phone number (spec d: phone)
+PHONE_CHANNELS = frozenset({"sms", "viber", "whatsapp"})
+# the other channels of the platform's subscriptions, whose address key is not known
+OTHER_CHANNELS = frozenset({"notify", "telegram_bot"})
+
+
+def sample_event_data(event_type_info: EventType) -> dict[str, Any]:
+    """The example event_data of the event type's category (``extra_uid`` added for a
+    tracking event of the push channel)."""
+    data = dict(SAMPLE_EVENT_DATA[event_type_info.category])
+    if event_type_info.category == "tracking" and event_type_info.channel == "push":
+        data["extra_uid"] = SAMPLE_EXTRA_UID
+    return data
 
 
 def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None = None) -> Event:
@@ -64,17 +80,21 @@ def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None =
         md5="145bb30f7ddf1184cb560bc4b7705646",
         is_test=True,
         subscription=[_sample_subscription(event_type_info.channel)],
-        event_data=dict(SAMPLE_EVENT_DATA[event_type_info.category]),
+        event_data=sample_event_data(event_type_info),
         profile=dict(SAMPLE_PROFILE),
     )
 
 
 def _sample_subscription(channel: str | None) -> Subscription:
     """A subscription of the event's channel with the keys of that channel only
-    (email for email, phone for SMS, the push token and provider for push)."""
-    if channel == "sms":
-        return Subscription(resource_id=3, channel="sms", phone=SAMPLE_PHONE,
+    (email for email, phone for SMS, Viber and WhatsApp, the push token and provider
+    for push, no address for Notify and Telegram bot); an email one for an event of
+    no subscription channel (import, pixel)."""
+    if channel in PHONE_CHANNELS:
+        return Subscription(resource_id=3, channel=channel, phone=SAMPLE_PHONE,
                             status="subscribed")
+    if channel in OTHER_CHANNELS:
+        return Subscription(resource_id=3, channel=channel, status="subscribed")
     if channel == "push":
         return Subscription(resource_id=3, channel="push", subscription_id=SAMPLE_PUSH_ID,
                             provider="androidfirebase", status="subscribed")

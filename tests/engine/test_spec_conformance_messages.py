@@ -69,3 +69,74 @@ def test_an_event_without_a_profile_id_has_no_record_key(profile_id: str | None)
     assert list(rnd.kafka_keys([0, 1], "profile_id")) == ["", "p2"]
     assert msgspec.json.decode(encode_message(MessageBuilder(kafka_hook()).build(plain))
                                ).get("profile_id") == profile_id
+
+
+# --- test event (spec h): the section (d) shapes and example values ------------------------
+
+# spec d, tracking variant of event_data: field -> example value (extra_uid: push only;
+# its documented example is cut short)
+SPEC_TRACKING_EXAMPLE: dict[str, Any] = {
+    "message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
+    "ip": "10.9.0.14", "country": ".us", "city": "New York", "postal_code": "101000",
+    "region": "Ohio", "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
+    "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:59.0) Gecko/20100101 Firefox/59.0",
+    "os": "Linux x86_64", "browser": "Firefox", "device": "web",
+    "link_url": "http://www.example.com", "launch_id": "00000017000003cd5a9bf01a",
+    "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78",
+}
+
+
+def http_hook() -> Hook:
+    return parse_hook({"id": 2, "name": "h", "account_id": 23, "actions": ["deliv"],
+                       "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+
+
+def test_message(event_type: str, catalogue: Any = None) -> dict[str, Any]:
+    from engine.testevent import build_test_delivery
+
+    # a test event is sent whatever the hook's actions (it bypasses the filters)
+    delivery = build_test_delivery(http_hook(), event_type, catalogue=catalogue)
+    (part,) = delivery.parts
+    message: dict[str, Any] = json.loads(part)
+    return message
+
+
+test_message.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
+
+
+@pytest.mark.parametrize("code", [c for c in CATALOGUE.by_category("tracking")
+                                  if CATALOGUE.get(c).channel != "push"])
+def test_a_tracking_test_event_has_every_documented_field(code: str) -> None:
+    assert test_message(code)["event_data"] == SPEC_TRACKING_EXAMPLE
+
+
+@pytest.mark.parametrize("code", [c for c in CATALOGUE.by_category("tracking")
+                                  if CATALOGUE.get(c).channel == "push"])
+def test_a_push_tracking_test_event_also_has_extra_uid(code: str) -> None:
+    data = test_message(code)["event_data"]
+    assert isinstance(data.pop("extra_uid"), str)
+    assert data == SPEC_TRACKING_EXAMPLE
+
+
+@pytest.mark.parametrize("code", ["send_push", "deliv_push", "import_api", "pixel"])
+def test_extra_uid_only_in_tracking_events_of_the_push_channel(code: str) -> None:
+    assert "extra_uid" not in test_message(code)["event_data"]
+
+
+@pytest.mark.parametrize(("channel", "keys"), [
+    ("viber", {"phone": "+79991234567"}),
+    ("whatsapp", {"phone": "+79991234567"}),
+    ("sms", {"phone": "+79991234567"}),
+    ("notify", {}),
+    ("telegram_bot", {}),
+    ("email", {"email": "alice@example.org"}),
+])
+def test_a_test_event_subscription_is_of_its_events_channel(channel: str,
+                                                            keys: dict[str, str]) -> None:
+    """An event code of another channel (added by EVENT_TYPES_FILE): the synthetic
+    subscription is of that channel, with its address key (phone for phone-based
+    channels), not an email subscription."""
+    catalogue = CATALOGUE.extended([{"code": f"deliv_{channel}x", "category": "delivery",
+                                     "channel": channel}])
+    (sub,) = test_message(f"deliv_{channel}x", catalogue)["subscription"]
+    assert sub == {"resource_id": 3, "channel": channel, "status": "subscribed", **keys}
