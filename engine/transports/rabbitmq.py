@@ -14,8 +14,10 @@ message: ``delivery_mode=2`` (persistent), ``content_type=application/json``,
 ``message_id`` = the part's ``hook_message_id``. All parts of a delivery are
 published at once on a confirm-mode channel and their confirms awaited together
 (never one round trip per message); the delivery succeeds when the broker has
-confirmed every part. Any failed part fails the whole delivery, which is re-sent
-unchanged (``engine.retrying``), so a consumer can see a message twice after a
+confirmed every part. Parts the broker nacks or returns fail the delivery: the
+outcome names them, the confirmed ones count as delivered and only the failed ones
+are re-sent (``engine.retrying``); a delivery that fails as a whole (connection
+lost, timeout) is re-sent whole, so a consumer can see a message twice after a
 failure: de-duplicate by ``message_id``.
 
 * Queue: published through the default exchange with the queue name as routing
