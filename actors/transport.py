@@ -38,8 +38,11 @@ class TransportActor:
     def __init__(self, kind: str, settings: dict[str, Any]) -> None:
         cfg = Settings(**settings)
         self.kind = kind
+        # HTTP: no request carries more than MAX_HTTP_BATCH messages, a re-sent batch
+        # made under other limits included (it is posted in pieces)
+        extra = {"max_batch": cfg.MAX_HTTP_BATCH} if kind == "http_batch" else {}
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
-                                        timeout_sec=cfg.timeout_for(kind))
+                                        timeout_sec=cfg.timeout_for(kind), **extra)
         self.targets: dict[str, BaseModel] = {}
         # batch ids handed over and not reported yet; a restarted actor knows none of them
         self.running: dict[str, asyncio.Task[None]] = {}  # batch id -> its send

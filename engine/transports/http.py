@@ -83,10 +83,13 @@ class HttpTransport(Transport):
     kind = "http_batch"
 
     def __init__(self, concurrency: int = 8, timeout_sec: float = DEFAULT_TIMEOUT_SEC,
-                 **options: Any) -> None:
+                 max_batch: int | None = None, **options: Any) -> None:
         super().__init__(**options)
         self.concurrency = concurrency
         self.timeout_sec = timeout_sec
+        # the installation's MAX_HTTP_BATCH: no request carries more messages, whatever
+        # a hook's own max_batch_size (None: only the hook's)
+        self.max_batch = max_batch
         self._session: aiohttp.ClientSession | None = None
         # least recently used first: past MAX_DESTINATIONS, idle ones go from the front
         self._destinations: OrderedDict[str, _Destination] = OrderedDict()
@@ -127,12 +130,14 @@ class HttpTransport(Transport):
 
     async def _deliver(self, target: HttpBatch, delivery: Delivery) -> Outcome:
         size = target.max_batch_size
+        if self.max_batch is not None and self.max_batch < size:
+            size = self.max_batch
         if delivery.count <= size:
             return await self.post(target, http_body(delivery.parts))
-        # a batch larger than the hook's max_batch_size: made before it was lowered, or
-        # for another kind of target (RabbitMQ, Kafka) before the hook changed to this
-        # one. Posted in pieces of that size, in order; the first piece that fails fails
-        # the delivery, and its re-send posts every piece again (at-least-once)
+        # a batch larger than the hook's max_batch_size (or MAX_HTTP_BATCH): made before
+        # it was lowered, or for another kind of target (RabbitMQ, Kafka) before the hook
+        # changed to this one. Posted in pieces of that size, in order; the first piece
+        # that fails fails the delivery, and its re-send posts it and those after it
         outcome = Outcome(ok=True)
         pieces = range(0, delivery.count, size)
         for start in pieces:
