@@ -156,7 +156,11 @@ def batches(values: list[bytes], keys: list[bytes], headers: list[bytes],
             timestamp_ms: int, max_bytes: int) -> list[tuple[bytes, int]]:
     """``(batch bytes, record count)`` for the records, split at ``max_bytes``."""
     if sum(map(len, values)) + 64 * len(values) + HEADER.size <= max_bytes:
-        return [(build_batch(values, keys, headers, timestamp_ms), len(values))]
+        # most likely one batch (64 bytes a record for the key, header and lengths);
+        # built, it is measured: longer keys or ids than that are split after all
+        data = build_batch(values, keys, headers, timestamp_ms)
+        if len(data) <= max_bytes or len(values) == 1:
+            return [(data, len(values))]
     out = []
     start = 0
     for count in split_sizes(values, keys, headers, max_bytes):

@@ -62,6 +62,19 @@ def test_large_deliveries_are_split_below_the_batch_size() -> None:
     assert [count for _, count in big] == [1, 1]
 
 
+def test_small_records_with_long_keys_and_ids_stay_below_the_batch_size() -> None:
+    """Records whose key and header take more than the first estimate allows (small
+    values, profile-id keys, long message ids) are still split at the limit."""
+    values = [b'{"n":1}'] * 3_000
+    keys = [key_field(f"{n:032x}".encode()) for n in range(len(values))]
+    headers = header_fields([f"{n:024x}-123456" for n in range(len(values))])
+    out = batches(values, keys, headers, 5, 256 * 1024)
+    assert all(len(data) <= 256 * 1024 for data, _ in out), [len(d) for d, _ in out]
+    assert sum(count for _, count in out) == len(values)
+    seen = [r.key for data, _ in out for r in DefaultRecordBatch(data)]
+    assert seen == [f"{n:032x}".encode() for n in range(len(values))]
+
+
 def test_helpers() -> None:
     assert varint(0) == b"\x00" and varint(-1) == b"\x01" and varint(64) == b"\x80\x01"
     sample = np.array([0, 63, 64, 8_191, 8_192, 2**20, 2**40])
