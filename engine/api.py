@@ -29,15 +29,19 @@ Decisions (README, "HTTP API"):
 from __future__ import annotations
 
 import asyncio
+import base64
+import contextlib
 import functools
 import json
 import logging
 import re
+import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import msgspec
 import redis
@@ -53,6 +57,8 @@ from engine.events import NESTED_TOO_DEEPLY, EventIssue, decode_batch, ensure_id
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
+    SENSITIVE_HEADER,
+    URL_FIELDS,
     Hook,
     changed_paths,
     destination,
@@ -60,6 +66,7 @@ from engine.hooks import (
     not_utf8,
     restore_secrets,
     scrub,
+    url_secrets,
     validation_problems,
 )
 from engine.intake import Intake
@@ -244,6 +251,11 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
         problems = [{"field": field, "reason": reason}
                     for field, reason in validation_problems(exc)]
     if problems:
+        # a validator names a URL it refuses with its password masked, but a password
+        # that breaks the URL (an unencoded "?", "/" or "#" in it) is no password to
+        # the parser: the secrets are masked here as the body gave them
+        secrets = sent_secrets(data)
+        problems = [{**p, "reason": scrub(p["reason"], secrets)} for p in problems]
         raise ApiError(422, "invalid hook: " + "; ".join(
             f"{p['field']}: {p['reason']}" for p in problems), problems)
     masked = masked_secrets(hook)
@@ -268,6 +280,66 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
     if given != account_id:
         raise ApiError(403, f"account_id {given} is not the token's account {account_id}")
     return {**data, "account_id": given}
+
+
+# --- secrets in texts shown ------------------------------------------------------------
+
+SECRET_FIELDS = frozenset({"token", "client_secret", "password", "sasl_password"})
+
+
+def sent_secrets(data: Any, name: str = "") -> list[str]:
+    """Every value of ``data`` (hook settings as JSON, valid or not) that a read would
+    mask, in each form a text about it may hold: as given, JSON-escaped, and for a
+    URL's credentials also percent-decoded and as the Basic authorization the HTTP
+    client makes of them. A URL is read leniently (its user-info is whatever precedes
+    its last "@"), so a password that breaks the URL counts too."""
+    if isinstance(data, dict):
+        found = [s for key, value in data.items() for s in sent_secrets(value, str(key))]
+        if name == "headers":
+            found += [v for k, v in data.items()
+                      if isinstance(v, str) and SENSITIVE_HEADER.search(str(k))]
+    elif isinstance(data, list):
+        found = [s for item in data for s in sent_secrets(item, name)]
+    elif not isinstance(data, str):
+        return []
+    elif name in URL_FIELDS:
+        found = _url_credentials(data)
+    else:
+        found = [data] if name in SECRET_FIELDS else []
+    return list(dict.fromkeys(f for s in found if s
+                              for f in (s, json.dumps(s, ensure_ascii=False)[1:-1]) if f))
+
+
+def _url_credentials(url: str) -> list[str]:
+    found: list[str] = []
+    with contextlib.suppress(ValueError):  # urlsplit refuses its host part
+        found += url_secrets(url)
+    authority = url.partition("://")[2] or url
+    user, colon, password = authority.rpartition("@")[0].partition(":")
+    if colon and password:
+        clear = unquote(password)
+        basic = base64.b64encode(f"{unquote(user)}:{clear}".encode()).decode()
+        found += [password, clear, basic]
+    return found
+
+
+def hook_secrets(hook: Hook) -> list[str]:
+    """``hook.secrets()`` in every form ``sent_secrets`` finds."""
+    return list(dict.fromkeys([*hook.secrets(), *sent_secrets(hook.to_storage())]))
+
+
+def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]:
+    """The secrets of the account's stored hook ``hook_id`` (read without validating
+    it: one that no longer validates has them too); none when it is not the account's
+    or no longer exists."""
+    raw = backend.r.hget(backend.hooks.k.hooks, str(hook_id))
+    try:
+        data = json.loads(raw) if raw is not None else None  # type: ignore[arg-type]
+    except ValueError:
+        return []
+    if not isinstance(data, dict) or data.get("account_id") != account_id:
+        return []
+    return sent_secrets(data)
 
 
 # --- dead letters and stats ------------------------------------------------------------
@@ -472,16 +544,23 @@ async def test_hook(request: web.Request) -> web.Response:
         raise ApiError(422, f"event_type: {reason}", [{"field": "event_type", "reason": reason}])
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
+    secrets = hook_secrets(hook)
     try:
         outcome = await send_test_event(hook, event_type, names, catalogue=backend.catalogue,
                                         timeout_sec=backend.settings.timeout_for(hook.target.kind))
     except Exception as exc:  # not a delivery failure: a client refusing the settings...
-        log.exception("test event of hook %s: the %s transport failed", hook.id,
-                      hook.target.kind)
+        # the traceback as text, masked: the exception's message may quote a secret
+        log.error("test event of hook %s: the %s transport failed\n%s", hook.id,
+                  hook.target.kind, scrub("".join(traceback.format_exception(exc)).rstrip(),
+                                          secrets))
         # the answer is still the outcome: this send failed, and nothing was delivered
-        outcome = Outcome(ok=False, error=type(exc).__name__, detail=scrub(
-            f"the test event could not be sent: {type(exc).__name__}: {exc}"[:1000],
-            hook.secrets()))
+        outcome = Outcome(ok=False, error=type(exc).__name__,
+                          detail=f"the test event could not be sent: {type(exc).__name__}: "
+                                 f"{exc}"[:1000])
+    # the detail may quote the destination's answer, which may echo the credentials
+    # it was sent
+    outcome = msgspec.structs.replace(outcome, detail=scrub(outcome.detail, secrets),
+                                      error=outcome.error and scrub(outcome.error, secrets))
     return web.json_response({"delivered": outcome.ok, "status": outcome.status,
                               "detail": outcome.detail, "error": outcome.error})
 
@@ -505,7 +584,12 @@ def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit:
                   after: str | None) -> list[tuple[Delivery, str]]:
     if hook_id is not None:
         backend.owned_hook(account_id, hook_id)
-    return backend.retry.dead_page(account_id, hook_id, limit, after)
+    page = backend.retry.dead_page(account_id, hook_id, limit, after)
+    # an error text may hold what the destination answered, echoing the credentials it
+    # was sent: it is shown with the hook's secrets masked
+    secrets = {h: stored_secrets(backend, account_id, h) for h in {d.hook_id for d, _ in page}}
+    return [(msgspec.structs.replace(d, last_error=scrub(d.last_error, secrets[d.hook_id])),
+             cursor) for d, cursor in page]
 
 
 async def dead_letters(request: web.Request) -> web.Response:

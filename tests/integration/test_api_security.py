@@ -1,0 +1,148 @@
+"""The HTTP API's secrets and boundaries: nothing an account configured as a secret is
+shown back by any answer or written to the log, whatever a destination or a
+malformed setting makes of it.
+
+Runs ``engine.api.create_app`` on a real aiohttp server on 127.0.0.1 against real
+Redis (the fixtures of ``test_api``).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from engine.api import MASK
+from engine.keys import Keys
+from engine.stores import RetryStore
+from engine.transports.base import Delivery, now_ms
+from tests.integration import test_api
+from tests.integration.test_api import Api, hook_body
+
+api = test_api.api  # the fixture: an API on 127.0.0.1, tokens of accounts 1 and 2
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+async def echo() -> AsyncIterator[TestServer]:
+    """A destination that answers 401 with every request header in its body, as many
+    debugging endpoints and error pages do."""
+
+    async def reflect(request: web.Request) -> web.Response:
+        return web.Response(status=401, text=json.dumps(dict(request.headers)))
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reflect)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+# --- 4xx answers ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("url", [
+    "http://crm:pw?SECRET@127.0.0.1:9/hook",  # '?' ends the host part for a URL parser
+    "http://crm:pw/SECRET@127.0.0.1:9/hook",
+    "http://crm:pw#SECRET@127.0.0.1:9/hook",
+])
+async def test_a_url_password_that_breaks_the_url_is_not_echoed_by_the_422(
+        api: Api, url: str) -> None:
+    """A password holding an unencoded ``?``, ``/`` or ``#`` makes the URL invalid (the
+    parser takes the part before it for a port); the 422 names the URL without it."""
+    for target in ({"http_batch": {"url": url}},
+                   {"http_batch": {"url": "https://crm.example.com/h", "auth": {
+                       "kind": "oauth2", "token_url": url, "client_id": "c",
+                       "client_secret": "cs"}}}):
+        answer = await api.call("POST", "/v1/hooks", api.master,
+                                json_body=hook_body(target=target))
+        assert answer.status == 422, answer.body
+        assert answer.error["issues"][0]["field"] in ("target.http_batch.url",
+                                                      "target.http_batch.auth")
+        assert "invalid port" in answer.error["message"]
+        assert "SECRET" not in json.dumps(answer.body)
+        assert MASK in answer.error["message"]
+    # on PUT too
+    hook = await api.create()
+    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                            json_body=hook_body(url))
+    assert answer.status == 422 and "SECRET" not in json.dumps(answer.body)
+
+
+# --- test events ------------------------------------------------------------------------
+
+
+async def test_a_test_event_answer_never_shows_secrets_a_destination_echoes(
+        api: Api, echo: TestServer) -> None:
+    """The hook's bearer token and credential header, echoed back by the destination in
+    its answer, read as the mask in the test event's outcome."""
+    url = str(echo.make_url("/h"))
+    basic = base64.b64encode(b"crm:pw-SECRET").decode()  # the URL's credentials, sent
+    for target in ({"http_batch": {"url": url, "headers": {"X-Api-Key": "key-SECRET",
+                                                           "X-Tenant": "acme"}}},
+                   {"http_batch": {"url": url, "auth": {"kind": "bearer",
+                                                        "token": "tok-SECRET"}}},
+                   {"http_batch": {"url": url.replace("://", "://crm:pw-SECRET@")}}):
+        hook = await api.create(target=target)
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body={"event_type": "click"})
+        assert answer.status == 200
+        assert answer.body["delivered"] is False and answer.body["status"] is None
+        assert answer.body["error"] == "Rejected"
+        assert "HTTP 401" in answer.body["detail"] and MASK in answer.body["detail"]
+        assert "SECRET" not in json.dumps(answer.body) and basic not in answer.body["detail"]
+        if "crm:" in target["http_batch"]["url"]:
+            assert f"Basic {MASK}" in answer.body["detail"]
+
+
+async def test_the_log_of_a_test_event_that_could_not_be_sent_holds_no_secret(
+        api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    from engine.transports.http import HttpTransport
+
+    async def refuse(self: HttpTransport, target: Any, body: bytes) -> Any:
+        token = target.auth.token.get_secret_value()
+        raise ValueError(f"cannot send Authorization: Bearer {token}")
+
+    monkeypatch.setattr(HttpTransport, "_post", refuse)
+    caplog.set_level(logging.INFO)
+    hook = await api.create()  # bearer token s3cr3t
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "click"})
+    assert answer.status == 200 and answer.body["error"] == "ValueError"
+    assert f"test event of hook {hook['id']}: the http_batch transport failed" in caplog.text
+    assert f"ValueError: cannot send Authorization: Bearer {MASK}" in caplog.text
+    assert "refuse" in caplog.text  # the traceback is kept
+    assert "s3cr3t" not in caplog.text
+
+
+# --- dead letters -----------------------------------------------------------------------
+
+
+async def test_dead_letter_errors_never_show_the_hooks_secrets(api: Api) -> None:
+    """A failed delivery's error text (a destination's answer echoing the credentials it
+    was sent) reads with each of the hook's secrets masked."""
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    target = {"http_batch": {"url": "https://crm:pw-SECRET@r.example.com/h?token=qt-SECRET",
+                             "headers": {"X-Api-Key": "key-SECRET"}}}
+    hook = await api.create(target=target)
+    error = ("Rejected: HTTP 401: status is not 200; body: {\"X-Api-Key\": \"key-SECRET\", "
+             "\"url\": \"https://crm:pw-SECRET@r.example.com/h?token=qt-SECRET\"}")
+    delivery = Delivery(id="d-1", hook_id=hook["id"], account_id=1, kind="http_batch",
+                        parts=[b'{"m": 1}'], message_ids=["m1"], created_ms=now_ms())
+    retry.kill(delivery, error)
+    answer = await api.call("GET", "/v1/dead-letters", api.master)
+    assert answer.status == 200
+    [letter] = answer.body["dead_letters"]
+    assert letter["last_error"] == (
+        f"Rejected: HTTP 401: status is not 200; body: {{\"X-Api-Key\": \"{MASK}\", "
+        f"\"url\": \"https://crm:{MASK}@r.example.com/h?token={MASK}\"}}")
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={hook['id']}", api.master)
+    assert "SECRET" not in json.dumps(answer.body)
