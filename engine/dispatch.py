@@ -205,7 +205,9 @@ class Dispatcher:
         max_size, _ = batch_limits(hook, self.max_http_batch)
         kind = hook.target.kind
         key_choice = hook.target.kafka.key if hook.target.kafka else "list_event"
-        batch = self.batches.get(hook.id or 0) or self._open(hook, now)
+        batch = self.batches.get(hook.id or 0)
+        if batch is None or not batch.parts:  # the window starts with its first message
+            batch = self._open(hook, now)
         where = idx.tolist()
         # the hook's messages of the round at once (whole columns), then cut to batches
         messages, mids = assembler.assemble(rnd, where)
@@ -228,7 +230,8 @@ class Dispatcher:
             start = stop
             if len(batch.parts) >= max_size:
                 self._flush(hook.id or 0)
-                batch = self._open(hook, now)
+                if start < len(where):
+                    batch = self._open(hook, now)
 
     def _open(self, hook: Hook, now: float) -> _Batch:
         batch = self.batches[hook.id or 0] = _Batch(hook, now)

@@ -366,6 +366,25 @@ def test_broker_batches_leave_every_round(redis_client: redis.Redis, settings: S
     assert delivery.keys == ["7.click"] * 3 and delivery.kind == "rabbitmq_exchange"
 
 
+def test_a_batch_after_a_full_one_waits_its_whole_flush_timeout(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The batch opened when a full one left kept that moment as its start: an event
+    arriving later than the timeout after it was sent at once, with no window."""
+    HookRegistry(redis_client, keys).create(hook(target={"http_batch": {
+        "url": "http://127.0.0.1:9/x", "max_batch_size": 2, "flush_timeout_sec": 1.0}}))
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, sender)
+    intake.publish(clicks(2))
+    run_until(worker, lambda: sender.transport.sent)  # full: sent at once
+    time.sleep(1.2)
+    intake.publish([{**clicks(3)[2]}])
+    started = time.monotonic()
+    run_until(worker, lambda: len(sender.transport.sent) == 2)
+    assert time.monotonic() - started >= 0.9  # the window of the event's own batch
+    assert [d.count for d in sender.transport.sent] == [2, 1]
+
+
 def test_replay_with_an_unknown_id_moves_nothing(redis_client: redis.Redis, keys: Keys) -> None:
     retry = RetryStore(redis_client, keys)
     retry.schedule(Delivery(id="d1", hook_id=1, account_id=1, kind="http_batch",
