@@ -154,8 +154,9 @@ class Backend:
         except HookError as exc:  # stored, and no longer valid: only its account knows
             if self.hooks.owner(hook_id) != account_id:
                 raise ApiError(404, f"hook {hook_id} does not exist") from None
-            raise ApiError(409, f"{exc}; delete it and create it again", [
-                {"field": "hook", "reason": str(exc)}]) from None
+            reason = scrub(str(exc), stored_secrets(self, account_id, hook_id))
+            raise ApiError(409, f"{reason}; delete it and create it again", [
+                {"field": "hook", "reason": reason}]) from None
         if hook is None or hook.account_id != account_id:
             raise ApiError(404, f"hook {hook_id} does not exist")
         return hook
@@ -434,11 +435,18 @@ async def post_events(request: web.Request) -> web.Response:
     return web.json_response(answer, status=status)
 
 
+def _listing(backend: Backend, account_id: int) -> dict[str, Any]:
+    hooks, invalid = backend.hooks.listing(account_id)
+    # why a stored hook no longer validates may quote a setting the validator could not
+    # read as a URL, a password in it
+    return {"hooks": [h.display() for h in hooks],
+            "invalid": [{"id": i, "error": scrub(e, stored_secrets(backend, account_id, i))}
+                        for i, e in invalid]}
+
+
 async def list_hooks(request: web.Request) -> web.Response:
-    hooks, invalid = await _run(request, request.app[BACKEND].hooks.listing,
-                                request[TOKEN].account_id)
-    return web.json_response({"hooks": [h.display() for h in hooks],
-                              "invalid": [{"id": i, "error": e} for i, e in invalid]})
+    return web.json_response(await _run(request, _listing, request.app[BACKEND],
+                                        request[TOKEN].account_id))
 
 
 async def create_hook(request: web.Request) -> web.Response:
