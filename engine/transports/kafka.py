@@ -33,7 +33,10 @@
   them and the reason), TLS or SASL handshake failure; ``Timeout``: the records
   were not all acknowledged within ``timeout_sec``; ``Rejected``: the broker
   refused the records (unknown topic, authorization, size...). aiokafka's own
-  exceptions never leave ``send``.
+  exceptions never leave ``send``. Each record batch is acknowledged on its own:
+  when some of a delivery's batches were and others were not, the error names
+  the records of the others (``TransportError.failed``), and only they are sent
+  again.
 """
 
 from __future__ import annotations
@@ -61,7 +64,7 @@ from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from engine.assembly import gather
-from engine.errors import ConnectError, Rejected, Timeout
+from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
 from engine.transports.base import Delivery, Outcome, Transport
@@ -188,9 +191,24 @@ class KafkaTransport(Transport):
         return Outcome(ok=True, detail=f"{where}: {delivery.count} record(s) acknowledged")
 
     async def _attempt(self, slot: _Slot, topic: str, delivery: Delivery, where: str) -> None:
+        """Send the delivery's records; a TransportError names the records not
+        acknowledged in ``failed`` when some of its batches were (another partition's
+        leader failed, say): only those are sent again."""
+        waiters: list[asyncio.Future[Any]] = []  # one per record batch
+        positions: list[range | list[int]] = []  # the delivery's records of each batch
+        try:
+            await self._attempt_batches(slot, topic, delivery, where, waiters, positions)
+        except TransportError as exc:
+            exc.failed = unacknowledged(waiters, positions, delivery.count)
+            raise
+        finally:
+            _abandon(waiters)
+
+    async def _attempt_batches(self, slot: _Slot, topic: str, delivery: Delivery, where: str,
+                               waiters: list[asyncio.Future[Any]],
+                               positions: list[range | list[int]]) -> None:
         stage = "connect"
         producer: AIOKafkaProducer | None = None
-        waiters: list[asyncio.Future[Any]] = []  # one per record batch
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout_sec
         try:
@@ -199,7 +217,8 @@ class KafkaTransport(Transport):
                 stage = "metadata"
                 partitions = await self._partitions(slot, producer, topic)
                 stage = "send"
-                await self._enqueue(slot, producer, topic, partitions, delivery, waiters)
+                await self._enqueue(slot, producer, topic, partitions, delivery, waiters,
+                                    positions)
             stage = "acknowledgement"
             await _acknowledged(waiters, deadline - loop.time())
         except TimeoutError:
@@ -221,8 +240,6 @@ class KafkaTransport(Transport):
         except Exception as exc:  # anything else aiokafka raises: never out of send()
             log.warning("unexpected error from aiokafka for %s", where, exc_info=True)
             raise Rejected(f"{where}: {type(exc).__name__}: {exc}") from None
-        finally:
-            _abandon(waiters)
 
     def _error(self, slot: _Slot, producer: AIOKafkaProducer | None, where: str,
                exc: KafkaError) -> Exception:
@@ -244,9 +261,11 @@ class KafkaTransport(Transport):
 
     async def _enqueue(self, slot: _Slot, producer: AIOKafkaProducer, topic: str,
                        partitions: list[int], delivery: Delivery,
-                       waiters: list[asyncio.Future[Any]]) -> None:
+                       waiters: list[asyncio.Future[Any]],
+                       positions: list[range | list[int]]) -> None:
         """Write the records into per-partition batches (``kafka_batch``) and hand them
-        to the producer; appends one future per batch to ``waiters``."""
+        to the producer; appends one future per batch to ``waiters`` and the positions
+        of its records in the delivery to ``positions``."""
         parts = delivery.parts
         keys = delivery.keys
         mids = delivery.message_ids
@@ -280,9 +299,13 @@ class KafkaTransport(Transport):
         for partition, idx in groups:
             values, keyed, headed = (parts, fields, headers) if idx is None else (
                 list(gather(parts, idx)), list(gather(fields, idx)), list(gather(headers, idx)))
+            start = 0
             for data, records in batches(values, keyed, headed, stamp, MAX_BATCH_BYTES):
                 waiters.append(await _hand_over(slot, producer, PrebuiltBatch(data, records),
                                                 topic, partition))
+                positions.append(range(start, start + records) if idx is None
+                                 else idx[start:start + records])
+                start += records
 
     def _key(self, text: str) -> tuple[bytes, int | None]:
         """The key field of records keyed ``text`` and its murmur2 (None: no key)."""
@@ -430,6 +453,21 @@ async def _acknowledged(waiters: list[asyncio.Future[Any]], timeout: float) -> N
         error = waiter.exception()
         if error is not None:
             raise error
+
+
+def unacknowledged(waiters: list[asyncio.Future[Any]], positions: list[range | list[int]],
+                   count: int) -> list[int] | None:
+    """The positions of a delivery's ``count`` records not acknowledged, given its
+    batches' futures and the records of each (``positions``, in the same order; records
+    after the last are the ones never handed over); None if none was (all failed)."""
+    acknowledged = [where for waiter, where in zip(waiters, positions, strict=False)
+                    if waiter.done() and not waiter.cancelled() and waiter.exception() is None]
+    if not acknowledged:
+        return None
+    left = np.ones(count, bool)
+    for where in acknowledged:
+        left[list(where) if isinstance(where, range) else where] = False
+    return np.flatnonzero(left).tolist() or None
 
 
 def _abandon(waiters: list[asyncio.Future[Any]]) -> None:
