@@ -708,7 +708,20 @@ async def health(request: web.Request) -> web.Response:
     except redis.RedisError:
         return web.json_response({"status": "unavailable",
                                   "reason": "the engine's Redis does not answer"}, status=503)
+    partitions = workers["partitions"]
+    partitions["waiting"] = [{**w, "reason": public_reason(w["reason"])}
+                             for w in partitions["waiting"]]
+    if workers["retry_waiting"]:
+        workers["retry_waiting"] = public_reason(workers["retry_waiting"])
     return web.json_response({"status": "ok", **workers})
+
+
+def public_reason(reason: str) -> str:
+    """A waiting worker's reason as an answer without a token shows it: what waits
+    ("stored hook 4 no longer validates (...)"), not why (the validator's words quote
+    an account's hook settings: a URL, a password the parser could not read as one).
+    The engine's log and ``hookray health`` have the whole reason."""
+    return reason.partition(": ")[0]
 
 
 # --- middleware and the app ------------------------------------------------------------

@@ -19,8 +19,10 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from engine.api import MASK
+from engine.errors import HookError
+from engine.health import Heartbeat
 from engine.keys import Keys
-from engine.stores import RetryStore
+from engine.stores import HookRegistry, RetryStore
 from engine.transports.base import Delivery, now_ms
 from tests.integration import test_api
 from tests.integration.test_api import Api, hook_body
@@ -173,3 +175,27 @@ async def test_why_a_stored_hook_no_longer_validates_never_shows_its_secrets(
         assert "invalid port" in answer.error["message"] and MASK in answer.error["message"]
         answer_json += json.dumps(answer.body)
     assert "SECRET" not in answer_json
+
+
+async def test_the_health_answer_without_a_token_shows_nothing_of_an_accounts_hook(
+        api: Api) -> None:
+    """A worker waits on a stored hook that no longer validates: GET /v1/health, which
+    anyone may call, says which hook, not its settings (the validator's reason quotes
+    its URL: host, path, a password the parser could not read as one)."""
+    keys = Keys(api.settings.REDIS_PREFIX)
+    broken = await api.create()
+    stored = json.loads(api.r.hget(keys.hooks, str(broken["id"])) or b"{}")
+    stored["target"]["http_batch"].update(
+        url="http://crm:pw?SECRET@crm.internal.example/private-path", auth={"kind": "none"})
+    api.r.hset(keys.hooks, str(broken["id"]), json.dumps(stored))
+    with pytest.raises(HookError) as caught:  # what a worker's round meets, and marks
+        HookRegistry(api.r, keys).load()
+    assert "SECRET" in str(caught.value) and "crm.internal" in str(caught.value)
+    api.r.hset(keys.config, "partitions", 1)
+    Heartbeat(api.r, keys, "partition:0").beat(str(caught.value))
+    Heartbeat(api.r, keys, "retry").beat(str(caught.value))
+    answer = await api.call("GET", "/v1/health")
+    assert answer.status == 200
+    reason = f"stored hook {broken['id']} no longer validates (was EVENT_TYPES_FILE changed?)"
+    assert answer.body["partitions"]["waiting"] == [{"partition": 0, "reason": reason}]
+    assert answer.body["retry_waiting"] == reason
