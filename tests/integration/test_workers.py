@@ -330,6 +330,30 @@ def test_retry_worker_kills_deliveries_of_deleted_hooks(
     assert dead.last_error == f"hook {gone.id} was deleted; last error: HTTP 500"
 
 
+def test_a_stopped_hook_still_sends_what_it_captured_while_active(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Stopping captures nothing more; the open batch and the re-sends still leave."""
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(hook(target={"http_batch": {
+        "url": "http://127.0.0.1:9/x", "max_batch_size": 100, "flush_timeout_sec": 60}}))
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, sender)
+    intake.publish(clicks(3))
+    run_until(worker, lambda: worker.dispatcher.open_messages() == 3)  # batch open
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    registry.set_active(created.id or 0, False)
+    run_until(worker, lambda: len(sender.transport.sent) == 1)  # flushed by the change
+    intake.publish([{**c, "id": f"late-{i}"} for i, c in enumerate(clicks(2))])
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert [d.count for d in sender.transport.sent] == [3]  # nothing captured after
+    RetryWorker(settings, redis_client, sender).step()
+    assert [d.id for d in sender.transport.sent][1:] == ["d1"]
+    assert retry.pending() == 0 and not retry.dead_letters()
+
+
 def test_a_delivery_still_being_sent_is_not_claimed_twice(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """Its lease ran out during a long send and its hook was deleted meanwhile: it is
