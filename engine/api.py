@@ -290,10 +290,11 @@ SECRET_FIELDS = frozenset({"token", "client_secret", "password", "sasl_password"
 
 def sent_secrets(data: Any, name: str = "") -> list[str]:
     """Every value of ``data`` (hook settings as JSON, valid or not) that a read would
-    mask, in each form a text about it may hold: as given, JSON-escaped, and for a
-    URL's credentials also percent-decoded and as the Basic authorization the HTTP
-    client makes of them. A URL is read leniently (its user-info is whatever precedes
-    its last "@"), so a password that breaks the URL counts too."""
+    mask, in each form a text about it may hold: as given, JSON-escaped (with and
+    without \\u escapes), and for a URL's credentials also percent-decoded and as the
+    Basic authorization the HTTP client makes of them. A URL is read leniently (its
+    user-info is whatever precedes its last "@"), so a password that breaks the URL
+    counts too."""
     if isinstance(data, dict):
         found = [s for key, value in data.items() for s in sent_secrets(value, str(key))]
         if name == "headers":
@@ -307,8 +308,8 @@ def sent_secrets(data: Any, name: str = "") -> list[str]:
         found = _url_credentials(data)
     else:
         found = [data] if name in SECRET_FIELDS else []
-    return list(dict.fromkeys(f for s in found if s
-                              for f in (s, json.dumps(s, ensure_ascii=False)[1:-1]) if f))
+    return list(dict.fromkeys(f for s in found if s for f in (
+        s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])))
 
 
 def _url_credentials(url: str) -> list[str]:

@@ -199,3 +199,22 @@ async def test_the_health_answer_without_a_token_shows_nothing_of_an_accounts_ho
     reason = f"stored hook {broken['id']} no longer validates (was EVENT_TYPES_FILE changed?)"
     assert answer.body["partitions"]["waiting"] == [{"partition": 0, "reason": reason}]
     assert answer.body["retry_waiting"] == reason
+
+
+async def test_a_secret_quoted_in_json_by_a_destination_is_masked_too(api: Api) -> None:
+    """A destination answering JSON escapes a secret's quotes, backslashes and non-ASCII
+    characters: the dead letter's error shows the mask in place of each form."""
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    token = 'tök"\\-SECRET'
+    hook = await api.create(target={"http_batch": {
+        "url": "https://r.example.com/h", "auth": {"kind": "bearer", "token": token}}})
+    error = ("Rejected: HTTP 401: status is not 200; body: "
+             + json.dumps({"a": f"Bearer {token}"}) + " "
+             + json.dumps({"b": f"Bearer {token}"}, ensure_ascii=False))
+    delivery = Delivery(id="d-json", hook_id=hook["id"], account_id=1, kind="http_batch",
+                        parts=[b'{"m": 1}'], message_ids=["m1"], created_ms=now_ms())
+    retry.kill(delivery, error)
+    answer = await api.call("GET", "/v1/dead-letters", api.master)
+    [letter] = answer.body["dead_letters"]
+    assert letter["last_error"] == ("Rejected: HTTP 401: status is not 200; body: "
+                                    f'{{"a": "Bearer {MASK}"}} {{"b": "Bearer {MASK}"}}')
