@@ -166,7 +166,10 @@ class HttpTransport(Transport):
                 try:
                     outcome = await self._post(target, body)
                 except (ConnectError, Timeout) as exc:
-                    self._record_failure(dest, str(exc))
+                    # hooks of other accounts may share this breaker (the URL without
+                    # its query): what it says later names the URL without the query
+                    self._record_failure(dest, str(exc).replace(mask_url(target.url),
+                                                                mask_url(key)))
                     raise
         finally:
             dest.users -= 1

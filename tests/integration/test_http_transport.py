@@ -160,6 +160,25 @@ def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) 
     assert "circuit open" not in outcomes[-2].detail
 
 
+def test_an_open_breaker_does_not_show_another_hooks_query(receiver: Receiver) -> None:
+    """Hooks (of other accounts, say) posting to one path with other query strings share
+    its breaker: the fast failure of one must not quote the URL the other failed with."""
+    async def run() -> Any:
+        t = HttpTransport(timeout_sec=1.0)
+        try:
+            other = HttpBatch(url="http://127.0.0.1:9/in?tenant=acme-of-account-1")
+            for _ in range(BREAKER_FAILURES):
+                assert not (await t.send(other, delivery())).ok
+            return await t.send(HttpBatch(url="http://127.0.0.1:9/in?tenant=mine"), delivery())
+        finally:
+            await t.close()
+
+    outcome = asyncio.run(run())
+    assert not outcome.ok and "circuit open after 5 failures" in outcome.detail
+    assert "acme-of-account-1" not in outcome.describe()
+    assert "POST http://127.0.0.1:9/in:" in outcome.detail  # what failed, without a query
+
+
 def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
         receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_DESTINATIONS, destinations with nothing running and no failures are
