@@ -226,6 +226,18 @@ class Auth(_Model):
 _WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
 
 
+def _shown(url: str) -> str:
+    """``url`` as an error may quote it: ``mask_url``, and, when an ``@`` follows the
+    host part urlsplit found (a password holding ``/``, ``?`` or ``#``, which it takes
+    for the path, query or fragment: no password to mask), all from the scheme to the
+    last ``@`` masked."""
+    masked = mask_url(url)
+    scheme, sep, rest = masked.partition("://")
+    if sep and "@" in rest and "@" not in urlsplit(url).netloc:
+        return f"{scheme}://{MASK}@{rest.rpartition('@')[2]}"
+    return masked
+
+
 def _check_http_url(url: str) -> str:
     # urlsplit drops tabs and newlines anywhere ("http://exa\nmple.com" goes to
     # example.com): a URL that holds one is not the URL the client would use
@@ -236,16 +248,16 @@ def _check_http_url(url: str) -> str:
     except ValueError:  # its message would show the host part, a password with it
         raise ValueError("is not a valid URL: its host part cannot be parsed") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{mask_url(url)!r} is not an http(s) URL with a host")
+        raise ValueError(f"{_shown(url)!r} is not an http(s) URL with a host")
     try:
         port = parts.port  # raises on a bad port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError(f"{mask_url(url)!r} has an invalid port")
+        raise ValueError(f"{_shown(url)!r} has an invalid port")
     problem = _host_problem(url)
     if problem:
-        raise ValueError(f"{mask_url(url)!r}: {problem}")
+        raise ValueError(f"{_shown(url)!r}: {problem}")
     return url
 
 

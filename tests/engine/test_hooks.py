@@ -386,6 +386,13 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.url: 'http://r.example:http/x' has an invalid port"]),
     ("url port zero", at("target.http_batch.url", "http://r.example:0/x"),
      ["target.http_batch.url: 'http://r.example:0/x' has an invalid port"]),
+    # a password holding "?", "/" or "#" cuts the URL short: it is never quoted
+    ("url password with a question mark", at("target.http_batch.url",
+                                              "http://crm:pw?SECRET@r.example/x"),
+     ["target.http_batch.url: 'http://**********@r.example/x' has an invalid port"]),
+    ("url password with a slash", at("target.http_batch.url",
+                                     "https://crm:a/SECRET@r.example/x"),
+     ["target.http_batch.url: 'https://**********@r.example/x' has an invalid port"]),
     # hosts the HTTP client can never send to (it resolves names IDNA-encoded)
     ("url host label over 63 characters",
      at("target.http_batch.url", f"https://{'a' * 64}.example.com/x"),
