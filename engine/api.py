@@ -29,8 +29,6 @@ Decisions (README, "HTTP API"):
 from __future__ import annotations
 
 import asyncio
-import base64
-import contextlib
 import functools
 import json
 import logging
@@ -41,7 +39,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
-from urllib.parse import unquote
 
 import msgspec
 import redis
@@ -57,16 +54,15 @@ from engine.events import NESTED_TOO_DEEPLY, EventIssue, decode_batch, ensure_id
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
-    SENSITIVE_HEADER,
-    URL_FIELDS,
     Hook,
     changed_paths,
     destination,
+    hook_secrets,
     masked_secrets,
     not_utf8,
     restore_secrets,
     scrub,
-    url_secrets,
+    sent_secrets,
     validation_problems,
 )
 from engine.intake import Intake
@@ -285,58 +281,13 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
 
 # --- secrets in texts shown ------------------------------------------------------------
 
-SECRET_FIELDS = frozenset({"token", "client_secret", "password", "sasl_password"})
-
-
-def sent_secrets(data: Any, name: str = "") -> list[str]:
-    """Every value of ``data`` (hook settings as JSON, valid or not) that a read would
-    mask, in each form a text about it may hold: as given, JSON-escaped (with and
-    without \\u escapes), and for a URL's credentials also percent-decoded and as the
-    Basic authorization the HTTP client makes of them. A URL is read leniently (its
-    user-info is whatever precedes its last "@"), so a password that breaks the URL
-    counts too."""
-    if isinstance(data, dict):
-        found = [s for key, value in data.items() for s in sent_secrets(value, str(key))]
-        if name == "headers":
-            found += [v for k, v in data.items()
-                      if isinstance(v, str) and SENSITIVE_HEADER.search(str(k))]
-    elif isinstance(data, list):
-        found = [s for item in data for s in sent_secrets(item, name)]
-    elif not isinstance(data, str):
-        return []
-    elif name in URL_FIELDS:
-        found = _url_credentials(data)
-    else:
-        found = [data] if name in SECRET_FIELDS else []
-    return list(dict.fromkeys(f for s in found if s for f in (
-        s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])))
-
-
-def _url_credentials(url: str) -> list[str]:
-    found: list[str] = []
-    with contextlib.suppress(ValueError):  # urlsplit refuses its host part
-        found += url_secrets(url)
-    authority = url.partition("://")[2] or url
-    user, colon, password = authority.rpartition("@")[0].partition(":")
-    if colon and password:
-        clear = unquote(password)
-        basic = base64.b64encode(f"{unquote(user)}:{clear}".encode()).decode()
-        found += [password, clear, basic]
-    return found
-
-
-def hook_secrets(hook: Hook) -> list[str]:
-    """``hook.secrets()`` in every form ``sent_secrets`` finds."""
-    return list(dict.fromkeys([*hook.secrets(), *sent_secrets(hook.to_storage())]))
-
-
 def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]:
     """The secrets of the account's stored hook ``hook_id`` (read without validating
     it: one that no longer validates has them too); none when it is not the account's
     or no longer exists."""
     raw = backend.r.hget(backend.hooks.k.hooks, str(hook_id))
     try:
-        data = json.loads(raw) if raw is not None else None  # type: ignore[arg-type]
+        data = json.loads(raw) if raw is not None else None
     except ValueError:
         return []
     if not isinstance(data, dict) or data.get("account_id") != account_id:

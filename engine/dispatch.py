@@ -33,7 +33,7 @@ from engine.collector import paused_gc
 from engine.errors import HookError
 from engine.events import Event
 from engine.health import Heartbeat
-from engine.hooks import Hook
+from engine.hooks import Hook, hook_secrets, scrub
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex
@@ -553,10 +553,13 @@ class PartitionWorker:
                 rest, done = undelivered(delivery, outcome)
                 rest.last_attempt_ms = now_ms()
                 due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                # a destination's answer may echo the hook's secrets: never kept
+                hook, _ = self.dispatcher.pending_hooks[delivery.id]
+                error = scrub(outcome.describe(), hook_secrets(hook))
                 if self.settings.HOOK_RETRY_TIMES == 0:
-                    self.side.retry.kill(rest, outcome.describe())
+                    self.side.retry.kill(rest, error)
                 else:
-                    self.side.retry.schedule(rest, due, outcome.describe())
+                    self.side.retry.schedule(rest, due, error)
                 if done:
                     self.delivered[delivery.hook_id] += done
             self.settling.popleft()

@@ -15,7 +15,10 @@ credential (``?token=**********``; ``Authorization``, ``Cookie``, ``X-Api-Key``,
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import ipaddress
+import json
 import re
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
@@ -619,3 +622,50 @@ def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) ->
     # raised outside the except block: no __context__ holding the ValidationError, whose
     # input_value reprs can carry passwords and tokens in clear text
     raise HookError("invalid hook: " + "; ".join(found))
+
+
+# --- secrets in texts shown ------------------------------------------------------------
+
+SECRET_FIELDS = frozenset({"token", "client_secret", "password", "sasl_password"})
+
+
+def sent_secrets(data: Any, name: str = "") -> list[str]:
+    """Every value of ``data`` (hook settings as JSON, valid or not) that a read would
+    mask, in each form a text about it may hold: as given, JSON-escaped (with and
+    without \\u escapes), and for a URL's credentials also percent-decoded and as the
+    Basic authorization the HTTP client makes of them. A URL is read leniently (its
+    user-info is whatever precedes its last "@"), so a password that breaks the URL
+    counts too."""
+    if isinstance(data, dict):
+        found = [s for key, value in data.items() for s in sent_secrets(value, str(key))]
+        if name == "headers":
+            found += [v for k, v in data.items()
+                      if isinstance(v, str) and SENSITIVE_HEADER.search(str(k))]
+    elif isinstance(data, list):
+        found = [s for item in data for s in sent_secrets(item, name)]
+    elif not isinstance(data, str):
+        return []
+    elif name in URL_FIELDS:
+        found = _url_credentials(data)
+    else:
+        found = [data] if name in SECRET_FIELDS else []
+    return list(dict.fromkeys(f for s in found if s for f in (
+        s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])))
+
+
+def _url_credentials(url: str) -> list[str]:
+    found: list[str] = []
+    with contextlib.suppress(ValueError):  # urlsplit refuses its host part
+        found += url_secrets(url)
+    authority = url.partition("://")[2] or url
+    user, colon, password = authority.rpartition("@")[0].partition(":")
+    if colon and password:
+        clear = unquote(password)
+        basic = base64.b64encode(f"{unquote(user)}:{clear}".encode()).decode()
+        found += [password, clear, basic]
+    return found
+
+
+def hook_secrets(hook: Hook) -> list[str]:
+    """``hook.secrets()`` in every form ``sent_secrets`` finds."""
+    return list(dict.fromkeys([*hook.secrets(), *sent_secrets(hook.to_storage())]))

@@ -26,7 +26,7 @@ from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
 from engine.errors import HookError
 from engine.health import Heartbeat
-from engine.hooks import Hook
+from engine.hooks import Hook, hook_secrets, scrub
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
@@ -117,6 +117,9 @@ class RetryWorker:
         rest = msgspec.structs.replace(rest, resends=delivery.resends + 1,
                                        last_attempt_ms=now_ms())
         error = outcome.describe()
+        hook = self.hooks.get(delivery.hook_id)
+        if hook is not None:  # a destination's answer may echo its secrets: never kept
+            error = scrub(error, hook_secrets(hook))
         if exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
             self.side.retry.kill(rest, error, delivered=done)
         else:

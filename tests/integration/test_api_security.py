@@ -190,7 +190,8 @@ async def test_the_health_answer_without_a_token_shows_nothing_of_an_accounts_ho
     api.r.hset(keys.hooks, str(broken["id"]), json.dumps(stored))
     with pytest.raises(HookError) as caught:  # what a worker's round meets, and marks
         HookRegistry(api.r, keys).load()
-    assert "SECRET" in str(caught.value) and "crm.internal" in str(caught.value)
+    # the reason names the host and path (the password is masked by the validator)
+    assert "SECRET" not in str(caught.value) and "crm.internal" in str(caught.value)
     api.r.hset(keys.config, "partitions", 1)
     Heartbeat(api.r, keys, "partition:0").beat(str(caught.value))
     Heartbeat(api.r, keys, "retry").beat(str(caught.value))

@@ -7,6 +7,7 @@ import json
 import logging
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -26,7 +27,7 @@ from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
 from engine.stores import HookRegistry, ProfileStore, RetryStore, Stats
-from engine.transports.base import Delivery, Outcome, pack_delivery
+from engine.transports.base import Delivery, Outcome, now_ms, pack_delivery
 from engine.transports.stub import StubTransport
 from tests.services import wait_for
 
@@ -352,6 +353,32 @@ def test_a_stopped_hook_still_sends_what_it_captured_while_active(
     RetryWorker(settings, redis_client, sender).step()
     assert [d.id for d in sender.transport.sent][1:] == ["d1"]
     assert retry.pending() == 0 and not retry.dead_letters()
+
+
+def test_errors_kept_for_retries_and_dead_letters_never_hold_the_hooks_secrets(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A destination may echo a credential in its answer: masked before it is stored,
+    so no reader (API, driver, CLI) of the schedule or the dead letters sees it."""
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(hook(target={"http_batch": {
+        "url": "https://r.example/x?api_key=key-SECRET",
+        "auth": {"kind": "bearer", "token": "tok-SECRET"}}}))
+    echo = ("HTTP 401: status is not 200; body: Authorization: Bearer tok-SECRET, "
+            "api_key=key-SECRET")
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 1})
+    worker = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    delivery = Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
+                        parts=[b"{}"], message_ids=["m1"])
+    worker.dispatcher.pending_hooks["d1"] = (created, Counter())
+    worker._settle([(delivery, Outcome(ok=False, error="Rejected", detail=echo))])
+    retry = RetryStore(redis_client, keys)
+    (due,) = retry.claim_due(now=now_ms() + 3_600_000)  # due after the retry period
+    assert "SECRET" not in due.last_error and "HTTP 401" in due.last_error
+    retry_worker = RetryWorker(cfg, redis_client, InProcessSender())
+    retry_worker._refresh()
+    retry_worker.settle(due, Outcome(ok=False, error="Rejected", detail=echo))
+    (dead,) = retry.dead_letters()
+    assert "SECRET" not in dead.last_error and "Bearer **********" in dead.last_error
 
 
 def test_a_delivery_still_being_sent_is_not_claimed_twice(
