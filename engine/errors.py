@@ -48,9 +48,11 @@ class Conflict(HookrayError):
 class TransportError(HookrayError):
     """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered.
     ``failed``: when only some of its messages failed (the others were delivered),
-    their positions in the delivery; only they are sent again."""
+    their positions in the delivery; only they are sent again. ``status``: the HTTP
+    status of the answer that failed it, when there was one."""
 
     failed: list[int] | None = None
+    status: int | None = None
 
 
 class ConnectError(TransportError):

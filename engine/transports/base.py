@@ -55,7 +55,8 @@ class Outcome(msgspec.Struct, omit_defaults=True):
     failed: list[int] | None = None
 
     def describe(self) -> str:
-        status = f"HTTP {self.status}: " if self.status is not None else ""
+        status = f"HTTP {self.status}: " if self.status is not None \
+            and not self.detail.startswith(f"HTTP {self.status}") else ""
         kind = f"{self.error}: " if self.error else ""
         return f"{kind}{status}{self.detail}"[:1000]
 
@@ -127,8 +128,8 @@ class Transport(ABC):
         try:
             return await self._deliver(target, delivery)
         except TransportError as exc:
-            return Outcome(ok=False, error=type(exc).__name__, detail=str(exc)[:1000],
-                           failed=exc.failed)
+            return Outcome(ok=False, status=exc.status, error=type(exc).__name__,
+                           detail=str(exc)[:1000], failed=exc.failed)
 
     @abstractmethod
     async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:

@@ -205,8 +205,10 @@ class HttpTransport(Transport):
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
         if 300 <= status < 400:
-            raise Rejected(f"HTTP {status}: redirects are not followed (the batch was not "
-                           f"delivered); Location: {mask_url(location)[:300]}")
+            redirect = Rejected(f"HTTP {status}: redirects are not followed (the batch was "
+                                f"not delivered); Location: {mask_url(location)[:300]}")
+            redirect.status = status
+            raise redirect
         return self._judge(target, status, text)
 
     def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
@@ -225,7 +227,9 @@ class HttpTransport(Transport):
             return Outcome(ok=True, status=status, detail=excerpt)
         else:
             reason = "status is not 200"
-        raise Rejected(f"HTTP {status}: {reason}; body: {excerpt}")
+        refused = Rejected(f"HTTP {status}: {reason}; body: {excerpt}")
+        refused.status = status
+        raise refused
 
     async def _authorization(self, auth: Auth) -> str | None:
         if auth.kind == "bearer" and auth.token is not None:

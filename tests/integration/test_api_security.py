@@ -97,7 +97,7 @@ async def test_a_test_event_answer_never_shows_secrets_a_destination_echoes(
         answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
                                 json_body={"event_type": "click"})
         assert answer.status == 200
-        assert answer.body["delivered"] is False and answer.body["status"] is None
+        assert answer.body["delivered"] is False and answer.body["status"] == 401
         assert answer.body["error"] == "Rejected"
         assert "HTTP 401" in answer.body["detail"] and MASK in answer.body["detail"]
         assert "SECRET" not in json.dumps(answer.body) and basic not in answer.body["detail"]

@@ -67,8 +67,9 @@ def test_a_redirect_is_not_followed_nor_taken_for_delivered(receiver: Receiver,
     count as delivered: a redirect is a failure naming where it points."""
     receiver.behave("/old", status=status, location=receiver.url("/new"))
     outcome = send({"url": receiver.url("/old")})
-    assert not outcome.ok and outcome.error == "Rejected" and outcome.status is None
+    assert not outcome.ok and outcome.error == "Rejected" and outcome.status == status
     assert f"HTTP {status}: redirects are not followed" in outcome.detail
+    assert outcome.describe().startswith(f"Rejected: HTTP {status}: redirects")  # said once
     assert receiver.url("/new") in outcome.detail
     assert receiver.requests("/new") == []
 

@@ -226,7 +226,7 @@ def test_test_event_reports_the_outcome(engine_factory: Any, receiver: Receiver)
     receiver.behave("/bad", always_fail=True, fail_status=502)
     bad = engine.create_hook(http_hook(receiver, "/bad"))
     outcome = engine.test_event(bad.id, "click")
-    assert not outcome.ok and outcome.status is None and "HTTP 502" in outcome.detail
+    assert not outcome.ok and outcome.status == 502 and "HTTP 502" in outcome.detail
     dead = engine.create_hook({**http_hook(receiver, "/x"), "target": {"http_batch": {
         "url": "http://127.0.0.1:9/nothing-listens"}}})
     outcome = engine.test_event(dead.id, "open")
