@@ -52,7 +52,8 @@ def _parser() -> argparse.ArgumentParser:
 
     p = argparse.ArgumentParser(
         prog="deploy/job.py",
-        description="Run the hookray engine as a Ray job (the same as `hookray run`).")
+        description="Run the hookray engine as a Ray job (the same as `hookray run`).",
+        epilog="Other options of `hookray run` (e.g. --api-port PORT) are passed on.")
     p.add_argument("--config", "-c", metavar="MAIN_JSON", default=os.environ.get("HOOKRAY_CONFIG"),
                    help="settings file, relative to the job's working dir (default: "
                    "$HOOKRAY_CONFIG, else built-in defaults); environment variables "
@@ -83,10 +84,17 @@ def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, extra = _parser().parse_known_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    from actors.cli import _parser as hookray_parser
     from actors.cli import main as hookray_main
 
-    return hookray_main(run_argv(args, extra))
+    hookray_argv = run_argv(args, extra)
+    _, unknown = hookray_parser().parse_known_args(hookray_argv)
+    if unknown:  # refused by this file's parser, with its usage, not by `hookray`'s
+        parser.error(f"unrecognized arguments: {' '.join(unknown)} (known: the options "
+                     "above and those of `hookray run`, e.g. --api-port)")
+    return hookray_main(hookray_argv)
 
 
 if __name__ == "__main__":
