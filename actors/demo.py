@@ -128,6 +128,31 @@ def run_demo(events: int = 2_000, config: str | None = None) -> int:
     raise AssertionError("unreachable")  # for type checkers: the with block returns
 
 
+SETTLE_SEC = 120.0  # the longest the demo waits for its events to be delivered
+PROGRESS_SEC = 5.0  # a progress line this often while it waits
+
+
+def _wait_settled(engine: Any, timeout: float, every: float) -> bool:
+    """``engine.wait_idle`` (retries included) for up to ``timeout`` seconds, with a
+    progress line every ``every`` seconds: a large demo takes a while."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if engine.wait_idle(max(min(every, left), 0), include_retries=True):
+            return True
+        if left <= every:
+            return False
+        totals = engine.totals()
+        print(f"demo: {totals['delivered']:,} of {totals['accepted']:,} message(s) "
+              f"delivered so far, {engine.retry.pending():,} awaiting a re-send ...",
+              flush=True)
+
+
+def _sample(messages: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """A message made from one of the published events, not the test event."""
+    return next((m for m in messages if not m.get("is_test")), None)
+
+
 def _exercise(engine: Any, rx: Receiver, n: int) -> int:
     engine.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 7, "name": "Black Friday"},
                          {"account_id": 1, "kind": "campaigns", "id": 8, "name": "Welcome"}])
@@ -138,19 +163,20 @@ def _exercise(engine: Any, rx: Receiver, n: int) -> int:
     outcome = engine.test_event(hooks[0].id, "click")
     print(f"demo: test event through hook {hooks[0].id}: delivered={outcome.ok} "
           f"status={outcome.status} body={outcome.detail!r}")
+    print(f"demo: publishing {n:,} sample events ...", flush=True)
     started = time.monotonic()
     result = engine.publish(_events(n))
     print(f"demo: {result.accepted} events accepted; waiting for delivery ...", flush=True)
-    done = engine.wait_idle(120, include_retries=True)
+    done = _wait_settled(engine, SETTLE_SEC, PROGRESS_SEC)
     print(f"demo: settled={done} in {time.monotonic() - started:.1f}s")
     for path in ("/crm", "/bounces", "/flaky"):
         reqs = rx.requests(path)
         kinds = Counter(m["event_type"] for m in rx.messages(path))
         print(f"demo: receiver {path}: {len(reqs)} request(s), {sum(kinds.values())} message(s) "
               f"accepted {dict(kinds)}; statuses {dict(Counter(r.status for r in reqs))}")
-    sample = rx.messages("/crm")[:1]
-    if sample:
-        print(f"demo: a message received at /crm: {sample[0]}")
+    sample = _sample(rx.messages("/crm"))
+    if sample is not None:
+        print(f"demo: a message received at /crm: {sample}")
     for hook in hooks:
         print(f"demo: stats hook {hook.id}: {engine.stats(hook.id)}")
     stats = [engine.stats(h.id) for h in hooks]
