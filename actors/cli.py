@@ -7,6 +7,7 @@ import contextlib
 import json
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -18,7 +19,7 @@ from typing import Any
 import redis
 
 from engine.errors import HookError, HookrayError
-from engine.settings import load_settings, with_overrides
+from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
 
@@ -53,6 +54,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     settings = load_settings(args.config)
     if args.api_port is not None:
         settings = with_overrides(settings, {"API_PORT": args.api_port})
+    if args.ray_address and (problem := ray_address_problem(args.ray_address)) is not None:
+        raise HookrayError(f"--ray-address {args.ray_address!r}: {problem}")
     hooks = [(path, n, data) for path in args.hooks or []  # bad files: before anything
              for n, data in enumerate(_as_list(_read_json(path)))]  # starts
     if hooks:
@@ -227,6 +230,8 @@ def cmd_publish(args: argparse.Namespace) -> int:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
+    if not data.strip():  # as POST /v1/events answers an empty body: a wrong file, likely
+        raise HookrayError(f"{args.file}: holds no events (the file is empty)")
     result = _engine(args).publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
     if result.issues and not result.accepted:
@@ -245,12 +250,32 @@ def cmd_stats(args: argparse.Namespace) -> int:
 def cmd_health(args: argparse.Namespace) -> int:
     """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
     them is stopped or waits (see its reason), or no engine ever started here."""
-    health = _engine(args).health()
+    engine = _engine(args)
+    health = engine.health()
     _print(health)
+    problems = _health_problems(health, engine.settings.REDIS_PREFIX)
+    for problem in problems:
+        print(f"hookray: health: {problem}", file=sys.stderr)
+    return 1 if problems else 0
+
+
+def _health_problems(health: dict[str, Any], prefix: str) -> list[str]:
+    """Why ``health`` (Engine.health) is not every worker running, one line each."""
+    from engine.health import ALIVE_SEC
+
     parts = health["partitions"]
-    ok = (parts["expected"] is not None and parts["running"] == parts["expected"]
-          and health["retry_running"] and health["retry_waiting"] is None)
-    return 0 if ok else 1
+    if parts["expected"] is None:
+        return [f"no engine has started with this Redis and REDIS_PREFIX {prefix!r}"]
+    problems = []
+    if parts["stopped"]:
+        problems.append(f"partition(s) {', '.join(map(str, parts['stopped']))} of "
+                        f"{parts['expected']} ran no round in the last {ALIVE_SEC} s")
+    problems += [f"partition {w['partition']} waits: {w['reason']}" for w in parts["waiting"]]
+    if not health["retry_running"]:
+        problems.append(f"the retry worker ran no round in the last {ALIVE_SEC} s")
+    if health["retry_waiting"] is not None:
+        problems.append(f"the retry worker waits: {health['retry_waiting']}")
+    return problems
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -282,7 +307,10 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         _print([i.public() for i in tokens.list(args.account)])
     elif args.action == "revoke":
         tokens.revoke(args.token_id)
-        print(f"token {args.token_id} revoked")
+        token_id = args.token_id  # the token itself, when given so: only its id is shown
+        if (m := re.fullmatch(r"hr_([0-9a-f]{16})_[A-Za-z0-9_-]+", token_id)) is not None:
+            token_id = m.group(1)
+        print(f"token {token_id} revoked")
     return 0
 
 
@@ -362,7 +390,7 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     run = sub.add_parser("run", help="run the engine (the main job)", description=cmd_run.__doc__)
-    run.add_argument("--hooks", nargs="*", metavar="FILE",
+    run.add_argument("--hooks", nargs="+", metavar="FILE",
                      help="hook JSON files: each hook is created unless its account has a "
                      "hook of that name already")
     run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")

@@ -1,0 +1,195 @@
+"""The README's commands, run as written, and the plausible mistakes around them: each
+refused with a message naming what is wrong, and the right exit code."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from actors.cli import main
+from engine.settings import Settings
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def config(tmp_path: Path, settings: Settings) -> str:
+    path = tmp_path / "main.json"
+    path.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL,
+                                "REDIS_PREFIX": settings.REDIS_PREFIX, "PARTITIONS": 2}))
+    return str(path)
+
+
+def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = main(list(args))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+@pytest.mark.parametrize("content", ["", "\n  \n"])
+def test_publishing_an_empty_file_is_an_error(content: str, config: str, tmp_path: Path,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    # Given an events file that is empty (the wrong file, or one not written yet)
+    events = tmp_path / "events.ndjson"
+    events.write_text(content)
+    # When it is published
+    code, out, err = run_cli(capsys, "-c", config, "publish", str(events))
+    # Then nothing is printed as if it had worked, and the exit code says it failed
+    assert code == 2 and out == ""
+    assert f"hookray: error: {events}: holds no events (the file is empty)" in err
+
+
+def test_an_empty_json_array_is_still_published_as_nothing(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    events = tmp_path / "events.json"
+    events.write_text("[]")
+    code, out, _ = run_cli(capsys, "-c", config, "publish", str(events))
+    assert code == 0 and json.loads(out) == {"accepted": 0, "issues": []}
+
+
+def test_revoking_by_the_token_shows_only_its_id(config: str,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
+    # Given a token, revoked by the token itself (what an operator has at hand)
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "create", "--account", "23",
+                           "--role", "ingest", "--name", "shop")
+    created = json.loads(out)
+    code, out, err = run_cli(capsys, "-c", config, "tokens", "revoke", created["token"])
+    # Then the output (a terminal, a CI log) names the token by its id, never the secret
+    assert code == 0 and out.strip() == f"token {created['id']} revoked"
+    assert created["token"] not in out + err
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "23")
+    assert json.loads(out) == []
+    # and revoking it again says that it does not exist, by its id
+    code, _, err = run_cli(capsys, "-c", config, "tokens", "revoke", created["token"])
+    assert code == 2 and f"token {created['id']} does not exist" in err
+
+
+def test_health_says_on_stderr_why_it_exits_1(config: str, settings: Settings,
+                                              capsys: pytest.CaptureFixture[str]) -> None:
+    import redis
+
+    from engine.health import Heartbeat
+    from engine.keys import Keys
+
+    # no engine has run with this Redis and prefix
+    code, out, err = run_cli(capsys, "-c", config, "health")
+    assert code == 1 and json.loads(out)["partitions"]["expected"] is None
+    assert (f"hookray: health: no engine has started with this Redis and REDIS_PREFIX "
+            f"{settings.REDIS_PREFIX!r}") in err
+    # an engine of 2 partitions, of which partition 1 and the retry worker are silent
+    r, keys = redis.Redis.from_url(settings.REDIS_URL), Keys(settings.REDIS_PREFIX)
+    r.hset(keys.config, "partitions", 2)
+    marks = {name: Heartbeat(r, keys, name) for name in ("partition:0", "partition:1", "retry")}
+    marks["partition:0"].beat()
+    code, _, err = run_cli(capsys, "-c", config, "health")
+    assert code == 1
+    assert "hookray: health: partition(s) 1 of 2 ran no round in the last 15 s" in err
+    assert "hookray: health: the retry worker ran no round in the last 15 s" in err
+    # partition 1 waits for an operator: the reason is said
+    marks["partition:1"].beat("stored hook 7 no longer validates")
+    marks["retry"].beat()
+    code, _, err = run_cli(capsys, "-c", config, "health")
+    assert code == 1
+    assert err.strip() == "hookray: health: partition 1 waits: stored hook 7 no longer validates"
+    # all of them run: exit 0 and nothing on stderr
+    marks["partition:1"].beat()
+    code, _, err = run_cli(capsys, "-c", config, "health")
+    assert code == 0 and err == ""
+
+
+def test_run_refuses_a_bad_ray_address_naming_the_option(
+        config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(capsys, "-c", config, "run", "--ray-address", "nonsense",
+                             "--duration", "1")
+    assert code == 2
+    assert "hookray: error: --ray-address 'nonsense': expected HOST:PORT" in err
+    assert "starting" not in out  # refused before anything started
+
+
+def test_run_hooks_without_a_file_is_refused(config: str,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    # `--hooks $FILE` with FILE unset in the shell: refused rather than run without hooks
+    with pytest.raises(SystemExit) as exit_info:
+        main(["-c", config, "run", "--hooks", "--duration", "1"])
+    assert exit_info.value.code == 2
+    assert "argument --hooks: expected at least one argument" in capsys.readouterr().err
+
+
+def test_the_job_refuses_an_unknown_option_with_its_own_usage(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy.job import main as job_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        job_main(["--config", "deploy/main.json", "--duraton", "5"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("usage: deploy/job.py")
+    assert "deploy/job.py: error: unrecognized arguments: --duraton 5" in err
+    assert "usage: hookray" not in err
+
+
+def test_the_job_still_passes_options_of_hookray_run_on() -> None:
+    from actors.cli import _parser
+    from deploy.job import _parser as job_parser
+    from deploy.job import run_argv
+
+    args, extra = job_parser().parse_known_args(["--config", "c.json", "--api-port", "8080"])
+    parsed = _parser().parse_args(run_argv(args, extra))
+    assert parsed.command == "run" and parsed.api_port == 8080 and parsed.config == "c.json"
+
+
+class _SlowEngine:
+    """Engine.wait_idle / totals / retry.pending of an engine that settles after
+    ``rounds`` waits."""
+
+    def __init__(self, rounds: int) -> None:
+        self.rounds, self.waits = rounds, []
+
+        class _Retry:
+            @staticmethod
+            def pending() -> int:
+                return 3
+        self.retry = _Retry()
+
+    def wait_idle(self, timeout: float, include_retries: bool = False) -> bool:
+        assert include_retries
+        self.waits.append(timeout)
+        time.sleep(timeout)
+        return len(self.waits) > self.rounds
+
+    def totals(self) -> dict[str, Any]:
+        return {"accepted": 2_000, "delivered": 500 * len(self.waits)}
+
+
+def test_the_demo_shows_progress_while_it_waits_for_delivery(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from actors.demo import _wait_settled
+
+    engine = _SlowEngine(rounds=2)
+    assert _wait_settled(engine, timeout=60, every=0.01) is True
+    lines = capsys.readouterr().out.splitlines()
+    assert lines == ["demo: 500 of 2,000 message(s) delivered so far, 3 awaiting a re-send ...",
+                     "demo: 1,000 of 2,000 message(s) delivered so far, 3 awaiting a re-send ..."]
+    assert engine.waits == [0.01, 0.01, 0.01]
+
+
+def test_the_demo_gives_up_after_its_timeout(capsys: pytest.CaptureFixture[str]) -> None:
+    from actors.demo import _wait_settled
+
+    engine = _SlowEngine(rounds=10**6)
+    assert _wait_settled(engine, timeout=0.05, every=0.02) is False
+    assert sum(engine.waits) <= 0.05 + 1e-9
+
+
+def test_the_demo_samples_a_published_event_not_the_test_event() -> None:
+    from actors.demo import _sample
+
+    test = {"event_type": "click", "is_test": True}
+    real = {"event_type": "open", "is_test": False, "custom_data": {"cname": "Welcome"}}
+    assert _sample([test, real]) == real
+    assert _sample([test]) is None
+    assert _sample([]) is None
