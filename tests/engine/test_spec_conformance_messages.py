@@ -14,6 +14,7 @@ from engine.events import Event
 from engine.hooks import Hook, parse_hook
 from engine.messages import MessageBuilder, encode_message, kafka_key, keys_from_parts
 from engine.names import NameCatalogue
+from tests.engine.test_events import TRACKING_DATA
 
 CATALOGUE = load_catalogue()
 DATE = "2016-11-15T09:12:28.514388956Z"
@@ -75,15 +76,8 @@ def test_an_event_without_a_profile_id_has_no_record_key(profile_id: str | None)
 
 # spec d, tracking variant of event_data: field -> example value (extra_uid: push only;
 # its documented example is cut short)
-SPEC_TRACKING_EXAMPLE: dict[str, Any] = {
-    "message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id": 3,
-    "ip": "10.9.0.14", "country": ".us", "city": "New York", "postal_code": "101000",
-    "region": "Ohio", "tz": "Europe/Vaduz", "lat": 55.244075, "lon": 55.244075,
-    "user_agent": "Mozilla/5.0 (X11; Linux x86_64; rv:59.0) Gecko/20100101 Firefox/59.0",
-    "os": "Linux x86_64", "browser": "Firefox", "device": "web",
-    "link_url": "http://www.example.com", "launch_id": "00000017000003cd5a9bf01a",
-    "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78",
-}
+SPEC_TRACKING_EXAMPLE: dict[str, Any] = {k: v for k, v in TRACKING_DATA.items()
+                                         if k != "extra_uid"}
 
 
 def http_hook() -> Hook:
