@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import math
 import os
 import re
@@ -12,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -210,11 +211,25 @@ def cmd_hooks(args: argparse.Namespace) -> int:
         engine.delete_hook(args.id)
         print(f"hook {args.id} deleted")
     elif action == "test":
-        outcome = engine.test_event(args.id, args.event_type)
+        with _client_logs_muted():  # the outcome says why a send failed, once
+            outcome = engine.test_event(args.id, args.event_type)
         _print({"delivered": outcome.ok, "status": outcome.status, "detail": outcome.detail,
                 "error": outcome.error})
         return 0 if outcome.ok else 1
     return 0
+
+
+@contextlib.contextmanager
+def _client_logs_muted() -> Iterator[None]:
+    """No log lines of the transports' client libraries (aiormq logs "error when
+    creating transport: ..." itself) on stderr: without a handler of the process's
+    own, Python prints them, ahead of the outcome that gives the same reason."""
+    quiet = logging.NullHandler()
+    logging.getLogger().addHandler(quiet)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeHandler(quiet)
 
 
 def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:

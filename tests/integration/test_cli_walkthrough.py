@@ -193,3 +193,31 @@ def test_the_demo_samples_a_published_event_not_the_test_event() -> None:
     assert _sample([test, real]) == real
     assert _sample([test]) is None
     assert _sample([]) is None
+
+
+def test_a_failed_test_event_says_why_once_without_client_log_lines(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import subprocess
+    import sys
+
+    from tests.services import free_port
+
+    # Given a RabbitMQ hook whose broker port nobody listens on
+    port = free_port()
+    hook = tmp_path / "hook.json"
+    hook.write_text(json.dumps({"name": "bounces", "account_id": 1, "actions": ["hbounce"],
+                                "target": {"rabbitmq_queue": {
+                                    "host": "127.0.0.1", "port": port, "user": "guest",
+                                    "password": "guest", "queue": "hookray.nowhere"}}}))
+    code, out, _ = run_cli(capsys, "-c", config, "hooks", "create", str(hook))
+    hook_id = json.loads(out)[0]["id"]
+    # When a test event is sent through it, as its own process (as a user runs it)
+    proc = subprocess.run([sys.executable, "-m", "actors.cli", "-c", config, "hooks", "test",
+                           str(hook_id), "hbounce"], capture_output=True, text=True,
+                          timeout=120)
+    # Then the outcome says why, and no client library's log line precedes it
+    assert proc.returncode == 1, proc.stderr
+    outcome = json.loads(proc.stdout)
+    assert outcome["delivered"] is False and outcome["error"] == "ConnectError"
+    assert f"127.0.0.1:{port}" in outcome["detail"] and "cannot connect" in outcome["detail"]
+    assert proc.stderr == ""
