@@ -52,6 +52,15 @@ def _given_redis(config: str | None) -> bool:
     return False
 
 
+def _ping(url: str) -> None:
+    """RedisError unless the Redis at ``url`` answers."""
+    r = redis.Redis.from_url(url)
+    try:
+        r.ping()
+    finally:
+        r.close()
+
+
 def _drop_keys(url: str, prefix: str) -> None:
     """The demo's keys in a Redis it shares with others: gone after the run."""
     r = redis.Redis.from_url(url)
@@ -117,6 +126,7 @@ def run_demo(events: int = 2_000, config: str | None = None) -> int:
             stack.callback(_stop_embedded, server)
             print(f"demo: embedded Redis at {overrides['REDIS_URL']}")
         else:
+            _ping(base.REDIS_URL)  # unreachable: said once, before anything starts
             stack.callback(_drop_keys, base.REDIS_URL, overrides["REDIS_PREFIX"])
         settings = with_overrides(base, overrides)
         rx = stack.enter_context(Receiver())

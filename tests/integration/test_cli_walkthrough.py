@@ -221,3 +221,19 @@ def test_a_failed_test_event_says_why_once_without_client_log_lines(
     assert outcome["delivered"] is False and outcome["error"] == "ConnectError"
     assert f"127.0.0.1:{port}" in outcome["detail"] and "cannot connect" in outcome["detail"]
     assert proc.stderr == ""
+
+
+def test_the_demo_with_an_unreachable_redis_says_so_once(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    from tests.services import free_port
+
+    # Given REDIS_URL naming a port nobody listens on
+    port = free_port()
+    monkeypatch.setenv("REDIS_URL", f"redis://127.0.0.1:{port}/9")
+    # When the demo runs
+    code, out, err = run_cli(capsys, "demo")
+    # Then it fails with the reason, before starting anything, and says nothing else
+    assert code == 2
+    assert err.startswith("hookray: error: Redis: ") and err.count("\n") == 1
+    assert f"127.0.0.1:{port}" in err and "Connection refused" in err
+    assert out == ""  # neither "starting local Ray" nor "could not remove the demo's keys"
