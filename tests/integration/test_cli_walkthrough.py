@@ -210,6 +210,7 @@ def test_a_failed_test_event_says_why_once_without_client_log_lines(
                                     "host": "127.0.0.1", "port": port, "user": "guest",
                                     "password": "guest", "queue": "hookray.nowhere"}}}))
     code, out, _ = run_cli(capsys, "-c", config, "hooks", "create", str(hook))
+    assert code == 0
     hook_id = json.loads(out)[0]["id"]
     # When a test event is sent through it, as its own process (as a user runs it)
     proc = subprocess.run([sys.executable, "-m", "actors.cli", "-c", config, "hooks", "test",
