@@ -507,6 +507,10 @@ def main(argv: list[str] | None = None) -> int:
     except redis.RedisError as exc:
         print(f"hookray: error: Redis: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C before `run` handles it itself (Ray starting) or
+        # in any other command: what was started is stopped on the way out, no traceback
+        print("hookray: interrupted", file=sys.stderr)
+        return 130  # 128 + SIGINT, what a shell reports
     except BrokenPipeError:  # the reader went away (| head): no traceback, as other tools
         with contextlib.suppress(OSError):  # and none when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -238,3 +238,19 @@ def test_the_demo_with_an_unreachable_redis_says_so_once(
     assert err.startswith("hookray: error: Redis: ") and err.count("\n") == 1
     assert f"127.0.0.1:{port}" in err and "Connection refused" in err
     assert out == ""  # neither "starting local Ray" nor "could not remove the demo's keys"
+
+
+def test_ctrl_c_while_the_engine_starts_is_no_traceback(
+        config: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from actors.driver import Engine
+
+    # Given Ctrl-C pressed while `run` starts Ray (before it handles the signal itself)
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Engine, "start", interrupted)
+    code, _, err = run_cli(capsys, "-c", config, "run", "--duration", "1")
+    # Then it ends as a shell expects of an interrupted command, in one line
+    assert code == 130
+    assert err == "hookray: interrupted\n"
