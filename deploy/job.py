@@ -23,7 +23,7 @@ runtime_env). Everything else is ``actors.cli.cmd_run``, unchanged (options of
   3) seconds after the signal; raise it through the job's runtime_env ``env_vars``
   when the shutdown needs longer (the actors die with the driver in any case);
 * ``--duration 0`` runs until the job is stopped; with a duration the job ends as
-  SUCCEEDED at the first progress report after it (every ``--report-sec`` seconds).
+  SUCCEEDED when it is over, after a last progress line.
 """
 
 from __future__ import annotations
