@@ -494,7 +494,21 @@ def _parser() -> argparse.ArgumentParser:
     discard.add_argument("--hook", type=int, help="with --all: only this hook's")
     discard.add_argument("--account", type=int, help="with --all: only this account's")
     discard.set_defaults(fn=cmd_discard)
+    _config_after_the_command(p)
     return p
+
+
+def _config_after_the_command(parser: argparse.ArgumentParser) -> None:
+    """``-c`` also after the command (``hookray stats -c main.json``): there it was
+    refused as "unrecognized arguments: -c", an option hookray does know. Given in both
+    places, the later one counts."""
+    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
+    if not subs:
+        parser.add_argument("--config", "-c", metavar="MAIN_JSON", default=argparse.SUPPRESS,
+                            help="settings file, as `hookray -c MAIN_JSON ...`")
+    for action in subs:
+        for child in {id(c): c for c in action.choices.values()}.values():
+            _config_after_the_command(child)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -254,3 +254,21 @@ def test_ctrl_c_while_the_engine_starts_is_no_traceback(
     # Then it ends as a shell expects of an interrupted command, in one line
     assert code == 130
     assert err == "hookray: interrupted\n"
+
+
+def test_the_settings_file_may_follow_the_command(config: str, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    # `hookray stats -c main.json` was "unrecognized arguments: -c main.json"
+    code, out, err = run_cli(capsys, "stats", "-c", config)
+    assert code == 0 and "engine" in json.loads(out), err
+    code, out, _ = run_cli(capsys, "hooks", "list", "--config", config)
+    assert code == 0 and json.loads(out) == []
+    # given in both places, the one after the command counts
+    missing = str(tmp_path / "missing.json")
+    code, _, _ = run_cli(capsys, "-c", missing, "stats", "-c", config)
+    assert code == 0
+    code, _, err = run_cli(capsys, "-c", config, "stats", "-c", missing)
+    assert code == 2 and f"settings file {missing}: cannot be read" in err
+    # and without it after the command, the one before it still counts
+    code, _, err = run_cli(capsys, "-c", missing, "tokens", "list")
+    assert code == 2 and f"settings file {missing}: cannot be read" in err
