@@ -58,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="settings file, relative to the job's working dir (default: "
                    "$HOOKRAY_CONFIG, else built-in defaults); environment variables "
                    "override it")
-    p.add_argument("--hooks", nargs="*", default=[], metavar="FILE",
+    p.add_argument("--hooks", nargs="+", default=[], metavar="FILE",
                    help="hook JSON files (object or array) to create at start")
     p.add_argument("--duration", type=non_negative_seconds, default=0.0, metavar="SECONDS",
                    help="stop after this long (0: run until the job is stopped)")

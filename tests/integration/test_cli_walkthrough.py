@@ -272,3 +272,13 @@ def test_the_settings_file_may_follow_the_command(config: str, tmp_path: Path,
     # and without it after the command, the one before it still counts
     code, _, err = run_cli(capsys, "-c", missing, "tokens", "list")
     assert code == 2 and f"settings file {missing}: cannot be read" in err
+
+
+def test_the_job_refuses_hooks_without_a_file(capsys: pytest.CaptureFixture[str]) -> None:
+    from deploy.job import main as job_main
+
+    with pytest.raises(SystemExit) as exit_info:
+        job_main(["--config", "deploy/main.json", "--hooks", "--duration", "5"])
+    assert exit_info.value.code == 2
+    assert ("deploy/job.py: error: argument --hooks: expected at least one argument"
+            in capsys.readouterr().err)
