@@ -163,6 +163,8 @@ class EventIssue:
     reason: str
 
     def __str__(self) -> str:
+        if self.index < 0:  # the batch as a whole (index -1, field "$")
+            return f"the batch: {self.reason}"
         return f"event {self.index}: {self.field}: {self.reason}"
 
 

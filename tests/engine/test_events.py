@@ -370,7 +370,7 @@ def test_not_a_json_array(data: str) -> None:
     assert issue.reason.startswith("not a JSON array of events: ")
     with pytest.raises(EventError) as info:
         decode_events(data)
-    assert str(info.value).startswith("1 bad event(s): event -1: $: not a JSON array of events")
+    assert str(info.value).startswith("1 bad event(s): the batch: not a JSON array of events")
 
 
 @pytest.mark.parametrize(
