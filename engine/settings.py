@@ -200,6 +200,15 @@ def _read_file(path: Path) -> dict[str, Any]:
     return data
 
 
+# what a setting with a pattern accepts, said instead of the pattern
+_PATTERN_WORDS = {
+    ("REDIS_URL",): ("not a Redis URL; accepted: redis://[[user]:password@]host[:port][/db], "
+                     "rediss:// (TLS) or unix:///path/to/redis.sock"),
+    ("REDIS_PREFIX",): "accepted: letters, digits and _ . : - (no spaces or slashes)",
+    ("API_HOST",): "accepted: a host name or IP address (letters, digits and . : _ -)",
+}
+
+
 def _describe(err: Any) -> str:
     ctx = err.get("ctx") or {}
     if err["type"] == "extra_forbidden":
@@ -208,6 +217,14 @@ def _describe(err: Any) -> str:
         ops = (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<"))
         bounds = [f"{op} {ctx[k]}" for k, op in ops if k in ctx]
         return f"{err['msg']}; accepted: a number {' and '.join(bounds)}"
+    if err["type"] == "string_pattern_mismatch" and err["loc"] in _PATTERN_WORDS:
+        return _PATTERN_WORDS[err["loc"]]
+    if err["type"] in ("int_parsing", "int_type", "int_from_float"):
+        return f"{err['msg']}; accepted: a whole number"
+    if err["type"] in ("float_parsing", "float_type"):
+        return f"{err['msg']}; accepted: a number"
+    if err["type"] in ("bool_parsing", "bool_type"):
+        return f"{err['msg']}; accepted: true or false"
     return str(err["msg"])
 
 
