@@ -64,7 +64,8 @@ URL_FIELDS = ("url", "token_url")  # fields holding a URL that may carry credent
 
 
 def mask_url(url: str) -> str:
-    """``url`` with the password of its user-info (if any) and the value of each
+    """``url`` with the password of its user-info (if any; a user name without a
+    password, often a token, is a credential too: masked itself) and the value of each
     query parameter whose name says it carries a credential (``token``, ``api_key``,
     ``signature``... as ``SENSITIVE_HEADER``) shown as ``MASK``."""
     parts = urlsplit(url)
@@ -72,6 +73,8 @@ def mask_url(url: str) -> str:
         user = parts.netloc.rpartition("@")[0].partition(":")[0]
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
+    elif parts.username:  # a user name alone (https://TOKEN@host) is sent as Basic auth
+        parts = parts._replace(netloc=f"{MASK}@{parts.netloc.rpartition('@')[2]}")
     if parts.query:
         parts = parts._replace(query="&".join(map(_mask_param, parts.query.split("&"))))
     return parts.geturl()
@@ -84,10 +87,11 @@ def _mask_param(param: str) -> str:
 
 
 def url_secrets(url: str) -> list[str]:
-    """The secrets ``mask_url`` hides in ``url``: its password, sensitive query values
-    (as written, and decoded)."""
+    """The secrets ``mask_url`` hides in ``url``: its password (or a user name without
+    one), sensitive query values (as written, and decoded)."""
     parts = urlsplit(url)
-    found = [parts.password] if parts.password else []
+    found = [parts.password] if parts.password else \
+        [parts.username] if parts.password is None and parts.username else []
     for param in parts.query.split("&") if parts.query else []:
         name, eq, value = param.partition("=")
         if eq and value and SENSITIVE_HEADER.search(unquote(name)):
@@ -663,6 +667,9 @@ def _url_credentials(url: str) -> list[str]:
         clear = unquote(password)
         basic = base64.b64encode(f"{unquote(user)}:{clear}".encode()).decode()
         found += [password, clear, basic]
+    elif not colon and user:  # a user name alone: sent as Basic with an empty password
+        found += [user, unquote(user),
+                  base64.b64encode(f"{unquote(user)}:".encode()).decode()]
     return found
 
 

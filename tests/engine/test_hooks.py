@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import traceback
@@ -24,8 +25,11 @@ from engine.hooks import (
     Kafka,
     RabbitExchange,
     RabbitQueue,
+    hook_secrets,
     mask_url,
+    masked_secrets,
     parse_hook,
+    restore_secrets,
     url_secrets,
 )
 
@@ -88,6 +92,9 @@ HTTP_URL_PASSWORD = {"http_batch": {"url": f"https://crm:{URL_PASSWORD}@receiver
 SECRET_TARGETS = {
     "http_header": (HTTP_HEADERS, HEADER_SECRET),
     "http_url_password": (HTTP_URL_PASSWORD, URL_PASSWORD),
+    # a user name alone in the URL is a token (sent as Basic auth with no password)
+    "http_url_user_token": ({"http_batch": {"url": "https://utok-SECRET@r.example.com/h"}},
+                            "utok-SECRET"),
     "http_bearer": (HTTP_BEARER, TOKEN),
     "http_oauth2": (HTTP_OAUTH2, CLIENT_SECRET),
     "rabbitmq_queue": (RABBIT_QUEUE, RABBIT_PASSWORD),
@@ -769,6 +776,19 @@ def test_credential_headers_and_url_passwords_are_masked_the_rest_shown() -> Non
     # a URL without a password is shown as it is
     plain = parse_hook(hook_data(HTTP_NONE)).display()["target"]["http_batch"]["url"]
     assert plain == HTTP_NONE["http_batch"]["url"]
+
+
+def test_a_url_user_name_without_password_is_masked_and_restored_when_sent_back() -> None:
+    stored = parse_hook(hook_data({"http_batch": {
+        "url": "https://utok-SECRET@r.example.com/h?x=1"}}, id=4))
+    shown = stored.display()
+    assert shown["target"]["http_batch"]["url"] == "https://**********@r.example.com/h?x=1"
+    assert restore_secrets(shown, stored)["target"]["http_batch"]["url"] == \
+        "https://utok-SECRET@r.example.com/h?x=1"
+    # a new hook given the mask as its user name is refused, not stored with it
+    assert masked_secrets(parse_hook(shown)) == ["target.http_batch.url"]
+    basic = base64.b64encode(b"utok-SECRET:").decode()  # what the HTTP client sends
+    assert {"utok-SECRET", basic} <= set(hook_secrets(stored))
 
 
 def test_credential_query_values_are_masked_the_rest_of_the_url_kept() -> None:
