@@ -30,7 +30,6 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
-import msgspec
 
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
@@ -136,21 +135,28 @@ class HttpTransport(Transport):
             return await self.post(target, http_body(delivery.parts))
         # a batch larger than the hook's max_batch_size (or MAX_HTTP_BATCH): made before
         # it was lowered, or for another kind of target (RabbitMQ, Kafka) before the hook
-        # changed to this one. Posted in pieces of that size, in order; the first piece
-        # that fails fails the delivery, and its re-send posts it and those after it
+        # changed to this one. Posted in pieces of that size, in order; only the
+        # messages of pieces that failed are sent again. A refused piece (an answer)
+        # does not stop the others, so each message has its attempt; an unreachable
+        # destination (ConnectError, Timeout) stops them: the rest wait for the re-send
         outcome = Outcome(ok=True)
         pieces = range(0, delivery.count, size)
+        failed: list[int] = []
+        refused: TransportError | None = None
         for start in pieces:
-            # the pieces before a failed one were delivered: only the rest is sent again
-            rest = list(range(start, delivery.count)) if start else None
             try:
                 outcome = await self.post(target,
                                           http_body(delivery.parts[start:start + size]))
-            except TransportError as exc:
-                exc.failed = rest
+            except (ConnectError, Timeout) as exc:
+                failed += range(start, delivery.count)
+                exc.failed = failed if len(failed) < delivery.count else None
                 raise
-            if not outcome.ok:
-                return msgspec.structs.replace(outcome, failed=rest)
+            except TransportError as exc:
+                failed += range(start, min(start + size, delivery.count))
+                refused = exc
+        if refused is not None:
+            refused.failed = failed if len(failed) < delivery.count else None
+            raise refused
         return Outcome(ok=True, status=outcome.status,
                        detail=f"{delivery.count} messages in {len(pieces)} requests of at "
                               f"most {size}; last answer: {outcome.detail}"[:EXCERPT_CHARS])

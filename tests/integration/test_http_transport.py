@@ -220,7 +220,8 @@ def test_per_destination_state_is_bounded_and_idle_destinations_go_first(
 def test_a_batch_larger_than_max_batch_size_is_posted_in_pieces(receiver: Receiver) -> None:
     """A batch made before the hook's max_batch_size was lowered, or for a broker target
     before the hook changed to HTTP: posted in pieces of max_batch_size, in order; a
-    piece that fails fails the delivery (re-sent whole: at-least-once)."""
+    refused piece fails the delivery, which names its messages, and does not stop the
+    pieces after it: every message has its attempt."""
     outcome = send({"url": receiver.url("/pieces"), "max_batch_size": 10}, n=25)
     assert outcome.ok and outcome.status == 200
     assert "25 messages in 3 requests of at most 10" in outcome.detail
@@ -228,12 +229,14 @@ def test_a_batch_larger_than_max_batch_size_is_posted_in_pieces(receiver: Receiv
     assert [m["n"] for m in receiver.messages("/pieces")] == list(range(25))
     receiver.behave("/second", fail_first=2)  # the first two requests fail
     failed = send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25)
-    assert not failed.ok and "HTTP 500" in failed.detail
-    assert [len(r.messages) for r in receiver.requests("/second")] == [10]  # no more
-    assert not send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25).ok
-    third = send({"url": receiver.url("/second"), "max_batch_size": 10}, n=25)
-    assert third.ok
-    assert [len(r.messages) for r in receiver.requests("/second")] == [10, 10, 10, 10, 5]
+    assert not failed.ok and "HTTP 500" in failed.detail and failed.status == 500
+    assert failed.failed == list(range(20))  # the last piece was delivered
+    assert [(len(r.messages), r.status) for r in receiver.requests("/second")] == [
+        (10, 500), (10, 500), (5, 200)]
+    receiver.behave("/all", always_fail=True)
+    every = send({"url": receiver.url("/all"), "max_batch_size": 10}, n=25)
+    assert not every.ok and every.failed is None  # all of it, as a whole
+    assert [len(r.messages) for r in receiver.requests("/all")] == [10, 10, 5]
 
 
 def test_a_failed_piece_leaves_only_the_pieces_from_it_on_to_send(receiver: Receiver) -> None:
