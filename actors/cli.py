@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import re
 import signal
 import sys
 import threading
@@ -321,11 +320,8 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     elif args.action == "list":
         _print([i.public() for i in tokens.list(args.account)])
     elif args.action == "revoke":
-        tokens.revoke(args.token_id)
-        token_id = args.token_id  # the token itself, when given so: only its id is shown
-        if (m := re.fullmatch(r"hr_([0-9a-f]{16})_[A-Za-z0-9_-]+", token_id)) is not None:
-            token_id = m.group(1)
-        print(f"token {token_id} revoked")
+        # given the token itself, only its id is shown
+        print(f"token {tokens.revoke(args.token_id)} revoked")
     return 0
 
 

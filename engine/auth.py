@@ -102,13 +102,15 @@ class TokenStore:
         return sorted((i for i in infos if account_id is None or i.account_id == account_id),
                       key=lambda i: (i.account_id, i.created, i.id))
 
-    def revoke(self, token_id: str) -> None:
-        """Revoke a token by its id, or by the token itself (its id is part of it)."""
+    def revoke(self, token_id: str) -> str:
+        """Revoke a token by its id, or by the token itself (its id is part of it);
+        returns the id."""
         full = _TOKEN.fullmatch(token_id)
         if full:
             token_id = full.group(1)
         if not self.r.hdel(self.key, token_id):
             raise NotFound(f"token {token_id} does not exist")
+        return token_id
 
 
 def _info(token_id: str, record: dict[str, Any]) -> TokenInfo:
