@@ -30,12 +30,14 @@ from ray.cluster_utils import Cluster  # noqa: E402
 from actors.driver import Engine  # noqa: E402
 from engine.keys import Keys  # noqa: E402
 from engine.messages import message_id  # noqa: E402
+from engine.partitioning import pool_member  # noqa: E402
 from engine.receiver import Receiver  # noqa: E402
 from engine.settings import Settings  # noqa: E402
 from tests.integration.test_runtime import events, http_hook  # noqa: E402
 from tests.services import ray_get_when_up, wait_for  # noqa: E402
 
 PARTITIONS = 4
+HTTP_POOL = 2
 NODE_MEMORY = 600 * 1024 * 1024
 OBJECT_STORE = 80 * 1024 * 1024
 # a worker node whose raylet stops answering is declared dead after about this long
@@ -57,12 +59,29 @@ def _placement(engine: Any) -> dict[str, str]:
     return {name: _node_of(actor) for name, actor in actors.items()}
 
 
+def _hooks_on_every_http_actor(engine: Engine, rx: Receiver) -> list[Any]:
+    """One hook per member of the HTTP pool (a hook always goes to the same member):
+    hooks are created until each member has one, the others deleted again."""
+    kept: dict[int, Any] = {}
+    for n in range(20):
+        hook = engine.create_hook(http_hook(rx, f"/h{n}", actions=["click", "open"],
+                                            max_batch_size=100, flush_timeout_sec=0.1))
+        member = pool_member(hook.id or 0, HTTP_POOL)
+        if member in kept:
+            engine.delete_hook(hook.id or 0)
+        else:
+            kept[member] = hook
+        if len(kept) == HTTP_POOL:
+            return list(kept.values())
+    raise AssertionError(f"20 hooks took only the HTTP pool members {sorted(kept)}")
+
+
 def run(args: argparse.Namespace, out: dict[str, Any]) -> None:
     t0 = time.monotonic()
     cluster = Cluster(initialize_head=True, head_node_args={
         "num_cpus": 1, "memory": NODE_MEMORY, "object_store_memory": OBJECT_STORE,
         "include_dashboard": False, "_system_config": HEALTH})
-    head = cluster.head_node
+    head: Any = cluster.head_node  # (typed None by Cluster)
     try:
         workers = [cluster.add_node(num_cpus=2, memory=NODE_MEMORY,
                                     object_store_memory=OBJECT_STORE) for _ in range(2)]
@@ -73,26 +92,27 @@ def run(args: argparse.Namespace, out: dict[str, Any]) -> None:
         with Receiver(keep_bodies=True) as rx:
             settings = Settings(REDIS_URL=args.redis_url, REDIS_PREFIX=args.prefix,
                                 RAY_ADDRESS=cluster.address, PARTITIONS=PARTITIONS,
-                                HTTP_POOL_SIZE=2, HOOK_RETRY_PERIOD_SEC=0.3,
+                                HTTP_POOL_SIZE=HTTP_POOL, HOOK_RETRY_PERIOD_SEC=0.3,
                                 HOOK_RETRY_TIMES=20, HTTP_REQUEST_TIMEOUT_SEC=2.0)
             engine = Engine.start(settings)
             try:
                 exercise(engine, cluster, workers, rx, args, out)
             finally:
                 engine.shutdown()
-    finally:  # the worker nodes left, then the head (Cluster.shutdown spares it)
+    finally:  # the worker nodes left, then the head
         ray.shutdown()
         try:
             cluster.shutdown()
         finally:
-            cluster.remove_node(head)
+            if cluster.head_node is not None:  # shutdown failed before it came to the head
+                cluster.remove_node(cluster.head_node)
 
 
 def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
              args: argparse.Namespace, out: dict[str, Any]) -> None:
     keys = Keys(args.prefix)
-    hook = engine.create_hook(http_hook(rx, "/m", actions=["click", "open"],
-                                        max_batch_size=100, flush_timeout_sec=0.1))
+    hooks = _hooks_on_every_http_actor(engine, rx)
+    out["hooks"] = {h.id: f"http_batch:{pool_member(h.id or 0, HTTP_POOL)}" for h in hooks}
     placed = out["placement_before"] = _placement(engine)
     total, chunk = args.events, 1_000
     matched: set[str] = set()
@@ -104,20 +124,23 @@ def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
             for i, e in enumerate(batch):
                 e["id"] = f"ev-{start + i}"
                 if e["event_type"] != "send":
-                    matched.add(message_id(hook.id, e["id"]))
+                    matched.update(message_id(h.id, e["id"]) for h in hooks)
             accepted.append(engine.publish(batch).accepted)
             time.sleep(0.05)
 
-    # the worker node hosting the most partition and transport actors goes
+    # the worker node hosting the most partition and (busy) transport actors goes
+    busy = {name for name in placed if name.startswith("partition:")} | \
+        set(out["hooks"].values())
     hosted = {w.node_id: sum(1 for name, node in placed.items()
-                             if node == w.node_id and name != "retry") for w in workers}
+                             if node == w.node_id and name in busy) for w in workers}
     victim = max(workers, key=lambda w: hosted[w.node_id])
     out["victim"] = victim.node_id
     out["victim_hosted"] = sorted(n for n, node in placed.items() if node == victim.node_id)
+    out["victim_busy"] = sorted(n for n in out["victim_hosted"] if n in busy)
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    wait_for(lambda: len(rx.messages("/m")) > 2_000, 60)
-    out["received_at_removal"] = len(rx.messages("/m"))
+    wait_for(lambda: len(rx.messages()) > 3_000, 60)
+    out["received_at_removal"] = len(rx.messages())
     out["published_at_removal"] = sum(accepted)
     removed_at = time.time()
     t = time.monotonic()
@@ -129,7 +152,7 @@ def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
     t = time.monotonic()
     out["idle"] = engine.wait_idle(float(args.settle_sec), include_retries=True)
     out["settle_sec"] = round(time.monotonic() - t, 1)
-    received = rx.messages("/m")
+    received = rx.messages()
     ids = {m["hook_message_id"] for m in received}
     out["received"] = len(received)
     out["received_unique"] = len(ids)
@@ -145,7 +168,7 @@ def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
     out["marked_since_removal"] = [m is not None and int(m.split()[0]) / 1000 > removed_at
                                    for m in marks]
     out["health"] = engine.health()
-    out["stats"] = engine.stats(hook.id)
+    out["stats"] = {h.id: engine.stats(h.id) for h in hooks}
     out["backlog"] = engine.backlog()
 
 
