@@ -47,8 +47,12 @@ HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
 
 
 def _node_of(actor: Any) -> str:
-    return str(ray_get_when_up(lambda: actor.__ray_call__.remote(
-        lambda _: ray.get_runtime_context().get_node_id()), timeout=60))
+    """The id of the node the actor runs on, or why it does not answer."""
+    try:
+        return str(ray_get_when_up(lambda: actor.__ray_call__.remote(
+            lambda _: ray.get_runtime_context().get_node_id()), timeout=60))
+    except ray.exceptions.RayError as exc:
+        return f"unreachable: {type(exc).__name__}"
 
 
 def _placement(engine: Any) -> dict[str, str]:
@@ -144,7 +148,7 @@ def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
     out["published_at_removal"] = sum(accepted)
     removed_at = time.time()
     t = time.monotonic()
-    cluster.remove_node(victim)
+    cluster.remove_node(victim, allow_graceful=not args.crash)
     out["remove_sec"] = round(time.monotonic() - t, 1)
     producer.join(120)
     out["published"] = sum(accepted)
@@ -173,7 +177,10 @@ def exercise(engine: Engine, cluster: Cluster, workers: list[Any], rx: Receiver,
 
 
 def ray_ping(actor: Any) -> Any:
-    return ray_get_when_up(lambda: actor.ping.remote(), timeout=60)
+    try:
+        return ray_get_when_up(lambda: actor.ping.remote(), timeout=60)
+    except ray.exceptions.RayError as exc:
+        return {"alive": False, "error": type(exc).__name__}
 
 
 def main() -> int:
@@ -183,6 +190,8 @@ def main() -> int:
     parser.add_argument("--out", required=True)
     parser.add_argument("--events", type=int, default=20_000)
     parser.add_argument("--settle-sec", type=float, default=60)
+    parser.add_argument("--crash", action="store_true",
+                        help="the node's processes are killed (SIGKILL), not stopped")
     args = parser.parse_args()
     out: dict[str, Any] = {}
     started = time.monotonic()
