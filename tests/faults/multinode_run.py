@@ -40,8 +40,8 @@ PARTITIONS = 4
 HTTP_POOL = 2
 NODE_MEMORY = 600 * 1024 * 1024
 OBJECT_STORE = 80 * 1024 * 1024
-# a worker node whose raylet stops answering is declared dead after about this long
-# (Ray's default: 30 s of missed health checks)
+# a worker node whose raylet stops answering (a crash) is declared dead after two to
+# four seconds of missed health checks, not after Ray's much longer defaults
 HEALTH = {"health_check_period_ms": 500, "health_check_failure_threshold": 4,
           "health_check_timeout_ms": 1000}
 

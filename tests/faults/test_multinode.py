@@ -1,4 +1,5 @@
-"""Faults on a Ray cluster of several nodes: a worker node removed mid-run.
+"""Faults on a Ray cluster of several nodes: a worker node removed mid-run, its
+processes stopped or killed outright (a crash).
 
 The engine runs on a three-node cluster simulated on this machine
 (``ray.cluster_utils.Cluster``: a head and two worker nodes, each its own raylet and
