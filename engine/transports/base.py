@@ -55,10 +55,10 @@ class Outcome(msgspec.Struct, omit_defaults=True):
     failed: list[int] | None = None
 
     def describe(self) -> str:
-        status = f"HTTP {self.status}: " if self.status is not None \
-            and not self.detail.startswith(f"HTTP {self.status}") else ""
+        """A failure in one line, as kept with a re-send or dead letter: its error kind
+        and detail (an HTTP failure's detail starts with its status)."""
         kind = f"{self.error}: " if self.error else ""
-        return f"{kind}{status}{self.detail}"[:1000]
+        return f"{kind}{self.detail}"[:1000]
 
 
 def undelivered(delivery: Delivery, outcome: Outcome) -> tuple[Delivery, int]:
