@@ -34,14 +34,6 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
     assert "usage: hookray" in capsys.readouterr().out
 
 
-@pytest.fixture
-def config(tmp_path: Path, settings: Settings) -> str:
-    path = tmp_path / "main.json"
-    path.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL,
-                                "REDIS_PREFIX": settings.REDIS_PREFIX, "PARTITIONS": 2}))
-    return str(path)
-
-
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
@@ -407,7 +399,7 @@ def test_a_hook_read_back_keeps_its_secrets_when_updated_and_is_refused_as_new(
     shown["name"] = "crm renamed"
     read_back = tmp_path / "read_back.json"
     read_back.write_text(json.dumps(shown))
-    code, updated, err = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
                                  str(read_back))
     assert code == 0, err
     registry = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX))

@@ -16,14 +16,6 @@ from engine.settings import Settings
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture
-def config(tmp_path: Path, settings: Settings) -> str:
-    path = tmp_path / "main.json"
-    path.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL,
-                                "REDIS_PREFIX": settings.REDIS_PREFIX, "PARTITIONS": 2}))
-    return str(path)
-
-
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
     code = main(list(args))
     out, err = capsys.readouterr()
