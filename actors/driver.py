@@ -34,6 +34,7 @@ from engine.health import engine_health
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
 from engine.keys import Keys
+from engine.lease import EngineLease, Renewer
 from engine.settings import Settings, load_settings, ray_address_problem, with_overrides
 from engine.stores import (
     STAT_FIELDS,
@@ -97,6 +98,10 @@ class Engine:
         self._content = ContentStore(self.redis, self.keys,
                                      settings.content_ttl_sec)
         self.actors: dict[str, Any] = {}
+        # the prefix's claim while actors started here run, renewed by this process
+        # (its actors live as long as it does: they are not detached)
+        self.lease: EngineLease | None = None
+        self._renewer: Renewer | None = None
         self._uses_ray = False  # counted in _ray["users"]
         self.api: Any = None  # the HTTP API actor, when started here
         self.api_url: str | None = None
@@ -111,12 +116,6 @@ class Engine:
         engine = cls(settings)
         try:
             engine.redis.ping()
-            engine.intake.ensure_groups()
-            engine.intake.record_partitions()  # producers with another count: refused
-        except BaseException:
-            engine.redis.close()
-            raise
-        try:
             engine._start_actors(ray_address or settings.RAY_ADDRESS)
         except BaseException:
             engine.redis.close()
@@ -144,6 +143,14 @@ class Engine:
         from actors.workers import PartitionActor, RetryActor
 
         self._use_ray(address)
+        try:  # the prefix is this engine's before it changes anything of it
+            self.lease = self._claim_prefix()
+            self.intake.ensure_groups()
+            self.intake.record_partitions()  # producers with another count: refused
+        except BaseException:
+            self._release_prefix()
+            self._release_ray()
+            raise
         cfg = self.settings.model_dump()
         sizes = {"http_batch": self.settings.HTTP_POOL_SIZE,
                  "rabbitmq_queue": self.settings.RABBITMQ_POOL_SIZE,
@@ -172,6 +179,7 @@ class Engine:
             for actor in created:
                 with contextlib.suppress(Exception):
                     ray.kill(actor)
+            self._release_prefix()
             clash = self._already_runs("") if isinstance(
                 exc, ray.exceptions.ActorAlreadyExistsError) else None
             self._release_ray()
@@ -179,6 +187,38 @@ class Engine:
                 raise clash from None
             raise
         self.actors = {"partitions": parts, "retry": created[-1], "pools": pools}
+
+    def _claim_prefix(self) -> EngineLease:
+        """Claim REDIS_PREFIX on the Redis (engine/lease.py) before any worker runs: an
+        engine of the same prefix on another Ray cluster is refused too, once its claim
+        did not lapse; one on this cluster at once, by its actor names."""
+        import ray
+
+        about = EngineLease.describe_here(ray.get_runtime_context().gcs_address)
+        lease = EngineLease(self.redis, self.keys, self.settings.ENGINE_LEASE_SEC,
+                            about=about)
+
+        def on_this_cluster(_holder: Any) -> ConfigError | None:
+            try:
+                ray.get_actor(f"{self.settings.REDIS_PREFIX}:retry")
+            except ValueError:
+                return None
+            return self._already_runs("")
+
+        lease.claim_or_wait(self.settings.REDIS_PREFIX, on_this_cluster)
+        self._renewer = Renewer(lease)
+        return lease
+
+    def _release_prefix(self) -> None:
+        lease, self.lease = self.lease, None
+        if self._renewer is not None:
+            self._renewer.stop()
+            self._renewer = None
+        if lease is not None:
+            try:
+                lease.release()
+            except redis.RedisError as exc:  # it lapses by itself
+                log.warning("releasing %s: %s", lease.key, exc)
 
     def _already_runs(self, what: str) -> ConfigError:
         """The error for actor names of this REDIS_PREFIX taken on this Ray cluster:
@@ -281,6 +321,7 @@ class Engine:
                     with contextlib.suppress(Exception):
                         ray.kill(actor)
                 self.actors = {}
+                self._release_prefix()
         finally:
             self._release_ray()
             self.redis.close()

@@ -36,6 +36,10 @@ key                             type     holds
                                          discarded
 {p}:alive:{worker}              string   a running worker's last round (ms), 15 s TTL:
                                          ``partition:{n}``, ``retry`` (health)
+{p}:engine                      string   the running engine's claim on the prefix:
+                                         its id, a space, JSON (host, pid, Ray
+                                         cluster, started); ENGINE_LEASE_SEC TTL,
+                                         renewed by its driver (engine/lease.py)
 {p}:stats:engine                hash     events_accepted, events_rejected,
                                          entries_unreadable, retries_unreadable
 ==============================  =======  =============================================
@@ -70,6 +74,7 @@ class Keys:
         self.intake_unreadable = f"{prefix}:intake:unreadable"
         self.config = f"{prefix}:config"
         self.retry_unreadable = f"{prefix}:retry:unreadable"
+        self.engine = f"{prefix}:engine"
 
     def intake(self, partition: int) -> str:
         return f"{self.p}:intake:{partition}"

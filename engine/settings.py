@@ -42,6 +42,9 @@ class Settings(BaseModel):
     REDIS_URL: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(rediss?|unix)://.*$|^$")
     # Prefix of every Redis key, so several engines can share one Redis.
     REDIS_PREFIX: str = Field("hookray", min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_.:-]+$")
+    # The running engine's claim on REDIS_PREFIX expires this long after its last
+    # renewal (every fifth of it): an engine started after a crash waits this long.
+    ENGINE_LEASE_SEC: float = Field(15.0, ge=1, le=3600)
     PARTITIONS: int = Field(4, ge=1, le=4096)
     HTTP_POOL_SIZE: int = Field(2, ge=1, le=256)
     RABBITMQ_POOL_SIZE: int = Field(1, ge=1, le=256)

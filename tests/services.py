@@ -5,12 +5,15 @@ A missing server fails the run in CI (``CI=true``) and skips the test locally.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -172,3 +175,36 @@ def run_bench_module(module: str, json_path: Path, args: Sequence[str], timeout:
         pytest.fail(f"{module} did not finish within {timeout} s:\n{output[-3000:]}")
     data = json.loads(json_path.read_text()) if json_path.exists() else None
     return proc.returncode, output, data
+
+
+def processes_naming(folder: str) -> list[int]:
+    """Processes whose command line or environment names ``folder`` (those of the
+    run's cluster: its raylets, GCS, agents and workers)."""
+    found = []
+    needle = folder.encode()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdecimal() or int(entry.name) == os.getpid():
+            continue
+        try:
+            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours to read
+            continue
+        if needle in text:
+            found.append(int(entry.name))
+    return found
+
+
+def kill(pids: list[int]) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+@pytest.fixture
+def ray_tmpdir() -> Iterator[str]:
+    """A short private RAY_TMPDIR (Ray's socket paths must stay under 108 bytes);
+    whatever still runs from it at the end is killed, then it is removed."""
+    folder = tempfile.mkdtemp(prefix="hrmn", dir="/tmp")
+    yield folder
+    kill(processes_naming(folder))
+    shutil.rmtree(folder, ignore_errors=True)

@@ -13,22 +13,18 @@ afterwards, the test failing if any outlived the script.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tests.services import wait_for
+from tests.services import processes_naming, wait_for
 
 pytestmark = [pytest.mark.integration, pytest.mark.faults]
 
@@ -37,39 +33,6 @@ ROOT = SCRIPT.parents[2]
 RUN_TIMEOUT_SEC = 180
 PARTITIONS = 4
 EVENTS = 20_000
-
-
-def _processes_naming(folder: str) -> list[int]:
-    """Processes whose command line or environment names ``folder`` (those of the
-    run's cluster: its raylets, GCS, agents and workers)."""
-    found = []
-    needle = folder.encode()
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdecimal() or int(entry.name) == os.getpid():
-            continue
-        try:
-            text = (entry / "cmdline").read_bytes() + (entry / "environ").read_bytes()
-        except OSError:  # gone, or not ours to read
-            continue
-        if needle in text:
-            found.append(int(entry.name))
-    return found
-
-
-def _kill(pids: list[int]) -> None:
-    for pid in pids:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-
-
-@pytest.fixture
-def ray_tmpdir() -> Iterator[str]:
-    """A short private RAY_TMPDIR (Ray's socket paths must stay under 108 bytes);
-    whatever still runs from it at the end is killed, then it is removed."""
-    folder = tempfile.mkdtemp(prefix="hrmn", dir="/tmp")
-    yield folder
-    _kill(_processes_naming(folder))
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def _run(redis_url: str, prefix: str, folder: str, crash: bool) -> tuple[dict[str, Any], str]:
@@ -146,6 +109,6 @@ def test_removed_worker_node_loses_nothing_and_partitions_run_again_elsewhere(
                                           "waiting": [], "stopped": []},
                            "retry_running": True, "retry_waiting": None}
     # and the run stopped every Ray process it started
-    assert wait_for(lambda: not _processes_naming(ray_tmpdir), 10)
-    left = _processes_naming(ray_tmpdir)
+    assert wait_for(lambda: not processes_naming(ray_tmpdir), 10)
+    left = processes_naming(ray_tmpdir)
     assert not left, f"processes of the cluster outlived the run: {left}\n{output[-2000:]}"

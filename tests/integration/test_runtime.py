@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import itertools
+import json
+import os
+import socket
+import subprocess
+import sys
 import time
 from collections import Counter
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -295,6 +301,66 @@ def test_a_second_engine_with_the_same_prefix_is_refused_and_the_first_runs_on(
     assert ray_session.get(first.actors["retry"].ping.remote(), timeout=30)
     assert ray_session.get([a.ping.remote() for a in first.actors["pools"]["http_batch"]],
                            timeout=30)
+
+
+def test_an_engine_of_the_same_prefix_on_another_ray_cluster_is_refused(
+        engine_factory: Any, settings: Any, receiver: Receiver, ray_session: Any,
+        redis_client: Any, tmp_path: Path, ray_tmpdir: str) -> None:
+    # Given an engine running on the session's Ray, its claim on the prefix renewed
+    # every 0.4 s
+    first = engine_factory(ENGINE_LEASE_SEC=2)
+    hook = first.create_hook(http_hook(receiver, "/first", actions=["click"]))
+    claim = first.redis.get(first.keys.engine)
+    assert claim is not None and claim.startswith(first.lease.owner.encode() + b" ")
+    # When `hookray run` starts an engine on the same Redis and prefix, with a Ray of
+    # its own (its actor names cannot clash with the first engine's)
+    config = tmp_path / "main.json"
+    config.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL, "ENGINE_LEASE_SEC": 2,
+                                  "REDIS_PREFIX": settings.REDIS_PREFIX}))
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
+    env["RAY_TMPDIR"] = ray_tmpdir  # none of the session Ray's address files
+    proc = subprocess.run(
+        [sys.executable, "-m", "actors.cli", "-c", str(config), "run", "--duration", "30"],
+        env=env, capture_output=True, text=True, timeout=240,
+        cwd=Path(__file__).resolve().parents[2])
+    # Then it is refused once the first engine renewed its claim, naming that engine
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    gcs = ray_session.get_runtime_context().gcs_address
+    assert (f"an engine with REDIS_PREFIX {settings.REDIS_PREFIX!r} already runs on this "
+            f"Redis (host {socket.gethostname()}, pid {os.getpid()}, Ray cluster {gcs}, "
+            "started ") in proc.stderr, proc.stderr
+    assert "is held by another engine" in proc.stderr  # it said why it waited
+    # and the first engine runs on, the only one reading the intake, its PARTITIONS
+    # (2) still the recorded count
+    assert first.redis.hget(first.keys.config, "partitions") == b"2"
+    assert first.redis.get(first.keys.engine).startswith(first.lease.owner.encode())
+    assert first.publish(events(40, types=("click",))).accepted == 40
+    assert first.wait_idle(60)
+    ids = [m["hook_message_id"] for m in receiver.messages("/first")]
+    assert len(ids) == len(set(ids)) == 40
+    assert first.stats(hook.id)["delivered"] == 40
+    # and a stopped engine gives the prefix up at once
+    first.shutdown()
+    assert redis_client.exists(first.keys.engine) == 0
+
+
+def test_an_engine_started_after_a_crash_waits_for_the_old_claim_to_lapse(
+        engine_factory: Any, settings: Any, redis_client: Any, keys: Any) -> None:
+    from engine.lease import EngineLease
+
+    # Given the claim of an engine that crashed (nothing renews it; 1.5 s left)
+    crashed = EngineLease(redis_client, keys, 1.5, about={"host": "gone", "pid": 7})
+    assert crashed.claim() is None
+    # When an engine starts on the prefix
+    began = time.monotonic()
+    engine = engine_factory(ENGINE_LEASE_SEC=2)
+    # Then it waited for that claim to lapse, and holds the prefix now
+    assert time.monotonic() - began > 1.0
+    claim = redis_client.get(keys.engine)
+    assert claim is not None and claim.startswith(engine.lease.owner.encode())
+    # and gives it up when it stops
+    engine.shutdown()
+    assert redis_client.exists(keys.engine) == 0
 
 
 def test_a_second_http_api_of_the_same_prefix_is_refused(

@@ -1,0 +1,173 @@
+"""One engine per REDIS_PREFIX: the running engine's claim on ``{p}:engine``.
+
+Two engines on one prefix would read the same intake streams in the same consumer
+group under the same consumer names, and re-send the same retries: messages would go
+out twice. A second engine on the same Ray cluster is refused by its actor names; one
+on another Ray cluster (or another machine) is refused by this claim.
+
+An engine claims the key when it starts (``claim``), before it changes anything of
+the prefix and before any of its workers runs; the key expires ``ENGINE_LEASE_SEC``
+after its last renewal, and the driver that started the engine renews it every fifth
+of that (``Renewer``): its actors are not detached, so they live as long as it does.
+A stopped engine deletes it (``release``); a crashed one leaves it to expire, and an
+engine started on the prefix in that time waits for it to lapse.
+
+The value is the holder's id (32 hex digits), a space, and JSON describing it (host,
+pid, Ray cluster, start time) for the error that refuses another engine.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import redis
+
+from engine.errors import ConfigError
+from engine.keys import Keys
+
+log = logging.getLogger("hookray")
+
+# nobody's: set with the TTL; ours: the TTL renewed (what it says of us kept); either
+# way nil. Someone else's: {value, pttl}
+_CLAIM = """
+local cur = redis.call('GET', KEYS[1])
+if not cur then
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+elseif string.sub(cur, 1, #ARGV[1]) == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+else
+  return {cur, redis.call('PTTL', KEYS[1])}
+end
+return false
+"""
+_RELEASE = """
+local cur = redis.call('GET', KEYS[1])
+if cur and string.sub(cur, 1, #ARGV[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+POLL_SEC = 0.25  # how often a waiting start looks again
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Another engine's claim: what it said of itself, and how long it has left."""
+
+    about: dict[str, Any]
+    expires_ms: int
+
+    def describe(self) -> str:
+        a = self.about
+        parts = [f"host {a.get('host', '?')}", f"pid {a.get('pid', '?')}"]
+        if a.get("ray"):
+            parts.append(f"Ray cluster {a['ray']}")
+        if a.get("started"):
+            parts.append(f"started {a['started']}")
+        return ", ".join(parts)
+
+
+class EngineLease:
+    """This engine's claim on its prefix (``owner``: its id, 32 hex digits)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, ttl_sec: float,
+                 owner: str | None = None, about: dict[str, Any] | None = None) -> None:
+        self.r = r
+        self.key = keys.engine
+        self.owner = owner or uuid.uuid4().hex
+        self.ttl_ms = max(1, int(ttl_sec * 1000))
+        self.about = about or {}
+        self._claim = r.register_script(_CLAIM)
+        self._release = r.register_script(_RELEASE)
+
+    @staticmethod
+    def describe_here(ray_address: str | None) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "ray": ray_address or "",
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def claim(self) -> Holder | None:
+        """Take or renew the claim: None when it is ours now, else who holds it."""
+        value = f"{self.owner} {json.dumps(self.about, separators=(',', ':'))}"
+        held = self._claim(keys=[self.key], args=[self.owner, value, self.ttl_ms])
+        if not held:
+            return None
+        raw, pttl = held
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        try:
+            about = json.loads(text.partition(" ")[2])
+        except ValueError:
+            about = {}
+        return Holder(about if isinstance(about, dict) else {}, int(pttl))
+
+    renew = claim
+
+    def release(self) -> bool:
+        """Give the claim up (only ours: a lapsed one another engine took stays)."""
+        return bool(self._release(keys=[self.key], args=[self.owner]))
+
+    def claim_or_wait(self, prefix: str, same_cluster: Any = None) -> None:
+        """Claim the prefix for a starting engine. Held by another engine: wait for
+        its claim to lapse (the engine may have crashed); renewed before it does, the
+        engine runs: a ConfigError naming it.
+        ``same_cluster(holder)``: a ConfigError to raise at once instead (the holder
+        runs on this Ray cluster, so nothing will lapse), or None."""
+        holder = self.claim()
+        if holder is None:
+            return
+        if same_cluster is not None and (clash := same_cluster(holder)) is not None:
+            raise clash
+        deadline = time.monotonic() + max(holder.expires_ms, 0) / 1000 + 2 * POLL_SEC
+        log.warning("REDIS_PREFIX %r is held by another engine (%s); waiting up to %.0f s "
+                    "for its claim to lapse, in case that engine has stopped", prefix,
+                    holder.describe(), deadline - time.monotonic())
+        while time.monotonic() < deadline:
+            time.sleep(POLL_SEC)
+            holder = self.claim()
+            if holder is None:
+                return
+        raise ConfigError(
+            f"an engine with REDIS_PREFIX {prefix!r} already runs on this Redis "
+            f"({holder.describe()}): it renewed its claim on {self.key} while this one "
+            f"waited for it to lapse; stop "
+            f"that engine first, or give this engine another REDIS_PREFIX (two engines on "
+            f"one prefix would send every message twice)")
+
+
+class Renewer:
+    """A thread renewing a running engine's claim every fifth of its TTL (the driver
+    runs one while its actors do). Redis errors are retried; a claim another engine took after ours
+    lapsed is logged as the error it is, once a minute, and taken back when free."""
+
+    def __init__(self, lease: EngineLease) -> None:
+        self.lease = lease
+        self.stop_event = threading.Event()
+        self.lost_said = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True, name="engine-lease")
+        self.thread.start()
+
+    def _run(self) -> None:
+        every = max(0.05, self.lease.ttl_ms / 5000)
+        while True:
+            try:
+                holder = self.lease.renew()
+            except redis.RedisError:
+                holder = None  # said by the workers, who need Redis as much
+            if holder is not None and time.monotonic() - self.lost_said >= 60:
+                log.error("another engine holds this engine's REDIS_PREFIX claim %s (%s): "
+                          "both now read the same intake; stop one of them",
+                          self.lease.key, holder.describe())
+                self.lost_said = time.monotonic()
+            if self.stop_event.wait(every):
+                return
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        self.thread.join(5)

@@ -1,0 +1,139 @@
+"""engine/lease.py against the real Redis: one engine's claim on a REDIS_PREFIX."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import pytest
+import redis
+
+from engine.errors import ConfigError
+from engine.keys import Keys
+from engine.lease import EngineLease, Renewer
+
+ABOUT = {"host": "box-a", "pid": 41, "ray": "10.0.0.1:6379", "started": "2026-11-30T05:00:00Z"}
+
+
+def lease(redis_client: redis.Redis, keys: Keys, ttl: float = 1.0, **about: object
+          ) -> EngineLease:
+    return EngineLease(redis_client, keys, ttl, about={**ABOUT, **about})
+
+
+def test_a_free_prefix_is_claimed_with_the_ttl_and_released(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    mine = lease(redis_client, keys, ttl=5)
+    assert mine.claim() is None
+    value = redis_client.get(keys.engine)
+    assert value is not None and value.startswith(mine.owner.encode() + b" ")
+    assert 4000 < redis_client.pttl(keys.engine) <= 5000
+    assert mine.release() is True
+    assert redis_client.exists(keys.engine) == 0
+    assert mine.release() is False  # nothing left to give up
+
+
+def test_a_held_prefix_names_its_holder_and_is_left_alone(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    first, second = lease(redis_client, keys, ttl=5), lease(redis_client, keys, host="box-b")
+    assert first.claim() is None
+    before = redis_client.get(keys.engine)
+    holder = second.claim()
+    assert holder is not None and holder.about == ABOUT and 0 < holder.expires_ms <= 5000
+    assert holder.describe() == ("host box-a, pid 41, Ray cluster 10.0.0.1:6379, "
+                                 "started 2026-11-30T05:00:00Z")
+    assert second.release() is False  # not its claim: kept
+    assert redis_client.get(keys.engine) == before
+
+
+def test_renewing_keeps_the_claim_past_its_ttl(redis_client: redis.Redis, keys: Keys) -> None:
+    mine = lease(redis_client, keys, ttl=1)
+    assert mine.claim() is None
+    said = redis_client.get(keys.engine)
+    renewer = Renewer(EngineLease(redis_client, keys, 1, owner=mine.owner, about={"x": 1}))
+    try:
+        time.sleep(2.5)
+        assert redis_client.get(keys.engine) == said  # renewed, what it says kept
+    finally:
+        renewer.stop()
+    assert not renewer.thread.is_alive()
+    time.sleep(1.2)  # no renewal any more: it lapses
+    assert redis_client.exists(keys.engine) == 0
+
+
+def test_a_start_waits_for_a_crashed_engines_claim_to_lapse(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    crashed = lease(redis_client, keys, ttl=0.8)
+    assert crashed.claim() is None  # and nothing renews it
+    starting = lease(redis_client, keys, ttl=5, host="box-b")
+    began = time.monotonic()
+    starting.claim_or_wait("p")
+    waited = time.monotonic() - began
+    assert 0.3 < waited < 3
+    value = redis_client.get(keys.engine)
+    assert value is not None and value.startswith(starting.owner.encode())
+
+
+def test_a_start_is_refused_while_the_holder_renews(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    running = lease(redis_client, keys, ttl=1)
+    assert running.claim() is None
+    renewer = Renewer(running)
+    try:
+        starting = lease(redis_client, keys, ttl=1, host="box-b")
+        with caplog.at_level(logging.WARNING, logger="hookray"), \
+                pytest.raises(ConfigError) as info:
+            starting.claim_or_wait("shop")
+    finally:
+        renewer.stop()
+    assert str(info.value) == (
+        f"an engine with REDIS_PREFIX 'shop' already runs on this Redis (host box-a, pid 41, "
+        f"Ray cluster 10.0.0.1:6379, started 2026-11-30T05:00:00Z): it renewed its claim on "
+        f"{keys.engine} while this one waited for it to lapse; stop that engine first, or "
+        f"give this engine another REDIS_PREFIX (two engines on one prefix would send every "
+        f"message twice)")
+    assert "is held by another engine (host box-a" in caplog.text
+    value = redis_client.get(keys.engine)
+    assert value is not None and value.startswith(running.owner.encode())
+
+
+def test_a_holder_on_the_same_cluster_is_refused_at_once(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    assert lease(redis_client, keys, ttl=30).claim() is None
+    seen = []
+
+    def same_cluster(holder: object) -> ConfigError:
+        seen.append(holder)
+        return ConfigError("runs here")
+
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match="^runs here$"):
+        lease(redis_client, keys, host="box-b").claim_or_wait("p", same_cluster)
+    assert time.monotonic() - began < 1 and len(seen) == 1
+
+
+def test_a_claim_taken_by_another_engine_is_logged_and_taken_back_when_free(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    mine = lease(redis_client, keys, ttl=1)
+    assert mine.claim() is None
+    # another engine took the prefix (say Redis lost its keys and it started meanwhile)
+    other = lease(redis_client, keys, ttl=1.5, host="box-b")
+    redis_client.delete(keys.engine)
+    assert other.claim() is None
+    with caplog.at_level(logging.ERROR, logger="hookray"):
+        renewer = Renewer(mine)
+        try:
+            time.sleep(0.5)
+            assert "another engine holds this engine's REDIS_PREFIX claim" in caplog.text
+            assert "(host box-b, pid 41" in caplog.text
+            time.sleep(1.6)  # the other one's claim lapsed: renewed as ours again
+            value = redis_client.get(keys.engine)
+            assert value is not None and value.startswith(mine.owner.encode())
+        finally:
+            renewer.stop()
+
+
+def test_an_unreadable_claim_still_refuses(redis_client: redis.Redis, keys: Keys) -> None:
+    redis_client.set(keys.engine, "f" * 32 + " not json", px=5000)
+    holder = lease(redis_client, keys).claim()
+    assert holder is not None and holder.about == {}
+    assert holder.describe() == "host ?, pid ?"
