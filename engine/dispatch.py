@@ -22,6 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
+from importlib import resources
 from typing import Any, Protocol
 
 import numpy as np
@@ -126,6 +127,7 @@ class Dispatcher:
         # what the worker takes after every round, even one that failed half-way:
         self.outbox: list[Delivery] = []  # batches closed (full, due or flushed by a change)
         self.produced: Counter[str] = Counter()  # stream entry id -> messages batched
+        self.counted = False  # the last process() counted its matches as accepted
 
     def take_outbox(self) -> list[Delivery]:
         out, self.outbox = self.outbox, []
@@ -172,12 +174,15 @@ class Dispatcher:
     # --- events → batches ------------------------------------------------------------
 
     def process(self, entries: list[tuple[str, list[Event]]], now: float,
-                views: list[PartView] | None = None) -> None:
+                views: list[PartView] | None = None, count: bool = True) -> None:
         """Match and batch the events of ``entries``: batches that become full go to
         the outbox, the messages batched per entry are counted in ``produced`` (as they
         are batched, so a round failing half-way leaves an exact account). ``views``:
         the events' message-part fields as read from the stream, in the same order
-        (see ``decode_views``)."""
+        (see ``decode_views``). The hooks' ``accepted`` stats are counted unless
+        ``count`` is false (entries a failed round counted already); ``counted`` says
+        whether they were."""
+        self.counted = False
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
             return
@@ -193,9 +198,11 @@ class Dispatcher:
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for pos, idx in matches.items():
                 hook = self.index.hooks[pos]
-                self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
+                if count:
+                    self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
                 self._add(hook, idx, rnd, owner, entry_ids, now)
             pipe.execute()
+        self.counted = count
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
              entry_ids: list[str], now: float) -> None:
@@ -315,6 +322,7 @@ class _Entry:
     events: list[Event]
     views: list[PartView] | None
     held: bool = False  # processing failed once: a phantom message keeps it unacked
+    counted: bool = False  # its events' matches are in the hooks' accepted stats
 
 
 def _views(entries: list[_Entry]) -> list[PartView] | None:
@@ -354,6 +362,11 @@ class PartitionWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
+        # an acknowledgement round sent without a reply: (token, entry ids, delivered)
+        self.unsure: tuple[str, list[str], Counter[int]] | None = None
+        self.last_ack = self.side.keys.last_ack(partition, self.consumer)
+        self._ack_script = r.register_script(
+            resources.files("engine").joinpath("intake_ack.lua").read_text("utf-8"))
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
@@ -375,18 +388,7 @@ class PartitionWorker:
                 raise
         else:
             entries = []
-        error: Exception | None = None
-        refreshed = False
-        try:
-            # refresh after reading: a hook change committed before an event was
-            # appended is always seen by the round that processes the event
-            now = time.monotonic()
-            self.dispatcher.refresh(now)
-            refreshed = True
-            self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries))
-            self.dispatcher.due(time.monotonic())
-        except Exception as exc:  # booked below, then raised again
-            error = exc
+        error, refreshed = self._process(entries)
         # what was batched and closed counts even when the round failed half-way
         produced = self.dispatcher.take_produced()
         for eid, n in produced.items():
@@ -419,6 +421,28 @@ class PartitionWorker:
             self.failures.pop(entry.id, None)
         self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
         return len(entries)
+
+    def _process(self, entries: list[_Entry]) -> tuple[Exception | None, bool]:
+        """Refresh, then batch ``entries`` and close due batches: the error that stopped
+        it (booked by the caller, then raised), and whether the refresh succeeded."""
+        self.dispatcher.counted = False
+        refreshed = False
+        try:
+            # refresh after reading: a hook change committed before an event was
+            # appended is always seen by the round that processes the event
+            now = time.monotonic()
+            self.dispatcher.refresh(now)
+            refreshed = True
+            self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries),
+                                    count=not any(e.counted for e in entries))
+            self.dispatcher.due(time.monotonic())
+        except Exception as exc:
+            return exc, refreshed
+        finally:
+            if self.dispatcher.counted:  # a failed round's entries are not counted again
+                for entry in entries:
+                    entry.counted = True
+        return None, refreshed
 
     def _failed(self, entries: list[_Entry], error: Exception, blame: bool = True) -> None:
         """A round failed: its entries are processed again, one per round (messages
@@ -578,19 +602,27 @@ class PartitionWorker:
 
     def _ack(self, entry_ids: list[str]) -> None:
         """Acknowledge and delete ``entry_ids`` and the settled entries, and count
-        deliveries: one round trip; kept for the next round if it fails."""
+        deliveries: one script, once (engine/intake_ack.lua). A round whose reply did
+        not come (Redis down, the connection lost) may have been carried out or not:
+        it is sent again, with its token, before anything new, and counts once."""
         self.to_ack += entry_ids
+        if self.unsure is not None:
+            self._ack_round(*self.unsure)
+            self.unsure = None
         if not self.to_ack and not self.delivered:
             return
-        with self.r.pipeline(transaction=False) as pipe:
-            for hook_id, n in self.delivered.items():
-                self.side.stats.add(pipe, hook_id, "delivered", n)
-            if self.to_ack:
-                pipe.xack(self.stream, CONSUMER_GROUP, *self.to_ack)
-                pipe.xdel(self.stream, *self.to_ack)
-            pipe.execute()
-        self.to_ack = []
-        self.delivered = Counter()
+        self.unsure = (uuid.uuid4().hex, self.to_ack, self.delivered)
+        self.to_ack, self.delivered = [], Counter()
+        self._ack_round(*self.unsure)
+        self.unsure = None
+
+    def _ack_round(self, token: str, entry_ids: list[str], delivered: Counter[int]) -> None:
+        counted = [(hook_id, n) for hook_id, n in delivered.items() if n]
+        self._ack_script(
+            keys=[self.stream, self.last_ack,
+                  *(self.side.keys.stats(hook_id) for hook_id, _ in counted)],
+            args=[CONSUMER_GROUP, token, len(entry_ids), *entry_ids,
+                  *(n for _, n in counted)])
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

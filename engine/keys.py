@@ -8,6 +8,9 @@ key                             type     holds
 {p}:intake:receipt:{uuid}       string   set by an append: an append is written at
                                          most once (see Intake._write); deleted by the
                                          intake's next append, else gone after 10 min
+{p}:acked:{n}:{consumer}        string   the token of the last acknowledgement round of
+                                         partition n's worker (intake_ack.lua): a
+                                         round sent again after a lost reply counts once
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
                                          writing for another count are refused);
                                          ``checking``: a first record's streams not
@@ -78,6 +81,9 @@ class Keys:
 
     def intake(self, partition: int) -> str:
         return f"{self.p}:intake:{partition}"
+
+    def last_ack(self, partition: int, consumer: str) -> str:
+        return f"{self.p}:acked:{partition}:{consumer}"
 
     def profiles(self, account_id: int) -> str:
         return f"{self.p}:profiles:{account_id}"

@@ -8,7 +8,7 @@ import logging
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -1007,31 +1007,81 @@ def test_redis_errors_never_set_an_entry_aside(
     assert not redis_client.exists(keys.intake_unreadable)
 
 
-def test_a_failed_acknowledgement_is_made_in_a_later_round(
-        redis_client: redis.Redis, settings: Settings, keys: Keys,
+def lose_first_ack(monkeypatch: pytest.MonkeyPatch, carried_out: bool) -> list[int]:
+    """The first acknowledgement round (a pipeline or script holding XACK) fails with
+    a lost connection: before Redis saw it, or (``carried_out``) after Redis carried it
+    out, its reply lost. Returns the list the failure is noted in."""
+    failed: list[int] = []
+    execute, call = redis.client.Pipeline.execute, redis.commands.core.Script.__call__
+
+    def lose(run: Callable[[], Any]) -> Any:
+        failed.append(1)
+        if carried_out:
+            run()
+        raise redis.ConnectionError("connection lost")
+
+    def pipeline_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failed and any(cmd[0][0] == "XACK" for cmd in self.command_stack):
+            return lose(lambda: execute(self, *args, **kwargs))
+        return execute(self, *args, **kwargs)
+
+    def script_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if not failed and b"XACK" in self.script.encode():
+            return lose(lambda: call(self, *args, **kwargs))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline_execute)
+    monkeypatch.setattr(redis.commands.core.Script, "__call__", script_call)
+    return failed
+
+
+@pytest.mark.parametrize("carried_out", [False, True], ids=["not-sent", "reply-lost"])
+def test_a_failed_acknowledgement_is_made_in_a_later_round_and_counted_once(
+        carried_out: bool, redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = one_partition(settings)
     created = HookRegistry(redis_client, keys).create(hook())
     intake = one_intake(redis_client, keys, 10)
     intake.publish(clicks(20))
-    original = redis.client.Pipeline.execute
-    refused: list[int] = []
-
-    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not refused and any(cmd[0][0] == "XACK" for cmd in self.command_stack):
-            refused.append(1)
-            self.reset()
-            raise redis.ConnectionError("connection lost")
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", execute)
+    failed = lose_first_ack(monkeypatch, carried_out)
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
     errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
-    assert refused and len(errors) == 1
+    for _ in range(3):  # what the failed round left to do is done by now
+        worker.step(block_ms=10)
+    assert failed and len(errors) == 1
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
     assert sum(d.count for d in sender.transport.sent) == 20
-    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 20
+    stats = Stats(redis_client, keys).get(created.id or 0)
+    assert (stats["accepted"], stats["delivered"]) == (20, 20)
+
+
+def test_a_round_failing_after_counting_its_matches_counts_them_once(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    # Given a sender whose first hand-over fails, after the round counted what it matched
+    cfg = one_partition(settings)
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 10)
+    intake.publish(clicks(20))
+
+    class FailsOnce(InProcessSender):
+        def submit(self, hook: Hook, delivery: Delivery) -> None:
+            if not refused:
+                refused.append(delivery.id)
+                raise RuntimeError("hand-over failed")
+            super().submit(hook, delivery)
+
+    refused: list[str] = []
+    sender = FailsOnce()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    # When the round fails and its entries are processed again
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert [str(e) for e in errors] == ["hand-over failed"]
+    # Then every event is delivered, the matches counted once, as the deliveries are
+    assert len({mid for d in sender.transport.sent for mid in d.message_ids}) == 20
+    stats = Stats(redis_client, keys).get(created.id or 0)
+    assert stats["accepted"] == 20
+    assert stats["delivered"] == sum(d.count for d in sender.transport.sent)
 
 
 def test_entries_read_when_setting_one_aside_fails_are_read_again(
