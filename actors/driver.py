@@ -171,9 +171,10 @@ class Engine:
             parts = []
             for n in range(self.settings.PARTITIONS):
                 created.append(PartitionActor.options(name=f"{prefix}:partition:{n}").remote(
-                    cfg, n, names))
+                    cfg, n, names, self.lease.owner))
                 parts.append(created[-1])
-            created.append(RetryActor.options(name=f"{prefix}:retry").remote(cfg, names))
+            created.append(RetryActor.options(name=f"{prefix}:retry").remote(
+                cfg, names, self.lease.owner))
             ray.get([a.ping.remote() for a in created])
         except BaseException as exc:
             for actor in created:
@@ -321,8 +322,8 @@ class Engine:
                     with contextlib.suppress(Exception):
                         ray.kill(actor)
                 self.actors = {}
-                self._release_prefix()
-        finally:
+        finally:  # whatever interrupted it: the renewal ends, the claim is given up
+            self._release_prefix()
             self._release_ray()
             self.redis.close()
 

@@ -1,5 +1,6 @@
 """Partition and retry actors: a worker loop (engine.dispatch / engine.retrying) in a
-thread, started in ``__init__`` so that a restarted actor resumes by itself."""
+thread, started in ``__init__`` so that a restarted actor resumes by itself. ``owner``:
+the id of the engine's claim on its prefix (engine/lease.py), which the workers check."""
 
 from __future__ import annotations
 
@@ -61,9 +62,10 @@ class _Looping:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
 class PartitionActor(_Looping):
     def __init__(self, settings: dict[str, Any], partition: int,
-                 pools: dict[str, list[str]]) -> None:
+                 pools: dict[str, list[str]], owner: str | None = None) -> None:
         cfg = Settings(**settings)
-        self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(_handles(pools)))
+        self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(_handles(pools)),
+                                      owner=owner)
         self._start(self.worker.run, f"partition-{partition}")
 
     def backlog(self) -> dict[str, int]:
@@ -74,7 +76,8 @@ class PartitionActor(_Looping):
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)
 class RetryActor(_Looping):
-    def __init__(self, settings: dict[str, Any], pools: dict[str, list[str]]) -> None:
+    def __init__(self, settings: dict[str, Any], pools: dict[str, list[str]],
+                 owner: str | None = None) -> None:
         cfg = Settings(**settings)
-        self.worker = RetryWorker(cfg, _redis(cfg), RaySender(_handles(pools)))
+        self.worker = RetryWorker(cfg, _redis(cfg), RaySender(_handles(pools)), owner=owner)
         self._start(self.worker.run, "retry")

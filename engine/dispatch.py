@@ -31,12 +31,13 @@ import redis
 from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import HookError
+from engine.errors import HookError, PrefixTaken
 from engine.events import Event
 from engine.health import Heartbeat
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
+from engine.lease import Holding
 from engine.matching import EventColumns, HookIndex
 from engine.messages import PartView, content_send_id
 from engine.names import NameCatalogue
@@ -339,13 +340,17 @@ class PartitionWorker:
     """Reads one partition's stream and drives the Dispatcher; owns acknowledgements."""
 
     def __init__(self, settings: Settings, r: redis.Redis, partition: int, sender: Sender,
-                 catalogue: EventCatalogue | None = None, consumer: str | None = None) -> None:
+                 catalogue: EventCatalogue | None = None, consumer: str | None = None,
+                 owner: str | None = None) -> None:
+        """``owner``: the id of the engine's claim on its prefix (engine/lease.py); the
+        worker waits while another engine holds it. None: no claim is looked at."""
         self.settings = settings
         self.r = r
         self.partition = partition
         self.sender = sender
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE) if catalogue is None else catalogue
         self.side = Side(r, settings, catalogue)
+        self.holding = Holding(r, self.side.keys, owner) if owner else None
         self.dispatcher = Dispatcher(self.side, catalogue, settings.MAX_HTTP_BATCH)
         self.stream = self.side.keys.intake(partition)
         self.consumer = consumer or f"partition-{partition}"
@@ -369,7 +374,10 @@ class PartitionWorker:
             resources.files("engine").joinpath("intake_ack.lua").read_text("utf-8"))
 
     def step(self, block_ms: int | None = None) -> int:
-        """One round: refresh, read, batch, send, settle, ack. Returns entries read."""
+        """One round: refresh, read, batch, send, settle, ack. Returns entries read.
+        PrefixTaken, touching nothing, while another engine holds the prefix."""
+        if self.holding is not None:
+            self.holding.check()
         with paused_gc():
             return self._step(block_ms)
 
@@ -644,7 +652,7 @@ class PartitionWorker:
                 self.step()
                 last_hook_error = ""
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if isinstance(exc, HookError):
+                if isinstance(exc, HookError | PrefixTaken):
                     if str(exc) != last_hook_error:
                         log.error("partition %s: waiting, no event is processed until this is "
                                   "fixed: %s", self.partition, exc)

@@ -29,6 +29,11 @@ class HookError(HookrayError):
     """A hook's settings are invalid: names the field and the reason."""
 
 
+class PrefixTaken(HookrayError):
+    """Another engine holds this engine's claim on its REDIS_PREFIX (engine/lease.py):
+    this engine's workers wait instead of reading the same intake."""
+
+
 class EventError(HookrayError):
     """Events are malformed; ``issues`` lists every bad event of the batch."""
 

@@ -10,7 +10,11 @@ the prefix and before any of its workers runs; the key expires ``ENGINE_LEASE_SE
 after its last renewal, and the driver that started the engine renews it every fifth
 of that (``Renewer``): its actors are not detached, so they live as long as it does.
 A stopped engine deletes it (``release``); a crashed one leaves it to expire, and an
-engine started on the prefix in that time waits for it to lapse.
+engine started on the prefix in that time waits for it to lapse. The workers look at
+it at most every CHECK_SEC (``Holding``): should the claim lapse while they run (the
+driver cut off from Redis longer than the TTL, a Redis that lost its data) and
+another engine take it, they wait, saying why in their health marks, instead of
+reading the intake the other engine reads.
 
 The value is the holder's id (32 hex digits), a space, and JSON describing it (host,
 pid, Ray cluster, start time) for the error that refuses another engine.
@@ -30,7 +34,7 @@ from typing import Any
 
 import redis
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, PrefixTaken
 from engine.keys import Keys
 
 log = logging.getLogger("hookray")
@@ -56,6 +60,7 @@ end
 return 0
 """
 POLL_SEC = 0.25  # how often a waiting start looks again
+CHECK_SEC = 1.0  # how often a worker looks whether its engine still holds the prefix
 
 
 @dataclass(frozen=True)
@@ -64,6 +69,16 @@ class Holder:
 
     about: dict[str, Any]
     expires_ms: int
+
+    @classmethod
+    def of(cls, raw: bytes | str, expires_ms: int) -> Holder:
+        """From the key's value (what cannot be read describes as unknown)."""
+        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+        try:
+            about = json.loads(text.partition(" ")[2])
+        except ValueError:
+            about = {}
+        return cls(about if isinstance(about, dict) else {}, expires_ms)
 
     def describe(self) -> str:
         a = self.about
@@ -100,12 +115,7 @@ class EngineLease:
         if not held:
             return None
         raw, pttl = held
-        text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-        try:
-            about = json.loads(text.partition(" ")[2])
-        except ValueError:
-            about = {}
-        return Holder(about if isinstance(about, dict) else {}, int(pttl))
+        return Holder.of(raw, int(pttl))
 
     renew = claim
 
@@ -124,6 +134,11 @@ class EngineLease:
             return
         if same_cluster is not None and (clash := same_cluster(holder)) is not None:
             raise clash
+        if holder.expires_ms < 0:  # no engine sets it so: written by hand, or restored
+            raise ConfigError(
+                f"{self.key} holds a claim on REDIS_PREFIX {prefix!r} that never expires "
+                f"({holder.describe()}); no engine writes it so: delete the key if no "
+                f"engine of this prefix runs")
         deadline = time.monotonic() + max(holder.expires_ms, 0) / 1000 + 2 * POLL_SEC
         log.warning("REDIS_PREFIX %r is held by another engine (%s); waiting up to %.0f s "
                     "for its claim to lapse, in case that engine has stopped", prefix,
@@ -143,8 +158,9 @@ class EngineLease:
 
 class Renewer:
     """A thread renewing a running engine's claim every fifth of its TTL (the driver
-    runs one while its actors do). Redis errors are retried; a claim another engine took after ours
-    lapsed is logged as the error it is, once a minute, and taken back when free."""
+    runs one while its actors do). Errors are retried; a claim another engine took
+    after ours lapsed is logged as the error it is, once a minute, and taken back when
+    free (the workers wait meanwhile: ``Holding``)."""
 
     def __init__(self, lease: EngineLease) -> None:
         self.lease = lease
@@ -160,6 +176,9 @@ class Renewer:
                 holder = self.lease.renew()
             except redis.RedisError:
                 holder = None  # said by the workers, who need Redis as much
+            except Exception:  # a bug: said, and the thread lives on (else it lapses)
+                log.exception("renewing %s failed", self.lease.key)
+                holder = None
             if holder is not None and time.monotonic() - self.lost_said >= 60:
                 log.error("another engine holds this engine's REDIS_PREFIX claim %s (%s): "
                           "both now read the same intake; stop one of them",
@@ -171,3 +190,30 @@ class Renewer:
     def stop(self) -> None:
         self.stop_event.set()
         self.thread.join(5)
+
+
+class Holding:
+    """A worker's look at its engine's claim: ``check`` raises PrefixTaken while
+    another engine holds it (looked up at most every CHECK_SEC; a claim that is
+    missing, as after a Redis restart, is no reason to wait: the driver sets it again)."""
+
+    def __init__(self, r: redis.Redis, keys: Keys, owner: str) -> None:
+        self.r, self.key, self.owner = r, keys.engine, owner.encode()
+        self.looked = -CHECK_SEC
+        self.taken = ""  # why the worker waits, from the last look ("" it does not)
+
+    def check(self) -> None:
+        now = time.monotonic()
+        if now - self.looked >= CHECK_SEC:
+            raw = self.r.get(self.key)
+            self.looked = now
+            if isinstance(raw, str):
+                raw = raw.encode()
+            if raw is None or raw.startswith(self.owner + b" "):
+                self.taken = ""
+            else:
+                self.taken = (f"another engine holds REDIS_PREFIX claim {self.key} "
+                              f"({Holder.of(raw, 0).describe()}); this engine's workers "
+                              f"wait: stop one of the two engines")
+        if self.taken:
+            raise PrefixTaken(self.taken)

@@ -24,9 +24,10 @@ import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
-from engine.errors import HookError
+from engine.errors import HookError, PrefixTaken
 from engine.health import Heartbeat
 from engine.hooks import Hook, hook_secrets, scrub
+from engine.lease import Holding
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
@@ -40,13 +41,16 @@ MAX_UNANSWERED = 3  # re-sends handed over without an outcome before a dead lett
 
 class RetryWorker:
     def __init__(self, settings: Settings, r: redis.Redis, sender: Sender,
-                 catalogue: EventCatalogue | None = None) -> None:
+                 catalogue: EventCatalogue | None = None, owner: str | None = None) -> None:
+        """``owner``: as for PartitionWorker (waits while another engine holds the
+        prefix)."""
         self.settings = settings
         self.r = r
         self.sender = sender
         if catalogue is None:
             catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         self.side = Side(r, settings, catalogue)
+        self.holding = Holding(r, self.side.keys, owner) if owner else None
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
         self.handed: set[str] = set()  # handed to the sender, no outcome yet
@@ -59,7 +63,10 @@ class RetryWorker:
             self.hooks = {h.id: h for h in hooks if h.id is not None}
 
     def step(self) -> int:
-        """Claim and send what is due, settle what came back. Returns deliveries sent."""
+        """Claim and send what is due, settle what came back. Returns deliveries sent.
+        PrefixTaken, touching nothing, while another engine holds the prefix."""
+        if self.holding is not None:
+            self.holding.check()
         try:
             due = self._hand_over()
         except Exception:
@@ -150,7 +157,7 @@ class RetryWorker:
                     time.sleep(0.05)
                 last_hook_error = ""
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if isinstance(exc, HookError):  # said once, not every round
+                if isinstance(exc, HookError | PrefixTaken):  # said once, not every round
                     if str(exc) != last_hook_error:
                         log.error("retry worker: waiting, nothing is re-sent until this is "
                                   "fixed: %s", exc)

@@ -8,9 +8,10 @@ import time
 import pytest
 import redis
 
-from engine.errors import ConfigError
+from engine import lease as lease_module
+from engine.errors import ConfigError, PrefixTaken
 from engine.keys import Keys
-from engine.lease import EngineLease, Renewer
+from engine.lease import EngineLease, Holding, Renewer
 
 ABOUT = {"host": "box-a", "pid": 41, "ray": "10.0.0.1:6379", "started": "2026-11-30T05:00:00Z"}
 
@@ -106,7 +107,7 @@ def test_a_holder_on_the_same_cluster_is_refused_at_once(
         return ConfigError("runs here")
 
     began = time.monotonic()
-    with pytest.raises(ConfigError, match="^runs here$"):
+    with pytest.raises(ConfigError, match=r"^runs here$"):
         lease(redis_client, keys, host="box-b").claim_or_wait("p", same_cluster)
     assert time.monotonic() - began < 1 and len(seen) == 1
 
@@ -137,3 +138,74 @@ def test_an_unreadable_claim_still_refuses(redis_client: redis.Redis, keys: Keys
     holder = lease(redis_client, keys).claim()
     assert holder is not None and holder.about == {}
     assert holder.describe() == "host ?, pid ?"
+
+
+def test_a_claim_that_never_expires_is_named_not_waited_for(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    redis_client.set(keys.engine, "f" * 32 + ' {"host": "box-c", "pid": 3}')
+    began = time.monotonic()
+    with pytest.raises(ConfigError) as info:
+        lease(redis_client, keys).claim_or_wait("p")
+    assert time.monotonic() - began < 1
+    assert str(info.value) == (
+        f"{keys.engine} holds a claim on REDIS_PREFIX 'p' that never expires (host box-c, "
+        f"pid 3); no engine writes it so: delete the key if no engine of this prefix runs")
+
+
+def test_the_renewer_outlives_an_unexpected_error(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    mine = lease(redis_client, keys, ttl=1)
+    assert mine.claim() is None
+    renew, calls = mine.renew, []
+
+    def renew_once_broken() -> object:
+        calls.append(1)
+        if len(calls) == 1:
+            raise ValueError("a bug")
+        return renew()
+
+    monkeypatch.setattr(mine, "renew", renew_once_broken)
+    with caplog.at_level(logging.ERROR, logger="hookray"):
+        renewer = Renewer(mine)
+        try:
+            time.sleep(2.2)
+            assert renewer.thread.is_alive() and len(calls) > 5
+            value = redis_client.get(keys.engine)
+            assert value is not None and value.startswith(mine.owner.encode())
+        finally:
+            renewer.stop()
+    assert f"renewing {keys.engine} failed" in caplog.text and "ValueError: a bug" in caplog.text
+
+
+def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(lease_module, "CHECK_SEC", 0.0)  # look every time
+    mine = lease(redis_client, keys, ttl=5)
+    holding = Holding(redis_client, keys, mine.owner)
+    holding.check()  # nobody's claim (Redis lost it, say): no reason to wait
+    assert mine.claim() is None
+    holding.check()  # ours
+    redis_client.delete(keys.engine)
+    assert lease(redis_client, keys, host="box-b").claim() is None
+    with pytest.raises(PrefixTaken) as info:
+        holding.check()
+    assert str(info.value) == (
+        f"another engine holds REDIS_PREFIX claim {keys.engine} (host box-b, pid 41, Ray "
+        f"cluster 10.0.0.1:6379, started 2026-11-30T05:00:00Z); this engine's workers "
+        f"wait: stop one of the two engines")
+    redis_client.delete(keys.engine)
+    holding.check()  # free again
+
+
+def test_a_worker_looks_at_the_claim_at_most_once_a_second(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    holding = Holding(redis_client, keys, "a" * 32)
+    redis_client.set(keys.engine, "b" * 32 + " {}", px=5000)
+    with pytest.raises(PrefixTaken):
+        holding.check()
+    redis_client.delete(keys.engine)
+    with pytest.raises(PrefixTaken):  # within CHECK_SEC: the last look still holds
+        holding.check()
+    time.sleep(lease_module.CHECK_SEC)
+    holding.check()

@@ -363,6 +363,31 @@ def test_an_engine_started_after_a_crash_waits_for_the_old_claim_to_lapse(
     assert redis_client.exists(keys.engine) == 0
 
 
+def test_a_shutdown_cut_short_still_gives_the_prefix_up(
+        engine_factory: Any, redis_client: Any, keys: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray
+
+    engine = engine_factory(ENGINE_LEASE_SEC=1)
+    renewer = engine._renewer
+    assert renewer is not None and redis_client.exists(keys.engine)
+    # When Ctrl-C cuts the shutdown short while it waits for the workers to stop
+    real_get = ray.get
+
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(ray, "get", real_get)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ray, "get", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        engine.shutdown()
+    # Then the renewal ended and the claim is given up anyway
+    assert not renewer.thread.is_alive() and engine.lease is None
+    time.sleep(1.5)  # a renewal would have set it again by now
+    assert redis_client.exists(keys.engine) == 0
+    # (the actors it did not get to stop are stopped by the factory's shutdown)
+
+
 def test_a_second_http_api_of_the_same_prefix_is_refused(
         engine_factory: Any, settings: Any) -> None:
     from actors.driver import Engine

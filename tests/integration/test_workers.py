@@ -1415,6 +1415,47 @@ def test_health_names_the_workers_waiting_for_an_invalid_hook_and_why(
             "retry_running": True, "retry_waiting": None}, 5)
 
 
+def test_workers_wait_while_another_engine_holds_the_prefix(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The claim of the engine these workers belong to lapsed and another engine took
+    it: they read and re-send nothing, and health says why, until it is theirs again."""
+    from engine.health import engine_health
+    from engine.lease import EngineLease
+
+    created = HookRegistry(redis_client, keys).create(hook())
+    redis_client.hset(keys.config, "partitions", 1)
+    cfg = one_partition(settings)
+    one_intake(redis_client, keys, 1000).publish(clicks(20))
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b'{"x": 1}'], message_ids=["m1"]),
+                   due_ms=0, error="HTTP 500")
+    ours = EngineLease(redis_client, keys, 30, about={"host": "here"})
+    other = EngineLease(redis_client, keys, 30, about={"host": "elsewhere", "pid": 9})
+    assert other.claim() is None
+    senders = [InProcessSender(), InProcessSender()]
+    workers = [PartitionWorker(cfg, redis_client, 0, senders[0], owner=ours.owner),
+               RetryWorker(cfg, redis_client, senders[1], owner=ours.owner)]
+    with running(workers):
+        assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["waiting"], 5)
+        assert wait_for(lambda: engine_health(redis_client, keys)["retry_waiting"], 5)
+        time.sleep(0.5)
+        health = engine_health(redis_client, keys)
+        assert health["partitions"]["waiting"][0]["reason"].startswith(
+            f"another engine holds REDIS_PREFIX claim {keys.engine} (host elsewhere, pid 9)")
+        assert str(health["retry_waiting"]).startswith("another engine holds")
+        assert not senders[0].transport.sent and not senders[1].transport.sent
+        assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+        assert retry.pending() == 1
+        # the other engine stopped: the claim is this engine's again
+        assert other.release() and ours.claim() is None
+        assert wait_for(lambda: redis_client.xlen(keys.intake(0)) == 0
+                        and sum(d.count for d in senders[0].transport.sent) == 20, 10)
+        assert wait_for(lambda: [d.id for d in senders[1].transport.sent] == ["d1"], 10)
+        assert wait_for(lambda: not engine_health(redis_client, keys)["partitions"]["waiting"]
+                        and engine_health(redis_client, keys)["retry_waiting"] is None, 5)
+
+
 def test_entries_of_a_read_whose_reply_was_lost_are_read_again(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
