@@ -731,6 +731,13 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except redis.RedisError as exc:
         log.warning("%s %s: Redis: %s", request.method, request.path, exc)
         return error_response(503, "the engine's Redis is unavailable; try again")
+    except ConnectionResetError:  # reading the body: the client is gone (a load test
+        # stopping, a timeout), no fault of the engine's; nothing of it was accepted
+        log.info("%s %s: the client closed the connection before its body was read; "
+                 "nothing of it accepted", request.method, request.path)
+        response = error_response(400, "the connection closed before the body was read")
+        response.force_close()  # nobody reads it; aiohttp drops it without a word
+        return response
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error")

@@ -436,6 +436,47 @@ async def test_a_body_its_content_encoding_does_not_decode_is_400(
     assert answer.status == 202 and len(api.intake()) == 2
 
 
+async def test_a_client_gone_before_its_body_was_read_is_one_line_not_a_traceback(
+        settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+        ) -> None:
+    """As when Locust stops with requests on the way: the body is cut off. Served as
+    actors/api.py serves it (aiohttp's test server cancels the handler instead)."""
+    import asyncio
+    import logging
+
+    from aiohttp import web
+
+    token = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "ingest", "i")[0]
+    runner = web.AppRunner(create_app(settings), access_log=None)
+    await runner.setup()
+    with socket.create_server(("127.0.0.1", 0)) as sock:
+        site = web.SockSite(runner, sock)
+        await site.start()
+        try:
+            _, writer = await asyncio.open_connection(*sock.getsockname()[:2])
+            body = json.dumps(events(50)).encode()
+            writer.write(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                         + token.encode() + b"\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+                         + body[:100])
+            await writer.drain()
+            with caplog.at_level(logging.INFO, logger="hookray"):
+                await asyncio.sleep(0.3)  # the handler is reading the body
+                writer.close()
+                await writer.wait_closed()
+                for _ in range(40):
+                    if "the client closed" in caplog.text:
+                        break
+                    await asyncio.sleep(0.05)
+        finally:
+            await runner.cleanup()
+    assert "POST /v1/events: the client closed the connection before its body was read; " \
+           "nothing of it accepted" in caplog.text
+    assert not [r for r in caplog.records if r.levelname == "ERROR"], caplog.text
+    assert not any(redis_client.xlen(Keys(settings.REDIS_PREFIX).intake(n))
+                   for n in range(settings.PARTITIONS))
+
+
 async def test_zstd_and_brotli_bodies_are_decoded(api: Api) -> None:
     import brotli
     try:
