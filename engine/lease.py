@@ -212,8 +212,10 @@ class Holding:
             if raw is None or raw.startswith(self.owner + b" "):
                 self.taken = ""
             else:
-                self.taken = (f"another engine holds REDIS_PREFIX claim {self.key} "
-                              f"({Holder.of(raw, 0).describe()}); this engine's workers "
-                              f"wait: stop one of the two engines")
+                # what waits before the first ": ", who holds it after: only the
+                # former is shown without a token (engine.api.public_reason)
+                self.taken = (f"another engine holds this engine's REDIS_PREFIX claim, the "
+                              f"workers wait: {self.key} is held by "
+                              f"{Holder.of(raw, 0).describe()}; stop one of the two engines")
         if self.taken:
             raise PrefixTaken(self.taken)

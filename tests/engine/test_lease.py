@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from engine import lease as lease_module
+from engine.api import public_reason
 from engine.errors import ConfigError, PrefixTaken
 from engine.keys import Keys
 from engine.lease import EngineLease, Holding, Renewer
@@ -191,9 +192,12 @@ def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
     with pytest.raises(PrefixTaken) as info:
         holding.check()
     assert str(info.value) == (
-        f"another engine holds REDIS_PREFIX claim {keys.engine} (host box-b, pid 41, Ray "
-        f"cluster 10.0.0.1:6379, started 2026-11-30T05:00:00Z); this engine's workers "
-        f"wait: stop one of the two engines")
+        f"another engine holds this engine's REDIS_PREFIX claim, the workers wait: "
+        f"{keys.engine} is held by host box-b, pid 41, Ray cluster 10.0.0.1:6379, started "
+        f"2026-11-30T05:00:00Z; stop one of the two engines")
+    # shown without a token: what waits, not where the other engine runs
+    assert public_reason(str(info.value)) == (
+        "another engine holds this engine's REDIS_PREFIX claim, the workers wait")
     redis_client.delete(keys.engine)
     holding.check()  # free again
 

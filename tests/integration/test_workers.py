@@ -1441,8 +1441,9 @@ def test_workers_wait_while_another_engine_holds_the_prefix(
         assert wait_for(lambda: engine_health(redis_client, keys)["retry_waiting"], 5)
         time.sleep(0.5)
         health = engine_health(redis_client, keys)
-        assert health["partitions"]["waiting"][0]["reason"].startswith(
-            f"another engine holds REDIS_PREFIX claim {keys.engine} (host elsewhere, pid 9)")
+        assert health["partitions"]["waiting"][0]["reason"] == (
+            f"another engine holds this engine's REDIS_PREFIX claim, the workers wait: "
+            f"{keys.engine} is held by host elsewhere, pid 9; stop one of the two engines")
         assert str(health["retry_waiting"]).startswith("another engine holds")
         assert not senders[0].transport.sent and not senders[1].transport.sent
         assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
