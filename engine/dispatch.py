@@ -370,6 +370,9 @@ class PartitionWorker:
         # an acknowledgement round sent without a reply: (token, entry ids, delivered)
         self.unsure: tuple[str, list[str], Counter[int]] | None = None
         self.last_ack = self.side.keys.last_ack(partition, self.consumer)
+        # the token of the failed outcome being booked (settling[0]), kept until booked
+        self.booking: str | None = None
+        self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
         self._ack_script = r.register_script(
             resources.files("engine").joinpath("intake_ack.lua").read_text("utf-8"))
 
@@ -588,13 +591,17 @@ class PartitionWorker:
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 error = scrub(outcome.describe(), hook_secrets(hook))
+                # a booking sent again after its reply was lost counts once
+                self.booking = self.booking or uuid.uuid4().hex
+                once = (self.booked, self.booking)
                 if self.settings.HOOK_RETRY_TIMES == 0:
-                    self.side.retry.kill(rest, error)
+                    self.side.retry.kill(rest, error, once=once)
                 else:
-                    self.side.retry.schedule(rest, due, error)
+                    self.side.retry.schedule(rest, due, error, once=once)
                 if done:
                     self.delivered[delivery.hook_id] += done
             self.settling.popleft()
+            self.booking = None
             _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
             for eid, n in entries.items():
                 self._count_settled(eid, n)

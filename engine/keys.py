@@ -11,6 +11,10 @@ key                             type     holds
 {p}:acked:{n}:{consumer}        string   the token of the last acknowledgement round of
                                          partition n's worker (intake_ack.lua): a
                                          round sent again after a lost reply counts once
+{p}:booked:{worker}             string   the token of the worker's last booked outcome
+                                         (book_once.lua): ``partition:{n}:{consumer}``,
+                                         ``retry``; a booking sent again after a lost
+                                         reply counts once
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
                                          writing for another count are refused);
                                          ``checking``: a first record's streams not
@@ -84,6 +88,9 @@ class Keys:
 
     def last_ack(self, partition: int, consumer: str) -> str:
         return f"{self.p}:acked:{partition}:{consumer}"
+
+    def booked(self, worker: str) -> str:
+        return f"{self.p}:booked:{worker}"
 
     def profiles(self, account_id: int) -> str:
         return f"{self.p}:profiles:{account_id}"

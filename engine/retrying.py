@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable
 from contextlib import suppress
@@ -31,6 +32,7 @@ from engine.lease import Holding
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
+from engine.stores import Once
 from engine.transports.base import Delivery, Outcome, now_ms, undelivered
 
 log = logging.getLogger("hookray")
@@ -55,6 +57,8 @@ class RetryWorker:
         self.hooks_version = -1
         self.handed: set[str] = set()  # handed to the sender, no outcome yet
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
+        self.booking: str | None = None  # the token of settling[0], kept until booked
+        self.booked = self.side.keys.booked("retry")
 
     def _refresh(self) -> None:
         version = self.side.registry.version()
@@ -80,8 +84,11 @@ class RetryWorker:
         # an outcome leaves ``settling`` only once booked: a Redis error half-way
         # keeps the rest for the next step
         while self.settling:
-            self.settle(*self.settling[0])
+            # a booking sent again after its reply was lost counts once
+            self.booking = self.booking or uuid.uuid4().hex
+            self.settle(*self.settling[0], once=(self.booked, self.booking))
             self.settling.popleft()
+            self.booking = None
         return due
 
     def _hand_over(self) -> int:
@@ -112,11 +119,12 @@ class RetryWorker:
                 self.handed.add(delivery.id)
         return len(due)
 
-    def settle(self, delivery: Delivery, outcome: Outcome) -> None:
+    def settle(self, delivery: Delivery, outcome: Outcome, once: Once | None = None) -> None:
         """Book one outcome; ``delivery`` itself is left as it was, so booking it
-        again after a Redis error counts its attempt once."""
+        again after a Redis error counts its attempt once; ``once``: the booking's
+        token (RetryStore.schedule), so that its stats are counted once too."""
         if outcome.ok:
-            self.side.retry.complete(delivery)
+            self.side.retry.complete(delivery, once=once)
             self.handed.discard(delivery.id)
             return
         # only the messages that failed are kept (the others were delivered)
@@ -128,10 +136,10 @@ class RetryWorker:
         if hook is not None:  # a destination's answer may echo its secrets: never kept
             error = scrub(error, hook_secrets(hook))
         if exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
-            self.side.retry.kill(rest, error, delivered=done)
+            self.side.retry.kill(rest, error, delivered=done, once=once)
         else:
             due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
-            self.side.retry.schedule(rest, due, error, delivered=done)
+            self.side.retry.schedule(rest, due, error, delivered=done, once=once)
         self.handed.discard(delivery.id)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None

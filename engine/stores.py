@@ -12,6 +12,7 @@ import json
 import logging
 import math
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib import resources
 from typing import Any, cast
 
@@ -315,6 +316,36 @@ class Stats:
         return {k.decode(): int(v) for k, v in raw.items()}
 
 
+Once = tuple[str, str]  # a booking worker's last token key, and this booking's token
+
+
+class _Commands:
+    """The commands of a booking, as book_once.lua takes them (the pipeline methods
+    bookings use)."""
+
+    def __init__(self) -> None:
+        self.words: list[Any] = []
+
+    def _add(self, *words: Any) -> None:
+        self.words += [len(words), *words]
+
+    def hset(self, key: str, field: str, value: Any) -> None:
+        self._add("HSET", key, field, value)
+
+    def hdel(self, key: str, *fields: str) -> None:
+        self._add("HDEL", key, *fields)
+
+    def hincrby(self, key: str, field: str, n: int) -> None:
+        self._add("HINCRBY", key, field, n)
+
+    def zadd(self, key: str, mapping: Mapping[str, float]) -> None:
+        self._add("ZADD", key, *(w for member, score in mapping.items()
+                                 for w in (score, member)))
+
+    def zrem(self, key: str, *members: str) -> None:
+        self._add("ZREM", key, *members)
+
+
 class _KeyPlaces:
     """KEYS of a script, each once, with its (1-based) place for the script's ARGV."""
 
@@ -370,22 +401,38 @@ class RetryStore:
         self._page = r.register_script(scripts.joinpath("dead_page.lua").read_text("utf-8"))
         self._handed_back = r.register_script(
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
+        self._book_once = r.register_script(scripts.joinpath("book_once.lua").read_text("utf-8"))
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
-    def schedule(self, delivery: Delivery, due_ms: int, error: str, delivered: int = 0
-                 ) -> None:
+    @contextmanager
+    def _booking(self, once: Once | None) -> Iterator[Any]:
+        """A MULTI for a booking's commands; with ``once`` (the booking worker's last
+        token key, this booking's token), the same commands in book_once.lua, so that
+        a booking sent again after its reply was lost is carried out at most once."""
+        if once is None:
+            with self.r.pipeline() as pipe:
+                yield pipe
+                pipe.execute()
+            return
+        commands = _Commands()
+        yield commands
+        key, token = once
+        self._book_once(keys=[key], args=[token, *commands.words])
+
+    def schedule(self, delivery: Delivery, due_ms: int, error: str, delivered: int = 0,
+                 once: Once | None = None) -> None:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
-        attempt that were delivered (and are no longer in ``delivery``), counted."""
+        attempt that were delivered (and are no longer in ``delivery``), counted.
+        ``once``: see ``_booking``."""
         delivery.last_error = error
-        with self.r.pipeline() as pipe:
+        with self._booking(once) as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
             pipe.hdel(self.k.retry_unanswered, delivery.id)
             pipe.zadd(self.k.retry, {delivery.id: due_ms})
             self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
-            pipe.execute()
 
     def claim_due(self, limit: int = 100, now: int | None = None) -> list[Delivery]:
         now = now_ms() if now is None else now
@@ -431,20 +478,20 @@ class RetryStore:
         if delivery_ids:
             self._handed_back(keys=[self.k.retry_unanswered], args=delivery_ids)
 
-    def complete(self, delivery: Delivery) -> None:
+    def complete(self, delivery: Delivery, once: Once | None = None) -> None:
         """A re-sent delivery succeeded: forget it and count it delivered."""
-        with self.r.pipeline() as pipe:
+        with self._booking(once) as pipe:
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
             pipe.hdel(self.k.retry_unanswered, delivery.id)
             self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
-            pipe.execute()
 
-    def kill(self, delivery: Delivery, error: str, delivered: int = 0) -> None:
-        """Move a delivery out of the schedule into the dead letters; ``delivered`` as
-        in ``schedule``."""
+    def kill(self, delivery: Delivery, error: str, delivered: int = 0,
+             once: Once | None = None) -> None:
+        """Move a delivery out of the schedule into the dead letters; ``delivered`` and
+        ``once`` as in ``schedule``."""
         delivery.last_error = error
-        with self.r.pipeline() as pipe:
+        with self._booking(once) as pipe:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
             pipe.zrem(self.k.retry, delivery.id)
@@ -456,7 +503,6 @@ class RetryStore:
             pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
             pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
             self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
-            pipe.execute()
 
     def pending(self) -> int:
         return int(self.r.zcard(self.k.retry))

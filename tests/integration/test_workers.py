@@ -1056,6 +1056,43 @@ def test_a_failed_acknowledgement_is_made_in_a_later_round_and_counted_once(
     assert (stats["accepted"], stats["delivered"]) == (20, 20)
 
 
+@pytest.mark.parametrize("retry_times", [0, 2])
+def test_a_failed_delivery_booked_again_after_a_lost_reply_counts_once(
+        retry_times: int, redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The partition books a failed first attempt (a retry, or a dead letter with
+    HOOK_RETRY_TIMES=0); Redis carries the booking out, its reply is lost."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": retry_times})
+    created = HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(10))
+
+    class Refusing(StubTransport):
+        async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:
+            self.attempts[delivery.id] += 1
+            return Outcome(ok=False, error="Rejected", detail="HTTP 503")
+
+    sender = InProcessSender(Refusing())
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    booking = worker.side.retry.kill if retry_times == 0 else worker.side.retry.schedule
+    lost: list[int] = []
+
+    def reply_lost(*args: Any, **kwargs: Any) -> None:
+        booking(*args, **kwargs)
+        if not lost:
+            lost.append(1)
+            raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(worker.side.retry, booking.__name__, reply_lost)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert [type(e) for e in errors] == [redis.ConnectionError]
+    stats = Stats(redis_client, keys).get(created.id or 0)
+    field = "dead_lettered" if retry_times == 0 else "retried"
+    assert (stats["accepted"], stats[field], stats["delivered"]) == (10, 10, 0)
+    retry = RetryStore(redis_client, keys)
+    waiting = retry.dead_letters() if retry_times == 0 else retry.claim_due(10, now=2**62)
+    assert [d.count for d in waiting] == [10]
+
+
 def test_a_round_failing_after_counting_its_matches_counts_them_once(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     # Given a sender whose first hand-over fails, after the round counted what it matched
@@ -1554,11 +1591,13 @@ def test_outcomes_are_collected_while_reading_fails(
     assert Stats(redis_client, keys).get(held.hook_id)["delivered"] == 10
 
 
+@pytest.mark.parametrize("carried_out", [False, True], ids=["not-sent", "reply-lost"])
 def test_the_retry_worker_books_every_outcome_despite_a_redis_error(
-        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        carried_out: bool, redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Booking one outcome fails (Redis): it and the outcomes after it are booked by
-    the next step, each once; none is sent again."""
+    """Booking one outcome fails (Redis; before Redis saw it, or its reply lost): it
+    and the outcomes after it are booked by the next step, each once; none is sent
+    again."""
     cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 3})
     h = HookRegistry(redis_client, keys).create(hook())
     retry = RetryStore(redis_client, keys)
@@ -1578,11 +1617,13 @@ def test_the_retry_worker_books_every_outcome_despite_a_redis_error(
     complete = worker.side.retry.complete
     failed = [True]
 
-    def flaky(delivery: Delivery) -> None:
+    def flaky(delivery: Delivery, once: Any = None) -> None:
         if failed:
             failed.pop()
+            if carried_out:
+                complete(delivery, once=once)
             raise redis.ConnectionError("Connection reset by peer")
-        complete(delivery)
+        complete(delivery, once=once)
 
     monkeypatch.setattr(worker.side.retry, "complete", flaky)
     with pytest.raises(redis.ConnectionError):
