@@ -1,9 +1,11 @@
 -- Book an outcome (retry schedule, dead letters, stats) at most once: a booking sent
 -- again after its reply was lost (the same token) changes nothing. The commands are
 -- the ones a MULTI would hold, carried out as atomically.
--- KEYS[1] the booking worker's last token; ARGV[1] this booking's token;
--- ARGV[2..] the commands, each as its word count, then its words
-if redis.call('GET', KEYS[1]) == ARGV[1] then
+-- KEYS[1] the booking worker's last tokens (a list, the newest first: a late copy
+-- of an earlier booking is known too); ARGV[1] this booking's token; ARGV[2..] the
+-- commands, each as its word count, then its words (a command of a few words: unpack
+-- takes some thousands at most)
+if redis.call('LPOS', KEYS[1], ARGV[1]) then
   return 0
 end
 local i = 2
@@ -12,5 +14,6 @@ while i <= #ARGV do
   redis.call(unpack(ARGV, i + 1, i + n))
   i = i + n + 1
 end
-redis.call('SET', KEYS[1], ARGV[1])
+redis.call('LPUSH', KEYS[1], ARGV[1])
+redis.call('LTRIM', KEYS[1], 0, 31)
 return 1

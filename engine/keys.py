@@ -8,13 +8,13 @@ key                             type     holds
 {p}:intake:receipt:{uuid}       string   set by an append: an append is written at
                                          most once (see Intake._write); deleted by the
                                          intake's next append, else gone after 10 min
-{p}:acked:{n}:{consumer}        string   the token of the last acknowledgement round of
-                                         partition n's worker (intake_ack.lua): a
-                                         round sent again after a lost reply counts once
-{p}:booked:{worker}             string   the token of the worker's last booked outcome
-                                         (book_once.lua): ``partition:{n}:{consumer}``,
-                                         ``retry``; a booking sent again after a lost
-                                         reply counts once
+{p}:acked:{n}:{consumer}        list     the tokens of the last 32 acknowledgement
+                                         rounds of partition n's worker (intake_ack.lua):
+                                         a round sent again after a lost reply counts once
+{p}:booked:{worker}             list     the tokens of the worker's last 32 booked
+                                         outcomes (book_once.lua): ``partition:{n}:
+                                         {consumer}``, ``retry``; a booking sent again
+                                         after a lost reply counts once
 {p}:config                      hash     ``partitions``: the engine's PARTITIONS (producers
                                          writing for another count are refused);
                                          ``checking``: a first record's streams not

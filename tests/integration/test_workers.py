@@ -1093,6 +1093,27 @@ def test_a_failed_delivery_booked_again_after_a_lost_reply_counts_once(
     assert [d.count for d in waiting] == [10]
 
 
+def test_a_late_copy_of_an_earlier_booking_changes_nothing(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A booking whose reply was lost may reach Redis late, after the next one."""
+    retry = RetryStore(redis_client, keys)
+    once_key = keys.booked("retry")
+
+    def schedule(n: int, token: str) -> None:
+        retry.schedule(Delivery(id=f"d{n}", hook_id=7, account_id=1, kind="http_batch",
+                                parts=[b"{}"] * 3, message_ids=["a", "b", "c"]), 0, "HTTP 500",
+                       delivered=2, once=(once_key, token))
+
+    schedule(1, "t1")
+    schedule(2, "t2")
+    schedule(1, "t1")  # late
+    assert Stats(redis_client, keys).get(7) == {
+        "accepted": 0, "delivered": 4, "retried": 6, "dead_lettered": 0, "discarded": 0}
+    for n in range(3, 40):  # only the last 32 tokens are kept
+        schedule(n, f"t{n}")
+    assert redis_client.llen(once_key) == 32
+
+
 def test_a_round_failing_after_counting_its_matches_counts_them_once(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     # Given a sender whose first hand-over fails, after the round counted what it matched
