@@ -139,7 +139,7 @@ class EngineLease:
                 f"{self.key} holds a claim on REDIS_PREFIX {prefix!r} that never expires "
                 f"({holder.describe()}); no engine writes it so: delete the key if no "
                 f"engine of this prefix runs")
-        deadline = time.monotonic() + max(holder.expires_ms, 0) / 1000 + 2 * POLL_SEC
+        deadline = time.monotonic() + holder.expires_ms / 1000 + 2 * POLL_SEC
         log.warning("REDIS_PREFIX %r is held by another engine (%s); waiting up to %.0f s "
                     "for its claim to lapse, in case that engine has stopped", prefix,
                     holder.describe(), deadline - time.monotonic())
@@ -151,9 +151,8 @@ class EngineLease:
         raise ConfigError(
             f"an engine with REDIS_PREFIX {prefix!r} already runs on this Redis "
             f"({holder.describe()}): it renewed its claim on {self.key} while this one "
-            f"waited for it to lapse; stop "
-            f"that engine first, or give this engine another REDIS_PREFIX (two engines on "
-            f"one prefix would send every message twice)")
+            f"waited for it to lapse; stop that engine first, or give this engine another "
+            f"REDIS_PREFIX (two engines on one prefix would send every message twice)")
 
 
 class Renewer:
@@ -165,7 +164,7 @@ class Renewer:
     def __init__(self, lease: EngineLease) -> None:
         self.lease = lease
         self.stop_event = threading.Event()
-        self.lost_said = 0.0
+        self.lost_said = -float("inf")  # when the lost claim was last logged
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-lease")
         self.thread.start()
 
