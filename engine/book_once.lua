@@ -1,6 +1,7 @@
--- Book an outcome (retry schedule, dead letters, stats) at most once: a booking sent
--- again after its reply was lost (the same token) changes nothing. The commands are
--- the ones a MULTI would hold, carried out as atomically.
+-- Book an outcome (retry schedule, dead letters, stats) or acknowledge settled intake
+-- entries (and count their deliveries) at most once: a booking sent again after its
+-- reply was lost (the same token) changes nothing. The commands are the ones a MULTI
+-- would hold, carried out as atomically (engine.stores.Booking).
 -- KEYS[1] the booking worker's last tokens (a list, the newest first: a late copy
 -- of an earlier booking is known too); ARGV[1] this booking's token; ARGV[2..] the
 -- commands, each as its word count, then its words (a command of a few words: unpack

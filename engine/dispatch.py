@@ -22,7 +22,6 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from importlib import resources
 from typing import Any, Protocol
 
 import numpy as np
@@ -43,7 +42,15 @@ from engine.messages import PartView, content_send_id
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
-from engine.stores import ContentStore, HookRegistry, NameStore, ProfileStore, RetryStore, Stats
+from engine.stores import (
+    Booking,
+    ContentStore,
+    HookRegistry,
+    NameStore,
+    ProfileStore,
+    RetryStore,
+    Stats,
+)
 from engine.transports.base import Delivery, Outcome, now_ms, undelivered
 
 log = logging.getLogger("hookray")
@@ -373,8 +380,7 @@ class PartitionWorker:
         # the token of the failed outcome being booked (settling[0]), kept until booked
         self.booking: str | None = None
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
-        self._ack_script = r.register_script(
-            resources.files("engine").joinpath("intake_ack.lua").read_text("utf-8"))
+        self._booking = Booking(r)
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
@@ -617,7 +623,7 @@ class PartitionWorker:
 
     def _ack(self, entry_ids: list[str]) -> None:
         """Acknowledge and delete ``entry_ids`` and the settled entries, and count
-        deliveries: one script, once (engine/intake_ack.lua). A round whose reply did
+        deliveries: one script, once (``Booking``). A round whose reply did
         not come (Redis down, the connection lost) may have been carried out or not:
         it is sent again, with its token, before anything new, and counts once."""
         self.to_ack += entry_ids
@@ -632,12 +638,12 @@ class PartitionWorker:
         self.unsure = None
 
     def _ack_round(self, token: str, entry_ids: list[str], delivered: Counter[int]) -> None:
-        counted = [(hook_id, n) for hook_id, n in delivered.items() if n]
-        self._ack_script(
-            keys=[self.stream, self.last_ack,
-                  *(self.side.keys.stats(hook_id) for hook_id, _ in counted)],
-            args=[CONSUMER_GROUP, token, len(entry_ids), *entry_ids,
-                  *(n for _, n in counted)])
+        with self._booking((self.last_ack, token)) as pipe:
+            for hook_id, n in delivered.items():
+                self.side.stats.add(pipe, hook_id, "delivered", n)
+            if entry_ids:
+                pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
+                pipe.xdel(self.stream, *entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

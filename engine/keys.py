@@ -9,7 +9,7 @@ key                             type     holds
                                          most once (see Intake._write); deleted by the
                                          intake's next append, else gone after 10 min
 {p}:acked:{n}:{consumer}        list     the tokens of the last 32 acknowledgement
-                                         rounds of partition n's worker (intake_ack.lua):
+                                         rounds of partition n's worker (book_once.lua):
                                          a round sent again after a lost reply counts once
 {p}:booked:{worker}             list     the tokens of the worker's last 32 booked
                                          outcomes (book_once.lua): ``partition:{n}:

@@ -319,15 +319,26 @@ class Stats:
 Once = tuple[str, str]  # a booking worker's last token key, and this booking's token
 
 
+ONCE_CHUNK = 1000  # ids per XACK/XDEL command: unpack in a script takes some thousands
+
+
 class _Commands:
     """The commands of a booking, as book_once.lua takes them (the pipeline methods
-    bookings use)."""
+    bookings and acknowledgements use)."""
 
     def __init__(self) -> None:
         self.words: list[Any] = []
 
     def _add(self, *words: Any) -> None:
         self.words += [len(words), *words]
+
+    def xack(self, stream: str, group: str, *ids: str) -> None:
+        for n in range(0, len(ids), ONCE_CHUNK):
+            self._add("XACK", stream, group, *ids[n:n + ONCE_CHUNK])
+
+    def xdel(self, stream: str, *ids: str) -> None:
+        for n in range(0, len(ids), ONCE_CHUNK):
+            self._add("XDEL", stream, *ids[n:n + ONCE_CHUNK])
 
     def hset(self, key: str, field: str, value: Any) -> None:
         self._add("HSET", key, field, value)
@@ -344,6 +355,30 @@ class _Commands:
 
     def zrem(self, key: str, *members: str) -> None:
         self._add("ZREM", key, *members)
+
+
+class Booking:
+    """Runs a booking's commands (``with booking(once) as pipe: pipe.hset(...)``): in
+    a MULTI, or with ``once`` (a worker's token key, this booking's token) in
+    book_once.lua, so that a booking sent again after its reply was lost is carried
+    out at most once."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self._script = r.register_script(
+            resources.files("engine").joinpath("book_once.lua").read_text("utf-8"))
+
+    @contextmanager
+    def __call__(self, once: Once | None) -> Iterator[Any]:
+        if once is None:
+            with self.r.pipeline() as pipe:
+                yield pipe
+                pipe.execute()
+            return
+        commands = _Commands()
+        yield commands
+        key, token = once
+        self._script(keys=[key], args=[token, *commands.words])
 
 
 class _KeyPlaces:
@@ -401,30 +436,15 @@ class RetryStore:
         self._page = r.register_script(scripts.joinpath("dead_page.lua").read_text("utf-8"))
         self._handed_back = r.register_script(
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
-        self._book_once = r.register_script(scripts.joinpath("book_once.lua").read_text("utf-8"))
+        self._booking = Booking(r)
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
-
-    @contextmanager
-    def _booking(self, once: Once | None) -> Iterator[Any]:
-        """A MULTI for a booking's commands; with ``once`` (the booking worker's last
-        token key, this booking's token), the same commands in book_once.lua, so that
-        a booking sent again after its reply was lost is carried out at most once."""
-        if once is None:
-            with self.r.pipeline() as pipe:
-                yield pipe
-                pipe.execute()
-            return
-        commands = _Commands()
-        yield commands
-        key, token = once
-        self._book_once(keys=[key], args=[token, *commands.words])
 
     def schedule(self, delivery: Delivery, due_ms: int, error: str, delivered: int = 0,
                  once: Once | None = None) -> None:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
         attempt that were delivered (and are no longer in ``delivery``), counted.
-        ``once``: see ``_booking``."""
+        ``once``: see ``Booking``."""
         delivery.last_error = error
         with self._booking(once) as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
