@@ -370,10 +370,12 @@ class Engine:
         accepted) unless ``partial=True``, which accepts the good ones and returns the issues."""
         return self.intake.publish(events, partial=partial)  # type: ignore[arg-type]
 
-    def store_content(self, contents: Mapping[str, Mapping[str, Any]],
+    def store_content(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],
                       ttl_sec: int | None = None) -> int:
-        """Store message content by send id, kept HOOK_CONTENT_CLEANUP_HOURS by default."""
-        return self._content.put(contents, ttl_sec)
+        """Store an account's message content by send id, kept HOOK_CONTENT_CLEANUP_HOURS
+        by default (``ttl_sec``: seconds instead). Messages of that account's events
+        with the send id carry it; another account's events never do."""
+        return self._content.put(account_id, contents, ttl_sec)
 
     def upsert_names(self, records: Iterable[Mapping[str, Any]]) -> int:
         """Upsert names: ``{"account_id", "kind", "id", "name"[, "subid"|"subject"]}``."""

@@ -25,7 +25,7 @@ or the request's own custom_data makes the plain columns wrong.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from itertools import repeat
 from operator import attrgetter, getitem, itemgetter
 from typing import Any, cast
@@ -48,9 +48,10 @@ from engine.events import NS, Event, parse_rfc3339_ns
 from engine.hooks import Hook
 from engine.matching import EventColumns
 from engine.messages import (
+    Content,
     MessageBuilder,
     PartView,
-    content_send_id,
+    content_key,
     encode_part,
     event_digests,
     irregular_events,
@@ -168,7 +169,7 @@ class Round:
     """Per-event values of one read round, each computed on first use."""
 
     def __init__(self, events: list[Event], catalogue: EventCatalogue,
-                 names: NameCatalogue, content: Mapping[str, dict[str, Any]],
+                 names: NameCatalogue, content: Content,
                  views: list[PartView] | None = None,
                  columns: EventColumns | None = None) -> None:
         self.events = events
@@ -390,8 +391,8 @@ class Round:
         col, events, content = self._content, self.events, self.content
         for i in idx:
             if col[i] is None:
-                send_id = content_send_id(events[i])
-                found = content.get(send_id) if send_id else None
+                key = content_key(events[i])
+                found = content.get(key) if key else None
                 col[i] = b'"content":' + _encode(found) + b"," if found is not None else b""
         return gather(col, idx)
 

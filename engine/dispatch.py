@@ -38,7 +38,7 @@ from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.lease import Holding
 from engine.matching import EventColumns, HookIndex
-from engine.messages import PartView, content_send_id
+from engine.messages import Content, PartView, content_key
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import Settings
@@ -252,10 +252,10 @@ class Dispatcher:
         batch = self.batches[hook.id or 0] = _Batch(hook, now)
         return batch
 
-    def _content(self, matches: dict[int, Any], events: list[Event]) -> dict[str, dict[str, Any]]:
+    def _content(self, matches: dict[int, Any], events: list[Event]) -> Content:
         """Stored content of the events matched by send_content hooks: one MGET."""
-        wanted = {send_id for pos, idx in matches.items() if self.index.hooks[pos].send_content
-                  for i in idx.tolist() if (send_id := content_send_id(events[i]))}
+        wanted = {key for pos, idx in matches.items() if self.index.hooks[pos].send_content
+                  for i in idx.tolist() if (key := content_key(events[i]))}
         return self.side.content.get_many(sorted(wanted))
 
     def _attach_profiles(self, matches: dict[int, Any], events: list[Event]) -> None:

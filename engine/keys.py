@@ -26,7 +26,7 @@ key                             type     holds
 {p}:version:names               string   bumped on every name upsert
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
 {p}:version:profiles            string   bumped on every profile upsert
-{p}:content:{send_id}           string   message content JSON, TTL content_ttl_sec
+{p}:content:{account}:{send_id} string   message content JSON, TTL content_ttl_sec
 {p}:retry                       zset     delivery id scored by due time (unix ms)
 {p}:retry:payload               hash     delivery id -> msgpack Delivery
 {p}:retry:unanswered            hash     delivery id -> re-sends handed over since its
@@ -95,8 +95,8 @@ class Keys:
     def profiles(self, account_id: int) -> str:
         return f"{self.p}:profiles:{account_id}"
 
-    def content(self, send_id: str) -> str:
-        return f"{self.p}:content:{send_id}"
+    def content(self, account_id: int, send_id: str) -> str:
+        return f"{self.p}:content:{account_id}:{send_id}"
 
     def dead_of_account(self, account_id: int) -> str:
         return f"{self.p}:dead:account:{account_id}"

@@ -139,11 +139,17 @@ def message_id(hook_id: int | None, event_id: str | None) -> str:
     return f"{event_digest(event_id)}-{hook_id or 0}"
 
 
-def content_send_id(event: Event) -> str | None:
-    """The send id whose stored content a message of ``event`` may carry: none for a
-    deleted profile's event, which comes from a historical export, whose messages
-    never carry content (spec a)."""
-    return None if event.profile_deleted or event.historical else event.send_id
+# stored message content by (account id, send id), as ContentStore.get_many gives it
+Content = Mapping[tuple[int, str], dict[str, Any]]
+
+
+def content_key(event: Event) -> tuple[int, str] | None:
+    """(account id, send id) of the stored content a message of ``event`` may carry:
+    none without a send id, and none for a deleted profile's event, which comes from
+    a historical export, whose messages never carry content (spec a)."""
+    if event.send_id is None or event.profile_deleted or event.historical:
+        return None
+    return event.account_id, event.send_id
 
 
 class _KeyFields(msgspec.Struct):
@@ -222,9 +228,10 @@ class MessageBuilder:
         self.custom_data = CompiledCustomData(hook.custom_data)
         self.send_content = hook.send_content
 
-    def build(self, event: Event, content: Mapping[str, dict[str, Any]] | None = None,
+    def build(self, event: Event, content: Content | None = None,
               ctx: EventContext | None = None) -> Message:
-        """The message for ``event``; ``content`` maps send ids to stored content."""
+        """The message for ``event``; ``content`` maps (account id, send id) to stored
+        content."""
         msg = fill_part(Message, event, self.catalogue)
         msg.hook_message_id = message_id(self.hook.id, event.id)
         custom = self.custom_data.render(ctx or EventContext(event, self.names))
@@ -235,13 +242,12 @@ class MessageBuilder:
             msg.content = found
         return msg
 
-    def _content(self, event: Event, content: Mapping[str, dict[str, Any]] | None
-                 ) -> dict[str, Any] | None:
-        if self.send_content and content and (send_id := content_send_id(event)):
-            return content.get(send_id)
+    def _content(self, event: Event, content: Content | None) -> dict[str, Any] | None:
+        if self.send_content and content and (key := content_key(event)):
+            return content.get(key)
         return None
 
-    def encode(self, events: list[Event], content: Mapping[str, dict[str, Any]] | None = None,
+    def encode(self, events: list[Event], content: Content | None = None,
                ) -> list[bytes]:
         return [_encoder.encode(self.build(e, content)) for e in events]
 

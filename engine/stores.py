@@ -21,6 +21,7 @@ import redis
 
 from engine.catalogue import EventCatalogue
 from engine.errors import Conflict, HookError, NotFound
+from engine.events import MAX_ID
 from engine.hooks import (
     MASK,
     Hook,
@@ -273,27 +274,48 @@ class ProfileStore:
 
 
 class ContentStore:
-    """Message content by send id, kept for HOOK_CONTENT_CLEANUP_HOURS."""
+    """Message content by account and send id, kept for HOOK_CONTENT_CLEANUP_HOURS.
+    An account's events only ever carry its own content: a send id another account
+    uses (by chance or on purpose) names another key."""
 
     def __init__(self, r: redis.Redis, keys: Keys, ttl_sec: int) -> None:
         self.r, self.k, self.ttl_sec = r, keys, ttl_sec
 
-    def put(self, contents: Mapping[str, Mapping[str, Any]], ttl_sec: int | None = None) -> int:
-        if ttl_sec is not None and (not isinstance(ttl_sec, int) or ttl_sec < 1):
+    def put(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],
+            ttl_sec: int | None = None) -> int:
+        if isinstance(account_id, bool) or not isinstance(account_id, int) \
+                or not 0 <= account_id <= MAX_ID:
+            raise ValueError(f"store_content: account_id {account_id!r} is not an integer "
+                             f"from 0 to {MAX_ID}")
+        if ttl_sec is not None and (isinstance(ttl_sec, bool) or not isinstance(ttl_sec, int)
+                                    or ttl_sec < 1):
             raise ValueError(f"ttl_sec: expected whole seconds >= 1, got {ttl_sec!r}")
+        if not isinstance(contents, Mapping) or not all(
+                isinstance(sid, str) and sid and isinstance(content, Mapping)
+                for sid, content in contents.items()):
+            raise ValueError("store_content: contents must map each send id (a non-empty "
+                             "string) to its content (a mapping)")
+        encoded = {}
+        for send_id, content in contents.items():
+            try:
+                encoded[send_id] = json.dumps(dict(content), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise ValueError(f"store_content: content of send id {send_id!r} is not "
+                                 f"JSON: {exc}; nothing stored") from None
         with self.r.pipeline(transaction=False) as pipe:
-            for send_id, content in contents.items():
-                pipe.set(self.k.content(send_id), json.dumps(dict(content)),
-                         ex=ttl_sec or self.ttl_sec)
+            for send_id, data in encoded.items():
+                pipe.set(self.k.content(account_id, send_id), data, ex=ttl_sec or self.ttl_sec)
             pipe.execute()
         return len(contents)
 
-    def get_many(self, send_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Content still stored for ``send_ids`` (expired ones are simply absent)."""
-        if not send_ids:
+    def get_many(self, wanted: list[tuple[int, str]]) -> dict[tuple[int, str], dict[str, Any]]:
+        """Content still stored for ``[(account_id, send_id), ...]`` (expired content is
+        simply absent), one MGET."""
+        if not wanted:
             return {}
-        values = self.r.mget([self.k.content(s) for s in send_ids])
-        return {s: json.loads(v) for s, v in zip(send_ids, values, strict=True) if v is not None}
+        values = self.r.mget([self.k.content(a, s) for a, s in wanted])
+        return {key: json.loads(v) for key, v in zip(wanted, values, strict=True)
+                if v is not None}
 
 
 class Stats:

@@ -105,7 +105,8 @@ def test_assembled_messages_equal_the_reference(name: str, stored: bool) -> None
     catalogue, names = load_catalogue(), make_names()
     events, views = _stored(_events()) if stored else (_events(), None)
     assert stored == (views is not None)
-    content = {e.send_id: {"subject": f"s{i}"} for i, e in enumerate(events[:100]) if e.send_id}
+    content = {(e.account_id, e.send_id): {"subject": f"s{i}"}
+               for i, e in enumerate(events[:100]) if e.send_id}
     rnd = Round(events, catalogue, names, content, views)
     assembler = Assembler(hook, names, catalogue)
     reference = MessageBuilder(hook, names, catalogue)
@@ -126,7 +127,8 @@ def test_a_warmed_round_gives_every_hook_the_reference_messages(stored: bool) ->
     are still the reference's, and what ``warm`` made is what they use."""
     catalogue, names = load_catalogue(), make_names()
     events, views = _stored(_events()) if stored else (_events(), None)
-    content = {e.send_id: {"subject": f"s{i}"} for i, e in enumerate(events[:100]) if e.send_id}
+    content = {(e.account_id, e.send_id): {"subject": f"s{i}"}
+               for i, e in enumerate(events[:100]) if e.send_id}
     rnd = Round(events, catalogue, names, content, views)
     hooks = [*HOOKS.values(), _hook(hook_id=6, custom_data={"fields": ["email"]}),
              _hook(hook_id=7, custom_data={"pairs": {"c": "{{campaign_name}} {{event_date}}"}}),

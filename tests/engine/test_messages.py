@@ -57,7 +57,7 @@ def make_event(**kw: Any) -> Event:
 
 
 def build(event: Event, hook: Hook | None = None,
-          content: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+          content: dict[tuple[int, str], dict[str, Any]] | None = None) -> dict[str, Any]:
     """The message as a receiver sees it: the decoded JSON object."""
     msg = MessageBuilder(hook or make_hook()).build(event, content)
     return json.loads(encode_message(msg))
@@ -123,7 +123,7 @@ def test_every_optional_key_when_set() -> None:
         event_data={"message_id": 5, "campaign_id": 130, "segment_id": 0, "resource_id": 3},
     )
     hook = make_hook(send_content=True, custom_data={"pairs": {"k": "v"}})
-    content = {"s-1": {"subject": "Hi", "html": "<p>Hi</p>"}}
+    content = {(161, "s-1"): {"subject": "Hi", "html": "<p>Hi</p>"}}
     assert build(event, hook, content) == {
         "event_type": "deliv",
         "event_date": DATE,
@@ -326,7 +326,7 @@ def test_event_data_of_a_code_added_by_configuration() -> None:
 # --- content ------------------------------------------------------------------------------------
 
 
-CONTENT = {"s-1": {"subject": "Hi", "html": "<p>Hi</p>", "text": "Hi"}}
+CONTENT = {(161, "s-1"): {"subject": "Hi", "html": "<p>Hi</p>", "text": "Hi"}}
 
 
 def test_content_attached_when_enabled_and_stored() -> None:
@@ -352,6 +352,20 @@ def test_content_omitted_otherwise(
     assert set(body) == REQUIRED
 
 
+def test_content_is_only_that_of_the_events_account() -> None:
+    """Another account's content under the same send id is never attached, by either
+    builder: content is stored per account (two accounts may use one send id, or a
+    producer may name another account's)."""
+    mine, theirs = make_event(send_id="s-1"), make_event(send_id="s-1", account_id=7)
+    hook = make_hook(send_content=True)
+    assert build(mine, hook, CONTENT)["content"] == CONTENT[161, "s-1"]
+    assert "content" not in build(theirs, hook, CONTENT)
+    rnd = Round([mine, theirs], CATALOGUE, NameCatalogue(), CONTENT)
+    first, second = (json.loads(m) for m in
+                     Assembler(hook, NameCatalogue(), CATALOGUE).assemble(rnd, [0, 1])[0])
+    assert first["content"] == CONTENT[161, "s-1"] and "content" not in second
+
+
 def test_content_is_never_in_a_historical_export() -> None:
     """An event of a deleted profile comes from a historical export: "message content
     is never included" (spec a), even with the option on and content stored."""
@@ -362,7 +376,7 @@ def test_content_is_never_in_a_historical_export() -> None:
     rnd = Round([event, make_event(send_id="s-1")], CATALOGUE, NameCatalogue(), CONTENT)
     historical, live = (json.loads(m) for m in
                         Assembler(hook, NameCatalogue(), CATALOGUE).assemble(rnd, [0, 1])[0])
-    assert "content" not in historical and live["content"] == CONTENT["s-1"]
+    assert "content" not in historical and live["content"] == CONTENT[161, "s-1"]
 
 
 def test_an_event_marked_historical_never_carries_content() -> None:
@@ -375,7 +389,7 @@ def test_an_event_marked_historical_never_carries_content() -> None:
     rnd = Round([event, make_event(send_id="s-1")], CATALOGUE, NameCatalogue(), CONTENT)
     exported, live = (json.loads(m) for m in
                       Assembler(hook, NameCatalogue(), CATALOGUE).assemble(rnd, [0, 1])[0])
-    assert exported == body and live["content"] == CONTENT["s-1"]
+    assert exported == body and live["content"] == CONTENT[161, "s-1"]
     (decoded,) = decode_events(json.dumps([{"event_type": "deliv", "account_id": 1,
                                             "event_date": DATE, "historical": True}]))
     assert decoded.historical is True
@@ -435,7 +449,7 @@ def test_encode_matches_build() -> None:
     assert builder.encode(events, CONTENT) == [
         encode_message(builder.build(e, CONTENT)) for e in events
     ]
-    assert json.loads(builder.encode(events, CONTENT)[0])["content"] == CONTENT["s-1"]
+    assert json.loads(builder.encode(events, CONTENT)[0])["content"] == CONTENT[161, "s-1"]
 
 
 def test_encode_message_is_compact_utf8_json() -> None:

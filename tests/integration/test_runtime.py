@@ -136,17 +136,20 @@ def test_content_attached_when_present_and_omitted_when_expired(
     engine = engine_factory()
     engine.create_hook(http_hook(receiver, "/content", send_content=True, actions=["send"]))
     engine.create_hook(http_hook(receiver, "/plain", actions=["send"]))
-    engine.store_content({"s-kept": {"subject": "Hello", "html": "<p>Hi</p>"}})
-    engine.store_content({"s-expired": {"subject": "Gone"}}, ttl_sec=1)
+    engine.store_content(1, {"s-kept": {"subject": "Hello", "html": "<p>Hi</p>"}})
+    engine.store_content(1, {"s-expired": {"subject": "Gone"}}, ttl_sec=1)
+    # another account's content: under a send id of its own and under account 1's
+    engine.store_content(2, {"s-theirs": {"subject": "Theirs"}, "s-kept": {"subject": "2"}})
     time.sleep(1.5)
+    sids = ("s-kept", "s-expired", "s-never", "s-theirs")
     engine.publish([{**events(1, types=("send",))[0], "send_id": sid, "id": sid}
-                    for sid in ("s-kept", "s-expired", "s-never")])
-    assert wait_for(lambda: len(receiver.messages("/content")) == 3, 10)
+                    for sid in sids])
+    assert wait_for(lambda: len(receiver.messages("/content")) == 4, 10)
     by_id = {m["hook_message_id"]: m for m in receiver.messages("/content")}
     content = {m.get("content", {}).get("subject") for m in by_id.values()}
     assert content == {"Hello", None}
     assert sum("content" in m for m in by_id.values()) == 1
-    assert wait_for(lambda: len(receiver.messages("/plain")) == 3, 10)
+    assert wait_for(lambda: len(receiver.messages("/plain")) == 4, 10)
     assert all("content" not in m for m in receiver.messages("/plain"))
 
 

@@ -26,7 +26,7 @@ from engine.messages import event_digest, message_id
 from engine.partitioning import partition_of
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry, ProfileStore, RetryStore, Stats
+from engine.stores import ContentStore, HookRegistry, ProfileStore, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome, now_ms, pack_delivery
 from engine.transports.stub import StubTransport
 from tests.services import wait_for
@@ -294,6 +294,30 @@ def test_stored_profiles_fill_custom_data_only_for_hooks_with_profile_fields(
     assert by_event == {"stored": "ann@example.org", "again": "ann@example.org",
                         "inline": "own@example.org", "unknown": None}, got
     assert asked == [{1: ["p1", "p2"]}]  # one lookup; p9's event needs none
+
+
+def test_content_is_stored_per_account_and_bad_content_is_refused_whole(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    store = ContentStore(redis_client, keys, 60)
+    assert store.put(1, {"s1": {"subject": "one"}}) == 1
+    assert store.put(2, {"s1": {"subject": "two"}, "s2": {"subject": "x"}}, ttl_sec=5) == 2
+    assert store.get_many([(1, "s1"), (2, "s1"), (1, "s2"), (3, "s1")]) == {
+        (1, "s1"): {"subject": "one"}, (2, "s1"): {"subject": "two"}}
+    assert 0 < redis_client.ttl(keys.content(2, "s2")) <= 5
+    assert 55 < redis_client.ttl(keys.content(1, "s1")) <= 60
+    for account, contents, reason in [
+            ("1", {"s": {}}, "store_content: account_id '1' is not an integer"),
+            (True, {"s": {}}, "store_content: account_id True is not an integer"),
+            (-1, {"s": {}}, "store_content: account_id -1 is not an integer"),
+            (1, ["s"], "contents must map each send id"),
+            (1, {"": {}}, "contents must map each send id"),
+            (1, {"s": "text"}, "contents must map each send id"),
+            (1, {"s3": {"ok": 1}, "s4": {"at": object()}},
+             "content of send id 's4' is not JSON: .*nothing stored"),
+            (1, {"s5": {"n": float("nan")}}, "content of send id 's5' is not JSON")]:
+        with pytest.raises(ValueError, match=reason):
+            store.put(account, contents)  # type: ignore[arg-type]
+    assert store.get_many([(1, "s3")]) == {}  # a refused call stores none of its content
 
 
 def test_failures_go_to_the_retry_schedule_then_dead_letters(
