@@ -23,6 +23,7 @@ import re
 from typing import Annotated, Any, Literal
 from urllib.parse import unquote, unquote_plus, urlsplit
 
+import regex
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -226,7 +227,11 @@ class Auth(_Model):
             missing = [k for k in needed if not getattr(self, k)]
             if missing:
                 raise ValueError(f"oauth2 auth needs {', '.join(missing)}")
-            _check_http_url(self.token_url or "")
+        if self.token_url is not None:  # kept with another kind too: shown masked, so valid
+            try:
+                _check_http_url(self.token_url)
+            except ValueError as exc:
+                raise ValueError(f"token_url: {exc}") from None
         return self
 
 
@@ -306,6 +311,8 @@ FORBIDDEN_HEADER_CHARS = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 RESERVED_HEADERS = frozenset({
     "host", "content-length", "transfer-encoding", "content-encoding", "connection",
     "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect"})
+# a success regex is at most this long (it is compiled by every transport that sends)
+MAX_REGEX_CHARS = 1_000
 
 
 def _control_char(value: str) -> str | None:
@@ -328,10 +335,17 @@ class HttpBatch(_Model):
     @field_validator("success_regex")
     @classmethod
     def _regex_compiles(cls, value: str) -> str:
+        """Python ``re`` syntax, compiled by the ``regex`` module, as the HTTP transport
+        matches it (with a time budget, see ``engine.transports.http``)."""
+        if len(value) > MAX_REGEX_CHARS:
+            raise ValueError(f"regex of {len(value)} characters: at most {MAX_REGEX_CHARS}")
         try:
-            re.compile(value)
-        except re.error as exc:
-            raise ValueError(f"regex {value!r} does not compile: {exc}") from None
+            regex.compile(value)
+        except (regex.error, OverflowError, ValueError) as exc:
+            raise ValueError(f"regex {value[:100]!r} does not compile: {exc}") from None
+        except RecursionError:
+            raise ValueError(f"regex {value[:100]!r} does not compile: its groups nest too "
+                             "deeply") from None
         return value
 
     @field_validator("headers")
@@ -343,6 +357,11 @@ class HttpBatch(_Model):
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by the HTTP client for each "
                                  "request (it frames the body or runs the connection)")
+            if name.lower() == "content-type" \
+                    and val.partition(";")[0].strip().lower() != "application/json":
+                raise ValueError(f"header {name!r}: every batch is JSON: the media type "
+                                 f"must be application/json (parameters such as "
+                                 f"charset=utf-8 may follow), not {val[:100]!r}")
             if "\n" in val or "\r" in val:
                 raise ValueError(f"header {name!r}: value holds a line break")
             char = _control_char(val)
@@ -639,20 +658,25 @@ def sent_secrets(data: Any, name: str = "") -> list[str]:
     without \\u escapes), and for a URL's credentials also percent-decoded and as the
     Basic authorization the HTTP client makes of them. A URL is read leniently (its
     user-info is whatever precedes its last "@"), so a password that breaks the URL
-    counts too."""
-    if isinstance(data, dict):
-        found = [s for key, value in data.items() for s in sent_secrets(value, str(key))]
-        if name == "headers":
-            found += [v for k, v in data.items()
-                      if isinstance(v, str) and SENSITIVE_HEADER.search(str(k))]
-    elif isinstance(data, list):
-        found = [s for item in data for s in sent_secrets(item, name)]
-    elif not isinstance(data, str):
-        return []
-    elif name in URL_FIELDS:
-        found = _url_credentials(data)
-    else:
-        found = [data] if name in SECRET_FIELDS else []
+    counts too. Walked without recursion: a body nested however deeply is searched
+    (and refused by validation afterwards), never a RecursionError."""
+    found: list[str] = []
+    stack: list[tuple[Any, str]] = [(data, name)]
+    while stack:
+        value, key = stack.pop()
+        if isinstance(value, dict):
+            stack += [(v, str(k)) for k, v in reversed(value.items())]
+            if key == "headers":
+                found += [v for k, v in value.items()
+                          if isinstance(v, str) and SENSITIVE_HEADER.search(str(k))]
+        elif isinstance(value, list):
+            stack += [(item, key) for item in reversed(value)]
+        elif not isinstance(value, str):
+            continue
+        elif key in URL_FIELDS:
+            found += _url_credentials(value)
+        elif key in SECRET_FIELDS:
+            found.append(value)
     return list(dict.fromkeys(f for s in found if s for f in (
         s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])))
 

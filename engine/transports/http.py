@@ -16,13 +16,16 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   schedule, so nothing is lost.
 * What is kept per destination, regex and OAuth2 token is bounded
   (``MAX_DESTINATIONS``, ``MAX_REGEXES``, ``MAX_TOKENS``).
+* One hook cannot stall the others through its answers: at most ``MAX_ANSWER_BYTES``
+  of an answer are read, and the success regex (the ``regex`` module, whose matching
+  can be timed out, unlike the standard ``re``'s) gets ``REGEX_BUDGET_SEC`` per answer;
+  a regex that runs out of it fails the batch, naming the regex.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import re
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -30,6 +33,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
+import regex
 
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
@@ -46,6 +50,8 @@ MAX_DESTINATIONS = 10_000
 MAX_REGEXES = 1_000
 MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
+MAX_ANSWER_BYTES = 1 << 20  # an answer's body is read up to this many bytes
+REGEX_BUDGET_SEC = 0.1  # a success regex's matching time per answer
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -74,7 +80,7 @@ class _Token:
 
 @dataclass
 class _Cache:
-    regex: dict[str, re.Pattern[str]] = field(default_factory=dict)
+    regex: dict[str, regex.Pattern[str]] = field(default_factory=dict)
     tokens: dict[tuple[str, str, str, str], _Token] = field(default_factory=dict)
 
 
@@ -189,7 +195,8 @@ class HttpTransport(Transport):
             dest.open_until = time.monotonic() + BREAKER_OPEN_SEC
 
     async def _post(self, target: HttpBatch, body: bytes) -> Outcome:
-        headers = {**JSON_HEADERS, **target.headers}
+        headers = {**JSON_HEADERS, **target.headers} if not _own_content_type(target) \
+            else dict(target.headers)
         auth = await self._authorization(target.auth)
         if auth:
             headers["Authorization"] = auth
@@ -199,7 +206,7 @@ class HttpTransport(Transport):
             # without the batch, and its answer would count as delivered
             async with self._client().post(target.url, data=body, headers=headers,
                                            timeout=timeout, allow_redirects=False) as resp:
-                text = await resp.text(errors="replace")
+                text = await _answer(resp)
                 status = resp.status
                 location = resp.headers.get("Location", "")
         except TimeoutError:
@@ -220,15 +227,22 @@ class HttpTransport(Transport):
     def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
         excerpt = text[:EXCERPT_CHARS]
         if target.success_regex:
-            regex = self._cache.regex.get(target.success_regex)
-            if regex is None:
+            pattern = self._cache.regex.get(target.success_regex)
+            if pattern is None:
                 if len(self._cache.regex) >= MAX_REGEXES:
                     self._cache.regex.clear()
-                regex = self._cache.regex[target.success_regex] = re.compile(target.success_regex)
-            if 200 <= status < 300 and regex.search(text):
-                return Outcome(ok=True, status=status, detail=excerpt)
-            reason = "status is not 2xx" if not 200 <= status < 300 else \
-                f"body does not match success regex {target.success_regex!r}"
+                pattern = self._cache.regex[target.success_regex] = regex.compile(
+                    target.success_regex)
+            if not 200 <= status < 300:
+                reason = "status is not 2xx"
+            else:
+                try:
+                    if pattern.search(text, timeout=REGEX_BUDGET_SEC):
+                        return Outcome(ok=True, status=status, detail=excerpt)
+                    reason = f"body does not match success regex {target.success_regex!r}"
+                except TimeoutError:
+                    reason = (f"success regex {target.success_regex!r} took more than "
+                              f"{REGEX_BUDGET_SEC} s on the body: simplify it")
         elif status == 200:
             return Outcome(ok=True, status=status, detail=excerpt)
         else:
@@ -284,6 +298,34 @@ class HttpTransport(Transport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+
+
+def _own_content_type(target: HttpBatch) -> bool:
+    """Whether the hook gives its own Content-Type (application/json with parameters,
+    as validation allows), which is then the request's only one."""
+    return any(name.lower() == "content-type" for name in target.headers)
+
+
+async def _answer(resp: aiohttp.ClientResponse) -> str:
+    """The answer's body as text, at most MAX_ANSWER_BYTES of it (the rest is not read:
+    the connection is then closed rather than reused)."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < MAX_ANSWER_BYTES:
+        chunk = await resp.content.read(MAX_ANSWER_BYTES - size)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    body = b"".join(chunks)
+    try:
+        encoding = resp.get_encoding()
+    except (RuntimeError, LookupError):
+        encoding = "utf-8"
+    try:
+        return body.decode(encoding, errors="replace")
+    except LookupError:
+        return body.decode("utf-8", errors="replace")
 
 
 def _token_key(auth: Auth) -> tuple[str, str, str, str]:

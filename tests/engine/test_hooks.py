@@ -241,7 +241,8 @@ def test_urls_the_http_client_can_send_to(url: str) -> None:
 
 
 def test_a_header_value_may_hold_a_tab_and_any_character_not_a_control() -> None:
-    headers = {"X-A": "a\tb", "X-B": "caf\u00e9 \u2028 \x85", "Content-Type": "text/plain"}
+    headers = {"X-A": "a\tb", "X-B": "caf\u00e9 \u2028 \x85",
+               "Content-Type": "Application/JSON; charset=utf-8"}
     hook = parse_hook(hook_data({"http_batch": {"url": "https://r.example/x",
                                                 "headers": headers}}))
     assert hook.target.http_batch.headers == headers
@@ -417,8 +418,16 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.auth: ", "the host is not a valid domain name"]),
     # HTTP tuning
     ("regex does not compile", at("target.http_batch.success_regex", "(OK"),
-     ["target.http_batch.success_regex: regex '(OK' does not compile: missing ), "
-      "unterminated subpattern"]),
+     ["target.http_batch.success_regex: regex '(OK' does not compile: missing ) at "
+      "position 3"]),
+    ("regex repeat count beyond 32 bits", at("target.http_batch.success_regex", "a{4294967295}"),
+     ["target.http_batch.success_regex: regex 'a{4294967295}' does not compile: repeat "
+      "count too big"]),
+    ("regex nested too deeply", at("target.http_batch.success_regex", "(" * 490 + ")" * 490),
+     ["target.http_batch.success_regex: regex '((((", "does not compile: its groups nest "
+      "too deeply"]),
+    ("regex too long", at("target.http_batch.success_regex", "OK|" * 400),
+     ["target.http_batch.success_regex: regex of 1200 characters: at most 1000"]),
     ("batch size zero", at("target.http_batch.max_batch_size", 0),
      ["target.http_batch.max_batch_size: Input should be greater than 0"]),
     ("batch size negative", at("target.http_batch.max_batch_size", -5),
@@ -451,6 +460,12 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
         "request (it frames the body or runs the connection)"])
       for name in ("Content-Length", "transfer-encoding", "HOST", "Connection", "Keep-Alive",
                    "Upgrade", "TE", "Trailer", "Expect", "Content-Encoding")],
+    *[(f"header {name}: {value}", at("target.http_batch.headers", {name: value}),
+       [f"target.http_batch.headers: header {name!r}: every batch is JSON: the media type "
+        f"must be application/json (parameters such as charset=utf-8 may follow), not "
+        f"{value!r}"])
+      for name, value in (("Content-Type", "text/plain"), ("content-type", ""),
+                          ("CONTENT-TYPE", "application/jsonl"))],
     # auth
     ("bearer without token", at("target.http_batch.auth", {"kind": "bearer"}),
      ["target.http_batch.auth: bearer auth needs a token"]),
@@ -468,7 +483,10 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
     ("oauth2 bad token_url",
      at("target.http_batch.auth", {"kind": "oauth2", "token_url": "auth.example/t",
                                    "client_id": "c", "client_secret": "s"}),
-     ["target.http_batch.auth: 'auth.example/t' is not an http(s) URL with a host"]),
+     ["target.http_batch.auth: token_url: 'auth.example/t' is not an http(s) URL with a host"]),
+    ("token_url kept with another kind, not a URL",
+     at("target.http_batch.auth", {"kind": "none", "token_url": "http://[x"}),
+     ["target.http_batch.auth: token_url: is not a valid URL: its host part cannot be parsed"]),
     ("unknown auth kind", at("target.http_batch.auth", {"kind": "basic"}),
      ["target.http_batch.auth.kind: Input should be 'none', 'bearer' or 'oauth2'"]),
     ("bearer token with line break",

@@ -12,7 +12,12 @@ import pytest
 from engine.hooks import HttpBatch
 from engine.receiver import Receiver
 from engine.transports.base import Delivery
-from engine.transports.http import BREAKER_FAILURES, HttpTransport
+from engine.transports.http import (
+    BREAKER_FAILURES,
+    MAX_ANSWER_BYTES,
+    REGEX_BUDGET_SEC,
+    HttpTransport,
+)
 
 pytestmark = pytest.mark.integration
 
@@ -58,6 +63,51 @@ def test_success_rules(receiver: Receiver, status: int, body: str, regex: str, o
     assert outcome.ok is ok
     if not ok:
         assert outcome.error == "Rejected" and reason in outcome.detail
+
+
+@pytest.mark.parametrize("given", ["content-type", "Content-Type"])
+def test_a_hooks_own_json_content_type_is_the_only_one_sent(receiver: Receiver,
+                                                           given: str) -> None:
+    value = "application/json; charset=utf-8"
+    assert send({"url": receiver.url("/ct"), "headers": {given: value}}).ok
+    (req,) = receiver.requests("/ct")
+    sent = {name: v for name, v in req.headers.items() if name.lower() == "content-type"}
+    assert list(sent.values()) == [value], req.headers
+
+
+def test_a_success_regex_that_runs_too_long_fails_the_batch_and_stalls_nothing(
+        receiver: Receiver) -> None:
+    """A regex that backtracks without end on the answer (its time doubles with each
+    character) gets REGEX_BUDGET_SEC: the batch fails naming it (retried, then a dead
+    letter), and the transport's loop, shared by every hook, goes on."""
+    receiver.behave("/slow", body="x" * 5_000)
+    target = HttpBatch(url=receiver.url("/slow"), success_regex="(x+x+)+y")
+    other = HttpBatch(url=receiver.url("/other"))
+
+    async def both() -> tuple[Any, Any, float]:
+        t = HttpTransport(timeout_sec=5.0)
+        try:
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            slow, fine = await asyncio.gather(t.send(target, delivery()),
+                                              t.send(other, delivery()))
+            return slow, fine, loop.time() - began
+        finally:
+            await t.close()
+
+    slow, fine, took = asyncio.run(both())
+    assert not slow.ok and slow.error == "Rejected"
+    assert f"success regex '(x+x+)+y' took more than {REGEX_BUDGET_SEC} s on the body" \
+        in slow.detail
+    assert fine.ok and took < 5
+
+
+def test_only_the_first_mebibyte_of_an_answer_is_read(receiver: Receiver) -> None:
+    receiver.behave("/big-ok", body="OK" + "." * (2 * MAX_ANSWER_BYTES))
+    assert send({"url": receiver.url("/big-ok"), "success_regex": "^OK"}).ok
+    receiver.behave("/big-late", body="." * MAX_ANSWER_BYTES + "OK")
+    outcome = send({"url": receiver.url("/big-late"), "success_regex": "OK"})
+    assert not outcome.ok and "body does not match success regex 'OK'" in outcome.detail
 
 
 @pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
