@@ -199,12 +199,16 @@ def for_target(hook: Hook, delivery: Delivery) -> Delivery:
     kind of target (the hook's target changed while it waited for a re-send, or it
     was dead-lettered and replayed after the change) gets this kind and the keys
     this target needs, read back from its messages; without them an exchange would
-    drop every message as unroutable, and the broker would confirm it."""
+    drop every message as unroutable, and the broker would confirm it. A Kafka batch
+    also gets the record keys of the hook's current ``key`` choice, which may have
+    changed meanwhile (keys decide the records' partitions, so their order)."""
     kind = hook.target.kind
-    if delivery.kind == kind:
+    if delivery.kind == kind and kind != "kafka":
         return delivery
-    return msgspec.structs.replace(delivery, kind=kind,
-                                   keys=keys_from_parts(hook, delivery.parts))
+    keys = keys_from_parts(hook, delivery.parts)
+    if delivery.kind == kind and keys == delivery.keys:
+        return delivery
+    return msgspec.structs.replace(delivery, kind=kind, keys=keys)
 
 
 def message_date(event: Event, date_ns: int | None = None) -> str:

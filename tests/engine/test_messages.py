@@ -630,3 +630,27 @@ def test_a_batch_for_another_kind_of_target_gets_this_targets_keys(
     assert moved.kind == hook.target.kind and moved.keys == want
     assert moved.parts == parts and moved.message_ids == ["m1", "m2"] and moved.resends == 2
     assert for_target(old, delivery) is delivery  # the same kind: as it was
+
+
+def test_a_kafka_batch_gets_the_keys_of_the_hooks_current_key_choice() -> None:
+    """A Kafka batch waiting for a re-send while the hook's ``key`` changed (from
+    ``list_event`` to ``profile_id``, say) goes out with the new choice's keys; one
+    whose keys still hold is passed on as it is."""
+    from engine.messages import for_target
+    from engine.transports.base import Delivery
+
+    kafka = {"bootstrap_servers": ["h:9092"], "topic": "t"}
+    old = parse_hook({"id": 1, "name": "h", "account_id": 1, "actions": ["click"],
+                      "target": {"kafka": kafka}})
+    events = [Event(event_type="click", event_date="2026-01-01T00:00:00Z", account_id=1,
+                    list_id=4, id=f"e{i}", profile_id=f"p{i}") for i in range(2)]
+    parts = [encode_message(MessageBuilder(old).build(e)) for e in events]
+    delivery = Delivery(id="d", hook_id=1, account_id=1, kind="kafka", parts=parts,
+                        keys=["4.click", "4.click"], message_ids=["m0", "m1"])
+    assert for_target(old, delivery) is delivery
+    by_profile = parse_hook({**old.to_storage(),
+                             "target": {"kafka": {**kafka, "key": "profile_id"}}})
+    moved = for_target(by_profile, delivery)
+    assert moved.keys == ["p0", "p1"] and moved.kind == "kafka" and moved.parts == parts
+    unkeyed = parse_hook({**old.to_storage(), "target": {"kafka": {**kafka, "key": "none"}}})
+    assert for_target(unkeyed, delivery).keys == ["", ""]
