@@ -503,7 +503,8 @@ class Hook(_Model):
     active: bool = False
     account_id: Id
     database: Literal["all"] | Id = "all"
-    actions: list[str] = Field(min_length=1)
+    # the event codes captured; none (the platform's default) captures nothing
+    actions: list[str] = []
     filters: Filters = Filters()
     custom_data: CustomData = CustomData()
     send_content: bool = False

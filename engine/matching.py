@@ -214,7 +214,7 @@ def _hook_restrictions(hook: Hook, catalogue: EventCatalogue) -> dict[str, list[
     """Per dimension, the values ``hook`` accepts (empty = unrestricted)."""
     return {
         "list_id": [] if hook.database == "all" else [int(hook.database)],
-        # no actions (only possible by bypassing validation) captures nothing
+        # no actions (a hook saved before any was chosen) captures nothing
         "event_type": [catalogue.index(code) for code in hook.actions] or [_NO_EVENT_TYPE],
         **{FILTER_COLUMNS.get(kind, kind): values for kind, values in hook.filters.kinds().items()},
     }

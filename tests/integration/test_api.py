@@ -764,7 +764,7 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
                                        "rabbitmq_queue, rabbitmq_exchange, kafka must be set "
                                        "(got http_batch, rabbitmq_queue)"}]
     answer = await api.call("POST", "/v1/hooks", api.master, json_body={"name": ""})
-    assert {i["field"] for i in answer.error["issues"]} == {"name", "actions", "target"}
+    assert {i["field"] for i in answer.error["issues"]} == {"name", "target"}
     # the redacted value cannot be a new secret
     answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(
         target={"http_batch": {"url": "http://127.0.0.1:9/x",
@@ -782,7 +782,7 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
                             json_body={**hook_body(), "id": hook["id"] + 1})
     assert answer.status == 422 and answer.error["issues"][0]["field"] == "id"
     answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
-                            json_body={**hook_body(), "actions": []})
+                            json_body={**hook_body(), "actions": ["clik"]})
     assert answer.status == 422 and answer.error["issues"][0]["field"] == "actions"
     for method, path in (("POST", "/v1/hooks"), ("PUT", f"/v1/hooks/{hook['id']}"),
                          ("POST", f"/v1/hooks/{hook['id']}/test"),
