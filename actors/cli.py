@@ -97,7 +97,8 @@ def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]]) -> None:
     """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
     before anything starts: each valid, and one name per account (a hook is known by
     its account and name)."""
-    problems, seen = [], {}
+    problems: list[str] = []
+    seen: dict[tuple[Any, Any], str] = {}
     for path, n, data in hooks:
         problem = _hook_problem(data, catalogue)
         if problem is not None:
@@ -119,9 +120,10 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
     same = [h for h in engine.list_hooks(data.get("account_id")) if h.name == data.get("name")]
     if same:
         print(f"hookray: hook {same[0].id} ({same[0].name!r}) exists; left as it is "
-              f"(not taken from {path})", flush=True)
+              f"(not taken from {_printable(path)})", flush=True)
     else:
-        print(f"hookray: hook {engine.create_hook(data).id} created from {path}", flush=True)
+        print(f"hookray: hook {engine.create_hook(data).id} created from {_printable(path)}",
+              flush=True)
 
 
 def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float
@@ -507,15 +509,74 @@ def _config_after_the_command(parser: argparse.ArgumentParser) -> None:
             _config_after_the_command(child)
 
 
+# arguments that name files: a file name may hold any bytes, which Python hands on
+# as they came (os.fsencode); the text of every other argument goes to Redis, JSON or
+# Ray, as UTF-8
+FILE_ARGUMENTS = frozenset({"config", "file", "hooks"})
+
+
+def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each argument's name as --help shows it (``--name``, ``token_id``), by dest,
+    over every command."""
+    names: dict[str, str] = {}
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in action.choices.values():
+                names.update(_argument_names(child))
+        elif action.option_strings:
+            names.setdefault(action.dest, max(action.option_strings, key=len))
+        else:
+            names.setdefault(action.dest, action.metavar if isinstance(action.metavar, str)
+                             else action.dest)
+    return names
+
+
+def _not_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str | None:
+    """The name of the first argument (not a file name) whose text cannot be encoded
+    as UTF-8, or None. Bytes that are not UTF-8 on the command line reach Python as
+    lone surrogates ($'\\xff' is "\\udcff"), which fail where the text is sent on."""
+    for dest, value in vars(args).items():
+        if dest in FILE_ARGUMENTS:
+            continue
+        for text in value if isinstance(value, list) else [value]:
+            if isinstance(text, str) and not _is_utf8(text):
+                return _argument_names(parser).get(dest, dest)
+    return None
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(text: str) -> str:
+    """``text`` (a file name, a message quoting one) for any stdout or stderr: bytes
+    of a file name that are not UTF-8 as ``\\xff``, not the lone surrogates Python
+    holds them as, which a stream of strict UTF-8 refuses."""
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name holds (main() given it)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return raw.decode("utf-8", "backslashreplace")
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    bad = _not_utf8(parser, args)
+    if bad is not None:  # refused before anything is read or connected
+        print(f"hookray: error: {bad}: not valid UTF-8", file=sys.stderr)
+        return 2
     try:
         return int(args.fn(args))
     except HookrayError as exc:
-        print(f"hookray: error: {exc}", file=sys.stderr)
+        print(f"hookray: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except redis.RedisError as exc:
-        print(f"hookray: error: Redis: {exc}", file=sys.stderr)
+        print(f"hookray: error: Redis: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before `run` handles it itself (Ray starting) or
         # in any other command: what was started is stopped on the way out, no traceback

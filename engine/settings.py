@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, get_args
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
@@ -110,8 +110,10 @@ class Settings(BaseModel):
 
 def redis_url_problem(url: str) -> str | None:
     """Why redis-py could not use ``url`` (or would take another database than the
-    one written), or None. Parsed as redis-py parses it, without connecting: a bad
-    port, option or option value would otherwise fail every command with a traceback."""
+    one written: a path that is no plain number, or a ``db=`` option that says another
+    database than the path), or None. Parsed as redis-py parses it, without
+    connecting: a bad port, option or option value would otherwise fail every command
+    with a traceback."""
     if not url:
         return None  # `hookray demo` starts an embedded Redis
     try:
@@ -123,18 +125,25 @@ def redis_url_problem(url: str) -> str | None:
         return _scrubbed(f"not a URL redis-py can use: {reason}", url)
     except (ValueError, redis.RedisError) as exc:
         return _scrubbed(f"not a URL redis-py can use: {exc}", url)
-    # the path of a unix:// URL is the socket; of the others, the database, which
-    # redis-py ignores (using database 0) when it is no number
+    # what redis-py uses: a db= option if there is one (the path is then ignored), else
+    # int() of the path without its "/"s (" 1" and "1/2" are 1 and 12), else database 0
+    db = pool.connection_kwargs.get("db", 0)
+    from_option = "db" in parse_qs(urlsplit(url).query)  # parsed as redis-py does
+    uses = "" if not isinstance(db, int) or db < 0 else \
+        f"; redis-py would use database {db}" + (" (its db= option)" if from_option else "")
+    # the path of a unix:// URL is the socket; of the others, the database
     path = "" if url.startswith("unix://") else unquote(urlsplit(url).path).strip("/")
     if "@" in path:  # redis-py ends the host at the first "/", even in a password
         return "'@' after the host: write a '/' in the user name or password as %2F"
     if path and not path.isdecimal():
-        ignored = "" if path.lstrip("-").isdecimal() else "; redis-py would use database 0"
         return ("the database, the path after HOST:PORT, must be a whole number >= 0 "
-                f"(e.g. redis://HOST:6379/0){ignored}")
-    db = pool.connection_kwargs.get("db", 0)
+                f"(e.g. redis://HOST:6379/0){uses}")
     if not isinstance(db, int) or db < 0:
         return f"the database must be a whole number >= 0, not {db}"
+    if path and from_option and int(path) != db:
+        return (f"the database is written twice, differently: {path} as the path and db={db} "
+                "as an option, which redis-py uses (ignoring the path); write it once, e.g. "
+                f"as the path: redis://HOST:6379/{db}")
     return None
 
 

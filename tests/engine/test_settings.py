@@ -489,6 +489,54 @@ def test_redis_urls_redis_py_takes_are_accepted(url: str, db: int) -> None:
     assert redis.ConnectionPool.from_url(url).connection_kwargs.get("db", 0) == db
 
 
+@pytest.mark.parametrize(("url", "used"), [
+    ("redis://h:6379/ 1", "database 1"),  # int(" 1"): redis-py takes it as 1, not 0
+    ("redis://h:6379/1%20", "database 1"),
+    ("redis://h:6379/1/2", "database 12"),  # the path without its "/"s
+    ("redis://h:6379/abc", "database 0"),  # no number at all: redis-py's default
+    ("redis://h:6379/9/x", "database 0"),
+    ("redis://h:6379/abc?db=3", "database 3 (its db= option)"),  # the path is ignored
+])
+def test_a_refused_database_path_says_which_database_redis_py_would_use(
+        url: str, used: str) -> None:
+    import redis
+
+    message = config_error(environ={"REDIS_URL": url})
+    assert f"REDIS_URL={url!r} (from the environment): the database, the path after " \
+           "HOST:PORT, must be a whole number >= 0" in message
+    assert f"; redis-py would use {used}" in message
+    really = redis.Redis.from_url(url).connection_pool.connection_kwargs.get("db", 0)
+    assert used.split()[1] == str(really)
+
+
+@pytest.mark.parametrize(("url", "path", "option"), [
+    ("redis://h/0?db=5", "0", "5"), ("redis://h:6379/2?db=0", "2", "0"),
+    ("rediss://h:6380/%31?db=2&ssl_cert_reqs=none", "1", "2"),
+])
+def test_a_db_option_that_disagrees_with_the_path_is_refused(
+        url: str, path: str, option: str) -> None:
+    """redis-py takes the db= option and ignores the path: the engine would use
+    another database than the one written as the path."""
+    import redis
+
+    assert str(redis.Redis.from_url(url).connection_pool.connection_kwargs["db"]) == option
+    message = config_error(environ={"REDIS_URL": url})
+    assert f"REDIS_URL={url!r} (from the environment): the database is written twice, " \
+           f"differently: {path} as the path and db={option} as an option, which " \
+           "redis-py uses (ignoring the path); write it once" in message
+
+
+@pytest.mark.parametrize(("url", "db"), [
+    ("redis://h/4?db=4", 4), ("redis://h/?db=3", 3), ("redis://h?db=2", 2),
+    ("redis://h/1?db=01", 1), ("redis://h/6?db=", 6),  # an empty db= is no option
+])
+def test_a_db_option_alone_or_agreeing_with_the_path_is_accepted(url: str, db: int) -> None:
+    import redis
+
+    assert url == load_settings(environ={"REDIS_URL": url}).REDIS_URL
+    assert redis.Redis.from_url(url).connection_pool.connection_kwargs.get("db", 0) == db
+
+
 def test_max_http_batch_is_bounded_like_a_hooks_max_batch_size() -> None:
     """A MAX_HTTP_BATCH above a hook's own bound could never take effect."""
     from engine.hooks import HttpBatch

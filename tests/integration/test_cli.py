@@ -419,3 +419,120 @@ def test_a_hook_read_back_keeps_its_secrets_when_updated_and_is_refused_as_new(
     assert code == 2 and "the destination changed" in err
     kept = registry.get(hook_id).target.http_batch
     assert kept is not None and kept.headers == {"X-Api-Token": "s3cr3t"}
+
+
+# arguments that are not valid UTF-8 ($'\xff' in a shell) reach Python as lone
+# surrogates: (command line with {X} for such an argument, the argument's name)
+NOT_UTF8 = "\udcff"
+TEXT_ARGUMENTS = [
+    (["replay", "d0", "{X}"], "ids"),
+    (["discard", "{X}"], "ids"),
+    (["tokens", "revoke", "{X}"], "token_id"),
+    (["tokens", "create", "--account", "1", "--role", "master", "--name", "{X}"], "--name"),
+    (["dead-letters", "--after", "1:{X}"], "--after"),
+    (["hooks", "test", "1", "{X}"], "event_type"),
+    (["run", "--ray-address", "{X}"], "--ray-address"),
+]
+
+
+@pytest.mark.parametrize(("command", "name"), TEXT_ARGUMENTS, ids=lambda c: str(c))
+def test_an_argument_that_is_not_utf8_is_refused_naming_it(
+        command: list[str], name: str, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Refused before anything is read or connected (this Redis does not answer):
+    Redis, JSON and Ray take UTF-8 only, and failed with a UnicodeEncodeError
+    traceback (exit 1), or stored the text as it was (`tokens create --name`)."""
+    main_json = tmp_path / "main.json"
+    main_json.write_text(json.dumps({"REDIS_URL": "redis://127.0.0.1:1/0"}))
+    argv = ["-c", str(main_json), *(a.replace("{X}", NOT_UTF8) for a in command)]
+    code, out, err = run_cli(capsys, *argv)
+    assert (code, out, err) == (2, "", f"hookray: error: {name}: not valid UTF-8\n")
+
+
+def test_every_text_argument_is_checked_unless_it_names_a_file() -> None:
+    """The arguments whose text goes on as it is (not an int, a choice or a flag)
+    are each in TEXT_ARGUMENTS above, or name a file (which may be any bytes)."""
+    from actors.cli import FILE_ARGUMENTS, _argument_names
+
+    def text_dests(parser: Any) -> set[str]:
+        found = set()
+        for action in parser._actions:
+            if action.choices is not None and not action.option_strings \
+                    and isinstance(action.choices, dict):
+                for child in action.choices.values():
+                    found |= text_dests(child)
+            elif action.type is None and action.choices is None and action.nargs != 0 \
+                    and action.dest != "help":
+                found.add(action.dest)
+        return found
+
+    parser = _parser()
+    names = _argument_names(parser)
+    checked = {name for _, name in TEXT_ARGUMENTS}
+    assert {names[dest] for dest in text_dests(parser) - FILE_ARGUMENTS} == checked
+    assert text_dests(parser) >= FILE_ARGUMENTS
+
+
+def test_not_utf8_arguments_from_a_shell_end_without_a_traceback() -> None:
+    """The reported commands, with the raw byte 0xff as the shell passes it."""
+    for command in (["replay"], ["discard"], ["tokens", "revoke"]):
+        proc = subprocess.run([sys.executable.encode(), b"-m", b"actors.cli",
+                               *(c.encode() for c in command), b"\xff"],
+                              capture_output=True, timeout=120,
+                              cwd=Path(__file__).resolve().parents[2])
+        err = proc.stderr.decode("utf-8", "replace")
+        assert proc.returncode == 2, err
+        assert err.startswith("hookray: error: ") and err.endswith(": not valid UTF-8\n")
+        assert "Traceback" not in err
+
+
+def test_a_file_name_that_is_not_utf8_is_used_as_it_is(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    hook_file = Path(os.fsdecode(bytes(tmp_path) + b"/hook\xff.json"))
+    hook_file.write_text(json.dumps({"name": "crm", "account_id": 3, "actions": ["click"],
+                                     "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}))
+    code, created, err = run_cli(capsys, "-c", config, "hooks", "create", str(hook_file))
+    assert code == 0 and created[0]["name"] == "crm", err
+    # an error quoting such a name shows its bytes, on a stderr of strict UTF-8 too
+    code, _, err = run_cli(capsys, "-c", str(tmp_path / f"main{NOT_UTF8}.json"), "stats")
+    assert code == 2 and "main\\xff.json: cannot be read (No such file or directory)" in err
+
+
+def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """`run --hooks` says which file each hook came from: a file name that is not
+    UTF-8 failed the print (after the engine started) on a stdout that refuses lone
+    surrogates (a UTF-8 locale other than C.UTF-8)."""
+    import io
+    from types import SimpleNamespace
+
+    from actors.cli import _create_missing_hook
+
+    out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
+    monkeypatch.setattr(sys, "stdout", out)
+    existing = SimpleNamespace(id=1, name="crm")
+    engine = SimpleNamespace(list_hooks=lambda account: [existing],
+                             create_hook=lambda data: SimpleNamespace(id=2))
+    _create_missing_hook(engine, {"account_id": 3, "name": "crm"}, f"/h/a{NOT_UTF8}.json")
+    _create_missing_hook(engine, {"account_id": 3, "name": "new"}, f"/h/b{NOT_UTF8}.json")
+    out.flush()
+    assert out.buffer.getvalue().decode().splitlines() == [
+        "hookray: hook 1 ('crm') exists; left as it is (not taken from /h/a\\xff.json)",
+        "hookray: hook 2 created from /h/b\\xff.json"]
+
+
+@pytest.mark.parametrize("command", [
+    ["hooks", "get", str(2**70)], ["hooks", "delete", "-1"], ["hooks", "activate", str(2**64)],
+    ["hooks", "test", str(2**70), "click"], ["stats", "--hook", "-3"],
+    ["hooks", "list", "--account", str(2**70)], ["tokens", "list", "--account", "-1"],
+    ["tokens", "create", "--account", str(2**70), "--role", "ingest"],
+    ["dead-letters", "--limit", str(2**70)], ["dead-letters", "--hook", str(2**70)],
+    ["dead-letters", "--after", "1e308:x"], ["dead-letters", "--after", "1e400:x"],
+    ["replay", "--hook", str(2**70)], ["discard", "--all", "--account", "-7"],
+    ["replay", ""], ["tokens", "revoke", "x" * 10_000],
+], ids=lambda c: " ".join(a[:24] for a in c))
+def test_odd_numbers_and_ids_get_an_answer_not_a_traceback(
+        command: list[str], config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run_cli(capsys, "-c", config, *command)
+    assert code in (0, 2), err
+    assert code == 0 or err.startswith("hookray: error: "), err
