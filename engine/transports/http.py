@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -272,9 +273,10 @@ class HttpTransport(Transport):
             async with self._client().post(auth.token_url or "", data=form,
                                            timeout=aiohttp.ClientTimeout(total=self.timeout_sec)
                                            ) as resp:
-                payload = await resp.json(content_type=None) if resp.status == 200 else None
+                # at most MAX_ANSWER_BYTES, as any answer (a token is a few hundred)
+                payload = json.loads(await _answer(resp)) if resp.status == 200 else None
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError, ValueError) as exc:
+        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
             url = auth.token_url or ""
             raise ConnectError(f"OAuth2 token request to {mask_url(url)} failed: "
                                f"{_scrub(str(exc), url)}") from None

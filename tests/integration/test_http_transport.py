@@ -180,6 +180,25 @@ def test_oauth2_token_endpoint_failure_is_a_clear_error(receiver: Receiver) -> N
     assert receiver.requests("/o") == []
 
 
+@pytest.mark.parametrize(("body", "says"), [
+    ("[" * 200_000 + "]" * 200_000, "maximum recursion depth exceeded"),
+    ('{"access_token": "' + "t" * MAX_ANSWER_BYTES + '"}', "Unterminated string"),
+    ("not json", "Expecting value"),
+])
+def test_an_oauth2_token_answer_that_is_no_token_is_a_clear_error(
+        receiver: Receiver, body: str, says: str) -> None:
+    """Read as any answer, at most MAX_ANSWER_BYTES: a huge or deeply nested body ends
+    as the token request's failure, with nothing sent to the hook's URL."""
+    receiver.behave("/token", body=body)
+    outcome = send({"url": receiver.url("/o"), "auth": {
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
+        "client_secret": "s"}})
+    assert not outcome.ok and outcome.error == "ConnectError"
+    assert f"OAuth2 token request to {receiver.url('/token')} failed: " in outcome.detail
+    assert says in outcome.detail
+    assert receiver.requests("/o") == []
+
+
 def test_timeout_and_unreachable_destination(receiver: Receiver) -> None:
     receiver.behave("/hang", hang=True)
     outcome = send({"url": receiver.url("/hang"), "request_timeout_sec": 0.3})
