@@ -17,13 +17,17 @@ Decisions (README, "HTTP API"):
   index, field and reason of each, nothing accepted); ``?partial=true`` accepts the
   good ones and answers 207 listing the bad ones (422 when none is good). An event
   whose ``account_id`` is not the token's -> 403 for the whole request, nothing
-  accepted, with or without ``partial`` (a wrong-account event means a misrouted
-  producer, not a bad event). 202 means the events are in the intake streams.
+  accepted, with or without ``partial``, a bad event's too when its ``account_id``
+  can be read (a wrong-account event means a misrouted producer, not a bad event).
+  202 means the events are in the intake streams; a body of no events (empty,
+  blank, ``[]``) is 202 ``{"accepted": 0}``.
 * Secrets in hook settings are write-only: every read shows ``**********`` (also as
   the password of a URL and as the value of a credential header, see
   ``engine.hooks``); on PUT a value sent back as it was read keeps the stored one.
   The mask is never stored as a secret itself (422).
-* Errors are JSON everywhere: ``{"error": {"code", "message", "issues"?}}``.
+* Errors are JSON everywhere: ``{"error": {"code", "message", "issues"?}}``; a 422
+  names each field (or query parameter) and reason. A hook deleted (or damaged) by a
+  request racing this one answers as if that came first (404, 409), never a 500.
 """
 
 from __future__ import annotations
@@ -49,8 +53,15 @@ from pydantic import ValidationError
 from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import Conflict, HookError, NotFound
-from engine.events import NESTED_TOO_DEEPLY, EventIssue, decode_batch, ensure_ids
+from engine.errors import ConfigError, Conflict, HookError, NotFound
+from engine.events import (
+    MAX_ID,
+    NESTED_TOO_DEEPLY,
+    DecodedBatch,
+    EventIssue,
+    decode_batch,
+    ensure_ids,
+)
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
@@ -75,6 +86,7 @@ from engine.stores import (
     RetryStore,
     Stats,
     parse_cursor,
+    stored_account,
 )
 from engine.testevent import send_test_event
 from engine.transports.base import Delivery, Outcome, unpack_delivery
@@ -85,6 +97,9 @@ OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
                           "application/x-jsonlines", "application/jsonlines"})
 MAX_DEAD_LETTERS = 1000  # most dead letters one GET returns
+MAX_MOVE_IDS = 1000  # most dead letter ids one replay or discard names
+SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: written by some editors, not content
 HEALTH_TIMEOUT_SEC = 2.0  # longest GET /v1/health waits for Redis
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -142,7 +157,9 @@ class Backend:
                    TokenStore(r, settings.REDIS_PREFIX))
 
     def owned_hook(self, account_id: int, hook_id: int) -> Hook:
-        """The hook if it exists and is the account's; 404 otherwise (ids do not leak)."""
+        """The hook if it exists and is the account's; 404 otherwise (ids do not leak).
+        One stored that no longer validates, or whose record is damaged: 409 for its
+        account (naming it and why), 404 for the others."""
         try:
             hook = self.hooks.get(hook_id)
         except NotFound:
@@ -150,12 +167,42 @@ class Backend:
         except HookError as exc:  # stored, and no longer valid: only its account knows
             if self.hooks.owner(hook_id) != account_id:
                 raise ApiError(404, f"hook {hook_id} does not exist") from None
-            reason = scrub(str(exc), stored_secrets(self, account_id, hook_id))
-            raise ApiError(409, f"{reason}; delete it and create it again", [
-                {"field": "hook", "reason": reason}]) from None
+            raise self.hook_error(account_id, hook_id, exc) from None
         if hook is None or hook.account_id != account_id:
             raise ApiError(404, f"hook {hook_id} does not exist")
         return hook
+
+    def hook_error(self, account_id: int, hook_id: int, exc: HookError) -> ApiError:
+        """The answer to a HookError about the account's hook ``hook_id``, its secrets
+        masked: 409 when the stored hook no longer validates or is damaged (it can
+        only be deleted), else 422 naming each field."""
+        return hook_api_error(str(exc), stored_secrets(self, account_id, hook_id))
+
+    def changing(self, account_id: int, hook_id: int, change: Callable[[], T]) -> T:
+        """``change()`` of the account's hook ``hook_id``, checked as its account's just
+        before: a delete (or damage) racing it answers as if it came first, 404 (409),
+        never an internal error."""
+        try:
+            return change()
+        except NotFound:
+            raise ApiError(404, f"hook {hook_id} does not exist") from None
+        except HookError as exc:
+            raise self.hook_error(account_id, hook_id, exc) from None
+
+    def dead_letter_hook(self, account_id: int, hook_id: int) -> None:
+        """Whether ``hook_id`` may filter the account's dead letters: a stored hook of
+        the account (valid or not), or a deleted one whose dead letters are the
+        account's; 404 otherwise, as for a hook that never existed."""
+        raw: bytes | None = self.r.hget(self.hooks.k.hooks, str(hook_id))  # type: ignore[assignment]
+        owner = stored_account(raw) if raw is not None else None
+        if owner == account_id:
+            return
+        if owner is None:  # not stored (or a damaged record naming no account)
+            # every dead letter of a hook is of the hook's account: the first says whose
+            first = self.retry.dead_page(None, hook_id, 1)
+            if first and first[0][0].account_id == account_id:
+                return
+        raise ApiError(404, f"hook {hook_id} does not exist")
 
     def owned_dead_letters(self, account_id: int, ids: list[str]) -> list[Delivery]:
         raw: list[bytes | None] = self.r.hmget(self.retry.k.dead_payload, ids)  # type: ignore[assignment]
@@ -194,24 +241,25 @@ def publish_events(backend: Backend, body: bytes, *, account_id: int, partial: b
         return _publish_events(backend, body, account_id, partial, mode)
 
 
+WRITE_LOST = ("the engine's Redis connection was lost while the events were appended: "
+              "they may have been accepted. Sending them again is safe for events that "
+              "carry an \"id\" (their messages keep the same hook_message_id, by which "
+              "receivers de-duplicate); an event without one gets a new id, so it may be "
+              "delivered twice")
+
+
 def _publish_events(backend: Backend, body: bytes, account_id: int, partial: bool,
                     mode: str) -> tuple[int, dict[str, Any]]:
+    body = body.removeprefix(BOM)  # as decode_batch reads it, whatever the Content-Type
     first = body.lstrip()[:1]
-    if not first:
-        raise ApiError(400, "the request body holds no events")
+    if not first:  # no events, as "[]" or an NDJSON body of no line
+        return 202, {"accepted": 0}
     if mode == "array" and first != b"[":
         raise ApiError(400, "Content-Type application/json: expected a JSON array of events")
     if mode == "ndjson" and first != b"{":
         raise ApiError(400, "NDJSON body: expected one JSON object per line")
-    batch = decode_batch(body, backend.catalogue)
-    if batch.issues and batch.issues[0].index < 0:  # the body as a whole is not JSON
-        reason = batch.issues[0].reason
-        raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
-                       else f"malformed JSON: {reason}")
-    foreign = [EventIssue(i, "account_id", f"account {e.account_id} is not the token's "
-                          f"account {account_id}")
-               for e, i in zip(batch.events, batch.indices, strict=True)
-               if e.account_id != account_id]
+    batch, items = _decode(body, backend.catalogue)
+    foreign = _foreign(body, batch, items, account_id)
     if foreign:
         raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted",
                        [_issue(i) for i in foreign])
@@ -224,11 +272,165 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     found = sorted(batch.issues + encoded.issues, key=lambda issue: issue.index)
     if encoded.issues and not (partial and encoded.events):
         raise _bad_events(found)
-    backend.intake.write(encoded)
+    try:
+        backend.intake.write(encoded)
+    except ConfigError as exc:  # the engine runs with other PARTITIONS: nothing written
+        raise ApiError(503, str(exc)) from None
+    except redis.RedisError as exc:  # perhaps after the append went through
+        log.warning("POST /v1/events: Redis: %s", exc)
+        raise ApiError(503, WRITE_LOST) from None
     if not found:
         return 202, {"accepted": len(encoded.events)}
     return 207, {"accepted": len(encoded.events), "rejected": len(found),
                  "issues": [_issue(i) for i in found]}
+
+
+def _decode(body: bytes, catalogue: EventCatalogue) -> tuple[DecodedBatch, list[Any] | None]:
+    """The body's events, and the events as Python read them if it had to (a lone
+    surrogate in an array); 400 when the body as a whole is not JSON."""
+    batch = decode_batch(body, catalogue)
+    if batch.issues and batch.issues[0].index < 0:
+        lenient = _decode_leniently(body, catalogue)
+        if lenient is None:
+            reason = batch.issues[0].reason
+            raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
+                           else f"malformed JSON: {reason}")
+        return lenient
+    if any(i.field == "$" for i in batch.issues):  # msgspec: "truncated" and the like
+        batch = _named_surrogates(body, batch)  # NDJSON lines: which field, not a byte
+    return batch, None
+
+
+class _AccountOf(msgspec.Struct):
+    account_id: Any = None
+
+
+_account_of_decoder = msgspec.json.Decoder(_AccountOf)
+_raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def _foreign(body: bytes, batch: DecodedBatch, items: list[Any] | None,
+             account_id: int) -> list[EventIssue]:
+    """The events naming another account than ``account_id``: those decoded, and the
+    bad ones whose ``account_id`` can still be read (an integer id)."""
+    def issue(index: int, other: Any) -> EventIssue:
+        return EventIssue(index, "account_id",
+                          f"account {other} is not the token's account {account_id}")
+
+    found = [issue(i, e.account_id) for e, i in zip(batch.events, batch.indices, strict=True)
+             if e.account_id != account_id]
+    bad = sorted({i.index for i in batch.issues if i.index >= 0})
+    if bad:
+        accounts = _accounts(body, bad) if items is None else \
+            {i: items[i].get("account_id") if isinstance(items[i], dict) else None
+             for i in bad if i < len(items)}
+        found += [issue(i, other) for i, other in accounts.items()
+                  if isinstance(other, int) and not isinstance(other, bool)
+                  and 0 <= other <= MAX_ID and other != account_id]
+    return sorted(found, key=lambda i: i.index)
+
+
+def _split(body: bytes) -> list[Any]:
+    """The body's events, each as its JSON text, split as ``decode_batch`` splits them
+    (none when an array cannot be split)."""
+    stripped = body.strip()
+    try:
+        if stripped[:1] == b"[":
+            return list(_raw_items_decoder.decode(stripped))
+        if isinstance(msgspec.json.decode(stripped), dict):  # one event over many lines
+            return [stripped]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        if stripped[:1] == b"[":
+            return []
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
+    """The ``account_id`` of each event of ``indices`` (those that did not decode) as far
+    as it can be read."""
+    items = _split(body)
+    found = {}
+    for i in indices:
+        if i < len(items):
+            try:
+                found[i] = _account_of_decoder.decode(items[i]).account_id
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+                try:  # a lone surrogate elsewhere in it: Python reads it
+                    data = json.loads(bytes(items[i]))
+                except (ValueError, RecursionError):
+                    continue
+                found[i] = data.get("account_id") if isinstance(data, dict) else None
+    return found
+
+
+def _decode_leniently(body: bytes, catalogue: EventCatalogue
+                      ) -> tuple[DecodedBatch, list[Any]] | None:
+    """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
+    in some event's strings, decoded event by event: those events are bad (index,
+    field and reason), the others as ``decode_batch`` finds them. With the events as
+    read; None when the body is refused for anything else."""
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(items, dict):  # one event over several lines
+        items = [items]
+    if not isinstance(items, list):
+        return None
+    issues, kept = [], []
+    for index, item in enumerate(items):
+        where = _lone_surrogate(item)
+        if where is None:
+            kept.append(index)
+        else:
+            issues.append(EventIssue(index, *where))
+    if not issues:
+        return None
+    try:
+        rest = decode_batch(json.dumps([items[i] for i in kept]).encode(), catalogue)
+    except (ValueError, RecursionError):
+        return None
+    if rest.issues and rest.issues[0].index < 0:  # refused for another reason too
+        return None
+    issues += [EventIssue(kept[i.index], i.field, i.reason) for i in rest.issues]
+    return DecodedBatch(rest.events, [kept[i] for i in rest.indices],
+                        sorted(issues, key=lambda i: i.index)), items
+
+
+def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
+    """``batch`` with each issue of an event refused for a lone surrogate naming the
+    field that holds it rather than a byte offset."""
+    items = _split(body)
+    issues = []
+    for issue in batch.issues:
+        if issue.field == "$" and issue.index < len(items):
+            try:
+                where = _lone_surrogate(json.loads(bytes(items[issue.index])))
+            except (ValueError, RecursionError):
+                where = None
+            if where is not None:
+                issue = EventIssue(issue.index, *where)
+        issues.append(issue)
+    return DecodedBatch(batch.events, batch.indices, issues)
+
+
+def _lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(field, reason) of the first string (or key) of ``value`` that is not valid
+    UTF-8, walked without recursion."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if problem := not_utf8(item):
+                return path or "$", problem
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                if problem := not_utf8(key):
+                    return path or "$", f"a key is {problem}"
+                stack.append((sub, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
+    return None
 
 
 def _bad_events(issues: list[EventIssue]) -> ApiError:
@@ -272,7 +474,7 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
     if not isinstance(given, int) or isinstance(given, bool):
         # not taken as a number: "5" or 5.0 would otherwise validate as account 5
         raise ApiError(422, f"{what} field account_id: expected an integer, "
-                       f"got {type(given).__name__}",
+                       f"got {json_type(given)}",
                        [{"field": "account_id", "reason": "expected an integer"}])
     if given != account_id:
         raise ApiError(403, f"account_id {given} is not the token's account {account_id}")
@@ -283,16 +485,58 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
 
 def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]:
     """The secrets of the account's stored hook ``hook_id`` (read without validating
-    it: one that no longer validates has them too); none when it is not the account's
-    or no longer exists."""
+    it: one that no longer validates has them too); none when it is not the account's,
+    no longer exists or its record is damaged. (Errors are masked when dead letters
+    are written, with the secrets of the hook that was sent; this masks again.)"""
     raw = backend.r.hget(backend.hooks.k.hooks, str(hook_id))
     try:
         data = json.loads(raw) if raw is not None else None
-    except ValueError:
+    except (ValueError, RecursionError):  # damaged: its secrets cannot be read
         return []
     if not isinstance(data, dict) or data.get("account_id") != account_id:
         return []
     return sent_secrets(data)
+
+
+_FIELD_REASON = re.compile(r"([A-Za-z0-9_.\[\]-]+): (.+)", re.S)
+
+
+def hook_api_error(message: str, secrets: list[str]) -> ApiError:
+    """The answer to a HookError's ``message``, ``secrets`` masked: 409 when it is about
+    a stored hook that no longer validates or is damaged (it can only be deleted),
+    else 422 with an issue per "field: reason" of "invalid hook: a: ...; b: ..."."""
+    message = scrub(message, secrets)
+    if message.startswith("stored hook "):
+        return ApiError(409, f"{message}; delete it and create it again",
+                        [{"field": "hook", "reason": message}])
+    parts = [_FIELD_REASON.fullmatch(part)
+             for part in message.removeprefix("invalid hook: ").split("; ")]
+    issues = [{"field": m.group(1), "reason": m.group(2)} for m in parts if m] \
+        if all(parts) else [{"field": "hook", "reason": message.removeprefix("invalid hook: ")}]
+    return ApiError(422, message, issues)
+
+
+def json_type(value: Any) -> str:
+    """The JSON name of ``value``'s type: null, boolean, number, string, array, object."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "boolean"
+    if isinstance(value, int | float):
+        return "number"
+    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+
+
+def field_name(name: str) -> str:
+    """A field name of a body as an error names it: at most SHOWN_CHARS characters."""
+    return name if len(name) <= SHOWN_CHARS else name[:SHOWN_CHARS] + "…"
+
+
+def shown(value: str) -> str:
+    """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
+    (then "…"): a request may send megabytes where a name is expected."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
 # --- dead letters and stats ------------------------------------------------------------
@@ -332,7 +576,7 @@ async def _run(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs:
 
 
 async def _json(request: web.Request, default: Any = None) -> Any:
-    body = await request.read()
+    body = (await request.read()).removeprefix(BOM)
     if not body.strip():
         if default is not None:
             return default
@@ -346,9 +590,12 @@ async def _json(request: web.Request, default: Any = None) -> Any:
 
 
 def _flag(request: web.Request, name: str) -> bool:
-    value = request.query.get(name, "false").lower()
+    raw = request.query.get(name, "false")
+    value = raw.lower()
     if value not in ("true", "false", "1", "0", "yes", "no"):
-        raise ApiError(400, f"query parameter {name} must be true or false, not {value!r}")
+        reason = "expected true or false (1 or 0, yes or no)"
+        raise ApiError(422, f"query parameter {name}={shown(raw)}: {reason}",
+                       [{"field": name, "reason": reason}])
     return value in ("true", "1", "yes")
 
 
@@ -360,7 +607,7 @@ def _int_query(request: web.Request, name: str, default: int | None, low: int,
     # ASCII digits only: int() also takes "+2", "2_0", " 2" and other scripts' digits
     value = int(raw) if re.fullmatch(r"[0-9]{1,20}", raw) else low - 1
     if not low <= value <= high:
-        raise ApiError(422, f"query parameter {name}={raw!r}: expected an integer from "
+        raise ApiError(422, f"query parameter {name}={shown(raw)}: expected an integer from "
                        f"{low} to {high}", [{"field": name, "reason": "expected an integer "
                                              f"from {low} to {high}"}])
     return value
@@ -435,7 +682,8 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
                        f"value {MASK} cannot keep a stored secret; send the secret itself",
                        [{"field": f, "reason": f"the destination changed: {MASK} keeps the "
                          "stored secret only for the same destination"} for f in kept])
-    return backend.hooks.update(hook_id, data)
+    return backend.changing(account_id, hook_id,
+                            functools.partial(backend.hooks.update, hook_id, data))
 
 
 async def put_hook(request: web.Request) -> web.Response:
@@ -446,10 +694,11 @@ async def put_hook(request: web.Request) -> web.Response:
 
 
 def _delete_hook(backend: Backend, account_id: int, hook_id: int) -> None:
-    # ownership from the stored JSON: a hook that no longer validates can be deleted
+    # ownership from the stored JSON: a hook that no longer validates (or whose record
+    # is damaged, as far as it names its account) can be deleted
     if backend.hooks.owner(hook_id) != account_id:
         raise ApiError(404, f"hook {hook_id} does not exist")
-    backend.hooks.delete(hook_id)
+    backend.changing(account_id, hook_id, functools.partial(backend.hooks.delete, hook_id))
 
 
 async def delete_hook(request: web.Request) -> web.Response:
@@ -460,7 +709,8 @@ async def delete_hook(request: web.Request) -> web.Response:
 
 def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool) -> Hook:
     backend.owned_hook(account_id, hook_id)
-    return backend.hooks.set_active(hook_id, active)
+    return backend.changing(account_id, hook_id,
+                            functools.partial(backend.hooks.set_active, hook_id, active))
 
 
 async def activate_hook(request: web.Request) -> web.Response:
@@ -475,20 +725,34 @@ async def stop_hook(request: web.Request) -> web.Response:
 
 def _clone(backend: Backend, account_id: int, hook_id: int, name: str | None) -> Hook:
     backend.owned_hook(account_id, hook_id)
-    try:
-        return backend.hooks.clone(hook_id, name)
-    except HookError as exc:
-        raise ApiError(422, str(exc), [{"field": "name", "reason": str(exc)}]) from None
+    return backend.changing(account_id, hook_id,
+                            functools.partial(backend.hooks.clone, hook_id, name))
+
+
+CLONE_SHAPE = "expected {\"name\": string of 1 to 255 characters} or no body"
+
+
+def _clone_name(body: Any) -> str | None:
+    """The name a clone body gives (None: the default), or 422 naming the field."""
+    if not isinstance(body, dict):
+        raise ApiError(422, CLONE_SHAPE, [{"field": "body", "reason": "expected a JSON object"}])
+    problems = [{"field": field_name(field), "reason": "unknown field"}
+                for field in body if field != "name"]
+    name = body.get("name")
+    if "name" in body and not (isinstance(name, str) and 0 < len(name) <= 255):
+        problems.append({"field": "name", "reason": "expected a string of 1 to 255 characters"})
+    elif isinstance(name, str) and (problem := not_utf8(name)):
+        problems.append({"field": "name", "reason": problem})
+    if problems:
+        raise ApiError(422, f"{CLONE_SHAPE}: " + "; ".join(
+            f"{p['field']}: {p['reason']}" for p in problems), problems)
+    return name
 
 
 async def clone_hook(request: web.Request) -> web.Response:
-    body = await _json(request, default={})
-    if not isinstance(body, dict) or not isinstance(body.get("name", ""), str) \
-            or not 0 < len(body.get("name", "x")) <= 255:
-        raise ApiError(422, "expected {\"name\": string of 1 to 255 characters} or no body",
-                       [{"field": "name", "reason": "expected a string of 1 to 255 characters"}])
+    name = _clone_name(await _json(request, default={}))
     hook = await _run(request, _clone, request.app[BACKEND], request[TOKEN].account_id,
-                      _hook_id(request), body.get("name"))
+                      _hook_id(request), name)
     response = _hook_json(hook, 201)
     response.headers["Location"] = f"/v1/hooks/{hook.id}"
     return response
@@ -500,7 +764,8 @@ async def test_hook(request: web.Request) -> web.Response:
     event_type = body.get("event_type") if isinstance(body, dict) else None
     if not isinstance(event_type, str) or event_type not in backend.catalogue:
         reason = ("required: an event code" if event_type is None
-                  else f"unknown event type {event_type!r}")
+                  else f"unknown event type {shown(event_type)}" if isinstance(event_type, str)
+                  else f"expected an event code (a string), got {json_type(event_type)}")
         raise ApiError(422, f"event_type: {reason}", [{"field": "event_type", "reason": reason}])
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
@@ -543,7 +808,7 @@ async def stats(request: web.Request) -> web.Response:
 def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit: int,
                   after: str | None) -> list[tuple[Delivery, str]]:
     if hook_id is not None:
-        backend.owned_hook(account_id, hook_id)
+        backend.dead_letter_hook(account_id, hook_id)
     page = backend.retry.dead_page(account_id, hook_id, limit, after)
     # an error text may hold what the destination answered, echoing the credentials it
     # was sent: it is shown with the hook's secrets masked
@@ -583,7 +848,7 @@ def _move(backend: Backend, account_id: int, body: dict[str, Any], mode: str) ->
             raise ApiError(409, str(exc)) from None
     hook_id = body.get("hook_id")
     if hook_id is not None:
-        backend.owned_hook(account_id, hook_id)
+        backend.dead_letter_hook(account_id, hook_id)
     move_all = backend.retry.replay_all if mode == "replay" else backend.retry.discard_all
     try:
         return move_all(account_id, hook_id)
@@ -591,8 +856,8 @@ def _move(backend: Backend, account_id: int, body: dict[str, Any], mode: str) ->
         raise ApiError(409, str(exc)) from None
 
 
-MOVE_SHAPE = ('expected {"ids": [dead letter id, ...]} or {"all": true} '
-              '(optionally with "hook_id")')
+MOVE_SHAPE = (f'expected {{"ids": [dead letter id, ...]}} (at most {MAX_MOVE_IDS:,} ids) '
+              'or {"all": true} (optionally with "hook_id")')
 
 
 def _move_body(body: Any) -> dict[str, Any]:
@@ -602,14 +867,17 @@ def _move_body(body: Any) -> dict[str, Any]:
         raise ApiError(422, MOVE_SHAPE, [{"field": "body", "reason": MOVE_SHAPE}])
     ids, everything, hook_id = body.get("ids"), body.get("all"), body.get("hook_id")
     problems = []
-    if set(body) - {"ids", "all", "hook_id"}:
-        problems.append({"field": ", ".join(sorted(set(body) - {"ids", "all", "hook_id"})),
-                         "reason": "unknown field"})
+    problems += [{"field": field_name(field), "reason": "unknown field"}
+                 for field in body if field not in ("ids", "all", "hook_id")]
     if (ids is None) == (everything is not True):
         problems.append({"field": "ids", "reason": "give either ids or \"all\": true"})
     if ids is not None and not (isinstance(ids, list) and ids
                                 and all(isinstance(i, str) and i for i in ids)):
         problems.append({"field": "ids", "reason": "expected a non-empty list of ids"})
+    elif isinstance(ids, list) and len(ids) > MAX_MOVE_IDS:
+        problems.append({"field": "ids", "reason": f"at most {MAX_MOVE_IDS:,} ids per request, "
+                         f"got {len(ids):,}: send them in several requests, or use "
+                         "\"all\" (with \"hook_id\")"})
     elif ids is not None and (problem := not_utf8(ids)):  # Redis could not look it up
         problems.append({"field": "ids", "reason": problem})
     if everything not in (None, True):
@@ -680,6 +948,9 @@ def public_reason(reason: str) -> str:
 
 INGEST_HANDLERS = frozenset({post_events})
 PUBLIC_HANDLERS = frozenset({openapi, health})
+# the routes that read a body; the others read one sent anyway, and drop it
+BODY_HANDLERS = frozenset({post_events, create_hook, put_hook, clone_hook, test_hook, replay,
+                           discard})
 
 
 def _bearer(request: web.Request) -> str:
@@ -716,9 +987,15 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         if target not in PUBLIC_HANDLERS:
             await _authorize(request, target)
         _refuse_coding(request)
+        if target not in BODY_HANDLERS and request.body_exists:
+            # read as any route reads one: a body that cannot be decoded is 400, one too
+            # large 413, never left for aiohttp to drain (an unhandled error, logged)
+            await request.read()
         return await handler(request)
     except ApiError as exc:
         return exc.response()
+    except (NotFound, Conflict, HookError, ConfigError) as exc:
+        return (await _engine_error(request, exc)).response()
     except web.HTTPException as exc:
         return _http_error(request, exc)
     except web.RequestPayloadError as exc:  # the body could not be read as sent
@@ -741,6 +1018,29 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
     except Exception:
         log.exception("%s %s failed", request.method, request.path)
         return error_response(500, "internal error")
+
+
+async def _engine_error(request: web.Request, exc: Exception) -> ApiError:
+    """The answer to an engine error no route expected: a hook deleted, changed or
+    damaged between a route's check and its change answers as if that came first (404,
+    409 or 422, a HookError with the secrets of the route's hook masked); settings of
+    the engine other than this API's, 503."""
+    if isinstance(exc, NotFound):
+        return ApiError(404, str(exc))
+    if isinstance(exc, Conflict):
+        return ApiError(409, str(exc))
+    if isinstance(exc, ConfigError):
+        log.warning("%s %s: %s", request.method, request.path, exc)
+        return ApiError(503, str(exc))
+    token, hook_id = request.get(TOKEN), request.match_info.get("id")
+    secrets: list[str] = []
+    if token is not None and hook_id is not None:
+        try:
+            secrets = await _run(request, stored_secrets, request.app[BACKEND],
+                                 token.account_id, int(hook_id))
+        except redis.RedisError:
+            return ApiError(503, "the engine's Redis is unavailable; try again")
+    return hook_api_error(str(exc), secrets)
 
 
 # the content codings aiohttp decodes (brotli and backports.zstd are dependencies);

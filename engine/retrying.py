@@ -56,6 +56,7 @@ class RetryWorker:
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
         self.handed: set[str] = set()  # handed to the sender, no outcome yet
+        self.sent_with: dict[str, Hook] = {}  # delivery id -> the hook it was sent for
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.booked = self.side.keys.booked("retry")
@@ -117,6 +118,7 @@ class RetryWorker:
             else:
                 self.sender.submit(hook, for_target(hook, delivery))
                 self.handed.add(delivery.id)
+                self.sent_with[delivery.id] = hook
         return len(due)
 
     def settle(self, delivery: Delivery, outcome: Outcome, once: Once | None = None) -> None:
@@ -126,21 +128,26 @@ class RetryWorker:
         if outcome.ok:
             self.side.retry.complete(delivery, once=once)
             self.handed.discard(delivery.id)
+            self.sent_with.pop(delivery.id, None)
             return
         # only the messages that failed are kept (the others were delivered)
         rest, done = undelivered(delivery, outcome)
         rest = msgspec.structs.replace(rest, resends=delivery.resends + 1,
                                        last_attempt_ms=now_ms())
+        # a destination's answer may echo the secrets it was sent: never kept, masked
+        # with those of the hook as it was sent (deleted or changed meanwhile, say) and
+        # as it is now
         error = outcome.describe()
-        hook = self.hooks.get(delivery.hook_id)
-        if hook is not None:  # a destination's answer may echo its secrets: never kept
-            error = scrub(error, hook_secrets(hook))
+        for hook in (self.sent_with.get(delivery.id), self.hooks.get(delivery.hook_id)):
+            if hook is not None:
+                error = scrub(error, hook_secrets(hook))
         if exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
             self.side.retry.kill(rest, error, delivered=done, once=once)
         else:
             due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
             self.side.retry.schedule(rest, due, error, delivered=done, once=once)
         self.handed.discard(delivery.id)
+        self.sent_with.pop(delivery.id, None)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
@@ -153,6 +160,7 @@ class RetryWorker:
             with suppress(redis.RedisError):
                 self.side.retry.handed_back(sorted(self.handed))
             self.handed.clear()
+            self.sent_with.clear()
             with suppress(redis.RedisError):  # stopped: no longer running, at once
                 self.r.delete(alive.key)
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import math
+import re
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
@@ -118,10 +119,10 @@ class HookRegistry:
 
     def owner(self, hook_id: int) -> int | None:
         """The account of a stored hook, read without validating the hook (one that no
-        longer validates can still be deleted by its account); None: no such hook."""
+        longer validates, or whose record is damaged, can still be deleted by its
+        account); None: no such hook, or a damaged record that names no account."""
         raw = self.r.hget(self.k.hooks, str(hook_id))
-        account = json.loads(raw).get("account_id") if raw is not None else None
-        return account if isinstance(account, int) else None
+        return stored_account(raw) if raw is not None else None
 
     def get(self, hook_id: int) -> Hook:
         raw = self.r.hget(self.k.hooks, str(hook_id))
@@ -147,11 +148,8 @@ class HookRegistry:
         hooks: list[Hook] = []
         invalid: list[tuple[int, str]] = []
         for key, value in raw.items():
-            try:
-                data = json.loads(value)
-            except ValueError:
-                data = None
-            if not isinstance(data, dict) or data.get("account_id") != account_id:
+            # a damaged record is its account's (as far as it can be read) to see, apart
+            if stored_account(value) != account_id:
                 continue
             try:
                 hooks.append(self._parse(key.decode(), value))
@@ -174,15 +172,66 @@ class HookRegistry:
     def _parse(self, hook_id: str, raw: bytes) -> Hook:
         try:
             data = json.loads(raw)
-        except ValueError as exc:  # written by hand or damaged: reported like an invalid one
-            raise HookError(f"stored hook {hook_id} is not valid JSON: {exc}") from None
+        except (ValueError, RecursionError) as exc:
+            # written by hand or damaged: reported like an invalid one
+            raise HookError(f"stored hook {hook_id} is not valid JSON: its record is "
+                            f"damaged ({exc})") from None
         if not isinstance(data, dict):
-            raise HookError(f"stored hook {hook_id} is not a JSON object")
+            raise HookError(f"stored hook {hook_id} is not a JSON object: its record is "
+                            "damaged")
         try:
             return parse_hook(data, self.catalogue)
         except HookError as exc:  # stored valid: the event types file changed since?
             raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
                             f"changed?): {exc}") from None
+
+
+_JSON_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def stored_account(raw: bytes) -> int | None:
+    """The ``account_id`` of a stored hook record, read without validating the hook:
+    from its JSON object or, when the record is damaged (cut short, edited by hand),
+    from the members of its object that can still be read before the damage. None
+    when it names none (not an object, or damaged before its ``account_id``)."""
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):
+        data = _leading_members(raw.decode("utf-8", "replace"))
+    account = data.get("account_id") if isinstance(data, dict) else None
+    return account if isinstance(account, int) and not isinstance(account, bool) else None
+
+
+def _leading_members(text: str) -> dict[str, Any]:
+    """The members of the JSON object ``text`` that come before what cannot be read."""
+    decoder = json.JSONDecoder()
+    members: dict[str, Any] = {}
+    at = _space(text, 0)
+    if text[at:at + 1] != "{":
+        return members
+    at += 1
+    while True:
+        try:
+            at = _space(text, at)
+            key, at = decoder.raw_decode(text, at)
+            at = _space(text, at)
+            if not isinstance(key, str) or text[at:at + 1] != ":":
+                return members
+            at = _space(text, at + 1)
+            value, at = decoder.raw_decode(text, at)
+        except (ValueError, RecursionError):
+            return members
+        members[key] = value
+        at = _space(text, at)
+        if text[at:at + 1] != ",":
+            return members
+        at += 1
+
+
+def _space(text: str, at: int) -> int:
+    """Where the JSON whitespace at ``at`` in ``text`` ends."""
+    found = _JSON_SPACE.match(text, at)
+    return found.end() if found else at
 
 
 def _no_mask(hook: Hook) -> Hook:
@@ -432,17 +481,23 @@ def cursor_of(score: float, delivery_id: bytes) -> str:
     return f"{_score_text(score)}:{delivery_id.decode()}"
 
 
+# what ``_score_text`` writes, in ASCII digits only: float() would also take "1_0",
+# " 1", "inf" and other scripts' digits ("\uff11")
+_CURSOR_SCORE = re.compile(r"[0-9]+(?:\.[0-9]+)?(?:[eE][+-]?[0-9]+)?")
+
+
 def parse_cursor(cursor: str) -> tuple[float, bytes]:
     """(score, member) of a cursor made by ``cursor_of``; ValueError if it is not one."""
     score, sep, member = cursor.partition(":")
+    value = float(score) if _CURSOR_SCORE.fullmatch(score) else math.nan
     try:
-        value = float(score)
-    except ValueError:
-        value = math.nan
-    if not sep or not member or not math.isfinite(value) or score != score.strip():
-        raise ValueError(f"{cursor!r} is not a dead-letter cursor (<died ms>:<id>, as "
+        encoded = member.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no id holds one
+        encoded = b""
+    if not sep or not encoded or not math.isfinite(value):
+        raise ValueError(f"{cursor[:100]!r} is not a dead-letter cursor (<died ms>:<id>, as "
                          "given with each dead letter)")
-    return value, member.encode()
+    return value, encoded
 
 
 class RetryStore:

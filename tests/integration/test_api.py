@@ -8,8 +8,10 @@ the running engine to a receiver.
 
 from __future__ import annotations
 
+import asyncio
 import gzip
 import json
+import re
 import socket
 import time
 from collections.abc import AsyncIterator, Callable
@@ -25,7 +27,7 @@ import redis
 from aiohttp.test_utils import TestClient, TestServer
 
 from actors.cli import main as cli_main
-from engine.api import MASK, OPENAPI_PATH, create_app, routes
+from engine.api import ERROR_CODES, MASK, OPENAPI_PATH, create_app, routes
 from engine.auth import TokenStore, tokens_key
 from engine.errors import NotFound
 from engine.health import Heartbeat
@@ -158,6 +160,20 @@ async def test_openapi_is_served_equal_to_the_file_and_describes_every_route(
                  for m in item if m != "parameters"}
     assert set(routes(api.client.app)) == described == set(ROUTES)
     assert served["openapi"].startswith("3.1")
+    # every error code the server answers with is in the description's enum, and back
+    error = served["components"]["schemas"]["Error"]["properties"]["error"]
+    assert set(error["properties"]["code"]["enum"]) == set(ERROR_CODES.values())
+    # every route reads a body sent to it (400, 413, 415) and may fail (500)
+    for path, item in served["paths"].items():
+        for method, operation in item.items():
+            if method == "parameters":
+                continue
+            documented = set(operation["responses"])
+            assert {"400", "405", "413", "415", "500"} <= documented, (method, path)
+            if (method.upper(), path) not in (("GET", "/v1/openapi.json"),
+                                              ("GET", "/v1/health")):
+                assert {"401", "403"} <= documented, (method, path)
+            assert all(int(code) < 300 or int(code) in ERROR_CODES for code in documented)
     validator = pytest.importorskip("openapi_spec_validator")
     validator.validate(served)
 
@@ -321,7 +337,10 @@ async def test_partial_true_accepts_the_good_events_and_lists_the_bad_with_207(
     assert answer.status == 422
     assert len(api.intake()) == 5
     answer = await api.call("POST", "/v1/events?partial=maybe", api.ingest, json_body=events(1))
-    assert answer.status == 400 and answer.error["code"] == "bad_request"
+    # a bad query parameter is 422 naming it, as a bad limit is
+    assert answer.status == 422 and answer.error["code"] == "validation_failed"
+    assert answer.error["issues"] == [{"field": "partial", "reason": "expected true or false "
+                                       "(1 or 0, yes or no)"}]
 
 
 @pytest.mark.parametrize(("extra", "field"), [
@@ -400,8 +419,6 @@ async def test_an_event_of_another_account_is_403_and_nothing_is_accepted(
 
 
 @pytest.mark.parametrize(("body", "content_type", "words"), [
-    (b"", "application/json", "no events"),
-    (b"   \n", None, "no events"),
     (b'[{"event_type": "click",', "application/json", "malformed JSON"),
     (b"[1, 2", None, "malformed JSON"),
     (b'{"event_type": "click"}', "application/json", "expected a JSON array"),
@@ -878,7 +895,8 @@ async def test_another_accounts_hook_is_404_on_every_route_and_cannot_be_claimed
     for method, path in MASTER_ROUTES:
         if "{id}" not in path:
             continue
-        body = hook_body() if method == "PUT" else {"event_type": "click"}
+        body = hook_body() if method == "PUT" else {"name": "copy"} \
+            if path.endswith("/clone") else {"event_type": "click"}
         answer = await api.call(method, path.format(id=theirs["id"]), api.master, json_body=body)
         assert answer.status == 404, (method, path)
         assert answer.error == {"code": "not_found",
@@ -928,11 +946,15 @@ async def test_activate_stop_and_clone(api: Api) -> None:
     answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
                             json_body={"name": "named copy"})
     assert answer.status == 201 and answer.body["name"] == "named copy"
-    for body in ({"name": ""}, {"name": 5}, {"name": "x" * 256}, ["x"]):
+    for body in ({"name": ""}, {"name": 5}, {"name": "x" * 256}, {"name": None}):
         answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
                                 json_body=body)
         assert answer.status == 422, body
         assert answer.error["issues"][0]["field"] == "name"
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                            json_body=["x"])
+    assert answer.status == 422
+    assert answer.error["issues"] == [{"field": "body", "reason": "expected a JSON object"}]
     answer = await api.call("POST", f"/v1/hooks/{hook['id']}/stop", api.master)
     assert answer.status == 200 and answer.body["active"] is False
     for action in ("activate", "stop", "clone"):
@@ -1305,3 +1327,428 @@ async def test_a_replay_or_discard_that_keeps_conflicting_is_409(
     assert [d.id for d in retry.dead_letters()] == [letter] and retry.pending() == 0
     assert retry.dead_letters()[0].last_error == f"Rejected: HTTP 503: again {REPLAY_TRIES}"
     assert Stats(api.r, Keys(api.settings.REDIS_PREFIX)).get(hook["id"])["discarded"] == 0
+
+
+# --- the reviewer's findings: races, damaged records, bodies, the description ------------
+
+
+async def test_a_deleted_hooks_dead_letters_can_be_filtered_replayed_and_discarded(
+        api: Api) -> None:
+    """?hook_id= and {"all": true, "hook_id"} name a deleted hook whose dead letters are
+    the account's; another account's deleted hook is 404 like one that never was."""
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    gone, kept = await api.create(), await api.create(name="kept")
+    theirs = await api.create(api.other)
+    mine = [dead_letter(retry, gone, 1), dead_letter(retry, gone, 2)]
+    dead_letter(retry, kept, 1)
+    dead_letter(retry, theirs, 1)
+    for hook, token in ((gone, api.master), (theirs, api.other)):
+        answer = await api.call("DELETE", f"/v1/hooks/{hook['id']}", token)
+        assert answer.status == 204
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={gone['id']}", api.master)
+    assert answer.status == 200, answer.body
+    assert [d["id"] for d in answer.body["dead_letters"]] == mine
+    for hook_id in (theirs["id"], 999999):  # theirs: as unknown as one that never was
+        answer = await api.call("GET", f"/v1/dead-letters?hook_id={hook_id}", api.master)
+        assert answer.error == {"code": "not_found", "message": f"hook {hook_id} does not exist"}
+        for verb in ("replay", "discard"):
+            answer = await api.call("POST", f"/v1/dead-letters/{verb}", api.master,
+                                    json_body={"all": True, "hook_id": hook_id})
+            assert answer.status == 404, (verb, hook_id)
+    answer = await api.call("POST", "/v1/dead-letters/discard", api.master,
+                            json_body={"all": True, "hook_id": gone["id"]})
+    assert (answer.status, answer.body) == (200, {"discarded": 2})
+    # a deleted hook is known by its dead letters only: with none left, it is as
+    # unknown as one that never was
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={gone['id']}", api.master)
+    assert answer.status == 404
+    answer = await api.call("POST", "/v1/dead-letters/replay", api.master,
+                            json_body={"all": True, "hook_id": gone["id"]})
+    assert answer.status == 404
+    # deleted behind the API's back (the CLI, the driver): known by its dead letters
+    HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX)).delete(kept["id"])
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={kept['id']}", api.master)
+    assert answer.status == 200 and len(answer.body["dead_letters"]) == 1
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={kept['id']}", api.other)
+    assert answer.status == 404
+    answer = await api.call("GET", "/v1/dead-letters", api.other)
+    assert [d["hook_id"] for d in answer.body["dead_letters"]] == [theirs["id"]]
+
+
+async def test_concurrent_deletes_and_stops_of_one_hook_are_never_a_500(api: Api) -> None:
+    """Each route checks the hook is the account's, then changes it: another request
+    deleting it in between answers as if it came first."""
+    for _ in range(5):
+        hook = await api.create()
+        path = f"/v1/hooks/{hook['id']}"
+        answers = await asyncio.gather(
+            *[api.call("DELETE", path, api.master) for _ in range(4)],
+            *[api.call("POST", f"{path}/{action}", api.master)
+              for action in ("stop", "activate", "stop", "clone")],
+            api.call("PUT", path, api.master, json_body=hook_body(name="renamed")))
+        deletes, others = answers[:4], answers[4:]
+        assert sorted(a.status for a in deletes) == [204, 404, 404, 404], deletes
+        for answer in others:
+            assert answer.status in (200, 201, 404), answer
+            if answer.status == 404:
+                assert answer.error == {"code": "not_found",
+                                        "message": f"hook {hook['id']} does not exist"}
+
+
+async def test_a_hook_deleted_or_damaged_between_check_and_change_is_404_or_409(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deterministically: the hook goes (or its record is damaged) right after the
+    route found it the account's."""
+    from engine.api import Backend
+
+    keys = Keys(api.settings.REDIS_PREFIX)
+    real_owned, real_owner = Backend.owned_hook, HookRegistry.owner
+    then: dict[str, Any] = {}
+
+    def meanwhile(hook_id: int) -> None:
+        if then.get("record") is None:
+            api.r.hdel(keys.hooks, str(hook_id))
+        else:
+            api.r.hset(keys.hooks, str(hook_id), then["record"])
+
+    def owned(self: Backend, account_id: int, hook_id: int) -> Any:
+        found = real_owned(self, account_id, hook_id)
+        meanwhile(hook_id)
+        return found
+
+    def owner(self: HookRegistry, hook_id: int) -> Any:
+        found = real_owner(self, hook_id)
+        meanwhile(hook_id)
+        return found
+
+    monkeypatch.setattr(Backend, "owned_hook", owned)
+    monkeypatch.setattr(HookRegistry, "owner", owner)
+    routes_ = [("DELETE", ""), ("POST", "/stop"), ("POST", "/activate"), ("POST", "/clone"),
+               ("PUT", "")]
+    for record, status in ((None, 404), (b'{"id": 1, "account_id": 1, "na', 409)):
+        then["record"] = record
+        for method, path in routes_:
+            hook = await api.create()
+            body = hook_body(name="renamed") if method == "PUT" else None
+            answer = await api.call(method, f"/v1/hooks/{hook['id']}{path}", api.master,
+                                    json_body=body)
+            # a damaged record of the account is deleted all the same
+            want = 204 if method == "DELETE" and record is not None else status
+            assert answer.status == want, (record, method, path, answer.body)
+            if want == 404:
+                assert answer.error == {"code": "not_found",
+                                        "message": f"hook {hook['id']} does not exist"}
+            if want == 409:
+                assert answer.error["code"] == "conflict"
+                assert answer.error["message"].startswith(
+                    f"stored hook {hook['id']} is not valid JSON: its record is damaged")
+                assert answer.error["issues"][0]["field"] == "hook"
+
+
+async def test_engine_errors_no_route_expects_are_mapped_not_500(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware's safety net: NotFound 404, Conflict 409, HookError 409 (a stored
+    hook) or 422 (naming each field), ConfigError 503."""
+    from engine.errors import ConfigError, Conflict, HookError
+
+    hook = await api.create()
+    raised: list[Exception] = []
+
+    def stats_of(self: Stats, hook_id: int) -> Any:
+        raise raised[0]
+
+    monkeypatch.setattr(Stats, "get", stats_of)
+    for exc, status, issues in (
+            (NotFound("hook 5 does not exist"), 404, None),
+            (Conflict("changed meanwhile; try again"), 409, None),
+            (HookError(f"stored hook {hook['id']} no longer validates: x"), 409,
+             [{"field": "hook", "reason": f"stored hook {hook['id']} no longer validates: x"}]),
+            (HookError("invalid hook: name: too long; actions: empty"), 422,
+             [{"field": "name", "reason": "too long"}, {"field": "actions", "reason": "empty"}]),
+            (ConfigError("PARTITIONS differ; nothing was accepted"), 503, None)):
+        raised[:] = [exc]
+        answer = await api.call("GET", f"/v1/hooks/{hook['id']}/stats", api.master)
+        assert answer.status == status, (exc, answer.body)
+        assert answer.error.get("issues") == issues
+
+
+async def test_events_for_an_engine_with_other_partitions_are_503_nothing_accepted(
+        api: Api) -> None:
+    keys = Keys(api.settings.REDIS_PREFIX)
+    api.r.hset(keys.config, "partitions", api.settings.PARTITIONS + 1)
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=events(3))
+    assert answer.status == 503 and answer.error["code"] == "unavailable"
+    assert "PARTITIONS" in answer.error["message"]
+    assert "nothing was accepted" in answer.error["message"]
+    assert api.intake() == []
+
+
+async def test_a_connection_lost_during_the_append_says_the_events_may_be_in(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.intake import Intake
+
+    def lost(self: Intake, encoded: Any, fresh: Any = ()) -> None:
+        raise redis.ConnectionError("Redis connection lost while appending: reset")
+
+    monkeypatch.setattr(Intake, "write", lost)
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=events(2))
+    assert answer.status == 503 and answer.error["code"] == "unavailable"
+    message = answer.error["message"]
+    assert "may have been accepted" in message and "try again" not in message
+    assert '"id"' in message and "hook_message_id" in message
+
+
+@pytest.mark.parametrize("partial", ["false", "true"])
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson", None])
+async def test_a_bad_event_naming_another_account_is_403_with_or_without_partial(
+        api: Api, partial: str, content_type: str | None) -> None:
+    """The account of an event that does not decode (unknown type, bad field, a lone
+    surrogate) is read as far as it can be: another account's refuses the request."""
+    for bad in ({"account_id": 2, "event_type": "nope"},
+                {**events(1, account_id=2)[0], "list_id": "x"},
+                {**events(1, account_id=2)[0], "event_data": {"s": LONE}}):
+        batch = [*events(1), bad]
+        data = json.dumps(batch).encode() if content_type != "application/x-ndjson" \
+            else b"\n".join(json.dumps(e).encode() for e in batch)
+        headers = {"Content-Type": content_type} if content_type else {}
+        answer = await api.call("POST", f"/v1/events?partial={partial}", api.ingest,
+                                data=data, headers=headers)
+        assert answer.status == 403, (bad, answer.body)
+        assert answer.error["issues"] == [{"index": 1, "field": "account_id",
+                                           "reason": "account 2 is not the token's account 1"}]
+    assert api.intake() == []
+    # an account_id that is no id is a bad event, not another account's
+    batch = [*events(1), {**events(1)[0], "account_id": "2"}]
+    answer = await api.call("POST", f"/v1/events?partial={partial}", api.ingest,
+                            json_body=batch)
+    assert answer.status == (207 if partial == "true" else 422)
+
+
+@pytest.mark.parametrize("content_type", ["application/json", "application/x-ndjson",
+                                          "text/plain"])
+async def test_a_leading_bom_is_dropped_and_a_body_of_no_events_accepts_none(
+        api: Api, content_type: str) -> None:
+    bom = b"\xef\xbb\xbf"
+    batch = events(2)
+    body = json.dumps(batch).encode() if content_type != "application/x-ndjson" \
+        else b"\n".join(json.dumps(e).encode() for e in batch)
+    answer = await api.call("POST", "/v1/events", api.ingest, data=bom + body,
+                            headers={"Content-Type": content_type})
+    assert (answer.status, answer.body) == (202, {"accepted": 2})
+    for empty in (b"", b"  \n", bom, b"[]", bom + b" [ ] "):
+        if content_type == "application/x-ndjson" and b"[" in empty:
+            continue
+        answer = await api.call("POST", "/v1/events", api.ingest, data=empty,
+                                headers={"Content-Type": content_type})
+        assert (answer.status, answer.body) == (202, {"accepted": 0}), empty
+    assert len(api.intake()) == 2
+    # a hook body too
+    answer = await api.call("POST", "/v1/hooks", api.master,
+                            data=bom + json.dumps(hook_body()).encode(),
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 201, answer.body
+
+
+async def test_an_event_with_a_lone_surrogate_is_a_bad_event_named_by_index(api: Api) -> None:
+    batch = events(3)
+    batch[1]["event_data"] = {"campaign_id": 7, "title": "a" + LONE}
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=batch)
+    assert answer.status == 422, answer.body
+    [issue] = answer.error["issues"]
+    assert issue["index"] == 1 and issue["field"] == "event_data.title"
+    assert "not valid UTF-8" in issue["reason"]
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, json_body=batch)
+    assert answer.status == 207 and answer.body["accepted"] == 2
+    assert [i["index"] for i in answer.body["issues"]] == [1]
+    assert len(api.intake()) == 2
+    batch[2]["event_type"] = "clack"  # other bad events keep their index
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, json_body=batch)
+    assert answer.status == 207 and answer.body["accepted"] == 1
+    assert [(i["index"], i["field"]) for i in answer.body["issues"]] == [
+        (1, "event_data.title"), (2, "event_type")]
+    # NDJSON: each line is read alone; the issue names the field, not a byte offset
+    ndjson = b"\n".join(json.dumps(e).encode() for e in batch)
+    answer = await api.call("POST", "/v1/events", api.ingest, data=ndjson,
+                            headers={"Content-Type": "application/x-ndjson"})
+    assert answer.status == 422
+    assert [(i["index"], i["field"]) for i in answer.error["issues"]] == [
+        (1, "event_data.title"), (2, "event_type")]
+    assert "not valid UTF-8" in answer.error["issues"][0]["reason"]
+
+
+async def test_a_damaged_hook_record_is_its_accounts_to_see_and_delete(api: Api) -> None:
+    """Not JSON (cut short, edited by hand) or not an object: reported like a hook that
+    no longer validates to the account it names (listed under "invalid", 409 naming it,
+    DELETE removes it); 404 to the others, and to all when it names no account."""
+    keys = Keys(api.settings.REDIS_PREFIX)
+    retry = RetryStore(api.r, keys)
+    cut, nameless = await api.create(), await api.create()
+    letter = dead_letter(retry, cut, 1)
+    record = api.r.hget(keys.hooks, str(cut["id"])) or b""
+    api.r.hset(keys.hooks, str(cut["id"]), record[:record.index(b'"account_id"') + 30])
+    api.r.hset(keys.hooks, str(nameless["id"]), b"[1, 2]")
+    answer = await api.call("GET", "/v1/hooks", api.master)
+    assert answer.status == 200 and answer.body["hooks"] == []
+    [invalid] = answer.body["invalid"]
+    assert invalid["id"] == cut["id"]
+    assert invalid["error"].startswith(f"stored hook {cut['id']} is not valid JSON: its "
+                                       "record is damaged")
+    for method, path in (("GET", ""), ("POST", "/stop"), ("GET", "/stats")):
+        answer = await api.call(method, f"/v1/hooks/{cut['id']}{path}", api.master)
+        assert answer.status == 409, (method, path, answer.body)
+        assert "is damaged" in answer.error["message"]
+        assert f"stored hook {cut['id']}" in answer.error["message"]
+        answer = await api.call(method, f"/v1/hooks/{cut['id']}{path}", api.other)
+        assert answer.status == 404
+        for token in (api.master, api.other):
+            answer = await api.call(method, f"/v1/hooks/{nameless['id']}{path}", token)
+            assert answer.status == 404, (method, path, answer.body)
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={cut['id']}", api.master)
+    assert [d["id"] for d in answer.body["dead_letters"]] == [letter]
+    answer = await api.call("GET", f"/v1/dead-letters?hook_id={cut['id']}", api.other)
+    assert answer.status == 404
+    assert (await api.call("GET", "/v1/hooks", api.other)).body == {"hooks": [], "invalid": []}
+    assert (await api.call("DELETE", f"/v1/hooks/{cut['id']}", api.other)).status == 404
+    assert (await api.call("DELETE", f"/v1/hooks/{nameless['id']}", api.master)).status == 404
+    assert (await api.call("DELETE", f"/v1/hooks/{cut['id']}", api.master)).status == 204
+    assert (await api.call("GET", "/v1/hooks", api.master)).body == {"hooks": [], "invalid": []}
+
+
+async def test_query_parameter_errors_are_422_naming_the_parameter(api: Api) -> None:
+    for path, name in (("/v1/events?partial=maybe", "partial"),
+                       ("/v1/dead-letters?limit=x", "limit"),
+                       ("/v1/dead-letters?hook_id=-1", "hook_id"),
+                       ("/v1/dead-letters?after=x", "after")):
+        method = "POST" if path.startswith("/v1/events") else "GET"
+        answer = await api.call(method, path, api.master, json_body=events(1))
+        assert answer.status == 422, path
+        assert answer.error["code"] == "validation_failed"
+        assert [i["field"] for i in answer.error["issues"]] == [name]
+    answer = await api.call("POST", "/v1/events?partial=" + "x" * 5000, api.master,
+                            json_body=events(1))
+    assert answer.status == 422 and len(answer.error["message"]) < 300
+
+
+@pytest.mark.parametrize("after", ["1_0:x", "\uff11:x", "\u0661:x", " 1:x", "1 :x", "inf:x",
+                                   "nan:x", "+1:x", "-1:x", "1:", "x:1"])
+async def test_a_cursor_is_ascii_digits_as_the_description_says(api: Api, after: str) -> None:
+    """float() takes "1_0", full-width and other scripts' digits: the description's
+    pattern, and now the server, take ASCII digits only."""
+    pattern = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))["paths"][
+        "/v1/dead-letters"]["get"]["parameters"][2]["schema"]["pattern"]
+    assert re.search(pattern, after) is None
+    answer = await api.call("GET", f"/v1/dead-letters?after={quote(after)}", api.master)
+    assert answer.status == 422, answer.body
+    assert answer.error["issues"][0]["field"] == "after"
+
+
+async def test_every_cursor_the_server_gives_matches_the_description(api: Api) -> None:
+    from engine.stores import cursor_of
+
+    pattern = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))["paths"][
+        "/v1/dead-letters"]["get"]["parameters"][2]["schema"]["pattern"]
+    for score in (0.0, 1.0, 1764000000123.0, 1.5, 1e300, 1.5e-7, 2.0**70):
+        cursor = cursor_of(score, b"d-1")
+        assert re.search(pattern, cursor), cursor
+        answer = await api.call("GET", f"/v1/dead-letters?after={quote(cursor)}", api.master)
+        assert answer.status == 200, (cursor, answer.body)
+
+
+async def test_clone_refuses_unknown_fields_and_names_each_issue_once(api: Api) -> None:
+    hook = await api.create()
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                            json_body={"name": "a", "x": 1})
+    assert answer.status == 422
+    assert answer.error["issues"] == [{"field": "x", "reason": "unknown field"}]
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/clone", api.master,
+                            json_body={"name": "a" + LONE})
+    assert answer.status == 422
+    [issue] = answer.error["issues"]
+    assert issue["field"] == "name" and issue["reason"].startswith("not valid UTF-8")
+    assert "invalid hook" not in issue["reason"]
+    assert [h["id"] for h in (await api.call("GET", "/v1/hooks", api.master)).body["hooks"]] \
+        == [hook["id"]]
+
+
+async def test_error_texts_quote_at_most_a_little_of_a_value_in_json_terms(api: Api) -> None:
+    hook = await api.create()
+    for event_type, reason in (
+            ("x" * 10_000, "unknown event type '" + "x" * 80),
+            (["x" * 10_000], "expected an event code (a string), got array"),
+            (5, "expected an event code (a string), got number")):
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body={"event_type": event_type})
+        assert answer.status == 422
+        [issue] = answer.error["issues"]
+        assert issue["reason"].startswith(reason) and len(issue["reason"]) < 200
+        assert len(answer.error["message"]) < 200
+    for given, name in ((None, "null"), ("2", "string"), (2.0, "number"), (True, "boolean"),
+                        ([1], "array"), ({}, "object")):
+        answer = await api.call("POST", "/v1/hooks", api.master,
+                                json_body=hook_body(account_id=given))
+        assert answer.status == 422
+        assert answer.error["message"].endswith(f"expected an integer, got {name}")
+
+
+@pytest.mark.parametrize("verb", ["replay", "discard"])
+async def test_a_replay_or_discard_names_at_most_1000_ids(api: Api, verb: str) -> None:
+    from engine.api import MAX_MOVE_IDS
+
+    retry = RetryStore(api.r, Keys(api.settings.REDIS_PREFIX))
+    hook = await api.create()
+    letter = dead_letter(retry, hook, 1)
+    answer = await api.call("POST", f"/v1/dead-letters/{verb}", api.master,
+                            json_body={"ids": [letter] * (MAX_MOVE_IDS + 1)})
+    assert answer.status == 422
+    [issue] = answer.error["issues"]
+    assert issue["field"] == "ids" and "at most 1,000 ids" in issue["reason"]
+    assert "1,001" in issue["reason"]
+    answer = await api.call("POST", f"/v1/dead-letters/{verb}", api.master,
+                            json_body={"ids": [letter] * MAX_MOVE_IDS})
+    assert answer.status == 200 and answer.body == {
+        {"replay": "replayed", "discard": "discarded"}[verb]: 1}
+    spec = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    body = spec["paths"][f"/v1/dead-letters/{verb}"]["post"]["requestBody"]
+    ids = body["content"]["application/json"]["schema"]["oneOf"][0]["properties"]["ids"]
+    assert ids["maxItems"] == MAX_MOVE_IDS
+
+
+async def test_a_body_sent_to_a_route_that_takes_none_is_read_as_any(
+        settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture
+) -> None:
+    """_refuse_coding applies to any request with a body, and the body is read: 415 for
+    a coding the API does not decode, 400 for one its coding does not decode (once left
+    for aiohttp to drain: an unhandled error logged, the connection broken), 413 too
+    large. As the description says of every route."""
+    client, api = await start_api(settings.model_copy(update={"API_MAX_BODY_BYTES": 2048}),
+                                  redis_client)
+    try:
+        hook = await api.create()
+        for method, path in (("GET", "/v1/hooks"), ("GET", f"/v1/hooks/{hook['id']}"),
+                             ("POST", f"/v1/hooks/{hook['id']}/stop"), ("GET", "/v1/health"),
+                             ("GET", "/v1/dead-letters")):
+            for headers, data, status in (({"Content-Encoding": "foo"}, b"x", 415),
+                                          ({"Content-Encoding": "gzip"}, b"garbage", 400),
+                                          ({}, b"x" * 3000, 413)):
+                answer = await api.call(method, path, api.master, data=data, headers=headers)
+                assert answer.status == status, (method, path, headers, answer.body)
+            answer = await api.call(method, path, api.master, data=b"ignored")
+            assert answer.status == 200, (method, path)
+        assert not [r for r in caplog.records if r.levelname == "ERROR"]
+    finally:
+        await client.close()
+
+
+@pytest.mark.parametrize("depth", [800, 5_000])
+async def test_a_hook_body_nested_deeply_is_refused_not_a_500(api: Api, depth: int) -> None:
+    """Secrets are looked for without recursion and validation refuses the shape: a
+    body nested hundreds (or thousands) of levels deep is a 4xx naming the problem."""
+    nested = '{"a": ' * depth + "1" + "}" * depth
+    body = ('{"name": "deep", "actions": ["click"], "custom_data": ' + nested
+            + ', "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}').encode()
+    hook = await api.create()
+    for method, path in (("POST", "/v1/hooks"), ("PUT", f"/v1/hooks/{hook['id']}")):
+        answer = await api.call(method, path, api.master, data=body,
+                                headers={"Content-Type": "application/json"})
+        assert answer.status in (400, 422), (method, answer.status, answer.body)
+        assert answer.error["message"]

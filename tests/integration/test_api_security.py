@@ -219,3 +219,20 @@ async def test_a_secret_quoted_in_json_by_a_destination_is_masked_too(api: Api) 
     [letter] = answer.body["dead_letters"]
     assert letter["last_error"] == ("Rejected: HTTP 401: status is not 200; body: "
                                     f'{{"a": "Bearer {MASK}"}} {{"b": "Bearer {MASK}"}}')
+
+
+async def test_a_hook_error_no_route_expected_is_masked_too(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The middleware's answer to a HookError a route did not map (a race) masks the
+    secrets of the route's hook, as a route's own answer does."""
+    from engine.stores import Stats
+
+    hook = await api.create()  # bearer token s3cr3t
+
+    def failing(self: Stats, hook_id: int) -> Any:
+        raise HookError(f"stored hook {hook_id} no longer validates: token s3cr3t")
+
+    monkeypatch.setattr(Stats, "get", failing)
+    answer = await api.call("GET", f"/v1/hooks/{hook['id']}/stats", api.master)
+    assert answer.status == 409 and answer.error["code"] == "conflict"
+    assert "s3cr3t" not in json.dumps(answer.body) and MASK in answer.error["message"]

@@ -405,6 +405,37 @@ def test_errors_kept_for_retries_and_dead_letters_never_hold_the_hooks_secrets(
     assert "SECRET" not in dead.last_error and "Bearer **********" in dead.last_error
 
 
+def test_a_resends_error_is_masked_with_its_hook_deleted_or_changed_during_the_send(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The retry worker masks an error with the secrets of the hook as it was sent:
+    deleted (or given new secrets) during the send, its old secrets are still masked
+    in the dead letter (the hook's secrets are not kept after a delete)."""
+    registry = HookRegistry(redis_client, keys)
+    retry = RetryStore(redis_client, keys)
+    cfg = settings.model_copy(update={"HOOK_RETRY_TIMES": 0})
+    sender = InProcessSender(hold=True)
+    worker = RetryWorker(cfg, redis_client, sender)
+    created = []
+    for n in range(2):
+        created.append(registry.create(hook(name=f"h{n}", target={"http_batch": {
+            "url": "https://r.example/x", "auth": {"kind": "bearer", "token": f"tok{n}-SECRET"}}})))
+        retry.schedule(Delivery(id=f"d{n}", hook_id=created[n].id or 0, account_id=1,
+                                kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    assert worker.step() == 2 and len(sender.held) == 2
+    registry.delete(created[0].id or 0)
+    registry.update(created[1].id or 0, {**created[1].to_storage(), "target": {"http_batch": {
+        "url": "https://r.example/x", "auth": {"kind": "bearer", "token": "tok-NEW"}}}})
+    worker._refresh()
+    for sent in sender.held:
+        n = sent.id[-1]
+        worker.settle(sent, Outcome(ok=False, error="Rejected",
+                                    detail=f"HTTP 401: body: Bearer tok{n}-SECRET"))
+    letters = retry.dead_letters()
+    assert len(letters) == 2
+    assert {d.last_error for d in letters} == {"Rejected: HTTP 401: body: Bearer **********"}
+    assert worker.sent_with == {}
+
+
 def test_a_delivery_still_being_sent_is_not_claimed_twice(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """Its lease ran out during a long send and its hook was deleted meanwhile: it is
