@@ -246,7 +246,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
         data = Path(args.file).read_bytes()
     except OSError as exc:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
-    if not data.strip():  # as POST /v1/events answers an empty body: a wrong file, likely
+    if not data.strip():  # a wrong file, likely (POST /v1/events takes it as no events)
         raise HookrayError(f"{args.file}: holds no events (the file is empty)")
     result = _engine(args).publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})

@@ -42,7 +42,7 @@ from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
@@ -193,8 +193,7 @@ class Backend:
         """Whether ``hook_id`` may filter the account's dead letters: a stored hook of
         the account (valid or not), or a deleted one whose dead letters are the
         account's; 404 otherwise, as for a hook that never existed."""
-        raw: bytes | None = self.r.hget(self.hooks.k.hooks, str(hook_id))  # type: ignore[assignment]
-        owner = stored_account(raw) if raw is not None else None
+        owner = self.hooks.owner(hook_id)
         if owner == account_id:
             return
         if owner is None:  # not stored (or a damaged record naming no account)
@@ -488,12 +487,12 @@ def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]
     it: one that no longer validates has them too); none when it is not the account's,
     no longer exists or its record is damaged. (Errors are masked when dead letters
     are written, with the secrets of the hook that was sent; this masks again.)"""
-    raw = backend.r.hget(backend.hooks.k.hooks, str(hook_id))
-    try:
-        data = json.loads(raw) if raw is not None else None
-    except (ValueError, RecursionError):  # damaged: its secrets cannot be read
+    raw = cast(bytes | None, backend.r.hget(backend.hooks.k.hooks, str(hook_id)))
+    if raw is None or stored_account(raw) != account_id:
         return []
-    if not isinstance(data, dict) or data.get("account_id") != account_id:
+    try:
+        data = json.loads(raw)
+    except (ValueError, RecursionError):  # damaged: its secrets cannot be read
         return []
     return sent_secrets(data)
 
@@ -524,7 +523,8 @@ def json_type(value: Any) -> str:
         return "boolean"
     if isinstance(value, int | float):
         return "number"
-    return {str: "string", list: "array", dict: "object"}.get(type(value), type(value).__name__)
+    names: dict[type, str] = {str: "string", list: "array", dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def field_name(name: str) -> str:

@@ -32,6 +32,7 @@ from pydantic import (
     Field,
     SecretStr,
     ValidationError,
+    ValidationInfo,
     field_serializer,
     field_validator,
     model_validator,
@@ -215,7 +216,7 @@ class Auth(_Model):
     scope: str | None = None
 
     @model_validator(mode="after")
-    def _complete(self) -> Auth:
+    def _complete(self, info: ValidationInfo) -> Auth:
         if self.kind == "bearer" and not self.token:
             raise ValueError("bearer auth needs a token")
         char = _control_char(self.token.get_secret_value()) if self.token else None
@@ -227,12 +228,23 @@ class Auth(_Model):
             missing = [k for k in needed if not getattr(self, k)]
             if missing:
                 raise ValueError(f"oauth2 auth needs {', '.join(missing)}")
-        if self.token_url is not None:  # kept with another kind too: shown masked, so valid
+        # kept with another kind too: shown masked, so valid (unless stored before this
+        # rule: see ``_stored``)
+        if self.token_url is not None and (self.kind == "oauth2" or not _stored(info)):
             try:
                 _check_http_url(self.token_url)
             except ValueError as exc:
                 raise ValueError(f"token_url: {exc}") from None
         return self
+
+
+def _stored(info: ValidationInfo) -> bool:
+    """Whether a hook read back from the registry is being validated. Rules added
+    after hooks were saved (a Content-Type header other than JSON's, a token_url
+    kept with another auth kind, a success regex over MAX_REGEX_CHARS) apply to
+    hooks created or updated, never to stored ones: one stored hook that no longer
+    validates stops every partition until it is fixed."""
+    return bool((info.context or {}).get("stored"))
 
 
 _WHITESPACE_OR_CONTROL = re.compile(r"[\x00-\x20\x7f-\x9f]")
@@ -334,10 +346,10 @@ class HttpBatch(_Model):
 
     @field_validator("success_regex")
     @classmethod
-    def _regex_compiles(cls, value: str) -> str:
-        """Python ``re`` syntax, compiled by the ``regex`` module, as the HTTP transport
+    def _regex_compiles(cls, value: str, info: ValidationInfo) -> str:
+        """The ``regex`` module's syntax (a superset of ``re``'s), as the HTTP transport
         matches it (with a time budget, see ``engine.transports.http``)."""
-        if len(value) > MAX_REGEX_CHARS:
+        if len(value) > MAX_REGEX_CHARS and not _stored(info):
             raise ValueError(f"regex of {len(value)} characters: at most {MAX_REGEX_CHARS}")
         try:
             regex.compile(value)
@@ -350,14 +362,14 @@ class HttpBatch(_Model):
 
     @field_validator("headers")
     @classmethod
-    def _header_names(cls, value: dict[str, str]) -> dict[str, str]:
+    def _header_names(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for name, val in value.items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
                 raise ValueError(f"header name {name!r} is not a valid HTTP token")
             if name.lower() in RESERVED_HEADERS:
                 raise ValueError(f"header {name!r} is set by the HTTP client for each "
                                  "request (it frames the body or runs the connection)")
-            if name.lower() == "content-type" \
+            if name.lower() == "content-type" and not _stored(info) \
                     and val.partition(";")[0].strip().lower() != "application/json":
                 raise ValueError(f"header {name!r}: every batch is JSON: the media type "
                                  f"must be application/json (parameters such as "
@@ -637,10 +649,13 @@ def changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [path]
 
 
-def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None) -> Hook:
-    """Validate ``data`` into a Hook, or raise HookError naming each field and reason."""
+def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None,
+               stored: bool = False) -> Hook:
+    """Validate ``data`` into a Hook, or raise HookError naming each field and reason.
+    ``stored``: a hook read back from the registry, which a rule added after it was
+    saved must not make invalid (see ``_stored``)."""
     try:
-        return Hook.model_validate(data, context={"catalogue": catalogue})
+        return Hook.model_validate(data, context={"catalogue": catalogue, "stored": stored})
     except ValidationError as exc:
         found = [f"{field}: {reason}" for field, reason in validation_problems(exc)]
     # raised outside the except block: no __context__ holding the ValidationError, whose

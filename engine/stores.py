@@ -121,7 +121,7 @@ class HookRegistry:
         """The account of a stored hook, read without validating the hook (one that no
         longer validates, or whose record is damaged, can still be deleted by its
         account); None: no such hook, or a damaged record that names no account."""
-        raw = self.r.hget(self.k.hooks, str(hook_id))
+        raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
         return stored_account(raw) if raw is not None else None
 
     def get(self, hook_id: int) -> Hook:
@@ -180,7 +180,7 @@ class HookRegistry:
             raise HookError(f"stored hook {hook_id} is not a JSON object: its record is "
                             "damaged")
         try:
-            return parse_hook(data, self.catalogue)
+            return parse_hook(data, self.catalogue, stored=True)
         except HookError as exc:  # stored valid: the event types file changed since?
             raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
                             f"changed?): {exc}") from None

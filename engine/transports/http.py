@@ -19,16 +19,21 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
 * One hook cannot stall the others through its answers: at most ``MAX_ANSWER_BYTES``
   of an answer are read, and the success regex (the ``regex`` module, whose matching
   can be timed out, unlike the standard ``re``'s) gets ``REGEX_BUDGET_SEC`` per answer;
-  a regex that runs out of it fails the batch, naming the regex.
+  a regex that runs out of it fails the batch, naming the regex. A regex is matched
+  on the event loop for at most ``INLINE_REGEX_SEC``; one that needs longer (once)
+  is matched in a thread from then on (the module releases the GIL), so the loop
+  every hook of the transport shares never waits on it again.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import json
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -53,6 +58,8 @@ MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
 MAX_ANSWER_BYTES = 1 << 20  # an answer's body is read up to this many bytes
 REGEX_BUDGET_SEC = 0.1  # a success regex's matching time per answer
+INLINE_REGEX_SEC = 0.005  # longest a regex is matched on the event loop itself
+REGEX_THREADS = 2  # threads matching the regexes that needed longer
 JSON_HEADERS = {"Content-Type": "application/json"}
 
 
@@ -82,6 +89,7 @@ class _Token:
 @dataclass
 class _Cache:
     regex: dict[str, regex.Pattern[str]] = field(default_factory=dict)
+    slow: set[str] = field(default_factory=set)  # regexes matched in a thread
     tokens: dict[tuple[str, str, str, str], _Token] = field(default_factory=dict)
 
 
@@ -100,6 +108,7 @@ class HttpTransport(Transport):
         # least recently used first: past MAX_DESTINATIONS, idle ones go from the front
         self._destinations: OrderedDict[str, _Destination] = OrderedDict()
         self._cache = _Cache()
+        self._regex_threads: ThreadPoolExecutor | None = None
 
     def _client(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
@@ -223,22 +232,16 @@ class HttpTransport(Transport):
                                 f"not delivered); Location: {mask_url(location)[:300]}")
             redirect.status = status
             raise redirect
-        return self._judge(target, status, text)
+        return await self._judge(target, status, text)
 
-    def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
+    async def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
         excerpt = text[:EXCERPT_CHARS]
         if target.success_regex:
-            pattern = self._cache.regex.get(target.success_regex)
-            if pattern is None:
-                if len(self._cache.regex) >= MAX_REGEXES:
-                    self._cache.regex.clear()
-                pattern = self._cache.regex[target.success_regex] = regex.compile(
-                    target.success_regex)
             if not 200 <= status < 300:
                 reason = "status is not 2xx"
             else:
                 try:
-                    if pattern.search(text, timeout=REGEX_BUDGET_SEC):
+                    if await self._search(target.success_regex, text):
                         return Outcome(ok=True, status=status, detail=excerpt)
                     reason = f"body does not match success regex {target.success_regex!r}"
                 except TimeoutError:
@@ -251,6 +254,31 @@ class HttpTransport(Transport):
         refused = Rejected(f"HTTP {status}: {reason}; body: {excerpt}")
         refused.status = status
         raise refused
+
+    async def _search(self, source: str, text: str) -> bool:
+        """Whether the success regex ``source`` is found in ``text``, within
+        REGEX_BUDGET_SEC (TimeoutError otherwise), holding the event loop at most
+        INLINE_REGEX_SEC."""
+        cache = self._cache
+        pattern = cache.regex.get(source)
+        if pattern is None:
+            if len(cache.regex) >= MAX_REGEXES:
+                cache.regex.clear()
+                cache.slow.clear()
+            pattern = cache.regex[source] = regex.compile(source)
+        budget = REGEX_BUDGET_SEC
+        if source not in cache.slow:
+            try:
+                return pattern.search(text, timeout=INLINE_REGEX_SEC) is not None
+            except TimeoutError:
+                cache.slow.add(source)
+                budget -= INLINE_REGEX_SEC
+        if self._regex_threads is None:  # its own: never the loop's (DNS) executor
+            self._regex_threads = ThreadPoolExecutor(REGEX_THREADS, "success-regex")
+        found = await asyncio.get_running_loop().run_in_executor(
+            self._regex_threads, functools.partial(pattern.search, text, timeout=budget,
+                                                   concurrent=True))
+        return found is not None
 
     async def _authorization(self, auth: Auth) -> str | None:
         if auth.kind == "bearer" and auth.token is not None:
@@ -300,6 +328,9 @@ class HttpTransport(Transport):
         if self._session is not None:
             await self._session.close()
             self._session = None
+        if self._regex_threads is not None:
+            self._regex_threads.shutdown(wait=False)
+            self._regex_threads = None
 
 
 def _own_content_type(target: HttpBatch) -> bool:

@@ -1043,3 +1043,21 @@ def test_a_hook_without_actions_is_valid_and_captures_no_type() -> None:
     del data["actions"]
     assert parse_hook(data).actions == []
     assert parse_hook({**data, "actions": []}).actions == []
+
+
+def test_rules_added_later_do_not_invalidate_a_stored_hook() -> None:
+    """A hook saved before a rule existed still loads from the registry (one stored
+    hook that no longer validates stops every partition); created or updated, it is
+    refused, naming each rule."""
+    data = hook_data({"http_batch": {
+        "url": "https://r.example/x", "success_regex": "OK|" * 400,
+        "headers": {"Content-Type": "text/plain"},
+        "auth": {"kind": "none", "token_url": "auth.example/t"}}})
+    stored = parse_hook(data, stored=True)
+    assert stored.target.http_batch is not None
+    assert stored.target.http_batch.headers == {"Content-Type": "text/plain"}
+    message = hook_error(data)
+    for fragment in ("success_regex: regex of 1200 characters: at most 1000",
+                     "auth: token_url: 'auth.example/t' is not an http(s) URL",
+                     "header 'Content-Type': every batch is JSON"):
+        assert fragment in message
