@@ -19,6 +19,7 @@ from typing import Any
 import redis
 
 from engine.errors import HookError, HookrayError
+from engine.hooks import not_utf8
 from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
@@ -539,17 +540,9 @@ def _not_utf8(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str 
         if dest in FILE_ARGUMENTS:
             continue
         for text in value if isinstance(value, list) else [value]:
-            if isinstance(text, str) and not _is_utf8(text):
+            if isinstance(text, str) and not_utf8(text) is not None:
                 return _argument_names(parser).get(dest, dest)
     return None
-
-
-def _is_utf8(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def _printable(text: str) -> str:
