@@ -29,7 +29,7 @@ import redis
 
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound
-from engine.events import MAX_ID, Event
+from engine.events import MAX_ID, Event, is_account_id
 from engine.health import engine_health
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult
@@ -383,8 +383,7 @@ class Engine:
 
     def upsert_profiles(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         """Upsert profile fields by profile id, for hooks that copy them into custom_data."""
-        if isinstance(account_id, bool) or not isinstance(account_id, int) \
-                or not 0 <= account_id <= MAX_ID:
+        if not is_account_id(account_id):
             raise ValueError(f"upsert_profiles: account_id {account_id!r} is not an integer "
                              f"from 0 to {MAX_ID}")
         if not isinstance(profiles, Mapping) or not all(

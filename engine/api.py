@@ -178,17 +178,6 @@ class Backend:
         only be deleted), else 422 naming each field."""
         return hook_api_error(str(exc), stored_secrets(self, account_id, hook_id))
 
-    def changing(self, account_id: int, hook_id: int, change: Callable[[], T]) -> T:
-        """``change()`` of the account's hook ``hook_id``, checked as its account's just
-        before: a delete (or damage) racing it answers as if it came first, 404 (409),
-        never an internal error."""
-        try:
-            return change()
-        except NotFound:
-            raise ApiError(404, f"hook {hook_id} does not exist") from None
-        except HookError as exc:
-            raise self.hook_error(account_id, hook_id, exc) from None
-
     def dead_letter_hook(self, account_id: int, hook_id: int) -> None:
         """Whether ``hook_id`` may filter the account's dead letters: a stored hook of
         the account (valid or not), or a deleted one whose dead letters are the
@@ -682,8 +671,7 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
                        f"value {MASK} cannot keep a stored secret; send the secret itself",
                        [{"field": f, "reason": f"the destination changed: {MASK} keeps the "
                          "stored secret only for the same destination"} for f in kept])
-    return backend.changing(account_id, hook_id,
-                            functools.partial(backend.hooks.update, hook_id, data))
+    return backend.hooks.update(hook_id, data)  # a racing delete: see _engine_error
 
 
 async def put_hook(request: web.Request) -> web.Response:
@@ -698,7 +686,7 @@ def _delete_hook(backend: Backend, account_id: int, hook_id: int) -> None:
     # is damaged, as far as it names its account) can be deleted
     if backend.hooks.owner(hook_id) != account_id:
         raise ApiError(404, f"hook {hook_id} does not exist")
-    backend.changing(account_id, hook_id, functools.partial(backend.hooks.delete, hook_id))
+    backend.hooks.delete(hook_id)  # a racing delete: see _engine_error
 
 
 async def delete_hook(request: web.Request) -> web.Response:
@@ -709,8 +697,7 @@ async def delete_hook(request: web.Request) -> web.Response:
 
 def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool) -> Hook:
     backend.owned_hook(account_id, hook_id)
-    return backend.changing(account_id, hook_id,
-                            functools.partial(backend.hooks.set_active, hook_id, active))
+    return backend.hooks.set_active(hook_id, active)  # a racing delete: see _engine_error
 
 
 async def activate_hook(request: web.Request) -> web.Response:
@@ -725,8 +712,7 @@ async def stop_hook(request: web.Request) -> web.Response:
 
 def _clone(backend: Backend, account_id: int, hook_id: int, name: str | None) -> Hook:
     backend.owned_hook(account_id, hook_id)
-    return backend.changing(account_id, hook_id,
-                            functools.partial(backend.hooks.clone, hook_id, name))
+    return backend.hooks.clone(hook_id, name)  # a racing delete: see _engine_error
 
 
 CLONE_SHAPE = "expected {\"name\": string of 1 to 255 characters} or no body"
@@ -1021,10 +1007,11 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
 
 
 async def _engine_error(request: web.Request, exc: Exception) -> ApiError:
-    """The answer to an engine error no route expected: a hook deleted, changed or
-    damaged between a route's check and its change answers as if that came first (404,
-    409 or 422, a HookError with the secrets of the route's hook masked); settings of
-    the engine other than this API's, 503."""
+    """The answer to an engine error a route lets through: the hook routes check the
+    hook is the account's, then call the store, so a hook deleted, changed or damaged
+    in between answers as if that came first (404, 409 or 422, a HookError with the
+    secrets of the route's hook masked); settings of the engine other than this API's,
+    503."""
     if isinstance(exc, NotFound):
         return ApiError(404, str(exc))
     if isinstance(exc, Conflict):

@@ -26,7 +26,7 @@ from typing import Any, Literal, cast
 import redis
 
 from engine.errors import NotFound
-from engine.events import MAX_ID
+from engine.events import MAX_ID, is_account_id
 
 Role = Literal["master", "ingest"]
 ROLES: tuple[Role, ...] = ("master", "ingest")
@@ -68,8 +68,7 @@ class TokenStore:
         The clear token is not stored and cannot be shown again."""
         if role not in ROLES:
             raise ValueError(f"role {role!r} is not one of {', '.join(ROLES)}")
-        if isinstance(account_id, bool) or not isinstance(account_id, int) \
-                or not 0 <= account_id <= MAX_ID:
+        if not is_account_id(account_id):
             raise ValueError(f"account id {account_id!r} is not an integer from 0 to {MAX_ID}")
         if len(name) > 255:
             raise ValueError("name is longer than 255 characters")

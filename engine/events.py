@@ -39,6 +39,13 @@ _RFC3339 = re.compile(
 )
 NS = 1_000_000_000
 MAX_ID = 2**63 - 1  # ids are matched as int64 columns
+
+
+def is_account_id(value: object) -> bool:
+    """Whether ``value`` can be an account id: an integer (not a bool) from 0 to MAX_ID."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_ID
+
+
 # an id: non-negative and within int64 (checked by msgspec while decoding)
 IdInt = Annotated[int, msgspec.Meta(ge=0, le=MAX_ID)]
 # an event id, when given, is not empty: hook_message_id is derived from it, and two

@@ -22,7 +22,7 @@ import redis
 
 from engine.catalogue import EventCatalogue
 from engine.errors import Conflict, HookError, NotFound
-from engine.events import MAX_ID
+from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
     MASK,
     Hook,
@@ -332,8 +332,7 @@ class ContentStore:
 
     def put(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],
             ttl_sec: int | None = None) -> int:
-        if isinstance(account_id, bool) or not isinstance(account_id, int) \
-                or not 0 <= account_id <= MAX_ID:
+        if not is_account_id(account_id):
             raise ValueError(f"store_content: account_id {account_id!r} is not an integer "
                              f"from 0 to {MAX_ID}")
         if ttl_sec is not None and (isinstance(ttl_sec, bool) or not isinstance(ttl_sec, int)
