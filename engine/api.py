@@ -176,7 +176,7 @@ class Backend:
         """The answer to a HookError about the account's hook ``hook_id``, its secrets
         masked: 409 when the stored hook no longer validates or is damaged (it can
         only be deleted), else 422 naming each field."""
-        return hook_api_error(str(exc), stored_secrets(self, account_id, hook_id))
+        return hook_api_error(exc, stored_secrets(self, account_id, hook_id))
 
     def dead_letter_hook(self, account_id: int, hook_id: int) -> None:
         """Whether ``hook_id`` may filter the account's dead letters: a stored hook of
@@ -486,21 +486,16 @@ def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]
     return sent_secrets(data)
 
 
-_FIELD_REASON = re.compile(r"([A-Za-z0-9_.\[\]-]+): (.+)", re.S)
-
-
-def hook_api_error(message: str, secrets: list[str]) -> ApiError:
-    """The answer to a HookError's ``message``, ``secrets`` masked: 409 when it is about
-    a stored hook that no longer validates or is damaged (it can only be deleted),
-    else 422 with an issue per "field: reason" of "invalid hook: a: ...; b: ..."."""
-    message = scrub(message, secrets)
+def hook_api_error(exc: HookError, secrets: list[str]) -> ApiError:
+    """The answer to ``exc``, ``secrets`` masked: 409 when it is about a stored hook
+    that no longer validates or is damaged (it can only be deleted), else 422 with an
+    issue per field the error names."""
+    message = scrub(str(exc), secrets)
     if message.startswith("stored hook "):
         return ApiError(409, f"{message}; delete it and create it again",
                         [{"field": "hook", "reason": message}])
-    parts = [_FIELD_REASON.fullmatch(part)
-             for part in message.removeprefix("invalid hook: ").split("; ")]
-    issues = [{"field": m.group(1), "reason": m.group(2)} for m in parts if m] \
-        if all(parts) else [{"field": "hook", "reason": message.removeprefix("invalid hook: ")}]
+    issues = [{"field": field, "reason": scrub(reason, secrets)} for field, reason in exc.issues] \
+        or [{"field": "hook", "reason": message.removeprefix("invalid hook: ")}]
     return ApiError(422, message, issues)
 
 
@@ -1006,7 +1001,8 @@ async def api_middleware(request: web.Request, handler: Handler) -> web.StreamRe
         return error_response(500, "internal error")
 
 
-async def _engine_error(request: web.Request, exc: Exception) -> ApiError:
+async def _engine_error(request: web.Request,
+                        exc: NotFound | Conflict | HookError | ConfigError) -> ApiError:
     """The answer to an engine error a route lets through: the hook routes check the
     hook is the account's, then call the store, so a hook deleted, changed or damaged
     in between answers as if that came first (404, 409 or 422, a HookError with the
@@ -1027,7 +1023,7 @@ async def _engine_error(request: web.Request, exc: Exception) -> ApiError:
                                  token.account_id, int(hook_id))
         except redis.RedisError:
             return ApiError(503, "the engine's Redis is unavailable; try again")
-    return hook_api_error(str(exc), secrets)
+    return hook_api_error(exc, secrets)
 
 
 # the content codings aiohttp decodes (brotli and backports.zstd are dependencies);

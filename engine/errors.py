@@ -26,7 +26,12 @@ class ConfigError(HookrayError):
 
 
 class HookError(HookrayError):
-    """A hook's settings are invalid: names the field and the reason."""
+    """A hook's settings are invalid: names the field and the reason. ``issues``:
+    (field, reason) of each problem, where the error is about fields of the hook."""
+
+    def __init__(self, message: str, issues: list[tuple[str, str]] | None = None) -> None:
+        super().__init__(message)
+        self.issues = issues or []
 
 
 class PrefixTaken(HookrayError):

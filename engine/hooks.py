@@ -657,10 +657,11 @@ def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None,
     try:
         return Hook.model_validate(data, context={"catalogue": catalogue, "stored": stored})
     except ValidationError as exc:
-        found = [f"{field}: {reason}" for field, reason in validation_problems(exc)]
+        found = validation_problems(exc)
     # raised outside the except block: no __context__ holding the ValidationError, whose
     # input_value reprs can carry passwords and tokens in clear text
-    raise HookError("invalid hook: " + "; ".join(found))
+    raise HookError("invalid hook: " + "; ".join(f"{field}: {reason}" for field, reason in found),
+                    found)
 
 
 # --- secrets in texts shown ------------------------------------------------------------

@@ -94,9 +94,12 @@ class HookRegistry:
         hook = parse_hook(restored, self.catalogue)
         kept = changed_paths(sent, restored)
         if kept and destination(hook) != destination(stored):
+            reason = (f"the destination changed, so the redacted value {MASK} cannot keep "
+                      "the stored secret; give the secret itself")
             raise HookError(f"invalid hook: the destination changed, so the redacted value "
                             f"{MASK} cannot keep the stored secret(s) of "
-                            f"{', '.join(kept)}; give the secret itself")
+                            f"{', '.join(kept)}; give the secret itself",
+                            [(path, reason) for path in kept])
         return self._replace(_no_mask(hook))
 
     def set_active(self, hook_id: int, active: bool) -> Hook:
@@ -238,8 +241,9 @@ def _no_mask(hook: Hook) -> Hook:
     """``hook``, or HookError naming each secret that is the redacted value itself."""
     masked = masked_secrets(hook)
     if masked:
-        raise HookError(f"invalid hook: {', '.join(masked)}: the redacted value {MASK} is "
-                        "no secret; give the secret itself")
+        reason = f"the redacted value {MASK} is no secret; give the secret itself"
+        raise HookError(f"invalid hook: {', '.join(masked)}: {reason}",
+                        [(path, reason) for path in masked])
     return hook
 
 

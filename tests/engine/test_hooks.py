@@ -119,7 +119,20 @@ def hook_error(data: dict[str, Any], catalogue: EventCatalogue | None = None) ->
         parse_hook(data, catalogue=catalogue)
     message = str(info.value)
     assert message.startswith("invalid hook: ")
+    # the message lists each (field, reason) of the error's issues, in order
+    assert message == "invalid hook: " + "; ".join(f"{f}: {r}" for f, r in info.value.issues)
     return message
+
+
+def test_each_problem_is_an_issue_of_its_own_even_with_a_semicolon_in_its_reason() -> None:
+    data = hook_data(name="", actions=["nope"])
+    data["target"]["timeout"] = -1
+    with pytest.raises(HookError) as info:
+        parse_hook(data)
+    fields = [field for field, _ in info.value.issues]
+    assert fields == sorted(set(fields), key=fields.index) and len(fields) == 3, fields
+    assert {"name", "actions"} <= set(fields) and any("timeout" in f for f in fields)
+    assert "; known codes: " in dict(info.value.issues)["actions"]
 
 
 def set_path(data: dict[str, Any], path: str, value: Any) -> dict[str, Any]:

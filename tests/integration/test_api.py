@@ -1463,8 +1463,10 @@ async def test_engine_errors_no_route_expects_are_mapped_not_500(
             (Conflict("changed meanwhile; try again"), 409, None),
             (HookError(f"stored hook {hook['id']} no longer validates: x"), 409,
              [{"field": "hook", "reason": f"stored hook {hook['id']} no longer validates: x"}]),
-            (HookError("invalid hook: name: too long; actions: empty"), 422,
+            (HookError("invalid hook: name: too long; actions: empty",
+                       [("name", "too long"), ("actions", "empty")]), 422,
              [{"field": "name", "reason": "too long"}, {"field": "actions", "reason": "empty"}]),
+            (HookError("invalid hook: url: x"), 422, [{"field": "hook", "reason": "url: x"}]),
             (ConfigError("PARTITIONS differ; nothing was accepted"), 503, None)):
         raised[:] = [exc]
         answer = await api.call("GET", f"/v1/hooks/{hook['id']}/stats", api.master)
