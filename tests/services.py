@@ -127,7 +127,8 @@ def receiver() -> Iterator[Receiver]:
 @pytest.fixture(scope="session")
 def ray_session() -> Iterator[Any]:
     """One local Ray for the whole test session (ray.init costs seconds here)."""
-    ray = pytest.importorskip("ray")
+    import ray
+
     if not ray.is_initialized():
         ray.init(namespace="hookray-tests", include_dashboard=True, configure_logging=False,
                  log_to_driver=False)

@@ -22,7 +22,7 @@ from engine.events import Event
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings, ray_address_problem
-from tests.services import free_port
+from tests.services import free_port, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -367,12 +367,18 @@ class ExecDelayer(RedisProxy):
 
     def __init__(self, redis_port: int, delay: float) -> None:
         self.delay = delay
+        self.sent = threading.Event()  # the held EXEC went on to Redis
+        self.held_port = 0  # the local port of the connection that carried it
         super().__init__(redis_port)
 
     def forward(self, data: bytes, dst: socket.socket, cut: threading.Event) -> bool:
         if b"EXEC" in data and not self.held:
             self.held = 1
             time.sleep(self.delay)
+            self.held_port = dst.getsockname()[1]
+            goes_on = super().forward(data, dst, cut)
+            self.sent.set()
+            return goes_on
         return super().forward(data, dst, cut)
 
 
@@ -401,10 +407,14 @@ def test_an_exec_that_arrives_late_after_a_timeout_is_not_written_twice(
                          socket_timeout=0.5)
     try:
         result = Intake(client, keys, 1, 100).publish([click(n) for n in range(3)])
-        time.sleep(2.0)  # the held EXEC has reached Redis by now
     finally:
         client.close()
         proxy.close()
+    assert proxy.sent.wait(10)
+    # the held EXEC has been run once the connection that carried it last ran an EXEC
+    addr = f"127.0.0.1:{proxy.held_port}"
+    assert wait_for(lambda: any(c["addr"] == addr and c["cmd"] == "exec"
+                                for c in redis_client.client_list()), 10)
     assert proxy.held == 1 and result.accepted == 3
     assert redis_client.xlen(keys.intake(0)) == 1
     assert redis_client.hget(keys.engine_stats, "events_accepted") == b"3"
