@@ -83,12 +83,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def _hook_problem(data: Any, catalogue: Any) -> str | None:
     """Why ``data`` (one hook of a file) cannot be created; None if it can."""
-    from engine.hooks import parse_hook
+    from engine.stores import check_new_hook
 
     if not isinstance(data, dict):
         return "expected a JSON object"
     try:
-        parse_hook({**data, "id": 0}, catalogue)
+        check_new_hook(data, catalogue)
     except HookError as exc:
         return str(exc)
     return None
@@ -118,7 +118,13 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
     """Create the hook unless its account has one of that name already: a restarted job
     neither duplicates its hooks nor undoes changes made to them since (stopped, updated
     through the API or ``hookray hooks update``)."""
-    same = [h for h in engine.list_hooks(data.get("account_id")) if h.name == data.get("name")]
+    # the account's hooks that still validate: one that no longer does (its record
+    # damaged, EVENT_TYPES_FILE changed) is named, and stops nothing
+    hooks, invalid = engine.hooks.listing(data.get("account_id"))
+    for hook_id, problem in invalid:
+        print(f"hookray: hook {hook_id} of account {data.get('account_id')}: {problem}; "
+              "its partitions wait until it is deleted or valid again", flush=True)
+    same = [h for h in hooks if h.name == data.get("name")]
     if same:
         print(f"hookray: hook {same[0].id} ({same[0].name!r}) exists; left as it is "
               f"(not taken from {_printable(path)})", flush=True)
@@ -140,6 +146,8 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
                   f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
         except redis.RedisError as exc:
             print(f"hookray: progress unavailable: Redis: {exc}", flush=True)
+        except HookrayError as exc:  # e.g. a PARTITIONS record changed meanwhile
+            print(f"hookray: progress unavailable: {exc}", flush=True)
         if done:
             return
 

@@ -416,16 +416,22 @@ class Engine:
                     not self.redis.hexists(self.keys.hooks, str(hook_id)):
                 raise NotFound(f"hook {hook_id} does not exist")
             return counters
-        out: dict[Any, Any] = {h.id: self._stats.get(h.id or 0) for h in self.hooks.all()}
+        # every stored hook's, also one that no longer validates (its partitions wait:
+        # see health()); read without validating the hooks
+        out: dict[Any, Any] = {hook_id: self._stats.get(hook_id)
+                               for hook_id in self.hooks.stored_ids()}
         out["engine"] = {**self._stats.engine(), "retry_scheduled": self.retry.pending(),
                          "dead_letters": int(self.redis.zcard(self.keys.dead)),
                          "intake_backlog": self.backlog()}
         return out
 
     def backlog(self) -> int:
-        """Intake entries not yet settled, over all partitions."""
+        """Intake entries not yet settled, over all partitions: the running engine's
+        recorded PARTITIONS, which this driver's settings may not know."""
+        recorded = self.redis.hget(self.keys.config, "partitions")
+        partitions = max(self.settings.PARTITIONS, int(recorded or 0))
         with self.redis.pipeline(transaction=False) as pipe:
-            for n in range(self.settings.PARTITIONS):
+            for n in range(partitions):
                 pipe.xlen(self.keys.intake(n))
             return sum(pipe.execute())
 

@@ -79,7 +79,7 @@ class HookRegistry:
         """Validate and store a new hook; its id is assigned here. A secret that is the
         redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
-        _no_mask(parse_hook({**fields, "id": 0}, self.catalogue))  # before using an id
+        check_new_hook(fields, self.catalogue)  # before using an id
         fields["id"] = int(self.r.incr(self.k.hooks_seq))
         return self._save(parse_hook(fields, self.catalogue))
 
@@ -126,6 +126,11 @@ class HookRegistry:
         account); None: no such hook, or a damaged record that names no account."""
         raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
         return stored_account(raw) if raw is not None else None
+
+    def stored_ids(self) -> list[int]:
+        """The ids of every stored hook, read without validating the hooks."""
+        keys = cast(list[bytes], self.r.hkeys(self.k.hooks))
+        return sorted(int(key) for key in keys if key.isdigit())
 
     def get(self, hook_id: int) -> Hook:
         raw = self.r.hget(self.k.hooks, str(hook_id))
@@ -235,6 +240,13 @@ def _space(text: str, at: int) -> int:
     """Where the JSON whitespace at ``at`` in ``text`` ends."""
     found = _JSON_SPACE.match(text, at)
     return found.end() if found else at
+
+
+def check_new_hook(fields: Mapping[str, Any], catalogue: EventCatalogue | None) -> Hook:
+    """The hook ``fields`` would create (its id 0), or HookError naming each bad field:
+    what ``HookRegistry.create`` refuses, checked where no registry is at hand (a hooks
+    file, all or none, before anything is created)."""
+    return _no_mask(parse_hook({**fields, "id": 0}, catalogue))
 
 
 def _no_mask(hook: Hook) -> Hook:

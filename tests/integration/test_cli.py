@@ -154,12 +154,22 @@ def test_run_refuses_bad_or_clashing_hook_files_before_starting(
     hook = {"name": "crm", "account_id": 4, "actions": ["click"],
             "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
     first, second = tmp_path / "a.json", tmp_path / "b.json"
-    first.write_text(json.dumps([hook, {**hook, "name": "other", "actions": ["nope"]}]))
+    masked = {**hook, "name": "read back", "target": {"http_batch": {
+        "url": "http://127.0.0.1:9/x", "auth": {"kind": "bearer", "token": "**********"}}}}
+    first.write_text(json.dumps([hook, {**hook, "name": "other", "actions": ["nope"]},
+                                 masked]))
     second.write_text(json.dumps(hook))
     code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(first), str(second))
     assert code == 2 and "--hooks: nothing started" in err
     assert f"{first}[1]: invalid hook: actions: unknown event code(s) 'nope'" in err
+    # what create refuses is found before anything starts, not after the first hooks
+    assert f"{first}[2]: invalid hook: target.http_batch.auth.token: the redacted value " \
+           "********** is no secret" in err
     assert f"{second}[0]: account 4 has a hook named 'crm' already in {first}[0]" in err
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(first))
+    assert code == 2 and f"{first}: nothing created" in err and "; [2]: invalid hook" in err
+    code, listed, _ = run_cli(capsys, "-c", config, "hooks", "list", "--account", "4")
+    assert code == 0 and listed == []
 
 
 @pytest.mark.parametrize(("option", "value", "message"), [
@@ -511,7 +521,7 @@ def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdout", out)
     existing = SimpleNamespace(id=1, name="crm")
-    engine = SimpleNamespace(list_hooks=lambda account: [existing],
+    engine = SimpleNamespace(hooks=SimpleNamespace(listing=lambda account: ([existing], [])),
                              create_hook=lambda data: SimpleNamespace(id=2))
     _create_missing_hook(engine, {"account_id": 3, "name": "crm"}, f"/h/a{NOT_UTF8}.json")
     _create_missing_hook(engine, {"account_id": 3, "name": "new"}, f"/h/b{NOT_UTF8}.json")
@@ -536,3 +546,40 @@ def test_odd_numbers_and_ids_get_an_answer_not_a_traceback(
     code, _, err = run_cli(capsys, "-c", config, *command)
     assert code in (0, 2), err
     assert code == 0 or err.startswith("hookray: error: "), err
+
+
+def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
+        settings: Settings, redis_client: Any, keys: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The main job's progress line reads every hook's counters: one stored hook that
+    no longer validates (its partitions wait, see health) must not end the job."""
+    import threading
+
+    from actors.cli import _create_missing_hook, _report_until
+    from actors.driver import Engine
+    from engine.stores import STAT_FIELDS
+
+    engine = Engine.connect(settings)
+    try:
+        good = engine.create_hook({"name": "crm", "account_id": 4, "actions": ["click"],
+                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+        redis_client.hset(keys.hooks, "77", b'{"account_id": 4, "name": "bro')  # damaged
+        stats = engine.stats()
+        assert set(stats) == {good.id, 77, "engine"}
+        assert engine.totals() == dict.fromkeys(STAT_FIELDS, 0)
+        stop = threading.Event()
+        stop.set()
+        _report_until(engine, stop, 0.01, 0)
+        out = capsys.readouterr().out
+        assert out.startswith("hookray: 0s {") and "unavailable" not in out, out
+        # run --hooks: the account's damaged hook is named, and the others are known
+        _create_missing_hook(engine, {"name": "crm", "account_id": 4}, "hooks.json")
+        out = capsys.readouterr().out
+        assert "hook 77 of account 4: stored hook 77 is not valid JSON" in out
+        assert f"hook {good.id} ('crm') exists; left as it is" in out
+        # the backlog covers the partitions the running engine recorded, more than these
+        redis_client.hset(keys.config, "partitions", settings.PARTITIONS + 2)
+        redis_client.xadd(keys.intake(settings.PARTITIONS + 1), {"x": "1"})
+        assert engine.backlog() == 1
+    finally:
+        engine.redis.close()
