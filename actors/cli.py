@@ -214,9 +214,11 @@ def cmd_hooks(args: argparse.Namespace) -> int:
         if not isinstance(data, dict):
             raise HookrayError(f"{args.file}: expected a JSON object (one hook)")
         _print(engine.update_hook(args.id, data).display())
-    elif action in ("activate", "stop", "clone"):
+    elif action in ("activate", "stop"):
         fn: Callable[[int], Any] = getattr(engine, f"{action}_hook")
         _print(fn(args.id).display())
+    elif action == "clone":
+        _print(engine.clone_hook(args.id, args.name).display())
     elif action == "delete":
         engine.delete_hook(args.id)
         print(f"hook {args.id} deleted")
@@ -415,7 +417,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--hooks", nargs="+", metavar="FILE",
                      help="hook JSON files: each hook is created unless its account has a "
                      "hook of that name already")
-    run.add_argument("--ray-address", help="Ray cluster to join (default: a local Ray)")
+    run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS of "
+                     "the settings or the environment; unset, a local Ray)")
     run.add_argument("--report-sec", type=positive_seconds, default=10.0,
                      help="progress line interval")
     run.add_argument("--duration", type=non_negative_seconds, default=0.0,
@@ -435,29 +438,37 @@ def _parser() -> argparse.ArgumentParser:
 
     hooks = sub.add_parser("hooks", help="manage hooks", description="Manage hooks.")
     hsub = hooks.add_subparsers(dest="action", required=True, metavar="ACTION")
-    hsub.add_parser("list", help="list hooks").add_argument("--account", type=int)
+    hsub.add_parser("list", help="list hooks").add_argument(
+        "--account", type=int, help="only this account's hooks")
     for name, text in (("get", "show a hook"), ("activate", "activate a hook"),
                        ("stop", "stop a hook"), ("clone", "clone a hook (stopped)"),
                        ("delete", "delete a hook")):
-        hsub.add_parser(name, help=text, description=text).add_argument("id", type=int)
-    hsub.add_parser("create", help="create hooks from a JSON file (object or array)"
-                    ).add_argument("file")
+        action_parser = hsub.add_parser(name, help=text, description=text)
+        action_parser.add_argument("id", type=int, help="the hook's id")
+        if name == "clone":
+            action_parser.add_argument("--name", help="the clone's name (default: the "
+                                       "hook's name + ' (copy)')")
+    hsub.add_parser("create", help="create hooks from a JSON file (object or array)",
+                    description="Create hooks from a JSON file (an object or an array), "
+                    "all or none: every hook is checked before the first is created."
+                    ).add_argument("file", help="JSON file of hook settings")
     upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
-    upd.add_argument("id", type=int)
-    upd.add_argument("file")
+    upd.add_argument("id", type=int, help="the hook's id")
+    upd.add_argument("file", help="JSON file of the hook's settings (redacted secrets "
+                     "keep the stored ones for the same destination)")
     test = hsub.add_parser("test", help="send one test event through a hook's target")
-    test.add_argument("id", type=int)
-    test.add_argument("event_type")
+    test.add_argument("id", type=int, help="the hook's id")
+    test.add_argument("event_type", help="an event code, e.g. click")
     hooks.set_defaults(fn=cmd_hooks)
 
     pub = sub.add_parser("publish", help="publish events from a file (JSON array or NDJSON)")
-    pub.add_argument("file")
+    pub.add_argument("file", help="events: a JSON array or NDJSON")
     pub.add_argument("--partial", action="store_true",
                      help="accept the good events even when some are bad")
     pub.set_defaults(fn=cmd_publish)
 
     stats = sub.add_parser("stats", help="per-hook counters")
-    stats.add_argument("--hook", type=int)
+    stats.add_argument("--hook", type=int, help="only this hook's counters")
     stats.set_defaults(fn=cmd_stats)
 
     health = sub.add_parser("health", help="which workers run (exit 1: not all of them)",
@@ -465,9 +476,10 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(fn=cmd_health)
 
     dead = sub.add_parser("dead-letters", help="list dead letters")
-    dead.add_argument("--hook", type=int)
-    dead.add_argument("--account", type=int)
-    dead.add_argument("--limit", type=_at_least_one, default=100)
+    dead.add_argument("--hook", type=int, help="only this hook's dead letters")
+    dead.add_argument("--account", type=int, help="only this account's dead letters")
+    dead.add_argument("--limit", type=_at_least_one, default=100,
+                      help="at most this many (default 100)")
     dead.add_argument("--after", metavar="CURSOR",
                       help="the next ones: after the dead letter of this cursor")
     dead.set_defaults(fn=cmd_dead_letters)

@@ -1,8 +1,11 @@
 """Ray job entrypoint: run the hookray engine (``hookray run``) as a Ray job.
 
-    ray job submit --address http://HEAD:8265 --working-dir . -- \\
-        python deploy/job.py --config deploy/main.json [--hooks deploy/hooks.example.json] \\
-        [--duration SECONDS] [--report-sec SECONDS]
+    ray job submit --address http://HEAD:8265 --working-dir . \\
+        --runtime-env-json '{"env_vars": {"REDIS_URL": "redis://redis.internal:6379/0"}}' \\
+        -- python deploy/job.py --config deploy/main.json \\
+        [--hooks deploy/hooks.example.json] [--duration SECONDS] [--report-sec SECONDS]
+
+(deploy/main.json leaves REDIS_URL empty: the job needs a Redis every node reaches.)
 
 Ray copies the working dir to the cluster and runs this file from there. The repo
 root (the parent of ``deploy/``) is put first on ``sys.path`` so that the driver runs

@@ -58,6 +58,10 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
     assert shown["active"] is True
     code, clone, _ = run_cli(capsys, "-c", config, "hooks", "clone", str(hook_id))
     assert clone["name"] == "crm (copy)" and clone["id"] != hook_id
+    code, named, _ = run_cli(capsys, "-c", config, "hooks", "clone", str(hook_id),
+                             "--name", "crm for tests")
+    assert code == 0 and named["name"] == "crm for tests" and named["active"] is False
+    code, _, _ = run_cli(capsys, "-c", config, "hooks", "delete", str(named["id"]))
     code, listed, _ = run_cli(capsys, "-c", config, "hooks", "list", "--account", "3")
     assert sorted(h["id"] for h in listed) == sorted([hook_id, clone["id"]])
     assert "s3cr3t" not in json.dumps(listed)
