@@ -16,6 +16,7 @@ engine's Redis; starting and stopping actors needs Ray.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import logging
 import os
@@ -348,7 +349,7 @@ class Engine:
         return self.hooks.get(hook_id)
 
     def list_hooks(self, account_id: int | None = None) -> list[Hook]:
-        return self.hooks.all(account_id)
+        return self.hooks.all(_id("list_hooks", "account_id", account_id))
 
     def activate_hook(self, hook_id: int) -> Hook:
         return self.hooks.set_active(hook_id, True)
@@ -396,21 +397,29 @@ class Engine:
     # --- test event, stats, dead letters ----------------------------------------------
 
     def test_event(self, hook: int | Hook, event_type: str) -> Outcome:
-        """Send one synthetic event of ``event_type`` through the hook's target, now."""
+        """Send one synthetic event of ``event_type`` through the hook's target, now.
+        Called inside a running event loop, it blocks that loop until the send ends."""
         hook = hook if isinstance(hook, Hook) else self.hooks.get(hook)
         if event_type not in self.catalogue:
             raise HookError(f"unknown event type {event_type!r}; known: "
                              + ", ".join(self.catalogue.codes()))
-        return asyncio.run(send_test_event(hook, event_type, self._names.load(),
-                                           catalogue=self.catalogue,
-                                           timeout_sec=self.settings.timeout_for(
-                                               hook.target.kind)))
+        sending = send_test_event(hook, event_type, self._names.load(),
+                                  catalogue=self.catalogue,
+                                  timeout_sec=self.settings.timeout_for(hook.target.kind))
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:  # no loop in this thread: the usual case
+            return asyncio.run(sending)
+        # called from a running loop (a notebook, an async app): sent on a loop of its
+        # own in a thread, as asyncio.run cannot run inside a running loop
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, sending).result()
 
     def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
         """Counters (messages) of one hook, or of every hook plus the engine's. NotFound
         for a hook that does not exist and never counted anything (a deleted hook keeps
         its counters: its dead letters may still be replayed or discarded)."""
-        if hook_id is not None:
+        if _id("stats", "hook_id", hook_id) is not None:
             counters = self._stats.get(hook_id)
             if not any(counters.values()) and \
                     not self.redis.hexists(self.keys.hooks, str(hook_id)):
@@ -442,6 +451,10 @@ class Engine:
         below 1)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"dead_letters: limit must be a whole number >= 1, got {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise ValueError(f"dead_letters: after must be a cursor (a string), got {after!r}")
+        account_id = _id("dead_letters", "account_id", account_id)
+        hook_id = _id("dead_letters", "hook_id", hook_id)
         return [DeadLetter.of(d, cursor)
                 for d, cursor in self.retry.dead_page(account_id, hook_id, limit, after)]
 
@@ -452,11 +465,12 @@ class Engine:
         NotFound), or, without ids, every one (of a hook, of an account) kept when the
         call starts, in chunks; ``progress(n)`` after each chunk."""
         if ids is None:
-            return self.retry.replay_all(account_id, hook_id, progress)
+            return self.retry.replay_all(_id("replay", "account_id", account_id),
+                                         _id("replay", "hook_id", hook_id), progress)
         if hook_id is not None or account_id is not None:
             raise ValueError("replay: hook_id and account_id select all of a hook's or an "
                              "account's dead letters; not with ids")
-        return self.retry.replay(ids)
+        return self.retry.replay(_ids("replay", ids))
 
     def discard(self, ids: Iterable[str] | None = None, *, everything: bool = False,
                 hook_id: int | None = None, account_id: int | None = None,
@@ -468,10 +482,11 @@ class Engine:
         if (ids is None) == (not everything):
             raise ValueError("discard: give either ids or everything=True")
         if ids is None:
-            return self.retry.discard_all(account_id, hook_id, progress)
+            return self.retry.discard_all(_id("discard", "account_id", account_id),
+                                          _id("discard", "hook_id", hook_id), progress)
         if hook_id is not None or account_id is not None:
             raise ValueError("discard: hook_id and account_id go with everything=True")
-        return self.retry.discard(ids)
+        return self.retry.discard(_ids("discard", ids))
 
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its
@@ -481,6 +496,10 @@ class Engine:
 
     def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:
         """Wait until every accepted event is settled (and, optionally, no retry is due)."""
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
+                or not 0 <= timeout < float("inf"):
+            raise ValueError(f"wait_idle: timeout must be a number of seconds >= 0, got "
+                             f"{timeout!r}")
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.backlog() == 0 and (not include_retries or self.retry.pending() == 0):
@@ -508,7 +527,33 @@ def _settings(settings: Settings | None, config: str | None, overrides: dict[str
               ) -> Settings:
     if settings is None:
         settings = load_settings(config or os.environ.get("HOOKRAY_CONFIG"))
+    elif not isinstance(settings, Settings):
+        raise ConfigError(f"settings: expected an engine.settings.Settings (or config= a "
+                          f"main.json path, or keyword settings), got {type(settings).__name__}")
+    elif config is not None:
+        raise ConfigError("give settings= or config=, not both: config would be ignored")
     return with_overrides(settings, overrides)
+
+
+def _id(call: str, name: str, value: Any) -> Any:
+    """``value`` if it is None or an id (an integer from 0 to MAX_ID), else ValueError
+    naming the call and the argument: "23" for 23 would select nothing, silently."""
+    if value is None or is_account_id(value):
+        return value
+    raise ValueError(f"{call}: {name} must be an integer from 0 to {MAX_ID}, got {value!r}")
+
+
+def _ids(call: str, ids: Iterable[str]) -> list[str]:
+    """Dead letter ids as a list of strings, else ValueError: one id given as a string
+    would be taken character by character."""
+    if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
+        raise ValueError(f"{call}: ids must be a list of dead letter ids, got "
+                         f"{type(ids).__name__}")
+    listed = list(ids)
+    wrong = next((i for i in listed if not isinstance(i, str)), None)
+    if wrong is not None:
+        raise ValueError(f"{call}: each dead letter id is a string, got {wrong!r}")
+    return listed
 
 
 def _init_ray(address: str | None) -> None:

@@ -266,12 +266,20 @@ class NameStore:
         self.r, self.k = r, keys
 
     def upsert(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Upsert ``{"account_id", "kind", "id", "name", ...}`` records; returns the count."""
+        """Upsert ``{"account_id", "kind", "id", "name", ...}`` records; returns the count.
+        A bad record raises ValueError naming its index, the field and the reason, and
+        nothing of the call is stored."""
+        if isinstance(records, Mapping | str | bytes):
+            raise ValueError("upsert_names: records must be a list of records (mappings), "
+                             f"got {type(records).__name__}")
         check = NameCatalogue()
         fields: dict[str, str] = {}
-        for rec in records:
-            rec = dict(rec)
-            check.upsert(int(rec.pop("account_id")), rec.pop("kind"), int(rec.pop("id")), **rec)
+        for n, rec in enumerate(records):
+            try:
+                account_id, kind, obj_id, named = _name_record(rec)
+                check.upsert(account_id, kind, obj_id, **named)
+            except ValueError as exc:
+                raise ValueError(f"upsert_names: record {n}: {exc}; nothing stored") from None
         for rec in check.to_records():
             key = f"{rec.pop('account_id')}:{rec.pop('kind')}:{rec.pop('id')}"
             fields[key] = json.dumps(rec)
@@ -313,9 +321,15 @@ class ProfileStore:
     def upsert(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         if not profiles:
             return 0
+        encoded = {}
+        for pid, profile_fields in profiles.items():
+            try:
+                encoded[pid] = json.dumps(dict(profile_fields), allow_nan=False)
+            except (TypeError, ValueError, RecursionError) as exc:
+                raise ValueError(f"upsert_profiles: fields of profile {pid!r} are not "
+                                 f"JSON: {exc}; nothing stored") from None
         with self.r.pipeline() as pipe:
-            pipe.hset(self.k.profiles(account_id),
-                      mapping={pid: json.dumps(dict(f)) for pid, f in profiles.items()})
+            pipe.hset(self.k.profiles(account_id), mapping=encoded)
             pipe.incr(self.k.profiles_version)
             pipe.execute()
         return len(profiles)
@@ -336,6 +350,29 @@ class ProfileStore:
                 if raw is not None:
                     found[(account, pid)] = json.loads(raw)
         return found
+
+
+def _name_record(rec: Any) -> tuple[int, str, int, dict[str, Any]]:
+    """(account_id, kind, id, fields) of one names record, or ValueError naming the
+    field and the reason (names are text: a number is taken as its digits)."""
+    if not isinstance(rec, Mapping):
+        raise ValueError(f"expected a mapping, got {type(rec).__name__}")
+    rec = dict(rec)
+    for key in ("account_id", "kind", "id"):
+        if key not in rec:
+            raise ValueError(f"{key} is missing")
+    account_id, kind, obj_id = rec.pop("account_id"), rec.pop("kind"), rec.pop("id")
+    for key, value in (("account_id", account_id), ("id", obj_id)):
+        if not is_account_id(value):  # the same range as an account's id
+            raise ValueError(f"{key}: expected an integer from 0 to {MAX_ID}, got {value!r}")
+    if not isinstance(kind, str):
+        raise ValueError(f"kind: expected a string, got {kind!r}")
+    for key, value in rec.items():
+        if not isinstance(key, str):
+            raise ValueError(f"{key!r}: a field's name is a string")
+        if isinstance(value, bool) or not isinstance(value, str | int):
+            raise ValueError(f"{key}: expected a string, got {value!r}")
+    return account_id, kind, obj_id, rec
 
 
 class ContentStore:

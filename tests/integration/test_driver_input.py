@@ -1,0 +1,92 @@
+"""The Python driver refuses input it would otherwise take wrongly (an id as a string
+selecting nothing, one dead letter id split into characters) or fail on with a
+traceback that names nothing; each error names the call, the argument and why."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from actors.driver import Engine
+from engine.errors import ConfigError
+from engine.receiver import Receiver
+from engine.settings import Settings
+
+
+@pytest.fixture
+def engine(settings: Settings) -> Iterator[Engine]:
+    engine = Engine.connect(settings)
+    yield engine
+    engine.redis.close()
+
+
+@pytest.mark.parametrize(("call", "message"), [
+    (lambda e: e.list_hooks("23"), "list_hooks: account_id must be an integer"),
+    (lambda e: e.list_hooks(-1), "list_hooks: account_id must be an integer"),
+    (lambda e: e.stats("5"), "stats: hook_id must be an integer"),
+    (lambda e: e.dead_letters(account_id="23"), "dead_letters: account_id must be"),
+    (lambda e: e.dead_letters(hook_id=True), "dead_letters: hook_id must be"),
+    (lambda e: e.dead_letters(after=5), "dead_letters: after must be a cursor"),
+    (lambda e: e.replay("d-1"), "replay: ids must be a list of dead letter ids, got str"),
+    (lambda e: e.replay([1, 2]), "replay: each dead letter id is a string, got 1"),
+    (lambda e: e.replay(hook_id="5"), "replay: hook_id must be an integer"),
+    (lambda e: e.discard("d-1"), "discard: ids must be a list of dead letter ids, got str"),
+    (lambda e: e.discard(everything=True, account_id=2.0), "discard: account_id must be"),
+    (lambda e: e.wait_idle("x"), "wait_idle: timeout must be a number of seconds"),
+    (lambda e: e.wait_idle(float("nan")), "wait_idle: timeout must be a number of seconds"),
+    (lambda e: e.upsert_names({"account_id": 1}), "records must be a list of records"),
+    (lambda e: e.upsert_names([{"kind": "campaigns", "id": 1, "name": "x"}]),
+     "upsert_names: record 0: account_id is missing; nothing stored"),
+    (lambda e: e.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 1, "name": "a"},
+                               {"account_id": 1, "kind": "campaigns", "id": 2, "name": None}]),
+     "upsert_names: record 1: name: expected a string, got None; nothing stored"),
+    (lambda e: e.upsert_names([{"account_id": 23.9, "kind": "segments", "id": 1}]),
+     "upsert_names: record 0: account_id: expected an integer from 0 to"),
+    (lambda e: e.upsert_profiles(1, {"p1": {"email": "a@b"}, "p2": {"tags": {"x"}}}),
+     "upsert_profiles: fields of profile 'p2' are not JSON"),
+    (lambda e: e.upsert_profiles(1, {"p1": {"score": float("nan")}}),
+     "upsert_profiles: fields of profile 'p1' are not JSON"),
+], ids=lambda v: v if isinstance(v, str) else "")
+def test_bad_arguments_are_refused_naming_the_call_and_argument(
+        engine: Engine, redis_client: Any, keys: Any, call: Any, message: str) -> None:
+    with pytest.raises(ValueError) as info:
+        call(engine)
+    assert str(info.value).startswith(message) or message in str(info.value), info.value
+    # nothing of a refused call is stored
+    assert redis_client.hlen(keys.names) == 0
+    assert redis_client.hlen(keys.profiles(1)) == 0
+
+
+def test_good_arguments_still_work(engine: Engine) -> None:
+    hook = engine.create_hook({"name": "crm", "account_id": 23, "actions": ["click"],
+                               "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+    assert [h.id for h in engine.list_hooks(23)] == [hook.id]
+    assert engine.dead_letters(account_id=23, hook_id=hook.id) == []
+    assert engine.replay([]) == 0 and engine.replay(hook_id=hook.id) == 0
+    assert engine.upsert_names([{"account_id": 23, "kind": "campaigns", "id": 9,
+                                 "name": "Black Friday", "subid": 7}]) == 1
+    assert engine.upsert_profiles(23, {"p1": {"email": "a@example.org"}}) == 1
+    assert engine.wait_idle(0.1)
+
+
+def test_settings_must_be_settings_and_not_beside_a_config(settings: Settings) -> None:
+    with pytest.raises(ConfigError, match="settings: expected an engine.settings.Settings"):
+        Engine.connect({"REDIS_URL": settings.REDIS_URL})  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="give settings= or config=, not both"):
+        Engine.connect(settings, config="deploy/main.json")
+
+
+def test_a_test_event_can_be_sent_from_inside_a_running_event_loop(
+        engine: Engine, receiver: Receiver) -> None:
+    hook = engine.create_hook({"name": "crm", "account_id": 23, "actions": ["click"],
+                               "target": {"http_batch": {"url": receiver.url("/t")}}})
+
+    async def from_a_coroutine() -> Any:
+        return engine.test_event(hook.id, "click")
+
+    outcome = asyncio.run(from_a_coroutine())
+    assert outcome.ok, outcome
+    assert [m["event_type"] for m in receiver.messages("/t")] == ["click"]
