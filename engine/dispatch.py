@@ -61,11 +61,28 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
 MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
-# Redis errors that pass (a lost connection, a timeout, a replica or a loading server):
-# an entry is never set aside for them. Other Redis errors (WRONGTYPE on a key the
-# round uses...) would fail every round, and count as the entry's failures.
+# Redis errors that pass (a lost connection, a timeout, a replica or a loading server,
+# one out of memory or refusing writes until it can persist or reach its replicas, a
+# busy script): an entry is never set aside for them. Other Redis errors (WRONGTYPE on
+# a key the round uses...) would fail every round, and count as the entry's failures.
 REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyError,
-                     redis.exceptions.TryAgainError)
+                     redis.exceptions.TryAgainError, redis.exceptions.OutOfMemoryError,
+                     redis.exceptions.MasterDownError, redis.exceptions.ClusterDownError)
+# the same refusals where redis-py raises them as a plain ResponseError: by error code
+REDIS_REFUSALS = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "MASTERDOWN", "OOM",
+                  "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+
+
+def redis_unavailable(error: BaseException) -> bool:
+    """Whether ``error`` says Redis cannot serve now (it passes), not that something
+    of the round is wrong: see REDIS_UNAVAILABLE."""
+    if isinstance(error, REDIS_UNAVAILABLE):
+        return True
+    if not isinstance(error, redis.ResponseError):
+        return False
+    # in a pipeline, redis-py puts "Command # N (...) of pipeline caused error: " first
+    text = str(error).rpartition(" of pipeline caused error: ")[2]
+    return text.split(" ", 1)[0] in REDIS_REFUSALS
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
@@ -465,11 +482,11 @@ class PartitionWorker:
         """A round failed: its entries are processed again, one per round (messages
         batched before the failure are sent, and sent again then: at-least-once).
         An entry whose rounds failed MAX_ENTRY_FAILURES times while processing it
-        (``blame``), not because Redis was unavailable (``REDIS_UNAVAILABLE``), is set
+        (``blame``), not because Redis was unavailable (``redis_unavailable``), is set
         aside like an unreadable one."""
         alone = len(entries) == 1
         for entry in entries:
-            if blame and not isinstance(error, REDIS_UNAVAILABLE):
+            if blame and not redis_unavailable(error):
                 self.failures[entry.id] += 1
             if alone and self.failures[entry.id] >= MAX_ENTRY_FAILURES:
                 try:

@@ -73,7 +73,7 @@ def test_good_arguments_still_work(engine: Engine) -> None:
 
 
 def test_settings_must_be_settings_and_not_beside_a_config(settings: Settings) -> None:
-    with pytest.raises(ConfigError, match="settings: expected an engine.settings.Settings"):
+    with pytest.raises(ConfigError, match=r"settings: expected an engine\.settings\.Settings"):
         Engine.connect({"REDIS_URL": settings.REDIS_URL})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="give settings= or config=, not both"):
         Engine.connect(settings, config="deploy/main.json")
