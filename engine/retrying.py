@@ -110,15 +110,26 @@ class RetryWorker:
             else:
                 sendable.append((hook, delivery))
         counts = self.side.retry.handed_over([d.id for _, d in sendable])
-        for (hook, delivery), count in zip(sendable, counts, strict=True):
-            if count > MAX_UNANSWERED:
-                self.side.retry.kill(delivery, (
-                    f"handed over {count - 1} times without an outcome (the retry worker "
-                    f"stopped during each send); last error: {delivery.last_error}"))
-            else:
-                self.sender.submit(hook, for_target(hook, delivery))
-                self.handed.add(delivery.id)
-                self.sent_with[delivery.id] = hook
+        done = 0
+        try:
+            for (hook, delivery), count in zip(sendable, counts, strict=True):
+                if count > MAX_UNANSWERED:
+                    self.side.retry.kill(delivery, (
+                        f"handed over {count - 1} times without an outcome (the retry "
+                        f"worker stopped during each send); last error: "
+                        f"{delivery.last_error}"))
+                else:
+                    self.sender.submit(hook, for_target(hook, delivery))
+                    self.handed.add(delivery.id)
+                    self.sent_with[delivery.id] = hook
+                done += 1
+        except Exception:
+            # those counted and not handed over (a Redis error killing one, a part that
+            # cannot be re-keyed) were not sent: counted, after 3 such failures they
+            # would become dead letters saying the worker stopped during each send
+            with suppress(Exception):
+                self.side.retry.handed_back([d.id for _, d in sendable[done:]])
+            raise
         return len(due)
 
     def settle(self, delivery: Delivery, outcome: Outcome, once: Once | None = None) -> None:

@@ -1474,6 +1474,37 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
     assert not retry.dead_letters() and retry.pending() == 1
 
 
+def test_a_hand_over_that_fails_counts_no_send_it_did_not_make(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The worker counts a claim's hand-overs, then hands them over one by one: when
+    that fails (the sender refuses, Redis goes), the ones not handed over are not
+    counted as sends the worker died during, so however often it happens no dead
+    letter says so, and the deliveries are sent once it works again."""
+    from engine.retrying import MAX_UNANSWERED
+
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    ids = ["d1", "d2", "d3"]
+    for delivery_id in ids:
+        retry.schedule(Delivery(id=delivery_id, hook_id=created.id or 0, account_id=1,
+                                kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+
+    def refuse(hook: Any, delivery: Delivery) -> None:
+        raise RuntimeError("the transport actor is gone")
+
+    for _ in range(MAX_UNANSWERED + 2):
+        sender = InProcessSender(hold=True)
+        sender.submit = refuse  # type: ignore[method-assign]
+        with pytest.raises(RuntimeError, match="the transport actor is gone"):
+            RetryWorker(settings, redis_client, sender).step()
+        assert not any(int(n) for n in redis_client.hvals(keys.retry_unanswered))
+        redis_client.zadd(keys.retry, dict.fromkeys(ids, 0))  # the leases run out
+    assert retry.dead_letters() == []
+    sender = InProcessSender(hold=True)
+    assert RetryWorker(settings, redis_client, sender).step() == 3
+    assert sorted(d.id for d in sender.held) == ids
+
+
 def test_handing_back_never_takes_a_count_below_zero(redis_client: redis.Redis,
                                                      keys: Keys) -> None:
     retry = RetryStore(redis_client, keys)
