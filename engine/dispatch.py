@@ -83,6 +83,12 @@ def redis_unavailable(error: BaseException) -> bool:
     # in a pipeline, redis-py puts "Command # N (...) of pipeline caused error: " first
     text = str(error).rpartition(" of pipeline caused error: ")[2]
     return text.split(" ", 1)[0] in REDIS_REFUSALS
+# how often a partition looks for entries pending for it that it does not hold (handed
+# over by a read whose reply never came: see PartitionWorker._orphans), and how long such
+# an entry has been pending at least
+ORPHAN_CHECK_SEC = 60.0
+ORPHAN_IDLE_MS = 30_000
+ORPHAN_PAGE = 1_000
 IMMEDIATE_MAX_BATCH = 1_000  # broker batches: messages per delivery, sent every round
 # Kafka deliveries are split by partition inside the transport: a larger delivery keeps
 # each partition's record batch near its 256 KiB size
@@ -383,6 +389,7 @@ class PartitionWorker:
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
         self.pending_cursor = "0"
         self.last_read = "0"  # the id of the last entry read (see _read)
+        self.orphans_checked = time.monotonic()  # see _orphans
         # entries of a failed round, processed again one per round before any new read;
         # each holds one phantom message in entry_left until then, so it is not
         # acknowledged while messages an earlier attempt batched settle
@@ -412,7 +419,7 @@ class PartitionWorker:
             entries = [self.again.popleft()]
         elif self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED:
             try:
-                entries = self._read(block_ms)
+                entries = self._orphans() or self._read(block_ms)
             except Exception:
                 # outcomes are still collected while reading fails (Redis down): left
                 # uncollected through a long outage, a transport actor would drop them
@@ -539,6 +546,41 @@ class PartitionWorker:
                 self.reading_own_pending = True
                 self.pending_cursor = start if start != ">" else _before(items[0][0].decode())
             raise
+
+    def _orphans(self) -> list[_Entry]:
+        """Every ORPHAN_CHECK_SEC: entries pending for this consumer for ORPHAN_IDLE_MS
+        that this worker does not hold, taken up as if just read. A read Redis carried
+        out after the worker gave up on it (its reply lost, or the command late on a
+        connection already dropped while the worker read on) hands entries over that
+        no later read returns: without this they would wait for the actor's restart."""
+        if self.reading_own_pending or \
+                time.monotonic() - self.orphans_checked < ORPHAN_CHECK_SEC:
+            return []
+        held = set(self.entry_left) | set(self.to_ack) | {e.id for e in self.again}
+        if self.unsure is not None:
+            held.update(self.unsure[1])
+        orphans: list[str] = []
+        start = "-"
+        while len(orphans) < ORPHAN_PAGE:
+            page = self.r.xpending_range(self.stream, CONSUMER_GROUP, min=start, max="+",
+                                         count=ORPHAN_PAGE, consumername=self.consumer,
+                                         idle=ORPHAN_IDLE_MS)
+            ids = [p["message_id"].decode() for p in page]
+            orphans += [eid for eid in ids if eid not in held]
+            if len(ids) < ORPHAN_PAGE:
+                break
+            start = "(" + ids[-1]
+        self.orphans_checked = time.monotonic()
+        if not orphans:
+            return []
+        log.warning("partition %s: %d intake entries pending for this partition were not "
+                    "being processed (a read whose reply was lost); processing them now",
+                    self.partition, len(orphans))
+        # claimed by this consumer again: returns their fields (deleted ones are dropped
+        # from the pending list by Redis), and resets their idle time
+        items = self.r.xclaim(self.stream, CONSUMER_GROUP, self.consumer, 0,
+                              orphans[:ORPHAN_PAGE])
+        return self._decoded([(eid, fields) for eid, fields in items])
 
     def _recreate_group(self, exc: Exception) -> None:
         """The stream or its consumer group is gone (Redis restarted without the data,

@@ -1474,6 +1474,65 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
     assert not retry.dead_letters() and retry.pending() == 1
 
 
+def test_entries_a_lost_read_handed_over_are_found_and_processed(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A read Redis carries out after the worker gave up on it (its connection timed
+    out, the command arrived late) hands an entry over to the worker's consumer that no
+    later read returns: the worker finds it among its pending entries and sends it."""
+    import engine.dispatch as dispatch
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 100)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    worker.step(block_ms=10)  # its start-up read of its own pending entries: none
+    assert not worker.reading_own_pending
+    intake.publish(clicks(3))
+    # the late read: the entry is now pending for the worker's consumer
+    late = redis_client.xreadgroup(CONSUMER_GROUP, worker.consumer, {keys.intake(0): ">"})
+    assert len(late[0][1]) == 1
+    intake.publish(clicks(2, list_id=2))
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 2)
+    assert redis_client.xlen(keys.intake(0)) == 1  # read on: the handed-over one waits
+    monkeypatch.setattr(dispatch, "ORPHAN_CHECK_SEC", 0.0)
+    monkeypatch.setattr(dispatch, "ORPHAN_IDLE_MS", 0)
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sum(d.count for d in sender.transport.sent) == 5 and sent_once(sender)
+    assert "1 intake entries pending for this partition were not being processed" in \
+        caplog.text
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert worker.unsettled == 0 and not worker.entry_left
+
+
+def test_entries_the_worker_holds_are_no_orphans(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries whose messages are being sent, or wait in an open batch, are pending
+    for the worker's consumer too: the look for orphans leaves them alone."""
+    import engine.dispatch as dispatch
+
+    monkeypatch.setattr(dispatch, "ORPHAN_CHECK_SEC", 0.0)
+    monkeypatch.setattr(dispatch, "ORPHAN_IDLE_MS", 0)
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())  # batches of 10, flushed after 0.1 s
+    intake = one_intake(redis_client, keys, 7)
+    sender = InProcessSender(hold=True)  # sends that do not end
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(10) + clicks(3, list_id=2))  # 2 entries sent, 2 more batched
+    run_until(worker, lambda: len(sender.held) == 1)
+    for _ in range(20):
+        worker.step(block_ms=10)
+    assert sum(d.count for d in sender.held) in (10, 13)
+    assert len({mid for d in sender.held for mid in d.message_ids}) == \
+        sum(d.count for d in sender.held)  # nothing taken up twice
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 2
+    assert set(worker.entry_left) == {eid.decode() for eid, _ in
+                                      redis_client.xrange(keys.intake(0))}
+
+
 def test_a_hand_over_that_fails_counts_no_send_it_did_not_make(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """The worker counts a claim's hand-overs, then hands them over one by one: when
