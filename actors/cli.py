@@ -274,6 +274,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_set_aside(args: argparse.Namespace) -> int:
+    """List the intake entries the partitions set aside, or put them back (--requeue)."""
+    engine = _engine(args)
+    if args.ids and not args.requeue:
+        raise HookrayError("set-aside: ids go with --requeue")
+    try:
+        if args.requeue:
+            moved = engine.requeue_set_aside(args.ids or None)
+            print(f"{moved} set-aside entr{'y' if moved == 1 else 'ies'} put back into "
+                  "the intake")
+        else:
+            _print(engine.set_aside(args.limit, args.after))
+    except ValueError as exc:  # an id that is none, or not of a set-aside entry
+        raise HookrayError(f"set-aside: {exc}") from None
+    return 0
+
+
 def cmd_health(args: argparse.Namespace) -> int:
     """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
     them is stopped or waits (see its reason), or no engine ever started here."""
@@ -336,6 +353,21 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         # given the token itself, only its id is shown
         print(f"token {tokens.revoke(args.token_id)} revoked")
     return 0
+
+
+def _id_number(text: str) -> int:
+    """An id argument (a hook's, an account's): an integer from 0 to MAX_ID, else the
+    command is refused before anything runs (a negative or huge id names nothing)."""
+    from engine.events import MAX_ID
+
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value <= MAX_ID:
+        raise argparse.ArgumentTypeError(
+            f"{text[:40]!r}: expected an id, an integer from 0 to {MAX_ID}")
+    return value
 
 
 def _at_least_one(text: str) -> int:
@@ -439,12 +471,12 @@ def _parser() -> argparse.ArgumentParser:
     hooks = sub.add_parser("hooks", help="manage hooks", description="Manage hooks.")
     hsub = hooks.add_subparsers(dest="action", required=True, metavar="ACTION")
     hsub.add_parser("list", help="list hooks").add_argument(
-        "--account", type=int, help="only this account's hooks")
+        "--account", type=_id_number, help="only this account's hooks")
     for name, text in (("get", "show a hook"), ("activate", "activate a hook"),
                        ("stop", "stop a hook"), ("clone", "clone a hook (stopped)"),
                        ("delete", "delete a hook")):
         action_parser = hsub.add_parser(name, help=text, description=text)
-        action_parser.add_argument("id", type=int, help="the hook's id")
+        action_parser.add_argument("id", type=_id_number, help="the hook's id")
         if name == "clone":
             action_parser.add_argument("--name", help="the clone's name (default: the "
                                        "hook's name + ' (copy)')")
@@ -453,11 +485,11 @@ def _parser() -> argparse.ArgumentParser:
                     "all or none: every hook is checked before the first is created."
                     ).add_argument("file", help="JSON file of hook settings")
     upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
-    upd.add_argument("id", type=int, help="the hook's id")
+    upd.add_argument("id", type=_id_number, help="the hook's id")
     upd.add_argument("file", help="JSON file of the hook's settings (redacted secrets "
                      "keep the stored ones for the same destination)")
     test = hsub.add_parser("test", help="send one test event through a hook's target")
-    test.add_argument("id", type=int, help="the hook's id")
+    test.add_argument("id", type=_id_number, help="the hook's id")
     test.add_argument("event_type", help="an event code, e.g. click")
     hooks.set_defaults(fn=cmd_hooks)
 
@@ -468,7 +500,7 @@ def _parser() -> argparse.ArgumentParser:
     pub.set_defaults(fn=cmd_publish)
 
     stats = sub.add_parser("stats", help="per-hook counters")
-    stats.add_argument("--hook", type=int, help="only this hook's counters")
+    stats.add_argument("--hook", type=_id_number, help="only this hook's counters")
     stats.set_defaults(fn=cmd_stats)
 
     health = sub.add_parser("health", help="which workers run (exit 1: not all of them)",
@@ -476,32 +508,43 @@ def _parser() -> argparse.ArgumentParser:
     health.set_defaults(fn=cmd_health)
 
     dead = sub.add_parser("dead-letters", help="list dead letters")
-    dead.add_argument("--hook", type=int, help="only this hook's dead letters")
-    dead.add_argument("--account", type=int, help="only this account's dead letters")
+    dead.add_argument("--hook", type=_id_number, help="only this hook's dead letters")
+    dead.add_argument("--account", type=_id_number, help="only this account's dead letters")
     dead.add_argument("--limit", type=_at_least_one, default=100,
                       help="at most this many (default 100)")
     dead.add_argument("--after", metavar="CURSOR",
                       help="the next ones: after the dead letter of this cursor")
     dead.set_defaults(fn=cmd_dead_letters)
 
+    aside = sub.add_parser("set-aside", help="intake entries set aside; --requeue puts "
+                           "them back", description=cmd_set_aside.__doc__)
+    aside.add_argument("ids", nargs="*", help="with --requeue: these entries (default: "
+                       "every one that can be decoded)")
+    aside.add_argument("--requeue", action="store_true",
+                       help="put entries back into the intake, to be processed again")
+    aside.add_argument("--limit", type=_at_least_one, default=100,
+                       help="at most this many (default 100)")
+    aside.add_argument("--after", metavar="ID", help="the next ones: after this entry")
+    aside.set_defaults(fn=cmd_set_aside)
+
     tokens = sub.add_parser("tokens", help="manage HTTP API tokens",
                             description="Manage HTTP API tokens (stored hashed).")
     tsub = tokens.add_subparsers(dest="action", required=True, metavar="ACTION")
     tcreate = tsub.add_parser("create", help="create a token (printed once)")
-    tcreate.add_argument("--account", type=int, required=True, help="account id")
+    tcreate.add_argument("--account", type=_id_number, required=True, help="account id")
     tcreate.add_argument("--role", choices=["master", "ingest"], required=True,
                          help="master: everything of the account; ingest: publish only")
     tcreate.add_argument("--name", default="", help="a label for the token")
     tsub.add_parser("list", help="list tokens (never their secrets)").add_argument(
-        "--account", type=int)
+        "--account", type=_id_number)
     tsub.add_parser("revoke", help="revoke a token at once").add_argument(
         "token_id", help="the token's id, or the token itself")
     tokens.set_defaults(fn=cmd_tokens)
 
     replay = sub.add_parser("replay", help="send dead letters again")
     replay.add_argument("ids", nargs="*", help="dead letter ids (default: all)")
-    replay.add_argument("--hook", type=int, help="only this hook's dead letters")
-    replay.add_argument("--account", type=int, help="only this account's dead letters")
+    replay.add_argument("--hook", type=_id_number, help="only this hook's dead letters")
+    replay.add_argument("--account", type=_id_number, help="only this account's dead letters")
     replay.set_defaults(fn=cmd_replay)
 
     discard = sub.add_parser("discard", help="delete dead letters for good",
@@ -510,8 +553,8 @@ def _parser() -> argparse.ArgumentParser:
     discard.add_argument("ids", nargs="*", help="dead letter ids")
     discard.add_argument("--all", action="store_true",
                          help="every dead letter (of --hook, of --account)")
-    discard.add_argument("--hook", type=int, help="with --all: only this hook's")
-    discard.add_argument("--account", type=int, help="with --all: only this account's")
+    discard.add_argument("--hook", type=_id_number, help="with --all: only this hook's")
+    discard.add_argument("--account", type=_id_number, help="with --all: only this account's")
     discard.set_defaults(fn=cmd_discard)
     _config_after_the_command(p)
     return p

@@ -33,7 +33,7 @@ from engine.errors import ConfigError, HookError, NotFound
 from engine.events import MAX_ID, Event, is_account_id
 from engine.health import engine_health
 from engine.hooks import Hook
-from engine.intake import Intake, PublishResult
+from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys
 from engine.lease import EngineLease, Renewer
 from engine.settings import Settings, load_settings, ray_address_problem, with_overrides
@@ -487,6 +487,20 @@ class Engine:
         if hook_id is not None or account_id is not None:
             raise ValueError("discard: hook_id and account_id go with everything=True")
         return self.retry.discard(_ids("discard", ids))
+
+    def set_aside(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """Intake entries the partitions set aside (undecodable, or failing MAX_ENTRY_
+        FAILURES times), oldest first: ``{"id", "partition", "entry", "error",
+        "events"}`` (``events`` None: it cannot be decoded); the next ones with
+        ``after=`` the last one's id."""
+        return SetAside(self.redis, self.keys).page(limit, after)
+
+    def requeue_set_aside(self, ids: Iterable[str] | None = None) -> int:
+        """Put set-aside entries back into the intake (the given ids, all or none; by
+        default every one that can be decoded), to be processed again once what failed
+        them is fixed; returns how many."""
+        listed = None if ids is None else _ids("requeue_set_aside", ids)
+        return SetAside(self.redis, self.keys).requeue(listed, self.settings.PARTITIONS)
 
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its

@@ -25,7 +25,7 @@ from typing import Any, Literal, cast
 
 import redis
 
-from engine.errors import NotFound
+from engine.errors import NotFound, named
 from engine.events import MAX_ID, is_account_id
 
 Role = Literal["master", "ingest"]
@@ -108,7 +108,7 @@ class TokenStore:
         if full:
             token_id = full.group(1)
         if not self.r.hdel(self.key, token_id):
-            raise NotFound(f"token {token_id} does not exist")
+            raise NotFound(f"token {named(token_id)} does not exist")
         return token_id
 
 

@@ -75,3 +75,13 @@ class Timeout(TransportError):
 
 class Rejected(TransportError):
     """The destination answered without success (status, success regex, broker nack)."""
+
+
+def named(value: str, limit: int = 100) -> str:
+    """``value`` (an id a caller gave) as an error names it: as it is when it is short,
+    printable text without spaces, else its repr cut to ``limit`` characters; an
+    empty or megabyte-long id stays readable in the message."""
+    if value and len(value) <= limit and value.isprintable() and " " not in value:
+        return value
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"

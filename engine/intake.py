@@ -9,6 +9,7 @@ that round trip returned.
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -561,3 +562,95 @@ class Intake:
             return
         raise ConfigError("PARTITIONS: the recorded count kept changing; is another engine "
                           "starting with the same REDIS_PREFIX?")
+
+
+class SetAside:
+    """Intake entries a partition set aside (``{p}:intake:unreadable``): ones it could
+    not decode, and ones whose processing failed MAX_ENTRY_FAILURES times (an error
+    since fixed, say). Listed, and put back into the intake to be processed again."""
+
+    def __init__(self, r: redis.Redis, keys: Keys) -> None:
+        self.r = r
+        self.k = keys
+
+    def page(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """The oldest ``limit`` set-aside entries (after the one of id ``after``):
+        ``{"id", "partition", "entry", "error", "events"}``, ``events`` their count, or
+        None for one that cannot be decoded (it would be set aside again)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
+            raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
+        if after is not None and not _stream_id(after):
+            raise ValueError(f"after: expected a set-aside entry's id (as 1700000000000-0), "
+                             f"got {after!r}")
+        start = "-" if after is None else "(" + after
+        out = []
+        for eid, fields in self.r.xrange(self.k.intake_unreadable, start, "+", count=limit):
+            out.append({"id": eid.decode(),
+                        "partition": _text(fields.get(b"_partition")),
+                        "entry": _text(fields.get(b"_entry")),
+                        "error": _text(fields.get(b"_error")),
+                        "events": _event_count(fields)})
+        return out
+
+    def requeue(self, ids: list[str] | None = None, partitions: int = 1) -> int:
+        """Append set-aside entries (``ids``, all or none; None: every one that can be
+        decoded) to the intake again, each in one MULTI with its removal from the
+        set-aside stream; returns how many. An unknown id, or one that cannot be
+        decoded, raises ValueError naming it, and nothing is moved. ``partitions``:
+        the engine's PARTITIONS (its recorded value wins), to place each entry."""
+        recorded = self.r.hget(self.k.config, "partitions")
+        partitions = int(recorded) if recorded is not None else partitions
+        if ids is None:
+            items = [(eid, f) for eid, f in self.r.xrange(self.k.intake_unreadable)
+                     if _event_count(f) is not None]
+        else:
+            wrong = [eid for eid in ids if not _stream_id(eid)]
+            if wrong:
+                raise ValueError(f"{wrong[0]!r} is no set-aside entry's id (as "
+                                 "1700000000000-0); nothing requeued")
+            found: dict[str, dict[bytes, bytes]] = {}
+            with self.r.pipeline(transaction=False) as pipe:
+                for eid in ids:
+                    pipe.xrange(self.k.intake_unreadable, eid, eid)
+                for eid, reply in zip(ids, pipe.execute(), strict=True):
+                    if reply:
+                        found[eid] = reply[0][1]
+            unknown = [eid for eid in ids if eid not in found]
+            if unknown:
+                raise ValueError(f"set-aside entr(y/ies) {', '.join(unknown[:20])} do not "
+                                 "exist; nothing requeued")
+            undecodable = [eid for eid in ids if _event_count(found[eid]) is None]
+            if undecodable:
+                raise ValueError(f"set-aside entr(y/ies) {', '.join(undecodable[:20])} "
+                                 "cannot be decoded (they would be set aside again); "
+                                 "nothing requeued")
+            items = [(eid.encode(), found[eid]) for eid in dict.fromkeys(ids)]
+        moved = 0
+        for eid, fields in items:
+            original = {k: v for k, v in fields.items() if not k.startswith(b"_")}
+            try:
+                partition = int(fields.get(b"_partition", b"0")) % partitions
+            except ValueError:
+                partition = 0
+            with self.r.pipeline(transaction=True) as pipe:
+                pipe.xadd(self.k.intake(partition), original)  # type: ignore[arg-type]
+                pipe.xdel(self.k.intake_unreadable, eid)
+                pipe.hincrby(self.k.engine_stats, "entries_requeued", 1)
+                pipe.execute()
+            moved += 1
+        return moved
+
+
+def _stream_id(value: Any) -> bool:
+    return isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value) is not None
+
+
+def _text(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8", "replace")
+
+
+def _event_count(fields: dict[bytes, bytes]) -> int | None:
+    try:
+        return len(decode_entry(fields))
+    except Exception:  # not written by the intake, or damaged
+        return None

@@ -48,7 +48,8 @@ key                             type     holds
                                          cluster, started); ENGINE_LEASE_SEC TTL,
                                          renewed by its driver (engine/lease.py)
 {p}:stats:engine                hash     events_accepted, events_rejected,
-                                         entries_unreadable, retries_unreadable
+                                         entries_unreadable, entries_requeued,
+                                         retries_unreadable
 ==============================  =======  =============================================
 """
 

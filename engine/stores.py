@@ -21,7 +21,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue
-from engine.errors import Conflict, HookError, NotFound
+from engine.errors import Conflict, HookError, NotFound, named
 from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
     MASK,
@@ -842,7 +842,9 @@ class RetryStore:
             if strict:
                 missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
                 if missing:
-                    raise NotFound(f"dead letter(s) {', '.join(missing)} do not exist")
+                    shown = ", ".join(named(i) for i in missing[:20])
+                    more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+                    raise NotFound(f"dead letter(s) {shown}{more} do not exist")
             good: list[tuple[str, bytes, Delivery]] = []
             for delivery_id, raw in zip(ids, payloads, strict=True):
                 try:

@@ -23,7 +23,7 @@ COMMANDS = [[], ["run"], ["demo"], ["hooks"], ["hooks", "list"], ["hooks", "crea
             ["hooks", "update"], ["hooks", "get"], ["hooks", "delete"], ["hooks", "activate"],
             ["hooks", "stop"], ["hooks", "clone"], ["hooks", "test"], ["publish"], ["stats"],
             ["health"], ["dead-letters"], ["replay"], ["discard"], ["tokens"], ["tokens", "create"],
-            ["tokens", "list"], ["tokens", "revoke"]]
+            ["tokens", "list"], ["tokens", "revoke"], ["set-aside"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hookray")
@@ -35,7 +35,10 @@ def test_every_command_has_help(command: list[str], capsys: pytest.CaptureFixtur
 
 
 def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any, str]:
-    code = main(list(args))
+    try:
+        code = main(list(args))
+    except SystemExit as exc:  # argparse refusing an argument, as a shell would see it
+        code = int(exc.code or 0)
     out, err = capsys.readouterr()
     try:
         return code, json.loads(out), err
@@ -233,7 +236,8 @@ def test_more_bad_input_gets_a_clear_error_not_a_traceback(
     assert code == 2 and "unknown event type 'nosuchtype'" in err
     code, _, err = run_cli(capsys, "-c", config, "tokens", "create", "--account",
                            str(2**63), "--role", "master")
-    assert code == 2 and "is not an integer from 0 to 9223372036854775807" in err
+    assert code == 2 and f"'{2**63}': expected an id, an integer from 0 to " \
+        "9223372036854775807" in err
     monkeypatch.setenv("REDIS_URL", "")
     code, _, err = run_cli(capsys, "-c", config, "stats")
     assert code == 2 and "REDIS_URL is empty" in err
@@ -535,21 +539,46 @@ def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
         "hookray: hook 2 created from /h/b\\xff.json"]
 
 
-@pytest.mark.parametrize("command", [
-    ["hooks", "get", str(2**70)], ["hooks", "delete", "-1"], ["hooks", "activate", str(2**64)],
-    ["hooks", "test", str(2**70), "click"], ["stats", "--hook", "-3"],
-    ["hooks", "list", "--account", str(2**70)], ["tokens", "list", "--account", "-1"],
-    ["tokens", "create", "--account", str(2**70), "--role", "ingest"],
-    ["dead-letters", "--limit", str(2**70)], ["dead-letters", "--hook", str(2**70)],
-    ["dead-letters", "--after", "1e308:x"], ["dead-letters", "--after", "1e400:x"],
-    ["replay", "--hook", str(2**70)], ["discard", "--all", "--account", "-7"],
-    ["replay", ""], ["tokens", "revoke", "x" * 10_000],
-], ids=lambda c: " ".join(a[:24] for a in c))
+NOT_AN_ID = "expected an id, an integer from 0 to 9223372036854775807"
+
+
+@pytest.mark.parametrize(("command", "code", "message"), [
+    (["hooks", "get", str(2**70)], 2, f"argument id: '{2**70}': {NOT_AN_ID}"),
+    (["hooks", "delete", "-1"], 2, f"argument id: '-1': {NOT_AN_ID}"),
+    (["hooks", "activate", str(2**64)], 2, f"argument id: '{2**64}': {NOT_AN_ID}"),
+    (["hooks", "test", str(2**70), "click"], 2, f"argument id: '{2**70}': {NOT_AN_ID}"),
+    (["stats", "--hook", "-3"], 2, f"argument --hook: '-3': {NOT_AN_ID}"),
+    (["hooks", "list", "--account", str(2**70)], 2, f"argument --account: '{2**70}'"),
+    (["tokens", "list", "--account", "-1"], 2, f"argument --account: '-1': {NOT_AN_ID}"),
+    (["tokens", "create", "--account", str(2**70), "--role", "ingest"], 2,
+     f"argument --account: '{2**70}'"),
+    (["dead-letters", "--hook", str(2**70)], 2, f"argument --hook: '{2**70}'"),
+    (["replay", "--hook", str(2**70)], 2, f"argument --hook: '{2**70}'"),
+    (["discard", "--all", "--account", "-7"], 2, f"argument --account: '-7': {NOT_AN_ID}"),
+    (["dead-letters", "--limit", str(2**70)], 0, ""),
+    (["dead-letters", "--after", "1e308:x"], 0, ""),
+    (["dead-letters", "--after", "1e400:x"], 2, "--after: '1e400:x' is not a dead-letter "
+     "cursor"),
+    (["replay", ""], 2, "hookray: error: dead letter(s) '' do not exist"),
+    (["tokens", "revoke", "x" * 10_000], 2, "hookray: error: token 'xxxxxxx"),
+], ids=lambda c: " ".join(a[:24] for a in c) if isinstance(c, list) else None)
 def test_odd_numbers_and_ids_get_an_answer_not_a_traceback(
-        command: list[str], config: str, capsys: pytest.CaptureFixture[str]) -> None:
-    code, _, err = run_cli(capsys, "-c", config, *command)
-    assert code in (0, 2), err
-    assert code == 0 or err.startswith("hookray: error: "), err
+        command: list[str], code: int, message: str, config: str, redis_client: Any,
+        keys: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """An id out of range is refused before anything runs (a negative account must
+    not select, or discard, anything); the other odd values get an answer."""
+    from engine.stores import RetryStore
+    from engine.transports.base import Delivery
+
+    retry = RetryStore(redis_client, keys)
+    for account in (1, 2):
+        retry.kill(Delivery(id=f"d{account}", hook_id=account, account_id=account,
+                            kind="http_batch", parts=[b"{}"]), "HTTP 500")
+    got, out, err = run_cli(capsys, "-c", config, *command)
+    assert got == code, (out, err)
+    assert message in err and len(err) < 500, err
+    assert code == 0 or "Traceback" not in err
+    assert sorted(d.id for d in retry.dead_letters()) == ["d1", "d2"]  # nothing moved
 
 
 def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
@@ -587,3 +616,47 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         assert engine.backlog() == 1
     finally:
         engine.redis.close()
+
+
+def test_set_aside_entries_are_listed_and_put_back(
+        config: str, redis_client: Any, keys: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """What a partition sets aside (as PartitionWorker._set_aside writes it: the
+    entry's fields, then why) can be listed and put back into the intake, where a
+    partition processes it again; an undecodable one cannot be put back."""
+    from engine.intake import Intake, decode_entry
+
+    Intake(redis_client, keys, 2, 100).publish(
+        [{"event_type": "click", "account_id": 1, "list_id": 7, "id": f"e{n}",
+          "event_date": "2026-01-01T00:00:00Z"} for n in range(3)])
+    ((stream, ((entry_id, fields),)),) = [
+        (s, redis_client.xrange(s)) for s in (keys.intake(0), keys.intake(1))
+        if redis_client.xlen(s)]
+    redis_client.delete(stream)  # taken out of the intake, as a set-aside entry is
+    kept = redis_client.xadd(keys.intake_unreadable, {
+        **fields, b"_partition": b"1", b"_entry": entry_id,
+        b"_error": b"WRONGTYPE Operation against a key holding the wrong kind of value"})
+    junk = redis_client.xadd(keys.intake_unreadable, {
+        b"x": b"\xc1", b"_partition": b"0", b"_entry": b"5-0", b"_error": b"KeyError: b'e'"})
+    code, listed, _ = run_cli(capsys, "-c", config, "set-aside")
+    assert code == 0 and listed == [
+        {"id": kept.decode(), "partition": "1", "entry": entry_id.decode(),
+         "error": "WRONGTYPE Operation against a key holding the wrong kind of value",
+         "events": 3},
+        {"id": junk.decode(), "partition": "0", "entry": "5-0",
+         "error": "KeyError: b'e'", "events": None}]
+    code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--after", kept.decode())
+    assert [e["id"] for e in page] == [junk.decode()]
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", junk.decode())
+    assert code == 2 and "cannot be decoded" in err and "nothing requeued" in err
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", "9-9")
+    assert code == 2 and "9-9 do not exist" in err
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", "soon")
+    assert code == 2 and "'soon' is no set-aside entry's id" in err
+    assert redis_client.xlen(keys.intake_unreadable) == 2
+    code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--requeue")
+    assert code == 0 and "1 set-aside entry put back into the intake" in out
+    ((_, back),) = redis_client.xrange(keys.intake(1))  # the partition it came from
+    assert [e.id for e in decode_entry(back)] == ["e0", "e1", "e2"]
+    assert not any(k.startswith(b"_") for k in back)
+    assert [eid for eid, _ in redis_client.xrange(keys.intake_unreadable)] == [junk]
+    assert redis_client.hget(keys.engine_stats, "entries_requeued") == b"1"

@@ -1031,6 +1031,15 @@ def test_an_entry_that_keeps_failing_is_set_aside_and_the_others_delivered(
     assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
     assert worker.unsettled == 0 and not worker.failures
+    # once what failed it is fixed, the entry is put back and its events are sent
+    from engine.intake import SetAside
+
+    monkeypatch.undo()
+    assert SetAside(redis_client, keys).requeue() == 1
+    assert redis_client.xlen(keys.intake_unreadable) == 0
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    delivered = [mid for d in sender.transport.sent for mid in d.message_ids]
+    assert len(delivered) == len(set(delivered)) == 16  # 5 + 7 + 4, each once
 
 
 @pytest.mark.parametrize("outage_error", [
