@@ -31,7 +31,7 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound
 from engine.events import MAX_ID, Event, is_account_id
-from engine.health import engine_health
+from engine.health import engine_health, eviction_risk
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys
@@ -117,6 +117,8 @@ class Engine:
         engine = cls(settings)
         try:
             engine.redis.ping()
+            if (risk := eviction_risk(engine.redis)) is not None:
+                log.warning("%s", risk)
             engine._start_actors(ray_address or settings.RAY_ADDRESS)
         except BaseException:
             engine.redis.close()

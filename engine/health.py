@@ -71,3 +71,21 @@ def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
                            "waiting": waiting, "stopped": stopped},
             "retry_running": retry is not None,
             "retry_waiting": (_reason(retry) or None) if retry is not None else None}
+
+
+def eviction_risk(r: redis.Redis) -> str | None:
+    """Why this Redis may drop accepted work on its own, or None: an ``allkeys-*``
+    ``maxmemory-policy`` evicts any key when memory runs short (intake streams, retry
+    schedules, dead letters: accepted events and messages gone without a word).
+    None too when the server does not say (CONFIG disabled, as on managed services)."""
+    try:
+        policy = r.config_get("maxmemory-policy").get("maxmemory-policy")
+    except redis.ResponseError:
+        return None
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if isinstance(policy, str) and policy.startswith("allkeys-"):
+        return (f"Redis evicts any key when it runs out of memory (maxmemory-policy "
+                f"{policy}): accepted events, retries and dead letters could be dropped; "
+                "use noeviction (or a volatile-* policy) for the engine's Redis")
+    return None
