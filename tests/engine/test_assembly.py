@@ -249,10 +249,20 @@ def test_an_entry_written_as_json_has_no_views() -> None:
 
 
 @pytest.mark.parametrize("name", ["every parameter", "fields only", "content and mixed values"])
-def test_a_regular_round_takes_the_column_paths_and_equals_the_reference(name: str) -> None:
+def test_a_regular_round_takes_the_column_paths_and_equals_the_reference(
+        name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Every date UTC, every profile present: dates, names and profile fields are made
     for all the events at once (``_column``, ``_profile_column``)."""
     hook = HOOKS[name]
+    columns: list[tuple[tuple[str, ...], bool]] = []  # (fields, made at once) per call
+    profile_column = Round._profile_column
+
+    def recorded(self: Round, fields: tuple[str, ...], more: bool, idx: list[int]) -> Any:
+        made = profile_column(self, fields, more, idx)
+        columns.append((fields, made is not None))
+        return made
+
+    monkeypatch.setattr(Round, "_profile_column", recorded)
     catalogue, names = load_catalogue(), make_names()
     events, views = _stored(make_events(300))
     for n, e in enumerate(events):
@@ -264,7 +274,9 @@ def test_a_regular_round_takes_the_column_paths_and_equals_the_reference(name: s
     first, _ = assembler.assemble(rnd, idx[::3])
     messages, _ = assembler.assemble(rnd, idx)
     assert (rnd._ns is not None) == (name == "every parameter")  # dates parsed in bulk
-    assert rnd._profile_column(("email", "missing"), True, idx) is not None
+    # the hook's profile fields were made as columns, for the subset and for the rest
+    assert columns and all(at_once for _, at_once in columns), columns
+    assert {fields for fields, _ in columns} == {tuple(hook.custom_data.fields)}
     for i, raw in zip(idx[::3], first, strict=True):
         assert _without_uuids(json.loads(raw)) == _without_uuids(json.loads(messages[i]))
     for i, raw in zip(idx, messages, strict=True):

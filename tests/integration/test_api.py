@@ -1654,6 +1654,27 @@ async def test_every_cursor_the_server_gives_matches_the_description(api: Api) -
         assert re.search(pattern, cursor), cursor
         answer = await api.call("GET", f"/v1/dead-letters?after={quote(cursor)}", api.master)
         assert answer.status == 200, (cursor, answer.body)
+    # the cursors the server gives, for dead letters that died at those odd times: each
+    # matches the description, and the page after it holds the next dead letter
+    keys, hook = Keys(api.settings.REDIS_PREFIX), await api.create()
+    retry = RetryStore(api.r, keys)
+    scores = (0.0, 1.5e-7, 1.5, 1764000000123.0, 2.0**70, 1e300)
+    ids = [dead_letter(retry, hook, n) for n in range(len(scores))]
+    for zset in (keys.dead, keys.dead_of_account(hook["account_id"]),
+                 keys.dead_of_hook(hook["id"])):
+        api.r.zadd(zset, dict(zip(ids, scores, strict=True)))
+    seen, after = [], ""
+    while True:
+        answer = await api.call("GET", f"/v1/dead-letters?limit=1{after}", api.master)
+        assert answer.status == 200, answer.body
+        for letter in answer.body["dead_letters"]:
+            assert re.search(pattern, letter["cursor"]), letter["cursor"]
+            seen.append(letter["id"])
+        if answer.body["next"] is None:
+            break
+        assert re.search(pattern, answer.body["next"]), answer.body["next"]
+        after = f"&after={quote(answer.body['next'])}"
+    assert seen == ids  # in the order they died, none skipped or repeated
 
 
 async def test_clone_refuses_unknown_fields_and_names_each_issue_once(api: Api) -> None:

@@ -121,7 +121,11 @@ def test_connections_beyond_the_limit_close_the_least_recently_used(
             (old,) = transport._brokers.values()
             connection = old.current.connection if old.current else None
             second = await transport.send(by_name, delivery(3, tag="b"))
-            await asyncio.sleep(0.5)  # the old connection closes in the background
+            # the old connection closes in the background
+            deadline = time.monotonic() + 10
+            while connection is not None and not connection.is_closed \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
             closed = connection is not None and connection.is_closed
             return [first, second], closed, len(transport._brokers)
         finally:
