@@ -114,6 +114,7 @@ class _Batch:
     keys: list[str] = field(default_factory=list)
     mids: list[str] = field(default_factory=list)
     entries: Counter[str] = field(default_factory=Counter)
+    size: int = 0  # bytes of parts
 
 
 def batch_limits(hook: Hook, cap: int) -> tuple[int, float]:
@@ -143,9 +144,11 @@ class Side:
 class Dispatcher:
     """Matching, message building and per-hook batching for a partition."""
 
-    def __init__(self, side: Side, catalogue: EventCatalogue, max_http_batch: int) -> None:
+    def __init__(self, side: Side, catalogue: EventCatalogue, max_http_batch: int,
+                 max_batch_bytes: int = 8 * 2**20) -> None:
         self.side = side
         self.max_http_batch = max_http_batch
+        self.max_batch_bytes = max_batch_bytes
         self.catalogue = catalogue
         self.index = HookIndex.compile([], catalogue)
         self.builders: dict[int, Assembler] = {}
@@ -257,19 +260,39 @@ class Dispatcher:
             keys = ()
         start = 0
         while start < len(where):
-            stop = start + max_size - len(batch.parts)
+            stop = min(start + max_size - len(batch.parts), len(where))
+            size = sum(map(len, messages[start:stop]))
+            full = len(batch.parts) + stop - start >= max_size
+            if batch.size + size > self.max_batch_bytes:
+                # too many bytes for the batch: the messages that fit (at least one in
+                # an empty batch), then it closes
+                stop, size = self._fitting(messages, start, stop, batch)
+                full = True
             counts = np.bincount(owner[idx[start:stop]], minlength=len(entry_ids))
             batch.parts += messages[start:stop]
             batch.mids += mids[start:stop]
             batch.keys += keys[start:stop]
+            batch.size += size
             for n in np.flatnonzero(counts).tolist():
                 batch.entries[entry_ids[n]] += int(counts[n])
                 self.produced[entry_ids[n]] += int(counts[n])
             start = stop
-            if len(batch.parts) >= max_size:
+            if full:
                 self._flush(hook.id or 0)
                 if start < len(where):
                     batch = self._open(hook, now)
+
+    def _fitting(self, messages: Sequence[bytes], start: int, stop: int, batch: _Batch
+                 ) -> tuple[int, int]:
+        """(end, bytes) of the messages from ``start`` that fit in ``batch`` under
+        MAX_BATCH_BYTES; one at least when the batch is empty."""
+        size, end = 0, start
+        room = self.max_batch_bytes - batch.size
+        while end < stop and (size + len(messages[end]) <= room
+                              or (end == start and not batch.parts)):
+            size += len(messages[end])
+            end += 1
+        return end, size
 
     def _open(self, hook: Hook, now: float) -> _Batch:
         batch = self.batches[hook.id or 0] = _Batch(hook, now)
@@ -381,7 +404,8 @@ class PartitionWorker:
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE) if catalogue is None else catalogue
         self.side = Side(r, settings, catalogue)
         self.holding = Holding(r, self.side.keys, owner) if owner else None
-        self.dispatcher = Dispatcher(self.side, catalogue, settings.MAX_HTTP_BATCH)
+        self.dispatcher = Dispatcher(self.side, catalogue, settings.MAX_HTTP_BATCH,
+                                     settings.MAX_BATCH_BYTES)
         self.stream = self.side.keys.intake(partition)
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled

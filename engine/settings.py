@@ -56,6 +56,11 @@ class Settings(BaseModel):
     # Upper bound for any hook's max batch size (HTTP): a hook's own max_batch_size
     # is at most HTTP_BATCH_LIMIT too, so only a lower value changes anything.
     MAX_HTTP_BATCH: int = Field(HTTP_BATCH_LIMIT, ge=1, le=HTTP_BATCH_LIMIT)
+    # Most bytes of messages in one outgoing batch (any kind): a batch closes before it
+    # would grow past this, whatever its message count (a message larger than this
+    # goes alone). Bounds request bodies, memory and retry payloads of large messages
+    # (message content, many profile fields).
+    MAX_BATCH_BYTES: int = Field(8 * 2**20, ge=2**10, le=256 * 2**20)
     # Concurrent requests per destination (host:port) in one transport actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)

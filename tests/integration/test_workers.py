@@ -1542,6 +1542,35 @@ def test_entries_the_worker_holds_are_no_orphans(
                                       redis_client.xrange(keys.intake(0))}
 
 
+def test_batches_close_before_they_pass_max_batch_bytes(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Large messages (here a profile field copied into custom_data) close a batch by
+    bytes before its message count is reached; one larger than the limit goes alone."""
+    from engine.stores import ProfileStore
+
+    cfg = one_partition(settings).model_copy(update={"MAX_BATCH_BYTES": 8 * 1024})
+    HookRegistry(redis_client, keys).create(hook(
+        custom_data={"fields": ["bio"]},
+        target={"http_batch": {"url": "http://127.0.0.1:9/x", "max_batch_size": 100,
+                               "flush_timeout_sec": 0.1}}))
+    profiles = {f"p{n}": {"bio": "x" * 1_000} for n in range(40)}
+    profiles["p7"] = {"bio": "y" * 20_000}  # alone larger than the limit
+    ProfileStore(redis_client, keys).upsert(1, profiles)
+    events = [{**e, "profile_id": f"p{n}"} for n, e in enumerate(clicks(40))]
+    one_intake(redis_client, keys, 1000).publish(events)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    sent = sender.transport.sent
+    assert sum(d.count for d in sent) == 40 and sent_once(sender)
+    sizes = [sum(map(len, d.parts)) for d in sent]
+    alone = [d for d in sent if any(b"y" * 20_000 in p for p in d.parts)]
+    assert len(alone) == 1 and alone[0].count == 1  # the large one, by itself
+    assert all(size <= 8 * 1024 for d, size in zip(sent, sizes, strict=True)
+               if d is not alone[0])
+    assert len(sent) >= 40 * 1_000 // (8 * 1024) + 1  # more batches than the count asks
+
+
 def test_a_hand_over_that_fails_counts_no_send_it_did_not_make(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """The worker counts a claim's hand-overs, then hands them over one by one: when
