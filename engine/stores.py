@@ -805,9 +805,12 @@ class RetryStore:
                   progress: Callable[[int], None] | None) -> int:
         key = self._dead_index(account_id, hook_id)
         # those dead when it starts, by Redis' clock: one dead-lettered again after its
-        # replay dies later than this and is not taken again (the run ends)
+        # replay dies later than this and is not taken again (the run ends). A letter's
+        # time of death is its worker's clock: the newest one's counts too, so a worker
+        # clock ahead of Redis' leaves none of those dead at the start behind
         seconds, micros = cast(tuple[int, int], self.r.time())
-        cutoff = seconds * 1000 + micros // 1000
+        newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
+        cutoff = max(seconds * 1000 + micros // 1000, newest[0][1] if newest else 0)
         done = 0
         # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and
         # those left where they are (undecodable, another account's), are passed

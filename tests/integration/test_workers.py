@@ -717,6 +717,22 @@ def test_replaying_all_takes_none_twice_that_dies_again_meanwhile(
     assert again.last_error == "HTTP 500 again" and retry.pending() == DEAD_MOVE_CHUNK + 9
 
 
+def test_replaying_all_takes_those_a_clock_ahead_of_redis_killed(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A dead letter's time of death is its worker's clock: one a minute ahead of
+    Redis' still killed them before the replay started, and they are all taken."""
+    retry = RetryStore(redis_client, keys)
+    ids = [f"d{n}" for n in range(5)]
+    for delivery_id in ids:
+        retry.kill(_letter(delivery_id, 1, 10), "HTTP 500")
+    seconds, micros = redis_client.time()
+    ahead = seconds * 1000 + micros // 1000 + 60_000
+    for zset in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+        assert redis_client.zadd(zset, dict.fromkeys(ids, ahead), xx=True) == 0
+    assert retry.replay_all() == 5 and retry.dead_letters() == []
+    assert retry.pending() == 5
+
+
 def test_dead_letters_page_by_cursor_reading_each_once_however_many_died_together(
         redis_client: redis.Redis, keys: Keys) -> None:
     """1,200 dead letters of one millisecond (one score), paged 500 at a time: each is
