@@ -16,10 +16,10 @@ from typing import Any
 
 import numpy as np
 import ray
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from actors.gc_policy import relax_gc
-from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue
+from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue, validation_problems
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome, load_transport, unpack_deliveries
 
@@ -55,7 +55,17 @@ class TransportActor:
         if model is None:
             if len(self.targets) > TARGET_CACHE_MAX:
                 self.targets.clear()
-            model = self.targets[target] = TARGET_MODELS[kind].model_validate_json(target)
+            # settings of a stored hook, validated as such: a rule added after the hook
+            # was saved must not fail its every batch here (engine.hooks._stored)
+            try:
+                model = TARGET_MODELS[kind].model_validate_json(target,
+                                                                context={"stored": True})
+            except ValidationError as exc:
+                # named by field and reason only: a ValidationError quotes the input,
+                # cut short, which may leave part of a secret no scrub recognises
+                problems = "; ".join(f"{f}: {r}" for f, r in validation_problems(exc))
+                raise ValueError(problems) from None
+            self.targets[target] = model
         return model
 
     async def _run(self, model: BaseModel, delivery: Delivery) -> None:

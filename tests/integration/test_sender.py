@@ -240,6 +240,32 @@ def test_a_bad_group_fails_alone_in_an_exchange_call(
     assert [m["hook_message_id"] for m in receiver.messages("/good")] == ["1-0"]
 
 
+def test_a_stored_hooks_settings_are_taken_as_stored_and_errors_quote_no_input(
+        ray_session: Any, pool: Any, receiver: Receiver) -> None:
+    """Settings a rule added later refuses (a Content-Type header other than JSON's)
+    were stored under the old rules: the transport actor delivers them, as the
+    registry loads them. Settings that do not validate at all name field and reason,
+    never a piece of the input (a secret cut short, which no scrub recognises)."""
+    import json
+
+    from engine.transports.base import pack_deliveries
+
+    actor = pool[0]
+    secret = "sk_live_abcdefghijklmnopqrstuvwxyz0123456789"
+    old = json.dumps({"url": receiver.url("/old"),
+                      "headers": {"Content-Type": "text/plain", "X-Api-Key": secret}})
+    bad = json.dumps({"url": receiver.url("/bad"),
+                      "headers": {"X-Api-Key": secret, "X-Other": "a\nb"}})
+    groups = [("http_batch", old, pack_deliveries([delivery(1, 0)])),
+              ("http_batch", bad, pack_deliveries([delivery(2, 0)]))]
+    outcomes, unknown = ray_session.get(actor.exchange.remote(groups, [], 5.0))
+    assert outcomes["1-0"].ok, outcomes["1-0"]
+    assert [m["hook_message_id"] for m in receiver.messages("/old")] == ["1-0"]
+    assert outcomes["2-0"].error == "BadTarget" and not unknown
+    assert "headers: header 'X-Other': value holds a line break" in outcomes["2-0"].detail
+    assert "sk_live" not in outcomes["2-0"].detail, outcomes["2-0"].detail
+
+
 def test_a_transport_actor_collects_cycles_less_often(pool: Any, ray_session: Any) -> None:
     """What the actor allocated while starting is frozen out of collections, and young
     collections run every GC_YOUNG_THRESHOLD allocations, not Python's 700."""
