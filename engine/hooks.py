@@ -344,6 +344,29 @@ class HttpBatch(_Model):
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
 
+    @field_validator("url")
+    @classmethod
+    def _basic_credentials(cls, value: str, info: ValidationInfo) -> str:
+        """User-info the HTTP client can send as Basic authorization: a user name
+        without ":", both in Latin-1 (what the client encodes them in); else every
+        request fails. Neither is quoted back. Stored hooks keep loading (``_stored``):
+        their requests fail, each naming why."""
+        if _stored(info) or not url_has_credentials(value):
+            return value
+        parsed = URL(value)
+        user, password = parsed.user or "", parsed.password or ""
+        if ":" in user:
+            raise ValueError("the user name of the URL's user-info may not hold ':' (Basic "
+                             "authorization separates user and password by it)")
+        try:
+            f"{user}:{password}".encode("latin-1")
+        except UnicodeEncodeError:
+            raise ValueError("the URL's user name and password are sent as Basic "
+                             "authorization, in Latin-1: a character beyond it (percent-"
+                             "encoded UTF-8 such as %E2%82%AC) cannot be sent; use auth "
+                             "with kind bearer, or an Authorization header") from None
+        return value
+
     @field_validator("success_regex")
     @classmethod
     def _regex_compiles(cls, value: str, info: ValidationInfo) -> str:

@@ -31,6 +31,7 @@ class Behaviour:
     body: str = "OK"
     status: int = 200  # answered (with body) when not failing
     location: str = ""  # a Location header to answer with (a redirect, with a 3xx status)
+    answer_headers: dict[str, str] = field(default_factory=dict)  # more answer headers
 
 
 @dataclass
@@ -117,9 +118,11 @@ class Receiver:
                 path, time.time(), messages if self.keep_bodies else [], status, headers, other))
             if not failing:
                 self.state.counts[path] += len(messages)
+        headers_out = {**behaviour.answer_headers}
+        if behaviour.location:
+            headers_out["Location"] = behaviour.location
         return web.Response(status=status, text="ERROR" if failing else behaviour.body,
-                            headers={"Location": behaviour.location} if behaviour.location
-                            else None)
+                            headers=headers_out or None)
 
     def start(self) -> Receiver:
         ready = threading.Event()

@@ -115,7 +115,10 @@ class HttpTransport(Transport):
             # no connector-level limits: concurrency is bounded per destination (URL) by
             # the semaphores below, so a hung endpoint never takes a healthy one's sockets
             connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
-            self._session = aiohttp.ClientSession(connector=connector)
+            # no cookies: the session serves every hook of every account, and a cookie
+            # one receiver (or token endpoint) sets must not go out with another's batches
+            self._session = aiohttp.ClientSession(connector=connector,
+                                                  cookie_jar=aiohttp.DummyCookieJar())
         return self._session
 
     def _destination(self, url: str) -> tuple[str, _Destination]:
@@ -185,6 +188,10 @@ class HttpTransport(Transport):
         dest.users += 1
         try:
             async with dest.semaphore:
+                if dest.open_until > time.monotonic():  # opened while this one waited
+                    raise ConnectError(f"{mask_url(key)}: circuit open after "
+                                       f"{dest.failures} failures; last error: "
+                                       f"{dest.last_error}")
                 try:
                     outcome = await self._post(target, body)
                 except (ConnectError, Timeout) as exc:
@@ -225,6 +232,11 @@ class HttpTransport(Transport):
         except aiohttp.ClientError as exc:
             raise ConnectError(f"POST {mask_url(target.url)}: {type(exc).__name__}: "
                                f"{_scrub(str(exc), target.url)}") from None
+        except ValueError as exc:  # the request cannot be made (URL credentials that
+            # Basic auth cannot carry, a stored hook from before they were checked)
+            raise Rejected(f"POST {mask_url(target.url)}: the request cannot be made: "
+                           f"{type(exc).__name__}: {_scrub(str(exc), target.url)}"
+                           ) from None
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
         if 300 <= status < 400:
@@ -298,9 +310,10 @@ class HttpTransport(Transport):
         if auth.scope:
             form["scope"] = auth.scope
         try:
+            # a redirect is not followed: it would post client_secret to its Location
             async with self._client().post(auth.token_url or "", data=form,
-                                           timeout=aiohttp.ClientTimeout(total=self.timeout_sec)
-                                           ) as resp:
+                                           timeout=aiohttp.ClientTimeout(total=self.timeout_sec),
+                                           allow_redirects=False) as resp:
                 # at most MAX_ANSWER_BYTES, as any answer (a token is a few hundred)
                 payload = json.loads(await _answer(resp)) if resp.status == 200 else None
                 status = resp.status

@@ -223,6 +223,79 @@ def test_timeout_and_unreachable_destination(receiver: Receiver) -> None:
         assert "qt-SECRET-9" not in outcome.describe()
 
 
+def test_a_cookie_one_receiver_sets_goes_to_no_other_request(receiver: Receiver) -> None:
+    """One session serves every hook of every account: a Set-Cookie of one receiver
+    (or token endpoint) is not sent back with any request, its own or another's. By
+    host name: a client's cookie jar keeps none for an IP address anyway."""
+    receiver.behave("/a", answer_headers={"Set-Cookie": "session=tenant-a; Path=/"})
+
+    async def go() -> list[Any]:
+        t = HttpTransport(timeout_sec=2.0)
+        try:
+            return [await t.send(HttpBatch(url=receiver.url(path).replace(
+                "127.0.0.1", "localhost")), delivery())
+                    for path in ("/a", "/b", "/a")]
+        finally:
+            await t.close()
+
+    assert all(o.ok for o in asyncio.run(go()))
+    assert [r.headers.get("Cookie") for r in receiver.requests()] == [None, None, None]
+
+
+def test_an_oauth2_token_endpoint_redirect_is_not_followed(receiver: Receiver) -> None:
+    """Followed, a 307 would post client_secret again to its Location."""
+    receiver.behave("/token", status=307, location=receiver.url("/elsewhere"))
+    outcome = send({"url": receiver.url("/o"), "auth": {
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
+        "client_secret": "s3cret"}})
+    assert not outcome.ok and outcome.error == "Rejected"
+    assert "answered HTTP 307 without an access_token" in outcome.detail
+    assert receiver.requests("/elsewhere") == [] and receiver.requests("/o") == []
+
+
+def test_url_credentials_basic_auth_cannot_carry_fail_with_a_clear_outcome(
+        receiver: Receiver) -> None:
+    """Refused for new hooks; a stored one (loaded as stored) fails each request with
+    an outcome naming the URL, its password masked, not with an exception."""
+    url = receiver.url("/o").replace("http://", "http://crm:p%E2%82%ACss@")
+    with pytest.raises(ValueError, match="sent as Basic authorization, in Latin-1"):
+        HttpBatch(url=url)
+    stored = HttpBatch.model_validate({"url": url}, context={"stored": True})
+
+    async def go() -> Any:
+        t = HttpTransport(timeout_sec=2.0)
+        try:
+            return await t.send(stored, delivery())
+        finally:
+            await t.close()
+
+    outcome = asyncio.run(go())
+    assert not outcome.ok and outcome.error == "Rejected", outcome
+    assert "crm:**********@" in outcome.detail and "the request cannot be made" in outcome.detail
+    assert "%E2%82%AC" not in outcome.detail and receiver.requests("/o") == []
+
+
+def test_requests_queued_behind_a_dead_destination_fail_fast_once_its_breaker_opens(
+        receiver: Receiver) -> None:
+    """One request at a time to the destination: those waiting for the slot while the
+    breaker opened fail at once, not after a full timeout each."""
+    receiver.behave("/hang", hang=True)
+
+    async def go() -> list[Any]:
+        t = HttpTransport(concurrency=1, timeout_sec=0.3)
+        try:
+            target = HttpBatch(url=receiver.url("/hang"))
+            return list(await asyncio.gather(*(t.send(target, delivery())
+                                               for _ in range(BREAKER_FAILURES + 3))))
+        finally:
+            await t.close()
+
+    outcomes = asyncio.run(go())
+    assert [o.error for o in outcomes[:BREAKER_FAILURES]] == ["Timeout"] * BREAKER_FAILURES
+    assert all(o.error == "ConnectError" and "circuit open" in o.detail
+               for o in outcomes[BREAKER_FAILURES:])
+
+
 def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) -> None:
     async def run() -> list[Any]:
         t = HttpTransport(timeout_sec=1.0)
