@@ -444,10 +444,23 @@ class _Broker(_Model):
 
     @field_validator("vhost")
     @classmethod
-    def _vhost(cls, value: str) -> str:
+    def _vhost(cls, value: str, info: ValidationInfo) -> str:
         if re.search(r"[\x00-\x1f\x7f]", value):
             raise ValueError("holds a control character")
+        if not _stored(info) and (problem := vhost_problem(value)):
+            raise ValueError(problem)
         return value
+
+
+def vhost_problem(vhost: str) -> str | None:
+    """Why ``vhost`` would reach the broker as another name, or None: the connection
+    URL's path normalises "." and ".." segments away (``x/../y`` is ``y``, ``..`` the
+    default ``/``), and the client reads "%2F" back as "/"."""
+    if any(segment in (".", "..") for segment in vhost.split("/")):
+        return "a vhost name with a \".\" or \"..\" segment would reach the broker as another name"
+    if "%" in vhost:
+        return "a vhost name with \"%\" would reach the broker as another name"
+    return None
 
 
 def _amqp_name(value: str) -> str:

@@ -150,6 +150,7 @@ class _Slot:
     last_ack: float = 0.0  # monotonic time of the last acknowledged delivery
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
     last_error: str = ""
+    users: int = 0  # deliveries holding this slot: it is not dropped under them
 
 
 class KafkaTransport(Transport):
@@ -175,18 +176,22 @@ class KafkaTransport(Transport):
             return Outcome(ok=True, detail=f"{where}: no records")
         # the timeout starts once through the gate: time spent queueing behind other
         # deliveries to the same producer is not the broker's fault
-        async with slot.gate:
-            left = slot.failed_until - time.monotonic()
-            if slot.producer is None and left > 0:
-                raise ConnectError(f"{where}: not reconnecting for another {left:.1f} s "
-                                   f"after: {slot.last_error}")
-            try:
-                await self._attempt(slot, target.topic, delivery, where)
-            except (ConnectError, Timeout) as exc:
-                if slot.producer is None:  # the producer was found dead: fail fast a while
-                    slot.failed_until = time.monotonic() + self.breaker_sec
-                    slot.last_error = str(exc)
-                raise
+        slot.users += 1
+        try:
+            async with slot.gate:
+                left = slot.failed_until - time.monotonic()
+                if slot.producer is None and left > 0:
+                    raise ConnectError(f"{where}: not reconnecting for another {left:.1f} s "
+                                       f"after: {slot.last_error}")
+                try:
+                    await self._attempt(slot, target.topic, delivery, where)
+                except (ConnectError, Timeout) as exc:
+                    if slot.producer is None:  # found dead: fail fast a while
+                        slot.failed_until = time.monotonic() + self.breaker_sec
+                        slot.last_error = str(exc)
+                    raise
+        finally:
+            slot.users -= 1
         slot.last_ack = time.monotonic()
         return Outcome(ok=True, detail=f"{where}: {delivery.count} record(s) acknowledged")
 
@@ -322,10 +327,14 @@ class KafkaTransport(Transport):
         key = _producer_key(target)
         slot = self._slots.get(key)
         if slot is None:
-            if len(self._slots) >= MAX_PRODUCERS:  # drop the least recently used one
-                oldest = next(iter(self._slots))
-                old = self._slots.pop(oldest)
-                self._retire(old, old.producer)
+            if len(self._slots) >= MAX_PRODUCERS:
+                # the least recently used one no delivery holds goes (one dropped under
+                # a delivery would start a producer again that nothing keeps or stops);
+                # all held: one more for now
+                idle = next((k for k, s in self._slots.items() if s.users == 0), None)
+                if idle is not None:
+                    old = self._slots.pop(idle)
+                    self._retire(old, old.producer)
             slot = self._slots[key] = _Slot(target, ",".join(target.bootstrap_servers),
                                             asyncio.Semaphore(self.concurrency))
         else:  # most recently used last

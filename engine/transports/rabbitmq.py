@@ -78,7 +78,7 @@ from aiormq.abc import AbstractConnection
 from yarl import URL
 
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
-from engine.hooks import RabbitExchange, RabbitQueue
+from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
 from engine.transports.base import Delivery, Outcome, Transport
 
@@ -130,6 +130,7 @@ class _Broker:
     failed_at: float = float("-inf")
     error: TransportError | None = None
     progress_at: float = 0.0  # last connect or fully confirmed delivery (monotonic)
+    users: int = 0  # deliveries holding this broker: it is not dropped under them
 
 
 class _Phase:
@@ -171,6 +172,15 @@ class RabbitTransport(Transport):
         if not delivery.parts:
             return Outcome(ok=True, detail=f"nothing to publish to {what}")
         phase = _Phase()
+        broker.users += 1
+        try:
+            return await self._deliver_on(broker, target, delivery, dest_key, what, phase)
+        finally:
+            broker.users -= 1
+
+    async def _deliver_on(self, broker: _Broker, target: RabbitQueue | RabbitExchange,
+                          delivery: Delivery, dest_key: DestKey, what: str, phase: _Phase
+                          ) -> Outcome:
         async with broker.semaphore:
             started = time.monotonic()
             try:
@@ -194,7 +204,7 @@ class RabbitTransport(Transport):
                             self._close_later(chan.channel.close())
             except TimeoutError:
                 if broker.progress_at < started:
-                    self._drop(broker, broker.current)
+                    self._drop(broker, broker.current, "no answer within the timeout")
                 raise Timeout(f"{broker.where}: no answer within {self.timeout_sec:g} s "
                               f"while {phase.now}") from None
         broker.progress_at = time.monotonic()
@@ -252,9 +262,16 @@ class RabbitTransport(Transport):
         if broker is not None:  # most recently used last
             self._brokers[key] = self._brokers.pop(key)
         else:
-            if len(self._brokers) >= MAX_BROKERS:  # the least recently used one goes
-                old = self._brokers.pop(next(iter(self._brokers)))
-                self._drop(old, old.current)
+            if (problem := vhost_problem(target.vhost)) is not None:  # a stored hook's
+                raise ValueError(f"vhost {target.vhost!r}: {problem}")
+            if len(self._brokers) >= MAX_BROKERS:
+                # the least recently used one no delivery holds goes (one dropped under a
+                # delivery would connect again, a connection nothing keeps or closes);
+                # all held: one more for now
+                idle = next((k for k, b in self._brokers.items() if b.users == 0), None)
+                if idle is not None:
+                    old = self._brokers.pop(idle)
+                    self._drop(old, old.current, "making room for other brokers")
             url = URL.build(scheme="amqp", user=target.user, password=password,
                             host=target.host, port=target.port, path="/" + target.vhost)
             broker = self._brokers[key] = _Broker(
@@ -385,14 +402,19 @@ class RabbitTransport(Transport):
         if chan.users == 0:
             self._close_later(chan.channel.close())
 
-    def _drop(self, broker: _Broker, conn: _Connection | None) -> None:
-        """Forget ``conn``; the next delivery connects again."""
+    def _drop(self, broker: _Broker, conn: _Connection | None,
+              why: str = "it failed") -> None:
+        """Forget ``conn``; the next delivery connects again. Closed with a reason, not
+        aiormq's default CancelledError: a delivery of another hook waiting on it (a
+        channel opening, a queue declared) then fails as a lost connection, which it
+        reports, rather than as a cancelled task with no outcome."""
         if conn is None:
             return
         if broker.current is conn:
             broker.current = None
         if not conn.connection.is_closed:
-            self._close_later(conn.connection.close())
+            self._close_later(conn.connection.close(
+                amqp.AMQPConnectionError(f"closed by hookray: {why}")))
 
     def _close_later(self, closing: Any) -> None:
         task = asyncio.ensure_future(_quietly(closing))
@@ -403,7 +425,8 @@ class RabbitTransport(Transport):
         for broker in self._brokers.values():
             conn, broker.current = broker.current, None
             if conn is not None and not conn.connection.is_closed:
-                await _quietly(conn.connection.close())
+                await _quietly(conn.connection.close(
+                    amqp.AMQPConnectionError("closed by hookray: the transport stops")))
         if self._closing:
             await asyncio.gather(*self._closing, return_exceptions=True)
         self._brokers.clear()

@@ -1074,3 +1074,20 @@ def test_rules_added_later_do_not_invalidate_a_stored_hook() -> None:
                      "auth: token_url: 'auth.example/t' is not an http(s) URL",
                      "header 'Content-Type': every batch is JSON"):
         assert fragment in message
+
+
+@pytest.mark.parametrize(("vhost", "ok"), [
+    ("/", True), ("shop", True), ("a/b", True), ("café", True),
+    ("..", False), (".", False), ("x/../y", False), ("a/./b", False), ("a%2Fb", False)])
+def test_a_vhost_that_would_reach_the_broker_as_another_name_is_refused(
+        vhost: str, ok: bool) -> None:
+    """The connection URL's path drops "." and ".." segments (".." would be the
+    default vhost "/"), and "%2F" is read back as "/": refused for new hooks, kept
+    loading for stored ones (whose deliveries then fail, naming why)."""
+    data = hook_data({"rabbitmq_queue": {"host": "mq", "queue": "q", "vhost": vhost}})
+    if ok:
+        assert parse_hook(data).target.rabbitmq_queue.vhost == vhost  # type: ignore[union-attr]
+    else:
+        assert "would reach the broker as another name" in hook_error(data)
+        stored = parse_hook(data, stored=True)
+        assert stored.target.rabbitmq_queue.vhost == vhost  # type: ignore[union-attr]

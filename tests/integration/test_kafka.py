@@ -110,6 +110,31 @@ def test_a_full_key_cache_is_dropped_before_a_delivery_not_during_it(
         k.encode() for k in [*first.keys, *second.keys])
 
 
+def test_a_producer_in_use_is_not_stopped_to_make_room(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_PRODUCERS only a producer no delivery holds is stopped: deliveries
+    through two producers at once both arrive, and neither producer is left behind
+    unkept (one stopped under a delivery was started again outside the cache)."""
+    monkeypatch.setattr("engine.transports.kafka.MAX_PRODUCERS", 1)
+    by_ip = target(kafka_broker.bootstrap, kafka_topic)
+    by_name = target(kafka_broker.bootstrap.replace("127.0.0.1", "localhost"), kafka_topic)
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def go() -> tuple[list[Any], int]:
+        try:
+            both = await asyncio.gather(transport.send(by_ip, delivery(500, tag="a")),
+                                        transport.send(by_name, delivery(500, tag="b")))
+            return list(both), len(transport._slots)
+        finally:
+            await transport.close()
+
+    outcomes, kept = run(go())
+    assert all(o.ok for o in outcomes), outcomes
+    assert kept == 2
+    records = consume(kafka_broker.bootstrap, kafka_topic, 1000)
+    assert len({r.message_id for r in records}) == 1000
+
+
 def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
     d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
     d.parts = [p + b" " * 150 for p in d.parts]

@@ -137,6 +137,53 @@ def test_connections_beyond_the_limit_close_the_least_recently_used(
     assert len(by_id(rabbit.consume(queue, expect=6))) == 6
 
 
+def test_a_stored_hooks_vhost_that_would_be_another_is_not_connected_to(
+        rabbit: Rabbit) -> None:
+    """".." would reach the broker as the default vhost "/": a stored hook with it
+    (refused for new ones) fails its deliveries, naming why, and sends nothing."""
+    queue = rabbit.declare_queue("dots")
+    stored = RabbitQueue.model_validate({**rabbit.broker(), "queue": queue, "vhost": ".."},
+                                        context={"stored": True})
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> Outcome:
+        try:
+            return await transport.send(stored, delivery(3, tag="dots"))
+        finally:
+            await transport.close()
+
+    outcome = run(go)
+    assert not outcome.ok and outcome.error == "ConnectError", outcome
+    assert "vhost '..': a vhost name with a \".\" or \"..\" segment would reach the broker " \
+        "as another name" in outcome.detail
+    assert rabbit.consume(queue, expect=0) == []
+
+
+def test_a_connection_in_use_is_not_closed_to_make_room(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MAX_BROKERS only one no delivery holds is closed: deliveries to two
+    brokers at once both arrive (the first one's connection closed under it failed
+    it, or left a connection behind that nothing closed)."""
+    monkeypatch.setattr("engine.transports.rabbitmq.MAX_BROKERS", 1)
+    queue = rabbit.declare_queue("in-use")
+    by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
+    by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], int]:
+        try:
+            both = await asyncio.gather(transport.send(by_ip, delivery(200, tag="a")),
+                                        transport.send(by_name, delivery(200, tag="b")))
+            return list(both), len(transport._brokers)  # both held at once: both kept
+        finally:
+            await transport.close()
+
+    outcomes, kept = run(go)
+    assert all(o.ok for o in outcomes), outcomes
+    assert kept == 2
+    assert len(by_id(rabbit.consume(queue, expect=400))) == 400
+
+
 def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_again(
         rabbit: Rabbit) -> None:
     queue = rabbit.name("gone")
