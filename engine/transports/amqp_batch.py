@@ -25,6 +25,7 @@ import uuid
 from collections.abc import Sequence
 
 import aiormq
+from aiormq import exceptions as amqp
 from aiormq.abc import ChannelFrame
 
 FRAME_END = b"\xce"
@@ -125,9 +126,25 @@ async def publish_all(channel: aiormq.Channel, exchange: str, keys: Sequence[str
                 by_id[mid] = tag
         channel.delivery_tag = first + len(mids) - 1
     try:  # cancelled: gather cancels the futures, and aiormq ignores their replies
-        return await asyncio.gather(*futures, return_exceptions=True)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        if mandatory and len(set(mids)) < len(mids):
+            _fail_returned_twins(mids, results)
+        return results
     finally:
         if mandatory:
             for tag, mid in enumerate(mids, first):
                 if by_id.get(mid) == tag:
                     del by_id[mid]
+
+
+def _fail_returned_twins(mids: Sequence[str], results: list[object]) -> None:
+    """A returned message is matched by its id to the last message of that id (as
+    aiormq keeps one delivery tag per id): when a batch holds an id twice and one copy
+    came back, which one is unknown, so every copy of that id counts as returned."""
+    returned: dict[str, object] = {}
+    for mid, result in zip(mids, results, strict=True):
+        if isinstance(result, amqp.PublishError):
+            returned.setdefault(mid, result)
+    for n, mid in enumerate(mids):
+        if mid in returned and not isinstance(results[n], BaseException):
+            results[n] = returned[mid]

@@ -206,6 +206,29 @@ def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_a
     assert sorted(by_id(rabbit.consume(queue, expect=3))) == ["after-0", "after-1", "after-2"]
 
 
+def test_a_returned_message_whose_id_the_delivery_holds_twice_fails_every_copy(
+        rabbit: Rabbit) -> None:
+    """Returned messages are matched by id: an event sent twice puts its id twice in
+    one delivery, and which copy came back is unknown, so neither counts delivered."""
+    queue = rabbit.name("twice")
+    target = RabbitQueue(**rabbit.broker(), queue=queue)
+    transport = RabbitQueueTransport(timeout_sec=5)
+    twice = delivery(3, tag="t")
+    twice.message_ids = ["same", "same", "other"]
+
+    async def go() -> Outcome:
+        try:
+            assert (await transport.send(target, delivery(1, tag="first"))).ok
+            await asyncio.to_thread(rabbit.delete_queue, queue)
+            return await transport.send(target, twice)
+        finally:
+            await transport.close()
+
+    outcome = run(go)
+    assert not outcome.ok and "3 of 3 message(s) not confirmed" in outcome.detail, outcome
+    assert outcome.failed is None  # all of it is sent again
+
+
 def test_messages_the_broker_nacks_fail_the_delivery_and_the_channel_serves_on(
         rabbit: Rabbit) -> None:
     """A full queue with ``x-overflow: reject-publish`` nacks what does not fit: the
