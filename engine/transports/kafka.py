@@ -280,7 +280,11 @@ class KafkaTransport(Transport):
         if len(mids) != count:
             mids = [*mids[:count], *[""] * (count - len(mids))]
         n = len(partitions)
-        sticky = partitions[next(self._sticky) % n]
+        # keyless records may go to any partition: one with a leader now (Kafka's own
+        # partitioner does so), not one whose leader is gone, failing them all
+        ready = producer.client.cluster.available_partitions_for_topic(topic)
+        choices = sorted(ready) if ready else partitions
+        sticky = choices[next(self._sticky) % len(choices)]
         cache = self._keys
         new = set(keys).difference(cache)
         if len(cache) + len(new) > KEY_CACHE_MAX:  # dropped before, not while adding

@@ -97,6 +97,28 @@ def test_partitions_follow_the_key_like_kafkas_default_partitioner(
     assert all(s == sorted(s) for s in seq.values())
 
 
+def test_keyless_records_go_only_to_partitions_with_a_leader(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Partitions 0 and 3 without a leader (as the producer's metadata says while a
+    broker is away): keyless deliveries rotate over 1 and 2 only; keyed records keep
+    their key's partition, as Kafka's own partitioner does."""
+    from aiokafka.cluster import ClusterMetadata
+
+    available = ClusterMetadata.available_partitions_for_topic
+
+    def without_0_and_3(self: ClusterMetadata, topic: str) -> Any:
+        found = available(self, topic)
+        return None if found is None else {p for p in found if p not in (0, 3)}
+
+    monkeypatch.setattr(ClusterMetadata, "available_partitions_for_topic", without_0_and_3)
+    keyless = [delivery(10, tag=f"u{i}") for i in range(6)]
+    outcomes = run(send_all(KafkaTransport(timeout_sec=5),
+                            target(kafka_broker.bootstrap, kafka_topic), *keyless))
+    assert all(o.ok for o in outcomes), outcomes
+    records = consume(kafka_broker.bootstrap, kafka_topic, 60)
+    assert len(records) == 60 and {r.partition for r in records} == {1, 2}
+
+
 def test_a_full_key_cache_is_dropped_before_a_delivery_not_during_it(
         kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr("engine.transports.kafka.KEY_CACHE_MAX", 10)
