@@ -16,7 +16,7 @@
   here, the way Kafka's default partitioner does: keyed records by
   ``murmur2(key)`` (the same partition a Java or aiokafka producer picks for
   that key), keyless records all go to one partition per delivery, rotating
-  from delivery to delivery (sticky partitioning).
+  from delivery to delivery over the partitions with a leader (sticky partitioning).
 * **Topics are never created by hookray.** The topic must exist, or the broker
   must create it on first use (Kafka's ``auto.create.topics.enable``; tansu
   always does). A topic the broker neither knows nor creates is ``Rejected``,
