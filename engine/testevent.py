@@ -132,7 +132,12 @@ async def send_test_event(hook: Hook, event_type: str, names: NameCatalogue | No
         except TransportUnavailable as exc:
             return Outcome(ok=False, error=type(exc).__name__, detail=str(exc))
     try:
-        return await transport.send(hook.target.settings, delivery)
+        outcome = await transport.send(hook.target.settings, delivery)
     finally:
         if own:
             await transport.close()
+    if outcome.ok and hook.target.kind == "rabbitmq_exchange":
+        # confirmed is not received: an exchange drops what no binding matches
+        outcome.detail = (f"{outcome.detail}; routing key {delivery.keys[0]!r}: only a "
+                          "queue bound to match it receives the message")
+    return outcome

@@ -691,6 +691,23 @@ def test_test_event_reports_the_broker_outcome(engine_factory: Any, rabbit: Rabb
     assert "virtual host 'hookray-no-such-vhost' refused: it does not exist" in vhost.detail
 
 
+def test_an_exchange_test_event_names_the_routing_key_a_binding_must_match(
+        rabbit: Rabbit) -> None:
+    """An exchange drops what no binding matches, and the broker confirms it anyway:
+    the test event's outcome says which routing key a queue must be bound to match."""
+    from engine.hooks import parse_hook
+    from engine.testevent import send_test_event
+
+    exchange = rabbit.name("probe")
+    hook = parse_hook({**rabbit_hook("probe", "rabbitmq_exchange",
+                                     {**rabbit.broker(), "exchange": exchange,
+                                      "type": "topic"}), "id": 1})
+    outcome = asyncio.run(send_test_event(hook, "click", timeout_sec=5))
+    assert outcome.ok, outcome
+    assert outcome.detail.endswith("; routing key '1.click': only a queue bound to match "
+                                   "it receives the message"), outcome.detail
+
+
 def test_unreachable_targets_end_as_dead_letters_after_exactly_the_configured_resends(
         engine_factory: Any, rabbit: Rabbit) -> None:
     engine = engine_factory(HOOK_RETRY_PERIOD_SEC=0.2, HOOK_RETRY_TIMES=3)
