@@ -118,15 +118,19 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
     """Create the hook unless its account has one of that name already: a restarted job
     neither duplicates its hooks nor undoes changes made to them since (stopped, updated
     through the API or ``hookray hooks update``)."""
-    # the account's hooks that still validate: one that no longer does (its record
-    # damaged, EVENT_TYPES_FILE changed) is named, and stops nothing
+    # one of the account's stored hooks that no longer validates (its record damaged,
+    # EVENT_TYPES_FILE changed) is named, and stops nothing; one of the same name (as
+    # far as its record can be read) exists all the same: a second would send every
+    # message twice once the first is valid again
     hooks, invalid = engine.hooks.listing(data.get("account_id"))
     for hook_id, problem in invalid:
         print(f"hookray: hook {hook_id} of account {data.get('account_id')}: {problem}; "
               "its partitions wait until it is deleted or valid again", flush=True)
-    same = [h for h in hooks if h.name == data.get("name")]
+    same = [(h.id, h.name) for h in hooks if h.name == data.get("name")] + [
+        (hook_id, name) for hook_id, _ in invalid
+        if (name := engine.hooks.stored_name(hook_id)) == data.get("name")]
     if same:
-        print(f"hookray: hook {same[0].id} ({same[0].name!r}) exists; left as it is "
+        print(f"hookray: hook {same[0][0]} ({same[0][1]!r}) exists; left as it is "
               f"(not taken from {_printable(path)})", flush=True)
     else:
         print(f"hookray: hook {engine.create_hook(data).id} created from {_printable(path)}",
@@ -146,7 +150,7 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
                   f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
         except redis.RedisError as exc:
             print(f"hookray: progress unavailable: Redis: {exc}", flush=True)
-        except HookrayError as exc:  # e.g. a PARTITIONS record changed meanwhile
+        except HookrayError as exc:  # the progress line must never end the job
             print(f"hookray: progress unavailable: {exc}", flush=True)
         if done:
             return
@@ -279,6 +283,9 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
     engine = _engine(args)
     if args.ids and not args.requeue:
         raise HookrayError("set-aside: ids go with --requeue")
+    if args.requeue and (args.after is not None or args.limit != 100):
+        raise HookrayError("set-aside: --limit and --after page the list; --requeue "
+                           "takes ids (default: every one that can be decoded)")
     try:
         if args.requeue:
             moved = engine.requeue_set_aside(args.ids or None)

@@ -501,8 +501,11 @@ class Engine:
         """Put set-aside entries back into the intake (the given ids, all or none; by
         default every one that can be decoded), to be processed again once what failed
         them is fixed; returns how many."""
-        listed = None if ids is None else _ids("requeue_set_aside", ids)
-        return SetAside(self.redis, self.keys).requeue(listed, self.settings.PARTITIONS)
+        listed = None if ids is None else _ids("requeue_set_aside", ids, "set-aside entry")
+        try:
+            return SetAside(self.redis, self.keys).requeue(listed, self.settings.PARTITIONS)
+        except ValueError as exc:
+            raise ValueError(f"requeue_set_aside: {exc}") from None
 
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its
@@ -559,16 +562,15 @@ def _id(call: str, name: str, value: Any) -> Any:
     raise ValueError(f"{call}: {name} must be an integer from 0 to {MAX_ID}, got {value!r}")
 
 
-def _ids(call: str, ids: Iterable[str]) -> list[str]:
-    """Dead letter ids as a list of strings, else ValueError: one id given as a string
-    would be taken character by character."""
+def _ids(call: str, ids: Iterable[str], of: str = "dead letter") -> list[str]:
+    """Ids (of dead letters, or ``of`` what) as a list of strings, else ValueError: one
+    id given as a string would be taken character by character."""
     if isinstance(ids, str | bytes) or not isinstance(ids, Iterable):
-        raise ValueError(f"{call}: ids must be a list of dead letter ids, got "
-                         f"{type(ids).__name__}")
+        raise ValueError(f"{call}: ids must be a list of {of} ids, got {type(ids).__name__}")
     listed = list(ids)
     wrong = next((i for i in listed if not isinstance(i, str)), None)
     if wrong is not None:
-        raise ValueError(f"{call}: each dead letter id is a string, got {wrong!r}")
+        raise ValueError(f"{call}: each {of} id is a string, got {wrong!r}")
     return listed
 
 

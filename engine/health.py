@@ -74,9 +74,10 @@ def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
 
 
 def eviction_risk(r: redis.Redis) -> str | None:
-    """Why this Redis may drop accepted work on its own, or None: an ``allkeys-*``
-    ``maxmemory-policy`` evicts any key when memory runs short (intake streams, retry
-    schedules, dead letters: accepted events and messages gone without a word).
+    """Why this Redis may drop accepted work on its own, or None: a ``maxmemory-policy``
+    other than ``noeviction`` evicts keys when memory runs short (``allkeys-*`` any:
+    intake streams, retry schedules, dead letters; ``volatile-*`` those with a TTL:
+    message content, sent without it then, and the engine's claim on its prefix).
     None too when the server does not say (CONFIG disabled, as on managed services)."""
     try:
         policy = r.config_get("maxmemory-policy").get("maxmemory-policy")
@@ -87,5 +88,9 @@ def eviction_risk(r: redis.Redis) -> str | None:
     if isinstance(policy, str) and policy.startswith("allkeys-"):
         return (f"Redis evicts any key when it runs out of memory (maxmemory-policy "
                 f"{policy}): accepted events, retries and dead letters could be dropped; "
-                "use noeviction (or a volatile-* policy) for the engine's Redis")
+                "use noeviction for the engine's Redis")
+    if isinstance(policy, str) and policy != "noeviction":
+        return (f"Redis evicts keys with a TTL when it runs out of memory (maxmemory-policy "
+                f"{policy}): stored message content could be dropped (messages then go "
+                "without it); use noeviction for the engine's Redis")
     return None

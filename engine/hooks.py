@@ -458,8 +458,8 @@ def vhost_problem(vhost: str) -> str | None:
     default ``/``), and the client reads "%2F" back as "/"."""
     if any(segment in (".", "..") for segment in vhost.split("/")):
         return "a vhost name with a \".\" or \"..\" segment would reach the broker as another name"
-    if "%" in vhost:
-        return "a vhost name with \"%\" would reach the broker as another name"
+    if "%2F" in vhost:
+        return "a vhost name holding \"%2F\" would reach the broker with \"/\" for it"
     return None
 
 

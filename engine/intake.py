@@ -578,10 +578,10 @@ class SetAside:
         ``{"id", "partition", "entry", "error", "events"}``, ``events`` their count, or
         None for one that cannot be decoded (it would be set aside again)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"limit must be a whole number >= 1, got {limit!r}")
+            raise ValueError(f"set_aside: limit must be a whole number >= 1, got {limit!r}")
         if after is not None and not _stream_id(after):
-            raise ValueError(f"after: expected a set-aside entry's id (as 1700000000000-0), "
-                             f"got {after!r}")
+            raise ValueError(f"set_aside: after: expected a set-aside entry's id (as "
+                             f"1700000000000-0), got {after!r}")
         start = "-" if after is None else "(" + after
         out = []
         for eid, fields in self.r.xrange(self.k.intake_unreadable, start, "+", count=limit):
@@ -627,18 +627,26 @@ class SetAside:
             items = [(eid.encode(), found[eid]) for eid in dict.fromkeys(ids)]
         moved = 0
         for eid, fields in items:
-            original = {k: v for k, v in fields.items() if not k.startswith(b"_")}
+            original = [x for k, v in fields.items() if not k.startswith(b"_") for x in (k, v)]
             try:
                 partition = int(fields.get(b"_partition", b"0")) % partitions
             except ValueError:
                 partition = 0
-            with self.r.pipeline(transaction=True) as pipe:
-                pipe.xadd(self.k.intake(partition), original)  # type: ignore[arg-type]
-                pipe.xdel(self.k.intake_unreadable, eid)
-                pipe.hincrby(self.k.engine_stats, "entries_requeued", 1)
-                pipe.execute()
-            moved += 1
+            # appended only by the call that removes it: two at once put it back once
+            moved += int(self.r.eval(  # type: ignore[arg-type]
+                _REQUEUE, 3, self.k.intake_unreadable, self.k.intake(partition),
+                self.k.engine_stats, eid, *original))
         return moved
+
+
+_REQUEUE = """
+if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
+  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
+  redis.call('HINCRBY', KEYS[3], 'entries_requeued', 1)
+  return 1
+end
+return 0
+"""
 
 
 def _stream_id(value: Any) -> bool:

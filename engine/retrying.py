@@ -118,15 +118,26 @@ class RetryWorker:
                         f"handed over {count - 1} times without an outcome (the retry "
                         f"worker stopped during each send); last error: "
                         f"{delivery.last_error}"))
-                else:
-                    self.sender.submit(hook, for_target(hook, delivery))
-                    self.handed.add(delivery.id)
-                    self.sent_with[delivery.id] = hook
+                    done += 1
+                    continue
+                try:
+                    ready = for_target(hook, delivery)
+                except Exception as exc:  # its parts cannot be made for the target now
+                    # (a hook changed to a kind whose keys a part cannot give): this one
+                    # never can, the others go on
+                    self.side.retry.kill(delivery, (
+                        f"cannot be made for the hook's {hook.target.kind} target: "
+                        f"{type(exc).__name__}: {exc}; last error: {delivery.last_error}"))
+                    done += 1
+                    continue
+                self.sender.submit(hook, ready)
+                self.handed.add(delivery.id)
+                self.sent_with[delivery.id] = hook
                 done += 1
         except Exception:
-            # those counted and not handed over (a Redis error killing one, a part that
-            # cannot be re-keyed) were not sent: counted, after 3 such failures they
-            # would become dead letters saying the worker stopped during each send
+            # those counted and not handed over (Redis failing a kill, the sender
+            # refusing) were not sent: counted, after 3 such failures they would become
+            # dead letters saying the worker stopped during each send
             with suppress(Exception):
                 self.side.retry.handed_back([d.id for _, d in sendable[done:]])
             raise

@@ -61,7 +61,8 @@ class Settings(BaseModel):
     # goes alone). Bounds request bodies, memory and retry payloads of large messages
     # (message content, many profile fields).
     MAX_BATCH_BYTES: int = Field(8 * 2**20, ge=2**10, le=256 * 2**20)
-    # Concurrent requests per destination (host:port) in one transport actor.
+    # Concurrent requests per destination (its URL without the query) in one transport
+    # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Longest a RabbitMQ or Kafka delivery may take to be confirmed by the broker.

@@ -127,6 +127,16 @@ class HookRegistry:
         raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
         return stored_account(raw) if raw is not None else None
 
+    def stored_name(self, hook_id: int) -> str | None:
+        """The ``name`` of a stored hook's record, read without validating the hook;
+        None when there is no such hook or its record names none that can be read."""
+        raw = self.r.hget(self.k.hooks, str(hook_id))
+        try:
+            name = json.loads(raw).get("name") if raw is not None else None  # type: ignore[arg-type]
+        except (ValueError, AttributeError, RecursionError):
+            return None
+        return name if isinstance(name, str) else None
+
     def stored_ids(self) -> list[int]:
         """The ids of every stored hook, read without validating the hooks."""
         keys = cast(list[bytes], self.r.hkeys(self.k.hooks))
@@ -276,8 +286,8 @@ class NameStore:
         fields: dict[str, str] = {}
         for n, rec in enumerate(records):
             try:
-                account_id, kind, obj_id, named = _name_record(rec)
-                check.upsert(account_id, kind, obj_id, **named)
+                account_id, kind, obj_id, texts = _name_record(rec)
+                check.upsert(account_id, kind, obj_id, **texts)
             except ValueError as exc:
                 raise ValueError(f"upsert_names: record {n}: {exc}; nothing stored") from None
         for rec in check.to_records():
@@ -362,9 +372,14 @@ def _name_record(rec: Any) -> tuple[int, str, int, dict[str, Any]]:
         if key not in rec:
             raise ValueError(f"{key} is missing")
     account_id, kind, obj_id = rec.pop("account_id"), rec.pop("kind"), rec.pop("id")
+    ids = []
     for key, value in (("account_id", account_id), ("id", obj_id)):
+        if isinstance(value, str) and value.isascii() and value.isdigit():
+            value = int(value)  # as a CSV file or JSON of strings holds it
         if not is_account_id(value):  # the same range as an account's id
             raise ValueError(f"{key}: expected an integer from 0 to {MAX_ID}, got {value!r}")
+        ids.append(value)
+    account_id, obj_id = ids
     if not isinstance(kind, str):
         raise ValueError(f"kind: expected a string, got {kind!r}")
     for key, value in rec.items():

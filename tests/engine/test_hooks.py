@@ -1077,8 +1077,9 @@ def test_rules_added_later_do_not_invalidate_a_stored_hook() -> None:
 
 
 @pytest.mark.parametrize(("vhost", "ok"), [
-    ("/", True), ("shop", True), ("a/b", True), ("café", True),
-    ("..", False), (".", False), ("x/../y", False), ("a/./b", False), ("a%2Fb", False)])
+    ("/", True), ("shop", True), ("a/b", True), ("café", True), ("50%", True),
+    ("a%2fb", True), ("..", False), (".", False), ("x/../y", False), ("a/./b", False),
+    ("a%2Fb", False)])
 def test_a_vhost_that_would_reach_the_broker_as_another_name_is_refused(
         vhost: str, ok: bool) -> None:
     """The connection URL's path drops "." and ".." segments (".." would be the
@@ -1088,6 +1089,6 @@ def test_a_vhost_that_would_reach_the_broker_as_another_name_is_refused(
     if ok:
         assert parse_hook(data).target.rabbitmq_queue.vhost == vhost  # type: ignore[union-attr]
     else:
-        assert "would reach the broker as another name" in hook_error(data)
+        assert "would reach the broker" in hook_error(data)
         stored = parse_hook(data, stored=True)
         assert stored.target.rabbitmq_queue.vhost == vhost  # type: ignore[union-attr]

@@ -610,6 +610,15 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         out = capsys.readouterr().out
         assert "hook 77 of account 4: stored hook 77 is not valid JSON" in out
         assert f"hook {good.id} ('crm') exists; left as it is" in out
+        # one that no longer validates, of the same name, exists all the same: a second
+        # would send every message twice once the first is valid again
+        stale = dict(good.to_storage(), id=78, name="old crm", actions=["nope"])
+        redis_client.hset(keys.hooks, "78", json.dumps(stale))
+        _create_missing_hook(engine, {"name": "old crm", "account_id": 4}, "hooks.json")
+        out = capsys.readouterr().out
+        assert "hook 78 of account 4: stored hook 78 no longer validates" in out
+        assert "hook 78 ('old crm') exists; left as it is" in out
+        assert engine.redis.hlen(keys.hooks) == 3  # good, 77 and 78: none created
         # the backlog covers the partitions the running engine recorded, more than these
         redis_client.hset(keys.config, "partitions", settings.PARTITIONS + 2)
         redis_client.xadd(keys.intake(settings.PARTITIONS + 1), {"x": "1"})
@@ -660,3 +669,14 @@ def test_set_aside_entries_are_listed_and_put_back(
     assert not any(k.startswith(b"_") for k in back)
     assert [eid for eid, _ in redis_client.xrange(keys.intake_unreadable)] == [junk]
     assert redis_client.hget(keys.engine_stats, "entries_requeued") == b"1"
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", "--limit", "5")
+    assert code == 2 and "--limit and --after page the list" in err
+    # two requeue runs that both read an entry put it back once: the move appends only
+    # where it removed
+    from engine.intake import _REQUEUE
+
+    again = redis_client.xadd(keys.intake_unreadable, {**fields, b"_partition": b"0"})
+    original = [x for k, v in fields.items() for x in (k, v)]
+    moved = [redis_client.eval(_REQUEUE, 3, keys.intake_unreadable, keys.intake(0),
+                               keys.engine_stats, again, *original) for _ in range(2)]
+    assert moved == [1, 0] and redis_client.xlen(keys.intake(0)) == 1

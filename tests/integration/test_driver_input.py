@@ -45,6 +45,13 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "upsert_names: record 1: name: expected a string, got None; nothing stored"),
     (lambda e: e.upsert_names([{"account_id": 23.9, "kind": "segments", "id": 1}]),
      "upsert_names: record 0: account_id: expected an integer from 0 to"),
+    (lambda e: e.upsert_names([{"account_id": "-1", "kind": "segments", "id": 1}]),
+     "upsert_names: record 0: account_id: expected an integer from 0 to"),
+    (lambda e: e.requeue_set_aside("1-0"),
+     "requeue_set_aside: ids must be a list of set-aside entry ids, got str"),
+    (lambda e: e.requeue_set_aside(["soon"]),
+     "requeue_set_aside: 'soon' is no set-aside entry's id"),
+    (lambda e: e.set_aside(limit=0), "set_aside: limit must be a whole number >= 1"),
     (lambda e: e.upsert_profiles(1, {"p1": {"email": "a@b"}, "p2": {"tags": {"x"}}}),
      "upsert_profiles: fields of profile 'p2' are not JSON"),
     (lambda e: e.upsert_profiles(1, {"p1": {"score": float("nan")}}),
@@ -68,6 +75,10 @@ def test_good_arguments_still_work(engine: Engine) -> None:
     assert engine.replay([]) == 0 and engine.replay(hook_id=hook.id) == 0
     assert engine.upsert_names([{"account_id": 23, "kind": "campaigns", "id": 9,
                                  "name": "Black Friday", "subid": 7}]) == 1
+    # ids as a CSV file or JSON of strings holds them
+    assert engine.upsert_names([{"account_id": "23", "kind": "segments", "id": "4",
+                                 "name": "VIP"}]) == 1
+    assert engine._names.load().get(23, "segments", 4) == "VIP"
     assert engine.upsert_profiles(23, {"p1": {"email": "a@example.org"}}) == 1
     assert engine.wait_idle(0.1)
 

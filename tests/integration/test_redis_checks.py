@@ -42,11 +42,14 @@ def evicting_redis() -> Iterator[redis.Redis]:
         proc.wait(10)
 
 
-def test_an_allkeys_eviction_policy_is_named(evicting_redis: redis.Redis,
-                                             redis_client: redis.Redis) -> None:
+def test_an_eviction_policy_is_named(evicting_redis: redis.Redis,
+                                     redis_client: redis.Redis) -> None:
     risk = eviction_risk(evicting_redis)
     assert risk is not None and "maxmemory-policy allkeys-lru" in risk
-    assert "use noeviction" in risk
-    evicting_redis.config_set("maxmemory-policy", "volatile-lru")  # only keys with a TTL
+    assert "accepted events, retries and dead letters" in risk and "use noeviction" in risk
+    evicting_redis.config_set("maxmemory-policy", "volatile-lru")  # keys with a TTL
+    risk = eviction_risk(evicting_redis)
+    assert risk is not None and "stored message content could be dropped" in risk
+    evicting_redis.config_set("maxmemory-policy", "noeviction")
     assert eviction_risk(evicting_redis) is None
     assert eviction_risk(redis_client) is None  # the shared test Redis: noeviction

@@ -1618,6 +1618,29 @@ def test_a_hand_over_that_fails_counts_no_send_it_did_not_make(
     assert sorted(d.id for d in sender.held) == ids
 
 
+def test_a_re_send_that_cannot_be_made_for_the_target_is_dead_lettered_alone(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A batch made for HTTP whose hook is now a RabbitMQ exchange gets its routing
+    keys from its parts; a part that cannot give them fails that delivery for good,
+    named, and the deliveries claimed with it are sent."""
+    created = HookRegistry(redis_client, keys).create(hook(
+        target={"rabbitmq_exchange": {"host": "mq.example", "exchange": "x"}}))
+    retry = RetryStore(redis_client, keys)
+    part = json.dumps({"event_type": "click", "list_id": 3}).encode()
+    for delivery_id, parts in (("a-bad", [b"\xff not json"]), ("b-good", [part])):
+        retry.schedule(Delivery(id=delivery_id, hook_id=created.id or 0, account_id=1,
+                                kind="http_batch", parts=parts, message_ids=["m"]),
+                       due_ms=0, error="HTTP 500")
+    sender = InProcessSender(hold=True)
+    RetryWorker(settings, redis_client, sender).step()
+    assert [(d.id, d.keys) for d in sender.held] == [("b-good", ["3.click"])]
+    (dead,) = retry.dead_letters()
+    assert dead.id == "a-bad"
+    assert dead.last_error.startswith("cannot be made for the hook's rabbitmq_exchange "
+                                      "target: "), dead.last_error
+    assert dead.last_error.endswith("; last error: HTTP 500")
+
+
 def test_handing_back_never_takes_a_count_below_zero(redis_client: redis.Redis,
                                                      keys: Keys) -> None:
     retry = RetryStore(redis_client, keys)
