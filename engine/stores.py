@@ -331,13 +331,7 @@ class ProfileStore:
     def upsert(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         if not profiles:
             return 0
-        encoded = {}
-        for pid, profile_fields in profiles.items():
-            try:
-                encoded[pid] = json.dumps(dict(profile_fields), allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise ValueError(f"upsert_profiles: fields of profile {pid!r} are not "
-                                 f"JSON: {exc}; nothing stored") from None
+        encoded = _json_values(profiles, "upsert_profiles: the fields of profile")
         with self.r.pipeline() as pipe:
             pipe.hset(self.k.profiles(account_id), mapping=encoded)
             pipe.incr(self.k.profiles_version)
@@ -360,6 +354,18 @@ class ProfileStore:
                 if raw is not None:
                     found[(account, pid)] = json.loads(raw)
         return found
+
+
+def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, str]:
+    """Each mapping of ``values`` as JSON text, by key; ValueError "``what`` 'key': not
+    JSON: ..." for one that is not (NaN included), before anything is stored."""
+    encoded = {}
+    for key, value in values.items():
+        try:
+            encoded[key] = json.dumps(dict(value), allow_nan=False)
+        except (TypeError, ValueError, RecursionError) as exc:
+            raise ValueError(f"{what} {key!r}: not JSON: {exc}; nothing stored") from None
+    return encoded
 
 
 def _name_record(rec: Any) -> tuple[int, str, int, dict[str, Any]]:
@@ -411,13 +417,7 @@ class ContentStore:
                 for sid, content in contents.items()):
             raise ValueError("store_content: contents must map each send id (a non-empty "
                              "string) to its content (a mapping)")
-        encoded = {}
-        for send_id, content in contents.items():
-            try:
-                encoded[send_id] = json.dumps(dict(content), allow_nan=False)
-            except (TypeError, ValueError, RecursionError) as exc:
-                raise ValueError(f"store_content: content of send id {send_id!r} is not "
-                                 f"JSON: {exc}; nothing stored") from None
+        encoded = _json_values(contents, "store_content: content of send id")
         with self.r.pipeline(transaction=False) as pipe:
             for send_id, data in encoded.items():
                 pipe.set(self.k.content(account_id, send_id), data, ex=ttl_sec or self.ttl_sec)

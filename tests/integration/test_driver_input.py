@@ -53,9 +53,9 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "requeue_set_aside: 'soon' is no set-aside entry's id"),
     (lambda e: e.set_aside(limit=0), "set_aside: limit must be a whole number >= 1"),
     (lambda e: e.upsert_profiles(1, {"p1": {"email": "a@b"}, "p2": {"tags": {"x"}}}),
-     "upsert_profiles: fields of profile 'p2' are not JSON"),
+     "upsert_profiles: the fields of profile 'p2': not JSON"),
     (lambda e: e.upsert_profiles(1, {"p1": {"score": float("nan")}}),
-     "upsert_profiles: fields of profile 'p1' are not JSON"),
+     "upsert_profiles: the fields of profile 'p1': not JSON"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_arguments_are_refused_naming_the_call_and_argument(
         engine: Engine, redis_client: Any, keys: Any, call: Any, message: str) -> None:

@@ -313,8 +313,8 @@ def test_content_is_stored_per_account_and_bad_content_is_refused_whole(
             (1, {"": {}}, "contents must map each send id"),
             (1, {"s": "text"}, "contents must map each send id"),
             (1, {"s3": {"ok": 1}, "s4": {"at": object()}},
-             "content of send id 's4' is not JSON: .*nothing stored"),
-            (1, {"s5": {"n": float("nan")}}, "content of send id 's5' is not JSON")]:
+             "content of send id 's4': not JSON: .*nothing stored"),
+            (1, {"s5": {"n": float("nan")}}, "content of send id 's5': not JSON")]:
         with pytest.raises(ValueError, match=reason):
             store.put(account, contents)  # type: ignore[arg-type]
     assert store.get_many([(1, "s3")]) == {}  # a refused call stores none of its content
