@@ -41,7 +41,7 @@ from engine.matching import EventColumns, HookIndex
 from engine.messages import Content, PartView, content_key
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
-from engine.settings import Settings
+from engine.settings import DEFAULT_MAX_BATCH_BYTES, Settings
 from engine.stores import (
     Booking,
     ContentStore,
@@ -83,6 +83,8 @@ def redis_unavailable(error: BaseException) -> bool:
     # in a pipeline, redis-py puts "Command # N (...) of pipeline caused error: " first
     text = str(error).rpartition(" of pipeline caused error: ")[2]
     return text.split(" ", 1)[0] in REDIS_REFUSALS
+
+
 # how often a partition looks for entries pending for it that it does not hold (handed
 # over by a read whose reply never came: see PartitionWorker._orphans), and how long such
 # an entry has been pending at least
@@ -145,7 +147,7 @@ class Dispatcher:
     """Matching, message building and per-hook batching for a partition."""
 
     def __init__(self, side: Side, catalogue: EventCatalogue, max_http_batch: int,
-                 max_batch_bytes: int = 8 * 2**20) -> None:
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
         self.side = side
         self.max_http_batch = max_http_batch
         self.max_batch_bytes = max_batch_bytes

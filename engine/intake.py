@@ -594,9 +594,10 @@ class SetAside:
 
     def requeue(self, ids: list[str] | None = None, partitions: int = 1) -> int:
         """Append set-aside entries (``ids``, all or none; None: every one that can be
-        decoded) to the intake again, each in one MULTI with its removal from the
-        set-aside stream; returns how many. An unknown id, or one that cannot be
-        decoded, raises ValueError naming it, and nothing is moved. ``partitions``:
+        decoded) to the intake again, each by the one script that removes it from the
+        set-aside stream (two runs at once put it back once); returns how many. An
+        unknown id, or one that cannot be decoded, raises ValueError naming it, and
+        nothing is moved. ``partitions``:
         the engine's PARTITIONS (its recorded value wins), to place each entry."""
         recorded = self.r.hget(self.k.config, "partitions")
         partitions = int(recorded) if recorded is not None else partitions

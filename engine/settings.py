@@ -27,6 +27,7 @@ DEFAULT_CONTENT_CLEANUP_HOURS = 72.0  # message content TTL (spec f)
 # the most messages of one HTTP request: no hook's max_batch_size may be larger
 # (engine.hooks.HttpBatch), so a higher MAX_HTTP_BATCH could never take effect
 HTTP_BATCH_LIMIT = 10_000
+DEFAULT_MAX_BATCH_BYTES = 8 * 2**20  # of one outgoing batch's messages
 
 
 class Settings(BaseModel):
@@ -60,7 +61,7 @@ class Settings(BaseModel):
     # would grow past this, whatever its message count (a message larger than this
     # goes alone). Bounds request bodies, memory and retry payloads of large messages
     # (message content, many profile fields).
-    MAX_BATCH_BYTES: int = Field(8 * 2**20, ge=2**10, le=256 * 2**20)
+    MAX_BATCH_BYTES: int = Field(DEFAULT_MAX_BATCH_BYTES, ge=2**10, le=256 * 2**20)
     # Concurrent requests per destination (its URL without the query) in one transport
     # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
