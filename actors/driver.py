@@ -421,8 +421,8 @@ class Engine:
         """Counters (messages) of one hook, or of every hook plus the engine's. NotFound
         for a hook that does not exist and never counted anything (a deleted hook keeps
         its counters: its dead letters may still be replayed or discarded)."""
-        if _id("stats", "hook_id", hook_id) is not None:
-            counters = self._stats.get(hook_id)
+        if hook_id is not None:
+            counters = self._stats.get(_id("stats", "hook_id", hook_id))
             if not any(counters.values()) and \
                     not self.redis.hexists(self.keys.hooks, str(hook_id)):
                 raise NotFound(f"hook {hook_id} does not exist")

@@ -22,7 +22,7 @@ from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from contextlib import suppress
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import numpy as np
 import redis
@@ -588,9 +588,9 @@ class PartitionWorker:
         orphans: list[str] = []
         start = "-"
         while len(orphans) < ORPHAN_PAGE:
-            page = self.r.xpending_range(self.stream, CONSUMER_GROUP, min=start, max="+",
-                                         count=ORPHAN_PAGE, consumername=self.consumer,
-                                         idle=ORPHAN_IDLE_MS)
+            page = cast(list[dict[str, Any]], self.r.xpending_range(
+                self.stream, CONSUMER_GROUP, min=start, max="+", count=ORPHAN_PAGE,
+                consumername=self.consumer, idle=ORPHAN_IDLE_MS))
             ids = [p["message_id"].decode() for p in page]
             orphans += [eid for eid in ids if eid not in held]
             if len(ids) < ORPHAN_PAGE:
@@ -604,9 +604,10 @@ class PartitionWorker:
                     self.partition, len(orphans))
         # claimed by this consumer again: returns their fields (deleted ones are dropped
         # from the pending list by Redis), and resets their idle time
-        items = self.r.xclaim(self.stream, CONSUMER_GROUP, self.consumer, 0,
-                              orphans[:ORPHAN_PAGE])
-        return self._decoded([(eid, fields) for eid, fields in items])
+        items = cast(list[tuple[bytes, dict[bytes, bytes]]], self.r.xclaim(
+            self.stream, CONSUMER_GROUP, self.consumer, 0,
+            list[Any](orphans[:ORPHAN_PAGE])))
+        return self._decoded(items)
 
     def _recreate_group(self, exc: Exception) -> None:
         """The stream or its consumer group is gone (Redis restarted without the data,

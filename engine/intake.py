@@ -584,7 +584,8 @@ class SetAside:
                              f"1700000000000-0), got {after!r}")
         start = "-" if after is None else "(" + after
         out = []
-        for eid, fields in self.r.xrange(self.k.intake_unreadable, start, "+", count=limit):
+        for eid, fields in _entries(self.r.xrange(self.k.intake_unreadable, start, "+",
+                                                  count=limit)):
             out.append({"id": eid.decode(),
                         "partition": _text(fields.get(b"_partition")),
                         "entry": _text(fields.get(b"_entry")),
@@ -602,7 +603,7 @@ class SetAside:
         recorded = self.r.hget(self.k.config, "partitions")
         partitions = int(recorded) if recorded is not None else partitions
         if ids is None:
-            items = [(eid, f) for eid, f in self.r.xrange(self.k.intake_unreadable)
+            items = [(eid, f) for eid, f in _entries(self.r.xrange(self.k.intake_unreadable))
                      if _event_count(f) is not None]
         else:
             wrong = [eid for eid in ids if not _stream_id(eid)]
@@ -615,7 +616,7 @@ class SetAside:
                     pipe.xrange(self.k.intake_unreadable, eid, eid)
                 for eid, reply in zip(ids, pipe.execute(), strict=True):
                     if reply:
-                        found[eid] = reply[0][1]
+                        found[eid] = _entries(reply)[0][1]
             unknown = [eid for eid in ids if eid not in found]
             if unknown:
                 raise ValueError(f"set-aside entr(y/ies) {', '.join(unknown[:20])} do not "
@@ -627,16 +628,16 @@ class SetAside:
                                  "nothing requeued")
             items = [(eid.encode(), found[eid]) for eid in dict.fromkeys(ids)]
         moved = 0
-        for eid, fields in items:
+        for entry_id, fields in items:
             original = [x for k, v in fields.items() if not k.startswith(b"_") for x in (k, v)]
             try:
                 partition = int(fields.get(b"_partition", b"0")) % partitions
             except ValueError:
                 partition = 0
             # appended only by the call that removes it: two at once put it back once
-            moved += int(self.r.eval(  # type: ignore[arg-type]
+            moved += int(cast(int, self.r.eval(
                 _REQUEUE, 3, self.k.intake_unreadable, self.k.intake(partition),
-                self.k.engine_stats, eid, *original))
+                self.k.engine_stats, entry_id, *original)))
         return moved
 
 
@@ -648,6 +649,11 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
 end
 return 0
 """
+
+
+def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
+    """An XRANGE reply as redis-py gives it for this client (bytes, not decoded)."""
+    return cast(list[tuple[bytes, dict[bytes, bytes]]], reply)
 
 
 def _stream_id(value: Any) -> bool:

@@ -130,9 +130,9 @@ class HookRegistry:
     def stored_name(self, hook_id: int) -> str | None:
         """The ``name`` of a stored hook's record, read without validating the hook;
         None when there is no such hook or its record names none that can be read."""
-        raw = self.r.hget(self.k.hooks, str(hook_id))
+        raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
         try:
-            name = json.loads(raw).get("name") if raw is not None else None  # type: ignore[arg-type]
+            name = json.loads(raw).get("name") if raw is not None else None
         except (ValueError, AttributeError, RecursionError):
             return None
         return name if isinstance(name, str) else None
@@ -333,7 +333,7 @@ class ProfileStore:
             return 0
         encoded = _json_values(profiles, "upsert_profiles: the fields of profile")
         with self.r.pipeline() as pipe:
-            pipe.hset(self.k.profiles(account_id), mapping=encoded)
+            pipe.hset(self.k.profiles(account_id), mapping=encoded)  # type: ignore[arg-type]
             pipe.incr(self.k.profiles_version)
             pipe.execute()
         return len(profiles)
