@@ -79,6 +79,9 @@ MAX_REQUEST_BYTES = 4 * 1024 * 1024
 KEY_CACHE_MAX = 100_000  # key text -> (bytes, murmur2) entries before the cache is dropped
 BREAKER_OPEN_SEC = 1.0  # after a producer failed, deliveries fail fast this long
 MAX_PRODUCERS = 64  # distinct (servers, security) producers kept by one transport
+# a producer no delivery used for this long is stopped (a hook whose settings changed,
+# or that was deleted, leaves its producer behind), looked at when another is made
+IDLE_CLOSE_SEC = 600.0
 METADATA_TRIES = 6  # metadata requests for an unknown topic before it is Rejected
 METADATA_BACKOFF_SEC = 0.2
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, ProducerClosed)
@@ -151,6 +154,7 @@ class _Slot:
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
     last_error: str = ""
     users: int = 0  # deliveries holding this slot: it is not dropped under them
+    used_at: float = field(default_factory=time.monotonic)  # last delivery began
 
 
 class KafkaTransport(Transport):
@@ -177,6 +181,7 @@ class KafkaTransport(Transport):
         # the timeout starts once through the gate: time spent queueing behind other
         # deliveries to the same producer is not the broker's fault
         slot.users += 1
+        slot.used_at = time.monotonic()
         try:
             async with slot.gate:
                 left = slot.failed_until - time.monotonic()
@@ -331,6 +336,13 @@ class KafkaTransport(Transport):
         key = _producer_key(target)
         slot = self._slots.get(key)
         if slot is None:
+            now = time.monotonic()
+            for old_key, old in list(self._slots.items()):  # least recently used first
+                if now - old.used_at < IDLE_CLOSE_SEC:
+                    break
+                if old.users == 0:
+                    del self._slots[old_key]
+                    self._retire(old, old.producer)
             if len(self._slots) >= MAX_PRODUCERS:
                 # the least recently used one no delivery holds goes (one dropped under
                 # a delivery would start a producer again that nothing keeps or stops);

@@ -38,7 +38,9 @@ failure: de-duplicate by ``message_id``.
   side decides what it binds (e.g. only ``*.click``) — not a transport failure.
   Bind a queue with ``#`` (topic) or use an alternate exchange to keep everything.
 
-Connections are cached per (host, port, user, password, vhost) and each
+Connections are cached per (host, port, user, password, vhost), at most
+MAX_BROKERS, one unused for IDLE_CLOSE_SEC closed when another opens (never one a
+delivery holds), and each
 destination (queue, or exchange with its settings) has a confirm channel of its
 own on that connection, declared once per channel: a broker error about one
 destination closes only its channel. After any connection failure (broker
@@ -87,8 +89,12 @@ JSON = "application/json"
 PERSISTENT = 2
 MAX_CHANNELS = 512  # destination channels per connection before idle ones are closed
 # connections kept (one per host, port, user, password, vhost): a hook whose password
-# or vhost changed leaves its old connection, closed once this many are newer
+# or vhost changed leaves its old connection, closed once this many are newer (or
+# after IDLE_CLOSE_SEC unused)
 MAX_BROKERS = 64
+# a broker no delivery used for this long is closed (a hook whose settings changed, or
+# that was deleted, leaves its connection behind), looked at when another is opened
+IDLE_CLOSE_SEC = 600.0
 CLOSE_TIMEOUT_SEC = 5.0
 
 BrokerKey = tuple[str, int, str, str, str]
@@ -131,6 +137,7 @@ class _Broker:
     error: TransportError | None = None
     progress_at: float = 0.0  # last connect or fully confirmed delivery (monotonic)
     users: int = 0  # deliveries holding this broker: it is not dropped under them
+    used_at: float = field(default_factory=time.monotonic)  # last delivery began
 
 
 class _Phase:
@@ -173,6 +180,7 @@ class RabbitTransport(Transport):
             return Outcome(ok=True, detail=f"nothing to publish to {what}")
         phase = _Phase()
         broker.users += 1
+        broker.used_at = time.monotonic()
         try:
             return await self._deliver_on(broker, target, delivery, dest_key, what, phase)
         finally:
@@ -264,6 +272,13 @@ class RabbitTransport(Transport):
         else:
             if (problem := vhost_problem(target.vhost)) is not None:  # a stored hook's
                 raise ValueError(f"vhost {target.vhost!r}: {problem}")
+            now = time.monotonic()
+            for old_key, old in list(self._brokers.items()):  # least recently used first
+                if now - old.used_at < IDLE_CLOSE_SEC:
+                    break
+                if old.users == 0:
+                    del self._brokers[old_key]
+                    self._drop(old, old.current, f"unused for {IDLE_CLOSE_SEC:g} s")
             if len(self._brokers) >= MAX_BROKERS:
                 # the least recently used one no delivery holds goes (one dropped under a
                 # delivery would connect again, a connection nothing keeps or closes);

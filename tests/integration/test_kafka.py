@@ -157,6 +157,29 @@ def test_a_producer_in_use_is_not_stopped_to_make_room(
     assert len({r.message_id for r in records}) == 1000
 
 
+def test_a_producer_unused_for_idle_close_sec_is_stopped_when_another_starts(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook whose servers changed leaves its producer behind: unused for
+    IDLE_CLOSE_SEC, it is stopped once another is made, however few there are."""
+    monkeypatch.setattr("engine.transports.kafka.IDLE_CLOSE_SEC", 0.0)
+    by_ip = target(kafka_broker.bootstrap, kafka_topic)
+    by_name = target(kafka_broker.bootstrap.replace("127.0.0.1", "localhost"), kafka_topic)
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def go() -> tuple[list[Any], list[str]]:
+        try:
+            first = await transport.send(by_ip, delivery(3, tag="a"))
+            second = await transport.send(by_name, delivery(3, tag="b"))
+            return [first, second], [s.servers for s in transport._slots.values()]
+        finally:
+            await transport.close()
+
+    outcomes, kept = run(go())
+    assert all(o.ok for o in outcomes), outcomes
+    assert kept == [kafka_broker.bootstrap.replace("127.0.0.1", "localhost")]
+    assert len({r.message_id for r in consume(kafka_broker.bootstrap, kafka_topic, 6)}) == 6
+
+
 def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
     d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
     d.parts = [p + b" " * 150 for p in d.parts]

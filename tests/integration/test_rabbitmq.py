@@ -159,6 +159,38 @@ def test_a_stored_hooks_vhost_that_would_be_another_is_not_connected_to(
     assert rabbit.consume(queue, expect=0) == []
 
 
+def test_a_connection_unused_for_idle_close_sec_is_closed_when_another_opens(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook whose settings changed leaves its old connection behind: unused for
+    IDLE_CLOSE_SEC, it is closed once another broker's connection is opened, however
+    few there are."""
+    monkeypatch.setattr("engine.transports.rabbitmq.IDLE_CLOSE_SEC", 0.0)
+    queue = rabbit.declare_queue("idle")
+    by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
+    by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], bool, list[str]]:
+        try:
+            first = await transport.send(by_ip, delivery(2, tag="a"))
+            (old,) = transport._brokers.values()
+            connection = old.current.connection if old.current else None
+            second = await transport.send(by_name, delivery(2, tag="b"))
+            deadline = time.monotonic() + 10
+            while connection is not None and not connection.is_closed \
+                    and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            kept = [b.where for b in transport._brokers.values()]
+            return [first, second], connection is not None and connection.is_closed, kept
+        finally:
+            await transport.close()
+
+    outcomes, closed, kept = run(go)
+    assert all(o.ok for o in outcomes), outcomes
+    assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
+    assert len(by_id(rabbit.consume(queue, expect=4))) == 4
+
+
 def test_a_connection_in_use_is_not_closed_to_make_room(
         rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MAX_BROKERS only one no delivery holds is closed: deliveries to two
