@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any, ClassVar, cast
 
 import msgspec
@@ -170,3 +171,25 @@ def available_kinds() -> list[str]:
     from importlib.util import find_spec
 
     return [k for k, m in TRANSPORT_MODULES.items() if k != "stub" and find_spec(m) is not None]
+
+
+def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,
+              close: Callable[[Any, str], None]) -> None:
+    """Before a new entry joins ``entries`` (a transport's cached connections or
+    producers, least recently used first, each with ``users`` and ``used_at``): those
+    no delivery holds and none began to use for ``idle_sec`` are closed (a hook whose
+    settings changed, or that was deleted, leaves its own behind), and, with ``limit``
+    still reached, the least recently used one no delivery holds. One a delivery
+    holds is never closed under it (the delivery would open it again, outside the
+    cache, where nothing closes it): all held, the cache grows by one for now.
+    ``close(entry, why)``."""
+    now = time.monotonic()
+    for key, entry in list(entries.items()):
+        if now - entry.used_at < idle_sec:
+            break
+        if entry.users == 0:
+            close(entries.pop(key), f"unused for {idle_sec:g} s")
+    if len(entries) >= limit:
+        idle = next((k for k, e in entries.items() if e.users == 0), None)
+        if idle is not None:
+            close(entries.pop(idle), f"making room: at most {limit} are kept")

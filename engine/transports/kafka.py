@@ -67,7 +67,7 @@ from engine.assembly import gather
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
-from engine.transports.base import Delivery, Outcome, Transport
+from engine.transports.base import Delivery, Outcome, Transport, make_room
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 
 log = logging.getLogger("hookray.kafka")
@@ -336,21 +336,8 @@ class KafkaTransport(Transport):
         key = _producer_key(target)
         slot = self._slots.get(key)
         if slot is None:
-            now = time.monotonic()
-            for old_key, old in list(self._slots.items()):  # least recently used first
-                if now - old.used_at < IDLE_CLOSE_SEC:
-                    break
-                if old.users == 0:
-                    del self._slots[old_key]
-                    self._retire(old, old.producer)
-            if len(self._slots) >= MAX_PRODUCERS:
-                # the least recently used one no delivery holds goes (one dropped under
-                # a delivery would start a producer again that nothing keeps or stops);
-                # all held: one more for now
-                idle = next((k for k, s in self._slots.items() if s.users == 0), None)
-                if idle is not None:
-                    old = self._slots.pop(idle)
-                    self._retire(old, old.producer)
+            make_room(self._slots, MAX_PRODUCERS, IDLE_CLOSE_SEC,
+                      lambda old, _: self._retire(old, old.producer))
             slot = self._slots[key] = _Slot(target, ",".join(target.bootstrap_servers),
                                             asyncio.Semaphore(self.concurrency))
         else:  # most recently used last

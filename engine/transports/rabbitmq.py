@@ -82,7 +82,7 @@ from yarl import URL
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
-from engine.transports.base import Delivery, Outcome, Transport
+from engine.transports.base import Delivery, Outcome, Transport, make_room
 
 DEFAULT_TIMEOUT_SEC = 10.0
 JSON = "application/json"
@@ -272,21 +272,8 @@ class RabbitTransport(Transport):
         else:
             if (problem := vhost_problem(target.vhost)) is not None:  # a stored hook's
                 raise ValueError(f"vhost {target.vhost!r}: {problem}")
-            now = time.monotonic()
-            for old_key, old in list(self._brokers.items()):  # least recently used first
-                if now - old.used_at < IDLE_CLOSE_SEC:
-                    break
-                if old.users == 0:
-                    del self._brokers[old_key]
-                    self._drop(old, old.current, f"unused for {IDLE_CLOSE_SEC:g} s")
-            if len(self._brokers) >= MAX_BROKERS:
-                # the least recently used one no delivery holds goes (one dropped under a
-                # delivery would connect again, a connection nothing keeps or closes);
-                # all held: one more for now
-                idle = next((k for k, b in self._brokers.items() if b.users == 0), None)
-                if idle is not None:
-                    old = self._brokers.pop(idle)
-                    self._drop(old, old.current, "making room for other brokers")
+            make_room(self._brokers, MAX_BROKERS, IDLE_CLOSE_SEC,
+                      lambda old, why: self._drop(old, old.current, why))
             url = URL.build(scheme="amqp", user=target.user, password=password,
                             host=target.host, port=target.port, path="/" + target.vhost)
             broker = self._brokers[key] = _Broker(

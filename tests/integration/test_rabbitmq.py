@@ -105,6 +105,15 @@ def test_an_existing_queue_is_used_as_it_is(rabbit: Rabbit) -> None:
     assert len(by_id(rabbit.consume(queue, expect=7))) == 7
 
 
+async def closed_within(connection: Any, seconds: float) -> bool:
+    """Whether ``connection`` (an aiormq one, or None) is closed within ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while connection is not None and not connection.is_closed \
+            and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    return connection is not None and connection.is_closed
+
+
 def test_connections_beyond_the_limit_close_the_least_recently_used(
         rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """One connection per (host, port, user, password, vhost): a hook whose settings
@@ -121,12 +130,7 @@ def test_connections_beyond_the_limit_close_the_least_recently_used(
             (old,) = transport._brokers.values()
             connection = old.current.connection if old.current else None
             second = await transport.send(by_name, delivery(3, tag="b"))
-            # the old connection closes in the background
-            deadline = time.monotonic() + 10
-            while connection is not None and not connection.is_closed \
-                    and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            closed = connection is not None and connection.is_closed
+            closed = await closed_within(connection, 10)  # closed in the background
             return [first, second], closed, len(transport._brokers)
         finally:
             await transport.close()
@@ -176,12 +180,8 @@ def test_a_connection_unused_for_idle_close_sec_is_closed_when_another_opens(
             (old,) = transport._brokers.values()
             connection = old.current.connection if old.current else None
             second = await transport.send(by_name, delivery(2, tag="b"))
-            deadline = time.monotonic() + 10
-            while connection is not None and not connection.is_closed \
-                    and time.monotonic() < deadline:
-                await asyncio.sleep(0.05)
-            kept = [b.where for b in transport._brokers.values()]
-            return [first, second], connection is not None and connection.is_closed, kept
+            closed = await closed_within(connection, 10)  # closed in the background
+            return [first, second], closed, [b.where for b in transport._brokers.values()]
         finally:
             await transport.close()
 
