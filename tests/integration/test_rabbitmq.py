@@ -114,30 +114,32 @@ async def closed_within(connection: Any, seconds: float) -> bool:
     return connection is not None and connection.is_closed
 
 
-def test_connections_beyond_the_limit_close_the_least_recently_used(
-        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(("setting", "value"), [("MAX_BROKERS", 1), ("IDLE_CLOSE_SEC", 0.0)])
+def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch, setting: str, value: float) -> None:
     """One connection per (host, port, user, password, vhost): a hook whose settings
-    changed leaves its old connection, closed once MAX_BROKERS newer ones exist."""
-    monkeypatch.setattr("engine.transports.rabbitmq.MAX_BROKERS", 1)
-    queue = rabbit.declare_queue("lru")
+    changed leaves its old connection, closed once MAX_BROKERS newer ones exist, or,
+    unused for IDLE_CLOSE_SEC, once another broker's connection is opened."""
+    monkeypatch.setattr(f"engine.transports.rabbitmq.{setting}", value)
+    queue = rabbit.declare_queue("old")
     by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
     by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
     transport = RabbitQueueTransport(timeout_sec=5)
 
-    async def go() -> tuple[list[Outcome], Any, int]:
+    async def go() -> tuple[list[Outcome], bool, list[str]]:
         try:
             first = await transport.send(by_ip, delivery(3, tag="a"))
             (old,) = transport._brokers.values()
             connection = old.current.connection if old.current else None
             second = await transport.send(by_name, delivery(3, tag="b"))
             closed = await closed_within(connection, 10)  # closed in the background
-            return [first, second], closed, len(transport._brokers)
+            return [first, second], closed, [b.where for b in transport._brokers.values()]
         finally:
             await transport.close()
 
     outcomes, closed, kept = run(go)
     assert all(o.ok for o in outcomes), outcomes
-    assert closed and kept == 1
+    assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
     assert len(by_id(rabbit.consume(queue, expect=6))) == 6
 
 
@@ -161,34 +163,6 @@ def test_a_stored_hooks_vhost_that_would_be_another_is_not_connected_to(
     assert "vhost '..': a vhost name with a \".\" or \"..\" segment would reach the broker " \
         "as another name" in outcome.detail
     assert rabbit.consume(queue, expect=0) == []
-
-
-def test_a_connection_unused_for_idle_close_sec_is_closed_when_another_opens(
-        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hook whose settings changed leaves its old connection behind: unused for
-    IDLE_CLOSE_SEC, it is closed once another broker's connection is opened, however
-    few there are."""
-    monkeypatch.setattr("engine.transports.rabbitmq.IDLE_CLOSE_SEC", 0.0)
-    queue = rabbit.declare_queue("idle")
-    by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
-    by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
-    transport = RabbitQueueTransport(timeout_sec=5)
-
-    async def go() -> tuple[list[Outcome], bool, list[str]]:
-        try:
-            first = await transport.send(by_ip, delivery(2, tag="a"))
-            (old,) = transport._brokers.values()
-            connection = old.current.connection if old.current else None
-            second = await transport.send(by_name, delivery(2, tag="b"))
-            closed = await closed_within(connection, 10)  # closed in the background
-            return [first, second], closed, [b.where for b in transport._brokers.values()]
-        finally:
-            await transport.close()
-
-    outcomes, closed, kept = run(go)
-    assert all(o.ok for o in outcomes), outcomes
-    assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
-    assert len(by_id(rabbit.consume(queue, expect=4))) == 4
 
 
 def test_a_connection_in_use_is_not_closed_to_make_room(
