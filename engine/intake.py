@@ -598,8 +598,8 @@ class SetAside:
         decoded) to the intake again, each by the one script that removes it from the
         set-aside stream (two runs at once put it back once); returns how many. An
         unknown id, or one that cannot be decoded, raises ValueError naming it, and
-        nothing is moved. ``partitions``:
-        the engine's PARTITIONS (its recorded value wins), to place each entry."""
+        nothing is moved. ``partitions``: the engine's PARTITIONS (its recorded value
+        wins), to place each entry."""
         recorded = self.r.hget(self.k.config, "partitions")
         partitions = int(recorded) if recorded is not None else partitions
         if ids is None:
