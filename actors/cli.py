@@ -140,13 +140,15 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
 def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float
                   ) -> None:
     started = time.monotonic()
+    seen: set[int] = set()  # every hook stored during the run: one deleted still counts
     while True:
         wait = report_sec
         if duration:
             wait = min(wait, max(started + duration - time.monotonic(), 0))
         done = stop.wait(wait) or bool(duration and time.monotonic() - started >= duration)
         try:  # a progress line every report_sec, and a last one on the way out
-            print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(engine.totals())} "
+            seen.update(engine.hooks.stored_ids())
+            print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(engine.totals(seen))} "
                   f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
         except redis.RedisError as exc:
             print(f"hookray: progress unavailable: Redis: {exc}", flush=True)

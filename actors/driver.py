@@ -526,11 +526,14 @@ class Engine:
             time.sleep(0.05)
         return False
 
-    def totals(self) -> dict[str, int]:
-        """Counters summed over every hook."""
+    def totals(self, also: Iterable[int] = ()) -> dict[str, int]:
+        """Counters summed over every stored hook and the hooks ``also`` names (a
+        deleted hook keeps its counters: a caller that saw it can still count it)."""
         per_hook = self.stats()
         per_hook.pop("engine")
-        return {f: sum(s[f] for s in per_hook.values()) for f in STAT_FIELDS}
+        gone = {int(h) for h in also}.difference(per_hook)
+        counted = [*per_hook.values(), *map(self._stats.get, sorted(gone))]
+        return {f: sum(s[f] for s in counted) for f in STAT_FIELDS}
 
 
 def _hook_fields(data: Any) -> Mapping[str, Any] | Hook:

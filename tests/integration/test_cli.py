@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -624,6 +625,45 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         redis_client.xadd(keys.intake(settings.PARTITIONS + 1), {"x": "1"})
         assert engine.backlog() == 1
     finally:
+        engine.redis.close()
+
+
+def test_the_progress_line_still_counts_a_hook_deleted_during_the_run(
+        settings: Settings, redis_client: Any, keys: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """A hook deleted while the main job runs (the locustfile deletes its own at the
+    end) keeps its counters, and the last progress line still adds them up."""
+    import threading
+
+    from actors.cli import _report_until
+    from actors.driver import Engine
+
+    engine = Engine.connect(settings)
+    stop = threading.Event()
+    reporter = threading.Thread(target=_report_until, args=(engine, stop, 0.05, 0))
+    try:
+        hook = engine.create_hook({"name": "bench", "account_id": 4, "actions": ["click"],
+                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+        kept = engine.create_hook({"name": "kept", "account_id": 4, "actions": ["open"],
+                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/y"}}})
+        redis_client.hset(keys.stats(hook.id), mapping={"accepted": 7, "delivered": 5})
+        redis_client.hset(keys.stats(kept.id), mapping={"accepted": 3, "delivered": 3})
+        reporter.start()
+        deadline = time.monotonic() + 10
+        while '"accepted": 10' not in capsys.readouterr().out:  # a line saw both
+            assert time.monotonic() < deadline, "no progress line counted both hooks"
+            time.sleep(0.02)
+        engine.delete_hook(hook.id)
+        stop.set()
+        reporter.join(10)
+        last = capsys.readouterr().out.strip().splitlines()[-1]
+        assert '"accepted": 10, "delivered": 8' in last, last
+        assert engine.totals() == {**engine.stats(kept.id)}  # stored hooks only
+        assert engine.totals([hook.id, kept.id])["accepted"] == 10
+    finally:
+        stop.set()
+        if reporter.is_alive():
+            reporter.join(10)
         engine.redis.close()
 
 
