@@ -17,6 +17,10 @@
   ``murmur2(key)`` (the same partition a Java or aiokafka producer picks for
   that key), keyless records all go to one partition per delivery, rotating
   from delivery to delivery over the partitions with a leader (sticky partitioning).
+  A batch the broker refuses as too large (a topic whose ``max.message.bytes`` is
+  below 256 KiB) is split, as Kafka's own producer does: its records go again at
+  once in batches of half its size, and the topic's batches stay that small for
+  the producer's life. A record too large on its own is ``Rejected``.
 * **Topics are never created by hookray.** The topic must exist, or the broker
   must create it on first use (Kafka's ``auto.create.topics.enable``; tansu
   always does). A topic the broker neither knows nor creates is ``Rejected``,
@@ -56,8 +60,10 @@ from aiokafka.errors import (
     KafkaConnectionError,
     KafkaError,
     KafkaTimeoutError,
+    MessageSizeTooLargeError,
     NodeNotReadyError,
     ProducerClosed,
+    RecordListTooLargeError,
     RequestTimedOutError,
 )
 from aiokafka.helpers import create_ssl_context
@@ -85,6 +91,7 @@ IDLE_CLOSE_SEC = 600.0
 METADATA_TRIES = 6  # metadata requests for an unknown topic before it is Rejected
 METADATA_BACKOFF_SEC = 0.2
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, ProducerClosed)
+_TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 
 class _BootstrapErrors(logging.Filter):
@@ -150,6 +157,8 @@ class _Slot:
     # one batch hand-over at a time per (topic, partition): aiokafka's add_batch
     # shortens its own wait on every wake-up, so contended hand-overs time out early
     queues: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
+    # topic -> batch bytes its broker took, learnt from batches refused as too large
+    caps: dict[str, int] = field(default_factory=dict)
     last_ack: float = 0.0  # monotonic time of the last acknowledged delivery
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
     last_error: str = ""
@@ -204,19 +213,17 @@ class KafkaTransport(Transport):
         """Send the delivery's records; a TransportError names the records not
         acknowledged in ``failed`` when some of its batches were (another partition's
         leader failed, say): only those are sent again."""
-        waiters: list[asyncio.Future[Any]] = []  # one per record batch
-        positions: list[range | list[int]] = []  # the delivery's records of each batch
+        sent = _Sent()
         try:
-            await self._attempt_batches(slot, topic, delivery, where, waiters, positions)
+            await self._attempt_batches(slot, topic, delivery, where, sent)
         except TransportError as exc:
-            exc.failed = unacknowledged(waiters, positions, delivery.count)
+            exc.failed = unacknowledged(sent.waiters, sent.positions, delivery.count)
             raise
         finally:
-            _abandon(waiters)
+            _abandon(sent.waiters)
 
     async def _attempt_batches(self, slot: _Slot, topic: str, delivery: Delivery, where: str,
-                               waiters: list[asyncio.Future[Any]],
-                               positions: list[range | list[int]]) -> None:
+                               sent: _Sent) -> None:
         stage = "connect"
         producer: AIOKafkaProducer | None = None
         loop = asyncio.get_running_loop()
@@ -227,10 +234,18 @@ class KafkaTransport(Transport):
                 stage = "metadata"
                 partitions = await self._partitions(slot, producer, topic)
                 stage = "send"
-                await self._enqueue(slot, producer, topic, partitions, delivery, waiters,
-                                    positions)
+                records = await self._enqueue(slot, producer, topic, partitions, delivery,
+                                              sent)
             stage = "acknowledgement"
-            await _acknowledged(waiters, deadline - loop.time())
+            while await _settled(sent, deadline - loop.time()):
+                # batches the broker refused as too large (the topic's max.message.bytes
+                # is below MAX_BATCH_BYTES): their records go again in smaller batches,
+                # as Kafka's own producer splits them; the topic's cap is kept
+                stage = "send"
+                async with asyncio.timeout_at(deadline):
+                    await self._split(slot, producer, topic, records, sent)
+                stage = "acknowledgement"
+            _raise_first(sent, where)
         except TimeoutError:
             if stage == "connect":
                 self._retire(slot, producer)
@@ -241,6 +256,8 @@ class KafkaTransport(Transport):
                           f"{self.timeout_sec:g} s ({stage})") from None
         except (ConnectError, Timeout):
             self._retire(slot, producer)
+            raise
+        except Rejected:
             raise
         except KafkaError as exc:
             raise self._error(slot, producer, where, exc) from None
@@ -270,12 +287,9 @@ class KafkaTransport(Transport):
             self._retire(slot, producer)
 
     async def _enqueue(self, slot: _Slot, producer: AIOKafkaProducer, topic: str,
-                       partitions: list[int], delivery: Delivery,
-                       waiters: list[asyncio.Future[Any]],
-                       positions: list[range | list[int]]) -> None:
+                       partitions: list[int], delivery: Delivery, sent: _Sent) -> _Records:
         """Write the records into per-partition batches (``kafka_batch``) and hand them
-        to the producer; appends one future per batch to ``waiters`` and the positions
-        of its records in the delivery to ``positions``."""
+        to the producer, each noted in ``sent``; the records as written."""
         parts = delivery.parts
         keys = delivery.keys
         mids = delivery.message_ids
@@ -309,17 +323,29 @@ class KafkaTransport(Transport):
         else:
             groups = list(positions_by_code(
                 np.fromiter(map(where.__getitem__, keys), np.int64, count)))
-        stamp = int(time.time() * 1000)
+        records = _Records(parts, fields, headers, int(time.time() * 1000))
+        cap = slot.caps.get(topic, MAX_BATCH_BYTES)
         for partition, idx in groups:
-            values, keyed, headed = (parts, fields, headers) if idx is None else (
-                list(gather(parts, idx)), list(gather(fields, idx)), list(gather(headers, idx)))
-            start = 0
-            for data, records in batches(values, keyed, headed, stamp, MAX_BATCH_BYTES):
-                waiters.append(await _hand_over(slot, producer, PrebuiltBatch(data, records),
-                                                topic, partition))
-                positions.append(range(start, start + records) if idx is None
-                                 else idx[start:start + records])
-                start += records
+            await _hand_records(slot, producer, topic, partition, records, idx, cap, sent)
+        return records
+
+    async def _split(self, slot: _Slot, producer: AIOKafkaProducer, topic: str,
+                     records: _Records, sent: _Sent) -> None:
+        """Send the records of each batch refused as too large again, in batches of at
+        most half its size; the topic's cap becomes the smallest such half."""
+        for i in sent.too_large():
+            partition, size = sent.placed[i]
+            cap = max(size // 2, 1)  # smaller each time: at worst one record a batch
+            if cap < slot.caps.get(topic, MAX_BATCH_BYTES):
+                if len(slot.caps) > 10_000:
+                    slot.caps.clear()
+                slot.caps[topic] = cap
+                log.warning("Kafka %s topic %r refused a %d-byte record batch as too large; "
+                            "its batches are now at most %d bytes", slot.servers, topic, size,
+                            cap)
+            sent.superseded.add(i)
+            await _hand_records(slot, producer, topic, partition, records,
+                                list(sent.positions[i]), cap, sent)
 
     def _key(self, text: str) -> tuple[bytes, int | None]:
         """The key field of records keyed ``text`` and its murmur2 (None: no key)."""
@@ -449,20 +475,85 @@ async def _hand_over(slot: _Slot, producer: AIOKafkaProducer, builder: Any, topi
         return future
 
 
-async def _acknowledged(waiters: list[asyncio.Future[Any]], timeout: float) -> None:
-    """Wait for every batch; raise the first batch's error, TimeoutError after ``timeout``.
+@dataclass
+class _Records:
+    """A delivery's records as written: values, key fields, header fields, timestamp."""
+
+    parts: list[bytes]
+    fields: list[bytes]
+    headers: list[bytes]
+    stamp: int
+
+
+@dataclass
+class _Sent:
+    """The record batches of one delivery handed to the producer, in order: each one's
+    future, its records' positions in the delivery, its partition and bytes; the
+    batches whose records went again in smaller ones (``superseded``)."""
+
+    waiters: list[asyncio.Future[Any]] = field(default_factory=list)
+    positions: list[range | list[int]] = field(default_factory=list)
+    placed: list[tuple[int, int]] = field(default_factory=list)
+    superseded: set[int] = field(default_factory=set)
+
+    def current(self) -> list[int]:
+        return [i for i in range(len(self.waiters)) if i not in self.superseded]
+
+    def too_large(self) -> list[int]:
+        """The batches of more than one record refused as too large, not split yet."""
+        return [i for i in self.current() if len(self.positions[i]) > 1
+                and _refused_as_too_large(self.waiters[i])]
+
+
+def _refused_as_too_large(waiter: asyncio.Future[Any]) -> bool:
+    return waiter.done() and not waiter.cancelled() and \
+        isinstance(waiter.exception(), _TOO_LARGE)
+
+
+async def _hand_records(slot: _Slot, producer: AIOKafkaProducer, topic: str, partition: int,
+                        records: _Records, idx: list[int] | None, cap: int, sent: _Sent) -> None:
+    """Hand the records at ``idx`` (None: all) to the producer for ``partition``, in
+    batches of at most ``cap`` bytes, each noted in ``sent``."""
+    values, keyed, headed = (records.parts, records.fields, records.headers) if idx is None \
+        else (list(gather(records.parts, idx)), list(gather(records.fields, idx)),
+              list(gather(records.headers, idx)))
+    start = 0
+    for data, count in batches(values, keyed, headed, records.stamp, cap):
+        sent.waiters.append(await _hand_over(slot, producer, PrebuiltBatch(data, count),
+                                             topic, partition))
+        sent.positions.append(range(start, start + count) if idx is None
+                              else idx[start:start + count])
+        sent.placed.append((partition, len(data)))
+        start += count
+
+
+async def _settled(sent: _Sent, timeout: float) -> bool:
+    """Wait for every current batch, TimeoutError after ``timeout``; whether some of
+    more than one record were refused as too large (to be split).
 
     Not ``asyncio.timeout`` around a gather: cancelling aiokafka's shielded batch
     futures would leave the errors they get later unretrieved (and logged)."""
-    if not waiters:
-        return
-    _, pending = await asyncio.wait(waiters, timeout=max(timeout, 0))
-    if pending:
-        raise TimeoutError
-    for waiter in waiters:
+    current = [sent.waiters[i] for i in sent.current()]
+    if current:
+        _, pending = await asyncio.wait(current, timeout=max(timeout, 0))
+        if pending:
+            raise TimeoutError
+    return bool(sent.too_large())
+
+
+def _raise_first(sent: _Sent, where: str) -> None:
+    """Raise the first current batch's error: a record alone too large for the topic is
+    Rejected, naming its size."""
+    for i in sent.current():
+        waiter = sent.waiters[i]
         if waiter.cancelled():
             raise ProducerClosed()
         error = waiter.exception()
+        if isinstance(error, _TOO_LARGE):
+            raise Rejected(f"{where}: the broker refused a record as too large "
+                           f"({type(error).__name__}): a record batch of {sent.placed[i][1]:,} "
+                           "bytes holding that one record is more than the topic's "
+                           "max.message.bytes (or the broker's message.max.bytes) allows")
         if error is not None:
             raise error
 

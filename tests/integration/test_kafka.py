@@ -190,6 +190,89 @@ def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic
     assert [r.value for r in sorted(records, key=lambda r: r.offset)] == d.parts
 
 
+def refuse_batches_over(monkeypatch: pytest.MonkeyPatch, limit: int) -> list[int]:
+    """The produce path acts as a broker whose topic ``max.message.bytes`` is ``limit``
+    (tansu does not enforce it): a record batch larger than that is left out of the
+    produce request and answered MESSAGE_TOO_LARGE, as Kafka answers it; the others go
+    to the broker. Returns the sizes of the batches refused."""
+    from aiokafka.errors import MessageSizeTooLargeError
+    from aiokafka.producer.sender import SendProduceReqHandler
+
+    refused: list[int] = []
+    create, handle = SendProduceReqHandler.create_request, SendProduceReqHandler.handle_response
+
+    def create_request(self: Any) -> Any:
+        everything = self._batches
+        self._too_large = {tp: b for tp, b in everything.items()
+                           if len(b.get_data_buffer()) > limit}
+        self._batches = {tp: b for tp, b in everything.items() if tp not in self._too_large}
+        try:
+            return create(self)
+        finally:
+            self._batches = everything
+
+    def handle_response(self: Any, response: Any) -> None:
+        handle(self, response)
+        for batch in self._too_large.values():
+            refused.append(len(batch.get_data_buffer()))
+            batch.failure(exception=MessageSizeTooLargeError())
+
+    monkeypatch.setattr(SendProduceReqHandler, "create_request", create_request)
+    monkeypatch.setattr(SendProduceReqHandler, "handle_response", handle_response)
+    return refused
+
+
+def test_batches_refused_as_too_large_are_split_and_the_topic_keeps_smaller_ones(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A topic that takes at most 40 KB a batch: the 256 KiB batches of a delivery
+    are refused, their records go again in halves until they fit, each once; the
+    next delivery to the topic is sent in batches that fit from the start."""
+    refused = refuse_batches_over(monkeypatch, 40_000)
+    first = delivery(3000, ["1.open"] * 3000, tag="a")  # one key: one partition, ~0.5 MiB
+    first.parts = [p + b" " * 150 for p in first.parts]
+    second = delivery(1000, ["1.open"] * 1000, tag="b")
+    second.parts = [p + b" " * 150 for p in second.parts]
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def both() -> tuple[Any, int, Any, dict[str, int]]:
+        try:
+            one = await transport.send(target(kafka_broker.bootstrap, kafka_topic), first)
+            after_first = len(refused)
+            two = await transport.send(target(kafka_broker.bootstrap, kafka_topic), second)
+            (slot,) = transport._slots.values()
+            return one, after_first, two, dict(slot.caps)
+        finally:
+            await transport.close()
+
+    one, after_first, two, caps = run(both())
+    assert one.ok and two.ok, (one, two)
+    assert after_first >= 2 and all(size > 40_000 for size in refused), refused
+    assert len(refused) == after_first  # the second delivery: no batch refused
+    assert 20_000 <= caps[kafka_topic] <= 40_000, caps  # halves of refused batches
+    records = consume(kafka_broker.bootstrap, kafka_topic, 4000)
+    got = Counter(r.message_id for r in records)
+    assert got == Counter(first.message_ids + second.message_ids)  # each exactly once
+    value = {mid: part for d in (first, second)
+             for mid, part in zip(d.message_ids, d.parts, strict=True)}
+    assert all(r.value == value[r.message_id] for r in records)
+
+
+def test_a_record_too_large_on_its_own_is_rejected_and_only_it_fails(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    refuse_batches_over(monkeypatch, 20_000)
+    d = delivery(200, ["1.click"] * 200)
+    d.parts[57] = json.dumps({"n": 57, "content": "x" * 30_000}).encode()
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=10),
+                              target(kafka_broker.bootstrap, kafka_topic), d))
+    assert not outcome.ok and outcome.error == "Rejected", outcome
+    assert "refused a record as too large (MessageSizeTooLargeError)" in outcome.detail
+    assert "max.message.bytes" in outcome.detail
+    assert outcome.failed == [57]
+    records = consume(kafka_broker.bootstrap, kafka_topic, 199)
+    assert sorted(r.message_id for r in records) == sorted(
+        mid for i, mid in enumerate(d.message_ids) if i != 57)
+
+
 def test_a_backlog_of_concurrent_deliveries_is_not_mistaken_for_a_dead_broker(
         kafka_broker: Tansu, kafka_topic: str) -> None:
     # 200 deliveries handed over at once (as a transport actor gets them from the
