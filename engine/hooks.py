@@ -420,12 +420,33 @@ class HttpBatch(_Model):
         return self
 
 
+AMQPS_PORT = 5671  # a TLS broker's port when the hook names none
+
+
 class _Broker(_Model):
     host: str = Field(min_length=1)
-    port: int = Field(5672, gt=0, lt=65536)
+    port: int = Field(5672, gt=0, lt=65536)  # AMQPS_PORT with tls
     user: str = "guest"
     password: SecretStr = SecretStr("guest")
     vhost: str = "/"
+    # amqps: TLS, the broker's certificate checked against the system's CAs (or
+    # tls_cafile's) and its name against host
+    tls: bool = False
+    tls_cafile: str | None = Field(None, min_length=1)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _tls_port(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("tls") is True and "port" not in data:
+            return {**data, "port": AMQPS_PORT}
+        return data
+
+    @field_validator("tls_cafile")
+    @classmethod
+    def _cafile_with_tls(cls, value: str | None, info: ValidationInfo) -> str | None:
+        if value is not None and info.data.get("tls") is not True:
+            raise ValueError("is only used with tls: true")
+        return value
 
     # a host that is no name or address, a vhost with a control character: either
     # would fail every delivery, and only at delivery, after every retry
@@ -651,15 +672,16 @@ def _restore(new: Any, shown: Any, clear: Any) -> Any:
 
 def destination(hook: Hook) -> tuple[Any, ...]:
     """Where a hook's secrets go: the target kind and, by kind, the origin (scheme,
-    host, port) of the URL and of the OAuth2 token URL, the broker's host and port,
-    or the Kafka bootstrap servers with the TLS and SASL mechanism settings."""
+    host, port) of the URL and of the OAuth2 token URL, the broker's host and port
+    with its TLS settings, or the Kafka bootstrap servers with the TLS and SASL
+    mechanism settings."""
     target = hook.target
     if target.http_batch is not None:
         http = target.http_batch
         return ("http_batch", _origin(http.url), _origin(http.auth.token_url or ""))
     broker = target.rabbitmq_queue or target.rabbitmq_exchange
-    if broker is not None:
-        return (target.kind, broker.host.lower(), broker.port)
+    if broker is not None:  # turning TLS off would send the password in clear
+        return (target.kind, broker.host.lower(), broker.port, broker.tls, broker.tls_cafile)
     kafka = target.kafka
     assert kafka is not None
     # and how the password travels: turning TLS off or SCRAM into PLAIN would send it

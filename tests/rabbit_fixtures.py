@@ -279,11 +279,21 @@ class RabbitNode:
     binary: str
     nodename: str = ""
     pid: int | None = None
+    # a TLS (amqps) listener too: on this port, with the certificate and key files in
+    # home ("ca.pem", "server.pem", "server.key")
+    tls_port: int | None = None
 
     def __post_init__(self) -> None:
         self.nodename = f"hookraytest{self.port}@localhost"
-        (self.home / "rabbitmq.conf").write_text(
-            f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n")
+        conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        if self.tls_port is not None:
+            conf += (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
+                     f"ssl_options.cacertfile = {self.home / 'ca.pem'}\n"
+                     f"ssl_options.certfile = {self.home / 'server.pem'}\n"
+                     f"ssl_options.keyfile = {self.home / 'server.key'}\n"
+                     "ssl_options.verify = verify_none\n"
+                     "ssl_options.fail_if_no_peer_cert = false\n")
+        (self.home / "rabbitmq.conf").write_text(conf)
         (self.home / "enabled_plugins").write_text("[].\n")
         (self.home / "rabbitmq-env.conf").write_text("")
         self.env = {
@@ -344,17 +354,38 @@ class RabbitNode:
         os.kill(pid, signal.SIGKILL)
 
 
-@pytest.fixture
-def rabbit_node(rabbit_url: str) -> Iterator[RabbitNode]:
-    """A RabbitMQ node of this test's own (the shared broker is never stopped)."""
+def _own_node(tls: bool) -> Iterator[RabbitNode]:
     binary = _server_binary()
     if binary is None:
         missing("a rabbitmq-server executable (to start a test-owned RabbitMQ node)")
     home = Path(tempfile.mkdtemp(prefix="hookray-rabbit-"))
-    node = RabbitNode(home, free_port(), str(binary))
+    tls_port = None
+    if tls:
+        import trustme
+
+        ca = trustme.CA()
+        server = ca.issue_cert("localhost", "127.0.0.1")
+        ca.cert_pem.write_to_path(str(home / "ca.pem"))
+        server.cert_chain_pems[0].write_to_path(str(home / "server.pem"))
+        server.private_key_pem.write_to_path(str(home / "server.key"))
+        tls_port = free_port()
+    node = RabbitNode(home, free_port(), str(binary), tls_port=tls_port)
     try:
         node.start()
         yield node
     finally:
         node.stop()
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def rabbit_node(rabbit_url: str) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own (the shared broker is never stopped)."""
+    yield from _own_node(tls=False)
+
+
+@pytest.fixture
+def rabbit_tls_node(rabbit_url: str) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own with a TLS listener (``tls_port``) whose
+    certificate, for localhost and 127.0.0.1, a test CA (``home / "ca.pem"``) signed."""
+    yield from _own_node(tls=True)

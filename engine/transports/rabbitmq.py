@@ -38,7 +38,12 @@ failure: de-duplicate by ``message_id``.
   side decides what it binds (e.g. only ``*.click``) — not a transport failure.
   Bind a queue with ``#`` (topic) or use an alternate exchange to keep everything.
 
-Connections are cached per (host, port, user, password, vhost), at most
+With ``tls`` the connection is amqps: the broker's certificate is checked against
+the system's CAs (or the hook's ``tls_cafile``) and its name against the host; a
+certificate not trusted and a handshake with a port that is not a TLS listener are
+ConnectErrors that say so.
+
+Connections are cached per (host, port, user, password, vhost, TLS settings), at most
 MAX_BROKERS, one unused for IDLE_CLOSE_SEC closed when another opens (never one a
 delivery holds), and each
 destination (queue, or exchange with its settings) has a confirm channel of its
@@ -69,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -97,7 +103,7 @@ MAX_BROKERS = 64
 IDLE_CLOSE_SEC = 600.0
 CLOSE_TIMEOUT_SEC = 5.0
 
-BrokerKey = tuple[str, int, str, str, str]
+BrokerKey = tuple[str, int, str, str, str, bool, str | None]
 DestKey = tuple[Any, ...]
 
 
@@ -131,6 +137,9 @@ class _Broker:
     user: str
     vhost: str
     semaphore: asyncio.Semaphore
+    tls: bool = False
+    tls_cafile: str | None = None
+    context: ssl.SSLContext | None = None  # made on the first connect (it reads files)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     current: _Connection | None = None
     failed_at: float = float("-inf")
@@ -265,7 +274,8 @@ class RabbitTransport(Transport):
 
     def _broker(self, target: RabbitQueue | RabbitExchange) -> _Broker:
         password = target.password.get_secret_value()
-        key = (target.host, target.port, target.user, password, target.vhost)
+        key = (target.host, target.port, target.user, password, target.vhost, target.tls,
+               target.tls_cafile)
         broker = self._brokers.get(key)
         if broker is not None:  # most recently used last
             self._brokers[key] = self._brokers.pop(key)
@@ -274,12 +284,16 @@ class RabbitTransport(Transport):
                 raise ValueError(f"vhost {target.vhost!r}: {problem}")
             make_room(self._brokers, MAX_BROKERS, IDLE_CLOSE_SEC,
                       lambda old, why: self._drop(old, old.current, why))
-            url = URL.build(scheme="amqp", user=target.user, password=password,
-                            host=target.host, port=target.port, path="/" + target.vhost)
+            url = URL.build(scheme="amqps" if target.tls else "amqp", user=target.user,
+                            password=password, host=target.host, port=target.port,
+                            path="/" + target.vhost)
+            tls = " (TLS)" if target.tls else ""
             broker = self._brokers[key] = _Broker(
-                url=url, where=f"RabbitMQ {target.host}:{target.port} vhost {target.vhost!r}",
+                url=url,
+                where=f"RabbitMQ {target.host}:{target.port}{tls} vhost {target.vhost!r}",
                 user=target.user, vhost=target.vhost,
-                semaphore=asyncio.Semaphore(self.concurrency))
+                semaphore=asyncio.Semaphore(self.concurrency), tls=target.tls,
+                tls_cafile=target.tls_cafile)
         return broker
 
     async def _connection(self, broker: _Broker, started: float) -> _Connection:
@@ -297,7 +311,8 @@ class RabbitTransport(Transport):
                 self._drop(broker, conn)
             try:
                 connection = await aiormq.connect(
-                    broker.url, client_properties={"connection_name": "hookray " + self.kind})
+                    broker.url, context=self._tls_context(broker),
+                    client_properties={"connection_name": "hookray " + self.kind})
             except Exception as exc:
                 broker.error = self._wrap_connect(exc, broker)
                 broker.failed_at = time.monotonic()
@@ -306,6 +321,20 @@ class RabbitTransport(Transport):
             broker.error = None
             broker.progress_at = time.monotonic()
             return conn
+
+    @staticmethod
+    def _tls_context(broker: _Broker) -> ssl.SSLContext | None:
+        """The TLS context of a broker with ``tls`` (its certificate checked against
+        the system's CAs or ``tls_cafile``'s, its name against the host), else None."""
+        if not broker.tls:
+            return None
+        if broker.context is None:
+            try:
+                broker.context = ssl.create_default_context(cafile=broker.tls_cafile)
+            except (OSError, ssl.SSLError) as exc:
+                raise ConnectError(f"{broker.where}: TLS CA file {broker.tls_cafile!r} cannot "
+                                   f"be used: {exc}") from None
+        return broker.context
 
     def _dest(self, conn: _Connection, key: DestKey) -> _Dest:
         dest = conn.dests.get(key)
@@ -437,6 +466,16 @@ class RabbitTransport(Transport):
 
     @staticmethod
     def _wrap_connect(exc: Exception, broker: _Broker) -> TransportError:
+        if isinstance(exc, TransportError):
+            return exc
+        tls = exc.__cause__ if isinstance(exc.__cause__, ssl.SSLError) else exc
+        if isinstance(tls, ssl.SSLCertVerificationError):
+            return ConnectError(f"{broker.where}: TLS: the broker's certificate is not "
+                                f"trusted: {tls.verify_message} (tls_cafile: "
+                                f"{broker.tls_cafile or 'none, the system CAs'})")
+        if isinstance(tls, ssl.SSLError):
+            return ConnectError(f"{broker.where}: TLS handshake failed ({tls.reason or tls}): "
+                                "is this port a TLS (amqps) listener?")
         if isinstance(exc, amqp.AuthenticationError | amqp.ProbableAuthenticationError):
             return ConnectError(f"{broker.where}: login refused for user {broker.user!r}: "
                                 f"wrong user name or password ({_text(exc)})")
@@ -446,7 +485,12 @@ class RabbitTransport(Transport):
             return ConnectError(f"{broker.where}: virtual host {broker.vhost!r} refused: it "
                                 f"does not exist or user {broker.user!r} has no permissions "
                                 "on it")
-        return ConnectError(f"{broker.where}: cannot connect: {_text(exc)}")
+        text = _text(exc)
+        if not broker.tls and isinstance(exc, amqp.AMQPConnectionError) and any(
+                word in text for word in ("reset", "closed")):
+            # what a TLS-only listener does with a plain AMQP greeting
+            text += "; if this port takes TLS (amqps) only, set tls: true"
+        return ConnectError(f"{broker.where}: cannot connect: {text}")
 
     @staticmethod
     def _wrap(exc: BaseException, broker: _Broker, conn: _Connection, what: str

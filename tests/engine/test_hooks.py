@@ -279,6 +279,26 @@ def test_rabbitmq_queue_defaults() -> None:
     assert queue.password.get_secret_value() == "guest"
 
 
+@pytest.mark.parametrize("kind", ["rabbitmq_queue", "rabbitmq_exchange"])
+def test_rabbitmq_tls_takes_the_amqps_port_unless_one_is_given(kind: str) -> None:
+    name = {"queue": "q"} if kind == "rabbitmq_queue" else {"exchange": "x"}
+    plain = parse_hook(hook_data({kind: {"host": "r", **name}})).target.settings
+    tls = parse_hook(hook_data({kind: {"host": "r", "tls": True, **name}})).target.settings
+    given = parse_hook(hook_data({kind: {"host": "r", "tls": True, "port": 5672,
+                                         "tls_cafile": "/etc/ca.pem", **name}})).target.settings
+    assert isinstance(plain, RabbitQueue | RabbitExchange)
+    assert isinstance(tls, RabbitQueue | RabbitExchange)
+    assert isinstance(given, RabbitQueue | RabbitExchange)
+    assert (plain.tls, plain.port, plain.tls_cafile) == (False, 5672, None)
+    assert (tls.tls, tls.port, tls.tls_cafile) == (True, 5671, None)
+    assert (given.tls, given.port, given.tls_cafile) == (True, 5672, "/etc/ca.pem")
+    stored = parse_hook(hook_data({kind: {"host": "r", "tls": True, **name}})).to_storage()
+    assert stored["target"][kind]["port"] == 5671  # read back as it was made
+    with pytest.raises(HookError) as err:
+        parse_hook(hook_data({kind: {"host": "r", "tls_cafile": "/etc/ca.pem", **name}}))
+    assert err.value.issues == [(f"target.{kind}.tls_cafile", "is only used with tls: true")]
+
+
 @pytest.mark.parametrize("exchange_type", ["direct", "topic"])
 def test_rabbitmq_exchange_types_and_defaults(exchange_type: str) -> None:
     target = {"rabbitmq_exchange": {"host": "r", "exchange": "ex", "type": exchange_type}}

@@ -725,6 +725,9 @@ async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> 
                 "sasl_mechanism": "SCRAM-SHA-256", "sasl_username": "u",
                 "sasl_password": "pw-SECRET"}},
      {"tls": False, "sasl_mechanism": "PLAIN"}, "target.kafka.sasl_password"),
+    ({"rabbitmq_exchange": {"host": "mq.example.com", "exchange": "x", "tls": True,
+                            "password": "pw-SECRET"}},
+     {"tls": False}, "target.rabbitmq_exchange.password"),
 ])
 async def test_a_stored_secret_is_not_carried_to_a_new_destination(
         api: Api, target: dict[str, Any], change: dict[str, Any], field: str) -> None:

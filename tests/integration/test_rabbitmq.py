@@ -441,6 +441,48 @@ def test_connect_errors_and_timeouts_name_their_cause(rabbit: Rabbit) -> None:
     assert "s3cret-Pw" not in " ".join(o.detail for o in outcomes.values())
 
 
+def test_tls_delivers_to_an_amqps_listener_and_names_what_fails(
+        rabbit_tls_node: RabbitNode) -> None:
+    """A broker with a TLS listener: a hook with tls and the broker's CA delivers over
+    it, by IP address or name; a certificate the CA did not sign, plain AMQP to the
+    TLS port, TLS to the plain port and an unreadable CA file each fail as a
+    ConnectError that says which."""
+    node = Rabbit(rabbit_tls_node.url)  # administration over the plain listener
+    queue = node.name("tls-q")
+    ca = str(rabbit_tls_node.home / "ca.pem")
+    tls_port = rabbit_tls_node.tls_port
+    good = RabbitQueue(**node.broker(port=tls_port, tls=True, tls_cafile=ca), queue=queue)
+    by_name = RabbitQueue(**node.broker(host="localhost", port=tls_port, tls=True,
+                                        tls_cafile=ca), queue=queue)
+    cases = {
+        "untrusted": RabbitQueue(**node.broker(port=tls_port, tls=True), queue=queue),
+        "plain to tls": RabbitQueue(**node.broker(port=tls_port), queue=queue),
+        "tls to plain": RabbitQueue(**node.broker(tls=True, tls_cafile=ca), queue=queue),
+        "no ca file": RabbitQueue(**node.broker(port=tls_port, tls=True,
+                                                tls_cafile="/nonexistent/ca.pem"), queue=queue),
+    }
+    first, second = delivery(6, tag="t1"), delivery(4, tag="t2")
+    outcomes = send_all(RabbitQueueTransport(timeout_sec=5.0),
+                        [(good, first), (by_name, second),
+                         *[(t, delivery(1, tag=f"x{i}")) for i, t in enumerate(cases.values())]])
+    assert outcomes[0].ok and outcomes[1].ok, outcomes[:2]
+    got = by_id(node.consume(queue, expect=10))
+    assert set(got) == {*first.message_ids, *second.message_ids}
+    assert got["t1-0"].body == first.parts[0]
+    failed = dict(zip(cases, outcomes[2:], strict=True))
+    assert all(o.error == "ConnectError" for o in failed.values()), failed
+    assert f"127.0.0.1:{tls_port} (TLS)" in failed["untrusted"].detail
+    assert "certificate is not trusted" in failed["untrusted"].detail
+    assert "tls_cafile: none, the system CAs" in failed["untrusted"].detail
+    assert "TLS handshake failed" in failed["tls to plain"].detail
+    assert "is this port a TLS (amqps) listener?" in failed["tls to plain"].detail
+    assert "TLS CA file '/nonexistent/ca.pem' cannot be used" in failed["no ca file"].detail
+    assert "cannot connect" in failed["plain to tls"].detail
+    assert "if this port takes TLS (amqps) only, set tls: true" in failed["plain to tls"].detail
+    assert "guest" not in " ".join(o.detail for o in outcomes)  # the password (guest)
+    node.cleanup()
+
+
 def test_vhost_permissions_and_connections_closed_by_the_broker(
         rabbit_vhost: VhostScope) -> None:
     admin = rabbit_vhost.admin
