@@ -1,8 +1,10 @@
 """The deploy files name what the package needs (a dependency missing from a node's
-setup fails every job at import)."""
+setup fails every job at import) and agree with themselves (a Service that selects no
+pod, or a port nothing listens on, fails only once deployed)."""
 
 from __future__ import annotations
 
+import json
 import shlex
 import tomllib
 from pathlib import Path
@@ -23,3 +25,22 @@ def test_ray_up_nodes_install_every_dependency_but_ray_and_the_demos_redis() -> 
         if words[:2] == ["pip", "install"]:
             installed |= {w for w in words[2:] if not w.startswith("-")}
     assert wanted == installed, (sorted(wanted - installed), sorted(installed - wanted))
+
+
+def test_the_rayjobs_api_service_reaches_the_port_the_api_listens_on() -> None:
+    from engine.settings import Settings
+
+    docs = list(yaml.safe_load_all((ROOT / "deploy" / "kuberay-rayjob.yaml").read_text()))
+    kinds = {d["kind"]: d for d in docs}
+    settings = json.loads(kinds["ConfigMap"]["data"]["main.json"])
+    Settings(**settings)  # main.json as given is valid
+    assert settings["API_HOST"] == "0.0.0.0"  # reachable from outside the pod
+    head = kinds["RayJob"]["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]
+    (container,) = head["spec"]["containers"]
+    port = {p["name"]: p["containerPort"] for p in container["ports"]}["hookray-api"]
+    assert port == settings["API_PORT"]
+    service = kinds["Service"]["spec"]
+    labels = {**head["metadata"]["labels"], "ray.io/node-type": "head"}  # KubeRay's own
+    assert service["selector"].items() <= labels.items()
+    (exposed,) = service["ports"]
+    assert exposed["targetPort"] == "hookray-api" and exposed["port"] == port
