@@ -208,7 +208,13 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     engine = _engine(args)
     action = args.action
     if action == "list":
-        _print([h.display() for h in engine.list_hooks(args.account)])
+        # the hooks that validate; one that no longer does is named on stderr, as the
+        # API lists it apart, not hiding the others
+        hooks, invalid = engine.hooks.listing(args.account)
+        _print([h.display() for h in hooks])
+        for hook_id, problem in invalid:
+            print(f"hookray: hook {hook_id}: {problem}; delete it (`hookray hooks delete "
+                  f"{hook_id}`) and create it again", file=sys.stderr)
     elif action == "get":
         _print(engine.get_hook(args.id).display())
     elif action == "create":

@@ -4,10 +4,15 @@ Headless, against a running engine with its HTTP API (see README, "Load test"):
 
     mkdir -p bench-results
     hookray -c main.json run --api-port 8080 &
+    until curl -sf http://127.0.0.1:8080/v1/health >/dev/null; do sleep 1; done
     export HOOKRAY_TOKEN=$(hookray -c main.json tokens create --account 1 --role master \\
                            | python -c 'import json,sys; print(json.load(sys.stdin)["token"])')
     locust -f bench/locustfile.py --headless -u 20 -r 5 -t 60s \\
            --host http://127.0.0.1:8080 --csv bench-results/locust --only-summary
+
+The file first waits for the API (``GET /v1/health``) for at most
+``HOOKRAY_API_WAIT_SEC`` (default 120) seconds: an engine started just before takes
+some seconds to serve it.
 
 Each user posts batches of ``HOOKRAY_BATCH`` (default 500) generated events of
 account ``HOOKRAY_ACCOUNT`` (default 1) to ``POST /v1/events``. On test start the
@@ -40,6 +45,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections import Counter
 from typing import Any
@@ -50,6 +56,7 @@ ACCOUNT = int(os.environ.get("HOOKRAY_ACCOUNT", "1"))
 BATCH = int(os.environ.get("HOOKRAY_BATCH", "500"))
 HOOKS = int(os.environ.get("HOOKRAY_HOOKS", "10"))
 DRAIN_SEC = float(os.environ.get("HOOKRAY_DRAIN_SEC", "120"))
+API_WAIT_SEC = float(os.environ.get("HOOKRAY_API_WAIT_SEC", "120"))
 CODES = ["send", "deliv", "open", "uopen", "click", "uclick", "unsub", "hbounce", "sbounce",
          "import_api", "send_sms", "deliv_sms", "click_sms", "open_push", "pixel"]
 _state: dict[str, Any] = {}
@@ -94,10 +101,32 @@ def _start_sink() -> str:
     raise RuntimeError("the sink did not start")
 
 
+def _wait_for_api(host: str) -> None:
+    """Until ``GET /v1/health`` answers: an engine started just before (``hookray run
+    --api-port ... &``) takes some seconds to serve its API."""
+    deadline = time.monotonic() + API_WAIT_SEC
+    said = False
+    while True:
+        try:
+            with urllib.request.urlopen(host.rstrip("/") + "/v1/health", timeout=5):
+                return
+        except urllib.error.HTTPError:  # it answers (503: Redis unreachable, say)
+            return
+        except OSError as exc:
+            if time.monotonic() > deadline:
+                sys.exit(f"locustfile: no HTTP API at {host} after {API_WAIT_SEC:g} s "
+                         f"({exc}); is `hookray run --api-port ...` running?")
+            if not said:
+                print(f"locustfile: waiting for the HTTP API at {host}", flush=True)
+                said = True
+            time.sleep(0.5)
+
+
 @events.test_start.add_listener
 def _setup(environment: Any, **_: Any) -> None:
-    _state["sink"] = _start_sink()
     host = environment.host
+    _wait_for_api(host)
+    _state["sink"] = _start_sink()
     _posted.clear()
     hooks = {}
     for i in range(HOOKS):

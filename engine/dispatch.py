@@ -1,6 +1,6 @@
 """The data path of one partition, without Ray: read → match → build → batch → send
-→ settle → acknowledge. ``actors.partition`` runs ``PartitionWorker.run`` in a Ray
-actor and supplies a ``Sender`` that calls the transport pool.
+→ settle → acknowledge. ``actors.workers.PartitionActor`` runs ``PartitionWorker.run``
+in a Ray actor and supplies a ``Sender`` that calls the transport pool.
 
 Bookkeeping that makes "nothing accepted is lost" hold:
 

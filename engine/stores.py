@@ -158,16 +158,16 @@ class HookRegistry:
             raise HookError(invalid[0][1])
         return hooks
 
-    def listing(self, account_id: int) -> tuple[list[Hook], list[tuple[int, str]]]:
-        """The account's hooks, and (id, error) of its stored hooks that no longer
-        validate, by id. Other accounts' hooks are not validated: one of theirs that no
-        longer validates changes nothing here."""
+    def listing(self, account_id: int | None) -> tuple[list[Hook], list[tuple[int, str]]]:
+        """The account's hooks (None: every account's), and (id, error) of its stored
+        hooks that no longer validate, by id. Other accounts' hooks are not validated:
+        one of theirs that no longer validates changes nothing here."""
         raw: dict[bytes, bytes] = self.r.hgetall(self.k.hooks)  # type: ignore[assignment]
         hooks: list[Hook] = []
         invalid: list[tuple[int, str]] = []
         for key, value in raw.items():
             # a damaged record is its account's (as far as it can be read) to see, apart
-            if stored_account(value) != account_id:
+            if account_id is not None and stored_account(value) != account_id:
                 continue
             try:
                 hooks.append(self._parse(key.decode(), value))

@@ -628,6 +628,31 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         engine.redis.close()
 
 
+def test_hooks_list_names_a_stored_hook_that_no_longer_validates_and_lists_the_others(
+        config: str, redis_client: Any, keys: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """As the API lists such a hook apart: the valid hooks on stdout, the invalid one
+    named on stderr with what to do, exit 0 (not an error that lists nothing)."""
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps([
+        {"name": n, "account_id": a, "actions": ["click"],
+         "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
+        for n, a in (("a", 5), ("b", 5), ("c", 6))]))
+    code, created, _ = run_cli(capsys, "-c", config, "hooks", "create", str(hooks))
+    assert code == 0
+    stale = json.loads(redis_client.hget(keys.hooks, str(created[1]["id"])))
+    redis_client.hset(keys.hooks, str(created[1]["id"]),
+                      json.dumps({**stale, "actions": ["no_such_code"]}))
+    code, listed, err = run_cli(capsys, "-c", config, "hooks", "list")
+    assert code == 0, err
+    assert [h["name"] for h in listed] == ["a", "c"]
+    assert f"hookray: hook {created[1]['id']}: stored hook {created[1]['id']} no longer " \
+        "validates" in err
+    assert f"delete it (`hookray hooks delete {created[1]['id']}`)" in err
+    code, listed, err = run_cli(capsys, "-c", config, "hooks", "list", "--account", "6")
+    assert code == 0 and [h["name"] for h in listed] == ["c"] and err == ""
+
+
 def test_the_progress_line_still_counts_a_hook_deleted_during_the_run(
         settings: Settings, redis_client: Any, keys: Any,
         capsys: pytest.CaptureFixture[str]) -> None:
