@@ -532,7 +532,7 @@ class Engine:
         per_hook = self.stats()
         per_hook.pop("engine")
         gone = {int(h) for h in also}.difference(per_hook)
-        counted = [*per_hook.values(), *map(self._stats.get, sorted(gone))]
+        counted = [*per_hook.values(), *self._stats.get_many(sorted(gone))]
         return {f: sum(s[f] for s in counted) for f in STAT_FIELDS}
 
 

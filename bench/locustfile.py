@@ -12,7 +12,8 @@ Headless, against a running engine with its HTTP API (see README, "Load test"):
 
 The file first waits for the API (``GET /v1/health``) for at most
 ``HOOKRAY_API_WAIT_SEC`` (default 120) seconds: an engine started just before takes
-some seconds to serve it.
+some seconds to serve it (the wait counts in Locust's ``-t``: the commands above wait
+for it first).
 
 Each user posts batches of ``HOOKRAY_BATCH`` (default 500) generated events of
 account ``HOOKRAY_ACCOUNT`` (default 1) to ``POST /v1/events``. On test start the
@@ -125,8 +126,8 @@ def _wait_for_api(host: str) -> None:
 @events.test_start.add_listener
 def _setup(environment: Any, **_: Any) -> None:
     host = environment.host
+    _state["sink"] = _start_sink()  # first: the report reads it, even after a failed wait
     _wait_for_api(host)
-    _state["sink"] = _start_sink()
     _posted.clear()
     hooks = {}
     for i in range(HOOKS):
@@ -174,6 +175,13 @@ def _drain(host: str, expected: int) -> tuple[bool, dict[str, int], str]:
 @events.test_stop.add_listener
 def _report(environment: Any, **_: Any) -> None:
     host = environment.host
+    if "started" not in _state:  # the test ended before its hooks were made
+        print("locustfile: no report: the test ended before its hooks were created",
+              flush=True)
+        environment.process_exit_code = 1
+        if "sink_proc" in _state:
+            _state["sink_proc"].terminate()
+        return
     hooks: dict[int, list[str]] = _state.get("hooks", {})
     expected = sum(_posted[code] for actions in hooks.values() for code in actions)
     try:

@@ -430,7 +430,8 @@ class _Broker(_Model):
     password: SecretStr = SecretStr("guest")
     vhost: str = "/"
     # amqps: TLS, the broker's certificate checked against the system's CAs (or
-    # tls_cafile's) and its name against host
+    # tls_cafile's) and its name against host; the port is AMQPS_PORT only when the
+    # hook gives none (a hook read back shows its port: turning tls on there keeps it)
     tls: bool = False
     tls_cafile: str | None = Field(None, min_length=1)
 
@@ -444,7 +445,8 @@ class _Broker(_Model):
     @field_validator("tls_cafile")
     @classmethod
     def _cafile_with_tls(cls, value: str | None, info: ValidationInfo) -> str | None:
-        if value is not None and info.data.get("tls") is not True:
+        # (a tls that is itself invalid is reported on its own)
+        if value is not None and "tls" in info.data and info.data["tls"] is not True:
             raise ValueError("is only used with tls: true")
         return value
 

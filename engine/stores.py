@@ -166,6 +166,8 @@ class HookRegistry:
         hooks: list[Hook] = []
         invalid: list[tuple[int, str]] = []
         for key, value in raw.items():
+            if not key.isdigit():  # no hook's (as stored_ids)
+                continue
             # a damaged record is its account's (as far as it can be read) to see, apart
             if account_id is not None and stored_account(value) != account_id:
                 continue
@@ -446,7 +448,17 @@ class Stats:
             pipe.hincrby(self.k.stats(hook_id), field, n)
 
     def get(self, hook_id: int) -> dict[str, int]:
-        raw = self.r.hgetall(self.k.stats(hook_id))
+        return self._counters(self.r.hgetall(self.k.stats(hook_id)))
+
+    def get_many(self, hook_ids: list[int]) -> list[dict[str, int]]:
+        """The counters of each of ``hook_ids``, read in one round trip."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for hook_id in hook_ids:
+                pipe.hgetall(self.k.stats(hook_id))
+            return [self._counters(raw) for raw in pipe.execute()]
+
+    @staticmethod
+    def _counters(raw: Any) -> dict[str, int]:
         return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
 
     def engine(self) -> dict[str, int]:

@@ -22,6 +22,7 @@ import contextlib
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import tempfile
 import time
@@ -270,6 +271,12 @@ def _server_binary() -> str | None:
     return None
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as sock:
+        sock.settimeout(1.0)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
 @dataclass
 class RabbitNode:
     """A broker node in a temporary directory; ``stop`` and ``start`` it at will."""
@@ -323,7 +330,8 @@ class RabbitNode:
         while time.monotonic() < deadline:
             if self.pid is None:
                 self.pid = self._pid_file()
-            if self.pid is not None and reachable(str(self.url), 1.0):
+            if self.pid is not None and reachable(str(self.url), 1.0) and (
+                    self.tls_port is None or _listening(self.tls_port)):
                 return
             time.sleep(0.2)
         logs = "\n".join(p.read_text(errors="replace")[-2000:]

@@ -18,9 +18,12 @@
   that key), keyless records all go to one partition per delivery, rotating
   from delivery to delivery over the partitions with a leader (sticky partitioning).
   A batch the broker refuses as too large (a topic whose ``max.message.bytes`` is
-  below 256 KiB) is split, as Kafka's own producer does: its records go again at
-  once in batches of half its size, and the topic's batches stay that small for
-  the producer's life. A record too large on its own is ``Rejected``.
+  below 256 KiB) is split, as Kafka's own producer does: once the delivery's other
+  batches are answered, its records go again at once in batches of half its size
+  (and again, until they fit), so they land after the delivery's later records
+  of that partition. The topic's batches stay at most that half from then on
+  (for the transport's life, and smaller when a half is refused again). A record
+  too large on its own is ``Rejected``.
 * **Topics are never created by hookray.** The topic must exist, or the broker
   must create it on first use (Kafka's ``auto.create.topics.enable``; tansu
   always does). A topic the broker neither knows nor creates is ``Rejected``,
@@ -157,7 +160,7 @@ class _Slot:
     # one batch hand-over at a time per (topic, partition): aiokafka's add_batch
     # shortens its own wait on every wake-up, so contended hand-overs time out early
     queues: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
-    # topic -> batch bytes its broker took, learnt from batches refused as too large
+    # topic -> most batch bytes sent to it: half the smallest batch it refused as too large
     caps: dict[str, int] = field(default_factory=dict)
     last_ack: float = 0.0  # monotonic time of the last acknowledged delivery
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
@@ -335,7 +338,9 @@ class KafkaTransport(Transport):
         most half its size; the topic's cap becomes the smallest such half."""
         for i in sent.too_large():
             partition, size = sent.placed[i]
-            cap = max(size // 2, 1)  # smaller each time: at worst one record a batch
+            # smaller each time (at worst one record a batch), and no larger than what
+            # another delivery learnt meanwhile
+            cap = min(max(size // 2, 1), slot.caps.get(topic, MAX_BATCH_BYTES))
             if cap < slot.caps.get(topic, MAX_BATCH_BYTES):
                 if len(slot.caps) > 10_000:
                     slot.caps.clear()

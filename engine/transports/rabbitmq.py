@@ -139,7 +139,6 @@ class _Broker:
     semaphore: asyncio.Semaphore
     tls: bool = False
     tls_cafile: str | None = None
-    context: ssl.SSLContext | None = None  # made on the first connect (it reads files)
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     current: _Connection | None = None
     failed_at: float = float("-inf")
@@ -325,16 +324,15 @@ class RabbitTransport(Transport):
     @staticmethod
     def _tls_context(broker: _Broker) -> ssl.SSLContext | None:
         """The TLS context of a broker with ``tls`` (its certificate checked against
-        the system's CAs or ``tls_cafile``'s, its name against the host), else None."""
+        the system's CAs or ``tls_cafile``'s, its name against the host), else None;
+        made for each new connection, so a CA file replaced on disk is read again."""
         if not broker.tls:
             return None
-        if broker.context is None:
-            try:
-                broker.context = ssl.create_default_context(cafile=broker.tls_cafile)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConnectError(f"{broker.where}: TLS CA file {broker.tls_cafile!r} cannot "
-                                   f"be used: {exc}") from None
-        return broker.context
+        try:
+            return ssl.create_default_context(cafile=broker.tls_cafile)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConnectError(f"{broker.where}: TLS CA file {broker.tls_cafile!r} cannot "
+                               f"be used: {exc}") from None
 
     def _dest(self, conn: _Connection, key: DestKey) -> _Dest:
         dest = conn.dests.get(key)

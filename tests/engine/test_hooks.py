@@ -297,6 +297,10 @@ def test_rabbitmq_tls_takes_the_amqps_port_unless_one_is_given(kind: str) -> Non
     with pytest.raises(HookError) as err:
         parse_hook(hook_data({kind: {"host": "r", "tls_cafile": "/etc/ca.pem", **name}}))
     assert err.value.issues == [(f"target.{kind}.tls_cafile", "is only used with tls: true")]
+    with pytest.raises(HookError) as err:  # a tls that is itself wrong: said once
+        parse_hook(hook_data({kind: {"host": "r", "tls": "yes", "tls_cafile": "/ca.pem",
+                                     **name}}))
+    assert [field for field, _ in err.value.issues] == [f"target.{kind}.tls"]
 
 
 @pytest.mark.parametrize("exchange_type", ["direct", "topic"])
