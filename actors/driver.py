@@ -31,7 +31,7 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound
 from engine.events import MAX_ID, Event, is_account_id
-from engine.health import engine_health, eviction_risk
+from engine.health import cluster_mode, engine_health, eviction_risk
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys
@@ -116,7 +116,7 @@ class Engine:
         settings = _settings(settings, config, overrides)
         engine = cls(settings)
         try:
-            engine.redis.ping()
+            engine._check_redis()
             if (risk := eviction_risk(engine.redis)) is not None:
                 log.warning("%s", risk)
             engine._start_actors(ray_address or settings.RAY_ADDRESS)
@@ -136,8 +136,18 @@ class Engine:
                 **overrides: Any) -> Engine:
         """A handle on a running engine through its Redis (no actors are started)."""
         engine = cls(_settings(settings, config, overrides))
-        engine.redis.ping()
+        try:
+            engine._check_redis()
+        except BaseException:
+            engine.redis.close()
+            raise
         return engine
+
+    def _check_redis(self) -> None:
+        """The Redis answers, and is one the engine can use (ConfigError if not)."""
+        self.redis.ping()
+        if (problem := cluster_mode(self.redis)) is not None:
+            raise ConfigError(f"REDIS_URL {self.settings.redacted()['REDIS_URL']}: {problem}")
 
     def _start_actors(self, address: str | None) -> None:
         import ray

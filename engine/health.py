@@ -73,6 +73,22 @@ def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
             "retry_waiting": (_reason(retry) or None) if retry is not None else None}
 
 
+def cluster_mode(r: redis.Redis) -> str | None:
+    """Why the engine cannot use this Redis, or None: a Redis Cluster node answers only
+    for its own hash slots, and the engine's transactions and scripts span keys of many
+    slots (a partition's stream, its bookkeeping, the retry schedule). None too when
+    the server does not say (INFO disabled)."""
+    try:
+        enabled = r.info("cluster").get("cluster_enabled")
+    except redis.ResponseError:
+        return None
+    if enabled in (1, "1"):
+        return ("this Redis is a Redis Cluster node (cluster_enabled:1): hookray needs a "
+                "standalone Redis (a primary, with replicas if wanted), as its scripts and "
+                "transactions span keys of many hash slots")
+    return None
+
+
 def eviction_risk(r: redis.Redis) -> str | None:
     """Why this Redis may drop accepted work on its own, or None: a ``maxmemory-policy``
     other than ``noeviction`` evicts keys when memory runs short (``allkeys-*`` any:

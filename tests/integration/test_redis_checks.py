@@ -1,4 +1,5 @@
-"""What the engine says about a Redis that could drop accepted work on its own."""
+"""What the engine says about a Redis that could drop accepted work on its own, or
+that it cannot use at all."""
 
 from __future__ import annotations
 
@@ -6,25 +7,27 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import redis
 
-from engine.health import eviction_risk
+from actors.driver import Engine
+from engine.errors import ConfigError
+from engine.health import cluster_mode, eviction_risk
+from engine.settings import Settings
 from tests.services import free_port, missing
 
 
-@pytest.fixture
-def evicting_redis() -> Iterator[redis.Redis]:
-    """A redis-server of this test's own, which evicts any key when memory runs short."""
+def own_redis(*options: str, cwd: str | None = None) -> Iterator[redis.Redis]:
+    """A redis-server of this test's own with ``options``."""
     binary = shutil.which("redis-server")
     if binary is None:
         missing("redis-server")
     port = free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no",
-                             "--maxmemory-policy", "allkeys-lru"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                             "--save", "", "--appendonly", "no", *options],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
     client = redis.Redis(port=port)
     try:
         deadline = time.monotonic() + 10
@@ -40,6 +43,37 @@ def evicting_redis() -> Iterator[redis.Redis]:
         client.close()
         proc.terminate()
         proc.wait(10)
+
+
+@pytest.fixture
+def evicting_redis() -> Iterator[redis.Redis]:
+    """A Redis that evicts any key when memory runs short."""
+    yield from own_redis("--maxmemory-policy", "allkeys-lru")
+
+
+@pytest.fixture
+def cluster_node(tmp_path: Path) -> Iterator[redis.Redis]:
+    """A Redis Cluster node (alone, no slots: enough to say it is one)."""
+    yield from own_redis("--cluster-enabled", "yes", "--cluster-config-file",
+                         str(tmp_path / "nodes.conf"), cwd=str(tmp_path))
+
+
+def test_a_redis_cluster_node_is_refused_by_name_before_anything_is_written(
+        cluster_node: redis.Redis, redis_client: redis.Redis, settings: Settings) -> None:
+    problem = cluster_mode(cluster_node)
+    assert problem is not None and "Redis Cluster node" in problem
+    assert cluster_mode(redis_client) is None  # the shared standalone Redis
+    port = cluster_node.connection_pool.connection_kwargs["port"]
+    url = f"redis://:pw-SECRET@127.0.0.1:{port}/0"
+    cluster_node.config_set("requirepass", "pw-SECRET")
+    for how in (Engine.connect, Engine.start):
+        with pytest.raises(ConfigError) as err:
+            how(settings.model_copy(update={"REDIS_URL": url}))
+        assert "needs a standalone Redis" in str(err.value), how
+        assert "pw-SECRET" not in str(err.value)
+    authed = redis.Redis(port=port, password="pw-SECRET")
+    assert authed.dbsize() == 0  # nothing written: no claim, no intake groups
+    authed.close()
 
 
 def test_an_eviction_policy_is_named(evicting_redis: redis.Redis,
