@@ -22,7 +22,6 @@ import contextlib
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -36,7 +35,7 @@ import aiormq
 import pytest
 from yarl import URL
 
-from tests.services import free_port, missing
+from tests.services import free_port, missing, port_open
 
 RABBIT_URL = os.environ.get("HOOKRAY_TEST_RABBITMQ_URL", "amqp://guest:guest@127.0.0.1:5672/")
 NODE_START_TIMEOUT_SEC = 60.0
@@ -271,12 +270,6 @@ def _server_binary() -> str | None:
     return None
 
 
-def _listening(port: int) -> bool:
-    with socket.socket() as sock:
-        sock.settimeout(1.0)
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
 @dataclass
 class RabbitNode:
     """A broker node in a temporary directory; ``stop`` and ``start`` it at will."""
@@ -331,7 +324,7 @@ class RabbitNode:
             if self.pid is None:
                 self.pid = self._pid_file()
             if self.pid is not None and reachable(str(self.url), 1.0) and (
-                    self.tls_port is None or _listening(self.tls_port)):
+                    self.tls_port is None or port_open("127.0.0.1", self.tls_port)):
                 return
             time.sleep(0.2)
         logs = "\n".join(p.read_text(errors="replace")[-2000:]
