@@ -49,6 +49,7 @@ class _State:
     behaviours: dict[str, Behaviour] = field(default_factory=dict)
     requests: dict[str, list[Request]] = field(default_factory=lambda: defaultdict(list))
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    hanging: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -90,6 +91,11 @@ class Receiver:
         return [m for r in self.requests(path) if 200 <= r.status < 300 or not ok_only
                 for m in r.messages]
 
+    def hanging(self, path: str) -> int:
+        """Requests to ``path`` held unanswered right now (behaviour ``hang``)."""
+        with self.state.lock:
+            return self.state.hanging.get(path, 0)
+
     def delivered_count(self, path: str | None = None) -> int:
         """Messages in requests answered 200 (counts kept even when bodies are not)."""
         with self.state.lock:
@@ -106,7 +112,13 @@ class Receiver:
         with self.state.lock:
             attempt = len(self.state.requests[path]) + 1
         if behaviour.hang:
-            await asyncio.sleep(3600)
+            with self.state.lock:
+                self.state.hanging[path] += 1
+            try:
+                await asyncio.sleep(3600)
+            finally:  # the receiver stops
+                with self.state.lock:
+                    self.state.hanging[path] -= 1
         if behaviour.delay_sec:
             await asyncio.sleep(behaviour.delay_sec)
         failing = behaviour.always_fail or attempt <= behaviour.fail_first
