@@ -436,7 +436,15 @@ class PartitionWorker:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            self.holding.check()
+            try:
+                self.holding.check()
+            except Exception:
+                # (Redis down, or the claim taken) outcomes are still collected, booked
+                # by a later round: left uncollected through a long outage, a transport
+                # actor would drop them and their deliveries would be sent again
+                with suppress(Exception):
+                    self.settling.extend(self.sender.poll(0.0))
+                raise
         with paused_gc():
             return self._step(block_ms)
 
@@ -588,9 +596,19 @@ class PartitionWorker:
         orphans: list[str] = []
         start = "-"
         while len(orphans) < ORPHAN_PAGE:
-            page = cast(list[dict[str, Any]], self.r.xpending_range(
-                self.stream, CONSUMER_GROUP, min=start, max="+", count=ORPHAN_PAGE,
-                consumername=self.consumer, idle=ORPHAN_IDLE_MS))
+            try:
+                page = cast(list[dict[str, Any]], self.r.xpending_range(
+                    self.stream, CONSUMER_GROUP, min=start, max="+", count=ORPHAN_PAGE,
+                    consumername=self.consumer, idle=ORPHAN_IDLE_MS))
+            except redis.ResponseError as exc:
+                # the group is gone (Redis came back without its data, the stream was
+                # deleted): made again as a read makes it, or this check would fail
+                # each round before any read could
+                if not str(exc).startswith("NOGROUP"):
+                    raise
+                self.orphans_checked = time.monotonic()
+                self._recreate_group(exc)
+                return []
             ids = [p["message_id"].decode() for p in page]
             orphans += [eid for eid in ids if eid not in held]
             if len(ids) < ORPHAN_PAGE:

@@ -71,7 +71,15 @@ class RetryWorker:
         """Claim and send what is due, settle what came back. Returns deliveries sent.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            self.holding.check()
+            try:
+                self.holding.check()
+            except Exception:
+                # (Redis down, or the claim taken) outcomes are still collected, booked
+                # by a later round: left uncollected through a long outage, a transport
+                # actor would drop them and their deliveries would be sent again
+                with suppress(Exception):
+                    self.settling.extend(self.sender.poll(0.0))
+                raise
         try:
             due = self._hand_over()
         except Exception:
@@ -98,9 +106,12 @@ class RetryWorker:
         due: list[Delivery] = []
         if self.sender.inflight() < MAX_INFLIGHT:
             # one claimed again when its lease ran out during a long send is still
-            # being sent: its outcome settles it (not killed now if its hook is gone)
+            # being sent: its outcome settles it (not killed now if its hook is gone);
+            # one whose outcome is here, not booked yet (Redis failed the booking for
+            # longer than the lease), is settled by that outcome, not sent again
+            waiting = {d.id for d, _ in self.settling}
             due = [d for d in self.side.retry.claim_due(CLAIM_LIMIT)
-                   if not self.sender.holds(d.id)]
+                   if d.id not in waiting and not self.sender.holds(d.id)]
         sendable = []
         for delivery in due:
             hook = self.hooks.get(delivery.hook_id)

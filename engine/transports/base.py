@@ -112,6 +112,18 @@ def unpack_deliveries(data: bytes | np.ndarray) -> list[Delivery]:
     return _many_unpacker.decode(cast(bytes, data))  # any buffer
 
 
+def writable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a lone surrogate (a header or body a destination
+    sent in another encoding, which aiohttp or a charset it named decoded so) shown as
+    its escape, ``\\udce9``. An outcome's text is kept with a re-send or dead letter:
+    one that cannot be written would stop the worker booking it."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
 def now_ms() -> int:
     return int(time.time() * 1000)
 
@@ -127,10 +139,12 @@ class Transport(ABC):
     async def send(self, target: Any, delivery: Delivery) -> Outcome:
         """Deliver and report; never raises for a delivery failure."""
         try:
-            return await self._deliver(target, delivery)
+            outcome = await self._deliver(target, delivery)
         except TransportError as exc:
             return Outcome(ok=False, status=exc.status, error=type(exc).__name__,
-                           detail=str(exc)[:1000], failed=exc.failed)
+                           detail=writable(str(exc)[:1000]), failed=exc.failed)
+        outcome.detail = writable(outcome.detail)
+        return outcome
 
     @abstractmethod
     async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
+import socket
 import threading
 import time
 from collections import Counter
@@ -28,6 +30,7 @@ from engine.retrying import RetryWorker
 from engine.settings import Settings
 from engine.stores import ContentStore, HookRegistry, ProfileStore, RetryStore, Stats
 from engine.transports.base import Delivery, Outcome, now_ms, pack_delivery
+from engine.transports.http import HttpTransport
 from engine.transports.stub import StubTransport
 from tests.services import wait_for
 
@@ -37,7 +40,7 @@ pytestmark = pytest.mark.integration
 class InProcessSender:
     """Sends through a StubTransport at once; outcomes come back on the next poll."""
 
-    def __init__(self, transport: StubTransport | None = None, hold: bool = False) -> None:
+    def __init__(self, transport: Any = None, hold: bool = False) -> None:
         self.transport = transport or StubTransport()
         self.hold = hold  # never return outcomes (a sender that died)
         self.done: list[tuple[Delivery, Outcome]] = []
@@ -454,6 +457,34 @@ def test_a_delivery_still_being_sent_is_not_claimed_twice(
     assert not retry.dead_letters() and [d.id for d in sender.held] == ["d1"]
     (sent,) = sender.held  # the first send succeeds at last
     worker.settle(sent, Outcome(ok=True))
+    assert retry.pending() == 0 and not retry.dead_letters()
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 1
+
+
+def test_a_delivery_whose_outcome_waits_for_its_booking_is_not_claimed_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sent and answered, but Redis failed the booking for longer than the claim's
+    lease: the outcome held settles it; it is not sent (nor counted) a second time."""
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    sender = InProcessSender()
+    worker = RetryWorker(settings, redis_client, sender)
+    complete = worker.side.retry.complete
+
+    def down(*args: Any, **kwargs: Any) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.side.retry, "complete", down)
+    with pytest.raises(redis.ConnectionError):
+        worker.step()  # sent, answered; the booking fails
+    assert len(sender.transport.sent) == 1 and len(worker.settling) == 1
+    redis_client.zadd(keys.retry, {"d1": 0})  # the lease ran out meanwhile
+    monkeypatch.setattr(worker.side.retry, "complete", complete)
+    worker.step()
+    assert len(sender.transport.sent) == 1 and not worker.settling
     assert retry.pending() == 0 and not retry.dead_letters()
     assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 1
 
@@ -1829,6 +1860,146 @@ def test_a_lost_consumer_group_is_made_again(
     assert intake.publish(clicks(3)).accepted == 3
     run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
     run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+
+
+def test_a_lost_consumer_group_is_made_again_when_the_orphan_check_meets_it_first(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """As above, with the periodic check for orphaned pending entries due on the first
+    round after Redis is back (an outage of a minute or more): it meets the missing
+    group before any read does, and makes it again instead of failing every round."""
+    cfg = one_partition(settings)
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    worker.step(block_ms=10)
+    for key in redis_client.scan_iter(match=f"{keys.p}*"):
+        redis_client.delete(key)
+    registry.create(hook())
+    redis_client.hset(keys.config, "partitions", 1)
+    assert intake.publish(clicks(3)).accepted == 3
+    worker.orphans_checked = 0.0  # the check is due
+    worker.step(block_ms=10)  # (before the fix: NOGROUP from XPENDING, every round)
+    assert redis_client.xinfo_groups(keys.intake(0))[0]["name"].decode() == CONSUMER_GROUP
+    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+
+
+class OneShotHttp:
+    """The HTTP transport, made and closed for each send (each in an event loop of its
+    own: InProcessSender runs every send with asyncio.run)."""
+
+    async def send(self, target: Any, delivery: Delivery) -> Outcome:
+        transport = HttpTransport()
+        try:
+            return await transport.send(target, delivery)
+        finally:
+            await transport.close()
+
+
+@contextmanager
+def raw_http_server(answer: bytes) -> Iterator[int]:
+    """A server on 127.0.0.1 answering every request with ``answer``, byte for byte
+    (what aiohttp's server would not send: a header in Latin-1); its port."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(16)
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            with conn:
+                conn.settimeout(5)
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    data += conn.recv(65536)
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                conn.sendall(answer)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(5)
+        listener.close()
+
+
+def test_a_destination_answering_text_utf8_cannot_hold_does_not_stop_the_partition(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A redirect whose Location is Latin-1 (aiohttp decodes it with surrogates): the
+    failure's text is kept with the dead letter, its byte escaped, and the partition
+    goes on acknowledging (before: the booking failed on every round)."""
+    answer = (b"HTTP/1.1 302 Found\r\nLocation: http://127.0.0.1/caf\xe9\r\n"
+              b"Content-Length: 0\r\nConnection: close\r\n\r\n")
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    with raw_http_server(answer) as port:
+        stored = HookRegistry(redis_client, keys).create(hook(target={"http_batch": {
+            "url": f"http://127.0.0.1:{port}/x", "max_batch_size": 10,
+            "flush_timeout_sec": 0.1}}))
+        intake = one_intake(redis_client, keys, 1000)
+        worker = PartitionWorker(cfg, redis_client, 0, InProcessSender(OneShotHttp()))
+        assert intake.publish(clicks(5)).accepted == 5
+        retry = RetryStore(redis_client, keys)
+        run_until(worker, lambda: len(retry.dead_letters(hook_id=stored.id)) == 1, 15)
+        run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0, 15)
+    (dead,) = retry.dead_letters(hook_id=stored.id)
+    assert "http://127.0.0.1/caf\\udce9" in dead.last_error, dead.last_error
+    assert dead.count == 5
+    assert Stats(redis_client, keys).get(stored.id)["dead_lettered"] == 5
+
+
+def test_outcomes_are_collected_while_the_engine_claim_cannot_be_read(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers of an engine look at its claim on the prefix first in each round;
+    while Redis is down that look fails, and the sender is still polled (partition and
+    retry worker), so no outcome waits in a transport actor long enough to be dropped."""
+    cfg = one_partition(settings)
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    senders = [InProcessSender(hold=True), InProcessSender(hold=True)]
+    workers: list[Any] = [PartitionWorker(cfg, redis_client, 0, senders[0], owner="e1"),
+                          RetryWorker(cfg, redis_client, senders[1], owner="e1")]
+    intake.publish(clicks(10))
+    run_until(workers[0], lambda: len(senders[0].held) == 1)
+    assert workers[1].step() == 1 and len(senders[1].held) == 1
+    helds = []
+    for sender in senders:
+        (held,) = sender.held
+        helds.append(held)
+        sender.hold, sender.held = False, []
+        sender.done.append((held, Outcome(ok=True)))  # the outcome arrives meanwhile
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(redis_client, "get", down)
+    for worker in workers:
+        worker.holding.looked = -3600.0  # the claim is due to be looked at
+        with pytest.raises(redis.ConnectionError):
+            worker.step()
+    # each outcome left its sender, to be booked once Redis answers
+    assert [list(w.settling) for w in workers] == [[(h, Outcome(ok=True))] for h in helds]
+    assert [s.done for s in senders] == [[], []]
+    monkeypatch.undo()
+    run_until(workers[0], lambda: redis_client.xlen(keys.intake(0)) == 0)
+    workers[1].step()
+    assert retry.pending() == 0
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 11
 
 
 def test_outcomes_are_collected_while_reading_fails(
