@@ -34,7 +34,7 @@ from engine.hooks import (
 )
 from engine.keys import RETRY_LEASE_MS, Keys
 from engine.names import NameCatalogue
-from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery
+from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery, writable
 
 log = logging.getLogger("hookray")
 
@@ -601,7 +601,7 @@ class RetryStore:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
         attempt that were delivered (and are no longer in ``delivery``), counted.
         ``once``: see ``Booking``."""
-        delivery.last_error = error
+        delivery.last_error = writable(error)
         with self._booking(once) as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
             pipe.hdel(self.k.retry_unanswered, delivery.id)
@@ -666,7 +666,7 @@ class RetryStore:
              once: Once | None = None) -> None:
         """Move a delivery out of the schedule into the dead letters; ``delivered`` and
         ``once`` as in ``schedule``."""
-        delivery.last_error = error
+        delivery.last_error = writable(error)
         with self._booking(once) as pipe:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
