@@ -51,7 +51,6 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
-import ssl
 import time
 from dataclasses import dataclass, field
 from operator import itemgetter
@@ -69,7 +68,6 @@ from aiokafka.errors import (
     RecordListTooLargeError,
     RequestTimedOutError,
 )
-from aiokafka.helpers import create_ssl_context
 from aiokafka.partitioner import murmur2
 
 from engine.assembly import gather
@@ -78,6 +76,7 @@ from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
 from engine.transports.base import Delivery, Outcome, Transport, make_room
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
+from engine.transports.tls import client_context_for
 
 log = logging.getLogger("hookray.kafka")
 
@@ -390,11 +389,8 @@ class KafkaTransport(Transport):
         target = slot.target
         options = producer_options(target, self.timeout_sec)
         if target.tls:
-            try:
-                options["ssl_context"] = create_ssl_context(cafile=target.tls_cafile)
-            except (OSError, ssl.SSLError) as exc:
-                raise ConnectError(f"Kafka {slot.servers}: TLS CA file {target.tls_cafile!r} "
-                                   f"cannot be used: {exc}") from None
+            options["ssl_context"] = await client_context_for(f"Kafka {slot.servers}",
+                                                              target.tls_cafile)
         for server in target.bootstrap_servers:
             _bootstrap_errors.last.pop(server, None)
         producer = AIOKafkaProducer(**options)

@@ -89,6 +89,7 @@ from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
 from engine.transports.base import Delivery, Outcome, Transport, make_room
+from engine.transports.tls import client_context_for
 
 DEFAULT_TIMEOUT_SEC = 10.0
 JSON = "application/json"
@@ -309,8 +310,11 @@ class RabbitTransport(Transport):
             if conn is not None:
                 self._drop(broker, conn)
             try:
+                # made for each new connection: a CA file replaced on disk is read again
+                context = await client_context_for(broker.where, broker.tls_cafile) \
+                    if broker.tls else None
                 connection = await aiormq.connect(
-                    broker.url, context=self._tls_context(broker),
+                    broker.url, context=context,
                     client_properties={"connection_name": "hookray " + self.kind})
             except Exception as exc:
                 broker.error = self._wrap_connect(exc, broker)
@@ -320,19 +324,6 @@ class RabbitTransport(Transport):
             broker.error = None
             broker.progress_at = time.monotonic()
             return conn
-
-    @staticmethod
-    def _tls_context(broker: _Broker) -> ssl.SSLContext | None:
-        """The TLS context of a broker with ``tls`` (its certificate checked against
-        the system's CAs or ``tls_cafile``'s, its name against the host), else None;
-        made for each new connection, so a CA file replaced on disk is read again."""
-        if not broker.tls:
-            return None
-        try:
-            return ssl.create_default_context(cafile=broker.tls_cafile)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConnectError(f"{broker.where}: TLS CA file {broker.tls_cafile!r} cannot "
-                               f"be used: {exc}") from None
 
     def _dest(self, conn: _Connection, key: DestKey) -> _Dest:
         dest = conn.dests.get(key)

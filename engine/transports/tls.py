@@ -1,0 +1,60 @@
+"""Client TLS contexts of the broker transports (RabbitMQ's amqps, Kafka's TLS).
+
+A hook's ``tls_cafile`` names a file on the engine's machines. It is read here, off
+the event loop, and only when it is a plain file of at most MAX_CA_FILE_BYTES: a
+FIFO or a device (``/dev/kmsg``, a pipe under ``/proc/self/fd``) would block the
+reading thread, and an empty file (``/proc`` and ``/sys`` files show a size of 0)
+holds no certificate. The context checks the server's certificate against that
+file's CAs (else the system's) and its name against the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import ssl
+import stat
+
+from engine.errors import ConnectError
+
+MAX_CA_FILE_BYTES = 4 * 2**20  # far more than a CA bundle (the system's: about 220 KB)
+
+
+def read_ca_file(path: str) -> bytes:
+    """The content of the CA file ``path``; OSError or ValueError saying why it cannot
+    be one. Opened without blocking, so a FIFO is refused rather than waited on."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with open(fd, "rb", closefd=True) as f:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ValueError("not a regular file")
+        if info.st_size == 0:
+            raise ValueError("the file is empty")
+        if info.st_size > MAX_CA_FILE_BYTES:
+            raise ValueError(f"{info.st_size:,} bytes: a CA file may hold at most "
+                             f"{MAX_CA_FILE_BYTES:,}")
+        return f.read(MAX_CA_FILE_BYTES + 1)
+
+
+def client_context(cafile: str | None) -> ssl.SSLContext:
+    """A client context trusting ``cafile``'s certificates (PEM, or one DER
+    certificate), or the system's CAs when None. Blocking: see ``client_context_for``."""
+    if cafile is None:
+        return ssl.create_default_context()
+    data = read_ca_file(cafile)
+    try:
+        cadata: str | bytes = data.decode("ascii")  # PEM
+    except UnicodeDecodeError:
+        cadata = data  # DER
+    return ssl.create_default_context(cadata=cadata)
+
+
+async def client_context_for(where: str, cafile: str | None) -> ssl.SSLContext:
+    """``client_context(cafile)`` made in a thread, for each new connection (a CA file
+    replaced on disk is read again); ConnectError naming ``where`` and the file when it
+    cannot be used."""
+    try:
+        return await asyncio.to_thread(client_context, cafile)
+    except (OSError, ValueError, ssl.SSLError) as exc:
+        what = f"TLS CA file {cafile!r}" if cafile else "the system's TLS CAs"
+        raise ConnectError(f"{where}: {what} cannot be used: {exc}") from None
