@@ -36,6 +36,7 @@ import asyncio
 import functools
 import json
 import logging
+import os
 import re
 import traceback
 from collections.abc import Awaitable, Callable
@@ -65,6 +66,7 @@ from engine.events import (
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
+    SHOWN_CHARS,
     Hook,
     changed_paths,
     destination,
@@ -76,6 +78,7 @@ from engine.hooks import (
     sent_secrets,
     validation_problems,
 )
+from engine.hooks import quoted as shown
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings
@@ -98,9 +101,9 @@ NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "applica
                           "application/x-jsonlines", "application/jsonlines"})
 MAX_DEAD_LETTERS = 1000  # most dead letters one GET returns
 MAX_MOVE_IDS = 1000  # most dead letter ids one replay or discard names
-SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte order mark: written by some editors, not content
 HEALTH_TIMEOUT_SEC = 2.0  # longest GET /v1/health waits for Redis
+REDIS_TIMEOUT_SEC = 30.0  # longest any other request waits for one Redis reply
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -148,7 +151,12 @@ class Backend:
 
     @classmethod
     def of(cls, settings: Settings, r: redis.Redis | None = None) -> Backend:
-        r = r or redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30)
+        # a Redis that stops answering fails a request with 503 after REDIS_TIMEOUT_SEC
+        # instead of holding one of the API's threads (and every request queued
+        # behind them) for ever
+        r = r or redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30,
+                                      socket_timeout=REDIS_TIMEOUT_SEC,
+                                      socket_connect_timeout=REDIS_TIMEOUT_SEC)
         keys = Keys(settings.REDIS_PREFIX)
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         return cls(settings, r, catalogue, HookRegistry(r, keys, catalogue),
@@ -454,6 +462,31 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
     return hook
 
 
+def check_cafile(hook: Hook, settings: Settings, stored: Hook | None = None) -> None:
+    """ApiError 422 unless the hook's ``tls_cafile`` (if any) is a file under
+    API_TLS_CA_DIR, or the one ``stored`` already has: a path names a file on the
+    engine's machines, which the engine reads at each connect; an account may name
+    only the CA files its operator put there."""
+    path = getattr(hook.target.settings, "tls_cafile", None)
+    if path is None or (stored is not None and stored.target.kind == hook.target.kind
+                        and getattr(stored.target.settings, "tls_cafile", None) == path):
+        return
+    ca_dir = settings.API_TLS_CA_DIR
+    if not ca_dir:
+        reason = ("names a file on the engine's machines, which this API takes only under "
+                  "API_TLS_CA_DIR, and that is not set: ask the operator to set it, or to "
+                  "give the hook its CA file")
+    elif not os.path.isabs(path):
+        reason = f"must be an absolute path under {ca_dir}"
+    elif os.path.commonpath([os.path.realpath(path), os.path.realpath(ca_dir)]) \
+            != os.path.realpath(ca_dir):
+        reason = f"must name a file under {ca_dir} (API_TLS_CA_DIR)"
+    else:
+        return
+    field = f"target.{hook.target.kind}.tls_cafile"
+    raise ApiError(422, f"invalid hook: {field}: {reason}", [{"field": field, "reason": reason}])
+
+
 def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(422, f"expected a JSON object ({what})",
@@ -516,13 +549,6 @@ def field_name(name: str) -> str:
     return name if len(name) <= SHOWN_CHARS else name[:SHOWN_CHARS] + "…"
 
 
-def shown(value: str) -> str:
-    """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
-    (then "…"): a request may send megabytes where a name is expected."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
-
-
 # --- dead letters and stats ------------------------------------------------------------
 
 
@@ -547,12 +573,16 @@ BACKEND = web.AppKey("backend", Backend)
 EXECUTOR: web.AppKey[ThreadPoolExecutor | None] = web.AppKey("executor")
 OPENAPI = web.AppKey("openapi", bytes)
 PROBER = web.AppKey("prober", redis.Redis)
+# GET /v1/health's own threads: requests blocked on a hung Redis must not hold it up
+PROBE_EXECUTOR: web.AppKey[ThreadPoolExecutor | None] = web.AppKey("probe_executor")
 TOKEN = web.RequestKey("token", TokenInfo)
 
 
-async def _run(request: web.Request, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-    """Run a blocking (Redis) call off the event loop."""
-    executor = request.app[EXECUTOR]
+async def _run(request: web.Request, fn: Callable[..., T], *args: Any,
+               _executor: ThreadPoolExecutor | None = None, **kwargs: Any) -> T:
+    """Run a blocking (Redis) call off the event loop (on ``_executor``, else the app's
+    threads)."""
+    executor = _executor or request.app[EXECUTOR]
     if executor is None:
         return fn(*args, **kwargs)
     loop = asyncio.get_running_loop()
@@ -636,7 +666,7 @@ async def create_hook(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
     data = _with_account(await _json(request), request[TOKEN].account_id)
     data.pop("id", None)  # assigned by the server
-    validate_hook({**data, "id": 0}, backend.catalogue)
+    check_cafile(validate_hook({**data, "id": 0}, backend.catalogue), backend.settings)
     hook = await _run(request, backend.hooks.create, data)
     response = _hook_json(hook, 201)
     response.headers["Location"] = f"/v1/hooks/{hook.id}"
@@ -653,11 +683,12 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
                   ) -> Hook:
     stored = backend.owned_hook(account_id, hook_id)
     if data.get("id", hook_id) != hook_id:
-        raise ApiError(422, f"id {data['id']!r} differs from the hook's id {hook_id}",
+        raise ApiError(422, f"id {shown(data['id'])} differs from the hook's id {hook_id}",
                        [{"field": "id", "reason": f"must be {hook_id} (or absent)"}])
     sent = {**data, "id": hook_id}
     data = restore_secrets(sent, stored)
     hook = validate_hook(data, backend.catalogue)
+    check_cafile(hook, backend.settings, stored)
     kept = changed_paths(sent, data)
     if kept and destination(hook) != destination(stored):
         # a stored secret goes only where it went: whoever holds a master token must
@@ -905,7 +936,8 @@ async def health(request: web.Request) -> web.Response:
     accepted events are being processed); else 503 (the API can take nothing)."""
     prober = request.app[PROBER]
     try:
-        workers = await _run(request, engine_health, prober, request.app[BACKEND].retry.k)
+        workers = await _run(request, engine_health, prober, request.app[BACKEND].retry.k,
+                             _executor=request.app[PROBE_EXECUTOR])
     except redis.RedisError:
         return web.json_response({"status": "unavailable",
                                   "reason": "the engine's Redis does not answer"}, status=503)
@@ -1082,6 +1114,8 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     app[EXECUTOR] = (ThreadPoolExecutor(threads, thread_name_prefix="hookray-api")
                      if threads else None)
     app[OPENAPI] = OPENAPI_PATH.read_bytes()
+    app[PROBE_EXECUTOR] = (ThreadPoolExecutor(2, thread_name_prefix="hookray-api-health")
+                           if threads else None)
     app[PROBER] = _prober(backend.r)
     add = app.router.add_route
     add("POST", "/v1/events", post_events)
@@ -1103,9 +1137,9 @@ def create_app(settings: Settings, r: redis.Redis | None = None, *,
     add("GET", "/v1/health", health)
 
     async def close(app: web.Application) -> None:
-        executor = app[EXECUTOR]
-        if executor is not None:
-            executor.shutdown(wait=True)
+        for executor in (app[EXECUTOR], app[PROBE_EXECUTOR]):
+            if executor is not None:
+                executor.shutdown(wait=True)
         app[PROBER].close()
         app[PROBER].connection_pool.disconnect()
         if r is None:

@@ -101,6 +101,17 @@ def url_secrets(url: str) -> list[str]:
     return [s for s in found if s]
 
 
+SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
+SHOWN_CODES = 10  # most unknown event codes an error names
+
+
+def quoted(value: Any) -> str:
+    """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
+    (then "…"): a request may send megabytes where a name is expected."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
+
+
 def mask_headers(headers: dict[str, str]) -> dict[str, str]:
     """``headers`` with the value of each credential-carrying header shown as ``MASK``."""
     return {k: MASK if SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
@@ -134,16 +145,16 @@ def not_utf8(value: Any) -> str | None:
     if isinstance(value, dict):
         for key, item in value.items():
             if problem := not_utf8(key):
-                return f"key {key!r}: {problem}"
+                return f"key {quoted(key)}: {problem}"
             if problem := not_utf8(item):
-                return f"value of {key!r}: {problem}"
+                return f"value of {quoted(key)}: {problem}"
     return None
 
 
 class _Model(BaseModel):
     # strict: a value of the wrong JSON type is refused, never converted ("5" is no
     # database, 1 or "yes" no boolean, true no batch size); floats take integers
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
     @field_validator("*")
     @classmethod
@@ -272,16 +283,16 @@ def _check_http_url(url: str) -> str:
     except ValueError:  # its message would show the host part, a password with it
         raise ValueError("is not a valid URL: its host part cannot be parsed") from None
     if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ValueError(f"{_shown(url)!r} is not an http(s) URL with a host")
+        raise ValueError(f"{quoted(_shown(url))} is not an http(s) URL with a host")
     try:
         port = parts.port  # raises on a bad port
     except ValueError:
         port = 0
     if port == 0:
-        raise ValueError(f"{_shown(url)!r} has an invalid port")
+        raise ValueError(f"{quoted(_shown(url))} has an invalid port")
     problem = _host_problem(url)
     if problem:
-        raise ValueError(f"{_shown(url)!r}: {problem}")
+        raise ValueError(f"{quoted(_shown(url))}: {problem}")
     return url
 
 
@@ -388,20 +399,20 @@ class HttpBatch(_Model):
     def _header_names(cls, value: dict[str, str], info: ValidationInfo) -> dict[str, str]:
         for name, val in value.items():
             if not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name):
-                raise ValueError(f"header name {name!r} is not a valid HTTP token")
+                raise ValueError(f"header name {quoted(name)} is not a valid HTTP token")
             if name.lower() in RESERVED_HEADERS:
-                raise ValueError(f"header {name!r} is set by the HTTP client for each "
+                raise ValueError(f"header {quoted(name)} is set by the HTTP client for each "
                                  "request (it frames the body or runs the connection)")
             if name.lower() == "content-type" and not _stored(info) \
                     and val.partition(";")[0].strip().lower() != "application/json":
-                raise ValueError(f"header {name!r}: every batch is JSON: the media type "
+                raise ValueError(f"header {quoted(name)}: every batch is JSON: the media type "
                                  f"must be application/json (parameters such as "
                                  f"charset=utf-8 may follow), not {val[:100]!r}")
             if "\n" in val or "\r" in val:
-                raise ValueError(f"header {name!r}: value holds a line break")
+                raise ValueError(f"header {quoted(name)}: value holds a line break")
             char = _control_char(val)
             if char:
-                raise ValueError(f"header {name!r}: value holds the control character "
+                raise ValueError(f"header {quoted(name)}: value holds the control character "
                                  f"{char}; a header value may hold none but tab")
         return value
 
@@ -521,12 +532,29 @@ class Kafka(_Model):
 
     @field_validator("bootstrap_servers")
     @classmethod
-    def _host_port(cls, value: list[str]) -> list[str]:
+    def _host_port(cls, value: list[str], info: ValidationInfo) -> list[str]:
         for server in value:
             host, _, port = server.rpartition(":")
             # ASCII digits: str.isdigit() takes "²", which int() does not
             if not host or not re.fullmatch(r"[0-9]{1,5}", port) or not 0 < int(port) < 65536:
-                raise ValueError(f"{server!r} is not host:port (a port from 1 to 65535)")
+                raise ValueError(f"{quoted(server)} is not host:port (a port from 1 to 65535)")
+            if _stored(info):
+                continue
+            # a listener URL or a comma-separated bootstrap.servers, as Kafka configs
+            # write them, would fail every delivery (a host named "PLAINTEXT://h")
+            if "://" in server:
+                raise ValueError(f"{quoted(server)} is not host:port: no scheme (the "
+                                 "listener's protocol is set by tls and sasl_mechanism)")
+            if "," in server:
+                raise ValueError(f"{quoted(server)} is not host:port: one server per list "
+                                 "item")
+            bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            try:
+                ipaddress.ip_address(bare)
+            except ValueError:
+                if _WHITESPACE_OR_CONTROL.search(host) or any(c in host for c in "/:@?#[]"):
+                    raise ValueError(f"{quoted(server)} is not host:port: expected a host "
+                                     "name or an IP address before the port") from None
         return value
 
     @field_validator("topic")
@@ -537,9 +565,18 @@ class Kafka(_Model):
         return value
 
     @model_validator(mode="after")
-    def _sasl_complete(self) -> Kafka:
+    def _sasl_complete(self, info: ValidationInfo) -> Kafka:
         if self.sasl_mechanism and not (self.sasl_username and self.sasl_password):
             raise ValueError(f"SASL {self.sasl_mechanism} needs sasl_username and sasl_password")
+        if _stored(info):
+            return self
+        # settings that would be stored and never used: the connection would go
+        # without the TLS or the login the hook's author meant
+        if self.tls_cafile is not None and not self.tls:
+            raise ValueError("tls_cafile is only used with tls: true")
+        if not self.sasl_mechanism and (self.sasl_username or self.sasl_password):
+            raise ValueError("sasl_username and sasl_password are only used with a "
+                             "sasl_mechanism (PLAIN, SCRAM-SHA-256 or SCRAM-SHA-512)")
         return self
 
 
@@ -587,11 +624,13 @@ class Hook(_Model):
         catalogue: EventCatalogue | None = (info.context or {}).get("catalogue")
         if catalogue is None:  # not `or`: an empty catalogue is falsy
             catalogue = load_catalogue()
-        unknown = [code for code in value if code not in catalogue]
+        unknown = list(dict.fromkeys(code for code in value if code not in catalogue))
         if unknown:
+            named = ", ".join(map(quoted, unknown[:SHOWN_CODES]))
+            more = len(unknown) - SHOWN_CODES
             raise ValueError(
-                f"unknown event code(s) {', '.join(map(repr, unknown))}; known codes: "
-                + ", ".join(catalogue.codes())
+                f"unknown event code(s) {named}{f' and {more} more' if more > 0 else ''}; "
+                "known codes: " + ", ".join(catalogue.codes())
             )
         return list(dict.fromkeys(value))
 
@@ -766,12 +805,16 @@ def _url_credentials(url: str) -> list[str]:
     user, colon, password = authority.rpartition("@")[0].partition(":")
     if colon and password:
         clear = unquote(password)
-        basic = base64.b64encode(f"{unquote(user)}:{clear}".encode()).decode()
-        found += [password, clear, basic]
+        found += [password, clear, _basic(f"{unquote(user)}:{clear}")]
     elif not colon and user:  # a user name alone: sent as Basic with an empty password
-        found += [user, unquote(user),
-                  base64.b64encode(f"{unquote(user)}:".encode()).decode()]
+        found += [user, unquote(user), _basic(f"{unquote(user)}:")]
     return found
+
+
+def _basic(credentials: str) -> str:
+    """The Basic authorization form of ``user:password``. A lone surrogate in it (a
+    hook refused for it, whose error texts are still masked) is kept as its bytes."""
+    return base64.b64encode(credentials.encode("utf-8", "surrogatepass")).decode()
 
 
 def hook_secrets(hook: Hook) -> list[str]:

@@ -8,6 +8,7 @@ the value, where it came from and what is accepted.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections.abc import Mapping
@@ -80,6 +81,10 @@ class Settings(BaseModel):
     API_HOST: str = Field("127.0.0.1", min_length=1, max_length=255, pattern=r"^[A-Za-z0-9.:_-]+$")
     API_PORT: int | None = Field(None, ge=0, le=65_535)
     API_MAX_BODY_BYTES: int = Field(16 * 1024 * 1024, ge=1024, le=1024 * 1024 * 1024)
+    # the directory (on the engine's machines) of the CA files a hook sent to the API
+    # may name in tls_cafile; empty: the API takes no new tls_cafile (a path is the
+    # operator's to give: any account could otherwise make the engine read any file)
+    API_TLS_CA_DIR: str = Field("", max_length=4096, pattern=r"^(/.*)?$")
 
     @field_validator("*", mode="before")
     @classmethod
@@ -132,6 +137,12 @@ def redis_url_problem(url: str) -> str | None:
         return _scrubbed(f"not a URL redis-py can use: {reason}", url)
     except (ValueError, redis.RedisError) as exc:
         return _scrubbed(f"not a URL redis-py can use: {exc}", url)
+    for option in ("socket_timeout", "socket_connect_timeout"):
+        value = pool.connection_kwargs.get(option)
+        if value is not None and not (isinstance(value, int | float)
+                                      and math.isfinite(value) and 0 < value <= 86_400):
+            # (redis-py takes them as given: a socket refuses them at the first connect)
+            return f"{option}={value}: expected a number of seconds > 0 and <= 86400"
     # what redis-py uses: a db= option if there is one (the path is then ignored), else
     # int() of the path without its "/"s (" 1" and "1/2" are 1 and 12), else database 0
     db = pool.connection_kwargs.get("db", 0)
@@ -209,11 +220,14 @@ def _mask_url(url: str) -> str:
 
 def _read_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        # utf-8-sig: a byte order mark some editors write is no content
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise ConfigError(f"settings file {path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:
         raise ConfigError(f"settings file {path}: not valid JSON ({exc})") from None
+    except RecursionError:
+        raise ConfigError(f"settings file {path}: JSON nested too deeply to be read") from None
     if not isinstance(data, dict):
         raise ConfigError(f"settings file {path}: expected a JSON object of settings")
     return data
@@ -225,6 +239,7 @@ _PATTERN_WORDS = {
                      "rediss:// (TLS) or unix:///path/to/redis.sock"),
     ("REDIS_PREFIX",): "accepted: letters, digits and _ . : - (no spaces or slashes)",
     ("API_HOST",): "accepted: a host name or IP address (letters, digits and . : _ -)",
+    ("API_TLS_CA_DIR",): "accepted: an absolute directory path, or empty",
 }
 
 

@@ -1116,3 +1116,47 @@ def test_a_vhost_that_would_reach_the_broker_as_another_name_is_refused(
         assert "would reach the broker" in hook_error(data)
         stored = parse_hook(data, stored=True)
         assert stored.target.rabbitmq_queue.vhost == vhost  # type: ignore[union-attr]
+
+
+# --- Kafka settings that would fail or go unused at every delivery -------------------------
+
+
+@pytest.mark.parametrize(("server", "reason"), [
+    ("PLAINTEXT://127.0.0.1:9092", "no scheme (the listener's protocol is set by tls"),
+    ("k1:9092,k2:9092", "one server per list item"),
+    ("k1 k2:9092", "expected a host name or an IP address before the port"),
+    ("user@k1:9092", "expected a host name or an IP address before the port"),
+    ("k1/x:9092", "expected a host name or an IP address before the port"),
+])
+def test_kafka_servers_in_forms_kafka_configs_use_are_refused(server: str, reason: str) -> None:
+    data = hook_data({"kafka": {"bootstrap_servers": [server], "topic": "t"}})
+    message = hook_error(data)
+    assert f"target.kafka.bootstrap_servers: {server!r} is not host:port: {reason}" in message
+    # a hook stored before the rule still loads (one that does not stops every partition)
+    assert parse_hook(data, stored=True).target.kafka is not None
+
+
+def test_kafka_servers_by_name_ipv4_and_ipv6_are_taken() -> None:
+    servers = ["kafka-1.example.com:9092", "10.0.0.5:9093", "[::1]:9094", "[fe80::1]:9095"]
+    hook = parse_hook(hook_data({"kafka": {"bootstrap_servers": servers, "topic": "t"}}))
+    assert hook.target.kafka is not None and hook.target.kafka.bootstrap_servers == servers
+
+
+@pytest.mark.parametrize(("settings", "reason"), [
+    ({"tls_cafile": "/etc/ca.pem"}, "tls_cafile is only used with tls: true"),
+    ({"sasl_username": "u", "sasl_password": "p"},
+     "sasl_username and sasl_password are only used with a sasl_mechanism"),
+    ({"sasl_password": "p"}, "sasl_username and sasl_password are only used with a"),
+])
+def test_kafka_settings_that_would_go_unused_are_refused(settings: dict[str, Any],
+                                                         reason: str) -> None:
+    data = hook_data({"kafka": {"bootstrap_servers": ["k:9092"], "topic": "t", **settings}})
+    assert f"target.kafka: {reason}" in hook_error(data)
+    assert parse_hook(data, stored=True).target.kafka is not None
+
+
+@pytest.mark.parametrize("field", ["flush_timeout_sec", "request_timeout_sec"])
+def test_a_nan_timeout_is_named_as_not_finite(field: str) -> None:
+    data = hook_data()
+    data["target"]["http_batch"][field] = float("nan")
+    assert f"target.http_batch.{field}: Input should be a finite number" in hook_error(data)

@@ -39,6 +39,7 @@ DEFAULTS: dict[str, Any] = {
     "API_HOST": "127.0.0.1",
     "API_PORT": None,
     "API_MAX_BODY_BYTES": 16 * 1024 * 1024,
+    "API_TLS_CA_DIR": "",
 }
 
 # A valid, non-default value for every setting: (value in main.json, same value as env text).
@@ -65,6 +66,7 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "API_HOST": ("0.0.0.0", "0.0.0.0"),
     "API_PORT": (8080, "8080"),
     "API_MAX_BODY_BYTES": (1_048_576, "1048576"),
+    "API_TLS_CA_DIR": ("/etc/hookray/ca", "/etc/hookray/ca"),
 }
 
 BOUND_INT = "Input should be a valid integer"
@@ -150,6 +152,8 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("API_MAX_BODY_BYTES", "1023", "accepted: a number >= 1024"),
     ("API_MAX_BODY_BYTES", "1073741825", "accepted: a number <= 1073741824"),
     ("API_MAX_BODY_BYTES", "16MB", BOUND_INT),
+    ("API_TLS_CA_DIR", "ca", "accepted: an absolute directory path, or empty"),
+    ("API_TLS_CA_DIR", "/" + "d" * 4096, "at most 4096 characters"),
 ]
 
 # (key, bad JSON value in main.json, what the message must say is accepted)
@@ -197,6 +201,8 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("API_MAX_BODY_BYTES", 0, "accepted: a number >= 1024"),
     ("API_MAX_BODY_BYTES", True, BOOL),
     ("API_MAX_BODY_BYTES", 2.5, BOUND_INT),
+    ("API_TLS_CA_DIR", 5, "Input should be a valid string"),
+    ("API_TLS_CA_DIR", "./ca", "accepted: an absolute directory path, or empty"),
 ]
 
 
@@ -604,3 +610,32 @@ def test_content_with_a_ttl_below_a_second_is_refused(ttl: Any) -> None:
     store = ContentStore(None, Keys("t"), 60)  # type: ignore[arg-type]  # refused first
     with pytest.raises(ValueError, match="ttl_sec: expected whole seconds >= 1"):
         store.put(1, {"s1": {"subject": "x"}}, ttl_sec=ttl)
+
+
+# --- files as editors write them, files no parser can read -----------------------------------
+
+
+def test_a_settings_file_with_a_byte_order_mark_loads(tmp_path: Path) -> None:
+    path = tmp_path / "main.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({"HOOK_RETRY_TIMES": 2}).encode())
+    assert load_settings(path, environ={}).HOOK_RETRY_TIMES == 2
+
+
+def test_a_settings_file_nested_too_deeply_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "main.json"
+    path.write_text('{"HOOK_RETRY_TIMES": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    assert config_error(path) == f"settings file {path}: JSON nested too deeply to be read"
+
+
+@pytest.mark.parametrize(("option", "value", "shown"), [
+    ("socket_timeout", "-1", "-1.0"), ("socket_timeout", "0", "0.0"),
+    ("socket_timeout", "1e400", "inf"), ("socket_connect_timeout", "nan", "nan"),
+    ("socket_connect_timeout", "100000", "100000.0"),
+])
+def test_redis_url_timeouts_a_socket_refuses_are_named(option: str, value: str,
+                                                       shown: str) -> None:
+    url = f"redis://127.0.0.1:6379/0?{option}={value}"
+    message = config_error(environ={"REDIS_URL": url})
+    assert f"{option}={shown}: expected a number of seconds > 0 and <= 86400" in message
+    ok = load_settings(environ={"REDIS_URL": f"redis://127.0.0.1:6379/0?{option}=2.5"})
+    assert ok.REDIS_URL.endswith("=2.5")
