@@ -36,7 +36,8 @@ def _print(data: Any) -> None:
 
 def _read_json(path: str) -> Any:
     try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
+        # utf-8-sig: a byte order mark some editors write is no content
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
     except OSError as exc:
         raise HookrayError(f"{path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:
@@ -575,17 +576,18 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _config_after_the_command(parser: argparse.ArgumentParser) -> None:
-    """``-c`` also after the command (``hookray stats -c main.json``): there it was
-    refused as "unrecognized arguments: -c", an option hookray does know. Given in both
-    places, the later one counts."""
-    subs = [a for a in parser._actions if isinstance(a, argparse._SubParsersAction)]
-    if not subs:
+def _config_after_the_command(parser: argparse.ArgumentParser, top: bool = True) -> None:
+    """``-c`` also after the command (``hookray stats -c main.json``, ``hookray hooks -c
+    main.json list``): there it was refused as "unrecognized arguments: -c" or taken
+    for the action, an option hookray does know. Given in several places, the last one
+    counts."""
+    if not top:
         parser.add_argument("--config", "-c", metavar="MAIN_JSON", default=argparse.SUPPRESS,
                             help="settings file, as `hookray -c MAIN_JSON ...`")
-    for action in subs:
-        for child in {id(c): c for c in action.choices.values()}.values():
-            _config_after_the_command(child)
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for child in {id(c): c for c in action.choices.values()}.values():
+                _config_after_the_command(child, top=False)
 
 
 # arguments that name files: a file name may hold any bytes, which Python hands on

@@ -31,7 +31,7 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound
 from engine.events import MAX_ID, Event, is_account_id
-from engine.health import cluster_mode, engine_health, eviction_risk
+from engine.health import cluster_mode, engine_health, eviction_risk, too_old
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys
@@ -146,8 +146,10 @@ class Engine:
     def _check_redis(self) -> None:
         """The Redis answers, and is one the engine can use (ConfigError if not)."""
         self.redis.ping()
-        if (problem := cluster_mode(self.redis)) is not None:
-            raise ConfigError(f"REDIS_URL {self.settings.redacted()['REDIS_URL']}: {problem}")
+        for check in (cluster_mode, too_old):
+            if (problem := check(self.redis)) is not None:
+                raise ConfigError(
+                    f"REDIS_URL {self.settings.redacted()['REDIS_URL']}: {problem}")
 
     def _start_actors(self, address: str | None) -> None:
         import ray
@@ -353,27 +355,30 @@ class Engine:
         return self.hooks.create(_hook_fields(data))
 
     def update_hook(self, hook_id: int, data: Mapping[str, Any] | Hook) -> Hook:
+        hook_id = _hook_id("update_hook", hook_id)
         fields = _hook_fields(data)
         return self.hooks.update(hook_id, fields.to_storage() if isinstance(fields, Hook)
                                  else fields)
 
     def get_hook(self, hook_id: int) -> Hook:
-        return self.hooks.get(hook_id)
+        return self.hooks.get(_hook_id("get_hook", hook_id))
 
     def list_hooks(self, account_id: int | None = None) -> list[Hook]:
         return self.hooks.all(_id("list_hooks", "account_id", account_id))
 
     def activate_hook(self, hook_id: int) -> Hook:
-        return self.hooks.set_active(hook_id, True)
+        return self.hooks.set_active(_hook_id("activate_hook", hook_id), True)
 
     def stop_hook(self, hook_id: int) -> Hook:
-        return self.hooks.set_active(hook_id, False)
+        return self.hooks.set_active(_hook_id("stop_hook", hook_id), False)
 
     def clone_hook(self, hook_id: int, name: str | None = None) -> Hook:
-        return self.hooks.clone(hook_id, name)
+        if name is not None and not isinstance(name, str):
+            raise ValueError(f"clone_hook: name must be a string, got {type(name).__name__}")
+        return self.hooks.clone(_hook_id("clone_hook", hook_id), name)
 
     def delete_hook(self, hook_id: int) -> None:
-        self.hooks.delete(hook_id)
+        self.hooks.delete(_hook_id("delete_hook", hook_id))
 
     # --- data in ------------------------------------------------------------------------
 
@@ -411,7 +416,10 @@ class Engine:
     def test_event(self, hook: int | Hook, event_type: str) -> Outcome:
         """Send one synthetic event of ``event_type`` through the hook's target, now.
         Called inside a running event loop, it blocks that loop until the send ends."""
-        hook = hook if isinstance(hook, Hook) else self.hooks.get(hook)
+        hook = hook if isinstance(hook, Hook) else self.hooks.get(_hook_id("test_event", hook))
+        if not isinstance(event_type, str):
+            raise ValueError("test_event: event_type must be an event code (a string), got "
+                             f"{type(event_type).__name__}")
         if event_type not in self.catalogue:
             raise HookError(f"unknown event type {event_type!r}; known: "
                              + ", ".join(self.catalogue.codes()))
@@ -573,6 +581,15 @@ def _id(call: str, name: str, value: Any) -> Any:
     if value is None or is_account_id(value):
         return value
     raise ValueError(f"{call}: {name} must be an integer from 0 to {MAX_ID}, got {value!r}")
+
+
+def _hook_id(call: str, value: Any) -> int:
+    """``value`` if it is a hook id (an integer from 0 to MAX_ID), else ValueError naming
+    the call: "1" or True would otherwise reach the registry as another key."""
+    if value is None or not is_account_id(value):
+        raise ValueError(f"{call}: hook_id must be an integer from 0 to {MAX_ID}, "
+                         f"got {value!r}")
+    return int(value)
 
 
 def _ids(call: str, ids: Iterable[str], of: str = "dead letter") -> list[str]:

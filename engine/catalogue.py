@@ -88,8 +88,11 @@ class EventCatalogue:
 
 def _read(path: Path | str) -> list[dict]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
         return list(doc["event_types"])
+    except RecursionError:
+        raise ConfigError(f"EVENT_TYPES_FILE={path}: cannot read event types (JSON nested "
+                          "too deeply to be read)") from None
     except (OSError, ValueError, KeyError, TypeError) as exc:
         raise ConfigError(
             f"EVENT_TYPES_FILE={path}: cannot read event types ({exc}); expected a JSON "

@@ -89,6 +89,26 @@ def cluster_mode(r: redis.Redis) -> str | None:
     return None
 
 
+MIN_REDIS_VERSION = (6, 2)  # XPENDING's IDLE (the orphan check), LPOS (bookings)
+
+
+def too_old(r: redis.Redis) -> str | None:
+    """Why the engine cannot use this Redis's version, or None (also when the server
+    does not say: INFO disabled, or a version that is no dotted number)."""
+    try:
+        version = str(r.info("server").get("redis_version", ""))
+    except redis.ResponseError:
+        return None
+    parts = version.split(".")
+    if len(parts) < 2 or not all(p.isdecimal() for p in parts[:2]):
+        return None
+    if (int(parts[0]), int(parts[1])) < MIN_REDIS_VERSION:
+        need = ".".join(map(str, MIN_REDIS_VERSION))
+        return (f"this Redis is version {version}: hookray needs {need} or later (its "
+                "intake reads use XPENDING's IDLE option and its bookings LPOS)")
+    return None
+
+
 def eviction_risk(r: redis.Redis) -> str | None:
     """Why this Redis may drop accepted work on its own, or None: a ``maxmemory-policy``
     other than ``noeviction`` evicts keys when memory runs short (``allkeys-*`` any:

@@ -38,6 +38,7 @@ from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_deliv
 
 log = logging.getLogger("hookray")
 
+COPY_SUFFIX = " (copy)"  # of a clone's default name
 STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered", "discarded")
 
 
@@ -107,9 +108,13 @@ class HookRegistry:
         return self._replace(hook.model_copy(update={"active": active}))
 
     def clone(self, hook_id: int, name: str | None = None) -> Hook:
-        """A stopped copy of a hook, with a new id."""
+        """A stopped copy of a hook, with a new id, named ``name`` (validated as any
+        hook's: "" is refused), by default "<its name> (copy)" (the name cut so that the
+        copy's still says so, within 255 characters)."""
         data = self.get(hook_id).to_storage()
-        data.update(name=name or f"{data['name']} (copy)"[:255], active=False)
+        if name is None:
+            name = data["name"][:255 - len(COPY_SUFFIX)] + COPY_SUFFIX
+        data.update(name=name, active=False)
         return self.create(data)
 
     def delete(self, hook_id: int) -> None:

@@ -351,3 +351,17 @@ def test_a_test_event_of_a_code_from_the_extra_file_is_sent(tmp_path: Path) -> N
     (message,) = [json.loads(p) for d in stub.sent for p in d.parts]
     assert message["event_type"] == "send_viber" and message["is_test"] is True
     assert message["event_data"]["campaign_id"] == 130
+
+
+def test_an_event_types_file_with_a_byte_order_mark_or_nested_too_deeply(
+        tmp_path: Path) -> None:
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b"\xef\xbb\xbf" + json.dumps({"event_types": [
+        {"code": "bom_ev", "name": "BOM", "category": "delivery", "channel": "x"}]}).encode())
+    assert "bom_ev" in load_catalogue(bom)
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConfigError) as err:
+        load_catalogue(deep)
+    assert str(err.value) == (f"EVENT_TYPES_FILE={deep}: cannot read event types (JSON nested "
+                              "too deeply to be read)")

@@ -745,3 +745,68 @@ def test_set_aside_entries_are_listed_and_put_back(
     moved = [redis_client.eval(_REQUEUE, 3, keys.intake_unreadable, keys.intake(0),
                                keys.engine_stats, again, *original) for _ in range(2)]
     assert moved == [1, 0] and redis_client.xlen(keys.intake(0)) == 1
+
+
+def test_the_settings_file_may_come_between_a_group_and_its_action(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = str(tmp_path / "missing.json")
+    for argv in (["hooks", "-c", config, "list"], ["tokens", "-c", config, "list"],
+                 ["-c", missing, "hooks", "-c", config, "list"],  # the last one counts
+                 ["hooks", "-c", missing, "list", "-c", config]):
+        code, out, err = run_cli(capsys, *argv)
+        assert (code, out, err) == (0, [], ""), argv
+    code, _, err = run_cli(capsys, "hooks", "-c", missing, "list")
+    assert code == 2 and "missing.json: cannot be read" in err
+
+
+def test_hook_files_with_a_byte_order_mark_are_read(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hook.json"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps({
+        "name": "bom", "account_id": 3, "actions": ["click"],
+        "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}).encode())
+    code, created, err = run_cli(capsys, "-c", config, "hooks", "create", str(path))
+    assert code == 0, err
+    assert created[0]["name"] == "bom"
+
+
+def test_a_clone_takes_no_empty_name_and_its_default_name_says_copy(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "hook.json"
+    path.write_text(json.dumps({"name": "n" * 255, "account_id": 3, "actions": ["click"],
+                                "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}))
+    code, created, _ = run_cli(capsys, "-c", config, "hooks", "create", str(path))
+    hook_id = str(created[0]["id"])
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "clone", hook_id, "--name", "")
+    assert code == 2 and "name: String should have at least 1 character" in err
+    code, clone, _ = run_cli(capsys, "-c", config, "hooks", "clone", hook_id)
+    assert code == 0 and clone["name"] == "n" * 248 + " (copy)"
+
+
+def test_driver_hook_calls_refuse_an_id_of_another_kind(settings: Settings) -> None:
+    from actors.driver import Engine
+
+    engine = Engine.connect(settings)
+    try:
+        hook = engine.create_hook({"name": "h", "account_id": 3, "actions": ["click"],
+                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+        calls = [("get_hook", lambda v: engine.get_hook(v)),
+                 ("update_hook", lambda v: engine.update_hook(v, hook)),
+                 ("activate_hook", lambda v: engine.activate_hook(v)),
+                 ("stop_hook", lambda v: engine.stop_hook(v)),
+                 ("clone_hook", lambda v: engine.clone_hook(v)),
+                 ("delete_hook", lambda v: engine.delete_hook(v)),
+                 ("test_event", lambda v: engine.test_event(v, "click"))]
+        for name, call in calls:
+            for wrong in (str(hook.id), True, float(hook.id or 0), None, -1):
+                with pytest.raises(ValueError) as err:
+                    call(wrong)
+                assert str(err.value) == (f"{name}: hook_id must be an integer from 0 to "
+                                          f"{2**63 - 1}, got {wrong!r}"), (name, wrong)
+        with pytest.raises(ValueError, match="test_event: event_type must be an event code"):
+            engine.test_event(hook.id or 0, ["click"])  # type: ignore[arg-type]
+        with pytest.raises(ValueError, match="clone_hook: name must be a string, got int"):
+            engine.clone_hook(hook.id or 0, 5)  # type: ignore[arg-type]
+        assert engine.get_hook(hook.id or 0) == hook  # nothing changed it
+    finally:
+        engine.redis.close()

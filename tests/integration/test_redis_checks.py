@@ -8,13 +8,14 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
 
 from actors.driver import Engine
 from engine.errors import ConfigError
-from engine.health import cluster_mode, eviction_risk
+from engine.health import cluster_mode, eviction_risk, too_old
 from engine.settings import Settings
 from tests.services import free_port, missing
 
@@ -87,3 +88,23 @@ def test_an_eviction_policy_is_named(evicting_redis: redis.Redis,
     evicting_redis.config_set("maxmemory-policy", "noeviction")
     assert eviction_risk(evicting_redis) is None
     assert eviction_risk(redis_client) is None  # the shared test Redis: noeviction
+
+
+def test_a_redis_older_than_6_2_is_refused_naming_its_version(
+        redis_client: redis.Redis, settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert too_old(redis_client) is None  # the shared Redis (6.2 or later)
+    # no older server can be started here: the shared one answers INFO as a 6.0 would
+    info = redis.Redis.info
+
+    def as_6_0(self: redis.Redis, section: str | None = None, *args: Any) -> Any:
+        answer = info(self, section, *args)
+        if section == "server":
+            answer = {**answer, "redis_version": "6.0.16"}
+        return answer
+
+    monkeypatch.setattr(redis.Redis, "info", as_6_0)
+    problem = too_old(redis_client)
+    assert problem is not None and "version 6.0.16: hookray needs 6.2 or later" in problem
+    with pytest.raises(ConfigError) as err:
+        Engine.connect(settings)
+    assert "needs 6.2 or later" in str(err.value)
