@@ -462,6 +462,14 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
     return hook
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _inside(path: str, folder: str) -> bool:
+    """Whether ``path`` is below ``folder`` (both resolved), not ``folder`` itself."""
+    return path != folder and os.path.commonpath([path, folder]) == folder
+
+
 def check_cafile(hook: Hook, settings: Settings, stored: Hook | None = None) -> None:
     """ApiError 422 unless the hook's ``tls_cafile`` (if any) is a file under
     API_TLS_CA_DIR, or the one ``stored`` already has: a path names a file on the
@@ -476,10 +484,11 @@ def check_cafile(hook: Hook, settings: Settings, stored: Hook | None = None) -> 
         reason = ("names a file on the engine's machines, which this API takes only under "
                   "API_TLS_CA_DIR, and that is not set: ask the operator to set it, or to "
                   "give the hook its CA file")
+    elif _CONTROL.search(path):
+        reason = "holds a control character: no file of the engine's has such a name"
     elif not os.path.isabs(path):
         reason = f"must be an absolute path under {ca_dir}"
-    elif os.path.commonpath([os.path.realpath(path), os.path.realpath(ca_dir)]) \
-            != os.path.realpath(ca_dir):
+    elif not _inside(os.path.realpath(path), os.path.realpath(ca_dir)):
         reason = f"must name a file under {ca_dir} (API_TLS_CA_DIR)"
     else:
         return

@@ -572,6 +572,8 @@ class Kafka(_Model):
             return self
         # settings that would be stored and never used: the connection would go
         # without the TLS or the login the hook's author meant
+        if self.tls_cafile == "":
+            raise ValueError("tls_cafile is empty: omit it to trust the system's CAs")
         if self.tls_cafile is not None and not self.tls:
             raise ValueError("tls_cafile is only used with tls: true")
         if not self.sasl_mechanism and (self.sasl_username or self.sasl_password):

@@ -140,9 +140,9 @@ def redis_url_problem(url: str) -> str | None:
     for option in ("socket_timeout", "socket_connect_timeout"):
         value = pool.connection_kwargs.get(option)
         if value is not None and not (isinstance(value, int | float)
-                                      and math.isfinite(value) and 0 < value <= 86_400):
+                                      and math.isfinite(value) and value > 0):
             # (redis-py takes them as given: a socket refuses them at the first connect)
-            return f"{option}={value}: expected a number of seconds > 0 and <= 86400"
+            return f"{option}={value}: expected a finite number of seconds > 0"
     # what redis-py uses: a db= option if there is one (the path is then ignored), else
     # int() of the path without its "/"s (" 1" and "1/2" are 1 and 12), else database 0
     db = pool.connection_kwargs.get("db", 0)

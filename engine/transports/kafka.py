@@ -389,8 +389,10 @@ class KafkaTransport(Transport):
         target = slot.target
         options = producer_options(target, self.timeout_sec)
         if target.tls:
+            # (an empty tls_cafile, which older hooks may hold: the system's CAs, as
+            # aiokafka took it)
             options["ssl_context"] = await client_context_for(f"Kafka {slot.servers}",
-                                                              target.tls_cafile)
+                                                              target.tls_cafile or None)
         for server in target.bootstrap_servers:
             _bootstrap_errors.last.pop(server, None)
         producer = AIOKafkaProducer(**options)

@@ -20,11 +20,12 @@ from engine.errors import ConnectError
 MAX_CA_FILE_BYTES = 4 * 2**20  # far more than a CA bundle (the system's: about 220 KB)
 
 
-def read_ca_file(path: str) -> bytes:
-    """The content of the CA file ``path``; OSError or ValueError saying why it cannot
-    be one. Opened without blocking, so a FIFO is refused rather than waited on."""
+def _open_ca_file(path: str) -> int:
+    """A descriptor of the CA file ``path``, open for reading; OSError or ValueError
+    saying why it cannot be one. Opened without blocking, so a FIFO is refused rather
+    than waited on."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    with open(fd, "rb", closefd=True) as f:
+    try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise ValueError("not a regular file")
@@ -33,20 +34,36 @@ def read_ca_file(path: str) -> bytes:
         if info.st_size > MAX_CA_FILE_BYTES:
             raise ValueError(f"{info.st_size:,} bytes: a CA file may hold at most "
                              f"{MAX_CA_FILE_BYTES:,}")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def read_ca_file(path: str) -> bytes:
+    """The content of the CA file ``path`` (see ``_open_ca_file``)."""
+    with open(_open_ca_file(path), "rb", closefd=True) as f:
         return f.read(MAX_CA_FILE_BYTES + 1)
 
 
 def client_context(cafile: str | None) -> ssl.SSLContext:
-    """A client context trusting ``cafile``'s certificates (PEM, or one DER
-    certificate), or the system's CAs when None. Blocking: see ``client_context_for``."""
+    """A client context trusting ``cafile``'s certificates only, or the system's CAs
+    when None. A PEM file is loaded by OpenSSL as a ``cafile`` always was (text around
+    the certificates, a byte order mark, ``TRUSTED CERTIFICATE`` blocks), from the
+    descriptor checked here; a file without a PEM block is taken as one DER
+    certificate. Blocking: see ``client_context_for``."""
     if cafile is None:
         return ssl.create_default_context()
-    data = read_ca_file(cafile)
+    fd = _open_ca_file(cafile)
     try:
-        cadata: str | bytes = data.decode("ascii")  # PEM
-    except UnicodeDecodeError:
-        cadata = data  # DER
-    return ssl.create_default_context(cadata=cadata)
+        data = os.pread(fd, MAX_CA_FILE_BYTES + 1, 0)
+        if b"-----BEGIN" not in data:
+            return ssl.create_default_context(cadata=data)  # DER
+        # the file this descriptor has open, not whatever the path names by now
+        opened = f"/dev/fd/{fd}" if os.path.isdir("/dev/fd") else cafile
+        return ssl.create_default_context(cafile=opened)
+    finally:
+        os.close(fd)
 
 
 async def client_context_for(where: str, cafile: str | None) -> ssl.SSLContext:

@@ -1147,6 +1147,7 @@ def test_kafka_servers_by_name_ipv4_and_ipv6_are_taken() -> None:
     ({"sasl_username": "u", "sasl_password": "p"},
      "sasl_username and sasl_password are only used with a sasl_mechanism"),
     ({"sasl_password": "p"}, "sasl_username and sasl_password are only used with a"),
+    ({"tls": True, "tls_cafile": ""}, "tls_cafile is empty: omit it to trust the system's CAs"),
 ])
 def test_kafka_settings_that_would_go_unused_are_refused(settings: dict[str, Any],
                                                          reason: str) -> None:

@@ -630,12 +630,12 @@ def test_a_settings_file_nested_too_deeply_is_named(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("option", "value", "shown"), [
     ("socket_timeout", "-1", "-1.0"), ("socket_timeout", "0", "0.0"),
     ("socket_timeout", "1e400", "inf"), ("socket_connect_timeout", "nan", "nan"),
-    ("socket_connect_timeout", "100000", "100000.0"),
 ])
 def test_redis_url_timeouts_a_socket_refuses_are_named(option: str, value: str,
                                                        shown: str) -> None:
     url = f"redis://127.0.0.1:6379/0?{option}={value}"
     message = config_error(environ={"REDIS_URL": url})
-    assert f"{option}={shown}: expected a number of seconds > 0 and <= 86400" in message
-    ok = load_settings(environ={"REDIS_URL": f"redis://127.0.0.1:6379/0?{option}=2.5"})
-    assert ok.REDIS_URL.endswith("=2.5")
+    assert f"{option}={shown}: expected a finite number of seconds > 0" in message
+    for fine in ("2.5", "100000"):
+        ok = load_settings(environ={"REDIS_URL": f"redis://127.0.0.1:6379/0?{option}={fine}"})
+        assert ok.REDIS_URL.endswith(f"={fine}")

@@ -80,3 +80,21 @@ def test_a_pem_bundle_or_a_der_certificate_is_trusted(tmp_path: Path) -> None:
         assert len(context.get_ca_certs()) == 1  # that CA only, not the system's
     system = client_context(None)
     assert system.verify_mode == ssl.CERT_REQUIRED and system.check_hostname
+
+
+def test_pem_files_load_as_openssl_loads_a_cafile(tmp_path: Path) -> None:
+    """Text around the certificates (non-ASCII too, as in curl's cacert.pem), a byte
+    order mark, OpenSSL's TRUSTED CERTIFICATE blocks: read as a cafile always was."""
+    first, second = trustme.CA(), trustme.CA()
+    pem = first.cert_pem.bytes()
+    trusted = pem.replace(b"BEGIN CERTIFICATE", b"BEGIN TRUSTED CERTIFICATE") \
+        .replace(b"END CERTIFICATE", b"END TRUSTED CERTIFICATE")
+    for name, data, count in (
+            ("bundle.pem", "# Főtanúsítvány\n".encode() + pem + "# Ä\n".encode()
+             + second.cert_pem.bytes(), 2),
+            ("bom.pem", b"\xef\xbb\xbf" + pem, 1),
+            ("trusted.pem", trusted, 1)):
+        path = tmp_path / name
+        path.write_bytes(data)
+        context = asyncio.run(client_context_for("b", str(path)))
+        assert len(context.get_ca_certs()) == count, name

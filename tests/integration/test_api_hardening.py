@@ -99,6 +99,9 @@ async def test_tls_cafile_is_taken_only_under_the_ca_directory(
     for path, reason in ((str(tmp_path / "outside.pem"), outside),
                          (f"{ca_dir}/../outside.pem", outside),
                          (str(ca_dir / "escape.pem"), outside),
+                         (str(ca_dir), outside), (f"{ca_dir}/", outside),
+                         (f"{ca_dir}/ca\x00.pem",
+                          "holds a control character: no file of the engine's has such a name"),
                          ("ca.pem", f"must be an absolute path under {ca_dir}")):
         answer = await api.call("POST", "/v1/hooks", api.master,
                                 json_body=kafka_body(tls=True, tls_cafile=path))

@@ -380,6 +380,17 @@ def test_tls_cafile_that_cannot_be_read_is_a_connect_error(kafka_broker: Tansu) 
     assert "/nonexistent/ca.pem" in outcome.detail
 
 
+def test_an_empty_tls_cafile_of_a_stored_hook_trusts_the_system_cas(
+        kafka_broker: Tansu) -> None:
+    """Hooks stored before an empty tls_cafile was refused keep aiokafka's meaning of
+    it: the system's CAs (here the plain broker then fails the TLS handshake)."""
+    tgt = Kafka.model_validate({"bootstrap_servers": [kafka_broker.bootstrap], "topic": "t",
+                                "tls": True, "tls_cafile": ""}, context={"stored": True})
+    (outcome,) = run(send_all(KafkaTransport(timeout_sec=3), tgt, delivery(1)))
+    assert not outcome.ok and outcome.error in ("ConnectError", "Timeout"), outcome
+    assert "cannot be used" not in outcome.detail, outcome.detail
+
+
 def test_frozen_broker_times_out_and_a_new_producer_is_used_afterwards(
         own_broker: Any) -> None:
     broker = own_broker()
