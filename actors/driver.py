@@ -162,6 +162,7 @@ class Engine:
             self.lease = self._claim_prefix()
             self.intake.ensure_groups()
             self.intake.record_partitions()  # producers with another count: refused
+            self.intake.record_event_types()  # and events or hooks of codes it lacks
         except BaseException:
             self._release_prefix()
             self._release_ray()

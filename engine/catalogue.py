@@ -111,3 +111,16 @@ def load_catalogue(extra_file: str | None = None) -> EventCatalogue:
     """The built-in catalogue, extended by ``extra_file`` when given."""
     base = builtin_catalogue()
     return base.extended(_read(extra_file)) if extra_file else base
+
+
+def engine_codes(recorded: bytes | str | None) -> list[str] | None:
+    """The event codes ``Intake.record_event_types`` recorded, or None (none recorded,
+    or a record that cannot be read: nothing is refused for it)."""
+    if recorded is None:
+        return None
+    try:
+        codes = json.loads(recorded)
+    except ValueError:
+        return None
+    return codes if isinstance(codes, list) and all(isinstance(c, str) for c in codes) \
+        else None

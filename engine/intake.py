@@ -8,6 +8,7 @@ that round trip returned.
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
@@ -24,7 +25,7 @@ import numpy as np
 import redis
 
 from engine.assembly import gather
-from engine.catalogue import EventCatalogue, load_catalogue
+from engine.catalogue import EventCatalogue, engine_codes, load_catalogue
 from engine.collector import paused_gc
 from engine.errors import ConfigError, EventError
 from engine.events import (
@@ -237,6 +238,9 @@ class Intake:
         self.catalogue = load_catalogue() if catalogue is None else catalogue
         self._scripts: dict[str, Any] = {}  # registered on first use (validate needs none)
         self._spent: deque[str] = deque()  # receipts of finished appends, to delete
+        # the engine's recorded event codes as last read, and this intake's codes not
+        # among them
+        self._engine_types: tuple[bytes | str | None, list[str]] = (None, [])
 
     def _script(self, name: str) -> Any:
         if name not in self._scripts:
@@ -345,7 +349,7 @@ class Intake:
             for event in fresh:
                 event.id = None
             return False
-        self._write_refundable(encoded, len(events), fresh)
+        self._write_refundable(encoded, len(events), fresh, events)
         return True
 
     def _encode_read_back(self, events: list[Event]) -> list[tuple[int, bytes]]:
@@ -374,15 +378,15 @@ class Intake:
     def write(self, encoded: Encoded, fresh: Sequence[Event] = ()) -> None:
         """Append what ``encode`` made; ``fresh``: the events whose ids were given for
         this append (taken back if it is refused)."""
-        self._write_refundable(encoded.entries, len(encoded.events), fresh)
+        self._write_refundable(encoded.entries, len(encoded.events), fresh, encoded.events)
 
     def _write_refundable(self, entries: list[tuple[int, bytes]], count: int,
-                          fresh: Sequence[Event]) -> None:
+                          fresh: Sequence[Event], events: Sequence[Event] = ()) -> None:
         """``_write``; if it is refused (ConfigError: surely not written), the ids given
         to ``fresh`` for it are taken back. After a Redis error they stay: a retry with
         the same events then repeats their message ids, which receivers can see."""
         try:
-            self._write(entries, count)
+            self._write(entries, count, events)
         except ConfigError:
             for event in fresh:
                 event.id = None
@@ -414,7 +418,8 @@ class Intake:
         return [(n, part[start:start + self.max_batch]) for n, part in groups
                 for start in range(0, len(part), self.max_batch)]
 
-    def _write(self, entries: list[tuple[int, bytes]], count: int) -> None:
+    def _write(self, entries: list[tuple[int, bytes]], count: int,
+               events: Sequence[Event] = ()) -> None:
         """XADD the encoded entries and count ``count`` events accepted, in one MULTI,
         at most once, refused (ConfigError, nothing written) if the engine reads
         another number of partitions than this intake writes to.
@@ -435,7 +440,7 @@ class Intake:
         spent = self._take_spent()
         deleted = False
         try:
-            deleted = self._write_once(entries, count, receipt, spent)
+            deleted = self._write_once(entries, count, receipt, spent, events)
         finally:
             if not deleted:  # perhaps not deleted: by a later append
                 self._spent.extendleft(spent)
@@ -451,7 +456,7 @@ class Intake:
         return spent
 
     def _write_once(self, entries: list[tuple[int, bytes]], count: int, receipt: str,
-                    spent: list[str]) -> bool:
+                    spent: list[str], events: Sequence[Event] = ()) -> bool:
         """``_write``'s attempts; True when the MULTI that wrote also deleted ``spent``."""
         lost: Exception | None = None
         for attempt in range(WRITE_TRIES):
@@ -463,7 +468,9 @@ class Intake:
                         # an earlier attempt's EXEC went through (with its deletes,
                         # but this cannot tell: they are made again later)
                         return False
-                    recorded = pipe.hget(self.k.config, "partitions")
+                    recorded, types = pipe.hmget(self.k.config, "partitions", "event_types")
+                    if types is not None and events:
+                        self._refuse_foreign_types(types, events)
                     if recorded is not None and int(recorded) != self.partitions:
                         raise ConfigError(
                             f"PARTITIONS is {self.partitions} here but the engine (REDIS_PREFIX "
@@ -517,6 +524,31 @@ class Intake:
         return ConfigError(
             f"PARTITIONS is {self.partitions} but the engine {ran}: {listed}. Start with the "
             "count that wrote them until they are delivered (backlog 0), then change it")
+
+    def record_event_types(self) -> None:
+        """Record this intake's event codes as the engine's (``Engine.start``): events
+        and hooks of a code the engine does not know are then refused by producers and
+        hook stores with another EVENT_TYPES_FILE (a partition could not process them;
+        a stored hook it cannot load stops every partition)."""
+        self.r.hset(self.k.config, "event_types", json.dumps(sorted(self.catalogue.codes())))
+
+    def _refuse_foreign_types(self, recorded: bytes | str, events: Sequence[Event]) -> None:
+        """ConfigError if an event's code is not one of the engine's ``recorded`` codes.
+        The events are looked at only when this intake knows codes the engine lacks."""
+        if recorded != self._engine_types[0]:
+            known = engine_codes(recorded)
+            self._engine_types = (recorded, [] if known is None else sorted(
+                set(self.catalogue.codes()).difference(known)))
+        foreign = self._engine_types[1]
+        if not foreign:
+            return
+        found = sorted(set(map(_EVENT_TYPE, events)).intersection(foreign))
+        if found:
+            raise ConfigError(
+                f"event type(s) {', '.join(map(repr, found))} are not known to the engine "
+                f"(REDIS_PREFIX {self.k.p!r}): its EVENT_TYPES_FILE lacks them, so no "
+                "partition could process these events; nothing was accepted. Use the "
+                "engine's settings")
 
     def record_partitions(self) -> None:
         """Record this intake's PARTITIONS as the engine's (``Engine.start``). A

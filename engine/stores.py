@@ -20,7 +20,7 @@ from typing import Any, cast
 import msgspec
 import redis
 
-from engine.catalogue import EventCatalogue
+from engine.catalogue import EventCatalogue, engine_codes
 from engine.errors import Conflict, HookError, NotFound, named
 from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
@@ -30,6 +30,7 @@ from engine.hooks import (
     destination,
     masked_secrets,
     parse_hook,
+    quoted,
     restore_secrets,
 )
 from engine.keys import RETRY_LEASE_MS, Keys
@@ -81,8 +82,27 @@ class HookRegistry:
         redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
         check_new_hook(fields, self.catalogue)  # before using an id
+        hook = parse_hook({**fields, "id": 0}, self.catalogue)
+        self._engine_knows(hook)
         fields["id"] = int(self.r.incr(self.k.hooks_seq))
         return self._save(parse_hook(fields, self.catalogue))
+
+    def _engine_knows(self, hook: Hook) -> None:
+        """HookError if one of the hook's actions is not an event code of the engine
+        (as ``Intake.record_event_types`` recorded them): a hook stored from a shell
+        with another EVENT_TYPES_FILE would be one the engine cannot load, and a stored
+        hook it cannot load stops every partition."""
+        known = engine_codes(cast(bytes | None, self.r.hget(self.k.config, "event_types")))
+        if known is None:
+            return
+        engine = set(known)
+        foreign = [code for code in hook.actions if code not in engine]
+        if foreign:
+            reason = (f"{', '.join(map(quoted, foreign))}: not an event type of the engine "
+                      f"(REDIS_PREFIX {self.k.p!r}): its EVENT_TYPES_FILE lacks it, and a "
+                      "stored hook the engine cannot load stops every partition; use the "
+                      "engine's settings")
+            raise HookError(f"invalid hook: actions: {reason}", [("actions", reason)])
 
     def update(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
         """Replace a hook's settings (keeps its id). Settings as a read shows them
@@ -93,6 +113,7 @@ class HookRegistry:
         sent = {**dict(data), "id": hook_id}
         restored = restore_secrets(sent, stored)
         hook = parse_hook(restored, self.catalogue)
+        self._engine_knows(hook)
         kept = changed_paths(sent, restored)
         if kept and destination(hook) != destination(stored):
             reason = (f"the destination changed, so the redacted value {MASK} cannot keep "

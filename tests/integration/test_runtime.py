@@ -427,3 +427,17 @@ def test_an_api_port_in_use_is_a_config_error_and_frees_the_actor_name(
                                "[Errno 98] Address already in use")
     engine = engine_factory(API_PORT=0)  # the same actor names, the API's too
     assert engine.api_url
+
+
+def test_the_engine_records_its_event_codes_at_start(engine_factory: Any,
+                                                     redis_client: Any) -> None:
+    # When an engine starts
+    engine = engine_factory()
+    # Then its event codes are recorded beside its PARTITIONS, for other producers
+    from engine.catalogue import builtin_catalogue
+    from engine.keys import Keys
+
+    config = Keys(engine.settings.REDIS_PREFIX).config
+    recorded = json.loads(redis_client.hget(config, "event_types"))
+    assert recorded == sorted(builtin_catalogue().codes())
+    assert int(redis_client.hget(config, "partitions")) == engine.settings.PARTITIONS

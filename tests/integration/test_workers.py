@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from engine.dispatch import PartitionWorker
-from engine.errors import EventError, HookError, NotFound
+from engine.errors import ConfigError, EventError, HookError, NotFound
 from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
@@ -189,9 +189,9 @@ def test_publishing_pauses_the_cyclic_collector_and_resumes_it_even_on_errors(
     seen: list[bool] = []
     write = intake._write
 
-    def spying(entries: Any, count: int) -> None:
+    def spying(entries: Any, count: int, events: Any = ()) -> None:
         seen.append(gc.isenabled())
-        write(entries, count)
+        write(entries, count, events)
 
     monkeypatch.setattr(intake, "_write", spying)
     assert gc.isenabled()
@@ -2196,3 +2196,39 @@ def test_only_the_messages_that_failed_are_sent_again(
     sent = [json.loads(p)["event_data"]["n"] for d in sender.transport.sent for p in d.parts]
     assert sorted(sent) == list(range(6))  # each delivered once
     assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 6
+
+
+def test_events_and_hooks_of_codes_the_engine_lacks_are_refused_by_other_producers(
+        redis_client: redis.Redis, keys: Keys, tmp_path: Any) -> None:
+    """The engine records its event codes at start; a producer or hook store whose
+    EVENT_TYPES_FILE has more refuses events and hooks of those codes (a partition
+    could not process the events; a stored hook it cannot load stops every partition),
+    and takes the rest."""
+    from engine.catalogue import load_catalogue
+
+    extra = tmp_path / "types.json"
+    extra.write_text(json.dumps({"event_types": [
+        {"code": "promo", "name": "Promo", "category": "delivery", "channel": "promo"}]}))
+    wider = load_catalogue(str(extra))
+    engine_side = one_intake(redis_client, keys, 1000)  # the built-in codes
+    shell = Intake(redis_client, keys, 1, 1000, wider)
+    registry = HookRegistry(redis_client, keys, wider)
+    # before the engine records its codes, nothing is refused (an older engine)
+    promo = [{**e, "event_type": "promo"} for e in clicks(2)]
+    assert shell.publish(promo).accepted == 2
+    registry.create(hook(actions=["promo"]))
+    engine_side.record_event_types()
+    with pytest.raises(ConfigError) as err:
+        shell.publish(clicks(3) + promo)
+    assert "event type(s) 'promo' are not known to the engine" in str(err.value)
+    assert "nothing was accepted" in str(err.value)
+    assert redis_client.xlen(keys.intake(0)) == 1  # only the earlier append
+    assert shell.publish(clicks(3)).accepted == 3  # codes the engine knows: taken
+    with pytest.raises(HookError) as refused:
+        registry.create(hook(name="p2", actions=["click", "promo"]))
+    assert refused.value.issues[0][0] == "actions"
+    assert "'promo': not an event type of the engine" in str(refused.value)
+    kept = registry.create(hook(name="c"))
+    with pytest.raises(HookError):
+        registry.update(kept.id or 0, hook(name="c", actions=["promo"]))
+    assert registry.get(kept.id or 0).actions == ["click"]
