@@ -365,7 +365,15 @@ class Engine:
         return self.hooks.get(_hook_id("get_hook", hook_id))
 
     def list_hooks(self, account_id: int | None = None) -> list[Hook]:
+        """The hooks of one account, or of all; HookError if a stored one no longer
+        validates (``hook_listing`` lists the others and names it)."""
         return self.hooks.all(_id("list_hooks", "account_id", account_id))
+
+    def hook_listing(self, account_id: int | None = None
+                     ) -> tuple[list[Hook], list[tuple[int, str]]]:
+        """The hooks of one account, or of all, that validate, and (id, why) of each
+        stored one that no longer does (as ``hookray hooks list`` shows them)."""
+        return self.hooks.listing(_id("hook_listing", "account_id", account_id))
 
     def activate_hook(self, hook_id: int) -> Hook:
         return self.hooks.set_active(_hook_id("activate_hook", hook_id), True)

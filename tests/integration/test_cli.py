@@ -810,3 +810,32 @@ def test_driver_hook_calls_refuse_an_id_of_another_kind(settings: Settings) -> N
         assert engine.get_hook(hook.id or 0) == hook  # nothing changed it
     finally:
         engine.redis.close()
+
+
+def test_driver_hook_listing_lists_the_valid_hooks_and_names_the_others(
+        settings: Settings, redis_client: Any) -> None:
+    from actors.driver import Engine
+    from engine.errors import HookError
+    from engine.keys import Keys
+
+    engine = Engine.connect(settings)
+    try:
+        good = engine.create_hook({"name": "h", "account_id": 3, "actions": ["click"],
+                                   "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+        broken = engine.create_hook({**good.to_storage(), "account_id": 4, "name": "b"})
+        record = json.loads(redis_client.hget(Keys(settings.REDIS_PREFIX).hooks,
+                                              str(broken.id)))
+        record["actions"] = ["no_such_event"]  # as an older EVENT_TYPES_FILE allowed
+        redis_client.hset(Keys(settings.REDIS_PREFIX).hooks, str(broken.id),
+                          json.dumps(record))
+        with pytest.raises(HookError):
+            engine.list_hooks()
+        hooks, invalid = engine.hook_listing()
+        assert [h.id for h in hooks] == [good.id]
+        assert [i for i, _ in invalid] == [broken.id]
+        assert f"stored hook {broken.id} no longer validates" in invalid[0][1]
+        assert engine.hook_listing(3) == ([good], [])
+        with pytest.raises(ValueError, match="hook_listing: account_id must be an integer"):
+            engine.hook_listing("3")  # type: ignore[arg-type]
+    finally:
+        engine.redis.close()
