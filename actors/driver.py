@@ -163,6 +163,8 @@ class Engine:
             self.intake.ensure_groups()
             self.intake.record_partitions()  # producers with another count: refused
             self.intake.record_event_types()  # and events or hooks of codes it lacks
+            if self._renewer is not None:  # both written again if Redis loses them
+                self._renewer.also = self.intake.restore_records
         except BaseException:
             self._release_prefix()
             self._release_ray()

@@ -532,6 +532,16 @@ class Intake:
         a stored hook it cannot load stops every partition)."""
         self.r.hset(self.k.config, "event_types", json.dumps(sorted(self.catalogue.codes())))
 
+    def restore_records(self) -> None:
+        """The engine's PARTITIONS and event codes written again where they are missing
+        (Redis came back without its data): producers with another count or codes the
+        engine lacks are refused again. Run by the engine's claim renewer."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.hsetnx(self.k.config, "partitions", self.partitions)
+            pipe.hsetnx(self.k.config, "event_types",
+                        json.dumps(sorted(self.catalogue.codes())))
+            pipe.execute()
+
     def _refuse_foreign_types(self, recorded: bytes | str, events: Sequence[Event]) -> None:
         """ConfigError if an event's code is not one of the engine's ``recorded`` codes.
         The events are looked at only when this intake knows codes the engine lacks."""

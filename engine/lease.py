@@ -29,6 +29,7 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -163,6 +164,9 @@ class Renewer:
 
     def __init__(self, lease: EngineLease) -> None:
         self.lease = lease
+        # run after each renewal while the claim is ours (set once the engine started):
+        # what the engine recorded beside its claim, written again if Redis lost it
+        self.also: Callable[[], None] | None = None
         self.stop_event = threading.Event()
         self.lost_said = -float("inf")  # when the lost claim was last logged
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-lease")
@@ -173,6 +177,8 @@ class Renewer:
         while True:
             try:
                 holder = self.lease.renew()
+                if holder is None and self.also is not None:
+                    self.also()
             except redis.RedisError:
                 holder = None  # said by the workers, who need Redis as much
             except Exception:  # a bug: said, and the thread lives on (else it lapses)

@@ -441,3 +441,21 @@ def test_the_engine_records_its_event_codes_at_start(engine_factory: Any,
     recorded = json.loads(redis_client.hget(config, "event_types"))
     assert recorded == sorted(builtin_catalogue().codes())
     assert int(redis_client.hget(config, "partitions")) == engine.settings.PARTITIONS
+
+
+def test_the_records_are_written_again_when_redis_loses_them(engine_factory: Any,
+                                                              redis_client: Any) -> None:
+    # Given a running engine whose Redis lost its config record (restarted empty)
+    engine = engine_factory(ENGINE_LEASE_SEC=1.0)
+    from engine.keys import Keys
+
+    config = Keys(engine.settings.REDIS_PREFIX).config
+    redis_client.delete(config)
+    # Then its claim renewer writes PARTITIONS and the event codes again
+    assert wait_for(lambda: redis_client.hget(config, "event_types") is not None, 10)
+    assert int(redis_client.hget(config, "partitions")) == engine.settings.PARTITIONS
+    # and a record that is there is left as it is
+    redis_client.hset(config, "partitions", 99)
+    time.sleep(0.6)
+    assert int(redis_client.hget(config, "partitions")) == 99
+    redis_client.hset(config, "partitions", engine.settings.PARTITIONS)
