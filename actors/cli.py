@@ -82,14 +82,18 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hook_problem(data: Any, catalogue: Any) -> str | None:
-    """Why ``data`` (one hook of a file) cannot be created; None if it can."""
+def _hook_problem(data: Any, catalogue: Any, registry: Any = None) -> str | None:
+    """Why ``data`` (one hook of a file) cannot be created; None if it can. With the
+    engine's ``registry``, as it would refuse it (an action the engine lacks, too)."""
     from engine.stores import check_new_hook
 
     if not isinstance(data, dict):
         return "expected a JSON object"
     try:
-        check_new_hook(data, catalogue)
+        if registry is not None:
+            registry.check_new(data)
+        else:
+            check_new_hook(data, catalogue)
     except HookError as exc:
         return str(exc)
     return None
@@ -260,7 +264,7 @@ def _client_logs_muted() -> Iterator[None]:
 def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:
     """Every hook of a file validated before any is created; the bad ones by index."""
     problems = [f"[{n}]: {problem}" for n, data in enumerate(hooks)
-                if (problem := _hook_problem(data, engine.catalogue)) is not None]
+                if (problem := _hook_problem(data, engine.catalogue, engine.hooks)) is not None]
     if problems:
         raise HookError(f"{path}: nothing created; " + "; ".join(problems))
 

@@ -533,14 +533,15 @@ class Intake:
         self.r.hset(self.k.config, "event_types", json.dumps(sorted(self.catalogue.codes())))
 
     def restore_records(self) -> None:
-        """The engine's PARTITIONS and event codes written again where they are missing
-        (Redis came back without its data): producers with another count or codes the
-        engine lacks are refused again. Run by the engine's claim renewer."""
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.hsetnx(self.k.config, "partitions", self.partitions)
-            pipe.hsetnx(self.k.config, "event_types",
-                        json.dumps(sorted(self.catalogue.codes())))
-            pipe.execute()
+        """The engine's records written again (Redis came back without its data, or
+        with older data): PARTITIONS where it is missing, marked as not checked (the
+        next start checks the streams of other counts), and its event codes where they
+        differ. Producers with another count or codes the engine lacks are refused
+        again. Run by the engine's claim renewer; writes nothing when both are there,
+        so producers' WATCHed appends are not aborted."""
+        self._script("intake_restore")(
+            keys=[self.k.config],
+            args=[self.partitions, json.dumps(sorted(self.catalogue.codes())), "restored"])
 
     def _refuse_foreign_types(self, recorded: bytes | str, events: Sequence[Event]) -> None:
         """ConfigError if an event's code is not one of the engine's ``recorded`` codes.

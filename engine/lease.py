@@ -182,7 +182,8 @@ class Renewer:
             except redis.RedisError:
                 holder = None  # said by the workers, who need Redis as much
             except Exception:  # a bug: said, and the thread lives on (else it lapses)
-                log.exception("renewing %s failed", self.lease.key)
+                log.exception("renewing %s (or writing the engine's records again) failed",
+                              self.lease.key)
                 holder = None
             if holder is not None and time.monotonic() - self.lost_said >= 60:
                 log.error("another engine holds this engine's REDIS_PREFIX claim %s (%s): "

@@ -81,11 +81,16 @@ class HookRegistry:
         """Validate and store a new hook; its id is assigned here. A secret that is the
         redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
-        check_new_hook(fields, self.catalogue)  # before using an id
-        hook = parse_hook({**fields, "id": 0}, self.catalogue)
-        self._engine_knows(hook)
+        self.check_new(fields)  # before using an id
         fields["id"] = int(self.r.incr(self.k.hooks_seq))
         return self._save(parse_hook(fields, self.catalogue))
+
+    def check_new(self, fields: Mapping[str, Any]) -> Hook:
+        """The hook ``fields`` would create (its id 0), or HookError naming why
+        ``create`` would refuse it: a hooks file is checked whole, before any is made."""
+        hook = check_new_hook(fields, self.catalogue)
+        self._engine_knows(hook)
+        return hook
 
     def _engine_knows(self, hook: Hook) -> None:
         """HookError if one of the hook's actions is not an event code of the engine

@@ -839,3 +839,31 @@ def test_driver_hook_listing_lists_the_valid_hooks_and_names_the_others(
             engine.hook_listing("3")  # type: ignore[arg-type]
     finally:
         engine.redis.close()
+
+
+def test_a_hooks_file_with_an_action_the_engine_lacks_creates_nothing(
+        settings: Settings, redis_client: Any, tmp_path: Path,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """The shell's EVENT_TYPES_FILE has a code the engine (which recorded its codes at
+    start) lacks: a file of a valid hook and one of that code creates neither."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    Intake(redis_client, Keys(settings.REDIS_PREFIX), 2, 100).record_event_types()
+    types = tmp_path / "types.json"
+    types.write_text(json.dumps({"event_types": [
+        {"code": "promo", "name": "Promo", "category": "delivery", "channel": "promo"}]}))
+    main_json = tmp_path / "shell.json"
+    main_json.write_text(json.dumps({"REDIS_URL": settings.REDIS_URL, "PARTITIONS": 2,
+                                     "REDIS_PREFIX": settings.REDIS_PREFIX,
+                                     "EVENT_TYPES_FILE": str(types)}))
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps([
+        {"name": n, "account_id": 3, "actions": [code],
+         "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
+        for n, code in (("ok", "click"), ("promo", "promo"))]))
+    code, _, err = run_cli(capsys, "-c", str(main_json), "hooks", "create", str(hooks))
+    assert code == 2 and "nothing created; [1]: invalid hook: actions: 'promo'" in err, err
+    assert "not an event type of the engine" in err
+    code, listed, _ = run_cli(capsys, "-c", str(main_json), "hooks", "list")
+    assert listed == []

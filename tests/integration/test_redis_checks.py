@@ -4,6 +4,7 @@ that it cannot use at all."""
 from __future__ import annotations
 
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -20,12 +21,28 @@ from engine.settings import Settings
 from tests.services import free_port, missing
 
 
-def own_redis(*options: str, cwd: str | None = None) -> Iterator[redis.Redis]:
+def cluster_port() -> int:
+    """A free port whose cluster bus port (the port + 10000) is free too, and exists:
+    a free port above 55535 has none, and redis-server then exits at start."""
+    for _ in range(100):
+        port = free_port()
+        if port + 10_000 < 65_536:
+            with socket.socket() as bus:
+                try:
+                    bus.bind(("127.0.0.1", port + 10_000))
+                except OSError:
+                    continue
+            return port
+    raise RuntimeError("no free port with a free cluster bus port")
+
+
+def own_redis(*options: str, cwd: str | None = None, port: int | None = None
+              ) -> Iterator[redis.Redis]:
     """A redis-server of this test's own with ``options``."""
     binary = shutil.which("redis-server")
     if binary is None:
         missing("redis-server")
-    port = free_port()
+    port = port or free_port()
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
@@ -37,6 +54,7 @@ def own_redis(*options: str, cwd: str | None = None) -> Iterator[redis.Redis]:
                 client.ping()
                 break
             except redis.ConnectionError:
+                assert proc.poll() is None, f"redis-server exited ({proc.returncode})"
                 assert time.monotonic() < deadline, "redis-server did not start"
                 time.sleep(0.05)
         yield client
@@ -56,7 +74,7 @@ def evicting_redis() -> Iterator[redis.Redis]:
 def cluster_node(tmp_path: Path) -> Iterator[redis.Redis]:
     """A Redis Cluster node (alone, no slots: enough to say it is one)."""
     yield from own_redis("--cluster-enabled", "yes", "--cluster-config-file",
-                         str(tmp_path / "nodes.conf"), cwd=str(tmp_path))
+                         str(tmp_path / "nodes.conf"), cwd=str(tmp_path), port=cluster_port())
 
 
 def test_a_redis_cluster_node_is_refused_by_name_before_anything_is_written(

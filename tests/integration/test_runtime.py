@@ -447,15 +447,22 @@ def test_the_records_are_written_again_when_redis_loses_them(engine_factory: Any
                                                               redis_client: Any) -> None:
     # Given a running engine whose Redis lost its config record (restarted empty)
     engine = engine_factory(ENGINE_LEASE_SEC=1.0)
+    from engine.catalogue import builtin_catalogue
     from engine.keys import Keys
 
     config = Keys(engine.settings.REDIS_PREFIX).config
+    codes = json.dumps(sorted(builtin_catalogue().codes())).encode()
     redis_client.delete(config)
-    # Then its claim renewer writes PARTITIONS and the event codes again
+    # Then its claim renewer writes PARTITIONS and the event codes again, PARTITIONS
+    # marked unchecked (the next start checks the streams of other counts)
     assert wait_for(lambda: redis_client.hget(config, "event_types") is not None, 10)
-    assert int(redis_client.hget(config, "partitions")) == engine.settings.PARTITIONS
-    # and a record that is there is left as it is
-    redis_client.hset(config, "partitions", 99)
-    time.sleep(0.6)
-    assert int(redis_client.hget(config, "partitions")) == 99
-    redis_client.hset(config, "partitions", engine.settings.PARTITIONS)
+    assert redis_client.hgetall(config) == {
+        b"partitions": str(engine.settings.PARTITIONS).encode(), b"checking": b"restored",
+        b"event_types": codes}
+    # and event codes of older data are replaced; a PARTITIONS that is there stays
+    try:
+        redis_client.hset(config, mapping={"partitions": 99, "event_types": '["click"]'})
+        assert wait_for(lambda: redis_client.hget(config, "event_types") == codes, 10)
+        assert int(redis_client.hget(config, "partitions")) == 99
+    finally:
+        redis_client.hset(config, "partitions", engine.settings.PARTITIONS)
