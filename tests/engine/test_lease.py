@@ -177,7 +177,8 @@ def test_the_renewer_outlives_an_unexpected_error(
             assert value is not None and value.startswith(mine.owner.encode())
         finally:
             renewer.stop()
-    assert f"renewing {keys.engine} failed" in caplog.text and "ValueError: a bug" in caplog.text
+    assert f"renewing {keys.engine} (or writing the engine's records again) failed" \
+        in caplog.text and "ValueError: a bug" in caplog.text
 
 
 def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
@@ -214,3 +215,24 @@ def test_a_worker_looks_at_the_claim_at_most_once_a_second(
         holding.check()
     time.sleep(lease_module.CHECK_SEC)
     holding.check()
+
+
+def test_the_renewer_writes_the_records_again_only_while_the_claim_is_its_own(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    mine, theirs = lease(redis_client, keys, ttl=1), lease(redis_client, keys, ttl=60)
+    assert mine.claim() is None
+    written: list[int] = []
+    renewer = Renewer(mine)
+    renewer.also = lambda: written.append(1)
+    try:
+        # while the claim is this engine's, each renewal writes the records again
+        assert wait_for(lambda: len(written) >= 2, 10)
+        # while another engine holds it (this one's lapsed and was taken), none does
+        redis_client.set(keys.engine, f"{theirs.owner} {{}}", px=60_000)
+        time.sleep(0.5)  # a renewal or two has seen the other claim
+        seen = len(written)
+        time.sleep(1.0)
+        assert len(written) == seen
+        assert redis_client.get(keys.engine).startswith(theirs.owner.encode())  # type: ignore[union-attr]
+    finally:
+        renewer.stop()
