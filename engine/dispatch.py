@@ -436,15 +436,7 @@ class PartitionWorker:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            try:
-                self.holding.check()
-            except Exception:
-                # (Redis down, or the claim taken) outcomes are still collected, booked
-                # by a later round: left uncollected through a long outage, a transport
-                # actor would drop them and their deliveries would be sent again
-                with suppress(Exception):
-                    self.settling.extend(self.sender.poll(0.0))
-                raise
+            self.holding.check(collect=lambda: self.settling.extend(self.sender.poll(0.0)))
         with paused_gc():
             return self._step(block_ms)
 

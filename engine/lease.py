@@ -22,6 +22,7 @@ pid, Ray cluster, start time) for the error that refuses another engine.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -208,7 +209,21 @@ class Holding:
         self.looked = -CHECK_SEC
         self.taken = ""  # why the worker waits, from the last look ("" it does not)
 
-    def check(self) -> None:
+    def check(self, collect: Callable[[], None] | None = None) -> None:
+        """PrefixTaken while another engine holds the claim (a Redis error while the
+        claim cannot be read); ``collect`` runs first then (its own errors dropped): a
+        worker's outcomes are still collected, booked by a later round, as a transport
+        actor drops those left uncollected through a long outage, and their deliveries
+        would be sent again."""
+        try:
+            self._check()
+        except Exception:
+            if collect is not None:
+                with contextlib.suppress(Exception):
+                    collect()
+            raise
+
+    def _check(self) -> None:
         now = time.monotonic()
         if now - self.looked >= CHECK_SEC:
             raw = self.r.get(self.key)

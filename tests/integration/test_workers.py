@@ -1841,11 +1841,15 @@ def test_entries_of_a_read_whose_reply_was_lost_are_read_again(
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
 
 
+@pytest.mark.parametrize("orphan_check_due", [False, True])
 def test_a_lost_consumer_group_is_made_again(
-        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        orphan_check_due: bool) -> None:
     """Redis came back empty (no persistence) while the engine ran: publishing makes
     the stream again (XADD), and the partition makes its consumer group again and
-    sends what was accepted since."""
+    sends what was accepted since; also when the periodic check for orphaned pending
+    entries is due on the first round after (an outage of a minute or more), and meets
+    the missing group before any read does."""
     cfg = one_partition(settings)
     registry = HookRegistry(redis_client, keys)
     registry.create(hook())
@@ -1858,30 +1862,11 @@ def test_a_lost_consumer_group_is_made_again(
     registry.create(hook())
     redis_client.hset(keys.config, "partitions", 1)
     assert intake.publish(clicks(3)).accepted == 3
-    run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
-    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
-
-
-def test_a_lost_consumer_group_is_made_again_when_the_orphan_check_meets_it_first(
-        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
-    """As above, with the periodic check for orphaned pending entries due on the first
-    round after Redis is back (an outage of a minute or more): it meets the missing
-    group before any read does, and makes it again instead of failing every round."""
-    cfg = one_partition(settings)
-    registry = HookRegistry(redis_client, keys)
-    registry.create(hook())
-    intake = one_intake(redis_client, keys, 1000)
-    sender = InProcessSender()
-    worker = PartitionWorker(cfg, redis_client, 0, sender)
-    worker.step(block_ms=10)
-    for key in redis_client.scan_iter(match=f"{keys.p}*"):
-        redis_client.delete(key)
-    registry.create(hook())
-    redis_client.hset(keys.config, "partitions", 1)
-    assert intake.publish(clicks(3)).accepted == 3
-    worker.orphans_checked = 0.0  # the check is due
-    worker.step(block_ms=10)  # (before the fix: NOGROUP from XPENDING, every round)
-    assert redis_client.xinfo_groups(keys.intake(0))[0]["name"].decode() == CONSUMER_GROUP
+    if orphan_check_due:
+        worker.orphans_checked = 0.0
+        worker.step(block_ms=10)  # (before the fix: NOGROUP from XPENDING, every round)
+        assert redis_client.xinfo_groups(keys.intake(0))[0]["name"].decode() == \
+            CONSUMER_GROUP
     run_until(worker, lambda: sum(d.count for d in sender.transport.sent) == 3)
     run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
 
