@@ -162,9 +162,9 @@ class Engine:
             self.lease = self._claim_prefix()
             self.intake.ensure_groups()
             self.intake.record_partitions()  # producers with another count: refused
-            self.intake.record_event_types()  # and events or hooks of codes it lacks
-            if self._renewer is not None:  # both written again if Redis loses them
-                self._renewer.also = self.intake.restore_records
+            self.intake.keep_records()  # and events or hooks of codes it lacks
+            if self._renewer is not None:  # written again if Redis loses them
+                self._renewer.also = self.intake.keep_records
         except BaseException:
             self._release_prefix()
             self._release_ray()

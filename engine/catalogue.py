@@ -114,7 +114,7 @@ def load_catalogue(extra_file: str | None = None) -> EventCatalogue:
 
 
 def engine_codes(recorded: bytes | str | None) -> list[str] | None:
-    """The event codes ``Intake.record_event_types`` recorded, or None (none recorded,
+    """The event codes ``Intake.keep_records`` recorded, or None (none recorded,
     or a record that cannot be read: nothing is refused for it)."""
     if recorded is None:
         return None

@@ -525,20 +525,16 @@ class Intake:
             f"PARTITIONS is {self.partitions} but the engine {ran}: {listed}. Start with the "
             "count that wrote them until they are delivered (backlog 0), then change it")
 
-    def record_event_types(self) -> None:
-        """Record this intake's event codes as the engine's (``Engine.start``): events
-        and hooks of a code the engine does not know are then refused by producers and
-        hook stores with another EVENT_TYPES_FILE (a partition could not process them;
-        a stored hook it cannot load stops every partition)."""
-        self.r.hset(self.k.config, "event_types", json.dumps(sorted(self.catalogue.codes())))
-
-    def restore_records(self) -> None:
-        """The engine's records written again (Redis came back without its data, or
-        with older data): PARTITIONS where it is missing, marked as not checked (the
-        next start checks the streams of other counts), and its event codes where they
-        differ. Producers with another count or codes the engine lacks are refused
-        again. Run by the engine's claim renewer; writes nothing when both are there,
-        so producers' WATCHed appends are not aborted."""
+    def keep_records(self) -> None:
+        """Write this engine's records beside its PARTITIONS count where Redis lacks them
+        (``Engine.start``, after ``record_partitions``, and the claim renewer: Redis may
+        come back without its data, or with older data): PARTITIONS where it is missing,
+        marked as not checked (the next start checks the streams of other counts), and
+        the event codes where they differ. Producers with another count, and producers
+        and hook stores with codes the engine lacks (a partition could not process
+        such events; a stored hook it cannot load stops every partition), are then
+        refused. Writes nothing when both are there, so producers' WATCHed appends are
+        not aborted."""
         self._script("intake_restore")(
             keys=[self.k.config],
             args=[self.partitions, json.dumps(sorted(self.catalogue.codes())), "restored"])

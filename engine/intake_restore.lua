@@ -1,4 +1,4 @@
--- The running engine's records, written again where Redis lost them (Intake.restore_records).
+-- The engine's records beside its PARTITIONS, written where Redis lacks them (Intake.keep_records).
 -- KEYS[1] config hash; ARGV[1] PARTITIONS, ARGV[2] the event codes (JSON), ARGV[3] the
 -- 'checking' mark of a PARTITIONS written here (the next start checks the other streams).
 -- Writes nothing when both are as they should be: a write would abort every producer's

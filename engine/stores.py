@@ -94,7 +94,7 @@ class HookRegistry:
 
     def _engine_knows(self, hook: Hook) -> None:
         """HookError if one of the hook's actions is not an event code of the engine
-        (as ``Intake.record_event_types`` recorded them): a hook stored from a shell
+        (as ``Intake.keep_records`` recorded them): a hook stored from a shell
         with another EVENT_TYPES_FILE would be one the engine cannot load, and a stored
         hook it cannot load stops every partition."""
         known = engine_codes(cast(bytes | None, self.r.hget(self.k.config, "event_types")))

@@ -40,12 +40,6 @@ def _open_ca_file(path: str) -> int:
     return fd
 
 
-def read_ca_file(path: str) -> bytes:
-    """The content of the CA file ``path`` (see ``_open_ca_file``)."""
-    with open(_open_ca_file(path), "rb", closefd=True) as f:
-        return f.read(MAX_CA_FILE_BYTES + 1)
-
-
 def client_context(cafile: str | None) -> ssl.SSLContext:
     """A client context trusting ``cafile``'s certificates only, or the system's CAs
     when None. A PEM file is loaded by OpenSSL as a ``cafile`` always was (text around

@@ -9,12 +9,13 @@ the running engine to a receiver.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import re
 import socket
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -607,16 +608,23 @@ async def test_health_answers_without_a_token_while_redis_does(api: Api,
         assert rsp.status == 503 and (await rsp.json())["status"] == "unavailable"
 
 
+@contextlib.contextmanager
+def hung_redis(settings: Settings) -> Iterator[Settings]:
+    """``settings`` with a REDIS_URL whose server takes connections and never answers
+    (the kernel accepts them; nobody reads)."""
+    with socket.socket() as mute:
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(64)
+        yield settings.model_copy(update={
+            "REDIS_URL": f"redis://127.0.0.1:{mute.getsockname()[1]}/0"})
+
+
 async def test_health_of_a_hung_redis_is_503_within_its_timeout(settings: Settings) -> None:
     """A Redis that takes the connection and never answers: the probe gives up after
     HEALTH_TIMEOUT_SEC instead of holding a thread for ever."""
     from engine.api import HEALTH_TIMEOUT_SEC
 
-    with socket.socket() as mute:  # the kernel accepts; nobody ever answers
-        mute.bind(("127.0.0.1", 0))
-        mute.listen(8)
-        hung = settings.model_copy(update={
-            "REDIS_URL": f"redis://127.0.0.1:{mute.getsockname()[1]}/0"})
+    with hung_redis(settings) as hung:
         async with TestClient(TestServer(create_app(hung), host="127.0.0.1")) as client:
             started = time.monotonic()
             rsp = await client.get("/v1/health")

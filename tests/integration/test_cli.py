@@ -849,7 +849,7 @@ def test_a_hooks_file_with_an_action_the_engine_lacks_creates_nothing(
     from engine.intake import Intake
     from engine.keys import Keys
 
-    Intake(redis_client, Keys(settings.REDIS_PREFIX), 2, 100).record_event_types()
+    Intake(redis_client, Keys(settings.REDIS_PREFIX), 2, 100).keep_records()
     types = tmp_path / "types.json"
     types.write_text(json.dumps({"event_types": [
         {"code": "promo", "name": "Promo", "category": "delivery", "channel": "promo"}]}))

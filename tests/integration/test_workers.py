@@ -2202,7 +2202,7 @@ def test_events_and_hooks_of_codes_the_engine_lacks_are_refused_by_other_produce
     promo = [{**e, "event_type": "promo"} for e in clicks(2)]
     assert shell.publish(promo).accepted == 2
     registry.create(hook(actions=["promo"]))
-    engine_side.record_event_types()
+    engine_side.keep_records()
     with pytest.raises(ConfigError) as err:
         shell.publish(clicks(3) + promo)
     assert "event type(s) 'promo' are not known to the engine" in str(err.value)
