@@ -436,7 +436,7 @@ class Engine:
                              + ", ".join(self.catalogue.codes()))
         sending = send_test_event(hook, event_type, self._names.load(),
                                   catalogue=self.catalogue,
-                                  timeout_sec=self.settings.timeout_for(hook.target.kind))
+                                  **self.settings.transport_options(hook.target.kind))
         try:
             asyncio.get_running_loop()
         except RuntimeError:  # no loop in this thread: the usual case

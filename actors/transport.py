@@ -42,7 +42,7 @@ class TransportActor:
         # made under other limits included (it is posted in pieces)
         extra = {"max_batch": cfg.MAX_HTTP_BATCH} if kind == "http_batch" else {}
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
-                                        timeout_sec=cfg.timeout_for(kind), **extra)
+                                        **cfg.transport_options(kind), **extra)
         self.targets: dict[str, BaseModel] = {}
         # batch ids handed over and not reported yet; a restarted actor knows none of them
         self.running: dict[str, asyncio.Task[None]] = {}  # batch id -> its send

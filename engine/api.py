@@ -793,7 +793,7 @@ async def test_hook(request: web.Request) -> web.Response:
     secrets = hook_secrets(hook)
     try:
         outcome = await send_test_event(hook, event_type, names, catalogue=backend.catalogue,
-                                        timeout_sec=backend.settings.timeout_for(hook.target.kind))
+                                        **backend.settings.transport_options(hook.target.kind))
     except Exception as exc:  # not a delivery failure: a client refusing the settings...
         # the traceback as text, masked: the exception's message may quote a secret
         log.error("test event of hook %s: the %s transport failed\n%s", hook.id,

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
+from engine.transports.guard import DEFAULT_DENY, parse_deny
 
 DEFAULT_RETRY_TIMES = 4  # re-sends after the first attempt (spec f)
 DEFAULT_RETRY_PERIOD_SEC = 15.0  # fixed pause between attempts (spec f)
@@ -67,6 +68,10 @@ class Settings(BaseModel):
     # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
+    # Networks no delivery (nor test event) may connect to: names of groups
+    # (link-local, loopback, private) and networks or addresses, separated by commas
+    # (engine/transports/guard.py); empty: any address.
+    DESTINATION_DENY: str = Field(DEFAULT_DENY, max_length=65_536)
     # Longest a RabbitMQ or Kafka delivery may take to be confirmed by the broker.
     BROKER_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Extra event types, merged into the built-in catalogue.
@@ -95,6 +100,20 @@ class Settings(BaseModel):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
         return value
 
+    @field_validator("DESTINATION_DENY", mode="before")
+    @classmethod
+    def _deny_list(cls, value: Any) -> Any:
+        # a settings file may give a JSON list of the items
+        if isinstance(value, list) and all(isinstance(item, str) for item in value):
+            return ",".join(value)
+        return value
+
+    @field_validator("DESTINATION_DENY")
+    @classmethod
+    def _deny_is_networks(cls, value: str) -> str:
+        parse_deny(value)  # a ValueError names the wrong item
+        return value
+
     @field_validator("REDIS_URL")
     @classmethod
     def _redis_url_is_usable(cls, value: str) -> str:
@@ -102,6 +121,12 @@ class Settings(BaseModel):
         if problem is not None:
             raise PydanticCustomError("redis_url", "{reason}", {"reason": problem})
         return value
+
+    def transport_options(self, kind: str) -> dict[str, Any]:
+        """The options every transport of ``kind`` takes from the settings (its delivery
+        timeout and DESTINATION_DENY), wherever it is made: a transport actor or a
+        test event."""
+        return {"timeout_sec": self.timeout_for(kind), "deny": self.DESTINATION_DENY}
 
     def timeout_for(self, kind: str) -> float:
         """The delivery timeout of a target kind: HTTP requests, or broker confirms."""

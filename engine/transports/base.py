@@ -22,6 +22,7 @@ import msgspec
 import numpy as np
 
 from engine.errors import ConnectError, TransportError
+from engine.transports.guard import DestinationGuard, guard_for
 
 EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
 
@@ -133,7 +134,9 @@ class Transport(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, **options: Any) -> None:
+    def __init__(self, deny: str | DestinationGuard | None = None, **options: Any) -> None:
+        # DESTINATION_DENY: the addresses no delivery may connect to (engine.transports.guard)
+        self.guard = guard_for(deny)
         self.options = options
 
     async def send(self, target: Any, delivery: Delivery) -> Outcome:

@@ -114,7 +114,10 @@ class HttpTransport(Transport):
         if self._session is None or self._session.closed:
             # no connector-level limits: concurrency is bounded per destination (URL) by
             # the semaphores below, so a hung endpoint never takes a healthy one's sockets
-            connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+            # DESTINATION_DENY: each resolved address is checked as its socket is made
+            connector = aiohttp.TCPConnector(
+                limit=0, limit_per_host=0,
+                socket_factory=self.guard.socket_factory if self.guard else None)
             # no cookies: the session serves every hook of every account, and a cookie
             # one receiver (or token endpoint) sets must not go out with another's batches
             self._session = aiohttp.ClientSession(connector=connector,

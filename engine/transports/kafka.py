@@ -75,6 +75,7 @@ from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
 from engine.transports.base import Delivery, Outcome, Transport, make_room
+from engine.transports.guard import Denied
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 from engine.transports.tls import client_context_for
 
@@ -139,6 +140,15 @@ def producer_options(target: Kafka, timeout_sec: float) -> dict[str, Any]:
         options["sasl_plain_password"] = (target.sasl_password.get_secret_value()
                                           if target.sasl_password else None)
     return options
+
+
+def _host_port(server: str) -> tuple[str, int]:
+    """(host, port) of a bootstrap server, ``[::1]:9092`` as ``::1`` (port 0 when it
+    is not a number: a stored hook's, left to aiokafka to refuse)."""
+    host, _, port = server.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    return host, int(port) if port.isascii() and port.isdigit() else 0
 
 
 def _producer_key(target: Kafka) -> tuple[Any, ...]:
@@ -395,15 +405,29 @@ class KafkaTransport(Transport):
                                                               target.tls_cafile or None)
         for server in target.bootstrap_servers:
             _bootstrap_errors.last.pop(server, None)
+        if self.guard:  # DESTINATION_DENY: aiokafka connects by itself, so names are
+            # checked before it starts, and the brokers the cluster names once it has
+            await self._check_hosts(slot, [_host_port(s) for s in target.bootstrap_servers])
         producer = AIOKafkaProducer(**options)
         try:
             await producer.start()
+            if self.guard:
+                await self._check_hosts(slot, [(b.host, b.port) for b in
+                                               producer.client.cluster.brokers()])
         except BaseException as exc:
             self._stop_later(producer)
+            if isinstance(exc, ConnectError):
+                raise
             if isinstance(exc, Exception):
                 raise ConnectError(self._start_failure(slot, exc)) from None
             raise
         return producer
+
+    async def _check_hosts(self, slot: _Slot, hosts: list[tuple[str, int]]) -> None:
+        try:
+            await self.guard.check_hosts(hosts)
+        except Denied as exc:
+            raise ConnectError(f"Kafka {slot.servers}: cannot connect to {exc}") from None
 
     def _start_failure(self, slot: _Slot, exc: Exception) -> str:
         target = slot.target

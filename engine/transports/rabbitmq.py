@@ -89,6 +89,7 @@ from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
 from engine.transports.base import Delivery, Outcome, Transport, make_room
+from engine.transports.guard import Denied, DestinationGuard
 from engine.transports.tls import client_context_for
 
 DEFAULT_TIMEOUT_SEC = 10.0
@@ -313,9 +314,11 @@ class RabbitTransport(Transport):
                 # made for each new connection: a CA file replaced on disk is read again
                 context = await client_context_for(broker.where, broker.tls_cafile) \
                     if broker.tls else None
+                guarded = {"transport_factory": _GuardedConnect(self.guard, broker.tls)
+                           } if self.guard else {}
                 connection = await aiormq.connect(
                     broker.url, context=context,
-                    client_properties={"connection_name": "hookray " + self.kind})
+                    client_properties={"connection_name": "hookray " + self.kind}, **guarded)
             except Exception as exc:
                 broker.error = self._wrap_connect(exc, broker)
                 broker.failed_at = time.monotonic()
@@ -509,6 +512,35 @@ class RabbitQueueTransport(RabbitTransport):
 
 class RabbitExchangeTransport(RabbitTransport):
     kind = "rabbitmq_exchange"
+
+
+class _GuardedConnect(aiormq.TransportFactory):
+    """Opens the broker's connection on a socket connected to an address
+    DESTINATION_DENY allows (the name resolved and each address checked here, so
+    aiormq never resolves it again), then hands it to aiormq as its own factories do."""
+
+    def __init__(self, guard: DestinationGuard, tls: bool) -> None:
+        self.guard = guard
+        self.tls = tls
+
+    async def create(self, url: URL, **kwargs: Any
+                     ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        provider = kwargs.pop("ssl_context_provider", None)
+        context = await provider.get_context() if self.tls and provider is not None else None
+        host = url.host or ""
+        try:
+            sock = await self.guard.connect(host, url.port or 0)
+            try:
+                return await asyncio.open_connection(
+                    sock=sock, ssl=context, server_hostname=host if context else None,
+                    **kwargs)
+            except BaseException:
+                sock.close()
+                raise
+        except Denied as exc:
+            raise amqp.AMQPConnectionError(str(exc)) from exc
+        except OSError as exc:  # as aiormq's own factories raise it
+            raise amqp.AMQPConnectionError(*exc.args) from exc
 
 
 def _text(exc: BaseException) -> str:

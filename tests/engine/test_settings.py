@@ -33,6 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_BYTES": 8 * 2**20,
     "DESTINATION_CONCURRENCY": 8,
     "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
+    "DESTINATION_DENY": "link-local",
     "BROKER_TIMEOUT_SEC": 10.0,
     "EVENT_TYPES_FILE": None,
     "RAY_ADDRESS": None,
@@ -60,6 +61,7 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "MAX_BATCH_BYTES": (2**20, "1048576"),
     "DESTINATION_CONCURRENCY": (1024, "1024"),
     "HTTP_REQUEST_TIMEOUT_SEC": (600, "600"),
+    "DESTINATION_DENY": ("loopback, 10.0.0.0/8", "loopback, 10.0.0.0/8"),
     "BROKER_TIMEOUT_SEC": (2.5, "2.5"),
     "EVENT_TYPES_FILE": ("/etc/hookray/events.json", "/etc/hookray/events.json"),
     "RAY_ADDRESS": ("ray://head:10001", "ray://head:10001"),
@@ -152,6 +154,8 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("API_MAX_BODY_BYTES", "1023", "accepted: a number >= 1024"),
     ("API_MAX_BODY_BYTES", "1073741825", "accepted: a number <= 1073741824"),
     ("API_MAX_BODY_BYTES", "16MB", BOUND_INT),
+    ("DESTINATION_DENY", "loopbak", "'loopbak' is neither a network"),
+    ("DESTINATION_DENY", "10.0.0.0/33", "'10.0.0.0/33' is neither a network"),
     ("API_TLS_CA_DIR", "ca", "accepted: an absolute directory path, or empty"),
     ("API_TLS_CA_DIR", "/" + "d" * 4096, "at most 4096 characters"),
 ]
@@ -202,6 +206,7 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("API_MAX_BODY_BYTES", True, BOOL),
     ("API_MAX_BODY_BYTES", 2.5, BOUND_INT),
     ("API_TLS_CA_DIR", 5, "Input should be a valid string"),
+    ("DESTINATION_DENY", ["private", 10], "Input should be a valid string"),
     ("API_TLS_CA_DIR", "./ca", "accepted: an absolute directory path, or empty"),
 ]
 
@@ -639,3 +644,12 @@ def test_redis_url_timeouts_a_socket_refuses_are_named(option: str, value: str,
     for fine in ("2.5", "100000"):
         ok = load_settings(environ={"REDIS_URL": f"redis://127.0.0.1:6379/0?{option}={fine}"})
         assert ok.REDIS_URL.endswith(f"={fine}")
+
+
+def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
+    path = write_main(tmp_path, {"DESTINATION_DENY": ["loopback", "192.0.2.0/24"]})
+    loaded = load_settings(path, environ={})
+    assert loaded.DESTINATION_DENY == "loopback,192.0.2.0/24"
+    assert loaded.transport_options("kafka") == {"timeout_sec": 10.0,
+                                                 "deny": "loopback,192.0.2.0/24"}
+    assert load_settings(path, environ={"DESTINATION_DENY": ""}).DESTINATION_DENY == ""
