@@ -71,7 +71,7 @@ class RaySender:
         already here without an outcome (the retry worker claims one again when its
         lease ran out during a long send) is not queued twice: the outcome of the
         one here settles it."""
-        if delivery.id in self.outstanding:
+        if self.holds(delivery.id):
             return
         kind = hook.target.kind
         pool = self.pools.get(kind)
@@ -89,7 +89,10 @@ class RaySender:
         return len(self.outstanding) + len(self.failed)
 
     def holds(self, delivery_id: str) -> bool:
-        return delivery_id in self.outstanding
+        """Whether the delivery is handed over, or its outcome collected and not yet
+        returned (a poll whose first call raised keeps it in ``failed``)."""
+        return delivery_id in self.outstanding or any(
+            delivery.id == delivery_id for delivery, _ in self.failed)
 
     def _send(self) -> None:
         """Calls for the actors with something to hand over or ask about, while they

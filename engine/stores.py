@@ -40,6 +40,9 @@ from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_deliv
 log = logging.getLogger("hookray")
 
 COPY_SUFFIX = " (copy)"  # of a clone's default name
+# a re-send's or dead letter's last error is cut to this: a dead letter of a deleted hook,
+# replayed and dead again, says so in front of its last error each time
+LAST_ERROR_CHARS = 1000
 STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered", "discarded")
 
 
@@ -118,6 +121,13 @@ class HookRegistry:
         sent = {**dict(data), "id": hook_id}
         restored = restore_secrets(sent, stored)
         hook = parse_hook(restored, self.catalogue)
+        if hook.account_id != stored.account_id:
+            # its re-sends and dead letters are the old account's: they would go to the
+            # new account's destination, and the old account could replay them there
+            reason = (f"cannot change from {stored.account_id} to {hook.account_id}: the "
+                      "hook's re-sends and dead letters belong to its account; create a "
+                      "hook in the other account instead")
+            raise HookError(f"invalid hook: account_id: {reason}", [("account_id", reason)])
         self._engine_knows(hook)
         kept = changed_paths(sent, restored)
         if kept and destination(hook) != destination(stored):
@@ -632,7 +642,7 @@ class RetryStore:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
         attempt that were delivered (and are no longer in ``delivery``), counted.
         ``once``: see ``Booking``."""
-        delivery.last_error = writable(error)
+        delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         with self._booking(once) as pipe:
             pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
             pipe.hdel(self.k.retry_unanswered, delivery.id)
@@ -697,7 +707,7 @@ class RetryStore:
              once: Once | None = None) -> None:
         """Move a delivery out of the schedule into the dead letters; ``delivered`` and
         ``once`` as in ``schedule``."""
-        delivery.last_error = writable(error)
+        delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         with self._booking(once) as pipe:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)

@@ -867,3 +867,28 @@ def test_a_hooks_file_with_an_action_the_engine_lacks_creates_nothing(
     assert "not an event type of the engine" in err
     code, listed, _ = run_cli(capsys, "-c", str(main_json), "hooks", "list")
     assert listed == []
+
+
+def test_a_hook_cannot_move_to_another_account(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        redis_client: Any, settings: Settings) -> None:
+    """Its re-sends and dead letters are its account's: moved, they would go to the
+    other account's destination (and be replayable there by the old account)."""
+    from engine.keys import Keys
+    from engine.stores import HookRegistry
+
+    hook_file = tmp_path / "hook.json"
+    hook = {"name": "crm", "account_id": 3, "actions": ["click"],
+            "target": {"http_batch": {"url": "https://crm.example.com/x"}}}
+    hook_file.write_text(json.dumps(hook))
+    code, (created,), _ = run_cli(capsys, "-c", config, "hooks", "create", str(hook_file))
+    hook_file.write_text(json.dumps({**hook, "account_id": 4,
+                                     "target": {"http_batch": {"url": "https://b.example/"}}}))
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "update", str(created["id"]),
+                           str(hook_file))
+    assert code == 2, err
+    assert "account_id: cannot change from 3 to 4: the hook's re-sends and dead letters " \
+           "belong to its account" in err
+    stored = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX)).get(created["id"])
+    assert stored.account_id == 3 and stored.target.http_batch is not None
+    assert stored.target.http_batch.url == "https://crm.example.com/x"

@@ -294,3 +294,33 @@ def test_relaxed_gc_for_a_block_puts_the_collector_back() -> None:
         assert gc.get_threshold()[0] == GC_YOUNG_THRESHOLD
         assert gc.get_freeze_count() > frozen
     assert gc.get_threshold() == before and gc.get_freeze_count() == frozen
+
+
+def test_an_outcome_not_yet_returned_is_held_and_not_taken_twice(
+        pool: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery whose outcome waits to be returned (no pool for its kind, and the
+    poll that would return it raised) is still held: the retry worker does not claim
+    it again, and a second submit does not give it a second outcome."""
+    import actors.sender as sender_module
+
+    sender = RaySender({"http_batch": pool[:1]})
+    no_pool = Hook.model_validate({
+        "id": 2, "name": "q", "active": True, "account_id": 1, "actions": ["click"],
+        "target": {"kafka": {"bootstrap_servers": ["127.0.0.1:9"], "topic": "t"}}})
+    sender.submit(make_hook(1, receiver.url("/ok")), delivery(1, 0))
+    sender.submit(no_pool, delivery(2, 0))
+    assert sender.holds("2-0")
+
+    def broken(deliveries: list[Delivery]) -> Any:
+        raise OverflowError("cannot pack")
+
+    monkeypatch.setattr(sender_module, "pack_deliveries", broken)
+    with pytest.raises(OverflowError):
+        sender.poll(0.0)
+    assert sender.holds("2-0")  # collected, not returned
+    sender.submit(no_pool, delivery(2, 0))  # claimed again: not queued twice
+    monkeypatch.undo()
+    out = drain(sender, 2)
+    assert sorted((d.id, o.ok, o.error) for d, o in out) == [
+        ("1-0", True, None), ("2-0", False, "TransportUnavailable")]
+    assert not sender.holds("2-0") and sender.inflight() == 0

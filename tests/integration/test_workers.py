@@ -2217,3 +2217,22 @@ def test_events_and_hooks_of_codes_the_engine_lacks_are_refused_by_other_produce
     with pytest.raises(HookError):
         registry.update(kept.id or 0, hook(name="c", actions=["promo"]))
     assert registry.get(kept.id or 0).actions == ["click"]
+
+
+def test_a_last_error_is_cut_so_replays_of_a_deleted_hook_do_not_grow_it(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Each kill of a deleted hook's replayed letter puts its reason in front of the
+    last error: kept to LAST_ERROR_CHARS, newest reason first."""
+    from engine.stores import LAST_ERROR_CHARS
+
+    store = RetryStore(redis_client, keys)
+    delivery = Delivery(id="cut", hook_id=9, account_id=1, kind="http_batch", parts=[b"{}"])
+    error = "HTTP 503"
+    for _ in range(60):
+        store.kill(delivery, f"hook 9 was deleted; last error: {error}")
+        (letter,) = store.dead_letters()
+        error = letter.last_error
+    assert len(error) == LAST_ERROR_CHARS and error.startswith("hook 9 was deleted; last ")
+    store.schedule(delivery, now_ms(), "x" * 5000)
+    (due,) = store.claim_due(10)
+    assert due.last_error == "x" * LAST_ERROR_CHARS
