@@ -34,7 +34,7 @@ import msgspec
 from engine.catalogue import EventCatalogue, load_catalogue
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,9}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
     re.ASCII,  # RFC 3339 digits are ASCII; without this \d also takes e.g. fullwidth digits
 )
 NS = 1_000_000_000
@@ -59,7 +59,8 @@ _CANONICAL_DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]\d(?:\.\d{0,8}[1-9
 
 @lru_cache(maxsize=1 << 18)
 def parse_rfc3339_ns(text: str) -> int:
-    """Unix nanoseconds of an RFC 3339 time (fraction up to nanoseconds).
+    """Unix nanoseconds of an RFC 3339 time (a fraction finer than nanoseconds is cut
+    to them, as Go's time.Parse does).
 
     Cached: an event's date is parsed when it is decoded and again when its
     messages are rendered, usually within one read round."""
@@ -75,7 +76,7 @@ def parse_rfc3339_ns(text: str) -> int:
     if m.group(9):
         offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
         secs -= offset if m.group(9) == "+" else -offset
-    frac = (m.group(7) or "").ljust(9, "0")
+    frac = (m.group(7) or "")[:9].ljust(9, "0")
     return secs * NS + int(frac)
 
 
@@ -142,11 +143,17 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
             raise ValueError(f"account_id: must be <= {MAX_ID}")
         data = self.event_data
         if data:
+            # an id in event_data is checked even where the event names it at the top
+            # (the message carries event_data as sent): null, false or "" never pass
             for dim in ("resource_id", "campaign_id", "message_id", "pixel_id"):
-                if getattr(self, dim) is None and dim in data:
-                    setattr(self, dim, _int_or_fail(data[dim], f"event_data.{dim}"))
-            if self.segment_ids is None and data.get("segment_id"):
-                self.segment_ids = [_int_or_fail(data["segment_id"], "event_data.segment_id")]
+                if dim in data:
+                    value = _int_or_fail(data[dim], f"event_data.{dim}")
+                    if getattr(self, dim) is None:
+                        setattr(self, dim, value)
+            if "segment_id" in data:
+                segment = _int_or_fail(data["segment_id"], "event_data.segment_id")
+                if self.segment_ids is None and segment:  # 0: no segment (spec d)
+                    self.segment_ids = [segment]
 
     @property
     def date_ns(self) -> int:

@@ -37,6 +37,8 @@ _TRACKING = {"message_id": 17, "campaign_id": 973, "segment_id": 0, "resource_id
              "os": "Linux x86_64", "browser": "Firefox", "device": "web",
              "link_url": "http://www.example.com", "launch_id": "00000017000003cd5a9bf01a",
              "send_message_id": "5a9bf01a17_3cd_11_6f_0_2.5a8c045fc1dde44cbf718f78"}
+_GEO_UA = ("ip", "country", "city", "postal_code", "region", "tz", "lat", "lon",
+           "user_agent", "os", "browser", "device")
 SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
     "tracking": _TRACKING,
     "delivery": {"message_id": 5, "campaign_id": 130, "segment_id": 0, "resource_id": 3,
@@ -45,8 +47,31 @@ SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
     "import": {"import_id": 1, "resource_id": 3},
     "pixel": {"pixel_id": 1, "goal": "purchase", "value": "10.00",
               "page_url": "https://shop.example.com/cart", "referrer": "https://example.com/",
-              **{k: _TRACKING[k] for k in ("ip", "country", "city", "user_agent", "browser")}},
+              **{k: _TRACKING[k] for k in _GEO_UA}},  # spec d: the tracking variant's
 }
+# spec d: link_url is the clicked URL, on click-type events only
+CLICK_TYPES = frozenset({"click", "uclick", "confirm", "click_sms", "uclick_sms",
+                         "click_push", "uclick_push"})
+# spec d (proposal): bounce and undelivered events also carry the provider's (or
+# SMTP's) response, as a code and a text
+SAMPLE_RESPONSES: dict[str, dict[str, Any]] = {
+    "sbounce": {"response_code": 452, "response_text": "452 4.2.2 Mailbox full"},
+    "hbounce": {"response_code": 550, "response_text":
+                "550 5.1.1 <alice@example.org>: Recipient address rejected: User unknown"},
+    "undeliv": {"response_code": 554, "response_text": "554 5.7.1 Message rejected"},
+    "undeliv_sms": {"response_code": 21, "response_text": "Absent subscriber"},
+    "undeliv_push": {"response_code": 404, "response_text": "Unregistered device token"},
+}
+# spec d (proposal): a message's content per channel, sent when the hook's
+# send_content option is on
+SAMPLE_CONTENT: dict[str, dict[str, Any]] = {
+    "email": {"subject": "Black Friday", "html": "<p>Hello, Alice!</p>",
+              "text": "Hello, Alice!", "from_name": "Example Shop",
+              "from_email": "news@example.com"},
+    "push": {"title": "Black Friday", "body": "Hello, Alice!"},
+}
+SAMPLE_TEXT_CONTENT = {"text": "Hello, Alice!"}  # SMS and the other text channels
+SAMPLE_SEND_ID = "test-send"
 # spec d: tracking events of the push channel only also carry extra_uid
 SAMPLE_EXTRA_UID = "ew4Sgf41"
 # channels whose subscriptions are addressed by phone number (spec d: phone)
@@ -58,10 +83,25 @@ OTHER_CHANNELS = frozenset({"notify", "telegram_bot"})
 def sample_event_data(event_type_info: EventType) -> dict[str, Any]:
     """The example event_data of the event type's category (``extra_uid`` added for a
     tracking event of the push channel)."""
-    data = dict(SAMPLE_EVENT_DATA[event_type_info.category])
-    if event_type_info.category == "tracking" and event_type_info.channel == "push":
-        data["extra_uid"] = SAMPLE_EXTRA_UID
+    category = event_type_info.category
+    data = dict(SAMPLE_EVENT_DATA[category])
+    if category == "tracking":
+        if event_type_info.code not in CLICK_TYPES and "click" not in event_type_info.code:
+            del data["link_url"]
+        if event_type_info.channel == "push":
+            data["extra_uid"] = SAMPLE_EXTRA_UID
+    data.update(SAMPLE_RESPONSES.get(event_type_info.code, {}))
     return data
+
+
+def sample_content(event_type_info: EventType) -> dict[str, Any] | None:
+    """The content a message of this event type carries in a test event of a hook
+    with send_content: the sent message's (tracking and delivery events of a channel),
+    none for imports and pixel hits, which no sent message is behind."""
+    if event_type_info.category not in ("tracking", "delivery") or not \
+            event_type_info.channel:
+        return None
+    return dict(SAMPLE_CONTENT.get(event_type_info.channel, SAMPLE_TEXT_CONTENT))
 
 
 def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None = None) -> Event:
@@ -105,8 +145,13 @@ def _sample_subscription(channel: str | None) -> Subscription:
 def build_test_delivery(hook: Hook, event_type: str, names: NameCatalogue | None = None,
                   catalogue: EventCatalogue | None = None) -> Delivery:
     """The one-message Delivery a test event sends."""
+    catalogue = load_catalogue() if catalogue is None else catalogue
     event = sample_event(hook, event_type, catalogue)
-    msg = MessageBuilder(hook, names, catalogue).build(event)
+    content = sample_content(catalogue.get(event_type)) if hook.send_content else None
+    if content is not None:
+        event.send_id = SAMPLE_SEND_ID
+    msg = MessageBuilder(hook, names, catalogue).build(
+        event, {(event.account_id, SAMPLE_SEND_ID): content} if content else None)
     kind = hook.target.kind
     keys: list[str] = []
     if kind in ("rabbitmq_queue", "rabbitmq_exchange"):

@@ -504,6 +504,8 @@ EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
         ("2024-02-29T00:00:00Z", 1_709_164_800 * NS),  # leap day
         ("2000-02-29T00:00:00Z", 951_782_400 * NS),
         ("2016-12-31T23:59:60Z", 1_483_228_799 * NS),  # leap second: folded onto :59
+        # RFC 3339 takes any number of fraction digits: cut to nanoseconds, as Go does
+        ("2018-03-04T13:13:19.0343157961Z", 1_520_169_199_034_315_796),
     ],
 )
 def test_parse_rfc3339_ns(text: str, expected: int) -> None:
@@ -514,7 +516,7 @@ def test_parse_rfc3339_ns(text: str, expected: int) -> None:
     "text",
     [
         "", "2018-03-04", "2018-03-04T13:13:19", "2018-03-04 13:13:19Z", "2018-03-04T13:13Z",
-        "2018-03-04T13:13:19.Z", "2018-03-04T13:13:19.0343157961Z", "2018-3-4T13:13:19Z",
+        "2018-03-04T13:13:19.Z", "2018-3-4T13:13:19Z",
         "18-03-04T13:13:19Z", "2018-03-04T13:13:19+0300", "2018-03-04T13:13:19+03",
         "2018-03-04T13:13:19 Z", " 2018-03-04T13:13:19Z", "2018-03-04T13:13:19Z\n",
         "2018-03-04T13:13:19UTC", "1520169199",
@@ -587,6 +589,10 @@ def test_event_date_ns_property() -> None:
     issues = decode_batch(as_array([ev(event_date="9999-12-31T23:30:00-01:00")])).issues
     assert [(i.index, i.field) for i in issues] == [(0, "event_date")]
     assert "outside the years 0001-9999 in UTC" in issues[0].reason
+    # a fraction finer than nanoseconds is cut to them (Go's time.Parse does the same)
+    [fine] = decode_events(as_array([ev(event_date="2018-03-04T13:13:19.12345678919Z")]))
+    assert fine.event_date == "2018-03-04T13:13:19.123456789Z"
+    assert fine.date_ns == 1_520_169_199_123_456_789
 
 
 def test_intake_entries_round_trip_and_json_entries_still_read() -> None:
@@ -785,3 +791,19 @@ def test_json_nested_too_deeply_to_decode_is_a_bad_event_or_a_bad_body() -> None
     batch = decode_batch(f"{json.dumps(ev())}\n{event}{{\"x\": {deep}}}}}\n{json.dumps(ev())}")
     assert len(batch.events) == 2 and batch.indices == [0, 2]
     assert triples(batch) == [(1, "$", NESTED_TOO_DEEPLY)]
+
+
+@pytest.mark.parametrize("value", [None, False, 0.0, "", [], {}])
+@pytest.mark.parametrize("dim", ["segment_id", "resource_id", "campaign_id", "message_id",
+                                 "pixel_id"])
+def test_an_id_in_event_data_is_checked_whatever_its_value_and_the_top_level(
+        dim: str, value: Any) -> None:
+    """A falsy id (null, false, "") is no id: refused, also where the event names the
+    dimension at its top level, since the message carries event_data as sent."""
+    top = {"segment_ids": [4]} if dim == "segment_id" else {dim: 4}
+    for extra in ({}, top):
+        batch = decode_batch(as_array([ev(event_data={dim: value}, **extra)]))
+        assert triples(batch) == [(0, f"event_data.{dim}",
+                                   f"expected an integer, got {value!r}")]
+    good = decode_batch(as_array([ev(event_data={dim: 0}, **top)]))
+    assert triples(good) == [] and len(good.events) == 1

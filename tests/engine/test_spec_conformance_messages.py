@@ -98,10 +98,21 @@ def test_message(event_type: str, catalogue: Any = None) -> dict[str, Any]:
 test_message.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
+# spec d: link_url is the clicked URL, "click-type events"
+CLICK_TYPES = ["click", "uclick", "confirm", "click_sms", "uclick_sms", "click_push",
+               "uclick_push"]
+
+
+def tracking_example(code: str) -> dict[str, Any]:
+    if code in CLICK_TYPES:
+        return SPEC_TRACKING_EXAMPLE
+    return {k: v for k, v in SPEC_TRACKING_EXAMPLE.items() if k != "link_url"}
+
+
 @pytest.mark.parametrize("code", [c for c in CATALOGUE.by_category("tracking")
                                   if CATALOGUE.get(c).channel != "push"])
 def test_a_tracking_test_event_has_every_documented_field(code: str) -> None:
-    assert test_message(code)["event_data"] == SPEC_TRACKING_EXAMPLE
+    assert test_message(code)["event_data"] == tracking_example(code)
 
 
 @pytest.mark.parametrize("code", [c for c in CATALOGUE.by_category("tracking")
@@ -109,7 +120,49 @@ def test_a_tracking_test_event_has_every_documented_field(code: str) -> None:
 def test_a_push_tracking_test_event_also_has_extra_uid(code: str) -> None:
     data = test_message(code)["event_data"]
     assert isinstance(data.pop("extra_uid"), str)
-    assert data == SPEC_TRACKING_EXAMPLE
+    assert data == tracking_example(code)
+
+
+def test_only_click_type_test_events_carry_link_url() -> None:
+    with_link = {c for c in CATALOGUE.by_category("tracking")
+                 if "link_url" in test_message(c)["event_data"]}
+    assert with_link == set(CLICK_TYPES)
+
+
+@pytest.mark.parametrize("code", ["sbounce", "hbounce", "undeliv", "undeliv_sms",
+                                  "undeliv_push"])
+def test_a_bounce_or_undelivered_test_event_carries_the_providers_response(code: str) -> None:
+    data = test_message(code)["event_data"]
+    assert isinstance(data["response_code"], int) and data["response_text"]
+    assert "response_code" not in test_message("deliv")["event_data"]
+
+
+def test_a_pixel_test_event_carries_the_tracking_variants_geo_and_user_agent() -> None:
+    data = test_message("pixel")["event_data"]
+    geo_ua = ("ip", "country", "city", "postal_code", "region", "tz", "lat", "lon",
+              "user_agent", "os", "browser", "device")
+    assert {k: data[k] for k in geo_ua} == {k: SPEC_TRACKING_EXAMPLE[k] for k in geo_ua}
+
+
+@pytest.mark.parametrize(("code", "content"), [
+    ("click", {"subject", "html", "text", "from_name", "from_email"}),
+    ("deliv", {"subject", "html", "text", "from_name", "from_email"}),
+    ("send_sms", {"text"}),
+    ("open_push", {"title", "body"}),
+    ("import_api", None),
+    ("pixel", None),
+])
+def test_a_test_event_of_a_hook_with_send_content_carries_sample_content(
+        code: str, content: set[str] | None) -> None:
+    from engine.testevent import build_test_delivery
+
+    hook = parse_hook({"id": 2, "name": "h", "account_id": 23, "actions": ["deliv"],
+                       "send_content": True,
+                       "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+    (part,) = build_test_delivery(hook, code).parts
+    message = json.loads(part)
+    assert (set(message["content"]) if "content" in message else None) == content
+    assert "content" not in test_message(code)  # not without send_content
 
 
 @pytest.mark.parametrize("code", ["send_push", "deliv_push", "import_api", "pixel"])
