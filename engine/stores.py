@@ -708,6 +708,11 @@ class RetryStore:
         """Move a delivery out of the schedule into the dead letters; ``delivered`` and
         ``once`` as in ``schedule``."""
         delivery.last_error = writable(error[:LAST_ERROR_CHARS])
+        # its time of death by Redis' clock, as replay_all's cutoff is: a letter
+        # replayed and dead again is then never older than the cutoff of the run that
+        # replayed it, however far this worker's clock lags Redis'
+        seconds, micros = cast(tuple[int, int], self.r.time())
+        died = seconds * 1000 + micros // 1000
         with self._booking(once) as pipe:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
@@ -715,7 +720,6 @@ class RetryStore:
             pipe.hdel(self.k.retry_payload, delivery.id)
             pipe.hdel(self.k.retry_unanswered, delivery.id)
             pipe.hset(self.k.dead_payload, delivery.id, pack_delivery(delivery))
-            died = now_ms()
             pipe.zadd(self.k.dead, {delivery.id: died})
             pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
             pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
@@ -873,9 +877,10 @@ class RetryStore:
                   progress: Callable[[int], None] | None) -> int:
         key = self._dead_index(account_id, hook_id)
         # those dead when it starts, by Redis' clock: one dead-lettered again after its
-        # replay dies later than this and is not taken again (the run ends). A letter's
-        # time of death is its worker's clock: the newest one's counts too, so a worker
-        # clock ahead of Redis' leaves none of those dead at the start behind
+        # replay dies later than this (kill reads Redis' clock too) and is not taken
+        # again (the run ends). Letters that died before kill did so were scored by
+        # their worker's clock: the newest one's counts too, so a worker clock ahead of
+        # Redis' leaves none of those dead at the start behind
         seconds, micros = cast(tuple[int, int], self.r.time())
         newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
         cutoff = max(seconds * 1000 + micros // 1000, newest[0][1] if newest else 0)

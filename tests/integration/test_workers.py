@@ -2236,3 +2236,31 @@ def test_a_last_error_is_cut_so_replays_of_a_deleted_hook_do_not_grow_it(
     store.schedule(delivery, now_ms(), "x" * 5000)
     (due,) = store.claim_due(10)
     assert due.last_error == "x" * LAST_ERROR_CHARS
+
+
+def test_replay_all_takes_no_letter_twice_when_the_workers_clock_lags_redis(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted hook's letters, replayed in chunks while a worker whose clock is 5 s
+    behind Redis' kills each one again: each is replayed once, as the time of death
+    is Redis' clock, after the run's cutoff, not before it."""
+    import engine.stores as stores_module
+
+    store = RetryStore(redis_client, keys)
+    seconds, _ = redis_client.time()  # type: ignore[misc]
+    redis_ms = int(seconds) * 1000
+    monkeypatch.setattr(stores_module, "now_ms", lambda: redis_ms - 100_000)
+    for n in range(6):
+        store.kill(Delivery(id=f"lag-{n}", hook_id=9, account_id=1, kind="http_batch",
+                            parts=[b"{}"]), "HTTP 503")
+    monkeypatch.setattr(stores_module, "DEAD_MOVE_CHUNK", 2)
+    monkeypatch.setattr(stores_module, "now_ms", lambda: redis_ms - 5_000)
+    killed: list[str] = []
+
+    def worker_kills_again(_: int) -> None:  # as the retry worker does: hook 9 is gone
+        for delivery in store.claim_due(100):
+            killed.append(delivery.id)
+            store.kill(delivery, f"hook 9 was deleted; last error: {delivery.last_error}")
+
+    assert store.replay_all(hook_id=9, progress=worker_kills_again) == 6
+    assert sorted(killed) == [f"lag-{n}" for n in range(6)]  # each once
+    assert len(store.dead_letters(hook_id=9)) == 6
