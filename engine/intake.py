@@ -668,22 +668,41 @@ class SetAside:
             items = [(eid.encode(), found[eid]) for eid in dict.fromkeys(ids)]
         moved = 0
         for entry_id, fields in items:
-            original = [x for k, v in fields.items() if not k.startswith(b"_") for x in (k, v)]
-            try:
-                partition = int(fields.get(b"_partition", b"0")) % partitions
-            except ValueError:
-                partition = 0
+            # each event to the partition of its database under the PARTITIONS of now,
+            # which may differ from the count when it was set aside: the entry as it
+            # was when its events share one, else one entry per partition
+            groups: dict[int, list[Event]] = {}
+            for event in decode_entry(fields):
+                groups.setdefault(partition_of(event.account_id, event.list_id, partitions),
+                                  []).append(event)
+            if len(groups) <= 1:
+                original = [x for k, v in fields.items() if not k.startswith(b"_")
+                            for x in (k, v)]
+                parts = [(next(iter(groups), 0), original)]
+            else:
+                parts = [(n, [INTAKE_FIELD, encode_entry(group)])
+                         for n, group in sorted(groups.items())]
+            args: list[Any] = [entry_id]
+            for _, values in parts:
+                args += [len(values), *values]
             # appended only by the call that removes it: two at once put it back once
             moved += int(cast(int, self.r.eval(
-                _REQUEUE, 3, self.k.intake_unreadable, self.k.intake(partition),
-                self.k.engine_stats, entry_id, *original)))
+                _REQUEUE, 2 + len(parts), self.k.intake_unreadable, self.k.engine_stats,
+                *(self.k.intake(n) for n, _ in parts), *args)))
         return moved
 
 
+# KEYS: the set-aside stream, the engine's stats, then one intake stream per part;
+# ARGV: the entry's id, then per part its number of field/value items and those items
 _REQUEUE = """
 if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
-  redis.call('XADD', KEYS[2], '*', unpack(ARGV, 2))
-  redis.call('HINCRBY', KEYS[3], 'entries_requeued', 1)
+  local at = 2
+  for k = 3, #KEYS do
+    local n = tonumber(ARGV[at])
+    redis.call('XADD', KEYS[k], '*', unpack(ARGV, at + 1, at + n))
+    at = at + n + 1
+  end
+  redis.call('HINCRBY', KEYS[2], 'entries_requeued', 1)
   return 1
 end
 return 0

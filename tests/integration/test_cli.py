@@ -742,8 +742,9 @@ def test_set_aside_entries_are_listed_and_put_back(
 
     again = redis_client.xadd(keys.intake_unreadable, {**fields, b"_partition": b"0"})
     original = [x for k, v in fields.items() for x in (k, v)]
-    moved = [redis_client.eval(_REQUEUE, 3, keys.intake_unreadable, keys.intake(0),
-                               keys.engine_stats, again, *original) for _ in range(2)]
+    moved = [redis_client.eval(_REQUEUE, 3, keys.intake_unreadable, keys.engine_stats,
+                               keys.intake(0), again, len(original), *original)
+             for _ in range(2)]
     assert moved == [1, 0] and redis_client.xlen(keys.intake(0)) == 1
 
 

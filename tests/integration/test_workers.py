@@ -2264,3 +2264,30 @@ def test_replay_all_takes_no_letter_twice_when_the_workers_clock_lags_redis(
     assert store.replay_all(hook_id=9, progress=worker_kills_again) == 6
     assert sorted(killed) == [f"lag-{n}" for n in range(6)]  # each once
     assert len(store.dead_letters(hook_id=9)) == 6
+
+
+def test_a_set_aside_entry_is_requeued_to_the_partitions_of_its_databases_now(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Set aside under PARTITIONS=1, put back under 4: each event goes to the partition
+    its database has now (the entry split where its databases part), not to its old
+    partition number modulo the new count."""
+    from engine.intake import SetAside
+
+    Intake(redis_client, keys, 1, 100).publish(
+        [{"event_type": "click", "account_id": 1, "list_id": db, "id": f"s{db}-{n}",
+          "event_date": "2026-01-01T00:00:00Z"} for db in range(1, 9) for n in range(2)])
+    ((entry_id, fields),) = redis_client.xrange(keys.intake(0))  # type: ignore[misc]
+    redis_client.delete(keys.intake(0))
+    redis_client.xadd(keys.intake_unreadable, {**fields, b"_partition": b"0",
+                                               b"_entry": entry_id, b"_error": b"x"})
+    redis_client.hset(keys.config, "partitions", 4)  # the engine restarted with 4
+    assert SetAside(redis_client, keys).requeue(partitions=4) == 1
+    placed: dict[str, int] = {}
+    for n in range(4):
+        for _, entry in redis_client.xrange(keys.intake(n)):  # type: ignore[union-attr]
+            placed.update((e.id or "", n) for e in decode_entry(entry))
+    assert len(placed) == 16 and redis_client.xlen(keys.intake_unreadable) == 0
+    assert all(placed[f"s{db}-{n}"] == partition_of(1, db, 4)
+               for db in range(1, 9) for n in range(2))
+    assert len(set(placed.values())) > 1  # the databases of this entry part ways
+    assert redis_client.hget(keys.engine_stats, "entries_requeued") == b"1"
