@@ -30,9 +30,8 @@ import redis
 from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import HookError, PrefixTaken
 from engine.events import Event
-from engine.health import Heartbeat
+from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
@@ -755,21 +754,15 @@ class PartitionWorker:
 
     def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
               alive: Heartbeat) -> None:
-        last_hook_error = ""
+        failures = RoundFailures(f"partition {self.partition}", "no event is processed")
         while not stop.is_set():
             try:
                 self.step()
-                last_hook_error = ""
+                failures.passed()
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if isinstance(exc, HookError | PrefixTaken):
-                    if str(exc) != last_hook_error:
-                        log.error("partition %s: waiting, no event is processed until this is "
-                                  "fixed: %s", self.partition, exc)
-                    last_hook_error = str(exc)
-                elif not isinstance(exc, redis.RedisError):
-                    log.exception("partition %s: a round failed", self.partition)
+                failures.failed(exc)
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)
             with suppress(redis.RedisError):
-                alive.beat(last_hook_error)
+                alive.beat(failures.waiting)

@@ -12,16 +12,22 @@ being processed without asking Ray.
 
 from __future__ import annotations
 
+import logging
 import time
 from typing import Any
 
 import redis
 
+from engine.errors import HookError, PrefixTaken
 from engine.keys import Keys
+
+log = logging.getLogger("hookray")
 
 BEAT_SEC = 1.0  # a running worker marks itself at most this often
 ALIVE_SEC = 15  # and counts as running for this long after
 REASON_CHARS = 500  # of a waiting worker's reason, kept in its mark
+# failed rounds in a row after which a worker is shown waiting, with the last error
+FAILING_ROUNDS = 10  # more than MAX_ENTRY_FAILURES: a poison entry is set aside first
 
 
 class Heartbeat:
@@ -42,6 +48,41 @@ class Heartbeat:
             mark = f"{int(time.time() * 1000)} {waiting}".rstrip()
             self.r.set(self.key, mark, ex=ALIVE_SEC)
             self.last, self.waiting = now, waiting
+
+
+class RoundFailures:
+    """What a worker's loop makes of its failed rounds: the reason its heartbeat
+    gives for processing nothing (``waiting``) and the log. A hook that does not
+    validate, or a claim on the prefix another engine took, makes it wait at once
+    (logged once); any other error, once FAILING_ROUNDS rounds in a row failed
+    (each logged, unless Redis failed): a worker that fails every round does not
+    run, whatever its loop."""
+
+    def __init__(self, who: str, waits_for: str) -> None:
+        self.who = who  # "partition 3", "retry worker"
+        self.waits_for = waits_for  # "no event is processed", "nothing is re-sent"
+        self.in_a_row = 0
+        self.waiting = ""
+
+    def passed(self) -> None:
+        self.in_a_row = 0
+        self.waiting = ""
+
+    def failed(self, exc: Exception) -> None:
+        self.in_a_row += 1
+        if isinstance(exc, HookError | PrefixTaken):
+            if str(exc) != self.waiting:
+                log.error("%s: waiting, %s until this is fixed: %s", self.who,
+                          self.waits_for, exc)
+            self.waiting = str(exc)
+            return
+        if not isinstance(exc, redis.RedisError):
+            log.exception("%s: a round failed", self.who)
+        if self.in_a_row >= FAILING_ROUNDS:
+            self.waiting = (f"every round fails ({FAILING_ROUNDS} or more in a row), the "
+                            f"last with {type(exc).__name__}: {exc}")
+        else:
+            self.waiting = ""
 
 
 def _reason(mark: bytes | str) -> str:

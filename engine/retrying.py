@@ -25,8 +25,7 @@ import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
-from engine.errors import HookError, PrefixTaken
-from engine.health import Heartbeat
+from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.lease import Holding
 from engine.messages import for_target
@@ -191,22 +190,16 @@ class RetryWorker:
 
     def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
               alive: Heartbeat) -> None:
-        last_hook_error = ""
+        failures = RoundFailures("retry worker", "nothing is re-sent")
         while not stop.is_set():
             try:
                 if not self.step() and not self.sender.inflight():
                     time.sleep(0.05)
-                last_hook_error = ""
+                failures.passed()
             except Exception as exc:  # Redis down, or a bug: reported, and the loop lives on
-                if isinstance(exc, HookError | PrefixTaken):  # said once, not every round
-                    if str(exc) != last_hook_error:
-                        log.error("retry worker: waiting, nothing is re-sent until this is "
-                                  "fixed: %s", exc)
-                    last_hook_error = str(exc)
-                elif not isinstance(exc, redis.RedisError):
-                    log.exception("retry worker: a round failed")
+                failures.failed(exc)
                 if on_error:
                     on_error(exc)
                 time.sleep(0.5)
             with suppress(redis.RedisError):
-                alive.beat(last_hook_error)
+                alive.beat(failures.waiting)

@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
@@ -711,8 +712,7 @@ class RetryStore:
         # its time of death by Redis' clock, as replay_all's cutoff is: a letter
         # replayed and dead again is then never older than the cutoff of the run that
         # replayed it, however far this worker's clock lags Redis'
-        seconds, micros = cast(tuple[int, int], self.r.time())
-        died = seconds * 1000 + micros // 1000
+        died = self._redis_ms()
         with self._booking(once) as pipe:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
@@ -727,6 +727,11 @@ class RetryStore:
 
     def pending(self) -> int:
         return int(self.r.zcard(self.k.retry))
+
+    def _redis_ms(self) -> int:
+        """Redis' clock, in milliseconds."""
+        seconds, micros = cast(tuple[int, int], self.r.time())
+        return int(seconds) * 1000 + int(micros) // 1000
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
                      limit: int = 100, after: str | None = None) -> list[Delivery]:
@@ -881,9 +886,13 @@ class RetryStore:
         # again (the run ends). Letters that died before kill did so were scored by
         # their worker's clock: the newest one's counts too, so a worker clock ahead of
         # Redis' leaves none of those dead at the start behind
-        seconds, micros = cast(tuple[int, int], self.r.time())
+        started = self._redis_ms()
         newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
-        cutoff = max(seconds * 1000 + micros // 1000, newest[0][1] if newest else 0)
+        cutoff = max(started, newest[0][1] if newest else 0)
+        # nothing moves within the millisecond of the start: one this run moves, dead
+        # again within that millisecond, would score no later than the cutoff
+        while self._redis_ms() <= started:
+            time.sleep(0.0005)
         done = 0
         # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and
         # those left where they are (undecodable, another account's), are passed

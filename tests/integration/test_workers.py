@@ -2291,3 +2291,45 @@ def test_a_set_aside_entry_is_requeued_to_the_partitions_of_its_databases_now(
                for db in range(1, 9) for n in range(2))
     assert len(set(placed.values())) > 1  # the databases of this entry part ways
     assert redis_client.hget(keys.engine_stats, "entries_requeued") == b"1"
+
+
+def test_health_shows_a_worker_whose_every_round_fails_as_waiting_and_why(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Rounds that keep failing (a bug, a damaged key): after FAILING_ROUNDS in a row
+    the worker is no longer counted as running, and health says why; its next round
+    that passes counts it as running again."""
+    import engine.health as health
+    from engine.health import engine_health
+
+    monkeypatch.setattr(health, "FAILING_ROUNDS", 3)
+    redis_client.hset(keys.config, "partitions", 1)
+    cfg = one_partition(settings)
+    Intake(redis_client, keys, 1, 1000).ensure_groups()
+    partition = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    retry = RetryWorker(cfg, redis_client, InProcessSender())
+    broken = {"on": True}
+    for worker in (partition, retry):
+        step = worker.step
+
+        def failing(*args: Any, _step: Any = step, **kwargs: Any) -> Any:
+            if broken["on"]:
+                raise ValueError("the round's key holds the wrong kind of value")
+            return _step(*args, **kwargs)
+
+        monkeypatch.setattr(worker, "step", failing)
+    why = ("every round fails (3 or more in a row), the last with ValueError: the round's "
+           "key holds the wrong kind of value")
+    with caplog.at_level(logging.ERROR, logger="hookray"), running([partition, retry]):
+        assert wait_for(lambda: engine_health(redis_client, keys)["retry_waiting"], 10)
+        assert wait_for(lambda: engine_health(redis_client, keys)["partitions"]["waiting"], 10)
+        shown = engine_health(redis_client, keys)
+        assert shown["partitions"]["running"] == 0 and shown["retry_running"] is True
+        assert shown["partitions"]["waiting"] == [{"partition": 0, "reason": why}]
+        assert shown["retry_waiting"] == why
+        broken["on"] = False
+        assert wait_for(lambda: engine_health(redis_client, keys) == {
+            "partitions": {"expected": 1, "running": 1, "waiting": [], "stopped": []},
+            "retry_running": True, "retry_waiting": None}, 10)
+    logged = [r.getMessage() for r in caplog.records if r.name == "hookray"]
+    assert "partition 0: a round failed" in logged and "retry worker: a round failed" in logged
