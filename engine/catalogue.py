@@ -8,8 +8,9 @@ codes by pointing the ``EVENT_TYPES_FILE`` setting at a JSON file of the same sh
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
-from functools import cache
+from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 
@@ -106,11 +107,23 @@ def builtin_catalogue() -> EventCatalogue:
     return EventCatalogue(json.loads(text)["event_types"])
 
 
-@cache
 def load_catalogue(extra_file: str | None = None) -> EventCatalogue:
-    """The built-in catalogue, extended by ``extra_file`` when given."""
-    base = builtin_catalogue()
-    return base.extended(_read(extra_file)) if extra_file else base
+    """The built-in catalogue, extended by ``extra_file`` when given: read again once
+    the file changed (its modification time, size or inode), so an engine started
+    again in the same process after the file was edited has its new codes."""
+    if not extra_file:
+        return builtin_catalogue()
+    try:
+        st = os.stat(extra_file)
+        stamp: tuple[int, int, int] | None = (st.st_mtime_ns, st.st_size, st.st_ino)
+    except OSError:
+        stamp = None  # _read names the file and why it cannot be read
+    return _extended(extra_file, stamp)
+
+
+@lru_cache(maxsize=64)
+def _extended(extra_file: str, stamp: tuple[int, int, int] | None) -> EventCatalogue:
+    return builtin_catalogue().extended(_read(extra_file))
 
 
 def engine_codes(recorded: bytes | str | None) -> list[str] | None:

@@ -365,3 +365,21 @@ def test_an_event_types_file_with_a_byte_order_mark_or_nested_too_deeply(
         load_catalogue(deep)
     assert str(err.value) == (f"EVENT_TYPES_FILE={deep}: cannot read event types (JSON nested "
                               "too deeply to be read)")
+
+
+def test_an_edited_event_types_file_is_read_again(tmp_path: Path) -> None:
+    from engine.catalogue import load_catalogue
+
+    path = tmp_path / "types.json"
+    path.write_text(json.dumps({"event_types": [
+        {"code": "send_viber", "name": "Send Viber", "category": "delivery",
+         "channel": "viber"}]}))
+    first = load_catalogue(str(path))
+    assert "send_viber" in first and load_catalogue(str(path)) is first  # cached
+    path.write_text(json.dumps({"event_types": [
+        {"code": "send_viber", "name": "Send Viber", "category": "delivery",
+         "channel": "viber"},
+        {"code": "deliv_viber", "name": "Viber delivered", "category": "delivery",
+         "channel": "viber"}]}))
+    again = load_catalogue(str(path))
+    assert "deliv_viber" in again and "deliv_viber" not in first
