@@ -44,6 +44,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
+from urllib.parse import urlsplit
 
 import msgspec
 import redis
@@ -68,6 +69,8 @@ from engine.hooks import (
     MASK,
     SHOWN_CHARS,
     Hook,
+    HttpBatch,
+    Kafka,
     changed_paths,
     destination,
     hook_secrets,
@@ -93,6 +96,7 @@ from engine.stores import (
 )
 from engine.testevent import send_test_event
 from engine.transports.base import Delivery, Outcome, unpack_delivery
+from engine.transports.guard import guard_for
 
 log = logging.getLogger("hookray.api")
 
@@ -496,6 +500,36 @@ def check_cafile(hook: Hook, settings: Settings, stored: Hook | None = None) -> 
     raise ApiError(422, f"invalid hook: {field}: {reason}", [{"field": field, "reason": reason}])
 
 
+def _hosts(hook: Hook) -> list[tuple[str, str]]:
+    """(field, host) of each host the hook's target connects to, as written."""
+    kind, target = hook.target.kind, hook.target.settings
+    base = f"target.{kind}"
+    if isinstance(target, HttpBatch):
+        hosts = [(f"{base}.url", urlsplit(target.url).hostname or "")]
+        if target.auth.kind == "oauth2" and target.auth.token_url:
+            hosts.append((f"{base}.auth.token_url",
+                          urlsplit(target.auth.token_url).hostname or ""))
+        return hosts
+    if isinstance(target, Kafka):
+        return [(f"{base}.bootstrap_servers[{n}]", server.rpartition(":")[0].strip("[]"))
+                for n, server in enumerate(target.bootstrap_servers)]
+    return [(f"{base}.host", str(getattr(target, "host", "")))]
+
+
+def check_destinations(hook: Hook, settings: Settings) -> None:
+    """ApiError 422 when the hook's target names an address DESTINATION_DENY refuses
+    (an IP address written as the host): it could deliver nothing. A name is judged
+    by the addresses it resolves to when a delivery connects."""
+    guard = guard_for(settings.DESTINATION_DENY)
+    if not guard:
+        return
+    issues = [{"field": field, "reason": reason} for field, host in _hosts(hook)
+              if (reason := guard.reason(host)) is not None]
+    if issues:
+        raise ApiError(422, f"invalid hook: {issues[0]['field']}: {issues[0]['reason']}: "
+                       "no delivery may connect there", issues)
+
+
 def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ApiError(422, f"expected a JSON object ({what})",
@@ -675,7 +709,9 @@ async def create_hook(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
     data = _with_account(await _json(request), request[TOKEN].account_id)
     data.pop("id", None)  # assigned by the server
-    check_cafile(validate_hook({**data, "id": 0}, backend.catalogue), backend.settings)
+    valid = validate_hook({**data, "id": 0}, backend.catalogue)
+    check_cafile(valid, backend.settings)
+    check_destinations(valid, backend.settings)
     hook = await _run(request, backend.hooks.create, data)
     response = _hook_json(hook, 201)
     response.headers["Location"] = f"/v1/hooks/{hook.id}"
@@ -698,6 +734,7 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
     data = restore_secrets(sent, stored)
     hook = validate_hook(data, backend.catalogue)
     check_cafile(hook, backend.settings, stored)
+    check_destinations(hook, backend.settings)
     kept = changed_paths(sent, data)
     if kept and destination(hook) != destination(stored):
         # a stored secret goes only where it went: whoever holds a master token must

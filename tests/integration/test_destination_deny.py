@@ -19,7 +19,7 @@ from engine.transports.base import Delivery, Outcome, Transport
 from engine.transports.http import HttpTransport
 from engine.transports.kafka import KafkaTransport
 from engine.transports.rabbitmq import RabbitQueueTransport
-from tests.integration.test_api import start_api
+from tests.integration.test_api import hook_body, start_api
 from tests.integration.test_runtime import events, http_hook
 from tests.kafka_fixtures import new_topic
 from tests.rabbit_fixtures import Rabbit
@@ -142,7 +142,9 @@ async def test_api_test_event_reports_a_denied_destination(
     client, api = await start_api(
         settings.model_copy(update={"DESTINATION_DENY": "loopback"}), redis_client)
     try:
-        hook = await api.create(url=receiver.url("/api-deny"))
+        # a name is judged when a delivery resolves it (an address, already here)
+        hook = await api.create(url=receiver.url("/api-deny").replace("127.0.0.1",
+                                                                      "localhost"))
         answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
                                 json_body={"event_type": "click"})
         assert answer.status == 200
@@ -167,3 +169,46 @@ def test_engine_dead_letters_what_a_denied_destination_was_sent(
     assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 5)
     outcome = engine.test_event(hook, "click")
     assert not outcome.ok and "DESTINATION_DENY" in outcome.detail
+
+
+async def test_api_refuses_a_hook_whose_target_is_a_denied_address(
+        settings: Settings, redis_client: redis.Redis) -> None:
+    """An IP address written as the host is judged when the hook is created or
+    updated (422 naming the field); a name, when a delivery resolves it."""
+    client, api = await start_api(settings, redis_client)  # the default: link-local
+    try:
+        answer = await api.call("POST", "/v1/hooks", api.master, json_body=hook_body(
+            url="http://169.254.169.254/latest/meta-data/"))
+        assert answer.status == 422
+        assert answer.error["issues"] == [{
+            "field": "target.http_batch.url",
+            "reason": "address 169.254.169.254 is in DESTINATION_DENY (169.254.0.0/16)"}]
+        kafka = {"name": "k", "actions": ["click"], "target": {"kafka": {
+            "bootstrap_servers": ["127.0.0.1:9092", "[fe80::1]:9092"], "topic": "t"}}}
+        answer = await api.call("POST", "/v1/hooks", api.master, json_body=kafka)
+        assert answer.status == 422
+        assert [i["field"] for i in answer.error["issues"]] == [
+            "target.kafka.bootstrap_servers[1]"]
+        hook = await api.create(url="http://hooks.example.com/x")  # a name: not judged now
+        rabbit = {"name": "r", "actions": ["click"], "target": {"rabbitmq_queue": {
+            "host": "169.254.10.10", "queue": "q"}}}
+        answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                                json_body=rabbit)
+        assert answer.status == 422
+        assert answer.error["issues"][0]["field"] == "target.rabbitmq_queue.host"
+        oauth = hook_body(url="http://hooks.example.com/x")
+        oauth["target"]["http_batch"]["auth"] = {
+            "kind": "oauth2", "token_url": "http://[fe80::2]/token", "client_id": "c",
+            "client_secret": "s"}
+        answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master, json_body=oauth)
+        assert answer.status == 422
+        assert answer.error["issues"][0]["field"] == "target.http_batch.auth.token_url"
+    finally:
+        await client.close()
+    # with DESTINATION_DENY empty, the same hook is taken
+    client, api = await start_api(settings.model_copy(update={"DESTINATION_DENY": ""}),
+                                  redis_client)
+    try:
+        await api.create(url="http://169.254.169.254/latest/meta-data/")
+    finally:
+        await client.close()
