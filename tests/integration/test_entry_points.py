@@ -22,7 +22,7 @@ from engine.events import Event
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.settings import Settings, ray_address_problem
-from tests.services import free_port, wait_for
+from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -137,7 +137,7 @@ def test_profiles_that_are_not_a_mapping_of_mappings_are_refused(
 @pytest.mark.parametrize(("address", "reason"), [
     ("http://127.0.0.1:8265", "this is the address of the Ray Jobs API"),
     ("garbage", "expected HOST:PORT"),
-    (f"127.0.0.1:{free_port()}", "Connection refused"),
+    ("127.0.0.1:{closed}", "Connection refused"),
 ])
 def test_a_ray_address_naming_no_cluster_is_a_config_error_before_ray_init(
         address: str, reason: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -149,13 +149,19 @@ def test_a_ray_address_naming_no_cluster_is_a_config_error_before_ray_init(
         raise AssertionError("ray.init was called")
 
     monkeypatch.setattr(ray, "init", no_init)
-    with pytest.raises(ConfigError, match=f"^RAY_ADDRESS={address!r}: .*{reason}"):
-        driver._init_ray(address)
-    # unset or auto: RAY_ADDRESS of the environment, as ray.init takes it
-    monkeypatch.setenv("RAY_ADDRESS", address)
-    for given in (None, "", "auto"):
+    # a port bound here and not listening refuses connections, and no other process
+    # can take it meanwhile (a port found free when the tests were collected could be)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    address = address.format(closed=closed.getsockname()[1])
+    with closed:
         with pytest.raises(ConfigError, match=f"^RAY_ADDRESS={address!r}: .*{reason}"):
-            driver._init_ray(given or None)
+            driver._init_ray(address)
+        # unset or auto: RAY_ADDRESS of the environment, as ray.init takes it
+        monkeypatch.setenv("RAY_ADDRESS", address)
+        for given in (None, "", "auto"):
+            with pytest.raises(ConfigError, match=f"^RAY_ADDRESS={address!r}: .*{reason}"):
+                driver._init_ray(given or None)
 
 
 def test_inside_a_ray_job_the_address_ray_sets_is_accepted() -> None:
