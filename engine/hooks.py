@@ -468,7 +468,7 @@ class _Broker(_Model):
     def _broker_host(cls, value: str) -> str:
         try:
             ipaddress.ip_address(value.strip("[]"))
-            return value
+            return value.strip("[]")  # an IPv6 address as a URL writes it: the address
         except ValueError:
             pass
         if _WHITESPACE_OR_CONTROL.search(value) or any(c in value for c in "/:@?#[]"):

@@ -1070,7 +1070,10 @@ def test_destinations_no_client_could_reach_as_written_are_refused(
 def test_broker_hosts_as_names_or_addresses_are_accepted(host: str) -> None:
     hook = parse_hook(hook_data({"rabbitmq_queue": {"host": host, "queue": "q",
                                                     "vhost": "my vhost"}}))
-    assert hook.target.rabbitmq_queue is not None and hook.target.rabbitmq_queue.host == host
+    # an IPv6 address as a URL writes it is kept as the address: the transport puts
+    # it in an amqp:// URL itself, which refused the brackets at every delivery
+    assert hook.target.rabbitmq_queue is not None
+    assert hook.target.rabbitmq_queue.host == host.strip("[]")
 
 
 def test_a_hook_without_actions_is_valid_and_captures_no_type() -> None:
