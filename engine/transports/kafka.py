@@ -52,10 +52,12 @@ import asyncio
 import itertools
 import logging
 import time
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from operator import itemgetter
 from typing import Any
 
+import aiokafka.client
 import numpy as np
 from aiokafka import AIOKafkaProducer
 from aiokafka.errors import (
@@ -75,7 +77,7 @@ from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
 from engine.transports.base import Delivery, Outcome, Transport, make_room
-from engine.transports.guard import Denied
+from engine.transports.guard import Denied, DestinationGuard
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 from engine.transports.tls import client_context_for
 
@@ -142,13 +144,49 @@ def producer_options(target: Kafka, timeout_sec: float) -> dict[str, Any]:
     return options
 
 
-def _host_port(server: str) -> tuple[str, int]:
-    """(host, port) of a bootstrap server, ``[::1]:9092`` as ``::1`` (port 0 when it
-    is not a number: a stored hook's, left to aiokafka to refuse)."""
-    host, _, port = server.rpartition(":")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    return host, int(port) if port.isascii() and port.isdigit() else 0
+@dataclass
+class _Fence:
+    """A Kafka transport's DESTINATION_DENY and the last connection it refused."""
+
+    guard: DestinationGuard
+    refused: str = ""
+    refused_at: float = 0.0  # monotonic
+
+
+# the fence of the delivery (and of the producer tasks it started) that connects
+_FENCE: ContextVar[_Fence | None] = ContextVar("hookray_kafka_fence", default=None)
+_DEFAULT_FENCE = _Fence(DestinationGuard())
+_create_conn = aiokafka.client.create_conn
+
+
+async def _fenced_create_conn(host: str, port: int, **options: Any) -> Any:
+    """aiokafka's every connection, to a bootstrap server or to a broker its metadata
+    names, made only to an address DESTINATION_DENY allows: a plain one to the
+    addresses checked, in turn; a TLS one to the name (its certificate is checked
+    against the name, so it cannot be an address that answered another name's
+    lookup)."""
+    fence = _FENCE.get() or _DEFAULT_FENCE
+    if not fence.guard:
+        return await _create_conn(host, port, **options)
+    try:
+        addresses = await fence.guard.allowed(host, port)
+    except Denied as exc:
+        fence.refused, fence.refused_at = f"{host}:{port}: {exc}", time.monotonic()
+        raise
+    if options.get("ssl_context") is not None:
+        return await _create_conn(host, port, **options)
+    for n, address in enumerate(addresses):
+        try:
+            return await _create_conn(address, port, **options)
+        except OSError:
+            if n == len(addresses) - 1:
+                raise
+    raise AssertionError("unreachable")  # allowed() names at least one address
+
+
+# aiokafka connects through aiokafka.client.create_conn alone; it has no hook for
+# the socket or the address, so the check goes in there
+aiokafka.client.create_conn = _fenced_create_conn
 
 
 def _producer_key(target: Kafka) -> tuple[Any, ...]:
@@ -191,6 +229,7 @@ class KafkaTransport(Transport):
         self._keys: dict[str, tuple[bytes, int | None]] = {}
         self._sticky = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
+        self._fence = _Fence(self.guard)
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -199,6 +238,9 @@ class KafkaTransport(Transport):
         where = f"Kafka {slot.servers} topic {target.topic!r}"
         if not delivery.parts:
             return Outcome(ok=True, detail=f"{where}: no records")
+        # this delivery's connections, and those of the producer tasks it starts
+        _FENCE.set(self._fence)
+        began = time.monotonic()
         # the timeout starts once through the gate: time spent queueing behind other
         # deliveries to the same producer is not the broker's fault
         slot.users += 1
@@ -212,6 +254,12 @@ class KafkaTransport(Transport):
                 try:
                     await self._attempt(slot, target.topic, delivery, where)
                 except (ConnectError, Timeout) as exc:
+                    if self._fence.refused_at >= began and \
+                            self._fence.refused not in str(exc):
+                        # a broker the metadata names was refused: aiokafka only
+                        # logs why it could not connect
+                        exc.args = (f"{exc}; a connection was refused: "
+                                    f"{self._fence.refused}",)
                     if slot.producer is None:  # found dead: fail fast a while
                         slot.failed_until = time.monotonic() + self.breaker_sec
                         slot.last_error = str(exc)
@@ -405,29 +453,15 @@ class KafkaTransport(Transport):
                                                               target.tls_cafile or None)
         for server in target.bootstrap_servers:
             _bootstrap_errors.last.pop(server, None)
-        if self.guard:  # DESTINATION_DENY: aiokafka connects by itself, so names are
-            # checked before it starts, and the brokers the cluster names once it has
-            await self._check_hosts(slot, [_host_port(s) for s in target.bootstrap_servers])
         producer = AIOKafkaProducer(**options)
         try:
             await producer.start()
-            if self.guard:
-                await self._check_hosts(slot, [(b.host, b.port) for b in
-                                               producer.client.cluster.brokers()])
         except BaseException as exc:
             self._stop_later(producer)
-            if isinstance(exc, ConnectError):
-                raise
             if isinstance(exc, Exception):
                 raise ConnectError(self._start_failure(slot, exc)) from None
             raise
         return producer
-
-    async def _check_hosts(self, slot: _Slot, hosts: list[tuple[str, int]]) -> None:
-        try:
-            await self.guard.check_hosts(hosts)
-        except Denied as exc:
-            raise ConnectError(f"Kafka {slot.servers}: cannot connect to {exc}") from None
 
     def _start_failure(self, slot: _Slot, exc: Exception) -> str:
         target = slot.target

@@ -33,7 +33,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_BATCH_BYTES": 8 * 2**20,
     "DESTINATION_CONCURRENCY": 8,
     "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
-    "DESTINATION_DENY": "link-local",
+    "DESTINATION_DENY": "link-local,metadata",
     "BROKER_TIMEOUT_SEC": 10.0,
     "EVENT_TYPES_FILE": None,
     "RAY_ADDRESS": None,

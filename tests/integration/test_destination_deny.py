@@ -52,8 +52,8 @@ def test_http_refuses_a_denied_address_by_ip_or_by_name(receiver: Receiver, host
     outcome = send(HttpTransport(timeout_sec=2, deny="loopback"), HttpBatch(url=url),
                    "http_batch")
     assert not outcome.ok and outcome.error == "ConnectError"
-    assert "is in DESTINATION_DENY (127.0.0.0/8)" in outcome.detail or \
-        "is in DESTINATION_DENY (::1/128)" in outcome.detail, outcome.detail
+    assert "address 127.0.0.1 is refused by DESTINATION_DENY" in outcome.detail or \
+        "address ::1 is refused by DESTINATION_DENY" in outcome.detail, outcome.detail
     assert receiver.requests("/deny") == []
 
 
@@ -105,8 +105,8 @@ def test_kafka_refuses_a_denied_bootstrap_server(kafka_broker: Any) -> None:
         kafka_broker.bootstrap))
     outcome = send(KafkaTransport(timeout_sec=5, deny="loopback"), target, "kafka")
     assert not outcome.ok and outcome.error == "ConnectError"
-    assert f"{kafka_broker.bootstrap}: address 127.0.0.1 is in DESTINATION_DENY " \
-           "(127.0.0.0/8)" in outcome.detail, outcome.detail
+    assert f"{kafka_broker.bootstrap}: address 127.0.0.1 is refused by DESTINATION_DENY" \
+        in outcome.detail, outcome.detail
 
 
 def test_kafka_refuses_a_denied_broker_the_cluster_names(tansu_bin: str, tmp_path: Path
@@ -125,9 +125,9 @@ def test_kafka_refuses_a_denied_broker_the_cluster_names(tansu_bin: str, tmp_pat
         assert wait_for(lambda: port_open("127.0.0.2", port), 10), "tansu did not start"
         target = Kafka(bootstrap_servers=[f"127.0.0.2:{port}"], topic="t")
         outcome = send(KafkaTransport(timeout_sec=5, deny="127.0.0.1"), target, "kafka")
-        assert not outcome.ok and outcome.error == "ConnectError"
-        assert f"127.0.0.1:{port}: address 127.0.0.1 is in DESTINATION_DENY " \
-               "(127.0.0.1/32)" in outcome.detail, outcome.detail
+        assert not outcome.ok and outcome.error in ("ConnectError", "Timeout")
+        assert f"a connection was refused: 127.0.0.1:{port}: address 127.0.0.1 is refused " \
+               "by DESTINATION_DENY" in outcome.detail, outcome.detail
     finally:
         proc.terminate()
         proc.wait(10)
@@ -149,7 +149,7 @@ async def test_api_test_event_reports_a_denied_destination(
                                 json_body={"event_type": "click"})
         assert answer.status == 200
         assert answer.body["delivered"] is False and answer.body["error"] == "ConnectError"
-        assert "127.0.0.1 is in DESTINATION_DENY (127.0.0.0/8)" in answer.body["detail"]
+        assert "address 127.0.0.1 is refused by DESTINATION_DENY" in answer.body["detail"]
         assert receiver.requests("/api-deny") == []
     finally:
         await client.close()
@@ -164,7 +164,7 @@ def test_engine_dead_letters_what_a_denied_destination_was_sent(
     assert wait_for(lambda: engine.dead_letters(hook_id=hook.id), 20)
     (letter,) = engine.dead_letters(hook_id=hook.id)
     assert letter.messages == 10 and letter.resends == 2
-    assert "address 127.0.0.1 is in DESTINATION_DENY (127.0.0.0/8)" in letter.last_error
+    assert "address 127.0.0.1 is refused by DESTINATION_DENY" in letter.last_error
     assert receiver.requests("/engine-deny") == []
     assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 5)
     outcome = engine.test_event(hook, "click")
@@ -182,7 +182,7 @@ async def test_api_refuses_a_hook_whose_target_is_a_denied_address(
         assert answer.status == 422
         assert answer.error["issues"] == [{
             "field": "target.http_batch.url",
-            "reason": "address 169.254.169.254 is in DESTINATION_DENY (169.254.0.0/16)"}]
+            "reason": "address 169.254.169.254 is refused by DESTINATION_DENY"}]
         kafka = {"name": "k", "actions": ["click"], "target": {"kafka": {
             "bootstrap_servers": ["127.0.0.1:9092", "[fe80::1]:9092"], "topic": "t"}}}
         answer = await api.call("POST", "/v1/hooks", api.master, json_body=kafka)
