@@ -91,8 +91,8 @@ class RaySender:
     def holds(self, delivery_id: str) -> bool:
         """Whether the delivery is handed over, or its outcome collected and not yet
         returned (a poll whose first call raised keeps it in ``failed``)."""
-        return delivery_id in self.outstanding or any(
-            delivery.id == delivery_id for delivery, _ in self.failed)
+        return delivery_id in self.outstanding or (bool(self.failed) and any(
+            delivery.id == delivery_id for delivery, _ in self.failed))
 
     def _send(self) -> None:
         """Calls for the actors with something to hand over or ask about, while they

@@ -34,7 +34,7 @@ import msgspec
 from engine.catalogue import EventCatalogue, load_catalogue
 
 _RFC3339 = re.compile(
-    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d+))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
+    r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,30}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
     re.ASCII,  # RFC 3339 digits are ASCII; without this \d also takes e.g. fullwidth digits
 )
 NS = 1_000_000_000
@@ -60,7 +60,7 @@ _CANONICAL_DATE = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:[0-5]\d(?:\.\d{0,8}[1-9
 @lru_cache(maxsize=1 << 18)
 def parse_rfc3339_ns(text: str) -> int:
     """Unix nanoseconds of an RFC 3339 time (a fraction finer than nanoseconds is cut
-    to them, as Go's time.Parse does).
+    to them, as Go's time.Parse does; at most 30 digits: the texts are cached).
 
     Cached: an event's date is parsed when it is decoded and again when its
     messages are rendered, usually within one read round."""

@@ -55,8 +55,9 @@ class RoundFailures:
     gives for processing nothing (``waiting``) and the log. A hook that does not
     validate, or a claim on the prefix another engine took, makes it wait at once
     (logged once); any other error, once FAILING_ROUNDS rounds in a row failed
-    (each logged, unless Redis failed): a worker that fails every round does not
-    run, whatever its loop."""
+    (each logged, unless Redis failed; ``hookray health`` shows the error): a worker
+    that fails every round does not run, whatever its loop. Only a round that
+    passes ends the waiting."""
 
     def __init__(self, who: str, waits_for: str) -> None:
         self.who = who  # "partition 3", "retry worker"
@@ -81,8 +82,7 @@ class RoundFailures:
         if self.in_a_row >= FAILING_ROUNDS:
             self.waiting = (f"every round fails ({FAILING_ROUNDS} or more in a row), the "
                             f"last with {type(exc).__name__}: {exc}")
-        else:
-            self.waiting = ""
+        # else: what it waited for still holds until a round passes
 
 
 def _reason(mark: bytes | str) -> str:

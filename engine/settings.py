@@ -70,7 +70,7 @@ class Settings(BaseModel):
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Networks no delivery (nor test event) may connect to: names of groups
-    # (link-local, loopback, private) and networks or addresses, separated by commas
+    # (link-local, metadata, loopback, private) and networks or addresses, separated by commas
     # (engine/transports/guard.py); empty: any address.
     DESTINATION_DENY: str = Field(DEFAULT_DENY, max_length=65_536)
     # Longest a RabbitMQ or Kafka delivery may take to be confirmed by the broker.

@@ -711,7 +711,8 @@ class RetryStore:
         delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         # its time of death by Redis' clock, as replay_all's cutoff is: a letter
         # replayed and dead again is then never older than the cutoff of the run that
-        # replayed it, however far this worker's clock lags Redis'
+        # replayed it, however far this worker's clock lags Redis' (one round trip
+        # more per dead delivery, a batch: not per message)
         died = self._redis_ms()
         with self._booking(once) as pipe:
             if delivered:
@@ -890,8 +891,11 @@ class RetryStore:
         newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
         cutoff = max(started, newest[0][1] if newest else 0)
         # nothing moves within the millisecond of the start: one this run moves, dead
-        # again within that millisecond, would score no later than the cutoff
-        while self._redis_ms() <= started:
+        # again within that millisecond, would score no later than the cutoff (a few
+        # tries at most: a Redis clock set back does not hold the run)
+        for _ in range(20):
+            if self._redis_ms() > started:
+                break
             time.sleep(0.0005)
         done = 0
         # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and

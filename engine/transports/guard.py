@@ -20,8 +20,7 @@ delivery may connect to:
 
 An IPv6 address that carries an IPv4 one (``::ffff:127.0.0.1``, NAT64's
 ``64:ff9b::7f00:1``, 6to4, Teredo, ``::127.0.0.1``) is refused when either is; a
-network written as IPv4-mapped IPv6 (``::ffff:10.0.0.0/104``) is the IPv4 one. The
-text of a refusal names the address, not the network (an account sees it).
+network written as IPv4-mapped IPv6 (``::ffff:10.0.0.0/104``) is the IPv4 one.
 
 The check is made on the address a connection is about to be opened to, after the
 name was resolved, so a name that resolves to a denied address (at once, or only on
@@ -37,9 +36,9 @@ a later lookup) is refused too:
   address the name resolves to later can only be one that holds the name's
   certificate.
 
-A refused connection is a connection error naming the address and the network that
-refuses it: the delivery is retried, then dead-lettered, as for a host that cannot be
-reached; a test event reports it.
+A refused connection is a connection error naming the address (not the network:
+the operator's list is no account's business): the delivery is retried, then
+dead-lettered, as for a host that cannot be reached; a test event reports it.
 """
 
 from __future__ import annotations
@@ -183,12 +182,10 @@ class DestinationGuard:
     async def allowed(self, host: str, port: int) -> list[str]:
         """The addresses of ``host`` a connection may be made to, in the resolver's
         order; Denied naming them when every one is refused. A name that cannot be
-        resolved is returned as it is, for the client to report."""
+        resolved raises the resolver's error (a lookup that failed here is not made
+        again unchecked)."""
         loop = asyncio.get_running_loop()
-        try:
-            infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        except OSError:
-            return [host]
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         addresses = list(dict.fromkeys(str(sockaddr[0]) for *_, sockaddr in infos))
         reasons = [self.reason(address) for address in addresses]
         if all(reasons):

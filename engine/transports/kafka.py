@@ -202,6 +202,7 @@ class _Slot:
     target: Kafka
     servers: str
     gate: asyncio.Semaphore  # deliveries in flight on this producer
+    fence: _Fence  # DESTINATION_DENY, and what it refused this producer
     producer: AIOKafkaProducer | None = None
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     # one batch hand-over at a time per (topic, partition): aiokafka's add_batch
@@ -229,7 +230,6 @@ class KafkaTransport(Transport):
         self._keys: dict[str, tuple[bytes, int | None]] = {}
         self._sticky = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
-        self._fence = _Fence(self.guard)
 
     # --- delivery ----------------------------------------------------------------------
 
@@ -238,8 +238,10 @@ class KafkaTransport(Transport):
         where = f"Kafka {slot.servers} topic {target.topic!r}"
         if not delivery.parts:
             return Outcome(ok=True, detail=f"{where}: no records")
-        # this delivery's connections, and those of the producer tasks it starts
-        _FENCE.set(self._fence)
+        # this delivery's connections, and those of the producer tasks it starts: each
+        # producer keeps its own record of what was refused (hooks of other accounts
+        # share the transport, and must not read of each other's brokers)
+        _FENCE.set(slot.fence)
         began = time.monotonic()
         # the timeout starts once through the gate: time spent queueing behind other
         # deliveries to the same producer is not the broker's fault
@@ -254,12 +256,11 @@ class KafkaTransport(Transport):
                 try:
                     await self._attempt(slot, target.topic, delivery, where)
                 except (ConnectError, Timeout) as exc:
-                    if self._fence.refused_at >= began and \
-                            self._fence.refused not in str(exc):
+                    fence = slot.fence
+                    if fence.refused_at >= began and fence.refused not in str(exc):
                         # a broker the metadata names was refused: aiokafka only
                         # logs why it could not connect
-                        exc.args = (f"{exc}; a connection was refused: "
-                                    f"{self._fence.refused}",)
+                        exc.args = (f"{exc}; a connection was refused: {fence.refused}",)
                     if slot.producer is None:  # found dead: fail fast a while
                         slot.failed_until = time.monotonic() + self.breaker_sec
                         slot.last_error = str(exc)
@@ -427,7 +428,8 @@ class KafkaTransport(Transport):
             make_room(self._slots, MAX_PRODUCERS, IDLE_CLOSE_SEC,
                       lambda old, _: self._retire(old, old.producer))
             slot = self._slots[key] = _Slot(target, ",".join(target.bootstrap_servers),
-                                            asyncio.Semaphore(self.concurrency))
+                                            asyncio.Semaphore(self.concurrency),
+                                            _Fence(self.guard))
         else:  # most recently used last
             self._slots[key] = self._slots.pop(key)
         return slot

@@ -593,6 +593,9 @@ def test_event_date_ns_property() -> None:
     [fine] = decode_events(as_array([ev(event_date="2018-03-04T13:13:19.12345678919Z")]))
     assert fine.event_date == "2018-03-04T13:13:19.123456789Z"
     assert fine.date_ns == 1_520_169_199_123_456_789
+    (issue,) = decode_batch(as_array([ev(event_date="2018-03-04T13:13:19." + "1" * 31 + "Z")]
+                                     )).issues
+    assert issue.field == "event_date" and "is not an RFC 3339 time" in issue.reason
 
 
 def test_intake_entries_round_trip_and_json_entries_still_read() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -124,10 +125,29 @@ def test_kafka_refuses_a_denied_broker_the_cluster_names(tansu_bin: str, tmp_pat
     try:
         assert wait_for(lambda: port_open("127.0.0.2", port), 10), "tansu did not start"
         target = Kafka(bootstrap_servers=[f"127.0.0.2:{port}"], topic="t")
-        outcome = send(KafkaTransport(timeout_sec=5, deny="127.0.0.1"), target, "kafka")
+        # at the same time, another hook's producer on the same transport, whose
+        # "broker" takes the connection and never answers: it fails after the refusal
+        silent = socket.socket()
+        silent.bind(("127.0.0.3", 0))
+        silent.listen(8)
+        other = Kafka(bootstrap_servers=[f"127.0.0.3:{silent.getsockname()[1]}"], topic="t")
+
+        async def both() -> list[Outcome]:
+            transport = KafkaTransport(timeout_sec=3, deny="127.0.0.1")
+            try:
+                return list(await asyncio.gather(transport.send(target, delivery("kafka")),
+                                                  transport.send(other, delivery("kafka"))))
+            finally:
+                await transport.close()
+
+        with silent:
+            outcome, elsewhere = asyncio.run(both())
         assert not outcome.ok and outcome.error in ("ConnectError", "Timeout")
         assert f"a connection was refused: 127.0.0.1:{port}: address 127.0.0.1 is refused " \
                "by DESTINATION_DENY" in outcome.detail, outcome.detail
+        # what one producer was refused is not told of another's failure
+        assert not elsewhere.ok and "127.0.0.3" in elsewhere.detail
+        assert "DESTINATION_DENY" not in elsewhere.detail, elsewhere.detail
     finally:
         proc.terminate()
         proc.wait(10)
@@ -161,12 +181,14 @@ def test_engine_dead_letters_what_a_denied_destination_was_sent(
                             HOOK_RETRY_TIMES=2)
     hook = engine.create_hook(http_hook(receiver, "/engine-deny", max_batch_size=10))
     engine.publish(events(10, types=("click",), list_id=3))
-    assert wait_for(lambda: engine.dead_letters(hook_id=hook.id), 20)
-    (letter,) = engine.dead_letters(hook_id=hook.id)
-    assert letter.messages == 10 and letter.resends == 2
-    assert "address 127.0.0.1 is refused by DESTINATION_DENY" in letter.last_error
+    assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 60), \
+        engine.stats(hook.id)
+    letters = engine.dead_letters(hook_id=hook.id)
+    assert sum(letter.messages for letter in letters) == 10, letters
+    for letter in letters:
+        assert letter.resends == 2, letter
+        assert "address 127.0.0.1 is refused by DESTINATION_DENY" in letter.last_error, letter
     assert receiver.requests("/engine-deny") == []
-    assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 5)
     outcome = engine.test_event(hook, "click")
     assert not outcome.ok and "DESTINATION_DENY" in outcome.detail
 
