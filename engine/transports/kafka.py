@@ -146,7 +146,7 @@ def producer_options(target: Kafka, timeout_sec: float) -> dict[str, Any]:
 
 @dataclass
 class _Fence:
-    """A Kafka transport's DESTINATION_DENY and the last connection it refused."""
+    """One producer's DESTINATION_DENY and the last connection it refused."""
 
     guard: DestinationGuard
     refused: str = ""
