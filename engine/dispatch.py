@@ -163,6 +163,11 @@ class Dispatcher:
         self.outbox: list[Delivery] = []  # batches closed (full, due or flushed by a change)
         self.produced: Counter[str] = Counter()  # stream entry id -> messages batched
         self.counted = False  # the last process() counted its matches as accepted
+        # the ``accepted`` counts of a round sent without a reply: (token, hook id ->
+        # matches), sent again with its token before anything else, so made once
+        self.unsure_count: tuple[str, Counter[int]] | None = None
+        self.count_once: str | None = None  # the worker's booking-token key (Booking)
+        self._booking = Booking(side.registry.r)
 
     def take_outbox(self) -> list[Delivery]:
         out, self.outbox = self.outbox, []
@@ -218,6 +223,7 @@ class Dispatcher:
         ``count`` is false (entries a failed round counted already); ``counted`` says
         whether they were."""
         self.counted = False
+        self.count_unsure()
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
             return
@@ -225,19 +231,34 @@ class Dispatcher:
         owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
         columns = EventColumns.from_events(events, self.catalogue)
         matches = self.index.match(columns)
+        if count:
+            # counted before anything is batched, by a booking with a token: one whose
+            # reply is lost is sent again (the round's entries are not counted anew),
+            # and no message of the round has left yet to be sent twice
+            self.unsure_count = (uuid.uuid4().hex, Counter(
+                {self.index.hooks[pos].id or 0: len(idx) for pos, idx in matches.items()}))
+            self.counted = True
+            self.count_unsure()
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
                     columns)
         self._attach_profiles(matches, events)
         warm(rnd, [(self.builders[self.index.hooks[pos].id or 0], idx)
                    for pos, idx in matches.items()])
-        with self.side.registry.r.pipeline(transaction=False) as pipe:
-            for pos, idx in matches.items():
-                hook = self.index.hooks[pos]
-                if count:
-                    self.side.stats.add(pipe, hook.id or 0, "accepted", len(idx))
-                self._add(hook, idx, rnd, owner, entry_ids, now)
-            pipe.execute()
-        self.counted = count
+        for pos, idx in matches.items():
+            self._add(self.index.hooks[pos], idx, rnd, owner, entry_ids, now)
+
+    def count_unsure(self) -> None:
+        """Book the ``accepted`` counts not known to be booked (``unsure_count``):
+        raises while Redis fails; carried out once however often it is sent."""
+        if self.unsure_count is None:
+            return
+        token, counts = self.unsure_count
+        if counts:
+            once = None if self.count_once is None else (self.count_once, token)
+            with self._booking(once) as pipe:
+                for hook_id, n in sorted(counts.items()):
+                    self.side.stats.add(pipe, hook_id, "accepted", n)
+        self.unsure_count = None
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
              entry_ids: list[str], now: float) -> None:
@@ -430,6 +451,7 @@ class PartitionWorker:
         self.booking: str | None = None
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
         self._booking = Booking(r)
+        self.dispatcher.count_once = self.booked
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.

@@ -111,9 +111,10 @@ class RetryWorker:
                                      f"last error: {delivery.last_error}")
             else:
                 sendable.append((hook, delivery))
-        counts = self.side.retry.handed_over([d.id for _, d in sendable])
         done = 0
         try:
+            # inside: a count whose reply was lost is taken back with the others
+            counts = self.side.retry.handed_over([d.id for _, d in sendable])
             for (hook, delivery), count in zip(sendable, counts, strict=True):
                 if count > MAX_UNANSWERED:
                     self.side.retry.kill(delivery, (

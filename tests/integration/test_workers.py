@@ -1287,6 +1287,49 @@ def test_a_round_failing_after_counting_its_matches_counts_them_once(
     assert stats["delivered"] == sum(d.count for d in sender.transport.sent)
 
 
+@pytest.mark.parametrize("carried_out", [False, True], ids=["not-sent", "reply-lost"])
+def test_matches_counted_without_a_reply_are_counted_once_and_sent_once(
+        carried_out: bool, redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The round's ``accepted`` counts fail with a lost connection: before Redis saw
+    them, or after Redis carried them out, the reply lost. The count is made once,
+    and no message of the round is sent twice."""
+    cfg = one_partition(settings)
+    created = HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 20).publish(clicks(20))
+    lost: list[int] = []
+    execute, call = redis.client.Pipeline.execute, redis.commands.core.Script.__call__
+
+    def lose(run: Callable[[], Any]) -> Any:
+        lost.append(1)
+        if carried_out:
+            run()
+        raise redis.ConnectionError("connection lost")
+
+    def counts_accepted(words: Any) -> bool:
+        return not lost and "accepted" in [w for w in words if isinstance(w, str)]
+
+    def pipeline_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if counts_accepted([w for cmd in self.command_stack for w in cmd[0]]):
+            return lose(lambda: execute(self, *args, **kwargs))
+        return execute(self, *args, **kwargs)
+
+    def script_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        if counts_accepted(list(kwargs.get("args") or ())):
+            return lose(lambda: call(self, *args, **kwargs))
+        return call(self, *args, **kwargs)
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline_execute)
+    monkeypatch.setattr(redis.commands.core.Script, "__call__", script_call)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert lost and [type(e) for e in errors] == [redis.ConnectionError]
+    assert sum(d.count for d in sender.transport.sent) == 20 and sent_once(sender)
+    stats = Stats(redis_client, keys).get(created.id or 0)
+    assert (stats["accepted"], stats["delivered"]) == (20, 20)
+
+
 def test_entries_read_when_setting_one_aside_fails_are_read_again(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -1467,6 +1510,41 @@ def test_a_delivery_whose_sends_never_end_becomes_a_dead_letter(
                                "HTTP 500")
     assert not redis_client.hexists(keys.retry_unanswered, "d1")
     assert int(redis_client.hget(keys.retry_unanswered, "d2") or 0) == MAX_UNANSWERED
+
+
+def test_hand_overs_counted_without_a_reply_are_taken_back(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis counts a re-send's hand-over, the reply is lost and nothing is sent: the
+    count is taken back, so however often that happens the delivery is sent, never
+    dead-lettered as handed over without an outcome."""
+    from engine.retrying import MAX_UNANSWERED
+
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    retry.schedule(Delivery(id="d1", hook_id=created.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    handed_over, lost = RetryStore.handed_over, []
+
+    def reply_lost(self: RetryStore, ids: list[str]) -> list[int]:
+        handed_over(self, ids)
+        lost.append(1)
+        raise redis.ConnectionError("connection lost")
+
+    monkeypatch.setattr(RetryStore, "handed_over", reply_lost)
+    sender = InProcessSender()
+    worker = RetryWorker(settings, redis_client, sender)
+    for _ in range(MAX_UNANSWERED + 1):
+        with pytest.raises(redis.ConnectionError):
+            worker.step()
+        assert int(redis_client.hget(keys.retry_unanswered, "d1") or 0) == 0
+        redis_client.zadd(keys.retry, {"d1": 0})  # the lease runs out
+    monkeypatch.setattr(RetryStore, "handed_over", handed_over)
+    worker.step()
+    worker.step()
+    assert len(lost) == MAX_UNANSWERED + 1 and not retry.dead_letters()
+    assert [d.id for d in sender.transport.sent] == ["d1"]
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 1
 
 
 def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
