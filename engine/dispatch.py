@@ -401,6 +401,19 @@ class _Entry:
     counted: bool = False  # its events' matches are in the hooks' accepted stats
 
 
+# KEYS: the partition's stream, the set-aside stream, the engine's stats; ARGV: the
+# consumer group, the entry's id, then the field/value items of its set-aside copy
+_SET_ASIDE = """
+if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+  return 0
+end
+redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
+redis.call('HINCRBY', KEYS[3], 'entries_unreadable', 1)
+redis.call('XDEL', KEYS[1], ARGV[2])
+return 1
+"""
+
+
 def _views(entries: list[_Entry]) -> list[PartView] | None:
     """The part views of all the entries' events, in order; None if one has none."""
     views: list[PartView] = []
@@ -452,6 +465,7 @@ class PartitionWorker:
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
         self._booking = Booking(r)
         self.dispatcher.count_once = self.booked
+        self._set_aside_once = r.register_script(_SET_ASIDE)
 
     def step(self, block_ms: int | None = None) -> int:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
@@ -689,12 +703,12 @@ class PartitionWorker:
         record: dict[Any, Any] = dict(fields)  # the entry's own fields, then why
         record.update({b"_partition": str(self.partition), b"_entry": entry_id,
                        b"_error": reason})
-        with self.r.pipeline(transaction=True) as pipe:
-            pipe.xadd(self.side.keys.intake_unreadable, record)
-            pipe.hincrby(self.side.keys.engine_stats, "entries_unreadable", 1)
-            pipe.xack(self.stream, CONSUMER_GROUP, entry_id)
-            pipe.xdel(self.stream, entry_id)
-            pipe.execute()
+        # copied only by the call that acknowledges it: sent again after its reply
+        # was lost, it is not set aside (nor counted) twice
+        self._set_aside_once(keys=[self.stream, self.side.keys.intake_unreadable,
+                                   self.side.keys.engine_stats],
+                             args=[CONSUMER_GROUP, entry_id,
+                                   *(x for kv in record.items() for x in kv)])
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
         """Book outcomes: delivered ones counted, failed ones written to the retry

@@ -1089,6 +1089,49 @@ def test_an_entry_that_keeps_failing_is_set_aside_and_the_others_delivered(
     assert len(delivered) == len(set(delivered)) == 16  # 5 + 7 + 4, each once
 
 
+def test_an_entry_set_aside_without_a_reply_is_set_aside_once(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis sets a failing entry aside and the reply is lost: the next attempt
+    finds it done, so one copy is kept, counted once, and requeued once."""
+    from engine.dispatch import MAX_ENTRY_FAILURES
+    from engine.intake import SetAside
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    fail_assembly(monkeypatch, lambda _, ids: True)
+    one_intake(redis_client, keys, 5).publish(clicks(5))
+    execute, call, lost = redis.client.Pipeline.execute, redis.commands.core.Script.__call__, []
+
+    def reply_lost(out: Any, words: list[Any]) -> Any:
+        if not lost and keys.intake_unreadable in words:
+            lost.append(1)
+            raise redis.ConnectionError("connection lost")
+        return out
+
+    def pipeline_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        words = [w for cmd in self.command_stack for w in cmd[0]]
+        return reply_lost(execute(self, *args, **kwargs), words)
+
+    def script_call(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return reply_lost(call(self, *args, **kwargs), list(kwargs.get("keys") or ()))
+
+    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline_execute)
+    monkeypatch.setattr(redis.commands.core.Script, "__call__", script_call)
+    worker = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    # the entry stays to be tried again, fails again, and is found set aside
+    errors += run_through_failures(worker, lambda: not worker.again and worker.unsettled == 0)
+    assert lost and len(errors) == MAX_ENTRY_FAILURES + 1
+    assert redis_client.xlen(keys.intake(0)) == 0
+    assert redis_client.xlen(keys.intake_unreadable) == 1
+    assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    monkeypatch.undo()
+    assert SetAside(redis_client, keys).requeue() == 1
+    assert sum(len(decode_entry(f)) for _, f in redis_client.xrange(keys.intake(0))) == 5
+
+
 @pytest.mark.parametrize("outage_error", [
     redis.ConnectionError("Redis is restarting"),
     redis.exceptions.OutOfMemoryError("command not allowed when used memory > 'maxmemory'."),
