@@ -587,9 +587,34 @@ class _KeyPlaces:
         return self._places[key]
 
 
+def _by_bytes(ids: list[str], sizes: list[int], limit: int) -> Iterator[list[str]]:
+    """``ids`` in order, in chunks whose ``sizes`` add up to ``limit`` at most (one
+    larger than that alone)."""
+    chunk: list[str] = []
+    total = 0
+    for delivery_id, size in zip(ids, sizes, strict=True):
+        if chunk and total + size > limit:
+            yield chunk
+            chunk, total = [], 0
+        chunk.append(delivery_id)
+        total += size
+    if chunk:
+        yield chunk
+
+
+def _not_found(missing: list[str]) -> NotFound:
+    shown = ", ".join(named(i) for i in missing[:20])
+    more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
+    return NotFound(f"dead letter(s) {shown}{more} do not exist")
+
+
 REPLAY_TRIES = 5  # replay attempts while dead letters change under it
 DEAD_READ_CHUNK = 500  # dead letters read per round trip
 DEAD_MOVE_CHUNK = 500  # dead letters replayed or discarded per script
+# payload bytes one script copies at most (one payload larger than this alone): a
+# delivery may hold MAX_BATCH_BYTES, and hundreds of those would hold Redis for seconds
+CLAIM_BYTES = 8 * 1024 * 1024  # re-sends claimed at once
+DEAD_MOVE_BYTES = 8 * 1024 * 1024  # dead letters replayed or discarded per script
 PAST = {"replay": "replayed", "discard": "discarded"}
 
 
@@ -652,10 +677,13 @@ class RetryStore:
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
 
-    def claim_due(self, limit: int = 100, now: int | None = None) -> list[Delivery]:
+    def claim_due(self, limit: int = 100, now: int | None = None,
+                  max_bytes: int = CLAIM_BYTES) -> list[Delivery]:
+        """Up to ``limit`` due re-sends, leased: of at most ``max_bytes`` of payloads
+        together, or one larger than that."""
         now = now_ms() if now is None else now
         pairs = self._claim(keys=[self.k.retry, self.k.retry_payload],
-                            args=[now, now + RETRY_LEASE_MS, limit])
+                            args=[now, now + RETRY_LEASE_MS, limit, max_bytes])
         out = []
         for delivery_id, raw in zip(pairs[::2], pairs[1::2], strict=True):
             try:
@@ -853,8 +881,9 @@ class RetryStore:
     def replay(self, ids: Iterable[str]) -> int:
         """Put dead letters back on the schedule, due now, with fresh re-send counts.
         An unknown id raises NotFound before anything is moved. The move is one
-        script that first checks every payload is still the one read: a replay of the
-        same ids running meanwhile moves them once, and the other finds them gone."""
+        script per DEAD_MOVE_BYTES of payloads (one, unless the letters are large)
+        that first checks every payload is still the one read: a replay of the same
+        ids running meanwhile moves them once, and the other finds them gone."""
         return self._move("replay", list(dict.fromkeys(ids)))
 
     def discard(self, ids: Iterable[str]) -> int:
@@ -867,8 +896,9 @@ class RetryStore:
     def replay_all(self, account_id: int | None = None, hook_id: int | None = None,
                    progress: Callable[[int], None] | None = None) -> int:
         """``replay`` every dead letter (of an account, of a hook) kept when it
-        starts, in chunks of DEAD_MOVE_CHUNK, each chunk one script: Redis is never
-        held up by one long script, and nothing is read whole into memory. One
+        starts, in chunks of DEAD_MOVE_CHUNK letters and DEAD_MOVE_BYTES of payloads,
+        each chunk one script: Redis is never held up by one long script, and nothing
+        is read whole into memory. One
         dead-lettered again meanwhile is not taken twice. ``progress(n)`` is called
         after each chunk with the number moved so far."""
         return self._move_all("replay", account_id, hook_id, progress)
@@ -904,13 +934,8 @@ class RetryStore:
         for page in self._pages(key, DEAD_MOVE_CHUNK):
             due = [(m, score) for m, score in page if score <= cutoff]
             if due:
-                try:
-                    moved = self._move(mode, [m.decode() for m, _ in due], account_id,
-                                       hook_id, strict=False)
-                except Conflict as exc:
-                    raise Conflict(f"{exc} ({done} dead letter(s) {PAST[mode]} before this "
-                                   "stay so)") from None
-                done += moved
+                done += self._move(mode, [m.decode() for m, _ in due], account_id,
+                                   hook_id, strict=False, before=done)
                 if progress is not None:
                     progress(done)
             if len(due) < len(page):
@@ -918,22 +943,44 @@ class RetryStore:
         return done
 
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
-              hook_id: int | None = None, strict: bool = True) -> int:
-        """How many of ``ids`` ``dead_move.lua`` moved, tried again while some change
-        between the read and the script. ``strict``: a missing or undecodable id
-        raises NotFound and nothing moves; else such ids, and those not of
-        ``account_id``/``hook_id``, are left where they are."""
+              hook_id: int | None = None, strict: bool = True, before: int = 0) -> int:
+        """How many of ``ids`` ``dead_move.lua`` moved, a script per DEAD_MOVE_BYTES
+        of payloads. ``strict``: a missing id raises NotFound and nothing moves; else
+        such ids, and those not of ``account_id``/``hook_id``, are left where they
+        are. An error after a chunk moved says how many moved (``before``: how many
+        the caller moved before this call), as they stay so."""
         if not ids:
             return 0
+        with self.r.pipeline(transaction=False) as pipe:
+            for delivery_id in ids:
+                pipe.hstrlen(self.k.dead_payload, delivery_id)
+            sizes = [int(n) for n in pipe.execute()]
+        if strict:
+            missing = [i for i, size in zip(ids, sizes, strict=True) if not size]
+            if missing:
+                raise _not_found(missing)
+        done = 0
+        for chunk in _by_bytes(ids, sizes, DEAD_MOVE_BYTES):
+            try:
+                done += self._move_chunk(mode, chunk, account_id, hook_id, strict)
+            except (NotFound, Conflict) as exc:
+                if before + done:
+                    raise type(exc)(f"{exc} ({before + done} dead letter(s) {PAST[mode]} "
+                                    "before this stay so)") from None
+                raise
+        return done
+
+    def _move_chunk(self, mode: str, ids: list[str], account_id: int | None,
+                    hook_id: int | None, strict: bool) -> int:
+        """``_move`` of ids whose payloads one script may copy, tried again while some
+        change between the read and the script."""
         for _ in range(REPLAY_TRIES):
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
             if strict:
                 missing = [i for i, raw in zip(ids, payloads, strict=True) if raw is None]
                 if missing:
-                    shown = ", ".join(named(i) for i in missing[:20])
-                    more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
-                    raise NotFound(f"dead letter(s) {shown}{more} do not exist")
+                    raise _not_found(missing)
             good: list[tuple[str, bytes, Delivery]] = []
             for delivery_id, raw in zip(ids, payloads, strict=True):
                 try:

@@ -688,6 +688,56 @@ def test_all_dead_letters_move_in_chunks_with_progress(
     assert Stats(redis_client, keys).get(10)["discarded"] == (0 if verb == "replay" else 1202)
 
 
+def test_large_re_sends_are_claimed_a_few_at_a_time(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A claim copies at most ``max_bytes`` of payloads (one larger alone), in the
+    order due; those left wait for the next claim, unleased."""
+    retry = RetryStore(redis_client, keys)
+    for n, size in enumerate([400, 400, 400, 3000, 100]):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=1, account_id=1, kind="http_batch",
+                                parts=[b"x" * size]), due_ms=n, error="HTTP 500")
+    two = sum(redis_client.hstrlen(keys.retry_payload, f"d{n}") for n in (0, 1))
+    claims = []
+    while claimed := retry.claim_due(200, now=100, max_bytes=two):
+        claims.append([d.id for d in claimed])
+    assert claims == [["d0", "d1"], ["d2"], ["d3"], ["d4"]]
+    assert retry.pending() == 5  # leased, none lost
+    assert [d.id for d in retry.claim_due(200, now=2**62)] == ["d0", "d1", "d2", "d3", "d4"]
+
+
+@pytest.mark.parametrize("verb", ["replay", "discard"])
+def test_large_dead_letters_move_a_few_per_script(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch,
+        verb: str) -> None:
+    """Scripts copy at most DEAD_MOVE_BYTES of payloads (one larger alone); an error
+    after some moved says how many, and those stay moved."""
+    import engine.stores
+
+    retry = RetryStore(redis_client, keys)
+    letters = [Delivery(id=f"d{n}", hook_id=10, account_id=1, kind="http_batch",
+                        parts=[b"x" * 400]) for n in range(5)]
+    for letter in letters:
+        retry.kill(letter, "HTTP 500")
+    monkeypatch.setattr(engine.stores, "DEAD_MOVE_BYTES", sum(
+        redis_client.hstrlen(keys.dead_payload, f"d{n}") for n in (0, 1)))
+    script, ids_per_script = retry._replay, []
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        ids_per_script.append(kwargs["args"][2::7])
+        return script(*args, **kwargs)
+
+    retry._replay = counting  # type: ignore[method-assign]
+    assert getattr(retry, verb)(["d0", "d1", "d2"]) == 3
+    assert ids_per_script == [["d0", "d1"], ["d2"]]
+    redis_client.hset(keys.dead_payload, "d4", b"\xc1 damaged" + b"x" * 600)
+    with pytest.raises(NotFound, match=r"d4 cannot be decoded.*\(1 dead letter\(s\) "
+                                       rf"{verb}[a-z]* before this stay so\)"):
+        getattr(retry, verb)(["d3", "d4"])
+    assert redis_client.zrange(keys.dead, 0, -1) == [b"d4"]
+    assert getattr(retry, f"{verb}_all")(hook_id=10) == 0  # d4 stays where it is
+    assert retry.pending() == (4 if verb == "replay" else 0)
+
+
 def test_two_runs_over_all_dead_letters_at_once_keep_to_the_chunk(
         redis_client: redis.Redis, keys: Keys) -> None:
     """While one run discards all, another discards half of each chunk the first has
