@@ -715,7 +715,9 @@ def _entries(reply: Any) -> list[tuple[bytes, dict[bytes, bytes]]]:
 
 
 def _stream_id(value: Any) -> bool:
-    return isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value) is not None
+    """A stream entry's id: two whole numbers up to 2^64-1, joined by a ``-``."""
+    return isinstance(value, str) and re.fullmatch(r"[0-9]{1,20}-[0-9]{1,20}", value) is not None \
+        and all(int(part) < 2**64 for part in value.split("-"))
 
 
 def _text(value: bytes | None) -> str | None:

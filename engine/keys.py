@@ -55,6 +55,12 @@ key                             type     holds
 
 from __future__ import annotations
 
+# the first word after the prefix of every key (and of the API tokens' hash): a
+# prefix that holds one of them after a ":" would share keys with a shorter prefix
+# (``x:stats``'s claim ``x:stats:engine`` is ``x``'s engine stats)
+KEY_WORDS = frozenset({"intake", "acked", "booked", "config", "hooks", "version", "names",
+                       "profiles", "content", "retry", "dead", "stats", "alive", "engine",
+                       "tokens"})
 CONSUMER_GROUP = "dispatch"
 INTAKE_FIELD = b"e"
 # A claimed retry is hidden for this long; if its sender dies it becomes due again.

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
+from engine.keys import KEY_WORDS
 from engine.transports.guard import DEFAULT_DENY, parse_deny
 
 DEFAULT_RETRY_TIMES = 4  # re-sends after the first attempt (spec f)
@@ -113,6 +114,18 @@ class Settings(BaseModel):
     @classmethod
     def _deny_is_networks(cls, value: str) -> str:
         parse_deny(value)  # a ValueError names the wrong item
+        return value
+
+    @field_validator("REDIS_PREFIX")
+    @classmethod
+    def _prefix_nests_in_no_other(cls, value: str) -> str:
+        taken = [word for word in value.split(":")[1:] if word in KEY_WORDS]
+        if taken:
+            raise PydanticCustomError(
+                "redis_prefix", "{reason}",
+                {"reason": f"{taken[0]!r} after a ':' is a word of hookray's keys: this "
+                           "prefix would share keys with the engine of the prefix before "
+                           "it; choose another word"})
         return value
 
     @field_validator("REDIS_URL")

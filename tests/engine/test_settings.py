@@ -120,6 +120,9 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("REDIS_PREFIX", "", "at least 1 character"),
     ("REDIS_PREFIX", "x" * 65, "at most 64 characters"),
     ("REDIS_PREFIX", "has space", "accepted: letters, digits and _ . : - (no spaces"),
+    # x:stats:engine, its engine's claim, would be the engine stats of the prefix x
+    ("REDIS_PREFIX", "x:stats", "'stats' after a ':' is a word of hookray's keys"),
+    ("REDIS_PREFIX", "app:prod:hooks", "'hooks' after a ':' is a word of hookray's keys"),
     ("ENGINE_LEASE_SEC", "0", "accepted: a number >= 1"),
     ("ENGINE_LEASE_SEC", "15s", BOUND_NUM),
     ("PARTITIONS", "0", "accepted: a number >= 1"),
@@ -654,3 +657,14 @@ def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
     assert loaded.transport_options("kafka") == {"timeout_sec": 10.0,
                                                  "deny": "loopback,192.0.2.0/24"}
     assert load_settings(path, environ={"DESTINATION_DENY": ""}).DESTINATION_DENY == ""
+
+
+def test_key_words_name_the_first_word_of_every_key() -> None:
+    """KEY_WORDS, which REDIS_PREFIX may not hold after a ':', covers every key."""
+    import engine.keys
+    from engine.auth import tokens_key
+    from engine.keys import KEY_WORDS
+
+    table = {line.split(":")[1].split()[0] for line in (engine.keys.__doc__ or "").splitlines()
+             if line.startswith("{p}:")}
+    assert table and table | {tokens_key("P").split(":")[1]} == KEY_WORDS

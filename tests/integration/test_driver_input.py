@@ -52,6 +52,11 @@ def engine(settings: Settings) -> Iterator[Engine]:
     (lambda e: e.requeue_set_aside(["soon"]),
      "requeue_set_aside: 'soon' is no set-aside entry's id"),
     (lambda e: e.set_aside(limit=0), "set_aside: limit must be a whole number >= 1"),
+    # a stream id's parts are 64-bit: Redis would refuse these with its own error
+    (lambda e: e.requeue_set_aside(["18446744073709551616-0"]),
+     "requeue_set_aside: '18446744073709551616-0' is no set-aside entry's id"),
+    (lambda e: e.set_aside(after="1-99999999999999999999"),
+     "set_aside: after: expected a set-aside entry's id"),
     (lambda e: e.upsert_profiles(1, {"p1": {"email": "a@b"}, "p2": {"tags": {"x"}}}),
      "upsert_profiles: the fields of profile 'p2': not JSON"),
     (lambda e: e.upsert_profiles(1, {"p1": {"score": float("nan")}}),
