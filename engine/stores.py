@@ -30,6 +30,7 @@ from engine.hooks import (
     changed_paths,
     destination,
     masked_secrets,
+    not_utf8,
     parse_hook,
     quoted,
     restore_secrets,
@@ -336,6 +337,8 @@ class NameStore:
                 raise ValueError(f"upsert_names: record {n}: {exc}; nothing stored") from None
         for rec in check.to_records():
             key = f"{rec.pop('account_id')}:{rec.pop('kind')}:{rec.pop('id')}"
+            if problem := not_utf8(rec):  # no message could carry it
+                raise ValueError(f"upsert_names: {key}: {problem}; nothing stored")
             fields[key] = json.dumps(rec)
         if fields:
             with self.r.pipeline() as pipe:
@@ -402,13 +405,19 @@ class ProfileStore:
 
 def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, str]:
     """Each mapping of ``values`` as JSON text, by key; ValueError "``what`` 'key': not
-    JSON: ..." for one that is not (NaN included), before anything is stored."""
+    JSON: ..." for one that is not (NaN included), or that holds text that is not
+    valid UTF-8 (a lone surrogate: no message could carry it), before anything is
+    stored."""
     encoded = {}
     for key, value in values.items():
         try:
             encoded[key] = json.dumps(dict(value), allow_nan=False)
         except (TypeError, ValueError, RecursionError) as exc:
-            raise ValueError(f"{what} {key!r}: not JSON: {exc}; nothing stored") from None
+            raise ValueError(f"{what} {quoted(key)}: not JSON: {exc}; nothing stored") from None
+        if problem := not_utf8(key):
+            raise ValueError(f"{what} {quoted(key)}: the id is {problem}; nothing stored")
+        if problem := not_utf8(dict(value)):
+            raise ValueError(f"{what} {quoted(key)}: {problem}; nothing stored")
     return encoded
 
 

@@ -61,6 +61,17 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "upsert_profiles: the fields of profile 'p2': not JSON"),
     (lambda e: e.upsert_profiles(1, {"p1": {"score": float("nan")}}),
      "upsert_profiles: the fields of profile 'p1': not JSON"),
+    # text no message could carry: refused here, not failing every round that uses it
+    (lambda e: e.upsert_profiles(1, {"p1": {"email": "a@b"}, "p2": {"email": "a\udfffb"}}),
+     "upsert_profiles: the fields of profile 'p2': value of 'email': not valid UTF-8: a "
+     "lone surrogate '\\udfff' at character 1; nothing stored"),
+    (lambda e: e.upsert_profiles(1, {"p\ud800": {"email": "a@b"}}),
+     "upsert_profiles: the fields of profile 'p\\ud800': the id is not valid UTF-8"),
+    (lambda e: e.upsert_names([{"account_id": 7, "kind": "campaigns", "id": 1,
+                                "name": "Black \ud800 Friday"}]),
+     "upsert_names: 7:campaigns:1: value of 'name': not valid UTF-8"),
+    (lambda e: e.store_content(1, {"s1": {"subject": "\ud83d"}}),
+     "store_content: content of send id 's1': value of 'subject': not valid UTF-8"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_arguments_are_refused_naming_the_call_and_argument(
         engine: Engine, redis_client: Any, keys: Any, call: Any, message: str) -> None:
