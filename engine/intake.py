@@ -67,7 +67,8 @@ _ID = attrgetter("id")
 # Python frames the intake encodes events below (see _deeper)
 RECURSION_RESERVE = 100
 # what encoding a batch raises when one of its events cannot be written
-_UNENCODABLE = (TypeError, OverflowError, RecursionError)
+_UNENCODABLE = (TypeError, OverflowError, UnicodeEncodeError, RecursionError)
+_json_encode = msgspec.json.encode
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -95,13 +96,22 @@ def encoding_issue(index: int, event: Event) -> EventIssue | None:
         _deeper(_entry_encoder.encode, [event])  # in a list, as in an entry
     except RecursionError:
         return EventIssue(index, _too_deep(event), NESTED_TOO_DEEPLY)
-    except (TypeError, OverflowError) as exc:
-        try:
-            where = _unencodable(event, "")
-        except RecursionError:  # deep, as well
-            where = "$"
-        return EventIssue(index, where, f"cannot be encoded: {exc}")
+    except (TypeError, OverflowError, UnicodeEncodeError) as exc:
+        return _unencodable_issue(index, event, _entry_encoder.encode, exc)
     return None
+
+
+def _unencodable_issue(index: int, value: Any, encode: Callable[[Any], bytes],
+                       exc: Exception) -> EventIssue:
+    """The issue of an event ``encode`` failed on with ``exc``, naming the field."""
+    try:
+        where = _unencodable(value, "", encode)
+    except RecursionError:  # deep, as well
+        where = "$"
+    if isinstance(exc, UnicodeEncodeError):  # a lone surrogate: no message could carry it
+        return EventIssue(index, where, "not valid UTF-8: a lone surrogate "
+                                        f"{exc.object[exc.start:exc.start + 1]!r}")
+    return EventIssue(index, where, f"cannot be encoded: {exc}")
 
 
 def encoding_issues(events: Sequence[Event], indices: Sequence[int] | None = None
@@ -142,9 +152,10 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
     return sorted(issues, key=attrgetter("index"))
 
 
-def _unencodable(value: Any, path: str) -> str:
+def _unencodable(value: Any, path: str,
+                 encode: Callable[[Any], bytes] = _entry_encoder.encode) -> str:
     """The path (as in a validation error) of the first value inside ``value`` that
-    msgpack cannot encode; ``$`` for ``value`` itself."""
+    ``encode`` (msgpack's) cannot encode; ``$`` for ``value`` itself."""
     items: Iterator[tuple[str, Any]] = iter(())
     if isinstance(value, msgspec.Struct):
         items = ((f"{path}.{name}" if path else name, getattr(value, attr)) for attr, name
@@ -155,9 +166,15 @@ def _unencodable(value: Any, path: str) -> str:
         items = ((f"{path}[{n}]", v) for n, v in enumerate(value))
     for inner, v in items:
         try:
-            _entry_encoder.encode(v)
-        except (TypeError, OverflowError):
-            return _unencodable(v, inner)
+            encode(v)
+        except (TypeError, OverflowError, UnicodeEncodeError):
+            return _unencodable(v, inner, encode)
+    if isinstance(value, dict):  # a key: not a string (msgspec.json), or not UTF-8
+        for key in value:
+            try:
+                encode({key: None})
+            except (TypeError, OverflowError, UnicodeEncodeError):
+                return f"{path}.{key}" if path else str(key)
     return path or "$"
 
 
@@ -288,7 +305,28 @@ class Intake:
         if isinstance(events, bytes | str):
             return decode_batch(events, self.catalogue)
         plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
-        return decode_batch(msgspec.json.encode(plain), self.catalogue)
+        try:
+            return decode_batch(_json_encode(plain), self.catalogue)
+        except _UNENCODABLE:
+            pass
+        # one JSON cannot hold (a key that is no string, a value of no JSON type, a
+        # lone surrogate): each event alone, those that fail named, the others decoded
+        texts: list[bytes] = []
+        kept: list[int] = []
+        issues: list[EventIssue] = []
+        for i, item in enumerate(plain):
+            try:
+                texts.append(_deeper(_json_encode, item))
+                kept.append(i)
+            except RecursionError:
+                issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))
+            except _UNENCODABLE as exc:
+                issues.append(_unencodable_issue(i, item, _json_encode, exc))
+        batch = decode_batch(b"[" + b",".join(texts) + b"]", self.catalogue)
+        issues += [EventIssue(kept[x.index], x.field, x.reason) if x.index >= 0 else x
+                   for x in batch.issues]
+        return DecodedBatch(batch.events, [kept[j] for j in batch.indices],
+                            sorted(issues, key=attrgetter("index")))
 
     def publish(self, events: bytes | str | Sequence[Event | dict[str, Any]],
                 partial: bool = False) -> PublishResult:

@@ -668,6 +668,9 @@ def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake() -> None
     ({"event_data": {"when": object()}}, "event_data.when", "cannot be encoded: "),
     ({"segment_ids": [1, 2**64]}, "segment_ids[1]", "cannot be encoded: "),
     ({"xxh": b"\x00"}, "_xxh", "Expected `str | null`, got `bytes`"),
+    # text no message could carry
+    ({"event_data": {"k": "\udcff"}}, "event_data.k", "not valid UTF-8: a lone surrogate"),
+    ({"profile_id": "p\ud800"}, "profile_id", "not valid UTF-8: a lone surrogate '\\ud800'"),
 ])
 def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
         fields: dict[str, Any], field: str, reason: str) -> None:
@@ -810,3 +813,29 @@ def test_an_id_in_event_data_is_checked_whatever_its_value_and_the_top_level(
                                    f"expected an integer, got {value!r}")]
     good = decode_batch(as_array([ev(event_data={dim: 0}, **top)]))
     assert triples(good) == [] and len(good.events) == 1
+
+
+@pytest.mark.parametrize(("fields", "field", "reason"), [
+    ({"profile_id": "\ud800"}, "profile_id", "not valid UTF-8: a lone surrogate '\\ud800'"),
+    ({"event_data": {"k\udfff": 1}}, "event_data.k\udfff", "not valid UTF-8"),
+    ({"profile": {None: 1}}, "profile.None", "cannot be encoded: "),
+    ({"event_data": {"x": object()}}, "event_data.x", "cannot be encoded: "),
+    ({"custom_data": {"a": [1, {"b": 1j}]}}, "custom_data.a[1].b", "cannot be encoded: "),
+])
+@pytest.mark.parametrize("partial", [False, True])
+def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
+        fields: dict[str, Any], field: str, reason: str, partial: bool) -> None:
+    """A dict event given in Python with a value JSON cannot hold is one bad event
+    (partial: the others are kept), never an error of the whole call."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    events = [ev(id="a"), ev(id="b", **fields), ev(id="c"), Event(**ev(id="d"))]
+    good, issues = intake.validate(events)
+    assert [e.id for e in good] == ["a", "c", "d"]
+    [issue] = issues
+    assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
+    if not partial:
+        with pytest.raises(EventError, match=re.escape(f"event 1: {field}: {reason}")):
+            intake.publish(events)  # refused before anything is written: no Redis needed
