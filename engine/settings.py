@@ -102,6 +102,22 @@ class Settings(BaseModel):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
         return value
 
+    @field_validator("*")
+    @classmethod
+    def _text_is_writable(cls, value: Any) -> Any:
+        # a NUL or a lone surrogate (JSON "\ud800", or a byte of no UTF-8 in the
+        # environment) in a path or URL fails where it is used, with a traceback
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise PydanticCustomError("text", "holds a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError as exc:
+                raise PydanticCustomError(
+                    "text", "not valid UTF-8: a lone surrogate {char} at character {at}",
+                    {"char": repr(value[exc.start]), "at": exc.start}) from None
+        return value
+
     @field_validator("DESTINATION_DENY", mode="before")
     @classmethod
     def _deny_list(cls, value: Any) -> Any:
@@ -159,6 +175,12 @@ class Settings(BaseModel):
         return data
 
 
+# the options a REDIS_URL may give: those redis-py parses, and text ones it takes
+_URL_OPTIONS = frozenset(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | {
+    "client_name", "username", "password", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path",
+    "ssl_certfile", "ssl_keyfile", "ssl_password"}
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why redis-py could not use ``url`` (or would take another database than the
     one written: a path that is no plain number, or a ``db=`` option that says another
@@ -176,6 +198,14 @@ def redis_url_problem(url: str) -> str | None:
         return _scrubbed(f"not a URL redis-py can use: {reason}", url)
     except (ValueError, redis.RedisError) as exc:
         return _scrubbed(f"not a URL redis-py can use: {exc}", url)
+    # options redis-py passes on as text unchecked: one that is no text in redis-py
+    # (socket_type, parser_class, ...) fails every command, decode_responses would
+    # change every reply; the engine takes those it can use as written
+    given = parse_qs(urlsplit(url).query, keep_blank_values=True)
+    odd = sorted(set(given) - _URL_OPTIONS)
+    if odd:
+        return (f"option {odd[0]!r} is not taken here; accepted: "
+                + ", ".join(sorted(_URL_OPTIONS)))
     for option in ("socket_timeout", "socket_connect_timeout"):
         value = pool.connection_kwargs.get(option)
         if value is not None and not (isinstance(value, int | float)

@@ -117,6 +117,14 @@ BAD_ENV: list[tuple[str, str, str]] = [
      "(e.g. redis://HOST:6379/0); redis-py would use database 0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/9/x", "must be a whole number >= 0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/-1", "must be a whole number >= 0"),
+    # options redis-py passes on unchecked, failing every command or changing replies
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_type=abc",
+     "option 'socket_type' is not taken here; accepted: client_name, db,"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?decode_responses=true",
+     "option 'decode_responses' is not taken here"),
+    ("EVENT_TYPES_FILE", "/tmp/a\x00b", "holds a NUL character"),
+    ("EVENT_TYPES_FILE", "/tmp/\ud800.json",
+     "not valid UTF-8: a lone surrogate '\\ud800' at character 5"),
     ("REDIS_PREFIX", "", "at least 1 character"),
     ("REDIS_PREFIX", "x" * 65, "at most 64 characters"),
     ("REDIS_PREFIX", "has space", "accepted: letters, digits and _ . : - (no spaces"),
@@ -236,7 +244,7 @@ def test_tables_cover_every_setting() -> None:
     assert set(CUSTOM) == fields
     assert {key for key, _, _ in BAD_FILE} == fields
     # every setting that can be wrong as environment text has an env case
-    env_checkable = fields - {"EVENT_TYPES_FILE", "RAY_ADDRESS"}
+    env_checkable = fields - {"RAY_ADDRESS"}
     assert {key for key, _, _ in BAD_ENV} == env_checkable
 
 
