@@ -640,6 +640,22 @@ def _printable(text: str) -> str:
     return raw.decode("utf-8", "backslashreplace")
 
 
+def _redis_hint(args: argparse.Namespace, exc: redis.RedisError) -> str:
+    """Which REDIS_URL failed to connect, or answered as no Redis does (password
+    masked), and what is likely wrong; "" for other errors."""
+    if not isinstance(exc, redis.ConnectionError | redis.TimeoutError
+                      | redis.exceptions.InvalidResponse):
+        return ""
+    try:
+        url = load_settings(getattr(args, "config", None)).redacted()["REDIS_URL"]
+    except Exception:  # the error itself is what counts
+        return ""
+    if isinstance(exc, redis.exceptions.InvalidResponse):
+        return (f" (REDIS_URL {url} answers, but not as Redis does: is it another server's "
+                "port? A Ray head's GCS listens on 6379 too unless started with --port)")
+    return f" (REDIS_URL {url}: is Redis running and reachable there?)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
@@ -653,7 +669,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"hookray: error: {_printable(str(exc))}", file=sys.stderr)
         return 2
     except redis.RedisError as exc:
-        print(f"hookray: error: Redis: {_printable(str(exc))}", file=sys.stderr)
+        print(f"hookray: error: Redis: {_printable(str(exc))}{_redis_hint(args, exc)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C before `run` handles it itself (Ray starting) or
         # in any other command: what was started is stopped on the way out, no traceback

@@ -229,7 +229,35 @@ def test_the_demo_with_an_unreachable_redis_says_so_once(
     assert code == 2
     assert err.startswith("hookray: error: Redis: ") and err.count("\n") == 1
     assert f"127.0.0.1:{port}" in err and "Connection refused" in err
+    assert err.rstrip().endswith(f"(REDIS_URL redis://127.0.0.1:{port}/9: is Redis running "
+                                 "and reachable there?)")
     assert out == ""  # neither "starting local Ray" nor "could not remove the demo's keys"
+
+
+def test_a_redis_url_of_another_server_says_which_and_what_it_may_be(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import socket
+    import threading
+
+    # Given REDIS_URL naming a server that answers, but not as Redis does
+    server = socket.create_server(("127.0.0.1", 0))
+    port = server.getsockname()[1]
+
+    def answer() -> None:
+        with server:
+            conn, _ = server.accept()
+            with conn:
+                conn.recv(1024)
+                conn.sendall(b"HTTP/1.1 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    monkeypatch.setenv("REDIS_URL", f"redis://user:secret@127.0.0.1:{port}/9")
+    # When a command reads Redis
+    code, _, err = run_cli(capsys, "stats")
+    # Then the error names the URL, its password masked, and what it may be
+    assert code == 2 and err.startswith("hookray: error: Redis: Protocol error")
+    assert f"(REDIS_URL redis://***@127.0.0.1:{port}/9 answers, but not as Redis does: is " \
+           "it another server's port?" in err and "secret" not in err
 
 
 def test_ctrl_c_while_the_engine_starts_is_no_traceback(
