@@ -24,6 +24,10 @@ from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
 
+# how the main job is stopped, said when it runs (deploy/job.py: `ray job stop`)
+STOP_HINT = "Ctrl-C stops"
+
+
 def _engine(args: argparse.Namespace) -> Any:
     from actors.driver import Engine
 
@@ -74,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             print(f"hookray: HTTP API on {engine.api_url}", flush=True)
         for path, _, data in hooks:
             _create_missing_hook(engine, data, path)
-        print(f"hookray: running ({settings.PARTITIONS} partitions); Ctrl-C stops", flush=True)
+        print(f"hookray: running ({settings.PARTITIONS} partitions); {STOP_HINT}", flush=True)
         _report_until(engine, stop, args.report_sec, args.duration)
     finally:
         engine.shutdown()

@@ -104,8 +104,10 @@ def _events(n: int) -> list[dict[str, Any]]:
     codes = ["open", "uopen", "click", "uclick", "deliv", "hbounce", "import_api", "send"]
     return [{"event_type": codes[i % len(codes)], "account_id": 1, "list_id": 1 + i % 3,
              "event_date": f"2026-11-29T10:{i % 60:02d}:{i % 59:02d}.{i:06d}Z",
-             "profile_id": f"p{i % 97}", "event_data": {"campaign_id": 7 if i % 2 else 8,
-                                                         "message_id": 3, "segment_id": 0}}
+             "profile_id": f"p{i % 97}",
+             # each round of codes from the other campaign: every code has both
+             "event_data": {"campaign_id": 7 if (i // len(codes)) % 2 else 8,
+                            "message_id": 3, "segment_id": 0}}
             for i in range(n)]
 
 

@@ -89,8 +89,11 @@ def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    import actors.cli
     from actors.cli import _parser as hookray_parser
     from actors.cli import main as hookray_main
+
+    actors.cli.STOP_HINT = "`ray job stop JOB_ID` stops"  # no terminal to press Ctrl-C in
 
     hookray_argv = run_argv(args, extra)
     _, unknown = hookray_parser().parse_known_args(hookray_argv)

@@ -171,6 +171,7 @@ def test_engine_runs_as_a_ray_job_and_stops_cleanly(
                          runtime_env=RUNTIME_ENV, metadata={"prefix": prefix})
     text = _wait_running(jobs, job_id)
     assert f'"REDIS_PREFIX": "{prefix}"' in text  # settings came from --config
+    assert "partitions); `ray job stop JOB_ID` stops" in text  # no Ctrl-C in a job
     started = json.loads(text.split("hookray: starting with ", 1)[1].splitlines()[0])
     # Ray's RAY_ADDRESS reached the settings: this cluster's, unless several local Rays
     # run (Ray's job supervisor then names one of them: hence --ray-address above)
