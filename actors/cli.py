@@ -23,7 +23,6 @@ from engine.hooks import not_utf8
 from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
-
 # how the main job is stopped, said when it runs (deploy/job.py: `ray job stop`)
 STOP_HINT = "Ctrl-C stops"
 
