@@ -641,7 +641,10 @@ async def _json(request: web.Request, default: Any = None) -> Any:
     try:
         return json.loads(body)
     except ValueError as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from None
+        reason = str(exc)
+        if "integer string conversion" in reason:  # Python's advice is not the client's
+            reason = "an integer of more than 4,300 digits"
+        raise ApiError(400, f"malformed JSON: {reason}") from None
     except RecursionError:
         raise ApiError(400, f"JSON {NESTED_TOO_DEEPLY}") from None
 
@@ -727,7 +730,8 @@ async def get_hook(request: web.Request) -> web.Response:
 def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[str, Any]
                   ) -> Hook:
     stored = backend.owned_hook(account_id, hook_id)
-    if data.get("id", hook_id) != hook_id:
+    given = data.get("id", hook_id)
+    if type(given) is not int or given != hook_id:  # 1.0 and true are no id
         raise ApiError(422, f"id {shown(data['id'])} differs from the hook's id {hook_id}",
                        [{"field": "id", "reason": f"must be {hook_id} (or absent)"}])
     sent = {**data, "id": hook_id}
@@ -819,6 +823,12 @@ async def clone_hook(request: web.Request) -> web.Response:
 async def test_hook(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
     body = await _json(request)
+    if isinstance(body, dict) and (problems := [
+            {"field": field_name(field), "reason": "unknown field"}
+            for field in body if field != "event_type"]):
+        # as clone's: a field meant to change the test is not ignored unsaid
+        raise ApiError(422, "expected {\"event_type\": event code}: " + "; ".join(
+            f"{p['field']}: {p['reason']}" for p in problems), problems)
     event_type = body.get("event_type") if isinstance(body, dict) else None
     if not isinstance(event_type, str) or event_type not in backend.catalogue:
         reason = ("required: an event code" if event_type is None

@@ -806,9 +806,15 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
                             json_body=hook_body(account_id="one"))
     assert answer.status == 422 and answer.error["issues"][0]["field"] == "account_id"
     hook = await api.create()
-    answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
-                            json_body={**hook_body(), "id": hook["id"] + 1})
-    assert answer.status == 422 and answer.error["issues"][0]["field"] == "id"
+    for wrong in (hook["id"] + 1, float(hook["id"]), True, str(hook["id"])):
+        answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                                json_body={**hook_body(), "id": wrong})
+        assert answer.status == 422 and answer.error["issues"][0]["field"] == "id", wrong
+    body = b'{"name": "h", "account_id": 1' + b"1" * 5000 + b"}"
+    answer = await api.call("POST", "/v1/hooks", api.master, data=body,
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 400 and answer.error["message"] == \
+        "malformed JSON: an integer of more than 4,300 digits"
     answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
                             json_body={**hook_body(), "actions": ["clik"]})
     assert answer.status == 422 and answer.error["issues"][0]["field"] == "actions"
@@ -995,6 +1001,12 @@ async def test_test_event_is_sent_through_the_hooks_target(api: Api,
                                 json_body=body)
         assert answer.status == 422
         assert answer.error["issues"] == [{"field": "event_type", "reason": reason}]
+    # a field meant to shape the test is refused, not ignored
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "click", "link_url": "https://x.test/"})
+    assert answer.status == 422
+    assert answer.error["issues"] == [{"field": "link_url", "reason": "unknown field"}]
+    assert len(receiver.requests("/test-target")) == 2  # nothing sent
 
 
 async def test_a_test_event_of_a_code_from_event_types_file(
