@@ -71,11 +71,13 @@ class DeadLetter:
     last_error: str
     message_ids: list[str]
     cursor: str = ""  # its place: dead_letters(after=cursor) goes on after it
+    created_ms: int = 0  # when its first attempt was made (unix ms), as the API gives it
+    last_attempt_ms: int = 0  # when its last attempt failed (unix ms)
 
     @classmethod
     def of(cls, d: Delivery, cursor: str = "") -> DeadLetter:
         return cls(d.id, d.hook_id, d.account_id, d.kind, d.count, d.resends, d.last_error,
-                   list(d.message_ids), cursor)
+                   list(d.message_ids), cursor, d.created_ms, d.last_attempt_ms)
 
 
 class Engine:

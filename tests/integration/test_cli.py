@@ -332,9 +332,13 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     retry = RetryStore(redis.Redis.from_url(settings.REDIS_URL), Keys(settings.REDIS_PREFIX))
     for n, (account, hook_id) in enumerate([(3, 30), (3, 30), (3, 31), (4, 40)]):
         retry.kill(Delivery(id=f"d{n}", hook_id=hook_id, account_id=account,
-                            kind="http_batch", parts=[b"{}"]), "HTTP 500")
+                            kind="http_batch", parts=[b"{}"], created_ms=1000 + n,
+                            last_attempt_ms=2000 + n), "HTTP 500")
     code, listed, _ = run_cli(capsys, "-c", config, "dead-letters", "--account", "3")
     assert code == 0 and [d["id"] for d in listed] == ["d0", "d1", "d2"]
+    # the times the API gives, too
+    assert [(d["created_ms"], d["last_attempt_ms"]) for d in listed] == [
+        (1000, 2000), (1001, 2001), (1002, 2002)]
     code, _, err = run_cli(capsys, "-c", config, "discard")
     assert code == 2 and "give dead letter ids, or --all" in err
     code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "--all")
