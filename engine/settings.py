@@ -22,6 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
 from engine.keys import KEY_WORDS
+from engine.transports.base import DEFAULT_QUEUE_SEC
 from engine.transports.guard import DEFAULT_DENY, parse_deny
 
 DEFAULT_RETRY_TIMES = 4  # re-sends after the first attempt (spec f)
@@ -69,6 +70,10 @@ class Settings(BaseModel):
     # Concurrent requests per destination (its URL without the query) in one transport
     # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
+    # Longest a delivery waits for one of those before it fails as a timeout (retried
+    # later): a destination slower than its hooks' traffic sheds the excess into the
+    # retry schedule instead of holding up the reading of every partition sending to it.
+    DESTINATION_QUEUE_SEC: float = Field(DEFAULT_QUEUE_SEC, gt=0, le=3600)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Networks no delivery (nor test event) may connect to: names of groups
     # (link-local, metadata, loopback, private) and networks or addresses, separated by commas
@@ -154,9 +159,10 @@ class Settings(BaseModel):
 
     def transport_options(self, kind: str) -> dict[str, Any]:
         """The options every transport of ``kind`` takes from the settings (its delivery
-        timeout and DESTINATION_DENY), wherever it is made: a transport actor or a
-        test event."""
-        return {"timeout_sec": self.timeout_for(kind), "deny": self.DESTINATION_DENY}
+        timeout, DESTINATION_DENY and DESTINATION_QUEUE_SEC), wherever it is made: a
+        transport actor or a test event."""
+        return {"timeout_sec": self.timeout_for(kind), "deny": self.DESTINATION_DENY,
+                "queue_sec": self.DESTINATION_QUEUE_SEC}
 
     def timeout_for(self, kind: str) -> float:
         """The delivery timeout of a target kind: HTTP requests, or broker confirms."""

@@ -12,6 +12,7 @@ by the processes that need them.
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import time
 from abc import ABC, abstractmethod
@@ -21,10 +22,11 @@ from typing import Any, ClassVar, cast
 import msgspec
 import numpy as np
 
-from engine.errors import ConnectError, TransportError
+from engine.errors import ConnectError, Timeout, TransportError
 from engine.transports.guard import DestinationGuard, guard_for
 
 EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
+DEFAULT_QUEUE_SEC = 60.0  # DESTINATION_QUEUE_SEC's default
 
 
 class Delivery(msgspec.Struct):
@@ -134,10 +136,27 @@ class Transport(ABC):
 
     kind: ClassVar[str]
 
-    def __init__(self, deny: str | DestinationGuard | None = None, **options: Any) -> None:
+    def __init__(self, deny: str | DestinationGuard | None = None,
+                 queue_sec: float = DEFAULT_QUEUE_SEC, **options: Any) -> None:
         # DESTINATION_DENY: the addresses no delivery may connect to (engine.transports.guard)
         self.guard = guard_for(deny)
+        # DESTINATION_QUEUE_SEC: the longest a delivery waits for its destination
+        self.queue_sec = queue_sec
         self.options = options
+
+    async def _take(self, slots: asyncio.Semaphore, what: str, size: int) -> None:
+        """Take one of a destination's ``size`` ``slots`` (release it after the send),
+        or fail with Timeout after ``queue_sec``: a destination slower than its hooks'
+        batches arrive sheds the excess into the retry schedule, rather than holding
+        the batches, and with them the reading of every partition that sends to it."""
+        try:
+            async with asyncio.timeout(self.queue_sec):
+                await slots.acquire()
+        except TimeoutError:
+            raise Timeout(f"{what}: waited {self.queue_sec:g} s (DESTINATION_QUEUE_SEC) for "
+                          f"one of its {size} sending slot(s) (DESTINATION_CONCURRENCY), busy "
+                          "with earlier batches: it takes them more slowly than they come; "
+                          "sent again later") from None
 
     async def send(self, target: Any, delivery: Delivery) -> Outcome:
         """Deliver and report; never raises for a delivery failure."""

@@ -10,10 +10,11 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   fetched from ``token_url`` and cached until shortly before it expires; a 401
   drops it so the next attempt fetches a fresh one).
 * One slow or dead destination does not hold up others: requests to one
-  destination (the URL without its query) are limited by a semaphore of its own, and a
-  circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive connection
-  errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to the retry
-  schedule, so nothing is lost.
+  destination (the URL without its query) are limited by a semaphore of its own, a
+  request that waits for it longer than ``queue_sec`` fails as a timeout (``Transport
+  ._take``), and a circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive
+  connection errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to
+  the retry schedule, so nothing is lost.
 * What is kept per destination, regex and OAuth2 token is bounded
   (``MAX_DESTINATIONS``, ``MAX_REGEXES``, ``MAX_TOKENS``).
 * One hook cannot stall the others through its answers: at most ``MAX_ANSWER_BYTES``
@@ -190,7 +191,8 @@ class HttpTransport(Transport):
                                f"last error: {dest.last_error}")
         dest.users += 1
         try:
-            async with dest.semaphore:
+            await self._take(dest.semaphore, f"POST {mask_url(key)}", self.concurrency)
+            try:
                 if dest.open_until > time.monotonic():  # opened while this one waited
                     raise ConnectError(f"{mask_url(key)}: circuit open after "
                                        f"{dest.failures} failures; last error: "
@@ -203,6 +205,8 @@ class HttpTransport(Transport):
                     self._record_failure(dest, str(exc).replace(mask_url(target.url),
                                                                 mask_url(key)))
                     raise
+            finally:
+                dest.semaphore.release()
         finally:
             dest.users -= 1
         dest.failures = 0

@@ -248,7 +248,8 @@ class KafkaTransport(Transport):
         slot.users += 1
         slot.used_at = time.monotonic()
         try:
-            async with slot.gate:
+            await self._take(slot.gate, where, self.concurrency)
+            try:
                 left = slot.failed_until - time.monotonic()
                 if slot.producer is None and left > 0:
                     raise ConnectError(f"{where}: not reconnecting for another {left:.1f} s "
@@ -265,6 +266,8 @@ class KafkaTransport(Transport):
                         slot.failed_until = time.monotonic() + self.breaker_sec
                         slot.last_error = str(exc)
                     raise
+            finally:
+                slot.gate.release()
         finally:
             slot.users -= 1
         slot.last_ack = time.monotonic()

@@ -199,32 +199,41 @@ class RabbitTransport(Transport):
     async def _deliver_on(self, broker: _Broker, target: RabbitQueue | RabbitExchange,
                           delivery: Delivery, dest_key: DestKey, what: str, phase: _Phase
                           ) -> Outcome:
-        async with broker.semaphore:
-            started = time.monotonic()
-            try:
-                async with asyncio.timeout(self.timeout_sec):
-                    conn = await self._connection(broker, started)
-                    phase.now = f"opening a channel and declaring {what}"
-                    dest = self._dest(conn, dest_key)
-                    chan = await self._channel(broker, conn, dest, target, started)
-                    phase.now = f"awaiting the broker's confirms of {delivery.count} message(s)"
-                    chan.users += 1
-                    try:
-                        await self._publish(broker, conn, dest, chan, target, delivery, what)
-                    except TransportError:
-                        raise
-                    except Exception as exc:  # a driver surprise: never escapes
-                        self._retire(dest, chan)
-                        raise Rejected(f"{broker.where}: {what}: {_text(exc)}") from None
-                    finally:
-                        chan.users -= 1
-                        if chan.stale and chan.users == 0:
-                            self._close_later(chan.channel.close())
-            except TimeoutError:
-                if broker.progress_at < started:
-                    self._drop(broker, broker.current, "no answer within the timeout")
-                raise Timeout(f"{broker.where}: no answer within {self.timeout_sec:g} s "
-                              f"while {phase.now}") from None
+        await self._take(broker.semaphore, broker.where, self.concurrency)
+        try:
+            return await self._deliver_held(broker, target, delivery, dest_key, what, phase)
+        finally:
+            broker.semaphore.release()
+
+    async def _deliver_held(self, broker: _Broker, target: RabbitQueue | RabbitExchange,
+                            delivery: Delivery, dest_key: DestKey, what: str, phase: _Phase
+                            ) -> Outcome:
+        """``_deliver_on`` with one of the broker's connections taken."""
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout_sec):
+                conn = await self._connection(broker, started)
+                phase.now = f"opening a channel and declaring {what}"
+                dest = self._dest(conn, dest_key)
+                chan = await self._channel(broker, conn, dest, target, started)
+                phase.now = f"awaiting the broker's confirms of {delivery.count} message(s)"
+                chan.users += 1
+                try:
+                    await self._publish(broker, conn, dest, chan, target, delivery, what)
+                except TransportError:
+                    raise
+                except Exception as exc:  # a driver surprise: never escapes
+                    self._retire(dest, chan)
+                    raise Rejected(f"{broker.where}: {what}: {_text(exc)}") from None
+                finally:
+                    chan.users -= 1
+                    if chan.stale and chan.users == 0:
+                        self._close_later(chan.channel.close())
+        except TimeoutError:
+            if broker.progress_at < started:
+                self._drop(broker, broker.current, "no answer within the timeout")
+            raise Timeout(f"{broker.where}: no answer within {self.timeout_sec:g} s "
+                          f"while {phase.now}") from None
         broker.progress_at = time.monotonic()
         return Outcome(ok=True, detail=f"{delivery.count} message(s) confirmed by "
                                        f"{broker.where}, {what}")

@@ -32,6 +32,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_HTTP_BATCH": 10_000,
     "MAX_BATCH_BYTES": 8 * 2**20,
     "DESTINATION_CONCURRENCY": 8,
+    "DESTINATION_QUEUE_SEC": 60.0,
     "HTTP_REQUEST_TIMEOUT_SEC": 10.0,
     "DESTINATION_DENY": "link-local,metadata",
     "BROKER_TIMEOUT_SEC": 10.0,
@@ -60,6 +61,7 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "MAX_HTTP_BATCH": (500, "500"),
     "MAX_BATCH_BYTES": (2**20, "1048576"),
     "DESTINATION_CONCURRENCY": (1024, "1024"),
+    "DESTINATION_QUEUE_SEC": (2.5, "2.5"),
     "HTTP_REQUEST_TIMEOUT_SEC": (600, "600"),
     "DESTINATION_DENY": ("loopback, 10.0.0.0/8", "loopback, 10.0.0.0/8"),
     "BROKER_TIMEOUT_SEC": (2.5, "2.5"),
@@ -152,6 +154,8 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("MAX_BATCH_BYTES", "268435457", "accepted: a number <= 268435456"),
     ("DESTINATION_CONCURRENCY", "0", "accepted: a number >= 1"),
     ("DESTINATION_CONCURRENCY", "1025", "accepted: a number <= 1024"),
+    ("DESTINATION_QUEUE_SEC", "0", "accepted: a number > 0"),
+    ("DESTINATION_QUEUE_SEC", "3601", "accepted: a number <= 3600"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "0", "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "601", "accepted: a number <= 600"),
     ("HTTP_REQUEST_TIMEOUT_SEC", "ten", BOUND_NUM),
@@ -201,6 +205,7 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("MAX_HTTP_BATCH", 1_000_000, "accepted: a number <= 10000"),
     ("MAX_BATCH_BYTES", 2**30, "accepted: a number <= 268435456"),
     ("DESTINATION_CONCURRENCY", {"n": 8}, BOUND_INT),
+    ("DESTINATION_QUEUE_SEC", "soon", BOUND_NUM),
     ("HTTP_REQUEST_TIMEOUT_SEC", 0, "accepted: a number > 0"),
     ("HTTP_REQUEST_TIMEOUT_SEC", True, BOOL),
     ("BROKER_TIMEOUT_SEC", -1, "accepted: a number > 0"),
@@ -663,7 +668,8 @@ def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
     loaded = load_settings(path, environ={})
     assert loaded.DESTINATION_DENY == "loopback,192.0.2.0/24"
     assert loaded.transport_options("kafka") == {"timeout_sec": 10.0,
-                                                 "deny": "loopback,192.0.2.0/24"}
+                                                 "deny": "loopback,192.0.2.0/24",
+                                                 "queue_sec": 60.0}
     assert load_settings(path, environ={"DESTINATION_DENY": ""}).DESTINATION_DENY == ""
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
@@ -294,6 +295,37 @@ def test_requests_queued_behind_a_dead_destination_fail_fast_once_its_breaker_op
     assert [o.error for o in outcomes[:BREAKER_FAILURES]] == ["Timeout"] * BREAKER_FAILURES
     assert all(o.error == "ConnectError" and "circuit open" in o.detail
                for o in outcomes[BREAKER_FAILURES:])
+
+
+def test_deliveries_waiting_too_long_for_a_slow_destination_fail_as_timeouts(
+        receiver: Receiver) -> None:
+    """A destination that answers, slowly: deliveries that wait DESTINATION_QUEUE_SEC
+    for one of its connections fail as timeouts (retried later), and do not open its
+    breaker; another destination of the same transport is not held up."""
+    receiver.behave("/slow", delay_sec=0.6)
+
+    async def go() -> tuple[list[Any], Any, float]:
+        t = HttpTransport(concurrency=1, timeout_sec=5.0, queue_sec=0.25)
+        try:
+            slow = HttpBatch(url=receiver.url("/slow"))
+            sends = [asyncio.ensure_future(t.send(slow, delivery())) for _ in range(4)]
+            await asyncio.sleep(0.05)  # all four waiting or sent
+            began = time.monotonic()
+            fast = await t.send(HttpBatch(url=receiver.url("/fast")), delivery())
+            took = time.monotonic() - began
+            outcomes = list(await asyncio.gather(*sends))
+            outcomes.append(await t.send(slow, delivery()))  # its breaker stayed closed
+            return outcomes, fast, took
+        finally:
+            await t.close()
+
+    outcomes, fast, took = asyncio.run(go())
+    assert fast.ok and took < 0.5
+    assert outcomes[0].ok and outcomes[-1].ok
+    assert [o.error for o in outcomes[1:-1]] == ["Timeout"] * 3
+    assert all(f"POST {receiver.url('/slow')}: waited 0.25 s (DESTINATION_QUEUE_SEC) for one "
+               "of its 1 sending slot(s)" in o.detail for o in outcomes[1:-1])
+    assert len(receiver.requests("/slow")) == 2  # the timed-out ones were never sent
 
 
 def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) -> None:

@@ -68,6 +68,35 @@ def test_one_record_per_part_with_value_key_and_message_id_header(
         assert list(record.headers) == [HEADER]
 
 
+def test_deliveries_waiting_too_long_for_a_slow_producer_fail_as_timeouts(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Acknowledged, slowly: deliveries that wait DESTINATION_QUEUE_SEC for the
+    producer fail as timeouts, unsent (retried later); the others land."""
+    transport = KafkaTransport(concurrency=1, timeout_sec=5, queue_sec=0.25)
+    attempt = transport._attempt
+
+    async def slow_attempt(*args: Any) -> Any:
+        await asyncio.sleep(0.6)
+        return await attempt(*args)
+
+    monkeypatch.setattr(transport, "_attempt", slow_attempt)
+    tgt = target(kafka_broker.bootstrap, kafka_topic)
+
+    async def go() -> list[Any]:
+        try:
+            return list(await asyncio.gather(*(transport.send(tgt, delivery(3, tag=t))
+                                               for t in "abc")))
+        finally:
+            await transport.close()
+
+    outcomes = run(go())
+    assert [o.error for o in outcomes] == [None, "Timeout", "Timeout"], outcomes
+    assert all("waited 0.25 s (DESTINATION_QUEUE_SEC) for one of its 1 sending slot(s)"
+               in o.detail for o in outcomes[1:])
+    assert sorted(r.message_id for r in consume(kafka_broker.bootstrap, kafka_topic, 3)) == \
+        ["a-m0", "a-m1", "a-m2"]
+
+
 def test_partitions_follow_the_key_like_kafkas_default_partitioner(
         kafka_broker: Tansu, kafka_topic: str) -> None:
     keys = [f"{n % 7}.click" for n in range(200)]

@@ -96,6 +96,35 @@ def test_queue_delivery_lands_as_persistent_json_messages_in_the_durable_queue_i
     assert row(rows, queue)[1:] == ["true", "false"]
 
 
+def test_deliveries_waiting_too_long_for_a_slow_broker_fail_as_timeouts(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The broker confirms, slowly: deliveries that wait DESTINATION_QUEUE_SEC for one
+    of its connections fail as timeouts, unsent (retried later); the others land."""
+    queue = rabbit.name("q")
+    target = RabbitQueue(**rabbit.broker(), queue=queue)
+    transport = RabbitQueueTransport(concurrency=1, timeout_sec=5, queue_sec=0.25)
+    publish = transport._publish
+
+    async def slow_publish(*args: Any) -> Any:
+        await asyncio.sleep(0.6)
+        return await publish(*args)
+
+    monkeypatch.setattr(transport, "_publish", slow_publish)
+
+    async def go() -> list[Outcome]:
+        try:
+            return list(await asyncio.gather(*(transport.send(target, delivery(3, tag=t))
+                                               for t in "abc")))
+        finally:
+            await transport.close()
+
+    outcomes = run(go)
+    assert [o.error for o in outcomes] == [None, "Timeout", "Timeout"], outcomes
+    assert all("waited 0.25 s (DESTINATION_QUEUE_SEC) for one of its 1 sending slot(s)"
+               in o.detail for o in outcomes[1:])
+    assert sorted(by_id(rabbit.consume(queue, expect=3))) == ["a-0", "a-1", "a-2"]
+
+
 def test_an_existing_queue_is_used_as_it_is(rabbit: Rabbit) -> None:
     # a quorum queue: an active durable declare without its arguments would fail
     queue = rabbit.declare_queue("quorum", arguments={"x-queue-type": "quorum"})
