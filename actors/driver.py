@@ -88,7 +88,10 @@ class Engine:
             raise ConfigError("REDIS_URL is empty: only `hookray demo` starts a Redis of its "
                               "own; set REDIS_URL to the engine's Redis")
         self.settings = settings
-        self.redis = r or redis.Redis.from_url(settings.REDIS_URL)
+        # as the workers': a Redis gone from the network without a reset fails a call
+        # after 30 s, not after the kernel's ~15 min (a REDIS_URL's own options win)
+        self.redis = r or redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30,
+                                               health_check_interval=30)
         self.keys = Keys(settings.REDIS_PREFIX)
         self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         self.hooks = HookRegistry(self.redis, self.keys, self.catalogue)

@@ -117,3 +117,14 @@ def test_a_test_event_can_be_sent_from_inside_a_running_event_loop(
     outcome = asyncio.run(from_a_coroutine())
     assert outcome.ok, outcome
     assert [m["event_type"] for m in receiver.messages("/t")] == ["click"]
+
+
+def test_the_drivers_redis_calls_time_out_as_the_workers_do(settings: Settings) -> None:
+    """A Redis gone from the network without a reset fails a driver's call (shutdown,
+    stats, the claim's renewal) after 30 s, not after the kernel's ~15 minutes; a
+    REDIS_URL's own socket_timeout wins."""
+    engine = Engine.connect(settings)
+    assert engine.redis.connection_pool.connection_kwargs["socket_timeout"] == 30
+    given = settings.model_copy(update={"REDIS_URL": settings.REDIS_URL + "?socket_timeout=5"})
+    engine = Engine.connect(given)
+    assert engine.redis.connection_pool.connection_kwargs["socket_timeout"] == 5
