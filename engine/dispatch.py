@@ -24,6 +24,7 @@ from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Protocol, cast
 
+import msgspec
 import numpy as np
 import redis
 
@@ -401,17 +402,24 @@ class _Entry:
     counted: bool = False  # its events' matches are in the hooks' accepted stats
 
 
+# Set an entry aside while it is pending for the group (sent again after its reply
+# was lost, it is not copied twice), its copy written first: a copy Redis refuses
+# leaves the entry where it is, pending (Redis does not undo a script's writes).
 # KEYS: the partition's stream, the set-aside stream, the engine's stats; ARGV: the
 # consumer group, the entry's id, then the field/value items of its set-aside copy
 _SET_ASIDE = """
-if redis.call('XACK', KEYS[1], ARGV[1], ARGV[2]) == 0 then
+if #redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1) == 0 then
   return 0
 end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
-redis.call('HINCRBY', KEYS[3], 'entries_unreadable', 1)
+redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
+redis.call('HINCRBY', KEYS[3], 'entries_unreadable', 1)
 return 1
 """
+# an entry of more fields than this (no intake wrote it) is set aside with its fields
+# as one msgpack map in ``_fields``: a script takes a few thousand arguments at most
+SET_ASIDE_MAX_FIELDS = 1_000
 
 
 def _views(entries: list[_Entry]) -> list[PartView] | None:
@@ -696,15 +704,16 @@ class PartitionWorker:
         or whose processing failed MAX_ENTRY_FAILURES times, is copied, with
         ``_partition``, ``_entry`` and ``_error`` fields, to the ``intake_unreadable``
         stream and acknowledged, instead of failing every round after it; counted as
-        ``entries_unreadable`` in the engine's stats."""
+        ``entries_unreadable`` in the engine's stats. Once: an entry no longer pending
+        (set aside by a call whose reply was lost) is left as it is."""
         reason = f"{type(exc).__name__}: {exc}"[:1000]
         log.warning("partition %s: intake entry %s cannot be processed, set aside: %s",
                     self.partition, entry_id, reason)
-        record: dict[Any, Any] = dict(fields)  # the entry's own fields, then why
+        # the entry's own fields, then why
+        record: dict[Any, Any] = dict(fields) if len(fields) <= SET_ASIDE_MAX_FIELDS \
+            else {b"_fields": msgspec.msgpack.encode(fields)}
         record.update({b"_partition": str(self.partition), b"_entry": entry_id,
                        b"_error": reason})
-        # copied only by the call that acknowledges it: sent again after its reply
-        # was lost, it is not set aside (nor counted) twice
         self._set_aside_once(keys=[self.stream, self.side.keys.intake_unreadable,
                                    self.side.keys.engine_stats],
                              args=[CONSUMER_GROUP, entry_id,

@@ -976,6 +976,48 @@ def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
 
 
+def test_an_entry_of_thousands_of_fields_is_set_aside_whole(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """More fields than a script takes as arguments: kept as one msgpack map."""
+    from engine.dispatch import SET_ASIDE_MAX_FIELDS
+
+    cfg = one_partition(settings)
+    one_intake(redis_client, keys, 10)
+    fields = {f"f{n}".encode(): b"v" for n in range(5000)}
+    entry = redis_client.xadd(keys.intake(0), fields).decode()  # type: ignore[arg-type]
+    worker = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    ((_, aside),) = redis_client.xrange(keys.intake_unreadable)
+    assert len(fields) > SET_ASIDE_MAX_FIELDS and aside[b"_entry"].decode() == entry
+    assert msgspec.msgpack.decode(aside[b"_fields"]) == fields
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_an_entry_redis_refuses_to_set_aside_stays_pending(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The copy fails (the set-aside key holds another type): the entry is not
+    acknowledged, so it is set aside once the key is fixed, never lost."""
+    cfg = one_partition(settings)
+    one_intake(redis_client, keys, 10)
+    redis_client.set(keys.intake_unreadable, "not a stream")
+    entry = redis_client.xadd(keys.intake(0), {b"other": b"x"}).decode()
+    worker = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    errors: list[Exception] = []
+    for _ in range(20):
+        try:
+            worker.step(block_ms=10)
+        except redis.ResponseError as exc:
+            errors.append(exc)
+    assert len(errors) >= 3 and all("WRONGTYPE" in str(e) for e in errors)
+    assert redis_client.xlen(keys.intake(0)) == 1
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 1
+    redis_client.delete(keys.intake_unreadable)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    ((_, aside),) = redis_client.xrange(keys.intake_unreadable)
+    assert aside[b"_entry"].decode() == entry and aside[b"other"] == b"x"
+    assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
+
+
 def test_a_failing_round_does_not_end_the_worker(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     import threading
