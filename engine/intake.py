@@ -304,8 +304,8 @@ class Intake:
     def _decode(self, events: bytes | str | Sequence[Event | dict[str, Any]]) -> DecodedBatch:
         if isinstance(events, bytes | str):
             return decode_batch(events, self.catalogue)
-        plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
         try:
+            plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
             return decode_batch(_json_encode(plain), self.catalogue)
         except _UNENCODABLE:
             pass
@@ -314,9 +314,10 @@ class Intake:
         texts: list[bytes] = []
         kept: list[int] = []
         issues: list[EventIssue] = []
-        for i, item in enumerate(plain):
+        for i, item in enumerate(events):
             try:
-                texts.append(_deeper(_json_encode, item))
+                texts.append(_deeper(_json_encode, msgspec.to_builtins(item)
+                                     if isinstance(item, Event) else item))
                 kept.append(i)
             except RecursionError:
                 issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))

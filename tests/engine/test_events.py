@@ -836,6 +836,14 @@ def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
     assert [e.id for e in good] == ["a", "c", "d"]
     [issue] = issues
     assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
+    # the same fields in an Event among dicts
+    mixed = [ev(id="a"), Event(**ev(id="b")), ev(id="c")]
+    for name, value in fields.items():
+        setattr(mixed[1], name, value)
+    good, issues = intake.validate(mixed)
+    assert [e.id for e in good] == ["a", "c"]
+    [issue] = issues
+    assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
     if not partial:
         with pytest.raises(EventError, match=re.escape(f"event 1: {field}: {reason}")):
             intake.publish(events)  # refused before anything is written: no Redis needed
