@@ -51,7 +51,7 @@ from engine.stores import (
     RetryStore,
     Stats,
 )
-from engine.transports.base import Delivery, Outcome, now_ms, undelivered
+from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivered
 
 log = logging.getLogger("hookray")
 
@@ -740,7 +740,7 @@ class PartitionWorker:
                 # a booking sent again after its reply was lost counts once
                 self.booking = self.booking or uuid.uuid4().hex
                 once = (self.booked, self.booking)
-                if self.settings.HOOK_RETRY_TIMES == 0:
+                if self.settings.HOOK_RETRY_TIMES == 0 and not queued(outcome):
                     self.side.retry.kill(rest, error, once=once)
                 else:
                     self.side.retry.schedule(rest, due, error, once=once)

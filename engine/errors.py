@@ -73,6 +73,11 @@ class Timeout(TransportError):
     """The destination did not answer in time."""
 
 
+class Queued(Timeout):
+    """The delivery waited DESTINATION_QUEUE_SEC for its destination and was not sent:
+    sent again later without using up one of its re-sends."""
+
+
 class Rejected(TransportError):
     """The destination answered without success (status, success regex, broker nack)."""
 

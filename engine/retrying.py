@@ -32,7 +32,7 @@ from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
 from engine.stores import Once
-from engine.transports.base import Delivery, Outcome, now_ms, undelivered
+from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivered
 
 log = logging.getLogger("hookray")
 
@@ -157,7 +157,8 @@ class RetryWorker:
             return
         # only the messages that failed are kept (the others were delivered)
         rest, done = undelivered(delivery, outcome)
-        rest = msgspec.structs.replace(rest, resends=delivery.resends + 1,
+        # one that waited for its destination and was never sent uses up no re-send
+        rest = msgspec.structs.replace(rest, resends=delivery.resends + (not queued(outcome)),
                                        last_attempt_ms=now_ms())
         # a destination's answer may echo the secrets it was sent: never kept, masked
         # with those of the hook as it was sent (deleted or changed meanwhile, say) and
@@ -166,7 +167,7 @@ class RetryWorker:
         for hook in (self.sent_with.get(delivery.id), self.hooks.get(delivery.hook_id)):
             if hook is not None:
                 error = scrub(error, hook_secrets(hook))
-        if exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
+        if not queued(outcome) and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
             self.side.retry.kill(rest, error, delivered=done, once=once)
         else:
             due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)

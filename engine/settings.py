@@ -70,9 +70,10 @@ class Settings(BaseModel):
     # Concurrent requests per destination (its URL without the query) in one transport
     # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)
-    # Longest a delivery waits for one of those before it fails as a timeout (retried
-    # later): a destination slower than its hooks' traffic sheds the excess into the
-    # retry schedule instead of holding up the reading of every partition sending to it.
+    # Longest a delivery waits for one of those before it goes back, unsent, to the retry
+    # schedule (without using up a re-send): a destination slower than its hooks'
+    # traffic sheds the excess there instead of holding up the reading of every
+    # partition sending to it.
     DESTINATION_QUEUE_SEC: float = Field(DEFAULT_QUEUE_SEC, gt=0, le=3600)
     HTTP_REQUEST_TIMEOUT_SEC: float = Field(10.0, gt=0, le=600)
     # Networks no delivery (nor test event) may connect to: names of groups

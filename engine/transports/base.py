@@ -22,7 +22,7 @@ from typing import Any, ClassVar, cast
 import msgspec
 import numpy as np
 
-from engine.errors import ConnectError, Timeout, TransportError
+from engine.errors import ConnectError, Queued, TransportError
 from engine.transports.guard import DestinationGuard, guard_for
 
 EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
@@ -63,6 +63,13 @@ class Outcome(msgspec.Struct, omit_defaults=True):
         and detail (an HTTP failure's detail starts with its status)."""
         kind = f"{self.error}: " if self.error else ""
         return f"{kind}{self.detail}"[:1000]
+
+
+def queued(outcome: Outcome) -> bool:
+    """Whether a failed delivery was never sent, having waited DESTINATION_QUEUE_SEC for
+    its destination (Queued): it is scheduled again without using up a re-send, and
+    never dead-lettered for it."""
+    return outcome.error == "Queued"
 
 
 def undelivered(delivery: Delivery, outcome: Outcome) -> tuple[Delivery, int]:
@@ -146,17 +153,18 @@ class Transport(ABC):
 
     async def _take(self, slots: asyncio.Semaphore, what: str, size: int) -> None:
         """Take one of a destination's ``size`` ``slots`` (release it after the send),
-        or fail with Timeout after ``queue_sec``: a destination slower than its hooks'
-        batches arrive sheds the excess into the retry schedule, rather than holding
-        the batches, and with them the reading of every partition that sends to it."""
+        or fail with Queued (a Timeout) after ``queue_sec``: a destination slower than
+        its hooks' batches arrive sheds the excess, unsent, into the retry schedule
+        (without using up a re-send), rather than holding the batches, and with them
+        the reading of every partition that sends to it."""
         try:
             async with asyncio.timeout(self.queue_sec):
                 await slots.acquire()
         except TimeoutError:
-            raise Timeout(f"{what}: waited {self.queue_sec:g} s (DESTINATION_QUEUE_SEC) for "
+            raise Queued(f"{what}: waited {self.queue_sec:g} s (DESTINATION_QUEUE_SEC) for "
                           f"one of its {size} sending slot(s) (DESTINATION_CONCURRENCY), busy "
                           "with earlier batches: it takes them more slowly than they come; "
-                          "sent again later") from None
+                          "sent again later, not counted as a re-send") from None
 
     async def send(self, target: Any, delivery: Delivery) -> Outcome:
         """Deliver and report; never raises for a delivery failure."""

@@ -11,7 +11,7 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   drops it so the next attempt fetches a fresh one).
 * One slow or dead destination does not hold up others: requests to one
   destination (the URL without its query) are limited by a semaphore of its own, a
-  request that waits for it longer than ``queue_sec`` fails as a timeout (``Transport
+  request that waits for it longer than ``queue_sec`` goes back unsent (``Transport
   ._take``), and a circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive
   connection errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to
   the retry schedule, so nothing is lost.

@@ -300,7 +300,7 @@ def test_requests_queued_behind_a_dead_destination_fail_fast_once_its_breaker_op
 def test_deliveries_waiting_too_long_for_a_slow_destination_fail_as_timeouts(
         receiver: Receiver) -> None:
     """A destination that answers, slowly: deliveries that wait DESTINATION_QUEUE_SEC
-    for one of its connections fail as timeouts (retried later), and do not open its
+    for one of its connections fail as Queued timeouts (retried later), and do not open its
     breaker; another destination of the same transport is not held up."""
     receiver.behave("/slow", delay_sec=0.6)
 
@@ -322,7 +322,7 @@ def test_deliveries_waiting_too_long_for_a_slow_destination_fail_as_timeouts(
     outcomes, fast, took = asyncio.run(go())
     assert fast.ok and took < 0.5
     assert outcomes[0].ok and outcomes[-1].ok
-    assert [o.error for o in outcomes[1:-1]] == ["Timeout"] * 3
+    assert [o.error for o in outcomes[1:-1]] == ["Queued"] * 3
     assert all(f"POST {receiver.url('/slow')}: waited 0.25 s (DESTINATION_QUEUE_SEC) for one "
                "of its 1 sending slot(s)" in o.detail for o in outcomes[1:-1])
     assert len(receiver.requests("/slow")) == 2  # the timed-out ones were never sent

@@ -71,7 +71,7 @@ def test_one_record_per_part_with_value_key_and_message_id_header(
 def test_deliveries_waiting_too_long_for_a_slow_producer_fail_as_timeouts(
         kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Acknowledged, slowly: deliveries that wait DESTINATION_QUEUE_SEC for the
-    producer fail as timeouts, unsent (retried later); the others land."""
+    producer fail as Queued timeouts, unsent (retried later); the others land."""
     transport = KafkaTransport(concurrency=1, timeout_sec=5, queue_sec=0.25)
     attempt = transport._attempt
 
@@ -90,7 +90,7 @@ def test_deliveries_waiting_too_long_for_a_slow_producer_fail_as_timeouts(
             await transport.close()
 
     outcomes = run(go())
-    assert [o.error for o in outcomes] == [None, "Timeout", "Timeout"], outcomes
+    assert [o.error for o in outcomes] == [None, "Queued", "Queued"], outcomes
     assert all("waited 0.25 s (DESTINATION_QUEUE_SEC) for one of its 1 sending slot(s)"
                in o.detail for o in outcomes[1:])
     assert sorted(r.message_id for r in consume(kafka_broker.bootstrap, kafka_topic, 3)) == \

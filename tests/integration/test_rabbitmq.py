@@ -99,7 +99,7 @@ def test_queue_delivery_lands_as_persistent_json_messages_in_the_durable_queue_i
 def test_deliveries_waiting_too_long_for_a_slow_broker_fail_as_timeouts(
         rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """The broker confirms, slowly: deliveries that wait DESTINATION_QUEUE_SEC for one
-    of its connections fail as timeouts, unsent (retried later); the others land."""
+    of its connections fail as Queued timeouts, unsent (retried later); the others land."""
     queue = rabbit.name("q")
     target = RabbitQueue(**rabbit.broker(), queue=queue)
     transport = RabbitQueueTransport(concurrency=1, timeout_sec=5, queue_sec=0.25)
@@ -119,7 +119,7 @@ def test_deliveries_waiting_too_long_for_a_slow_broker_fail_as_timeouts(
             await transport.close()
 
     outcomes = run(go)
-    assert [o.error for o in outcomes] == [None, "Timeout", "Timeout"], outcomes
+    assert [o.error for o in outcomes] == [None, "Queued", "Queued"], outcomes
     assert all("waited 0.25 s (DESTINATION_QUEUE_SEC) for one of its 1 sending slot(s)"
                in o.detail for o in outcomes[1:])
     assert sorted(by_id(rabbit.consume(queue, expect=3))) == ["a-0", "a-1", "a-2"]

@@ -1350,6 +1350,44 @@ def test_a_failed_delivery_booked_again_after_a_lost_reply_counts_once(
     assert [d.count for d in waiting] == [10]
 
 
+def test_a_batch_shed_unsent_by_a_busy_destination_uses_up_no_re_send(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Queued (it waited DESTINATION_QUEUE_SEC and was never sent): scheduled again,
+    never a dead letter for it, even with HOOK_RETRY_TIMES=0 or its re-sends used up;
+    sent at last, it is delivered."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    created = HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(10))
+    shed: list[str] = []
+
+    class Busy(StubTransport):
+        async def _deliver(self, target: Any, delivery: Delivery) -> Outcome:
+            if len(shed) < 3:
+                shed.append(delivery.id)
+                return Outcome(ok=False, error="Queued", detail="waited 60 s")
+            return await super()._deliver(target, delivery)
+
+    sender = InProcessSender(Busy())
+    run_until(PartitionWorker(cfg, redis_client, 0, sender),
+              lambda: redis_client.xlen(keys.intake(0)) == 0)
+    retry = RetryStore(redis_client, keys)
+    (waiting,) = retry.claim_due(10, now=2**62)
+    assert waiting.resends == 0 and not retry.dead_letters()
+    redis_client.zadd(keys.retry, {waiting.id: 0})  # due again now
+    worker = RetryWorker(cfg.model_copy(update={"HOOK_RETRY_PERIOD_SEC": 0.001}),
+                         redis_client, sender)
+    deadline = time.monotonic() + 5
+    while retry.pending() or worker.handed:
+        assert time.monotonic() < deadline, "not delivered"
+        worker.step()
+        time.sleep(0.002)
+    assert len(shed) == 3 and not retry.dead_letters()
+    assert sorted(m for d in sender.transport.sent for m in d.message_ids) == sorted(
+        waiting.message_ids)
+    stats = Stats(redis_client, keys).get(created.id or 0)
+    assert (stats["delivered"], stats["dead_lettered"]) == (10, 0)
+
+
 def test_a_late_copy_of_an_earlier_booking_changes_nothing(
         redis_client: redis.Redis, keys: Keys) -> None:
     """A booking whose reply was lost may reach Redis late, after the next one."""
