@@ -55,12 +55,14 @@ key                             type     holds
 
 from __future__ import annotations
 
-# the first word after the prefix of every key (and of the API tokens' hash): a
-# prefix that holds one of them after a ":" would share keys with a shorter prefix
-# (``x:stats``'s claim ``x:stats:engine`` is ``x``'s engine stats)
-KEY_WORDS = frozenset({"intake", "acked", "booked", "config", "hooks", "version", "names",
-                       "profiles", "content", "retry", "dead", "stats", "alive", "engine",
-                       "tokens"})
+# Words a REDIS_PREFIX may not hold after a ":", or its keys would be those of the
+# prefix before that ":" (``x:stats``'s claim ``x:stats:engine`` is ``x``'s engine
+# stats): as its last word, those whose keys end in a word of keys (``{p}:version:
+# hooks``, ``{p}:stats:engine``, ``{p}:alive:retry``, ``{p}:booked:retry``); anywhere,
+# ``content``, whose keys end in send ids an account chooses (``x:content:1``'s hooks
+# would be account 1's content of send id ``hooks`` of ``x``)
+PREFIX_LAST_CLASHES = frozenset({"alive", "booked", "stats", "version"})
+PREFIX_CLASHES = frozenset({"content"})
 CONSUMER_GROUP = "dispatch"
 INTAKE_FIELD = b"e"
 # A claimed retry is hidden for this long; if its sender dies it becomes due again.

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
-from engine.keys import KEY_WORDS
+from engine.keys import PREFIX_CLASHES, PREFIX_LAST_CLASHES
 from engine.transports.base import DEFAULT_QUEUE_SEC
 from engine.transports.guard import DEFAULT_DENY, parse_deny
 
@@ -141,13 +141,16 @@ class Settings(BaseModel):
     @field_validator("REDIS_PREFIX")
     @classmethod
     def _prefix_nests_in_no_other(cls, value: str) -> str:
-        taken = [word for word in value.split(":")[1:] if word in KEY_WORDS]
-        if taken:
+        words = value.split(":")[1:]
+        anywhere = [w for w in words if w in PREFIX_CLASHES]
+        last = [w for w in words[-1:] if w in PREFIX_LAST_CLASHES]
+        if anywhere or last:
+            where = f"{anywhere[0]!r} after a ':'" if anywhere else \
+                f"{last[0]!r} as the last word after a ':'"
             raise PydanticCustomError(
                 "redis_prefix", "{reason}",
-                {"reason": f"{taken[0]!r} after a ':' is a word of hookray's keys: this "
-                           "prefix would share keys with the engine of the prefix before "
-                           "it; choose another word"})
+                {"reason": f"{where}: this prefix would share keys with the engine of the "
+                           "prefix before it; choose another word"})
         return value
 
     @field_validator("REDIS_URL")

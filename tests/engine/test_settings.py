@@ -131,8 +131,9 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("REDIS_PREFIX", "x" * 65, "at most 64 characters"),
     ("REDIS_PREFIX", "has space", "accepted: letters, digits and _ . : - (no spaces"),
     # x:stats:engine, its engine's claim, would be the engine stats of the prefix x
-    ("REDIS_PREFIX", "x:stats", "'stats' after a ':' is a word of hookray's keys"),
-    ("REDIS_PREFIX", "app:prod:hooks", "'hooks' after a ':' is a word of hookray's keys"),
+    ("REDIS_PREFIX", "x:stats", "'stats' as the last word after a ':': this prefix would "
+     "share keys with the engine of the prefix before it"),
+    ("REDIS_PREFIX", "app:content:7", "'content' after a ':': this prefix would share keys"),
     ("ENGINE_LEASE_SEC", "0", "accepted: a number >= 1"),
     ("ENGINE_LEASE_SEC", "15s", BOUND_NUM),
     ("PARTITIONS", "0", "accepted: a number >= 1"),
@@ -673,12 +674,39 @@ def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
     assert load_settings(path, environ={"DESTINATION_DENY": ""}).DESTINATION_DENY == ""
 
 
-def test_key_words_name_the_first_word_of_every_key() -> None:
-    """KEY_WORDS, which REDIS_PREFIX may not hold after a ':', covers every key."""
-    import engine.keys
+def _keys_of(prefix: str, send_ids: list[str]) -> set[str]:
+    """Keys of an engine of ``prefix``: every fixed one, and samples of the others
+    (account content under ``send_ids``, which accounts choose)."""
     from engine.auth import tokens_key
-    from engine.keys import KEY_WORDS
+    from engine.keys import Keys
 
-    table = {line.split(":")[1].split()[0] for line in (engine.keys.__doc__ or "").splitlines()
-             if line.startswith("{p}:")}
-    assert table and table | {tokens_key("P").split(":")[1]} == KEY_WORDS
+    k = Keys(prefix)
+    found = {v for v in vars(k).values() if isinstance(v, str) and v != prefix}
+    found |= {k.intake(0), k.last_ack(0, "partition-0"), k.booked("retry"),
+              k.booked("partition:0:partition-0"), k.profiles(1), k.dead_of_account(1),
+              k.dead_of_hook(1), k.alive("retry"), k.alive("partition:0"), k.stats(1),
+              tokens_key(prefix), *(k.content(1, s) for s in send_ids)}
+    return found
+
+
+def test_a_prefix_sharing_keys_with_a_shorter_one_is_refused() -> None:
+    """Every prefix ``x:W`` (and ``x:W:1``) whose keys include one of ``x``'s is
+    refused; those that share none are taken, except ``content`` anywhere."""
+    from engine.keys import PREFIX_CLASHES, PREFIX_LAST_CLASHES
+
+    words = {key.split(":")[1] for key in _keys_of("x", ["s"])} | {"prod", "eu", "partition"}
+    for longer in [f"x:{w}" for w in words] + [f"x:{w}:1" for w in words]:
+        mine = _keys_of(longer, [])
+        # an account of x may store content under any send id: those that are keys here
+        theirs = _keys_of("x", [key.removeprefix("x:content:1:") for key in mine
+                                if key.startswith("x:content:1:")])
+        try:
+            Settings(REDIS_PREFIX=longer)
+            taken = True
+        except ValidationError:
+            taken = False
+        if mine & theirs:
+            assert not taken, (longer, mine & theirs)
+        else:
+            assert taken == (longer.split(":")[1] not in PREFIX_CLASHES), longer
+    assert words >= PREFIX_LAST_CLASHES | PREFIX_CLASHES
