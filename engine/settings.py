@@ -186,9 +186,10 @@ class Settings(BaseModel):
 
 
 # the options a REDIS_URL may give: those redis-py parses, and text ones it takes
-_URL_OPTIONS = frozenset(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | {
+# (not legacy_responses, nor a protocol but 2: the engine reads RESP2 replies)
+_URL_OPTIONS = (frozenset(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | {
     "client_name", "username", "password", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path",
-    "ssl_certfile", "ssl_keyfile", "ssl_password"}
+    "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ciphers"}) - {"legacy_responses"}
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -216,6 +217,9 @@ def redis_url_problem(url: str) -> str | None:
     if odd:
         return (f"option {odd[0]!r} is not taken here; accepted: "
                 + ", ".join(sorted(_URL_OPTIONS)))
+    protocol = pool.connection_kwargs.get("protocol")
+    if protocol not in (None, 2):  # RESP3 replies are shaped otherwise (dicts for lists)
+        return f"protocol={protocol}: the engine reads Redis' replies as protocol 2 (RESP2)"
     for option in ("socket_timeout", "socket_connect_timeout"):
         value = pool.connection_kwargs.get(option)
         if value is not None and not (isinstance(value, int | float)

@@ -124,6 +124,10 @@ BAD_ENV: list[tuple[str, str, str]] = [
      "option 'socket_type' is not taken here; accepted: client_name, db,"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0?decode_responses=true",
      "option 'decode_responses' is not taken here"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?protocol=3",
+     "protocol=3: the engine reads Redis' replies as protocol 2 (RESP2)"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?legacy_responses=false",
+     "option 'legacy_responses' is not taken here"),
     ("EVENT_TYPES_FILE", "/tmp/a\x00b", "holds a NUL character"),
     ("EVENT_TYPES_FILE", "/tmp/\ud800.json",
      "not valid UTF-8: a lone surrogate '\\ud800' at character 5"),
@@ -513,6 +517,8 @@ def test_a_refused_redis_url_is_shown_without_its_password(url: str) -> None:
     ("redis://user:p%40ss@h:6379/2", 2),
     ("redis://h/0?socket_timeout=2.5&health_check_interval=10", 0),
     ("rediss://h:6380/4?ssl_cert_reqs=none", 4),
+    ("rediss://h:6380/1?ssl_ciphers=ECDHE-RSA-AES256-GCM-SHA384&client_name=hr", 1),
+    ("redis://h/6?protocol=2", 6),
     ("unix:///run/redis.sock?db=5", 5), ("unix:///run/redis.sock", 0),
 ])
 def test_redis_urls_redis_py_takes_are_accepted(url: str, db: int) -> None:
