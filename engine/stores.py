@@ -611,6 +611,10 @@ def _by_bytes(ids: list[str], sizes: list[int], limit: int) -> Iterator[list[str
         yield chunk
 
 
+def _undecodable(delivery_id: str) -> NotFound:
+    return NotFound(f"dead letter {delivery_id} cannot be decoded; it is left where it is")
+
+
 def _not_found(missing: list[str]) -> NotFound:
     shown = ", ".join(named(i) for i in missing[:20])
     more = f" and {len(missing) - 20} more" if len(missing) > 20 else ""
@@ -954,10 +958,11 @@ class RetryStore:
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
               hook_id: int | None = None, strict: bool = True, before: int = 0) -> int:
         """How many of ``ids`` ``dead_move.lua`` moved, a script per DEAD_MOVE_BYTES
-        of payloads. ``strict``: a missing id raises NotFound and nothing moves; else
-        such ids, and those not of ``account_id``/``hook_id``, are left where they
-        are. An error after a chunk moved says how many moved (``before``: how many
-        the caller moved before this call), as they stay so."""
+        of payloads. ``strict``: a missing or undecodable id raises NotFound and
+        nothing moves; else such ids, and those not of ``account_id``/``hook_id``,
+        are left where they are. An error after a chunk moved (one changing
+        meanwhile, REPLAY_TRIES times) says how many moved (``before``: how many the
+        caller moved before this call), as they stay so."""
         if not ids:
             return 0
         with self.r.pipeline(transaction=False) as pipe:
@@ -968,8 +973,17 @@ class RetryStore:
             missing = [i for i, size in zip(ids, sizes, strict=True) if not size]
             if missing:
                 raise _not_found(missing)
+        chunks = list(_by_bytes(ids, sizes, DEAD_MOVE_BYTES))
+        if strict and len(chunks) > 1:  # all or none: each one decodes before any moves
+            for chunk in chunks:
+                payloads = self.r.hmget(self.k.dead_payload, chunk)
+                for delivery_id, raw in zip(chunk, payloads, strict=True):  # type: ignore[arg-type]
+                    try:
+                        unpack_delivery(raw)
+                    except (msgspec.DecodeError, ValueError, TypeError):
+                        raise _undecodable(delivery_id) from None
         done = 0
-        for chunk in _by_bytes(ids, sizes, DEAD_MOVE_BYTES):
+        for chunk in chunks:
             try:
                 done += self._move_chunk(mode, chunk, account_id, hook_id, strict)
             except (NotFound, Conflict) as exc:
@@ -996,8 +1010,7 @@ class RetryStore:
                     d = unpack_delivery(raw) if raw is not None else None
                 except (msgspec.DecodeError, ValueError):
                     if strict:
-                        raise NotFound(f"dead letter {delivery_id} cannot be decoded; it is "
-                                       "left where it is") from None
+                        raise _undecodable(delivery_id) from None
                     d = None
                 if d is not None and (account_id is None or d.account_id == account_id) \
                         and (hook_id is None or d.hook_id == hook_id):
