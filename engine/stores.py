@@ -976,11 +976,14 @@ class RetryStore:
         chunks = list(_by_bytes(ids, sizes, DEAD_MOVE_BYTES))
         if strict and len(chunks) > 1:  # all or none: each one decodes before any moves
             for chunk in chunks:
-                payloads = self.r.hmget(self.k.dead_payload, chunk)
-                for delivery_id, raw in zip(chunk, payloads, strict=True):  # type: ignore[arg-type]
+                payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                    self.k.dead_payload, chunk)
+                for delivery_id, raw in zip(chunk, payloads, strict=True):
+                    if raw is None:  # gone meanwhile
+                        raise _not_found([delivery_id])
                     try:
                         unpack_delivery(raw)
-                    except (msgspec.DecodeError, ValueError, TypeError):
+                    except (msgspec.DecodeError, ValueError):
                         raise _undecodable(delivery_id) from None
         done = 0
         for chunk in chunks:
