@@ -975,16 +975,7 @@ class RetryStore:
                 raise _not_found(missing)
         chunks = list(_by_bytes(ids, sizes, DEAD_MOVE_BYTES))
         if strict and len(chunks) > 1:  # all or none: each one decodes before any moves
-            for chunk in chunks:
-                payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-                    self.k.dead_payload, chunk)
-                for delivery_id, raw in zip(chunk, payloads, strict=True):
-                    if raw is None:  # gone meanwhile
-                        raise _not_found([delivery_id])
-                    try:
-                        unpack_delivery(raw)
-                    except (msgspec.DecodeError, ValueError):
-                        raise _undecodable(delivery_id) from None
+            self._check_decodable(chunks)
         done = 0
         for chunk in chunks:
             try:
@@ -995,6 +986,20 @@ class RetryStore:
                                     "before this stay so)") from None
                 raise
         return done
+
+    def _check_decodable(self, chunks: list[list[str]]) -> None:
+        """NotFound for the first dead letter of ``chunks`` that is gone or cannot be
+        decoded (read a chunk at a time, none kept)."""
+        for chunk in chunks:
+            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                self.k.dead_payload, chunk)
+            for delivery_id, raw in zip(chunk, payloads, strict=True):
+                if raw is None:  # gone meanwhile
+                    raise _not_found([delivery_id])
+                try:
+                    unpack_delivery(raw)
+                except (msgspec.DecodeError, ValueError):
+                    raise _undecodable(delivery_id) from None
 
     def _move_chunk(self, mode: str, ids: list[str], account_id: int | None,
                     hook_id: int | None, strict: bool) -> int:
