@@ -38,6 +38,7 @@ import json
 import logging
 import os
 import re
+import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -643,7 +644,7 @@ async def _json(request: web.Request, default: Any = None) -> Any:
     except ValueError as exc:
         reason = str(exc)
         if "integer string conversion" in reason:  # Python's advice is not the client's
-            reason = "an integer of more than 4,300 digits"
+            reason = f"an integer of more than {sys.get_int_max_str_digits():,} digits"
         raise ApiError(400, f"malformed JSON: {reason}") from None
     except RecursionError:
         raise ApiError(400, f"JSON {NESTED_TOO_DEEPLY}") from None

@@ -139,7 +139,7 @@ def not_utf8(value: Any) -> str | None:
             return (f"not valid UTF-8: a lone surrogate {value[exc.start]!r} at character "
                     f"{exc.start}")
         return None
-    if isinstance(value, list):
+    if isinstance(value, list | tuple):
         return next((f"item {n}: {problem}" for n, item in enumerate(value)
                      if (problem := not_utf8(item))), None)
     if isinstance(value, dict):

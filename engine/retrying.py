@@ -113,7 +113,9 @@ class RetryWorker:
                 sendable.append((hook, delivery))
         done = 0
         try:
-            # inside: a count whose reply was lost is taken back with the others
+            # inside: a count whose reply was lost is taken back with the others (one
+            # Redis never carried out takes back an earlier hand-over's instead: a
+            # kill then comes one hand-over later, never one too soon)
             counts = self.side.retry.handed_over([d.id for _, d in sendable])
             for (hook, delivery), count in zip(sendable, counts, strict=True):
                 if count > MAX_UNANSWERED:

@@ -248,7 +248,8 @@ class KafkaTransport(Transport):
         slot.users += 1
         slot.used_at = time.monotonic()
         try:
-            await self._take(slot.gate, where, self.concurrency)
+            await self._take(slot.gate, f"Kafka {slot.servers} (its producer, shared by "
+                             "every topic there)", self.concurrency)
             try:
                 left = slot.failed_until - time.monotonic()
                 if slot.producer is None and left > 0:

@@ -72,6 +72,8 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "upsert_names: 7:campaigns:1: value of 'name': not valid UTF-8"),
     (lambda e: e.store_content(1, {"s1": {"subject": "\ud83d"}}),
      "store_content: content of send id 's1': value of 'subject': not valid UTF-8"),
+    (lambda e: e.store_content(1, {"s1": {"tags": ("a", "\ud83d")}}),
+     "store_content: content of send id 's1': value of 'tags': item 1: not valid UTF-8"),
 ], ids=lambda v: v if isinstance(v, str) else "")
 def test_bad_arguments_are_refused_naming_the_call_and_argument(
         engine: Engine, redis_client: Any, keys: Any, call: Any, message: str) -> None:
