@@ -61,6 +61,10 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
 MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
+# times a worker began processing an entry read again after a restart and its process
+# ended before it finished (out of memory, a crash in native code), before it is set
+# aside: else the partition would restart, read it first, and end again, for ever
+MAX_PROCESS_ENDS = 3
 # Redis errors that pass (a lost connection, a timeout, a replica or a loading server,
 # one out of memory or refusing writes until it can persist or reach its replicas, a
 # busy script): an entry is never set aside for them. Other Redis errors (WRONGTYPE on
@@ -400,6 +404,7 @@ class _Entry:
     views: list[PartView] | None
     held: bool = False  # processing failed once: a phantom message keeps it unacked
     counted: bool = False  # its events' matches are in the hooks' accepted stats
+    reread: bool = False  # read again from this consumer's pending entries (a restart)
 
 
 # Set an entry aside while it is pending for the group (sent again after its reply
@@ -420,6 +425,10 @@ return 1
 # an entry of more fields than this (no intake wrote it) is set aside with its fields
 # as one msgpack map in ``_fields``: a script takes a few thousand arguments at most
 SET_ASIDE_MAX_FIELDS = 1_000
+
+
+class ProcessEnded(RuntimeError):
+    """Why an entry was set aside: the process ended each time it was processed."""
 
 
 def _views(entries: list[_Entry]) -> list[PartView] | None:
@@ -471,6 +480,7 @@ class PartitionWorker:
         # the token of the failed outcome being booked (settling[0]), kept until booked
         self.booking: str | None = None
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
+        self.processing = self.side.keys.processing(partition, self.consumer)
         self._booking = Booking(r)
         self.dispatcher.count_once = self.booked
         self._set_aside_once = r.register_script(_SET_ASIDE)
@@ -483,22 +493,36 @@ class PartitionWorker:
         with paused_gc():
             return self._step(block_ms)
 
+    def _next_entries(self, block_ms: int | None) -> list[_Entry]:
+        """A failed round's entries first, one at a time; else those read, unless too
+        much is in flight."""
+        if self.again:
+            return [self.again.popleft()]
+        if self.sender.inflight() >= MAX_INFLIGHT or self.unsettled >= MAX_UNSETTLED:
+            return []
+        try:
+            return self._orphans() or self._read(block_ms)
+        except Exception:
+            # outcomes are still collected while reading fails (Redis down): left
+            # uncollected through a long outage, a transport actor would drop them
+            # and the batches would be sent again; booked by a later round
+            with suppress(Exception):
+                self.settling.extend(self.sender.poll(0.0))
+            raise
+
     def _step(self, block_ms: int | None) -> int:
-        if self.again:  # a failed round's entries first, one at a time
-            entries = [self.again.popleft()]
-        elif self.sender.inflight() < MAX_INFLIGHT and self.unsettled < MAX_UNSETTLED:
+        entries = self._next_entries(block_ms)
+        marked = [e.id for e in entries if e.reread]
+        if marked:
             try:
-                entries = self._orphans() or self._read(block_ms)
-            except Exception:
-                # outcomes are still collected while reading fails (Redis down): left
-                # uncollected through a long outage, a transport actor would drop them
-                # and the batches would be sent again; booked by a later round
-                with suppress(Exception):
-                    self.settling.extend(self.sender.poll(0.0))
+                entries = self._processing_ends(entries, marked)
+            except redis.RedisError as exc:  # tried again, as a failed round's
+                self._failed(entries, exc, blame=False)
                 raise
-        else:
-            entries = []
         error, refreshed = self._process(entries)
+        if marked:  # the process lived through it: no end to count
+            with suppress(redis.RedisError):
+                self.r.hdel(self.processing, *marked)
         # what was batched and closed counts even when the round failed half-way
         produced = self.dispatcher.take_produced()
         for eid, n in produced.items():
@@ -531,6 +555,28 @@ class PartitionWorker:
             self.failures.pop(entry.id, None)
         self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
         return len(entries)
+
+    def _processing_ends(self, entries: list[_Entry], marked: list[str]) -> list[_Entry]:
+        """Count the start of processing of entries read again after a restart (an
+        end of the process before it finishes leaves the count); those begun
+        MAX_PROCESS_ENDS times already are set aside instead."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for eid in marked:
+                pipe.hincrby(self.processing, eid, 1)
+            begun = dict(zip(marked, pipe.execute(), strict=True))
+        kept = []
+        for entry in entries:
+            if begun.get(entry.id, 0) <= MAX_PROCESS_ENDS:
+                kept.append(entry)
+                continue
+            self._set_aside(entry.id, entry.fields, ProcessEnded(
+                f"the partition's process ended {MAX_PROCESS_ENDS} times while processing "
+                "it, read again after each restart (out of memory, or a crash in native "
+                "code?)"))
+            self.r.hdel(self.processing, entry.id)
+            if entry.held:
+                self._count_settled(entry.id, 1, ack=False)
+        return kept
 
     def _process(self, entries: list[_Entry]) -> tuple[Exception | None, bool]:
         """Refresh, then batch ``entries`` and close due batches: the error that stopped
@@ -588,7 +634,11 @@ class PartitionWorker:
         start = self.pending_cursor if self.reading_own_pending else ">"
         try:
             reply: Any = self.r.xreadgroup(CONSUMER_GROUP, self.consumer, {self.stream: start},
-                                           count=self.settings.READ_MAX_ENTRIES,
+                                           # read again after a restart: one at a
+                                           # time, so one that ends the process is
+                                           # known (_processing_ends)
+                                           count=1 if self.reading_own_pending
+                                           else self.settings.READ_MAX_ENTRIES,
                                            block=None if self.reading_own_pending else block_ms)
         except redis.ResponseError as exc:
             if not str(exc).startswith("NOGROUP"):
@@ -691,7 +741,8 @@ class PartitionWorker:
             except Exception as exc:  # not written by the intake: would fail every round
                 self._set_aside(eid.decode(), fields, exc)
                 continue
-            entries.append(_Entry(eid.decode(), fields, events, views))
+            entries.append(_Entry(eid.decode(), fields, events, views,
+                                  reread=self.reading_own_pending))
         if self.reading_own_pending:
             if items:
                 self.pending_cursor = items[-1][0].decode()

@@ -8,6 +8,10 @@ key                             type     holds
 {p}:intake:receipt:{uuid}       string   set by an append: an append is written at
                                          most once (see Intake._write); deleted by the
                                          intake's next append, else gone after 10 min
+{p}:processing:{n}:{consumer}   hash     entry id -> how often partition n's worker began
+                                         processing it, read again after a restart, and
+                                         did not finish (its process ended): set aside
+                                         past MAX_PROCESS_ENDS (a crash loop ends)
 {p}:acked:{n}:{consumer}        list     the tokens of the last 32 acknowledgement
                                          rounds of partition n's worker (book_once.lua):
                                          a round sent again after a lost reply counts once
@@ -94,6 +98,9 @@ class Keys:
 
     def intake(self, partition: int) -> str:
         return f"{self.p}:intake:{partition}"
+
+    def processing(self, partition: int, consumer: str) -> str:
+        return f"{self.p}:processing:{partition}:{consumer}"
 
     def last_ack(self, partition: int, consumer: str) -> str:
         return f"{self.p}:acked:{partition}:{consumer}"

@@ -688,7 +688,8 @@ def _keys_of(prefix: str, send_ids: list[str]) -> set[str]:
 
     k = Keys(prefix)
     found = {v for v in vars(k).values() if isinstance(v, str) and v != prefix}
-    found |= {k.intake(0), k.last_ack(0, "partition-0"), k.booked("retry"),
+    found |= {k.intake(0), k.last_ack(0, "partition-0"), k.processing(0, "partition-0"),
+              k.booked("retry"),
               k.booked("partition:0:partition-0"), k.profiles(1), k.dead_of_account(1),
               k.dead_of_hook(1), k.alive("retry"), k.alive("partition:0"), k.stats(1),
               tokens_key(prefix), *(k.content(1, s) for s in send_ids)}

@@ -1020,6 +1020,53 @@ def test_an_entry_redis_refuses_to_set_aside_stays_pending(
     assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
 
 
+def test_an_entry_that_ends_the_process_each_time_is_set_aside_after_restarts(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Processing one entry ends the process (out of memory, say: no exception the
+    worker sees). Each restart reads it again, one pending entry at a time; after
+    MAX_PROCESS_ENDS such ends it is set aside, and the others are delivered."""
+    from engine.assembly import Assembler
+    from engine.dispatch import MAX_PROCESS_ENDS
+
+    class ProcessEnds(BaseException):  # not caught by the worker, as a SIGKILL is not
+        pass
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 5)
+    intake.publish(clicks(5, list_id=1) + clicks(5, list_id=2) + clicks(5, list_id=3))
+    poisoned = next(eid for eid, ids in entry_events(redis_client, keys.intake(0)).items()
+                    if "c2-0" in ids)
+    assemble = Assembler.assemble
+
+    def ends_on_poison(self: Any, rnd: Any, where: list[int]) -> Any:
+        if any(rnd.events[i].id == "c2-0" for i in where):
+            raise ProcessEnds
+        return assemble(self, rnd, where)
+
+    monkeypatch.setattr(Assembler, "assemble", ends_on_poison)
+    ends, senders = 0, []
+    for _ in range(MAX_PROCESS_ENDS + 2):  # a new worker each time: a restarted actor
+        senders.append(InProcessSender())
+        worker = PartitionWorker(cfg, redis_client, 0, senders[-1])
+        try:
+            run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+            break
+        except ProcessEnds:
+            ends += 1
+    assert ends == MAX_PROCESS_ENDS + 1  # the first read, then once per restart
+    ((_, aside),) = redis_client.xrange(keys.intake_unreadable)
+    assert aside[b"_entry"].decode() == poisoned
+    assert aside[b"_error"].startswith(b"ProcessEnded: the partition's process ended 3 times")
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+    assert not redis_client.exists(keys.processing(0, "partition-0"))
+    # every event of the other entries delivered (at least once: a restart re-sends)
+    delivered = {mid for sender in senders for d in sender.transport.sent
+                 for mid in d.message_ids}
+    assert len(delivered) == 10
+
+
 def test_a_failing_round_does_not_end_the_worker(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     import threading
