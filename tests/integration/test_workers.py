@@ -1313,10 +1313,11 @@ def test_redis_errors_never_set_an_entry_aside(
     assert not redis_client.exists(keys.intake_unreadable)
 
 
-def lose_first_ack(monkeypatch: pytest.MonkeyPatch, carried_out: bool) -> list[int]:
-    """The first acknowledgement round (a pipeline or script holding XACK) fails with
-    a lost connection: before Redis saw it, or (``carried_out``) after Redis carried it
-    out, its reply lost. Returns the list the failure is noted in."""
+def lose_first(monkeypatch: pytest.MonkeyPatch, carried_out: bool,
+               matches: Callable[[list[Any]], bool]) -> list[int]:
+    """The first pipeline or script whose words ``matches`` fails with a lost
+    connection: before Redis saw it, or (``carried_out``) after Redis carried it out,
+    its reply lost. Returns the list the failure is noted in."""
     failed: list[int] = []
     execute, call = redis.client.Pipeline.execute, redis.commands.core.Script.__call__
 
@@ -1327,18 +1328,24 @@ def lose_first_ack(monkeypatch: pytest.MonkeyPatch, carried_out: bool) -> list[i
         raise redis.ConnectionError("connection lost")
 
     def pipeline_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not failed and any(cmd[0][0] == "XACK" for cmd in self.command_stack):
+        if not failed and matches([w for cmd in self.command_stack for w in cmd[0]]):
             return lose(lambda: execute(self, *args, **kwargs))
         return execute(self, *args, **kwargs)
 
     def script_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if not failed and "XACK" in list(kwargs.get("args") or ()):
+        if not failed and matches(list(kwargs.get("args") or ())):
             return lose(lambda: call(self, *args, **kwargs))
         return call(self, *args, **kwargs)
 
     monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline_execute)
     monkeypatch.setattr(redis.commands.core.Script, "__call__", script_call)
     return failed
+
+
+def lose_first_ack(monkeypatch: pytest.MonkeyPatch, carried_out: bool) -> list[int]:
+    """The first acknowledgement round (a pipeline or script holding XACK) fails:
+    ``lose_first``."""
+    return lose_first(monkeypatch, carried_out, lambda words: "XACK" in words)
 
 
 @pytest.mark.parametrize("carried_out", [False, True], ids=["not-sent", "reply-lost"])
@@ -1519,30 +1526,7 @@ def test_matches_counted_without_a_reply_are_counted_once_and_sent_once(
     cfg = one_partition(settings)
     created = HookRegistry(redis_client, keys).create(hook())
     one_intake(redis_client, keys, 20).publish(clicks(20))
-    lost: list[int] = []
-    execute, call = redis.client.Pipeline.execute, redis.commands.core.Script.__call__
-
-    def lose(run: Callable[[], Any]) -> Any:
-        lost.append(1)
-        if carried_out:
-            run()
-        raise redis.ConnectionError("connection lost")
-
-    def counts_accepted(words: Any) -> bool:
-        return not lost and "accepted" in [w for w in words if isinstance(w, str)]
-
-    def pipeline_execute(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if counts_accepted([w for cmd in self.command_stack for w in cmd[0]]):
-            return lose(lambda: execute(self, *args, **kwargs))
-        return execute(self, *args, **kwargs)
-
-    def script_call(self: Any, *args: Any, **kwargs: Any) -> Any:
-        if counts_accepted(list(kwargs.get("args") or ())):
-            return lose(lambda: call(self, *args, **kwargs))
-        return call(self, *args, **kwargs)
-
-    monkeypatch.setattr(redis.client.Pipeline, "execute", pipeline_execute)
-    monkeypatch.setattr(redis.commands.core.Script, "__call__", script_call)
+    lost = lose_first(monkeypatch, carried_out, lambda words: "accepted" in words)
     sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender)
     errors = run_through_failures(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
