@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
+from engine.hooks import not_utf8
 from engine.keys import PREFIX_CLASHES, PREFIX_LAST_CLASHES
 from engine.transports.base import DEFAULT_QUEUE_SEC
 from engine.transports.guard import DEFAULT_DENY, parse_deny
@@ -116,12 +117,8 @@ class Settings(BaseModel):
         if isinstance(value, str):
             if "\x00" in value:
                 raise PydanticCustomError("text", "holds a NUL character")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError as exc:
-                raise PydanticCustomError(
-                    "text", "not valid UTF-8: a lone surrogate {char} at character {at}",
-                    {"char": repr(value[exc.start]), "at": exc.start}) from None
+            if problem := not_utf8(value):
+                raise PydanticCustomError("text", "{reason}", {"reason": problem})
         return value
 
     @field_validator("DESTINATION_DENY", mode="before")
