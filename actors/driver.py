@@ -456,11 +456,7 @@ class Engine:
         for a hook that does not exist and never counted anything (a deleted hook keeps
         its counters: its dead letters may still be replayed or discarded)."""
         if hook_id is not None:
-            counters = self._stats.get(_id("stats", "hook_id", hook_id))
-            if not any(counters.values()) and \
-                    not self.redis.hexists(self.keys.hooks, str(hook_id)):
-                raise NotFound(f"hook {hook_id} does not exist")
-            return counters
+            return self._known_hook(_id("stats", "hook_id", hook_id))
         # every stored hook's, also one that no longer validates (its partitions wait:
         # see health()); read without validating the hooks
         out: dict[Any, Any] = {hook_id: self._stats.get(hook_id)
@@ -469,6 +465,15 @@ class Engine:
                          "dead_letters": int(self.redis.zcard(self.keys.dead)),
                          "intake_backlog": self.backlog()}
         return out
+
+    def _known_hook(self, hook_id: int) -> dict[str, int]:
+        """The counters of ``hook_id``; NotFound if it is not stored and never counted
+        anything (a deleted hook keeps its counters, and its dead letters)."""
+        counters = self._stats.get(hook_id)
+        if not any(counters.values()) and \
+                not self.redis.hexists(self.keys.hooks, str(hook_id)):
+            raise NotFound(f"hook {hook_id} does not exist")
+        return counters
 
     def backlog(self) -> int:
         """Intake entries not yet settled, over all partitions: the running engine's
@@ -484,13 +489,16 @@ class Engine:
                      limit: int = 100, after: str | None = None) -> list[DeadLetter]:
         """Dead letters, oldest first, at most ``limit``; the next ones with ``after=``
         the last one's ``cursor`` (ValueError for a cursor that is not one, or a limit
-        below 1)."""
+        below 1; NotFound for a ``hook_id`` that is not stored and never counted
+        anything, as in ``stats``, also for ``replay`` and ``discard``)."""
         if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
             raise ValueError(f"dead_letters: limit must be a whole number >= 1, got {limit!r}")
         if after is not None and not isinstance(after, str):
             raise ValueError(f"dead_letters: after must be a cursor (a string), got {after!r}")
         account_id = _id("dead_letters", "account_id", account_id)
         hook_id = _id("dead_letters", "hook_id", hook_id)
+        if hook_id is not None:
+            self._known_hook(hook_id)
         return [DeadLetter.of(d, cursor)
                 for d, cursor in self.retry.dead_page(account_id, hook_id, limit, after)]
 
@@ -501,8 +509,11 @@ class Engine:
         NotFound), or, without ids, every one (of a hook, of an account) kept when the
         call starts, in chunks; ``progress(n)`` after each chunk."""
         if ids is None:
-            return self.retry.replay_all(_id("replay", "account_id", account_id),
-                                         _id("replay", "hook_id", hook_id), progress)
+            hook_id = _id("replay", "hook_id", hook_id)
+            if hook_id is not None:
+                self._known_hook(hook_id)
+            return self.retry.replay_all(_id("replay", "account_id", account_id), hook_id,
+                                         progress)
         if hook_id is not None or account_id is not None:
             raise ValueError("replay: hook_id and account_id select all of a hook's or an "
                              "account's dead letters; not with ids")
@@ -518,8 +529,11 @@ class Engine:
         if (ids is None) == (not everything):
             raise ValueError("discard: give either ids or everything=True")
         if ids is None:
-            return self.retry.discard_all(_id("discard", "account_id", account_id),
-                                          _id("discard", "hook_id", hook_id), progress)
+            hook_id = _id("discard", "hook_id", hook_id)
+            if hook_id is not None:
+                self._known_hook(hook_id)
+            return self.retry.discard_all(_id("discard", "account_id", account_id), hook_id,
+                                          progress)
         if hook_id is not None or account_id is not None:
             raise ValueError("discard: hook_id and account_id go with everything=True")
         return self.retry.discard(_ids("discard", ids))

@@ -76,6 +76,11 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
     assert code == 0 and out.strip() == f"hook {clone['id']} deleted"
     code, _, err = run_cli(capsys, "-c", config, "hooks", "get", str(clone["id"]))
     assert code == 2 and f"hook {clone['id']} does not exist" in err
+    # a hook neither stored nor ever counted is named as missing by every command that
+    # takes --hook, not shown as having nothing
+    for command in (["stats"], ["dead-letters"], ["replay"], ["discard", "--all"]):
+        code, _, err = run_cli(capsys, "-c", config, *command, "--hook", "999999")
+        assert code == 2 and "hook 999999 does not exist" in err, command
 
 
 def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
