@@ -107,6 +107,10 @@ class Settings(BaseModel):
         field = cls.model_fields[info.field_name or ""]
         if isinstance(value, bool) and field.annotation in (int, float, int | None):
             raise PydanticCustomError("bool_not_number", "expected a number, not a boolean")
+        # and Python's "1_0" into 10: a typo in a number is refused, not read as another
+        if isinstance(value, str) and "_" in value and \
+                field.annotation in (int, float, int | None):
+            raise PydanticCustomError("number_underscore", "expected a number, without '_'")
         return value
 
     @field_validator("*")

@@ -91,6 +91,9 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("HOOK_RETRY_PERIOD_SEC", "inf", "finite number"),
     ("HOOK_RETRY_PERIOD_SEC", "nan", "finite number"),
     ("HOOK_RETRY_PERIOD_SEC", "15s", BOUND_NUM),
+    # Python's digit separators: a typo such as "1_0" is not read as 10
+    ("HOOK_RETRY_TIMES", "1_0", "expected a number, without '_'"),
+    ("HOOK_RETRY_PERIOD_SEC", "1_5.0", "expected a number, without '_'"),
     ("HOOK_CONTENT_CLEANUP_HOURS", "0", "accepted: a number > 0"),
     ("HOOK_CONTENT_CLEANUP_HOURS", "8761", "accepted: a number <= 8760"),
     ("HOOK_CONTENT_CLEANUP_HOURS", "3d", BOUND_NUM),
