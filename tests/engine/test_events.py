@@ -822,15 +822,17 @@ def test_an_id_in_event_data_is_checked_whatever_its_value_and_the_top_level(
     ({"event_data": {"x": object()}}, "event_data.x", "cannot be encoded: "),
     ({"custom_data": {"a": [1, {"b": 1j}]}}, "custom_data.a[1].b", "cannot be encoded: "),
 ])
-@pytest.mark.parametrize("partial", [False, True])
 def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
-        fields: dict[str, Any], field: str, reason: str, partial: bool) -> None:
+        fields: dict[str, Any], field: str, reason: str, redis_client: Any,
+        prefix: str) -> None:
     """A dict event given in Python with a value JSON cannot hold is one bad event
-    (partial: the others are kept), never an error of the whole call."""
-    from engine.intake import Intake
+    (with partial, the others are accepted), never an error of the whole call."""
+    from engine.intake import Intake, decode_entry
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    keys = Keys(prefix)
+    intake = Intake(redis_client, keys, 1, 10)
+    intake.ensure_groups()
     events = [ev(id="a"), ev(id="b", **fields), ev(id="c"), Event(**ev(id="d"))]
     good, issues = intake.validate(events)
     assert [e.id for e in good] == ["a", "c", "d"]
@@ -844,6 +846,12 @@ def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
     assert [e.id for e in good] == ["a", "c"]
     [issue] = issues
     assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
-    if not partial:
-        with pytest.raises(EventError, match=re.escape(f"event 1: {field}: {reason}")):
-            intake.publish(events)  # refused before anything is written: no Redis needed
+    with pytest.raises(EventError, match=re.escape(f"event 1: {field}: {reason}")):
+        intake.publish(events)
+    assert redis_client.xlen(keys.intake(0)) == 0  # nothing accepted
+    result = intake.publish(events, partial=True)
+    assert result.accepted == 3 and result.ids == ["a", "c", "d"]
+    [issue] = result.issues
+    assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
+    written = redis_client.xrange(keys.intake(0))
+    assert sum(len(decode_entry(f)) for _, f in written) == 3

@@ -976,7 +976,6 @@ LAX = [  # values pydantic's lax mode took for another type
     ("account_id", 23.0, "account_id: Input should be a valid integer"),
     ("filters.campaigns", ["7"], "filters.campaigns.0: Input should be a valid integer"),
     ("name", 5, "name: Input should be a valid string"),
-    ("actions", "click", "actions: Input should be a valid list"),
     ("target.http_batch.max_batch_size", True,
      "target.http_batch.max_batch_size: Input should be a valid integer"),
     ("target.http_batch.max_batch_size", "50",

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 import time
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import redis
@@ -205,15 +207,20 @@ def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
 
 
 def test_a_worker_looks_at_the_claim_at_most_once_a_second(
-        redis_client: redis.Redis, keys: Keys) -> None:
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    clock = [1000.0]  # the claim module's own clock, moved by the test
+    monkeypatch.setattr(lease_module, "time", SimpleNamespace(
+        monotonic=lambda: clock[0], sleep=time.sleep, gmtime=time.gmtime,
+        strftime=time.strftime))
     holding = Holding(redis_client, keys, "a" * 32)
     redis_client.set(keys.engine, "b" * 32 + " {}", px=5000)
     with pytest.raises(PrefixTaken):
         holding.check()
     redis_client.delete(keys.engine)
+    clock[0] += lease_module.CHECK_SEC * 0.99
     with pytest.raises(PrefixTaken):  # within CHECK_SEC: the last look still holds
         holding.check()
-    time.sleep(lease_module.CHECK_SEC)
+    clock[0] += lease_module.CHECK_SEC * 0.01
     holding.check()
 
 
@@ -222,6 +229,17 @@ def test_the_renewer_writes_the_records_again_only_while_the_claim_is_its_own(
     mine, theirs = lease(redis_client, keys, ttl=1), lease(redis_client, keys, ttl=60)
     assert mine.claim() is None
     written: list[int] = []
+    # the records written so far, at each renewal that saw another engine's claim
+    saw_theirs: list[int] = []
+    renew = mine.renew
+
+    def renewing() -> Any:
+        holder = renew()
+        if holder is not None:
+            saw_theirs.append(len(written))
+        return holder
+
+    mine.renew = renewing  # type: ignore[method-assign]
     renewer = Renewer(mine)
     renewer.also = lambda: written.append(1)
     try:
@@ -229,10 +247,8 @@ def test_the_renewer_writes_the_records_again_only_while_the_claim_is_its_own(
         assert wait_for(lambda: len(written) >= 2, 10)
         # while another engine holds it (this one's lapsed and was taken), none does
         redis_client.set(keys.engine, f"{theirs.owner} {{}}", px=60_000)
-        time.sleep(0.5)  # a renewal or two has seen the other claim
-        seen = len(written)
-        time.sleep(1.0)
-        assert len(written) == seen
+        assert wait_for(lambda: len(saw_theirs) >= 3, 10)
+        assert len(written) == saw_theirs[0] >= 2
         assert redis_client.get(keys.engine).startswith(theirs.owner.encode())  # type: ignore[union-attr]
     finally:
         renewer.stop()

@@ -286,10 +286,6 @@ def test_pixel_event_data_filled(code: str) -> None:
     assert build(make_event(event_type=code))["event_data"] == {}
 
 
-def test_pixel_category_exists() -> None:
-    assert CATALOGUE.by_category("pixel") == ["pixel"]
-
-
 def test_event_data_ids_taken_from_event_data_itself() -> None:
     # the producer's own event_data already holds the ids: nothing is added or changed
     data = {"message_id": 5, "segment_id": 0, "campaign_id": 130, "resource_id": 3}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -287,8 +289,21 @@ def test_empty_main_json_gives_defaults(tmp_path: Path) -> None:
     assert load_settings(write_main(tmp_path, {}), environ={}).model_dump() == DEFAULTS
 
 
-def test_conftest_removed_settings_from_environment() -> None:
+def test_no_setting_in_the_environment() -> None:
     assert not set(Settings.model_fields) & set(os.environ)
+    assert load_settings(None).model_dump() == DEFAULTS
+
+
+def test_conftest_removes_settings_from_the_environment() -> None:
+    """A setting in the shell that runs the tests (here HOOK_RETRY_TIMES=9) reaches no
+    test: the check above passes all the same."""
+    environ = {**os.environ, "HOOK_RETRY_TIMES": "9", "PYTEST_ADDOPTS": ""}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         f"{__file__}::test_no_setting_in_the_environment"],
+        env=environ, cwd=Path(__file__).parents[2], capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 0 and "1 passed" in done.stdout, done.stdout + done.stderr
 
 
 # --- main.json and environment -------------------------------------------------------------

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import os
 import ssl
-import time
 from pathlib import Path
 
 import pytest
@@ -21,11 +20,10 @@ from engine.transports.tls import (
 
 
 def refusal(path: str) -> str:
-    """The ConnectError text for ``path``, which must come within 5 s."""
-    began = time.monotonic()
+    """The ConnectError text for ``path``, which must come within 5 s (a wait
+    would end as TimeoutError, which is no ConnectError)."""
     with pytest.raises(ConnectError) as err:
         asyncio.run(asyncio.wait_for(client_context_for("broker b:5671", path), 5))
-    assert time.monotonic() - began < 5
     text = str(err.value)
     assert text.startswith(f"broker b:5671: TLS CA file {path!r} cannot be used: "), text
     return text
@@ -39,8 +37,7 @@ def test_a_fifo_is_refused_without_waiting_for_a_writer(tmp_path: Path) -> None:
 
 def test_a_device_or_a_directory_is_refused(tmp_path: Path) -> None:
     assert refusal("/dev/null").endswith("not a regular file")
-    assert "Is a directory" in refusal(str(tmp_path)) or \
-        refusal(str(tmp_path)).endswith("not a regular file")
+    assert refusal(str(tmp_path)).endswith("not a regular file")
 
 
 def test_an_empty_file_and_proc_files_are_refused(tmp_path: Path) -> None:

@@ -218,7 +218,6 @@ def test_names_and_profiles_reach_custom_data(engine_factory: Any, receiver: Rec
     assert msg["custom_data"] == {"email": "ann@example.org", "cname": "Spring", "db": "Main"}
     # a renamed campaign reaches the running engine
     engine.upsert_names([{"account_id": 1, "kind": "campaigns", "id": 2, "name": "Summer"}])
-    time.sleep(0.3)
     engine.publish([event])
     assert wait_for(lambda: len(receiver.messages("/cd")) == 2, 10)
     assert receiver.messages("/cd")[1]["custom_data"]["cname"] == "Summer"
