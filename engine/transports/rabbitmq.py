@@ -132,6 +132,13 @@ class _Connection:
     dests: dict[DestKey, _Dest] = field(default_factory=dict)
 
 
+def _bare(exc: TransportError) -> TransportError:
+    """A failure as kept for the deliveries waiting on the same attempt: its type and
+    text, not the exception raised, whose traceback holds the frames of the delivery
+    that met it (its batch, up to MAX_BATCH_BYTES) for as long as the entry lives."""
+    return type(exc)(str(exc))
+
+
 @dataclass
 class _Broker:
     url: URL
@@ -329,9 +336,9 @@ class RabbitTransport(Transport):
                     broker.url, context=context,
                     client_properties={"connection_name": "hookray " + self.kind}, **guarded)
             except Exception as exc:
-                broker.error = self._wrap_connect(exc, broker)
-                broker.failed_at = time.monotonic()
-                raise broker.error from None
+                error = self._wrap_connect(exc, broker)
+                broker.error, broker.failed_at = _bare(error), time.monotonic()
+                raise error from None
             broker.current = conn = _Connection(connection)
             broker.error = None
             broker.progress_at = time.monotonic()
@@ -363,7 +370,7 @@ class RabbitTransport(Transport):
             try:
                 channel = await self._open(broker, conn, target)
             except TransportError as exc:
-                dest.error, dest.failed_at = exc, time.monotonic()
+                dest.error, dest.failed_at = _bare(exc), time.monotonic()
                 if isinstance(exc, ConnectError):
                     self._drop(broker, conn)
                 raise

@@ -4,10 +4,13 @@ alone, then through the engine (hooks, retries, dead letters, a broker restart).
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import logging
 import socket
 import threading
 import time
+import tracemalloc
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -431,6 +434,50 @@ def test_exchange_type_mismatch_is_rejected_without_harming_other_destinations(
     assert ok_exchange.ok and ok_queue.ok
     assert not again.ok and again.error == "Rejected"
     assert len(by_id(rabbit.consume(queue, expect=5))) == 5
+
+
+def test_a_failed_batch_is_not_kept_by_the_transport(rabbit: Rabbit,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """The failure a broker or destination entry keeps for the deliveries waiting on
+    the same attempt holds no frame of the delivery that met it: a 4 MB batch that
+    failed (no broker; an exchange of another type) is freed once its send returned."""
+    # aiormq logs the refused connection with its traceback; the test's log capture
+    # would keep that record, and with it the frames
+    caplog.set_level(logging.CRITICAL, logger="aiormq")
+    exchange = rabbit.declare_exchange("typed-big", "topic")
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
+    targets = [RabbitQueue(**rabbit.broker(port=closed.getsockname()[1]), queue="q"),
+               RabbitExchange(**rabbit.broker(), exchange=exchange, type="direct")]
+
+    async def go() -> list[tuple[str, float]]:
+        transport = RabbitExchangeTransport(timeout_sec=5)
+        found = []
+        try:
+            for target in targets:
+                gc.collect()
+                before = tracemalloc.get_traced_memory()[0]
+                big = Delivery(id="big", hook_id=1, account_id=1, kind="rabbitmq_exchange",
+                               parts=[b'"' + b"x" * 4_000_000 + b'"'], message_ids=["m"],
+                               keys=["1.click"])
+                outcome = await transport.send(target, big)
+                del big
+                await asyncio.sleep(0.1)  # callbacks of the failed attempt have run
+                gc.collect()
+                found.append((outcome.error or "",
+                              (tracemalloc.get_traced_memory()[0] - before) / 1e6))
+        finally:
+            await transport.close()
+        return found
+
+    tracemalloc.start()
+    try:
+        found = run(go)
+    finally:
+        tracemalloc.stop()
+        closed.close()
+    assert [error for error, _ in found] == ["ConnectError", "Rejected"], found
+    assert all(kept_mb < 1 for _, kept_mb in found), found
 
 
 def test_connect_errors_and_timeouts_name_their_cause(rabbit: Rabbit) -> None:
