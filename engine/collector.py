@@ -9,22 +9,29 @@ process: in a process that also holds a million freshly made events, publishing
 with it paused (measured here). ``paused_gc`` pauses it for the block; collection
 resumes afterwards. The collector is the process's: when blocks of several threads
 overlap, it is on again once the block that turned it off ends (the others may then
-see a collection), and one its owner had turned off stays off.
+see a collection), and one its owner had turned off stays off. Which block turned it
+off is decided under a lock: read and turned off in two steps, a block could take the
+collector for one its owner turned off, and leave it off for good.
 """
 
 from __future__ import annotations
 
 import gc
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+
+_lock = threading.Lock()
 
 
 @contextmanager
 def paused_gc() -> Iterator[None]:
-    enabled = gc.isenabled()
-    gc.disable()
+    with _lock:
+        mine = gc.isenabled()  # this block turns it off, and on again
+        gc.disable()
     try:
         yield
     finally:
-        if enabled:
-            gc.enable()
+        if mine:
+            with _lock:
+                gc.enable()
