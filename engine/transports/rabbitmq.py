@@ -349,6 +349,10 @@ class RabbitTransport(Transport):
         if dest is None:
             if len(conn.dests) >= MAX_CHANNELS:
                 for k, d in list(conn.dests.items()):
+                    # one whose channel is being opened (its lock held) stays: dropped,
+                    # the channel it opens would be kept by no entry, and never closed
+                    if d.lock.locked():
+                        continue
                     if d.current is None or d.current.users == 0:
                         del conn.dests[k]
                         if d.current is not None:

@@ -19,6 +19,7 @@ import pytest
 
 from engine.hooks import RabbitExchange, RabbitQueue
 from engine.messages import message_id
+from engine.transports import rabbitmq as rabbitmq_module
 from engine.transports.base import Delivery, Outcome
 from engine.transports.rabbitmq import RabbitExchangeTransport, RabbitQueueTransport
 from tests.rabbit_fixtures import Rabbit, RabbitNode, Received, VhostScope, listing
@@ -220,6 +221,39 @@ def test_a_connection_in_use_is_not_closed_to_make_room(
     assert all(o.ok for o in outcomes), outcomes
     assert kept == 2
     assert len(by_id(rabbit.consume(queue, expect=400))) == 400
+
+
+def test_channels_being_opened_are_not_dropped_to_make_room(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection's destinations over MAX_CHANNELS: idle ones are dropped and their
+    channels closed; one whose channel is being opened at that moment stays, else
+    its channel would be open on the connection with no entry to close it."""
+    monkeypatch.setattr(rabbitmq_module, "MAX_CHANNELS", 2)
+    queues = [rabbit.name(f"room-{n}") for n in range(5)]
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], int, int]:
+        try:
+            # all at once: the third and later find the first ones still opening
+            out = list(await asyncio.gather(*[
+                transport.send(RabbitQueue(**rabbit.broker(), queue=q), delivery(2, tag=q))
+                for q in queues]))
+            (broker,) = transport._brokers.values()
+            conn = broker.current
+            assert conn is not None
+            await asyncio.sleep(0.2)  # channels closed later are closed by now
+            open_channels = sum(not ch.is_closed
+                                for ch in conn.connection.channels.values())
+            return out, open_channels, len(conn.dests)
+        finally:
+            await transport.close()
+
+    outcomes, open_channels, dests = run(go)
+    assert all(o.ok for o in outcomes), outcomes
+    # every open channel belongs to an entry that will close it
+    assert open_channels <= dests, (open_channels, dests)
+    for q in queues:
+        assert len(by_id(rabbit.consume(q, expect=2))) == 2
 
 
 def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_again(
