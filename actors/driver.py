@@ -96,7 +96,8 @@ class Engine:
         self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         self.hooks = HookRegistry(self.redis, self.keys, self.catalogue)
         self.intake = Intake(self.redis, self.keys, settings.PARTITIONS,
-                             settings.INTAKE_MAX_BATCH, self.catalogue)
+                             settings.INTAKE_MAX_BATCH, self.catalogue,
+                             settings.INTAKE_MAX_ENTRIES)
         self.retry = RetryStore(self.redis, self.keys)
         self._stats = Stats(self.redis, self.keys)
         self._names = NameStore(self.redis, self.keys)
@@ -401,7 +402,9 @@ class Engine:
     def publish(self, events: bytes | str | Sequence[Event | Mapping[str, Any]],
                 partial: bool = False) -> PublishResult:
         """Validate and append events to the intake. Bad events raise EventError (nothing
-        accepted) unless ``partial=True``, which accepts the good ones and returns the issues."""
+        accepted) unless ``partial=True``, which accepts the good ones and returns the
+        issues. Backlogged (nothing accepted) while a partition the events would go to
+        holds INTAKE_MAX_ENTRIES entries not yet processed: publish again later."""
         return self.intake.publish(events, partial=partial)  # type: ignore[arg-type]
 
     def store_content(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],

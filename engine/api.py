@@ -56,7 +56,7 @@ from pydantic import ValidationError
 from engine.auth import TokenInfo, TokenStore
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import ConfigError, Conflict, HookError, NotFound
+from engine.errors import Backlogged, ConfigError, Conflict, HookError, NotFound
 from engine.events import (
     MAX_ID,
     NESTED_TOO_DEEPLY,
@@ -165,7 +165,8 @@ class Backend:
         keys = Keys(settings.REDIS_PREFIX)
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         return cls(settings, r, catalogue, HookRegistry(r, keys, catalogue),
-                   Intake(r, keys, settings.PARTITIONS, settings.INTAKE_MAX_BATCH, catalogue),
+                   Intake(r, keys, settings.PARTITIONS, settings.INTAKE_MAX_BATCH, catalogue,
+                          settings.INTAKE_MAX_ENTRIES),
                    Stats(r, keys), RetryStore(r, keys), NameStore(r, keys),
                    TokenStore(r, settings.REDIS_PREFIX))
 
@@ -277,6 +278,8 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         backend.intake.write(encoded)
     except ConfigError as exc:  # the engine runs with other PARTITIONS: nothing written
         raise ApiError(503, str(exc)) from None
+    except Backlogged as exc:  # the intake is INTAKE_MAX_ENTRIES behind: nothing written
+        raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
     except redis.RedisError as exc:  # perhaps after the append went through
         log.warning("POST /v1/events: Redis: %s", exc)
         raise ApiError(503, WRITE_LOST) from None

@@ -39,6 +39,11 @@ class PrefixTaken(HookrayError):
     this engine's workers wait instead of reading the same intake."""
 
 
+class Backlogged(HookrayError):
+    """The intake holds more entries not yet processed than INTAKE_MAX_ENTRIES allows
+    in a partition the events would go to: nothing was accepted; publish again later."""
+
+
 class EventError(HookrayError):
     """Events are malformed; ``issues`` lists every bad event of the batch."""
 

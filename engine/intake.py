@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -27,7 +28,7 @@ import redis
 from engine.assembly import gather
 from engine.catalogue import EventCatalogue, engine_codes, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import ConfigError, EventError
+from engine.errors import Backlogged, ConfigError, EventError
 from engine.events import (
     MAX_ID,
     NESTED_TOO_DEEPLY,
@@ -55,6 +56,7 @@ log = logging.getLogger("hookray")
 WRITE_TRIES = 10  # publish attempts while the engine's recorded PARTITIONS changes
 RECEIPT_SEC = 600  # how long the receipt of an append is kept at most (see Intake._write)
 SPENT_PER_WRITE = 256  # receipts of finished appends deleted by one later append
+BACKLOG_CHECK_SEC = 1.0  # how long the streams' lengths read for INTAKE_MAX_ENTRIES serve
 
 _entry_decoder = msgspec.msgpack.Decoder(list[StoredEvent])
 _one_decoder = msgspec.msgpack.Decoder(StoredEvent)
@@ -248,10 +250,15 @@ def _refusal(issues: list[EventIssue]) -> EventError:
 
 class Intake:
     def __init__(self, r: redis.Redis, keys: Keys, partitions: int, max_batch: int,
-                 catalogue: EventCatalogue | None = None) -> None:
+                 catalogue: EventCatalogue | None = None, max_entries: int = 0) -> None:
+        """``max_entries``: INTAKE_MAX_ENTRIES (0: no limit)."""
         self.r, self.k = r, keys
         self.partitions = partitions
         self.max_batch = max_batch
+        self.max_entries = max_entries
+        # the partitions' stream lengths as last read, and when (see _check_backlog)
+        self._lengths: list[int] = []
+        self._lengths_at = -float("inf")
         self.catalogue = load_catalogue() if catalogue is None else catalogue
         self._scripts: dict[str, Any] = {}  # registered on first use (validate needs none)
         self._spent: deque[str] = deque()  # receipts of finished appends, to delete
@@ -425,11 +432,33 @@ class Intake:
         to ``fresh`` for it are taken back. After a Redis error they stay: a retry with
         the same events then repeats their message ids, which receivers can see."""
         try:
+            self._check_backlog(entries)
             self._write(entries, count, events)
-        except ConfigError:
+        except (ConfigError, Backlogged):
             for event in fresh:
                 event.id = None
             raise
+
+    def _check_backlog(self, entries: list[tuple[int, bytes]]) -> None:
+        """Backlogged, nothing written, if a partition the entries go to holds
+        ``max_entries`` entries or more. The lengths are read (one pipeline) at most
+        every BACKLOG_CHECK_SEC: a limit for Redis's memory, not an exact count."""
+        if not self.max_entries or not entries:
+            return
+        now = time.monotonic()
+        if now - self._lengths_at >= BACKLOG_CHECK_SEC:
+            with self.r.pipeline(transaction=False) as pipe:
+                for n in range(self.partitions):
+                    pipe.xlen(self.k.intake(n))
+                self._lengths = [int(x) for x in pipe.execute()]
+            self._lengths_at = now
+        full = sorted({n for n, _ in entries if self._lengths[n] >= self.max_entries})
+        if full:
+            shown = ", ".join(f"partition {n} holds {self._lengths[n]:,}" for n in full)
+            raise Backlogged(
+                f"the intake is behind: {shown} entries not yet processed (INTAKE_MAX_"
+                f"ENTRIES is {self.max_entries:,}); nothing was accepted, publish again "
+                "later (the engine's health says whether its partitions run or wait)")
 
     def append(self, events: list[Event], fresh: Sequence[Event] = ()) -> None:
         """Append validated events (with ids) to their partitions' streams; ``fresh``:

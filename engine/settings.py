@@ -58,6 +58,10 @@ class Settings(BaseModel):
     KAFKA_POOL_SIZE: int = Field(1, ge=1, le=256)
     # Most events one producer call appends as one stream entry.
     INTAKE_MAX_BATCH: int = Field(5_000, ge=1, le=1_000_000)
+    # Most entries a partition's intake stream may hold, not yet processed, before a
+    # publish with events for it is refused whole (Backlogged; the API answers 503):
+    # a guard for Redis's memory while partitions fall behind or wait. 0: no limit.
+    INTAKE_MAX_ENTRIES: int = Field(100_000, ge=0, le=10**9)
     # Most stream entries a partition actor reads per XREADGROUP.
     READ_MAX_ENTRIES: int = Field(4, ge=1, le=10_000)
     # Upper bound for any hook's max batch size (HTTP): a hook's own max_batch_size

@@ -1508,6 +1508,39 @@ async def test_events_for_an_engine_with_other_partitions_are_503_nothing_accept
     assert api.intake() == []
 
 
+async def test_events_for_an_intake_too_far_behind_are_503_nothing_accepted(
+        settings: Settings, redis_client: redis.Redis, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition stream holding INTAKE_MAX_ENTRIES entries not yet processed: a
+    request with events for it is 503 with Retry-After, nothing accepted; once the
+    partitions caught up, it is accepted."""
+    from engine import intake as intake_module
+
+    monkeypatch.setattr(intake_module, "BACKLOG_CHECK_SEC", 0.0)  # lengths read each time
+    client, api = await start_api(settings.model_copy(update={"INTAKE_MAX_ENTRIES": 2}),
+                                  redis_client)
+    try:
+        one = events(1)  # one event per request: one entry in its partition
+        for _ in range(2):
+            assert (await api.call("POST", "/v1/events", api.ingest, json_body=one)).status == 202
+        answer = await api.call("POST", "/v1/events", api.ingest, json_body=one)
+        assert answer.status == 503 and answer.error["code"] == "unavailable"
+        assert answer.headers["Retry-After"] == "1"
+        message = answer.error["message"]
+        assert "holds 2 entries not yet processed (INTAKE_MAX_ENTRIES is 2)" in message
+        assert "nothing was accepted" in message
+        assert len(api.intake()) == 2
+        # processed (acknowledged and deleted, as a partition does): accepted again
+        keys = Keys(settings.REDIS_PREFIX)
+        for n in range(settings.PARTITIONS):
+            ids = [eid for eid, _ in redis_client.xrange(keys.intake(n))]  # type: ignore[union-attr]
+            if ids:
+                redis_client.xdel(keys.intake(n), *ids)
+        assert (await api.call("POST", "/v1/events", api.ingest, json_body=one)).status == 202
+        assert len(api.intake()) == 1
+    finally:
+        await client.close()
+
+
 async def test_a_connection_lost_during_the_append_says_the_events_may_be_in(
         api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     from engine.intake import Intake

@@ -141,6 +141,36 @@ def test_intake_appends_one_entry_per_batch_per_partition(
     assert max(len(decode_entry(f)) for _, f in entries) == 100
 
 
+def test_intake_refuses_a_publish_for_a_partition_too_far_behind(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """INTAKE_MAX_ENTRIES: a publish with events for a partition whose stream holds that
+    many entries is refused whole (Backlogged), its other partitions' events too, and
+    the ids it gave are taken back; one for the other partitions alone is accepted."""
+    from engine import intake as intake_module
+    from engine.errors import Backlogged
+
+    monkeypatch.setattr(intake_module, "BACKLOG_CHECK_SEC", 0.0)
+    intake = Intake(redis_client, keys, partitions=2, max_batch=100, max_entries=1)
+    intake.ensure_groups()
+    full, other = (next(i for i in range(1, 50) if partition_of(1, i, 2) == n) for n in (0, 1))
+    assert intake.publish(clicks(3, list_id=full)).accepted == 3
+    fresh = [Event(event_type="click", account_id=1, list_id=other,
+                   event_date="2026-01-01T00:00:00Z")]
+    with pytest.raises(Backlogged, match=r"partition 0 holds 1 entries not yet processed "
+                                         r"\(INTAKE_MAX_ENTRIES is 1\); nothing was accepted"):
+        intake.publish(clicks(2, list_id=full) + clicks(2, list_id=other))
+    with pytest.raises(Backlogged):
+        intake.publish([*fresh, Event(event_type="click", account_id=1, list_id=full,
+                                      event_date="2026-01-01T00:00:00Z")])
+    assert fresh[0].id is None  # its id taken back with the refusal
+    assert [redis_client.xlen(keys.intake(n)) for n in range(2)] == [1, 0]
+    assert intake.publish(fresh).accepted == 1  # the other partition is not behind
+    assert [redis_client.xlen(keys.intake(n)) for n in range(2)] == [1, 1]
+    # no limit: 0
+    unlimited = Intake(redis_client, keys, partitions=2, max_batch=100)
+    assert unlimited.publish(clicks(1, list_id=full)).accepted == 1
+
+
 def test_intake_rejects_a_batch_with_bad_events_unless_partial(
         redis_client: redis.Redis, keys: Keys) -> None:
     intake = Intake(redis_client, keys, partitions=1, max_batch=100)
