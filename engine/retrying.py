@@ -37,6 +37,7 @@ from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivere
 log = logging.getLogger("hookray")
 
 CLAIM_LIMIT = 200
+EXPIRE_EVERY_SEC = 60.0  # how often dead letters past DEAD_LETTER_RETENTION_HOURS go
 MAX_UNANSWERED = 3  # re-sends handed over without an outcome before a dead letter
 
 
@@ -59,6 +60,7 @@ class RetryWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.booked = self.side.keys.booked("retry")
+        self.expired_at = -float("inf")  # when dead letters were last expired
 
     def _refresh(self) -> None:
         version = self.side.registry.version()
@@ -89,7 +91,20 @@ class RetryWorker:
             self.settle(*self.settling[0], once=(self.booked, self.booking))
             self.settling.popleft()
             self.booking = None
+        self._expire()
         return due
+
+    def _expire(self) -> None:
+        """Every EXPIRE_EVERY_SEC, with DEAD_LETTER_RETENTION_HOURS set: discard the
+        dead letters older than that."""
+        hours = self.settings.DEAD_LETTER_RETENTION_HOURS
+        if not hours or time.monotonic() - self.expired_at < EXPIRE_EVERY_SEC:
+            return
+        gone = self.side.retry.expire(round(hours * 3_600_000))
+        self.expired_at = time.monotonic()
+        if gone:
+            log.warning("discarded %d dead letter(s) older than DEAD_LETTER_RETENTION_HOURS "
+                        "(%g h); counted as discarded in their hooks' stats", gone, hours)
 
     def _hand_over(self) -> int:
         """Claim what is due and hand it to the sender; returns how many were claimed."""

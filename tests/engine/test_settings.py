@@ -21,6 +21,7 @@ DEFAULTS: dict[str, Any] = {
     "HOOK_RETRY_TIMES": 4,
     "HOOK_RETRY_PERIOD_SEC": 15.0,
     "HOOK_CONTENT_CLEANUP_HOURS": 72.0,
+    "DEAD_LETTER_RETENTION_HOURS": 0.0,
     # engine settings
     "REDIS_URL": "redis://127.0.0.1:6379/0",
     "REDIS_PREFIX": "hookray",
@@ -52,6 +53,7 @@ CUSTOM: dict[str, tuple[Any, str]] = {
     "HOOK_RETRY_TIMES": (2, "2"),
     "HOOK_RETRY_PERIOD_SEC": (0.5, "0.5"),
     "HOOK_CONTENT_CLEANUP_HOURS": (1.5, "1.5"),
+    "DEAD_LETTER_RETENTION_HOURS": (720.0, "720"),
     "REDIS_URL": ("rediss://cache.internal:6380/2", "rediss://cache.internal:6380/2"),
     "REDIS_PREFIX": ("hr:test-1.a_b", "hr:test-1.a_b"),
     "ENGINE_LEASE_SEC": (2.5, "2.5"),
@@ -101,6 +103,8 @@ BAD_ENV: list[tuple[str, str, str]] = [
     ("HOOK_CONTENT_CLEANUP_HOURS", "0", "accepted: a number > 0"),
     ("HOOK_CONTENT_CLEANUP_HOURS", "8761", "accepted: a number <= 8760"),
     ("HOOK_CONTENT_CLEANUP_HOURS", "3d", BOUND_NUM),
+    ("DEAD_LETTER_RETENTION_HOURS", "-1", "accepted: a number >= 0"),
+    ("DEAD_LETTER_RETENTION_HOURS", "30d", BOUND_NUM),
     ("REDIS_URL", "http://127.0.0.1:6379", "not a Redis URL; accepted: redis://[[user]:"
                                            "password@]host[:port][/db], rediss:// (TLS) or "
                                            "unix:///path/to/redis.sock"),
@@ -200,6 +204,7 @@ BAD_FILE: list[tuple[str, Any, str]] = [
     ("HOOK_RETRY_PERIOD_SEC", [15], BOUND_NUM),
     ("HOOK_CONTENT_CLEANUP_HOURS", -72, "accepted: a number > 0"),
     ("HOOK_CONTENT_CLEANUP_HOURS", True, BOOL),
+    ("DEAD_LETTER_RETENTION_HOURS", 87_601, "accepted: a number <= 87600"),
     ("REDIS_URL", "tcp://redis:6379", "not a Redis URL; accepted: redis://"),
     ("REDIS_URL", 6379, "Input should be a valid string"),
     ("REDIS_URL", "redis://redis:6379/db0", "the database, the path after HOST:PORT"),

@@ -661,6 +661,32 @@ def test_discard_deletes_dead_letters_all_or_nothing_and_counts_them(
     assert stats.get(10)["discarded"] == 1 + 3 and stats.get(11)["discarded"] == 0
 
 
+def test_dead_letters_past_their_retention_are_discarded_by_the_retry_worker(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """DEAD_LETTER_RETENTION_HOURS: the retry worker discards the dead letters that died
+    longer ago than that, counted as discarded and logged; younger ones stay, and
+    with 0 (the default) none goes."""
+    retry = RetryStore(redis_client, keys)
+    for n in range(3):
+        retry.kill(_letter(f"old{n}", 1, 10), "HTTP 500")
+    # died an hour ago: the dead letters' scores are their times of death
+    hour_ago = retry._redis_ms() - 3_600_000
+    for key in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+        redis_client.zadd(key, {f"old{n}": hour_ago for n in range(3)}, xx=True)
+    retry.kill(_letter("young", 1, 10), "HTTP 500")
+    RetryWorker(settings, redis_client, InProcessSender()).step()  # 0: kept
+    assert len(retry.dead_letters()) == 4
+    keep_half_an_hour = settings.model_copy(update={"DEAD_LETTER_RETENTION_HOURS": 0.5})
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        RetryWorker(keep_half_an_hour, redis_client, InProcessSender()).step()
+    assert [d.id for d in retry.dead_letters()] == ["young"]
+    assert redis_client.hkeys(keys.dead_payload) == [b"young"]
+    assert Stats(redis_client, keys).get(10)["discarded"] == 3
+    assert "discarded 3 dead letter(s) older than DEAD_LETTER_RETENTION_HOURS (0.5 h)" \
+        in caplog.text
+
+
 def test_a_discard_racing_a_replay_leaves_the_replayed_one_alone(
         redis_client: redis.Redis, keys: Keys) -> None:
     """The replay moved the dead letter between the discard's read and its script:
