@@ -93,6 +93,10 @@ MAX_PRODUCERS = 64  # distinct (servers, security) producers kept by one transpo
 # a producer no delivery used for this long is stopped (a hook whose settings changed,
 # or that was deleted, leaves its producer behind), looked at when another is made
 IDLE_CLOSE_SEC = 600.0
+# a topic a producer sent nothing to for this long is no longer asked for in its
+# metadata refreshes (aiokafka asks for every topic it ever sent to, every 5 minutes,
+# which on a broker that creates topics makes one an operator deleted again)
+TOPIC_IDLE_SEC = 600.0
 METADATA_TRIES = 6  # metadata requests for an unknown topic before it is Rejected
 METADATA_BACKOFF_SEC = 0.2
 _CONNECTION_ERRORS = (KafkaConnectionError, NodeNotReadyError, ProducerClosed)
@@ -210,6 +214,9 @@ class _Slot:
     queues: dict[tuple[str, int], asyncio.Lock] = field(default_factory=dict)
     # topic -> most batch bytes sent to it: half the smallest batch it refused as too large
     caps: dict[str, int] = field(default_factory=dict)
+    # topic -> monotonic time of its last delivery, and when idle ones were last let go
+    topics: dict[str, float] = field(default_factory=dict)
+    topics_pruned: float = 0.0
     last_ack: float = 0.0  # monotonic time of the last acknowledged delivery
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
     last_error: str = ""
@@ -489,6 +496,7 @@ class KafkaTransport(Transport):
         """The topic's partitions from the producer's metadata; asks the broker when
         the topic is not known yet (the broker may create it then)."""
         client = producer.client
+        self._track(slot, producer, topic)
         known = client.cluster.partitions_for_topic(topic)
         if known:
             return sorted(known)
@@ -507,6 +515,28 @@ class KafkaTransport(Transport):
                 raise Rejected(f"Kafka {slot.servers}: not authorized for topic {topic!r}")
         raise Rejected(f"Kafka {slot.servers}: topic {topic!r} does not exist and the broker "
                        "did not create it (hookray does not create topics)")
+
+    @staticmethod
+    def _track(slot: _Slot, producer: AIOKafkaProducer, topic: str) -> None:
+        """Note the topic's use; every TOPIC_IDLE_SEC, the producer's metadata stops
+        asking for the topics idle that long (sent to again, one is asked for anew)."""
+        now = time.monotonic()
+        slot.topics[topic] = now
+        if now - slot.topics_pruned < TOPIC_IDLE_SEC:
+            return
+        slot.topics_pruned = now
+        idle = {t for t, used in slot.topics.items() if now - used >= TOPIC_IDLE_SEC}
+        if not idle:
+            return
+        for t in idle:
+            del slot.topics[t]
+            slot.caps.pop(t, None)
+        for key in [k for k, lock in slot.queues.items() if k[0] in idle and not lock.locked()]:
+            del slot.queues[key]
+        # the topics in use, this one among them (an empty set would ask for all); a
+        # metadata request it starts is awaited by no one: its failure is the next's
+        asked = producer.client.set_topics(list(slot.topics))
+        asked.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     def _retire(self, slot: _Slot, producer: AIOKafkaProducer | None) -> None:
         """Close ``producer`` in the background; the slot's next delivery starts anew."""

@@ -209,6 +209,39 @@ def test_a_producer_unused_for_idle_close_sec_is_stopped_when_another_starts(
     assert len({r.message_id for r in consume(kafka_broker.bootstrap, kafka_topic, 6)}) == 6
 
 
+def test_a_producer_stops_asking_for_topics_it_no_longer_sends_to(
+        kafka_broker: Tansu, monkeypatch: pytest.MonkeyPatch) -> None:
+    """aiokafka refreshes the metadata of every topic a producer ever sent to: one idle
+    for TOPIC_IDLE_SEC is dropped from those (a topic deleted by an operator is then not
+    asked for, nor made again by a broker that creates topics); sent to again, it is
+    asked for anew."""
+    monkeypatch.setattr("engine.transports.kafka.TOPIC_IDLE_SEC", 0.3)
+    first, second, third = (new_topic(kafka_broker.bootstrap) for _ in range(3))
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def go() -> tuple[list[Any], set[str], set[str]]:
+        try:
+            out = [await transport.send(target(kafka_broker.bootstrap, t), delivery(3, tag=t))
+                   for t in (first, second)]
+            await asyncio.sleep(0.35)
+            out.append(await transport.send(target(kafka_broker.bootstrap, third),
+                                             delivery(3, tag="c")))
+            (slot,) = transport._slots.values()
+            assert slot.producer is not None
+            asked = set(slot.producer.client._topics)
+            out.append(await transport.send(target(kafka_broker.bootstrap, first),
+                                            delivery(3, tag="again")))
+            return out, asked, set(slot.producer.client._topics)
+        finally:
+            await transport.close()
+
+    outcomes, asked, asked_after = run(go())
+    assert all(o.ok for o in outcomes), outcomes
+    assert asked == {third}
+    assert asked_after == {first, third}
+    assert len({r.message_id for r in consume(kafka_broker.bootstrap, first, 6)}) == 6
+
+
 def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
     d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
     d.parts = [p + b" " * 150 for p in d.parts]
