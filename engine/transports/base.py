@@ -217,6 +217,37 @@ def available_kinds() -> list[str]:
     return [k for k, m in TRANSPORT_MODULES.items() if k != "stub" and find_spec(m) is not None]
 
 
+IDLE_CHECK_SEC = 60.0  # how often a transport closes its idle connections or producers
+
+
+def close_idle(entries: dict[Any, Any], idle_sec: float,
+               close: Callable[[Any, str], None]) -> None:
+    """Close the ``entries`` (as ``make_room``'s) no delivery holds and none began to
+    use for ``idle_sec``."""
+    now = time.monotonic()
+    for key, entry in list(entries.items()):
+        if now - entry.used_at < idle_sec:
+            break
+        if entry.users == 0:
+            close(entries.pop(key), f"unused for {idle_sec:g} s")
+
+
+class IdleCheck:
+    """When a transport last closed its idle entries: ``due()`` at most once every
+    IDLE_CHECK_SEC. Without it, idle ones were closed only when a new one joined: a
+    hook whose password changed kept the old, authenticated connection open."""
+
+    def __init__(self) -> None:
+        self.at = time.monotonic()
+
+    def due(self) -> bool:
+        now = time.monotonic()
+        if now - self.at < IDLE_CHECK_SEC:
+            return False
+        self.at = now
+        return True
+
+
 def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,
               close: Callable[[Any, str], None]) -> None:
     """Before a new entry joins ``entries`` (a transport's cached connections or
@@ -227,12 +258,7 @@ def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,
     holds is never closed under it (the delivery would open it again, outside the
     cache, where nothing closes it): all held, the cache grows by one for now.
     ``close(entry, why)``."""
-    now = time.monotonic()
-    for key, entry in list(entries.items()):
-        if now - entry.used_at < idle_sec:
-            break
-        if entry.users == 0:
-            close(entries.pop(key), f"unused for {idle_sec:g} s")
+    close_idle(entries, idle_sec, close)
     if len(entries) >= limit:
         idle = next((k for k, e in entries.items() if e.users == 0), None)
         if idle is not None:

@@ -76,7 +76,14 @@ from engine.assembly import gather
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
-from engine.transports.base import Delivery, Outcome, Transport, make_room
+from engine.transports.base import (
+    Delivery,
+    IdleCheck,
+    Outcome,
+    Transport,
+    close_idle,
+    make_room,
+)
 from engine.transports.guard import Denied, DestinationGuard
 from engine.transports.kafka_batch import PrebuiltBatch, batches, header_fields, key_field
 from engine.transports.tls import client_context_for
@@ -234,6 +241,7 @@ class KafkaTransport(Transport):
         self.timeout_sec = timeout_sec
         self.breaker_sec = BREAKER_OPEN_SEC
         self._slots: dict[tuple[Any, ...], _Slot] = {}
+        self._idle = IdleCheck()  # idle entries closed now and then
         self._keys: dict[str, tuple[bytes, int | None]] = {}
         self._sticky = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
@@ -433,6 +441,8 @@ class KafkaTransport(Transport):
     # --- producers and metadata -------------------------------------------------------
 
     def _slot(self, target: Kafka) -> _Slot:
+        if self._idle.due():  # before the lookup: an idle one closed is made anew
+            close_idle(self._slots, IDLE_CLOSE_SEC, lambda old, _: self._retire(old, old.producer))
         key = _producer_key(target)
         slot = self._slots.get(key)
         if slot is None:

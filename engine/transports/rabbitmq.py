@@ -88,7 +88,14 @@ from yarl import URL
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
 from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
-from engine.transports.base import Delivery, Outcome, Transport, make_room
+from engine.transports.base import (
+    Delivery,
+    IdleCheck,
+    Outcome,
+    Transport,
+    close_idle,
+    make_room,
+)
 from engine.transports.guard import Denied, DestinationGuard
 from engine.transports.tls import client_context_for
 
@@ -175,6 +182,7 @@ class RabbitTransport(Transport):
         self.concurrency = concurrency
         self.timeout_sec = timeout_sec
         self._brokers: dict[BrokerKey, _Broker] = {}
+        self._idle = IdleCheck()  # idle entries closed now and then
         self._closing: set[asyncio.Task[None]] = set()
 
     # --- delivery ----------------------------------------------------------------------
@@ -290,6 +298,9 @@ class RabbitTransport(Transport):
     # --- connections and channels ------------------------------------------------------
 
     def _broker(self, target: RabbitQueue | RabbitExchange) -> _Broker:
+        if self._idle.due():  # before the lookup: an idle one closed is made anew
+            close_idle(self._brokers, IDLE_CLOSE_SEC,
+                       lambda old, why: self._drop(old, old.current, why))
         password = target.password.get_secret_value()
         key = (target.host, target.port, target.user, password, target.vhost, target.tls,
                target.tls_cafile)

@@ -242,6 +242,46 @@ def test_a_producer_stops_asking_for_topics_it_no_longer_sends_to(
     assert len({r.message_id for r in consume(kafka_broker.bootstrap, first, 6)}) == 6
 
 
+def test_an_idle_producer_is_stopped_while_deliveries_go_on_elsewhere(
+        kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook whose credentials changed leaves its producer behind: unused for
+    IDLE_CLOSE_SEC, it is stopped by a later delivery on a producer already started,
+    not only when another one starts."""
+    monkeypatch.setattr("engine.transports.kafka.IDLE_CLOSE_SEC", 0.3)
+    monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
+    old = target(kafka_broker.bootstrap, kafka_topic)
+    current = target(kafka_broker.bootstrap.replace("127.0.0.1", "localhost"), kafka_topic)
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def go() -> tuple[list[Any], bool, list[str]]:
+        try:
+            out = [await transport.send(old, delivery(3, tag="a")),
+                   await transport.send(current, delivery(3, tag="b"))]
+            first = next(iter(transport._slots.values()))
+            producer = first.producer
+            assert producer is not None
+            await asyncio.sleep(0.35)
+            out.append(await transport.send(current, delivery(3, tag="c")))
+            stopped = await wait_until_async(lambda: producer._closed, 10)
+            return out, stopped, [s.servers for s in transport._slots.values()]
+        finally:
+            await transport.close()
+
+    outcomes, stopped, kept = run(go())
+    assert all(o.ok for o in outcomes), outcomes
+    assert stopped and kept == [kafka_broker.bootstrap.replace("127.0.0.1", "localhost")]
+    assert len({r.message_id for r in consume(kafka_broker.bootstrap, kafka_topic, 9)}) == 9
+
+
+async def wait_until_async(predicate: Any, seconds: float) -> bool:
+    deadline = asyncio.get_running_loop().time() + seconds
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True
+
+
 def test_a_large_delivery_spans_several_batches(kafka_broker: Tansu, kafka_topic: str) -> None:
     d = delivery(3000, ["1.open"] * 3000)  # one key: one partition, ~0.5 MiB
     d.parts = [p + b" " * 150 for p in d.parts]

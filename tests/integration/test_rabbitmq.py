@@ -176,6 +176,38 @@ def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
     assert len(by_id(rabbit.consume(queue, expect=6))) == 6
 
 
+def test_an_idle_connection_is_closed_while_deliveries_go_on_elsewhere(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook whose password changed leaves its old connection behind: unused for
+    IDLE_CLOSE_SEC, it is closed by a later delivery to a broker already connected,
+    not only when another connection is opened."""
+    monkeypatch.setattr("engine.transports.rabbitmq.IDLE_CLOSE_SEC", 0.3)
+    monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
+    queue = rabbit.declare_queue("idle")
+    old = RabbitQueue(**rabbit.broker(), queue=queue)
+    current = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> tuple[list[Outcome], bool, list[str]]:
+        try:
+            out = [await transport.send(old, delivery(2, tag="a")),
+                   await transport.send(current, delivery(2, tag="b"))]
+            first = transport._brokers[next(iter(transport._brokers))]
+            connection = first.current.connection if first.current else None
+            await asyncio.sleep(0.35)
+            # the current hook's deliveries go on: no new connection is opened for them
+            out.append(await transport.send(current, delivery(2, tag="c")))
+            closed = await closed_within(connection, 10)
+            return out, closed, [b.where for b in transport._brokers.values()]
+        finally:
+            await transport.close()
+
+    outcomes, closed, kept = run(go)
+    assert all(o.ok for o in outcomes), outcomes
+    assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
+    assert len(by_id(rabbit.consume(queue, expect=6))) == 6
+
+
 def test_a_stored_hooks_vhost_that_would_be_another_is_not_connected_to(
         rabbit: Rabbit) -> None:
     """".." would reach the broker as the default vhost "/": a stored hook with it
