@@ -835,6 +835,9 @@ class PartitionWorker:
             if entry_ids:
                 pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
                 pipe.xdel(self.stream, *entry_ids)
+                # the count of processing starts of an entry read again after a restart,
+                # should the round's own HDEL have failed (_step): gone with the entry
+                pipe.hdel(self.processing, *entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

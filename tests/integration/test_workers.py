@@ -1076,6 +1076,34 @@ def test_an_entry_redis_refuses_to_set_aside_stays_pending(
     assert redis_client.hget(keys.engine_stats, "entries_unreadable") == b"1"
 
 
+def test_the_processing_count_of_an_entry_read_again_goes_with_its_ack(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """An entry read again after a restart has its processing starts counted; when the
+    round's own HDEL of that count fails, the entry's acknowledgement removes it, so
+    no field is left behind for ever."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 100).publish(clicks(5))
+    first = PartitionWorker(cfg, redis_client, 0, InProcessSender(hold=True))
+    run_until(first, lambda: first.sender.inflight() > 0)  # sent, never settled: no ack
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 1
+    hdel = redis_client.hdel
+    failed: list[str] = []
+
+    def fails_on_processing(name: Any, *fields: Any) -> Any:
+        if name == keys.processing(0, "partition-0") and not failed:
+            failed.append(name)
+            raise redis.ConnectionError("lost")
+        return hdel(name, *fields)
+
+    monkeypatch.setattr(redis_client, "hdel", fails_on_processing)
+    restarted = PartitionWorker(cfg, redis_client, 0, InProcessSender())
+    run_until(restarted, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert failed  # the round's HDEL did fail
+    assert not redis_client.exists(keys.processing(0, "partition-0"))
+
+
 def test_an_entry_that_ends_the_process_each_time_is_set_aside_after_restarts(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
