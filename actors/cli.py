@@ -295,15 +295,23 @@ def cmd_stats(args: argparse.Namespace) -> int:
 
 
 def cmd_set_aside(args: argparse.Namespace) -> int:
-    """List the intake entries the partitions set aside, or put them back (--requeue)."""
+    """List the intake entries the partitions set aside, put them back (--requeue), or
+    delete them for good (--discard IDS)."""
     engine = _engine(args)
-    if args.ids and not args.requeue:
-        raise HookrayError("set-aside: ids go with --requeue")
-    if args.requeue and (args.after is not None or args.limit != 100):
+    if args.requeue and args.discard:
+        raise HookrayError("set-aside: either --requeue or --discard")
+    if args.ids and not (args.requeue or args.discard):
+        raise HookrayError("set-aside: ids go with --requeue or --discard")
+    if args.discard and not args.ids:
+        raise HookrayError("set-aside: --discard takes the ids of the entries to delete")
+    if (args.requeue or args.discard) and (args.after is not None or args.limit != 100):
         raise HookrayError("set-aside: --limit and --after page the list; --requeue "
-                           "takes ids (default: every one that can be decoded)")
+                           "and --discard take ids")
     try:
-        if args.requeue:
+        if args.discard:
+            gone = engine.discard_set_aside(args.ids)
+            print(f"{gone} set-aside entr{'y' if gone == 1 else 'ies'} deleted")
+        elif args.requeue:
             moved = engine.requeue_set_aside(args.ids or None)
             print(f"{moved} set-aside entr{'y' if moved == 1 else 'ies'} put back into "
                   "the intake")
@@ -542,9 +550,12 @@ def _parser() -> argparse.ArgumentParser:
     aside = sub.add_parser("set-aside", help="intake entries set aside; --requeue puts "
                            "them back", description=cmd_set_aside.__doc__)
     aside.add_argument("ids", nargs="*", help="with --requeue: these entries (default: "
-                       "every one that can be decoded)")
+                       "every one that can be decoded); with --discard: these entries")
     aside.add_argument("--requeue", action="store_true",
                        help="put entries back into the intake, to be processed again")
+    aside.add_argument("--discard", action="store_true",
+                       help="delete the given entries for good (counted as "
+                       "entries_discarded)")
     aside.add_argument("--limit", type=_at_least_one, default=100,
                        help="at most this many (default 100)")
     aside.add_argument("--after", metavar="ID", help="the next ones: after this entry")

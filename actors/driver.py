@@ -558,6 +558,16 @@ class Engine:
         except ValueError as exc:
             raise ValueError(f"requeue_set_aside: {exc}") from None
 
+    def discard_set_aside(self, ids: Iterable[str]) -> int:
+        """Delete set-aside entries for good (the given ids, all or none: an unknown id
+        raises ValueError), counted as ``entries_discarded`` in the engine's stats;
+        returns how many."""
+        listed = _ids("discard_set_aside", ids, "set-aside entry")
+        try:
+            return SetAside(self.redis, self.keys).discard(listed)
+        except ValueError as exc:
+            raise ValueError(f"discard_set_aside: {exc}") from None
+
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its
         partitions (``expected``, ``running``, ``waiting`` with the reason, ``stopped``)

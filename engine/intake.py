@@ -700,6 +700,41 @@ class SetAside:
                         "events": _event_count(fields)})
         return out
 
+    def discard(self, ids: list[str]) -> int:
+        """Delete set-aside entries for good (``ids``, all or none), counted as
+        ``entries_discarded`` in the engine's stats; how many. An unknown id raises
+        ValueError naming it, and nothing is deleted; one requeued or discarded by
+        another run meanwhile is not counted twice."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return 0
+        self._found(wanted, "discarded")
+        done = 0
+        for start in range(0, len(wanted), 1000):  # a script takes some thousands at most
+            done += int(self.r.eval(_DISCARD, 2, self.k.intake_unreadable,
+                                    self.k.engine_stats, *wanted[start:start + 1000]))
+        return done
+
+    def _found(self, ids: list[str], done: str) -> dict[str, dict[bytes, bytes]]:
+        """The fields of each set-aside entry of ``ids``; ValueError naming those that
+        are no ids or do not exist (``done``: what did not happen to any)."""
+        wrong = [eid for eid in ids if not _stream_id(eid)]
+        if wrong:
+            raise ValueError(f"{wrong[0]!r} is no set-aside entry's id (as "
+                             f"1700000000000-0); nothing {done}")
+        found: dict[str, dict[bytes, bytes]] = {}
+        with self.r.pipeline(transaction=False) as pipe:
+            for eid in ids:
+                pipe.xrange(self.k.intake_unreadable, eid, eid)
+            for eid, reply in zip(ids, pipe.execute(), strict=True):
+                if reply:
+                    found[eid] = _entries(reply)[0][1]
+        unknown = [eid for eid in ids if eid not in found]
+        if unknown:
+            raise ValueError(f"set-aside entr(y/ies) {', '.join(unknown[:20])} do not "
+                             f"exist; nothing {done}")
+        return found
+
     def requeue(self, ids: list[str] | None = None, partitions: int = 1) -> int:
         """Append set-aside entries (``ids``, all or none; None: every one that can be
         decoded) to the intake again, each by the one script that removes it from the
@@ -713,21 +748,7 @@ class SetAside:
             items = [(eid, f) for eid, f in _entries(self.r.xrange(self.k.intake_unreadable))
                      if _event_count(f) is not None]
         else:
-            wrong = [eid for eid in ids if not _stream_id(eid)]
-            if wrong:
-                raise ValueError(f"{wrong[0]!r} is no set-aside entry's id (as "
-                                 "1700000000000-0); nothing requeued")
-            found: dict[str, dict[bytes, bytes]] = {}
-            with self.r.pipeline(transaction=False) as pipe:
-                for eid in ids:
-                    pipe.xrange(self.k.intake_unreadable, eid, eid)
-                for eid, reply in zip(ids, pipe.execute(), strict=True):
-                    if reply:
-                        found[eid] = _entries(reply)[0][1]
-            unknown = [eid for eid in ids if eid not in found]
-            if unknown:
-                raise ValueError(f"set-aside entr(y/ies) {', '.join(unknown[:20])} do not "
-                                 "exist; nothing requeued")
+            found = self._found(ids, "requeued")
             undecodable = [eid for eid in ids if _event_count(found[eid]) is None]
             if undecodable:
                 raise ValueError(f"set-aside entr(y/ies) {', '.join(undecodable[:20])} "
@@ -759,6 +780,13 @@ class SetAside:
                 *(self.k.intake(n) for n, _ in parts), *args)))
         return moved
 
+
+# KEYS: the set-aside stream, the engine's stats; ARGV: the ids to delete
+_DISCARD = """
+local n = redis.call('XDEL', KEYS[1], unpack(ARGV))
+redis.call('HINCRBY', KEYS[2], 'entries_discarded', n)
+return n
+"""
 
 # KEYS: the set-aside stream, the engine's stats, then one intake stream per part;
 # ARGV: the entry's id, then per part its number of field/value items and those items

@@ -53,7 +53,7 @@ key                             type     holds
                                          renewed by its driver (engine/lease.py)
 {p}:stats:engine                hash     events_accepted, events_rejected,
                                          entries_unreadable, entries_requeued,
-                                         retries_unreadable
+                                         entries_discarded, retries_unreadable
 ==============================  =======  =============================================
 """
 

@@ -757,6 +757,34 @@ def test_set_aside_entries_are_listed_and_put_back(
     assert moved == [1, 0] and redis_client.xlen(keys.intake(0)) == 1
 
 
+def test_set_aside_entries_are_discarded_by_id_all_or_none(
+        config: str, redis_client: Any, keys: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """An entry that can never be processed (it cannot be decoded) is deleted by id,
+    counted as entries_discarded; an unknown id deletes nothing; ids are required."""
+    junk = [redis_client.xadd(keys.intake_unreadable, {
+        b"x": b"\xc1", b"_partition": b"0", b"_entry": f"{n}-0".encode(),
+        b"_error": b"KeyError: b'e'"}).decode() for n in range(3)]
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--discard", junk[0], "9-9")
+    assert code == 2 and "9-9 do not exist; nothing discarded" in err
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--discard")
+    assert code == 2 and "--discard takes the ids" in err
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--discard", "--requeue", junk[0])
+    assert code == 2 and "either --requeue or --discard" in err
+    assert redis_client.xlen(keys.intake_unreadable) == 3
+    code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--discard", junk[0], junk[2],
+                           junk[0])
+    assert code == 0 and "2 set-aside entries deleted" in out
+    assert [eid.decode() for eid, _ in redis_client.xrange(keys.intake_unreadable)] == \
+        [junk[1]]
+    assert redis_client.hget(keys.engine_stats, "entries_discarded") == b"2"
+    # two runs at once: the second finds nothing left to delete, and counts nothing
+    from engine.intake import _DISCARD
+
+    assert [redis_client.eval(_DISCARD, 2, keys.intake_unreadable, keys.engine_stats,
+                              junk[1]) for _ in range(2)] == [1, 0]
+    assert redis_client.hget(keys.engine_stats, "entries_discarded") == b"3"
+
+
 def test_the_settings_file_may_come_between_a_group_and_its_action(
         config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = str(tmp_path / "missing.json")
