@@ -200,6 +200,11 @@ async def _fenced_create_conn(host: str, port: int, **options: Any) -> Any:
 aiokafka.client.create_conn = _fenced_create_conn
 
 
+def _unawaited(future: asyncio.Future[Any]) -> None:
+    """A metadata request no delivery awaits: its failure is the next request's."""
+    future.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+
 def _producer_key(target: Kafka) -> tuple[Any, ...]:
     secret = target.sasl_password.get_secret_value() if target.sasl_password else None
     return (tuple(target.bootstrap_servers), target.sasl_mechanism, target.sasl_username,
@@ -531,6 +536,11 @@ class KafkaTransport(Transport):
         """Note the topic's use; every TOPIC_IDLE_SEC, the producer's metadata stops
         asking for the topics idle that long (sent to again, one is asked for anew)."""
         now = time.monotonic()
+        if topic not in slot.topics:
+            # asked for again, also when the producer's metadata still holds it from
+            # before it was let go (the next refresh would drop it, records in flight
+            # to it waiting for a leader no refresh names)
+            _unawaited(producer.client.add_topic(topic))
         slot.topics[topic] = now
         if now - slot.topics_pruned < TOPIC_IDLE_SEC:
             return
@@ -545,8 +555,7 @@ class KafkaTransport(Transport):
             del slot.queues[key]
         # the topics in use, this one among them (an empty set would ask for all); a
         # metadata request it starts is awaited by no one: its failure is the next's
-        asked = producer.client.set_topics(list(slot.topics))
-        asked.add_done_callback(lambda f: f.cancelled() or f.exception())
+        _unawaited(producer.client.set_topics(list(slot.topics)))
 
     def _retire(self, slot: _Slot, producer: AIOKafkaProducer | None) -> None:
         """Close ``producer`` in the background; the slot's next delivery starts anew."""
