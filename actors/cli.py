@@ -548,7 +548,8 @@ def _parser() -> argparse.ArgumentParser:
     dead.set_defaults(fn=cmd_dead_letters)
 
     aside = sub.add_parser("set-aside", help="intake entries set aside; --requeue puts "
-                           "them back", description=cmd_set_aside.__doc__)
+                           "them back, --discard deletes them",
+                           description=cmd_set_aside.__doc__)
     aside.add_argument("ids", nargs="*", help="with --requeue: these entries (default: "
                        "every one that can be decoded); with --discard: these entries")
     aside.add_argument("--requeue", action="store_true",

@@ -47,7 +47,8 @@ def _given_redis(config: str | None) -> bool:
     if os.environ.get("REDIS_URL"):
         return True
     if config:
-        data = json.loads(Path(config).read_text(encoding="utf-8"))  # read fine just before
+        # read fine just before, as load_settings reads it (a byte order mark allowed)
+        data = json.loads(Path(config).read_text(encoding="utf-8-sig"))
         return bool(isinstance(data, dict) and data.get("REDIS_URL"))
     return False
 

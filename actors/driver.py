@@ -118,7 +118,9 @@ class Engine:
     @classmethod
     def start(cls, settings: Settings | None = None, *, config: str | None = None,
               ray_address: str | None = None, **overrides: Any) -> Engine:
-        """Start the engine's actors on Ray (a local Ray unless an address is given)."""
+        """Start the engine's actors on Ray (the cluster of ``ray_address`` or
+        RAY_ADDRESS, else a local Ray), claiming REDIS_PREFIX; also the HTTP API when
+        API_PORT is set."""
         settings = _settings(settings, config, overrides)
         engine = cls(settings)
         try:
@@ -542,8 +544,9 @@ class Engine:
         return self.retry.discard(_ids("discard", ids))
 
     def set_aside(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
-        """Intake entries the partitions set aside (undecodable, or failing MAX_ENTRY_
-        FAILURES times), oldest first: ``{"id", "partition", "entry", "error",
+        """Intake entries the partitions set aside (undecodable, failing MAX_ENTRY_
+        FAILURES times, or ending the partition's process MAX_PROCESS_ENDS times),
+        oldest first: ``{"id", "partition", "entry", "error",
         "events"}`` (``events`` None: it cannot be decoded); the next ones with
         ``after=`` the last one's id."""
         return SetAside(self.redis, self.keys).page(limit, after)
@@ -575,7 +578,8 @@ class Engine:
         return engine_health(self.redis, self.keys)
 
     def wait_idle(self, timeout: float = 60.0, include_retries: bool = False) -> bool:
-        """Wait until every accepted event is settled (and, optionally, no retry is due)."""
+        """Wait until every accepted event is settled (and, with ``include_retries``,
+        until the retry schedule is empty: every re-send delivered or dead-lettered)."""
         if isinstance(timeout, bool) or not isinstance(timeout, int | float) \
                 or not 0 <= timeout < float("inf"):
             raise ValueError(f"wait_idle: timeout must be a number of seconds >= 0, got "

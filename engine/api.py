@@ -266,6 +266,7 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted",
                        [_issue(i) for i in foreign])
     if batch.issues and not (partial and batch.events):
+        backend.intake.count_rejected(batch.issues)
         raise _bad_events(batch.issues)
     ensure_ids(batch.events)
     # events that decoded but cannot be written (an integer beyond 64 bits in event_data)
@@ -273,6 +274,7 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     encoded = backend.intake.encode(batch.events, batch.indices)
     found = sorted(batch.issues + encoded.issues, key=lambda issue: issue.index)
     if encoded.issues and not (partial and encoded.events):
+        backend.intake.count_rejected(found)
         raise _bad_events(found)
     try:
         backend.intake.write(encoded)
@@ -285,6 +287,7 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         raise ApiError(503, WRITE_LOST) from None
     if not found:
         return 202, {"accepted": len(encoded.events)}
+    backend.intake.count_rejected(found)
     return 207, {"accepted": len(encoded.events), "rejected": len(found),
                  "issues": [_issue(i) for i in found]}
 

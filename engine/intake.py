@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from importlib import resources
 from itertools import repeat
@@ -364,6 +365,7 @@ class Intake:
             bad = {issue.index for issue in found}
             batch = DecodedBatch(good, [i for i in range(len(events)) if i not in bad], found)
         if batch.issues and not partial:
+            self.count_rejected(batch.issues)
             raise _refusal(batch.issues)
         fresh = [e for e in batch.events if e.id is None]
         ensure_ids(fresh)
@@ -372,9 +374,19 @@ class Intake:
         if encoded.issues and not partial:
             for event in fresh:
                 event.id = None
+            self.count_rejected(issues)
             raise _refusal(issues)
         self.write(encoded, fresh)
+        self.count_rejected(issues)
         return PublishResult(len(encoded.events), issues, [e.id or "" for e in encoded.events])
+
+    def count_rejected(self, issues: Sequence[EventIssue]) -> None:
+        """Count the bad events of ``issues`` as ``events_rejected`` in the engine's
+        stats; a count Redis does not take is left out (the caller is told anyway)."""
+        bad = len({issue.index for issue in issues if issue.index >= 0})
+        if bad:
+            with suppress(redis.RedisError):
+                self.r.hincrby(self.k.engine_stats, "events_rejected", bad)
 
     def _publish_checked(self, events: list[Event]) -> bool:
         """Append ``events`` (built in Python) if they are all good, checked on the

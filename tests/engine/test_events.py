@@ -635,12 +635,13 @@ def test_ids_beyond_int64_or_negative_are_bad_events(fields: dict[str, Any], fie
     assert [(i.index, i.field, i.reason) for i in batch.issues] == [(1, field, reason)]
 
 
-def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake() -> None:
+def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake(
+        redis_client: Any, prefix: str) -> None:
     from engine.errors import EventError
     from engine.intake import Intake
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     events = [Event(event_type="click", event_date=DATE, account_id=1, list_id=3),
               Event(event_type="click", event_date=DATE, account_id=1, campaign_id=BIG),
               Event(event_type="click", event_date=DATE, account_id=1, segment_ids=[2, -4]),
@@ -673,14 +674,14 @@ def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake() -> None
     ({"profile_id": "p\ud800"}, "profile_id", "not valid UTF-8: a lone surrogate '\\ud800'"),
 ])
 def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
-        fields: dict[str, Any], field: str, reason: str) -> None:
+        fields: dict[str, Any], field: str, reason: str, redis_client: Any, prefix: str) -> None:
     """msgspec does not check the types of a Struct built in Python: an event with a
     wrong one would make its whole intake entry unreadable for the partition, so the
     intake refuses it, naming the field, like a JSON event; the others are kept."""
     from engine.intake import Intake, decode_entry, encode_entry
     from engine.keys import INTAKE_FIELD, Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     events = [Event(event_type="click", event_date=DATE, account_id=1, list_id=3)
               for _ in range(3)]
     for name, value in fields.items():
@@ -694,11 +695,12 @@ def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
     assert msgspec.to_builtins(read) == msgspec.to_builtins(good)
 
 
-def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type() -> None:
+def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type(
+        redis_client: Any, prefix: str) -> None:
     from engine.intake import Intake
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     events = [Event(event_type="click", event_date=DATE, account_id=1) for _ in range(3)]
     events[0].event_data = {"when": object()}
     events[2].list_id = "5"  # type: ignore[assignment]
@@ -707,20 +709,24 @@ def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type() -> None:
     assert [(i.index, i.field) for i in issues] == [(0, "event_data.when"), (2, "list_id")]
 
 
-def test_events_refused_at_publish_keep_no_id_they_were_given() -> None:
+def test_events_refused_at_publish_keep_no_id_they_were_given(
+        redis_client: Any, prefix: str) -> None:
     from engine.errors import EventError
     from engine.intake import Intake
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # refused: no Redis used
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     events = [Event(event_type="click", event_date=DATE, account_id=1) for _ in range(3)]
     events[1].list_id = "5"  # type: ignore[assignment]
     with pytest.raises(EventError, match="event 1: list_id"):
         intake.publish(events)
     assert [e.id for e in events] == [None, None, None]
+    # the bad event is counted as rejected (the good ones were not accepted either)
+    assert redis_client.hget(Keys(prefix).engine_stats, "events_rejected") == b"1"
 
 
-def test_an_empty_event_id_is_a_bad_event() -> None:
+def test_an_empty_event_id_is_a_bad_event(
+        redis_client: Any, prefix: str) -> None:
     """hook_message_id is derived from the event id: two events with an empty id would
     share one, so an id, when given, must not be empty (JSON and Python events alike)."""
     from engine.intake import Intake
@@ -730,7 +736,7 @@ def test_an_empty_event_id_is_a_bad_event() -> None:
     batch = decode_batch(msgspec.json.encode([good, {**good, "id": ""}]))
     assert [(i.index, i.field) for i in batch.issues] == [(1, "id")]
     assert "length >= 1" in batch.issues[0].reason
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     _, issues = intake.validate([Event(event_type="click", event_date=DATE, account_id=1,
                                        id="")])
     assert [(i.index, i.field) for i in issues] == [(0, "id")]
@@ -748,13 +754,13 @@ def test_an_empty_event_id_is_a_bad_event() -> None:
 ])
 @pytest.mark.parametrize("encode", [as_array, as_ndjson], ids=["array", "ndjson"])
 def test_integers_beyond_64_bits_are_bad_events_naming_the_field(
-        fields: dict[str, Any], field: str, encode: Any) -> None:
+        fields: dict[str, Any], field: str, encode: Any, redis_client: Any, prefix: str) -> None:
     """JSON has no integer bound, msgpack (the intake's entries) a 64-bit one: such an
     event is refused like any bad event, not the whole request with an error."""
     from engine.intake import Intake
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     body = encode([ev(), ev(**fields), ev()])
     good, issues = intake.validate(body)
     assert len(good) == 2
@@ -766,13 +772,14 @@ def test_integers_beyond_64_bits_are_bad_events_naming_the_field(
     assert intake.validate(encode([ev(event_data={"x": 2**64 - 1, "y": -2**63})]))[1] == []
 
 
-def test_an_event_nested_deeper_than_a_partition_could_read_is_a_bad_event() -> None:
+def test_an_event_nested_deeper_than_a_partition_could_read_is_a_bad_event(
+        redis_client: Any, prefix: str) -> None:
     """msgspec gives up on data nested deeper than the recursion limit allows from where
     it runs: what the intake accepts must leave room for a partition's deeper stack."""
     from engine.intake import NESTED_TOO_DEEPLY, Intake
     from engine.keys import Keys
 
-    intake = Intake(None, Keys("t"), 1, 10)  # type: ignore[arg-type]  # no Redis: validate only
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
     deep, fine = "[" * 900 + "]" * 900, "[" * 50 + "]" * 50
     head = f'"event_date": "{DATE}", "account_id": 1'
     body = (f'[{json.dumps(ev())}, {{"event_type": "click", {head}, "event_data": {{"x": {deep}}}}}'
@@ -855,3 +862,5 @@ def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
     assert (issue.index, issue.field) == (1, field) and issue.reason.startswith(reason)
     written = redis_client.xrange(keys.intake(0))
     assert sum(len(decode_entry(f)) for _, f in written) == 3
+    # rejected: once refused whole, once left out of the partial publish
+    assert redis_client.hget(keys.engine_stats, "events_rejected") == b"2"

@@ -337,6 +337,9 @@ async def test_partial_true_accepts_the_good_events_and_lists_the_bad_with_207(
                             json_body=[{"event_type": "clack"}])
     assert answer.status == 422
     assert len(api.intake()) == 5
+    # the engine counts the bad events it refused: one left out, one refused
+    stats = Keys(api.settings.REDIS_PREFIX).engine_stats
+    assert api.r.hmget(stats, "events_accepted", "events_rejected") == [b"5", b"2"]
     answer = await api.call("POST", "/v1/events?partial=maybe", api.ingest, json_body=events(1))
     # a bad query parameter is 422 naming it, as a bad limit is
     assert answer.status == 422 and answer.error["code"] == "validation_failed"

@@ -279,13 +279,15 @@ def test_publish_of_an_integer_beyond_64_bits_is_a_clear_error(
 
 
 def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Path) -> None:
-    """REDIS_URL from the settings file (not the environment) is used, and the
-    demo's keys are gone afterwards."""
+    """REDIS_URL from the settings file (not the environment; the file starts with a
+    byte order mark, as settings files may) is used, and the demo's keys are gone
+    afterwards."""
     before = set(redis_client.scan_iter("demo*", count=1000))
     main_json = tmp_path / "main.json"
     url = redis_client.connection_pool.connection_kwargs
-    main_json.write_text(json.dumps({"REDIS_URL": f"redis://{url['host']}:{url['port']}/"
-                                                  f"{url.get('db', 0)}"}))
+    main_json.write_text("\ufeff" + json.dumps({
+        "REDIS_URL": f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"}),
+        encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
     env["HOOKRAY_CONFIG"] = str(main_json)
     proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--events", "200"],
