@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import signal
 import sys
 import threading
@@ -194,7 +195,7 @@ def non_negative_seconds(text: str) -> float:
 
 def _port(text: str) -> int:
     try:
-        value = int(text)
+        value = _whole(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
     if not 0 <= value <= 65_535:
@@ -304,7 +305,7 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
         raise HookrayError("set-aside: ids go with --requeue or --discard")
     if args.discard and not args.ids:
         raise HookrayError("set-aside: --discard takes the ids of the entries to delete")
-    if (args.requeue or args.discard) and (args.after is not None or args.limit != 100):
+    if (args.requeue or args.discard) and (args.after is not None or args.limit is not None):
         raise HookrayError("set-aside: --limit and --after page the list; --requeue "
                            "and --discard take ids")
     try:
@@ -316,7 +317,7 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
             print(f"{moved} set-aside entr{'y' if moved == 1 else 'ies'} put back into "
                   "the intake")
         else:
-            _print(engine.set_aside(args.limit, args.after))
+            _print(engine.set_aside(args.limit or 100, args.after))
     except ValueError as exc:  # an id that is none, or not of a set-aside entry
         raise HookrayError(f"set-aside: {exc}") from None
     return 0
@@ -386,13 +387,22 @@ def cmd_tokens(args: argparse.Namespace) -> int:
     return 0
 
 
+def _whole(text: str) -> int:
+    """``text`` as a whole number written in ASCII digits (an optional leading ``-``):
+    int() would also read "1_0" as 10, " +5 " as 5 and other scripts' digits, so a
+    typo could name another hook. ValueError otherwise."""
+    if re.fullmatch(r"-?[0-9]+", text) is None:
+        raise ValueError(text)
+    return int(text)
+
+
 def _id_number(text: str) -> int:
     """An id argument (a hook's, an account's): an integer from 0 to MAX_ID, else the
     command is refused before anything runs (a negative or huge id names nothing)."""
     from engine.events import MAX_ID
 
     try:
-        value = int(text)
+        value = _whole(text)
     except ValueError:
         value = -1
     if not 0 <= value <= MAX_ID:
@@ -403,7 +413,7 @@ def _id_number(text: str) -> int:
 
 def _at_least_one(text: str) -> int:
     try:
-        value = int(text)
+        value = _whole(text)
     except ValueError:
         value = 0
     if value < 1:
@@ -416,7 +426,7 @@ DEMO_EVENTS = (100, 1_000_000)  # the demo's --events bounds
 
 def _demo_events(text: str) -> int:
     try:
-        value = int(text)
+        value = _whole(text)
     except ValueError:
         value = -1
     if not DEMO_EVENTS[0] <= value <= DEMO_EVENTS[1]:
@@ -557,7 +567,7 @@ def _parser() -> argparse.ArgumentParser:
     aside.add_argument("--discard", action="store_true",
                        help="delete the given entries for good (counted as "
                        "entries_discarded)")
-    aside.add_argument("--limit", type=_at_least_one, default=100,
+    aside.add_argument("--limit", type=_at_least_one, default=None,
                        help="at most this many (default 100)")
     aside.add_argument("--after", metavar="ID", help="the next ones: after this entry")
     aside.set_defaults(fn=cmd_set_aside)

@@ -407,6 +407,7 @@ class Engine:
         accepted) unless ``partial=True``, which accepts the good ones and returns the
         issues. Backlogged (nothing accepted) while a partition the events would go to
         holds INTAKE_MAX_ENTRIES entries not yet processed: publish again later."""
+        _flag("publish", "partial", partial)
         return self.intake.publish(events, partial=partial)  # type: ignore[arg-type]
 
     def store_content(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],
@@ -531,6 +532,7 @@ class Engine:
         stats): the given ids (all or none: an unknown id raises NotFound), or, with
         ``everything=True``, every one (of a hook, of an account) kept when the call
         starts, in chunks; ``progress(n)`` after each chunk."""
+        _flag("discard", "everything", everything)
         if (ids is None) == (not everything):
             raise ValueError("discard: give either ids or everything=True")
         if ids is None:
@@ -584,6 +586,7 @@ class Engine:
                 or not 0 <= timeout < float("inf"):
             raise ValueError(f"wait_idle: timeout must be a number of seconds >= 0, got "
                              f"{timeout!r}")
+        _flag("wait_idle", "include_retries", include_retries)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.backlog() == 0 and (not include_retries or self.retry.pending() == 0):
@@ -613,13 +616,21 @@ def _hook_fields(data: Any) -> Mapping[str, Any] | Hook:
 def _settings(settings: Settings | None, config: str | None, overrides: dict[str, Any]
               ) -> Settings:
     if settings is None:
-        settings = load_settings(config or os.environ.get("HOOKRAY_CONFIG"))
+        settings = load_settings(config if config is not None
+                                 else os.environ.get("HOOKRAY_CONFIG") or None)
     elif not isinstance(settings, Settings):
         raise ConfigError(f"settings: expected an engine.settings.Settings (or config= a "
                           f"main.json path, or keyword settings), got {type(settings).__name__}")
     elif config is not None:
         raise ConfigError("give settings= or config=, not both: config would be ignored")
     return with_overrides(settings, overrides)
+
+
+def _flag(call: str, name: str, value: Any) -> None:
+    """ValueError naming the call unless ``value`` is True or False: "no" or 0 would be
+    taken for what their truth says (discard(everything="no") discards everything)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{call}: {name} must be True or False, got {value!r}")
 
 
 def _id(call: str, name: str, value: Any) -> Any:

@@ -57,7 +57,7 @@ def _parser() -> argparse.ArgumentParser:
         prog="deploy/job.py",
         description="Run the hookray engine as a Ray job (the same as `hookray run`).",
         epilog="Other options of `hookray run` (e.g. --api-port PORT) are passed on.")
-    p.add_argument("--config", "-c", metavar="MAIN_JSON", default=os.environ.get("HOOKRAY_CONFIG"),
+    p.add_argument("--config", "-c", metavar="MAIN_JSON", default=os.environ.get("HOOKRAY_CONFIG") or None,
                    help="settings file, relative to the job's working dir (default: "
                    "$HOOKRAY_CONFIG, else built-in defaults); environment variables "
                    "override it")
@@ -76,7 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The ``hookray`` command line equivalent to this job's arguments; options this
     parser does not know go to ``hookray run`` as they are (it rejects unknown ones)."""
-    argv = ["--config", args.config] if args.config else []
+    argv = ["--config", args.config] if args.config is not None else []
     argv += ["run", "--duration", str(args.duration), "--report-sec", str(args.report_sec)]
     if args.ray_address:
         argv += ["--ray-address", args.ray_address]

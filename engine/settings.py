@@ -358,7 +358,12 @@ def load_settings(
 ) -> Settings:
     """Settings from ``path`` (main.json, optional), overridden by the environment."""
     environ = os.environ if environ is None else environ
-    values: dict[str, Any] = _read_file(Path(path)) if path else {}
+    if path is not None and not str(path):
+        # given, but empty (-c "" from a variable that was not set): the built-in
+        # defaults would act on another Redis or prefix than meant
+        raise ConfigError("settings file: the path given is empty; give a settings file, "
+                          "or none for the built-in defaults")
+    values: dict[str, Any] = _read_file(Path(path)) if path is not None else {}
     origin = dict.fromkeys(values, f"in {path}")
     for key in Settings.model_fields:
         if key in environ:

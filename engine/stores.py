@@ -119,6 +119,12 @@ class HookRegistry:
         (``hooks get`` then ``hooks update``) keep the stored secrets where they show
         the redacted value, as long as the destination is the same; a secret that is
         still the redacted value after that is refused, never stored."""
+        given = dict(data).get("id", hook_id)
+        if given is not None and (type(given) is not int or given != hook_id):
+            # another hook's settings (its export), or no id at all: as the API refuses
+            reason = f"must be {hook_id} (or absent)"
+            raise HookError(f"invalid hook: id {given!r} differs from the hook's id "
+                            f"{hook_id}", [("id", reason)])
         stored = self.get(hook_id)
         sent = {**dict(data), "id": hook_id}
         restored = restore_secrets(sent, stored)

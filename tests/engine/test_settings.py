@@ -291,7 +291,9 @@ def test_default_of_every_setting(key: str, expected: Any) -> None:
 
 def test_defaults_without_file_or_environment() -> None:
     assert load_settings(None, environ={}).model_dump() == DEFAULTS
-    assert load_settings("", environ={}).model_dump() == DEFAULTS
+    # a path given empty (a variable that was not set) is refused, not read as none
+    with pytest.raises(ConfigError, match="settings file: the path given is empty"):
+        load_settings("", environ={})
 
 
 def test_empty_main_json_gives_defaults(tmp_path: Path) -> None:

@@ -76,6 +76,17 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
     assert code == 0 and out.strip() == f"hook {clone['id']} deleted"
     code, _, err = run_cli(capsys, "-c", config, "hooks", "get", str(clone["id"]))
     assert code == 2 and f"hook {clone['id']} does not exist" in err
+    # one hook's settings (its export, with its id) do not replace another's
+    exported = tmp_path / "exported.json"
+    code, shown, _ = run_cli(capsys, "-c", config, "hooks", "get", str(hook_id))
+    exported.write_text(json.dumps({**shown, "id": hook_id + 1000}))
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
+                           str(exported))
+    assert code == 2 and f"id {hook_id + 1000} differs from the hook's id {hook_id}" in err
+    exported.write_text(json.dumps(shown))  # its own id: fine
+    code, updated, _ = run_cli(capsys, "-c", config, "hooks", "update", str(hook_id),
+                               str(exported))
+    assert code == 0 and updated["id"] == hook_id
     # a hook neither stored nor ever counted is named as missing by every command that
     # takes --hook, not shown as having nothing
     for command in (["stats"], ["dead-letters"], ["replay"], ["discard", "--all"]):
@@ -106,6 +117,18 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert result["accepted"] == 1 and len(result["issues"]) == 1
     code, _, err = run_cli(capsys, "-c", str(tmp_path / "missing.json"), "stats")
     assert code == 2 and "settings file" in err and "cannot be read" in err
+    # an empty -c (a variable that was not set) is no reason to act on the defaults
+    code, _, err = run_cli(capsys, "-c", "", "stats")
+    assert code == 2 and "settings file: the path given is empty" in err
+    # ids and counts are ASCII digits: "0_8" or an Arabic-Indic 5 names no hook
+    for arg in ("0_8", "\u0665", " +5 ", "\uff15"):
+        code, _, err = run_cli(capsys, "-c", config, "hooks", "get", arg)
+        assert code == 2 and "expected an id, an integer from 0 to" in err, arg
+    code, _, err = run_cli(capsys, "-c", config, "dead-letters", "--limit", "1_0")
+    assert code == 2 and "expected an integer >= 1" in err
+    # --limit pages the list: given with --requeue, at the default or not, it is refused
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", "--limit", "100")
+    assert code == 2 and "--limit and --after page the list" in err
 
 
 def test_demo_runs_on_embedded_redis_without_redis_url() -> None:

@@ -36,6 +36,10 @@ def engine(settings: Settings) -> Iterator[Engine]:
     (lambda e: e.discard("d-1"), "discard: ids must be a list of dead letter ids, got str"),
     (lambda e: e.discard(everything=True, account_id=2.0), "discard: account_id must be"),
     (lambda e: e.wait_idle("x"), "wait_idle: timeout must be a number of seconds"),
+    # flags are True or False: "no" would be taken as true
+    (lambda e: e.discard(everything="no"), "discard: everything must be True or False"),
+    (lambda e: e.publish([], partial="no"), "publish: partial must be True or False"),
+    (lambda e: e.wait_idle(1, include_retries=1), "wait_idle: include_retries must be"),
     (lambda e: e.wait_idle(float("nan")), "wait_idle: timeout must be a number of seconds"),
     (lambda e: e.upsert_names({"account_id": 1}), "records must be a list of records"),
     (lambda e: e.upsert_names([{"kind": "campaigns", "id": 1, "name": "x"}]),
