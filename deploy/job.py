@@ -57,7 +57,8 @@ def _parser() -> argparse.ArgumentParser:
         prog="deploy/job.py",
         description="Run the hookray engine as a Ray job (the same as `hookray run`).",
         epilog="Other options of `hookray run` (e.g. --api-port PORT) are passed on.")
-    p.add_argument("--config", "-c", metavar="MAIN_JSON", default=os.environ.get("HOOKRAY_CONFIG") or None,
+    p.add_argument("--config", "-c", metavar="MAIN_JSON",
+                   default=os.environ.get("HOOKRAY_CONFIG") or None,
                    help="settings file, relative to the job's working dir (default: "
                    "$HOOKRAY_CONFIG, else built-in defaults); environment variables "
                    "override it")
