@@ -35,7 +35,13 @@ def _engine(args: argparse.Namespace) -> Any:
 
 
 def _print(data: Any) -> None:
-    print(json.dumps(data, indent=2, default=str))
+    try:
+        print(json.dumps(data, indent=2, default=str))
+        sys.stdout.flush()  # a write that fails fails here, not at exit
+    except BrokenPipeError:  # the reader went away: main() ends quietly
+        raise
+    except OSError as exc:  # a full disk, a closed stream: said, no traceback
+        raise HookrayError(f"the output cannot be written ({exc.strerror or exc})") from None
 
 
 def _read_json(path: str) -> Any:
@@ -377,7 +383,15 @@ def cmd_tokens(args: argparse.Namespace) -> int:
             token, info = tokens.create(args.account, args.role, args.name)
         except ValueError as exc:
             raise HookrayError(str(exc)) from None
-        _print({**info.public(), "token": token})
+        try:  # written out, or taken back: a token no one was shown is no one's
+            if sys.stdout is None:
+                raise OSError("no standard output")
+            _print({**info.public(), "token": token})
+            sys.stdout.flush()
+        except (OSError, HookrayError) as exc:
+            tokens.revoke(info.id)
+            raise HookrayError(f"tokens create: the token could not be written out "
+                               f"({exc}); it was revoked, nothing is left") from None
         print("hookray: the token is shown once; store it now", file=sys.stderr)
     elif args.action == "list":
         _print([i.public() for i in tokens.list(args.account)])
@@ -705,6 +719,7 @@ def main(argv: list[str] | None = None) -> int:
         with contextlib.suppress(OSError):  # and none when Python flushes stdout at exit
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 141  # 128 + SIGPIPE, what a shell reports for such a pipe
+
 
 
 if __name__ == "__main__":

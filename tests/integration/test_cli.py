@@ -131,6 +131,23 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert code == 2 and "--limit and --after page the list" in err
 
 
+def test_a_token_that_cannot_be_written_out_is_revoked(
+        config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """tokens create to an output that fails (a full disk): the token, shown to no one,
+    is revoked at once, and the error says so; other output failures are errors too."""
+    env = {k: v for k, v in os.environ.items() if k != "HOOKRAY_CONFIG"}
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "actors.cli", "-c", config, "tokens",
+                               "create", "--account", "4", "--role", "master"],
+                              stdout=full, stderr=subprocess.PIPE, text=True, env=env,
+                              timeout=60, cwd=Path(__file__).resolve().parents[2])
+    assert proc.returncode == 2, proc.stderr
+    assert "the token could not be written out" in proc.stderr
+    assert "it was revoked, nothing is left" in proc.stderr and "Traceback" not in proc.stderr
+    code, listed, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "4")
+    assert code == 0 and listed == []
+
+
 def test_demo_runs_on_embedded_redis_without_redis_url() -> None:
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
     # the embedded Redis's folders go there, and are gone after the demo (a short path:
