@@ -34,7 +34,7 @@ from engine.events import MAX_ID, Event, is_account_id
 from engine.health import cluster_mode, engine_health, eviction_risk, too_old
 from engine.hooks import Hook
 from engine.intake import Intake, PublishResult, SetAside
-from engine.keys import Keys
+from engine.keys import Keys, recorded_partitions
 from engine.lease import EngineLease, Renewer
 from engine.settings import Settings, load_settings, ray_address_problem, with_overrides
 from engine.stores import (
@@ -484,8 +484,9 @@ class Engine:
     def backlog(self) -> int:
         """Intake entries not yet settled, over all partitions: the running engine's
         recorded PARTITIONS, which this driver's settings may not know."""
-        recorded = self.redis.hget(self.keys.config, "partitions")
-        partitions = max(self.settings.PARTITIONS, int(recorded or 0))
+        recorded = recorded_partitions(self.redis.hget(self.keys.config, "partitions"),
+                                       self.keys.config)
+        partitions = max(self.settings.PARTITIONS, recorded or 0)
         with self.redis.pipeline(transaction=False) as pipe:
             for n in range(partitions):
                 pipe.xlen(self.keys.intake(n))

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import re
 import secrets
 import time
@@ -29,6 +30,7 @@ from engine.errors import NotFound, named
 from engine.events import MAX_ID, is_account_id
 
 Role = Literal["master", "ingest"]
+log = logging.getLogger("hookray")
 ROLES: tuple[Role, ...] = ("master", "ingest")
 TOKEN_PREFIX = "hr"
 _TOKEN = re.compile(r"hr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
@@ -90,14 +92,15 @@ class TokenStore:
         raw = self.r.hget(self.key, m.group(1))
         if raw is None:
             return None
-        record = json.loads(raw)
-        if not hmac.compare_digest(record["hash"], _digest(token)):
+        info = _info(m.group(1), raw)
+        if info is None or not hmac.compare_digest(json.loads(raw)["hash"], _digest(token)):
             return None
-        return _info(m.group(1), record)
+        return info
 
     def list(self, account_id: int | None = None) -> list[TokenInfo]:
         raw: dict[bytes, bytes] = self.r.hgetall(self.key)  # type: ignore[assignment]
-        infos = [_info(k.decode(), json.loads(v)) for k, v in raw.items()]
+        infos = [info for k, v in raw.items()
+                 if (info := _info(k.decode("utf-8", "replace"), v)) is not None]
         return sorted((i for i in infos if account_id is None or i.account_id == account_id),
                       key=lambda i: (i.account_id, i.created, i.id))
 
@@ -112,6 +115,20 @@ class TokenStore:
         return token_id
 
 
-def _info(token_id: str, record: dict[str, Any]) -> TokenInfo:
-    return TokenInfo(token_id, int(record["account_id"]), record["role"],
-                     record.get("name", ""), float(record["created"]))
+def _info(token_id: str, raw: bytes | str) -> TokenInfo | None:
+    """The token's record; None, with a warning, for one that cannot be read (damaged,
+    or not written by hookray): it authenticates nothing, and hides no other token.
+    ``hookray tokens revoke ID`` deletes it."""
+    try:
+        record = json.loads(raw)
+        role = record["role"]
+        if role not in ROLES or not isinstance(record["hash"], str):
+            raise ValueError(f"role {role!r}" if role not in ROLES else "hash")
+        info = TokenInfo(token_id, int(record["account_id"]), role,
+                         str(record.get("name", "")), float(record["created"]))
+    except (ValueError, KeyError, TypeError) as exc:
+        log.warning("token %s: its record cannot be read (%s: %s); it authenticates "
+                    "nothing. `hookray tokens revoke %s` deletes it", token_id,
+                    type(exc).__name__, exc, token_id)
+        return None
+    return info

@@ -19,7 +19,7 @@ from typing import Any
 import redis
 
 from engine.errors import HookError, PrefixTaken
-from engine.keys import Keys
+from engine.keys import Keys, recorded_partitions
 
 log = logging.getLogger("hookray")
 
@@ -99,8 +99,7 @@ def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
     counts the partitions that run and process events, ``waiting`` those that run but
     wait for an operator (why: ``reason``), ``stopped`` those that do not run.
     ``retry_waiting``: why the running retry worker re-sends nothing, else null."""
-    recorded = r.hget(keys.config, "partitions")
-    expected = int(recorded) if recorded is not None else None
+    expected = recorded_partitions(r.hget(keys.config, "partitions"), keys.config)
     names = [f"partition:{n}" for n in range(expected or 0)] + ["retry"]
     marks = r.mget([keys.alive(name) for name in names])
     stopped = [n for n, mark in enumerate(marks[:-1]) if mark is None]

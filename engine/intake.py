@@ -40,7 +40,7 @@ from engine.events import (
     ensure_ids,
     validation_issue,
 )
-from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys
+from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys, recorded_partitions
 from engine.messages import PartView
 from engine.partitioning import partition_of, positions_by_code
 
@@ -551,10 +551,11 @@ class Intake:
                     recorded, types = pipe.hmget(self.k.config, "partitions", "event_types")
                     if types is not None and events:
                         self._refuse_foreign_types(types, events)
-                    if recorded is not None and int(recorded) != self.partitions:
+                    engine_count = recorded_partitions(recorded, self.k.config)
+                    if engine_count is not None and engine_count != self.partitions:
                         raise ConfigError(
                             f"PARTITIONS is {self.partitions} here but the engine (REDIS_PREFIX "
-                            f"{self.k.p!r}) runs with {int(recorded)}: events would go to "
+                            f"{self.k.p!r}) runs with {engine_count}: events would go to "
                             "streams no partition reads; nothing was accepted. Use the "
                             "engine's settings")
                     pipe.multi()
@@ -652,7 +653,7 @@ class Intake:
         for _ in range(10):
             raw: dict[bytes, bytes] = self.r.hgetall(config)  # type: ignore[assignment]
             recorded, mark = raw.get(b"partitions"), raw.get(b"checking")
-            before = int(recorded) if recorded is not None else None
+            before = recorded_partitions(recorded, config)
             if before == self.partitions:
                 if mark is None:
                     return
@@ -754,8 +755,8 @@ class SetAside:
         unknown id, or one that cannot be decoded, raises ValueError naming it, and
         nothing is moved. ``partitions``: the engine's PARTITIONS (its recorded value
         wins), to place each entry."""
-        recorded = self.r.hget(self.k.config, "partitions")
-        partitions = int(recorded) if recorded is not None else partitions
+        recorded = recorded_partitions(self.r.hget(self.k.config, "partitions"), self.k.config)
+        partitions = recorded if recorded is not None else partitions
         if ids is None:
             items = [(eid, f) for eid, f in _entries(self.r.xrange(self.k.intake_unreadable))
                      if _event_count(f) is not None]

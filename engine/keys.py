@@ -73,6 +73,26 @@ INTAKE_FIELD = b"e"
 RETRY_LEASE_MS = 60_000
 
 
+MAX_PARTITIONS = 4096  # as the PARTITIONS setting allows
+
+
+def recorded_partitions(raw: bytes | str | None, key: str) -> int | None:
+    """The engine's PARTITIONS as recorded in ``{p}:config`` (``key``), None if none
+    is; a value no engine writes (a damaged record) is a ConfigError naming it, not a
+    traceback or a count of streams to read for ever."""
+    if raw is None:
+        return None
+    text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
+    if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PARTITIONS:
+        return int(text)
+    from engine.errors import ConfigError
+
+    raise ConfigError(f"{key} field partitions holds {text[:40]!r}, not the engine's "
+                      f"PARTITIONS (a whole number from 1 to {MAX_PARTITIONS}): a damaged "
+                      "record; set it to the engine's count (HSET), or delete the field "
+                      "while no engine runs")
+
+
 class Keys:
     """Key names for one prefix."""
 

@@ -22,7 +22,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue, engine_codes
-from engine.errors import Conflict, HookError, NotFound, named
+from engine.errors import ConfigError, Conflict, HookError, NotFound, named
 from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
     MASK,
@@ -505,22 +505,44 @@ class Stats:
             pipe.hincrby(self.k.stats(hook_id), field, n)
 
     def get(self, hook_id: int) -> dict[str, int]:
-        return self._counters(self.r.hgetall(self.k.stats(hook_id)))
+        return self._counters(self.r.hgetall(self.k.stats(hook_id)), hook_id)
 
     def get_many(self, hook_ids: list[int]) -> list[dict[str, int]]:
         """The counters of each of ``hook_ids``, read in one round trip."""
         with self.r.pipeline(transaction=False) as pipe:
             for hook_id in hook_ids:
                 pipe.hgetall(self.k.stats(hook_id))
-            return [self._counters(raw) for raw in pipe.execute()]
+            return [self._counters(raw, hook_id)
+                    for hook_id, raw in zip(hook_ids, pipe.execute(), strict=True)]
 
-    @staticmethod
-    def _counters(raw: Any) -> dict[str, int]:
-        return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
+    def _counters(self, raw: Any, hook_id: int) -> dict[str, int]:
+        try:
+            return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
+        except ValueError:  # a counter no HINCRBY wrote: every count of it would fail
+            key = self.k.stats(hook_id)
+            bad = next(f for f in STAT_FIELDS if not _whole_number(raw.get(f.encode(), 0)))
+            raise ConfigError(f"{key} field {bad} holds {raw[bad.encode()][:40]!r}, not a "
+                              "count: a damaged record (the engine's counts of this hook "
+                              f"fail too); set it right (HSET) or delete {key}") from None
 
     def engine(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = self.r.hgetall(self.k.engine_stats)  # type: ignore[assignment]
-        return {k.decode(): int(v) for k, v in raw.items()}
+        bad = next((k for k, v in raw.items() if not _whole_number(v)), None)
+        if bad is not None:
+            key = self.k.engine_stats
+            raise ConfigError(f"{key} field {bad.decode('utf-8', 'replace')} holds "
+                              f"{raw[bad][:40]!r}, not a count: a damaged record; set it "
+                              "right (HSET) or delete the field")
+        return {k.decode("utf-8", "replace"): int(v) for k, v in raw.items()}
+
+
+def _whole_number(value: Any) -> bool:
+    """Whether a stored counter reads as one (as HINCRBY writes it)."""
+    try:
+        int(value)
+    except ValueError:
+        return False
+    return True
 
 
 Once = tuple[str, str]  # a booking worker's last token key, and this booking's token

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -146,6 +147,42 @@ def test_a_token_that_cannot_be_written_out_is_revoked(
     assert "it was revoked, nothing is left" in proc.stderr and "Traceback" not in proc.stderr
     code, listed, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "4")
     assert code == 0 and listed == []
+
+
+def test_damaged_records_are_named_not_tracebacks(
+        config: str, redis_client: Any, keys: Any, capsys: pytest.CaptureFixture[str],
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Records no engine writes (a damaged token, a PARTITIONS record or counter that is
+    no number) are named with their key and what to do, by every command that reads
+    them; a damaged token hides no other token and authenticates nothing."""
+    from engine.auth import TokenStore
+
+    code, made, _ = run_cli(capsys, "-c", config, "tokens", "create", "--account", "3",
+                            "--role", "ingest")
+    redis_client.hset(f"{keys.p}:tokens", "deadbeefdeadbeef", "not json")
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        code, listed, _ = run_cli(capsys, "-c", config, "tokens", "list")
+    assert code == 0 and [t["id"] for t in listed] == [made["id"]]
+    assert "token deadbeefdeadbeef: its record cannot be read" in caplog.text
+    store = TokenStore(redis_client, keys.p)
+    assert store.authenticate(made["token"]) is not None
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "revoke", "deadbeefdeadbeef")
+    assert code == 0 and "revoked" in out
+    redis_client.hset(keys.config, "partitions", "abc")
+    for command in (["stats"], ["health"], ["set-aside", "--requeue"]):
+        code, _, err = run_cli(capsys, "-c", config, *command)
+        assert code == 2 and f"{keys.config} field partitions holds 'abc'" in err, command
+    redis_client.hset(keys.config, "partitions", "100000000")  # no engine runs so many
+    code, _, err = run_cli(capsys, "-c", config, "stats")
+    assert code == 2 and "not the engine's PARTITIONS" in err
+    redis_client.hset(keys.config, "partitions", "2")
+    redis_client.hset(keys.stats(7), "accepted", "abc")
+    code, _, err = run_cli(capsys, "-c", config, "stats", "--hook", "7")
+    assert code == 2 and f"{keys.stats(7)} field accepted holds b'abc', not a count" in err
+    redis_client.hset(keys.engine_stats, "events_accepted", "1.5")
+    redis_client.delete(keys.stats(7))
+    code, _, err = run_cli(capsys, "-c", config, "stats")
+    assert code == 2 and f"{keys.engine_stats} field events_accepted holds b'1.5'" in err
 
 
 def test_demo_runs_on_embedded_redis_without_redis_url() -> None:
