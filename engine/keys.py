@@ -53,7 +53,8 @@ key                             type     holds
                                          renewed by its driver (engine/lease.py)
 {p}:stats:engine                hash     events_accepted, events_rejected,
                                          entries_unreadable, entries_requeued,
-                                         entries_discarded, retries_unreadable
+                                         entries_discarded, retries_unreadable,
+                                         dead_letters_unreadable_discarded
 ==============================  =======  =============================================
 """
 

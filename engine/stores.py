@@ -639,6 +639,27 @@ def _by_bytes(ids: list[str], sizes: list[int], limit: int) -> Iterator[list[str
         yield chunk
 
 
+# KEYS: the dead letters' payloads, their set, the engine's stats; ARGV: the id, the
+# payload read (another written meanwhile, dead again: left alone)
+_DROP_UNREADABLE = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
+  return 0
+end
+redis.call('HDEL', KEYS[1], ARGV[1])
+redis.call('ZREM', KEYS[2], ARGV[1])
+redis.call('HINCRBY', KEYS[3], 'dead_letters_unreadable_discarded', 1)
+return 1
+"""
+
+
+def _decodes(payload: bytes) -> bool:
+    try:
+        unpack_delivery(payload)
+    except (msgspec.DecodeError, ValueError):
+        return False
+    return True
+
+
 def _undecodable(delivery_id: str) -> NotFound:
     return NotFound(f"dead letter {delivery_id} cannot be decoded; it is left where it is")
 
@@ -931,8 +952,28 @@ class RetryStore:
         """Delete dead letters for good; their messages are counted as ``discarded``
         in their hooks' stats. The same rules as ``replay``: an unknown id raises
         NotFound and nothing is discarded; one script, that checks every payload is
-        still the one read."""
-        return self._move("discard", list(dict.fromkeys(ids)))
+        still the one read. One that cannot be decoded (damaged, or of another
+        version: no replay can send it) is deleted too, counted as the engine's
+        ``dead_letters_unreadable_discarded`` (its hook is unknown), after the others."""
+        wanted = list(dict.fromkeys(ids))
+        raw: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+            self.k.dead_payload, wanted) if wanted else []
+        missing = [i for i, payload in zip(wanted, raw, strict=True) if payload is None]
+        if missing:
+            raise _not_found(missing)
+        unreadable = {i: payload for i, payload in zip(wanted, raw, strict=True)
+                      if payload is not None and not _decodes(payload)}
+        done = self._move("discard", [i for i in wanted if i not in unreadable])
+        for delivery_id, payload in unreadable.items():
+            done += self._drop_unreadable(delivery_id, payload)
+        return done
+
+    def _drop_unreadable(self, delivery_id: str, payload: bytes) -> int:
+        """Delete an undecodable dead letter if its payload is still ``payload`` (its
+        account's and hook's index entries, unknown, are passed over by every read)."""
+        log.warning("dead letter %s cannot be decoded; discarded as asked", delivery_id)
+        return int(self.r.eval(_DROP_UNREADABLE, 3, self.k.dead_payload, self.k.dead,
+                               self.k.engine_stats, delivery_id, payload))
 
     def replay_all(self, account_id: int | None = None, hook_id: int | None = None,
                    progress: Callable[[int], None] | None = None) -> int:

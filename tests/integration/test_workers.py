@@ -787,13 +787,19 @@ def test_large_dead_letters_move_a_few_per_script(
     assert ids_per_script == [["d0", "d1"], ["d2"]]
     redis_client.hset(keys.dead_payload, "d4", b"\xc1 damaged" + b"x" * 600)
     ids_per_script.clear()
+    if verb == "discard":  # one no replay can send is deleted when named, after the others
+        assert retry.discard(["d4", "d3"]) == 2
+        assert ids_per_script == [["d3"]] and redis_client.zrange(keys.dead, 0, -1) == []
+        assert redis_client.hget(keys.engine_stats, "dead_letters_unreadable_discarded") \
+            == b"1"
+        return
     with pytest.raises(NotFound, match=r"^dead letter d4 cannot be decoded; it is left "
                                        "where it is$"):
-        getattr(retry, verb)(["d3", "d4"])  # two scripts' worth: neither runs
+        retry.replay(["d3", "d4"])  # two scripts' worth: neither runs
     assert ids_per_script == [] and redis_client.zrange(keys.dead, 0, -1) == [b"d3", b"d4"]
-    assert getattr(retry, f"{verb}_all")(hook_id=10) == 1  # d4 stays where it is
+    assert retry.replay_all(hook_id=10) == 1  # d4 stays where it is
     assert redis_client.zrange(keys.dead, 0, -1) == [b"d4"]
-    assert retry.pending() == (4 if verb == "replay" else 0)
+    assert retry.pending() == 4
 
 
 def test_two_runs_over_all_dead_letters_at_once_keep_to_the_chunk(
@@ -1004,6 +1010,14 @@ def test_an_undecodable_dead_letter_is_skipped_not_an_error(
     with pytest.raises(NotFound, match="dead letter bad cannot be decoded"):
         retry.replay(["bad"])
     assert redis_client.hexists(keys.dead_payload, "bad")
+    # named, it can be discarded (no replay could send it); an unknown id beside it
+    # discards nothing
+    with pytest.raises(NotFound, match=r"dead letter\(s\) nope do not exist"):
+        retry.discard(["bad", "nope"])
+    assert retry.discard(["bad"]) == 1
+    assert not redis_client.hexists(keys.dead_payload, "bad")
+    assert redis_client.zrange(keys.dead, 0, -1) == [b"ok"]
+    assert retry.discard(["ok"]) == 1 and retry.dead_letters() == []
 
 
 def test_an_unreadable_entry_is_set_aside_and_the_rest_delivered(
