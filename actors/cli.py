@@ -21,6 +21,7 @@ import redis
 
 from engine.errors import HookError, HookrayError
 from engine.hooks import not_utf8
+from engine.jsonkeys import unique_keys
 from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
@@ -47,7 +48,8 @@ def _print(data: Any) -> None:
 def _read_json(path: str) -> Any:
     try:
         # utf-8-sig: a byte order mark some editors write is no content
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        return json.loads(Path(path).read_text(encoding="utf-8-sig"),
+                          object_pairs_hook=unique_keys)
     except OSError as exc:
         raise HookrayError(f"{path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:

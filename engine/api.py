@@ -84,6 +84,7 @@ from engine.hooks import (
 )
 from engine.hooks import quoted as shown
 from engine.intake import Intake
+from engine.jsonkeys import unique_keys
 from engine.keys import Keys
 from engine.settings import Settings
 from engine.stores import (
@@ -646,7 +647,7 @@ async def _json(request: web.Request, default: Any = None) -> Any:
             return default
         raise ApiError(400, "the request body is empty; expected JSON")
     try:
-        return json.loads(body)
+        return json.loads(body, object_pairs_hook=unique_keys)
     except ValueError as exc:
         reason = str(exc)
         if "integer string conversion" in reason:  # Python's advice is not the client's

@@ -15,6 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from engine.errors import ConfigError
+from engine.jsonkeys import unique_keys
 
 CATEGORIES = ("tracking", "delivery", "import", "pixel")
 
@@ -89,7 +90,11 @@ class EventCatalogue:
 
 def _read(path: Path | str) -> list[dict]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"))
+        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"),
+                         object_pairs_hook=unique_keys)
+        if not isinstance(doc, dict) or not isinstance(doc.get("event_types"), list):
+            # a string would be read character by character, an object key by key
+            raise ValueError("no list under \"event_types\"")
         return list(doc["event_types"])
     except RecursionError:
         raise ConfigError(f"EVENT_TYPES_FILE={path}: cannot read event types (JSON nested "

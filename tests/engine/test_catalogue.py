@@ -286,9 +286,12 @@ def test_load_catalogue_with_empty_extra_list(tmp_path: Path) -> None:
     ("content", "reason"),
     [
         ("{", "Expecting property name"),
-        ('{"types": []}', "'event_types'"),
-        ("[]", "list indices must be integers"),
-        ('{"event_types": 5}', "not iterable"),
+        ('{"types": []}', 'no list under "event_types"'),
+        ("[]", 'no list under "event_types"'),
+        ('{"event_types": 5}', 'no list under "event_types"'),
+        ('{"event_types": "abc"}', 'no list under "event_types"'),
+        ('{"event_types": {"a": 1}}', 'no list under "event_types"'),
+        ('{"event_types": [], "event_types": []}', "duplicate key 'event_types'"),
         ("", "Expecting value"),
     ],
 )

@@ -472,6 +472,15 @@ def test_directory_instead_of_file(tmp_path: Path) -> None:
     assert config_error(tmp_path) == f"settings file {tmp_path}: cannot be read (Is a directory)"
 
 
+def test_a_setting_given_twice_in_a_file_is_refused(tmp_path: Path) -> None:
+    """json keeps the last of two values, silently: which Redis would be meant?"""
+    path = tmp_path / "main.json"
+    path.write_text('{"REDIS_URL": "redis://a:6379/0", "REDIS_URL": "redis://b:6379/0"}',
+                    encoding="utf-8")
+    assert config_error(path) == (f"settings file {path}: not valid JSON (duplicate key "
+                                  "'REDIS_URL')")
+
+
 @pytest.mark.parametrize("text", ["{", '{"HOOK_RETRY_TIMES": 4,}', "", "HOOK_RETRY_TIMES=4"])
 def test_invalid_json(tmp_path: Path, text: str) -> None:
     path = tmp_path / "main.json"

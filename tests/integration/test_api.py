@@ -818,6 +818,12 @@ async def test_invalid_hooks_are_422_naming_each_field_and_reason(api: Api) -> N
                             headers={"Content-Type": "application/json"})
     assert answer.status == 400 and answer.error["message"] == \
         "malformed JSON: an integer of more than 4,300 digits"
+    # a field given twice: which one was meant? (json would keep the last, silently)
+    answer = await api.call("POST", "/v1/hooks", api.master, data=json.dumps(hook_body())[:-1]
+                            + ', "active": true, "active": false}',
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 400 and answer.error["message"] == \
+        "malformed JSON: duplicate key 'active'"
     answer = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
                             json_body={**hook_body(), "actions": ["clik"]})
     assert answer.status == 422 and answer.error["issues"][0]["field"] == "actions"

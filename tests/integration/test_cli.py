@@ -106,6 +106,9 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert "target.http_batch.url: 'ftp://x' is not an http(s) URL" in err
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(tmp_path / "nope.json"))
     assert code == 2 and "nope.json: cannot be read" in err
+    bad.write_text('{"name": "a", "name": "b"}')
+    code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(bad))
+    assert code == 2 and "bad.json: not valid JSON (duplicate key 'name')" in err
     bad.write_text('{"name": ' + "[" * 5000 + "]" * 5000 + "}")
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(bad))
     assert code == 2 and "bad.json: JSON nested too deeply to be read" in err
