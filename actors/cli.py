@@ -684,8 +684,9 @@ def _printable(text: str) -> str:
 def _redis_hint(args: argparse.Namespace, exc: redis.RedisError) -> str:
     """Which REDIS_URL failed to connect, or answered as no Redis does (password
     masked), and what is likely wrong; "" for other errors."""
-    if not isinstance(exc, redis.ConnectionError | redis.TimeoutError
-                      | redis.exceptions.InvalidResponse):
+    db_index = isinstance(exc, redis.ResponseError) and "DB index" in str(exc)
+    if not (db_index or isinstance(exc, redis.ConnectionError | redis.TimeoutError
+                                   | redis.exceptions.InvalidResponse)):
         return ""
     try:
         url = load_settings(getattr(args, "config", None)).redacted()["REDIS_URL"]
@@ -694,6 +695,16 @@ def _redis_hint(args: argparse.Namespace, exc: redis.RedisError) -> str:
     if isinstance(exc, redis.exceptions.InvalidResponse):
         return (f" (REDIS_URL {url} answers, but not as Redis does: is it another server's "
                 "port? A Ray head's GCS listens on 6379 too unless started with --port)")
+    if isinstance(exc, redis.AuthenticationError | redis.exceptions.AuthorizationError) \
+            or "NOAUTH" in str(exc) or "WRONGPASS" in str(exc):
+        return f" (REDIS_URL {url}: Redis refused its user or password)"
+    if db_index:
+        return f" (REDIS_URL {url}: that Redis has fewer databases than the one named)"
+    if url.startswith("rediss://") and isinstance(exc, redis.TimeoutError
+                                                  | redis.ConnectionError):
+        return (f" (REDIS_URL {url}: is Redis running and reachable there, and does it "
+                "speak TLS on that port? rediss:// to a plain Redis waits for a TLS "
+                "answer that never comes)")
     return f" (REDIS_URL {url}: is Redis running and reachable there?)"
 
 

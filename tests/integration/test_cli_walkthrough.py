@@ -260,6 +260,25 @@ def test_a_redis_url_of_another_server_says_which_and_what_it_may_be(
            "it another server's port?" in err and "secret" not in err
 
 
+def test_a_refused_password_or_a_missing_database_is_named_as_such(
+        redis_url: str, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    from urllib.parse import urlsplit
+
+    where = urlsplit(redis_url).netloc.rsplit("@", 1)[-1]
+    # Given a REDIS_URL whose user Redis does not know
+    monkeypatch.setenv("REDIS_URL", f"redis://nobody:secret@{where}/15")
+    code, _, err = run_cli(capsys, "stats")
+    # Then the error says the credentials were refused, not that Redis may be down
+    assert code == 2 and f"(REDIS_URL redis://***@{where}/15: Redis refused its user or " \
+        "password)" in err and "secret" not in err
+    # Given a database beyond the server's
+    monkeypatch.setenv("REDIS_URL", f"redis://{where}/99999")
+    code, _, err = run_cli(capsys, "stats")
+    assert code == 2 and "DB index is out of range" in err
+    assert f"(REDIS_URL redis://{where}/99999: that Redis has fewer databases" in err
+
+
 def test_ctrl_c_while_the_engine_starts_is_no_traceback(
         config: str, monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str]) -> None:
