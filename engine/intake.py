@@ -697,11 +697,14 @@ class SetAside:
         """The oldest ``limit`` set-aside entries (after the one of id ``after``):
         ``{"id", "partition", "entry", "error", "events"}``, ``events`` their count, or
         None for one that cannot be decoded (it would be set aside again)."""
-        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 1:
-            raise ValueError(f"set_aside: limit must be a whole number >= 1, got {limit!r}")
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31:
+            raise ValueError(f"set_aside: limit must be a whole number from 1 to 2**31, got "
+                             f"{limit!r}")
         if after is not None and not _stream_id(after):
             raise ValueError(f"set_aside: after: expected a set-aside entry's id (as "
                              f"1700000000000-0), got {after!r}")
+        if after == f"{2**64 - 1}-{2**64 - 1}":  # the last id there can be: none after it
+            return []
         start = "-" if after is None else "(" + after
         out = []
         for eid, fields in _entries(self.r.xrange(self.k.intake_unreadable, start, "+",

@@ -60,6 +60,8 @@ return 1
 """
 
 
+MAX_TTL_SEC = 10 * 365 * 86_400  # the longest content is kept when asked: 10 years
+
 class HookRegistry:
     """Hooks CRUD; every change bumps a version that partition actors watch."""
 
@@ -469,8 +471,9 @@ class ContentStore:
             raise ValueError(f"store_content: account_id {account_id!r} is not an integer "
                              f"from 0 to {MAX_ID}")
         if ttl_sec is not None and (isinstance(ttl_sec, bool) or not isinstance(ttl_sec, int)
-                                    or ttl_sec < 1):
-            raise ValueError(f"ttl_sec: expected whole seconds >= 1, got {ttl_sec!r}")
+                                    or not 1 <= ttl_sec <= MAX_TTL_SEC):
+            raise ValueError(f"ttl_sec: expected whole seconds from 1 to {MAX_TTL_SEC:,} "
+                             f"(10 years), got {ttl_sec!r}")
         if not isinstance(contents, Mapping) or not all(
                 isinstance(sid, str) and sid and isinstance(content, Mapping)
                 for sid, content in contents.items()):

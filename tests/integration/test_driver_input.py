@@ -55,7 +55,10 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "requeue_set_aside: ids must be a list of set-aside entry ids, got str"),
     (lambda e: e.requeue_set_aside(["soon"]),
      "requeue_set_aside: 'soon' is no set-aside entry's id"),
-    (lambda e: e.set_aside(limit=0), "set_aside: limit must be a whole number >= 1"),
+    (lambda e: e.set_aside(limit=0), "set_aside: limit must be a whole number from 1"),
+    (lambda e: e.set_aside(limit=2**70), "set_aside: limit must be a whole number from 1"),
+    (lambda e: e.store_content(1, {"s": {}}, ttl_sec=2**70),
+     "ttl_sec: expected whole seconds from 1 to"),
     # a stream id's parts are 64-bit: Redis would refuse these with its own error
     (lambda e: e.requeue_set_aside(["18446744073709551616-0"]),
      "requeue_set_aside: '18446744073709551616-0' is no set-aside entry's id"),
