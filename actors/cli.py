@@ -10,11 +10,11 @@ import math
 import os
 import re
 import signal
+import stat
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import redis
@@ -45,11 +45,26 @@ def _print(data: Any) -> None:
         raise HookrayError(f"the output cannot be written ({exc.strerror or exc})") from None
 
 
+MAX_FILE_BYTES = 1 << 30  # the largest file a command reads (it is read whole)
+
+
+def _read_bytes(path: str) -> bytes:
+    """A file's bytes; a device (/dev/zero would be read until memory ran out) or a
+    file over MAX_FILE_BYTES is refused, naming it. Pipes are read."""
+    with open(path, "rb") as f:
+        mode = os.fstat(f.fileno()).st_mode
+        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            raise HookrayError(f"{path}: a device, not a file of JSON")
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise HookrayError(f"{path}: larger than {MAX_FILE_BYTES >> 30} GiB; split it")
+    return data
+
+
 def _read_json(path: str) -> Any:
     try:
         # utf-8-sig: a byte order mark some editors write is no content
-        return json.loads(Path(path).read_text(encoding="utf-8-sig"),
-                          object_pairs_hook=unique_keys)
+        return json.loads(_read_bytes(path).decode("utf-8-sig"), object_pairs_hook=unique_keys)
     except OSError as exc:
         raise HookrayError(f"{path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:
@@ -283,7 +298,7 @@ def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:
 
 def cmd_publish(args: argparse.Namespace) -> int:
     try:
-        data = Path(args.file).read_bytes()
+        data = _read_bytes(args.file)
     except OSError as exc:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
     if not data.strip():  # a wrong file, likely (POST /v1/events takes it as no events)

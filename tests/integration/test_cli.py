@@ -106,6 +106,10 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert "target.http_batch.url: 'ftp://x' is not an http(s) URL" in err
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(tmp_path / "nope.json"))
     assert code == 2 and "nope.json: cannot be read" in err
+    for device in ("/dev/zero", "/dev/null"):  # read whole, /dev/zero would fill memory
+        for command in (["hooks", "create"], ["publish"]):
+            code, _, err = run_cli(capsys, "-c", config, *command, device)
+            assert code == 2 and f"{device}: a device, not a file of JSON" in err
     bad.write_text('{"name": "a", "name": "b"}')
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(bad))
     assert code == 2 and "bad.json: not valid JSON (duplicate key 'name')" in err
