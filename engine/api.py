@@ -54,6 +54,7 @@ from aiohttp.http_exceptions import ContentEncodingError
 from pydantic import ValidationError
 
 from engine.auth import TokenInfo, TokenStore
+from engine.bodies import decode_body, split_items
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
 from engine.errors import Backlogged, ConfigError, Conflict, HookError, NotFound
@@ -62,7 +63,6 @@ from engine.events import (
     NESTED_TOO_DEEPLY,
     DecodedBatch,
     EventIssue,
-    decode_batch,
     ensure_ids,
 )
 from engine.health import engine_health
@@ -296,17 +296,12 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
 def _decode(body: bytes, catalogue: EventCatalogue) -> tuple[DecodedBatch, list[Any] | None]:
     """The body's events, and the events as Python read them if it had to (a lone
     surrogate in an array); 400 when the body as a whole is not JSON."""
-    batch = decode_batch(body, catalogue)
+    batch, items = decode_body(body, catalogue)
     if batch.issues and batch.issues[0].index < 0:
-        lenient = _decode_leniently(body, catalogue)
-        if lenient is None:
-            reason = batch.issues[0].reason
-            raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
-                           else f"malformed JSON: {reason}")
-        return lenient
-    if any(i.field == "$" for i in batch.issues):  # msgspec: "truncated" and the like
-        batch = _named_surrogates(body, batch)  # NDJSON lines: which field, not a byte
-    return batch, None
+        reason = batch.issues[0].reason
+        raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
+                       else f"malformed JSON: {reason}")
+    return batch, items
 
 
 class _AccountOf(msgspec.Struct):
@@ -314,7 +309,6 @@ class _AccountOf(msgspec.Struct):
 
 
 _account_of_decoder = msgspec.json.Decoder(_AccountOf)
-_raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 
 def _foreign(body: bytes, batch: DecodedBatch, items: list[Any] | None,
@@ -338,25 +332,10 @@ def _foreign(body: bytes, batch: DecodedBatch, items: list[Any] | None,
     return sorted(found, key=lambda i: i.index)
 
 
-def _split(body: bytes) -> list[Any]:
-    """The body's events, each as its JSON text, split as ``decode_batch`` splits them
-    (none when an array cannot be split)."""
-    stripped = body.strip()
-    try:
-        if stripped[:1] == b"[":
-            return list(_raw_items_decoder.decode(stripped))
-        if isinstance(msgspec.json.decode(stripped), dict):  # one event over many lines
-            return [stripped]
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        if stripped[:1] == b"[":
-            return []
-    return [line for line in body.split(b"\n") if line.strip()]
-
-
 def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
     """The ``account_id`` of each event of ``indices`` (those that did not decode) as far
     as it can be read."""
-    items = _split(body)
+    items = split_items(body)
     found = {}
     for i in indices:
         if i < len(items):
@@ -369,76 +348,6 @@ def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
                     continue
                 found[i] = data.get("account_id") if isinstance(data, dict) else None
     return found
-
-
-def _decode_leniently(body: bytes, catalogue: EventCatalogue
-                      ) -> tuple[DecodedBatch, list[Any]] | None:
-    """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
-    in some event's strings, decoded event by event: those events are bad (index,
-    field and reason), the others as ``decode_batch`` finds them. With the events as
-    read; None when the body is refused for anything else."""
-    try:
-        items = json.loads(body)
-    except (ValueError, RecursionError):
-        return None
-    if isinstance(items, dict):  # one event over several lines
-        items = [items]
-    if not isinstance(items, list):
-        return None
-    issues, kept = [], []
-    for index, item in enumerate(items):
-        where = _lone_surrogate(item)
-        if where is None:
-            kept.append(index)
-        else:
-            issues.append(EventIssue(index, *where))
-    if not issues:
-        return None
-    try:
-        rest = decode_batch(json.dumps([items[i] for i in kept]).encode(), catalogue)
-    except (ValueError, RecursionError):
-        return None
-    if rest.issues and rest.issues[0].index < 0:  # refused for another reason too
-        return None
-    issues += [EventIssue(kept[i.index], i.field, i.reason) for i in rest.issues]
-    return DecodedBatch(rest.events, [kept[i] for i in rest.indices],
-                        sorted(issues, key=lambda i: i.index)), items
-
-
-def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
-    """``batch`` with each issue of an event refused for a lone surrogate naming the
-    field that holds it rather than a byte offset."""
-    items = _split(body)
-    issues = []
-    for issue in batch.issues:
-        if issue.field == "$" and issue.index < len(items):
-            try:
-                where = _lone_surrogate(json.loads(bytes(items[issue.index])))
-            except (ValueError, RecursionError):
-                where = None
-            if where is not None:
-                issue = EventIssue(issue.index, *where)
-        issues.append(issue)
-    return DecodedBatch(batch.events, batch.indices, issues)
-
-
-def _lone_surrogate(value: Any) -> tuple[str, str] | None:
-    """(field, reason) of the first string (or key) of ``value`` that is not valid
-    UTF-8, walked without recursion."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, str):
-            if problem := not_utf8(item):
-                return path or "$", problem
-        elif isinstance(item, dict):
-            for key, sub in reversed(item.items()):
-                if problem := not_utf8(key):
-                    return path or "$", f"a key is {problem}"
-                stack.append((sub, f"{path}.{key}" if path else key))
-        elif isinstance(item, list):
-            stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
-    return None
 
 
 def _bad_events(issues: list[EventIssue]) -> ApiError:

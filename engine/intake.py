@@ -27,6 +27,7 @@ import numpy as np
 import redis
 
 from engine.assembly import gather
+from engine.bodies import decode_body
 from engine.catalogue import EventCatalogue, engine_codes, load_catalogue
 from engine.collector import paused_gc
 from engine.errors import Backlogged, ConfigError, EventError
@@ -311,7 +312,9 @@ class Intake:
 
     def _decode(self, events: bytes | str | Sequence[Event | dict[str, Any]]) -> DecodedBatch:
         if isinstance(events, bytes | str):
-            return decode_batch(events, self.catalogue)
+            # a lone surrogate escape in one event of an array: that event is bad, named
+            # by its field, not the whole body (as the API decodes it)
+            return decode_body(events, self.catalogue)[0]
         try:
             plain = [msgspec.to_builtins(e) if isinstance(e, Event) else e for e in events]
             return decode_batch(_json_encode(plain), self.catalogue)

@@ -123,6 +123,12 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     assert code == 2 and "event 1: account_id: Expected `int`, got `str`" in err
     code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
     assert result["accepted"] == 1 and len(result["issues"]) == 1
+    # a lone surrogate escape in one event of an array: that event, named by its field
+    events.write_text("[" + good + ", " + good[:-1] + ', "profile_id": "a\\ud800b"}]')
+    code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    assert code == 0 and result["accepted"] == 1
+    assert result["issues"] == ["event 1: profile_id: not valid UTF-8: a lone surrogate "
+                                "'\\ud800' at character 1"]
     code, _, err = run_cli(capsys, "-c", str(tmp_path / "missing.json"), "stats")
     assert code == 2 and "settings file" in err and "cannot be read" in err
     # an empty -c (a variable that was not set) is no reason to act on the defaults

@@ -1,0 +1,123 @@
+"""Event bodies (a JSON array or NDJSON) decoded as far as they can be: where msgspec
+refuses a whole array for one event's lone surrogate (JSON "\\ud800", which no UTF-8
+holds), Python's json reads it, and only that event is bad, named by its field. Used
+by the API's ``POST /v1/events`` and by ``Intake.publish`` of a body."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+from engine.catalogue import EventCatalogue
+from engine.events import DecodedBatch, EventIssue, decode_batch
+from engine.hooks import not_utf8
+
+_raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+
+
+def decode_body(body: bytes | str, catalogue: EventCatalogue
+                ) -> tuple[DecodedBatch, list[Any] | None]:
+    """The body's events (``decode_batch``), and the events as Python read them if it
+    had to (a lone surrogate in an array). A body that is no JSON at all keeps its
+    issue of index -1; an event refused for a lone surrogate is named by its field."""
+    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
+    batch = decode_batch(body, catalogue)
+    if batch.issues and batch.issues[0].index < 0:
+        lenient = _decode_leniently(raw, catalogue)
+        return (batch, None) if lenient is None else lenient
+    if any(i.field == "$" for i in batch.issues):  # msgspec: "truncated" and the like
+        batch = _named_surrogates(raw, batch)  # NDJSON lines: which field, not a byte
+    return batch, None
+
+
+def split_items(body: bytes) -> list[Any]:
+    """The body's events, each as its JSON text, split as ``decode_batch`` splits them
+    (none when an array cannot be split)."""
+    stripped = body.strip()
+    try:
+        if stripped[:1] == b"[":
+            return list(_raw_items_decoder.decode(stripped))
+        if isinstance(msgspec.json.decode(stripped), dict):  # one event over many lines
+            return [stripped]
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        if stripped[:1] == b"[":
+            return []
+    return [line for line in body.split(b"\n") if line.strip()]
+
+
+
+
+def _decode_leniently(body: bytes, catalogue: EventCatalogue
+                      ) -> tuple[DecodedBatch, list[Any]] | None:
+    """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
+    in some event's strings, decoded event by event: those events are bad (index,
+    field and reason), the others as ``decode_batch`` finds them. With the events as
+    read; None when the body is refused for anything else."""
+    try:
+        items = json.loads(body)
+    except (ValueError, RecursionError):
+        return None
+    if isinstance(items, dict):  # one event over several lines
+        items = [items]
+    if not isinstance(items, list):
+        return None
+    issues, kept = [], []
+    for index, item in enumerate(items):
+        where = lone_surrogate(item)
+        if where is None:
+            kept.append(index)
+        else:
+            issues.append(EventIssue(index, *where))
+    if not issues:
+        return None
+    try:
+        rest = decode_batch(json.dumps([items[i] for i in kept]).encode(), catalogue)
+    except (ValueError, RecursionError):
+        return None
+    if rest.issues and rest.issues[0].index < 0:  # refused for another reason too
+        return None
+    issues += [EventIssue(kept[i.index], i.field, i.reason) for i in rest.issues]
+    return DecodedBatch(rest.events, [kept[i] for i in rest.indices],
+                        sorted(issues, key=lambda i: i.index)), items
+
+
+
+
+def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
+    """``batch`` with each issue of an event refused for a lone surrogate naming the
+    field that holds it rather than a byte offset."""
+    items = split_items(body)
+    issues = []
+    for issue in batch.issues:
+        if issue.field == "$" and issue.index < len(items):
+            try:
+                where = lone_surrogate(json.loads(bytes(items[issue.index])))
+            except (ValueError, RecursionError):
+                where = None
+            if where is not None:
+                issue = EventIssue(issue.index, *where)
+        issues.append(issue)
+    return DecodedBatch(batch.events, batch.indices, issues)
+
+
+
+
+def lone_surrogate(value: Any) -> tuple[str, str] | None:
+    """(field, reason) of the first string (or key) of ``value`` that is not valid
+    UTF-8, walked without recursion."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, str):
+            if problem := not_utf8(item):
+                return path or "$", problem
+        elif isinstance(item, dict):
+            for key, sub in reversed(item.items()):
+                if problem := not_utf8(key):
+                    return path or "$", f"a key is {problem}"
+                stack.append((sub, f"{path}.{key}" if path else key))
+        elif isinstance(item, list):
+            stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
+    return None
