@@ -302,7 +302,7 @@ def cmd_publish(args: argparse.Namespace) -> int:
     except OSError as exc:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
     if not data.strip():  # a wrong file, likely (POST /v1/events takes it as no events)
-        raise HookrayError(f"{args.file}: holds no events (the file is empty)")
+        raise HookrayError(f"{args.file}: holds no events (the file is empty or blank)")
     result = _engine(args).publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
     if result.issues and not result.accepted:
@@ -342,7 +342,10 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
         else:
             _print(engine.set_aside(args.limit or 100, args.after))
     except ValueError as exc:  # an id that is none, or not of a set-aside entry
-        raise HookrayError(f"set-aside: {exc}") from None
+        said = str(exc)  # named as the command, not as the driver call behind it
+        for call in ("requeue_set_aside: ", "discard_set_aside: ", "set_aside: "):
+            said = said.removeprefix(call)
+        raise HookrayError(f"set-aside: {said}") from None
     return 0
 
 

@@ -32,7 +32,7 @@ from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound
 from engine.events import MAX_ID, Event, is_account_id
 from engine.health import cluster_mode, engine_health, eviction_risk, too_old
-from engine.hooks import Hook
+from engine.hooks import Hook, not_utf8
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys, recorded_partitions
 from engine.lease import EngineLease, Renewer
@@ -598,9 +598,14 @@ class Engine:
     def totals(self, also: Iterable[int] = ()) -> dict[str, int]:
         """Counters summed over every stored hook and the hooks ``also`` names (a
         deleted hook keeps its counters: a caller that saw it can still count it)."""
+        if isinstance(also, str | bytes) or not isinstance(also, Iterable):
+            raise ValueError(f"totals: also must be a list of hook ids, got {also!r:.80}")
+        named = list(also)
+        if not all(is_account_id(h) for h in named):
+            raise ValueError(f"totals: also must be a list of hook ids, got {named!r:.80}")
         per_hook = self.stats()
         per_hook.pop("engine")
-        gone = {int(h) for h in also}.difference(per_hook)
+        gone = set(named).difference(per_hook)
         counted = [*per_hook.values(), *self._stats.get_many(sorted(gone))]
         return {f: sum(s[f] for s in counted) for f in STAT_FIELDS}
 
@@ -660,6 +665,9 @@ def _ids(call: str, ids: Iterable[str], of: str = "dead letter") -> list[str]:
     wrong = next((i for i in listed if not isinstance(i, str)), None)
     if wrong is not None:
         raise ValueError(f"{call}: each {of} id is a string, got {wrong!r}")
+    unwritable = next((i for i in listed if not_utf8(i)), None)
+    if unwritable is not None:  # Redis could not be asked for it
+        raise ValueError(f"{call}: {of} id {unwritable!r}: {not_utf8(unwritable)}")
     return listed
 
 

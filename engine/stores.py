@@ -332,7 +332,7 @@ class NameStore:
         """Upsert ``{"account_id", "kind", "id", "name", ...}`` records; returns the count.
         A bad record raises ValueError naming its index, the field and the reason, and
         nothing of the call is stored."""
-        if isinstance(records, Mapping | str | bytes):
+        if isinstance(records, Mapping | str | bytes) or not isinstance(records, Iterable):
             raise ValueError("upsert_names: records must be a list of records (mappings), "
                              f"got {type(records).__name__}")
         check = NameCatalogue()

@@ -32,7 +32,7 @@ def test_publishing_an_empty_file_is_an_error(content: str, config: str, tmp_pat
     code, out, err = run_cli(capsys, "-c", config, "publish", str(events))
     # Then nothing is printed as if it had worked, and the exit code says it failed
     assert code == 2 and out == ""
-    assert f"hookray: error: {events}: holds no events (the file is empty)" in err
+    assert f"hookray: error: {events}: holds no events (the file is empty or blank)" in err
 
 
 def test_an_empty_json_array_is_still_published_as_nothing(
