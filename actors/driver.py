@@ -94,7 +94,8 @@ class Engine:
                                                health_check_interval=30)
         self.keys = Keys(settings.REDIS_PREFIX)
         self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
-        self.hooks = HookRegistry(self.redis, self.keys, self.catalogue)
+        self.hooks = HookRegistry(self.redis, self.keys, self.catalogue,
+                                  settings.DESTINATION_DENY)
         self.intake = Intake(self.redis, self.keys, settings.PARTITIONS,
                              settings.INTAKE_MAX_BATCH, self.catalogue,
                              settings.INTAKE_MAX_ENTRIES)

@@ -45,7 +45,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, cast
-from urllib.parse import urlsplit
 
 import msgspec
 import redis
@@ -70,10 +69,9 @@ from engine.hooks import (
     MASK,
     SHOWN_CHARS,
     Hook,
-    HttpBatch,
-    Kafka,
     changed_paths,
     destination,
+    destination_hosts,
     hook_secrets,
     masked_secrets,
     not_utf8,
@@ -417,22 +415,6 @@ def check_cafile(hook: Hook, settings: Settings, stored: Hook | None = None) -> 
     raise ApiError(422, f"invalid hook: {field}: {reason}", [{"field": field, "reason": reason}])
 
 
-def _hosts(hook: Hook) -> list[tuple[str, str]]:
-    """(field, host) of each host the hook's target connects to, as written."""
-    kind, target = hook.target.kind, hook.target.settings
-    base = f"target.{kind}"
-    if isinstance(target, HttpBatch):
-        hosts = [(f"{base}.url", urlsplit(target.url).hostname or "")]
-        if target.auth.kind == "oauth2" and target.auth.token_url:
-            hosts.append((f"{base}.auth.token_url",
-                          urlsplit(target.auth.token_url).hostname or ""))
-        return hosts
-    if isinstance(target, Kafka):
-        return [(f"{base}.bootstrap_servers[{n}]", server.rpartition(":")[0].strip("[]"))
-                for n, server in enumerate(target.bootstrap_servers)]
-    return [(f"{base}.host", str(getattr(target, "host", "")))]
-
-
 def check_destinations(hook: Hook, settings: Settings) -> None:
     """ApiError 422 when the hook's target names an address DESTINATION_DENY refuses
     (an IP address written as the host): it could deliver nothing. A name is judged
@@ -440,7 +422,7 @@ def check_destinations(hook: Hook, settings: Settings) -> None:
     guard = guard_for(settings.DESTINATION_DENY)
     if not guard:
         return
-    issues = [{"field": field, "reason": reason} for field, host in _hosts(hook)
+    issues = [{"field": field, "reason": reason} for field, host in destination_hosts(hook)
               if (reason := guard.reason(host)) is not None]
     if issues:
         raise ApiError(422, f"invalid hook: {issues[0]['field']}: {issues[0]['reason']}: "

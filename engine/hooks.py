@@ -733,6 +733,22 @@ def destination(hook: Hook) -> tuple[Any, ...]:
             kafka.tls_cafile, kafka.sasl_mechanism)
 
 
+def destination_hosts(hook: Hook) -> list[tuple[str, str]]:
+    """(field, host) of each host the hook's target connects to, as written."""
+    kind, target = hook.target.kind, hook.target.settings
+    base = f"target.{kind}"
+    if isinstance(target, HttpBatch):
+        hosts = [(f"{base}.url", urlsplit(target.url).hostname or "")]
+        if target.auth.kind == "oauth2" and target.auth.token_url:
+            hosts.append((f"{base}.auth.token_url",
+                          urlsplit(target.auth.token_url).hostname or ""))
+        return hosts
+    if isinstance(target, Kafka):
+        return [(f"{base}.bootstrap_servers[{n}]", server.rpartition(":")[0].strip("[]"))
+                for n, server in enumerate(target.bootstrap_servers)]
+    return [(f"{base}.host", str(getattr(target, "host", "")))]
+
+
 def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     try:

@@ -29,6 +29,7 @@ from engine.hooks import (
     Hook,
     changed_paths,
     destination,
+    destination_hosts,
     masked_secrets,
     not_utf8,
     parse_hook,
@@ -65,8 +66,12 @@ MAX_TTL_SEC = 10 * 365 * 86_400  # the longest content is kept when asked: 10 ye
 class HookRegistry:
     """Hooks CRUD; every change bumps a version that partition actors watch."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, catalogue: EventCatalogue | None = None) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, catalogue: EventCatalogue | None = None,
+                 deny: str = "") -> None:
+        """``deny``: DESTINATION_DENY, to refuse a hook whose target is written as an
+        address no delivery may connect to (it could deliver nothing)."""
         self.r, self.k, self.catalogue = r, keys, catalogue
+        self.deny = deny
         self._replace_script = r.register_script(_REPLACE_HOOK)
 
     def _replace(self, hook: Hook) -> Hook:
@@ -97,7 +102,22 @@ class HookRegistry:
         ``create`` would refuse it: a hooks file is checked whole, before any is made."""
         hook = check_new_hook(fields, self.catalogue)
         self._engine_knows(hook)
+        self._reachable(hook)
         return hook
+
+    def _reachable(self, hook: Hook) -> None:
+        """HookError naming each field of the target written as an address
+        DESTINATION_DENY refuses (a name is judged when a delivery connects)."""
+        if not self.deny:
+            return
+        from engine.transports.guard import guard_for
+
+        guard = guard_for(self.deny)
+        issues = [(field, f"{reason}: no delivery may connect there")
+                  for field, host in destination_hosts(hook)
+                  if guard and (reason := guard.reason(host)) is not None]
+        if issues:
+            raise HookError(f"invalid hook: {issues[0][0]}: {issues[0][1]}", issues)
 
     def _engine_knows(self, hook: Hook) -> None:
         """HookError if one of the hook's actions is not an event code of the engine
@@ -139,6 +159,7 @@ class HookRegistry:
                       "hook in the other account instead")
             raise HookError(f"invalid hook: account_id: {reason}", [("account_id", reason)])
         self._engine_knows(hook)
+        self._reachable(hook)
         kept = changed_paths(sent, restored)
         if kept and destination(hook) != destination(stored):
             reason = (f"the destination changed, so the redacted value {MASK} cannot keep "

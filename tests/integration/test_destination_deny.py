@@ -13,9 +13,11 @@ from typing import Any
 import pytest
 import redis
 
+from engine.errors import HookError
 from engine.hooks import HttpBatch, Kafka, RabbitQueue
 from engine.receiver import Receiver
 from engine.settings import Settings
+from engine.stores import HookRegistry
 from engine.transports.base import Delivery, Outcome, Transport
 from engine.transports.http import HttpTransport
 from engine.transports.kafka import KafkaTransport
@@ -177,7 +179,13 @@ def test_engine_dead_letters_what_a_denied_destination_was_sent(
         engine_factory: Any, receiver: Receiver) -> None:
     engine = engine_factory(DESTINATION_DENY="127.0.0.0/8", HOOK_RETRY_PERIOD_SEC=0.2,
                             HOOK_RETRY_TIMES=2)
-    hook = engine.create_hook(http_hook(receiver, "/engine-deny", max_batch_size=10))
+    data = http_hook(receiver, "/engine-deny", max_batch_size=10)
+    # the engine's own driver refuses such a hook, naming the field
+    with pytest.raises(HookError, match=r"target\.http_batch\.url: address 127\.0\.0\.1 is "
+                                        "refused by DESTINATION_DENY: no delivery may connect"):
+        engine.create_hook(data)
+    # one stored before DESTINATION_DENY named its address: each delivery is refused
+    hook = HookRegistry(engine.redis, engine.keys, engine.catalogue).create(data)
     engine.publish(events(10, types=("click",), list_id=3))
     assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 60), \
         engine.stats(hook.id)
