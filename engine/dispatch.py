@@ -463,6 +463,9 @@ class PartitionWorker:
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled
         self.unsettled = 0  # the sum of entry_left
         self.reading_own_pending = True  # after a restart, re-read unacknowledged entries
+        # entries read again after a restart, until acknowledged: their processing-start
+        # counts go with their acknowledgement
+        self.reread: set[str] = set()
         self.pending_cursor = "0"
         self.last_read = "0"  # the id of the last entry read (see _read)
         self.orphans_checked = time.monotonic()  # see _orphans
@@ -513,6 +516,7 @@ class PartitionWorker:
     def _step(self, block_ms: int | None) -> int:
         entries = self._next_entries(block_ms)
         marked = [e.id for e in entries if e.reread]
+        self.reread.update(marked)
         if marked:
             try:
                 entries = self._processing_ends(entries, marked)
@@ -574,6 +578,7 @@ class PartitionWorker:
                 "it, read again after each restart (out of memory, or a crash in native "
                 "code?)"))
             self.r.hdel(self.processing, entry.id)
+            self.reread.discard(entry.id)
             if entry.held:
                 self._count_settled(entry.id, 1, ack=False)
         return kept
@@ -837,7 +842,10 @@ class PartitionWorker:
                 pipe.xdel(self.stream, *entry_ids)
                 # the count of processing starts of an entry read again after a restart,
                 # should the round's own HDEL have failed (_step): gone with the entry
-                pipe.hdel(self.processing, *entry_ids)
+                reread = [eid for eid in entry_ids if eid in self.reread]
+                if reread:
+                    pipe.hdel(self.processing, *reread)
+        self.reread.difference_update(entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

@@ -597,7 +597,8 @@ class _Commands:
         self._add("HSET", key, field, value)
 
     def hdel(self, key: str, *fields: str) -> None:
-        self._add("HDEL", key, *fields)
+        for n in range(0, len(fields), ONCE_CHUNK):
+            self._add("HDEL", key, *fields[n:n + ONCE_CHUNK])
 
     def hincrby(self, key: str, field: str, n: int) -> None:
         self._add("HINCRBY", key, field, n)
@@ -607,7 +608,8 @@ class _Commands:
                                  for w in (score, member)))
 
     def zrem(self, key: str, *members: str) -> None:
-        self._add("ZREM", key, *members)
+        for n in range(0, len(members), ONCE_CHUNK):
+            self._add("ZREM", key, *members[n:n + ONCE_CHUNK])
 
 
 class Booking:

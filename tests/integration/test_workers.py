@@ -1118,6 +1118,33 @@ def test_the_processing_count_of_an_entry_read_again_goes_with_its_ack(
     assert not redis_client.exists(keys.processing(0, "partition-0"))
 
 
+def test_an_acknowledgement_of_thousands_of_entries_is_carried_out(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A script takes some thousands of arguments at most: an acknowledgement of 9,000
+    entries (one-event publishes, settled at once after an outage), all of them read
+    again after a restart, is carried out, and counts its deliveries once."""
+    from collections import Counter
+
+    stream = keys.intake(0)
+    redis_client.xgroup_create(stream, CONSUMER_GROUP, id="0", mkstream=True)
+    with redis_client.pipeline(transaction=False) as pipe:
+        for _ in range(9_000):
+            pipe.xadd(stream, {"e": b"x"})
+        ids = [eid.decode() for eid in pipe.execute()]
+    redis_client.xreadgroup(CONSUMER_GROUP, "partition-0", {stream: ">"}, count=9_000)
+    worker = PartitionWorker(Settings(REDIS_URL="redis://x", REDIS_PREFIX=keys.p,
+                                      PARTITIONS=1), redis_client, 0, InProcessSender())
+    worker.reread.update(ids)
+    redis_client.hset(worker.processing, mapping={eid: 1 for eid in ids})
+    worker._ack_round("t-1", ids, Counter({7: 9_000}))
+    worker._ack_round("t-1", ids, Counter({7: 9_000}))  # sent again: carried out once
+    assert redis_client.xlen(stream) == 0
+    assert redis_client.xpending(stream, CONSUMER_GROUP)["pending"] == 0
+    assert not redis_client.exists(worker.processing)
+    assert Stats(redis_client, keys).get(7)["delivered"] == 9_000
+    assert worker.reread == set()
+
+
 def test_an_entry_that_ends_the_process_each_time_is_set_aside_after_restarts(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
