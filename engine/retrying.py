@@ -38,6 +38,9 @@ log = logging.getLogger("hookray")
 
 CLAIM_LIMIT = 200
 EXPIRE_EVERY_SEC = 60.0  # how often dead letters past DEAD_LETTER_RETENTION_HOURS go
+# the longest one step spends on them: a backlog of a million goes over many steps,
+# re-sends going on between them
+EXPIRE_BUDGET_SEC = 0.25
 MAX_UNANSWERED = 3  # re-sends handed over without an outcome before a dead letter
 
 
@@ -61,6 +64,7 @@ class RetryWorker:
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
+        self.expired_unsaid, self.expired_said = 0, -float("inf")  # logged every 10 s
 
     def _refresh(self) -> None:
         version = self.side.registry.version()
@@ -96,15 +100,30 @@ class RetryWorker:
 
     def _expire(self) -> None:
         """Every EXPIRE_EVERY_SEC, with DEAD_LETTER_RETENTION_HOURS set: discard the
-        dead letters older than that."""
+        dead letters older than that, for EXPIRE_BUDGET_SEC a step at most (the next
+        step goes on where one stopped). A failure is logged, and tried again at the
+        next interval: re-sends are not held up by it."""
         hours = self.settings.DEAD_LETTER_RETENTION_HOURS
         if not hours or time.monotonic() - self.expired_at < EXPIRE_EVERY_SEC:
             return
-        gone = self.side.retry.expire(round(hours * 3_600_000))
-        self.expired_at = time.monotonic()
-        if gone:
+        finished = True
+        try:
+            gone, finished = self.side.retry.expire(round(hours * 3_600_000),
+                                                    EXPIRE_BUDGET_SEC)
+        except Exception as exc:  # Redis down, or a damaged record: not this step's fault
+            log.warning("discarding dead letters past DEAD_LETTER_RETENTION_HOURS failed "
+                        "(%s: %s); tried again in %g s", type(exc).__name__, exc,
+                        EXPIRE_EVERY_SEC)
+            gone = 0
+        finally:
+            # more left: the next step goes on; else the next interval
+            self.expired_at = time.monotonic() if finished else -float("inf")
+        self.expired_unsaid += gone
+        if self.expired_unsaid and (finished or time.monotonic() - self.expired_said >= 10):
             log.warning("discarded %d dead letter(s) older than DEAD_LETTER_RETENTION_HOURS "
-                        "(%g h); counted as discarded in their hooks' stats", gone, hours)
+                        "(%g h)%s; counted as discarded in their hooks' stats",
+                        self.expired_unsaid, hours, "" if finished else ", more to go")
+            self.expired_unsaid, self.expired_said = 0, time.monotonic()
 
     def _hand_over(self) -> int:
         """Claim what is due and hand it to the sender; returns how many were claimed."""

@@ -994,10 +994,11 @@ class RetryStore:
             done += self._drop_unreadable(delivery_id, payload)
         return done
 
-    def _drop_unreadable(self, delivery_id: str, payload: bytes) -> int:
+    def _drop_unreadable(self, delivery_id: str, payload: bytes,
+                         why: str = "asked") -> int:
         """Delete an undecodable dead letter if its payload is still ``payload`` (its
         account's and hook's index entries, unknown, are passed over by every read)."""
-        log.warning("dead letter %s cannot be decoded; discarded as asked", delivery_id)
+        log.warning("dead letter %s cannot be decoded; discarded: %s", delivery_id, why)
         return int(self.r.eval(_DROP_UNREADABLE, 3, self.k.dead_payload, self.k.dead,
                                self.k.engine_stats, delivery_id, payload))
 
@@ -1017,38 +1018,47 @@ class RetryStore:
         starts, in chunks as ``replay_all``."""
         return self._move_all("discard", account_id, hook_id, progress)
 
-    def expire(self, retention_ms: int) -> int:
+    def expire(self, retention_ms: int, budget_sec: float) -> tuple[int, bool]:
         """Discard the dead letters that died more than ``retention_ms`` ago by Redis'
-        clock (DEAD_LETTER_RETENTION_HOURS), counted as ``discarded`` in their hooks'
-        stats, in chunks as ``discard_all``; how many."""
-        return self._move_all("discard", None, None, None,
-                              older=self._redis_ms() - retention_ms)
+        clock (DEAD_LETTER_RETENTION_HOURS), oldest first, counted as ``discarded`` in
+        their hooks' stats (one that cannot be decoded: as
+        ``dead_letters_unreadable_discarded``), in chunks as ``discard_all``, for about
+        ``budget_sec`` at most: (how many, whether none past the retention is left)."""
+        cutoff = self._redis_ms() - retention_ms
+        deadline = time.monotonic() + budget_sec
+        done = 0
+        for page in self._pages(self.k.dead, DEAD_MOVE_CHUNK):
+            due = [m.decode() for m, score in page if score <= cutoff]
+            if due:
+                unreadable: list[tuple[str, bytes]] = []
+                done += self._move("discard", due, strict=False, unreadable=unreadable)
+                for delivery_id, payload in unreadable:
+                    done += self._drop_unreadable(delivery_id, payload, "it is past "
+                                                  "DEAD_LETTER_RETENTION_HOURS")
+            if len(due) < len(page):
+                return done, True
+            if time.monotonic() >= deadline:
+                return done, False
+        return done, True
 
     def _move_all(self, mode: str, account_id: int | None, hook_id: int | None,
-                  progress: Callable[[int], None] | None, older: int | None = None) -> int:
-        """``older``: only those that died at or before this time (ms), else every one
-        dead when it starts."""
+                  progress: Callable[[int], None] | None) -> int:
         key = self._dead_index(account_id, hook_id)
-        cutoff: float
-        if older is not None:
-            cutoff = older
-        else:
-            # those dead when it starts, by Redis' clock: one dead-lettered again after
-            # its replay dies later than this (kill reads Redis' clock too) and is not
-            # taken again (the run ends). Letters that died before kill did so were
-            # scored by their worker's clock: the newest one's counts too, so a worker
-            # clock ahead of Redis' leaves none of those dead at the start behind
-            started = self._redis_ms()
-            newest = cast(list[tuple[bytes, float]],
-                          self.r.zrange(key, -1, -1, withscores=True))
-            cutoff = max(started, newest[0][1] if newest else 0)
-            # nothing moves within the millisecond of the start: one this run moves,
-            # dead again within that millisecond, would score no later than the cutoff
-            # (a few tries at most: a Redis clock set back does not hold the run)
-            for _ in range(20):
-                if self._redis_ms() > started:
-                    break
-                time.sleep(0.0005)
+        # those dead when it starts, by Redis' clock: one dead-lettered again after its
+        # replay dies later than this (kill reads Redis' clock too) and is not taken
+        # again (the run ends). Letters that died before kill did so were scored by
+        # their worker's clock: the newest one's counts too, so a worker clock ahead of
+        # Redis' leaves none of those dead at the start behind
+        started = self._redis_ms()
+        newest = cast(list[tuple[bytes, float]], self.r.zrange(key, -1, -1, withscores=True))
+        cutoff = max(started, newest[0][1] if newest else 0)
+        # nothing moves within the millisecond of the start: one this run moves, dead
+        # again within that millisecond, would score no later than the cutoff (a few
+        # tries at most: a Redis clock set back does not hold the run)
+        for _ in range(20):
+            if self._redis_ms() > started:
+                break
+            time.sleep(0.0005)
         done = 0
         # a cursor walk (dead_page.lua): ids moved meanwhile by another run, and
         # those left where they are (undecodable, another account's), are passed
@@ -1065,7 +1075,8 @@ class RetryStore:
         return done
 
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
-              hook_id: int | None = None, strict: bool = True, before: int = 0) -> int:
+              hook_id: int | None = None, strict: bool = True, before: int = 0,
+              unreadable: list[tuple[str, bytes]] | None = None) -> int:
         """How many of ``ids`` ``dead_move.lua`` moved, a script per DEAD_MOVE_BYTES
         of payloads. ``strict``: a missing or undecodable id raises NotFound and
         nothing moves; else such ids, and those not of ``account_id``/``hook_id``,
@@ -1088,7 +1099,8 @@ class RetryStore:
         done = 0
         for chunk in chunks:
             try:
-                done += self._move_chunk(mode, chunk, account_id, hook_id, strict)
+                done += self._move_chunk(mode, chunk, account_id, hook_id, strict,
+                                         unreadable)
             except (NotFound, Conflict) as exc:
                 if before + done:
                     raise type(exc)(f"{exc} ({before + done} dead letter(s) {PAST[mode]} "
@@ -1111,10 +1123,13 @@ class RetryStore:
                     raise _undecodable(delivery_id) from None
 
     def _move_chunk(self, mode: str, ids: list[str], account_id: int | None,
-                    hook_id: int | None, strict: bool) -> int:
+                    hook_id: int | None, strict: bool,
+                    unreadable: list[tuple[str, bytes]] | None = None) -> int:
         """``_move`` of ids whose payloads one script may copy, tried again while some
-        change between the read and the script."""
+        change between the read and the script; (id, payload) of those that cannot be
+        decoded go to ``unreadable`` (not strict)."""
         for _ in range(REPLAY_TRIES):
+            bad: list[tuple[str, bytes]] = []
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
             if strict:
@@ -1128,15 +1143,20 @@ class RetryStore:
                 except (msgspec.DecodeError, ValueError):
                     if strict:
                         raise _undecodable(delivery_id) from None
+                    bad.append((delivery_id, cast(bytes, raw)))
                     d = None
                 if d is not None and (account_id is None or d.account_id == account_id) \
                         and (hook_id is None or d.hook_id == hook_id):
                     good.append((delivery_id, cast(bytes, raw), d))
             if not good:
+                if unreadable is not None:
+                    unreadable += bad
                 return 0
             keys, args = self._move_args(mode, good)
             changed = self._replay(keys=keys, args=args)
             if not changed:  # else nothing moved: read them again
+                if unreadable is not None:
+                    unreadable += bad
                 return len(good)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")

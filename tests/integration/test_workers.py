@@ -687,6 +687,45 @@ def test_dead_letters_past_their_retention_are_discarded_by_the_retry_worker(
         in caplog.text
 
 
+def test_dead_letter_expiry_goes_a_little_per_step_and_never_fails_one(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A backlog past the retention goes a chunk or so per step (re-sends go on between
+    steps), one that cannot be decoded goes too, and a failing expiry is logged, not a
+    failed step."""
+    import engine.retrying
+    import engine.stores
+
+    monkeypatch.setattr(engine.stores, "DEAD_MOVE_CHUNK", 2)
+    monkeypatch.setattr(engine.retrying, "EXPIRE_BUDGET_SEC", 0.0)
+    retry = RetryStore(redis_client, keys)
+    for n in range(5):
+        retry.kill(_letter(f"old{n}", 1, 10), "HTTP 500")
+    redis_client.hset(keys.dead_payload, "old2", b"\xc1 damaged")
+    hour_ago = retry._redis_ms() - 3_600_000
+    redis_client.zadd(keys.dead, {f"old{n}": hour_ago + n for n in range(5)}, xx=True)
+    worker = RetryWorker(settings.model_copy(update={"DEAD_LETTER_RETENTION_HOURS": 0.5}),
+                         redis_client, InProcessSender())
+    left = []
+    for _ in range(3):
+        worker.step()
+        left.append(int(redis_client.zcard(keys.dead)))
+    assert left == [3, 1, 0]  # two per step: the chunk, then the budget is spent
+    assert redis_client.hlen(keys.dead_payload) == 0
+    assert Stats(redis_client, keys).get(10)["discarded"] == 4
+    assert redis_client.hget(keys.engine_stats, "dead_letters_unreadable_discarded") == b"1"
+
+    def broken(*args: Any) -> Any:
+        raise redis.ConnectionError("gone")
+
+    monkeypatch.setattr(worker.side.retry, "expire", broken)
+    worker.expired_at = -float("inf")
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        worker.step()  # no error out of the step
+    assert "discarding dead letters past DEAD_LETTER_RETENTION_HOURS failed " \
+        "(ConnectionError: gone); tried again in 60 s" in caplog.text
+
+
 def test_a_discard_racing_a_replay_leaves_the_replayed_one_alone(
         redis_client: redis.Redis, keys: Keys) -> None:
     """The replay moved the dead letter between the discard's read and its script:
