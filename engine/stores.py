@@ -982,13 +982,22 @@ class RetryStore:
         version: no replay can send it) is deleted too, counted as the engine's
         ``dead_letters_unreadable_discarded`` (its hook is unknown), after the others."""
         wanted = list(dict.fromkeys(ids))
-        raw: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-            self.k.dead_payload, wanted) if wanted else []
-        missing = [i for i, payload in zip(wanted, raw, strict=True) if payload is None]
+        if not wanted:
+            return 0
+        with self.r.pipeline(transaction=False) as pipe:  # sizes, not payloads
+            for delivery_id in wanted:
+                pipe.hstrlen(self.k.dead_payload, delivery_id)
+            sizes = [int(n) for n in pipe.execute()]
+        missing = [i for i, size in zip(wanted, sizes, strict=True) if not size]
         if missing:
             raise _not_found(missing)
-        unreadable = {i: payload for i, payload in zip(wanted, raw, strict=True)
-                      if payload is not None and not _decodes(payload)}
+        # those no replay could send, found a chunk of DEAD_MOVE_BYTES at a time
+        unreadable: dict[str, bytes] = {}
+        for chunk in _by_bytes(wanted, sizes, DEAD_MOVE_BYTES):
+            raw: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                self.k.dead_payload, chunk)
+            unreadable.update((i, payload) for i, payload in zip(chunk, raw, strict=True)
+                              if payload is not None and not _decodes(payload))
         done = self._move("discard", [i for i in wanted if i not in unreadable])
         for delivery_id, payload in unreadable.items():
             done += self._drop_unreadable(delivery_id, payload)

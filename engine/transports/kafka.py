@@ -469,6 +469,10 @@ class KafkaTransport(Transport):
                 return slot.producer
             producer = await self._start(slot)
             slot.producer = producer
+            # a new producer asks for no topic yet: each is added as it is sent to
+            # (kept from the one before, a topic would not be, and the first new
+            # topic's metadata request would leave the others out)
+            slot.topics.clear()
             return producer
 
     async def _start(self, slot: _Slot) -> AIOKafkaProducer:

@@ -244,6 +244,33 @@ def test_a_producer_stops_asking_for_topics_it_no_longer_sends_to(
     assert len({r.message_id for r in consume(kafka_broker.bootstrap, first, 6)}) == 6
 
 
+def test_a_new_producer_asks_for_every_topic_it_sends_to(kafka_broker: Tansu) -> None:
+    """A producer made anew (its broker restarted, say) asks for the topics it sends to
+    as it sends: those its slot used before are asked for too, so a new topic's metadata
+    request does not leave them out while their records are in flight."""
+    first, second = (new_topic(kafka_broker.bootstrap) for _ in range(2))
+    transport = KafkaTransport(timeout_sec=10)
+
+    async def go() -> tuple[list[Any], set[str]]:
+        try:
+            out = [await transport.send(target(kafka_broker.bootstrap, first),
+                                        delivery(3, tag="a"))]
+            (slot,) = transport._slots.values()
+            transport._retire(slot, slot.producer)  # as a broker's restart retires it
+            out.append(await transport.send(target(kafka_broker.bootstrap, first),
+                                            delivery(3, tag="b")))
+            out.append(await transport.send(target(kafka_broker.bootstrap, second),
+                                            delivery(3, tag="c")))
+            assert slot.producer is not None
+            return out, set(slot.producer.client._topics)
+        finally:
+            await transport.close()
+
+    outcomes, asked = run(go())
+    assert all(o.ok for o in outcomes), outcomes
+    assert asked == {first, second}
+
+
 def test_an_idle_producer_is_stopped_while_deliveries_go_on_elsewhere(
         kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook whose credentials changed leaves its producer behind: unused for
