@@ -463,9 +463,13 @@ class Intake:
         now = time.monotonic()
         if now - self._lengths_at >= BACKLOG_CHECK_SEC:
             with self.r.pipeline(transaction=False) as pipe:
+                pipe.hget(self.k.config, "partitions")
                 for n in range(self.partitions):
                     pipe.xlen(self.k.intake(n))
-                self._lengths = [int(x) for x in pipe.execute()]
+                recorded, *lengths = pipe.execute()
+            if recorded is not None and recorded != str(self.partitions).encode():
+                return  # the engine reads other streams: _write says so, not this
+            self._lengths = [int(x) for x in lengths]
             self._lengths_at = now
         full = sorted({n for n, _ in entries if self._lengths[n] >= self.max_entries})
         if full:

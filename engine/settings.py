@@ -64,7 +64,9 @@ class Settings(BaseModel):
     INTAKE_MAX_BATCH: int = Field(5_000, ge=1, le=1_000_000)
     # Most entries a partition's intake stream may hold, not yet processed, before a
     # publish with events for it is refused whole (Backlogged; the API answers 503):
-    # a guard for Redis's memory while partitions fall behind or wait. 0: no limit.
+    # a bound on the backlog while partitions fall behind or wait. An entry holds the
+    # events of one publish for one partition (up to INTAKE_MAX_BATCH), so the memory
+    # it bounds depends on the producers' batch sizes. 0: no limit.
     INTAKE_MAX_ENTRIES: int = Field(100_000, ge=0, le=10**9)
     # Most stream entries a partition actor reads per XREADGROUP.
     READ_MAX_ENTRIES: int = Field(4, ge=1, le=10_000)

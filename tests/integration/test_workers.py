@@ -169,6 +169,10 @@ def test_intake_refuses_a_publish_for_a_partition_too_far_behind(
     # no limit: 0
     unlimited = Intake(redis_client, keys, partitions=2, max_batch=100)
     assert unlimited.publish(clicks(1, list_id=full)).accepted == 1
+    # an engine reading other streams: that is the error, not "publish again later"
+    redis_client.hset(keys.config, "partitions", 3)
+    with pytest.raises(ConfigError, match="PARTITIONS is 2 here but the engine"):
+        intake.publish(clicks(1, list_id=full))
 
 
 def test_intake_rejects_a_batch_with_bad_events_unless_partial(
