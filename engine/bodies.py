@@ -22,8 +22,18 @@ def decode_body(body: bytes | str, catalogue: EventCatalogue
     """The body's events (``decode_batch``), and the events as Python read them if it
     had to (a lone surrogate in an array). A body that is no JSON at all keeps its
     issue of index -1; an event refused for a lone surrogate is named by its field."""
-    raw = body.encode("utf-8", "surrogatepass") if isinstance(body, str) else body
-    batch = decode_batch(body, catalogue)
+    if isinstance(body, str):
+        try:
+            raw = body.encode()
+        except UnicodeEncodeError:  # a lone surrogate itself in the text, not escaped
+            lenient = _decode_leniently(body, catalogue)
+            if lenient is not None:
+                return lenient
+            reason = f"the body is {not_utf8(body)}"
+            return DecodedBatch([], [], [EventIssue(-1, "$", reason)]), None
+    else:
+        raw = body
+    batch = decode_batch(raw, catalogue)
     if batch.issues and batch.issues[0].index < 0:
         lenient = _decode_leniently(raw, catalogue)
         return (batch, None) if lenient is None else lenient
@@ -49,7 +59,7 @@ def split_items(body: bytes) -> list[Any]:
 
 
 
-def _decode_leniently(body: bytes, catalogue: EventCatalogue
+def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
                       ) -> tuple[DecodedBatch, list[Any]] | None:
     """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
     in some event's strings, decoded event by event: those events are bad (index,

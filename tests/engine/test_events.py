@@ -864,3 +864,24 @@ def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
     assert sum(len(decode_entry(f)) for _, f in written) == 3
     # rejected: once refused whole, once left out of the partial publish
     assert redis_client.hget(keys.engine_stats, "events_rejected") == b"2"
+
+
+def test_a_text_body_holding_a_lone_surrogate_names_its_event(
+        redis_client: Any, prefix: str) -> None:
+    """A body given as Python text with a lone surrogate itself in it (not the JSON
+    escape): in an array, that event is bad, named by its field; in NDJSON, the body
+    is refused saying why. Never a UnicodeEncodeError."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
+    intake.ensure_groups()
+    good = json.dumps(ev(id="g"))
+    bad = json.dumps(ev(id="b", profile_id="p"))[:-1] + ', "name": "a\ud800"}'
+    result = intake.publish(f"[{good}, {bad}]", partial=True)
+    assert result.accepted == 1 and result.ids == ["g"]
+    [issue] = result.issues
+    assert (issue.index, issue.field) == (1, "name")
+    assert issue.reason.startswith("not valid UTF-8: a lone surrogate")
+    with pytest.raises(EventError, match="the body is not valid UTF-8: a lone surrogate"):
+        intake.publish(f"{good}\n{bad}")
