@@ -122,7 +122,9 @@ def _info(token_id: str, raw: bytes | str) -> TokenInfo | None:
     try:
         record = json.loads(raw)
         role = record["role"]
-        if role not in ROLES or not isinstance(record["hash"], str):
+        # compare_digest takes ASCII text only: another hash would raise at every use
+        if role not in ROLES or not isinstance(record["hash"], str) \
+                or not record["hash"].isascii():
             raise ValueError(f"role {role!r}" if role not in ROLES else "hash")
         info = TokenInfo(token_id, int(record["account_id"]), role,
                          str(record.get("name", "")), float(record["created"]))

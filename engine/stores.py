@@ -159,7 +159,8 @@ class HookRegistry:
                       "hook in the other account instead")
             raise HookError(f"invalid hook: account_id: {reason}", [("account_id", reason)])
         self._engine_knows(hook)
-        self._reachable(hook)
+        if destination_hosts(hook) != destination_hosts(stored):  # kept: still editable
+            self._reachable(hook)
         kept = changed_paths(sent, restored)
         if kept and destination(hook) != destination(stored):
             reason = (f"the destination changed, so the redacted value {MASK} cannot keep "

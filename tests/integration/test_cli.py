@@ -179,6 +179,11 @@ def test_damaged_records_are_named_not_tracebacks(
     assert "token deadbeefdeadbeef: its record cannot be read" in caplog.text
     store = TokenStore(redis_client, keys.p)
     assert store.authenticate(made["token"]) is not None
+    # a hash no digest compares with (not ASCII): refused, not an error at each use
+    record = json.loads(redis_client.hget(f"{keys.p}:tokens", made["id"]))
+    redis_client.hset(f"{keys.p}:tokens", made["id"], json.dumps({**record, "hash": "é"}))
+    assert store.authenticate(made["token"]) is None
+    redis_client.hset(f"{keys.p}:tokens", made["id"], json.dumps(record))
     code, out, _ = run_cli(capsys, "-c", config, "tokens", "revoke", "deadbeefdeadbeef")
     assert code == 0 and "revoked" in out
     redis_client.hset(keys.config, "partitions", "abc")

@@ -186,6 +186,9 @@ def test_engine_dead_letters_what_a_denied_destination_was_sent(
         engine.create_hook(data)
     # one stored before DESTINATION_DENY named its address: each delivery is refused
     hook = HookRegistry(engine.redis, engine.keys, engine.catalogue).create(data)
+    # and it can still be edited while its hosts stay as they are
+    hook = engine.update_hook(hook.id, {**data, "name": "renamed"})
+    assert hook.name == "renamed"
     engine.publish(events(10, types=("click",), list_id=3))
     assert wait_for(lambda: engine.stats(hook.id)["dead_lettered"] == 10, 60), \
         engine.stats(hook.id)
