@@ -240,6 +240,14 @@ async def test_api_refuses_a_hook_whose_target_is_a_denied_address(
     client, api = await start_api(settings.model_copy(update={"DESTINATION_DENY": ""}),
                                   redis_client)
     try:
-        await api.create(url="http://169.254.169.254/latest/meta-data/")
+        stored = await api.create(url="http://169.254.169.254/latest/meta-data/")
+    finally:
+        await client.close()
+    # denied again: that hook can still be edited while its address stays the same
+    client, api = await start_api(settings, redis_client)
+    try:
+        answer = await api.call("PUT", f"/v1/hooks/{stored['id']}", api.master, json_body={
+            **hook_body(url="http://169.254.169.254/latest/meta-data/"), "name": "kept"})
+        assert answer.status == 200 and answer.body["name"] == "kept", answer.body
     finally:
         await client.close()
