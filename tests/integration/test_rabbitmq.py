@@ -147,13 +147,17 @@ async def closed_within(connection: Any, seconds: float) -> bool:
     return connection is not None and connection.is_closed
 
 
-@pytest.mark.parametrize(("setting", "value"), [("MAX_BROKERS", 1), ("IDLE_CLOSE_SEC", 0.0)])
+@pytest.mark.parametrize(("setting", "value", "later"), [
+    ("MAX_BROKERS", 1, False), ("IDLE_CLOSE_SEC", 0.0, False), ("IDLE_CLOSE_SEC", 0.3, True)])
 def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
-        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch, setting: str, value: float) -> None:
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch, setting: str, value: float,
+        later: bool) -> None:
     """One connection per (host, port, user, password, vhost): a hook whose settings
-    changed leaves its old connection, closed once MAX_BROKERS newer ones exist, or,
-    unused for IDLE_CLOSE_SEC, once another broker's connection is opened."""
+    changed (its password, say) leaves its old connection, closed once MAX_BROKERS
+    newer ones exist, or, unused for IDLE_CLOSE_SEC, once another broker's connection
+    is opened or (``later``) by a later delivery to a broker already connected."""
     monkeypatch.setattr(f"engine.transports.rabbitmq.{setting}", value)
+    monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
     queue = rabbit.declare_queue("old")
     by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
     by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
@@ -161,43 +165,14 @@ def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
 
     async def go() -> tuple[list[Outcome], bool, list[str]]:
         try:
-            first = await transport.send(by_ip, delivery(3, tag="a"))
+            out = [await transport.send(by_ip, delivery(2, tag="a"))]
             (old,) = transport._brokers.values()
             connection = old.current.connection if old.current else None
-            second = await transport.send(by_name, delivery(3, tag="b"))
+            out.append(await transport.send(by_name, delivery(2, tag="b")))
+            if later:  # not idle yet: the current hook's deliveries go on, on their own
+                await asyncio.sleep(0.35)
+                out.append(await transport.send(by_name, delivery(2, tag="c")))
             closed = await closed_within(connection, 10)  # closed in the background
-            return [first, second], closed, [b.where for b in transport._brokers.values()]
-        finally:
-            await transport.close()
-
-    outcomes, closed, kept = run(go)
-    assert all(o.ok for o in outcomes), outcomes
-    assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
-    assert len(by_id(rabbit.consume(queue, expect=6))) == 6
-
-
-def test_an_idle_connection_is_closed_while_deliveries_go_on_elsewhere(
-        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A hook whose password changed leaves its old connection behind: unused for
-    IDLE_CLOSE_SEC, it is closed by a later delivery to a broker already connected,
-    not only when another connection is opened."""
-    monkeypatch.setattr("engine.transports.rabbitmq.IDLE_CLOSE_SEC", 0.3)
-    monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
-    queue = rabbit.declare_queue("idle")
-    old = RabbitQueue(**rabbit.broker(), queue=queue)
-    current = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
-    transport = RabbitQueueTransport(timeout_sec=5)
-
-    async def go() -> tuple[list[Outcome], bool, list[str]]:
-        try:
-            out = [await transport.send(old, delivery(2, tag="a")),
-                   await transport.send(current, delivery(2, tag="b"))]
-            first = transport._brokers[next(iter(transport._brokers))]
-            connection = first.current.connection if first.current else None
-            await asyncio.sleep(0.35)
-            # the current hook's deliveries go on: no new connection is opened for them
-            out.append(await transport.send(current, delivery(2, tag="c")))
-            closed = await closed_within(connection, 10)
             return out, closed, [b.where for b in transport._brokers.values()]
         finally:
             await transport.close()
@@ -205,7 +180,7 @@ def test_an_idle_connection_is_closed_while_deliveries_go_on_elsewhere(
     outcomes, closed, kept = run(go)
     assert all(o.ok for o in outcomes), outcomes
     assert closed and kept == ["RabbitMQ localhost:5672 vhost '/'"]
-    assert len(by_id(rabbit.consume(queue, expect=6))) == 6
+    assert len(by_id(rabbit.consume(queue, expect=2 * len(outcomes)))) == 2 * len(outcomes)
 
 
 def test_a_stored_hooks_vhost_that_would_be_another_is_not_connected_to(
