@@ -541,33 +541,27 @@ class Stats:
                     for hook_id, raw in zip(hook_ids, pipe.execute(), strict=True)]
 
     def _counters(self, raw: Any, hook_id: int) -> dict[str, int]:
-        try:
-            return {f: int(raw.get(f.encode(), 0)) for f in STAT_FIELDS}
-        except ValueError:  # a counter no HINCRBY wrote: every count of it would fail
-            key = self.k.stats(hook_id)
-            bad = next(f for f in STAT_FIELDS if not _whole_number(raw.get(f.encode(), 0)))
-            raise ConfigError(f"{key} field {bad} holds {raw[bad.encode()][:40]!r}, not a "
-                              "count: a damaged record (the engine's counts of this hook "
-                              f"fail too); set it right (HSET) or delete {key}") from None
+        counts = _counts(raw, self.k.stats(hook_id))
+        return {f: counts.get(f, 0) for f in STAT_FIELDS}
 
     def engine(self) -> dict[str, int]:
         raw: dict[bytes, bytes] = self.r.hgetall(self.k.engine_stats)  # type: ignore[assignment]
-        bad = next((k for k, v in raw.items() if not _whole_number(v)), None)
-        if bad is not None:
-            key = self.k.engine_stats
-            raise ConfigError(f"{key} field {bad.decode('utf-8', 'replace')} holds "
-                              f"{raw[bad][:40]!r}, not a count: a damaged record; set it "
-                              "right (HSET) or delete the field")
-        return {k.decode("utf-8", "replace"): int(v) for k, v in raw.items()}
+        return _counts(raw, self.k.engine_stats)
 
 
-def _whole_number(value: Any) -> bool:
-    """Whether a stored counter reads as one (as HINCRBY writes it)."""
-    try:
-        int(value)
-    except ValueError:
-        return False
-    return True
+def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:
+    """The counters of the hash ``key``; ConfigError naming a field that no HINCRBY
+    wrote (a damaged record: the engine's counts of it fail too)."""
+    counts = {}
+    for field, value in raw.items():
+        name = field.decode("utf-8", "replace")
+        try:
+            counts[name] = int(value)
+        except ValueError:
+            raise ConfigError(f"{key} field {name} holds {value[:40]!r}, not a count: a "
+                              "damaged record (the engine's counts of it fail too); set it "
+                              "right (HSET) or delete the field") from None
+    return counts
 
 
 Once = tuple[str, str]  # a booking worker's last token key, and this booking's token
