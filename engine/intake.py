@@ -457,7 +457,7 @@ class Intake:
     def _check_backlog(self, entries: list[tuple[int, bytes]]) -> None:
         """Backlogged, nothing written, if a partition the entries go to holds
         ``max_entries`` entries or more. The lengths are read (one pipeline) at most
-        every BACKLOG_CHECK_SEC: a limit for Redis's memory, not an exact count."""
+        every BACKLOG_CHECK_SEC: a bound on the backlog, not an exact count."""
         if not self.max_entries or not entries:
             return
         now = time.monotonic()
