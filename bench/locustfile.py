@@ -27,6 +27,9 @@ requests/s: printed, and written to ``<csv prefix>_delivered.json`` when
 Draining: the file counts, per event type, the events of the requests answered
 202 (``events_posted`` = (requests - failures) x batch), so it knows how many
 messages its hooks must get (``expected_messages``; the hooks have no filters).
+Requests still in flight when the run time ends may be accepted by the engine
+without Locust seeing their answer, so ``delivered_messages`` can exceed
+``expected_messages`` by the messages of up to one batch per user.
 It then polls the engine's stats API (``GET /v1/hooks/{id}/stats``) for its hooks
 until ``accepted`` reaches the expected count and every accepted message is
 delivered or dead-lettered, for at most ``HOOKRAY_DRAIN_SEC`` (default 120)
