@@ -242,13 +242,13 @@ def test_unknown_event_data_keys_are_kept() -> None:
         pytest.param({"resource_id": 0, "campaign_id": 0}, {}, (0, 0, None, None, None),
                      id="zero-is-a-value-except-segment"),
         pytest.param({}, {}, (None, None, None, None, None), id="no-event-data"),
-        pytest.param({"resource_id": 3, "campaign_id": 973, "message_id": 17, "segment_id": 4,
-                      "pixel_id": 9},
+        pytest.param({"resource_id": 1, "campaign_id": 2, "message_id": 3, "segment_id": 6,
+                      "pixel_id": 7},
                      {"resource_id": 1, "campaign_id": 2, "message_id": 3, "segment_ids": [5, 6],
                       "pixel_id": 7},
-                     (1, 2, 3, [5, 6], 7), id="top-level-wins"),
-        pytest.param({"campaign_id": 973, "segment_id": 4}, {"campaign_id": 0, "segment_ids": []},
-                     (None, 0, None, [], None), id="top-level-zero-and-empty-win"),
+                     (1, 2, 3, [5, 6], 7), id="top-level-agrees"),
+        pytest.param({"campaign_id": 0, "segment_id": 0}, {"campaign_id": 0, "segment_ids": []},
+                     (None, 0, None, [], None), id="top-level-zero-and-empty"),
         pytest.param({"campaign_id": 973}, {"resource_id": 8}, (8, 973, None, None, None),
                      id="mixed-sources"),
     ],
@@ -635,6 +635,43 @@ def test_ids_beyond_int64_or_negative_are_bad_events(fields: dict[str, Any], fie
     assert [(i.index, i.field, i.reason) for i in batch.issues] == [(1, field, reason)]
 
 
+@pytest.mark.parametrize(("fields", "field", "reason"), [
+    ({"campaign_id": 6, "event_data": {"campaign_id": 5}}, "event_data.campaign_id",
+     "5 differs from the event's campaign_id 6"),
+    ({"resource_id": 1, "event_data": {"resource_id": 0}}, "event_data.resource_id",
+     "0 differs from the event's resource_id 1"),
+    ({"message_id": 7, "event_data": {"message_id": 8}}, "event_data.message_id",
+     "8 differs from the event's message_id 7"),
+    ({"pixel_id": 1, "event_data": {"pixel_id": 2}}, "event_data.pixel_id",
+     "2 differs from the event's pixel_id 1"),
+    ({"segment_ids": [], "event_data": {"segment_id": 5}}, "event_data.segment_id",
+     "5 is not among the event's segment_ids []"),
+    ({"segment_ids": [3, 4], "event_data": {"segment_id": 5}}, "event_data.segment_id",
+     "5 is not among the event's segment_ids [3, 4]"),
+])
+def test_ids_contradicting_the_top_level_are_bad_events(fields: dict[str, Any], field: str,
+                                                        reason: str) -> None:
+    """Matching uses the top-level id and the message carries event_data as sent: a hook
+    filtered on campaign 6 would deliver a message showing campaign 5."""
+    good = {"event_type": "click", "event_date": DATE, "account_id": 1}
+    batch = decode_batch(msgspec.json.encode([good, {**good, **fields}]))
+    assert len(batch.events) == 1
+    assert [(i.index, i.field, i.reason) for i in batch.issues] == [(1, field, reason)]
+    with pytest.raises(ValueError, match=f"^{field}: "):
+        Event(**{**good, **fields})
+
+
+def test_ids_agreeing_with_the_top_level_are_accepted() -> None:
+    fields = {"campaign_id": 5, "segment_ids": [5, 6], "resource_id": 0,
+              "event_data": {"campaign_id": 5, "segment_id": 6, "resource_id": 0}}
+    good = {"event_type": "click", "event_date": DATE, "account_id": 1}
+    batch = decode_batch(msgspec.json.encode([{**good, **fields},
+                                              {**good, "segment_ids": [2],
+                                               "event_data": {"segment_id": 0}}]))
+    assert batch.issues == []
+    assert [(e.campaign_id, e.segment_ids) for e in batch.events] == [(5, [5, 6]), (None, [2])]
+
+
 def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake(
         redis_client: Any, prefix: str) -> None:
     from engine.errors import EventError
@@ -818,8 +855,9 @@ def test_an_id_in_event_data_is_checked_whatever_its_value_and_the_top_level(
         batch = decode_batch(as_array([ev(event_data={dim: value}, **extra)]))
         assert triples(batch) == [(0, f"event_data.{dim}",
                                    f"expected an integer, got {value!r}")]
-    good = decode_batch(as_array([ev(event_data={dim: 0}, **top)]))
-    assert triples(good) == [] and len(good.events) == 1
+    good = decode_batch(as_array([ev(event_data={dim: 0}),
+                                  ev(event_data={dim: 4}, **top)]))
+    assert triples(good) == [] and len(good.events) == 2
 
 
 @pytest.mark.parametrize(("fields", "field", "reason"), [
