@@ -143,29 +143,32 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
             raise ValueError("account_id: must be >= 0")
         if self.account_id > MAX_ID:
             raise ValueError(f"account_id: must be <= {MAX_ID}")
-        data = self.event_data
-        if data:
-            # an id in event_data is checked even where the event names it at the top
-            # (the message carries event_data as sent): null, false or "" never pass;
-            # one that contradicts the top level is refused, as the event would be
-            # matched by one id and delivered showing the other
-            for dim in ("resource_id", "campaign_id", "message_id", "pixel_id"):
-                if dim in data:
-                    value = _int_or_fail(data[dim], f"event_data.{dim}")
-                    top = getattr(self, dim)
-                    if top is None:
-                        setattr(self, dim, value)
-                    elif top != value:
-                        raise ValueError(f"event_data.{dim}: {value} differs from the "
-                                         f"event's {dim} {top}")
-            if "segment_id" in data:
-                segment = _int_or_fail(data["segment_id"], "event_data.segment_id")
-                if self.segment_ids is None:
-                    if segment:  # 0: no segment (spec d)
-                        self.segment_ids = [segment]
-                elif segment and segment not in self.segment_ids:
-                    raise ValueError(f"event_data.segment_id: {segment} is not among the "
-                                     f"event's segment_ids {self.segment_ids}")
+        if self.event_data:
+            self._dimensions(self.event_data)
+
+    def _dimensions(self, data: dict[str, Any]) -> None:
+        """Check the ids of ``data`` (event_data) and fill the event's own from them."""
+        # an id in event_data is checked even where the event names it at the top
+        # (the message carries event_data as sent): null, false or "" never pass;
+        # one that contradicts the top level is refused, as the event would be
+        # matched by one id and delivered showing the other
+        for dim in ("resource_id", "campaign_id", "message_id", "pixel_id"):
+            if dim in data:
+                value = _int_or_fail(data[dim], f"event_data.{dim}")
+                top = getattr(self, dim)
+                if top is None:
+                    setattr(self, dim, value)
+                elif top != value:
+                    raise ValueError(f"event_data.{dim}: {value} differs from the "
+                                     f"event's {dim} {top}")
+        if "segment_id" in data:
+            segment = _int_or_fail(data["segment_id"], "event_data.segment_id")
+            if self.segment_ids is None:
+                if segment:  # 0: no segment (spec d)
+                    self.segment_ids = [segment]
+            elif segment and segment not in self.segment_ids:
+                raise ValueError(f"event_data.segment_id: {segment} is not among the "
+                                 f"event's segment_ids {self.segment_ids}")
 
     @property
     def date_ns(self) -> int:

@@ -13,8 +13,9 @@ Client: aiohttp, chosen by ``python -m bench.http_clients`` (see the README).
   destination (the URL without its query) are limited by a semaphore of its own, a
   request that waits for it longer than ``queue_sec`` goes back unsent (``Transport
   ._take``), and a circuit breaker fails fast after ``BREAKER_FAILURES`` consecutive
-  connection errors or timeouts, for ``BREAKER_OPEN_SEC``; failed deliveries go to
-  the retry schedule, so nothing is lost.
+  connection errors or timeouts, for ``BREAKER_OPEN_SEC`` (any answer ends the run;
+  a hook's own short ``request_timeout_sec`` or failing token endpoint does not
+  count); failed deliveries go to the retry schedule, so nothing is lost.
 * What is kept per destination, regex and OAuth2 token is bounded
   (``MAX_DESTINATIONS``, ``MAX_REGEXES``, ``MAX_TOKENS``).
 * One hook cannot stall the others through its answers: at most ``MAX_ANSWER_BYTES``
@@ -42,7 +43,7 @@ from urllib.parse import urlsplit
 import aiohttp
 import regex
 
-from engine.errors import ConnectError, Rejected, Timeout, TransportError
+from engine.errors import ConnectError, Queued, Rejected, Timeout, TransportError
 from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
@@ -172,8 +173,13 @@ class HttpTransport(Transport):
                                           http_body(delivery.parts[start:start + size]))
             except (ConnectError, Timeout) as exc:
                 failed += range(start, delivery.count)
-                exc.failed = failed if len(failed) < delivery.count else None
-                raise
+                stop: TransportError = exc
+                if refused is not None and isinstance(exc, Queued):
+                    # pieces answered and refused had their attempt: the delivery was
+                    # sent, and uses up a re-send (Queued would not)
+                    stop = refused
+                stop.failed = failed if len(failed) < delivery.count else None
+                raise stop from None
             except TransportError as exc:
                 failed += range(start, min(start + size, delivery.count))
                 refused = exc
@@ -197,13 +203,24 @@ class HttpTransport(Transport):
                     raise ConnectError(f"{mask_url(key)}: circuit open after "
                                        f"{dest.failures} failures; last error: "
                                        f"{dest.last_error}")
+                # an OAuth2 token endpoint's failure is the hook's own: not counted
+                # towards the breaker of a URL other accounts' hooks may share
+                auth = await self._authorization(target.auth)
                 try:
-                    outcome = await self._post(target, body)
+                    outcome = await self._post(target, body, auth)
                 except (ConnectError, Timeout) as exc:
                     # hooks of other accounts may share this breaker (the URL without
-                    # its query): what it says later names the URL without the query
-                    self._record_failure(dest, str(exc).replace(mask_url(target.url),
-                                                                mask_url(key)))
+                    # its query): what it says later names the URL without the query;
+                    # a timeout shorter than the installation's, the hook's own
+                    # request_timeout_sec, says nothing of the destination to them
+                    if not (isinstance(exc, Timeout) and target.request_timeout_sec
+                            and target.request_timeout_sec < self.timeout_sec):
+                        self._record_failure(dest, str(exc).replace(mask_url(target.url),
+                                                                    mask_url(key)))
+                    raise
+                except TransportError as exc:
+                    if exc.status is not None:  # answered: the failures are not consecutive
+                        dest.failures = 0
                     raise
             finally:
                 dest.semaphore.release()
@@ -218,10 +235,9 @@ class HttpTransport(Transport):
         if dest.failures >= BREAKER_FAILURES:
             dest.open_until = time.monotonic() + BREAKER_OPEN_SEC
 
-    async def _post(self, target: HttpBatch, body: bytes) -> Outcome:
+    async def _post(self, target: HttpBatch, body: bytes, auth: str | None) -> Outcome:
         headers = {**JSON_HEADERS, **target.headers} if not _own_content_type(target) \
             else dict(target.headers)
-        auth = await self._authorization(target.auth)
         if auth:
             headers["Authorization"] = auth
         timeout = aiohttp.ClientTimeout(total=target.request_timeout_sec or self.timeout_sec)

@@ -310,7 +310,7 @@ def test_producer_values_never_overwritten() -> None:
     assert build(pixel)["event_data"] == {"pixel_id": 1, "resource_id": 2}
     imp = stored(event_type="import_api", event_data={"resource_id": 2}, resource_id=3)
     assert build(imp)["event_data"] == {"resource_id": 2}
-    with pytest.raises(ValueError, match="event_data.resource_id: 2 differs"):
+    with pytest.raises(ValueError, match=r"event_data\.resource_id: 2 differs"):
         make_event(event_type="import_api", event_data={"resource_id": 2}, resource_id=3)
 
 

@@ -342,6 +342,58 @@ def test_circuit_breaker_fails_fast_after_repeated_failures(receiver: Receiver) 
     assert "circuit open" not in outcomes[-2].detail
 
 
+def test_a_hooks_own_failures_do_not_open_the_breaker_other_hooks_share(
+        receiver: Receiver) -> None:
+    """Hooks of other accounts posting to one URL (their queries differ) share its
+    breaker: a timeout shorter than the installation's (a hook's own
+    request_timeout_sec) and a failing OAuth2 token endpoint say nothing of the
+    destination, and must not make the others' batches fail unsent."""
+    receiver.behave("/shared", delay_sec=0.3)
+
+    async def go() -> tuple[list[Any], list[Any], Any]:
+        t = HttpTransport(timeout_sec=2.0)
+        try:
+            short = HttpBatch(url=receiver.url("/shared?acct=A"), request_timeout_sec=0.05)
+            token = HttpBatch(url=receiver.url("/shared?acct=C"), auth={
+                "kind": "oauth2", "token_url": "http://127.0.0.1:9/token",
+                "client_id": "c", "client_secret": "s"})
+            timeouts = [await t.send(short, delivery()) for _ in range(BREAKER_FAILURES + 1)]
+            tokens = [await t.send(token, delivery()) for _ in range(BREAKER_FAILURES + 1)]
+            other = await t.send(HttpBatch(url=receiver.url("/shared?acct=B")), delivery())
+            return timeouts, tokens, other
+        finally:
+            await t.close()
+
+    timeouts, tokens, other = asyncio.run(go())
+    assert [o.error for o in timeouts] == ["Timeout"] * (BREAKER_FAILURES + 1), timeouts
+    assert all("OAuth2 token request" in o.detail for o in tokens), tokens
+    assert other.ok, other
+
+
+def test_an_answer_resets_the_breakers_count_of_consecutive_failures(
+        receiver: Receiver) -> None:
+    """An answer that fails the batch (HTTP 500) shows the destination reachable: the
+    failures before it and after it are not consecutive."""
+    async def go() -> list[Any]:
+        t = HttpTransport(timeout_sec=0.3)
+        target = HttpBatch(url=receiver.url("/flaky"))
+        outcomes = []
+        try:
+            for behaviour, times in ([{"hang": True}, BREAKER_FAILURES - 1],
+                                     [{"status": 500}, 1], [{"hang": True}, 1],
+                                     [{"status": 200}, 1]):
+                receiver.behave("/flaky", **behaviour)
+                outcomes += [await t.send(target, delivery()) for _ in range(times)]
+            return outcomes
+        finally:
+            await t.close()
+
+    outcomes = asyncio.run(go())
+    assert [o.error for o in outcomes] == ["Timeout"] * (BREAKER_FAILURES - 1) + [
+        "Rejected", "Timeout", None], outcomes
+    assert outcomes[-1].ok
+
+
 def test_an_open_breaker_does_not_show_another_hooks_query(receiver: Receiver) -> None:
     """Hooks (of other accounts, say) posting to one path with other query strings share
     its breaker: the fast failure of one must not quote the URL the other failed with."""
@@ -444,3 +496,37 @@ def test_a_failed_piece_leaves_only_the_pieces_from_it_on_to_send(receiver: Rece
     assert not outcome.ok and outcome.error == "Timeout"
     assert outcome.failed == list(range(10, 25))  # the first piece was delivered
     assert [len(r.messages) for r in receiver.requests("/mid")] == [10]
+
+
+def test_pieces_refused_before_one_waits_too_long_use_up_a_re_send(receiver: Receiver) -> None:
+    """A piece answered and refused had its attempt: when a later piece then waits too
+    long for a slot (Queued), the delivery is a refused one (a re-send used up), not
+    one that was never sent (Queued re-sends never die)."""
+    from engine.errors import Queued, Rejected
+    from engine.transports.base import queued
+
+    class Pieces(HttpTransport):
+        calls = 0
+
+        async def post(self, target: HttpBatch, body: bytes) -> Any:
+            self.calls += 1
+            if self.calls == 2:
+                refused = Rejected("HTTP 500: status is not 200")
+                refused.status = 500
+                raise refused
+            if self.calls == 3:
+                raise Queued("waited 60 s for a slot")
+            return await super().post(target, body)
+
+    async def go() -> Any:
+        transport = Pieces(timeout_sec=2.0)
+        try:
+            return await transport.send(
+                HttpBatch(url=receiver.url("/pq"), max_batch_size=10), delivery(25))
+        finally:
+            await transport.close()
+
+    outcome = asyncio.run(go())
+    assert not outcome.ok and outcome.error == "Rejected" and not queued(outcome), outcome
+    assert outcome.failed == list(range(10, 25))
+    assert [len(r.messages) for r in receiver.requests("/pq")] == [10]
