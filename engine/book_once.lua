@@ -6,15 +6,28 @@
 -- of an earlier booking is known too); ARGV[1] this booking's token; ARGV[2..] the
 -- commands, each as its word count, then its words (a command of a few words: unpack
 -- takes some thousands at most)
+-- A script is not undone by a failing command, and a booking that failed is sent
+-- again: a counter that cannot be added to (its field damaged from outside, not an
+-- integer) is left as it is, not counted, and named in the reply, rather than
+-- failing the booking after the commands before it, which every later try would
+-- carry out again. Returns 0 (booked before), or 1 and the counts not made.
 if redis.call('LPOS', KEYS[1], ARGV[1]) then
-  return 0
+  return {0}
 end
+local skipped = {}
 local i = 2
 while i <= #ARGV do
   local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+  if ARGV[i + 1] == 'HINCRBY' then
+    local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
+    if type(reply) == 'table' and reply.err then
+      skipped[#skipped + 1] = ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ': ' .. reply.err
+    end
+  else
+    redis.call(unpack(ARGV, i + 1, i + n))
+  end
   i = i + n + 1
 end
 redis.call('LPUSH', KEYS[1], ARGV[1])
 redis.call('LTRIM', KEYS[1], 0, 31)
-return 1
+return {1, unpack(skipped)}

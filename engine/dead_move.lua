@@ -33,7 +33,9 @@ for i = 3, #ARGV, STRIDE do
     redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
     redis.call('ZADD', KEYS[3], ARGV[2], ARGV[i])
   else
-    redis.call('HINCRBY', KEYS[tonumber(ARGV[i + 5])], 'discarded', ARGV[i + 6])
+    -- pcall: a count whose field was damaged from outside is not made, rather than
+    -- failing the call after the letters before it were removed
+    redis.pcall('HINCRBY', KEYS[tonumber(ARGV[i + 5])], 'discarded', ARGV[i + 6])
   end
 end
 return changed

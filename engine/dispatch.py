@@ -419,7 +419,7 @@ end
 redis.call('XADD', KEYS[2], '*', unpack(ARGV, 3))
 redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
 redis.call('XDEL', KEYS[1], ARGV[2])
-redis.call('HINCRBY', KEYS[3], 'entries_unreadable', 1)
+redis.pcall('HINCRBY', KEYS[3], 'entries_unreadable', 1)  -- a damaged count: not made
 return 1
 """
 # an entry of more fields than this (no intake wrote it) is set aside with its fields

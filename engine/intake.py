@@ -245,6 +245,16 @@ def decode_views(fields: dict[bytes, bytes]) -> list[PartView] | None:
         return None
 
 
+def _written(replies: list[Any], count_at: int, stats_key: str) -> None:
+    """Check the replies of an append's MULTI: raise the first failure but that of
+    the count (reply ``count_at``), which is logged, as the events were written."""
+    for n, reply in enumerate(replies):
+        if isinstance(reply, Exception):
+            if n != count_at:
+                raise reply
+            log.warning("%s events_accepted not counted: %s", stats_key, reply)
+
+
 def _refusal(issues: list[EventIssue]) -> EventError:
     return EventError(f"{len(issues)} bad event(s), nothing accepted: "
                       + "; ".join(map(str, issues[:20])), issues)
@@ -572,7 +582,11 @@ class Intake:
                     pipe.set(receipt, 1, ex=RECEIPT_SEC)
                     if spent:
                         pipe.delete(*spent)
-                    pipe.execute()
+                    # a MULTI is not undone by one of its commands failing: the events
+                    # are written even where the count fails (its field damaged from
+                    # outside), and are then accepted, not reported lost
+                    _written(pipe.execute(raise_on_error=False), len(entries),
+                             self.k.engine_stats)
                     return True
                 except redis.WatchError as exc:
                     # a changed count or receipt, or (so redis-py reports them) a
@@ -807,7 +821,7 @@ class SetAside:
 # KEYS: the set-aside stream, the engine's stats; ARGV: the ids to delete
 _DISCARD = """
 local n = redis.call('XDEL', KEYS[1], unpack(ARGV))
-redis.call('HINCRBY', KEYS[2], 'entries_discarded', n)
+redis.pcall('HINCRBY', KEYS[2], 'entries_discarded', n)  -- a damaged count: not made
 return n
 """
 
@@ -821,7 +835,7 @@ if redis.call('XDEL', KEYS[1], ARGV[1]) == 1 then
     redis.call('XADD', KEYS[k], '*', unpack(ARGV, at + 1, at + n))
     at = at + n + 1
   end
-  redis.call('HINCRBY', KEYS[2], 'entries_requeued', 1)
+  redis.pcall('HINCRBY', KEYS[2], 'entries_requeued', 1)  -- a damaged count: not made
   return 1
 end
 return 0

@@ -551,7 +551,7 @@ class Stats:
 
 def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:
     """The counters of the hash ``key``; ConfigError naming a field that no HINCRBY
-    wrote (a damaged record: the engine's counts of it fail too)."""
+    wrote (a damaged record: the engine leaves its counts out, with a warning)."""
     counts = {}
     for field, value in raw.items():
         name = field.decode("utf-8", "replace")
@@ -559,7 +559,7 @@ def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:
             counts[name] = int(value)
         except ValueError:
             raise ConfigError(f"{key} field {name} holds {value[:40]!r}, not a count: a "
-                              "damaged record (the engine's counts of it fail too); set it "
+                              "damaged record (the engine's counts of it are not made); set it "
                               "right (HSET) or delete the field") from None
     return counts
 
@@ -567,6 +567,7 @@ def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:
 Once = tuple[str, str]  # a booking worker's last token key, and this booking's token
 
 
+SKIPPED_COUNT_LOG_SEC = 60.0  # at most one warning of counts a booking left out a minute
 ONCE_CHUNK = 1000  # ids per XACK/XDEL command: unpack in a script takes some thousands
 
 
@@ -617,18 +618,41 @@ class Booking:
         self.r = r
         self._script = r.register_script(
             resources.files("engine").joinpath("book_once.lua").read_text("utf-8"))
+        self._said_at = -SKIPPED_COUNT_LOG_SEC  # when counts left out were last logged
 
     @contextmanager
     def __call__(self, once: Once | None) -> Iterator[Any]:
         if once is None:
             with self.r.pipeline() as pipe:
                 yield pipe
-                pipe.execute()
+                commands = [args for args, _ in pipe.command_stack]
+                # a MULTI is not undone by a failing command either: a count that
+                # cannot be made does not fail what was booked beside it
+                replies = pipe.execute(raise_on_error=False)
+            skipped = []
+            for args, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, Exception):
+                    if args[0] != "HINCRBY":
+                        raise reply
+                    skipped.append(f"{args[1]} {args[2]}: {reply}")
+            self._skipped(skipped)
             return
-        commands = _Commands()
-        yield commands
+        words = _Commands()
+        yield words
         key, token = once
-        self._script(keys=[key], args=[token, *commands.words])
+        reply = self._script(keys=[key], args=[token, *words.words])
+        self._skipped([b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
+                       for b in reply[1:]])
+
+    def _skipped(self, counts: list[str]) -> None:
+        """Warn of counts a booking could not make (a counter damaged from outside,
+        not an integer), at most once every SKIPPED_COUNT_LOG_SEC: the rest of the
+        booking was made."""
+        if counts and time.monotonic() - self._said_at >= SKIPPED_COUNT_LOG_SEC:
+            self._said_at = time.monotonic()
+            log.warning("%d count(s) not made, their fields not integers (a damaged "
+                        "record: set it right with HSET or delete the field): %s",
+                        len(counts), "; ".join(counts[:5])[:1000])
 
 
 class _KeyPlaces:
@@ -668,7 +692,7 @@ if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then
 end
 redis.call('HDEL', KEYS[1], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-redis.call('HINCRBY', KEYS[3], 'dead_letters_unreadable_discarded', 1)
+redis.pcall('HINCRBY', KEYS[3], 'dead_letters_unreadable_discarded', 1)  -- damaged: not made
 return 1
 """
 

@@ -1656,6 +1656,65 @@ def test_an_acknowledgement_of_thousands_of_entries_is_made_once(
     assert Stats(redis_client, keys).get(7)["delivered"] == len(ids)
 
 
+@pytest.mark.parametrize("with_token", [True, False], ids=["book_once", "multi"])
+def test_a_count_that_cannot_be_made_leaves_the_rest_of_a_booking_made_once(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture,
+        with_token: bool) -> None:
+    """A counter damaged from outside (not an integer) fails its HINCRBY, and neither a
+    script nor a MULTI undoes the commands before it: the booking is made, that count
+    left out and named, so a booking sent again does not repeat the others' counts nor
+    keep the entries from being acknowledged."""
+    from engine.stores import Booking
+
+    stream, group = keys.intake(0), CONSUMER_GROUP
+    redis_client.xgroup_create(stream, group, id="0", mkstream=True)
+    ids = [redis_client.xadd(stream, {"e": str(n)}).decode() for n in range(3)]
+    redis_client.xreadgroup(group, "c", {stream: ">"}, count=3)
+    redis_client.hset(keys.stats(8), "delivered", "oops")
+    stats, booking = Stats(redis_client, keys), Booking(redis_client)
+    once = (keys.last_ack(0, "c"), "t1") if with_token else None
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        for _ in range(3 if with_token else 1):  # again and again: after a lost reply
+            with booking(once) as pipe:
+                stats.add(pipe, 7, "delivered", 3)
+                stats.add(pipe, 8, "delivered", 3)
+                stats.add(pipe, 9, "delivered", 3)
+                pipe.xack(stream, group, *ids)
+                pipe.xdel(stream, *ids)
+    assert stats.get(7)["delivered"] == 3 and stats.get(9)["delivered"] == 3
+    assert redis_client.hget(keys.stats(8), "delivered") == b"oops"
+    assert redis_client.xlen(stream) == 0
+    assert redis_client.xpending(stream, group)["pending"] == 0
+    assert f"{keys.stats(8)} delivered" in caplog.text and "not made" in caplog.text
+
+
+def test_a_publish_whose_count_cannot_be_made_is_accepted_once(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    """The append's MULTI writes the events even where counting them fails (the
+    engine's events_accepted damaged from outside): the publish says so, rather than
+    reporting a failure a producer would answer by publishing them again."""
+    intake = one_intake(redis_client, keys, 10)
+    redis_client.hset(keys.engine_stats, "events_accepted", "oops")
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert intake.publish(clicks(5)).accepted == 5
+    assert sum(len(decode_entry(f)) for _, f in redis_client.xrange(keys.intake(0))) == 5
+    assert "events_accepted not counted" in caplog.text
+
+
+def test_discarding_dead_letters_of_a_hook_whose_count_is_damaged(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Letters removed one by one, each hook's count after them: a damaged count leaves
+    its letters discarded and the call a success, not an error for a done discard."""
+    retry = RetryStore(redis_client, keys)
+    for n in range(2):
+        retry.kill(Delivery(id=f"d{n}", hook_id=1 + n, account_id=1, kind="http_batch",
+                            parts=[b"{}"]), "HTTP 500")
+    redis_client.hset(keys.stats(2), "discarded", "oops")
+    assert retry.discard(["d0", "d1"]) == 2
+    assert retry.dead_letters() == []
+    assert Stats(redis_client, keys).get(1)["discarded"] == 1
+
+
 def test_a_round_failing_after_counting_its_matches_counts_them_once(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     # Given a sender whose first hand-over fails, after the round counted what it matched
