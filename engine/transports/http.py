@@ -44,7 +44,7 @@ import aiohttp
 import regex
 
 from engine.errors import ConnectError, Queued, Rejected, Timeout, TransportError
-from engine.hooks import MASK, Auth, HttpBatch, mask_url, url_secrets
+from engine.hooks import MASK, Auth, HttpBatch, mask_url, scrub, sent_secrets, url_secrets
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
 
@@ -55,6 +55,7 @@ TOKEN_MARGIN_SEC = 30.0  # refresh an OAuth2 token this long before it expires
 # these, idle destinations, all regexes, expired tokens are dropped (a hook changing
 # its URL now and then must not grow the actor's memory for ever)
 MAX_DESTINATIONS = 10_000
+MAX_SECRET_SETS = 1024  # targets whose secrets are kept worked out
 MAX_REGEXES = 1_000
 MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
@@ -93,6 +94,8 @@ class _Cache:
     regex: dict[str, regex.Pattern[str]] = field(default_factory=dict)
     slow: set[str] = field(default_factory=set)  # regexes matched in a thread
     tokens: dict[tuple[str, str, str, str], _Token] = field(default_factory=dict)
+    # per target (by identity: the transport actor keeps its targets): its secrets
+    secrets: dict[int, tuple[HttpBatch, list[str]]] = field(default_factory=dict)
 
 
 class HttpTransport(Transport):
@@ -262,12 +265,32 @@ class HttpTransport(Transport):
                            ) from None
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
+        secrets = self._secrets(target, auth)
         if 300 <= status < 400:
+            shown = scrub(mask_url(location), secrets)[:300]
             redirect = Rejected(f"HTTP {status}: redirects are not followed (the batch was "
-                                f"not delivered); Location: {mask_url(location)[:300]}")
+                                f"not delivered); Location: {shown}")
             redirect.status = status
             raise redirect
-        return await self._judge(target, status, text)
+        # an answer echoing what was sent: its secrets masked before it is cut (a secret
+        # cut in two would not be found whole afterwards) or matched (a success_regex
+        # would tell, guess by guess, whether a secret holds what it names)
+        return await self._judge(target, status, scrub(text, secrets) if secrets else text)
+
+    def _secrets(self, target: HttpBatch, auth: str | None) -> list[str]:
+        """What a text about a delivery to ``target`` must not show: its settings'
+        secrets, in each form a destination may echo them, and an OAuth2 access token
+        sent (the engine's, got with the client secret)."""
+        cache = self._cache.secrets
+        cached = cache.get(id(target))
+        if cached is None or cached[0] is not target:
+            if len(cache) >= MAX_SECRET_SETS:
+                cache.clear()
+            dump = target.model_dump(mode="json", context={"reveal": True})
+            cached = cache[id(target)] = (target, sent_secrets({"http_batch": dump}))
+        if auth and target.auth.kind == "oauth2":
+            return [*cached[1], auth.removeprefix("Bearer ")]
+        return cached[1]
 
     async def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
         excerpt = text[:EXCERPT_CHARS]

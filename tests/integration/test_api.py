@@ -1046,7 +1046,7 @@ async def test_a_test_event_the_transport_fails_to_send_is_an_outcome_not_a_500(
     the hook's secrets; the error goes to the log."""
     from engine.transports.http import HttpTransport
 
-    async def refuse(self: HttpTransport, target: Any, body: bytes) -> Any:
+    async def refuse(self: HttpTransport, target: Any, body: bytes, auth: Any) -> Any:
         token = target.auth.token.get_secret_value()
         raise ValueError(f"cannot send Authorization: Bearer {token}")
 

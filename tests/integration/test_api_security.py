@@ -105,11 +105,83 @@ async def test_a_test_event_answer_never_shows_secrets_a_destination_echoes(
             assert f"Basic {MASK}" in answer.body["detail"]
 
 
+@pytest.fixture
+async def echo_shaped() -> AsyncIterator[TestServer]:
+    """A destination that answers ``?status=`` (401 if not given) with ``?pad=``
+    characters then the Authorization header it was sent; ``/token`` is an OAuth2
+    token endpoint."""
+
+    async def reflect(request: web.Request) -> web.Response:
+        if request.path == "/token":
+            return web.json_response({"access_token": "ACCESS-live-SECRET"})
+        pad = "x" * int(request.query.get("pad", "0"))
+        return web.Response(status=int(request.query.get("status", "401")),
+                            text=f"{pad}you sent: {request.headers.get('Authorization')}")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", reflect)
+    server = TestServer(app, host="127.0.0.1")
+    await server.start_server()
+    yield server
+    await server.close()
+
+
+async def test_a_secret_echoed_across_the_cut_of_an_answer_is_not_shown_in_part(
+        api: Api, echo_shaped: TestServer) -> None:
+    """The answer is cut to an excerpt: masked before, a secret falling across the cut
+    would not be found whole after it, and its first part would be shown. The stored
+    token is kept by a PUT that only changes the query, so a master token could try
+    every place of the cut."""
+    token = "tok-A1b2C3d4A1b2C3d4A1b2C3d4A1b2C3d4A1b2C3d4A1b2C3d4"
+    hook = await api.create(target={"http_batch": {
+        "url": str(echo_shaped.make_url("/h")), "auth": {"kind": "bearer", "token": token}}})
+    for pad in range(230, 300, 7):
+        target = {"http_batch": {"url": str(echo_shaped.make_url(f"/h?pad={pad}")),
+                                 "auth": {"kind": "bearer", "token": MASK}}}
+        changed = await api.call("PUT", f"/v1/hooks/{hook['id']}", api.master,
+                                 json_body=hook_body(target=target))
+        assert changed.status == 200, changed.body
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body={"event_type": "click"})
+        assert answer.body["status"] == 401, answer.body
+        assert "tok-A1b2" not in answer.body["detail"], (pad, answer.body["detail"])
+
+
+async def test_a_success_regex_cannot_tell_what_a_secret_holds(
+        api: Api, echo_shaped: TestServer) -> None:
+    """A destination echoing the request in a 2xx answer: a success_regex naming a guess
+    of the stored token would say, by delivered, whether the guess is right. It is
+    matched against the answer with the hook's secrets masked."""
+    url = str(echo_shaped.make_url("/h?status=200"))
+    outcomes = {}
+    for regex in ("you sent: Bearer t", "you sent: Bearer \\*{10}"):
+        hook = await api.create(target={"http_batch": {
+            "url": url, "success_regex": regex, "auth": {"kind": "bearer",
+                                                         "token": "tok-SECRET"}}})
+        answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                                json_body={"event_type": "click"})
+        outcomes[regex] = answer.body["delivered"]
+    assert outcomes == {"you sent: Bearer t": False, "you sent: Bearer \\*{10}": True}
+
+
+async def test_an_oauth2_access_token_a_destination_echoes_is_masked(
+        api: Api, echo_shaped: TestServer) -> None:
+    """The access token the engine got with the hook's client secret is as secret."""
+    hook = await api.create(target={"http_batch": {
+        "url": str(echo_shaped.make_url("/h")), "auth": {
+            "kind": "oauth2", "token_url": str(echo_shaped.make_url("/token")),
+            "client_id": "c", "client_secret": "cs-SECRET"}}})
+    answer = await api.call("POST", f"/v1/hooks/{hook['id']}/test", api.master,
+                            json_body={"event_type": "click"})
+    assert answer.body["status"] == 401 and f"you sent: Bearer {MASK}" in answer.body["detail"]
+    assert "SECRET" not in json.dumps(answer.body)
+
+
 async def test_the_log_of_a_test_event_that_could_not_be_sent_holds_no_secret(
         api: Api, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     from engine.transports.http import HttpTransport
 
-    async def refuse(self: HttpTransport, target: Any, body: bytes) -> Any:
+    async def refuse(self: HttpTransport, target: Any, body: bytes, auth: Any) -> Any:
         token = target.auth.token.get_secret_value()
         raise ValueError(f"cannot send Authorization: Bearer {token}")
 
