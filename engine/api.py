@@ -56,7 +56,8 @@ from engine.auth import TokenInfo, TokenStore
 from engine.bodies import decode_body, split_items
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import Backlogged, ConfigError, Conflict, HookError, NotFound
+from engine.errors import SHOWN_CHARS, Backlogged, ConfigError, Conflict, HookError, NotFound
+from engine.errors import quoted as shown
 from engine.events import (
     MAX_ID,
     NESTED_TOO_DEEPLY,
@@ -67,7 +68,7 @@ from engine.events import (
 from engine.health import engine_health
 from engine.hooks import (
     MASK,
-    SHOWN_CHARS,
+    MAX_PROBLEMS,
     Hook,
     changed_paths,
     destination,
@@ -75,12 +76,12 @@ from engine.hooks import (
     hook_secrets,
     masked_secrets,
     not_utf8,
+    problems_message,
     restore_secrets,
     scrub,
     sent_secrets,
     validation_problems,
 )
-from engine.hooks import quoted as shown
 from engine.intake import Intake
 from engine.jsonkeys import unique_keys
 from engine.keys import Keys
@@ -222,8 +223,22 @@ class Backend:
 # --- events ----------------------------------------------------------------------------
 
 
+MAX_ISSUES_LISTED = 1000  # most issues an answer lists (its counts are whole)
+
+
 def _issue(issue: EventIssue) -> dict[str, Any]:
     return {"index": issue.index, "field": issue.field, "reason": issue.reason}
+
+
+def _listed(issues: list[EventIssue]) -> list[dict[str, Any]]:
+    """The first MAX_ISSUES_LISTED of ``issues``: a body of 16 MiB holds millions of
+    bad events (``1,`` is one), and listing each would make an answer of hundreds of
+    megabytes out of one request."""
+    return [_issue(i) for i in issues[:MAX_ISSUES_LISTED]]
+
+
+def _first_listed(count: int) -> str:
+    return f" (the first {MAX_ISSUES_LISTED} listed)" if count > MAX_ISSUES_LISTED else ""
 
 
 def body_mode(content_type: str) -> str:
@@ -262,8 +277,8 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     batch, items = _decode(body, backend.catalogue)
     foreign = _foreign(body, batch, items, account_id)
     if foreign:
-        raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted",
-                       [_issue(i) for i in foreign])
+        raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted"
+                       f"{_first_listed(len(foreign))}", _listed(foreign))
     if batch.issues and not (partial and batch.events):
         backend.intake.count_rejected(batch.issues)
         raise _bad_events(batch.issues)
@@ -288,7 +303,7 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         return 202, {"accepted": len(encoded.events)}
     backend.intake.count_rejected(found)
     return 207, {"accepted": len(encoded.events), "rejected": len(found),
-                 "issues": [_issue(i) for i in found]}
+                 "issues": _listed(found)}
 
 
 def _decode(body: bytes, catalogue: EventCatalogue) -> tuple[DecodedBatch, list[Any] | None]:
@@ -349,8 +364,8 @@ def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
 
 
 def _bad_events(issues: list[EventIssue]) -> ApiError:
-    return ApiError(422, f"{len(issues)} bad event(s), nothing accepted",
-                    [_issue(i) for i in issues])
+    return ApiError(422, f"{len(issues)} bad event(s), nothing accepted"
+                    f"{_first_listed(len(issues))}", _listed(issues))
 
 
 # --- hooks -----------------------------------------------------------------------------
@@ -362,16 +377,15 @@ def validate_hook(data: dict[str, Any], catalogue: EventCatalogue) -> Hook:
         hook = Hook.model_validate(data, context={"catalogue": catalogue})
         problems = []
     except ValidationError as exc:  # only loc and msg: an input value may be a secret
-        problems = [{"field": field, "reason": reason}
-                    for field, reason in validation_problems(exc)]
+        problems = validation_problems(exc)
     if problems:
         # a validator names a URL it refuses with its password masked, but a password
         # that breaks the URL (an unencoded "?", "/" or "#" in it) is no password to
         # the parser: the secrets are masked here as the body gave them
         secrets = sent_secrets(data)
-        problems = [{**p, "reason": scrub(p["reason"], secrets)} for p in problems]
-        raise ApiError(422, "invalid hook: " + "; ".join(
-            f"{p['field']}: {p['reason']}" for p in problems), problems)
+        found = [(field, scrub(reason, secrets)) for field, reason in problems[:MAX_PROBLEMS]]
+        raise ApiError(422, problems_message(found, len(problems)),
+                       [{"field": field, "reason": reason} for field, reason in found])
     masked = masked_secrets(hook)
     if masked:
         raise ApiError(422, "invalid hook: a secret cannot be the redacted value " + MASK,

@@ -16,6 +16,8 @@ boundary, so retry logic reasons about hookray's types only.
 
 from __future__ import annotations
 
+from typing import Any
+
 
 class HookrayError(Exception):
     """Base of every error hookray raises on purpose."""
@@ -95,3 +97,13 @@ def named(value: str, limit: int = 100) -> str:
         return value
     text = repr(value)
     return text if len(text) <= limit else text[:limit] + "…"
+
+
+SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
+
+
+def quoted(value: Any) -> str:
+    """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
+    (then "…"): a request may send megabytes where a name is expected."""
+    text = repr(value)
+    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"

@@ -32,6 +32,7 @@ from typing import Annotated, Any
 import msgspec
 
 from engine.catalogue import EventCatalogue, load_catalogue
+from engine.errors import SHOWN_CHARS, quoted
 
 _RFC3339 = re.compile(
     r"(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(?:\.(\d{1,30}))?(?:([Zz])|([+-])(\d{2}):(\d{2}))",
@@ -68,12 +69,13 @@ def parse_rfc3339_ns(text: str) -> int:
     round, in about 7 MB; 2^18 had taken about 54 MB in every process once full."""
     m = _RFC3339.fullmatch(text)
     if m is None:
-        raise ValueError(f"{text!r} is not an RFC 3339 time like 2018-03-04T13:13:19.034315796Z")
+        raise ValueError(f"{quoted(text)} is not an RFC 3339 time like "
+                         "2018-03-04T13:13:19.034315796Z")
     y, mo, d, h, mi, s = map(int, m.group(1, 2, 3, 4, 5, 6))
     if not (1 <= mo <= 12 and 1 <= d <= monthrange(y, mo)[1] and h < 24 and mi < 60 and s < 61):
-        raise ValueError(f"{text!r} has an out-of-range date or time")
+        raise ValueError(f"{quoted(text)} has an out-of-range date or time")
     if m.group(9) and not (int(m.group(10)) < 24 and int(m.group(11)) < 60):
-        raise ValueError(f"{text!r} has an out-of-range UTC offset")
+        raise ValueError(f"{quoted(text)} has an out-of-range UTC offset")
     secs = timegm((y, mo, d, h, mi, min(s, 59), 0, 0, 0))
     if m.group(9):
         offset = int(m.group(10)) * 3600 + int(m.group(11)) * 60
@@ -177,7 +179,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
 
 def _int_or_fail(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: expected an integer, got {value!r}")
+        raise ValueError(f"{field}: expected an integer, got {quoted(value)}")
     if not 0 <= value <= MAX_ID:
         raise ValueError(f"{field}: expected an id from 0 to {MAX_ID}, got {value}")
     return value
@@ -224,6 +226,9 @@ def validation_issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeEr
         path = msg.rsplit("`", 2)[-2]
     if not path and msg.startswith("Object contains unknown field"):
         path = msg.rsplit("`", 2)[-2]
+    if path and len(path) > SHOWN_CHARS:  # a key of megabytes: named by its start
+        msg = msg.replace(path, path[:SHOWN_CHARS] + "…")
+        path = path[:SHOWN_CHARS] + "…"
     return EventIssue(index, path or "$", msg)
 
 
@@ -300,7 +305,7 @@ def _check_types(
             good_events.append(event)
             good_indices.append(index)
         else:
-            reason = f"unknown event type {event.event_type!r}"
+            reason = f"unknown event type {quoted(event.event_type)}"
             issues.append(EventIssue(index, "event_type", reason))
     issues.sort(key=lambda issue: issue.index)
     return DecodedBatch(good_events, good_indices, issues)

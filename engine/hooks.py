@@ -40,7 +40,7 @@ from pydantic import (
 from yarl import URL
 
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.errors import HookError
+from engine.errors import SHOWN_CHARS, HookError, quoted
 
 DEFAULT_MAX_BATCH = 100  # events per HTTP request (spec e)
 DEFAULT_FLUSH_TIMEOUT_SEC = 10.0  # accumulation window (spec e)
@@ -101,15 +101,7 @@ def url_secrets(url: str) -> list[str]:
     return [s for s in found if s]
 
 
-SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
 SHOWN_CODES = 10  # most unknown event codes an error names
-
-
-def quoted(value: Any) -> str:
-    """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
-    (then "…"): a request may send megabytes where a name is expected."""
-    text = repr(value)
-    return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"
 
 
 def mask_headers(headers: dict[str, str]) -> dict[str, str]:
@@ -660,9 +652,15 @@ def _revealed(clear: Any, shown: Any, name: str = "") -> list[str]:
 
 def field_path(loc: tuple[Any, ...]) -> str:
     """The dotted path of a validation error's location (``target.http_batch.url``),
-    printable: a dict key that is not valid UTF-8 shows its lone surrogate escaped."""
-    return ".".join(str(p).encode("utf-8", "backslashreplace").decode("utf-8") for p in loc
+    printable: a dict key that is not valid UTF-8 shows its lone surrogate escaped; a
+    key longer than SHOWN_CHARS is cut (then "…")."""
+    return ".".join(_key_shown(str(p)) for p in loc
                     if not str(p).startswith("function-")) or "hook"
+
+
+def _key_shown(key: str) -> str:
+    key = key if len(key) <= SHOWN_CHARS else key[:SHOWN_CHARS] + "…"
+    return key.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
@@ -766,6 +764,10 @@ def changed_paths(before: Any, after: Any, path: str = "") -> list[str]:
     return [] if before == after else [path]
 
 
+SHOWN_PROBLEMS = 20  # most problems of a hook its error's message names
+MAX_PROBLEMS = 1000  # most problems of a hook its error lists
+
+
 def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None,
                stored: bool = False) -> Hook:
     """Validate ``data`` into a Hook, or raise HookError naming each field and reason.
@@ -777,8 +779,18 @@ def parse_hook(data: dict[str, Any], catalogue: EventCatalogue | None = None,
         found = validation_problems(exc)
     # raised outside the except block: no __context__ holding the ValidationError, whose
     # input_value reprs can carry passwords and tokens in clear text
-    raise HookError("invalid hook: " + "; ".join(f"{field}: {reason}" for field, reason in found),
-                    found)
+    raise HookError(problems_message(found), found[:MAX_PROBLEMS])
+
+
+def problems_message(found: list[tuple[str, str]], total: int | None = None) -> str:
+    """The message of a hook's validation problems (``total`` of them: those ``found``
+    unless given): a body of many unknown keys names the first SHOWN_PROBLEMS of them
+    (its issues the first MAX_PROBLEMS)."""
+    total = len(found) if total is None else total
+    more = f"; and {total - SHOWN_PROBLEMS} more" if total > SHOWN_PROBLEMS else ""
+    return "invalid hook: " + "; ".join(f"{field}: {reason}" for field, reason
+                                        in found[:SHOWN_PROBLEMS]) + more
+
 
 
 # --- secrets in texts shown ------------------------------------------------------------

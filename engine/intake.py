@@ -30,7 +30,7 @@ from engine.assembly import gather
 from engine.bodies import decode_body
 from engine.catalogue import EventCatalogue, engine_codes, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import Backlogged, ConfigError, EventError
+from engine.errors import Backlogged, ConfigError, EventError, quoted
 from engine.events import (
     MAX_ID,
     NESTED_TOO_DEEPLY,
@@ -302,7 +302,8 @@ class Intake:
             # fields' types and ids' ranges: msgspec checks those only while decoding
             issues = read_back_issues(built)
             if not all(map(self.catalogue.__contains__, set(map(_EVENT_TYPE, built)))):
-                issues += [EventIssue(i, "event_type", f"unknown event type {e.event_type!r}")
+                issues += [EventIssue(i, "event_type",
+                                      f"unknown event type {quoted(e.event_type)}")
                            for i, e in enumerate(built) if e.event_type not in self.catalogue]
             if not issues:
                 return built, []

@@ -231,3 +231,54 @@ async def test_hooks_read_back_validate_against_the_published_schema(api: Api) -
         {"$ref": "#/components/schemas/Hook", "components": document["components"]}
     ).iter_errors(listed.body["hooks"][0])]
     assert problems == []
+
+
+# --- many or huge bad values ------------------------------------------------------------
+
+
+async def test_an_answer_lists_at_most_a_thousand_issues_and_counts_them_all(
+        api: Api) -> None:
+    """``1,`` is a bad event in two bytes: a body of megabytes would otherwise be
+    answered with an issue each, hundreds of megabytes out of one request."""
+    from engine.api import MAX_ISSUES_LISTED
+
+    document = json.loads(OPENAPI_PATH.read_text(encoding="utf-8"))
+    error = jsonschema.Draft202012Validator(
+        {"$ref": "#/components/schemas/Error", "components": document["components"]})
+    good = test_api.events(1)[0]
+    body = json.dumps([good] + [1] * 5000)
+    refused = await api.call("POST", "/v1/events", api.ingest, data=body,
+                             headers={"Content-Type": "application/json"})
+    assert refused.status == 422
+    assert refused.error["message"] == (f"5000 bad event(s), nothing accepted (the first "
+                                        f"{MAX_ISSUES_LISTED} listed)")
+    assert len(refused.error["issues"]) == MAX_ISSUES_LISTED
+    assert refused.error["issues"][0] == {"index": 1, "field": "$",
+                                          "reason": "Expected `object`, got `int`"}
+    assert [e.message for e in error.iter_errors(refused.body)] == []
+    partial = await api.call("POST", "/v1/events?partial=true", api.ingest, data=body,
+                             headers={"Content-Type": "application/json"})
+    assert partial.status == 207 and partial.body["accepted"] == 1
+    assert partial.body["rejected"] == 5000
+    assert len(partial.body["issues"]) == MAX_ISSUES_LISTED
+    hook = await api.call("POST", "/v1/hooks", api.master,
+                          json_body={**hook_body(), **{f"f{n}": 1 for n in range(3000)}})
+    assert hook.status == 422 and len(hook.error["issues"]) == 1000
+    assert hook.error["message"].endswith("; and 2980 more")
+    assert hook.error["message"].count("Extra inputs are not permitted") == 20
+
+
+@pytest.mark.parametrize(("event", "field"), [
+    ({"event_type": "x" * 5000}, "event_type"),
+    ({"event_date": "2026" * 2000}, "event_date"),
+    ({"campaign_id": 1, "event_data": {"campaign_id": "9" * 5000}}, "event_data.campaign_id"),
+    ({"k" * 5000: 1}, "k" * SHOWN_CHARS + "…"),
+])
+async def test_an_event_error_quotes_a_huge_value_or_key_by_its_start(
+        api: Api, event: dict[str, Any], field: str) -> None:
+    bad = {**test_api.events(1)[0], **event}
+    answer = await api.call("POST", "/v1/events", api.ingest, json_body=[bad])
+    assert answer.status == 422
+    [issue] = answer.error["issues"]
+    assert issue["field"] == field
+    assert len(issue["reason"]) < 2 * SHOWN_CHARS + 100, issue["reason"]
