@@ -395,10 +395,32 @@ class RabbitTransport(Transport):
 
     async def _open(self, broker: _Broker, conn: _Connection,
                     target: RabbitQueue | RabbitExchange) -> aiormq.Channel:
-        """A confirm channel on which the target is known to exist (declared)."""
+        """A confirm channel on which the target is known to exist (declared). A channel
+        made on the way and not returned is closed: a declaration the delivery's timeout
+        cancels leaves it open (the broker closes only those it refused), one more on a
+        connection other hooks keep busy at each try, until the broker's channel_max
+        closed the connection under all of them."""
+        made: list[aiormq.Channel] = []
+        try:
+            channel = await self._declared(broker, conn, target, made)
+        except BaseException:
+            for left in made:
+                if not left.is_closed:
+                    self._close_later(left.close())
+            raise
+        return channel
+
+    async def _declared(self, broker: _Broker, conn: _Connection,
+                        target: RabbitQueue | RabbitExchange,
+                        made: list[aiormq.Channel]) -> aiormq.Channel:
+        """``_open``'s declarations, each channel it makes added to ``made``."""
+        async def new_channel() -> aiormq.Channel:
+            made.append(await self._new_channel(broker, conn, what))
+            return made[-1]
+
         if isinstance(target, RabbitQueue):
             what = f"queue {target.queue!r}"
-            channel = await self._new_channel(broker, conn, what)
+            channel = await new_channel()
             try:  # an existing queue is used as it is, whatever its arguments
                 await channel.queue_declare(target.queue, passive=True)
                 return channel
@@ -406,7 +428,7 @@ class RabbitTransport(Transport):
                 pass
             except Exception as exc:
                 raise self._wrap(exc, broker, conn, what) from None
-            channel = await self._new_channel(broker, conn, what)
+            channel = await new_channel()
             try:
                 await channel.queue_declare(target.queue, durable=True)
                 return channel
@@ -416,7 +438,7 @@ class RabbitTransport(Transport):
             except Exception as exc:
                 raise self._wrap(exc, broker, conn, what) from None
         what = f"{target.type} exchange {target.exchange!r}"
-        channel = await self._new_channel(broker, conn, what)
+        channel = await new_channel()
         try:
             await channel.exchange_declare(
                 target.exchange, exchange_type=target.type, durable=target.durable,
@@ -430,7 +452,7 @@ class RabbitTransport(Transport):
                            f"{target.auto_delete}): {exc}") from None
         except Exception as exc:
             raise self._wrap(exc, broker, conn, what) from None
-        channel = await self._new_channel(broker, conn, what)
+        channel = await new_channel()
         try:
             await channel.exchange_declare(target.exchange, passive=True)
             return channel

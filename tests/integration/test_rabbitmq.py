@@ -263,6 +263,52 @@ def test_channels_being_opened_are_not_dropped_to_make_room(
         assert len(by_id(rabbit.consume(q, expect=2))) == 2
 
 
+def test_a_declaration_cut_by_the_timeout_leaves_no_channel_open(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A broker slow to answer a declaration (a quorum queue without a leader): the
+    delivery's timeout cancels it. Its channel must be closed, not left open on the
+    connection other hooks keep busy, one more at every try until the broker's
+    channel_max closes the connection under all of them."""
+    import aiormq
+
+    slow_queue, fast_queue = rabbit.name("slow-declare"), rabbit.name("fast")
+    declare = aiormq.Channel.queue_declare
+
+    async def slow(self: Any, queue: str = "", *args: Any, **kwargs: Any) -> Any:
+        if queue == slow_queue:
+            await asyncio.sleep(1.0)
+        return await declare(self, queue, *args, **kwargs)
+
+    monkeypatch.setattr(aiormq.Channel, "queue_declare", slow)
+    transport = RabbitQueueTransport(timeout_sec=0.5)
+    fast = RabbitQueue(**rabbit.broker(), queue=fast_queue)
+
+    async def go() -> tuple[list[Outcome], int]:
+        try:
+            outcomes = [await transport.send(fast, delivery(1, tag="warm"))]
+            (broker,) = transport._brokers.values()
+            conn = broker.current
+            assert conn is not None
+            for n in range(3):
+                async def busy(n: int = n) -> None:  # the connection keeps making progress
+                    for k in range(4):
+                        outcomes.append(await transport.send(fast, delivery(1, tag=f"f{n}{k}")))
+                        await asyncio.sleep(0.15)
+                slow_outcome, _ = await asyncio.gather(transport.send(
+                    RabbitQueue(**rabbit.broker(), queue=slow_queue), delivery(1)), busy())
+                outcomes.append(slow_outcome)
+            assert broker.current is conn  # the same connection all along
+            await asyncio.sleep(0.2)  # channels closed later are closed by now
+            return outcomes, sum(not ch.is_closed for ch in conn.connection.channels.values())
+        finally:
+            await transport.close()
+
+    outcomes, open_channels = run(go)
+    assert [o.error for o in outcomes if not o.ok] == ["Timeout"] * 3, outcomes
+    assert open_channels == 1  # the fast queue's
+    assert len(by_id(rabbit.consume(fast_queue, expect=13))) == 13
+
+
 def test_a_queue_deleted_after_declaration_fails_the_delivery_then_is_declared_again(
         rabbit: Rabbit) -> None:
     queue = rabbit.name("gone")
