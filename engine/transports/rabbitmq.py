@@ -74,6 +74,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import ssl
 import time
 from collections.abc import Sequence
@@ -82,7 +83,7 @@ from typing import Any, cast
 
 import aiormq
 from aiormq import exceptions as amqp
-from aiormq.abc import AbstractConnection
+from aiormq.abc import AbstractConnection, DeliveredMessage
 from yarl import URL
 
 from engine.errors import ConnectError, Rejected, Timeout, TransportError
@@ -115,6 +116,27 @@ CLOSE_TIMEOUT_SEC = 5.0
 BrokerKey = tuple[str, int, str, str, str, bool, str | None]
 DestKey = tuple[Any, ...]
 
+
+class _ReturnedBodies(logging.Filter):
+    """aiormq logs a returned message it cannot match (one that came back after its
+    delivery timed out) at ERROR with its repr, which holds the message's body: a
+    subscriber's data, up to megabytes. Logged with its id and routing only."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.args, tuple) and any(
+                isinstance(arg, DeliveredMessage) for arg in record.args):
+            record.args = tuple(_shown_message(arg) if isinstance(arg, DeliveredMessage)
+                                else arg for arg in record.args)
+        return True
+
+
+def _shown_message(message: DeliveredMessage) -> str:
+    return (f"<message id {message.header.properties.message_id!r}, exchange "
+            f"{message.exchange!r}, routing key {message.routing_key!r}, "
+            f"{len(message.body)} bytes>")
+
+
+logging.getLogger("aiormq.channel").addFilter(_ReturnedBodies())
 
 @dataclass
 class _Channel:

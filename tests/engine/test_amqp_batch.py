@@ -76,3 +76,24 @@ def test_bodies_at_the_frame_limit_split_as_aiormq_splits_them(size: int) -> Non
 def test_lengths_must_agree() -> None:
     with pytest.raises(ValueError):
         publish_frames(1, 1000, "", ["q", "q"], [b"{}"], ["1", "2"], JSON, 2, True)
+
+
+def test_a_returned_message_aiormq_logs_is_named_without_its_body(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """One that comes back after its delivery timed out is logged by aiormq at ERROR
+    with its repr: the body (a subscriber's data) must not reach the log."""
+    import logging
+
+    from aiormq.abc import DeliveredMessage
+
+    import engine.transports.rabbitmq  # noqa: F401 - installs the log filter
+
+    returned = DeliveredMessage(
+        delivery=Basic.Return(reply_code=312, reply_text="NO_ROUTE", exchange="",
+                                       routing_key="q1"),
+        header=ContentHeader(properties=Basic.Properties(message_id="m-1")),
+        body=b'{"email": "alice@example.org"}', channel=None)  # type: ignore[arg-type]
+    with caplog.at_level(logging.ERROR, logger="aiormq.channel"):
+        logging.getLogger("aiormq.channel").error("Unhandled message %r returning", returned)
+    assert "alice@example.org" not in caplog.text
+    assert "message id 'm-1', exchange '', routing key 'q1', 30 bytes" in caplog.text
