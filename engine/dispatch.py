@@ -387,6 +387,12 @@ class Dispatcher:
         self.outbox.append(delivery)
 
 
+def _stream_order(entry_id: str) -> tuple[int, int]:
+    """A stream id as it sorts ("0" is before every entry)."""
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
 def _before(entry_id: str) -> str:
     """The stream id just before ``entry_id`` (reads after it start at ``entry_id``)."""
     ms, seq = map(int, entry_id.split("-"))
@@ -715,6 +721,12 @@ class PartitionWorker:
         items = cast(list[tuple[bytes, dict[bytes, bytes]]], self.r.xclaim(
             self.stream, CONSUMER_GROUP, self.consumer, 0,
             list[Any](orphans[:ORPHAN_PAGE])))
+        if items:
+            # taken up as if just read: a read of this consumer's pending entries after
+            # a later lost reply starts after them, not at entries this worker holds
+            newest = max((eid.decode() for eid, _ in items), key=_stream_order)
+            if _stream_order(newest) > _stream_order(self.last_read):
+                self.last_read = newest
         return self._decoded(items)
 
     def _recreate_group(self, exc: Exception) -> None:

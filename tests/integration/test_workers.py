@@ -2074,6 +2074,43 @@ def test_entries_a_lost_read_handed_over_are_found_and_processed(
     assert worker.unsettled == 0 and not worker.entry_left
 
 
+def test_orphans_taken_up_are_not_read_again_after_a_later_lost_read(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Entries the orphan check took up are being sent; a later read whose reply is
+    lost makes the worker read its own pending entries after the last it read, which
+    must be after them, or their messages are built and sent a second time."""
+    import engine.dispatch as dispatch
+
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 100)
+    sender = InProcessSender(hold=True)  # sends that do not end (a slow destination)
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    worker.step(block_ms=10)  # its start-up read of its own pending entries: none
+    intake.publish(clicks(5))
+    redis_client.xreadgroup(CONSUMER_GROUP, worker.consumer, {keys.intake(0): ">"})  # late
+    monkeypatch.setattr(dispatch, "ORPHAN_CHECK_SEC", 0.0)
+    monkeypatch.setattr(dispatch, "ORPHAN_IDLE_MS", 0)
+    run_until(worker, lambda: len(sender.held) == 1)  # taken up, its batch sent
+    monkeypatch.setattr(dispatch, "ORPHAN_CHECK_SEC", 3600.0)
+    real = redis_client.xreadgroup
+
+    def lost(*args: Any, **kwargs: Any) -> Any:
+        monkeypatch.setattr(redis_client, "xreadgroup", real)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(redis_client, "xreadgroup", lost)
+    with pytest.raises(redis.TimeoutError):
+        worker.step(block_ms=10)
+    assert worker.reading_own_pending
+    run_until(worker, lambda: not worker.reading_own_pending)
+    for _ in range(5):
+        worker.step(block_ms=10)
+    sent = [mid for d in sender.held for mid in d.message_ids]
+    assert len(sent) == 5 and len(set(sent)) == 5, sent
+
+
 def test_entries_the_worker_holds_are_no_orphans(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
