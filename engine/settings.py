@@ -198,9 +198,29 @@ class Settings(BaseModel):
 
 # the options a REDIS_URL may give: those redis-py parses, and text ones it takes
 # (not legacy_responses, nor a protocol but 2: the engine reads RESP2 replies)
+# (nor retry_on_timeout or retry_on_error: redis-py would send a command again after
+# a timeout or lost connection, when Redis may have carried it out; the engine does
+# its own tries, knowing which of its writes may be made twice)
+_URL_RETRIES = frozenset({"retry_on_timeout", "retry_on_error"})
 _URL_OPTIONS = (frozenset(redis.connection.URL_QUERY_ARGUMENT_PARSERS) | {
     "client_name", "username", "password", "ssl_cert_reqs", "ssl_ca_certs", "ssl_ca_path",
-    "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ciphers"}) - {"legacy_responses"}
+    "ssl_certfile", "ssl_keyfile", "ssl_password", "ssl_ciphers"}) - {"legacy_responses"} \
+    - _URL_RETRIES
+
+
+def _odd_option(given: set[str]) -> str | None:
+    """Why an option of a REDIS_URL is not taken, or None."""
+    retries = sorted(given & _URL_RETRIES)
+    if retries:
+        return (f"option {retries[0]!r} is not taken here: redis-py would send a command "
+                "again after a timeout or a lost connection although Redis may have "
+                "carried it out, counting or moving things twice; the engine makes its "
+                "own tries")
+    odd = sorted(given - _URL_OPTIONS)
+    if odd:
+        return (f"option {odd[0]!r} is not taken here; accepted: "
+                + ", ".join(sorted(_URL_OPTIONS)))
+    return None
 
 
 def redis_url_problem(url: str) -> str | None:
@@ -223,11 +243,9 @@ def redis_url_problem(url: str) -> str | None:
     # options redis-py passes on as text unchecked: one that is no text in redis-py
     # (socket_type, parser_class, ...) fails every command, decode_responses would
     # change every reply; the engine takes those it can use as written
-    given = parse_qs(urlsplit(url).query, keep_blank_values=True)
-    odd = sorted(set(given) - _URL_OPTIONS)
+    odd = _odd_option(set(parse_qs(urlsplit(url).query, keep_blank_values=True)))
     if odd:
-        return (f"option {odd[0]!r} is not taken here; accepted: "
-                + ", ".join(sorted(_URL_OPTIONS)))
+        return odd
     protocol = pool.connection_kwargs.get("protocol")
     if protocol not in (None, 2):  # RESP3 replies are shaped otherwise (dicts for lists)
         return f"protocol={protocol}: the engine reads Redis' replies as protocol 2 (RESP2)"

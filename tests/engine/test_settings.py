@@ -139,6 +139,11 @@ BAD_ENV: list[tuple[str, str, str]] = [
      "protocol=3: the engine reads Redis' replies as protocol 2 (RESP2)"),
     ("REDIS_URL", "redis://127.0.0.1:6379/0?legacy_responses=false",
      "option 'legacy_responses' is not taken here"),
+    # redis-py would send again a write Redis may have carried out (a count made twice)
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?retry_on_timeout=true",
+     "option 'retry_on_timeout' is not taken here: redis-py would send a command again"),
+    ("REDIS_URL", "redis://127.0.0.1:6379/0?retry_on_error=TimeoutError",
+     "option 'retry_on_error' is not taken here: redis-py would send a command again"),
     ("EVENT_TYPES_FILE", "/tmp/a\x00b", "holds a NUL character"),
     ("EVENT_TYPES_FILE", "/tmp/\ud800.json",
      "not valid UTF-8: a lone surrogate '\\ud800' at character 5"),
