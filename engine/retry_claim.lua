@@ -2,27 +2,32 @@
 -- least, however large): hide each for a lease instead of removing it, so a sender
 -- that dies leaves the delivery due again once the lease ends. Large payloads make
 -- smaller claims, so Redis is not held up copying hundreds of megabytes.
--- Returns id, payload, id, payload, ...
+-- Returns id, payload, id, payload, ...; a scheduled id without a payload (removed from
+-- outside: a Redis evicting keys) is left out of the schedule, its payload nil
 -- KEYS[1] retry zset, KEYS[2] retry payload hash
 -- ARGV[1] now (ms), ARGV[2] lease end (ms), ARGV[3] limit, ARGV[4] byte limit
 local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
 local budget = tonumber(ARGV[4])
 local out = {}
 local bytes = 0
+local taken = 0
 for _, id in ipairs(ids) do
-  if #out > 0 and bytes >= budget then
+  if taken > 0 and bytes >= budget then
     break
   end
   local size = redis.call('HSTRLEN', KEYS[2], id)
   if size == 0 and redis.call('HEXISTS', KEYS[2], id) == 0 then
     redis.call('ZREM', KEYS[1], id)
-  elseif #out > 0 and bytes + size > budget then
+    table.insert(out, id)
+    table.insert(out, false)
+  elseif taken > 0 and bytes + size > budget then
     break
   else
     redis.call('ZADD', KEYS[1], ARGV[2], id)
     table.insert(out, id)
     table.insert(out, redis.call('HGET', KEYS[2], id))
     bytes = bytes + size
+    taken = taken + 1
   end
 end
 return out

@@ -793,6 +793,11 @@ class RetryStore:
                             args=[now, now + RETRY_LEASE_MS, limit, max_bytes])
         out = []
         for delivery_id, raw in zip(pairs[::2], pairs[1::2], strict=True):
+            if raw is None:  # never the engine's doing: it writes both or neither
+                log.warning("scheduled re-send %s had no payload (removed from outside the "
+                            "engine: a Redis that evicts keys?); dropped from the schedule",
+                            delivery_id.decode())
+                continue
             try:
                 out.append(unpack_delivery(raw))
             except (msgspec.DecodeError, ValueError) as exc:  # would stall every claim

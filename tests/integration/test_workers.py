@@ -804,6 +804,23 @@ def test_large_re_sends_are_claimed_a_few_at_a_time(
     assert [d.id for d in retry.claim_due(200, now=2**62)] == ["d0", "d1", "d2", "d3", "d4"]
 
 
+def test_a_scheduled_re_send_without_its_payload_is_dropped_with_a_warning(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    """Never the engine's doing (it writes both or neither), but a Redis evicting keys
+    or a hand at redis-cli: the schedule's entry goes, named in the log, and the
+    claim takes the others, a large one alone as ever."""
+    retry = RetryStore(redis_client, keys)
+    for n, size in enumerate([100, 3000, 100]):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=1, account_id=1, kind="http_batch",
+                                parts=[b"x" * size]), due_ms=n, error="HTTP 500")
+    redis_client.hdel(keys.retry_payload, "d0")
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert [d.id for d in retry.claim_due(200, now=100, max_bytes=1000)] == ["d1"]
+    assert "scheduled re-send d0 had no payload" in caplog.text
+    assert [d.id for d in retry.claim_due(200, now=100, max_bytes=1000)] == ["d2"]
+    assert retry.pending() == 2
+
+
 @pytest.mark.parametrize("verb", ["replay", "discard"])
 def test_large_dead_letters_move_a_few_per_script(
         redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch,
