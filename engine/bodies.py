@@ -6,6 +6,7 @@ by the API's ``POST /v1/events`` and by ``Intake.publish`` of a body."""
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 import msgspec
@@ -73,17 +74,24 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
         items = [items]
     if not isinstance(items, list):
         return None
-    issues, kept = [], []
+    issues, kept, texts = [], [], []
     for index, item in enumerate(items):
         where = lone_surrogate(item)
         if where is None:
-            kept.append(index)
+            try:  # a number JSON cannot hold (1e400 is read as inf): bad, as msgspec says
+                texts.append(json.dumps(item, allow_nan=False))
+            except ValueError:
+                issues.append(EventIssue(index, _non_finite(item), "Number out of range"))
+            except RecursionError:
+                return None
+            else:
+                kept.append(index)
         else:
             issues.append(EventIssue(index, *where))
     if not issues:
         return None
     try:
-        rest = decode_batch(json.dumps([items[i] for i in kept]).encode(), catalogue)
+        rest = decode_batch(f"[{','.join(texts)}]".encode(), catalogue)
     except (ValueError, RecursionError):
         return None
     if rest.issues and rest.issues[0].index < 0:  # refused for another reason too
@@ -112,6 +120,21 @@ def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
     return DecodedBatch(batch.events, batch.indices, issues)
 
 
+
+
+def _non_finite(value: Any) -> str:
+    """The path of the first number of ``value`` that is no finite float ("$" if none)."""
+    stack: list[tuple[Any, str]] = [(value, "")]
+    while stack:
+        item, path = stack.pop()
+        if isinstance(item, float) and not math.isfinite(item):
+            return path or "$"
+        if isinstance(item, dict):
+            stack += [(sub, f"{path}.{key}" if path else str(key))
+                      for key, sub in reversed(item.items())]
+        elif isinstance(item, list):
+            stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
+    return "$"
 
 
 def lone_surrogate(value: Any) -> tuple[str, str] | None:

@@ -1643,6 +1643,23 @@ async def test_an_event_with_a_lone_surrogate_is_a_bad_event_named_by_index(api:
     assert "not valid UTF-8" in answer.error["issues"][0]["reason"]
 
 
+async def test_a_lone_surrogate_beside_a_number_out_of_range_keeps_both_events_bad_alone(
+        api: Api) -> None:
+    """The array read by Python for the surrogate reads 1e400 as inf: that event is bad
+    (as msgspec finds it alone), not the whole body a 400 naming a hex escape."""
+    batch = events(3)
+    batch[0]["profile_id"] = "SURROGATE"
+    batch[2]["event_data"] = {"x": [1, "OUT_OF_RANGE"]}
+    body = json.dumps(batch).encode().replace(b'"SURROGATE"', b'"\\ud800"').replace(
+        b'"OUT_OF_RANGE"', b"1e400")
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest, data=body,
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 207, answer.body
+    assert [(i["index"], i["field"], i["reason"][:21]) for i in answer.body["issues"]] == [
+        (0, "profile_id", "not valid UTF-8: a lo"), (2, "event_data.x[1]", "Number out of range")]
+    assert answer.body["accepted"] == 1
+
+
 async def test_a_damaged_hook_record_is_its_accounts_to_see_and_delete(api: Api) -> None:
     """Not JSON (cut short, edited by hand) or not an object: reported like a hook that
     no longer validates to the account it names (listed under "invalid", 409 naming it,
