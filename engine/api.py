@@ -49,7 +49,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 import redis
 from aiohttp import web
-from aiohttp.http_exceptions import ContentEncodingError
+from aiohttp.http_exceptions import ContentEncodingError, HttpProcessingError
 from pydantic import ValidationError
 
 from engine.auth import TokenInfo, TokenStore
@@ -100,6 +100,25 @@ from engine.transports.base import Delivery, Outcome, unpack_delivery
 from engine.transports.guard import guard_for
 
 log = logging.getLogger("hookray.api")
+
+
+class _MalformedRequests(logging.Filter):
+    """aiohttp logs a request it cannot parse (malformed HTTP framing: a bad chunk
+    size, both Content-Length and Transfer-Encoding) at ERROR with a traceback, and
+    anyone can send one: logged at INFO in one line, what was wrong and from where."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            record.msg = "malformed HTTP request from %s: %s"
+            record.args = (*(record.args if isinstance(record.args, tuple) else ()),
+                           " ".join(str(exc.message).split())[:200])
+            record.exc_info, record.exc_text = None, None
+            record.levelno, record.levelname = logging.INFO, "INFO"
+        return True
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 OPENAPI_PATH = Path(__file__).with_name("openapi.json")
 NDJSON_TYPES = frozenset({"application/x-ndjson", "application/ndjson", "application/jsonl",
@@ -962,6 +981,35 @@ async def _authorize(request: web.Request, handler: Handler) -> None:
 
 @web.middleware
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    response = await _answer(request, handler)
+    if request.body_exists and not request.content.at_eof() and \
+            not await _drained(request.content):
+        # answered before its body was read (no token, no such route, a bad query),
+        # and the body cannot be read to its end (its Content-Encoding does not decode
+        # it): the connection is closed after the answer. Left to aiohttp, its drain
+        # would fail, logging an unhandled error with a traceback, for anyone to fill
+        # the log with
+        response.force_close()
+        request.content.feed_eof()
+    return response
+
+
+DRAIN_SEC = 10.0  # longest a body answered before it was read is read to its end
+
+
+async def _drained(content: Any) -> bool:
+    """Whether the rest of a request body could be read (and dropped) to its end, in
+    chunks, within DRAIN_SEC."""
+    try:
+        async with asyncio.timeout(DRAIN_SEC):
+            while await content.readany():
+                pass
+    except (web.RequestPayloadError, TimeoutError, ConnectionError):
+        return False
+    return True
+
+
+async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         route_error = request.match_info.http_exception
         if route_error is not None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -282,3 +283,53 @@ async def test_an_event_error_quotes_a_huge_value_or_key_by_its_start(
     [issue] = answer.error["issues"]
     assert issue["field"] == field
     assert len(issue["reason"]) < 2 * SHOWN_CHARS + 100, issue["reason"]
+
+
+# --- bodies answered before they were read, malformed requests ----------------------------
+
+
+async def _raw(port: int, request: bytes) -> bytes:
+    """``request`` sent as it is; the answer read until the server closes."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    return answer
+
+
+@pytest.mark.parametrize(("head", "status"), [
+    (b"POST /v1/hooks HTTP/1.1", b"401"),  # no token
+    (b"POST /v1/nope HTTP/1.1", b"404"),
+    (b"PATCH /v1/hooks HTTP/1.1", b"405"),
+])
+async def test_a_body_answered_before_it_was_read_logs_no_error_whatever_it_holds(
+        api: Api, caplog: pytest.LogCaptureFixture, head: bytes, status: bytes) -> None:
+    """The body is read to its end after the answer (a large one too, so the client
+    sees the answer); one its Content-Encoding cannot decode closes the connection
+    instead of being left to aiohttp, whose failed drain logged a traceback at ERROR
+    for anyone to fill the log with."""
+    port = api.client.server.port
+    assert port is not None
+    with caplog.at_level(logging.INFO):
+        for extra, body in ((b"Content-Encoding: gzip\r\n", b"notgzip!!!"),
+                            (b"", b"x" * 5_000_000)):
+            answer = await _raw(port, head + b"\r\nHost: x\r\n" + extra +
+                                b"Content-Length: " + str(len(body)).encode() +
+                                b"\r\nConnection: close\r\n\r\n" + body)
+            assert answer.split(b"\r\n", 1)[0].split(b" ")[1] == status, answer[:200]
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
+
+
+async def test_a_malformed_request_is_logged_in_one_line_at_info(
+        api: Api, caplog: pytest.LogCaptureFixture) -> None:
+    port = api.client.server.port
+    assert port is not None
+    with caplog.at_level(logging.INFO):
+        answer = await _raw(port, b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 3"
+                            b"\r\nTransfer-Encoding: chunked\r\n\r\n[]")
+    assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
+    [record] = [r for r in caplog.records if r.name == "aiohttp.server"]
+    assert record.levelno == logging.INFO and record.exc_info is None
+    assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1: "
+                                          "Transfer-Encoding can't be present")
