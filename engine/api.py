@@ -884,8 +884,9 @@ def _move_body(body: Any) -> dict[str, Any]:
     if everything not in (None, True):
         problems.append({"field": "all", "reason": "expected true"})
     if hook_id is not None and (ids is not None or isinstance(hook_id, bool)
-                                or not isinstance(hook_id, int) or hook_id < 0):
-        problems.append({"field": "hook_id", "reason": "an integer >= 0, only with \"all\""})
+                                or not isinstance(hook_id, int) or not 0 <= hook_id <= MAX_ID):
+        problems.append({"field": "hook_id", "reason": f"an integer from 0 to {MAX_ID}, only "
+                         "with \"all\""})
     if problems:
         raise ApiError(422, MOVE_SHAPE, problems)
     return body
@@ -950,6 +951,10 @@ def public_reason(reason: str) -> str:
 
 INGEST_HANDLERS = frozenset({post_events})
 PUBLIC_HANDLERS = frozenset({openapi, health})
+# the query parameters of the routes that take any; the others take none (public
+# routes aside): a misspelt one (?partail=true) is refused, not ignored unsaid
+QUERY_PARAMETERS: dict[Any, frozenset[str]] = {
+    post_events: frozenset({"partial"}), dead_letters: frozenset({"hook_id", "limit", "after"})}
 # the routes that read a body; the others read one sent anyway, and drop it
 BODY_HANDLERS = frozenset({post_events, create_hook, put_hook, clone_hook, test_hook, replay,
                            discard})
@@ -1017,6 +1022,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         target = getattr(request.match_info, "handler", handler)
         if target not in PUBLIC_HANDLERS:
             await _authorize(request, target)
+            _refuse_parameters(request, QUERY_PARAMETERS.get(target, frozenset()))
         _refuse_coding(request)
         if target not in BODY_HANDLERS and request.body_exists:
             # read as any route reads one: a body that cannot be decoded is 400, one too
@@ -1079,6 +1085,15 @@ async def _engine_error(request: web.Request,
 # the content codings aiohttp decodes (brotli and backports.zstd are dependencies);
 # "identity", or no Content-Encoding: the body as it is
 BODY_CODINGS = ("gzip", "deflate", "br", "zstd")
+
+
+def _refuse_parameters(request: web.Request, known: frozenset[str]) -> None:
+    unknown = [name for name in request.query if name not in known]
+    if unknown:
+        takes = f"it takes {', '.join(sorted(known))}" if known else "it takes none"
+        raise ApiError(422, f"query parameter {shown(unknown[0])} is not known here ({takes})",
+                       [{"field": field_name(name), "reason": f"unknown query parameter; {takes}"}
+                        for name in dict.fromkeys(unknown)])
 
 
 def _refuse_coding(request: web.Request) -> None:

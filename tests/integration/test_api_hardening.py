@@ -333,3 +333,29 @@ async def test_a_malformed_request_is_logged_in_one_line_at_info(
     assert record.levelno == logging.INFO and record.exc_info is None
     assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1: "
                                           "Transfer-Encoding can't be present")
+
+
+@pytest.mark.parametrize(("method", "path", "field", "takes"), [
+    ("POST", "/v1/events?partail=true", "partail", "it takes partial"),
+    ("GET", "/v1/dead-letters?hookid=5", "hookid", "it takes after, hook_id, limit"),
+    ("GET", "/v1/hooks?account_id=2", "account_id", "it takes none"),
+])
+async def test_an_unknown_query_parameter_is_refused_not_ignored(
+        api: Api, method: str, path: str, field: str, takes: str) -> None:
+    """?partail=true would be all-or-nothing, ?hookid=5 every dead letter of the
+    account: refused, naming it, as unknown body fields are."""
+    answer = await api.call(method, path, api.master,
+                            json_body=test_api.events(1) if method == "POST" else None)
+    assert answer.status == 422, answer.body
+    assert answer.error["issues"] == [{"field": field,
+                                       "reason": f"unknown query parameter; {takes}"}]
+    assert api.intake() == []
+
+
+async def test_a_hook_id_beyond_int64_in_a_replay_body_is_a_422(api: Api) -> None:
+    for verb in ("replay", "discard"):
+        answer = await api.call("POST", f"/v1/dead-letters/{verb}", api.master,
+                                json_body={"all": True, "hook_id": 2**70})
+        assert answer.status == 422, answer.body
+        assert answer.error["issues"] == [{"field": "hook_id", "reason": (
+            "an integer from 0 to 9223372036854775807, only with \"all\"")}]
