@@ -434,6 +434,21 @@ class Engine:
                              "to its fields (a mapping)")
         return self._profiles.upsert(account_id, profiles)
 
+    def delete_profiles(self, account_id: int, profile_ids: Iterable[str]) -> int:
+        """Forget the stored fields of profiles deleted on the platform (their data is
+        not kept, nor copied into later messages); returns how many were stored."""
+        if not is_account_id(account_id):
+            raise ValueError(f"delete_profiles: account_id {account_id!r} is not an integer "
+                             f"from 0 to {MAX_ID}")
+        ids = None if isinstance(profile_ids, str | bytes) or \
+            not isinstance(profile_ids, Iterable) else list(profile_ids)
+        if ids is None or not all(isinstance(pid, str) for pid in ids):
+            raise ValueError("delete_profiles: profile_ids must be a list of profile ids "
+                             "(strings)")
+        if problem := not_utf8(ids):
+            raise ValueError(f"delete_profiles: profile_ids: {problem}")
+        return self._profiles.delete(account_id, ids)
+
     # --- test event, stats, dead letters ----------------------------------------------
 
     def test_event(self, hook: int | Hook, event_type: str) -> Outcome:

@@ -415,6 +415,17 @@ class ProfileStore:
             pipe.execute()
         return len(profiles)
 
+    def delete(self, account_id: int, profile_ids: list[str]) -> int:
+        """Forget the fields of ``profile_ids`` (profiles deleted on the platform: their
+        data is not kept, nor copied into later messages); how many there were."""
+        if not profile_ids:
+            return 0
+        with self.r.pipeline() as pipe:
+            for n in range(0, len(profile_ids), ONCE_CHUNK):
+                pipe.hdel(self.k.profiles(account_id), *profile_ids[n:n + ONCE_CHUNK])
+            pipe.incr(self.k.profiles_version)
+            return sum(pipe.execute()[:-1])
+
     def version(self) -> int:
         return _version(self.r, self.k.profiles_version)
 

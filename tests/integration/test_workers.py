@@ -293,6 +293,34 @@ def test_entries_are_acked_only_when_every_message_is_settled(
     assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
 
 
+def test_a_deleted_profiles_fields_are_forgotten_and_no_longer_copied(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A profile deleted on the platform: its stored data goes (it is personal data),
+    and a later event of that id, even one without ``profile_deleted``, copies none of
+    it, also in a partition that had it cached."""
+    registry = HookRegistry(redis_client, keys)
+    with_fields = registry.create(hook(actions=["click"], custom_data={"fields": ["email"]}))
+    profiles = ProfileStore(redis_client, keys)
+    profiles.upsert(1, {"p1": {"email": "ann@example.org"}, "p2": {"email": "bo@example.org"}})
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, sender)
+    base = clicks(1)[0]
+
+    def email(event_id: str) -> Any:
+        intake.publish([{**base, "id": event_id, "profile_id": "p1"}])
+        mid = message_id(with_fields.id, event_id)
+        run_until(worker, lambda: any(mid in d.message_ids for d in sender.transport.sent))
+        [msg] = [m for d in sender.transport.sent for m in map(json.loads, d.parts)
+                 if m["hook_message_id"] == mid]
+        return msg.get("custom_data", {}).get("email")
+
+    assert email("before") == "ann@example.org"  # now cached by the partition
+    assert profiles.delete(1, ["p1", "p3"] * 700) == 1  # chunked, unknown ids counted 0
+    assert redis_client.hkeys(keys.profiles(1)) == [b"p2"]
+    assert email("after") is None
+
+
 def test_stored_profiles_fill_custom_data_only_for_hooks_with_profile_fields(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
