@@ -49,9 +49,11 @@ SAMPLE_EVENT_DATA: dict[str, dict[str, Any]] = {
               "page_url": "https://shop.example.com/cart", "referrer": "https://example.com/",
               **{k: _TRACKING[k] for k in _GEO_UA}},  # spec d: the tracking variant's
 }
-# spec d: link_url is the clicked URL, on click-type events only
-CLICK_TYPES = frozenset({"click", "uclick", "confirm", "click_sms", "uclick_sms",
-                         "click_push", "uclick_push"})
+# spec d: link_url is the clicked URL, on click-type events only: those made by a
+# click on a link (a confirmation link, an unsubscribe link too; a code added by
+# EVENT_TYPES_FILE when it holds "click")
+CLICK_TYPES = frozenset({"click", "uclick", "confirm", "confirmsub", "unsub", "click_sms",
+                         "uclick_sms", "unsub_sms", "click_push", "uclick_push"})
 # spec d (proposal): bounce and undelivered events also carry the provider's (or
 # SMTP's) response, as a code and a text
 SAMPLE_RESPONSES: dict[str, dict[str, Any]] = {
@@ -62,6 +64,9 @@ SAMPLE_RESPONSES: dict[str, dict[str, Any]] = {
     "undeliv_sms": {"response_code": 21, "response_text": "Absent subscriber"},
     "undeliv_push": {"response_code": 404, "response_text": "Unregistered device token"},
 }
+# that of a bounce or undelivered code added by EVENT_TYPES_FILE (one holding
+# "bounce", or starting "undeliv")
+SAMPLE_OTHER_RESPONSE = {"response_code": 500, "response_text": "Not delivered"}
 # spec d (proposal): a message's content per channel, sent when the hook's
 # send_content option is on
 SAMPLE_CONTENT: dict[str, dict[str, Any]] = {
@@ -90,7 +95,11 @@ def sample_event_data(event_type_info: EventType) -> dict[str, Any]:
             del data["link_url"]
         if event_type_info.channel == "push":
             data["extra_uid"] = SAMPLE_EXTRA_UID
-    data.update(SAMPLE_RESPONSES.get(event_type_info.code, {}))
+    code = event_type_info.code
+    if code in SAMPLE_RESPONSES:
+        data.update(SAMPLE_RESPONSES[code])
+    elif category == "delivery" and ("bounce" in code or code.startswith("undeliv")):
+        data.update(SAMPLE_OTHER_RESPONSE)
     return data
 
 

@@ -98,9 +98,10 @@ def test_message(event_type: str, catalogue: Any = None) -> dict[str, Any]:
 test_message.__test__ = False  # type: ignore[attr-defined]  # a helper, not a test
 
 
-# spec d: link_url is the clicked URL, "click-type events"
-CLICK_TYPES = ["click", "uclick", "confirm", "click_sms", "uclick_sms", "click_push",
-               "uclick_push"]
+# spec d: link_url is the clicked URL, "click-type events": those spec c describes as a
+# click on a link (confirmsub: "the confirmation link", unsub: "opt-out through a link")
+CLICK_TYPES = ["click", "uclick", "confirm", "confirmsub", "unsub", "click_sms", "uclick_sms",
+               "unsub_sms", "click_push", "uclick_push"]
 
 
 def tracking_example(code: str) -> dict[str, Any]:
@@ -135,6 +136,20 @@ def test_a_bounce_or_undelivered_test_event_carries_the_providers_response(code:
     data = test_message(code)["event_data"]
     assert isinstance(data["response_code"], int) and data["response_text"]
     assert "response_code" not in test_message("deliv")["event_data"]
+
+
+def test_codes_added_by_configuration_get_the_shape_their_code_says() -> None:
+    catalogue = CATALOGUE.extended([
+        {"code": "undeliv_viber", "category": "delivery", "channel": "viber"},
+        {"code": "soft_bounce_x", "category": "delivery", "channel": "email"},
+        {"code": "deliv_viber", "category": "delivery", "channel": "viber"},
+        {"code": "click_viber", "category": "tracking", "channel": "viber"},
+        {"code": "open_viber", "category": "tracking", "channel": "viber"}])
+    data = {code: test_message(code, catalogue)["event_data"] for code in (
+        "undeliv_viber", "soft_bounce_x", "deliv_viber", "click_viber", "open_viber")}
+    assert [c for c, d in data.items() if "response_code" in d] == ["undeliv_viber",
+                                                                    "soft_bounce_x"]
+    assert [c for c, d in data.items() if "link_url" in d] == ["click_viber"]
 
 
 def test_a_pixel_test_event_carries_the_tracking_variants_geo_and_user_agent() -> None:
