@@ -12,6 +12,7 @@ import base64
 import json
 import logging
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 import pytest
@@ -40,12 +41,21 @@ async def echo() -> AsyncIterator[TestServer]:
     async def reflect(request: web.Request) -> web.Response:
         return web.Response(status=401, text=json.dumps(dict(request.headers)))
 
+    async with serving(reflect) as server:
+        yield server
+
+
+@asynccontextmanager
+async def serving(handler: Any) -> AsyncIterator[TestServer]:
+    """A server on 127.0.0.1 answering every method and path with ``handler``."""
     app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", reflect)
+    app.router.add_route("*", "/{tail:.*}", handler)
     server = TestServer(app, host="127.0.0.1")
     await server.start_server()
-    yield server
-    await server.close()
+    try:
+        yield server
+    finally:
+        await server.close()
 
 
 # --- 4xx answers ----------------------------------------------------------------------
@@ -118,12 +128,8 @@ async def echo_shaped() -> AsyncIterator[TestServer]:
         return web.Response(status=int(request.query.get("status", "401")),
                             text=f"{pad}you sent: {request.headers.get('Authorization')}")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", reflect)
-    server = TestServer(app, host="127.0.0.1")
-    await server.start_server()
-    yield server
-    await server.close()
+    async with serving(reflect) as server:
+        yield server
 
 
 async def test_a_secret_echoed_across_the_cut_of_an_answer_is_not_shown_in_part(

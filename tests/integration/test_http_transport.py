@@ -472,27 +472,33 @@ def test_a_batch_larger_than_max_batch_size_is_posted_in_pieces(receiver: Receiv
     assert [len(r.messages) for r in receiver.requests("/all")] == [10, 10, 5]
 
 
-def test_a_failed_piece_leaves_only_the_pieces_from_it_on_to_send(receiver: Receiver) -> None:
-    from engine.errors import Timeout
-
-    class SecondFails(HttpTransport):
+def send_in_pieces(receiver: Receiver, path: str, failures: dict[int, Exception]) -> Any:
+    """25 messages to ``path`` in pieces of 10, the piece of each call ``failures``
+    numbers (from 1) failing with its error instead of being posted."""
+    class Failing(HttpTransport):
         calls = 0
 
         async def post(self, target: HttpBatch, body: bytes) -> Any:
             self.calls += 1
-            if self.calls == 2:
-                raise Timeout("no answer within 2 s")
+            if self.calls in failures:
+                raise failures[self.calls]
             return await super().post(target, body)
 
     async def go() -> Any:
-        transport = SecondFails(timeout_sec=2.0)
+        transport = Failing(timeout_sec=2.0)
         try:
             return await transport.send(
-                HttpBatch(url=receiver.url("/mid"), max_batch_size=10), delivery(25))
+                HttpBatch(url=receiver.url(path), max_batch_size=10), delivery(25))
         finally:
             await transport.close()
 
-    outcome = asyncio.run(go())
+    return asyncio.run(go())
+
+
+def test_a_failed_piece_leaves_only_the_pieces_from_it_on_to_send(receiver: Receiver) -> None:
+    from engine.errors import Timeout
+
+    outcome = send_in_pieces(receiver, "/mid", {2: Timeout("no answer within 2 s")})
     assert not outcome.ok and outcome.error == "Timeout"
     assert outcome.failed == list(range(10, 25))  # the first piece was delivered
     assert [len(r.messages) for r in receiver.requests("/mid")] == [10]
@@ -505,28 +511,10 @@ def test_pieces_refused_before_one_waits_too_long_use_up_a_re_send(receiver: Rec
     from engine.errors import Queued, Rejected
     from engine.transports.base import queued
 
-    class Pieces(HttpTransport):
-        calls = 0
-
-        async def post(self, target: HttpBatch, body: bytes) -> Any:
-            self.calls += 1
-            if self.calls == 2:
-                refused = Rejected("HTTP 500: status is not 200")
-                refused.status = 500
-                raise refused
-            if self.calls == 3:
-                raise Queued("waited 60 s for a slot")
-            return await super().post(target, body)
-
-    async def go() -> Any:
-        transport = Pieces(timeout_sec=2.0)
-        try:
-            return await transport.send(
-                HttpBatch(url=receiver.url("/pq"), max_batch_size=10), delivery(25))
-        finally:
-            await transport.close()
-
-    outcome = asyncio.run(go())
+    refused = Rejected("HTTP 500: status is not 200")
+    refused.status = 500
+    outcome = send_in_pieces(receiver, "/pq", {2: refused,
+                                               3: Queued("waited 60 s for a slot")})
     assert not outcome.ok and outcome.error == "Rejected" and not queued(outcome), outcome
     assert outcome.failed == list(range(10, 25))
     assert [len(r.messages) for r in receiver.requests("/pq")] == [10]
