@@ -8,9 +8,10 @@
 -- takes some thousands at most)
 -- A script is not undone by a failing command, and a booking that failed is sent
 -- again: a counter that cannot be added to (its field damaged from outside, not an
--- integer) is left as it is, not counted, and named in the reply, rather than
--- failing the booking after the commands before it, which every later try would
--- carry out again. Returns 0 (booked before), or 1 and the counts not made.
+-- integer, of another type, or at its limit) is left as it is, not counted, and
+-- named in the reply, rather than failing the booking after the commands before it,
+-- which every later try would carry out again. Returns {0} (booked before), or {1}
+-- and the counts not made.
 if redis.call('LPOS', KEYS[1], ARGV[1]) then
   return {0}
 end
@@ -21,7 +22,15 @@ while i <= #ARGV do
   if ARGV[i + 1] == 'HINCRBY' then
     local reply = redis.pcall(unpack(ARGV, i + 1, i + n))
     if type(reply) == 'table' and reply.err then
-      skipped[#skipped + 1] = ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ': ' .. reply.err
+      -- only a counter's own damage is passed over: any other error (out of memory,
+      -- raised only at a script's first write) fails the booking, to be sent again
+      local err = reply.err
+      if not (string.find(err, 'not an integer', 1, true) or
+              string.find(err, 'WRONGTYPE', 1, true) or
+              string.find(err, 'overflow', 1, true)) then
+        return reply
+      end
+      skipped[#skipped + 1] = ARGV[i + 2] .. ' ' .. ARGV[i + 3] .. ': ' .. err
     end
   else
     redis.call(unpack(ARGV, i + 1, i + n))

@@ -41,7 +41,7 @@ from engine.events import (
     ensure_ids,
     validation_issue,
 )
-from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys, recorded_partitions
+from engine.keys import CONSUMER_GROUP, INTAKE_FIELD, Keys, damaged_count, recorded_partitions
 from engine.messages import PartView
 from engine.partitioning import partition_of, positions_by_code
 
@@ -245,14 +245,22 @@ def decode_views(fields: dict[bytes, bytes]) -> list[PartView] | None:
         return None
 
 
+COUNT_WARNING_SEC = 60.0  # at most one warning a minute of a count not made
+_count_warned = [-COUNT_WARNING_SEC]  # when it was last given
+
+
 def _written(replies: list[Any], count_at: int, stats_key: str) -> None:
     """Check the replies of an append's MULTI: raise the first failure but that of
-    the count (reply ``count_at``), which is logged, as the events were written."""
+    the count (reply ``count_at``) for its counter's damage, which is logged (at most
+    once every COUNT_WARNING_SEC), as the events were written."""
     for n, reply in enumerate(replies):
         if isinstance(reply, Exception):
-            if n != count_at:
+            if n != count_at or not damaged_count(reply):
                 raise reply
-            log.warning("%s events_accepted not counted: %s", stats_key, reply)
+            if time.monotonic() - _count_warned[0] >= COUNT_WARNING_SEC:
+                _count_warned[0] = time.monotonic()
+                log.warning("%s events_accepted not counted: %s (a damaged record: set it "
+                            "right with HSET or delete the field)", stats_key, reply)
 
 
 def _refusal(issues: list[EventIssue]) -> EventError:

@@ -146,3 +146,10 @@ class Keys:
 
     def stats(self, hook_id: int) -> str:
         return f"{self.p}:stats:{hook_id}"
+
+
+def damaged_count(error: Exception) -> bool:
+    """Whether a HINCRBY failed for its counter's own damage (a field that is not an
+    integer, a key of another type, a count at its limit), as book_once.lua judges."""
+    text = str(error)
+    return any(sign in text for sign in ("not an integer", "WRONGTYPE", "overflow"))

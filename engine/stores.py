@@ -36,7 +36,7 @@ from engine.hooks import (
     quoted,
     restore_secrets,
 )
-from engine.keys import RETRY_LEASE_MS, Keys
+from engine.keys import RETRY_LEASE_MS, Keys, damaged_count
 from engine.names import NameCatalogue
 from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery, writable
 
@@ -643,7 +643,7 @@ class Booking:
             skipped = []
             for args, reply in zip(commands, replies, strict=True):
                 if isinstance(reply, Exception):
-                    if args[0] != "HINCRBY":
+                    if args[0] != "HINCRBY" or not damaged_count(reply):
                         raise reply
                     skipped.append(f"{args[1]} {args[2]}: {reply}")
             self._skipped(skipped)

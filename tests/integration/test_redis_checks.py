@@ -3,6 +3,7 @@ that it cannot use at all."""
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
@@ -126,3 +127,28 @@ def test_a_redis_older_than_6_2_is_refused_naming_its_version(
     with pytest.raises(ConfigError) as err:
         Engine.connect(settings)
     assert "needs 6.2 or later" in str(err.value)
+
+
+def test_a_booking_refused_for_memory_is_not_made_in_part() -> None:
+    """Out of memory is no damaged counter: a booking whose first write (a count) Redis
+    refuses for it fails whole, to be sent again, rather than being recorded done with
+    its count left out."""
+    from engine.keys import Keys
+    from engine.stores import Booking, Stats
+
+    for r in own_redis("--maxmemory", "2mb", "--maxmemory-policy", "noeviction"):
+        keys = Keys("oom")
+        r.xadd(keys.intake(0), {"e": "1"})
+        r.xgroup_create(keys.intake(0), "g", id="0")
+        r.xreadgroup("g", "c", {keys.intake(0): ">"})
+        with contextlib.suppress(redis.exceptions.OutOfMemoryError):
+            for n in range(100_000):  # fill it
+                r.set(f"fill:{n}", "x" * 1000)
+        booking = Booking(r)
+        entry = r.xrange(keys.intake(0))[0][0]
+        with pytest.raises(redis.ResponseError, match="OOM command not allowed"), \
+                booking((keys.last_ack(0, "c"), "t1")) as pipe:
+            Stats(r, keys).add(pipe, 7, "delivered", 1)
+            pipe.xack(keys.intake(0), "g", entry)
+        assert r.xpending(keys.intake(0), "g")["pending"] == 1  # not acknowledged
+        assert r.llen(keys.last_ack(0, "c")) == 0  # nor recorded done
