@@ -56,6 +56,7 @@ TOKEN_MARGIN_SEC = 30.0  # refresh an OAuth2 token this long before it expires
 # its URL now and then must not grow the actor's memory for ever)
 MAX_DESTINATIONS = 10_000
 MAX_SECRET_SETS = 1024  # targets whose secrets are kept worked out
+MATCH_MASKED_CHARS = 8  # secrets at least this long are masked before a success regex
 MAX_REGEXES = 1_000
 MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
@@ -222,14 +223,14 @@ class HttpTransport(Transport):
                                                                     mask_url(key)))
                     raise
                 except TransportError as exc:
-                    if exc.status is not None:  # answered: the failures are not consecutive
-                        dest.failures = 0
+                    if exc.status is not None:  # answered: reachable, the run is over
+                        dest.failures, dest.open_until = 0, 0.0
                     raise
             finally:
                 dest.semaphore.release()
         finally:
             dest.users -= 1
-        dest.failures = 0
+        dest.failures, dest.open_until = 0, 0.0
         return outcome
 
     def _record_failure(self, dest: _Destination, error: str) -> None:
@@ -272,10 +273,7 @@ class HttpTransport(Transport):
                                 f"not delivered); Location: {shown}")
             redirect.status = status
             raise redirect
-        # an answer echoing what was sent: its secrets masked before it is cut (a secret
-        # cut in two would not be found whole afterwards) or matched (a success_regex
-        # would tell, guess by guess, whether a secret holds what it names)
-        return await self._judge(target, status, scrub(text, secrets) if secrets else text)
+        return await self._judge(target, status, text, secrets)
 
     def _secrets(self, target: HttpBatch, auth: str | None) -> list[str]:
         """What a text about a delivery to ``target`` must not show: its settings'
@@ -292,14 +290,22 @@ class HttpTransport(Transport):
             return [*cached[1], auth.removeprefix("Bearer ")]
         return cached[1]
 
-    async def _judge(self, target: HttpBatch, status: int, text: str) -> Outcome:
-        excerpt = text[:EXCERPT_CHARS]
+    async def _judge(self, target: HttpBatch, status: int, text: str,
+                     secrets: list[str]) -> Outcome:
+        """The outcome of an answer. One echoing what was sent has its ``secrets``
+        masked before it is cut to an excerpt (a secret cut in two would not be found
+        whole afterwards), and those of MATCH_MASKED_CHARS or more before the success
+        regex is matched (it would tell, guess by guess, what a secret holds; a
+        shorter one, "ok" say, could hide the very text the regex looks for)."""
+        excerpt = (scrub(text, secrets) if secrets else text)[:EXCERPT_CHARS]
         if target.success_regex:
             if not 200 <= status < 300:
                 reason = "status is not 2xx"
             else:
+                long = [secret for secret in secrets if len(secret) >= MATCH_MASKED_CHARS]
                 try:
-                    if await self._search(target.success_regex, text):
+                    if await self._search(target.success_regex,
+                                          scrub(text, long) if long else text):
                         return Outcome(ok=True, status=status, detail=excerpt)
                     reason = f"body does not match success regex {target.success_regex!r}"
                 except TimeoutError:

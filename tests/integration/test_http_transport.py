@@ -370,6 +370,47 @@ def test_a_hooks_own_failures_do_not_open_the_breaker_other_hooks_share(
     assert other.ok, other
 
 
+def test_an_answer_closes_a_breaker_that_opened_while_it_was_awaited(
+        receiver: Receiver) -> None:
+    """A request under way when the breaker opened, answered: the destination is
+    reachable, and the next request is sent, not failed as "circuit open after 0
+    failures"."""
+    receiver.behave("/b", delay_sec=0.6)
+
+    async def go() -> tuple[Any, list[Any], Any]:
+        t = HttpTransport(concurrency=8, timeout_sec=0.3)
+        try:
+            patient = asyncio.ensure_future(t.send(
+                HttpBatch(url=receiver.url("/b?p=1"), request_timeout_sec=5), delivery()))
+            quick = await asyncio.gather(*(t.send(HttpBatch(url=receiver.url("/b")),
+                                                  delivery()) for _ in range(BREAKER_FAILURES)))
+            answered = await patient
+            return answered, list(quick), await t.send(HttpBatch(url=receiver.url("/b")),
+                                                       delivery())
+        finally:
+            await t.close()
+
+    answered, quick, after = asyncio.run(go())
+    assert [o.error for o in quick] == ["Timeout"] * BREAKER_FAILURES
+    assert answered.ok
+    assert after.error == "Timeout" and "circuit open" not in after.detail, after
+
+
+def test_a_short_secret_does_not_hide_what_the_success_regex_looks_for(
+        receiver: Receiver) -> None:
+    """Secrets are masked in an answer before the success regex is matched (it would
+    otherwise tell what they hold), but not one shorter than MATCH_MASKED_CHARS: a key
+    "ok" would mask the very "ok" the regex looks for, and every accepted batch would
+    be sent again."""
+    receiver.behave("/short", body='{"status": "ok"}')
+    outcome = send({"url": receiver.url("/short?api_key=ok"), "success_regex": '"ok"'})
+    assert outcome.ok, outcome
+    receiver.behave("/long", body='{"status": "ok-long-secret"}')
+    outcome = send({"url": receiver.url("/long?api_key=ok-long-secret"),
+                    "success_regex": "ok-long"})
+    assert not outcome.ok and outcome.detail.endswith('{"status": "**********"}'), outcome
+
+
 def test_an_answer_resets_the_breakers_count_of_consecutive_failures(
         receiver: Receiver) -> None:
     """An answer that fails the batch (HTTP 500) shows the destination reachable: the
