@@ -110,9 +110,9 @@ class _MalformedRequests(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         exc = record.exc_info[1] if record.exc_info else None
         if isinstance(exc, HttpProcessingError):
-            record.msg = "malformed HTTP request from %s: %s"
-            record.args = (*(record.args if isinstance(record.args, tuple) else ()),
-                           " ".join(str(exc.message).split())[:200])
+            said = record.getMessage().replace("%", "%%")  # "Error handling request ..."
+            record.msg = f"{said}: malformed HTTP request: %s"
+            record.args = (" ".join(str(exc.message).split())[:200],)
             record.exc_info, record.exc_text = None, None
             record.levelno, record.levelname = logging.INFO, "INFO"
         return True
@@ -988,14 +988,17 @@ async def _authorize(request: web.Request, handler: Handler) -> None:
 async def api_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     response = await _answer(request, handler)
     if request.body_exists and not request.content.at_eof() and \
-            not await _drained(request.content):
-        # answered before its body was read (no token, no such route, a bad query),
-        # and the body cannot be read to its end (its Content-Encoding does not decode
-        # it): the connection is closed after the answer. Left to aiohttp, its drain
-        # would fail, logging an unhandled error with a traceback, for anyone to fill
-        # the log with
-        response.force_close()
-        request.content.feed_eof()
+            response.keep_alive is not False:  # (closed after it: nothing to read)
+        # answered before its body was read (no token, no such route, a bad query):
+        # the answer goes out first, then the body is read to its end, or, when it
+        # cannot be (its Content-Encoding does not decode it), the connection is
+        # closed. Left to aiohttp, that drain would fail, logging an unhandled error
+        # with a traceback, for anyone to fill the log with
+        await response.prepare(request)
+        await response.write_eof()
+        if not await _drained(request.content):
+            response.force_close()
+            request.content.feed_eof()
     return response
 
 

@@ -66,8 +66,8 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
     in some event's strings, decoded event by event: those events are bad (index,
     field and reason), the others as ``decode_batch`` finds them. With the events as
     read; None when the body is refused for anything else."""
-    try:
-        items = json.loads(body)
+    try:  # NaN and Infinity are no JSON: the body is refused whole, as msgspec does
+        items = json.loads(body, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return None
     if isinstance(items, dict):  # one event over several lines
@@ -120,6 +120,10 @@ def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
     return DecodedBatch(batch.events, batch.indices, issues)
 
 
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _non_finite(value: Any) -> str:

@@ -170,7 +170,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
                     self.segment_ids = [segment]
             elif segment and segment not in self.segment_ids:
                 raise ValueError(f"event_data.segment_id: {segment} is not among the "
-                                 f"event's segment_ids {self.segment_ids}")
+                                 f"event's segment_ids {quoted(self.segment_ids)}")
 
     @property
     def date_ns(self) -> int:

@@ -661,6 +661,14 @@ def test_ids_contradicting_the_top_level_are_bad_events(fields: dict[str, Any], 
         Event(**{**good, **fields})
 
 
+def test_a_contradiction_quotes_a_long_segment_list_by_its_start() -> None:
+    good = {"event_type": "click", "event_date": DATE, "account_id": 1}
+    batch = decode_batch(msgspec.json.encode([{**good, "segment_ids": list(range(1, 100_000)),
+                                               "event_data": {"segment_id": 10**6}}]))
+    [issue] = batch.issues
+    assert issue.field == "event_data.segment_id" and len(issue.reason) < 200, issue.reason
+
+
 def test_ids_agreeing_with_the_top_level_are_accepted() -> None:
     fields = {"campaign_id": 5, "segment_ids": [5, 6], "resource_id": 0,
               "event_data": {"campaign_id": 5, "segment_id": 6, "resource_id": 0}}

@@ -1658,6 +1658,11 @@ async def test_a_lone_surrogate_beside_a_number_out_of_range_keeps_both_events_b
     assert [(i["index"], i["field"], i["reason"][:21]) for i in answer.body["issues"]] == [
         (0, "profile_id", "not valid UTF-8: a lo"), (2, "event_data.x[1]", "Number out of range")]
     assert answer.body["accepted"] == 1
+    # NaN is no JSON at all: the body is refused whole, as without the surrogate
+    answer = await api.call("POST", "/v1/events?partial=true", api.ingest,
+                            data=body.replace(b"1e400", b"NaN"),
+                            headers={"Content-Type": "application/json"})
+    assert answer.status == 400, answer.body
 
 
 async def test_a_damaged_hook_record_is_its_accounts_to_see_and_delete(api: Api) -> None:

@@ -321,6 +321,20 @@ async def test_a_body_answered_before_it_was_read_logs_no_error_whatever_it_hold
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+async def test_an_early_answer_goes_out_before_the_rest_of_the_body_arrives(api: Api) -> None:
+    """A client still sending its body (slowly, or waiting) gets its 401 at once; the
+    body is read to its end after the answer, not before it."""
+    port = api.client.server.port
+    assert port is not None
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/hooks HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n"
+                 + b"x" * 10)
+    await writer.drain()
+    line = await asyncio.wait_for(reader.readline(), 3)  # DRAIN_SEC is 10
+    writer.close()
+    assert line.startswith(b"HTTP/1.1 401"), line
+
+
 async def test_a_malformed_request_is_logged_in_one_line_at_info(
         api: Api, caplog: pytest.LogCaptureFixture) -> None:
     port = api.client.server.port
@@ -331,8 +345,8 @@ async def test_a_malformed_request_is_logged_in_one_line_at_info(
     assert answer.startswith(b"HTTP/1.0 400"), answer[:200]
     [record] = [r for r in caplog.records if r.name == "aiohttp.server"]
     assert record.levelno == logging.INFO and record.exc_info is None
-    assert record.getMessage().startswith("malformed HTTP request from 127.0.0.1: "
-                                          "Transfer-Encoding can't be present")
+    assert record.getMessage().startswith("Error handling request from 127.0.0.1: malformed "
+                                          "HTTP request: Transfer-Encoding can't be present")
 
 
 @pytest.mark.parametrize(("method", "path", "field", "takes"), [
