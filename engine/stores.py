@@ -991,7 +991,10 @@ class RetryStore:
         if mode not in PAST:
             raise ValueError(f"mode: {mode!r} is neither 'replay' nor 'discard'")
         keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
-        args: list[Any] = [mode, now_ms()]
+        # replayed due now, by this machine's clock or Redis', whichever is behind: a
+        # machine the operator replays from may run an hour ahead, a worker's clock
+        # (which claims them) may lag Redis'
+        args: list[Any] = [mode, min(now_ms(), self._redis_ms()) if mode == "replay" else 0]
         for delivery_id, raw, delivery in letters:
             delivery.resends = 0
             args += [delivery_id, hashlib.sha1(raw).hexdigest(),

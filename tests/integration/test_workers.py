@@ -966,6 +966,22 @@ def test_replaying_all_takes_those_a_clock_ahead_of_redis_killed(
     assert retry.pending() == 5
 
 
+def test_a_replay_from_a_clock_an_hour_ahead_is_due_at_once(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replayed letters are due now by Redis' clock, not by that of the machine the
+    operator replays from: one an hour ahead left them waiting an hour."""
+    import engine.stores
+
+    retry = RetryStore(redis_client, keys)
+    retry.kill(_letter("d1", 1, 10), "HTTP 500")
+    laptop = now_ms() + 3_600_000
+    monkeypatch.setattr(engine.stores, "now_ms", lambda: laptop)
+    assert retry.replay(["d1"]) == 1
+    seconds, micros = redis_client.time()
+    redis_now = seconds * 1000 + micros // 1000
+    assert [d.id for d in retry.claim_due(now=redis_now + 1000)] == ["d1"]
+
+
 def test_dead_letters_page_by_cursor_reading_each_once_however_many_died_together(
         redis_client: redis.Redis, keys: Keys) -> None:
     """1,200 dead letters of one millisecond (one score), paged 500 at a time: each is
