@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from typing import Any
 
 import msgspec
@@ -81,7 +82,8 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
             try:  # a number JSON cannot hold (1e400 is read as inf): bad, as msgspec says
                 texts.append(json.dumps(item, allow_nan=False))
             except ValueError:
-                issues.append(EventIssue(index, _non_finite(item), "Number out of range"))
+                issues.append(EventIssue(index, *(_first_bad(item, _out_of_range)
+                                                  or ("$", "Number out of range"))))
             except RecursionError:
                 return None
             else:
@@ -126,35 +128,32 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
-def _non_finite(value: Any) -> str:
-    """The path of the first number of ``value`` that is no finite float ("$" if none)."""
-    stack: list[tuple[Any, str]] = [(value, "")]
-    while stack:
-        item, path = stack.pop()
-        if isinstance(item, float) and not math.isfinite(item):
-            return path or "$"
-        if isinstance(item, dict):
-            stack += [(sub, f"{path}.{key}" if path else str(key))
-                      for key, sub in reversed(item.items())]
-        elif isinstance(item, list):
-            stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
-    return "$"
+def _out_of_range(item: Any) -> str | None:
+    return "Number out of range" if isinstance(item, float) and not math.isfinite(item) \
+        else None
 
 
 def lone_surrogate(value: Any) -> tuple[str, str] | None:
     """(field, reason) of the first string (or key) of ``value`` that is not valid
-    UTF-8, walked without recursion."""
+    UTF-8."""
+    return _first_bad(value, lambda item: not_utf8(item) if isinstance(item, str) else None,
+                      not_utf8)
+
+
+def _first_bad(value: Any, leaf: Callable[[Any], str | None],
+               key: Callable[[Any], str | None] = lambda _: None) -> tuple[str, str] | None:
+    """(field, reason) of the first value of ``value`` that ``leaf`` finds a reason
+    against, or the first key ``key`` does; walked without recursion."""
     stack: list[tuple[Any, str]] = [(value, "")]
     while stack:
         item, path = stack.pop()
-        if isinstance(item, str):
-            if problem := not_utf8(item):
-                return path or "$", problem
-        elif isinstance(item, dict):
-            for key, sub in reversed(item.items()):
-                if problem := not_utf8(key):
+        if isinstance(item, dict):
+            for name, sub in reversed(item.items()):
+                if problem := key(name):
                     return path or "$", f"a key is {problem}"
-                stack.append((sub, f"{path}.{key}" if path else key))
+                stack.append((sub, f"{path}.{name}" if path else str(name)))
         elif isinstance(item, list):
             stack += [(sub, f"{path}[{n}]") for n, sub in reversed(list(enumerate(item)))]
+        elif problem := leaf(item):
+            return path or "$", problem
     return None
