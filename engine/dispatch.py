@@ -61,9 +61,9 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
 MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
-# times a worker began processing an entry read again after a restart and its process
-# ended before it finished (out of memory, a crash in native code), before it is set
-# aside: else the partition would restart, read it first, and end again, for ever
+# times the process ended while processing an entry (out of memory, a crash in native
+# code), its first read included, before it is set aside: else the partition would
+# restart, read it first, and end again, for ever
 MAX_PROCESS_ENDS = 3
 # Redis errors that pass (a lost connection, a timeout, a replica or a loading server,
 # one out of memory or refusing writes until it can persist or reach its replicas, a
@@ -568,15 +568,18 @@ class PartitionWorker:
 
     def _processing_ends(self, entries: list[_Entry], marked: list[str]) -> list[_Entry]:
         """Count the start of processing of entries read again after a restart (an
-        end of the process before it finishes leaves the count); those begun
-        MAX_PROCESS_ENDS times already are set aside instead."""
+        end of the process before it finishes leaves the count); those whose
+        processing ended the process MAX_PROCESS_ENDS times are set aside instead.
+        The count of an entry read again is the ends so far: its first read (not
+        counted: entries are not marked before a restart) ended once, and each start
+        counted before this one ended again."""
         with self.r.pipeline(transaction=False) as pipe:
             for eid in marked:
                 pipe.hincrby(self.processing, eid, 1)
             begun = dict(zip(marked, pipe.execute(), strict=True))
         kept = []
         for entry in entries:
-            if begun.get(entry.id, 0) <= MAX_PROCESS_ENDS:
+            if begun.get(entry.id, 0) < MAX_PROCESS_ENDS:
                 kept.append(entry)
                 continue
             self._set_aside(entry.id, entry.fields, ProcessEnded(
