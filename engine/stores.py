@@ -54,11 +54,16 @@ def _version(r: redis.Redis, key: str) -> int:
 
 
 _REPLACE_HOOK = """
-if redis.call('HEXISTS', KEYS[1], ARGV[1]) == 0 then return 0 end
+local stored = redis.call('HGET', KEYS[1], ARGV[1])
+if not stored then return 0 end
+if stored ~= ARGV[3] then return -1 end
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[2])
 return 1
 """
+# a hook changed by others this many times while one change was being made to it: the
+# change is refused (Conflict) rather than made over a version it never read
+REPLACE_TRIES = 10
 
 
 MAX_TTL_SEC = 10 * 365 * 86_400  # the longest content is kept when asked: 10 years
@@ -74,13 +79,25 @@ class HookRegistry:
         self.deny = deny
         self._replace_script = r.register_script(_REPLACE_HOOK)
 
-    def _replace(self, hook: Hook) -> Hook:
-        """Store ``hook`` over its stored version, only if that still exists: a change
-        racing a delete does not bring the hook back."""
-        if not self._replace_script(keys=[self.k.hooks, self.k.hooks_version],
-                                    args=[str(hook.id), json.dumps(hook.to_storage())]):
-            raise NotFound(f"hook {hook.id} does not exist")
-        return hook
+    def _changed(self, hook_id: int, change: Callable[[Hook], Hook], what: str) -> Hook:
+        """Store ``change(the stored hook)`` over the stored record, only if that record
+        is still the one read: a change racing another (an update, a stop) is made again
+        on the other's result, never over it (a stop would otherwise bring back the
+        secret an update had just replaced); one racing a delete does not bring the hook
+        back (NotFound)."""
+        for _ in range(REPLACE_TRIES):
+            raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
+            if raw is None:
+                raise NotFound(f"hook {hook_id} does not exist")
+            hook = change(self._parse(str(hook_id), raw))
+            done = self._replace_script(keys=[self.k.hooks, self.k.hooks_version],
+                                        args=[str(hook_id), json.dumps(hook.to_storage()), raw])
+            if done == 1:
+                return hook
+            if done == 0:
+                raise NotFound(f"hook {hook_id} does not exist")
+        raise Conflict(f"hook {hook_id} changed {REPLACE_TRIES} times while it was being "
+                       f"{what}: try again")
 
     def _save(self, hook: Hook) -> Hook:
         with self.r.pipeline() as pipe:
@@ -147,8 +164,11 @@ class HookRegistry:
             reason = f"must be {hook_id} (or absent)"
             raise HookError(f"invalid hook: id {given!r} differs from the hook's id "
                             f"{hook_id}", [("id", reason)])
-        stored = self.get(hook_id)
         sent = {**dict(data), "id": hook_id}
+        return self._changed(hook_id, lambda stored: self._updated(stored, sent), "updated")
+
+    def _updated(self, stored: Hook, sent: dict[str, Any]) -> Hook:
+        """``stored`` with the settings ``sent`` (redacted secrets restored from it)."""
         restored = restore_secrets(sent, stored)
         hook = parse_hook(restored, self.catalogue)
         if hook.account_id != stored.account_id:
@@ -169,11 +189,11 @@ class HookRegistry:
                             f"{MASK} cannot keep the stored secret(s) of "
                             f"{', '.join(kept)}; give the secret itself",
                             [(path, reason) for path in kept])
-        return self._replace(_no_mask(hook))
+        return _no_mask(hook)
 
     def set_active(self, hook_id: int, active: bool) -> Hook:
-        hook = self.get(hook_id)
-        return self._replace(hook.model_copy(update={"active": active}))
+        return self._changed(hook_id, lambda hook: hook.model_copy(update={"active": active}),
+                             "activated" if active else "stopped")
 
     def clone(self, hook_id: int, name: str | None = None) -> Hook:
         """A stopped copy of a hook, with a new id, named ``name`` (validated as any

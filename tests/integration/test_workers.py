@@ -1932,23 +1932,94 @@ def test_a_change_racing_a_delete_does_not_bring_the_hook_back(
     registry = HookRegistry(redis_client, keys)
     created = registry.create(hook())
     hook_id = created.id or 0
-    original = HookRegistry.get
+    original = HookRegistry._parse
 
-    def get_then_deleted(self: Any, wanted: int) -> Hook:
-        found = original(self, wanted)
-        HookRegistry(redis_client, keys).delete(wanted)  # a DELETE lands meanwhile
+    def read_then_deleted(self: Any, wanted: str, raw: bytes) -> Hook:
+        found = original(self, wanted, raw)
+        HookRegistry(redis_client, keys).delete(int(wanted))  # a DELETE lands meanwhile
         return found
 
-    monkeypatch.setattr(HookRegistry, "get", get_then_deleted)
+    monkeypatch.setattr(HookRegistry, "_parse", read_then_deleted)
     with pytest.raises(NotFound, match=f"hook {hook_id} does not exist"):
         registry.set_active(hook_id, False)
     assert registry.all() == []
     monkeypatch.undo()
     again = registry.create(hook())
-    monkeypatch.setattr(HookRegistry, "get", get_then_deleted)
+    monkeypatch.setattr(HookRegistry, "_parse", read_then_deleted)
     with pytest.raises(NotFound):
         registry.update(again.id or 0, hook(name="renamed"))
+    monkeypatch.undo()
     assert registry.all() == []
+
+
+def token(stored: Hook) -> str:
+    auth = stored.target.http_batch.auth  # type: ignore[union-attr]
+    return auth.token.get_secret_value()  # type: ignore[union-attr]
+
+
+def test_a_stop_racing_an_update_is_made_on_the_update_not_over_it(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop (or an update) reads the hook, and another update lands before it writes:
+    it is made again on that update's result. Written over it, the rotated token of the
+    update would be the leaked one again, and both calls would have said done."""
+    registry = HookRegistry(redis_client, keys)
+    target = {"http_batch": {"url": "http://127.0.0.1:9/h",
+                             "auth": {"kind": "bearer", "token": "leaked"}}}
+    created = registry.create(hook(target=target))
+    hook_id = created.id or 0
+    rotated = {"http_batch": {"url": "http://127.0.0.1:9/h",
+                              "auth": {"kind": "bearer", "token": "rotated"}}}
+    again = {"http_batch": {"url": "http://127.0.0.1:9/h",
+                            "auth": {"kind": "bearer", "token": "rotated again"}}}
+    original = HookRegistry._parse
+    racing = [lambda: HookRegistry(redis_client, keys).update(hook_id, hook(target=rotated))]
+
+    def read_then_changed(self: Any, wanted: str, raw: bytes) -> Hook:
+        found = original(self, wanted, raw)
+        if racing:  # another change lands between this one's read and its write
+            with monkeypatch.context() as inner:
+                inner.setattr(HookRegistry, "_parse", original)
+                racing.pop(0)()
+        return found
+
+    monkeypatch.setattr(HookRegistry, "_parse", read_then_changed)
+    stopped = registry.set_active(hook_id, False)
+    assert stopped.active is False
+    stored = HookRegistry(redis_client, keys).get(hook_id)
+    assert stored.active is False and token(stored) == "rotated"
+    # an update of settings as read (the token redacted) racing an update that rotates
+    # the token again keeps that token, not the one stored when it read the hook
+    shown = registry.get(hook_id).display()
+    racing.append(lambda: HookRegistry(redis_client, keys).update(
+        hook_id, hook(target=again, name="renamed")))
+    updated = registry.update(hook_id, {**shown, "name": "mine"})
+    assert updated.name == "mine" and not racing
+    stored = HookRegistry(redis_client, keys).get(hook_id)
+    assert stored.name == "mine" and token(stored) == "rotated again"
+
+
+def test_a_hook_changed_by_others_on_every_try_is_a_conflict_not_a_lost_change(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    from engine.errors import Conflict
+    from engine.stores import REPLACE_TRIES
+
+    registry = HookRegistry(redis_client, keys)
+    hook_id = registry.create(hook()).id or 0
+    original = HookRegistry._parse
+    tries = []
+
+    def read_then_changed(self: Any, wanted: str, raw: bytes) -> Hook:
+        found = original(self, wanted, raw)
+        tries.append(1)
+        redis_client.hset(keys.hooks, wanted, raw.replace(b'"name"', b' "name"'))
+        return found
+
+    monkeypatch.setattr(HookRegistry, "_parse", read_then_changed)
+    with pytest.raises(Conflict, match=f"hook {hook_id} changed {REPLACE_TRIES} times"):
+        registry.set_active(hook_id, False)
+    assert len(tries) == REPLACE_TRIES
+    monkeypatch.undo()
+    assert registry.get(hook_id).active is True
 
 
 def test_an_undecodable_retry_payload_is_set_aside_and_the_others_sent(
