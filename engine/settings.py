@@ -293,6 +293,7 @@ def _secrets(url: str) -> list[str]:
     password = head.partition(":")[2]
     found = [head, password, *re.split(r"[/@:?#]", password)] if at else []
     found += re.findall(r"password=([^&#]*)", url, flags=re.IGNORECASE)
+    found += [value for name, value in _params(url.partition("?")[2]) if _secret_param(name)]
     found += [unquote(s) for s in found]
     return sorted({s for s in found if len(s) >= 3}, key=len, reverse=True)
 
@@ -319,6 +320,26 @@ def ray_address_problem(address: str | None) -> str | None:
     return None
 
 
+def _params(query: str) -> list[tuple[str, str]]:
+    """The (name, value) of each ``name=value`` of a URL's query, as written."""
+    return [(name, value) for name, eq, value in
+            (piece.partition("=") for piece in query.split("#")[0].split("&")) if eq]
+
+
+def _secret_param(name: str) -> bool:
+    """Whether a query parameter of REDIS_URL carries a password: ``password`` (redis-py
+    takes it from the query too), ``ssl_password`` (the TLS key's passphrase), however
+    written (redis-py reads the names percent-decoded)."""
+    return "password" in unquote(name).lower()
+
+
+def _mask_query(query: str) -> str:
+    """``query`` with the value of every parameter carrying a password as ``***``."""
+    return "&".join(f"{name}=***" if eq and _secret_param(name) else piece
+                    for piece in query.split("&")
+                    for name, eq, _ in [piece.partition("=")])
+
+
 def _mask_url(url: str) -> str:
     if "://" not in url:
         return url
@@ -326,8 +347,7 @@ def _mask_url(url: str) -> str:
     base, q, query = rest.partition("?")  # redis-py also takes ?password=... from the query
     if "@" in base:
         base = "***@" + base.rsplit("@", 1)[1]
-    query = re.sub(r"(^|&)(password=)[^&#]*", r"\1\2***", query, flags=re.IGNORECASE)
-    return f"{scheme}://{base}{q}{query}"
+    return f"{scheme}://{base}{q}{_mask_query(query)}"
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -432,4 +452,6 @@ def _mask_any_url(text: str) -> str:
     if at:
         scheme, sep, _ = head.partition("://")
         text = f"{scheme}{sep}***@{tail}" if sep else f"***@{tail}"
+    base, q, query = text.partition("?")
+    text = f"{base}{q}{_mask_query(query)}"
     return re.sub(r"(password=)[^&#]*", r"\1***", text, flags=re.IGNORECASE)

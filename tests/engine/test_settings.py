@@ -522,6 +522,11 @@ def test_json_that_is_not_an_object(tmp_path: Path, doc: Any) -> None:
         ("redis://h:6379/0?password=s3cret", "redis://h:6379/0?password=***", ["s3cret"]),
         ("unix:///run/redis.sock?db=0&password=s3cret&socket_timeout=1",
          "unix:///run/redis.sock?db=0&password=***&socket_timeout=1", ["s3cret"]),
+        # the passphrase of the TLS client key (redis-py reads names percent-decoded)
+        ("rediss://h:6380/0?ssl_password=s3cret&socket_connect_timeout=2",
+         "rediss://h:6380/0?ssl_password=***&socket_connect_timeout=2", ["s3cret"]),
+        ("rediss://h:6380/0?ssl%5Fpassword=s3cret", "rediss://h:6380/0?ssl%5Fpassword=***",
+         ["s3cret"]),
         ("redis://127.0.0.1:6379/0", "redis://127.0.0.1:6379/0", []),
         ("redis://h/0?client_name=a@b", "redis://h/0?client_name=a@b", []),
         ("", "", []),
@@ -547,6 +552,7 @@ def test_redacted_masks_redis_credentials(url: str, shown: str, secrets: list[st
     "rediss://user:s3cret@h:6380/0?ssl_cert_reqs=bogus",
     "redis://user:s3cret/x@h:6379/0",  # a "/" in the password, not written %2F
     "redis://user:s3%2Fcret@h:6379/x",
+    "rediss://h:6380/0?ssl%5Fpassword=s3cret&socket_timeout=abc",
 ])
 def test_a_refused_redis_url_is_shown_without_its_password(url: str) -> None:
     message = config_error(environ={"REDIS_URL": url})
