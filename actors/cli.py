@@ -90,7 +90,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hooks:
         from engine.catalogue import load_catalogue
 
-        _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks)
+        _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks,
+                         settings.DESTINATION_DENY)
     print(f"hookray: starting with {json.dumps(settings.redacted())}", flush=True)
     engine = Engine.start(settings, ray_address=args.ray_address)
     stop = threading.Event()
@@ -99,8 +100,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         if engine.api_url:
             print(f"hookray: HTTP API on {engine.api_url}", flush=True)
-        for path, _, data in hooks:
-            _create_missing_hook(engine, data, path)
+        for path, n, data in hooks:
+            _create_missing_hook(engine, data, path, n)
         print(f"hookray: running ({settings.PARTITIONS} partitions); {STOP_HINT}", flush=True)
         _report_until(engine, stop, args.report_sec, args.duration)
     finally:
@@ -109,9 +110,11 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _hook_problem(data: Any, catalogue: Any, registry: Any = None) -> str | None:
+def _hook_problem(data: Any, catalogue: Any, registry: Any = None, deny: str = ""
+                  ) -> str | None:
     """Why ``data`` (one hook of a file) cannot be created; None if it can. With the
-    engine's ``registry``, as it would refuse it (an action the engine lacks, too)."""
+    engine's ``registry``, as it would refuse it (an action the engine lacks, too);
+    without, as an engine with DESTINATION_DENY ``deny`` would."""
     from engine.stores import check_new_hook
 
     if not isinstance(data, dict):
@@ -120,20 +123,20 @@ def _hook_problem(data: Any, catalogue: Any, registry: Any = None) -> str | None
         if registry is not None:
             registry.check_new(data)
         else:
-            check_new_hook(data, catalogue)
+            check_new_hook(data, catalogue, deny)
     except HookError as exc:
         return str(exc)
     return None
 
 
-def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]]) -> None:
+def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: str) -> None:
     """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
-    before anything starts: each valid, and one name per account (a hook is known by
-    its account and name)."""
+    before anything starts: each valid (its target no address DESTINATION_DENY ``deny``
+    refuses), and one name per account (a hook is known by its account and name)."""
     problems: list[str] = []
     seen: dict[tuple[Any, Any], str] = {}
     for path, n, data in hooks:
-        problem = _hook_problem(data, catalogue)
+        problem = _hook_problem(data, catalogue, deny=deny)
         if problem is not None:
             problems.append(f"{path}[{n}]: {problem}")
             continue
@@ -146,10 +149,10 @@ def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]]) -> None:
         raise HookError("--hooks: nothing started; " + "; ".join(problems))
 
 
-def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
-    """Create the hook unless its account has one of that name already: a restarted job
-    neither duplicates its hooks nor undoes changes made to them since (stopped, updated
-    through the API or ``hookray hooks update``)."""
+def _create_missing_hook(engine: Any, data: dict[str, Any], path: str, n: int) -> None:
+    """Create the hook (``path``[``n``]) unless its account has one of that name already:
+    a restarted job neither duplicates its hooks nor undoes changes made to them since
+    (stopped, updated through the API or ``hookray hooks update``)."""
     # one of the account's stored hooks that no longer validates (its record damaged,
     # EVENT_TYPES_FILE changed) is named, and stops nothing; one of the same name (as
     # far as its record can be read) exists all the same: a second would send every
@@ -164,9 +167,12 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str) -> None:
     if same:
         print(f"hookray: hook {same[0][0]} ({same[0][1]!r}) exists; left as it is "
               f"(not taken from {_printable(path)})", flush=True)
-    else:
-        print(f"hookray: hook {engine.create_hook(data).id} created from {_printable(path)}",
-              flush=True)
+        return
+    try:  # checked before the engine started; an engine of other settings may refuse it
+        created = engine.create_hook(data)
+    except HookError as exc:
+        raise HookError(f"{_printable(path)}[{n}]: {exc}", exc.issues) from None
+    print(f"hookray: hook {created.id} created from {_printable(path)}", flush=True)
 
 
 def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float

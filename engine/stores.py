@@ -123,18 +123,7 @@ class HookRegistry:
         return hook
 
     def _reachable(self, hook: Hook) -> None:
-        """HookError naming each field of the target written as an address
-        DESTINATION_DENY refuses (a name is judged when a delivery connects)."""
-        if not self.deny:
-            return
-        from engine.transports.guard import guard_for
-
-        guard = guard_for(self.deny)
-        issues = [(field, f"{reason}: no delivery may connect there")
-                  for field, host in destination_hosts(hook)
-                  if guard and (reason := guard.reason(host)) is not None]
-        if issues:
-            raise HookError(f"invalid hook: {issues[0][0]}: {issues[0][1]}", issues)
+        refuse_denied(hook, self.deny)
 
     def _engine_knows(self, hook: Hook) -> None:
         """HookError if one of the hook's actions is not an event code of the engine
@@ -347,11 +336,30 @@ def _space(text: str, at: int) -> int:
     return found.end() if found else at
 
 
-def check_new_hook(fields: Mapping[str, Any], catalogue: EventCatalogue | None) -> Hook:
+def check_new_hook(fields: Mapping[str, Any], catalogue: EventCatalogue | None,
+                   deny: str = "") -> Hook:
     """The hook ``fields`` would create (its id 0), or HookError naming each bad field:
-    what ``HookRegistry.create`` refuses, checked where no registry is at hand (a hooks
-    file, all or none, before anything is created)."""
-    return _no_mask(parse_hook({**fields, "id": 0}, catalogue))
+    what ``HookRegistry.create`` of an engine with DESTINATION_DENY ``deny`` refuses,
+    checked where no registry is at hand (a hooks file, all or none, before anything
+    is created)."""
+    hook = _no_mask(parse_hook({**fields, "id": 0}, catalogue))
+    refuse_denied(hook, deny)
+    return hook
+
+
+def refuse_denied(hook: Hook, deny: str) -> None:
+    """HookError naming each field of the target written as an address DESTINATION_DENY
+    ``deny`` refuses (a name is judged when a delivery connects)."""
+    if not deny:
+        return
+    from engine.transports.guard import guard_for
+
+    guard = guard_for(deny)
+    issues = [(field, f"{reason}: no delivery may connect there")
+              for field, host in destination_hosts(hook)
+              if guard and (reason := guard.reason(host)) is not None]
+    if issues:
+        raise HookError(f"invalid hook: {issues[0][0]}: {issues[0][1]}", issues)
 
 
 def _no_mask(hook: Hook) -> Hook:

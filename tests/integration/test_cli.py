@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from actors.cli import _parser, main
+from engine.errors import HookError
 from engine.settings import Settings
 
 pytestmark = pytest.mark.integration
@@ -264,8 +265,11 @@ def test_run_refuses_bad_or_clashing_hook_files_before_starting(
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     masked = {**hook, "name": "read back", "target": {"http_batch": {
         "url": "http://127.0.0.1:9/x", "auth": {"kind": "bearer", "token": "**********"}}}}
+    # an address DESTINATION_DENY refuses (by default, the cloud's metadata service)
+    denied = {**hook, "name": "metadata",
+              "target": {"http_batch": {"url": "http://169.254.169.254/latest"}}}
     first.write_text(json.dumps([hook, {**hook, "name": "other", "actions": ["nope"]},
-                                 masked]))
+                                 masked, denied]))
     second.write_text(json.dumps(hook))
     code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(first), str(second))
     assert code == 2 and "--hooks: nothing started" in err
@@ -273,6 +277,8 @@ def test_run_refuses_bad_or_clashing_hook_files_before_starting(
     # what create refuses is found before anything starts, not after the first hooks
     assert f"{first}[2]: invalid hook: target.http_batch.auth.token: the redacted value " \
            "********** is no secret" in err
+    assert f"{first}[3]: invalid hook: target.http_batch.url: address 169.254.169.254 " \
+           "is refused by DESTINATION_DENY" in err
     assert f"{second}[0]: account 4 has a hook named 'crm' already in {first}[0]" in err
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(first))
     assert code == 2 and f"{first}: nothing created" in err and "; [2]: invalid hook" in err
@@ -638,12 +644,32 @@ def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
     existing = SimpleNamespace(id=1, name="crm")
     engine = SimpleNamespace(hooks=SimpleNamespace(listing=lambda account: ([existing], [])),
                              create_hook=lambda data: SimpleNamespace(id=2))
-    _create_missing_hook(engine, {"account_id": 3, "name": "crm"}, f"/h/a{NOT_UTF8}.json")
-    _create_missing_hook(engine, {"account_id": 3, "name": "new"}, f"/h/b{NOT_UTF8}.json")
+    _create_missing_hook(engine, {"account_id": 3, "name": "crm"}, f"/h/a{NOT_UTF8}.json", 0)
+    _create_missing_hook(engine, {"account_id": 3, "name": "new"}, f"/h/b{NOT_UTF8}.json", 0)
     out.flush()
     assert out.buffer.getvalue().decode().splitlines() == [
         "hookray: hook 1 ('crm') exists; left as it is (not taken from /h/a\\xff.json)",
         "hookray: hook 2 created from /h/b\\xff.json"]
+
+
+def test_run_names_the_file_and_place_of_a_hook_the_started_engine_refuses() -> None:
+    """A hook the files' check passed and the engine refuses (its settings differ from
+    the file's: an action its EVENT_TYPES_FILE lacks) is named by file and place."""
+    from types import SimpleNamespace
+
+    from actors.cli import _create_missing_hook
+
+    def refuse(data: Any) -> Any:
+        raise HookError("invalid hook: actions: 'x': not an event type of the engine",
+                        [("actions", "not an event type of the engine")])
+
+    engine = SimpleNamespace(hooks=SimpleNamespace(listing=lambda account: ([], [])),
+                             create_hook=refuse)
+    with pytest.raises(HookError) as raised:
+        _create_missing_hook(engine, {"account_id": 3, "name": "new"}, "hooks.json", 2)
+    assert str(raised.value) == ("hooks.json[2]: invalid hook: actions: 'x': not an event "
+                                 "type of the engine")
+    assert raised.value.issues == [("actions", "not an event type of the engine")]
 
 
 NOT_AN_ID = "expected an id, an integer from 0 to 9223372036854775807"
@@ -713,7 +739,7 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         out = capsys.readouterr().out
         assert out.startswith("hookray: 0s {") and "unavailable" not in out, out
         # run --hooks: the account's damaged hook is named, and the others are known
-        _create_missing_hook(engine, {"name": "crm", "account_id": 4}, "hooks.json")
+        _create_missing_hook(engine, {"name": "crm", "account_id": 4}, "hooks.json", 0)
         out = capsys.readouterr().out
         assert "hook 77 of account 4: stored hook 77 is not valid JSON" in out
         assert f"hook {good.id} ('crm') exists; left as it is" in out
@@ -721,7 +747,7 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         # would send every message twice once the first is valid again
         stale = dict(good.to_storage(), id=78, name="old crm", actions=["nope"])
         redis_client.hset(keys.hooks, "78", json.dumps(stale))
-        _create_missing_hook(engine, {"name": "old crm", "account_id": 4}, "hooks.json")
+        _create_missing_hook(engine, {"name": "old crm", "account_id": 4}, "hooks.json", 1)
         out = capsys.readouterr().out
         assert "hook 78 of account 4: stored hook 78 no longer validates" in out
         assert "hook 78 ('old crm') exists; left as it is" in out
