@@ -34,6 +34,8 @@ log = logging.getLogger("hookray")
 ROLES: tuple[Role, ...] = ("master", "ingest")
 TOKEN_PREFIX = "hr"
 _TOKEN = re.compile(r"hr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
+# a token's id within text that holds it with more (a quote, a comma, "Bearer ")
+_TOKEN_ID = re.compile(r"(?<![A-Za-z0-9])hr_([0-9a-f]{16})_")
 
 
 def tokens_key(prefix: str) -> str:
@@ -105,11 +107,12 @@ class TokenStore:
                       key=lambda i: (i.account_id, i.created, i.id))
 
     def revoke(self, token_id: str) -> str:
-        """Revoke a token by its id, or by the token itself (its id is part of it);
-        returns the id."""
-        full = _TOKEN.fullmatch(token_id)
-        if full:
-            token_id = full.group(1)
+        """Revoke a token by its id, or by the token itself (its id is part of it), also
+        as copied with what surrounds it (quotes and a comma from the JSON ``tokens
+        create`` printed, "Bearer ", a space); returns the id. The secret part of a
+        token is never quoted back."""
+        within = _TOKEN_ID.search(token_id)
+        token_id = within.group(1) if within else token_id.strip()
         if not self.r.hdel(self.key, token_id):
             raise NotFound(f"token {named(token_id)} does not exist")
         return token_id

@@ -60,6 +60,28 @@ def test_revoking_by_the_token_shows_only_its_id(config: str,
     assert code == 2 and f"token {created['id']} does not exist" in err
 
 
+@pytest.mark.parametrize("copied", ['"{}",', "{} ", "Bearer {}", "'{}'"])
+def test_a_token_copied_with_what_surrounds_it_is_revoked_and_never_shown(
+        config: str, capsys: pytest.CaptureFixture[str], copied: str) -> None:
+    """The token as copied from the JSON ``tokens create`` printed (quotes, a comma),
+    from a request ("Bearer "), with a space: revoked, not "does not exist" with the
+    secret printed and the token still valid."""
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "create", "--account", "24",
+                           "--role", "master")
+    created = json.loads(out)
+    code, out, err = run_cli(capsys, "-c", config, "tokens", "revoke",
+                             copied.format(created["token"]))
+    assert code == 0 and out.strip() == f"token {created['id']} revoked"
+    assert created["token"][20:] not in out + err
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "24")
+    assert json.loads(out) == []
+    # again: it does not exist, named by its id, the secret part never quoted
+    code, _, err = run_cli(capsys, "-c", config, "tokens", "revoke",
+                           copied.format(created["token"]))
+    assert code == 2 and f"token {created['id']} does not exist" in err
+    assert created["token"][20:] not in err
+
+
 def test_health_says_on_stderr_why_it_exits_1(config: str, settings: Settings,
                                               capsys: pytest.CaptureFixture[str]) -> None:
     import redis
