@@ -10,7 +10,6 @@ import math
 import os
 import re
 import signal
-import stat
 import sys
 import threading
 import time
@@ -21,7 +20,7 @@ import redis
 
 from engine.errors import HookError, HookrayError
 from engine.hooks import not_utf8
-from engine.jsonkeys import unique_keys
+from engine.jsonkeys import NotAFile, read_whole, unique_keys
 from engine.settings import load_settings, ray_address_problem, with_overrides
 from engine.stores import parse_cursor
 
@@ -51,14 +50,10 @@ MAX_FILE_BYTES = 1 << 30  # the largest file a command reads (it is read whole)
 def _read_bytes(path: str) -> bytes:
     """A file's bytes; a device (/dev/zero would be read until memory ran out) or a
     file over MAX_FILE_BYTES is refused, naming it. Pipes are read."""
-    with open(path, "rb") as f:
-        mode = os.fstat(f.fileno()).st_mode
-        if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
-            raise HookrayError(f"{path}: a device, not a file of JSON")
-        data = f.read(MAX_FILE_BYTES + 1)
-    if len(data) > MAX_FILE_BYTES:
-        raise HookrayError(f"{path}: larger than {MAX_FILE_BYTES >> 30} GiB; split it")
-    return data
+    try:
+        return read_whole(path, MAX_FILE_BYTES, "; split it")
+    except NotAFile as exc:
+        raise HookrayError(f"{path}: {exc}") from None
 
 
 def _read_json(path: str) -> Any:

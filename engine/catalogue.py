@@ -15,7 +15,7 @@ from importlib import resources
 from pathlib import Path
 
 from engine.errors import ConfigError
-from engine.jsonkeys import unique_keys
+from engine.jsonkeys import MAX_CONFIG_BYTES, read_whole, unique_keys
 
 CATEGORIES = ("tracking", "delivery", "import", "pixel")
 
@@ -90,7 +90,7 @@ class EventCatalogue:
 
 def _read(path: Path | str) -> list[dict]:
     try:
-        doc = json.loads(Path(path).read_text(encoding="utf-8-sig"),
+        doc = json.loads(read_whole(path, MAX_CONFIG_BYTES).decode("utf-8-sig"),
                          object_pairs_hook=unique_keys)
         if not isinstance(doc, dict) or not isinstance(doc.get("event_types"), list):
             # a string would be read character by character, an object key by key

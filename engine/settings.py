@@ -22,7 +22,7 @@ from pydantic_core import PydanticCustomError
 
 from engine.errors import ConfigError
 from engine.hooks import not_utf8
-from engine.jsonkeys import unique_keys
+from engine.jsonkeys import MAX_CONFIG_BYTES, read_whole, unique_keys
 from engine.keys import PREFIX_CLASHES, PREFIX_LAST_CLASHES
 from engine.transports.base import DEFAULT_QUEUE_SEC
 from engine.transports.guard import DEFAULT_DENY, parse_deny
@@ -353,7 +353,8 @@ def _mask_url(url: str) -> str:
 def _read_file(path: Path) -> dict[str, Any]:
     try:
         # utf-8-sig: a byte order mark some editors write is no content
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=unique_keys)
+        data = json.loads(read_whole(path, MAX_CONFIG_BYTES).decode("utf-8-sig"),
+                          object_pairs_hook=unique_keys)
     except OSError as exc:
         raise ConfigError(f"settings file {path}: cannot be read ({exc.strerror})") from None
     except ValueError as exc:

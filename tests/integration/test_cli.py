@@ -97,7 +97,8 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
 
 
 def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+                                      capsys: pytest.CaptureFixture[str],
+                                      monkeypatch: pytest.MonkeyPatch) -> None:
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "account_id": 1, "actions": ["clack"],
                                "target": {"http_batch": {"url": "ftp://x"}}}))
@@ -111,6 +112,15 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
         for command in (["hooks", "create"], ["publish"]):
             code, _, err = run_cli(capsys, "-c", config, *command, device)
             assert code == 2 and f"{device}: a device, not a file of JSON" in err
+        # the settings and event types files too: no MemoryError traceback
+        code, _, err = run_cli(capsys, "-c", device, "stats")
+        assert code == 2 and f"settings file {device}: cannot be read (a device, not a " \
+            "file of JSON)" in err
+        with monkeypatch.context() as env:
+            env.setenv("EVENT_TYPES_FILE", device)
+            code, _, err = run_cli(capsys, "-c", config, "stats")
+        assert code == 2 and f"EVENT_TYPES_FILE={device}: cannot read event types (a " \
+            "device, not a file of JSON)" in err
     bad.write_text('{"name": "a", "name": "b"}')
     code, _, err = run_cli(capsys, "-c", config, "hooks", "create", str(bad))
     assert code == 2 and "bad.json: not valid JSON (duplicate key 'name')" in err
