@@ -23,6 +23,7 @@ from typing import Any
 import redis
 
 from engine.receiver import Receiver
+from engine.transports.guard import DEFAULT_DENY
 from engine.settings import load_settings, with_overrides
 
 
@@ -118,10 +119,15 @@ def run_demo(events: int = 2_000, config: str | None = None) -> int:
     given (environment or file), else an embedded one in a temporary folder."""
     from actors.driver import Engine
 
-    config = config or os.environ.get("HOOKRAY_CONFIG") or None
+    if config is None:  # "" is refused, as by every command: -c "$UNSET" is a mistake
+        config = os.environ.get("HOOKRAY_CONFIG") or None
     base = load_settings(config)
+    # everything local: its hooks post to its own receiver on 127.0.0.1 (a DESTINATION_DENY
+    # refusing loopback would refuse them), from a Ray of its own, without the HTTP API
     overrides: dict[str, Any] = {"HOOK_RETRY_PERIOD_SEC": 1.0, "PARTITIONS": 2,
-                                 "HTTP_POOL_SIZE": 1, "REDIS_PREFIX": f"demo{os.getpid()}"}
+                                 "HTTP_POOL_SIZE": 1, "REDIS_PREFIX": f"demo{os.getpid()}",
+                                 "DESTINATION_DENY": DEFAULT_DENY, "API_PORT": None,
+                                 "RAY_ADDRESS": None}
     with contextlib.ExitStack() as stack:
         if not _given_redis(config) or not base.REDIS_URL:
             folder = stack.enter_context(tempfile.TemporaryDirectory(prefix="hookray-demo-"))
@@ -135,7 +141,7 @@ def run_demo(events: int = 2_000, config: str | None = None) -> int:
         rx = stack.enter_context(Receiver())
         rx.behave("/flaky", fail_first=1)
         print("demo: starting local Ray and the engine's actors ...", flush=True)
-        engine = Engine.start(settings)
+        engine = Engine.start(settings, ray_address="local")
         stack.callback(engine.shutdown)
         return _exercise(engine, rx, events)
     raise AssertionError("unreachable")  # for type checkers: the with block returns

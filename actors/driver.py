@@ -689,7 +689,8 @@ def _ids(call: str, ids: Iterable[str], of: str = "dead letter") -> list[str]:
 
 def _init_ray(address: str | None) -> None:
     """``ray.init``, joining the cluster at ``address`` (None: RAY_ADDRESS of the
-    environment, else a local Ray, as ray.init decides). An address that names no
+    environment, else a local Ray, as ray.init decides; "local": a local Ray whatever
+    RAY_ADDRESS says). An address that names no
     cluster, or one that does not answer within RAY_CONNECT_TIMEOUT_SEC, is a
     ConfigError naming RAY_ADDRESS and the reason (not a traceback, nor a silent wait
     of many minutes)."""
@@ -703,7 +704,7 @@ def _init_ray(address: str | None) -> None:
         raise ConfigError(f"{shown}: {problem}")
     try:
         ray.init(address=address, namespace="hookray", log_to_driver=True,
-                 include_dashboard=False if address is None else None,
+                 include_dashboard=False if address in (None, "local") else None,
                  configure_logging=False)
     except (ValueError, ConnectionError) as exc:
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else repr(exc)

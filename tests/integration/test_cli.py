@@ -389,18 +389,32 @@ def test_publish_of_an_integer_beyond_64_bits_is_a_clear_error(
                                 "ints < -2**63 or > 2**64 - 1"]
 
 
+def test_demo_refuses_an_empty_settings_path(
+        capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    """``-c "$CFG"`` with CFG unset: refused, as by every command, not HOOKRAY_CONFIG or
+    the defaults taken instead."""
+    monkeypatch.setenv("HOOKRAY_CONFIG", "deploy/main.json")
+    code, _, err = run_cli(capsys, "-c", "", "demo")
+    assert code == 2 and "settings file: the path given is empty" in err
+
+
 def test_demo_with_a_given_redis_leaves_no_keys(redis_client: Any, tmp_path: Path) -> None:
     """REDIS_URL from the settings file (not the environment; the file starts with a
     byte order mark, as settings files may) is used, and the demo's keys are gone
-    afterwards."""
+    afterwards. The demo runs all local whatever the settings' deny list, API port and
+    Ray cluster."""
     before = set(redis_client.scan_iter("demo*", count=1000))
     main_json = tmp_path / "main.json"
     url = redis_client.connection_pool.connection_kwargs
+    # settings of an engine, which the demo, all local, does not take: a deny list that
+    # refuses its receiver's 127.0.0.1, an API port (in use), a Ray cluster to join
     main_json.write_text("\ufeff" + json.dumps({
-        "REDIS_URL": f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}"}),
+        "REDIS_URL": f"redis://{url['host']}:{url['port']}/{url.get('db', 0)}",
+        "DESTINATION_DENY": "loopback,link-local", "API_PORT": url["port"]}),
         encoding="utf-8")
     env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "RAY_ADDRESS")}
     env["HOOKRAY_CONFIG"] = str(main_json)
+    env["RAY_ADDRESS"] = "127.0.0.1:1"
     proc = subprocess.run([sys.executable, "-m", "actors.cli", "demo", "--events", "200"],
                           env=env, capture_output=True, text=True, timeout=240,
                           cwd=Path(__file__).resolve().parents[2])
