@@ -23,8 +23,8 @@ from typing import Any
 import redis
 
 from engine.receiver import Receiver
-from engine.transports.guard import DEFAULT_DENY
 from engine.settings import load_settings, with_overrides
+from engine.transports.guard import DEFAULT_DENY
 
 
 def _embedded_redis(folder: str) -> tuple[Any, str]:
