@@ -90,6 +90,9 @@ def _deeper(fn: Callable[[T], R], arg: T, frames: int = RECURSION_RESERVE) -> R:
 
 
 def _read_back(events: list[Event]) -> object:
+    # and as JSON: msgpack takes a nested key of None, a bool or a tuple, which no
+    # message can hold (the partition would fail on its entry, round after round)
+    _json_encode(events)
     return _entry_decoder.decode(_entry_encoder.encode(events))
 
 
@@ -132,7 +135,8 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
     not check (it checks while decoding): each event must read back from the msgpack
     the intake writes, as a partition reads it, or its whole entry could not be read.
     One encode and decode of the batch (0.7 µs per plain event, 1.2 with profile and
-    event_data dicts, measured here); event by event only when that fails.
+    event_data dicts, measured here) and a JSON encode (0.3 µs); event by event only
+    when that fails.
     ``account_id``, a plain int there, is range-checked here."""
     issues: list[EventIssue] = []
     try:
@@ -142,7 +146,10 @@ def read_back_issues(events: list[Event]) -> list[EventIssue]:
             issue = encoding_issue(i, event)
             if issue is None:
                 try:
+                    _deeper(_json_encode, event)
                     _one_decoder.decode(_entry_encoder.encode(event))
+                except _UNENCODABLE as exc:
+                    issue = _unencodable_issue(i, event, _json_encode, exc)
                 except (msgspec.ValidationError, msgspec.DecodeError) as exc:
                     issue = validation_issue(i, exc)
             if issue is not None:
@@ -433,6 +440,7 @@ class Intake:
         return True
 
     def _encode_read_back(self, events: list[Event]) -> list[tuple[int, bytes]]:
+        _json_encode(events)  # as ``_read_back``
         encoded = self._encode(events)
         for _, data in encoded:
             _entry_decoder.decode(data)

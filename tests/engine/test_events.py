@@ -717,6 +717,12 @@ def test_event_objects_with_ids_out_of_range_are_refused_by_the_intake(
     # text no message could carry
     ({"event_data": {"k": "\udcff"}}, "event_data.k", "not valid UTF-8: a lone surrogate"),
     ({"profile_id": "p\ud800"}, "profile_id", "not valid UTF-8: a lone surrogate '\\ud800'"),
+    # a key msgpack takes and no JSON message can hold: the partition would fail on it
+    ({"event_data": {"x": {None: 1}}}, "event_data.x.None",
+     "cannot be encoded: Only dicts with str-like or number-like keys are supported"),
+    ({"profile": {"a": {(1, 2): 1}}}, "profile.a.(1, 2)", "cannot be encoded: Only dicts"),
+    ({"custom_data": {"k": [{True: 1}]}}, "custom_data.k[0].True",
+     "cannot be encoded: Only dicts"),
 ])
 def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
         fields: dict[str, Any], field: str, reason: str, redis_client: Any, prefix: str) -> None:
@@ -738,6 +744,9 @@ def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
     # what is kept reads back as the partition reads it
     read = decode_entry({INTAKE_FIELD: encode_entry(good)})
     assert msgspec.to_builtins(read) == msgspec.to_builtins(good)
+    # and a publish of them (checked on the entries it writes) keeps only those
+    result = intake.publish(events, partial=True)
+    assert result.accepted == 2 and [i.field for i in result.issues] == [field]
 
 
 def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type(
