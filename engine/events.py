@@ -145,6 +145,10 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
             raise ValueError("account_id: must be >= 0")
         if self.account_id > MAX_ID:
             raise ValueError(f"account_id: must be <= {MAX_ID}")
+        if self.segment_ids and 0 in self.segment_ids:
+            # 0 is "no segment" (spec d), in segment_ids as in event_data.segment_id:
+            # not a segment a filter can capture, nor the segment a message shows
+            self.segment_ids = [s for s in self.segment_ids if s] or None
         if self.event_data:
             self._dimensions(self.event_data)
 

@@ -188,6 +188,16 @@ class Filters(_Model):
     segments: list[Id] = []
     pixels: list[Id] = []
 
+    @field_validator("segments")
+    @classmethod
+    def _no_segment_zero(cls, value: list[int], info: ValidationInfo) -> list[int]:
+        # 0 is "no segment" (spec d): no event has it among its segments, so a filter
+        # on it would capture nothing (kept in a hook stored before this rule)
+        if 0 in value and not _stored(info):
+            raise ValueError("0 means no segment, which no event is in: a filter on it "
+                             "would capture nothing")
+        return value
+
     def kinds(self) -> dict[str, list[int]]:
         return {k: getattr(self, k) for k in FILTER_KINDS}
 

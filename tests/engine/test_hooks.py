@@ -192,7 +192,7 @@ def test_full_hook_fields() -> None:
             database=111,
             actions=["click", "uclick", "click", "pixel"],
             filters={"resources": [3], "campaigns": [973, 974], "templates": [17],
-                     "segments": [0, 5], "pixels": [9]},
+                     "segments": [4, 5], "pixels": [9]},
             custom_data={"fields": ["email", "phone"], "template": {"src": "{{campaign_name}}"},
                          "pairs": {"id": "{{uuid}}", "eventTime": "{{event_date_ymd}}"}},
             send_content=True,
@@ -203,7 +203,7 @@ def test_full_hook_fields() -> None:
     assert hook.database == 111
     assert hook.actions == ["click", "uclick", "pixel"]  # duplicates dropped, order kept
     assert hook.filters.kinds() == {
-        "resources": [3], "campaigns": [973, 974], "templates": [17], "segments": [0, 5],
+        "resources": [3], "campaigns": [973, 974], "templates": [17], "segments": [4, 5],
         "pixels": [9],
     }
     assert hook.custom_data.fields == ["email", "phone"]
@@ -1017,7 +1017,7 @@ def test_integers_are_numbers_and_hooks_stored_as_json_still_load() -> None:
     """Strict types refuse no value the model itself writes: a stored hook (JSON of
     ``to_storage()``, as every version wrote it) loads as it was."""
     data = hook_data(HTTP_BEARER, id=7, active=True, database=111,
-                     filters={"campaigns": [973], "segments": [0]},
+                     filters={"campaigns": [973], "segments": [6]},
                      custom_data={"fields": ["email"], "pairs": {"k": "{{uuid}}"}})
     set_path(data, "target.http_batch.flush_timeout_sec", 3)  # an integer is a number
     set_path(data, "target.http_batch.request_timeout_sec", 2)
@@ -1100,6 +1100,13 @@ def test_rules_added_later_do_not_invalidate_a_stored_hook() -> None:
                      "auth: token_url: 'auth.example/t' is not an http(s) URL",
                      "header 'Content-Type': every batch is JSON"):
         assert fragment in message
+
+
+def test_a_filter_on_segment_zero_is_refused_but_a_stored_one_loads() -> None:
+    """0 is "no segment", which no event is in: the filter would capture nothing."""
+    data = hook_data(filters={"segments": [4, 0]})
+    assert "filters.segments: 0 means no segment, which no event is in" in hook_error(data)
+    assert parse_hook(data, stored=True).filters.segments == [4, 0]
 
 
 @pytest.mark.parametrize(("vhost", "ok"), [

@@ -161,6 +161,16 @@ def test_segment_id_from_event_data_zero_means_none() -> None:
     assert matched(hooks, events) == {0: [0], 1: [0, 1]}
 
 
+def test_segment_zero_in_segment_ids_means_none_as_in_event_data() -> None:
+    """0 is "no segment" however the producer writes it: events whose messages are the
+    same are captured alike (segment_ids [0] was a segment a filter could name)."""
+    hooks = [hook(segments=[5]), hook()]
+    events = [event(segment_ids=[0]), event(event_data={"segment_id": 0}),
+              event(segment_ids=[0, 5])]
+    assert [e.segment_ids for e in events] == [None, None, [5]]
+    assert matched(hooks, events) == {0: [2], 1: [0, 1, 2]}
+
+
 def test_events_without_segments_next_to_events_with_many() -> None:
     hooks = [hook(segments=[2]), hook(segments=[40, 41])]
     events = [event(segment_ids=list(range(50)) if i % 3 == 0 else None) for i in range(10)]
@@ -335,6 +345,9 @@ IDS = [0, 1, BIG]  # BIG: a dimension that lists it uses a hash table instead of
 
 filter_values = st.sampled_from([[], [], []]) | st.lists(st.sampled_from(IDS), min_size=1,
                                                           max_size=2)
+# 0 is "no segment", which no filter may name (an event's segment_ids drop it)
+segment_values = st.sampled_from([[], [], []]) | st.lists(st.sampled_from([1, 2, BIG]),
+                                                           min_size=1, max_size=2)
 hooks_strategy = st.lists(
     st.builds(
         hook,
@@ -345,7 +358,7 @@ hooks_strategy = st.lists(
         resources=filter_values,
         campaigns=filter_values,
         templates=filter_values,
-        segments=filter_values,
+        segments=segment_values,
         pixels=filter_values,
     ),
     max_size=10,
@@ -419,7 +432,8 @@ def test_index_equals_reference_on_a_large_random_workload() -> None:
     rng = np.random.default_rng(7)
     hooks = []
     for _ in range(300):
-        filters = {kind: rng.choice(8, int(rng.integers(1, 3)), replace=False).tolist()
+        filters = {kind: (rng.choice(8, int(rng.integers(1, 3)), replace=False)
+                          + (kind == "segments")).tolist()  # no segment 0: "none"
                    for kind in ("resources", "campaigns", "templates", "segments", "pixels")
                    if rng.random() < 0.25}
         hooks.append(hook(
