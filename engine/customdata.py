@@ -39,7 +39,9 @@ from engine.events import NS, Event, parse_rfc3339_ns
 from engine.hooks import CustomData
 from engine.names import NameCatalogue
 
-_PARAM = re.compile(r"\{\{\s*([A-Za-z0-9_]+)\s*\}\}")
+# the spaces a Go template action allows inside its braces: space, tab, CR, LF (not
+# Unicode's other spaces: "{{\u00a0uuid}}" is no parameter, and stays as written)
+_PARAM = re.compile(r"\{\{[ \t\r\n]*([A-Za-z0-9_]+)[ \t\r\n]*\}\}")
 
 
 class EventContext:

@@ -394,6 +394,15 @@ def test_whitespace_inside_braces(value: str, names: NameCatalogue) -> None:
     assert render_value(value, full_event(), names) == "Black Friday"
 
 
+@pytest.mark.parametrize("space", ["\u00a0", "\x0b", "\x0c", "\x85", "\u2028", "\u3000"])
+def test_only_the_spaces_of_a_go_template_action_are_taken(space: str,
+                                                           names: NameCatalogue) -> None:
+    """Another Unicode space makes no parameter: the value stays as written, as an
+    unknown parameter's does."""
+    value = f"{{{{{space}campaign_name}}}}"
+    assert render_value(value, full_event(), names) == value
+
+
 def test_whitespace_inside_braces_uuid() -> None:
     assert_uuid4(render_value("{{ uuid }}", make_event()))
 
