@@ -3,39 +3,54 @@
 -- different, nothing moves and those ids are returned. Otherwise every id leaves the
 -- dead letters (and its account and hook indexes) and, by ARGV[1]:
 --   "replay":  goes back on the retry schedule, due ARGV[2], with its new payload;
---   "discard": is deleted, its messages counted as "discarded" in its hook's stats.
+--   "discard": is deleted, its messages counted as "discarded" in its hook's stats;
+-- but for one that died (its score) after ARGV[3], when given: one replayed and dead
+-- again since it was read is left where it is (a run moves those dead when it began,
+-- an expiry those past the retention).
 -- KEYS[1] dead zset, KEYS[2] dead payload hash, KEYS[3] retry zset, KEYS[4] retry
 -- payload hash, KEYS[5..] the account and hook index zsets and stats hashes of the ids
--- ARGV[1] mode, ARGV[2] due (ms); then per id: id, SHA-1 (hex) of the payload read,
--- new payload (replay) or "" (discard), the KEYS positions of its account index, its
--- hook index and its hook's stats, and its message count
+-- ARGV[1] mode, ARGV[2] due (ms), ARGV[3] the latest death moved (ms) or ""; then per
+-- id: id, SHA-1 (hex) of the payload read, new payload (replay) or "" (discard), the
+-- KEYS positions of its account index, its hook index and its hook's stats, and its
+-- message count
+-- Returns {how many moved, the ids that changed...} (none moved when some changed).
 local STRIDE = 7
 local replay = ARGV[1] == 'replay'
 if not replay and ARGV[1] ~= 'discard' then
   return redis.error_reply('dead_move.lua: unknown mode ' .. tostring(ARGV[1]))
 end
-local changed = {}
-for i = 3, #ARGV, STRIDE do
+local latest = tonumber(ARGV[3])
+local FIRST = 4
+local changed = {0}
+local later = {}
+for i = FIRST, #ARGV, STRIDE do
   local current = redis.call('HGET', KEYS[2], ARGV[i])
   if (not current) or redis.sha1hex(current) ~= ARGV[i + 1] then
     table.insert(changed, ARGV[i])
+  elseif latest then
+    local died = redis.call('ZSCORE', KEYS[1], ARGV[i])
+    later[i] = died ~= false and tonumber(died) > latest
   end
 end
-if #changed > 0 then
+if #changed > 1 then
   return changed
 end
-for i = 3, #ARGV, STRIDE do
-  redis.call('ZREM', KEYS[1], ARGV[i])
-  redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i])
-  redis.call('ZREM', KEYS[tonumber(ARGV[i + 4])], ARGV[i])
-  redis.call('HDEL', KEYS[2], ARGV[i])
-  if replay then
-    redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
-    redis.call('ZADD', KEYS[3], ARGV[2], ARGV[i])
-  else
-    -- pcall: a count whose field was damaged from outside is not made, rather than
-    -- failing the call after the letters before it were removed
-    redis.pcall('HINCRBY', KEYS[tonumber(ARGV[i + 5])], 'discarded', ARGV[i + 6])
+local moved = 0
+for i = FIRST, #ARGV, STRIDE do
+  if not later[i] then
+    moved = moved + 1
+    redis.call('ZREM', KEYS[1], ARGV[i])
+    redis.call('ZREM', KEYS[tonumber(ARGV[i + 3])], ARGV[i])
+    redis.call('ZREM', KEYS[tonumber(ARGV[i + 4])], ARGV[i])
+    redis.call('HDEL', KEYS[2], ARGV[i])
+    if replay then
+      redis.call('HSET', KEYS[4], ARGV[i], ARGV[i + 2])
+      redis.call('ZADD', KEYS[3], ARGV[2], ARGV[i])
+    else
+      -- pcall: a count whose field was damaged from outside is not made, rather than
+      -- failing the call after the letters before it were removed
+      redis.pcall('HINCRBY', KEYS[tonumber(ARGV[i + 5])], 'discarded', ARGV[i + 6])
+    end
   end
 end
-return changed
+return {moved}

@@ -1010,21 +1010,25 @@ class RetryStore:
         self.r.set(self.k.dead_indexed, 1)
         self._indexed = True
 
-    def _move_args(self, mode: str, letters: list[tuple[str, bytes, Delivery]]
-                   ) -> tuple[list[str], list[Any]]:
+    def _move_args(self, mode: str, letters: list[tuple[str, bytes, Delivery]],
+                   latest: float | None = None) -> tuple[list[str], list[Any]]:
         """KEYS and ARGV of ``dead_move.lua`` for dead letters (id, payload read, its
-        delivery): each id with its payload's SHA-1, its new payload (replay: re-sends
-        reset), the places in KEYS of its account's and hook's index and its hook's
-        stats, and its message count."""
+        delivery), those that died after ``latest`` (when given) left where they are:
+        each id with its payload's SHA-1, its new payload (replay: re-sends reset),
+        the places in KEYS of its account's and hook's index and its hook's stats, and
+        its message count."""
         if mode not in PAST:
             raise ValueError(f"mode: {mode!r} is neither 'replay' nor 'discard'")
         keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
         # replayed due now, by this machine's clock or Redis', whichever is behind: a
         # machine the operator replays from may run an hour ahead, a worker's clock
         # (which claims them) may lag Redis'
-        args: list[Any] = [mode, min(now_ms(), self._redis_ms()) if mode == "replay" else 0]
+        args: list[Any] = [mode, min(now_ms(), self._redis_ms()) if mode == "replay" else 0,
+                           "" if latest is None else _score_text(float(latest))]
         for delivery_id, raw, delivery in letters:
-            delivery.resends = 0
+            # the replay's send is not a re-send: as a new delivery, it is sent once,
+            # then up to HOOK_RETRY_TIMES times again (with 0 resends, it was one less)
+            delivery.resends = -1
             args += [delivery_id, hashlib.sha1(raw).hexdigest(),
                      pack_delivery(delivery) if mode == "replay" else b"",
                      keys.place(self.k.dead_of_account(delivery.account_id)),
@@ -1033,7 +1037,8 @@ class RetryStore:
         return keys.keys, args
 
     def replay(self, ids: Iterable[str]) -> int:
-        """Put dead letters back on the schedule, due now, with fresh re-send counts.
+        """Put dead letters back on the schedule, due now, sent as a new delivery is
+        (once, then up to HOOK_RETRY_TIMES re-sends).
         An unknown id raises NotFound before anything is moved. The move is one
         script per DEAD_MOVE_BYTES of payloads (one, unless the letters are large)
         that first checks every payload is still the one read: a replay of the same
@@ -1106,7 +1111,9 @@ class RetryStore:
             due = [m.decode() for m, score in page if score <= cutoff]
             if due:
                 unreadable: list[tuple[str, bytes]] = []
-                done += self._move("discard", due, strict=False, unreadable=unreadable)
+                # one replayed and dead again since the page was read is kept
+                done += self._move("discard", due, strict=False, unreadable=unreadable,
+                                   latest=cutoff)
                 for delivery_id, payload in unreadable:
                     done += self._drop_unreadable(delivery_id, payload, "it is past "
                                                   "DEAD_LETTER_RETENTION_HOURS")
@@ -1142,7 +1149,7 @@ class RetryStore:
             due = [(m, score) for m, score in page if score <= cutoff]
             if due:
                 done += self._move(mode, [m.decode() for m, _ in due], account_id,
-                                   hook_id, strict=False, before=done)
+                                   hook_id, strict=False, before=done, latest=cutoff)
                 if progress is not None:
                     progress(done)
             if len(due) < len(page):
@@ -1151,13 +1158,15 @@ class RetryStore:
 
     def _move(self, mode: str, ids: list[str], account_id: int | None = None,
               hook_id: int | None = None, strict: bool = True, before: int = 0,
-              unreadable: list[tuple[str, bytes]] | None = None) -> int:
+              unreadable: list[tuple[str, bytes]] | None = None,
+              latest: float | None = None) -> int:
         """How many of ``ids`` ``dead_move.lua`` moved, a script per DEAD_MOVE_BYTES
         of payloads. ``strict``: a missing or undecodable id raises NotFound and
         nothing moves; else such ids, and those not of ``account_id``/``hook_id``,
-        are left where they are. An error after a chunk moved (one changing
-        meanwhile, REPLAY_TRIES times) says how many moved (``before``: how many the
-        caller moved before this call), as they stay so."""
+        are left where they are, as are those that died after ``latest``. An error
+        after a chunk moved (one changing meanwhile, REPLAY_TRIES times) says how many
+        moved (``before``: how many the caller moved before this call), as they stay
+        so."""
         if not ids:
             return 0
         with self.r.pipeline(transaction=False) as pipe:
@@ -1175,7 +1184,7 @@ class RetryStore:
         for chunk in chunks:
             try:
                 done += self._move_chunk(mode, chunk, account_id, hook_id, strict,
-                                         unreadable)
+                                         unreadable, latest)
             except (NotFound, Conflict) as exc:
                 if before + done:
                     raise type(exc)(f"{exc} ({before + done} dead letter(s) {PAST[mode]} "
@@ -1199,7 +1208,8 @@ class RetryStore:
 
     def _move_chunk(self, mode: str, ids: list[str], account_id: int | None,
                     hook_id: int | None, strict: bool,
-                    unreadable: list[tuple[str, bytes]] | None = None) -> int:
+                    unreadable: list[tuple[str, bytes]] | None = None,
+                    latest: float | None = None) -> int:
         """``_move`` of ids whose payloads one script may copy, tried again while some
         change between the read and the script; (id, payload) of those that cannot be
         decoded go to ``unreadable`` (not strict)."""
@@ -1227,11 +1237,11 @@ class RetryStore:
                 if unreadable is not None:
                     unreadable += bad
                 return 0
-            keys, args = self._move_args(mode, good)
-            changed = self._replay(keys=keys, args=args)
+            keys, args = self._move_args(mode, good, latest)
+            moved, *changed = self._replay(keys=keys, args=args)
             if not changed:  # else nothing moved: read them again
                 if unreadable is not None:
                     unreadable += bad
-                return len(good)
+                return int(moved)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")

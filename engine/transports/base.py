@@ -39,7 +39,8 @@ class Delivery(msgspec.Struct):
     parts: list[bytes]  # one encoded message each
     keys: list[str] = []  # per part: routing key (RabbitMQ) or record key (Kafka)
     message_ids: list[str] = []
-    resends: int = 0  # re-sends done so far (the first attempt is not one)
+    resends: int = 0  # re-sends done so far (the first attempt is not one; -1: a
+    # replayed dead letter, whose replay is not one either)
     created_ms: int = 0
     last_error: str = ""
     last_attempt_ms: int = 0

@@ -1343,8 +1343,8 @@ async def test_a_replay_or_discard_that_keeps_conflicting_is_409(
     real = RetryStore._move_args
     attempts: list[int] = []
 
-    def racing(self: RetryStore, mode: str, letters: list[Any]) -> Any:
-        out = real(self, mode, letters)  # built from the payloads read ...
+    def racing(self: RetryStore, mode: str, letters: list[Any], latest: Any = None) -> Any:
+        out = real(self, mode, letters, latest)  # built from the payloads read ...
         attempts.append(1)
         retry.kill(delivery, f"Rejected: HTTP 503: again {len(attempts)}")  # ... now stale
         return out

@@ -405,6 +405,14 @@ def test_failures_go_to_the_retry_schedule_then_dead_letters(
     assert dead.resends == 2 and "stub failure #3" in dead.last_error
     assert failing.transport.attempts[dead.id] == 3  # first attempt + 2 re-sends
     assert retry.pending() == 0
+    # replayed, it is sent as a new delivery is: once, then 2 re-sends (not 2 in all)
+    assert retry.replay([dead.id]) == 1
+    deadline = time.monotonic() + 5
+    while not retry.dead_letters() and time.monotonic() < deadline:
+        retry_worker.step()
+    (again,) = retry.dead_letters()
+    assert again.resends == 2 and failing.transport.attempts[dead.id] == 3 + 3
+    assert Stats(redis_client, keys).get(1)["retried"] == 10 * 4  # 2 re-sends each time
 
 
 def test_retry_worker_kills_deliveries_of_deleted_hooks(
@@ -594,7 +602,7 @@ def test_replay_with_an_unknown_id_moves_nothing(redis_client: redis.Redis, keys
     assert [d.id for d in retry.dead_letters()] == ["d1"] and retry.pending() == 0
     assert retry.replay(["d1", "d1"]) == 1
     (due,) = retry.claim_due()
-    assert due.id == "d1" and due.resends == 0
+    assert due.id == "d1" and due.resends == -1  # its replay is not a re-send
 
 
 def test_a_replay_racing_another_moves_each_dead_letter_once(
@@ -639,7 +647,7 @@ def test_a_replay_takes_a_dead_letter_written_again_meanwhile(
     retry._replay = late  # type: ignore[method-assign]
     assert retry.replay(["d1"]) == 1 and len(calls) == 2
     (due,) = retry.claim_due()
-    assert due.last_error == "HTTP 503" and due.resends == 0 and not retry.dead_letters()
+    assert due.last_error == "HTTP 503" and due.resends == -1 and not retry.dead_letters()
 
 
 def _letter(delivery_id: str, account: int, hook_id: int) -> Delivery:
@@ -717,6 +725,44 @@ def test_dead_letters_past_their_retention_are_discarded_by_the_retry_worker(
     assert Stats(redis_client, keys).get(10)["discarded"] == 3
     assert "discarded 3 dead letter(s) older than DEAD_LETTER_RETENTION_HOURS (0.5 h)" \
         in caplog.text
+
+
+@pytest.mark.parametrize("run", ["expire", "replay_all", "discard_all"])
+def test_a_letter_dead_again_since_its_page_was_read_is_not_taken(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch,
+        run: str) -> None:
+    """An expiry (or a run over every dead letter) reads a page, then moves what in it
+    is past its cutoff. A letter replayed and dead again in between died after the
+    cutoff: it stays (an expiry discarded it, within its retention, as if it had died
+    an hour ago)."""
+    retry = RetryStore(redis_client, keys)
+    retry.kill(_letter("old", 1, 10), "HTTP 500")
+    hour_ago = retry._redis_ms() - 3_600_000
+    for key in (keys.dead, keys.dead_of_account(1), keys.dead_of_hook(10)):
+        redis_client.zadd(key, {"old": hour_ago}, xx=True)
+    pages = RetryStore._pages
+
+    def read_then_dead_again(self: Any, *args: Any, **kwargs: Any) -> Any:
+        for page in pages(self, *args, **kwargs):
+            if run != "expire":  # the run's cutoff is its start: one just after
+                time.sleep(0.005)
+            with monkeypatch.context() as inner:  # meanwhile: replayed, and dead again
+                inner.setattr(RetryStore, "_pages", pages)
+                assert RetryStore(redis_client, keys).replay(["old"]) == 1
+                (due,) = retry.claim_due(now=retry._redis_ms() + 1)
+                retry.kill(due, "HTTP 500 again")
+            yield page
+
+    monkeypatch.setattr(RetryStore, "_pages", read_then_dead_again)
+    if run == "expire":
+        assert retry.expire(1_800_000, budget_sec=5) == (0, True)
+    else:
+        assert getattr(retry, run)() == 0
+    monkeypatch.undo()
+    (letter,) = retry.dead_letters()
+    assert letter.id == "old" and letter.last_error == "HTTP 500 again"
+    assert Stats(redis_client, keys).get(10).get("discarded", 0) == 0
+    assert redis_client.zcard(keys.retry) == 0
 
 
 def test_dead_letter_expiry_goes_a_little_per_step_and_never_fails_one(
@@ -867,7 +913,7 @@ def test_large_dead_letters_move_a_few_per_script(
     script, ids_per_script = retry._replay, []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        ids_per_script.append(kwargs["args"][2::7])
+        ids_per_script.append(kwargs["args"][3::7])
         return script(*args, **kwargs)
 
     retry._replay = counting  # type: ignore[method-assign]
