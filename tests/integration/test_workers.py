@@ -2191,6 +2191,7 @@ def test_an_invalid_stored_hook_holds_the_intake_and_loses_nothing(
         assert wait_for(lambda: len(failed) >= 3, 10)  # 3 failed rounds at least
         stop.set()
         runner.join(5)
+        assert not runner.is_alive(), "the worker did not stop"
     assert all(isinstance(exc, HookError) for exc in failed)
     (said,) = [r.getMessage() for r in caplog.records if r.name == "hookray"]
     assert said.startswith("partition 0: waiting, no event is processed until this is fixed")
@@ -2220,6 +2221,7 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
         assert wait_for(lambda: bool(sender.held), 5)  # noqa: B023
         stop.set()  # ... until the worker is stopped
         runner.join(5)
+        assert not runner.is_alive(), "the worker did not stop"
         assert int(redis_client.hget(keys.retry_unanswered, "d1") or 0) == 0
         redis_client.zadd(keys.retry, {"d1": 0})  # the lease runs out
     assert not retry.dead_letters() and retry.pending() == 1
