@@ -146,6 +146,12 @@ class Settings(BaseModel):
     @field_validator("DESTINATION_DENY")
     @classmethod
     def _deny_is_networks(cls, value: str) -> str:
+        if not value.strip(" ,\t\n"):
+            # a variable left empty (DESTINATION_DENY: ${UNSET}) must not open every
+            # address, the cloud's metadata service included, without a word
+            raise ValueError("empty: write none to let deliveries connect to any address "
+                             f"(the cloud's metadata service included), or leave it unset "
+                             f"for the default {DEFAULT_DENY}")
         parse_deny(value)  # a ValueError names the wrong item
         return value
 
@@ -442,7 +448,12 @@ def _validated(values: dict[str, Any], origin: Mapping[str, str]) -> Settings:
             value = values.get(key)
             shown = _mask_any_url(value) if key == "REDIS_URL" and isinstance(value, str) \
                 else value
-            lines.append(f"{key}={shown!r} ({origin.get(key, 'default')}): {_describe(err)}")
+            hint = ""
+            if key == "API_PORT" and isinstance(value, str) and value.startswith("tcp://"):
+                hint = ("; Kubernetes sets API_PORT=tcp://... in the pods of a namespace with "
+                        "a Service named api: set API_PORT (a number, or null) for the engine")
+            lines.append(f"{key}={shown!r} ({origin.get(key, 'default')}): "
+                         f"{_describe(err)}{hint}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
 
 

@@ -87,7 +87,10 @@ class Denied(OSError):
 
 def parse_deny(text: str) -> tuple[Network, ...]:
     """The networks of a DESTINATION_DENY value: names of groups and networks,
-    separated by commas or spaces; a ValueError names a wrong item."""
+    separated by commas or spaces, or ``none`` (no network); a ValueError names a
+    wrong item."""
+    if text.strip().lower() == "none":  # any address
+        return ()
     items = [item for item in re.split(r"[,\s]+", text) if item]
     if len(items) > MAX_ITEMS:
         raise ValueError(f"at most {MAX_ITEMS} items, got {len(items)}")

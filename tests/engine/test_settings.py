@@ -726,7 +726,32 @@ def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
     assert loaded.transport_options("kafka") == {"timeout_sec": 10.0,
                                                  "deny": "loopback,192.0.2.0/24",
                                                  "queue_sec": 60.0}
-    assert load_settings(path, environ={"DESTINATION_DENY": ""}).DESTINATION_DENY == ""
+    assert load_settings(path, environ={"DESTINATION_DENY": "none"}).DESTINATION_DENY == "none"
+
+
+@pytest.mark.parametrize("empty", ["", " ", ",", []])
+def test_an_empty_destination_deny_is_refused_none_opens_every_address(
+        tmp_path: Path, empty: Any) -> None:
+    """A variable left empty (``DESTINATION_DENY: ${UNSET}``) opened every address, the
+    cloud's metadata service included, without a word: "none" says so."""
+    from engine.transports.guard import guard_for
+
+    if isinstance(empty, str):
+        message = config_error(environ={"DESTINATION_DENY": empty})
+    else:
+        message = config_error(write_main(tmp_path, {"DESTINATION_DENY": empty}))
+    assert "DESTINATION_DENY=" in message and "empty: write none to let deliveries " \
+        "connect to any address" in message and "link-local,metadata" in message
+    opened = load_settings(environ={"DESTINATION_DENY": "None"})
+    assert guard_for(opened.DESTINATION_DENY).reason("169.254.169.254") is None
+    assert guard_for(load_settings(environ={}).DESTINATION_DENY).reason("169.254.169.254")
+
+
+def test_a_kubernetes_service_link_in_api_port_is_named() -> None:
+    message = config_error(environ={"API_PORT": "tcp://10.96.0.12:80"})
+    assert "API_PORT='tcp://10.96.0.12:80' (from the environment)" in message
+    assert "Kubernetes sets API_PORT=tcp://... in the pods of a namespace with a Service " \
+        "named api" in message
 
 
 def _keys_of(prefix: str, send_ids: list[str]) -> set[str]:
