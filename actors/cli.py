@@ -310,6 +310,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         print(f"hookray: error: no event accepted ({len(result.issues)} bad)",
               file=sys.stderr)
         return 2
+    if result.issues:  # --partial: some accepted (as the API's 207, not its 202)
+        bad = len({issue.index for issue in result.issues})
+        print(f"hookray: {result.accepted} event(s) accepted, {bad} bad left out",
+              file=sys.stderr)
+        return 1
     return 0
 
 

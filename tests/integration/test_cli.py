@@ -132,12 +132,17 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     events.write_text(good + "\n" + good.replace("1,", '"one",') + "\n")
     code, _, err = run_cli(capsys, "-c", config, "publish", str(events))
     assert code == 2 and "event 1: account_id: Expected `int`, got `str`" in err
-    code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
     assert result["accepted"] == 1 and len(result["issues"]) == 1
+    # some left out: exit 1, not the 0 of all accepted (as the API's 207 is no 202)
+    assert code == 1 and err == "hookray: 1 event(s) accepted, 1 bad left out\n"
+    events.write_text(good + "\n")
+    code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
+    assert (code, result, err) == (0, {"accepted": 1, "issues": []}, "")
     # a lone surrogate escape in one event of an array: that event, named by its field
     events.write_text("[" + good + ", " + good[:-1] + ', "profile_id": "a\\ud800b"}]')
     code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
-    assert code == 0 and result["accepted"] == 1
+    assert code == 1 and result["accepted"] == 1
     assert result["issues"] == ["event 1: profile_id: not valid UTF-8: a lone surrogate "
                                 "'\\ud800' at character 1"]
     code, _, err = run_cli(capsys, "-c", str(tmp_path / "missing.json"), "stats")
@@ -384,7 +389,7 @@ def test_publish_of_an_integer_beyond_64_bits_is_a_clear_error(
     assert err.startswith("hookray: error: 1 bad event(s), nothing accepted: event 1: "
                           "event_data.x: cannot be encoded")
     code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
-    assert code == 0 and result["accepted"] == 1
+    assert code == 1 and result["accepted"] == 1
     assert result["issues"] == ["event 1: event_data.x: cannot be encoded: can't serialize "
                                 "ints < -2**63 or > 2**64 - 1"]
 
