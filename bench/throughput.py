@@ -59,7 +59,8 @@ published. Reported:
   thread (printed as "memory: N samples, X ms each").
 
 * Where the CPU goes (``bench.cpu``, from ``/proc``): ``engine_cpu_us``, the CPU
-  time per matched message over the timed run of each group — ``partitions``,
+  time per matched message over the timed run (from the first publish until the polls
+  see the last message at the sinks, about 0.05 s after it) of each group — ``partitions``,
   ``transport`` (the HTTP transport actor), ``other_actors`` (retry worker, idle
   pools), ``bench`` (this process: it publishes), ``sinks``, ``redis`` — plus
   ``machine`` (every CPU's busy time) and ``other`` (Ray's daemons, the kernel...);
@@ -116,6 +117,8 @@ HTTP_BATCH = 100  # the hooks' max_batch_size and the ceiling's body size
 CEILING_CONCURRENCY = 32
 STALL_SEC = 60.0
 SETTLE_SEC = 60.0
+POLL_SEC = 1.0  # the sinks' counts are read this often: each read sorts their latency samples
+END_POLL_SEC = 0.05  # and this often once the rest should arrive within POLL_SEC
 SAMPLE_SEC = 1.0  # reading smaps_rollup takes the kernel 1-5 ms per process
 RAY_EVERY = 4  # Ray's daemons (slow to change) are sampled every 4th time only
 DEFAULT_REDIS_URL = os.environ.get("REDIS_URL", "redis://127.0.0.1:6379/14")
@@ -400,19 +403,24 @@ def dead_letter_error(engine: Any) -> str | None:
 
 def wait_delivered(engine: Any, sinks: list[Sink], want: int, started: float, what: str,
                    mem: Memory | None = None) -> dict[str, Any]:
-    """Poll until the sinks hold ``want`` unique messages and the engine has settled;
-    BenchError on a dead letter, after STALL_SEC without progress, or when the engine
-    does not settle within SETTLE_SEC."""
+    """Poll until the sinks hold ``want`` unique messages; their totals. Once the rest
+    should arrive within a poll (at the rate so far), the polls come every END_POLL_SEC,
+    so that the caller sees the end, and stops its CPU meter, about that long after the
+    last delivery rather than up to POLL_SEC. BenchError on a dead letter or after
+    STALL_SEC without progress."""
     last_unique, last_move = -1, time.monotonic()
     next_report = time.monotonic()
+    pause = POLL_SEC
     while True:
-        time.sleep(1.0)  # each poll sorts the sinks' latency samples
+        time.sleep(pause)
         total = sinks_total(sinks)
         if (error := dead_letter_error(engine)) is not None:
             raise BenchError(f"{what}: {error}")
         mono = time.monotonic()
         if total["unique"] >= want:
-            break
+            return total
+        rate = total["unique"] / max(time.time() - started, 1e-9)
+        pause = END_POLL_SEC if want - total["unique"] <= rate * POLL_SEC else POLL_SEC
         if total["unique"] != last_unique:
             last_unique, last_move = total["unique"], mono
         elif mono - last_move > STALL_SEC:
@@ -420,17 +428,20 @@ def wait_delivered(engine: Any, sinks: list[Sink], want: int, started: float, wh
                              f"at the sinks for {STALL_SEC:g} s (backlog "
                              f"{engine.backlog():,} intake entries)")
         if mono >= next_report:
-            rate = total["unique"] / max(time.time() - started, 1e-9)
             memory = (f", engine actors {mem.peak['engine'] / MB:,.0f} MB PSS at most"
                       if mem is not None else "")
             say(f"  {what}: delivered {total['unique']:,}/{want:,} ({rate:,.0f} msg/s){memory}")
             next_report = mono + 2.0
+
+
+def settle(engine: Any, what: str) -> None:
+    """BenchError when the engine does not settle within SETTLE_SEC or has dead-lettered
+    a delivery."""
     if not engine.wait_idle(SETTLE_SEC):
         raise BenchError(f"{what}: the engine did not settle within {SETTLE_SEC:g} s "
                          f"(backlog {engine.backlog():,} intake entries)")
     if (error := dead_letter_error(engine)) is not None:
         raise BenchError(f"{what}: {error}")
-    return sinks_total(sinks)
 
 
 def hook_totals(engine: Any, hook_ids: list[int]) -> dict[str, int]:
@@ -471,6 +482,7 @@ def run_engine(args: argparse.Namespace, sinks: list[Sink], mem: Memory,
         say(f"warm-up: {len(warm):,} events, {warm_matched:,} messages")
         engine.publish(warm)
         wait_delivered(engine, sinks, warm_matched, time.time(), "warm-up")
+        settle(engine, "warm-up")
         before = hook_totals(engine, hook_ids)
         for sink in sinks:
             sink.reset()
@@ -494,9 +506,12 @@ def run_engine(args: argparse.Namespace, sinks: list[Sink], mem: Memory,
                 say(f"  published {start + len(chunk):,}/{len(events):,}")
         result["accepted_per_s"] = len(events) / max(published_at - started, 1e-9)
         try:
-            total = wait_delivered(engine, sinks, matched, started, "run", mem)
+            wait_delivered(engine, sinks, matched, started, "run", mem)
+            # the CPU window ends with the delivery window (as soon as the polls see the
+            # last message), before the engine settles: not the idle tail after it
             result["engine_cpu_us"] = meter.stop(matched)
             say(f"  run: {describe(result['engine_cpu_us'])}")
+            settle(engine, "run")
         finally:
             mem.sample(everything=True)
             after = hook_totals(engine, hook_ids)

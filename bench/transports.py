@@ -11,10 +11,12 @@ For each transport kind (``http``, ``rabbitmq_queue``, ``rabbitmq_exchange``,
   pools of 1), one active hook of the kind (actions ``["click"]``, no custom_data,
   no filters) and N click events (default 100,000) published as pre-built ``Event``
   objects in chunks of 5,000. Timed from the first publish until all N messages are
-  at the destination: the sink's count of unique message ids (http, the sink's time
-  of the last request), the queue's message count (rabbitmq, a passive declare), the
-  sum of the topic's end offsets (kafka: near the end, the high watermarks of a fetch,
-  as tansu's ListOffsets answer is short by up to a batch), polled every 20 ms.
+  at the destination: the sink's count of unique message ids (http, until the sink's
+  time of the last request), the queue's message count (rabbitmq, a passive declare,
+  until the poll that saw it), the sum of the topic's end offsets (kafka: near the end,
+  the records themselves, read as they arrive, as tansu's ListOffsets answer is short
+  by up to a batch: until the last was read, about 5 ms after its arrival), polled
+  every 20 ms.
 * ``ceiling_per_s`` — the client library the transport uses, with no engine,
   sending N pre-encoded messages (the engine's own encoding of the same events, so
   the same size) to a fresh destination of the same type on the same sink/broker,
@@ -145,6 +147,9 @@ KAFKA_PARTITIONS = 4
 TARGETS = {"kafka": 0.5, "rabbitmq_queue": 0.8, "rabbitmq_exchange": 0.8}  # engine/ceiling
 CORES = os.cpu_count() or 1
 POLL_SEC = 0.02
+# the longest a fetch waits at the end of a topic while KafkaDest follows its records:
+# how late, at most, the follower reads a record that has arrived
+FOLLOW_WAIT_MS = 5
 PROGRESS_SEC = 2.0
 CONNECT_SEC = 10.0  # connecting, declaring, creating a topic, one count
 STALL_SEC = 60.0  # no progress this long at the destination: the kind fails
@@ -519,9 +524,17 @@ class KafkaDest(Destination):
 
     tansu answers ListOffsets (latest) with the base offset of a partition's last
     record batch + 1, not its true end, so the cheap ListOffsets sum is only a lower
-    bound (short by up to a batch per partition). Near the expected count, and on
-    ``clear``, each partition's last batch is fetched: a fetch answer's high watermark
-    is the true end offset."""
+    bound (short by up to a batch per partition). On ``clear``, each partition's last
+    batch is fetched: a fetch answer's high watermark is the true end offset.
+
+    Near the expected count, ``count`` follows the records instead: a task of its own
+    reads them as they arrive, from each partition's last batch on, so the count is
+    the true end offsets and ``count`` says when the last record was read: within
+    about a fetch's wait at the end of a partition (FOLLOW_WAIT_MS; tansu does not
+    answer a waiting fetch as soon as records arrive) and a round trip of its arrival,
+    however seldom ``count`` is called. That is where the engine's timed window ends,
+    as the ceiling's ends at its last acknowledgement (the poll that saw the count,
+    which ended it before, was 10-50 ms late)."""
 
     kind = "kafka"
 
@@ -534,6 +547,9 @@ class KafkaDest(Destination):
         self.consumer: Any = None
         self.base = 0
         self.bases: dict[Any, int] = {}  # per partition, at the last ``clear``
+        self.follower: asyncio.Task[None] | None = None  # reads the records, near the end
+        self.ends: dict[Any, int] = {}  # per partition, as far as the follower read
+        self.arrived: float | None = None  # time.time() the follower read its last record
 
     @property
     def where(self) -> str:
@@ -552,11 +568,12 @@ class KafkaDest(Destination):
             with contextlib.suppress(Exception):
                 await admin.close()
         self.consumer = AIOKafkaConsumer(bootstrap_servers=self.bootstrap,
-                                         request_timeout_ms=5000, fetch_max_wait_ms=50,
+                                         request_timeout_ms=5000,
+                                         fetch_max_wait_ms=FOLLOW_WAIT_MS,
                                          auto_offset_reset="earliest")
         await bounded(f"{self.where}: cannot connect", self.consumer.start())
         self.consumer.assign(self.tps)
-        self.consumer.pause(*self.tps)  # fetched only on demand, by _exact
+        self.consumer.pause(*self.tps)  # fetched only on demand, by _exact and _follow
 
     def target(self) -> dict[str, Any]:
         return {"kafka": {"bootstrap_servers": [self.bootstrap], "topic": self.topic}}
@@ -589,13 +606,48 @@ class KafkaDest(Destination):
         return {tp: high.get(tp, 0) for tp in self.tps}
 
     async def count(self, want: int = 0) -> tuple[int, float | None]:
-        listed = await self._listed()
-        lower = max(sum(listed) - self.base, 0)
-        if lower + KAFKA_PARTITIONS * 2 * KAFKA_MAX_BATCH < want:
-            return lower, None
-        return sum((await self._exact(listed)).values()) - self.base, None
+        if self.follower is None:
+            listed = await self._listed()
+            lower = max(sum(listed) - self.base, 0)
+            if lower + KAFKA_PARTITIONS * 2 * KAFKA_MAX_BATCH < want:
+                return lower, None
+            self._follow(listed)
+        assert self.follower is not None
+        if self.follower.done():
+            raise BenchError(f"{self.where}: following {self.topic}: "
+                             f"{self.follower.exception()!r}")
+        n = sum(self.ends.values()) - self.base
+        if n >= want:
+            await self._unfollow()
+        return n, self.arrived
+
+    def _follow(self, listed: list[int]) -> None:
+        """Start reading the records as they arrive, from each partition's last batch
+        (``listed`` - 1: its base offset) on."""
+        self.ends = dict(zip(self.tps, listed, strict=True))
+        self.arrived = None
+        for tp, end in self.ends.items():
+            self.consumer.seek(tp, max(end - 1, 0))
+        self.consumer.resume(*self.tps)
+        self.follower = asyncio.create_task(self._read_on())
+
+    async def _read_on(self) -> None:
+        while True:
+            got = await self.consumer.getmany(*self.tps, timeout_ms=1000)
+            for tp, records in got.items():
+                if records:
+                    self.ends[tp] = records[-1].offset + 1
+                    self.arrived = time.time()
+
+    async def _unfollow(self) -> None:
+        if self.follower is not None:
+            self.follower.cancel()
+            await asyncio.wait([self.follower])
+            self.follower = None
+            self.consumer.pause(*self.tps)
 
     async def clear(self) -> None:
+        await self._unfollow()
         self.bases = await self._exact(await self._listed())
         self.base = sum(self.bases.values())
 
@@ -605,6 +657,7 @@ class KafkaDest(Destination):
         its own; the id is the ``hook_message_id`` header, else the JSON body's."""
         from aiokafka import AIOKafkaConsumer
 
+        await self._unfollow()
         ends = await self._exact(await self._listed())
         left = {tp: end for tp, end in ends.items() if end > self.bases.get(tp, 0)}
         ids: set[str] = set()
@@ -653,6 +706,7 @@ class KafkaDest(Destination):
 
     async def close(self) -> None:
         if self.consumer is not None:
+            await self._unfollow()
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(CONNECT_SEC):
                     await self.consumer.stop()
@@ -1087,6 +1141,11 @@ async def measure_engine(kind: str, run: Run, dest: Destination, events: list[Ev
                            events[start:start + PUBLISH_CHUNK])
         published = time.time() - started
         say(f"    published in {published:.2f} s ({len(events) / published:,.0f} events/s)")
+        # the window ends when the last message reached the destination: the sink's time
+        # of its last request (http), the time KafkaDest's follower read the last record
+        # (kafka: within FOLLOW_WAIT_MS and a round trip of its arrival; the ceiling's
+        # window ends at its last acknowledgement), the poll that saw the count (rabbitmq:
+        # up to POLL_SEC late, under 0.5% of its windows of seconds)
         done = await wait_count(dest, len(events), f"{kind} engine", no_failures)
         cpu = meter.stop(len(events))
         say(cpu_line(f"{kind} engine", cpu))

@@ -4,13 +4,18 @@ checked by id (no speed assertions)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import statistics
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiokafka import AIOKafkaProducer
 
+from bench.tansu import Tansu
+from bench.transports import KAFKA_PARTITIONS, KafkaDest
 from tests.services import run_bench_module
 
 pytestmark = pytest.mark.integration
@@ -118,6 +123,38 @@ def test_repeated_rounds_report_the_medians(redis_url: str, tansu_bin: str,
                                                                result["rounds"]), 2)
                                 for name in result[side]}, result
     assert "kafka: median of 3 rounds" in output, output[-3000:]
+
+
+def test_the_kafka_count_says_when_the_last_record_arrived(kafka_broker: Tansu) -> None:
+    """The engine's Kafka window ends when its last record arrived, not when a later poll
+    saw the count: near the end, the destination reads the records as they come."""
+
+    async def scenario() -> tuple[int, int, float | None, float]:
+        dest = KafkaDest(kafka_broker.bootstrap)
+        await dest.open()
+        producer = AIOKafkaProducer(bootstrap_servers=kafka_broker.bootstrap, linger_ms=0)
+        await producer.start()
+        try:
+            # Given 99 of 100 records on the topic, counted near the end
+            await asyncio.gather(*[await producer.send(dest.topic, b"{}",
+                                                       partition=i % KAFKA_PARTITIONS)
+                                   for i in range(99)])
+            before, _ = await dest.count(100)
+            # When the last one arrives, and the count is read a second later
+            await (await producer.send(dest.topic, b"{}", partition=1))
+            acked = time.time()
+            await asyncio.sleep(1.0)
+            n, at = await dest.count(100)
+            return before, n, at, acked
+        finally:
+            await producer.stop()
+            await dest.close()
+
+    before, n, at, acked = asyncio.run(scenario())
+    # Then the count is exact, and says when the last record came: about when it was
+    # acknowledged, not a second later
+    assert before < 100 and n == 100, (before, n)
+    assert at is not None and acked - 0.1 < at < acked + 0.3, (at, acked)
 
 
 @pytest.mark.timeout(300)

@@ -7,14 +7,20 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import redis
 
 from bench.sink import Sink
+from bench.throughput import wait_delivered
 from tests.services import run_bench_module
 
 pytestmark = pytest.mark.integration
@@ -163,3 +169,33 @@ def test_sink_reports_duplicate_ids_per_path(sink: Sink) -> None:
     stats = sink.stats()
     assert stats["messages"] == stats["unique"] == stats["duplicates"] == 0, stats
     assert stats["per_path"] == {} and stats["per_path_duplicates"] == {}, stats
+
+
+def test_the_wait_for_the_sinks_ends_soon_after_the_last_delivery(
+        sink: Sink, redis_client: redis.Redis) -> None:
+    """The engine's CPU window ends when ``wait_delivered`` returns: within a short poll
+    of the last delivery, not a whole POLL_SEC (1 s) after it."""
+    # Given an engine's stand-in with no dead letter (a key nobody writes), and 1,000
+    # messages reaching the sink in 10 bodies over 1.5 s
+    engine = SimpleNamespace(redis=redis_client,
+                             keys=SimpleNamespace(dead=f"bench-test-{uuid.uuid4().hex}:dead"))
+    sent: list[float] = []
+
+    def deliver() -> None:
+        for n in range(10):
+            time.sleep(0.15)
+            post(sink, "/h0", [f"m{n}-{i}" for i in range(100)])
+            sent.append(time.time())
+
+    poster = threading.Thread(target=deliver)
+    started = time.time()
+    poster.start()
+    # When the bench waits for them
+    total = wait_delivered(engine, [sink], 1000, started, "test")
+    seen = time.time()
+    poster.join(10)
+    # Then it returns with all of them, about when the last arrived (polls of 1 s from
+    # the start would see it only about 0.5 s later, at 2 s)
+    assert not poster.is_alive() and len(sent) == 10
+    assert total["unique"] == 1000, total
+    assert seen - total["last"] < 0.25, (seen, total["last"], sent[-1])
