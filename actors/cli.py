@@ -87,7 +87,10 @@ def cmd_run(args: argparse.Namespace) -> int:
 
         _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks,
                          settings.DESTINATION_DENY)
-    print(f"hookray: starting with {json.dumps(settings.redacted())}", flush=True)
+    shown = settings.redacted()
+    if args.ray_address:  # the cluster joined, not the settings' (overridden)
+        shown["RAY_ADDRESS"] = args.ray_address
+    print(f"hookray: starting with {json.dumps(shown)}", flush=True)
     engine = Engine.start(settings, ray_address=args.ray_address)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

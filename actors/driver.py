@@ -637,6 +637,9 @@ def _hook_fields(data: Any) -> Mapping[str, Any] | Hook:
 
 def _settings(settings: Settings | None, config: str | None, overrides: dict[str, Any]
               ) -> Settings:
+    if config is not None and not isinstance(config, str | os.PathLike):
+        raise ConfigError(f"config: expected the path of a main.json (a str or a path), "
+                          f"got {type(config).__name__}")
     if settings is None:
         settings = load_settings(config if config is not None
                                  else os.environ.get("HOOKRAY_CONFIG") or None)

@@ -681,6 +681,24 @@ def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
         "hookray: hook 2 created from /h/b\\xff.json"]
 
 
+def test_run_says_the_ray_cluster_it_joins(
+        config: str, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--ray-address overrides the settings' RAY_ADDRESS: the first line says that one."""
+    from actors.driver import Engine
+    from engine.errors import HookrayError
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        raise HookrayError(f"not started here ({kwargs.get('ray_address')})")
+
+    monkeypatch.setattr(Engine, "start", start)
+    monkeypatch.setenv("RAY_ADDRESS", "10.0.0.9:6379")
+    code, out, err = run_cli(capsys, "-c", config, "run", "--ray-address", "127.0.0.1:6380")
+    assert code == 2 and "not started here (127.0.0.1:6380)" in err
+    started = json.loads(out.split("hookray: starting with ", 1)[1].splitlines()[0])
+    assert started["RAY_ADDRESS"] == "127.0.0.1:6380"
+
+
 def test_run_names_the_file_and_place_of_a_hook_the_started_engine_refuses() -> None:
     """A hook the files' check passed and the engine refuses (its settings differ from
     the file's: an action its EVENT_TYPES_FILE lacks) is named by file and place."""

@@ -122,6 +122,9 @@ def test_settings_must_be_settings_and_not_beside_a_config(settings: Settings) -
         Engine.connect({"REDIS_URL": settings.REDIS_URL})  # type: ignore[arg-type]
     with pytest.raises(ConfigError, match="give settings= or config=, not both"):
         Engine.connect(settings, config="deploy/main.json")
+    for wrong in (123, b"deploy/main.json"):  # a TypeError named neither call nor argument
+        with pytest.raises(ConfigError, match=r"config: expected the path of a main\.json"):
+            Engine.connect(config=wrong)  # type: ignore[arg-type]
 
 
 def test_a_test_event_can_be_sent_from_inside_a_running_event_loop(
