@@ -680,7 +680,10 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
                        f"value {MASK} cannot keep a stored secret; send the secret itself",
                        [{"field": f, "reason": f"the destination changed: {MASK} keeps the "
                          "stored secret only for the same destination"} for f in kept])
-    return backend.hooks.update(hook_id, data)  # a racing delete: see _engine_error
+    # the settings as sent: the registry restores the redacted secrets from the record
+    # it changes, so an update landing since the read above (a token rotated) is not
+    # undone; a racing delete: see _engine_error
+    return backend.hooks.update(hook_id, sent)
 
 
 async def put_hook(request: web.Request) -> web.Response:

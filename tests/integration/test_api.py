@@ -715,6 +715,33 @@ async def test_url_passwords_and_credential_headers_are_write_only(api: Api) -> 
         assert answer.status == 422 and answer.error["issues"][0]["field"] == field
 
 
+async def test_a_put_racing_a_token_rotation_keeps_the_rotated_token(
+        api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A PUT of the settings as read (the token redacted) and an update rotating the
+    token land together: the PUT keeps the rotated token, not the one it first read."""
+    import engine.api
+
+    created = await api.create()
+    hook_id = created["id"]
+    registry = HookRegistry(api.r, Keys(api.settings.REDIS_PREFIX))
+    restore = engine.api.restore_secrets
+
+    def read_then_rotated(sent: dict[str, Any], stored: Any) -> dict[str, Any]:
+        restored = restore(sent, stored)
+        rotated = registry.get(hook_id).to_storage()
+        rotated["target"]["http_batch"]["auth"]["token"] = "rotated"
+        registry.update(hook_id, rotated)  # lands after the PUT read the hook
+        return restored
+
+    monkeypatch.setattr(engine.api, "restore_secrets", read_then_rotated)
+    answer = await api.call("PUT", f"/v1/hooks/{hook_id}", api.master,
+                            json_body={**created, "name": "renamed"})
+    assert answer.status == 200, answer.body
+    stored = registry.get(hook_id)
+    assert stored.name == "renamed"
+    assert stored.target.http_batch.auth.token.get_secret_value() == "rotated"  # type: ignore
+
+
 @pytest.mark.parametrize(("target", "change", "field"), [
     ({"http_batch": {"url": "https://crm.example.com/h",
                      "auth": {"kind": "bearer", "token": "tok-SECRET"}}},
