@@ -888,6 +888,8 @@ class RetryStore:
         """Move a delivery out of the schedule into the dead letters; ``delivered`` and
         ``once`` as in ``schedule``."""
         delivery.last_error = writable(error[:LAST_ERROR_CHARS])
+        # a replayed letter killed unsent (its hook deleted) shows no -1 re-sends
+        delivery.resends = max(delivery.resends, 0)
         # its time of death by Redis' clock, as replay_all's cutoff is: a letter
         # replayed and dead again is then never older than the cutoff of the run that
         # replayed it, however far this worker's clock lags Redis' (one round trip

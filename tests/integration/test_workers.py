@@ -426,6 +426,11 @@ def test_retry_worker_kills_deliveries_of_deleted_hooks(
     RetryWorker(settings, redis_client, InProcessSender()).step()
     (dead,) = retry.dead_letters()
     assert dead.last_error == f"hook {gone.id} was deleted; last error: HTTP 500"
+    # replayed (a deleted hook's letters may be), it dies again unsent: 0 re-sends, not -1
+    assert retry.replay(["d1"]) == 1
+    RetryWorker(settings, redis_client, InProcessSender()).step()
+    (dead,) = retry.dead_letters()
+    assert dead.resends == 0 and dead.last_error.startswith(f"hook {gone.id} was deleted")
 
 
 def test_a_stopped_hook_still_sends_what_it_captured_while_active(
