@@ -146,13 +146,13 @@ class Settings(BaseModel):
     @field_validator("DESTINATION_DENY")
     @classmethod
     def _deny_is_networks(cls, value: str) -> str:
-        if not value.strip(" ,\t\n"):
-            # a variable left empty (DESTINATION_DENY: ${UNSET}) must not open every
-            # address, the cloud's metadata service included, without a word
+        if not parse_deny(value) and value.strip() != "none":  # a ValueError names a wrong item
+            # a variable left empty (DESTINATION_DENY: ${UNSET}, or a lone \r from a
+            # file of Windows lines) must not open every address, the cloud's metadata
+            # service included, without a word
             raise ValueError("empty: write none to let deliveries connect to any address "
                              f"(the cloud's metadata service included), or leave it unset "
                              f"for the default {DEFAULT_DENY}")
-        parse_deny(value)  # a ValueError names the wrong item
         return value
 
     @field_validator("REDIS_PREFIX")

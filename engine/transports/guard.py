@@ -89,7 +89,7 @@ def parse_deny(text: str) -> tuple[Network, ...]:
     """The networks of a DESTINATION_DENY value: names of groups and networks,
     separated by commas or spaces, or ``none`` (no network); a ValueError names a
     wrong item."""
-    if text.strip().lower() == "none":  # any address
+    if text.strip() == "none":  # any address (not "None": str(None) of a template)
         return ()
     items = [item for item in re.split(r"[,\s]+", text) if item]
     if len(items) > MAX_ITEMS:

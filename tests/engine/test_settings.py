@@ -729,7 +729,7 @@ def test_destination_deny_takes_a_list_in_the_file(tmp_path: Path) -> None:
     assert load_settings(path, environ={"DESTINATION_DENY": "none"}).DESTINATION_DENY == "none"
 
 
-@pytest.mark.parametrize("empty", ["", " ", ",", []])
+@pytest.mark.parametrize("empty", ["", " ", ",", "\r", "\x0b", "\u00a0", []])
 def test_an_empty_destination_deny_is_refused_none_opens_every_address(
         tmp_path: Path, empty: Any) -> None:
     """A variable left empty (``DESTINATION_DENY: ${UNSET}``) opened every address, the
@@ -742,7 +742,8 @@ def test_an_empty_destination_deny_is_refused_none_opens_every_address(
         message = config_error(write_main(tmp_path, {"DESTINATION_DENY": empty}))
     assert "DESTINATION_DENY=" in message and "empty: write none to let deliveries " \
         "connect to any address" in message and "link-local,metadata" in message
-    opened = load_settings(environ={"DESTINATION_DENY": "None"})
+    assert "'None' is neither a network" in config_error(environ={"DESTINATION_DENY": "None"})
+    opened = load_settings(environ={"DESTINATION_DENY": " none\n"})
     assert guard_for(opened.DESTINATION_DENY).reason("169.254.169.254") is None
     assert guard_for(load_settings(environ={}).DESTINATION_DENY).reason("169.254.169.254")
 
