@@ -148,7 +148,9 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
         if self.segment_ids and 0 in self.segment_ids:
             # 0 is "no segment" (spec d), in segment_ids as in event_data.segment_id:
             # not a segment a filter can capture, nor the segment a message shows
-            self.segment_ids = [s for s in self.segment_ids if s] or None
+            # (only integer zeros: a None or "" built in Python is left to the type check)
+            self.segment_ids = [s for s in self.segment_ids
+                                if type(s) is not int or s != 0] or None
         if self.event_data:
             self._dimensions(self.event_data)
 

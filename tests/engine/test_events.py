@@ -749,6 +749,20 @@ def test_event_objects_with_fields_of_the_wrong_type_are_refused_by_the_intake(
     assert result.accepted == 2 and [i.field for i in result.issues] == [field]
 
 
+def test_a_segment_0_built_in_python_drops_no_bad_segment_beside_it(
+        redis_client: Any, prefix: str) -> None:
+    """0 is "no segment" and dropped; a None beside it is a bad segment id still."""
+    from engine.intake import Intake
+    from engine.keys import Keys
+
+    intake = Intake(redis_client, Keys(prefix), 1, 10)
+    event = Event(event_type="click", event_date=DATE, account_id=1,
+                  segment_ids=[0, None])  # type: ignore[list-item]
+    good, issues = intake.validate([event])
+    assert good == [] and [(i.field, i.reason) for i in issues] == [
+        ("segment_ids[0]", "Expected `int`, got `None`")]
+
+
 def test_an_unencodable_event_does_not_hide_another_of_the_wrong_type(
         redis_client: Any, prefix: str) -> None:
     from engine.intake import Intake
