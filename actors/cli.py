@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from typing import Any
 
 import redis
@@ -86,7 +86,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         from engine.catalogue import load_catalogue
 
         _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks,
-                         settings.DESTINATION_DENY)
+                         settings.DESTINATION_DENY, _stored_hooks(settings))
     shown = settings.redacted()
     if args.ray_address:  # the cluster joined, not the settings' (overridden)
         shown["RAY_ADDRESS"] = args.ray_address
@@ -127,14 +127,36 @@ def _hook_problem(data: Any, catalogue: Any, registry: Any = None, deny: str = "
     return None
 
 
-def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: str) -> None:
+def _stored_hooks(settings: Any) -> set[tuple[Any, Any]]:
+    """(account, name) of every hook stored under the settings' prefix, as far as its
+    record can be read."""
+    from actors.driver import Engine
+
+    engine = Engine.connect(settings)
+    try:
+        hooks, invalid = engine.hooks.listing(None)
+        return {(h.account_id, h.name) for h in hooks} | {
+            (engine.hooks.owner(hook_id), engine.hooks.stored_name(hook_id))
+            for hook_id, _ in invalid}
+    finally:
+        engine.redis.close()
+
+
+def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: str,
+                     stored: Collection[tuple[Any, Any]] = ()) -> None:
     """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
     before anything starts: each valid (its target no address DESTINATION_DENY ``deny``
-    refuses), and one name per account (a hook is known by its account and name)."""
+    refuses), and one name per account (a hook is known by its account and name). One
+    ``stored`` already (its account and name) is left as it is, not created: it is not
+    judged by the rules of a new hook (a job restarted after a rule or the deny list
+    changed)."""
     problems: list[str] = []
     seen: dict[tuple[Any, Any], str] = {}
     for path, n, data in hooks:
-        problem = _hook_problem(data, catalogue, deny=deny)
+        exists = isinstance(data, dict) and isinstance(data.get("account_id"), int) \
+            and isinstance(data.get("name"), str) \
+            and (data["account_id"], data["name"]) in stored
+        problem = None if exists else _hook_problem(data, catalogue, deny=deny)
         if problem is not None:
             problems.append(f"{path}[{n}]: {problem}")
             continue
@@ -580,7 +602,8 @@ def _parser() -> argparse.ArgumentParser:
     pub = sub.add_parser("publish", help="publish events from a file (JSON array or NDJSON)")
     pub.add_argument("file", help="events: a JSON array or NDJSON")
     pub.add_argument("--partial", action="store_true",
-                     help="accept the good events even when some are bad")
+                     help="accept the good events even when some are bad (exit 1 when "
+                          "some were left out, 2 when none was accepted)")
     pub.set_defaults(fn=cmd_publish)
 
     stats = sub.add_parser("stats", help="per-hook counters")

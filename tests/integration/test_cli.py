@@ -699,6 +699,40 @@ def test_run_says_the_ray_cluster_it_joins(
     assert started["RAY_ADDRESS"] == "127.0.0.1:6380"
 
 
+def test_run_restarts_with_a_file_whose_stored_hooks_a_new_hook_could_not_be(
+        config: str, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hook of the file that is stored already is left as it is: a rule for new hooks
+    added since (a filter on segment 0) or an address denied since does not stop the
+    job's restart. A new one breaking them still does."""
+    import redis
+
+    from actors.driver import Engine
+    from engine.errors import HookrayError
+    from engine.hooks import parse_hook
+    from engine.keys import Keys
+    from engine.stores import HookRegistry
+
+    def start(*args: Any, **kwargs: Any) -> Any:
+        raise HookrayError("not started here")
+
+    monkeypatch.setattr(Engine, "start", start)
+    old = {"name": "old", "account_id": 4, "actions": ["click"], "filters": {"segments": [0]},
+           "target": {"http_batch": {"url": "http://169.254.169.254/x"}}}
+    r = redis.Redis.from_url(settings.REDIS_URL)
+    registry = HookRegistry(r, Keys(settings.REDIS_PREFIX))
+    registry._save(parse_hook({**old, "id": 1}, stored=True))  # stored before the rules
+    hooks = tmp_path / "hooks.json"
+    hooks.write_text(json.dumps([old]))
+    code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(hooks))
+    assert code == 2 and "not started here" in err, err
+    hooks.write_text(json.dumps([old, {**old, "name": "new"}]))
+    code, _, err = run_cli(capsys, "-c", config, "run", "--hooks", str(hooks))
+    assert code == 2 and f"--hooks: nothing started; {hooks}[1]: invalid hook: " in err
+    assert "not started here" not in err
+    r.close()
+
+
 def test_run_names_the_file_and_place_of_a_hook_the_started_engine_refuses() -> None:
     """A hook the files' check passed and the engine refuses (its settings differ from
     the file's: an action its EVENT_TYPES_FILE lacks) is named by file and place."""
