@@ -1,4 +1,5 @@
-"""JSON objects read with each key once: ``json.loads(text, object_pairs_hook=unique_keys)``.
+"""JSON objects read with each key once: ``json.loads(text, object_pairs_hook=unique_keys)``;
+and JSON files read whole (``read_whole``), a device or an oversized file refused.
 
 Python's ``json`` keeps the last value of a key given twice, silently: a hook file
 with ``"active"`` twice, or a settings file with two ``REDIS_URL``, would act on one
@@ -20,6 +21,7 @@ def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
             raise ValueError(f"duplicate key {key!r}")
         out[key] = value
     return out
+
 
 MAX_CONFIG_BYTES = 16 << 20  # the largest settings or event types file read
 
