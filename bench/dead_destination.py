@@ -56,11 +56,13 @@ from pathlib import Path
 from typing import Any
 
 from bench.transports import (
+    CHECK_COUNTS,
     DEFAULT_REDIS_URL,
     BenchError,
     _late,
     _positive,
     _stop_ray,
+    check_failure,
     check_redis,
     drop_prefix,
     say,
@@ -80,7 +82,6 @@ TIMEOUT_SEC = 2.0  # the transport's request timeout: the dead requests end afte
 POLL_SEC = 0.02
 HEALTHY, BASELINE = "/healthy", "/other"
 CONDITIONS = ("baseline", "dead")
-CHECK_COUNTS = ("expected", "received", "missing", "unexpected", "duplicates")
 
 
 def dead_path(round_no: int) -> str:
@@ -171,9 +172,7 @@ class Bench:
         self.sink.reset()
         for key in CHECK_COUNTS:
             self.checked[key] += check[key]
-        wrong = ", ".join(f"{check[k]:,} {k}" for k in ("missing", "unexpected", "duplicates")
-                          if check[k])
-        if wrong:
+        if wrong := check_failure(check):
             raise BenchError(f"{label}: the healthy destination's messages by id: "
                              f"{wrong} ({check['received']:,} received of {self.messages:,})")
         if dead is None:
@@ -251,8 +250,10 @@ def run(messages: int, rounds: int, redis_url: str) -> dict[str, Any]:
     finally:
         sink.stop()
     baseline, dead = (statistics.median(rates[c]) for c in CONDITIONS)
-    say(f"checked by id: {bench.checked['received']:,} healthy messages received of "
-        f"{bench.checked['expected']:,}: 0 missing, 0 unexpected, 0 duplicates")
+    checked = bench.checked
+    say(f"checked by id: {checked['received']:,} healthy messages received of "
+        f"{checked['expected']:,}: {checked['missing']:,} missing, {checked['unexpected']:,} "
+        f"unexpected, {checked['duplicates']:,} duplicates")
     return {"baseline_per_s": baseline, "dead_per_s": dead, "ratio": dead / baseline,
             "target": TARGET, "messages": messages, "rounds": rates, "hung": hung,
             "checked": bench.checked, "healthy": healthy, "other": other}
