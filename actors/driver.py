@@ -29,7 +29,7 @@ from typing import Any
 import redis
 
 from engine.catalogue import load_catalogue
-from engine.errors import ConfigError, HookError, NotFound
+from engine.errors import ConfigError, HookError, NotFound, PrefixTaken
 from engine.events import MAX_ID, Event, is_account_id
 from engine.health import cluster_mode, engine_health, eviction_risk, too_old
 from engine.hooks import Hook, not_utf8
@@ -226,7 +226,7 @@ class Engine:
         lease = EngineLease(self.redis, self.keys, self.settings.ENGINE_LEASE_SEC,
                             about=about)
 
-        def on_this_cluster(_holder: Any) -> ConfigError | None:
+        def on_this_cluster(_holder: Any) -> PrefixTaken | None:
             try:
                 ray.get_actor(f"{self.settings.REDIS_PREFIX}:retry")
             except ValueError:
@@ -248,14 +248,14 @@ class Engine:
             except redis.RedisError as exc:  # it lapses by itself
                 log.warning("releasing %s: %s", lease.key, exc)
 
-    def _already_runs(self, what: str) -> ConfigError:
+    def _already_runs(self, what: str) -> PrefixTaken:
         """The error for actor names of this REDIS_PREFIX taken on this Ray cluster:
         another engine (or its HTTP API, ``what``) of the same prefix runs there."""
         import ray
 
         prefix = self.settings.REDIS_PREFIX
         namespace = ray.get_runtime_context().namespace
-        return ConfigError(
+        return PrefixTaken(
             f"an engine with REDIS_PREFIX {prefix!r} already runs on this Ray cluster"
             f"{what} (its actors {prefix}:... in namespace {namespace!r}); stop it first, "
             f"or give this engine another REDIS_PREFIX")

@@ -2,6 +2,7 @@
 
     HookrayError
     ├── ConfigError          a setting in main.json or the environment is invalid
+    │   └── PrefixTaken      another engine runs with this REDIS_PREFIX
     ├── HookError            a hook's settings are invalid
     ├── EventError           an event (or a batch of events) is malformed
     ├── NotFound             a hook, dead letter, ... does not exist
@@ -36,9 +37,11 @@ class HookError(HookrayError):
         self.issues = issues or []
 
 
-class PrefixTaken(HookrayError):
+class PrefixTaken(ConfigError):
     """Another engine holds this engine's claim on its REDIS_PREFIX (engine/lease.py):
-    this engine's workers wait instead of reading the same intake."""
+    ``Engine.start`` is refused (a ConfigError too: the setting to change is
+    REDIS_PREFIX), and a running engine's workers wait instead of reading the same
+    intake."""
 
 
 class Backlogged(HookrayError):

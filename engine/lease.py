@@ -128,8 +128,8 @@ class EngineLease:
     def claim_or_wait(self, prefix: str, same_cluster: Any = None) -> None:
         """Claim the prefix for a starting engine. Held by another engine: wait for
         its claim to lapse (the engine may have crashed); renewed before it does, the
-        engine runs: a ConfigError naming it.
-        ``same_cluster(holder)``: a ConfigError to raise at once instead (the holder
+        engine runs: PrefixTaken naming it.
+        ``same_cluster(holder)``: an error to raise at once instead (the holder
         runs on this Ray cluster, so nothing will lapse), or None."""
         holder = self.claim()
         if holder is None:
@@ -150,7 +150,7 @@ class EngineLease:
             holder = self.claim()
             if holder is None:
                 return
-        raise ConfigError(
+        raise PrefixTaken(
             f"an engine with REDIS_PREFIX {prefix!r} already runs on this Redis "
             f"({holder.describe()}): it renewed its claim on {self.key} while this one "
             f"waited for it to lapse; stop that engine first, or give this engine another "

@@ -86,7 +86,7 @@ def test_a_start_is_refused_while_the_holder_renews(
     try:
         starting = lease(redis_client, keys, ttl=1, host="box-b")
         with caplog.at_level(logging.WARNING, logger="hookray"), \
-                pytest.raises(ConfigError) as info:
+                pytest.raises(PrefixTaken) as info:
             starting.claim_or_wait("shop")
     finally:
         renewer.stop()

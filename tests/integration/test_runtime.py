@@ -287,12 +287,12 @@ def test_a_start_failing_half_way_leaves_no_actor_behind(
 def test_a_second_engine_with_the_same_prefix_is_refused_and_the_first_runs_on(
         engine_factory: Any, settings: Any, ray_session: Any) -> None:
     from actors.driver import Engine
-    from engine.errors import ConfigError
+    from engine.errors import PrefixTaken
 
     # Given an engine running on the session's Ray
     first = engine_factory()
     # When another one of the same REDIS_PREFIX starts on the same cluster
-    with pytest.raises(ConfigError) as info:
+    with pytest.raises(PrefixTaken) as info:
         Engine.start(settings)
     # Then it is refused, naming the prefix and the namespace its actors are in
     assert str(info.value) == (
@@ -393,7 +393,7 @@ def test_a_shutdown_cut_short_still_gives_the_prefix_up(
 def test_a_second_http_api_of_the_same_prefix_is_refused(
         engine_factory: Any, settings: Any) -> None:
     from actors.driver import Engine
-    from engine.errors import ConfigError
+    from engine.errors import ConfigError, PrefixTaken
 
     engine = engine_factory(API_PORT=0)
     assert engine.api_url
@@ -402,7 +402,7 @@ def test_a_second_http_api_of_the_same_prefix_is_refused(
         engine.start_api(0)
     other = Engine.connect(settings)  # another handle, say another process
     try:
-        with pytest.raises(ConfigError) as info:
+        with pytest.raises(PrefixTaken) as info:
             other.start_api(0)
         assert str(info.value).startswith(
             f"an engine with REDIS_PREFIX {settings.REDIS_PREFIX!r} already runs on this "
