@@ -47,6 +47,10 @@ COPY_SUFFIX = " (copy)"  # of a clone's default name
 # replayed and dead again, says so in front of its last error each time
 LAST_ERROR_CHARS = 1000
 STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered", "discarded")
+# the engine's own counters ({p}:stats:engine), each 0 until first counted
+ENGINE_STAT_FIELDS = ("events_accepted", "events_rejected", "entries_unreadable",
+                      "entries_requeued", "entries_discarded", "retries_unreadable",
+                      "dead_letters_unreadable_discarded")
 
 
 def _version(r: redis.Redis, key: str) -> int:
@@ -584,8 +588,10 @@ class Stats:
         return {f: counts.get(f, 0) for f in STAT_FIELDS}
 
     def engine(self) -> dict[str, int]:
+        """The engine's counters, every one of ENGINE_STAT_FIELDS (0 until first
+        counted: a reader finds each key on a fresh engine too)."""
         raw: dict[bytes, bytes] = self.r.hgetall(self.k.engine_stats)  # type: ignore[assignment]
-        return _counts(raw, self.k.engine_stats)
+        return {**dict.fromkeys(ENGINE_STAT_FIELDS, 0), **_counts(raw, self.k.engine_stats)}
 
 
 def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:

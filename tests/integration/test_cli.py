@@ -809,7 +809,7 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
 
     from actors.cli import _create_missing_hook, _report_until
     from actors.driver import Engine
-    from engine.stores import STAT_FIELDS
+    from engine.stores import ENGINE_STAT_FIELDS, STAT_FIELDS
 
     engine = Engine.connect(settings)
     try:
@@ -818,6 +818,9 @@ def test_a_stored_hook_that_no_longer_validates_stops_no_progress_report(
         redis_client.hset(keys.hooks, "77", b'{"account_id": 4, "name": "bro')  # damaged
         stats = engine.stats()
         assert set(stats) == {good.id, 77, "engine"}
+        # the engine's counters are there, 0, before anything counted them
+        assert stats["engine"] == {**dict.fromkeys(ENGINE_STAT_FIELDS, 0), "retry_scheduled": 0,
+                                   "dead_letters": 0, "intake_backlog": 0}
         assert engine.totals() == dict.fromkeys(STAT_FIELDS, 0)
         stop = threading.Event()
         stop.set()
