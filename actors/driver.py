@@ -54,6 +54,10 @@ log = logging.getLogger("hookray")
 # longest the driver waits for the Ray cluster of RAY_ADDRESS to answer (ray.init would
 # try again for many minutes, silently, at an address where no Ray runs)
 RAY_CONNECT_TIMEOUT_SEC = 10.0
+# Engine.shutdown waits this long in all for its actors to stop (the API's requests,
+# the workers' rounds, the transports' connections), then kills what is left: with
+# Ray's own stop after it, within `ray job stop`'s 30 s (deploy/README.md)
+STOP_SEC = 20.0
 
 # Ray started by an Engine of this process, and how many Engines use it: Ray is shut
 # down with the last of them, not under the feet of the others
@@ -318,13 +322,21 @@ class Engine:
 
     def shutdown(self) -> None:
         """Stop the actors started here (and Ray, when an engine of this process started
-        it and this is the last engine using it). Tolerates Ray being gone already."""
+        it and this is the last engine using it), within STOP_SEC: what has not stopped
+        by then is killed, so `ray job stop`'s wait (RAY_JOB_STOP_WAIT_TIME_S=30 in
+        deploy/README.md) also sees the claim on the prefix given up. Tolerates Ray
+        being gone already."""
+        deadline = time.monotonic() + STOP_SEC
+
+        def left(most: float) -> float:
+            return max(0.5, min(most, deadline - time.monotonic()))
+
         try:
             if self.api is not None:
                 import ray
 
                 try:
-                    ray.get(self.api.stop.remote(), timeout=30)
+                    ray.get(self.api.stop.remote(), timeout=left(15))
                 except Exception as exc:  # dead already (its port was taken), Ray gone...
                     log.warning("API actor: %s", str(exc).splitlines()[0] if str(exc) else exc)
                 with contextlib.suppress(Exception):
@@ -336,12 +348,12 @@ class Engine:
                 workers = [*self.actors["partitions"], self.actors["retry"]]
                 transports = [a for pool in self.actors["pools"].values() for a in pool]
                 try:  # workers finish their round; killed below in any case
-                    ray.get([w.stop.remote() for w in workers], timeout=30)
+                    ray.get([w.stop.remote() for w in workers], timeout=left(30))
                 except Exception as exc:
                     log.warning("stopping workers: %s", str(exc).splitlines()[0] if str(exc)
                                 else exc)
                 try:  # close connections and producers cleanly before the processes go
-                    ray.get([t.close.remote() for t in transports], timeout=10)
+                    ray.get([t.close.remote() for t in transports], timeout=left(10))
                 except Exception as exc:
                     log.warning("closing transports: %s", str(exc).splitlines()[0] if str(exc)
                                 else exc)
