@@ -23,6 +23,7 @@ batches are one per hook, and a Ray call costs about 0.5 ms of CPU on each side.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import suppress
 from typing import Any
 
@@ -56,14 +57,22 @@ class RaySender:
         # ref -> actor, ids the call covers, ids among them it asks about (handed over before)
         self.calls: dict[Any, tuple[ActorKey, list[str], list[str]]] = {}
         self.failed: list[tuple[Delivery, Outcome]] = []  # failed here, returned by poll
-        self._targets: dict[int, tuple[Hook, str]] = {}
+        # id(hook) -> its target JSON, for as long as that Hook object lives: a reload
+        # of the hooks (any change of any hook) makes new ones, and the old ones' entries,
+        # secrets included, go with them (kept, they had grown by every hook at each
+        # change until a cap of 10,000, about 50 MiB in each worker)
+        self._targets: dict[int, tuple[weakref.ref[Hook], str]] = {}
 
     def _target(self, hook: Hook) -> str:
-        cached = self._targets.get(id(hook))
-        if cached is None or cached[0] is not hook:
-            cached = self._targets[id(hook)] = (hook, target_json(hook))
-            if len(self._targets) > 10_000:
-                self._targets.clear()
+        key = id(hook)
+        cached = self._targets.get(key)
+        if cached is None or cached[0]() is not hook:
+            def gone(_ref: weakref.ref[Hook], targets: dict[int, Any] = self._targets,
+                     key: int = key) -> None:
+                entry = targets.get(key)
+                if entry is not None and entry[0] is _ref:
+                    del targets[key]
+            cached = self._targets[key] = (weakref.ref(hook, gone), target_json(hook))
         return cached[1]
 
     def submit(self, hook: Hook, delivery: Delivery) -> None:
