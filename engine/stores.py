@@ -742,6 +742,21 @@ return 1
 """
 
 
+# KEYS: the dead letters' payloads, an account's or hook's index of them; ARGV: ids
+# read from the index without a payload. Each one still without one leaves the index:
+# an undecodable letter discarded or expired (its owner, unknown, kept its entries),
+# never one dead again meanwhile. Returns how many left.
+_PRUNE_INDEX = """
+local n = 0
+for i = 1, #ARGV do
+  if redis.call('HEXISTS', KEYS[1], ARGV[i]) == 0 then
+    n = n + redis.call('ZREM', KEYS[2], ARGV[i])
+  end
+end
+return n
+"""
+
+
 def _decodes(payload: bytes) -> bool:
     try:
         unpack_delivery(payload)
@@ -941,8 +956,9 @@ class RetryStore:
             ids = [delivery_id for delivery_id, _ in page]
             payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
                 self.k.dead_payload, ids)
+            self._prune(key, [i for i, raw in zip(ids, payloads, strict=True) if raw is None])
             for (delivery_id, score), raw in zip(page, payloads, strict=True):
-                if raw is None:  # replayed meanwhile
+                if raw is None:  # replayed meanwhile, or an index entry left behind
                     continue
                 d = self._unpacked(delivery_id, raw)
                 if d is not None and (account_id is None or d.account_id == account_id) and \
@@ -951,6 +967,13 @@ class RetryStore:
                     if len(out) >= limit:
                         return out
         return out
+
+    def _prune(self, key: str, ids: list[bytes]) -> None:
+        """Of ``ids`` read from the index ``key`` without a payload, those that still
+        have none leave it (``_PRUNE_INDEX``): an undecodable dead letter, discarded or
+        expired, left its account's and hook's entries, which no read could place."""
+        if ids and key != self.k.dead:
+            self.r.eval(_PRUNE_INDEX, 2, self.k.dead_payload, key, *ids)
 
     def _dead_index(self, account_id: int | None, hook_id: int | None) -> str:
         """The sorted set of the hook's dead letters, else the account's, else all
@@ -1085,7 +1108,8 @@ class RetryStore:
     def _drop_unreadable(self, delivery_id: str, payload: bytes,
                          why: str = "asked") -> int:
         """Delete an undecodable dead letter if its payload is still ``payload`` (its
-        account's and hook's index entries, unknown, are passed over by every read)."""
+        account's and hook's index entries, unknown here, leave at the next read of
+        those indexes: ``_prune``)."""
         log.warning("dead letter %s cannot be decoded; discarded: %s", delivery_id, why)
         return int(self.r.eval(_DROP_UNREADABLE, 3, self.k.dead_payload, self.k.dead,
                                self.k.engine_stats, delivery_id, payload))
@@ -1155,6 +1179,12 @@ class RetryStore:
         # over, never read again: each script takes at most DEAD_MOVE_CHUNK
         for page in self._pages(key, DEAD_MOVE_CHUNK):
             due = [(m, score) for m, score in page if score <= cutoff]
+            if due and key != self.k.dead:  # entries without a letter, left behind
+                with self.r.pipeline(transaction=False) as pipe:
+                    for m, _ in due:
+                        pipe.hexists(self.k.dead_payload, m)
+                    self._prune(key, [m for (m, _), there in zip(due, pipe.execute(),
+                                                                 strict=True) if not there])
             if due:
                 done += self._move(mode, [m.decode() for m, _ in due], account_id,
                                    hook_id, strict=False, before=done, latest=cutoff)

@@ -900,6 +900,33 @@ def test_a_scheduled_re_send_without_its_payload_is_dropped_with_a_warning(
     assert retry.pending() == 2
 
 
+@pytest.mark.parametrize("how", ["discard", "expire"])
+def test_an_undecodable_dead_letter_gone_leaves_no_index_entry_behind(
+        redis_client: redis.Redis, keys: Keys, how: str) -> None:
+    """An undecodable dead letter discarded or expired names no owner, so its
+    account's and hook's index entries stay at first; the next read of an index
+    takes them out (not walked over by every read, nor kept forever), and never one
+    of a letter that is there."""
+    retry = RetryStore(redis_client, keys)
+    for n in range(4):
+        retry.kill(_letter(f"d{n}", 1, 10), "HTTP 500")
+    redis_client.hset(keys.dead_payload, "d1", b"\xc1 damaged")
+    if how == "discard":
+        assert retry.discard(["d1"]) == 1
+    else:
+        hour_ago = retry._redis_ms() - 3_600_000
+        redis_client.zadd(keys.dead, {"d1": hour_ago}, xx=True)
+        assert retry.expire(1_800_000, budget_sec=5) == (1, True)
+    assert redis_client.hget(keys.engine_stats, "dead_letters_unreadable_discarded") == b"1"
+    assert redis_client.zcard(keys.dead_of_hook(10)) == 4  # not known when it went
+    assert [d.id for d in retry.dead_letters(hook_id=10)] == ["d0", "d2", "d3"]
+    assert redis_client.zrange(keys.dead_of_hook(10), 0, -1) == [b"d0", b"d2", b"d3"]
+    # the account's index: its walk to replay takes the entry out too
+    assert redis_client.zcard(keys.dead_of_account(1)) == 4
+    assert retry.replay_all(account_id=1) == 3
+    assert not redis_client.exists(keys.dead_of_account(1), keys.dead_of_hook(10))
+
+
 @pytest.mark.parametrize("verb", ["replay", "discard"])
 def test_large_dead_letters_move_a_few_per_script(
         redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch,
