@@ -434,6 +434,13 @@ class Engine:
         """Upsert names: ``{"account_id", "kind", "id", "name"[, "subid"|"subject"]}``."""
         return self._names.upsert(records)
 
+    def delete_names(self, account_id: int, objects: Iterable[Mapping[str, Any]]) -> int:
+        """Forget the names of an account's objects (``{"kind", "id"}`` each: a
+        campaign, template... deleted on the platform); returns how many were stored.
+        Every partition holds every name, so names no message needs are worth
+        forgetting."""
+        return self._names.delete(account_id, objects)
+
     def upsert_profiles(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         """Upsert profile fields by profile id, for hooks that copy them into custom_data."""
         if not is_account_id(account_id):

@@ -37,7 +37,7 @@ from engine.hooks import (
     restore_secrets,
 )
 from engine.keys import RETRY_LEASE_MS, Keys, damaged_count
-from engine.names import NameCatalogue
+from engine.names import KIND_FIELDS, NameCatalogue
 from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery, writable
 
 log = logging.getLogger("hookray")
@@ -402,12 +402,40 @@ class NameStore:
             if problem := not_utf8(rec):  # no message could carry it
                 raise ValueError(f"upsert_names: {key}: {problem}; nothing stored")
             fields[key] = json.dumps(rec)
-        if fields:
-            with self.r.pipeline() as pipe:
-                pipe.hset(self.k.names, mapping=fields)  # type: ignore[arg-type]
-                pipe.incr(self.k.names_version)
-                pipe.execute()
+        if fields:  # the version moves only when a record changed: every partition
+            # reloads every name when it does (a nightly sync of the same names costs none)
+            self.r.eval(_UPSERT_NAMES, 2, self.k.names, self.k.names_version,
+                        *(x for kv in fields.items() for x in kv))
         return len(fields)
+
+    def delete(self, account_id: int, objects: Iterable[Mapping[str, Any]]) -> int:
+        """Forget the names of ``objects`` (``{"kind", "id"}`` each) of an account: a
+        campaign, template... deleted on the platform, whose names no message needs any
+        more; returns how many were stored. A bad record raises ValueError naming its
+        index, and nothing is deleted."""
+        if not is_account_id(account_id):
+            raise ValueError(f"delete_names: account_id {account_id!r} is not an integer "
+                             f"from 0 to {MAX_ID}")
+        if isinstance(objects, Mapping | str | bytes) or not isinstance(objects, Iterable):
+            raise ValueError("delete_names: objects must be a list of {\"kind\", \"id\"} "
+                             f"records, got {type(objects).__name__}")
+        keys = []
+        for n, rec in enumerate(objects):
+            if not isinstance(rec, Mapping) or set(rec) != {"kind", "id"}:
+                raise ValueError(f"delete_names: record {n}: expected {{\"kind\", \"id\"}}, "
+                                 f"got {rec!r:.100}; nothing deleted")
+            try:
+                _, kind, obj_id, _ = _name_record({**rec, "account_id": account_id})
+            except ValueError as exc:
+                raise ValueError(f"delete_names: record {n}: {exc}; nothing deleted") from None
+            if kind not in KIND_FIELDS:
+                raise ValueError(f"delete_names: record {n}: kind {kind!r} is not one of "
+                                 f"{', '.join(KIND_FIELDS)}; nothing deleted")
+            keys.append(f"{account_id}:{kind}:{obj_id}")
+        # a script takes some thousands of keys at most (Lua's unpack)
+        return sum(int(self.r.eval(_DELETE_NAMES, 2, self.k.names, self.k.names_version,
+                                   *keys[start:start + 1000]))
+                   for start in range(0, len(keys), 1000))
 
     def version(self) -> int:
         return _version(self.r, self.k.names_version)
@@ -492,6 +520,32 @@ def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str
         if problem := not_utf8(dict(value)):
             raise ValueError(f"{what} {quoted(key)}: {problem}; nothing stored")
     return encoded
+
+
+# KEYS: the names hash, its version; ARGV: key, record JSON, ... Writes the records
+# that differ from the stored ones; the version moves only if one did.
+_UPSERT_NAMES = """
+local changed = 0
+for i = 1, #ARGV, 2 do
+  if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then
+    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+    changed = changed + 1
+  end
+end
+if changed > 0 then
+  redis.call('INCR', KEYS[2])
+end
+return changed
+"""
+
+# KEYS: the names hash, its version; ARGV: keys. Returns how many were stored.
+_DELETE_NAMES = """
+local n = redis.call('HDEL', KEYS[1], unpack(ARGV))
+if n > 0 then
+  redis.call('INCR', KEYS[2])
+end
+return n
+"""
 
 
 def _name_record(rec: Any) -> tuple[int, str, int, dict[str, Any]]:

@@ -60,6 +60,16 @@ def engine(settings: Settings) -> Iterator[Engine]:
      "upsert_names: record 0: account_id: expected an integer from 0 to"),
     (lambda e: e.upsert_names([{"account_id": "-1", "kind": "segments", "id": 1}]),
      "upsert_names: record 0: account_id: expected an integer from 0 to"),
+    (lambda e: e.delete_names(1, {"kind": "campaigns", "id": 1}),
+     "delete_names: objects must be a list of"),
+    (lambda e: e.delete_names("1", [{"kind": "campaigns", "id": 1}]),
+     "delete_names: account_id '1' is not an integer"),
+    (lambda e: e.delete_names(1, [{"kind": "campaigns", "id": 1, "name": "x"}]),
+     "delete_names: record 0: expected {\"kind\", \"id\"}"),
+    (lambda e: e.delete_names(1, [{"kind": "campaigns", "id": 1}, {"kind": "lists", "id": 2}]),
+     "delete_names: record 1: kind 'lists' is not one of campaigns,"),
+    (lambda e: e.delete_names(1, [{"kind": "campaigns", "id": -2}]),
+     "delete_names: record 0: id: expected an integer from 0 to"),
     (lambda e: e.requeue_set_aside("1-0"),
      "requeue_set_aside: ids must be a list of set-aside entry ids, got str"),
     (lambda e: e.requeue_set_aside(["soon"]),
@@ -113,6 +123,22 @@ def test_good_arguments_still_work(engine: Engine) -> None:
     assert engine.upsert_names([{"account_id": "23", "kind": "segments", "id": "4",
                                  "name": "VIP"}]) == 1
     assert engine._names.load().get(23, "segments", 4) == "VIP"
+    # the same names again change nothing: every partition reloads every name when
+    # their version moves, so it does not
+    version = engine._names.version()
+    assert engine.upsert_names([{"account_id": 23, "kind": "segments", "id": 4,
+                                 "name": "VIP"}]) == 1
+    assert engine._names.version() == version
+    assert engine.upsert_names([{"account_id": 23, "kind": "segments", "id": 4,
+                                 "name": "VIPs"}]) == 1
+    assert engine._names.version() == version + 1
+    # names of objects deleted on the platform are forgotten (ids as strings too)
+    assert engine.delete_names(23, [{"kind": "segments", "id": "4"},
+                                    {"kind": "campaigns", "id": 9},
+                                    {"kind": "campaigns", "id": 10}]) == 2
+    assert engine._names.version() == version + 2 and len(engine._names.load()) == 0
+    assert engine.delete_names(23, [{"kind": "segments", "id": 4}]) == 0
+    assert engine._names.version() == version + 2
     assert engine.upsert_profiles(23, {"p1": {"email": "a@example.org"}}) == 1
     assert engine.wait_idle(0.1)
 
