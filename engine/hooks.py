@@ -219,6 +219,35 @@ class CustomData(_Model):
     template: dict[str, str] = {}
     pairs: dict[str, str] = {}
 
+    @model_validator(mode="after")
+    def _bounded(self, info: ValidationInfo) -> CustomData:
+        """What one hook adds to each of its messages is bounded: a partition builds
+        a whole round's messages (up to 20,000 events) before batching them, for every
+        account it serves, so a megabyte value or thousands of parameters in one hook
+        would exhaust or stall it for everyone (stored hooks keep loading)."""
+        if _stored(info):
+            return self
+        if len(self.fields) > CUSTOM_DATA_MAX_FIELDS:
+            raise ValueError(f"fields: {len(self.fields)} profile fields: at most "
+                             f"{CUSTOM_DATA_MAX_FIELDS}")
+        texts = [t for part in (self.template, self.pairs) for kv in part.items() for t in kv]
+        chars = sum(map(len, texts))
+        if chars > CUSTOM_DATA_MAX_CHARS:
+            raise ValueError(f"template and pairs hold {chars} characters of keys and "
+                             f"values: at most {CUSTOM_DATA_MAX_CHARS} in all (each is "
+                             "copied into every message)")
+        params = sum(text.count("{{") for text in texts)
+        if params > CUSTOM_DATA_MAX_PARAMS:
+            raise ValueError(f"template and pairs hold {params} {{{{parameters}}}}: at most "
+                             f"{CUSTOM_DATA_MAX_PARAMS} in all (each is filled in for every "
+                             "message)")
+        return self
+
+
+CUSTOM_DATA_MAX_FIELDS = 256  # profile fields one hook copies
+CUSTOM_DATA_MAX_CHARS = 16_384  # keys and values of template and pairs together
+CUSTOM_DATA_MAX_PARAMS = 256  # {{parameters}} in template and pairs together
+
 
 class Auth(_Model):
     kind: Literal["none", "bearer", "oauth2"] = "none"
@@ -338,6 +367,76 @@ RESERVED_HEADERS = frozenset({
     "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect"})
 # a success regex is at most this long (it is compiled by every transport that sends)
 MAX_REGEX_CHARS = 1_000
+MAX_REGEX_SIZE = 10_000  # items a success_regex compiles to (regex_size): 2.6 MB at most
+# a stored hook over this is refused too (it stops the partitions, naming the hook),
+# rather than taking some hundreds of MB in every process that loads it
+MAX_REGEX_STORED_SIZE = 1_000_000
+
+_REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+
+
+def regex_size(pattern: str) -> int:
+    """About how many items the ``regex`` module compiles ``pattern`` to: each atom
+    one, a group the sum of its parts (alternatives added up), and an atom or group
+    followed by a counted repeat written out its least count times ({0,m} and {,m}
+    once: the module loops over those). Escapes and sets are one item each. An
+    estimate from above, to refuse patterns whose compiled form would take gigabytes
+    (a{10000000}: 12 characters)."""
+    levels: list[int] = [0]  # items of each open group so far
+    last = 0  # items of the atom or group just before
+    i, n = 0, len(pattern)
+    while i < n:
+        ch = pattern[i]
+        if ch == "\\":
+            i += 2
+            if i < n and pattern[i - 1] in "pPNx" and pattern[i] == "{":  # \p{L}: one
+                end = pattern.find("}", i)
+                i = n if end < 0 else end + 1
+            last = 1
+            levels[-1] += 1
+            continue
+        if ch == "[":  # a set, nested ones too (regex's V1): one item
+            depth, i = 1, i + 1
+            if i < n and pattern[i] == "^":
+                i += 1
+            if i < n and pattern[i] == "]":
+                i += 1
+            while i < n and depth:
+                if pattern[i] == "\\":
+                    i += 1
+                elif pattern[i] == "[":
+                    depth += 1
+                elif pattern[i] == "]":
+                    depth -= 1
+                i += 1
+            last = 1
+            levels[-1] += 1
+            continue
+        if ch == "(":
+            if pattern.startswith("?", i + 1):  # (?:, (?=, (?P<name>, (?i)...: no item
+                j = i + 2
+                while j < n and pattern[j] not in ":=!>)":
+                    j += 1
+                if j < n and pattern[j] == ")":  # inline flags: no group
+                    i = j + 1
+                    continue
+                i = j
+            levels.append(0)
+            last = 0
+        elif ch == ")" and len(levels) > 1:
+            last = max(1, levels.pop())
+            levels[-1] += last
+        elif ch == "{" and (m := _REPEAT.match(pattern, i)) and (m.group(1) or m.group(2)):
+            least = max(1, int(m.group(1) or 0))
+            levels[-1] += last * (least - 1)
+            last *= least
+            i = m.end()
+            continue
+        elif ch not in "|?*+":
+            last = 1
+            levels[-1] += 1
+        i += 1
+    return sum(levels)
 
 
 def _control_char(value: str) -> str | None:
@@ -387,8 +486,18 @@ class HttpBatch(_Model):
         matches it (with a time budget, see ``engine.transports.http``)."""
         if len(value) > MAX_REGEX_CHARS and not _stored(info):
             raise ValueError(f"regex of {len(value)} characters: at most {MAX_REGEX_CHARS}")
+        # compiled, a counted repeat is written out its least number of times (about
+        # 260 bytes each): a{10000000} took 2.6 GB in every process that loads the hook
+        size = regex_size(value)
+        most = MAX_REGEX_STORED_SIZE if _stored(info) else MAX_REGEX_SIZE
+        if size > most:
+            raise ValueError(f"regex {value[:100]!r}: its counted repeats ({{n}}, {{n,}}, "
+                             f"{{n,m}}) write it out to about {size} items when compiled: at "
+                             f"most {most}; use a smaller least count, or * and +")
         try:
             regex.compile(value)
+        except MemoryError:
+            raise ValueError(f"regex {value[:100]!r} is too large once compiled") from None
         except (regex.error, OverflowError, ValueError) as exc:
             raise ValueError(f"regex {value[:100]!r} does not compile: {exc}") from None
         except RecursionError:

@@ -456,13 +456,39 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
      ["target.http_batch.success_regex: regex '(OK' does not compile: missing ) at "
       "position 3"]),
     ("regex repeat count beyond 32 bits", at("target.http_batch.success_regex", "a{4294967295}"),
-     ["target.http_batch.success_regex: regex 'a{4294967295}' does not compile: repeat "
+     ["target.http_batch.success_regex: regex 'a{4294967295}': its counted repeats ({n}, "
+      "{n,}, {n,m}) write it out to about 4294967295 items when compiled: at most 10000"]),
+    ("regex repeat count beyond 32 bits, least count 0",
+     at("target.http_batch.success_regex", "a{0,4294967295}"),
+     ["target.http_batch.success_regex: regex 'a{0,4294967295}' does not compile: repeat "
       "count too big"]),
     ("regex nested too deeply", at("target.http_batch.success_regex", "(" * 490 + ")" * 490),
      ["target.http_batch.success_regex: regex '((((", "does not compile: its groups nest "
       "too deeply"]),
     ("regex too long", at("target.http_batch.success_regex", "OK|" * 400),
      ["target.http_batch.success_regex: regex of 1200 characters: at most 1000"]),
+    # 12 characters written out ten million times when compiled (2.6 GB)
+    ("regex repeat written out too often", at("target.http_batch.success_regex", "a{10000000}"),
+     ["target.http_batch.success_regex: regex 'a{10000000}': its counted repeats ({n}, {n,}, "
+      "{n,m}) write it out to about 10000000 items when compiled: at most 10000; use a "
+      "smaller least count, or * and +"]),
+    ("regex nested repeats written out too often",
+     at("target.http_batch.success_regex", "(?:(?:a{10}){100}){11}"),
+     ["target.http_batch.success_regex: regex '(?:(?:a{10}){100}){11}': its counted repeats",
+      "about 11000 items"]),
+    ("regex repeat of an escape", at("target.http_batch.success_regex", r"\d{20000,}"),
+     ["about 20000 items when compiled: at most 10000"]),
+    # custom_data: copied into, and filled in for, every message
+    ("custom_data value of a megabyte", at("custom_data", {"pairs": {"k": "x" * 1_000_000}}),
+     ["custom_data: template and pairs hold 1000001 characters of keys and "
+      "values: at most 16384 in all (each is copied into every message)"]),
+    ("custom_data with too many parameters",
+     at("custom_data", {"template": {f"k{n}": "{{uuid}}" * 3 for n in range(100)}}),
+     ["custom_data: template and pairs hold 300 {{parameters}}: at most 256 in "
+      "all (each is filled in for every message)"]),
+    ("custom_data with too many fields",
+     at("custom_data", {"fields": [f"f{n}" for n in range(257)]}),
+     ["custom_data: fields: 257 profile fields: at most 256"]),
     ("batch size zero", at("target.http_batch.max_batch_size", 0),
      ["target.http_batch.max_batch_size: Input should be greater than 0"]),
     ("batch size negative", at("target.http_batch.max_batch_size", -5),
@@ -1091,15 +1117,30 @@ def test_rules_added_later_do_not_invalidate_a_stored_hook() -> None:
     data = hook_data({"http_batch": {
         "url": "https://r.example/x", "success_regex": "OK|" * 400,
         "headers": {"Content-Type": "text/plain"},
-        "auth": {"kind": "none", "token_url": "auth.example/t"}}})
+        "auth": {"kind": "none", "token_url": "auth.example/t"}}},
+        custom_data={"pairs": {"k": "x" * 20_000}})
     stored = parse_hook(data, stored=True)
     assert stored.target.http_batch is not None
     assert stored.target.http_batch.headers == {"Content-Type": "text/plain"}
+    assert len(stored.custom_data.pairs["k"]) == 20_000
     message = hook_error(data)
     for fragment in ("success_regex: regex of 1200 characters: at most 1000",
                      "auth: token_url: 'auth.example/t' is not an http(s) URL",
-                     "header 'Content-Type': every batch is JSON"):
+                     "header 'Content-Type': every batch is JSON",
+                     "custom_data: template and pairs hold 20001 characters"):
         assert fragment in message
+    # a regex written out a little more than new hooks may is kept; one that would take
+    # gigabytes in every process loading it is not, even stored (the partitions wait)
+    for size, loads in ((20_000, True), (10_000_000, False)):
+        data = hook_data({"http_batch": {"url": "https://r.example/x",
+                                         "success_regex": f"a{{{size}}}"}})
+        assert f"about {size} items when compiled: at most 10000" in hook_error(data)
+        if loads:
+            assert parse_hook(data, stored=True).target.http_batch is not None
+        else:
+            with pytest.raises(HookError, match=f"about {size} items when compiled: at "
+                               "most 1000000"):
+                parse_hook(data, stored=True)
 
 
 def test_a_filter_on_segment_zero_is_refused_but_a_stored_one_loads() -> None:
