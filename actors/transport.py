@@ -5,6 +5,11 @@ hands over new batches of any number of hooks and collects the outcomes of batch
 handed over before. Batches run concurrently, each on its own; a call returns once
 every batch it asked about is done, or after ``wait_sec`` with those done by then,
 so one slow destination delays nobody's outcomes by more than ``wait_sec``.
+
+Ray runs an async actor's calls on one event loop of its own, which keeps running
+between calls: the tasks the transport starts there (its sends, and the timer that
+closes its idle connections, producers and channels, ``engine.transports.base.IdleSweep``)
+go on while no call comes, until ``close``.
 """
 
 from __future__ import annotations

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import importlib
+import logging
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable
@@ -24,6 +25,8 @@ import numpy as np
 
 from engine.errors import ConnectError, Queued, TransportError
 from engine.transports.guard import DestinationGuard, guard_for
+
+log = logging.getLogger("hookray")
 
 EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
 DEFAULT_QUEUE_SEC = 60.0  # DESTINATION_QUEUE_SEC's default
@@ -219,6 +222,9 @@ def available_kinds() -> list[str]:
 
 
 IDLE_CHECK_SEC = 60.0  # how often a transport closes its idle connections or producers
+# the idle timer wakes no more often than this, whatever IDLE_CHECK_SEC says (0: a
+# delivery looks each time, the timer every IDLE_TIMER_MIN_SEC)
+IDLE_TIMER_MIN_SEC = 0.5
 
 
 def close_idle(entries: dict[Any, Any], idle_sec: float,
@@ -233,13 +239,29 @@ def close_idle(entries: dict[Any, Any], idle_sec: float,
             close(entries.pop(key), f"unused for {idle_sec:g} s")
 
 
-class IdleCheck:
-    """When a transport last closed its idle entries: ``due()`` at most once every
-    IDLE_CHECK_SEC. Without it, idle ones were closed only when a new one joined: a
-    hook whose password changed kept the old, authenticated connection open."""
+class IdleSweep:
+    """A transport's idle sweep, ``sweep()``: it closes the connections, producers (or
+    channels) no delivery holds and none used for a while, and returns whether the
+    transport has any left to watch. Run at most once every IDLE_CHECK_SEC, by
 
-    def __init__(self) -> None:
-        self.at = time.monotonic()
+    * a timer (``start()``): an asyncio task on the transport's event loop, started
+      when the transport makes its first entry, which ends once ``sweep()`` leaves
+      none, or at ``stop()`` (the transport's ``close()``). Without it, idle entries
+      were closed only when a delivery came: a transport whose last hook was deleted
+      kept its connections (and a Kafka producer its metadata refreshes, which make
+      a topic the operator deleted again on a broker that creates topics) for good;
+    * a delivery that finds it ``due()``: one made every IDLE_CHECK_SEC, before the
+      delivery looks its entry up, as before the timer (a busy transport does what it
+      did). Without it, idle ones were closed only when a new one joined: a hook whose
+      password changed kept the old, authenticated connection open.
+
+    The timer never raises: a failed sweep is logged, and tried again next time."""
+
+    def __init__(self, sweep: Callable[[], bool], what: str) -> None:
+        self.sweep = sweep
+        self.what = what
+        self.at = time.monotonic()  # when the last sweep was made
+        self._task: asyncio.Task[None] | None = None
 
     def due(self) -> bool:
         now = time.monotonic()
@@ -247,6 +269,41 @@ class IdleCheck:
             return False
         self.at = now
         return True
+
+    def start(self) -> None:
+        """Run the timer on the running event loop, unless it runs there already."""
+        loop = asyncio.get_running_loop()
+        task = self._task
+        if task is not None and not task.done() and task.get_loop() is loop:
+            return
+        self._task = loop.create_task(self._run(), name=f"hookray idle sweep: {self.what}")
+
+    @property
+    def running(self) -> bool:
+        return self._task is not None and not self._task.done()
+
+    async def _run(self) -> None:
+        while True:
+            wait = self.at + max(IDLE_CHECK_SEC, IDLE_TIMER_MIN_SEC) - time.monotonic()
+            if wait > 0:  # a delivery may have swept meanwhile: counted from then
+                await asyncio.sleep(wait)
+                continue
+            self.at = time.monotonic()
+            try:
+                if not self.sweep():
+                    return  # nothing left to watch: started again by the next entry
+            except Exception:
+                log.exception("%s: closing idle connections failed (tried again in "
+                              "%g s)", self.what, max(IDLE_CHECK_SEC, IDLE_TIMER_MIN_SEC))
+
+    async def stop(self) -> None:
+        """End the timer (the transport closes)."""
+        task, self._task = self._task, None
+        if task is None or task.done():
+            return
+        task.cancel()
+        if task.get_loop() is asyncio.get_running_loop():
+            await asyncio.wait([task])
 
 
 def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,

@@ -78,7 +78,7 @@ from engine.hooks import Kafka
 from engine.partitioning import positions_by_code
 from engine.transports.base import (
     Delivery,
-    IdleCheck,
+    IdleSweep,
     Outcome,
     Transport,
     close_idle,
@@ -98,11 +98,14 @@ KEY_CACHE_MAX = 100_000  # key text -> (bytes, murmur2) entries before the cache
 BREAKER_OPEN_SEC = 1.0  # after a producer failed, deliveries fail fast this long
 MAX_PRODUCERS = 64  # distinct (servers, security) producers kept by one transport
 # a producer no delivery used for this long is stopped (a hook whose settings changed,
-# or that was deleted, leaves its producer behind), looked at when another is made
+# or that was deleted, leaves its producer behind): looked at every IDLE_CHECK_SEC
+# (engine.transports.base.IdleSweep), deliveries or not, and when another is made
 IDLE_CLOSE_SEC = 600.0
 # a topic a producer sent nothing to for this long is no longer asked for in its
 # metadata refreshes (aiokafka asks for every topic it ever sent to, every 5 minutes,
-# which on a broker that creates topics makes one an operator deleted again)
+# which on a broker that creates topics makes one an operator deleted again), and a
+# producer left with none is stopped; looked at by the same sweep and, at most every
+# TOPIC_IDLE_SEC, by a delivery to that producer
 TOPIC_IDLE_SEC = 600.0
 METADATA_TRIES = 6  # metadata requests for an unknown topic before it is Rejected
 METADATA_BACKOFF_SEC = 0.2
@@ -246,7 +249,8 @@ class KafkaTransport(Transport):
         self.timeout_sec = timeout_sec
         self.breaker_sec = BREAKER_OPEN_SEC
         self._slots: dict[tuple[Any, ...], _Slot] = {}
-        self._idle = IdleCheck()  # idle entries closed now and then
+        # idle producers stopped, idle topics let go: on a timer, and by deliveries
+        self._idle = IdleSweep(self._sweep_idle, "Kafka transport")
         self._keys: dict[str, tuple[bytes, int | None]] = {}
         self._sticky = itertools.count()
         self._closing: set[asyncio.Task[None]] = set()
@@ -447,7 +451,8 @@ class KafkaTransport(Transport):
 
     def _slot(self, target: Kafka) -> _Slot:
         if self._idle.due():  # before the lookup: an idle one closed is made anew
-            close_idle(self._slots, IDLE_CLOSE_SEC, lambda old, _: self._retire(old, old.producer))
+            self._sweep_idle()
+            self._idle.start()  # (in case its loop was another's)
         key = _producer_key(target)
         slot = self._slots.get(key)
         if slot is None:
@@ -456,9 +461,25 @@ class KafkaTransport(Transport):
             slot = self._slots[key] = _Slot(target, ",".join(target.bootstrap_servers),
                                             asyncio.Semaphore(self.concurrency),
                                             _Fence(self.guard))
+            self._idle.start()
         else:  # most recently used last
             self._slots[key] = self._slots.pop(key)
         return slot
+
+    def _sweep_idle(self) -> bool:
+        """Stop the producers no delivery used for IDLE_CLOSE_SEC (their slots
+        forgotten); let go of the topics a producer sent nothing to for TOPIC_IDLE_SEC,
+        and stop a producer left with none (its slot kept: a delivery starts a new
+        one). A slot a delivery holds is left as it is. Whether any slot is left."""
+        close_idle(self._slots, IDLE_CLOSE_SEC, lambda old, _: self._retire(old, old.producer))
+        now = time.monotonic()
+        for slot in self._slots.values():
+            producer = slot.producer
+            if producer is not None and slot.users == 0 and not _prune(slot, producer, now):
+                log.debug("Kafka %s: producer stopped, no topic sent to for %g s",
+                          slot.servers, TOPIC_IDLE_SEC)
+                self._retire(slot, producer)
+        return bool(self._slots)
 
     async def _started(self, slot: _Slot) -> AIOKafkaProducer:
         producer = slot.producer
@@ -546,20 +567,8 @@ class KafkaTransport(Transport):
             # to it waiting for a leader no refresh names)
             _unawaited(producer.client.add_topic(topic))
         slot.topics[topic] = now
-        if now - slot.topics_pruned < TOPIC_IDLE_SEC:
-            return
-        slot.topics_pruned = now
-        idle = {t for t, used in slot.topics.items() if now - used >= TOPIC_IDLE_SEC}
-        if not idle:
-            return
-        for t in idle:
-            del slot.topics[t]
-            slot.caps.pop(t, None)
-        for key in [k for k, lock in slot.queues.items() if k[0] in idle and not lock.locked()]:
-            del slot.queues[key]
-        # the topics in use, this one among them (an empty set would ask for all); a
-        # metadata request it starts is awaited by no one: its failure is the next's
-        _unawaited(producer.client.set_topics(list(slot.topics)))
+        if now - slot.topics_pruned >= TOPIC_IDLE_SEC:
+            _prune(slot, producer, now)  # this topic stays
 
     def _retire(self, slot: _Slot, producer: AIOKafkaProducer | None) -> None:
         """Close ``producer`` in the background; the slot's next delivery starts anew."""
@@ -575,11 +584,33 @@ class KafkaTransport(Transport):
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        await self._idle.stop()
         for slot in self._slots.values():
             self._retire(slot, slot.producer)
         self._slots.clear()
         if self._closing:
             await asyncio.wait(list(self._closing))
+
+
+def _prune(slot: _Slot, producer: AIOKafkaProducer, now: float) -> bool:
+    """Let go of the slot's topics idle for TOPIC_IDLE_SEC: the producer's metadata
+    refreshes no longer ask for them. Whether the slot has topics left (a producer
+    left with none is to be stopped: an empty set would have it ask for every topic)."""
+    slot.topics_pruned = now
+    idle = {t for t, used in slot.topics.items() if now - used >= TOPIC_IDLE_SEC}
+    if not idle:
+        return bool(slot.topics)
+    for t in idle:
+        del slot.topics[t]
+        slot.caps.pop(t, None)
+    for key in [k for k, lock in slot.queues.items() if k[0] in idle and not lock.locked()]:
+        del slot.queues[key]
+    if not slot.topics:
+        return False
+    # the topics in use; a metadata request it starts is awaited by no one: its
+    # failure is the next's
+    _unawaited(producer.client.set_topics(list(slot.topics)))
+    return True
 
 
 async def _hand_over(slot: _Slot, producer: AIOKafkaProducer, builder: Any, topic: str,

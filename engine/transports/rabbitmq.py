@@ -44,11 +44,13 @@ certificate not trusted and a handshake with a port that is not a TLS listener a
 ConnectErrors that say so.
 
 Connections are cached per (host, port, user, password, vhost, TLS settings), at most
-MAX_BROKERS, one unused for IDLE_CLOSE_SEC closed when another opens (never one a
-delivery holds), and each
+MAX_BROKERS, and each
 destination (queue, or exchange with its settings) has a confirm channel of its
 own on that connection, declared once per channel: a broker error about one
-destination closes only its channel. After any connection failure (broker
+destination closes only its channel. A connection, or a destination's channel, no
+delivery used for IDLE_CLOSE_SEC is closed (never one a delivery holds): looked at
+every IDLE_CHECK_SEC, deliveries or not (``engine.transports.base.IdleSweep``), and a
+connection also when another opens. After any connection failure (broker
 restart, network loss) the next delivery opens a new connection and channels and
 declares again (a non-durable exchange does not survive a restart); a delivery
 that times out without the connection making any progress drops that connection
@@ -91,7 +93,7 @@ from engine.hooks import RabbitExchange, RabbitQueue, vhost_problem
 from engine.transports.amqp_batch import publish_all
 from engine.transports.base import (
     Delivery,
-    IdleCheck,
+    IdleSweep,
     Outcome,
     Transport,
     close_idle,
@@ -103,13 +105,15 @@ from engine.transports.tls import client_context_for
 DEFAULT_TIMEOUT_SEC = 10.0
 JSON = "application/json"
 PERSISTENT = 2
-MAX_CHANNELS = 512  # destination channels per connection before idle ones are closed
+MAX_CHANNELS = 512  # destination channels per connection before unused ones are closed
 # connections kept (one per host, port, user, password, vhost): a hook whose password
 # or vhost changed leaves its old connection, closed once this many are newer (or
 # after IDLE_CLOSE_SEC unused)
 MAX_BROKERS = 64
 # a broker no delivery used for this long is closed (a hook whose settings changed, or
-# that was deleted, leaves its connection behind), looked at when another is opened
+# that was deleted, leaves its connection behind), and so is a destination's channel:
+# looked at every IDLE_CHECK_SEC (engine.transports.base.IdleSweep), deliveries or not,
+# and a broker also when another is opened
 IDLE_CLOSE_SEC = 600.0
 CLOSE_TIMEOUT_SEC = 5.0
 
@@ -153,6 +157,8 @@ class _Dest:
     current: _Channel | None = None
     failed_at: float = float("-inf")
     error: TransportError | None = None
+    users: int = 0  # deliveries holding this destination: its channel stays open
+    used_at: float = field(default_factory=time.monotonic)  # last delivery began
 
 
 @dataclass
@@ -204,7 +210,8 @@ class RabbitTransport(Transport):
         self.concurrency = concurrency
         self.timeout_sec = timeout_sec
         self._brokers: dict[BrokerKey, _Broker] = {}
-        self._idle = IdleCheck()  # idle entries closed now and then
+        # idle connections and channels closed: on a timer, and by deliveries
+        self._idle = IdleSweep(self._sweep_idle, f"RabbitMQ transport ({self.kind})")
         self._closing: set[asyncio.Task[None]] = set()
 
     # --- delivery ----------------------------------------------------------------------
@@ -252,20 +259,26 @@ class RabbitTransport(Transport):
                 conn = await self._connection(broker, started)
                 phase.now = f"opening a channel and declaring {what}"
                 dest = self._dest(conn, dest_key)
-                chan = await self._channel(broker, conn, dest, target, started)
-                phase.now = f"awaiting the broker's confirms of {delivery.count} message(s)"
-                chan.users += 1
+                dest.users += 1  # not closed as idle under this delivery
+                dest.used_at = started
                 try:
-                    await self._publish(broker, conn, dest, chan, target, delivery, what)
-                except TransportError:
-                    raise
-                except Exception as exc:  # a driver surprise: never escapes
-                    self._retire(dest, chan)
-                    raise Rejected(f"{broker.where}: {what}: {_text(exc)}") from None
+                    chan = await self._channel(broker, conn, dest, target, started)
+                    phase.now = (f"awaiting the broker's confirms of {delivery.count} "
+                                 "message(s)")
+                    chan.users += 1
+                    try:
+                        await self._publish(broker, conn, dest, chan, target, delivery, what)
+                    except TransportError:
+                        raise
+                    except Exception as exc:  # a driver surprise: never escapes
+                        self._retire(dest, chan)
+                        raise Rejected(f"{broker.where}: {what}: {_text(exc)}") from None
+                    finally:
+                        chan.users -= 1
+                        if chan.stale and chan.users == 0:
+                            self._close_later(chan.channel.close())
                 finally:
-                    chan.users -= 1
-                    if chan.stale and chan.users == 0:
-                        self._close_later(chan.channel.close())
+                    dest.users -= 1
         except TimeoutError:
             if broker.progress_at < started:
                 self._drop(broker, broker.current, "no answer within the timeout")
@@ -321,8 +334,8 @@ class RabbitTransport(Transport):
 
     def _broker(self, target: RabbitQueue | RabbitExchange) -> _Broker:
         if self._idle.due():  # before the lookup: an idle one closed is made anew
-            close_idle(self._brokers, IDLE_CLOSE_SEC,
-                       lambda old, why: self._drop(old, old.current, why))
+            self._sweep_idle()
+            self._idle.start()  # (in case its loop was another's)
         password = target.password.get_secret_value()
         key = (target.host, target.port, target.user, password, target.vhost, target.tls,
                target.tls_cafile)
@@ -344,7 +357,28 @@ class RabbitTransport(Transport):
                 user=target.user, vhost=target.vhost,
                 semaphore=asyncio.Semaphore(self.concurrency), tls=target.tls,
                 tls_cafile=target.tls_cafile)
+            self._idle.start()
         return broker
+
+    def _sweep_idle(self) -> bool:
+        """Close the connections no delivery used for IDLE_CLOSE_SEC (their brokers
+        forgotten), and, on the others, the channels of the destinations no delivery
+        used for that long (a hook deleted, or whose queue or exchange changed, leaves
+        its channel behind). None a delivery holds. Whether any broker is left."""
+        close_idle(self._brokers, IDLE_CLOSE_SEC,
+                   lambda old, why: self._drop(old, old.current, why))
+        now = time.monotonic()
+        for broker in self._brokers.values():
+            conn = broker.current
+            if conn is None:
+                continue
+            for key, dest in list(conn.dests.items()):
+                if dest.users or dest.lock.locked() or now - dest.used_at < IDLE_CLOSE_SEC:
+                    continue
+                del conn.dests[key]
+                if dest.current is not None:
+                    self._retire(dest, dest.current)
+        return bool(self._brokers)
 
     async def _connection(self, broker: _Broker, started: float) -> _Connection:
         conn = broker.current
@@ -384,13 +418,14 @@ class RabbitTransport(Transport):
                 for k, d in list(conn.dests.items()):
                     # one whose channel is being opened (its lock held) stays: dropped,
                     # the channel it opens would be kept by no entry, and never closed
-                    if d.lock.locked():
+                    if d.lock.locked() or d.users:
                         continue
                     if d.current is None or d.current.users == 0:
                         del conn.dests[k]
                         if d.current is not None:
                             self._close_later(d.current.channel.close())
             dest = conn.dests[key] = _Dest()
+            self._idle.start()
         return dest
 
     async def _channel(self, broker: _Broker, conn: _Connection, dest: _Dest,
@@ -520,6 +555,7 @@ class RabbitTransport(Transport):
         task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
+        await self._idle.stop()
         for broker in self._brokers.values():
             conn, broker.current = broker.current, None
             if conn is not None and not conn.connection.is_closed:

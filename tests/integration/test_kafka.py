@@ -281,7 +281,8 @@ def test_an_idle_producer_is_stopped_while_deliveries_go_on_elsewhere(
         kafka_broker: Tansu, kafka_topic: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook whose credentials changed leaves its producer behind: unused for
     IDLE_CLOSE_SEC, it is stopped by a later delivery on a producer already started,
-    not only when another one starts."""
+    not only when another one starts (the idle timer may stop it first:
+    tests/integration/test_transport_idle.py)."""
     monkeypatch.setattr("engine.transports.kafka.IDLE_CLOSE_SEC", 0.3)
     monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
     old = target(kafka_broker.bootstrap, kafka_topic)

@@ -155,7 +155,8 @@ def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
     """One connection per (host, port, user, password, vhost): a hook whose settings
     changed (its password, say) leaves its old connection, closed once MAX_BROKERS
     newer ones exist, or, unused for IDLE_CLOSE_SEC, once another broker's connection
-    is opened or (``later``) by a later delivery to a broker already connected."""
+    is opened or (``later``) by a later delivery to a broker already connected (the
+    idle timer may close it first: tests/integration/test_transport_idle.py)."""
     monkeypatch.setattr(f"engine.transports.rabbitmq.{setting}", value)
     monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
     queue = rabbit.declare_queue("old")
