@@ -375,6 +375,40 @@ MAX_REGEX_STORED_SIZE = 1_000_000
 _REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
 
 
+def _after_item(pattern: str, i: int) -> int:
+    """Where the escape or set starting at ``i`` ends (each one item)."""
+    n = len(pattern)
+    if pattern[i] == "\\":
+        i += 2
+        if i < n and pattern[i - 1] in "pPNx" and pattern[i] == "{":  # \p{L}
+            end = pattern.find("}", i)
+            i = n if end < 0 else end + 1
+        return i
+    depth, i = 1, i + 1  # a set, nested ones too (regex's V1)
+    if i < n and pattern[i] == "^":
+        i += 1
+    if i < n and pattern[i] == "]":
+        i += 1
+    while i < n and depth:
+        if pattern[i] == "\\":
+            i += 1
+        elif pattern[i] in "[]":
+            depth += 1 if pattern[i] == "[" else -1
+        i += 1
+    return i
+
+
+def _group_opens(pattern: str, i: int) -> tuple[int, bool]:
+    """Past the "(" at ``i`` and its (?:, (?=, (?P<name>... (no items): where its
+    parts begin, and whether it is a group ((?i) is not)."""
+    if not pattern.startswith("?", i + 1):
+        return i + 1, True
+    j = i + 2
+    while j < len(pattern) and pattern[j] not in ":=!>)":
+        j += 1
+    return j + 1, not pattern.startswith(")", j)
+
+
 def regex_size(pattern: str) -> int:
     """About how many items the ``regex`` module compiles ``pattern`` to: each atom
     one, a group the sum of its parts (alternatives added up), and an atom or group
@@ -384,46 +418,20 @@ def regex_size(pattern: str) -> int:
     (a{10000000}: 12 characters)."""
     levels: list[int] = [0]  # items of each open group so far
     last = 0  # items of the atom or group just before
-    i, n = 0, len(pattern)
-    while i < n:
+    i = 0
+    while i < len(pattern):
         ch = pattern[i]
-        if ch == "\\":
-            i += 2
-            if i < n and pattern[i - 1] in "pPNx" and pattern[i] == "{":  # \p{L}: one
-                end = pattern.find("}", i)
-                i = n if end < 0 else end + 1
-            last = 1
-            levels[-1] += 1
-            continue
-        if ch == "[":  # a set, nested ones too (regex's V1): one item
-            depth, i = 1, i + 1
-            if i < n and pattern[i] == "^":
-                i += 1
-            if i < n and pattern[i] == "]":
-                i += 1
-            while i < n and depth:
-                if pattern[i] == "\\":
-                    i += 1
-                elif pattern[i] == "[":
-                    depth += 1
-                elif pattern[i] == "]":
-                    depth -= 1
-                i += 1
-            last = 1
+        if ch in "\\[":
+            i, last = _after_item(pattern, i), 1
             levels[-1] += 1
             continue
         if ch == "(":
-            if pattern.startswith("?", i + 1):  # (?:, (?=, (?P<name>, (?i)...: no item
-                j = i + 2
-                while j < n and pattern[j] not in ":=!>)":
-                    j += 1
-                if j < n and pattern[j] == ")":  # inline flags: no group
-                    i = j + 1
-                    continue
-                i = j
-            levels.append(0)
-            last = 0
-        elif ch == ")" and len(levels) > 1:
+            i, group = _group_opens(pattern, i)
+            if group:
+                levels.append(0)
+                last = 0
+            continue
+        if ch == ")" and len(levels) > 1:
             last = max(1, levels.pop())
             levels[-1] += last
         elif ch == "{" and (m := _REPEAT.match(pattern, i)) and (m.group(1) or m.group(2)):

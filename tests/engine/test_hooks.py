@@ -1211,3 +1211,18 @@ def test_a_nan_timeout_is_named_as_not_finite(field: str) -> None:
     data = hook_data()
     data["target"]["http_batch"][field] = float("nan")
     assert f"target.http_batch.{field}: Input should be a finite number" in hook_error(data)
+
+
+@pytest.mark.parametrize(("pattern", "items"), [
+    ("OK", 2), ("a{10000}", 10000), ("a{0,100000}", 1), ("a{,9}", 1), ("a{3,}", 3),
+    ("(?:a{100}){1000}", 100000), ("(?:ab){50000}", 100000), ("(a|b){7}", 14),
+    (r"\d{100000}", 100000), (r"\p{L}{5}", 5), (r"\{100000}", 8),
+    ("[ab]{100}", 100), ("[]a]{3}", 3), ("[^]]{4}", 4), ("[[a]b]{5}", 5), ("[{]{6}", 6),
+    ("(?i)ok{3}", 4), ("(?P<x>ab){10}", 20), ("(?<=a)b{10}", 11), ("(?#c{99})x", 1),
+    ("(?:(?:a{10}){10}){10}", 1000),
+])
+def test_regex_size_counts_counted_repeats_as_the_module_writes_them_out(
+        pattern: str, items: int) -> None:
+    from engine.hooks import regex_size
+
+    assert regex_size(pattern) == items
