@@ -584,7 +584,7 @@ class _Broker(_Model):
     # would fail every delivery, and only at delivery, after every retry
     @field_validator("host")
     @classmethod
-    def _broker_host(cls, value: str) -> str:
+    def _broker_host(cls, value: str, info: ValidationInfo) -> str:
         try:
             ipaddress.ip_address(value.strip("[]"))
             return value.strip("[]")  # an IPv6 address as a URL writes it: the address
@@ -593,6 +593,18 @@ class _Broker(_Model):
         if _WHITESPACE_OR_CONTROL.search(value) or any(c in value for c in "/:@?#[]"):
             raise ValueError("expected a host name or an IP address (no port, no amqp:// "
                              "URL, no whitespace or control characters)")
+        if not _stored(info) and (problem := broker_name_problem(value)):
+            raise ValueError(problem)
+        return value
+
+    @field_validator("user", "password")
+    @classmethod
+    def _not_empty(cls, value: Any, info: ValidationInfo) -> Any:
+        # the client logs an empty user or password in as guest (its default)
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        if text == "" and not _stored(info):
+            raise ValueError("empty: the client would log in as guest instead; leave it "
+                             "out for guest")
         return value
 
     @field_validator("vhost")
@@ -602,6 +614,9 @@ class _Broker(_Model):
             raise ValueError("holds a control character")
         if not _stored(info) and (problem := vhost_problem(value)):
             raise ValueError(problem)
+        if not _stored(info) and value == "":  # (a stored one goes on reaching "/")
+            raise ValueError("an empty vhost name would reach the broker as the default "
+                             "\"/\"; give \"/\"")
         return value
 
 
@@ -613,6 +628,23 @@ def vhost_problem(vhost: str) -> str | None:
         return "a vhost name with a \".\" or \"..\" segment would reach the broker as another name"
     if "%2F" in vhost:
         return "a vhost name holding \"%2F\" would reach the broker with \"/\" for it"
+    return None
+
+
+def broker_name_problem(host: str) -> str | None:
+    """Why a broker client could never connect to the host name ``host`` (no IP
+    address), or None: the AMQP client builds a URL of it with yarl, and names are
+    resolved IDNA-encoded (labels of 1 to 63 characters), so either failing would
+    fail every delivery, and only at delivery, after every retry."""
+    try:
+        URL.build(scheme="amqp", host=host).host  # noqa: B018 (decoded: may fail)
+    except ValueError as exc:  # UnicodeError too
+        return f"not a valid host name ({exc})"
+    try:
+        host.encode("idna")
+    except UnicodeError:
+        return ("not a valid host name: each dot-separated label must be 1 to 63 "
+                "characters long")
     return None
 
 
@@ -667,13 +699,20 @@ class Kafka(_Model):
             if "," in server:
                 raise ValueError(f"{quoted(server)} is not host:port: one server per list "
                                  "item")
-            bare = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            bracketed = host.startswith("[") and host.endswith("]")
+            bare = host[1:-1] if bracketed else host
             try:
                 ipaddress.ip_address(bare)
             except ValueError:
                 if _WHITESPACE_OR_CONTROL.search(host) or any(c in host for c in "/:@?#[]"):
                     raise ValueError(f"{quoted(server)} is not host:port: expected a host "
                                      "name or an IP address before the port") from None
+                if problem := broker_name_problem(host):
+                    raise ValueError(f"{quoted(server)}: the host is {problem}") from None
+            else:
+                if ":" in bare and not bracketed:  # the client reads it all as the address
+                    raise ValueError(f"{quoted(server)} is not host:port: an IPv6 address "
+                                     f"is written in brackets, [{bare}]:{port}")
         return value
 
     @field_validator("topic")

@@ -1226,3 +1226,42 @@ def test_regex_size_counts_counted_repeats_as_the_module_writes_them_out(
     from engine.hooks import regex_size
 
     assert regex_size(pattern) == items
+
+
+@pytest.mark.parametrize(("target", "message"), [
+    # hosts the clients can never connect to: every delivery would fail, after retries
+    ({"rabbitmq_queue": {"host": "a|b", "queue": "q"}},
+     "target.rabbitmq_queue.host: not a valid host name (Host 'a|b' cannot contain '|'"),
+    ({"rabbitmq_queue": {"host": "xn--zz", "queue": "q"}},
+     "target.rabbitmq_queue.host: not a valid host name (decoding with 'idna' codec failed"),
+    ({"rabbitmq_exchange": {"host": "r..example", "exchange": "e"}},
+     "target.rabbitmq_exchange.host: not a valid host name: each dot-separated label must "
+     "be 1 to 63 characters long"),
+    ({"kafka": {"bootstrap_servers": [f"{'k' * 64}.example:9092"], "topic": "t"}},
+     f"target.kafka.bootstrap_servers: '{'k' * 64}.example:9092': the host is not a valid "
+     "host name: each dot-separated label"),
+    # the Kafka client reads "::1:9092" as the address ::1:9092, on its default port
+    ({"kafka": {"bootstrap_servers": ["2001:db8::1:9092"], "topic": "t"}},
+     "target.kafka.bootstrap_servers: '2001:db8::1:9092' is not host:port: an IPv6 address "
+     "is written in brackets, [2001:db8::1]:9092"),
+    # the AMQP client logs in as guest, into "/", for empty ones
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "user": ""}},
+     "target.rabbitmq_queue.user: empty: the client would log in as guest instead"),
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "password": ""}},
+     "target.rabbitmq_queue.password: empty: the client would log in as guest instead"),
+    ({"rabbitmq_queue": {"host": "r", "queue": "q", "vhost": ""}},
+     "target.rabbitmq_queue.vhost: an empty vhost name would reach the broker as the "
+     "default \"/\"; give \"/\""),
+])
+def test_broker_settings_no_client_can_use_as_written_are_refused_but_stored_ones_load(
+        target: dict[str, Any], message: str) -> None:
+    data = hook_data(target)
+    assert message in hook_error(data)
+    assert parse_hook(data, stored=True).target.kind in target
+
+
+def test_broker_hosts_the_clients_take_are_accepted() -> None:
+    for host in ("rabbit.internal", "rabbit_1.internal", "bücher.example", "10.0.0.7", "[::1]"):
+        parse_hook(hook_data({"rabbitmq_queue": {"host": host, "queue": "q"}}))
+    parse_hook(hook_data({"kafka": {"bootstrap_servers": [
+        "kafka-1.internal:9092", "[2001:db8::1]:9093", "10.0.0.8:9092"], "topic": "t"}}))
