@@ -14,10 +14,13 @@ from functools import cache, lru_cache
 from importlib import resources
 from pathlib import Path
 
-from engine.errors import ConfigError
+from engine.errors import ConfigError, quoted
 from engine.jsonkeys import MAX_CONFIG_BYTES, read_whole, unique_keys
 
 CATEGORIES = ("tracking", "delivery", "import", "pixel")
+# a code's UTF-8 bytes at most: the routing key "<list_id>.<code>" (a list id of up to
+# 19 digits and a dot) must fit AMQP's 255 bytes, or every exchange delivery fails
+MAX_CODE_BYTES = 235
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,6 +47,15 @@ class EventCatalogue:
                    if not row.get(k) or not isinstance(row[k], str)]
         if missing:
             raise ConfigError(f"event type {row!r}: missing or not a string: {', '.join(missing)}")
+        try:
+            size = len(row["code"].encode("utf-8"))
+        except UnicodeEncodeError:
+            raise ConfigError(f"event type {quoted(row['code'])}: the code is not valid "
+                              "UTF-8 (a lone surrogate): no event or hook could name it") from None
+        if size > MAX_CODE_BYTES:
+            raise ConfigError(f"event type {quoted(row['code'])}: a code of {size} bytes: at "
+                              f"most {MAX_CODE_BYTES} (UTF-8), so that a routing key "
+                              "<list_id>.<code> fits AMQP's 255 bytes")
         if row["category"] not in CATEGORIES:
             raise ConfigError(
                 f"event type {row['code']!r}: category {row['category']!r} is not one of "

@@ -17,7 +17,7 @@ from engine.catalogue import (
     builtin_catalogue,
     load_catalogue,
 )
-from engine.errors import ConfigError
+from engine.errors import ConfigError, quoted
 
 T, D, IMP, PIX = "tracking", "delivery", "import", "pixel"
 
@@ -324,6 +324,23 @@ def test_bad_category_in_extra_file(tmp_path: Path) -> None:
         "event type 'promo_issued': category 'promo' is not one of "
         "tracking, delivery, import, pixel"
     )
+
+
+def test_a_code_no_routing_key_or_event_could_carry_is_refused(tmp_path: Path) -> None:
+    """A routing key "<list_id>.<code>" must fit AMQP's 255 bytes (19 digits, a dot):
+    a longer code would fail every exchange delivery; a code that is not UTF-8 could
+    be named by no event or hook."""
+    fits = "é" * 117 + "x"  # 235 bytes
+    assert fits in EventCatalogue([row(fits)])
+    path = write_types(tmp_path, {"event_types": [row(fits + "y")]})
+    with pytest.raises(ConfigError) as info:
+        load_catalogue(path)
+    assert f"event type {quoted(fits + 'y')}: a code of 236 bytes: at most 235 (UTF-8), " \
+        "so that a routing key <list_id>.<code> fits AMQP's 255 bytes" in str(info.value)
+    path = write_types(tmp_path, {"event_types": [row("promo\ud800")]})
+    with pytest.raises(ConfigError, match=r"event type 'promo\\ud800': the code is not valid "
+                       "UTF-8 \\(a lone surrogate\\)"):
+        load_catalogue(path)
 
 
 def test_non_object_row_in_extra_file(tmp_path: Path) -> None:
