@@ -778,6 +778,16 @@ class Hook(_Model):
     send_content: bool = False
     target: Target
 
+    @field_validator("database", mode="before")
+    @classmethod
+    def _one_database(cls, value: Any) -> Any:
+        # one reason for the field, not one per member of the union (whose names,
+        # such as "literal['all']", would show in the field's path)
+        if value == "all" or (type(value) is int and 0 <= value <= 2**63 - 1):
+            return value
+        raise ValueError(f'expected "all" or a database id (an integer from 0 to '
+                         f'{2**63 - 1}), got {_shown_value(value)}')
+
     @field_validator("actions")
     @classmethod
     def _known_actions(cls, value: list[str], info: Any) -> list[str]:
@@ -827,6 +837,17 @@ def field_path(loc: tuple[Any, ...]) -> str:
 def _key_shown(key: str) -> str:
     key = key if len(key) <= SHOWN_CHARS else key[:SHOWN_CHARS] + "…"
     return key.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _shown_value(value: Any) -> str:
+    """A wrong value, shown short: text quoted (cut), a number as written (a long one
+    by its kind), anything else by its JSON kind."""
+    if isinstance(value, str):
+        return quoted(value)
+    if type(value) in (int, float) and len(repr(value)) <= 30:
+        return repr(value)
+    return {bool: "a boolean", list: "an array", dict: "an object", type(None): "null"}.get(
+        type(value), f"a {type(value).__name__}")
 
 
 def validation_problems(exc: ValidationError) -> list[tuple[str, str]]:
