@@ -13,8 +13,8 @@ import pytest
 from pydantic import ValidationError
 
 from engine import settings as settings_module
-from engine.errors import ConfigError, HookrayError
-from engine.settings import Settings, load_settings
+from engine.errors import ConfigError, HookrayError, quoted
+from engine.settings import Settings, load_settings, with_overrides
 
 DEFAULTS: dict[str, Any] = {
     # spec (f): documented platform defaults
@@ -406,8 +406,24 @@ def test_bad_environment_value_is_rejected_with_full_message(
 ) -> None:
     message = config_error(environ={key: value})
     assert message.startswith("invalid settings:")
-    assert f"{key}={value!r} (from the environment): " in message
+    assert f"{key}={quoted(value)} (from the environment): " in message  # cut if long
     assert accepted in message
+
+
+def test_a_bad_value_is_quoted_short_however_large_or_deep() -> None:
+    """A value of megabytes is not quoted back whole; one nested too deeply to be
+    shown is named by its kind (its repr would fail), still a ConfigError."""
+    settings = load_settings(None, environ={})
+    deep: list[Any] = []
+    for _ in range(3000):
+        deep = [deep]
+    with pytest.raises(ConfigError) as info:
+        with_overrides(settings, {"PARTITIONS": deep, "REDIS_PREFIX": "p" * 1_000_000})
+    message = str(info.value)
+    assert "PARTITIONS=<list nested too deeply to show> (given): " in message
+    assert f"REDIS_PREFIX={quoted('p' * 1_000_000)} (given): String should have at most " \
+        "64 characters" in message
+    assert len(message) < 1000
 
 
 @pytest.mark.parametrize(("key", "value", "accepted"), BAD_FILE)
