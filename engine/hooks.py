@@ -367,6 +367,7 @@ RESERVED_HEADERS = frozenset({
     "keep-alive", "proxy-connection", "upgrade", "te", "trailer", "expect"})
 # a success regex is at most this long (it is compiled by every transport that sends)
 MAX_REGEX_CHARS = 1_000
+MIN_REQUEST_TIMEOUT_SEC = 0.01
 MAX_REGEX_SIZE = 10_000  # items a success_regex compiles to (regex_size): 2.6 MB at most
 # a stored hook over this is refused too (it stops the partitions, naming the hook),
 # rather than taking some hundreds of MB in every process that loads it
@@ -463,6 +464,15 @@ class HttpBatch(_Model):
     request_timeout_sec: float | None = Field(None, gt=0, le=600)
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
+
+    @field_validator("request_timeout_sec")
+    @classmethod
+    def _timeout_can_pass(cls, value: float | None, info: ValidationInfo) -> float | None:
+        # 5e-324 is above 0, and every request would time out before it was sent
+        if value is not None and value < MIN_REQUEST_TIMEOUT_SEC and not _stored(info):
+            raise ValueError(f"{value:g} s: at least {MIN_REQUEST_TIMEOUT_SEC:g} s (no "
+                             "request is answered sooner)")
+        return value
 
     @field_validator("url")
     @classmethod

@@ -491,6 +491,9 @@ REJECTIONS: list[tuple[str, Mutation, list[str]]] = [
     ("custom_data with too many fields",
      at("custom_data", {"fields": [f"f{n}" for n in range(257)]}),
      ["custom_data: fields: 257 profile fields: at most 256"]),
+    ("request timeout no request can meet", at("target.http_batch.request_timeout_sec", 5e-324),
+     ["target.http_batch.request_timeout_sec: 4.94066e-324 s: at least 0.01 s (no request is "
+      "answered sooner)"]),
     ("batch size zero", at("target.http_batch.max_batch_size", 0),
      ["target.http_batch.max_batch_size: Input should be greater than 0"]),
     ("batch size negative", at("target.http_batch.max_batch_size", -5),
