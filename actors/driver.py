@@ -495,7 +495,8 @@ class Engine:
     def stats(self, hook_id: int | None = None) -> dict[Any, Any]:
         """Counters (messages) of one hook, or of every hook plus the engine's. NotFound
         for a hook that does not exist and never counted anything (a deleted hook keeps
-        its counters: its dead letters may still be replayed or discarded)."""
+        its counters while it has dead letters, which may still be replayed or
+        discarded, and 15 minutes at least: engine.retrying.STATS_GONE_SEC)."""
         if hook_id is not None:
             return self._known_hook(_id("stats", "hook_id", hook_id))
         # every stored hook's, also one that no longer validates (its partitions wait:

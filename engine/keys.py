@@ -45,6 +45,10 @@ key                             type     holds
                                          be decoded (set aside by the retry worker)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered,
                                          discarded
+{p}:hooks:gone                  zset     deleted hook id scored by when it was deleted
+                                         or last had a delivery killed (ms): its stats
+                                         go once it has no dead letter, STATS_GONE_SEC
+                                         on (RetryStore.forget_gone_stats)
 {p}:alive:{worker}              string   a running worker's last round (ms), 15 s TTL:
                                          ``partition:{n}``, ``retry`` (health)
 {p}:engine                      string   the running engine's claim on the prefix:
@@ -101,6 +105,7 @@ class Keys:
         self.p = prefix
         self.hooks = f"{prefix}:hooks"
         self.hooks_seq = f"{prefix}:hooks:seq"
+        self.hooks_gone = f"{prefix}:hooks:gone"
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"
         self.names_version = f"{prefix}:version:names"

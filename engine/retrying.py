@@ -37,6 +37,10 @@ from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivere
 log = logging.getLogger("hookray")
 
 CLAIM_LIMIT = 200
+# a deleted hook's counters stay this long after its deletion, or the last delivery
+# of it killed since, and as long as it has dead letters: outcomes of its last sends
+# (a request timeout of 10 min at most, a minute's wait for a slot) count there
+STATS_GONE_SEC = 15 * 60.0
 EXPIRE_EVERY_SEC = 60.0  # how often dead letters past DEAD_LETTER_RETENTION_HOURS go
 # the longest one step spends on them: a backlog of a million goes over many steps,
 # re-sends going on between them
@@ -64,6 +68,7 @@ class RetryWorker:
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
+        self.gone_at = -float("inf")  # when deleted hooks' counters were last looked at
         self.expired_unsaid, self.expired_said = 0, -float("inf")  # logged every 10 s
 
     def _refresh(self) -> None:
@@ -96,7 +101,20 @@ class RetryWorker:
             self.settling.popleft()
             self.booking = None
         self._expire()
+        self._forget_gone_stats()
         return due
+
+    def _forget_gone_stats(self) -> None:
+        """Every EXPIRE_EVERY_SEC: the counters of hooks deleted STATS_GONE_SEC ago or
+        more that have no dead letter left go (a failure is logged, tried again)."""
+        if time.monotonic() - self.gone_at < EXPIRE_EVERY_SEC:
+            return
+        self.gone_at = time.monotonic()
+        try:
+            self.side.retry.forget_gone_stats(round(STATS_GONE_SEC * 1000))
+        except Exception as exc:
+            log.warning("forgetting deleted hooks' counters failed (%s: %s); tried again "
+                        "in %g s", type(exc).__name__, exc, EXPIRE_EVERY_SEC)
 
     def _expire(self) -> None:
         """Every EXPIRE_EVERY_SEC, with DEAD_LETTER_RETENTION_HOURS set: discard the
@@ -142,7 +160,7 @@ class RetryWorker:
             hook = self.hooks.get(delivery.hook_id)
             if hook is None:
                 self.side.retry.kill(delivery, f"hook {delivery.hook_id} was deleted; "
-                                     f"last error: {delivery.last_error}")
+                                     f"last error: {delivery.last_error}", hook_gone=True)
             else:
                 sendable.append((hook, delivery))
         done = 0

@@ -199,12 +199,16 @@ class HookRegistry:
         return self.create(data)
 
     def delete(self, hook_id: int) -> None:
+        """Delete a stored hook. Its counters stay while it has dead letters (they may
+        still be replayed or discarded), and go STATS_GONE_SEC after it has none
+        (``RetryStore.forget_gone_stats``)."""
         with self.r.pipeline() as pipe:
             pipe.hdel(self.k.hooks, str(hook_id))
             pipe.incr(self.k.hooks_version)
             removed, _ = pipe.execute()
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
+        self.r.zadd(self.k.hooks_gone, {str(hook_id): _redis_ms(self.r)})
 
     def owner(self, hook_id: int) -> int | None:
         """The account of a stored hook, read without validating the hook (one that no
@@ -796,6 +800,33 @@ return 1
 """
 
 
+def _redis_ms(r: redis.Redis) -> int:
+    """Redis' clock, in milliseconds."""
+    seconds, micros = cast(tuple[int, int], r.time())
+    return int(seconds) * 1000 + int(micros) // 1000
+
+
+GONE_CHUNK = 500  # deleted hooks looked at per forget_gone_stats call
+# KEYS: the deleted hooks zset, the hooks hash; ARGV: the latest score looked at, now
+# (ms), the chunk, the prefix. A hook stored again is let go; one with dead letters is
+# looked at again later; the others' counters are deleted.
+_FORGET_GONE = """
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, ARGV[3])
+local gone = 0
+for _, id in ipairs(ids) do
+  if redis.call('HEXISTS', KEYS[2], id) == 1 then
+    redis.call('ZREM', KEYS[1], id)
+  elseif redis.call('EXISTS', ARGV[4] .. ':dead:hook:' .. id) == 1 then
+    redis.call('ZADD', KEYS[1], ARGV[2], id)
+  else
+    gone = gone + redis.call('DEL', ARGV[4] .. ':stats:' .. id)
+    redis.call('ZREM', KEYS[1], id)
+  end
+end
+return gone
+"""
+
+
 # KEYS: the dead letters' payloads, an account's or hook's index of them; ARGV: ids
 # read from the index without a payload. Each one still without one leaves the index:
 # an undecodable letter discarded or expired (its owner, unknown, kept its entries),
@@ -959,9 +990,10 @@ class RetryStore:
             self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
 
     def kill(self, delivery: Delivery, error: str, delivered: int = 0,
-             once: Once | None = None) -> None:
+             once: Once | None = None, hook_gone: bool = False) -> None:
         """Move a delivery out of the schedule into the dead letters; ``delivered`` and
-        ``once`` as in ``schedule``."""
+        ``once`` as in ``schedule``. ``hook_gone``: its hook was deleted (its counters,
+        written again here, go once it has no dead letter: ``forget_gone_stats``)."""
         delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         # a replayed letter killed unsent (its hook deleted) shows no -1 re-sends
         delivery.resends = max(delivery.resends, 0)
@@ -981,14 +1013,24 @@ class RetryStore:
             pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
             pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
             self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
+            if hook_gone:
+                pipe.zadd(self.k.hooks_gone, {str(delivery.hook_id): died})
+
+    def forget_gone_stats(self, keep_ms: int) -> int:
+        """Delete the counters of hooks deleted (or last touched while deleted) over
+        ``keep_ms`` ago that have no dead letter left; one that still has some is
+        looked at again ``keep_ms`` later. Returns how many counters went (a chunk of
+        GONE_CHUNK hooks at most per call)."""
+        now = self._redis_ms()
+        return int(self.r.eval(_FORGET_GONE, 2, self.k.hooks_gone, self.k.hooks,
+                               now - keep_ms, now, GONE_CHUNK, self.k.p))
 
     def pending(self) -> int:
         return int(self.r.zcard(self.k.retry))
 
     def _redis_ms(self) -> int:
         """Redis' clock, in milliseconds."""
-        seconds, micros = cast(tuple[int, int], self.r.time())
-        return int(seconds) * 1000 + int(micros) // 1000
+        return _redis_ms(self.r)
 
     def dead_letters(self, account_id: int | None = None, hook_id: int | None = None,
                      limit: int = 100, after: str | None = None) -> list[Delivery]:

@@ -433,6 +433,47 @@ def test_retry_worker_kills_deliveries_of_deleted_hooks(
     assert dead.resends == 0 and dead.last_error.startswith(f"hook {gone.id} was deleted")
 
 
+def test_a_deleted_hooks_counters_go_once_it_has_no_dead_letter(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A deleted hook's counters stay while its dead letters may be replayed or
+    discarded, then go (they had stayed for good: 100 bytes for every hook ever
+    deleted, which nothing listed)."""
+    import engine.retrying
+
+    registry, retry, stats = HookRegistry(redis_client, keys), RetryStore(redis_client, keys), \
+        Stats(redis_client, keys)
+    idle, failing, back = (registry.create(hook(name=f"h{n}")) for n in range(3))
+    for h in (idle, failing, back):
+        redis_client.hincrby(keys.stats(h.id or 0), "delivered", 5)
+    retry.schedule(Delivery(id="d1", hook_id=failing.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=0, error="HTTP 500")
+    record = redis_client.hget(keys.hooks, str(back.id))
+    for h in (idle, failing, back):
+        registry.delete(h.id or 0)
+    redis_client.hset(keys.hooks, str(back.id), record or b"")  # restored (a backup)
+    assert retry.forget_gone_stats(keep_ms=60_000) == 0  # not yet: its last sends count
+    assert stats.get(idle.id or 0)["delivered"] == 5
+    # the re-send of the deleted hook dies unsent, marking it deleted again
+    monkeypatch.setattr(engine.retrying, "STATS_GONE_SEC", 0.0)
+    worker = RetryWorker(settings, redis_client, InProcessSender())
+    worker.step()
+    assert [d.id for d in retry.dead_letters(hook_id=failing.id)] == ["d1"]
+    # the idle one's counters went; the failing one's stay with its dead letter; the
+    # one stored again (by hand) is no longer looked at
+    assert not redis_client.exists(keys.stats(idle.id or 0))
+    counts = stats.get(failing.id or 0)
+    assert counts["delivered"] == 5 and counts["dead_lettered"] == 1
+    assert stats.get(back.id or 0)["delivered"] == 5
+    assert redis_client.zrange(keys.hooks_gone, 0, -1) == [str(failing.id).encode()]
+    assert retry.discard(["d1"]) == 1
+    assert stats.get(failing.id or 0)["discarded"] == 1
+    worker.gone_at = -float("inf")
+    worker.step()
+    assert not redis_client.exists(keys.stats(failing.id or 0), keys.hooks_gone)
+    assert stats.get(back.id or 0)["delivered"] == 5
+
+
 def test_a_stopped_hook_still_sends_what_it_captured_while_active(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """Stopping captures nothing more; the open batch and the re-sends still leave."""
