@@ -7,8 +7,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -66,18 +67,19 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
     """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
     in some event's strings, decoded event by event: those events are bad (index,
     field and reason), the others as ``decode_batch`` finds them. With the events as
-    read; None when the body is refused for anything else."""
-    try:  # NaN and Infinity are no JSON: the body is refused whole, as msgspec does
-        items = json.loads(body, parse_constant=_no_constant)
-    except (ValueError, RecursionError):
+    read; None when the body is refused for anything else. Bytes that are not UTF-8
+    (0xff, say) in another event's strings make that one bad too."""
+    read = _read_json(body)
+    if read is None:
         return None
+    items, escaped = read
     if isinstance(items, dict):  # one event over several lines
         items = [items]
     if not isinstance(items, list):
         return None
     issues, kept, texts = [], [], []
     for index, item in enumerate(items):
-        where = lone_surrogate(item)
+        where = (escaped and invalid_bytes(item)) or lone_surrogate(item)
         if where is None:
             try:  # a number JSON cannot hold (1e400 is read as inf): bad, as msgspec says
                 texts.append(json.dumps(item, allow_nan=False))
@@ -105,21 +107,63 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
 
 
 
+def _read_json(body: bytes | str) -> tuple[Any, bool] | None:
+    """``body`` as Python's json reads it, and whether bytes in it that are not UTF-8
+    were read as U+DC80-U+DCFF (errors="surrogateescape"); None when it is no JSON."""
+    try:  # NaN and Infinity are no JSON: the body is refused whole, as msgspec does
+        return json.loads(body, parse_constant=_no_constant), False
+    except UnicodeDecodeError:  # only raised for bytes
+        text = cast(bytes, body).decode("utf-8", "surrogateescape")
+    except (ValueError, RecursionError):
+        return None
+    try:
+        return json.loads(text, parse_constant=_no_constant), True
+    except (ValueError, RecursionError):
+        return None
+
+
 def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
-    """``batch`` with each issue of an event refused for a lone surrogate naming the
-    field that holds it rather than a byte offset."""
+    """``batch`` with each issue of an event refused for a lone surrogate, or for bytes
+    that are not UTF-8 (0xff, an overlong or truncated sequence), naming the field
+    that holds it rather than a byte offset."""
     items = split_items(body)
     issues = []
     for issue in batch.issues:
         if issue.field == "$" and issue.index < len(items):
+            item = bytes(items[issue.index])
             try:
-                where = lone_surrogate(json.loads(bytes(items[issue.index])))
+                try:
+                    where = lone_surrogate(json.loads(item))
+                except UnicodeDecodeError:  # bytes that are not UTF-8: each read as a
+                    # surrogate U+DC80-U+DCFF (surrogateescape), then found
+                    where = invalid_bytes(json.loads(item.decode("utf-8",
+                                                                 "surrogateescape")))
             except (ValueError, RecursionError):
                 where = None
             if where is not None:
                 issue = EventIssue(issue.index, *where)
         issues.append(issue)
     return DecodedBatch(batch.events, batch.indices, issues)
+
+
+_ESCAPED = re.compile("[\udc80-\udcff]+")  # bytes read with errors="surrogateescape"
+
+
+def _escaped_bytes(text: Any) -> str | None:
+    if not isinstance(text, str) or (m := _ESCAPED.search(text)) is None:
+        return None
+    raw = m.group().encode("utf-8", "surrogateescape")
+    shown = " ".join(f"0x{b:02x}" for b in raw[:8]) + (" …" if len(raw) > 8 else "")
+    return f"not valid UTF-8: the byte{'s' if len(raw) > 1 else ''} {shown} at character " \
+           f"{m.start()}"
+
+
+def invalid_bytes(value: Any) -> tuple[str, str] | None:
+    """(field, reason) of the first string (or key) of ``value``, JSON read from bytes
+    with errors="surrogateescape", that holds bytes that are not UTF-8 (0xff, an
+    overlong or truncated sequence), or None. (A JSON escape "\\udcff" reads the same
+    as the byte 0xff: both make the event bad.)"""
+    return _first_bad(value, _escaped_bytes, _escaped_bytes)
 
 
 

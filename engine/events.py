@@ -126,6 +126,12 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
 
     def __post_init__(self) -> None:
         # validation errors raised here name their field first: "field: reason"
+        if (type(self.event_date) is not str or type(self.account_id) is not int
+                or type(self.event_data) is not dict
+                or (self.segment_ids is not None and type(self.segment_ids) is not list)):
+            # built in Python (msgspec decodes these exact types): the checks below
+            # need them, so a field of another type is named here, not a TypeError
+            _refuse_wrong_types(self)
         try:
             ns = parse_rfc3339_ns(self.event_date)
         except ValueError as exc:
@@ -176,16 +182,41 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
                     self.segment_ids = [segment]
             elif segment and segment not in self.segment_ids:
                 raise ValueError(f"event_data.segment_id: {segment} is not among the "
-                                 f"event's segment_ids {quoted(self.segment_ids)}")
+                                 f"event's segment_ids {_shown(self.segment_ids)}")
 
     @property
     def date_ns(self) -> int:
         return parse_rfc3339_ns(self.event_date)
 
 
+def _refuse_wrong_types(event: Event) -> None:
+    """ValueError naming the first field ``Event.__post_init__`` relies on whose type
+    it cannot use (only an event built in Python can have one)."""
+    if not isinstance(event.event_date, str):
+        raise ValueError(f"event_date: expected a string (an RFC 3339 time), got "
+                         f"{_shown(event.event_date)}")
+    if isinstance(event.account_id, bool) or not isinstance(event.account_id, int):
+        raise ValueError(f"account_id: expected an integer, got {_shown(event.account_id)}")
+    if not isinstance(event.event_data, dict):
+        raise ValueError(f"event_data: expected an object, got {_shown(event.event_data)}")
+    if event.segment_ids is not None and not isinstance(
+            event.segment_ids, list | tuple | set | frozenset):  # written as an array
+        raise ValueError(f"segment_ids: expected an array of ids, got "
+                         f"{_shown(event.segment_ids)}")
+
+
+def _shown(value: Any) -> str:
+    """``value`` quoted in an error; one built in Python may nest deeper than its repr
+    can go."""
+    try:
+        return quoted(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to be shown"
+
+
 def _int_or_fail(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: expected an integer, got {quoted(value)}")
+        raise ValueError(f"{field}: expected an integer, got {_shown(value)}")
     if not 0 <= value <= MAX_ID:
         raise ValueError(f"{field}: expected an id from 0 to {MAX_ID}, got {value}")
     return value
@@ -217,14 +248,18 @@ _batch_decoder = msgspec.json.Decoder(list[Event])
 _event_decoder = msgspec.json.Decoder(Event)
 _raw_list_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 _event_encoder = msgspec.json.Encoder()
-_AT = re.compile(r"^(.*?)(?: - at `\$(?:\[\d+\])?\.?([^`]*)`)?$", re.S)
+# msgspec's path: "- at `$[0].field`", or "- at `key` in `$.field`" for a key of the
+# object at that path (a key that is no string, in an event built in Python)
+_AT = re.compile(r"^(.*?)(?: - at (`key` in )?`\$(?:\[\d+\])?\.?([^`]*)`)?$", re.S)
 
 
 def validation_issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeError
                      ) -> EventIssue:
     """The issue of event ``index`` from msgspec's error (field from its path)."""
     m = _AT.match(str(exc))
-    msg, path = (m.group(1), m.group(2)) if m else (str(exc), None)
+    msg, path = (m.group(1), m.group(3)) if m else (str(exc), None)
+    if m and m.group(2):  # a key of the object at ``path``
+        msg = f"a key: {msg}"
     head = msg.split(": ", 1)[0]
     if not path and ": " in msg and head.replace(".", "").replace("_", "").isalnum():
         path, msg = msg.split(": ", 1)  # raised by __post_init__ as "field: reason"
