@@ -100,7 +100,6 @@ def test_a_refusal_counts_bad_events_not_issues(intake: Intake) -> None:
      "event_date: expected a string (an RFC 3339 time), got ['2018-03-04T13:13:19Z']"),
     ({"account_id": "23"}, "account_id: expected an integer, got '23'"),
     ({"account_id": None}, "account_id: expected an integer, got None"),
-    ({"account_id": 1.0}, "account_id: expected an integer, got 1.0"),
     ({"segment_ids": "4"}, "segment_ids: expected an array of ids, got '4'"),
     ({"segment_ids": 5}, "segment_ids: expected an array of ids, got 5"),
     ({"event_data": ["campaign_id"]}, "event_data: expected an object, got ['campaign_id']"),
@@ -116,6 +115,17 @@ def test_an_event_built_with_a_field_of_the_wrong_type_is_refused_naming_it(
     with pytest.raises(ValueError) as info:  # replace runs the checks again
         msgspec.structs.replace(event(), **fields)
     assert str(info.value) == message
+
+
+def test_a_wrong_type_the_checks_can_use_is_named_when_published(intake: Intake) -> None:
+    """A float account id compares as a number, so building the event lets it pass (a
+    check of every field's type there cost every decoded event 80 ns); the intake's
+    type check names it before anything is accepted."""
+    built = event(account_id=1.0)
+    assert triples(intake.validate([built])[1]) == [
+        (0, "account_id", "Expected `int`, got `float`")]
+    with pytest.raises(EventError, match="1 bad event"):
+        intake.publish([built])
 
 
 def deep_list(levels: int = 5000) -> list[Any]:
