@@ -39,7 +39,7 @@ from pydantic import (
 )
 from yarl import URL
 
-from engine.catalogue import EventCatalogue, load_catalogue
+from engine.catalogue import MAX_CODE_BYTES, EventCatalogue, load_catalogue
 from engine.errors import SHOWN_CHARS, HookError, quoted
 
 DEFAULT_MAX_BATCH = 100  # events per HTTP request (spec e)
@@ -368,12 +368,10 @@ RESERVED_HEADERS = frozenset({
 # a success regex is at most this long (it is compiled by every transport that sends)
 MAX_REGEX_CHARS = 1_000
 MIN_REQUEST_TIMEOUT_SEC = 0.01
-MAX_REGEX_SIZE = 10_000  # items a success_regex compiles to (regex_size): 2.6 MB at most
-# a stored hook over this is refused too (it stops the partitions, naming the hook),
-# rather than taking some hundreds of MB in every process that loads it
-MAX_REGEX_STORED_SIZE = 1_000_000
+MAX_REGEX_SIZE = 10_000  # items a new success_regex compiles to (regex_size): ~2.6 MB
 
 _REPEAT = re.compile(r"\{(\d*)(?:,(\d*))?\}")
+_VERBOSE = re.compile(r"\(\?[a-wyzA-Z]*x")  # the verbose flag, inline
 
 
 def _after_item(pattern: str, i: int) -> int:
@@ -419,12 +417,22 @@ def regex_size(pattern: str) -> int:
     (a{10000000}: 12 characters)."""
     levels: list[int] = [0]  # items of each open group so far
     last = 0  # items of the atom or group just before
+    verbose = _VERBOSE.search(pattern) is not None  # (?x): spaces and # comments
     i = 0
     while i < len(pattern):
         ch = pattern[i]
+        if verbose and ch.isspace():
+            i += 1
+            continue
+        if verbose and ch == "#":  # a comment, to the end of its line
+            end = pattern.find("\n", i)
+            i = len(pattern) if end < 0 else end + 1
+            continue
         if ch in "\\[":
-            i, last = _after_item(pattern, i), 1
-            levels[-1] += 1
+            # \X (a grapheme) compiles to about five items
+            last = 5 if pattern.startswith("\\X", i) else 1
+            i = _after_item(pattern, i)
+            levels[-1] += last
             continue
         if ch == "(":
             i, group = _group_opens(pattern, i)
@@ -441,7 +449,9 @@ def regex_size(pattern: str) -> int:
             last *= least
             i = m.end()
             continue
-        elif ch not in "|?*+":
+        elif ch == "|":  # a repeat right after it repeats nothing (a compile error)
+            last = 0
+        elif ch not in "?*+":
             last = 1
             levels[-1] += 1
         i += 1
@@ -506,12 +516,12 @@ class HttpBatch(_Model):
             raise ValueError(f"regex of {len(value)} characters: at most {MAX_REGEX_CHARS}")
         # compiled, a counted repeat is written out its least number of times (about
         # 260 bytes each): a{10000000} took 2.6 GB in every process that loads the hook
-        size = regex_size(value)
-        most = MAX_REGEX_STORED_SIZE if _stored(info) else MAX_REGEX_SIZE
-        if size > most:
+        # (an estimate: a stored hook is not refused on it, since one stored hook that
+        # no longer validates stops every partition)
+        if not _stored(info) and (size := regex_size(value)) > MAX_REGEX_SIZE:
             raise ValueError(f"regex {value[:100]!r}: its counted repeats ({{n}}, {{n,}}, "
                              f"{{n,m}}) write it out to about {size} items when compiled: at "
-                             f"most {most}; use a smaller least count, or * and +")
+                             f"most {MAX_REGEX_SIZE}; use a smaller least count, or * and +")
         try:
             regex.compile(value)
         except MemoryError:
@@ -787,6 +797,20 @@ class Hook(_Model):
     custom_data: CustomData = CustomData()
     send_content: bool = False
     target: Target
+
+    @field_validator("target")
+    @classmethod
+    def _routable(cls, value: Target, info: ValidationInfo) -> Target:
+        """An exchange hook's codes fit its routing keys (stored ones keep loading)."""
+        actions = info.data.get("actions") or []
+        if value.rabbitmq_exchange is not None and not _stored(info):
+            long = [c for c in actions if len(c.encode("utf-8")) > MAX_CODE_BYTES]
+            if long:
+                raise ValueError(f"rabbitmq_exchange: the action {quoted(long[0])} is "
+                                 f"{len(long[0].encode())} bytes long, and a routing key "
+                                 f"<list_id>.<code> fits AMQP's 255 bytes only with a code "
+                                 f"of at most {MAX_CODE_BYTES} (UTF-8)")
+        return value
 
     @field_validator("database", mode="before")
     @classmethod
