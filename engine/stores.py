@@ -406,10 +406,15 @@ class NameStore:
             if problem := not_utf8(rec):  # no message could carry it
                 raise ValueError(f"upsert_names: {key}: {problem}; nothing stored")
             fields[key] = json.dumps(rec)
-        if fields:  # the version moves only when a record changed: every partition
-            # reloads every name when it does (a nightly sync of the same names costs none)
-            self.r.eval(_UPSERT_NAMES, 2, self.k.names, self.k.names_version,
-                        *(x for kv in fields.items() for x in kv))
+        # the version moves only when a record changed: every partition reloads every
+        # name when it does (a nightly sync of the same names costs none); a script per
+        # NAMES_CHUNK records, Redis held up by none for long, the version moved once
+        items = list(fields.items())
+        changed = sum(int(self.r.eval(_UPSERT_NAMES, 1, self.k.names,
+                                      *(x for kv in items[at:at + NAMES_CHUNK] for x in kv)))
+                      for at in range(0, len(items), NAMES_CHUNK))
+        if changed:
+            self.r.incr(self.k.names_version)
         return len(fields)
 
     def delete(self, account_id: int, objects: Iterable[Mapping[str, Any]]) -> int:
@@ -436,10 +441,12 @@ class NameStore:
                 raise ValueError(f"delete_names: record {n}: kind {kind!r} is not one of "
                                  f"{', '.join(KIND_FIELDS)}; nothing deleted")
             keys.append(f"{account_id}:{kind}:{obj_id}")
-        # a script takes some thousands of keys at most (Lua's unpack)
-        return sum(int(self.r.eval(_DELETE_NAMES, 2, self.k.names, self.k.names_version,
-                                   *keys[start:start + 1000]))
-                   for start in range(0, len(keys), 1000))
+        removed = 0
+        for at in range(0, len(keys), NAMES_CHUNK):  # HDEL takes some thousands at most
+            removed += int(self.r.hdel(self.k.names, *keys[at:at + NAMES_CHUNK]))
+        if removed:  # moved once: every partition reloads every name when it moves
+            self.r.incr(self.k.names_version)
+        return removed
 
     def version(self) -> int:
         return _version(self.r, self.k.names_version)
@@ -526,8 +533,9 @@ def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str
     return encoded
 
 
-# KEYS: the names hash, its version; ARGV: key, record JSON, ... Writes the records
-# that differ from the stored ones; the version moves only if one did.
+NAMES_CHUNK = 1000  # name records per script or command
+# KEYS: the names hash; ARGV: key, record JSON, ... Writes the records that differ
+# from the stored ones; returns how many did.
 _UPSERT_NAMES = """
 local changed = 0
 for i = 1, #ARGV, 2 do
@@ -536,19 +544,7 @@ for i = 1, #ARGV, 2 do
     changed = changed + 1
   end
 end
-if changed > 0 then
-  redis.call('INCR', KEYS[2])
-end
 return changed
-"""
-
-# KEYS: the names hash, its version; ARGV: keys. Returns how many were stored.
-_DELETE_NAMES = """
-local n = redis.call('HDEL', KEYS[1], unpack(ARGV))
-if n > 0 then
-  redis.call('INCR', KEYS[2])
-end
-return n
 """
 
 
