@@ -105,13 +105,15 @@ class RetryWorker:
         return due
 
     def _forget_gone_stats(self) -> None:
-        """Every EXPIRE_EVERY_SEC: the counters of hooks deleted STATS_GONE_SEC ago or
-        more that have no dead letter left go (a failure is logged, tried again)."""
+        """Every EXPIRE_EVERY_SEC: the counters of hooks deleted STATS_GONE_SEC and a
+        re-send's wait (HOOK_RETRY_PERIOD_SEC) ago or more, their last re-send killed
+        since, that have no dead letter left go (a failure is logged, tried again)."""
         if time.monotonic() - self.gone_at < EXPIRE_EVERY_SEC:
             return
         self.gone_at = time.monotonic()
         try:
-            self.side.retry.forget_gone_stats(round(STATS_GONE_SEC * 1000))
+            self.side.retry.forget_gone_stats(
+                round((STATS_GONE_SEC + self.settings.HOOK_RETRY_PERIOD_SEC) * 1000))
         except Exception as exc:
             log.warning("forgetting deleted hooks' counters failed (%s: %s); tried again "
                         "in %g s", type(exc).__name__, exc, EXPIRE_EVERY_SEC)

@@ -202,13 +202,10 @@ class HookRegistry:
         """Delete a stored hook. Its counters stay while it has dead letters (they may
         still be replayed or discarded), and go STATS_GONE_SEC after it has none
         (``RetryStore.forget_gone_stats``)."""
-        with self.r.pipeline() as pipe:
-            pipe.hdel(self.k.hooks, str(hook_id))
-            pipe.incr(self.k.hooks_version)
-            removed, _ = pipe.execute()
+        removed = self.r.eval(_DELETE_HOOK, 3, self.k.hooks, self.k.hooks_version,
+                              self.k.hooks_gone, str(hook_id))
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
-        self.r.zadd(self.k.hooks_gone, {str(hook_id): _redis_ms(self.r)})
 
     def owner(self, hook_id: int) -> int | None:
         """The account of a stored hook, read without validating the hook (one that no
@@ -796,6 +793,19 @@ return 1
 """
 
 
+# KEYS: the hooks hash, its version, the deleted hooks zset; ARGV: the id. Deleted and
+# marked so (by Redis' clock) at once: a crash between the two kept its counters.
+_DELETE_HOOK = """
+if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
+  return 0
+end
+redis.call('INCR', KEYS[2])
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+return 1
+"""
+
+
 def _redis_ms(r: redis.Redis) -> int:
     """Redis' clock, in milliseconds."""
     seconds, micros = cast(tuple[int, int], r.time())
@@ -1012,11 +1022,35 @@ class RetryStore:
             if hook_gone:
                 pipe.zadd(self.k.hooks_gone, {str(delivery.hook_id): died})
 
+    def _after_move(self, mode: str, moved: int,
+                    letters: list[tuple[str, bytes, Delivery]]) -> int:
+        """``moved``, after replayed letters' deleted hooks are marked again."""
+        if mode == "replay" and moved:
+            self._still_gone({d.hook_id for _, _, d in letters})
+        return moved
+
+    def _still_gone(self, hook_ids: set[int]) -> None:
+        """Of ``hook_ids`` (of dead letters replayed), those deleted are marked so again
+        now: their letters, in the schedule until their hook's absence kills them
+        again, are in no dead-letter index meanwhile, and their counters must stay."""
+        ids = sorted(hook_ids)
+        with self.r.pipeline(transaction=False) as pipe:
+            for hook_id in ids:
+                pipe.hexists(self.k.hooks, str(hook_id))
+            stored = pipe.execute()
+        gone = [str(i) for i, there in zip(ids, stored, strict=True) if not there]
+        if gone:
+            now = self._redis_ms()
+            self.r.zadd(self.k.hooks_gone, dict.fromkeys(gone, now))
+
     def forget_gone_stats(self, keep_ms: int) -> int:
         """Delete the counters of hooks deleted (or last touched while deleted) over
         ``keep_ms`` ago that have no dead letter left; one that still has some is
-        looked at again ``keep_ms`` later. Returns how many counters went (a chunk of
-        GONE_CHUNK hooks at most per call)."""
+        looked at again ``keep_ms`` later. ``keep_ms`` must cover a re-send's wait
+        (HOOK_RETRY_PERIOD_SEC): a re-send of a deleted hook, killed when due, marks it
+        again. Returns how many counters went (a chunk of GONE_CHUNK hooks at most per
+        call)."""
+        self._ensure_index()  # dead letters kept before the hook index: in it first
         now = self._redis_ms()
         return int(self.r.eval(_FORGET_GONE, 2, self.k.hooks_gone, self.k.hooks,
                                now - keep_ms, now, GONE_CHUNK, self.k.p))
@@ -1372,6 +1406,6 @@ class RetryStore:
             if not changed:  # else nothing moved: read them again
                 if unreadable is not None:
                     unreadable += bad
-                return int(moved)
+                return self._after_move(mode, int(moved), good)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")

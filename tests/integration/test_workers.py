@@ -433,6 +433,42 @@ def test_retry_worker_kills_deliveries_of_deleted_hooks(
     assert dead.resends == 0 and dead.last_error.startswith(f"hook {gone.id} was deleted")
 
 
+def test_a_deleted_hooks_counters_stay_while_a_resend_or_an_old_letter_may_count(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Kept while a re-send of the hook may still be waiting (HOOK_RETRY_PERIOD_SEC),
+    after a replay of its letters (in the schedule, in no dead-letter index until
+    killed again), and while a dead letter kept before the hook index existed is
+    its."""
+    registry, retry = HookRegistry(redis_client, keys), RetryStore(redis_client, keys)
+    waiting, replayed, old = (registry.create(hook(name=f"h{n}")) for n in range(3))
+    for h in (waiting, replayed, old):
+        redis_client.hincrby(keys.stats(h.id or 0), "delivered", 5)
+    now = retry._redis_ms()
+    retry.schedule(Delivery(id="w1", hook_id=waiting.id or 0, account_id=1,
+                            kind="http_batch", parts=[b"{}"]), due_ms=now + 3_000_000,
+                   error="HTTP 500")
+    retry.kill(Delivery(id="r1", hook_id=replayed.id or 0, account_id=1,
+                        kind="http_batch", parts=[b"{}"]), "HTTP 500")
+    for h in (waiting, replayed, old):
+        registry.delete(h.id or 0)
+    # deleted 16 minutes ago, as far as the sweep can tell
+    redis_client.zadd(keys.hooks_gone, {str(h.id): now - 960_000
+                                        for h in (waiting, replayed, old)})
+    # a letter of the old one from before the indexes (as an earlier version kept it)
+    retry.kill(Delivery(id="o1", hook_id=old.id or 0, account_id=1, kind="http_batch",
+                        parts=[b"{}"]), "HTTP 500")
+    redis_client.delete(keys.dead_of_hook(old.id or 0), keys.dead_of_account(1),
+                        keys.dead_indexed)
+    assert retry.replay(["r1"]) == 1  # its hook is marked deleted again, now
+    slow = settings.model_copy(update={"HOOK_RETRY_PERIOD_SEC": 3600.0})
+    worker = RetryWorker(slow, redis_client, InProcessSender())
+    worker.step()  # r1 is due: killed again (its hook is gone), w1 waits
+    assert {d.id for d in retry.dead_letters()} == {"r1", "o1"}
+    for h in (waiting, replayed, old):
+        assert Stats(redis_client, keys).get(h.id or 0)["delivered"] == 5, h.name
+    assert redis_client.zcard(keys.hooks_gone) == 3
+
+
 def test_a_deleted_hooks_counters_go_once_it_has_no_dead_letter(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
@@ -456,7 +492,8 @@ def test_a_deleted_hooks_counters_go_once_it_has_no_dead_letter(
     assert stats.get(idle.id or 0)["delivered"] == 5
     # the re-send of the deleted hook dies unsent, marking it deleted again
     monkeypatch.setattr(engine.retrying, "STATS_GONE_SEC", 0.0)
-    worker = RetryWorker(settings, redis_client, InProcessSender())
+    quick = settings.model_copy(update={"HOOK_RETRY_PERIOD_SEC": 0.001})
+    worker = RetryWorker(quick, redis_client, InProcessSender())
     worker.step()
     assert [d.id for d in retry.dead_letters(hook_id=failing.id)] == ["d1"]
     # the idle one's counters went; the failing one's stay with its dead letter; the
