@@ -86,6 +86,9 @@ def example_hooks() -> list[dict[str, Any]]:
     ("target.http_batch", {"max_batch_size": 10001}, "greater than the maximum"),
     ("target.http_batch", {"flush_timeout_sec": 0}, "less than or equal to the minimum"),
     ("filters", {"campaign": [1]}, "Additional properties"),
+    # rules the engine states in validators (pydantic's schema does not show them)
+    ("", {"database": 2**63}, "greater than the maximum"),
+    ("target.http_batch", {"request_timeout_sec": 0.001}, "less than the minimum"),
 ])
 def test_a_hook_the_engine_refuses_is_refused_by_the_description_too(
         where: str, value: dict[str, Any], reason: str) -> None:
@@ -117,3 +120,13 @@ def test_every_example_hook_and_event_fits_the_description() -> None:
         msgspec.convert(event, Event)
     with pytest.raises(jsonschema.ValidationError, match="Additional properties"):
         jsonschema.validate(event, schema_of("Event"))
+
+
+@pytest.mark.parametrize("field", ["user", "password", "vhost"])
+def test_an_empty_rabbitmq_login_is_refused_by_the_description_too(field: str) -> None:
+    hook = {"name": "q", "account_id": 1, "target": {"rabbitmq_queue": {
+        "host": "rabbit.internal", "queue": "q", field: ""}}}
+    with pytest.raises(Exception, match="invalid hook"):
+        parse_hook(hook)
+    with pytest.raises(jsonschema.ValidationError, match="should be non-empty"):
+        jsonschema.validate(hook, schema_of("HookInput"))
