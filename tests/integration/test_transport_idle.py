@@ -63,7 +63,7 @@ async def wait_until(predicate: Callable[[], Any], seconds: float) -> bool:
 
 
 def timer_running(transport: Any) -> bool:
-    return bool(getattr(transport._idle, "running", True))
+    return bool(transport._idle.running)
 
 
 # --- Kafka ------------------------------------------------------------------------------
