@@ -236,7 +236,7 @@ class _Slot:
     failed_until: float = 0.0  # monotonic; no new producer before (see BREAKER_OPEN_SEC)
     last_error: str = ""
     users: int = 0  # deliveries holding this slot: it is not dropped under them
-    used_at: float = field(default_factory=time.monotonic)  # last delivery began
+    used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
 
 class KafkaTransport(Transport):
@@ -295,6 +295,7 @@ class KafkaTransport(Transport):
                 slot.gate.release()
         finally:
             slot.users -= 1
+            slot.used_at = time.monotonic()  # idle from its last delivery's end
         slot.last_ack = time.monotonic()
         return Outcome(ok=True, detail=f"{where}: {delivery.count} record(s) acknowledged")
 

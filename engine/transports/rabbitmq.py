@@ -158,7 +158,7 @@ class _Dest:
     failed_at: float = float("-inf")
     error: TransportError | None = None
     users: int = 0  # deliveries holding this destination: its channel stays open
-    used_at: float = field(default_factory=time.monotonic)  # last delivery began
+    used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
 
 @dataclass
@@ -189,7 +189,7 @@ class _Broker:
     error: TransportError | None = None
     progress_at: float = 0.0  # last connect or fully confirmed delivery (monotonic)
     users: int = 0  # deliveries holding this broker: it is not dropped under them
-    used_at: float = field(default_factory=time.monotonic)  # last delivery began
+    used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
 
 class _Phase:
@@ -239,6 +239,7 @@ class RabbitTransport(Transport):
             return await self._deliver_on(broker, target, delivery, dest_key, what, phase)
         finally:
             broker.users -= 1
+            broker.used_at = time.monotonic()  # idle from its last delivery's end
 
     async def _deliver_on(self, broker: _Broker, target: RabbitQueue | RabbitExchange,
                           delivery: Delivery, dest_key: DestKey, what: str, phase: _Phase
@@ -279,6 +280,7 @@ class RabbitTransport(Transport):
                             self._close_later(chan.channel.close())
                 finally:
                     dest.users -= 1
+                    dest.used_at = time.monotonic()  # idle from its last delivery's end
         except TimeoutError:
             if broker.progress_at < started:
                 self._drop(broker, broker.current, "no answer within the timeout")

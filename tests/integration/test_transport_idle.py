@@ -456,3 +456,43 @@ def test_idle_sweep_timer_logs_a_failure_goes_on_and_ends_with_stop(
                    "stopped": True}
     failures = [r for r in caplog.records if "closing idle connections failed" in r.message]
     assert len(failures) == 2
+
+
+def test_rabbitmq_entries_are_idle_from_their_last_deliverys_end_not_its_start(
+        rabbit_idle: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A delivery that took longer than IDLE_CLOSE_SEC (a slow broker, a loaded
+    machine) leaves its connection and channel just used: a sweep right after it
+    keeps them (counted from its start, they were closed between two deliveries)."""
+    quick(monkeypatch, rabbitmq_module, close_sec=0.5)
+    monkeypatch.setattr(base, "IDLE_CHECK_SEC", 3600.0)  # the sweep run here, by hand
+    publish_all = rabbitmq_module.publish_all
+
+    async def slow_publish_all(*args: Any, **kwargs: Any) -> Any:
+        await asyncio.sleep(1.0)
+        return await publish_all(*args, **kwargs)
+
+    monkeypatch.setattr(rabbitmq_module, "publish_all", slow_publish_all)
+    queue = rabbit_idle.declare_queue("slow")
+    transport = RabbitQueueTransport(timeout_sec=20)
+
+    async def go() -> dict[str, Any]:
+        try:
+            outcome = await transport.send(RabbitQueue(**rabbit_idle.broker(), queue=queue),
+                                           delivery(kind="rabbitmq_queue", tag="slow"))
+            (broker,) = transport._brokers.values()
+            conn = broker.current
+            assert conn is not None
+            transport._sweep_idle()  # at once after the delivery
+            kept = (list(transport._brokers.values()) == [broker], list(conn.dests))
+            await asyncio.sleep(0.7)  # then idle for longer than IDLE_CLOSE_SEC
+            transport._sweep_idle()
+            closed = await wait_until(lambda: conn.connection.is_closed, 5)
+            return {"outcome": outcome, "kept": kept, "closed": closed,
+                    "forgotten": not transport._brokers}
+        finally:
+            await transport.close()
+
+    got = asyncio.run(go())
+    assert got["outcome"].ok, got["outcome"]
+    assert got["kept"] == (True, [("queue", queue)])
+    assert got["closed"] and got["forgotten"]
