@@ -268,8 +268,9 @@ async def broker_sees(names: set[str], want: dict[str, int], seconds: float
 def test_rabbitmq_connection_no_delivery_uses_is_closed(
         rabbit_idle: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hook's last delivery, then none: its connection is closed after IDLE_CLOSE_SEC
-    by the timer, for the transport and for the broker."""
-    quick(monkeypatch, rabbitmq_module, close_sec=0.5)
+    by the timer, for the transport and for the broker (4 s: the broker's view, read
+    with rabbitmqctl, takes a second or two to show it open)."""
+    quick(monkeypatch, rabbitmq_module, close_sec=4.0)
     queue = rabbit_idle.declare_queue("conn")
     transport = RabbitQueueTransport(timeout_sec=10)
 
@@ -284,7 +285,7 @@ def test_rabbitmq_connection_no_delivery_uses_is_closed(
             ours = own_connections(rabbit_idle) - before
             seen_open = await broker_channels(ours)
             # no delivery from here on
-            closed = await wait_until(lambda: connection.is_closed, 5)
+            closed = await wait_until(lambda: connection.is_closed, 10)
             seen_after = await broker_sees(ours, {}, 5)
             timer_ended = await wait_until(lambda: not timer_running(transport), 2)
             return {"outcome": outcome, "ours": ours, "seen_open": seen_open,
@@ -304,8 +305,9 @@ def test_rabbitmq_connection_no_delivery_uses_is_closed(
 def test_rabbitmq_channel_of_a_destination_no_longer_used_is_closed_the_connection_kept(
         rabbit_idle: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two queues on one connection; deliveries go on to one only: the other's channel
-    is closed after IDLE_CLOSE_SEC, the connection and the used channel stay open."""
-    quick(monkeypatch, rabbitmq_module, close_sec=1.0)
+    is closed after IDLE_CLOSE_SEC, the connection and the used channel stay open (4 s:
+    the broker's view, read with rabbitmqctl, takes a second or two to show both)."""
+    quick(monkeypatch, rabbitmq_module, close_sec=4.0)
     gone, used = rabbit_idle.declare_queue("gone"), rabbit_idle.declare_queue("used")
     transport = RabbitQueueTransport(timeout_sec=10)
 
@@ -322,21 +324,31 @@ def test_rabbitmq_channel_of_a_destination_no_longer_used_is_closed_the_connecti
             (broker,) = transport._brokers.values()
             conn = broker.current
             assert conn is not None
-            ours = own_connections(rabbit_idle) - before
-            seen_both = await broker_channels(ours)
             gone_dest = conn.dests[("queue", gone)]
             assert gone_dest.current is not None
             gone_channel = gone_dest.current.channel
             used_channel = conn.dests[("queue", used)].current.channel  # type: ignore[union-attr]
-            # the hook of "gone" is deleted: deliveries go on to "used" only
-            deadline = time.monotonic() + 5
-            n = 0
-            while not gone_channel.is_closed and time.monotonic() < deadline:
-                n += 1
-                out.append(await transport.send(target(used), delivery(
-                    kind="rabbitmq_queue", tag=f"used{n}")))
-                await asyncio.sleep(0.2)
-            seen_after = await broker_sees(ours, dict.fromkeys(ours, 1), 5)
+            # the hook of "gone" is deleted: deliveries go on to "used" only, every
+            # 0.2 s, also while the broker is asked (rabbitmqctl takes seconds)
+            stop = asyncio.Event()
+
+            async def keep_using() -> None:
+                n = 0
+                while not stop.is_set():
+                    n += 1
+                    out.append(await transport.send(target(used), delivery(
+                        kind="rabbitmq_queue", tag=f"used{n}")))
+                    await asyncio.sleep(0.2)
+
+            using = asyncio.create_task(keep_using())
+            try:
+                ours = own_connections(rabbit_idle) - before
+                seen_both = await broker_channels(ours)
+                await wait_until(lambda: gone_channel.is_closed, 10)
+                seen_after = await broker_sees(ours, dict.fromkeys(ours, 1), 5)
+            finally:
+                stop.set()
+                await using
             return {"out": out, "ours": ours, "seen_both": seen_both,
                     "gone_closed": gone_channel.is_closed,
                     "dests": sorted(k[1] for k in conn.dests),
