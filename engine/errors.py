@@ -107,6 +107,10 @@ SHOWN_CHARS = 100  # most characters of a value sent that an error quotes back
 
 def quoted(value: Any) -> str:
     """``value`` as an error quotes it back: its repr, at most SHOWN_CHARS characters
-    (then "…"): a request may send megabytes where a name is expected."""
-    text = repr(value)
+    (then "…"): a request may send megabytes where a name is expected; a value built
+    in Python may nest deeper than its repr can go (then named by its kind)."""
+    try:
+        text = repr(value)
+    except RecursionError:
+        return f"a {type(value).__name__} nested too deeply to be shown"
     return text if len(text) <= SHOWN_CHARS else text[:SHOWN_CHARS] + "…"

@@ -183,7 +183,7 @@ class Event(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True, gc=F
                     self.segment_ids = [segment]
             elif segment and segment not in self.segment_ids:
                 raise ValueError(f"event_data.segment_id: {segment} is not among the "
-                                 f"event's segment_ids {_shown(self.segment_ids)}")
+                                 f"event's segment_ids {quoted(self.segment_ids)}")
 
     @property
     def date_ns(self) -> int:
@@ -195,29 +195,20 @@ def _refuse_wrong_types(event: Event) -> None:
     it cannot use (only an event built in Python can have one)."""
     if not isinstance(event.event_date, str):
         raise ValueError(f"event_date: expected a string (an RFC 3339 time), got "
-                         f"{_shown(event.event_date)}")
+                         f"{quoted(event.event_date)}")
     if isinstance(event.account_id, bool) or not isinstance(event.account_id, int):
-        raise ValueError(f"account_id: expected an integer, got {_shown(event.account_id)}")
+        raise ValueError(f"account_id: expected an integer, got {quoted(event.account_id)}")
     if not isinstance(event.event_data, dict):
-        raise ValueError(f"event_data: expected an object, got {_shown(event.event_data)}")
+        raise ValueError(f"event_data: expected an object, got {quoted(event.event_data)}")
     if event.segment_ids is not None and not isinstance(
             event.segment_ids, list | tuple | set | frozenset):  # written as an array
         raise ValueError(f"segment_ids: expected an array of ids, got "
-                         f"{_shown(event.segment_ids)}")
-
-
-def _shown(value: Any) -> str:
-    """``value`` quoted in an error; one built in Python may nest deeper than its repr
-    can go."""
-    try:
-        return quoted(value)
-    except RecursionError:
-        return f"a {type(value).__name__} nested too deeply to be shown"
+                         f"{quoted(event.segment_ids)}")
 
 
 def _int_or_fail(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: expected an integer, got {_shown(value)}")
+        raise ValueError(f"{field}: expected an integer, got {quoted(value)}")
     if not 0 <= value <= MAX_ID:
         raise ValueError(f"{field}: expected an id from 0 to {MAX_ID}, got {value}")
     return value

@@ -452,18 +452,9 @@ def _validated(values: dict[str, Any], origin: Mapping[str, str]) -> Settings:
             if key == "API_PORT" and isinstance(value, str) and value.startswith("tcp://"):
                 hint = ("; Kubernetes sets API_PORT=tcp://... in the pods of a namespace with "
                         "a Service named api: set API_PORT (a number, or null) for the engine")
-            lines.append(f"{key}={_shown(shown)} ({origin.get(key, 'default')}): "
+            lines.append(f"{key}={quoted(shown)} ({origin.get(key, 'default')}): "
                          f"{_describe(err)}{hint}")
         raise ConfigError("invalid settings:\n  " + "\n  ".join(lines)) from None
-
-
-def _shown(value: Any) -> str:
-    """A bad setting's value as its error quotes it: its repr, cut (a value may be
-    megabytes), or its kind when it nests too deeply to be shown."""
-    try:
-        return quoted(value)
-    except RecursionError:
-        return f"<{type(value).__name__} nested too deeply to show>"
 
 
 def _mask_any_url(text: str) -> str:

@@ -420,7 +420,7 @@ def test_a_bad_value_is_quoted_short_however_large_or_deep() -> None:
     with pytest.raises(ConfigError) as info:
         with_overrides(settings, {"PARTITIONS": deep, "REDIS_PREFIX": "p" * 1_000_000})
     message = str(info.value)
-    assert "PARTITIONS=<list nested too deeply to show> (given): " in message
+    assert "PARTITIONS=a list nested too deeply to be shown (given): " in message
     assert f"REDIS_PREFIX={quoted('p' * 1_000_000)} (given): String should have at most " \
         "64 characters" in message
     assert len(message) < 1000
