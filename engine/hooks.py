@@ -340,12 +340,19 @@ def _host_problem(url: str) -> str | None:
         return None
     except ValueError:
         pass
+    return f"the host is not a valid domain name: {LABELS}" if _no_idna(host) else None
+
+
+LABELS = "each dot-separated label must be 1 to 63 characters long"
+
+
+def _no_idna(host: str) -> bool:
+    """Whether the ``idna`` codec, which names are resolved in, refuses ``host``."""
     try:
         host.encode("idna")
     except UnicodeError:
-        return ("the host is not a valid domain name: each dot-separated label must be 1 "
-                "to 63 characters long")
-    return None
+        return True
+    return False
 
 
 def url_has_credentials(url: str) -> bool:
@@ -660,12 +667,7 @@ def broker_name_problem(host: str) -> str | None:
         URL.build(scheme="amqp", host=host).host  # noqa: B018 (decoded: may fail)
     except ValueError as exc:  # UnicodeError too
         return f"not a valid host name ({exc})"
-    try:
-        host.encode("idna")
-    except UnicodeError:
-        return ("not a valid host name: each dot-separated label must be 1 to 63 "
-                "characters long")
-    return None
+    return f"not a valid host name: {LABELS}" if _no_idna(host) else None
 
 
 def _amqp_name(value: str) -> str:
