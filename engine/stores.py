@@ -405,13 +405,13 @@ class NameStore:
             fields[key] = json.dumps(rec)
         # the version moves only when a record changed: every partition reloads every
         # name when it does (a nightly sync of the same names costs none); a script per
-        # NAMES_CHUNK records, Redis held up by none for long, the version moved once
+        # NAMES_CHUNK records, Redis held up by none for long, each moving the version
+        # with its own writes (a call tried again after a lost reply finds nothing to
+        # change: the version must have moved already)
         items = list(fields.items())
-        changed = sum(int(self.r.eval(_UPSERT_NAMES, 1, self.k.names,
-                                      *(x for kv in items[at:at + NAMES_CHUNK] for x in kv)))
-                      for at in range(0, len(items), NAMES_CHUNK))
-        if changed:
-            self.r.incr(self.k.names_version)
+        for at in range(0, len(items), NAMES_CHUNK):
+            self.r.eval(_UPSERT_NAMES, 2, self.k.names, self.k.names_version,
+                        *(x for kv in items[at:at + NAMES_CHUNK] for x in kv))
         return len(fields)
 
     def delete(self, account_id: int, objects: Iterable[Mapping[str, Any]]) -> int:
@@ -438,12 +438,11 @@ class NameStore:
                 raise ValueError(f"delete_names: record {n}: kind {kind!r} is not one of "
                                  f"{', '.join(KIND_FIELDS)}; nothing deleted")
             keys.append(f"{account_id}:{kind}:{obj_id}")
-        removed = 0
-        for at in range(0, len(keys), NAMES_CHUNK):  # HDEL takes some thousands at most
-            removed += int(self.r.hdel(self.k.names, *keys[at:at + NAMES_CHUNK]))
-        if removed:  # moved once: every partition reloads every name when it moves
-            self.r.incr(self.k.names_version)
-        return removed
+        # HDEL takes some thousands at most; the version moves with the chunk's own
+        # deletions, as in upsert
+        return sum(int(self.r.eval(_DELETE_NAMES, 2, self.k.names, self.k.names_version,
+                                   *keys[at:at + NAMES_CHUNK]))
+                   for at in range(0, len(keys), NAMES_CHUNK))
 
     def version(self) -> int:
         return _version(self.r, self.k.names_version)
@@ -541,7 +540,14 @@ for i = 1, #ARGV, 2 do
     changed = changed + 1
   end
 end
+if changed > 0 then redis.call('INCR', KEYS[2]) end
 return changed
+"""
+
+_DELETE_NAMES = """
+local removed = redis.call('HDEL', KEYS[1], unpack(ARGV))
+if removed > 0 then redis.call('INCR', KEYS[2]) end
+return removed
 """
 
 

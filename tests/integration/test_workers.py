@@ -2977,6 +2977,46 @@ def test_a_damaged_stored_hook_or_name_is_reported_not_a_crash(
     assert sum("left out" in r.getMessage() for r in caplog.records) == 3
 
 
+def test_names_version_moves_with_the_write_so_a_call_tried_again_still_moves_it(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The names version moves in the same script as the names it writes or deletes:
+    a call whose reply was lost (the connection dropped after Redis carried it out) and
+    that is tried again finds nothing to change, yet partitions see a new version."""
+    from engine.stores import NameStore
+
+    names = NameStore(redis_client, keys)
+    names.upsert([{"account_id": 1, "kind": "campaigns", "id": 5, "name": "old"}])
+    real_eval = redis_client.eval
+    lost = {"replies": 0}
+
+    def eval_reply_lost(*args: Any, **kwargs: Any) -> Any:
+        result = real_eval(*args, **kwargs)
+        if lost["replies"]:
+            lost["replies"] -= 1
+            raise redis.ConnectionError("connection lost before the reply")
+        return result
+
+    redis_client.eval = eval_reply_lost  # type: ignore[method-assign]
+    for call in (
+            lambda: names.upsert([{"account_id": 1, "kind": "campaigns", "id": 5,
+                                   "name": "new"}]),
+            lambda: names.delete(1, [{"kind": "campaigns", "id": 5}])):
+        before = names.version()
+        lost["replies"] = 1
+        with pytest.raises(redis.ConnectionError):
+            call()
+        call()  # tried again: nothing left to change
+        assert names.version() > before
+    assert redis_client.hget(keys.names, "1:campaigns:5") is None
+    # a sync of names already stored moves nothing
+    redis_client.eval = real_eval  # type: ignore[method-assign]
+    names.upsert([{"account_id": 1, "kind": "campaigns", "id": 6, "name": "same"}])
+    stable = names.version()
+    names.upsert([{"account_id": 1, "kind": "campaigns", "id": 6, "name": "same"}])
+    assert names.delete(1, [{"kind": "campaigns", "id": 99}]) == 0
+    assert names.version() == stable
+
+
 def test_only_the_messages_that_failed_are_sent_again(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """A destination that refuses some messages of a batch (a broker's nacks): the
