@@ -374,6 +374,14 @@ class Dispatcher:
     def open_messages(self) -> int:
         return sum(len(b.parts) for b in self.batches.values())
 
+    def drop_batches(self) -> None:
+        """Forget every batch, open, closed or in flight (their entries are read
+        again, by this worker or another engine's)."""
+        self.batches.clear()
+        self.outbox.clear()
+        self.produced.clear()
+        self.pending_hooks.clear()
+
     def _flush(self, hook_id: int) -> None:
         """Close the hook's open batch into a Delivery in the outbox."""
         batch = self.batches.pop(hook_id, None)
@@ -483,6 +491,10 @@ class PartitionWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
+        self.losses_seen = 0  # Holding.losses when the worker last dropped its work
+        # entries read from this consumer's pending ones count a process end each
+        # (_processing_ends), but those read again after another engine's claim did not
+        self.count_ends = True
         # an acknowledgement round sent without a reply: (token, entry ids, delivered)
         self.unsure: tuple[str, list[str], Counter[int]] | None = None
         self.last_ack = self.side.keys.last_ack(partition, self.consumer)
@@ -498,9 +510,45 @@ class PartitionWorker:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            self.holding.check(collect=lambda: self.settling.extend(self.sender.poll(0.0)))
+            try:
+                self.holding.check(collect=self._collect)
+            finally:
+                if self.holding.losses != self.losses_seen:
+                    self.losses_seen = self.holding.losses
+                    self._drop_work()
         with paused_gc():
             return self._step(block_ms)
+
+    def _collect(self) -> None:
+        """Outcomes collected while the round cannot go on: kept to be booked while
+        Redis fails, dropped while another engine holds the claim (_drop_work)."""
+        outcomes = self.sender.poll(0.0)
+        if not (self.holding is not None and self.holding.taken):
+            self.settling.extend(outcomes)
+
+    def _drop_work(self) -> None:
+        """Another engine took the claim: the entries this worker read and has not
+        acknowledged are its now (pending for the same consumer, it reads them again),
+        and an outcome booked later, when the claim is this engine's again, would undo
+        what it booked meanwhile (a delivered batch sent again, or a dead letter).
+        Batches and outcomes still to come are dropped, and the entries are read again
+        from this consumer's pending ones once the claim is back (at-least-once: a
+        batch delivered meanwhile is sent again). Settled entries are still
+        acknowledged: their work is done."""
+        if self.unsettled or self.settling or self.again:
+            log.warning("partition %s: another engine took this engine's REDIS_PREFIX "
+                        "claim; %d message(s) in open or unanswered batches are left to it "
+                        "(read again once the claim is back)", self.partition, self.unsettled)
+        self.dispatcher.drop_batches()
+        self.entry_left.clear()
+        self.unsettled = 0
+        self.again.clear()
+        self.failures.clear()
+        self.settling.clear()
+        self.booking = None
+        self.reading_own_pending, self.pending_cursor = True, "0"
+        # not a restart: entries read again now did not end the process
+        self.count_ends = False
 
     def _next_entries(self, block_ms: int | None) -> list[_Entry]:
         """A failed round's entries first, one at a time; else those read, unless too
@@ -762,12 +810,12 @@ class PartitionWorker:
                 self._set_aside(eid.decode(), fields, exc)
                 continue
             entries.append(_Entry(eid.decode(), fields, events, views,
-                                  reread=self.reading_own_pending))
+                                  reread=self.reading_own_pending and self.count_ends))
         if self.reading_own_pending:
             if items:
                 self.pending_cursor = items[-1][0].decode()
             else:
-                self.reading_own_pending = False
+                self.reading_own_pending, self.count_ends = False, True
         return entries
 
     def _set_aside(self, entry_id: str, fields: dict[bytes, bytes], exc: Exception) -> None:
@@ -798,6 +846,10 @@ class PartitionWorker:
         self.settling.extend(outcomes)
         while self.settling:
             delivery, outcome = self.settling[0]
+            if delivery.id not in self.dispatcher.pending_hooks:
+                # a batch from before another engine took the claim (_drop_work)
+                self.settling.popleft()
+                continue
             if outcome.ok:
                 self.delivered[delivery.hook_id] += delivery.count
             else:

@@ -208,13 +208,19 @@ class Holding:
         self.r, self.key, self.owner = r, keys.engine, owner.encode()
         self.looked = -CHECK_SEC
         self.taken = ""  # why the worker waits, from the last look ("" it does not)
+        # how often a look found another engine's claim after one that did not: the
+        # worker drops the work it holds each time, as that engine takes it up
+        self.losses = 0
 
     def check(self, collect: Callable[[], None] | None = None) -> None:
         """PrefixTaken while another engine holds the claim (a Redis error while the
         claim cannot be read); ``collect`` runs first then (its own errors dropped): a
         worker's outcomes are still collected, booked by a later round, as a transport
         actor drops those left uncollected through a long outage, and their deliveries
-        would be sent again."""
+        would be sent again. A worker whose claim another engine took drops the work it
+        holds (``losses`` moved): the other engine takes up the unacknowledged entries and the
+        re-sends whose leases ran out, and outcomes booked over its bookings would
+        send again, or dead-letter, what it delivered."""
         try:
             self._check()
         except Exception:
@@ -233,6 +239,8 @@ class Holding:
             if raw is None or raw.startswith(self.owner + b" "):
                 self.taken = ""
             else:
+                if not self.taken:
+                    self.losses += 1
                 # what waits before the first ": ", who holds it after: only the
                 # former is shown without a token (engine.api.public_reason)
                 self.taken = (f"another engine holds this engine's REDIS_PREFIX claim, the "

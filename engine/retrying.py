@@ -66,6 +66,7 @@ class RetryWorker:
         self.sent_with: dict[str, Hook] = {}  # delivery id -> the hook it was sent for
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
+        self.losses_seen = 0  # Holding.losses when the worker last dropped its work
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
         self.gone_at = -float("inf")  # when deleted hooks' counters were last looked at
@@ -81,7 +82,12 @@ class RetryWorker:
         """Claim and send what is due, settle what came back. Returns deliveries sent.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            self.holding.check(collect=lambda: self.settling.extend(self.sender.poll(0.0)))
+            try:
+                self.holding.check(collect=self._collect)
+            finally:
+                if self.holding.losses != self.losses_seen:
+                    self.losses_seen = self.holding.losses
+                    self._drop_work()
         try:
             due = self._hand_over()
         except Exception:
@@ -95,6 +101,10 @@ class RetryWorker:
         # an outcome leaves ``settling`` only once booked: a Redis error half-way
         # keeps the rest for the next step
         while self.settling:
+            if self.settling[0][0].id not in self.handed:
+                # a send from before another engine took the claim (_drop_work)
+                self.settling.popleft()
+                continue
             # a booking sent again after its reply was lost counts once
             self.booking = self.booking or uuid.uuid4().hex
             self.settle(*self.settling[0], once=(self.booked, self.booking))
@@ -103,6 +113,31 @@ class RetryWorker:
         self._expire()
         self._forget_gone_stats()
         return due
+
+    def _collect(self) -> None:
+        """Outcomes collected while the step cannot go on: kept to be booked while
+        Redis fails, dropped while another engine holds the claim (_drop_work)."""
+        outcomes = self.sender.poll(0.0)
+        if not (self.holding is not None and self.holding.taken):
+            self.settling.extend(outcomes)
+
+    def _drop_work(self) -> None:
+        """Another engine took the claim: the re-sends handed over and their outcomes
+        are its now (their leases run out, and it claims them), and an outcome booked
+        later, when the claim is this engine's again, would undo what it booked
+        meanwhile (send a delivered batch again, or make it a dead letter). Their
+        hand-overs are taken back, as at a stop; outcomes still to come are dropped."""
+        if self.handed or self.settling:
+            log.warning("retry worker: another engine took this engine's REDIS_PREFIX "
+                        "claim; %d re-send(s) handed over and %d outcome(s) not booked are "
+                        "left to it (sent again once their leases run out)",
+                        len(self.handed), len(self.settling))
+        with suppress(Exception):
+            self.side.retry.handed_back(sorted(self.handed))
+        self.handed.clear()
+        self.sent_with.clear()
+        self.settling.clear()
+        self.booking = None
 
     def _forget_gone_stats(self) -> None:
         """Every EXPIRE_EVERY_SEC: the counters of hooks deleted STATS_GONE_SEC and a

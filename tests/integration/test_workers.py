@@ -19,7 +19,7 @@ import pytest
 import redis
 
 from engine.dispatch import PartitionWorker
-from engine.errors import ConfigError, EventError, HookError, NotFound
+from engine.errors import ConfigError, EventError, HookError, NotFound, PrefixTaken
 from engine.events import Event
 from engine.hooks import Hook
 from engine.intake import Intake, decode_entry
@@ -2829,6 +2829,61 @@ def test_outcomes_are_collected_while_the_engine_claim_cannot_be_read(
     workers[1].step()
     assert retry.pending() == 0
     assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 11
+
+
+def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_booked(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The workers' claim lapsed and another engine took it while a batch and a re-send
+    were out; they failed meanwhile, and the other engine delivered the re-send. Once
+    the claim is back, those stale failures are dropped, not booked over the other
+    engine's work (which would send the delivered re-send again, or dead-letter it),
+    and the partition reads its unacknowledged entries again and delivers them."""
+    from engine.lease import EngineLease
+
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 1})
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    retry = RetryStore(redis_client, keys)
+    resend = Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
+                      parts=[b"{}"], message_ids=["m1"], resends=0)
+    retry.schedule(resend, due_ms=0, error="HTTP 500")
+    ours = EngineLease(redis_client, keys, 30, about={"host": "here"})
+    other = EngineLease(redis_client, keys, 30, about={"host": "elsewhere"})
+    assert ours.claim() is None
+    senders = [InProcessSender(hold=True), InProcessSender(hold=True)]
+    workers: list[Any] = [PartitionWorker(cfg, redis_client, 0, senders[0], owner=ours.owner),
+                          RetryWorker(cfg, redis_client, senders[1], owner=ours.owner)]
+    intake.publish(clicks(10))
+    run_until(workers[0], lambda: len(senders[0].held) == 1)
+    assert workers[1].step() == 1 and len(senders[1].held) == 1
+    # our claim lapsed and the other engine took it
+    assert ours.release() and other.claim() is None
+    for worker in workers:
+        worker.holding.looked = -3600.0
+        with pytest.raises(PrefixTaken):
+            worker.step()
+    for sender in senders:  # the sends fail meanwhile
+        (held,) = sender.held
+        sender.hold, sender.held = False, []
+        sender.done.append((held, Outcome(ok=False, error="ConnectError",
+                                          detail="connection refused")))
+    for worker in workers:  # still waiting: collected, not booked
+        with pytest.raises(PrefixTaken):
+            worker.step()
+    retry.complete(resend)  # the other engine delivered the re-send
+    # the other engine stopped: the claim is ours again
+    assert other.release() and ours.claim() is None
+    for worker in workers:
+        worker.holding.looked = -3600.0
+    run_until(workers[0], lambda: redis_client.xlen(keys.intake(0)) == 0)
+    for _ in range(3):
+        workers[1].step()
+    assert retry.pending() == 0 and retry.dead_letters() == []
+    assert sum(d.count for d in senders[0].transport.sent) == 10
+    assert [d.id for d in senders[1].transport.sent] == []
+    counts = Stats(redis_client, keys).get(created.id or 0)
+    # the 10 events, and the re-send the other engine delivered
+    assert (counts["delivered"], counts["dead_lettered"]) == (11, 0)
 
 
 def test_outcomes_are_collected_while_reading_fails(
