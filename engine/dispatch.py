@@ -38,7 +38,7 @@ from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.lease import Holding
 from engine.matching import EventColumns, HookIndex
-from engine.messages import Content, PartView, content_key
+from engine.messages import Content, PartView, content_key, for_target
 from engine.names import NameCatalogue
 from engine.partitioning import retry_due_ms
 from engine.settings import DEFAULT_MAX_BATCH_BYTES, Settings
@@ -166,6 +166,9 @@ class Dispatcher:
         self.pending_hooks: dict[str, tuple[Hook, Counter[str]]] = {}
         # what the worker takes after every round, even one that failed half-way:
         self.outbox: list[Delivery] = []  # batches closed (full, due or flushed by a change)
+        # batches closed that cannot be sent (their hook deleted) and why: booked as
+        # failed sends, so the retry worker dead-letters them
+        self.unsendable: list[tuple[Delivery, Outcome]] = []
         self.produced: Counter[str] = Counter()  # stream entry id -> messages batched
         self.counted = False  # the last process() counted its matches as accepted
         # the ``accepted`` counts of a round sent without a reply: (token, hook id ->
@@ -208,9 +211,13 @@ class Dispatcher:
     def _install(self, hooks: list[Hook]) -> None:
         self.index = HookIndex.compile(hooks, self.catalogue)
         current = {h.id: h for h in self.index.hooks}
+        stored = {h.id: h for h in hooks}
         for hid, b in list(self.batches.items()):
             if current.get(hid) != b.hook:
-                self._flush(hid)
+                # closed now, for the hook as it is stored now: a changed destination
+                # or secret is where (and how) it goes, as its re-sends would; a
+                # deleted hook's batch is not sent (its hook was deleted to stop them)
+                self._flush(hid, stored.get(hid), changed=True)
         self.builders = {hid: self.builders[hid] if hid in self.builders
                          and self.builders[hid].hook == h else Assembler(h, self.names,
                                                                          self.catalogue)
@@ -379,11 +386,18 @@ class Dispatcher:
         again, by this worker or another engine's)."""
         self.batches.clear()
         self.outbox.clear()
+        self.unsendable.clear()
         self.produced.clear()
         self.pending_hooks.clear()
 
-    def _flush(self, hook_id: int) -> None:
-        """Close the hook's open batch into a Delivery in the outbox."""
+    def take_unsendable(self) -> list[tuple[Delivery, Outcome]]:
+        out, self.unsendable = self.unsendable, []
+        return out
+
+    def _flush(self, hook_id: int, now: Hook | None = None, changed: bool = False) -> None:
+        """Close the hook's open batch into a Delivery in the outbox. ``changed``: the
+        hook changed (``now``, as stored now) or was deleted (None) since the batch
+        opened; one that cannot go out goes to ``unsendable`` with its failure."""
         batch = self.batches.pop(hook_id, None)
         if batch is None or not batch.parts:
             return
@@ -391,8 +405,21 @@ class Dispatcher:
                             account_id=batch.hook.account_id, kind=batch.hook.target.kind,
                             parts=batch.parts, keys=batch.keys, message_ids=batch.mids,
                             created_ms=now_ms())
-        self.pending_hooks[delivery.id] = (batch.hook, batch.entries)
-        self.outbox.append(delivery)
+        hook, failure = batch.hook, None
+        if changed and now is None:
+            failure = f"hook {hook_id} was deleted before this batch was sent"
+        elif changed and now is not None:
+            try:
+                delivery, hook = for_target(now, delivery), now
+            except Exception as exc:  # parts the changed target cannot take
+                failure = (f"cannot be made for the hook's {now.target.kind} target: "
+                           f"{type(exc).__name__}: {exc}")
+        self.pending_hooks[delivery.id] = (hook, batch.entries)
+        if failure is None:
+            self.outbox.append(delivery)
+        else:  # re-sent by the retry worker (dead-lettered, if the hook stays deleted)
+            self.unsendable.append((delivery, Outcome(ok=False, error="NotSent",
+                                                      detail=failure)))
 
 
 def _stream_order(entry_id: str) -> tuple[int, int]:
@@ -587,6 +614,7 @@ class PartitionWorker:
             self.entry_left[eid] += n
         self.unsettled += sum(produced.values())
         ready = self.dispatcher.take_outbox()
+        self.settling.extend(self.dispatcher.take_unsendable())
         handed = 0
         try:
             for delivery in ready:

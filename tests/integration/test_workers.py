@@ -2886,6 +2886,37 @@ def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_boo
     assert (counts["delivered"], counts["dead_lettered"]) == (11, 0)
 
 
+def test_open_batch_of_a_deleted_hook_is_not_sent_one_of_a_changed_hook_goes_to_its_new_target(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A hook deleted while its batch waits for its flush timeout: the batch is not
+    sent to the deleted destination (nor with its secrets) but dead-lettered, as its
+    re-sends are; a hook whose URL changed meanwhile has its open batch sent to the
+    new URL."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    registry = HookRegistry(redis_client, keys)
+    slow = {"url": "http://127.0.0.1:9/old", "max_batch_size": 100, "flush_timeout_sec": 60,
+            "auth": {"kind": "bearer", "token": "s3cret-token"}}
+    deleted = registry.create(hook(target={"http_batch": slow}))
+    changed = registry.create(hook(account_id=2, target={"http_batch": slow}))
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(3) + [{**c, "account_id": 2} for c in clicks(4)])
+    run_until(worker, lambda: worker.dispatcher.open_messages() == 7)
+    registry.delete(deleted.id or 0)
+    registry.update(changed.id or 0, hook(account_id=2, target={"http_batch": {
+        **slow, "url": "http://127.0.0.1:9/new"}}))
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert [(h.id, str(h.target.http_batch.url)) for h in sender.hooks
+            if h.target.http_batch] == [(changed.id, "http://127.0.0.1:9/new")]
+    retry = RetryStore(redis_client, keys)
+    (dead,) = retry.dead_letters(hook_id=deleted.id)
+    assert dead.count == 3
+    assert dead.last_error == f"NotSent: hook {deleted.id} was deleted before this batch " \
+                              "was sent"
+    assert Stats(redis_client, keys).get(deleted.id or 0)["dead_lettered"] == 3
+
+
 def test_outcomes_are_collected_while_reading_fails(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
