@@ -15,6 +15,7 @@ Bookkeeping that makes "nothing accepted is lost" hold:
 from __future__ import annotations
 
 import logging
+import re
 import threading
 import time
 import uuid
@@ -84,9 +85,23 @@ def redis_unavailable(error: BaseException) -> bool:
         return True
     if not isinstance(error, redis.ResponseError):
         return False
-    # in a pipeline, redis-py puts "Command # N (...) of pipeline caused error: " first
+    # in a pipeline, redis-py puts "Command # N (...) of pipeline caused error: " first;
+    # an error a script returned (book_once.lua), Redis 6.2 "@user_script: 23: -OOM ..."
     text = str(error).rpartition(" of pipeline caused error: ")[2]
+    text = _SCRIPT_ERROR.sub("", text, count=1)
     return text.split(" ", 1)[0] in REDIS_REFUSALS
+
+
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is Redis refusing a write at its maxmemory (nothing of the
+    command, or of the script, was carried out)."""
+    if isinstance(error, redis.exceptions.OutOfMemoryError):
+        return True
+    text = str(error).rpartition(" of pipeline caused error: ")[2]
+    return _SCRIPT_ERROR.sub("", text, count=1).startswith("OOM ")
+
+
+_SCRIPT_ERROR = re.compile(r"^@user_script: ?\d+: -?")
 
 
 # how often a partition looks for entries pending for it that it does not hold (handed
@@ -175,6 +190,9 @@ class Dispatcher:
         # matches), sent again with its token before anything else, so made once
         self.unsure_count: tuple[str, Counter[int]] | None = None
         self.count_once: str | None = None  # the worker's booking-token key (Booking)
+        # ``accepted`` counts Redis refused for want of memory (not made): made later
+        self.deferred: Counter[int] = Counter()
+        self.deferred_said = -60.0  # when that was last logged
         self._booking = Booking(side.registry.r)
 
     def take_outbox(self) -> list[Delivery]:
@@ -263,13 +281,28 @@ class Dispatcher:
         """Book the ``accepted`` counts not known to be booked (``unsure_count``):
         raises while Redis fails; carried out once however often it is sent."""
         if self.unsure_count is None:
-            return
+            if not self.deferred:
+                return
+            self.unsure_count, self.deferred = (uuid.uuid4().hex, self.deferred), Counter()
         token, counts = self.unsure_count
         if counts:
             once = None if self.count_once is None else (self.count_once, token)
-            with self._booking(once) as pipe:
-                for hook_id, n in sorted(counts.items()):
-                    self.side.stats.add(pipe, hook_id, "accepted", n)
+            try:
+                with self._booking(once) as pipe:
+                    for hook_id, n in sorted(counts.items()):
+                        self.side.stats.add(pipe, hook_id, "accepted", n)
+            except redis.ResponseError as exc:
+                if not out_of_memory(exc):
+                    raise
+                # Redis at its maxmemory refused it before any write: counted by a
+                # later round, and this one goes on, as the deliveries it acknowledges
+                # and deletes make room (PartitionWorker._ack_round); else the engine
+                # would stall for good, its entries filling Redis
+                self.deferred.update(counts)
+                if time.monotonic() - self.deferred_said >= 60:
+                    log.warning("Redis is at its maxmemory: the hooks' accepted counts "
+                                "wait (made once it has room), delivery goes on")
+                    self.deferred_said = time.monotonic()
         self.unsure_count = None
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
@@ -628,10 +661,12 @@ class PartitionWorker:
             # hooks or names that cannot be loaded (a stored hook that no longer
             # validates) are no fault of the entries: they wait, however long
             self._failed(entries, error, blame=refreshed)
-            # outcomes are still collected (booked by a later round): left uncollected
-            # through a long outage, a transport actor would drop them, and send again
+            # outcomes are still collected: left uncollected through a long outage, a
+            # transport actor would drop them, and send again; and booked, entries
+            # settled acknowledged, if Redis takes it (at its maxmemory, it takes the
+            # acknowledgements, which make room: _ack_round), else by a later round
             with suppress(Exception):
-                self.settling.extend(self.sender.poll(0.0))
+                self._settle(self.sender.poll(0.0))
             raise error
         for entry in entries:
             if entry.held:  # processed at last: its phantom message goes
@@ -930,8 +965,10 @@ class PartitionWorker:
 
     def _ack_round(self, token: str, entry_ids: list[str], delivered: Counter[int]) -> None:
         with self._booking((self.last_ack, token)) as pipe:
-            for hook_id, n in delivered.items():
-                self.side.stats.add(pipe, hook_id, "delivered", n)
+            # the deletions first: Redis at its maxmemory refuses a script whose first
+            # write may grow memory (the counts), and carries out the rest of one whose
+            # first write frees some: entries delivered are still acknowledged and
+            # deleted then, so the engine makes room rather than stalling for good
             if entry_ids:
                 pipe.xack(self.stream, CONSUMER_GROUP, *entry_ids)
                 pipe.xdel(self.stream, *entry_ids)
@@ -940,6 +977,8 @@ class PartitionWorker:
                 reread = [eid for eid in entry_ids if eid in self.reread]
                 if reread:
                     pipe.hdel(self.processing, *reread)
+            for hook_id, n in delivered.items():
+                self.side.stats.add(pipe, hook_id, "delivered", n)
         self.reread.difference_update(entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None

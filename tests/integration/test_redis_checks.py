@@ -152,3 +152,46 @@ def test_a_booking_refused_for_memory_is_not_made_in_part() -> None:
             pipe.xack(keys.intake(0), "g", entry)
         assert r.xpending(keys.intake(0), "g")["pending"] == 1  # not acknowledged
         assert r.llen(keys.last_ack(0, "c")) == 0  # nor recorded done
+
+
+def test_a_partition_at_redis_maxmemory_delivers_and_makes_room_counts_made_later() -> None:
+    """Redis at its maxmemory (noeviction) refuses every write that may grow memory: a
+    partition still delivers what it reads and acknowledges and deletes its entries
+    (the deletions first in each acknowledgement, which Redis takes), so it makes room
+    rather than stalling for good; the hooks' ``accepted`` counts it refused wait and
+    are made once there is room, and no entry is blamed (set aside) for the refusals."""
+    from engine.dispatch import PartitionWorker, redis_unavailable
+    from engine.intake import Intake
+    from engine.keys import Keys
+    from engine.stores import HookRegistry, Stats
+    from tests.integration.test_workers import InProcessSender, clicks, hook
+
+    assert redis_unavailable(redis.ResponseError(
+        "@user_script: 23: -OOM command not allowed when used memory > 'maxmemory'."))
+    for r in own_redis("--maxmemory-policy", "noeviction"):
+        port = r.connection_pool.connection_kwargs["port"]
+        settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PREFIX="oom",
+                            PARTITIONS=1)
+        keys = Keys("oom")
+        created = HookRegistry(r, keys).create(hook())
+        intake = Intake(r, keys, 1, 5000)
+        intake.ensure_groups()
+        for n in range(80):
+            intake.publish(clicks(200, list_id=n + 1))
+        sender = InProcessSender()
+        worker = PartitionWorker(settings, r, 0, sender)
+        for _ in range(5):
+            worker.step(block_ms=10)
+        r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 10_000)
+        with pytest.raises(redis.exceptions.OutOfMemoryError):
+            r.set("probe", "x" * 100_000)  # full: writes that grow memory are refused
+        deadline = time.monotonic() + 30
+        while r.xlen(keys.intake(0)) or Stats(r, keys).get(created.id or 0)[
+                "accepted"] < 16_000:
+            assert time.monotonic() < deadline, (r.xlen(keys.intake(0)),
+                                                 worker.dispatcher.deferred)
+            worker.step(block_ms=10)
+        assert sum(d.count for d in sender.transport.sent) == 16_000
+        counts = Stats(r, keys).get(created.id or 0)
+        assert (counts["accepted"], counts["delivered"]) == (16_000, 16_000)
+        assert r.xlen(keys.intake_unreadable) == 0
