@@ -160,8 +160,10 @@ class RaySender:
             try:
                 outcomes, unknown = ray.get(ref)
             except Exception as exc:  # RayError: the actor died; anything else: the same
-                failed = Outcome(ok=False, error=type(exc).__name__,
-                                 detail=f"transport actor failed: {str(exc)[:300]}")
+                # the destination is not at fault (uses up no re-send: base.UNCHARGED)
+                failed = Outcome(ok=False, error="TransportRestarted",
+                                 detail=f"transport actor failed: {type(exc).__name__}: "
+                                        f"{str(exc)[:300]}")
                 outcomes, unknown = {i: failed for i in covered}, []
             lost = Outcome(ok=False, error="TransportRestarted",
                            detail="the transport actor restarted; the outcome is unknown")

@@ -69,11 +69,22 @@ class Outcome(msgspec.Struct, omit_defaults=True):
         return f"{kind}{self.detail}"[:1000]
 
 
+# failures that say nothing of the destination: it is scheduled again without using up
+# a re-send, and never dead-lettered for them
+UNCHARGED = frozenset({
+    "Queued",  # never sent, having waited DESTINATION_QUEUE_SEC for its destination
+    # the transport actor died or restarted (calls made while Ray restarts it fail at
+    # once, sent or not): with HOOK_RETRY_TIMES 0, or on a last re-send, a batch never
+    # sent would otherwise be a dead letter
+    "TransportRestarted",
+})
+
+
 def queued(outcome: Outcome) -> bool:
-    """Whether a failed delivery was never sent, having waited DESTINATION_QUEUE_SEC for
-    its destination (Queued): it is scheduled again without using up a re-send, and
-    never dead-lettered for it."""
-    return outcome.error == "Queued"
+    """Whether a failed delivery's failure is no fault of its destination
+    (``UNCHARGED``): it is scheduled again without using up a re-send, and never
+    dead-lettered for it."""
+    return outcome.error in UNCHARGED
 
 
 def undelivered(delivery: Delivery, outcome: Outcome) -> tuple[Delivery, int]:

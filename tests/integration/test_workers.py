@@ -2920,6 +2920,41 @@ def test_open_batch_of_a_deleted_hook_is_not_sent_one_of_a_changed_hook_goes_to_
     assert Stats(redis_client, keys).get(deleted.id or 0)["dead_lettered"] == 3
 
 
+def test_a_transport_actor_restart_uses_up_no_re_send(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Calls made while Ray restarts a transport actor fail at once, the batches sent
+    or not: no fault of the destination. With HOOK_RETRY_TIMES 0 such a batch waits
+    for a re-send rather than becoming a dead letter, and a last re-send failing so
+    is scheduled again, its re-sends not used up."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0,
+                                                      "HOOK_RETRY_PERIOD_SEC": 0.05})
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 10)
+    intake.publish(clicks(10))
+    restarted = Outcome(ok=False, error="TransportRestarted",
+                        detail="transport actor failed: ActorUnavailableError: restarting")
+    senders = [InProcessSender(hold=True), InProcessSender(hold=True)]
+    partition = PartitionWorker(cfg, redis_client, 0, senders[0])
+    run_until(partition, lambda: len(senders[0].held) == 1)
+    senders[0].done.append((senders[0].held.pop(), restarted))
+    run_until(partition, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    retry = RetryStore(redis_client, keys)
+    assert retry.pending() == 1 and retry.dead_letters() == []
+    worker = RetryWorker(cfg, redis_client, senders[1])
+    deadline = time.monotonic() + 5
+    while not senders[1].held:
+        assert time.monotonic() < deadline
+        worker.step()
+    (resend,) = senders[1].held
+    assert resend.resends == 0
+    senders[1].held.clear()
+    senders[1].done.append((resend, restarted))
+    worker.step()
+    assert retry.pending() == 1 and retry.dead_letters() == []
+    counts = Stats(redis_client, keys).get(created.id or 0)
+    assert counts["dead_lettered"] == 0
+
+
 def test_outcomes_are_collected_while_reading_fails(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
