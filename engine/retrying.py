@@ -31,7 +31,7 @@ from engine.lease import Holding
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
-from engine.stores import Once
+from engine.stores import CLAIM_BYTES, Once
 from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivered
 
 log = logging.getLogger("hookray")
@@ -46,6 +46,9 @@ EXPIRE_EVERY_SEC = 60.0  # how often dead letters past DEAD_LETTER_RETENTION_HOU
 # re-sends going on between them
 EXPIRE_BUDGET_SEC = 0.25
 MAX_UNANSWERED = 3  # re-sends handed over without an outcome before a dead letter
+# payloads of the re-sends handed over and waiting for an outcome, at most (a claim
+# goes beyond it by one re-send larger than what is left, as claim_due does)
+INFLIGHT_BYTES = 64 * 1024 * 1024
 
 
 class RetryWorker:
@@ -62,7 +65,8 @@ class RetryWorker:
         self.holding = Holding(r, self.side.keys, owner) if owner else None
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
-        self.handed: set[str] = set()  # handed to the sender, no outcome yet
+        # handed to the sender, no outcome yet: delivery id -> bytes of its payloads
+        self.handed: dict[str, int] = {}
         self.sent_with: dict[str, Hook] = {}  # delivery id -> the hook it was sent for
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
@@ -184,14 +188,20 @@ class RetryWorker:
         """Claim what is due and hand it to the sender; returns how many were claimed."""
         self._refresh()
         due: list[Delivery] = []
-        if self.sender.inflight() < MAX_INFLIGHT:
+        inflight, held = self.sender.inflight(), sum(self.handed.values())
+        if inflight < MAX_INFLIGHT and held < INFLIGHT_BYTES:
             # one claimed again when its lease ran out during a long send is still
             # being sent: its outcome settles it (not killed now if its hook is gone);
             # one whose outcome is here, not booked yet (Redis failed the booking for
             # longer than the lease), is settled by that outcome, not sent again
             waiting = {d.id for d, _ in self.settling}
-            due = [d for d in self.side.retry.claim_due(CLAIM_LIMIT)
-                   if d.id not in waiting and not self.sender.holds(d.id)]
+            # claimed up to the limits of what waits for an outcome: deliveries and
+            # bytes (re-sends of a destination slower than its traffic wait long in
+            # the sender; 2,000 of 8 MiB would be 16 GiB)
+            claimed = self.side.retry.claim_due(
+                min(CLAIM_LIMIT, MAX_INFLIGHT - inflight),
+                max_bytes=min(CLAIM_BYTES, INFLIGHT_BYTES - held))
+            due = [d for d in claimed if d.id not in waiting and not self.sender.holds(d.id)]
         sendable = []
         for delivery in due:
             hook = self.hooks.get(delivery.hook_id)
@@ -225,7 +235,7 @@ class RetryWorker:
                     done += 1
                     continue
                 self.sender.submit(hook, ready)
-                self.handed.add(delivery.id)
+                self.handed[delivery.id] = sum(map(len, ready.parts))
                 self.sent_with[delivery.id] = hook
                 done += 1
         except Exception:
@@ -243,7 +253,7 @@ class RetryWorker:
         token (RetryStore.schedule), so that its stats are counted once too."""
         if outcome.ok:
             self.side.retry.complete(delivery, once=once)
-            self.handed.discard(delivery.id)
+            self.handed.pop(delivery.id, None)
             self.sent_with.pop(delivery.id, None)
             return
         # only the messages that failed are kept (the others were delivered)
@@ -263,7 +273,7 @@ class RetryWorker:
         else:
             due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
             self.side.retry.schedule(rest, due, error, delivered=done, once=once)
-        self.handed.discard(delivery.id)
+        self.handed.pop(delivery.id, None)
         self.sent_with.pop(delivery.id, None)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None

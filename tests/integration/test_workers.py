@@ -2955,6 +2955,30 @@ def test_a_transport_actor_restart_uses_up_no_re_send(
     assert counts["dead_lettered"] == 0
 
 
+def test_the_retry_worker_holds_a_bounded_size_of_re_sends_awaiting_outcomes(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Re-sends of a destination slower than its traffic wait long in the sender: the
+    retry worker claims more only while those waiting for an outcome are under
+    INFLIGHT_BYTES of payloads (not only under 2,000 deliveries of up to 8 MiB)."""
+    monkeypatch.setattr("engine.retrying.INFLIGHT_BYTES", 1024 * 1024)
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    for n in range(64):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=created.id or 0, account_id=1,
+                                kind="http_batch", parts=[b"x" * 65_536]),
+                       due_ms=0, error="HTTP 500")
+    sender = InProcessSender(hold=True)
+    worker = RetryWorker(one_partition(settings), redis_client, sender)
+    for _ in range(5):
+        worker.step()
+    assert len(sender.held) == 16  # 1 MiB of 64 KiB payloads
+    sender.done.append((sender.held.pop(), Outcome(ok=True)))
+    worker.step()
+    worker.step()
+    assert len(sender.held) == 16 and retry.pending() == 63
+
+
 def test_outcomes_are_collected_while_reading_fails(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
