@@ -84,6 +84,41 @@ class DeadLetter:
                    list(d.message_ids), cursor, d.created_ms, d.last_attempt_ms)
 
 
+def finish_all(refs: list[Any], timeout: float, what: str) -> int:
+    """Wait up to ``timeout`` for every call of ``refs``, however many of them fail (a
+    ``ray.get`` of the list returns at the first failure, and the others would be
+    killed mid-call); each failure, and the calls still running, are logged. Returns
+    how many finished without an error."""
+    import ray
+
+    try:
+        ready, running = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+    except Exception as exc:  # Ray gone
+        log.warning("%s: %s", what, _first_line(exc))
+        return 0
+    done = 0
+    for ref in ready:
+        try:
+            ray.get(ref, timeout=0)
+            done += 1
+        except Exception as exc:  # the actor died, or its call raised
+            log.warning("%s: %s", what, _first_line(exc))
+    if running:
+        log.warning("%s: %d of %d did not finish within %.0f s", what, len(running),
+                    len(refs), timeout)
+    return done
+
+
+def _first_line(exc: BaseException) -> str:
+    """The first line of ``exc``; of an error raised inside a call (RayTaskError, whose
+    own first line is the task's name), the error raised there."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    text = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
 class Engine:
     """A handle on one hookray engine (its Redis, and its actors when started here)."""
 
@@ -347,16 +382,12 @@ class Engine:
 
                 workers = [*self.actors["partitions"], self.actors["retry"]]
                 transports = [a for pool in self.actors["pools"].values() for a in pool]
-                try:  # workers finish their round; killed below in any case
-                    ray.get([w.stop.remote() for w in workers], timeout=left(30))
-                except Exception as exc:
-                    log.warning("stopping workers: %s", str(exc).splitlines()[0] if str(exc)
-                                else exc)
-                try:  # close connections and producers cleanly before the processes go
-                    ray.get([t.close.remote() for t in transports], timeout=left(10))
-                except Exception as exc:
-                    log.warning("closing transports: %s", str(exc).splitlines()[0] if str(exc)
-                                else exc)
+                # workers finish their round (the retry worker takes its hand-overs
+                # back); killed below in any case
+                finish_all([w.stop.remote() for w in workers], left(30), "stopping workers")
+                # close connections and producers cleanly before the processes go
+                finish_all([t.close.remote() for t in transports], left(10),
+                           "closing transports")
                 for actor in [*workers, *transports]:
                     with contextlib.suppress(Exception):
                         ray.kill(actor)

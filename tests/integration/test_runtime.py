@@ -390,6 +390,36 @@ def test_a_shutdown_cut_short_still_gives_the_prefix_up(
     # (the actors it did not get to stop are stopped by the factory's shutdown)
 
 
+def test_a_shutdown_waits_for_every_worker_however_many_fail(
+        ray_session: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A worker whose stop fails at once (dead, or restarting) does not cut the wait for
+    the others short: the retry worker still takes its hand-overs back before the
+    actors are killed; the failure and the calls left running are logged."""
+    import logging
+
+    from actors.driver import finish_all
+
+    @ray_session.remote
+    def dead() -> None:
+        raise RuntimeError("the actor died")
+
+    @ray_session.remote
+    def stopping(path: str, sec: float) -> bool:
+        time.sleep(sec)
+        Path(path).write_text("stopped")
+        return True
+
+    mark = tmp_path / "stopped"
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert finish_all([dead.remote(), stopping.remote(str(mark), 1.0),
+                           stopping.remote(str(tmp_path / "late"), 60)], 8,
+                          "stopping workers") == 1
+    assert mark.read_text() == "stopped"
+    said = [r.getMessage() for r in caplog.records]
+    assert any("stopping workers: " in m and "the actor died" in m for m in said), said
+    assert "stopping workers: 1 of 3 did not finish within 8 s" in said
+
+
 def test_a_second_http_api_of_the_same_prefix_is_refused(
         engine_factory: Any, settings: Any) -> None:
     from actors.driver import Engine
