@@ -1,7 +1,8 @@
 """Ray job entrypoint: run the hookray engine (``hookray run``) as a Ray job.
 
     ray job submit --address http://HEAD:8265 --working-dir . \\
-        --runtime-env-json '{"env_vars": {"REDIS_URL": "redis://redis.internal:6379/0"}}' \\
+        --runtime-env-json '{"env_vars": {"REDIS_URL": "redis://redis.internal:6379/0",
+                                          "RAY_JOB_STOP_WAIT_TIME_S": "30"}}' \\
         -- python deploy/job.py --config deploy/main.json \\
         [--hooks deploy/hooks.example.json] [--duration SECONDS] [--report-sec SECONDS]
 
@@ -23,8 +24,10 @@ runtime_env). Everything else is ``actors.cli.cmd_run``, unchanged (options of
   already (left as it is);
 * ``ray job stop`` sends SIGTERM: the run loop ends, the actors are stopped and the
   job ends as STOPPED. Ray force-kills the job ``RAY_JOB_STOP_WAIT_TIME_S`` (default
-  3) seconds after the signal; raise it through the job's runtime_env ``env_vars``
-  when the shutdown needs longer (the actors die with the driver in any case);
+  3) seconds after the signal, and the engine's shutdown takes up to 20 s (the retry
+  worker takes its hand-overs back, transports close): set it to 30 through the job's
+  runtime_env ``env_vars``, as above (a warning says so when it is lower; the actors
+  die with the driver in any case);
 * ``--duration 0`` runs until the job is stopped; with a duration the job ends as
   SUCCEEDED when it is over, after a last progress line.
 """
@@ -87,9 +90,31 @@ def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
     return argv
 
 
+# the engine's shutdown (actors.driver.STOP_SEC) and a margin for the driver's own end
+STOP_WAIT_NEEDED_SEC = 25.0
+
+
+def stop_wait_warning(env: dict[str, str] | os._Environ[str]) -> str | None:
+    """What to say of the job's RAY_JOB_STOP_WAIT_TIME_S, or None: `ray job stop`
+    SIGKILLs the driver that long after its SIGTERM (default 3 s), cutting the engine's
+    shutdown short (hand-overs not taken back, connections not closed)."""
+    raw = env.get("RAY_JOB_STOP_WAIT_TIME_S", "")
+    try:
+        wait = float(raw) if raw else 3.0
+    except ValueError:
+        wait = 3.0
+    if wait >= STOP_WAIT_NEEDED_SEC:
+        return None
+    return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {raw or 'not set (3 s)'}: "
+            f"`ray job stop` kills this job before its shutdown (up to 20 s) ends; set it "
+            f"to 30 in the job's runtime_env env_vars")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
+    if (said := stop_wait_warning(os.environ)) is not None:
+        print(said, file=sys.stderr, flush=True)
     import actors.cli
     from actors.cli import _parser as hookray_parser
     from actors.cli import main as hookray_main

@@ -44,3 +44,21 @@ def test_the_rayjobs_api_service_reaches_the_port_the_api_listens_on() -> None:
     assert service["selector"].items() <= labels.items()
     (exposed,) = service["ports"]
     assert exposed["targetPort"] == "hookray-api" and exposed["port"] == port
+
+
+def test_every_submit_example_raises_the_stop_wait_and_the_job_warns_when_it_is_not() -> None:
+    """`ray job stop` SIGKILLs the driver RAY_JOB_STOP_WAIT_TIME_S (default 3) seconds
+    after its SIGTERM, cutting the engine's shutdown (up to 20 s) short: every example
+    `ray job submit` sets it to 30, and deploy/job.py warns when a job runs without."""
+    from deploy.job import stop_wait_warning
+
+    root = Path(__file__).resolve().parents[2]
+    for name in ("deploy/job.py", "deploy/ray-cluster.yaml", "deploy/README.md", "README.md"):
+        text = (root / name).read_text()
+        examples = text.count("--runtime-env-json '") + text.count(
+            "--runtime-env-json \\\n")  # one per example command
+        assert examples, name
+        assert text.count('"RAY_JOB_STOP_WAIT_TIME_S": "30"') == examples, name
+    assert stop_wait_warning({}) is not None and "not set (3 s)" in (stop_wait_warning({}) or "")
+    assert "is 10" in (stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": "10"}) or "")
+    assert stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": "30"}) is None
