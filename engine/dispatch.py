@@ -33,6 +33,7 @@ from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
 from engine.events import Event
+from engine.failurelog import FailureLog
 from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.intake import decode_entry, decode_views
@@ -552,6 +553,7 @@ class PartitionWorker:
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
         self.losses_seen = 0  # Holding.losses when the worker last dropped its work
+        self.failure_log = FailureLog(f"partition {partition}")
         # entries read from this consumer's pending ones count a process end each
         # (_processing_ends), but those read again after another engine's claim did not
         self.count_ends = True
@@ -675,6 +677,7 @@ class PartitionWorker:
                 self.to_ack.append(entry.id)  # nothing to send for it
             self.failures.pop(entry.id, None)
         self._settle(self.sender.poll(0.0 if entries or ready else 0.01))
+        self.failure_log.say()
         return len(entries)
 
     def _processing_ends(self, entries: list[_Entry], marked: list[str]) -> list[_Entry]:
@@ -926,10 +929,13 @@ class PartitionWorker:
                 # a booking sent again after its reply was lost counts once
                 self.booking = self.booking or uuid.uuid4().hex
                 once = (self.booked, self.booking)
-                if self.settings.HOOK_RETRY_TIMES == 0 and not queued(outcome):
+                dead = self.settings.HOOK_RETRY_TIMES == 0 and not queued(outcome)
+                if dead:
                     self.side.retry.kill(rest, error, once=once)
                 else:
                     self.side.retry.schedule(rest, due, error, once=once)
+                self.failure_log.failed(delivery.hook_id, delivery.account_id,
+                                        delivery.kind, rest.count, error, dead)
                 if done:
                     self.delivered[delivery.hook_id] += done
             self.settling.popleft()

@@ -25,6 +25,7 @@ import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side
+from engine.failurelog import FailureLog
 from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.lease import Holding
@@ -71,6 +72,7 @@ class RetryWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.losses_seen = 0  # Holding.losses when the worker last dropped its work
+        self.failure_log = FailureLog("retry worker")
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
         self.gone_at = -float("inf")  # when deleted hooks' counters were last looked at
@@ -116,7 +118,14 @@ class RetryWorker:
             self.booking = None
         self._expire()
         self._forget_gone_stats()
+        self.failure_log.say()
         return due
+
+    def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
+        """Make a claimed re-send a dead letter without sending it."""
+        self.side.retry.kill(delivery, error, hook_gone=hook_gone)
+        self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
+                                delivery.count, error, dead=True)
 
     def _collect(self) -> None:
         """Outcomes collected while the step cannot go on: kept to be booked while
@@ -206,8 +215,8 @@ class RetryWorker:
         for delivery in due:
             hook = self.hooks.get(delivery.hook_id)
             if hook is None:
-                self.side.retry.kill(delivery, f"hook {delivery.hook_id} was deleted; "
-                                     f"last error: {delivery.last_error}", hook_gone=True)
+                self._kill(delivery, f"hook {delivery.hook_id} was deleted; last error: "
+                           f"{delivery.last_error}", hook_gone=True)
             else:
                 sendable.append((hook, delivery))
         done = 0
@@ -218,7 +227,7 @@ class RetryWorker:
             counts = self.side.retry.handed_over([d.id for _, d in sendable])
             for (hook, delivery), count in zip(sendable, counts, strict=True):
                 if count > MAX_UNANSWERED:
-                    self.side.retry.kill(delivery, (
+                    self._kill(delivery, (
                         f"handed over {count - 1} times without an outcome (the retry "
                         f"worker stopped during each send); last error: "
                         f"{delivery.last_error}"))
@@ -229,7 +238,7 @@ class RetryWorker:
                 except Exception as exc:  # its parts cannot be made for the target now
                     # (a hook changed to a kind whose keys a part cannot give): this one
                     # never can, the others go on
-                    self.side.retry.kill(delivery, (
+                    self._kill(delivery, (
                         f"cannot be made for the hook's {hook.target.kind} target: "
                         f"{type(exc).__name__}: {exc}; last error: {delivery.last_error}"))
                     done += 1
@@ -268,11 +277,14 @@ class RetryWorker:
         for hook in (self.sent_with.get(delivery.id), self.hooks.get(delivery.hook_id)):
             if hook is not None:
                 error = scrub(error, hook_secrets(hook))
-        if not queued(outcome) and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES):
+        dead = not queued(outcome) and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES)
+        if dead:
             self.side.retry.kill(rest, error, delivered=done, once=once)
         else:
             due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
             self.side.retry.schedule(rest, due, error, delivered=done, once=once)
+        self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
+                                rest.count, error, dead)
         self.handed.pop(delivery.id, None)
         self.sent_with.pop(delivery.id, None)
 

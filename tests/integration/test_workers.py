@@ -3364,3 +3364,41 @@ def test_health_shows_a_worker_whose_every_round_fails_as_waiting_and_why(
             "retry_running": True, "retry_waiting": None}, 10)
     logged = [r.getMessage() for r in caplog.records if r.name == "hookray"]
     assert "partition 0: a round failed" in logged and "retry worker: a round failed" in logged
+
+
+def test_failed_deliveries_and_dead_letters_are_logged_per_hook_once_a_minute(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A destination that fails every batch: the log names the hook, its account and
+    target kind, how many messages failed and were dead-lettered, and the last error
+    (its secrets scrubbed) at once, then at most once a minute per worker, not one
+    line per batch."""
+    import engine.failurelog
+
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    created = HookRegistry(redis_client, keys).create(hook(
+        target={"http_batch": {"url": "http://127.0.0.1:9/x", "max_batch_size": 5,
+                               "flush_timeout_sec": 0.01,
+                               "headers": {"X-Key": "s3cret-key"}}}))
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender(hold=True)
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    failure = Outcome(ok=False, error="Rejected", detail="HTTP 403 bad key s3cret-key")
+    clock = [1000.0]
+    monkeypatch.setattr(engine.failurelog.time, "monotonic", lambda: clock[0])
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        for n in range(3):  # three batches fail, within the same minute
+            intake.publish(clicks(5, list_id=n + 1))
+            run_until(worker, lambda: len(sender.held) == 1)
+            sender.done.append((sender.held.pop(), failure))
+            clock[0] += 1
+        run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+        said = [r.getMessage() for r in caplog.records if "message(s) failed" in r.getMessage()]
+        assert said == [f"partition 0: hook {created.id} (account 1, http_batch): 5 message(s) "
+                        f"failed, 5 dead-lettered since the last such line; last error: "
+                        f"Rejected: HTTP 403 bad key {'*' * 10}"]
+        clock[0] += 60  # a minute later, the other two batches in one line
+        worker.step(block_ms=10)
+        said = [r.getMessage() for r in caplog.records if "message(s) failed" in r.getMessage()]
+        assert len(said) == 2 and "10 message(s) failed, 10 dead-lettered" in said[1]
+    assert Stats(redis_client, keys).get(created.id or 0)["dead_lettered"] == 15
