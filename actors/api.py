@@ -26,6 +26,7 @@ from typing import Any
 import ray
 from aiohttp import web
 
+from actors import logs
 from actors.gc_policy import relax_gc
 from engine.api import create_app
 from engine.settings import Settings
@@ -85,6 +86,7 @@ class ApiServer:
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=2)
 class ApiActor:
     def __init__(self, settings: dict[str, Any], port: int | None = None) -> None:
+        logs.configure()
         cfg = Settings(**settings)
         self.server: ApiServer | None = None
         self.error: OSError | None = None  # why the server could not start

@@ -23,6 +23,7 @@ import numpy as np
 import ray
 from pydantic import BaseModel, ValidationError
 
+from actors import logs
 from actors.gc_policy import relax_gc
 from engine.hooks import HttpBatch, Kafka, RabbitExchange, RabbitQueue, validation_problems
 from engine.settings import Settings
@@ -38,9 +39,34 @@ TARGET_CACHE_MAX = 10_000
 UNCLAIMED_SEC = 600.0  # outcomes nobody collected (their partition restarted) are dropped
 
 
+class _ConnectErrors(logging.Filter):
+    """aiormq logs each connection it cannot open ("error when creating transport:
+    ...") at ERROR, naming neither hook nor account: against a broker that is down,
+    one line per delivery tried (broker batches go every round, and every re-send
+    tries again). The delivery's outcome holds the same reason, with the broker and
+    vhost, and is retried or dead-lettered with it: the line is dropped. aiormq's
+    other lines (a broker closing a connection, blocking it for a resource alarm)
+    are kept."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not (isinstance(record.msg, str)
+                    and record.msg.startswith("error when creating transport"))
+
+
+_connect_errors = _ConnectErrors()
+
+
+def quiet_client_logs() -> None:
+    """In a transport actor's process: the client libraries' lines that repeat what
+    an outcome says are dropped (once: a filter added again is not added twice)."""
+    logging.getLogger("aiormq.connection").addFilter(_connect_errors)
+
+
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=10_000)
 class TransportActor:
     def __init__(self, kind: str, settings: dict[str, Any]) -> None:
+        logs.configure()
+        quiet_client_logs()
         cfg = Settings(**settings)
         self.kind = kind
         # HTTP: no request carries more than MAX_HTTP_BATCH messages, a re-sent batch

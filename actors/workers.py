@@ -4,21 +4,17 @@ the id of the engine's claim on its prefix (engine/lease.py), which the workers 
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from typing import Any
 
 import ray
 import redis
 
+from actors import logs
 from actors.sender import RaySender
 from engine.dispatch import PartitionWorker
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-
-log = logging.getLogger("hookray")
-REPEAT_SEC = 60.0  # the same loop error is logged again after this long
 
 
 def _redis(settings: Settings) -> redis.Redis:
@@ -36,19 +32,15 @@ class _Looping:
     def _start(self, target: Any, name: str) -> None:
         self._stop = threading.Event()
         self._errors = 0
-        self._last_said, self._said_at = "", 0.0
         self._thread = threading.Thread(target=target, args=(self._stop, self._on_error),
                                         daemon=True, name=name)
         self._thread.start()
 
     def _on_error(self, exc: Exception) -> None:
-        """Count the failed round; say so, but the same error again only once a minute
-        (a loop failing twice a second for one cause would flood the log)."""
+        """Count the failed round (``ping``). Not logged here: the worker's loop logs
+        each error, its traceback once and the same again once a minute
+        (``engine.health.RoundFailures``); said here too, each would be said twice."""
         self._errors += 1
-        now, said = time.monotonic(), f"{type(exc).__name__}: {exc}"
-        if said != self._last_said or now - self._said_at >= REPEAT_SEC:
-            log.warning("%s: %s (retrying)", self._thread.name, exc)
-            self._last_said, self._said_at = said, now
 
     def ping(self) -> dict[str, Any]:
         return {"alive": self._thread.is_alive(), "errors": self._errors}
@@ -63,6 +55,7 @@ class _Looping:
 class PartitionActor(_Looping):
     def __init__(self, settings: dict[str, Any], partition: int,
                  pools: dict[str, list[str]], owner: str | None = None) -> None:
+        logs.configure()
         cfg = Settings(**settings)
         self.worker = PartitionWorker(cfg, _redis(cfg), partition, RaySender(_handles(pools)),
                                       owner=owner)
@@ -78,6 +71,7 @@ class PartitionActor(_Looping):
 class RetryActor(_Looping):
     def __init__(self, settings: dict[str, Any], pools: dict[str, list[str]],
                  owner: str | None = None) -> None:
+        logs.configure()
         cfg = Settings(**settings)
         self.worker = RetryWorker(cfg, _redis(cfg), RaySender(_handles(pools)), owner=owner)
         self._start(self.worker.run, "retry")

@@ -42,7 +42,7 @@ import sys
 import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -56,6 +56,7 @@ from engine.auth import TokenInfo, TokenStore
 from engine.bodies import decode_body, split_items
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
+from engine.dispatch import redis_unavailable
 from engine.errors import SHOWN_CHARS, Backlogged, ConfigError, Conflict, HookError, NotFound
 from engine.errors import quoted as shown
 from engine.events import (
@@ -65,7 +66,7 @@ from engine.events import (
     EventIssue,
     ensure_ids,
 )
-from engine.health import engine_health
+from engine.health import Repeats, engine_health, repeated
 from engine.hooks import (
     MASK,
     MAX_PROBLEMS,
@@ -172,6 +173,16 @@ class Backend:
     retry: RetryStore
     names: NameStore
     tokens: TokenStore
+    # the log lines said lately: a Redis down, or a damaged key, fails every request
+    # alike, hundreds a second, and each is said once a minute (with how often it came)
+    said: Repeats = field(default_factory=Repeats)
+
+    def warn(self, key: str, line: str, level: int = logging.WARNING) -> None:
+        """Log ``line`` unless a line of the same ``key`` was said less than a minute
+        ago (then it is counted, and the next one says how often it came)."""
+        times = self.said.due(key)
+        if times is not None:
+            log.log(level, "%s%s", line, repeated(times))
 
     @classmethod
     def of(cls, settings: Settings, r: redis.Redis | None = None) -> Backend:
@@ -237,6 +248,49 @@ class Backend:
                 raise ApiError(404, f"dead letter {delivery_id} does not exist")
             found.append(d)
         return found
+
+
+REDIS_DOWN = "the engine's Redis is unavailable; try again"
+# a key of the engine's that Redis will not use as asked (a counter that is no number,
+# a hash that is a string...) fails every request that needs it: no "try again". Which
+# key is for the engine's log to say, not an answer (some answers need no token)
+REDIS_DAMAGED = ("data the engine keeps in Redis is damaged: {what}. Sending this again "
+                 "will not help until an operator repairs it (the engine's log says what "
+                 "Redis refused)")
+REDIS_REFUSED = ("the engine's Redis refused a command, and not for being down, loading or "
+                 "out of memory: sending this again will not help until an operator acts "
+                 "(the engine's log says what Redis refused)")
+
+
+def redis_error(backend: Backend, what: str, exc: redis.RedisError) -> ApiError:
+    """The answer to a Redis error of a request (``what``: "POST /v1/hooks"), logged
+    once a minute per error (a Redis down fails every request): 503 while Redis cannot
+    serve (down, timing out, loading, out of memory, read-only...: that passes); 500
+    for any other error Redis answered (WRONGTYPE, a counter that is no integer, a
+    command an ACL forbids), which only an operator can end."""
+    said = f"{type(exc).__name__}: {exc}"
+    if redis_unavailable(exc) or not isinstance(exc, redis.ResponseError):
+        backend.warn(said, f"{what}: Redis: {exc}")
+        return ApiError(503, REDIS_DOWN)
+    damage = damaged_data(exc)
+    backend.warn(said, f"{what}: Redis refused a command ({said}): "
+                 + ("data the engine keeps in Redis is damaged" if damage else
+                    "an operator must act"), logging.ERROR)
+    return ApiError(500, REDIS_DAMAGED.format(what=damage) if damage else REDIS_REFUSED)
+
+
+def damaged_data(exc: redis.ResponseError) -> str | None:
+    """What is damaged, when Redis refused a command for what a key holds, in words that
+    name no key; else None."""
+    # in a pipeline, redis-py puts "Command # N (COMMAND key args) of pipeline caused
+    # error: " first (naming the key)
+    text = str(exc).rpartition(" of pipeline caused error: ")[2]
+    if text.startswith("WRONGTYPE"):
+        return "a key holds another kind of value than the engine's"
+    if any(reason in text for reason in ("not an integer", "not a valid float",
+                                          "overflow", "out of range")):
+        return "a counter holds something other than a number in range"
+    return None
 
 
 # --- events ----------------------------------------------------------------------------
@@ -316,8 +370,11 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     except Backlogged as exc:  # the intake is INTAKE_MAX_ENTRIES behind: nothing written
         raise ApiError(503, str(exc), headers={"Retry-After": "1"}) from None
     except redis.RedisError as exc:  # perhaps after the append went through
-        log.warning("POST /v1/events: Redis: %s", exc)
-        raise ApiError(503, WRITE_LOST) from None
+        answer = redis_error(backend, "POST /v1/events", exc)
+        # a MULTI carries out its commands but the refused one: the others were written
+        raise ApiError(answer.status, WRITE_LOST if answer.status == 503 else
+                       f"{answer.message}. Some of the events may have been accepted"
+                       ) from None
     if not found:
         return 202, {"accepted": len(encoded.events)}
     backend.intake.count_rejected(found)
@@ -927,19 +984,35 @@ async def health(request: web.Request) -> web.Response:
     """For load balancers and probes, without a token: 200 while the engine's Redis
     answers (events are accepted), with which of the engine's workers run (whether
     accepted events are being processed); else 503 (the API can take nothing)."""
-    prober = request.app[PROBER]
+    prober, backend = request.app[PROBER], request.app[BACKEND]
     try:
-        workers = await _run(request, engine_health, prober, request.app[BACKEND].retry.k,
+        workers = await _run(request, engine_health, prober, backend.retry.k,
                              _executor=request.app[PROBE_EXECUTOR])
-    except redis.RedisError:
-        return web.json_response({"status": "unavailable",
-                                  "reason": "the engine's Redis does not answer"}, status=503)
+    except redis.RedisError as exc:
+        if redis_unavailable(exc) or not isinstance(exc, redis.ResponseError):
+            return web.json_response({"status": "unavailable",
+                                      "reason": "the engine's Redis does not answer"},
+                                     status=503)
+        # WRONGTYPE: {p}:config is no hash (the marks are read by MGET, which takes any)
+        backend.warn(f"{type(exc).__name__}: {exc}", f"GET /v1/health: Redis refused to "
+                     f"read {backend.retry.k.config}: {exc}", logging.ERROR)
+        return web.json_response({"status": "unavailable", "reason": HEALTH_DAMAGED},
+                                 status=503)
+    except ConfigError as exc:  # {p}:config holds no partition count the engine wrote
+        # the probe's shape still; which key, and how to repair it, are for the log to
+        # say (this answer needs no token), once a minute (a probe asks every few seconds)
+        backend.warn(str(exc), f"GET /v1/health: {exc}")
+        return web.json_response({"status": "unavailable", "reason": HEALTH_DAMAGED},
+                                 status=503)
     partitions = workers["partitions"]
     partitions["waiting"] = [{**w, "reason": public_reason(w["reason"])}
                              for w in partitions["waiting"]]
     if workers["retry_waiting"]:
         workers["retry_waiting"] = public_reason(workers["retry_waiting"])
     return web.json_response({"status": "ok", **workers})
+
+
+HEALTH_DAMAGED = "the engine's configuration in Redis is damaged (the engine's log names it)"
 
 
 def public_reason(reason: str) -> str:
@@ -1049,8 +1122,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         request.content.feed_eof()
         return response
     except redis.RedisError as exc:
-        log.warning("%s %s: Redis: %s", request.method, request.path, exc)
-        return error_response(503, "the engine's Redis is unavailable; try again")
+        return redis_error(request.app[BACKEND], f"{request.method} {request.path}",
+                           exc).response()
     except ConnectionResetError:  # reading the body: the client is gone (a load test
         # stopping, a timeout), no fault of the engine's; nothing of it was accepted
         log.info("%s %s: the client closed the connection before its body was read; "
@@ -1075,7 +1148,7 @@ async def _engine_error(request: web.Request,
     if isinstance(exc, Conflict):
         return ApiError(409, str(exc))
     if isinstance(exc, ConfigError):
-        log.warning("%s %s: %s", request.method, request.path, exc)
+        request.app[BACKEND].warn(str(exc), f"{request.method} {request.path}: {exc}")
         return ApiError(503, str(exc))
     token, hook_id = request.get(TOKEN), request.match_info.get("id")
     secrets: list[str] = []
@@ -1083,8 +1156,9 @@ async def _engine_error(request: web.Request,
         try:
             secrets = await _run(request, stored_secrets, request.app[BACKEND],
                                  token.account_id, int(hook_id))
-        except redis.RedisError:
-            return ApiError(503, "the engine's Redis is unavailable; try again")
+        except redis.RedisError as redis_exc:
+            return redis_error(request.app[BACKEND], f"{request.method} {request.path}",
+                               redis_exc)
     return hook_api_error(exc, secrets)
 
 

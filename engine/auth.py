@@ -18,6 +18,7 @@ import hashlib
 import hmac
 import json
 import logging
+import math
 import re
 import secrets
 import time
@@ -26,8 +27,9 @@ from typing import Any, Literal, cast
 
 import redis
 
-from engine.errors import NotFound, named
+from engine.errors import NotFound, named, quoted
 from engine.events import MAX_ID, is_account_id
+from engine.health import Repeats, repeated
 
 Role = Literal["master", "ingest"]
 log = logging.getLogger("hookray")
@@ -66,6 +68,8 @@ class TokenStore:
     def __init__(self, r: redis.Redis, prefix: str) -> None:
         self.r = r
         self.key = tokens_key(prefix)
+        # a damaged record is warned about once a minute, not at every request with it
+        self.said = Repeats()
 
     def create(self, account_id: int, role: str, name: str = "") -> tuple[str, TokenInfo]:
         """A new token of ``account_id`` with ``role``: (the clear token, its record).
@@ -94,7 +98,7 @@ class TokenStore:
         raw = self.r.hget(self.key, m.group(1))
         if raw is None:
             return None
-        info = _info(m.group(1), raw)
+        info = self._info(m.group(1), raw)
         if info is None or not hmac.compare_digest(json.loads(raw)["hash"], _digest(token)):
             return None
         return info
@@ -102,7 +106,7 @@ class TokenStore:
     def list(self, account_id: int | None = None) -> list[TokenInfo]:
         raw: dict[bytes, bytes] = self.r.hgetall(self.key)  # type: ignore[assignment]
         infos = [info for k, v in raw.items()
-                 if (info := _info(k.decode("utf-8", "replace"), v)) is not None]
+                 if (info := self._info(k.decode("utf-8", "replace"), v)) is not None]
         return sorted((i for i in infos if account_id is None or i.account_id == account_id),
                       key=lambda i: (i.account_id, i.created, i.id))
 
@@ -118,22 +122,37 @@ class TokenStore:
         return token_id
 
 
-def _info(token_id: str, raw: bytes | str) -> TokenInfo | None:
-    """The token's record; None, with a warning, for one that cannot be read (damaged,
-    or not written by hookray): it authenticates nothing, and hides no other token.
-    ``hookray tokens revoke ID`` deletes it."""
-    try:
-        record = json.loads(raw)
-        role = record["role"]
-        # compare_digest takes ASCII text only: another hash would raise at every use
-        if role not in ROLES or not isinstance(record["hash"], str) \
-                or not record["hash"].isascii():
-            raise ValueError(f"role {role!r}" if role not in ROLES else "hash")
-        info = TokenInfo(token_id, int(record["account_id"]), role,
-                         str(record.get("name", "")), float(record["created"]))
-    except (ValueError, KeyError, TypeError) as exc:
-        log.warning("token %s: its record cannot be read (%s: %s); it authenticates "
-                    "nothing. `hookray tokens revoke %s` deletes it", token_id,
-                    type(exc).__name__, exc, token_id)
-        return None
-    return info
+    def _info(self, token_id: str, raw: bytes | str) -> TokenInfo | None:
+        """The token's record; None, with a warning (once a minute for one record: a
+        producer may send its token hundreds of times a second), for one that cannot
+        be read (damaged, or not written by hookray): it authenticates nothing, and
+        hides no other token. ``hookray tokens revoke ID`` deletes it."""
+        try:
+            return _read(token_id, raw)
+        except (ValueError, KeyError, TypeError, RecursionError) as exc:
+            said = (f"token {token_id}: its record cannot be read ({type(exc).__name__}: "
+                    f"{exc}); it authenticates nothing. `hookray tokens revoke {token_id}` "
+                    "deletes it")
+            times = self.said.due(said)
+            if times is not None:
+                log.warning("%s%s", said, repeated(times))
+            return None
+
+
+def _read(token_id: str, raw: bytes | str) -> TokenInfo:
+    """The token's record, or ValueError, KeyError or TypeError naming what is wrong
+    with it: each field is taken only as ``create`` writes it (a ``true`` or ``-7``
+    account, a ``"nan"`` creation time is damage, not a value to convert)."""
+    record = json.loads(raw)
+    role, account_id, created = record["role"], record["account_id"], record["created"]
+    # compare_digest takes ASCII text only: another hash would raise at every use
+    if role not in ROLES:
+        raise ValueError(f"role {quoted(role)}")
+    if not isinstance(record["hash"], str) or not record["hash"].isascii():
+        raise ValueError("hash")
+    if not is_account_id(account_id):
+        raise ValueError(f"account_id {quoted(account_id)}: not an integer from 0 to {MAX_ID}")
+    if not isinstance(created, int | float) or isinstance(created, bool) \
+            or not math.isfinite(created):
+        raise ValueError(f"created {quoted(created)}: not a finite number of unix seconds")
+    return TokenInfo(token_id, account_id, role, str(record.get("name", "")), float(created))

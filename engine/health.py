@@ -13,6 +13,7 @@ being processed without asking Ray.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from typing import Any
 
@@ -28,6 +29,8 @@ ALIVE_SEC = 15  # and counts as running for this long after
 REASON_CHARS = 500  # of a waiting worker's reason, kept in its mark
 # failed rounds in a row after which a worker is shown waiting, with the last error
 FAILING_ROUNDS = 10  # more than MAX_ENTRY_FAILURES: a poison entry is set aside first
+REPEAT_SEC = 60.0  # a log line said again within this long is counted, not said
+REPEATS_KEPT = 1_000  # lines remembered by one Repeats (distinct lines past it: forgotten)
 
 
 class Heartbeat:
@@ -50,20 +53,66 @@ class Heartbeat:
             self.last, self.waiting = now, waiting
 
 
+class Repeats:
+    """Which log lines were said lately, so that one cause is not said over and over:
+    a loop that fails twice a second, or an API answering hundreds of requests a second
+    while Redis is down, would otherwise fill the log with the same line. ``due(key)``
+    for each line about to be said, keyed by what it says (an error's type and
+    message): the first is said, the same again at most once every ``every`` seconds,
+    with how often it came meanwhile. Thread-safe (the API's requests run on several
+    threads)."""
+
+    def __init__(self, every: float = REPEAT_SEC) -> None:
+        self.every = every
+        self._seen: dict[str, tuple[float, int]] = {}  # key -> (said at, unsaid since)
+        self._lock = threading.Lock()
+
+    def due(self, key: str) -> int | None:
+        """None: leave the line unsaid (said less than ``every`` seconds ago; counted).
+        Else say it: 0 when new (or not seen since it was last said), else how many
+        times it came, unsaid, since it was last said."""
+        now = time.monotonic()
+        with self._lock:
+            seen = self._seen.get(key)
+            if seen is not None and now - seen[0] < self.every:
+                self._seen[key] = (seen[0], seen[1] + 1)
+                return None
+            if seen is None and len(self._seen) >= REPEATS_KEPT:
+                # lines of many causes (each naming an id): those said long ago go first
+                self._seen = {k: v for k, v in self._seen.items() if now - v[0] < self.every}
+                if len(self._seen) >= REPEATS_KEPT:
+                    self._seen.clear()
+            self._seen[key] = (now, 0)
+            return 0 if seen is None else seen[1]
+
+
+def repeated(times: int) -> str:
+    """What a line said again adds: how often its cause came, unsaid, since it was last
+    said (``Repeats.due``)."""
+    return f" (also {times} time{'s' * (times != 1)} since it was last logged, not logged)" \
+        if times else ""
+
+
 class RoundFailures:
     """What a worker's loop makes of its failed rounds: the reason its heartbeat
     gives for processing nothing (``waiting``) and the log. A hook that does not
-    validate, or a claim on the prefix another engine took, makes it wait at once
-    (logged once); any other error, once FAILING_ROUNDS rounds in a row failed
-    (each logged, unless Redis failed; ``hookray health`` shows the error): a worker
-    that fails every round does not run, whatever its loop. Only a round that
-    passes ends the waiting."""
+    validate, or a claim on the prefix another engine took, makes it wait at once;
+    any other error, once FAILING_ROUNDS rounds in a row failed (``hookray health``
+    shows the error): a worker that fails every round does not run, whatever its
+    loop. Only a round that passes ends the waiting.
+
+    The log is this class's alone (the actor running the loop says nothing more):
+    each error, by type and message, is said once (with its traceback, unless it is
+    a Redis error or a wait for an operator), then at most once every REPEAT_SEC
+    with how often it came since: a loop fails twice a second for as long as its
+    cause lasts."""
 
     def __init__(self, who: str, waits_for: str) -> None:
         self.who = who  # "partition 3", "retry worker"
         self.waits_for = waits_for  # "no event is processed", "nothing is re-sent"
         self.in_a_row = 0
         self.waiting = ""
+        self.said = Repeats()
 
     def passed(self) -> None:
         self.in_a_row = 0
@@ -71,14 +120,23 @@ class RoundFailures:
 
     def failed(self, exc: Exception) -> None:
         self.in_a_row += 1
+        times = self.said.due(f"{type(exc).__name__}: {exc}")
         if isinstance(exc, HookError | PrefixTaken):
-            if str(exc) != self.waiting:
-                log.error("%s: waiting, %s until this is fixed: %s", self.who,
-                          self.waits_for, exc)
+            if times is not None:
+                log.error("%s: waiting, %s until this is fixed: %s%s", self.who,
+                          self.waits_for, exc, repeated(times))
             self.waiting = str(exc)
             return
-        if not isinstance(exc, redis.RedisError):
-            log.exception("%s: a round failed", self.who)
+        if times is None:
+            pass
+        elif isinstance(exc, redis.RedisError):  # its traceback says nothing more
+            log.warning("%s: a round failed, Redis: %s: %s (retrying)%s", self.who,
+                        type(exc).__name__, exc, repeated(times))
+        elif times == 0:
+            log.error("%s: a round failed", self.who, exc_info=exc)
+        else:  # its traceback was logged with its first
+            log.error("%s: a round failed again, %s: %s%s", self.who, type(exc).__name__,
+                      exc, repeated(times))
         if self.in_a_row >= FAILING_ROUNDS:
             self.waiting = (f"every round fails ({FAILING_ROUNDS} or more in a row), the "
                             f"last with {type(exc).__name__}: {exc}")
