@@ -34,6 +34,22 @@ def _engine(args: argparse.Namespace) -> Any:
     return Engine.connect(load_settings(args.config))
 
 
+def _no_engine_warning(engine: Any) -> None:
+    """Warn, on stderr, when no engine has run with this Redis and REDIS_PREFIX: what
+    is written then (events, hooks, tokens) waits for an engine of that prefix, and a
+    prefix or database mistyped would leave it where none reads it."""
+    try:
+        started = engine.redis.hexists(engine.keys.config, "partitions")
+    except redis.RedisError:
+        return  # the command itself says what Redis answers
+    if not started:
+        print(f"hookray: warning: no engine has run with this Redis and REDIS_PREFIX "
+              f"{engine.settings.REDIS_PREFIX!r} (REDIS_URL "
+              f"{engine.settings.redacted()['REDIS_URL']})"
+              f": what this writes waits for one; check REDIS_URL and REDIS_PREFIX if an "
+              f"engine runs (`hookray health`)", file=sys.stderr)
+
+
 def _print(data: Any) -> None:
     try:
         print(json.dumps(data, indent=2, default=str))
@@ -279,6 +295,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
         hooks = _as_list(_read_json(args.file))
         _check_hooks(engine, hooks, args.file)  # all or none: nothing half-created
         _print([engine.create_hook(d).display() for d in hooks])
+        _no_engine_warning(engine)
     elif action == "update":
         data = _read_json(args.file)
         if not isinstance(data, dict):
@@ -329,8 +346,11 @@ def cmd_publish(args: argparse.Namespace) -> int:
         raise HookrayError(f"{args.file}: cannot be read ({exc.strerror})") from None
     if not data.strip():  # a wrong file, likely (POST /v1/events takes it as no events)
         raise HookrayError(f"{args.file}: holds no events (the file is empty or blank)")
-    result = _engine(args).publish(data, partial=args.partial)
+    engine = _engine(args)
+    result = engine.publish(data, partial=args.partial)
     _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
+    if result.accepted:
+        _no_engine_warning(engine)
     if result.issues and not result.accepted:
         print(f"hookray: error: no event accepted ({len(result.issues)} bad)",
               file=sys.stderr)
@@ -444,6 +464,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
             raise HookrayError(f"tokens create: the token could not be written out "
                                f"({exc}); it was revoked, nothing is left") from None
         print("hookray: the token is shown once; store it now", file=sys.stderr)
+        _no_engine_warning(engine)
     elif args.action == "list":
         _print([i.public() for i in tokens.list(args.account)])
     elif args.action == "revoke":

@@ -113,8 +113,6 @@ def stop_wait_warning(env: dict[str, str] | os._Environ[str]) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args, extra = parser.parse_known_args(argv)
-    if (said := stop_wait_warning(os.environ)) is not None:
-        print(said, file=sys.stderr, flush=True)
     import actors.cli
     from actors.cli import _parser as hookray_parser
     from actors.cli import main as hookray_main
@@ -126,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # refused by this file's parser, with its usage, not by `hookray`'s
         parser.error(f"unrecognized arguments: {' '.join(unknown)} (known: the options "
                      "above and those of `hookray run`, e.g. --api-port)")
+    if (said := stop_wait_warning(os.environ)) is not None:
+        print(said, file=sys.stderr, flush=True)
     return hookray_main(hookray_argv)
 
 

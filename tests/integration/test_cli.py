@@ -98,7 +98,9 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
 
 def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
                                       capsys: pytest.CaptureFixture[str],
-                                      monkeypatch: pytest.MonkeyPatch) -> None:
+                                      monkeypatch: pytest.MonkeyPatch,
+                                      redis_client: Any, keys: Any) -> None:
+    redis_client.hset(keys.config, "partitions", 2)  # an engine ran here: no warning
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"name": "x", "account_id": 1, "actions": ["clack"],
                                "target": {"http_batch": {"url": "ftp://x"}}}))
@@ -1142,3 +1144,28 @@ def test_a_hook_cannot_move_to_another_account(
     stored = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX)).get(created["id"])
     assert stored.account_id == 3 and stored.target.http_batch is not None
     assert stored.target.http_batch.url == "https://crm.example.com/x"
+
+
+def test_writing_where_no_engine_ever_ran_warns_of_a_mistyped_prefix(
+        config: str, tmp_path: Path, redis_client: Any, keys: Any, settings: Settings,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """Events published, a hook or a token created under a REDIS_PREFIX (or database)
+    no engine has run with wait for one: written all the same (producers may run
+    first), with a warning naming the prefix, since a mistyped one leaves them where no
+    engine reads; none once an engine has run there."""
+    hook_file = tmp_path / "hook.json"
+    hook_file.write_text(json.dumps({"name": "h", "account_id": 3, "actions": ["click"],
+                                     "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}))
+    events = tmp_path / "events.json"
+    events.write_text(json.dumps([{"event_type": "click", "account_id": 3,
+                                   "event_date": "2026-01-01T00:00:00Z"}]))
+    warning = (f"hookray: warning: no engine has run with this Redis and REDIS_PREFIX "
+               f"{settings.REDIS_PREFIX!r}")
+    for command in (["hooks", "create", str(hook_file)], ["publish", str(events)],
+                    ["tokens", "create", "--account", "3", "--role", "ingest"]):
+        code, _, err = run_cli(capsys, "-c", config, *command)
+        assert code == 0 and warning in err, (command, err)
+    redis_client.hset(keys.config, "partitions", 2)  # an engine ran here
+    for command in (["hooks", "create", str(hook_file)], ["publish", str(events)]):
+        code, _, err = run_cli(capsys, "-c", config, *command)
+        assert code == 0 and "warning" not in err, (command, err)
