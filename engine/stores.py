@@ -22,7 +22,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue, engine_codes
-from engine.errors import ConfigError, Conflict, HookError, NotFound, named
+from engine.errors import SHOWN_CHARS, ConfigError, Conflict, HookError, NotFound, named
 from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
     MASK,
@@ -227,7 +227,7 @@ class HookRegistry:
     def stored_ids(self) -> list[int]:
         """The ids of every stored hook, read without validating the hooks."""
         keys = cast(list[bytes], self.r.hkeys(self.k.hooks))
-        return sorted(int(key) for key in keys if key.isdigit())
+        return sorted(hook_id for key in keys if (hook_id := _key_id(key)) is not None)
 
     def get(self, hook_id: int) -> Hook:
         raw = self.r.hget(self.k.hooks, str(hook_id))
@@ -253,7 +253,8 @@ class HookRegistry:
         hooks: list[Hook] = []
         invalid: list[tuple[int, str]] = []
         for key, value in raw.items():
-            if not key.isdigit():  # no hook's (as stored_ids)
+            hook_id = _key_id(key)
+            if hook_id is None:  # no hook's (as stored_ids; ``load`` names it)
                 continue
             # a damaged record is its account's (as far as it can be read) to see, apart
             if account_id is not None and stored_account(value) != account_id:
@@ -261,19 +262,30 @@ class HookRegistry:
             try:
                 hooks.append(self._parse(key.decode(), value))
             except HookError as exc:
-                invalid.append((int(key), str(exc)))
+                invalid.append((hook_id, str(exc)))
         return sorted(hooks, key=lambda h: h.id or 0), sorted(invalid)
 
     def version(self) -> int:
         return _version(self.r, self.k.hooks_version)
 
     def load(self) -> tuple[int, list[Hook]]:
-        """(version, every hook) read in one transaction."""
+        """(version, every hook) read in one transaction. A stored hook that no longer
+        validates, or whose record is damaged, raises HookError naming it: also one
+        stored under a field that is no hook id, which no tool could list, get or
+        delete (it would deliver unseen)."""
         with self.r.pipeline() as pipe:
             pipe.get(self.k.hooks_version)
             pipe.hgetall(self.k.hooks)
             version, raw = pipe.execute()
-        hooks = [self._parse(key.decode(), v) for key, v in raw.items()]
+        hooks = []
+        for key, value in raw.items():
+            if _key_id(key) is None:
+                field = key.decode("utf-8", "replace")
+                raise HookError(f"stored hook {quoted(field)} is damaged: that field of "
+                                f"{self.k.hooks} is no hook id (the engine writes a decimal "
+                                "number), so no hook tool can list, get or delete it; "
+                                f"delete the field (HDEL {self.k.hooks} ...)")
+            hooks.append(self._parse(key.decode(), value))
         return int(version or 0), sorted(hooks, key=lambda h: h.id or 0)
 
     def _parse(self, hook_id: str, raw: bytes) -> Hook:
@@ -286,11 +298,49 @@ class HookRegistry:
         if not isinstance(data, dict):
             raise HookError(f"stored hook {hook_id} is not a JSON object: its record is "
                             "damaged")
+        if "id" not in data:  # every record written holds its id: one edited by hand
+            raise HookError(f"stored hook {hook_id} has no id: its record is damaged (the "
+                            f"record of a hook holds its id, {hook_id})")
+        stored_id = data["id"]
+        if type(stored_id) is not int or str(stored_id) != hook_id:
+            # another hook's record copied here: both would load as one hook
+            try:
+                shown = json.dumps(stored_id)
+            except RecursionError:  # read, so it can be written: but for Python's limit
+                shown = "a value nested too deeply to show"
+            shown = shown if len(shown) <= SHOWN_CHARS else shown[:SHOWN_CHARS] + "…"
+            raise HookError(f"stored hook {hook_id} holds id {shown}: its record is damaged "
+                            f"(the record of a hook holds its id, {hook_id})")
         try:
             return parse_hook(data, self.catalogue, stored=True)
-        except HookError as exc:  # stored valid: the event types file changed since?
-            raise HookError(f"stored hook {hook_id} no longer validates (was EVENT_TYPES_FILE "
-                            f"changed?): {exc}") from None
+        except HookError as exc:  # stored valid: why not any more?
+            raise HookError(f"stored hook {hook_id} no longer validates"
+                            f"{_invalid_hint(exc)}: {exc}") from None
+
+
+# pydantic's message for a key the model does not have (extra="forbid")
+_UNKNOWN_KEY = "Extra inputs are not permitted"
+
+
+def _invalid_hint(exc: HookError) -> str:
+    """What may have made a stored hook invalid, judged by its problems: an action the
+    engine no longer knows (the event types file changed), a key or target kind it
+    does not know (a record of another hookray version, rolled back from); else none."""
+    hints = []
+    if any(field == "actions" or field.startswith("actions.") for field, _ in exc.issues):
+        hints.append("was EVENT_TYPES_FILE changed?")
+    if any(reason == _UNKNOWN_KEY for _, reason in exc.issues):
+        hints.append("written by another hookray version?")
+    return f" ({' '.join(hints)})" if hints else ""
+
+
+def _key_id(key: bytes) -> int | None:
+    """The hook id a field of ``{p}:hooks`` stands for (the decimal number the engine
+    writes for it), None when it is none: only such a field can be read, changed or
+    deleted by the id."""
+    if not key.isdigit() or (key.startswith(b"0") and key != b"0"):
+        return None
+    return int(key)
 
 
 _JSON_SPACE = re.compile(r"[ \t\n\r]*")
@@ -471,6 +521,7 @@ class ProfileStore:
 
     def __init__(self, r: redis.Redis, keys: Keys) -> None:
         self.r, self.k = r, keys
+        self._unreadable = _Unreadable("profile")
 
     def upsert(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
         if not profiles:
@@ -506,9 +557,60 @@ class ProfileStore:
         found: dict[tuple[int, str], dict[str, Any]] = {}
         for (account, ids), values in zip(accounts, replies, strict=True):
             for pid, raw in zip(ids, values, strict=True):
-                if raw is not None:
-                    found[(account, pid)] = json.loads(raw)
+                if raw is None:
+                    continue
+                try:
+                    found[(account, pid)] = _json_object(raw)
+                except ValueError as exc:
+                    # as an unknown profile: the other events of its entry, and the
+                    # hooks copying no profile field, are not held back by it
+                    self._unreadable.warn(f"{self.k.profiles(account)} field {quoted(pid)}",
+                                          exc, "its fields are copied into no message; "
+                                          "upsert the profile again or delete it")
         return found
+
+
+def _json_object(raw: bytes) -> dict[str, Any]:
+    """The JSON object a stored record holds; ValueError saying why it holds none (not
+    JSON, nested too deeply to read, or JSON of another kind)."""
+    try:
+        value = json.loads(raw)
+    except RecursionError:
+        raise ValueError("not JSON that can be read: nested too deeply") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"JSON, but not an object: a {type(value).__name__}")
+    return value
+
+
+UNREADABLE_LOG_SEC = 60.0  # at most one warning a minute per kind of record left out
+
+
+class _Unreadable:
+    """Warns of stored records of one kind left out because they cannot be read
+    (damaged, or written by hand): the first at once, then at most one every
+    UNREADABLE_LOG_SEC, with how many more were left out meanwhile (a partition
+    reading one in every round would flood the log)."""
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self.said_at = -math.inf  # when one was last logged
+        self.unsaid = 0  # left out since, not logged
+
+    def warn(self, where: str, why: Exception | str, then: str) -> None:
+        """One record, named by ``where`` (its key, and field), left out for ``why``;
+        ``then``: what that means and what to do."""
+        now = time.monotonic()
+        if now - self.said_at < UNREADABLE_LOG_SEC:
+            self.unsaid += 1
+            return
+        more = f" ({self.unsaid} more {self.kind} record(s) left out since the last " \
+               "such warning)" if self.unsaid else ""
+        shown = where if len(where) <= 300 else where[:300] + "…"
+        log.warning("%s record %s cannot be read (%s), taken as absent: %s%s",
+                    self.kind, shown, str(why)[:200], then, more)
+        self.said_at, self.unsaid = now, 0
 
 
 def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str, str]:
@@ -586,6 +688,7 @@ class ContentStore:
 
     def __init__(self, r: redis.Redis, keys: Keys, ttl_sec: int) -> None:
         self.r, self.k, self.ttl_sec = r, keys, ttl_sec
+        self._unreadable = _Unreadable("content")
 
     def put(self, account_id: int, contents: Mapping[str, Mapping[str, Any]],
             ttl_sec: int | None = None) -> int:
@@ -610,12 +713,22 @@ class ContentStore:
 
     def get_many(self, wanted: list[tuple[int, str]]) -> dict[tuple[int, str], dict[str, Any]]:
         """Content still stored for ``[(account_id, send_id), ...]`` (expired content is
-        simply absent), one MGET."""
+        simply absent, as is content that cannot be read: with a warning), one MGET."""
         if not wanted:
             return {}
-        values = self.r.mget([self.k.content(a, s) for a, s in wanted])
-        return {key: json.loads(v) for key, v in zip(wanted, values, strict=True)
-                if v is not None}
+        names = [self.k.content(a, s) for a, s in wanted]
+        values = cast(list[bytes | None], self.r.mget(names))
+        found: dict[tuple[int, str], dict[str, Any]] = {}
+        for key, name, raw in zip(wanted, names, values, strict=True):
+            if raw is None:
+                continue
+            try:
+                found[key] = _json_object(raw)
+            except ValueError as exc:
+                # as expired content: the other events of its entry are not held back
+                self._unreadable.warn(name, exc, "no message carries it; store it again "
+                                      "or delete it")
+        return found
 
 
 class Stats:
@@ -854,6 +967,31 @@ return n
 """
 
 
+# KEYS: the unanswered hand-overs hash; ARGV: delivery ids. Counts a hand-over of each:
+# one whose count is damaged (written from outside: not an integer, or at its limit)
+# counts from 1 again, rather than failing the others claimed with it (handed back
+# whole, due again together: none would ever be sent). Returns {the counts, {id, error,
+# ...} of those counted again}.
+_HANDED_OVER = """
+local counts, reset = {}, {}
+for i, id in ipairs(ARGV) do
+  local n = redis.pcall('HINCRBY', KEYS[1], id, 1)
+  if type(n) == 'table' and n.err then
+    if not (string.find(n.err, 'not an integer', 1, true) or
+            string.find(n.err, 'overflow', 1, true)) then
+      return n  -- the hash itself of another type, out of memory: the caller's error
+    end
+    redis.call('HSET', KEYS[1], id, 1)
+    reset[#reset + 1] = id
+    reset[#reset + 1] = n.err
+    n = 1
+  end
+  counts[i] = n
+end
+return {counts, reset}
+"""
+
+
 def _decodes(payload: bytes) -> bool:
     try:
         unpack_delivery(payload)
@@ -923,6 +1061,8 @@ class RetryStore:
         self._page = r.register_script(scripts.joinpath("dead_page.lua").read_text("utf-8"))
         self._handed_back = r.register_script(
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
+        self._handed_over = r.register_script(_HANDED_OVER)
+        self._uncounted = _Unreadable("hand-over count")
         self._booking = Booking(r)
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
@@ -982,10 +1122,13 @@ class RetryStore:
         that keeps growing means the worker died during each send."""
         if not delivery_ids:
             return []
-        with self.r.pipeline(transaction=False) as pipe:
-            for delivery_id in delivery_ids:
-                pipe.hincrby(self.k.retry_unanswered, delivery_id, 1)
-            return [int(n) for n in pipe.execute()]
+        counts, reset = self._handed_over(keys=[self.k.retry_unanswered], args=delivery_ids)
+        for delivery_id, error in zip(reset[::2], reset[1::2], strict=True):
+            self._uncounted.warn(f"{self.k.retry_unanswered} field "
+                                 f"{delivery_id.decode('utf-8', 'replace')}",
+                                 error.decode("utf-8", "replace"),
+                                 "counted again from 1 with this hand-over")
+        return [int(n) for n in counts]
 
     def handed_back(self, delivery_ids: list[str]) -> None:
         """Take back one hand-over of each of ``delivery_ids`` (its worker stopped
@@ -1027,27 +1170,6 @@ class RetryStore:
             self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
             if hook_gone:
                 pipe.zadd(self.k.hooks_gone, {str(delivery.hook_id): died})
-
-    def _after_move(self, mode: str, moved: int,
-                    letters: list[tuple[str, bytes, Delivery]]) -> int:
-        """``moved``, after replayed letters' deleted hooks are marked again."""
-        if mode == "replay" and moved:
-            self._still_gone({d.hook_id for _, _, d in letters})
-        return moved
-
-    def _still_gone(self, hook_ids: set[int]) -> None:
-        """Of ``hook_ids`` (of dead letters replayed), those deleted are marked so again
-        now: their letters, in the schedule until their hook's absence kills them
-        again, are in no dead-letter index meanwhile, and their counters must stay."""
-        ids = sorted(hook_ids)
-        with self.r.pipeline(transaction=False) as pipe:
-            for hook_id in ids:
-                pipe.hexists(self.k.hooks, str(hook_id))
-            stored = pipe.execute()
-        gone = [str(i) for i, there in zip(ids, stored, strict=True) if not there]
-        if gone:
-            now = self._redis_ms()
-            self.r.zadd(self.k.hooks_gone, dict.fromkeys(gone, now))
 
     def forget_gone_stats(self, keep_ms: int) -> int:
         """Delete the counters of hooks deleted (or last touched while deleted) over
@@ -1178,11 +1300,12 @@ class RetryStore:
         """KEYS and ARGV of ``dead_move.lua`` for dead letters (id, payload read, its
         delivery), those that died after ``latest`` (when given) left where they are:
         each id with its payload's SHA-1, its new payload (replay: re-sends reset),
-        the places in KEYS of its account's and hook's index and its hook's stats, and
-        its message count."""
+        the places in KEYS of its account's and hook's index and its hook's stats, its
+        message count and its hook's id (a replay marks a deleted one again)."""
         if mode not in PAST:
             raise ValueError(f"mode: {mode!r} is neither 'replay' nor 'discard'")
-        keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload])
+        keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload,
+                           self.k.hooks, self.k.hooks_gone])
         # replayed due now, by this machine's clock or Redis', whichever is behind: a
         # machine the operator replays from may run an hour ahead, a worker's clock
         # (which claims them) may lag Redis'
@@ -1196,7 +1319,8 @@ class RetryStore:
                      pack_delivery(delivery) if mode == "replay" else b"",
                      keys.place(self.k.dead_of_account(delivery.account_id)),
                      keys.place(self.k.dead_of_hook(delivery.hook_id)),
-                     keys.place(self.k.stats(delivery.hook_id)), delivery.count]
+                     keys.place(self.k.stats(delivery.hook_id)), delivery.count,
+                     str(delivery.hook_id)]
         return keys.keys, args
 
     def replay(self, ids: Iterable[str]) -> int:
@@ -1412,6 +1536,6 @@ class RetryStore:
             if not changed:  # else nothing moved: read them again
                 if unreadable is not None:
                     unreadable += bad
-                return self._after_move(mode, int(moved), good)
+                return int(moved)
         raise Conflict(f"dead letters changed during {REPLAY_TRIES} {mode} attempts "
                        f"(dead-lettered again meanwhile?): {len(changed)} of them; try again")

@@ -929,7 +929,7 @@ def test_all_dead_letters_move_in_chunks_with_progress(
     sizes: list[int] = []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        sizes.append((len(kwargs["args"]) - 2) // 7)  # mode, due, then 7 per id
+        sizes.append((len(kwargs["args"]) - 2) // 8)  # mode, due, then 8 per id
         return script(*args, **kwargs)
 
     retry._replay = counting  # type: ignore[method-assign]
@@ -1023,7 +1023,7 @@ def test_large_dead_letters_move_a_few_per_script(
     script, ids_per_script = retry._replay, []
 
     def counting(*args: Any, **kwargs: Any) -> Any:
-        ids_per_script.append(kwargs["args"][3::7])
+        ids_per_script.append(kwargs["args"][3::8])
         return script(*args, **kwargs)
 
     retry._replay = counting  # type: ignore[method-assign]
