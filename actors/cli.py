@@ -215,6 +215,8 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
                   ) -> None:
     started = time.monotonic()
     seen: set[int] = set()  # every hook stored during the run: one deleted still counts
+    # what health said last, and when: the same problems again once a minute at most
+    said: tuple[list[str], float] = ([], -HEALTH_REPEAT_SEC)
     while True:
         wait = report_sec
         if duration:
@@ -224,6 +226,18 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
             seen.update(engine.hooks.stored_ids())
             print(f"hookray: {time.monotonic() - started:.0f}s {json.dumps(engine.totals(seen))} "
                   f"backlog={engine.backlog()} retry={engine.retry.pending()}", flush=True)
+            # the job runs on while a worker waits or stopped (a hook that no longer
+            # validates, an actor that cannot start again): said here, not only by
+            # `hookray health`; when it changes, and once a minute while it lasts
+            problems = _health_problems(engine.health(), engine.settings.REDIS_PREFIX)
+            if problems and (problems != said[0]
+                             or time.monotonic() - said[1] >= HEALTH_REPEAT_SEC):
+                for problem in problems:
+                    print(f"hookray: health: {problem}", flush=True)
+                said = (problems, time.monotonic())
+            elif not problems and said[0]:
+                print("hookray: health: every worker runs again", flush=True)
+                said = ([], -HEALTH_REPEAT_SEC)
         except redis.RedisError as exc:
             print(f"hookray: progress unavailable: Redis: {exc}", flush=True)
         except HookrayError as exc:  # the progress line must never end the job
@@ -232,6 +246,7 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
             return
 
 
+HEALTH_REPEAT_SEC = 60.0  # the same health problems said again in the progress after
 MAX_SECONDS = 10 * 365 * 86_400  # a bound any wait here can take (threading's is lower)
 
 

@@ -58,6 +58,7 @@ RAY_CONNECT_TIMEOUT_SEC = 10.0
 # the workers' rounds, the transports' connections), then kills what is left: with
 # Ray's own stop after it, within `ray job stop`'s 30 s (deploy/README.md)
 STOP_SEC = 20.0
+START_SEC = 120.0  # the actors' start may take this long (and 2 s more per actor)
 
 # Ray started by an Engine of this process, and how many Engines use it: Ray is shut
 # down with the last of them, not under the feet of the others
@@ -82,6 +83,21 @@ class DeadLetter:
     def of(cls, d: Delivery, cursor: str = "") -> DeadLetter:
         return cls(d.id, d.hook_id, d.account_id, d.kind, d.count, d.resends, d.last_error,
                    list(d.message_ids), cursor, d.created_ms, d.last_attempt_ms)
+
+
+def _started(actors: list[Any]) -> None:
+    """Wait for ``actors`` to answer, a few minutes at most (more for many): a process
+    Ray cannot start (a node out of memory, a worker that cannot import the code) would
+    otherwise hold the start, the prefix claimed, for ever."""
+    import ray
+
+    wait = START_SEC + 2 * len(actors)
+    try:
+        ray.get([a.ping.remote() for a in actors], timeout=wait)
+    except ray.exceptions.GetTimeoutError:
+        raise ConfigError(f"the engine's actors did not all answer within {wait:.0f} s of "
+                          "their start: Ray could not start their processes? (`ray status`, "
+                          "and the Ray logs of the workers, say why)") from None
 
 
 def finish_all(refs: list[Any], timeout: float, what: str) -> int:
@@ -233,7 +249,7 @@ class Engine:
                 for name in group:
                     created.append(TransportActor.options(name=name).remote(kind, cfg))
                     pools[kind].append(created[-1])
-            ray.get([a.ping.remote() for a in created])
+            _started(created)
             parts = []
             for n in range(self.settings.PARTITIONS):
                 created.append(PartitionActor.options(name=f"{prefix}:partition:{n}").remote(
@@ -241,7 +257,7 @@ class Engine:
                 parts.append(created[-1])
             created.append(RetryActor.options(name=f"{prefix}:retry").remote(
                 cfg, names, self.lease.owner))
-            ray.get([a.ping.remote() for a in created])
+            _started(created)
         except BaseException as exc:
             for actor in created:
                 with contextlib.suppress(Exception):

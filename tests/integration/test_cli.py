@@ -1169,3 +1169,45 @@ def test_writing_where_no_engine_ever_ran_warns_of_a_mistyped_prefix(
     for command in (["hooks", "create", str(hook_file)], ["publish", str(events)]):
         code, _, err = run_cli(capsys, "-c", config, *command)
         assert code == 0 and "warning" not in err, (command, err)
+
+
+def test_the_progress_says_when_a_worker_waits_or_stopped_and_when_all_run_again(
+        settings: Settings, redis_client: Any, keys: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`hookray run` (and the Ray job) runs on while a worker waits or stopped: its
+    progress says so, as `hookray health` does, when that changes and once a minute
+    while it lasts, and says when every worker runs again."""
+    import threading
+
+    from actors.cli import _report_until
+    from actors.driver import Engine
+    from engine.health import Heartbeat
+
+    engine = Engine.connect(settings)
+    try:
+        redis_client.hset(keys.config, "partitions", 1)
+        Heartbeat(redis_client, keys, "partition:0").beat("stored hook 9 no longer validates")
+        Heartbeat(redis_client, keys, "retry").beat("")
+        stop = threading.Event()
+        reporter = threading.Thread(target=_report_until, args=(engine, stop, 0.05, 0))
+        reporter.start()
+        try:
+            deadline = time.monotonic() + 10
+            out = ""
+            while out.count("backlog=") < 4:
+                assert time.monotonic() < deadline
+                out += capsys.readouterr().out
+                time.sleep(0.02)
+            # said once, not at each of the progress lines
+            assert out.count("hookray: health: partition 0 waits: stored hook 9 no longer "
+                             "validates\n") == 1, out
+            Heartbeat(redis_client, keys, "partition:0").beat("")
+            while "hookray: health: every worker runs again" not in out:
+                assert time.monotonic() < deadline
+                out += capsys.readouterr().out
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            reporter.join(10)
+    finally:
+        engine.redis.close()

@@ -420,6 +420,28 @@ def test_a_shutdown_waits_for_every_worker_however_many_fail(
     assert "stopping workers: 1 of 3 did not finish within 8 s" in said
 
 
+def test_a_start_whose_actors_never_answer_ends_with_a_clear_error(
+        ray_session: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Actors whose processes Ray cannot start (or that never answer) end the start
+    with an error saying so, instead of holding it, and the prefix, for ever."""
+    import actors.driver
+    from engine.errors import ConfigError
+
+    @ray_session.remote(num_cpus=0)
+    class Silent:
+        def ping(self) -> None:
+            time.sleep(60)
+
+    monkeypatch.setattr(actors.driver, "START_SEC", 0.5)
+    silent = Silent.remote()
+    try:
+        with pytest.raises(ConfigError, match="the engine's actors did not all answer "
+                                              "within 2 s of their start"):
+            actors.driver._started([silent])
+    finally:
+        ray_session.kill(silent)
+
+
 def test_a_second_http_api_of_the_same_prefix_is_refused(
         engine_factory: Any, settings: Any) -> None:
     from actors.driver import Engine
