@@ -18,11 +18,18 @@ batches are one per hook, and a Ray call costs about 0.5 ms of CPU on each side.
   (one call per actor at a time asks about earlier batches).
 * A call that fails (the actor died) fails all the batches it covered; batches an
   actor does not know (it restarted) fail too. Failed outcomes go to the retry
-  schedule, as any delivery failure.
+  schedule, as any delivery failure (``TransportRestarted``: using up no re-send).
+* A call not answered within ``CALL_DEADLINE_SEC`` (it returns within ``WAIT_SEC``
+  while the actor's event loop runs) means an actor alive but hung (a frozen
+  process, a node cut off from this one but not from Ray): its batches fail as
+  above, and the actor is killed for Ray to restart, or every partition would
+  stop reading once its in-flight limit fills behind it, without an error.
 """
 
 from __future__ import annotations
 
+import logging
+import time
 import weakref
 from contextlib import suppress
 from typing import Any
@@ -36,6 +43,9 @@ from engine.transports.base import Delivery, Outcome, pack_deliveries
 CALLS_PER_ACTOR = 2  # exchange calls in flight to one transport actor from one partition
 CALL_MAX_BYTES = 4 * 1024 * 1024  # new message bytes per call (at least one batch)
 WAIT_SEC = 0.2  # longest a call waits for batches that are not done
+CALL_DEADLINE_SEC = 120.0  # a call unanswered this long: the actor hangs (see above)
+
+log = logging.getLogger("hookray")
 
 ActorKey = tuple[str, int]  # (target kind, pool member)
 
@@ -56,6 +66,7 @@ class RaySender:
         self.uncovered: dict[ActorKey, list[str]] = {}  # outstanding, no call asks about them
         # ref -> actor, ids the call covers, ids among them it asks about (handed over before)
         self.calls: dict[Any, tuple[ActorKey, list[str], list[str]]] = {}
+        self.made: dict[Any, float] = {}  # ref -> when the call was made (monotonic)
         self.failed: list[tuple[Delivery, Outcome]] = []  # failed here, returned by poll
         # id(hook) -> its target JSON, for as long as that Hook object lives: a reload
         # of the hooks (any change of any hook) makes new ones, and the old ones' entries,
@@ -139,6 +150,7 @@ class RaySender:
             del self.uncovered[key]
         covered = collect + [delivery.id for _, delivery in waiting[:taken]]
         self.calls[ref] = (key, covered, collect)
+        self.made[ref] = time.monotonic()
         return True
 
     def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
@@ -157,6 +169,7 @@ class RaySender:
                             fetch_local=True)
         for ref in ready:
             key, covered, _ = self.calls.pop(ref)
+            self.made.pop(ref, None)
             try:
                 outcomes, unknown = ray.get(ref)
             except Exception as exc:  # RayError: the actor died; anything else: the same
@@ -177,11 +190,35 @@ class RaySender:
                     out.append((delivery, outcome))
             if still:
                 self.uncovered.setdefault(key, []).extend(still)
+        self._hung(out)
         if ready:
             # freed slots: the next calls leave now, not next round; one that cannot be
             # made now is tried (and its error raised) by the next poll
             with suppress(Exception):
                 self._send()
+
+
+    def _hung(self, out: list[tuple[Delivery, Outcome]]) -> None:
+        """Calls unanswered for CALL_DEADLINE_SEC: their batches fail (to be sent again:
+        perhaps twice, should the actor come back and send them), and their actor is
+        killed for Ray to restart, once per call."""
+        now = time.monotonic()
+        for ref in [r for r, made in self.made.items() if now - made >= CALL_DEADLINE_SEC]:
+            key, covered, _ = self.calls.pop(ref)
+            del self.made[ref]
+            with suppress(Exception):
+                ray.cancel(ref, force=False)
+            log.warning("transport actor %s #%d answered no call within %.0f s: restarted, "
+                        "its %d batch(es) of that call sent again later", key[0], key[1],
+                        CALL_DEADLINE_SEC, len(covered))
+            with suppress(Exception):
+                ray.kill(self.pools[key[0]][key[1]], no_restart=False)
+            hung = Outcome(ok=False, error="TransportRestarted",
+                           detail=f"the transport actor answered no call within "
+                                  f"{CALL_DEADLINE_SEC:.0f} s; restarted")
+            for i in covered:
+                if (delivery := self.outstanding.pop(i, None)) is not None:
+                    out.append((delivery, hung))
 
 
 def _fitting(waiting: list[tuple[Hook, Delivery]]) -> int:

@@ -14,7 +14,7 @@ from engine.hooks import Hook
 from engine.receiver import Receiver
 from engine.settings import Settings
 from engine.transports.base import Delivery, Outcome
-from tests.services import ray_get_when_up
+from tests.services import ray_get_when_up, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -324,3 +324,33 @@ def test_an_outcome_not_yet_returned_is_held_and_not_taken_twice(
     assert sorted((d.id, o.ok, o.error) for d, o in out) == [
         ("1-0", True, None), ("2-0", False, "TransportUnavailable")]
     assert not sender.holds("2-0") and sender.inflight() == 0
+
+
+def test_a_hung_transport_actor_fails_its_calls_and_is_restarted(
+        ray_session: Any, pool: Any, receiver: Receiver,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transport actor alive but not answering (its process frozen): its calls fail
+    after CALL_DEADLINE_SEC, uncharged, instead of holding the partition's in-flight
+    limit for ever without an error, and the actor is restarted."""
+    import os
+    import signal
+
+    from ray.util.state import get_actor
+
+    monkeypatch.setattr("actors.sender.CALL_DEADLINE_SEC", 2.0)
+    actor = pool[0]
+    pid = get_actor(actor._actor_id.hex()).pid
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        sender = RaySender({"http_batch": [actor]}, wait_sec=0.05)
+        sender.submit(make_hook(1, receiver.url("/x")), delivery(1, 0))
+        [(d, outcome)] = drain(sender, 1, timeout=30)
+        assert d.id == "1-0" and outcome.error == "TransportRestarted", outcome
+        assert "answered no call within 2 s" in outcome.detail
+        assert sender.inflight() == 0 and not sender.calls
+    finally:
+        os.kill(pid, signal.SIGCONT)  # a process Ray has not killed yet goes on
+    # a new process (the state Ray reports lags the restart a little)
+    assert wait_for(lambda: (state := get_actor(actor._actor_id.hex())) is not None
+                    and state.state == "ALIVE" and state.pid != pid, 30)
+    assert ray_get_when_up(lambda: actor.ping.remote()) == "http_batch"
