@@ -57,7 +57,15 @@ from engine.bodies import decode_body, split_items
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
 from engine.dispatch import redis_unavailable
-from engine.errors import SHOWN_CHARS, Backlogged, ConfigError, Conflict, HookError, NotFound
+from engine.errors import (
+    SHOWN_CHARS,
+    Backlogged,
+    ConfigError,
+    Conflict,
+    HookError,
+    NotFound,
+    Stale,
+)
 from engine.errors import quoted as shown
 from engine.events import (
     MAX_ID,
@@ -93,6 +101,7 @@ from engine.stores import (
     NameStore,
     RetryStore,
     Stats,
+    hook_etag,
     parse_cursor,
     stored_account,
 )
@@ -133,7 +142,8 @@ T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-               405: "method_not_allowed", 409: "conflict", 413: "payload_too_large",
+               405: "method_not_allowed", 409: "conflict", 412: "precondition_failed",
+               413: "payload_too_large",
                415: "unsupported_media_type", 422: "validation_failed",
                500: "internal_error", 503: "unavailable"}
 
@@ -667,7 +677,24 @@ def _hook_id(request: web.Request) -> int:
 
 
 def _hook_json(hook: Hook, status: int = 200) -> web.Response:
-    return web.json_response(hook.display(), status=status)
+    """The hook as a read shows it, with its ETag: sent back as If-Match, a change is
+    made only if the hook is still as read (412 otherwise)."""
+    return web.json_response(hook.display(), status=status,
+                             headers={"ETag": hook_etag(hook)})
+
+
+def _if_match(request: web.Request) -> list[str] | None:
+    """The ETags a change is conditional on (If-Match), None for no condition (none
+    given, or ``*``: any hook there is, as without one)."""
+    raw = request.headers.get("If-Match")
+    if raw is None or raw.strip() == "*":
+        return None
+    tags = [tag.strip() for tag in raw.split(",") if tag.strip()]
+    if not tags or any(not re.fullmatch(r'"[^"]*"', tag) for tag in tags):
+        reason = 'expected "*" or one or more ETags as a read sent them (quoted)'
+        raise ApiError(400, f"If-Match: {shown(raw)}: {reason}",
+                       [{"field": "If-Match", "reason": reason}])
+    return tags
 
 
 # --- handlers --------------------------------------------------------------------------
@@ -716,8 +743,8 @@ async def get_hook(request: web.Request) -> web.Response:
                                  _hook_id(request)))
 
 
-def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[str, Any]
-                  ) -> Hook:
+def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[str, Any],
+                  expect: list[str] | None = None) -> Hook:
     stored = backend.owned_hook(account_id, hook_id)
     given = data.get("id", hook_id)
     if type(given) is not int or given != hook_id:  # 1.0 and true are no id
@@ -740,14 +767,15 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
     # the settings as sent: the registry restores the redacted secrets from the record
     # it changes, so an update landing since the read above (a token rotated) is not
     # undone; a racing delete: see _engine_error
-    return backend.hooks.update(hook_id, sent)
+    return backend.hooks.update(hook_id, sent, expect)
 
 
 async def put_hook(request: web.Request) -> web.Response:
     account_id = request[TOKEN].account_id
+    expect = _if_match(request)
     data = _with_account(await _json(request), account_id)
     return _hook_json(await _run(request, _replace_hook, request.app[BACKEND], account_id,
-                                 _hook_id(request), data))
+                                 _hook_id(request), data, expect))
 
 
 def _delete_hook(backend: Backend, account_id: int, hook_id: int) -> None:
@@ -764,19 +792,23 @@ async def delete_hook(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
-def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool) -> Hook:
+def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool,
+                expect: list[str] | None = None) -> Hook:
     backend.owned_hook(account_id, hook_id)
-    return backend.hooks.set_active(hook_id, active)  # a racing delete: see _engine_error
+    # a racing delete: see _engine_error
+    return backend.hooks.set_active(hook_id, active, expect)
 
 
 async def activate_hook(request: web.Request) -> web.Response:
     return _hook_json(await _run(request, _set_active, request.app[BACKEND],
-                                 request[TOKEN].account_id, _hook_id(request), True))
+                                 request[TOKEN].account_id, _hook_id(request), True,
+                                 _if_match(request)))
 
 
 async def stop_hook(request: web.Request) -> web.Response:
     return _hook_json(await _run(request, _set_active, request.app[BACKEND],
-                                 request[TOKEN].account_id, _hook_id(request), False))
+                                 request[TOKEN].account_id, _hook_id(request), False,
+                                 _if_match(request)))
 
 
 def _clone(backend: Backend, account_id: int, hook_id: int, name: str | None) -> Hook:
@@ -1110,7 +1142,7 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         return await handler(request)
     except ApiError as exc:
         return exc.response()
-    except (NotFound, Conflict, HookError, ConfigError) as exc:
+    except (NotFound, Conflict, Stale, HookError, ConfigError) as exc:
         return (await _engine_error(request, exc)).response()
     except web.HTTPException as exc:
         return _http_error(request, exc)
@@ -1137,7 +1169,8 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
 
 
 async def _engine_error(request: web.Request,
-                        exc: NotFound | Conflict | HookError | ConfigError) -> ApiError:
+                        exc: NotFound | Conflict | Stale | HookError | ConfigError
+                        ) -> ApiError:
     """The answer to an engine error a route lets through: the hook routes check the
     hook is the account's, then call the store, so a hook deleted, changed or damaged
     in between answers as if that came first (404, 409 or 422, a HookError with the
@@ -1145,6 +1178,8 @@ async def _engine_error(request: web.Request,
     503."""
     if isinstance(exc, NotFound):
         return ApiError(404, str(exc))
+    if isinstance(exc, Stale):
+        return ApiError(412, str(exc))
     if isinstance(exc, Conflict):
         return ApiError(409, str(exc))
     if isinstance(exc, ConfigError):

@@ -65,6 +65,11 @@ class Conflict(HookrayError):
     """A change raced others and could not be made; trying again may succeed."""
 
 
+class Stale(HookrayError):
+    """A change made on the condition that the hook is still as it was read (its ETag,
+    HTTP If-Match) found it changed since: read it again, then change that."""
+
+
 class TransportError(HookrayError):
     """A delivery failed; retried every HOOK_RETRY_PERIOD_SEC, then dead-lettered.
     ``failed``: when only some of its messages failed (the others were delivered),

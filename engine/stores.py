@@ -13,7 +13,7 @@ import logging
 import math
 import re
 import time
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
 from typing import Any, cast
@@ -22,7 +22,15 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue, engine_codes
-from engine.errors import SHOWN_CHARS, ConfigError, Conflict, HookError, NotFound, named
+from engine.errors import (
+    SHOWN_CHARS,
+    ConfigError,
+    Conflict,
+    HookError,
+    NotFound,
+    Stale,
+    named,
+)
 from engine.events import MAX_ID, is_account_id
 from engine.hooks import (
     MASK,
@@ -83,17 +91,25 @@ class HookRegistry:
         self.deny = deny
         self._replace_script = r.register_script(_REPLACE_HOOK)
 
-    def _changed(self, hook_id: int, change: Callable[[Hook], Hook], what: str) -> Hook:
+    def _changed(self, hook_id: int, change: Callable[[Hook], Hook], what: str,
+                 expect: Collection[str] | None = None) -> Hook:
         """Store ``change(the stored hook)`` over the stored record, only if that record
         is still the one read: a change racing another (an update, a stop) is made again
         on the other's result, never over it (a stop would otherwise bring back the
         secret an update had just replaced); one racing a delete does not bring the hook
-        back (NotFound)."""
+        back (NotFound). ``expect``: the hook's ETags (``hook_etag``) its caller read it
+        with (HTTP If-Match); Stale if it changed since (a change built on an older
+        read would undo the other: a stop, say)."""
         for _ in range(REPLACE_TRIES):
             raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
             if raw is None:
                 raise NotFound(f"hook {hook_id} does not exist")
-            hook = change(self._parse(str(hook_id), raw))
+            stored = self._parse(str(hook_id), raw)
+            if expect is not None and hook_etag(stored) not in expect:
+                raise Stale(f"hook {hook_id} changed since it was read (its ETag is now "
+                            f"{hook_etag(stored)}, not {', '.join(expect)[:200]}): read it "
+                            f"again, and make the change on what it is now")
+            hook = change(stored)
             done = self._replace_script(keys=[self.k.hooks, self.k.hooks_version],
                                         args=[str(hook_id), json.dumps(hook.to_storage()), raw])
             if done == 1:
@@ -146,7 +162,8 @@ class HookRegistry:
                       "engine's settings")
             raise HookError(f"invalid hook: actions: {reason}", [("actions", reason)])
 
-    def update(self, hook_id: int, data: Mapping[str, Any]) -> Hook:
+    def update(self, hook_id: int, data: Mapping[str, Any],
+               expect: Collection[str] | None = None) -> Hook:
         """Replace a hook's settings (keeps its id). Settings as a read shows them
         (``hooks get`` then ``hooks update``) keep the stored secrets where they show
         the redacted value, as long as the destination is the same; a secret that is
@@ -158,7 +175,8 @@ class HookRegistry:
             raise HookError(f"invalid hook: id {given!r} differs from the hook's id "
                             f"{hook_id}", [("id", reason)])
         sent = {**dict(data), "id": hook_id}
-        return self._changed(hook_id, lambda stored: self._updated(stored, sent), "updated")
+        return self._changed(hook_id, lambda stored: self._updated(stored, sent), "updated",
+                             expect)
 
     def _updated(self, stored: Hook, sent: dict[str, Any]) -> Hook:
         """``stored`` with the settings ``sent`` (redacted secrets restored from it)."""
@@ -184,9 +202,10 @@ class HookRegistry:
                             [(path, reason) for path in kept])
         return _no_mask(hook)
 
-    def set_active(self, hook_id: int, active: bool) -> Hook:
+    def set_active(self, hook_id: int, active: bool,
+                   expect: Collection[str] | None = None) -> Hook:
         return self._changed(hook_id, lambda hook: hook.model_copy(update={"active": active}),
-                             "activated" if active else "stopped")
+                             "activated" if active else "stopped", expect)
 
     def clone(self, hook_id: int, name: str | None = None) -> Hook:
         """A stopped copy of a hook, with a new id, named ``name`` (validated as any
@@ -316,6 +335,15 @@ class HookRegistry:
         except HookError as exc:  # stored valid: why not any more?
             raise HookError(f"stored hook {hook_id} no longer validates"
                             f"{_invalid_hint(exc)}: {exc}") from None
+
+
+def hook_etag(hook: Hook) -> str:
+    """The HTTP ETag of a hook's settings as a read shows them (secrets masked: a digest
+    of a secret would let its holder test guesses of it offline). A change of a secret
+    alone keeps it, and loses nothing: an update that shows the redacted value keeps
+    the secret stored when it is made, not the one read."""
+    shown = json.dumps(hook.display(), sort_keys=True, separators=(",", ":"))
+    return '"' + hashlib.sha256(shown.encode()).hexdigest()[:32] + '"'
 
 
 # pydantic's message for a key the model does not have (extra="forbid")

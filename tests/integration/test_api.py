@@ -1889,3 +1889,43 @@ async def test_a_hook_body_nested_deeply_is_refused_not_a_500(api: Api, depth: i
                                 headers={"Content-Type": "application/json"})
         assert answer.status in (400, 422), (method, answer.status, answer.body)
         assert answer.error["message"]
+
+
+async def test_a_change_with_if_match_is_made_only_on_the_hook_as_read(api: Api) -> None:
+    """Every answer with a hook carries its ETag; a PUT, activate or stop sending it as
+    If-Match is made only if the hook is still as read: a PUT built from an older GET
+    no longer undoes a stop made meanwhile (412, nothing changed)."""
+    created = await api.create(active=True)
+    path = f"/v1/hooks/{created['id']}"
+    read = await api.call("GET", path, api.master)
+    etag = read.headers["ETag"]
+    assert re.fullmatch(r'"[0-9a-f]{32}"', etag)
+    stopped = await api.call("POST", f"{path}/stop", api.master)  # someone else stops it
+    assert stopped.status == 200 and stopped.headers["ETag"] != etag
+    renamed = {**read.body, "name": "crm renamed"}
+    answer = await api.call("PUT", path, api.master, json_body=renamed,
+                            headers={"If-Match": etag})
+    assert answer.status == 412, answer.body
+    assert answer.error["code"] == "precondition_failed"
+    assert f"hook {created['id']} changed since it was read" in answer.error["message"]
+    assert (await api.call("GET", path, api.master)).body["active"] is False  # kept stopped
+    for method, route in (("POST", f"{path}/activate"), ("POST", f"{path}/stop")):
+        answer = await api.call(method, route, api.master, headers={"If-Match": etag})
+        assert answer.status == 412, (route, answer.body)
+    # as read now, or among the ETags given, or "*": made
+    now = stopped.headers["ETag"]
+    answer = await api.call("PUT", path, api.master, json_body={**renamed, "active": False},
+                            headers={"If-Match": f'{etag}, {now}'})
+    assert answer.status == 200 and answer.body["name"] == "crm renamed", answer.body
+    # the secret was sent back redacted: kept, and the ETag shows no secret
+    stored = json.loads(api.r.hget(Keys(api.settings.REDIS_PREFIX).hooks,
+                                   str(created["id"])) or b"{}")
+    assert stored["target"]["http_batch"]["auth"]["token"] == "s3cr3t"
+    answer = await api.call("POST", f"{path}/activate", api.master,
+                            headers={"If-Match": answer.headers["ETag"]})
+    assert answer.status == 200 and answer.body["active"] is True
+    answer = await api.call("POST", f"{path}/stop", api.master, headers={"If-Match": "*"})
+    assert answer.status == 200
+    # an If-Match that is no ETag list: 400 naming it
+    answer = await api.call("POST", f"{path}/stop", api.master, headers={"If-Match": "abc"})
+    assert answer.status == 400 and answer.error["issues"][0]["field"] == "If-Match"
