@@ -115,6 +115,7 @@ MAX_BROKERS = 64
 # looked at every IDLE_CHECK_SEC (engine.transports.base.IdleSweep), deliveries or not,
 # and a broker also when another is opened
 IDLE_CLOSE_SEC = 600.0
+BREAKER_OPEN_SEC = 1.0  # after a connection failed, deliveries to its broker fail fast
 CLOSE_TIMEOUT_SEC = 5.0
 
 BrokerKey = tuple[str, int, str, str, str, bool, str | None]
@@ -393,6 +394,13 @@ class RabbitTransport(Transport):
             if broker.error is not None and broker.failed_at >= started:
                 # an attempt made while this delivery waited has just failed
                 raise type(broker.error)(str(broker.error))
+            left = broker.failed_at + BREAKER_OPEN_SEC - time.monotonic()
+            if broker.error is not None and left > 0:
+                # failed a moment ago: not tried again at once (as Kafka's producers):
+                # against a broker that is down, each round's batches and each re-send
+                # would open a connection each (and aiormq logs every failure)
+                raise type(broker.error)(f"{broker.error}; not reconnecting for another "
+                                         f"{left:.1f} s")
             if conn is not None:
                 self._drop(broker, conn)
             try:

@@ -605,6 +605,46 @@ def test_connect_errors_and_timeouts_name_their_cause(rabbit: Rabbit) -> None:
     assert "s3cret-Pw" not in " ".join(o.detail for o in outcomes.values())
 
 
+def test_a_broker_that_cannot_be_reached_is_not_connected_to_again_at_once(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A connection that failed is not tried again for BREAKER_OPEN_SEC: against a
+    broker that is down, every round's batches and every re-send would otherwise open
+    a connection each (as Kafka's producers, deliveries fail fast meanwhile); after it,
+    the broker is tried again."""
+    import aiormq
+
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    target = RabbitQueue(**rabbit.broker(port=closed.getsockname()[1]), queue="q")
+    closed.close()
+    monkeypatch.setattr(rabbitmq_module, "BREAKER_OPEN_SEC", 0.5)
+    tries = []
+    real = aiormq.connect
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        tries.append(time.monotonic())
+        return await real(*args, **kwargs)
+
+    monkeypatch.setattr(aiormq, "connect", counting)
+
+    async def go() -> list[Outcome]:
+        transport = RabbitQueueTransport(timeout_sec=1.0)
+        try:
+            out = [await transport.send(target, delivery(2, tag=f"t{n}")) for n in range(5)]
+            await asyncio.sleep(0.6)
+            out.append(await transport.send(target, delivery(2, tag="later")))
+            return out
+        finally:
+            await transport.close()
+
+    outcomes = run(go)
+    assert all(o.error == "ConnectError" for o in outcomes), outcomes
+    assert "cannot connect" in outcomes[0].detail
+    assert all("not reconnecting for another" in o.detail for o in outcomes[1:5]), outcomes
+    assert "not reconnecting" not in outcomes[5].detail
+    assert len(tries) == 2  # the first delivery's, and the one after the wait
+
+
 def test_tls_delivers_to_an_amqps_listener_and_names_what_fails(
         rabbit_tls_node: RabbitNode) -> None:
     """A broker with a TLS listener: a hook with tls and the broker's CA delivers over
@@ -666,6 +706,8 @@ def test_vhost_permissions_and_connections_closed_by_the_broker(
         out = {"no-permissions": await send(to_exchange, "np")}
         # write and read, but no configure: existing entities are used, none declared
         await asyncio.to_thread(rabbit_vhost.grant, "^$", ".*", ".*")
+        # a broker refused a moment ago is not connected to again at once
+        await asyncio.sleep(rabbitmq_module.BREAKER_OPEN_SEC)
         out["exchange"] = await send(to_exchange, "x1")
         out["queue"] = await send(to_queue, "q1")
         out["missing"] = await send(to_missing, "mi")
