@@ -80,7 +80,9 @@ class Holder:
             about = json.loads(text.partition(" ")[2])
         except ValueError:
             about = {}
-        return cls(about if isinstance(about, dict) else {}, expires_ms)
+        about = about if isinstance(about, dict) else {}
+        about.pop("claim", None)  # which taking of the claim: see EngineLease.claim
+        return cls(about, expires_ms)
 
     def describe(self) -> str:
         a = self.about
@@ -111,8 +113,13 @@ class EngineLease:
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
 
     def claim(self) -> Holder | None:
-        """Take or renew the claim: None when it is ours now, else who holds it."""
-        value = f"{self.owner} {json.dumps(self.about, separators=(',', ':'))}"
+        """Take or renew the claim: None when it is ours now, else who holds it. Each
+        taking of it (the key absent: at the start, or after it lapsed) writes a new
+        ``claim`` id beside what it says of the engine, which renewals keep: a worker
+        that finds its engine's claim taken again (``Holding``) knows another engine
+        may have held it meanwhile, though it never saw it."""
+        about = {**self.about, "claim": uuid.uuid4().hex[:16]}
+        value = f"{self.owner} {json.dumps(about, separators=(',', ':'))}"
         held = self._claim(keys=[self.key], args=[self.owner, value, self.ttl_ms])
         if not held:
             return None
@@ -208,6 +215,10 @@ class Holding:
         self.r, self.key, self.owner = r, keys.engine, owner.encode()
         self.looked = -CHECK_SEC
         self.taken = ""  # why the worker waits, from the last look ("" it does not)
+        # the claim as the last look found it, this engine's: a later look finding it
+        # taken again (another ``claim`` id) counts as a loss too (another engine may
+        # have held it while this worker could not look: Redis unreachable)
+        self.held: bytes | None = None
         # how often a look found another engine's claim after one that did not: the
         # worker drops the work it holds each time, as that engine takes it up
         self.losses = 0
@@ -236,11 +247,16 @@ class Holding:
             self.looked = now
             if isinstance(raw, str):
                 raw = raw.encode()
-            if raw is None or raw.startswith(self.owner + b" "):
+            if raw is None:
                 self.taken = ""
+            elif raw.startswith(self.owner + b" "):
+                if self.held is not None and raw != self.held and not self.taken:
+                    self.losses += 1  # lapsed and taken again since the last look
+                self.taken, self.held = "", raw
             else:
                 if not self.taken:
                     self.losses += 1
+                self.held = None
                 # what waits before the first ": ", who holds it after: only the
                 # former is shown without a token (engine.api.public_reason)
                 self.taken = (f"another engine holds this engine's REDIS_PREFIX claim, the "

@@ -2883,9 +2883,65 @@ def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_boo
         workers[1].step()
     assert retry.pending() == 0 and retry.dead_letters() == []
     assert sum(d.count for d in senders[0].transport.sent) == 10
-    assert [d.id for d in senders[1].transport.sent] == []
     counts = Stats(redis_client, keys).get(created.id or 0)
     # the 10 events, and the re-send the other engine delivered
+    assert (counts["delivered"], counts["dead_lettered"]) == (11, 0)
+
+
+def test_a_claim_lost_and_taken_back_while_the_workers_could_not_look_drops_their_work(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The workers cannot reach Redis while their claim lapses, another engine takes
+    it, delivers their re-send and stops, and their engine takes the claim again: they
+    never saw the other claim, yet the claim is another taking of it, so the outcomes
+    they collected meanwhile are dropped, not booked over the other engine's work."""
+    from engine.lease import EngineLease
+
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 1})
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 1000)
+    retry = RetryStore(redis_client, keys)
+    resend = Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
+                      parts=[b"{}"], message_ids=["m1"], resends=0)
+    retry.schedule(resend, due_ms=0, error="HTTP 500")
+    ours = EngineLease(redis_client, keys, 30, about={"host": "here"})
+    other = EngineLease(redis_client, keys, 30, about={"host": "elsewhere"})
+    assert ours.claim() is None
+    senders = [InProcessSender(hold=True), InProcessSender(hold=True)]
+    workers: list[Any] = [PartitionWorker(cfg, redis_client, 0, senders[0], owner=ours.owner),
+                          RetryWorker(cfg, redis_client, senders[1], owner=ours.owner)]
+    intake.publish(clicks(10))
+    run_until(workers[0], lambda: len(senders[0].held) == 1)
+    assert workers[1].step() == 1 and len(senders[1].held) == 1
+
+    def cut(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ConnectionError("Connection timed out")
+
+    monkeypatch.setattr(redis_client, "get", cut)  # the workers' look at the claim
+    for sender in senders:  # the sends fail meanwhile
+        (held,) = sender.held
+        sender.hold, sender.held = False, []
+        sender.done.append((held, Outcome(ok=False, error="ConnectError", detail="refused")))
+    for worker in workers:
+        worker.holding.looked = -3600.0
+        with pytest.raises(redis.ConnectionError):
+            worker.step()
+    monkeypatch.undo()
+    # meanwhile the claim lapsed; the other engine took it, delivered the re-send, stopped
+    redis_client.delete(keys.engine)
+    assert other.claim() is None
+    retry.complete(resend)
+    assert other.release()
+    assert ours.claim() is None  # the renewer takes the free claim again
+    for worker in workers:
+        worker.holding.looked = -3600.0
+    run_until(workers[0], lambda: redis_client.xlen(keys.intake(0)) == 0)
+    for _ in range(3):
+        workers[1].step()
+    assert [w.holding.losses for w in workers] == [1, 1]
+    assert retry.pending() == 0 and retry.dead_letters() == []
+    assert sum(d.count for d in senders[0].transport.sent) == 10  # read again, delivered
+    counts = Stats(redis_client, keys).get(created.id or 0)
     assert (counts["delivered"], counts["dead_lettered"]) == (11, 0)
 
 
