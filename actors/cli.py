@@ -229,7 +229,8 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
             # the job runs on while a worker waits or stopped (a hook that no longer
             # validates, an actor that cannot start again): said here, not only by
             # `hookray health`; when it changes, and once a minute while it lasts
-            problems = _health_problems(engine.health(), engine.settings.REDIS_PREFIX)
+            problems = _health_problems(engine.health(), engine.settings.REDIS_PREFIX,
+                                        engine.redis)
             if problems and (problems != said[0]
                              or time.monotonic() - said[1] >= HEALTH_REPEAT_SEC):
                 for problem in problems:
@@ -421,20 +422,24 @@ def cmd_health(args: argparse.Namespace) -> int:
     engine = _engine(args)
     health = engine.health()
     _print(health)
-    problems = _health_problems(health, engine.settings.REDIS_PREFIX)
+    problems = _health_problems(health, engine.settings.REDIS_PREFIX, engine.redis)
     for problem in problems:
         print(f"hookray: health: {problem}", file=sys.stderr)
     return 1 if problems else 0
 
 
-def _health_problems(health: dict[str, Any], prefix: str) -> list[str]:
-    """Why ``health`` (Engine.health) is not every worker running, one line each."""
+def _health_problems(health: dict[str, Any], prefix: str, r: Any = None) -> list[str]:
+    """Why ``health`` (Engine.health) is not every worker running, one line each;
+    ``r``: the engine's Redis, asked whether it is full when a worker seems stopped."""
     from engine.health import ALIVE_SEC
 
     parts = health["partitions"]
     if parts["expected"] is None:
         return [f"no engine has started with this Redis and REDIS_PREFIX {prefix!r}"]
     problems = []
+    if (parts["stopped"] or not health["retry_running"]) and r is not None \
+            and (full := _redis_full(r)) is not None:
+        problems.append(full)
     if parts["stopped"]:
         problems.append(f"partition(s) {', '.join(map(str, parts['stopped']))} of "
                         f"{parts['expected']} ran no round in the last {ALIVE_SEC} s")
@@ -444,6 +449,22 @@ def _health_problems(health: dict[str, Any], prefix: str) -> list[str]:
     if health["retry_waiting"] is not None:
         problems.append(f"the retry worker waits: {health['retry_waiting']}")
     return problems
+
+
+def _redis_full(r: Any) -> str | None:
+    """What to say of a Redis at its maxmemory (its refusals include the workers' marks
+    that they run: they may be running, and delivering, all the same), or None."""
+    try:
+        memory = r.info("memory")
+        used, most = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    except (redis.RedisError, ValueError, TypeError):
+        return None
+    if not most or used < most:
+        return None
+    return (f"Redis is at its maxmemory ({used} of {most} bytes used): it refuses the "
+            "workers' marks that they run (those shown stopped may be delivering: they "
+            "make room as they acknowledge), the hooks' counts wait, and nothing new is "
+            "accepted; give Redis more memory")
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

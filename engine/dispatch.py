@@ -300,11 +300,19 @@ class Dispatcher:
                 # and deletes make room (PartitionWorker._ack_round); else the engine
                 # would stall for good, its entries filling Redis
                 self.deferred.update(counts)
-                if time.monotonic() - self.deferred_said >= 60:
-                    log.warning("Redis is at its maxmemory: the hooks' accepted counts "
-                                "wait (made once it has room), delivery goes on")
-                    self.deferred_said = time.monotonic()
+                self.deferred_said = self.say_deferred(self.deferred_said)
         self.unsure_count = None
+
+    @staticmethod
+    def say_deferred(said: float) -> float:
+        """Log, once a minute (``said``: when it was last), that counts wait for room in
+        Redis; returns when it was last said now."""
+        if time.monotonic() - said < 60:
+            return said
+        log.warning("Redis is at its maxmemory: the hooks' accepted and delivered counts "
+                    "wait (made once it has room; lost if the partition's process ends "
+                    "meanwhile), delivery and acknowledgements go on")
+        return time.monotonic()
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
              entry_ids: list[str], now: float) -> None:
@@ -687,10 +695,20 @@ class PartitionWorker:
         The count of an entry read again is the ends so far: its first read (not
         counted: entries are not marked before a restart) ended once, and each start
         counted before this one ended again."""
-        with self.r.pipeline(transaction=False) as pipe:
-            for eid in marked:
-                pipe.hincrby(self.processing, eid, 1)
-            begun = dict(zip(marked, pipe.execute(), strict=True))
+        try:
+            with self.r.pipeline(transaction=False) as pipe:
+                for eid in marked:
+                    pipe.hincrby(self.processing, eid, 1)
+                begun = dict(zip(marked, pipe.execute(), strict=True))
+        except redis.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
+            # Redis at its maxmemory: processed uncounted (this guard against an entry
+            # that ends the process is lost while Redis is full), rather than stalling
+            # a restarted partition, which must deliver and acknowledge to make room
+            self.dispatcher.deferred_said = self.dispatcher.say_deferred(
+                self.dispatcher.deferred_said)
+            return entries
         kept = []
         for entry in entries:
             if begun.get(entry.id, 0) < MAX_PROCESS_ENDS:
@@ -960,13 +978,32 @@ class PartitionWorker:
         it is sent again, with its token, before anything new, and counts once."""
         self.to_ack += entry_ids
         if self.unsure is not None:
-            self._ack_round(*self.unsure)
-            self.unsure = None
+            self._ack_unsure()
         if not self.to_ack and not self.delivered:
             return
         self.unsure = (uuid.uuid4().hex, self.to_ack, self.delivered)
         self.to_ack, self.delivered = [], Counter()
-        self._ack_round(*self.unsure)
+        self._ack_unsure()
+
+    def _ack_unsure(self) -> None:
+        """Send the round in ``unsure``. One Redis at its maxmemory refused (one whose
+        first write is a count: no entry to delete first) was not carried out: its
+        counts wait with the others (made by a later round, once there is room), and
+        its entries, if any, go now alone, their deletions making room."""
+        assert self.unsure is not None
+        try:
+            self._ack_round(*self.unsure)
+        except redis.ResponseError as exc:
+            if not out_of_memory(exc):
+                raise
+            _, entry_ids, delivered = self.unsure
+            self.unsure = None
+            self.delivered.update(delivered)
+            self.dispatcher.deferred_said = self.dispatcher.say_deferred(
+                self.dispatcher.deferred_said)
+            if entry_ids:
+                self.unsure = (uuid.uuid4().hex, entry_ids, Counter())
+                self._ack_round(*self.unsure)
         self.unsure = None
 
     def _ack_round(self, token: str, entry_ids: list[str], delivered: Counter[int]) -> None:

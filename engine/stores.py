@@ -288,14 +288,25 @@ class HookRegistry:
         return _version(self.r, self.k.hooks_version)
 
     def load(self) -> tuple[int, list[Hook]]:
-        """(version, every hook) read in one transaction. A stored hook that no longer
+        """(version, every hook), read as of one version. A stored hook that no longer
         validates, or whose record is damaged, raises HookError naming it: also one
         stored under a field that is no hook id, which no tool could list, get or
         delete (it would deliver unseen)."""
-        with self.r.pipeline() as pipe:
-            pipe.get(self.k.hooks_version)
-            pipe.hgetall(self.k.hooks)
-            version, raw = pipe.execute()
+        for _ in range(REPLACE_TRIES):
+            # the version before and after, not a MULTI: Redis at its maxmemory refuses
+            # a transaction's every command, and a partition starting then could load
+            # no hook (so deliver nothing, and make no room); every change moves the
+            # version with it, so the same version around the read means no change
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.get(self.k.hooks_version)
+                pipe.hgetall(self.k.hooks)
+                pipe.get(self.k.hooks_version)
+                version, raw, after = pipe.execute()
+            if version == after:
+                break
+        else:
+            raise Conflict(f"hooks changed {REPLACE_TRIES} times while they were being "
+                           "read: try again")
         hooks = []
         for key, value in raw.items():
             if _key_id(key) is None:
