@@ -172,11 +172,15 @@ class RaySender:
             self.made.pop(ref, None)
             try:
                 outcomes, unknown = ray.get(ref)
-            except Exception as exc:  # RayError: the actor died; anything else: the same
-                # the destination is not at fault (uses up no re-send: base.UNCHARGED)
-                failed = Outcome(ok=False, error="TransportRestarted",
-                                 detail=f"transport actor failed: {type(exc).__name__}: "
-                                        f"{str(exc)[:300]}")
+            except Exception as exc:
+                # the actor died or restarts: no fault of the destination (a few in a
+                # row use up no re-send: base.uncharged); a call that raised (a bug)
+                # fails as itself, charged
+                failed = Outcome(
+                    ok=False, error="TransportRestarted" if isinstance(
+                        exc, ray.exceptions.RayActorError) else type(exc).__name__,
+                    detail=f"transport actor failed: {type(exc).__name__}: "
+                           f"{str(exc)[:300]}")
                 outcomes, unknown = {i: failed for i in covered}, []
             lost = Outcome(ok=False, error="TransportRestarted",
                            detail="the transport actor restarted; the outcome is unknown")

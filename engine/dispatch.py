@@ -53,7 +53,14 @@ from engine.stores import (
     RetryStore,
     Stats,
 )
-from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivered
+from engine.transports.base import (
+    Delivery,
+    Outcome,
+    now_ms,
+    restarts_after,
+    uncharged,
+    undelivered,
+)
 
 log = logging.getLogger("hookray")
 
@@ -940,6 +947,7 @@ class PartitionWorker:
                 # only the messages that failed are kept (the others were delivered)
                 rest, done = undelivered(delivery, outcome)
                 rest.last_attempt_ms = now_ms()
+                rest.restarts = restarts_after(delivery, outcome)
                 due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
@@ -947,7 +955,8 @@ class PartitionWorker:
                 # a booking sent again after its reply was lost counts once
                 self.booking = self.booking or uuid.uuid4().hex
                 once = (self.booked, self.booking)
-                dead = self.settings.HOOK_RETRY_TIMES == 0 and not queued(outcome)
+                dead = self.settings.HOOK_RETRY_TIMES == 0 and \
+                    not uncharged(delivery, outcome)
                 if dead:
                     self.side.retry.kill(rest, error, once=once)
                 else:

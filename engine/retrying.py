@@ -33,7 +33,14 @@ from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
 from engine.stores import CLAIM_BYTES, Once
-from engine.transports.base import Delivery, Outcome, now_ms, queued, undelivered
+from engine.transports.base import (
+    Delivery,
+    Outcome,
+    now_ms,
+    restarts_after,
+    uncharged,
+    undelivered,
+)
 
 log = logging.getLogger("hookray")
 
@@ -268,7 +275,9 @@ class RetryWorker:
         # only the messages that failed are kept (the others were delivered)
         rest, done = undelivered(delivery, outcome)
         # one that waited for its destination and was never sent uses up no re-send
-        rest = msgspec.structs.replace(rest, resends=delivery.resends + (not queued(outcome)),
+        free = uncharged(delivery, outcome)
+        rest = msgspec.structs.replace(rest, resends=delivery.resends + (not free),
+                                       restarts=restarts_after(delivery, outcome),
                                        last_attempt_ms=now_ms())
         # a destination's answer may echo the secrets it was sent: never kept, masked
         # with those of the hook as it was sent (deleted or changed meanwhile, say) and
@@ -277,7 +286,7 @@ class RetryWorker:
         for hook in (self.sent_with.get(delivery.id), self.hooks.get(delivery.hook_id)):
             if hook is not None:
                 error = scrub(error, hook_secrets(hook))
-        dead = not queued(outcome) and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES)
+        dead = not free and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES)
         if dead:
             self.side.retry.kill(rest, error, delivered=done, once=once)
         else:

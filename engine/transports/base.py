@@ -47,6 +47,7 @@ class Delivery(msgspec.Struct):
     created_ms: int = 0
     last_error: str = ""
     last_attempt_ms: int = 0
+    restarts: int = 0  # TransportRestarted failures in a row, using up no re-send
 
     @property
     def count(self) -> int:
@@ -69,22 +70,34 @@ class Outcome(msgspec.Struct, omit_defaults=True):
         return f"{kind}{self.detail}"[:1000]
 
 
-# failures that say nothing of the destination: it is scheduled again without using up
-# a re-send, and never dead-lettered for them
-UNCHARGED = frozenset({
-    "Queued",  # never sent, having waited DESTINATION_QUEUE_SEC for its destination
-    # the transport actor died or restarted (calls made while Ray restarts it fail at
-    # once, sent or not): with HOOK_RETRY_TIMES 0, or on a last re-send, a batch never
-    # sent would otherwise be a dead letter
-    "TransportRestarted",
-})
+# TransportRestarted failures in a row that use up no re-send: one more is charged (a
+# delivery that ends its transport actor each time it is sent is no restart's victim)
+MAX_UNCHARGED_RESTARTS = 5
+
+
+def uncharged(delivery: Delivery, outcome: Outcome) -> bool:
+    """Whether a failed delivery's failure says nothing of its destination: it is
+    scheduled again without using up a re-send, and never dead-lettered for it. One
+    that waited DESTINATION_QUEUE_SEC for its destination and was never sent
+    (``Queued``); one whose transport actor died or restarted (calls made while Ray
+    restarts it fail at once, sent or not: with HOOK_RETRY_TIMES 0, or on a last
+    re-send, a batch never sent would be a dead letter), up to MAX_UNCHARGED_RESTARTS
+    times in a row (``Delivery.restarts``)."""
+    if outcome.error == "Queued":
+        return True
+    return outcome.error == "TransportRestarted" and \
+        delivery.restarts < MAX_UNCHARGED_RESTARTS
+
+
+def restarts_after(delivery: Delivery, outcome: Outcome) -> int:
+    """``Delivery.restarts`` after ``outcome``: counted on, or back to 0."""
+    return delivery.restarts + 1 if outcome.error == "TransportRestarted" else 0
 
 
 def queued(outcome: Outcome) -> bool:
-    """Whether a failed delivery's failure is no fault of its destination
-    (``UNCHARGED``): it is scheduled again without using up a re-send, and never
-    dead-lettered for it."""
-    return outcome.error in UNCHARGED
+    """Whether a failed delivery was never sent, having waited DESTINATION_QUEUE_SEC for
+    its destination (Queued)."""
+    return outcome.error == "Queued"
 
 
 def undelivered(delivery: Delivery, outcome: Outcome) -> tuple[Delivery, int]:

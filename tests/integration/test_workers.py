@@ -3002,13 +3002,32 @@ def test_a_transport_actor_restart_uses_up_no_re_send(
         assert time.monotonic() < deadline
         worker.step()
     (resend,) = senders[1].held
-    assert resend.resends == 0
+    assert (resend.resends, resend.restarts) == (0, 1)
     senders[1].held.clear()
     senders[1].done.append((resend, restarted))
     worker.step()
     assert retry.pending() == 1 and retry.dead_letters() == []
     counts = Stats(redis_client, keys).get(created.id or 0)
     assert counts["dead_lettered"] == 0
+    # but a delivery whose every send ends its transport actor is no restart's victim:
+    # after MAX_UNCHARGED_RESTARTS such failures in a row, the next one is charged
+    from engine.transports.base import MAX_UNCHARGED_RESTARTS
+
+    tries = 1
+    while not retry.dead_letters():
+        assert tries <= MAX_UNCHARGED_RESTARTS, "never charged"
+        deadline = time.monotonic() + 5
+        while not senders[1].held:
+            assert time.monotonic() < deadline
+            worker.step()
+        (resend,) = senders[1].held
+        senders[1].held.clear()
+        senders[1].done.append((resend, restarted))
+        worker.step()
+        tries += 1
+    assert tries == MAX_UNCHARGED_RESTARTS  # with the partition's: one more than that
+    (dead,) = retry.dead_letters()
+    assert dead.resends == 1 and dead.last_error.startswith("TransportRestarted: ")
 
 
 def test_the_retry_worker_holds_a_bounded_size_of_re_sends_awaiting_outcomes(
