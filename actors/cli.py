@@ -89,7 +89,10 @@ def _read_json(path: str) -> Any:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """The main job: start the engine from main.json and run until interrupted."""
+    from actors import logs
     from actors.driver import Engine
+
+    logs.configure()  # the driver's own lines (its claim on the prefix lost...) as the actors'
 
     settings = load_settings(args.config)
     if args.api_port is not None:

@@ -91,7 +91,7 @@ def run_argv(args: argparse.Namespace, extra: list[str]) -> list[str]:
 
 
 # the engine's shutdown (actors.driver.STOP_SEC) and a margin for the driver's own end
-STOP_WAIT_NEEDED_SEC = 25.0
+STOP_WAIT_NEEDED_SEC = 25
 
 
 def stop_wait_warning(env: dict[str, str] | os._Environ[str]) -> str | None:
@@ -100,9 +100,11 @@ def stop_wait_warning(env: dict[str, str] | os._Environ[str]) -> str | None:
     shutdown short (hand-overs not taken back, connections not closed)."""
     raw = env.get("RAY_JOB_STOP_WAIT_TIME_S", "")
     try:
-        wait = float(raw) if raw else 3.0
+        wait = int(raw) if raw else 3  # as Ray reads it: "30.5" fails `ray job stop`
     except ValueError:
-        wait = 3.0
+        return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {raw!r}, not a whole "
+                f"number of seconds: Ray cannot read it when the job is stopped; set it to "
+                f"30 in the job's runtime_env env_vars")
     if wait >= STOP_WAIT_NEEDED_SEC:
         return None
     return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {raw or 'not set (3 s)'}: "

@@ -1025,11 +1025,13 @@ async def health(request: web.Request) -> web.Response:
             return web.json_response({"status": "unavailable",
                                       "reason": "the engine's Redis does not answer"},
                                      status=503)
-        # WRONGTYPE: {p}:config is no hash (the marks are read by MGET, which takes any)
-        backend.warn(f"{type(exc).__name__}: {exc}", f"GET /v1/health: Redis refused to "
-                     f"read {backend.retry.k.config}: {exc}", logging.ERROR)
-        return web.json_response({"status": "unavailable", "reason": HEALTH_DAMAGED},
-                                 status=503)
+        # WRONGTYPE: {p}:config is no hash (the marks are read by MGET, which takes
+        # any); else a refusal that does not pass (an ACL): not the data's fault
+        backend.warn(f"{type(exc).__name__}: {exc}", f"GET /v1/health: Redis refused a "
+                     f"command ({exc})", logging.ERROR)
+        return web.json_response({"status": "unavailable", "reason": (
+            HEALTH_DAMAGED if damaged_data(exc) else "the engine's Redis refused a command "
+            "(the engine's log says which)")}, status=503)
     except ConfigError as exc:  # {p}:config holds no partition count the engine wrote
         # the probe's shape still; which key, and how to repair it, are for the log to
         # say (this answer needs no token), once a minute (a probe asks every few seconds)

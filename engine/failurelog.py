@@ -25,10 +25,16 @@ class _Tally:
 
 
 class FailureLog:
+    """A worker's failed deliveries, logged per hook: a hook's first at once, then one
+    line a minute at most while they go on; at most MAX_HOOKS hook lines a minute in
+    all, the other hooks then summed in one line a minute."""
+
     def __init__(self, who: str) -> None:
         self.who = who  # "partition 3", "retry worker"
-        self.hooks: dict[int, _Tally] = {}
-        self.said = -EVERY_SEC
+        self.hooks: dict[int, _Tally] = {}  # failures not said yet, by hook
+        self.said_at: dict[int, float] = {}  # when each hook was last said
+        self.window = (-EVERY_SEC, 0)  # (start of the minute, hook lines said in it)
+        self.rest_said = -EVERY_SEC  # when the other hooks were last summed
 
     def failed(self, hook_id: int, account_id: int, kind: str, messages: int, error: str,
                dead: bool) -> None:
@@ -43,20 +49,33 @@ class FailureLog:
         self.say()
 
     def say(self, now: float | None = None) -> None:
-        """Log what failed since the last summary, if one is due."""
-        now = time.monotonic() if now is None else now
-        if not self.hooks or now - self.said < EVERY_SEC:
+        """Log the failures of the hooks not said in the last minute."""
+        if not self.hooks:
             return
-        worst = sorted(self.hooks.items(), key=lambda item: -item[1].failed)
-        for hook_id, t in worst[:MAX_HOOKS]:
+        now = time.monotonic() if now is None else now
+        due = [h for h in self.hooks if now - self.said_at.get(h, -EVERY_SEC) >= EVERY_SEC]
+        if not due:
+            return
+        start, lines = self.window
+        if now - start >= EVERY_SEC:
+            start, lines = now, 0
+        due.sort(key=lambda h: -self.hooks[h].failed)
+        room = max(0, MAX_HOOKS - lines)
+        for hook_id in due[:room]:
+            t = self.hooks.pop(hook_id)
             dead = f", {t.dead} dead-lettered" if t.dead else ""
             log.warning("%s: hook %d (account %d, %s): %d message(s) failed%s since the "
                         "last such line; last error: %s", self.who, hook_id, t.account_id,
                         t.kind, t.failed, dead, t.last_error[:300])
-        if len(worst) > MAX_HOOKS:
-            rest = worst[MAX_HOOKS:]
+            self.said_at[hook_id] = now
+        self.window = (start, lines + len(due[:room]))
+        rest = due[room:]
+        if rest and now - self.rest_said >= EVERY_SEC:
+            tallies = [self.hooks.pop(h) for h in rest]
             log.warning("%s: and %d more hook(s): %d message(s) failed, %d dead-lettered",
-                        self.who, len(rest), sum(t.failed for _, t in rest),
-                        sum(t.dead for _, t in rest))
-        self.hooks.clear()
-        self.said = now
+                        self.who, len(rest), sum(t.failed for t in tallies),
+                        sum(t.dead for t in tallies))
+            self.rest_said = now
+        if len(self.said_at) > 4 * MAX_HOOKS:  # hooks said over a minute ago: forgotten
+            self.said_at = {h: at for h, at in self.said_at.items()
+                            if now - at < EVERY_SEC}

@@ -405,8 +405,28 @@ async def test_health_over_a_damaged_config_answers_the_probe_shape(
     lines = [r.getMessage() for r in said(caplog, "hookray.api")]
     assert len(lines) == 2, lines  # once a minute per cause, not per probe
     assert lines[0].startswith(f"GET /v1/health: {keys.config} field partitions holds 'four'")
-    assert lines[1].startswith(f"GET /v1/health: Redis refused to read {keys.config}: "
-                               "WRONGTYPE")
+    assert lines[1].startswith("GET /v1/health: Redis refused a command (WRONGTYPE")
+
+
+async def test_health_over_a_refusal_that_is_not_the_datas_says_so(
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Redis refusal that does not pass and is no damaged data (an ACL that forbids a
+    command) is not called a damaged configuration."""
+    import engine.api
+
+    def refused(*args: Any, **kwargs: Any) -> Any:
+        raise redis.ResponseError("NOPERM this user has no permissions to run the 'mget' "
+                                  "command")
+
+    monkeypatch.setattr(engine.api, "engine_health", refused)
+    client = await _client(settings)
+    try:
+        async with client.get("/v1/health") as rsp:
+            status, body = rsp.status, await rsp.json()
+    finally:
+        await client.close()
+    assert (status, body) == (503, {"status": "unavailable", "reason": "the engine's Redis "
+                                    "refused a command (the engine's log says which)"})
 
 
 # --- 12: token records are read as hookray writes them -----------------------------------
