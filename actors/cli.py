@@ -464,7 +464,7 @@ def _redis_full(r: Any) -> str | None:
         return None
     if not most or used < most:
         return None
-    return (f"Redis is at its maxmemory ({used} of {most} bytes used): it refuses the "
+    return (f"Redis is at its maxmemory ({most} bytes): it refuses the "
             "workers' marks that they run (those shown stopped may be delivering: they "
             "make room as they acknowledge), the hooks' counts wait, and nothing new is "
             "accepted; give Redis more memory")

@@ -67,6 +67,7 @@ class RaySender:
         # ref -> actor, ids the call covers, ids among them it asks about (handed over before)
         self.calls: dict[Any, tuple[ActorKey, list[str], list[str]]] = {}
         self.made: dict[Any, float] = {}  # ref -> when the call was made (monotonic)
+        self.killed: dict[ActorKey, float] = {}  # actor -> when _hung last killed it
         self.failed: list[tuple[Delivery, Outcome]] = []  # failed here, returned by poll
         # id(hook) -> its target JSON, for as long as that Hook object lives: a reload
         # of the hooks (any change of any hook) makes new ones, and the old ones' entries,
@@ -215,8 +216,12 @@ class RaySender:
             log.warning("transport actor %s #%d answered no call within %.0f s: restarted, "
                         "its %d batch(es) of that call sent again later", key[0], key[1],
                         CALL_DEADLINE_SEC, len(covered))
-            with suppress(Exception):
-                ray.kill(self.pools[key[0]][key[1]], no_restart=False)
+            # once for all of its calls that hung (a second kill could hit the process
+            # Ray is starting in its place)
+            if now - self.killed.get(key, -CALL_DEADLINE_SEC) >= CALL_DEADLINE_SEC:
+                self.killed[key] = now
+                with suppress(Exception):
+                    ray.kill(self.pools[key[0]][key[1]], no_restart=False)
             hung = Outcome(ok=False, error="TransportRestarted",
                            detail=f"the transport actor answered no call within "
                                   f"{CALL_DEADLINE_SEC:.0f} s; restarted")

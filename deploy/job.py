@@ -98,16 +98,17 @@ def stop_wait_warning(env: dict[str, str] | os._Environ[str]) -> str | None:
     """What to say of the job's RAY_JOB_STOP_WAIT_TIME_S, or None: `ray job stop`
     SIGKILLs the driver that long after its SIGTERM (default 3 s), cutting the engine's
     shutdown short (hand-overs not taken back, connections not closed)."""
-    raw = env.get("RAY_JOB_STOP_WAIT_TIME_S", "")
+    raw = env.get("RAY_JOB_STOP_WAIT_TIME_S")
     try:
-        wait = int(raw) if raw else 3  # as Ray reads it: "30.5" fails `ray job stop`
+        wait = int(raw) if raw is not None else 3  # as Ray reads it: "30.5", "" fail
     except ValueError:
         return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {raw!r}, not a whole "
                 f"number of seconds: Ray cannot read it when the job is stopped; set it to "
                 f"30 in the job's runtime_env env_vars")
     if wait >= STOP_WAIT_NEEDED_SEC:
         return None
-    return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {raw or 'not set (3 s)'}: "
+    shown = raw if raw is not None else "not set (3 s)"
+    return (f"deploy/job.py: warning: RAY_JOB_STOP_WAIT_TIME_S is {shown}: "
             f"`ray job stop` kills this job before its shutdown (up to 20 s) ends; set it "
             f"to 30 in the job's runtime_env env_vars")
 

@@ -690,11 +690,13 @@ def _if_match(request: web.Request) -> list[str] | None:
     if raw is None or raw.strip() == "*":
         return None
     tags = [tag.strip() for tag in raw.split(",") if tag.strip()]
-    if not tags or any(not re.fullmatch(r'"[^"]*"', tag) for tag in tags):
+    if not tags or any(not re.fullmatch(r'(W/)?"[^"]*"', tag) for tag in tags):
         reason = 'expected "*" or one or more ETags as a read sent them (quoted)'
         raise ApiError(400, f"If-Match: {shown(raw)}: {reason}",
                        [{"field": "If-Match", "reason": reason}])
-    return tags
+    # a weak one (W/"...", as a proxy may have made it) never matches: If-Match compares
+    # strongly (RFC 9110), so the change is refused as for a hook changed since
+    return [tag for tag in tags if not tag.startswith("W/")]
 
 
 # --- handlers --------------------------------------------------------------------------

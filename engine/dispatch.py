@@ -946,8 +946,10 @@ class PartitionWorker:
             else:
                 # only the messages that failed are kept (the others were delivered)
                 rest, done = undelivered(delivery, outcome)
-                rest.last_attempt_ms = now_ms()
-                rest.restarts = restarts_after(delivery, outcome)
+                # a copy (``rest`` may be ``delivery`` itself): a booking tried again
+                # after a Redis error starts from the delivery as it was
+                rest = msgspec.structs.replace(rest, last_attempt_ms=now_ms(),
+                                               restarts=restarts_after(delivery, outcome))
                 due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]

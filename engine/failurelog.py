@@ -35,6 +35,7 @@ class FailureLog:
         self.said_at: dict[int, float] = {}  # when each hook was last said
         self.window = (-EVERY_SEC, 0)  # (start of the minute, hook lines said in it)
         self.rest_said = -EVERY_SEC  # when the other hooks were last summed
+        self.looked_at = -EVERY_SEC  # when say() last looked at every hook waiting
 
     def failed(self, hook_id: int, account_id: int, kind: str, messages: int, error: str,
                dead: bool) -> None:
@@ -46,28 +47,45 @@ class FailureLog:
         tally.failed += messages
         tally.dead += messages if dead else 0
         tally.last_error = error
-        self.say()
+        # this hook alone, at once if due (a look at every hook waiting to be said, at
+        # each failure, would cost as much as hooks times failures)
+        now = time.monotonic()
+        if now - self.said_at.get(hook_id, -EVERY_SEC) >= EVERY_SEC:
+            start, lines = self._window(now)
+            if lines < MAX_HOOKS:
+                self._say(hook_id, now)
+                self.window = (start, lines + 1)
+
+    def _window(self, now: float) -> tuple[float, int]:
+        """(start of the current minute, hook lines said in it)."""
+        start, lines = self.window
+        return (now, 0) if now - start >= EVERY_SEC else (start, lines)
+
+    def _say(self, hook_id: int, now: float) -> None:
+        t = self.hooks.pop(hook_id)
+        dead = f", {t.dead} dead-lettered" if t.dead else ""
+        log.warning("%s: hook %d (account %d, %s): %d message(s) failed%s since the last "
+                    "such line; last error: %s", self.who, hook_id, t.account_id, t.kind,
+                    t.failed, dead, t.last_error[:300])
+        self.said_at[hook_id] = now
 
     def say(self, now: float | None = None) -> None:
-        """Log the failures of the hooks not said in the last minute."""
+        """Log the failures of the hooks not said in the last minute (a look at every
+        hook waiting: once a second at most)."""
         if not self.hooks:
             return
         now = time.monotonic() if now is None else now
+        if now - self.looked_at < 1.0:
+            return
+        self.looked_at = now
         due = [h for h in self.hooks if now - self.said_at.get(h, -EVERY_SEC) >= EVERY_SEC]
         if not due:
             return
-        start, lines = self.window
-        if now - start >= EVERY_SEC:
-            start, lines = now, 0
+        start, lines = self._window(now)
         due.sort(key=lambda h: -self.hooks[h].failed)
         room = max(0, MAX_HOOKS - lines)
         for hook_id in due[:room]:
-            t = self.hooks.pop(hook_id)
-            dead = f", {t.dead} dead-lettered" if t.dead else ""
-            log.warning("%s: hook %d (account %d, %s): %d message(s) failed%s since the "
-                        "last such line; last error: %s", self.who, hook_id, t.account_id,
-                        t.kind, t.failed, dead, t.last_error[:300])
-            self.said_at[hook_id] = now
+            self._say(hook_id, now)
         self.window = (start, lines + len(due[:room]))
         rest = due[room:]
         if rest and now - self.rest_said >= EVERY_SEC:

@@ -1354,6 +1354,7 @@ class RetryStore:
             # the replay's send is not a re-send: as a new delivery, it is sent once,
             # then up to HOOK_RETRY_TIMES times again (with 0 resends, it was one less)
             delivery.resends = -1
+            delivery.restarts = 0  # and its transport restarts, as a new delivery's
             args += [delivery_id, hashlib.sha1(raw).hexdigest(),
                      pack_delivery(delivery) if mode == "replay" else b"",
                      keys.place(self.k.dead_of_account(delivery.account_id)),

@@ -63,5 +63,6 @@ def test_every_submit_example_raises_the_stop_wait_and_the_job_warns_when_it_is_
     assert "is 10" in (stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": "10"}) or "")
     assert stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": "30"}) is None
     # Ray reads it with int(): a fraction fails `ray job stop` itself
-    assert "not a whole number" in (stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": "30.5"})
-                                    or "")
+    for bad in ("30.5", ""):
+        assert "not a whole number" in (stop_wait_warning({"RAY_JOB_STOP_WAIT_TIME_S": bad})
+                                        or ""), bad

@@ -11,7 +11,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import msgspec
@@ -3028,6 +3028,48 @@ def test_a_transport_actor_restart_uses_up_no_re_send(
     assert tries == MAX_UNCHARGED_RESTARTS  # with the partition's: one more than that
     (dead,) = retry.dead_letters()
     assert dead.resends == 1 and dead.last_error.startswith("TransportRestarted: ")
+
+
+def test_a_restart_counted_once_however_often_its_booking_is_tried(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A partition's TransportRestarted failure whose booking Redis failed several times
+    is booked as one restart (the delivery is not changed by the tries), so it still
+    uses up no re-send; a replayed dead letter starts its restarts again too."""
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    created = HookRegistry(redis_client, keys).create(hook())
+    intake = one_intake(redis_client, keys, 10)
+    intake.publish(clicks(10))
+    sender = InProcessSender(hold=True)
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    run_until(worker, lambda: len(sender.held) == 1)
+    sender.done.append((sender.held.pop(), Outcome(ok=False, error="TransportRestarted",
+                                                   detail="transport actor failed")))
+    real = worker.side.retry.schedule
+    fails = [4]
+
+    def down(*args: Any, **kwargs: Any) -> Any:
+        if fails[0]:
+            fails[0] -= 1
+            raise redis.ConnectionError("Connection reset by peer")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(worker.side.retry, "schedule", down)
+    deadline = time.monotonic() + 5
+    while redis_client.xlen(keys.intake(0)):
+        assert time.monotonic() < deadline
+        with suppress(redis.ConnectionError):
+            worker.step(block_ms=10)
+    retry = RetryStore(redis_client, keys)
+    assert retry.dead_letters() == [] and fails == [0]
+    (scheduled,) = retry.claim_due(10, now=now_ms() + 3_600_000)
+    assert (scheduled.restarts, scheduled.resends) == (1, 0)
+    # dead-lettered with restarts counted, then replayed: a new delivery's count
+    retry.kill(msgspec.structs.replace(scheduled, restarts=4), "TransportRestarted: x")
+    assert retry.replay([scheduled.id]) == 1
+    (replayed,) = retry.claim_due(10, now=now_ms() + 3_600_000)
+    assert (replayed.restarts, replayed.resends) == (0, -1)
+    assert created.id is not None
 
 
 def test_the_retry_worker_holds_a_bounded_size_of_re_sends_awaiting_outcomes(
