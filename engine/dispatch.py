@@ -567,7 +567,6 @@ class PartitionWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
-        self.losses_seen = 0  # Holding.losses when the worker last dropped its work
         self.failure_log = FailureLog(f"partition {partition}")
         # entries read from this consumer's pending ones count a process end each
         # (_processing_ends), but those read again after another engine's claim did not
@@ -587,21 +586,10 @@ class PartitionWorker:
         """One round: refresh, read, batch, send, settle, ack. Returns entries read.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            try:
-                self.holding.check(collect=self._collect)
-            finally:
-                if self.holding.losses != self.losses_seen:
-                    self.losses_seen = self.holding.losses
-                    self._drop_work()
+            self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
+                               self._drop_work)
         with paused_gc():
             return self._step(block_ms)
-
-    def _collect(self) -> None:
-        """Outcomes collected while the round cannot go on: kept to be booked while
-        Redis fails, dropped while another engine holds the claim (_drop_work)."""
-        outcomes = self.sender.poll(0.0)
-        if not (self.holding is not None and self.holding.taken):
-            self.settling.extend(outcomes)
 
     def _drop_work(self) -> None:
         """Another engine took the claim: the entries this worker read and has not

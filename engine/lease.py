@@ -222,23 +222,31 @@ class Holding:
         # how often a look found another engine's claim after one that did not: the
         # worker drops the work it holds each time, as that engine takes it up
         self.losses = 0
+        self.dropped = 0  # ``losses`` when the worker last dropped its work
 
-    def check(self, collect: Callable[[], None] | None = None) -> None:
+    def check(self, poll: Callable[[], list[Any]], keep: Callable[[list[Any]], Any],
+              lost: Callable[[], None]) -> None:
         """PrefixTaken while another engine holds the claim (a Redis error while the
-        claim cannot be read); ``collect`` runs first then (its own errors dropped): a
-        worker's outcomes are still collected, booked by a later round, as a transport
-        actor drops those left uncollected through a long outage, and their deliveries
-        would be sent again. A worker whose claim another engine took drops the work it
-        holds (``losses`` moved): the other engine takes up the unacknowledged entries and the
-        re-sends whose leases ran out, and outcomes booked over its bookings would
-        send again, or dead-letter, what it delivered."""
+        claim cannot be read). The worker's outcomes (``poll()``) are still collected
+        then, as a transport actor drops those left uncollected through a long outage
+        (their deliveries would be sent again): ``keep(outcomes)`` to be booked by a
+        later round while Redis fails, dropped while another engine holds the claim.
+        ``lost()``, once each time another engine took the claim since (``losses``),
+        drops the work the worker holds: the other engine takes up the unacknowledged
+        entries and the re-sends whose leases ran out, and outcomes booked over its
+        bookings would send again, or dead-letter, what it delivered."""
         try:
             self._check()
         except Exception:
-            if collect is not None:
-                with contextlib.suppress(Exception):
-                    collect()
+            with contextlib.suppress(Exception):
+                outcomes = poll()
+                if not self.taken:
+                    keep(outcomes)
             raise
+        finally:
+            if self.losses != self.dropped:
+                self.dropped = self.losses
+                lost()
 
     def _check(self) -> None:
         now = time.monotonic()

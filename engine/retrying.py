@@ -78,7 +78,6 @@ class RetryWorker:
         self.sent_with: dict[str, Hook] = {}  # delivery id -> the hook it was sent for
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
-        self.losses_seen = 0  # Holding.losses when the worker last dropped its work
         self.failure_log = FailureLog("retry worker")
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
@@ -95,12 +94,8 @@ class RetryWorker:
         """Claim and send what is due, settle what came back. Returns deliveries sent.
         PrefixTaken, touching nothing, while another engine holds the prefix."""
         if self.holding is not None:
-            try:
-                self.holding.check(collect=self._collect)
-            finally:
-                if self.holding.losses != self.losses_seen:
-                    self.losses_seen = self.holding.losses
-                    self._drop_work()
+            self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
+                               self._drop_work)
         try:
             due = self._hand_over()
         except Exception:
@@ -133,13 +128,6 @@ class RetryWorker:
         self.side.retry.kill(delivery, error, hook_gone=hook_gone)
         self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
                                 delivery.count, error, dead=True)
-
-    def _collect(self) -> None:
-        """Outcomes collected while the step cannot go on: kept to be booked while
-        Redis fails, dropped while another engine holds the claim (_drop_work)."""
-        outcomes = self.sender.poll(0.0)
-        if not (self.holding is not None and self.holding.taken):
-            self.settling.extend(outcomes)
 
     def _drop_work(self) -> None:
         """Another engine took the claim: the re-sends handed over and their outcomes

@@ -188,13 +188,23 @@ def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
     monkeypatch.setattr(lease_module, "CHECK_SEC", 0.0)  # look every time
     mine = lease(redis_client, keys, ttl=5)
     holding = Holding(redis_client, keys, mine.owner)
-    holding.check()  # nobody's claim (Redis lost it, say): no reason to wait
+    drops: list[int] = []  # each time the worker drops its work
+    kept: list[object] = []
+
+    def check() -> None:
+        holding.check(lambda: ["outcome"], kept.extend, lambda: drops.append(holding.losses))
+
+    check()  # nobody's claim (Redis lost it, say): no reason to wait
     assert mine.claim() is None
-    holding.check()  # ours
+    check()  # ours
+    assert mine.claim() is None
+    check()  # renewed: the same claim
+    assert drops == []
     redis_client.delete(keys.engine)
     assert lease(redis_client, keys, host="box-b").claim() is None
     with pytest.raises(PrefixTaken) as info:
-        holding.check()
+        check()
+    assert drops == [1] and kept == []  # work dropped, outcomes not kept
     assert str(info.value) == (
         f"another engine holds this engine's REDIS_PREFIX claim, the workers wait: "
         f"{keys.engine} is held by host box-b, pid 41, Ray cluster 10.0.0.1:6379, started "
@@ -203,7 +213,24 @@ def test_a_worker_waits_only_while_another_engine_holds_the_prefix(
     assert public_reason(str(info.value)) == (
         "another engine holds this engine's REDIS_PREFIX claim, the workers wait")
     redis_client.delete(keys.engine)
-    holding.check()  # free again
+    check()  # free again
+    assert mine.claim() is None
+    check()  # ours again: the loss was counted when the other claim was seen
+    assert drops == [1]
+    # the claim lapses and is taken again unseen (the worker could not look): another
+    # engine may have held it meanwhile, so the worker drops its work
+    redis_client.delete(keys.engine)
+    assert mine.claim() is None
+    check()
+    assert drops == [1, 2]
+    # Redis fails the look: outcomes kept to be booked later, nothing dropped
+    def down(*args: object) -> None:
+        raise redis.ConnectionError("down")
+
+    monkeypatch.setattr(redis_client, "get", down)
+    with pytest.raises(redis.ConnectionError):
+        check()
+    assert kept == ["outcome"] and drops == [1, 2]
 
 
 def test_a_worker_looks_at_the_claim_at_most_once_a_second(
@@ -214,14 +241,17 @@ def test_a_worker_looks_at_the_claim_at_most_once_a_second(
         strftime=time.strftime))
     holding = Holding(redis_client, keys, "a" * 32)
     redis_client.set(keys.engine, "b" * 32 + " {}", px=5000)
+    def check() -> None:
+        holding.check(list, lambda outcomes: None, lambda: None)
+
     with pytest.raises(PrefixTaken):
-        holding.check()
+        check()
     redis_client.delete(keys.engine)
     clock[0] += lease_module.CHECK_SEC * 0.99
     with pytest.raises(PrefixTaken):  # within CHECK_SEC: the last look still holds
-        holding.check()
+        check()
     clock[0] += lease_module.CHECK_SEC * 0.01
-    holding.check()
+    check()
 
 
 def test_the_renewer_writes_the_records_again_only_while_the_claim_is_its_own(
