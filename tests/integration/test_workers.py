@@ -2834,13 +2834,9 @@ def test_outcomes_are_collected_while_the_engine_claim_cannot_be_read(
     assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 11
 
 
-def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_booked(
-        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
-    """The workers' claim lapsed and another engine took it while a batch and a re-send
-    were out; they failed meanwhile, and the other engine delivered the re-send. Once
-    the claim is back, those stale failures are dropped, not booked over the other
-    engine's work (which would send the delivered re-send again, or dead-letter it),
-    and the partition reads its unacknowledged entries again and delivers them."""
+def claim_scene(redis_client: redis.Redis, settings: Settings, keys: Keys) -> tuple[Any, ...]:
+    """An engine's partition and retry workers (HOOK_RETRY_TIMES 1) under its claim on
+    the prefix, each with a send out and held: a batch of 10 clicks and a re-send."""
     from engine.lease import EngineLease
 
     cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 1})
@@ -2859,6 +2855,18 @@ def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_boo
     intake.publish(clicks(10))
     run_until(workers[0], lambda: len(senders[0].held) == 1)
     assert workers[1].step() == 1 and len(senders[1].held) == 1
+    return created, retry, resend, ours, other, senders, workers
+
+
+def test_outcomes_of_sends_from_before_another_engine_took_the_claim_are_not_booked(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The workers' claim lapsed and another engine took it while a batch and a re-send
+    were out; they failed meanwhile, and the other engine delivered the re-send. Once
+    the claim is back, those stale failures are dropped, not booked over the other
+    engine's work (which would send the delivered re-send again, or dead-letter it),
+    and the partition reads its unacknowledged entries again and delivers them."""
+    created, retry, resend, ours, other, senders, workers = claim_scene(
+        redis_client, settings, keys)
     # our claim lapsed and the other engine took it
     assert ours.release() and other.claim() is None
     for worker in workers:
@@ -2895,24 +2903,8 @@ def test_a_claim_lost_and_taken_back_while_the_workers_could_not_look_drops_thei
     it, delivers their re-send and stops, and their engine takes the claim again: they
     never saw the other claim, yet the claim is another taking of it, so the outcomes
     they collected meanwhile are dropped, not booked over the other engine's work."""
-    from engine.lease import EngineLease
-
-    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 1})
-    created = HookRegistry(redis_client, keys).create(hook())
-    intake = one_intake(redis_client, keys, 1000)
-    retry = RetryStore(redis_client, keys)
-    resend = Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
-                      parts=[b"{}"], message_ids=["m1"], resends=0)
-    retry.schedule(resend, due_ms=0, error="HTTP 500")
-    ours = EngineLease(redis_client, keys, 30, about={"host": "here"})
-    other = EngineLease(redis_client, keys, 30, about={"host": "elsewhere"})
-    assert ours.claim() is None
-    senders = [InProcessSender(hold=True), InProcessSender(hold=True)]
-    workers: list[Any] = [PartitionWorker(cfg, redis_client, 0, senders[0], owner=ours.owner),
-                          RetryWorker(cfg, redis_client, senders[1], owner=ours.owner)]
-    intake.publish(clicks(10))
-    run_until(workers[0], lambda: len(senders[0].held) == 1)
-    assert workers[1].step() == 1 and len(senders[1].held) == 1
+    created, retry, resend, ours, other, senders, workers = claim_scene(
+        redis_client, settings, keys)
 
     def cut(*args: Any, **kwargs: Any) -> Any:
         raise redis.ConnectionError("Connection timed out")
