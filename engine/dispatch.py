@@ -307,19 +307,17 @@ class Dispatcher:
                 # and deletes make room (PartitionWorker._ack_round); else the engine
                 # would stall for good, its entries filling Redis
                 self.deferred.update(counts)
-                self.deferred_said = self.say_deferred(self.deferred_said)
+                self.say_deferred()
         self.unsure_count = None
 
-    @staticmethod
-    def say_deferred(said: float) -> float:
-        """Log, once a minute (``said``: when it was last), that counts wait for room in
-        Redis; returns when it was last said now."""
-        if time.monotonic() - said < 60:
-            return said
+    def say_deferred(self) -> None:
+        """Log, once a minute, that counts wait for room in Redis."""
+        if time.monotonic() - self.deferred_said < 60:
+            return
         log.warning("Redis is at its maxmemory: the hooks' accepted and delivered counts "
                     "wait (made once it has room; lost if the partition's process ends "
                     "meanwhile), delivery and acknowledgements go on")
-        return time.monotonic()
+        self.deferred_said = time.monotonic()
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
              entry_ids: list[str], now: float) -> None:
@@ -701,8 +699,7 @@ class PartitionWorker:
             # Redis at its maxmemory: processed uncounted (this guard against an entry
             # that ends the process is lost while Redis is full), rather than stalling
             # a restarted partition, which must deliver and acknowledge to make room
-            self.dispatcher.deferred_said = self.dispatcher.say_deferred(
-                self.dispatcher.deferred_said)
+            self.dispatcher.say_deferred()
             return entries
         kept = []
         for entry in entries:
@@ -998,8 +995,7 @@ class PartitionWorker:
             _, entry_ids, delivered = self.unsure
             self.unsure = None
             self.delivered.update(delivered)
-            self.dispatcher.deferred_said = self.dispatcher.say_deferred(
-                self.dispatcher.deferred_said)
+            self.dispatcher.say_deferred()
             if entry_ids:
                 self.unsure = (uuid.uuid4().hex, entry_ids, Counter())
                 self._ack_round(*self.unsure)
