@@ -17,12 +17,19 @@ import sys
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+# aiohttp's own lines in the API actor: a request handler or a connection that failed
+# outside the engine's routes ("Error handling request"), logged by ``aiohttp.server``
+# and ``aiohttp.web`` at ERROR with a traceback; its access log is off (actors/api.py)
+LIBRARIES = ("aiohttp",)
+
+
 def configure() -> None:
     """Give the ``hookray`` logger (and so ``hookray.api``...) a handler on stderr at
-    INFO, once per process (an actor restarted in the same worker process, or several
-    actors in one, add none more). A process whose logging was configured otherwise
-    (a handler on the root logger, or on ``hookray``) is left as it is: its handlers
-    already say these lines, and one more would say each twice."""
+    INFO, and the ``aiohttp`` logger the same handler at WARNING, once per process (an
+    actor restarted in the same worker process, or several actors in one, add none
+    more). A process whose logging was configured otherwise (a handler on the root
+    logger, or on ``hookray``) is left as it is: its handlers already say these lines,
+    and one more would say each twice."""
     engine = logging.getLogger("hookray")
     if engine.handlers or logging.getLogger().handlers:
         return
@@ -31,3 +38,9 @@ def configure() -> None:
     engine.addHandler(handler)
     if engine.level == logging.NOTSET:
         engine.setLevel(logging.INFO)
+    for name in LIBRARIES:
+        library = logging.getLogger(name)
+        if not library.handlers:
+            library.addHandler(handler)
+            if library.level == logging.NOTSET:
+                library.setLevel(logging.WARNING)

@@ -1167,8 +1167,14 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
         response = error_response(400, "the connection closed before the body was read")
         response.force_close()  # nobody reads it; aiohttp drops it without a word
         return response
-    except Exception:
-        log.exception("%s %s failed", request.method, request.path)
+    except Exception as exc:
+        # one fault fails every request that meets it: said once a minute per cause
+        # (the route and the error), with its traceback and how often it came since
+        cause = f"{request.method} {request.path}: {type(exc).__name__}: {exc}"[:300]
+        times = request.app[BACKEND].said.due("500 " + cause)
+        if times is not None:
+            log.error("%s %s failed%s", request.method, request.path, repeated(times),
+                      exc_info=exc)
         return error_response(500, "internal error")
 
 

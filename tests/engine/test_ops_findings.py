@@ -463,3 +463,43 @@ def test_a_well_formed_token_record_still_authenticates(
     redis_client.hset(store.key, info.id, json.dumps({**record, "created": 1700000000}))
     found = store.authenticate(token)
     assert found is not None and (found.account_id, found.created) == (0, 1700000000.0)
+
+
+def test_configure_gives_aiohttps_errors_the_same_handler(
+        unconfigured: logging.Logger, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    # "Error handling request" and the like, aiohttp's own lines in the API actor
+    no_root_handlers(monkeypatch)
+    library = logging.getLogger("aiohttp")
+    monkeypatch.setattr(library, "handlers", [])
+    monkeypatch.setattr(library, "level", logging.NOTSET)
+    logs.configure()
+    assert library.handlers == unconfigured.handlers and library.level == logging.WARNING
+    logging.getLogger("aiohttp.server").error("Error handling request")
+    logging.getLogger("aiohttp.access").info("not shown: below WARNING")
+    line, = capsys.readouterr().err.splitlines()
+    assert line.endswith(" ERROR aiohttp.server: Error handling request"), line
+
+
+async def test_an_unexpected_error_is_logged_once_a_minute_with_its_traceback(
+        settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    token, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "master")
+    client = await _client(settings)
+    backend = client.app[BACKEND]  # type: ignore[index]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a fault of the engine's")
+
+    monkeypatch.setattr(backend.stats, "get_many", broken)
+    try:
+        with caplog.at_level(logging.INFO, logger="hookray"):
+            for _ in range(40):
+                async with client.get("/v1/stats", headers=_bearer(token)) as rsp:
+                    assert rsp.status == 500
+                    assert (await rsp.json())["error"]["message"] == "internal error"
+    finally:
+        await client.close()
+    records = said(caplog, "hookray.api")
+    assert [r.getMessage() for r in records] == ["GET /v1/stats failed"]
+    assert records[0].exc_info and isinstance(records[0].exc_info[1], RuntimeError)
