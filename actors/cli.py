@@ -388,10 +388,28 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_set_aside(args: argparse.Namespace) -> int:
-    """List the intake entries the partitions set aside, put them back (--requeue), or
-    delete them for good (--discard IDS)."""
-    engine = _engine(args)
+def _set_aside_retries(engine: Any, args: argparse.Namespace) -> int:
+    _set_aside_usage(args)
+    try:
+        if args.discard:
+            gone = engine.discard_set_aside_retries(args.ids)
+            print(f"{gone} set-aside re-send{'s' * (gone != 1)} deleted")
+        elif args.requeue:
+            moved = engine.requeue_set_aside_retries(args.ids or None)
+            print(f"{moved} set-aside re-send{'s' * (moved != 1)} put back into the retry "
+                  "schedule")
+        else:
+            _print(engine.set_aside_retries(args.limit or 100, args.after))
+    except ValueError as exc:
+        said = str(exc)
+        for call in ("requeue_set_aside_retries: ", "discard_set_aside_retries: ",
+                     "set_aside_retries: "):
+            said = said.removeprefix(call)
+        raise HookrayError(f"set-aside --retries: {said}") from None
+    return 0
+
+
+def _set_aside_usage(args: argparse.Namespace) -> None:
     if args.requeue and args.discard:
         raise HookrayError("set-aside: either --requeue or --discard")
     if args.ids and not (args.requeue or args.discard):
@@ -401,6 +419,18 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
     if (args.requeue or args.discard) and (args.after is not None or args.limit is not None):
         raise HookrayError("set-aside: --limit and --after page the list; --requeue "
                            "and --discard take ids")
+
+
+def cmd_set_aside(args: argparse.Namespace) -> int:
+    """List the intake entries the partitions set aside, put them back (--requeue), or
+    delete them for good (--discard IDS). With --retries: the re-sends the retry worker
+    set aside, their stored payload undecodable (damaged, or written by another
+    hookray version); --requeue puts those this version decodes back into the retry
+    schedule."""
+    engine = _engine(args)
+    if args.retries:
+        return _set_aside_retries(engine, args)
+    _set_aside_usage(args)
     try:
         if args.discard:
             gone = engine.discard_set_aside(args.ids)
@@ -696,6 +726,10 @@ def _parser() -> argparse.ArgumentParser:
     aside.add_argument("--limit", type=_at_least_one, default=None,
                        help="at most this many (default 100)")
     aside.add_argument("--after", metavar="ID", help="the next ones: after this entry")
+    aside.add_argument("--retries", action="store_true",
+                       help="the re-sends set aside (their stored payload undecodable) "
+                       "instead of intake entries; --requeue puts them back into the "
+                       "retry schedule")
     aside.set_defaults(fn=cmd_set_aside)
 
     tokens = sub.add_parser("tokens", help="manage HTTP API tokens",

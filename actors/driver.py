@@ -657,6 +657,35 @@ class Engine:
         except ValueError as exc:
             raise ValueError(f"discard_set_aside: {exc}") from None
 
+    def set_aside_retries(self, limit: int = 100,
+                          after: str | None = None) -> list[dict[str, Any]]:
+        """Re-sends the retry worker set aside because their stored payload could not
+        be decoded (damaged, or written by another hookray version), by id: ``{"id",
+        "hook_id", "bytes", "error"}`` (``error`` None: this version decodes it, and it
+        may be put back; ``hook_id`` None: not readable either); the next ones with
+        ``after=`` the last one's id."""
+        return self.retry.set_aside(limit, after)
+
+    def requeue_set_aside_retries(self, ids: Iterable[str] | None = None) -> int:
+        """Put set-aside re-sends back into the retry schedule, due at once (the given
+        ids, all or none; by default every one this version decodes), counted as
+        ``retries_requeued``; returns how many."""
+        listed = None if ids is None else _ids("requeue_set_aside_retries", ids,
+                                               "set-aside re-send")
+        try:
+            return self.retry.requeue_set_aside(listed)
+        except ValueError as exc:
+            raise ValueError(f"requeue_set_aside_retries: {exc}") from None
+
+    def discard_set_aside_retries(self, ids: Iterable[str]) -> int:
+        """Delete set-aside re-sends for good (the given ids, all or none: an unknown
+        id raises ValueError), counted as ``retries_discarded``; returns how many."""
+        listed = _ids("discard_set_aside_retries", ids, "set-aside re-send")
+        try:
+            return self.retry.discard_set_aside(listed)
+        except ValueError as exc:
+            raise ValueError(f"discard_set_aside_retries: {exc}") from None
+
     def health(self) -> dict[str, Any]:
         """Which of the engine's workers run (``engine.health.engine_health``): its
         partitions (``expected``, ``running``, ``waiting`` with the reason, ``stopped``)

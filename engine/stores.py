@@ -58,6 +58,7 @@ STAT_FIELDS = ("accepted", "delivered", "retried", "dead_lettered", "discarded")
 # the engine's own counters ({p}:stats:engine), each 0 until first counted
 ENGINE_STAT_FIELDS = ("events_accepted", "events_rejected", "entries_unreadable",
                       "entries_requeued", "entries_discarded", "retries_unreadable",
+                      "retries_requeued", "retries_discarded",
                       "dead_letters_unreadable_discarded")
 
 
@@ -1011,6 +1012,58 @@ return n
 # counts from 1 again, rather than failing the others claimed with it (handed back
 # whole, due again together: none would ever be sent). Returns {the counts, {id, error,
 # ...} of those counted again}.
+# KEYS: retry:unreadable, retry payloads, the schedule, the engine's stats; ARGV: ids.
+# Each moved only by the call that removes it, due at once (score 0: before any due
+# time), its hand-over count long gone (its outcome set it aside)
+_REQUEUE_RESENDS = """
+local n = 0
+for _, id in ipairs(ARGV) do
+  local raw = redis.call('HGET', KEYS[1], id)
+  if raw then
+    redis.call('HSET', KEYS[2], id, raw)
+    redis.call('ZADD', KEYS[3], 0, id)
+    redis.call('HDEL', KEYS[1], id)
+    n = n + 1
+  end
+end
+redis.pcall('HINCRBY', KEYS[4], 'retries_requeued', n)  -- a damaged count: not made
+return n
+"""
+
+# KEYS: retry:unreadable, the engine's stats; ARGV: the ids to delete
+_DISCARD_RESENDS = """
+local n = redis.call('HDEL', KEYS[1], unpack(ARGV))
+redis.pcall('HINCRBY', KEYS[2], 'retries_discarded', n)  -- a damaged count: not made
+return n
+"""
+
+
+class _Head(msgspec.Struct):
+    """What of a delivery's payload names its hook, read from one that may not decode
+    as a whole."""
+
+    hook_id: int | None = None
+
+
+_head = msgspec.msgpack.Decoder(_Head)
+
+
+def _head_hook(raw: bytes) -> int | None:
+    try:
+        return _head.decode(raw).hook_id
+    except (msgspec.DecodeError, ValueError):
+        return None
+
+
+def _decode_error(raw: bytes) -> str | None:
+    """Why a re-send's payload cannot be decoded by this version (None: it can)."""
+    try:
+        unpack_delivery(raw)
+    except (msgspec.DecodeError, ValueError) as exc:
+        return f"{type(exc).__name__}: {exc}"
+    return None
+
+
 _HANDED_OVER = """
 local counts, reset = {}, {}
 for i, id in ipairs(ARGV) do
@@ -1153,6 +1206,80 @@ class RetryStore:
             pipe.hset(self.k.retry_unreadable, delivery_id, raw)
             pipe.hincrby(self.k.engine_stats, "retries_unreadable", 1)
             pipe.execute()
+
+    def set_aside(self, limit: int = 100, after: str | None = None) -> list[dict[str, Any]]:
+        """The re-sends set aside undecoded (``retry:unreadable``), by id, the first
+        ``limit`` after the one of id ``after``: ``{"id", "hook_id", "bytes",
+        "error"}``, ``hook_id`` as far as it can be read (else None), ``error`` why it
+        cannot be decoded now (None: it can, by this version; it may be put back)."""
+        if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= 2**31:
+            raise ValueError(f"set_aside_retries: limit must be a whole number from 1 to "
+                             f"2**31, got {limit!r}")
+        if after is not None and not isinstance(after, str):
+            raise ValueError(f"set_aside_retries: after: expected a re-send's id, got "
+                             f"{after!r}")
+        ids = sorted(i.decode("utf-8", "replace")
+                     for i in cast(list[bytes], self.r.hkeys(self.k.retry_unreadable)))
+        page = [i for i in ids if after is None or i > after][:limit]
+        raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, page)) \
+            if page else []
+        out = []
+        for delivery_id, raw in zip(page, raws, strict=True):
+            if raw is None:  # put back or discarded meanwhile
+                continue
+            out.append({"id": delivery_id, "hook_id": _head_hook(raw), "bytes": len(raw),
+                        "error": _decode_error(raw)})
+        return out
+
+    def requeue_set_aside(self, ids: list[str] | None = None) -> int:
+        """Put re-sends set aside undecoded back into the schedule, due now (``ids``,
+        all or none; None: every one this version decodes), each by the one script
+        that removes it (two runs at once put it back once), counted as
+        ``retries_requeued``; how many. An unknown id, or one that still cannot be
+        decoded, raises ValueError naming it, and nothing is moved."""
+        if ids is None:
+            raw = cast(dict[bytes, bytes], self.r.hgetall(self.k.retry_unreadable))
+            wanted = sorted(k.decode("utf-8", "replace") for k, v in raw.items()
+                            if _decode_error(v) is None)
+        else:
+            wanted = list(dict.fromkeys(ids))
+            found = self._set_aside_found(wanted, "requeued")
+            undecodable = [i for i in wanted if _decode_error(found[i]) is not None]
+            if undecodable:
+                raise ValueError(f"set-aside re-send(s) {', '.join(undecodable[:20])} still "
+                                 "cannot be decoded (they would be set aside again); "
+                                 "nothing requeued")
+        moved = 0
+        for start in range(0, len(wanted), 1000):
+            moved += int(cast(int, self.r.eval(
+                _REQUEUE_RESENDS, 4, self.k.retry_unreadable, self.k.retry_payload,
+                self.k.retry, self.k.engine_stats, *wanted[start:start + 1000])))
+        return moved
+
+    def discard_set_aside(self, ids: list[str]) -> int:
+        """Delete re-sends set aside undecoded for good (``ids``, all or none), counted
+        as ``retries_discarded``; how many. An unknown id raises ValueError naming it,
+        and nothing is deleted."""
+        wanted = list(dict.fromkeys(ids))
+        if not wanted:
+            return 0
+        self._set_aside_found(wanted, "discarded")
+        done = 0
+        for start in range(0, len(wanted), 1000):
+            done += int(cast(int, self.r.eval(
+                _DISCARD_RESENDS, 2, self.k.retry_unreadable, self.k.engine_stats,
+                *wanted[start:start + 1000])))
+        return done
+
+    def _set_aside_found(self, ids: list[str], done: str) -> dict[str, bytes]:
+        """The payload of each set-aside re-send of ``ids``; ValueError naming those
+        that do not exist (``done``: what did not happen to any)."""
+        raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, ids))
+        unknown = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+        if unknown:
+            raise ValueError(f"set-aside re-send(s) {', '.join(unknown[:20])} do not exist; "
+                             f"nothing {done}")
+        return {i: cast(bytes, raw) for i, raw in zip(ids, raws, strict=True)}
 
     def handed_over(self, delivery_ids: list[str]) -> list[int]:
         """Count a re-send of each of ``delivery_ids`` about to be handed to a

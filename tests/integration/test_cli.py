@@ -999,6 +999,57 @@ def test_set_aside_entries_are_discarded_by_id_all_or_none(
     assert redis_client.hget(keys.engine_stats, "entries_discarded") == b"3"
 
 
+def test_set_aside_retries_are_listed_put_back_and_discarded(
+        config: str, redis_client: Any, keys: Any, capsys: pytest.CaptureFixture[str]) -> None:
+    """Re-sends the retry worker set aside undecoded (``retry:unreadable``) are listed
+    with their hook and why; those this version decodes (set aside by another version)
+    go back into the schedule, due at once; the others can only be deleted, by id."""
+    import msgspec
+
+    from engine.stores import RetryStore
+    from engine.transports.base import Delivery, pack_delivery
+
+    store = RetryStore(redis_client, keys)
+    good = Delivery(id="d-good", hook_id=7, account_id=1, kind="http_batch", parts=[b"{}"])
+    # a payload of another version: hook_id as text; and one that is no msgpack at all
+    other = msgspec.msgpack.encode({"id": "d-other", "hook_id": 8, "account_id": "one"})
+    for delivery_id, raw in (("d-other", other), ("d-junk", b"\xc1\xc1")):
+        redis_client.hset(keys.retry_payload, delivery_id, raw)
+        redis_client.zadd(keys.retry, {delivery_id: 0})
+    assert store.claim_due(now=10) == []  # both set aside, as the retry worker does
+    redis_client.hset(keys.retry_unreadable, "d-good", pack_delivery(good))
+    code, listed, _ = run_cli(capsys, "-c", config, "set-aside", "--retries")
+    assert code == 0 and [(e["id"], e["hook_id"], e["bytes"]) for e in listed] == [
+        ("d-good", 7, len(pack_delivery(good))), ("d-junk", None, 2),
+        ("d-other", 8, len(other))]
+    assert listed[0]["error"] is None and listed[1]["error"].startswith("DecodeError")
+    assert "account_id" in listed[2]["error"]
+    code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--after",
+                            "d-good", "--limit", "1")
+    assert [e["id"] for e in page] == ["d-junk"]
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--retries", "--requeue",
+                           "d-good", "d-other")
+    assert code == 2 and "d-other still cannot be decoded" in err and "nothing requeued" in err
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--retries", "--discard", "d-x")
+    assert code == 2 and "re-send(s) d-x do not exist; nothing discarded" in err
+    assert redis_client.hlen(keys.retry_unreadable) == 3
+    code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--requeue")
+    assert code == 0 and "1 set-aside re-send put back into the retry schedule" in out
+    (claimed,) = store.claim_due(now=10)  # due at once
+    assert claimed == good
+    code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--discard",
+                           "d-junk", "d-other")
+    assert code == 0 and "2 set-aside re-sends deleted" in out
+    assert redis_client.hlen(keys.retry_unreadable) == 0
+    stats = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.engine_stats).items()}
+    assert (stats["retries_unreadable"], stats["retries_requeued"],
+            stats["retries_discarded"]) == (2, 1, 2)
+    # two runs at once: the second finds nothing left, and counts nothing
+    redis_client.hset(keys.retry_unreadable, "d-good", pack_delivery(good))
+    assert [store.requeue_set_aside(["d-good"]) if n == 0 else store.requeue_set_aside(None)
+            for n in range(2)] == [1, 0]
+
+
 def test_the_settings_file_may_come_between_a_group_and_its_action(
         config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     missing = str(tmp_path / "missing.json")
