@@ -464,14 +464,14 @@ def cmd_health(args: argparse.Namespace) -> int:
 def _health_problems(health: dict[str, Any], prefix: str, r: Any = None) -> list[str]:
     """Why ``health`` (Engine.health) is not every worker running, one line each;
     ``r``: the engine's Redis, asked whether it is full when a worker seems stopped."""
-    from engine.health import ALIVE_SEC
+    from engine.health import ALIVE_SEC, redis_full
 
     parts = health["partitions"]
     if parts["expected"] is None:
         return [f"no engine has started with this Redis and REDIS_PREFIX {prefix!r}"]
     problems = []
     if (parts["stopped"] or not health["retry_running"]) and r is not None \
-            and (full := _redis_full(r)) is not None:
+            and (full := redis_full(r)) is not None:
         problems.append(full)
     if parts["stopped"]:
         problems.append(f"partition(s) {', '.join(map(str, parts['stopped']))} of "
@@ -482,22 +482,6 @@ def _health_problems(health: dict[str, Any], prefix: str, r: Any = None) -> list
     if health["retry_waiting"] is not None:
         problems.append(f"the retry worker waits: {health['retry_waiting']}")
     return problems
-
-
-def _redis_full(r: Any) -> str | None:
-    """What to say of a Redis at its maxmemory (its refusals include the workers' marks
-    that they run: they may be running, and delivering, all the same), or None."""
-    try:
-        memory = r.info("memory")
-        used, most = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
-    except (redis.RedisError, ValueError, TypeError):
-        return None
-    if not most or used < most:
-        return None
-    return (f"Redis is at its maxmemory ({most} bytes): it refuses the "
-            "workers' marks that they run (those shown stopped may be delivering: they "
-            "make room as they acknowledge), the hooks' counts wait, and nothing new is "
-            "accepted; give Redis more memory")
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:

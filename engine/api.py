@@ -74,7 +74,7 @@ from engine.events import (
     EventIssue,
     ensure_ids,
 )
-from engine.health import Repeats, engine_health, repeated
+from engine.health import Repeats, engine_health, redis_full, repeated
 from engine.hooks import (
     MASK,
     MAX_PROBLEMS,
@@ -1020,7 +1020,7 @@ async def health(request: web.Request) -> web.Response:
     accepted events are being processed); else 503 (the API can take nothing)."""
     prober, backend = request.app[PROBER], request.app[BACKEND]
     try:
-        workers = await _run(request, engine_health, prober, backend.retry.k,
+        workers = await _run(request, _probe, prober, backend.retry.k,
                              _executor=request.app[PROBE_EXECUTOR])
     except redis.RedisError as exc:
         if redis_unavailable(exc) or not isinstance(exc, redis.ResponseError):
@@ -1049,6 +1049,17 @@ async def health(request: web.Request) -> web.Response:
 
 
 HEALTH_DAMAGED = "the engine's configuration in Redis is damaged (the engine's log names it)"
+
+
+def _probe(r: redis.Redis, keys: Keys) -> dict[str, Any]:
+    """``engine_health``, and ``redis_full``: whether Redis is at its maxmemory, asked
+    only when a worker seems stopped (Redis then refuses the marks of workers that may
+    well run)."""
+    workers = engine_health(r, keys)
+    workers["redis_full"] = bool(
+        (workers["partitions"]["stopped"] or not workers["retry_running"])
+        and workers["partitions"]["expected"] is not None and redis_full(r))
+    return workers
 
 
 def public_reason(reason: str) -> str:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, cast
 
 import redis
 
@@ -169,6 +169,23 @@ def engine_health(r: redis.Redis, keys: Keys) -> dict[str, Any]:
                            "waiting": waiting, "stopped": stopped},
             "retry_running": retry is not None,
             "retry_waiting": (_reason(retry) or None) if retry is not None else None}
+
+
+def redis_full(r: redis.Redis) -> str | None:
+    """What to say of a Redis at its maxmemory (its refusals include the workers' marks
+    that they run: they may be running, and delivering, all the same), or None (also
+    when the server does not say)."""
+    try:
+        memory = cast(dict[str, Any], r.info("memory"))
+        used, most = int(memory.get("used_memory", 0)), int(memory.get("maxmemory", 0))
+    except (redis.RedisError, ValueError, TypeError):
+        return None
+    if not most or used < most:
+        return None
+    return (f"Redis is at its maxmemory ({most} bytes): it refuses the "
+            "workers' marks that they run (those shown stopped may be delivering: they "
+            "make room as they acknowledge), the hooks' counts wait, and nothing new is "
+            "accepted; give Redis more memory")
 
 
 def cluster_mode(r: redis.Redis) -> str | None:

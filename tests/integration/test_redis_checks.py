@@ -248,3 +248,25 @@ def test_health_says_redis_is_full_when_workers_seem_stopped() -> None:
         running = {**health, "partitions": {**health["partitions"], "stopped": [],
                                             "running": 1}, "retry_running": True}
         assert _health_problems(running, "p", r) == []  # asked only when one seems stopped
+
+
+async def test_the_apis_health_says_redis_is_full_when_workers_seem_stopped() -> None:
+    """GET /v1/health (the probe, no token) says so too: a worker shown stopped while
+    Redis is full may be delivering all the same."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from engine.api import create_app
+    from engine.keys import Keys
+
+    for r in own_redis("--maxmemory-policy", "noeviction"):
+        port = r.connection_pool.connection_kwargs["port"]
+        settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PREFIX="full")
+        r.hset(Keys("full").config, "partitions", 1)
+        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+            async with client.get("/v1/health") as rsp:
+                assert (rsp.status, (await rsp.json())["redis_full"]) == (200, False)
+            r.config_set("maxmemory", int(r.info("memory")["used_memory"]) - 10_000)
+            async with client.get("/v1/health") as rsp:
+                body = await rsp.json()
+        assert rsp.status == 200 and body["redis_full"] is True
+        assert body["partitions"]["stopped"] == [0] and body["retry_running"] is False
