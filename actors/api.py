@@ -30,6 +30,7 @@ from actors import logs
 from actors.gc_policy import relax_gc
 from engine.api import create_app
 from engine.settings import Settings
+from engine.transports.guard import internal_open
 
 log = logging.getLogger("hookray")
 
@@ -97,6 +98,14 @@ class ApiActor:
             self.error = exc
             return
         log.info("hookray API on http://%s:%d", self.server.host, self.server.port)
+        open_groups = internal_open(cfg.DESTINATION_DENY)
+        if open_groups:
+            log.warning(
+                "DESTINATION_DENY (%s) does not deny %s: hooks created through this API "
+                "may deliver to, and test events read answers of, services on this "
+                "engine's own network (Redis, Ray's dashboard...); set DESTINATION_DENY "
+                "to include %s unless every account is trusted", cfg.DESTINATION_DENY,
+                " or ".join(open_groups), ",".join(open_groups))
         relax_gc()
 
     def address(self) -> tuple[str, int]:

@@ -196,6 +196,21 @@ class DestinationGuard:
         return [a for a, reason in zip(addresses, reasons, strict=True) if reason is None]
 
 
+def internal_open(deny: str) -> list[str]:
+    """The groups of the engine's own network (``loopback``, ``private``) a
+    DESTINATION_DENY value leaves open, in part or whole: an API that takes hooks from
+    accounts lets their deliveries and test events reach the services there (and a
+    test event's answer shows what they reply)."""
+    try:
+        denied = parse_deny(deny)
+    except ValueError:
+        return []  # refused where the setting is read
+    return [group for group in ("loopback", "private")
+            if not all(any(net.version == d.version and net.subnet_of(d)  # type: ignore[arg-type]
+                           for d in denied)
+                       for net in map(ipaddress.ip_network, GROUPS[group]))]
+
+
 def guard_for(deny: str | DestinationGuard | None) -> DestinationGuard:
     """A guard from a DESTINATION_DENY value (None: the default)."""
     if isinstance(deny, DestinationGuard):

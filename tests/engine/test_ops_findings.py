@@ -503,3 +503,43 @@ async def test_an_unexpected_error_is_logged_once_a_minute_with_its_traceback(
     records = said(caplog, "hookray.api")
     assert [r.getMessage() for r in records] == ["GET /v1/stats failed"]
     assert records[0].exc_info and isinstance(records[0].exc_info[1], RuntimeError)
+
+
+@pytest.mark.parametrize("deny, open_groups", [
+    ("link-local,metadata", ["loopback", "private"]),  # the default
+    ("none", ["loopback", "private"]),
+    ("link-local,loopback", ["private"]),
+    ("127.0.0.0/8,::1,0.0.0.0/8,::/128,10.0.0.0/8", ["private"]),  # 172.16/12... open
+    ("link-local,loopback,private", []),
+    ("0.0.0.0/0,::/0", []),
+])
+def test_internal_open_names_the_groups_of_the_engines_network_left_open(
+        deny: str, open_groups: list[str]) -> None:
+    from engine.transports.guard import internal_open
+
+    assert internal_open(deny) == open_groups
+
+
+@pytest.mark.parametrize("deny, warned", [("link-local,metadata", True),
+                                          ("link-local,loopback,private", False)])
+def test_the_api_warns_at_start_when_accounts_hooks_may_reach_its_network(
+        deny: str, warned: bool, quiet_setup: None,
+        caplog: pytest.LogCaptureFixture) -> None:
+    from actors.api import ApiActor
+
+    settings = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "API_HOST": "127.0.0.1",
+                "DESTINATION_DENY": deny}
+    with caplog.at_level(logging.INFO, logger="hookray"):
+        actor = _modified(ApiActor)(settings, 0)
+    try:
+        lines = [r.getMessage() for r in said(caplog)
+                 if r.levelno == logging.WARNING]
+    finally:
+        actor.stop()
+    if warned:
+        assert len(lines) == 1 and lines[0].startswith(
+            "DESTINATION_DENY (link-local,metadata) does not deny loopback or private: "), lines
+        assert lines[0].endswith("set DESTINATION_DENY to include loopback,private unless "
+                                 "every account is trusted")
+    else:
+        assert lines == []
