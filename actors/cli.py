@@ -9,6 +9,7 @@ import logging
 import math
 import os
 import re
+import shlex
 import signal
 import sys
 import threading
@@ -148,7 +149,8 @@ def _hook_problem(data: Any, catalogue: Any, registry: Any = None, deny: str = "
 
 def _stored_hooks(settings: Any) -> set[tuple[Any, Any]]:
     """(account, name) of every hook stored under the settings' prefix, as far as its
-    record can be read."""
+    record can be read, and of every hook a ``run --hooks`` file created (recorded in
+    ``{p}:hooks:from_file``), deleted or renamed since or not: none is created again."""
     from actors.driver import Engine
 
     engine = Engine.connect(settings)
@@ -156,7 +158,9 @@ def _stored_hooks(settings: Any) -> set[tuple[Any, Any]]:
         hooks, invalid = engine.hooks.listing(None)
         return {(h.account_id, h.name) for h in hooks} | {
             (engine.hooks.owner(hook_id), engine.hooks.stored_name(hook_id))
-            for hook_id, _ in invalid}
+            for hook_id, _ in invalid} | {
+            (record["account_id"], record["name"]) for record in _file_records(engine)
+            if record["hook_id"] is not None}
     finally:
         engine.redis.close()
 
@@ -166,9 +170,9 @@ def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: st
     """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
     before anything starts: each valid (its target no address DESTINATION_DENY ``deny``
     refuses), and one name per account (a hook is known by its account and name). One
-    ``stored`` already (its account and name) is left as it is, not created: it is not
-    judged by the rules of a new hook (a job restarted after a rule or the deny list
-    changed)."""
+    ``stored`` already (its account and name), or created by a file before (deleted
+    since, it is not created again), is left as it is, not created: it is not judged by
+    the rules of a new hook (a job restarted after a rule or the deny list changed)."""
     problems: list[str] = []
     seen: dict[tuple[Any, Any], str] = {}
     for path, n, data in hooks:
@@ -188,10 +192,148 @@ def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: st
         raise HookError("--hooks: nothing started; " + "; ".join(problems))
 
 
+# {p}:hooks:from_file: a file hook's identity (JSON [account_id, name]) -> the id of the
+# hook a `run --hooks` file created for it, or "creating {token} {ms}" while a run
+# creates it (HSET only when the field is absent, or its claim older than ARGV[3] ms:
+# the run that claimed it ended before it was done). KEYS: the hash; ARGV: the field,
+# the claim's token, that age (ms). Returns {"recorded", value}, {"busy", age in ms} or
+# {"claimed", the claim written}.
+_CLAIM_FILE_HOOK = """
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+if v then
+  local since = tonumber(string.match(v, '^creating %S+ (%d+)$') or '')
+  if not since then return {'recorded', v} end
+  if now - since < tonumber(ARGV[3]) then return {'busy', tostring(now - since)} end
+end
+local claim = 'creating ' .. ARGV[2] .. ' ' .. now
+redis.call('HSET', KEYS[1], ARGV[1], claim)
+return {'claimed', claim}
+"""
+# the claim ARGV[2] of field ARGV[1] replaced by the hook id ARGV[3] ('': the field
+# deleted), only if the claim is still there; 1 if it was
+_FINISH_FILE_HOOK = """
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+if ARGV[3] == '' then redis.call('HDEL', KEYS[1], ARGV[1])
+else redis.call('HSET', KEYS[1], ARGV[1], ARGV[3]) end
+return 1
+"""
+FILE_CLAIM_STALE_MS = 60_000  # a claim this old is taken over (its run ended meanwhile)
+
+
+def _file_field(account_id: int, name: str) -> str:
+    """A file hook's field in ``{p}:hooks:from_file``: JSON (ASCII, so any name can be
+    written; the account and the name cannot run into one another)."""
+    return json.dumps([account_id, name])
+
+
+def _file_records(engine: Any, account_id: int | None = None) -> list[dict[str, Any]]:
+    """The hooks ``run --hooks`` files created (``{p}:hooks:from_file``), by account
+    and name: ``hook_id`` None while a run creates it (or a damaged record),
+    ``exists`` whether that hook is still stored."""
+    raw = engine.redis.hgetall(engine.keys.hooks_from_file)
+    records = []
+    for field, value in raw.items():
+        try:
+            account, name = json.loads(field)
+        except (ValueError, TypeError):
+            continue  # no field of hookray's
+        if account_id is not None and account != account_id:
+            continue
+        text = value.decode("utf-8", "replace")
+        hook_id = int(text) if text.isascii() and text.isdigit() else None
+        records.append({"account_id": account, "name": name, "hook_id": hook_id,
+                        "exists": hook_id is not None and _recorded_hook_exists(
+                            engine, hook_id, account)})
+    return sorted(records, key=lambda r: (str(r["account_id"]).zfill(20), str(r["name"])))
+
+
+def _recorded_hook_exists(engine: Any, hook_id: int, account_id: int) -> bool:
+    """Whether the hook a file created as ``hook_id`` is still stored: that id of
+    another account's (ids handed out again after ``{p}:hooks:seq`` was lost) is not."""
+    if not engine.redis.hexists(engine.keys.hooks, str(hook_id)):
+        return False
+    return engine.hooks.owner(hook_id) in (None, account_id)
+
+
 def _create_missing_hook(engine: Any, data: dict[str, Any], path: str, n: int) -> None:
-    """Create the hook (``path``[``n``]) unless its account has one of that name already:
-    a restarted job neither duplicates its hooks nor undoes changes made to them since
-    (stopped, updated through the API or ``hookray hooks update``)."""
+    """Create the hook (``path``[``n``]) unless a file created it before, or its account
+    has one of that name already: a restarted job neither duplicates its hooks nor
+    undoes changes made to them since (stopped, updated or renamed through the API or
+    ``hookray hooks update``, deleted). The hooks a file created are recorded by
+    account and name in ``{p}:hooks:from_file``; one deleted since is named on stderr
+    and not created (``hookray hooks forget-file-record`` lets the next run create it).
+    The record is claimed before the hook is created, so that two runs at once create
+    it once."""
+    account, name = data["account_id"], data["name"]  # checked: an int and a str
+    field = _file_field(account, name)
+    key = engine.keys.hooks_from_file
+    state, value = (v.decode("utf-8", "replace") for v in engine.redis.eval(
+        _CLAIM_FILE_HOOK, 1, key, field, os.urandom(8).hex(), FILE_CLAIM_STALE_MS))
+    where = _printable(path)
+    if state == "busy":
+        print(f"hookray: hook {name!r} of account {account} from {where} is being created "
+              f"by another run (claimed {int(value) / 1000:.0f} s ago); left to it (if that "
+              f"run ended, the next run after {FILE_CLAIM_STALE_MS // 1000} s creates it)",
+              file=sys.stderr, flush=True)
+        return
+    if state == "recorded":
+        _recorded_file_hook(engine, data, where, value)
+        return
+    try:  # claimed: one of that name is taken as the file's (before the record, or
+        # created by a run that ended before it recorded it), or the hook is created
+        same = _same_named(engine, data)
+        if same:
+            print(f"hookray: hook {same[0][0]} ({same[0][1]!r}) exists; left as it is "
+                  f"(not taken from {where})", flush=True)
+            hook_id = same[0][0]
+        else:
+            try:  # checked before the engine started; an engine of other settings may
+                created = engine.create_hook(data)  # refuse it
+            except HookError as exc:
+                raise HookError(f"{where}[{n}]: {exc}", exc.issues) from None
+            print(f"hookray: hook {created.id} created from {where}", flush=True)
+            hook_id = created.id
+    except BaseException:  # the claim let go: the next run tries again
+        with contextlib.suppress(redis.RedisError):
+            engine.redis.eval(_FINISH_FILE_HOOK, 1, key, field, value, "")
+        raise
+    if not engine.redis.eval(_FINISH_FILE_HOOK, 1, key, field, value, str(hook_id)):
+        print(f"hookray: hook {hook_id} of {where}: its record was taken over by another "
+              f"run meanwhile; see `hookray hooks list --account {account}` for a second "
+              f"hook named {name!r}", file=sys.stderr, flush=True)
+
+
+def _recorded_file_hook(engine: Any, data: dict[str, Any], where: str, value: str) -> None:
+    """A file's hook that a file created before, as hook ``value``: left as it is
+    whatever it is now, and not created again when it was deleted since (said on
+    stderr, with what to do)."""
+    account, name = data["account_id"], data["name"]  # checked: an int and a str
+    forget = f"hookray hooks forget-file-record {account} {shlex.quote(str(name))}"
+    if not (value.isascii() and value.isdigit()):
+        print(f"hookray: hook {name!r} of account {account} from {where}: its record in "
+              f"{engine.keys.hooks_from_file} holds {value[:40]!r}, no hook id (damaged): "
+              f"not created; delete the record (`{_printable(forget)}`) for the next run "
+              "to create it", file=sys.stderr, flush=True)
+        return
+    hook_id = int(value)
+    if not _recorded_hook_exists(engine, hook_id, account):
+        print(f"hookray: hook {name!r} of account {account} from {where} was created as "
+              f"hook {hook_id} and deleted since: not created again; remove it from the "
+              f"file, or delete its record (`{_printable(forget)}`) for the next run to "
+              "create it", file=sys.stderr, flush=True)
+        return
+    now = engine.hooks.stored_name(hook_id)  # None: its record cannot be read
+    shown = "its record unreadable" if now is None else repr(now)
+    renamed = f", created as {name!r} from the file" if now not in (None, name) else ""
+    print(f"hookray: hook {hook_id} ({shown}{renamed}) exists; left as it is (not taken "
+          f"from {where})", flush=True)
+
+
+def _same_named(engine: Any, data: dict[str, Any]) -> list[tuple[int, str | None]]:
+    """(id, name) of the account's stored hooks named as ``data``: those that validate,
+    then those that no longer do (by id)."""
     # one of the account's stored hooks that no longer validates (its record damaged,
     # EVENT_TYPES_FILE changed) is named, and stops nothing; one of the same name (as
     # far as its record can be read) exists all the same: a second would send every
@@ -200,18 +342,9 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str, n: int) -
     for hook_id, problem in invalid:
         print(f"hookray: hook {hook_id} of account {data.get('account_id')}: {problem}; "
               "its partitions wait until it is deleted or valid again", flush=True)
-    same = [(h.id, h.name) for h in hooks if h.name == data.get("name")] + [
+    return [(h.id, h.name) for h in hooks if h.name == data.get("name")] + [
         (hook_id, name) for hook_id, _ in invalid
         if (name := engine.hooks.stored_name(hook_id)) == data.get("name")]
-    if same:
-        print(f"hookray: hook {same[0][0]} ({same[0][1]!r}) exists; left as it is "
-              f"(not taken from {_printable(path)})", flush=True)
-        return
-    try:  # checked before the engine started; an engine of other settings may refuse it
-        created = engine.create_hook(data)
-    except HookError as exc:
-        raise HookError(f"{_printable(path)}[{n}]: {exc}", exc.issues) from None
-    print(f"hookray: hook {created.id} created from {_printable(path)}", flush=True)
 
 
 def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float
@@ -328,6 +461,8 @@ def cmd_hooks(args: argparse.Namespace) -> int:
     elif action == "delete":
         engine.delete_hook(args.id)
         print(f"hook {args.id} deleted")
+    elif action in ("file-records", "forget-file-record"):
+        _file_record_command(engine, args)
     elif action == "test":
         with _client_logs_muted():  # the outcome says why a send failed, once
             outcome = engine.test_event(args.id, args.event_type)
@@ -335,6 +470,40 @@ def cmd_hooks(args: argparse.Namespace) -> int:
                 "error": outcome.error})
         return 0 if outcome.ok else 1
     return 0
+
+
+def _file_record_command(engine: Any, args: argparse.Namespace) -> None:
+    if args.action == "file-records":
+        _print(_file_records(engine, args.account))
+    else:
+        _forget_file_record(engine, args.account, args.name)
+
+
+def _forget_file_record(engine: Any, account_id: int, name: str) -> None:
+    """Delete the record that a ``run --hooks`` file created the account's hook ``name``:
+    the next run with that file creates it again. Refused while the hook recorded is
+    stored (renamed, say): the next run would create a second one, sending every
+    message twice."""
+    field = _file_field(account_id, name)
+    raw = engine.redis.hget(engine.keys.hooks_from_file, field)
+    if raw is None:
+        raise HookrayError(f"forget-file-record: no hook named {name!r} of account "
+                           f"{account_id} was created by a --hooks file (see `hookray "
+                           "hooks file-records`)")
+    text = raw.decode("utf-8", "replace")
+    if text.isascii() and text.isdigit() and _recorded_hook_exists(engine, int(text),
+                                                                   account_id):
+        raise HookrayError(f"forget-file-record: hook {text} (created as {name!r} of account "
+                           f"{account_id} by a --hooks file) still exists: the next run "
+                           "would create a second one; delete it first (`hookray hooks "
+                           f"delete {text}`)")
+    # only the value read: a run that recorded the hook again meanwhile keeps its record
+    if not engine.redis.eval(_FINISH_FILE_HOOK, 1, engine.keys.hooks_from_file, field,
+                             raw, ""):
+        raise HookrayError("forget-file-record: the record changed meanwhile (a run "
+                           "recorded the hook again); see `hookray hooks file-records`")
+    print(f"record of hook {name!r} of account {account_id} deleted: the next `run "
+          "--hooks` with it creates it")
 
 
 @contextlib.contextmanager
@@ -628,7 +797,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the engine (the main job)", description=cmd_run.__doc__)
     run.add_argument("--hooks", nargs="+", metavar="FILE",
                      help="hook JSON files: each hook is created unless its account has a "
-                     "hook of that name already")
+                     "hook of that name already, or a file created it before (deleted or "
+                     "renamed since: see `hooks file-records`)")
     run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS of "
                      "the settings or the environment; unset, a local Ray)")
     run.add_argument("--report-sec", type=positive_seconds, default=10.0,
@@ -664,6 +834,19 @@ def _parser() -> argparse.ArgumentParser:
                     description="Create hooks from a JSON file (an object or an array), "
                     "all or none: every hook is checked before the first is created."
                     ).add_argument("file", help="JSON file of hook settings")
+    hsub.add_parser("file-records", help="the hooks `run --hooks` files created",
+                    description="The hooks `run --hooks` files created, by account and "
+                    "name (a file's hook is known by them): the id of the hook created, "
+                    "and whether it still exists. A run never creates a recorded hook "
+                    "again, deleted or renamed since."
+                    ).add_argument("--account", type=_id_number, help="only this account's")
+    forget = hsub.add_parser(
+        "forget-file-record", help="let `run --hooks` create a deleted file hook again",
+        description="Delete the record that a `run --hooks` file created the account's "
+        "hook NAME (deleted since): the next run with that file creates it again. "
+        "Refused while the hook created still exists.")
+    forget.add_argument("account", type=_id_number, help="the hook's account id")
+    forget.add_argument("name", help="the hook's name in the file")
     upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
     upd.add_argument("id", type=_id_number, help="the hook's id")
     upd.add_argument("file", help="JSON file of the hook's settings (redacted secrets "

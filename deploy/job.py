@@ -20,8 +20,9 @@ runtime_env). Everything else is ``actors.cli.cmd_run``, unchanged (options of
   address by looking for a running Ray on the node: with several independent Rays on
   one machine (parallel test sessions) it may name another one; ``--ray-address``
   then pins the cluster;
-* ``--hooks`` files: each hook is created unless its account has one of that name
-  already (left as it is);
+* ``--hooks`` files: each hook is created unless a file created it before (deleted or
+  renamed since, it is not created again: ``hookray hooks file-records``) or its
+  account has one of that name already (left as it is);
 * ``ray job stop`` sends SIGTERM: the run loop ends, the actors are stopped and the
   job ends as STOPPED. Ray force-kills the job ``RAY_JOB_STOP_WAIT_TIME_S`` (default
   3) seconds after the signal, and the engine's shutdown takes up to 20 s (the retry

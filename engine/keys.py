@@ -25,6 +25,13 @@ key                             type     holds
                                          checked yet
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out
+{p}:hooks:from_file             hash     the hooks ``run --hooks`` files created:
+                                         JSON ``[account_id, name]`` (the file hook's
+                                         identity) -> the id of the hook created (or
+                                         ``creating {token} {ms}`` while a run creates
+                                         it); a recorded hook is never created again
+                                         (deleted or renamed since), until ``hookray
+                                         hooks forget-file-record`` deletes the field
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert
@@ -105,6 +112,7 @@ class Keys:
         self.p = prefix
         self.hooks = f"{prefix}:hooks"
         self.hooks_seq = f"{prefix}:hooks:seq"
+        self.hooks_from_file = f"{prefix}:hooks:from_file"
         self.hooks_gone = f"{prefix}:hooks:gone"
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"

@@ -26,7 +26,8 @@ COMMANDS = [[], ["run"], ["demo"], ["hooks"], ["hooks", "list"], ["hooks", "crea
             ["hooks", "update"], ["hooks", "get"], ["hooks", "delete"], ["hooks", "activate"],
             ["hooks", "stop"], ["hooks", "clone"], ["hooks", "test"], ["publish"], ["stats"],
             ["health"], ["dead-letters"], ["replay"], ["discard"], ["tokens"], ["tokens", "create"],
-            ["tokens", "list"], ["tokens", "revoke"], ["set-aside"]]
+            ["tokens", "list"], ["tokens", "revoke"], ["set-aside"],
+            ["hooks", "file-records"], ["hooks", "forget-file-record"]]
 
 
 @pytest.mark.parametrize("command", COMMANDS, ids=lambda c: " ".join(c) or "hookray")
@@ -661,22 +662,27 @@ def test_a_file_name_that_is_not_utf8_is_used_as_it_is(
 
 
 def test_run_names_a_hooks_file_that_is_not_utf8_on_any_stdout(
-        monkeypatch: pytest.MonkeyPatch) -> None:
+        settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     """`run --hooks` says which file each hook came from: a file name that is not
     UTF-8 failed the print (after the engine started) on a stdout that refuses lone
     surrogates (a UTF-8 locale other than C.UTF-8)."""
     import io
-    from types import SimpleNamespace
 
     from actors.cli import _create_missing_hook
+    from actors.driver import Engine
 
     out = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict")
     monkeypatch.setattr(sys, "stdout", out)
-    existing = SimpleNamespace(id=1, name="crm")
-    engine = SimpleNamespace(hooks=SimpleNamespace(listing=lambda account: ([existing], [])),
-                             create_hook=lambda data: SimpleNamespace(id=2))
-    _create_missing_hook(engine, {"account_id": 3, "name": "crm"}, f"/h/a{NOT_UTF8}.json", 0)
-    _create_missing_hook(engine, {"account_id": 3, "name": "new"}, f"/h/b{NOT_UTF8}.json", 0)
+    engine = Engine.connect(settings)
+    target = {"http_batch": {"url": "http://127.0.0.1:9/x"}}
+    try:
+        engine.create_hook({"account_id": 3, "name": "crm", "actions": ["click"],
+                            "target": target})
+        for name, file in (("crm", f"/h/a{NOT_UTF8}.json"), ("new", f"/h/b{NOT_UTF8}.json")):
+            _create_missing_hook(engine, {"account_id": 3, "name": name, "actions": ["click"],
+                                          "target": target}, file, 0)
+    finally:
+        engine.redis.close()
     out.flush()
     assert out.buffer.getvalue().decode().splitlines() == [
         "hookray: hook 1 ('crm') exists; left as it is (not taken from /h/a\\xff.json)",
@@ -735,24 +741,30 @@ def test_run_restarts_with_a_file_whose_stored_hooks_a_new_hook_could_not_be(
     r.close()
 
 
-def test_run_names_the_file_and_place_of_a_hook_the_started_engine_refuses() -> None:
+def test_run_names_the_file_and_place_of_a_hook_the_started_engine_refuses(
+        settings: Settings, redis_client: Any, keys: Any,
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A hook the files' check passed and the engine refuses (its settings differ from
-    the file's: an action its EVENT_TYPES_FILE lacks) is named by file and place."""
-    from types import SimpleNamespace
-
+    the file's: an action its EVENT_TYPES_FILE lacks) is named by file and place; the
+    run's claim on creating it is let go (the next run tries again)."""
     from actors.cli import _create_missing_hook
+    from actors.driver import Engine
 
     def refuse(data: Any) -> Any:
         raise HookError("invalid hook: actions: 'x': not an event type of the engine",
                         [("actions", "not an event type of the engine")])
 
-    engine = SimpleNamespace(hooks=SimpleNamespace(listing=lambda account: ([], [])),
-                             create_hook=refuse)
-    with pytest.raises(HookError) as raised:
-        _create_missing_hook(engine, {"account_id": 3, "name": "new"}, "hooks.json", 2)
+    engine = Engine.connect(settings)
+    monkeypatch.setattr(engine, "create_hook", refuse)
+    try:
+        with pytest.raises(HookError) as raised:
+            _create_missing_hook(engine, {"account_id": 3, "name": "new"}, "hooks.json", 2)
+    finally:
+        engine.redis.close()
     assert str(raised.value) == ("hooks.json[2]: invalid hook: actions: 'x': not an event "
                                  "type of the engine")
     assert raised.value.issues == [("actions", "not an event type of the engine")]
+    assert redis_client.hlen(keys.hooks_from_file) == 0
 
 
 NOT_AN_ID = "expected an id, an integer from 0 to 9223372036854775807"
