@@ -69,9 +69,11 @@ class TransportActor:
         quiet_client_logs()
         cfg = Settings(**settings)
         self.kind = kind
-        # HTTP: no request carries more than MAX_HTTP_BATCH messages, a re-sent batch
-        # made under other limits included (it is posted in pieces)
-        extra = {"max_batch": cfg.MAX_HTTP_BATCH} if kind == "http_batch" else {}
+        # HTTP: no request carries more than MAX_HTTP_BATCH messages or MAX_BATCH_BYTES
+        # bytes of messages (but one larger message), a re-sent batch or replayed dead
+        # letter made under other limits included (it is posted in pieces)
+        extra = {"max_batch": cfg.MAX_HTTP_BATCH, "max_batch_bytes": cfg.MAX_BATCH_BYTES} \
+            if kind == "http_batch" else {}
         self.transport = load_transport(kind, concurrency=cfg.DESTINATION_CONCURRENCY,
                                         **cfg.transport_options(kind), **extra)
         self.targets: dict[str, BaseModel] = {}

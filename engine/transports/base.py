@@ -32,8 +32,16 @@ EXCERPT_CHARS = 300  # how much of a response body an Outcome keeps
 DEFAULT_QUEUE_SEC = 60.0  # DESTINATION_QUEUE_SEC's default
 
 
-class Delivery(msgspec.Struct):
-    """A batch of one hook's encoded messages, as sent, retried and dead-lettered."""
+class Delivery(msgspec.Struct, forbid_unknown_fields=True):
+    """A batch of one hook's encoded messages, as sent, retried and dead-lettered.
+
+    Stored (re-sends, dead letters) with its fields by name. A stored one with a field
+    this version does not know (written by a newer version, read after a roll-back)
+    is refused when decoded (``msgspec.ValidationError``, naming the field), not read
+    without it: a re-send is set aside (``{p}:retry:unreadable``, put back by
+    ``set-aside --retries --requeue`` once a version that reads it runs), a dead
+    letter is skipped by listings and refused by replay, both kept as they are. One
+    without a later field (an earlier version's) takes its default."""
 
     id: str
     hook_id: int

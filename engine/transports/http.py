@@ -75,6 +75,26 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
+def _pieces(parts: list[bytes], size: int, max_bytes: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of the requests a delivery's ``parts`` are posted in, in order: at
+    most ``size`` messages each and, with ``max_bytes`` (MAX_BATCH_BYTES), at most that
+    many bytes of messages, counted as a partition counts a batch's (the messages'
+    own bytes, not the brackets and commas of the body), so a batch it made is never
+    cut; a message larger than ``max_bytes`` goes alone."""
+    count = len(parts)
+    if max_bytes is None:
+        return [(start, min(start + size, count)) for start in range(0, count, size)]
+    pieces: list[tuple[int, int]] = []
+    start = held = 0
+    for i, length in enumerate(map(len, parts)):
+        if i > start and (i - start >= size or held + length > max_bytes):
+            pieces.append((start, i))
+            start, held = i, 0
+        held += length
+    pieces.append((start, count))
+    return pieces
+
+
 @dataclass
 class _Destination:
     semaphore: asyncio.Semaphore
@@ -103,13 +123,18 @@ class HttpTransport(Transport):
     kind = "http_batch"
 
     def __init__(self, concurrency: int = 8, timeout_sec: float = DEFAULT_TIMEOUT_SEC,
-                 max_batch: int | None = None, **options: Any) -> None:
+                 max_batch: int | None = None, max_batch_bytes: int | None = None,
+                 **options: Any) -> None:
         super().__init__(**options)
         self.concurrency = concurrency
         self.timeout_sec = timeout_sec
         # the installation's MAX_HTTP_BATCH: no request carries more messages, whatever
         # a hook's own max_batch_size (None: only the hook's)
         self.max_batch = max_batch
+        # the installation's MAX_BATCH_BYTES: no request carries more bytes of messages
+        # (but one larger message, alone), counted as a partition counts a batch's
+        # (None: no bound)
+        self.max_batch_bytes = max_batch_bytes
         self._session: aiohttp.ClientSession | None = None
         # least recently used first: past MAX_DESTINATIONS, idle ones go from the front
         self._destinations: OrderedDict[str, _Destination] = OrderedDict()
@@ -160,39 +185,46 @@ class HttpTransport(Transport):
         if self.max_batch is not None and self.max_batch < size:
             size = self.max_batch
         if delivery.count <= size:
-            return await self.post(target, http_body(delivery.parts))
-        # a batch larger than the hook's max_batch_size (or MAX_HTTP_BATCH): made before
-        # it was lowered, or for another kind of target (RabbitMQ, Kafka) before the hook
-        # changed to this one. Posted in pieces of that size, in order; only the
-        # messages of pieces that failed are sent again. A refused piece (an answer)
-        # does not stop the others, so each message has its attempt; an unreachable
-        # destination (ConnectError, Timeout) stops them: the rest wait for the re-send
+            body = http_body(delivery.parts)
+            # one request: a single message, or messages whose own bytes (the body's
+            # less its brackets and commas) are within MAX_BATCH_BYTES
+            if self.max_batch_bytes is None or delivery.count <= 1 or \
+                    len(body) - delivery.count - 1 <= self.max_batch_bytes:
+                return await self.post(target, body)
+        pieces = _pieces(delivery.parts, size, self.max_batch_bytes)
+        # a batch larger than the hook's max_batch_size (or MAX_HTTP_BATCH), or than
+        # MAX_BATCH_BYTES: made before it was lowered, or for another kind of target
+        # (RabbitMQ, Kafka) before the hook changed to this one. Posted in pieces within
+        # those limits, in order; only the messages of pieces that failed are sent
+        # again. A refused piece (an answer) does not stop the others, so each message
+        # has its attempt; an unreachable destination (ConnectError, Timeout) stops
+        # them: the rest wait for the re-send
         outcome = Outcome(ok=True)
-        pieces = range(0, delivery.count, size)
         failed: list[int] = []
         refused: TransportError | None = None
-        for start in pieces:
+        for start, stop in pieces:
             try:
-                outcome = await self.post(target,
-                                          http_body(delivery.parts[start:start + size]))
+                outcome = await self.post(target, http_body(delivery.parts[start:stop]))
             except (ConnectError, Timeout) as exc:
                 failed += range(start, delivery.count)
-                stop: TransportError = exc
+                halt: TransportError = exc
                 if refused is not None and isinstance(exc, Queued):
                     # pieces answered and refused had their attempt: the delivery was
                     # sent, and uses up a re-send (Queued would not)
-                    stop = refused
-                stop.failed = failed if len(failed) < delivery.count else None
-                raise stop from None
+                    halt = refused
+                halt.failed = failed if len(failed) < delivery.count else None
+                raise halt from None
             except TransportError as exc:
-                failed += range(start, min(start + size, delivery.count))
+                failed += range(start, stop)
                 refused = exc
         if refused is not None:
             refused.failed = failed if len(failed) < delivery.count else None
             raise refused
+        limits = f"{size}" if self.max_batch_bytes is None else \
+            f"{size} messages and {self.max_batch_bytes} bytes of messages"
         return Outcome(ok=True, status=outcome.status,
                        detail=f"{delivery.count} messages in {len(pieces)} requests of at "
-                              f"most {size}; last answer: {outcome.detail}"[:EXCERPT_CHARS])
+                              f"most {limits}; last answer: {outcome.detail}"[:EXCERPT_CHARS])
 
     async def post(self, target: HttpBatch, body: bytes) -> Outcome:
         key, dest = self._destination(target.url)
