@@ -24,7 +24,9 @@ key                             type     holds
                                          ``checking``: a first record's streams not
                                          checked yet
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
-{p}:hooks:seq                   string   last hook id handed out
+{p}:hooks:seq                   string   last hook id handed out (missing, or at a
+                                         stored or deleted-and-marked hook's id: the
+                                         next id goes above every such hook's)
 {p}:hooks:from_file             hash     the hooks ``run --hooks`` files created:
                                          JSON ``[account_id, name]`` (the file hook's
                                          identity) -> the id of the hook created (or
@@ -46,8 +48,15 @@ key                             type     holds
 {p}:dead:payload                hash     delivery id -> msgpack Delivery (last error)
 {p}:dead:account:{account}      zset     the account's dead letters, as ``{p}:dead``
 {p}:dead:hook:{hook_id}         zset     the hook's dead letters, as ``{p}:dead``
-{p}:dead:indexed                string   set once the two indexes above cover every
-                                         dead letter (built from ``{p}:dead`` if not)
+{p}:dead:indexed                string   a time of death (ms): every dead letter that
+                                         died up to it is in the two indexes above;
+                                         an index pass (each process's first read, the
+                                         retry worker every minute) indexes those after
+                                         it and moves it to its start less a minute
+                                         (``1``: an earlier version's mark, taken as none)
+{p}:dead:recent                 zset     dead letter id -> when it died, for those this
+                                         version's kill indexed since the mark (a pass
+                                         reads the payloads of the others only)
 {p}:retry:unreadable            hash     delivery id -> a retry payload that could not
                                          be decoded (set aside by the retry worker)
 {p}:stats:{hook_id}             hash     accepted, delivered, retried, dead_lettered,
@@ -124,6 +133,7 @@ class Keys:
         self.dead = f"{prefix}:dead"
         self.dead_payload = f"{prefix}:dead:payload"
         self.dead_indexed = f"{prefix}:dead:indexed"
+        self.dead_recent = f"{prefix}:dead:recent"
         self.engine_stats = f"{prefix}:stats:engine"
         self.intake_unreadable = f"{prefix}:intake:unreadable"
         self.config = f"{prefix}:config"

@@ -32,7 +32,7 @@ from engine.lease import Holding
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
-from engine.stores import CLAIM_BYTES, Once
+from engine.stores import CLAIM_BYTES, Once, other_account
 from engine.transports.base import (
     Delivery,
     Outcome,
@@ -212,6 +212,11 @@ class RetryWorker:
             if hook is None:
                 self._kill(delivery, f"hook {delivery.hook_id} was deleted; last error: "
                            f"{delivery.last_error}", hook_gone=True)
+            elif hook.account_id != delivery.account_id:
+                # its id was given to another account's hook (the hook id counter lost
+                # or restored, or a record written from outside): never sent there
+                self._kill(delivery, f"{other_account(hook, delivery)}; last error: "
+                           f"{delivery.last_error}")
             else:
                 sendable.append((hook, delivery))
         done = 0

@@ -74,6 +74,37 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[2])
 return 1
 """
+# KEYS: the hooks hash, the hook id counter, the deleted hooks zset. The next hook id:
+# the counter's next, unless the counter was missing (copied or restored without it)
+# or that id is a stored or deleted-and-marked hook's (a counter restored older than
+# the hooks): then one above the counter and every such hook's id (decimal fields
+# only, as the engine writes them; compared as text, so any length is exact)
+_NEXT_HOOK_ID = """
+local fresh = redis.call('EXISTS', KEYS[2]) == 0
+local id = redis.call('INCR', KEYS[2])
+local taken = redis.call('HEXISTS', KEYS[1], id) == 1 or
+              redis.call('ZSCORE', KEYS[3], id) ~= false
+if not fresh and not taken then return id end
+local top = redis.call('GET', KEYS[2])
+local function higher(field)
+  if string.find(field, '^[1-9]%d*$') and
+     (#field > #top or (#field == #top and field > top)) then
+    top = field
+  end
+end
+for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do higher(field) end
+for _, field in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do higher(field) end
+if not taken and top == redis.call('GET', KEYS[2]) then return id end
+redis.call('SET', KEYS[2], top)
+return redis.call('INCR', KEYS[2])
+"""
+# KEYS: the hooks hash, its version; ARGV: the new hook's id, its record. Stored only
+# where no hook is (1), else nothing changes (0).
+_CREATE_HOOK = """
+if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
+redis.call('INCR', KEYS[2])
+return 1
+"""
 # a hook changed by others this many times while one change was being made to it: the
 # change is refused (Conflict) rather than made over a version it never read
 REPLACE_TRIES = 10
@@ -91,6 +122,8 @@ class HookRegistry:
         self.r, self.k, self.catalogue = r, keys, catalogue
         self.deny = deny
         self._replace_script = r.register_script(_REPLACE_HOOK)
+        self._next_id = r.register_script(_NEXT_HOOK_ID)
+        self._create_script = r.register_script(_CREATE_HOOK)
 
     def _changed(self, hook_id: int, change: Callable[[Hook], Hook], what: str,
                  expect: Collection[str] | None = None) -> Hook:
@@ -121,6 +154,8 @@ class HookRegistry:
                        f"{what}: try again")
 
     def _save(self, hook: Hook) -> Hook:
+        """Store ``hook`` under its id as it is, over any record there (tests write a
+        record of an earlier version's rules with it; ``create`` overwrites none)."""
         with self.r.pipeline() as pipe:
             pipe.hset(self.k.hooks, str(hook.id), json.dumps(hook.to_storage()))
             pipe.incr(self.k.hooks_version)
@@ -128,12 +163,23 @@ class HookRegistry:
         return hook
 
     def create(self, data: Mapping[str, Any] | Hook) -> Hook:
-        """Validate and store a new hook; its id is assigned here. A secret that is the
+        """Validate and store a new hook; its id is assigned here, above every stored
+        or deleted-and-marked hook's (``_NEXT_HOOK_ID``), and the hook is stored only
+        where none is (``_CREATE_HOOK``): never over another hook, were
+        ``{p}:hooks:seq`` lost or restored older than the hooks (another account's
+        re-sends would go to the new hook's destination). A secret that is the
         redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
         self.check_new(fields)  # before using an id
-        fields["id"] = int(self.r.incr(self.k.hooks_seq))
-        return self._save(parse_hook(fields, self.catalogue))
+        for _ in range(REPLACE_TRIES):
+            fields["id"] = int(cast(int, self._next_id(
+                keys=[self.k.hooks, self.k.hooks_seq, self.k.hooks_gone])))
+            hook = parse_hook(fields, self.catalogue)
+            if self._create_script(keys=[self.k.hooks, self.k.hooks_version],
+                                   args=[str(hook.id), json.dumps(hook.to_storage())]):
+                return hook
+        raise Conflict(f"hooks were stored under {REPLACE_TRIES} new ids while one was "
+                       "being created (written from outside the engine?): try again")
 
     def check_new(self, fields: Mapping[str, Any]) -> Hook:
         """The hook ``fields`` would create (its id 0), or HookError naming why
@@ -347,6 +393,15 @@ class HookRegistry:
         except HookError as exc:  # stored valid: why not any more?
             raise HookError(f"stored hook {hook_id} no longer validates"
                             f"{_invalid_hint(exc)}: {exc}") from None
+
+
+def other_account(hook: Hook, delivery: Delivery) -> str:
+    """Why ``delivery`` is not sent to ``hook``, the hook stored under its hook id, when
+    the hook is another account's (its id given to a new hook: the hook id counter lost
+    or restored older than the hooks, or a record written from outside): an account's
+    messages go to none of another account's destinations."""
+    return (f"hook {delivery.hook_id} now belongs to account {hook.account_id}, not the "
+            f"delivery's account {delivery.account_id}")
 
 
 def hook_etag(hook: Hook) -> str:
@@ -1084,12 +1139,16 @@ return {counts, reset}
 """
 
 
-def _decodes(payload: bytes) -> bool:
+def _decoded(payload: bytes) -> Delivery | None:
+    """The delivery of a payload; None when it cannot be decoded."""
     try:
-        unpack_delivery(payload)
+        return unpack_delivery(payload)
     except (msgspec.DecodeError, ValueError):
-        return False
-    return True
+        return None
+
+
+def _decodes(payload: bytes) -> bool:
+    return _decoded(payload) is not None
 
 
 def _undecodable(delivery_id: str) -> NotFound:
@@ -1102,6 +1161,22 @@ def _not_found(missing: list[str]) -> NotFound:
     return NotFound(f"dead letter(s) {shown}{more} do not exist")
 
 
+# KEYS: the dead letters' index watermark, the recent kills; ARGV: a time of death
+# (ms). Moved there unless already later (passes running at once never move it back);
+# one that is no number (damaged) is replaced. The kills below the mark are forgotten
+# (a pass reads only above it).
+_RAISE_MARK = """
+local mark = tonumber(redis.call('GET', KEYS[1]))
+if not mark or mark < tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[1])
+  mark = tonumber(ARGV[1])
+end
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. mark)
+return 0
+"""
+# how far behind Redis' clock a worker's may be, that scores a dead letter by its own
+# (an earlier version's ``kill``): an index pass looks this far back before its start
+DEAD_INDEX_SKEW_MS = 60_000
 REPLAY_TRIES = 5  # replay attempts while dead letters change under it
 DEAD_READ_CHUNK = 500  # dead letters read per round trip
 DEAD_MOVE_CHUNK = 500  # dead letters replayed or discarded per script
@@ -1333,6 +1408,8 @@ class RetryStore:
             pipe.zadd(self.k.dead, {delivery.id: died})
             pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
             pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
+            # indexed by this version: an index pass need not read its payload
+            pipe.zadd(self.k.dead_recent, {delivery.id: died})
             self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
             if hook_gone:
                 pipe.zadd(self.k.hooks_gone, {str(delivery.hook_id): died})
@@ -1344,7 +1421,9 @@ class RetryStore:
         (HOOK_RETRY_PERIOD_SEC): a re-send of a deleted hook, killed when due, marks it
         again. Returns how many counters went (a chunk of GONE_CHUNK hooks at most per
         call)."""
-        self._ensure_index()  # dead letters kept before the hook index: in it first
+        # dead letters an earlier version kept (also after this one ran): in the hook
+        # index first, so that a hook that has some keeps its counters
+        self._ensure_index(again=True)
         now = self._redis_ms()
         return int(self.r.eval(_FORGET_GONE, 2, self.k.hooks_gone, self.k.hooks,
                                now - keep_ms, now, GONE_CHUNK, self.k.p))
@@ -1397,7 +1476,7 @@ class RetryStore:
 
     def _dead_index(self, account_id: int | None, hook_id: int | None) -> str:
         """The sorted set of the hook's dead letters, else the account's, else all
-        (indexed first if they never were)."""
+        (those no ``kill`` of this version indexed, indexed first: ``_ensure_index``)."""
         self._ensure_index()
         if hook_id is not None:
             return self.k.dead_of_hook(hook_id)
@@ -1435,31 +1514,69 @@ class RetryStore:
                         delivery_id.decode(errors="replace"), exc)
             return None
 
-    def _ensure_index(self) -> None:
-        """Index by account and hook the dead letters kept before those indexes
-        existed (once per prefix; ``{p}:dead:indexed`` marks it done). Dead letters
-        made meanwhile are indexed by ``kill`` itself."""
-        if self._indexed:
+    def _ensure_index(self, again: bool = False) -> None:
+        """Index by account and hook the dead letters that no ``kill`` of this version
+        indexed: those kept by a version without these indexes, also one run after
+        this one (a roll-back, then this version again). ``{p}:dead:indexed`` holds a
+        watermark: a time of death (ms) up to which every dead letter is indexed. A
+        pass indexes those that died after it, then moves it to the pass's start by
+        Redis' clock less DEAD_INDEX_SKEW_MS (one written meanwhile by a worker whose
+        clock lags Redis' less than that is above it: the next pass takes it). A pass
+        runs at a process's first read and, ``again``, at each call (the retry
+        worker's, every minute: ``forget_gone_stats``), so it reads the dead letters
+        of the last minutes, not all of them (but the first: none marked, or an
+        earlier version's mark, ``1``)."""
+        if self._indexed and not again:
             return
-        if self.r.exists(self.k.dead_indexed):
-            self._indexed = True
-            return
-        total = int(self.r.zcard(self.k.dead))
-        if total:
-            log.info("indexing %d dead letters by account and hook (once)", total)
-        for scored in self._pages(self.k.dead, DEAD_READ_CHUNK):
-            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-                self.k.dead_payload, [i for i, _ in scored])
-            keys = _KeyPlaces([self.k.dead])
-            args: list[Any] = []
-            for (delivery_id, _), raw in zip(scored, payloads, strict=True):
-                if raw is not None and (d := self._unpacked(delivery_id, raw)) is not None:
-                    args += [delivery_id, keys.place(self.k.dead_of_account(d.account_id)),
-                             keys.place(self.k.dead_of_hook(d.hook_id))]
-            if args:  # only those still dead letters: a replay may have run meanwhile
-                self._index(keys=keys.keys, args=args)
-        self.r.set(self.k.dead_indexed, 1)
+        started = self._redis_ms()
+        mark = self._watermark()
+        if mark is None and (total := int(self.r.zcard(self.k.dead))):
+            log.info("indexing %d dead letters by account and hook", total)
+        added = 0
+        for scored in self._pages(self.k.dead, DEAD_READ_CHUNK,
+                                  None if mark is None else (mark, b"")):
+            ids = [delivery_id for delivery_id, _ in scored]
+            if mark is not None:  # those this version's ``kill`` indexed: not read
+                known = cast(list[float | None], self.r.zmscore(self.k.dead_recent, ids))
+                ids = [i for i, died in zip(ids, known, strict=True) if died is None]
+                if not ids:
+                    continue
+            with self.r.pipeline(transaction=False) as pipe:  # sizes, not payloads
+                for delivery_id in ids:
+                    pipe.hstrlen(self.k.dead_payload, delivery_id)
+                sizes = [int(n) for n in pipe.execute()]
+            # a payload may hold MAX_BATCH_BYTES: read DEAD_MOVE_BYTES at a time
+            for chunk in _by_bytes([i.decode() for i in ids], sizes, DEAD_MOVE_BYTES):
+                payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                    self.k.dead_payload, chunk)
+                keys = _KeyPlaces([self.k.dead])
+                args: list[Any] = []
+                for letter, raw in zip(chunk, payloads, strict=True):
+                    # one that cannot be decoded is skipped by the listings (with a
+                    # warning there), not indexed
+                    if raw is not None and (d := _decoded(raw)) is not None:
+                        args += [letter, keys.place(self.k.dead_of_account(d.account_id)),
+                                 keys.place(self.k.dead_of_hook(d.hook_id))]
+                if args:  # only those still dead letters: a replay may have run meanwhile
+                    added += int(self._index(keys=keys.keys, args=args))
+        if added and mark is not None:
+            log.warning("indexed %d dead letter(s) by account and hook that were not (kept "
+                        "by a hookray version without these indexes, run since this one?)",
+                        added)
+        self.r.eval(_RAISE_MARK, 2, self.k.dead_indexed, self.k.dead_recent,
+                    started - DEAD_INDEX_SKEW_MS)
         self._indexed = True
+
+    def _watermark(self) -> float | None:
+        """The time of death up to which every dead letter is indexed (``1``, an earlier
+        version's mark that they were once: all are looked at again); None when none
+        is kept, or what is kept is no number."""
+        raw = cast(bytes | None, self.r.get(self.k.dead_indexed))
+        try:
+            mark = float(raw) if raw is not None else None
+        except ValueError:
+            return None
+        return mark if mark is not None and math.isfinite(mark) else None
 
     def _move_args(self, mode: str, letters: list[tuple[str, bytes, Delivery]],
                    latest: float | None = None) -> tuple[list[str], list[Any]]:
