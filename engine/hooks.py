@@ -10,18 +10,21 @@ clear text, for the hook registry. More values are shown masked the same way: th
 password inside an http(s) URL (``https://user:**********@host/``), the value of a
 URL's query parameter and of an extra HTTP header whose name says it carries a
 credential (``?token=**********``; ``Authorization``, ``Cookie``, ``X-Api-Key``,
-``X-Auth-Token``... see ``SENSITIVE_HEADER``).
+``X-Auth-Token``... see ``SENSITIVE_HEADER`` and ``sensitive_param``); a user name
+without a password, or with an empty one (``https://KEY@host/``, ``https://KEY:@host/``),
+masked itself.
 """
 
 from __future__ import annotations
 
 import base64
 import contextlib
+import html
 import ipaddress
 import json
 import re
 from typing import Annotated, Any, Literal
-from urllib.parse import unquote, unquote_plus, urlsplit
+from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 import regex
 from pydantic import (
@@ -62,21 +65,41 @@ MASK = "**********"  # how every secret reads
 SENSITIVE_HEADER = re.compile(
     r"authorization|cookie|key|token|secret|passw|signature|\bsig\b|session|credential|auth",
     re.IGNORECASE)
+# and, of URL query parameters, these too: "code" as the whole name (Azure Functions'
+# function keys: ?code=), "pwd" and "passcode" anywhere, "pass" as the last word of the
+# name (pass, user_pass, db-pass, userPass; not bypass, passenger or pass_through).
+# Narrower than the header names: a query value taken for a credential is masked
+# wherever an error text holds it, so ?country_code=US would mask every "US".
+_SENSITIVE_PARAM = re.compile(
+    r"(?i:^code$|pwd|passcode)|(?:(?<![A-Za-z0-9])(?i:pass)|(?<=[a-z0-9])(?:Pass|PASS))$")
 URL_FIELDS = ("url", "token_url")  # fields holding a URL that may carry credentials
+
+
+def sensitive_param(name: str) -> bool:
+    """Whether a URL query parameter named ``name`` (as written: read percent-decoded)
+    carries a credential: a name ``SENSITIVE_HEADER`` finds, or ``code``, ``pwd``,
+    ``pass``... (``_SENSITIVE_PARAM``)."""
+    name = unquote(name)
+    return bool(SENSITIVE_HEADER.search(name) or _SENSITIVE_PARAM.search(name))
 
 
 def mask_url(url: str) -> str:
     """``url`` with the password of its user-info (if any; a user name without a
-    password, often a token, is a credential too: masked itself) and the value of each
-    query parameter whose name says it carries a credential (``token``, ``api_key``,
-    ``signature``... as ``SENSITIVE_HEADER``) shown as ``MASK``."""
+    password or with an empty one, an API key as ``curl -u KEY:`` sends it, is a
+    credential too: masked itself) and the value of each query parameter whose name
+    says it carries a credential (``token``, ``api_key``, ``code``, ``pwd``...: see
+    ``sensitive_param``) shown as ``MASK``."""
     parts = urlsplit(url)
-    if parts.password is not None:
+    if parts.username and not parts.password:
+        # a user name alone (https://TOKEN@host) or with an empty password
+        # (https://KEY:@host) is sent as Basic auth with an empty password
+        userinfo, _, host = parts.netloc.rpartition("@")
+        colon = ":" if ":" in userinfo else ""
+        parts = parts._replace(netloc=f"{MASK}{colon}@{host}")
+    elif parts.password is not None:
         user = parts.netloc.rpartition("@")[0].partition(":")[0]
         host = parts.netloc.rpartition("@")[2]
         parts = parts._replace(netloc=f"{user}:{MASK}@{host}")
-    elif parts.username:  # a user name alone (https://TOKEN@host) is sent as Basic auth
-        parts = parts._replace(netloc=f"{MASK}@{parts.netloc.rpartition('@')[2]}")
     if parts.query:
         parts = parts._replace(query="&".join(map(_mask_param, parts.query.split("&"))))
     return parts.geturl()
@@ -84,21 +107,32 @@ def mask_url(url: str) -> str:
 
 def _mask_param(param: str) -> str:
     name, eq, value = param.partition("=")
-    return f"{name}={MASK}" if eq and value and SENSITIVE_HEADER.search(unquote(name)) \
-        else param
+    return f"{name}={MASK}" if eq and value and sensitive_param(name) else param
 
 
 def url_secrets(url: str) -> list[str]:
     """The secrets ``mask_url`` hides in ``url``: its password (or a user name without
-    one), sensitive query values (as written, and decoded)."""
+    one, or with an empty one), sensitive query values (as written, decoded, and as
+    the HTTP client sends them: yarl percent-encodes what the URL holds unencoded)."""
     parts = urlsplit(url)
-    found = [parts.password] if parts.password else \
-        [parts.username] if parts.password is None and parts.username else []
-    for param in parts.query.split("&") if parts.query else []:
-        name, eq, value = param.partition("=")
-        if eq and value and SENSITIVE_HEADER.search(unquote(name)):
-            found += [value, unquote_plus(value)]
+    found = [parts.password] if parts.password else [parts.username] if parts.username \
+        else []
+    params = (param.partition("=") for param in parts.query.split("&")) if parts.query \
+        else ()
+    in_query = [value for name, eq, value in params if eq and value and sensitive_param(name)]
+    if in_query:
+        found += [*in_query, *map(unquote_plus, in_query), *_sent_query_secrets(url)]
     return [s for s in found if s]
+
+
+def _sent_query_secrets(url: str) -> list[str]:
+    """The credential query values of ``url`` as the HTTP client sends them."""
+    try:
+        query = URL(url).raw_query_string
+    except ValueError:  # the client cannot send it either
+        return []
+    return [value for name, eq, value in (p.partition("=") for p in query.split("&"))
+            if eq and value and sensitive_param(name)]
 
 
 SHOWN_CODES = 10  # most unknown event codes an error names
@@ -109,10 +143,20 @@ def mask_headers(headers: dict[str, str]) -> dict[str, str]:
     return {k: MASK if SENSITIVE_HEADER.search(k) else v for k, v in headers.items()}
 
 
+# what the escaped forms of a secret hold (``secret_forms``): JSON's "\", the percent
+# sign, HTML's "&"
+_ESCAPE_MARKS = ("\\", "%", "&")
+
+
 def scrub(text: str, secrets: list[str]) -> str:
-    """``text`` with each of ``secrets`` in it shown as ``MASK`` (longest first)."""
+    """``text`` with each of ``secrets`` in it shown as ``MASK`` (longest first). A
+    secret holding a character ``text`` lacks cannot be in it and is not searched for:
+    the escaped forms of a secret cost a search only in a text holding that escaping's
+    mark ("\\", "%", "&"; ``MASK`` holds none of them)."""
+    absent = [mark for mark in _ESCAPE_MARKS if mark not in text]
     for secret in sorted(filter(None, secrets), key=len, reverse=True):
-        text = text.replace(secret, MASK)
+        if not any(mark in secret for mark in absent):
+            text = text.replace(secret, MASK)
     return text
 
 
@@ -1023,12 +1067,12 @@ SECRET_FIELDS = frozenset({"token", "client_secret", "password", "sasl_password"
 
 def sent_secrets(data: Any, name: str = "") -> list[str]:
     """Every value of ``data`` (hook settings as JSON, valid or not) that a read would
-    mask, in each form a text about it may hold: as given, JSON-escaped (with and
-    without \\u escapes), and for a URL's credentials also percent-decoded and as the
-    Basic authorization the HTTP client makes of them. A URL is read leniently (its
-    user-info is whatever precedes its last "@"), so a password that breaks the URL
-    counts too. Walked without recursion: a body nested however deeply is searched
-    (and refused by validation afterwards), never a RecursionError."""
+    mask, in each form a text about it may hold (``secret_forms``), and for a URL's
+    credentials also percent-decoded and as the Basic authorization the HTTP client
+    makes of them. A URL is read leniently (its user-info is whatever precedes its
+    last "@"), so a password that breaks the URL counts too. Walked without recursion:
+    a body nested however deeply is searched (and refused by validation afterwards),
+    never a RecursionError."""
     found: list[str] = []
     stack: list[tuple[Any, str]] = [(data, name)]
     while stack:
@@ -1046,8 +1090,40 @@ def sent_secrets(data: Any, name: str = "") -> list[str]:
             found += _url_credentials(value)
         elif key in SECRET_FIELDS:
             found.append(value)
-    return list(dict.fromkeys(f for s in found if s for f in (
-        s, json.dumps(s, ensure_ascii=False)[1:-1], json.dumps(s)[1:-1])))
+    return list(dict.fromkeys(f for s in dict.fromkeys(found) if s for f in secret_forms(s)))
+
+
+# what HTML escapers write for the quotes: html.escape (&quot; &#x27;), markupsafe and
+# Go (&#34; &#39;), PHP's htmlspecialchars (&quot; &#039;)
+_HTML_QUOTES = (("&quot;", "&#x27;"), ("&#34;", "&#39;"), ("&quot;", "&#039;"))
+# what Go's encoding/json escapes besides JSON's own (HTML-safe output, its default)
+_GO_JSON = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026",
+                          "\u2028": "\\u2028", "\u2029": "\\u2029"})
+
+
+def secret_forms(secret: str) -> list[str]:
+    """``secret`` in each form a destination may echo it (its answer is shown in test
+    event answers and dead letters, and matched by a success regex): as given;
+    JSON-escaped with and without \\u escapes, each also with "/" written "\\/" (PHP's
+    json_encode), and as Go's encoding/json writes it (<, >, & as \\u003c...);
+    percent-encoded (every reserved character, "+" for a space, and as JavaScript's
+    encodeURIComponent); HTML-escaped (&, <, > only, and with each common spelling of
+    the quotes). At most 13 forms, and one alone for a secret of letters, digits and
+    ``- . _ ~`` (the others are the same, dropped): masking costs a small multiple of
+    what it cost with the secrets as given."""
+    forms = [secret]
+    for ensure_ascii in (False, True):
+        escaped = json.dumps(secret, ensure_ascii=ensure_ascii)[1:-1]
+        forms += [escaped, escaped.replace("/", "\\/")]
+    forms.append(forms[1].translate(_GO_JSON))
+    with contextlib.suppress(UnicodeEncodeError):  # a lone surrogate: no UTF-8 to encode
+        forms += [quote(secret, safe=""), quote_plus(secret, safe=""),
+                  quote(secret, safe="!'()*")]
+    amp = html.escape(secret, quote=False)
+    forms.append(amp)
+    if '"' in secret or "'" in secret:
+        forms += [amp.replace('"', dq).replace("'", sq) for dq, sq in _HTML_QUOTES]
+    return list(dict.fromkeys(forms))
 
 
 def _url_credentials(url: str) -> list[str]:
@@ -1059,7 +1135,7 @@ def _url_credentials(url: str) -> list[str]:
     if colon and password:
         clear = unquote(password)
         found += [password, clear, _basic(f"{unquote(user)}:{clear}")]
-    elif not colon and user:  # a user name alone: sent as Basic with an empty password
+    elif user:  # a user name alone or with an empty password: sent as Basic "user:"
         found += [user, unquote(user), _basic(f"{unquote(user)}:")]
     return found
 

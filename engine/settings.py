@@ -39,7 +39,11 @@ DEFAULT_MAX_BATCH_BYTES = 8 * 2**20  # of one outgoing batch's messages
 class Settings(BaseModel):
     """Validated settings. Defaults are the documented platform defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+    # hide_input_in_errors: a ValidationError of a Settings built in Python names the
+    # setting and the reason, never the value (a REDIS_URL holds a password);
+    # load_settings and with_overrides quote values themselves, masked
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False,
+                              hide_input_in_errors=True)
 
     HOOK_RETRY_TIMES: int = Field(DEFAULT_RETRY_TIMES, ge=0, le=1000)
     # at least 1 ms: the schedule counts whole milliseconds (less would be no pause)

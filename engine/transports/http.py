@@ -44,7 +44,16 @@ import aiohttp
 import regex
 
 from engine.errors import ConnectError, Queued, Rejected, Timeout, TransportError
-from engine.hooks import MASK, Auth, HttpBatch, mask_url, scrub, sent_secrets, url_secrets
+from engine.hooks import (
+    MASK,
+    Auth,
+    HttpBatch,
+    mask_url,
+    scrub,
+    secret_forms,
+    sent_secrets,
+    url_secrets,
+)
 from engine.messages import http_body
 from engine.transports.base import EXCERPT_CHARS, Delivery, Outcome, Transport
 
@@ -319,7 +328,7 @@ class HttpTransport(Transport):
             dump = target.model_dump(mode="json", context={"reveal": True})
             cached = cache[id(target)] = (target, sent_secrets({"http_batch": dump}))
         if auth and target.auth.kind == "oauth2":
-            return [*cached[1], auth.removeprefix("Bearer ")]
+            return [*cached[1], *secret_forms(auth.removeprefix("Bearer "))]
         return cached[1]
 
     async def _judge(self, target: HttpBatch, status: int, text: str,
