@@ -1537,7 +1537,7 @@ class RetryStore:
                                   None if mark is None else (mark, b"")):
             ids = [delivery_id for delivery_id, _ in scored]
             if mark is not None:  # those this version's ``kill`` indexed: not read
-                known = cast(list[float | None], self.r.zmscore(self.k.dead_recent, ids))
+                known = cast(list[float | None], self.r.zmscore(self.k.dead_recent, cast(Any, ids)))
                 ids = [i for i, died in zip(ids, known, strict=True) if died is None]
                 if not ids:
                     continue
