@@ -227,8 +227,9 @@ class Engine:
             self.intake.ensure_groups()
             self.intake.record_partitions()  # producers with another count: refused
             self.intake.keep_records()  # and events or hooks of codes it lacks
-            if self._renewer is not None:  # written again if Redis loses them
-                self._renewer.also = self.intake.keep_records
+            if self._renewer is not None:  # written again if Redis loses them, or
+                # another engine replaced them while it held the lapsed claim
+                self._renewer.also = self.intake.record_again
         except BaseException:
             self._release_prefix()
             self._release_ray()

@@ -32,9 +32,10 @@ import redis
 from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
+from engine.errors import quoted
 from engine.events import Event
 from engine.failurelog import FailureLog
-from engine.health import Heartbeat, RoundFailures
+from engine.health import Heartbeat, Repeats, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.intake import decode_entry, decode_views
 from engine.keys import CONSUMER_GROUP, Keys
@@ -52,6 +53,7 @@ from engine.stores import (
     ProfileStore,
     RetryStore,
     Stats,
+    other_account,
 )
 from engine.transports.base import (
     Delivery,
@@ -174,8 +176,10 @@ class Dispatcher:
     """Matching, message building and per-hook batching for a partition."""
 
     def __init__(self, side: Side, catalogue: EventCatalogue, max_http_batch: int,
-                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES) -> None:
+                 max_batch_bytes: int = DEFAULT_MAX_BATCH_BYTES, who: str = "a partition"
+                 ) -> None:
         self.side = side
+        self.who = who  # "partition 3", for the log
         self.max_http_batch = max_http_batch
         self.max_batch_bytes = max_batch_bytes
         self.catalogue = catalogue
@@ -201,6 +205,10 @@ class Dispatcher:
         # ``accepted`` counts Redis refused for want of memory (not made): made later
         self.deferred: Counter[int] = Counter()
         self.deferred_said = -60.0  # when that was last logged
+        # events of codes the catalogue lacks, matched to no hook: logged once a minute
+        # per code, with how many came since it was last logged (``say_unknown``)
+        self.unknown_said = Repeats()
+        self.unknown_unsaid: Counter[str] = Counter()
         self._booking = Booking(side.registry.r)
 
     def take_outbox(self) -> list[Delivery]:
@@ -268,6 +276,8 @@ class Dispatcher:
         entry_ids = [eid for eid, _ in entries]
         owner = np.repeat(np.arange(len(entries)), [len(evs) for _, evs in entries])
         columns = EventColumns.from_events(events, self.catalogue)
+        if columns.unknown_types:
+            self.say_unknown(columns.unknown_types)
         matches = self.index.match(columns)
         if count:
             # counted before anything is batched, by a booking with a token: one whose
@@ -277,8 +287,10 @@ class Dispatcher:
                 {self.index.hooks[pos].id or 0: len(idx) for pos, idx in matches.items()}))
             self.counted = True
             self.count_unsure()
+        # routing keys by columns number the event types of the catalogue only: with a
+        # type it lacks among them, they are made per event
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
-                    columns)
+                    None if columns.unknown_types else columns)
         self._attach_profiles(matches, events)
         warm(rnd, [(self.builders[self.index.hooks[pos].id or 0], idx)
                    for pos, idx in matches.items()])
@@ -318,6 +330,23 @@ class Dispatcher:
                     "wait (made once it has room; lost if the partition's process ends "
                     "meanwhile), delivery and acknowledgements go on")
         self.deferred_said = time.monotonic()
+
+    def say_unknown(self, codes: Counter[str]) -> None:
+        """Log events whose code the catalogue lacks (removed from EVENT_TYPES_FILE
+        after they were accepted): they match no hook, as no hook that names the code
+        loads, and are acknowledged with their entries. Once a minute per code, with
+        how many such events came since it was last said."""
+        for code, n in codes.items():
+            self.unknown_unsaid[code] += n
+            if self.unknown_said.due(code) is None:
+                continue
+            count = self.unknown_unsaid.pop(code)
+            log.warning("%s: %d event(s) of event type %s, which this engine's event types "
+                        "lack (removed from EVENT_TYPES_FILE after they were accepted?), "
+                        "matched no hook (a hook naming it would not load) and are "
+                        "acknowledged with their intake entries; add the code back to "
+                        "EVENT_TYPES_FILE to deliver such events", self.who, count,
+                        quoted(code))
 
     def _add(self, hook: Hook, idx: np.ndarray, rnd: Round, owner: np.ndarray,
              entry_ids: list[str], now: float) -> None:
@@ -455,6 +484,10 @@ class Dispatcher:
         hook, failure = batch.hook, None
         if changed and now is None:
             failure = f"hook {hook_id} was deleted before this batch was sent"
+        elif changed and now is not None and now.account_id != batch.hook.account_id:
+            # its id given to another account's hook: the batch never goes there (nor
+            # do its re-sends: the retry worker kills them)
+            failure = other_account(now, delivery)
         elif changed and now is not None:
             try:
                 delivery, hook = for_target(now, delivery), now
@@ -543,9 +576,12 @@ class PartitionWorker:
         self.sender = sender
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE) if catalogue is None else catalogue
         self.side = Side(r, settings, catalogue)
-        self.holding = Holding(r, self.side.keys, owner) if owner else None
+        # waits too while the engine's recorded PARTITIONS is not this one (another
+        # engine's, recorded while it held the claim)
+        self.holding = Holding(r, self.side.keys, owner, settings.PARTITIONS) if owner \
+            else None
         self.dispatcher = Dispatcher(self.side, catalogue, settings.MAX_HTTP_BATCH,
-                                     settings.MAX_BATCH_BYTES)
+                                     settings.MAX_BATCH_BYTES, f"partition {partition}")
         self.stream = self.side.keys.intake(partition)
         self.consumer = consumer or f"partition-{partition}"
         self.entry_left: Counter[str] = Counter()  # entry id -> messages not yet settled

@@ -722,13 +722,53 @@ class Intake:
         come back without its data, or with older data): PARTITIONS where it is missing,
         marked as not checked (the next start checks the streams of other counts), and
         the event codes where they differ. Producers with another count, and producers
-        and hook stores with codes the engine lacks (a partition could not process
+        and hook stores with codes the engine lacks (no hook of the engine could capture
         such events; a stored hook it cannot load stops every partition), are then
         refused. Writes nothing when both are there, so producers' WATCHed appends are
-        not aborted."""
-        self._script("intake_restore")(
+        not aborted. Codes recorded before that this engine lacks are logged while the
+        intake holds entries: their events match no hook (``EventColumns.from_events``)."""
+        wrote, before = self._script("intake_restore")(
             keys=[self.k.config],
             args=[self.partitions, json.dumps(sorted(self.catalogue.codes())), "restored"])
+        if int(wrote) & 2 and before:
+            self._say_removed(before)
+
+    def _say_removed(self, recorded: bytes | str) -> None:
+        """Warn when codes ``recorded`` before are not this engine's while its intake
+        (or the set-aside stream) holds entries: events of those codes accepted before
+        are acknowledged undelivered."""
+        removed = sorted(set(engine_codes(recorded) or ()).difference(self.catalogue.codes()))
+        if not removed:
+            return
+        with self.r.pipeline(transaction=False) as pipe:
+            for n in range(self.partitions):
+                pipe.xlen(self.k.intake(n))
+            pipe.xlen(self.k.intake_unreadable)
+            *lengths, aside = pipe.execute()
+        if not sum(lengths) and not aside:
+            return
+        shown = ", ".join(map(quoted, removed[:10])) + (
+            f" and {len(removed) - 10} more" if len(removed) > 10 else "")
+        log.warning("event type(s) %s, which the engine had (REDIS_PREFIX %r), are not in "
+                    "this engine's event types (EVENT_TYPES_FILE) while its intake holds %d "
+                    "entries (%d set aside): events of them accepted before match no hook "
+                    "and are acknowledged undelivered as the partitions reach them; to "
+                    "deliver them, stop the engine and start it with the codes in "
+                    "EVENT_TYPES_FILE again", shown, self.k.p, sum(lengths), aside)
+
+    def record_again(self) -> None:
+        """``keep_records``, and this engine's PARTITIONS where another is recorded (the
+        claim renewer of a running engine, ``Renewer.also``): should its claim lapse,
+        an engine with another count may take it and record that count, which refuses
+        this engine's producers and leaves its workers waiting (``Holding``) once the
+        claim is back. This engine's count is recorded again as at a start
+        (``record_partitions``: ConfigError, nothing changed, while that count's streams
+        hold events). A count recorded as this engine's is left as it is."""
+        self.keep_records()
+        raw = cast(bytes | None, self.r.hget(self.k.config, "partitions"))
+        recorded = recorded_partitions(raw, self.k.config)
+        if recorded is not None and recorded != self.partitions:
+            self.record_partitions()
 
     def _refuse_foreign_types(self, recorded: bytes | str, events: Sequence[Event]) -> None:
         """ConfigError if an event's code is not one of the engine's ``recorded`` codes.
@@ -745,8 +785,8 @@ class Intake:
             raise ConfigError(
                 f"event type(s) {', '.join(map(repr, found))} are not known to the engine "
                 f"(REDIS_PREFIX {self.k.p!r}): its EVENT_TYPES_FILE lacks them, so no "
-                "partition could process these events; nothing was accepted. Use the "
-                "engine's settings")
+                "hook of the engine could capture these events; nothing was accepted. Use "
+                "the engine's settings")
 
     def record_partitions(self) -> None:
         """Record this intake's PARTITIONS as the engine's (``Engine.start``). A

@@ -32,12 +32,12 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from engine.errors import ConfigError, PrefixTaken
-from engine.keys import Keys
+from engine.keys import Keys, recorded_partitions
 
 log = logging.getLogger("hookray")
 
@@ -168,15 +168,20 @@ class Renewer:
     """A thread renewing a running engine's claim every fifth of its TTL (the driver
     runs one while its actors do). Errors are retried; a claim another engine took
     after ours lapsed is logged as the error it is, once a minute, and taken back when
-    free (the workers wait meanwhile: ``Holding``)."""
+    free (the workers wait meanwhile: ``Holding``); what that engine recorded is then
+    replaced by this engine's records (``also``)."""
 
     def __init__(self, lease: EngineLease) -> None:
         self.lease = lease
         # run after each renewal while the claim is ours (set once the engine started):
-        # what the engine recorded beside its claim, written again if Redis lost it
+        # what the engine recorded beside its claim, written again if Redis lost it or
+        # another engine replaced it while it held the claim (``Intake.record_again``).
+        # A ConfigError (its PARTITIONS cannot be recorded again while the other count's
+        # streams hold events) is logged once a minute; the workers wait meanwhile
         self.also: Callable[[], None] | None = None
         self.stop_event = threading.Event()
         self.lost_said = -float("inf")  # when the lost claim was last logged
+        self.refused_said = -float("inf")  # when a ConfigError of ``also`` was last logged
         self.thread = threading.Thread(target=self._run, daemon=True, name="engine-lease")
         self.thread.start()
 
@@ -187,6 +192,12 @@ class Renewer:
                 holder = self.lease.renew()
                 if holder is None and self.also is not None:
                     self.also()
+            except ConfigError as exc:  # the records cannot be written again (yet)
+                holder = None
+                if time.monotonic() - self.refused_said >= 60:
+                    log.error("this engine holds its REDIS_PREFIX claim %s but cannot write "
+                              "its records again, its workers wait: %s", self.lease.key, exc)
+                    self.refused_said = time.monotonic()
             except redis.RedisError:
                 holder = None  # said by the workers, who need Redis as much
             except Exception:  # a bug: said, and the thread lives on (else it lapses)
@@ -209,10 +220,17 @@ class Renewer:
 class Holding:
     """A worker's look at its engine's claim: ``check`` raises PrefixTaken while
     another engine holds it (looked up at most every CHECK_SEC; a claim that is
-    missing, as after a Redis restart, is no reason to wait: the driver sets it again)."""
+    missing, as after a Redis restart, is no reason to wait: the driver sets it again).
+    Given ``partitions`` (a partition worker's PARTITIONS), also while the engine's
+    recorded count is another: an engine with that count held the claim meanwhile (its
+    producers write to that count's streams), until the driver's ``Renewer`` records
+    this engine's again."""
 
-    def __init__(self, r: redis.Redis, keys: Keys, owner: str) -> None:
+    def __init__(self, r: redis.Redis, keys: Keys, owner: str,
+                 partitions: int | None = None) -> None:
         self.r, self.key, self.owner = r, keys.engine, owner.encode()
+        self.config, self.prefix, self.partitions = keys.config, keys.p, partitions
+        self.unlike = ""  # why the worker waits, from the last look: another count recorded
         self.looked = -CHECK_SEC
         self.taken = ""  # why the worker waits, from the last look ("" it does not)
         # the claim as the last look found it, this engine's: a later look finding it
@@ -252,7 +270,10 @@ class Holding:
         now = time.monotonic()
         if now - self.looked >= CHECK_SEC:
             raw = self.r.get(self.key)
+            recorded = None if self.partitions is None else \
+                cast(bytes | None, self.r.hget(self.config, "partitions"))
             self.looked = now
+            self.unlike = self._unlike(recorded)
             if isinstance(raw, str):
                 raw = raw.encode()
             if raw is None:
@@ -272,3 +293,26 @@ class Holding:
                               f"{Holder.of(raw, 0).describe()}; stop one of the two engines")
         if self.taken:
             raise PrefixTaken(self.taken)
+        if self.unlike:
+            raise PrefixTaken(self.unlike)
+
+    def _unlike(self, recorded: bytes | None) -> str:
+        """Why the worker waits when the engine's ``recorded`` PARTITIONS is not its
+        own, else "" (also for none recorded, or a damaged record: producers are refused
+        for that, and the backlog is still read)."""
+        if self.partitions is None:
+            return ""
+        try:
+            count = recorded_partitions(recorded, self.config)
+        except ConfigError:
+            return ""
+        if count is None or count == self.partitions:
+            return ""
+        # what waits before the first ": " (shown without a token), why after
+        return (f"the engine's recorded PARTITIONS is {count}, not this engine's "
+                f"{self.partitions}, the workers wait: another engine ran on REDIS_PREFIX "
+                f"{self.prefix!r} with {count} while this engine's claim had lapsed; this "
+                f"engine records {self.partitions} again at its claim's next renewal once "
+                f"the intake streams of {count} are empty (else its log names those holding "
+                f"events: stop this engine, and run one with PARTITIONS={count} until they "
+                "are delivered)")

@@ -62,9 +62,10 @@ account with thousands of hooks make every row that wide.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from itertools import chain
+from dataclasses import dataclass, field
+from itertools import chain, repeat
 from operator import attrgetter
 
 import numpy as np
@@ -75,6 +76,10 @@ from engine.hooks import Hook
 
 CHUNK_EVENTS = 65_536  # events matched at a time (bounds the E x W masks)
 NONE = -1  # column value of an absent id
+# event_type column value of an event whose code the catalogue lacks (removed from
+# EVENT_TYPES_FILE after the event was accepted): no hook selects it, as a hook naming
+# a code the catalogue lacks does not load
+UNKNOWN_EVENT_TYPE = -1
 LUT_MAX = 1 << 20  # largest dense lookup table (entries of int32: 4 MiB)
 
 _U64 = np.dtype(np.uint64)
@@ -101,13 +106,16 @@ class EventColumns:
 
     account_id: np.ndarray  # int64
     list_id: np.ndarray  # int64, -1 = none
-    event_type: np.ndarray  # int32, catalogue index (EventCatalogue.index(code))
+    event_type: np.ndarray  # int32, catalogue index (EventCatalogue.index(code)), or
+    # UNKNOWN_EVENT_TYPE for a code the catalogue lacks
     resource_id: np.ndarray  # int64, -1 = none
     campaign_id: np.ndarray  # int64, -1 = none
     template_id: np.ndarray  # int64, -1 = none  (Event.message_id)
     pixel_id: np.ndarray  # int64, -1 = none
     segment_values: np.ndarray  # int64, CSR values of each event's segment ids
     segment_offsets: np.ndarray  # int64, len E+1
+    # codes the catalogue lacks -> how many of the events have each (``from_events``)
+    unknown_types: Counter[str] = field(default_factory=Counter)
 
     def __post_init__(self) -> None:
         n = len(self.account_id)
@@ -128,17 +136,22 @@ class EventColumns:
 
     @classmethod
     def from_events(cls, events: Sequence[Event], catalogue: EventCatalogue) -> EventColumns:
-        """Columns of ``events``; raises KeyError for an event type not in ``catalogue``."""
+        """Columns of ``events``. An event type not in ``catalogue`` (accepted before
+        its code was removed from EVENT_TYPES_FILE) is UNKNOWN_EVENT_TYPE, which no
+        hook selects; ``unknown_types`` counts such events by code."""
         # one pass per column through C-level iteration (map/attrgetter, fromiter):
         # several times cheaper than assigning array elements in a Python loop
         n = len(events)
         type_index = {code: catalogue.index(code) for code in catalogue.codes()}
+        unknown: Counter[str] = Counter()
         try:
             etype = np.fromiter(map(type_index.__getitem__, map(_EVENT_TYPE, events)),
                                 np.int32, n)
-        except KeyError as exc:
-            catalogue.index(exc.args[0])  # raises "unknown event type ..."
-            raise
+        except KeyError:  # rare: the same pass, a code the catalogue lacks mapped apart
+            etype = np.fromiter(map(type_index.get, map(_EVENT_TYPE, events),
+                                    repeat(UNKNOWN_EVENT_TYPE)), np.int32, n)
+            unknown = Counter({code: k for code, k in Counter(map(_EVENT_TYPE, events)).items()
+                               if code not in type_index})
         dims = {name: _id_column(attr, events) for name, attr in _EVENT_ATTRS.items()}
         segment_lists = [s or () for s in map(_SEGMENTS, events)]
         offsets = np.zeros(n + 1, _I64)
@@ -149,6 +162,7 @@ class EventColumns:
             event_type=etype,
             segment_values=segments,
             segment_offsets=offsets,
+            unknown_types=unknown,
             **dims,
         )
 
@@ -214,7 +228,9 @@ def _hook_restrictions(hook: Hook, catalogue: EventCatalogue) -> dict[str, list[
     """Per dimension, the values ``hook`` accepts (empty = unrestricted)."""
     return {
         "list_id": [] if hook.database == "all" else [int(hook.database)],
-        # no actions (a hook saved before any was chosen) captures nothing
+        # no actions (a hook saved before any was chosen) captures nothing. Every hook
+        # restricts the event type, so a type no hook lists (UNKNOWN_EVENT_TYPE) gets
+        # the account's default row, which is empty: such an event matches no hook
         "event_type": [catalogue.index(code) for code in hook.actions] or [_NO_EVENT_TYPE],
         **{FILTER_COLUMNS.get(kind, kind): values for kind, values in hook.filters.kinds().items()},
     }

@@ -10,13 +10,21 @@ from typing import Any
 import pytest
 import redis
 
+from engine.dispatch import PartitionWorker
 from engine.errors import Conflict
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
 from engine.stores import HookRegistry, RetryStore, Stats
 from engine.transports.base import Delivery
-from tests.integration.test_workers import InProcessSender
+from tests.integration.test_workers import (
+    InProcessSender,
+    clicks,
+    one_intake,
+    one_partition,
+    run_until,
+)
+from tests.integration.test_workers import hook as worker_hook
 
 pytestmark = pytest.mark.integration
 
@@ -158,3 +166,26 @@ def test_the_counter_lost_then_a_create_leaks_no_resend(
     RetryWorker(settings, redis_client, sender).step()
     assert [(h.account_id, getattr(h.target.settings, "url", None)) for h in sender.hooks] == [
         (1, "https://crm.account1.example/hook")]
+
+
+def test_an_open_batch_is_not_sent_to_another_accounts_hook_under_its_id(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    cfg = one_partition(settings).model_copy(update={"HOOK_RETRY_TIMES": 0})
+    registry = HookRegistry(redis_client, keys)
+    slow = {"url": "http://127.0.0.1:9/account1", "max_batch_size": 100,
+            "flush_timeout_sec": 60}
+    mine = registry.create(worker_hook(target={"http_batch": slow}))
+    intake = one_intake(redis_client, keys, 1000)
+    sender = InProcessSender()
+    worker = PartitionWorker(cfg, redis_client, 0, sender)
+    intake.publish(clicks(3))
+    run_until(worker, lambda: worker.dispatcher.open_messages() == 3)
+    redis_client.hset(keys.hooks, str(mine.id), json.dumps({"id": mine.id, **worker_hook(
+        account_id=2, target={"http_batch": {**slow, "url": "http://127.0.0.1:9/account2"}})}))
+    redis_client.incr(keys.hooks_version)
+    run_until(worker, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sender.hooks == []
+    (dead,) = RetryStore(redis_client, keys).dead_letters(account_id=1)
+    assert dead.count == 3
+    assert dead.last_error == (f"NotSent: hook {mine.id} now belongs to account 2, not the "
+                               "delivery's account 1")
