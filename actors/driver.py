@@ -150,7 +150,7 @@ class Engine:
         self.keys = Keys(settings.REDIS_PREFIX)
         self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         self.hooks = HookRegistry(self.redis, self.keys, self.catalogue,
-                                  settings.DESTINATION_DENY)
+                                  settings.DESTINATION_DENY, settings.MAX_HOOKS_PER_ACCOUNT)
         self.intake = Intake(self.redis, self.keys, settings.PARTITIONS,
                              settings.INTAKE_MAX_BATCH, self.catalogue,
                              settings.INTAKE_MAX_ENTRIES)

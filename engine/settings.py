@@ -82,6 +82,10 @@ class Settings(BaseModel):
     # goes alone). Bounds request bodies, memory and retry payloads of large messages
     # (message content, many profile fields).
     MAX_BATCH_BYTES: int = Field(DEFAULT_MAX_BATCH_BYTES, ge=2**10, le=256 * 2**20)
+    # Most hooks one account may have: each matching hook holds a copy of its messages
+    # in a partition's round, and every hook change makes every partition load all
+    # hooks again (checked when a hook is created or cloned).
+    MAX_HOOKS_PER_ACCOUNT: int = Field(1_000, ge=1, le=1_000_000)
     # Concurrent requests per destination (its URL without the query) in one transport
     # actor.
     DESTINATION_CONCURRENCY: int = Field(8, ge=1, le=1024)

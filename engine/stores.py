@@ -116,11 +116,14 @@ class HookRegistry:
     """Hooks CRUD; every change bumps a version that partition actors watch."""
 
     def __init__(self, r: redis.Redis, keys: Keys, catalogue: EventCatalogue | None = None,
-                 deny: str = "") -> None:
+                 deny: str = "", max_per_account: int | None = None) -> None:
         """``deny``: DESTINATION_DENY, to refuse a hook whose target is written as an
-        address no delivery may connect to (it could deliver nothing)."""
+        address no delivery may connect to (it could deliver nothing).
+        ``max_per_account``: MAX_HOOKS_PER_ACCOUNT, the most hooks ``create`` (and
+        ``clone``) lets an account have (None: no bound)."""
         self.r, self.k, self.catalogue = r, keys, catalogue
         self.deny = deny
+        self.max_per_account = max_per_account
         self._replace_script = r.register_script(_REPLACE_HOOK)
         self._next_id = r.register_script(_NEXT_HOOK_ID)
         self._create_script = r.register_script(_CREATE_HOOK)
@@ -170,7 +173,8 @@ class HookRegistry:
         re-sends would go to the new hook's destination). A secret that is the
         redacted value itself (a hook read back and created again) is refused."""
         fields = data.to_storage() if isinstance(data, Hook) else dict(data)
-        self.check_new(fields)  # before using an id
+        new = self.check_new(fields)  # before using an id
+        self._room_for(new.account_id)
         for _ in range(REPLACE_TRIES):
             fields["id"] = int(cast(int, self._next_id(
                 keys=[self.k.hooks, self.k.hooks_seq, self.k.hooks_gone])))
@@ -188,6 +192,19 @@ class HookRegistry:
         self._engine_knows(hook)
         self._reachable(hook)
         return hook
+
+    def _room_for(self, account_id: int) -> None:
+        """HookError when the account has MAX_HOOKS_PER_ACCOUNT hooks already (its
+        stored records, read without validating them). Two creates at once may both
+        pass: the bound is one of cost, not of correctness."""
+        if self.max_per_account is None:
+            return
+        have = sum(1 for raw in cast(list[bytes], self.r.hvals(self.k.hooks))
+                   if stored_account(raw) == account_id)
+        if have >= self.max_per_account:
+            reason = (f"the account has {have} hooks, the most MAX_HOOKS_PER_ACCOUNT "
+                      f"({self.max_per_account}) allows: delete one first")
+            raise HookError(f"account_id: {reason}", [("account_id", reason)])
 
     def _reachable(self, hook: Hook) -> None:
         refuse_denied(hook, self.deny)

@@ -1,0 +1,38 @@
+"""MAX_HOOKS_PER_ACCOUNT: an account's hooks are bounded (each matching hook holds a
+copy of its messages in a partition's round; every hook change reloads them all)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import redis
+
+from engine.errors import HookError
+from engine.keys import Keys
+from engine.stores import HookRegistry
+
+
+def hook(account: int, name: str) -> dict[str, Any]:
+    return {"name": name, "account_id": account, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/in"}}}
+
+
+def test_an_account_at_its_bound_can_create_and_clone_no_more_hooks(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    registry = HookRegistry(redis_client, keys, max_per_account=3)
+    first = registry.create(hook(1, "a"))
+    registry.create(hook(1, "b"))
+    registry.create(hook(2, "other account"))  # counted for its own account only
+    registry.create(hook(1, "c"))
+    with pytest.raises(HookError) as refused:
+        registry.create(hook(1, "d"))
+    reason = "the account has 3 hooks, the most MAX_HOOKS_PER_ACCOUNT (3) allows: " \
+        "delete one first"
+    assert refused.value.issues == [("account_id", reason)]
+    with pytest.raises(HookError, match="MAX_HOOKS_PER_ACCOUNT"):
+        registry.clone(first.id or 0)
+    assert sorted(h.name for h in registry.all(1)) == ["a", "b", "c"]
+    registry.delete(first.id or 0)  # room again
+    assert registry.create(hook(1, "d")).name == "d"
+    assert HookRegistry(redis_client, keys).create(hook(1, "e")).name == "e"  # no bound
