@@ -33,6 +33,7 @@ Decisions (README, "HTTP API"):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -43,6 +44,7 @@ import traceback
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -72,6 +74,8 @@ from engine.events import (
     NESTED_TOO_DEEPLY,
     DecodedBatch,
     EventIssue,
+    TooManyEvents,
+    cap_issues,
     ensure_ids,
 )
 from engine.health import Repeats, engine_health, redis_full, repeated
@@ -204,7 +208,9 @@ class Backend:
                                       socket_connect_timeout=REDIS_TIMEOUT_SEC)
         keys = Keys(settings.REDIS_PREFIX)
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
-        return cls(settings, r, catalogue, HookRegistry(r, keys, catalogue),
+        return cls(settings, r, catalogue,
+                   HookRegistry(r, keys, catalogue,
+                                max_per_account=settings.MAX_HOOKS_PER_ACCOUNT),
                    Intake(r, keys, settings.PARTITIONS, settings.INTAKE_MAX_BATCH, catalogue,
                           settings.INTAKE_MAX_ENTRIES),
                    Stats(r, keys), RetryStore(r, keys), NameStore(r, keys),
@@ -307,6 +313,13 @@ def damaged_data(exc: redis.ResponseError) -> str | None:
 
 
 MAX_ISSUES_LISTED = 1000  # most issues an answer lists (its counts are whole)
+# most events one POST /v1/events takes (413 beyond, found before they are decoded one
+# by one): a bad event can be two bytes ("{}" or "1,"), and each costs what decoding
+# it and finding why it is bad take, so a body of API_MAX_BODY_BYTES would otherwise
+# hold millions of them. 16 MiB of small good events are about 200,000
+MAX_EVENTS_PER_REQUEST = 100_000
+TOO_MANY_EVENTS = ("the body holds more than {limit:,} events, the most one request takes: "
+                   "nothing accepted; send them in several requests")
 
 
 def _issue(issue: EventIssue) -> dict[str, Any]:
@@ -314,9 +327,10 @@ def _issue(issue: EventIssue) -> dict[str, Any]:
 
 
 def _listed(issues: list[EventIssue]) -> list[dict[str, Any]]:
-    """The first MAX_ISSUES_LISTED of ``issues``: a body of 16 MiB holds millions of
-    bad events (``1,`` is one), and listing each would make an answer of hundreds of
-    megabytes out of one request."""
+    """The first MAX_ISSUES_LISTED of ``issues``: a body holds up to
+    MAX_EVENTS_PER_REQUEST bad events (``1,`` is one), and listing each would make an
+    answer of megabytes out of one request (only these are built: ``decode_body``'s
+    ``max_issues``, the others counted)."""
     return [_issue(i) for i in issues[:MAX_ISSUES_LISTED]]
 
 
@@ -358,21 +372,22 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
     if mode == "ndjson" and first != b"{":
         raise ApiError(400, "NDJSON body: expected one JSON object per line")
     batch, items = _decode(body, backend.catalogue)
-    foreign = _foreign(body, batch, items, account_id)
-    if foreign:
-        raise ApiError(403, f"{len(foreign)} event(s) of another account, nothing accepted"
-                       f"{_first_listed(len(foreign))}", _listed(foreign))
+    foreign, others = _foreign(body, batch, items, account_id)
+    if others:
+        raise ApiError(403, f"{others} event(s) of another account, nothing accepted"
+                       f"{_first_listed(others)}", _listed(foreign))
     if batch.issues and not (partial and batch.events):
-        backend.intake.count_rejected(batch.issues)
-        raise _bad_events(batch.issues)
+        _count_rejected(backend, batch.issues, batch.unlisted)
+        raise _bad_events(batch.issues, len(batch.unlisted))
     ensure_ids(batch.events)
     # events that decoded but cannot be written (an integer beyond 64 bits in event_data)
     # are found by the one encoding that writes the others
     encoded = backend.intake.encode(batch.events, batch.indices)
-    found = sorted(batch.issues + encoded.issues, key=lambda issue: issue.index)
+    found, unlisted = cap_issues(batch.issues + encoded.issues, batch.unlisted,
+                                 MAX_ISSUES_LISTED)
     if encoded.issues and not (partial and encoded.events):
-        backend.intake.count_rejected(found)
-        raise _bad_events(found)
+        _count_rejected(backend, found, unlisted)
+        raise _bad_events(found, len(unlisted))
     try:
         backend.intake.write(encoded)
     except ConfigError as exc:  # the engine runs with other PARTITIONS: nothing written
@@ -387,15 +402,30 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
                        ) from None
     if not found:
         return 202, {"accepted": len(encoded.events)}
-    backend.intake.count_rejected(found)
-    return 207, {"accepted": len(encoded.events), "rejected": len(found),
+    _count_rejected(backend, found, unlisted)
+    return 207, {"accepted": len(encoded.events), "rejected": len(found) + len(unlisted),
                  "issues": _listed(found)}
+
+
+def _count_rejected(backend: Backend, issues: list[EventIssue], unlisted: list[int]) -> None:
+    """``Intake.count_rejected`` of ``issues``, and the bad events ``unlisted`` (no issue
+    built for them) counted too; a count Redis does not take is left out."""
+    backend.intake.count_rejected(issues)
+    if unlisted:
+        with contextlib.suppress(redis.RedisError):
+            backend.r.hincrby(backend.intake.k.engine_stats, "events_rejected", len(unlisted))
 
 
 def _decode(body: bytes, catalogue: EventCatalogue) -> tuple[DecodedBatch, list[Any] | None]:
     """The body's events, and the events as Python read them if it had to (a lone
-    surrogate in an array); 400 when the body as a whole is not JSON."""
-    batch, items = decode_body(body, catalogue)
+    surrogate in an array); 400 when the body as a whole is not JSON, 413 when it holds
+    more than MAX_EVENTS_PER_REQUEST events. Issues are built for the first
+    MAX_ISSUES_LISTED bad events, the others counted (``DecodedBatch.unlisted``)."""
+    try:
+        batch, items = decode_body(body, catalogue, max_events=MAX_EVENTS_PER_REQUEST,
+                                   max_issues=MAX_ISSUES_LISTED)
+    except TooManyEvents as exc:
+        raise ApiError(413, TOO_MANY_EVENTS.format(limit=exc.limit)) from None
     if batch.issues and batch.issues[0].index < 0:
         reason = batch.issues[0].reason
         raise ApiError(400, f"JSON {reason}" if reason == NESTED_TOO_DEEPLY
@@ -411,24 +441,24 @@ _account_of_decoder = msgspec.json.Decoder(_AccountOf)
 
 
 def _foreign(body: bytes, batch: DecodedBatch, items: list[Any] | None,
-             account_id: int) -> list[EventIssue]:
-    """The events naming another account than ``account_id``: those decoded, and the
-    bad ones whose ``account_id`` can still be read (an integer id)."""
-    def issue(index: int, other: Any) -> EventIssue:
-        return EventIssue(index, "account_id",
-                          f"account {other} is not the token's account {account_id}")
-
-    found = [issue(i, e.account_id) for e, i in zip(batch.events, batch.indices, strict=True)
+             account_id: int) -> tuple[list[EventIssue], int]:
+    """The first MAX_ISSUES_LISTED events naming another account than ``account_id``
+    (an issue each), and how many there are: those decoded, and the bad ones (listed
+    or not) whose ``account_id`` can still be read (an integer id)."""
+    found = [(i, e.account_id) for e, i in zip(batch.events, batch.indices, strict=True)
              if e.account_id != account_id]
-    bad = sorted({i.index for i in batch.issues if i.index >= 0})
+    bad = sorted({i.index for i in batch.issues if i.index >= 0}.union(batch.unlisted))
     if bad:
         accounts = _accounts(body, bad) if items is None else \
             {i: items[i].get("account_id") if isinstance(items[i], dict) else None
              for i in bad if i < len(items)}
-        found += [issue(i, other) for i, other in accounts.items()
+        found += [(i, other) for i, other in accounts.items()
                   if isinstance(other, int) and not isinstance(other, bool)
                   and 0 <= other <= MAX_ID and other != account_id]
-    return sorted(found, key=lambda i: i.index)
+    found.sort(key=itemgetter(0))
+    return [EventIssue(index, "account_id",
+                       f"account {other} is not the token's account {account_id}")
+            for index, other in found[:MAX_ISSUES_LISTED]], len(found)
 
 
 def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
@@ -449,9 +479,11 @@ def _accounts(body: bytes, indices: list[int]) -> dict[int, Any]:
     return found
 
 
-def _bad_events(issues: list[EventIssue]) -> ApiError:
-    return ApiError(422, f"{len(issues)} bad event(s), nothing accepted"
-                    f"{_first_listed(len(issues))}", _listed(issues))
+def _bad_events(issues: list[EventIssue], unlisted: int = 0) -> ApiError:
+    """422 for the bad events: ``issues`` (the first ones), and ``unlisted`` more."""
+    count = len(issues) + unlisted
+    return ApiError(422, f"{count} bad event(s), nothing accepted{_first_listed(count)}",
+                    _listed(issues))
 
 
 # --- hooks -----------------------------------------------------------------------------
@@ -622,8 +654,8 @@ TOKEN = web.RequestKey("token", TokenInfo)
 
 async def _run(request: web.Request, fn: Callable[..., T], *args: Any,
                _executor: ThreadPoolExecutor | None = None, **kwargs: Any) -> T:
-    """Run a blocking (Redis) call off the event loop (on ``_executor``, else the app's
-    threads)."""
+    """Run a blocking call (Redis, or reading and checking a body) off the event loop
+    (on ``_executor``, else the app's threads)."""
     executor = _executor or request.app[EXECUTOR]
     if executor is None:
         return fn(*args, **kwargs)
@@ -631,8 +663,32 @@ async def _run(request: web.Request, fn: Callable[..., T], *args: Any,
     return await loop.run_in_executor(executor, functools.partial(fn, *args, **kwargs))
 
 
-async def _json(request: web.Request, default: Any = None) -> Any:
-    body = (await request.read()).removeprefix(BOM)
+# most bytes a body of a route other than POST /v1/events may have (413 beyond): a hook,
+# a test, clone, replay or discard request. What a body of megabytes costs to read and
+# validate runs in the API's threads, but parts of it hold the interpreter's lock
+# throughout (json's parser; pydantic listing the errors of 700,000 unknown keys, 2.4 s),
+# and nothing else of the API runs meanwhile, GET /v1/health included. 1 MiB holds a
+# hook of about 90,000 ten-digit campaign ids
+MAX_OBJECT_BODY_BYTES = 1 << 20
+
+
+async def _object_body(request: web.Request) -> bytes:
+    """The body of a route that takes one JSON object (not events): 413 beyond
+    MAX_OBJECT_BODY_BYTES (decoded size)."""
+    body = await request.read()
+    if len(body) > MAX_OBJECT_BODY_BYTES:
+        raise ApiError(413, f"the request body is larger than {MAX_OBJECT_BODY_BYTES} bytes, "
+                       "the most this route takes (only POST /v1/events takes up to "
+                       "API_MAX_BODY_BYTES)")
+    return body
+
+
+def _json(body: bytes, default: Any = None) -> Any:
+    """A request body read as JSON, each key once (``default`` for an empty one, else
+    400). Blocking: a body of megabytes takes seconds to read, so it is run in the
+    API's threads (``_run``), with whatever checks the body then, never on the event
+    loop, which would hold every other request meanwhile (GET /v1/health too)."""
+    body = body.removeprefix(BOM)
     if not body.strip():
         if default is not None:
             return default
@@ -676,11 +732,31 @@ def _hook_id(request: web.Request) -> int:
     return int(request.match_info["id"])
 
 
-def _hook_json(hook: Hook, status: int = 200) -> web.Response:
-    """The hook as a read shows it, with its ETag: sent back as If-Match, a change is
-    made only if the hook is still as read (412 otherwise)."""
-    return web.json_response(hook.display(), status=status,
-                             headers={"ETag": hook_etag(hook)})
+@dataclass(frozen=True)
+class _Shown:
+    """A hook as an answer shows it: its id, its JSON and its ETag."""
+
+    id: int | None
+    text: str
+    etag: str
+
+
+def _shown(hook: Hook) -> _Shown:
+    """``hook`` as an answer shows it. Blocking (run with the route's store call, in the
+    API's threads): a hook of a million campaign ids takes seconds to show."""
+    return _Shown(hook.id, json.dumps(hook.display()), hook_etag(hook))
+
+
+async def _hook_answer(request: web.Request, fn: Callable[..., Hook], *args: Any,
+                       status: int = 200) -> web.Response:
+    """The hook ``fn(*args)`` returns (run in the API's threads, and shown there) as a
+    read shows it, with its ETag: sent back as If-Match, a change is made only if the
+    hook is still as read (412 otherwise). A hook created (201) says where it is."""
+    shown = await _run(request, lambda: _shown(fn(*args)))
+    response = web.json_response(text=shown.text, status=status, headers={"ETag": shown.etag})
+    if status == 201:
+        response.headers["Location"] = f"/v1/hooks/{shown.id}"
+    return response
 
 
 def _if_match(request: web.Request) -> list[str] | None:
@@ -722,27 +798,30 @@ def _listing(backend: Backend, account_id: int) -> dict[str, Any]:
 
 
 async def list_hooks(request: web.Request) -> web.Response:
-    return web.json_response(await _run(request, _listing, request.app[BACKEND],
-                                        request[TOKEN].account_id))
+    # shown in the API's threads: an account's hooks may be large (see _shown)
+    return web.json_response(text=await _run(request, lambda: json.dumps(_listing(
+        request.app[BACKEND], request[TOKEN].account_id))))
 
 
-async def create_hook(request: web.Request) -> web.Response:
-    backend = request.app[BACKEND]
-    data = _with_account(await _json(request), request[TOKEN].account_id)
+def _create_hook(backend: Backend, account_id: int, body: bytes) -> Hook:
+    data = _with_account(_json(body), account_id)
     data.pop("id", None)  # assigned by the server
     valid = validate_hook({**data, "id": 0}, backend.catalogue)
     check_cafile(valid, backend.settings)
     check_destinations(valid, backend.settings)
-    hook = await _run(request, backend.hooks.create, data)
-    response = _hook_json(hook, 201)
-    response.headers["Location"] = f"/v1/hooks/{hook.id}"
-    return response
+    return backend.hooks.create(data)
+
+
+async def create_hook(request: web.Request) -> web.Response:
+    body = await _object_body(request)
+    return await _hook_answer(request, _create_hook, request.app[BACKEND],
+                              request[TOKEN].account_id, body, status=201)
 
 
 async def get_hook(request: web.Request) -> web.Response:
     backend = request.app[BACKEND]
-    return _hook_json(await _run(request, backend.owned_hook, request[TOKEN].account_id,
-                                 _hook_id(request)))
+    return await _hook_answer(request, backend.owned_hook, request[TOKEN].account_id,
+                              _hook_id(request))
 
 
 def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[str, Any],
@@ -772,12 +851,17 @@ def _replace_hook(backend: Backend, account_id: int, hook_id: int, data: dict[st
     return backend.hooks.update(hook_id, sent, expect)
 
 
+def _put_hook(backend: Backend, account_id: int, hook_id: int, body: bytes,
+              expect: list[str] | None) -> Hook:
+    data = _with_account(_json(body), account_id)
+    return _replace_hook(backend, account_id, hook_id, data, expect)
+
+
 async def put_hook(request: web.Request) -> web.Response:
-    account_id = request[TOKEN].account_id
     expect = _if_match(request)
-    data = _with_account(await _json(request), account_id)
-    return _hook_json(await _run(request, _replace_hook, request.app[BACKEND], account_id,
-                                 _hook_id(request), data, expect))
+    body = await _object_body(request)
+    return await _hook_answer(request, _put_hook, request.app[BACKEND],
+                              request[TOKEN].account_id, _hook_id(request), body, expect)
 
 
 def _delete_hook(backend: Backend, account_id: int, hook_id: int) -> None:
@@ -802,18 +886,19 @@ def _set_active(backend: Backend, account_id: int, hook_id: int, active: bool,
 
 
 async def activate_hook(request: web.Request) -> web.Response:
-    return _hook_json(await _run(request, _set_active, request.app[BACKEND],
-                                 request[TOKEN].account_id, _hook_id(request), True,
-                                 _if_match(request)))
+    return await _hook_answer(request, _set_active, request.app[BACKEND],
+                              request[TOKEN].account_id, _hook_id(request), True,
+                              _if_match(request))
 
 
 async def stop_hook(request: web.Request) -> web.Response:
-    return _hook_json(await _run(request, _set_active, request.app[BACKEND],
-                                 request[TOKEN].account_id, _hook_id(request), False,
-                                 _if_match(request)))
+    return await _hook_answer(request, _set_active, request.app[BACKEND],
+                              request[TOKEN].account_id, _hook_id(request), False,
+                              _if_match(request))
 
 
-def _clone(backend: Backend, account_id: int, hook_id: int, name: str | None) -> Hook:
+def _clone(backend: Backend, account_id: int, hook_id: int, body: bytes) -> Hook:
+    name = _clone_name(_json(body, default={}))
     backend.owned_hook(account_id, hook_id)
     return backend.hooks.clone(hook_id, name)  # a racing delete: see _engine_error
 
@@ -839,29 +924,33 @@ def _clone_name(body: Any) -> str | None:
 
 
 async def clone_hook(request: web.Request) -> web.Response:
-    name = _clone_name(await _json(request, default={}))
-    hook = await _run(request, _clone, request.app[BACKEND], request[TOKEN].account_id,
-                      _hook_id(request), name)
-    response = _hook_json(hook, 201)
-    response.headers["Location"] = f"/v1/hooks/{hook.id}"
-    return response
+    body = await _object_body(request)
+    return await _hook_answer(request, _clone, request.app[BACKEND], request[TOKEN].account_id,
+                              _hook_id(request), body, status=201)
 
 
-async def test_hook(request: web.Request) -> web.Response:
-    backend = request.app[BACKEND]
-    body = await _json(request)
-    if isinstance(body, dict) and (problems := [
+def _test_event_type(catalogue: EventCatalogue, body: bytes) -> str:
+    """The event code a test body names, or 400/422."""
+    data = _json(body)
+    if isinstance(data, dict) and (problems := [
             {"field": field_name(field), "reason": "unknown field"}
-            for field in body if field != "event_type"]):
+            for field in data if field != "event_type"]):
         # as clone's: a field meant to change the test is not ignored unsaid
         raise ApiError(422, "expected {\"event_type\": event code}: " + "; ".join(
             f"{p['field']}: {p['reason']}" for p in problems), problems)
-    event_type = body.get("event_type") if isinstance(body, dict) else None
-    if not isinstance(event_type, str) or event_type not in backend.catalogue:
+    event_type = data.get("event_type") if isinstance(data, dict) else None
+    if not isinstance(event_type, str) or event_type not in catalogue:
         reason = ("required: an event code" if event_type is None
                   else f"unknown event type {shown(event_type)}" if isinstance(event_type, str)
                   else f"expected an event code (a string), got {json_type(event_type)}")
         raise ApiError(422, f"event_type: {reason}", [{"field": "event_type", "reason": reason}])
+    return event_type
+
+
+async def test_hook(request: web.Request) -> web.Response:
+    backend = request.app[BACKEND]
+    body = await _object_body(request)
+    event_type = await _run(request, _test_event_type, backend.catalogue, body)
     hook = await _run(request, backend.owned_hook, request[TOKEN].account_id, _hook_id(request))
     names = await _run(request, backend.names.load)
     secrets = hook_secrets(hook)
@@ -986,17 +1075,21 @@ def _move_body(body: Any) -> dict[str, Any]:
     return body
 
 
+def _move_request(backend: Backend, account_id: int, body: bytes, mode: str) -> int:
+    return _move(backend, account_id, _move_body(_json(body)), mode)
+
+
 async def replay(request: web.Request) -> web.Response:
-    body = _move_body(await _json(request))
-    n = await _run(request, _move, request.app[BACKEND], request[TOKEN].account_id, body,
-                   "replay")
+    body = await _object_body(request)
+    n = await _run(request, _move_request, request.app[BACKEND], request[TOKEN].account_id,
+                   body, "replay")
     return web.json_response({"replayed": n})
 
 
 async def discard(request: web.Request) -> web.Response:
-    body = _move_body(await _json(request))
-    n = await _run(request, _move, request.app[BACKEND], request[TOKEN].account_id, body,
-                   "discard")
+    body = await _object_body(request)
+    n = await _run(request, _move_request, request.app[BACKEND], request[TOKEN].account_id,
+                   body, "discard")
     return web.json_response({"discarded": n})
 
 

@@ -14,31 +14,35 @@ from typing import Any, cast
 import msgspec
 
 from engine.catalogue import EventCatalogue
-from engine.events import DecodedBatch, EventIssue, decode_batch
+from engine.events import DecodedBatch, EventIssue, TooManyEvents, cap_issues, decode_batch
 from engine.hooks import not_utf8
 
 _raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
 
 
-def decode_body(body: bytes | str, catalogue: EventCatalogue
+def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
+                max_events: int | None = None, max_issues: int | None = None
                 ) -> tuple[DecodedBatch, list[Any] | None]:
     """The body's events (``decode_batch``), and the events as Python read them if it
     had to (a lone surrogate in an array). A body that is no JSON at all keeps its
-    issue of index -1; an event refused for a lone surrogate is named by its field."""
+    issue of index -1; an event refused for a lone surrogate is named by its field.
+    ``max_events`` (TooManyEvents) and ``max_issues`` (the other bad events counted in
+    ``DecodedBatch.unlisted``): as ``decode_batch`` takes them."""
+    limits = {"max_events": max_events, "max_issues": max_issues}
     if isinstance(body, str):
         try:
             raw = body.encode()
         except UnicodeEncodeError:  # a lone surrogate itself in the text, not escaped
-            lenient = _decode_leniently(body, catalogue)
+            lenient = _decode_leniently(body, catalogue, **limits)
             if lenient is not None:
                 return lenient
             reason = f"the body is {not_utf8(body)}"
             return DecodedBatch([], [], [EventIssue(-1, "$", reason)]), None
     else:
         raw = body
-    batch = decode_batch(raw, catalogue)
+    batch = decode_batch(raw, catalogue, **limits)
     if batch.issues and batch.issues[0].index < 0:
-        lenient = _decode_leniently(raw, catalogue)
+        lenient = _decode_leniently(raw, catalogue, **limits)
         return (batch, None) if lenient is None else lenient
     if any(i.field == "$" for i in batch.issues):  # msgspec: "truncated" and the like
         batch = _named_surrogates(raw, batch)  # NDJSON lines: which field, not a byte
@@ -62,13 +66,15 @@ def split_items(body: bytes) -> list[Any]:
 
 
 
-def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
+def _decode_leniently(body: bytes | str, catalogue: EventCatalogue, *,
+                      max_events: int | None = None, max_issues: int | None = None
                       ) -> tuple[DecodedBatch, list[Any]] | None:
     """A JSON array refused as a whole for a lone surrogate (JSON "\\ud800", no UTF-8)
     in some event's strings, decoded event by event: those events are bad (index,
     field and reason), the others as ``decode_batch`` finds them. With the events as
     read; None when the body is refused for anything else. Bytes that are not UTF-8
-    (0xff, say) in another event's strings make that one bad too."""
+    (0xff, say) in another event's strings make that one bad too. ``max_events`` and
+    ``max_issues``: as ``decode_batch`` takes them."""
     read = _read_json(body)
     if read is None:
         return None
@@ -77,34 +83,50 @@ def _decode_leniently(body: bytes | str, catalogue: EventCatalogue
         items = [items]
     if not isinstance(items, list):
         return None
-    issues, kept, texts = [], [], []
+    if max_events is not None and len(items) > max_events:
+        raise TooManyEvents(max_events)
+    issues: list[EventIssue] = []
+    kept: list[int] = []
+    texts: list[str] = []
+    unlisted: list[int] = []
+    room = len(items) if max_issues is None else max_issues
     for index, item in enumerate(items):
-        where = (escaped and invalid_bytes(item)) or lone_surrogate(item)
+        try:
+            text, where = _lenient_item(item, escaped)
+        except RecursionError:
+            return None
         if where is None:
-            try:  # a number JSON cannot hold (1e400 is read as inf): bad, as msgspec says
-                texts.append(json.dumps(item, allow_nan=False))
-            except ValueError:
-                issues.append(EventIssue(index, *(_first_bad(item, _out_of_range)
-                                                  or ("$", "Number out of range"))))
-            except RecursionError:
-                return None
-            else:
-                kept.append(index)
-        else:
+            texts.append(text)
+            kept.append(index)
+        elif len(issues) < room:
             issues.append(EventIssue(index, *where))
-    if not issues:
+        else:
+            unlisted.append(index)
+    if not issues and not unlisted:
         return None
     try:
-        rest = decode_batch(f"[{','.join(texts)}]".encode(), catalogue)
+        rest = decode_batch(f"[{','.join(texts)}]".encode(), catalogue, max_issues=max_issues)
     except (ValueError, RecursionError):
         return None
     if rest.issues and rest.issues[0].index < 0:  # refused for another reason too
         return None
     issues += [EventIssue(kept[i.index], i.field, i.reason) for i in rest.issues]
-    return DecodedBatch(rest.events, [kept[i] for i in rest.indices],
-                        sorted(issues, key=lambda i: i.index)), items
+    issues, unlisted = cap_issues(issues, unlisted + [kept[i] for i in rest.unlisted],
+                                  max_issues)
+    return DecodedBatch(rest.events, [kept[i] for i in rest.indices], issues, unlisted), items
 
 
+def _lenient_item(item: Any, escaped: bool) -> tuple[str, tuple[str, str] | None]:
+    """An event as Python's json read it: its JSON text, or (field, reason) of why it
+    is bad: a string that is not valid UTF-8, or a number JSON cannot hold (1e400 is
+    read as inf: bad, as msgspec says). RecursionError when it is nested too deeply."""
+    where = (escaped and invalid_bytes(item)) or lone_surrogate(item)
+    if where is not None:
+        return "", where
+    try:
+        return json.dumps(item, allow_nan=False), None
+    except ValueError:
+        return "", _first_bad(item, _out_of_range) or ("$", "Number out of range")
 
 
 def _read_json(body: bytes | str) -> tuple[Any, bool] | None:
@@ -143,7 +165,7 @@ def _named_surrogates(body: bytes, batch: DecodedBatch) -> DecodedBatch:
             if where is not None:
                 issue = EventIssue(issue.index, *where)
         issues.append(issue)
-    return DecodedBatch(batch.events, batch.indices, issues)
+    return DecodedBatch(batch.events, batch.indices, issues, batch.unlisted)
 
 
 _ESCAPED = re.compile("[\udc80-\udcff]+")  # bytes read with errors="surrogateescape"

@@ -21,11 +21,13 @@ the good events of the same batch.
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import uuid
 from calendar import monthrange, timegm
 from dataclasses import dataclass
 from functools import lru_cache
+from itertools import islice
 from operator import attrgetter
 from typing import Annotated, Any
 
@@ -233,6 +235,28 @@ class DecodedBatch:
     events: list[Event]
     indices: list[int]  # position of each good event in the input
     issues: list[EventIssue]
+    # positions of the bad events beyond ``max_issues`` (``decode_batch``): counted, with
+    # no issue built (one issue per bad event: ``len(issues) + len(unlisted)`` are bad)
+    unlisted: list[int] = dataclasses.field(default_factory=list)
+
+
+class TooManyEvents(ValueError):
+    """A body holds more events than its reader takes (``decode_batch``'s
+    ``max_events``), found before they are decoded one by one."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"more than {limit:,} events")
+        self.limit = limit
+
+
+def cap_issues(issues: list[EventIssue], unlisted: list[int], max_issues: int | None
+               ) -> tuple[list[EventIssue], list[int]]:
+    """``issues`` in index order, the first ``max_issues`` of them (all: None), and the
+    positions of the others added to ``unlisted`` (sorted)."""
+    issues = sorted(issues, key=attrgetter("index"))
+    if max_issues is None or len(issues) <= max_issues:
+        return issues, sorted(unlisted) if unlisted else unlisted
+    return issues[:max_issues], sorted(unlisted + [i.index for i in issues[max_issues:]])
 
 
 NESTED_TOO_DEEPLY = "nested too deeply (objects and arrays within each other)"
@@ -266,9 +290,17 @@ def validation_issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeEr
 
 
 def decode_batch(
-    data: bytes | str, catalogue: EventCatalogue | None = None
+    data: bytes | str, catalogue: EventCatalogue | None = None, *,
+    max_events: int | None = None, max_issues: int | None = None
 ) -> DecodedBatch:
-    """Decode a JSON array (or NDJSON) of events; bad ones are reported, good ones kept."""
+    """Decode a JSON array (or NDJSON) of events; bad ones are reported, good ones kept.
+
+    ``max_events``: TooManyEvents for a body of more events, raised before they are
+    decoded one by one (an array is split first; an NDJSON body's lines are counted).
+    ``max_issues``: issues are built for the first that many bad events only, the
+    others are counted (``DecodedBatch.unlisted``): a body of megabytes may hold
+    millions of bad events (``{}`` or ``1`` is one), and an issue each would cost a
+    hundred times the body in memory. None: no limit."""
     catalogue = load_catalogue() if catalogue is None else catalogue  # an empty one is falsy
     raw = data.encode() if isinstance(data, str) else data
     if raw.startswith(_BOM):  # written by some editors and Windows tools: not content
@@ -278,7 +310,8 @@ def decode_batch(
         raw = b"[" + raw + b"]"  # one event written over several lines, not NDJSON
         stripped = raw
     if stripped[:1] != b"[":
-        return _decode_ndjson(raw, catalogue)
+        return _decode_ndjson(raw, catalogue, max_events, max_issues)
+    unlisted: list[int] = []
     try:
         events = _batch_decoder.decode(raw)
         indices = list(range(len(events)))
@@ -290,25 +323,40 @@ def decode_batch(
             return DecodedBatch([], [], [EventIssue(-1, "$", f"not a JSON array of events: {exc}")])
         except RecursionError:  # too deep even to be split into events
             return DecodedBatch([], [], [EventIssue(-1, "$", NESTED_TOO_DEEPLY)])
-        events, indices, issues = _decode_each(items, catalogue)
-    return _check_types(events, indices, issues, catalogue)
+        if max_events is not None and len(items) > max_events:
+            raise TooManyEvents(max_events) from None
+        events, indices, issues, unlisted = _decode_each(items, catalogue, max_issues)
+    else:
+        if max_events is not None and len(events) > max_events:
+            raise TooManyEvents(max_events)
+    return _check_types(events, indices, issues, catalogue, unlisted, max_issues)
 
 
 def _decode_each(
-    items: list[Any], catalogue: EventCatalogue
-) -> tuple[list[Event], list[int], list[EventIssue]]:
+    items: list[Any], catalogue: EventCatalogue, max_issues: int | None = None
+) -> tuple[list[Event], list[int], list[EventIssue], list[int]]:
+    """The events of ``items`` that decode, their positions, an issue for each of the
+    first ``max_issues`` that do not, and the positions of the other bad ones."""
     events: list[Event] = []
     indices: list[int] = []
     issues: list[EventIssue] = []
+    unlisted: list[int] = []
+    room = len(items) if max_issues is None else max_issues
     for i, item in enumerate(items):
         try:
             events.append(_event_decoder.decode(item))
             indices.append(i)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
-            issues.append(validation_issue(i, exc))
+            if len(issues) < room:
+                issues.append(validation_issue(i, exc))
+            else:
+                unlisted.append(i)
         except RecursionError:
-            issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))
-    return events, indices, issues
+            if len(issues) < room:
+                issues.append(EventIssue(i, "$", NESTED_TOO_DEEPLY))
+            else:
+                unlisted.append(i)
+    return events, indices, issues, unlisted
 
 
 _BOM = b"\xef\xbb\xbf"
@@ -323,25 +371,47 @@ def _one_object(raw: bytes) -> bool:
         return False
 
 
-def _decode_ndjson(raw: bytes, catalogue: EventCatalogue) -> DecodedBatch:
+_LINE = re.compile(rb"\S[^\n]*")  # a non-blank line (bytes.strip's blanks are \s)
+
+
+def _more_lines(raw: bytes, limit: int) -> bool:
+    """Whether ``raw`` has more than ``limit`` non-blank lines, found without splitting
+    it (at most ``limit`` + 1 lines are looked at)."""
+    if raw.count(b"\n") < limit:
+        return False
+    return next(islice(_LINE.finditer(raw), limit, None), None) is not None
+
+
+def _decode_ndjson(raw: bytes, catalogue: EventCatalogue, max_events: int | None = None,
+                   max_issues: int | None = None) -> DecodedBatch:
+    if max_events is not None and _more_lines(raw, max_events):
+        raise TooManyEvents(max_events)
     lines = [line for line in raw.split(b"\n") if line.strip()]
-    events, indices, issues = _decode_each(lines, catalogue)
-    return _check_types(events, indices, issues, catalogue)
+    events, indices, issues, unlisted = _decode_each(lines, catalogue, max_issues)
+    return _check_types(events, indices, issues, catalogue, unlisted, max_issues)
 
 
 def _check_types(
-    events: list[Event], indices: list[int], issues: list[EventIssue], catalogue: EventCatalogue
+    events: list[Event], indices: list[int], issues: list[EventIssue], catalogue: EventCatalogue,
+    unlisted: list[int] | None = None, max_issues: int | None = None
 ) -> DecodedBatch:
+    """The events of a code in ``catalogue``; the others bad (at most ``max_issues``
+    issues built in all, the rest counted in ``unlisted``)."""
     good_events, good_indices = [], []
+    unlisted = list(unlisted or ())
+    room = len(events) if max_issues is None else max_issues
     for event, index in zip(events, indices, strict=True):
         if event.event_type in catalogue:
             good_events.append(event)
             good_indices.append(index)
-        else:
+        elif room:
+            room -= 1
             reason = f"unknown event type {quoted(event.event_type)}"
             issues.append(EventIssue(index, "event_type", reason))
-    issues.sort(key=lambda issue: issue.index)
-    return DecodedBatch(good_events, good_indices, issues)
+        else:  # after max_issues of them: none is among the first max_issues bad ones
+            unlisted.append(index)
+    issues, unlisted = cap_issues(issues, unlisted, max_issues)
+    return DecodedBatch(good_events, good_indices, issues, unlisted)
 
 
 def decode_events(data: bytes | str, catalogue: EventCatalogue | None = None) -> list[Event]:

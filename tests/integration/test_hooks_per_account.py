@@ -36,3 +36,27 @@ def test_an_account_at_its_bound_can_create_and_clone_no_more_hooks(
     registry.delete(first.id or 0)  # room again
     assert registry.create(hook(1, "d")).name == "d"
     assert HookRegistry(redis_client, keys).create(hook(1, "e")).name == "e"  # no bound
+
+
+async def test_the_api_refuses_a_hook_past_the_bound_with_422_naming_account_id(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from engine.api import create_app
+    from engine.auth import TokenStore
+    from engine.settings import Settings
+
+    url = redis_client.connection_pool.connection_kwargs
+    settings = Settings(REDIS_URL=f"redis://127.0.0.1:{url['port']}/{url['db']}",
+                        REDIS_PREFIX=keys.p, MAX_HOOKS_PER_ACCOUNT=1)
+    token, _ = TokenStore(redis_client, keys.p).create(1, "master")
+    body = {k: v for k, v in hook(1, "a").items() if k != "account_id"}
+    async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client:
+        headers = {"Authorization": f"Bearer {token}"}
+        async with client.post("/v1/hooks", json=body, headers=headers) as rsp:
+            assert rsp.status == 201
+        async with client.post("/v1/hooks", json={**body, "name": "b"},
+                               headers=headers) as rsp:
+            answer = await rsp.json()
+    assert rsp.status == 422, answer
+    assert [i["field"] for i in answer["error"]["issues"]] == ["account_id"], answer
