@@ -14,7 +14,8 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Collection, Iterator
+from collections import Counter
+from collections.abc import Callable, Collection, Iterator, Mapping
 from typing import Any
 
 import redis
@@ -105,8 +106,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     if hooks:
         from engine.catalogue import load_catalogue
 
+        stored, counts = _stored_hooks(settings)
         _check_run_hooks(load_catalogue(settings.EVENT_TYPES_FILE), hooks,
-                         settings.DESTINATION_DENY, _stored_hooks(settings))
+                         settings.DESTINATION_DENY, stored, counts,
+                         settings.MAX_HOOKS_PER_ACCOUNT)
     shown = settings.redacted()
     if args.ray_address:  # the cluster joined, not the settings' (overridden)
         shown["RAY_ADDRESS"] = args.ray_address
@@ -147,10 +150,11 @@ def _hook_problem(data: Any, catalogue: Any, registry: Any = None, deny: str = "
     return None
 
 
-def _stored_hooks(settings: Any) -> set[tuple[Any, Any]]:
+def _stored_hooks(settings: Any) -> tuple[set[tuple[Any, Any]], Counter[int]]:
     """(account, name) of every hook stored under the settings' prefix, as far as its
     record can be read, and of every hook a ``run --hooks`` file created (recorded in
-    ``{p}:hooks:from_file``), deleted or renamed since or not: none is created again."""
+    ``{p}:hooks:from_file``), deleted or renamed since or not: none is created again;
+    and how many hooks each account has stored."""
     from actors.driver import Engine
 
     engine = Engine.connect(settings)
@@ -160,21 +164,26 @@ def _stored_hooks(settings: Any) -> set[tuple[Any, Any]]:
             (engine.hooks.owner(hook_id), engine.hooks.stored_name(hook_id))
             for hook_id, _ in invalid} | {
             (record["account_id"], record["name"]) for record in _file_records(engine)
-            if record["hook_id"] is not None}
+            if record["hook_id"] is not None}, engine.hooks.counts()
     finally:
         engine.redis.close()
 
 
 def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: str,
-                     stored: Collection[tuple[Any, Any]] = ()) -> None:
+                     stored: Collection[tuple[Any, Any]] = (),
+                     counts: Mapping[int, int] | None = None,
+                     most: int | None = None) -> None:
     """The hooks of ``run --hooks`` files (path, index in the file, hook), checked
     before anything starts: each valid (its target no address DESTINATION_DENY ``deny``
     refuses), and one name per account (a hook is known by its account and name). One
     ``stored`` already (its account and name), or created by a file before (deleted
     since, it is not created again), is left as it is, not created: it is not judged by
-    the rules of a new hook (a job restarted after a rule or the deny list changed)."""
+    the rules of a new hook (a job restarted after a rule or the deny list changed).
+    ``counts``: the hooks each account has stored, and ``most`` MAX_HOOKS_PER_ACCOUNT:
+    an account the files' new hooks would take past it is refused too."""
     problems: list[str] = []
     seen: dict[tuple[Any, Any], str] = {}
+    new: list[Any] = []
     for path, n, data in hooks:
         exists = isinstance(data, dict) and isinstance(data.get("account_id"), int) \
             and isinstance(data.get("name"), str) \
@@ -188,8 +197,24 @@ def _check_run_hooks(catalogue: Any, hooks: list[tuple[str, int, Any]], deny: st
             problems.append(f"{path}[{n}]: account {key[0]} has a hook named {key[1]!r} "
                             f"already in {seen[key]}")
         seen[key] = f"{path}[{n}]"
+        if not exists:
+            new.append(data)
+    problems += _past_bound(new, counts, most, "in the files")
     if problems:
         raise HookError("--hooks: nothing started; " + "; ".join(problems))
+
+
+def _past_bound(new: list[Any], counts: Mapping[int, int] | None, most: int | None,
+                where: str) -> list[str]:
+    """A line per account the ``new`` hooks would take past MAX_HOOKS_PER_ACCOUNT
+    ``most``, its stored hooks ``counts`` with them."""
+    if counts is None or most is None:
+        return []
+    adding = Counter(d.get("account_id") for d in new if isinstance(d, dict))
+    return [f"account {account}: {counts.get(account, 0)} hook(s) stored and {n} new "
+            f"{where}, more than MAX_HOOKS_PER_ACCOUNT ({most}) allows"
+            for account, n in sorted(adding.items(), key=lambda an: str(an[0]))
+            if counts.get(account, 0) + n > most]
 
 
 # {p}:hooks:from_file: a file hook's identity (JSON [account_id, name]) -> the id of the
@@ -523,6 +548,9 @@ def _check_hooks(engine: Any, hooks: list[Any], path: str) -> None:
     """Every hook of a file validated before any is created; the bad ones by index."""
     problems = [f"[{n}]: {problem}" for n, data in enumerate(hooks)
                 if (problem := _hook_problem(data, engine.catalogue, engine.hooks)) is not None]
+    if not problems:
+        problems = _past_bound(hooks, engine.hooks.counts(), engine.hooks.max_per_account,
+                               "in the file")
     if problems:
         raise HookError(f"{path}: nothing created; " + "; ".join(problems))
 

@@ -1274,7 +1274,9 @@ async def _answer(request: web.Request, handler: Handler) -> web.StreamResponse:
     except Exception as exc:
         # one fault fails every request that meets it: said once a minute per cause
         # (the route and the error), with its traceback and how often it came since
-        cause = f"{request.method} {request.path}: {type(exc).__name__}: {exc}"[:300]
+        resource = request.match_info.route.resource
+        route = resource.canonical if resource is not None else request.path
+        cause = f"{request.method} {route}: {type(exc).__name__}: {exc}"[:300]
         times = request.app[BACKEND].said.due("500 " + cause)
         if times is not None:
             log.error("%s %s failed%s", request.method, request.path, repeated(times),

@@ -13,6 +13,7 @@ import logging
 import math
 import re
 import time
+from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from importlib import resources
@@ -199,12 +200,17 @@ class HookRegistry:
         pass: the bound is one of cost, not of correctness."""
         if self.max_per_account is None:
             return
-        have = sum(1 for raw in cast(list[bytes], self.r.hvals(self.k.hooks))
-                   if stored_account(raw) == account_id)
+        have = self.counts()[account_id]
         if have >= self.max_per_account:
             reason = (f"the account has {have} hooks, the most MAX_HOOKS_PER_ACCOUNT "
                       f"({self.max_per_account}) allows: delete one first")
             raise HookError(f"account_id: {reason}", [("account_id", reason)])
+
+    def counts(self) -> Counter[int]:
+        """How many hooks each account has stored (records read without validating
+        them; one that names no account is not counted)."""
+        return Counter(account for raw in cast(list[bytes], self.r.hvals(self.k.hooks))
+                       if (account := stored_account(raw)) is not None)
 
     def _reachable(self, hook: Hook) -> None:
         refuse_denied(hook, self.deny)
@@ -1079,11 +1085,6 @@ return n
 """
 
 
-# KEYS: the unanswered hand-overs hash; ARGV: delivery ids. Counts a hand-over of each:
-# one whose count is damaged (written from outside: not an integer, or at its limit)
-# counts from 1 again, rather than failing the others claimed with it (handed back
-# whole, due again together: none would ever be sent). Returns {the counts, {id, error,
-# ...} of those counted again}.
 # KEYS: retry:unreadable, retry payloads, the schedule, the engine's stats; ARGV: ids.
 # Each moved only by the call that removes it, due at once (score 0: before any due
 # time), its hand-over count long gone (its outcome set it aside)
@@ -1136,6 +1137,11 @@ def _decode_error(raw: bytes) -> str | None:
     return None
 
 
+# KEYS: the unanswered hand-overs hash; ARGV: delivery ids. Counts a hand-over of each:
+# one whose count is damaged (written from outside: not an integer, or at its limit)
+# counts from 1 again, rather than failing the others claimed with it (handed back
+# whole, due again together: none would ever be sent). Returns {the counts, {id, error,
+# ...} of those counted again}.
 _HANDED_OVER = """
 local counts, reset = {}, {}
 for i, id in ipairs(ARGV) do
@@ -1184,6 +1190,8 @@ def _not_found(missing: list[str]) -> NotFound:
 # (a pass reads only above it).
 _RAISE_MARK = """
 local mark = tonumber(redis.call('GET', KEYS[1]))
+-- nan, inf: no time of death either
+if mark and (mark ~= mark or mark == math.huge or mark == -math.huge) then mark = nil end
 if not mark or mark < tonumber(ARGV[1]) then
   redis.call('SET', KEYS[1], ARGV[1])
   mark = tonumber(ARGV[1])
@@ -1335,6 +1343,8 @@ class RetryStore:
                             if _decode_error(v) is None)
         else:
             wanted = list(dict.fromkeys(ids))
+            if not wanted:
+                return 0
             found = self._set_aside_found(wanted, "requeued")
             undecodable = [i for i in wanted if _decode_error(found[i]) is not None]
             if undecodable:

@@ -205,9 +205,13 @@ def internal_open(deny: str) -> list[str]:
         denied = parse_deny(deny)
     except ValueError:
         return []  # refused where the setting is read
+    # networks next to one another as one (10.0.0.0/9 and 10.128.0.0/9: 10.0.0.0/8)
+    merged: list[Network] = [
+        *ipaddress.collapse_addresses(d for d in denied if isinstance(d, ipaddress.IPv4Network)),
+        *ipaddress.collapse_addresses(d for d in denied if isinstance(d, ipaddress.IPv6Network))]
     return [group for group in ("loopback", "private")
             if not all(any(net.version == d.version and net.subnet_of(d)  # type: ignore[arg-type]
-                           for d in denied)
+                           for d in merged)
                        for net in map(ipaddress.ip_network, GROUPS[group]))]
 
 

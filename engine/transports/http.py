@@ -84,6 +84,13 @@ def _scrub(text: str, url: str) -> str:
     return text
 
 
+@functools.lru_cache(maxsize=1024)
+def _token_forms(token: str) -> tuple[str, ...]:
+    """An OAuth2 access token's ``secret_forms``, made once per token (not per request:
+    a token is used for many)."""
+    return tuple(secret_forms(token))
+
+
 def _pieces(parts: list[bytes], size: int, max_bytes: int | None) -> list[tuple[int, int]]:
     """(start, stop) of the requests a delivery's ``parts`` are posted in, in order: at
     most ``size`` messages each and, with ``max_bytes`` (MAX_BATCH_BYTES), at most that
@@ -328,7 +335,7 @@ class HttpTransport(Transport):
             dump = target.model_dump(mode="json", context={"reveal": True})
             cached = cache[id(target)] = (target, sent_secrets({"http_batch": dump}))
         if auth and target.auth.kind == "oauth2":
-            return [*cached[1], *secret_forms(auth.removeprefix("Bearer "))]
+            return [*cached[1], *_token_forms(auth.removeprefix("Bearer "))]
         return cached[1]
 
     async def _judge(self, target: HttpBatch, status: int, text: str,

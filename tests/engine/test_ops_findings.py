@@ -511,6 +511,9 @@ async def test_an_unexpected_error_is_logged_once_a_minute_with_its_traceback(
     ("link-local,loopback", ["private"]),
     ("127.0.0.0/8,::1,0.0.0.0/8,::/128,10.0.0.0/8", ["private"]),  # 172.16/12... open
     ("link-local,loopback,private", []),
+    # networks next to one another cover what they cover together
+    ("10.0.0.0/9,10.128.0.0/9,172.16.0.0/12,192.168.0.0/16,100.64.0.0/10,fc00::/7",
+     ["loopback"]),
     ("0.0.0.0/0,::/0", []),
 ])
 def test_internal_open_names_the_groups_of_the_engines_network_left_open(
@@ -543,3 +546,26 @@ def test_the_api_warns_at_start_when_accounts_hooks_may_reach_its_network(
                                  "every account is trusted")
     else:
         assert lines == []
+
+
+
+async def test_an_unexpected_error_is_logged_once_a_minute_per_route_not_per_id(
+        settings: Settings, redis_client: redis.Redis, caplog: pytest.LogCaptureFixture,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    token, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "master")
+    client = await _client(settings)
+    backend = client.app[BACKEND]  # type: ignore[index]
+
+    def broken(*args: Any) -> Any:
+        raise RuntimeError("a fault of the engine's")
+
+    monkeypatch.setattr(backend.hooks, "owner", broken)
+    monkeypatch.setattr(backend.hooks, "get", broken)
+    try:
+        with caplog.at_level(logging.INFO, logger="hookray"):
+            for hook_id in range(1, 30):
+                async with client.get(f"/v1/hooks/{hook_id}", headers=_bearer(token)) as rsp:
+                    assert rsp.status == 500
+    finally:
+        await client.close()
+    assert [r.getMessage() for r in said(caplog, "hookray.api")] == ["GET /v1/hooks/1 failed"]

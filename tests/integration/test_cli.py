@@ -1060,6 +1060,7 @@ def test_set_aside_retries_are_listed_put_back_and_discarded(
     redis_client.hset(keys.retry_unreadable, "d-good", pack_delivery(good))
     assert [store.requeue_set_aside(["d-good"]) if n == 0 else store.requeue_set_aside(None)
             for n in range(2)] == [1, 0]
+    assert store.requeue_set_aside([]) == 0 and store.discard_set_aside([]) == 0
 
 
 def test_the_settings_file_may_come_between_a_group_and_its_action(

@@ -195,3 +195,16 @@ def test_a_damaged_mark_or_an_undecodable_letter_fails_no_read(
     assert [d.id for d in store.dead_letters(account_id=7)] == ["d1"]
     assert float(redis_client.get(keys.dead_indexed) or 0) > 0
     assert redis_client.zscore(keys.dead_of_account(7), "bad") is None
+
+
+@pytest.mark.parametrize("mark", [b"nan", b"inf", b"-inf"])
+def test_a_mark_that_is_no_time_of_death_is_replaced(
+        redis_client: redis.Redis, keys: Keys, mark: bytes) -> None:
+    """nan or inf (written from outside) is no mark: every dead letter is looked at once,
+    and the mark written again as a time; reads do not fail."""
+    old_kill(redis_client, keys, letter("d1"), redis_ms(redis_client))
+    redis_client.set(keys.dead_indexed, mark)
+    store = RetryStore(redis_client, keys)
+    assert [d.id for d in store.dead_letters(account_id=7)] == ["d1"]
+    store.forget_gone_stats(10**9)
+    assert 0 < float(redis_client.get(keys.dead_indexed) or 0) < redis_ms(redis_client)

@@ -60,3 +60,34 @@ async def test_the_api_refuses_a_hook_past_the_bound_with_422_naming_account_id(
             answer = await rsp.json()
     assert rsp.status == 422, answer
     assert [i["field"] for i in answer["error"]["issues"]] == ["account_id"], answer
+
+
+def test_a_hooks_file_past_the_bound_is_refused_before_anything_is_created(
+        redis_client: redis.Redis, keys: Keys, tmp_path: Any,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    """`hooks create FILE` stays all or none, and `run --hooks` is refused before it
+    starts, when the file's new hooks would take an account past the bound."""
+    import json
+
+    from actors.cli import _check_run_hooks, main
+    from engine.catalogue import load_catalogue
+
+    url = redis_client.connection_pool.connection_kwargs
+    config = tmp_path / "main.json"
+    config.write_text(json.dumps({
+        "REDIS_URL": f"redis://127.0.0.1:{url['port']}/{url['db']}",
+        "REDIS_PREFIX": keys.p, "MAX_HOOKS_PER_ACCOUNT": 2}))
+    HookRegistry(redis_client, keys).create(hook(1, "stored"))
+    path = tmp_path / "hooks.json"
+    path.write_text(json.dumps([hook(1, "a"), hook(1, "b"), hook(2, "c")]))
+    assert main(["-c", str(config), "hooks", "create", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "nothing created; account 1: 1 hook(s) stored and 2 new in the file, more than " \
+        "MAX_HOOKS_PER_ACCOUNT (2) allows" in err, err
+    assert [h.name for h in HookRegistry(redis_client, keys).all()] == ["stored"]
+    listed = [(str(path), n, data) for n, data in enumerate(json.loads(path.read_text()))]
+    with pytest.raises(HookError, match=r"nothing started; account 1: 1 hook\(s\) stored"):
+        _check_run_hooks(load_catalogue(None), listed, "", {(1, "stored")}, {1: 1}, 2)
+    # a hook of the file stored already is not new: no more than the bound
+    _check_run_hooks(load_catalogue(None), listed[:1] + listed[2:], "",
+                     {(1, "stored")}, {1: 1}, 2)

@@ -29,8 +29,9 @@ def job_start(settings: Settings, path: Path) -> None:
     """What cmd_run does with --hooks, minus Ray: the files checked, then each hook
     created unless it is there (or was) already."""
     listed = [(str(path), n, data) for n, data in enumerate(json.loads(path.read_text()))]
-    _check_run_hooks(load_catalogue(None), listed, settings.DESTINATION_DENY,
-                     _stored_hooks(settings))
+    stored, counts = _stored_hooks(settings)
+    _check_run_hooks(load_catalogue(None), listed, settings.DESTINATION_DENY, stored, counts,
+                     settings.MAX_HOOKS_PER_ACCOUNT)
     engine = Engine.connect(settings)
     try:
         for file, n, data in listed:
@@ -89,7 +90,7 @@ def test_a_restarted_run_creates_no_hook_deleted_or_renamed_since(
     assert ("hookray: hook 2 ('CRM clicks (prod)', created as 'CRM clicks' from the file) "
             f"exists; left as it is (not taken from {hooks_file})") in out
     # a hook deleted since is not judged as a new one (its address denied since, say)
-    assert (1, "old CRM") in _stored_hooks(settings)
+    assert (1, "old CRM") in _stored_hooks(settings)[0]
 
 
 def test_forget_file_record_lets_the_next_run_create_a_deleted_hook_again(
