@@ -45,6 +45,7 @@ from engine.stores import (
     ProfileStore,
     RetryStore,
     Stats,
+    hook_etag,
 )
 from engine.testevent import send_test_event
 from engine.transports.base import Delivery, Outcome, available_kinds
@@ -426,11 +427,15 @@ class Engine:
         """Validate and store a hook (raises HookError naming each bad field)."""
         return self.hooks.create(_hook_fields(data))
 
-    def update_hook(self, hook_id: int, data: Mapping[str, Any] | Hook) -> Hook:
+    def update_hook(self, hook_id: int, data: Mapping[str, Any] | Hook,
+                    expect: Hook | None = None) -> Hook:
+        """Replace a hook's settings. ``expect``: the hook as read (``get_hook``) the
+        change was made on: ``Stale`` if it changed since (the HTTP API's If-Match),
+        rather than undoing that change (a stop, say)."""
         hook_id = _hook_id("update_hook", hook_id)
         fields = _hook_fields(data)
         return self.hooks.update(hook_id, fields.to_storage() if isinstance(fields, Hook)
-                                 else fields)
+                                 else fields, _expected("update_hook", expect))
 
     def get_hook(self, hook_id: int) -> Hook:
         return self.hooks.get(_hook_id("get_hook", hook_id))
@@ -446,11 +451,15 @@ class Engine:
         stored one that no longer does (as ``hookray hooks list`` shows them)."""
         return self.hooks.listing(_id("hook_listing", "account_id", account_id))
 
-    def activate_hook(self, hook_id: int) -> Hook:
-        return self.hooks.set_active(_hook_id("activate_hook", hook_id), True)
+    def activate_hook(self, hook_id: int, expect: Hook | None = None) -> Hook:
+        """Activate a hook (``expect`` as in ``update_hook``)."""
+        return self.hooks.set_active(_hook_id("activate_hook", hook_id), True,
+                                     _expected("activate_hook", expect))
 
-    def stop_hook(self, hook_id: int) -> Hook:
-        return self.hooks.set_active(_hook_id("stop_hook", hook_id), False)
+    def stop_hook(self, hook_id: int, expect: Hook | None = None) -> Hook:
+        """Stop a hook (``expect`` as in ``update_hook``)."""
+        return self.hooks.set_active(_hook_id("stop_hook", hook_id), False,
+                                     _expected("stop_hook", expect))
 
     def clone_hook(self, hook_id: int, name: str | None = None) -> Hook:
         if name is not None and not isinstance(name, str):
@@ -770,6 +779,17 @@ def _hook_id(call: str, value: Any) -> int:
         raise ValueError(f"{call}: hook_id must be an integer from 0 to {MAX_ID}, "
                          f"got {value!r}")
     return int(value)
+
+
+def _expected(call: str, hook: Hook | None) -> list[str] | None:
+    """The ETag of the hook a change was made on (``expect=``), for the store to
+    compare with the stored one's; None: no condition."""
+    if hook is None:
+        return None
+    if not isinstance(hook, Hook):
+        raise ValueError(f"{call}: expect must be the Hook as read (get_hook), got "
+                         f"{type(hook).__name__}")
+    return [hook_etag(hook)]
 
 
 def _ids(call: str, ids: Iterable[str], of: str = "dead letter") -> list[str]:
