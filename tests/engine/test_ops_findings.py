@@ -527,8 +527,12 @@ def test_internal_open_names_the_groups_of_the_engines_network_left_open(
                                           ("link-local,loopback,private", False)])
 def test_the_api_warns_at_start_when_accounts_hooks_may_reach_its_network(
         deny: str, warned: bool, quiet_setup: None,
-        caplog: pytest.LogCaptureFixture) -> None:
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import actors.api as api_actor
     from actors.api import ApiActor
+
+    # the collector's settings of an actor's process are not the test run's
+    monkeypatch.setattr(api_actor, "relax_gc", lambda: None)
 
     settings = {"REDIS_URL": f"redis://127.0.0.1:{free_port()}/0", "API_HOST": "127.0.0.1",
                 "DESTINATION_DENY": deny}
