@@ -585,27 +585,6 @@ def cmd_stats(args: argparse.Namespace) -> int:
     return 0
 
 
-def _set_aside_retries(engine: Any, args: argparse.Namespace) -> int:
-    _set_aside_usage(args)
-    try:
-        if args.discard:
-            gone = engine.discard_set_aside_retries(args.ids)
-            print(f"{gone} set-aside re-send{'s' * (gone != 1)} deleted")
-        elif args.requeue:
-            moved = engine.requeue_set_aside_retries(args.ids or None)
-            print(f"{moved} set-aside re-send{'s' * (moved != 1)} put back into the retry "
-                  "schedule")
-        else:
-            _print(engine.set_aside_retries(args.limit or 100, args.after))
-    except ValueError as exc:
-        said = str(exc)
-        for call in ("requeue_set_aside_retries: ", "discard_set_aside_retries: ",
-                     "set_aside_retries: "):
-            said = said.removeprefix(call)
-        raise HookrayError(f"set-aside --retries: {said}") from None
-    return 0
-
-
 def _set_aside_usage(args: argparse.Namespace) -> None:
     if args.requeue and args.discard:
         raise HookrayError("set-aside: either --requeue or --discard")
@@ -618,6 +597,17 @@ def _set_aside_usage(args: argparse.Namespace) -> None:
                            "and --discard take ids")
 
 
+# what `set-aside` reaches (the intake entries the partitions set aside) and, with
+# --retries, the re-sends the retry worker set aside: the driver calls (list, requeue,
+# discard), the command's name, one and many of them, and where a requeue puts them
+_SET_ASIDE = {
+    False: ("set_aside", "requeue_set_aside", "discard_set_aside", "set-aside",
+            "entry", "entries", "the intake"),
+    True: ("set_aside_retries", "requeue_set_aside_retries", "discard_set_aside_retries",
+           "set-aside --retries", "re-send", "re-sends", "the retry schedule"),
+}
+
+
 def cmd_set_aside(args: argparse.Namespace) -> int:
     """List the intake entries the partitions set aside, put them back (--requeue), or
     delete them for good (--discard IDS). With --retries: the re-sends the retry worker
@@ -625,24 +615,22 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
     hookray version); --requeue puts those this version decodes back into the retry
     schedule."""
     engine = _engine(args)
-    if args.retries:
-        return _set_aside_retries(engine, args)
+    listed, requeue, discard, command, one, many, back = _SET_ASIDE[bool(args.retries)]
     _set_aside_usage(args)
     try:
         if args.discard:
-            gone = engine.discard_set_aside(args.ids)
-            print(f"{gone} set-aside entr{'y' if gone == 1 else 'ies'} deleted")
+            gone = getattr(engine, discard)(args.ids)
+            print(f"{gone} set-aside {one if gone == 1 else many} deleted")
         elif args.requeue:
-            moved = engine.requeue_set_aside(args.ids or None)
-            print(f"{moved} set-aside entr{'y' if moved == 1 else 'ies'} put back into "
-                  "the intake")
+            moved = getattr(engine, requeue)(args.ids or None)
+            print(f"{moved} set-aside {one if moved == 1 else many} put back into {back}")
         else:
-            _print(engine.set_aside(args.limit or 100, args.after))
+            _print(getattr(engine, listed)(args.limit or 100, args.after))
     except ValueError as exc:  # an id that is none, or not of a set-aside entry
         said = str(exc)  # named as the command, not as the driver call behind it
-        for call in ("requeue_set_aside: ", "discard_set_aside: ", "set_aside: "):
-            said = said.removeprefix(call)
-        raise HookrayError(f"set-aside: {said}") from None
+        for call in (requeue, discard, listed):
+            said = said.removeprefix(f"{call}: ")
+        raise HookrayError(f"{command}: {said}") from None
     return 0
 
 

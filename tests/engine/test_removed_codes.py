@@ -15,14 +15,13 @@ import redis
 from engine.catalogue import builtin_catalogue
 from engine.dispatch import PartitionWorker
 from engine.events import Event
-from engine.hooks import Hook, parse_hook
+from engine.hooks import parse_hook
 from engine.intake import Intake, SetAside
 from engine.keys import CONSUMER_GROUP, Keys
 from engine.matching import EventColumns, HookIndex, reference_match
 from engine.settings import Settings
 from engine.stores import HookRegistry, Stats
-from engine.transports.base import Delivery, Outcome
-from engine.transports.stub import StubTransport
+from tests.integration.test_workers import InProcessSender
 
 PROMO = {"code": "promo_view", "name": "promo", "category": "tracking", "channel": "email"}
 BEFORE = builtin_catalogue().extended([dict(PROMO)])  # the catalogue that accepted them
@@ -35,28 +34,6 @@ def event(code: str, n: int, list_id: int = 1) -> dict[str, Any]:
             "event_date": "2026-01-01T00:00:00Z", "id": f"{code}-{list_id}-{n}"}
 
 
-class Sender:
-    """Sends through a StubTransport at once; outcomes come back on the next poll."""
-
-    def __init__(self) -> None:
-        self.transport = StubTransport()
-        self.done: list[tuple[Delivery, Outcome]] = []
-
-    def submit(self, hook: Hook, delivery: Delivery) -> None:
-        import asyncio
-
-        self.done.append((delivery, asyncio.run(
-            self.transport.send(hook.target.settings, delivery))))
-
-    def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
-        out, self.done = self.done, []
-        return out
-
-    def inflight(self) -> int:
-        return len(self.done)
-
-    def holds(self, delivery_id: str) -> bool:
-        return any(d.id == delivery_id for d, _ in self.done)
 
 
 def accepted(r: redis.Redis, keys: Keys, *entries: list[dict[str, Any]]) -> Intake:
@@ -115,7 +92,7 @@ def test_an_entry_with_an_event_of_a_removed_code_is_delivered_and_acknowledged(
                                   "url": "http://127.0.0.1:9/x", "max_batch_size": 10,
                                   "flush_timeout_sec": 0.01}}})
     accepted(redis_client, keys, [event("click", 1), event("promo_view", 1), event("click", 2)])
-    sender = Sender()
+    sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender, NOW)
     drained(worker, redis_client, keys)
     assert sum(d.count for d in sender.transport.sent) == 2
@@ -153,7 +130,7 @@ def test_routing_keys_of_a_round_with_a_removed_code_are_each_events_own(
         "target": {"rabbitmq_exchange": {"host": "127.0.0.1", "exchange": "x",
                                          "type": "topic"}}})
     accepted(redis_client, keys, [event("promo_view", 1, list_id=2), event(LAST, 1, list_id=1)])
-    sender = Sender()
+    sender = InProcessSender()
     worker = PartitionWorker(cfg, redis_client, 0, sender, NOW)
     drained(worker, redis_client, keys)
     (delivery,) = sender.transport.sent

@@ -115,25 +115,6 @@ def test_a_refused_piece_fails_only_its_own_messages() -> None:
     assert len(requests) == 3  # the rest wait for the re-send
     outcome, _ = _posted(transport, _delivery(sizes), fail={n: _refused() for n in range(1, 6)})
     assert not outcome.ok and outcome.failed is None
-
-
-@pytest.mark.parametrize(("kind", "expected"), [("http_batch", 65536), ("stub", None)])
-def test_the_http_transport_actor_is_given_max_batch_bytes(
-        monkeypatch: pytest.MonkeyPatch, kind: str, expected: int | None) -> None:
-    made: dict[str, Any] = {}
-
-    def load(kind: str, **options: Any) -> object:
-        made.update(options, kind=kind)
-        return object()
-
-    monkeypatch.setattr(transport_actor, "load_transport", load)
-    monkeypatch.setattr(transport_actor, "relax_gc", lambda: None)
-    actor_class = transport_actor.TransportActor.__ray_metadata__.modified_class
-    actor_class(kind, Settings(MAX_BATCH_BYTES=65536).model_dump())
-    assert made["kind"] == kind
-    assert made.get("max_batch_bytes") == expected
-
-
 @pytest.mark.integration
 def test_the_http_transport_actor_posts_a_resend_within_max_batch_bytes(
         monkeypatch: pytest.MonkeyPatch, receiver: Receiver) -> None:

@@ -51,9 +51,13 @@ def test_no_http_request_carries_more_than_max_http_batch_messages() -> None:
     assert sizes == [7]
 
 
-@pytest.mark.parametrize(("kind", "expected"), [("http_batch", 40), ("stub", None)])
+@pytest.mark.parametrize(("kind", "expected"), [("http_batch", (40, 65536)),
+                                                 ("stub", (None, None))])
 def test_the_http_transport_actor_is_bounded_by_the_installations_max_http_batch(
-        monkeypatch: pytest.MonkeyPatch, kind: str, expected: int | None) -> None:
+        monkeypatch: pytest.MonkeyPatch, kind: str,
+        expected: tuple[int | None, int | None]) -> None:
+    """MAX_HTTP_BATCH and MAX_BATCH_BYTES: no request carries more (a re-send made under
+    larger limits is posted in pieces)."""
     made: dict[str, Any] = {}
 
     def load(kind: str, **options: Any) -> object:
@@ -63,6 +67,6 @@ def test_the_http_transport_actor_is_bounded_by_the_installations_max_http_batch
     monkeypatch.setattr(transport_actor, "load_transport", load)
     monkeypatch.setattr(transport_actor, "relax_gc", lambda: None)
     actor_class = transport_actor.TransportActor.__ray_metadata__.modified_class
-    actor_class(kind, Settings(MAX_HTTP_BATCH=40).model_dump())
+    actor_class(kind, Settings(MAX_HTTP_BATCH=40, MAX_BATCH_BYTES=65536).model_dump())
     assert made["kind"] == kind
-    assert made.get("max_batch") == expected
+    assert (made.get("max_batch"), made.get("max_batch_bytes")) == expected

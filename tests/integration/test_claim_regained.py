@@ -7,7 +7,6 @@ EngineLease, Renewer, Intake and PartitionWorker driven directly on the real Red
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 from collections.abc import Iterator
@@ -20,39 +19,17 @@ import redis
 from engine.dispatch import PartitionWorker
 from engine.errors import ConfigError, PrefixTaken
 from engine.health import engine_health
-from engine.hooks import Hook
 from engine.intake import Intake
 from engine.keys import Keys
 from engine.lease import EngineLease, Renewer
 from engine.partitioning import partition_of
 from engine.settings import Settings
-from engine.transports.base import Delivery, Outcome
-from engine.transports.stub import StubTransport
+from tests.integration.test_workers import InProcessSender
 from tests.services import wait_for
 
 pytestmark = pytest.mark.integration
 
 
-class Sender:
-    """Sends through a StubTransport at once; outcomes come back on the next poll."""
-
-    def __init__(self) -> None:
-        self.transport = StubTransport()
-        self.done: list[tuple[Delivery, Outcome]] = []
-
-    def submit(self, hook: Hook, delivery: Delivery) -> None:
-        self.done.append((delivery, asyncio.run(
-            self.transport.send(hook.target.settings, delivery))))
-
-    def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
-        out, self.done = self.done, []
-        return out
-
-    def inflight(self) -> int:
-        return len(self.done)
-
-    def holds(self, delivery_id: str) -> bool:
-        return any(d.id == delivery_id for d, _ in self.done)
 
 
 def click(list_id: int) -> dict[str, Any]:
@@ -74,7 +51,7 @@ def started(r: redis.Redis, keys: Keys, partitions: int, ttl: float = 30) -> tup
 
 def workers(settings: Settings, r: redis.Redis, n: int, owner: str) -> list[PartitionWorker]:
     cfg = settings.model_copy(update={"PARTITIONS": n})
-    return [PartitionWorker(cfg, r, p, Sender(), owner=owner) for p in range(n)]
+    return [PartitionWorker(cfg, r, p, InProcessSender(), owner=owner) for p in range(n)]
 
 
 def look_again(ws: list[PartitionWorker]) -> None:

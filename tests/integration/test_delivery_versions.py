@@ -8,7 +8,6 @@ both kept as stored, until a version that reads them runs. An earlier version's
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import msgspec
@@ -17,20 +16,18 @@ import redis
 
 import engine.transports.base as base
 from engine.errors import NotFound
-from engine.hooks import Hook
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
 from engine.stores import HookRegistry, RetryStore, Stats
 from engine.transports.base import (
     Delivery,
-    Outcome,
     pack_deliveries,
     pack_delivery,
     unpack_deliveries,
     unpack_delivery,
 )
-from engine.transports.stub import StubTransport
+from tests.integration.test_workers import InProcessSender
 
 pytestmark = pytest.mark.integration
 
@@ -52,26 +49,6 @@ def run_newer_version(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(base, "_unpacker", msgspec.msgpack.Decoder(Newer))
 
 
-class Sender:
-    """Sends through a StubTransport at once; outcomes come back on the next poll."""
-
-    def __init__(self) -> None:
-        self.transport = StubTransport()
-        self.done: list[tuple[Delivery, Outcome]] = []
-
-    def submit(self, hook: Hook, delivery: Delivery) -> None:
-        self.done.append((delivery, asyncio.run(
-            self.transport.send(hook.target.settings, delivery))))
-
-    def poll(self, timeout: float) -> list[tuple[Delivery, Outcome]]:
-        out, self.done = self.done, []
-        return out
-
-    def inflight(self) -> int:
-        return len(self.done)
-
-    def holds(self, delivery_id: str) -> bool:
-        return any(d.id == delivery_id for d, _ in self.done)
 
 
 def a_hook(redis_client: redis.Redis, keys: Keys) -> int:
@@ -91,7 +68,7 @@ def test_a_resend_with_a_field_this_version_lacks_is_set_aside_not_sent_without_
                                 parts=[b"{}"]), due_ms=0, error="HTTP 500")
     stored = newer_payload("new", hook_id)
     redis_client.hset(keys.retry_payload, "new", stored)
-    sender = Sender()
+    sender = InProcessSender()
     with caplog.at_level(logging.WARNING, "hookray"):
         RetryWorker(settings, redis_client, sender).step()
     assert [d.id for d in sender.transport.sent] == ["old"]  # not sent without its field

@@ -11,11 +11,12 @@ from typing import Any
 
 import pytest
 
-from actors.cli import _check_run_hooks, _create_missing_hook, _stored_hooks, main
+from actors.cli import _check_run_hooks, _create_missing_hook, _stored_hooks
 from actors.driver import Engine
 from engine.catalogue import load_catalogue
 from engine.errors import HookError
 from engine.settings import Settings
+from tests.integration.test_cli import run_cli
 
 pytestmark = pytest.mark.integration
 
@@ -47,18 +48,6 @@ def hooks_now(settings: Settings) -> list[tuple[int | None, str, str]]:
                 for h in engine.list_hooks()]
     finally:
         engine.redis.close()
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, Any, str]:
-    try:
-        code = main(list(args))
-    except SystemExit as exc:
-        code = int(exc.code or 0)
-    out, err = capsys.readouterr()
-    try:
-        return code, json.loads(out), err
-    except ValueError:
-        return code, out, err
 
 
 @pytest.fixture
