@@ -24,7 +24,7 @@ from engine.errors import HookError, HookrayError
 from engine.hooks import not_utf8
 from engine.jsonkeys import NotAFile, read_whole, unique_keys
 from engine.settings import load_settings, ray_address_problem, with_overrides
-from engine.stores import parse_cursor
+from engine.stores import check_new_hook, parse_cursor
 
 # how the main job is stopped, said when it runs (deploy/job.py: `ray job stop`)
 STOP_HINT = "Ctrl-C stops"
@@ -136,8 +136,6 @@ def _hook_problem(data: Any, catalogue: Any, registry: Any = None, deny: str = "
     """Why ``data`` (one hook of a file) cannot be created; None if it can. With the
     engine's ``registry``, as it would refuse it (an action the engine lacks, too);
     without, as an engine with DESTINATION_DENY ``deny`` would."""
-    from engine.stores import check_new_hook
-
     if not isinstance(data, dict):
         return "expected a JSON object"
     try:
@@ -313,6 +311,7 @@ def _create_missing_hook(engine: Any, data: dict[str, Any], path: str, n: int) -
             print(f"hookray: hook {same[0][0]} ({same[0][1]!r}) exists; left as it is "
                   f"(not taken from {where})", flush=True)
             hook_id = same[0][0]
+            _say_differs(engine, data, hook_id, where)
         else:
             try:  # checked before the engine started; an engine of other settings may
                 created = engine.create_hook(data)  # refuse it
@@ -354,6 +353,35 @@ def _recorded_file_hook(engine: Any, data: dict[str, Any], where: str, value: st
     renamed = f", created as {name!r} from the file" if now not in (None, name) else ""
     print(f"hookray: hook {hook_id} ({shown}{renamed}) exists; left as it is (not taken "
           f"from {where})", flush=True)
+    _say_differs(engine, data, hook_id, where)
+
+
+# what a file's hook and the stored one it stands for may differ in unsaid: the id (the
+# store's), whether it is active (stopped or activated since) and its name (renamed)
+_FILE_HOOK_KEPT = frozenset({"id", "active", "name"})
+
+
+def _say_differs(engine: Any, data: dict[str, Any], hook_id: int, where: str) -> None:
+    """Say on stderr which settings of the file's hook differ from those of the stored
+    hook ``hook_id`` that is left as it is (a file edited since changes no stored hook),
+    or that the file's no longer validates. Nothing when they agree, or when the
+    stored one cannot be read (said where it is loaded)."""
+    try:
+        stored = engine.hooks.get(hook_id).to_storage()
+    except (HookrayError, redis.RedisError):
+        return
+    try:
+        given = check_new_hook(data, engine.catalogue).to_storage()
+    except HookError as exc:
+        print(f"hookray: hook {hook_id}: {where} gives it settings that no longer validate "
+              f"({exc}); the stored ones are left as they are", file=sys.stderr, flush=True)
+        return
+    differ = sorted(k for k in stored.keys() | given.keys()
+                    if k not in _FILE_HOOK_KEPT and stored.get(k) != given.get(k))
+    if differ:
+        print(f"hookray: hook {hook_id}: {where} gives it other {', '.join(differ)} than "
+              f"stored; the stored ones are left as they are (`hookray hooks update "
+              f"{hook_id} FILE` changes them)", file=sys.stderr, flush=True)
 
 
 def _same_named(engine: Any, data: dict[str, Any]) -> list[tuple[int, str | None]]:

@@ -173,3 +173,31 @@ def test_a_claim_is_let_go_when_the_hook_is_refused_and_taken_over_when_stale(
     assert [h[0] for h in hooks_now(settings)] == [1]
     engine.redis.close()
 
+
+
+def test_a_restart_says_what_a_file_edited_since_would_have_changed(
+        settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A hook left as it is is not changed by its file: the run says which settings the
+    file gives it otherwise (a stop, or a rename, made since is no difference worth a
+    line), and when the file's no longer validate."""
+    path = tmp_path / "hooks.json"
+    path.write_text(json.dumps([CRM]))
+    job_start(settings, path)
+    engine = Engine.connect(settings)
+    engine.stop_hook(1)
+    engine.redis.close()
+    capsys.readouterr()
+    job_start(settings, path)  # the same file: nothing to say but that it exists
+    assert "hookray: hook 1" not in capsys.readouterr().err
+    path.write_text(json.dumps([{**CRM, "actions": ["click", "open"], "filters": {
+        "campaigns": [7]}, "target": {"http_batch": {"url": "https://crm2.example.com/"}}}]))
+    job_start(settings, path)
+    assert (f"hookray: hook 1: {path} gives it other actions, filters, target than stored; "
+            "the stored ones are left as they are (`hookray hooks update 1 FILE` changes "
+            "them)") in capsys.readouterr().err
+    path.write_text(json.dumps([{**CRM, "actions": ["clik"]}]))
+    job_start(settings, path)
+    err = capsys.readouterr().err
+    assert f"hookray: hook 1: {path} gives it settings that no longer validate (" in err
+    assert "clik" in err
+    assert hooks_now(settings) == [(1, "CRM clicks", "https://crm.example.com/hook")]
