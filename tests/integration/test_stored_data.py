@@ -262,6 +262,20 @@ def test_a_damaged_hand_over_count_stalls_no_re_send(
     assert retry.handed_over(["d0", "d9"]) == [2, 1]
 
 
+def test_a_damaged_hand_over_count_fails_no_hand_back(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A worker stopping takes back its hand-overs: one count damaged meanwhile (no
+    integer, or one HINCRBY cannot take down) failed the script for every one handed
+    back with it, so their stop counted as a crash. It is dropped, the others taken
+    back."""
+    retry = RetryStore(redis_client, keys)
+    assert retry.handed_over(["a", "a", "b", "c", "d"]) == [1, 2, 1, 1, 1]
+    redis_client.hset(keys.retry_unanswered, mapping={"b": "x", "c": "1.5", "d": "nan",
+                                                      "e": "9" * 30})
+    retry.handed_back(["b", "a", "c", "d", "e"])
+    assert redis_client.hgetall(keys.retry_unanswered) == {b"a": b"1"}
+
+
 def test_a_hand_over_count_on_a_key_of_another_type_fails_the_call(
         redis_client: redis.Redis, keys: Keys) -> None:
     """The whole key damaged is no one delivery's: the claimed group is handed back."""
