@@ -400,8 +400,9 @@ class Engine:
 
                 workers = [*self.actors["partitions"], self.actors["retry"]]
                 transports = [a for pool in self.actors["pools"].values() for a in pool]
-                # workers finish their round (the retry worker takes its hand-overs
-                # back); killed below in any case
+                # workers finish their round and drain (DRAIN_SEC: open batches sent,
+                # outcomes of those in flight booked; the retry worker takes back the
+                # hand-overs still unanswered); killed below in any case
                 finish_all([w.stop.remote() for w in workers], left(30), "stopping workers")
                 # close connections and producers cleanly before the processes go
                 finish_all([t.close.remote() for t in transports], left(10),

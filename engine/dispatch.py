@@ -71,6 +71,10 @@ MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
 # messages built and not yet settled before reading pauses: bounds a partition's memory
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
+# a worker stopping sends its open batches and waits this long at most for the outcomes
+# of those in flight, so that what was delivered is acknowledged, not read and sent again
+# by the next start (within the actor's 10 s and the driver's STOP_SEC)
+DRAIN_SEC = 5.0
 MAX_ENTRY_FAILURES = 5  # failed rounds (not Redis errors) before an entry is set aside
 # times the process ended while processing an entry (out of memory, a crash in native
 # code), its first read included, before it is set aside: else the partition would
@@ -1063,9 +1067,56 @@ class PartitionWorker:
         alive = Heartbeat(self.r, self.side.keys, f"partition:{self.partition}")
         try:
             self._loop(stop, on_error, alive)
+            self._stopping()
         finally:  # stopped: no longer running, at once
             with suppress(redis.RedisError):
                 self.r.delete(alive.key)
+
+    def drain(self, seconds: float | None = None) -> int:
+        """Stopping: nothing more is read; the open batches go now, and the outcomes of
+        the batches in flight are booked and their entries acknowledged as they come,
+        for ``seconds`` at most. Returns the messages left unsettled: their entries are
+        read again, and sent again, by the next start (as after any end)."""
+        deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
+        while True:
+            if self.holding is not None:  # PrefixTaken: nothing of it is this engine's
+                self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
+                                   self._drop_work)
+            self.dispatcher.due(float("inf"))  # every open batch closes
+            produced = self.dispatcher.take_produced()
+            for eid, n in produced.items():
+                self.entry_left[eid] += n
+            self.unsettled += sum(produced.values())
+            self.settling.extend(self.dispatcher.take_unsendable())
+            ready = self.dispatcher.take_outbox()
+            for handed, delivery in enumerate(ready):
+                try:
+                    self.sender.submit(self.dispatcher.pending_hooks[delivery.id][0],
+                                       delivery)
+                except Exception:
+                    self.dispatcher.outbox[:0] = ready[handed:]
+                    raise
+            left = deadline - time.monotonic()
+            self._settle(self.sender.poll(min(max(left, 0.0), 0.05)))
+            if not self.unsettled and self.unsure is None:
+                return 0
+            if left <= 0 or not (self.sender.inflight() or self.settling):
+                return self.unsettled  # (none to come: a failed round's, say)
+
+    def _stopping(self) -> None:
+        """Drain (``drain``), saying what is left to the next start."""
+        try:
+            left = self.drain()
+        except Exception as exc:  # Redis down, the claim taken, a transport gone
+            log.warning("partition %s: stopped without the outcomes of the batches in "
+                        "flight (%s: %s); their entries are read and sent again by the "
+                        "next start", self.partition, type(exc).__name__,
+                        str(exc)[:300])
+            return
+        if left:
+            log.warning("partition %s: stopped with %d message(s) in batches whose "
+                        "outcome did not come within %g s; their entries are read and "
+                        "sent again by the next start", self.partition, left, DRAIN_SEC)
 
     def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
               alive: Heartbeat) -> None:

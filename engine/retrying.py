@@ -24,7 +24,7 @@ import msgspec
 import redis
 
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.dispatch import MAX_INFLIGHT, Sender, Side
+from engine.dispatch import DRAIN_SEC, MAX_INFLIGHT, Sender, Side
 from engine.failurelog import FailureLog
 from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
@@ -106,8 +106,15 @@ class RetryWorker:
                 self.settling.extend(self.sender.poll(0.0))
             raise
         self.settling.extend(self.sender.poll(0.0 if due else 0.05))
-        # an outcome leaves ``settling`` only once booked: a Redis error half-way
-        # keeps the rest for the next step
+        self._book()
+        self._expire()
+        self._forget_gone_stats()
+        self.failure_log.say()
+        return due
+
+    def _book(self) -> None:
+        """Book the outcomes in ``settling``: one leaves it only once booked, so a Redis
+        error half-way keeps the rest for the next step."""
         while self.settling:
             if self.settling[0][0].id not in self.handed:
                 # a send from before another engine took the claim (_drop_work)
@@ -118,10 +125,38 @@ class RetryWorker:
             self.settle(*self.settling[0], once=(self.booked, self.booking))
             self.settling.popleft()
             self.booking = None
-        self._expire()
-        self._forget_gone_stats()
+
+    def drain(self, seconds: float | None = None) -> int:
+        """Stopping: nothing more is claimed; the outcomes of the re-sends handed over
+        are booked as they come, for ``seconds`` at most, so that one delivered is not
+        sent again. Returns how many are left without an outcome (``run`` hands them
+        back: their leases run out and they are sent again)."""
+        deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
+        while self.handed or self.settling:
+            if self.holding is not None:  # PrefixTaken: nothing of it is this engine's
+                self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
+                                   self._drop_work)
+            left = deadline - time.monotonic()
+            self.settling.extend(self.sender.poll(min(max(left, 0.0), 0.05)))
+            self._book()
+            if left <= 0 or not self.sender.inflight():
+                break
         self.failure_log.say()
-        return due
+        return len(self.handed)
+
+    def _stopping(self) -> None:
+        """Drain (``drain``), saying what is left."""
+        try:
+            left = self.drain()
+        except Exception as exc:  # Redis down, the claim taken, a transport gone
+            log.warning("retry worker: stopped without the outcomes of the re-sends "
+                        "handed over (%s: %s); they are sent again once their leases run "
+                        "out", type(exc).__name__, str(exc)[:300])
+            return
+        if left:
+            log.warning("retry worker: stopped with %d re-send(s) whose outcome did not "
+                        "come within %g s; they are sent again once their leases run out",
+                        left, DRAIN_SEC)
 
     def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
         """Make a claimed re-send a dead letter without sending it."""
@@ -295,6 +330,7 @@ class RetryWorker:
         alive = Heartbeat(self.r, self.side.keys, "retry")
         try:
             self._loop(stop, on_error, alive)
+            self._stopping()
         finally:
             # a stop is no crash: the sends it interrupts do not count as unanswered
             # (their leases run out and they are sent again, by this or the next worker)

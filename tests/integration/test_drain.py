@@ -1,0 +1,169 @@
+"""A worker stopping drains: the open batches go, and the outcomes of what is in flight
+are booked, for DRAIN_SEC at most; what is left is read (or claimed) and sent again by
+the next start, as after any end."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import pytest
+import redis
+
+from engine.dispatch import PartitionWorker
+from engine.keys import CONSUMER_GROUP, Keys
+from engine.retrying import RetryWorker
+from engine.settings import Settings
+from engine.stores import HookRegistry, RetryStore, Stats
+from engine.transports.base import Delivery
+from tests.integration.test_workers import InProcessSender, clicks, hook, one_intake
+from tests.services import wait_for
+
+pytestmark = pytest.mark.integration
+
+
+class Later(InProcessSender):
+    """Outcomes come back ``after`` polls after their send (a transport answering over
+    time); with ``hold``, never."""
+
+    def __init__(self, after: int = 3, hold: bool = False) -> None:
+        super().__init__(hold=hold)
+        self.after, self.polls = after, 0
+        self.waiting: list[tuple[int, Any]] = []
+
+    def submit(self, hook: Any, delivery: Delivery) -> None:
+        super().submit(hook, delivery)
+        self.waiting += [(self.polls + self.after, done) for done in self.done]
+        self.done = []
+
+    def poll(self, timeout: float) -> list[Any]:
+        self.polls += 1
+        out = [done for due, done in self.waiting if due <= self.polls]
+        self.waiting = [(due, done) for due, done in self.waiting if due > self.polls]
+        return out
+
+    def inflight(self) -> int:
+        return len(self.waiting) + len(self.held)
+
+
+def pending(r: redis.Redis, keys: Keys) -> int:
+    return int(r.xpending(keys.intake(0), CONSUMER_GROUP)["pending"])
+
+
+def test_a_partition_stopping_sends_its_open_batches_and_acknowledges_them(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A clean stop left open batches unsent and entries in flight unacknowledged: the
+    next start read them again, and sent again what had been delivered. Stopping, the
+    partition sends what it batched and books the outcomes as they come."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    # a window that outlasts the run: only the stop sends the batches
+    created = HookRegistry(redis_client, keys).create(hook(target={"http_batch": {
+        "url": "http://127.0.0.1:9/x", "max_batch_size": 7, "flush_timeout_sec": 600}}))
+    one_intake(redis_client, keys, 10).publish(clicks(50))
+    sender = Later()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    stop = threading.Event()
+    thread = threading.Thread(target=worker.run, args=(stop,))
+    thread.start()
+    try:
+        # 7 batches closed full and sent, the last one (1 message) left open
+        wait_for(lambda: worker.dispatcher.open_messages() == 1, timeout=10)
+    finally:
+        stop.set()
+        thread.join(15)
+    assert not thread.is_alive()
+    sent = [mid for d in sender.transport.sent for mid in d.message_ids]
+    assert len(sent) == len(set(sent)) == 50  # the open batch too, once each
+    assert pending(redis_client, keys) == 0 and redis_client.xlen(keys.intake(0)) == 0
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 50
+    # a start after it has nothing to send again
+    again = Later()
+    for _ in range(5):
+        PartitionWorker(settings, redis_client, 0, again).step(block_ms=10)
+    assert again.transport.sent == []
+
+
+def test_a_partition_stops_within_its_drain_time_leaving_the_rest_to_the_next_start(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Outcomes that do not come within the drain time are not waited for: the stop
+    says how many messages are left, their entries stay pending and are read again."""
+    import engine.dispatch
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(30))
+    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.unsettled == 30
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        worker._stopping()
+    said = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
+    assert said == ["partition 0: stopped with 30 message(s) in batches whose outcome did "
+                    "not come within 0.3 s; their entries are read and sent again by the "
+                    "next start"]
+    assert pending(redis_client, keys) == 3  # read again by the next start
+    again = InProcessSender()
+    restarted = PartitionWorker(settings, redis_client, 0, again)
+    wait_for(lambda: restarted.step(block_ms=10) is not None and
+             redis_client.xlen(keys.intake(0)) == 0, timeout=10)
+    assert sorted(mid for d in again.transport.sent for mid in d.message_ids) == \
+        sorted(mid for d in worker.sender.held for mid in d.message_ids)
+
+
+def test_a_partition_stop_with_nothing_in_flight_does_not_wait(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    worker = PartitionWorker(settings, redis_client, 0, Later())
+    worker.step(block_ms=10)
+    assert worker.drain(30) == 0  # at once: nothing was read
+
+
+def test_the_retry_worker_stopping_books_the_outcomes_of_its_re_sends(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """A stop took back every re-send handed over without waiting for its outcome: one
+    delivered was sent again once its lease ran out. Stopping, the worker books the
+    outcomes that come within the drain time."""
+    created = HookRegistry(redis_client, keys).create(hook())
+    retry = RetryStore(redis_client, keys)
+    for n in range(4):
+        retry.schedule(Delivery(id=f"d{n}", hook_id=created.id or 0, account_id=1,
+                                kind="http_batch", parts=[b"{}"], message_ids=[f"m{n}"]),
+                       due_ms=0, error="HTTP 500")
+    sender = Later()
+    worker = RetryWorker(settings, redis_client, sender)
+    assert worker.step() == 4 and len(worker.handed) == 4
+    stop = threading.Event()
+    stop.set()  # stopped before the outcomes came
+    worker.run(stop)
+    assert worker.handed == {}
+    assert redis_client.zcard(keys.retry) == 0  # done: not sent again
+    assert redis_client.hlen(keys.retry_unanswered) == 0
+    assert Stats(redis_client, keys).get(created.id or 0)["delivered"] == 4
+
+
+def test_the_retry_worker_hands_back_what_did_not_come_within_its_drain_time(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    import engine.retrying
+
+    monkeypatch.setattr(engine.retrying, "DRAIN_SEC", 0.3)
+    created = HookRegistry(redis_client, keys).create(hook())
+    RetryStore(redis_client, keys).schedule(
+        Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
+                 parts=[b"{}"], message_ids=["m1"]), due_ms=0, error="HTTP 500")
+    worker = RetryWorker(settings, redis_client, Later(hold=True))
+    assert worker.step() == 1
+    stop = threading.Event()
+    stop.set()
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        worker.run(stop)
+    said = [r.getMessage() for r in caplog.records if "retry worker: stopped" in
+            r.getMessage()]
+    assert said == ["retry worker: stopped with 1 re-send(s) whose outcome did not come "
+                    "within 0.3 s; they are sent again once their leases run out"]
+    assert redis_client.zcard(keys.retry) == 1  # still scheduled, under its lease
+    assert redis_client.hlen(keys.retry_unanswered) == 0  # a stop is no crash
