@@ -298,9 +298,19 @@ class HttpTransport(Transport):
             # without the batch, and its answer would count as delivered
             async with self._client().post(target.url, data=body, headers=headers,
                                            timeout=timeout, allow_redirects=False) as resp:
-                text = await _answer(resp)
                 status = resp.status
                 location = resp.headers.get("Location", "")
+                unread = None
+                try:
+                    text = await _answer(resp)
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    # the answer came: its status decides, as for any answer. Taken as
+                    # the destination unreachable, a 200 with a body cut short (or
+                    # compressed wrongly) was sent again until it died, and opened the
+                    # breaker for every hook of its URL
+                    unread = (f"{type(exc).__name__}: "
+                              f"{_scrub(str(exc), target.url)}"[:200])
+                    text = f"(the answer's body could not be read: {unread})"
         except TimeoutError:
             raise Timeout(f"POST {mask_url(target.url)}: no answer within {timeout.total} s"
                           ) from None
@@ -315,6 +325,12 @@ class HttpTransport(Transport):
         if status == 401 and target.auth.kind == "oauth2":
             self._cache.tokens.pop(_token_key(target.auth), None)
         secrets = self._secrets(target, auth)
+        if unread is not None and target.success_regex and 200 <= status < 300:
+            refused = Rejected(f"HTTP {status}: the answer's body could not be read, so "
+                               f"success regex {target.success_regex!r} was not looked "
+                               f"for in it: {scrub(unread, secrets)}")
+            refused.status = status
+            raise refused
         if 300 <= status < 400:
             shown = scrub(mask_url(location), secrets)[:300]
             redirect = Rejected(f"HTTP {status}: redirects are not followed (the batch was "

@@ -559,3 +559,50 @@ def test_pieces_refused_before_one_waits_too_long_use_up_a_re_send(receiver: Rec
     assert not outcome.ok and outcome.error == "Rejected" and not queued(outcome), outcome
     assert outcome.failed == list(range(10, 25))
     assert [len(r.messages) for r in receiver.requests("/pq")] == [10]
+
+
+@pytest.mark.parametrize("answer", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nok",  # cut short
+    b"HTTP/1.1 200 OK\r\nContent-Encoding: gzip\r\nContent-Length: 5\r\n\r\nnot-g",
+])
+def test_an_answer_whose_body_cannot_be_read_is_judged_by_its_status(answer: bytes) -> None:
+    """A receiver's 200 whose body was cut short or compressed wrongly was taken as the
+    destination unreachable (ConnectError): the batch it took was sent again until it
+    died, and five such answers opened the breaker for every hook of its URL. The
+    status decides, as for any answer; a success regex is not looked for in such a
+    body (a refusal with its status, which the breaker does not count)."""
+    taken = 0
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal taken
+        head = await reader.readuntil(b"\r\n\r\n")
+        size = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                    if line.lower().startswith(b"content-length"))
+        await reader.readexactly(size)
+        taken += 1
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    async def go() -> list[Any]:
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        transport = HttpTransport(timeout_sec=2.0, deny="none")
+        try:
+            plain = [await transport.send(HttpBatch(url=f"http://127.0.0.1:{port}/x"),
+                                          delivery()) for _ in range(BREAKER_FAILURES + 2)]
+            regex = await transport.send(HttpBatch(url=f"http://127.0.0.1:{port}/x",
+                                                   success_regex="ok"), delivery())
+            return [*plain, regex]
+        finally:
+            await transport.close()
+            server.close()
+
+    *plain, regex = asyncio.run(go())
+    assert taken == BREAKER_FAILURES + 3  # the breaker never opened
+    assert all(o.ok and o.status == 200 for o in plain), [o.detail for o in plain]
+    assert "the answer's body could not be read: ClientPayloadError" in plain[0].detail
+    assert not regex.ok and regex.error == "Rejected" and regex.status == 200
+    assert regex.detail.startswith("HTTP 200: the answer's body could not be read, so "
+                                   "success regex 'ok' was not looked for in it: "
+                                   "ClientPayloadError"), regex.detail
