@@ -43,11 +43,13 @@ class EventCatalogue:
 
     def _add(self, row: dict) -> None:
         if not isinstance(row, dict):
-            raise ConfigError(f"event type {row!r}: expected an object (code, category, channel)")
+            raise ConfigError(f"event type {_shown(row)}: expected an object (code, "
+                              "category, channel)")
         missing = [k for k in ("code", "category", "channel")
                    if not row.get(k) or not isinstance(row[k], str)]
         if missing:
-            raise ConfigError(f"event type {row!r}: missing or not a string: {', '.join(missing)}")
+            raise ConfigError(f"event type {_shown(row)}: missing or not a string: "
+                              f"{', '.join(missing)}")
         try:
             row["code"].encode("utf-8")
         except UnicodeEncodeError:
@@ -65,11 +67,15 @@ class EventCatalogue:
         )
 
     def extended(self, rows: list[dict]) -> EventCatalogue:
-        """A copy with ``rows`` added (a row with a known code replaces it)."""
+        """A copy with ``rows`` added (a row with a known code replaces it). A bad row
+        raises ConfigError naming its place, ``event_types[i]``."""
         copy = EventCatalogue([])
         copy._types = dict(self._types)
-        for row in rows:
-            copy._add(row)
+        for i, row in enumerate(rows):
+            try:
+                copy._add(row)
+            except ConfigError as exc:
+                raise ConfigError(f"event_types[{i}]: {exc}") from None
         return copy
 
     def __contains__(self, code: object) -> bool:
@@ -137,7 +143,18 @@ def load_catalogue(extra_file: str | None = None) -> EventCatalogue:
 
 @lru_cache(maxsize=64)
 def _extended(extra_file: str, stamp: tuple[int, int, int] | None) -> EventCatalogue:
-    return builtin_catalogue().extended(_read(extra_file))
+    rows = _read(extra_file)
+    try:
+        return builtin_catalogue().extended(rows)
+    except ConfigError as exc:  # which file, as _read's errors say
+        raise ConfigError(f"EVENT_TYPES_FILE={extra_file}: {exc}") from None
+
+
+def _shown(row: object) -> str:
+    """A row as an error shows it: by its code when it has one, else cut short (a name
+    of 50,000 characters made an error line as long)."""
+    code = row.get("code") if isinstance(row, dict) else None
+    return quoted(code if isinstance(code, str) and code else row)
 
 
 def engine_codes(recorded: bytes | str | None) -> list[str] | None:

@@ -321,6 +321,7 @@ def test_bad_category_in_extra_file(tmp_path: Path) -> None:
     with pytest.raises(ConfigError) as info:
         load_catalogue(path)
     assert str(info.value) == (
+        f"EVENT_TYPES_FILE={path}: event_types[0]: "
         "event type 'promo_issued': category 'promo' is not one of "
         "tracking, delivery, import, pixel"
     )
@@ -400,3 +401,21 @@ def test_an_edited_event_types_file_is_read_again(tmp_path: Path) -> None:
          "channel": "viber"}]}))
     again = load_catalogue(str(path))
     assert "deliv_viber" in again and "deliv_viber" not in first
+
+
+def test_a_bad_row_of_the_file_is_named_by_the_setting_the_file_and_its_place(
+        tmp_path: Path) -> None:
+    """A row error named neither EVENT_TYPES_FILE nor the row, and showed the whole row:
+    one with a 50,000-character name made an error line as long."""
+    path = write_types(tmp_path, {"event_types": [
+        row("fine"), {"name": "n" * 50_000, "category": "delivery", "channel": "sms"}]})
+    with pytest.raises(ConfigError) as info:
+        load_catalogue(path)
+    text = str(info.value)
+    assert text.startswith(f"EVENT_TYPES_FILE={path}: event_types[1]: event type {{'name'"
+                           ), text[:300]
+    assert text.endswith("missing or not a string: code") and len(text) < 400, len(text)
+    path = write_types(tmp_path, {"event_types": [{"code": "x", "category": "delivery"}]})
+    with pytest.raises(ConfigError, match=r"=\S+: event_types\[0\]: event type 'x': missing"
+                       r" or not a string: channel$"):
+        load_catalogue(path)
