@@ -6,14 +6,16 @@ batching (HTTP: a one-element array). ``is_test`` is true.
 
 from __future__ import annotations
 
+import logging
 import time
+import traceback
 import uuid
 from typing import Any
 
 from engine.catalogue import EventCatalogue, EventType, load_catalogue
 from engine.customdata import format_rfc3339_nano
 from engine.events import Event, Subscription
-from engine.hooks import Hook
+from engine.hooks import Hook, hook_secrets, scrub
 from engine.messages import MessageBuilder, encode_message, kafka_key, routing_key
 from engine.names import NameCatalogue
 from engine.transports.base import (
@@ -24,6 +26,8 @@ from engine.transports.base import (
     load_transport,
     now_ms,
 )
+
+log = logging.getLogger("hookray")
 
 SAMPLE_PROFILE = {"email": "alice@example.org", "phone": "+79991234567",
                   "first_name": "Alice", "last_name": "Example"}
@@ -187,6 +191,16 @@ async def send_test_event(hook: Hook, event_type: str, names: NameCatalogue | No
             return Outcome(ok=False, error=type(exc).__name__, detail=str(exc))
     try:
         outcome = await transport.send(hook.target.settings, delivery)
+    except Exception as exc:  # not a delivery failure: a client refusing the settings...
+        # the same answer through the API, the driver and the CLI (a traceback there):
+        # the outcome; the traceback to the log, masked (its message may quote a secret)
+        secrets = hook_secrets(hook)
+        log.error("test event of hook %s: the %s transport failed\n%s", hook.id,
+                  hook.target.kind, scrub("".join(traceback.format_exception(exc)).rstrip(),
+                                          secrets))
+        return Outcome(ok=False, error=type(exc).__name__, detail=scrub(
+            f"the test event could not be sent: {type(exc).__name__}: {exc}"[:1000],
+            secrets))
     finally:
         if own:
             await transport.close()

@@ -176,6 +176,32 @@ def test_a_test_event_can_be_sent_from_inside_a_running_event_loop(
     assert [m["event_type"] for m in receiver.messages("/t")] == ["click"]
 
 
+def test_a_test_event_the_transport_fails_to_send_is_an_outcome_not_a_traceback(
+        engine: Engine, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A transport raising something else than a delivery failure was an outcome through
+    the API only: the driver raised it, and `hookray hooks test` printed its traceback,
+    the hook's secret in it. Now it is the same outcome, masked, everywhere."""
+    import logging
+
+    from engine.transports.http import HttpTransport
+
+    async def refuse(self: HttpTransport, target: Any, body: bytes, auth: Any) -> Any:
+        raise ValueError(f"cannot send Authorization: {auth}")
+
+    monkeypatch.setattr(HttpTransport, "_post", refuse)
+    hook = engine.create_hook({
+        "name": "crm", "account_id": 23, "actions": ["click"], "target": {"http_batch": {
+            "url": "http://127.0.0.1:9/t", "auth": {"kind": "bearer", "token": "s3cr3t-tok"}}}})
+    with caplog.at_level(logging.ERROR, logger="hookray"):
+        outcome = engine.test_event(hook.id, "click")
+    assert not outcome.ok and outcome.error == "ValueError" and outcome.status is None
+    assert outcome.detail.startswith("the test event could not be sent: ValueError: cannot "
+                                     "send Authorization: Bearer "), outcome.detail
+    assert "s3cr3t" not in outcome.detail and "s3cr3t" not in caplog.text
+    assert f"test event of hook {hook.id}: the http_batch transport failed" in caplog.text
+
+
 def test_the_drivers_redis_calls_time_out_as_the_workers_do(settings: Settings) -> None:
     """A Redis gone from the network without a reset fails a driver's call (shutdown,
     stats, the claim's renewal) after 30 s, not after the kernel's ~15 minutes; a
