@@ -201,8 +201,15 @@ def unconfigured(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
     monkeypatch.setattr(engine_log, "handlers", [])
     level = engine_log.level
     engine_log.setLevel(logging.NOTSET)
+    # ``configure`` gives aiohttp's logger its handler too: left to later tests, it
+    # wrote to this test's captured stderr, closed by then ("Logging error")
+    library = logging.getLogger("aiohttp")
+    monkeypatch.setattr(library, "handlers", [])
+    library_level = library.level
+    library.setLevel(logging.NOTSET)
     yield engine_log
     engine_log.setLevel(level)
+    library.setLevel(library_level)
 
 
 def no_root_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -471,8 +478,6 @@ def test_configure_gives_aiohttps_errors_the_same_handler(
     # "Error handling request" and the like, aiohttp's own lines in the API actor
     no_root_handlers(monkeypatch)
     library = logging.getLogger("aiohttp")
-    monkeypatch.setattr(library, "handlers", [])
-    monkeypatch.setattr(library, "level", logging.NOTSET)
     logs.configure()
     assert library.handlers == unconfigured.handlers and library.level == logging.WARNING
     logging.getLogger("aiohttp.server").error("Error handling request")

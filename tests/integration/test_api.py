@@ -1263,8 +1263,9 @@ async def test_dead_letters_are_discarded_per_account_and_counted(api: Api) -> N
 
 def test_api_actor_on_ray_takes_events_to_a_receiver(engine_factory: Callable[..., Any],
                                                      receiver: Receiver) -> None:
-    # Given an engine started with the API on any free port (the API_PORT setting)
-    engine = engine_factory(API_PORT=0)
+    # Given an engine started with the API on any free port (the API_PORT setting), and
+    # a request timeout long enough that a busy machine's slow answer is not re-sent
+    engine = engine_factory(API_PORT=0, HTTP_REQUEST_TIMEOUT_SEC=30.0)
     assert engine.api_url and engine.api_url.startswith("http://127.0.0.1:")
     tokens = TokenStore(engine.redis, engine.settings.REDIS_PREFIX)
     master, _ = tokens.create(5, "master")

@@ -14,7 +14,11 @@ from bench.cpu import CpuMeter, budget_us, describe, pids_named, process_ticks, 
 
 pytestmark = pytest.mark.skipif(not Path("/proc/stat").exists(), reason="Linux /proc only")
 
-BUSY_THEN_IDLE = ("import time\n"
+# each child says when its interpreter has started (that CPU is before the window: a
+# start on a busy machine may take longer than any fixed wait); the busy one then waits
+# for a line before it works
+READY = "import sys, time\nprint('ready', flush=True)\n"
+BUSY_THEN_IDLE = (READY + "sys.stdin.readline()\n"
                   "end = time.process_time() + 0.6\n"
                   "while time.process_time() < end: pass\n"
                   "print('idle', flush=True)\n"
@@ -22,13 +26,19 @@ BUSY_THEN_IDLE = ("import time\n"
 
 
 def test_a_busy_process_counts_its_cpu_and_an_idle_one_nothing() -> None:
-    busy = subprocess.Popen([sys.executable, "-c", BUSY_THEN_IDLE], stdout=subprocess.PIPE)
-    assert busy.stdout is not None
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    busy = subprocess.Popen([sys.executable, "-c", BUSY_THEN_IDLE], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE)
+    assert busy.stdin is not None and busy.stdout is not None
+    idle = subprocess.Popen([sys.executable, "-c", READY + "time.sleep(60)"],
+                            stdout=subprocess.PIPE)
+    assert idle.stdout is not None
     try:
-        time.sleep(0.2)  # both started (the interpreter's own start is before the window)
+        assert busy.stdout.readline() == idle.stdout.readline() == b"ready\n"
+        time.sleep(0.05)  # the idle one's print returned, and it sleeps
         meter = CpuMeter({"busy": [busy.pid], "idle": [idle.pid], "gone": [None]})
         meter.start()
+        busy.stdin.write(b"go\n")
+        busy.stdin.flush()
         assert busy.stdout.readline() == b"idle\n"
         cpu = meter.stop(1000)
     finally:
@@ -36,9 +46,10 @@ def test_a_busy_process_counts_its_cpu_and_an_idle_one_nothing() -> None:
         idle.kill()
         busy.wait()
         idle.wait()
-        busy.stdout.close()
-    # about 0.6 s of CPU (less what it spent before the window) over 1,000 messages
-    assert 200 <= cpu["busy"] <= 800, cpu
+        for pipe in (busy.stdin, busy.stdout, idle.stdout):
+            pipe.close()
+    # about 0.6 s of CPU over 1,000 messages (10 ms ticks, sampled apart)
+    assert 500 <= cpu["busy"] <= 800, cpu
     assert cpu["idle"] <= 20 and cpu["gone"] == 0, cpu
     assert cpu["machine"] >= cpu["busy"] - 20, cpu  # 10 ms ticks, sampled apart
     assert cpu["other"] == round(max(cpu["machine"] - cpu["busy"] - cpu["idle"], 0), 2), cpu

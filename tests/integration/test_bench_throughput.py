@@ -176,14 +176,17 @@ def test_the_wait_for_the_sinks_ends_soon_after_the_last_delivery(
     """The engine's CPU window ends when ``wait_delivered`` returns: within a short poll
     of the last delivery, not a whole POLL_SEC (1 s) after it."""
     # Given an engine's stand-in with no dead letter (a key nobody writes), and 1,000
-    # messages reaching the sink in 10 bodies over 1.5 s
+    # messages reaching the sink in 10 bodies: 9 at once, the last 1.3 s later (well
+    # within a poll at the rate so far when the first poll comes, at 1 s; bodies spread
+    # evenly put that poll on the switch, so that a POST's time decided it)
     engine = SimpleNamespace(redis=redis_client,
                              keys=SimpleNamespace(dead=f"bench-test-{uuid.uuid4().hex}:dead"))
     sent: list[float] = []
 
     def deliver() -> None:
         for n in range(10):
-            time.sleep(0.15)
+            if n == 9:
+                time.sleep(1.3)
             post(sink, "/h0", [f"m{n}-{i}" for i in range(100)])
             sent.append(time.time())
 

@@ -44,7 +44,9 @@ def events(n: int, account_id: int = 1, types: tuple[str, ...] = ("click", "open
 def test_fault_free_run_delivers_each_matched_pair_once_in_bounded_batches(
         engine_factory: Any, receiver: Receiver) -> None:
     # Given two hooks of one account with different batch sizes and one of another account
-    engine = engine_factory()
+    # (a request timeout long enough that a busy machine's slow answer is not re-sent:
+    # fault-free means no duplicate)
+    engine = engine_factory(HTTP_REQUEST_TIMEOUT_SEC=30.0)
     small = engine.create_hook(http_hook(receiver, "/small", max_batch_size=7))
     big = engine.create_hook(http_hook(receiver, "/big", max_batch_size=100,
                                        actions=["click"], database=2))
@@ -84,11 +86,12 @@ def test_partial_batch_is_flushed_after_the_timeout(engine_factory: Any,
                                  flush_timeout_sec=1.0))
     started = time.time()
     engine.publish(events(9, types=("click",), list_id=3))  # one partition, one batch
-    assert wait_for(lambda: receiver.requests("/slow-fill"), 10)
+    assert wait_for(lambda: receiver.requests("/slow-fill"), 20)
     (request,) = receiver.requests("/slow-fill")
     assert len(request.messages) == 9
     assert request.at - started >= 1.0, "flushed before the timeout"
-    assert request.at - started < 5.0, "not flushed soon after the timeout"
+    # (an upper bound with room for a busy machine: a batch left open waits for ever)
+    assert request.at - started < 10.0, "not flushed soon after the timeout"
 
 
 def test_failing_receiver_gets_the_batch_after_n_spaced_resends(

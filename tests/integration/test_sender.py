@@ -103,25 +103,35 @@ def test_a_slow_destination_does_not_hold_back_other_outcomes(
 
 
 def test_batches_of_a_restarted_actor_fail_and_are_not_lost(
-        ray_session: Any, pool: Any, receiver: Receiver) -> None:
+        ray_session: Any, receiver: Receiver) -> None:
+    from actors.transport import TransportActor
+
     receiver.behave("/slow", hang=True)
-    actor = pool[0]
-    sender = RaySender({"http_batch": [actor]}, wait_sec=0.05)
-    sender.submit(make_hook(1, receiver.url("/slow")), delivery(1, 0))
-    deadline = time.monotonic() + 10
-    # handed over, not done at the first answer: a later call asks about it
-    while not any(collect for _, _, collect in sender.calls.values()):
-        assert time.monotonic() < deadline
-        assert not sender.poll(0.02)
-    assert ray_session.get(actor.exchange.remote([], ["1-0"], 0.0)) == ({}, [])  # running
-    ray_session.kill(actor, no_restart=False)
-    [(d, outcome)] = drain(sender, 1)
-    assert d.id == "1-0" and not outcome.ok
-    # no fault of the destination: a few such failures in a row use up no re-send
-    assert outcome.error == "TransportRestarted", outcome
-    assert sender.inflight() == 0 and not sender.outstanding
-    # the restarted actor does not know the batch
-    assert ray_get_when_up(lambda: actor.exchange.remote([], ["1-0"], 0.0)) == ({}, ["1-0"])
+    # a request timeout far beyond the test's: the hung request still runs when asked
+    # about, however slow a busy machine is to get there (the pool's 2 s may pass)
+    settings = Settings(HTTP_REQUEST_TIMEOUT_SEC=300.0).model_dump(mode="json")
+    actor = TransportActor.options(max_restarts=1).remote("http_batch", settings)
+    try:
+        ray_session.get(actor.ping.remote())
+        sender = RaySender({"http_batch": [actor]}, wait_sec=0.05)
+        sender.submit(make_hook(1, receiver.url("/slow")), delivery(1, 0))
+        deadline = time.monotonic() + 10
+        # handed over, not done at the first answer: a later call asks about it
+        while not any(collect for _, _, collect in sender.calls.values()):
+            assert time.monotonic() < deadline
+            assert not sender.poll(0.02)
+        assert ray_session.get(actor.exchange.remote([], ["1-0"], 0.0)) == ({}, [])  # running
+        ray_session.kill(actor, no_restart=False)
+        [(d, outcome)] = drain(sender, 1)
+        assert d.id == "1-0" and not outcome.ok
+        # no fault of the destination: a few such failures in a row use up no re-send
+        assert outcome.error == "TransportRestarted", outcome
+        assert sender.inflight() == 0 and not sender.outstanding
+        # the restarted actor does not know the batch
+        assert ray_get_when_up(lambda: actor.exchange.remote([], ["1-0"], 0.0)) == \
+            ({}, ["1-0"])
+    finally:
+        ray_session.kill(actor)
 
 
 def test_a_call_carries_at_most_the_byte_limit(

@@ -268,9 +268,9 @@ async def broker_sees(names: set[str], want: dict[str, int], seconds: float
 def test_rabbitmq_connection_no_delivery_uses_is_closed(
         rabbit_idle: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """The hook's last delivery, then none: its connection is closed after IDLE_CLOSE_SEC
-    by the timer, for the transport and for the broker (4 s: the broker's view, read
-    with rabbitmqctl, takes a second or two to show it open)."""
-    quick(monkeypatch, rabbitmq_module, close_sec=4.0)
+    by the timer, for the transport and for the broker (8 s: the broker's view, read
+    with rabbitmqctl, takes a second or two to show it open, more on a busy machine)."""
+    quick(monkeypatch, rabbitmq_module, close_sec=8.0)
     queue = rabbit_idle.declare_queue("conn")
     transport = RabbitQueueTransport(timeout_sec=10)
 
@@ -285,7 +285,7 @@ def test_rabbitmq_connection_no_delivery_uses_is_closed(
             ours = own_connections(rabbit_idle) - before
             seen_open = await broker_channels(ours)
             # no delivery from here on
-            closed = await wait_until(lambda: connection.is_closed, 10)
+            closed = await wait_until(lambda: connection.is_closed, 15)
             seen_after = await broker_sees(ours, {}, 5)
             timer_ended = await wait_until(lambda: not timer_running(transport), 2)
             return {"outcome": outcome, "ours": ours, "seen_open": seen_open,
@@ -305,9 +305,10 @@ def test_rabbitmq_connection_no_delivery_uses_is_closed(
 def test_rabbitmq_channel_of_a_destination_no_longer_used_is_closed_the_connection_kept(
         rabbit_idle: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
     """Two queues on one connection; deliveries go on to one only: the other's channel
-    is closed after IDLE_CLOSE_SEC, the connection and the used channel stay open (4 s:
-    the broker's view, read with rabbitmqctl, takes a second or two to show both)."""
-    quick(monkeypatch, rabbitmq_module, close_sec=4.0)
+    is closed after IDLE_CLOSE_SEC, the connection and the used channel stay open (8 s:
+    the broker's view, read with rabbitmqctl, takes a second or two to show both, more
+    on a busy machine)."""
+    quick(monkeypatch, rabbitmq_module, close_sec=8.0)
     gone, used = rabbit_idle.declare_queue("gone"), rabbit_idle.declare_queue("used")
     transport = RabbitQueueTransport(timeout_sec=10)
 
@@ -344,7 +345,7 @@ def test_rabbitmq_channel_of_a_destination_no_longer_used_is_closed_the_connecti
             try:
                 ours = own_connections(rabbit_idle) - before
                 seen_both = await broker_channels(ours)
-                await wait_until(lambda: gone_channel.is_closed, 10)
+                await wait_until(lambda: gone_channel.is_closed, 15)
                 seen_after = await broker_sees(ours, dict.fromkeys(ours, 1), 5)
             finally:
                 stop.set()
