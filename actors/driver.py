@@ -439,6 +439,7 @@ class Engine:
                                  else fields, _expected("update_hook", expect))
 
     def get_hook(self, hook_id: int) -> Hook:
+        """The stored hook (NotFound; HookError if it no longer validates)."""
         return self.hooks.get(_hook_id("get_hook", hook_id))
 
     def list_hooks(self, account_id: int | None = None) -> list[Hook]:
@@ -463,11 +464,15 @@ class Engine:
                                      _expected("stop_hook", expect))
 
     def clone_hook(self, hook_id: int, name: str | None = None) -> Hook:
+        """A stopped copy with a new id, named ``name`` (default "<its name> (copy)")."""
         if name is not None and not isinstance(name, str):
             raise ValueError(f"clone_hook: name must be a string, got {type(name).__name__}")
         return self.hooks.clone(_hook_id("clone_hook", hook_id), name)
 
     def delete_hook(self, hook_id: int) -> None:
+        """Delete the hook (NotFound): nothing more is captured for it; its open batches
+        and re-sends become dead letters, kept for replay, its counters kept while it
+        has any."""
         self.hooks.delete(_hook_id("delete_hook", hook_id))
 
     # --- data in ------------------------------------------------------------------------

@@ -42,6 +42,7 @@ dead_lettered to reach accepted.)
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import random
@@ -94,8 +95,11 @@ def _start_sink() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    _state["sink_proc"] = subprocess.Popen([sys.executable, "-m", "bench.sink", "--port",
-                                            str(port)], stdout=subprocess.DEVNULL)
+    _state["sink_proc"] = proc = subprocess.Popen(
+        [sys.executable, "-m", "bench.sink", "--port", str(port)], stdout=subprocess.DEVNULL)
+    # however Locust ends (a setup that exits skips test_stop): never left running, its
+    # stderr Locust's (a pipe from `locust ... | tail` would never end)
+    atexit.register(lambda: proc.poll() is None and proc.terminate())
     url = f"http://127.0.0.1:{port}"
     for _ in range(200):
         with socket.socket() as s:
@@ -129,20 +133,55 @@ def _wait_for_api(host: str) -> None:
 @events.test_start.add_listener
 def _setup(environment: Any, **_: Any) -> None:
     host = environment.host
+    _token()  # set, before anything starts
     _state["sink"] = _start_sink()  # first: the report reads it, even after a failed wait
     _wait_for_api(host)
     _posted.clear()
-    hooks = {}
+    hooks: dict[int, list[str]] = {}
     for i in range(HOOKS):
         actions = random.Random(i).sample(CODES, 5)
-        hook = _api(host, "POST", "/v1/hooks", {
+        try:
+            hook = _create_hook(host, i, actions)
+        except Exception as exc:  # a wrong token: not a run of refused requests
+            for hook_id in hooks:
+                _delete_hook(host, hook_id)
+            hint = (f" (HOOKRAY_TOKEN must be a master token of account {ACCOUNT})"
+                    if isinstance(exc, urllib.error.HTTPError) and exc.code in (401, 403)
+                    else "")
+            sys.exit(f"locustfile: creating hook {i + 1} of {HOOKS} failed: "
+                     f"{_why(exc)}{hint}")
+        hooks[hook["id"]] = actions
+    _state["hooks"] = hooks
+    _state["started"] = time.time()
+
+
+def _why(exc: Exception) -> str:
+    """An API call's failure as one line: the status and the API's error, if any."""
+    if isinstance(exc, urllib.error.HTTPError):
+        try:
+            body = exc.read().decode("utf-8", "replace")
+        except OSError:
+            body = ""
+        return f"HTTP {exc.code}: {body[:300] or exc.reason}"
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _delete_hook(host: str, hook_id: int) -> None:
+    """Delete one of this file's hooks; a failure is said (left in the engine, its
+    re-sends would go on), not raised: the others are deleted all the same."""
+    try:
+        _api(host, "DELETE", f"/v1/hooks/{hook_id}")
+    except Exception as exc:
+        print(f"locustfile: hook {hook_id} was not deleted ({_why(exc)}): delete it with "
+              f"`hookray hooks delete {hook_id}`", flush=True)
+
+
+def _create_hook(host: str, i: int, actions: list[str]) -> Any:
+    return _api(host, "POST", "/v1/hooks", {
             "name": f"locust {i}", "active": True, "database": "all", "actions": actions,
             "custom_data": {"pairs": {"day": "{{event_date_ymd}}"}},
             "target": {"http_batch": {"url": f"{_state['sink']}/locust{i}",
                                       "max_batch_size": 200, "flush_timeout_sec": 0.5}}})
-        hooks[hook["id"]] = actions
-    _state["hooks"] = hooks
-    _state["started"] = time.time()
 
 
 def _engine_totals(host: str) -> dict[str, int]:
@@ -191,9 +230,13 @@ def _report(environment: Any, **_: Any) -> None:
         drained, totals, why = _drain(host, expected)
     except Exception as exc:  # the API went away: still clean up and report
         drained, totals, why = False, {}, f"reading the engine's stats: {exc}"
-    stats = _sink_stats()
+    try:  # the receivers gone: still delete the hooks, and report
+        stats = _sink_stats()
+    except Exception as exc:
+        drained, why = False, f"{why + '; ' if why else ''}reading the receivers: {exc}"
+        stats = {"unique": 0, "last": _state["started"], "p50_ms": None, "p99_ms": None}
     for hook_id in hooks:
-        _api(host, "DELETE", f"/v1/hooks/{hook_id}")
+        _delete_hook(host, hook_id)
     _state["sink_proc"].terminate()
     total = environment.stats.total
     elapsed = max(stats["last"] - _state["started"], 1e-9)
@@ -243,6 +286,7 @@ class IngestUser(HttpUser):
                               headers={"Authorization": f"Bearer {_token()}",
                                        "Content-Type": "application/json"}) as resp:
             if resp.status_code != 202:
-                resp.failure(f"HTTP {resp.status_code}: {resp.text[:200]}")
+                # no answer (status 0): the error, not an empty text
+                resp.failure(f"HTTP {resp.status_code}: {(resp.text or '')[:200] or resp.error}")
             else:
                 _posted.update(types)

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from engine.settings import Settings
 
@@ -71,3 +72,112 @@ def test_locust_headless_reports_requests_and_delivered_messages(
     assert (tmp_path / "locust_stats.csv").exists()
     assert "hookray: delivered" in locust.stdout + locust.stderr
     assert "hookray: stopped" in out
+
+
+def sinks() -> set[int]:
+    """Pids of the locustfile's receivers (``python -m bench.sink``) running now."""
+    found = set()
+    for proc in Path("/proc").iterdir():
+        try:
+            cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"bench.sink" in cmdline and proc.name.isdigit():
+            found.add(int(proc.name))
+    return found
+
+
+def run_locust(url: str, env: dict[str, str], tmp_path: Path, seconds: str = "30s"
+               ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
+         "-u", "2", "-r", "2", "-t", seconds, "--host", url, "--csv",
+         str(tmp_path / "locust"), "--only-summary"],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+
+
+def no_sink_left(before: set[int]) -> bool:
+    deadline = time.monotonic() + 10
+    while sinks() - before:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def test_locust_without_an_api_exits_1_and_leaves_no_receiver_running(
+        tmp_path: Path) -> None:
+    """A setup that exits (no API, no token) skipped Locust's stop: the receiver it had
+    started ran on for ever, and `locust ... | tail` never ended."""
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    before = sinks()
+    done = run_locust(f"http://127.0.0.1:{port}", {
+        "HOOKRAY_TOKEN": "hr_x", "HOOKRAY_API_WAIT_SEC": "1"}, tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "locustfile: no HTTP API at" in done.stderr
+    assert no_sink_left(before), "the receiver was left running"
+
+
+def test_locust_with_a_wrong_token_stops_at_once_naming_it(
+        tmp_path: Path, settings: Settings) -> None:
+    """A token the API refuses made a whole run of refused requests, ending with "the test
+    ended before its hooks were created"; it ends at once and says why."""
+    from actors.api import ApiServer
+
+    server = ApiServer(settings, "127.0.0.1", 0)
+    before = sinks()
+    try:
+        started = time.monotonic()
+        done = run_locust(f"http://127.0.0.1:{server.port}",
+                          {"HOOKRAY_TOKEN": "hr_not_a_token"}, tmp_path, seconds="60s")
+        took = time.monotonic() - started
+    finally:
+        server.stop()
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "locustfile: creating hook 1 of 10 failed: HTTP 401: " in done.stderr, done.stderr
+    assert "(HOOKRAY_TOKEN must be a master token of account 1)" in done.stderr
+    assert took < 45, took  # not the whole -t 60s
+    assert no_sink_left(before), "the receiver was left running"
+
+
+def test_locust_whose_receivers_go_mid_run_still_reports_and_deletes_its_hooks(
+        tmp_path: Path, settings: Settings, redis_client: redis.Redis) -> None:
+    """The receivers gone before the report (reading them raised): no report, exit 2,
+    and the file's hooks left active, re-sending to a dead port. The report says so
+    (drained false, exit 1) and the hooks are deleted."""
+    from actors.api import ApiServer
+    from engine.auth import TokenStore
+    from engine.keys import Keys
+    from engine.stores import HookRegistry
+
+    token, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "master")
+    server = ApiServer(settings, "127.0.0.1", 0)  # no workers: nothing settles
+    before = sinks()
+    try:
+        locust = subprocess.Popen(
+            [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
+             "-u", "1", "-r", "1", "-t", "4s", "--host", f"http://127.0.0.1:{server.port}",
+             "--csv", str(tmp_path / "locust"), "--only-summary"], cwd=ROOT,
+            env={**os.environ, "HOOKRAY_TOKEN": token, "HOOKRAY_DRAIN_SEC": "1",
+                 "HOOKRAY_BATCH": "10"},
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        registry = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX))
+        deadline = time.monotonic() + 30
+        while len(registry.listing(1)[0]) < 10:  # the run started, its hooks made
+            assert time.monotonic() < deadline and locust.poll() is None
+            time.sleep(0.05)
+        time.sleep(0.5)  # some requests made
+        for pid in sinks() - before:
+            os.kill(pid, signal.SIGKILL)  # the receivers die mid-run
+        out, _ = locust.communicate(timeout=60)
+    finally:
+        server.stop()
+    assert locust.returncode == 1, out
+    report = json.loads((tmp_path / "locust_delivered.json").read_text())
+    assert report["drained"] is False and "reading the receivers: " in report["error"]
+    assert report["requests"] > 0
+    assert registry.listing(1) == ([], []), out
