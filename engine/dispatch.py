@@ -1099,9 +1099,11 @@ class PartitionWorker:
             left = deadline - time.monotonic()
             self._settle(self.sender.poll(min(max(left, 0.0), 0.05)))
             if not self.unsettled and self.unsure is None:
-                return 0
+                break
             if left <= 0 or not (self.sender.inflight() or self.settling):
-                return self.unsettled  # (none to come: a failed round's, say)
+                break  # (none to come: a failed round's, say)
+        self.failure_log.say()  # the failures booked meanwhile, as a round says them
+        return self.unsettled
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left to the next start."""
