@@ -57,7 +57,8 @@ class EventCatalogue:
                               "UTF-8 (a lone surrogate): no event or hook could name it") from None
         if row["category"] not in CATEGORIES:
             raise ConfigError(
-                f"event type {row['code']!r}: category {row['category']!r} is not one of "
+                f"event type {quoted(row['code'])}: category {quoted(row['category'])} is "
+                "not one of "
                 f"{', '.join(CATEGORIES)}"
             )
         old = self._types.get(row["code"])

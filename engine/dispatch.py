@@ -32,7 +32,7 @@ import redis
 from engine.assembly import Assembler, Round, warm
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.collector import paused_gc
-from engine.errors import quoted
+from engine.errors import PrefixTaken, quoted
 from engine.events import Event
 from engine.failurelog import FailureLog
 from engine.health import Heartbeat, Repeats, RoundFailures
@@ -104,6 +104,14 @@ def redis_unavailable(error: BaseException) -> bool:
     text = str(error).rpartition(" of pipeline caused error: ")[2]
     text = _SCRIPT_ERROR.sub("", text, count=1)
     return text.split(" ", 1)[0] in REDIS_REFUSALS
+
+
+def expected_stop_error(error: BaseException) -> bool:
+    """Whether a stop's drain failed for a reason of the moment (Redis, the claim, a
+    transport gone): said in one line; any other error is a bug, said with its
+    traceback."""
+    return isinstance(error, (redis.RedisError, PrefixTaken, OSError)) or \
+        type(error).__module__.startswith("ray")
 
 
 def out_of_memory(error: BaseException) -> bool:
@@ -1073,16 +1081,32 @@ class PartitionWorker:
                 self.r.delete(alive.key)
 
     def drain(self, seconds: float | None = None) -> int:
-        """Stopping: nothing more is read; the open batches go now, and the outcomes of
-        the batches in flight are booked and their entries acknowledged as they come,
-        for ``seconds`` at most. Returns the messages left unsettled: their entries are
-        read again, and sent again, by the next start (as after any end)."""
+        """Stopping: nothing more is read; the open batches go now, closed for their
+        hooks as stored now (as a round closes them: a deleted hook's are not sent),
+        and the outcomes of the batches in flight are booked and their entries
+        acknowledged as they come, for ``seconds`` at most. Returns the messages left
+        without an outcome: their entries are read again, and sent again, by the next
+        start (as after any end). Entries of failed rounds (``again``) are left to it
+        too, not counted here."""
         deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
+        if not self._holds_work():
+            return 0
+        try:
+            self.dispatcher.refresh(time.monotonic())
+            fresh = True
+        except Exception as exc:  # a stored hook no longer validates, Redis down...
+            # the open batches stay unsent (their entries are read again by the next
+            # start, for the hooks as they are then); those in flight are still booked
+            log.warning("partition %s: stopping, its open batches are not sent: the hooks "
+                        "could not be loaded (%s: %s)", self.partition,
+                        type(exc).__name__, str(exc)[:300])
+            fresh = False
         while True:
             if self.holding is not None:  # PrefixTaken: nothing of it is this engine's
                 self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
                                    self._drop_work)
-            self.dispatcher.due(float("inf"))  # every open batch closes
+            if fresh:
+                self.dispatcher.due(float("inf"))  # every open batch closes
             produced = self.dispatcher.take_produced()
             for eid, n in produced.items():
                 self.entry_left[eid] += n
@@ -1098,27 +1122,38 @@ class PartitionWorker:
                     raise
             left = deadline - time.monotonic()
             self._settle(self.sender.poll(min(max(left, 0.0), 0.05)))
-            if not self.unsettled and self.unsure is None:
-                break
             if left <= 0 or not (self.sender.inflight() or self.settling):
-                break  # (none to come: a failed round's, say)
+                break  # all settled, or none to come
         self.failure_log.say()  # the failures booked meanwhile, as a round says them
-        return self.unsettled
+        open_ = self.dispatcher.open_messages()  # (refresh failed: not sent)
+        return max(self.unsettled - open_ - sum(e.held for e in self.again), 0)
+
+    def _holds_work(self) -> bool:
+        """Whether anything is open, in flight or to be booked: a partition holding
+        nothing (waiting behind another engine's claim, or idle) stops at once."""
+        return bool(self.unsettled or self.dispatcher.open_messages() or self.settling
+                    or self.to_ack or self.unsure is not None or self.delivered
+                    or self.dispatcher.outbox)
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left to the next start."""
         try:
             left = self.drain()
         except Exception as exc:  # Redis down, the claim taken, a transport gone
+            # a bug's traceback too: one line would hide it among stop warnings
             log.warning("partition %s: stopped without the outcomes of the batches in "
                         "flight (%s: %s); their entries are read and sent again by the "
                         "next start", self.partition, type(exc).__name__,
-                        str(exc)[:300])
+                        str(exc)[:300], exc_info=not expected_stop_error(exc))
             return
         if left:
             log.warning("partition %s: stopped with %d message(s) in batches whose "
                         "outcome did not come within %g s; their entries are read and "
                         "sent again by the next start", self.partition, left, DRAIN_SEC)
+        if self.again:
+            log.warning("partition %s: stopped with %d entr(ies) of failed rounds; read "
+                        "and processed again by the next start", self.partition,
+                        len(self.again))
 
     def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
               alive: Heartbeat) -> None:

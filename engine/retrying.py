@@ -23,8 +23,9 @@ from contextlib import suppress
 import msgspec
 import redis
 
+from engine import dispatch
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.dispatch import DRAIN_SEC, MAX_INFLIGHT, Sender, Side
+from engine.dispatch import MAX_INFLIGHT, Sender, Side, expected_stop_error
 from engine.failurelog import FailureLog
 from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
@@ -131,7 +132,7 @@ class RetryWorker:
         are booked as they come, for ``seconds`` at most, so that one delivered is not
         sent again. Returns how many are left without an outcome (``run`` hands them
         back: their leases run out and they are sent again)."""
-        deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
+        deadline = time.monotonic() + (dispatch.DRAIN_SEC if seconds is None else seconds)
         while self.handed or self.settling:
             if self.holding is not None:  # PrefixTaken: nothing of it is this engine's
                 self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
@@ -151,12 +152,13 @@ class RetryWorker:
         except Exception as exc:  # Redis down, the claim taken, a transport gone
             log.warning("retry worker: stopped without the outcomes of the re-sends "
                         "handed over (%s: %s); they are sent again once their leases run "
-                        "out", type(exc).__name__, str(exc)[:300])
+                        "out", type(exc).__name__, str(exc)[:300],
+                        exc_info=not expected_stop_error(exc))
             return
         if left:
             log.warning("retry worker: stopped with %d re-send(s) whose outcome did not "
                         "come within %g s; they are sent again once their leases run out",
-                        left, DRAIN_SEC)
+                        left, dispatch.DRAIN_SEC)
 
     def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
         """Make a claimed re-send a dead letter without sending it."""

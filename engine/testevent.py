@@ -198,9 +198,10 @@ async def send_test_event(hook: Hook, event_type: str, names: NameCatalogue | No
         log.error("test event of hook %s: the %s transport failed\n%s", hook.id,
                   hook.target.kind, scrub("".join(traceback.format_exception(exc)).rstrip(),
                                           secrets))
+        # masked, then cut: a secret cut in two would not be found whole
         return Outcome(ok=False, error=type(exc).__name__, detail=scrub(
-            f"the test event could not be sent: {type(exc).__name__}: {exc}"[:1000],
-            secrets))
+            f"the test event could not be sent: {type(exc).__name__}: {exc}",
+            secrets)[:1000])
     finally:
         if own:
             await transport.close()

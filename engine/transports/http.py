@@ -308,8 +308,10 @@ class HttpTransport(Transport):
                     # the destination unreachable, a 200 with a body cut short (or
                     # compressed wrongly) was sent again until it died, and opened the
                     # breaker for every hook of its URL
-                    unread = (f"{type(exc).__name__}: "
-                              f"{_scrub(str(exc), target.url)}"[:200])
+                    # (cut once masked: _judge, or below)
+                    unread = f"no whole body within {timeout.total} s" \
+                        if isinstance(exc, TimeoutError) else \
+                        f"{type(exc).__name__}: {_scrub(str(exc), target.url)}"
                     text = f"(the answer's body could not be read: {unread})"
         except TimeoutError:
             raise Timeout(f"POST {mask_url(target.url)}: no answer within {timeout.total} s"
@@ -328,7 +330,7 @@ class HttpTransport(Transport):
         if unread is not None and target.success_regex and 200 <= status < 300:
             refused = Rejected(f"HTTP {status}: the answer's body could not be read, so "
                                f"success regex {target.success_regex!r} was not looked "
-                               f"for in it: {scrub(unread, secrets)}")
+                               f"for in it: {scrub(unread, secrets)[:EXCERPT_CHARS]}")
             refused.status = status
             raise refused
         if 300 <= status < 400:

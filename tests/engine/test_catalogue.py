@@ -415,6 +415,10 @@ def test_a_bad_row_of_the_file_is_named_by_the_setting_the_file_and_its_place(
     assert text.startswith(f"EVENT_TYPES_FILE={path}: event_types[1]: event type {{'name'"
                            ), text[:300]
     assert text.endswith("missing or not a string: code") and len(text) < 400, len(text)
+    path = write_types(tmp_path, {"event_types": [row("c" * 50_000, "p" * 50_000)]})
+    with pytest.raises(ConfigError) as info:
+        load_catalogue(path)
+    assert "is not one of tracking" in str(info.value) and len(str(info.value)) < 800
     path = write_types(tmp_path, {"event_types": [{"code": "x", "category": "delivery"}]})
     with pytest.raises(ConfigError, match=r"=\S+: event_types\[0\]: event type 'x': missing"
                        r" or not a string: channel$"):

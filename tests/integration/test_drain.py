@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -47,6 +48,15 @@ class Later(InProcessSender):
         return len(self.waiting) + len(self.held)
 
 
+def open_messages(worker: PartitionWorker) -> int:
+    """The worker's open messages, read from another thread (its batches may change
+    while they are counted: then none yet)."""
+    try:
+        return worker.dispatcher.open_messages()
+    except RuntimeError:  # dictionary changed size during iteration
+        return -1
+
+
 def pending(r: redis.Redis, keys: Keys) -> int:
     return int(r.xpending(keys.intake(0), CONSUMER_GROUP)["pending"])
 
@@ -68,7 +78,7 @@ def test_a_partition_stopping_sends_its_open_batches_and_acknowledges_them(
     thread.start()
     try:
         # 7 batches closed full and sent, the last one (1 message) left open
-        wait_for(lambda: worker.dispatcher.open_messages() == 1, timeout=10)
+        assert wait_for(lambda: open_messages(worker) == 1, timeout=20)
     finally:
         stop.set()
         thread.join(15)
@@ -117,9 +127,90 @@ def test_a_partition_stops_within_its_drain_time_leaving_the_rest_to_the_next_st
 def test_a_partition_stop_with_nothing_in_flight_does_not_wait(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     settings = settings.model_copy(update={"PARTITIONS": 1})
-    worker = PartitionWorker(settings, redis_client, 0, Later())
+    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
     worker.step(block_ms=10)
-    assert worker.drain(30) == 0  # at once: nothing was read
+    started = time.monotonic()
+    assert worker.drain(30) == 0
+    assert time.monotonic() - started < 1  # at once: nothing was read
+
+
+def test_a_partition_waiting_behind_another_engine_stops_at_once_saying_nothing(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Holding nothing, it does not ask for the claim (another engine's: PrefixTaken)
+    and say it stopped without outcomes of batches it never had."""
+    from engine.lease import EngineLease
+
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    assert EngineLease(redis_client, keys, ttl_sec=30).claim() is None  # another's
+    worker = PartitionWorker(settings, redis_client, 0, Later(), owner="not-the-holder")
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        worker._stopping()
+    assert not [r for r in caplog.records if "stopped" in r.getMessage()]
+
+
+def test_a_partition_stopping_closes_its_open_batches_for_the_hooks_as_stored_now(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The stop sent open batches to the hook as it was when they opened: a destination
+    changed since, or a secret rotated, was passed over, and a deleted hook's batch went
+    out (a round closes them for the hook as stored now, as the stop does now)."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+
+    def long_window(url: str) -> dict[str, Any]:
+        return hook(target={"http_batch": {"url": url, "max_batch_size": 100,
+                                           "flush_timeout_sec": 600}})
+
+    moved = registry.create(long_window("http://127.0.0.1:9/old"))
+    gone = registry.create({**long_window("http://127.0.0.1:9/gone"), "actions": ["open"]})
+    intake = one_intake(redis_client, keys, 10)
+    intake.publish(clicks(5) + [{**e, "event_type": "open", "id": f"o{n}"}
+                                for n, e in enumerate(clicks(3))])
+    sender = Later()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.dispatcher.open_messages() == 8
+    registry.update(moved.id or 0, long_window("http://127.0.0.1:9/new"))
+    registry.delete(gone.id or 0)
+    assert worker.drain(5) == 0
+    assert [(h.id, h.target.settings.url) for h in sender.hooks] == \
+        [(moved.id, "http://127.0.0.1:9/new")]
+    # the deleted hook's batch is not sent: a failed send, dead-lettered by the retry
+    # worker as its hook is gone (as a round does with it)
+    assert RetryStore(redis_client, keys).pending() == 1
+    assert pending(redis_client, keys) == 0
+
+
+def test_a_partition_whose_hooks_cannot_be_loaded_leaves_its_open_batches_unsent(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A stored hook that no longer validates fails every refresh: the open batches
+    cannot be closed for the hooks as stored now, so they are left to the next start
+    (their entries pending), and it is said."""
+    from tests.integration.test_workers import break_stored_hook
+
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook(target={"http_batch": {"url": "http://127.0.0.1:9/x",
+                                                "max_batch_size": 100,
+                                                "flush_timeout_sec": 600}}))
+    broken = registry.create({**hook(), "actions": ["open"]})
+    one_intake(redis_client, keys, 10).publish(clicks(4))
+    sender = Later()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.dispatcher.open_messages() == 4
+    break_stored_hook(redis_client, keys, broken.id)
+    redis_client.incr(keys.hooks_version)  # as any change moves it
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        worker._stopping()
+    said = [r.getMessage() for r in caplog.records if "partition 0" in r.getMessage()]
+    assert said == [said[0]] and said[0].startswith(
+        "partition 0: stopping, its open batches are not sent: the hooks could not be "
+        "loaded (HookError: "), said
+    assert sender.hooks == [] and pending(redis_client, keys) == 1
 
 
 def test_the_retry_worker_stopping_books_the_outcomes_of_its_re_sends(
@@ -148,9 +239,9 @@ def test_the_retry_worker_stopping_books_the_outcomes_of_its_re_sends(
 def test_the_retry_worker_hands_back_what_did_not_come_within_its_drain_time(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    import engine.retrying
+    import engine.dispatch
 
-    monkeypatch.setattr(engine.retrying, "DRAIN_SEC", 0.3)
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
     created = HookRegistry(redis_client, keys).create(hook())
     RetryStore(redis_client, keys).schedule(
         Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",

@@ -201,6 +201,14 @@ def test_a_test_event_the_transport_fails_to_send_is_an_outcome_not_a_traceback(
     assert "s3cr3t" not in outcome.detail and "s3cr3t" not in caplog.text
     assert f"test event of hook {hook.id}: the http_batch transport failed" in caplog.text
 
+    async def refuse_late(self: HttpTransport, target: Any, body: bytes, auth: Any) -> Any:
+        raise ValueError(f"{'x' * 915} cannot send Authorization: {auth}")
+
+    # the text is cut to 1,000 characters inside the token ("s3cr"): masked before it is cut
+    monkeypatch.setattr(HttpTransport, "_post", refuse_late)
+    outcome = engine.test_event(hook.id, "click")
+    assert len(outcome.detail) <= 1000 and "s3cr" not in outcome.detail, outcome.detail
+
 
 def test_the_drivers_redis_calls_time_out_as_the_workers_do(settings: Settings) -> None:
     """A Redis gone from the network without a reset fails a driver's call (shutdown,

@@ -74,17 +74,31 @@ def test_locust_headless_reports_requests_and_delivered_messages(
     assert "hookray: stopped" in out
 
 
-def sinks() -> set[int]:
-    """Pids of the locustfile's receivers (``python -m bench.sink``) running now."""
+def sinks(mark: str) -> set[int]:
+    """Pids of this test's receivers (``python -m bench.sink`` started by its locust,
+    whose environment holds ``HOOKRAY_TEST_MARK=mark``: other runs' are not this
+    test's to wait for or kill)."""
     found = set()
     for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
         try:
             cmdline = (proc / "cmdline").read_bytes().split(b"\0")
+            if b"bench.sink" not in cmdline:
+                continue
+            environ = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"bench.sink" in cmdline and proc.name.isdigit():
+        if f"HOOKRAY_TEST_MARK={mark}".encode() in environ:
             found.add(int(proc.name))
     return found
+
+
+def marked() -> dict[str, str]:
+    """An environment for locust that marks its receivers as this test's."""
+    import uuid
+
+    return {**os.environ, "HOOKRAY_TEST_MARK": uuid.uuid4().hex}
 
 
 def run_locust(url: str, env: dict[str, str], tmp_path: Path, seconds: str = "30s"
@@ -93,12 +107,12 @@ def run_locust(url: str, env: dict[str, str], tmp_path: Path, seconds: str = "30
         [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
          "-u", "2", "-r", "2", "-t", seconds, "--host", url, "--csv",
          str(tmp_path / "locust"), "--only-summary"],
-        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
 
 
-def no_sink_left(before: set[int]) -> bool:
+def no_sink_left(mark: str) -> bool:
     deadline = time.monotonic() + 10
-    while sinks() - before:
+    while sinks(mark):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.1)
@@ -114,12 +128,12 @@ def test_locust_without_an_api_exits_1_and_leaves_no_receiver_running(
     with socket.socket() as s:  # a port nothing listens on
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    before = sinks()
+    env = marked()
     done = run_locust(f"http://127.0.0.1:{port}", {
-        "HOOKRAY_TOKEN": "hr_x", "HOOKRAY_API_WAIT_SEC": "1"}, tmp_path)
+        **env, "HOOKRAY_TOKEN": "hr_x", "HOOKRAY_API_WAIT_SEC": "1"}, tmp_path)
     assert done.returncode == 1, done.stdout + done.stderr
     assert "locustfile: no HTTP API at" in done.stderr
-    assert no_sink_left(before), "the receiver was left running"
+    assert no_sink_left(env["HOOKRAY_TEST_MARK"]), "the receiver was left running"
 
 
 def test_locust_with_a_wrong_token_stops_at_once_naming_it(
@@ -129,11 +143,11 @@ def test_locust_with_a_wrong_token_stops_at_once_naming_it(
     from actors.api import ApiServer
 
     server = ApiServer(settings, "127.0.0.1", 0)
-    before = sinks()
+    env = marked()
     try:
         started = time.monotonic()
         done = run_locust(f"http://127.0.0.1:{server.port}",
-                          {"HOOKRAY_TOKEN": "hr_not_a_token"}, tmp_path, seconds="60s")
+                          {**env, "HOOKRAY_TOKEN": "hr_not_a_token"}, tmp_path, seconds="60s")
         took = time.monotonic() - started
     finally:
         server.stop()
@@ -141,7 +155,7 @@ def test_locust_with_a_wrong_token_stops_at_once_naming_it(
     assert "locustfile: creating hook 1 of 10 failed: HTTP 401: " in done.stderr, done.stderr
     assert "(HOOKRAY_TOKEN must be a master token of account 1)" in done.stderr
     assert took < 45, took  # not the whole -t 60s
-    assert no_sink_left(before), "the receiver was left running"
+    assert no_sink_left(env["HOOKRAY_TEST_MARK"]), "the receiver was left running"
 
 
 def test_locust_whose_receivers_go_mid_run_still_reports_and_deletes_its_hooks(
@@ -156,13 +170,13 @@ def test_locust_whose_receivers_go_mid_run_still_reports_and_deletes_its_hooks(
 
     token, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "master")
     server = ApiServer(settings, "127.0.0.1", 0)  # no workers: nothing settles
-    before = sinks()
+    env = marked()
     try:
         locust = subprocess.Popen(
             [sys.executable, "-m", "locust", "-f", "bench/locustfile.py", "--headless",
              "-u", "1", "-r", "1", "-t", "4s", "--host", f"http://127.0.0.1:{server.port}",
              "--csv", str(tmp_path / "locust"), "--only-summary"], cwd=ROOT,
-            env={**os.environ, "HOOKRAY_TOKEN": token, "HOOKRAY_DRAIN_SEC": "1",
+            env={**env, "HOOKRAY_TOKEN": token, "HOOKRAY_DRAIN_SEC": "1",
                  "HOOKRAY_BATCH": "10"},
             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
         registry = HookRegistry(redis_client, Keys(settings.REDIS_PREFIX))
@@ -171,7 +185,7 @@ def test_locust_whose_receivers_go_mid_run_still_reports_and_deletes_its_hooks(
             assert time.monotonic() < deadline and locust.poll() is None
             time.sleep(0.05)
         time.sleep(0.5)  # some requests made
-        for pid in sinks() - before:
+        for pid in sinks(env["HOOKRAY_TEST_MARK"]):
             os.kill(pid, signal.SIGKILL)  # the receivers die mid-run
         out, _ = locust.communicate(timeout=60)
     finally:

@@ -2323,10 +2323,10 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
     """Stops and redeployments are no crashes: however often the worker is stopped
     mid-send (its outcome not come within the stop's drain), a delivery is not
     dead-lettered for lack of outcomes."""
-    import engine.retrying
+    import engine.dispatch
     from engine.retrying import MAX_UNANSWERED
 
-    monkeypatch.setattr(engine.retrying, "DRAIN_SEC", 0.2)
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.2)
 
     created = HookRegistry(redis_client, keys).create(hook())
     retry = RetryStore(redis_client, keys)
