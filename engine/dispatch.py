@@ -106,6 +106,23 @@ def redis_unavailable(error: BaseException) -> bool:
     return text.split(" ", 1)[0] in REDIS_REFUSALS
 
 
+def drain_at_stop(drain: Callable[[], int], who: str, things: str, units: str,
+                  then: str) -> None:
+    """Run a stopping worker's ``drain`` and say what it leaves without an outcome
+    (``units``: "re-send(s)"), and ``then`` what becomes of it; a drain that failed is
+    said too (with its traceback if it is a bug: ``expected_stop_error``)."""
+    try:
+        left = drain()
+    except Exception as exc:  # Redis down, the claim taken, a transport gone
+        log.warning("%s: stopped without the outcomes of the %s in flight (%s: %s); %s",
+                    who, things, type(exc).__name__, str(exc)[:300], then,
+                    exc_info=not expected_stop_error(exc))
+        return
+    if left:
+        log.warning("%s: stopped with %d %s whose outcome did not come within %g s; %s",
+                    who, left, units, DRAIN_SEC, then)
+
+
 def expected_stop_error(error: BaseException) -> bool:
     """Whether a stop's drain failed for a reason of the moment (Redis, the claim, a
     transport gone): said in one line; any other error is a bug, said with its
@@ -1137,19 +1154,9 @@ class PartitionWorker:
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left to the next start."""
-        try:
-            left = self.drain()
-        except Exception as exc:  # Redis down, the claim taken, a transport gone
-            # a bug's traceback too: one line would hide it among stop warnings
-            log.warning("partition %s: stopped without the outcomes of the batches in "
-                        "flight (%s: %s); their entries are read and sent again by the "
-                        "next start", self.partition, type(exc).__name__,
-                        str(exc)[:300], exc_info=not expected_stop_error(exc))
-            return
-        if left:
-            log.warning("partition %s: stopped with %d message(s) in batches whose "
-                        "outcome did not come within %g s; their entries are read and "
-                        "sent again by the next start", self.partition, left, DRAIN_SEC)
+        drain_at_stop(self.drain, f"partition {self.partition}", "batches",
+                      "message(s) in batches", "their entries are read and sent again by "
+                      "the next start")
         if self.again:
             log.warning("partition %s: stopped with %d entr(ies) of failed rounds; read "
                         "and processed again by the next start", self.partition,

@@ -25,7 +25,7 @@ import redis
 
 from engine import dispatch
 from engine.catalogue import EventCatalogue, load_catalogue
-from engine.dispatch import MAX_INFLIGHT, Sender, Side, expected_stop_error
+from engine.dispatch import MAX_INFLIGHT, Sender, Side, drain_at_stop
 from engine.failurelog import FailureLog
 from engine.health import Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
@@ -147,18 +147,8 @@ class RetryWorker:
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left."""
-        try:
-            left = self.drain()
-        except Exception as exc:  # Redis down, the claim taken, a transport gone
-            log.warning("retry worker: stopped without the outcomes of the re-sends "
-                        "handed over (%s: %s); they are sent again once their leases run "
-                        "out", type(exc).__name__, str(exc)[:300],
-                        exc_info=not expected_stop_error(exc))
-            return
-        if left:
-            log.warning("retry worker: stopped with %d re-send(s) whose outcome did not "
-                        "come within %g s; they are sent again once their leases run out",
-                        left, dispatch.DRAIN_SEC)
+        drain_at_stop(self.drain, "retry worker", "re-sends", "re-send(s)",
+                      "they are sent again once their leases run out")
 
     def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
         """Make a claimed re-send a dead letter without sending it."""
