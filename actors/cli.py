@@ -806,6 +806,12 @@ def _scope(args: argparse.Namespace, what: str) -> None:
 
 def cmd_replay(args: argparse.Namespace) -> int:
     _scope(args, "replay")
+    if args.ids and args.all:
+        raise HookrayError("replay: give dead letter ids, or --all; not both")
+    if not (args.ids or args.all or args.hook is not None or args.account is not None):
+        # an empty $(...) of ids would otherwise replay every account's dead letters
+        raise HookrayError("replay: give dead letter ids, --hook or --account (all of a "
+                           "hook's or an account's), or --all (every dead letter)")
     n = _engine(args).replay(args.ids or None, hook_id=args.hook, account_id=args.account,
                              progress=_progress("replayed"))
     print(f"{n} dead letter(s) scheduled for delivery")
@@ -957,8 +963,12 @@ def _parser() -> argparse.ArgumentParser:
         "token_id", help="the token's id, or the token itself")
     tokens.set_defaults(fn=cmd_tokens)
 
-    replay = sub.add_parser("replay", help="send dead letters again")
-    replay.add_argument("ids", nargs="*", help="dead letter ids (default: all)")
+    replay = sub.add_parser("replay", help="send dead letters again",
+                            description="Send dead letters again: the given ids, all of "
+                            "--hook's or --account's, or --all.")
+    replay.add_argument("ids", nargs="*", help="dead letter ids")
+    replay.add_argument("--all", action="store_true",
+                        help="every dead letter (of --hook, of --account)")
     replay.add_argument("--hook", type=_id_number, help="only this hook's dead letters")
     replay.add_argument("--account", type=_id_number, help="only this account's dead letters")
     replay.set_defaults(fn=cmd_replay)

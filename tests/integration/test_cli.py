@@ -487,6 +487,11 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     assert code == 2 and "not with ids" in err
     code, _, err = run_cli(capsys, "-c", config, "replay", "d0", "--hook", "30")
     assert code == 2 and "not with ids" in err
+    # no ids and no scope (an empty $(...)): refused, not every account's replayed
+    for given in ([], ["d0", "--all"]):
+        code, _, err = run_cli(capsys, "-c", config, "replay", *given)
+        assert code == 2 and "replay: give dead letter ids" in err, given
+    assert retry.pending() == 0
     code, page, err = run_cli(capsys, "-c", config, "dead-letters", "--limit", "2")
     assert code == 0 and [d["id"] for d in page] == ["d0", "d1"]
     assert f"there may be more: --after {page[1]['cursor']}" in err
@@ -513,6 +518,11 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     code, out, _ = run_cli(capsys, "-c", config, "discard", "--all")
     assert code == 0 and out.strip() == "1 dead letter(s) discarded"
     assert retry.dead_letters() == []
+    retry.kill(Delivery(id="d9", hook_id=40, account_id=4, kind="http_batch",
+                        parts=[b"{}"]), "HTTP 500")
+    code, out, _ = run_cli(capsys, "-c", config, "replay", "--all")
+    assert code == 0 and out.strip() == "1 dead letter(s) scheduled for delivery"
+    assert retry.dead_letters() == [] and retry.pending() == 2
 
 
 @pytest.mark.parametrize("value", ["5", "-1", "abc", "1000001"])
