@@ -38,6 +38,8 @@ TOKEN_PREFIX = "hr"
 _TOKEN = re.compile(r"hr_([0-9a-f]{16})_([A-Za-z0-9_-]{43})")
 # a token's id within text that holds it with more (a quote, a comma, "Bearer ")
 _TOKEN_ID = re.compile(r"(?<![A-Za-z0-9])hr_([0-9a-f]{16})_")
+# text after "hr_<anything>_" in what was given as a token: its secret part, never shown
+_SECRET_PART = re.compile(r"(hr_[^_\s]*_)\S*", re.IGNORECASE)
 
 
 def tokens_key(prefix: str) -> str:
@@ -118,7 +120,10 @@ class TokenStore:
         within = _TOKEN_ID.search(token_id)
         token_id = within.group(1) if within else token_id.strip()
         if not self.r.hdel(self.key, token_id):
-            raise NotFound(f"token {named(token_id)} does not exist")
+            # a token damaged in copying (cut, its case changed) is no id: what follows
+            # its id is the secret, shown masked
+            shown = _SECRET_PART.sub(r"\1***", token_id)
+            raise NotFound(f"token {named(shown)} does not exist")
         return token_id
 
 

@@ -343,3 +343,18 @@ def test_the_job_refuses_hooks_without_a_file(capsys: pytest.CaptureFixture[str]
     assert exit_info.value.code == 2
     assert ("deploy/job.py: error: argument --hooks: expected at least one argument"
             in capsys.readouterr().err)
+
+
+@pytest.mark.parametrize("damage", [lambda t: t[:3] + t[4:],  # a digit of its id cut
+                                    lambda t: t[:3] + t[3:19].upper() + t[19:]])
+def test_a_token_damaged_in_copying_is_not_quoted_back_with_its_secret(
+        config: str, capsys: pytest.CaptureFixture[str], damage: Any) -> None:
+    """A token whose id no longer reads as one (cut, its case changed) was quoted back
+    whole, its secret printed to stderr (and CI logs)."""
+    code, out, _ = run_cli(capsys, "-c", config, "tokens", "create", "--account", "25",
+                           "--role", "ingest")
+    token = json.loads(out)["token"]
+    code, out, err = run_cli(capsys, "-c", config, "tokens", "revoke", damage(token))
+    secret = token.split("_", 2)[2]
+    assert code == 2 and "does not exist" in err and "***" in err, err
+    assert secret[:4] not in err and secret[-4:] not in err, err
