@@ -605,8 +605,8 @@ class Engine:
         hook_id = _id("dead_letters", "hook_id", hook_id)
         if hook_id is not None:
             self._known_hook(hook_id)
-        return [DeadLetter.of(d, cursor)
-                for d, cursor in self.retry.dead_page(account_id, hook_id, limit, after)]
+        return [DeadLetter.of(d, cursor) for d, cursor in self.hooks.shown_dead_letters(
+            self.retry.dead_page(account_id, hook_id, limit, after))]
 
     def replay(self, ids: Iterable[str] | None = None, hook_id: int | None = None, *,
                account_id: int | None = None,

@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from operator import itemgetter
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import msgspec
 import redis
@@ -106,7 +106,6 @@ from engine.stores import (
     Stats,
     hook_etag,
     parse_cursor,
-    stored_account,
 )
 from engine.testevent import send_test_event
 from engine.transports.base import Delivery, unpack_delivery
@@ -578,18 +577,10 @@ def _with_account(data: Any, account_id: int, what: str = "hook") -> dict[str, A
 # --- secrets in texts shown ------------------------------------------------------------
 
 def stored_secrets(backend: Backend, account_id: int, hook_id: int) -> list[str]:
-    """The secrets of the account's stored hook ``hook_id`` (read without validating
-    it: one that no longer validates has them too); none when it is not the account's,
-    no longer exists or its record is damaged. (Errors are masked when dead letters
-    are written, with the secrets of the hook that was sent; this masks again.)"""
-    raw = cast(bytes | None, backend.r.hget(backend.hooks.k.hooks, str(hook_id)))
-    if raw is None or stored_account(raw) != account_id:
-        return []
-    try:
-        data = json.loads(raw)
-    except (ValueError, RecursionError):  # damaged: its secrets cannot be read
-        return []
-    return sent_secrets(data)
+    """The secrets of the account's stored hook ``hook_id`` (HookRegistry.stored_secrets).
+    (Errors are masked when dead letters are written, with the secrets of the hook that
+    was sent; this masks again.)"""
+    return backend.hooks.stored_secrets(hook_id, account_id)
 
 
 def hook_api_error(exc: HookError, secrets: list[str]) -> ApiError:
@@ -983,12 +974,8 @@ def _dead_letters(backend: Backend, account_id: int, hook_id: int | None, limit:
                   after: str | None) -> list[tuple[Delivery, str]]:
     if hook_id is not None:
         backend.dead_letter_hook(account_id, hook_id)
-    page = backend.retry.dead_page(account_id, hook_id, limit, after)
-    # an error text may hold what the destination answered, echoing the credentials it
-    # was sent: it is shown with the hook's secrets masked
-    secrets = {h: stored_secrets(backend, account_id, h) for h in {d.hook_id for d, _ in page}}
-    return [(msgspec.structs.replace(d, last_error=scrub(d.last_error, secrets[d.hook_id])),
-             cursor) for d, cursor in page]
+    return backend.hooks.shown_dead_letters(
+        backend.retry.dead_page(account_id, hook_id, limit, after))
 
 
 async def dead_letters(request: web.Request) -> web.Response:

@@ -44,6 +44,8 @@ from engine.hooks import (
     parse_hook,
     quoted,
     restore_secrets,
+    scrub,
+    sent_secrets,
 )
 from engine.keys import RETRY_LEASE_MS, Keys, damaged_count
 from engine.names import KIND_FIELDS, NameCatalogue
@@ -295,6 +297,31 @@ class HookRegistry:
                               self.k.hooks_gone, str(hook_id))
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
+
+    def stored_secrets(self, hook_id: int, account_id: int) -> list[str]:
+        """The secrets of stored hook ``hook_id`` (read without validating it: one that
+        no longer validates has them too); none when it is not ``account_id``'s, no
+        longer exists or its record is damaged."""
+        raw = cast(bytes | None, self.r.hget(self.k.hooks, str(hook_id)))
+        if raw is None or stored_account(raw) != account_id:
+            return []
+        try:
+            data = json.loads(raw)
+        except (ValueError, RecursionError):  # damaged: its secrets cannot be read
+            return []
+        return sent_secrets(data)
+
+    def shown_dead_letters(self, page: list[tuple[Delivery, str]]
+                           ) -> list[tuple[Delivery, str]]:
+        """Dead letters as shown: an error text may hold what the destination answered,
+        echoing the credentials it was sent, so each is shown with its hook's stored
+        secrets masked (masked when written already, with the secrets of the hook as
+        sent: this masks again, as the hook is now)."""
+        secrets = {(d.hook_id, d.account_id): self.stored_secrets(d.hook_id, d.account_id)
+                   for d, _ in page}
+        return [(msgspec.structs.replace(
+            d, last_error=scrub(d.last_error, secrets[d.hook_id, d.account_id])), cursor)
+            for d, cursor in page]
 
     def owner(self, hook_id: int) -> int | None:
         """The account of a stored hook, read without validating the hook (one that no

@@ -219,3 +219,20 @@ def test_the_drivers_redis_calls_time_out_as_the_workers_do(settings: Settings) 
     given = settings.model_copy(update={"REDIS_URL": settings.REDIS_URL + "?socket_timeout=5"})
     engine = Engine.connect(given)
     assert engine.redis.connection_pool.connection_kwargs["socket_timeout"] == 5
+
+
+def test_dead_letters_are_shown_with_their_hooks_secrets_masked(engine: Engine) -> None:
+    """The API masks a dead letter's error again with its hook's stored secrets (a
+    destination's answer may echo them; one written before they were masked at write
+    time, say); the driver and `hookray dead-letters` showed it as stored."""
+    from engine.transports.base import Delivery
+
+    hook = engine.create_hook({
+        "name": "crm", "account_id": 23, "actions": ["click"], "target": {"http_batch": {
+            "url": "http://127.0.0.1:9/t", "headers": {"Authorization": "Basic HDRSECRET3"}}}})
+    engine.retry.kill(Delivery(id="d1", hook_id=hook.id or 0, account_id=23,
+                               kind="http_batch", parts=[b"{}"]),
+                      "HTTP 401: server said: bad credentials 'Basic HDRSECRET3'")
+    (letter,) = engine.dead_letters(hook_id=hook.id)
+    assert "HDRSECRET3" not in letter.last_error, letter.last_error
+    assert letter.last_error.startswith("HTTP 401: server said: bad credentials '")
