@@ -529,7 +529,7 @@ def _file_record_command(engine: Any, args: argparse.Namespace) -> None:
     if args.action == "file-records":
         _print(_file_records(engine, args.account))
     else:
-        _forget_file_record(engine, args.account, args.name)
+        _forget_file_record(engine, args.account, args.file_name)
 
 
 def _forget_file_record(engine: Any, account_id: int, name: str) -> None:
@@ -896,7 +896,8 @@ def _parser() -> argparse.ArgumentParser:
         "hook NAME (deleted since): the next run with that file creates it again. "
         "Refused while the hook created still exists.")
     forget.add_argument("account", type=_id_number, help="the hook's account id")
-    forget.add_argument("name", help="the hook's name in the file")
+    # a dest of its own: --name (clone, tokens create) names another argument
+    forget.add_argument("file_name", metavar="NAME", help="the hook's name in the file")
     upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
     upd.add_argument("id", type=_id_number, help="the hook's id")
     upd.add_argument("file", help="JSON file of the hook's settings (redacted secrets "

@@ -605,6 +605,8 @@ TEXT_ARGUMENTS = [
     (["dead-letters", "--after", "1:{X}"], "--after"),
     (["hooks", "test", "1", "{X}"], "event_type"),
     (["run", "--ray-address", "{X}"], "--ray-address"),
+    # its own name, not that of --name (clone, tokens create): another argument
+    (["hooks", "forget-file-record", "1", "{X}"], "NAME"),
 ]
 
 
