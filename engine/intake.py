@@ -860,7 +860,7 @@ class SetAside:
         for eid, fields in _entries(self.r.xrange(self.k.intake_unreadable, start, "+",
                                                   count=limit)):
             out.append({"id": eid.decode(),
-                        "partition": _text(fields.get(b"_partition")),
+                        "partition": _number(_text(fields.get(b"_partition"))),
                         "entry": _text(fields.get(b"_entry")),
                         "error": _text(fields.get(b"_error")),
                         "events": _event_count(fields)})
@@ -984,6 +984,12 @@ def _stream_id(value: Any) -> bool:
 
 def _text(value: bytes | None) -> str | None:
     return None if value is None else value.decode("utf-8", "replace")
+
+
+def _number(text: str | None) -> int | str | None:
+    """A set-aside entry's partition as a number, as everywhere else (its text as stored
+    when it is none: damaged, or written from outside)."""
+    return int(text) if text is not None and text.isascii() and text.isdigit() else text
 
 
 def _event_count(fields: dict[bytes, bytes]) -> int | None:

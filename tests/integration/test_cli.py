@@ -960,10 +960,10 @@ def test_set_aside_entries_are_listed_and_put_back(
         b"x": b"\xc1", b"_partition": b"0", b"_entry": b"5-0", b"_error": b"KeyError: b'e'"})
     code, listed, _ = run_cli(capsys, "-c", config, "set-aside")
     assert code == 0 and listed == [
-        {"id": kept.decode(), "partition": "1", "entry": entry_id.decode(),
+        {"id": kept.decode(), "partition": 1, "entry": entry_id.decode(),
          "error": "WRONGTYPE Operation against a key holding the wrong kind of value",
          "events": 3},
-        {"id": junk.decode(), "partition": "0", "entry": "5-0",
+        {"id": junk.decode(), "partition": 0, "entry": "5-0",
          "error": "KeyError: b'e'", "events": None}]
     code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--after", kept.decode())
     assert [e["id"] for e in page] == [junk.decode()]
