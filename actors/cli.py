@@ -664,11 +664,19 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
-    them is stopped or waits (see its reason), or no engine ever started here."""
+    them is stopped or waits (see its reason), or no engine ever started here; 2 (an
+    error) when Redis cannot be read."""
+    from engine.health import redis_full
+
     engine = _engine(args)
     health = engine.health()
-    _print(health)
-    problems = _health_problems(health, engine.settings.REDIS_PREFIX, engine.redis)
+    parts = health["partitions"]
+    # asked as the API asks it: only when a worker seems stopped
+    full = redis_full(engine.redis) if parts["expected"] is not None and (
+        parts["stopped"] or not health["retry_running"]) else None
+    _print({"status": "ok", **health, "redis_full": full is not None})
+    problems = [full] if full is not None else []
+    problems += _health_problems(health, engine.settings.REDIS_PREFIX)
     for problem in problems:
         print(f"hookray: health: {problem}", file=sys.stderr)
     return 1 if problems else 0
