@@ -20,7 +20,7 @@ from typing import Any
 
 import redis
 
-from engine.errors import HookError, HookrayError
+from engine.errors import EventError, HookError, HookrayError
 from engine.hooks import not_utf8
 from engine.jsonkeys import NotAFile, read_whole, unique_keys
 from engine.settings import load_settings, ray_address_problem, with_overrides
@@ -591,8 +591,12 @@ def cmd_publish(args: argparse.Namespace) -> int:
     if not data.strip():  # a wrong file, likely (POST /v1/events takes it as no events)
         raise HookrayError(f"{args.file}: holds no events (the file is empty or blank)")
     engine = _engine(args)
-    result = engine.publish(data, partial=args.partial)
-    _print({"accepted": result.accepted, "issues": [str(i) for i in result.issues]})
+    try:
+        result = engine.publish(data, partial=args.partial)
+    except EventError as exc:  # bad events, nothing accepted: every one listed too
+        _print(_published(0, exc.issues))
+        raise
+    _print(_published(result.accepted, result.issues))
     if result.accepted:
         _no_engine_warning(engine)
     if result.issues and not result.accepted:
@@ -605,6 +609,14 @@ def cmd_publish(args: argparse.Namespace) -> int:
               file=sys.stderr)
         return 1
     return 0
+
+
+def _published(accepted: int, issues: list[Any]) -> dict[str, Any]:
+    """What publish prints, as POST /v1/events answers: the events accepted, the bad
+    ones (events, not issues: one may have several) and an issue per bad field."""
+    return {"accepted": accepted, "rejected": len({i.index for i in issues}),
+            "issues": [{"index": i.index, "field": i.field, "reason": i.reason}
+                       for i in issues]}
 
 
 def cmd_stats(args: argparse.Namespace) -> int:

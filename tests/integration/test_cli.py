@@ -133,21 +133,24 @@ def test_bad_input_gets_a_clear_error(config: str, tmp_path: Path,
     events = tmp_path / "events.ndjson"
     good = '{"event_type": "click", "account_id": 1, "event_date": "2026-01-01T00:00:00Z"}'
     events.write_text(good + "\n" + good.replace("1,", '"one",') + "\n")
-    code, _, err = run_cli(capsys, "-c", config, "publish", str(events))
+    code, refused, err = run_cli(capsys, "-c", config, "publish", str(events))
     assert code == 2 and "event 1: account_id: Expected `int`, got `str`" in err
+    # every bad event listed on stdout too, as POST /v1/events lists them
+    assert refused == {"accepted": 0, "rejected": 1, "issues": [
+        {"index": 1, "field": "account_id", "reason": "Expected `int`, got `str`"}]}
     code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
-    assert result["accepted"] == 1 and len(result["issues"]) == 1
+    assert result["accepted"] == 1 and result["rejected"] == 1 and len(result["issues"]) == 1
     # some left out: exit 1, not the 0 of all accepted (as the API's 207 is no 202)
     assert code == 1 and err == "hookray: 1 event(s) accepted, 1 bad left out\n"
     events.write_text(good + "\n")
     code, result, err = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
-    assert (code, result, err) == (0, {"accepted": 1, "issues": []}, "")
+    assert (code, result, err) == (0, {"accepted": 1, "rejected": 0, "issues": []}, "")
     # a lone surrogate escape in one event of an array: that event, named by its field
     events.write_text("[" + good + ", " + good[:-1] + ', "profile_id": "a\\ud800b"}]')
     code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
     assert code == 1 and result["accepted"] == 1
-    assert result["issues"] == ["event 1: profile_id: not valid UTF-8: a lone surrogate "
-                                "'\\ud800' at character 1"]
+    assert result["issues"] == [{"index": 1, "field": "profile_id", "reason":
+                                 "not valid UTF-8: a lone surrogate '\\ud800' at character 1"}]
     code, _, err = run_cli(capsys, "-c", str(tmp_path / "missing.json"), "stats")
     assert code == 2 and "settings file" in err and "cannot be read" in err
     # an empty -c (a variable that was not set) is no reason to act on the defaults
@@ -393,8 +396,9 @@ def test_publish_of_an_integer_beyond_64_bits_is_a_clear_error(
                           "event_data.x: cannot be encoded")
     code, result, _ = run_cli(capsys, "-c", config, "publish", "--partial", str(events))
     assert code == 1 and result["accepted"] == 1
-    assert result["issues"] == ["event 1: event_data.x: cannot be encoded: can't serialize "
-                                "ints < -2**63 or > 2**64 - 1"]
+    assert result["issues"] == [{"index": 1, "field": "event_data.x", "reason":
+                                 "cannot be encoded: can't serialize ints < -2**63 or > "
+                                 "2**64 - 1"}]
 
 
 def test_demo_refuses_an_empty_settings_path(

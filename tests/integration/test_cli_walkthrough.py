@@ -40,7 +40,7 @@ def test_an_empty_json_array_is_still_published_as_nothing(
     events = tmp_path / "events.json"
     events.write_text("[]")
     code, out, _ = run_cli(capsys, "-c", config, "publish", str(events))
-    assert code == 0 and json.loads(out) == {"accepted": 0, "issues": []}
+    assert code == 0 and json.loads(out) == {"accepted": 0, "rejected": 0, "issues": []}
 
 
 def test_revoking_by_the_token_shows_only_its_id(config: str,
