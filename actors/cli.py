@@ -665,7 +665,12 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
             moved = getattr(engine, requeue)(args.ids or None)
             print(f"{moved} set-aside {one if moved == 1 else many} put back into {back}")
         else:
-            _print(getattr(engine, listed)(args.limit or 100, args.after))
+            limit = args.limit or 100
+            page = getattr(engine, listed)(limit, args.after)
+            _print(page)
+            if len(page) == limit:  # as dead-letters says it
+                print(f"hookray: there may be more: --after {page[-1]['id']}",
+                      file=sys.stderr)
     except ValueError as exc:  # an id that is none, or not of a set-aside entry
         said = str(exc)  # named as the command, not as the driver call behind it
         for call in (requeue, discard, listed):
@@ -872,7 +877,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--ray-address", help="Ray cluster to join (default: RAY_ADDRESS of "
                      "the settings or the environment; unset, a local Ray)")
     run.add_argument("--report-sec", type=positive_seconds, default=10.0,
-                     help="progress line interval")
+                     help="seconds between progress lines (default: 10)")
     run.add_argument("--duration", type=non_negative_seconds, default=0.0,
                      help="stop after N seconds (0: never)")
     run.add_argument("--api-port", type=_port, metavar="PORT",
@@ -885,7 +890,8 @@ def _parser() -> argparse.ArgumentParser:
                           "receiver got and the stats.")
     demo.add_argument("--events", type=_demo_events, default=2_000,
                       help=f"sample events to publish ({DEMO_EVENTS[0]:,} to "
-                           f"{DEMO_EVENTS[1]:,}; fewer leave a sample hook without any)")
+                           f"{DEMO_EVENTS[1]:,}; fewer leave a sample hook without any; "
+                           "default: 2,000)")
     demo.set_defaults(fn=cmd_demo)
 
     hooks = sub.add_parser("hooks", help="manage hooks", description="Manage hooks.")
@@ -979,7 +985,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="master: everything of the account; ingest: publish only")
     tcreate.add_argument("--name", default="", help="a label for the token")
     tsub.add_parser("list", help="list tokens (never their secrets)").add_argument(
-        "--account", type=_id_number)
+        "--account", type=_id_number, help="only this account's tokens")
     tsub.add_parser("revoke", help="revoke a token at once").add_argument(
         "token_id", help="the token's id, or the token itself")
     tokens.set_defaults(fn=cmd_tokens)

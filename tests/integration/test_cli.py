@@ -970,8 +970,11 @@ def test_set_aside_entries_are_listed_and_put_back(
          "events": 3},
         {"id": junk.decode(), "partition": 0, "entry": "5-0",
          "error": "KeyError: b'e'", "events": None}]
-    code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--after", kept.decode())
-    assert [e["id"] for e in page] == [junk.decode()]
+    code, page, err = run_cli(capsys, "-c", config, "set-aside", "--after", kept.decode())
+    assert [e["id"] for e in page] == [junk.decode()] and "more" not in err
+    code, page, err = run_cli(capsys, "-c", config, "set-aside", "--limit", "1")
+    assert [e["id"] for e in page] == [kept.decode()]
+    assert err == f"hookray: there may be more: --after {kept.decode()}\n"  # as dead-letters
     code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", junk.decode())
     assert code == 2 and "cannot be decoded" in err and "nothing requeued" in err
     code, _, err = run_cli(capsys, "-c", config, "set-aside", "--requeue", "9-9")
