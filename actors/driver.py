@@ -101,11 +101,12 @@ def _started(actors: list[Any]) -> None:
                           "and the Ray logs of the workers, say why)") from None
 
 
-def finish_all(refs: list[Any], timeout: float, what: str) -> int:
+def finish_all(refs: list[Any], timeout: float, what: str,
+               results: list[Any] | None = None) -> int:
     """Wait up to ``timeout`` for every call of ``refs``, however many of them fail (a
     ``ray.get`` of the list returns at the first failure, and the others would be
     killed mid-call); each failure, and the calls still running, are logged. Returns
-    how many finished without an error."""
+    how many finished without an error; their values go to ``results``."""
     import ray
 
     try:
@@ -116,8 +117,10 @@ def finish_all(refs: list[Any], timeout: float, what: str) -> int:
     done = 0
     for ref in ready:
         try:
-            ray.get(ref, timeout=0)
+            value = ray.get(ref, timeout=0)
             done += 1
+            if results is not None:
+                results.append(value)
         except Exception as exc:  # the actor died, or its call raised
             log.warning("%s: %s", what, _first_line(exc))
     if running:
@@ -403,7 +406,12 @@ class Engine:
                 # workers finish their round and drain (DRAIN_SEC: open batches sent,
                 # outcomes of those in flight booked; the retry worker takes back the
                 # hand-overs still unanswered); killed below in any case
-                finish_all([w.stop.remote() for w in workers], left(30), "stopping workers")
+                stopped: list[Any] = []
+                finish_all([w.stop.remote() for w in workers], left(30), "stopping workers",
+                           stopped)
+                for answer in stopped:  # what each drain left, said here for certain
+                    for said in answer.get("said", []) if isinstance(answer, dict) else []:
+                        log.warning("%s", said)
                 # close connections and producers cleanly before the processes go
                 finish_all([t.close.remote() for t in transports], left(10),
                            "closing transports")

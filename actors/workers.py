@@ -45,10 +45,14 @@ class _Looping:
     def ping(self) -> dict[str, Any]:
         return {"alive": self._thread.is_alive(), "errors": self._errors}
 
-    def stop(self) -> bool:
+    def stop(self) -> dict[str, Any]:
+        """Stop the loop (it drains first); whether it stopped, and what its drain left,
+        as it said it (for the driver to say: Ray may end before this actor's log
+        reaches it)."""
         self._stop.set()
         self._thread.join(10)
-        return not self._thread.is_alive()
+        return {"stopped": not self._thread.is_alive(),
+                "said": list(getattr(self.worker, "stop_said", []))}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)

@@ -107,20 +107,24 @@ def redis_unavailable(error: BaseException) -> bool:
 
 
 def drain_at_stop(drain: Callable[[], int], who: str, things: str, units: str,
-                  then: str) -> None:
+                  then: str) -> str | None:
     """Run a stopping worker's ``drain`` and say what it leaves without an outcome
     (``units``: "re-send(s)"), and ``then`` what becomes of it; a drain that failed is
-    said too (with its traceback if it is a bug: ``expected_stop_error``)."""
+    said too (with its traceback if it is a bug: ``expected_stop_error``). Returns what
+    it said (for the driver to say too: Ray may end before a worker's log reaches it)."""
     try:
         left = drain()
     except Exception as exc:  # Redis down, the claim taken, a transport gone
-        log.warning("%s: stopped without the outcomes of the %s in flight (%s: %s); %s",
-                    who, things, type(exc).__name__, str(exc)[:300], then,
-                    exc_info=not expected_stop_error(exc))
-        return
-    if left:
-        log.warning("%s: stopped with %d %s whose outcome did not come within %g s; %s",
-                    who, left, units, DRAIN_SEC, then)
+        said = (f"{who}: stopped without the outcomes of the {things} in flight "
+                f"({type(exc).__name__}: {str(exc)[:300]}); {then}")
+        log.warning("%s", said, exc_info=not expected_stop_error(exc))
+        return said
+    if not left:
+        return None
+    said = (f"{who}: stopped with {left} {units} whose outcome did not come within "
+            f"{DRAIN_SEC:g} s; {then}")
+    log.warning("%s", said)
+    return said
 
 
 def expected_stop_error(error: BaseException) -> bool:
@@ -631,6 +635,7 @@ class PartitionWorker:
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
         self.failure_log = FailureLog(f"partition {partition}")
+        self.stop_said: list[str] = []  # what the last stop left, as it said it
         # entries read from this consumer's pending ones count a process end each
         # (_processing_ends), but those read again after another engine's claim did not
         self.count_ends = True
@@ -1154,13 +1159,16 @@ class PartitionWorker:
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left to the next start."""
-        drain_at_stop(self.drain, f"partition {self.partition}", "batches",
-                      "message(s) in batches", "their entries are read and sent again by "
-                      "the next start")
+        said = drain_at_stop(
+            self.drain, f"partition {self.partition}", "batches", "message(s) in batches",
+            "their entries are read again by the next start, and every hook's messages of "
+            "them sent again")
+        self.stop_said = [said] if said else []
         if self.again:
-            log.warning("partition %s: stopped with %d entr(ies) of failed rounds; read "
-                        "and processed again by the next start", self.partition,
-                        len(self.again))
+            self.stop_said.append(f"partition {self.partition}: stopped with "
+                                  f"{len(self.again)} entr(ies) of failed rounds; read and "
+                                  "processed again by the next start")
+            log.warning("%s", self.stop_said[-1])
 
     def _loop(self, stop: threading.Event, on_error: Callable[[Exception], None] | None,
               alive: Heartbeat) -> None:

@@ -80,6 +80,7 @@ class RetryWorker:
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
         self.booking: str | None = None  # the token of settling[0], kept until booked
         self.failure_log = FailureLog("retry worker")
+        self.stop_said: list[str] = []  # what the last stop left, as it said it
         self.booked = self.side.keys.booked("retry")
         self.expired_at = -float("inf")  # when dead letters were last expired
         self.gone_at = -float("inf")  # when deleted hooks' counters were last looked at
@@ -147,8 +148,9 @@ class RetryWorker:
 
     def _stopping(self) -> None:
         """Drain (``drain``), saying what is left."""
-        drain_at_stop(self.drain, "retry worker", "re-sends", "re-send(s)",
-                      "they are sent again once their leases run out")
+        said = drain_at_stop(self.drain, "retry worker", "re-sends", "re-send(s)",
+                             "they are sent again once their leases run out")
+        self.stop_said = [said] if said else []
 
     def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
         """Make a claimed re-send a dead letter without sending it."""

@@ -113,8 +113,9 @@ def test_a_partition_stops_within_its_drain_time_leaving_the_rest_to_the_next_st
         worker._stopping()
     said = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
     assert said == ["partition 0: stopped with 30 message(s) in batches whose outcome did "
-                    "not come within 0.3 s; their entries are read and sent again by the "
-                    "next start"]
+                    "not come within 0.3 s; their entries are read again by the next start, "
+                    "and every hook's messages of them sent again"]
+    assert worker.stop_said == said  # for the driver to say too
     assert pending(redis_client, keys) == 3  # read again by the next start
     again = InProcessSender()
     restarted = PartitionWorker(settings, redis_client, 0, again)
@@ -256,5 +257,6 @@ def test_the_retry_worker_hands_back_what_did_not_come_within_its_drain_time(
             r.getMessage()]
     assert said == ["retry worker: stopped with 1 re-send(s) whose outcome did not come "
                     "within 0.3 s; they are sent again once their leases run out"]
+    assert worker.stop_said == said
     assert redis_client.zcard(keys.retry) == 1  # still scheduled, under its lease
     assert redis_client.hlen(keys.retry_unanswered) == 0  # a stop is no crash

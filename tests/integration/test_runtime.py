@@ -522,3 +522,25 @@ def test_the_records_are_written_again_when_redis_loses_them(engine_factory: Any
                         == engine.settings.PARTITIONS, 10)
     finally:
         redis_client.hset(config, "partitions", engine.settings.PARTITIONS)
+
+
+def test_a_stop_says_in_the_drivers_output_what_its_drain_left(
+        engine_factory: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture) -> None:
+    """A partition's stop line went only to its actor's log, which Ray, shut down right
+    after, often never forwarded: the driver says it, from the workers' answers."""
+    import logging
+
+    receiver.behave("/hangs", hang=True)
+    engine = engine_factory(HTTP_REQUEST_TIMEOUT_SEC=120.0)
+    engine.create_hook(http_hook(receiver, "/hangs", max_batch_size=100))
+    engine.publish(events(8, types=("click",), list_id=3))  # one partition, one batch
+    time.sleep(3)  # sent after its 0.3 s window; the answer never comes
+    started = time.monotonic()
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        engine.shutdown()
+    took = time.monotonic() - started
+    said = [r.getMessage() for r in caplog.records
+            if "stopped with 8 message(s) in batches whose outcome did not come within 5 s"
+            in r.getMessage()]
+    assert said and said[0].startswith("partition "), [r.getMessage() for r in caplog.records]
+    assert took < 20, took  # the drain's 5 s, within the driver's STOP_SEC
