@@ -993,21 +993,15 @@ def _parser() -> argparse.ArgumentParser:
     replay = sub.add_parser("replay", help="send dead letters again",
                             description="Send dead letters again: the given ids, all of "
                             "--hook's or --account's, or --all.")
-    replay.add_argument("ids", nargs="*", help="dead letter ids")
-    replay.add_argument("--all", action="store_true",
-                        help="every dead letter (of --hook, of --account)")
-    replay.add_argument("--hook", type=_id_number, help="only this hook's dead letters")
-    replay.add_argument("--account", type=_id_number, help="only this account's dead letters")
+    _dead_letters_chosen(replay, "only this hook's dead letters",
+                         "only this account's dead letters")
     replay.set_defaults(fn=cmd_replay)
 
     discard = sub.add_parser("discard", help="delete dead letters for good",
                              description="Delete dead letters for good (counted as "
                              "'discarded' in their hooks' stats): the given ids, or --all.")
-    discard.add_argument("ids", nargs="*", help="dead letter ids")
-    discard.add_argument("--all", action="store_true",
-                         help="every dead letter (of --hook, of --account)")
-    discard.add_argument("--hook", type=_id_number, help="with --all: only this hook's")
-    discard.add_argument("--account", type=_id_number, help="with --all: only this account's")
+    _dead_letters_chosen(discard, "with --all: only this hook's",
+                         "with --all: only this account's")
     discard.set_defaults(fn=cmd_discard)
     _config_after_the_command(p)
     return p
@@ -1031,6 +1025,15 @@ def _config_after_the_command(parser: argparse.ArgumentParser, top: bool = True)
 # as they came (os.fsencode); the text of every other argument goes to Redis, JSON or
 # Ray, as UTF-8
 FILE_ARGUMENTS = frozenset({"config", "file", "hooks"})
+
+
+def _dead_letters_chosen(command: argparse.ArgumentParser, hook: str, account: str) -> None:
+    """The dead letters replay and discard act on: ids, or --all (of --hook, --account)."""
+    command.add_argument("ids", nargs="*", help="dead letter ids")
+    command.add_argument("--all", action="store_true",
+                         help="every dead letter (of --hook, of --account)")
+    command.add_argument("--hook", type=_id_number, help=hook)
+    command.add_argument("--account", type=_id_number, help=account)
 
 
 def _argument_names(parser: argparse.ArgumentParser) -> dict[str, str]:

@@ -1111,6 +1111,7 @@ class PartitionWorker:
         start (as after any end). Entries of failed rounds (``again``) are left to it
         too, not counted here."""
         deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
+        self.stop_said = []
         if not self._holds_work():
             return 0
         try:
@@ -1119,9 +1120,10 @@ class PartitionWorker:
         except Exception as exc:  # a stored hook no longer validates, Redis down...
             # the open batches stay unsent (their entries are read again by the next
             # start, for the hooks as they are then); those in flight are still booked
-            log.warning("partition %s: stopping, its open batches are not sent: the hooks "
-                        "could not be loaded (%s: %s)", self.partition,
-                        type(exc).__name__, str(exc)[:300])
+            self.stop_said.append(
+                f"partition {self.partition}: stopping, its open batches are not sent: "
+                f"the hooks could not be loaded ({type(exc).__name__}: {str(exc)[:300]})")
+            log.warning("%s", self.stop_said[-1])
             fresh = False
         while True:
             if self.holding is not None:  # PrefixTaken: nothing of it is this engine's
@@ -1163,7 +1165,7 @@ class PartitionWorker:
             self.drain, f"partition {self.partition}", "batches", "message(s) in batches",
             "their entries are read again by the next start, and every hook's messages of "
             "them sent again")
-        self.stop_said = [said] if said else []
+        self.stop_said += [said] if said else []
         if self.again:
             self.stop_said.append(f"partition {self.partition}: stopped with "
                                   f"{len(self.again)} entr(ies) of failed rounds; read and "
