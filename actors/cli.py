@@ -683,14 +683,9 @@ def cmd_health(args: argparse.Namespace) -> int:
     """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
     them is stopped or waits (see its reason), or no engine ever started here; 2 (an
     error) when Redis cannot be read."""
-    from engine.health import redis_full
-
     engine = _engine(args)
     health = engine.health()
-    parts = health["partitions"]
-    # asked as the API asks it: only when a worker seems stopped
-    full = redis_full(engine.redis) if parts["expected"] is not None and (
-        parts["stopped"] or not health["retry_running"]) else None
+    full = _full_if_stopped(health, engine.redis)
     _print({"status": "ok", **health, "redis_full": full is not None})
     problems = [full] if full is not None else []
     problems += _health_problems(health, engine.settings.REDIS_PREFIX)
@@ -699,17 +694,28 @@ def cmd_health(args: argparse.Namespace) -> int:
     return 1 if problems else 0
 
 
+def _full_if_stopped(health: dict[str, Any], r: Any) -> str | None:
+    """What to say of a Redis at its maxmemory, asked as the API asks it: only when a
+    worker of an engine that ran seems stopped (Redis refuses the marks of workers
+    that may well run)."""
+    from engine.health import redis_full
+
+    parts = health["partitions"]
+    if parts["expected"] is None or not (parts["stopped"] or not health["retry_running"]):
+        return None
+    return redis_full(r)
+
+
 def _health_problems(health: dict[str, Any], prefix: str, r: Any = None) -> list[str]:
     """Why ``health`` (Engine.health) is not every worker running, one line each;
     ``r``: the engine's Redis, asked whether it is full when a worker seems stopped."""
-    from engine.health import ALIVE_SEC, redis_full
+    from engine.health import ALIVE_SEC
 
     parts = health["partitions"]
     if parts["expected"] is None:
         return [f"no engine has started with this Redis and REDIS_PREFIX {prefix!r}"]
     problems = []
-    if (parts["stopped"] or not health["retry_running"]) and r is not None \
-            and (full := redis_full(r)) is not None:
+    if r is not None and (full := _full_if_stopped(health, r)) is not None:
         problems.append(full)
     if parts["stopped"]:
         problems.append(f"partition(s) {', '.join(map(str, parts['stopped']))} of "

@@ -410,7 +410,7 @@ class Engine:
                 finish_all([w.stop.remote() for w in workers], left(30), "stopping workers",
                            stopped)
                 for answer in stopped:  # what each drain left, said here for certain
-                    for said in answer.get("said", []) if isinstance(answer, dict) else []:
+                    for said in answer["said"]:
                         log.warning("%s", said)
                 # close connections and producers cleanly before the processes go
                 finish_all([t.close.remote() for t in transports], left(10),

@@ -52,7 +52,7 @@ class _Looping:
         self._stop.set()
         self._thread.join(10)
         return {"stopped": not self._thread.is_alive(),
-                "said": list(getattr(self.worker, "stop_said", []))}
+                "said": list(self.worker.stop_said)}
 
 
 @ray.remote(num_cpus=0, max_restarts=-1, max_task_retries=0, max_concurrency=4)

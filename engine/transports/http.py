@@ -307,8 +307,8 @@ class HttpTransport(Transport):
                     # the answer came: its status decides, as for any answer. Taken as
                     # the destination unreachable, a 200 with a body cut short (or
                     # compressed wrongly) was sent again until it died, and opened the
-                    # breaker for every hook of its URL
-                    # (cut once masked: _judge, or below)
+                    # breaker for every hook of its URL. (Cut once masked: _judge, or
+                    # below.)
                     unread = f"no whole body within {timeout.total} s" \
                         if isinstance(exc, TimeoutError) else \
                         f"{type(exc).__name__}: {_scrub(str(exc), target.url)}"
