@@ -66,8 +66,17 @@ MAX_FILE_BYTES = 1 << 30  # the largest file a command reads (it is read whole)
 
 
 def _read_bytes(path: str) -> bytes:
-    """A file's bytes; a device (/dev/zero would be read until memory ran out) or a
-    file over MAX_FILE_BYTES is refused, naming it. Pipes are read."""
+    """A file's bytes (``-``: standard input's; ``./-`` names a file called so); a
+    device (/dev/zero would be read until memory ran out) or a file over
+    MAX_FILE_BYTES is refused, naming it. Pipes are read."""
+    if path == "-":
+        if sys.stdin is None:
+            raise HookrayError("-: there is no standard input to read")
+        data = sys.stdin.buffer.read(MAX_FILE_BYTES + 1)
+        if len(data) > MAX_FILE_BYTES:
+            raise HookrayError(f"-: standard input holds more than {MAX_FILE_BYTES >> 30} "
+                               "GiB; split it")
+        return data
     try:
         return read_whole(path, MAX_FILE_BYTES, "; split it")
     except NotAFile as exc:
@@ -513,7 +522,7 @@ def cmd_hooks(args: argparse.Namespace) -> int:
         _print(engine.clone_hook(args.id, args.name).display())
     elif action == "delete":
         engine.delete_hook(args.id)
-        print(f"hook {args.id} deleted")
+        _print({"deleted": args.id})
     elif action in ("file-records", "forget-file-record"):
         _file_record_command(engine, args)
     elif action == "test":
@@ -555,8 +564,9 @@ def _forget_file_record(engine: Any, account_id: int, name: str) -> None:
                              raw, ""):
         raise HookrayError("forget-file-record: the record changed meanwhile (a run "
                            "recorded the hook again); see `hookray hooks file-records`")
-    print(f"record of hook {name!r} of account {account_id} deleted: the next `run "
-          "--hooks` with it creates it")
+    _print({"forgotten": {"account_id": account_id, "name": name}})
+    print("hookray: the next `run --hooks` with that file creates the hook again",
+          file=sys.stderr)
 
 
 @contextlib.contextmanager
@@ -639,12 +649,11 @@ def _set_aside_usage(args: argparse.Namespace) -> None:
 
 # what `set-aside` reaches (the intake entries the partitions set aside) and, with
 # --retries, the re-sends the retry worker set aside: the driver calls (list, requeue,
-# discard), the command's name, one and many of them, and where a requeue puts them
+# discard) and the command's name
 _SET_ASIDE = {
-    False: ("set_aside", "requeue_set_aside", "discard_set_aside", "set-aside",
-            "entry", "entries", "the intake"),
+    False: ("set_aside", "requeue_set_aside", "discard_set_aside", "set-aside"),
     True: ("set_aside_retries", "requeue_set_aside_retries", "discard_set_aside_retries",
-           "set-aside --retries", "re-send", "re-sends", "the retry schedule"),
+           "set-aside --retries"),
 }
 
 
@@ -655,15 +664,13 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
     hookray version); --requeue puts those this version decodes back into the retry
     schedule."""
     engine = _engine(args)
-    listed, requeue, discard, command, one, many, back = _SET_ASIDE[bool(args.retries)]
+    listed, requeue, discard, command = _SET_ASIDE[bool(args.retries)]
     _set_aside_usage(args)
     try:
         if args.discard:
-            gone = getattr(engine, discard)(args.ids)
-            print(f"{gone} set-aside {one if gone == 1 else many} deleted")
+            _print({"discarded": getattr(engine, discard)(args.ids)})
         elif args.requeue:
-            moved = getattr(engine, requeue)(args.ids or None)
-            print(f"{moved} set-aside {one if moved == 1 else many} put back into {back}")
+            _print({"requeued": getattr(engine, requeue)(args.ids or None)})
         else:
             limit = args.limit or 100
             page = getattr(engine, listed)(limit, args.after)
@@ -766,7 +773,7 @@ def cmd_tokens(args: argparse.Namespace) -> int:
         _print([i.public() for i in tokens.list(args.account)])
     elif args.action == "revoke":
         # given the token itself, only its id is shown
-        print(f"token {tokens.revoke(args.token_id)} revoked")
+        _print({"revoked": tokens.revoke(args.token_id)})
     return 0
 
 
@@ -845,7 +852,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
                            "hook's or an account's), or --all (every dead letter)")
     n = _engine(args).replay(args.ids or None, hook_id=args.hook, account_id=args.account,
                              progress=_progress("replayed"))
-    print(f"{n} dead letter(s) scheduled for delivery")
+    _print({"replayed": n})  # as POST .../replay answers
     return 0
 
 
@@ -860,7 +867,7 @@ def cmd_discard(args: argparse.Namespace) -> int:
     else:
         n = engine.discard(everything=True, hook_id=args.hook, account_id=args.account,
                            progress=_progress("discarded"))
-    print(f"{n} dead letter(s) discarded")
+    _print({"discarded": n})  # as POST .../discard answers
     return 0
 
 
@@ -915,7 +922,7 @@ def _parser() -> argparse.ArgumentParser:
     hsub.add_parser("create", help="create hooks from a JSON file (object or array)",
                     description="Create hooks from a JSON file (an object or an array), "
                     "all or none: every hook is checked before the first is created."
-                    ).add_argument("file", help="JSON file of hook settings")
+                    ).add_argument("file", help="JSON file of hook settings (-: standard input)")
     hsub.add_parser("file-records", help="the hooks `run --hooks` files created",
                     description="The hooks `run --hooks` files created, by account and "
                     "name (a file's hook is known by them): the id of the hook created, "
@@ -932,15 +939,15 @@ def _parser() -> argparse.ArgumentParser:
     forget.add_argument("file_name", metavar="NAME", help="the hook's name in the file")
     upd = hsub.add_parser("update", help="replace a hook's settings from a JSON file")
     upd.add_argument("id", type=_id_number, help="the hook's id")
-    upd.add_argument("file", help="JSON file of the hook's settings (redacted secrets "
-                     "keep the stored ones for the same destination)")
+    upd.add_argument("file", help="JSON file of the hook's settings (-: standard input; "
+                     "redacted secrets keep the stored ones for the same destination)")
     test = hsub.add_parser("test", help="send one test event through a hook's target")
     test.add_argument("id", type=_id_number, help="the hook's id")
     test.add_argument("event_type", help="an event code, e.g. click")
     hooks.set_defaults(fn=cmd_hooks)
 
     pub = sub.add_parser("publish", help="publish events from a file (JSON array or NDJSON)")
-    pub.add_argument("file", help="events: a JSON array or NDJSON")
+    pub.add_argument("file", help="events: a JSON array or NDJSON (-: standard input)")
     pub.add_argument("--partial", action="store_true",
                      help="accept the good events even when some are bad (exit 1 when "
                           "some were left out, 2 when none was accepted)")
@@ -1017,10 +1024,12 @@ def _config_after_the_command(parser: argparse.ArgumentParser, top: bool = True)
     """``-c`` also after the command (``hookray stats -c main.json``, ``hookray hooks -c
     main.json list``): there it was refused as "unrecognized arguments: -c" or taken
     for the action, an option hookray does know. Given in several places, the last one
-    counts."""
+    counts. Each command's parser is its arguments' ``command_parser``: an unknown
+    option is refused with that command's usage (main)."""
     if not top:
         parser.add_argument("--config", "-c", metavar="MAIN_JSON", default=argparse.SUPPRESS,
                             help="settings file, as `hookray -c MAIN_JSON ...`")
+        parser.set_defaults(command_parser=parser)  # the innermost command's wins
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for child in {id(c): c for c in action.choices.values()}.values():
@@ -1111,7 +1120,13 @@ def _redis_hint(args: argparse.Namespace, exc: redis.RedisError) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # named with the usage of the command given them, not hookray's own
+        given = sys.argv[1:] if argv is None else argv
+        before = unknown[0] in given and args.command in given \
+            and given.index(unknown[0]) < given.index(args.command)
+        (parser if before else getattr(args, "command_parser", parser)).error(
+            f"unrecognized arguments: {' '.join(unknown)}")
     bad = _not_utf8(parser, args)
     if bad is not None:  # refused before anything is read or connected
         print(f"hookray: error: {bad}: not valid UTF-8", file=sys.stderr)

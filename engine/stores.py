@@ -1347,6 +1347,10 @@ class RetryStore:
                              f"{after!r}")
         ids = sorted(i.decode("utf-8", "replace")
                      for i in cast(list[bytes], self.r.hkeys(self.k.retry_unreadable)))
+        if after is not None and re.fullmatch(r"[0-9a-f]{32}", after) is None \
+                and after not in ids:  # a mistyped cursor would page from anywhere
+            raise ValueError(f"set_aside_retries: after: expected a set-aside re-send's "
+                             f"id (32 hex digits, as listed), got {after[:80]!r}")
         page = [i for i in ids if after is None or i > after][:limit]
         raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, page)) \
             if page else []

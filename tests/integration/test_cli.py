@@ -76,7 +76,7 @@ def test_hook_management_from_json_files(config: str, tmp_path: Path,
     assert stats == {"accepted": 0, "delivered": 0, "retried": 0, "dead_lettered": 0,
                      "discarded": 0}
     code, out, _ = run_cli(capsys, "-c", config, "hooks", "delete", str(clone["id"]))
-    assert code == 0 and out.strip() == f"hook {clone['id']} deleted"
+    assert code == 0 and out == {"deleted": clone["id"]}
     code, _, err = run_cli(capsys, "-c", config, "hooks", "get", str(clone["id"]))
     assert code == 2 and f"hook {clone['id']} does not exist" in err
     # one hook's settings (its export, with its id) do not replace another's
@@ -207,7 +207,7 @@ def test_damaged_records_are_named_not_tracebacks(
     assert store.authenticate(made["token"]) is None
     redis_client.hset(f"{keys.p}:tokens", made["id"], json.dumps(record))
     code, out, _ = run_cli(capsys, "-c", config, "tokens", "revoke", "deadbeefdeadbeef")
-    assert code == 0 and "revoked" in out
+    assert code == 0 and out == {"revoked": "deadbeefdeadbeef"}
     redis_client.hset(keys.config, "partitions", "abc")
     for command in (["stats"], ["health"], ["set-aside", "--requeue"]):
         code, _, err = run_cli(capsys, "-c", config, *command)
@@ -375,6 +375,55 @@ def test_more_bad_input_gets_a_clear_error_not_a_traceback(
     assert "S3cretPass" not in err
 
 
+@pytest.mark.parametrize(("argv", "usage"), [
+    (["stats", "--bogus"], "usage: hookray stats "),
+    (["hooks", "list", "--bogus", "1"], "usage: hookray hooks list "),
+    (["tokens", "revoke", "abc", "--bogus"], "usage: hookray tokens revoke "),
+    (["replay", "d1", "--bogus"], "usage: hookray replay "),
+    (["--bogus", "stats"], "usage: hookray [-h]"),  # given before the command: hookray's
+])
+def test_an_unknown_option_is_refused_with_its_commands_usage(
+        argv: list[str], usage: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """As README says: the usage of the command given it, then ``hookray COMMAND:
+    error: ...`` (not hookray's own usage, which hides the command's options)."""
+    code, _, err = run_cli(capsys, *argv)
+    command = usage.removeprefix("usage: ").removesuffix(" [-h]").strip()
+    assert code == 2 and err.startswith(usage), err
+    assert f"{command}: error: unrecognized arguments: " in err
+
+
+def test_a_file_argument_of_a_dash_reads_standard_input(
+        config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """``publish -``, ``hooks create -`` and ``hooks update ID -`` read standard input
+    (``cat events.ndjson | hookray publish -``); ``./-`` is a file of that name."""
+    import io
+
+    def stdin(text: str) -> None:
+        monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(text.encode())))
+
+    hook = {"name": "piped", "account_id": 3, "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}}
+    stdin(json.dumps(hook))
+    code, created, err = run_cli(capsys, "-c", config, "hooks", "create", "-")
+    assert code == 0 and [h["name"] for h in created] == ["piped"], err
+    stdin(json.dumps({**hook, "name": "piped again"}))
+    code, updated, err = run_cli(capsys, "-c", config, "hooks", "update",
+                                 str(created[0]["id"]), "-")
+    assert code == 0 and updated["name"] == "piped again", err
+    event = {"event_type": "click", "account_id": 3, "event_date": "2026-01-01T00:00:00Z"}
+    stdin(json.dumps(event) + "\n" + json.dumps({**event, "event_type": "open"}) + "\n")
+    code, result, err = run_cli(capsys, "-c", config, "publish", "-")
+    assert code == 0 and result == {"accepted": 2, "rejected": 0, "issues": []}, err
+    stdin("")
+    code, _, err = run_cli(capsys, "-c", config, "publish", "-")
+    assert code == 2 and "hookray: error: -: holds no events" in err
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "-").write_text(json.dumps([event]))
+    code, result, err = run_cli(capsys, "-c", config, "publish", "./-")
+    assert code == 0 and result["accepted"] == 1, err
+
+
 def test_publish_partial_with_nothing_accepted_is_an_error(
         config: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     events = tmp_path / "events.ndjson"
@@ -511,22 +560,23 @@ def test_dead_letters_are_listed_replayed_and_discarded(config: str, settings: S
     code, _, err = run_cli(capsys, "-c", config, "discard", "d0", "nope")
     assert code == 2 and "nope do not exist" in err
     assert len(retry.dead_letters()) == 4  # all or nothing
+    # what they did, as JSON: as the API's replay and discard answer
     code, out, _ = run_cli(capsys, "-c", config, "discard", "d0")
-    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    assert code == 0 and out == {"discarded": 1}
     code, out, _ = run_cli(capsys, "-c", config, "replay", "--hook", "31")
-    assert code == 0 and out.strip() == "1 dead letter(s) scheduled for delivery"
+    assert code == 0 and out == {"replayed": 1}
     code, out, _ = run_cli(capsys, "-c", config, "discard", "--all", "--account", "3")
-    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    assert code == 0 and out == {"discarded": 1}
     assert [d.id for d in retry.dead_letters()] == ["d3"] and retry.pending() == 1
     code, stats, _ = run_cli(capsys, "-c", config, "stats", "--hook", "30")
     assert stats["discarded"] == 2 and stats["dead_lettered"] == 2
     code, out, _ = run_cli(capsys, "-c", config, "discard", "--all")
-    assert code == 0 and out.strip() == "1 dead letter(s) discarded"
+    assert code == 0 and out == {"discarded": 1}
     assert retry.dead_letters() == []
     retry.kill(Delivery(id="d9", hook_id=40, account_id=4, kind="http_batch",
                         parts=[b"{}"]), "HTTP 500")
     code, out, _ = run_cli(capsys, "-c", config, "replay", "--all")
-    assert code == 0 and out.strip() == "1 dead letter(s) scheduled for delivery"
+    assert code == 0 and out == {"replayed": 1}
     assert retry.dead_letters() == [] and retry.pending() == 2
 
 
@@ -983,7 +1033,7 @@ def test_set_aside_entries_are_listed_and_put_back(
     assert code == 2 and "'soon' is no set-aside entry's id" in err
     assert redis_client.xlen(keys.intake_unreadable) == 2
     code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--requeue")
-    assert code == 0 and "1 set-aside entry put back into the intake" in out
+    assert code == 0 and out == {"requeued": 1}
     ((_, back),) = redis_client.xrange(keys.intake(1))  # the partition it came from
     assert [e.id for e in decode_entry(back)] == ["e0", "e1", "e2"]
     assert not any(k.startswith(b"_") for k in back)
@@ -1019,7 +1069,7 @@ def test_set_aside_entries_are_discarded_by_id_all_or_none(
     assert redis_client.xlen(keys.intake_unreadable) == 3
     code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--discard", junk[0], junk[2],
                            junk[0])
-    assert code == 0 and "2 set-aside entries deleted" in out
+    assert code == 0 and out == {"discarded": 2}
     assert [eid.decode() for eid, _ in redis_client.xrange(keys.intake_unreadable)] == \
         [junk[1]]
     assert redis_client.hget(keys.engine_stats, "entries_discarded") == b"2"
@@ -1059,6 +1109,14 @@ def test_set_aside_retries_are_listed_put_back_and_discarded(
     code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--after",
                             "d-good", "--limit", "1")
     assert [e["id"] for e in page] == ["d-junk"]
+    # a cursor that is no re-send's id (a typo) is refused, not paged from
+    code, _, err = run_cli(capsys, "-c", config, "set-aside", "--retries", "--after",
+                           "garbage")
+    assert code == 2 and "set-aside --retries: after: expected a set-aside re-send's id " \
+        "(32 hex digits, as listed), got 'garbage'" in err
+    code, page, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--after",
+                            "f" * 32)
+    assert code == 0 and page == []  # of the form of an id: after the last one
     code, _, err = run_cli(capsys, "-c", config, "set-aside", "--retries", "--requeue",
                            "d-good", "d-other")
     assert code == 2 and "d-other still cannot be decoded" in err and "nothing requeued" in err
@@ -1066,12 +1124,12 @@ def test_set_aside_retries_are_listed_put_back_and_discarded(
     assert code == 2 and "re-send(s) d-x do not exist; nothing discarded" in err
     assert redis_client.hlen(keys.retry_unreadable) == 3
     code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--requeue")
-    assert code == 0 and "1 set-aside re-send put back into the retry schedule" in out
+    assert code == 0 and out == {"requeued": 1}
     (claimed,) = store.claim_due(now=10)  # due at once
     assert claimed == good
     code, out, _ = run_cli(capsys, "-c", config, "set-aside", "--retries", "--discard",
                            "d-junk", "d-other")
-    assert code == 0 and "2 set-aside re-sends deleted" in out
+    assert code == 0 and out == {"discarded": 2}
     assert redis_client.hlen(keys.retry_unreadable) == 0
     stats = {k.decode(): int(v) for k, v in redis_client.hgetall(keys.engine_stats).items()}
     assert (stats["retries_unreadable"], stats["retries_requeued"],

@@ -51,7 +51,7 @@ def test_revoking_by_the_token_shows_only_its_id(config: str,
     created = json.loads(out)
     code, out, err = run_cli(capsys, "-c", config, "tokens", "revoke", created["token"])
     # Then the output (a terminal, a CI log) names the token by its id, never the secret
-    assert code == 0 and out.strip() == f"token {created['id']} revoked"
+    assert code == 0 and json.loads(out) == {"revoked": created["id"]}
     assert created["token"] not in out + err
     code, out, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "23")
     assert json.loads(out) == []
@@ -71,7 +71,7 @@ def test_a_token_copied_with_what_surrounds_it_is_revoked_and_never_shown(
     created = json.loads(out)
     code, out, err = run_cli(capsys, "-c", config, "tokens", "revoke",
                              copied.format(created["token"]))
-    assert code == 0 and out.strip() == f"token {created['id']} revoked"
+    assert code == 0 and json.loads(out) == {"revoked": created["id"]}
     assert created["token"][20:] not in out + err
     code, out, _ = run_cli(capsys, "-c", config, "tokens", "list", "--account", "24")
     assert json.loads(out) == []

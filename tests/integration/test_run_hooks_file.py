@@ -107,7 +107,8 @@ def test_forget_file_record_lets_the_next_run_create_a_deleted_hook_again(
     capsys.readouterr()
     code, out, err = run_cli(capsys, "-c", config, "hooks", "forget-file-record", "1",
                              "old CRM")
-    assert code == 0 and "record of hook 'old CRM' of account 1 deleted" in out, err
+    assert code == 0 and out == {"forgotten": {"account_id": 1, "name": "old CRM"}}, err
+    assert "the next `run --hooks` with that file creates the hook again" in err
     job_start(settings, hooks_file)  # created again, on purpose, and recorded
     assert hooks_now(settings) == [(2, "CRM clicks", "https://crm.example.com/hook"),
                                    (3, "old CRM", "https://old-crm.example.com/hook")]
