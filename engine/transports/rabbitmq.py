@@ -75,7 +75,6 @@ installation's DESTINATION_CONCURRENCY), ``timeout_sec`` per delivery.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import ssl
 import time
@@ -671,9 +670,19 @@ def _text(exc: BaseException) -> str:
 
 
 async def _quietly(closing: Any) -> None:
-    with contextlib.suppress(Exception, asyncio.CancelledError):
+    """Await ``closing`` (a connection's close) for CLOSE_TIMEOUT_SEC at most, its
+    errors ignored: a CancelledError of aiormq's own futures too, but not this task's
+    own cancellation (a stop that cancels ``close()`` must not be turned into a
+    return)."""
+    try:
         async with asyncio.timeout(CLOSE_TIMEOUT_SEC):
             await closing
+    except asyncio.CancelledError:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise
+    except Exception:  # a close that fails leaves nothing to do
+        pass
 
 
 TRANSPORTS = {"rabbitmq_queue": RabbitQueueTransport,
