@@ -169,12 +169,25 @@ class RetryWorker:
                         "claim; %d re-send(s) handed over and %d outcome(s) not booked are "
                         "left to it (sent again once their leases run out)",
                         len(self.handed), len(self.settling))
-        with suppress(Exception):
-            self.side.retry.handed_back(sorted(self.handed))
+        self._hand_back(sorted(self.handed), "another engine took the claim")
         self.handed.clear()
         self.sent_with.clear()
         self.settling.clear()
         self.booking = None
+
+    def _hand_back(self, delivery_ids: list[str], why: str) -> None:
+        """Take back the hand-over counts of re-sends not answered because ``why`` (no
+        crash: they use up nothing); a failure is logged: each count stays, and three
+        make the re-send a dead letter saying the worker stopped during each send."""
+        if not delivery_ids:
+            return
+        try:
+            self.side.retry.handed_back(delivery_ids)
+        except Exception as exc:
+            log.warning("retry worker: %d re-send(s) not answered (%s) could not be taken "
+                        "back as handed over (%s: %s); each counts as a send the worker "
+                        "stopped during (3 such make it a dead letter)", len(delivery_ids),
+                        why, type(exc).__name__, exc)
 
     def _forget_gone_stats(self) -> None:
         """Every EXPIRE_EVERY_SEC: the counters of hooks deleted STATS_GONE_SEC and a
@@ -280,8 +293,7 @@ class RetryWorker:
             # those counted and not handed over (Redis failing a kill, the sender
             # refusing) were not sent: counted, after 3 such failures they would become
             # dead letters saying the worker stopped during each send
-            with suppress(Exception):
-                self.side.retry.handed_back([d.id for _, d in sendable[done:]])
+            self._hand_back([d.id for _, d in sendable[done:]], "they were not sent")
             raise
         return len(due)
 
@@ -328,8 +340,7 @@ class RetryWorker:
         finally:
             # a stop is no crash: the sends it interrupts do not count as unanswered
             # (their leases run out and they are sent again, by this or the next worker)
-            with suppress(redis.RedisError):
-                self.side.retry.handed_back(sorted(self.handed))
+            self._hand_back(sorted(self.handed), "the worker stops")
             self.handed.clear()
             self.sent_with.clear()
             with suppress(redis.RedisError):  # stopped: no longer running, at once

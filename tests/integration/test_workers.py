@@ -2347,6 +2347,38 @@ def test_a_stopped_retry_worker_takes_its_unanswered_hand_overs_back(
     assert not retry.dead_letters() and retry.pending() == 1
 
 
+def test_a_hand_back_that_fails_at_a_stop_is_said(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A stop's hand-back that Redis fails leaves the re-send counted as a send the
+    worker stopped during (three make a dead letter): the log says so, not silence."""
+    import engine.dispatch
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.2)
+    created = HookRegistry(redis_client, keys).create(hook())
+    RetryStore(redis_client, keys).schedule(
+        Delivery(id="d1", hook_id=created.id or 0, account_id=1, kind="http_batch",
+                 parts=[b"{}"]), due_ms=0, error="HTTP 500")
+
+    def refused(self: RetryStore, ids: list[str]) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(RetryStore, "handed_back", refused)
+    sender = InProcessSender(hold=True)
+    worker = RetryWorker(settings, redis_client, sender)
+    stop = threading.Event()
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        runner = threading.Thread(target=worker.run, args=(stop,))
+        runner.start()
+        assert wait_for(lambda: bool(sender.held), 5)
+        stop.set()
+        runner.join(5)
+    assert not runner.is_alive(), "the worker did not stop"
+    assert int(redis_client.hget(keys.retry_unanswered, "d1") or 0) == 1
+    assert "retry worker: 1 re-send(s) not answered (the worker stops) could not be " \
+        "taken back as handed over (ConnectionError: Connection reset by peer)" in caplog.text
+
+
 def test_entries_a_lost_read_handed_over_are_found_and_processed(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
