@@ -632,6 +632,9 @@ class PartitionWorker:
         self.again: deque[_Entry] = deque()
         self.failures: Counter[str] = Counter()  # entry id -> failed rounds (not Redis)
         self.settling: deque[tuple[Delivery, Outcome]] = deque()  # outcomes to book
+        # deliveries handed to the sender, until their outcome is booked (a stop
+        # schedules those left unanswered as re-sends of their own hooks: drain)
+        self.submitted: dict[str, Delivery] = {}
         self.to_ack: list[str] = []  # settled entries to acknowledge
         self.delivered: Counter[int] = Counter()  # hook id -> delivered, to count
         self.failure_log = FailureLog(f"partition {partition}")
@@ -673,6 +676,7 @@ class PartitionWorker:
                         "claim; %d message(s) in open or unanswered batches are left to it "
                         "(read again once the claim is back)", self.partition, self.unsettled)
         self.dispatcher.drop_batches()
+        self.submitted.clear()
         self.entry_left.clear()
         self.unsettled = 0
         self.again.clear()
@@ -726,6 +730,7 @@ class PartitionWorker:
             for delivery in ready:
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 self.sender.submit(hook, delivery)
+                self.submitted[delivery.id] = delivery
                 handed += 1
         except Exception as exc:
             self.dispatcher.outbox[:0] = ready[handed:]  # not handed over: the next round's
@@ -993,7 +998,8 @@ class PartitionWorker:
         while self.settling:
             delivery, outcome = self.settling[0]
             if delivery.id not in self.dispatcher.pending_hooks:
-                # a batch from before another engine took the claim (_drop_work)
+                # a batch from before another engine took the claim (_drop_work), or
+                # one a stop scheduled unanswered (drain), answered late
                 self.settling.popleft()
                 continue
             if outcome.ok:
@@ -1005,7 +1011,9 @@ class PartitionWorker:
                 # after a Redis error starts from the delivery as it was
                 rest = msgspec.structs.replace(rest, last_attempt_ms=now_ms(),
                                                restarts=restarts_after(delivery, outcome))
-                due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                # one a stop left unanswered is due at once: the next start sends it
+                due = rest.last_attempt_ms if outcome.error == "Stopped" else \
+                    retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 error = scrub(outcome.describe(), hook_secrets(hook))
@@ -1025,6 +1033,7 @@ class PartitionWorker:
             self.settling.popleft()
             self.booking = None
             _, entries = self.dispatcher.pending_hooks.pop(delivery.id)
+            self.submitted.pop(delivery.id, None)
             for eid, n in entries.items():
                 self._count_settled(eid, n)
         self._ack([])
@@ -1141,6 +1150,7 @@ class PartitionWorker:
                 try:
                     self.sender.submit(self.dispatcher.pending_hooks[delivery.id][0],
                                        delivery)
+                    self.submitted[delivery.id] = delivery
                 except Exception:
                     self.dispatcher.outbox[:0] = ready[handed:]
                     raise
@@ -1148,9 +1158,36 @@ class PartitionWorker:
             self._settle(self.sender.poll(min(max(left, 0.0), 0.05)))
             if left <= 0 or not (self.sender.inflight() or self.settling):
                 break  # all settled, or none to come
+        self._schedule_unanswered()
         self.failure_log.say()  # the failures booked meanwhile, as a round says them
         open_ = self.dispatcher.open_messages()  # (refresh failed: not sent)
         return max(self.unsettled - open_ - sum(e.held for e in self.again), 0)
+
+    def _schedule_unanswered(self) -> None:
+        """The batches in flight without an outcome at the drain's end are scheduled as
+        re-sends of their own hooks, due at once and using up no re-send (``Stopped``),
+        and their entries acknowledged: left pending instead, each entry would be read
+        again and every hook's messages of it sent again, the hooks that had their
+        answer too. A destination that took such a batch late gets it twice. Not while
+        another engine may hold the claim (its bookings are not to be undone)."""
+        booked = {delivery.id for delivery, _ in self.settling}
+        unanswered = [d for i, d in self.submitted.items()
+                      if i not in booked and i in self.dispatcher.pending_hooks]
+        if not unanswered:
+            return
+        if self.holding is not None:
+            self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
+                               self._drop_work)
+        stopped = Outcome(ok=False, error="Stopped", detail=(
+            f"no outcome within the stop's drain ({DRAIN_SEC:g} s); sent again by the next "
+            "start"))
+        self._settle([(d, stopped) for d in unanswered])
+        self.stop_said.append(
+            f"partition {self.partition}: stopped with {sum(d.count for d in unanswered)} "
+            f"message(s) in {len(unanswered)} batch(es) whose outcome did not come within "
+            f"{DRAIN_SEC:g} s; scheduled as re-sends of their own hooks, due at once (a "
+            "destination that took one meanwhile gets it twice)")
+        log.warning("%s", self.stop_said[-1])
 
     def _holds_work(self) -> bool:
         """Whether anything is open, in flight or to be booked: a partition holding

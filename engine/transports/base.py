@@ -87,11 +87,12 @@ def uncharged(delivery: Delivery, outcome: Outcome) -> bool:
     """Whether a failed delivery's failure says nothing of its destination: it is
     scheduled again without using up a re-send, and never dead-lettered for it. One
     that waited DESTINATION_QUEUE_SEC for its destination and was never sent
-    (``Queued``); one whose transport actor died or restarted (calls made while Ray
-    restarts it fail at once, sent or not: with HOOK_RETRY_TIMES 0, or on a last
-    re-send, a batch never sent would be a dead letter), up to MAX_UNCHARGED_RESTARTS
-    times in a row (``Delivery.restarts``)."""
-    if outcome.error == "Queued":
+    (``Queued``); one a stop's drain left without an outcome (``Stopped``); one whose
+    transport actor died or restarted (calls made while Ray restarts it fail at once,
+    sent or not: with HOOK_RETRY_TIMES 0, or on a last re-send, a batch never sent
+    would be a dead letter), up to MAX_UNCHARGED_RESTARTS times in a row
+    (``Delivery.restarts``)."""
+    if outcome.error in ("Queued", "Stopped"):
         return True
     return outcome.error == "TransportRestarted" and \
         delivery.restarts < MAX_UNCHARGED_RESTARTS

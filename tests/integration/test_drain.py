@@ -94,16 +94,18 @@ def test_a_partition_stopping_sends_its_open_batches_and_acknowledges_them(
     assert again.transport.sent == []
 
 
-def test_a_partition_stops_within_its_drain_time_leaving_the_rest_to_the_next_start(
+def test_a_partition_stops_within_its_drain_time_scheduling_the_rest_as_re_sends(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Outcomes that do not come within the drain time are not waited for: the stop
-    says how many messages are left, their entries stay pending and are read again."""
+    """Outcomes that do not come within the drain time are not waited for: their
+    batches are scheduled as re-sends of their hooks, due at once and using up no
+    re-send (even with HOOK_RETRY_TIMES 0), their entries acknowledged, and the stop
+    says how many messages that was."""
     import engine.dispatch
 
     monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    HookRegistry(redis_client, keys).create(hook())
+    settings = settings.model_copy(update={"PARTITIONS": 1, "HOOK_RETRY_TIMES": 0})
+    created = HookRegistry(redis_client, keys).create(hook())
     one_intake(redis_client, keys, 10).publish(clicks(30))
     worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
     for _ in range(3):
@@ -112,17 +114,67 @@ def test_a_partition_stops_within_its_drain_time_leaving_the_rest_to_the_next_st
     with caplog.at_level(logging.WARNING, logger="hookray"):
         worker._stopping()
     said = [r.getMessage() for r in caplog.records if "stopped" in r.getMessage()]
-    assert said == ["partition 0: stopped with 30 message(s) in batches whose outcome did "
-                    "not come within 0.3 s; their entries are read again by the next start, "
-                    "and every hook's messages of them sent again"]
+    assert said == ["partition 0: stopped with 30 message(s) in 3 batch(es) whose outcome "
+                    "did not come within 0.3 s; scheduled as re-sends of their own hooks, "
+                    "due at once (a destination that took one meanwhile gets it twice)"]
     assert worker.stop_said == said  # for the driver to say too
-    assert pending(redis_client, keys) == 3  # read again by the next start
-    again = InProcessSender()
-    restarted = PartitionWorker(settings, redis_client, 0, again)
-    wait_for(lambda: restarted.step(block_ms=10) is not None and
-             redis_client.xlen(keys.intake(0)) == 0, timeout=10)
+    assert pending(redis_client, keys) == 0 and redis_client.xlen(keys.intake(0)) == 0
+    retry = RetryStore(redis_client, keys)
+    assert retry.pending() == 3 and not retry.dead_letters()
+    assert Stats(redis_client, keys).get(created.id or 0)["retried"] == 30
+    again = InProcessSender()  # the next start's retry worker sends them, at once
+    restarted = RetryWorker(settings, redis_client, again)
+    assert restarted.step() == 3
     assert sorted(mid for d in again.transport.sent for mid in d.message_ids) == \
         sorted(mid for d in worker.sender.held for mid in d.message_ids)
+    assert {(d.resends, d.last_error.split(":")[0]) for d in again.transport.sent} == \
+        {(0, "Stopped")}
+
+
+class HoldsOne(Later):
+    """Answers at once, except for the hook ``slow``'s batches: never."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__(after=1)
+        self.slow = slow
+
+    def submit(self, hook: Any, delivery: Delivery) -> None:
+        if delivery.hook_id == self.slow:
+            self.hooks.append(hook)
+            self.held.append(delivery)
+            return
+        super().submit(hook, delivery)
+
+
+def test_a_stop_sends_again_only_the_slow_hooks_batches_not_every_hooks(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two hooks take the same events; one destination answers, the other does not
+    within the drain. Left pending, each entry was read again by the next start and
+    sent again to both hooks; now only the slow hook's batches go again."""
+    import engine.dispatch
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    fast, slow = registry.create(hook()), registry.create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(20))
+    sender = HoldsOne(slow.id or 0)
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    for _ in range(3):
+        worker.step(block_ms=10)
+    worker._stopping()
+    assert pending(redis_client, keys) == 0
+    stats = Stats(redis_client, keys)
+    assert stats.get(fast.id or 0)["delivered"] == 20
+    assert stats.get(slow.id or 0)["retried"] == 20
+    # the next start: nothing read again; the re-sends go to the slow hook alone
+    again = InProcessSender()
+    PartitionWorker(settings, redis_client, 0, again).step(block_ms=10)
+    retry_worker = RetryWorker(settings, redis_client, again)
+    assert retry_worker.step() == 2
+    assert {d.hook_id for d in again.transport.sent} == {slow.id}
+    assert sum(d.count for d in again.transport.sent) == 20
 
 
 def test_a_partition_stop_with_nothing_in_flight_does_not_wait(
