@@ -31,7 +31,7 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound, PrefixTaken
 from engine.events import MAX_ID, Event, is_account_id
-from engine.health import cluster_mode, engine_health, eviction_risk, too_old
+from engine.health import cluster_mode, engine_health, eviction_risk, quick_client, too_old
 from engine.hooks import Hook, not_utf8
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys, recorded_partitions
@@ -297,16 +297,23 @@ class Engine:
         self._renewer = Renewer(lease)
         return lease
 
-    def _release_prefix(self) -> None:
+    def _release_prefix(self, seconds: float | None = None) -> None:
+        """Give up the claim on the prefix; ``seconds``: at most that long on Redis (a
+        stop's time left: a hung Redis would hold it for the client's 30 s)."""
         lease, self.lease = self.lease, None
         if self._renewer is not None:
             self._renewer.stop()
             self._renewer = None
         if lease is not None:
+            quick = None if seconds is None else quick_client(self.redis, seconds)
             try:
-                lease.release()
+                lease.release(quick)
             except redis.RedisError as exc:  # it lapses by itself
-                log.warning("releasing %s: %s", lease.key, exc)
+                log.warning("releasing %s: %s: %s (the claim lapses by itself within "
+                            "%g s)", lease.key, type(exc).__name__, exc, lease.ttl_ms / 1000)
+            finally:
+                if quick is not None:
+                    quick.close()
 
     def _already_runs(self, what: str) -> PrefixTaken:
         """The error for actor names of this REDIS_PREFIX taken on this Ray cluster:
@@ -420,7 +427,7 @@ class Engine:
                         ray.kill(actor)
                 self.actors = {}
         finally:  # whatever interrupted it: the renewal ends, the claim is given up
-            self._release_prefix()
+            self._release_prefix(left(5))
             self._release_ray()
             self.redis.close()
 

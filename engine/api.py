@@ -77,7 +77,7 @@ from engine.events import (
     cap_issues,
     ensure_ids,
 )
-from engine.health import Repeats, engine_health, redis_full, repeated
+from engine.health import Repeats, engine_health, quick_client, redis_full, repeated
 from engine.hooks import (
     MASK,
     MAX_PROBLEMS,
@@ -1077,11 +1077,7 @@ async def openapi(request: web.Request) -> web.Response:
 def _prober(r: redis.Redis) -> redis.Redis:
     """A client of the same Redis as ``r`` whose calls give up after
     HEALTH_TIMEOUT_SEC: a probe of a hung Redis must not hold a thread for ever."""
-    pool = r.connection_pool
-    kwargs = {**pool.connection_kwargs, "socket_timeout": HEALTH_TIMEOUT_SEC,
-              "socket_connect_timeout": HEALTH_TIMEOUT_SEC}
-    return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **kwargs))
+    return quick_client(r, HEALTH_TIMEOUT_SEC)
 
 
 async def health(request: web.Request) -> web.Response:

@@ -24,6 +24,17 @@ from engine.keys import Keys, recorded_partitions
 
 log = logging.getLogger("hookray")
 
+def quick_client(r: redis.Redis, seconds: float) -> redis.Redis:
+    """A client of the same Redis as ``r`` whose calls (and connects) give up after
+    ``seconds``: a probe, or a stop's last writes, must not wait on a hung Redis for
+    ``r``'s own timeout. Close it after use."""
+    pool = r.connection_pool
+    kwargs = {**pool.connection_kwargs, "socket_timeout": seconds,
+              "socket_connect_timeout": seconds}
+    return redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **kwargs))
+
+
 BEAT_SEC = 1.0  # a running worker marks itself at most this often
 ALIVE_SEC = 15  # and counts as running for this long after
 REASON_CHARS = 500  # of a waiting worker's reason, kept in its mark

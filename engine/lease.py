@@ -128,9 +128,11 @@ class EngineLease:
 
     renew = claim
 
-    def release(self) -> bool:
-        """Give the claim up (only ours: a lapsed one another engine took stays)."""
-        return bool(self._release(keys=[self.key], args=[self.owner]))
+    def release(self, client: redis.Redis | None = None) -> bool:
+        """Give the claim up (only ours: a lapsed one another engine took stays);
+        ``client``: another client of the same Redis to do it with (one of a shorter
+        timeout, at a stop)."""
+        return bool(self._release(keys=[self.key], args=[self.owner], client=client))
 
     def claim_or_wait(self, prefix: str, same_cluster: Any = None) -> None:
         """Claim the prefix for a starting engine. Held by another engine: wait for

@@ -273,3 +273,37 @@ async def test_the_apis_health_says_redis_is_full_when_workers_seem_stopped() ->
                 body = await rsp.json()
         assert rsp.status == 200 and body["redis_full"] is True
         assert body["partitions"]["stopped"] == [0] and body["retry_running"] is False
+
+
+def test_a_stop_gives_up_its_claim_within_its_time_on_a_hung_redis(
+        settings: Settings, caplog: pytest.LogCaptureFixture) -> None:
+    """The claim on the prefix was given up with the driver's client, whose calls wait
+    30 s: a Redis that hung at a stop held the stop that long past STOP_SEC (and `ray
+    job stop` killed the job first). The release now waits the stop's time left, at
+    most 5 s, and says the claim lapses by itself."""
+    import logging
+    import os
+    import signal
+
+    from engine.lease import EngineLease
+
+    for client in own_redis():
+        port = client.connection_pool.connection_kwargs["port"]
+        engine = Engine.connect(settings.model_copy(
+            update={"REDIS_URL": f"redis://127.0.0.1:{port}/0"}))
+        lease = EngineLease(engine.redis, engine.keys, ttl_sec=30)
+        assert lease.claim() is None
+        engine.lease = lease
+        pid = int(client.info("server")["process_id"])
+        os.kill(pid, signal.SIGSTOP)  # hung: connections open, nothing answers
+        try:
+            started = time.monotonic()
+            with caplog.at_level(logging.WARNING, logger="hookray"):
+                engine.shutdown()
+            took = time.monotonic() - started
+        finally:
+            os.kill(pid, signal.SIGCONT)
+        assert took < 10, took  # the client's own timeout is 30 s
+        assert f"releasing {engine.keys.engine}: TimeoutError: " in caplog.text
+        assert "(the claim lapses by itself within 30 s)" in caplog.text
+        assert client.pttl(engine.keys.engine) > 0  # left to lapse, not released
