@@ -14,10 +14,10 @@ import math
 import re
 import time
 from collections import Counter
-from collections.abc import Callable, Collection, Iterable, Iterator, Mapping
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 import redis
@@ -1029,10 +1029,13 @@ class _KeyPlaces:
         return self._places[key]
 
 
-def _by_bytes(ids: list[str], sizes: list[int], limit: int) -> Iterator[list[str]]:
+_Id = TypeVar("_Id", str, bytes)
+
+
+def _by_bytes(ids: Sequence[_Id], sizes: list[int], limit: int) -> Iterator[list[_Id]]:
     """``ids`` in order, in chunks whose ``sizes`` add up to ``limit`` at most (one
     larger than that alone)."""
-    chunk: list[str] = []
+    chunk: list[_Id] = []
     total = 0
     for delivery_id, size in zip(ids, sizes, strict=True):
         if chunk and total + size > limit:
@@ -1352,14 +1355,16 @@ class RetryStore:
             raise ValueError(f"set_aside_retries: after: expected a set-aside re-send's "
                              f"id (32 hex digits, as listed), got {after[:80]!r}")
         page = [i for i in ids if after is None or i > after][:limit]
-        raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, page)) \
-            if page else []
         out = []
-        for delivery_id, raw in zip(page, raws, strict=True):
-            if raw is None:  # put back or discarded meanwhile
-                continue
-            out.append({"id": delivery_id, "hook_id": _head_hook(raw), "bytes": len(raw),
-                        "error": _decode_error(raw)})
+        # each may hold MAX_BATCH_BYTES: read DEAD_MOVE_BYTES at a time
+        for chunk in _by_bytes(page, self._sizes(self.k.retry_unreadable, page),
+                               DEAD_MOVE_BYTES):
+            raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, chunk))
+            for delivery_id, raw in zip(chunk, raws, strict=True):
+                if raw is None:  # put back or discarded meanwhile
+                    continue
+                out.append({"id": delivery_id, "hook_id": _head_hook(raw),
+                            "bytes": len(raw), "error": _decode_error(raw)})
         return out
 
     def requeue_set_aside(self, ids: list[str] | None = None) -> int:
@@ -1368,25 +1373,39 @@ class RetryStore:
         that removes it (two runs at once put it back once), counted as
         ``retries_requeued``; how many. An unknown id, or one that still cannot be
         decoded, raises ValueError naming it, and nothing is moved."""
-        if ids is None:
-            raw = cast(dict[bytes, bytes], self.r.hgetall(self.k.retry_unreadable))
-            wanted = sorted(k.decode("utf-8", "replace") for k, v in raw.items()
-                            if _decode_error(v) is None)
+        if ids is None:  # each read (to be judged) DEAD_MOVE_BYTES at a time, not all
+            # at once: every one may hold MAX_BATCH_BYTES
+            every = sorted(k.decode("utf-8", "replace") for k in cast(
+                list[bytes], self.r.hkeys(self.k.retry_unreadable)))
+            wanted = []
+            for chunk in _by_bytes(every, self._sizes(self.k.retry_unreadable, every),
+                                   DEAD_MOVE_BYTES):
+                raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, chunk))
+                wanted += [i for i, raw in zip(chunk, raws, strict=True)
+                           if raw is not None and _decode_error(raw) is None]
         else:
             wanted = list(dict.fromkeys(ids))
             if not wanted:
                 return 0
-            found = self._set_aside_found(wanted, "requeued")
-            undecodable = [i for i in wanted if _decode_error(found[i]) is not None]
+            sizes = self._set_aside_found(wanted, "requeued")
+            undecodable = []
+            for chunk in _by_bytes(wanted, sizes, DEAD_MOVE_BYTES):
+                raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, chunk))
+                undecodable += [i for i, raw in zip(chunk, raws, strict=True)
+                                if raw is not None and _decode_error(raw) is not None]
             if undecodable:
                 raise ValueError(f"set-aside re-send(s) {', '.join(undecodable[:20])} still "
                                  "cannot be decoded (they would be set aside again); "
                                  "nothing requeued")
         moved = 0
-        for start in range(0, len(wanted), 1000):
-            moved += int(cast(int, self.r.eval(
-                _REQUEUE_RESENDS, 4, self.k.retry_unreadable, self.k.retry_payload,
-                self.k.retry, self.k.engine_stats, *wanted[start:start + 1000])))
+        # a script copies each payload: DEAD_MOVE_BYTES of them at most (1,000 at once
+        # of MAX_BATCH_BYTES each held Redis for many seconds)
+        for chunk in _by_bytes(wanted, self._sizes(self.k.retry_unreadable, wanted),
+                               DEAD_MOVE_BYTES):
+            for start in range(0, len(chunk), 1000):
+                moved += int(cast(int, self.r.eval(
+                    _REQUEUE_RESENDS, 4, self.k.retry_unreadable, self.k.retry_payload,
+                    self.k.retry, self.k.engine_stats, *chunk[start:start + 1000])))
         return moved
 
     def discard_set_aside(self, ids: list[str]) -> int:
@@ -1404,15 +1423,24 @@ class RetryStore:
                 *wanted[start:start + 1000])))
         return done
 
-    def _set_aside_found(self, ids: list[str], done: str) -> dict[str, bytes]:
-        """The payload of each set-aside re-send of ``ids``; ValueError naming those
-        that do not exist (``done``: what did not happen to any)."""
-        raws = cast(list[bytes | None], self.r.hmget(self.k.retry_unreadable, ids))
-        unknown = [i for i, raw in zip(ids, raws, strict=True) if raw is None]
+    def _set_aside_found(self, ids: list[str], done: str) -> list[int]:
+        """The payload size of each set-aside re-send of ``ids`` (not the payloads:
+        each may hold MAX_BATCH_BYTES); ValueError naming those that do not exist
+        (``done``: what did not happen to any)."""
+        sizes = self._sizes(self.k.retry_unreadable, ids)
+        empty = [i for i, size in zip(ids, sizes, strict=True) if not size]
+        if empty:  # absent, or an empty payload (damaged: it is there)
+            with self.r.pipeline(transaction=False) as pipe:
+                for delivery_id in empty:
+                    pipe.hexists(self.k.retry_unreadable, delivery_id)
+                unknown = [i for i, there in zip(empty, pipe.execute(), strict=True)
+                           if not there]
+        else:
+            unknown = []
         if unknown:
             raise ValueError(f"set-aside re-send(s) {', '.join(unknown[:20])} do not exist; "
                              f"nothing {done}")
-        return {i: cast(bytes, raw) for i, raw in zip(ids, raws, strict=True)}
+        return sizes
 
     def handed_over(self, delivery_ids: list[str]) -> list[int]:
         """Count a re-send of each of ``delivery_ids`` about to be handed to a
@@ -1510,20 +1538,35 @@ class RetryStore:
         key = self._dead_index(account_id, hook_id)
         out: list[tuple[Delivery, str]] = []
         for page in self._pages(key, min(max(limit, 50), DEAD_READ_CHUNK), start):
+            scores = dict(page)
             ids = [delivery_id for delivery_id, _ in page]
-            payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
-                self.k.dead_payload, ids)
-            self._prune(key, [i for i, raw in zip(ids, payloads, strict=True) if raw is None])
-            for (delivery_id, score), raw in zip(page, payloads, strict=True):
-                if raw is None:  # replayed meanwhile, or an index entry left behind
-                    continue
-                d = self._unpacked(delivery_id, raw)
-                if d is not None and (account_id is None or d.account_id == account_id) and \
-                        (hook_id is None or d.hook_id == hook_id):
-                    out.append((d, cursor_of(score, delivery_id)))
-                    if len(out) >= limit:
-                        return out
+            # a payload may hold MAX_BATCH_BYTES: read DEAD_MOVE_BYTES at a time, and no
+            # more than the page needs (one HMGET of a page's payloads held Redis for
+            # seconds, every other client waiting)
+            for chunk in _by_bytes(ids, self._sizes(self.k.dead_payload, ids),
+                                   DEAD_MOVE_BYTES):
+                payloads: list[bytes | None] = self.r.hmget(  # type: ignore[assignment]
+                    self.k.dead_payload, chunk)
+                self._prune(key, [i for i, raw in zip(chunk, payloads, strict=True)
+                                  if raw is None])
+                for delivery_id, raw in zip(chunk, payloads, strict=True):
+                    if raw is None:  # replayed meanwhile, or an index entry left behind
+                        continue
+                    d = self._unpacked(delivery_id, raw)
+                    if d is not None and (account_id is None or d.account_id == account_id) \
+                            and (hook_id is None or d.hook_id == hook_id):
+                        out.append((d, cursor_of(scores[delivery_id], delivery_id)))
+                        if len(out) >= limit:
+                            return out
         return out
+
+    def _sizes(self, key: str, fields: Sequence[str | bytes]) -> list[int]:
+        """The byte sizes of the hash ``key``'s ``fields`` (0: absent), in one round
+        trip: what a read of their values would copy."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for name in fields:
+                pipe.hstrlen(key, name)
+            return [int(n) for n in pipe.execute()]
 
     def _prune(self, key: str, ids: list[bytes]) -> None:
         """Of ``ids`` read from the index ``key`` without a payload, those that still
