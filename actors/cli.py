@@ -411,6 +411,8 @@ def _same_named(engine: Any, data: dict[str, Any]) -> list[tuple[int, str | None
 
 def _report_until(engine: Any, stop: threading.Event, report_sec: float, duration: float
                   ) -> None:
+    from engine.health import eviction_risk
+
     started = time.monotonic()
     seen: set[int] = set()  # every hook stored during the run: one deleted still counts
     # what health said last, and when: the same problems again once a minute at most
@@ -429,6 +431,8 @@ def _report_until(engine: Any, stop: threading.Event, report_sec: float, duratio
             # `hookray health`; when it changes, and once a minute while it lasts
             problems = _health_problems(engine.health(), engine.settings.REDIS_PREFIX,
                                         engine.redis)
+            # a policy set after the start (its warning) drops work as silently
+            problems += [risk] if (risk := eviction_risk(engine.redis)) is not None else []
             if problems and (problems != said[0]
                              or time.monotonic() - said[1] >= HEALTH_REPEAT_SEC):
                 for problem in problems:
@@ -688,14 +692,19 @@ def cmd_set_aside(args: argparse.Namespace) -> int:
 
 def cmd_health(args: argparse.Namespace) -> int:
     """Print which of the engine's workers run (as GET /v1/health); exit 1 when one of
-    them is stopped or waits (see its reason), or no engine ever started here; 2 (an
-    error) when Redis cannot be read."""
+    them is stopped or waits (see its reason), no engine ever started here, or Redis
+    may evict keys on its own (its maxmemory-policy); 2 (an error) when Redis cannot be
+    read."""
+    from engine.health import eviction_policy, eviction_risk
+
     engine = _engine(args)
     health = engine.health()
     full = _full_if_stopped(health, engine.redis)
-    _print({"status": "ok", **health, "redis_full": full is not None})
+    _print({"status": "ok", **health, "redis_eviction": eviction_policy(engine.redis),
+            "redis_full": full is not None})
     problems = [full] if full is not None else []
     problems += _health_problems(health, engine.settings.REDIS_PREFIX)
+    problems += [risk] if (risk := eviction_risk(engine.redis)) is not None else []
     for problem in problems:
         print(f"hookray: health: {problem}", file=sys.stderr)
     return 1 if problems else 0

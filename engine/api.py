@@ -77,7 +77,14 @@ from engine.events import (
     cap_issues,
     ensure_ids,
 )
-from engine.health import Repeats, engine_health, quick_client, redis_full, repeated
+from engine.health import (
+    Repeats,
+    engine_health,
+    eviction_policy,
+    quick_client,
+    redis_full,
+    repeated,
+)
 from engine.hooks import (
     MASK,
     MAX_PROBLEMS,
@@ -1118,10 +1125,12 @@ HEALTH_DAMAGED = "the engine's configuration in Redis is damaged (the engine's l
 
 
 def _probe(r: redis.Redis, keys: Keys) -> dict[str, Any]:
-    """``engine_health``, and ``redis_full``: whether Redis is at its maxmemory, asked
+    """``engine_health``, ``redis_eviction``: Redis' maxmemory-policy when it may evict
+    keys (any other than noeviction), and ``redis_full``: whether Redis is at its maxmemory, asked
     only when a worker seems stopped (Redis then refuses the marks of workers that may
     well run)."""
     workers = engine_health(r, keys)
+    workers["redis_eviction"] = eviction_policy(r)
     workers["redis_full"] = bool(
         (workers["partitions"]["stopped"] or not workers["retry_running"])
         and workers["partitions"]["expected"] is not None and redis_full(r))

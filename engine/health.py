@@ -12,6 +12,7 @@ being processed without asking Ray.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -235,24 +236,36 @@ def too_old(r: redis.Redis) -> str | None:
     return None
 
 
+def eviction_policy(r: redis.Redis) -> str | None:
+    """This Redis' ``maxmemory-policy`` when it is not ``noeviction`` (Redis may then
+    evict keys on its own), else None; None too when the server does not say. Read
+    from ``INFO memory`` (which managed services keep), else from CONFIG."""
+    policy: Any = None
+    with contextlib.suppress(redis.ResponseError):  # INFO renamed or denied
+        policy = cast(dict[str, Any], r.info("memory")).get("maxmemory_policy")
+    if policy is None:
+        try:
+            policy = r.config_get("maxmemory-policy").get("maxmemory-policy")
+        except redis.ResponseError:  # CONFIG disabled, as on managed services
+            return None
+    if isinstance(policy, bytes):
+        policy = policy.decode("utf-8", "replace")
+    return policy if isinstance(policy, str) and policy != "noeviction" else None
+
+
 def eviction_risk(r: redis.Redis) -> str | None:
     """Why this Redis may drop accepted work on its own, or None: a ``maxmemory-policy``
     other than ``noeviction`` evicts keys when memory runs short (``allkeys-*`` any:
-    intake streams, retry schedules, dead letters; ``volatile-*`` those with a TTL:
-    message content, sent without it then, and the engine's claim on its prefix).
-    None too when the server does not say (CONFIG disabled, as on managed services)."""
-    try:
-        policy = r.config_get("maxmemory-policy").get("maxmemory-policy")
-    except redis.ResponseError:
+    intake streams, retry schedules, dead letters, hooks; ``volatile-*`` those with a
+    TTL: message content, sent without it then, and the engine's claim on its prefix).
+    None too when the server does not say (neither INFO nor CONFIG answers)."""
+    policy = eviction_policy(r)
+    if policy is None:
         return None
-    if isinstance(policy, bytes):
-        policy = policy.decode()
-    if isinstance(policy, str) and policy.startswith("allkeys-"):
+    if policy.startswith("allkeys-"):
         return (f"Redis evicts any key when it runs out of memory (maxmemory-policy "
                 f"{policy}): accepted events, retries and dead letters could be dropped; "
                 "use noeviction for the engine's Redis")
-    if isinstance(policy, str) and policy != "noeviction":
-        return (f"Redis evicts keys with a TTL when it runs out of memory (maxmemory-policy "
-                f"{policy}): stored message content could be dropped (messages then go "
-                "without it); use noeviction for the engine's Redis")
-    return None
+    return (f"Redis evicts keys with a TTL when it runs out of memory (maxmemory-policy "
+            f"{policy}): stored message content could be dropped (messages then go "
+            "without it); use noeviction for the engine's Redis")

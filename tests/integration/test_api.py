@@ -588,7 +588,7 @@ async def test_health_answers_without_a_token_while_redis_does(api: Api,
     assert (answer.status, answer.body) == (200, {
         "status": "ok", "partitions": {"expected": None, "running": 0, "waiting": [],
                                        "stopped": []},
-        "retry_running": False, "retry_waiting": None,
+        "retry_running": False, "retry_waiting": None, "redis_eviction": None,
         "redis_full": False})  # no engine on this prefix yet
     keys = Keys(settings.REDIS_PREFIX)
     api.r.hset(keys.config, "partitions", 3)  # an engine with two partitions running
@@ -601,7 +601,7 @@ async def test_health_answers_without_a_token_while_redis_does(api: Api,
         "status": "ok", "partitions": {"expected": 3, "running": 2, "waiting": [],
                                        "stopped": [1]},
         "retry_running": True, "retry_waiting": "stored hook 4 no longer validates",
-        "redis_full": False})
+        "redis_eviction": None, "redis_full": False})
     marks["partition:2"].beat("stored hook 4 no longer validates")
     answer = await api.call("GET", "/v1/health")
     assert answer.body["partitions"] == {  # marked at once, though beaten just before

@@ -502,7 +502,8 @@ def test_health_exits_1_unless_every_worker_runs(config: str, settings: Settings
     assert code == 0 and health == {  # as GET /v1/health answers
         "status": "ok",
         "partitions": {"expected": 2, "running": 2, "waiting": [], "stopped": []},
-        "retry_running": True, "retry_waiting": None, "redis_full": False}
+        "retry_running": True, "retry_waiting": None, "redis_eviction": None,
+        "redis_full": False}
     marks["partition:1"].beat("stored hook 7 no longer validates")
     code, health, _ = run_cli(capsys, "-c", config, "health")
     assert code == 1 and health["partitions"]["waiting"] == [

@@ -307,3 +307,42 @@ def test_a_stop_gives_up_its_claim_within_its_time_on_a_hung_redis(
         assert f"releasing {engine.keys.engine}: TimeoutError: " in caplog.text
         assert "(the claim lapses by itself within 30 s)" in caplog.text
         assert client.pttl(engine.keys.engine) > 0  # left to lapse, not released
+
+
+async def test_health_names_an_evicting_policy_also_when_config_is_disabled(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A Redis that may evict keys on its own drops accepted events, re-sends and
+    hooks without a word: the start's one warning was all, and managed services,
+    CONFIG disabled, gave not even that. GET /v1/health and `hookray health` name the
+    policy (read from INFO), and `hookray health` exits 1 saying why."""
+    import json as json_module
+
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from actors.cli import main
+    from engine.api import create_app
+    from engine.health import eviction_policy
+    from engine.keys import Keys
+
+    for r in own_redis("--maxmemory-policy", "allkeys-lru", "--rename-command", "CONFIG", ""):
+        with pytest.raises(redis.ResponseError):
+            r.config_get("maxmemory-policy")  # as on a managed service
+        assert eviction_policy(r) == "allkeys-lru" and eviction_risk(r) is not None
+        port = r.connection_pool.connection_kwargs["port"]
+        settings = Settings(REDIS_URL=f"redis://127.0.0.1:{port}/0", REDIS_PREFIX="evicts")
+        async with TestClient(TestServer(create_app(settings), host="127.0.0.1")) as client, \
+                client.get("/v1/health") as rsp:
+            body = await rsp.json()
+        assert rsp.status == 200 and body["redis_eviction"] == "allkeys-lru"
+        config = tmp_path / "main.json"
+        config.write_text(json_module.dumps({"REDIS_URL": settings.REDIS_URL,
+                                             "REDIS_PREFIX": "evicts"}))
+        r.hset(Keys("evicts").config, "partitions", 1)
+        capsys.readouterr()
+        code = main(["-c", str(config), "health"])
+        out, err = capsys.readouterr()
+        assert code == 1 and json_module.loads(out)["redis_eviction"] == "allkeys-lru"
+        assert "hookray: health: Redis evicts any key when it runs out of memory " \
+            "(maxmemory-policy allkeys-lru)" in err
+    for r in own_redis("--maxmemory-policy", "noeviction"):
+        assert eviction_policy(r) is None
