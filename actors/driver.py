@@ -36,7 +36,14 @@ from engine.hooks import Hook, not_utf8
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys, recorded_partitions
 from engine.lease import EngineLease, Renewer
-from engine.settings import Settings, load_settings, ray_address_problem, with_overrides
+from engine.settings import (
+    Settings,
+    engine_redis,
+    load_settings,
+    ray_address_problem,
+    with_overrides,
+    without_retries,
+)
 from engine.stores import (
     STAT_FIELDS,
     ContentStore,
@@ -149,8 +156,8 @@ class Engine:
         self.settings = settings
         # as the workers': a Redis gone from the network without a reset fails a call
         # after 30 s, not after the kernel's ~15 min (a REDIS_URL's own options win)
-        self.redis = r or redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30,
-                                               health_check_interval=30)
+        self.redis = without_retries(r) if r is not None else engine_redis(
+            settings.REDIS_URL, socket_timeout=30, health_check_interval=30)
         self.keys = Keys(settings.REDIS_PREFIX)
         self.catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         self.hooks = HookRegistry(self.redis, self.keys, self.catalogue,

@@ -14,12 +14,11 @@ from actors import logs
 from actors.sender import RaySender
 from engine.dispatch import PartitionWorker
 from engine.retrying import RetryWorker
-from engine.settings import Settings
+from engine.settings import Settings, engine_redis
 
 
 def _redis(settings: Settings) -> redis.Redis:
-    return redis.Redis.from_url(settings.REDIS_URL, socket_timeout=30,
-                                health_check_interval=30)
+    return engine_redis(settings.REDIS_URL, socket_timeout=30, health_check_interval=30)
 
 
 def _handles(pools: dict[str, list[str]]) -> dict[str, list[Any]]:

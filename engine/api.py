@@ -104,7 +104,7 @@ from engine.hooks import (
 from engine.intake import Intake
 from engine.jsonkeys import unique_keys
 from engine.keys import Keys
-from engine.settings import Settings
+from engine.settings import Settings, engine_redis, without_retries
 from engine.stores import (
     STAT_FIELDS,
     HookRegistry,
@@ -208,9 +208,9 @@ class Backend:
         # a Redis that stops answering fails a request with 503 after REDIS_TIMEOUT_SEC
         # instead of holding one of the API's threads (and every request queued
         # behind them) for ever
-        r = r or redis.Redis.from_url(settings.REDIS_URL, health_check_interval=30,
-                                      socket_timeout=REDIS_TIMEOUT_SEC,
-                                      socket_connect_timeout=REDIS_TIMEOUT_SEC)
+        r = without_retries(r) if r is not None else engine_redis(
+            settings.REDIS_URL, health_check_interval=30, socket_timeout=REDIS_TIMEOUT_SEC,
+            socket_connect_timeout=REDIS_TIMEOUT_SEC)
         keys = Keys(settings.REDIS_PREFIX)
         catalogue = load_catalogue(settings.EVENT_TYPES_FILE)
         return cls(settings, r, catalogue,

@@ -22,6 +22,7 @@ import redis
 
 from engine.errors import HookError, PrefixTaken
 from engine.keys import Keys, recorded_partitions
+from engine.settings import without_retries
 
 log = logging.getLogger("hookray")
 
@@ -32,8 +33,8 @@ def quick_client(r: redis.Redis, seconds: float) -> redis.Redis:
     pool = r.connection_pool
     kwargs = {**pool.connection_kwargs, "socket_timeout": seconds,
               "socket_connect_timeout": seconds}
-    return redis.Redis(connection_pool=redis.ConnectionPool(
-        connection_class=pool.connection_class, **kwargs))
+    return without_retries(redis.Redis(connection_pool=redis.ConnectionPool(
+        connection_class=pool.connection_class, **kwargs)))
 
 
 BEAT_SEC = 1.0  # a running worker marks itself at most this often

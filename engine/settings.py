@@ -19,6 +19,8 @@ from urllib.parse import parse_qs, unquote, urlsplit
 import redis
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
+from redis.backoff import NoBackoff
+from redis.retry import Retry
 
 from engine.errors import ConfigError, quoted
 from engine.hooks import not_utf8
@@ -208,6 +210,26 @@ class Settings(BaseModel):
         data = self.model_dump()
         data["REDIS_URL"] = _mask_url(self.REDIS_URL)
         return data
+
+
+def engine_redis(url: str, **options: Any) -> redis.Redis:
+    """A client of the engine's Redis at ``url`` (its own options win over
+    ``options``): replies in RESP2, whatever redis-py's default (8.x speaks RESP3,
+    opening each connection with HELLO, which some proxies and ACLs refuse), and no
+    tries again of its own (``without_retries``)."""
+    return redis.Redis.from_url(url, **{"protocol": 2, "retry": _NO_RETRY, **options})
+
+
+def without_retries(r: redis.Redis) -> redis.Redis:
+    """``r`` (a client given to the engine) set to send no command again by itself:
+    redis-py's ``redis.Redis(...)`` tries one again up to 10 times after a lost reply,
+    when Redis may have carried it out (a hook created twice, a count made twice); the
+    engine does its own tries, knowing which of its writes may be made twice."""
+    r.set_retry(_NO_RETRY)
+    return r
+
+
+_NO_RETRY = Retry(NoBackoff(), 0)
 
 
 # the options a REDIS_URL may give: those redis-py parses, and text ones it takes

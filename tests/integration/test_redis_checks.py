@@ -46,7 +46,7 @@ def own_redis(*options: str, cwd: str | None = None, port: int | None = None
     proc = subprocess.Popen([binary, "--port", str(port), "--bind", "127.0.0.1",
                              "--save", "", "--appendonly", "no", *options],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=cwd)
-    client = redis.Redis(port=port)
+    client = redis.Redis(port=port, protocol=2)  # (a test may refuse HELLO)
     try:
         deadline = time.monotonic() + 10
         while True:
@@ -346,3 +346,33 @@ async def test_health_names_an_evicting_policy_also_when_config_is_disabled(
             "(maxmemory-policy allkeys-lru)" in err
     for r in own_redis("--maxmemory-policy", "noeviction"):
         assert eviction_policy(r) is None
+
+
+def test_the_engines_clients_speak_resp2_and_never_send_a_command_twice(
+        settings: Settings) -> None:
+    """redis-py 8 opens each connection with HELLO 3 (RESP3) by default: a Redis, proxy
+    or ACL refusing HELLO refused the engine, and its replies' shapes hung on the
+    installed redis-py. A client given to the engine is set to try no command again
+    by itself (redis-py's default sends one again after a lost reply, when Redis may
+    have carried it out: a hook created twice)."""
+    from actors.workers import _redis
+    from engine.api import Backend
+    from engine.health import quick_client
+
+    for r in own_redis("--rename-command", "HELLO", ""):
+        port = r.connection_pool.connection_kwargs["port"]
+        ours = settings.model_copy(update={"REDIS_URL": f"redis://127.0.0.1:{port}/0"})
+        engine = Engine.connect(ours)
+        created = engine.create_hook({"name": "crm", "account_id": 3, "actions": ["click"],
+                                      "target": {"http_batch": {"url": "http://127.0.0.1:9/x"}}})
+        assert engine.get_hook(created.id or 0).name == "crm"
+        for client in (engine.redis, _redis(ours), Backend.of(ours).r,
+                       quick_client(engine.redis, 2)):
+            assert client.ping()  # HELLO refused: no client of the engine sends it
+            assert client.connection_pool.connection_kwargs["protocol"] == 2
+            assert client.get_retry()._retries == 0
+        engine.redis.close()
+    given = redis.Redis(port=6379)  # redis-py's own default: 10 tries again
+    assert given.get_retry()._retries > 0
+    assert Engine(settings, r=given).redis.get_retry()._retries == 0
+    given.close()
