@@ -203,13 +203,15 @@ def unconfigured(monkeypatch: pytest.MonkeyPatch) -> Iterator[logging.Logger]:
     engine_log.setLevel(logging.NOTSET)
     # ``configure`` gives aiohttp's logger its handler too: left to later tests, it
     # wrote to this test's captured stderr, closed by then ("Logging error")
-    library = logging.getLogger("aiohttp")
-    monkeypatch.setattr(library, "handlers", [])
-    library_level = library.level
-    library.setLevel(logging.NOTSET)
+    libraries = [logging.getLogger(name) for name in (*logs.LIBRARIES, *logs.SPARSE_LIBRARIES)]
+    levels = [library.level for library in libraries]
+    for library in libraries:
+        monkeypatch.setattr(library, "handlers", [])
+        library.setLevel(logging.NOTSET)
     yield engine_log
     engine_log.setLevel(level)
-    library.setLevel(library_level)
+    for library, library_level in zip(libraries, levels, strict=True):
+        library.setLevel(library_level)
 
 
 def no_root_handlers(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -484,6 +486,34 @@ def test_configure_gives_aiohttps_errors_the_same_handler(
     logging.getLogger("aiohttp.access").info("not shown: below WARNING")
     line, = capsys.readouterr().err.splitlines()
     assert line.endswith(" ERROR aiohttp.server: Error handling request"), line
+
+
+def test_configure_says_a_broker_clients_repeated_lines_once_a_minute(
+        unconfigured: logging.Logger, capsys: pytest.CaptureFixture[str],
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """While a Kafka broker was down, aiokafka logged each failed connect and metadata
+    refresh, bare (Python's last-resort handler), about 7 lines a second per
+    destination: 274 of a soak's 334 log lines. Each kind is said once a minute now,
+    with its time, level and logger."""
+    no_root_handlers(monkeypatch)
+    clock = [1000.0]
+    monkeypatch.setattr(logs.time, "monotonic", lambda: clock[0])
+    logs.configure()
+    for _ in range(50):
+        logging.getLogger("aiokafka").error("Unable connect to node with id %s: %s", 1,
+                                            "refused")
+        logging.getLogger("aiokafka.conn").warning("Connection to %s failed", "b:9092")
+        clock[0] += 0.1
+    logging.getLogger("aiormq.connection").warning("Connection lost")
+    lines = capsys.readouterr().err.splitlines()
+    assert [line.split(" ", 2)[2] for line in lines] == [
+        "ERROR aiokafka: Unable connect to node with id 1: refused",
+        "WARNING aiokafka.conn: Connection to b:9092 failed",
+        "WARNING aiormq.connection: Connection lost"], lines
+    clock[0] += logs.SPARSE_SEC
+    logging.getLogger("aiokafka").error("Unable connect to node with id %s: %s", 2, "reset")
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.endswith(" ERROR aiokafka: Unable connect to node with id 2: reset")
 
 
 async def test_an_unexpected_error_is_logged_once_a_minute_with_its_traceback(
