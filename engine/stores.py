@@ -1485,20 +1485,24 @@ class RetryStore:
         # more per dead delivery, a batch: not per message)
         died = self._redis_ms()
         with self._booking(once) as pipe:
-            if delivered:
-                self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
-            pipe.zrem(self.k.retry, delivery.id)
-            pipe.hdel(self.k.retry_payload, delivery.id)
-            pipe.hdel(self.k.retry_unanswered, delivery.id)
+            # the writes that a key damaged from outside (of another type) can fail
+            # first, each done again alike by a booking tried again; then what removes
+            # it from the schedule; the counts last: a booking that failed half-way
+            # (not undone) neither leaves it half-moved nor counts it again each try
             pipe.hset(self.k.dead_payload, delivery.id, pack_delivery(delivery))
             pipe.zadd(self.k.dead, {delivery.id: died})
             pipe.zadd(self.k.dead_of_account(delivery.account_id), {delivery.id: died})
             pipe.zadd(self.k.dead_of_hook(delivery.hook_id), {delivery.id: died})
             # indexed by this version: an index pass need not read its payload
             pipe.zadd(self.k.dead_recent, {delivery.id: died})
-            self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
             if hook_gone:
                 pipe.zadd(self.k.hooks_gone, {str(delivery.hook_id): died})
+            pipe.zrem(self.k.retry, delivery.id)
+            pipe.hdel(self.k.retry_payload, delivery.id)
+            pipe.hdel(self.k.retry_unanswered, delivery.id)
+            if delivered:
+                self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
+            self.stats.add(pipe, delivery.hook_id, "dead_lettered", delivery.count)
 
     def forget_gone_stats(self, keep_ms: int) -> int:
         """Delete the counters of hooks deleted (or last touched while deleted) over

@@ -332,3 +332,27 @@ def test_a_replayed_letters_deleted_hook_is_marked_in_the_move_itself(
     assert api.discard(["d1", "d2"]) == 2
     assert redis_client.zscore(keys.hooks_gone, str(gone_id)) == hour_ago
     assert worker.forget_gone_stats(16 * 60_000) == 1
+
+
+def test_a_kill_that_a_damaged_index_fails_is_not_made_in_part_nor_counted_again(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A booking is not undone by a command that fails (a hook's dead-letter index
+    damaged from outside: of another type), and one that failed is sent again: the
+    kill's delivered count was made at each try, and the delivery left the schedule
+    without reaching the dead letters. The writes that can fail come first now."""
+    store = RetryStore(redis_client, keys)
+    delivery = Delivery(id="d1", hook_id=5, account_id=1, kind="http_batch",
+                        parts=[b"{}"] * 3, message_ids=["m1", "m2", "m3"])
+    store.schedule(delivery, due_ms=0, error="HTTP 500")
+    redis_client.set(keys.dead_of_hook(5), "damaged")
+    for _ in range(4):  # as the retry worker tries a failed booking again
+        with pytest.raises(redis.ResponseError, match="WRONGTYPE"):
+            store.kill(delivery, "HTTP 500", delivered=10, once=(keys.booked("t"), "tok"))
+    assert redis_client.zscore(keys.retry, "d1") is not None  # still in the schedule
+    assert Stats(redis_client, keys).get(5)["delivered"] == 0
+    redis_client.delete(keys.dead_of_hook(5))  # repaired
+    store.kill(delivery, "HTTP 500", delivered=10, once=(keys.booked("t"), "tok"))
+    assert redis_client.zscore(keys.retry, "d1") is None
+    assert [d.id for d in store.dead_letters()] == ["d1"]
+    counts = Stats(redis_client, keys).get(5)
+    assert (counts["delivered"], counts["dead_lettered"]) == (10, 3)
