@@ -764,10 +764,7 @@ class PartitionWorker:
         counted: entries are not marked before a restart) ended once, and each start
         counted before this one ended again."""
         try:
-            with self.r.pipeline(transaction=False) as pipe:
-                for eid in marked:
-                    pipe.hincrby(self.processing, eid, 1)
-                begun = dict(zip(marked, pipe.execute(), strict=True))
+            begun = self._count_starts(marked)
         except redis.ResponseError as exc:
             if not out_of_memory(exc):
                 raise
@@ -790,6 +787,39 @@ class PartitionWorker:
             if entry.held:
                 self._count_settled(entry.id, 1, ack=False)
         return kept
+
+    def _count_starts(self, marked: list[str]) -> dict[str, int]:
+        """Add a processing start to each of ``marked``; its count after. A count
+        damaged from outside (not an integer, or the hash of another type) starts
+        again at 1, with a warning: failing each round, it held the partition's
+        entries for good."""
+        with self.r.pipeline(transaction=False) as pipe:
+            for eid in marked:
+                pipe.hincrby(self.processing, eid, 1)
+            replies = pipe.execute(raise_on_error=False)
+        begun: dict[str, int] = {}
+        replaced = False
+        for eid, reply in zip(marked, replies, strict=True):
+            if not isinstance(reply, redis.ResponseError):
+                begun[eid] = int(reply)
+                continue
+            text = str(reply)
+            if "WRONGTYPE" in text:
+                if not replaced:
+                    log.warning("partition %s: %s holds no hash of processing starts "
+                                "(damaged from outside?); replaced, the counts start again",
+                                self.partition, self.processing)
+                    self.r.delete(self.processing)
+                    replaced = True
+            elif not ("not an integer" in text or "overflow" in text):
+                raise reply  # Redis at its maxmemory, an ACL...: the caller's to judge
+            else:
+                log.warning("partition %s: %s field %s holds no count (damaged from "
+                            "outside?); it starts again at 1", self.partition,
+                            self.processing, eid)
+            self.r.hset(self.processing, eid, 1)
+            begun[eid] = 1
+        return begun
 
     def _process(self, entries: list[_Entry]) -> tuple[Exception | None, bool]:
         """Refresh, then batch ``entries`` and close due batches: the error that stopped

@@ -1456,6 +1456,38 @@ def test_an_entry_that_ends_the_process_each_time_is_set_aside_after_restarts(
     assert len(delivered) == 10
 
 
+@pytest.mark.parametrize("damage", ["field", "key"])
+def test_a_damaged_processing_count_starts_again_and_holds_nothing_up(
+        damage: str, redis_client: redis.Redis, settings: Settings, keys: Keys,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """An entry read again after a restart counts a processing start; a count damaged
+    from outside (not an integer, or the hash of another type) failed every round,
+    holding the partition's entries for good. It starts again at 1, said."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 5).publish(clicks(10))
+    first = PartitionWorker(cfg, redis_client, 0, InProcessSender(hold=True))
+    for _ in range(3):  # read, never settled: the process ended
+        first.step(block_ms=10)
+    pending = [e["message_id"].decode() for e in redis_client.xpending_range(
+        keys.intake(0), CONSUMER_GROUP, "-", "+", 10)]
+    assert len(pending) == 2
+    processing = keys.processing(0, "partition-0")
+    if damage == "field":
+        redis_client.hset(processing, pending[0], "abc")
+    else:
+        redis_client.set(processing, "abc")
+    sender = InProcessSender()
+    restarted = PartitionWorker(cfg, redis_client, 0, sender)
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        run_until(restarted, lambda: redis_client.xlen(keys.intake(0)) == 0)
+    assert sum(d.count for d in sender.transport.sent) == 10
+    said = "field " + pending[0] + " holds no count" if damage == "field" else \
+        "holds no hash of processing starts"
+    assert f"partition 0: {processing} {said}" in caplog.text
+    assert not redis_client.exists(processing)
+
+
 def test_a_failing_round_does_not_end_the_worker(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     import threading
