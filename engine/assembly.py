@@ -44,7 +44,7 @@ from engine.customdata import (
     render_value,
     ymd_hms,
 )
-from engine.events import NS, Event, parse_rfc3339_ns
+from engine.events import NS, Event, parse_rfc3339_ns, shown_segment
 from engine.hooks import Hook
 from engine.matching import EventColumns
 from engine.messages import (
@@ -65,7 +65,7 @@ _UUID = PARAMETERS["uuid"]
 
 
 def _segment_input(event: Event) -> Any:
-    return event.account_id, event.segment_ids[0] if event.segment_ids else None
+    return event.account_id, shown_segment(event)
 
 
 # what each parameter's value depends on: equal inputs, equal values

@@ -208,6 +208,16 @@ def _refuse_wrong_types(event: Event) -> None:
                          f"{quoted(event.segment_ids)}")
 
 
+def shown_segment(event: Event) -> int | None:
+    """The segment a message of ``event`` is about (``{{segment_name}}``): the one its
+    ``event_data`` shows (the send's), when not 0, else the first of ``segment_ids``
+    (the profile's, those a hook's ``filters.segments`` matches), else None."""
+    segment = event.event_data.get("segment_id") if event.event_data else None
+    if isinstance(segment, int) and not isinstance(segment, bool) and segment:
+        return segment
+    return event.segment_ids[0] if event.segment_ids else None
+
+
 def _int_or_fail(value: Any, field: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
         raise ValueError(f"{field}: expected an integer, got {quoted(value)}")

@@ -280,7 +280,11 @@ class CustomData(_Model):
             raise ValueError(f"template and pairs hold {chars} characters of keys and "
                              f"values: at most {CUSTOM_DATA_MAX_CHARS} in all (each is "
                              "copied into every message)")
-        params = sum(text.count("{{") for text in texts)
+        # (the parameters filled in; an unknown one, or braces no parameter is in, is
+        # left as written and costs nothing)
+        from engine.customdata import known_parameters
+
+        params = sum(known_parameters(text) for text in texts)
         if params > CUSTOM_DATA_MAX_PARAMS:
             raise ValueError(f"template and pairs hold {params} {{{{parameters}}}}: at most "
                              f"{CUSTOM_DATA_MAX_PARAMS} in all (each is filled in for every "

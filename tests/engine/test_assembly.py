@@ -77,6 +77,9 @@ def _events() -> list[Event]:
     events[8].segment_ids = [4]  # segment_id filled in from the top-level field
     events[9].event_data = {k: v for k, v in events[9].event_data.items() if k != "segment_id"}
     events[9].segment_ids = None  # filled in as 0: no segment
+    # several segments, event_data showing the second: {{segment_name}} names that one
+    events[10].segment_ids = [4, events[10].event_data.get("segment_id") or 5]
+    events[10].event_data = {**events[10].event_data, "segment_id": events[10].segment_ids[1]}
     return events
 
 
@@ -103,6 +106,9 @@ def _without_uuids(message: dict[str, Any]) -> dict[str, Any]:
 def test_assembled_messages_equal_the_reference(name: str, stored: bool) -> None:
     hook = HOOKS[name]
     catalogue, names = load_catalogue(), make_names()
+    for account in range(1, 6):  # named: {{segment_name}} compared, not empty on both
+        for segment in range(1, 21):
+            names.upsert(account, "segments", segment, name=f"Segment {segment}")
     events, views = _stored(_events()) if stored else (_events(), None)
     assert stored == (views is not None)
     content = {(e.account_id, e.send_id): {"subject": f"s{i}"}

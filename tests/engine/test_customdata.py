@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from calendar import timegm
 from datetime import UTC, datetime, timedelta
@@ -314,6 +315,19 @@ def test_names_from_event_data_ids(names: NameCatalogue) -> None:
         "message_subject": "Hello there",
         "resource_name": "Main site",
     }
+
+
+def test_the_segment_named_is_the_one_the_message_shows(names: NameCatalogue) -> None:
+    """An event of several segments (the profile's) whose ``event_data`` shows one
+    (the send's): ``{{segment_name}}`` named the first of ``segment_ids`` beside a
+    message showing another's id."""
+    seg = {"pairs": {"seg": "{{segment_name}}"}}
+    shown = make_event(segment_ids=[7, 8], event_data={"segment_id": 8})
+    assert render(seg, shown, names) == {"seg": "Second segment"}
+    # none shown (0: the send had no segment): the profile's first, as without it
+    assert render(seg, make_event(segment_ids=[7, 8], event_data={"segment_id": 0}),
+                  names) == {"seg": "VIP"}
+    assert render(seg, make_event(segment_ids=[8, 7]), names) == {"seg": "Second segment"}
 
 
 def test_names_empty_when_the_event_has_no_ids(names: NameCatalogue) -> None:
@@ -660,3 +674,21 @@ def test_one_context_shared_by_several_hooks(names: NameCatalogue) -> None:
     assert ctx.name("segments", 7) == "VIP"
     assert ctx.name("templates", 5, "subject") == "Hello there"
     assert ctx.name("templates", None) == ""
+
+
+def test_uuids_come_from_the_systems_random_source() -> None:
+    """``"order-{{uuid}}"`` took Python's own generator (predictable from enough of
+    its output, and one partition's serves every account): seeded alike, it gave the
+    same uuid twice."""
+    import random
+
+    from engine.customdata import _uuid4
+
+    made = []
+    for _ in range(2):
+        random.seed(42)
+        made.append(_uuid4())
+    assert made[0] != made[1] and all(UUID_TEXT.match(u) for u in made)
+
+
+UUID_TEXT = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")

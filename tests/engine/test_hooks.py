@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import re
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -1289,3 +1290,15 @@ def test_an_exchange_hooks_codes_fit_its_routing_keys() -> None:
     assert parse_hook(data, catalogue, stored=True).actions == ["click", long]
     for target in (HTTP_NONE, KAFKA):
         parse_hook(hook_data(target, actions=[long]), catalogue)
+
+
+def test_only_parameters_filled_in_count_towards_the_custom_data_limit() -> None:
+    """Braces that hold no parameter, and unknown parameters, are left as written and
+    cost nothing: 300 of them are no "300 {{parameters}}"."""
+    literal = {"template": {"doc": "{{" * 300, "unknown": "{{nope}}" * 300}}
+    hook = Hook.model_validate(hook_data(custom_data=literal))
+    assert hook.custom_data is not None and hook.custom_data.template["doc"] == "{{" * 300
+    with pytest.raises(ValidationError, match=re.escape("hold 257 {{parameters}}: at most 256")):
+        Hook.model_validate(hook_data(custom_data={
+            "template": {"a": "{{ uuid }}" * 200, "b": "{{segment_name}}" * 57,
+                         "c": "{{nope}}" * 100}}))
