@@ -54,6 +54,7 @@ from engine.stores import (
     RetryStore,
     Stats,
     other_account,
+    version_number,
 )
 from engine.transports.base import (
     Delivery,
@@ -257,11 +258,13 @@ class Dispatcher:
     def refresh(self, now: float) -> None:
         """Pick up hook, name and profile changes (batches of changed hooks are flushed
         to the outbox)."""
+        keys = (self.side.keys.hooks_version, self.side.keys.names_version,
+                self.side.keys.profiles_version)
         with self.side.registry.r.pipeline(transaction=False) as pipe:
-            for key in (self.side.keys.hooks_version, self.side.keys.names_version,
-                        self.side.keys.profiles_version):
+            for key in keys:
                 pipe.get(key)
-            hooks_v, names_v, profiles_v = (int(v or 0) for v in pipe.execute())
+            hooks_v, names_v, profiles_v = (version_number(key, v) for key, v in
+                                            zip(keys, pipe.execute(), strict=True))
         if names_v != self.versions["names"]:
             self.names = self.side.names.load()
             self.versions["names"] = names_v

@@ -66,7 +66,21 @@ ENGINE_STAT_FIELDS = ("events_accepted", "events_rejected", "entries_unreadable"
 
 
 def _version(r: redis.Redis, key: str) -> int:
-    return int(r.get(key) or 0)
+    return version_number(key, cast(bytes | None, r.get(key)))
+
+
+def version_number(key: str, raw: bytes | None) -> int:
+    """A version key's value (``{p}:version:hooks``...; absent: 0); ConfigError naming
+    the key for one that holds no integer (written from outside the engine): every
+    round failed on a bare ``invalid literal for int()``."""
+    try:
+        return int(raw or 0)
+    except ValueError:
+        raise ConfigError(
+            f"{key} holds {quoted(raw.decode('utf-8', 'replace') if raw else raw)}, not a "
+            "version number (written from outside the engine?); set it to an integer (e.g. "
+            "`redis-cli SET KEY 1000000`): each change moves it on"
+        ) from None
 
 
 _REPLACE_HOOK = """
@@ -77,11 +91,14 @@ redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 redis.call('INCR', KEYS[2])
 return 1
 """
-# KEYS: the hooks hash, the hook id counter, the deleted hooks zset. The next hook id:
-# the counter's next, unless the counter was missing (copied or restored without it)
-# or that id is a stored or deleted-and-marked hook's (a counter restored older than
-# the hooks): then one above the counter and every such hook's id (decimal fields
-# only, as the engine writes them; compared as text, so any length is exact)
+# KEYS: the hooks hash, the hook id counter, the deleted hooks zset; ARGV: the per-hook
+# counters' and dead-letter indexes' key prefixes ("{p}:stats:", "{p}:dead:hook:"). The
+# next hook id: the counter's next, unless the counter was missing (copied or restored
+# without it, or Redis emptied) or that id is a stored or deleted-and-marked hook's (a
+# counter restored older than the hooks): then one above the counter and every such
+# hook's id (decimal fields only, as the engine writes them; compared as text, so any
+# length is exact), and none that has counters or dead letters (written by outcomes
+# of an earlier hook of that id: a new hook would take them over)
 _NEXT_HOOK_ID = """
 local fresh = redis.call('EXISTS', KEYS[2]) == 0
 local id = redis.call('INCR', KEYS[2])
@@ -97,9 +114,14 @@ local function higher(field)
 end
 for _, field in ipairs(redis.call('HKEYS', KEYS[1])) do higher(field) end
 for _, field in ipairs(redis.call('ZRANGE', KEYS[3], 0, -1)) do higher(field) end
-if not taken and top == redis.call('GET', KEYS[2]) then return id end
-redis.call('SET', KEYS[2], top)
-return redis.call('INCR', KEYS[2])
+if taken or top ~= redis.call('GET', KEYS[2]) then
+  redis.call('SET', KEYS[2], top)
+  id = redis.call('INCR', KEYS[2])
+end
+while redis.call('EXISTS', ARGV[1] .. id, ARGV[2] .. id) > 0 do
+  id = redis.call('INCR', KEYS[2])
+end
+return id
 """
 # KEYS: the hooks hash, its version; ARGV: the new hook's id, its record. Stored only
 # where no hook is (1), else nothing changes (0).
@@ -180,7 +202,8 @@ class HookRegistry:
         self._room_for(new.account_id)
         for _ in range(REPLACE_TRIES):
             fields["id"] = int(cast(int, self._next_id(
-                keys=[self.k.hooks, self.k.hooks_seq, self.k.hooks_gone])))
+                keys=[self.k.hooks, self.k.hooks_seq, self.k.hooks_gone],
+                args=[self.k.stats(0)[:-1], self.k.dead_of_hook(0)[:-1]])))
             hook = parse_hook(fields, self.catalogue)
             if self._create_script(keys=[self.k.hooks, self.k.hooks_version],
                                    args=[str(hook.id), json.dumps(hook.to_storage())]):

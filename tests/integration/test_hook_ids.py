@@ -83,6 +83,25 @@ def test_create_with_the_id_counter_restored_older_skips_stored_and_deleted_ids(
     assert registry.create(hook(2, "https://account2.example/in")).id == 5
 
 
+def test_an_emptied_redis_gives_no_new_hook_the_counters_or_dead_letters_of_an_old_id(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Redis emptied under a running engine (FLUSHDB, a restart without persistence):
+    outcomes still in flight write hook 1's counters (and dead letters) again, and the
+    counter starts over. A new hook took id 1 and those counters with it (delivered
+    above accepted); ids with counters or dead letters are passed over."""
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook(1, "https://a1.example/1"))
+    registry.create(hook(1, "https://a1.example/2"))
+    for key in (keys.hooks, keys.hooks_seq, keys.hooks_gone):  # emptied...
+        redis_client.delete(key)
+    redis_client.hset(keys.stats(1), "delivered", 20)  # ... then outcomes came in
+    redis_client.zadd(keys.dead_of_hook(2), {"d1": 1})
+    made = registry.create(hook(2, "https://account2.example/in"))
+    assert made.id == 3
+    assert registry.create(hook(2, "https://account2.example/again")).id == 4
+    assert redis_client.get(keys.hooks_seq) == b"4"
+
+
 def test_create_stores_no_hook_over_one_written_meanwhile(
         redis_client: redis.Redis, keys: Keys) -> None:
     """A record written at the new id between taking it and storing (from outside the

@@ -356,3 +356,21 @@ def test_a_kill_that_a_damaged_index_fails_is_not_made_in_part_nor_counted_again
     assert [d.id for d in store.dead_letters()] == ["d1"]
     counts = Stats(redis_client, keys).get(5)
     assert (counts["delivered"], counts["dead_lettered"]) == (10, 3)
+
+
+@pytest.mark.parametrize("which", ["hooks", "names", "profiles"])
+def test_a_version_key_that_holds_no_number_is_named(
+        which: str, redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """Every round failed on a bare ``invalid literal for int() with base 10: b'abc'``:
+    the error names the key now, and how to mend it."""
+    from engine.errors import ConfigError
+
+    key = {"hooks": keys.hooks_version, "names": keys.names_version,
+           "profiles": keys.profiles_version}[which]
+    redis_client.set(key, "abc")
+    worker = PartitionWorker(one_partition(settings), redis_client, 0, InProcessSender())
+    with pytest.raises(ConfigError, match=f"^{key} holds 'abc', not a version number "):
+        worker.step(block_ms=10)
+    redis_client.set(key, 1_000_000)  # as the error says: the next round goes on
+    worker.step(block_ms=10)
+    assert worker.dispatcher.versions[which] == 1_000_000
