@@ -28,7 +28,6 @@ Date forms follow the Go layouts the platform documents:
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Callable
 from functools import lru_cache
@@ -36,19 +35,8 @@ from os import urandom
 from typing import Any
 
 from engine.events import NS, Event, parse_rfc3339_ns, shown_segment
-from engine.hooks import CustomData
+from engine.hooks import PARAMETER, PARAMETER_NAMES, CustomData
 from engine.names import NameCatalogue
-
-# the spaces a Go template action allows inside its braces: space, tab, CR, LF (not
-# Unicode's other spaces: "{{\u00a0uuid}}" is no parameter, and stays as written)
-_PARAM = re.compile(r"\{\{[ \t\r\n]*([A-Za-z0-9_]+)[ \t\r\n]*\}\}")
-
-
-def known_parameters(text: str) -> int:
-    """How many parameters ``text`` holds that are filled in (``PARAMETERS``)."""
-    if "{{" not in text:
-        return 0
-    return sum(1 for m in _PARAM.finditer(text) if m.group(1) in PARAMETERS)
 
 
 class EventContext:
@@ -137,6 +125,8 @@ PARAMETERS: dict[str, Callable[[EventContext], str]] = {
     "message_subject": lambda ctx: ctx.name("templates", ctx.event.message_id, "subject"),
     "resource_name": lambda ctx: ctx.name("resources", ctx.event.resource_id),
 }
+if set(PARAMETERS) != PARAMETER_NAMES:  # the hooks' limit counts these (engine.hooks)
+    raise RuntimeError("engine.hooks.PARAMETER_NAMES differs from customdata.PARAMETERS")
 
 Part = str | Callable[[EventContext], str]
 
@@ -145,7 +135,7 @@ def compile_value(template: str) -> list[Part]:
     """Split a template value into literals and getters; unknown parameters stay literal."""
     parts: list[Part] = []
     pos = 0
-    for m in _PARAM.finditer(template):
+    for m in PARAMETER.finditer(template):
         getter = PARAMETERS.get(m.group(1))
         if getter is None:
             continue

@@ -282,14 +282,30 @@ class CustomData(_Model):
                              "copied into every message)")
         # (the parameters filled in; an unknown one, or braces no parameter is in, is
         # left as written and costs nothing)
-        from engine.customdata import known_parameters
-
         params = sum(known_parameters(text) for text in texts)
         if params > CUSTOM_DATA_MAX_PARAMS:
             raise ValueError(f"template and pairs hold {params} {{{{parameters}}}}: at most "
                              f"{CUSTOM_DATA_MAX_PARAMS} in all (each is filled in for every "
                              "message)")
         return self
+
+
+# the {{parameters}} a custom_data value may hold, filled in by engine.customdata
+# (its PARAMETERS); the spaces a Go template action allows inside its braces: space,
+# tab, CR, LF (not Unicode's other spaces: "{{\u00a0uuid}}" is no parameter, and stays
+# as written)
+PARAMETER_NAMES = frozenset({
+    "uuid", "event_date", "event_date_ymd", "event_date_rfc3339", "event_date_unix",
+    "event_date_unixnano", "campaign_name", "campaign_subid", "database_name",
+    "segment_name", "message_name", "message_subject", "resource_name"})
+PARAMETER = re.compile(r"\{\{[ \t\r\n]*([A-Za-z0-9_]+)[ \t\r\n]*\}\}")
+
+
+def known_parameters(text: str) -> int:
+    """How many parameters ``text`` holds that are filled in."""
+    if "{{" not in text:
+        return 0
+    return sum(1 for m in PARAMETER.finditer(text) if m.group(1) in PARAMETER_NAMES)
 
 
 CUSTOM_DATA_MAX_FIELDS = 256  # profile fields one hook copies
