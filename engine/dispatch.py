@@ -1059,8 +1059,9 @@ class PartitionWorker:
                     self.side.retry.kill(rest, error, once=once)
                 else:
                     self.side.retry.schedule(rest, due, error, once=once)
-                self.failure_log.failed(delivery.hook_id, delivery.account_id,
-                                        delivery.kind, rest.count, error, dead)
+                if outcome.error != "Stopped":  # the stop says those itself (drain)
+                    self.failure_log.failed(delivery.hook_id, delivery.account_id,
+                                            delivery.kind, rest.count, error, dead)
                 if done:
                     self.delivered[delivery.hook_id] += done
             self.settling.popleft()
@@ -1148,10 +1149,12 @@ class PartitionWorker:
         """Stopping: nothing more is read; the open batches go now, closed for their
         hooks as stored now (as a round closes them: a deleted hook's are not sent),
         and the outcomes of the batches in flight are booked and their entries
-        acknowledged as they come, for ``seconds`` at most. Returns the messages left
-        without an outcome: their entries are read again, and sent again, by the next
-        start (as after any end). Entries of failed rounds (``again``) are left to it
-        too, not counted here."""
+        acknowledged as they come, for ``seconds`` at most; the batches still without an
+        outcome then are scheduled as re-sends of their own hooks where that settles
+        their entries (``_schedule_unanswered``). Returns the messages left without an
+        outcome: their entries are read again, and sent again, by the next start (as
+        after any end). Entries of failed rounds (``again``) are left to it too, not
+        counted here."""
         deadline = time.monotonic() + (DRAIN_SEC if seconds is None else seconds)
         self.stop_said = []
         if not self._holds_work():
@@ -1201,16 +1204,18 @@ class PartitionWorker:
         re-sends of their own hooks, due at once and using up no re-send (``Stopped``),
         and their entries acknowledged: left pending instead, each entry would be read
         again and every hook's messages of it sent again, the hooks that had their
-        answer too. A destination that took such a batch late gets it twice. Not while
-        another engine may hold the claim (its bookings are not to be undone)."""
-        booked = {delivery.id for delivery, _ in self.settling}
-        unanswered = [d for i, d in self.submitted.items()
-                      if i not in booked and i in self.dispatcher.pending_hooks]
-        if not unanswered:
-            return
+        answer too. A destination that took such a batch late gets it twice. Only
+        batches all of whose entries are then settled: an entry that stays pending
+        anyway (messages of it in open batches left unsent, or a failed round's entry)
+        is read again by the next start and all of its messages sent then, so a re-send
+        of some of them would go twice. Not while another engine may hold the claim
+        (its bookings are not to be undone)."""
         if self.holding is not None:
             self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
                                self._drop_work)
+        unanswered = self._settled_by_stop()
+        if not unanswered:
+            return
         stopped = Outcome(ok=False, error="Stopped", detail=(
             f"no outcome within the stop's drain ({DRAIN_SEC:g} s); sent again by the next "
             "start"))
@@ -1221,6 +1226,23 @@ class PartitionWorker:
             f"{DRAIN_SEC:g} s; scheduled as re-sends of their own hooks, due at once (a "
             "destination that took one meanwhile gets it twice)")
         log.warning("%s", self.stop_said[-1])
+
+    def _settled_by_stop(self) -> list[Delivery]:
+        """The unanswered batches whose entries are all settled once these batches are:
+        every message of each such entry is in one of them."""
+        booked = {delivery.id for delivery, _ in self.settling}
+        chosen = {i: d for i, d in self.submitted.items()
+                  if i not in booked and i in self.dispatcher.pending_hooks}
+        while chosen:
+            covered: Counter[str] = Counter()
+            for i in chosen:
+                covered.update(self.dispatcher.pending_hooks[i][1])
+            short = {eid for eid, n in covered.items() if n < self.entry_left.get(eid, 0)}
+            if not short:
+                break
+            chosen = {i: d for i, d in chosen.items()
+                      if not short.intersection(self.dispatcher.pending_hooks[i][1])}
+        return list(chosen.values())
 
     def _holds_work(self) -> bool:
         """Whether anything is open, in flight or to be booked: a partition holding

@@ -104,7 +104,11 @@ local fresh = redis.call('EXISTS', KEYS[2]) == 0
 local id = redis.call('INCR', KEYS[2])
 local taken = redis.call('HEXISTS', KEYS[1], id) == 1 or
               redis.call('ZSCORE', KEYS[3], id) ~= false
-if not fresh and not taken then return id end
+local function free()
+  local n = string.format('%d', id)  -- not tostring: 1e+14 from 10^14 on
+  return redis.call('EXISTS', ARGV[1] .. n, ARGV[2] .. n) == 0
+end
+if not fresh and not taken and free() then return id end
 local top = redis.call('GET', KEYS[2])
 local function higher(field)
   if string.find(field, '^[1-9]%d*$') and
@@ -118,9 +122,7 @@ if taken or top ~= redis.call('GET', KEYS[2]) then
   redis.call('SET', KEYS[2], top)
   id = redis.call('INCR', KEYS[2])
 end
-while redis.call('EXISTS', ARGV[1] .. id, ARGV[2] .. id) > 0 do
-  id = redis.call('INCR', KEYS[2])
-end
+while not free() do id = redis.call('INCR', KEYS[2]) end
 return id
 """
 # KEYS: the hooks hash, its version; ARGV: the new hook's id, its record. Stored only

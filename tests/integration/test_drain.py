@@ -118,6 +118,8 @@ def test_a_partition_stops_within_its_drain_time_scheduling_the_rest_as_re_sends
                     "did not come within 0.3 s; scheduled as re-sends of their own hooks, "
                     "due at once (a destination that took one meanwhile gets it twice)"]
     assert worker.stop_said == said  # for the driver to say too
+    # said once, not again per hook as failures
+    assert not [r for r in caplog.records if "Stopped:" in r.getMessage()]
     assert pending(redis_client, keys) == 0 and redis_client.xlen(keys.intake(0)) == 0
     retry = RetryStore(redis_client, keys)
     assert retry.pending() == 3 and not retry.dead_letters()
@@ -175,6 +177,46 @@ def test_a_stop_sends_again_only_the_slow_hooks_batches_not_every_hooks(
     assert retry_worker.step() == 2
     assert {d.hook_id for d in again.transport.sent} == {slow.id}
     assert sum(d.count for d in again.transport.sent) == 20
+
+
+def test_a_stop_leaving_open_batches_unsent_does_not_also_schedule_their_entries_batches(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The hooks cannot be loaded at the stop: one hook's open batches stay unsent, so
+    their entries stay pending and the next start sends every hook's messages of them.
+    Another hook's unanswered batches of the same entries were also scheduled as
+    re-sends, and that hook got them twice; now they are left to the next start."""
+    import engine.dispatch
+    from tests.integration.test_workers import break_stored_hook
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook(target={"http_batch": {"url": "http://127.0.0.1:9/x",
+                                                "max_batch_size": 100,
+                                                "flush_timeout_sec": 600}}))
+    slow = registry.create(hook(target={"http_batch": {"url": "http://127.0.0.1:9/y",
+                                                       "max_batch_size": 5}}))
+    broken = registry.create({**hook(), "actions": ["open"]})
+    one_intake(redis_client, keys, 10).publish(clicks(15))
+    worker = PartitionWorker(settings, redis_client, 0, HoldsOne(slow.id or 0))
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.dispatcher.open_messages() == 15 and worker.unsettled == 30
+    break_stored_hook(redis_client, keys, broken.id)
+    redis_client.incr(keys.hooks_version)
+    assert worker.drain() == 15  # the slow hook's, without an outcome
+    assert RetryStore(redis_client, keys).pending() == 0
+    assert pending(redis_client, keys) == 2  # both entries, for the next start
+    registry.delete(broken.id or 0)
+    again = InProcessSender()
+    restarted = PartitionWorker(settings, redis_client, 0, again)
+    for _ in range(3):
+        restarted.step(block_ms=10)
+    restarted.drain(5)
+    assert RetryWorker(settings, redis_client, again).step() == 0
+    sent = [(d.hook_id, mid) for d in again.transport.sent for mid in d.message_ids]
+    assert len(sent) == len(set(sent)) == 30  # each hook's 15, once
 
 
 def test_a_partition_stop_with_nothing_in_flight_does_not_wait(

@@ -96,10 +96,22 @@ def test_an_emptied_redis_gives_no_new_hook_the_counters_or_dead_letters_of_an_o
         redis_client.delete(key)
     redis_client.hset(keys.stats(1), "delivered", 20)  # ... then outcomes came in
     redis_client.zadd(keys.dead_of_hook(2), {"d1": 1})
+    redis_client.hset(keys.stats(4), "delivered", 5)  # for the hook after the first too
     made = registry.create(hook(2, "https://account2.example/in"))
     assert made.id == 3
-    assert registry.create(hook(2, "https://account2.example/again")).id == 4
-    assert redis_client.get(keys.hooks_seq) == b"4"
+    assert registry.create(hook(2, "https://account2.example/again")).id == 5
+    assert redis_client.get(keys.hooks_seq) == b"5"
+
+
+def test_ids_from_10_to_the_14_on_are_checked_for_counters_under_their_own_key(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """Lua wrote such an id as 1e+14 in the keys it checked, so counters kept under the
+    id itself were never seen."""
+    registry = HookRegistry(redis_client, keys)
+    redis_client.set(keys.hooks_seq, 10**14 - 1)
+    redis_client.hset(keys.stats(10**14), "delivered", 7)
+    redis_client.zadd(keys.dead_of_hook(10**14 + 1), {"d1": 1})
+    assert registry.create(hook(1, "https://a1.example/big")).id == 10**14 + 2
 
 
 def test_create_stores_no_hook_over_one_written_meanwhile(
