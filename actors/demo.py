@@ -23,7 +23,7 @@ from typing import Any
 import redis
 
 from engine.receiver import Receiver
-from engine.settings import load_settings, with_overrides
+from engine.settings import engine_redis, load_settings, with_overrides
 from engine.transports.guard import DEFAULT_DENY
 
 
@@ -55,8 +55,8 @@ def _given_redis(config: str | None) -> bool:
 
 
 def _ping(url: str) -> None:
-    """RedisError unless the Redis at ``url`` answers."""
-    r = redis.Redis.from_url(url)
+    """RedisError unless the Redis at ``url`` answers (asked as the engine asks it)."""
+    r = engine_redis(url)
     try:
         r.ping()
     finally:
@@ -65,7 +65,7 @@ def _ping(url: str) -> None:
 
 def _drop_keys(url: str, prefix: str) -> None:
     """The demo's keys in a Redis it shares with others: gone after the run."""
-    r = redis.Redis.from_url(url)
+    r = engine_redis(url)
     try:
         batch = []
         for key in r.scan_iter(match=f"{prefix}:*", count=1000):
