@@ -14,7 +14,14 @@ from typing import Any, cast
 import msgspec
 
 from engine.catalogue import EventCatalogue
-from engine.events import DecodedBatch, EventIssue, TooManyEvents, cap_issues, decode_batch
+from engine.events import (
+    DecodedBatch,
+    EventIssue,
+    TooManyEvents,
+    cap_issues,
+    decode_batch,
+    one_object,
+)
 from engine.hooks import not_utf8
 
 _raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
@@ -56,7 +63,7 @@ def split_items(body: bytes) -> list[Any]:
     try:
         if stripped[:1] == b"[":
             return list(_raw_items_decoder.decode(stripped))
-        if isinstance(msgspec.json.decode(stripped), dict):  # one event over many lines
+        if one_object(stripped):  # one event over many lines
             return [stripped]
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         if stripped[:1] == b"[":

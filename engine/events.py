@@ -22,6 +22,7 @@ the good events of the same batch.
 from __future__ import annotations
 
 import dataclasses
+import json
 import re
 import uuid
 from calendar import monthrange, timegm
@@ -316,7 +317,8 @@ def decode_batch(
     if raw.startswith(_BOM):  # written by some editors and Windows tools: not content
         raw = raw[len(_BOM):]
     stripped = raw.lstrip()
-    if stripped[:1] == b"{" and b"\n" in stripped.rstrip() and _one_object(stripped):
+    alone = one_object(stripped)
+    if alone:
         raw = b"[" + raw + b"]"  # one event written over several lines, not NDJSON
         stripped = raw
     if stripped[:1] != b"[":
@@ -330,6 +332,9 @@ def decode_batch(
         try:
             items = _raw_list_decoder.decode(raw)
         except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+            if alone:  # said of the object as sent (its bytes counted without the [)
+                return DecodedBatch([], [], [EventIssue(-1, "$", f"not a JSON object: "
+                                                        f"{_decode_error(raw[1:-1])}")])
             return DecodedBatch([], [], [EventIssue(-1, "$", f"not a JSON array of events: {exc}")])
         except RecursionError:  # too deep even to be split into events
             return DecodedBatch([], [], [EventIssue(-1, "$", NESTED_TOO_DEEPLY)])
@@ -372,13 +377,44 @@ def _decode_each(
 _BOM = b"\xef\xbb\xbf"
 
 
-def _one_object(raw: bytes) -> bool:
-    """Whether ``raw`` is a single JSON object (NDJSON's first line is read alone, as
-    its trailing lines make it no single value)."""
-    try:
-        return isinstance(msgspec.json.decode(raw), dict)
-    except (msgspec.DecodeError, RecursionError):
+def one_object(stripped: bytes) -> bool:
+    """Whether a body (leading blanks stripped) is one JSON object written over several
+    lines, not NDJSON: it is one object, or its first line is no whole JSON value and
+    its second no object (an event pretty-printed with a slip in it, a trailing comma
+    or a lone surrogate: one bad event, or a malformed body, not a bad event per
+    line)."""
+    if stripped[:1] != b"{" or b"\n" not in stripped.rstrip():
         return False
+    try:
+        if isinstance(msgspec.json.decode(stripped), dict):
+            return True
+    except (msgspec.DecodeError, RecursionError):
+        pass
+    first, second = islice((m.group() for m in _LINE.finditer(stripped)), 2)
+    return _as_json(first) is _NOT_JSON and not isinstance(_as_json(second), dict)
+
+
+_NOT_JSON = object()
+
+
+def _decode_error(raw: bytes) -> str:
+    """What msgspec says of ``raw`` (a body it refused)."""
+    try:
+        msgspec.json.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+        return str(exc)
+    except RecursionError:
+        return NESTED_TOO_DEEPLY
+    return "not one JSON value"
+
+
+def _as_json(line: bytes) -> Any:
+    """``line`` as Python's json reads it (lone surrogates and bytes that are no UTF-8
+    let through), or _NOT_JSON."""
+    try:
+        return json.loads(line.decode("utf-8", "surrogateescape"))
+    except (ValueError, RecursionError):
+        return _NOT_JSON
 
 
 _LINE = re.compile(rb"\S[^\n]*")  # a non-blank line (bytes.strip's blanks are \s)
