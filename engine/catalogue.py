@@ -165,7 +165,7 @@ def engine_codes(recorded: bytes | str | None) -> list[str] | None:
         return None
     try:
         codes = json.loads(recorded)
-    except ValueError:
+    except (ValueError, RecursionError):  # RecursionError: nested too deep to read
         return None
     return codes if isinstance(codes, list) and all(isinstance(c, str) for c in codes) \
         else None

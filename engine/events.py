@@ -290,10 +290,9 @@ def validation_issue(index: int, exc: msgspec.ValidationError | msgspec.DecodeEr
     head = msg.split(": ", 1)[0]
     if not path and ": " in msg and head.replace(".", "").replace("_", "").isalnum():
         path, msg = msg.split(": ", 1)  # raised by __post_init__ as "field: reason"
-    if not path and msg.startswith("Object missing required field"):
-        path = msg.rsplit("`", 2)[-2]
-    if not path and msg.startswith("Object contains unknown field"):
-        path = msg.rsplit("`", 2)[-2]
+    if not path and msg.startswith(("Object missing required field",
+                                    "Object contains unknown field")):
+        path = msg[msg.index("`") + 1:msg.rindex("`")]  # the key may hold backticks
     if path and len(path) > SHOWN_CHARS:  # a key of megabytes: named by its start
         msg = msg.replace(path, path[:SHOWN_CHARS] + "…")
         path = path[:SHOWN_CHARS] + "…"

@@ -60,6 +60,9 @@ class Heartbeat:
         does). A change of that is marked at once, not BEAT_SEC later."""
         now = time.monotonic()
         waiting = " ".join(waiting.split())[:REASON_CHARS]
+        # an error's text may hold what no UTF-8 holds (a lone surrogate): Redis would
+        # refuse the mark, and the worker's loop end on it
+        waiting = waiting.encode("utf-8", "backslashreplace").decode()
         if now - self.last >= BEAT_SEC or waiting != self.waiting:
             mark = f"{int(time.time() * 1000)} {waiting}".rstrip()
             self.r.set(self.key, mark, ex=ALIVE_SEC)

@@ -12,13 +12,15 @@ import os
 import stat
 from typing import Any
 
+from engine.errors import quoted
+
 
 def unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     """The object of ``pairs``; ValueError naming a key given twice."""
     out: dict[str, Any] = {}
     for key, value in pairs:
         if key in out:
-            raise ValueError(f"duplicate key {key!r}")
+            raise ValueError(f"duplicate key {quoted(key)}")
         out[key] = value
     return out
 

@@ -78,7 +78,7 @@ class Holder:
         text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
         try:
             about = json.loads(text.partition(" ")[2])
-        except ValueError:
+        except (ValueError, RecursionError):  # RecursionError: nested too deep to read
             about = {}
         about = about if isinstance(about, dict) else {}
         about.pop("claim", None)  # which taking of the claim: see EngineLease.claim
