@@ -63,6 +63,7 @@ from engine.errors import (
     Backlogged,
     ConfigError,
     Conflict,
+    DamagedRecord,
     HookError,
     NotFound,
     Stale,
@@ -395,6 +396,9 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         raise _bad_events(found, len(unlisted))
     try:
         backend.intake.write(encoded)
+    except DamagedRecord as exc:  # {p}:config damaged: nothing written, no key named
+        backend.warn(str(exc), f"POST /v1/events: {exc}", logging.ERROR)
+        raise ApiError(500, REDIS_DAMAGED.format(what=exc.what)) from None
     except ConfigError as exc:  # the engine runs with other PARTITIONS: nothing written
         raise ApiError(503, str(exc)) from None
     except Backlogged as exc:  # the intake is INTAKE_MAX_ENTRIES behind: nothing written
@@ -1280,6 +1284,10 @@ async def _engine_error(request: web.Request,
         return ApiError(412, str(exc))
     if isinstance(exc, Conflict):
         return ApiError(409, str(exc))
+    if isinstance(exc, DamagedRecord):  # no "try again", and no key named
+        request.app[BACKEND].warn(str(exc), f"{request.method} {request.path}: {exc}",
+                                  logging.ERROR)
+        return ApiError(500, REDIS_DAMAGED.format(what=exc.what))
     if isinstance(exc, ConfigError):
         request.app[BACKEND].warn(str(exc), f"{request.method} {request.path}: {exc}")
         return ApiError(503, str(exc))

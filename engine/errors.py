@@ -28,6 +28,16 @@ class ConfigError(HookrayError):
     """A setting is invalid: names the key, the value and what is accepted."""
 
 
+class DamagedRecord(ConfigError):
+    """A value the engine keeps in Redis holds what the engine never writes (written
+    from outside it): the message names the key and how to mend it, for an operator;
+    ``what`` says what is damaged naming no key, for answers anyone may read."""
+
+    def __init__(self, message: str, what: str) -> None:
+        super().__init__(message)
+        self.what = what
+
+
 class HookError(HookrayError):
     """A hook's settings are invalid: names the field and the reason. ``issues``:
     (field, reason) of each problem, where the error is about fields of the hook."""

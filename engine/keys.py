@@ -106,12 +106,13 @@ def recorded_partitions(raw: bytes | str | None, key: str) -> int | None:
     text = raw.decode("utf-8", "replace") if isinstance(raw, bytes) else raw
     if text.isascii() and text.isdigit() and 1 <= int(text) <= MAX_PARTITIONS:
         return int(text)
-    from engine.errors import ConfigError
+    from engine.errors import DamagedRecord
 
-    raise ConfigError(f"{key} field partitions holds {text[:40]!r}, not the engine's "
-                      f"PARTITIONS (a whole number from 1 to {MAX_PARTITIONS}): a damaged "
-                      "record; set it to the engine's count (HSET), or delete the field "
-                      "while no engine runs")
+    raise DamagedRecord(f"{key} field partitions holds {text[:40]!r}, not the engine's "
+                        f"PARTITIONS (a whole number from 1 to {MAX_PARTITIONS}): a damaged "
+                        "record; set it to the engine's count (HSET), or delete the field "
+                        "while no engine runs",
+                        "the engine's recorded PARTITIONS is no count")
 
 
 class Keys:

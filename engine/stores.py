@@ -25,8 +25,8 @@ import redis
 from engine.catalogue import EventCatalogue, engine_codes
 from engine.errors import (
     SHOWN_CHARS,
-    ConfigError,
     Conflict,
+    DamagedRecord,
     HookError,
     NotFound,
     Stale,
@@ -76,11 +76,11 @@ def version_number(key: str, raw: bytes | None) -> int:
     try:
         return int(raw or 0)
     except ValueError:
-        raise ConfigError(
+        raise DamagedRecord(
             f"{key} holds {quoted(raw.decode('utf-8', 'replace') if raw else raw)}, not a "
             "version number (written from outside the engine?); set it to an integer (e.g. "
-            "`redis-cli SET KEY 1000000`): each change moves it on"
-        ) from None
+            "`redis-cli SET KEY 1000000`): each change moves it on",
+            "a version number holds something other than a number") from None
 
 
 _REPLACE_HOOK = """
@@ -943,9 +943,10 @@ def _counts(raw: dict[bytes, bytes], key: str) -> dict[str, int]:
         try:
             counts[name] = int(value)
         except ValueError:
-            raise ConfigError(f"{key} field {name} holds {value[:40]!r}, not a count: a "
-                              "damaged record (the engine's counts of it are not made); set it "
-                              "right (HSET) or delete the field") from None
+            raise DamagedRecord(f"{key} field {name} holds {value[:40]!r}, not a count: a "
+                                "damaged record (the engine's counts of it are not made); set "
+                                "it right (HSET) or delete the field",
+                                "a counter holds something other than a number") from None
     return counts
 
 

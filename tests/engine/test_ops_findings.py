@@ -359,6 +359,45 @@ async def test_data_redis_refuses_to_use_is_500_naming_no_key(
         "POST /v1/hooks", "POST /v1/events", "GET /v1/hooks"]
 
 
+async def test_data_the_engine_finds_damaged_itself_is_500_naming_no_key_too(
+        settings: Settings, redis_client: redis.Redis,
+        caplog: pytest.LogCaptureFixture) -> None:
+    """A counter read back that holds no number, a recorded PARTITIONS that is no
+    count, a version that is no number: found by the engine, not refused by Redis. They
+    answered 503 "unavailable" (try again), naming the key, to any token."""
+    keys = Keys(settings.REDIS_PREFIX)
+    master, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "master")
+    ingest, _ = TokenStore(redis_client, settings.REDIS_PREFIX).create(1, "ingest")
+    hook = {"name": "crm", "actions": ["click"],
+            "target": {"http_batch": {"url": "http://127.0.0.1:9/hook"}}}
+    client = await _client(settings)
+    answers = []
+    try:
+        with caplog.at_level(logging.INFO, logger="hookray"):
+            async with client.post("/v1/hooks", json=hook, headers=_bearer(master)) as rsp:
+                made = await rsp.json()
+            redis_client.hset(keys.stats(made["id"]), "delivered", "oops")
+            for path in ("/v1/stats", f"/v1/hooks/{made['id']}/stats"):
+                async with client.get(path, headers=_bearer(master)) as rsp:
+                    answers.append((rsp.status, await rsp.json()))
+            redis_client.hset(keys.config, "partitions", "four")
+            async with client.post("/v1/events", json=[EVENT], headers=_bearer(ingest)) as rsp:
+                answers.append((rsp.status, await rsp.json()))
+    finally:
+        await client.close()
+    for status, body in answers:
+        assert status == 500 and body["error"]["code"] == "internal_error", body
+        assert body["error"]["message"].startswith("data the engine keeps in Redis is "
+                                                   "damaged: "), body
+        assert settings.REDIS_PREFIX not in json.dumps(body)  # no key named
+    assert [body["error"]["message"].split(": ")[1].split(".")[0] for _, body in answers] == [
+        "a counter holds something other than a number"] * 2 + [
+        "the engine's recorded PARTITIONS is no count"]
+    lines = [r.getMessage() for r in said(caplog, "hookray.api") if r.levelno == logging.ERROR]
+    assert any(keys.config in line for line in lines)  # the log names the key
+    assert redis_client.xlen(keys.intake(0)) == redis_client.xlen(keys.intake(1)) == 0
+
+
 @pytest.mark.parametrize("error", [
     redis.ResponseError("LOADING Redis is loading the dataset in memory"),
     redis.ResponseError("MISCONF Redis is configured to save RDB snapshots, but it's "
