@@ -339,18 +339,39 @@ class IdleSweep:
             await asyncio.wait([task])
 
 
+# an entry used more lately than this is not closed to make room: with more
+# destinations in use at once than a transport keeps, closing the least recently used
+# one made every delivery open its destination anew (a producer started, TLS and SASL
+# done again) while the cache stayed full
+ROOM_IDLE_SEC = 30.0
+ROOM_WARN_SEC = 60.0  # at most one warning a minute of a cache kept over its limit
+_room_warned: dict[int, float] = {}  # id(entries) -> when its last warning was said
+
+
 def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,
-              close: Callable[[Any, str], None]) -> None:
+              close: Callable[[Any, str], None], what: str = "entries") -> None:
     """Before a new entry joins ``entries`` (a transport's cached connections or
     producers, least recently used first, each with ``users`` and ``used_at``): those
     no delivery holds and none began to use for ``idle_sec`` are closed (a hook whose
-    settings changed, or that was deleted, leaves its own behind), and, with ``limit``
-    still reached, the least recently used one no delivery holds. One a delivery
-    holds is never closed under it (the delivery would open it again, outside the
-    cache, where nothing closes it): all held, the cache grows by one for now.
-    ``close(entry, why)``."""
+    settings changed, or that was deleted, leaves its own behind), and, while ``limit``
+    is still reached, the least recently used ones no delivery holds and none used for
+    ROOM_IDLE_SEC. One a delivery holds is never closed under it (the delivery would
+    open it again, outside the cache, where nothing closes it), nor one in use lately
+    (its next delivery would open it again): then the cache grows past ``limit``, with
+    a warning (``what``: "Kafka producers") at most once a minute, and shrinks again
+    as they idle. ``close(entry, why)``."""
     close_idle(entries, idle_sec, close)
-    if len(entries) >= limit:
-        idle = next((k for k, e in entries.items() if e.users == 0), None)
-        if idle is not None:
-            close(entries.pop(idle), f"making room: at most {limit} are kept")
+    now = time.monotonic()
+    while len(entries) >= limit:
+        idle = next((k for k, e in entries.items()
+                     if e.users == 0 and now - e.used_at >= ROOM_IDLE_SEC), None)
+        if idle is None:
+            if now - _room_warned.get(id(entries), -ROOM_WARN_SEC) >= ROOM_WARN_SEC:
+                if len(_room_warned) > 1_000:
+                    _room_warned.clear()
+                _room_warned[id(entries)] = now
+                log.warning("%d %s in use within %g s, more than the %d kept: all kept "
+                            "(closing one would open it again at its next delivery)",
+                            len(entries) + 1, what, ROOM_IDLE_SEC, limit)
+            return
+        close(entries.pop(idle), f"making room: at most {limit} are kept")

@@ -115,20 +115,45 @@ _TOO_LARGE = (MessageSizeTooLargeError, RecordListTooLargeError)
 
 class _BootstrapErrors(logging.Filter):
     """Keeps the reason aiokafka logs, but does not raise, when a bootstrap server
-    cannot be connected, so a ConnectError can say why, not only that it failed."""
+    cannot be connected or asked for metadata, so a ConnectError can say why, not only
+    that it failed."""
+
+    MESSAGES = ('Unable connect to "%s:%s": %s', 'Unable to request metadata from "%s:%s": %s')
 
     def __init__(self) -> None:
         super().__init__()
         self.last: dict[str, str] = {}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg == 'Unable connect to "%s:%s": %s' and isinstance(record.args, tuple) \
+        if record.msg in self.MESSAGES and isinstance(record.args, tuple) \
                 and len(record.args) == 3:
             host, port, err = record.args
             if len(self.last) > 1_000:
                 self.last.clear()
-            self.last[f"{host}:{port}"] = str(err) or type(err).__name__
+            reason = str(err) or ("no answer within the timeout"
+                                  if isinstance(err, TimeoutError) else type(err).__name__)
+            self.last[server_key(str(host), port)] = reason
         return True
+
+    def reason(self, server: str) -> str | None:
+        host, _, port = server.rpartition(":")
+        return self.last.get(server_key(host, port))
+
+    def forget(self, server: str) -> None:
+        host, _, port = server.rpartition(":")
+        self.last.pop(server_key(host, port), None)
+
+
+def server_key(host: str, port: Any) -> str:
+    """A server as aiokafka names it in its log: an IPv6 address without brackets."""
+    return f"{host.strip('[]').lower()}:{port}"
+
+
+def _described(exc: BaseException) -> str:
+    """``exc`` with its type's name once (aiokafka's errors start with it already)."""
+    text = str(exc)
+    name = type(exc).__name__
+    return text if text.startswith(name) else f"{name}: {text}" if text else name
 
 
 _bootstrap_errors = _BootstrapErrors()
@@ -173,19 +198,40 @@ _DEFAULT_FENCE = _Fence(DestinationGuard())
 _create_conn = aiokafka.client.create_conn
 
 
+BOOTSTRAP_MIN_MS = 1000  # the least time a bootstrap server's share is
+
+
+@dataclass
+class _Share:
+    """The request timeout of each connection a starting producer makes (its
+    bootstrap servers' share of the delivery's time), until it has started."""
+
+    timeout_ms: int
+    over: bool = False
+
+
+# the share of the producer start that connects (tasks it starts inherit it: ``over``)
+_SHARE: ContextVar[_Share | None] = ContextVar("hookray_kafka_share", default=None)
+
+
 async def _fenced_create_conn(host: str, port: int, **options: Any) -> Any:
     """aiokafka's every connection, to a bootstrap server or to a broker its metadata
     names, made only to an address DESTINATION_DENY allows: a plain one to the
     addresses checked, in turn; a TLS one to the name (its certificate is checked
     against the name, so it cannot be an address that answered another name's
     lookup)."""
+    share = _SHARE.get()
+    if share is not None and not share.over:
+        options["request_timeout_ms"] = min(options.get("request_timeout_ms") or
+                                            share.timeout_ms, share.timeout_ms)
     fence = _FENCE.get() or _DEFAULT_FENCE
     if not fence.guard:
         return await _create_conn(host, port, **options)
     try:
         addresses = await fence.guard.allowed(host, port)
     except Denied as exc:
-        fence.refused, fence.refused_at = f"{host}:{port}: {exc}", time.monotonic()
+        shown = f"[{host}]" if ":" in host else host  # an IPv6 address as it is written
+        fence.refused, fence.refused_at = f"{shown}:{port}: {exc}", time.monotonic()
         raise
     if options.get("ssl_context") is not None:
         return await _create_conn(host, port, **options)
@@ -308,6 +354,11 @@ class KafkaTransport(Transport):
             await self._attempt_batches(slot, topic, delivery, where, sent)
         except TransportError as exc:
             exc.failed = unacknowledged(sent.waiters, sent.positions, delivery.count)
+            if exc.failed is not None:  # some were: the error counts those that were not
+                said = f"{delivery.count} record(s) not acknowledged"
+                exc.args = (str(exc).replace(
+                    said, f"{len(exc.failed)} of {delivery.count} record(s) not "
+                    "acknowledged", 1),)
             raise
         finally:
             _abandon(sent.waiters)
@@ -458,7 +509,7 @@ class KafkaTransport(Transport):
         slot = self._slots.get(key)
         if slot is None:
             make_room(self._slots, MAX_PRODUCERS, IDLE_CLOSE_SEC,
-                      lambda old, _: self._retire(old, old.producer))
+                      lambda old, _: self._retire(old, old.producer), "Kafka producers")
             slot = self._slots[key] = _Slot(target, ",".join(target.bootstrap_servers),
                                             asyncio.Semaphore(self.concurrency),
                                             _Fence(self.guard))
@@ -506,8 +557,15 @@ class KafkaTransport(Transport):
             options["ssl_context"] = await client_context_for(f"Kafka {slot.servers}",
                                                               target.tls_cafile or None)
         for server in target.bootstrap_servers:
-            _bootstrap_errors.last.pop(server, None)
+            _bootstrap_errors.forget(server)
         producer = AIOKafkaProducer(**options)
+        # each bootstrap server its share of the time (aiokafka tries them in turn, each
+        # with the whole request timeout: one that accepts and never answers, listed
+        # with a good one, used up the delivery's time in every other start)
+        servers = len(target.bootstrap_servers)
+        share = None if servers < 2 else _Share(
+            max(int(self.timeout_sec * 1000 / (servers + 1)), BOOTSTRAP_MIN_MS))
+        token = _SHARE.set(share)
         try:
             await producer.start()
         except BaseException as exc:
@@ -515,13 +573,17 @@ class KafkaTransport(Transport):
             if isinstance(exc, Exception):
                 raise ConnectError(self._start_failure(slot, exc)) from None
             raise
+        finally:
+            if share is not None:
+                share.over = True  # connections made later (to brokers) take it all
+            _SHARE.reset(token)
         return producer
 
     def _start_failure(self, slot: _Slot, exc: Exception) -> str:
         target = slot.target
-        reasons = [f"{s}: {_bootstrap_errors.last[s]}" for s in target.bootstrap_servers
-                   if s in _bootstrap_errors.last]
-        reason = "; ".join(reasons) or f"{type(exc).__name__}: {exc}"
+        reasons = [f"{s}: {why}" for s in target.bootstrap_servers
+                   if (why := _bootstrap_errors.reason(s)) is not None]
+        reason = "; ".join(reasons) or _described(exc)
         text = f"cannot connect to Kafka bootstrap server(s) {slot.servers}: {reason}"
         if not target.sasl_mechanism:
             return text

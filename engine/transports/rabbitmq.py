@@ -348,7 +348,8 @@ class RabbitTransport(Transport):
             if (problem := vhost_problem(target.vhost)) is not None:  # a stored hook's
                 raise ValueError(f"vhost {target.vhost!r}: {problem}")
             make_room(self._brokers, MAX_BROKERS, IDLE_CLOSE_SEC,
-                      lambda old, why: self._drop(old, old.current, why))
+                      lambda old, why: self._drop(old, old.current, why),
+                      "RabbitMQ connections")
             url = URL.build(scheme="amqps" if target.tls else "amqp", user=target.user,
                             password=password, host=target.host, port=target.port,
                             path="/" + target.vhost)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 from aiokafka.errors import NotLeaderForPartitionError
 
+from engine.errors import Timeout
 from engine.transports.base import Delivery, Outcome, undelivered
-from engine.transports.kafka import unacknowledged
+from engine.transports.kafka import KafkaTransport, unacknowledged
 
 
 def futures(*states: str) -> list[asyncio.Future[Any]]:
@@ -57,3 +59,25 @@ async def test_a_partly_acknowledged_delivery_resends_only_its_failed_records() 
     assert done == 2
     assert (rest.parts, rest.keys, rest.message_ids) == ([b"b", b"d"], ["k1", "k3"],
                                                          ["m1", "m3"])
+
+
+async def test_a_partly_acknowledged_delivery_says_how_many_records_were_not() -> None:
+    """Its error, kept as the re-send's or dead letter's last error, said every record
+    was not acknowledged when some batches were."""
+    transport = KafkaTransport(timeout_sec=1)
+    delivery = Delivery(id="d", hook_id=1, account_id=1, kind="kafka",
+                        parts=[b"a", b"b", b"c", b"d"])
+    where = "Kafka 127.0.0.1:9 topic 't'"
+
+    async def batches(slot: Any, topic: str, d: Delivery, at: str, sent: Any) -> None:
+        sent.waiters.extend(futures("ok", "pending"))
+        sent.positions.extend([[0, 2], [1, 3]])
+        raise Timeout(f"{at}: {d.count} record(s) not acknowledged within 1 s "
+                      "(acknowledgement)")
+
+    transport._attempt_batches = batches  # type: ignore[method-assign]
+    with pytest.raises(Timeout) as failed:
+        await transport._attempt(None, "t", delivery, where)  # type: ignore[arg-type]
+    assert str(failed.value) == (f"{where}: 2 of 4 record(s) not acknowledged within 1 s "
+                                 "(acknowledgement)")
+    assert failed.value.failed == [1, 3]

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import pickle
+import time
 
 import numpy as np
+import pytest
 
 from engine.transports.base import Delivery, pack_deliveries, unpack_deliveries
 
@@ -54,3 +58,43 @@ def test_only_the_messages_an_outcome_names_are_left_to_send() -> None:
     bare = Delivery(id="b", hook_id=1, account_id=1, kind="http_batch", parts=[b"0", b"1"])
     rest, done = undelivered(bare, Outcome(ok=False, failed=[1]))
     assert (rest.parts, rest.keys, rest.message_ids, done) == ([b"1"], [], [], 1)
+
+
+@dataclasses.dataclass
+class _Cached:
+    name: str
+    users: int = 0
+    used_at: float = dataclasses.field(default_factory=time.monotonic)
+
+
+def test_make_room_closes_only_what_was_not_used_lately_and_warns_once(
+        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    """70 destinations in use by turns, 64 kept: closing the least recently used one
+    made every delivery start its producer again. An entry used within ROOM_IDLE_SEC
+    stays (the cache grows, said once a minute); older ones go, down to the limit."""
+    from engine.transports import base
+
+    monkeypatch.setattr(base, "_room_warned", {})  # none said before this test
+    now = time.monotonic()
+    entries = {n: _Cached(f"d{n}", used_at=now - 1) for n in range(3)}
+    closed: list[str] = []
+
+    def close(entry: _Cached, why: str) -> None:
+        closed.append(entry.name)
+
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        for _ in range(3):
+            base.make_room(entries, 2, 600.0, close, "Kafka producers")
+    assert closed == [] and len(entries) == 3
+    said = [r.getMessage() for r in caplog.records]
+    assert said == [f"4 Kafka producers in use within {base.ROOM_IDLE_SEC:g} s, more than "
+                    "the 2 kept: all kept (closing one would open it again at its next "
+                    "delivery)"]
+    entries[0].used_at = entries[1].used_at = now - base.ROOM_IDLE_SEC - 1
+    entries[1].users = 1  # held by a delivery: never closed under it
+    base.make_room(entries, 2, 600.0, close)
+    assert closed == ["d0"] and list(entries) == [1, 2]
+    monkeypatch.setattr(base, "ROOM_IDLE_SEC", 0.0)
+    entries[1].users = 0
+    base.make_room(entries, 2, 600.0, close)  # down to room for the new one
+    assert closed == ["d0", "d1"] and list(entries) == [2]

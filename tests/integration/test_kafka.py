@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import threading
 import time
 import uuid
@@ -496,6 +497,41 @@ def test_unreachable_bootstrap_server_is_a_connect_error_naming_it() -> None:
     assert not outcome.ok and outcome.error == "ConnectError"
     assert f"127.0.0.1:{port}" in outcome.detail
     assert time.monotonic() - started < 5  # refused at once: before the 5 s timeout
+
+
+def test_one_silent_bootstrap_server_listed_with_a_good_one_fails_no_start(
+        kafka_broker: Tansu, kafka_topic: str) -> None:
+    """aiokafka tries the servers in a random order, each with the whole request
+    timeout: one that takes connections and never answers, tried first, used up the
+    delivery's time in about every other producer start. Each gets its share now."""
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(100)
+    servers = [f"127.0.0.1:{silent.getsockname()[1]}", kafka_broker.bootstrap]
+    outcomes = []
+    try:
+        for n in range(6):  # a new transport each time: a producer started anew
+            outcomes += run(send_all(KafkaTransport(timeout_sec=2), Kafka(
+                bootstrap_servers=servers, topic=kafka_topic), delivery(2, tag=f"s{n}")))
+    finally:
+        silent.close()
+    assert all(o.ok for o in outcomes), outcomes
+    assert_once(consume(kafka_broker.bootstrap, kafka_topic, 12), 12)
+
+
+def test_a_bootstrap_servers_reason_is_said_when_it_closes_or_is_written_ipv6(
+        own_broker: Any) -> None:
+    """aiokafka logs why a bootstrap server failed; the outcome said only "Unable to
+    bootstrap" when it closed the connection at the metadata request (a broker that
+    wants a login), or when the server was an IPv6 address in brackets."""
+    broker = own_broker(extra=("--authentication",))
+    port = free_port()
+    for server in (broker.bootstrap, f"[::1]:{port}"):
+        (outcome,) = run(send_all(KafkaTransport(timeout_sec=5), target(server, "t"),
+                                  delivery(1)))
+        assert not outcome.ok and outcome.error == "ConnectError"
+        assert f"bootstrap server(s) {server}: {server}: " in outcome.detail, outcome.detail
+        assert "Unable to bootstrap" not in outcome.detail
 
 
 @pytest.mark.parametrize("mechanism", ["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"])

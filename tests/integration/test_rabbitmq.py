@@ -159,6 +159,7 @@ def test_an_old_connection_is_closed_once_newer_ones_need_the_room_or_it_idles(
     idle timer may close it first: tests/integration/test_transport_idle.py)."""
     monkeypatch.setattr(f"engine.transports.rabbitmq.{setting}", value)
     monkeypatch.setattr("engine.transports.base.IDLE_CHECK_SEC", 0.0)
+    monkeypatch.setattr("engine.transports.base.ROOM_IDLE_SEC", 0.0)  # the old one idles
     queue = rabbit.declare_queue("old")
     by_ip = RabbitQueue(**rabbit.broker(), queue=queue)
     by_name = RabbitQueue(**rabbit.broker(host="localhost"), queue=queue)  # another key
