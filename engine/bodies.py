@@ -25,6 +25,7 @@ from engine.events import (
 from engine.hooks import not_utf8
 
 _raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
+_LONE = re.compile("[\ud800-\udfff]")  # a surrogate in a str holds no character
 
 
 def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
@@ -39,12 +40,10 @@ def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
     if isinstance(body, str):
         try:
             raw = body.encode()
-        except UnicodeEncodeError:  # a lone surrogate itself in the text, not escaped
-            lenient = _decode_leniently(body, catalogue, **limits)
-            if lenient is not None:
-                return lenient
-            reason = f"the body is {not_utf8(body)}"
-            return DecodedBatch([], [], [EventIssue(-1, "$", reason)]), None
+        except UnicodeEncodeError:  # a lone surrogate itself in the text, not escaped:
+            # written as JSON's escape of it, which says the same in a string, so that
+            # only its event is bad, in NDJSON too (the whole body was refused)
+            raw = _LONE.sub(lambda m: f"\\u{ord(m.group()):04x}", body).encode()
     else:
         raw = body
     batch = decode_batch(raw, catalogue, **limits)

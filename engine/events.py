@@ -323,6 +323,8 @@ def decode_batch(
     if stripped[:1] != b"[":
         return _decode_ndjson(raw, catalogue, max_events, max_issues)
     unlisted: list[int] = []
+    if max_events is not None and len(raw) > max_events * SPLIT_FIRST_BYTES:
+        _count_first(raw, max_events)
     try:
         events = _batch_decoder.decode(raw)
         indices = list(range(len(events)))
@@ -344,6 +346,19 @@ def decode_batch(
         if max_events is not None and len(events) > max_events:
             raise TooManyEvents(max_events)
     return _check_types(events, indices, issues, catalogue, unlisted, max_issues)
+
+
+def _count_first(raw: bytes, max_events: int) -> None:
+    """TooManyEvents if the array ``raw`` splits into more than ``max_events`` items:
+    a body that may hold too many events is counted before any is built (as an NDJSON
+    body's lines are), not after all of them were. One that does not split is left to
+    the decoding to say why."""
+    try:
+        items = len(_raw_list_decoder.decode(raw))
+    except (msgspec.ValidationError, msgspec.DecodeError, RecursionError):
+        return
+    if items > max_events:
+        raise TooManyEvents(max_events)
 
 
 def _decode_each(
@@ -374,6 +389,9 @@ def _decode_each(
 
 
 _BOM = b"\xef\xbb\xbf"
+# an array body longer than this many bytes per event allowed is split and counted
+# before its events are built (an event of the fields an event needs takes more)
+SPLIT_FIRST_BYTES = 40
 
 
 def one_object(stripped: bytes) -> bool:

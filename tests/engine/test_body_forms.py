@@ -61,3 +61,23 @@ def test_ndjson_stays_ndjson_its_first_line_bad_or_not() -> None:
     assert len(lines.events) == 1 and [(i.index, i.field) for i in lines.issues] == \
         [(0, "profile_id")]
     assert one_object(pretty()) and len(decode_batch(pretty(), CAT).events) == 1
+
+
+def test_an_array_of_too_many_events_is_refused_before_any_is_built(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Counted after every event was built: a 15 MiB array took 2 s of the API's time
+    and 97 MiB before its 413 (an NDJSON body of the same, 0.08 s)."""
+    import engine.events
+    from engine.events import TooManyEvents
+
+    class Unused:
+        def decode(self, raw: bytes) -> None:
+            raise AssertionError("events built before they were counted")
+
+    one = b'{"event_type":"open","event_date":"2026-11-29T10:00:00Z","account_id":1}'
+    monkeypatch.setattr(engine.events, "_batch_decoder", Unused())
+    with pytest.raises(TooManyEvents):
+        decode_batch(b"[" + b",".join([one] * 11) + b"]", CAT, max_events=10)
+    monkeypatch.undo()
+    assert len(decode_batch(b"[" + b",".join([one] * 10) + b"]", CAT, max_events=10).events) \
+        == 10

@@ -938,8 +938,8 @@ def test_event_dicts_json_cannot_hold_are_bad_events_naming_the_field(
 def test_a_text_body_holding_a_lone_surrogate_names_its_event(
         redis_client: Any, prefix: str) -> None:
     """A body given as Python text with a lone surrogate itself in it (not the JSON
-    escape): in an array, that event is bad, named by its field; in NDJSON, the body
-    is refused saying why. Never a UnicodeEncodeError."""
+    escape): that event is bad, named by its field, in an array and in NDJSON (whose
+    whole body was refused). Never a UnicodeEncodeError."""
     from engine.intake import Intake
     from engine.keys import Keys
 
@@ -952,5 +952,9 @@ def test_a_text_body_holding_a_lone_surrogate_names_its_event(
     [issue] = result.issues
     assert (issue.index, issue.field) == (1, "name")
     assert issue.reason.startswith("not valid UTF-8: a lone surrogate")
-    with pytest.raises(EventError, match="the body is not valid UTF-8: a lone surrogate"):
+    other = json.dumps(ev(id="g2"))
+    lines = intake.publish(f"{other}\n{bad}", partial=True)
+    assert lines.accepted == 1 and lines.ids == ["g2"]
+    assert [(i.index, i.field) for i in lines.issues] == [(1, "name")]
+    with pytest.raises(EventError, match="1 bad event"):  # not partial: none accepted
         intake.publish(f"{good}\n{bad}")
