@@ -50,6 +50,7 @@ class _State:
     requests: dict[str, list[Request]] = field(default_factory=lambda: defaultdict(list))
     counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     hanging: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    arrived: dict[str, int] = field(default_factory=lambda: defaultdict(int))  # requests
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -97,7 +98,9 @@ class Receiver:
             return self.state.hanging.get(path, 0)
 
     def delivered_count(self, path: str | None = None) -> int:
-        """Messages in requests answered 200 (counts kept even when bodies are not)."""
+        """Messages in requests not answered as failing (``fail_first``,
+        ``always_fail``): with the behaviour's ``status`` (counts kept even when bodies
+        are not)."""
         with self.state.lock:
             if path is not None:
                 return self.state.counts.get(path, 0)
@@ -109,8 +112,9 @@ class Receiver:
         path = request.path
         behaviour = self.state.behaviours.get(path, Behaviour())
         raw = await request.read()
-        with self.state.lock:
-            attempt = len(self.state.requests[path]) + 1
+        with self.state.lock:  # counted as they arrive: delayed ones are recorded later
+            self.state.arrived[path] += 1
+            attempt = self.state.arrived[path]
         if behaviour.hang:
             with self.state.lock:
                 self.state.hanging[path] += 1
@@ -137,23 +141,37 @@ class Receiver:
                             headers=headers_out or None)
 
     def start(self) -> Receiver:
+        """Serve; the error that kept it from listening (the port taken, say) is
+        raised here."""
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), daemon=True,
+        failed: list[BaseException] = []
+        self._thread = threading.Thread(target=self._serve, args=(ready, failed), daemon=True,
                                         name="hookray-receiver")
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("receiver did not start within 10 s")
+        if failed:
+            self._thread.join(5)
+            self._loop = None
+            raise failed[0]
         return self
 
-    def _serve(self, ready: threading.Event) -> None:
+    def _serve(self, ready: threading.Event, failed: list[BaseException]) -> None:
         loop = self._loop = asyncio.new_event_loop()
         app = web.Application(client_max_size=256 * 1024 * 1024)
         app.router.add_post("/{tail:.*}", self._handle)
         app.router.add_get("/{tail:.*}", self._handle)  # what a followed redirect sends
         self._runner = web.AppRunner(app, access_log=None, shutdown_timeout=1.0)
-        loop.run_until_complete(self._runner.setup())
-        site = web.TCPSite(self._runner, self.host, self.port)
-        loop.run_until_complete(site.start())
+        try:
+            loop.run_until_complete(self._runner.setup())
+            site = web.TCPSite(self._runner, self.host, self.port)
+            loop.run_until_complete(site.start())
+        except BaseException as exc:  # said by start()
+            failed.append(exc)
+            loop.run_until_complete(self._runner.cleanup())
+            loop.close()
+            ready.set()
+            return
         self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         ready.set()
         loop.run_forever()
