@@ -604,9 +604,10 @@ class NameStore:
         self.r, self.k = r, keys
 
     def upsert(self, records: Iterable[Mapping[str, Any]]) -> int:
-        """Upsert ``{"account_id", "kind", "id", "name", ...}`` records; returns the count.
-        A bad record raises ValueError naming its index, the field and the reason, and
-        nothing of the call is stored."""
+        """Upsert ``{"account_id", "kind", "id", "name", ...}`` records, each one's
+        fields merged into the object's stored ones (a field given "" is cleared);
+        returns the count. A bad record raises ValueError naming its index, the field
+        and the reason, and nothing of the call is stored."""
         if isinstance(records, Mapping | str | bytes) or not isinstance(records, Iterable):
             raise ValueError("upsert_names: records must be a list of records (mappings), "
                              f"got {type(records).__name__}")
@@ -804,11 +805,28 @@ def _json_values(values: Mapping[str, Mapping[str, Any]], what: str) -> dict[str
 NAMES_CHUNK = 1000  # name records per script or command
 # KEYS: the names hash; ARGV: key, record JSON, ... Writes the records that differ
 # from the stored ones; returns how many did.
+# each record's fields merged into the stored ones (a field given "" is cleared): a
+# record of the subid alone kept no name; a stored record that cannot be read is
+# replaced. The version moves only when a field changed
 _UPSERT_NAMES = """
 local changed = 0
 for i = 1, #ARGV, 2 do
-  if redis.call('HGET', KEYS[1], ARGV[i]) ~= ARGV[i + 1] then
-    redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  local stored = redis.call('HGET', KEYS[1], ARGV[i])
+  local merged, differs = {}, true
+  if stored then
+    local ok, old = pcall(cjson.decode, stored)
+    if ok and type(old) == 'table' and old[1] == nil then
+      merged, differs = old, false
+      for _, v in pairs(old) do
+        if type(v) ~= 'string' then merged, differs = {}, true break end
+      end
+    end
+  end
+  for k, v in pairs(cjson.decode(ARGV[i + 1])) do
+    if merged[k] ~= v then merged[k], differs = v, true end
+  end
+  if differs then
+    redis.call('HSET', KEYS[1], ARGV[i], next(merged) == nil and '{}' or cjson.encode(merged))
     changed = changed + 1
   end
 end

@@ -3305,6 +3305,31 @@ def test_a_damaged_stored_hook_or_name_is_reported_not_a_crash(
     assert sum("left out" in r.getMessage() for r in caplog.records) == 3
 
 
+def test_a_names_record_updates_the_fields_it_gives_and_keeps_the_others(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The store replaced a stored record whole: a record of a campaign's subid alone
+    dropped its name, and {{campaign_name}} came out empty. Fields are merged, as the
+    in-memory catalogue merges them; "" clears one; the same again changes nothing."""
+    from engine.stores import NameStore
+
+    names = NameStore(redis_client, keys)
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 973, "name": "Black Friday"}])
+    version = names.version()
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 973, "subid": "BF/ü"}])
+    assert names.load().to_records() == [{"account_id": 23, "kind": "campaigns", "id": 973,
+                                          "name": "Black Friday", "subid": "BF/ü"}]
+    assert names.version() == version + 1
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 973, "subid": "BF/ü"},
+                  {"account_id": 23, "kind": "campaigns", "id": 973}])
+    assert names.version() == version + 1  # nothing changed
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 973, "name": ""}])
+    assert names.load().get(23, "campaigns", 973) == ""
+    assert names.load().get(23, "campaigns", 973, "subid") == "BF/ü"
+    redis_client.hset(keys.names, "23:campaigns:974", b"{broken")  # damaged: replaced
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 974, "name": "Spring"}])
+    assert names.load().get(23, "campaigns", 974) == "Spring"
+
+
 def test_names_version_moves_with_the_write_so_a_call_tried_again_still_moves_it(
         redis_client: redis.Redis, keys: Keys) -> None:
     """The names version moves in the same script as the names it writes or deletes:
