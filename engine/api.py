@@ -279,6 +279,10 @@ REDIS_DOWN = "the engine's Redis is unavailable; try again"
 REDIS_DAMAGED = ("data the engine keeps in Redis is damaged: {what}. Sending this again "
                  "will not help until an operator repairs it (the engine's log says what "
                  "Redis refused)")
+# the same found by the engine itself (DamagedRecord): Redis refused nothing
+FOUND_DAMAGED = ("data the engine keeps in Redis is damaged: {what}. Sending this again "
+                 "will not help until an operator repairs it (the engine's log names the "
+                 "key and how)")
 REDIS_REFUSED = ("the engine's Redis refused a command, and not for being down, loading or "
                  "out of memory: sending this again will not help until an operator acts "
                  "(the engine's log says what Redis refused)")
@@ -398,7 +402,7 @@ def _publish_events(backend: Backend, body: bytes, account_id: int, partial: boo
         backend.intake.write(encoded)
     except DamagedRecord as exc:  # {p}:config damaged: nothing written, no key named
         backend.warn(str(exc), f"POST /v1/events: {exc}", logging.ERROR)
-        raise ApiError(500, REDIS_DAMAGED.format(what=exc.what)) from None
+        raise ApiError(500, FOUND_DAMAGED.format(what=exc.what)) from None
     except ConfigError as exc:  # the engine runs with other PARTITIONS: nothing written
         raise ApiError(503, str(exc)) from None
     except Backlogged as exc:  # the intake is INTAKE_MAX_ENTRIES behind: nothing written
@@ -1287,7 +1291,7 @@ async def _engine_error(request: web.Request,
     if isinstance(exc, DamagedRecord):  # no "try again", and no key named
         request.app[BACKEND].warn(str(exc), f"{request.method} {request.path}: {exc}",
                                   logging.ERROR)
-        return ApiError(500, REDIS_DAMAGED.format(what=exc.what))
+        return ApiError(500, FOUND_DAMAGED.format(what=exc.what))
     if isinstance(exc, ConfigError):
         request.app[BACKEND].warn(str(exc), f"{request.method} {request.path}: {exc}")
         return ApiError(503, str(exc))

@@ -25,7 +25,9 @@ from engine.events import (
 from engine.hooks import not_utf8
 
 _raw_items_decoder = msgspec.json.Decoder(list[msgspec.Raw])
-_LONE = re.compile("[\ud800-\udfff]")  # a surrogate in a str holds no character
+# a surrogate in a str (it holds no character), after backslashes that are escapes of
+# their own (one more would make the escape written an escaped backslash and text)
+_LONE = re.compile("(?<!\\\\)((?:\\\\\\\\)*)([\ud800-\udfff])")
 
 
 def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
@@ -38,12 +40,18 @@ def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
     ``DecodedBatch.unlisted``): as ``decode_batch`` takes them."""
     limits = {"max_events": max_events, "max_issues": max_issues}
     if isinstance(body, str):
+        escaped: bytes | None
         try:
-            raw = body.encode()
-        except UnicodeEncodeError:  # a lone surrogate itself in the text, not escaped:
-            # written as JSON's escape of it, which says the same in a string, so that
-            # only its event is bad, in NDJSON too (the whole body was refused)
-            raw = _LONE.sub(lambda m: f"\\u{ord(m.group()):04x}", body).encode()
+            escaped = body.encode()
+        except UnicodeEncodeError:
+            escaped = _escaped_surrogates(body)
+        if escaped is None:  # one after an escaping backslash: no JSON at all
+            lenient = _decode_leniently(body, catalogue, **limits)
+            if lenient is not None:
+                return lenient
+            reason = f"the body is {not_utf8(body)}"
+            return DecodedBatch([], [], [EventIssue(-1, "$", reason)]), None
+        raw = escaped
     else:
         raw = body
     batch = decode_batch(raw, catalogue, **limits)
@@ -53,6 +61,17 @@ def decode_body(body: bytes | str, catalogue: EventCatalogue, *,
     if any(i.field == "$" for i in batch.issues):  # msgspec: "truncated" and the like
         batch = _named_surrogates(raw, batch)  # NDJSON lines: which field, not a byte
     return batch, None
+
+
+def _escaped_surrogates(body: str) -> bytes | None:
+    """``body`` with each lone surrogate itself in it (not escaped) written as JSON's
+    escape of it, which says the same in a string, so that only its event is bad, in
+    NDJSON too (the whole body was refused); None when one follows an escaping
+    backslash (no JSON then)."""
+    try:
+        return _LONE.sub(lambda m: f"{m[1]}\\u{ord(m[2]):04x}", body).encode()
+    except UnicodeEncodeError:
+        return None
 
 
 def split_items(body: bytes) -> list[Any]:

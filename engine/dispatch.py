@@ -1213,6 +1213,7 @@ class PartitionWorker:
         if self.holding is not None:
             self.holding.check(lambda: self.sender.poll(0.0), self.settling.extend,
                                self._drop_work)
+        self._settle([])  # outcomes still to book first: their entries settle with them
         unanswered = self._settled_by_stop()
         if not unanswered:
             return

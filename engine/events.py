@@ -394,12 +394,16 @@ _BOM = b"\xef\xbb\xbf"
 SPLIT_FIRST_BYTES = 40
 
 
+LINES_LOOKED_AT = 100  # lines of a body one_object reads for an object of its own
+
+
 def one_object(stripped: bytes) -> bool:
     """Whether a body (leading blanks stripped) is one JSON object written over several
     lines, not NDJSON: it is one object, or its first line is no whole JSON value and
-    its second no object (an event pretty-printed with a slip in it, a trailing comma
-    or a lone surrogate: one bad event, or a malformed body, not a bad event per
-    line)."""
+    none of its next LINES_LOOKED_AT lines is an object (an event pretty-printed with a
+    slip in it, a trailing comma or a lone surrogate: one bad event, or a malformed
+    body, not a bad event per line; NDJSON whose first lines are bad still has events
+    of a line each after them)."""
     if stripped[:1] != b"{" or b"\n" not in stripped.rstrip():
         return False
     try:
@@ -407,8 +411,11 @@ def one_object(stripped: bytes) -> bool:
             return True
     except (msgspec.DecodeError, RecursionError):
         pass
-    first, second = islice((m.group() for m in _LINE.finditer(stripped)), 2)
-    return _as_json(first) is _NOT_JSON and not isinstance(_as_json(second), dict)
+    lines = (m.group() for m in _LINE.finditer(stripped))
+    if _as_json(next(lines)) is not _NOT_JSON:
+        return False
+    return not any(isinstance(_as_json(line), dict)
+                   for line in islice(lines, LINES_LOOKED_AT))
 
 
 _NOT_JSON = object()

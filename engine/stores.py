@@ -631,7 +631,7 @@ class NameStore:
         # change: the version must have moved already)
         items = list(fields.items())
         for at in range(0, len(items), NAMES_CHUNK):
-            self.r.eval(_UPSERT_NAMES, 2, self.k.names, self.k.names_version,
+            self.r.eval(_UPSERT_NAMES, 2, self.k.names, self.k.names_version, _KINDS,
                         *(x for kv in items[at:at + NAMES_CHUNK] for x in kv))
         return len(fields)
 
@@ -806,19 +806,30 @@ NAMES_CHUNK = 1000  # name records per script or command
 # KEYS: the names hash; ARGV: key, record JSON, ... Writes the records that differ
 # from the stored ones; returns how many did.
 # each record's fields merged into the stored ones (a field given "" is cleared): a
-# record of the subid alone kept no name; a stored record that cannot be read is
-# replaced. The version moves only when a field changed
+# record of the subid alone kept no name. Of a stored record, what the engine would not
+# load (a field its kind has not, a value that is no text or number) is left out, and
+# one that cannot be read at all is replaced. The version moves only when a record
+# changed. ARGV: the fields of each kind (KIND_FIELDS, JSON), then key, record pairs
 _UPSERT_NAMES = """
+local kinds = cjson.decode(ARGV[1])
 local changed = 0
-for i = 1, #ARGV, 2 do
+for i = 2, #ARGV, 2 do
+  local allowed = {}
+  for _, f in ipairs(kinds[string.match(ARGV[i], '^[^:]*:([^:]*):') or ''] or {}) do
+    allowed[f] = true
+  end
   local stored = redis.call('HGET', KEYS[1], ARGV[i])
   local merged, differs = {}, true
-  if stored then
+  if stored and string.sub(stored, 1, 1) == '{' then
     local ok, old = pcall(cjson.decode, stored)
-    if ok and type(old) == 'table' and old[1] == nil then
-      merged, differs = old, false
-      for _, v in pairs(old) do
-        if type(v) ~= 'string' then merged, differs = {}, true break end
+    if ok and type(old) == 'table' then
+      differs = false
+      for k, v in pairs(old) do
+        if allowed[k] and (type(v) == 'string' or type(v) == 'number') then
+          merged[k] = v
+        else
+          differs = true
+        end
       end
     end
   end
@@ -833,6 +844,8 @@ end
 if changed > 0 then redis.call('INCR', KEYS[2]) end
 return changed
 """
+
+_KINDS = json.dumps(KIND_FIELDS)
 
 _DELETE_NAMES = """
 local removed = redis.call('HDEL', KEYS[1], unpack(ARGV))

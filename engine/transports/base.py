@@ -344,6 +344,7 @@ class IdleSweep:
 # one made every delivery open its destination anew (a producer started, TLS and SASL
 # done again) while the cache stayed full
 ROOM_IDLE_SEC = 30.0
+ROOM_HARD_TIMES = 4  # past this many times the limit, one used lately is closed too
 ROOM_WARN_SEC = 60.0  # at most one warning a minute of a cache kept over its limit
 _room_warned: dict[int, float] = {}  # id(entries) -> when its last warning was said
 
@@ -357,14 +358,17 @@ def make_room(entries: dict[Any, Any], limit: int, idle_sec: float,
     is still reached, the least recently used ones no delivery holds and none used for
     ROOM_IDLE_SEC. One a delivery holds is never closed under it (the delivery would
     open it again, outside the cache, where nothing closes it), nor one in use lately
-    (its next delivery would open it again): then the cache grows past ``limit``, with
-    a warning (``what``: "Kafka producers") at most once a minute, and shrinks again
-    as they idle. ``close(entry, why)``."""
+    (its next delivery would open it again): then the cache grows past ``limit``, up
+    to ROOM_HARD_TIMES the limit, with a warning (``what``: "Kafka producers") at most
+    once a minute, and shrinks again as they idle. ``close(entry, why)``."""
     close_idle(entries, idle_sec, close)
     now = time.monotonic()
     while len(entries) >= limit:
-        idle = next((k for k, e in entries.items()
-                     if e.users == 0 and now - e.used_at >= ROOM_IDLE_SEC), None)
+        # past ROOM_HARD_TIMES the limit, the least recently used one no delivery holds
+        # goes even if used lately: a bound on sockets and tasks all the same
+        lately = len(entries) < limit * ROOM_HARD_TIMES
+        idle = next((k for k, e in entries.items() if e.users == 0 and
+                     (not lately or now - e.used_at >= ROOM_IDLE_SEC)), None)
         if idle is None:
             if now - _room_warned.get(id(entries), -ROOM_WARN_SEC) >= ROOM_WARN_SEC:
                 if len(_room_warned) > 1_000:

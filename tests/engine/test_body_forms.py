@@ -61,6 +61,22 @@ def test_ndjson_stays_ndjson_its_first_line_bad_or_not() -> None:
     assert len(lines.events) == 1 and [(i.index, i.field) for i in lines.issues] == \
         [(0, "profile_id")]
     assert one_object(pretty()) and len(decode_batch(pretty(), CAT).events) == 1
+    # its first two lines bad: its later events are still events of a line each
+    cut = b'{"event_type": "click", "event_date": \n'
+    two_bad = cut + b"7\n" + good + b"\n" + good + b"\n"
+    assert not one_object(two_bad)
+    batch = decode_batch(two_bad, CAT)
+    assert len(batch.events) == 2 and [i.index for i in batch.issues] == [0, 1]
+
+
+def test_a_text_body_with_a_lone_surrogate_after_an_escaping_backslash_is_no_json() -> None:
+    """Escaped, the backslash before it would have become an escaped backslash, and
+    the event accepted with the text "ud800" in it."""
+    body = '[{"event_type": "click", "event_date": "2026-11-29T10:00:00Z", ' \
+        '"account_id": 23, "profile_id": "a\\\ud800"}]'
+    batch, _ = decode_body(body, CAT)
+    assert batch.events == [] and [(i.index, i.field) for i in batch.issues] == [(-1, "$")]
+    assert "a lone surrogate" in batch.issues[0].reason
 
 
 def test_an_array_of_too_many_events_is_refused_before_any_is_built(

@@ -393,6 +393,8 @@ async def test_data_the_engine_finds_damaged_itself_is_500_naming_no_key_too(
     assert [body["error"]["message"].split(": ")[1].split(".")[0] for _, body in answers] == [
         "a counter holds something other than a number"] * 2 + [
         "the engine's recorded PARTITIONS is no count"]
+    assert all(body["error"]["message"].endswith("(the engine's log names the key and how)")
+               for _, body in answers)
     lines = [r.getMessage() for r in said(caplog, "hookray.api") if r.levelno == logging.ERROR]
     assert any(keys.config in line for line in lines)  # the log names the key
     assert redis_client.xlen(keys.intake(0)) == redis_client.xlen(keys.intake(1)) == 0

@@ -98,3 +98,8 @@ def test_make_room_closes_only_what_was_not_used_lately_and_warns_once(
     entries[1].users = 0
     base.make_room(entries, 2, 600.0, close)  # down to room for the new one
     assert closed == ["d0", "d1"] and list(entries) == [2]
+    monkeypatch.setattr(base, "ROOM_IDLE_SEC", 30.0)
+    entries = {n: _Cached(f"e{n}") for n in range(9)}  # all used just now
+    entries[0].users = 1
+    base.make_room(entries, 2, 600.0, close)  # 4 times the limit at most, even so
+    assert closed[2:] == ["e1", "e2"] and len(entries) == 7

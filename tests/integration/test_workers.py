@@ -3328,6 +3328,16 @@ def test_a_names_record_updates_the_fields_it_gives_and_keeps_the_others(
     redis_client.hset(keys.names, "23:campaigns:974", b"{broken")  # damaged: replaced
     names.upsert([{"account_id": 23, "kind": "campaigns", "id": 974, "name": "Spring"}])
     assert names.load().get(23, "campaigns", 974) == "Spring"
+    # written from outside: a number is kept (the engine reads it), a field the kind has
+    # not is left out (the engine would not load the record with it)
+    redis_client.hset(keys.names, "23:campaigns:975", b'{"name": "Kept", "subid": 5, "x": "y"}')
+    names.upsert([{"account_id": 23, "kind": "campaigns", "id": 976, "name": "Other"}])
+    assert names.load().get(23, "campaigns", 975) == ""  # not loaded as it is
+    names.upsert([{"account_id": 23, "kind": "templates", "id": 975, "subject": "S"},
+                  {"account_id": 23, "kind": "campaigns", "id": 975, "subid": "6"}])
+    loaded = names.load()
+    assert (loaded.get(23, "campaigns", 975), loaded.get(23, "campaigns", 975, "subid")) == \
+        ("Kept", "6")
 
 
 def test_names_version_moves_with_the_write_so_a_call_tried_again_still_moves_it(
