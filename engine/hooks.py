@@ -23,6 +23,7 @@ import html
 import ipaddress
 import json
 import re
+import socket
 from typing import Annotated, Any, Literal
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
@@ -341,6 +342,8 @@ class Auth(_Model):
                 _check_http_url(self.token_url)
             except ValueError as exc:
                 raise ValueError(f"token_url: {exc}") from None
+            if not _stored(info) and (problem := noncanonical_ipv4(self.token_url)):
+                raise ValueError(f"token_url: {problem}")
         return self
 
 
@@ -408,6 +411,25 @@ def _host_problem(url: str) -> str | None:
 
 
 LABELS = "each dot-separated label must be 1 to 63 characters long"
+
+
+def noncanonical_ipv4(url: str) -> str | None:
+    """Why ``url``'s host, an IPv4 address written other than as four decimal numbers
+    (``127.1``, ``2130706433``, ``0177.0.0.1``), cannot be sent to, or None: the
+    resolver reads it as an address, the HTTP client refuses every request to it."""
+    host = urlsplit(url).hostname or ""
+    if not host or ":" in host:
+        return None
+    try:
+        socket.inet_aton(host)
+    except OSError:
+        return None  # a name
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        return (f"the host {quoted(host)} is an IPv4 address the HTTP client does not "
+                "take: write it as four decimal numbers (such as 127.0.0.1)")
+    return None
 
 
 def _no_idna(host: str) -> bool:
@@ -545,6 +567,13 @@ class HttpBatch(_Model):
     request_timeout_sec: float | None = Field(None, gt=0, le=600)
 
     _check_url = field_validator("url")(classmethod(lambda cls, v: _check_http_url(v)))
+
+    @field_validator("url")
+    @classmethod
+    def _canonical_address(cls, value: str, info: ValidationInfo) -> str:
+        if not _stored(info) and (problem := noncanonical_ipv4(value)):
+            raise ValueError(problem)
+        return value
 
     @field_validator("request_timeout_sec")
     @classmethod

@@ -33,6 +33,7 @@ import asyncio
 import functools
 import hashlib
 import json
+import re
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -70,6 +71,7 @@ MAX_REGEXES = 1_000
 MAX_TOKENS = 10_000
 DEFAULT_TIMEOUT_SEC = 10.0
 MAX_ANSWER_BYTES = 1 << 20  # an answer's body is read up to this many bytes
+MAX_HEADER_LINE = 64 * 1024  # longest header line of an answer read
 REGEX_BUDGET_SEC = 0.1  # a success regex's matching time per answer
 INLINE_REGEX_SEC = 0.005  # longest a regex is matched on the event loop itself
 REGEX_THREADS = 2  # threads matching the regexes that needed longer
@@ -131,6 +133,8 @@ class _Cache:
     regex: dict[str, regex.Pattern[str]] = field(default_factory=dict)
     slow: set[str] = field(default_factory=set)  # regexes matched in a thread
     tokens: dict[tuple[str, str, str, str], _Token] = field(default_factory=dict)
+    # token requests under way, shared by the deliveries that wait for them
+    fetching: dict[tuple[str, str, str, str], asyncio.Task[str]] = field(default_factory=dict)
     # per target (by identity: the transport actor keeps its targets): its secrets
     secrets: dict[int, tuple[HttpBatch, list[str]]] = field(default_factory=dict)
 
@@ -167,8 +171,13 @@ class HttpTransport(Transport):
                 socket_factory=self.guard.socket_factory if self.guard else None)
             # no cookies: the session serves every hook of every account, and a cookie
             # one receiver (or token endpoint) sets must not go out with another's batches
+            # answers' header lines up to 64 KiB (aiohttp's 8 KiB refused a 200 with a
+            # large Content-Security-Policy as a failure, sent the batch again, and
+            # opened the URL's breaker)
             self._session = aiohttp.ClientSession(connector=connector,
-                                                  cookie_jar=aiohttp.DummyCookieJar())
+                                                  cookie_jar=aiohttp.DummyCookieJar(),
+                                                  max_line_size=MAX_HEADER_LINE,
+                                                  max_field_size=MAX_HEADER_LINE)
         return self._session
 
     def _destination(self, url: str) -> tuple[str, _Destination]:
@@ -249,15 +258,16 @@ class HttpTransport(Transport):
                                f"last error: {dest.last_error}")
         dest.users += 1
         try:
+            # an OAuth2 token endpoint's failure is the hook's own: not counted towards
+            # the breaker of a URL other accounts' hooks may share, and fetched before
+            # one of its sending slots is taken (a token endpoint that hangs held them)
+            auth = await self._authorization(target)
             await self._take(dest.semaphore, f"POST {mask_url(key)}", self.concurrency)
             try:
                 if dest.open_until > time.monotonic():  # opened while this one waited
                     raise ConnectError(f"{mask_url(key)}: circuit open after "
                                        f"{dest.failures} failures; last error: "
                                        f"{dest.last_error}")
-                # an OAuth2 token endpoint's failure is the hook's own: not counted
-                # towards the breaker of a URL other accounts' hooks may share
-                auth = await self._authorization(target.auth)
                 try:
                     outcome = await self._post(target, body, auth)
                 except (ConnectError, Timeout) as exc:
@@ -316,6 +326,12 @@ class HttpTransport(Transport):
         except TimeoutError:
             raise Timeout(f"POST {mask_url(target.url)}: no answer within {timeout.total} s"
                           ) from None
+        except (aiohttp.ClientResponseError, aiohttp.InvalidURL) as exc:
+            # an answer that is no valid HTTP (the destination was reached: it is not
+            # counted towards the breaker), or a URL the client refuses (a stored
+            # hook's host written 127.1): failed, not unreachable
+            raise Rejected(f"POST {mask_url(target.url)}: {type(exc).__name__}: "
+                           f"{_scrub(str(exc), target.url)}") from None
         except aiohttp.ClientError as exc:
             raise ConnectError(f"POST {mask_url(target.url)}: {type(exc).__name__}: "
                                f"{_scrub(str(exc), target.url)}") from None
@@ -324,8 +340,11 @@ class HttpTransport(Transport):
             raise Rejected(f"POST {mask_url(target.url)}: the request cannot be made: "
                            f"{type(exc).__name__}: {_scrub(str(exc), target.url)}"
                            ) from None
-        if status == 401 and target.auth.kind == "oauth2":
-            self._cache.tokens.pop(_token_key(target.auth), None)
+        if status == 401 and target.auth.kind == "oauth2":  # that token, not a newer one
+            key = _token_key(target.auth)
+            held = self._cache.tokens.get(key)
+            if held is not None and auth == f"Bearer {held.value}":
+                del self._cache.tokens[key]
         secrets = self._secrets(target, auth)
         if unread is not None and target.success_regex and 200 <= status < 300:
             refused = Rejected(f"HTTP {status}: the answer's body could not be read, so "
@@ -410,18 +429,37 @@ class HttpTransport(Transport):
                                                    concurrent=True))
         return found is not None
 
-    async def _authorization(self, auth: Auth) -> str | None:
+    async def _authorization(self, target: HttpBatch) -> str | None:
+        auth = target.auth
         if auth.kind == "bearer" and auth.token is not None:
             return f"Bearer {auth.token.get_secret_value()}"
         if auth.kind == "oauth2":
-            return f"Bearer {await self._oauth2_token(auth)}"
+            timeout = target.request_timeout_sec or self.timeout_sec
+            return f"Bearer {await self._oauth2_token(auth, timeout)}"
         return None
 
-    async def _oauth2_token(self, auth: Auth) -> str:
+    async def _oauth2_token(self, auth: Auth, timeout: float) -> str:
+        """The hook's token, cached until shortly before it expires; deliveries that
+        need one at the same time share one request for it (each made its own: a
+        provider that limits its token endpoint, or revokes a token as it issues the
+        next, failed some of them)."""
         key = _token_key(auth)
         cached = self._cache.tokens.get(key)
         if cached and cached.expires_at > time.monotonic():
             return cached.value
+        loop = asyncio.get_running_loop()
+        fetch = self._cache.fetching.get(key)
+        if fetch is None or fetch.done() or fetch.get_loop() is not loop:
+            fetch = loop.create_task(self._fetch_token(auth, key, timeout),
+                                     name="hookray OAuth2 token request")
+            fetch.add_done_callback(_retrieved)
+            self._cache.fetching[key] = fetch
+        # shielded: a delivery given up on does not end the request the others wait for
+        return await asyncio.shield(fetch)
+
+    async def _fetch_token(self, auth: Auth, key: tuple[str, str, str, str],
+                           timeout: float) -> str:
+        url = auth.token_url or ""
         secret = auth.client_secret.get_secret_value() if auth.client_secret else ""
         form = {"grant_type": "client_credentials", "client_id": auth.client_id or "",
                 "client_secret": secret}
@@ -429,25 +467,41 @@ class HttpTransport(Transport):
             form["scope"] = auth.scope
         try:
             # a redirect is not followed: it would post client_secret to its Location
-            async with self._client().post(auth.token_url or "", data=form,
-                                           timeout=aiohttp.ClientTimeout(total=self.timeout_sec),
+            async with self._client().post(url, data=form,
+                                           timeout=aiohttp.ClientTimeout(total=timeout),
                                            allow_redirects=False) as resp:
                 # at most MAX_ANSWER_BYTES, as any answer (a token is a few hundred)
-                payload = json.loads(await _answer(resp)) if resp.status == 200 else None
+                text = await _answer(resp)
                 status = resp.status
-        except (aiohttp.ClientError, TimeoutError, ValueError, RecursionError) as exc:
-            url = auth.token_url or ""
+        except TimeoutError:
+            raise ConnectError(f"OAuth2 token request to {mask_url(url)}: no answer within "
+                               f"{timeout:g} s") from None
+        except aiohttp.ClientError as exc:
             raise ConnectError(f"OAuth2 token request to {mask_url(url)} failed: "
-                               f"{_scrub(str(exc), url)}") from None
-        if not isinstance(payload, dict) or not payload.get("access_token"):
-            raise Rejected(f"OAuth2 token endpoint {mask_url(auth.token_url or '')} answered "
-                           f"HTTP {status} without an access_token")
+                               f"{type(exc).__name__}: {_scrub(str(exc), url)}") from None
+        finally:
+            if self._cache.fetching.get(key) is asyncio.current_task():
+                del self._cache.fetching[key]
+        try:
+            payload = json.loads(text)
+            said = "" if isinstance(payload, dict) else "the answer is no JSON object"
+        except (ValueError, RecursionError) as exc:
+            payload, said = None, f"the answer is no JSON: {type(exc).__name__}: {exc}"
+        if status != 200 or not isinstance(payload, dict):
+            if isinstance(payload, dict):  # what it says: RFC 6749 5.2's error fields
+                said = scrub(_token_error(payload), secret_forms(secret) if secret else [])
+            raise Rejected(f"OAuth2 token endpoint {mask_url(url)} answered HTTP {status} "
+                           f"without an access_token ({said[:EXCERPT_CHARS]})")
+        value = payload.get("access_token")
+        if not isinstance(value, str) or not value or _CONTROL.search(value):
+            raise Rejected(f"OAuth2 token endpoint {mask_url(url)} answered HTTP {status} "
+                           "without an access_token that can be sent (a non-empty text "
+                           "without control characters)")
         try:
             lifetime = float(payload.get("expires_in") or 3600)
         except (TypeError, ValueError):  # not a number of seconds: the usual hour
             lifetime = 3600.0
-        token = _Token(str(payload["access_token"]),
-                       time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))
+        token = _Token(value, time.monotonic() + max(lifetime - TOKEN_MARGIN_SEC, lifetime / 2))
         if len(self._cache.tokens) >= MAX_TOKENS:
             now = time.monotonic()
             live = {k: t for k, t in self._cache.tokens.items() if t.expires_at > now}
@@ -462,6 +516,22 @@ class HttpTransport(Transport):
         if self._regex_threads is not None:
             self._regex_threads.shutdown(wait=False)
             self._regex_threads = None
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _retrieved(task: asyncio.Task[Any]) -> None:
+    """A token request's error is its waiters' to say: none left waiting is no fault."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _token_error(payload: dict[str, Any]) -> str:
+    """What a token endpoint's error answer says (RFC 6749 5.2: error, error_description)."""
+    parts = [str(payload[k])[:200] for k in ("error", "error_description")
+             if isinstance(payload.get(k), str | int)]
+    return ": ".join(parts) or "no error named"
 
 
 def _own_content_type(target: HttpBatch) -> bool:

@@ -201,8 +201,10 @@ def test_an_oauth2_token_answer_that_is_no_token_is_a_clear_error(
     outcome = send({"url": receiver.url("/o"), "auth": {
         "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
         "client_secret": "s"}})
-    assert not outcome.ok and outcome.error == "ConnectError"
-    assert f"OAuth2 token request to {receiver.url('/token')} failed: " in outcome.detail
+    assert not outcome.ok and outcome.error == "Rejected"
+    assert outcome.detail.startswith(f"OAuth2 token endpoint {receiver.url('/token')} "
+                                     "answered HTTP 200 without an access_token (the answer "
+                                     "is no JSON: ")
     assert says in outcome.detail
     assert receiver.requests("/o") == []
 
@@ -606,3 +608,105 @@ def test_an_answer_whose_body_cannot_be_read_is_judged_by_its_status(answer: byt
     assert regex.detail.startswith("HTTP 200: the answer's body could not be read, so "
                                    "success regex 'ok' was not looked for in it: "
                                    "ClientPayloadError"), regex.detail
+
+
+def _oauth(url: str, token_url: str, **auth: Any) -> HttpBatch:
+    return HttpBatch(url=url, auth={"kind": "oauth2", "token_url": token_url,
+                                    "client_id": "c", "client_secret": "s3cret", **auth})
+
+
+def test_a_hanging_token_endpoint_holds_none_of_its_urls_sending_slots(
+        receiver: Receiver) -> None:
+    """The token was fetched while a delivery held one of the URL's slots, which other
+    accounts' hooks posting to that URL (with another query) share: theirs ended
+    Queued behind a token endpoint that never answered."""
+    receiver.behave("/token", hang=True)
+
+    async def go() -> list[Any]:
+        transport = HttpTransport(concurrency=2, timeout_sec=3.0, queue_sec=1.0)
+        slow = _oauth(receiver.url("/shared?account=1"), receiver.url("/token"))
+        healthy = HttpBatch(url=receiver.url("/shared?account=2"))
+
+        async def later() -> Any:
+            await asyncio.sleep(0.2)
+            return await transport.send(healthy, delivery())
+        try:
+            return list(await asyncio.gather(transport.send(slow, delivery()),
+                                             transport.send(slow, delivery()), later()))
+        finally:
+            await transport.close()
+
+    first, second, other = asyncio.run(go())
+    assert other.ok, other
+    assert [(o.error, o.detail) for o in (first, second)] == [(
+        "ConnectError", f"OAuth2 token request to {receiver.url('/token')}: no answer "
+        "within 3 s")] * 2
+
+
+def test_deliveries_needing_a_token_at_once_share_one_request_for_it(
+        receiver: Receiver) -> None:
+    receiver.behave("/token", body='{"access_token": "tok", "expires_in": 3600}',
+                    delay_sec=0.2)
+    target = _oauth(receiver.url("/o"), receiver.url("/token"))
+
+    async def go() -> list[Any]:
+        transport = HttpTransport(timeout_sec=5.0)
+        try:
+            return list(await asyncio.gather(*[transport.send(target, delivery())
+                                               for _ in range(8)]))
+        finally:
+            await transport.close()
+
+    assert all(o.ok for o in asyncio.run(go()))
+    assert len(receiver.requests("/token")) == 1
+    assert {r.headers["Authorization"] for r in receiver.requests("/o")} == {"Bearer tok"}
+
+
+@pytest.mark.parametrize(("body", "status", "says"), [
+    ('{"access_token": {"nested": 1}}', 200, "without an access_token that can be sent"),
+    ('{"access_token": "abc\\r\\nX-Injected: 1"}', 200,
+     "without an access_token that can be sent"),
+    ('{"error": "invalid_client", "error_description": "client s3cret unknown"}', 401,
+     "without an access_token (invalid_client: client ********** unknown)"),
+])
+def test_a_token_answer_that_cannot_be_used_is_refused_saying_why(
+        receiver: Receiver, body: str, status: int, says: str) -> None:
+    """A token that is no text was sent as its Python repr; one holding CR/LF was kept
+    for an hour, every delivery failing on it naming the hook's URL; an endpoint's
+    error answer lost its reason."""
+    receiver.behave("/token", body=body, status=status)
+    outcome = send({"url": receiver.url("/o"), "auth": {
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
+        "client_secret": "s3cret"}})
+    assert not outcome.ok and outcome.error == "Rejected"
+    assert outcome.detail.startswith(f"OAuth2 token endpoint {receiver.url('/token')} "
+                                     f"answered HTTP {status} "), outcome.detail
+    assert says in outcome.detail, outcome.detail
+    assert "s3cret" not in outcome.detail and receiver.requests("/o") == []
+
+
+def test_an_answer_with_a_long_header_line_is_read(receiver: Receiver) -> None:
+    """aiohttp refuses header lines over 8 KiB: a 200 with a large
+    Content-Security-Policy was taken for an unreachable destination, sent again, and
+    opened the URL's breaker."""
+    receiver.behave("/csp", answer_headers={"Content-Security-Policy": "x" * 9000})
+    outcome = send({"url": receiver.url("/csp")})
+    assert outcome.ok and outcome.status == 200, outcome
+
+
+def test_a_stored_hooks_url_the_client_refuses_fails_without_opening_the_breaker() -> None:
+    """A hook stored before such hosts were refused (127.1): each delivery counted as
+    the destination unreachable, and opened the breaker of the URL for every hook."""
+    target = HttpBatch.model_validate({"url": "http://127.1:9/x"}, context={"stored": True})
+
+    async def go() -> list[Any]:
+        transport = HttpTransport(timeout_sec=2.0)
+        try:
+            return [await transport.send(target, delivery()) for _ in range(BREAKER_FAILURES + 1)]
+        finally:
+            await transport.close()
+
+    outcomes = asyncio.run(go())
+    assert {o.error for o in outcomes} == {"Rejected"}
+    assert "circuit open" not in outcomes[-1].detail
+    assert "127.1" in outcomes[-1].detail
