@@ -282,10 +282,12 @@ class RabbitNode:
     # a TLS (amqps) listener too: on this port, with the certificate and key files in
     # home ("ca.pem", "server.pem", "server.key")
     tls_port: int | None = None
+    extra_conf: str = ""  # rabbitmq.conf lines of the test's own (limits, say)
 
     def __post_init__(self) -> None:
         self.nodename = f"hookraytest{self.port}@localhost"
-        conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n"
+        conf = f"listeners.tcp.1 = 127.0.0.1:{self.port}\nloopback_users = none\n" + \
+            self.extra_conf
         if self.tls_port is not None:
             conf += (f"listeners.ssl.1 = 127.0.0.1:{self.tls_port}\n"
                      f"ssl_options.cacertfile = {self.home / 'ca.pem'}\n"
@@ -355,7 +357,7 @@ class RabbitNode:
         os.kill(pid, signal.SIGKILL)
 
 
-def _own_node(tls: bool) -> Iterator[RabbitNode]:
+def _own_node(tls: bool, extra_conf: str = "") -> Iterator[RabbitNode]:
     binary = _server_binary()
     if binary is None:
         missing("a rabbitmq-server executable (to start a test-owned RabbitMQ node)")
@@ -370,7 +372,8 @@ def _own_node(tls: bool) -> Iterator[RabbitNode]:
         server.cert_chain_pems[0].write_to_path(str(home / "server.pem"))
         server.private_key_pem.write_to_path(str(home / "server.key"))
         tls_port = free_port()
-    node = RabbitNode(home, free_port(), str(binary), tls_port=tls_port)
+    node = RabbitNode(home, free_port(), str(binary), tls_port=tls_port,
+                      extra_conf=extra_conf)
     try:
         node.start()
         yield node
@@ -383,6 +386,13 @@ def _own_node(tls: bool) -> Iterator[RabbitNode]:
 def rabbit_node(rabbit_url: str) -> Iterator[RabbitNode]:
     """A RabbitMQ node of this test's own (the shared broker is never stopped)."""
     yield from _own_node(tls=False)
+
+
+@pytest.fixture
+def rabbit_limited_node(rabbit_url: str) -> Iterator[RabbitNode]:
+    """A RabbitMQ node of this test's own that allows 8 channels per connection and
+    messages of 200,000 bytes at most."""
+    yield from _own_node(tls=False, extra_conf="channel_max = 8\nmax_message_size = 200000\n")
 
 
 @pytest.fixture

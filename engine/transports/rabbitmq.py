@@ -76,9 +76,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import ssl
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -116,6 +118,9 @@ MAX_BROKERS = 64
 IDLE_CLOSE_SEC = 600.0
 BREAKER_OPEN_SEC = 1.0  # after a connection failed, deliveries to its broker fail fast
 CLOSE_TIMEOUT_SEC = 5.0
+CHANNEL_WAIT_SEC = 0.01  # how often a channel waits for one being closed under channel_max
+
+log = logging.getLogger("hookray.rabbitmq")
 
 BrokerKey = tuple[str, int, str, str, str, bool, str | None]
 DestKey = tuple[Any, ...]
@@ -142,6 +147,37 @@ def _shown_message(message: DeliveredMessage) -> str:
 
 logging.getLogger("aiormq.channel").addFilter(_ReturnedBodies())
 
+
+class _Blocked(logging.Filter):
+    """aiormq logs, and keeps to itself, why the broker blocks a connection's publishers
+    (a memory or disk alarm): kept here by connection, so that a delivery timing out on
+    it can say so rather than only that no confirm came."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.reasons: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        try:
+            if record.msg == "Connection %r was blocked by: %r" and len(args) == 2:
+                self.reasons[args[0]] = str(args[1])
+            elif record.msg == "Connection %r was unblocked" and len(args) == 1:
+                self.reasons.pop(args[0], None)
+        except TypeError:  # not weakly referable: nothing kept
+            pass
+        return True
+
+
+_blocked = _Blocked()
+logging.getLogger("aiormq.connection").addFilter(_blocked)
+# the broker's answer to a message over its max_message_size (it closes the channel)
+_TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size (\d+)")
+# an exchange's argument other than those a hook sets (alternate-exchange, say): the
+# exchange as it is will do, as when the user may not declare it
+_OTHER_ARG = re.compile(r"inequivalent arg '([^']+)'")
+_HOOK_ARGS = ("type", "durable", "auto_delete", "internal")
+
 @dataclass
 class _Channel:
     """A destination's confirm channel; closed once stale and no delivery uses it."""
@@ -165,6 +201,9 @@ class _Dest:
 class _Connection:
     connection: AbstractConnection
     dests: dict[DestKey, _Dest] = field(default_factory=dict)
+    # set when a delivery lets go of its destination: one waiting for a channel looks
+    # again (_dest)
+    freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _bare(exc: TransportError) -> TransportError:
@@ -188,6 +227,10 @@ class _Broker:
     failed_at: float = float("-inf")
     error: TransportError | None = None
     progress_at: float = 0.0  # last connect or fully confirmed delivery (monotonic)
+    # learnt from the broker: the most channels a connection may hold for the user
+    # (channel_max, or a user limit that closed the connection), its max_message_size
+    channel_cap: int | None = None
+    max_message: int | None = None
     users: int = 0  # deliveries holding this broker: it is not dropped under them
     used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
@@ -258,8 +301,8 @@ class RabbitTransport(Transport):
         try:
             async with asyncio.timeout(self.timeout_sec):
                 conn = await self._connection(broker, started)
+                dest = await self._dest(broker, conn, dest_key, phase)
                 phase.now = f"opening a channel and declaring {what}"
-                dest = self._dest(conn, dest_key)
                 dest.users += 1  # not closed as idle under this delivery
                 dest.used_at = started
                 try:
@@ -281,11 +324,16 @@ class RabbitTransport(Transport):
                 finally:
                     dest.users -= 1
                     dest.used_at = time.monotonic()  # idle from its last delivery's end
+                    conn.freed.set()
         except TimeoutError:
+            current = broker.current
+            blocked = _blocked.reasons.get(current.connection) if current else None
             if broker.progress_at < started:
-                self._drop(broker, broker.current, "no answer within the timeout")
+                self._drop(broker, current, "no answer within the timeout")
+            said = f"; the broker blocks publishers: {blocked} (a resource alarm: " \
+                "memory or disk)" if blocked else ""
             raise Timeout(f"{broker.where}: no answer within {self.timeout_sec:g} s "
-                          f"while {phase.now}") from None
+                          f"while {phase.now}{said}") from None
         broker.progress_at = time.monotonic()
         return Outcome(ok=True, detail=f"{delivery.count} message(s) confirmed by "
                                        f"{broker.where}, {what}")
@@ -303,21 +351,19 @@ class RabbitTransport(Transport):
                 [*delivery.keys, *[""] * (delivery.count - len(delivery.keys))]
         if len(ids) != delivery.count:
             ids = [*ids[:delivery.count], *[""] * (delivery.count - len(ids))]
-        # all parts in one write, the confirms awaited together
-        try:
-            results = await publish_all(chan.channel, exchange, keys, delivery.parts, ids,
-                                        content_type=JSON, delivery_mode=PERSISTENT,
-                                        mandatory=mandatory)
-        except (asyncio.CancelledError, TimeoutError):
-            raise
-        except Exception as exc:  # nothing written: a closed channel, a name too long
-            results = [exc] * delivery.count
+        results = await self._publish_fitting(broker, chan, exchange, keys, ids,
+                                              delivery.parts, mandatory, what)
         # a CancelledError among the results is no cancellation of this delivery: aiormq
         # fails the confirms that way when their connection or channel is closed here
         failures = [r for r in results if isinstance(r, BaseException)]
         if not failures:
             return
         first = failures[0]
+        for failure in failures:  # the broker's max_message_size, learnt
+            if (found := _TOO_LARGE.search(str(failure))) is not None:
+                broker.max_message = int(found.group(2))
+                first = failure
+                break
         error = self._wrap(first, broker, conn, what)
         if isinstance(error, ConnectError):
             self._drop(broker, conn)
@@ -331,6 +377,38 @@ class RabbitTransport(Transport):
         if len(failures) < delivery.count:  # the others were confirmed: only these again
             refused.failed = [i for i, r in enumerate(results) if isinstance(r, BaseException)]
         raise refused
+
+    @staticmethod
+    async def _publish_fitting(broker: _Broker, chan: _Channel, exchange: str,
+                               keys: Sequence[str], ids: Sequence[str],
+                               parts: Sequence[bytes], mandatory: bool, what: str
+                               ) -> list[object]:
+        """Each part's outcome (``publish_all``'s): all parts in one write, the
+        confirms awaited together. A message over the broker's max_message_size, once
+        it is known, is not written (the broker would close the channel, failing every
+        message of the write with it, at every re-send): it fails alone, naming its
+        size."""
+        limit = broker.max_message
+        big = set() if limit is None else {i for i, p in enumerate(parts) if len(p) > limit}
+        fits = [i for i in range(len(parts)) if i not in big]
+        sent = parts if not big else [parts[i] for i in fits]
+        try:
+            results = await publish_all(
+                chan.channel, exchange, keys if not big else [keys[i] for i in fits], sent,
+                ids if not big else [ids[i] for i in fits], content_type=JSON,
+                delivery_mode=PERSISTENT, mandatory=mandatory) if sent else []
+        except (asyncio.CancelledError, TimeoutError):
+            raise
+        except Exception as exc:  # nothing written: a closed channel, a name too long
+            results = [exc] * len(sent)
+        if not big:
+            return results
+        by_position: list[object] = [Rejected(
+            f"{broker.where}: {what}: a message of {len(parts[min(big)])} bytes is larger "
+            f"than the broker's max_message_size ({limit} bytes)")] * len(parts)
+        for i, result in zip(fits, results, strict=True):
+            by_position[i] = result
+        return by_position
 
     # --- connections and channels ------------------------------------------------------
 
@@ -421,22 +499,48 @@ class RabbitTransport(Transport):
             broker.progress_at = time.monotonic()
             return conn
 
-    def _dest(self, conn: _Connection, key: DestKey) -> _Dest:
-        dest = conn.dests.get(key)
-        if dest is None:
-            if len(conn.dests) >= MAX_CHANNELS:
-                for k, d in list(conn.dests.items()):
-                    # one whose channel is being opened (its lock held) stays: dropped,
-                    # the channel it opens would be kept by no entry, and never closed
-                    if d.lock.locked() or d.users:
-                        continue
-                    if d.current is None or d.current.users == 0:
-                        del conn.dests[k]
-                        if d.current is not None:
-                            self._close_later(d.current.channel.close())
-            dest = conn.dests[key] = _Dest()
-            self._idle.start()
+    async def _dest(self, broker: _Broker, conn: _Connection, key: DestKey,
+                    phase: _Phase) -> _Dest:
+        """The destination's entry; past the channels a connection may hold (MAX_CHANNELS,
+        the broker's channel_max, a limit it closed the connection for: opening one
+        more would close the connection under every hook on it), the least recently
+        used ones no delivery holds are dropped, their channels closed; all held, it
+        waits for one to be let go (within the delivery's timeout)."""
+        while (dest := conn.dests.get(key)) is None:
+            limit = self._channel_limit(broker, conn)
+            if len(conn.dests) < limit:
+                dest = conn.dests[key] = _Dest()
+                self._idle.start()
+                return dest
+            # one whose channel is being opened (its lock held) stays: dropped, the
+            # channel it opens would be kept by no entry, and never closed
+            idle = [(d.used_at, k) for k, d in conn.dests.items()
+                    if not (d.lock.locked() or d.users)
+                    and (d.current is None or d.current.users == 0)]
+            if idle:
+                old = conn.dests.pop(min(idle)[1])
+                if old.current is not None:
+                    self._close_later(old.current.channel.close())
+                continue
+            phase.now = (f"waiting for one of the {limit} channels the connection may "
+                         "hold, all in use by deliveries")
+            conn.freed.clear()
+            await conn.freed.wait()
         return dest
+
+    @staticmethod
+    def _channel_limit(broker: _Broker, conn: _Connection) -> int:
+        """Destinations (a channel each) one connection holds: MAX_CHANNELS, less where
+        the broker allows fewer (room kept for the second channel a declaration may
+        open, and for channel 0's numbering)."""
+        limit = MAX_CHANNELS
+        tune = getattr(conn.connection, "connection_tune", None)
+        channel_max = getattr(tune, "channel_max", 0) or 0
+        if channel_max:
+            limit = min(limit, max(channel_max - 2, 1))
+        if broker.channel_cap is not None:
+            limit = min(limit, broker.channel_cap)
+        return limit
 
     async def _channel(self, broker: _Broker, conn: _Connection, dest: _Dest,
                        target: RabbitQueue | RabbitExchange, started: float) -> _Channel:
@@ -454,6 +558,13 @@ class RabbitTransport(Transport):
             except TransportError as exc:
                 dest.error, dest.failed_at = _bare(exc), time.monotonic()
                 if isinstance(exc, ConnectError):
+                    if "NOT_ALLOWED" in str(exc) and "channel" in str(exc):
+                        # a limit of the user's (max-channels): this many and no more
+                        opened = sum(d.current is not None for d in conn.dests.values())
+                        broker.channel_cap = max(opened - 1, 1)
+                        log.warning("%s: the broker allows fewer channels than hookray "
+                                    "opened; at most %d destinations per connection now",
+                                    broker.where, broker.channel_cap)
                     self._drop(broker, conn)
                 raise
             dest.current = chan = _Channel(channel)
@@ -481,30 +592,44 @@ class RabbitTransport(Transport):
                         target: RabbitQueue | RabbitExchange,
                         made: list[aiormq.Channel]) -> aiormq.Channel:
         """``_open``'s declarations, each channel it makes added to ``made``."""
+        if isinstance(target, RabbitQueue):
+            what = f"queue {target.queue!r}"
+        else:
+            what = f"{target.type} exchange {target.exchange!r}"
+
         async def new_channel() -> aiormq.Channel:
             made.append(await self._new_channel(broker, conn, what))
             return made[-1]
 
         if isinstance(target, RabbitQueue):
-            what = f"queue {target.queue!r}"
-            channel = await new_channel()
-            try:  # an existing queue is used as it is, whatever its arguments
-                await channel.queue_declare(target.queue, passive=True)
-                return channel
-            except amqp.ChannelNotFoundEntity:
-                pass
-            except Exception as exc:
-                raise self._wrap(exc, broker, conn, what) from None
-            channel = await new_channel()
-            try:
-                await channel.queue_declare(target.queue, durable=True)
-                return channel
-            except amqp.ChannelAccessRefused as exc:
-                raise Rejected(f"{broker.where}: {what} does not exist and user "
-                               f"{broker.user!r} may not declare it ({exc})") from None
-            except Exception as exc:
-                raise self._wrap(exc, broker, conn, what) from None
-        what = f"{target.type} exchange {target.exchange!r}"
+            return await self._declared_queue(broker, conn, target, what, new_channel)
+        return await self._declared_exchange(broker, conn, target, what, new_channel)
+
+    async def _declared_queue(self, broker: _Broker, conn: _Connection, target: RabbitQueue,
+                              what: str, new_channel: Callable[[], Awaitable[aiormq.Channel]]
+                              ) -> aiormq.Channel:
+        channel = await new_channel()
+        try:  # an existing queue is used as it is, whatever its arguments
+            await channel.queue_declare(target.queue, passive=True)
+            return channel
+        except amqp.ChannelNotFoundEntity:
+            pass
+        except Exception as exc:
+            raise self._wrap(exc, broker, conn, what) from None
+        channel = await new_channel()
+        try:
+            await channel.queue_declare(target.queue, durable=True)
+            return channel
+        except amqp.ChannelAccessRefused as exc:
+            raise Rejected(f"{broker.where}: {what} does not exist and user "
+                           f"{broker.user!r} may not declare it ({exc})") from None
+        except Exception as exc:
+            raise self._wrap(exc, broker, conn, what) from None
+
+    async def _declared_exchange(self, broker: _Broker, conn: _Connection,
+                                 target: RabbitExchange, what: str,
+                                 new_channel: Callable[[], Awaitable[aiormq.Channel]]
+                                 ) -> aiormq.Channel:
         channel = await new_channel()
         try:
             await channel.exchange_declare(
@@ -514,9 +639,12 @@ class RabbitTransport(Transport):
         except amqp.ChannelAccessRefused:
             pass  # no "configure" permission: an existing exchange will do
         except amqp.ChannelPreconditionFailed as exc:
-            raise Rejected(f"{broker.where}: {what} exists with other settings than the "
-                           f"hook's (durable={target.durable}, auto_delete="
-                           f"{target.auto_delete}): {exc}") from None
+            arg = _OTHER_ARG.search(str(exc))
+            if arg is None or arg.group(1) in _HOOK_ARGS:
+                raise Rejected(f"{broker.where}: {what} exists with other settings than "
+                               f"the hook's (type {target.type}, durable={target.durable}, "
+                               f"auto_delete={target.auto_delete}): {exc}") from None
+            # declared with an argument of its own (an alternate exchange): used as it is
         except Exception as exc:
             raise self._wrap(exc, broker, conn, what) from None
         channel = await new_channel()
@@ -531,9 +659,21 @@ class RabbitTransport(Transport):
 
     async def _new_channel(self, broker: _Broker, conn: _Connection,
                            what: str) -> aiormq.Channel:
+        """A confirm channel. Under a broker's channel_max, numbered from the lowest
+        free number (aiormq counts on from the highest in use, past channel_max once
+        channels closed below it), once the channels being closed are (a closed one
+        counts until the broker confirms it)."""
+        connection = conn.connection
+        tune = getattr(connection, "connection_tune", None)
+        cap = getattr(tune, "channel_max", 0) or 0
         try:
-            channel = await conn.connection.channel(publisher_confirms=True,
-                                                    on_return_raises=True)
+            number = None
+            if cap:
+                while len(connection.channels) >= cap:
+                    await asyncio.sleep(CHANNEL_WAIT_SEC)
+                number = next(n for n in range(1, cap + 1) if n not in connection.channels)
+            channel = await connection.channel(number, publisher_confirms=True,
+                                               on_return_raises=True)
         except Exception as exc:
             raise self._wrap(exc, broker, conn, what) from None
         return cast(aiormq.Channel, channel)
@@ -590,8 +730,11 @@ class RabbitTransport(Transport):
             return ConnectError(f"{broker.where}: TLS handshake failed ({tls.reason or tls}): "
                                 "is this port a TLS (amqps) listener?")
         if isinstance(exc, amqp.AuthenticationError | amqp.ProbableAuthenticationError):
+            guest = " (or, for guest, a broker that takes it only from its own host, as " \
+                "RabbitMQ's loopback_users does by default: give the broker's own user)" \
+                if broker.user == "guest" else ""
             return ConnectError(f"{broker.where}: login refused for user {broker.user!r}: "
-                                f"wrong user name or password ({_text(exc)})")
+                                f"wrong user name or password{guest} ({_text(exc)})")
         if isinstance(exc, amqp.ConnectionNotAllowed) or (
                 isinstance(exc, amqp.InvalidFrameError) and "Connection.OpenOk" in str(exc)):
             # the broker closes the connection on Connection.Open, with no reason aiormq keeps

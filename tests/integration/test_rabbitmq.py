@@ -1044,3 +1044,106 @@ def test_broker_stopped_mid_run_and_started_again_loses_nothing(
         assert {m.message_id for m in got} == expected, hook.name
         assert engine.stats(hook.id)["delivered"] == len(expected)
     node.cleanup()
+
+
+def test_a_broker_allowing_few_channels_or_small_messages_fails_only_what_exceeds_them(
+        rabbit_limited_node: RabbitNode) -> None:
+    """channel_max 8: opening a channel for a tenth destination made the broker close
+    the connection under every hook on it, round after round. max_message_size: one
+    message over it closed the channel, failing its whole delivery at every re-send
+    (the messages before it landing each time). Now a connection holds no more
+    destinations than the broker allows (the least recently used idle one makes room),
+    and a message too large fails alone, naming its size."""
+    from engine.transports.base import undelivered
+
+    node = Rabbit(rabbit_limited_node.url)
+    queues = [node.declare_queue(f"few-{n}") for n in range(10)]
+    transport = RabbitQueueTransport(timeout_sec=5)
+    big = delivery(6, tag="big")
+    big.parts[2] = b'{"pad": "' + b"x" * 300_000 + b'"}'
+    big_queue = node.declare_queue("big")
+
+    async def go() -> tuple[list[list[Outcome]], list[Outcome]]:
+        try:
+            rounds = []
+            for n in range(2):
+                rounds.append(list(await asyncio.gather(*[
+                    transport.send(RabbitQueue(**node.broker(), queue=q),
+                                   delivery(3, tag=f"r{n}-{i}"))
+                    for i, q in enumerate(queues)])))
+            attempts, rest = [], big
+            for _ in range(3):
+                outcome = await transport.send(RabbitQueue(**node.broker(), queue=big_queue),
+                                               rest)
+                attempts.append(outcome)
+                if outcome.ok:
+                    break
+                rest, _ = undelivered(rest, outcome)
+            return rounds, attempts
+        finally:
+            await transport.close()
+
+    rounds, attempts = run(go)
+    assert [sum(o.ok for o in outcomes) for outcomes in rounds] == [10, 10], rounds
+    for q in queues:
+        assert len(by_id(node.consume(q, expect=6))) == 6
+    # learnt at the first attempt (all of it failed); then only the large one fails,
+    # naming its size, at each re-send
+    assert [(o.ok, o.error, o.failed) for o in attempts] == [
+        (False, "Rejected", None), (False, "Rejected", [2]), (False, "Rejected", None)]
+    for outcome in attempts[1:]:
+        assert "a message of 300011 bytes is larger than the broker's max_message_size " \
+            "(200000 bytes)" in outcome.detail
+    # those before it were written with it the first time (their confirms lost with
+    # the channel): sent again once, as at-least-once allows; the large one never
+    got = Counter(m.message_id for m in node.consume(big_queue, expect=7))
+    assert got == Counter({**dict.fromkeys(big.message_ids[:2], 2),
+                           **dict.fromkeys(big.message_ids[3:], 1)})
+    node.cleanup()
+
+
+def test_an_exchange_declared_with_an_alternate_exchange_is_used_as_it_is(
+        rabbit: Rabbit) -> None:
+    """Declared again with the hook's settings, such an exchange was refused
+    (inequivalent arg 'alternate-exchange'), and the hook could never deliver."""
+    name = rabbit.name("with-ae")
+    fallback = rabbit.name("ae")
+
+    async def declare(channel: Any) -> None:
+        await channel.exchange_declare(fallback, exchange_type="fanout", durable=True)
+        await channel.exchange_declare(name, exchange_type="topic", durable=True,
+                                       arguments={"alternate-exchange": fallback})
+    rabbit.call(declare)
+    queue = rabbit.declare_queue("ae-in", bind=("#",), exchange=name)
+    (outcome,) = send_all(RabbitExchangeTransport(timeout_sec=5), [
+        (RabbitExchange(**rabbit.broker(), exchange=name, type="topic"), delivery(4))])
+    assert outcome.ok, outcome
+    assert len(by_id(rabbit.consume(queue, expect=4))) == 4
+
+    async def drop(channel: Any) -> None:
+        await channel.exchange_delete(name)
+        await channel.exchange_delete(fallback)
+    rabbit.call(drop)
+
+
+def test_past_max_channels_only_the_least_recently_used_destination_makes_room(
+        rabbit: Rabbit, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every idle destination's channel was closed for one new one: the busy ones
+    opened and declared theirs again at their next delivery."""
+    monkeypatch.setattr(rabbitmq_module, "MAX_CHANNELS", 3)
+    queues = [rabbit.declare_queue(f"lru-{n}") for n in range(4)]
+    transport = RabbitQueueTransport(timeout_sec=5)
+
+    async def go() -> list[str]:
+        try:
+            for q in (queues[0], queues[1], queues[2], queues[1], queues[0], queues[3]):
+                outcome = await transport.send(RabbitQueue(**rabbit.broker(), queue=q),
+                                               delivery(1, tag=q))
+                assert outcome.ok, outcome
+            (broker,) = transport._brokers.values()
+            assert broker.current is not None
+            return [key[1] for key in broker.current.dests]
+        finally:
+            await transport.close()
+
+    assert sorted(run(go)) == sorted([queues[0], queues[1], queues[3]])  # queues[2] went
