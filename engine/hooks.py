@@ -28,6 +28,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote, quote_plus, unquote, unquote_plus, urlsplit
 
 import regex
+from aiohttp.helpers import is_canonical_ipv4_address
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -420,16 +421,27 @@ def noncanonical_ipv4(url: str) -> str | None:
     host = urlsplit(url).hostname or ""
     if not host or ":" in host:
         return None
-    try:
-        socket.inet_aton(host)
-    except OSError:
-        return None  # a name
+    if host.replace(".", "").isdigit():  # an address to the HTTP client (aiohttp's rule)
+        canonical = _canonical_ipv4(host)
+    else:
+        try:
+            socket.inet_aton(host)  # 0x7f.1: an address to the resolver
+        except OSError:
+            return None  # a name
+        canonical = False
+    if canonical:
+        return None
+    return (f"the host {quoted(host)} is an IPv4 address the HTTP client does not take: "
+            "write it as four decimal numbers from 0 to 255 (such as 127.0.0.1)")
+
+
+def _canonical_ipv4(host: str) -> bool:
+    """Whether the HTTP client takes ``host``, all digits and dots, as an address."""
     try:
         ipaddress.IPv4Address(host)
     except ValueError:
-        return (f"the host {quoted(host)} is an IPv4 address the HTTP client does not "
-                "take: write it as four decimal numbers (such as 127.0.0.1)")
-    return None
+        return False
+    return is_canonical_ipv4_address(host)
 
 
 def _no_idna(host: str) -> bool:

@@ -268,6 +268,9 @@ class HttpTransport(Transport):
                     raise ConnectError(f"{mask_url(key)}: circuit open after "
                                        f"{dest.failures} failures; last error: "
                                        f"{dest.last_error}")
+                # a token that ran out while this delivery waited for the slot: anew
+                # (else the cached one, at once)
+                auth = await self._authorization(target)
                 try:
                     outcome = await self._post(target, body, auth)
                 except (ConnectError, Timeout) as exc:
@@ -455,7 +458,10 @@ class HttpTransport(Transport):
             fetch.add_done_callback(_retrieved)
             self._cache.fetching[key] = fetch
         # shielded: a delivery given up on does not end the request the others wait for
-        return await asyncio.shield(fetch)
+        try:
+            return await asyncio.shield(fetch)
+        except TransportError as exc:  # each its own: a delivery notes its failed on it
+            raise type(exc)(str(exc)) from None
 
     async def _fetch_token(self, auth: Auth, key: tuple[str, str, str, str],
                            timeout: float) -> str:
@@ -479,6 +485,11 @@ class HttpTransport(Transport):
         except aiohttp.ClientError as exc:
             raise ConnectError(f"OAuth2 token request to {mask_url(url)} failed: "
                                f"{type(exc).__name__}: {_scrub(str(exc), url)}") from None
+        except ValueError as exc:  # the request cannot be made (a stored token_url's
+            # user:password@ that Basic auth cannot carry, say)
+            raise Rejected(f"OAuth2 token request to {mask_url(url)}: the request cannot "
+                           f"be made: {type(exc).__name__}: {_scrub(str(exc), url)}"
+                           ) from None
         finally:
             if self._cache.fetching.get(key) is asyncio.current_task():
                 del self._cache.fetching[key]

@@ -118,6 +118,9 @@ MAX_BROKERS = 64
 IDLE_CLOSE_SEC = 600.0
 BREAKER_OPEN_SEC = 1.0  # after a connection failed, deliveries to its broker fail fast
 CLOSE_TIMEOUT_SEC = 5.0
+# a limit learnt from a broker's refusal (its max_message_size, a user's channel limit,
+# which counts the user's channels on every connection, others' too) is kept this long
+LEARNT_SEC = 600.0
 CHANNEL_WAIT_SEC = 0.01  # how often a channel waits for one being closed under channel_max
 
 log = logging.getLogger("hookray.rabbitmq")
@@ -206,6 +209,11 @@ class _Connection:
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+def _learnt(broker: _Broker) -> bool:
+    """Whether what was learnt of the broker's limits is recent enough to go by."""
+    return time.monotonic() - broker.learnt_at < LEARNT_SEC
+
+
 def _bare(exc: TransportError) -> TransportError:
     """A failure as kept for the deliveries waiting on the same attempt: its type and
     text, not the exception raised, whose traceback holds the frames of the delivery
@@ -231,6 +239,7 @@ class _Broker:
     # (channel_max, or a user limit that closed the connection), its max_message_size
     channel_cap: int | None = None
     max_message: int | None = None
+    learnt_at: float = 0.0  # when (monotonic): forgotten LEARNT_SEC later (limits change)
     users: int = 0  # deliveries holding this broker: it is not dropped under them
     used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
@@ -359,15 +368,19 @@ class RabbitTransport(Transport):
         if not failures:
             return
         first = failures[0]
+        # the broker's own failures first: refusals of messages too large that were
+        # never written (TransportError) leave the channel as it is
+        first = next((r for r in failures if not isinstance(r, TransportError)), first)
         for failure in failures:  # the broker's max_message_size, learnt
             if (found := _TOO_LARGE.search(str(failure))) is not None:
                 broker.max_message = int(found.group(2))
+                broker.learnt_at = time.monotonic()
                 first = failure
                 break
         error = self._wrap(first, broker, conn, what)
         if isinstance(error, ConnectError):
             self._drop(broker, conn)
-        elif isinstance(first, ValueError):
+        elif isinstance(first, ValueError | TransportError):
             pass  # refused before anything was written: the channel is fine
         elif not isinstance(first, amqp.DeliveryError) or isinstance(first, amqp.PublishError):
             # channel closed, or a message returned (queue gone): new channel, declare again
@@ -388,7 +401,7 @@ class RabbitTransport(Transport):
         it is known, is not written (the broker would close the channel, failing every
         message of the write with it, at every re-send): it fails alone, naming its
         size."""
-        limit = broker.max_message
+        limit = broker.max_message if _learnt(broker) else None
         big = set() if limit is None else {i for i, p in enumerate(parts) if len(p) > limit}
         fits = [i for i in range(len(parts)) if i not in big]
         sent = parts if not big else [parts[i] for i in fits]
@@ -538,7 +551,7 @@ class RabbitTransport(Transport):
         channel_max = getattr(tune, "channel_max", 0) or 0
         if channel_max:
             limit = min(limit, max(channel_max - 2, 1))
-        if broker.channel_cap is not None:
+        if broker.channel_cap is not None and _learnt(broker):
             limit = min(limit, broker.channel_cap)
         return limit
 
@@ -561,7 +574,8 @@ class RabbitTransport(Transport):
                     if "NOT_ALLOWED" in str(exc) and "channel" in str(exc):
                         # a limit of the user's (max-channels): this many and no more
                         opened = sum(d.current is not None for d in conn.dests.values())
-                        broker.channel_cap = max(opened - 1, 1)
+                        broker.channel_cap = max(opened, 1)
+                        broker.learnt_at = time.monotonic()
                         log.warning("%s: the broker allows fewer channels than hookray "
                                     "opened; at most %d destinations per connection now",
                                     broker.where, broker.channel_cap)
@@ -669,7 +683,7 @@ class RabbitTransport(Transport):
         try:
             number = None
             if cap:
-                while len(connection.channels) >= cap:
+                while len(connection.channels) >= cap and not connection.is_closed:
                     await asyncio.sleep(CHANNEL_WAIT_SEC)
                 number = next(n for n in range(1, cap + 1) if n not in connection.channels)
             channel = await connection.channel(number, publisher_confirms=True,

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from typing import Any
 from urllib.parse import parse_qs
 
 import pytest
 
+from engine.errors import Rejected
 from engine.hooks import HttpBatch
 from engine.receiver import Receiver
 from engine.transports.base import Delivery
@@ -710,3 +712,75 @@ def test_a_stored_hooks_url_the_client_refuses_fails_without_opening_the_breaker
     assert {o.error for o in outcomes} == {"Rejected"}
     assert "circuit open" not in outcomes[-1].detail
     assert "127.1" in outcomes[-1].detail
+
+
+def test_a_token_that_runs_out_while_its_delivery_waits_for_a_slot_is_got_anew() -> None:
+    """Got before the slot is waited for, the token ran out meanwhile (cached until
+    shortly before it expires): the request went with it, and the 401 cost a re-send."""
+    from aiohttp import web
+
+    issued: dict[str, float] = {}
+
+    async def token(request: web.Request) -> web.Response:
+        name = f"tok-{len(issued) + 1}"
+        issued[name] = time.monotonic()
+        return web.json_response({"access_token": name, "expires_in": 1})
+
+    async def hook(request: web.Request) -> web.Response:
+        name = request.headers["Authorization"].removeprefix("Bearer ")
+        if time.monotonic() - issued[name] > 1:
+            return web.Response(status=401, text="token expired")
+        await asyncio.sleep(1.5 if request.query.get("slow") else 0)
+        return web.Response(text="ok")
+
+    async def go() -> list[Any]:
+        app = web.Application()
+        app.router.add_post("/token", token)
+        app.router.add_post("/o", hook)
+        runner = web.AppRunner(app)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = runner.addresses[0][1]
+        auth = {"kind": "oauth2", "token_url": f"http://127.0.0.1:{port}/token",
+                "client_id": "c", "client_secret": "s"}
+        transport = HttpTransport(concurrency=1, timeout_sec=5.0, queue_sec=10.0)
+
+        async def later() -> Any:
+            await asyncio.sleep(0.1)
+            return await transport.send(HttpBatch(url=f"http://127.0.0.1:{port}/o",
+                                                  auth=auth), delivery())
+        try:
+            return list(await asyncio.gather(transport.send(HttpBatch(
+                url=f"http://127.0.0.1:{port}/o?slow=1", auth=auth), delivery()), later()))
+        finally:
+            await transport.close()
+            await runner.cleanup()
+
+    first, second = asyncio.run(go())
+    assert first.ok and second.ok, (first, second)
+
+
+def test_deliveries_waiting_on_one_failed_token_request_each_get_their_own_error(
+        receiver: Receiver) -> None:
+    """They shared the exception object: a delivery in pieces noted its failed
+    positions on it, and another reported them as its own (its unsent messages counted
+    delivered)."""
+    receiver.behave("/token", always_fail=True, fail_status=500, delay_sec=0.2)
+    auth = HttpBatch(url=receiver.url("/o"), auth={
+        "kind": "oauth2", "token_url": receiver.url("/token"), "client_id": "c",
+        "client_secret": "s"}).auth
+
+    async def go() -> list[BaseException]:
+        transport = HttpTransport(timeout_sec=5.0)
+        try:
+            return list(await asyncio.gather(
+                *[transport._oauth2_token(auth, 5.0) for _ in range(2)],
+                return_exceptions=True))
+        finally:
+            await transport.close()
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, Rejected) and isinstance(second, Rejected)
+    assert first is not second and str(first) == str(second)
+    assert len(receiver.requests("/token")) == 1
