@@ -626,6 +626,8 @@ class PartitionWorker:
         # entries read again after a restart, until acknowledged: their processing-start
         # counts go with their acknowledgement
         self.reread: set[str] = set()
+        # entries whose processing start this process counted (or tried to): once each
+        self.started: set[str] = set()
         self.pending_cursor = "0"
         self.last_read = "0"  # the id of the last entry read (see _read)
         self.orphans_checked = time.monotonic()  # see _orphans
@@ -721,6 +723,7 @@ class PartitionWorker:
         if marked:  # the process lived through it: no end to count
             with suppress(redis.RedisError):
                 self.r.hdel(self.processing, *marked)
+                self.started.difference_update(marked)
         # what was batched and closed counts even when the round failed half-way
         produced = self.dispatcher.take_produced()
         for eid, n in produced.items():
@@ -778,7 +781,7 @@ class PartitionWorker:
             return entries
         kept = []
         for entry in entries:
-            if begun.get(entry.id, 0) < MAX_PROCESS_ENDS:
+            if begun.get(entry.id, 0) < MAX_PROCESS_ENDS:  # (counted before: 0, kept)
                 kept.append(entry)
                 continue
             self._set_aside(entry.id, entry.fields, ProcessEnded(
@@ -787,6 +790,7 @@ class PartitionWorker:
                 "code?)"))
             self.r.hdel(self.processing, entry.id)
             self.reread.discard(entry.id)
+            self.started.discard(entry.id)
             if entry.held:
                 self._count_settled(entry.id, 1, ack=False)
         return kept
@@ -796,10 +800,16 @@ class PartitionWorker:
         damaged from outside (not an integer, or the hash of another type) starts
         again at 1, with a warning: failing each round, it held the partition's
         entries for good."""
+        # one start per process: a round tried again (its count's reply lost, Redis
+        # timing out) counted each try, and an entry no process ended was set aside
+        marked = [eid for eid in marked if eid not in self.started]
+        if len(self.started) > MAX_UNSETTLED * 4:  # (entries settled leave it anyway)
+            self.started.clear()
+        self.started.update(marked)
         with self.r.pipeline(transaction=False) as pipe:
             for eid in marked:
                 pipe.hincrby(self.processing, eid, 1)
-            replies = pipe.execute(raise_on_error=False)
+            replies = pipe.execute(raise_on_error=False) if marked else []
         begun: dict[str, int] = {}
         replaced = False
         for eid, reply in zip(marked, replies, strict=True):
@@ -1131,6 +1141,7 @@ class PartitionWorker:
             for hook_id, n in delivered.items():
                 self.side.stats.add(pipe, hook_id, "delivered", n)
         self.reread.difference_update(entry_ids)
+        self.started.difference_update(entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:

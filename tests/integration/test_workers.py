@@ -12,7 +12,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 import pytest
@@ -1454,6 +1454,59 @@ def test_an_entry_that_ends_the_process_each_time_is_set_aside_after_restarts(
     delivered = {mid for sender in senders for d in sender.transport.sent
                  for mid in d.message_ids}
     assert len(delivered) == 10
+
+
+class LostCountReplies:
+    """A client whose pipelines counting processing starts are carried out by Redis,
+    their replies lost (a timeout), ``times`` times."""
+
+    def __init__(self, r: redis.Redis, key: str, times: int) -> None:
+        self.r, self.key, self.left = r, key, times
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.r, name)
+
+    def pipeline(self, *args: Any, **kwargs: Any) -> Any:
+        pipe = self.r.pipeline(*args, **kwargs)
+        execute = pipe.execute
+
+        def lost(*a: Any, **k: Any) -> Any:
+            counts = any(c[0][:2] == ("HINCRBY", self.key) for c in pipe.command_stack)
+            out = execute(*a, **k)
+            if counts and self.left:
+                self.left -= 1
+                raise redis.TimeoutError("Timeout reading from socket")
+            return out
+        pipe.execute = lost
+        return pipe
+
+
+def test_a_count_of_processing_starts_whose_reply_is_lost_counts_once(
+        redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
+    """The round counting an entry's start after a restart failed on a lost reply
+    (Redis carried it out), and each round tried again counted once more in the same
+    process: two lost replies, and an entry no process ended was set aside as
+    ProcessEnded, its events sent to no hook."""
+    cfg = one_partition(settings)
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 5).publish(clicks(5))
+    first = PartitionWorker(cfg, redis_client, 0, InProcessSender(hold=True))
+    for _ in range(3):  # read, never settled: the process ended
+        first.step(block_ms=10)
+    flaky = LostCountReplies(redis_client, keys.processing(0, "partition-0"), 2)
+    sender = InProcessSender()
+    restarted = PartitionWorker(cfg, cast(redis.Redis, flaky), 0, sender)
+    failed = 0
+    for _ in range(8):
+        try:
+            restarted.step(block_ms=10)
+        except redis.TimeoutError:
+            failed += 1
+    assert failed >= 1  # once: tried again, the start is not counted again
+    assert redis_client.xlen(keys.intake_unreadable) == 0
+    sent = [mid for d in sender.transport.sent for mid in d.message_ids]
+    assert len(sent) == len(set(sent)) == 5
+    assert redis_client.xlen(keys.intake(0)) == 0
 
 
 @pytest.mark.parametrize("damage", ["field", "key"])
