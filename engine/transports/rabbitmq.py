@@ -181,6 +181,7 @@ _TOO_LARGE = re.compile(r"message size (\d+) is larger than configured max size 
 _OTHER_ARG = re.compile(r"inequivalent arg '([^']+)'")
 _HOOK_ARGS = ("type", "durable", "auto_delete", "internal")
 
+
 @dataclass
 class _Channel:
     """A destination's confirm channel; closed once stale and no delivery uses it."""
@@ -209,9 +210,9 @@ class _Connection:
     freed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
-def _learnt(broker: _Broker) -> bool:
-    """Whether what was learnt of the broker's limits is recent enough to go by."""
-    return time.monotonic() - broker.learnt_at < LEARNT_SEC
+def _learnt(at: float) -> bool:
+    """Whether a limit of the broker's learnt ``at`` is recent enough to go by."""
+    return time.monotonic() - at < LEARNT_SEC
 
 
 def _bare(exc: TransportError) -> TransportError:
@@ -239,7 +240,9 @@ class _Broker:
     # (channel_max, or a user limit that closed the connection), its max_message_size
     channel_cap: int | None = None
     max_message: int | None = None
-    learnt_at: float = 0.0  # when (monotonic): forgotten LEARNT_SEC later (limits change)
+    # when each was learnt (monotonic): forgotten LEARNT_SEC later (limits change)
+    cap_learnt_at: float = float("-inf")
+    size_learnt_at: float = float("-inf")
     users: int = 0  # deliveries holding this broker: it is not dropped under them
     used_at: float = field(default_factory=time.monotonic)  # a delivery began or ended
 
@@ -374,7 +377,7 @@ class RabbitTransport(Transport):
         for failure in failures:  # the broker's max_message_size, learnt
             if (found := _TOO_LARGE.search(str(failure))) is not None:
                 broker.max_message = int(found.group(2))
-                broker.learnt_at = time.monotonic()
+                broker.size_learnt_at = time.monotonic()
                 first = failure
                 break
         error = self._wrap(first, broker, conn, what)
@@ -401,7 +404,7 @@ class RabbitTransport(Transport):
         it is known, is not written (the broker would close the channel, failing every
         message of the write with it, at every re-send): it fails alone, naming its
         size."""
-        limit = broker.max_message if _learnt(broker) else None
+        limit = broker.max_message if _learnt(broker.size_learnt_at) else None
         big = set() if limit is None else {i for i, p in enumerate(parts) if len(p) > limit}
         fits = [i for i in range(len(parts)) if i not in big]
         sent = parts if not big else [parts[i] for i in fits]
@@ -551,7 +554,7 @@ class RabbitTransport(Transport):
         channel_max = getattr(tune, "channel_max", 0) or 0
         if channel_max:
             limit = min(limit, max(channel_max - 2, 1))
-        if broker.channel_cap is not None and _learnt(broker):
+        if broker.channel_cap is not None and _learnt(broker.cap_learnt_at):
             limit = min(limit, broker.channel_cap)
         return limit
 
@@ -575,7 +578,7 @@ class RabbitTransport(Transport):
                         # a limit of the user's (max-channels): this many and no more
                         opened = sum(d.current is not None for d in conn.dests.values())
                         broker.channel_cap = max(opened, 1)
-                        broker.learnt_at = time.monotonic()
+                        broker.cap_learnt_at = time.monotonic()
                         log.warning("%s: the broker allows fewer channels than hookray "
                                     "opened; at most %d destinations per connection now",
                                     broker.where, broker.channel_cap)
