@@ -1054,9 +1054,7 @@ class PartitionWorker:
                 # after a Redis error starts from the delivery as it was
                 rest = msgspec.structs.replace(rest, last_attempt_ms=now_ms(),
                                                restarts=restarts_after(delivery, outcome))
-                # one a stop left unanswered is due at once: the next start sends it
-                due = rest.last_attempt_ms if outcome.error == "Stopped" else \
-                    retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 error = scrub(outcome.describe(), hook_secrets(hook))
@@ -1069,9 +1067,8 @@ class PartitionWorker:
                     self.side.retry.kill(rest, error, once=once)
                 else:
                     self.side.retry.schedule(rest, due, error, once=once)
-                if outcome.error != "Stopped":  # the stop says those itself (drain)
-                    self.failure_log.failed(delivery.hook_id, delivery.account_id,
-                                            delivery.kind, rest.count, error, dead)
+                self.failure_log.failed(delivery.hook_id, delivery.account_id,
+                                        delivery.kind, rest.count, error, dead)
                 if done:
                     self.delivered[delivery.hook_id] += done
             self.settling.popleft()
@@ -1228,16 +1225,49 @@ class PartitionWorker:
         unanswered = self._settled_by_stop()
         if not unanswered:
             return
-        stopped = Outcome(ok=False, error="Stopped", detail=(
-            f"no outcome within the stop's drain ({DRAIN_SEC:g} s); sent again by the next "
-            "start"))
-        self._settle([(d, stopped) for d in unanswered])
+        self._book_stopped(unanswered)
         self.stop_said.append(
             f"partition {self.partition}: stopped with {sum(d.count for d in unanswered)} "
             f"message(s) in {len(unanswered)} batch(es) whose outcome did not come within "
             f"{DRAIN_SEC:g} s; scheduled as re-sends of their own hooks, due at once (a "
             "destination that took one meanwhile gets it twice)")
         log.warning("%s", self.stop_said[-1])
+
+    def _book_stopped(self, unanswered: list[Delivery]) -> None:
+        """Schedule ``unanswered`` as re-sends due at once (``Stopped``, using up no
+        re-send) and acknowledge the entries they settle, in one booking: both or
+        neither. Booked one by one and then acknowledged, an acknowledgement Redis
+        refused left the entries pending, and the next start sent all of their messages
+        again beside the re-sends."""
+        stopped = Outcome(ok=False, error="Stopped", detail=(
+            f"no outcome within the stop's drain ({DRAIN_SEC:g} s); sent again by the next "
+            "start"))
+        items = []
+        entries: Counter[str] = Counter()
+        for delivery in unanswered:
+            hook, held = self.dispatcher.pending_hooks[delivery.id]
+            rest = msgspec.structs.replace(delivery, last_attempt_ms=now_ms(), restarts=0)
+            items.append((rest, rest.last_attempt_ms,
+                          scrub(stopped.describe(), hook_secrets(hook))))
+            entries.update(held)
+        eids = list(entries)
+        reread = [eid for eid in eids if eid in self.reread]
+
+        def acknowledge(pipe: Any) -> None:
+            pipe.xack(self.stream, CONSUMER_GROUP, *eids)
+            pipe.xdel(self.stream, *eids)
+            if reread:  # as _ack_round
+                pipe.hdel(self.processing, *reread)
+
+        self.side.retry.schedule_settling(items, (self.booked, uuid.uuid4().hex),
+                                          acknowledge)
+        for delivery in unanswered:
+            _, held = self.dispatcher.pending_hooks.pop(delivery.id)
+            self.submitted.pop(delivery.id, None)
+            for eid, n in held.items():
+                self._count_settled(eid, n, ack=False)
+        self.reread.difference_update(eids)
+        self.started.difference_update(eids)
 
     def _settled_by_stop(self) -> list[Delivery]:
         """The unanswered batches whose entries are all settled once these batches are:

@@ -1351,14 +1351,28 @@ class RetryStore:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
         attempt that were delivered (and are no longer in ``delivery``), counted.
         ``once``: see ``Booking``."""
-        delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         with self._booking(once) as pipe:
-            pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
-            pipe.hdel(self.k.retry_unanswered, delivery.id)
-            pipe.zadd(self.k.retry, {delivery.id: due_ms})
-            self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
+            self._schedule_into(pipe, delivery, due_ms, error)
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
+
+    def schedule_settling(self, items: list[tuple[Delivery, int, str]], once: Once,
+                          settle: Callable[[Any], None]) -> None:
+        """Keep each ``(delivery, due_ms, error)`` for a re-send and, in the same
+        booking, add ``settle(pipe)``'s commands (acknowledging the intake entries
+        these deliveries settle): all of it or none of it."""
+        with self._booking(once) as pipe:
+            for delivery, due_ms, error in items:
+                self._schedule_into(pipe, delivery, due_ms, error)
+            settle(pipe)
+
+    def _schedule_into(self, pipe: Any, delivery: Delivery, due_ms: int,
+                       error: str) -> None:
+        delivery.last_error = writable(error[:LAST_ERROR_CHARS])
+        pipe.hset(self.k.retry_payload, delivery.id, pack_delivery(delivery))
+        pipe.hdel(self.k.retry_unanswered, delivery.id)
+        pipe.zadd(self.k.retry, {delivery.id: due_ms})
+        self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
 
     def claim_due(self, limit: int = 100, now: int | None = None,
                   max_bytes: int = CLAIM_BYTES) -> list[Delivery]:

@@ -133,6 +133,41 @@ def test_a_partition_stops_within_its_drain_time_scheduling_the_rest_as_re_sends
         {(0, "Stopped")}
 
 
+def test_a_stop_whose_acknowledgement_is_refused_leaves_no_re_sends_beside_the_entries(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The re-sends of a stop's unanswered batches and the acknowledgement of their
+    entries are one booking. Booked one by one and then acknowledged, an
+    acknowledgement Redis refused left the entries pending beside the re-sends: the
+    next start sent every message twice (and a third time to a destination that took
+    the batch late)."""
+    import engine.dispatch
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(30))
+    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.unsettled == 30
+
+    def refused(*args: Any) -> None:
+        raise redis.ConnectionError("Connection reset by peer")
+
+    monkeypatch.setattr(worker, "_ack_round", refused)
+    worker._stopping()
+    assert pending(redis_client, keys) == 0
+    again = InProcessSender()
+    restarted = PartitionWorker(settings, redis_client, 0, again)
+    for _ in range(3):
+        restarted.step(block_ms=10)
+    restarted.drain(5)
+    assert RetryWorker(settings, redis_client, again).step() == 3
+    sent = [mid for d in again.transport.sent for mid in d.message_ids]
+    assert len(sent) == len(set(sent)) == 30
+
+
 class HoldsOne(Later):
     """Answers at once, except for the hook ``slow``'s batches: never."""
 
