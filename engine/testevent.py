@@ -83,6 +83,10 @@ SAMPLE_TEXT_CONTENT = {"text": "Hello, Alice!"}  # SMS and the other text channe
 SAMPLE_SEND_ID = "test-send"
 # spec d: tracking events of the push channel only also carry extra_uid
 SAMPLE_EXTRA_UID = "ew4Sgf41"
+SAMPLE_SUBSCRIPTION_HASH = "0a4b910312345"  # spec d's example values
+SAMPLE_SENDS_TRYING_NUM = 2
+SAMPLE_PRIORITY = 1
+SAMPLE_CCSUB = {"custom_key": "custom_value"}
 # channels whose subscriptions are addressed by phone number (spec d: phone)
 PHONE_CHANNELS = frozenset({"sms", "viber", "whatsapp"})
 # the other channels of the platform's subscriptions, whose address key is not known
@@ -122,6 +126,9 @@ def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None =
     catalogue = load_catalogue() if catalogue is None else catalogue
     event_type_info = catalogue.get(event_type)
     list_id = hook.database if isinstance(hook.database, int) else 1
+    # a sent message's attempts and substitutions: of the events a sending is behind
+    sent = event_type_info.category in ("tracking", "delivery") and \
+        bool(event_type_info.channel)
     return Event(
         id=f"test-{uuid.uuid4().hex}",
         event_type=event_type,
@@ -132,6 +139,9 @@ def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None =
         xxh="ad1850e0d1d9481e",
         md5="145bb30f7ddf1184cb560bc4b7705646",
         is_test=True,
+        sends_trying_num=SAMPLE_SENDS_TRYING_NUM if sent else None,
+        is_static=False if sent else None,
+        subscription_hash_id=SAMPLE_SUBSCRIPTION_HASH,
         subscription=[_sample_subscription(event_type_info.channel)],
         event_data=sample_event_data(event_type_info),
         profile=dict(SAMPLE_PROFILE),
@@ -141,18 +151,23 @@ def sample_event(hook: Hook, event_type: str, catalogue: EventCatalogue | None =
 def _sample_subscription(channel: str | None) -> Subscription:
     """A subscription of the event's channel with the keys of that channel only
     (email for email, phone for SMS, Viber and WhatsApp, the push token and provider
-    for push, no address for Notify and Telegram bot); an email one for an event of
-    no subscription channel (import, pixel)."""
+    for push, no address for Notify and Telegram bot), and the priority and custom
+    fields (``ccsub``) every channel's may have; an email one for an event of no
+    subscription channel (import, pixel)."""
     if channel in PHONE_CHANNELS:
         return Subscription(resource_id=3, channel=channel, phone=SAMPLE_PHONE,
-                            status="subscribed")
+                            priority=SAMPLE_PRIORITY, status="subscribed",
+                            ccsub=dict(SAMPLE_CCSUB))
     if channel in OTHER_CHANNELS:
-        return Subscription(resource_id=3, channel=channel, status="subscribed")
+        return Subscription(resource_id=3, channel=channel, priority=SAMPLE_PRIORITY,
+                            status="subscribed", ccsub=dict(SAMPLE_CCSUB))
     if channel == "push":
         return Subscription(resource_id=3, channel="push", subscription_id=SAMPLE_PUSH_ID,
-                            provider="androidfirebase", status="subscribed")
+                            provider="androidfirebase", priority=SAMPLE_PRIORITY,
+                            status="subscribed", ccsub=dict(SAMPLE_CCSUB))
     return Subscription(resource_id=3, channel="email", email=SAMPLE_PROFILE["email"],
-                        status="subscribed")
+                        priority=SAMPLE_PRIORITY, status="subscribed",
+                        ccsub=dict(SAMPLE_CCSUB))
 
 
 def build_test_delivery(hook: Hook, event_type: str, names: NameCatalogue | None = None,

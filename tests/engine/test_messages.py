@@ -602,7 +602,7 @@ def test_a_test_event_subscription_has_its_channels_keys_only(event_type: str,
 
     (sub,) = sample_event(make_hook(actions=[event_type]), event_type).subscription or []
     fields = {k for k, v in msgspec.structs.asdict(sub).items() if v is not None}
-    assert fields == {"resource_id", "channel", "status"} | keys
+    assert fields == {"resource_id", "channel", "priority", "status", "ccsub"} | keys
     assert sub.channel == CATALOGUE.get(event_type).channel
 
 

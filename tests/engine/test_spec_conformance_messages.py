@@ -201,4 +201,24 @@ def test_a_test_event_subscription_is_of_its_events_channel(channel: str,
     catalogue = CATALOGUE.extended([{"code": f"deliv_{channel}x", "category": "delivery",
                                      "channel": channel}])
     (sub,) = test_message(f"deliv_{channel}x", catalogue)["subscription"]
-    assert sub == {"resource_id": 3, "channel": channel, "status": "subscribed", **keys}
+    assert sub == {"resource_id": 3, "channel": channel, "status": "subscribed",
+                   "priority": 1, "ccsub": {"custom_key": "custom_value"}, **keys}
+
+
+@pytest.mark.parametrize("code", ["click", "deliv", "open_push", "send_sms"])
+def test_a_test_event_of_a_sent_message_carries_every_optional_top_level_key(
+        code: str) -> None:
+    """Spec h: the synthetic message has section (d)'s shapes and example values; a
+    receiver testing its parser should meet every key live traffic may carry."""
+    message = test_message(code)
+    assert message["sends_trying_num"] == 2 and message["is_static"] is False
+    assert message["subscription_hash_id"] == "0a4b910312345"
+    (sub,) = message["subscription"]
+    assert sub["priority"] == 1 and sub["ccsub"] == {"custom_key": "custom_value"}
+
+
+@pytest.mark.parametrize("code", ["import_api", "pixel"])
+def test_a_test_event_no_sent_message_is_behind_has_no_sending_attempts(code: str) -> None:
+    message = test_message(code)
+    assert "sends_trying_num" not in message and "is_static" not in message
+    assert message["subscription_hash_id"] == "0a4b910312345"
