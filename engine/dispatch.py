@@ -91,6 +91,8 @@ REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyEr
 # the same refusals where redis-py raises them as a plain ResponseError: by error code
 REDIS_REFUSALS = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "MASTERDOWN", "OOM",
                   "READONLY", "TRYAGAIN", "CLUSTERDOWN")
+# an ACL refusal inside a script, as Redis 6.2 words it (no NOPERM code)
+_SCRIPT_ACL = "The user executing the script can't"
 
 
 def redis_unavailable(error: BaseException) -> bool:
@@ -105,6 +107,17 @@ def redis_unavailable(error: BaseException) -> bool:
     text = str(error).rpartition(" of pipeline caused error: ")[2]
     text = _SCRIPT_ERROR.sub("", text, count=1)
     return text.split(" ", 1)[0] in REDIS_REFUSALS
+
+
+def acl_refusal(error: BaseException) -> bool:
+    """Whether ``error`` is an ACL refusing the engine's Redis user a command or a key:
+    every entry reaching that command fails alike, which is the operator's to mend (the
+    worker's health says it), not an entry's fault."""
+    if isinstance(error, redis.exceptions.NoPermissionError):
+        return True
+    text = str(error).rpartition(" of pipeline caused error: ")[2]
+    return isinstance(error, redis.ResponseError) and (
+        _SCRIPT_ERROR.sub("", text, count=1).startswith("NOPERM") or _SCRIPT_ACL in text)
 
 
 def drain_at_stop(drain: Callable[[], int], who: str, things: str, units: str,
@@ -860,11 +873,11 @@ class PartitionWorker:
         """A round failed: its entries are processed again, one per round (messages
         batched before the failure are sent, and sent again then: at-least-once).
         An entry whose rounds failed MAX_ENTRY_FAILURES times while processing it
-        (``blame``), not because Redis was unavailable (``redis_unavailable``), is set
-        aside like an unreadable one."""
+        (``blame``), not because Redis was unavailable (``redis_unavailable``) or refused
+        the engine's user (``acl_refusal``), is set aside like an unreadable one."""
         alone = len(entries) == 1
         for entry in entries:
-            if blame and not redis_unavailable(error):
+            if blame and not redis_unavailable(error) and not acl_refusal(error):
                 self.failures[entry.id] += 1
             if alone and self.failures[entry.id] >= MAX_ENTRY_FAILURES:
                 try:
@@ -1020,8 +1033,6 @@ class PartitionWorker:
         ``entries_unreadable`` in the engine's stats. Once: an entry no longer pending
         (set aside by a call whose reply was lost) is left as it is."""
         reason = f"{type(exc).__name__}: {exc}"[:1000]
-        log.warning("partition %s: intake entry %s cannot be processed, set aside: %s",
-                    self.partition, entry_id, reason)
         # the entry's own fields, then why
         record: dict[Any, Any] = dict(fields) if len(fields) <= SET_ASIDE_MAX_FIELDS \
             else {b"_fields": msgspec.msgpack.encode(fields)}
@@ -1031,6 +1042,9 @@ class PartitionWorker:
                                    self.side.keys.engine_stats],
                              args=[CONSUMER_GROUP, entry_id,
                                    *(x for kv in record.items() for x in kv)])
+        # said once done (a refused script sets nothing aside)
+        log.warning("partition %s: intake entry %s cannot be processed, set aside: %s",
+                    self.partition, entry_id, reason)
 
     def _settle(self, outcomes: list[tuple[Delivery, Outcome]]) -> None:
         """Book outcomes: delivered ones counted, failed ones written to the retry
