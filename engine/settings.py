@@ -259,6 +259,9 @@ def _odd_option(given: set[str]) -> str | None:
     return None
 
 
+MAX_REDIS_DB = 2**31 - 1  # the largest `databases` setting Redis takes
+
+
 def redis_url_problem(url: str) -> str | None:
     """Why redis-py could not use ``url`` (or would take another database than the
     one written: a path that is no plain number, or a ``db=`` option that says another
@@ -291,21 +294,34 @@ def redis_url_problem(url: str) -> str | None:
                                       and math.isfinite(value) and value > 0):
             # (redis-py takes them as given: a socket refuses them at the first connect)
             return f"{option}={value}: expected a finite number of seconds > 0"
+    return _database_problem(url, pool.connection_kwargs)
+
+
+def _database_problem(url: str, kwargs: dict[str, Any]) -> str | None:
+    """Why the database (or socket path) of ``url``, as redis-py parsed it
+    (``kwargs``), is not the one written, or not one Redis takes; or None."""
     # what redis-py uses: a db= option if there is one (the path is then ignored), else
     # int() of the path without its "/"s (" 1" and "1/2" are 1 and 12), else database 0
-    db = pool.connection_kwargs.get("db", 0)
+    db = kwargs.get("db", 0)
     from_option = "db" in parse_qs(urlsplit(url).query)  # parsed as redis-py does
     uses = "" if not isinstance(db, int) or db < 0 else \
         f"; redis-py would use database {db}" + (" (its db= option)" if from_option else "")
     # the path of a unix:// URL is the socket; of the others, the database
     path = "" if url.startswith("unix://") else unquote(urlsplit(url).path).strip("/")
-    if "@" in path:  # redis-py ends the host at the first "/", even in a password
+    socket = str(kwargs.get("path", "")) if url.startswith("unix://") else ""
+    # redis-py ends the host at the first "/", even in a password: the rest of it would
+    # be taken as the database or the socket's path (and quoted in errors); a socket's
+    # own path may hold "@" (/run/redis@main/redis.sock), but not before its first "/"
+    if "@" in path or "@/" in socket:
         return "'@' after the host: write a '/' in the user name or password as %2F"
     if path and not path.isdecimal():
         return ("the database, the path after HOST:PORT, must be a whole number >= 0 "
                 f"(e.g. redis://HOST:6379/0){uses}")
     if not isinstance(db, int) or db < 0:
         return f"the database must be a whole number >= 0, not {db}"
+    if db > MAX_REDIS_DB:  # Redis refuses any SELECT of it, not only as out of range
+        return (f"the database must be a whole number from 0 to {MAX_REDIS_DB} (and below "
+                f"the server's `databases` setting), not {db}")
     if path and from_option and int(path) != db:
         return (f"the database is written twice, differently: {path} as the path and db={db} "
                 "as an option, which redis-py uses (ignoring the path); write it once, e.g. "

@@ -132,6 +132,11 @@ BAD_ENV: list[tuple[str, str, str]] = [
      "(e.g. redis://HOST:6379/0); redis-py would use database 0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/9/x", "must be a whole number >= 0"),
     ("REDIS_URL", "redis://127.0.0.1:6379/-1", "must be a whole number >= 0"),
+    # Redis refuses SELECT of any such number, with no word of the URL
+    ("REDIS_URL", "redis://127.0.0.1:6379/99999999999999999999",
+     "the database must be a whole number from 0 to 2147483647"),
+    ("REDIS_URL", "unix:///run/redis.sock?db=2147483648",
+     "the database must be a whole number from 0 to 2147483647"),
     # options redis-py passes on unchecked, failing every command or changing replies
     ("REDIS_URL", "redis://127.0.0.1:6379/0?socket_type=abc",
      "option 'socket_type' is not taken here; accepted: client_name, db,"),
@@ -573,6 +578,8 @@ def test_redacted_masks_redis_credentials(url: str, shown: str, secrets: list[st
     "redis://user:s3cret/x@h:6379/0",  # a "/" in the password, not written %2F
     "redis://user:s3%2Fcret@h:6379/x",
     "rediss://h:6380/0?ssl%5Fpassword=s3cret&socket_timeout=abc",
+    # the password's end would be taken as the socket's path, and quoted in errors
+    "unix://:s3cret/x@/run/redis.sock", "unix://u:x/s3cret@/run/redis.sock",
 ])
 def test_a_refused_redis_url_is_shown_without_its_password(url: str) -> None:
     message = config_error(environ={"REDIS_URL": url})
@@ -589,6 +596,7 @@ def test_a_refused_redis_url_is_shown_without_its_password(url: str) -> None:
     ("rediss://h:6380/1?ssl_ciphers=ECDHE-RSA-AES256-GCM-SHA384&client_name=hr", 1),
     ("redis://h/6?protocol=2", 6),
     ("unix:///run/redis.sock?db=5", 5), ("unix:///run/redis.sock", 0),
+    ("unix:///run/redis@main/redis.sock", 0), ("redis://h/2147483647", 2147483647),
 ])
 def test_redis_urls_redis_py_takes_are_accepted(url: str, db: int) -> None:
     import redis
