@@ -31,7 +31,15 @@ import redis
 from engine.catalogue import load_catalogue
 from engine.errors import ConfigError, HookError, NotFound, PrefixTaken
 from engine.events import MAX_ID, Event, is_account_id
-from engine.health import cluster_mode, engine_health, eviction_risk, quick_client, too_old
+from engine.health import (
+    POLICY_UNREAD,
+    cluster_mode,
+    engine_health,
+    eviction_risk,
+    quick_client,
+    read_policy,
+    too_old,
+)
 from engine.hooks import Hook, not_utf8
 from engine.intake import Intake, PublishResult, SetAside
 from engine.keys import Keys, recorded_partitions
@@ -194,6 +202,8 @@ class Engine:
             engine._check_redis()
             if (risk := eviction_risk(engine.redis)) is not None:
                 log.warning("%s", risk)
+            elif read_policy(engine.redis) is None:
+                log.warning("%s", POLICY_UNREAD)
             engine._start_actors(ray_address or settings.RAY_ADDRESS)
         except BaseException:
             engine.redis.close()

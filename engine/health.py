@@ -240,9 +240,14 @@ def too_old(r: redis.Redis) -> str | None:
     return None
 
 
-def eviction_policy(r: redis.Redis) -> str | None:
-    """This Redis' ``maxmemory-policy`` when it is not ``noeviction`` (Redis may then
-    evict keys on its own), else None; None too when the server does not say. Read
+POLICY_UNREAD = (
+    "could not read Redis' maxmemory-policy (INFO and CONFIG are refused to the engine's "
+    "user, or renamed): make sure it is noeviction, else Redis may drop accepted events, "
+    "retries and dead letters when it runs out of memory")
+
+
+def read_policy(r: redis.Redis) -> str | None:
+    """This Redis' ``maxmemory-policy``, or None when the server does not say. Read
     from ``INFO memory`` (which managed services keep), else from CONFIG."""
     policy: Any = None
     with contextlib.suppress(redis.ResponseError):  # INFO renamed or denied
@@ -254,15 +259,24 @@ def eviction_policy(r: redis.Redis) -> str | None:
             return None
     if isinstance(policy, bytes):
         policy = policy.decode("utf-8", "replace")
-    return policy if isinstance(policy, str) and policy != "noeviction" else None
+    return policy if isinstance(policy, str) else None
+
+
+def eviction_policy(r: redis.Redis) -> str | None:
+    """This Redis' ``maxmemory-policy`` when it is not ``noeviction`` (Redis may then
+    evict keys on its own), else None; None too when the server does not say
+    (``read_policy``)."""
+    policy = read_policy(r)
+    return policy if policy != "noeviction" else None
 
 
 def eviction_risk(r: redis.Redis) -> str | None:
     """Why this Redis may drop accepted work on its own, or None: a ``maxmemory-policy``
     other than ``noeviction`` evicts keys when memory runs short (``allkeys-*`` any:
     intake streams, retry schedules, dead letters, hooks; ``volatile-*`` those with a
-    TTL: message content, sent without it then, and the engine's claim on its prefix).
-    None too when the server does not say (neither INFO nor CONFIG answers)."""
+    TTL: message content, sent without it then, the engine's claim on its prefix, and
+    publish receipts). None too when the server does not say (neither INFO nor CONFIG
+    answers: ``POLICY_UNREAD`` is for the engine's start to say then)."""
     policy = eviction_policy(r)
     if policy is None:
         return None
@@ -272,4 +286,7 @@ def eviction_risk(r: redis.Redis) -> str | None:
                 "use noeviction for the engine's Redis")
     return (f"Redis evicts keys with a TTL when it runs out of memory (maxmemory-policy "
             f"{policy}): stored message content could be dropped (messages then go "
-            "without it); use noeviction for the engine's Redis")
+            "without it), and so could the engine's claim on its REDIS_PREFIX (another "
+            "engine could take it meanwhile) and publish receipts (a publish tried again "
+            "after its reply was lost could be written twice); use noeviction for the "
+            "engine's Redis")

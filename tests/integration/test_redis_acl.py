@@ -92,3 +92,22 @@ def test_acl_refusals_are_told_apart_in_every_form_redis_gives_them(
         admin.hget("s", "f")
     assert not acl_refusal(wrongtype.value)
     user.close()
+
+
+def test_a_policy_the_engines_user_may_not_read_is_told_apart_from_noeviction(
+        admin: redis.Redis) -> None:
+    """With INFO and CONFIG refused (as managed services often do), the policy of an
+    evicting Redis cannot be read: the engine's start says so, rather than nothing as
+    for noeviction."""
+    from engine.health import eviction_risk, read_policy
+
+    admin.config_set("maxmemory-policy", "allkeys-lru")
+    admin.execute_command("ACL", "SETUSER", "eng", "on", ">pw", "+@all", "-info", "-config",
+                          "allkeys")
+    port = admin.connection_pool.connection_kwargs["port"]
+    user = redis.Redis(port=port, username="eng", password="pw")
+    assert read_policy(admin) == "allkeys-lru"
+    assert read_policy(user) is None and eviction_risk(user) is None
+    admin.config_set("maxmemory-policy", "noeviction")
+    assert read_policy(admin) == "noeviction"
+    user.close()

@@ -103,6 +103,7 @@ def test_an_eviction_policy_is_named(evicting_redis: redis.Redis,
     evicting_redis.config_set("maxmemory-policy", "volatile-lru")  # keys with a TTL
     risk = eviction_risk(evicting_redis)
     assert risk is not None and "stored message content could be dropped" in risk
+    assert "claim on its REDIS_PREFIX" in risk and "publish receipts" in risk
     evicting_redis.config_set("maxmemory-policy", "noeviction")
     assert eviction_risk(evicting_redis) is None
     assert eviction_risk(redis_client) is None  # the shared test Redis: noeviction
