@@ -235,6 +235,7 @@ class Dispatcher:
         self.batches: dict[int, _Batch] = {}
         self.names = NameCatalogue()
         self.versions = {"hooks": -1, "names": -1, "profiles": -1}
+        self.epoch: bytes | None = None  # of the data the versions are of (Keys.epoch)
         self.profile_cache: dict[tuple[int, str], dict[str, Any] | None] = {}
         # delivery id -> (hook it was built for, messages per stream entry), until settled
         self.pending_hooks: dict[str, tuple[Hook, Counter[str]]] = {}
@@ -276,8 +277,13 @@ class Dispatcher:
         with self.side.registry.r.pipeline(transaction=False) as pipe:
             for key in keys:
                 pipe.get(key)
+            pipe.get(self.side.keys.epoch)
+            *versions, epoch = pipe.execute()
             hooks_v, names_v, profiles_v = (version_number(key, v) for key, v in
-                                            zip(keys, pipe.execute(), strict=True))
+                                            zip(keys, versions, strict=True))
+        if epoch != self.epoch:  # Redis lost the data (or this is the first look)
+            self.versions = {"hooks": -1, "names": -1, "profiles": -1}
+            self.epoch = epoch
         if names_v != self.versions["names"]:
             self.names = self.side.names.load()
             self.versions["names"] = names_v

@@ -357,6 +357,7 @@ class Intake:
         self._lengths_at = -float("inf")
         self.catalogue = load_catalogue() if catalogue is None else catalogue
         self._scripts: dict[str, Any] = {}  # registered on first use (validate needs none)
+        self.records_kept = False  # keep_records ran once (the engine's start)
         self._spent: deque[str] = deque()  # receipts of finished appends, to delete
         # the engine's recorded event codes as last read, and this intake's codes not
         # among them
@@ -728,10 +729,21 @@ class Intake:
         not aborted. Codes recorded before that this engine lacks are logged while the
         intake holds entries: their events match no hook (``EventColumns.from_events``)."""
         wrote, before = self._script("intake_restore")(
-            keys=[self.k.config],
-            args=[self.partitions, json.dumps(sorted(self.catalogue.codes())), "restored"])
+            keys=[self.k.config, self.k.epoch],
+            args=[self.partitions, json.dumps(sorted(self.catalogue.codes())), "restored",
+                  uuid.uuid4().hex])
         if int(wrote) & 2 and before:
             self._say_removed(before)
+        if int(wrote) & 4 and self.records_kept:
+            # kept at the start, gone since: Redis lost the engine's data while it ran
+            log.error("Redis lost the engine's data under REDIS_PREFIX %r while it ran (a "
+                      "restart without persistence, a flush, or keys evicted): the accepted "
+                      "events not yet delivered, the scheduled re-sends, the dead letters "
+                      "and the hooks it held are gone, and the hooks' counts start again; "
+                      "the engine's records are written again and it goes on with what "
+                      "Redis holds now (give Redis persistence, AOF, and maxmemory-policy "
+                      "noeviction)", self.k.p)
+        self.records_kept = True
 
     def _say_removed(self, recorded: bytes | str) -> None:
         """Warn when codes ``recorded`` before are not this engine's while its intake

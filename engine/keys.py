@@ -23,6 +23,10 @@ key                             type     holds
                                          writing for another count are refused);
                                          ``checking``: a first record's streams not
                                          checked yet
+{p}:epoch                       string   a token of the engine's data as a whole, written
+                                         with its records where missing: another one
+                                         (Redis lost the data, the versions starting
+                                         from 0 again) makes workers load everything
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out (missing, or at a
                                          stored or deleted-and-marked hook's id: the
@@ -138,6 +142,11 @@ class Keys:
         self.engine_stats = f"{prefix}:stats:engine"
         self.intake_unreadable = f"{prefix}:intake:unreadable"
         self.config = f"{prefix}:config"
+        # a token of the engine's data as a whole, made again when Redis lost it (a
+        # restart without persistence, a flush): the versions start from 0 again then,
+        # and a cache of hooks, names or profiles kept by its version alone could meet
+        # the same number with other data behind it (Intake.keep_records writes it)
+        self.epoch = f"{prefix}:epoch"
         self.retry_unreadable = f"{prefix}:retry:unreadable"
         self.engine = f"{prefix}:engine"
 

@@ -74,6 +74,7 @@ class RetryWorker:
         self.holding = Holding(r, self.side.keys, owner) if owner else None
         self.hooks: dict[int, Hook] = {}
         self.hooks_version = -1
+        self.epoch: bytes | None = None  # of the data the version is of (Keys.epoch)
         # handed to the sender, no outcome yet: delivery id -> bytes of its payloads
         self.handed: dict[str, int] = {}
         self.sent_with: dict[str, Hook] = {}  # delivery id -> the hook it was sent for
@@ -87,10 +88,12 @@ class RetryWorker:
         self.expired_unsaid, self.expired_said = 0, -float("inf")  # logged every 10 s
 
     def _refresh(self) -> None:
-        version = self.side.registry.version()
-        if version != self.hooks_version:
+        version, epoch = self.side.registry.version_and_epoch()
+        if version != self.hooks_version or epoch != self.epoch:
+            # (another epoch: Redis lost the data, and the versions start again from 0)
             self.hooks_version, hooks = self.side.registry.load()
             self.hooks = {h.id: h for h in hooks if h.id is not None}
+            self.epoch = epoch
 
     def step(self) -> int:
         """Claim and send what is due, settle what came back. Returns deliveries sent.

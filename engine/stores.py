@@ -409,6 +409,14 @@ class HookRegistry:
     def version(self) -> int:
         return _version(self.r, self.k.hooks_version)
 
+    def version_and_epoch(self) -> tuple[int, bytes | None]:
+        """The hooks' version and the data's epoch (``Keys.epoch``)."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self.k.hooks_version)
+            pipe.get(self.k.epoch)
+            raw, epoch = pipe.execute()
+        return version_number(self.k.hooks_version, raw), epoch
+
     def load(self) -> tuple[int, list[Hook]]:
         """(version, every hook), read as of one version. A stored hook that no longer
         validates, or whose record is damaged, raises HookError naming it: also one
