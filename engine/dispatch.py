@@ -1074,7 +1074,9 @@ class PartitionWorker:
                 # after a Redis error starts from the delivery as it was
                 rest = msgspec.structs.replace(rest, last_attempt_ms=now_ms(),
                                                restarts=restarts_after(delivery, outcome))
-                due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+                # by Redis' clock, which the claim goes by (this machine's may differ)
+                due = retry_due_ms(self.side.retry.clock.now_ms(),
+                                   self.settings.HOOK_RETRY_PERIOD_SEC)
                 # a destination's answer may echo the hook's secrets: never kept
                 hook, _ = self.dispatcher.pending_hooks[delivery.id]
                 error = scrub(outcome.describe(), hook_secrets(hook))
@@ -1267,7 +1269,7 @@ class PartitionWorker:
         for delivery in unanswered:
             hook, held = self.dispatcher.pending_hooks[delivery.id]
             rest = msgspec.structs.replace(delivery, last_attempt_ms=now_ms(), restarts=0)
-            items.append((rest, rest.last_attempt_ms,
+            items.append((rest, self.side.retry.clock.now_ms(),
                           scrub(stopped.describe(), hook_secrets(hook))))
             entries.update(held)
         eids = list(entries)

@@ -327,7 +327,9 @@ class RetryWorker:
         if dead:
             self.side.retry.kill(rest, error, delivered=done, once=once)
         else:
-            due = retry_due_ms(rest.last_attempt_ms, self.settings.HOOK_RETRY_PERIOD_SEC)
+            # by Redis' clock, which the claim goes by (this machine's may differ)
+            due = retry_due_ms(self.side.retry.clock.now_ms(),
+                               self.settings.HOOK_RETRY_PERIOD_SEC)
             self.side.retry.schedule(rest, due, error, delivered=done, once=once)
         self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
                                 rest.count, error, dead)

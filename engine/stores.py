@@ -49,7 +49,7 @@ from engine.hooks import (
 )
 from engine.keys import RETRY_LEASE_MS, Keys, damaged_count
 from engine.names import KIND_FIELDS, NameCatalogue
-from engine.transports.base import Delivery, now_ms, pack_delivery, unpack_delivery, writable
+from engine.transports.base import Delivery, pack_delivery, unpack_delivery, writable
 
 log = logging.getLogger("hookray")
 
@@ -1144,6 +1144,28 @@ def _redis_ms(r: redis.Redis) -> int:
     return int(seconds) * 1000 + int(micros) // 1000
 
 
+CLOCK_READ_SEC = 60.0  # how long RedisClock carries Redis' time on before reading it again
+
+
+class RedisClock:
+    """Redis' clock in milliseconds, read (TIME) at most every CLOCK_READ_SEC and
+    carried on by this process's monotonic clock between. The retry schedule's due
+    times and leases are written by partitions and retry workers on any machine, and
+    compared by whichever claims: by each machine's own clock, one set minutes apart
+    sent its re-sends at once or minutes late, and one stepped moved every lease."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self._read: tuple[float, int] | None = None  # (monotonic, Redis ms) when read
+
+    def now_ms(self) -> int:
+        mono = time.monotonic()
+        if self._read is None or mono - self._read[0] >= CLOCK_READ_SEC:
+            self._read = (mono, _redis_ms(self.r))
+            return self._read[1]
+        return self._read[1] + int((mono - self._read[0]) * 1000)
+
+
 GONE_CHUNK = 500  # deleted hooks looked at per forget_gone_stats call
 # KEYS: the deleted hooks zset, the hooks hash; ARGV: the latest score looked at, now
 # (ms), the chunk, the prefix. A hook stored again is let go; one with dead letters is
@@ -1351,6 +1373,7 @@ class RetryStore:
         self._handed_over = r.register_script(_HANDED_OVER)
         self._uncounted = _Unreadable("hand-over count")
         self._booking = Booking(r)
+        self.clock = RedisClock(r)  # the schedule's: due times and leases (claim_due)
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
@@ -1386,7 +1409,7 @@ class RetryStore:
                   max_bytes: int = CLAIM_BYTES) -> list[Delivery]:
         """Up to ``limit`` due re-sends, leased: of at most ``max_bytes`` of payloads
         together, or one larger than that."""
-        now = now_ms() if now is None else now
+        now = self.clock.now_ms() if now is None else now
         pairs = self._claim(keys=[self.k.retry, self.k.retry_payload],
                             args=[now, now + RETRY_LEASE_MS, limit, max_bytes])
         out = []
@@ -1773,10 +1796,9 @@ class RetryStore:
             raise ValueError(f"mode: {mode!r} is neither 'replay' nor 'discard'")
         keys = _KeyPlaces([self.k.dead, self.k.dead_payload, self.k.retry, self.k.retry_payload,
                            self.k.hooks, self.k.hooks_gone])
-        # replayed due now, by this machine's clock or Redis', whichever is behind: a
-        # machine the operator replays from may run an hour ahead, a worker's clock
-        # (which claims them) may lag Redis'
-        args: list[Any] = [mode, min(now_ms(), self._redis_ms()) if mode == "replay" else 0,
+        # replayed due now by Redis' clock, which the claims go by (a machine the
+        # operator replays from may run an hour ahead)
+        args: list[Any] = [mode, self._redis_ms() if mode == "replay" else 0,
                            "" if latest is None else _score_text(float(latest))]
         for delivery_id, raw, delivery in letters:
             # the replay's send is not a re-send: as a new delivery, it is sent once,
