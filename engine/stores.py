@@ -152,6 +152,9 @@ class HookRegistry:
         self.deny = deny
         self.max_per_account = max_per_account
         self._replace_script = r.register_script(_REPLACE_HOOK)
+        # field -> (record, hook) as ``load`` last parsed them: a reload parses only the
+        # records that changed (validating 100k hooks took 17-32 s at each change)
+        self._parsed: dict[bytes, tuple[bytes, Hook]] = {}
         self._next_id = r.register_script(_NEXT_HOOK_ID)
         self._create_script = r.register_script(_CREATE_HOOK)
 
@@ -438,6 +441,7 @@ class HookRegistry:
             raise Conflict(f"hooks changed {REPLACE_TRIES} times while they were being "
                            "read: try again")
         hooks = []
+        parsed: dict[bytes, tuple[bytes, Hook]] = {}
         for key, value in raw.items():
             if _key_id(key) is None:
                 field = key.decode("utf-8", "replace")
@@ -445,7 +449,12 @@ class HookRegistry:
                                 f"{self.k.hooks} is no hook id (the engine writes a decimal "
                                 "number), so no hook tool can list, get or delete it; "
                                 f"delete the field (HDEL {self.k.hooks} ...)")
-            hooks.append(self._parse(key.decode(), value))
+            known = self._parsed.get(key)
+            hook = known[1] if known is not None and known[0] == value else \
+                self._parse(key.decode(), value)
+            parsed[key] = (value, hook)
+            hooks.append(hook)
+        self._parsed = parsed
         return int(version or 0), sorted(hooks, key=lambda h: h.id or 0)
 
     def _parse(self, hook_id: str, raw: bytes) -> Hook:
