@@ -245,7 +245,9 @@ class Dispatcher:
         # failed sends, so the retry worker dead-letters them
         self.unsendable: list[tuple[Delivery, Outcome]] = []
         self.produced: Counter[str] = Counter()  # stream entry id -> messages batched
-        self.counted = False  # the last process() counted its matches as accepted
+        # the hooks whose matches the last process() counted as accepted (with those
+        # it was told were counted before), None if it counted none
+        self.counted: frozenset[int] | None = None
         # the ``accepted`` counts of a round sent without a reply: (token, hook id ->
         # matches), sent again with its token before anything else, so made once
         self.unsure_count: tuple[str, Counter[int]] | None = None
@@ -307,6 +309,17 @@ class Dispatcher:
                 # or secret is where (and how) it goes, as its re-sends would; a
                 # deleted hook's batch is not sent (its hook was deleted to stop them)
                 self._flush(hid, stored.get(hid), changed=True)
+        # batches closed but not handed over yet (a hand-over refused: they wait for
+        # the next round) go as the open ones do
+        outbox, self.outbox = self.outbox, []
+        for delivery in outbox:
+            built_for, held = self.pending_hooks.pop(delivery.id)
+            if current.get(delivery.hook_id) == built_for:
+                self.pending_hooks[delivery.id] = (built_for, held)
+                self.outbox.append(delivery)
+            else:
+                self._close(delivery, built_for, held, stored.get(delivery.hook_id),
+                            changed=True)
         self.builders = {hid: self.builders[hid] if hid in self.builders
                          and self.builders[hid].hook == h else Assembler(h, self.names,
                                                                          self.catalogue)
@@ -315,15 +328,17 @@ class Dispatcher:
     # --- events → batches ------------------------------------------------------------
 
     def process(self, entries: list[tuple[str, list[Event]]], now: float,
-                views: list[PartView] | None = None, count: bool = True) -> None:
+                views: list[PartView] | None = None,
+                counted: frozenset[int] | None = None) -> None:
         """Match and batch the events of ``entries``: batches that become full go to
         the outbox, the messages batched per entry are counted in ``produced`` (as they
         are batched, so a round failing half-way leaves an exact account). ``views``:
         the events' message-part fields as read from the stream, in the same order
-        (see ``decode_views``). The hooks' ``accepted`` stats are counted unless
-        ``count`` is false (entries a failed round counted already); ``counted`` says
-        whether they were."""
-        self.counted = False
+        (see ``decode_views``). The hooks' ``accepted`` stats are counted, but for the
+        hooks in ``counted`` (those a failed round counted already for these entries:
+        a hook made or activated since is counted, none twice); ``self.counted`` says
+        for which hooks they now are."""
+        self.counted = None
         self.count_unsure()
         events = [e for _, evs in entries for e in evs]
         if not events or not self.index.hooks:
@@ -334,14 +349,15 @@ class Dispatcher:
         if columns.unknown_types:
             self.say_unknown(columns.unknown_types)
         matches = self.index.match(columns)
-        if count:
-            # counted before anything is batched, by a booking with a token: one whose
-            # reply is lost is sent again (the round's entries are not counted anew),
-            # and no message of the round has left yet to be sent twice
-            self.unsure_count = (uuid.uuid4().hex, Counter(
-                {self.index.hooks[pos].id or 0: len(idx) for pos, idx in matches.items()}))
-            self.counted = True
-            self.count_unsure()
+        # counted before anything is batched, by a booking with a token: one whose
+        # reply is lost is sent again (the round's entries are not counted anew), and
+        # no message of the round has left yet to be sent twice
+        before = counted or frozenset()
+        matched = {self.index.hooks[pos].id or 0: len(idx) for pos, idx in matches.items()}
+        self.unsure_count = (uuid.uuid4().hex, Counter(
+            {hook_id: n for hook_id, n in matched.items() if hook_id not in before}))
+        self.counted = before | matched.keys()
+        self.count_unsure()
         # routing keys by columns number the event types of the catalogue only: with a
         # type it lacks among them, they are made per event
         rnd = Round(events, self.catalogue, self.names, self._content(matches, events), views,
@@ -536,10 +552,18 @@ class Dispatcher:
                             account_id=batch.hook.account_id, kind=batch.hook.target.kind,
                             parts=batch.parts, keys=batch.keys, message_ids=batch.mids,
                             created_ms=now_ms())
-        hook, failure = batch.hook, None
+        self._close(delivery, batch.hook, batch.entries, now, changed)
+
+    def _close(self, delivery: Delivery, built_for: Hook, entries: Counter[str],
+               now: Hook | None, changed: bool) -> None:
+        """Put ``delivery``, made for ``built_for``, in the outbox; ``changed``: for
+        the hook as it is stored now (``now``; None: deleted), or in ``unsendable``
+        with its failure when it cannot go out."""
+        hook_id, batch_account = delivery.hook_id, built_for.account_id
+        hook, failure = built_for, None
         if changed and now is None:
             failure = f"hook {hook_id} was deleted before this batch was sent"
-        elif changed and now is not None and now.account_id != batch.hook.account_id:
+        elif changed and now is not None and now.account_id != batch_account:
             # its id given to another account's hook: the batch never goes there (nor
             # do its re-sends: the retry worker kills them)
             failure = other_account(now, delivery)
@@ -549,7 +573,7 @@ class Dispatcher:
             except Exception as exc:  # parts the changed target cannot take
                 failure = (f"cannot be made for the hook's {now.target.kind} target: "
                            f"{type(exc).__name__}: {exc}")
-        self.pending_hooks[delivery.id] = (hook, batch.entries)
+        self.pending_hooks[delivery.id] = (hook, entries)
         if failure is None:
             self.outbox.append(delivery)
         else:  # re-sent by the retry worker (dead-lettered, if the hook stays deleted)
@@ -579,7 +603,8 @@ class _Entry:
     events: list[Event]
     views: list[PartView] | None
     held: bool = False  # processing failed once: a phantom message keeps it unacked
-    counted: bool = False  # its events' matches are in the hooks' accepted stats
+    # the hooks its events' matches are counted for in their accepted stats
+    counted: frozenset[int] | None = None
     reread: bool = False  # read again from this consumer's pending entries (a restart)
 
 
@@ -856,7 +881,7 @@ class PartitionWorker:
     def _process(self, entries: list[_Entry]) -> tuple[Exception | None, bool]:
         """Refresh, then batch ``entries`` and close due batches: the error that stopped
         it (booked by the caller, then raised), and whether the refresh succeeded."""
-        self.dispatcher.counted = False
+        self.dispatcher.counted = None
         refreshed = False
         try:
             # refresh after reading: a hook change committed before an event was
@@ -864,15 +889,17 @@ class PartitionWorker:
             now = time.monotonic()
             self.dispatcher.refresh(now)
             refreshed = True
+            before = [e.counted for e in entries if e.counted is not None]
+            # (a failed round's entries come again one at a time)
             self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries),
-                                    count=not any(e.counted for e in entries))
+                                    counted=frozenset().union(*before) if before else None)
             self.dispatcher.due(time.monotonic())
         except Exception as exc:
             return exc, refreshed
         finally:
-            if self.dispatcher.counted:  # a failed round's entries are not counted again
+            if self.dispatcher.counted is not None:  # not counted again for those hooks
                 for entry in entries:
-                    entry.counted = True
+                    entry.counted = self.dispatcher.counted
         return None, refreshed
 
     def _failed(self, entries: list[_Entry], error: Exception, blame: bool = True) -> None:
