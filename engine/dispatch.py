@@ -91,8 +91,9 @@ REDIS_UNAVAILABLE = (redis.ConnectionError, redis.TimeoutError, redis.ReadOnlyEr
 # the same refusals where redis-py raises them as a plain ResponseError: by error code
 REDIS_REFUSALS = ("MISCONF", "NOREPLICAS", "BUSY", "LOADING", "MASTERDOWN", "OOM",
                   "READONLY", "TRYAGAIN", "CLUSTERDOWN")
-# an ACL refusal inside a script, as Redis 6.2 words it (no NOPERM code)
-_SCRIPT_ACL = "The user executing the script can't"
+# an ACL refusal inside a script, as Redis words it with no NOPERM code: 6.2 and 7.0,
+# then 7.2 and Valkey ("ERR ACL failure in script: No permissions to access a key")
+_SCRIPT_ACL = ("The user executing the script can't", "ACL failure in script")
 
 
 def redis_unavailable(error: BaseException) -> bool:
@@ -117,7 +118,8 @@ def acl_refusal(error: BaseException) -> bool:
         return True
     text = str(error).rpartition(" of pipeline caused error: ")[2]
     return isinstance(error, redis.ResponseError) and (
-        _SCRIPT_ERROR.sub("", text, count=1).startswith("NOPERM") or _SCRIPT_ACL in text)
+        _SCRIPT_ERROR.sub("", text, count=1).startswith("NOPERM")
+        or any(words in text for words in _SCRIPT_ACL))
 
 
 def drain_at_stop(drain: Callable[[], int], who: str, things: str, units: str,
