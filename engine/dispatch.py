@@ -69,6 +69,7 @@ log = logging.getLogger("hookray")
 
 PROFILE_CACHE_MAX = 200_000  # cached profiles per partition before the cache is dropped
 MAX_INFLIGHT = 2_000  # deliveries awaiting an outcome before reading pauses
+STOP_BOOKING_BYTES = 8 * 2**20  # payloads a stop books as re-sends per script, or so
 # messages built and not yet settled before reading pauses: bounds a partition's memory
 # when its destinations are slower than its reading (4,000-message Kafka batches)
 MAX_UNSETTLED = 200_000
@@ -581,6 +582,38 @@ class Dispatcher:
         else:  # re-sent by the retry worker (dead-lettered, if the hook stays deleted)
             self.unsendable.append((delivery, Outcome(ok=False, error="NotSent",
                                                       detail=failure)))
+
+
+def _sharing_entries(deliveries: list[Delivery],
+                     pending: dict[str, tuple[Hook, Counter[str]]]) -> list[list[Delivery]]:
+    """``deliveries`` in groups of STOP_BOOKING_BYTES of payloads or so: those with
+    messages of the same entry in the same group (the ack of an entry may not go before
+    the booking of any of them), however large that makes it."""
+    parent = list(range(len(deliveries)))
+
+    def root(n: int) -> int:
+        while parent[n] != n:
+            parent[n] = parent[parent[n]]
+            n = parent[n]
+        return n
+
+    first: dict[str, int] = {}
+    for n, delivery in enumerate(deliveries):
+        for eid in pending[delivery.id][1]:
+            parent[root(n)] = root(first.setdefault(eid, n))
+    parts: dict[int, list[Delivery]] = {}
+    for n, delivery in enumerate(deliveries):
+        parts.setdefault(root(n), []).append(delivery)
+    groups: list[list[Delivery]] = []
+    size = 0
+    for part in parts.values():
+        part_size = sum(len(p) for d in part for p in d.parts)
+        if not groups or size + part_size > STOP_BOOKING_BYTES:
+            groups.append([])
+            size = 0
+        groups[-1] += part
+        size += part_size
+    return groups
 
 
 def _stream_order(entry_id: str) -> tuple[int, int]:
@@ -1286,10 +1319,16 @@ class PartitionWorker:
 
     def _book_stopped(self, unanswered: list[Delivery]) -> None:
         """Schedule ``unanswered`` as re-sends due at once (``Stopped``, using up no
-        re-send) and acknowledge the entries they settle, in one booking: both or
-        neither. Booked one by one and then acknowledged, an acknowledgement Redis
+        re-send) and acknowledge the entries they settle, in bookings of both or
+        neither: booked one by one and then acknowledged, an acknowledgement Redis
         refused left the entries pending, and the next start sent all of their messages
-        again beside the re-sends."""
+        again beside the re-sends. The batches sharing an entry are booked together,
+        those of different entries in bookings of STOP_BOOKING_BYTES or so (one script
+        copying hundreds of megabytes would hold Redis up for seconds)."""
+        for group in _sharing_entries(unanswered, self.dispatcher.pending_hooks):
+            self._book_stopped_group(group)
+
+    def _book_stopped_group(self, unanswered: list[Delivery]) -> None:
         stopped = Outcome(ok=False, error="Stopped", detail=(
             f"no outcome within the stop's drain ({DRAIN_SEC:g} s); sent again by the next "
             "start"))

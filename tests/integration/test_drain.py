@@ -168,6 +168,75 @@ def test_a_stop_whose_acknowledgement_is_refused_leaves_no_re_sends_beside_the_e
     assert len(sent) == len(set(sent)) == 30
 
 
+def test_a_stop_books_its_re_sends_in_groups_each_settling_its_own_entries(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A stop's re-sends are booked in groups of STOP_BOOKING_BYTES or so (one script
+    copying every payload held Redis up); each group acknowledges the entries of its
+    own batches only, so a later group Redis refuses leaves its entries pending, read
+    and sent once by the next start, and nothing of the groups booked before twice."""
+    import engine.dispatch
+
+    monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
+    monkeypatch.setattr(engine.dispatch, "STOP_BOOKING_BYTES", 1)  # a group per entry
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(30))
+    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.unsettled == 30 and len(worker.submitted) == 3
+    book = worker.side.retry.schedule_settling
+    calls: list[int] = []
+
+    def second_refused(items: Any, *args: Any) -> None:
+        calls.append(len(items))
+        if len(calls) == 2:
+            raise redis.ConnectionError("Connection reset by peer")
+        book(items, *args)
+
+    monkeypatch.setattr(worker.side.retry, "schedule_settling", second_refused)
+    worker._stopping()
+    assert calls == [1, 1]
+    assert RetryStore(redis_client, keys).pending() == 1
+    assert pending(redis_client, keys) == 2  # the refused group's entry, and the third's
+    again = InProcessSender()
+    restarted = PartitionWorker(settings, redis_client, 0, again)
+    for _ in range(3):
+        restarted.step(block_ms=10)
+    restarted.drain(5)
+    assert RetryWorker(settings, redis_client, again).step() == 1
+    sent = [mid for d in again.transport.sent for mid in d.message_ids]
+    assert len(sent) == len(set(sent)) == 30
+
+
+def test_batches_sharing_an_entry_are_booked_together_at_a_stop() -> None:
+    from collections import Counter
+
+    from engine.dispatch import _sharing_entries
+
+    def made(name: str, size: int) -> Delivery:
+        return Delivery(id=name, hook_id=1, account_id=1, kind="http_batch",
+                        parts=[b"x" * size])
+
+    deliveries = [made("a", 5), made("b", 5), made("c", 5), made("d", 5), made("e", 5)]
+    pending_hooks: dict[str, Any] = {
+        "a": (None, Counter({"e1": 1})), "b": (None, Counter({"e2": 1})),
+        "c": (None, Counter({"e1": 1, "e3": 1})), "d": (None, Counter({"e4": 1})),
+        "e": (None, Counter({"e3": 1}))}
+    import engine.dispatch
+
+    for limit, want in ((1, [["a", "c", "e"], ["b"], ["d"]]),
+                        (10, [["a", "c", "e"], ["b", "d"]]),
+                        (1000, [["a", "c", "e", "b", "d"]])):
+        engine.dispatch.STOP_BOOKING_BYTES, kept = limit, engine.dispatch.STOP_BOOKING_BYTES
+        try:
+            got = [[d.id for d in g] for g in _sharing_entries(deliveries, pending_hooks)]
+        finally:
+            engine.dispatch.STOP_BOOKING_BYTES = kept
+        assert got == want, limit
+
+
 class HoldsOne(Later):
     """Answers at once, except for the hook ``slow``'s batches: never."""
 
