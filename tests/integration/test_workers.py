@@ -1126,13 +1126,12 @@ def test_a_replay_from_a_clock_an_hour_ahead_is_due_at_once(
         redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
     """Replayed letters are due now by Redis' clock, not by that of the machine the
     operator replays from: one an hour ahead left them waiting an hour."""
-    import engine.stores
-
     retry = RetryStore(redis_client, keys)
     retry.kill(_letter("d1", 1, 10), "HTTP 500")
-    laptop = now_ms() + 3_600_000
-    # (wherever the store might read this machine's clock)
-    monkeypatch.setattr(engine.stores, "now_ms", lambda: laptop, raising=False)
+    import time
+
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() + 3600)  # this machine's clock
     assert retry.replay(["d1"]) == 1
     seconds, micros = redis_client.time()
     redis_now = seconds * 1000 + micros // 1000
@@ -3547,13 +3546,14 @@ def test_replay_all_takes_no_letter_twice_when_the_workers_clock_lags_redis(
     import engine.stores as stores_module
 
     store = RetryStore(redis_client, keys)
-    seconds, _ = redis_client.time()  # type: ignore[misc]
-    redis_ms = int(seconds) * 1000
     for n in range(6):
         store.kill(Delivery(id=f"lag-{n}", hook_id=9, account_id=1, kind="http_batch",
                             parts=[b"{}"]), "HTTP 503")
     monkeypatch.setattr(stores_module, "DEAD_MOVE_CHUNK", 2)
-    monkeypatch.setattr(stores_module, "now_ms", lambda: redis_ms - 5_000, raising=False)
+    import time
+
+    wall = time.time
+    monkeypatch.setattr(time, "time", lambda: wall() - 5)  # this machine's clock
     killed: list[str] = []
 
     def worker_kills_again(_: int) -> None:  # as the retry worker does: hook 9 is gone
