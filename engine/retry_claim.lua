@@ -5,8 +5,15 @@
 -- Returns id, payload, id, payload, ...; a scheduled id without a payload (removed from
 -- outside: a Redis evicting keys) is left out of the schedule, its payload nil
 -- KEYS[1] retry zset, KEYS[2] retry payload hash
--- ARGV[1] now (ms), ARGV[2] lease end (ms), ARGV[3] limit, ARGV[4] byte limit
-local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', ARGV[1], 'LIMIT', 0, tonumber(ARGV[3]))
+-- ARGV[1] now (ms; '': Redis' clock, which due times are written by), ARGV[2] the
+-- lease (ms), ARGV[3] limit, ARGV[4] byte limit
+local now = tonumber(ARGV[1])
+if not now then
+  local t = redis.call('TIME')
+  now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local lease_end = now + tonumber(ARGV[2])
+local ids = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local budget = tonumber(ARGV[4])
 local out = {}
 local bytes = 0
@@ -23,7 +30,7 @@ for _, id in ipairs(ids) do
   elseif taken > 0 and bytes + size > budget then
     break
   else
-    redis.call('ZADD', KEYS[1], ARGV[2], id)
+    redis.call('ZADD', KEYS[1], lease_end, id)
     table.insert(out, id)
     table.insert(out, redis.call('HGET', KEYS[2], id))
     bytes = bytes + size

@@ -1418,9 +1418,11 @@ class RetryStore:
                   max_bytes: int = CLAIM_BYTES) -> list[Delivery]:
         """Up to ``limit`` due re-sends, leased: of at most ``max_bytes`` of payloads
         together, or one larger than that."""
-        now = self.clock.now_ms() if now is None else now
+        # by Redis' clock, read in the script: exact, where RedisClock may lag it by a
+        # millisecond or two (a replay due "now" would wait for the next claim)
         pairs = self._claim(keys=[self.k.retry, self.k.retry_payload],
-                            args=[now, now + RETRY_LEASE_MS, limit, max_bytes])
+                            args=["" if now is None else now, RETRY_LEASE_MS, limit,
+                                  max_bytes])
         out = []
         for delivery_id, raw in zip(pairs[::2], pairs[1::2], strict=True):
             if raw is None:  # never the engine's doing: it writes both or neither
