@@ -239,6 +239,9 @@ class Dispatcher:
         self.names = NameCatalogue()
         self.versions = {"hooks": -1, "names": -1, "profiles": -1}
         self.epoch: bytes | None = None  # of the data the versions are of (Keys.epoch)
+        # called when the epoch changes from a known one: Redis lost the data the
+        # batches held were of (PartitionWorker._data_lost)
+        self.on_lost: Callable[[], None] | None = None
         self.profile_cache: dict[tuple[int, str], dict[str, Any] | None] = {}
         # delivery id -> (hook it was built for, messages per stream entry), until settled
         self.pending_hooks: dict[str, tuple[Hook, Counter[str]]] = {}
@@ -287,6 +290,11 @@ class Dispatcher:
             hooks_v, names_v, profiles_v = (version_number(key, v) for key, v in
                                             zip(keys, versions, strict=True))
         if epoch != self.epoch:  # Redis lost the data (or this is the first look)
+            if self.epoch is not None and self.on_lost is not None:
+                # before the hooks of the new data are installed: a batch held now is
+                # of an event gone with the old data, and of a hook whose id a new hook
+                # may have taken, which never captured it
+                self.on_lost()
             self.versions = {"hooks": -1, "names": -1, "profiles": -1}
             self.epoch = epoch
         if names_v != self.versions["names"]:
@@ -735,6 +743,7 @@ class PartitionWorker:
         self.processing = self.side.keys.processing(partition, self.consumer)
         self._booking = Booking(r)
         self.dispatcher.count_once = self.booked
+        self.dispatcher.on_lost = self._data_lost
         self._set_aside_once = r.register_script(_SET_ASIDE)
 
     def step(self, block_ms: int | None = None) -> int:
@@ -770,6 +779,31 @@ class PartitionWorker:
         self.reading_own_pending, self.pending_cursor = True, "0"
         # not a restart: entries read again now did not end the process
         self.count_ends = False
+
+    def _data_lost(self) -> None:
+        """Redis lost the engine's data (another epoch): the batches held, open, closed
+        or in flight, and the entries of failed rounds, are of events gone with it, and
+        of hooks whose ids new hooks may take: dropped, not sent to those hooks (their
+        outcomes, when they come, are not booked), with the counts still to make."""
+        held = self.unsettled + sum(e.held for e in self.again)
+        if held or self.settling:
+            log.warning("partition %s: Redis lost the engine's data; %d message(s) held "
+                        "of events from before are dropped with it", self.partition, held)
+        # as _drop_work, but nothing is read again: the entries pending are the new
+        # data's, and this round's are processed next
+        self.dispatcher.drop_batches()
+        self.submitted.clear()
+        self.entry_left.clear()
+        self.unsettled = 0
+        self.again.clear()
+        self.failures.clear()
+        self.settling.clear()
+        self.booking = None
+        self.to_ack.clear()
+        self.delivered.clear()
+        self.unsure = None
+        self.dispatcher.unsure_count = None
+        self.dispatcher.deferred.clear()
 
     def _next_entries(self, block_ms: int | None) -> list[_Entry]:
         """A failed round's entries first, one at a time; else those read, unless too
@@ -808,7 +842,9 @@ class PartitionWorker:
         for eid, n in produced.items():
             self.entry_left[eid] += n
         self.unsettled += sum(produced.values())
-        ready = self.dispatcher.take_outbox()
+        # batches waiting from an earlier round go only for hooks as loaded now: with
+        # the refresh failed, a deleted or changed hook's would go as it was
+        ready = self.dispatcher.take_outbox() if refreshed else []
         self.settling.extend(self.dispatcher.take_unsendable())
         handed = 0
         try:
@@ -1273,7 +1309,8 @@ class PartitionWorker:
                 self.entry_left[eid] += n
             self.unsettled += sum(produced.values())
             self.settling.extend(self.dispatcher.take_unsendable())
-            ready = self.dispatcher.take_outbox()
+            # (with the hooks not loaded, the batches waiting are left as the open ones)
+            ready = self.dispatcher.take_outbox() if fresh else []
             for handed, delivery in enumerate(ready):
                 try:
                     self.sender.submit(self.dispatcher.pending_hooks[delivery.id][0],

@@ -89,6 +89,15 @@ class RetryWorker:
 
     def _refresh(self) -> None:
         version, epoch = self.side.registry.version_and_epoch()
+        if self.epoch is not None and epoch != self.epoch and (self.handed or self.settling):
+            # Redis lost the data: the re-sends handed over were of it, and of hooks
+            # whose ids new hooks may take; their outcomes are not booked
+            log.warning("retry worker: Redis lost the engine's data; the outcomes of %d "
+                        "re-send(s) handed over before are dropped with it", len(self.handed))
+            self.handed.clear()
+            self.sent_with.clear()
+            self.settling.clear()
+            self.booking = None
         if version != self.hooks_version or epoch != self.epoch:
             # (another epoch: Redis lost the data, and the versions start again from 0)
             self.hooks_version, hooks = self.side.registry.load()

@@ -12,7 +12,7 @@ from engine.dispatch import PartitionWorker
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry
+from engine.stores import HookRegistry, RetryStore
 from tests.integration.test_workers import InProcessSender, clicks, hook, one_intake
 from tests.services import drop_prefix
 
@@ -72,3 +72,105 @@ def test_redis_losing_the_engines_data_while_it_runs_is_said_as_the_loss_it_is(
         f"Redis lost the engine's data under REDIS_PREFIX {prefix!r} while it ran")
     assert "accepted events not yet delivered" in said[0]
     assert redis_client.exists(keys.epoch) and redis_client.hexists(keys.config, "partitions")
+
+
+class Later:
+    """A sender whose outcomes (failures, when ``fail``) wait until released."""
+
+    def __init__(self) -> None:
+        from engine.hooks import Hook
+        from engine.transports.base import Delivery, Outcome
+
+        self.waiting: list[tuple[Delivery, Outcome]] = []
+        self.sent: list[tuple[Hook, Delivery]] = []
+        self.release = False
+
+    def submit(self, hook: object, delivery: object) -> None:
+        from engine.transports.base import Outcome
+
+        self.sent.append((hook, delivery))  # type: ignore[arg-type]
+        self.waiting.append((delivery, Outcome(ok=False, error="ConnectError",  # type: ignore[arg-type]
+                                               detail="refused")))
+
+    def poll(self, timeout: float) -> list[object]:
+        if not self.release:
+            return []
+        out, self.waiting = self.waiting, []
+        return out  # type: ignore[return-value]
+
+    def inflight(self) -> int:
+        return len(self.waiting)
+
+    def holds(self, delivery_id: str) -> bool:
+        return False
+
+
+@pytest.mark.parametrize("in_flight", [False, True])
+def test_a_batch_held_when_redis_lost_its_data_goes_to_no_new_hook_of_its_id(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        in_flight: bool) -> None:
+    """The hook id counter goes with the data: the next hook made gets id 1 again. A
+    batch of an event from before the loss, open or in flight (its failure coming
+    after), went to that new hook, which never captured the event; it is dropped with
+    the rest of the data now."""
+    settings = settings.model_copy(update={"PARTITIONS": 1, "HOOK_RETRY_PERIOD_SEC": 0.001})
+    flush = 0.001 if in_flight else 3600
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks", target={"http_batch": {
+        "url": "http://127.0.0.1:9/old", "max_batch_size": 50, "flush_timeout_sec": flush}}))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = Later()
+    worker = PartitionWorker(settings, redis_client, 0, sender)  # type: ignore[arg-type]
+    retry_sender = InProcessSender()
+    retry_worker = RetryWorker(settings, redis_client, retry_sender)
+    retry_worker._refresh()
+    intake.publish(clicks(1))
+    for _ in range(3):
+        worker.step(block_ms=5)
+    assert (len(sender.sent), worker.dispatcher.open_messages()) == \
+        ((1, 0) if in_flight else (0, 1))
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()  # the driver's claim renewer
+    new = registry.create(hook(name="new opens", actions=["open"]))
+    assert new.id == old.id
+    sender.release = True
+    for _ in range(3):
+        worker.step(block_ms=5)
+        retry_worker.step()
+    worker.drain(0.1)
+    retry_worker.step()
+    assert [h.name for h, _ in sender.sent] == (["old clicks"] if in_flight else [])
+    assert [h.name for h in retry_sender.hooks] == []
+    assert RetryStore(redis_client, keys).pending() == 0
+
+
+def test_a_refused_batch_is_not_handed_over_before_the_hooks_are_loaded_again(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch the sender refused waits for the next round; that round's hook refresh
+    failing, it went for its hook as it was (deleted since: to the destination the
+    hook was deleted to stop); now it waits for hooks loaded again."""
+    from tests.integration.test_round_failures import RefusesOnce, queue_hook, steps
+
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(queue_hook("q1"))
+    one_intake(redis_client, keys, 10).publish(clicks(1))
+    sender = RefusesOnce()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    assert len(steps(worker, 3, until_error=True)) == 1
+    registry.delete(created.id or 0)
+    refresh = worker.dispatcher.refresh
+
+    def refused(now: float) -> None:
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", refused)
+    assert [type(e) for e in steps(worker, 1)] == [redis.ConnectionError]
+    assert sender.transport.sent == []
+    steps(worker, 3)
+    worker.drain(5)
+    assert sender.transport.sent == []
