@@ -744,6 +744,7 @@ class PartitionWorker:
         self._booking = Booking(r)
         self.dispatcher.count_once = self.booked
         self.dispatcher.on_lost = self._data_lost
+        self.lost_round = False  # the refresh of this round found the data lost
         self._set_aside_once = r.register_script(_SET_ASIDE)
 
     def step(self, block_ms: int | None = None) -> int:
@@ -785,7 +786,8 @@ class PartitionWorker:
         or in flight, and the entries of failed rounds, are of events gone with it, and
         of hooks whose ids new hooks may take: dropped, not sent to those hooks (their
         outcomes, when they come, are not booked), with the counts still to make."""
-        held = self.unsettled + sum(e.held for e in self.again)
+        held = self.unsettled - sum(e.held for e in self.again)  # (less their phantoms)
+        self.lost_round = True
         if held or self.settling:
             log.warning("partition %s: Redis lost the engine's data; %d message(s) held "
                         "of events from before are dropped with it", self.partition, held)
@@ -954,12 +956,18 @@ class PartitionWorker:
         it (booked by the caller, then raised), and whether the refresh succeeded."""
         self.dispatcher.counted = None
         refreshed = False
+        self.lost_round = False
         try:
             # refresh after reading: a hook change committed before an event was
             # appended is always seen by the round that processes the event
             now = time.monotonic()
             self.dispatcher.refresh(now)
             refreshed = True
+            if self.lost_round:
+                # a failed round's entry taken up again is of the data Redis lost (its
+                # phantom message went with _data_lost's counts): not processed, nor
+                # counted or acknowledged by the caller, which goes on with this list
+                entries[:] = [e for e in entries if not e.held]
             before = [e.counted for e in entries if e.counted is not None]
             # (a failed round's entries come again one at a time)
             self.dispatcher.process([(e.id, e.events) for e in entries], now, _views(entries),
@@ -1362,8 +1370,19 @@ class PartitionWorker:
         again beside the re-sends. The batches sharing an entry are booked together,
         those of different entries in bookings of STOP_BOOKING_BYTES or so (one script
         copying hundreds of megabytes would hold Redis up for seconds)."""
+        booked = 0
         for group in _sharing_entries(unanswered, self.dispatcher.pending_hooks):
-            self._book_stopped_group(group)
+            try:
+                self._book_stopped_group(group)
+            except Exception:
+                if booked:  # the drain's error says the rest
+                    self.stop_said.append(
+                        f"partition {self.partition}: {booked} of {len(unanswered)} "
+                        "unanswered batch(es) were scheduled as re-sends of their own "
+                        "hooks, their entries acknowledged, before Redis refused the rest")
+                    log.warning("%s", self.stop_said[-1])
+                raise
+            booked += len(group)
 
     def _book_stopped_group(self, unanswered: list[Delivery]) -> None:
         stopped = Outcome(ok=False, error="Stopped", detail=(

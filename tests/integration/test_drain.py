@@ -198,6 +198,8 @@ def test_a_stop_books_its_re_sends_in_groups_each_settling_its_own_entries(
     monkeypatch.setattr(worker.side.retry, "schedule_settling", second_refused)
     worker._stopping()
     assert calls == [1, 1]
+    assert "partition 0: 1 of 3 unanswered batch(es) were scheduled as re-sends" in \
+        " ".join(worker.stop_said)
     assert RetryStore(redis_client, keys).pending() == 1
     assert pending(redis_client, keys) == 2  # the refused group's entry, and the third's
     again = InProcessSender()

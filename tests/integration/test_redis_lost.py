@@ -174,3 +174,99 @@ def test_a_refused_batch_is_not_handed_over_before_the_hooks_are_loaded_again(
     steps(worker, 3)
     worker.drain(5)
     assert sender.transport.sent == []
+
+
+@pytest.mark.parametrize("made_again", [False, True])
+def test_a_failed_rounds_entry_taken_up_after_the_loss_is_dropped_with_the_data(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch, made_again: bool) -> None:
+    """Redis goes down mid-round (the entry waits to be processed again), and comes back
+    empty: the next round takes the entry up before its refresh finds the data lost.
+    It was processed anyway, for a new hook that took the old one's id, and its count
+    left the partition holding -1 messages for good."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = InProcessSender()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    intake.publish(clicks(1))
+    refresh = worker.dispatcher.refresh
+
+    def down(now: float) -> None:
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    with pytest.raises(redis.ConnectionError):
+        worker.step(block_ms=5)
+    assert len(worker.again) == 1 and worker.unsettled == 1
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    if made_again:
+        registry.create(hook(name="new clicks"))
+    for _ in range(3):
+        worker.step(block_ms=5)
+    assert worker.drain(0.5) == 0
+    assert worker.unsettled == 0 and not worker._holds_work()
+    assert [h.name for h in sender.hooks] == []
+
+
+def test_a_re_send_handed_over_before_the_loss_is_not_booked_for_a_new_hook(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str) -> None:
+    """The retry worker's re-send in flight when Redis lost its data fails afterwards:
+    its failure was scheduled under its hook id, which a new hook had taken, and sent
+    to that hook."""
+    import time
+
+    from engine.transports.base import Delivery
+
+    settings = settings.model_copy(update={"PARTITIONS": 1, "HOOK_RETRY_PERIOD_SEC": 0.001})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    store = RetryStore(redis_client, keys)
+    store.schedule(Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1,
+                            kind="http_batch", parts=[b'{"x":1}'], message_ids=["m1"]),
+                   0, "HTTP 500")
+    sender = Later()
+    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
+    assert worker.step() == 1 and list(worker.handed)
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    new = registry.create(hook(name="new clicks"))
+    assert new.id == old.id
+    sender.release = True
+    for _ in range(5):
+        worker.step()
+        time.sleep(0.01)
+    assert [h.name for h, _ in sender.sent] == ["old clicks"]  # type: ignore[attr-defined]
+    assert store.pending() == 0 and not worker.handed
+
+
+def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
+        redis_client: redis.Redis, settings: Settings, keys: Keys,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from tests.integration.test_round_failures import RefusesOnce, queue_hook, steps
+
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(queue_hook("q1"))
+    one_intake(redis_client, keys, 10).publish(clicks(1))
+    sender = RefusesOnce()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    assert len(steps(worker, 3, until_error=True)) == 1
+    assert worker.dispatcher.outbox
+    registry.delete(created.id or 0)
+
+    def refused(now: float) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", refused)
+    worker.drain(0.3)
+    assert sender.transport.sent == []  # its entry is read again by the next start
