@@ -769,6 +769,14 @@ class PartitionWorker:
             log.warning("partition %s: another engine took this engine's REDIS_PREFIX "
                         "claim; %d message(s) in open or unanswered batches are left to it "
                         "(read again once the claim is back)", self.partition, self.unsettled)
+        self._forget_held()
+        self.reading_own_pending, self.pending_cursor = True, "0"
+        # not a restart: entries read again now did not end the process
+        self.count_ends = False
+
+    def _forget_held(self) -> None:
+        """Drop every batch (open, closed or in flight), the outcomes still to book and
+        the failed rounds' entries, with what counts them."""
         self.dispatcher.drop_batches()
         self.submitted.clear()
         self.entry_left.clear()
@@ -777,9 +785,6 @@ class PartitionWorker:
         self.failures.clear()
         self.settling.clear()
         self.booking = None
-        self.reading_own_pending, self.pending_cursor = True, "0"
-        # not a restart: entries read again now did not end the process
-        self.count_ends = False
 
     def _data_lost(self) -> None:
         """Redis lost the engine's data (another epoch): the batches held, open, closed
@@ -793,14 +798,7 @@ class PartitionWorker:
                         "of events from before are dropped with it", self.partition, held)
         # as _drop_work, but nothing is read again: the entries pending are the new
         # data's, and this round's are processed next
-        self.dispatcher.drop_batches()
-        self.submitted.clear()
-        self.entry_left.clear()
-        self.unsettled = 0
-        self.again.clear()
-        self.failures.clear()
-        self.settling.clear()
-        self.booking = None
+        self._forget_held()
         self.to_ack.clear()
         self.delivered.clear()
         self.unsure = None

@@ -152,16 +152,10 @@ def test_a_refused_batch_is_not_handed_over_before_the_hooks_are_loaded_again(
     """A batch the sender refused waits for the next round; that round's hook refresh
     failing, it went for its hook as it was (deleted since: to the destination the
     hook was deleted to stop); now it waits for hooks loaded again."""
-    from tests.integration.test_round_failures import RefusesOnce, queue_hook, steps
+    from tests.integration.test_round_failures import refused_batch, steps
 
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    created = registry.create(queue_hook("q1"))
-    one_intake(redis_client, keys, 10).publish(clicks(1))
-    sender = RefusesOnce()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    assert len(steps(worker, 3, until_error=True)) == 1
-    registry.delete(created.id or 0)
+    registry, hook_id, sender, worker = refused_batch(redis_client, settings, keys)
+    registry.delete(hook_id)
     refresh = worker.dispatcher.refresh
 
     def refused(now: float) -> None:
@@ -252,17 +246,10 @@ def test_a_re_send_handed_over_before_the_loss_is_not_booked_for_a_new_hook(
 def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
         redis_client: redis.Redis, settings: Settings, keys: Keys,
         monkeypatch: pytest.MonkeyPatch) -> None:
-    from tests.integration.test_round_failures import RefusesOnce, queue_hook, steps
+    from tests.integration.test_round_failures import refused_batch
 
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    created = registry.create(queue_hook("q1"))
-    one_intake(redis_client, keys, 10).publish(clicks(1))
-    sender = RefusesOnce()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    assert len(steps(worker, 3, until_error=True)) == 1
-    assert worker.dispatcher.outbox
-    registry.delete(created.id or 0)
+    registry, hook_id, sender, worker = refused_batch(redis_client, settings, keys)
+    registry.delete(hook_id)
 
     def refused(now: float) -> None:
         raise redis.ConnectionError("Connection refused")

@@ -38,6 +38,22 @@ def queue_hook(name: str, **kw: Any) -> dict[str, Any]:
                 **kw)
 
 
+def refused_batch(redis_client: redis.Redis, settings: Settings, keys: Keys
+                  ) -> tuple[HookRegistry, int, RefusesOnce, PartitionWorker]:
+    """A hook (queue q1) whose batch of one click the sender refused: it waits in the
+    partition's outbox for the next round."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    created = registry.create(queue_hook("q1"))
+    one_intake(redis_client, keys, 10).publish(clicks(1))
+    sender = RefusesOnce()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    errors = steps(worker, 3, until_error=True)
+    assert [str(e) for e in errors] == ["hand-over refused"]
+    assert [d.hook_id for d in worker.dispatcher.outbox] == [created.id]
+    return registry, created.id or 0, sender, worker
+
+
 def steps(worker: PartitionWorker, n: int, until_error: bool = False) -> list[Exception]:
     errors = []
     for _ in range(n):
@@ -55,16 +71,8 @@ def test_a_batch_whose_hand_over_was_refused_is_not_sent_once_its_hook_is_delete
     """A batch closed but refused by the sender waits in the outbox for the next round;
     its hook deleted meanwhile, it went all the same (to the destination the hook was
     deleted to stop); now it is failed as a deleted hook's open batch is."""
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    created = registry.create(queue_hook("q1"))
-    one_intake(redis_client, keys, 10).publish(clicks(1))
-    sender = RefusesOnce()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    errors = steps(worker, 3, until_error=True)
-    assert [str(e) for e in errors] == ["hand-over refused"]
-    assert [d.hook_id for d in worker.dispatcher.outbox] == [created.id]
-    registry.delete(created.id or 0)
+    registry, hook_id, sender, worker = refused_batch(redis_client, settings, keys)
+    registry.delete(hook_id)
     assert steps(worker, 3) == []
     assert sender.transport.sent == []
     worker.drain(5)
@@ -76,14 +84,8 @@ def test_a_batch_whose_hand_over_was_refused_is_not_sent_once_its_hook_is_delete
 
 def test_a_refused_batch_goes_to_its_hooks_destination_as_changed_meanwhile(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    created = registry.create(queue_hook("q1"))
-    one_intake(redis_client, keys, 10).publish(clicks(1))
-    sender = RefusesOnce()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    assert len(steps(worker, 3, until_error=True)) == 1
-    registry.update(created.id or 0, queue_hook("q2"))
+    registry, hook_id, sender, worker = refused_batch(redis_client, settings, keys)
+    registry.update(hook_id, queue_hook("q2"))
     assert steps(worker, 3) == []
     worker.drain(5)
     # (the refused round's entry is processed again too: its message goes twice,
