@@ -61,6 +61,31 @@ def pending(r: redis.Redis, keys: Keys) -> int:
     return int(r.xpending(keys.intake(0), CONSUMER_GROUP)["pending"])
 
 
+def holding_30(redis_client: redis.Redis, settings: Settings, keys: Keys) -> PartitionWorker:
+    """One hook, 30 clicks in 3 entries, and a partition holding their 3 batches
+    without an outcome."""
+    HookRegistry(redis_client, keys).create(hook())
+    one_intake(redis_client, keys, 10).publish(clicks(30))
+    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
+    for _ in range(3):
+        worker.step(block_ms=10)
+    assert worker.unsettled == 30 and len(worker.submitted) == 3
+    return worker
+
+
+def sent_by_next_start(redis_client: redis.Redis, settings: Settings,
+                       resends: int) -> list[str]:
+    """The message ids the next start sends: its partition's, then its retry
+    worker's ``resends`` re-sends."""
+    again = InProcessSender()
+    restarted = PartitionWorker(settings, redis_client, 0, again)
+    for _ in range(3):
+        restarted.step(block_ms=10)
+    restarted.drain(5)
+    assert RetryWorker(settings, redis_client, again).step() == resends
+    return [mid for d in again.transport.sent for mid in d.message_ids]
+
+
 def test_a_partition_stopping_sends_its_open_batches_and_acknowledges_them(
         redis_client: redis.Redis, settings: Settings, keys: Keys) -> None:
     """A clean stop left open batches unsent and entries in flight unacknowledged: the
@@ -145,12 +170,7 @@ def test_a_stop_whose_acknowledgement_is_refused_leaves_no_re_sends_beside_the_e
 
     monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
     settings = settings.model_copy(update={"PARTITIONS": 1})
-    HookRegistry(redis_client, keys).create(hook())
-    one_intake(redis_client, keys, 10).publish(clicks(30))
-    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
-    for _ in range(3):
-        worker.step(block_ms=10)
-    assert worker.unsettled == 30
+    worker = holding_30(redis_client, settings, keys)
 
     def refused(*args: Any) -> None:
         raise redis.ConnectionError("Connection reset by peer")
@@ -158,13 +178,7 @@ def test_a_stop_whose_acknowledgement_is_refused_leaves_no_re_sends_beside_the_e
     monkeypatch.setattr(worker, "_ack_round", refused)
     worker._stopping()
     assert pending(redis_client, keys) == 0
-    again = InProcessSender()
-    restarted = PartitionWorker(settings, redis_client, 0, again)
-    for _ in range(3):
-        restarted.step(block_ms=10)
-    restarted.drain(5)
-    assert RetryWorker(settings, redis_client, again).step() == 3
-    sent = [mid for d in again.transport.sent for mid in d.message_ids]
+    sent = sent_by_next_start(redis_client, settings, resends=3)
     assert len(sent) == len(set(sent)) == 30
 
 
@@ -180,12 +194,7 @@ def test_a_stop_books_its_re_sends_in_groups_each_settling_its_own_entries(
     monkeypatch.setattr(engine.dispatch, "DRAIN_SEC", 0.3)
     monkeypatch.setattr(engine.dispatch, "STOP_BOOKING_BYTES", 1)  # a group per entry
     settings = settings.model_copy(update={"PARTITIONS": 1})
-    HookRegistry(redis_client, keys).create(hook())
-    one_intake(redis_client, keys, 10).publish(clicks(30))
-    worker = PartitionWorker(settings, redis_client, 0, Later(hold=True))
-    for _ in range(3):
-        worker.step(block_ms=10)
-    assert worker.unsettled == 30 and len(worker.submitted) == 3
+    worker = holding_30(redis_client, settings, keys)
     book = worker.side.retry.schedule_settling
     calls: list[int] = []
 
@@ -202,17 +211,12 @@ def test_a_stop_books_its_re_sends_in_groups_each_settling_its_own_entries(
         " ".join(worker.stop_said)
     assert RetryStore(redis_client, keys).pending() == 1
     assert pending(redis_client, keys) == 2  # the refused group's entry, and the third's
-    again = InProcessSender()
-    restarted = PartitionWorker(settings, redis_client, 0, again)
-    for _ in range(3):
-        restarted.step(block_ms=10)
-    restarted.drain(5)
-    assert RetryWorker(settings, redis_client, again).step() == 1
-    sent = [mid for d in again.transport.sent for mid in d.message_ids]
+    sent = sent_by_next_start(redis_client, settings, resends=1)
     assert len(sent) == len(set(sent)) == 30
 
 
-def test_batches_sharing_an_entry_are_booked_together_at_a_stop() -> None:
+def test_batches_sharing_an_entry_are_booked_together_at_a_stop(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     from collections import Counter
 
     from engine.dispatch import _sharing_entries
@@ -231,11 +235,8 @@ def test_batches_sharing_an_entry_are_booked_together_at_a_stop() -> None:
     for limit, want in ((1, [["a", "c", "e"], ["b"], ["d"]]),
                         (10, [["a", "c", "e"], ["b", "d"]]),
                         (1000, [["a", "c", "e", "b", "d"]])):
-        engine.dispatch.STOP_BOOKING_BYTES, kept = limit, engine.dispatch.STOP_BOOKING_BYTES
-        try:
-            got = [[d.id for d in g] for g in _sharing_entries(deliveries, pending_hooks)]
-        finally:
-            engine.dispatch.STOP_BOOKING_BYTES = kept
+        monkeypatch.setattr(engine.dispatch, "STOP_BOOKING_BYTES", limit)
+        got = [[d.id for d in g] for g in _sharing_entries(deliveries, pending_hooks)]
         assert got == want, limit
 
 
