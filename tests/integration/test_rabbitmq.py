@@ -712,8 +712,18 @@ def test_vhost_permissions_and_connections_closed_by_the_broker(
         out["exchange"] = await send(to_exchange, "x1")
         out["queue"] = await send(to_queue, "q1")
         out["missing"] = await send(to_missing, "mi")
-        # the broker closes every connection of the vhost between two deliveries
+        # the broker closes every connection of the vhost between two deliveries.
+        # rabbitmqctl returns before the Close frame has reached the client: the next
+        # delivery waits until it has (one published into the closing connection is
+        # not confirmed and goes to the retries, as it should)
         await asyncio.to_thread(rabbit_vhost.close_connections)
+        (broker,) = transport._brokers.values()
+        for _ in range(200):
+            if broker.current is None or broker.current.connection.is_closed:
+                break
+            await asyncio.sleep(0.025)
+        else:
+            raise AssertionError("the client never saw the broker close its connection")
         out["after-close"] = await send(to_exchange, "x2")
         await transport.close()
         return out
