@@ -38,6 +38,17 @@ key                             type     holds
                                          it); a recorded hook is never created again
                                          (deleted or renamed since), until ``hookray
                                          hooks forget-file-record`` deletes the field
+{p}:hooks:account:{account}     set      the ids of the account's hooks (an index, so
+                                         that reading an account's hooks reads not every
+                                         account's), whole while ``{p}:hooks:index``
+                                         holds the hooks' version, field count and
+                                         each set's size as they are: the engine's
+                                         hook changes keep it so; after any other
+                                         change a read builds it again
+{p}:hooks:index                 hash     ``version``, ``count``, ``a:{account}``: the
+                                         hooks' version and field count, and the size
+                                         of each account's set, the index was last
+                                         whole at
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert
@@ -128,6 +139,7 @@ class Keys:
         self.hooks_seq = f"{prefix}:hooks:seq"
         self.hooks_from_file = f"{prefix}:hooks:from_file"
         self.hooks_gone = f"{prefix}:hooks:gone"
+        self.hooks_index = f"{prefix}:hooks:index"
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"
         self.names_version = f"{prefix}:version:names"
@@ -179,6 +191,9 @@ class Keys:
 
     def stats(self, hook_id: int) -> str:
         return f"{self.p}:stats:{hook_id}"
+
+    def hooks_of_account(self, account_id: int | str) -> str:
+        return f"{self.p}:hooks:account:{account_id}"
 
 
 def damaged_count(error: Exception) -> bool:

@@ -83,12 +83,34 @@ def version_number(key: str, raw: bytes | None) -> int:
             "a version number holds something other than a number") from None
 
 
-_REPLACE_HOOK = """
+# The index of hooks by account ({p}:hooks:account:{account}, sets of hook ids) is
+# whole while {p}:hooks:index holds the hooks' version and field count as they are, and
+# how many ids each account's set holds (field "a:{account}"): the scripts that change
+# hooks keep it so; a change made otherwise (from outside the engine, a restore, keys
+# evicted or lost) leaves it behind until a read builds it again (HookRegistry._index).
+# KEYS[1] the hooks hash, KEYS[2] its version, KEYS[3] the mark.
+_INDEXED = """
+local function indexed()
+  local mark = redis.call('HMGET', KEYS[3], 'version', 'count')
+  return mark[1] ~= false and mark[1] == (redis.call('GET', KEYS[2]) or '') and
+         tonumber(mark[2]) == redis.call('HLEN', KEYS[1])
+end
+local function marked(index, account)
+  local n = tonumber(redis.call('HGET', KEYS[3], 'a:' .. account) or '0')
+  return n == redis.call('SCARD', index)
+end
+"""
+# KEYS: the hooks hash, its version, the index's mark; ARGV: the id, the new record, the
+# record it replaces. Stored only over that record (1); 0: no such hook; -1: changed
+# since. The account stays the hook's (update refuses another), so the index does too.
+_REPLACE_HOOK = _INDEXED + """
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if not stored then return 0 end
 if stored ~= ARGV[3] then return -1 end
+local whole = indexed()
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
-redis.call('INCR', KEYS[2])
+local version = redis.call('INCR', KEYS[2])
+if whole then redis.call('HSET', KEYS[3], 'version', version) end
 return 1
 """
 # KEYS: the hooks hash, the hook id counter, the deleted hooks zset; ARGV: the per-hook
@@ -125,11 +147,54 @@ end
 while not free() do id = redis.call('INCR', KEYS[2]) end
 return id
 """
-# KEYS: the hooks hash, its version; ARGV: the new hook's id, its record. Stored only
-# where no hook is (1), else nothing changes (0).
-_CREATE_HOOK = """
+# KEYS: the hooks hash, its version, the index's mark; ARGV: the new hook's id, its
+# record, its account's index, its account. Stored only where no hook is (1), else
+# nothing changes (0).
+_CREATE_HOOK = _INDEXED + """
+local whole = indexed() and marked(ARGV[3], ARGV[4])
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
-redis.call('INCR', KEYS[2])
+local version = redis.call('INCR', KEYS[2])
+if whole then
+  redis.call('SADD', ARGV[3], ARGV[1])
+  redis.call('HINCRBY', KEYS[3], 'a:' .. ARGV[4], 1)
+  redis.call('HSET', KEYS[3], 'version', version, 'count', redis.call('HLEN', KEYS[1]))
+end
+return 1
+"""
+# KEYS: the hooks hash, its version, the index's mark; ARGV: an account's index, what to
+# read ('records': {1, id, record, id, record...}; 'count': {1, how many}), the account.
+# {0}: the index is not whole (to be built again first).
+_ACCOUNT_HOOKS = _INDEXED + """
+if not (indexed() and marked(ARGV[1], ARGV[3])) then return {0} end
+if ARGV[2] == 'count' then return {1, redis.call('SCARD', ARGV[1])} end
+local out = {1}
+for _, id in ipairs(redis.call('SMEMBERS', ARGV[1])) do
+  local record = redis.call('HGET', KEYS[1], id)
+  if record then
+    out[#out + 1] = id
+    out[#out + 1] = record
+  end
+end
+return out
+"""
+# KEYS: the hooks hash, its version, the index's mark; ARGV: the version the hooks were
+# read at, how many fields they had, the accounts' index key prefix, then for each
+# account: the account, how many ids, the ids. Replaces the index (1), unless the
+# hooks changed since they were read (0).
+_INDEX_HOOKS = """
+if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
+  if string.sub(field, 1, 2) == 'a:' then redis.call('DEL', ARGV[3] .. string.sub(field, 3)) end
+end
+redis.call('DEL', KEYS[3])
+local i = 4
+while i <= #ARGV do
+  local key, n = ARGV[3] .. ARGV[i], tonumber(ARGV[i + 1])
+  for j = i + 2, i + 1 + n do redis.call('SADD', key, ARGV[j]) end
+  redis.call('HSET', KEYS[3], 'a:' .. ARGV[i], n)
+  i = i + 2 + n
+end
+redis.call('HSET', KEYS[3], 'version', ARGV[1], 'count', ARGV[2])
 return 1
 """
 # a hook changed by others this many times while one change was being made to it: the
@@ -157,6 +222,8 @@ class HookRegistry:
         self._parsed: dict[bytes, tuple[bytes, Hook]] = {}
         self._next_id = r.register_script(_NEXT_HOOK_ID)
         self._create_script = r.register_script(_CREATE_HOOK)
+        self._account_script = r.register_script(_ACCOUNT_HOOKS)
+        self._index_script = r.register_script(_INDEX_HOOKS)
 
     def _changed(self, hook_id: int, change: Callable[[Hook], Hook], what: str,
                  expect: Collection[str] | None = None) -> Hook:
@@ -177,8 +244,9 @@ class HookRegistry:
                             f"{hook_etag(stored)}, not {', '.join(expect)[:200]}): read it "
                             f"again, and make the change on what it is now")
             hook = change(stored)
-            done = self._replace_script(keys=[self.k.hooks, self.k.hooks_version],
-                                        args=[str(hook_id), json.dumps(hook.to_storage()), raw])
+            done = self._replace_script(
+                keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                args=[str(hook_id), json.dumps(hook.to_storage()), raw])
             if done == 1:
                 return hook
             if done == 0:
@@ -210,8 +278,10 @@ class HookRegistry:
                 keys=[self.k.hooks, self.k.hooks_seq, self.k.hooks_gone],
                 args=[self.k.stats(0)[:-1], self.k.dead_of_hook(0)[:-1]])))
             hook = parse_hook(fields, self.catalogue)
-            if self._create_script(keys=[self.k.hooks, self.k.hooks_version],
-                                   args=[str(hook.id), json.dumps(hook.to_storage())]):
+            if self._create_script(
+                    keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                    args=[str(hook.id), json.dumps(hook.to_storage()),
+                          self.k.hooks_of_account(hook.account_id), hook.account_id]):
                 return hook
         raise Conflict(f"hooks were stored under {REPLACE_TRIES} new ids while one was "
                        "being created (written from outside the engine?): try again")
@@ -230,7 +300,7 @@ class HookRegistry:
         pass: the bound is one of cost, not of correctness."""
         if self.max_per_account is None:
             return
-        have = self.counts()[account_id]
+        have = self._of_account(account_id, "count")[0]
         if have >= self.max_per_account:
             reason = (f"the account has {have} hooks, the most MAX_HOOKS_PER_ACCOUNT "
                       f"({self.max_per_account}) allows: delete one first")
@@ -321,8 +391,11 @@ class HookRegistry:
         """Delete a stored hook. Its counters stay while it has dead letters (they may
         still be replayed or discarded), and go STATS_GONE_SEC after it has none
         (``RetryStore.forget_gone_stats``)."""
-        removed = self.r.eval(_DELETE_HOOK, 3, self.k.hooks, self.k.hooks_version,
-                              self.k.hooks_gone, str(hook_id))
+        account = self.owner(hook_id)
+        index = self.k.hooks_of_account(account) if account is not None else ""
+        removed = self.r.eval(_DELETE_HOOK, 4, self.k.hooks, self.k.hooks_version,
+                              self.k.hooks_index, self.k.hooks_gone, str(hook_id), index,
+                              "" if account is None else account)
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
 
@@ -393,7 +466,8 @@ class HookRegistry:
         """The account's hooks (None: every account's), and (id, error) of its stored
         hooks that no longer validate, by id. Other accounts' hooks are not validated:
         one of theirs that no longer validates changes nothing here."""
-        raw: dict[bytes, bytes] = self.r.hgetall(self.k.hooks)  # type: ignore[assignment]
+        raw = self._of_account(account_id, "records")[1] if account_id is not None else \
+            cast(dict[bytes, bytes], self.r.hgetall(self.k.hooks))
         hooks: list[Hook] = []
         invalid: list[tuple[int, str]] = []
         for key, value in raw.items():
@@ -408,6 +482,56 @@ class HookRegistry:
             except HookError as exc:
                 invalid.append((hook_id, str(exc)))
         return sorted(hooks, key=lambda h: h.id or 0), sorted(invalid)
+
+    def _of_account(self, account_id: int, what: str) -> tuple[int, dict[bytes, bytes]]:
+        """The account's stored records by field (``what``: "records"), or how many
+        the index holds (``what``: "count"), read through the index of hooks by
+        account (built again first where it is not whole): not every account's."""
+        key = self.k.hooks_of_account(account_id)
+        for _ in range(REPLACE_TRIES):
+            got = cast(list[Any], self._account_script(
+                keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                args=[key, what, account_id]))
+            if got[0] == 1:
+                if what == "count":
+                    return int(got[1]), {}
+                return len(got) // 2, dict(zip(got[1::2], got[2::2], strict=True))
+            if not self._index():
+                break
+        # the index cannot be written (Redis at its maxmemory, a replica) or the hooks
+        # kept changing while it was being built: every account's records, read
+        records = {key: value for key, value in
+                   cast(dict[bytes, bytes], self.r.hgetall(self.k.hooks)).items()
+                   if _key_id(key) is not None and stored_account(value) == account_id}
+        return len(records), records
+
+    def _index(self) -> bool:
+        """Build the index of hooks by account again from the stored records (as of
+        one version); False when it cannot be written."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self.k.hooks_version)
+            pipe.hgetall(self.k.hooks)
+            pipe.get(self.k.hooks_version)
+            version, raw, after = pipe.execute()
+        if version != after:
+            return True  # changed meanwhile: read again
+        by_account: dict[int, list[bytes]] = {}
+        for key, value in raw.items():
+            if _key_id(key) is not None and (account := stored_account(value)) is not None:
+                by_account.setdefault(account, []).append(key)
+        args: list[Any] = [version or b"", len(raw), self.k.hooks_of_account("")]
+        for account, ids in by_account.items():
+            args += [account, len(ids), *ids]
+        try:
+            self._index_script(keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                               args=args)
+        except redis.exceptions.ResponseError as exc:
+            # at its maxmemory Redis still serves reads: the listing is read without it
+            if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError) \
+                    or any(code in str(exc) for code in ("OOM ", "READONLY ")):
+                return False
+            raise
+        return True
 
     def version(self) -> int:
         return _version(self.r, self.k.hooks_version)
@@ -1134,15 +1258,24 @@ return 1
 """
 
 
-# KEYS: the hooks hash, its version, the deleted hooks zset; ARGV: the id. Deleted and
-# marked so (by Redis' clock) at once: a crash between the two kept its counters.
-_DELETE_HOOK = """
+# KEYS: the hooks hash, its version, the index's mark, the deleted hooks zset; ARGV:
+# the id, its account's index and its account ('' when its record names none).
+# Deleted and marked so (by Redis' clock) at once: a crash between the two kept its
+# counters.
+_DELETE_HOOK = _INDEXED + """
+local whole = indexed() and ARGV[3] ~= '' and marked(ARGV[2], ARGV[3])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
-redis.call('INCR', KEYS[2])
+local version = redis.call('INCR', KEYS[2])
 local t = redis.call('TIME')
-redis.call('ZADD', KEYS[3], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+redis.call('ZADD', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+if whole and redis.call('SREM', ARGV[2], ARGV[1]) == 1 then
+  if redis.call('HINCRBY', KEYS[3], 'a:' .. ARGV[3], -1) <= 0 then
+    redis.call('HDEL', KEYS[3], 'a:' .. ARGV[3])
+  end
+  redis.call('HSET', KEYS[3], 'version', version, 'count', redis.call('HLEN', KEYS[1]))
+end
 return 1
 """
 
