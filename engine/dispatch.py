@@ -298,7 +298,9 @@ class Dispatcher:
             self.versions = {"hooks": -1, "names": -1, "profiles": -1}
             self.epoch = epoch
         if names_v != self.versions["names"]:
-            self.names = self.side.names.load()
+            known = self.versions["names"]
+            names = self.side.names.since(self.names, known) if known >= 0 else None
+            self.names = names if names is not None else self.side.names.load()
             self.versions["names"] = names_v
             for builder in self.builders.values():
                 builder.names = self.names

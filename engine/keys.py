@@ -52,6 +52,15 @@ key                             type     holds
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert
+{p}:names:changes               zset     "account:kind:id" -> the names version its
+                                         last upsert or delete moved to: a worker reads
+                                         the records changed since its version again,
+                                         not every name (the latest CHANGES_KEPT)
+{p}:names:logged                hash     ``from``: the changes log holds every change
+                                         after that version; ``to``: the version its
+                                         last change moved to (another version: moved
+                                         by something else, and every name is loaded);
+                                         ``n``: how many changes it holds
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
 {p}:version:profiles            string   bumped on every profile upsert
 {p}:content:{account}:{send_id} string   message content JSON, TTL content_ttl_sec
@@ -143,6 +152,8 @@ class Keys:
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"
         self.names_version = f"{prefix}:version:names"
+        self.names_changes = f"{prefix}:names:changes"
+        self.names_logged = f"{prefix}:names:logged"
         self.profiles_version = f"{prefix}:version:profiles"
         self.retry = f"{prefix}:retry"
         self.retry_payload = f"{prefix}:retry:payload"

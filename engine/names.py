@@ -45,8 +45,19 @@ class NameCatalogue:
                 f"{kind}: unknown field(s) {', '.join(sorted(unknown))}; accepted: "
                 + ", ".join(allowed)
             )
-        entry = self._entries.setdefault((account_id, kind, obj_id), {})
-        entry.update({k: str(v) for k, v in fields.items()})
+        # a new dict, never the one held: a copy (``copy``) shares the others
+        key = (account_id, kind, obj_id)
+        self._entries[key] = {**self._entries.get(key, {}),
+                              **{k: str(v) for k, v in fields.items()}}
+
+    def remove(self, account_id: int, kind: str, obj_id: int) -> None:
+        self._entries.pop((account_id, kind, obj_id), None)
+
+    def copy(self) -> NameCatalogue:
+        """Another catalogue of the same names (its entries its own to change)."""
+        out = NameCatalogue()
+        out._entries = dict(self._entries)  # the fields' dicts are replaced, never changed
+        return out
 
     def get(self, account_id: int, kind: str, obj_id: int | None, field: str = "name") -> str:
         """The field's value, or "" when the object or field is unknown (spec g)."""

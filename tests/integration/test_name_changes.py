@@ -1,0 +1,139 @@
+"""Names changed since a worker's version are read again, not every name: the scripts
+that upsert and delete names log what they changed ({p}:names:changes), and a worker
+the log cannot bring up to date (too far behind, a version moved by hand) loads all."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+import pytest
+import redis
+
+import engine.stores as stores
+from engine.catalogue import builtin_catalogue
+from engine.dispatch import Dispatcher, Side
+from engine.keys import Keys
+from engine.names import NameCatalogue
+from engine.settings import Settings
+from engine.stores import NameStore
+
+pytestmark = pytest.mark.integration
+
+
+def records(names: NameCatalogue) -> list[tuple[Any, ...]]:
+    return sorted((r["account_id"], r["kind"], r["id"], sorted(r.items()))
+                  for r in names.to_records())
+
+
+class Worker:
+    """Names as a partition keeps them: loaded once, then brought up to date."""
+
+    def __init__(self, store: NameStore) -> None:
+        self.store = store
+        self.version = store.version()
+        self.names = store.load()
+        self.loads = 0
+
+    def refresh(self) -> None:
+        version = self.store.version()
+        if version == self.version:
+            return
+        names = self.store.since(self.names, self.version)
+        if names is None:
+            self.loads += 1
+            names = self.store.load()
+        self.names, self.version = names, version
+
+
+def random_names(rng: random.Random, n: int) -> list[dict[str, Any]]:
+    out = []
+    for _ in range(n):
+        kind = rng.choice(["campaigns", "templates", "segments"])
+        rec: dict[str, Any] = {"account_id": rng.randint(1, 3), "kind": kind,
+                               "id": rng.randint(1, 40), "name": rng.choice(["a", "b", ""])}
+        if kind == "templates" and rng.random() < 0.5:
+            rec["subject"] = rng.choice(["s", "t", ""])
+        out.append(rec)
+    return out
+
+
+def test_a_worker_brought_up_to_date_by_the_log_holds_what_a_load_holds(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stores, "CHANGES_KEPT", 30)  # the log is trimmed now and then
+    rng = random.Random(7)
+    store = NameStore(redis_client, keys)
+    workers = [Worker(store) for _ in range(3)]
+    for step in range(400):
+        roll = rng.random()
+        if roll < 0.55:
+            store.upsert(random_names(rng, rng.randint(1, 6)))
+        elif roll < 0.85:
+            store.delete(rng.randint(1, 3), [{"kind": r["kind"], "id": r["id"]}
+                                             for r in random_names(rng, rng.randint(1, 6))])
+        elif roll < 0.9:  # by hand, the version moved with it
+            redis_client.hset(keys.names, f"{rng.randint(1, 3)}:campaigns:{rng.randint(1, 40)}",
+                              rng.choice([b'{"name": "by hand"}', b"not json", b"[1]"]))
+            redis_client.incr(keys.names_version)
+        elif roll < 0.93:  # the log lost (evicted, deleted by hand)
+            redis_client.delete(rng.choice([keys.names_changes, keys.names_logged]))
+        worker = rng.choice(workers)  # each worker now and then, some far behind
+        worker.refresh()
+        assert records(worker.names) == records(store.load()), step
+    assert all(w.loads < 40 for w in workers)  # the log served most refreshes
+
+
+def test_a_worker_behind_the_log_or_after_a_hand_moved_version_loads_every_name(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(stores, "CHANGES_KEPT", 3)
+    store = NameStore(redis_client, keys)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": 1, "name": "one"}])
+    worker = Worker(store)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": 2, "name": "two"}])
+    assert store.since(worker.names, worker.version) is not None  # one change behind
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": f"n{i}"}
+                  for i in range(3, 7)])  # 5 changes in all: the first 2 trimmed from the log
+    assert store.since(worker.names, worker.version) is None
+    worker.refresh()
+    assert worker.loads == 1 and worker.names.get(1, "campaigns", 6) == "n6"
+    redis_client.hset(keys.names, "1:campaigns:9", '{"name": "by hand"}')
+    redis_client.incr(keys.names_version)  # as a hand edit must, for workers to see it
+    assert store.since(worker.names, worker.version) is None
+    worker.refresh()
+    assert worker.loads == 2 and worker.names.get(1, "campaigns", 9) == "by hand"
+
+
+def test_a_partition_reads_only_the_names_changed_since_its_last_round(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    store = NameStore(redis_client, keys)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": f"c{i}"}
+                  for i in range(500)])
+    catalogue = builtin_catalogue()
+    dispatcher = Dispatcher(Side(redis_client, settings, catalogue), catalogue, 100)
+    dispatcher.refresh(0.0)
+    held = dispatcher.names
+    assert held.get(1, "campaigns", 7) == "c7"
+    read: list[int] = []
+    real_hmget = redis.Redis.hmget
+
+    def counting(self: redis.Redis, name: str, keys_: Any, *args: Any) -> Any:
+        if name == keys.names:
+            read.append(len(keys_))
+        return real_hmget(self, name, keys_, *args)
+
+    def no_load(self: NameStore) -> NameCatalogue:
+        raise AssertionError("every name loaded")
+
+    monkeypatch.setattr(NameStore, "load", no_load)
+    monkeypatch.setattr(redis.Redis, "hmget", counting)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": 7, "name": "renamed"},
+                  {"account_id": 2, "kind": "segments", "id": 1, "name": "new"}])
+    store.delete(1, [{"kind": "campaigns", "id": 8}])
+    dispatcher.refresh(1.0)
+    assert read == [3]  # the three records changed
+    names = dispatcher.names
+    assert (names.get(1, "campaigns", 7), names.get(2, "segments", 1),
+            names.get(1, "campaigns", 8), names.get(1, "campaigns", 9)) == \
+        ("renamed", "new", "", "c9")
+    assert held.get(1, "campaigns", 7) == "c7"  # what a round took before is its own
