@@ -305,7 +305,13 @@ class Dispatcher:
             for builder in self.builders.values():
                 builder.names = self.names
         if profiles_v != self.versions["profiles"]:
-            self.profile_cache.clear()
+            known = self.versions["profiles"]
+            changed = self.side.profiles.changed_since(known) if known >= 0 else None
+            if changed is None:
+                self.profile_cache.clear()
+            else:  # those changed since: the rest of the cache holds
+                for profile in changed:
+                    self.profile_cache.pop(profile, None)
             self.versions["profiles"] = profiles_v
         if hooks_v != self.versions["hooks"]:
             version, hooks = self.side.registry.load()

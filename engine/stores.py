@@ -898,25 +898,42 @@ class ProfileStore:
         self._unreadable = _Unreadable("profile")
 
     def upsert(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
+        """Store the fields of ``profiles`` (by profile id), over what each held. A
+        script per ONCE_CHUNK profiles moves the version with its writes, and logs
+        which changed (a worker forgets those it cached, not every profile)."""
         if not profiles:
             return 0
-        encoded = _json_values(profiles, "upsert_profiles: the fields of profile")
-        with self.r.pipeline() as pipe:
-            pipe.hset(self.k.profiles(account_id), mapping=encoded)  # type: ignore[arg-type]
-            pipe.incr(self.k.profiles_version)
-            pipe.execute()
+        encoded = list(_json_values(profiles, "upsert_profiles: the fields of profile").items())
+        for at in range(0, len(encoded), ONCE_CHUNK):
+            self.r.eval(_UPSERT_PROFILES, 4, self.k.profiles(account_id),
+                        self.k.profiles_version, self.k.profiles_changes,
+                        self.k.profiles_logged, CHANGES_KEPT, account_id,
+                        *(x for kv in encoded[at:at + ONCE_CHUNK] for x in kv))
         return len(profiles)
 
     def delete(self, account_id: int, profile_ids: list[str]) -> int:
         """Forget the fields of ``profile_ids`` (profiles deleted on the platform: their
         data is not kept, nor copied into later messages); how many there were."""
-        if not profile_ids:
-            return 0
-        with self.r.pipeline() as pipe:
-            for n in range(0, len(profile_ids), ONCE_CHUNK):
-                pipe.hdel(self.k.profiles(account_id), *profile_ids[n:n + ONCE_CHUNK])
-            pipe.incr(self.k.profiles_version)
-            return sum(pipe.execute()[:-1])
+        return sum(int(self.r.eval(_DELETE_PROFILES, 4, self.k.profiles(account_id),
+                                   self.k.profiles_version, self.k.profiles_changes,
+                                   self.k.profiles_logged, CHANGES_KEPT, account_id,
+                                   *profile_ids[at:at + ONCE_CHUNK]))
+                   for at in range(0, len(profile_ids), ONCE_CHUNK))
+
+    def changed_since(self, version: int) -> list[tuple[int, str]] | None:
+        """(account, profile id) of the profiles changed after ``version``; None when
+        the change log cannot say (``ChangeLog.since``)."""
+        changed = ChangeLog(self.r, self.k.profiles_changes, self.k.profiles_logged,
+                            self.k.profiles_version).since(version)
+        if changed is None:
+            return None
+        out = []
+        for member in changed:
+            account, _, pid = member.decode("utf-8", "surrogateescape").partition(":")
+            if not account.isdigit():
+                return None  # written by something else: the log cannot say
+            out.append((int(account), pid))
+        return out
 
     def version(self) -> int:
         return _version(self.r, self.k.profiles_version)
@@ -1084,6 +1101,32 @@ _DELETE_NAMES = _CHANGE_LOG + """
 local removed = {}
 for i = 2, #ARGV do
   if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then removed[#removed + 1] = ARGV[i] end
+end
+if #removed > 0 then
+  logged(KEYS[3], KEYS[4], redis.call('INCR', KEYS[2]), removed, tonumber(ARGV[1]))
+end
+return #removed
+"""
+# KEYS: an account's profiles, the profiles version, its change log and the log's
+# mark; ARGV: how many changes the log keeps, the account, then profile id, fields
+# JSON pairs. Stores them, moves the version and logs them.
+_UPSERT_PROFILES = _CHANGE_LOG + """
+local changed = {}
+for i = 3, #ARGV, 2 do
+  redis.call('HSET', KEYS[1], ARGV[i], ARGV[i + 1])
+  changed[#changed + 1] = ARGV[2] .. ':' .. ARGV[i]
+end
+logged(KEYS[3], KEYS[4], redis.call('INCR', KEYS[2]), changed, tonumber(ARGV[1]))
+return #changed
+"""
+# KEYS and ARGV as _UPSERT_PROFILES, with profile ids alone: deletes those, and moves
+# the version and logs them if any was stored; returns how many were.
+_DELETE_PROFILES = _CHANGE_LOG + """
+local removed = {}
+for i = 3, #ARGV do
+  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
+    removed[#removed + 1] = ARGV[2] .. ':' .. ARGV[i]
+  end
 end
 if #removed > 0 then
   logged(KEYS[3], KEYS[4], redis.call('INCR', KEYS[2]), removed, tonumber(ARGV[1]))

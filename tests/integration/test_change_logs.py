@@ -1,6 +1,7 @@
-"""Names changed since a worker's version are read again, not every name: the scripts
-that upsert and delete names log what they changed ({p}:names:changes), and a worker
-the log cannot bring up to date (too far behind, a version moved by hand) loads all."""
+"""Names and profiles changed since a worker's version: the scripts that upsert and
+delete them log what they changed ({p}:changes:names, {p}:changes:profiles), and a
+worker reads again (names) or forgets (cached profiles) those alone; one the log cannot
+bring up to date (too far behind, a version moved by hand, the log lost) does all."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ from engine.dispatch import Dispatcher, Side
 from engine.keys import Keys
 from engine.names import NameCatalogue
 from engine.settings import Settings
-from engine.stores import NameStore
+from engine.stores import NameStore, ProfileStore
 
 pytestmark = pytest.mark.integration
 
@@ -137,3 +138,57 @@ def test_a_partition_reads_only_the_names_changed_since_its_last_round(
             names.get(1, "campaigns", 8), names.get(1, "campaigns", 9)) == \
         ("renamed", "new", "", "c9")
     assert held.get(1, "campaigns", 7) == "c7"  # what a round took before is its own
+
+
+def test_a_profile_cache_kept_by_the_log_holds_what_redis_holds(
+        redis_client: redis.Redis, keys: Keys, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A worker's cache of profiles forgets those changed since its version (all of
+    them when the log cannot say): what it still holds is what Redis holds."""
+    monkeypatch.setattr(stores, "CHANGES_KEPT", 20)
+    rng = random.Random(11)
+    profiles = ProfileStore(redis_client, keys)
+    cache: dict[tuple[int, str], dict[str, Any] | None] = {}
+    version, forgot_all = profiles.version(), 0
+    for step in range(400):
+        account, pid = rng.randint(1, 2), f"p{rng.randint(1, 30)}"
+        roll = rng.random()
+        if roll < 0.5:
+            profiles.upsert(account, {pid: {"n": step}, f"p{rng.randint(1, 30)}": {"m": step}})
+        elif roll < 0.8:
+            profiles.delete(account, [pid, f"p{rng.randint(1, 30)}"])
+        elif roll < 0.83:
+            redis_client.delete(rng.choice([keys.profiles_changes, keys.profiles_logged]))
+        if rng.random() < 0.5:  # the worker's refresh, now and then
+            now = profiles.version()
+            changed = profiles.changed_since(version)
+            if changed is None:
+                cache.clear()
+                forgot_all += 1
+            for key in changed or ():
+                cache.pop(key, None)
+            version = now
+            wanted = [(rng.randint(1, 2), f"p{rng.randint(1, 30)}") for _ in range(5)]
+            found = profiles.get_many({a: [p for b, p in wanted if b == a] for a in (1, 2)})
+            for key in wanted:
+                cache.setdefault(key, found.get(key))
+            everything = profiles.get_many({a: [p for b, p in cache if b == a] for a in (1, 2)})
+            assert cache == {key: everything.get(key) for key in cache}, step
+    assert 0 < forgot_all < 40
+
+
+def test_a_partition_forgets_only_the_profiles_changed_since_its_last_round(
+        redis_client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    profiles = ProfileStore(redis_client, keys)
+    profiles.upsert(1, {"a": {"x": 1}, "b": {"x": 2}})
+    catalogue = builtin_catalogue()
+    dispatcher = Dispatcher(Side(redis_client, settings, catalogue), catalogue, 100)
+    dispatcher.refresh(0.0)
+    dispatcher.profile_cache.update({(1, "a"): {"x": 1}, (1, "b"): {"x": 2}, (2, "c"): None})
+    profiles.upsert(1, {"a": {"x": 10}})
+    profiles.delete(2, ["c", "never stored"])  # none was stored: nothing changes
+    dispatcher.refresh(1.0)
+    assert dispatcher.profile_cache == {(1, "b"): {"x": 2}, (2, "c"): None}
+    profiles.upsert(2, {"c": {"x": 3}})
+    redis_client.incr(keys.profiles_version)  # moved by hand: the log cannot say
+    dispatcher.refresh(2.0)
+    assert dispatcher.profile_cache == {}
