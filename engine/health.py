@@ -290,3 +290,46 @@ def eviction_risk(r: redis.Redis) -> str | None:
             "engine could take it meanwhile) and publish receipts (a publish tried again "
             "after its reply was lost could be written twice); use noeviction for the "
             "engine's Redis")
+
+
+EVICTIONS_READ_SEC = 60.0  # how often the retry worker reads Redis' count of evictions
+
+
+class EvictionWatch:
+    """Redis' count of keys it evicted (``INFO stats``: ``evicted_keys``), read at most
+    every EVICTIONS_READ_SEC: an ERROR when it grew. The policy is warned of at the
+    engine's start (``eviction_risk``); this says that Redis did evict, which may have
+    dropped accepted events, re-sends or dead letters (``allkeys-*``), or message
+    content, the prefix claim and publish receipts (``volatile-*``)."""
+
+    def __init__(self, r: redis.Redis) -> None:
+        self.r = r
+        self.seen: int | None = None  # the count last read
+        self.read_at = -float("inf")
+
+    def check(self) -> str | None:
+        """What was logged, if anything."""
+        now = time.monotonic()
+        if now - self.read_at < EVICTIONS_READ_SEC:
+            return None
+        self.read_at = now
+        try:
+            count = cast(dict[str, Any], self.r.info("stats")).get("evicted_keys")
+        except redis.RedisError:  # down, or INFO refused (warned of at the start)
+            return None
+        if not isinstance(count, int):
+            return None
+        before, self.seen = self.seen, count
+        if before is None or count <= before:  # (less: Redis restarted, or CONFIG RESETSTAT)
+            return None
+        policy = read_policy(self.r) or "unknown"
+        said = (f"Redis evicted {count - before} key(s) since it was last asked, "
+                f"{EVICTIONS_READ_SEC:g} s or more ago (maxmemory-policy {policy}, at its "
+                "maxmemory): if they were the engine's, "
+                + ("accepted events, re-sends, dead letters or hooks may be lost"
+                   if policy.startswith("allkeys-") else
+                   "message content may be gone (messages go without it), and the "
+                   "engine's claim on its REDIS_PREFIX or publish receipts")
+                + "; give Redis more memory and use maxmemory-policy noeviction")
+        log.error("%s", said)
+        return said

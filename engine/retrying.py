@@ -27,7 +27,7 @@ from engine import dispatch
 from engine.catalogue import EventCatalogue, load_catalogue
 from engine.dispatch import MAX_INFLIGHT, Sender, Side, drain_at_stop
 from engine.failurelog import FailureLog
-from engine.health import Heartbeat, RoundFailures
+from engine.health import EvictionWatch, Heartbeat, RoundFailures
 from engine.hooks import Hook, hook_secrets, scrub
 from engine.lease import Holding
 from engine.messages import for_target
@@ -86,6 +86,7 @@ class RetryWorker:
         self.expired_at = -float("inf")  # when dead letters were last expired
         self.gone_at = -float("inf")  # when deleted hooks' counters were last looked at
         self.expired_unsaid, self.expired_said = 0, -float("inf")  # logged every 10 s
+        self.evictions = EvictionWatch(r)  # one worker of the engine says them
 
     def _refresh(self) -> None:
         version, epoch = self.side.registry.version_and_epoch()
@@ -123,6 +124,7 @@ class RetryWorker:
         self._book()
         self._expire()
         self._forget_gone_stats()
+        self.evictions.check()
         self.failure_log.say()
         return due
 
