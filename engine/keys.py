@@ -52,21 +52,21 @@ key                             type     holds
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert
-{p}:changes:names               zset     "account:kind:id" -> the names version its
+{p}:version:names:log           zset     "account:kind:id" -> the names version its
                                          last upsert or delete moved to: a worker reads
                                          the records changed since its version again,
                                          not every name (the latest CHANGES_KEPT)
-{p}:changes:names:mark          hash     ``from``: the changes log holds every change
+{p}:version:names:mark          hash     ``from``: the changes log holds every change
                                          after that version; ``to``: the version its
                                          last change moved to (another version: moved
                                          by something else, and every name is loaded);
                                          ``n``: how many changes it holds
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
 {p}:version:profiles            string   bumped on every profile upsert
-{p}:changes:profiles            zset     "account:profile_id" -> the profiles version
+{p}:version:profiles:log        zset     "account:profile_id" -> the profiles version
                                          its last upsert or delete moved to: a worker
                                          forgets those it cached, not every profile
-{p}:changes:profiles:mark       hash     as ``{p}:changes:names:mark``
+{p}:version:profiles:mark       hash     as ``{p}:version:names:mark``
 {p}:content:{account}:{send_id} string   message content JSON, TTL content_ttl_sec
 {p}:retry                       zset     delivery id scored by due time (unix ms)
 {p}:retry:payload               hash     delivery id -> msgpack Delivery
@@ -156,10 +156,10 @@ class Keys:
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"
         self.names_version = f"{prefix}:version:names"
-        self.names_changes = f"{prefix}:changes:names"
-        self.names_logged = f"{prefix}:changes:names:mark"
-        self.profiles_changes = f"{prefix}:changes:profiles"
-        self.profiles_logged = f"{prefix}:changes:profiles:mark"
+        self.names_changes = f"{prefix}:version:names:log"
+        self.names_logged = f"{prefix}:version:names:mark"
+        self.profiles_changes = f"{prefix}:version:profiles:log"
+        self.profiles_logged = f"{prefix}:version:profiles:mark"
         self.profiles_version = f"{prefix}:version:profiles"
         self.retry = f"{prefix}:retry"
         self.retry_payload = f"{prefix}:retry:payload"

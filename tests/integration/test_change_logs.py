@@ -1,5 +1,5 @@
 """Names and profiles changed since a worker's version: the scripts that upsert and
-delete them log what they changed ({p}:changes:names, {p}:changes:profiles), and a
+delete them log what they changed ({p}:version:names:log, {p}:version:profiles:log), and a
 worker reads again (names) or forgets (cached profiles) those alone; one the log cannot
 bring up to date (too far behind, a version moved by hand, the log lost) does all."""
 

@@ -21,8 +21,7 @@ pytestmark = pytest.mark.integration
 PREFIX = "acl"
 # every key of the engine's but the stored profiles: an operator's list short of one
 PATTERNS = [f"~{PREFIX}:{x}" for x in (
-    "intake:*", "hooks*", "version:*", "changes:*", "stats:*", "acked:*", "booked:*",
-    "config",
+    "intake:*", "hooks*", "version:*", "stats:*", "acked:*", "booked:*", "config",
     "processing:*", "alive:*", "retry*", "dead*", "names", "engine", "content:*", "epoch")]
 
 
