@@ -265,7 +265,7 @@ class Dispatcher:
         # per code, with how many came since it was last logged (``say_unknown``)
         self.unknown_said = Repeats()
         self.unknown_unsaid: Counter[str] = Counter()
-        self._booking = Booking(side.registry.r)
+        self._booking = Booking(side.registry.r, side.keys.epoch)
 
     def take_outbox(self) -> list[Delivery]:
         out, self.outbox = self.outbox, []
@@ -741,7 +741,7 @@ class PartitionWorker:
         self.booking: str | None = None
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
         self.processing = self.side.keys.processing(partition, self.consumer)
-        self._booking = Booking(r)
+        self._booking = Booking(r, self.side.keys.epoch)
         self.dispatcher.count_once = self.booked
         self.dispatcher.on_lost = self._data_lost
         self.lost_round = False  # the refresh of this round found the data lost
@@ -1404,7 +1404,7 @@ class PartitionWorker:
                 pipe.hdel(self.processing, *reread)
 
         self.side.retry.schedule_settling(items, (self.booked, uuid.uuid4().hex),
-                                          acknowledge)
+                                          acknowledge, self.dispatcher.epoch)
         for delivery in unanswered:
             _, held = self.dispatcher.pending_hooks.pop(delivery.id)
             self.submitted.pop(delivery.id, None)

@@ -12,7 +12,7 @@ from engine.dispatch import PartitionWorker
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry, RetryStore
+from engine.stores import HookRegistry, RetryStore, Stats
 from tests.integration.test_workers import InProcessSender, clicks, hook, one_intake
 from tests.services import drop_prefix
 
@@ -257,3 +257,37 @@ def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
     monkeypatch.setattr(worker.dispatcher, "refresh", refused)
     worker.drain(0.3)
     assert sender.transport.sent == []  # its entry is read again by the next start
+
+
+def test_a_booking_goes_only_into_the_data_of_the_epoch_it_carries(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """book_once.lua refuses a booking of another epoch than the stored one, or of
+    one where none is stored (Redis lost the data since): nothing of it is made, nor
+    its token kept. One of the stored epoch is made once; one that carries none (its
+    worker read none) is not checked."""
+    from engine.stores import Booking, DataLost
+
+    booking, stats, tokens = Booking(redis_client, keys.epoch), Stats(redis_client, keys), \
+        keys.booked("retry")
+
+    def book(once: tuple[str, str] | None, epoch: bytes | None) -> None:
+        with booking(once, epoch) as pipe:
+            stats.add(pipe, 1, "delivered", 1)
+
+    redis_client.set(keys.epoch, "e2")
+    for once in ((tokens, "t1"), None):
+        with pytest.raises(DataLost, match=f"{keys.epoch} is not the epoch"):
+            book(once, b"e1")
+    redis_client.delete(keys.epoch)
+    with pytest.raises(DataLost):
+        book((tokens, "t1"), b"e2")
+    assert stats.get(1)["delivered"] == 0 and redis_client.llen(tokens) == 0
+    redis_client.set(keys.epoch, "e2")
+    book((tokens, "t1"), b"e2")
+    book((tokens, "t1"), b"e2")  # sent again after a lost reply
+    assert stats.get(1)["delivered"] == 1
+    book(None, b"e2")  # no token: checked, made each time
+    book((tokens, "t2"), None)  # no epoch read: not checked
+    book(None, None)  # neither: a MULTI
+    assert stats.get(1)["delivered"] == 4
+    assert redis_client.lrange(tokens, 0, -1) == [b"t2", b"t1"]
