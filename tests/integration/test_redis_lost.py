@@ -75,22 +75,25 @@ def test_redis_losing_the_engines_data_while_it_runs_is_said_as_the_loss_it_is(
 
 
 class Later:
-    """A sender whose outcomes (failures, when ``fail``) wait until released."""
+    """A sender whose outcomes (failures, else deliveries if ``ok``) wait until
+    released."""
 
-    def __init__(self) -> None:
+    def __init__(self, ok: bool = False) -> None:
         from engine.hooks import Hook
         from engine.transports.base import Delivery, Outcome
 
         self.waiting: list[tuple[Delivery, Outcome]] = []
         self.sent: list[tuple[Hook, Delivery]] = []
         self.release = False
+        self.ok = ok
 
     def submit(self, hook: object, delivery: object) -> None:
         from engine.transports.base import Outcome
 
         self.sent.append((hook, delivery))  # type: ignore[arg-type]
-        self.waiting.append((delivery, Outcome(ok=False, error="ConnectError",  # type: ignore[arg-type]
-                                               detail="refused")))
+        outcome = Outcome(ok=True) if self.ok else Outcome(ok=False, error="ConnectError",
+                                                           detail="refused")
+        self.waiting.append((delivery, outcome))  # type: ignore[arg-type]
 
     def poll(self, timeout: float) -> list[object]:
         if not self.release:
@@ -257,6 +260,56 @@ def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
     monkeypatch.setattr(worker.dispatcher, "refresh", refused)
     worker.drain(0.3)
     assert sender.transport.sent == []  # its entry is read again by the next start
+
+
+def lost_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the workers said of the loss (the driver says it too, as an error)."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and "Redis lost the engine's data" in r.getMessage()]
+
+
+def nothing_booked_for(r: redis.Redis, keys: Keys, hook_id: int) -> None:
+    """Nothing of the old data under ``hook_id``: no count, re-send or dead letter."""
+    store = RetryStore(r, keys)
+    assert not any(Stats(r, keys).get(hook_id).values())
+    assert store.pending() == 0
+    assert store.dead_letters() == [] and store.dead_letters(hook_id=hook_id) == []
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "failed", "dead"])
+def test_a_stopping_retry_worker_books_no_outcome_of_a_re_send_from_before_the_loss(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        caplog: pytest.LogCaptureFixture, outcome: str) -> None:
+    """Stopped in the moment between the loss and its next step, the retry worker's
+    drain booked the outcome of a re-send handed over before (no refresh in between
+    to find the loss): under its hook id, which a new hook had taken (counted in its
+    stats, a re-send or a dead letter of it)."""
+    from engine.transports.base import Delivery
+
+    settings = settings.model_copy(update={
+        "PARTITIONS": 1, "HOOK_RETRY_TIMES": 0 if outcome == "dead" else 3})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    RetryStore(redis_client, keys).schedule(
+        Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1, kind="http_batch",
+                 parts=[b'{"x":1}'], message_ids=["m1"]), 0, "HTTP 500")
+    sender = Later(ok=outcome == "delivered")
+    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
+    assert worker.step() == 1 and list(worker.handed)
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    new = registry.create(hook(name="new clicks"))
+    assert new.id == old.id
+    sender.release = True
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert worker.drain(1) == 0
+    nothing_booked_for(redis_client, keys, new.id or 0)
+    assert not worker.handed and not worker.settling
+    assert lost_said(caplog) == ["retry worker: Redis lost the engine's data; the outcomes "
+                                 "of 1 re-send(s) handed over before are dropped with it"]
 
 
 def test_a_booking_goes_only_into_the_data_of_the_epoch_it_carries(
