@@ -312,6 +312,93 @@ def test_a_stopping_retry_worker_books_no_outcome_of_a_re_send_from_before_the_l
                                  "of 1 re-send(s) handed over before are dropped with it"]
 
 
+@pytest.mark.parametrize(("booked_by", "outcome"), [
+    ("round", "failed"), ("round", "delivered"), ("stop", "failed"),
+    ("stop", "delivered"), ("stop", "unanswered")])
+def test_a_partition_whose_refresh_fails_after_the_loss_books_nothing_from_before(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        booked_by: str, outcome: str) -> None:
+    """Redis loses its data while a batch is in flight; the round or the stop that
+    books its outcome (or schedules it unanswered, at a stop) cannot refresh first
+    (Redis failing it), so nothing found the loss: the outcome went into the new data,
+    under the batch's hook id, which a new hook had taken."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks", target={"http_batch": {
+        "url": "http://127.0.0.1:9/old", "max_batch_size": 50, "flush_timeout_sec": 0.001}}))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = Later(ok=outcome == "delivered")
+    worker = PartitionWorker(settings, redis_client, 0, sender)  # type: ignore[arg-type]
+    intake.publish(clicks(1))
+    for _ in range(3):
+        worker.step(block_ms=5)
+    assert len(sender.sent) == 1 and worker.unsettled == 1  # in flight
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    new = registry.create(hook(name="new clicks"))
+    assert new.id == old.id
+
+    def down(now: float) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    sender.release = outcome != "unanswered"
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        if booked_by == "round":
+            with pytest.raises(redis.ConnectionError):
+                worker.step(block_ms=5)
+        assert worker.drain(0.2) == 0
+    nothing_booked_for(redis_client, keys, new.id or 0)
+    assert worker.unsettled == 0 and not worker._holds_work()
+    held = {"failed": "1 message(s) in batches, 1 outcome(s) and 0 hook count(s)",
+            "delivered": "0 message(s) in batches, 0 outcome(s) and 1 hook count(s)",
+            "unanswered": "1 message(s) in batches, 0 outcome(s) and 0 hook count(s)"}
+    assert lost_said(caplog) == [
+        "partition 0: Redis lost the engine's data; what the partition held of events "
+        f"from before is dropped with it: {held[outcome]} not booked yet"]
+
+
+def test_a_round_whose_count_meets_the_loss_counts_and_sends_nothing_from_before(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis loses its data between a round's refresh and its count of the matches:
+    the count went into the new data, under the hook id a new hook had taken, and
+    the round's events were batched and sent for the hooks from before."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = InProcessSender()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    intake.publish(clicks(2))
+    refresh = worker.dispatcher.refresh
+
+    def then_lost(now: float) -> None:
+        refresh(now)
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        drop_prefix(redis_client, prefix)  # Redis back empty
+        intake.ensure_groups()
+        intake.keep_records()
+        assert registry.create(hook(name="new clicks")).id == old.id
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", then_lost)
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        for _ in range(3):
+            worker.step(block_ms=5)  # no round fails
+        assert worker.drain(0.5) == 0
+    assert sender.hooks == []
+    nothing_booked_for(redis_client, keys, old.id or 0)
+    assert lost_said(caplog) == [
+        "partition 0: Redis lost the engine's data; what the partition held of events "
+        "from before is dropped with it: 0 message(s) in batches, 0 outcome(s) and 1 hook "
+        "count(s) not booked yet"]
+
+
 def test_a_booking_goes_only_into_the_data_of_the_epoch_it_carries(
         redis_client: redis.Redis, keys: Keys) -> None:
     """book_once.lua refuses a booking of another epoch than the stored one, or of
