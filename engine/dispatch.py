@@ -48,6 +48,7 @@ from engine.settings import DEFAULT_MAX_BATCH_BYTES, Settings
 from engine.stores import (
     Booking,
     ContentStore,
+    DataLost,
     HookRegistry,
     NameStore,
     ProfileStore,
@@ -265,7 +266,7 @@ class Dispatcher:
         # per code, with how many came since it was last logged (``say_unknown``)
         self.unknown_said = Repeats()
         self.unknown_unsaid: Counter[str] = Counter()
-        self._booking = Booking(side.registry.r)
+        self._booking = Booking(side.registry.r, side.keys.epoch)
 
     def take_outbox(self) -> list[Delivery]:
         out, self.outbox = self.outbox, []
@@ -389,7 +390,10 @@ class Dispatcher:
 
     def count_unsure(self) -> None:
         """Book the ``accepted`` counts not known to be booked (``unsure_count``):
-        raises while Redis fails; carried out once however often it is sent."""
+        raises while Redis fails; carried out once however often it is sent. Counts
+        of the data Redis lost since (DataLost) go with it, and so does what the
+        partition holds (``on_lost``); DataLost is raised then: the round's events
+        were matched to the hooks of that data."""
         if self.unsure_count is None:
             if not self.deferred:
                 return
@@ -398,9 +402,14 @@ class Dispatcher:
         if counts:
             once = None if self.count_once is None else (self.count_once, token)
             try:
-                with self._booking(once) as pipe:
+                with self._booking(once, self.epoch) as pipe:
                     for hook_id, n in sorted(counts.items()):
                         self.side.stats.add(pipe, hook_id, "accepted", n)
+            except DataLost:
+                if self.on_lost is not None:
+                    self.on_lost()
+                self.unsure_count, self.deferred = None, Counter()
+                raise
             except redis.ResponseError as exc:
                 if not out_of_memory(exc):
                     raise
@@ -749,7 +758,7 @@ class PartitionWorker:
         self.booking: str | None = None
         self.booked = self.side.keys.booked(f"partition:{partition}:{self.consumer}")
         self.processing = self.side.keys.processing(partition, self.consumer)
-        self._booking = Booking(r)
+        self._booking = Booking(r, self.side.keys.epoch)
         self.dispatcher.count_once = self.booked
         self.dispatcher.on_lost = self._data_lost
         self.lost_round = False  # the refresh of this round found the data lost
@@ -795,15 +804,22 @@ class PartitionWorker:
         self.booking = None
 
     def _data_lost(self) -> None:
-        """Redis lost the engine's data (another epoch): the batches held, open, closed
-        or in flight, and the entries of failed rounds, are of events gone with it, and
-        of hooks whose ids new hooks may take: dropped, not sent to those hooks (their
-        outcomes, when they come, are not booked), with the counts still to make."""
+        """Redis lost the engine's data (another epoch, found by a refresh or a booking
+        refused: DataLost): the batches held, open, closed or in flight, and the
+        entries of failed rounds, are of events gone with it, and of hooks whose ids
+        new hooks may take: dropped, not sent to those hooks (their outcomes, when they
+        come, are not booked), with the outcomes and counts still to book."""
         held = self.unsettled - sum(e.held for e in self.again)  # (less their phantoms)
         self.lost_round = True
-        if held or self.settling:
-            log.warning("partition %s: Redis lost the engine's data; %d message(s) held "
-                        "of events from before are dropped with it", self.partition, held)
+        # hooks' counts not booked yet (delivered, accepted)
+        counts = len(self.delivered) + len(self.dispatcher.deferred) + \
+            (len(self.unsure[2]) if self.unsure else 0) + \
+            (len(self.dispatcher.unsure_count[1]) if self.dispatcher.unsure_count else 0)
+        if held or self.settling or counts:
+            log.warning("partition %s: Redis lost the engine's data; what the partition "
+                        "held of events from before is dropped with it: %d message(s) in "
+                        "batches, %d outcome(s) and %d hook count(s) not booked yet",
+                        self.partition, held, len(self.settling), counts)
         # as _drop_work, but nothing is read again: the entries pending are the new
         # data's, and this round's are processed next
         self._forget_held()
@@ -864,6 +880,13 @@ class PartitionWorker:
         except Exception as exc:
             self.dispatcher.outbox[:0] = ready[handed:]  # not handed over: the next round's
             error = error or exc
+        if isinstance(error, DataLost):
+            # Redis lost the data in the midst of the round (said, what was held
+            # dropped: _data_lost): no failure; its entries, if of the new data, are
+            # pending for this consumer, and taken up as orphans (_orphans)
+            with suppress(Exception):
+                self._settle(self.sender.poll(0.0))
+            return len(entries)
         if error is not None:
             # hooks or names that cannot be loaded (a stored hook that no longer
             # validates) are no fault of the entries: they wait, however long
@@ -1168,7 +1191,9 @@ class PartitionWorker:
         """Book outcomes: delivered ones counted, failed ones written to the retry
         schedule (before any entry of theirs is acknowledged). An outcome leaves
         ``settling`` only once booked, and entries wait in ``to_ack`` until the ack
-        went through: a Redis error half-way loses no outcome and no ack."""
+        went through: a Redis error half-way loses no outcome and no ack. Each is
+        booked into the data of the epoch its batch was built under: one refused
+        (DataLost, Redis lost the data since) is dropped with it (``_data_lost``)."""
         self.settling.extend(outcomes)
         while self.settling:
             delivery, outcome = self.settling[0]
@@ -1197,10 +1222,16 @@ class PartitionWorker:
                 once = (self.booked, self.booking)
                 dead = self.settings.HOOK_RETRY_TIMES == 0 and \
                     not uncharged(delivery, outcome)
-                if dead:
-                    self.side.retry.kill(rest, error, once=once)
-                else:
-                    self.side.retry.schedule(rest, due, error, once=once)
+                try:
+                    if dead:
+                        self.side.retry.kill(rest, error, once=once,
+                                             epoch=self.dispatcher.epoch)
+                    else:
+                        self.side.retry.schedule(rest, due, error, once=once,
+                                                 epoch=self.dispatcher.epoch)
+                except DataLost:  # (a round or a stop whose refresh failed after it)
+                    self._data_lost()
+                    return
                 self.failure_log.failed(delivery.hook_id, delivery.account_id,
                                         delivery.kind, rest.count, error, dead)
                 if done:
@@ -1256,7 +1287,17 @@ class PartitionWorker:
         self.unsure = None
 
     def _ack_round(self, token: str, entry_ids: list[str], delivered: Counter[int]) -> None:
-        with self._booking((self.last_ack, token)) as pipe:
+        try:
+            self._ack_booking(token, entry_ids, delivered)
+        except DataLost:  # the entries and deliveries were of the data Redis lost since
+            self._data_lost()
+            return
+        self.reread.difference_update(entry_ids)
+        self.started.difference_update(entry_ids)
+
+    def _ack_booking(self, token: str, entry_ids: list[str], delivered: Counter[int]
+                     ) -> None:
+        with self._booking((self.last_ack, token), self.dispatcher.epoch) as pipe:
             # the deletions first: Redis at its maxmemory refuses a script whose first
             # write may grow memory (the counts), and carries out the rest of one whose
             # first write frees some: entries delivered are still acknowledged and
@@ -1271,8 +1312,6 @@ class PartitionWorker:
                     pipe.hdel(self.processing, *reread)
             for hook_id, n in delivered.items():
                 self.side.stats.add(pipe, hook_id, "delivered", n)
-        self.reread.difference_update(entry_ids)
-        self.started.difference_update(entry_ids)
 
     def run(self, stop: threading.Event, on_error: Callable[[Exception], None] | None = None
             ) -> None:
@@ -1358,9 +1397,8 @@ class PartitionWorker:
                                self._drop_work)
         self._settle([])  # outcomes still to book first: their entries settle with them
         unanswered = self._settled_by_stop()
-        if not unanswered:
+        if not unanswered or not self._book_stopped(unanswered):
             return
-        self._book_stopped(unanswered)
         self.stop_said.append(
             f"partition {self.partition}: stopped with {sum(d.count for d in unanswered)} "
             f"message(s) in {len(unanswered)} batch(es) whose outcome did not come within "
@@ -1368,18 +1406,22 @@ class PartitionWorker:
             "destination that took one meanwhile gets it twice)")
         log.warning("%s", self.stop_said[-1])
 
-    def _book_stopped(self, unanswered: list[Delivery]) -> None:
+    def _book_stopped(self, unanswered: list[Delivery]) -> bool:
         """Schedule ``unanswered`` as re-sends due at once (``Stopped``, using up no
         re-send) and acknowledge the entries they settle, in bookings of both or
         neither: booked one by one and then acknowledged, an acknowledgement Redis
         refused left the entries pending, and the next start sent all of their messages
         again beside the re-sends. The batches sharing an entry are booked together,
         those of different entries in bookings of STOP_BOOKING_BYTES or so (one script
-        copying hundreds of megabytes would hold Redis up for seconds)."""
+        copying hundreds of megabytes would hold Redis up for seconds). False: refused,
+        the batches of data Redis lost since (DataLost), dropped with it."""
         booked = 0
         for group in _sharing_entries(unanswered, self.dispatcher.pending_hooks):
             try:
                 self._book_stopped_group(group)
+            except DataLost:  # (a stop whose refresh failed after the loss)
+                self._data_lost()
+                return False
             except Exception:
                 if booked:  # the drain's error says the rest
                     self.stop_said.append(
@@ -1389,6 +1431,7 @@ class PartitionWorker:
                     log.warning("%s", self.stop_said[-1])
                 raise
             booked += len(group)
+        return True
 
     def _book_stopped_group(self, unanswered: list[Delivery]) -> None:
         stopped = Outcome(ok=False, error="Stopped", detail=(
@@ -1412,7 +1455,7 @@ class PartitionWorker:
                 pipe.hdel(self.processing, *reread)
 
         self.side.retry.schedule_settling(items, (self.booked, uuid.uuid4().hex),
-                                          acknowledge)
+                                          acknowledge, self.dispatcher.epoch)
         for delivery in unanswered:
             _, held = self.dispatcher.pending_hooks.pop(delivery.id)
             self.submitted.pop(delivery.id, None)

@@ -26,7 +26,9 @@ key                             type     holds
 {p}:epoch                       string   a token of the engine's data as a whole, written
                                          with its records where missing: another one
                                          (Redis lost the data, the versions starting
-                                         from 0 again) makes workers load everything
+                                         from 0 again) makes workers load everything;
+                                         every booking carries the one its worker read
+                                         (book_once.lua refuses another, or none)
 {p}:hooks                       hash     hook id -> hook JSON (secrets in clear)
 {p}:hooks:seq                   string   last hook id handed out (missing, or at a
                                          stored or deleted-and-marked hook's id: the

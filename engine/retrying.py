@@ -33,7 +33,7 @@ from engine.lease import Holding
 from engine.messages import for_target
 from engine.partitioning import exhausted, retry_due_ms
 from engine.settings import Settings
-from engine.stores import CLAIM_BYTES, Once, other_account
+from engine.stores import CLAIM_BYTES, DataLost, Once, other_account
 from engine.transports.base import (
     Delivery,
     Outcome,
@@ -90,20 +90,26 @@ class RetryWorker:
 
     def _refresh(self) -> None:
         version, epoch = self.side.registry.version_and_epoch()
-        if self.epoch is not None and epoch != self.epoch and (self.handed or self.settling):
-            # Redis lost the data: the re-sends handed over were of it, and of hooks
-            # whose ids new hooks may take; their outcomes are not booked
-            log.warning("retry worker: Redis lost the engine's data; the outcomes of %d "
-                        "re-send(s) handed over before are dropped with it", len(self.handed))
-            self.handed.clear()
-            self.sent_with.clear()
-            self.settling.clear()
-            self.booking = None
+        if self.epoch is not None and epoch != self.epoch:
+            self._data_lost()
         if version != self.hooks_version or epoch != self.epoch:
             # (another epoch: Redis lost the data, and the versions start again from 0)
             self.hooks_version, hooks = self.side.registry.load()
             self.hooks = {h.id: h for h in hooks if h.id is not None}
             self.epoch = epoch
+
+    def _data_lost(self) -> None:
+        """Redis lost the engine's data (another epoch, found by a refresh or a booking
+        refused): the re-sends handed over were of it, and of hooks whose ids new hooks
+        may take; their outcomes are not booked (nor their hand-overs taken back: their
+        counts went with the data)."""
+        if self.handed or self.settling:
+            log.warning("retry worker: Redis lost the engine's data; the outcomes of %d "
+                        "re-send(s) handed over before are dropped with it", len(self.handed))
+        self.handed.clear()
+        self.sent_with.clear()
+        self.settling.clear()
+        self.booking = None
 
     def step(self) -> int:
         """Claim and send what is due, settle what came back. Returns deliveries sent.
@@ -113,6 +119,11 @@ class RetryWorker:
                                self._drop_work)
         try:
             due = self._hand_over()
+        except DataLost:
+            # a kill judged by hooks of the data Redis lost since: the re-sends claimed
+            # are claimed again once their leases run out, judged by the hooks then
+            self._data_lost()
+            due = 0
         except Exception:
             # outcomes are still collected (booked by a later step) while Redis is
             # down: left uncollected through a long outage, a transport actor would
@@ -130,7 +141,9 @@ class RetryWorker:
 
     def _book(self) -> None:
         """Book the outcomes in ``settling``: one leaves it only once booked, so a Redis
-        error half-way keeps the rest for the next step."""
+        error half-way keeps the rest for the next step. A booking refused as of data
+        Redis lost since (DataLost: a stop's drain books without a refresh before)
+        drops them all with it."""
         while self.settling:
             if self.settling[0][0].id not in self.handed:
                 # a send from before another engine took the claim (_drop_work)
@@ -138,7 +151,11 @@ class RetryWorker:
                 continue
             # a booking sent again after its reply was lost counts once
             self.booking = self.booking or uuid.uuid4().hex
-            self.settle(*self.settling[0], once=(self.booked, self.booking))
+            try:
+                self.settle(*self.settling[0], once=(self.booked, self.booking))
+            except DataLost:
+                self._data_lost()
+                return
             self.settling.popleft()
             self.booking = None
 
@@ -168,7 +185,7 @@ class RetryWorker:
 
     def _kill(self, delivery: Delivery, error: str, hook_gone: bool = False) -> None:
         """Make a claimed re-send a dead letter without sending it."""
-        self.side.retry.kill(delivery, error, hook_gone=hook_gone)
+        self.side.retry.kill(delivery, error, hook_gone=hook_gone, epoch=self.epoch)
         self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
                                 delivery.count, error, dead=True)
 
@@ -314,9 +331,11 @@ class RetryWorker:
     def settle(self, delivery: Delivery, outcome: Outcome, once: Once | None = None) -> None:
         """Book one outcome; ``delivery`` itself is left as it was, so booking it
         again after a Redis error counts its attempt once; ``once``: the booking's
-        token (RetryStore.schedule), so that its stats are counted once too."""
+        token (RetryStore.schedule), so that its stats are counted once too. Booked
+        into the data of the epoch the re-send was handed over under (DataLost if Redis
+        lost it since)."""
         if outcome.ok:
-            self.side.retry.complete(delivery, once=once)
+            self.side.retry.complete(delivery, once=once, epoch=self.epoch)
             self.handed.pop(delivery.id, None)
             self.sent_with.pop(delivery.id, None)
             return
@@ -336,12 +355,13 @@ class RetryWorker:
                 error = scrub(error, hook_secrets(hook))
         dead = not free and exhausted(rest.resends, self.settings.HOOK_RETRY_TIMES)
         if dead:
-            self.side.retry.kill(rest, error, delivered=done, once=once)
+            self.side.retry.kill(rest, error, delivered=done, once=once, epoch=self.epoch)
         else:
             # by Redis' clock, which the claim goes by (this machine's may differ)
             due = retry_due_ms(self.side.retry.clock.now_ms(),
                                self.settings.HOOK_RETRY_PERIOD_SEC)
-            self.side.retry.schedule(rest, due, error, delivered=done, once=once)
+            self.side.retry.schedule(rest, due, error, delivered=done, once=once,
+                                     epoch=self.epoch)
         self.failure_log.failed(delivery.hook_id, delivery.account_id, delivery.kind,
                                 rest.count, error, dead)
         self.handed.pop(delivery.id, None)

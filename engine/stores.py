@@ -1306,21 +1306,30 @@ class _Commands:
             self._add("ZREM", key, *members[n:n + ONCE_CHUNK])
 
 
-class Booking:
-    """Runs a booking's commands (``with booking(once) as pipe: pipe.hset(...)``): in
-    a MULTI, or with ``once`` (a worker's token key, this booking's token) in
-    book_once.lua, so that a booking sent again after its reply was lost is carried
-    out at most once."""
+class DataLost(redis.RedisError):
+    """A booking refused, nothing of it carried out: the data's epoch in Redis is not
+    the one its work was built under (Redis lost the engine's data since, and a new
+    hook may have taken the hook id it books under). Its outcome goes with the data."""
 
-    def __init__(self, r: redis.Redis) -> None:
+
+class Booking:
+    """Runs a booking's commands (``with booking(once, epoch) as pipe: pipe.hset(...)``)
+    in book_once.lua: with ``once`` (a worker's token key, this booking's token), a
+    booking sent again after its reply was lost is carried out at most once; with
+    ``epoch`` (the data's epoch the worker read, ``Keys.epoch``, with the work booked),
+    only into that data, else DataLost. ``epoch`` None (the worker read none: no
+    engine wrote one yet) books unchecked; with neither, the commands go in a MULTI."""
+
+    def __init__(self, r: redis.Redis, epoch_key: str) -> None:
         self.r = r
+        self.epoch_key = epoch_key
         self._script = r.register_script(
             resources.files("engine").joinpath("book_once.lua").read_text("utf-8"))
         self._said_at = -SKIPPED_COUNT_LOG_SEC  # when counts left out were last logged
 
     @contextmanager
-    def __call__(self, once: Once | None) -> Iterator[Any]:
-        if once is None:
+    def __call__(self, once: Once | None, epoch: bytes | None = None) -> Iterator[Any]:
+        if once is None and epoch is None:
             with self.r.pipeline() as pipe:
                 yield pipe
                 commands = [args for args, _ in pipe.command_stack]
@@ -1337,8 +1346,15 @@ class Booking:
             return
         words = _Commands()
         yield words
-        key, token = once
-        reply = self._script(keys=[key], args=[token, *words.words])
+        keys, token = [self.epoch_key], ""
+        if once is not None:
+            keys.append(once[0])
+            token = once[1]
+        reply = self._script(keys=keys, args=[b"" if epoch is None else epoch, token,
+                                              *words.words])
+        if reply[0] == 2:
+            raise DataLost(f"{self.epoch_key} is not the epoch this booking's work was "
+                           "read under (Redis lost the engine's data since): nothing booked")
         self._skipped([b.decode("utf-8", "replace") if isinstance(b, bytes) else str(b)
                        for b in reply[1:]])
 
@@ -1654,27 +1670,28 @@ class RetryStore:
             scripts.joinpath("retry_handed_back.lua").read_text("utf-8"))
         self._handed_over = r.register_script(_HANDED_OVER)
         self._uncounted = _Unreadable("hand-over count")
-        self._booking = Booking(r)
+        self._booking = Booking(r, keys.epoch)
         self.clock = RedisClock(r)  # the schedule's: due times and leases (claim_due)
         self.stats = Stats(r, keys)
         self._indexed = False  # dead letters known to be indexed by account and hook
 
     def schedule(self, delivery: Delivery, due_ms: int, error: str, delivered: int = 0,
-                 once: Once | None = None) -> None:
+                 once: Once | None = None, epoch: bytes | None = None) -> None:
         """Keep ``delivery`` for a re-send at ``due_ms``; ``delivered``: messages of the
         attempt that were delivered (and are no longer in ``delivery``), counted.
-        ``once``: see ``Booking``."""
-        with self._booking(once) as pipe:
+        ``once``, ``epoch``: see ``Booking`` (DataLost: nothing kept)."""
+        with self._booking(once, epoch) as pipe:
             self._schedule_into(pipe, delivery, due_ms, error)
             if delivered:
                 self.stats.add(pipe, delivery.hook_id, "delivered", delivered)
 
     def schedule_settling(self, items: list[tuple[Delivery, int, str]], once: Once,
-                          settle: Callable[[Any], None]) -> None:
+                          settle: Callable[[Any], None], epoch: bytes | None) -> None:
         """Keep each ``(delivery, due_ms, error)`` for a re-send and, in the same
         booking, add ``settle(pipe)``'s commands (acknowledging the intake entries
-        these deliveries settle): all of it or none of it."""
-        with self._booking(once) as pipe:
+        these deliveries settle): all of it or none of it (none: DataLost, ``epoch``
+        not the data's; see ``Booking``)."""
+        with self._booking(once, epoch) as pipe:
             for delivery, due_ms, error in items:
                 self._schedule_into(pipe, delivery, due_ms, error)
             settle(pipe)
@@ -1849,19 +1866,23 @@ class RetryStore:
         if delivery_ids:
             self._handed_back(keys=[self.k.retry_unanswered], args=delivery_ids)
 
-    def complete(self, delivery: Delivery, once: Once | None = None) -> None:
-        """A re-sent delivery succeeded: forget it and count it delivered."""
-        with self._booking(once) as pipe:
+    def complete(self, delivery: Delivery, once: Once | None = None,
+                 epoch: bytes | None = None) -> None:
+        """A re-sent delivery succeeded: forget it and count it delivered (``once``,
+        ``epoch``: see ``Booking``)."""
+        with self._booking(once, epoch) as pipe:
             pipe.zrem(self.k.retry, delivery.id)
             pipe.hdel(self.k.retry_payload, delivery.id)
             pipe.hdel(self.k.retry_unanswered, delivery.id)
             self.stats.add(pipe, delivery.hook_id, "delivered", delivery.count)
 
     def kill(self, delivery: Delivery, error: str, delivered: int = 0,
-             once: Once | None = None, hook_gone: bool = False) -> None:
-        """Move a delivery out of the schedule into the dead letters; ``delivered`` and
-        ``once`` as in ``schedule``. ``hook_gone``: its hook was deleted (its counters,
-        written again here, go once it has no dead letter: ``forget_gone_stats``)."""
+             once: Once | None = None, hook_gone: bool = False,
+             epoch: bytes | None = None) -> None:
+        """Move a delivery out of the schedule into the dead letters; ``delivered``,
+        ``once`` and ``epoch`` as in ``schedule``. ``hook_gone``: its hook was deleted
+        (its counters, written again here, go once it has no dead letter:
+        ``forget_gone_stats``)."""
         delivery.last_error = writable(error[:LAST_ERROR_CHARS])
         # a replayed letter killed unsent (its hook deleted) shows no -1 re-sends
         delivery.resends = max(delivery.resends, 0)
@@ -1870,7 +1891,7 @@ class RetryStore:
         # replayed it, however far this worker's clock lags Redis' (one round trip
         # more per dead delivery, a batch: not per message)
         died = self._redis_ms()
-        with self._booking(once) as pipe:
+        with self._booking(once, epoch) as pipe:
             # the writes that a key damaged from outside (of another type) can fail
             # first, each done again alike by a booking tried again; then what removes
             # it from the schedule; the counts last: a booking that failed half-way

@@ -146,7 +146,7 @@ def test_a_booking_refused_for_memory_is_not_made_in_part() -> None:
         r.config_set("maxmemory", 1)
         with pytest.raises(redis.exceptions.OutOfMemoryError):
             r.set("probe", "x")
-        booking = Booking(r)
+        booking = Booking(r, keys.epoch)
         entry = r.xrange(keys.intake(0))[0][0]
         with pytest.raises(redis.ResponseError, match="OOM command not allowed"), \
                 booking((keys.last_ack(0, "c"), "t1")) as pipe:

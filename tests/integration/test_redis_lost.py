@@ -12,7 +12,7 @@ from engine.dispatch import PartitionWorker
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
-from engine.stores import HookRegistry, RetryStore
+from engine.stores import HookRegistry, RetryStore, Stats
 from tests.integration.test_workers import InProcessSender, clicks, hook, one_intake
 from tests.services import drop_prefix
 
@@ -75,22 +75,25 @@ def test_redis_losing_the_engines_data_while_it_runs_is_said_as_the_loss_it_is(
 
 
 class Later:
-    """A sender whose outcomes (failures, when ``fail``) wait until released."""
+    """A sender whose outcomes (failures, else deliveries if ``ok``) wait until
+    released."""
 
-    def __init__(self) -> None:
+    def __init__(self, ok: bool = False) -> None:
         from engine.hooks import Hook
         from engine.transports.base import Delivery, Outcome
 
         self.waiting: list[tuple[Delivery, Outcome]] = []
         self.sent: list[tuple[Hook, Delivery]] = []
         self.release = False
+        self.ok = ok
 
     def submit(self, hook: object, delivery: object) -> None:
         from engine.transports.base import Outcome
 
         self.sent.append((hook, delivery))  # type: ignore[arg-type]
-        self.waiting.append((delivery, Outcome(ok=False, error="ConnectError",  # type: ignore[arg-type]
-                                               detail="refused")))
+        outcome = Outcome(ok=True) if self.ok else Outcome(ok=False, error="ConnectError",
+                                                           detail="refused")
+        self.waiting.append((delivery, outcome))  # type: ignore[arg-type]
 
     def poll(self, timeout: float) -> list[object]:
         if not self.release:
@@ -257,3 +260,174 @@ def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
     monkeypatch.setattr(worker.dispatcher, "refresh", refused)
     worker.drain(0.3)
     assert sender.transport.sent == []  # its entry is read again by the next start
+
+
+def lost_said(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """What the workers said of the loss (the driver says it too, as an error)."""
+    return [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING
+            and "Redis lost the engine's data" in r.getMessage()]
+
+
+def nothing_booked_for(r: redis.Redis, keys: Keys, hook_id: int) -> None:
+    """Nothing of the old data under ``hook_id``: no count, re-send or dead letter."""
+    store = RetryStore(r, keys)
+    assert not any(Stats(r, keys).get(hook_id).values())
+    assert store.pending() == 0
+    assert store.dead_letters() == [] and store.dead_letters(hook_id=hook_id) == []
+
+
+@pytest.mark.parametrize("outcome", ["delivered", "failed", "dead"])
+def test_a_stopping_retry_worker_books_no_outcome_of_a_re_send_from_before_the_loss(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        caplog: pytest.LogCaptureFixture, outcome: str) -> None:
+    """Stopped in the moment between the loss and its next step, the retry worker's
+    drain booked the outcome of a re-send handed over before (no refresh in between
+    to find the loss): under its hook id, which a new hook had taken (counted in its
+    stats, a re-send or a dead letter of it)."""
+    from engine.transports.base import Delivery
+
+    settings = settings.model_copy(update={
+        "PARTITIONS": 1, "HOOK_RETRY_TIMES": 0 if outcome == "dead" else 3})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    RetryStore(redis_client, keys).schedule(
+        Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1, kind="http_batch",
+                 parts=[b'{"x":1}'], message_ids=["m1"]), 0, "HTTP 500")
+    sender = Later(ok=outcome == "delivered")
+    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
+    assert worker.step() == 1 and list(worker.handed)
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    new = registry.create(hook(name="new clicks"))
+    assert new.id == old.id
+    sender.release = True
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        assert worker.drain(1) == 0
+    nothing_booked_for(redis_client, keys, new.id or 0)
+    assert not worker.handed and not worker.settling
+    assert lost_said(caplog) == ["retry worker: Redis lost the engine's data; the outcomes "
+                                 "of 1 re-send(s) handed over before are dropped with it"]
+
+
+@pytest.mark.parametrize(("booked_by", "outcome"), [
+    ("round", "failed"), ("round", "delivered"), ("stop", "failed"),
+    ("stop", "delivered"), ("stop", "unanswered")])
+def test_a_partition_whose_refresh_fails_after_the_loss_books_nothing_from_before(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+        booked_by: str, outcome: str) -> None:
+    """Redis loses its data while a batch is in flight; the round or the stop that
+    books its outcome (or schedules it unanswered, at a stop) cannot refresh first
+    (Redis failing it), so nothing found the loss: the outcome went into the new data,
+    under the batch's hook id, which a new hook had taken."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks", target={"http_batch": {
+        "url": "http://127.0.0.1:9/old", "max_batch_size": 50, "flush_timeout_sec": 0.001}}))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = Later(ok=outcome == "delivered")
+    worker = PartitionWorker(settings, redis_client, 0, sender)  # type: ignore[arg-type]
+    intake.publish(clicks(1))
+    for _ in range(3):
+        worker.step(block_ms=5)
+    assert len(sender.sent) == 1 and worker.unsettled == 1  # in flight
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    new = registry.create(hook(name="new clicks"))
+    assert new.id == old.id
+
+    def down(now: float) -> None:
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    sender.release = outcome != "unanswered"
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        if booked_by == "round":
+            with pytest.raises(redis.ConnectionError):
+                worker.step(block_ms=5)
+        assert worker.drain(0.2) == 0
+    nothing_booked_for(redis_client, keys, new.id or 0)
+    assert worker.unsettled == 0 and not worker._holds_work()
+    held = {"failed": "1 message(s) in batches, 1 outcome(s) and 0 hook count(s)",
+            "delivered": "0 message(s) in batches, 0 outcome(s) and 1 hook count(s)",
+            "unanswered": "1 message(s) in batches, 0 outcome(s) and 0 hook count(s)"}
+    assert lost_said(caplog) == [
+        "partition 0: Redis lost the engine's data; what the partition held of events "
+        f"from before is dropped with it: {held[outcome]} not booked yet"]
+
+
+def test_a_round_whose_count_meets_the_loss_counts_and_sends_nothing_from_before(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Redis loses its data between a round's refresh and its count of the matches:
+    the count went into the new data, under the hook id a new hook had taken, and
+    the round's events were batched and sent for the hooks from before."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = InProcessSender()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    intake.publish(clicks(2))
+    refresh = worker.dispatcher.refresh
+
+    def then_lost(now: float) -> None:
+        refresh(now)
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        drop_prefix(redis_client, prefix)  # Redis back empty
+        intake.ensure_groups()
+        intake.keep_records()
+        assert registry.create(hook(name="new clicks")).id == old.id
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", then_lost)
+    with caplog.at_level(logging.WARNING, logger="hookray"):
+        for _ in range(3):
+            worker.step(block_ms=5)  # no round fails
+        assert worker.drain(0.5) == 0
+    assert sender.hooks == []
+    nothing_booked_for(redis_client, keys, old.id or 0)
+    assert lost_said(caplog) == [
+        "partition 0: Redis lost the engine's data; what the partition held of events "
+        "from before is dropped with it: 0 message(s) in batches, 0 outcome(s) and 1 hook "
+        "count(s) not booked yet"]
+
+
+def test_a_booking_goes_only_into_the_data_of_the_epoch_it_carries(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """book_once.lua refuses a booking of another epoch than the stored one, or of
+    one where none is stored (Redis lost the data since): nothing of it is made, nor
+    its token kept. One of the stored epoch is made once; one that carries none (its
+    worker read none) is not checked."""
+    from engine.stores import Booking, DataLost
+
+    booking, stats, tokens = Booking(redis_client, keys.epoch), Stats(redis_client, keys), \
+        keys.booked("retry")
+
+    def book(once: tuple[str, str] | None, epoch: bytes | None) -> None:
+        with booking(once, epoch) as pipe:
+            stats.add(pipe, 1, "delivered", 1)
+
+    redis_client.set(keys.epoch, "e2")
+    for once in ((tokens, "t1"), None):
+        with pytest.raises(DataLost, match=f"{keys.epoch} is not the epoch"):
+            book(once, b"e1")
+    redis_client.delete(keys.epoch)
+    with pytest.raises(DataLost):
+        book((tokens, "t1"), b"e2")
+    assert stats.get(1)["delivered"] == 0 and redis_client.llen(tokens) == 0
+    redis_client.set(keys.epoch, "e2")
+    book((tokens, "t1"), b"e2")
+    book((tokens, "t1"), b"e2")  # sent again after a lost reply
+    assert stats.get(1)["delivered"] == 1
+    book(None, b"e2")  # no token: checked, made each time
+    book((tokens, "t2"), None)  # no epoch read: not checked
+    book(None, None)  # neither: a MULTI
+    assert stats.get(1)["delivered"] == 4
+    assert redis_client.lrange(tokens, 0, -1) == [b"t2", b"t1"]

@@ -1951,7 +1951,7 @@ def test_an_acknowledgement_of_thousands_of_entries_is_made_once(
             pipe.xadd(stream, {"e": str(n)})
         ids = [i.decode() for i in pipe.execute()]
     redis_client.xreadgroup(group, "c", {stream: ">"}, count=len(ids))
-    booking, once = Booking(redis_client), (keys.last_ack(0, "c"), "t1")
+    booking, once = Booking(redis_client, keys.epoch), (keys.last_ack(0, "c"), "t1")
     for _ in range(2):  # the second time: sent again after a lost reply
         with booking(once) as pipe:
             Stats(redis_client, keys).add(pipe, 7, "delivered", len(ids))
@@ -1977,7 +1977,7 @@ def test_a_count_that_cannot_be_made_leaves_the_rest_of_a_booking_made_once(
     ids = [redis_client.xadd(stream, {"e": str(n)}).decode() for n in range(3)]
     redis_client.xreadgroup(group, "c", {stream: ">"}, count=3)
     redis_client.hset(keys.stats(8), "delivered", "oops")
-    stats, booking = Stats(redis_client, keys), Booking(redis_client)
+    stats, booking = Stats(redis_client, keys), Booking(redis_client, keys.epoch)
     once = (keys.last_ack(0, "c"), "t1") if with_token else None
     with caplog.at_level(logging.WARNING, logger="hookray"):
         for _ in range(3 if with_token else 1):  # again and again: after a lost reply
@@ -3275,13 +3275,13 @@ def test_the_retry_worker_books_every_outcome_despite_a_redis_error(
     complete = worker.side.retry.complete
     failed = [True]
 
-    def flaky(delivery: Delivery, once: Any = None) -> None:
+    def flaky(delivery: Delivery, once: Any = None, epoch: bytes | None = None) -> None:
         if failed:
             failed.pop()
             if carried_out:
-                complete(delivery, once=once)
+                complete(delivery, once=once, epoch=epoch)
             raise redis.ConnectionError("Connection reset by peer")
-        complete(delivery, once=once)
+        complete(delivery, once=once, epoch=epoch)
 
     monkeypatch.setattr(worker.side.retry, "complete", flaky)
     with pytest.raises(redis.ConnectionError):
