@@ -537,7 +537,9 @@ class Engine:
         return self._names.delete(account_id, objects)
 
     def upsert_profiles(self, account_id: int, profiles: Mapping[str, Mapping[str, Any]]) -> int:
-        """Upsert profile fields by profile id, for hooks that copy them into custom_data."""
+        """Upsert profile fields by profile id, for hooks that copy them into custom_data
+        (each profile's fields stored whole; a call cut short by a Redis error may have
+        stored some of them: it is safe to make again)."""
         if not is_account_id(account_id):
             raise ValueError(f"upsert_profiles: account_id {account_id!r} is not an integer "
                              f"from 0 to {MAX_ID}")

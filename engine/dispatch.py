@@ -239,6 +239,8 @@ class Dispatcher:
         self.batches: dict[int, _Batch] = {}
         self.names = NameCatalogue()
         self.versions = {"hooks": -1, "names": -1, "profiles": -1}
+        # the change logs' tokens (ChangeLog) the names and profiles versions are of
+        self.logs = {"names": b"", "profiles": b""}
         self.epoch: bytes | None = None  # of the data the versions are of (Keys.epoch)
         # called when the epoch changes from a known one: Redis lost the data the
         # batches held were of (PartitionWorker._data_lost)
@@ -281,15 +283,7 @@ class Dispatcher:
     def refresh(self, now: float) -> None:
         """Pick up hook, name and profile changes (batches of changed hooks are flushed
         to the outbox)."""
-        keys = (self.side.keys.hooks_version, self.side.keys.names_version,
-                self.side.keys.profiles_version)
-        with self.side.registry.r.pipeline(transaction=False) as pipe:
-            for key in keys:
-                pipe.get(key)
-            pipe.get(self.side.keys.epoch)
-            *versions, epoch = pipe.execute()
-            hooks_v, names_v, profiles_v = (version_number(key, v) for key, v in
-                                            zip(keys, versions, strict=True))
+        (hooks_v, names_v, profiles_v), epoch, (names_log, profiles_log) = self._versions()
         if epoch != self.epoch:  # Redis lost the data (or this is the first look)
             if self.epoch is not None and self.on_lost is not None:
                 # before the hooks of the new data are installed: a batch held now is
@@ -297,17 +291,18 @@ class Dispatcher:
                 # may have taken, which never captured it
                 self.on_lost()
             self.versions = {"hooks": -1, "names": -1, "profiles": -1}
+            self.logs = {"names": b"", "profiles": b""}
             self.epoch = epoch
-        if names_v != self.versions["names"]:
-            known = self.versions["names"]
-            names = self.side.names.since(self.names, known) if known >= 0 else None
+        if names_v != self.versions["names"] or names_log != self.logs["names"]:
+            names, self.logs["names"] = self.side.names.since(
+                self.names, self.versions["names"], self.logs["names"])
             self.names = names if names is not None else self.side.names.load()
             self.versions["names"] = names_v
             for builder in self.builders.values():
                 builder.names = self.names
-        if profiles_v != self.versions["profiles"]:
-            known = self.versions["profiles"]
-            changed = self.side.profiles.changed_since(known) if known >= 0 else None
+        if profiles_v != self.versions["profiles"] or profiles_log != self.logs["profiles"]:
+            changed, self.logs["profiles"] = self.side.profiles.changed_since(
+                self.versions["profiles"], self.logs["profiles"])
             if changed is None:
                 self.profile_cache.clear()
             else:  # those changed since: the rest of the cache holds
@@ -318,6 +313,29 @@ class Dispatcher:
             version, hooks = self.side.registry.load()
             self._install(hooks)
             self.versions["hooks"] = version
+
+    def _versions(self) -> tuple[tuple[int, int, int], bytes | None, tuple[bytes, bytes]]:
+        """(the hooks', names' and profiles' versions), the data's epoch, and the names'
+        and profiles' change logs' tokens (b"": none), in one round trip."""
+        keys = (self.side.keys.hooks_version, self.side.keys.names_version,
+                self.side.keys.profiles_version)
+        with self.side.registry.r.pipeline(transaction=False) as pipe:
+            for key in keys:
+                pipe.get(key)
+            pipe.get(self.side.keys.epoch)
+            # the change logs' tokens: a version moved back (by hand, or lost) to one a
+            # worker holds is no change by the number alone, but the next change starts
+            # the log again, under another token (a mark damaged from outside: none)
+            for mark in (self.side.keys.names_logged, self.side.keys.profiles_logged):
+                pipe.hget(mark, "token")
+            *versions, epoch, names_log, profiles_log = pipe.execute(raise_on_error=False)
+        for reply in (*versions, epoch):
+            if isinstance(reply, Exception):
+                raise reply
+        hooks_v, names_v, profiles_v = (version_number(key, v) for key, v in
+                                        zip(keys, versions, strict=True))
+        logs = tuple(log if isinstance(log, bytes) else b"" for log in (names_log, profiles_log))
+        return (hooks_v, names_v, profiles_v), epoch, cast(tuple[bytes, bytes], logs)
 
     def _install(self, hooks: list[Hook]) -> None:
         self.index = HookIndex.compile(hooks, self.catalogue)

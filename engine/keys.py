@@ -53,18 +53,23 @@ key                             type     holds
                                          whole at
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
-{p}:version:names               string   bumped on every name upsert
+{p}:version:names               string   bumped on every name upsert or delete that
+                                         changed a name (never to be moved back)
 {p}:version:names:log           zset     "account:kind:id" -> the names version its
                                          last upsert or delete moved to: a worker reads
                                          the records changed since its version again,
-                                         not every name (the latest CHANGES_KEPT)
+                                         not every name (the CHANGES_KEPT records
+                                         changed last)
 {p}:version:names:mark          hash     ``from``: the changes log holds every change
                                          after that version; ``to``: the version its
                                          last change moved to (another version: moved
                                          by something else, and every name is loaded);
-                                         ``n``: how many changes it holds
+                                         ``n``: how many records it holds; ``token``:
+                                         made anew when the log starts again (a
+                                         worker's version of another log says nothing)
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
-{p}:version:profiles            string   bumped on every profile upsert
+{p}:version:profiles            string   bumped on every profile upsert or delete
+                                         (never to be moved back)
 {p}:version:profiles:log        zset     "account:profile_id" -> the profiles version
                                          its last upsert or delete moved to: a worker
                                          forgets those it cached, not every profile

@@ -32,15 +32,19 @@ class Worker:
 
     def __init__(self, store: NameStore) -> None:
         self.store = store
-        self.version = store.version()
-        self.names = store.load()
-        self.loads = 0
+        self.version, self.log = -1, b""
+        self.names = NameCatalogue()
+        self.loads = -1  # (the first)
+        self.refresh()
 
     def refresh(self) -> None:
+        """As Dispatcher.refresh: on another version, or another log's token."""
         version = self.store.version()
-        if version == self.version:
+        token = self.store.r.hget(self.store.k.names_logged, "token") \
+            if self.store.r.type(self.store.k.names_logged) == b"hash" else None
+        if version == self.version and (token or b"") == self.log:
             return
-        names = self.store.since(self.names, self.version)
+        names, self.log = self.store.since(self.names, self.version, self.log)
         if names is None:
             self.loads += 1
             names = self.store.load()
@@ -76,12 +80,23 @@ def test_a_worker_brought_up_to_date_by_the_log_holds_what_a_load_holds(
             redis_client.hset(keys.names, f"{rng.randint(1, 3)}:campaigns:{rng.randint(1, 40)}",
                               rng.choice([b'{"name": "by hand"}', b"not json", b"[1]"]))
             redis_client.incr(keys.names_version)
-        elif roll < 0.93:  # the log lost (evicted, deleted by hand)
-            redis_client.delete(rng.choice([keys.names_changes, keys.names_logged]))
+        elif roll < 0.93:  # the log lost (evicted, deleted by hand), or damaged
+            key = rng.choice([keys.names_changes, keys.names_logged])
+            redis_client.delete(key)
+            if rng.random() < 0.3:
+                redis_client.set(key, "damaged")
+        elif roll < 0.96:  # the version lost, or moved back by hand
+            if rng.random() < 0.5:
+                redis_client.delete(keys.names_version)
+            else:
+                redis_client.set(keys.names_version, rng.randint(0, store.version()))
         worker = rng.choice(workers)  # each worker now and then, some far behind
         worker.refresh()
-        assert records(worker.names) == records(store.load()), step
-    assert all(w.loads < 40 for w in workers)  # the log served most refreshes
+        if redis_client.type(keys.names_logged) != b"hash" or \
+                redis_client.hget(keys.names_logged, "to") == store.r.get(keys.names_version):
+            # (a version moved back by hand is seen at the next change)
+            assert records(worker.names) == records(store.load()), step
+    assert all(w.loads < 80 for w in workers)  # the log served most of 400 refreshes
 
 
 def test_a_worker_behind_the_log_or_after_a_hand_moved_version_loads_every_name(
@@ -91,15 +106,15 @@ def test_a_worker_behind_the_log_or_after_a_hand_moved_version_loads_every_name(
     store.upsert([{"account_id": 1, "kind": "campaigns", "id": 1, "name": "one"}])
     worker = Worker(store)
     store.upsert([{"account_id": 1, "kind": "campaigns", "id": 2, "name": "two"}])
-    assert store.since(worker.names, worker.version) is not None  # one change behind
+    assert store.since(worker.names, worker.version, worker.log)[0] is not None  # 1 behind
     store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": f"n{i}"}
                   for i in range(3, 7)])  # 5 changes in all: the first 2 trimmed from the log
-    assert store.since(worker.names, worker.version) is None
+    assert store.since(worker.names, worker.version, worker.log)[0] is None
     worker.refresh()
     assert worker.loads == 1 and worker.names.get(1, "campaigns", 6) == "n6"
     redis_client.hset(keys.names, "1:campaigns:9", '{"name": "by hand"}')
     redis_client.incr(keys.names_version)  # as a hand edit must, for workers to see it
-    assert store.since(worker.names, worker.version) is None
+    assert store.since(worker.names, worker.version, worker.log)[0] is None
     worker.refresh()
     assert worker.loads == 2 and worker.names.get(1, "campaigns", 9) == "by hand"
 
@@ -148,7 +163,7 @@ def test_a_profile_cache_kept_by_the_log_holds_what_redis_holds(
     rng = random.Random(11)
     profiles = ProfileStore(redis_client, keys)
     cache: dict[tuple[int, str], dict[str, Any] | None] = {}
-    version, forgot_all = profiles.version(), 0
+    version, log, forgot_all = -1, b"", 0
     for step in range(400):
         account, pid = rng.randint(1, 2), f"p{rng.randint(1, 30)}"
         roll = rng.random()
@@ -158,9 +173,14 @@ def test_a_profile_cache_kept_by_the_log_holds_what_redis_holds(
             profiles.delete(account, [pid, f"p{rng.randint(1, 30)}"])
         elif roll < 0.83:
             redis_client.delete(rng.choice([keys.profiles_changes, keys.profiles_logged]))
+        elif roll < 0.86:  # the version lost, or moved back by hand
+            if rng.random() < 0.5:
+                redis_client.delete(keys.profiles_version)
+            else:
+                redis_client.set(keys.profiles_version, rng.randint(0, profiles.version()))
         if rng.random() < 0.5:  # the worker's refresh, now and then
             now = profiles.version()
-            changed = profiles.changed_since(version)
+            changed, log = profiles.changed_since(version, log)
             if changed is None:
                 cache.clear()
                 forgot_all += 1
@@ -173,7 +193,7 @@ def test_a_profile_cache_kept_by_the_log_holds_what_redis_holds(
                 cache.setdefault(key, found.get(key))
             everything = profiles.get_many({a: [p for b, p in cache if b == a] for a in (1, 2)})
             assert cache == {key: everything.get(key) for key in cache}, step
-    assert 0 < forgot_all < 40
+    assert 0 < forgot_all < 100  # of some 200 refreshes
 
 
 def test_a_partition_forgets_only_the_profiles_changed_since_its_last_round(
@@ -192,3 +212,69 @@ def test_a_partition_forgets_only_the_profiles_changed_since_its_last_round(
     redis_client.incr(keys.profiles_version)  # moved by hand: the log cannot say
     dispatcher.refresh(2.0)
     assert dispatcher.profile_cache == {}
+
+
+def test_a_version_moved_back_or_lost_is_no_version_of_the_log_it_had(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """A names version deleted (evicted, by hand) or set back starts the log again: a
+    worker's version of the log before says nothing of the new one, even once the
+    version is back above it."""
+    store = NameStore(redis_client, keys)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": "a"}
+                  for i in range(3)])
+    for lose in ("delete", "set back"):
+        worker = Worker(store)
+        if lose == "delete":
+            redis_client.delete(keys.names_version)
+        else:
+            redis_client.set(keys.names_version, 0)
+        for i in range(worker.version + 3):  # the version climbs past the worker's
+            store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": lose}])
+        assert store.version() > worker.version
+        assert store.since(worker.names, worker.version, worker.log)[0] is None
+        loads = worker.loads
+        worker.refresh()
+        assert worker.loads == loads + 1
+        assert records(worker.names) == records(store.load())
+
+
+def test_names_written_by_hand_under_another_spelling_are_left_out(
+        redis_client: redis.Redis, keys: Keys, caplog: pytest.LogCaptureFixture) -> None:
+    store = NameStore(redis_client, keys)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": 7, "name": "kept"}])
+    redis_client.hset(keys.names, "1:campaigns:07", '{"name": "by hand"}')
+    assert store.load().get(1, "campaigns", 7) == "kept"
+    assert "'1:campaigns:07' left out, it cannot be read: not as the engine writes its " \
+        "field" in caplog.text.replace('b"', "'").replace("b'", "'")
+
+
+def test_a_profiles_log_member_written_by_hand_is_no_change_the_log_can_say(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    profiles = ProfileStore(redis_client, keys)
+    profiles.upsert(1, {"a": {"x": 1}})
+    version = profiles.version()
+    _, log = profiles.changed_since(version, b"")
+    profiles.upsert(1, {"b": {"x": 2}})
+    redis_client.zadd(keys.profiles_changes, {"²:x": profiles.version()})  # (no account)
+    redis_client.hincrby(keys.profiles_logged, "n", 1)
+    assert profiles.changed_since(version, log) == (None, log)
+
+
+def test_a_partition_whose_names_version_came_back_to_its_own_loads_them_again(
+        redis_client: redis.Redis, keys: Keys, settings: Settings) -> None:
+    """The names version deleted, then moved by later upserts back to the number a
+    partition holds: by the number alone nothing changed, but the log started again."""
+    store = NameStore(redis_client, keys)
+    store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": "before"}
+                  for i in range(3)])
+    catalogue = builtin_catalogue()
+    dispatcher = Dispatcher(Side(redis_client, settings, catalogue), catalogue, 100)
+    dispatcher.refresh(0.0)
+    held = dispatcher.versions["names"]
+    redis_client.delete(keys.names_version)
+    for i in range(held):
+        store.upsert([{"account_id": 1, "kind": "campaigns", "id": i, "name": "after"}])
+    assert store.version() == held
+    dispatcher.refresh(1.0)
+    assert records(dispatcher.names) == records(store.load())
+    assert dispatcher.names.get(1, "campaigns", 0) == "after"
