@@ -50,7 +50,13 @@ key                             type     holds
 {p}:hooks:index                 hash     ``version``, ``count``, ``a:{account}``: the
                                          hooks' version and field count, and the size
                                          of each account's set, the index was last
-                                         whole at
+                                         whole at (an edit of {p}:hooks from outside
+                                         the engine moves the version on; one that
+                                         sets it back, as a restore, deletes this:
+                                         the version could come back to this one's)
+{p}:hooks:index:log             list     the last 1,000 hook changes, "version op id
+                                         account": a build of the index catches up with
+                                         those made while it read the hooks
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert or delete that
@@ -160,6 +166,7 @@ class Keys:
         self.hooks_from_file = f"{prefix}:hooks:from_file"
         self.hooks_gone = f"{prefix}:hooks:gone"
         self.hooks_index = f"{prefix}:hooks:index"
+        self.hooks_index_log = f"{prefix}:hooks:index:log"
         self.hooks_version = f"{prefix}:version:hooks"
         self.names = f"{prefix}:names"
         self.names_version = f"{prefix}:version:names"

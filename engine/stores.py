@@ -88,21 +88,37 @@ def version_number(key: str, raw: bytes | None) -> int:
 # how many ids each account's set holds (field "a:{account}"): the scripts that change
 # hooks keep it so; a change made otherwise (from outside the engine, a restore, keys
 # evicted or lost) leaves it behind until a read builds it again (HookRegistry._index).
-# KEYS[1] the hooks hash, KEYS[2] its version, KEYS[3] the mark.
+# KEYS[1] the hooks hash, KEYS[2] its version, KEYS[3] the mark, KEYS[4] the log of
+# hook changes a build made meanwhile catches up with.
 _INDEXED = """
 local function indexed()
+  if redis.call('TYPE', KEYS[3]).ok ~= 'hash' then return false end
   local mark = redis.call('HMGET', KEYS[3], 'version', 'count')
   return mark[1] ~= false and mark[1] == (redis.call('GET', KEYS[2]) or '') and
          tonumber(mark[2]) == redis.call('HLEN', KEYS[1])
 end
 local function marked(index, account)
+  local kind = redis.call('TYPE', index).ok
+  if kind ~= 'set' and kind ~= 'none' then return false end
   local n = tonumber(redis.call('HGET', KEYS[3], 'a:' .. account) or '0')
   return n == redis.call('SCARD', index)
 end
+-- a change made while the index was not whole leaves it so for good (else the version
+-- coming back to the mark's, after a restore or the key lost, would pass it for whole)
+local function spoil()
+  if redis.call('TYPE', KEYS[3]).ok == 'hash' then redis.call('HDEL', KEYS[3], 'version')
+  else redis.call('DEL', KEYS[3]) end
+end
+local function logged(version, op, id, account)
+  if redis.call('TYPE', KEYS[4]).ok ~= 'list' then redis.call('DEL', KEYS[4]) end
+  redis.call('LPUSH', KEYS[4], string.format('%d', version) .. ' ' .. op .. ' ' .. id ..
+             ' ' .. account)
+  redis.call('LTRIM', KEYS[4], 0, 999)
+end
 """
-# KEYS: the hooks hash, its version, the index's mark; ARGV: the id, the new record, the
-# record it replaces. Stored only over that record (1); 0: no such hook; -1: changed
-# since. The account stays the hook's (update refuses another), so the index does too.
+# KEYS: as _INDEXED; ARGV: the id, the new record, the record it replaces. Stored only
+# over that record (1); 0: no such hook; -1: changed since. The account stays the
+# hook's (update refuses another), so the index does too.
 _REPLACE_HOOK = _INDEXED + """
 local stored = redis.call('HGET', KEYS[1], ARGV[1])
 if not stored then return 0 end
@@ -110,7 +126,8 @@ if stored ~= ARGV[3] then return -1 end
 local whole = indexed()
 redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
 local version = redis.call('INCR', KEYS[2])
-if whole then redis.call('HSET', KEYS[3], 'version', version) end
+logged(version, '=', ARGV[1], '-')
+if whole then redis.call('HSET', KEYS[3], 'version', version) else spoil() end
 return 1
 """
 # KEYS: the hooks hash, the hook id counter, the deleted hooks zset; ARGV: the per-hook
@@ -147,21 +164,22 @@ end
 while not free() do id = redis.call('INCR', KEYS[2]) end
 return id
 """
-# KEYS: the hooks hash, its version, the index's mark; ARGV: the new hook's id, its
-# record, its account's index, its account. Stored only where no hook is (1), else
-# nothing changes (0).
+# KEYS: as _INDEXED; ARGV: the new hook's id, its record, its account's index, its
+# account. Stored only where no hook is (1), else nothing changes (0).
 _CREATE_HOOK = _INDEXED + """
 local whole = indexed() and marked(ARGV[3], ARGV[4])
 if redis.call('HSETNX', KEYS[1], ARGV[1], ARGV[2]) == 0 then return 0 end
 local version = redis.call('INCR', KEYS[2])
+logged(version, '+', ARGV[1], ARGV[4])
 if whole then
   redis.call('SADD', ARGV[3], ARGV[1])
   redis.call('HINCRBY', KEYS[3], 'a:' .. ARGV[4], 1)
   redis.call('HSET', KEYS[3], 'version', version, 'count', redis.call('HLEN', KEYS[1]))
+else
+  spoil()
 end
 return 1
-"""
-# KEYS: the hooks hash, its version, the index's mark; ARGV: an account's index, what to
+"""# KEYS: the hooks hash, its version, the index's mark; ARGV: an account's index, what to
 # read ('records': {1, id, record, id, record...}; 'count': {1, how many}), the account.
 # {0}: the index is not whole (to be built again first).
 _ACCOUNT_HOOKS = _INDEXED + """
@@ -177,26 +195,70 @@ for _, id in ipairs(redis.call('SMEMBERS', ARGV[1])) do
 end
 return out
 """
-# KEYS: the hooks hash, its version, the index's mark; ARGV: the version the hooks were
-# read at, how many fields they had, the accounts' index key prefix, then for each
-# account: the account, how many ids, the ids. Replaces the index (1), unless the
-# hooks changed since they were read (0).
+# KEYS: as _INDEXED; ARGV: the version the hooks were read at, how many fields they
+# had, the accounts' index key prefix, the index of the account whose read asks for
+# this, then for each account: the account, how many ids, the ids. Builds the index
+# from those, then catches up with the engine's changes made since they were read (as
+# logged); 1: built; 0: changed since by something else (or too much), read again; 2:
+# the mark is of another type (to be deleted first: a script's first write is to be
+# one Redis refuses at its maxmemory, so that nothing is built past it)
 _INDEX_HOOKS = """
-if (redis.call('GET', KEYS[2]) or '') ~= ARGV[1] then return 0 end
+local kind = redis.call('TYPE', KEYS[3]).ok
+if kind ~= 'hash' and kind ~= 'none' then return 2 end
+local now = redis.call('GET', KEYS[2]) or ''
+local replay = {}
+if now ~= ARGV[1] then
+  local from, to = tonumber(ARGV[1] == '' and '0' or ARGV[1]), tonumber(now)
+  if not (from and to) or to <= from or to - from > 1000 or
+     redis.call('TYPE', KEYS[4]).ok ~= 'list' then
+    return 0
+  end
+  local entries = redis.call('LRANGE', KEYS[4], 0, to - from - 1)
+  for k = 1, to - from do
+    local v, op, id, account = string.match(entries[k] or '', '^(%d+) (.) (%d+) (%S+)$')
+    if v ~= string.format('%d', to - k + 1) then return 0 end
+    replay[to - from - k + 1] = {op, id, account}
+  end
+end
+redis.call('HSET', KEYS[3], 'version', '-')
 for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
   if string.sub(field, 1, 2) == 'a:' then redis.call('DEL', ARGV[3] .. string.sub(field, 3)) end
 end
-redis.call('DEL', KEYS[3])
-local i = 4
+redis.call('DEL', KEYS[3], ARGV[4])
+local counts = {}
+local i = 5
 while i <= #ARGV do
   local key, n = ARGV[3] .. ARGV[i], tonumber(ARGV[i + 1])
+  redis.call('DEL', key)
   for j = i + 2, i + 1 + n do redis.call('SADD', key, ARGV[j]) end
-  redis.call('HSET', KEYS[3], 'a:' .. ARGV[i], n)
+  counts[ARGV[i]] = n
   i = i + 2 + n
 end
-redis.call('HSET', KEYS[3], 'version', ARGV[1], 'count', ARGV[2])
+local count = tonumber(ARGV[2])
+for _, change in ipairs(replay) do
+  local op, id, account = change[1], change[2], change[3]
+  if op == '+' then count = count + 1 elseif op == '-' then count = count - 1 end
+  if op ~= '=' and account ~= '-' then
+    local key = ARGV[3] .. account
+    if counts[account] == nil then
+      redis.call('DEL', key)
+      counts[account] = 0
+    end
+    if op == '+' then
+      counts[account] = counts[account] + redis.call('SADD', key, id)
+    else
+      counts[account] = counts[account] - redis.call('SREM', key, id)
+    end
+  end
+end
+for account, n in pairs(counts) do
+  if n > 0 then redis.call('HSET', KEYS[3], 'a:' .. account, n) end
+end
+redis.call('HSET', KEYS[3], 'version', now, 'count', count)
 return 1
-"""
+"""# builds of the index of hooks by account a read tries (each reading every hook record)
+# before it reads every record itself
+INDEX_TRIES = 3
 # a hook changed by others this many times while one change was being made to it: the
 # change is refused (Conflict) rather than made over a version it never read
 REPLACE_TRIES = 10
@@ -245,7 +307,8 @@ class HookRegistry:
                             f"again, and make the change on what it is now")
             hook = change(stored)
             done = self._replace_script(
-                keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index,
+                      self.k.hooks_index_log],
                 args=[str(hook_id), json.dumps(hook.to_storage()), raw])
             if done == 1:
                 return hook
@@ -260,6 +323,7 @@ class HookRegistry:
         with self.r.pipeline() as pipe:
             pipe.hset(self.k.hooks, str(hook.id), json.dumps(hook.to_storage()))
             pipe.incr(self.k.hooks_version)
+            pipe.delete(self.k.hooks_index)  # (no index script's change: built again)
             pipe.execute()
         return hook
 
@@ -279,7 +343,8 @@ class HookRegistry:
                 args=[self.k.stats(0)[:-1], self.k.dead_of_hook(0)[:-1]])))
             hook = parse_hook(fields, self.catalogue)
             if self._create_script(
-                    keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
+                    keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index,
+                          self.k.hooks_index_log],
                     args=[str(hook.id), json.dumps(hook.to_storage()),
                           self.k.hooks_of_account(hook.account_id), hook.account_id]):
                 return hook
@@ -393,8 +458,9 @@ class HookRegistry:
         (``RetryStore.forget_gone_stats``)."""
         account = self.owner(hook_id)
         index = self.k.hooks_of_account(account) if account is not None else ""
-        removed = self.r.eval(_DELETE_HOOK, 4, self.k.hooks, self.k.hooks_version,
-                              self.k.hooks_index, self.k.hooks_gone, str(hook_id), index,
+        removed = self.r.eval(_DELETE_HOOK, 5, self.k.hooks, self.k.hooks_version,
+                              self.k.hooks_index, self.k.hooks_index_log, self.k.hooks_gone,
+                              str(hook_id), index,
                               "" if account is None else account)
         if not removed:
             raise NotFound(f"hook {hook_id} does not exist")
@@ -488,7 +554,7 @@ class HookRegistry:
         the index holds (``what``: "count"), read through the index of hooks by
         account (built again first where it is not whole): not every account's."""
         key = self.k.hooks_of_account(account_id)
-        for _ in range(REPLACE_TRIES):
+        for built in (False, True):
             got = cast(list[Any], self._account_script(
                 keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
                 args=[key, what, account_id]))
@@ -496,42 +562,53 @@ class HookRegistry:
                 if what == "count":
                     return int(got[1]), {}
                 return len(got) // 2, dict(zip(got[1::2], got[2::2], strict=True))
-            if not self._index():
+            if built or not self._index(key):
                 break
-        # the index cannot be written (Redis at its maxmemory, a replica) or the hooks
-        # kept changing while it was being built: every account's records, read
+        # the index cannot be written (Redis at its maxmemory, a replica), or the hooks
+        # kept changing past it (from outside the engine): every account's records, read
         records = {key: value for key, value in
                    cast(dict[bytes, bytes], self.r.hgetall(self.k.hooks)).items()
                    if _key_id(key) is not None and stored_account(value) == account_id}
         return len(records), records
 
-    def _index(self) -> bool:
+    def _index(self, reader: str) -> bool:
         """Build the index of hooks by account again from the stored records (as of
-        one version); False when it cannot be written."""
-        with self.r.pipeline(transaction=False) as pipe:
-            pipe.get(self.k.hooks_version)
-            pipe.hgetall(self.k.hooks)
-            pipe.get(self.k.hooks_version)
-            version, raw, after = pipe.execute()
-        if version != after:
-            return True  # changed meanwhile: read again
-        by_account: dict[int, list[bytes]] = {}
-        for key, value in raw.items():
-            if _key_id(key) is not None and (account := stored_account(value)) is not None:
-                by_account.setdefault(account, []).append(key)
-        args: list[Any] = [version or b"", len(raw), self.k.hooks_of_account("")]
-        for account, ids in by_account.items():
-            args += [account, len(ids), *ids]
-        try:
-            self._index_script(keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index],
-                               args=args)
-        except redis.exceptions.ResponseError as exc:
-            # at its maxmemory Redis still serves reads: the listing is read without it
-            if isinstance(exc, redis.exceptions.OutOfMemoryError | redis.exceptions.ReadOnlyError) \
-                    or any(code in str(exc) for code in ("OOM ", "READONLY ")):
-                return False
-            raise
-        return True
+        one version, caught up with the engine's changes made since); False when it
+        cannot be written, or the hooks kept changing otherwise than by the engine.
+        ``reader``: the index of the account whose read asks for it (deleted with the
+        rest: a set left of an account whose last hook went while the index was not
+        whole)."""
+        for _ in range(INDEX_TRIES):
+            with self.r.pipeline(transaction=False) as pipe:
+                pipe.get(self.k.hooks_version)
+                pipe.hgetall(self.k.hooks)
+                pipe.get(self.k.hooks_version)
+                version, raw, after = pipe.execute()
+            if version != after:
+                continue  # changed meanwhile: read again
+            by_account: dict[int, list[bytes]] = {}
+            for key, value in raw.items():
+                if _key_id(key) is not None and (account := stored_account(value)) is not None:
+                    by_account.setdefault(account, []).append(key)
+            args: list[Any] = [version or b"", len(raw), self.k.hooks_of_account(""), reader]
+            for account, ids in by_account.items():
+                args += [account, len(ids), *ids]
+            try:
+                done = self._index_script(
+                    keys=[self.k.hooks, self.k.hooks_version, self.k.hooks_index,
+                          self.k.hooks_index_log], args=args)
+            except redis.exceptions.ResponseError as exc:
+                # at its maxmemory Redis still serves reads: the listing is read without
+                if isinstance(exc, redis.exceptions.OutOfMemoryError |
+                              redis.exceptions.ReadOnlyError) \
+                        or any(code in str(exc) for code in ("OOM ", "READONLY ")):
+                    return False
+                raise
+            if done == 2:  # a mark of another type (written from outside): gone first
+                self.r.delete(self.k.hooks_index)
+            elif done == 1:
+                return True
+        return False
 
     def version(self) -> int:
         return _version(self.r, self.k.hooks_version)
@@ -1443,27 +1520,28 @@ return 1
 """
 
 
-# KEYS: the hooks hash, its version, the index's mark, the deleted hooks zset; ARGV:
-# the id, its account's index and its account ('' when its record names none).
-# Deleted and marked so (by Redis' clock) at once: a crash between the two kept its
-# counters.
+# KEYS: as _INDEXED, then the deleted hooks zset; ARGV: the id, its account's index
+# and its account ('' when its record names none). Deleted and marked so (by Redis'
+# clock) at once: a crash between the two kept its counters.
 _DELETE_HOOK = _INDEXED + """
 local whole = indexed() and ARGV[3] ~= '' and marked(ARGV[2], ARGV[3])
 if redis.call('HDEL', KEYS[1], ARGV[1]) == 0 then
   return 0
 end
 local version = redis.call('INCR', KEYS[2])
+logged(version, '-', ARGV[1], ARGV[3] ~= '' and ARGV[3] or '-')
 local t = redis.call('TIME')
-redis.call('ZADD', KEYS[4], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
+redis.call('ZADD', KEYS[5], tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000), ARGV[1])
 if whole and redis.call('SREM', ARGV[2], ARGV[1]) == 1 then
   if redis.call('HINCRBY', KEYS[3], 'a:' .. ARGV[3], -1) <= 0 then
     redis.call('HDEL', KEYS[3], 'a:' .. ARGV[3])
   end
   redis.call('HSET', KEYS[3], 'version', version, 'count', redis.call('HLEN', KEYS[1]))
+else
+  spoil()
 end
 return 1
 """
-
 
 def _redis_ms(r: redis.Redis) -> int:
     """Redis' clock, in milliseconds."""
