@@ -753,6 +753,7 @@ class PartitionWorker:
         self.pending_cursor = "0"
         self.last_read = "0"  # the id of the last entry read (see _read)
         self.orphans_checked = time.monotonic()  # see _orphans
+        self.orphans_now = False  # the next _orphans looks at once (_data_lost)
         # entries of a failed round, processed again one per round before any new read;
         # each holds one phantom message in entry_left until then, so it is not
         # acknowledged while messages an earlier attempt batched settle
@@ -839,7 +840,10 @@ class PartitionWorker:
                         "batches, %d outcome(s) and %d hook count(s) not booked yet",
                         self.partition, held, len(self.settling), counts)
         # as _drop_work, but nothing is read again: the entries pending are the new
-        # data's, and this round's are processed next
+        # data's, and this round's are processed next; those read since the loss by a
+        # round that failed (held for the next, dropped now with the rest) are taken
+        # up at once as orphans, not 30-90 s on
+        self.orphans_now = True
         self._forget_held()
         self.to_ack.clear()
         self.delivered.clear()
@@ -1100,9 +1104,12 @@ class PartitionWorker:
         out after the worker gave up on it (its reply lost, or the command late on a
         connection already dropped while the worker read on) hands entries over that
         no later read returns: without this they would wait for the actor's restart."""
-        if self.reading_own_pending or \
-                time.monotonic() - self.orphans_checked < ORPHAN_CHECK_SEC:
+        if self.reading_own_pending or (
+                not self.orphans_now and
+                time.monotonic() - self.orphans_checked < ORPHAN_CHECK_SEC):
             return []
+        idle = 0 if self.orphans_now else ORPHAN_IDLE_MS  # (after a loss: none is read)
+        self.orphans_now = False
         held = set(self.entry_left) | set(self.to_ack) | {e.id for e in self.again}
         if self.unsure is not None:
             held.update(self.unsure[1])
@@ -1112,7 +1119,7 @@ class PartitionWorker:
             try:
                 page = cast(list[dict[str, Any]], self.r.xpending_range(
                     self.stream, CONSUMER_GROUP, min=start, max="+", count=ORPHAN_PAGE,
-                    consumername=self.consumer, idle=ORPHAN_IDLE_MS))
+                    consumername=self.consumer, idle=idle))
             except redis.ResponseError as exc:
                 # the group is gone (Redis came back without its data, the stream was
                 # deleted): made again as a read makes it, or this check would fail

@@ -4,9 +4,15 @@
 -- smaller claims, so Redis is not held up copying hundreds of megabytes.
 -- Returns id, payload, id, payload, ...; a scheduled id without a payload (removed from
 -- outside: a Redis evicting keys) is left out of the schedule, its payload nil
--- KEYS[1] retry zset, KEYS[2] retry payload hash
+-- KEYS[1] retry zset, KEYS[2] retry payload hash, KEYS[3] the data's epoch
 -- ARGV[1] now (ms; '': Redis' clock, which due times are written by), ARGV[2] the
--- lease (ms), ARGV[3] limit, ARGV[4] byte limit
+-- lease (ms), ARGV[3] limit, ARGV[4] byte limit, ARGV[5] the epoch the claiming
+-- worker's hooks are of ('': not checked): none is claimed for hooks of another epoch
+-- (Redis lost the data they were of since: a re-send of the new data would go to a
+-- hook of the old, its destination and secrets)
+if ARGV[5] ~= '' and redis.call('GET', KEYS[3]) ~= ARGV[5] then
+  return {}
+end
 local now = tonumber(ARGV[1])
 if not now then
   local t = redis.call('TIME')

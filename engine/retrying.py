@@ -277,7 +277,7 @@ class RetryWorker:
             # the sender; 2,000 of 8 MiB would be 16 GiB)
             claimed = self.side.retry.claim_due(
                 min(CLAIM_LIMIT, MAX_INFLIGHT - inflight),
-                max_bytes=min(CLAIM_BYTES, INFLIGHT_BYTES - held))
+                max_bytes=min(CLAIM_BYTES, INFLIGHT_BYTES - held), epoch=self.epoch)
             due = [d for d in claimed if d.id not in waiting and not self.sender.holds(d.id)]
         sendable = []
         for delivery in due:

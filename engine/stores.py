@@ -1812,14 +1812,16 @@ class RetryStore:
         self.stats.add(pipe, delivery.hook_id, "retried", delivery.count)
 
     def claim_due(self, limit: int = 100, now: int | None = None,
-                  max_bytes: int = CLAIM_BYTES) -> list[Delivery]:
+                  max_bytes: int = CLAIM_BYTES, epoch: bytes | None = None
+                  ) -> list[Delivery]:
         """Up to ``limit`` due re-sends, leased: of at most ``max_bytes`` of payloads
-        together, or one larger than that."""
+        together, or one larger than that; none while the data's epoch is not
+        ``epoch`` (the claimer's hooks are of lost data: its next refresh says)."""
         # by Redis' clock, read in the script: exact, where RedisClock may lag it by a
         # millisecond or two (a replay due "now" would wait for the next claim)
-        pairs = self._claim(keys=[self.k.retry, self.k.retry_payload],
+        pairs = self._claim(keys=[self.k.retry, self.k.retry_payload, self.k.epoch],
                             args=["" if now is None else now, RETRY_LEASE_MS, limit,
-                                  max_bytes])
+                                  max_bytes, epoch or b""])
         out = []
         for delivery_id, raw in zip(pairs[::2], pairs[1::2], strict=True):
             if raw is None:  # never the engine's doing: it writes both or neither

@@ -8,7 +8,7 @@ import logging
 import pytest
 import redis
 
-from engine.dispatch import PartitionWorker
+from engine.dispatch import CONSUMER_GROUP, PartitionWorker
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
@@ -431,3 +431,77 @@ def test_a_booking_goes_only_into_the_data_of_the_epoch_it_carries(
     book(None, None)  # neither: a MULTI
     assert stats.get(1)["delivered"] == 4
     assert redis_client.lrange(tokens, 0, -1) == [b"t2", b"t1"]
+
+
+def test_an_entry_of_the_new_data_a_failed_round_held_is_taken_up_at_once(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A round reads an entry of the new data after the loss, and its refresh fails: the
+    next round finds the loss and drops what the partition held, that entry too. It is
+    still pending (nothing lost), but only the minute-wise orphan check took it up
+    again, 30-90 s late and out of order."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(redis_client, keys)
+    registry.create(hook(name="old"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = InProcessSender()
+    worker = PartitionWorker(settings, redis_client, 0, sender)
+    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    drop_prefix(redis_client, prefix)  # Redis back empty
+    intake.ensure_groups()
+    intake.keep_records()
+    registry.create(hook(name="new", target={"http_batch": {
+        "url": "http://127.0.0.1:9/in", "flush_timeout_sec": 0.001}}))
+    intake.publish(clicks(1))  # an event of the new data
+    refresh = worker.dispatcher.refresh
+
+    def down(now: float) -> None:
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    with pytest.raises(redis.ConnectionError):
+        worker.step(block_ms=5)  # the entry read, its round failed: held for the next
+    assert len(worker.again) == 1
+    for _ in range(5):  # the loss found, what was held dropped; the entry taken up again
+        worker.step(block_ms=5)
+    assert worker.drain(1) == 0
+    assert [h.name for h in sender.hooks] == ["new"]
+    assert redis_client.xpending(keys.intake(0), CONSUMER_GROUP)["pending"] == 0
+
+
+def test_a_re_send_of_the_new_data_is_claimed_for_no_hook_of_the_old(
+        redis_client: redis.Redis, settings: Settings, keys: Keys, prefix: str,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Redis loses its data between the retry worker's refresh and its claim: a re-send
+    of the new data, of the id a new hook took, went to the old hook's destination with
+    its secrets. None is claimed then; the next step loads the new hooks."""
+    from engine.transports.base import Delivery
+
+    registry = HookRegistry(redis_client, keys)
+    old = registry.create(http_hook("http://127.0.0.1:9/old"))
+    intake = one_intake(redis_client, keys, 10)
+    intake.keep_records()
+    sender = Later(ok=True)
+    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
+    assert worker.step() == 0  # the hooks and the epoch loaded
+    store = worker.side.retry
+    claim = store.claim_due
+
+    def lost_then_claim(*args: object, **kwargs: object) -> object:
+        monkeypatch.setattr(store, "claim_due", claim)
+        drop_prefix(redis_client, prefix)  # Redis back empty, right after the refresh
+        intake.keep_records()
+        new = registry.create(http_hook("http://127.0.0.1:9/new"))
+        assert new.id == old.id
+        RetryStore(redis_client, keys).schedule(Delivery(
+            id="n" * 32, hook_id=new.id or 0, account_id=new.account_id,
+            kind="http_batch", parts=[b'{"new":1}'], message_ids=["m1"]), 0, "HTTP 500")
+        return claim(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(store, "claim_due", lost_then_claim)
+    assert worker.step() == 0
+    assert sender.sent == []
+    assert worker.step() == 1  # the new hooks loaded: claimed for the new hook
+    assert [h.target.settings.url for h, _ in sender.sent] == ["http://127.0.0.1:9/new"]
