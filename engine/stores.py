@@ -571,6 +571,19 @@ class HookRegistry:
                    if _key_id(key) is not None and stored_account(value) == account_id}
         return len(records), records
 
+    def _snapshot(self) -> tuple[bytes | None, dict[bytes, bytes]] | None:
+        """(the hooks' version, every stored record) as of that version; None when the
+        hooks changed during the read. The version before and after, not a MULTI: Redis
+        at its maxmemory refuses a transaction's every command, and a partition starting
+        then could load no hook (so deliver nothing, and make no room); every change
+        moves the version with it, so the same version around the read means none."""
+        with self.r.pipeline(transaction=False) as pipe:
+            pipe.get(self.k.hooks_version)
+            pipe.hgetall(self.k.hooks)
+            pipe.get(self.k.hooks_version)
+            version, raw, after = pipe.execute()
+        return (version, raw) if version == after else None
+
     def _index(self, reader: str) -> bool:
         """Build the index of hooks by account again from the stored records (as of
         one version, caught up with the engine's changes made since); False when it
@@ -579,13 +592,10 @@ class HookRegistry:
         rest: a set left of an account whose last hook went while the index was not
         whole)."""
         for _ in range(INDEX_TRIES):
-            with self.r.pipeline(transaction=False) as pipe:
-                pipe.get(self.k.hooks_version)
-                pipe.hgetall(self.k.hooks)
-                pipe.get(self.k.hooks_version)
-                version, raw, after = pipe.execute()
-            if version != after:
+            read = self._snapshot()
+            if read is None:
                 continue  # changed meanwhile: read again
+            version, raw = read
             by_account: dict[int, list[bytes]] = {}
             for key, value in raw.items():
                 if _key_id(key) is not None and (account := stored_account(value)) is not None:
@@ -627,16 +637,9 @@ class HookRegistry:
         stored under a field that is no hook id, which no tool could list, get or
         delete (it would deliver unseen)."""
         for _ in range(REPLACE_TRIES):
-            # the version before and after, not a MULTI: Redis at its maxmemory refuses
-            # a transaction's every command, and a partition starting then could load
-            # no hook (so deliver nothing, and make no room); every change moves the
-            # version with it, so the same version around the read means no change
-            with self.r.pipeline(transaction=False) as pipe:
-                pipe.get(self.k.hooks_version)
-                pipe.hgetall(self.k.hooks)
-                pipe.get(self.k.hooks_version)
-                version, raw, after = pipe.execute()
-            if version == after:
+            read = self._snapshot()
+            if read is not None:
+                version, raw = read
                 break
         else:
             raise Conflict(f"hooks changed {REPLACE_TRIES} times while they were being "

@@ -9,6 +9,7 @@ import pytest
 import redis
 
 from engine.dispatch import CONSUMER_GROUP, PartitionWorker
+from engine.intake import Intake
 from engine.keys import Keys
 from engine.retrying import RetryWorker
 from engine.settings import Settings
@@ -72,6 +73,62 @@ def test_redis_losing_the_engines_data_while_it_runs_is_said_as_the_loss_it_is(
         f"Redis lost the engine's data under REDIS_PREFIX {prefix!r} while it ran")
     assert "accepted events not yet delivered" in said[0]
     assert redis_client.exists(keys.epoch) and redis_client.hexists(keys.config, "partitions")
+
+
+def running_partition(r: redis.Redis, settings: Settings, keys: Keys, name: str
+                      ) -> tuple[HookRegistry, Intake, InProcessSender, PartitionWorker]:
+    """The one partition of an engine with one hook (``name``), its hooks loaded and the
+    data's epoch known."""
+    settings = settings.model_copy(update={"PARTITIONS": 1})
+    registry = HookRegistry(r, keys)
+    registry.create(hook(name=name))
+    intake = one_intake(r, keys, 10)
+    intake.keep_records()
+    sender = InProcessSender()
+    worker = PartitionWorker(settings, r, 0, sender)
+    worker.step(block_ms=5)
+    return registry, intake, sender, worker
+
+
+def lost_and_made_again(r: redis.Redis, prefix: str, registry: HookRegistry, intake: Intake,
+                        hook_id: int) -> int:
+    """Redis back empty, the engine's records written again, and a new hook that took
+    ``hook_id``: returns it."""
+    drop_prefix(r, prefix)
+    intake.ensure_groups()
+    intake.keep_records()
+    assert registry.create(hook(name="new clicks")).id == hook_id
+    return hook_id
+
+
+def refresh_fails_once(monkeypatch: pytest.MonkeyPatch, worker: PartitionWorker) -> None:
+    """The worker's next hook refresh fails, as with Redis down; the later ones pass."""
+    refresh = worker.dispatcher.refresh
+
+    def down(now: float) -> None:
+        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
+        raise redis.ConnectionError("Connection refused")
+
+    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+
+
+def re_send_handed_over(r: redis.Redis, settings: Settings, keys: Keys, ok: bool = False
+                        ) -> tuple[HookRegistry, Intake, Later, RetryWorker]:
+    """A hook's re-send, claimed by a retry worker and handed to a sender whose outcome
+    (delivered if ``ok``, else failed) waits until released."""
+    from engine.transports.base import Delivery
+
+    registry = HookRegistry(r, keys)
+    old = registry.create(hook(name="old clicks"))
+    intake = one_intake(r, keys, 10)
+    intake.keep_records()
+    RetryStore(r, keys).schedule(
+        Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1, kind="http_batch",
+                 parts=[b'{"x":1}'], message_ids=["m1"]), 0, "HTTP 500")
+    sender = Later(ok=ok)
+    worker = RetryWorker(settings, r, sender)  # type: ignore[arg-type]
+    assert worker.step() == 1 and list(worker.handed)
+    return registry, intake, sender, worker
 
 
 class Later:
@@ -159,13 +216,7 @@ def test_a_refused_batch_is_not_handed_over_before_the_hooks_are_loaded_again(
 
     registry, hook_id, sender, worker = refused_batch(redis_client, settings, keys)
     registry.delete(hook_id)
-    refresh = worker.dispatcher.refresh
-
-    def refused(now: float) -> None:
-        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
-        raise redis.ConnectionError("Connection refused")
-
-    monkeypatch.setattr(worker.dispatcher, "refresh", refused)
+    refresh_fails_once(monkeypatch, worker)
     assert [type(e) for e in steps(worker, 1)] == [redis.ConnectionError]
     assert sender.transport.sent == []
     steps(worker, 3)
@@ -181,22 +232,10 @@ def test_a_failed_rounds_entry_taken_up_after_the_loss_is_dropped_with_the_data(
     empty: the next round takes the entry up before its refresh finds the data lost.
     It was processed anyway, for a new hook that took the old one's id, and its count
     left the partition holding -1 messages for good."""
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    registry.create(hook(name="old clicks"))
-    intake = one_intake(redis_client, keys, 10)
-    intake.keep_records()
-    sender = InProcessSender()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    registry, intake, sender, worker = running_partition(redis_client, settings, keys,
+                                                          "old clicks")
     intake.publish(clicks(1))
-    refresh = worker.dispatcher.refresh
-
-    def down(now: float) -> None:
-        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
-        raise redis.ConnectionError("Connection refused")
-
-    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    refresh_fails_once(monkeypatch, worker)
     with pytest.raises(redis.ConnectionError):
         worker.step(block_ms=5)
     assert len(worker.again) == 1 and worker.unsettled == 1
@@ -219,31 +258,16 @@ def test_a_re_send_handed_over_before_the_loss_is_not_booked_for_a_new_hook(
     to that hook."""
     import time
 
-    from engine.transports.base import Delivery
-
     settings = settings.model_copy(update={"PARTITIONS": 1, "HOOK_RETRY_PERIOD_SEC": 0.001})
-    registry = HookRegistry(redis_client, keys)
-    old = registry.create(hook(name="old clicks"))
-    intake = one_intake(redis_client, keys, 10)
-    intake.keep_records()
-    store = RetryStore(redis_client, keys)
-    store.schedule(Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1,
-                            kind="http_batch", parts=[b'{"x":1}'], message_ids=["m1"]),
-                   0, "HTTP 500")
-    sender = Later()
-    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
-    assert worker.step() == 1 and list(worker.handed)
-    drop_prefix(redis_client, prefix)  # Redis back empty
-    intake.ensure_groups()
-    intake.keep_records()
-    new = registry.create(hook(name="new clicks"))
-    assert new.id == old.id
+    registry, intake, sender, worker = re_send_handed_over(redis_client, settings, keys)
+    lost_and_made_again(redis_client, prefix, registry, intake,
+                        sender.sent[0][1].hook_id)  # type: ignore[attr-defined]
     sender.release = True
     for _ in range(5):
         worker.step()
         time.sleep(0.01)
     assert [h.name for h, _ in sender.sent] == ["old clicks"]  # type: ignore[attr-defined]
-    assert store.pending() == 0 and not worker.handed
+    assert RetryStore(redis_client, keys).pending() == 0 and not worker.handed
 
 
 def test_a_stop_whose_hooks_cannot_be_loaded_leaves_a_refused_batch_unsent(
@@ -284,29 +308,17 @@ def test_a_stopping_retry_worker_books_no_outcome_of_a_re_send_from_before_the_l
     drain booked the outcome of a re-send handed over before (no refresh in between
     to find the loss): under its hook id, which a new hook had taken (counted in its
     stats, a re-send or a dead letter of it)."""
-    from engine.transports.base import Delivery
 
     settings = settings.model_copy(update={
         "PARTITIONS": 1, "HOOK_RETRY_TIMES": 0 if outcome == "dead" else 3})
-    registry = HookRegistry(redis_client, keys)
-    old = registry.create(hook(name="old clicks"))
-    intake = one_intake(redis_client, keys, 10)
-    intake.keep_records()
-    RetryStore(redis_client, keys).schedule(
-        Delivery(id="d" * 32, hook_id=old.id or 0, account_id=1, kind="http_batch",
-                 parts=[b'{"x":1}'], message_ids=["m1"]), 0, "HTTP 500")
-    sender = Later(ok=outcome == "delivered")
-    worker = RetryWorker(settings, redis_client, sender)  # type: ignore[arg-type]
-    assert worker.step() == 1 and list(worker.handed)
-    drop_prefix(redis_client, prefix)  # Redis back empty
-    intake.ensure_groups()
-    intake.keep_records()
-    new = registry.create(hook(name="new clicks"))
-    assert new.id == old.id
+    registry, intake, sender, worker = re_send_handed_over(
+        redis_client, settings, keys, ok=outcome == "delivered")
+    new = lost_and_made_again(redis_client, prefix, registry, intake,
+                              sender.sent[0][1].hook_id)  # type: ignore[attr-defined]
     sender.release = True
     with caplog.at_level(logging.WARNING, logger="hookray"):
         assert worker.drain(1) == 0
-    nothing_booked_for(redis_client, keys, new.id or 0)
+    nothing_booked_for(redis_client, keys, new)
     assert not worker.handed and not worker.settling
     assert lost_said(caplog) == ["retry worker: Redis lost the engine's data; the outcomes "
                                  "of 1 re-send(s) handed over before are dropped with it"]
@@ -325,7 +337,7 @@ def test_a_partition_whose_refresh_fails_after_the_loss_books_nothing_from_befor
     under the batch's hook id, which a new hook had taken."""
     settings = settings.model_copy(update={"PARTITIONS": 1})
     registry = HookRegistry(redis_client, keys)
-    old = registry.create(hook(name="old clicks", target={"http_batch": {
+    registry.create(hook(name="old clicks", target={"http_batch": {
         "url": "http://127.0.0.1:9/old", "max_batch_size": 50, "flush_timeout_sec": 0.001}}))
     intake = one_intake(redis_client, keys, 10)
     intake.keep_records()
@@ -335,11 +347,8 @@ def test_a_partition_whose_refresh_fails_after_the_loss_books_nothing_from_befor
     for _ in range(3):
         worker.step(block_ms=5)
     assert len(sender.sent) == 1 and worker.unsettled == 1  # in flight
-    drop_prefix(redis_client, prefix)  # Redis back empty
-    intake.ensure_groups()
-    intake.keep_records()
-    new = registry.create(hook(name="new clicks"))
-    assert new.id == old.id
+    new = lost_and_made_again(redis_client, prefix, registry, intake,
+                              sender.sent[0][1].hook_id)  # type: ignore[attr-defined]
 
     def down(now: float) -> None:
         raise redis.ConnectionError("Connection refused")
@@ -351,7 +360,7 @@ def test_a_partition_whose_refresh_fails_after_the_loss_books_nothing_from_befor
             with pytest.raises(redis.ConnectionError):
                 worker.step(block_ms=5)
         assert worker.drain(0.2) == 0
-    nothing_booked_for(redis_client, keys, new.id or 0)
+    nothing_booked_for(redis_client, keys, new)
     assert worker.unsettled == 0 and not worker._holds_work()
     held = {"failed": "1 message(s) in batches, 1 outcome(s) and 0 hook count(s)",
             "delivered": "0 message(s) in batches, 0 outcome(s) and 1 hook count(s)",
@@ -440,27 +449,15 @@ def test_an_entry_of_the_new_data_a_failed_round_held_is_taken_up_at_once(
     next round finds the loss and drops what the partition held, that entry too. It is
     still pending (nothing lost), but only the minute-wise orphan check took it up
     again, 30-90 s late and out of order."""
-    settings = settings.model_copy(update={"PARTITIONS": 1})
-    registry = HookRegistry(redis_client, keys)
-    registry.create(hook(name="old"))
-    intake = one_intake(redis_client, keys, 10)
-    intake.keep_records()
-    sender = InProcessSender()
-    worker = PartitionWorker(settings, redis_client, 0, sender)
-    worker.step(block_ms=5)  # the hooks loaded, the epoch known
+    registry, intake, sender, worker = running_partition(redis_client, settings, keys,
+                                                          "old")
     drop_prefix(redis_client, prefix)  # Redis back empty
     intake.ensure_groups()
     intake.keep_records()
     registry.create(hook(name="new", target={"http_batch": {
         "url": "http://127.0.0.1:9/in", "flush_timeout_sec": 0.001}}))
     intake.publish(clicks(1))  # an event of the new data
-    refresh = worker.dispatcher.refresh
-
-    def down(now: float) -> None:
-        monkeypatch.setattr(worker.dispatcher, "refresh", refresh)
-        raise redis.ConnectionError("Connection refused")
-
-    monkeypatch.setattr(worker.dispatcher, "refresh", down)
+    refresh_fails_once(monkeypatch, worker)
     with pytest.raises(redis.ConnectionError):
         worker.step(block_ms=5)  # the entry read, its round failed: held for the next
     assert len(worker.again) == 1
