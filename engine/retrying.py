@@ -103,9 +103,10 @@ class RetryWorker:
         refused): the re-sends handed over were of it, and of hooks whose ids new hooks
         may take; their outcomes are not booked (nor their hand-overs taken back: their
         counts went with the data)."""
-        if self.handed or self.settling:
+        dropped = set(self.handed) | {d.id for d, _ in self.settling}  # (some in both)
+        if dropped:
             log.warning("retry worker: Redis lost the engine's data; the outcomes of %d "
-                        "re-send(s) handed over before are dropped with it", len(self.handed))
+                        "re-send(s) handed over before are dropped with it", len(dropped))
         self.handed.clear()
         self.sent_with.clear()
         self.settling.clear()
