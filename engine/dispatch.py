@@ -294,21 +294,23 @@ class Dispatcher:
             self.logs = {"names": b"", "profiles": b""}
             self.epoch = epoch
         if names_v != self.versions["names"] or names_log != self.logs["names"]:
-            names, self.logs["names"] = self.side.names.since(
-                self.names, self.versions["names"], self.logs["names"])
-            self.names = names if names is not None else self.side.names.load()
-            self.versions["names"] = names_v
+            names = self.side.names.since(self.names, self.versions["names"],
+                                          self.logs["names"])
+            self.names = names.what if names.what is not None else self.side.names.load()
+            # the version read with the token (not names_v, read a round trip before),
+            # once the names are in (a load that failed leaves the worker where it was)
+            self.versions["names"], self.logs["names"] = names.version, names.token
             for builder in self.builders.values():
                 builder.names = self.names
         if profiles_v != self.versions["profiles"] or profiles_log != self.logs["profiles"]:
-            changed, self.logs["profiles"] = self.side.profiles.changed_since(
-                self.versions["profiles"], self.logs["profiles"])
-            if changed is None:
+            changed = self.side.profiles.changed_since(self.versions["profiles"],
+                                                       self.logs["profiles"])
+            if changed.what is None:
                 self.profile_cache.clear()
             else:  # those changed since: the rest of the cache holds
-                for profile in changed:
+                for profile in changed.what:
                     self.profile_cache.pop(profile, None)
-            self.versions["profiles"] = profiles_v
+            self.versions["profiles"], self.logs["profiles"] = changed.version, changed.token
         if hooks_v != self.versions["hooks"]:
             version, hooks = self.side.registry.load()
             self._install(hooks)

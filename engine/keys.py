@@ -71,8 +71,9 @@ key                             type     holds
                                          last change moved to (another version: moved
                                          by something else, and every name is loaded);
                                          ``n``: how many records it holds; ``token``:
-                                         made anew when the log starts again (a
-                                         worker's version of another log says nothing)
+                                         made anew when the version moved back or the
+                                         mark was lost (a worker's version of another
+                                         log says nothing)
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
 {p}:version:profiles            string   bumped on every profile upsert or delete
                                          (never to be moved back)

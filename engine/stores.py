@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from importlib import resources
-from typing import Any, TypeVar, cast
+from typing import Any, Generic, NamedTuple, TypeVar, cast
 
 import msgspec
 import redis
@@ -197,9 +197,11 @@ return out
 """
 # KEYS: as _INDEXED; ARGV: the version the hooks were read at, how many fields they
 # had, the accounts' index key prefix, the index of the account whose read asks for
-# this, then for each account: the account, how many ids, the ids. Builds the index
-# from those, then catches up with the engine's changes made since they were read (as
-# logged); 1: built; 0: changed since by something else (or too much), read again; 2:
+# this, the log's newest entry then, then for each account: the account, how many ids,
+# the ids. Builds the index from those, then catches up with the engine's changes made
+# since they were read (as logged, on from that entry: else the version was lost or set
+# back meanwhile, and the numbers are another history's); 1: built; 0: changed since
+# by something else (or too much), read again; 2:
 # the mark is of another type (to be deleted first: a script's first write is to be
 # one Redis refuses at its maxmemory, so that nothing is built past it)
 _INDEX_HOOKS = """
@@ -207,13 +209,16 @@ local kind = redis.call('TYPE', KEYS[3]).ok
 if kind ~= 'hash' and kind ~= 'none' then return 2 end
 local now = redis.call('GET', KEYS[2]) or ''
 local replay = {}
-if now ~= ARGV[1] then
+local logs = redis.call('TYPE', KEYS[4]).ok == 'list'
+if now == ARGV[1] then
+  if (logs and redis.call('LINDEX', KEYS[4], 0) or '') ~= ARGV[5] then return 0 end
+else
   local from, to = tonumber(ARGV[1] == '' and '0' or ARGV[1]), tonumber(now)
-  if not (from and to) or to <= from or to - from > 1000 or
-     redis.call('TYPE', KEYS[4]).ok ~= 'list' then
+  if not (from and to) or to <= from or to - from > 999 or not logs then
     return 0
   end
-  local entries = redis.call('LRANGE', KEYS[4], 0, to - from - 1)
+  local entries = redis.call('LRANGE', KEYS[4], 0, to - from)
+  if (entries[to - from + 1] or '') ~= ARGV[5] then return 0 end
   for k = 1, to - from do
     local v, op, id, account = string.match(entries[k] or '', '^(%d+) (.) (%d+) (%S+)$')
     if v ~= string.format('%d', to - k + 1) then return 0 end
@@ -226,7 +231,7 @@ for _, field in ipairs(redis.call('HKEYS', KEYS[3])) do
 end
 redis.call('DEL', KEYS[3], ARGV[4])
 local counts = {}
-local i = 5
+local i = 6
 while i <= #ARGV do
   local key, n = ARGV[3] .. ARGV[i], tonumber(ARGV[i + 1])
   redis.call('DEL', key)
@@ -571,18 +576,24 @@ class HookRegistry:
                    if _key_id(key) is not None and stored_account(value) == account_id}
         return len(records), records
 
-    def _snapshot(self) -> tuple[bytes | None, dict[bytes, bytes]] | None:
-        """(the hooks' version, every stored record) as of that version; None when the
-        hooks changed during the read. The version before and after, not a MULTI: Redis
-        at its maxmemory refuses a transaction's every command, and a partition starting
-        then could load no hook (so deliver nothing, and make no room); every change
-        moves the version with it, so the same version around the read means none."""
+    def _snapshot(self) -> tuple[bytes | None, dict[bytes, bytes], bytes] | None:
+        """(the hooks' version, every stored record, the newest entry of the index's log
+        of hook changes) as of that version; None when the hooks changed during the
+        read. The version before and after, not a MULTI: Redis at its maxmemory refuses
+        a transaction's every command, and a partition starting then could load no hook
+        (so deliver nothing, and make no room); every change moves the version with it,
+        so the same version around the read means none."""
         with self.r.pipeline(transaction=False) as pipe:
             pipe.get(self.k.hooks_version)
+            pipe.lindex(self.k.hooks_index_log, 0)
             pipe.hgetall(self.k.hooks)
             pipe.get(self.k.hooks_version)
-            version, raw, after = pipe.execute()
-        return (version, raw) if version == after else None
+            version, top, raw, after = pipe.execute(raise_on_error=False)
+        for reply in (version, raw, after):
+            if isinstance(reply, Exception):
+                raise reply
+        top = top if isinstance(top, bytes) else b""  # (none, or a log of another type)
+        return (version, raw, top) if version == after else None
 
     def _index(self, reader: str) -> bool:
         """Build the index of hooks by account again from the stored records (as of
@@ -595,12 +606,13 @@ class HookRegistry:
             read = self._snapshot()
             if read is None:
                 continue  # changed meanwhile: read again
-            version, raw = read
+            version, raw, top = read
             by_account: dict[int, list[bytes]] = {}
             for key, value in raw.items():
                 if _key_id(key) is not None and (account := stored_account(value)) is not None:
                     by_account.setdefault(account, []).append(key)
-            args: list[Any] = [version or b"", len(raw), self.k.hooks_of_account(""), reader]
+            args: list[Any] = [version or b"", len(raw), self.k.hooks_of_account(""), reader,
+                               top]
             for account, ids in by_account.items():
                 args += [account, len(ids), *ids]
             try:
@@ -639,7 +651,7 @@ class HookRegistry:
         for _ in range(REPLACE_TRIES):
             read = self._snapshot()
             if read is not None:
-                version, raw = read
+                version, raw, _ = read
                 break
         else:
             raise Conflict(f"hooks changed {REPLACE_TRIES} times while they were being "
@@ -901,24 +913,25 @@ class NameStore:
             _load_name(names, key, value)
         return names
 
-    def since(self, names: NameCatalogue, version: int, log: bytes
-              ) -> tuple[NameCatalogue | None, bytes]:
+    def since(self, names: NameCatalogue, version: int, log: bytes) -> Changed[NameCatalogue]:
         """``names`` as loaded at ``version`` with ``log`` (the change log's token, as
         this returned it last), with the records changed since read again (a copy:
-        ``names`` is left as it is), and the log's token now; None when the log cannot
-        say what changed (``load`` then): a reload reads what changed, not every name
-        (1,000,000 names took 4.6-8.6 s and 630 MB a partition to load)."""
-        changed, log = ChangeLog(self.r, self.k.names_changes, self.k.names_logged,
-                                 self.k.names_version).since(version, log)
+        ``names`` is left as it is); None when the log cannot say what changed (``load``
+        then): a reload reads what changed, not every name (1,000,000 names took
+        4.6-8.6 s and 630 MB a partition to load). With the log's token and the version
+        as they are now, read together."""
+        changes = ChangeLog(self.r, self.k.names_changes, self.k.names_logged,
+                            self.k.names_version).since(version, log)
+        changed = changes.what
         if changed is None:
-            return None, log
+            return Changed(None, changes.token, changes.version)
         out = names.copy()
         for at in range(0, len(changed), NAMES_CHUNK):
             part = changed[at:at + NAMES_CHUNK]
             values = cast(list[bytes | None], self.r.hmget(self.k.names, part))
             for key, value in zip(part, values, strict=True):
                 _load_name(out, key, value)
-        return out, log
+        return Changed(out, changes.token, changes.version)
 
 
 def _load_name(names: NameCatalogue, key: bytes, value: bytes | None) -> None:
@@ -949,6 +962,18 @@ def _load_name(names: NameCatalogue, key: bytes, value: bytes | None) -> None:
         log.warning("names: stored record %r left out, it cannot be read: %s", key[:200], exc)
 
 
+T = TypeVar("T")
+
+
+class Changed(NamedTuple, Generic[T]):
+    """What changed since a worker's version (None: the log cannot say), the change log's
+    token and the version, as they are now."""
+
+    what: T | None
+    token: bytes
+    version: int
+
+
 class ChangeLog:
     """Which records changed since a version, as the scripts that change them log it
     (``_CHANGE_LOG``: a zset of records by the version of their last change, and its
@@ -958,16 +983,20 @@ class ChangeLog:
         self.r, self.log_key, self.mark_key, self.version_key = r, log_key, mark_key, \
             version_key
 
-    def since(self, version: int, token: bytes) -> tuple[list[bytes] | None, bytes]:
+    def since(self, version: int, token: bytes) -> Changed[list[bytes]]:
         """The records changed after ``version`` of the log of ``token`` (as this
-        returned it last; b"": none), and the log's token now; None when the log cannot
-        say: another log (it started again since: the version moved without it, by
-        hand, a restore, an earlier version of the engine, or it was lost), one that
-        keeps no change that far back, or a version beyond it."""
+        returned it last; b"": none); None when the log cannot say: another log (it
+        started again since: the version moved back, or the log's mark was lost), one
+        that keeps no change that far back, one that does not hold what its mark says
+        (the version moved on without it, the log lost), or a version beyond it. With
+        the log's token and the version now, read with them: a worker keeps the two
+        together (a version read before, with a token of a log started since, would
+        pass the changes between them over)."""
         got = cast(list[Any], self.r.eval(_CHANGES_SINCE, 3, self.log_key, self.mark_key,
                                           self.version_key, version, token))
         now = got[1] if isinstance(got[1], bytes) else b""
-        return (cast(list[bytes], got[2]) if got[0] == 1 else None), now
+        at = version_number(self.version_key, got[2] or None)
+        return Changed(cast(list[bytes], got[3]) if got[0] == 1 else None, now, at)
 
 
 class ProfileStore:
@@ -1000,22 +1029,20 @@ class ProfileStore:
                                    *profile_ids[at:at + ONCE_CHUNK]))
                    for at in range(0, len(profile_ids), ONCE_CHUNK))
 
-    def changed_since(self, version: int, log: bytes
-                      ) -> tuple[list[tuple[int, str]] | None, bytes]:
+    def changed_since(self, version: int, log: bytes) -> Changed[list[tuple[int, str]]]:
         """(account, profile id) of the profiles changed after ``version`` of change log
-        ``log``, and the log's token now; None when the log cannot say
-        (``ChangeLog.since``)."""
-        changed, log = ChangeLog(self.r, self.k.profiles_changes, self.k.profiles_logged,
-                                 self.k.profiles_version).since(version, log)
-        if changed is None:
-            return None, log
+        ``log`` (``ChangeLog.since``)."""
+        changes = ChangeLog(self.r, self.k.profiles_changes, self.k.profiles_logged,
+                            self.k.profiles_version).since(version, log)
+        if changes.what is None:
+            return Changed(None, changes.token, changes.version)
         out = []
-        for member in changed:
+        for member in changes.what:
             account, _, pid = member.decode("utf-8", "surrogateescape").partition(":")
             if not (account.isascii() and account.isdigit()):
-                return None, log  # written by something else: the log cannot say
+                return Changed(None, changes.token, changes.version)  # written by something else
             out.append((int(account), pid))
-        return out, log
+        return Changed(out, changes.token, changes.version)
 
     def version(self) -> int:
         return _version(self.r, self.k.profiles_version)
@@ -1119,11 +1146,18 @@ local function logged(log, mark, version, members, keep)
   if redis.call('TYPE', mark).ok ~= 'hash' then redis.call('DEL', mark) end
   if redis.call('TYPE', log).ok ~= 'zset' then redis.call('DEL', log) end
   local was = redis.call('HMGET', mark, 'to', 'n', 'token')
-  if tonumber(was[1]) ~= version - 1 or tonumber(was[2]) ~= redis.call('ZCARD', log) or
-     not was[3] then
-    local t = redis.call('TIME')
+  local to = tonumber(was[1])
+  if to ~= version - 1 or tonumber(was[2]) ~= redis.call('ZCARD', log) or not was[3] then
+    -- the same log, from here on, where the version only moved on (by hand, with a
+    -- name written so: a worker at it or later goes on from the log); another where
+    -- it moved back, or the mark is gone (a worker's version could be another's)
+    local token = was[3]
+    if not (token and to and to <= version - 1) then
+      local t = redis.call('TIME')
+      token = t[1] .. '.' .. t[2]
+    end
     redis.call('DEL', log)
-    redis.call('HSET', mark, 'from', version - 1, 'token', t[1] .. '.' .. t[2])
+    redis.call('HSET', mark, 'from', version - 1, 'token', token)
   end
   for _, member in ipairs(members) do redis.call('ZADD', log, version, member) end
   local over = redis.call('ZCARD', log) - keep
@@ -1138,25 +1172,25 @@ local function logged(log, mark, version, members, keep)
 end
 """
 # KEYS: a change log, its mark, the version it logs; ARGV: a worker's version, the
-# token of the log it is of. {1, the log's token, the records changed after that
-# version}, or {0, the token} when the log cannot say (ChangeLog.since): the reads of
-# one moment (another writer's trim between them would hide changes). Versions from
-# 2^53 on are not told apart by a Lua number: never said.
+# token of the log it is of. {1, the log's token, the version now, the records changed
+# after the worker's version}, or {0, the token, the version} when the log cannot say
+# (ChangeLog.since): the reads of one moment (another writer's trim between them would
+# hide changes). Versions from 2^53 on are not told apart by a Lua number: never said.
 _CHANGES_SINCE = """
-if redis.call('TYPE', KEYS[2]).ok ~= 'hash' or redis.call('TYPE', KEYS[1]).ok ~= 'zset' then
-  return {0, ''}
-end
+local now = redis.call('GET', KEYS[3]) or ''
+if redis.call('TYPE', KEYS[2]).ok ~= 'hash' then return {0, '', now} end
 local mark = redis.call('HMGET', KEYS[2], 'from', 'to', 'n', 'token')
 local token = mark[4] or ''
-if token ~= ARGV[2] or mark[2] ~= redis.call('GET', KEYS[3]) or
+local kind = redis.call('TYPE', KEYS[1]).ok
+if token ~= ARGV[2] or mark[2] ~= now or (kind ~= 'zset' and kind ~= 'none') or
    tonumber(mark[3]) ~= redis.call('ZCARD', KEYS[1]) then
-  return {0, token}
+  return {0, token, now}
 end
 local from, to, version = tonumber(mark[1]), tonumber(mark[2]), tonumber(ARGV[1])
 if not (from and to and version) or version < from or version > to or to >= 2^53 then
-  return {0, token}
+  return {0, token, now}
 end
-return {1, token, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')}
+return {1, token, now, redis.call('ZRANGEBYSCORE', KEYS[1], '(' .. ARGV[1], '+inf')}
 """
 # KEYS: the names hash, its version, its change log and the log's mark; ARGV: key,
 # record JSON, ... Writes the records that differ from the stored ones; returns how

@@ -44,11 +44,12 @@ class Worker:
             if self.store.r.type(self.store.k.names_logged) == b"hash" else None
         if version == self.version and (token or b"") == self.log:
             return
-        names, self.log = self.store.since(self.names, self.version, self.log)
+        got = self.store.since(self.names, self.version, self.log)
+        names = got.what
         if names is None:
             self.loads += 1
             names = self.store.load()
-        self.names, self.version = names, version
+        self.names, self.version, self.log = names, got.version, got.token
 
 
 def random_names(rng: random.Random, n: int) -> list[dict[str, Any]]:
@@ -179,14 +180,12 @@ def test_a_profile_cache_kept_by_the_log_holds_what_redis_holds(
             else:
                 redis_client.set(keys.profiles_version, rng.randint(0, profiles.version()))
         if rng.random() < 0.5:  # the worker's refresh, now and then
-            now = profiles.version()
-            changed, log = profiles.changed_since(version, log)
+            changed, log, version = profiles.changed_since(version, log)
             if changed is None:
                 cache.clear()
                 forgot_all += 1
             for key in changed or ():
                 cache.pop(key, None)
-            version = now
             wanted = [(rng.randint(1, 2), f"p{rng.randint(1, 30)}") for _ in range(5)]
             found = profiles.get_many({a: [p for b, p in wanted if b == a] for a in (1, 2)})
             for key in wanted:
@@ -253,11 +252,11 @@ def test_a_profiles_log_member_written_by_hand_is_no_change_the_log_can_say(
     profiles = ProfileStore(redis_client, keys)
     profiles.upsert(1, {"a": {"x": 1}})
     version = profiles.version()
-    _, log = profiles.changed_since(version, b"")
+    log = profiles.changed_since(version, b"").token
     profiles.upsert(1, {"b": {"x": 2}})
     redis_client.zadd(keys.profiles_changes, {"²:x": profiles.version()})  # (no account)
     redis_client.hincrby(keys.profiles_logged, "n", 1)
-    assert profiles.changed_since(version, log) == (None, log)
+    assert profiles.changed_since(version, log)[:2] == (None, log)
 
 
 def test_a_partition_whose_names_version_came_back_to_its_own_loads_them_again(
@@ -278,3 +277,127 @@ def test_a_partition_whose_names_version_came_back_to_its_own_loads_them_again(
     dispatcher.refresh(1.0)
     assert records(dispatcher.names) == records(store.load())
     assert dispatcher.names.get(1, "campaigns", 0) == "after"
+
+
+def dispatcher_loading(redis_client: redis.Redis, settings: Settings,
+                       monkeypatch: pytest.MonkeyPatch) -> tuple[Dispatcher, list[int]]:
+    """A partition's dispatcher, and how many times it loaded every name."""
+    loads: list[int] = []
+    load = NameStore.load
+
+    def counting(self: NameStore) -> NameCatalogue:
+        loads.append(1)
+        return load(self)
+
+    monkeypatch.setattr(NameStore, "load", counting)
+    catalogue = builtin_catalogue()
+    return Dispatcher(Side(redis_client, settings, catalogue), catalogue, 100), loads
+
+
+def name(i: int, text: str) -> dict[str, Any]:
+    return {"account_id": 1, "kind": "campaigns", "id": i, "name": text}
+
+
+@pytest.mark.parametrize("lost", ["deleted", "another type"])
+def test_a_log_lost_with_its_mark_kept_costs_a_partition_one_load_not_one_a_round(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, lost: str) -> None:
+    store = NameStore(redis_client, keys)
+    store.upsert([name(i, f"n{i}") for i in range(3)])
+    for key in (keys.names_changes, keys.profiles_changes):
+        redis_client.delete(key)
+        if lost == "another type":
+            redis_client.set(key, "damaged")
+    dispatcher, loads = dispatcher_loading(redis_client, settings, monkeypatch)
+    dispatcher.refresh(0.0)  # a partition starting now
+    for n in range(5):  # nothing changes
+        dispatcher.profile_cache[(1, "p")] = {"x": 1}
+        dispatcher.refresh(1.0 + n)
+        assert (1, "p") in dispatcher.profile_cache
+    assert len(loads) == 1
+
+
+@pytest.mark.parametrize("what", ["names", "profiles"])
+def test_a_partition_keeps_the_version_read_with_the_logs_token(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, what: str) -> None:
+    """The version lost between a refresh's read of it and its read of the log, and a
+    change made then (another log): the version read first, kept with the new log's
+    token, passed the new log's changes below it over for good."""
+    names, profiles = NameStore(redis_client, keys), ProfileStore(redis_client, keys)
+    for i in range(1, 11):
+        names.upsert([name(i, f"n{i}")])
+        profiles.upsert(1, {f"p{i}": {"x": i}})
+    dispatcher, _ = dispatcher_loading(redis_client, settings, monkeypatch)
+    dispatcher.refresh(0.0)
+    names.upsert([name(11, "n11")])
+    profiles.upsert(1, {"p11": {"x": 11}})
+    store: Any = dispatcher.side.names if what == "names" else dispatcher.side.profiles
+    method = "since" if what == "names" else "changed_since"
+    read = getattr(store, method)
+
+    def meanwhile(*args: Any) -> Any:
+        monkeypatch.setattr(store, method, read)
+        redis_client.delete(keys.names_version, keys.profiles_version)
+        names.upsert([name(1, "renamed")])
+        profiles.upsert(1, {"p1": {"x": "renamed"}})
+        return read(*args)
+
+    monkeypatch.setattr(store, method, meanwhile)
+    dispatcher.refresh(1.0)
+    dispatcher.profile_cache[(1, "p2")] = {"x": 2}  # cached by a round
+    names.upsert([name(2, "renamed")])  # in the new log, below the version read first
+    profiles.upsert(1, {"p2": {"x": "renamed"}})
+    for i in range(3, 13):  # past it
+        names.upsert([name(100 + i, "z")])
+        profiles.upsert(1, {f"q{i}": {"x": i}})
+    for n in range(3):
+        dispatcher.refresh(2.0 + n)
+    if what == "names":
+        assert records(dispatcher.names) == records(names.load())
+    else:
+        assert (1, "p2") not in dispatcher.profile_cache
+
+
+def test_a_partition_whose_load_failed_keeps_no_token_of_it(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    names = NameStore(redis_client, keys)
+    for i in range(1, 11):
+        names.upsert([name(i, f"n{i}")])
+    dispatcher, _ = dispatcher_loading(redis_client, settings, monkeypatch)
+    dispatcher.refresh(0.0)
+    redis_client.delete(keys.names_version)
+    names.upsert([name(1, "renamed")])  # version 1, another log
+    load = NameStore.load
+
+    def timing_out(self: NameStore) -> NameCatalogue:
+        monkeypatch.setattr(NameStore, "load", load)
+        raise redis.TimeoutError("Timeout reading from socket")
+
+    monkeypatch.setattr(NameStore, "load", timing_out)
+    with pytest.raises(redis.TimeoutError):
+        dispatcher.refresh(1.0)
+    for i in range(2, 13):  # the new log's version past the partition's
+        names.upsert([name(200 + i, "z")])
+    for n in range(3):
+        dispatcher.refresh(2.0 + n)
+    assert records(dispatcher.names) == records(names.load())
+
+
+def test_a_name_written_by_hand_as_the_readme_says_costs_one_load(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    names = NameStore(redis_client, keys)
+    names.upsert([name(i, f"n{i}") for i in range(1, 6)])
+    dispatcher, loads = dispatcher_loading(redis_client, settings, monkeypatch)
+    dispatcher.refresh(0.0)
+    redis_client.hset(keys.names, "1:campaigns:1", '{"name": "by hand"}')
+    redis_client.incr(keys.names_version)
+    dispatcher.refresh(1.0)
+    names.upsert([name(2, "by the engine")])  # the log goes on from the hand's version
+    for n in range(3):
+        dispatcher.refresh(2.0 + n)
+    assert len(loads) == 2  # the start, and the hand's edit
+    assert (dispatcher.names.get(1, "campaigns", 1), dispatcher.names.get(1, "campaigns", 2)
+            ) == ("by hand", "by the engine")

@@ -329,3 +329,35 @@ def test_index_keys_damaged_from_outside_hold_no_hook_change_up(
         assert listed(registry, 1) == read_all(redis_client, keys, 1)
         registry.delete(other.id or 0)
         assert listed(registry, 1) == ([(made.id or 0, "a")], [])
+
+
+def test_a_build_replays_no_changes_of_a_version_lost_while_it_read(
+        redis_client: redis.Redis, keys: Keys) -> None:
+    """The hooks' version lost (or set back by a restore) between a build's read of the
+    records and its write, and the engine's changes then climbing past the version it
+    read: the newest log entries are of the new numbering, not the changes since the
+    read; replayed, they left the index wrong, and marked whole."""
+    registry, other = HookRegistry(redis_client, keys), HookRegistry(redis_client, keys)
+    first = [registry.create(hook(1, "h1")), registry.create(hook(2, "h2")),
+             registry.create(hook(2, "h3"))]
+    redis_client.delete(keys.hooks_index)
+    script = registry._index_script
+    raced: list[int] = []
+
+    def lost_meanwhile(**kwargs: Any) -> Any:
+        if not raced:
+            raced.append(1)
+            redis_client.delete(keys.hooks_version)
+            other.create(hook(1, "h4"))  # version 1
+            other.delete(first[1].id or 0)  # version 2, as many hooks as before
+            for n in range(3):  # versions 3 to 5: past the one the build read
+                other.set_active(first[0].id or 0, n % 2 == 0)
+        return script(**kwargs)
+
+    registry._index_script = lost_meanwhile  # type: ignore[method-assign]
+    for account in (1, 2):
+        assert listed(registry, account) == read_all(redis_client, keys, account)
+    for n in range(3):  # the engine's later changes keep what it is
+        registry.create(hook(1, f"later{n}"))
+    for account in (1, 2):
+        assert listed(registry, account) == read_all(redis_client, keys, account)
