@@ -55,8 +55,8 @@ key                             type     holds
                                          sets it back, as a restore, deletes this:
                                          the version could come back to this one's)
 {p}:hooks:index:log             list     the last 1,000 hook changes, "version op id
-                                         account": a build of the index catches up with
-                                         those made while it read the hooks
+                                         account time": a build of the index catches up
+                                         with those made while it read the hooks
 {p}:version:hooks               string   bumped on every hook change
 {p}:names                       hash     "account:kind:id" -> name fields JSON
 {p}:version:names               string   bumped on every name upsert or delete that
@@ -71,9 +71,8 @@ key                             type     holds
                                          last change moved to (another version: moved
                                          by something else, and every name is loaded);
                                          ``n``: how many records it holds; ``token``:
-                                         made anew when the version moved back or the
-                                         mark was lost (a worker's version of another
-                                         log says nothing)
+                                         made anew when the log starts again (a
+                                         worker's version of another log says nothing)
 {p}:profiles:{account}          hash     profile_id -> profile fields JSON
 {p}:version:profiles            string   bumped on every profile upsert or delete
                                          (never to be moved back)

@@ -111,8 +111,11 @@ local function spoil()
 end
 local function logged(version, op, id, account)
   if redis.call('TYPE', KEYS[4]).ok ~= 'list' then redis.call('DEL', KEYS[4]) end
+  -- with Redis' time: an entry of another history (the version lost, the same change
+  -- made again) is never the same text (_INDEX_HOOKS compares them)
+  local t = redis.call('TIME')
   redis.call('LPUSH', KEYS[4], string.format('%d', version) .. ' ' .. op .. ' ' .. id ..
-             ' ' .. account)
+             ' ' .. account .. ' ' .. t[1] .. '.' .. t[2])
   redis.call('LTRIM', KEYS[4], 0, 999)
 end
 """
@@ -220,7 +223,7 @@ else
   local entries = redis.call('LRANGE', KEYS[4], 0, to - from)
   if (entries[to - from + 1] or '') ~= ARGV[5] then return 0 end
   for k = 1, to - from do
-    local v, op, id, account = string.match(entries[k] or '', '^(%d+) (.) (%d+) (%S+)$')
+    local v, op, id, account = string.match(entries[k] or '', '^(%d+) (.) (%d+) (%S+) %S+$')
     if v ~= string.format('%d', to - k + 1) then return 0 end
     replay[to - from - k + 1] = {op, id, account}
   end
@@ -1146,18 +1149,14 @@ local function logged(log, mark, version, members, keep)
   if redis.call('TYPE', mark).ok ~= 'hash' then redis.call('DEL', mark) end
   if redis.call('TYPE', log).ok ~= 'zset' then redis.call('DEL', log) end
   local was = redis.call('HMGET', mark, 'to', 'n', 'token')
-  local to = tonumber(was[1])
-  if to ~= version - 1 or tonumber(was[2]) ~= redis.call('ZCARD', log) or not was[3] then
-    -- the same log, from here on, where the version only moved on (by hand, with a
-    -- name written so: a worker at it or later goes on from the log); another where
-    -- it moved back, or the mark is gone (a worker's version could be another's)
-    local token = was[3]
-    if not (token and to and to <= version - 1) then
-      local t = redis.call('TIME')
-      token = t[1] .. '.' .. t[2]
-    end
+  if tonumber(was[1]) ~= version - 1 or tonumber(was[2]) ~= redis.call('ZCARD', log) or
+     not was[3] then
+    -- another log, under another token, even where the version only moved on (a name
+    -- written by hand): a worker's version may be of a moment between a hand's INCR
+    -- and its HSET, or the version may have moved on and back
+    local t = redis.call('TIME')
     redis.call('DEL', log)
-    redis.call('HSET', mark, 'from', version - 1, 'token', token)
+    redis.call('HSET', mark, 'from', version - 1, 'token', t[1] .. '.' .. t[2])
   end
   for _, member in ipairs(members) do redis.call('ZADD', log, version, member) end
   local over = redis.call('ZCARD', log) - keep

@@ -385,7 +385,7 @@ def test_a_partition_whose_load_failed_keeps_no_token_of_it(
     assert records(dispatcher.names) == records(names.load())
 
 
-def test_a_name_written_by_hand_as_the_readme_says_costs_one_load(
+def test_a_name_written_by_hand_as_the_readme_says_costs_two_loads(
         redis_client: redis.Redis, keys: Keys, settings: Settings,
         monkeypatch: pytest.MonkeyPatch) -> None:
     names = NameStore(redis_client, keys)
@@ -395,9 +395,39 @@ def test_a_name_written_by_hand_as_the_readme_says_costs_one_load(
     redis_client.hset(keys.names, "1:campaigns:1", '{"name": "by hand"}')
     redis_client.incr(keys.names_version)
     dispatcher.refresh(1.0)
-    names.upsert([name(2, "by the engine")])  # the log goes on from the hand's version
+    names.upsert([name(2, "by the engine")])  # another log: the version moved without it
     for n in range(3):
         dispatcher.refresh(2.0 + n)
-    assert len(loads) == 2  # the start, and the hand's edit
+    assert len(loads) == 3  # the start, the hand's edit, the next log (not one a round)
     assert (dispatcher.names.get(1, "campaigns", 1), dispatcher.names.get(1, "campaigns", 2)
             ) == ("by hand", "by the engine")
+
+
+@pytest.mark.parametrize("hand", ["INCR before HSET", "moved on and back"])
+def test_a_version_moved_by_hand_starts_another_log(
+        redis_client: redis.Redis, keys: Keys, settings: Settings,
+        monkeypatch: pytest.MonkeyPatch, hand: str) -> None:
+    """A partition may load at a version a hand moved on before writing its name, or at
+    one that then goes back (a failover to a replica behind, a restore) and comes to
+    the same number with another change: the next engine change starts another log, so
+    that the partition loads all again rather than go on from the log."""
+    names = NameStore(redis_client, keys)
+    names.upsert([name(i, f"n{i}") for i in range(1, 11)])
+    dispatcher, _ = dispatcher_loading(redis_client, settings, monkeypatch)
+    dispatcher.refresh(0.0)
+    if hand == "INCR before HSET":
+        redis_client.incr(keys.names_version)
+        dispatcher.refresh(1.0)  # a round between the two
+        redis_client.hset(keys.names, "1:campaigns:1", '{"name": "by hand"}')
+    else:
+        redis_client.hset(keys.names, "1:campaigns:7", '{"name": "by hand"}')
+        redis_client.incr(keys.names_version)
+        redis_client.hset(keys.names, "1:campaigns:8", '{"name": "by hand"}')
+        moved = redis_client.incr(keys.names_version)
+        dispatcher.refresh(1.0)
+        redis_client.hset(keys.names, "1:campaigns:8", '{"name": "n8"}')
+        redis_client.set(keys.names_version, moved - 1)  # the second edit undone
+    names.upsert([name(2, "by the engine")])  # (back at the version the partition holds)
+    for n in range(3):
+        dispatcher.refresh(2.0 + n)
+    assert records(dispatcher.names) == records(names.load())

@@ -331,15 +331,19 @@ def test_index_keys_damaged_from_outside_hold_no_hook_change_up(
         assert listed(registry, 1) == ([(made.id or 0, "a")], [])
 
 
+@pytest.mark.parametrize("again", [False, True])
 def test_a_build_replays_no_changes_of_a_version_lost_while_it_read(
-        redis_client: redis.Redis, keys: Keys) -> None:
+        redis_client: redis.Redis, keys: Keys, again: bool) -> None:
     """The hooks' version lost (or set back by a restore) between a build's read of the
     records and its write, and the engine's changes then climbing past the version it
     read: the newest log entries are of the new numbering, not the changes since the
-    read; replayed, they left the index wrong, and marked whole."""
+    read; replayed, they left the index wrong, and marked whole. Also where the
+    change the build read last is made ``again`` at the same version number."""
     registry, other = HookRegistry(redis_client, keys), HookRegistry(redis_client, keys)
     first = [registry.create(hook(1, "h1")), registry.create(hook(2, "h2")),
              registry.create(hook(2, "h3"))]
+    if again:
+        registry.set_active(first[0].id or 0, False)  # version 4, read last by the build
     redis_client.delete(keys.hooks_index)
     script = registry._index_script
     raced: list[int] = []
@@ -351,7 +355,7 @@ def test_a_build_replays_no_changes_of_a_version_lost_while_it_read(
             other.create(hook(1, "h4"))  # version 1
             other.delete(first[1].id or 0)  # version 2, as many hooks as before
             for n in range(3):  # versions 3 to 5: past the one the build read
-                other.set_active(first[0].id or 0, n % 2 == 0)
+                other.set_active(first[0].id or 0, n % 2 == 0)  # (4: inactive again)
         return script(**kwargs)
 
     registry._index_script = lost_meanwhile  # type: ignore[method-assign]
