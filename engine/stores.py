@@ -898,9 +898,9 @@ class NameStore:
             keys.append(f"{account_id}:{kind}:{obj_id}")
         # HDEL takes some thousands at most; the version moves with the chunk's own
         # deletions, as in upsert
-        return sum(int(self.r.eval(_DELETE_NAMES, 4, self.k.names, self.k.names_version,
+        return sum(int(self.r.eval(_DELETE_LOGGED, 4, self.k.names, self.k.names_version,
                                    self.k.names_changes, self.k.names_logged, CHANGES_KEPT,
-                                   *keys[at:at + NAMES_CHUNK]))
+                                   "", *keys[at:at + NAMES_CHUNK]))
                    for at in range(0, len(keys), NAMES_CHUNK))
 
     def version(self) -> int:
@@ -1026,9 +1026,9 @@ class ProfileStore:
     def delete(self, account_id: int, profile_ids: list[str]) -> int:
         """Forget the fields of ``profile_ids`` (profiles deleted on the platform: their
         data is not kept, nor copied into later messages); how many there were."""
-        return sum(int(self.r.eval(_DELETE_PROFILES, 4, self.k.profiles(account_id),
+        return sum(int(self.r.eval(_DELETE_LOGGED, 4, self.k.profiles(account_id),
                                    self.k.profiles_version, self.k.profiles_changes,
-                                   self.k.profiles_logged, CHANGES_KEPT, account_id,
+                                   self.k.profiles_logged, CHANGES_KEPT, f"{account_id}:",
                                    *profile_ids[at:at + ONCE_CHUNK]))
                    for at in range(0, len(profile_ids), ONCE_CHUNK))
 
@@ -1239,16 +1239,6 @@ return #changed
 
 _KINDS = json.dumps(KIND_FIELDS)
 
-_DELETE_NAMES = _CHANGE_LOG + """
-local removed = {}
-for i = 2, #ARGV do
-  if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then removed[#removed + 1] = ARGV[i] end
-end
-if #removed > 0 then
-  logged(KEYS[3], KEYS[4], redis.call('INCR', KEYS[2]), removed, tonumber(ARGV[1]))
-end
-return #removed
-"""
 # KEYS: an account's profiles, the profiles version, its change log and the log's
 # mark; ARGV: how many changes the log keeps, the account, then profile id, fields
 # JSON pairs. Stores them, moves the version and logs them.
@@ -1261,13 +1251,15 @@ end
 logged(KEYS[3], KEYS[4], redis.call('INCR', KEYS[2]), changed, tonumber(ARGV[1]))
 return #changed
 """
-# KEYS and ARGV as _UPSERT_PROFILES, with profile ids alone: deletes those, and moves
-# the version and logs them if any was stored; returns how many were.
-_DELETE_PROFILES = _CHANGE_LOG + """
+# KEYS: a hash of names or of an account's profiles, its version, its change log and
+# the log's mark; ARGV: how many changes the log keeps, what the log's members put
+# before a field ("" for names, "{account}:" for profiles), then the fields. Deletes
+# those, and moves the version and logs them if any was stored; returns how many were.
+_DELETE_LOGGED = _CHANGE_LOG + """
 local removed = {}
 for i = 3, #ARGV do
   if redis.call('HDEL', KEYS[1], ARGV[i]) == 1 then
-    removed[#removed + 1] = ARGV[2] .. ':' .. ARGV[i]
+    removed[#removed + 1] = ARGV[2] .. ARGV[i]
   end
 end
 if #removed > 0 then
